@@ -1,0 +1,185 @@
+"""The `adasched` command line: profile, plan, show, simulate, bench (+ schedules).
+
+Each technique registers its own sub-commands from its ``cli.py`` (see PLUGINS), so this file only wires
+groups together and turns bad input into one line `error: <where>: <what>` with exit status 2.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from adasched.profiler.io import InputError
+
+__all__ = ["app", "main", "CliGroups", "PLUGINS"]
+
+app = typer.Typer(
+    name="adasched",
+    help="Plan and run uneven LLM training: profile a cluster, solve LP/MILP/CP plans (FlexSP sequence "
+    "parallelism, FSMoE MoE scheduling, LoRAFusion multi-job packing, Twill software pipelining), show and "
+    "simulate them, and benchmark plans, kernels and schedules. Plans are JSON; add --json for machine output.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+plan_app = typer.Typer(help="Solve a plan for one technique and write it as JSON (see `adasched plan KIND --help`).",
+                       no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: ratios against baselines measured in the same run; --json for machines.",
+                        no_args_is_help=True)
+app.add_typer(plan_app, name="plan")
+app.add_typer(bench_app, name="bench")
+
+
+@dataclass(frozen=True)
+class CliGroups:
+    root: typer.Typer
+    plan: typer.Typer
+    bench: typer.Typer
+
+
+#: Modules with a ``register(groups: CliGroups)`` function; imported at start-up, so keep their top level light.
+PLUGINS = (
+    "adasched.profiler.cli",
+    "adasched.planner.flexsp.cli",
+    "adasched.planner.fsmoe.cli",
+    "adasched.planner.lorafusion.cli",
+    "adasched.planner.twill.cli",
+    "adasched.schedules.cli",
+    "adasched.kernels.cli",
+)
+
+
+@app.command("show")
+def show_cmd(
+    path: Path = typer.Argument(..., help="A plan or profile JSON file written by adasched."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the plan (PNG) to this file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the validated file as JSON instead of a table."),
+) -> None:
+    """Validate a plan or profile and say what it is and why it was chosen (baselines compared)."""
+    from adasched.profiler.io import read_json
+
+    from .plan import load_plan
+    from .ui import emit_json, print_table
+
+    data = read_json(path)
+    if isinstance(data, dict) and data.get("kind") == "cluster_profile":
+        from adasched.profiler.profile import ClusterProfile
+        from adasched.profiler.io import load_model
+        from adasched.profiler.report import profile_rows, plot_profile
+
+        prof = load_model(path, ClusterProfile, data=data)
+        if as_json:
+            emit_json(prof)
+        else:
+            print_table(profile_rows(prof), ["field", "value"], title=f"profile {prof.name}")
+        if plot:
+            plot_profile(prof, plot)
+        return
+    plan = load_plan(path)
+    if as_json:
+        emit_json(plan)
+    else:
+        print_table(plan.summary_rows(), ["field", "value"], title=f"{path}")
+    if plot:
+        plan.plot(plot)
+        if not as_json:
+            typer.echo(f"wrote {plot}")
+
+
+@app.command("simulate")
+def simulate_cmd(
+    path: Path = typer.Argument(..., help="A task-graph JSON ({'tasks': [{name, rank, stream, duration_ms, deps, "
+                                          "sync, category}, ...]}) or a plan whose kind can re-simulate itself."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the simulated timeline (PNG)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Run the discrete-event simulator (per-rank compute/communication streams with dependencies)."""
+    from adasched.profiler.io import read_json
+
+    from .gantt import render_gantt
+    from .plan import load_plan
+    from .simulator import Task, simulate
+    from .ui import emit_json, print_table
+
+    data = read_json(path)
+    if isinstance(data, dict) and "tasks" in data and "kind" not in data:
+        if not isinstance(data["tasks"], list) or not data["tasks"]:
+            raise InputError(path, "tasks: must be a non-empty list")
+        tasks = []
+        for i, t in enumerate(data["tasks"]):
+            try:
+                t = dict(t)
+                t["deps"] = tuple(t.get("deps", ()))
+                tasks.append(Task(**t))
+            except (TypeError, ValueError) as err:
+                raise InputError(path, f"tasks.{i}: {err}") from None
+        try:
+            sim = simulate(tasks)
+        except ValueError as err:
+            raise InputError(path, str(err)) from None
+    else:
+        plan = load_plan(path)
+        if not hasattr(plan, "simulate"):
+            raise InputError(path, f"plan kind {plan.kind!r} cannot be re-simulated")
+        sim = plan.simulate()
+    per_lane: dict[str, float] = {}
+    for t in sim.tasks:
+        per_lane[t.lane] = per_lane.get(t.lane, 0.0) + (t.end_ms - t.start_ms)
+    if as_json:
+        emit_json({"makespan_ms": sim.makespan_ms, "busy_ms": per_lane,
+                   "tasks": [t.__dict__ for t in sim.tasks]})
+    else:
+        rows = [(lane, busy, busy / sim.makespan_ms if sim.makespan_ms else 0.0) for lane, busy in per_lane.items()]
+        print_table(rows, ["lane", "busy ms", "utilisation"], title=f"makespan {sim.makespan_ms:.3f} ms")
+    if plot:
+        render_gantt(sim.tasks, plot, title=f"{path.name}: makespan {sim.makespan_ms:.2f} ms")
+
+
+_registered = False
+
+
+def _register_plugins() -> None:
+    global _registered
+    if _registered:
+        return
+    groups = CliGroups(app, plan_app, bench_app)
+    for mod in PLUGINS:
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as err:
+            if err.name == mod:  # plugin not written yet
+                continue
+            raise
+        m.register(groups)
+    _registered = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the CLI; bad input -> `error: ...` on stderr and exit 2, never a traceback."""
+    import click
+
+    _register_plugins()
+    try:
+        rv = app(args=argv, standalone_mode=False, prog_name="adasched")
+        return int(rv or 0) if isinstance(rv, int) else 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.UsageError as e:
+        msg = e.format_message()
+        ctx = e.ctx.command_path if e.ctx else "adasched"
+        sys.stderr.write(f"error: {ctx}: {msg}\n")
+        return 2
+    except (InputError, ValueError, FileNotFoundError) as e:
+        sys.stderr.write(f"error: {e}\n".replace("\n", " ").rstrip() + "\n")
+        return 2
+    except click.exceptions.Abort:
+        sys.stderr.write("aborted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

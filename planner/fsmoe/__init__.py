@@ -1,0 +1,1 @@
+"""adasched.planner.fsmoe"""

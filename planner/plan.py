@@ -1,0 +1,159 @@
+"""Typed, versioned plans. Every plan kind subclasses :class:`Plan` and shares one header:
+schema_version, kind, the inputs' digest, the profile it was made for, the solver record, its predicted
+cost and the predicted costs of the baselines it was compared against (so `adasched show` can say why).
+
+Plan kinds register in :data:`PLAN_KINDS` (kind -> "module:Class") so `load_plan` can read any of them
+without importing every planner.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from datetime import datetime, timezone
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from adasched.profiler.io import InputError, atomic_write_json, load_model, read_json
+
+__all__ = [
+    "PLAN_SCHEMA_VERSION",
+    "SolverStatus",
+    "SolverRecord",
+    "ProfileRef",
+    "Plan",
+    "PLAN_KINDS",
+    "inputs_digest",
+    "load_plan",
+    "save_plan",
+]
+
+PLAN_SCHEMA_VERSION = 1
+SolverStatus = Literal["optimal", "feasible", "heuristic", "infeasible", "timeout"]
+
+#: kind -> "module:Class"; each planner's plan.py defines its class, listed here once.
+PLAN_KINDS: dict[str, str] = {
+    "sp": "adasched.planner.flexsp.plan:SPPlan",
+    "moe": "adasched.planner.fsmoe.plan:MoEPlan",
+    "lora": "adasched.planner.lorafusion.plan:LoRAPlan",
+    "twill": "adasched.planner.twill.plan:TwillPlan",
+}
+
+
+class SolverRecord(BaseModel):
+    """What solved the plan and how honest its optimality claim is."""
+
+    model_config = ConfigDict(extra="forbid")
+    backend: str = Field(description="e.g. 'pulp-cbc', 'ortools-cp-sat', 'heuristic'")
+    status: SolverStatus
+    gap: float | None = Field(default=None, ge=0.0, description="relative MIP gap (objective - bound)/objective")
+    objective: float | None = None
+    bound: float | None = None
+    solve_seconds: float = Field(ge=0.0)
+    time_limit: float | None = Field(default=None, description="seconds")
+    seed: int | None = None
+    threads: int | None = None
+    note: str | None = None
+
+
+class ProfileRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    digest: str
+    source: str = ""
+
+
+class Plan(BaseModel):
+    """Common header; subclasses set ``kind`` to a Literal and add their body fields."""
+
+    model_config = ConfigDict(extra="forbid")
+    SCHEMA_VERSION: ClassVar[int] = PLAN_SCHEMA_VERSION
+
+    schema_version: Literal[1] = PLAN_SCHEMA_VERSION
+    kind: str
+    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    inputs_digest: str = Field(description="sha256 of the canonical JSON of the inputs the plan was made from")
+    profile: ProfileRef | None = None
+    solver: SolverRecord
+    predicted_ms: float = Field(description="predicted cost of this plan (ms; per step where the plan has steps)")
+    baselines_ms: dict[str, float] = Field(default_factory=dict, description="predicted cost of each baseline (ms)")
+
+    # ---- presentation hooks, overridden per kind ------------------------------------------------
+    def summary_rows(self) -> list[tuple[str, str]]:
+        """(label, value) rows for `adasched show`; subclasses extend."""
+        rows = [
+            ("kind", self.kind),
+            ("solver", f"{self.solver.backend} ({self.solver.status}"
+             + (f", gap {self.solver.gap:.2%}" if self.solver.gap is not None else "") + ")"),
+            ("solve time", f"{self.solver.solve_seconds:.3f} s"
+             + (f" (limit {self.solver.time_limit:g} s)" if self.solver.time_limit else "")),
+            ("predicted", f"{self.predicted_ms:.3f} ms"),
+        ]
+        for name, ms in self.baselines_ms.items():
+            ratio = ms / self.predicted_ms if self.predicted_ms > 0 else float("nan")
+            rows.append((f"baseline {name}", f"{ms:.3f} ms ({ratio:.2f}x of plan)"))
+        if self.profile:
+            rows.append(("profile", self.profile.name))
+        return rows
+
+    def plot(self, path: str | os.PathLike) -> None:
+        """Draw the plan (default: a Gantt chart of `gantt_tasks`)."""
+        from .gantt import render_gantt
+
+        tasks = self.gantt_tasks()
+        if not tasks:
+            raise InputError(path, f"plan kind {self.kind!r} has nothing to draw")
+        render_gantt(tasks, path, title=f"{self.kind} plan: predicted {self.predicted_ms:.2f} ms")
+
+    def gantt_tasks(self) -> list:
+        """Scheduled tasks (adasched.planner.simulator.ScheduledTask) to draw; subclasses override."""
+        return []
+
+
+def inputs_digest(*parts: Any) -> str:
+    """sha256 over the canonical JSON of the given inputs (pydantic models, dicts, lists, numbers)."""
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, BaseModel):
+            p = p.model_dump(mode="json")
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def profile_ref(profile) -> ProfileRef:
+    return ProfileRef(name=profile.name, digest=inputs_digest(profile), source=profile.source)
+
+
+def plan_class(kind: str) -> type[Plan]:
+    if kind not in PLAN_KINDS:
+        raise InputError("kind", f"unknown plan kind {kind!r} (known: {', '.join(sorted(PLAN_KINDS))})")
+    mod, cls = PLAN_KINDS[kind].split(":")
+    return getattr(importlib.import_module(mod), cls)
+
+
+def load_plan(path: str | os.PathLike, expect: type[Plan] | None = None) -> Plan:
+    """Read and validate any plan file (its `kind` picks the model), or a specific kind with `expect`."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise InputError(path, f"expected a JSON object, got {type(data).__name__}")
+    if "schema_version" not in data:
+        raise InputError(path, "schema_version: missing (not an adasched plan?)")
+    if data["schema_version"] != PLAN_SCHEMA_VERSION:
+        raise InputError(path, f"schema_version {data['schema_version']!r} is not supported (expected {PLAN_SCHEMA_VERSION})")
+    kind = data.get("kind")
+    if not isinstance(kind, str):
+        raise InputError(path, "kind: missing or not a string")
+    try:
+        cls = plan_class(kind)
+    except InputError:
+        raise InputError(path, f"kind: unknown plan kind {kind!r} (known: {', '.join(sorted(PLAN_KINDS))})") from None
+    if expect is not None and cls is not expect:
+        raise InputError(path, f"kind: is a {kind!r} plan, expected {expect.model_fields['kind'].default!r}")
+    return load_model(path, cls, data=data)
+
+
+def save_plan(plan: Plan, path: str | os.PathLike) -> None:
+    atomic_write_json(path, plan)

@@ -1,0 +1,121 @@
+"""A small discrete-event simulator: tasks on per-rank streams (compute, communication, ...) with dependencies.
+
+Each stream runs its tasks one at a time in the order they were added (like a CUDA stream); a task starts
+when its stream is free and all its dependencies have finished. Collectives spanning several ranks are
+modelled as one task per rank that share a ``sync`` key: all parts start together, when every part is ready.
+Times are in ms. Planners use it to score plans and baselines; `adasched show --plot` draws its output.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+__all__ = ["Task", "ScheduledTask", "Simulation", "simulate"]
+
+
+@dataclass
+class Task:
+    name: str
+    rank: int
+    stream: str
+    duration_ms: float
+    deps: tuple[str, ...] = ()
+    sync: str | None = None
+    """Tasks with the same sync key (one per rank) start together: a collective."""
+    category: str = ""
+    """Free-form label used for colouring (e.g. 'attn', 'a2a', 'gemm')."""
+
+    def __post_init__(self):
+        if self.duration_ms < 0 or self.duration_ms != self.duration_ms:
+            raise ValueError(f"task {self.name!r}: duration_ms must be >= 0, got {self.duration_ms}")
+
+
+@dataclass(frozen=True)
+class ScheduledTask:
+    name: str
+    rank: int
+    stream: str
+    start_ms: float
+    end_ms: float
+    category: str = ""
+
+    @property
+    def lane(self) -> str:
+        return f"rank {self.rank} / {self.stream}"
+
+
+@dataclass
+class Simulation:
+    tasks: list[ScheduledTask] = field(default_factory=list)
+
+    @property
+    def makespan_ms(self) -> float:
+        return max((t.end_ms for t in self.tasks), default=0.0)
+
+    def busy_ms(self, rank: int | None = None, stream: str | None = None) -> float:
+        return sum(t.end_ms - t.start_ms for t in self.tasks
+                   if (rank is None or t.rank == rank) and (stream is None or t.stream == stream))
+
+    def by_name(self) -> dict[str, ScheduledTask]:
+        return {t.name: t for t in self.tasks}
+
+
+def simulate(tasks: list[Task]) -> Simulation:
+    """Schedule ``tasks`` (see module docstring). Raises ValueError on unknown dependencies or deadlock."""
+    names = set()
+    for t in tasks:
+        if t.name in names:
+            raise ValueError(f"duplicate task name {t.name!r}")
+        names.add(t.name)
+    for t in tasks:
+        for d in t.deps:
+            if d not in names:
+                raise ValueError(f"task {t.name!r} depends on unknown task {d!r}")
+
+    queues: dict[tuple[int, str], list[Task]] = defaultdict(list)
+    for t in tasks:
+        queues[(t.rank, t.stream)].append(t)
+    sync_groups: dict[str, list[Task]] = defaultdict(list)
+    for t in tasks:
+        if t.sync is not None:
+            sync_groups[t.sync].append(t)
+
+    head = {k: 0 for k in queues}
+    stream_free = {k: 0.0 for k in queues}
+    end: dict[str, float] = {}
+    out: list[ScheduledTask] = []
+    remaining = len(tasks)
+
+    def ready_time(t: Task) -> float | None:
+        """Earliest start of t if it is at the head of its stream and its deps are done, else None."""
+        key = (t.rank, t.stream)
+        if queues[key][head[key]] is not t:
+            return None
+        if any(d not in end for d in t.deps):
+            return None
+        return max([stream_free[key]] + [end[d] for d in t.deps])
+
+    while remaining:
+        progressed = False
+        for key in list(queues):
+            while head[key] < len(queues[key]):
+                t = queues[key][head[key]]
+                group = sync_groups[t.sync] if t.sync is not None else [t]
+                starts = [ready_time(g) for g in group]
+                if any(s is None for s in starts):
+                    break
+                start = max(starts)  # type: ignore[arg-type]
+                for g in group:
+                    gk = (g.rank, g.stream)
+                    e = start + g.duration_ms
+                    end[g.name] = e
+                    stream_free[gk] = e
+                    head[gk] += 1
+                    out.append(ScheduledTask(g.name, g.rank, g.stream, start, e, g.category))
+                    remaining -= 1
+                progressed = True
+        if not progressed:
+            stuck = [queues[k][head[k]].name for k in queues if head[k] < len(queues[k])]
+            raise ValueError(f"simulation deadlocked: waiting tasks {stuck[:5]}")
+    out.sort(key=lambda s: (s.rank, s.stream, s.start_ms))
+    return Simulation(out)

@@ -1,0 +1,244 @@
+"""One small solver layer over PuLP/CBC and OR-Tools CP-SAT.
+
+Every solve has a time limit, a fixed seed and thread count (deterministic output) and an optional warm
+start; the returned :class:`SolveOutcome` carries an honest status:
+
+- ``optimal``   the solver proved optimality (CBC: solution status 'Optimal' and not stopped by the limit;
+                CP-SAT: OPTIMAL);
+- ``feasible``  a solution exists but optimality is not proved (time limit), with the gap when a bound is known;
+- ``infeasible``proved infeasible;
+- ``timeout``   the limit hit before any solution (never reported as infeasible).
+
+:func:`best_of` keeps the better of a heuristic and a solver result, so a plan is never worse than its warm start.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal
+
+from .plan import SolverRecord
+
+__all__ = ["SolveParams", "SolveOutcome", "solve_pulp", "solve_linear", "solve_cpsat", "heuristic_outcome", "best_of", "relative_gap"]
+
+Status = Literal["optimal", "feasible", "heuristic", "infeasible", "timeout"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SolveParams:
+    time_limit: float = 10.0
+    """Wall-clock limit in seconds."""
+    seed: int = 0
+    threads: int = 1
+    """Solver threads; 1 keeps CBC and CP-SAT deterministic."""
+    mip_gap: float = 1e-6
+    """Relative gap at which the MILP is considered solved (proved within this gap counts as optimal)."""
+    msg: bool = False
+
+    def __post_init__(self):
+        if not (self.time_limit > 0 and math.isfinite(self.time_limit)):
+            raise ValueError(f"time_limit must be a positive number of seconds, got {self.time_limit}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+
+@dataclass
+class SolveOutcome:
+    backend: str
+    status: Status
+    objective: float | None
+    bound: float | None
+    solve_seconds: float
+    params: SolveParams
+    values: dict[str, float] = field(default_factory=dict)
+    """Variable name -> value for feasible/optimal results."""
+    note: str | None = None
+
+    @property
+    def has_solution(self) -> bool:
+        return self.status in ("optimal", "feasible", "heuristic")
+
+    @property
+    def gap(self) -> float | None:
+        return relative_gap(self.objective, self.bound)
+
+    def record(self) -> SolverRecord:
+        return SolverRecord(
+            backend=self.backend,
+            status=self.status,
+            gap=self.gap if self.status in ("optimal", "feasible") else None,
+            objective=self.objective,
+            bound=self.bound,
+            solve_seconds=round(self.solve_seconds, 6),
+            time_limit=self.params.time_limit,
+            seed=self.params.seed,
+            threads=self.params.threads,
+            note=self.note,
+        )
+
+
+def relative_gap(objective: float | None, bound: float | None) -> float | None:
+    if objective is None or bound is None or not (math.isfinite(objective) and math.isfinite(bound)):
+        return None
+    denom = max(abs(objective), 1e-9)
+    return max(0.0, abs(objective - bound) / denom)
+
+
+# ---- PuLP / CBC ----------------------------------------------------------------------------------
+def solve_pulp(prob, params: SolveParams, warm_start: dict[str, float] | None = None) -> SolveOutcome:
+    """Solve a ``pulp.LpProblem`` with the bundled CBC.
+
+    ``warm_start`` maps variable names to values (a complete feasible assignment works best); CBC is then
+    run with ``warmStart=True``. The status comes from PuLP's *solution* status: a CBC run stopped by its
+    time limit reports status 'Optimal' but solution status 'Solution Found' (-> feasible)."""
+    import pulp
+
+    variables = prob.variablesDict()
+    if warm_start:
+        for name, val in warm_start.items():
+            v = variables.get(name)
+            if v is not None:
+                v.setInitialValue(val)
+    solver = pulp.PULP_CBC_CMD(
+        msg=params.msg,
+        timeLimit=params.time_limit,
+        threads=params.threads,
+        gapRel=params.mip_gap,
+        warmStart=bool(warm_start),
+        options=[f"randomSeed {params.seed + 1}", f"randomCbcSeed {params.seed + 1}"],
+    )
+    t0 = time.perf_counter()
+    prob.solve(solver)
+    dt = time.perf_counter() - t0
+    sol = prob.sol_status
+    if sol == pulp.LpSolutionOptimal:
+        status: Status = "optimal"
+    elif sol in (pulp.LpSolutionIntegerFeasible,):
+        status = "feasible"
+    elif sol == pulp.LpSolutionInfeasible or prob.status == pulp.LpStatusInfeasible:
+        status = "infeasible"
+    elif sol == pulp.LpSolutionUnbounded:
+        raise ValueError(f"MILP {prob.name!r} is unbounded: a constraint is missing")
+    else:
+        status = "timeout"
+    objective = pulp.value(prob.objective) if status in ("optimal", "feasible") else None
+    bound = _cbc_bound(prob)
+    if status == "optimal" and objective is not None:
+        bound = objective if bound is None else bound
+    values = {}
+    if status in ("optimal", "feasible"):
+        values = {v.name: (v.varValue if v.varValue is not None else 0.0) for v in prob.variables()}
+    # A run that used (nearly) all of its time limit and still says optimal is suspicious only when the
+    # solution status disagrees, which is handled above; record the wall time either way.
+    return SolveOutcome("pulp-cbc", status, objective, bound, dt, params, values)
+
+
+def _cbc_bound(prob) -> float | None:
+    """CBC's best bound is not exposed by PuLP; None unless the solve proved optimality."""
+    return None
+
+
+# ---- OR-Tools linear solvers (SCIP, CBC, HiGHS through pywraplp): these expose the best bound ----------
+def solve_linear(solver, params: SolveParams, hint: dict[Any, float] | None = None,
+                 variables: Iterable[Any] | None = None) -> SolveOutcome:
+    """Solve an ``ortools.linear_solver.pywraplp.Solver`` (made with e.g. ``Solver.CreateSolver('SCIP')``).
+
+    Unlike PuLP/CBC this reports the best bound, so a time-limited result carries a real MIP gap."""
+    from ortools.linear_solver import pywraplp
+
+    solver.SetTimeLimit(int(params.time_limit * 1000))
+    solver.SetNumThreads(params.threads)
+    name = solver.SolverVersion().split()[0].lower() if solver.SolverVersion() else "mip"
+    if "scip" in name:
+        solver.SetSolverSpecificParametersAsString(f"randomization/randomseedshift = {params.seed}\n")
+    if hint:
+        solver.SetHint(list(hint.keys()), [float(v) for v in hint.values()])
+    mp = pywraplp.MPSolverParameters()
+    mp.SetDoubleParam(mp.RELATIVE_MIP_GAP, params.mip_gap)
+    if params.msg:
+        solver.EnableOutput()
+    t0 = time.perf_counter()
+    code = solver.Solve(mp)
+    dt = time.perf_counter() - t0
+    if code == pywraplp.Solver.OPTIMAL:
+        status: Status = "optimal"
+    elif code == pywraplp.Solver.FEASIBLE:
+        status = "feasible"
+    elif code == pywraplp.Solver.INFEASIBLE:
+        status = "infeasible"
+    elif code == pywraplp.Solver.UNBOUNDED:
+        raise ValueError("MILP is unbounded: a constraint is missing")
+    else:
+        status = "timeout"
+    objective = solver.Objective().Value() if status in ("optimal", "feasible") else None
+    bound = solver.Objective().BestBound() if status in ("optimal", "feasible") else None
+    vs = list(variables) if variables is not None else list(solver.variables())
+    values = {v.name(): v.solution_value() for v in vs} if status in ("optimal", "feasible") else {}
+    return SolveOutcome(f"ortools-{name}", status, objective, bound, dt, params, values)
+
+
+# ---- OR-Tools CP-SAT -----------------------------------------------------------------------------
+def solve_cpsat(model, params: SolveParams, hint: dict[Any, int] | None = None,
+                variables: Iterable[Any] = ()) -> SolveOutcome:
+    """Solve a ``cp_model.CpModel``. ``hint`` maps IntVar/BoolVar -> value (AddHint); ``variables`` are
+    read back into ``values`` by name."""
+    from ortools.sat.python import cp_model
+
+    if hint:
+        model.ClearHints()
+        for var, val in hint.items():
+            model.AddHint(var, int(val))
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = params.time_limit
+    solver.parameters.num_search_workers = params.threads
+    solver.parameters.random_seed = params.seed
+    solver.parameters.log_search_progress = params.msg
+    t0 = time.perf_counter()
+    code = solver.Solve(model)
+    dt = time.perf_counter() - t0
+    has_obj = model.HasObjective()
+    if code == cp_model.OPTIMAL:
+        status: Status = "optimal"
+    elif code == cp_model.FEASIBLE:
+        status = "feasible"
+    elif code == cp_model.INFEASIBLE:
+        status = "infeasible"
+    elif code == cp_model.MODEL_INVALID:
+        raise ValueError(f"CP-SAT model invalid: {model.Validate()}")
+    else:
+        status = "timeout"
+    objective = solver.ObjectiveValue() if (has_obj and status in ("optimal", "feasible")) else None
+    bound = solver.BestObjectiveBound() if (has_obj and status in ("optimal", "feasible")) else None
+    values = {v.Name(): solver.Value(v) for v in variables} if status in ("optimal", "feasible") else {}
+    out = SolveOutcome("ortools-cp-sat", status, objective, bound, dt, params, values)
+    out.solver = solver  # type: ignore[attr-defined]  # callers read further values from it
+    return out
+
+
+def heuristic_outcome(objective: float, seconds: float, params: SolveParams, note: str | None = None) -> SolveOutcome:
+    return SolveOutcome("heuristic", "heuristic", objective, None, seconds, params, note=note)
+
+
+def best_of(heuristic: SolveOutcome, solved: SolveOutcome | None, *, minimize: bool = True,
+            better: Callable[[float, float], bool] | None = None) -> SolveOutcome:
+    """The better of a heuristic and a solver result; ties go to the solver (it carries a proof).
+
+    When the heuristic wins, the result keeps the solver's bound (if any) so the gap stays honest, and its
+    status is 'heuristic' unless the solver proved the heuristic's value optimal."""
+    if solved is None or not solved.has_solution or solved.objective is None:
+        if solved is not None and solved.status == "infeasible":
+            raise ValueError("solver proved the model infeasible but the heuristic found a solution: the model is wrong")
+        return heuristic
+    if better is None:
+        better = (lambda a, b: a < b - 1e-9) if minimize else (lambda a, b: a > b + 1e-9)
+    if better(heuristic.objective, solved.objective):
+        out = SolveOutcome(
+            backend=f"heuristic+{solved.backend}", status="heuristic", objective=heuristic.objective,
+            bound=solved.bound, solve_seconds=heuristic.solve_seconds + solved.solve_seconds,
+            params=solved.params, values=heuristic.values,
+            note=f"heuristic beat the {solved.status} solver result {solved.objective:.6g}",
+        )
+        return out
+    solved.solve_seconds += heuristic.solve_seconds
+    return solved

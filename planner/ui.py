@@ -1,0 +1,76 @@
+"""Terminal output shared by every command: tables for people, JSON for machines, progress bars on stderr."""
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterable, Sequence
+
+__all__ = ["console", "err_console", "print_table", "emit_json", "progress", "fmt"]
+
+_console = None
+_err_console = None
+
+
+def console():
+    global _console
+    if _console is None:
+        from rich.console import Console
+
+        _console = Console(soft_wrap=True)
+    return _console
+
+
+def err_console():
+    global _err_console
+    if _err_console is None:
+        from rich.console import Console
+
+        _err_console = Console(stderr=True)
+    return _err_console
+
+
+def fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        if v == 0 or 1e-3 <= abs(v) < 1e6:
+            return f"{v:.4g}" if abs(v) < 1 else f"{v:,.3f}".rstrip("0").rstrip(".")
+        return f"{v:.3e}"
+    return str(v)
+
+
+def print_table(rows: Iterable[Sequence[Any]], columns: Sequence[str], title: str | None = None,
+                highlight: set[int] | None = None) -> None:
+    """Rows as a rich table on stdout; rows whose index is in ``highlight`` are bold."""
+    from rich.table import Table
+
+    t = Table(title=title, show_lines=False)
+    for c in columns:
+        t.add_column(str(c), overflow="fold")
+    for i, r in enumerate(rows):
+        t.add_row(*[fmt(v) for v in r], style="bold" if highlight and i in highlight else None)
+    console().print(t)
+
+
+def emit_json(obj: Any) -> None:
+    """Machine-readable output: plain JSON on stdout, nothing else there."""
+    if hasattr(obj, "model_dump"):
+        obj = obj.model_dump(mode="json")
+    sys.stdout.write(json.dumps(obj, indent=1, default=str) + "\n")
+    sys.stdout.flush()
+
+
+@contextmanager
+def progress(description: str, total: int | None, *, enabled: bool = True):
+    """A rich progress bar on stderr; yields ``advance(n=1)``. Disabled (no output) when not a TTY-friendly run
+    is requested or ``enabled`` is False."""
+    if not enabled:
+        yield lambda n=1: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console(), transient=False) as p:
+        task = p.add_task(description, total=total)
+        yield lambda n=1: p.advance(task, n)

@@ -1,0 +1,157 @@
+"""Built-in ClusterProfiles, selectable by name wherever `--profile NAME|FILE` is accepted.
+
+- ``a100-64-flexsp-paper``: 8 nodes x 8 A100-40GB (NVLink + 2x IB), the constants published with FlexSP
+  (../shared/papers/flexsp.md): all-to-all bandwidth v(d) per SP degree and the per-model cost terms
+  a1, a2, b1 and activation memory per token for GPT-7B/13B/30B. Nothing here is measured by us.
+- ``h100-sxm``: 8 nodes x 8 H100 80GB SXM. Single-GPU terms (GEMM and copy ceilings, attention
+  a1*s^2 + a2*s + b, the 7B layer's linear cost per token) are fitted from our own measurements
+  (profiler/builtin/h100-sxm-measured-2026-11-28.json, one H100, torch 2.11, bf16). That file has no
+  interconnect figures, so its collectives are the published ones: all-to-all bandwidths of FlexSP's A100
+  cluster (a conservative stand-in for H100 NVLink/IB) and FSMoE's fitted all-gather/reduce-scatter/
+  all-reduce constants (ms per element, taken as 2-byte elements). Each fit's `source` says which.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from importlib import resources
+
+from .fit import fit_affine, fit_quadratic
+from .io import InputError
+from .profile import AttentionFit, ClusterProfile, CollectiveFit, DeviceInfo, LinearFit, ModelCost
+
+__all__ = ["BUILTIN_PROFILES", "builtin_profile", "FLEXSP_A2A_GBPS", "FLEXSP_MODEL_COSTS", "FSMOE_ALPHA_MS", "FSMOE_BETA_MS"]
+
+MB = 1024 * 1024
+GB = 1e9
+
+#: FlexSP, A100 cluster: measured all-to-all bandwidth v(d) in GB/s per group degree d (flexsp.md).
+FLEXSP_A2A_GBPS: dict[int, float] = {2: 119.54, 4: 104.07, 8: 96.5, 16: 10.33, 32: 5.94, 64: 4.87}
+
+#: FlexSP, A100 cluster: published per-model cost terms (ms, ms/token, ms/token^2, MB/token) (flexsp.md).
+FLEXSP_MODEL_COSTS: dict[str, dict] = {
+    "gpt-7b": dict(hidden=4096, layers=32, a1=5.128e-6, a2=0.1839576, b1=629.3563, act_mb=4.4804),
+    "gpt-13b": dict(hidden=5120, layers=40, a1=9.2852e-6, a2=0.3060189, b1=1132.5632, act_mb=4.2204),
+    "gpt-30b": dict(hidden=6656, layers=60, a1=15.4262e-6, a2=0.8035742, b1=2789.3644, act_mb=3.4174),
+}
+
+#: FSMoE published fitted constants (ms; beta per element), stages: 0 inter-node all-to-all,
+#: 1 intra-node all-gather, 2 expert GEMM, 3 intra-node reduce-scatter, 4 gradient all-reduce (fsmoe.md).
+FSMOE_ALPHA_MS = (0.235, 0.0549, 0.592, 0.0688, 0.341)
+FSMOE_BETA_MS = (1.85e-6, 6.72e-7, 5.68e-11, 6.70e-7, 3.50e-6)
+_FSMOE_ELEMENT_BYTES = 2  # assumption (fp16/bf16 elements), stated in the h100-sxm source line
+
+
+def _a2a_fits(source: str) -> list[CollectiveFit]:
+    return [
+        CollectiveFit(
+            op="all_to_all",
+            group_size=d,
+            scope="intra" if d <= 8 else "inter",
+            alpha_ms=0.0,
+            beta_ms_per_byte=1.0 / (v * GB) * 1e3,
+            fit_rel_error=0.0,
+            source=source,
+        )
+        for d, v in FLEXSP_A2A_GBPS.items()
+    ]
+
+
+def _model_costs() -> dict[str, ModelCost]:
+    return {
+        name: ModelCost(
+            hidden=c["hidden"],
+            layers=c["layers"],
+            a1_ms_per_tok2=c["a1"],
+            a2_ms_per_tok=c["a2"],
+            b1_ms=c["b1"],
+            act_bytes_per_token=c["act_mb"] * MB,
+            source="FlexSP published A100 calibration (flexsp.md)",
+        )
+        for name, c in FLEXSP_MODEL_COSTS.items()
+    }
+
+
+def _a100_64_flexsp_paper() -> ClusterProfile:
+    src = "published: FlexSP (arXiv 2412.01523) A100-40GB 8x8 calibration, ../shared/papers/flexsp.md"
+    return ClusterProfile(
+        name="a100-64-flexsp-paper",
+        source=src,
+        created="2025-01-01T00:00:00+00:00",
+        num_nodes=8,
+        gpus_per_node=8,
+        device=DeviceInfo(kind="gpu", name="NVIDIA A100-SXM4-40GB", memory_bytes=40 * 1024**3, count_per_node=8),
+        collectives=_a2a_fits("published: FlexSP v(d) all-to-all bandwidth, A100 NVLink + 2x IB"),
+        model_costs=_model_costs(),
+    )
+
+
+def _h100_sxm() -> ClusterProfile:
+    raw = json.loads(resources.files("adasched.profiler").joinpath("builtin/h100-sxm-measured-2026-11-28.json").read_text())
+    dev = raw["device"]
+    measured = "measured: one H100 80GB HBM3, torch 2.11, bf16 (profiler/builtin/h100-sxm-measured-2026-11-28.json)"
+    att_rows = [r for r in raw["attention_causal_sdpa_bf16_headdim128_batch1"] if r["heads"] == 32]
+    att = fit_quadratic([r["seq"] for r in att_rows], [r["fwd_bwd_ms"] for r in att_rows])
+    lin_rows = raw["dense_7b_layer_linear_fwd_bwd"]["rows"]
+    lin = fit_affine([r["tokens"] for r in lin_rows], [r["fwd_bwd_ms"] for r in lin_rows])
+    a2a_src = "published: FlexSP A100 all-to-all v(d) (no H100 interconnect measurement available)"
+    colls = _a2a_fits(a2a_src)
+    fsmoe_src = "published: FSMoE fitted constants (fsmoe.md), per element taken as 2 bytes"
+    for op, stage, g, scope in (("all_gather", 1, 8, "intra"), ("reduce_scatter", 3, 8, "intra"), ("all_reduce", 4, 64, "inter")):
+        colls.append(
+            CollectiveFit(
+                op=op,
+                group_size=g,
+                scope=scope,
+                alpha_ms=FSMOE_ALPHA_MS[stage],
+                beta_ms_per_byte=FSMOE_BETA_MS[stage] / _FSMOE_ELEMENT_BYTES,
+                source=fsmoe_src,
+            )
+        )
+    return ClusterProfile(
+        name="h100-sxm",
+        source=f"{measured}; collectives {a2a_src} and {fsmoe_src}; 8x8 topology assumed",
+        created="2026-11-28T00:00:00+00:00",
+        num_nodes=8,
+        gpus_per_node=8,
+        device=DeviceInfo(
+            kind="gpu",
+            name=dev["name"],
+            memory_bytes=int(dev["mem_total"]),
+            count_per_node=8,
+            sm_clock_mhz=dev["sm_clock_max"],
+            mem_clock_mhz=dev["mem_clock_max"],
+            pcie_gen=dev["pcie_gen"],
+            power_limit_w=dev["power_limit_mw"] / 1000.0,
+        ),
+        gemm_tflops=raw["ceilings"]["bf16_gemm_8192_tflops"],
+        copy_GBps=raw["ceilings"]["d2d_copy_TBps_read_plus_write"] * 1000.0,
+        attention=AttentionFit(
+            a1_ms_per_tok2=att.coef[0], a2_ms_per_tok=att.coef[1], b_ms=att.coef[2], heads=32, head_dim=128,
+            fit_rel_error=att.rel_error, source=measured,
+        ),
+        linear=LinearFit(
+            ms_per_token=lin.coef[0], b_ms=lin.coef[1], hidden=4096, ffn_hidden=11008,
+            fit_rel_error=lin.rel_error, source=measured,
+        ),
+        collectives=colls,
+        model_costs={},
+        raw=raw,
+    )
+
+
+BUILTIN_PROFILES = {
+    "a100-64-flexsp-paper": _a100_64_flexsp_paper,
+    "h100-sxm": _h100_sxm,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _cached(name: str) -> ClusterProfile:
+    return BUILTIN_PROFILES[name]()
+
+
+def builtin_profile(name: str) -> ClusterProfile:
+    if name not in BUILTIN_PROFILES:
+        raise InputError("--profile", f"unknown built-in profile {name!r} (known: {', '.join(sorted(BUILTIN_PROFILES))})")
+    return _cached(name).model_copy(deep=True)

@@ -1,0 +1,67 @@
+"""Least-squares fits of the cost models, with their relative fit error.
+
+All fits minimise *relative* error (rows weighted by 1/measured), because the models are used over ranges
+spanning several orders of magnitude (a 1 KB and a 1 GB message; a 1K and a 64K sequence).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Fit", "fit_alpha_beta", "fit_quadratic", "fit_affine"]
+
+
+@dataclass(frozen=True)
+class Fit:
+    coef: tuple[float, ...]  # highest power last is NOT assumed: see each function's docstring
+    rel_error: float  # mean |pred - y| / y over the points
+
+
+def _nonneg_lstsq(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Relative-error least squares with non-negative coefficients (scipy's NNLS on the weighted system)."""
+    from scipy.optimize import nnls
+
+    w = 1.0 / np.maximum(np.abs(y), 1e-30)
+    coef, _ = nnls(X * w[:, None], y * w)
+    return coef
+
+
+def _check(x, y):
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1 or x.size == 0:
+        raise ValueError(f"fit: x and y must be equal-length 1-D, got {x.shape} and {y.shape}")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))) or np.any(y <= 0):
+        raise ValueError("fit: measurements must be finite and positive")
+    return x, y
+
+
+def _rel_err(pred, y) -> float:
+    return float(np.mean(np.abs(pred - y) / y))
+
+
+def fit_alpha_beta(nbytes, ms) -> Fit:
+    """time_ms = alpha + beta * nbytes; returns Fit(coef=(alpha_ms, beta_ms_per_byte)). beta > 0 enforced."""
+    x, y = _check(nbytes, ms)
+    X = np.stack([np.ones_like(x), x], axis=1)
+    a, b = _nonneg_lstsq(X, y)
+    if b <= 0:  # all points equal time: keep a tiny positive slope so bandwidth stays finite
+        b = float(np.min(y)) / max(float(np.max(x)), 1.0) * 1e-6
+    return Fit((float(a), float(b)), _rel_err(a + b * x, y))
+
+
+def fit_quadratic(s, ms) -> Fit:
+    """time_ms = a1 s^2 + a2 s + b; returns Fit(coef=(a1, a2, b)), all >= 0."""
+    x, y = _check(s, ms)
+    X = np.stack([x * x, x, np.ones_like(x)], axis=1)
+    a1, a2, b = _nonneg_lstsq(X, y)
+    return Fit((float(a1), float(a2), float(b)), _rel_err(a1 * x * x + a2 * x + b, y))
+
+
+def fit_affine(t, ms) -> Fit:
+    """time_ms = c * t + b; returns Fit(coef=(c, b)), both >= 0."""
+    x, y = _check(t, ms)
+    X = np.stack([x, np.ones_like(x)], axis=1)
+    c, b = _nonneg_lstsq(X, y)
+    return Fit((float(c), float(b)), _rel_err(c * x + b, y))
