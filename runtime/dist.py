@@ -1,0 +1,170 @@
+"""World set-up for the runtime: one call to join the torchrun world, a free TCP port, and a helper that runs a
+function on N local gloo ranks (real process groups, for tests and small CPU runs).
+
+Every process group made here carries a timeout, so a rank that never arrives turns into an error instead of a
+hang.
+"""
+from __future__ import annotations
+
+import io
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+__all__ = ["init_distributed", "free_port", "spawn_gloo", "WorkerError", "env_world"]
+
+
+class WorkerError(RuntimeError):
+    """A rank started by :func:`spawn_gloo` raised; ``rank`` names it, the message holds its traceback."""
+
+    def __init__(self, rank: int, tb: str):
+        self.rank = rank
+        super().__init__(f"rank {rank} failed:\n{tb}")
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the torchrun environment; (0, 1, 0) when it is not set."""
+    try:
+        rank = int(os.environ.get("RANK", "0"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError as err:
+        raise ValueError(f"RANK/WORLD_SIZE/LOCAL_RANK: not integers ({err})") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} WORLD_SIZE={world}: rank must lie in [0, world size)")
+    return rank, world, local
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 60) -> tuple[int, int]:
+    """Join the world described by the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+
+    backend: "gloo", "nccl" or None (nccl when CUDA is available, else gloo). With nccl the rank binds to
+    cuda:LOCAL_RANK. timeout_s bounds every collective on the default group (seconds). Without a torchrun
+    environment a one-rank world on a free local port is created. Idempotent: an already initialised world
+    is returned as is. Returns (rank, world_size).
+    """
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    rank, world, local = env_world()
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend: {backend!r} is not supported (gloo or nccl)")
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if world > 1:
+            raise ValueError("MASTER_PORT: not set for a multi-rank world (start with torchrun)")
+        os.environ["MASTER_PORT"] = str(free_port())
+    kwargs: dict[str, Any] = {}
+    if backend == "nccl":
+        kwargs["device_id"] = torch.device("cuda", local)
+    dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s), **kwargs)
+    return rank, world
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, timeout_s: float, fn: Callable, args: tuple, queue) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s))
+        try:
+            result = fn(rank, world, *args)
+        finally:
+            _reset_pool_cache()
+            dist.destroy_process_group()
+        buf = io.BytesIO()
+        torch.save(result, buf)  # plain bytes across the queue: no shared-memory tensors outliving the worker
+        queue.put((rank, "ok", buf.getvalue()))
+    except BaseException:  # noqa: BLE001 - reported to the parent with the rank
+        queue.put((rank, "error", traceback.format_exc()))
+
+
+def _reset_pool_cache() -> None:
+    try:
+        from .pg_pool import reset_pool
+    except ImportError:  # pragma: no cover
+        return
+    reset_pool()
+
+
+def spawn_gloo(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 60) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` fresh processes joined in one gloo world.
+
+    ``fn`` must be importable (module level). Returns the results indexed by rank (they must be
+    ``torch.save``-able). A worker exception is raised here as :class:`WorkerError` naming the first rank that
+    failed, with its traceback; if the ranks are not all done after ``timeout_s`` seconds (also the collective
+    timeout inside the workers) the remaining workers are terminated and TimeoutError is raised.
+    """
+    import torch
+    import torch.multiprocessing as mp
+
+    if world_size < 1:
+        raise ValueError(f"world_size: {world_size} must be >= 1")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, timeout_s, fn, args, queue), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: dict[int, str] = {}
+    deadline = time.monotonic() + timeout_s + 30.0  # + start-up (imports) of the workers
+    try:
+        while len(results) + len(errors) < world_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(set(range(world_size)) - set(results) - set(errors))
+                if errors:
+                    break
+                raise TimeoutError(f"spawn_gloo: ranks {missing} did not finish within {timeout_s + 30:.0f} s")
+            try:
+                rank, status, payload = queue.get(timeout=min(left, 1.0))
+            except Exception:  # queue.Empty
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead and not errors:
+                    r = procs.index(dead[0])
+                    if r not in results:
+                        errors[r] = f"process exited with code {dead[0].exitcode} before reporting"
+                        break
+                continue
+            if status == "ok":
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+            else:
+                errors[rank] = payload
+                # a failed rank usually leaves the others blocked in a collective until their timeout
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=0.5 if errors else 10.0)
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5.0)
+    if errors:
+        rank = min(errors)
+        raise WorkerError(rank, errors[rank])
+    return [results[r] for r in range(world_size)]

@@ -1,0 +1,151 @@
+"""Ulysses-style sequence-parallel attention over a packed variable-length batch, with the SP group chosen per
+call (per micro-batch) rather than fixed at model construction.
+
+Layout. An SP group of degree d runs a packed batch: its sequences concatenated into T tokens with boundaries
+``cu_seqlens`` = [0, s_1, s_1 + s_2, ..., T]. The T tokens are sharded contiguously over the group's ranks in
+group-rank order; :func:`shard_sizes` gives each rank's token count (uneven when d does not divide T; a rank may
+hold 0 tokens). Each rank holds q, k, v of its shard, shape [T_i, H, D] (tokens, heads, head dim).
+
+Forward: one all-to-all scatters heads and gathers the sequence (every rank ends with all T tokens for H/d
+heads), attention runs over whole sequences (causal and block-diagonal: token t of a sequence sees tokens
+0..t of the same sequence only), one all-to-all sends the result back to the token owners. The all-to-all is
+an autograd.Function whose backward is the inverse all-to-all, so gradients reach q, k, v on the rank that
+owns each token. Degree 1 (group None or of size 1) is plain local attention.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["shard_sizes", "shard_range", "packed_causal_attention", "reference_packed_attention",
+           "ulysses_attention", "all_to_all_tokens"]
+
+
+def shard_sizes(total_tokens: int, degree: int) -> list[int]:
+    """Token count of each of ``degree`` contiguous shards of ``total_tokens`` (first shards take the rest)."""
+    if degree < 1:
+        raise ValueError(f"degree: {degree} must be >= 1")
+    if total_tokens < 0:
+        raise ValueError(f"total_tokens: {total_tokens} must be >= 0")
+    q, r = divmod(total_tokens, degree)
+    return [q + (1 if i < r else 0) for i in range(degree)]
+
+
+def shard_range(total_tokens: int, degree: int, index: int) -> tuple[int, int]:
+    """[start, stop) token range of shard ``index``."""
+    sizes = shard_sizes(total_tokens, degree)
+    start = sum(sizes[:index])
+    return start, start + sizes[index]
+
+
+def _as_bounds(cu_seqlens: Sequence[int] | Tensor) -> list[int]:
+    b = cu_seqlens.tolist() if isinstance(cu_seqlens, Tensor) else [int(x) for x in cu_seqlens]
+    if len(b) < 1 or b[0] != 0 or any(b1 < b0 for b0, b1 in zip(b, b[1:])):
+        raise ValueError(f"cu_seqlens: {b[:8]}... must start at 0 and be non-decreasing")
+    return b
+
+
+def packed_causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Sequence[int] | Tensor) -> Tensor:
+    """Causal attention over each packed sequence separately. q, k, v: [T, h, D]; returns [T, h, D].
+
+    One scaled-dot-product call per sequence (no T x T mask), scale 1/sqrt(D)."""
+    bounds = _as_bounds(cu_seqlens)
+    if bounds[-1] != q.shape[0]:
+        raise ValueError(f"cu_seqlens ends at {bounds[-1]} but q has {q.shape[0]} tokens")
+    outs = []
+    for a, b in zip(bounds, bounds[1:]):
+        if b == a:
+            continue
+        # [s, h, D] -> [h, s, D]
+        qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+        outs.append(o.transpose(0, 1))
+    if not outs:
+        return q.new_zeros(q.shape)
+    return torch.cat(outs, dim=0)
+
+
+def reference_packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Sequence[int] | Tensor) -> Tensor:
+    """Plain-math reference of :func:`packed_causal_attention`: one T x T score matrix per head with a
+    block-diagonal causal mask, softmax, weighted sum. For tests (O(T^2) memory)."""
+    bounds = _as_bounds(cu_seqlens)
+    T = q.shape[0]
+    seq_of = torch.empty(T, dtype=torch.long)
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        seq_of[a:b] = i
+    pos = torch.arange(T)
+    allowed = (seq_of[:, None] == seq_of[None, :]) & (pos[None, :] <= pos[:, None])
+    scores = torch.einsum("thd,shd->hts", q, k) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~allowed.to(q.device), float("-inf"))
+    return torch.einsum("hts,shd->thd", torch.softmax(scores, dim=-1), v)
+
+
+class _AllToAllTokens(torch.autograd.Function):
+    """all_to_all_single along dim 0 with explicit (possibly uneven) split sizes; backward is the inverse
+    exchange (send and receive splits swapped)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group, in_splits: list[int], out_splits: list[int]) -> Tensor:
+        ctx.group, ctx.in_splits, ctx.out_splits = group, in_splits, out_splits
+        return _exchange(x, group, in_splits, out_splits)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _exchange(grad, ctx.group, ctx.out_splits, ctx.in_splits), None, None, None
+
+
+def _exchange(x: Tensor, group, in_splits: list[int], out_splits: list[int]) -> Tensor:
+    x = x.contiguous()
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x, output_split_sizes=out_splits, input_split_sizes=in_splits, group=group)
+    return out
+
+
+def all_to_all_tokens(x: Tensor, group, in_splits: list[int], out_splits: list[int]) -> Tensor:
+    """Differentiable all-to-all along dim 0: rows [sum(in_splits[:j]), +in_splits[j]) go to group rank j;
+    the result concatenates what each group rank sent, in group-rank order."""
+    return _AllToAllTokens.apply(x, group, list(in_splits), list(out_splits))
+
+
+def _group_degree_rank(group) -> tuple[int, int]:
+    if group is None:
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Sequence[int] | Tensor, group=None, *,
+                      attn_fn: Callable[[Tensor, Tensor, Tensor, Sequence[int]], Tensor] = packed_causal_attention
+                      ) -> Tensor:
+    """Sequence-parallel attention of this rank's shard.
+
+    q, k, v: [T_i, H, D], this rank's contiguous shard (:func:`shard_range`) of the group's packed batch;
+    cu_seqlens: boundaries of the whole packed batch (length n_seq + 1, ends at T = sum of shards); group:
+    the SP process group of this micro-batch (None or size 1: local attention). H must be divisible by the
+    group size. attn_fn(q, k, v, cu_seqlens) computes attention on full sequences ([T, H/d, D]). Returns
+    [T_i, H, D].
+    """
+    bounds = _as_bounds(cu_seqlens)
+    degree, grank = _group_degree_rank(group)
+    T = bounds[-1]
+    sizes = shard_sizes(T, degree)
+    Ti, H, D = q.shape
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if Ti != sizes[grank]:
+        raise ValueError(f"q has {Ti} tokens but shard {grank} of {T} tokens over degree {degree} has {sizes[grank]}")
+    if degree == 1:
+        return attn_fn(q, k, v, bounds)
+    if H % degree:
+        raise ValueError(f"heads {H} not divisible by SP degree {degree}")
+    hl = H // degree
+    # [T_i, 3, H, D] -> [d, T_i, 3, H/d, D]: the chunk for group rank j holds heads [j*H/d, (j+1)*H/d)
+    qkv = torch.stack((q, k, v), dim=1).view(Ti, 3, degree, hl, D).permute(2, 0, 1, 3, 4)
+    qkv = qkv.reshape(degree * Ti, 3, hl, D)
+    full = all_to_all_tokens(qkv, group, [Ti] * degree, sizes)  # [T, 3, H/d, D], tokens in sequence order
+    out = attn_fn(full[:, 0], full[:, 1], full[:, 2], bounds)  # [T, H/d, D]
+    back = all_to_all_tokens(out, group, sizes, [Ti] * degree)  # [d * T_i, H/d, D], chunk j = heads of rank j
+    return back.view(degree, Ti, hl, D).permute(1, 0, 2, 3).reshape(Ti, H, D)
