@@ -1,0 +1,286 @@
+"""MoE routers: which experts each token goes to, with what weight, and the auxiliary losses.
+
+Every router maps router logits over E experts for T tokens to a flat list of *assignments*
+(token, expert, weight), sorted by (expert, token), after capacity drops. The flat form covers fixed
+top-k, expert choice (a token may get 0..E experts) and DynaMoE's dynamic top-p (1..k_max experts per
+token) alike; the kernels in :mod:`adasched.kernels.moe` consume it.
+
+Routers (``RouterConfig.kind``):
+
+- ``gshard``: softmax, top-k (default 2), gates renormalised over the chosen k, GShard load-balancing
+  loss ``E * sum_e f_e * P_e`` (f_e: fraction of assignments to e before drops, P_e: mean probability).
+- ``switch``: softmax, top-1, gate = the probability (not renormalised), same load-balancing loss.
+- ``sigmoid_bias``: scores ``sigmoid(logits)``; selection by top-k of ``scores + bias`` where ``bias`` is
+  a buffer (not trained by gradients); gates = the chosen *scores* (without bias) renormalised to sum 1.
+  Aux-loss-free balancing: after each training step the layer calls :meth:`Router.update_bias` with the
+  token counts per expert ``c`` (summed over the expert-parallel group), and the bias moves by
+  ``bias_e += bias_update_rate * sign(mean(c) - c_e)``: overloaded experts become less attractive.
+- ``expert_choice``: softmax over experts; each expert takes its ``C = ceil(capacity_factor * T * k / E)``
+  highest-probability tokens; gate = probability. Balanced by construction (no aux loss); a token chosen
+  by no expert is counted as dropped.
+- ``top_p`` (DynaMoE / "Harder tasks need more experts"): softmax, sort descending, keep the smallest
+  prefix whose cumulative sum reaches ``p`` *including the element that crosses p*, capped at ``k_max``;
+  gates = the probabilities, not renormalised. Entropy penalty ``entropy_coef * mean_t H(P_t)`` with
+  ``H(P) = -sum_i P_i log P_i``: minimising it sharpens the router so it does not drift to uniform
+  (which would activate k_max experts everywhere); written as the paper's ``sum P log P`` term with the
+  sign that makes it a penalty on flatness. Optional controller (``target_k``): after each training
+  forward ``p <- clip(p - controller_rate * (mean_k - target_k), p_min, 1)``.
+
+Capacity: ``capacity_factor=None`` is dropless. Otherwise each expert keeps at most
+``C = ceil(capacity_factor * N / E)`` assignments (N = assignments before drops; N = T*k for fixed top-k)
+and drops the rest by ``drop_policy``: ``"position"`` keeps first choices before second choices and, within
+a choice rank, earlier tokens first (GShard); ``"probs"`` keeps the highest gates.
+
+z-loss: ``z_loss_coef * mean_t logsumexp(logits_t)^2`` (all routers).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ROUTER_KINDS", "RouterConfig", "Routing", "RouterStats", "Router"]
+
+RouterKind = Literal["gshard", "switch", "sigmoid_bias", "expert_choice", "top_p"]
+ROUTER_KINDS: tuple[str, ...] = ("gshard", "switch", "sigmoid_bias", "expert_choice", "top_p")
+
+
+@dataclass(kw_only=True)
+class RouterConfig:
+    """How tokens are routed. Validated in ``__post_init__``; errors name the field and value."""
+
+    kind: RouterKind = "gshard"
+    """Routing function (see module docstring)."""
+    num_experts: int = 8
+    """E, experts in the layer (all ranks together)."""
+    top_k: int = 2
+    """k for gshard/sigmoid_bias/expert_choice (switch forces 1); for top_p the default k_max."""
+    capacity_factor: float | None = None
+    """None = dropless; otherwise a positive factor on the mean load per expert (drop mode)."""
+    drop_policy: Literal["position", "probs"] = "position"
+    """Which assignments survive when an expert is over capacity."""
+    aux_loss_coef: float = 1e-2
+    """Weight of the load-balancing loss (gshard, switch, top_p; 0 disables)."""
+    z_loss_coef: float = 1e-3
+    """Weight of the router z-loss (0 disables)."""
+    p: float = 0.4
+    """top_p threshold in (0, 1]."""
+    k_max: int | None = None
+    """top_p cap on experts per token (default top_k)."""
+    entropy_coef: float = 1e-2
+    """top_p entropy penalty weight."""
+    target_k: float | None = None
+    """top_p controller target for the mean experts per token (None = no controller)."""
+    controller_rate: float = 0.01
+    """top_p controller step on p per unit of (mean_k - target_k)."""
+    p_min: float = 0.01
+    """Lower clip of the controlled p."""
+    bias_update_rate: float = 1e-3
+    """sigmoid_bias: step of the sign update on the expert bias."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROUTER_KINDS:
+            raise ValueError(f"router kind: {self.kind!r} is not one of {', '.join(ROUTER_KINDS)}")
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts: {self.num_experts} must be >= 1")
+        if self.top_k < 1 or self.top_k > self.num_experts:
+            raise ValueError(
+                f"top_k: {self.top_k} must be in [1, num_experts={self.num_experts}]")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(
+                f"capacity_factor: {self.capacity_factor} must be > 0 in capacity mode (None = dropless)")
+        if not (0.0 < self.p <= 1.0):
+            raise ValueError(f"p: {self.p} must be in (0, 1]")
+        if self.k_max is not None and not (1 <= self.k_max <= self.num_experts):
+            raise ValueError(f"k_max: {self.k_max} must be in [1, num_experts={self.num_experts}]")
+        if self.drop_policy not in ("position", "probs"):
+            raise ValueError(f"drop_policy: {self.drop_policy!r} is not 'position' or 'probs'")
+        if self.target_k is not None and not (1.0 <= self.target_k <= self.effective_k_max):
+            raise ValueError(f"target_k: {self.target_k} must be in [1, k_max={self.effective_k_max}]")
+        if not (0.0 < self.p_min <= 1.0):
+            raise ValueError(f"p_min: {self.p_min} must be in (0, 1]")
+
+    @property
+    def effective_k_max(self) -> int:
+        """Most experts one token can get from top-k style routers."""
+        if self.kind == "switch":
+            return 1
+        if self.kind == "top_p":
+            return self.k_max if self.k_max is not None else self.top_k
+        return self.top_k
+
+
+@dataclass
+class RouterStats:
+    """Per-layer routing statistics of the last forward (detached, on CPU)."""
+
+    tokens_per_expert: torch.Tensor
+    """(E,) assignments each expert processed after drops."""
+    mean_k: float
+    """Mean experts per token after drops."""
+    dropped: int
+    """Assignments removed by the capacity limit (expert_choice: tokens chosen by no expert)."""
+    num_tokens: int
+    """Tokens routed."""
+    p: float | None = None
+    """top_p threshold used (after the controller step, if any)."""
+
+    def as_dict(self) -> dict:
+        return {"tokens_per_expert": self.tokens_per_expert.tolist(), "mean_k": self.mean_k,
+                "dropped": self.dropped, "num_tokens": self.num_tokens, "p": self.p}
+
+
+@dataclass
+class Routing:
+    """Assignments sorted by (expert, token). ``weight`` carries the router's gradient."""
+
+    token_idx: torch.Tensor
+    """(N,) int64 token of each assignment."""
+    expert_idx: torch.Tensor
+    """(N,) int64 expert of each assignment (ascending)."""
+    weight: torch.Tensor
+    """(N,) gate of each assignment (float32, differentiable)."""
+    counts: torch.Tensor
+    """(E,) int64 assignments per expert."""
+    num_tokens: int
+    aux_loss: torch.Tensor
+    """Scalar: load-balancing + z-loss + entropy terms, already weighted."""
+    losses: dict[str, float] = field(default_factory=dict)
+    """The unweighted loss terms, for logging."""
+    stats: RouterStats | None = None
+
+
+def _sort_assignments(tok: torch.Tensor, exp: torch.Tensor, w: torch.Tensor, E: int, T: int):
+    key = exp * max(T, 1) + tok
+    order = torch.argsort(key)
+    exp = exp[order]
+    counts = torch.bincount(exp, minlength=E)
+    return tok[order], exp, w[order], counts
+
+
+def _apply_capacity(tok, exp, w, rank, cap: int, E: int, T: int, policy: str):
+    """Keep at most ``cap`` assignments per expert. ``rank`` is the choice rank (0 = first choice)."""
+    if policy == "position":
+        prio = rank.to(torch.float64) * (T + 1) + tok.to(torch.float64)   # lower = keep first
+    else:
+        prio = -w.detach().to(torch.float64)
+    # order by expert, then priority
+    order = torch.argsort(prio, stable=True)
+    order = order[torch.argsort(exp[order], stable=True)]
+    exp_s = exp[order]
+    counts = torch.bincount(exp_s, minlength=E)
+    starts = torch.cumsum(counts, 0) - counts
+    pos_in_expert = torch.arange(exp_s.numel(), device=exp.device) - starts[exp_s]
+    keep = order[pos_in_expert < cap]
+    return tok[keep], exp[keep], w[keep], int(exp.numel() - keep.numel())
+
+
+class Router(nn.Module):
+    """Linear router ``hidden -> num_experts`` plus the routing rule of ``config``."""
+
+    def __init__(self, hidden: int, config: RouterConfig):
+        super().__init__()
+        self.config = config
+        self.proj = nn.Linear(hidden, config.num_experts, bias=False)
+        nn.init.normal_(self.proj.weight, std=hidden ** -0.5)
+        self.register_buffer("expert_bias", torch.zeros(config.num_experts), persistent=True)
+        self.p = float(config.p)
+        self.last_stats: RouterStats | None = None
+
+    # -- public -----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> Routing:
+        """x: (T, hidden). Returns the assignments, aux loss and statistics."""
+        cfg = self.config
+        logits = self.proj(x).float()
+        T, E = logits.shape
+        losses: dict[str, float] = {}
+        aux = logits.new_zeros(())
+        if cfg.z_loss_coef > 0:
+            z = torch.logsumexp(logits, dim=-1).square().mean()
+            aux = aux + cfg.z_loss_coef * z
+            losses["z_loss"] = float(z.detach())
+        kind = cfg.kind
+        if kind == "expert_choice":
+            tok, exp, w, dropped = self._expert_choice(logits)
+            probs = None
+        else:
+            if kind == "sigmoid_bias":
+                scores = torch.sigmoid(logits)
+                sel = torch.topk(scores.detach() + self.expert_bias, cfg.top_k, dim=-1).indices
+                gate = scores.gather(1, sel)
+                gate = gate / gate.sum(-1, keepdim=True)
+                probs = scores / scores.sum(-1, keepdim=True)
+                mask = torch.ones_like(sel, dtype=torch.bool)
+            else:
+                probs = torch.softmax(logits, dim=-1)
+                if kind == "top_p":
+                    sel, gate, mask = self._top_p(probs)
+                    if cfg.entropy_coef > 0:
+                        ent = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1).mean()
+                        aux = aux + cfg.entropy_coef * ent
+                        losses["entropy"] = float(ent.detach())
+                else:
+                    k = 1 if kind == "switch" else cfg.top_k
+                    top = torch.topk(probs, k, dim=-1)
+                    sel, gate = top.indices, top.values
+                    if kind == "gshard" and k > 1:
+                        gate = gate / gate.sum(-1, keepdim=True)
+                    mask = torch.ones_like(sel, dtype=torch.bool)
+            K = sel.shape[1]
+            rank = torch.arange(K, device=x.device).expand(T, K)
+            tok_all = torch.arange(T, device=x.device).unsqueeze(1).expand(T, K)
+            tok, exp, w, rk = tok_all[mask], sel[mask], gate[mask], rank[mask]
+            if cfg.aux_loss_coef > 0 and kind != "sigmoid_bias":
+                frac = torch.bincount(exp, minlength=E).float() / max(exp.numel(), 1)
+                lb = E * (frac * probs.mean(0)).sum()
+                aux = aux + cfg.aux_loss_coef * lb
+                losses["load_balance"] = float(lb.detach())
+            dropped = 0
+            if cfg.capacity_factor is not None:
+                cap = math.ceil(cfg.capacity_factor * exp.numel() / E)
+                tok, exp, w, dropped = _apply_capacity(tok, exp, w, rk, cap, E, T, cfg.drop_policy)
+        tok, exp, w, counts = _sort_assignments(tok, exp, w, E, T)
+        stats = RouterStats(tokens_per_expert=counts.detach().cpu(),
+                            mean_k=float(exp.numel()) / max(T, 1), dropped=int(dropped),
+                            num_tokens=T, p=self.p if kind == "top_p" else None)
+        if kind == "top_p" and cfg.target_k is not None and self.training:
+            self.p = float(min(1.0, max(cfg.p_min, self.p - cfg.controller_rate * (stats.mean_k - cfg.target_k))))
+        self.last_stats = stats
+        return Routing(token_idx=tok, expert_idx=exp, weight=w, counts=counts, num_tokens=T,
+                       aux_loss=aux, losses=losses, stats=stats)
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert: torch.Tensor) -> None:
+        """Aux-loss-free balancing step (sigmoid_bias only): ``bias += rate * sign(mean - count)``."""
+        if self.config.kind != "sigmoid_bias":
+            return
+        c = tokens_per_expert.to(self.expert_bias.device, torch.float32)
+        self.expert_bias += self.config.bias_update_rate * torch.sign(c.mean() - c)
+
+    # -- rules ------------------------------------------------------------------------------------
+    def _top_p(self, probs: torch.Tensor):
+        k_max = self.config.effective_k_max
+        sp, si = torch.sort(probs, dim=-1, descending=True)
+        sp, si = sp[:, :k_max], si[:, :k_max]
+        before = torch.cumsum(sp, -1) - sp            # mass strictly before each element
+        mask = before < self.p                        # keeps the element that crosses p
+        mask[:, 0] = True
+        return si, sp, mask
+
+    def _expert_choice(self, logits: torch.Tensor):
+        cfg = self.config
+        T, E = logits.shape
+        probs = torch.softmax(logits, dim=-1)
+        cf = 1.0 if cfg.capacity_factor is None else cfg.capacity_factor
+        cap = min(T, math.ceil(cf * T * cfg.top_k / E))
+        top = torch.topk(probs.t(), cap, dim=-1)          # (E, C)
+        tok = top.indices.reshape(-1)
+        exp = torch.arange(E, device=logits.device).repeat_interleave(cap)
+        w = top.values.reshape(-1)
+        covered = torch.zeros(T, dtype=torch.bool, device=logits.device)
+        covered[tok] = True
+        return tok, exp, w, int(T - int(covered.sum()))

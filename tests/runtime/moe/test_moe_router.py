@@ -1,0 +1,177 @@
+"""Routers against brute-force per-token references."""
+import math
+
+import pytest
+import torch
+
+from adasched.runtime.moe.router import Router, RouterConfig
+
+
+def _router(kind, hidden=12, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = RouterConfig(kind=kind, **kw)
+    return Router(hidden, cfg)
+
+
+def _as_set(r):
+    return sorted(zip(r.token_idx.tolist(), r.expert_idx.tolist(), r.weight.tolist()))
+
+
+def _check_sorted(r):
+    key = (r.expert_idx * (r.num_tokens + 1) + r.token_idx).tolist()
+    assert key == sorted(key) and len(set(key)) == len(key)
+    assert r.counts.tolist() == torch.bincount(r.expert_idx, minlength=r.counts.numel()).tolist()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(kind="gshard", num_experts=4, top_k=5), "top_k: 5"),
+    (dict(kind="gshard", capacity_factor=0.0), "capacity_factor: 0.0"),
+    (dict(kind="switch", capacity_factor=-1.5), "capacity_factor: -1.5"),
+    (dict(kind="top_p", p=0.0), "p: 0.0"),
+    (dict(kind="top_p", p=1.2), "p: 1.2"),
+    (dict(kind="top_p", num_experts=4, k_max=9), "k_max: 9"),
+    (dict(kind="nope"), "'nope'"),
+])
+def test_bad_config_names_value(bad, match):
+    with pytest.raises(ValueError, match=match):
+        RouterConfig(**bad)
+
+
+@pytest.mark.parametrize("kind,k", [("gshard", 2), ("gshard", 3), ("switch", 1)])
+def test_softmax_topk_matches_bruteforce(kind, k):
+    r = _router(kind, num_experts=6, top_k=k if kind != "switch" else 2)
+    x = torch.randn(17, 12)
+    out = r(x)
+    _check_sorted(out)
+    probs = torch.softmax(x @ r.proj.weight.t(), -1).detach()
+    want = []
+    for t in range(17):
+        vals, idx = torch.sort(probs[t], descending=True)
+        vals, idx = vals[:k], idx[:k]
+        if kind == "gshard" and k > 1:
+            vals = vals / vals.sum()
+        want += [(t, int(e), float(v)) for e, v in zip(idx, vals)]
+    got = _as_set(out)
+    assert [g[:2] for g in got] == [w[:2] for w in sorted(want)]
+    torch.testing.assert_close(torch.tensor([g[2] for g in got]), torch.tensor([w[2] for w in sorted(want)]))
+    assert out.stats.mean_k == k and out.stats.dropped == 0
+    # load-balancing loss value
+    frac = torch.bincount(out.expert_idx, minlength=6).float() / out.expert_idx.numel()
+    lb = 6 * (frac * probs.mean(0)).sum()
+    assert out.losses["load_balance"] == pytest.approx(float(lb), rel=1e-5)
+    z = torch.logsumexp(x @ r.proj.weight.t(), -1).square().mean()
+    assert out.losses["z_loss"] == pytest.approx(float(z), rel=1e-5)
+    torch.testing.assert_close(out.aux_loss, (1e-2 * lb + 1e-3 * z).detach(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("p,k_max", [(0.4, 3), (0.7, 4), (1.0, 2), (0.05, 5)])
+def test_top_p_matches_bruteforce(p, k_max):
+    r = _router("top_p", num_experts=8, top_k=2, p=p, k_max=k_max, entropy_coef=0.1)
+    x = torch.randn(23, 12) * 0.7
+    out = r(x)
+    _check_sorted(out)
+    probs = torch.softmax(x @ r.proj.weight.t(), -1).detach()
+    want = []
+    for t in range(23):
+        vals, idx = torch.sort(probs[t], descending=True)
+        acc = 0.0
+        for j in range(k_max):
+            want.append((t, int(idx[j]), float(vals[j])))   # not renormalised
+            acc += float(vals[j])
+            if acc >= p:
+                break
+    got = _as_set(out)
+    assert [g[:2] for g in got] == [w[:2] for w in sorted(want)]
+    torch.testing.assert_close(torch.tensor([g[2] for g in got]), torch.tensor([w[2] for w in sorted(want)]))
+    assert out.stats.mean_k == pytest.approx(len(want) / 23)
+    ent = -(probs * probs.log()).sum(-1).mean()
+    assert out.losses["entropy"] == pytest.approx(float(ent), rel=1e-5)
+    # the entropy penalty's gradient makes the router sharper: one step lowers the entropy
+    loss = out.aux_loss
+    loss.backward()
+    with torch.no_grad():
+        r.proj.weight -= 5.0 * r.proj.weight.grad
+    probs2 = torch.softmax(x @ r.proj.weight.t(), -1)
+    assert float(-(probs2 * probs2.log()).sum(-1).mean()) < float(ent)
+
+
+def test_top_p_controller_moves_p_toward_target():
+    r = _router("top_p", num_experts=8, top_k=4, p=0.9, target_k=1.5, controller_rate=0.2)
+    x = torch.randn(64, 12) * 0.1          # near-uniform router: high mean k at p=0.9
+    r.train()
+    k0 = r(x).stats.mean_k
+    assert k0 > 1.5 and r.p < 0.9
+    for _ in range(30):
+        r(x)
+    assert abs(r(x).stats.mean_k - 1.5) < abs(k0 - 1.5)
+    r.eval()
+    p = r.p
+    r(x)
+    assert r.p == p                         # no controller step in eval
+
+
+@pytest.mark.parametrize("policy", ["position", "probs"])
+def test_capacity_drop_policy(policy):
+    r = _router("gshard", num_experts=4, top_k=2, capacity_factor=0.75, drop_policy=policy, seed=3)
+    x = torch.randn(30, 12)
+    out = r(x)
+    _check_sorted(out)
+    cap = math.ceil(0.75 * 60 / 4)
+    probs = torch.softmax(x @ r.proj.weight.t(), -1).detach()
+    top = torch.topk(probs, 2, -1)
+    gates = top.values / top.values.sum(-1, keepdim=True)
+    want = []
+    for e in range(4):
+        cand = [(rank, t, float(gates[t, rank])) for t in range(30) for rank in range(2) if int(top.indices[t, rank]) == e]
+        if policy == "position":
+            cand.sort(key=lambda c: (c[0], c[1]))
+        else:
+            cand.sort(key=lambda c: -c[2])
+        want += [(t, e, g) for _, t, g in cand[:cap]]
+    got = _as_set(out)
+    assert [g[:2] for g in got] == [w[:2] for w in sorted(want)]
+    assert max(out.counts.tolist()) <= cap
+    assert out.stats.dropped == 60 - len(want) > 0
+    assert out.stats.tokens_per_expert.tolist() == out.counts.tolist()
+
+
+def test_expert_choice_takes_top_tokens_per_expert():
+    r = _router("expert_choice", num_experts=4, top_k=2, capacity_factor=1.0)
+    x = torch.randn(10, 12)
+    out = r(x)
+    _check_sorted(out)
+    probs = torch.softmax(x @ r.proj.weight.t(), -1).detach()
+    cap = math.ceil(10 * 2 / 4)
+    assert out.counts.tolist() == [cap] * 4
+    for e in range(4):
+        want = set(torch.topk(probs[:, e], cap).indices.tolist())
+        assert set(out.token_idx[out.expert_idx == e].tolist()) == want
+    covered = set(out.token_idx.tolist())
+    assert out.stats.dropped == 10 - len(covered)
+
+
+def test_sigmoid_bias_selection_and_update():
+    r = _router("sigmoid_bias", num_experts=5, top_k=2)
+    x = torch.randn(20, 12)
+    r.expert_bias[:] = torch.tensor([10.0, 0.0, 0.0, 0.0, 0.0])
+    out = r(x)
+    _check_sorted(out)
+    assert out.counts[0] == 20                       # bias forces expert 0 into every top-2
+    scores = torch.sigmoid(x @ r.proj.weight.t())
+    for t in range(20):
+        ws = out.weight[out.token_idx == t]
+        es = out.expert_idx[out.token_idx == t]
+        torch.testing.assert_close(ws, scores[t, es] / scores[t, es].sum())
+    before = r.expert_bias.clone()
+    r.update_bias(out.counts)
+    c = out.counts.float()
+    torch.testing.assert_close(r.expert_bias - before, 1e-3 * torch.sign(c.mean() - c))
+    assert "load_balance" not in out.losses
+
+
+def test_weights_carry_router_gradient():
+    for kind in ("gshard", "switch", "sigmoid_bias", "expert_choice", "top_p"):
+        r = _router(kind, num_experts=4, top_k=2)
+        out = r(torch.randn(9, 12))
+        (out.weight * torch.randn_like(out.weight)).sum().backward()
+        assert r.proj.weight.grad is not None and r.proj.weight.grad.abs().sum() > 0, kind
