@@ -1,0 +1,50 @@
+"""`adasched profile`: measure this machine and write a ClusterProfile JSON (thin; see profiler.local)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+__all__ = ["register"]
+
+
+def register(groups) -> None:
+    @groups.root.command("profile")
+    def profile_cmd(
+        quick: bool = typer.Option(False, "--quick", help="CI-sized run: tiny shapes, few sizes and repeats "
+                                                         "(well under a minute on a 2-core CPU box)."),
+        out: Path = typer.Option(Path("profile.json"), "--out", "-o",
+                                 help="Where to write the ClusterProfile JSON (written atomically)."),
+        nproc: Optional[int] = typer.Option(None, "--nproc", min=2,
+                                            help="Worker processes for the collective benchmarks (gloo) when not "
+                                                 "under torchrun; default 4, or 2 with --quick."),
+        no_collectives: bool = typer.Option(False, "--no-collectives", help="Skip the collective benchmarks."),
+        name: Optional[str] = typer.Option(None, "--name", help="Profile name (default local-<hostname>)."),
+        as_json: bool = typer.Option(False, "--json", help="Print the profile as JSON on stdout (nothing else)."),
+    ) -> None:
+        """Profile this machine: device inventory (NVML, or the CPU host without a GPU), GEMM rate, copy
+        bandwidth, attention fwd+bwd over sequence lengths (fit a1*s^2 + a2*s + b), linear-layer cost per
+        token, and all_to_all/all_reduce/all_gather/reduce_scatter over message and group sizes (alpha-beta
+        fits with their error). Under torchrun the collectives use that world (gloo on CPU, nccl on GPU);
+        otherwise --nproc gloo workers are spawned. Use the file with `--profile FILE` in the planners."""
+        from adasched.planner.ui import emit_json, print_table
+
+        from .local import in_torchrun, profile_in_world, profile_local
+        from .report import profile_rows
+
+        if out.exists() and out.is_dir():
+            raise typer.BadParameter(f"{out} is a directory", param_hint="--out")
+        if in_torchrun() and not no_collectives:
+            prof = profile_in_world(quick=quick, out=out, name=name)
+            if prof is None:  # not rank 0
+                return
+        else:
+            prof = profile_local(quick=quick, nproc=nproc, collectives=not no_collectives, name=name)
+            from .profile import save_profile
+
+            save_profile(prof, out)
+        if as_json:
+            emit_json(prof)
+        else:
+            print_table(profile_rows(prof), ["field", "value"], title=f"profile {prof.name} -> {out}")

@@ -1,0 +1,258 @@
+"""Collective microbenchmarks over torch.distributed and their alpha-beta fits.
+
+:func:`measure_collectives` runs inside an initialised process group (every rank calls it): for each group
+size g (powers of two up to the world size) the world is cut into world/g contiguous groups of g ranks
+(created once with ``dist.new_group``; all groups run at the same time, as concurrent SP/EP groups do), and
+each op runs over each message size: ``warmup`` untimed runs, then ``repeats`` timed runs, each after a
+barrier of its group. A run's time is the slowest rank's (max over ranks, reduced to rank 0); the point is
+the median over repeats. Message size = bytes of the tensor each rank passes in (per rank).
+
+Ops: all_to_all (all_to_all_single), all_reduce, all_gather (all_gather_single / all_gather_into_tensor),
+reduce_scatter (reduce_scatter_single / reduce_scatter_tensor). Where the backend lacks reduce_scatter
+(gloo in older torch) it is timed as all_reduce + taking the local shard, and the fit's ``source`` says so.
+
+Every process group gets ``timeout_s``; :func:`spawn_collectives` runs the measurement in fresh worker
+processes (torch.multiprocessing, gloo, free port) and kills them if the whole run exceeds its limit.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .fit import fit_alpha_beta
+from .profile import CollectiveFit
+
+__all__ = ["OPS", "CollectiveConfig", "collective_config", "measure_collectives", "fit_collectives",
+           "spawn_collectives", "free_port", "group_sizes_for"]
+
+OPS = ("all_to_all", "all_reduce", "all_gather", "reduce_scatter")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CollectiveConfig:
+    sizes: tuple[int, ...]
+    """Message sizes in bytes per rank (each is rounded down to a multiple of 4 * world bytes)."""
+    ops: tuple[str, ...] = OPS
+    warmup: int = 1
+    repeats: int = 5
+    timeout_s: float = 120.0
+    """Timeout of every collective (process-group timeout), seconds."""
+    emulate_reduce_scatter: bool = False
+    """Time reduce_scatter as all_reduce + local shard even where the backend has it (tests that path)."""
+
+    def __post_init__(self):
+        bad = [o for o in self.ops if o not in OPS]
+        if bad:
+            raise ValueError(f"ops: unknown collective(s) {bad} (known: {', '.join(OPS)})")
+        if len(self.sizes) < 2 or any(s <= 0 for s in self.sizes):
+            raise ValueError(f"sizes: need >= 2 positive message sizes to fit alpha-beta, got {self.sizes}")
+        if self.repeats < 1 or self.warmup < 0:
+            raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {self.repeats}, {self.warmup}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+
+
+def collective_config(quick: bool, gpu: bool = False) -> CollectiveConfig:
+    if gpu:
+        sizes = tuple(1 << k for k in range(16, 29, 2 if quick else 1))  # 64 KiB .. 256 MiB
+        return CollectiveConfig(sizes=sizes, warmup=2 if quick else 5, repeats=5 if quick else 20, timeout_s=300)
+    if quick:
+        return CollectiveConfig(sizes=(1 << 12, 1 << 15, 1 << 18, 1 << 20), warmup=1, repeats=3, timeout_s=60)
+    return CollectiveConfig(sizes=tuple(1 << k for k in range(12, 25, 2)), warmup=2, repeats=7, timeout_s=300)
+
+
+def group_sizes_for(world: int) -> list[int]:
+    """Powers of two from 2 up to the world size (a non-power-of-two world also gets its own size)."""
+    out, g = [], 2
+    while g <= world:
+        out.append(g)
+        g *= 2
+    if world >= 2 and world not in out:
+        out.append(world)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _op_fns(dist):
+    """(all_gather, reduce_scatter) single-tensor functions of this torch (2.13 renamed them)."""
+    ag = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    rs = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return ag, rs
+
+
+def measure_collectives(cfg: CollectiveConfig, *, device: str = "cpu", show_progress: bool = False
+                        ) -> dict[str, Any] | None:
+    """Measure every (group size, op, size) in the current world. Collective over all ranks.
+
+    Returns on rank 0 ``{'world', 'backend', 'points': [{op, group_size, bytes, ms}], 'emulated': {op: how}}``;
+    None on the other ranks."""
+    import torch
+    import torch.distributed as dist
+
+    from adasched.planner.ui import progress
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    timeout = datetime.timedelta(seconds=cfg.timeout_s)
+    all_gather, reduce_scatter = _op_fns(dist)
+    gsizes = group_sizes_for(world)
+    groups = {}
+    for g in gsizes:  # every rank creates every group, in the same order, once
+        if g == world:
+            groups[g] = None  # the default (world) group
+            continue
+        mine = None
+        for start in range(0, world - g + 1, g):
+            pg = dist.new_group(list(range(start, start + g)), timeout=timeout)
+            if start <= rank < start + g:
+                mine = pg
+        groups[g] = mine
+    emulated: dict[str, str] = {}
+    keys, times = [], []
+    total = len(gsizes) * len(cfg.ops) * len(cfg.sizes)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    with warnings.catch_warnings(), progress(f"collectives ({world} ranks, {dist.get_backend()})", total,
+                                             enabled=show_progress and rank == 0) as advance:
+        warnings.simplefilter("ignore", FutureWarning)
+        for g in gsizes:
+            pg = groups[g]
+            in_group = pg is not None or g == world
+            for op in cfg.ops:
+                for size in cfg.sizes:
+                    n = max(g, (size // 4) // world * world)  # elements, divisible by any group size
+                    x = torch.randn(n, device=device)
+                    if op == "all_to_all":
+                        out = torch.empty_like(x)
+                        fn = lambda: dist.all_to_all_single(out, x, group=pg)  # noqa: E731
+                    elif op == "all_reduce":
+                        fn = lambda: dist.all_reduce(x, group=pg)  # noqa: E731
+                    elif op == "all_gather":
+                        out = torch.empty(n * g, device=device)
+                        fn = lambda: all_gather(out, x, group=pg)  # noqa: E731
+                    else:
+                        out = torch.empty(n // g, device=device)
+                        fn = lambda: reduce_scatter(out, x, group=pg)  # noqa: E731
+                        if in_group and op not in emulated and cfg.emulate_reduce_scatter:
+                            emulated[op] = "timed as all_reduce + local shard (emulate_reduce_scatter set)"
+                        if in_group and op not in emulated:
+                            try:
+                                fn()
+                                emulated[op] = ""
+                            except (RuntimeError, NotImplementedError):
+                                emulated[op] = "timed as all_reduce + local shard (backend lacks reduce_scatter)"
+                        if in_group and emulated[op]:
+                            fn = _emulated_reduce_scatter(dist, out, x, pg, g)
+                    ts = [0.0] * cfg.repeats  # ranks outside every group of size g (world not a power of 2)
+                    if in_group:
+                        ts = []
+                        for _ in range(cfg.warmup):
+                            fn()
+                        sync()
+                        for _ in range(cfg.repeats):
+                            dist.barrier(group=pg)
+                            t0 = time.perf_counter()
+                            fn()
+                            sync()
+                            ts.append((time.perf_counter() - t0) * 1e3)
+                    keys.append((op, g, n * 4))
+                    times.append(ts)
+                    advance()
+    t = torch.tensor(times, dtype=torch.float64)
+    dist.reduce(t, dst=0, op=dist.ReduceOp.MAX)  # the slowest rank of each run
+    if rank != 0:
+        return None
+    points = [{"op": op, "group_size": g, "bytes": nbytes, "ms": statistics.median(t[i].tolist())}
+              for i, (op, g, nbytes) in enumerate(keys)]
+    return {"world": world, "backend": dist.get_backend(), "points": points,
+            "emulated": {k: v for k, v in emulated.items() if v}}
+
+
+def _emulated_reduce_scatter(dist, out, x, pg, g):
+    """reduce_scatter as all_reduce + copying this rank's shard (for backends without reduce_scatter)."""
+    r = dist.get_rank(pg) if pg is not None else dist.get_rank()
+    k = x.numel() // g
+
+    def fn():
+        dist.all_reduce(x, group=pg)
+        out.copy_(x[r * k:(r + 1) * k])
+
+    return fn
+
+
+def fit_collectives(result: dict[str, Any], ranks_per_node: int, source: str) -> list[CollectiveFit]:
+    """alpha-beta fit per (op, group size) of :func:`measure_collectives`' points, with the fit error."""
+    by_key: dict[tuple[str, int], list[dict]] = {}
+    for p in result["points"]:
+        by_key.setdefault((p["op"], p["group_size"]), []).append(p)
+    fits = []
+    for (op, g), pts in sorted(by_key.items()):
+        f = fit_alpha_beta([p["bytes"] for p in pts], [max(p["ms"], 1e-6) for p in pts])
+        src = f"{source}, {result['backend']}, {result['world']} ranks"
+        if result.get("emulated", {}).get(op):
+            src += f"; {op} {result['emulated'][op]}"
+        fits.append(CollectiveFit(op=op, group_size=g, scope="intra" if g <= ranks_per_node else "inter",
+                                  alpha_ms=f.coef[0], beta_ms_per_byte=f.coef[1], fit_rel_error=f.rel_error,
+                                  source=src))
+    return fits
+
+
+# ---- spawning workers (used by `adasched profile` outside torchrun) -------------------------------
+def _worker(rank: int, world: int, port: int, cfg_dict: dict, out_path: str, show_progress: bool) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    cfg = CollectiveConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_dict.items()})
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=cfg.timeout_s))
+    try:
+        res = measure_collectives(cfg, device="cpu", show_progress=show_progress)
+        if rank == 0:
+            with open(out_path, "w", encoding="utf-8") as fh:
+                json.dump(res, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_collectives(nproc: int, cfg: CollectiveConfig, *, show_progress: bool = True,
+                      limit_s: float | None = None) -> dict[str, Any]:
+    """Run :func:`measure_collectives` in ``nproc`` fresh gloo worker processes; rank 0's result.
+
+    The workers are killed if the whole run takes longer than ``limit_s`` (default: 4 x cfg.timeout_s)."""
+    import torch.multiprocessing as mp
+
+    if nproc < 2:
+        raise ValueError(f"--nproc: collectives need >= 2 processes, got {nproc}")
+    limit_s = limit_s or 4 * cfg.timeout_s
+    fd, out_path = tempfile.mkstemp(prefix="adasched-coll-", suffix=".json")
+    os.close(fd)
+    ctx = None
+    try:
+        ctx = mp.start_processes(_worker, args=(nproc, free_port(), asdict(cfg), out_path, show_progress),
+                                 nprocs=nproc, join=False, start_method="spawn")
+        deadline = time.monotonic() + limit_s
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"collective profiling did not finish within {limit_s:.0f} s")
+        with open(out_path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except mp.ProcessRaisedException as err:
+        raise RuntimeError(f"collective profiling failed in a worker: {str(err).strip().splitlines()[-1]}") from None
+    finally:
+        if ctx is not None:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+        os.unlink(out_path)

@@ -1,0 +1,164 @@
+"""Device inventory: what the node is. NVIDIA GPUs through NVML (nvidia-ml-py); the CPU host otherwise.
+
+:func:`inventory` never raises for a missing driver: it prints one line on stderr saying so and describes
+the CPU host (model, cores, memory) as ``DeviceInfo(kind="cpu")``.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from typing import Any
+
+from .profile import DeviceInfo
+
+__all__ = ["inventory", "gpu_inventory", "cpu_inventory", "host_info"]
+
+#: NVML topology levels (nvmlDeviceGetTopologyCommonAncestor) -> the short names `nvidia-smi topo -m` uses.
+_TOPO_NAMES = {0: "X", 10: "PIX", 20: "PXB", 30: "PHB", 40: "NODE", 50: "SYS"}
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _try(fn, *args, default=None):
+    """Call an NVML query that a given GPU/driver may not support; None (default) instead of an error."""
+    try:
+        return fn(*args)
+    except Exception:  # pynvml raises NVMLError_NotSupported & co. per field
+        return default
+
+
+def gpu_inventory(verbose: bool = True) -> tuple[DeviceInfo, dict[str, Any]] | None:
+    """GPU 0's description (all GPUs of a node are assumed alike) and per-GPU extras, or None without NVML."""
+    try:
+        import pynvml
+    except ImportError:
+        if verbose:
+            print("no NVIDIA GPU/driver found (nvidia-ml-py is not installed); describing the CPU host instead",
+                  file=sys.stderr)
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception as err:  # NVMLError_LibraryNotFound / DriverNotLoaded / ...
+        if verbose:
+            print(f"no NVIDIA GPU/driver found (NVML: {err}); describing the CPU host instead", file=sys.stderr)
+        return None
+    try:
+        n = pynvml.nvmlDeviceGetCount()
+        if n < 1:
+            if verbose:
+                print("no NVIDIA GPU/driver found (NVML: 0 devices); describing the CPU host instead", file=sys.stderr)
+            return None
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(n)]
+        h = handles[0]
+        mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+        links = 0
+        for link in range(getattr(pynvml, "NVML_NVLINK_MAX_LINKS", 18)):
+            state = _try(pynvml.nvmlDeviceGetNvLinkState, h, link)
+            if state is None:
+                break
+            links += int(state == pynvml.NVML_FEATURE_ENABLED)
+        power = _try(pynvml.nvmlDeviceGetPowerManagementLimit, h)
+        topology = None
+        if n > 1:
+            matrix = []
+            for i in range(n):
+                row = []
+                for j in range(n):
+                    if i == j:
+                        row.append("X")
+                        continue
+                    lvl = _try(pynvml.nvmlDeviceGetTopologyCommonAncestor, handles[i], handles[j])
+                    row.append(_TOPO_NAMES.get(int(lvl), str(lvl)) if lvl is not None else "?")
+                matrix.append(row)
+            topology = {"levels": "X self, PIX one PCIe switch, PXB several switches, PHB host bridge, "
+                                  "NODE same NUMA node, SYS across NUMA nodes (NVLink shown by nvlink_links)",
+                        "matrix": matrix}
+        info = DeviceInfo(
+            kind="gpu",
+            name=_s(pynvml.nvmlDeviceGetName(h)),
+            memory_bytes=int(mem.total),
+            count_per_node=n,
+            sm_clock_mhz=_try(pynvml.nvmlDeviceGetMaxClockInfo, h, pynvml.NVML_CLOCK_SM),
+            mem_clock_mhz=_try(pynvml.nvmlDeviceGetMaxClockInfo, h, pynvml.NVML_CLOCK_MEM),
+            nvlink_links=links,
+            pcie_gen=_try(pynvml.nvmlDeviceGetMaxPcieLinkGeneration, h),
+            power_limit_w=power / 1000.0 if power is not None else None,
+            topology=topology,
+            driver=_try(lambda: _s(pynvml.nvmlSystemGetDriverVersion())),
+        )
+        extras = {"gpus": [_s(pynvml.nvmlDeviceGetName(x)) for x in handles]}
+        return info, extras
+    finally:
+        _try(pynvml.nvmlShutdown)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _memory_bytes() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def cpu_inventory() -> DeviceInfo:
+    """The CPU host as one device: model name, usable cores (as count_per_node is 1 process), memory."""
+    return DeviceInfo(kind="cpu", name=f"{_cpu_model()} ({_cores()} cores)", memory_bytes=max(1, _memory_bytes()))
+
+
+def host_info() -> dict[str, Any]:
+    """Software and host facts recorded in the profile (not used by planners)."""
+    info: dict[str, Any] = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "cores": _cores(),
+        "memory_bytes": _memory_bytes(),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["cuda"] = torch.version.cuda
+    except ImportError:
+        pass
+    return info
+
+
+def inventory(verbose: bool = True) -> tuple[DeviceInfo, dict[str, Any]]:
+    """(device, host facts): the GPUs when NVML finds any, else the CPU host (with one line on stderr)."""
+    host = host_info()
+    gpu = gpu_inventory(verbose=verbose)
+    if gpu is not None:
+        dev, extras = gpu
+        host.update(extras)
+        return dev, host
+    return cpu_inventory(), host

@@ -1,0 +1,113 @@
+"""Profile the machine we run on: inventory + microbenchmarks + collectives -> one ClusterProfile.
+
+Two ways to get the collectives:
+- outside torchrun, :func:`profile_local` spawns ``nproc`` gloo worker processes itself;
+- under torchrun (``RANK``/``WORLD_SIZE`` set), :func:`profile_in_world` measures in that world (gloo on
+  CPU, nccl on GPU) and rank 0 adds its own inventory and microbenchmarks and writes the file.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+from .profile import ClusterProfile, save_profile
+
+__all__ = ["profile_local", "profile_in_world", "in_torchrun", "DEFAULT_NPROC"]
+
+#: worker processes for the collectives when `adasched profile` spawns them (full, quick)
+DEFAULT_NPROC = (4, 2)
+
+
+def in_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def _assemble(*, quick: bool, device, host, micro, coll, ranks_per_node: int, num_nodes: int,
+              name: str | None) -> ClusterProfile:
+    from .collectives import fit_collectives
+
+    label = "quick " if quick else ""
+    where = f"{host.get('hostname', 'this host')}, {device.name}"
+    fits = []
+    raw: dict = {}
+    if micro is not None:
+        raw.update(micro.raw)
+    if coll is not None:
+        fits = fit_collectives(coll, ranks_per_node, f"measured on {host.get('hostname', 'this host')}")
+        raw["collectives"] = coll
+    host = dict(host, ranks_per_node=ranks_per_node)
+    gpus_per_node = max(ranks_per_node, 1) if coll is not None else device.count_per_node
+    return ClusterProfile(
+        name=name or f"local-{host.get('hostname', 'host')}",
+        source=f"measured: adasched profile {label.strip() or 'full'} run on {where}, "
+               f"{datetime.date.today().isoformat()}",
+        num_nodes=num_nodes,
+        gpus_per_node=gpus_per_node,
+        device=device,
+        host=host,
+        gemm_tflops=micro.gemm_tflops if micro else None,
+        copy_GBps=micro.copy_GBps if micro else None,
+        attention=micro.attention if micro else None,
+        linear=micro.linear if micro else None,
+        collectives=fits,
+        raw=raw,
+    )
+
+
+def profile_local(*, quick: bool, nproc: int | None = None, collectives: bool = True, microbench: bool = True,
+                  show_progress: bool = True, name: str | None = None, verbose: bool = True) -> ClusterProfile:
+    """Profile this machine in this process; collectives in ``nproc`` spawned gloo workers."""
+    from .collectives import collective_config, spawn_collectives
+    from .inventory import inventory
+    from .microbench import microbench_config, run_microbenchmarks
+
+    device, host = inventory(verbose=verbose)
+    nproc = nproc if nproc is not None else DEFAULT_NPROC[1 if quick else 0]
+    if nproc < 2 and collectives:
+        raise ValueError(f"--nproc: collectives need >= 2 processes, got {nproc} (or pass --no-collectives)")
+    micro = run_microbenchmarks(microbench_config(quick), show_progress=show_progress) if microbench else None
+    coll = spawn_collectives(nproc, collective_config(quick, gpu=False), show_progress=show_progress) if collectives else None
+    return _assemble(quick=quick, device=device, host=host, micro=micro, coll=coll, ranks_per_node=nproc,
+                     num_nodes=1, name=name)
+
+
+def profile_in_world(*, quick: bool, out: str | os.PathLike | None, microbench: bool = True,
+                     show_progress: bool = True, name: str | None = None) -> ClusterProfile | None:
+    """Under torchrun: every rank measures the collectives; rank 0 returns (and writes ``out``) the profile.
+
+    Initialises the default process group from the environment if needed (nccl with GPUs, else gloo),
+    with a timeout on every collective, and destroys it before returning."""
+    import torch
+    import torch.distributed as dist
+
+    from .collectives import collective_config, measure_collectives
+    from .inventory import inventory
+    from .microbench import microbench_config, run_microbenchmarks
+
+    gpu = torch.cuda.is_available()
+    cfg = collective_config(quick, gpu=gpu)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    owns_pg = not dist.is_initialized()
+    if owns_pg:
+        if gpu:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if gpu else "gloo", timeout=datetime.timedelta(seconds=cfg.timeout_s))
+    try:
+        rank = dist.get_rank()
+        world = dist.get_world_size()
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        coll = measure_collectives(cfg, device=f"cuda:{local_rank}" if gpu else "cpu",
+                                   show_progress=show_progress)
+        if rank != 0:
+            return None
+        device, host = inventory(verbose=True)
+        micro = run_microbenchmarks(microbench_config(quick), show_progress=show_progress) if microbench else None
+        prof = _assemble(quick=quick, device=device, host=host, micro=micro, coll=coll, ranks_per_node=per_node,
+                         num_nodes=max(1, world // per_node), name=name)
+        if out is not None:
+            save_profile(prof, Path(out))
+        return prof
+    finally:
+        if owns_pg:
+            dist.destroy_process_group()

@@ -1,0 +1,229 @@
+"""Single-device microbenchmarks and their fitted cost models.
+
+- GEMM rate (TFLOP/s) of one square matmul;
+- device copy bandwidth (GB/s, bytes read + bytes written);
+- causal attention (torch SDPA) forward+backward time over sequence lengths -> a1*s^2 + a2*s + b;
+- the linear layers of one transformer layer (QKV, O, SwiGLU MLP) forward+backward over token counts
+  -> ms/token + b.
+
+On a CUDA device the timings are medians of ``triton.testing.do_bench`` (CUDA events when triton is
+missing), in bf16; on the CPU they are medians of ``time.perf_counter`` over repeats, in float32, with
+shapes small enough for a CI box. ``quick`` keeps everything CI-sized on either.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .fit import fit_affine, fit_quadratic
+from .profile import AttentionFit, LinearFit
+
+__all__ = ["MicrobenchConfig", "microbench_config", "time_ms", "bench_gemm", "bench_copy", "bench_attention",
+           "bench_linear", "run_microbenchmarks"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MicrobenchConfig:
+    device: str
+    """'cuda' or 'cpu'."""
+    dtype: str
+    """'bfloat16' on GPUs, 'float32' on the CPU."""
+    gemm_n: int
+    """Square GEMM size n (n x n @ n x n)."""
+    copy_bytes: int
+    """Bytes copied per timed copy."""
+    attn_seqlens: tuple[int, ...]
+    """Sequence lengths (tokens) of the attention sweep."""
+    attn_heads: int
+    attn_head_dim: int
+    linear_hidden: int
+    linear_ffn: int
+    linear_tokens: tuple[int, ...]
+    """Token counts of the linear-layer sweep."""
+    warmup: int = 2
+    repeats: int = 5
+
+    def __post_init__(self):
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
+        if len(self.attn_seqlens) < 3 or len(self.linear_tokens) < 2:
+            raise ValueError("need >= 3 attention sequence lengths and >= 2 token counts to fit the models")
+        if self.repeats < 1 or self.warmup < 0:
+            raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {self.repeats}, {self.warmup}")
+
+    @property
+    def steps(self) -> int:
+        return 2 + len(self.attn_seqlens) + len(self.linear_tokens)
+
+
+def microbench_config(quick: bool, device: str | None = None) -> MicrobenchConfig:
+    """Sizes for this device: the 7B-layer shapes on a GPU, tiny float32 shapes on a CPU."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        if quick:
+            return MicrobenchConfig(device="cuda", dtype="bfloat16", gemm_n=4096, copy_bytes=1 << 28,
+                                    attn_seqlens=(1024, 2048, 4096, 8192), attn_heads=32, attn_head_dim=128,
+                                    linear_hidden=4096, linear_ffn=11008, linear_tokens=(1024, 4096, 8192))
+        return MicrobenchConfig(device="cuda", dtype="bfloat16", gemm_n=8192, copy_bytes=1 << 30,
+                                attn_seqlens=(1024, 2048, 4096, 8192, 16384, 32768), attn_heads=32,
+                                attn_head_dim=128, linear_hidden=4096, linear_ffn=11008,
+                                linear_tokens=(1024, 4096, 16384, 32768), warmup=5, repeats=20)
+    if quick:
+        return MicrobenchConfig(device="cpu", dtype="float32", gemm_n=256, copy_bytes=1 << 24,
+                                attn_seqlens=(64, 128, 256, 512), attn_heads=2, attn_head_dim=32,
+                                linear_hidden=128, linear_ffn=344, linear_tokens=(64, 256, 1024), warmup=1, repeats=3)
+    return MicrobenchConfig(device="cpu", dtype="float32", gemm_n=1024, copy_bytes=1 << 27,
+                            attn_seqlens=(128, 256, 512, 1024, 2048), attn_heads=4, attn_head_dim=64,
+                            linear_hidden=512, linear_ffn=1376, linear_tokens=(128, 512, 2048, 4096),
+                            warmup=2, repeats=5)
+
+
+def time_ms(fn: Callable[[], Any], device: str, warmup: int, repeats: int) -> float:
+    """Median wall time of ``fn()`` in ms (GPU: triton do_bench or CUDA events; CPU: perf_counter)."""
+    import torch
+
+    if device == "cuda":
+        try:
+            from triton.testing import do_bench
+
+            return float(do_bench(fn, warmup=max(warmup, 1) * 5, rep=max(repeats, 1) * 5, return_mode="median"))
+        except ImportError:
+            pass
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        return statistics.median(times)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _dtype(cfg: MicrobenchConfig):
+    import torch
+
+    return getattr(torch, cfg.dtype)
+
+
+def bench_gemm(cfg: MicrobenchConfig) -> dict[str, float]:
+    """n^3 matmul: returns {'n', 'ms', 'tflops'} (2 n^3 flops)."""
+    import torch
+
+    n = cfg.gemm_n
+    a = torch.randn(n, n, device=cfg.device, dtype=_dtype(cfg))
+    b = torch.randn(n, n, device=cfg.device, dtype=_dtype(cfg))
+    ms = time_ms(lambda: a @ b, cfg.device, cfg.warmup, cfg.repeats)
+    return {"n": n, "ms": ms, "tflops": 2.0 * n**3 / (ms * 1e-3) / 1e12}
+
+
+def bench_copy(cfg: MicrobenchConfig) -> dict[str, float]:
+    """dst.copy_(src) of ``copy_bytes``: returns {'bytes', 'ms', 'GBps'} counting read + write."""
+    import torch
+
+    n = cfg.copy_bytes // 4
+    src = torch.randn(n, device=cfg.device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), cfg.device, cfg.warmup, cfg.repeats)
+    return {"bytes": n * 4, "ms": ms, "GBps": 2.0 * n * 4 / (ms * 1e-3) / 1e9}
+
+
+def bench_attention(cfg: MicrobenchConfig, advance: Callable[[], None] = lambda: None) -> tuple[AttentionFit, list[dict]]:
+    """Causal SDPA forward+backward of one layer (batch 1) per sequence length, fitted a1 s^2 + a2 s + b."""
+    import torch
+    import torch.nn.functional as F
+
+    rows = []
+    for s in cfg.attn_seqlens:
+        q, k, v = (torch.randn(1, cfg.attn_heads, s, cfg.attn_head_dim, device=cfg.device, dtype=_dtype(cfg),
+                               requires_grad=True) for _ in range(3))
+        g = torch.randn(1, cfg.attn_heads, s, cfg.attn_head_dim, device=cfg.device, dtype=_dtype(cfg))
+
+        def step():
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out.backward(g)
+            q.grad = k.grad = v.grad = None
+
+        rows.append({"seq": s, "heads": cfg.attn_heads, "fwd_bwd_ms": time_ms(step, cfg.device, cfg.warmup, cfg.repeats)})
+        advance()
+    fit = fit_quadratic([r["seq"] for r in rows], [r["fwd_bwd_ms"] for r in rows])
+    att = AttentionFit(a1_ms_per_tok2=fit.coef[0], a2_ms_per_tok=fit.coef[1], b_ms=fit.coef[2],
+                       heads=cfg.attn_heads, head_dim=cfg.attn_head_dim, fit_rel_error=fit.rel_error,
+                       source=f"measured: causal SDPA fwd+bwd, {cfg.dtype}, {cfg.device}")
+    return att, rows
+
+
+def bench_linear(cfg: MicrobenchConfig, advance: Callable[[], None] = lambda: None) -> tuple[LinearFit, list[dict]]:
+    """QKV + O + SwiGLU MLP of one layer, forward+backward (weight and input grads) per token count."""
+    import torch
+
+    h, f = cfg.linear_hidden, cfg.linear_ffn
+    kw = dict(device=cfg.device, dtype=_dtype(cfg))
+    w_qkv = (torch.randn(3 * h, h, **kw) / h**0.5).requires_grad_()
+    w_o = (torch.randn(h, h, **kw) / h**0.5).requires_grad_()
+    w_up = (torch.randn(2 * f, h, **kw) / h**0.5).requires_grad_()
+    w_down = (torch.randn(h, f, **kw) / f**0.5).requires_grad_()
+    weights = (w_qkv, w_o, w_up, w_down)
+    rows = []
+    for t in cfg.linear_tokens:
+        x = torch.randn(t, h, **kw, requires_grad=True)
+
+        def step():
+            qkv = x @ w_qkv.T
+            o = qkv[:, :h] @ w_o.T
+            gate, up = (o @ w_up.T).chunk(2, dim=-1)
+            y = (torch.nn.functional.silu(gate) * up) @ w_down.T
+            y.sum().backward()
+            x.grad = None
+            for w in weights:
+                w.grad = None
+
+        rows.append({"tokens": t, "fwd_bwd_ms": time_ms(step, cfg.device, cfg.warmup, cfg.repeats)})
+        advance()
+    fit = fit_affine([r["tokens"] for r in rows], [r["fwd_bwd_ms"] for r in rows])
+    ms_per_token = fit.coef[0] if fit.coef[0] > 0 else rows[-1]["fwd_bwd_ms"] / rows[-1]["tokens"]
+    lin = LinearFit(ms_per_token=ms_per_token, b_ms=fit.coef[1], hidden=h, ffn_hidden=f, fit_rel_error=fit.rel_error,
+                    source=f"measured: QKV+O+SwiGLU MLP fwd+bwd, {cfg.dtype}, {cfg.device}")
+    return lin, rows
+
+
+@dataclass
+class MicrobenchResult:
+    gemm_tflops: float
+    copy_GBps: float
+    attention: AttentionFit
+    linear: LinearFit
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def run_microbenchmarks(cfg: MicrobenchConfig, *, show_progress: bool = True) -> MicrobenchResult:
+    """Every single-device benchmark with a progress bar on stderr; returns the fitted models and raw points."""
+    import torch
+
+    from adasched.planner.ui import progress
+
+    torch.manual_seed(0)
+    with progress(f"microbenchmarks ({cfg.device}, {cfg.dtype})", cfg.steps, enabled=show_progress) as advance:
+        gemm = bench_gemm(cfg)
+        advance()
+        copy = bench_copy(cfg)
+        advance()
+        att, att_rows = bench_attention(cfg, advance)
+        lin, lin_rows = bench_linear(cfg, advance)
+    raw = {"microbench_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
+           "gemm": gemm, "copy": copy, "attention": att_rows, "linear": lin_rows}
+    return MicrobenchResult(gemm["tflops"], copy["GBps"], att, lin, raw)
