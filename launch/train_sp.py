@@ -1,0 +1,300 @@
+"""Train a tiny GPT under torchrun by executing a FlexSP plan (variable-degree Ulysses SP per micro-batch).
+
+    torchrun --standalone --nproc_per_node=4 -m adasched.launch.train_sp --plan plan.json --steps 2 --check-reference
+    NPROC=4 launch/train_sp.sh --plan plan.json --steps 2 --check-reference
+
+Semantics
+- Training step i executes plan step i mod K (K = steps in the plan). Per micro-batch, each rank finds the group
+  that lists it (a rank in no group idles), builds that group's sequences, takes its contiguous token shard of
+  their packing and runs forward + backward; attention exchanges tokens and heads inside the group.
+- Data: sequence j of step i is synthetic: token ids x_t = (x_0 + t * stride) mod vocab with x_0 and stride in
+  [1, 7] drawn from a generator seeded by (seed, i, j), so every rank rebuilds any sequence without exchanging
+  data and the model has something learnable.
+- Lengths: the plan's lengths, scaled by max_len / (longest length in the plan) when that is longer than
+  --max-len (rounded, at least 2 tokens), so plans made for 100K-token contexts run on a CPU. The scale factor
+  is printed.
+- Loss = mean next-token cross-entropy over every target token of the global batch (all micro-batches). Each
+  rank's partial gradients (its tokens, its micro-batches) are summed over the world with one all-reduce, then
+  one optimizer step per global batch; all ranks hold identical parameters.
+- --check-reference: rank 0 recomputes each step's loss and gradients in one process (whole batch, degree 1,
+  same parameters) and prints the largest differences; a difference beyond the dtype's tolerance is an error.
+
+A plan that does not fit the world (world size, ranks, degrees vs heads, sequence ids) is rejected with one
+`error:` line and exit code 2 before any process group is created.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+from adasched.profiler.io import InputError
+
+__all__ = ["main", "parse_args", "check_plan", "scaled_lengths", "make_sequence"]
+
+TOLERANCE = {"float32": 1e-4, "float64": 1e-10}  # max |grad - ref| / max |ref|, and |loss - ref| / |ref|
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m adasched.launch.train_sp",
+                                description="Train a tiny GPT executing a FlexSP plan (run under torchrun).")
+    p.add_argument("--plan", required=True, help="SP plan JSON (adasched plan sp)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the plan's step count)")
+    p.add_argument("--check-reference", action="store_true",
+                   help="compare every step's loss and gradients with a single-process run on rank 0")
+    p.add_argument("--seed", type=int, default=0, help="model init and data seed")
+    p.add_argument("--max-len", type=int, default=256,
+                   help="longest sequence after scaling the plan's lengths (tokens)")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=8)
+    p.add_argument("--heads", type=int, default=None, help="default: max(4, largest SP degree in the plan)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--dtype", choices=sorted(TOLERANCE), default="float32")
+    p.add_argument("--backend", choices=["gloo", "nccl"], default=None, help="default: nccl with CUDA, else gloo")
+    p.add_argument("--timeout", type=float, default=120.0, help="collective timeout (s)")
+    p.add_argument("--check-plan-only", action="store_true",
+                   help="only validate the plan against --world (or WORLD_SIZE) and exit")
+    p.add_argument("--world", type=int, default=None, help="world size to validate against (--check-plan-only)")
+    args = p.parse_args(argv)
+    for name in ("steps", "max_len", "layers", "head_dim", "heads", "world"):
+        val = getattr(args, name)
+        if val is not None and val < 1:
+            raise InputError(f"--{name.replace('_', '-')}", f"{val} must be >= 1")
+    if args.max_len < 2:
+        raise InputError("--max-len", f"{args.max_len} must be >= 2")
+    if args.timeout <= 0:
+        raise InputError("--timeout", f"{args.timeout} must be > 0")
+    return args
+
+
+def check_plan(plan, world: int, heads: int | None, where: str) -> None:
+    """Reject a plan that this world cannot execute; raises InputError naming the plan field."""
+    from adasched.runtime.pg_pool import is_buddy_range
+
+    if plan.world_size != world:
+        raise InputError(where, f"world_size: plan is for {plan.world_size} ranks but this run has {world} "
+                                f"(torchrun --nproc_per_node={plan.world_size})")
+    if not plan.steps:
+        raise InputError(where, "steps: the plan has no steps")
+    for si, st in enumerate(plan.steps):
+        n = len(st.seqlens)
+        seen: dict[int, str] = {}
+        for mi, mb in enumerate(st.micro_batches):
+            for gi, g in enumerate(mb.groups):
+                loc = f"steps.{si}.micro_batches.{mi}.groups.{gi}"
+                if not is_buddy_range(g.ranks, world):
+                    raise InputError(where, f"{loc}.ranks: {g.ranks} is not an aligned power-of-two rank range "
+                                            f"of world size {world}")
+                if heads is not None and heads % g.degree:
+                    raise InputError(where, f"{loc}.degree: {g.degree} does not divide the model's {heads} heads")
+                for sid, slen in zip(g.seq_ids, g.seqlens):
+                    if not 0 <= sid < n:
+                        raise InputError(where, f"{loc}.seq_ids: {sid} outside the step's {n} sequences")
+                    if st.seqlens[sid] != slen:
+                        raise InputError(where, f"{loc}.seqlens: sequence {sid} has length {slen} here but "
+                                                f"{st.seqlens[sid]} in steps.{si}.seqlens")
+                    if sid in seen:
+                        raise InputError(where, f"{loc}.seq_ids: sequence {sid} already runs in {seen[sid]}")
+                    seen[sid] = loc
+        missing = sorted(set(range(n)) - set(seen))
+        if missing:
+            raise InputError(where, f"steps.{si}: sequences {missing[:8]} are in no group "
+                                    f"(the loss is over the whole global batch)")
+
+
+def scaled_lengths(plan, max_len: int) -> tuple[float, list[list[int]]]:
+    """(factor, per-step lengths): lengths x factor, factor = min(1, max_len / longest), rounded, >= 2."""
+    longest = max(max(st.seqlens) for st in plan.steps)
+    factor = min(1.0, max_len / longest)
+    return factor, [[min(max_len, max(2, round(s * factor))) for s in st.seqlens] for st in plan.steps]
+
+
+def make_sequence(seed: int, step: int, seq_id: int, length: int, vocab: int):
+    """Token ids of sequence ``seq_id`` of training step ``step`` (deterministic: same on every rank)."""
+    import torch
+
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_033 + seq_id)
+    x0 = int(torch.randint(0, vocab, (1,), generator=g))
+    stride = int(torch.randint(1, 8, (1,), generator=g))
+    return (x0 + stride * torch.arange(length)) % vocab
+
+
+@dataclass
+class _Run:
+    args: argparse.Namespace
+    plan: object
+    lengths: list[list[int]]
+    rank: int
+    world: int
+    device: object
+    model: object
+    pool: object
+
+
+def _my_group(mb, rank: int):
+    for g in mb.groups:
+        if rank in g.ranks:
+            return g
+    return None
+
+
+def _step_batch(run: _Run, it: int):
+    k = it % len(run.plan.steps)
+    return run.plan.steps[k], run.lengths[k]
+
+
+def _forward_backward(run: _Run, it: int) -> tuple[float, int]:
+    """This rank's share of step ``it``: forward + backward of its shard of every micro-batch it is in.
+    Returns (its loss contribution, its token count)."""
+    from adasched.runtime.sp_model import pack_sequences
+    from adasched.runtime.ulysses import shard_range
+
+    st, lens = _step_batch(run, it)
+    total_targets = sum(s - 1 for s in lens)
+    vocab = run.model.cfg.vocab
+    loss_sum, tokens = 0.0, 0
+    for mb in st.micro_batches:
+        g = _my_group(mb, run.rank)
+        if g is None:
+            continue  # idle in this micro-batch
+        batch = pack_sequences([make_sequence(run.args.seed, it, sid, lens[sid], vocab) for sid in g.seq_ids])
+        ranks = sorted(g.ranks)
+        a, b = shard_range(batch.num_tokens, len(ranks), ranks.index(run.rank))
+        pg = run.pool.group(ranks) if len(ranks) > 1 else None
+        tok, pos, tgt = (t.to(run.device) for t in batch.shard(a, b))
+        loss = run.model.shard_loss(tok, pos, tgt, batch.cu_seqlens, pg, total_targets)
+        loss.backward()
+        loss_sum += float(loss.detach())
+        tokens += b - a
+    return loss_sum, tokens
+
+
+def _all_reduce_grads(model) -> None:
+    """Sum every parameter's gradient over the world (one flat buffer, one collective)."""
+    import torch
+    import torch.distributed as dist
+
+    params = [p for p in model.parameters()]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    off = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[off:off + n].view_as(p).clone()
+        off += n
+
+
+def _reference(run: _Run, ref_model, it: int) -> tuple[float, list]:
+    """Single-process loss and gradients of step ``it`` (whole batch packed, degree 1) with the current params."""
+    from adasched.runtime.sp_model import pack_sequences
+
+    ref_model.load_state_dict(run.model.state_dict())
+    ref_model.zero_grad(set_to_none=True)
+    st, lens = _step_batch(run, it)
+    vocab = run.model.cfg.vocab
+    batch = pack_sequences([make_sequence(run.args.seed, it, sid, s, vocab) for sid, s in enumerate(lens)])
+    tok, pos, tgt = (t.to(run.device) for t in batch.shard(0, batch.num_tokens))
+    loss = ref_model.shard_loss(tok, pos, tgt, batch.cu_seqlens, None, sum(s - 1 for s in lens))
+    loss.backward()
+    return float(loss.detach()), [p.grad for p in ref_model.parameters()]
+
+
+def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int]]) -> int:
+    import copy
+
+    import torch
+    import torch.distributed as dist
+
+    from adasched.runtime.dist import init_distributed
+    from adasched.runtime.pg_pool import get_pool, reset_pool
+    from adasched.runtime.sp_model import TinyGPT, TinyGPTConfig
+
+    rank, world = init_distributed(args.backend, timeout_s=args.timeout)
+    try:
+        backend = dist.get_backend()
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if backend == "nccl" \
+            else torch.device("cpu")
+        dtype = getattr(torch, args.dtype)
+        pool = get_pool(timeout_s=args.timeout)
+        heads = args.heads or max(4, max(g.degree for st in plan.steps for mb in st.micro_batches for g in mb.groups))
+        cfg = TinyGPTConfig(hidden=heads * args.head_dim, heads=heads, layers=args.layers, max_len=args.max_len)
+        torch.manual_seed(args.seed)
+        model = TinyGPT(cfg).to(device=device, dtype=dtype)
+        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+        run = _Run(args, plan, lengths, rank, world, device, model, pool)
+        ref_model = copy.deepcopy(model) if (args.check_reference and rank == 0) else None
+        steps = args.steps or len(plan.steps)
+        say = print if rank == 0 else (lambda *a, **k: None)
+        say(f"train_sp: world {world} ({backend}), plan {args.plan}: {len(plan.steps)} steps, running {steps}; "
+            f"model {cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads} heads, {args.dtype}; "
+            f"lengths x{factor:.4g} (max {args.max_len})", flush=True)
+        worst_loss = worst_grad = 0.0
+        tol = TOLERANCE[args.dtype]
+        for it in range(steps):
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            ref = _reference(run, ref_model, it) if ref_model is not None else None
+            loss_part, my_tokens = _forward_backward(run, it)
+            _all_reduce_grads(model)
+            stats = torch.tensor([loss_part, float(my_tokens)], dtype=torch.float64, device=device)
+            dist.all_reduce(stats)
+            loss, tokens = float(stats[0]), int(stats[1])
+            st, lens = _step_batch(run, it)
+            msg = (f"step {it}: plan step {st.step}, {len(lens)} seqs, {tokens} tokens, "
+                   f"{len(st.micro_batches)} micro-batches, loss {loss:.6f}")
+            failed = None
+            if ref is not None:
+                ref_loss, ref_grads = ref
+                dl = abs(loss - ref_loss) / max(abs(ref_loss), 1e-30)
+                scale = max(float(g.abs().max()) for g in ref_grads)
+                dg = max(float((p.grad - g).abs().max()) for p, g in zip(model.parameters(), ref_grads)) / scale
+                worst_loss, worst_grad = max(worst_loss, dl), max(worst_grad, dg)
+                msg += f" (reference {ref_loss:.6f}; rel. diff loss {dl:.2e}, grads {dg:.2e})"
+                if not (dl <= tol and dg <= tol):
+                    failed = f"step {it}: difference from the single-process reference (loss {dl:.2e}, " \
+                             f"grads {dg:.2e}) exceeds {tol:g}"
+            say(msg + f", {time.perf_counter() - t0:.2f} s", flush=True)
+            verdict = torch.tensor([1.0 if failed else 0.0], device=device)
+            dist.broadcast(verdict, src=0)
+            if float(verdict) > 0:
+                say(f"error: --check-reference: {failed}", flush=True)
+                return 1
+            opt.step()
+        if args.check_reference:
+            say(f"check-reference: {steps} steps, largest relative difference: loss {worst_loss:.2e}, "
+                f"gradients {worst_grad:.2e} (tolerance {tol:g}, {args.dtype}): OK", flush=True)
+        return 0
+    finally:
+        reset_pool()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from adasched.planner.flexsp.plan import SPPlan
+    from adasched.planner.plan import load_plan
+    from adasched.runtime.dist import env_world
+
+    rank = 0
+    try:
+        rank, world, _ = env_world()
+        args = parse_args(argv)
+        if args.check_plan_only and args.world is not None:
+            world = args.world
+        plan = load_plan(args.plan, expect=SPPlan)
+        check_plan(plan, world, args.heads, args.plan)
+        factor, lengths = scaled_lengths(plan, args.max_len)
+    except ValueError as err:  # InputError included
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    if args.check_plan_only:
+        print(f"{args.plan}: {len(plan.steps)} steps fit world size {world}")
+        return 0
+    return _train(args, plan, factor, lengths)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Train the tiny GPT executing a FlexSP plan on NPROC local ranks (gloo on CPU, nccl on GPUs).
+#   NPROC=4 launch/train_sp.sh --plan plan.json [--steps N] [--check-reference] [--seed S] [--max-len L]
+# The plan is validated against NPROC first (one `error:` line, exit 2, no worker started when it does not fit).
+# PYTHON selects the interpreter (default: python3 on PATH; use the project's .venv/bin/python).
+set -euo pipefail
+PY="${PYTHON:-python3}"
+NPROC="${NPROC:-4}"
+"$PY" -m adasched.launch.train_sp --check-plan-only --world "$NPROC" "$@" >/dev/null
+exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m adasched.launch.train_sp "$@"
