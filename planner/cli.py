@@ -55,29 +55,42 @@ PLUGINS = (
 
 @app.command("show")
 def show_cmd(
-    path: Path = typer.Argument(..., help="A plan or profile JSON file written by adasched."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the plan (PNG) to this file."),
+    path: str = typer.Argument(..., help="A plan or profile JSON file written by adasched, or a built-in profile "
+                                         "name (h100-sxm, a100-64-flexsp-paper)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw it to this PNG: a plan's Gantt chart, or a "
+                                                             "profile's fitted cost models with measured points."),
     as_json: bool = typer.Option(False, "--json", help="Print the validated file as JSON instead of a table."),
 ) -> None:
     """Validate a plan or profile and say what it is and why it was chosen (baselines compared)."""
+    from adasched.profiler.builtins import BUILTIN_PROFILES
     from adasched.profiler.io import read_json
 
     from .plan import load_plan
     from .ui import emit_json, print_table
 
-    data = read_json(path)
-    if isinstance(data, dict) and data.get("kind") == "cluster_profile":
-        from adasched.profiler.profile import ClusterProfile
-        from adasched.profiler.io import load_model
-        from adasched.profiler.report import profile_rows, plot_profile
+    if path in BUILTIN_PROFILES and not Path(path).exists():
+        from adasched.profiler.builtins import builtin_profile
 
-        prof = load_model(path, ClusterProfile, data=data)
+        prof, data = builtin_profile(path), None
+    else:
+        data = read_json(path)
+        prof = None
+        if isinstance(data, dict) and data.get("kind") == "cluster_profile":
+            from adasched.profiler.io import load_model
+            from adasched.profiler.profile import ClusterProfile
+
+            prof = load_model(path, ClusterProfile, data=data)
+    if prof is not None:
+        from adasched.profiler.report import plot_profile, profile_rows
+
         if as_json:
             emit_json(prof)
         else:
             print_table(profile_rows(prof), ["field", "value"], title=f"profile {prof.name}")
         if plot:
             plot_profile(prof, plot)
+            if not as_json:
+                typer.echo(f"wrote {plot}")
         return
     plan = load_plan(path)
     if as_json:
@@ -174,7 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: {ctx}: {msg}\n")
         return 2
     except (InputError, ValueError, FileNotFoundError) as e:
-        sys.stderr.write(f"error: {e}\n".replace("\n", " ").rstrip() + "\n")
+        from pydantic import ValidationError
+
+        from adasched.profiler.io import describe_validation_error
+
+        msg = describe_validation_error(e) if isinstance(e, ValidationError) else str(e)
+        sys.stderr.write("error: " + " ".join(msg.split()) + "\n")
         return 2
     except click.exceptions.Abort:
         sys.stderr.write("aborted\n")

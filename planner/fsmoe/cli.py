@@ -1,0 +1,126 @@
+"""`adasched plan moe` and `adasched bench moe`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+__all__ = ["register"]
+
+STAGES_HELP = "Stage constants: 'profile' (alpha-beta fits of --profile) or 'published' (FSMoE's fitted constants)."
+
+
+def _configs_with_stats(config: str, gpus: int, router_stats: Optional[Path]):
+    from pydantic import ValidationError
+
+    from adasched.profiler.io import InputError, describe_validation_error, read_json
+
+    from .presets import load_configs
+
+    cfgs = load_configs(config, gpus)
+    if router_stats is not None:
+        data = read_json(router_stats)
+        ks = data.get("mean_k_per_layer") if isinstance(data, dict) else None
+        if not isinstance(ks, list) or not ks or not all(isinstance(k, (int, float)) for k in ks):
+            raise InputError(router_stats, "mean_k_per_layer: expected a non-empty list of numbers")
+        try:
+            cfgs = [c.model_copy(update={"mean_k_per_layer": [float(k) for k in ks], "num_layers": len(ks)}) for c in cfgs]
+            from .costmodel import MoEConfig
+
+            cfgs = [MoEConfig.model_validate(c.model_dump()) for c in cfgs]
+        except ValidationError as err:
+            raise InputError(router_stats, describe_validation_error(err)) from None
+    return cfgs
+
+
+def register(groups) -> None:
+    @groups.plan.command("moe")
+    def plan_moe_cmd(
+        config: str = typer.Option(..., "--config", help="mixtral-8x7b | gshard-grid | fine-grained | FILE (JSON/YAML)"),
+        gpus: int = typer.Option(..., "--gpus", help="GPUs (power of two, at most what the profile describes)"),
+        out: Path = typer.Option(..., "--out", help="Plan JSON to write (atomically)."),
+        profile: str = typer.Option("h100-sxm", "--profile", help="Built-in profile name or ClusterProfile JSON."),
+        stages: str = typer.Option("profile", "--stages", help=STAGES_HELP),
+        router_stats: Optional[Path] = typer.Option(None, "--router-stats",
+                                                    help="JSON {mean_k_per_layer: [...]} from the router's statistics "
+                                                         "(dynamic routing: expected k per layer)."),
+        time_limit: float = typer.Option(2.0, "--time-limit", help="Seconds per gradient-slice MILP."),
+        as_json: bool = typer.Option(False, "--json"),
+    ) -> None:
+        """FSMoE: choose the chunk count r (forward and backward) per MoE layer and the gradient all-reduce slices."""
+        from adasched.profiler.io import InputError
+        from adasched.profiler.profile import load_profile
+
+        from ..plan import save_plan
+        from ..solver import SolveParams
+        from ..ui import emit_json, print_table
+        from .planning import plan_moe
+
+        if stages not in ("profile", "published"):
+            raise InputError("--stages", f"must be 'profile' or 'published', got {stages!r}")
+        prof = load_profile(profile)
+        cfgs = _configs_with_stats(config, gpus, router_stats)
+        plan = plan_moe(cfgs, gpus, prof, stages=stages, params=SolveParams(time_limit=time_limit))  # type: ignore[arg-type]
+        save_plan(plan, out)
+        if as_json:
+            emit_json({"out": str(out), "configs": [_row_dict(c) for c in plan.configs], "solver": plan.solver.model_dump()})
+        else:
+            print_table([_row(c) for c in plan.configs], _COLS, title=f"MoE plan ({stages} stages, {gpus} GPUs) -> {out}")
+
+    @groups.bench.command("moe")
+    def bench_moe_cmd(
+        gpus: int = typer.Option(64, "--gpus", help="GPUs (8 nodes x 8 by default)."),
+        profile: str = typer.Option("h100-sxm", "--profile"),
+        as_json: bool = typer.Option(False, "--json"),
+        measure: bool = typer.Option(False, "--measure", help="Also run the EP layer over gloo on this CPU for small "
+                                                               "configs and report predicted vs measured."),
+        schedules: bool = typer.Option(False, "--schedules", help="Compare the six capacity schedules at equal budget "
+                                                                   "on a small synthetic LM task (CPU training)."),
+        quick: bool = typer.Option(False, "--quick", help="Fewer steps for --measure/--schedules."),
+    ) -> None:
+        """Simulated FSMoE schedule vs no pipelining and a fixed r=2 (Tutel-like) on the three preset families,
+        with the published FSMoE constants and with the profile's fits."""
+        from adasched.profiler.profile import load_profile
+
+        from ..solver import SolveParams
+        from ..ui import emit_json, print_table
+        from .bench import run_bench, run_subprocess_bench
+        from .presets import PRESETS
+
+        prof = load_profile(profile)
+        result = run_bench(prof, gpus, list(PRESETS), SolveParams(time_limit=2.0))
+        if measure:
+            result["measure"] = run_subprocess_bench("measure", quick)
+        if schedules:
+            result["schedules"] = run_subprocess_bench("schedules", quick)
+        if as_json:
+            emit_json(result)
+            return
+        for src, block in result["sources"].items():
+            print_table([(r["config"], "yes" if r["inter_node_bound"] else "no", r["r_fwd"], r["r_bwd"], r["fwd_bwd_ms"],
+                          r["speedup_vs_no_pipeline"], r["speedup_vs_fixed_r2"], r["iteration_speedup_vs_no_pipeline"])
+                         for r in block["rows"]],
+                        ["config", "a2a-bound", "r_fwd", "r_bwd", "layer fwd+bwd ms", "vs no-pipe", "vs r=2",
+                         "iteration vs no-pipe"], title=f"stages: {src}")
+        s = result["summary"]
+        print_table([(k, v) for k, v in s.items()], ["summary", "value"])
+        for key in ("measure", "schedules"):
+            if key in result:
+                block = result[key]
+                print_table([tuple(r.values()) for r in block["rows"]], list(block["rows"][0].keys()) if block["rows"] else ["-"],
+                            title=key)
+
+
+_COLS = ["config", "EP", "r_fwd", "r_bwd", "fwd ms", "bwd ms", "no-pipe x", "r=2 x", "AR exposed ms", "slices"]
+
+
+def _row(c):
+    l0 = c.layers[0]
+    return (c.name, c.ep_size, l0.r_fwd, l0.r_bwd, l0.fwd_ms, l0.bwd_ms,
+            c.baselines_fwd_bwd_ms["no-pipeline"] / c.fwd_bwd_ms, c.baselines_fwd_bwd_ms["fixed-r2"] / c.fwd_bwd_ms,
+            c.grad_exposed_ms, c.slice_solver_status)
+
+
+def _row_dict(c):
+    return dict(zip(_COLS, _row(c)))

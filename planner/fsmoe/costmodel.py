@@ -1,0 +1,200 @@
+"""FSMoE cost model: every stage of an expert-parallel MoE layer as an alpha-beta model.
+
+Stages (fsmoe.md): 0 inter-node all-to-all (dispatch; the combine is a second one), 1 intra-node all-gather,
+2 expert GEMM, 3 intra-node reduce-scatter, 4 gradient all-reduce of the dense parameters.
+One chunk of r of stage i costs ``alpha_i + work_i / r`` ms, where ``work_i = beta_i * n_i`` is the whole
+workload's streaming time. With f = k * capacity_factor, tokens per GPU T = B*L, hidden M, FFN H, EP size P:
+
+    n0 = f*T*M/P    n1 = n3 = f*T*M    n2 = g*f*T*M*H/P  (g = 2 GELU MLP, 3 SwiGLU)   (elements)
+
+Two sources for alpha/beta:
+- ``published``: FSMoE's fitted constants (ms, per element), taken as they are;
+- ``profile``: a ClusterProfile's collective fits (per byte, bf16 = 2 bytes per element) and GEMM rate.
+  The inter-node all-to-all uses the fit at the full world size (every GPU of every node exchanges with its
+  peers at once, so the NICs see a full all-to-all); all-gather/reduce-scatter use the intra-node fit at
+  gpus_per_node; the expert GEMM runs at the profile's GEMM rate with ``GEMM_ALPHA_MS`` launch overhead per
+  chunk (an assumption: the profile has no GEMM latency term); the gradient all-reduce uses the all_reduce fit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from adasched.profiler.io import InputError
+from adasched.profiler.profile import ClusterProfile
+
+__all__ = ["MoEConfig", "StageCosts", "stage_costs", "ELEMENT_BYTES", "GEMM_ALPHA_MS", "Topology", "topology"]
+
+ELEMENT_BYTES = 2  # bf16 activations and gradients
+GEMM_ALPHA_MS = 0.02  # per-chunk GEMM launch/tail overhead assumed for profile-derived costs (ms)
+STAGES = ("a2a", "allgather", "gemm", "reducescatter", "allreduce")
+
+
+class MoEConfig(BaseModel):
+    """One MoE layer configuration (and the model it sits in, for the gradient all-reduce)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    hidden: int = Field(gt=0, description="M, model hidden size")
+    ffn_hidden: int = Field(gt=0, description="H, expert FFN hidden size")
+    experts: int = Field(gt=0, description="E")
+    top_k: float = Field(gt=0, description="k; a float for dynamic routing = expected experts per token")
+    capacity_factor: float = Field(default=1.0, gt=0, description="1.0 with dropless routing")
+    batch: int = Field(gt=0, description="B, sequences per GPU")
+    seq_len: int = Field(gt=0, description="L, tokens per sequence")
+    activation: Literal["swiglu", "gelu"] = "gelu"
+    shared_experts: int = Field(default=0, ge=0)
+    dropless: bool = False
+    num_layers: int = Field(default=1, gt=0, description="MoE layers in the model (for gradient slicing)")
+    dense_params_per_layer: int | None = Field(default=None, ge=0, description="attention etc.; default 4*M^2")
+    mean_k_per_layer: list[float] | None = Field(default=None, description="router statistics, dynamic routing")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MoEConfig":
+        if self.top_k > self.experts:
+            raise ValueError(f"top_k {self.top_k} is larger than the number of experts {self.experts}")
+        if self.mean_k_per_layer is not None:
+            if len(self.mean_k_per_layer) != self.num_layers:
+                raise ValueError(f"mean_k_per_layer has {len(self.mean_k_per_layer)} entries, num_layers is {self.num_layers}")
+            if any(not (0 < k <= self.experts) for k in self.mean_k_per_layer):
+                raise ValueError("mean_k_per_layer: every entry must lie in (0, experts]")
+        return self
+
+    @property
+    def g(self) -> int:
+        return 3 if self.activation == "swiglu" else 2
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+    def k_of_layer(self, layer: int) -> float:
+        return self.mean_k_per_layer[layer] if self.mean_k_per_layer else self.top_k
+
+    def f(self, layer: int = 0) -> float:
+        return self.k_of_layer(layer) * (1.0 if self.dropless else self.capacity_factor)
+
+    @property
+    def dense_params(self) -> int:
+        return self.dense_params_per_layer if self.dense_params_per_layer is not None else 4 * self.hidden * self.hidden
+
+
+@dataclass(frozen=True)
+class Topology:
+    gpus: int
+    gpus_per_node: int
+    ep_size: int
+    """P: ranks an expert-parallel all-to-all spans (nodes for hierarchical, all GPUs for flat)."""
+    hierarchical: bool
+    """True: EP across nodes + expert sharding inside a node (all-gather/reduce-scatter stages);
+    False: flat EP, every GPU holds whole experts, no intra-node stages."""
+
+    @property
+    def nodes(self) -> int:
+        return self.gpus // self.gpus_per_node
+
+
+def topology(cfg: MoEConfig, gpus: int, gpus_per_node: int) -> Topology:
+    """Flat EP when there are at least as many experts as GPUs (GShard grid: E = #GPUs); otherwise EP over the
+    nodes with each node's GPUs sharding its experts (Mixtral: 8 experts on 8 nodes)."""
+    if gpus < 1 or gpus & (gpus - 1):
+        raise InputError("--gpus", f"must be a power of two >= 1, got {gpus}")
+    gpn = min(gpus_per_node, gpus)
+    if cfg.experts >= gpus:
+        if cfg.experts % gpus:
+            raise InputError("--gpus", f"{cfg.name}: {cfg.experts} experts do not divide evenly over {gpus} GPUs")
+        return Topology(gpus, gpn, gpus, hierarchical=False)
+    nodes = gpus // gpn
+    ep = min(cfg.experts, nodes) if nodes > 1 else 1
+    if ep > 1 and cfg.experts % ep:
+        raise InputError("--gpus", f"{cfg.name}: {cfg.experts} experts do not divide evenly over EP size {ep}")
+    return Topology(gpus, gpn, max(ep, 1), hierarchical=True)
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """alpha (ms per chunk) and work (ms for the whole workload) of the five stages, for one layer."""
+
+    alpha: tuple[float, float, float, float, float]
+    work: tuple[float, float, float, float, float]
+    source: str
+    notes: tuple[str, ...] = field(default=())
+
+    def chunk_ms(self, stage: int, r: int) -> float:
+        if self.work[stage] == 0 and stage in (1, 3):
+            return 0.0
+        return self.alpha[stage] + self.work[stage] / r
+
+    def backward(self) -> "StageCosts":
+        """Backward: data and weight gradients double the expert GEMM (alpha2 and beta2)."""
+        a = list(self.alpha)
+        w = list(self.work)
+        a[2] *= 2
+        w[2] *= 2
+        return StageCosts(tuple(a), tuple(w), self.source + " (backward)", self.notes)  # type: ignore[arg-type]
+
+    @property
+    def a2a_ms(self) -> float:
+        """One un-chunked all-to-all (ms)."""
+        return self.alpha[0] + self.work[0]
+
+
+def _workloads(cfg: MoEConfig, topo: Topology, layer: int) -> tuple[float, float, float, float, float]:
+    f = cfg.f(layer)
+    T, M, H, P = cfg.tokens, cfg.hidden, cfg.ffn_hidden, topo.ep_size
+    n0 = f * T * M / P if topo.ep_size > 1 else 0.0
+    n13 = f * T * M if topo.hierarchical and topo.gpus_per_node > 1 else 0.0
+    n2 = cfg.g * f * T * M * H / P
+    if cfg.shared_experts:  # a shared expert runs on every token, locally (no communication)
+        n2 += cfg.shared_experts * cfg.g * T * M * H / max(topo.gpus_per_node if topo.hierarchical else 1, 1)
+    n4 = float(cfg.dense_params)
+    return (n0, n13, n2, n13, n4)
+
+
+def stage_costs(cfg: MoEConfig, topo: Topology, *, source: Literal["published", "profile"],
+                profile: ClusterProfile | None = None, layer: int = 0) -> StageCosts:
+    from adasched.profiler.builtins import FSMOE_ALPHA_MS, FSMOE_BETA_MS
+
+    n = _workloads(cfg, topo, layer)
+    if source == "published":
+        alpha = tuple(a if n[i] > 0 else 0.0 for i, a in enumerate(FSMOE_ALPHA_MS))
+        work = tuple(b * n[i] for i, b in enumerate(FSMOE_BETA_MS))
+        return StageCosts(alpha, work, "published FSMoE constants (fsmoe.md)")  # type: ignore[arg-type]
+    if profile is None:
+        raise ValueError("stage_costs(source='profile') needs a profile")
+    profile.require("gemm_tflops", "collectives", who="the FSMoE planner")
+    if topo.gpus > profile.world_size:
+        raise InputError("--gpus", f"{topo.gpus} GPUs but profile {profile.name!r} describes {profile.world_size}")
+    notes = []
+    alpha = [0.0] * 5
+    work = [0.0] * 5
+    if n[0] > 0:
+        # every GPU sends its P-way share to the other nodes at once: the full-world all-to-all fit
+        group = topo.gpus if topo.hierarchical else topo.ep_size
+        fit = profile.collective("all_to_all", group)
+        per_rank_bytes = n[0] * topo.ep_size * ELEMENT_BYTES
+        alpha[0] = fit.alpha_ms
+        work[0] = fit.beta_ms_per_byte * per_rank_bytes
+        notes.append(f"a2a: all_to_all fit on {fit.group_size} ranks ({fit.source})")
+    if n[1] > 0:
+        for i, op in ((1, "all_gather"), (3, "reduce_scatter")):
+            fit = profile.collective(op, topo.gpus_per_node)
+            alpha[i] = fit.alpha_ms
+            work[i] = fit.beta_ms_per_byte * n[i] * ELEMENT_BYTES
+            notes.append(f"{op}: fit on {fit.group_size} ranks ({fit.source})")
+    flops = 2.0 * n[2]
+    alpha[2] = GEMM_ALPHA_MS
+    work[2] = flops / (profile.gemm_tflops * 1e9)  # TFLOP/s -> FLOP per ms
+    notes.append(f"gemm: {profile.gemm_tflops} TFLOP/s + {GEMM_ALPHA_MS} ms per chunk (assumed launch overhead)")
+    fit = profile.collective("all_reduce", min(topo.gpus, max(profile.group_sizes("all_reduce"))))
+    alpha[4] = fit.alpha_ms
+    work[4] = fit.beta_ms_per_byte * n[4] * ELEMENT_BYTES
+    notes.append(f"all_reduce: fit on {fit.group_size} ranks ({fit.source})")
+    return StageCosts(tuple(alpha), tuple(work), f"profile {profile.name}", tuple(notes))  # type: ignore[arg-type]
+
+
+def clamp_r_candidates(max_r: int = 16) -> list[int]:
+    return [2**i for i in range(int(math.log2(max_r)) + 1)]

@@ -1,0 +1,192 @@
+"""FSMoE scheduling: choose the pipeline degree r per direction by exact evaluation, and the gradient
+all-reduce slices by a small MILP.
+
+Sections follow the OR-Tools sample order (data, model, variables, constraints, objective, solve, extract).
+
+Pipeline of one MoE layer, split into r chunks (one rank's view; three resources run concurrently:
+the inter-node link, the intra-node link and the compute stream, each in issue order like a CUDA stream):
+    chunk j:  A2A-dispatch(j) -> AllGather(j) -> ExpertGEMM(j) -> ReduceScatter(j) -> A2A-combine(j)
+Two issue orders are evaluated for the links ("dispatch-first": all dispatches, then all combines, as in the
+paper's T_A; "interleaved": dispatch(j+1) is issued before combine(j)) and the better is kept.
+r is chosen over powers of two by evaluating the discrete-event simulation exactly (no continuous
+relaxation + rounding), separately for forward and backward (backward doubles the expert GEMM).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from ..simulator import Simulation, Task, simulate
+from ..solver import SolveOutcome, SolveParams, best_of, heuristic_outcome, solve_pulp
+from .costmodel import StageCosts
+
+__all__ = [
+    "PipelineEval",
+    "evaluate_pipeline",
+    "choose_r",
+    "paper_cases",
+    "GradSliceResult",
+    "greedy_slices",
+    "solve_slices",
+    "R_CANDIDATES",
+]
+
+R_CANDIDATES = (1, 2, 4, 8, 16)
+Order = Literal["dispatch-first", "interleaved"]
+
+
+@dataclass(frozen=True)
+class PipelineEval:
+    r: int
+    order: Order
+    time_ms: float
+    inter_busy_ms: float
+    compute_busy_ms: float
+    sim: Simulation
+
+    @property
+    def inter_idle_ms(self) -> float:
+        return max(0.0, self.time_ms - self.inter_busy_ms)
+
+
+def _tasks(c: StageCosts, r: int, order: Order, prefix: str = "") -> list[Task]:
+    d = [c.chunk_ms(0, r) if c.work[0] > 0 else 0.0, c.chunk_ms(1, r), c.chunk_ms(2, r), c.chunk_ms(3, r),
+         c.chunk_ms(0, r) if c.work[0] > 0 else 0.0]
+    names = [[f"{prefix}{s}{j}" for s in ("dispatch", "allgather", "gemm", "reducescatter", "combine")] for j in range(r)]
+    per_chunk = []
+    for j in range(r):
+        nd, na, ng, nr, nc = names[j]
+        per_chunk.append((
+            Task(nd, 0, "inter", d[0], (), category="a2a"),
+            Task(na, 0, "intra", d[1], (nd,), category="allgather"),
+            Task(ng, 0, "compute", d[2], (na,), category="gemm"),
+            Task(nr, 0, "intra", d[3], (ng,), category="reducescatter"),
+            Task(nc, 0, "inter", d[4], (nr,), category="a2a"),
+        ))
+    # Issue order per stream (tasks are queued in list order for each (rank, stream)).
+    if order == "dispatch-first":
+        seq = [t[0] for t in per_chunk] + [t[1] for t in per_chunk] + [t[2] for t in per_chunk] + \
+              [t[3] for t in per_chunk] + [t[4] for t in per_chunk]
+    else:
+        seq = []
+        for j in range(r):
+            seq += [per_chunk[j][0], per_chunk[j][1]]
+            if j >= 1:
+                seq += [per_chunk[j - 1][3], per_chunk[j - 1][4]]
+            seq.append(per_chunk[j][2])
+        seq += [per_chunk[r - 1][3], per_chunk[r - 1][4]]
+    return seq
+
+
+def evaluate_pipeline(c: StageCosts, r: int, order: Order = "dispatch-first") -> PipelineEval:
+    """Exact (simulated) time of one MoE layer direction with r chunks."""
+    if r < 1:
+        raise ValueError(f"r must be >= 1, got {r}")
+    sim = simulate(_tasks(c, r, order))
+    return PipelineEval(r, order, sim.makespan_ms, sim.busy_ms(stream="inter"), sim.busy_ms(stream="compute"), sim)
+
+
+def choose_r(c: StageCosts, candidates=R_CANDIDATES) -> tuple[PipelineEval, dict[int, float]]:
+    """Best (r, order) over the candidates by exact evaluation; also returns the time of every r."""
+    best: PipelineEval | None = None
+    per_r: dict[int, float] = {}
+    for r in candidates:
+        for order in (("dispatch-first",) if r == 1 else ("dispatch-first", "interleaved")):
+            ev = evaluate_pipeline(c, r, order)  # type: ignore[arg-type]
+            per_r[r] = min(per_r.get(r, float("inf")), ev.time_ms)
+            if best is None or ev.time_ms < best.time_ms - 1e-12:
+                best = ev
+    assert best is not None
+    return best, per_r
+
+
+def paper_cases(c: StageCosts, r: int, allreduce_ms: float = 0.0) -> dict[str, float | bool]:
+    """The paper's closed forms for reference (fsmoe.md): T_A (all-to-all bound, with its validity condition),
+    T_B (compute bound), T_C (all-reduce bound). Exposed in plans next to the exact evaluation."""
+    a0, a1, a2, a3 = c.alpha[0], c.alpha[1], c.alpha[2], c.alpha[3]
+    w0, w1, w2, w3 = c.work[0], c.work[1], c.work[2], c.work[3]
+    t_ag = (a1 + w1 / r) if w1 else 0.0
+    t_rs = (a3 + w3 / r) if w3 else 0.0
+    t_a = 2 * (r * a0 + w0) + t_ag + t_rs
+    valid_a = 2 * (r - 1) * (a0 + w0 / r) >= r * a2 + w2
+    t_b = 2 * (a0 + w0 / r) + t_ag + t_rs + r * a2 + w2
+    t_c = 2 * (r * a0 + w0) + allreduce_ms
+    return {"T_A": t_a, "T_A_valid": valid_a, "T_B": t_b, "T_C": t_c}
+
+
+# ---- gradient all-reduce slices ------------------------------------------------------------------
+@dataclass
+class GradSliceResult:
+    slices: list[float]
+    """Bytes (as element counts) of dense gradients reduced in each layer's gap, backward order."""
+    exposed_ms: float
+    """All-reduce time left after the backward pass (not hidden)."""
+    outcome: SolveOutcome
+
+
+def _exposed(slices, produced, alpha, beta) -> float:
+    left = sum(produced) - sum(slices)
+    return alpha + beta * left if left > 1e-9 else 0.0
+
+
+def greedy_slices(gaps_ms: list[float], produced: list[float], alpha: float, beta: float) -> list[float]:
+    """Fill each gap (backward order) with as much already-produced gradient as fits.
+
+    Gradients of the layer at backward position i exist only after it finished, so the gap of position i can
+    reduce at most sum(produced[:i]) minus what earlier gaps took (prefix rule)."""
+    out = []
+    taken = 0.0
+    for i, g in enumerate(gaps_ms):
+        avail = sum(produced[:i]) - taken
+        cap = (g - alpha) / beta if g > alpha else 0.0
+        x = max(0.0, min(avail, cap))
+        out.append(x)
+        taken += x
+    return out
+
+
+def solve_slices(gaps_ms: list[float], produced: list[float], alpha: float, beta: float,
+                 params: SolveParams) -> GradSliceResult:
+    """MILP: maximise the gradient volume hidden in the gaps.
+
+    data:        gaps G_i (ms idle inter-node link during backward position i), produced D_i (elements, available
+                 after position i), all-reduce cost alpha + beta * x per slice.
+    variables:   x_i >= 0 (elements reduced in gap i), y_i in {0,1} (a slice is launched in gap i).
+    constraints: alpha y_i + beta x_i <= G_i;  x_i <= D_total y_i;  sum_{j<=i} x_j <= sum_{j<i} D_j (prefix rule).
+    objective:   maximise sum x_i (= minimise the exposed remainder alpha + beta (D_total - sum x))."""
+    import pulp
+
+    n = len(gaps_ms)
+    if len(produced) != n:
+        raise ValueError("gaps_ms and produced must have one entry per layer")
+    t0 = time.perf_counter()
+    greedy = greedy_slices(gaps_ms, produced, alpha, beta)
+    heur = heuristic_outcome(sum(greedy), time.perf_counter() - t0, params, note="greedy fill")
+    heur.values = {f"x_{i}": v for i, v in enumerate(greedy)}
+    total = float(sum(produced))
+    if n == 0 or total <= 0:
+        return GradSliceResult([0.0] * n, 0.0, heur)
+    scale = 1.0 / max(total, 1.0)  # solve in units of the total to keep CBC well conditioned
+    prob = pulp.LpProblem("grad_slices", pulp.LpMaximize)
+    x = [pulp.LpVariable(f"x_{i}", lowBound=0, upBound=1.0) for i in range(n)]
+    y = [pulp.LpVariable(f"y_{i}", cat="Binary") for i in range(n)]
+    prob += pulp.lpSum(x)
+    for i in range(n):
+        prob += alpha * y[i] + beta * total * x[i] <= gaps_ms[i], f"gap_{i}"
+        prob += x[i] <= y[i], f"launch_{i}"
+        prob += pulp.lpSum(x[: i + 1]) <= sum(produced[:i]) * scale + 1e-12, f"prefix_{i}"
+    warm = {f"x_{i}": v * scale for i, v in enumerate(greedy)}
+    warm.update({f"y_{i}": 1.0 if v > 0 else 0.0 for i, v in enumerate(greedy)})
+    solved = solve_pulp(prob, params, warm_start=warm)
+    if solved.has_solution:
+        solved.objective = solved.objective * total if solved.objective is not None else None
+        solved.values = {f"x_{i}": solved.values.get(f"x_{i}", 0.0) * total for i in range(n)}
+    best = best_of(heur, solved, minimize=False)
+    slices = [max(0.0, best.values.get(f"x_{i}", 0.0)) for i in range(n)]
+    # numerical clean-up: never claim more than exists at any prefix
+    taken = 0.0
+    for i in range(n):
+        slices[i] = min(slices[i], max(0.0, sum(produced[:i]) - taken))
+        taken += slices[i]
+    return GradSliceResult(slices, _exposed(slices, produced, alpha, beta), best)

@@ -1,0 +1,97 @@
+"""MoE plan: per configuration the chosen pipeline degrees (forward/backward), predicted layer times, the
+baselines' times and the gradient all-reduce slices. The runtime reads r_fwd, r_bwd and grad_slices."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from adasched.profiler.io import InputError
+
+from ..plan import Plan
+
+__all__ = ["MoELayerPlan", "MoEConfigPlan", "MoEPlan"]
+
+
+class MoELayerPlan(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    layer: int = Field(ge=0)
+    mean_k: float
+    r_fwd: int = Field(ge=1)
+    r_bwd: int = Field(ge=1)
+    order_fwd: str
+    order_bwd: str
+    fwd_ms: float
+    bwd_ms: float
+    case_fwd: str = Field(description="paper case matching the chosen r: a2a-bound (T_A) or compute-bound (T_B)")
+    time_by_r_fwd: dict[str, float]
+    time_by_r_bwd: dict[str, float]
+
+
+class MoEConfigPlan(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    config: dict
+    ep_size: int
+    hierarchical: bool
+    a2a_ms: float = Field(description="one un-chunked forward all-to-all (ms)")
+    layers: list[MoELayerPlan]
+    fwd_bwd_ms: float = Field(description="one MoE layer fwd+bwd with the chosen r (layer 0)")
+    baselines_fwd_bwd_ms: dict[str, float]
+    grad_slices: list[float] = Field(description="dense-gradient elements all-reduced in each layer's backward gap, "
+                                                 "backward order (last layer first)")
+    grad_exposed_ms: float
+    grad_exposed_at_end_ms: float = Field(description="all-reduce exposed when it all runs after the backward pass")
+    iteration_ms: float = Field(description="all layers fwd+bwd incl. dense blocks and the exposed all-reduce")
+    iteration_baselines_ms: dict[str, float]
+    slice_solver_status: str
+    stage_source: str
+    stage_notes: list[str] = Field(default_factory=list)
+
+
+class MoEPlan(Plan):
+    kind: Literal["moe"] = "moe"
+    gpus: int
+    gpus_per_node: int
+    configs: list[MoEConfigPlan]
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        rows = super().summary_rows()
+        for c in self.configs:
+            l0 = c.layers[0]
+            nb = c.baselines_fwd_bwd_ms
+            rows.append((c.name, f"r_fwd={l0.r_fwd} r_bwd={l0.r_bwd} layer fwd+bwd {c.fwd_bwd_ms:.2f} ms; "
+                                 f"no-pipeline {nb['no-pipeline'] / c.fwd_bwd_ms:.2f}x, fixed-r2 {nb['fixed-r2'] / c.fwd_bwd_ms:.2f}x slower"))
+        return rows
+
+    def gantt_tasks(self) -> list:
+        """Forward then backward pipeline of the first configuration's first layer, one lane per resource."""
+        from .costmodel import MoEConfig, stage_costs, topology
+        from .model import evaluate_pipeline
+        from adasched.profiler.profile import load_profile
+
+        c = self.configs[0]
+        cfg = MoEConfig.model_validate(c.config)
+        topo = topology(cfg, self.gpus, self.gpus_per_node)
+        src = "published" if c.stage_source.startswith("published") else "profile"
+        prof = load_profile(self.profile.name) if (src == "profile" and self.profile) else None
+        fwd = stage_costs(cfg, topo, source=src, profile=prof)
+        l0 = c.layers[0]
+        f = evaluate_pipeline(fwd, l0.r_fwd, l0.order_fwd).sim.tasks  # type: ignore[arg-type]
+        b = evaluate_pipeline(fwd.backward(), l0.r_bwd, l0.order_bwd).sim.tasks  # type: ignore[arg-type]
+        shift = max(t.end_ms for t in f)
+        from ..simulator import ScheduledTask
+
+        out = [ScheduledTask("F:" + t.name, 0, "fwd " + t.stream, t.start_ms, t.end_ms, t.category) for t in f]
+        out += [ScheduledTask("B:" + t.name, 0, "bwd " + t.stream, t.start_ms + shift, t.end_ms + shift, t.category) for t in b]
+        return out
+
+    def check_ep_size(self, ep_size: int, config: str | None = None) -> MoEConfigPlan:
+        """The plan entry for a runtime with expert-parallel size ``ep_size``; a clear error if it was made for
+        another EP size."""
+        for c in self.configs:
+            if config is None or c.name == config:
+                if c.ep_size != ep_size:
+                    raise InputError("plan", f"{c.name}: made for EP size {c.ep_size}, the runtime has EP size {ep_size}")
+                return c
+        raise InputError("plan", f"no configuration named {config!r} (have: {', '.join(c.name for c in self.configs)})")
