@@ -1,1 +1,12 @@
-"""adasched.schedules"""
+"""adasched.schedules: budget-aware LR schedules (REX, UBA, linear decay, refined from gradient norms) as torch
+LRSchedulers, a gradient-norm recorder, and adapters for transformers, DeepSpeed and megatron-core."""
+from .gradnorm import GradNormRecorder, read_norms_csv, write_norms_csv
+from .lr import (REX, SCHEDULE_NAMES, UBA, UBA_DEFAULT_PHI, LinearDecay, Refined, WarmupDecay, cosine_multiplier,
+                 get_schedule, linear_multiplier, refined_multipliers, rex_multiplier, smooth_norms, uba_multiplier,
+                 warmup_decay_multiplier)
+
+__all__ = [
+    "REX", "UBA", "LinearDecay", "Refined", "WarmupDecay", "get_schedule", "SCHEDULE_NAMES", "UBA_DEFAULT_PHI",
+    "linear_multiplier", "cosine_multiplier", "rex_multiplier", "uba_multiplier", "refined_multipliers",
+    "smooth_norms", "warmup_decay_multiplier", "GradNormRecorder", "read_norms_csv", "write_norms_csv",
+]

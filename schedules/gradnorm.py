@@ -1,0 +1,163 @@
+"""Record per-step gradient norms (l2 and l1 over all parameters of an optimizer) and read them back.
+
+    rec = GradNormRecorder(optimizer)            # hooks optimizer.step (a step pre-hook)
+    with rec.recording("norms.csv"):              # or rec.attach() ... rec.detach(); rec.to_csv(path)
+        for batch in data:
+            loss(batch).backward(); clip(...); optimizer.step(); sched.step(); optimizer.zero_grad()
+
+The hook runs right before each ``optimizer.step()``, so it sees the gradients the step uses (after any clipping
+done before the step). Norms stay on the device until they are read (no sync per step). CSV columns:
+``step,l2,l1`` (one row per optimizer step, step from 0).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+__all__ = ["GradNormRecorder", "grad_norms_of", "write_norms_csv", "read_norms_csv", "load_norms_file"]
+
+
+def grad_norms_of(params) -> torch.Tensor:
+    """``[l2, l1]`` norm of all gradients in ``params`` (float64 accumulation), as one 2-element tensor."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(2, dtype=torch.float64)
+    l2 = torch.stack([torch.linalg.vector_norm(g.detach(), 2, dtype=torch.float64) for g in grads])
+    l1 = torch.stack([torch.linalg.vector_norm(g.detach(), 1, dtype=torch.float64) for g in grads])
+    return torch.stack([torch.linalg.vector_norm(l2, 2), l1.sum()])
+
+
+class GradNormRecorder:
+    """Logs ``(l2, l1)`` of the gradients of every parameter in ``optimizer.param_groups`` at each step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self._norms: list[torch.Tensor] = []
+        self._handle = None
+
+    def _hook(self, optimizer, args, kwargs) -> None:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        self._norms.append(grad_norms_of(params))
+
+    def attach(self) -> "GradNormRecorder":
+        if self._handle is None:
+            self._handle = self.optimizer.register_step_pre_hook(self._hook)
+        return self
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @contextmanager
+    def recording(self, path: str | os.PathLike | None = None) -> Iterator["GradNormRecorder"]:
+        """Attach for the ``with`` block; write the CSV to ``path`` at the end (also when it raises)."""
+        self.attach()
+        try:
+            yield self
+        finally:
+            self.detach()
+            if path is not None and self._norms:
+                self.to_csv(path)
+
+    def __enter__(self) -> "GradNormRecorder":
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def __len__(self) -> int:
+        return len(self._norms)
+
+    @property
+    def l2(self) -> list[float]:
+        return [float(v) for v in self._rows()[:, 0]] if self._norms else []
+
+    @property
+    def l1(self) -> list[float]:
+        return [float(v) for v in self._rows()[:, 1]] if self._norms else []
+
+    def _rows(self) -> torch.Tensor:
+        return torch.stack(self._norms).cpu()
+
+    def to_csv(self, path: str | os.PathLike) -> Path:
+        rows = self._rows().tolist() if self._norms else []
+        return write_norms_csv(path, [r[0] for r in rows], [r[1] for r in rows])
+
+
+def write_norms_csv(path: str | os.PathLike, l2: list[float], l1: list[float]) -> Path:
+    from adasched.profiler.io import atomic_write_text
+
+    if len(l2) != len(l1):
+        raise ValueError(f"l1: has {len(l1)} values but l2 has {len(l2)}")
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["step", "l2", "l1"])
+    for i, (a, b) in enumerate(zip(l2, l1)):
+        w.writerow([i, repr(float(a)), repr(float(b))])
+    return atomic_write_text(path, buf.getvalue())
+
+
+def read_norms_csv(path: str | os.PathLike, norm: str = "l2") -> list[float]:
+    """The ``norm`` column of a norms CSV (header required: ``step,l2,l1`` or any header with that column).
+    Missing file, missing column, empty, non-numeric, non-finite or <= 0 values raise InputError naming the file
+    and row."""
+    from adasched.profiler.io import InputError
+
+    if norm not in ("l2", "l1"):
+        raise ValueError(f"norm: must be 'l2' or 'l1', got {norm!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(path, f"cannot read: {err}") from None
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    if not header:
+        raise InputError(path, "empty norms file (expected a header step,l2,l1 and one row per step)")
+    header = [h.strip() for h in header]
+    if norm not in header:
+        raise InputError(path, f"no column {norm!r} in header {','.join(header)}")
+    col = header.index(norm)
+    out: list[float] = []
+    for lineno, row in enumerate(reader, start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        try:
+            v = float(row[col])
+        except (IndexError, ValueError):
+            raise InputError(path, f"line {lineno}: column {norm!r} is not a number: {row!r}") from None
+        if not math.isfinite(v) or v <= 0:
+            raise InputError(path, f"line {lineno}: gradient norm must be finite and > 0, got {v}")
+        out.append(v)
+    if not out:
+        raise InputError(path, "no gradient norms (the file has a header but no rows)")
+    return out
+
+
+def load_norms_file(path: str | os.PathLike, norm: str | None = None) -> dict:
+    """Norms from a CSV (``{'norm', 'grad_norms'}``) or a schedule JSON from ``adasched schedules refine``
+    (``{'norm', 'smoothing', 'grad_norms', ...}``)."""
+    from adasched.profiler.io import InputError, read_json
+
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        data = read_json(path)
+        if not isinstance(data, dict) or data.get("kind") != "refined_lr_schedule":
+            raise InputError(path, "not a refined schedule (expected kind 'refined_lr_schedule')")
+        if norm is not None and norm != data.get("norm"):
+            raise InputError(path, f"norm: file was refined with {data.get('norm')!r}, asked for {norm!r}")
+        g = data.get("grad_norms")
+        if not isinstance(g, list) or not g:
+            raise InputError(path, "grad_norms: missing or empty")
+        return data
+    return {"norm": norm or "l2", "grad_norms": read_norms_csv(path, norm or "l2")}

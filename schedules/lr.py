@@ -1,0 +1,347 @@
+"""Budget-aware learning-rate schedules as torch ``LRScheduler`` subclasses: REX, UBA, linear decay, and the
+schedule refined from a previous run's gradient norms (Defazio et al. 2023).
+
+Conventions shared by every schedule here (``step`` = the scheduler's ``last_epoch``, i.e. optimizer steps done):
+
+* ``total_steps`` counts every optimizer step, warmup included (the transformers convention
+  ``num_training_steps``). Warmup is linear from 0: ``lr = base_lr * step / warmup_steps`` for
+  ``step < warmup_steps``. The decay phase has ``K = total_steps - warmup_steps`` steps and progress
+  ``z = (step - warmup_steps) / K``; ``lr = min_lr + (base_lr - min_lr) * multiplier(z)``; ``step >= total_steps``
+  stays at ``min_lr``.
+* ``base_lr`` is each param group's ``initial_lr`` (its lr when the scheduler was made), so groups keep their ratio.
+* Floor: ``min_lr`` is an ABSOLUTE learning rate (the same for every group, or a list with one per group);
+  ``min_lr_ratio`` is a FRACTION of each group's base lr. Give at most one of them.
+* Closed form (:meth:`_get_closed_form_lr`, also used by ``SequentialLR`` at a milestone and by ``step(epoch)``)
+  and chainable form (:meth:`get_lr`) agree: ``get_lr`` evaluates the closed form at ``last_epoch`` and multiplies
+  it by the factor other schedulers applied to the group since our last update (``group["lr"] / our_last_value``),
+  so ``ChainedScheduler([ours, ExponentialLR(g)])`` gives ``ours(t) * g**t``. It never divides by a multiplier
+  that may be 0: when our last value was 0 (warmup start, end of decay) the external factor cannot be observed
+  and the previous one is kept. Alone, the factor is exactly 1.0 and both forms give identical floats.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.optim.lr_scheduler import LRScheduler
+
+__all__ = [
+    "REX", "UBA", "LinearDecay", "Refined", "WarmupDecay", "get_schedule", "SCHEDULE_NAMES",
+    "linear_multiplier", "cosine_multiplier", "rex_multiplier", "uba_multiplier", "refined_multipliers",
+    "smooth_norms", "warmup_decay_multiplier", "UBA_DEFAULT_PHI",
+]
+
+#: UBA's default phi, chosen from `adasched bench schedules` (see BENCHMARKS.md, section schedules).
+UBA_DEFAULT_PHI = 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure multipliers of progress z in [0, 1] (1 at z = 0, 0 at z = 1): for plots and LambdaLR users.
+# ----------------------------------------------------------------------------------------------------------------
+def _clip01(z: float) -> float:
+    return 0.0 if z < 0.0 else 1.0 if z > 1.0 else float(z)
+
+
+def linear_multiplier(z: float) -> float:
+    """Linear decay ``1 - z``."""
+    return 1.0 - _clip01(z)
+
+
+def cosine_multiplier(z: float) -> float:
+    """Cosine annealing ``(1 + cos(pi z)) / 2``."""
+    return 0.5 * (1.0 + math.cos(math.pi * _clip01(z)))
+
+
+def rex_multiplier(z: float) -> float:
+    """REX (Chen et al., MLSys 2022): ``(1 - z) / (1/2 + (1 - z)/2)``; 0.667 at z = 0.5."""
+    z = _clip01(z)
+    return (1.0 - z) / (0.5 + 0.5 * (1.0 - z))
+
+
+def _check_phi(phi: float) -> float:
+    if not isinstance(phi, (int, float)) or not math.isfinite(phi) or phi <= 0:
+        raise ValueError(f"phi: must be a finite number > 0, got {phi!r}")
+    return float(phi)
+
+
+def uba_multiplier(z: float, phi: float = UBA_DEFAULT_PHI) -> float:
+    """UBA (Tang et al., NeurIPS 2025): ``2 u / (2 phi + (2 - phi) u)`` with ``u = 1 + cos(pi z)``.
+    phi = 2 is exactly cosine; phi < 2 stays high longer; phi > 2 decays faster."""
+    phi = _check_phi(phi)
+    u = 1.0 + math.cos(math.pi * _clip01(z))
+    return 2.0 * u / (2.0 * phi + (2.0 - phi) * u)
+
+
+def warmup_decay_multiplier(step: int, warmup_steps: int, total_steps: int,
+                            decay: Callable[[float], float]) -> float:
+    """Multiplier of the base lr at optimizer step ``step``: linear warmup from 0, then ``decay(z)``
+    (``min_lr`` = 0). This is what the transformers-style LambdaLR factories use."""
+    if step < warmup_steps:
+        return step / warmup_steps
+    if step >= total_steps:
+        return decay(1.0)
+    return decay((step - warmup_steps) / (total_steps - warmup_steps))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Refinement from gradient norms (Defazio, Cutkosky, Mehta, Mishchenko 2023).
+# ----------------------------------------------------------------------------------------------------------------
+def _check_norms(grad_norms: Sequence[float] | np.ndarray | torch.Tensor, name: str = "grad_norms") -> np.ndarray:
+    if isinstance(grad_norms, torch.Tensor):
+        grad_norms = grad_norms.detach().cpu().double().numpy()
+    try:
+        g = np.asarray(grad_norms, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: must be a sequence of numbers") from None
+    if g.size == 0:
+        raise ValueError(f"{name}: is empty; need one gradient norm per optimizer step")
+    bad = np.flatnonzero(~np.isfinite(g))
+    if bad.size:
+        raise ValueError(f"{name}: non-finite value {g[bad[0]]} at step {int(bad[0])} ({bad.size} in all)")
+    bad = np.flatnonzero(g <= 0)
+    if bad.size:
+        raise ValueError(f"{name}: gradient norms must be > 0, got {g[bad[0]]} at step {int(bad[0])}")
+    return g
+
+
+def _check_smoothing(smoothing: float) -> float:
+    if not isinstance(smoothing, (int, float)) or not math.isfinite(smoothing) or not 0 <= smoothing < 1:
+        raise ValueError(f"smoothing: must be a fraction of the run in [0, 1), got {smoothing!r}")
+    return float(smoothing)
+
+
+def smooth_norms(grad_norms, smoothing: float = 0.1) -> np.ndarray:
+    """Median filter about ``smoothing`` of the run wide (odd window, >= 1 step), reflect-padded at both ends."""
+    g = _check_norms(grad_norms)
+    width = int(round(_check_smoothing(smoothing) * g.size))
+    if width <= 1 or g.size < 2:
+        return g.copy()
+    width += 1 - width % 2  # odd, centred
+    half = width // 2
+    padded = np.pad(g, half, mode="reflect")
+    return np.median(np.lib.stride_tricks.sliding_window_view(padded, width), axis=1)
+
+
+def refined_multipliers(grad_norms, norm: str = "l2", smoothing: float = 0.1) -> np.ndarray:
+    """Decay multipliers at decay steps ``k = 0..K`` from the norms ``g_0..g_{K-1}`` of a previous run.
+
+    ``w_k = 1/g_k**2`` (``norm="l2"``, SGD) or ``1/g_k`` (``norm="l1"``, Adam-type), after the median filter;
+    ``m_k ∝ w_k * sum_{p=k+1..K} w_p``, ``m_K = 0``, normalised to ``max m = 1``. The end position K (the state
+    after the last step, never measured) takes the last filtered norm, so constant norms give exactly the linear
+    decay ``1 - k/K``. Returns ``K + 1`` float64 values."""
+    if norm not in ("l2", "l1"):
+        raise ValueError(f"norm: must be 'l2' (SGD) or 'l1' (Adam-type), got {norm!r}")
+    g = smooth_norms(grad_norms, smoothing)
+    w = 1.0 / (g * g) if norm == "l2" else 1.0 / g
+    w_ext = np.append(w, w[-1])  # position K
+    tail = np.cumsum(w_ext[::-1])[::-1]  # tail[k] = sum_{p >= k} w_p
+    m = np.zeros(g.size + 1)
+    m[:-1] = w * tail[1:]
+    top = m.max()
+    if not np.isfinite(top) or top <= 0:
+        raise ValueError("grad_norms: refinement is degenerate (norms too large or too small to invert)")
+    return m / top
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedulers
+# ----------------------------------------------------------------------------------------------------------------
+def _check_int(name: str, value, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+        raise ValueError(f"{name}: must be an integer >= {lo}, got {value!r}")
+    return int(value)
+
+
+class WarmupDecay(LRScheduler):
+    """Base: linear warmup then ``min_lr + (base_lr - min_lr) * self.decay_multiplier(k, K)``.
+    Subclasses define :meth:`decay_multiplier` (decay step ``k`` of ``K``)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
+                 min_lr: float | Sequence[float] = 0.0, last_epoch: int = -1, *, min_lr_ratio: float | None = None):
+        self.total_steps = _check_int("total_steps", total_steps, 1)
+        self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
+        if self.warmup_steps >= self.total_steps:
+            raise ValueError(f"warmup_steps: must be < total_steps={self.total_steps}, got {self.warmup_steps}")
+        bases = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
+        self.min_lrs = self._resolve_min_lrs(bases, min_lr, min_lr_ratio)
+        self._own_lrs: list[float] | None = None  # our last unscaled values (closed form)
+        self._ext_scales: list[float] = [1.0] * len(bases)  # factors applied by other schedulers
+        super().__init__(optimizer, last_epoch)
+
+    @staticmethod
+    def _resolve_min_lrs(bases: list[float], min_lr, min_lr_ratio) -> list[float]:
+        is_abs = not (isinstance(min_lr, (int, float)) and min_lr == 0.0)
+        if min_lr_ratio is not None:
+            if is_abs:
+                raise ValueError("min_lr: give either min_lr (absolute) or min_lr_ratio (fraction of base), not both")
+            r = min_lr_ratio
+            if not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 <= r <= 1:
+                raise ValueError(f"min_lr_ratio: must be in [0, 1], got {r!r}")
+            return [float(r) * b for b in bases]
+        if isinstance(min_lr, (list, tuple)):
+            if len(min_lr) != len(bases):
+                raise ValueError(f"min_lr: got {len(min_lr)} values for {len(bases)} param groups")
+            mins = [float(m) for m in min_lr]
+        elif isinstance(min_lr, (int, float)):
+            mins = [float(min_lr)] * len(bases)
+        else:
+            raise ValueError(f"min_lr: must be a number or one number per param group, got {min_lr!r}")
+        for i, (m, b) in enumerate(zip(mins, bases)):
+            if not math.isfinite(m) or m < 0 or m > b:
+                raise ValueError(f"min_lr: must be in [0, base lr {b}] for param group {i}, got {m}")
+        return mins
+
+    # -- schedule ------------------------------------------------------------------------------------------------
+    def decay_multiplier(self, k: int, num_decay_steps: int) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def multiplier(self, step: int) -> float:
+        """Fraction of the way from ``min_lr`` (0) to ``base_lr`` (1) at optimizer step ``step``; warmup steps give
+        ``step / warmup_steps`` of the base lr."""
+        if step < self.warmup_steps:
+            return step / self.warmup_steps
+        num_decay = self.total_steps - self.warmup_steps
+        return self.decay_multiplier(min(step - self.warmup_steps, num_decay), num_decay)
+
+    def lr_at(self, step: int) -> list[float]:
+        """The closed-form learning rate of every param group at optimizer step ``step``."""
+        step = max(int(step), 0)
+        if step < self.warmup_steps:
+            f = step / self.warmup_steps
+            return [b * f for b in self.base_lrs]
+        m = self.multiplier(step)
+        return [lo + (b - lo) * m for b, lo in zip(self.base_lrs, self.min_lrs)]
+
+    # -- torch LRScheduler protocol -----------------------------------------------------------------------------
+    def _get_closed_form_lr(self) -> list[float]:
+        values = self.lr_at(self.last_epoch)
+        self._own_lrs = list(values)
+        self._ext_scales = [1.0] * len(values)
+        return values
+
+    def get_lr(self) -> list[float]:
+        target = self.lr_at(self.last_epoch)
+        groups = self.optimizer.param_groups
+        if self._is_initial or self._own_lrs is None:
+            if self.last_epoch == 0:  # fresh start: keep a factor applied before us (e.g. another scheduler)
+                scales = [float(g["lr"]) / b if b != 0 else 1.0 for g, b in zip(groups, self.base_lrs)]
+            else:  # made with last_epoch >= 0 (resume): closed form
+                scales = [1.0] * len(target)
+        else:
+            scales = [float(g["lr"]) / own if own != 0 else s
+                      for g, own, s in zip(groups, self._own_lrs, self._ext_scales)]
+        self._own_lrs = list(target)
+        self._ext_scales = scales
+        return [t if s == 1.0 else t * s for t, s in zip(target, scales)]
+
+
+class LinearDecay(WarmupDecay):
+    """Linear warmup then linear decay to ``min_lr`` at ``total_steps`` (matches megatron-core ``linear`` and
+    transformers ``get_linear_schedule_with_warmup``)."""
+
+    def decay_multiplier(self, k: int, num_decay_steps: int) -> float:
+        return 1.0 - k / num_decay_steps
+
+
+class REX(WarmupDecay):
+    """REX: ``(1 - z) / (1/2 + (1 - z)/2)`` after linear warmup (Chen, Wolfe, Kyrillidis, MLSys 2022)."""
+
+    def decay_multiplier(self, k: int, num_decay_steps: int) -> float:
+        return rex_multiplier(k / num_decay_steps)
+
+
+class UBA(WarmupDecay):
+    """UBA with one parameter ``phi > 0`` (Tang et al., NeurIPS 2025): ``phi = 2`` is cosine annealing, smaller
+    phi keeps the rate high longer. Default :data:`UBA_DEFAULT_PHI` (chosen from our digits benchmark)."""
+
+    def __init__(self, optimizer, total_steps: int, phi: float = UBA_DEFAULT_PHI, warmup_steps: int = 0,
+                 min_lr: float | Sequence[float] = 0.0, last_epoch: int = -1, *, min_lr_ratio: float | None = None):
+        self.phi = _check_phi(phi)
+        super().__init__(optimizer, total_steps, warmup_steps, min_lr, last_epoch, min_lr_ratio=min_lr_ratio)
+
+    def decay_multiplier(self, k: int, num_decay_steps: int) -> float:
+        return uba_multiplier(k / num_decay_steps, self.phi)
+
+
+class Refined(WarmupDecay):
+    """Schedule refined from the gradient norms of a previous run of the same length (one norm per optimizer
+    step, ``total_steps = len(grad_norms)``). With ``warmup_steps = W`` the first W steps warm up linearly and the
+    decay phase is refined from ``grad_norms[W:]``. ``norm="l2"`` for SGD (weights 1/||g||_2^2), ``"l1"`` for
+    Adam-type optimizers (1/||g||_1). See :func:`refined_multipliers`."""
+
+    def __init__(self, optimizer, grad_norms, warmup_steps: int = 0, min_lr: float | Sequence[float] = 0.0,
+                 norm: str = "l2", smoothing: float = 0.1, last_epoch: int = -1, *,
+                 min_lr_ratio: float | None = None, total_steps: int | None = None):
+        g = _check_norms(grad_norms)
+        if total_steps is not None and _check_int("total_steps", total_steps, 1) != g.size:
+            raise ValueError(f"grad_norms: has {g.size} steps but total_steps={total_steps}; record the norms of a "
+                             f"run with the same number of optimizer steps")
+        w = _check_int("warmup_steps", warmup_steps, 0)
+        if w >= g.size:
+            raise ValueError(f"warmup_steps: must be < total_steps={g.size} (the number of grad_norms), got {w}")
+        self.norm = norm
+        self.smoothing = _check_smoothing(smoothing)
+        self.decay_table: list[float] = refined_multipliers(g[w:], norm, self.smoothing).tolist()
+        super().__init__(optimizer, int(g.size), w, min_lr, last_epoch, min_lr_ratio=min_lr_ratio)
+
+    def decay_multiplier(self, k: int, num_decay_steps: int) -> float:
+        return self.decay_table[k]
+
+    @classmethod
+    def from_file(cls, optimizer, path, *, norm: str | None = None, smoothing: float | None = None,
+                  total_steps: int | None = None, **kwargs) -> "Refined":
+        """From a norms CSV written by :class:`~adasched.schedules.gradnorm.GradNormRecorder` (columns step,l2,l1)
+        or a schedule JSON written by ``adasched schedules refine``. ``norm``/``smoothing`` default to the JSON's
+        values, else ``l2``/0.1. ``total_steps``, when given, must equal the file's number of steps."""
+        from adasched.profiler.io import InputError
+
+        from .gradnorm import load_norms_file
+
+        info = load_norms_file(path, norm)
+        norm = norm or info["norm"]
+        smoothing = info.get("smoothing", 0.1) if smoothing is None else smoothing
+        n = len(info["grad_norms"])
+        if total_steps is not None and total_steps != n:
+            raise InputError(path, f"has {n} steps but total_steps={total_steps} (wrong length)")
+        try:
+            return cls(optimizer, info["grad_norms"], norm=norm, smoothing=smoothing, **kwargs)
+        except InputError:
+            raise
+        except ValueError as err:
+            raise InputError(path, str(err)) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# transformers-style factory
+# ----------------------------------------------------------------------------------------------------------------
+SCHEDULE_NAMES = ("linear", "rex", "uba", "cosine", "refined")
+
+
+def get_schedule(name: str, optimizer: torch.optim.Optimizer, num_warmup_steps: int = 0,
+                 num_training_steps: int | None = None, **kw) -> WarmupDecay:
+    """Mirror of ``transformers.get_scheduler``: ``name`` in :data:`SCHEDULE_NAMES`; ``num_training_steps``
+    includes warmup. ``cosine`` is UBA with phi = 2. ``refined`` takes ``grad_norms=`` or ``path=`` (then
+    ``num_training_steps`` may be omitted and must match the file if given). Other keywords go to the class
+    (``min_lr``, ``min_lr_ratio``, ``phi``, ``norm``, ``smoothing``, ``last_epoch``)."""
+    key = str(name).lower()
+    if key not in SCHEDULE_NAMES:
+        raise ValueError(f"name: unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
+    if key == "refined":
+        if "path" in kw:
+            return Refined.from_file(optimizer, kw.pop("path"), total_steps=num_training_steps,
+                                     warmup_steps=num_warmup_steps, **kw)
+        if "grad_norms" not in kw:
+            raise ValueError("grad_norms: the refined schedule needs grad_norms=... or path=...")
+        return Refined(optimizer, kw.pop("grad_norms"), warmup_steps=num_warmup_steps,
+                       total_steps=num_training_steps, **kw)
+    if num_training_steps is None:
+        raise ValueError("num_training_steps: required for schedule " + repr(name))
+    if key == "cosine":
+        if "phi" in kw:
+            raise ValueError("phi: not accepted by 'cosine' (it is UBA with phi=2); use name='uba'")
+        kw["phi"] = 2.0
+        key = "uba"
+    cls = {"linear": LinearDecay, "rex": REX, "uba": UBA}[key]
+    return cls(optimizer, num_training_steps, warmup_steps=num_warmup_steps, **kw)
