@@ -1,0 +1,469 @@
+"""MoE token permute / unpermute and grouped GEMM over uneven expert batches (Triton + torch references).
+
+Data layout. A routing gives N assignments (token, expert, gate) sorted by (expert, token) (see
+``adasched.runtime.moe.router``). :func:`make_index` turns them into a :class:`MoEIndex`:
+
+- ``src_token`` (N,): token of each sorted row; ``counts``/``offsets`` (E,)/(E+1,): rows per expert;
+- ``tok_perm``/``tok_offsets``: the same rows grouped by token (CSR), so the combine is a gather-sum
+  without atomics.
+
+Ops (each: Triton kernel, host launcher, autograd.Function, torch reference):
+
+- ``permute(x, index)``: rows ``x[src_token]`` (T,H) -> (N,H). Backward = segment sum by token.
+- ``unpermute(y, gate, index)``: ``out[t] = sum_{rows r of t} gate[r] * y[r]`` (N,H) -> (T,H). Backward:
+  ``dy = gate * dout[src_token]``, ``dgate[r] = <dout[src_token[r]], y[r]>`` (one gather kernel).
+- ``grouped_mm(x, w, index)``: ``y[rows of e] = x[rows of e] @ w[e]``, x (N,K), w (E,K,M). A host tile
+  schedule lists (expert, first row) per BLOCK_M tile, so uneven and empty experts cost nothing.
+  Backward: ``dx`` is the same kernel on ``w`` transposed (a stride view); ``dw[e] = x_e^T dy_e`` is a
+  second kernel reducing over each expert's rows (an expert with 0 rows gets a zero gradient).
+- ``expert_mlp(x, w1, w2, index, activation)``: SwiGLU (w1 (E,H,2F) = [gate | up], w2 (E,F,H)) or GELU
+  (w1 (E,H,F), w2 (E,F,H)) experts on the sorted rows. :func:`expert_mlp_forward` /
+  :func:`expert_mlp_backward` are exposed so the expert-parallel runtime can run the backward on
+  re-chunked rows from saved activations.
+
+All kernels load in the tensor's dtype and accumulate in float32; under ``TRITON_INTERPRET=1`` (CPU) the
+GEMM operands are cast to float32 after loading (the interpreter's low-precision dot is unreliable) and
+the block sizes are small and fixed (no autotune). If Triton cannot run (no GPU and no interpreter) the
+torch references are used.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional dependency: a CPU-only install still imports this module
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - exercised only without triton
+    HAS_TRITON = False
+
+__all__ = [
+    "MoEIndex", "make_index", "permute", "unpermute", "grouped_mm", "expert_mlp",
+    "expert_mlp_forward", "expert_mlp_backward", "permute_ref", "unpermute_ref", "grouped_mm_ref",
+    "expert_mlp_ref", "triton_usable", "Backend",
+]
+
+Backend = Literal["auto", "triton", "torch"]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_usable(t: torch.Tensor) -> bool:
+    """True when the Triton path can run on ``t``'s device (GPU, or CPU under the interpreter)."""
+    return HAS_TRITON and (t.is_cuda or (t.device.type == "cpu" and _interpreting()))
+
+
+def _pick(backend: Backend, t: torch.Tensor) -> bool:
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not triton_usable(t):
+            raise ValueError(f"backend: 'triton' cannot run on device {t.device} "
+                             "(needs a GPU or TRITON_INTERPRET=1)")
+        return True
+    return triton_usable(t)
+
+
+# ---------------------------------------------------------------------------------------------------
+# index
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class MoEIndex:
+    """Row bookkeeping for N sorted assignments over E experts and T tokens."""
+
+    src_token: torch.Tensor      # (N,) int64
+    counts: torch.Tensor         # (E,) int64
+    offsets: torch.Tensor        # (E+1,) int64
+    tok_perm: torch.Tensor       # (N,) int64 rows ordered by token
+    tok_offsets: torch.Tensor    # (T+1,) int64
+    num_tokens: int
+    _tiles: dict | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts.numel()
+
+    @property
+    def num_rows(self) -> int:
+        return self.src_token.numel()
+
+    def tiles(self, block_m: int):
+        """(tile_expert, tile_row) int32 for BLOCK_M row tiles over the experts' segments (cached)."""
+        if self._tiles is None:
+            self._tiles = {}
+        if block_m not in self._tiles:
+            per = (self.counts + block_m - 1) // block_m
+            n = int(per.sum())
+            te = torch.repeat_interleave(torch.arange(self.num_experts, device=per.device), per)
+            first = torch.cumsum(per, 0) - per
+            within = torch.arange(n, device=per.device) - first[te]
+            tr = self.offsets[:-1][te] + within * block_m
+            self._tiles[block_m] = (te.to(torch.int32).contiguous(), tr.to(torch.int32).contiguous())
+        return self._tiles[block_m]
+
+
+def make_index(token_idx: torch.Tensor, counts: torch.Tensor, num_tokens: int) -> MoEIndex:
+    """Index for assignments already sorted by expert (``counts[e]`` rows of expert e, in order)."""
+    token_idx = token_idx.to(torch.int64)
+    counts = counts.to(torch.int64)
+    offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    tok_perm = torch.argsort(token_idx, stable=True)
+    tok_offsets = torch.zeros(num_tokens + 1, dtype=torch.int64, device=token_idx.device)
+    tok_offsets[1:] = torch.cumsum(torch.bincount(token_idx, minlength=num_tokens), 0)
+    return MoEIndex(token_idx.contiguous(), counts, offsets, tok_perm.contiguous(), tok_offsets, num_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _gather_rows_kernel(src_ptr, idx_ptr, scale_ptr, out_ptr, dot_ptr, dot_out_ptr, H,
+                            stride_src, stride_out, stride_dot,
+                            HAS_SCALE: tl.constexpr, HAS_DOT: tl.constexpr, BLOCK_H: tl.constexpr):
+        """out[r] = scale[r] * src[idx[r]]; optionally dot_out[r] = <src[idx[r]], dot[r]>."""
+        r = tl.program_id(0)
+        s = tl.load(idx_ptr + r).to(tl.int64)
+        if HAS_SCALE:
+            sc = tl.load(scale_ptr + r).to(tl.float32)
+        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            offs = h0 + tl.arange(0, BLOCK_H)
+            m = offs < H
+            v = tl.load(src_ptr + s * stride_src + offs, mask=m, other=0.0).to(tl.float32)
+            if HAS_DOT:
+                d = tl.load(dot_ptr + r.to(tl.int64) * stride_dot + offs, mask=m, other=0.0).to(tl.float32)
+                acc += v * d
+            if HAS_SCALE:
+                v = v * sc
+            tl.store(out_ptr + r.to(tl.int64) * stride_out + offs, v.to(out_ptr.dtype.element_ty), mask=m)
+        if HAS_DOT:
+            tl.store(dot_out_ptr + r, tl.sum(acc, axis=0))
+
+    @triton.jit
+    def _segment_sum_kernel(y_ptr, perm_ptr, off_ptr, w_ptr, out_ptr, H, stride_y, stride_out,
+                            HAS_W: tl.constexpr, BLOCK_H: tl.constexpr):
+        """out[t] = sum_{j in [off[t], off[t+1])} w[perm[j]] * y[perm[j]] (one token, one H block)."""
+        t = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        m = offs < H
+        start = tl.load(off_ptr + t)
+        end = tl.load(off_ptr + t + 1)
+        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for j in range(start, end):
+            row = tl.load(perm_ptr + j).to(tl.int64)
+            v = tl.load(y_ptr + row * stride_y + offs, mask=m, other=0.0).to(tl.float32)
+            if HAS_W:
+                v = v * tl.load(w_ptr + row).to(tl.float32)
+            acc += v
+        tl.store(out_ptr + t.to(tl.int64) * stride_out + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, tile_e_ptr, tile_row_ptr, off_ptr, K, M,
+                           sxm, sxk, swe, swk, swn, sym, syn,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           CAST_F32: tl.constexpr):
+        """One (BLOCK_M rows of one expert) x (BLOCK_N columns) tile of y = x @ w[e]."""
+        pid_t = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        e = tl.load(tile_e_ptr + pid_t).to(tl.int64)
+        row0 = tl.load(tile_row_ptr + pid_t).to(tl.int64)
+        row_end = tl.load(off_ptr + e + 1)
+        rm = row0 + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        m_ok = rm < row_end
+        n_ok = rn < M
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            k_ok = kk < K
+            a = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + e * swe + kk[:, None] * swk + rn[None, :] * swn,
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if CAST_F32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc += tl.dot(a, b)
+        tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _grouped_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, off_ptr, K, M,
+                              sxm, sxk, sdm, sdn, swe, swk, swn,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              CAST_F32: tl.constexpr):
+        """dw[e][k-block, n-block] = sum over expert e's rows of x^T dy."""
+        e = tl.program_id(0)
+        rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        rn = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+        start = tl.load(off_ptr + e)
+        end = tl.load(off_ptr + e + 1)
+        k_ok = rk < K
+        n_ok = rn < M
+        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        for m0 in range(start, end, BLOCK_M):
+            rm = m0 + tl.arange(0, BLOCK_M)
+            m_ok = rm < end
+            a = tl.load(x_ptr + rm[None, :] * sxm + rk[:, None] * sxk, mask=k_ok[:, None] & m_ok[None, :], other=0.0)
+            b = tl.load(dy_ptr + rm[:, None] * sdm + rn[None, :] * sdn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            if CAST_F32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc += tl.dot(a, b)
+        tl.store(dw_ptr + e.to(tl.int64) * swe + rk[:, None] * swk + rn[None, :] * swn,
+                 acc.to(dw_ptr.dtype.element_ty), mask=k_ok[:, None] & n_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------
+# host launchers
+# ---------------------------------------------------------------------------------------------------
+def _block_h(H: int, device: torch.device) -> int:
+    cap = 1024 if device.type == "cuda" else 64
+    return max(16, min(cap, triton.next_power_of_2(H)))
+
+
+def _gemm_blocks(device: torch.device) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); fixed small tiles off-GPU."""
+    if device.type == "cuda":
+        return 128, 128, 64, 8, 3
+    return 16, 16, 16, 4, 1
+
+
+def gather_rows(src: torch.Tensor, idx: torch.Tensor, scale: torch.Tensor | None = None,
+                dot_with: torch.Tensor | None = None):
+    """Triton: out[r] = scale[r] * src[idx[r]] (N,H); with dot_with also returns <src[idx[r]], dot_with[r]>."""
+    src = src.contiguous()
+    N, H = idx.numel(), src.shape[1]
+    out = torch.empty((N, H), dtype=src.dtype, device=src.device)
+    dot_out = torch.empty(N, dtype=torch.float32, device=src.device) if dot_with is not None else out
+    if N:
+        dw = dot_with.contiguous() if dot_with is not None else src
+        _gather_rows_kernel[(N,)](
+            src, idx.contiguous(), scale.contiguous() if scale is not None else src, out, dw, dot_out, H,
+            src.stride(0), out.stride(0), dw.stride(0),
+            HAS_SCALE=scale is not None, HAS_DOT=dot_with is not None, BLOCK_H=_block_h(H, src.device))
+    return (out, dot_out) if dot_with is not None else out
+
+
+def segment_sum(y: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, num_out: int,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton: out[t] = sum_{j in [offsets[t], offsets[t+1])} weight[perm[j]] * y[perm[j]] -> (num_out, H)."""
+    y = y.contiguous()
+    H = y.shape[1]
+    out = torch.empty((num_out, H), dtype=y.dtype, device=y.device)
+    if num_out:
+        bh = _block_h(H, y.device)
+        _segment_sum_kernel[(num_out, triton.cdiv(H, bh))](
+            y, perm, offsets, weight.contiguous() if weight is not None else y, out, H, y.stride(0), out.stride(0),
+            HAS_W=weight is not None, BLOCK_H=bh)
+    return out
+
+
+def grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, index: MoEIndex) -> torch.Tensor:
+    """Triton: y (N,M) with y[rows of e] = x[rows of e] @ w[e]; w (E,K,M), any strides."""
+    N, K = x.shape
+    M = w.shape[2]
+    y = torch.empty((N, M), dtype=x.dtype, device=x.device)
+    if N == 0:
+        return y
+    bm, bn, bk, warps, stages = _gemm_blocks(x.device)
+    te, tr = index.tiles(bm)
+    grid = (te.numel(), triton.cdiv(M, bn))
+    _grouped_mm_kernel[grid](x, w, y, te, tr, index.offsets, K, M,
+                             x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
+                             y.stride(0), y.stride(1), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                             CAST_F32=x.device.type != "cuda", num_warps=warps, num_stages=stages)
+    return y
+
+
+def grouped_wgrad_triton(x: torch.Tensor, dy: torch.Tensor, index: MoEIndex, num_experts: int) -> torch.Tensor:
+    """Triton: dw (E,K,M) with dw[e] = x[rows of e]^T @ dy[rows of e] (float32 accumulation, x's dtype)."""
+    K, M = x.shape[1], dy.shape[1]
+    dw = torch.empty((num_experts, K, M), dtype=x.dtype, device=x.device)
+    bm, bn, bk, warps, stages = _gemm_blocks(x.device)
+    grid = (num_experts, triton.cdiv(K, bk), triton.cdiv(M, bn))
+    _grouped_wgrad_kernel[grid](x, dy, dw, index.offsets, K, M, x.stride(0), x.stride(1),
+                                dy.stride(0), dy.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
+                                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, CAST_F32=x.device.type != "cuda",
+                                num_warps=warps, num_stages=stages)
+    return dw
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch references (same signatures; also the fallback path)
+# ---------------------------------------------------------------------------------------------------
+def permute_ref(x: torch.Tensor, index: MoEIndex) -> torch.Tensor:
+    """(T,H) -> (N,H) rows x[src_token]."""
+    return x[index.src_token]
+
+
+def unpermute_ref(y: torch.Tensor, gate: torch.Tensor, index: MoEIndex) -> torch.Tensor:
+    """(N,H) -> (T,H), out[t] = sum of gate * y over t's rows (float32 accumulation)."""
+    out = torch.zeros((index.num_tokens, y.shape[1]), dtype=torch.float32, device=y.device)
+    out.index_add_(0, index.src_token, y.float() * gate.float().unsqueeze(1))
+    return out.to(y.dtype)
+
+
+def grouped_mm_ref(x: torch.Tensor, w: torch.Tensor, index_or_counts) -> torch.Tensor:
+    """The naive per-expert loop: y[rows of e] = x[rows of e] @ w[e]."""
+    counts = index_or_counts.counts if isinstance(index_or_counts, MoEIndex) else index_or_counts
+    outs, start = [], 0
+    for e, c in enumerate(counts.tolist()):
+        outs.append(x[start:start + c] @ w[e])
+        start += c
+    if not outs:
+        return x.new_zeros((0, w.shape[2]))
+    return torch.cat(outs, 0)
+
+
+def _act_ref(a: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "swiglu":
+        g, u = a.chunk(2, dim=-1)
+        return F.silu(g) * u
+    return F.gelu(a)
+
+
+def expert_mlp_ref(x, w1, w2, index_or_counts, activation: str = "swiglu") -> torch.Tensor:
+    """Per-expert loop MLP (float32 math, output in x's dtype)."""
+    a = grouped_mm_ref(x.float(), w1.float(), index_or_counts)
+    return grouped_mm_ref(_act_ref(a, activation), w2.float(), index_or_counts).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# autograd
+# ---------------------------------------------------------------------------------------------------
+class _Permute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, index):
+        ctx.index = index
+        return gather_rows(x, index.src_token)
+
+    @staticmethod
+    def backward(ctx, g):
+        idx = ctx.index
+        return segment_sum(g, idx.tok_perm, idx.tok_offsets, idx.num_tokens), None
+
+
+class _Unpermute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, gate, index):
+        ctx.index = index
+        ctx.save_for_backward(y, gate)
+        return segment_sum(y, index.tok_perm, index.tok_offsets, index.num_tokens, weight=gate)
+
+    @staticmethod
+    def backward(ctx, g):
+        y, gate = ctx.saved_tensors
+        idx = ctx.index
+        dy, dgate = gather_rows(g, idx.src_token, scale=gate, dot_with=y)
+        return dy, dgate.to(gate.dtype), None
+
+
+class _GroupedMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, index):
+        ctx.index = index
+        ctx.save_for_backward(x, w)
+        return grouped_mm_triton(x, w, index)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = grouped_mm_triton(dy, w.transpose(1, 2), ctx.index) if ctx.needs_input_grad[0] else None
+        dw = grouped_wgrad_triton(x, dy, ctx.index, w.shape[0]) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+def permute(x: torch.Tensor, index: MoEIndex, backend: Backend = "auto") -> torch.Tensor:
+    """Rows of x in expert order: (T,H) -> (N,H)."""
+    return _Permute.apply(x, index) if _pick(backend, x) else permute_ref(x, index)
+
+
+def unpermute(y: torch.Tensor, gate: torch.Tensor, index: MoEIndex, backend: Backend = "auto") -> torch.Tensor:
+    """Gate-weighted combine of expert rows back to tokens: (N,H) -> (T,H)."""
+    return _Unpermute.apply(y, gate.to(torch.float32), index) if _pick(backend, y) else unpermute_ref(y, gate, index)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, index: MoEIndex, backend: Backend = "auto") -> torch.Tensor:
+    """Grouped GEMM over the experts' row segments: x (N,K), w (E,K,M) -> (N,M)."""
+    if index.num_experts != w.shape[0]:
+        raise ValueError(f"grouped_mm: index has {index.num_experts} experts, weight has {w.shape[0]}")
+    return _GroupedMM.apply(x.contiguous(), w, index) if _pick(backend, x) else grouped_mm_ref(x, w, index)
+
+
+# -- expert MLP with explicit forward/backward (used by the expert-parallel pipeline) -----------------
+def expert_mlp_forward(x, w1, w2, index: MoEIndex, activation: str = "swiglu", backend: Backend = "auto"):
+    """Returns (y, a): y (N,H) expert outputs, a (N, F or 2F) pre-activation saved for the backward."""
+    with torch.no_grad():
+        a = grouped_mm(x, w1, index, backend)
+        h = _act_ref(a.float(), activation).to(x.dtype)
+        return grouped_mm(h, w2, index, backend), a
+
+
+def expert_mlp_backward(x, a, dy, w1, w2, index: MoEIndex, activation: str = "swiglu",
+                        backend: Backend = "auto"):
+    """Gradients (dx, dw1, dw2) of the expert MLP from the saved input x and pre-activation a."""
+    use_triton = _pick(backend, x)
+    with torch.enable_grad():
+        a_ = a.detach().float().requires_grad_(True)
+        h32 = _act_ref(a_, activation)
+    h = h32.detach().to(x.dtype)
+    dy = dy.contiguous().to(x.dtype)
+    with torch.no_grad():
+        if use_triton:
+            dh = grouped_mm_triton(dy, w2.transpose(1, 2), index)
+            dw2 = grouped_wgrad_triton(h, dy, index, w2.shape[0])
+        else:
+            dh = grouped_mm_ref(dy, w2.transpose(1, 2), index)
+            dw2 = _wgrad_ref(h, dy, index, w2.shape[0])
+    (da,) = torch.autograd.grad(h32, a_, dh.float())
+    da = da.to(x.dtype)
+    with torch.no_grad():
+        if use_triton:
+            dx = grouped_mm_triton(da, w1.transpose(1, 2), index)
+            dw1 = grouped_wgrad_triton(x.contiguous(), da, index, w1.shape[0])
+        else:
+            dx = grouped_mm_ref(da, w1.transpose(1, 2), index)
+            dw1 = _wgrad_ref(x, da, index, w1.shape[0])
+    return dx, dw1, dw2
+
+
+def _wgrad_ref(x, dy, index: MoEIndex, E: int):
+    dw = x.new_zeros((E, x.shape[1], dy.shape[1]))
+    for e, (s, t) in enumerate(zip(index.offsets[:-1].tolist(), index.offsets[1:].tolist())):
+        if t > s:
+            dw[e] = x[s:t].t() @ dy[s:t]
+    return dw
+
+
+class _ExpertMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, w2, index, activation, backend):
+        y, a = expert_mlp_forward(x, w1, w2, index, activation, backend)
+        ctx.save_for_backward(x, a, w1, w2)
+        ctx.index, ctx.activation, ctx.backend = index, activation, backend
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, a, w1, w2 = ctx.saved_tensors
+        dx, dw1, dw2 = expert_mlp_backward(x, a, dy, w1, w2, ctx.index, ctx.activation, ctx.backend)
+        return dx, dw1, dw2, None, None, None
+
+
+def expert_mlp(x, w1, w2, index: MoEIndex, activation: str = "swiglu", backend: Backend = "auto"):
+    """Expert MLP on expert-sorted rows x (N,H): SwiGLU (w1 (E,H,2F)) or GELU (w1 (E,H,F)); w2 (E,F,H)."""
+    if activation not in ("swiglu", "gelu"):
+        raise ValueError(f"activation: {activation!r} is not 'swiglu' or 'gelu'")
+    return _ExpertMLP.apply(x, w1, w2, index, activation, backend)

@@ -1,0 +1,131 @@
+"""MoE Triton kernels (under TRITON_INTERPRET=1) against torch references: every element and gradient."""
+import pytest
+import torch
+
+from adasched.kernels import moe as K
+
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-2, 2e-2)}
+
+
+def assert_all_close(got, want, dtype, what):
+    atol, rtol = TOL[dtype]
+    got, want = got.float(), want.float()
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} vs {tuple(want.shape)}"
+    bad = ~torch.isclose(got, want, atol=atol, rtol=rtol)
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        raise AssertionError(f"{what}: {int(bad.sum())}/{bad.numel()} mismatched, first at {idx}, "
+                             f"max abs err {float((got - want).abs().max()):.3g}")
+
+
+def _routing(T=13, E=5, k=2, empty=(2,), seed=0):
+    """Random distinct top-k per token avoiding `empty` experts; sorted by (expert, token)."""
+    g = torch.Generator().manual_seed(seed)
+    allowed = [e for e in range(E) if e not in empty]
+    tok, exp = [], []
+    for t in range(T):
+        perm = torch.randperm(len(allowed), generator=g)[:k]
+        for j in perm.tolist():
+            tok.append(t)
+            exp.append(allowed[j])
+    tok, exp = torch.tensor(tok), torch.tensor(exp)
+    order = torch.argsort(exp * T + tok)
+    tok, exp = tok[order], exp[order]
+    counts = torch.bincount(exp, minlength=E)
+    gate = torch.rand(tok.numel(), generator=g) + 0.1
+    return K.make_index(tok, counts, T), gate
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_permute_unpermute(dtype):
+    idx, gate = _routing()
+    assert idx.counts[2] == 0
+    x = torch.randn(13, 24, dtype=dtype, requires_grad=True)
+    xs = K.permute(x, idx, backend="triton")
+    x_ref = x.detach().float().requires_grad_(True)
+    xs_ref = K.permute_ref(x_ref, idx)
+    assert_all_close(xs, xs_ref, dtype, "permute out")
+    gxs = torch.randn_like(xs_ref)
+    xs.backward(gxs.to(dtype))
+    xs_ref.backward(gxs)
+    assert_all_close(x.grad, x_ref.grad, dtype, "permute dx")
+
+    y = torch.randn(idx.num_rows, 24, dtype=dtype, requires_grad=True)
+    w = gate.clone().requires_grad_(True)
+    out = K.unpermute(y, w, idx, backend="triton")
+    y_ref, w_ref = y.detach().float().requires_grad_(True), gate.clone().requires_grad_(True)
+    out_ref = K.unpermute_ref(y_ref, w_ref, idx)
+    assert_all_close(out, out_ref, dtype, "unpermute out")
+    gout = torch.randn_like(out_ref)
+    out.backward(gout.to(dtype))
+    out_ref.backward(gout)
+    assert_all_close(y.grad, y_ref.grad, dtype, "unpermute dy")
+    assert_all_close(w.grad, w_ref.grad, dtype, "unpermute dgate")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_grouped_mm_uneven_and_empty_experts(dtype):
+    idx, _ = _routing(T=21, E=5, k=2, empty=(0, 3))
+    x = torch.randn(idx.num_rows, 20, dtype=dtype, requires_grad=True)
+    w = (torch.randn(5, 20, 18) * 0.3).to(dtype).requires_grad_(True)
+    y = K.grouped_mm(x, w, idx, backend="triton")
+    x_ref = x.detach().float().requires_grad_(True)
+    w_ref = w.detach().float().requires_grad_(True)
+    y_ref = K.grouped_mm_ref(x_ref, w_ref, idx)
+    assert_all_close(y, y_ref, dtype, "grouped_mm out")
+    gy = torch.randn_like(y_ref)
+    y.backward(gy.to(dtype))
+    y_ref.backward(gy)
+    assert_all_close(x.grad, x_ref.grad, dtype, "grouped_mm dx")
+    assert_all_close(w.grad, w_ref.grad, dtype, "grouped_mm dw")
+    assert torch.all(w.grad[0] == 0) and torch.all(w.grad[3] == 0)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_expert_mlp(activation, dtype):
+    idx, _ = _routing(T=11, E=4, k=2, empty=(1,), seed=4)
+    H, Fd = 20, 12
+    w1_cols = 2 * Fd if activation == "swiglu" else Fd
+    x = torch.randn(idx.num_rows, H, dtype=dtype, requires_grad=True)
+    w1 = (torch.randn(4, H, w1_cols) * H ** -0.5).to(dtype).requires_grad_(True)
+    w2 = (torch.randn(4, Fd, H) * Fd ** -0.5).to(dtype).requires_grad_(True)
+    y = K.expert_mlp(x, w1, w2, idx, activation, backend="triton")
+    refs = [t.detach().float().requires_grad_(True) for t in (x, w1, w2)]
+    y_ref = K.expert_mlp_ref(*refs, idx, activation)
+    assert_all_close(y, y_ref, dtype, f"{activation} out")
+    gy = torch.randn_like(y_ref)
+    y.backward(gy.to(dtype))
+    y_ref.backward(gy)
+    for name, got, ref in zip(("dx", "dw1", "dw2"), (x, w1, w2), refs):
+        assert_all_close(got.grad, ref.grad, dtype, f"{activation} {name}")
+    assert torch.all(w1.grad[1] == 0) and torch.all(w2.grad[1] == 0)
+
+
+def test_torch_fallback_matches_reference():
+    idx, gate = _routing(seed=7)
+    x = torch.randn(idx.num_rows, 16, requires_grad=True)
+    w1 = torch.randn(5, 16, 24, requires_grad=True)
+    w2 = torch.randn(5, 12, 16, requires_grad=True)
+    y = K.expert_mlp(x, w1, w2, idx, "swiglu", backend="torch")
+    refs = [t.detach().clone().requires_grad_(True) for t in (x, w1, w2)]
+    y_ref = K.expert_mlp_ref(*refs, idx, "swiglu")
+    assert_all_close(y, y_ref, torch.float32, "fallback out")
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    y_ref.backward(gy)
+    for name, got, ref in zip(("dx", "dw1", "dw2"), (x, w1, w2), refs):
+        assert_all_close(got.grad, ref.grad, torch.float32, f"fallback {name}")
+
+
+def test_backend_selection(monkeypatch):
+    t = torch.randn(2, 2)
+    assert K.triton_usable(t)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not K.triton_usable(t)
+    with pytest.raises(ValueError, match="backend: 'triton'"):
+        K.permute(t, K.make_index(torch.tensor([0, 1]), torch.tensor([1, 1]), 2), backend="triton")
+    idx = K.make_index(torch.tensor([1, 0]), torch.tensor([1, 1]), 2)
+    torch.testing.assert_close(K.permute(t, idx), t[[1, 0]])
+    with pytest.raises(ValueError, match="activation: 'relu'"):
+        K.expert_mlp(t, None, None, idx, "relu")
