@@ -1,14 +1,33 @@
 """Built-in ClusterProfiles, selectable by name wherever `--profile NAME|FILE` is accepted.
 
-- ``a100-64-flexsp-paper``: 8 nodes x 8 A100-40GB (NVLink + 2x IB), the constants published with FlexSP
-  (../shared/papers/flexsp.md): all-to-all bandwidth v(d) per SP degree and the per-model cost terms
-  a1, a2, b1 and activation memory per token for GPT-7B/13B/30B. Nothing here is measured by us.
-- ``h100-sxm``: 8 nodes x 8 H100 80GB SXM. Single-GPU terms (GEMM and copy ceilings, attention
-  a1*s^2 + a2*s + b, the 7B layer's linear cost per token) are fitted from our own measurements
-  (profiler/builtin/h100-sxm-measured-2026-11-28.json, one H100, torch 2.11, bf16). That file has no
-  interconnect figures, so its collectives are the published ones: all-to-all bandwidths of FlexSP's A100
-  cluster (a conservative stand-in for H100 NVLink/IB) and FSMoE's fitted all-gather/reduce-scatter/
-  all-reduce constants (ms per element, taken as 2-byte elements). Each fit's `source` says which.
+Where every number comes from (checked against ../shared/papers/flexsp.md, ../shared/papers/fsmoe.md and
+../shared/data/profiles/h100-sxm-measured-2026-11-28.json, of which profiler/builtin/ holds a verbatim copy):
+
+``a100-64-flexsp-paper`` - nothing here is measured by us.
+  - cluster: 8 nodes x 8 A100-40GB (NVLink inside a node, 2x InfiniBand between nodes), as in FlexSP's setup;
+  - all_to_all: FlexSP's measured bandwidth v(d) in GB/s for d = 2..64 = {2: 119.54, 4: 104.07, 8: 96.5,
+    16: 10.33, 32: 5.94, 64: 4.87}, stored as alpha = 0, beta = 1/v(d) per byte *per rank* (FlexSP's
+    T_comm = bytes / (d * v(d)) with bytes/d sent by each rank); d <= 8 is intra-node;
+  - model_costs: FlexSP's published a1 (ms/token^2), a2 (ms/token), b1 (ms) and activation MB/token for
+    GPT-7B/13B/30B (hidden 4096/5120/6656, layers 32/40/60), whole model, fwd+bwd; "MB" is read as MiB;
+  - no GEMM/copy/attention/linear terms (FlexSP publishes the whole-model a1/a2 instead).
+
+``h100-sxm`` - single-GPU terms measured by us on one H100, interconnect published:
+  - device: name, memory (85,520,809,984 B = 79.6 GiB), max SM/memory clocks (1980/2619 MHz), PCIe gen 5,
+    power limit 700 W: NVML fields of the measured file;
+  - gemm_tflops 789.6 (bf16 8192^3) and copy_GBps 3001 (3.001 TB/s read+write): its "ceilings";
+  - attention: a1 s^2 + a2 s + b fitted (relative least squares, profiler.fit.fit_quadratic) to causal SDPA
+    fwd+bwd, bf16, 32 heads x 128, batch 1, s = 1K..64K (7 points; fit error ~1 %);
+  - linear: ms/token + b fitted (fit_affine) to the 7B layer's QKV + O + SwiGLU MLP fwd+bwd, 1K..64K tokens
+    (4 points; fit error ~1 %);
+  - cluster shape 8 x 8 is an assumption (the measurement is one GPU; its NVLink count was 0);
+  - all_to_all: FlexSP's A100 v(d) as above - a conservative stand-in, no H100 interconnect was measured;
+  - all_gather (x8, intra), reduce_scatter (x8, intra), all_reduce (x64, inter): FSMoE's published fitted
+    constants, alpha ms = 0.0549 / 0.0688 / 0.341 and beta = 6.72e-7 / 6.70e-7 / 3.50e-6 ms per element
+    (stages 1, 3, 4), an element taken as 2 bytes (fp16/bf16) and the workload n read as the per-rank
+    message. Group sizes are our reading of the stages (intra-node AG/RS, cluster-wide gradient AR); a query
+    for a smaller group uses the next larger fit (conservative).
+Each fit's ``source`` field says which of these it is.
 """
 from __future__ import annotations
 

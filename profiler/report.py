@@ -36,39 +36,75 @@ def profile_rows(p: ClusterProfile) -> list[tuple[str, str]]:
 
 
 def plot_profile(p: ClusterProfile, path: str | os.PathLike) -> None:
-    """Fitted attention and collective models (with the raw points where the profile has them)."""
+    """Fitted attention, linear-layer and collective models, with the measured points where the profile
+    keeps them in ``raw`` (written atomically as PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
     if p.attention:
-        s = np.logspace(10, 16, 50, base=2)
-        ax.loglog(s, [p.attention.time_ms(x) for x in s], label="fit a1 s^2 + a2 s + b")
         pts = [r for r in p.raw.get("attention_causal_sdpa_bf16_headdim128_batch1", []) if r.get("heads") == p.attention.heads]
-        pts += p.raw.get("attention", [])
+        pts += [r for r in p.raw.get("attention", []) if isinstance(r, dict) and "seq" in r]
+        lo, hi = (min(r["seq"] for r in pts) / 2, max(r["seq"] for r in pts) * 2) if pts else (2**10, 2**16)
+        s = np.logspace(np.log2(lo), np.log2(hi), 50, base=2)
+        ax.loglog(s, [p.attention.time_ms(x) for x in s],
+                  label=f"fit a1 s^2 + a2 s + b (err {p.attention.fit_rel_error:.1%})")
         if pts:
             ax.loglog([r["seq"] for r in pts], [r["fwd_bwd_ms"] for r in pts], "o", label="measured")
         ax.set_xlabel("sequence length (tokens)")
-        ax.set_ylabel("attention fwd+bwd (ms)")
-        ax.legend()
+        ax.set_ylabel("attention fwd+bwd per layer (ms)")
+        ax.set_title(f"attention, {p.attention.heads} heads x {p.attention.head_dim}", fontsize=9)
+        ax.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "no attention model", ha="center")
     ax = axes[1]
-    sizes = np.logspace(10, 30, 40, base=2)
-    for c in sorted(p.collectives, key=lambda c: (c.op, c.group_size)):
-        ax.loglog(sizes, [c.time_ms(x) for x in sizes], label=f"{c.op} x{c.group_size}")
+    if p.linear:
+        raw_lin = p.raw.get("dense_7b_layer_linear_fwd_bwd", {}).get("rows", []) if isinstance(
+            p.raw.get("dense_7b_layer_linear_fwd_bwd"), dict) else []
+        raw_lin = raw_lin + [r for r in p.raw.get("linear", []) if isinstance(r, dict) and "tokens" in r]
+        lo, hi = (min(r["tokens"] for r in raw_lin) / 2, max(r["tokens"] for r in raw_lin) * 2) if raw_lin else (2**8, 2**16)
+        t = np.logspace(np.log2(lo), np.log2(hi), 50, base=2)
+        ax.loglog(t, [p.linear.time_ms(x) for x in t], label=f"fit c t + b (err {p.linear.fit_rel_error:.1%})")
+        if raw_lin:
+            ax.loglog([r["tokens"] for r in raw_lin], [r["fwd_bwd_ms"] for r in raw_lin], "o", label="measured")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("linear layers fwd+bwd per layer (ms)")
+        ax.set_title(f"linear, hidden {p.linear.hidden}, ffn {p.linear.ffn_hidden}", fontsize=9)
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no linear model", ha="center")
+    ax = axes[2]
+    points = p.raw.get("collectives", {}).get("points", []) if isinstance(p.raw.get("collectives"), dict) else []
+    if points:
+        sizes = np.logspace(np.log2(min(q["bytes"] for q in points)), np.log2(max(q["bytes"] for q in points)), 40, base=2)
+    else:
+        sizes = np.logspace(10, 30, 40, base=2)
+    for i, c in enumerate(sorted(p.collectives, key=lambda c: (c.op, c.group_size))):
+        colour = f"C{i % 10}"
+        ax.loglog(sizes, [c.time_ms(x) for x in sizes], color=colour, label=f"{c.op} x{c.group_size}")
+        mine = [q for q in points if q["op"] == c.op and q["group_size"] == c.group_size]
+        if mine:
+            ax.loglog([q["bytes"] for q in mine], [q["ms"] for q in mine], "o", color=colour, markersize=3)
     ax.set_xlabel("bytes per rank")
     ax.set_ylabel("time (ms)")
+    ax.set_title("collectives: alpha + beta * bytes" + (" (dots: measured)" if points else ""), fontsize=9)
     if p.collectives:
         ax.legend(fontsize=6, ncol=2)
+    else:
+        ax.text(0.5, 0.5, "no collective fits", ha="center", transform=ax.transAxes)
     fig.suptitle(f"profile {p.name}")
     fig.tight_layout()
     path = os.fspath(path)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    base, ext = os.path.splitext(path)
+    tmp = f"{base}.tmp{os.getpid()}{ext or '.png'}"
+    try:
+        fig.savefig(tmp, dpi=110, format=(ext[1:] if ext else "png"))
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)

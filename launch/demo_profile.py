@@ -1,0 +1,29 @@
+"""Demo step `profile`: profile this machine (quick) and show the built-in H100 profile with its fitted models.
+
+Writes out_dir/profile-local.json (this machine, quick run incl. 2-rank gloo collectives) and
+out_dir/h100-sxm-profile.png (the h100-sxm fits with their measured points)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def run(out_dir: Path) -> None:
+    from adasched.planner.cli import main
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    local = out_dir / "profile-local.json"
+    rc = main(["profile", "--quick", "--out", str(local)])
+    if rc != 0:
+        raise SystemExit(f"demo profile: `adasched profile --quick` failed with exit status {rc}")
+    plot = out_dir / "h100-sxm-profile.png"
+    rc = main(["show", "h100-sxm", "--plot", str(plot)])
+    if rc != 0:
+        raise SystemExit(f"demo profile: `adasched show h100-sxm` failed with exit status {rc}")
+    print(f"profile of this machine: {local}; built-in h100-sxm fitted models: {plot}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    run(Path(sys.argv[1] if len(sys.argv) > 1 else "demo-out"))

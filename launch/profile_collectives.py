@@ -1,0 +1,42 @@
+"""torchrun entry point for collective profiling (gloo on CPU, nccl on GPUs).
+
+    torchrun --standalone --nproc_per_node=4 -m adasched.launch.profile_collectives --out profile.json [--quick]
+
+Every rank measures all_to_all / all_reduce / all_gather / reduce_scatter over message sizes and group sizes
+(powers of two up to the world); rank 0 adds its device inventory and (unless --no-microbench) the
+single-device microbenchmarks, fits the cost models and writes the ClusterProfile atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="adasched.launch.profile_collectives", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="ClusterProfile JSON to write (rank 0, atomically)")
+    ap.add_argument("--quick", action="store_true", help="CI-sized message sizes and repeats")
+    ap.add_argument("--no-microbench", action="store_true", help="only the collectives (skip GEMM/copy/attention/linear)")
+    ap.add_argument("--name", default=None, help="profile name (default local-<hostname>)")
+    args = ap.parse_args(argv)
+
+    from adasched.profiler.io import InputError
+    from adasched.profiler.local import in_torchrun, profile_in_world
+
+    if not in_torchrun():
+        sys.stderr.write("error: adasched.launch.profile_collectives: run me under torchrun "
+                         "(RANK/WORLD_SIZE/MASTER_ADDR are not set); or use `adasched profile`\n")
+        return 2
+    try:
+        prof = profile_in_world(quick=args.quick, out=args.out, microbench=not args.no_microbench, name=args.name)
+    except (InputError, ValueError) as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    if prof is not None:
+        print(f"wrote {args.out}: {len(prof.collectives)} collective fits on {prof.world_size} ranks "
+              f"({prof.num_nodes} node(s) x {prof.gpus_per_node})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Profile the collectives of this node under torchrun (gloo on CPU, nccl on GPUs) and write a ClusterProfile.
+#   NPROC=4 OUT=profile.json launch/profile_collectives.sh [--quick] [--no-microbench]
+# Multi-node: run the same torchrun line on every node with --nnodes/--node_rank/--rdzv_endpoint instead of
+# --standalone.
+set -euo pipefail
+OUT="${OUT:-profile.json}"
+exec torchrun --standalone --nproc_per_node="${NPROC:-4}" -m adasched.launch.profile_collectives --out "$OUT" "$@"
