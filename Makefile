@@ -19,7 +19,6 @@ $(VPY):
 # torch first, from the CPU wheel (constraints.txt pins torch==2.13.0+cpu so nothing pulls CUDA builds),
 # then the pinned requirements, then adasched itself (editable).
 $(STAMP): $(VPY) requirements.txt constraints.txt pyproject.toml
-	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -c constraints.txt "torch==2.13.0"
 	$(VPY) -m pip install -q -c constraints.txt -r requirements.txt
 	$(VPY) -m pip install -q -c constraints.txt --no-deps -e .
