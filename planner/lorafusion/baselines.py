@@ -1,0 +1,86 @@
+"""Baselines scored in the same run as every LoRA plan, on the same samples and the same cost model:
+
+- ``mlora``: mLoRA-style. Each global batch of every job runs together: the same number m of microbatches
+  for all jobs (m = ceil(sum_j gbs_j * mu_j / capacity), the token budget), job j contributing a fixed
+  ceil(gbs_j / m) samples per microbatch in dataset order; the jobs' samples are concatenated as rows and
+  padded to the longest sample of the microbatch (no packing, no capacity check). The next global batch
+  waits for the optimizer step (dependency rule -> S-1 empty slots, i.e. a pipeline flush).
+- ``sequential``: one job after the other, each global batch packed on its own with first-fit decreasing
+  (segments padded to 128, capacity respected); the dependency rule flushes the pipeline between global
+  batches because no other job's microbatches can fill the gap.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from .costmodel import StageCost
+from .jobs import Workload
+from .model import Microbatch, apply_dependency_rule, ffd_pack, simulate_1f1b, update_dependencies
+
+__all__ = ["BaselineResult", "mlora_baseline", "sequential_baseline"]
+
+
+@dataclass
+class BaselineResult:
+    name: str
+    makespan_ms: float
+    microbatches: int
+    noops: int
+    tokens: int
+    computed_tokens: int
+    """rows x padded length the GEMMs process (padding included)"""
+    max_microbatch_tokens: int
+
+    @property
+    def padding_waste(self) -> float:
+        return 1.0 - self.tokens / self.computed_tokens if self.computed_tokens else 0.0
+
+
+def mlora_baseline(w: Workload, cost: StageCost) -> BaselineResult:
+    cfg, L = w.config, w.lengths
+    seq: list[Microbatch] = []
+    shapes: list[tuple[int, int]] = []  # (rows, padded row length) per microbatch in seq order (before no-ops)
+    nb = max(len(j.batches) for j in w.jobs)
+    for g in range(nb):
+        active = [j for j in w.jobs if g < len(j.batches)]
+        budget = sum(sum(L[s] for s in j.batches[g]) for j in active)
+        m = max(1, math.ceil(budget / cfg.capacity))
+        per = {j.index: math.ceil(len(j.batches[g]) / m) for j in active}
+        for i in range(m):
+            segs = []
+            for j in active:
+                ids = list(j.batches[g][i * per[j.index]: (i + 1) * per[j.index]])
+                if ids:
+                    segs.append((j.index, g, ids))
+            if segs:
+                seq.append(Microbatch(segs))
+    seq, noops = apply_dependency_rule(seq, cfg.stages)
+    stage_ms, computed, biggest = [], 0, 0
+    for mb in seq:
+        ids = [s for _, _, xs in mb.segments for s in xs]
+        if not ids:
+            stage_ms.append(0.0)
+            continue
+        rows, width = len(ids), max(L[s] for s in ids)
+        stage_ms.append(cost.padded_batch_ms(rows, width))
+        computed += rows * width
+        biggest = max(biggest, rows * width)
+    sim = simulate_1f1b(stage_ms, cfg.stages, update_dependencies(seq))
+    return BaselineResult("mlora", sim.makespan_ms, len(seq), noops, sum(L), computed, biggest)
+
+
+def sequential_baseline(w: Workload, cost: StageCost) -> BaselineResult:
+    cfg, L = w.config, w.lengths
+    adapter_of = w.adapter_of
+    seq: list[Microbatch] = []
+    for j in w.jobs:
+        for g, batch in enumerate(j.batches):
+            for b in ffd_pack(batch, adapter_of, L, cfg.capacity):
+                seq.append(Microbatch([(j.index, g, ids) for ids in b.values()]))
+    seq, noops = apply_dependency_rule(seq, cfg.stages)
+    stage_ms = [cost.packed_ms(mb.padded_tokens(L), [L[s] for _, _, ids in mb.segments for s in ids]) for mb in seq]
+    sim = simulate_1f1b(stage_ms, cfg.stages, update_dependencies(seq))
+    computed = sum(mb.padded_tokens(L) for mb in seq)
+    return BaselineResult("sequential", sim.makespan_ms, len(seq), noops, sum(L), computed,
+                          max(mb.padded_tokens(L) for mb in seq))
+

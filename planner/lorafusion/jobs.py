@@ -1,0 +1,340 @@
+"""Multi-job LoRA workloads: the jobs file (JSON or YAML), named length distributions and presets.
+
+A jobs file::
+
+    capacity: 8192          # tokens per microbatch (after padding each adapter's segment to 128)
+    stages: 4               # pipeline stages S
+    global_batches: 8       # global batches per job planned in this run
+    seed: 0                 # draws from named distributions
+    layers: 32              # transformer layers of the base model (cost model)
+    jobs:
+      - name: wiki
+        adapter: {r: 16, alpha: 32, dropout: 0.05, target_modules: [q_proj, v_proj]}
+        lengths: wikipedia  # a named distribution, a file of integers (one a line), or
+                            # {dist: lognormal, median: 512, sigma: 0.5, min: 64, max: 4096}
+        global_batch_size: 32
+        lr: 2.0e-4
+
+Named distributions (tokens per sample; every draw is an integer clipped to [min, max]):
+
+- ``wikipedia``: an empirical sample of 4096 Wikipedia article lengths clipped to 4096 tokens, shipped in
+  ``presets/wikipedia_lengths.json`` (mean 760, median 354, 4.2 % at the cap).
+- ``xsum``: XSum-like, lognormal with median 480 and sigma 0.5 (log space), clipped to [64, 4096]
+  (mean ~545). Stated stand-in, not fitted to the dataset.
+- ``cnndm``: CNN/DailyMail-like, lognormal with median 850 and sigma 0.45, clipped to [128, 4096]
+  (mean ~940). Stated stand-in, not fitted to the dataset.
+- ``mix``: each draw picks one of the three above with equal probability.
+
+Presets: ``mix`` (4 jobs, every job draws from ``mix``) and ``het`` (4 jobs, one distribution per job:
+wikipedia, xsum, cnndm, wikipedia at r=64), capacity 8192, S=4, 8 global batches of 32 samples per job.
+
+Bad input raises :class:`InputError` naming the file, the job and the field.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from adasched.profiler.io import InputError
+
+__all__ = [
+    "SEGMENT_ALIGN",
+    "KNOWN_TARGET_MODULES",
+    "NAMED_DISTRIBUTIONS",
+    "PRESETS",
+    "AdapterSpec",
+    "LognormalSpec",
+    "JobSpec",
+    "JobsFile",
+    "Workload",
+    "JobSamples",
+    "load_jobs",
+    "parse_jobs",
+    "preset_jobs",
+    "build_workload",
+]
+
+SEGMENT_ALIGN = 128
+"""Each adapter's segment in a microbatch is padded to a multiple of this many tokens (the kernel's M tile)."""
+
+KNOWN_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""Linear layers of a Llama-style block (and of adasched.runtime.lora_model.TinyCausalLM); 'all-linear' = all."""
+
+NAMED_DISTRIBUTIONS = ("wikipedia", "xsum", "cnndm", "mix")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AdapterSpec(_Strict):
+    r: int = Field(description="LoRA rank (>= 1)")
+    alpha: float = Field(default=16.0, gt=0, description="LoRA alpha; scale = alpha / r (alpha / sqrt(r) with rslora)")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="LoRA dropout probability")
+    target_modules: Union[list[str], Literal["all-linear"]] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    use_rslora: bool = False
+
+    @field_validator("r")
+    @classmethod
+    def _r(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v):
+        if v == "all-linear":
+            return v
+        if not v:
+            raise ValueError("must name at least one module")
+        for m in v:
+            if m not in KNOWN_TARGET_MODULES:
+                raise ValueError(f"unknown module {m!r} (known: {', '.join(KNOWN_TARGET_MODULES)}, or 'all-linear')")
+        if len(set(v)) != len(v):
+            raise ValueError("lists a module twice")
+        return v
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return KNOWN_TARGET_MODULES if self.target_modules == "all-linear" else tuple(self.target_modules)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class LognormalSpec(_Strict):
+    dist: Literal["lognormal"]
+    median: float = Field(gt=0, description="tokens")
+    sigma: float = Field(gt=0, description="standard deviation of log(length)")
+    min: int = Field(default=1, ge=1)
+    max: int = Field(default=4096, ge=1)
+
+
+class JobSpec(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    adapter: AdapterSpec
+    lengths: Union[str, LognormalSpec] = Field(description="named distribution, a file path, or a lognormal spec")
+    global_batch_size: int = Field(ge=1, description="samples per global batch (optimizer step)")
+    lr: float = Field(default=2e-4, gt=0)
+
+
+class JobsFile(_Strict):
+    capacity: int = Field(default=8192, ge=SEGMENT_ALIGN, description="tokens per microbatch, after segment padding")
+    stages: int = Field(default=4, ge=1, description="pipeline stages S")
+    global_batches: int = Field(default=8, ge=1, description="global batches per job planned in this run")
+    seed: int = 0
+    layers: int = Field(default=32, ge=1, description="transformer layers of the base model (cost model)")
+    jobs: list[JobSpec] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class JobSamples:
+    """One job's drawn sample lengths, split into its global batches (sample ids are global over the run)."""
+
+    index: int
+    spec: JobSpec
+    batches: tuple[tuple[int, ...], ...]
+    """batches[g] = sample ids of global batch g."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    config: JobsFile
+    jobs: tuple[JobSamples, ...]
+    lengths: tuple[int, ...]
+    """lengths[sample_id] in tokens."""
+    source: str
+
+    @property
+    def adapter_of(self) -> tuple[int, ...]:
+        out = [0] * len(self.lengths)
+        for j in self.jobs:
+            for b in j.batches:
+                for s in b:
+                    out[s] = j.index
+        return tuple(out)
+
+
+# ---- distributions ------------------------------------------------------------------------------
+_PARAMETRIC = {
+    "xsum": LognormalSpec(dist="lognormal", median=480, sigma=0.5, min=64, max=4096),
+    "cnndm": LognormalSpec(dist="lognormal", median=850, sigma=0.45, min=128, max=4096),
+}
+
+
+@lru_cache(maxsize=1)
+def wikipedia_lengths() -> tuple[int, ...]:
+    data = json.loads(resources.files("adasched.planner.lorafusion").joinpath("presets/wikipedia_lengths.json").read_text())
+    return tuple(int(x) for x in data["lengths"])
+
+
+def _draw_lognormal(spec: LognormalSpec, n: int, rng: np.random.Generator) -> np.ndarray:
+    x = rng.lognormal(mean=math.log(spec.median), sigma=spec.sigma, size=n)
+    return np.clip(np.rint(x), spec.min, spec.max).astype(np.int64)
+
+
+def _draw_named(name: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    if name == "wikipedia":
+        pool = np.asarray(wikipedia_lengths(), dtype=np.int64)
+        return pool[rng.integers(0, len(pool), size=n)]
+    if name in _PARAMETRIC:
+        return _draw_lognormal(_PARAMETRIC[name], n, rng)
+    if name == "mix":
+        which = rng.integers(0, 3, size=n)
+        parts = {k: _draw_named(k, n, rng) for k in ("wikipedia", "xsum", "cnndm")}
+        return np.choose(which, [parts["wikipedia"], parts["xsum"], parts["cnndm"]])
+    raise AssertionError(name)
+
+
+def _read_length_file(path: Path, where: str) -> list[int]:
+    if not path.exists():
+        raise InputError(where, f"no such length file {str(path)!r} (and not a named distribution: "
+                                f"{', '.join(NAMED_DISTRIBUTIONS)})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(where, f"cannot read length file {str(path)!r}: {err}") from None
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            v = int(line)
+        except ValueError:
+            raise InputError(where, f"length file {str(path)!r} line {i}: {line[:30]!r} is not an integer") from None
+        if v <= 0:
+            raise InputError(where, f"length file {str(path)!r} line {i}: length must be >= 1, got {v}")
+        out.append(v)
+    if not out:
+        raise InputError(where, f"length file {str(path)!r} is empty")
+    return out
+
+
+# ---- loading ------------------------------------------------------------------------------------
+def _read_text_config(path: Path) -> Any:
+    if not path.exists():
+        raise InputError(path, "no such file (and not a preset: " + ", ".join(PRESETS) + ")")
+    if path.is_dir():
+        raise InputError(path, "is a directory, expected a jobs file (JSON or YAML)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(path, f"cannot read: {err}") from None
+    if not text.strip():
+        raise InputError(path, "file is empty")
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise InputError(path, f"malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise InputError(path, f"malformed YAML: {str(err).splitlines()[0]}") from None
+
+
+def parse_jobs(data: Any, where: str = "jobs") -> JobsFile:
+    """Validate a jobs mapping; the first problem becomes one InputError naming the job and the field."""
+    if not isinstance(data, dict):
+        raise InputError(where, f"expected a mapping with 'jobs', got {type(data).__name__}")
+    try:
+        cfg = JobsFile.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = list(first.get("loc", ()))
+        msg = first.get("msg", "invalid").removeprefix("Value error, ")
+        if len(loc) >= 2 and loc[0] == "jobs" and isinstance(loc[1], int):
+            raw_jobs = data.get("jobs") or []
+            name = raw_jobs[loc[1]].get("name") if loc[1] < len(raw_jobs) and isinstance(raw_jobs[loc[1]], dict) else None
+            job = f"job {name!r}" if name else f"jobs[{loc[1]}]"
+            field = ".".join(str(p) for p in loc[2:] if not (isinstance(p, str) and p in ("str", "LognormalSpec", "list[str]", "literal['all-linear']"))) or "<job>"
+            raise InputError(where, f"{job}: {field}: {msg}") from None
+        field = ".".join(str(p) for p in loc) or "<root>"
+        raise InputError(where, f"{field}: {msg}") from None
+    seen: dict[str, int] = {}
+    for i, job in enumerate(cfg.jobs):
+        if job.name in seen:
+            raise InputError(where, f"job {job.name!r}: name: used twice (jobs[{seen[job.name]}] and jobs[{i}])")
+        seen[job.name] = i
+    return cfg
+
+
+def preset_jobs(name: str) -> JobsFile:
+    if name not in PRESETS:
+        raise InputError("--jobs", f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    return parse_jobs(_preset_data(name), where=f"preset {name}")
+
+
+def load_jobs(jobs: str | Path) -> tuple[JobsFile, Path | None, str]:
+    """A preset name or a jobs file -> (validated config, base folder for relative length files, label)."""
+    s = str(jobs)
+    if s in PRESETS and not Path(s).exists():
+        return preset_jobs(s), None, f"preset:{s}"
+    path = Path(s)
+    cfg = parse_jobs(_read_text_config(path), where=str(path))
+    return cfg, path.parent, str(path)
+
+
+def build_workload(cfg: JobsFile, base: Path | None = None, where: str = "jobs", label: str = "") -> Workload:
+    """Draw (or read) every job's sample lengths and split them into global batches; checks capacity."""
+    rng_root = np.random.default_rng(cfg.seed)
+    seeds = rng_root.integers(0, 2**31 - 1, size=len(cfg.jobs))
+    lengths: list[int] = []
+    jobs: list[JobSamples] = []
+    for i, job in enumerate(cfg.jobs):
+        jwhere = f"{where}: job {job.name!r}: lengths"
+        need = job.global_batch_size * cfg.global_batches
+        rng = np.random.default_rng(int(seeds[i]))
+        if isinstance(job.lengths, LognormalSpec):
+            if job.lengths.min > job.lengths.max:
+                raise InputError(f"{where}", f"job {job.name!r}: lengths.min {job.lengths.min} > lengths.max {job.lengths.max}")
+            drawn = _draw_lognormal(job.lengths, need, rng).tolist()
+        elif job.lengths in NAMED_DISTRIBUTIONS:
+            drawn = _draw_named(job.lengths, need, rng).tolist()
+        else:
+            p = Path(job.lengths)
+            if not p.is_absolute() and base is not None:
+                p = base / p
+            vals = _read_length_file(p, jwhere)
+            if len(vals) < job.global_batch_size:
+                raise InputError(jwhere, f"length file {str(p)!r} has {len(vals)} samples, fewer than "
+                                         f"global_batch_size {job.global_batch_size}")
+            usable = (len(vals) // job.global_batch_size) * job.global_batch_size
+            drawn = vals[: min(need, usable)]
+        for k, v in enumerate(drawn):
+            padded = -(-int(v) // SEGMENT_ALIGN) * SEGMENT_ALIGN
+            if padded > cfg.capacity:
+                raise InputError(jwhere, f"sample {k} has {v} tokens ({padded} padded to {SEGMENT_ALIGN}), more than "
+                                         f"the microbatch capacity {cfg.capacity}")
+        start = len(lengths)
+        lengths.extend(int(v) for v in drawn)
+        nb = len(drawn) // job.global_batch_size
+        batches = tuple(
+            tuple(range(start + g * job.global_batch_size, start + (g + 1) * job.global_batch_size)) for g in range(nb)
+        )
+        jobs.append(JobSamples(index=i, spec=job, batches=batches))
+    return Workload(config=cfg, jobs=tuple(jobs), lengths=tuple(lengths), source=label or where)
+
+
+# ---- presets ------------------------------------------------------------------------------------
+PRESETS = ("mix", "het")
+"""Shipped jobs files: presets/<name>.yaml inside the package."""
+
+
+def _preset_data(name: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(resources.files("adasched.planner.lorafusion").joinpath(f"presets/{name}.yaml").read_text())
