@@ -1,0 +1,125 @@
+"""`adasched plan lora` / `bench lora`: happy path, presets, every bad input (error line, exit 2, nothing written)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from adasched.planner.cli import main
+from adasched.planner.lorafusion.jobs import build_workload, load_jobs
+from adasched.planner.lorafusion.plan import LoRAPlan
+from adasched.planner.plan import load_plan
+
+
+def _jobs(tmp_path, **over):
+    lens = tmp_path / "lens.txt"
+    lens.write_text("\n".join(str(x) for x in [900, 120, 3000, 77, 640, 1500, 2048, 333, 51, 4000, 700, 260]) + "\n")
+    data = {
+        "capacity": 4096, "stages": 2, "global_batches": 2, "seed": 3, "layers": 8,
+        "jobs": [
+            {"name": "a", "adapter": {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
+             "lengths": "xsum", "global_batch_size": 6, "lr": 1e-4},
+            {"name": "b", "adapter": {"r": 4, "alpha": 8, "target_modules": "all-linear"},
+             "lengths": {"dist": "lognormal", "median": 300, "sigma": 0.8, "min": 16, "max": 4096},
+             "global_batch_size": 5, "lr": 2e-4},
+            {"name": "c", "adapter": {"r": 16, "alpha": 16, "target_modules": ["o_proj"]},
+             "lengths": "lens.txt", "global_batch_size": 6, "lr": 1e-4},
+        ],
+    }
+    data.update(over)
+    return data, lens
+
+
+def _write(tmp_path, data, name="jobs.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data) if name.endswith(".yaml") else json.dumps(data))
+    return p
+
+
+@pytest.mark.parametrize("fmt", ["yaml", "json"])
+def test_plan_lora_happy_path(tmp_path, capsys, fmt):
+    data, _ = _jobs(tmp_path)
+    jobs = _write(tmp_path, data, f"jobs.{fmt}")
+    out = tmp_path / "plan.json"
+    rc = main(["plan", "lora", "--jobs", str(jobs), "--out", str(out), "--time-limit", "0.2", "--json"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    s = res["summary"]
+    for key in ("speedup_vs_mlora", "speedup_vs_sequential", "padding_waste", "solve_seconds_p95",
+                "samples_missing", "samples_duplicated"):
+        assert key in s
+    assert s["samples_missing"] == 0 and s["samples_duplicated"] == 0
+    plan = load_plan(out, expect=LoRAPlan)
+    # the plan carries every sample of every (job, global batch) exactly once, as the workload drew them
+    cfg, base, label = load_jobs(jobs)
+    w = build_workload(cfg, base, label=label)
+    assert plan.lengths == list(w.lengths)
+    got = plan.batches()
+    for j in w.jobs:
+        for g, b in enumerate(j.batches):
+            assert sorted(got[(j.index, g)]) == list(b)
+    assert all(mb.padded_tokens <= 4096 for mb in plan.microbatches)
+    # the file re-simulates to the predicted makespan
+    assert plan.simulate().makespan_ms == pytest.approx(plan.predicted_ms, rel=1e-6)
+    assert plan.solver.status in ("optimal", "feasible", "heuristic")
+
+
+def test_bench_lora_preset_json(capsys):
+    rc = main(["bench", "lora", "--jobs", "mix", "--json", "--time-limit", "0.05"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    s = res["summary"]
+    assert res["jobs"] == "preset:mix" and res["profile"] == "h100-sxm"
+    assert s["samples_missing"] == 0 and s["samples_duplicated"] == 0
+    assert s["speedup_vs_mlora"] > 1.0 and s["speedup_vs_sequential"] > 1.0
+    assert s["padding_waste"] < 0.03
+
+
+def _bad(tmp_path, capsys, data, *, must):
+    jobs = _write(tmp_path, data)
+    out = tmp_path / "plan.json"
+    rc = main(["plan", "lora", "--jobs", str(jobs), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("error:") and len(err.splitlines()) == 1, err
+    for m in must:
+        assert m in err, err
+    assert not out.exists()
+    assert not list(tmp_path.glob(".plan.json.*"))
+    return err
+
+
+def test_bad_sample_exceeds_capacity(tmp_path, capsys):
+    data, lens = _jobs(tmp_path, capacity=2048)
+    _bad(tmp_path, capsys, data, must=["job 'c'", "lengths", "capacity 2048"])
+
+
+def test_bad_rank(tmp_path, capsys):
+    data, _ = _jobs(tmp_path)
+    data["jobs"][1]["adapter"]["r"] = 0
+    _bad(tmp_path, capsys, data, must=["job 'b'", "adapter.r", ">= 1"])
+
+
+def test_bad_target_module(tmp_path, capsys):
+    data, _ = _jobs(tmp_path)
+    data["jobs"][0]["adapter"]["target_modules"] = ["q_proj", "qkv"]
+    _bad(tmp_path, capsys, data, must=["job 'a'", "adapter.target_modules", "unknown module 'qkv'"])
+
+
+def test_bad_empty_length_file(tmp_path, capsys):
+    data, lens = _jobs(tmp_path)
+    lens.write_text("\n")
+    _bad(tmp_path, capsys, data, must=["job 'c'", "lengths", "is empty"])
+
+
+def test_bad_duplicate_name(tmp_path, capsys):
+    data, _ = _jobs(tmp_path)
+    data["jobs"][2]["name"] = "a"
+    _bad(tmp_path, capsys, data, must=["job 'a'", "name", "used twice"])
+
+
+def test_bad_preset_and_missing_file(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert main(["plan", "lora", "--jobs", "nosuch", "--out", str(out)]) == 2
+    assert "nosuch" in capsys.readouterr().err and not out.exists()
