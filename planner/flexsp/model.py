@@ -1,0 +1,201 @@
+"""The FlexSP MILP for one micro-batch, over integer counts per (length bucket, candidate group).
+
+Candidate groups are ``(d, k)``: copy k of a group of degree d (powers of two; at most N/d copies and no
+more than the sequences that fit in such a group). With buckets q (count c_q, mean length mu_q, mean squared
+length nu_q, longest S_q) and the per-degree cost Time = alpha_d sum s^2 + beta_d sum s + gamma_d:
+
+    minimise   C
+    s.t.       sum_g x[q,g] = c_q                                                    every bucket q
+               sum_q x[q,g] <= (sum_q c_q) m[g]                                      every g (used flag)
+               sum_q x[q,g] S_q <= d (E - model_state) / act m[g]                    memory in tokens (longest: safe)
+               alpha_d sum_q x[q,g] nu_q + beta_d sum_q x[q,g] mu_q + gamma_d m[g] <= C   makespan
+               sum_g d m[g] <= N                                                     GPUs
+               sum_g d Time_g <= N C                                                 work bound (valid, tightens LP)
+               m[d,k] >= m[d,k+1],  tokens[d,k] >= tokens[d,k+1]                     symmetry breaking
+
+Solved through adasched.planner.solver.solve_linear (OR-Tools SCIP by default: it reports the best bound, so
+the gap is real), warm-started with a hint (the best homogeneous or greedy plan mapped to bucket counts).
+The solution is turned into real groups by :func:`realise`, which hands each bucket's real sequences to the
+groups the MILP gave them to, and is then evaluated on the real lengths.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from adasched.planner.solver import SolveOutcome, SolveParams, solve_linear
+
+from .assign import MBSolution, evaluate
+from .batching import Bucket
+from .costmodel import SPCostModel
+
+__all__ = ["MilpResult", "solve_microbatch", "realise", "bucket_counts"]
+
+
+@dataclass
+class MilpResult:
+    outcome: SolveOutcome
+    groups: list[tuple[int, list[int]]]
+    """(degree, counts per bucket) of the used groups."""
+    n_vars: int
+    n_cons: int
+
+
+def bucket_counts(sol: MBSolution, bucket_of: dict[int, int], nq: int) -> list[tuple[int, list[int]]]:
+    """A real solution as (degree, counts per bucket) per group."""
+    out = []
+    for d, ids in sol.groups:
+        c = [0] * nq
+        for i in ids:
+            c[bucket_of[i]] += 1
+        out.append((d, c))
+    return out
+
+
+def solve_microbatch(buckets: list[Bucket], cm: SPCostModel, params: SolveParams,
+                     hint: list[tuple[int, list[int]]] | None = None, backend: str = "SCIP",
+                     max_copies: int | None = None) -> MilpResult | None:
+    """Build and solve the MILP; None when the backend is unavailable."""
+    from ortools.linear_solver import pywraplp
+
+    # ---- data ---------------------------------------------------------------------------------
+    nq = len(buckets)
+    n = cm.world
+    total = sum(b.count for b in buckets)
+    cand: list[tuple[int, int]] = []
+    fits: dict[int, list[int]] = {}
+    for d in cm.degrees:
+        cap = cm.token_capacity(d)
+        qs = [q for q, b in enumerate(buckets) if b.max <= cap]
+        if not qs:
+            continue
+        fits[d] = qs
+        copies = min(n // d, sum(buckets[q].count for q in qs))
+        if max_copies is not None:
+            copies = min(copies, max_copies)
+        cand += [(d, k) for k in range(copies)]
+
+    # ---- model --------------------------------------------------------------------------------
+    solver = pywraplp.Solver.CreateSolver(backend)
+    if solver is None:
+        return None
+
+    # ---- variables ----------------------------------------------------------------------------
+    x: dict[tuple[int, tuple[int, int]], object] = {}
+    m: dict[tuple[int, int], object] = {}
+    for g in cand:
+        d, k = g
+        m[g] = solver.BoolVar(f"m_{d}_{k}")
+        for q in fits[d]:
+            x[q, g] = solver.IntVar(0, buckets[q].count, f"x_{q}_{d}_{k}")
+    C = solver.NumVar(0.0, solver.infinity(), "C")
+
+    # ---- constraints --------------------------------------------------------------------------
+    for q, b in enumerate(buckets):
+        terms = [x[q, g] for g in cand if (q, g) in x]
+        solver.Add(sum(terms) == b.count, f"assign_{q}")
+    time_of = {}
+    for g in cand:
+        d, k = g
+        qs = fits[d]
+        a, be, ga = cm.coeffs(d)
+        solver.Add(sum(x[q, g] for q in qs) <= total * m[g], f"used_{d}_{k}")
+        # memory in tokens (well scaled): sum x S_q <= token capacity of degree d
+        solver.Add(sum(x[q, g] * float(buckets[q].max) for q in qs) <= cm.token_capacity(d) * m[g], f"mem_{d}_{k}")
+        time_of[g] = sum(x[q, g] * (a * buckets[q].mean_sq + be * buckets[q].mean) for q in qs) + ga * m[g]
+        solver.Add(time_of[g] <= C, f"time_{d}_{k}")
+        if k > 0:
+            prev = (d, k - 1)
+            solver.Add(m[prev] >= m[g], f"symm_{d}_{k}")
+            solver.Add(sum(x[q, prev] * buckets[q].mean for q in qs) >= sum(x[q, g] * buckets[q].mean for q in qs),
+                       f"order_{d}_{k}")
+    solver.Add(sum(g[0] * m[g] for g in cand) <= n, "gpus")
+    solver.Add(sum(g[0] * time_of[g] for g in cand) <= n * C, "work")
+
+    # ---- objective ----------------------------------------------------------------------------
+    solver.Minimize(C)
+
+    # ---- solve --------------------------------------------------------------------------------
+    hint_vals = None
+    if hint is not None:
+        hint_vals = _hint(hint, buckets, cm, cand, fits, x, m, C)
+    out = solve_linear(solver, params, hint_vals, variables=list(x.values()) + list(m.values()) + [C])
+
+    # ---- extract ------------------------------------------------------------------------------
+    groups: list[tuple[int, list[int]]] = []
+    if out.status in ("optimal", "feasible"):
+        for g in cand:
+            d, k = g
+            if out.values.get(f"m_{d}_{k}", 0.0) < 0.5:
+                continue
+            counts = [int(round(out.values.get(f"x_{q}_{d}_{k}", 0.0))) for q in range(nq)]
+            if sum(counts):
+                groups.append((d, counts))
+
+    # ---- statistics -----------------------------------------------------------------------------
+    return MilpResult(out, groups, solver.NumVariables(), solver.NumConstraints())
+
+
+def _hint(hint, buckets, cm, cand, fits, x, m, C):
+    """Map (degree, counts) groups onto candidate copies (per degree, larger token load first)."""
+    by_d: dict[int, list[list[int]]] = {}
+    for d, counts in hint:
+        if sum(counts):
+            by_d.setdefault(d, []).append(counts)
+    copies = {}
+    for d, k in cand:
+        copies[d] = copies.get(d, 0) + 1
+    vals = {}
+    worst = 0.0
+    for d, lst in by_d.items():
+        if d not in copies or len(lst) > copies[d]:
+            return None
+        if any(c and q not in fits[d] for c_l in lst for q, c in enumerate(c_l)):
+            return None
+        lst = sorted(lst, key=lambda c: -sum(ci * buckets[q].mean for q, ci in enumerate(c)))
+        a, be, ga = cm.coeffs(d)
+        for k, counts in enumerate(lst):
+            vals[m[d, k]] = 1.0
+            t = ga
+            for q in fits[d]:
+                vals[x[q, (d, k)]] = float(counts[q])
+                t += counts[q] * (a * buckets[q].mean_sq + be * buckets[q].mean)
+            worst = max(worst, t)
+    for g in cand:
+        if g not in {(d, k) for d in by_d for k in range(len(by_d[d]))}:
+            vals[m[g]] = 0.0
+            for q in fits[g[0]]:
+                vals[x[q, g]] = 0.0
+    vals[C] = worst
+    return vals
+
+
+def realise(groups: list[tuple[int, list[int]]], buckets: list[Bucket], ids_sorted: np.ndarray,
+            lens: np.ndarray, cm: SPCostModel) -> MBSolution:
+    """Real sequences for the MILP's (degree, counts) groups: buckets longest first, each bucket's sequences
+    longest first, each to the group with quota left for that bucket that currently finishes earliest."""
+    k = len(groups)
+    quota = [list(c) for _, c in groups]
+    members: list[list[int]] = [[] for _ in range(k)]
+    sq = [0.0] * k
+    sm = [0.0] * k
+    co = [cm.coeffs(d) for d, _ in groups]
+    for q in range(len(buckets) - 1, -1, -1):
+        b = buckets[q]
+        seqs = ids_sorted[b.start:b.end][::-1]
+        for i in seqs:
+            s = float(lens[i])
+            best, best_t = -1, float("inf")
+            for g in range(k):
+                if quota[g][q] <= 0:
+                    continue
+                a, be, ga = co[g]
+                t = a * (sq[g] + s * s) + be * (sm[g] + s) + ga
+                if t < best_t:
+                    best, best_t = g, t
+            quota[best][q] -= 1
+            members[best].append(int(i))
+            sq[best] += s * s
+            sm[best] += s
+    return evaluate(MBSolution([(groups[g][0], members[g]) for g in range(k)], source="milp"), lens, cm)

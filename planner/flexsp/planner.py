@@ -1,0 +1,220 @@
+"""Plan one global batch (a training step) and a sequence of them.
+
+Per step (all times on the real lengths):
+
+1. sort the lengths; M_min = ceil(batch tokens / token capacity of all N GPUs); for M in M_min..M_min+4 split
+   into M consecutive runs by the min-max token DP (:func:`split_microbatches`);
+2. per micro-batch: the baselines (every single degree, LPT-packed; the greedy heuristic), each also
+   improved by local search as a candidate for the FlexSP plan;
+3. for the most promising M (best heuristic total, then the next ones while time is left): bucket each
+   micro-batch (padding DP, Q buckets), solve the MILP warm-started with the best candidate so far, hand the
+   real sequences to the MILP's groups, local search; keep the best candidate per micro-batch;
+4. the step's plan is the M with the smallest total; baselines are reported at their own best M, so the
+   plan is never worse than the best single degree per micro-batch.
+
+The MILP time limit is a budget per step shared by its micro-batches.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from adasched.planner.solver import SolveParams
+from adasched.profiler.io import InputError
+
+from .assign import MBSolution, buddy_ranks, local_search
+from .baselines import best_homogeneous, greedy, static_sp
+from .batching import make_buckets, split_microbatches
+from .costmodel import SPCostModel
+from .model import bucket_counts, realise, solve_microbatch
+
+__all__ = ["PlannerConfig", "StepResult", "plan_step", "check_fits", "lower_bound_work"]
+
+GiB = 1024 ** 3
+
+
+@dataclass(kw_only=True)
+class PlannerConfig:
+    buckets: int = 16
+    """Q: length buckets per micro-batch for the MILP."""
+    extra_microbatches: int = 4
+    """Micro-batch counts tried: M_min .. M_min + this."""
+    time_limit: float = 1.0
+    """MILP seconds per step (shared by the micro-batches of the M values solved)."""
+    milp_candidates: int = 2
+    """How many of the best M values (by heuristic total) get MILPs."""
+    seed: int = 0
+    threads: int = 1
+    backend: str = "SCIP"
+    use_milp: bool = True
+    local_search: bool = True
+
+
+@dataclass
+class MilpStat:
+    status: str
+    gap: float | None
+    objective: float | None
+    bound: float | None
+    seconds: float
+    won: bool
+
+
+@dataclass
+class StepResult:
+    step: int
+    lens: np.ndarray
+    micro_batches: list[MBSolution]
+    time_ms: float
+    baselines_ms: dict[str, float]
+    chosen_m: int
+    solve_seconds: float
+    milp: list[MilpStat] = field(default_factory=list)
+    static: list[MBSolution] = field(default_factory=list)
+
+    @property
+    def memory_violations(self) -> int:
+        return sum(0 if mb.fits else 1 for mb in self.micro_batches)
+
+    @property
+    def mip_gap(self) -> float | None:
+        gaps = [m.gap for m in self.milp if m.gap is not None]
+        return float(np.mean(gaps)) if gaps else None
+
+    @property
+    def milp_status(self) -> str:
+        if not self.milp:
+            return "heuristic"
+        if all(m.status == "optimal" for m in self.milp):
+            return "optimal"
+        return "feasible" if any(m.status in ("optimal", "feasible") for m in self.milp) else "timeout"
+
+
+def check_fits(lens: np.ndarray, cm: SPCostModel, where: str = "--seqlens") -> None:
+    """Every sequence must fit on all N GPUs; else an InputError naming it and the memory it needs."""
+    cap = cm.token_capacity(cm.world)
+    i = int(np.argmax(lens))
+    if lens[i] > cap:
+        need = cm.memory_needed(float(lens[i]), cm.world)
+        raise InputError(where, f"sequence {i} has {int(lens[i])} tokens and needs {need / GiB:.1f} GiB per GPU "
+                                f"even on all {cm.world} GPUs (device memory {cm.memory_bytes / GiB:.1f} GiB, "
+                                f"at most {int(cap)} tokens fit); lower --max-context or add GPUs")
+
+
+def lower_bound_work(lens: np.ndarray, cm: SPCostModel) -> float:
+    """Lower bound on the compute+communication part of a step (ms): every sequence on its cheapest degree
+    that holds it, in GPU-ms, spread perfectly over the N GPUs. A step with M micro-batches takes at least
+    M * b1 + this (b1 is paid by every micro-batch)."""
+    s = lens.astype(np.float64)
+    best = np.full(s.size, np.inf)
+    for d in cm.degrees:
+        a, b, _ = cm.coeffs(d)
+        ok = s <= cm.token_capacity(d)
+        best = np.where(ok, np.minimum(best, (a * s * s + b * s) * d), best)
+    return float(best.sum()) / cm.world
+
+
+def _improve(sol: MBSolution | None, lens, cm, cfg) -> MBSolution | None:
+    if sol is None or not cfg.local_search:
+        return sol
+    return local_search(sol, lens, cm)
+
+
+def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int = 0) -> StepResult:
+    """Plan one global batch; see the module docstring."""
+    t0 = time.perf_counter()
+    lens = np.asarray(lens, dtype=np.int64)
+    check_fits(lens, cm)
+    n_seq = lens.size
+    order = np.argsort(lens, kind="stable")
+    srt = lens[order]
+    cap_n = cm.token_capacity(cm.world)
+    m_min = max(1, math.ceil(float(lens.sum()) / cap_n - 1e-12))
+
+    # ---- heuristics per candidate M ------------------------------------------------------------
+    per_m: dict[int, dict] = {}
+    lb_work = lower_bound_work(lens, cm)
+    for m in range(m_min, min(n_seq, m_min + cfg.extra_microbatches) + 1):
+        if per_m and m * cm.b1 + lb_work >= min(v["heur"] for v in per_m.values()):
+            break  # no plan with m micro-batches can beat the best found (the bound grows with m)
+        runs = split_microbatches(srt, m)
+        if any(srt[a:b].sum() > cap_n for a, b in runs):
+            continue
+        best_h, homog_tot, greedy_tot = [], 0.0, 0.0
+        for a, b in runs:
+            ids = order[a:b]
+            h, _ = best_homogeneous(ids, lens, cm)
+            g = greedy(ids, lens, cm)
+            homog_tot += h.time_ms if h is not None else math.inf
+            greedy_tot += g.time_ms if g is not None and g.fits else math.inf
+            cands = [c for c in (h, g) if c is not None and c.fits]
+            if h is not None:  # greedy aimed at beating the best single degree
+                for f in (0.92, 0.96, 1.0):
+                    gt = greedy(ids, lens, cm, target_ms=f * h.time_ms)
+                    if gt is not None and gt.fits:
+                        cands.append(_improve(gt, lens, cm, cfg))
+            best_h.append(_improve(min(cands, key=lambda c: c.time_ms), lens, cm, cfg) if cands else None)
+        if any(c is None for c in best_h):
+            continue
+        per_m[m] = dict(runs=runs, best=best_h, homog=homog_tot, greedy=greedy_tot,
+                        heur=sum(c.time_ms for c in best_h))
+    if not per_m:
+        raise InputError("--global-batch", f"no feasible split of {n_seq} sequences into {m_min}.."
+                                           f"{m_min + cfg.extra_microbatches} micro-batches on {cm.world} GPUs")
+
+    # ---- MILP on the most promising M ----------------------------------------------------------
+    milp_stats: list[MilpStat] = []
+    if cfg.use_milp:
+        ranked = sorted(per_m, key=lambda m: per_m[m]["heur"])[: cfg.milp_candidates]
+        n_runs = sum(len(per_m[m]["runs"]) for m in ranked)
+        budget = cfg.time_limit
+        t_milp0 = time.perf_counter()
+        done = 0
+        for m in ranked:
+            info = per_m[m]
+            for r, (a, b) in enumerate(info["runs"]):
+                left = budget - (time.perf_counter() - t_milp0)
+                if left <= 0.02:
+                    break
+                per = max(0.02, left / max(1, n_runs - done))
+                done += 1
+                buckets = make_buckets(srt[a:b], cfg.buckets)
+                ids_sorted = order[a:b]
+                bucket_of = {int(ids_sorted[j]): q for q, bk in enumerate(buckets) for j in range(bk.start, bk.end)}
+                inc = info["best"][r]
+                res = solve_microbatch(buckets, cm, SolveParams(time_limit=per, seed=cfg.seed, threads=cfg.threads),
+                                       hint=bucket_counts(inc, bucket_of, len(buckets)), backend=cfg.backend)
+                if res is None:
+                    raise InputError("--backend", f"OR-Tools backend {cfg.backend!r} is not available")
+                won = False
+                if res.groups:
+                    sol = _improve(realise(res.groups, buckets, ids_sorted, lens, cm), lens, cm, cfg)
+                    if sol.fits and sol.time_ms < inc.time_ms - 1e-9:
+                        info["best"][r] = sol
+                        won = True
+                o = res.outcome
+                milp_stats.append(MilpStat(o.status, o.gap if o.status in ("optimal", "feasible") else None,
+                                           o.objective, o.bound, o.solve_seconds, won))
+            info["heur"] = sum(c.time_ms for c in info["best"])
+
+    # ---- choose ----------------------------------------------------------------------------------
+    best_m = min(per_m, key=lambda m: per_m[m]["heur"])
+    mbs = per_m[best_m]["best"]
+    static = static_sp(lens, cm)
+    baselines = {
+        "static": sum(s.time_ms for s in static),
+        "best_homogeneous": min(v["homog"] for v in per_m.values()),
+        "greedy": min(v["greedy"] for v in per_m.values()),
+    }
+    total = sum(mb.time_ms for mb in mbs)
+    return StepResult(step=step, lens=lens, micro_batches=mbs, time_ms=total, baselines_ms=baselines,
+                      chosen_m=best_m, solve_seconds=time.perf_counter() - t0, milp=milp_stats, static=static)
+
+
+def placed_groups(mb: MBSolution, world: int) -> list[tuple[int, list[int], list[int]]]:
+    """(degree, ranks, seq ids) per group, buddy-placed (larger first)."""
+    ranks = buddy_ranks([d for d, _ in mb.groups], world)
+    return [(d, r, ids) for (d, ids), r in zip(mb.groups, ranks)]
