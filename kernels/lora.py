@@ -1,0 +1,685 @@
+"""Fused LoRA linear layers (single adapter and packed multi-adapter batches) in Triton.
+
+    Y = X W^T + scale * (dropout(X) A^T) B^T + bias          X [T, K], W [N, K] frozen, A [r, K], B [N, r]
+
+The work is cut at the thin tensors S = Xd A^T [T, r] and dS [T, r] (LoRAFusion's "graph splitting"), so every
+memory-bound step rides inside a kernel that reads the big tensors anyway:
+
+forward
+  1. ``_lora_down_kernel``: reads X once, draws the dropout mask, writes Xd = X * mask / (1 - p) and the mask
+     (only when some adapter has p > 0), and accumulates S = Xd A^T (fp32, split over K with atomic adds);
+  2. ``_lora_gemm_kernel``: Y = X W^T with its accumulator initialised from scale * S B^T, bias in the epilogue.
+backward
+  3. ``_lora_dy_kernel``: reads dY once for dS = scale dY B and dB = scale dY^T S (and d bias), atomic adds;
+  4. dA = dS^T Xd, a thin GEMM per adapter segment (torch.matmul);
+  5. ``_lora_gemm_kernel`` again: dX = dY W with its accumulator initialised from mask * (dS A) / (1 - p).
+Xd and the mask are saved for backward; nothing is recomputed.
+
+Multi-LoRA: the rows of one packed batch are cut into tiles of ``block_m`` rows that never straddle two adapter
+segments (each segment is padded to the M tile in the launch grid, not in memory). A per-tile table holds
+(row_start, valid_rows, rank, rank_offset, dropout_threshold) and (scale, 1/(1-p)); the adapters' A and B are
+concatenated along r, so "pointers" are rank offsets and there is no cap on adapters per batch. Rows that no
+segment covers get the base projection only. The single-adapter path is the same kernels with one segment.
+
+Dropout RNG: element (row, col) of the [T, K] input is kept iff
+``philox4x32_10(seed, counter=(row * K + col, 0, 0, 0))[0] >= floor(p * 2**32)`` (Triton's ``tl.randint``);
+``philox_uint32`` below is a bit-exact torch mirror, so the torch reference draws the identical mask.
+
+Off the GPU the kernels run under ``TRITON_INTERPRET=1`` (tiles are upcast to float32 after loading, because the
+interpreter gets bf16 arithmetic wrong). Without a GPU and without the interpreter, the public functions fall back
+to the torch reference with a one-time warning.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+try:  # a CPU-only install may lack triton: everything still imports and runs on the torch path
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover - exercised only without triton
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+__all__ = [
+    "LoRAAdapterWeights",
+    "lora_linear",
+    "lora_linear_reference",
+    "multi_lora_linear",
+    "multi_lora_linear_reference",
+    "dropout_keep_mask",
+    "philox_uint32",
+    "keep_threshold",
+    "backend_for",
+    "default_block_m",
+]
+
+#: Triton kernels were decorated in interpreter mode (read once at import, as Triton itself does).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_TABLE_COLS = 5  # row_start, n_valid, rank, rank_offset, keep_threshold
+_warned_fallback = False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RNG: a torch mirror of Triton's Philox 4x32-10 (tl.randint), used by the reference to draw identical masks
+# ----------------------------------------------------------------------------------------------------------------
+_M32 = 0xFFFFFFFF
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+
+
+def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of a * b for a 32-bit constant a and int64 tensor b in [0, 2**32), no overflow."""
+    p_lo = a * (b & 0xFFFF)  # < 2**48
+    p_hi = a * (b >> 16)  # < 2**48
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _M32
+    return hi, lo
+
+
+def philox_uint32(seed: int, offsets: torch.Tensor, n_rounds: int = 10) -> torch.Tensor:
+    """First output word of Philox4x32 (``n_rounds`` rounds) for counters (offset, 0, 0, 0) and key
+    (seed low 32 bits, seed high 32 bits), as int64 values in [0, 2**32). Bit-exact with ``tl.randint(seed, offset)``
+    for int32 offsets."""
+    c0 = offsets.to(torch.int64) & _M32
+    c1 = torch.zeros_like(c0)
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(n_rounds):
+        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _M32
+        k1 = (k1 + _PHILOX_KEY_B) & _M32
+    return c0
+
+
+def keep_threshold(p: float) -> int:
+    """A uniform 32-bit draw u keeps its element iff u >= keep_threshold(p) = floor(p * 2**32)."""
+    return min(int(math.floor(p * 4294967296.0)), _M32)
+
+
+def dropout_keep_mask(seed: int, rows: int, cols: int, p: float | torch.Tensor,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boolean keep mask [rows, cols] of the fused kernels for ``seed``; ``p`` is one probability or a per-row
+    tensor of probabilities (multi-LoRA). Element (i, j) uses Philox counter i * cols + j."""
+    _check_seed(seed)
+    if rows * cols >= 2 ** 31:
+        raise ValueError(f"dropout: rows*cols = {rows * cols} must be < 2**31 (int32 RNG counters)")
+    offs = torch.arange(rows * cols, device=device, dtype=torch.int64).view(rows, cols)
+    u = philox_uint32(seed, offs)
+    if isinstance(p, torch.Tensor):
+        thr = torch.tensor([keep_threshold(float(v)) for v in p.tolist()], dtype=torch.int64, device=device)
+        return u >= thr[:, None]
+    return u >= keep_threshold(float(p))
+
+
+def _check_seed(seed) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed: {seed!r} must be an int in [0, 2**63)")
+
+
+def _draw_seed() -> int:
+    """A seed from torch's default CPU generator, so ``torch.manual_seed`` makes dropout reproducible."""
+    return int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+if HAVE_TRITON:
+
+    @triton.jit
+    def _lora_down_kernel(
+        X, A, S, XD, MASK, TABLE, FTABLE, seed, K,
+        stride_xm, stride_ar, stride_sm, stride_dm, stride_mm,
+        SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        """Per (tile, K split): Xd = dropout(X) (+ mask) and S[tile] += Xd[tile, ksplit] A^T[ksplit]."""
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        row_start = tl.load(TABLE + pid_m * 5 + 0)
+        n_valid = tl.load(TABLE + pid_m * 5 + 1)
+        rank = tl.load(TABLE + pid_m * 5 + 2)
+        r_off = tl.load(TABLE + pid_m * 5 + 3)
+        if rank > 0:
+            rm = tl.arange(0, BLOCK_M)
+            rows = row_start + rm
+            row_ok = rm < n_valid
+            rr = tl.arange(0, BLOCK_R)
+            r_ok = rr < rank
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            thr = tl.load(TABLE + pid_m * 5 + 4).to(tl.uint32)
+            inv_keep = tl.load(FTABLE + pid_m * 2 + 1)
+            for kb in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
+                cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+                c_ok = cols < K
+                io_mask = row_ok[:, None] & c_ok[None, :]
+                x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=io_mask, other=0.0)
+                if HAS_DROPOUT:
+                    offs = (rows[:, None] * K + cols[None, :]).to(tl.int32)
+                    keep = tl.randint(seed, offs) >= thr
+                    xd = tl.where(keep, x.to(tl.float32) * inv_keep, 0.0).to(X.dtype.element_ty)
+                    tl.store(XD + rows[:, None] * stride_dm + cols[None, :], xd, mask=io_mask)
+                    tl.store(MASK + rows[:, None] * stride_mm + cols[None, :], keep.to(tl.int8), mask=io_mask)
+                else:
+                    xd = x
+                a = tl.load(A + (r_off + rr)[None, :] * stride_ar + cols[:, None],
+                            mask=r_ok[None, :] & c_ok[:, None], other=0.0)
+                if UPCAST:
+                    acc += tl.dot(xd.to(tl.float32), a.to(tl.float32))
+                else:
+                    acc += tl.dot(xd, a)
+            s_ptrs = S + rows[:, None] * stride_sm + rr[None, :]
+            if SPLIT_K > 1:
+                tl.atomic_add(s_ptrs, acc, mask=row_ok[:, None])
+            else:
+                tl.store(s_ptrs, acc, mask=row_ok[:, None])
+
+    @triton.jit
+    def _lora_gemm_kernel(
+        X, W, L, P, MASK, BIAS, OUT, TABLE, FTABLE,
+        n_tiles, OUT_DIM, RED_DIM, m_bucket,
+        stride_xm, stride_wr, stride_wo, stride_lm, stride_pr, stride_po, stride_mm, stride_om,
+        BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
+        GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, APPLY_SCALE: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        """OUT[tile, oblk] = lora_prologue + X[tile, :] @ W[:, oblk] (+ bias), W element (red, out) at
+        W + red*stride_wr + out*stride_wo. Prologue: L[tile, :r] @ P[r_off:r_off+r, oblk], times scale (forward)
+        or times mask/(1-p) (backward). Used for Y = X W^T + scale S B^T + b and dX = dY W + mask (dS A)/(1-p)."""
+        pid = tl.program_id(0)
+        num_pid_o = tl.cdiv(OUT_DIM, BLOCK_O)
+        num_pid_in_group = GROUP_M * num_pid_o
+        group_id = pid // num_pid_in_group
+        first_m = group_id * GROUP_M
+        group_size = tl.minimum(n_tiles - first_m, GROUP_M)
+        pid_m = first_m + ((pid % num_pid_in_group) % group_size)
+        pid_o = (pid % num_pid_in_group) // group_size
+
+        row_start = tl.load(TABLE + pid_m * 5 + 0)
+        n_valid = tl.load(TABLE + pid_m * 5 + 1)
+        rank = tl.load(TABLE + pid_m * 5 + 2)
+        r_off = tl.load(TABLE + pid_m * 5 + 3)
+        rm = tl.arange(0, BLOCK_M)
+        rows = row_start + rm
+        row_ok = rm < n_valid
+        outs = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+        o_ok = outs < OUT_DIM
+
+        acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
+        if rank > 0:
+            rr = tl.arange(0, BLOCK_R)
+            r_ok = rr < rank
+            lt = tl.load(L + rows[:, None] * stride_lm + rr[None, :], mask=row_ok[:, None], other=0.0)
+            pt = tl.load(P + (r_off + rr)[:, None] * stride_pr + outs[None, :] * stride_po,
+                         mask=r_ok[:, None] & o_ok[None, :], other=0.0)
+            if UPCAST:
+                lora = tl.dot(lt.to(tl.float32), pt.to(tl.float32))
+            else:
+                lora = tl.dot(lt.to(P.dtype.element_ty), pt)
+            if APPLY_SCALE:
+                lora = lora * tl.load(FTABLE + pid_m * 2 + 0)
+            if HAS_MASK:
+                keep = tl.load(MASK + rows[:, None] * stride_mm + outs[None, :],
+                               mask=row_ok[:, None] & o_ok[None, :], other=0)
+                lora = tl.where(keep != 0, lora * tl.load(FTABLE + pid_m * 2 + 1), 0.0)
+            acc = lora
+        for rb in range(0, tl.cdiv(RED_DIM, BLOCK_RED)):
+            reds = rb * BLOCK_RED + tl.arange(0, BLOCK_RED)
+            red_ok = reds < RED_DIM
+            xt = tl.load(X + rows[:, None] * stride_xm + reds[None, :], mask=row_ok[:, None] & red_ok[None, :],
+                         other=0.0)
+            wt = tl.load(W + reds[:, None] * stride_wr + outs[None, :] * stride_wo,
+                         mask=red_ok[:, None] & o_ok[None, :], other=0.0)
+            if UPCAST:
+                acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32))
+            else:
+                acc += tl.dot(xt, wt)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + outs, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(OUT + rows[:, None] * stride_om + outs[None, :], acc.to(OUT.dtype.element_ty),
+                 mask=row_ok[:, None] & o_ok[None, :])
+
+    @triton.jit
+    def _lora_dy_kernel(
+        DY, S, B, DS, DB, DBIAS, TABLE, FTABLE, N,
+        stride_dym, stride_sm, stride_bn, stride_dsm, stride_dbn,
+        SPLIT_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        HAS_DBIAS: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        """One read of dY per (tile, N split): dS[tile] += scale dY B, dB += scale dY^T S[tile], dbias += sum dY."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        row_start = tl.load(TABLE + pid_m * 5 + 0)
+        n_valid = tl.load(TABLE + pid_m * 5 + 1)
+        rank = tl.load(TABLE + pid_m * 5 + 2)
+        r_off = tl.load(TABLE + pid_m * 5 + 3)
+        scale = tl.load(FTABLE + pid_m * 2 + 0)
+        rm = tl.arange(0, BLOCK_M)
+        rows = row_start + rm
+        row_ok = rm < n_valid
+        rr = tl.arange(0, BLOCK_R)
+        r_ok = rr < rank
+        st = tl.load(S + rows[:, None] * stride_sm + rr[None, :], mask=row_ok[:, None], other=0.0)
+        ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for nb in range(pid_n, tl.cdiv(N, BLOCK_N), SPLIT_N):
+            cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+            c_ok = cols < N
+            dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :], mask=row_ok[:, None] & c_ok[None, :],
+                         other=0.0)
+            if rank > 0:
+                bt = tl.load(B + cols[:, None] * stride_bn + (r_off + rr)[None, :],
+                             mask=c_ok[:, None] & r_ok[None, :], other=0.0)
+                if UPCAST:
+                    ds += tl.dot(dy.to(tl.float32), bt.to(tl.float32))
+                    db = tl.dot(tl.trans(dy.to(tl.float32)), st)
+                else:
+                    ds += tl.dot(dy, bt)
+                    db = tl.dot(tl.trans(dy), st.to(DY.dtype.element_ty))
+                tl.atomic_add(DB + cols[:, None] * stride_dbn + (r_off + rr)[None, :], db * scale,
+                              mask=c_ok[:, None] & r_ok[None, :])
+            if HAS_DBIAS:
+                tl.atomic_add(DBIAS + cols, tl.sum(dy.to(tl.float32), axis=0), mask=c_ok)
+        if rank > 0:
+            tl.atomic_add(DS + rows[:, None] * stride_dsm + rr[None, :], ds * scale,
+                          mask=row_ok[:, None] & r_ok[None, :])
+
+    def _gemm_configs():
+        cfg = triton.Config
+        return [
+            cfg({"BLOCK_O": 256, "BLOCK_RED": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+            cfg({"BLOCK_O": 128, "BLOCK_RED": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+            cfg({"BLOCK_O": 128, "BLOCK_RED": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+            cfg({"BLOCK_O": 128, "BLOCK_RED": 128, "GROUP_M": 8}, num_stages=3, num_warps=8),
+            cfg({"BLOCK_O": 64, "BLOCK_RED": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+        ]
+
+    if not INTERPRET:
+        # Two tuners over one kernel: forward (OUT=N, RED=K) and dX (OUT=K, RED=N) keep separate caches.
+        _KEY = ["m_bucket", "OUT_DIM", "RED_DIM", "BLOCK_R"]
+        _gemm_fwd_tuned = triton.autotune(configs=_gemm_configs(), key=_KEY)(_lora_gemm_kernel)
+        _gemm_bwd_tuned = triton.autotune(configs=_gemm_configs(), key=_KEY)(_lora_gemm_kernel)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host side: tile table, launchers
+# ----------------------------------------------------------------------------------------------------------------
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def default_block_m(device: torch.device | str) -> int:
+    """Rows per M tile: 128 on a GPU (the paper's padding unit), 16 under the interpreter."""
+    return 128 if torch.device(device).type == "cuda" and not INTERPRET else 16
+
+
+@dataclass(frozen=True)
+class _TilePlan:
+    """Per-tile metadata of one packed batch (host copy + device tensors)."""
+
+    table: torch.Tensor  # int64 [n_tiles, 5]: row_start, n_valid, rank, rank_offset, keep_threshold
+    ftable: torch.Tensor  # float32 [n_tiles, 2]: scale, 1/(1-p)
+    n_tiles: int
+    block_m: int
+    block_r: int
+    r_total: int
+    has_dropout: bool
+    segments: tuple  # ((adapter, start, end, rank, rank_offset), ...) covered segments, sorted
+    row_p: Optional[tuple]  # per-segment p for the reference mask (None without dropout)
+
+
+_PLAN_CACHE: "OrderedDict[tuple, _TilePlan]" = OrderedDict()
+
+
+def _tile_plan(T: int, segments: tuple, ranks: tuple, scales: tuple, ps: tuple, block_m: int,
+               device: torch.device) -> _TilePlan:
+    key = (T, segments, ranks, scales, ps, block_m, str(device))
+    plan = _PLAN_CACHE.get(key)
+    if plan is not None:
+        _PLAN_CACHE.move_to_end(key)
+        return plan
+    offs = [0]
+    for r in ranks:
+        offs.append(offs[-1] + r)
+    rows, frows = [], []
+
+    def emit(start: int, end: int, aid: int) -> None:
+        for s in range(start, end, block_m):
+            n = min(block_m, end - s)
+            if aid < 0:
+                rows.append((s, n, 0, 0, 0))
+                frows.append((0.0, 1.0))
+            else:
+                rows.append((s, n, ranks[aid], offs[aid], keep_threshold(ps[aid])))
+                frows.append((float(scales[aid]), 1.0 / (1.0 - ps[aid])))
+
+    pos = 0
+    covered = []
+    for aid, s, e in segments:
+        if pos < s:
+            emit(pos, s, -1)
+        emit(s, e, aid)
+        covered.append((aid, s, e, ranks[aid], offs[aid]))
+        pos = e
+    if pos < T:
+        emit(pos, T, -1)
+    has_dropout = any(ps[aid] > 0 for aid, _, _ in segments)
+    plan = _TilePlan(
+        table=torch.tensor(rows, dtype=torch.int64).reshape(-1, _TABLE_COLS).to(device),
+        ftable=torch.tensor(frows, dtype=torch.float32).reshape(-1, 2).to(device),
+        n_tiles=len(rows), block_m=block_m, block_r=max(16, _next_pow2(max(ranks) if ranks else 1)),
+        r_total=offs[-1], has_dropout=has_dropout, segments=tuple(covered),
+        row_p=tuple(ps[aid] for aid, _, _ in segments) if has_dropout else None,
+    )
+    _PLAN_CACHE[key] = plan
+    if len(_PLAN_CACHE) > 64:
+        _PLAN_CACHE.popitem(last=False)
+    return plan
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda" and not INTERPRET:
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _split(n_tiles: int, n_blocks: int, device: torch.device) -> int:
+    """How many programs share one tile's loop, so that a thin batch still fills the GPU (~2 programs per SM)."""
+    if INTERPRET or device.type != "cuda":
+        return max(1, min(2, n_blocks))  # exercise the atomic-add path in tests
+    want = -(-2 * _num_sms(device) // max(n_tiles, 1))
+    return max(1, min(want, n_blocks))
+
+
+def _launch_opts(num_warps: int = 4, num_stages: int = 3) -> dict:
+    return {} if INTERPRET else {"num_warps": num_warps, "num_stages": num_stages}
+
+
+def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bias, out, plan: _TilePlan,
+          out_dim: int, red_dim: int, *, apply_scale: bool, backward: bool) -> None:
+    dummy = plan.table
+    args = (x, w, lmat, pmat, mask if mask is not None else dummy, bias if bias is not None else dummy, out,
+            plan.table, plan.ftable, plan.n_tiles, out_dim, red_dim, _next_pow2(x.shape[0]),
+            x.stride(0), stride_wr, stride_wo, lmat.stride(0), stride_pr, stride_po,
+            mask.stride(0) if mask is not None else 0, out.stride(0))
+    flags = dict(BLOCK_M=plan.block_m, BLOCK_R=plan.block_r, HAS_BIAS=bias is not None,
+                 HAS_MASK=mask is not None, APPLY_SCALE=apply_scale, UPCAST=INTERPRET)
+    if INTERPRET:
+        grid = (plan.n_tiles * triton.cdiv(out_dim, 16),)
+        _lora_gemm_kernel[grid](*args, BLOCK_O=16, BLOCK_RED=16, GROUP_M=2, **flags)
+    else:
+        kernel = _gemm_bwd_tuned if backward else _gemm_fwd_tuned
+        grid = lambda meta: (plan.n_tiles * triton.cdiv(out_dim, meta["BLOCK_O"]),)  # noqa: E731
+        kernel[grid](*args, **flags)
+
+
+def _fused_forward(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int):
+    """Steps 1-2. Returns Y, S (fp32 [T, BLOCK_R]), Xd (or X), mask (int8 or None)."""
+    T, K = x2.shape
+    N = weight.shape[0]
+    dev = x2.device
+    s = torch.zeros((T, plan.block_r), device=dev, dtype=torch.float32)
+    if plan.has_dropout:
+        xd = torch.empty_like(x2)
+        mask = torch.empty((T, K), device=dev, dtype=torch.int8)
+    else:
+        xd, mask = x2, None
+    block_k = 16 if INTERPRET else 64
+    split_k = _split(plan.n_tiles, triton.cdiv(K, block_k), dev)
+    _lora_down_kernel[(plan.n_tiles, split_k)](
+        x2, a_cat, s, xd, mask if mask is not None else s, plan.table, plan.ftable, seed, K,
+        x2.stride(0), a_cat.stride(0), s.stride(0), xd.stride(0), mask.stride(0) if mask is not None else 0,
+        SPLIT_K=split_k, BLOCK_M=plan.block_m, BLOCK_K=block_k, BLOCK_R=plan.block_r,
+        HAS_DROPOUT=plan.has_dropout, UPCAST=INTERPRET, **_launch_opts(4, 3))
+    y = torch.empty((T, N), device=dev, dtype=x2.dtype)
+    _gemm(x2, weight, weight.stride(1), weight.stride(0), s, b_cat, b_cat.stride(1), b_cat.stride(0), None, bias, y,
+          plan, N, K, apply_scale=True, backward=False)
+    return y, s, xd, mask
+
+
+def _fused_backward(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, need_dx: bool, need_dbias: bool):
+    """Steps 3-5. Returns dX (or None), dA_cat, dB_cat (fp32), dbias (fp32 or None)."""
+    T, N = dy2.shape
+    K = weight.shape[1]
+    dev = dy2.device
+    ds = torch.zeros((T, plan.block_r), device=dev, dtype=torch.float32)
+    db = torch.zeros((N, max(plan.r_total, 1)), device=dev, dtype=torch.float32)
+    dbias = torch.zeros((N,), device=dev, dtype=torch.float32) if need_dbias else None
+    block_n = 16 if INTERPRET else 64
+    split_n = _split(plan.n_tiles, triton.cdiv(N, block_n), dev)
+    _lora_dy_kernel[(plan.n_tiles, split_n)](
+        dy2, s, b_cat, ds, db, dbias if dbias is not None else ds, plan.table, plan.ftable, N,
+        dy2.stride(0), s.stride(0), b_cat.stride(0), ds.stride(0), db.stride(0),
+        SPLIT_N=split_n, BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_R=plan.block_r,
+        HAS_DBIAS=dbias is not None, UPCAST=INTERPRET, **_launch_opts(4, 3))
+    # dA = dS^T Xd per covered segment (thin GEMMs; fp32 accumulation across an adapter's segments)
+    da = torch.zeros((plan.r_total, K), device=dev, dtype=torch.float32)
+    for _, start, end, rank, r_off in plan.segments:
+        if dev.type == "cuda":
+            part = ds[start:end, :rank].to(xd.dtype).t() @ xd[start:end]
+        else:
+            part = ds[start:end, :rank].t() @ xd[start:end].float()
+        da[r_off:r_off + rank] += part.float()
+    dx = None
+    if need_dx:
+        dx = torch.empty((T, K), device=dev, dtype=dy2.dtype)
+        _gemm(dy2, weight, weight.stride(0), weight.stride(1), ds, a_cat, a_cat.stride(0), a_cat.stride(1), mask,
+              None, dx, plan, K, N, apply_scale=False, backward=True)
+    return dx, da, db[:, :plan.r_total], dbias
+
+
+class _FusedLoRAFunction(torch.autograd.Function):
+    """Autograd over the fused kernels; inputs: x2 [T, K], weight, bias, A_cat [R, K], B_cat [N, R]."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, a_cat, b_cat, plan, seed):
+        y, s, xd, mask = _fused_forward(x2, weight, bias, a_cat, b_cat, plan, seed)
+        ctx.save_for_backward(weight, a_cat, b_cat, s, xd, mask)
+        ctx.plan = plan
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        weight, a_cat, b_cat, s, xd, mask = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0]
+        need_dbias = ctx.has_bias and ctx.needs_input_grad[2]
+        dy2 = dy if dy.stride(-1) == 1 else dy.contiguous()
+        dx, da, db, dbias = _fused_backward(dy2, weight, a_cat, b_cat, s, xd, mask, ctx.plan, need_dx, need_dbias)
+        return (dx, None, dbias.to(ctx.bias_dtype) if dbias is not None else None,
+                da.to(a_cat.dtype), db.to(b_cat.dtype), None, None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class LoRAAdapterWeights:
+    """One adapter of a packed multi-LoRA batch: lora_a [r, K], lora_b [N, r], scale (alpha/r, or alpha/sqrt(r)
+    for rsLoRA), dropout probability p in [0, 1)."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scale: float
+    dropout_p: float = 0.0
+
+
+def backend_for(x: torch.Tensor) -> str:
+    """'triton' (GPU), 'interpret' (CPU under TRITON_INTERPRET=1) or 'torch' (reference fallback)."""
+    if not HAVE_TRITON:
+        return "torch"
+    if INTERPRET:
+        return "interpret" if x.device.type == "cpu" else "torch"
+    return "triton" if x.device.type == "cuda" else "torch"
+
+
+def _warn_fallback(x: torch.Tensor) -> None:
+    global _warned_fallback
+    if not _warned_fallback:
+        _warned_fallback = True
+        why = "triton is not installed" if not HAVE_TRITON else (
+            f"tensors on {x.device.type} and TRITON_INTERPRET={'1' if INTERPRET else 'unset'}")
+        warnings.warn(f"adasched.kernels.lora: fused Triton kernels unavailable ({why}); using the torch "
+                      "reference path (same results, unfused)", RuntimeWarning, stacklevel=3)
+
+
+def _validate(x2, weight, bias, adapters: Sequence[LoRAAdapterWeights], segments) -> tuple:
+    """Checks shapes/dtypes/segments; returns the segments sorted by start, empty ones dropped."""
+    T, K = x2.shape
+    if weight.dim() != 2 or weight.shape[1] != K:
+        raise ValueError(f"weight: shape {tuple(weight.shape)} must be [N, {K}] for x [..., {K}]")
+    if weight.dtype != x2.dtype:
+        raise ValueError(f"weight: dtype {weight.dtype} must equal x dtype {x2.dtype}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("weight: must be frozen (requires_grad=False); LoRA trains lora_a/lora_b only")
+    N = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias: shape {tuple(bias.shape)} must be [{N}]")
+    for i, ad in enumerate(adapters):
+        a, b = ad.lora_a, ad.lora_b
+        if a.dim() != 2 or a.shape[1] != K or a.shape[0] < 1:
+            raise ValueError(f"adapters[{i}].lora_a: shape {tuple(a.shape)} must be [r, {K}] with r >= 1")
+        if b.dim() != 2 or tuple(b.shape) != (N, a.shape[0]):
+            raise ValueError(f"adapters[{i}].lora_b: shape {tuple(b.shape)} must be [{N}, {a.shape[0]}]")
+        if not 0.0 <= float(ad.dropout_p) < 1.0:
+            raise ValueError(f"adapters[{i}].dropout_p: {ad.dropout_p} must be in [0, 1)")
+        if not math.isfinite(float(ad.scale)):
+            raise ValueError(f"adapters[{i}].scale: {ad.scale} must be finite")
+    segs = []
+    for j, seg in enumerate(segments):
+        if len(seg) != 3:
+            raise ValueError(f"segments[{j}]: {seg!r} must be (adapter_index, row_start, row_end)")
+        aid, s, e = (int(v) for v in seg)
+        if not 0 <= aid < len(adapters):
+            raise ValueError(f"segments[{j}]: adapter index {aid} not in [0, {len(adapters)})")
+        if not 0 <= s <= e <= T:
+            raise ValueError(f"segments[{j}]: rows [{s}, {e}) must satisfy 0 <= start <= end <= {T}")
+        if e > s:
+            segs.append((aid, s, e))
+    segs.sort(key=lambda t: t[1])
+    for (a0, s0, e0), (a1, s1, e1) in zip(segs, segs[1:]):
+        if s1 < e0:
+            raise ValueError(f"segments: rows [{s0}, {e0}) and [{s1}, {e1}) overlap")
+    return tuple(segs)
+
+
+def _resolve_seed(seed, adapters, segs) -> int:
+    if any(adapters[aid].dropout_p > 0 for aid, _, _ in segs):
+        if seed is None:
+            return _draw_seed()
+        _check_seed(seed)
+        return int(seed)
+    return 0 if seed is None else int(seed)
+
+
+def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[LoRAAdapterWeights],
+                      segments: Sequence[tuple[int, int, int]], bias: Optional[torch.Tensor] = None,
+                      seed: Optional[int] = None, block_m: Optional[int] = None) -> torch.Tensor:
+    """Packed multi-adapter LoRA linear over x [T, K]: rows [start, end) of each segment (adapter, start, end)
+    get adapter ``adapter``'s LoRA term; rows no segment covers get x W^T + bias only. Differentiable w.r.t. x,
+    bias and every adapter's lora_a/lora_b; weight [N, K] is frozen. Returns [T, N] in x's dtype.
+
+    ``seed`` fixes the dropout masks (drawn from torch's default generator when None); ``block_m`` is the M tile
+    (rows per tile; default 128 on a GPU, 16 under the interpreter)."""
+    if x.dim() != 2:
+        raise ValueError(f"x: shape {tuple(x.shape)} must be 2-D [T, K] for multi_lora_linear")
+    if not adapters:
+        raise ValueError("adapters: at least one adapter is required")
+    x2 = x if x.stride(-1) == 1 else x.contiguous()
+    segs = _validate(x2, weight, bias, adapters, segments)
+    seed_v = _resolve_seed(seed, adapters, segs)
+    backend = backend_for(x2)
+    if backend == "torch":
+        _warn_fallback(x2)
+        return _reference_impl(x2, weight, bias, adapters, segs, seed_v)
+    bm = block_m or default_block_m(x2.device)
+    if bm < 16 or bm & (bm - 1):
+        raise ValueError(f"block_m: {bm} must be a power of two >= 16")
+    ranks = tuple(int(ad.lora_a.shape[0]) for ad in adapters)
+    plan = _tile_plan(x2.shape[0], segs, ranks, tuple(float(ad.scale) for ad in adapters),
+                      tuple(float(ad.dropout_p) for ad in adapters), bm, x2.device)
+    dt = x2.dtype
+    if len(adapters) == 1:
+        a_cat, b_cat = adapters[0].lora_a.to(dt), adapters[0].lora_b.to(dt)
+    else:
+        a_cat = torch.cat([ad.lora_a.to(dt) for ad in adapters], dim=0)
+        b_cat = torch.cat([ad.lora_b.to(dt) for ad in adapters], dim=1)
+    a_cat = a_cat if a_cat.stride(-1) == 1 else a_cat.contiguous()
+    b_cat = b_cat if b_cat.stride(-1) == 1 else b_cat.contiguous()
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    if x2.shape[0] == 0:
+        return F.linear(x2, w, bias)
+    return _FusedLoRAFunction.apply(x2, w, bias, a_cat, b_cat, plan, seed_v)
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                dropout_p: float = 0.0, bias: Optional[torch.Tensor] = None,
+                seed: Optional[int] = None) -> torch.Tensor:
+    """Fused LoRA linear: x [..., K] -> x W^T + scale * (dropout(x) A^T) B^T + bias, shape [..., N].
+
+    weight [N, K] frozen; lora_a [r, K]; lora_b [N, r]; differentiable w.r.t. x, lora_a, lora_b and bias.
+    Dropout keeps element (i, j) of x.reshape(-1, K) iff Philox(seed, i*K + j) >= floor(p * 2**32) and scales
+    kept elements by 1/(1-p); the same seed gives the same mask (see ``dropout_keep_mask``)."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    ad = LoRAAdapterWeights(lora_a, lora_b, float(scale), float(dropout_p))
+    y = multi_lora_linear(x2, weight, [ad], [(0, 0, x2.shape[0])], bias=bias, seed=seed)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Torch references (same signatures; plain autograd; identical dropout masks)
+# ----------------------------------------------------------------------------------------------------------------
+def _reference_impl(x2, weight, bias, adapters, segs, seed: int) -> torch.Tensor:
+    T, K = x2.shape
+    y = F.linear(x2, weight, bias)
+    if not segs:
+        return y
+    p_row = torch.zeros(T, dtype=torch.float64)
+    for aid, s, e in segs:
+        p_row[s:e] = float(adapters[aid].dropout_p)
+    keep = dropout_keep_mask(seed, T, K, p_row, x2.device) if bool((p_row > 0).any()) else None
+    delta = torch.zeros_like(y)
+    for aid, s, e in segs:
+        ad = adapters[aid]
+        xs = x2[s:e]
+        if keep is not None and ad.dropout_p > 0:
+            xs = xs * keep[s:e].to(xs.dtype) / (1.0 - float(ad.dropout_p))
+        a, b = ad.lora_a.to(x2.dtype), ad.lora_b.to(x2.dtype)
+        delta[s:e] = float(ad.scale) * F.linear(F.linear(xs, a), b)
+    return y + delta
+
+
+def multi_lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[LoRAAdapterWeights],
+                                segments: Sequence[tuple[int, int, int]], bias: Optional[torch.Tensor] = None,
+                                seed: Optional[int] = None, block_m: Optional[int] = None) -> torch.Tensor:
+    """Plain-torch ``multi_lora_linear`` (``block_m`` is accepted and ignored); same masks for the same seed."""
+    if x.dim() != 2:
+        raise ValueError(f"x: shape {tuple(x.shape)} must be 2-D [T, K] for multi_lora_linear")
+    segs = _validate(x, weight, bias, adapters, segments)
+    return _reference_impl(x, weight, bias, adapters, segs, _resolve_seed(seed, adapters, segs))
+
+
+def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                          scale: float, dropout_p: float = 0.0, bias: Optional[torch.Tensor] = None,
+                          seed: Optional[int] = None) -> torch.Tensor:
+    """Plain-torch ``lora_linear`` with the identical dropout mask for the same seed."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    ad = LoRAAdapterWeights(lora_a, lora_b, float(scale), float(dropout_p))
+    y = multi_lora_linear_reference(x2, weight, [ad], [(0, 0, x2.shape[0])], bias=bias, seed=seed)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
