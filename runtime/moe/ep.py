@@ -1,0 +1,405 @@
+"""Expert parallelism: dispatch/combine over all_to_all_single with r-chunk pipelining (FSMoE).
+
+Each of the P ranks of the expert-parallel group holds ``E / P`` consecutive experts and its own tokens.
+The layer routes its tokens locally, permutes the assignments into (expert, token) order and hands the rows
+to :class:`EPExperts` (an autograd.Function):
+
+forward (degree ``r_fwd``)
+    1. sizes first: one ``all_gather`` of the (r, E) assignment counts per chunk, so every rank knows every
+       split of every exchange (uneven splits, no further size round trips);
+    2. the local tokens are cut into ``r`` contiguous token ranges (chunks); every chunk's rows are
+       dispatched with ``all_to_all_single(..., async_op=True)`` (all chunks issued up front), together with
+       a small int64 tag per row (source rank, local expert, token);
+    3. for each chunk in turn: wait for its dispatch, run the expert MLP (grouped GEMM) on its rows, issue
+       its combine asynchronously - so chunk c's compute overlaps chunk c+1's dispatch and chunk c-1's
+       combine;
+    4. wait for the combines and put the rows back in place.
+backward (degree ``r_bwd``, chosen independently)
+    the same pipeline on the output gradients with its own chunking. The expert rank finds the saved
+    expert inputs/pre-activations of each incoming row by its tag (source, expert, token), so forward and
+    backward chunks need not coincide. In each gap of the backward pipeline (after each chunk's combine is
+    issued) the :class:`GradSliceReducer`, if given, launches the next planned slice of the dense-gradient
+    all-reduce.
+
+Hierarchical path (``hierarchical=True``): every exchange runs in two steps, first inside the node
+(intra-node all-to-all to the local peer with the destination's local index), then between nodes
+(all-to-all among the ranks with the same local index). The first step is asynchronous; the second runs
+when the chunk is waited for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from adasched.kernels.moe import Backend, make_index, expert_mlp_backward, expert_mlp_forward
+
+__all__ = ["ExpertParallel", "EPExperts", "GradSliceReducer", "ep_experts"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# groups
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class ExpertParallel:
+    """The expert-parallel group and, for the hierarchical path, its intra-/inter-node sub-groups.
+
+    Build with :meth:`create` on every rank at the same point (it creates process groups collectively).
+    """
+
+    group: object
+    ranks: list[int]
+    rank: int                  # index of this process inside ``ranks``
+    num_experts: int
+    hierarchical: bool = False
+    gpus_per_node: int = 1
+    intra_group: object = None
+    inter_group: object = None
+    stats: dict = field(default_factory=lambda: {"gaps": 0})
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def experts_per_rank(self) -> int:
+        return self.num_experts // self.size
+
+    @property
+    def num_nodes(self) -> int:
+        return self.size // self.gpus_per_node
+
+    @classmethod
+    def create(cls, num_experts: int, group=None, hierarchical: bool = False, gpus_per_node: int | None = None,
+               timeout_s: float = 60.0) -> "ExpertParallel":
+        """EP over ``group`` (default: the whole world). Raises ValueError naming the value when the experts
+        do not divide over the ranks or ``gpus_per_node`` does not divide the group."""
+        group = group if group is not None else dist.group.WORLD
+        ranks = dist.get_process_group_ranks(group)
+        P = len(ranks)
+        if num_experts % P:
+            raise ValueError(f"num_experts: {num_experts} is not divisible by the expert-parallel size {P}")
+        me = ranks.index(dist.get_rank())
+        ep = cls(group=group, ranks=ranks, rank=me, num_experts=num_experts, hierarchical=hierarchical)
+        if hierarchical:
+            G = gpus_per_node or P
+            if G < 1 or P % G:
+                raise ValueError(f"gpus_per_node: {gpus_per_node} does not divide the expert-parallel size {P}")
+            ep.gpus_per_node = G
+            to = timedelta(seconds=timeout_s)
+            for n in range(P // G):                       # collective: every rank creates every group
+                g = dist.new_group([ranks[n * G + l] for l in range(G)], timeout=to)
+                if me // G == n:
+                    ep.intra_group = g
+            for l in range(G):
+                g = dist.new_group([ranks[n * G + l] for n in range(P // G)], timeout=to)
+                if me % G == l:
+                    ep.inter_group = g
+        return ep
+
+
+# ---------------------------------------------------------------------------------------------------
+# exchanges (one chunk): flat or hierarchical, forward direction and its exact inverse
+# ---------------------------------------------------------------------------------------------------
+def _a2a(tensors, send, recv, group):
+    """Start all_to_all_single on each tensor (split along dim 0); returns (outputs, works)."""
+    outs, works = [], []
+    for t in tensors:
+        out = t.new_empty((sum(recv),) + tuple(t.shape[1:]))
+        works.append(dist.all_to_all_single(out, t.contiguous(), recv, send, group=group, async_op=True))
+        outs.append(out)
+    return outs, works
+
+
+class _Pending:
+    def __init__(self, outs, works, then=None):
+        self.outs, self.works, self.then = outs, works, then
+
+    def wait(self):
+        for w in self.works:
+            w.wait()
+        return self.then(self.outs) if self.then else self.outs
+
+
+class _Exchange:
+    """Moves rows grouped by destination rank. ``R`` is the (P_src, P_dst) row-count matrix of this chunk."""
+
+    def __init__(self, ep: ExpertParallel, R: list[list[int]]):
+        self.ep, self.R = ep, R
+        q, P = ep.rank, ep.size
+        if not ep.hierarchical:
+            self.send = [R[q][d] for d in range(P)]
+            self.recv = [R[s][q] for s in range(P)]
+            return
+        G, Nn = ep.gpus_per_node, ep.num_nodes
+        nq, lq = divmod(q, G)
+        # phase 1 (intra-node): my rows, by destination (n, l), reordered to (l, n); peer l gets local index l
+        dest = torch.repeat_interleave(torch.arange(P), torch.tensor([R[q][d] for d in range(P)]))
+        self.perm1 = torch.argsort((dest % G) * Nn + dest // G, stable=True)
+        self.send1 = [sum(R[q][n * G + l] for n in range(Nn)) for l in range(G)]
+        self.recv1 = [sum(R[nq * G + l][n * G + lq] for n in range(Nn)) for l in range(G)]
+        # phase 2 (inter-node): blocks from local peers l, each by destination node n, reordered to (n, l)
+        node = torch.cat([torch.repeat_interleave(torch.arange(Nn), torch.tensor([R[nq * G + l][n * G + lq]
+                                                                                   for n in range(Nn)]))
+                          for l in range(G)]) if P else torch.zeros(0, dtype=torch.long)
+        self.perm2 = torch.argsort(node, stable=True)
+        self.send2 = [sum(R[nq * G + l][n * G + lq] for l in range(G)) for n in range(Nn)]
+        self.recv2 = [sum(R[n * G + l][q] for l in range(G)) for n in range(Nn)]
+
+    def start(self, tensors):
+        ep = self.ep
+        if not ep.hierarchical:
+            outs, works = _a2a(tensors, self.send, self.recv, ep.group)
+            return _Pending(outs, works)
+        outs, works = _a2a([t[self.perm1] for t in tensors], self.send1, self.recv1, ep.intra_group)
+
+        def phase2(mid):
+            res, w2 = _a2a([t[self.perm2] for t in mid], self.send2, self.recv2, ep.inter_group)
+            for w in w2:
+                w.wait()
+            return res
+        return _Pending(outs, works, phase2)
+
+    def start_back(self, tensors):
+        """Exact inverse of :meth:`start`: rows in received order go back to where they came from."""
+        ep = self.ep
+        if not ep.hierarchical:
+            outs, works = _a2a(tensors, self.recv, self.send, ep.group)
+            return _Pending(outs, works)
+        outs, works = _a2a(tensors, self.recv2, self.send2, ep.inter_group)
+
+        def phase1(mid):
+            mid = [_unpermute_rows(t, self.perm2) for t in mid]
+            res, w1 = _a2a(mid, self.recv1, self.send1, ep.intra_group)
+            for w in w1:
+                w.wait()
+            return [_unpermute_rows(t, self.perm1) for t in res]
+        return _Pending(outs, works, phase1)
+
+
+def _unpermute_rows(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(t)
+    out[perm] = t
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# dense-gradient all-reduce in slices
+# ---------------------------------------------------------------------------------------------------
+class GradSliceReducer:
+    """All-reduces the dense (replicated) gradients in planned slices during the MoE backward pipeline.
+
+    ``params``: the dense parameters in forward order; the flat gradient vector is taken in backward order
+    (reversed). ``slices[j]``: elements to reduce during the j-th MoE layer's backward (backward order, as in
+    the FSMoE plan's ``grad_slices``). A slice is launched only as far as gradients exist (prefix rule: the
+    post-accumulate-grad hooks mark parameters ready). :meth:`finish` reduces whatever is left, waits, and
+    writes the averaged (``average=True``) gradients back. ``launched_in_gaps`` counts elements launched
+    inside MoE gaps (for tests and logs).
+    """
+
+    def __init__(self, params, slices, group=None, average: bool = True):
+        self.params = [p for p in reversed(list(params)) if p.requires_grad]
+        self.sizes = [p.numel() for p in self.params]
+        self.slices = [float(s) for s in slices]
+        self.group = group if group is not None else dist.group.WORLD
+        self.average = average
+        self._ready = [False] * len(self.params)
+        self._hooks = [p.register_post_accumulate_grad_hook(self._mark(i)) for i, p in enumerate(self.params)]
+        self._reset()
+
+    def _reset(self):
+        self._ready = [False] * len(self.params)
+        self._done = 0            # flat elements launched
+        self._layer = -1
+        self._layer_budget_end = 0.0
+        self._layer_start = 0.0
+        self._pending = []        # (start, end, buffer, work)
+        self.launched_in_gaps = 0
+
+    def _mark(self, i):
+        def hook(_p):
+            self._ready[i] = True
+        return hook
+
+    def _ready_prefix(self) -> int:
+        n = 0
+        for ok, s in zip(self._ready, self.sizes):
+            if not ok:
+                break
+            n += s
+        return n
+
+    def begin_layer(self) -> None:
+        """Called once at the start of each MoE layer's backward."""
+        self._layer += 1
+        self._layer_start = self._layer_budget_end
+        extra = self.slices[self._layer] if self._layer < len(self.slices) else 0.0
+        self._layer_budget_end = self._layer_start + extra
+
+    def gap(self, fraction: float) -> None:
+        """A gap of the MoE backward pipeline, ``fraction`` of the layer's chunks done: launch the slice
+        share up to ``fraction`` of this layer's budget, limited to the gradients that exist."""
+        target = self._layer_start + fraction * (self._layer_budget_end - self._layer_start)
+        upto = min(int(round(target)), self._ready_prefix(), sum(self.sizes))
+        if upto > self._done:
+            self.launched_in_gaps += upto - self._done
+            self._launch(upto)
+
+    def _launch(self, upto: int) -> None:
+        start = self._done
+        pieces, off = [], 0
+        for p, s in zip(self.params, self.sizes):
+            lo, hi = max(start, off), min(upto, off + s)
+            if lo < hi:
+                pieces.append(p.grad.reshape(-1)[lo - off:hi - off])
+            off += s
+        buf = torch.cat(pieces).contiguous()
+        work = dist.all_reduce(buf, group=self.group, async_op=True)
+        self._pending.append((start, upto, buf, work))
+        self._done = upto
+
+    def finish(self) -> None:
+        """Launch the rest, wait for every slice, write the reduced gradients back; ready for the next step."""
+        total = sum(self.sizes)
+        if self._done < total:
+            self._launch(total)
+        world = dist.get_world_size(self.group)
+        for start, end, buf, work in self._pending:
+            work.wait()
+            if self.average:
+                buf /= world
+            off = 0
+            for p, s in zip(self.params, self.sizes):
+                lo, hi = max(start, off), min(end, off + s)
+                if lo < hi:
+                    p.grad.reshape(-1)[lo - off:hi - off].copy_(buf[lo - start:hi - start])
+                off += s
+        self._reset()
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the pipelined expert computation
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class _Meta:
+    ep: ExpertParallel
+    token_idx: torch.Tensor     # (N,) local token of each sorted row
+    expert_idx: torch.Tensor    # (N,) global expert of each sorted row
+    num_tokens: int
+    r_fwd: int
+    r_bwd: int
+    activation: str
+    backend: Backend
+    reducer: GradSliceReducer | None = None
+
+
+def _chunks(meta: _Meta, r: int):
+    """Per chunk: row indices (in sorted order) and the full (P_src, r, P_dst) row-count matrix."""
+    ep, T = meta.ep, meta.num_tokens
+    chunk_of_row = (meta.token_idx * r) // max(T, 1)
+    rows = [torch.nonzero(chunk_of_row == c, as_tuple=True)[0] for c in range(r)]
+    dest = meta.expert_idx // ep.experts_per_rank
+    local = torch.zeros(r, ep.size, dtype=torch.int64)
+    local.index_put_((chunk_of_row, dest), torch.ones_like(dest), accumulate=True)
+    # sizes first: every rank learns every (source, chunk, destination) count (r is equal on all ranks)
+    gathered = [torch.empty_like(local) for _ in range(ep.size)]
+    dist.all_gather(gathered, local, group=ep.group)
+    full = torch.stack(gathered).tolist()                      # [src][chunk][dst]
+    mats = [[[full[s][c][d] for d in range(ep.size)] for s in range(ep.size)] for c in range(r)]
+    return rows, mats
+
+
+def _tags(meta: _Meta, rows: torch.Tensor) -> torch.Tensor:
+    ep = meta.ep
+    src = torch.full_like(rows, ep.rank)
+    return torch.stack([src, meta.expert_idx[rows] % ep.experts_per_rank, meta.token_idx[rows]], 1)
+
+
+def _group_by_expert(tags: torch.Tensor, E_local: int, P: int, key_base: int):
+    """Order incoming rows by (local expert, source, token); returns (order, counts, keys in that order)."""
+    key = (tags[:, 1] * P + tags[:, 0]) * key_base + tags[:, 2]
+    order = torch.argsort(key)
+    counts = torch.bincount(tags[order, 1], minlength=E_local)
+    return order, counts, key[order]
+
+
+class EPExperts(torch.autograd.Function):
+    """(x_rows (N,H) sorted by (expert, token), w1, w2 local shards) -> expert outputs y_rows (N,H)."""
+
+    @staticmethod
+    def forward(ctx, x_rows, w1, w2, meta: _Meta):
+        ep = meta.ep
+        E_local, P = ep.experts_per_rank, ep.size
+        key_base = 1 << 40
+        rows, mats = _chunks(meta, meta.r_fwd)
+        exch = [_Exchange(ep, m) for m in mats]
+        pend = [ex.start([x_rows[rw], _tags(meta, rw)]) for ex, rw in zip(exch, rows)]
+        saved_x, saved_a, saved_key, back = [], [], [], []
+        for c, (ex, p) in enumerate(zip(exch, pend)):
+            xr, tags = p.wait()
+            order, counts, keys = _group_by_expert(tags, E_local, P, key_base)
+            xs = xr[order]
+            idx = make_index(torch.zeros(xs.shape[0], dtype=torch.int64), counts, 1)
+            ys, a = expert_mlp_forward(xs, w1, w2, idx, meta.activation, meta.backend)
+            saved_x.append(xs)
+            saved_a.append(a)
+            saved_key.append(keys)
+            back.append(ex.start_back([_unpermute_rows(ys, order)]))
+        y = x_rows.new_empty(x_rows.shape[0], w2.shape[2])
+        for rw, p in zip(rows, back):
+            y[rw] = p.wait()[0]
+        key = torch.cat(saved_key)
+        korder = torch.argsort(key)
+        ctx.save_for_backward(torch.cat(saved_x)[korder], torch.cat(saved_a)[korder], key[korder], w1, w2)
+        ctx.meta = meta
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x_s, a_s, key_s, w1, w2 = ctx.saved_tensors
+        meta = ctx.meta
+        ep = meta.ep
+        E_local, P = ep.experts_per_rank, ep.size
+        key_base = 1 << 40
+        gy = gy.contiguous()
+        rows, mats = _chunks(meta, meta.r_bwd)
+        exch = [_Exchange(ep, m) for m in mats]
+        pend = [ex.start([gy[rw], _tags(meta, rw)]) for ex, rw in zip(exch, rows)]
+        if meta.reducer is not None:
+            meta.reducer.begin_layer()
+        dw1 = torch.zeros_like(w1)
+        dw2 = torch.zeros_like(w2)
+        back = []
+        for c, (ex, p) in enumerate(zip(exch, pend)):
+            g, tags = p.wait()
+            order, counts, keys = _group_by_expert(tags, E_local, P, key_base)
+            pos = torch.searchsorted(key_s, keys)
+            idx = make_index(torch.zeros(keys.shape[0], dtype=torch.int64), counts, 1)
+            dx, d1, d2 = expert_mlp_backward(x_s[pos], a_s[pos], g[order], w1, w2, idx,
+                                             meta.activation, meta.backend)
+            dw1 += d1
+            dw2 += d2
+            back.append(ex.start_back([_unpermute_rows(dx, order)]))
+            if meta.reducer is not None:
+                ep.stats["gaps"] += 1
+                meta.reducer.gap((c + 1) / len(exch))
+        gx = gy.new_empty(gy.shape[0], w1.shape[1])
+        for rw, p in zip(rows, back):
+            gx[rw] = p.wait()[0]
+        return gx, dw1, dw2, None
+
+
+def ep_experts(x_rows, w1, w2, token_idx, expert_idx, num_tokens: int, ep: ExpertParallel, *,
+               r_fwd: int = 1, r_bwd: int = 1, activation: str = "swiglu", backend: Backend = "auto",
+               reducer: GradSliceReducer | None = None) -> torch.Tensor:
+    """Expert outputs for this rank's sorted assignment rows, computed by the experts' owner ranks."""
+    if r_fwd < 1 or r_bwd < 1:
+        raise ValueError(f"r_fwd={r_fwd}, r_bwd={r_bwd}: pipeline degrees must be >= 1")
+    meta = _Meta(ep, token_idx, expert_idx, num_tokens, r_fwd, r_bwd, activation, backend, reducer)
+    return EPExperts.apply(x_rows, w1, w2, meta)

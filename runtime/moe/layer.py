@@ -1,0 +1,91 @@
+"""MoE feed-forward layer: router + permute + grouped-GEMM experts + weighted combine, optionally expert-parallel.
+
+Usage in any torch model::
+
+    moe = MoELayer(hidden=512, ffn=1024, router=RouterConfig(kind="top_p", num_experts=8, k_max=4))
+    y = moe(x)                        # x (..., hidden) -> y (..., hidden)
+    loss = task_loss + moe.aux_loss   # load-balancing + z-loss (+ entropy for top_p), already weighted
+    log(moe.last_stats.as_dict())     # tokens per expert, mean k, dropped, p
+
+Dropless mode: ``RouterConfig(capacity_factor=None)``; capacity (drop) mode: ``capacity_factor > 0``.
+With ``ep=ExpertParallel.create(...)`` the layer holds only its rank's ``E / P`` experts (``w1``/``w2`` are the
+local shards, experts ``expert_offset .. expert_offset + E/P - 1``) and runs the expert computation through
+:func:`adasched.runtime.moe.ep.ep_experts` with pipeline degrees ``r_fwd``/``r_bwd``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from adasched.kernels.moe import Backend, expert_mlp, make_index, permute, unpermute
+
+from .ep import ExpertParallel, GradSliceReducer, ep_experts
+from .router import Router, RouterConfig, RouterStats
+
+__all__ = ["MoELayer"]
+
+
+class MoELayer(nn.Module):
+    """Mixture-of-experts MLP. Parameters: ``router.proj`` (E, hidden) and expert weights
+    ``w1`` (E_local, hidden, 2*ffn for SwiGLU / ffn for GELU), ``w2`` (E_local, ffn, hidden)."""
+
+    def __init__(self, hidden: int, ffn: int, router: RouterConfig, *, activation: str = "swiglu",
+                 backend: Backend = "auto", ep: ExpertParallel | None = None, r_fwd: int = 1, r_bwd: int = 1,
+                 reducer: GradSliceReducer | None = None):
+        super().__init__()
+        if activation not in ("swiglu", "gelu"):
+            raise ValueError(f"activation: {activation!r} is not 'swiglu' or 'gelu'")
+        if hidden < 1 or ffn < 1:
+            raise ValueError(f"hidden={hidden}, ffn={ffn}: sizes must be >= 1")
+        E = router.num_experts
+        if ep is not None and ep.num_experts != E:
+            raise ValueError(f"ep.num_experts: {ep.num_experts} differs from router num_experts {E}")
+        self.hidden, self.ffn, self.activation, self.backend = hidden, ffn, activation, backend
+        self.ep, self.r_fwd, self.r_bwd, self.reducer = ep, r_fwd, r_bwd, reducer
+        self.router = Router(hidden, router)
+        e_local = E if ep is None else ep.experts_per_rank
+        self.expert_offset = 0 if ep is None else ep.rank * e_local
+        cols = 2 * ffn if activation == "swiglu" else ffn
+        self.w1 = nn.Parameter(torch.randn(e_local, hidden, cols) * hidden ** -0.5)
+        self.w2 = nn.Parameter(torch.randn(e_local, ffn, hidden) * ffn ** -0.5)
+        self.aux_loss: torch.Tensor = torch.zeros(())
+        self.last_stats: RouterStats | None = None
+
+    def set_pipeline(self, r_fwd: int, r_bwd: int) -> None:
+        """Pipeline degrees from a plan (e.g. an FSMoE ``MoELayerPlan``'s r_fwd/r_bwd)."""
+        if r_fwd < 1 or r_bwd < 1:
+            raise ValueError(f"r_fwd={r_fwd}, r_bwd={r_bwd}: pipeline degrees must be >= 1")
+        self.r_fwd, self.r_bwd = int(r_fwd), int(r_bwd)
+
+    def load_full_experts(self, w1: torch.Tensor, w2: torch.Tensor) -> None:
+        """Copy this rank's shard out of full (E, ...) expert weights."""
+        n = self.w1.shape[0]
+        with torch.no_grad():
+            self.w1.copy_(w1[self.expert_offset:self.expert_offset + n])
+            self.w2.copy_(w2[self.expert_offset:self.expert_offset + n])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if shape[-1] != self.hidden:
+            raise ValueError(f"input: last dim {shape[-1]} != hidden {self.hidden}")
+        xt = x.reshape(-1, self.hidden)
+        T = xt.shape[0]
+        routing = self.router(xt)
+        self.aux_loss = routing.aux_loss
+        self.last_stats = routing.stats
+        index = make_index(routing.token_idx, routing.counts, T)
+        rows = permute(xt, index, self.backend)
+        if self.ep is None:
+            y = expert_mlp(rows, self.w1, self.w2, index, self.activation, self.backend)
+        else:
+            y = ep_experts(rows, self.w1, self.w2, routing.token_idx, routing.expert_idx, T, self.ep,
+                           r_fwd=self.r_fwd, r_bwd=self.r_bwd, activation=self.activation,
+                           backend=self.backend, reducer=self.reducer)
+        out = unpermute(y, routing.weight.to(y.dtype), index, self.backend)
+        if self.training and self.router.config.kind == "sigmoid_bias":
+            counts = routing.counts.detach().clone()
+            if self.ep is not None:                    # balance on the whole group's load
+                dist.all_reduce(counts, group=self.ep.group)
+            self.router.update_bias(counts)
+        return out.reshape(shape)
