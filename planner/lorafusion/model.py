@@ -216,7 +216,10 @@ def _milp(samples: Sequence[int], adapter_of: Sequence[int], lengths: Sequence[i
     if u is not None:
         for b in B:
             hint.setdefault(f"u_{b}", 0.0)
-    out = solve_pulp(prob, params, warm_start=hint)
+    try:
+        out = solve_pulp(prob, params, warm_start=hint)
+    except pulp.PulpSolverError as err:  # CBC killed by a very short limit before writing a solution file
+        return SolveOutcome("pulp-cbc", "timeout", None, None, params.time_limit, params, note=str(err)[:200]), None
     # extract
     if not out.has_solution:
         return out, None

@@ -66,7 +66,7 @@ def test_plan_lora_happy_path(tmp_path, capsys, fmt):
 
 
 def test_bench_lora_preset_json(capsys):
-    rc = main(["bench", "lora", "--jobs", "mix", "--json", "--time-limit", "0.05"])
+    rc = main(["bench", "lora", "--jobs", "mix", "--json", "--time-limit", "0.1"])
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
     s = res["summary"]
