@@ -1,0 +1,249 @@
+"""Use the schedules where users already plug schedules in: transformers-style ``LambdaLR`` factories,
+``deepspeed.initialize(lr_scheduler=...)``, and megatron-core's ``OptimizerParamScheduler`` interface.
+
+None of these imports transformers, deepspeed or megatron: they only follow their conventions.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from .lr import (UBA_DEFAULT_PHI, _check_int, _check_norms, _check_phi, _check_smoothing, cosine_multiplier,
+                 get_schedule, linear_multiplier, refined_multipliers, rex_multiplier, uba_multiplier)
+
+__all__ = [
+    "ScheduleLambda", "get_lambda_schedule", "get_rex_schedule_with_warmup", "get_uba_schedule_with_warmup",
+    "get_refined_schedule_with_warmup", "DeepSpeedSchedule", "MegatronParamScheduler", "MEGATRON_STYLES",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# transformers: get_*_schedule_with_warmup(optimizer, num_warmup_steps, num_training_steps) -> LambdaLR
+# ----------------------------------------------------------------------------------------------------------------
+class ScheduleLambda:
+    """Picklable ``step -> multiplier of the base lr`` (a callable object, so ``LambdaLR.state_dict`` saves it).
+    Linear warmup from 0 over ``num_warmup_steps``, then ``min_lr_ratio + (1 - min_lr_ratio) * decay(z)``."""
+
+    def __init__(self, name: str, num_warmup_steps: int, num_training_steps: int, *, phi: float | None = None,
+                 min_lr_ratio: float = 0.0, decay_table: Sequence[float] | None = None):
+        self.name = name
+        self.num_training_steps = _check_int("num_training_steps", num_training_steps, 1)
+        self.num_warmup_steps = _check_int("num_warmup_steps", num_warmup_steps, 0)
+        if self.num_warmup_steps >= self.num_training_steps:
+            raise ValueError(f"num_warmup_steps: must be < num_training_steps={self.num_training_steps}, "
+                             f"got {self.num_warmup_steps}")
+        if not isinstance(min_lr_ratio, (int, float)) or not 0 <= min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio: must be in [0, 1], got {min_lr_ratio!r}")
+        self.min_lr_ratio = float(min_lr_ratio)
+        self.phi = None if phi is None else _check_phi(phi)
+        if name == "refined":
+            if decay_table is None or len(decay_table) != self.num_training_steps - self.num_warmup_steps + 1:
+                raise ValueError("decay_table: refined needs num_training_steps - num_warmup_steps + 1 values")
+            self.decay_table = [float(v) for v in decay_table]
+        elif name not in ("linear", "rex", "uba", "cosine"):
+            raise ValueError(f"name: unknown schedule {name!r}; choose linear, rex, uba, cosine or refined")
+
+    def decay(self, k: int, num_decay: int) -> float:
+        z = k / num_decay
+        if self.name == "linear":
+            return linear_multiplier(z)
+        if self.name == "rex":
+            return rex_multiplier(z)
+        if self.name == "uba":
+            return uba_multiplier(z, self.phi if self.phi is not None else UBA_DEFAULT_PHI)
+        if self.name == "cosine":
+            return cosine_multiplier(z)
+        return self.decay_table[k]
+
+    def __call__(self, step: int) -> float:
+        w, T = self.num_warmup_steps, self.num_training_steps
+        if step < w:
+            return step / w
+        m = self.decay(min(step - w, T - w), T - w)
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * m
+
+
+def get_lambda_schedule(name: str, optimizer: torch.optim.Optimizer, num_warmup_steps: int,
+                        num_training_steps: int, *, last_epoch: int = -1, **kw) -> LambdaLR:
+    """``LambdaLR`` with a :class:`ScheduleLambda` (``name`` in linear, rex, uba, cosine)."""
+    return LambdaLR(optimizer, ScheduleLambda(name, num_warmup_steps, num_training_steps, **kw), last_epoch)
+
+
+def get_rex_schedule_with_warmup(optimizer, num_warmup_steps: int, num_training_steps: int,
+                                 min_lr_ratio: float = 0.0, last_epoch: int = -1) -> LambdaLR:
+    """transformers-style REX: linear warmup then REX decay to ``min_lr_ratio * base_lr``."""
+    return get_lambda_schedule("rex", optimizer, num_warmup_steps, num_training_steps, min_lr_ratio=min_lr_ratio,
+                               last_epoch=last_epoch)
+
+
+def get_uba_schedule_with_warmup(optimizer, num_warmup_steps: int, num_training_steps: int,
+                                 phi: float = UBA_DEFAULT_PHI, min_lr_ratio: float = 0.0,
+                                 last_epoch: int = -1) -> LambdaLR:
+    """transformers-style UBA (phi = 2 is ``get_cosine_schedule_with_warmup``)."""
+    return get_lambda_schedule("uba", optimizer, num_warmup_steps, num_training_steps, phi=phi,
+                               min_lr_ratio=min_lr_ratio, last_epoch=last_epoch)
+
+
+def get_refined_schedule_with_warmup(optimizer, num_warmup_steps: int, grad_norms, norm: str = "l2",
+                                     smoothing: float = 0.1, min_lr_ratio: float = 0.0,
+                                     last_epoch: int = -1) -> LambdaLR:
+    """transformers-style refined schedule; ``num_training_steps = len(grad_norms)``."""
+    g = _check_norms(grad_norms)
+    w = _check_int("num_warmup_steps", num_warmup_steps, 0)
+    if w >= g.size:
+        raise ValueError(f"num_warmup_steps: must be < len(grad_norms)={g.size}, got {w}")
+    table = refined_multipliers(g[w:], norm, smoothing)
+    return get_lambda_schedule("refined", optimizer, w, int(g.size), min_lr_ratio=min_lr_ratio,
+                               decay_table=table.tolist(), last_epoch=last_epoch)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DeepSpeed: deepspeed.initialize(..., lr_scheduler=DeepSpeedSchedule("rex", 100, 1000))
+# ----------------------------------------------------------------------------------------------------------------
+class DeepSpeedSchedule:
+    """A callable DeepSpeed accepts as ``lr_scheduler``: the engine calls it with its (basic, torch) optimizer
+    and then drives the result (``step()`` after each optimizer step, ``state_dict()`` in checkpoints). The
+    arguments are those of :func:`~adasched.schedules.get_schedule`. Passing an already built scheduler object
+    works as well; the callable form builds it on the optimizer DeepSpeed actually steps."""
+
+    def __init__(self, name: str, num_warmup_steps: int = 0, num_training_steps: int | None = None, **kw: Any):
+        self.name, self.num_warmup_steps, self.num_training_steps, self.kw = name, num_warmup_steps, \
+            num_training_steps, kw
+
+    def __call__(self, optimizer: torch.optim.Optimizer):
+        return get_schedule(self.name, optimizer, self.num_warmup_steps, self.num_training_steps, **dict(self.kw))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# megatron-core: drop-in for megatron.core.optimizer_param_scheduler.OptimizerParamScheduler
+# ----------------------------------------------------------------------------------------------------------------
+MEGATRON_STYLES = ("constant", "linear", "cosine", "rex", "uba", "refined")
+
+
+class MegatronParamScheduler:
+    """Same constructor, ``step(increment)``, ``get_lr(param_group)``, ``get_wd``, ``state_dict`` and
+    ``load_state_dict`` as megatron-core's ``OptimizerParamScheduler``; steps are counted in SAMPLES (megatron
+    calls ``step(increment=global_batch_size)``). Warmup is megatron's: ``init_lr -> max_lr`` linearly over
+    ``lr_warmup_steps`` (inclusive); decay from ``max_lr`` to ``min_lr`` at ``lr_decay_steps`` (which includes the
+    warmup), then ``min_lr``. Param groups may override ``max_lr``/``min_lr``/``start_wd``/``end_wd``/``wd_mult``.
+
+    Styles: ``constant``, ``linear`` and ``cosine`` as in megatron-core (same floats), plus ``rex``, ``uba``
+    (``phi``) and ``refined`` (``grad_norms`` of a previous run, one per optimizer step; the table is
+    interpolated linearly in progress, so the sample counts need not match)."""
+
+    def __init__(self, optimizer, init_lr: float, max_lr: float, min_lr: float, lr_warmup_steps: int,
+                 lr_decay_steps: int, lr_decay_style: str, start_wd: float = 0.0, end_wd: float = 0.0,
+                 wd_incr_steps: int = 1, wd_incr_style: str = "constant",
+                 use_checkpoint_opt_param_scheduler: bool = True, override_opt_param_scheduler: bool = False,
+                 *, phi: float = UBA_DEFAULT_PHI, grad_norms=None, norm: str = "l2", smoothing: float = 0.1):
+        self.optimizer = optimizer
+        self.init_lr, self.max_lr, self.min_lr = float(init_lr), float(max_lr), float(min_lr)
+        if not (0.0 <= self.min_lr <= self.max_lr):
+            raise ValueError(f"min_lr: must be in [0, max_lr={self.max_lr}], got {self.min_lr}")
+        if not (0.0 <= self.init_lr <= self.max_lr):
+            raise ValueError(f"init_lr: must be in [0, max_lr={self.max_lr}], got {self.init_lr}")
+        self.lr_decay_steps = _check_int("lr_decay_steps", lr_decay_steps, 1)
+        self.lr_warmup_steps = _check_int("lr_warmup_steps", lr_warmup_steps, 0)
+        if self.lr_warmup_steps >= self.lr_decay_steps:
+            raise ValueError(f"lr_warmup_steps: must be < lr_decay_steps={self.lr_decay_steps}, "
+                             f"got {self.lr_warmup_steps}")
+        if lr_decay_style not in MEGATRON_STYLES:
+            raise ValueError(f"lr_decay_style: {lr_decay_style!r} not supported; choose {', '.join(MEGATRON_STYLES)}")
+        self.lr_decay_style = lr_decay_style
+        self.phi = _check_phi(phi)
+        self.decay_table = None
+        if lr_decay_style == "refined":
+            if grad_norms is None:
+                raise ValueError("grad_norms: lr_decay_style='refined' needs the norms of a previous run")
+            self.decay_table = refined_multipliers(_check_norms(grad_norms), norm, _check_smoothing(smoothing))
+        self.start_wd, self.end_wd = float(start_wd), float(end_wd)
+        if not 0.0 <= self.start_wd <= self.end_wd:
+            raise ValueError(f"start_wd: must be in [0, end_wd={self.end_wd}], got {self.start_wd}")
+        self.wd_incr_steps = _check_int("wd_incr_steps", wd_incr_steps, 1)
+        if wd_incr_style not in ("constant", "linear", "cosine"):
+            raise ValueError(f"wd_incr_style: must be constant, linear or cosine, got {wd_incr_style!r}")
+        self.wd_incr_style = wd_incr_style
+        if override_opt_param_scheduler and use_checkpoint_opt_param_scheduler:
+            raise ValueError("override_opt_param_scheduler: cannot be set together with "
+                             "use_checkpoint_opt_param_scheduler")
+        self.use_checkpoint_opt_param_scheduler = use_checkpoint_opt_param_scheduler
+        self.override_opt_param_scheduler = override_opt_param_scheduler
+        self.num_steps = 0
+        self.step(0)
+
+    def get_wd(self, param_group: dict | None = None) -> float:
+        start = param_group.get("start_wd", self.start_wd) if param_group else self.start_wd
+        end = param_group.get("end_wd", self.end_wd) if param_group else self.end_wd
+        if self.num_steps > self.wd_incr_steps or self.wd_incr_style == "constant":
+            return end
+        r = float(self.num_steps) / float(self.wd_incr_steps)
+        coeff = r if self.wd_incr_style == "linear" else 0.5 * (math.cos(math.pi * (1 - r)) + 1.0)
+        return start + coeff * (end - start)
+
+    def _coeff(self, z: float) -> float:
+        style = self.lr_decay_style
+        if style == "linear":
+            return linear_multiplier(z)
+        if style == "cosine":
+            return cosine_multiplier(z)
+        if style == "rex":
+            return rex_multiplier(z)
+        if style == "uba":
+            return uba_multiplier(z, self.phi)
+        table = self.decay_table
+        x = z * (len(table) - 1)
+        return float(np.interp(x, np.arange(len(table)), table))
+
+    def get_lr(self, param_group: dict) -> float:
+        max_lr = param_group.get("max_lr", self.max_lr)
+        min_lr = param_group.get("min_lr", self.min_lr)
+        if self.lr_warmup_steps > 0 and self.num_steps <= self.lr_warmup_steps:
+            return self.init_lr + (max_lr - self.init_lr) * float(self.num_steps) / float(self.lr_warmup_steps)
+        if self.lr_decay_style == "constant":
+            return max_lr
+        if self.num_steps > self.lr_decay_steps:
+            return min_lr
+        z = float(self.num_steps - self.lr_warmup_steps) / float(self.lr_decay_steps - self.lr_warmup_steps)
+        return min_lr + self._coeff(z) * (max_lr - min_lr)
+
+    def step(self, increment: int) -> None:
+        """Advance by ``increment`` samples and set every group's lr and weight decay."""
+        self.num_steps += increment
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.get_lr(group)
+            group["weight_decay"] = self.get_wd(group) * group.get("wd_mult", 1.0)
+
+    def state_dict(self) -> dict:
+        return {"max_lr": self.max_lr, "lr_warmup_steps": self.lr_warmup_steps, "num_steps": self.num_steps,
+                "lr_decay_style": self.lr_decay_style, "lr_decay_steps": self.lr_decay_steps,
+                "min_lr": self.min_lr, "start_wd": self.start_wd, "end_wd": self.end_wd,
+                "wd_incr_style": self.wd_incr_style, "wd_incr_steps": self.wd_incr_steps}
+
+    def _check_and_set(self, ours, theirs, name: str):
+        if self.override_opt_param_scheduler:
+            return ours
+        if not self.use_checkpoint_opt_param_scheduler and ours != theirs:
+            raise ValueError(f"{name}: scheduler has {ours!r} but the checkpoint has {theirs!r}")
+        return theirs
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Megatron semantics: checked/overridden hyper-parameters, then ``step(num_steps)`` from a fresh scheduler."""
+        self.max_lr = self._check_and_set(self.max_lr, sd.get("start_lr", sd.get("max_lr")), "max_lr")
+        self.min_lr = self._check_and_set(self.min_lr, sd["min_lr"], "min_lr")
+        self.lr_warmup_steps = self._check_and_set(
+            self.lr_warmup_steps, sd.get("warmup_iter", sd.get("warmup_steps", sd.get("lr_warmup_steps"))),
+            "lr_warmup_steps")
+        self.lr_decay_steps = self._check_and_set(
+            self.lr_decay_steps, sd.get("end_iter", sd.get("decay_steps", sd.get("lr_decay_steps"))), "lr_decay_steps")
+        self.lr_decay_style = self._check_and_set(self.lr_decay_style, sd.get("decay_style", sd.get("lr_decay_style")),
+                                                  "lr_decay_style")
+        self.step(increment=sd.get("num_iters", sd.get("num_steps")))
+        if "start_wd" in sd:
+            self.start_wd = self._check_and_set(self.start_wd, sd["start_wd"], "start_wd")
+            self.end_wd = self._check_and_set(self.end_wd, sd["end_wd"], "end_wd")
+            self.wd_incr_steps = self._check_and_set(self.wd_incr_steps, sd["wd_incr_steps"], "wd_incr_steps")
+            self.wd_incr_style = self._check_and_set(self.wd_incr_style, sd["wd_incr_style"], "wd_incr_style")
