@@ -171,19 +171,41 @@ def _register_plugins() -> None:
     _registered = True
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: runs the CLI; bad input -> `error: ...` on stderr and exit 2, never a traceback."""
+def _click_exceptions():
+    """(Exit, UsageError, NoArgsIsHelpError, Abort) classes of click and of the click copy vendored by newer typer."""
     import click
 
+    mods = [click.exceptions]
+    try:
+        import typer._click.exceptions as vendored  # typer >= 0.24 ships its own click
+
+        mods.append(vendored)
+    except ImportError:
+        pass
+    import typer
+
+    def pick(name):
+        return tuple(getattr(m, name) for m in mods if hasattr(m, name))
+
+    return (pick("Exit") + (typer.Exit,), pick("UsageError"), pick("NoArgsIsHelpError"), pick("Abort"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the CLI; bad input -> `error: ...` on stderr and exit 2, never a traceback."""
+    exit_exc, usage_exc, no_args_exc, abort_exc = _click_exceptions()
     _register_plugins()
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="adasched")
         return int(rv or 0) if isinstance(rv, int) else 0
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.exceptions.UsageError as e:
-        msg = e.format_message()
-        ctx = e.ctx.command_path if e.ctx else "adasched"
+    except exit_exc as e:
+        return int(getattr(e, "exit_code", 0) or 0)
+    except no_args_exc as e:  # `adasched` or `adasched plan` alone: the help is the answer
+        ctx = getattr(e, "ctx", None)
+        sys.stdout.write((ctx.get_help() if ctx is not None else e.format_message()) + "\n")
+        return 0
+    except usage_exc as e:
+        msg = " ".join(e.format_message().split())
+        ctx = e.ctx.command_path if getattr(e, "ctx", None) else "adasched"
         sys.stderr.write(f"error: {ctx}: {msg}\n")
         return 2
     except (InputError, ValueError, FileNotFoundError) as e:
@@ -194,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         msg = describe_validation_error(e) if isinstance(e, ValidationError) else str(e)
         sys.stderr.write("error: " + " ".join(msg.split()) + "\n")
         return 2
-    except click.exceptions.Abort:
+    except abort_exc:
         sys.stderr.write("aborted\n")
         return 130
 

@@ -23,11 +23,10 @@ def register(groups) -> None:
         name: Optional[str] = typer.Option(None, "--name", help="Profile name (default local-<hostname>)."),
         as_json: bool = typer.Option(False, "--json", help="Print the profile as JSON on stdout (nothing else)."),
     ) -> None:
-        """Profile this machine: device inventory (NVML, or the CPU host without a GPU), GEMM rate, copy
-        bandwidth, attention fwd+bwd over sequence lengths (fit a1*s^2 + a2*s + b), linear-layer cost per
-        token, and all_to_all/all_reduce/all_gather/reduce_scatter over message and group sizes (alpha-beta
-        fits with their error). Under torchrun the collectives use that world (gloo on CPU, nccl on GPU);
-        otherwise --nproc gloo workers are spawned. Use the file with `--profile FILE` in the planners."""
+        """Measure this machine and write a ClusterProfile JSON (the planners' --profile FILE).
+
+        Device inventory (NVML, or the CPU host without a GPU), GEMM rate, copy bandwidth, attention fwd+bwd over sequence lengths (fit a1*s^2 + a2*s + b), the linear layers' cost per token, and all_to_all, all_reduce, all_gather, reduce_scatter over message and group sizes (alpha-beta fits with their error). Under torchrun the collectives use that world (gloo on CPU, nccl on GPU); otherwise --nproc gloo workers are spawned here. Progress goes to stderr; --json keeps stdout pure JSON.
+        """
         from adasched.planner.ui import emit_json, print_table
 
         from .local import in_torchrun, profile_in_world, profile_local
@@ -35,15 +34,19 @@ def register(groups) -> None:
 
         if out.exists() and out.is_dir():
             raise typer.BadParameter(f"{out} is a directory", param_hint="--out")
-        if in_torchrun() and not no_collectives:
-            prof = profile_in_world(quick=quick, out=out, name=name)
-            if prof is None:  # not rank 0
-                return
-        else:
-            prof = profile_local(quick=quick, nproc=nproc, collectives=not no_collectives, name=name)
-            from .profile import save_profile
+        try:
+            if in_torchrun() and not no_collectives:
+                prof = profile_in_world(quick=quick, out=out, name=name)
+                if prof is None:  # not rank 0
+                    return
+            else:
+                prof = profile_local(quick=quick, nproc=nproc, collectives=not no_collectives, name=name)
+                from .profile import save_profile
 
-            save_profile(prof, out)
+                save_profile(prof, out)
+        except (RuntimeError, TimeoutError) as err:  # a worker died or hung: say so, no traceback, no file
+            typer.echo(f"error: profile: {' '.join(str(err).split())}", err=True)
+            raise typer.Exit(1) from None
         if as_json:
             emit_json(prof)
         else:

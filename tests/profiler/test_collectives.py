@@ -1,0 +1,90 @@
+"""Collective profiling with real gloo process groups: spawned workers (2 ranks) and torchrun (4 ranks)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adasched.profiler.collectives import (OPS, CollectiveConfig, fit_collectives, group_sizes_for,
+                                           spawn_collectives)
+from adasched.profiler.profile import load_profile
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_group_sizes():
+    assert group_sizes_for(1) == [] and group_sizes_for(2) == [2]
+    assert group_sizes_for(8) == [2, 4, 8] and group_sizes_for(6) == [2, 4, 6]
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="unknown collective"):
+        CollectiveConfig(sizes=(8, 16), ops=("broadcastx",))
+    with pytest.raises(ValueError, match=">= 2 positive"):
+        CollectiveConfig(sizes=(8,))
+    with pytest.raises(ValueError, match="nproc"):
+        spawn_collectives(1, CollectiveConfig(sizes=(8, 16)))
+
+
+@pytest.mark.slow
+def test_spawned_gloo_workers_fit_all_four_ops():
+    """2 spawned ranks; reduce_scatter through its documented all_reduce + shard equivalent (the torchrun test
+    below times the backend's own reduce_scatter)."""
+    cfg = CollectiveConfig(sizes=(1 << 12, 1 << 16, 1 << 19), warmup=1, repeats=3, timeout_s=60,
+                           emulate_reduce_scatter=True)
+    res = spawn_collectives(2, cfg, show_progress=False, limit_s=120)
+    assert res["world"] == 2 and res["backend"] == "gloo"
+    pts = res["points"]
+    assert {(p["op"], p["group_size"]) for p in pts} == {(op, 2) for op in OPS}
+    assert sorted({p["bytes"] for p in pts}) == [1 << 12, 1 << 16, 1 << 19]
+    assert all(p["ms"] > 0 for p in pts)
+    fits = fit_collectives(res, ranks_per_node=2, source="measured: test")
+    assert sorted(f.op for f in fits) == sorted(OPS)
+    for f in fits:
+        mine = [p for p in pts if p["op"] == f.op]
+        errs = [abs(f.time_ms(p["bytes"]) - p["ms"]) / p["ms"] for p in mine]
+        assert f.fit_rel_error == pytest.approx(sum(errs) / len(errs), rel=1e-6)
+        assert f.scope == "intra" and f.beta_ms_per_byte > 0 and "gloo, 2 ranks" in f.source
+        assert ("all_reduce + local shard" in f.source) == (f.op == "reduce_scatter")
+    assert list(res["emulated"]) == ["reduce_scatter"]
+
+
+@pytest.mark.slow
+def test_torchrun_four_ranks_writes_profile(tmp_path):
+    """The issue's check: torchrun --standalone --nproc_per_node=4 of the collective profiling."""
+    out = tmp_path / "coll.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+           "-m", "adasched.launch.profile_collectives", "--out", str(out), "--quick", "--no-microbench",
+           "--name", "tr4"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "wrote" in r.stdout and "Traceback" not in r.stderr
+    p = load_profile(out)
+    assert p.name == "tr4" and p.world_size == 4 and p.gpus_per_node == 4
+    assert {(c.op, c.group_size) for c in p.collectives} == {(op, g) for op in OPS for g in (2, 4)}
+    assert all(c.scope == "intra" and c.beta_ms_per_byte > 0 for c in p.collectives)
+    assert len(p.raw["collectives"]["points"]) == len(OPS) * 2 * 4
+    assert p.attention is None  # --no-microbench
+    assert p.raw["collectives"]["emulated"] == {}  # gloo's own reduce_scatter was timed
+    assert [f.name for f in tmp_path.iterdir()] == ["coll.json"]  # atomic write: no temp file left
+
+
+def test_emulated_reduce_scatter_is_recorded_in_source():
+    res = {"world": 2, "backend": "gloo", "emulated": {"reduce_scatter": "timed as all_reduce + local shard"},
+           "points": [{"op": "reduce_scatter", "group_size": 2, "bytes": b, "ms": 0.1 + b * 1e-6} for b in (1e3, 1e5)]}
+    (f,) = fit_collectives(res, 1, "measured: x")
+    assert "all_reduce + local shard" in f.source and f.scope == "inter"
+    assert f.alpha_ms == pytest.approx(0.1, rel=1e-6) and f.beta_ms_per_byte == pytest.approx(1e-6, rel=1e-6)
+
+
+def test_torchrun_entry_refuses_outside_torchrun(capsys, monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(k, raising=False)
+    from adasched.launch.profile_collectives import main
+
+    assert main(["--out", "x.json"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1

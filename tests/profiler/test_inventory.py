@@ -1,0 +1,91 @@
+"""Device inventory: the CPU fallback on this machine and the NVML path against a fake NVML."""
+import sys
+import types
+
+import pytest
+
+from adasched.profiler import inventory as inv
+
+
+class _NVMLError(Exception):
+    pass
+
+
+def _fake_pynvml(n_gpus: int, fail_init: bool = False):
+    m = types.ModuleType("pynvml")
+    m.NVML_CLOCK_SM, m.NVML_CLOCK_MEM, m.NVML_FEATURE_ENABLED, m.NVML_NVLINK_MAX_LINKS = 1, 2, 1, 18
+    calls = {"shutdown": 0}
+
+    def init():
+        if fail_init:
+            raise _NVMLError("NVML Shared Library Not Found")
+
+    def nvlink_state(h, link):
+        if link >= 6:
+            raise _NVMLError("Not Supported")
+        return 1 if link < 4 else 0
+
+    def topo(a, b):
+        return 10 if abs(a - b) == 1 else 50
+
+    def shutdown():
+        calls["shutdown"] += 1
+
+    m.nvmlInit = init
+    m.nvmlShutdown = shutdown
+    m.nvmlDeviceGetCount = lambda: n_gpus
+    m.nvmlDeviceGetHandleByIndex = lambda i: i
+    m.nvmlDeviceGetName = lambda h: b"NVIDIA Fake100"
+    m.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(total=80 * 2**30)
+    m.nvmlDeviceGetMaxClockInfo = lambda h, kind: {1: 1980, 2: 2619}[kind]
+    m.nvmlDeviceGetNvLinkState = nvlink_state
+    m.nvmlDeviceGetMaxPcieLinkGeneration = lambda h: 5
+    m.nvmlDeviceGetPowerManagementLimit = lambda h: 700000
+
+    def no_power(h):
+        raise _NVMLError("Not Supported")
+
+    m.no_power = no_power
+    m.nvmlDeviceGetTopologyCommonAncestor = topo
+    m.nvmlSystemGetDriverVersion = lambda: "580.1"
+    m.calls = calls
+    return m
+
+
+def test_cpu_fallback_on_this_machine(capsys):
+    dev, host = inv.inventory()
+    err = capsys.readouterr().err
+    if dev.kind == "gpu":
+        pytest.skip("this machine has a GPU; the fake-NVML tests cover the GPU path")
+    assert err.count("\n") == 1 and err.startswith("no NVIDIA GPU/driver found") and "CPU host" in err
+    assert "Traceback" not in err
+    assert dev.memory_bytes > 2**28 and "cores" in dev.name and host["cores"] >= 1
+
+
+def test_nvml_missing_library(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(0, fail_init=True))
+    dev, _ = inv.inventory()
+    err = capsys.readouterr().err
+    assert dev.kind == "cpu"
+    assert err == "no NVIDIA GPU/driver found (NVML: NVML Shared Library Not Found); describing the CPU host instead\n"
+
+
+def test_nvml_gpus(monkeypatch, capsys):
+    fake = _fake_pynvml(4)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    dev, host = inv.inventory()
+    assert capsys.readouterr().err == ""
+    assert (dev.kind, dev.name, dev.memory_bytes, dev.count_per_node) == ("gpu", "NVIDIA Fake100", 80 * 2**30, 4)
+    assert (dev.sm_clock_mhz, dev.mem_clock_mhz, dev.nvlink_links, dev.pcie_gen) == (1980, 2619, 4, 5)
+    assert dev.power_limit_w == 700.0 and dev.driver == "580.1"
+    m = dev.topology["matrix"]
+    assert [m[i][i] for i in range(4)] == ["X"] * 4 and m[0][1] == "PIX" and m[0][2] == "SYS" and m[3][2] == "PIX"
+    assert host["gpus"] == ["NVIDIA Fake100"] * 4 and fake.calls["shutdown"] == 1
+
+
+def test_nvml_unsupported_fields_become_none(monkeypatch):
+    fake = _fake_pynvml(1)
+    fake.nvmlDeviceGetPowerManagementLimit = fake.no_power
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    dev, _ = inv.inventory()
+    assert dev.power_limit_w is None and dev.topology is None and dev.count_per_node == 1

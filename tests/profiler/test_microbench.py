@@ -1,0 +1,44 @@
+"""Microbenchmarks run on this device with tiny shapes and produce consistent, fitted results."""
+import pytest
+
+from adasched.profiler.microbench import MicrobenchConfig, microbench_config, run_microbenchmarks, time_ms
+
+
+def test_tiny_microbench_fits_its_points():
+    cfg = MicrobenchConfig(device="cpu", dtype="float32", gemm_n=64, copy_bytes=1 << 20, attn_seqlens=(32, 64, 128),
+                           attn_heads=2, attn_head_dim=16, linear_hidden=32, linear_ffn=64,
+                           linear_tokens=(16, 64, 256), warmup=1, repeats=3)
+    r = run_microbenchmarks(cfg, show_progress=False)
+    g = r.raw["gemm"]
+    assert r.gemm_tflops == pytest.approx(2 * 64**3 / (g["ms"] * 1e-3) / 1e12)
+    assert r.copy_GBps == pytest.approx(2 * (1 << 20) / (r.raw["copy"]["ms"] * 1e-3) / 1e9)
+    assert [x["seq"] for x in r.raw["attention"]] == [32, 64, 128]
+    assert [x["tokens"] for x in r.raw["linear"]] == [16, 64, 256]
+    for x in r.raw["attention"]:
+        assert x["fwd_bwd_ms"] > 0
+    # the recorded fit error is the fit's error on the recorded points
+    errs = [abs(r.attention.time_ms(x["seq"]) - x["fwd_bwd_ms"]) / x["fwd_bwd_ms"] for x in r.raw["attention"]]
+    assert r.attention.fit_rel_error == pytest.approx(sum(errs) / len(errs), rel=1e-6)
+    assert r.attention.heads == 2 and r.attention.head_dim == 16 and "cpu" in r.attention.source
+    assert r.linear.ms_per_token > 0 and r.linear.hidden == 32
+
+
+def test_configs_and_validation():
+    q = microbench_config(True, "cpu")
+    assert q.device == "cpu" and q.gemm_n <= 512 and max(q.attn_seqlens) <= 1024
+    g = microbench_config(False, "cuda")
+    assert g.dtype == "bfloat16" and g.linear_hidden == 4096 and g.attn_head_dim == 128
+    with pytest.raises(ValueError, match="device"):
+        MicrobenchConfig(device="tpu", dtype="float32", gemm_n=8, copy_bytes=8, attn_seqlens=(1, 2, 3), attn_heads=1,
+                         attn_head_dim=1, linear_hidden=1, linear_ffn=1, linear_tokens=(1, 2))
+    with pytest.raises(ValueError, match=">= 3 attention"):
+        MicrobenchConfig(device="cpu", dtype="float32", gemm_n=8, copy_bytes=8, attn_seqlens=(1, 2), attn_heads=1,
+                         attn_head_dim=1, linear_hidden=1, linear_ffn=1, linear_tokens=(1, 2))
+
+
+def test_time_ms_is_median():
+    import time
+
+    seq = iter([0.0, 0.0, 0.002, 0.010, 0.002, 0.050, 0.002])
+    t = time_ms(lambda: time.sleep(next(seq)), "cpu", warmup=2, repeats=5)
+    assert 2.0 <= t < 9.0  # the median of (2, 10, 2, 50, 2) ms, not the mean (13.2) nor a warmup run

@@ -1,0 +1,40 @@
+"""`adasched profile`: a quick run on this machine writes a loadable profile; --json prints only JSON."""
+import json
+
+from adasched.planner.cli import main
+from adasched.profiler.collectives import OPS
+from adasched.profiler.profile import ClusterProfile, load_profile
+
+
+def test_profile_quick_json(tmp_path, capsys):
+    out = tmp_path / "prof.json"
+    rc = main(["profile", "--quick", "--json", "--nproc", "2", "--out", str(out), "--name", "ci"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    printed = ClusterProfile.model_validate(json.loads(cap.out))  # stdout is exactly one JSON document
+    p = load_profile(out)
+    assert printed == p
+    assert p.name == "ci" and p.world_size == 2 and p.source.startswith("measured")
+    assert p.gemm_tflops > 0 and p.copy_GBps > 0 and p.attention.a1_ms_per_tok2 >= 0 and p.linear.ms_per_token > 0
+    assert {(c.op, c.group_size) for c in p.collectives} == {(op, 2) for op in OPS}
+    assert "Traceback" not in cap.err
+    assert [f.name for f in tmp_path.iterdir()] == ["prof.json"]
+
+
+def test_profile_table_without_collectives(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert main(["profile", "--quick", "--no-collectives", "--out", str(out)]) == 0
+    cap = capsys.readouterr()
+    assert "GEMM" in cap.out and "attention fwd+bwd" in cap.out
+    p = load_profile(out)
+    assert p.collectives == [] and p.world_size == p.device.count_per_node
+
+
+def test_profile_bad_options(tmp_path, capsys):
+    assert main(["profile", "--quick", "--nproc", "1", "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1 and "--nproc" in err
+    assert main(["profile", "--quick", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "is a directory" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
