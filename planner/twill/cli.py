@@ -1,0 +1,61 @@
+"""`adasched plan twill`: optimal software pipelining + warp specialisation of a loop-body graph."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+__all__ = ["register"]
+
+
+def register(groups) -> None:
+    @groups.plan.command("twill")
+    def plan_twill_cmd(
+        graph: str = typer.Option("fa3-hopper", "--graph", help="Built-in graph (toy-attention, fa3-hopper, "
+                                  "hopper-gemm, fa4-blackwell) or a graph JSON file."),
+        machine: str = typer.Option("h100", "--machine", help="Built-in machine (h100, b200) or a machine JSON file."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Write the plan JSON here."),
+        time_limit: float = typer.Option(10.0, "--time-limit", help="Seconds for the whole search over I."),
+        seed: int = typer.Option(0, "--seed"),
+        threads: int = typer.Option(1, "--threads", help="CP-SAT workers (1 = deterministic)."),
+        plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the schedule (PNG)."),
+        as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
+    ) -> None:
+        """Find the smallest initiation interval I (MII = max(ResMII, RecMII) upward, CP-SAT), the stage and issue
+        cycle of every op, a warp-group assignment, buffer depths and Triton knobs."""
+        from adasched.planner.plan import save_plan
+        from adasched.planner.solver import SolveParams
+        from adasched.planner.ui import emit_json, print_table
+        from adasched.profiler.io import InputError
+
+        from .plan import plan_twill
+
+        try:
+            params = SolveParams(time_limit=time_limit, seed=seed, threads=threads)
+        except ValueError as err:
+            raise InputError("--time-limit/--threads", str(err)) from None
+        plan = plan_twill(graph, machine, params)
+        if out:
+            save_plan(plan, out)
+        if plot:
+            plan.plot(plot)
+        if as_json:
+            emit_json({
+                "ii": plan.ii, "mii": plan.mii, "res_mii": plan.res_mii, "rec_mii": plan.rec_mii,
+                "plain_ii": plan.plain_ii, "status": plan.solver.status, "gap": plan.solver.gap,
+                "ii_proven_minimal": plan.ii_proven_minimal, "solve_seconds": plan.solver.solve_seconds,
+                "stages": plan.stages,
+                "warp_groups": [g.model_dump() for g in plan.warp_groups],
+                "ops": [o.model_dump() for o in plan.ops], "channels": plan.channels, "buffers": plan.buffers,
+                "peeled": plan.peeled, "knobs": plan.knobs.model_dump(),
+                "sim_cycles_per_iteration": plan.sim_cycles_per_iteration, "sim_deadlock": plan.sim_deadlock,
+                "note": plan.solver.note, "out": str(out) if out else None,
+            })
+        else:
+            print_table(plan.summary_rows(), ["field", "value"], title=f"twill plan: {plan.graph_name}")
+            rows = [(o.name, o.issue_cycle, o.stage, o.residue, o.warp_group, " ".join(o.units)) for o in
+                    sorted(plan.ops, key=lambda o: o.issue_cycle)]
+            print_table(rows, ["op", "issue", "stage", "residue", "warp group", "units"], title="schedule")
+            if out:
+                typer.echo(f"wrote {out}")

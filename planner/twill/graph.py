@@ -1,0 +1,273 @@
+"""Twill input model: a loop-body dependence graph of tile-level ops and a machine model.
+
+A graph (JSON) lists functional ``units`` (optional; they override the machine's counts), ``ops`` with a
+reservation table (``reserve[unit][c]`` = units of that kind held in the c-th cycle after issue) and
+optional warp-related fields (``regs`` per thread, ``smem`` in KiB, ``variable_latency``, ``blocking``), and
+``edges`` (u -> v: v issues at least ``delay`` cycles after u, ``distance`` iterations later). All times are
+*normalised cycles* (small integers, see :func:`normalise_costs`).
+
+A machine (JSON, ``machines/<name>.json``) gives unit counts, register and shared-memory budgets per warp
+group, the cross-warp-group handoff cost and the maximum number of warp groups.
+
+:func:`check_graph` turns every illegal input into one :class:`InputError` naming the op or edge.
+"""
+from __future__ import annotations
+
+import math
+import os
+from fractions import Fraction
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from adasched.profiler.io import InputError, load_model
+
+__all__ = [
+    "Op", "Edge", "Graph", "Machine", "Problem",
+    "GRAPHS_DIR", "MACHINES_DIR", "builtin_graphs", "builtin_machines",
+    "load_graph", "load_machine", "check_graph", "make_problem", "normalise_costs",
+]
+
+GRAPHS_DIR = Path(__file__).with_name("graphs")
+MACHINES_DIR = Path(__file__).with_name("machines")
+
+
+class Op(BaseModel):
+    """One tile-level operation of the loop body."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    reserve: dict[str, list[int]] = Field(description="unit -> units held in each cycle after issue")
+    regs: int | None = Field(default=None, ge=0, description="registers per thread its result holds while live")
+    smem: int | None = Field(default=None, ge=0, description="shared memory (KiB) one live copy of its result holds")
+    variable_latency: bool | None = Field(default=None, description="latency unknown at compile time (TMA loads)")
+    blocking: bool | None = Field(default=None, description="its warp group can issue nothing else while it runs")
+    category: str = Field(default="", description="label for plots (e.g. 'tma', 'mma', 'softmax')")
+
+    @field_validator("reserve")
+    @classmethod
+    def _rows(cls, v: dict[str, list[int]]) -> dict[str, list[int]]:
+        for unit, row in v.items():
+            if not row:
+                raise ValueError(f"reserve[{unit!r}] is empty (give at least one cycle)")
+            if any(x < 0 for x in row):
+                raise ValueError(f"reserve[{unit!r}] has a negative count")
+        return v
+
+    @property
+    def length(self) -> int:
+        """Cycles of its reservation table (>= 1): how long it runs."""
+        return max([len(r) for r in self.reserve.values()] + [1])
+
+    def usage(self, unit: str) -> int:
+        return sum(self.reserve.get(unit, ()))
+
+
+class Edge(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    src: str = Field(alias="from")
+    dst: str = Field(alias="to")
+    delay: int = Field(default=0, ge=0, description="minimum issue-to-issue distance (normalised cycles)")
+    distance: int = Field(default=0, ge=0, description="iteration distance (1 = loop-carried)")
+    value: bool = Field(default=True, description="carries a value (crossing warp groups costs a handoff)")
+
+    def label(self) -> str:
+        return f"{self.src}->{self.dst}"
+
+
+class Graph(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "graph"
+    description: str = ""
+    machine: str | None = Field(default=None, description="machine the graph was written for (hint)")
+    units: dict[str, int] | None = Field(default=None, description="unit counts; override the machine's")
+    ops: list[Op] = Field(min_length=1)
+    edges: list[Edge] = Field(default_factory=list)
+
+    @field_validator("units")
+    @classmethod
+    def _units(cls, v):
+        if v is not None:
+            for k, n in v.items():
+                if n < 0:
+                    raise ValueError(f"units[{k!r}] = {n} must be >= 0")
+        return v
+
+    def has_warp_fields(self) -> bool:
+        """True when any op gives registers, shared memory, variable latency or a blocking wait."""
+        return any(o.regs is not None or o.smem is not None or o.variable_latency is not None
+                   or o.blocking is not None for o in self.ops)
+
+    def op(self, name: str) -> Op:
+        for o in self.ops:
+            if o.name == name:
+                return o
+        raise KeyError(name)
+
+
+class Machine(BaseModel):
+    """Per-SM resources of one GPU, in normalised cycles (``cycle_ns`` converts back)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str = ""
+    cycle_ns: float = Field(gt=0, description="nanoseconds per normalised cycle")
+    units: dict[str, int]
+    max_warp_groups: int = Field(ge=1)
+    threads_per_group: int = Field(default=128, ge=32)
+    regs_per_group_max: int = Field(ge=1, description="registers per thread a warp group may hold (setmaxnreg cap)")
+    regs_total: int = Field(ge=1, description="registers per thread summed over warp groups (register file / 128)")
+    group_base_regs: int = Field(default=0, ge=0, description="registers per thread every used group needs")
+    smem_capacity: int = Field(ge=1, description="shared memory per CTA (KiB)")
+    handoff_cycles: int = Field(ge=0, description="extra delay when a value crosses warp groups (mbarrier)")
+    warp_specialize: bool = Field(description="Triton's tl.range(warp_specialize=True) is supported here")
+    raw_cycles: dict[str, float] = Field(default_factory=dict, description="hardware cycles of op classes")
+    clock_ghz: float = Field(default=1.0, gt=0)
+    tensor_flops_per_cycle: float = Field(default=0.0, ge=0, description="dense fp16 FLOP per SM cycle")
+
+
+class Problem(BaseModel):
+    """A checked graph with the effective unit counts of graph + machine."""
+
+    model_config = ConfigDict(extra="forbid")
+    graph: Graph
+    machine: Machine
+    units: dict[str, int]
+    warp: bool = Field(description="solve the joint SWP + warp-specialisation problem")
+
+
+def builtin_graphs() -> list[str]:
+    return sorted(p.stem for p in GRAPHS_DIR.glob("*.json"))
+
+
+def builtin_machines() -> list[str]:
+    return sorted(p.stem for p in MACHINES_DIR.glob("*.json"))
+
+
+def _resolve(spec: str | os.PathLike, folder: Path, what: str, names: list[str]) -> Path:
+    s = os.fspath(spec)
+    if (folder / f"{s}.json").is_file() and os.sep not in s and not s.endswith(".json"):
+        return folder / f"{s}.json"
+    p = Path(s)
+    if p.is_file() or s.endswith(".json") or os.sep in s:
+        return p
+    raise InputError(f"--{what}", f"{s!r} is neither a built-in {what} ({', '.join(names)}) nor a file")
+
+
+def load_graph(spec: str | os.PathLike) -> tuple[Graph, str]:
+    """A built-in graph name or a JSON file -> (Graph, where) where 'where' names it in errors."""
+    path = _resolve(spec, GRAPHS_DIR, "graph", builtin_graphs())
+    return load_model(path, Graph), str(path)
+
+
+def load_machine(spec: str | os.PathLike) -> Machine:
+    path = _resolve(spec, MACHINES_DIR, "machine", builtin_machines())
+    return load_model(path, Machine)
+
+
+def _zero_distance_cycle(graph: Graph) -> list[str] | None:
+    """Ops on a cycle made only of distance-0 edges (iterative DFS), or None."""
+    succ: dict[str, list[str]] = {o.name: [] for o in graph.ops}
+    for e in graph.edges:
+        if e.distance == 0:
+            succ[e.src].append(e.dst)
+    colour = {n: 0 for n in succ}  # 0 new, 1 on stack, 2 done
+    for root in succ:
+        if colour[root]:
+            continue
+        stack = [(root, iter(succ[root]))]
+        path = [root]
+        colour[root] = 1
+        while stack:
+            node, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                colour[node] = 2
+                stack.pop()
+                path.pop()
+            elif colour[nxt] == 1:
+                return path[path.index(nxt):] + [nxt]
+            elif colour[nxt] == 0:
+                colour[nxt] = 1
+                stack.append((nxt, iter(succ[nxt])))
+                path.append(nxt)
+    return None
+
+
+def check_graph(graph: Graph, machine: Machine, where: str = "graph") -> Problem:
+    """Validate a graph against a machine; every problem is an InputError naming the op or edge."""
+    seen: set[str] = set()
+    for i, o in enumerate(graph.ops):
+        if o.name in seen:
+            raise InputError(where, f"ops[{i}]: duplicate op name {o.name!r}")
+        seen.add(o.name)
+    units = dict(machine.units)
+    units.update(graph.units or {})
+    for i, e in enumerate(graph.edges):
+        for end in (e.src, e.dst):
+            if end not in seen:
+                raise InputError(where, f"edges[{i}] {e.label()}: unknown op {end!r}")
+    cyc = _zero_distance_cycle(graph)
+    if cyc:
+        raise InputError(where, f"edges: cycle of zero total distance {' -> '.join(cyc)} (no legal schedule)")
+    warp = graph.has_warp_fields()
+    room = machine.regs_per_group_max - machine.group_base_regs
+    for i, o in enumerate(graph.ops):
+        for unit, row in o.reserve.items():
+            if unit not in units:
+                raise InputError(where, f"ops[{i}] {o.name!r}: reserves unit {unit!r} which machine "
+                                        f"{machine.name!r} lacks (has {', '.join(sorted(units))})")
+            if max(row) > units[unit]:
+                raise InputError(where, f"ops[{i}] {o.name!r}: holds {max(row)} {unit!r} in one cycle but only "
+                                        f"{units[unit]} exist")
+        if warp and (o.regs or 0) > room:
+            raise InputError(where, f"ops[{i}] {o.name!r}: needs {o.regs} registers per thread but a warp group "
+                                    f"has at most {room} (machine {machine.name!r})")
+        if warp and (o.smem or 0) > machine.smem_capacity:
+            raise InputError(where, f"ops[{i}] {o.name!r}: needs {o.smem} KiB of shared memory but machine "
+                                    f"{machine.name!r} has {machine.smem_capacity} KiB")
+    return Problem(graph=graph, machine=machine, units=units, warp=warp)
+
+
+def make_problem(graph: str | os.PathLike | Graph, machine: str | os.PathLike | Machine) -> Problem:
+    """Load (if given names/paths) and check a graph and a machine."""
+    where = "graph"
+    if not isinstance(graph, Graph):
+        graph, where = load_graph(graph)
+    if not isinstance(machine, Machine):
+        machine = load_machine(machine)
+    return check_graph(graph, machine, where)
+
+
+def normalise_costs(raw: dict[str, float], max_cost: int = 16, tolerance: float = 0.25) -> tuple[dict[str, int], float]:
+    """Scale raw costs (e.g. hardware cycles) to small integers in [1, max_cost] keeping their ratios.
+
+    Exact search over the candidate cycle units ``u = raw_i / k`` (k = 1..max_cost, every i), with
+    cost_i = max(1, floor(raw_i / u + 1/2)). The error of a unit is the largest relative error
+    |cost_i * u - raw_i| / raw_i over the costs of at least half a unit; costs below half a unit (issue
+    overheads) are rounded *up* to 1, never collapsed to 0. The coarsest unit (smallest integers) whose error
+    is within ``tolerance`` wins; when none is, the unit with the smallest error. Returns (costs, unit) with
+    the unit in the raw costs' own units (e.g. SM cycles per normalised cycle)."""
+    if not raw:
+        return {}, 1.0
+    for k, v in raw.items():
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"raw cost {k!r} = {v} must be a positive number")
+    top = max(raw.values())
+    cands = {Fraction(v).limit_denominator(10**6) / k for v in raw.values() for k in range(1, max_cost + 1)}
+    fallback: tuple[float, float, dict[str, int]] | None = None
+    for u in sorted(cands, reverse=True):  # coarsest first
+        uf = float(u)
+        if top / uf > max_cost + 0.5:
+            continue
+        costs = {k: max(1, math.floor(v / uf + 0.5)) for k, v in raw.items()}
+        if max(costs.values()) > max_cost:
+            continue
+        errs = [abs(c * uf - raw[k]) / raw[k] for k, c in costs.items() if raw[k] >= uf / 2]
+        err = max(errs, default=0.0)
+        if err <= tolerance:
+            return costs, uf
+        if fallback is None or err < fallback[0] - 1e-12:
+            fallback = (err, uf, costs)
+    assert fallback is not None
+    return fallback[2], fallback[1]

@@ -1,0 +1,101 @@
+"""From a Twill schedule to Triton knobs, and the GEMM main-loop graph for a given tile shape.
+
+Mapping (documented assumptions, checked on a GPU by kernels/gemm_bench.py):
+
+- ``num_stages``: the deepest shared-memory buffer among the variable-latency (TMA) loads, i.e. how many
+  copies of a loaded tile are live at once = ceil(lifetime / I); the schedule's stage count when the graph
+  has no loads;
+- ``num_warps``: 4 per consumer (non-producer) warp group, at least 4;
+- ``warp_specialize``: True only where the machine's Triton supports it (Blackwell) and the schedule has a
+  producer group; on Hopper it is False (upstream may ignore or reject it there);
+- ``maxnreg``: the registers per thread a consumer group may take when the producer keeps only its base
+  (the register file minus the producer groups' base, shared by the consumer groups), rounded down to a
+  multiple of 8 and capped by the per-group limit.
+"""
+from __future__ import annotations
+
+import math
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .graph import Edge, Graph, Machine, Op
+
+__all__ = ["TritonKnobs", "derive_knobs", "gemm_graph", "value_lifetimes", "buffer_depths"]
+
+
+class TritonKnobs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    num_stages: int = Field(ge=1)
+    num_warps: int = Field(ge=1)
+    warp_specialize: bool
+    maxnreg: int | None = Field(default=None, ge=24, le=255)
+
+    def as_launch_kwargs(self) -> dict:
+        out = {"num_stages": self.num_stages, "num_warps": self.num_warps}
+        if self.maxnreg is not None:
+            out["maxnreg"] = self.maxnreg
+        return out
+
+
+def value_lifetimes(graph: Graph, ii: int, times: dict[str, int]) -> dict[str, int]:
+    """Cycles each op's result stays live: until its last (non-self) consumer has finished."""
+    length = {o.name: o.length for o in graph.ops}
+    life = dict(length)
+    for e in graph.edges:
+        if e.value and e.src != e.dst:
+            end = times[e.dst] + ii * e.distance + length[e.dst]
+            life[e.src] = max(life[e.src], end - times[e.src])
+    return life
+
+
+def buffer_depths(graph: Graph, ii: int, times: dict[str, int]) -> dict[str, int]:
+    """Live copies (buffer depth) of every op result: ceil(lifetime / I)."""
+    return {v: max(1, -(-lv // ii)) for v, lv in value_lifetimes(graph, ii, times).items()}
+
+
+def derive_knobs(graph: Graph, machine: Machine, ii: int, times: dict[str, int], groups: dict[str, int]) -> TritonKnobs:
+    depth = buffer_depths(graph, ii, times)
+    loads = [o.name for o in graph.ops if o.variable_latency and (o.smem or 0) > 0]
+    stages = max(times.values()) // ii + 1
+    num_stages = max((depth[v] for v in loads), default=stages)
+    producer = {groups[o.name] for o in graph.ops if o.variable_latency}
+    consumer = {groups[o.name] for o in graph.ops} - producer
+    num_warps = 4 * max(1, len(consumer))
+    ws = bool(machine.warp_specialize and producer and consumer)
+    share = (machine.regs_total - machine.group_base_regs * len(producer)) // max(1, len(consumer))
+    maxnreg = min(machine.regs_per_group_max, share, 255) // 8 * 8
+    return TritonKnobs(num_stages=max(1, num_stages), num_warps=num_warps, warp_specialize=ws,
+                       maxnreg=max(24, maxnreg))
+
+
+def gemm_graph(machine: Machine, block_m: int, block_n: int, block_k: int, dtype_bytes: int = 2) -> Graph:
+    """The TMA + tensor-core GEMM main loop for one tile shape, in the machine's normalised cycles.
+
+    One TMA op loads the A (block_m x block_k) and B (block_k x block_n) tiles on one barrier (variable
+    latency); the MMA is split into block_m / 64 row parts (one m64 WGMMA chain each) whose fp32 accumulators
+    (64 * block_n / 128 registers per thread) stay in place across iterations. Costs: hardware cycles from
+    ``machine.raw_cycles`` and ``tensor_flops_per_cycle`` divided by the machine's cycle unit
+    (``cycle_ns * clock_ghz``), rounded, never below 1."""
+    if block_m % 64 or block_m <= 0 or block_n <= 0 or block_k <= 0:
+        raise ValueError(f"block_m must be a positive multiple of 64 (got {block_m}); block_n, block_k > 0")
+    unit = machine.cycle_ns * machine.clock_ghz  # SM cycles per normalised cycle
+    if machine.tensor_flops_per_cycle <= 0:
+        raise ValueError(f"machine {machine.name!r}: tensor_flops_per_cycle is not set")
+
+    def norm(cycles: float) -> int:
+        return max(1, math.floor(cycles / unit + 0.5))
+
+    parts = block_m // 64
+    mma = norm(2 * 64 * block_n * block_k / machine.tensor_flops_per_cycle)
+    lat_tma = norm(machine.raw_cycles.get("tma_latency", 1536))
+    smem_kib = max(1, math.ceil((block_m * block_k + block_k * block_n) * dtype_bytes / 1024))
+    ops = [Op(name="L", reserve={"TMA": [1]}, variable_latency=True, smem=smem_kib, category="tma")]
+    edges = []
+    for p in range(parts):
+        ops.append(Op(name=f"M{p}", reserve={"TC": [1] * mma}, regs=64 * block_n // 128, category="mma"))
+        edges.append(Edge(**{"from": "L", "to": f"M{p}", "delay": lat_tma, "distance": 0}))
+        # accumulating MMAs chain back to back in place (the MMA latency matters only to the epilogue)
+        edges.append(Edge(**{"from": f"M{p}", "to": f"M{p}", "delay": mma, "distance": 1}))
+    return Graph(name=f"gemm-{block_m}x{block_n}x{block_k}", machine=machine.name,
+                 description=f"TMA + tensor-core GEMM main loop, tile {block_m}x{block_n}x{block_k}, "
+                             f"{dtype_bytes}-byte inputs ({smem_kib} KiB per stage)", ops=ops, edges=edges)

@@ -1,0 +1,330 @@
+"""Modulo scheduling and joint software pipelining + warp specialisation with OR-Tools CP-SAT.
+
+At a fixed initiation interval I each op v gets a residue (one-hot booleans x[v, r], r < I) and a stage k_v;
+its issue cycle is t_v = I * k_v + r_v. Constraints (OR-Tools section order below):
+
+- dependences: t_v - t_u >= delay - I * distance (+ handoff when the value crosses warp groups);
+- resources: one capacity row per (unit, residue s): sum_{v, c} RRT[v][unit][c] * x[v, (s - c) mod I] <= cap.
+  Exact even when an op holds a unit for more than I cycles (its cycles c and c + I land on the same row);
+- warp mode (when the graph gives registers, shared memory, variable latency or blocking waits):
+  each op on one of the machine's warp groups; variable-latency ops only share a group with other
+  variable-latency ops (producer group); each group issues at most one op per cycle and a blocking op holds
+  its group's issue slot for its whole length (rows per (group, residue)); a value live for L cycles needs
+  ceil(L / I) copies (buffer depth); registers per group (base + copies * regs of the values it produces)
+  within the per-group cap and the register file; shared memory (copies * smem) within capacity.
+
+Objective at fixed I, lexicographic by weights: fewest warp groups, then fewest cross-group edges
+(channels), then the shortest iteration span (fewest stages). The driver :func:`solve` raises I from MII
+until a schedule exists; the plain problem first (so without warp fields the reported I is exactly the
+modulo-scheduling minimum), then the warp problem from that I. ``proven`` is True only when every I below
+the result, down to MII, was proved infeasible; a time-out is recorded as such, never as infeasible.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from adasched.planner.solver import SolveParams, solve_cpsat
+
+from .graph import Problem
+from .mii import MII, compute_mii
+
+__all__ = ["Attempt", "Schedule", "solve_at", "solve", "horizon_stages", "ii_cap"]
+
+
+@dataclass
+class Attempt:
+    """One CP-SAT solve at a fixed I."""
+
+    ii: int
+    warp: bool
+    status: str  # optimal | feasible | infeasible | timeout
+    seconds: float
+    objective: float | None = None
+    bound: float | None = None
+    times: dict[str, int] = field(default_factory=dict)
+    groups: dict[str, int] = field(default_factory=dict)
+    copies: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def has_solution(self) -> bool:
+        return self.status in ("optimal", "feasible")
+
+
+@dataclass
+class Schedule:
+    """The result of :func:`solve`."""
+
+    ii: int
+    mii: MII
+    plain_ii: int
+    plain_proven: bool
+    proven: bool
+    """Every I in [MII, ii) was proved infeasible (or ii == MII)."""
+    status: str  # optimal | feasible
+    gap: float | None
+    objective: float | None
+    bound: float | None
+    seconds: float
+    times: dict[str, int]
+    groups: dict[str, int]
+    copies: dict[str, int]
+    attempts: list[Attempt]
+    warp: bool
+    note: str = ""
+    params: SolveParams | None = None
+
+
+def _max_weight(problem: Problem, ii: int, warp: bool) -> int:
+    hand = problem.machine.handoff_cycles if warp else 0
+    return max([e.delay - ii * e.distance + (hand if e.value else 0) for e in problem.graph.edges] + [0])
+
+
+def horizon_stages(problem: Problem, ii: int, warp: bool) -> int:
+    """Largest stage index needed: with residues fixed the stages solve a difference system whose least
+    solution has k_v <= (n - 1) * (ceil(w_max / I) + 1) (longest path of at most n - 1 edges)."""
+    n = len(problem.graph.ops)
+    return max(1, (n - 1) * (-(-_max_weight(problem, ii, warp) // ii) + 1) + 1)
+
+
+def ii_cap(problem: Problem, warp: bool) -> int:
+    """An I at which the problem is certainly feasible when it is feasible at all (ops one after another)."""
+    g = problem.graph
+    hand = problem.machine.handoff_cycles if warp else 0
+    return (sum(o.length for o in g.ops) + sum(e.delay for e in g.edges) + hand * len(g.edges)
+            + max(o.length for o in g.ops) + 1)
+
+
+def _value_consumers(problem: Problem):
+    """op -> [(consumer, distance)] over value edges, self-loops (in-place accumulators) excluded."""
+    out: dict[str, list[tuple[str, int]]] = {o.name: [] for o in problem.graph.ops}
+    for e in problem.graph.edges:
+        if e.value and e.src != e.dst:
+            out[e.src].append((e.dst, e.distance))
+    return out
+
+
+def solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, optimise: bool = True) -> Attempt:
+    """Build and solve the CP-SAT model at initiation interval ``ii``."""
+    from ortools.sat.python import cp_model
+
+    # ---- data ----------------------------------------------------------------------------------------
+    g, m = problem.graph, problem.machine
+    ops = g.ops
+    names = [o.name for o in ops]
+    idx = {n: i for i, n in enumerate(names)}
+    n = len(ops)
+    kmax = horizon_stages(problem, ii, warp)
+    tmax = ii * kmax + ii - 1
+    G = m.max_warp_groups if warp else 1
+    hand = m.handoff_cycles
+    length = [o.length for o in ops]
+    consumers = _value_consumers(problem)
+
+    # ---- model & variables ---------------------------------------------------------------------------
+    model = cp_model.CpModel()
+    x = [[model.NewBoolVar(f"x[{v},{r}]") for r in range(ii)] for v in names]
+    k = [model.NewIntVar(0, kmax, f"k[{v}]") for v in names]
+    t = [ii * k[i] + sum(r * x[i][r] for r in range(ii)) for i in range(n)]
+
+    # ---- constraints ---------------------------------------------------------------------------------
+    for i in range(n):
+        model.AddExactlyOne(x[i])
+    for unit, cap in problem.units.items():  # one capacity row per (unit, residue)
+        coef: dict[tuple[int, int], dict[int, int]] = {}
+        for i, o in enumerate(ops):
+            for c, use in enumerate(o.reserve.get(unit, ())):
+                if use:
+                    for r in range(ii):
+                        s = (r + c) % ii
+                        row = coef.setdefault((s, i), {})
+                        row[r] = row.get(r, 0) + use
+        for s in range(ii):
+            terms = [(w, x[i][r]) for (s2, i), row in coef.items() if s2 == s for r, w in row.items()]
+            if terms and sum(w for w, _ in terms) > cap:
+                model.Add(sum(w * b for w, b in terms) <= cap)
+
+    cross: dict[int, cp_model.IntVar] = {}
+    a = used = None
+    if warp:
+        a = [[model.NewBoolVar(f"a[{v},{q}]") for q in range(G)] for v in names]
+        used = [model.NewBoolVar(f"used[{q}]") for q in range(G)]
+        for i in range(n):
+            model.AddExactlyOne(a[i])
+            for q in range(G):
+                model.AddImplication(a[i][q], used[q])
+        for q in range(G):
+            model.AddBoolOr([a[i][q] for i in range(n)]).OnlyEnforceIf(used[q])
+            if q + 1 < G:
+                model.AddImplication(used[q + 1], used[q])
+        # symmetry: groups numbered by their first op (op i may open group q only if an earlier op is in q-1)
+        for i in range(n):
+            for q in range(1, G):
+                if q > i:
+                    model.Add(a[i][q] == 0)
+                else:
+                    model.Add(a[i][q] <= sum(a[j][q - 1] for j in range(i)))
+        # variable-latency ops on producer groups of their own
+        for i, o in enumerate(ops):
+            if o.variable_latency:
+                for j, p in enumerate(ops):
+                    if not p.variable_latency:
+                        for q in range(G):
+                            model.AddBoolOr([a[i][q].Not(), a[j][q].Not()])
+        # one issue per group per cycle; a blocking op holds its group for its whole length
+        occ = [length[i] if o.blocking else 1 for i, o in enumerate(ops)]
+        for q in range(G):
+            z = [[None] * ii for _ in range(n)]
+            for i in range(n):
+                for r in range(ii):
+                    zz = model.NewBoolVar(f"z[{names[i]},{q},{r}]")
+                    model.Add(zz >= a[i][q] + x[i][r] - 1)
+                    z[i][r] = zz
+            for s in range(ii):
+                cnt: dict[tuple[int, int], int] = {}
+                for i in range(n):
+                    for c in range(occ[i]):
+                        key = (i, (s - c) % ii)
+                        cnt[key] = cnt.get(key, 0) + 1
+                model.Add(sum(w * z[i][r] for (i, r), w in cnt.items()) <= 1)
+
+    for ei, e in enumerate(g.edges):
+        u, v = idx[e.src], idx[e.dst]
+        rhs = e.delay - ii * e.distance
+        if warp and e.value and u != v and hand > 0:
+            c = model.NewBoolVar(f"cross[{ei}]")
+            for q in range(G):
+                model.Add(c >= a[u][q] - a[v][q])
+            cross[ei] = c
+            model.Add(t[v] - t[u] >= rhs + hand * c)
+        else:
+            model.Add(t[v] - t[u] >= rhs)
+            if warp and e.value and u != v:
+                c = model.NewBoolVar(f"cross[{ei}]")
+                for q in range(G):
+                    model.Add(c >= a[u][q] - a[v][q])
+                cross[ei] = c
+
+    copies: dict[int, cp_model.IntVar] = {}
+    if warp:
+        cmax = kmax + 2
+        for i, o in enumerate(ops):
+            if not (o.regs or o.smem):
+                continue
+            life = model.NewIntVar(length[i], tmax + ii * (max([d for _, d in consumers[o.name]] + [0]) + 1)
+                                   + max(length), f"life[{o.name}]")
+            for w, dist in consumers[o.name]:
+                j = idx[w]
+                model.Add(life >= t[j] + ii * dist + length[j] - t[i])
+            cp = model.NewIntVar(1, cmax, f"copies[{o.name}]")
+            model.Add(ii * cp >= life)
+            copies[i] = cp
+        R = []
+        for q in range(G):
+            terms = []
+            for i, o in enumerate(ops):
+                if o.regs and i in copies:
+                    y = model.NewIntVar(0, cmax, f"y[{o.name},{q}]")
+                    model.Add(y >= copies[i] - cmax * (1 - a[i][q]))
+                    terms.append(o.regs * y)
+            Rq = model.NewIntVar(0, m.regs_per_group_max, f"regs[{q}]")
+            model.Add(Rq >= m.group_base_regs * used[q] + sum(terms))
+            R.append(Rq)
+        model.Add(sum(R) <= m.regs_total)
+        smem_terms = [o.smem * copies[i] for i, o in enumerate(ops) if o.smem and i in copies]
+        if smem_terms:
+            model.Add(sum(smem_terms) <= m.smem_capacity)
+
+    # ---- objective -----------------------------------------------------------------------------------
+    if optimise:
+        span = model.NewIntVar(0, tmax + max(length), "span")
+        for i in range(n):
+            model.Add(span >= t[i] + length[i])
+        w_chan = tmax + max(length) + 1
+        obj = span
+        if warp:
+            w_grp = w_chan * (len(cross) + 1)
+            obj = w_grp * sum(used) + w_chan * sum(cross.values()) + span
+        model.Minimize(obj)
+
+    # ---- solve ---------------------------------------------------------------------------------------
+    out = solve_cpsat(model, params)
+
+    # ---- extract -------------------------------------------------------------------------------------
+    att = Attempt(ii=ii, warp=warp, status=out.status, seconds=out.solve_seconds,
+                  objective=out.objective, bound=out.bound)
+    if out.has_solution:
+        sv = out.solver  # type: ignore[attr-defined]
+        for i, v in enumerate(names):
+            r = next(r for r in range(ii) if sv.Value(x[i][r]))
+            att.times[v] = ii * sv.Value(k[i]) + r
+            att.groups[v] = next(q for q in range(G) if sv.Value(a[i][q])) if warp else 0
+            if i in copies:
+                att.copies[v] = sv.Value(copies[i])
+        base = min(att.times.values())
+        shift = (base // ii) * ii  # normalise so the earliest op is in stage 0
+        att.times = {v: tv - shift for v, tv in att.times.items()}
+    return att
+
+
+def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | None = None,
+          max_ii: int | None = None) -> Schedule:
+    """Smallest I with a schedule (plain modulo scheduling, then the warp problem when the graph asks).
+
+    ``params.time_limit`` is the budget of the whole search (seconds); every attempt gets what is left."""
+    params = params or SolveParams(time_limit=10.0)
+    warp = problem.warp if warp is None else warp
+    t0 = time.perf_counter()
+    bounds = compute_mii(problem)
+    attempts: list[Attempt] = []
+
+    def left() -> float:
+        return params.time_limit - (time.perf_counter() - t0)
+
+    def search(start: int, use_warp: bool) -> tuple[Attempt | None, bool]:
+        proven = True
+        cap = max_ii or ii_cap(problem, use_warp)
+        for ii in range(start, max(cap, start) + 1):
+            rem = left()
+            if rem <= 0.01:
+                return None, False
+            p = SolveParams(time_limit=rem, seed=params.seed, threads=params.threads, mip_gap=params.mip_gap,
+                            msg=params.msg)
+            att = solve_at(problem, ii, p, warp=use_warp)
+            attempts.append(att)
+            if att.has_solution:
+                return att, proven
+            if att.status != "infeasible":
+                proven = False
+        raise ValueError(f"graph {problem.graph.name!r}: no schedule up to I = {cap} (the model is infeasible)")
+
+    plain, plain_proven = search(bounds.mii, False)
+    if plain is None:
+        raise ValueError(f"graph {problem.graph.name!r}: no schedule found within the time limit of "
+                         f"{params.time_limit:g} s (raise --time-limit)")
+    best, proven = plain, plain_proven
+    if warp:
+        ws, ws_proven = search(plain.ii, True)
+        if ws is None:
+            raise ValueError(f"graph {problem.graph.name!r}: plain modulo schedule at I = {plain.ii} found, but no "
+                             f"warp-specialised schedule within the time limit of {params.time_limit:g} s "
+                             "(raise --time-limit)")
+        best, proven = ws, plain_proven and ws_proven
+    notes = []
+    if not proven:
+        lower = [a.ii for a in attempts if a.ii < best.ii and a.status == "timeout" and a.warp == best.warp]
+        lower += [a.ii for a in attempts if a.ii < best.ii and a.status == "timeout" and not a.warp]
+        notes.append(f"I = {best.ii} not proved minimal: I = {sorted(set(lower))} timed out")
+    if best.status != "optimal":
+        notes.append("secondary objective (groups, channels, span) not proved optimal")
+    status = "optimal" if proven and best.status == "optimal" else "feasible"
+    gap = None
+    if best.objective is not None and best.bound is not None:
+        gap = max(0.0, (best.objective - best.bound) / max(abs(best.objective), 1e-9))
+    return Schedule(
+        ii=best.ii, mii=bounds, plain_ii=plain.ii, plain_proven=plain_proven, proven=proven, status=status,
+        gap=gap, objective=best.objective, bound=best.bound, seconds=time.perf_counter() - t0,
+        times=best.times, groups=best.groups, copies=best.copies, attempts=attempts, warp=warp,
+        note="; ".join(notes), params=params,
+    )

@@ -1,0 +1,252 @@
+"""The Twill plan: a modulo schedule with warp-group assignment, buffer depths and Triton knobs.
+
+``predicted_ms`` is the steady-state time of one loop iteration on one SM (I * cycle_ns); the baseline
+``no-pipelining`` runs one iteration after the other (a resource-aware list schedule of one iteration).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from adasched.planner.plan import Plan, inputs_digest
+from .graph import Graph, Problem
+from .knobs import TritonKnobs, buffer_depths, derive_knobs
+
+__all__ = ["OpSlot", "WarpGroup", "AttemptRecord", "TwillPlan", "make_plan", "plan_twill", "serial_cycles"]
+
+
+class OpSlot(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    issue_cycle: int = Field(ge=0, description="issue cycle of iteration 0 (normalised cycles)")
+    stage: int = Field(ge=0)
+    residue: int = Field(ge=0)
+    warp_group: int = Field(ge=0)
+    length: int = Field(ge=1)
+    category: str = ""
+    units: list[str] = Field(default_factory=list)
+
+
+class WarpGroup(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    index: int
+    role: Literal["producer", "consumer", "all"]
+    ops: list[str]
+    regs: int = Field(description="registers per thread its live values need (incl. the base)")
+
+
+class AttemptRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ii: int
+    warp: bool
+    status: str
+    seconds: float
+
+
+class TwillPlan(Plan):
+    kind: Literal["twill"] = "twill"
+    graph_name: str
+    machine_name: str
+    ii: int = Field(ge=1, description="initiation interval (normalised cycles per iteration)")
+    mii: int = Field(ge=1)
+    res_mii: int
+    rec_mii: int
+    plain_ii: int = Field(description="minimal I of plain modulo scheduling (no warp constraints)")
+    ii_proven_minimal: bool
+    warp_specialised: bool = Field(description="the joint SWP + warp-specialisation problem was solved")
+    stages: int = Field(ge=1)
+    cycle_ns: float
+    ops: list[OpSlot]
+    warp_groups: list[WarpGroup]
+    channels: list[str] = Field(description="value edges that cross warp groups (u->v)")
+    buffers: dict[str, int] = Field(description="live copies (buffer depth) of each value held in regs/smem")
+    peeled: list[str] = Field(description="ops issued at an earlier stage than their group's last op: their "
+                                          "first instances run in the prologue")
+    knobs: TritonKnobs
+    attempts: list[AttemptRecord]
+    sim_cycles_per_iteration: float | None = Field(default=None, description="simsched, ASAP in-order issue")
+    sim_deadlock: bool | None = None
+    sim_replay_exact: bool | None = Field(default=None, description="simsched replaying the static schedule "
+                                          "issued every op instance exactly at its scheduled cycle")
+    graph: dict[str, Any]
+    machine: dict[str, Any]
+
+    # ---- presentation ----------------------------------------------------------------------------------
+    def summary_rows(self) -> list[tuple[str, str]]:
+        rows = super().summary_rows()
+        rows[3:3] = [
+            ("graph / machine", f"{self.graph_name} / {self.machine_name}"),
+            ("ii (cycles/iter)", f"{self.ii} (MII {self.mii}: res {self.res_mii}, rec {self.rec_mii}; plain {self.plain_ii})"
+             + ("" if self.ii_proven_minimal else ", not proved minimal")),
+            ("stages", str(self.stages)),
+            ("warp groups", "; ".join(f"WG{g.index} {g.role}: {' '.join(g.ops)} ({g.regs} regs)"
+                                      for g in self.warp_groups)),
+            ("channels", ", ".join(self.channels) or "-"),
+            ("buffers", ", ".join(f"{k}x{v}" for k, v in self.buffers.items()) or "-"),
+            ("peeled", ", ".join(self.peeled) or "-"),
+            ("triton knobs", f"num_stages={self.knobs.num_stages} num_warps={self.knobs.num_warps} "
+                             f"warp_specialize={self.knobs.warp_specialize} maxnreg={self.knobs.maxnreg}"),
+        ]
+        if self.sim_cycles_per_iteration is not None:
+            rows.insert(4, ("simulated", f"{self.sim_cycles_per_iteration:.2f} cycles/iter (ASAP issue)"
+                            + (", DEADLOCK" if self.sim_deadlock else "")
+                            + (", replay exact" if self.sim_replay_exact else ", replay NOT exact")))
+        return rows
+
+    def gantt_tasks(self) -> list:
+        """Bars of ``stages + 1`` overlapped iterations, one lane per unit and one per warp group."""
+        bars = []
+        role = {g.index: g.role for g in self.warp_groups}
+        for it in range(self.stages + 1):
+            for s in self.ops:
+                start = s.issue_cycle + it * self.ii
+                for u in s.units:
+                    bars.append(_Bar(f"{s.name}#{it}", f"unit {u}", start, start + s.length, s.category or s.name))
+                bars.append(_Bar(f"{s.name}#{it}", f"WG{s.warp_group} {role.get(s.warp_group, '')}", start,
+                                 start + s.length, s.category or s.name))
+        return bars
+
+    def plot(self, path: str | os.PathLike) -> None:
+        from adasched.planner.gantt import render_gantt
+
+        render_gantt(self.gantt_tasks(), path, xlabel="cycle (normalised)", lane_of=lambda b: b.lane,
+                     title=f"twill {self.graph_name} on {self.machine_name}: I = {self.ii} (MII {self.mii}), "
+                           f"{self.stages} stages, {len(self.warp_groups)} warp groups")
+
+    def simulate(self):
+        """Re-simulate as per-lane tasks (for `adasched simulate plan.json`)."""
+        from adasched.planner.simulator import ScheduledTask, Simulation
+
+        return Simulation(tasks=[ScheduledTask(b.name, 0, b.lane, b.start_ms, b.end_ms, b.category)
+                                 for b in self.gantt_tasks()])
+
+
+@dataclass(frozen=True)
+class _Bar:
+    name: str
+    lane: str
+    start_ms: float
+    end_ms: float
+    category: str
+
+
+def serial_cycles(graph: Graph, units: dict[str, int]) -> int:
+    """Cycles per iteration without software pipelining: a resource-aware list schedule of one iteration
+    (ops in topological order of the distance-0 edges, each as early as its inputs and free units allow),
+    the next iteration starting when this one has finished and its loop-carried edges allow."""
+    order, preds = _topo(graph)
+    busy: dict[tuple[str, int], int] = {}
+    t: dict[str, int] = {}
+    for v in order:
+        op = graph.op(v)
+        s = max([t[e.src] + e.delay for e in preds[v]] + [0])
+        while any(busy.get((u, s + c), 0) + n > units[u] for u, row in op.reserve.items() for c, n in enumerate(row)):
+            s += 1
+        for u, row in op.reserve.items():
+            for c, n in enumerate(row):
+                busy[(u, s + c)] = busy.get((u, s + c), 0) + n
+        t[v] = s
+    span = max(t[o.name] + o.length for o in graph.ops)
+    for e in graph.edges:
+        if e.distance > 0:
+            span = max(span, -(-(t[e.src] + e.delay - t[e.dst]) // e.distance))
+    return span
+
+
+def _topo(graph: Graph):
+    preds = {o.name: [] for o in graph.ops}
+    indeg = {o.name: 0 for o in graph.ops}
+    for e in graph.edges:
+        if e.distance == 0:
+            preds[e.dst].append(e)
+            indeg[e.dst] += 1
+    ready = [o.name for o in graph.ops if indeg[o.name] == 0]
+    order = []
+    while ready:
+        v = ready.pop(0)
+        order.append(v)
+        for e in graph.edges:
+            if e.distance == 0 and e.src == v:
+                indeg[e.dst] -= 1
+                if indeg[e.dst] == 0:
+                    ready.append(e.dst)
+    return order, preds
+
+
+def make_plan(problem: Problem, schedule, *, simulate: bool = True) -> TwillPlan:
+    """Turn a :class:`model.Schedule` into a plan (knobs, groups, buffers, prologue, simulation)."""
+    from .simsched import simulate_schedule
+
+    g, m = problem.graph, problem.machine
+    ii, times = schedule.ii, schedule.times
+    groups = schedule.groups if schedule.warp else {o.name: 0 for o in g.ops}
+    # renumber groups 0.. in order of first appearance in the op list
+    remap: dict[int, int] = {}
+    for o in g.ops:
+        remap.setdefault(groups[o.name], len(remap))
+    groups = {v: remap[q] for v, q in groups.items()}
+    depth = buffer_depths(g, ii, times)
+    held = {o.name for o in g.ops if (o.regs or 0) > 0 or (o.smem or 0) > 0}
+    buffers = {v: depth[v] for v in (o.name for o in g.ops) if v in held}
+    slots = [OpSlot(name=o.name, issue_cycle=times[o.name], stage=times[o.name] // ii, residue=times[o.name] % ii,
+                    warp_group=groups[o.name], length=o.length, category=o.category,
+                    units=[u for u, row in o.reserve.items() if any(row)]) for o in g.ops]
+    wgs = []
+    for q in sorted(set(groups.values())):
+        members = [o for o in g.ops if groups[o.name] == q]
+        if not schedule.warp:
+            role = "all"
+        elif all(o.variable_latency for o in members):
+            role = "producer"
+        else:
+            role = "consumer"
+        regs = m.group_base_regs + sum((o.regs or 0) * depth[o.name] for o in members)
+        wgs.append(WarpGroup(index=q, role=role, ops=[o.name for o in members], regs=regs if schedule.warp else 0))
+    channels = [e.label() for e in g.edges if e.value and e.src != e.dst and groups[e.src] != groups[e.dst]]
+    stage = {s.name: s.stage for s in slots}
+    last = {q: max(stage[o.name] for o in g.ops if groups[o.name] == q) for q in set(groups.values())}
+    peeled = [o.name for o in g.ops if stage[o.name] < last[groups[o.name]]]
+    knobs = derive_knobs(g, m, ii, times, groups)
+    sim_cpi = sim_dead = replay = None
+    if simulate:
+        gd, md = g.model_dump(by_alias=True), m.model_dump()
+        sim = simulate_schedule(gd, md, ii, times, groups, units=problem.units, warp=schedule.warp)
+        sim_cpi, sim_dead = round(sim.cycles_per_iteration, 4), sim.deadlock
+        rep = simulate_schedule(gd, md, ii, times, groups, units=problem.units, warp=schedule.warp, mode="timed")
+        replay = (not rep.deadlock) and all(c == times[v] + it * ii for (v, it), c in rep.issued.items())
+    serial = serial_cycles(g, problem.units)
+    rec = schedule.params
+    from adasched.planner.plan import SolverRecord
+
+    solver = SolverRecord(
+        backend="ortools-cp-sat", status=schedule.status, gap=schedule.gap, objective=schedule.objective,
+        bound=schedule.bound, solve_seconds=round(schedule.seconds, 6),
+        time_limit=rec.time_limit if rec else None, seed=rec.seed if rec else None,
+        threads=rec.threads if rec else None, note=schedule.note or None,
+    )
+    return TwillPlan(
+        inputs_digest=inputs_digest(g, m),
+        solver=solver,
+        predicted_ms=ii * m.cycle_ns * 1e-6,
+        baselines_ms={"no-pipelining": serial * m.cycle_ns * 1e-6},
+        graph_name=g.name, machine_name=m.name, ii=ii, mii=schedule.mii.mii, res_mii=schedule.mii.res,
+        rec_mii=schedule.mii.rec, plain_ii=schedule.plain_ii, ii_proven_minimal=schedule.proven,
+        warp_specialised=schedule.warp, stages=max(stage.values()) + 1, cycle_ns=m.cycle_ns, ops=slots,
+        warp_groups=wgs, channels=channels, buffers=buffers, peeled=peeled, knobs=knobs,
+        attempts=[AttemptRecord(ii=a.ii, warp=a.warp, status=a.status, seconds=round(a.seconds, 6))
+                  for a in schedule.attempts],
+        sim_cycles_per_iteration=sim_cpi, sim_deadlock=sim_dead, sim_replay_exact=replay,
+        graph=g.model_dump(by_alias=True, exclude_none=True), machine=m.model_dump(),
+    )
+
+
+def plan_twill(graph, machine, params=None, *, simulate: bool = True) -> TwillPlan:
+    """One call: load/check (names, paths or models), solve, and build the plan."""
+    from .graph import make_problem
+    from .model import solve
+
+    problem = make_problem(graph, machine)
+    return make_plan(problem, solve(problem, params), simulate=simulate)
