@@ -1,0 +1,117 @@
+"""A real PEFT LoRA model on a tiny torch module, switched to the fused kernels with one call."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, get_peft_model  # noqa: E402
+
+from adasched.kernels.lora import lora_linear_reference  # noqa: E402
+from adasched.kernels.peft_compat import FusedLoRALinear, apply_fused_lora, restore_peft_lora  # noqa: E402
+
+
+class TinyBlock(nn.Module):
+    def __init__(self, d=24, h=40):
+        super().__init__()
+        self.q = nn.Linear(d, d, bias=False)
+        self.v = nn.Linear(d, d)
+        self.up = nn.Linear(d, h)
+        self.down = nn.Linear(h, d)
+
+    def forward(self, x):
+        x = x + self.v(torch.tanh(self.q(x)))
+        return x + self.down(torch.relu(self.up(x)))
+
+
+def _peft_model(r, alpha, dropout, rslora, lora_bias=False):
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["q", "v", "up"],
+                     use_rslora=rslora, init_lora_weights=False, lora_bias=lora_bias)
+    model = get_peft_model(TinyBlock(), cfg)
+    with torch.no_grad():  # fresh random adapters (B is never zero here)
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def _lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("r,alpha,rslora,lora_bias", [(4, 8, False, False), (8, 16, True, False),
+                                                      (4, 6, False, True)])
+def test_fused_model_matches_peft_outputs_and_grads(r, alpha, rslora, lora_bias):
+    ref = _peft_model(r, alpha, 0.0, rslora, lora_bias)
+    fused = copy.deepcopy(ref)
+    keys_before = list(fused.state_dict().keys())
+    assert apply_fused_lora(fused) == 3
+    assert list(fused.state_dict().keys()) == keys_before  # save_pretrained sees the same tensors
+    layers = [m for m in fused.modules() if isinstance(m, FusedLoRALinear)]
+    assert len(layers) == 3
+    want = alpha / r ** 0.5 if rslora else alpha / r
+    assert all(abs(m.scaling - want) < 1e-12 for m in layers)
+
+    x = torch.randn(3, 11, 24, requires_grad=True)
+    xf = x.detach().clone().requires_grad_()
+    for mode in ("train", "eval"):
+        getattr(ref, mode)()
+        getattr(fused, mode)()
+        y_ref, y = ref(x), fused(xf)
+        torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=2e-5)
+    dy = torch.randn_like(y_ref)
+    ref.zero_grad()
+    fused.zero_grad()
+    gx_ref = torch.autograd.grad(ref(x), x, dy)[0]
+    gx = torch.autograd.grad(fused(xf), xf, dy)[0]
+    torch.testing.assert_close(gx, gx_ref, atol=2e-5, rtol=2e-5)
+    ref(x).backward(dy)
+    fused(xf).backward(dy)
+    g_ref, g = _lora_grads(ref), _lora_grads(fused)
+    assert g.keys() == g_ref.keys() and len(g) >= 6
+    for n in g:
+        # gradients reach ~1e3 here: tolerance relative to the tensor's largest element (fp32 rounding)
+        atol = 1e-5 * g_ref[n].abs().max().item()
+        torch.testing.assert_close(g[n], g_ref[n], atol=atol, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+
+    assert restore_peft_lora(fused) == 3
+    fused.eval()
+    ref.eval()
+    torch.testing.assert_close(fused(xf), ref(x))
+
+
+def test_dropout_in_train_mode_uses_the_seeded_mask():
+    model = _peft_model(4, 8, 0.3, False)
+    peft_layer = model.base_model.model.up
+    layer = FusedLoRALinear.from_peft(peft_layer)
+    assert layer.dropout_p == pytest.approx(0.3)
+    x = torch.randn(2, 7, 24, requires_grad=True)
+    layer.train()
+    torch.manual_seed(17)
+    y = layer(x)
+    torch.manual_seed(17)  # the reference draws the same seed from torch's generator -> the same Philox mask
+    y_ref = lora_linear_reference(x, peft_layer.base_layer.weight, peft_layer.lora_A["default"].weight,
+                                  peft_layer.lora_B["default"].weight, layer.scaling, 0.3,
+                                  peft_layer.base_layer.bias)
+    torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=2e-5)
+    dy = torch.randn_like(y)
+    a = peft_layer.lora_A["default"].weight
+    torch.testing.assert_close(torch.autograd.grad(y, (x, a), dy), torch.autograd.grad(y_ref, (x, a), dy),
+                               atol=5e-5, rtol=5e-5)
+    layer.eval()  # eval: no dropout -> exactly PEFT's eval output
+    peft_layer.eval()
+    torch.testing.assert_close(layer(x), peft_layer(x), atol=2e-5, rtol=2e-5)
+
+
+def test_unsupported_layers_are_refused_without_partial_replacement():
+    torch.manual_seed(0)
+    model = get_peft_model(TinyBlock(), LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], use_dora=True))
+    with pytest.raises(ValueError, match="variants"):
+        apply_fused_lora(model)
+    assert not any(isinstance(m, FusedLoRALinear) for m in model.modules())
+    with pytest.raises(ValueError, match="no peft"):
+        apply_fused_lora(TinyBlock())
