@@ -1,0 +1,118 @@
+"""Expert parallelism over 4 real gloo ranks vs the single-process layer: outputs and every gradient, for every
+router and every pipeline degree r in {1, 2, 4} (forward and backward set differently), flat and hierarchical
+all-to-all, and the dense-gradient all-reduce launched in slices inside the MoE backward gaps."""
+import torch
+import torch.distributed as dist
+
+from adasched.runtime.dist import spawn_gloo
+from adasched.runtime.moe import ExpertParallel, GradSliceReducer, MoELayer, RouterConfig
+from adasched.runtime.moe.router import ROUTER_KINDS
+
+H, FFN, E = 8, 6, 8
+ATOL = RTOL = 2e-5
+
+
+def _inputs(world, seed):
+    xs, gys = [], []
+    for s in range(world):
+        g = torch.Generator().manual_seed(seed * 100 + s)
+        T = 9 + 3 * s                                    # uneven token counts per rank
+        xs.append(torch.randn(T, H, generator=g))
+        gys.append(torch.randn(T, H, generator=g))
+    return xs, gys
+
+
+def _close(got, want, what):
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} vs {tuple(want.shape)}"
+    bad = ~torch.isclose(got, want, atol=ATOL, rtol=RTOL)
+    assert not bad.any(), (f"{what}: {int(bad.sum())}/{bad.numel()} mismatched, first {bad.nonzero()[:3].tolist()}, "
+                           f"max err {float((got - want).abs().max()):.3g}")
+
+
+def _layer_case(rank, world, ep, kind, r_fwd, r_bwd, cf, seed):
+    cfg = RouterConfig(kind=kind, num_experts=E, top_k=2, k_max=3, p=0.5, capacity_factor=cf)
+    torch.manual_seed(seed)                              # same weights on every rank
+    ref = MoELayer(H, FFN, cfg, backend="torch").eval()
+    if kind == "sigmoid_bias":
+        ref.router.expert_bias.copy_(torch.randn(E) * 0.1)
+    lay = MoELayer(H, FFN, cfg, backend="torch", ep=ep, r_fwd=r_fwd, r_bwd=r_bwd).eval()
+    lay.router.load_state_dict(ref.router.state_dict())
+    lay.load_full_experts(ref.w1.detach(), ref.w2.detach())
+    xs, gys = _inputs(world, seed)
+    x = xs[rank].clone().requires_grad_(True)
+    y = lay(x)
+    ((y * gys[rank]).sum() + lay.aux_loss).backward()
+    red = lay.router.proj.weight.grad.clone()
+    dist.all_reduce(red)                                 # replicated router: sum of the ranks' gradients
+    # reference: the single-process layer on every rank's tokens, gradients summed
+    x_ref = None
+    for s in range(world):
+        xr = xs[s].clone().requires_grad_(s == rank)
+        yr = ref(xr)
+        ((yr * gys[s]).sum() + ref.aux_loss).backward()
+        if s == rank:
+            x_ref, y_ref = xr, yr.detach()
+            stats_ref = ref.last_stats
+    name = f"{kind} r_fwd={r_fwd} r_bwd={r_bwd} cf={cf} hier={ep.hierarchical}"
+    _close(y, y_ref, f"{name}: output")
+    _close(x.grad, x_ref.grad, f"{name}: dx")
+    n, off = lay.w1.shape[0], lay.expert_offset
+    _close(lay.w1.grad, ref.w1.grad[off:off + n], f"{name}: dw1")
+    _close(lay.w2.grad, ref.w2.grad[off:off + n], f"{name}: dw2")
+    _close(red, ref.router.proj.weight.grad, f"{name}: router grad")
+    assert lay.last_stats.tokens_per_expert.tolist() == stats_ref.tokens_per_expert.tolist(), name
+    assert lay.last_stats.dropped == stats_ref.dropped, name
+
+
+def _gap_case(rank, world, ep):
+    """moe1 -> dense -> moe2: the dense layer's gradient exists before moe1's backward, so its slice is
+    all-reduced inside moe1's backward gaps; the result equals the mean of the reference gradients."""
+    cfg = RouterConfig(kind="gshard", num_experts=E, top_k=2)
+    torch.manual_seed(7)
+    refs = [MoELayer(H, FFN, cfg, backend="torch"), torch.nn.Linear(H, H), MoELayer(H, FFN, cfg, backend="torch")]
+    torch.manual_seed(8)
+    eps = [MoELayer(H, FFN, cfg, backend="torch", ep=ep, r_fwd=2, r_bwd=4), torch.nn.Linear(H, H),
+           MoELayer(H, FFN, cfg, backend="torch", ep=ep, r_fwd=4, r_bwd=2)]
+    for a, b in zip(eps, refs):
+        a.load_state_dict(b.state_dict(), strict=False) if not isinstance(a, MoELayer) else None
+        if isinstance(a, MoELayer):
+            a.router.load_state_dict(b.router.state_dict())
+            a.load_full_experts(b.w1.detach(), b.w2.detach())
+    dense = [p for m in eps for n, p in m.named_parameters() if not n.startswith("w")]
+    reducer = GradSliceReducer(dense, slices=[0, 10 ** 6], average=True)
+    eps[0].reducer = eps[2].reducer = reducer
+    xs, gys = _inputs(world, 3)
+    y = eps[2](eps[1](eps[0](xs[rank])))
+    ((y * gys[rank]).sum() + eps[0].aux_loss + eps[2].aux_loss).backward()
+    in_gaps = reducer.launched_in_gaps
+    reducer.finish()
+    assert in_gaps >= H * H + H, f"dense layer's gradient not reduced in moe1's gaps ({in_gaps} elements)"
+    for s in range(world):
+        yr = refs[2](refs[1](refs[0](xs[s])))
+        ((yr * gys[s]).sum() + refs[0].aux_loss + refs[2].aux_loss).backward()
+    want = [p.grad / world for m in refs for n, p in m.named_parameters() if not n.startswith("w")]
+    for i, (p, w) in enumerate(zip(dense, want)):
+        _close(p.grad, w, f"gap case: dense grad {i}")
+    reducer.remove()
+
+
+def _worker(rank, world):
+    flat = ExpertParallel.create(E)
+    hier = ExpertParallel.create(E, hierarchical=True, gpus_per_node=2)
+    done = 0
+    pairs = [(1, 2), (2, 4), (4, 1)]
+    for i, kind in enumerate(ROUTER_KINDS):
+        for j, (rf, rb) in enumerate(pairs):
+            cf = 1.0 if (kind in ("gshard", "switch", "expert_choice") and j == 1) else None
+            _layer_case(rank, world, flat, kind, rf, rb, cf, seed=10 * i + j)
+            done += 1
+    for kind, rf, rb, cf in [("gshard", 2, 1, 1.25), ("top_p", 4, 4, None), ("expert_choice", 1, 2, None)]:
+        _layer_case(rank, world, hier, kind, rf, rb, cf, seed=77)
+        done += 1
+    _gap_case(rank, world, flat)
+    return done + 1
+
+
+def test_ep_matches_single_process_all_routers_all_r():
+    done = spawn_gloo(_worker, 4, timeout_s=120)
+    assert done == [len(ROUTER_KINDS) * 3 + 4] * 4
