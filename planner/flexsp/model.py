@@ -30,7 +30,7 @@ from .assign import MBSolution, evaluate
 from .batching import Bucket
 from .costmodel import SPCostModel
 
-__all__ = ["MilpResult", "solve_microbatch", "realise", "bucket_counts"]
+__all__ = ["MilpResult", "solve_microbatch", "realise", "bucket_counts", "ClassResult", "solve_classes", "realise_classes"]
 
 
 @dataclass
@@ -199,3 +199,158 @@ def realise(groups: list[tuple[int, list[int]]], buckets: list[Bucket], ids_sort
             sq[best] += s * s
             sm[best] += s
     return evaluate(MBSolution([(groups[g][0], members[g]) for g in range(k)], source="milp"), lens, cm)
+
+
+# ---- the aggregated form: counts per (bucket, degree) ------------------------------------------------
+@dataclass
+class ClassResult:
+    outcome: SolveOutcome
+    groups_per_degree: dict[int, int]
+    counts: dict[int, list[int]]
+    """degree -> sequences of each bucket sent to groups of that degree."""
+    n_vars: int
+    n_cons: int
+
+
+def solve_classes(buckets: list[Bucket], cm: SPCostModel, params: SolveParams,
+                  hint: list[tuple[int, list[int]]] | None = None, c_max: float | None = None,
+                  backend: str = "SCIP") -> ClassResult | None:
+    """FlexSP's MILP with identical groups merged: integer counts n[q,d] of bucket-q sequences on degree-d
+    groups and g[d] groups of degree d, the g[d] groups sharing their load evenly (fluid within a degree):
+
+        minimise   C
+        s.t.       sum_d n[q,d] = c_q
+                   sum_q n[q,d] (alpha_d nu_q + beta_d mu_q) + gamma_d g[d] <= g[d] C      (load of degree d)
+                   sum_q n[q,d] S_q <= cap_d g[d]                                           (memory, tokens)
+                   n[q,d] <= c_q u[q,d];  (alpha_d S_q^2 + beta_d S_q + gamma_d) u[q,d] <= C (one sequence)
+                   u[q,d] <= g[d];  sum_d d g[d] <= N
+
+    g[d] C is linearised with the binary expansion g[d] = sum_j 2^j z[d,j] and w[d,j] = z[d,j] C
+    (McCormick with C <= c_max, exact for binaries). The variables are per (bucket, degree), so the model
+    stays small at any N; the real groups come from :func:`realise_classes`."""
+    from ortools.linear_solver import pywraplp
+
+    # ---- data ---------------------------------------------------------------------------------
+    n = cm.world
+    fits = {d: [q for q, b in enumerate(buckets) if b.max <= cm.token_capacity(d)] for d in cm.degrees}
+    degs = [d for d in cm.degrees if fits[d]]
+    if c_max is None:
+        c_max = 1e9
+    bits = {d: max(1, (n // d).bit_length()) for d in degs}
+
+    # ---- model --------------------------------------------------------------------------------
+    solver = pywraplp.Solver.CreateSolver(backend)
+    if solver is None:
+        return None
+
+    # ---- variables ----------------------------------------------------------------------------
+    C = solver.NumVar(0.0, c_max, "C")
+    x, u, g, z, w = {}, {}, {}, {}, {}
+    for d in degs:
+        g[d] = solver.IntVar(0, n // d, f"g_{d}")
+        for j in range(bits[d]):
+            z[d, j] = solver.BoolVar(f"z_{d}_{j}")
+            w[d, j] = solver.NumVar(0.0, c_max, f"w_{d}_{j}")
+        for q in fits[d]:
+            x[q, d] = solver.IntVar(0, buckets[q].count, f"n_{q}_{d}")
+            u[q, d] = solver.BoolVar(f"u_{q}_{d}")
+
+    # ---- constraints --------------------------------------------------------------------------
+    for q, b in enumerate(buckets):
+        solver.Add(sum(x[q, d] for d in degs if (q, d) in x) == b.count, f"assign_{q}")
+    for d in degs:
+        a, be, ga = cm.coeffs(d)
+        solver.Add(g[d] == sum((1 << j) * z[d, j] for j in range(bits[d])), f"bits_{d}")
+        for j in range(bits[d]):
+            solver.Add(w[d, j] <= c_max * z[d, j], f"w_le_z_{d}_{j}")
+            solver.Add(w[d, j] <= C, f"w_le_C_{d}_{j}")
+            solver.Add(w[d, j] >= C - c_max * (1 - z[d, j]), f"w_ge_{d}_{j}")
+        load = sum(x[q, d] * (a * buckets[q].mean_sq + be * buckets[q].mean) for q in fits[d])
+        solver.Add(load + ga * g[d] <= sum((1 << j) * w[d, j] for j in range(bits[d])), f"load_{d}")
+        solver.Add(sum(x[q, d] * float(buckets[q].max) for q in fits[d]) <= cm.token_capacity(d) * g[d], f"mem_{d}")
+        for q in fits[d]:
+            b = buckets[q]
+            solver.Add(x[q, d] <= b.count * u[q, d], f"use_{q}_{d}")
+            solver.Add((a * b.max * b.max + be * b.max + ga) * u[q, d] <= C, f"single_{q}_{d}")
+            solver.Add(u[q, d] <= g[d], f"open_{q}_{d}")
+    solver.Add(sum(d * g[d] for d in degs) <= n, "gpus")
+
+    # ---- objective ----------------------------------------------------------------------------
+    solver.Minimize(C)
+
+    # ---- solve --------------------------------------------------------------------------------
+    hint_vals = _class_hint(hint, buckets, cm, degs, fits, bits, x, u, g, z, w, C, c_max) if hint else None
+    out = solve_linear(solver, params, hint_vals, variables=[C] + list(x.values()) + list(g.values()))
+
+    # ---- extract ------------------------------------------------------------------------------
+    gpd, counts = {}, {}
+    if out.status in ("optimal", "feasible"):
+        for d in degs:
+            k = int(round(out.values[f"g_{d}"]))
+            cnt = [int(round(out.values.get(f"n_{q}_{d}", 0.0))) for q in range(len(buckets))]
+            if k and sum(cnt):
+                gpd[d], counts[d] = k, cnt
+
+    # ---- statistics -----------------------------------------------------------------------------
+    return ClassResult(out, gpd, counts, solver.NumVariables(), solver.NumConstraints())
+
+
+def _class_hint(hint, buckets, cm, degs, fits, bits, x, u, g, z, w, C, c_max):
+    gpd: dict[int, int] = {}
+    cnt: dict[int, list[int]] = {}
+    for d, c in hint:
+        if not sum(c):
+            continue
+        if d not in g or any(ci and q not in fits[d] for q, ci in enumerate(c)):
+            return None
+        gpd[d] = gpd.get(d, 0) + 1
+        cnt.setdefault(d, [0] * len(buckets))
+        cnt[d] = [p + r for p, r in zip(cnt[d], c)]
+    cval = 0.0
+    for d, k in gpd.items():
+        a, be, ga = cm.coeffs(d)
+        load = sum(cnt[d][q] * (a * buckets[q].mean_sq + be * buckets[q].mean) for q in range(len(buckets)))
+        cval = max(cval, load / k + ga)
+        for q in fits[d]:
+            if cnt[d][q]:
+                b = buckets[q]
+                cval = max(cval, a * b.max * b.max + be * b.max + ga)
+    if cval > c_max:
+        return None
+    vals = {C: cval}
+    for d in degs:
+        k = gpd.get(d, 0)
+        vals[g[d]] = float(k)
+        for j in range(bits[d]):
+            bit = (k >> j) & 1
+            vals[z[d, j]] = float(bit)
+            vals[w[d, j]] = cval if bit else 0.0
+        for q in fits[d]:
+            c = cnt.get(d, [0] * len(buckets))[q]
+            vals[x[q, d]] = float(c)
+            vals[u[q, d]] = 1.0 if c else 0.0
+    return vals
+
+
+def realise_classes(res: ClassResult, buckets: list[Bucket], ids_sorted: np.ndarray, lens: np.ndarray,
+                    cm: SPCostModel) -> MBSolution | None:
+    """Real groups for a class solution: within each bucket the longer sequences go to the larger degrees
+    (as many as the MILP sent there), then each degree's sequences are LPT-packed onto its g[d] groups."""
+    from .assign import lpt_assign
+
+    if not res.counts:
+        return None
+    per_d: dict[int, list[int]] = {d: [] for d in res.counts}
+    for q, b in enumerate(buckets):
+        seqs = list(ids_sorted[b.start:b.end][::-1])  # longest first
+        for d in sorted(res.counts, reverse=True):
+            k = res.counts[d][q]
+            per_d[d] += [int(i) for i in seqs[:k]]
+            seqs = seqs[k:]
+    groups: list[tuple[int, list[int]]] = []
+    for d, ids in per_d.items():
+        sol = lpt_assign(np.array(ids, dtype=np.int64), lens, [d] * res.groups_per_degree[d], cm)
+        if sol is None:
+            return None
+        groups += sol.groups
+    return evaluate(MBSolution(groups, source="milp"), lens, cm)

@@ -36,6 +36,7 @@ class SPMicroBatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
     groups: list[SPGroup]
     predicted_ms: float = Field(ge=0.0, description="makespan over the concurrent groups")
+    source: str = Field(default="", description="which candidate won: milp, homogeneous-d, greedy[-target], +ls")
 
 
 class SPStep(BaseModel):
@@ -45,6 +46,9 @@ class SPStep(BaseModel):
     micro_batches: list[SPMicroBatch]
     predicted_ms: float = Field(ge=0.0)
     baselines_ms: dict[str, float] = Field(default_factory=dict)
+    solve_seconds: float = Field(default=0.0, ge=0.0, description="planning wall time of this step (s)")
+    solver_status: str = Field(default="heuristic", description="MILP status of this step (optimal|feasible|timeout|heuristic)")
+    mip_gap: float | None = Field(default=None, description="mean relative gap of this step's MILPs (bucketed model)")
 
 
 class SPPlan(Plan):
@@ -67,3 +71,57 @@ class SPPlan(Plan):
                             raise ValueError(f"steps.{st.step}.micro_batches.{mi}: rank {r} in two groups")
                         used.add(r)
         return self
+
+    # ---- presentation -----------------------------------------------------------------------------
+    def summary_rows(self) -> list[tuple[str, str]]:
+        rows = super().summary_rows()
+        rows.insert(1, ("model / GPUs", f"{self.model} on {self.world_size} GPUs"))
+        for st in self.steps:
+            degs: dict[int, int] = {}
+            for mb in st.micro_batches:
+                for g in mb.groups:
+                    degs[g.degree] = degs.get(g.degree, 0) + 1
+            mix = " ".join(f"{d}x{n}" for d, n in sorted(degs.items(), reverse=True))
+            base = ", ".join(f"{k} {v / st.predicted_ms:.2f}x" for k, v in st.baselines_ms.items()
+                             if st.predicted_ms > 0 and v == v and v != float("inf"))
+            rows.append((f"step {st.step}", f"{len(st.seqlens)} seqs, {len(st.micro_batches)} micro-batches, "
+                                            f"{st.predicted_ms:.1f} ms; groups (degree x count) {mix}; "
+                                            f"baselines/plan: {base}"))
+        return rows
+
+    def gantt_tasks(self, step: int = 0) -> list:
+        """The step's groups per rank on a timeline (simulated; micro-batches end with a barrier)."""
+        return self.simulate(step).tasks
+
+    def simulate(self, step: int = 0):
+        """Discrete-event simulation of one step: each group runs its predicted time on every rank it owns;
+        a zero-length barrier over all ranks separates micro-batches (gradient accumulation boundary)."""
+        from adasched.planner.simulator import Task, simulate
+
+        st = next((s for s in self.steps if s.step == step), None)
+        if st is None:
+            raise ValueError(f"plan has no step {step} (steps: {[s.step for s in self.steps]})")
+        tasks: list[Task] = []
+        prev: dict[int, str] = {}
+        for mi, mb in enumerate(st.micro_batches):
+            for gi, g in enumerate(mb.groups):
+                for r in g.ranks:
+                    name = f"mb{mi}.g{gi}.r{r}"
+                    tasks.append(Task(name, r, "compute", g.predicted_ms, deps=(prev[r],) if r in prev else (),
+                                      category=f"SP={g.degree}"))
+                    prev[r] = name
+            for r in range(self.world_size):
+                name = f"mb{mi}.barrier.r{r}"
+                tasks.append(Task(name, r, "compute", 0.0, deps=(prev[r],) if r in prev else (),
+                                  sync=f"mb{mi}.barrier", category="barrier"))
+                prev[r] = name
+        return simulate(tasks)
+
+    def plot(self, path, step: int = 0) -> None:
+        from adasched.planner.gantt import render_gantt
+
+        tasks = [t for t in self.gantt_tasks(step) if t.category != "barrier"]
+        st = next(s for s in self.steps if s.step == step)
+        render_gantt(tasks, path, title=f"FlexSP step {step}: {st.predicted_ms:.0f} ms, "
+                                        f"{len(st.micro_batches)} micro-batches, {self.world_size} GPUs",
+                     lane_of=lambda t: f"rank {t.rank}", label_of=lambda t: t.category)

@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from adasched.planner.solver import SolveParams
+from adasched.planner.solver import SolveParams, relative_gap
 from adasched.profiler.io import InputError
 
 from .assign import MBSolution, buddy_ranks, local_search
 from .baselines import best_homogeneous, greedy, static_sp
 from .batching import make_buckets, split_microbatches
 from .costmodel import SPCostModel
-from .model import bucket_counts, realise, solve_microbatch
+from .model import bucket_counts, realise, realise_classes, solve_classes, solve_microbatch
 
 __all__ = ["PlannerConfig", "StepResult", "plan_step", "check_fits", "lower_bound_work"]
 
@@ -51,6 +51,10 @@ class PlannerConfig:
     backend: str = "SCIP"
     use_milp: bool = True
     local_search: bool = True
+    formulation: str = "auto"
+    """'groups': the paper's per-group MILP; 'classes': counts per (bucket, degree), identical groups merged;
+    'auto': groups while the candidate groups number at most ``max_group_vars``, else classes."""
+    max_group_vars: int = 40
 
 
 @dataclass
@@ -74,6 +78,8 @@ class StepResult:
     solve_seconds: float
     milp: list[MilpStat] = field(default_factory=list)
     static: list[MBSolution] = field(default_factory=list)
+    lower_bound_ms: float = 0.0
+    """M_min * b1 + :func:`lower_bound_work`: no plan of this step can be faster (ms)."""
 
     @property
     def memory_violations(self) -> int:
@@ -115,6 +121,23 @@ def lower_bound_work(lens: np.ndarray, cm: SPCostModel) -> float:
         ok = s <= cm.token_capacity(d)
         best = np.where(ok, np.minimum(best, (a * s * s + b * s) * d), best)
     return float(best.sum()) / cm.world
+
+
+def analytic_bound(buckets, cm: SPCostModel) -> float:
+    """A valid lower bound of both MILP forms (bucketed means): b1 plus every bucket's work on its cheapest
+    degree in GPU-ms over N GPUs, and at least the slowest single longest-of-bucket sequence on its best degree."""
+    work, single = 0.0, 0.0
+    for b in buckets:
+        best_w, best_s = math.inf, math.inf
+        for d in cm.degrees:
+            if b.max > cm.token_capacity(d):
+                continue
+            a, be, ga = cm.coeffs(d)
+            best_w = min(best_w, b.count * (a * b.mean_sq + be * b.mean) * d)
+            best_s = min(best_s, a * b.max * b.max + be * b.max + ga)
+        work += best_w
+        single = max(single, best_s)
+    return max(cm.b1 + work / cm.world, single)
 
 
 def _improve(sol: MBSolution | None, lens, cm, cfg) -> MBSolution | None:
@@ -185,19 +208,29 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
                 ids_sorted = order[a:b]
                 bucket_of = {int(ids_sorted[j]): q for q, bk in enumerate(buckets) for j in range(bk.start, bk.end)}
                 inc = info["best"][r]
-                res = solve_microbatch(buckets, cm, SolveParams(time_limit=per, seed=cfg.seed, threads=cfg.threads),
-                                       hint=bucket_counts(inc, bucket_of, len(buckets)), backend=cfg.backend)
+                hint = bucket_counts(inc, bucket_of, len(buckets))
+                params = SolveParams(time_limit=per, seed=cfg.seed, threads=cfg.threads)
+                n_groups = sum(min(cm.world // d, b - a) for d in cm.degrees)
+                if cfg.formulation == "groups" or (cfg.formulation == "auto" and n_groups <= cfg.max_group_vars):
+                    res = solve_microbatch(buckets, cm, params, hint=hint, backend=cfg.backend)
+                    sol = realise(res.groups, buckets, ids_sorted, lens, cm) if res is not None and res.groups else None
+                else:
+                    res = solve_classes(buckets, cm, params, hint=hint, c_max=1.5 * inc.time_ms, backend=cfg.backend)
+                    sol = realise_classes(res, buckets, ids_sorted, lens, cm) if res is not None else None
                 if res is None:
                     raise InputError("--backend", f"OR-Tools backend {cfg.backend!r} is not available")
                 won = False
-                if res.groups:
-                    sol = _improve(realise(res.groups, buckets, ids_sorted, lens, cm), lens, cm, cfg)
+                if sol is not None:
+                    sol = _improve(sol, lens, cm, cfg)
                     if sol.fits and sol.time_ms < inc.time_ms - 1e-9:
                         info["best"][r] = sol
                         won = True
                 o = res.outcome
-                milp_stats.append(MilpStat(o.status, o.gap if o.status in ("optimal", "feasible") else None,
-                                           o.objective, o.bound, o.solve_seconds, won))
+                bound = analytic_bound(buckets, cm)
+                if o.bound is not None and o.bound == o.bound and o.bound > bound:
+                    bound = o.bound
+                gap = relative_gap(o.objective, bound) if o.status in ("optimal", "feasible") else None
+                milp_stats.append(MilpStat(o.status, gap, o.objective, bound, o.solve_seconds, won))
             info["heur"] = sum(c.time_ms for c in info["best"])
 
     # ---- choose ----------------------------------------------------------------------------------
@@ -211,7 +244,8 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
     }
     total = sum(mb.time_ms for mb in mbs)
     return StepResult(step=step, lens=lens, micro_batches=mbs, time_ms=total, baselines_ms=baselines,
-                      chosen_m=best_m, solve_seconds=time.perf_counter() - t0, milp=milp_stats, static=static)
+                      chosen_m=best_m, solve_seconds=time.perf_counter() - t0, milp=milp_stats, static=static,
+                      lower_bound_ms=m_min * cm.b1 + lb_work)
 
 
 def placed_groups(mb: MBSolution, world: int) -> list[tuple[int, list[int], list[int]]]:

@@ -1,0 +1,184 @@
+"""`adasched plan sp` and `adasched bench sp` (thin: parsing and printing; the work is in api.py/planner.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+__all__ = ["register"]
+
+_PROFILE_HELP = "Cluster profile: a built-in name (a100-64-flexsp-paper, h100-sxm) or a profile JSON file."
+_MODEL_HELP = "Model preset: gpt-7b, gpt-13b, gpt-30b."
+_SEQLENS_HELP = ("Sequence-length file, one positive integer per line ('#' comments allowed), or 'builtin' for "
+                 "the packaged 20k-line Wikipedia sample.")
+
+
+def _seqlens_path(seqlens: str) -> str:
+    if seqlens == "builtin":
+        from importlib import resources
+
+        return str(resources.files("adasched.planner.flexsp").joinpath("data/wikipedia-sample.txt"))
+    return seqlens
+
+
+def _setup(profile: str, model: str, seqlens: str, gpus: Optional[int], max_context: Optional[int],
+           time_limit: float, seed: int, buckets: int, no_milp: bool):
+    from adasched.profiler.io import InputError
+    from adasched.profiler.profile import load_profile
+
+    from .api import load_lengths
+    from .costmodel import model_preset, sp_cost_model
+    from .planner import PlannerConfig, check_fits
+
+    if not (time_limit > 0):
+        raise InputError("--time-limit", f"must be > 0 seconds, got {time_limit}")
+    if buckets < 1:
+        raise InputError("--buckets", f"must be >= 1, got {buckets}")
+    mdl = model_preset(model)
+    prof = load_profile(profile)
+    n = prof.world_size if gpus is None else gpus
+    if n < 1:
+        raise InputError("--gpus", f"must be >= 1, got {n}")
+    if n > prof.world_size:
+        raise InputError("--gpus", f"{n} GPUs but profile {prof.name!r} describes {prof.world_size} "
+                                   f"({prof.num_nodes} nodes x {prof.gpus_per_node}); use a profile with more nodes")
+    cm = sp_cost_model(prof, mdl, n)
+    lens = load_lengths(_seqlens_path(seqlens), max_context)
+    check_fits(lens, cm, where=seqlens)
+    cfg = PlannerConfig(time_limit=time_limit, seed=seed, buckets=buckets, use_milp=not no_milp)
+    return prof, mdl, cm, lens, cfg
+
+
+def _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context, show_progress=True):
+    from ..ui import progress
+    from .api import plan_sp
+
+    with progress(f"planning {steps} global batches", total=steps, enabled=show_progress) as advance:
+        return plan_sp(prof, mdl, lens, gpus=cm.world, global_batch=global_batch, steps=steps, seed=seed,
+                       config=cfg, max_context=max_context, on_step=lambda r: advance())
+
+
+def _step_rows(rows):
+    return [(r["step"], r["sequences"], r["tokens"], r["max_len"], r["micro_batches"], r["flexsp_ms"],
+             r["static_ms"], r["best_homogeneous_ms"], r["speedup_vs_static"], r["speedup_vs_best_homogeneous"],
+             r["lower_bound_ms"], r["solve_seconds"], r["milp_status"],
+             "-" if r["mip_gap"] is None else f"{r['mip_gap']:.1%}") for r in rows]
+
+
+_STEP_COLS = ["step", "seqs", "tokens", "max len", "M", "FlexSP ms", "static SP=N ms", "best single degree ms",
+              "vs static", "vs best single", "lower bound ms", "solve s", "MILP", "MIP gap"]
+
+
+def register(groups) -> None:
+    @groups.plan.command("sp")
+    def plan_sp_cmd(
+        profile: str = typer.Option("a100-64-flexsp-paper", "--profile", help=_PROFILE_HELP),
+        model: str = typer.Option("gpt-7b", "--model", help=_MODEL_HELP),
+        seqlens: str = typer.Option(..., "--seqlens", help=_SEQLENS_HELP),
+        gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs to plan for (power of two; default: the profile's)."),
+        global_batch: int = typer.Option(512, "--global-batch", help="Sequences per global batch (training step)."),
+        max_context: Optional[int] = typer.Option(None, "--max-context",
+                                                  help="Longer sequences are clipped (truncated) to this many tokens."),
+        steps: int = typer.Option(1, "--steps", help="Global batches to plan (drawn from a seeded permutation)."),
+        seed: int = typer.Option(0, "--seed", help="Seed for drawing batches and for the solver."),
+        time_limit: float = typer.Option(1.0, "--time-limit", help="MILP seconds per global batch."),
+        buckets: int = typer.Option(16, "--buckets", help="Length buckets per micro-batch in the MILP."),
+        no_milp: bool = typer.Option(False, "--no-milp", help="Heuristics only (single degrees, greedy, local search)."),
+        out: Path = typer.Option(..., "--out", help="Plan JSON to write (atomic; nothing on error)."),
+        plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw step 0's groups per rank (PNG)."),
+        as_json: bool = typer.Option(False, "--json", help="Print the per-step figures as JSON."),
+    ) -> None:
+        """Plan FlexSP sequence parallelism: per global batch and micro-batch, concurrent Ulysses groups of
+        power-of-two degrees (buddy-placed) and the sequences each runs; compared with static SP = N, the best
+        single degree per micro-batch and a greedy heuristic on the same cost model."""
+        from adasched.profiler.io import InputError
+
+        from ..plan import save_plan
+        from ..ui import emit_json, print_table
+        from .api import summarize
+
+        if out.exists() and out.is_dir():
+            raise InputError("--out", f"{out} is a directory, expected a file path")
+        prof, mdl, cm, lens, cfg = _setup(profile, model, seqlens, gpus, max_context, time_limit, seed, buckets, no_milp)
+        plan, results = _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context, show_progress=not as_json)
+        save_plan(plan, out)
+        if plot:
+            plan.plot(plot)
+        rep = summarize(results, cm)
+        if as_json:
+            emit_json({"out": str(out), **rep})
+            return
+        print_table(_step_rows(rep["rows"]), _STEP_COLS, title=f"FlexSP plan: {mdl.name} on {cm.world} GPUs ({prof.name})")
+        typer.echo(f"wrote {out}")
+
+    @groups.bench.command("sp")
+    def bench_sp_cmd(
+        profile: str = typer.Option("a100-64-flexsp-paper", "--profile", help=_PROFILE_HELP),
+        model: str = typer.Option("gpt-7b", "--model", help=_MODEL_HELP),
+        seqlens: str = typer.Option("builtin", "--seqlens", help=_SEQLENS_HELP),
+        gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs (power of two; default: the profile's)."),
+        global_batch: int = typer.Option(512, "--global-batch"),
+        max_context: Optional[int] = typer.Option(384 * 1024, "--max-context", help="Clip longer sequences to this."),
+        steps: int = typer.Option(10, "--steps"),
+        seed: int = typer.Option(0, "--seed"),
+        time_limit: float = typer.Option(1.0, "--time-limit", help="MILP seconds per global batch."),
+        buckets: int = typer.Option(16, "--buckets"),
+        no_milp: bool = typer.Option(False, "--no-milp"),
+        scaling: bool = typer.Option(False, "--scaling", help="Also a table over sequences per batch (128..4096) "
+                                                                "and GPUs (8..256, profile.with_nodes) with solve times."),
+        as_json: bool = typer.Option(False, "--json", help="Machine-readable per-step rows and summary."),
+    ) -> None:
+        """Benchmark the FlexSP planner against its baselines on the same batches and cost model."""
+        from ..ui import emit_json, print_table
+        from .api import summarize
+
+        prof, mdl, cm, lens, cfg = _setup(profile, model, seqlens, gpus, max_context, time_limit, seed, buckets, no_milp)
+        plan, results = _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context, show_progress=True)
+        rep = summarize(results, cm)
+        rep["config"] = dict(profile=prof.name, model=mdl.name, gpus=cm.world, global_batch=global_batch,
+                             max_context=max_context, steps=steps, seed=seed, time_limit=time_limit, buckets=buckets,
+                             milp=not no_milp, seqlens=seqlens)
+        if scaling:
+            rep["scaling"] = _scaling(prof, mdl, lens, cfg, seed)
+        if as_json:
+            emit_json(rep)
+            return
+        print_table(_step_rows(rep["rows"]), _STEP_COLS, title=f"bench sp: {mdl.name} on {cm.world} GPUs ({prof.name})")
+        print_table(list(rep["summary"].items()), ["figure", "value"], title="summary")
+        if scaling:
+            print_table([tuple(r.values()) for r in rep["scaling"]], list(rep["scaling"][0].keys()),
+                        title="scaling (one global batch each)")
+
+
+def _scaling(prof, mdl, lens, cfg, seed) -> list[dict]:
+    """Solve time and quality over sequences per batch x GPUs (one global batch per cell)."""
+    import math
+
+    from .batching import draw_batches
+    from .costmodel import sp_cost_model
+    from .planner import plan_step
+    from ..ui import progress
+
+    cells = [(b, g) for g in (8, 16, 32, 64, 128, 256) for b in (128, 512, 1024, 2048, 4096)]
+    out = []
+    with progress("scaling cells", total=len(cells)) as advance:
+        for b, g in cells:
+            p = prof if g <= prof.world_size and g % prof.gpus_per_node == 0 else prof.with_nodes(
+                max(1, math.ceil(g / prof.gpus_per_node)))
+            cm = sp_cost_model(p, mdl, g)
+            batch = draw_batches(lens, b, 1, seed)[0]
+            try:
+                r = plan_step(batch, cm, cfg)
+                row = dict(gpus=g, sequences=b, tokens=int(batch.sum()), micro_batches=r.chosen_m,
+                           solve_seconds=round(r.solve_seconds, 3),
+                           speedup_vs_static=round(r.baselines_ms["static"] / r.time_ms, 3),
+                           speedup_vs_best_homogeneous=round(r.baselines_ms["best_homogeneous"] / r.time_ms, 3),
+                           milp=r.milp_status, mip_gap=None if r.mip_gap is None else round(r.mip_gap, 4))
+            except ValueError as err:
+                row = dict(gpus=g, sequences=b, tokens=int(batch.sum()), micro_batches=None, solve_seconds=None,
+                           speedup_vs_static=None, speedup_vs_best_homogeneous=None, milp=f"error: {err}"[:60],
+                           mip_gap=None)
+            out.append(row)
+            advance()
+    return out
