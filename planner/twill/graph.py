@@ -239,32 +239,32 @@ def make_problem(graph: str | os.PathLike | Graph, machine: str | os.PathLike | 
     return check_graph(graph, machine, where)
 
 
-def normalise_costs(raw: dict[str, float], max_cost: int = 16, tolerance: float = 0.25) -> tuple[dict[str, int], float]:
+def normalise_costs(raw: dict[str, float], max_cost: int = 16, tolerance: float = 0.15,
+                    overhead: float = 1 / 8) -> tuple[dict[str, int], float]:
     """Scale raw costs (e.g. hardware cycles) to small integers in [1, max_cost] keeping their ratios.
 
     Exact search over the candidate cycle units ``u = raw_i / k`` (k = 1..max_cost, every i), with
     cost_i = max(1, floor(raw_i / u + 1/2)). The error of a unit is the largest relative error
-    |cost_i * u - raw_i| / raw_i over the costs of at least half a unit; costs below half a unit (issue
-    overheads) are rounded *up* to 1, never collapsed to 0. The coarsest unit (smallest integers) whose error
-    is within ``tolerance`` wins; when none is, the unit with the smallest error. Returns (costs, unit) with
-    the unit in the raw costs' own units (e.g. SM cycles per normalised cycle)."""
+    |cost_i * u - raw_i| / raw_i over the *main* costs, those of at least ``overhead`` times the largest;
+    smaller ones (issue and barrier overheads) are rounded up to 1, never collapsed to 0. The coarsest unit
+    (smallest integers) whose error is within ``tolerance`` wins; when none is, the unit with the smallest
+    error. Returns (costs, unit) with the unit in the raw costs' own units (e.g. SM cycles per normalised
+    cycle)."""
     if not raw:
         return {}, 1.0
     for k, v in raw.items():
         if not (v > 0 and math.isfinite(v)):
             raise ValueError(f"raw cost {k!r} = {v} must be a positive number")
     top = max(raw.values())
+    main = [k for k, v in raw.items() if v >= overhead * top]
     cands = {Fraction(v).limit_denominator(10**6) / k for v in raw.values() for k in range(1, max_cost + 1)}
     fallback: tuple[float, float, dict[str, int]] | None = None
     for u in sorted(cands, reverse=True):  # coarsest first
         uf = float(u)
-        if top / uf > max_cost + 0.5:
-            continue
         costs = {k: max(1, math.floor(v / uf + 0.5)) for k, v in raw.items()}
         if max(costs.values()) > max_cost:
             continue
-        errs = [abs(c * uf - raw[k]) / raw[k] for k, c in costs.items() if raw[k] >= uf / 2]
-        err = max(errs, default=0.0)
+        err = max(abs(costs[k] * uf - raw[k]) / raw[k] for k in main)
         if err <= tolerance:
             return costs, uf
         if fallback is None or err < fallback[0] - 1e-12:

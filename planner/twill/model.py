@@ -297,7 +297,10 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
                 return att, proven
             if att.status != "infeasible":
                 proven = False
-        raise ValueError(f"graph {problem.graph.name!r}: no schedule up to I = {cap} (the model is infeasible)")
+        what = ("no warp-specialised schedule: the register, shared-memory or warp-group limits cannot be met"
+                if use_warp else "no modulo schedule")
+        raise ValueError(f"graph {problem.graph.name!r}: {what} up to I = {cap}"
+                         + ("" if proven else " (some attempts timed out; raise --time-limit)"))
 
     plain, plain_proven = search(bounds.mii, False)
     if plain is None:

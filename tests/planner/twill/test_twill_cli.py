@@ -1,0 +1,77 @@
+"""`adasched plan twill` and `adasched show`: JSON fields, plan file, plot, and bad input -> one-line error, exit 2."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adasched.planner.cli import main
+from adasched.planner.plan import load_plan
+from adasched.planner.twill.plan import TwillPlan
+from adasched.planner.twill.validator import validate
+
+
+def _graph(tmp_path, ops, edges, units=None, name="g.json"):
+    d = {"ops": ops, "edges": edges}
+    if units is not None:
+        d["units"] = units
+    p = tmp_path / name
+    p.write_text(json.dumps(d))
+    return p
+
+
+def test_plan_twill_json_out_and_show_plot(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    rc = main(["plan", "twill", "--graph", "fa3-hopper", "--machine", "h100", "--json", "--out", str(out),
+               "--time-limit", "10"])
+    assert rc == 0
+    js = json.loads(capsys.readouterr().out)
+    for key in ("ii", "mii", "status", "solve_seconds", "warp_groups", "stages"):
+        assert key in js
+    assert js["ii"] == 8 and js["mii"] == 8 and js["status"] == "optimal"
+    plan = load_plan(out, expect=TwillPlan)
+    assert validate(plan.graph, plan.machine, plan.model_dump(mode="json")) == []
+    png = tmp_path / "f.png"
+    assert main(["show", str(out), "--plot", str(png)]) == 0
+    assert png.stat().st_size > 5000
+    text = capsys.readouterr().out
+    assert "triton knobs" in text and "warp groups" in text
+
+
+def test_plan_twill_user_graph_file(tmp_path, capsys):
+    p = _graph(tmp_path, [{"name": "S", "reserve": {"TC": [1, 1]}, "regs": 64, "smem": 0, "variable_latency": False},
+                          {"name": "P", "reserve": {"SFU": [1]}}],
+               [{"from": "S", "to": "P", "delay": 2, "distance": 0},
+                {"from": "P", "to": "S", "delay": 1, "distance": 1}], units={"TC": 1, "SFU": 1, "TMA": 1})
+    assert main(["plan", "twill", "--graph", str(p), "--machine", "h100", "--json"]) == 0
+    js = json.loads(capsys.readouterr().out)
+    assert js["ii"] == 3 and js["mii"] == 3  # recurrence S->P->S: (2 + 1) / 1
+
+
+@pytest.mark.parametrize("ops,edges,needle", [
+    ([{"name": "A", "reserve": {"TC": [1]}}, {"name": "B", "reserve": {"TC": [1]}}],
+     [{"from": "A", "to": "B", "delay": 1}, {"from": "B", "to": "A", "delay": 0}], "zero total distance A -> B -> A"),
+    ([{"name": "A", "reserve": {"TC": [1]}}], [{"from": "A", "to": "X", "delay": 1}], "edges[0] A->X: unknown op 'X'"),
+    ([{"name": "A", "reserve": {"FPGA": [1]}}], [], "'A': reserves unit 'FPGA'"),
+    ([{"name": "A", "reserve": {"TC": [1]}, "regs": 400}], [], "'A': needs 400 registers"),
+    ([{"name": "A", "reserve": {"TC": [2]}}], [], "'A': holds 2 'TC' in one cycle"),
+    ([{"name": "A", "reserve": {"TC": [1]}}, {"name": "A", "reserve": {"TC": [1]}}], [], "duplicate op name 'A'"),
+    ([{"name": "A", "reserve": {"TC": []}}], [], "reserve"),
+])
+def test_bad_graphs_exit_2_naming_the_op_or_edge(tmp_path, capsys, ops, edges, needle):
+    p = _graph(tmp_path, ops, edges)
+    out = tmp_path / "never.json"
+    rc = main(["plan", "twill", "--graph", str(p), "--machine", "h100", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("error: ") and needle in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_bad_options_exit_2(tmp_path, capsys):
+    assert main(["plan", "twill", "--graph", "no-such-graph", "--machine", "h100"]) == 2
+    assert "error: --graph" in capsys.readouterr().err
+    assert main(["plan", "twill", "--graph", "toy-attention", "--machine", "tpu"]) == 2
+    assert "error: --machine" in capsys.readouterr().err
+    assert main(["plan", "twill", "--graph", "toy-attention", "--time-limit", "0"]) == 2
+    assert "time_limit" in capsys.readouterr().err
