@@ -1,0 +1,126 @@
+"""Layer-wise MoE capacity schedules (DynaMoE): integer per-layer expert counts or k_max over depth.
+
+Every schedule maps ``(num_layers L, total budget B, bounds (lo, hi))`` to integers ``c_0..c_{L-1}`` with
+``lo <= c_l <= hi`` and ``sum c_l == B`` exactly (the same parameter/compute budget as the uniform schedule).
+
+Shape over depth ``u = l / (L - 1)`` (``u = 0`` for one layer):
+
+    uniform            f(u) = 0
+    descending         f(u) = 1 - u          (more capacity in early layers)
+    ascending          f(u) = u
+    pyramid            f(u) = 1 - |2u - 1|   (peak in the middle)
+    inverted_pyramid   f(u) = |2u - 1|       (valley in the middle)
+    wave               f(u) = sin(2 pi * waves * u)   (``waves`` periods over depth, default 1)
+
+Real profile: ``k_l = B/L + s * (f_l - mean f)``, whose sum is B for any s; ``s`` is the widest spread that
+keeps every ``k_l`` inside ``[lo, hi]``, times ``strength`` (in [0, 1], default 1). So with bounds (1, 4)
+and B = 2.5 L a descending schedule runs linearly from 4 down to 1.
+
+Integers by largest remainder under the bounds: floors first, then the ``B - sum(floor)`` units go to the
+largest fractional parts (ties: the larger f, then the earlier layer). Monotone shapes stay monotone, the
+pyramid stays unimodal. Bounds that cannot meet the budget (``B < L*lo`` or ``B > L*hi``) raise ValueError
+naming the values.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Callable
+
+__all__ = ["CAPACITY_SCHEDULES", "capacity_schedule", "schedule_shape", "moe_layer_configs"]
+
+CAPACITY_SCHEDULES: tuple[str, ...] = ("uniform", "descending", "ascending", "pyramid", "inverted_pyramid", "wave")
+
+
+def _shape_fn(name: str, waves: float) -> Callable[[float], float]:
+    return {
+        "uniform": lambda u: 0.0,
+        "descending": lambda u: 1.0 - u,
+        "ascending": lambda u: u,
+        "pyramid": lambda u: 1.0 - abs(2.0 * u - 1.0),
+        "inverted_pyramid": lambda u: abs(2.0 * u - 1.0),
+        "wave": lambda u: math.sin(2.0 * math.pi * waves * u),
+    }[name]
+
+
+def schedule_shape(name: str, num_layers: int, waves: float = 1.0) -> list[float]:
+    """The unscaled shape f(u_l) of a schedule (see module docstring)."""
+    if name not in CAPACITY_SCHEDULES:
+        raise ValueError(f"schedule: {name!r} is not one of {', '.join(CAPACITY_SCHEDULES)}")
+    if num_layers < 1:
+        raise ValueError(f"num_layers: {num_layers} must be >= 1")
+    fn = _shape_fn(name, waves)
+    L = num_layers
+    return [fn(l / (L - 1) if L > 1 else 0.0) for l in range(L)]
+
+
+def capacity_schedule(name: str, num_layers: int, budget: int, lo: int, hi: int, *, strength: float = 1.0,
+                      waves: float = 1.0) -> list[int]:
+    """Integer per-layer capacities (expert counts or k_max) of schedule ``name`` summing exactly to ``budget``.
+
+    ``lo``/``hi``: inclusive per-layer bounds; ``strength``: fraction of the widest spread the bounds allow;
+    ``waves``: periods of the ``wave`` schedule over depth.
+    """
+    f = schedule_shape(name, num_layers, waves)
+    L = num_layers
+    for label, v in (("budget", budget), ("lo", lo), ("hi", hi)):
+        if int(v) != v:
+            raise ValueError(f"{label}: {v} must be an integer")
+    budget, lo, hi = int(budget), int(lo), int(hi)
+    if lo < 0 or hi < lo:
+        raise ValueError(f"bounds: (lo={lo}, hi={hi}) need 0 <= lo <= hi")
+    if not (L * lo <= budget <= L * hi):
+        raise ValueError(f"budget: {budget} cannot be met by {L} layers within bounds (lo={lo}, hi={hi}): "
+                         f"feasible totals are {L * lo}..{L * hi}")
+    if not (0.0 <= strength <= 1.0):
+        raise ValueError(f"strength: {strength} must be in [0, 1]")
+    if waves <= 0:
+        raise ValueError(f"waves: {waves} must be > 0")
+    m = budget / L
+    fbar = sum(f) / L
+    d = [x - fbar for x in f]
+    s = math.inf
+    for dl in d:
+        if dl > 1e-12:
+            s = min(s, (hi - m) / dl)
+        elif dl < -1e-12:
+            s = min(s, (m - lo) / -dl)
+    s = 0.0 if s == math.inf else s * strength
+    k = [min(hi, max(lo, m + s * dl)) for dl in d]
+    out = [int(math.floor(x + 1e-9)) for x in k]
+    rest = budget - sum(out)
+    frac = [x - o for x, o in zip(k, out)]
+    order = sorted(range(L), key=lambda l: (-round(frac[l], 9), -f[l], l))
+    for l in order:
+        if rest <= 0:
+            break
+        if out[l] < hi:
+            out[l] += 1
+            rest -= 1
+    # a floor step that lost mass below lo cannot happen (k >= lo, lo integer); guard the invariant anyway
+    if rest != 0 or sum(out) != budget:  # pragma: no cover - defensive
+        raise ValueError(f"budget: {budget} could not be distributed within (lo={lo}, hi={hi})")
+    return out
+
+
+def moe_layer_configs(schedule: str, num_layers: int, budget: int, lo: int, hi: int, base, *,
+                      field: str = "k_max", **kw) -> list:
+    """Per-layer router configs from a schedule: ``base`` (a RouterConfig) copied with ``field`` set per layer.
+
+    ``field="k_max"``: dynamic top-p routers get the layer's k_max (top-k routers: use ``field="top_k"``);
+    ``field="num_experts"``: the layer's expert count (top_k/k_max are clipped to it).
+    """
+    if field not in ("k_max", "top_k", "num_experts"):
+        raise ValueError(f"field: {field!r} is not 'k_max', 'top_k' or 'num_experts'")
+    if field != "num_experts" and hi > base.num_experts:
+        raise ValueError(f"hi: {hi} exceeds num_experts {base.num_experts} for {field}")
+    caps = capacity_schedule(schedule, num_layers, budget, lo, hi, **kw)
+    out = []
+    for c in caps:
+        if field == "num_experts":
+            k = min(base.top_k, c)
+            km = None if base.k_max is None else min(base.k_max, c)
+            out.append(replace(base, num_experts=c, top_k=k, k_max=km))
+        else:
+            out.append(replace(base, **{field: c}))
+    return out

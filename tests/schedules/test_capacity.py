@@ -1,0 +1,82 @@
+"""Capacity schedules: exact budget, bounds, shapes (hypothesis properties), errors, per-layer configs."""
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from adasched.runtime.moe import RouterConfig
+from adasched.schedules.capacity import CAPACITY_SCHEDULES, capacity_schedule, moe_layer_configs
+
+
+@st.composite
+def problems(draw):
+    L = draw(st.integers(1, 24))
+    lo = draw(st.integers(0, 6))
+    hi = draw(st.integers(lo, lo + 10))
+    B = draw(st.integers(L * lo, L * hi))
+    return L, B, lo, hi
+
+
+def _nonincreasing(xs):
+    return all(a >= b for a, b in zip(xs, xs[1:]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems(), st.sampled_from(CAPACITY_SCHEDULES), st.floats(0.0, 1.0))
+def test_sum_exact_bounds_and_shape(prob, name, strength):
+    L, B, lo, hi = prob
+    c = capacity_schedule(name, L, B, lo, hi, strength=strength)
+    assert len(c) == L and all(isinstance(x, int) for x in c)
+    assert sum(c) == B
+    assert all(lo <= x <= hi for x in c)
+    assert max(c) - min(c) <= hi - lo
+    if name == "uniform":
+        assert max(c) - min(c) <= 1
+    if name == "descending":
+        assert _nonincreasing(c)
+    if name == "ascending":
+        assert _nonincreasing(c[::-1])
+    mid = (L - 1) / 2
+    left = [x for i, x in enumerate(c) if i <= mid]
+    right = [x for i, x in enumerate(c) if i >= mid]
+    if name == "pyramid":
+        assert _nonincreasing(left[::-1]) and _nonincreasing(right)
+    if name == "inverted_pyramid":
+        assert _nonincreasing(left) and _nonincreasing(right[::-1])
+
+
+def test_known_values():
+    assert capacity_schedule("descending", 4, 10, 1, 4) == [4, 3, 2, 1]
+    assert capacity_schedule("ascending", 4, 10, 1, 4) == [1, 2, 3, 4]
+    assert capacity_schedule("uniform", 4, 10, 1, 4) == [3, 3, 2, 2]
+    assert sum(capacity_schedule("pyramid", 5, 15, 1, 5)) == 15
+    p = capacity_schedule("pyramid", 5, 15, 1, 5)
+    assert p[2] == max(p) == 5 and p[0] == p[4] == min(p)
+    v = capacity_schedule("inverted_pyramid", 5, 15, 1, 5)
+    assert v[2] == min(v) and v[0] == v[4] == max(v)
+    w = capacity_schedule("wave", 9, 27, 1, 5)
+    assert w[2] == max(w) and w[6] == min(w) and sum(w) == 27
+    assert capacity_schedule("descending", 1, 3, 1, 4) == [3]
+    # half strength: half the spread around the mean
+    assert capacity_schedule("descending", 3, 9, 1, 5, strength=0.5) == [4, 3, 2]
+
+
+@pytest.mark.parametrize("args, match", [
+    (("uniform", 4, 3, 1, 4), "budget: 3 cannot be met by 4 layers within bounds \\(lo=1, hi=4\\)"),
+    (("pyramid", 4, 17, 1, 4), "budget: 17"),
+    (("zigzag", 4, 8, 1, 4), "'zigzag'"),
+    (("uniform", 0, 8, 1, 4), "num_layers: 0"),
+    (("uniform", 4, 8, 3, 2), "lo=3, hi=2"),
+])
+def test_errors_name_values(args, match):
+    with pytest.raises(ValueError, match=match):
+        capacity_schedule(*args)
+
+
+def test_layer_configs():
+    base = RouterConfig(kind="top_p", num_experts=8, top_k=2, k_max=2)
+    cfgs = moe_layer_configs("descending", 4, 10, 1, 4, base, field="k_max")
+    assert [c.k_max for c in cfgs] == [4, 3, 2, 1]
+    assert all(c.kind == "top_p" and c.num_experts == 8 for c in cfgs)
+    cfgs = moe_layer_configs("ascending", 3, 12, 2, 6, RouterConfig(num_experts=8, top_k=2), field="num_experts")
+    assert [c.num_experts for c in cfgs] == [2, 4, 6]
+    with pytest.raises(ValueError, match="hi: 9 exceeds num_experts 8"):
+        moe_layer_configs("uniform", 2, 10, 1, 9, base, field="k_max")
