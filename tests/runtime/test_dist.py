@@ -1,0 +1,47 @@
+"""runtime.dist: free ports, spawn_gloo result/exception propagation, init_distributed without torchrun."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from adasched.runtime.dist import WorkerError, env_world, free_port, spawn_gloo
+
+
+def _sum_ranks(rank, world, offset):
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(rank + offset)])
+    dist.all_reduce(t)
+    if rank == 1 and offset < 0:
+        raise RuntimeError("boom on purpose")
+    return {"rank": rank, "world": world, "sum": float(t)}
+
+
+def test_spawn_gloo_propagates_worker_exception():
+    # (results coming back from workers are checked by the pool and Ulysses tests)
+    with pytest.raises(WorkerError) as err:
+        spawn_gloo(_sum_ranks, 2, -1, timeout_s=30)
+    assert err.value.rank == 1 and "boom on purpose" in str(err.value)
+
+
+def test_free_port_and_env_world(monkeypatch):
+    p = free_port()
+    assert 1024 <= p <= 65535
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert env_world() == (0, 1, 0)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="RANK=3 WORLD_SIZE=2"):
+        env_world()
+
+
+def test_init_distributed_single_process():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    code = ("import torch.distributed as d; from adasched.runtime.dist import init_distributed; "
+            "print(init_distributed(timeout_s=10), d.get_backend(), init_distributed())")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["(0,", "1)", "gloo", "(0,", "1)"]

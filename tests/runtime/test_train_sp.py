@@ -1,0 +1,115 @@
+"""launch/train_sp: a hand-written SP plan trained on 4 gloo ranks under torchrun with --check-reference,
+and plans that do not fit the world rejected with one error line (exit 2) before any step."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adasched.launch.train_sp import main
+from adasched.planner.flexsp.plan import SPGroup, SPMicroBatch, SPPlan, SPStep
+from adasched.planner.plan import SolverRecord, save_plan
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _group(ranks, ids, lens):
+    return SPGroup(degree=len(ranks), ranks=ranks, seq_ids=ids, seqlens=[lens[i] for i in ids], predicted_ms=1.0)
+
+
+def _plan(world=4, groups_step0=None):
+    lens0 = [900, 120, 50, 33, 400, 7]
+    lens1 = [300, 301, 5, 64]
+    mbs0 = groups_step0 or [
+        [_group([0, 1, 2, 3], [0], lens0)],  # degree 4
+        [_group([0, 1], [4], lens0), _group([2], [1, 3], lens0), _group([3], [2, 5], lens0)],  # 2 + 1 + 1
+    ]
+    steps = [
+        SPStep(step=0, seqlens=lens0, predicted_ms=2.0,
+               micro_batches=[SPMicroBatch(groups=g, predicted_ms=1.0) for g in mbs0]),
+        SPStep(step=1, seqlens=lens1, predicted_ms=2.0, micro_batches=[
+            SPMicroBatch(groups=[_group([0, 1], [0], lens1), _group([2, 3], [1, 2], lens1)], predicted_ms=1.0),
+            SPMicroBatch(groups=[_group([2], [3], lens1)], predicted_ms=1.0),  # ranks 0, 1, 3 idle
+        ]),
+    ]
+    return SPPlan(world_size=world, model="tiny-gpt", inputs_digest="test",
+                  solver=SolverRecord(backend="hand", status="heuristic", solve_seconds=0.0),
+                  predicted_ms=4.0, steps=steps)
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def test_train_sp_matches_single_process_reference(tmp_path):
+    plan = tmp_path / "plan.json"
+    save_plan(_plan(), plan)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+           "-m", "adasched.launch.train_sp", "--plan", str(plan), "--steps", "2", "--check-reference",
+           "--max-len", "96", "--seed", "3", "--timeout", "60"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    steps = re.findall(r"step (\d): plan step (\d), (\d+) seqs, (\d+) tokens, .*loss ([\d.]+) \(reference ([\d.]+); "
+                       r"rel\. diff loss ([\d.e+-]+), grads ([\d.e+-]+)\)", r.stdout)
+    assert [s[:3] for s in steps] == [("0", "0", "6"), ("1", "1", "4")], r.stdout
+    # lengths scaled by 96/900 (rounded, >= 2): every token of the global batch is counted once
+    assert [int(s[3]) for s in steps] == [96 + 13 + 5 + 4 + 43 + 2, 32 + 32 + 2 + 7]
+    for s in steps:
+        assert 4.0 < float(s[4]) < 7.0  # ~ln(256) at init
+        assert float(s[6]) <= 1e-4 and float(s[7]) <= 1e-4
+    assert "check-reference: 2 steps" in r.stdout and ": OK" in r.stdout
+
+
+def test_plan_world_mismatch_rejected_before_any_step(tmp_path, monkeypatch, capsys):
+    plan = tmp_path / "plan.json"
+    save_plan(_plan(world=4), plan)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["--plan", str(plan)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {plan}: world_size: plan is for 4 ranks but this run has 2 (torchrun --nproc_per_node=4)"]
+    # the launch script checks the plan against NPROC before starting torchrun
+    r = subprocess.run(["bash", str(REPO / "launch" / "train_sp.sh"), "--plan", str(plan)],
+                       env=dict(_env(), NPROC="2"), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == err, r.stderr
+    assert "torch.distributed" not in r.stderr and r.stdout == ""
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda p: p.steps[1].micro_batches[1].groups.__setitem__(0, _group([1, 2], [3], p.steps[1].seqlens)),
+     "steps.1.micro_batches.1.groups.0.ranks: [1, 2] is not an aligned power-of-two rank range of world size 4"),
+    (lambda p: p.steps[1].micro_batches.pop(),
+     "steps.1: sequences [3] are in no group (the loss is over the whole global batch)"),
+    (lambda p: p.steps[1].micro_batches[1].groups[0].seq_ids.__setitem__(0, 0),
+     "steps.1.micro_batches.1.groups.0.seqlens: sequence 0 has length 64 here but 300 in steps.1.seqlens"),
+])
+def test_bad_plan_rejected(tmp_path, monkeypatch, capsys, mutate, message):
+    p = _plan()
+    mutate(p)
+    plan = tmp_path / "plan.json"
+    save_plan(p, plan)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["--plan", str(plan)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {plan}: {message}"]
+
+
+def test_rank_outside_world_and_heads(tmp_path, monkeypatch, capsys):
+    plan = tmp_path / "plan.json"
+    data = _plan().model_dump(mode="json")
+    data["steps"][0]["micro_batches"][1]["groups"][2]["ranks"] = [4]
+    import json
+    plan.write_text(json.dumps(data))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(["--plan", str(plan)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {plan}: ") and "rank 4 outside world size 4" in err and "\n" not in err
+    save_plan(_plan(), plan)
+    assert main(["--plan", str(plan), "--heads", "2"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {plan}: steps.0.micro_batches.0.groups.0.degree: 4 does not "
+                                               f"divide the model's 2 heads")
