@@ -146,12 +146,15 @@ def load_plan(path: str | os.PathLike, expect: type[Plan] | None = None) -> Plan
     kind = data.get("kind")
     if not isinstance(kind, str):
         raise InputError(path, "kind: missing or not a string")
+    if expect is not None:  # the caller knows the class: no registry lookup (works for unregistered kinds too)
+        want = expect.model_fields["kind"].default
+        if kind != want:
+            raise InputError(path, f"kind: is a {kind!r} plan, expected {want!r}")
+        return load_model(path, expect, data=data)
     try:
         cls = plan_class(kind)
     except InputError:
         raise InputError(path, f"kind: unknown plan kind {kind!r} (known: {', '.join(sorted(PLAN_KINDS))})") from None
-    if expect is not None and cls is not expect:
-        raise InputError(path, f"kind: is a {kind!r} plan, expected {expect.model_fields['kind'].default!r}")
     return load_model(path, cls, data=data)
 
 

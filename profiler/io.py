@@ -71,6 +71,8 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise InputError(path, f"malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except (ValueError, RecursionError) as err:  # e.g. an integer literal beyond Python's digit limit, deep nesting
+        raise InputError(path, f"malformed JSON: {' '.join(str(err).split()) or type(err).__name__}") from None
 
 
 def describe_validation_error(err: ValidationError) -> str:

@@ -31,7 +31,7 @@ CollectiveOp = Literal["all_to_all", "all_reduce", "all_gather", "reduce_scatter
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
 
 
 class CollectiveFit(_Strict):

@@ -1,0 +1,119 @@
+"""The `adasched` command line: every help page works; bad input is one `error:` line, exit 2, no traceback,
+nothing half-written. (Named test_adasched_cli.py: tests/planner/lorafusion/test_cli.py exists.)"""
+import json
+import subprocess
+import sys
+
+import pytest
+import typer
+
+from adasched.planner.cli import _register_plugins, app, main
+
+
+def _command_paths():
+    _register_plugins()
+
+    def walk(c, path):
+        yield path
+        for name, sub in sorted(getattr(c, "commands", {}).items()):
+            yield from walk(sub, path + [name])
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def test_every_help_page(capsys):
+    paths = _command_paths()
+    assert {"show", "simulate", "profile", "plan", "bench"} <= {p[0] for p in paths if p}
+    for p in paths:
+        assert main(p + ["--help"]) == 0, p
+        out = capsys.readouterr().out
+        assert "Usage: adasched" in out and len(out) > 200, p
+    assert main([]) == 0 and "Commands" in capsys.readouterr().out  # bare `adasched` prints its help
+
+
+def _err_line(capsys) -> str:
+    cap = capsys.readouterr()
+    assert "Traceback" not in cap.err
+    lines = cap.err.strip("\n").split("\n")
+    assert len(lines) == 1 and lines[0].startswith("error: "), cap.err
+    return lines[0]
+
+
+def test_show_bad_inputs(tmp_path, capsys):
+    plot = tmp_path / "out.png"
+    cases = {
+        "missing.json": (None, "missing.json: no such file"),
+        "bad.json": ("{not json", "malformed JSON at line 1"),
+        "v9.json": (json.dumps({"schema_version": 9, "kind": "sp"}), "schema_version 9 is not supported"),
+        "kind.json": (json.dumps({"schema_version": 1, "kind": "nope"}), "unknown plan kind 'nope'"),
+        "prof.json": ("PROF", "device.memory_bytes: Input should be greater than 0"),
+    }
+    from adasched.profiler.profile import load_profile
+
+    for name, (content, expect) in cases.items():
+        path = tmp_path / name
+        if content == "PROF":
+            d = load_profile("a100-64-flexsp-paper").model_dump(mode="json")
+            d["device"]["memory_bytes"] = -1
+            content = json.dumps(d)
+        if content is not None:
+            path.write_text(content)
+        assert main(["show", str(path), "--plot", str(plot)]) == 2, name
+        line = _err_line(capsys)
+        assert str(path) in line and expect in line, line
+        assert not plot.exists()
+
+
+def test_show_profile_and_json(tmp_path, capsys):
+    plot = tmp_path / "a.png"
+    assert main(["show", "a100-64-flexsp-paper", "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert "all_to_all x64 (inter)" in out and "4.87 GB/s" in out and plot.stat().st_size > 1000
+    assert main(["show", "h100-sxm", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["device"]["name"] == "NVIDIA H100 80GB HBM3"
+
+
+def test_simulate(tmp_path, capsys):
+    g = {"tasks": [
+        {"name": "a", "rank": 0, "stream": "compute", "duration_ms": 2.0},
+        {"name": "x0", "rank": 0, "stream": "comm", "duration_ms": 1.0, "deps": ["a"], "sync": "x"},
+        {"name": "x1", "rank": 1, "stream": "comm", "duration_ms": 1.0, "sync": "x"},
+    ]}
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps(g))
+    plot = tmp_path / "g.png"
+    assert main(["simulate", str(path), "--json", "--plot", str(plot)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["makespan_ms"] == 3.0 and res["busy_ms"] == {"rank 0 / compute": 2.0, "rank 0 / comm": 1.0,
+                                                           "rank 1 / comm": 1.0}
+    assert plot.exists()
+    for tasks, expect in [
+        ([{"name": "a", "rank": 0, "stream": "s", "duration_ms": -1}], "tasks.0: task 'a': duration_ms must be >= 0"),
+        ([{"name": "a", "rank": 0, "stream": "s", "duration_ms": 1, "deps": ["z"]}], "unknown task 'z'"),
+        ([{"name": "a", "rank": 0, "stream": "s", "duration_ms": 1, "deps": ["b"]},
+          {"name": "b", "rank": 0, "stream": "s", "duration_ms": 1}], "deadlocked"),
+        ([{"name": "a", "rank": 0}], "tasks.0:"),
+        ([], "tasks: must be a non-empty list"),
+    ]:
+        path.write_text(json.dumps({"tasks": tasks}))
+        bad_plot = tmp_path / "bad.png"
+        assert main(["simulate", str(path), "--plot", str(bad_plot)]) == 2
+        line = _err_line(capsys)
+        assert line.startswith(f"error: {path}") and expect in line, line
+        assert not bad_plot.exists()
+
+
+def test_usage_errors(capsys):
+    assert main(["show"]) == 2
+    assert "Missing argument" in _err_line(capsys)
+    assert main(["show", "x.json", "--bogus"]) == 2
+    assert "No such option" in _err_line(capsys)
+    assert main(["nosuch"]) == 2
+    assert "No such command" in _err_line(capsys)
+
+
+def test_console_entry_point_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "adasched.planner", "show", str(tmp_path / "nope.json")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == f"error: {tmp_path / 'nope.json'}: no such file\n"

@@ -1,0 +1,163 @@
+"""Solver layer: CBC (PuLP), SCIP/CBC (OR-Tools linear), CP-SAT against brute force; honest status under a
+tiny time limit; best_of keeps the better result."""
+import itertools
+
+import numpy as np
+import pytest
+
+from adasched.planner.solver import (SolveParams, best_of, heuristic_outcome, relative_gap, solve_cpsat,
+                                     solve_linear, solve_pulp)
+
+P = SolveParams(time_limit=20, seed=0, threads=1)
+
+
+def _knapsack(seed, n=10):
+    rng = np.random.default_rng(seed)
+    w = rng.integers(3, 40, n)
+    v = rng.integers(1, 60, n)
+    cap = int(w.sum() * rng.uniform(0.3, 0.6))
+    best = max(sum(int(v[i]) for i in S) for k in range(n + 1) for S in itertools.combinations(range(n), k)
+               if sum(int(w[i]) for i in S) <= cap)
+    return w, v, cap, best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pulp_cbc_knapsack_matches_brute_force(seed):
+    import pulp
+
+    w, v, cap, best = _knapsack(seed)
+    prob = pulp.LpProblem("knap", pulp.LpMaximize)
+    x = [pulp.LpVariable(f"x{i}", cat="Binary") for i in range(len(w))]
+    prob += pulp.lpSum(int(v[i]) * x[i] for i in range(len(w)))
+    prob += pulp.lpSum(int(w[i]) * x[i] for i in range(len(w))) <= cap
+    warm = {f"x{i}": 0.0 for i in range(len(w))}  # empty knapsack: a feasible warm start
+    out = solve_pulp(prob, P, warm_start=warm)
+    assert out.status == "optimal" and out.objective == pytest.approx(best)
+    chosen = [i for i in range(len(w)) if out.values[f"x{i}"] > 0.5]
+    assert sum(int(w[i]) for i in chosen) <= cap and sum(int(v[i]) for i in chosen) == best
+    rec = out.record()
+    assert rec.backend == "pulp-cbc" and rec.status == "optimal" and rec.time_limit == 20 and rec.seed == 0
+    assert rec.solve_seconds > 0
+
+
+@pytest.mark.parametrize("backend", ["SCIP", "CBC"])
+def test_ortools_linear_knapsack_matches_brute_force(backend):
+    from ortools.linear_solver import pywraplp
+
+    w, v, cap, best = _knapsack(7)
+    s = pywraplp.Solver.CreateSolver(backend)
+    x = [s.BoolVar(f"x{i}") for i in range(len(w))]
+    s.Add(sum(int(w[i]) * x[i] for i in range(len(w))) <= cap)
+    s.Maximize(sum(int(v[i]) * x[i] for i in range(len(w))))
+    out = solve_linear(s, P, hint={x[0]: 0.0})
+    assert out.status == "optimal" and out.objective == pytest.approx(best)
+    assert out.bound == pytest.approx(best) and out.gap == pytest.approx(0.0, abs=1e-9)
+    assert out.backend == f"ortools-{backend.lower()}"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cpsat_assignment_matches_brute_force(seed):
+    from ortools.sat.python import cp_model
+
+    rng = np.random.default_rng(seed)
+    n = 5
+    c = rng.integers(1, 100, (n, n))
+    best = min(sum(int(c[i, p[i]]) for i in range(n)) for p in itertools.permutations(range(n)))
+    m = cp_model.CpModel()
+    x = {(i, j): m.NewBoolVar(f"x_{i}_{j}") for i in range(n) for j in range(n)}
+    for i in range(n):
+        m.AddExactlyOne(x[i, j] for j in range(n))
+        m.AddExactlyOne(x[j, i] for j in range(n))
+    m.Minimize(sum(int(c[i, j]) * x[i, j] for i in range(n) for j in range(n)))
+    ident = {x[i, j]: int(i == j) for i in range(n) for j in range(n)}  # the identity: a feasible hint
+    out = solve_cpsat(m, P, hint=ident, variables=list(x.values()))
+    assert out.status == "optimal" and out.objective == best and out.bound == best
+    perm = {i: j for (i, j) in x if out.values[f"x_{i}_{j}"] == 1}
+    assert sorted(perm.values()) == list(range(n)) and sum(int(c[i, perm[i]]) for i in perm) == best
+
+
+def _market_split(m=4, n=36, seed=3):
+    """Cornuejols-Dawande market split: sum_j a_ij x_j = floor(sum_j a_ij / 2) with slacks; famously hard."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 100, (m, n))
+    d = a.sum(axis=1) // 2
+    return a, d
+
+
+def test_pulp_time_limited_hard_instance_is_not_optimal():
+    import pulp
+
+    a, d = _market_split()
+    prob = pulp.LpProblem("market_split", pulp.LpMinimize)
+    x = [pulp.LpVariable(f"x{j}", cat="Binary") for j in range(a.shape[1])]
+    sp = [pulp.LpVariable(f"sp{i}", lowBound=0) for i in range(a.shape[0])]
+    sm = [pulp.LpVariable(f"sm{i}", lowBound=0) for i in range(a.shape[0])]
+    prob += pulp.lpSum(sp) + pulp.lpSum(sm)
+    for i in range(a.shape[0]):
+        prob += pulp.lpSum(int(a[i, j]) * x[j] for j in range(a.shape[1])) + sp[i] - sm[i] == int(d[i])
+    out = solve_pulp(prob, SolveParams(time_limit=0.5, threads=1))
+    assert out.status in ("feasible", "timeout"), out.status
+    assert out.record().status != "optimal"
+
+
+@pytest.mark.parametrize("backend", ["cpsat", "scip"])
+def test_ortools_time_limited_hard_instance_is_not_optimal(backend):
+    a, d = _market_split(m=5, n=50, seed=5)
+    if backend == "cpsat":
+        from ortools.sat.python import cp_model
+
+        mdl = cp_model.CpModel()
+        x = [mdl.NewBoolVar(f"x{j}") for j in range(a.shape[1])]
+        dev = [mdl.NewIntVar(0, int(a[i].sum()), f"dev{i}") for i in range(a.shape[0])]
+        for i in range(a.shape[0]):
+            expr = sum(int(a[i, j]) * x[j] for j in range(a.shape[1])) - int(d[i])
+            mdl.Add(dev[i] >= expr)
+            mdl.Add(dev[i] >= -expr)
+        mdl.Minimize(sum(dev))
+        out = solve_cpsat(mdl, SolveParams(time_limit=0.2, threads=1), variables=x)
+    else:
+        from ortools.linear_solver import pywraplp
+
+        s = pywraplp.Solver.CreateSolver("SCIP")
+        x = [s.BoolVar(f"x{j}") for j in range(a.shape[1])]
+        dev = [s.NumVar(0, s.infinity(), f"dev{i}") for i in range(a.shape[0])]
+        for i in range(a.shape[0]):
+            expr = sum(int(a[i, j]) * x[j] for j in range(a.shape[1])) - int(d[i])
+            s.Add(dev[i] >= expr)
+            s.Add(dev[i] >= -expr)
+        s.Minimize(sum(dev))
+        out = solve_linear(s, SolveParams(time_limit=0.3, threads=1))
+    assert out.status in ("feasible", "timeout"), (out.status, out.objective, out.bound)
+    if out.status == "feasible" and out.objective > 0:
+        assert out.gap is None or out.gap > 0  # not proved: the bound is below the objective
+
+
+def test_best_of():
+    p = SolveParams(time_limit=1)
+    from adasched.planner.solver import SolveOutcome
+
+    solver_res = SolveOutcome("pulp-cbc", "feasible", 10.0, 8.0, 0.5, p, {"x": 1.0})
+    h_better = heuristic_outcome(9.0, 0.01, p, note="greedy")
+    h_worse = heuristic_outcome(12.0, 0.01, p)
+    out = best_of(h_better, solver_res)
+    assert out.objective == 9.0 and out.status == "heuristic" and out.bound == 8.0
+    assert out.gap == pytest.approx(relative_gap(9.0, 8.0)) and out.record().gap is None
+    out = best_of(h_worse, SolveOutcome("pulp-cbc", "feasible", 10.0, 8.0, 0.5, p))
+    assert out.objective == 10.0 and out.status == "feasible" and out.solve_seconds == pytest.approx(0.51)
+    # maximisation: larger wins
+    out = best_of(heuristic_outcome(12.0, 0.0, p), SolveOutcome("x", "optimal", 10.0, 10.0, 0.1, p), minimize=False)
+    assert out.objective == 12.0  # (a 'proved optimal' smaller max means the model is wrong; best_of still keeps 12)
+    # no solver solution -> the heuristic; infeasible solver with a feasible heuristic -> the model is wrong
+    assert best_of(h_worse, SolveOutcome("x", "timeout", None, None, 1.0, p)) is h_worse
+    assert best_of(h_worse, None) is h_worse
+    with pytest.raises(ValueError, match="model is wrong"):
+        best_of(h_worse, SolveOutcome("x", "infeasible", None, None, 1.0, p))
+
+
+def test_params_validation_and_gap():
+    with pytest.raises(ValueError, match="time_limit"):
+        SolveParams(time_limit=0)
+    with pytest.raises(ValueError, match="threads"):
+        SolveParams(threads=0)
+    assert relative_gap(10.0, 8.0) == pytest.approx(0.2)
+    assert relative_gap(None, 1.0) is None and relative_gap(1.0, float("inf")) is None
