@@ -330,7 +330,7 @@ def build_workload(cfg: JobsFile, base: Path | None = None, where: str = "jobs",
 
 
 # ---- presets ------------------------------------------------------------------------------------
-PRESETS = ("mix", "het")
+PRESETS = ("mix", "het", "tiny")
 """Shipped jobs files: presets/<name>.yaml inside the package."""
 
 

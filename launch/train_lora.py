@@ -1,0 +1,133 @@
+"""Train several LoRA adapters of a tiny causal LM on CPU by executing a LoRA plan (one process, or a pipeline
+over torchrun ranks with gloo).
+
+    python -m adasched.launch.train_lora --jobs tiny --out runs/lora            # 1 process, all layers
+    torchrun --nproc_per_node 2 -m adasched.launch.train_lora --jobs tiny --out runs/lora   # 2-stage 1F1B
+    (launch/train_lora.sh wraps the torchrun line)
+
+Rank 0 makes the plan (``--jobs`` file or preset; or reads ``--plan``), writes OUT/plan.json and broadcasts it,
+so every rank executes the same microbatch sequence. Every job's adapter is saved in PEFT's format under
+OUT/<job name>/ and the per-global-batch losses in OUT/losses.json. Bad input: `error: ...`, exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+__all__ = ["main", "parse_args"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="adasched.launch.train_lora", description=__doc__.split("\n\n")[0])
+    p.add_argument("--jobs", default="tiny", help="jobs file (JSON/YAML) or preset (tiny, mix, het); default tiny")
+    p.add_argument("--plan", type=Path, default=None, help="execute this LoRA plan JSON instead of planning --jobs")
+    p.add_argument("--out", type=Path, required=True, help="output folder (plan.json, <job>/adapter_*, losses.json)")
+    p.add_argument("--reference", action="store_true", help="torch reference multi-LoRA path instead of the fused kernels")
+    p.add_argument("--profile", default="h100-sxm", help="profile for planning (costs only affect the simulation)")
+    p.add_argument("--time-limit", type=float, default=0.2, help="seconds per packing MILP")
+    p.add_argument("--seed", type=int, default=0, help="adapter init and dropout seed")
+    p.add_argument("--vocab", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--ffn", type=int, default=48)
+    p.add_argument("--max-positions", type=int, default=512)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds before a stuck collective fails")
+    return p.parse_args(argv)
+
+
+def _make_plan(args, rank: int, world: int) -> str:
+    """Plan JSON text on rank 0 (written to OUT/plan.json), broadcast to every rank."""
+    text = None
+    if rank == 0:
+        from adasched.planner.lorafusion.jobs import build_workload, load_jobs
+        from adasched.planner.lorafusion.plan import LoRAPlan, build_plan
+        from adasched.planner.plan import load_plan, save_plan
+        from adasched.profiler.profile import load_profile
+
+        if args.plan is not None:
+            plan = load_plan(args.plan, expect=LoRAPlan)
+        else:
+            cfg, base, label = load_jobs(args.jobs)
+            w = build_workload(cfg, base, where=label, label=label)
+            plan = build_plan(w, load_profile(args.profile), time_limit=args.time_limit, seed=args.seed)
+        save_plan(plan, args.out / "plan.json")
+        text = plan.model_dump_json()
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [text]
+        dist.broadcast_object_list(box, src=0)
+        text = box[0]
+    return text
+
+
+def run(args: argparse.Namespace) -> dict | None:
+    import torch
+    import torch.distributed as dist
+
+    from adasched.planner.lorafusion.plan import LoRAPlan
+    from adasched.runtime.lora_model import TinyCausalLM, TinyLMConfig
+    from adasched.runtime.lora_trainer import (
+        SyntheticLoRAData,
+        build_adapters,
+        gather_adapter_states,
+        save_adapters,
+        train_plan,
+        train_plan_pipeline,
+    )
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    torch.manual_seed(args.seed)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=args.timeout))
+    try:
+        if world > args.layers:
+            raise ValueError(f"--layers: {args.layers} layers cannot be split over {world} pipeline stages")
+        plan = LoRAPlan.model_validate_json(_make_plan(args, rank, world))
+        model = TinyCausalLM(TinyLMConfig(vocab_size=args.vocab, hidden=args.hidden, layers=args.layers,
+                                          heads=args.heads, ffn_hidden=args.ffn, max_positions=args.max_positions))
+        adapters = build_adapters(model, plan, seed=args.seed)
+        data = SyntheticLoRAData(args.vocab, seed=args.seed)
+        fused = not args.reference
+        if world == 1:
+            res = train_plan(model, adapters, plan, data, fused=fused, seed=args.seed)
+            states = None
+        else:
+            res = train_plan_pipeline(model, adapters, plan, data, fused=fused, seed=args.seed)
+            states = gather_adapter_states(adapters, model)
+            got = [None] * world if rank == 0 else None
+            dist.gather_object(res if rank == world - 1 else None, got, dst=0)
+            if rank == 0:
+                res = got[world - 1]
+        if rank != 0:
+            return None
+        save_adapters(args.out, plan, adapters, states, res)
+        summary = {"out": str(args.out), "world": world, "fused": fused, "microbatches": len(plan.microbatches),
+                   "losses": res.by_job(plan),
+                   "optimizer_steps": {plan.jobs[j].name: n for j, n in sorted(res.steps.items())}}
+        print(json.dumps(summary, indent=1))
+        return summary
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from adasched.profiler.io import InputError
+
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (InputError, ValueError, FileNotFoundError) as err:
+        sys.stderr.write(f"error: {err}\n".replace("\n", " ").rstrip() + "\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

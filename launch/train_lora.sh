@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Multi-adapter LoRA training on CPU as a 2-stage 1F1B pipeline over 2 gloo ranks (torchrun).
+#   launch/train_lora.sh [OUT_DIR] [extra args for adasched.launch.train_lora, e.g. --jobs my_jobs.yaml --reference]
+# NPROC (default 2) sets the number of pipeline stages; the plan is made with the jobs file's `stages`, which
+# must be >= NPROC (the tiny preset uses 2).
+set -euo pipefail
+OUT="${1:-runs/lora}"
+shift || true
+NPROC="${NPROC:-2}"
+PY="${PYTHON:-python}"
+exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m adasched.launch.train_lora --out "$OUT" "$@"
