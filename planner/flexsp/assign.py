@@ -12,7 +12,7 @@ import numpy as np
 
 from .costmodel import SPCostModel
 
-__all__ = ["MBSolution", "evaluate", "lpt_assign", "local_search", "buddy_ranks"]
+__all__ = ["MBSolution", "evaluate", "lpt_assign", "worst_fit_assign", "pack_structure", "local_search", "buddy_ranks"]
 
 
 @dataclass
@@ -70,6 +70,41 @@ def lpt_assign(ids: np.ndarray, lens: np.ndarray, degrees: list[int], cm: SPCost
     for j, i in enumerate(order):
         members[owner[j]].append(int(i))
     return evaluate(MBSolution([(degrees[g], members[g]) for g in range(k)], source=source), lens, cm)
+
+
+def worst_fit_assign(ids: np.ndarray, lens: np.ndarray, degrees: list[int], cm: SPCostModel,
+                     source: str = "worst-fit") -> MBSolution | None:
+    """Memory first: longest sequence first, each to the group with the largest free memory fraction that
+    holds it (spreads tokens evenly over memory; :func:`local_search` then balances time)."""
+    order = np.asarray(ids)[np.argsort(-lens[np.asarray(ids)], kind="stable")]
+    cap = np.array([cm.token_capacity(d) for d in degrees], dtype=np.float64)
+    tok = np.zeros(len(degrees))
+    members: list[list[int]] = [[] for _ in degrees]
+    for i in order:
+        s = float(lens[i])
+        free = np.where(tok + s <= cap, (cap - tok - s) / cap, -np.inf)
+        g = int(np.argmax(free))
+        if not np.isfinite(free[g]):
+            return None
+        tok[g] += s
+        members[g].append(int(i))
+    return evaluate(MBSolution([(degrees[g], members[g]) for g in range(len(degrees))], source=source), lens, cm)
+
+
+def pack_structure(ids: np.ndarray, lens: np.ndarray, degrees: list[int], cm: SPCostModel, source: str,
+                   improve: bool = True) -> MBSolution | None:
+    """The best real packing of ``ids`` onto groups of the given degrees: LPT (time first) and worst-fit
+    (memory first), each improved by local search; None if neither fits."""
+    best = None
+    for fn in (lpt_assign, worst_fit_assign):
+        sol = fn(ids, lens, degrees, cm, source=source)
+        if sol is None or not sol.fits:
+            continue
+        if improve:
+            sol = local_search(sol, lens, cm)
+        if best is None or sol.time_ms < best.time_ms:
+            best = sol
+    return best
 
 
 def local_search(sol: MBSolution, lens: np.ndarray, cm: SPCostModel, max_iter: int = 300) -> MBSolution:

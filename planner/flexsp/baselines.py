@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from .assign import MBSolution, evaluate, lpt_assign
+from .assign import MBSolution, evaluate, lpt_assign, pack_structure
 from .costmodel import SPCostModel
 
 __all__ = ["static_sp", "homogeneous", "best_homogeneous", "greedy"]
@@ -112,5 +112,7 @@ def greedy(ids: np.ndarray, lens: np.ndarray, cm: SPCostModel, target_ms: float 
         groups[d] += 1
         left -= d
     degrees = [d for d in classes for _ in range(groups[d])]
-    sol = lpt_assign(ids, lens, degrees, cm, source="greedy" if target_ms is None else "greedy-target")
-    return evaluate(sol, lens, cm) if sol is not None else None
+    if target_ms is None:  # the plain baseline: one LPT pass
+        sol = lpt_assign(ids, lens, degrees, cm, source="greedy")
+        return evaluate(sol, lens, cm) if sol is not None else None
+    return pack_structure(ids, lens, degrees, cm, source="greedy-target")

@@ -221,7 +221,7 @@ def solve_classes(buckets: list[Bucket], cm: SPCostModel, params: SolveParams,
         minimise   C
         s.t.       sum_d n[q,d] = c_q
                    sum_q n[q,d] (alpha_d nu_q + beta_d mu_q) + gamma_d g[d] <= g[d] C      (load of degree d)
-                   sum_q n[q,d] S_q <= cap_d g[d]                                           (memory, tokens)
+                   sum_q n[q,d] mu_q <= cap_d g[d]                                          (memory, tokens)
                    n[q,d] <= c_q u[q,d];  (alpha_d S_q^2 + beta_d S_q + gamma_d) u[q,d] <= C (one sequence)
                    u[q,d] <= g[d];  sum_d d g[d] <= N
 
@@ -267,7 +267,8 @@ def solve_classes(buckets: list[Bucket], cm: SPCostModel, params: SolveParams,
             solver.Add(w[d, j] >= C - c_max * (1 - z[d, j]), f"w_ge_{d}_{j}")
         load = sum(x[q, d] * (a * buckets[q].mean_sq + be * buckets[q].mean) for q in fits[d])
         solver.Add(load + ga * g[d] <= sum((1 << j) * w[d, j] for j in range(bits[d])), f"load_{d}")
-        solver.Add(sum(x[q, d] * float(buckets[q].max) for q in fits[d]) <= cm.token_capacity(d) * g[d], f"mem_{d}")
+        # memory on the bucket's exact token total (mean): the real packing (LPT with memory checks) decides
+        solver.Add(sum(x[q, d] * buckets[q].mean for q in fits[d]) <= cm.token_capacity(d) * g[d], f"mem_{d}")
         for q in fits[d]:
             b = buckets[q]
             solver.Add(x[q, d] <= b.count * u[q, d], f"use_{q}_{d}")
@@ -336,7 +337,7 @@ def realise_classes(res: ClassResult, buckets: list[Bucket], ids_sorted: np.ndar
                     cm: SPCostModel) -> MBSolution | None:
     """Real groups for a class solution: within each bucket the longer sequences go to the larger degrees
     (as many as the MILP sent there), then each degree's sequences are LPT-packed onto its g[d] groups."""
-    from .assign import lpt_assign
+    from .assign import lpt_assign, pack_structure
 
     if not res.counts:
         return None
@@ -351,6 +352,16 @@ def realise_classes(res: ClassResult, buckets: list[Bucket], ids_sorted: np.ndar
     for d, ids in per_d.items():
         sol = lpt_assign(np.array(ids, dtype=np.int64), lens, [d] * res.groups_per_degree[d], cm)
         if sol is None:
-            return None
+            groups = []
+            break
         groups += sol.groups
-    return evaluate(MBSolution(groups, source="milp"), lens, cm)
+    cands = []
+    if groups:
+        cands.append(evaluate(MBSolution(groups, source="milp"), lens, cm))
+    # the MILP's group structure with every sequence free to go anywhere (helps when memory is tight)
+    structure = [d for d, k in res.groups_per_degree.items() for _ in range(k)]
+    alt = pack_structure(ids_sorted, lens, structure, cm, source="milp", improve=False)
+    if alt is not None:
+        cands.append(alt)
+    cands = [c for c in cands if c.fits]
+    return min(cands, key=lambda c: c.time_ms) if cands else None
