@@ -1,0 +1,192 @@
+"""A Triton GEMM whose pipelining knobs come from a config (for Twill's plan-vs-sweep comparison).
+
+    C = A @ B          A [M, K], B [K, N] (any strides), C [M, N] in A's dtype, fp32 accumulation
+
+``GemmConfig`` carries the tile shape and the knobs Twill emits: ``num_stages`` (software-pipelining depth of
+the K loop), ``num_warps``, ``warp_specialize`` (``tl.range(..., warp_specialize=True)``; upstream Triton
+supports it mainly on Blackwell) and ``maxnreg`` (register cap per thread). Layers: ``_gemm_kernel`` (Triton),
+``gemm`` (host launcher), ``GemmFunction`` (autograd: dA = dC B^T, dB = A^T dC with the same kernel),
+``gemm_reference`` (torch, same signature).
+
+Off the GPU the kernel runs under ``TRITON_INTERPRET=1`` (tiles upcast to float32 after loading; the knobs are
+parsed and ignored there). Without a GPU and without the interpreter, ``gemm`` falls back to the reference.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover - exercised only without triton
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+__all__ = ["GemmConfig", "gemm", "gemm_reference", "GemmFunction", "gemm_autograd", "backend_for"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GemmConfig:
+    block_m: int = 128
+    """Rows of C per program (a multiple of 16)."""
+    block_n: int = 128
+    block_k: int = 64
+    group_m: int = 8
+    """Programs along M sharing one B column panel (L2 reuse)."""
+    num_stages: int = 3
+    """Software-pipelining depth of the K loop (shared-memory buffers per operand)."""
+    num_warps: int = 4
+    warp_specialize: bool = False
+    """tl.range(warp_specialize=True): producer/consumer partitions (Blackwell; may fail elsewhere)."""
+    maxnreg: Optional[int] = None
+    """Registers per thread cap (None: compiler's choice)."""
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"GemmConfig.{name} = {v} must be a power of two >= 16")
+        if self.num_stages < 1:
+            raise ValueError(f"GemmConfig.num_stages = {self.num_stages} must be >= 1")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"GemmConfig.num_warps = {self.num_warps} must be 1, 2, 4, 8 or 16")
+        if self.maxnreg is not None and not 24 <= self.maxnreg <= 255:
+            raise ValueError(f"GemmConfig.maxnreg = {self.maxnreg} must be in [24, 255]")
+        if self.group_m < 1:
+            raise ValueError(f"GemmConfig.group_m = {self.group_m} must be >= 1")
+
+    @classmethod
+    def from_knobs(cls, knobs: dict, *, block_m: int, block_n: int, block_k: int, **extra) -> "GemmConfig":
+        """A config from a knobs dict (num_stages, num_warps, warp_specialize, maxnreg) and a tile shape."""
+        return cls(block_m=block_m, block_n=block_n, block_k=block_k, num_stages=int(knobs["num_stages"]),
+                   num_warps=int(knobs["num_warps"]), warp_specialize=bool(knobs.get("warp_specialize", False)),
+                   maxnreg=knobs.get("maxnreg"), **extra)
+
+    def label(self) -> str:
+        s = f"{self.block_m}x{self.block_n}x{self.block_k} s{self.num_stages} w{self.num_warps}"
+        if self.warp_specialize:
+            s += " ws"
+        if self.maxnreg:
+            s += f" r{self.maxnreg}"
+        return s
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
+                     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     WARP_SPECIALIZE: tl.constexpr, UPCAST: tl.constexpr):
+        pid = tl.program_id(0)
+        grid_m = tl.cdiv(M, BLOCK_M)
+        grid_n = tl.cdiv(N, BLOCK_N)
+        width = GROUP_M * grid_n
+        group = pid // width
+        first_m = group * GROUP_M
+        rows = tl.minimum(grid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % rows
+        pid_n = (pid % width) // rows
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kt in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WARP_SPECIALIZE):
+            k_left = K - kt * BLOCK_K
+            a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+        c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def backend_for(x: torch.Tensor) -> str:
+    """'triton' on CUDA or under the interpreter, else 'torch' (reference)."""
+    if HAVE_TRITON and (x.is_cuda or _interpreting()):
+        return "triton"
+    return "torch"
+
+
+def _check(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"gemm: A and B must be 2-D, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"gemm: inner dimensions differ: A {tuple(a.shape)} @ B {tuple(b.shape)}")
+    if a.dtype != b.dtype:
+        raise ValueError(f"gemm: dtypes differ: {a.dtype} and {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"gemm: devices differ: {a.device} and {b.device}")
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, config: Optional[GemmConfig] = None) -> torch.Tensor:
+    """C = A @ B with the Triton kernel launched with ``config``'s tile shape and knobs."""
+    _check(a, b)
+    cfg = config or GemmConfig()
+    if backend_for(a) == "torch":
+        return gemm_reference(a, b, cfg)
+    M, K = a.shape
+    N = b.shape[1]
+    c = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    if M == 0 or N == 0:
+        return c
+    if K == 0:
+        return c.zero_()
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    opts = {"num_stages": cfg.num_stages, "num_warps": cfg.num_warps}
+    if cfg.maxnreg is not None and not _interpreting():
+        opts["maxnreg"] = cfg.maxnreg
+    interp = _interpreting()
+    _gemm_kernel[grid](a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
+                       c.stride(1), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                       GROUP_M=cfg.group_m, WARP_SPECIALIZE=bool(cfg.warp_specialize),
+                       UPCAST=interp or a.dtype == torch.float32, **opts)
+    return c
+
+
+def gemm_reference(a: torch.Tensor, b: torch.Tensor, config: Optional[GemmConfig] = None) -> torch.Tensor:
+    """torch reference: fp32 (fp64 for fp64 inputs) matmul, cast to A's dtype."""
+    _check(a, b)
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    return (a.to(acc) @ b.to(acc)).to(a.dtype)
+
+
+class GemmFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, config):
+        ctx.save_for_backward(a, b)
+        ctx.config = config
+        return gemm(a, b, config)
+
+    @staticmethod
+    def backward(ctx, dc):
+        a, b = ctx.saved_tensors
+        dc = dc.contiguous()
+        da = gemm(dc, b.t(), ctx.config) if ctx.needs_input_grad[0] else None
+        db = gemm(a.t(), dc, ctx.config) if ctx.needs_input_grad[1] else None
+        return da, db, None
+
+
+def gemm_autograd(a: torch.Tensor, b: torch.Tensor, config: Optional[GemmConfig] = None) -> torch.Tensor:
+    """Differentiable ``gemm``."""
+    return GemmFunction.apply(a, b, config)
