@@ -407,7 +407,7 @@ def expert_mlp_forward(x, w1, w2, index: MoEIndex, activation: str = "swiglu", b
     """Returns (y, a): y (N,H) expert outputs, a (N, F or 2F) pre-activation saved for the backward."""
     with torch.no_grad():
         a = grouped_mm(x, w1, index, backend)
-        h = _act_ref(a.float(), activation).to(x.dtype)
+        h = _act_ref(a, activation)          # elementwise in the storage dtype (torch upcasts inside)
         return grouped_mm(h, w2, index, backend), a
 
 
@@ -416,9 +416,9 @@ def expert_mlp_backward(x, a, dy, w1, w2, index: MoEIndex, activation: str = "sw
     """Gradients (dx, dw1, dw2) of the expert MLP from the saved input x and pre-activation a."""
     use_triton = _pick(backend, x)
     with torch.enable_grad():
-        a_ = a.detach().float().requires_grad_(True)
-        h32 = _act_ref(a_, activation)
-    h = h32.detach().to(x.dtype)
+        a_ = a.detach().requires_grad_(True)
+        h_ = _act_ref(a_, activation)        # recomputed from the saved pre-activation
+    h = h_.detach()
     dy = dy.contiguous().to(x.dtype)
     with torch.no_grad():
         if use_triton:
@@ -427,7 +427,7 @@ def expert_mlp_backward(x, a, dy, w1, w2, index: MoEIndex, activation: str = "sw
         else:
             dh = grouped_mm_ref(dy, w2.transpose(1, 2), index)
             dw2 = _wgrad_ref(h, dy, index, w2.shape[0])
-    (da,) = torch.autograd.grad(h32, a_, dh.float())
+    (da,) = torch.autograd.grad(h_, a_, dh.to(h_.dtype))
     da = da.to(x.dtype)
     with torch.no_grad():
         if use_triton:
