@@ -3,8 +3,9 @@
 Mapping (documented assumptions, checked on a GPU by kernels/gemm_bench.py):
 
 - ``num_stages``: the deepest shared-memory buffer among the variable-latency (TMA) loads, i.e. how many
-  copies of a loaded tile are live at once = ceil(lifetime / I); the schedule's stage count when the graph
-  has no loads;
+  copies of a loaded tile are live at once = ceil(lifetime / I), at least 2 (a load whose latency is not
+  known at compile time always gets a second buffer so its producer can run ahead); the schedule's stage
+  count when the graph has no loads;
 - ``num_warps``: 4 per consumer (non-producer) warp group, at least 4;
 - ``warp_specialize``: True only where the machine's Triton supports it (Blackwell) and the schedule has a
   producer group; on Hopper it is False (upstream may ignore or reject it there);
@@ -57,7 +58,7 @@ def derive_knobs(graph: Graph, machine: Machine, ii: int, times: dict[str, int],
     depth = buffer_depths(graph, ii, times)
     loads = [o.name for o in graph.ops if o.variable_latency and (o.smem or 0) > 0]
     stages = max(times.values()) // ii + 1
-    num_stages = max((depth[v] for v in loads), default=stages)
+    num_stages = max([max(2, depth[v]) for v in loads], default=stages)
     producer = {groups[o.name] for o in graph.ops if o.variable_latency}
     consumer = {groups[o.name] for o in graph.ops} - producer
     num_warps = 4 * max(1, len(consumer))

@@ -1,0 +1,39 @@
+"""gemm_bench on the CPU (interpreter): the kernel-bench contract, the plan-derived config, and the
+plan-vs-sweep comparison code path (times meaningless here; the GPU numbers come from the device check)."""
+from __future__ import annotations
+
+import math
+
+from adasched.kernels import gemm_bench
+from adasched.kernels.bench import BenchCase, run_benchmarks
+
+
+def test_cases_contract_and_run():
+    cs = gemm_bench.cases(True, "cpu")
+    assert cs and all(isinstance(c, BenchCase) and c.baseline == "torch" for c in cs)
+    out = run_benchmarks(["gemm"], quick=True, device="cpu")
+    rows = [r for r in out["results"] if r["group"] == "gemm"]
+    assert {r["provider"] for r in rows} == {"torch", "twill-plan"}
+    assert all(not r["error"] and r["median_ms"] > 0 for r in rows)
+
+
+def test_plan_config_from_twill_plan():
+    cfg, plan = gemm_bench.plan_config((128, 128, 64), "h100")
+    assert plan.solver.status == "optimal"
+    assert (cfg.num_stages, cfg.num_warps, cfg.warp_specialize) == (plan.knobs.num_stages, plan.knobs.num_warps, False)
+    cfg_b, plan_b = gemm_bench.plan_config((128, 256, 64), "b200")
+    assert cfg_b.warp_specialize is True and cfg_b.block_n == 256
+    assert len(gemm_bench.sweep_configs((128, 128, 64), "h100")) == 8
+    assert len(gemm_bench.sweep_configs((128, 128, 64), "b200")) == 16
+
+
+def test_plan_vs_sweep_code_path_on_cpu():
+    rows = gemm_bench.plan_vs_sweep("cpu", quick=True, shapes=((64, 48, 80),), tiles=((64, 32, 32),),
+                                    stages=(2, 3), warps=(4,))
+    (r,) = rows
+    assert r["plan_error"] == "" and r["plan_tflops"] > 0 and r["best_tflops"] > 0
+    assert r["max_rel_err"] < 1e-5  # every configuration computed the right product
+    assert r["n_sweep"] >= 2 and not math.isnan(r["plan_over_best"])
+    assert r["time_to_config_sweep_s"] > 0 and r["time_to_config_plan_s"] > 0
+    checks = gemm_bench.checks("cpu")
+    assert checks and all(ok for _, ok, _ in checks), checks
