@@ -1,0 +1,250 @@
+"""Kernel benchmark framework behind ``adasched bench kernels`` and ``launch/device_check.py``.
+
+Each module in ``BENCH_MODULES`` exports
+
+    cases(quick: bool, device: str) -> list[BenchCase]
+    checks(device: str) -> list[tuple[str, bool, str]]          (optional: correctness, name / ok / detail)
+
+A ``BenchCase`` names one shape and several providers (zero-argument callables doing the work once); one of them
+is the baseline, and every provider is reported as a ratio to the baseline measured in the same run. ``providers``
+may also be a zero-argument callable that builds the dict, so large inputs are allocated only while their case
+runs. Missing modules are skipped (other kernels land later).
+
+Timing: on CUDA ``triton.testing.do_bench`` (events, L2 flushed between runs; median and 20th/80th percentiles,
+in ms); on the CPU the median of ``time.perf_counter`` over a few calls (under the Triton interpreter: a smoke
+test only, meaningless for performance).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+__all__ = ["BENCH_MODULES", "BenchCase", "group_of", "resolve_device", "prepare_device", "time_fn",
+           "run_benchmarks", "run_checks", "environment", "format_table", "RESULT_COLUMNS", "result_rows"]
+
+BENCH_MODULES = ("adasched.kernels.lora_bench", "adasched.kernels.moe_bench", "adasched.kernels.gemm_bench")
+
+Providers = dict[str, Callable[[], Any]]
+
+
+@dataclass
+class BenchCase:
+    """One benchmarked shape: providers {name: fn} (or a builder returning them) and the baseline's name."""
+
+    name: str  # what is measured, e.g. "lora fwd+bwd"
+    shape: str  # human-readable shape, e.g. "T=8192 K=4096 N=4096 r=16"
+    providers: Union[Providers, Callable[[], Providers]]
+    baseline: str
+    note: str = ""
+    params: dict = field(default_factory=dict)  # machine-readable shape parameters for --json
+
+
+def group_of(module: str) -> str:
+    """'adasched.kernels.lora_bench' -> 'lora'."""
+    name = module.rsplit(".", 1)[-1]
+    return name[: -len("_bench")] if name.endswith("_bench") else name
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device: {device!r} must be auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device: cuda requested but torch sees no GPU")
+    return device
+
+
+def prepare_device(device: str) -> None:
+    """On the CPU run Triton kernels under the interpreter (set before any kernel module is imported)."""
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        if not any(m.startswith("adasched.kernels.") and m.split(".")[-1] not in ("bench", "cli")
+                   for m in sys.modules):
+            os.environ["TRITON_INTERPRET"] = "1"
+
+
+def time_fn(fn: Callable[[], Any], device: str, quick: bool) -> tuple[float, float, float]:
+    """(median, p20, p80) in ms of one call of ``fn``."""
+    if device == "cuda":
+        import torch
+        from triton.testing import do_bench
+
+        fn()
+        torch.cuda.synchronize()
+        q = do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, quantiles=[0.5, 0.2, 0.8])
+        return float(q[0]), float(q[1]), float(q[2])
+    fn()  # warm-up (first call compiles / traces)
+    times = []
+    for _ in range(3 if quick else 7):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    qs = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return statistics.median(times), qs[0], qs[-1]
+
+
+def _load(module: str):
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name == module:
+            return None
+        raise
+
+
+def _modules(only: Optional[Iterable[str]]) -> list[str]:
+    groups = {group_of(m): m for m in BENCH_MODULES}
+    if not only:
+        return list(BENCH_MODULES)
+    only = list(only)
+    bad = [g for g in only if g not in groups]
+    if bad:
+        raise ValueError(f"--only: {', '.join(bad)} not in {', '.join(groups)}")
+    return [groups[g] for g in only]
+
+
+def run_benchmarks(only: Optional[Iterable[str]] = None, quick: bool = False, device: str = "cpu",
+                   budget_s: Optional[float] = None, log: Optional[Callable[[str], None]] = None) -> dict:
+    """Time every case of every selected module. Returns {"results": [...], "skipped": [...]}; a provider that
+    raises is recorded with its error instead of a time; once ``budget_s`` seconds have passed the remaining
+    cases are skipped (and listed)."""
+    t_start = time.perf_counter()
+    results, skipped = [], []
+    for module in _modules(only):
+        group = group_of(module)
+        try:
+            mod = _load(module)
+        except Exception as err:  # a broken module must not hide the others' numbers
+            results.append(_row(group, "(import)", "", "", error=f"{type(err).__name__}: {err}"))
+            continue
+        if mod is None:
+            skipped.append(f"{group}: module {module} not present")
+            continue
+        try:
+            cases = mod.cases(quick, device)
+        except Exception as err:
+            results.append(_row(group, "(cases)", "", "", error=f"{type(err).__name__}: {err}"))
+            continue
+        for case in cases:
+            if budget_s is not None and time.perf_counter() - t_start > budget_s:
+                skipped.append(f"{group}: {case.name} {case.shape} (time budget {budget_s:.0f} s spent)")
+                continue
+            if log:
+                log(f"[bench] {group}: {case.name} {case.shape}")
+            results.extend(_run_case(group, case, device, quick))
+    return {"results": results, "skipped": skipped}
+
+
+def _row(group, case, shape, provider, median=math.nan, p20=math.nan, p80=math.nan, ratio=math.nan,
+         baseline="", error="", params=None, note="") -> dict:
+    return {"group": group, "case": case, "shape": shape, "provider": provider, "median_ms": median,
+            "p20_ms": p20, "p80_ms": p80, "ratio_vs_baseline": ratio, "baseline": baseline, "error": error,
+            "params": params or {}, "note": note}
+
+
+def _run_case(group: str, case: BenchCase, device: str, quick: bool) -> list[dict]:
+    rows = []
+    try:
+        providers = case.providers() if callable(case.providers) else case.providers
+    except Exception as err:
+        return [_row(group, case.name, case.shape, "(setup)", error=f"{type(err).__name__}: {err}",
+                     params=case.params)]
+    if case.baseline not in providers:
+        return [_row(group, case.name, case.shape, "(setup)", error=f"baseline {case.baseline!r} not a provider")]
+    timed = {}
+    for name, fn in providers.items():
+        try:
+            timed[name] = time_fn(fn, device, quick)
+        except Exception as err:
+            timed[name] = None
+            rows.append(_row(group, case.name, case.shape, name, error=f"{type(err).__name__}: {err}"[:300],
+                             params=case.params, baseline=case.baseline))
+    base = timed.get(case.baseline)
+    for name, t in timed.items():
+        if t is None:
+            continue
+        ratio = t[0] / base[0] if base else math.nan
+        rows.append(_row(group, case.name, case.shape, name, t[0], t[1], t[2], ratio, case.baseline,
+                         params=case.params, note=case.note))
+    del providers
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+    return rows
+
+
+def run_checks(only: Optional[Iterable[str]] = None, device: str = "cpu") -> list[dict]:
+    """Every selected module's ``checks(device)``: rows {group, check, ok, detail}."""
+    rows = []
+    for module in _modules(only):
+        group = group_of(module)
+        try:
+            mod = _load(module)
+            if mod is None or not hasattr(mod, "checks"):
+                continue
+            for name, ok, detail in mod.checks(device):
+                rows.append({"group": group, "check": name, "ok": bool(ok), "detail": detail})
+        except Exception as err:
+            rows.append({"group": group, "check": "(checks)", "ok": False,
+                         "detail": f"{type(err).__name__}: {err}"[:300]})
+    return rows
+
+
+def environment(device: str) -> dict:
+    import platform
+
+    import torch
+
+    env = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
+           "interpret": os.environ.get("TRITON_INTERPRET") == "1",
+           "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = None
+    if device == "cuda":
+        env["device_name"] = torch.cuda.get_device_name()
+        env["sm_count"] = torch.cuda.get_device_properties(0).multi_processor_count
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+    return env
+
+
+RESULT_COLUMNS = ["group", "case", "shape", "provider", "median ms", "p20-p80 ms", "x baseline"]
+
+
+def result_rows(results: Sequence[dict]) -> list[list]:
+    """Table rows for people: times, spread and the ratio to the case's baseline (or the error)."""
+    out = []
+    for r in results:
+        if r["error"]:
+            out.append([r["group"], r["case"], r["shape"], r["provider"], "error", r["error"][:80], ""])
+            continue
+        spread = f"{r['p20_ms']:.4g}-{r['p80_ms']:.4g}"
+        ratio = "baseline" if r["provider"] == r["baseline"] else f"{r['ratio_vs_baseline']:.3f}"
+        out.append([r["group"], r["case"], r["shape"], r["provider"], f"{r['median_ms']:.4g}", spread, ratio])
+    return out
+
+
+def format_table(rows: Sequence[Sequence[Any]], columns: Sequence[str], title: str = "") -> str:
+    """Plain-text table (no rich needed: the GPU image may lack this project's extras)."""
+    cells = [[str(c) for c in columns]] + [[str(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = [title] if title else []
+    for j, r in enumerate(cells):
+        lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,50 @@
+"""`adasched bench kernels`: every kernel's benchmark (and, with --checks, correctness) in one table."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+__all__ = ["register"]
+
+
+def register(groups) -> None:
+    @groups.bench.command("kernels")
+    def bench_kernels(
+        only: Optional[str] = typer.Option(None, "--only", help="Comma-separated kernel groups: lora, moe, gemm."),
+        quick: bool = typer.Option(False, "--quick", help="A few small shapes (smoke test; CPU: tiny shapes)."),
+        as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables."),
+        run_checks: bool = typer.Option(False, "--checks", help="Also run each kernel's correctness checks "
+                                        "(bf16 on a GPU) and exit 1 if one fails."),
+        device: str = typer.Option("auto", "--device", help="auto | cuda | cpu (CPU: Triton interpreter, "
+                                   "times meaningless for performance)."),
+    ) -> int:
+        """Fused kernels vs their baselines (eager torch, frozen base), ratios from the same run."""
+        from . import bench
+
+        dev = bench.resolve_device(device)
+        groups_sel = [g.strip() for g in only.split(",") if g.strip()] if only else None
+        if only is not None and not groups_sel:
+            raise ValueError("--only: empty; use lora, moe or gemm")
+        bench._modules(groups_sel)  # validates --only before any work
+        bench.prepare_device(dev)
+        env = bench.environment(dev)
+        checks = bench.run_checks(groups_sel, dev) if run_checks else []
+        out = bench.run_benchmarks(groups_sel, quick=quick, device=dev)
+        failed = [c for c in checks if not c["ok"]]
+        if as_json:
+            from adasched.planner.ui import emit_json
+
+            emit_json({**env, "quick": quick, "checks": checks, **out})
+        else:
+            title = f"bench kernels on {env['device_name']} ({dev}; torch {env['torch']}, triton {env['triton']})"
+            if dev == "cpu":
+                title += " - CPU/interpreter: smoke test, NOT performance numbers"
+            if checks:  # plain text tables: wide rows stay on one line in logs and pipes
+                typer.echo(bench.format_table(
+                    [[c["group"], c["check"], "ok" if c["ok"] else "FAIL", c["detail"]] for c in checks],
+                    ["group", "check", "result", "detail"], title="correctness checks") + "\n")
+            typer.echo(bench.format_table(bench.result_rows(out["results"]), bench.RESULT_COLUMNS, title=title))
+            for s in out["skipped"]:
+                typer.echo(f"skipped: {s}")
+        return 1 if failed else 0

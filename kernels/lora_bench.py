@@ -1,0 +1,284 @@
+"""Benchmarks and correctness checks of the fused LoRA kernels for ``adasched bench kernels``.
+
+Providers per shape (same inputs, same run):
+  base   frozen base linear only: Y = X W^T, backward dX = dY W (the floor LoRA is measured against);
+  eager  PEFT-style eager torch LoRA: X W^T + scale * B(A(dropout(X))) (grads for X, A, B);
+  fused  ``lora_linear`` (Triton; under the interpreter on the CPU).
+Dropout 0.1 and scale 2.0, as in the measured H100 profile (../shared/data/profiles/h100-sxm-measured-*.json).
+Multi-LoRA: 4 adapters with different ranks over uneven segments of one packed batch; eager = base + one LoRA
+branch per segment (mLoRA-style loop), fused = ``multi_lora_linear``.
+"""
+from __future__ import annotations
+
+import math
+
+from .bench import BenchCase
+
+__all__ = ["cases", "checks", "GPU_TOKENS", "GPU_SHAPES", "GPU_RANKS"]
+
+GPU_TOKENS = (2048, 4096, 8192, 16384)
+GPU_SHAPES = ((4096, 4096), (8192, 8192), (4096, 14336))  # (K = in features, N = out features)
+GPU_RANKS = (16, 64)
+DROPOUT, SCALE = 0.1, 2.0
+MULTI_RANKS = (16, 16, 32, 64)
+MULTI_FRACTIONS = (0.4, 0.3, 0.2, 0.1)
+
+
+def _dtype(device: str):
+    import torch
+
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def _single_inputs(T, K, N, r, device):
+    import torch
+
+    dt = _dtype(device)
+    g = torch.Generator(device="cpu").manual_seed(T * 7 + K + N + r)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dt)
+
+    x = rnd(T, K).requires_grad_()
+    w = rnd(N, K, scale=K ** -0.5)
+    a = rnd(r, K, scale=K ** -0.5).requires_grad_()
+    b = rnd(N, r, scale=r ** -0.5).requires_grad_()
+    dy = rnd(T, N)
+    return x, w, a, b, dy
+
+
+def _single_providers(T, K, N, r, device, backward: bool):
+    def build():
+        import torch
+        import torch.nn.functional as F
+
+        from .lora import lora_linear
+
+        x, w, a, b, dy = _single_inputs(T, K, N, r, device)
+
+        def base():
+            return F.linear(x, w)
+
+        def eager():
+            return F.linear(x, w) + F.linear(F.linear(F.dropout(x, DROPOUT, True), a), b) * SCALE
+
+        def fused():
+            return lora_linear(x, w, a, b, SCALE, DROPOUT)
+
+        if not backward:
+            return {"base": base, "eager": eager, "fused": fused}
+
+        def fwd_bwd(fn, inputs):
+            return lambda: torch.autograd.grad(fn(), inputs, dy)
+
+        return {"base": fwd_bwd(base, (x,)), "eager": fwd_bwd(eager, (x, a, b)),
+                "fused": fwd_bwd(fused, (x, a, b))}
+
+    return build
+
+
+def _segments(T, fractions):
+    """Contiguous segments covering [0, T) in the given proportions; on big batches the cuts are moved 37 rows
+    off the 128-row tile grid, so every segment pays its padding to the M tile."""
+    shift = 37 if T >= 2048 else 0
+    bounds, acc = [0], 0.0
+    for f in fractions[:-1]:
+        acc += f
+        bounds.append(int(round(T * acc)) + shift)
+    bounds.append(T)
+    return [(i, bounds[i], bounds[i + 1]) for i in range(len(fractions))]
+
+
+def _multi_providers(T, K, N, ranks, device, backward: bool):
+    def build():
+        import torch
+        import torch.nn.functional as F
+
+        from .lora import LoRAAdapterWeights, multi_lora_linear
+
+        x, w, _, _, dy = _single_inputs(T, K, N, 1, device)
+        dt, g = _dtype(device), torch.Generator(device="cpu").manual_seed(1234)
+        adapters = [LoRAAdapterWeights(
+            (torch.randn(r, K, generator=g) * K ** -0.5).to(device=device, dtype=dt).requires_grad_(),
+            (torch.randn(N, r, generator=g) * r ** -0.5).to(device=device, dtype=dt).requires_grad_(),
+            SCALE, DROPOUT) for r in ranks]
+        segs = _segments(T, MULTI_FRACTIONS[: len(ranks)])
+        params = [x] + [t for ad in adapters for t in (ad.lora_a, ad.lora_b)]
+
+        def base():
+            return F.linear(x, w)
+
+        def eager():
+            parts = [F.linear(F.linear(F.dropout(x[s:e], ad.dropout_p, True), ad.lora_a), ad.lora_b) * ad.scale
+                     for ad, (_, s, e) in zip(adapters, segs)]
+            return F.linear(x, w) + torch.cat(parts, dim=0)
+
+        def fused():
+            return multi_lora_linear(x, w, adapters, segs)
+
+        if not backward:
+            return {"base": base, "eager": eager, "fused": fused}
+        return {"base": lambda: torch.autograd.grad(base(), (x,), dy),
+                "eager": lambda: torch.autograd.grad(eager(), params, dy),
+                "fused": lambda: torch.autograd.grad(fused(), params, dy)}
+
+    return build
+
+
+def cases(quick: bool, device: str) -> list[BenchCase]:
+    """The GPU grid (T x (K, N) x r, fwd and fwd+bwd) plus 4-adapter multi-LoRA; tiny shapes on the CPU."""
+    if device == "cuda" and not quick:
+        grid = [(T, K, N, r) for T in GPU_TOKENS for (K, N) in GPU_SHAPES for r in GPU_RANKS]
+        multi = [(8192, 4096, 4096), (16384, 4096, 4096), (8192, 4096, 14336)]
+    elif device == "cuda":
+        grid = [(8192, 4096, 4096, 16), (4096, 4096, 14336, 64)]
+        multi = [(8192, 4096, 4096)]
+    elif quick:
+        grid, multi = [(70, 48, 40, 8)], [(70, 48, 40)]
+    else:
+        grid = [(T, 64, 96, r) for T in (64, 130) for r in (4, 16)]
+        multi = [(130, 64, 96)]
+    out = []
+    for T, K, N, r in grid:
+        for backward in (False, True):
+            out.append(BenchCase(
+                name="lora fwd+bwd" if backward else "lora fwd", shape=f"T={T} K={K} N={N} r={r}",
+                providers=_single_providers(T, K, N, r, device, backward), baseline="base",
+                params={"T": T, "K": K, "N": N, "r": r, "dropout": DROPOUT, "backward": backward}))
+    ranks = MULTI_RANKS if device == "cuda" else (2, 4, 8, 16)
+    for T, K, N in multi:
+        for backward in (False, True):
+            out.append(BenchCase(
+                name="multi-lora x4 fwd+bwd" if backward else "multi-lora x4 fwd",
+                shape=f"T={T} K={K} N={N} r={'/'.join(map(str, ranks))}",
+                providers=_multi_providers(T, K, N, ranks, device, backward), baseline="base",
+                params={"T": T, "K": K, "N": N, "ranks": list(ranks), "dropout": DROPOUT, "backward": backward}))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Correctness checks (bf16 on the GPU, float16/float32 under the interpreter) against a float64 reference
+# ------------------------------------------------------------------------------------------------------------
+def _rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    if not bool(a.isfinite().all()):
+        return math.inf
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _poison(device: str) -> None:
+    """Fill freed allocator blocks with NaN, so an output element the kernel forgets to write shows up."""
+    import torch
+
+    if device == "cuda":
+        junk = torch.full((64 * 1024 * 1024,), float("nan"), device=device)
+        del junk
+
+
+def _check_single(T, K, N, r, p, dtype, device, tol):
+    import torch
+
+    from .lora import lora_linear, lora_linear_reference
+
+    g = torch.Generator(device="cpu").manual_seed(T + K + N + r)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    x, w = rnd(T, K), rnd(N, K, scale=K ** -0.5)
+    a, b, bias = rnd(r, K, scale=K ** -0.5), rnd(N, r, scale=r ** -0.5), rnd(N)
+    dy = rnd(T, N)
+    leaves = [t.requires_grad_() for t in (x, a, b, bias)]
+    _poison(device)
+    y = lora_linear(x, w, a, b, SCALE, p, bias, seed=77)
+    grads = torch.autograd.grad(y, leaves, dy)
+    l64 = [t.detach().double().requires_grad_() for t in leaves]
+    y64 = lora_linear_reference(l64[0], w.double(), l64[1], l64[2], SCALE, p, l64[3], seed=77)
+    g64 = torch.autograd.grad(y64, l64, dy.double())
+    ye = lora_linear_reference(x, w, a, b, SCALE, p, bias, seed=77)  # same-dtype eager torch, same mask
+    ge = torch.autograd.grad(ye, leaves, dy)
+    names = ["y", "dx", "dA", "dB", "dbias"]
+    ours = [_rel(u, v) for u, v in zip([y, *grads], [y64, *g64])]
+    eager = [_rel(u, v) for u, v in zip([ye, *ge], [y64, *g64])]
+    ok = all(o <= max(tol, 2 * e) for o, e in zip(ours, eager))
+    detail = " ".join(f"{n}={o:.1e}(eager {e:.1e})" for n, o, e in zip(names, ours, eager))
+    return (f"lora {str(dtype).split('.')[-1]} T={T} K={K} N={N} r={r} p={p}", ok, "rel err vs f64: " + detail)
+
+
+def _check_mask(device):
+    import torch
+
+    from . import lora as L
+
+    T, K = (300, 520) if device == "cuda" else (40, 72)
+    x = torch.randn(T, K, device=device, dtype=_dtype(device))
+    a = torch.randn(16, K, device=device, dtype=x.dtype)
+    b = torch.randn(64, 16, device=device, dtype=x.dtype)
+    w = torch.randn(64, K, device=device, dtype=x.dtype)
+    plan = L._tile_plan(T, ((0, 0, T),), (16,), (1.0,), (0.3,), L.default_block_m(device), x.device)
+    _, _, xd, mask = L._fused_forward(x, w, None, a, b, plan, 2 ** 31 + 5)
+    want = L.dropout_keep_mask(2 ** 31 + 5, T, K, 0.3, device)
+    same = bool(torch.equal(mask.bool(), want))
+    frac = 1 - mask.float().mean().item()
+    again = L._fused_forward(x, w, None, a, b, plan, 2 ** 31 + 5)[3]
+    sigma = math.sqrt(0.3 * 0.7 / mask.numel())
+    ok = same and bool(torch.equal(again, mask)) and abs(frac - 0.3) < 5 * sigma
+    return ("dropout mask = torch Philox mirror, reproducible", ok,
+            f"kernel mask == mirror: {same}; dropped fraction {frac:.4f} (p=0.3)")
+
+
+def _check_multi(T, K, N, ranks, dtype, device, tol, block_m=None):
+    import torch
+
+    from .lora import LoRAAdapterWeights, multi_lora_linear, multi_lora_linear_reference
+
+    g = torch.Generator(device="cpu").manual_seed(T + K)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    adapters = [LoRAAdapterWeights(rnd(r, K, scale=K ** -0.5).requires_grad_(),
+                                   rnd(N, r, scale=r ** -0.5).requires_grad_(), 0.5 + i, 0.1 * (i % 3))
+                for i, r in enumerate(ranks)]
+    # adapters' segments unsorted, gaps of uncovered rows between them
+    n = len(ranks)
+    cut = [int(T * i / n) for i in range(n + 1)]
+    segs = [(i, cut[i] + 3, cut[i + 1] - 2) for i in reversed(range(n))]
+    x, w, dy = rnd(T, K).requires_grad_(), rnd(N, K, scale=K ** -0.5), rnd(T, N)
+    leaves = [x] + [t for ad in adapters for t in (ad.lora_a, ad.lora_b)]
+    _poison(device)
+    y = multi_lora_linear(x, w, adapters, segs, seed=5, block_m=block_m)
+    grads = torch.autograd.grad(y, leaves, dy)
+    a64 = [LoRAAdapterWeights(ad.lora_a.detach().double().requires_grad_(),
+                              ad.lora_b.detach().double().requires_grad_(), ad.scale, ad.dropout_p)
+           for ad in adapters]
+    x64 = x.detach().double().requires_grad_()
+    l64 = [x64] + [t for ad in a64 for t in (ad.lora_a, ad.lora_b)]
+    y64 = multi_lora_linear_reference(x64, w.double(), a64, segs, seed=5)
+    g64 = torch.autograd.grad(y64, l64, dy.double())
+    errs = [_rel(u, v) for u, v in zip([y, *grads], [y64, *g64])]
+    ok = all(e <= tol for e in errs)
+    return (f"multi-lora x{n} {str(dtype).split('.')[-1]} T={T} K={K} N={N} r={'/'.join(map(str, ranks))}", ok,
+            f"max rel err vs f64 over y and {len(grads)} grads: {max(errs):.1e} (tol {tol:g})")
+
+
+def checks(device: str) -> list[tuple[str, bool, str]]:
+    """bf16 on the GPU (tolerance 1e-2 relative, or 2x eager torch's own bf16 error); float16 and float32 on the
+    CPU interpreter."""
+    import torch
+
+    out = []
+    if device == "cuda":
+        bf = torch.bfloat16
+        out.append(_check_single(1000, 1536, 1032, 16, 0.1, bf, device, 1e-2))
+        out.append(_check_single(4096, 4096, 4096, 64, 0.0, bf, device, 1e-2))
+        out.append(_check_single(777, 4096, 14336, 16, 0.1, bf, device, 1e-2))
+        out.append(_check_single(513, 1024, 768, 16, 0.1, torch.float16, device, 1e-2))
+        out.append(_check_mask(device))
+        out.append(_check_multi(3000, 2048, 1536, MULTI_RANKS, bf, device, 1e-2))
+    else:
+        out.append(_check_single(37, 48, 40, 8, 0.2, torch.float32, device, 1e-5))
+        out.append(_check_single(37, 48, 40, 4, 0.1, torch.float16, device, 5e-3))
+        out.append(_check_mask(device))
+        out.append(_check_multi(61, 40, 36, (2, 4, 8, 16), torch.float32, device, 1e-5))
+    return out

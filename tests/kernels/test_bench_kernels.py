@@ -1,0 +1,83 @@
+"""The kernel benchmark framework and `adasched bench kernels` (CPU, Triton interpreter: smoke only)."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import types
+
+import pytest
+
+from adasched.kernels import bench
+from adasched.planner.cli import main
+
+
+def _fake_module(monkeypatch, built: list):
+    mod = types.ModuleType("adasched.kernels.fake_bench")
+
+    def build():
+        built.append("built")  # lazy providers: built only when the case runs
+        return {"slow": lambda: time.sleep(0.02), "fast": lambda: time.sleep(0.01),
+                "broken": lambda: 1 / 0}
+
+    def cases(quick, device):
+        return [bench.BenchCase("sleep", "n=1", build, baseline="fast", params={"n": 1}),
+                bench.BenchCase("missing baseline", "n=2", {"a": lambda: None}, baseline="zzz")]
+
+    def checks(device):
+        return [("always ok", True, "fine"), ("always bad", False, "broken on purpose")]
+
+    mod.cases, mod.checks = cases, checks
+    monkeypatch.setitem(sys.modules, "adasched.kernels.fake_bench", mod)
+    monkeypatch.setattr(bench, "BENCH_MODULES", ("adasched.kernels.fake_bench", "adasched.kernels.nothere_bench"))
+
+
+def test_framework_ratios_errors_lazy_setup_and_skips(monkeypatch):
+    built = []
+    _fake_module(monkeypatch, built)
+    out = bench.run_benchmarks(quick=True, device="cpu")
+    assert built == ["built"]
+    rows = {(r["case"], r["provider"]): r for r in out["results"]}
+    fast, slow = rows[("sleep", "fast")], rows[("sleep", "slow")]
+    assert fast["ratio_vs_baseline"] == 1.0 and fast["error"] == ""
+    assert 1.3 < slow["ratio_vs_baseline"] < 3.0, slow  # 20 ms vs 10 ms sleeps
+    assert slow["p20_ms"] <= slow["median_ms"] <= slow["p80_ms"]
+    assert "ZeroDivisionError" in rows[("sleep", "broken")]["error"]
+    assert "not a provider" in rows[("missing baseline", "(setup)")]["error"]
+    assert out["skipped"] == ["nothere: module adasched.kernels.nothere_bench not present"]
+    checks = bench.run_checks(device="cpu")
+    assert [(c["check"], c["ok"]) for c in checks] == [("always ok", True), ("always bad", False)]
+    # budget: nothing left to run once it is spent
+    assert len(bench.run_benchmarks(quick=True, device="cpu", budget_s=0.0)["skipped"]) == 3
+    text = bench.format_table(bench.result_rows(out["results"]), bench.RESULT_COLUMNS, title="t")
+    assert "baseline" in text and "error" in text
+
+
+def test_cli_checks_failure_exits_1_and_bad_only_exits_2(monkeypatch, capsys):
+    _fake_module(monkeypatch, [])
+    assert main(["bench", "kernels", "--quick", "--checks", "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "NOT performance numbers" in out
+    assert main(["bench", "kernels", "--only", "fake,bogus"]) == 2
+    assert "error: --only: bogus not in fake, nothere" in capsys.readouterr().err
+    assert main(["bench", "kernels", "--device", "tpu"]) == 2
+
+
+def test_bench_kernels_lora_quick_json_smoke(capsys):
+    """The real LoRA cases: fused, eager and base timed in one run, ratios against the frozen base."""
+    rc = main(["bench", "kernels", "--quick", "--only", "lora", "--json", "--device", "cpu"])
+    assert rc == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["device"] == "cpu" and data["interpret"] is True
+    res = data["results"]
+    assert not [r for r in res if r["error"]], [r["error"] for r in res if r["error"]]
+    cases = {(r["case"], r["shape"]) for r in res}
+    assert {c for c, _ in cases} == {"lora fwd", "lora fwd+bwd", "multi-lora x4 fwd", "multi-lora x4 fwd+bwd"}
+    for case in cases:
+        provs = {r["provider"]: r for r in res if (r["case"], r["shape"]) == case}
+        assert set(provs) == {"base", "eager", "fused"}
+        assert provs["base"]["ratio_vs_baseline"] == 1.0
+        for r in provs.values():
+            assert r["median_ms"] > 0 and math.isfinite(r["ratio_vs_baseline"])
+            assert r["ratio_vs_baseline"] == pytest.approx(r["median_ms"] / provs["base"]["median_ms"])
