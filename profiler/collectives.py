@@ -203,6 +203,8 @@ def fit_collectives(result: dict[str, Any], ranks_per_node: int, source: str) ->
     for (op, g), pts in sorted(by_key.items()):
         f = fit_alpha_beta([p["bytes"] for p in pts], [max(p["ms"], 1e-6) for p in pts])
         src = f"{source}, {result['backend']}, {result['world']} ranks"
+        if f.note:
+            src += f"; {f.note}"
         if result.get("emulated", {}).get(op):
             src += f"; {op} {result['emulated'][op]}"
         fits.append(CollectiveFit(op=op, group_size=g, scope="intra" if g <= ranks_per_node else "inter",

@@ -16,13 +16,14 @@ __all__ = ["Fit", "fit_alpha_beta", "fit_quadratic", "fit_affine"]
 class Fit:
     coef: tuple[float, ...]  # highest power last is NOT assumed: see each function's docstring
     rel_error: float  # mean |pred - y| / y over the points
+    note: str = ""  # set when a fallback was needed (the data did not resolve a term)
 
 
-def _nonneg_lstsq(X: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Relative-error least squares with non-negative coefficients (scipy's NNLS on the weighted system)."""
+def _nonneg_lstsq(X: np.ndarray, y: np.ndarray, relative: bool = True) -> np.ndarray:
+    """Least squares with non-negative coefficients (scipy's NNLS), on relative error unless told otherwise."""
     from scipy.optimize import nnls
 
-    w = 1.0 / np.maximum(np.abs(y), 1e-30)
+    w = 1.0 / np.maximum(np.abs(y), 1e-30) if relative else np.full_like(y, 1.0 / max(float(np.max(np.abs(y))), 1e-30))
     coef, _ = nnls(X * w[:, None], y * w)
     return coef
 
@@ -42,13 +43,26 @@ def _rel_err(pred, y) -> float:
 
 
 def fit_alpha_beta(nbytes, ms) -> Fit:
-    """time_ms = alpha + beta * nbytes; returns Fit(coef=(alpha_ms, beta_ms_per_byte)). beta > 0 enforced."""
+    """time_ms = alpha + beta * nbytes; returns Fit(coef=(alpha_ms, beta_ms_per_byte)), beta > 0.
+
+    Noisy small-message times can leave the relative-error fit with no size term (beta = 0, i.e. infinite
+    bandwidth). Then the absolute-error fit (dominated by the large messages) is used; if that finds no slope
+    either, alpha = the fastest point and beta spans the fastest to the slowest point at the largest size
+    (conservative), and ``note`` says so."""
     x, y = _check(nbytes, ms)
     X = np.stack([np.ones_like(x), x], axis=1)
     a, b = _nonneg_lstsq(X, y)
-    if b <= 0:  # all points equal time: keep a tiny positive slope so bandwidth stays finite
-        b = float(np.min(y)) / max(float(np.max(x)), 1.0) * 1e-6
-    return Fit((float(a), float(b)), _rel_err(a + b * x, y))
+    note = ""
+    if b <= 0:
+        a, b = _nonneg_lstsq(X, y, relative=False)
+        note = "size term from the absolute-error fit (the relative fit found none)"
+    if b <= 0:
+        a = float(np.min(y))
+        b = (float(np.max(y)) - a) / max(float(np.max(x)), 1.0)
+        note = "bandwidth not resolved by the data: beta bounds it from the slowest point"
+        if b <= 0:  # all points equal time: keep a tiny positive slope so bandwidth stays finite
+            b = a / max(float(np.max(x)), 1.0) * 1e-6
+    return Fit((float(a), float(b)), _rel_err(a + b * x, y), note)
 
 
 def fit_quadratic(s, ms) -> Fit:

@@ -31,6 +31,19 @@ def test_alpha_beta_noisy_error_reported():
 def test_alpha_beta_flat_data_keeps_positive_beta():
     f = fit_alpha_beta([1e3, 1e4, 1e5], [2.0, 2.0, 2.0])
     assert f.coef[1] > 0 and f.coef[0] == pytest.approx(2.0, rel=1e-6)
+    assert "not resolved" in f.note
+
+
+def test_alpha_beta_noisy_small_messages_fall_back_to_absolute_fit():
+    # the 64 KiB point is a noise spike: the relative fit finds no size term; the fallback keeps one
+    x = [4096, 65536, 1048576, 4194304]
+    y = [0.647, 4.97, 0.43, 7.57]
+    f = fit_alpha_beta(x, y)
+    assert "absolute-error fit" in f.note
+    a, b = f.coef
+    assert a >= 0 and b > 1e-7  # a finite bandwidth (< 10 GB/s), not the 1e6 GB/s of a floored slope
+    assert f.rel_error == pytest.approx(sum(abs(a + b * xi - yi) / yi for xi, yi in zip(x, y)) / 4)
+    assert fit_alpha_beta([1e3, 1e6], [1.0, 2.0]).note == ""
 
 
 def test_quadratic_exact():
