@@ -29,10 +29,11 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 from adasched.profiler.io import InputError
 
-__all__ = ["main", "parse_args", "check_plan", "scaled_lengths", "make_sequence"]
+__all__ = ["main", "parse_args", "check_plan", "scaled_lengths", "make_sequence", "launch_local"]
 
 TOLERANCE = {"float32": 1e-4, "float64": 1e-10}  # max |grad - ref| / max |ref|, and |loss - ref| / |ref|
 
@@ -272,7 +273,31 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
             dist.destroy_process_group()
 
 
-def main(argv: list[str] | None = None) -> int:
+def launch_local(plan: str | os.PathLike, nproc: int = 4, args: Sequence[str] = (), timeout_s: float = 600) -> int:
+    """Run this script on ``nproc`` local ranks under torchrun (this interpreter), e.g. for `make demo`:
+    ``launch_local("plan.json", 4, ["--steps", "2", "--check-reference"])``. The plan is validated first
+    (returns 2 with one `error:` line when it does not fit). Output goes to this process's stdout/stderr.
+    Returns the exit code."""
+    import subprocess
+
+    try:
+        rc = main(["--plan", str(plan), "--check-plan-only", "--world", str(nproc), *args], quiet=True)
+    except SystemExit as exc:  # argparse: usage error already printed
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    if rc:
+        return rc
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "adasched.launch.train_sp", "--plan", str(plan), *args]
+    try:
+        return subprocess.run(cmd, env=env, timeout=timeout_s).returncode
+    except subprocess.TimeoutExpired:
+        print(f"error: train_sp: {nproc} ranks did not finish within {timeout_s:g} s", file=sys.stderr)
+        return 1
+
+
+def main(argv: list[str] | None = None, quiet: bool = False) -> int:
     from adasched.planner.flexsp.plan import SPPlan
     from adasched.planner.plan import load_plan
     from adasched.runtime.dist import env_world
@@ -291,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     if args.check_plan_only:
-        print(f"{args.plan}: {len(plan.steps)} steps fit world size {world}")
+        if not quiet:
+            print(f"{args.plan}: {len(plan.steps)} steps fit world size {world}")
         return 0
     return _train(args, plan, factor, lengths)
 

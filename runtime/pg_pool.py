@@ -55,6 +55,7 @@ class ProcessGroupPool:
         self.rank: int = dist.get_rank()
         self.timeout_s = float(timeout_s)
         self.backend = backend or dist.get_backend()
+        self._world_pg = dist.group.WORLD  # tells get_pool when the world was torn down and rebuilt
         self._groups: dict[tuple[int, ...], object] = {}
         for ranks in buddy_groups(self.world):
             # new_group is collective over the whole world: every rank creates every group, same order
@@ -94,9 +95,7 @@ def get_pool(timeout_s: float = 60.0) -> ProcessGroupPool:
     if _POOL is not None and dist.is_initialized() and _POOL.world == dist.get_world_size() \
             and _POOL._world_pg is dist.group.WORLD:
         return _POOL
-    pool = ProcessGroupPool(timeout_s=timeout_s)
-    pool._world_pg = dist.group.WORLD
-    _POOL = pool
+    _POOL = ProcessGroupPool(timeout_s=timeout_s)
     return _POOL
 
 

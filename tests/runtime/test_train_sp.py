@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from adasched.launch.train_sp import main
+from adasched.launch.train_sp import launch_local, main
 from adasched.planner.flexsp.plan import SPGroup, SPMicroBatch, SPPlan, SPStep
 from adasched.planner.plan import SolverRecord, save_plan
 
@@ -46,23 +46,24 @@ def _env():
     return env
 
 
-def test_train_sp_matches_single_process_reference(tmp_path):
+def test_train_sp_matches_single_process_reference(tmp_path, monkeypatch, capfd):
     plan = tmp_path / "plan.json"
     save_plan(_plan(), plan)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-           "-m", "adasched.launch.train_sp", "--plan", str(plan), "--steps", "2", "--check-reference",
-           "--max-len", "96", "--seed", "3", "--timeout", "60"]
-    r = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stdout + r.stderr
+    monkeypatch.chdir(tmp_path)
+    # launch_local = torchrun --standalone --nproc_per_node=4 -m adasched.launch.train_sp ... (this interpreter)
+    rc = launch_local(plan, 4, ["--steps", "2", "--check-reference", "--max-len", "96", "--seed", "3",
+                                "--timeout", "60"], timeout_s=240)
+    r = capfd.readouterr()
+    assert rc == 0, r.out + r.err
     steps = re.findall(r"step (\d): plan step (\d), (\d+) seqs, (\d+) tokens, .*loss ([\d.]+) \(reference ([\d.]+); "
-                       r"rel\. diff loss ([\d.e+-]+), grads ([\d.e+-]+)\)", r.stdout)
-    assert [s[:3] for s in steps] == [("0", "0", "6"), ("1", "1", "4")], r.stdout
+                       r"rel\. diff loss ([\d.e+-]+), grads ([\d.e+-]+)\)", r.out)
+    assert [s[:3] for s in steps] == [("0", "0", "6"), ("1", "1", "4")], r.out
     # lengths scaled by 96/900 (rounded, >= 2): every token of the global batch is counted once
     assert [int(s[3]) for s in steps] == [96 + 13 + 5 + 4 + 43 + 2, 32 + 32 + 2 + 7]
     for s in steps:
         assert 4.0 < float(s[4]) < 7.0  # ~ln(256) at init
         assert float(s[6]) <= 1e-4 and float(s[7]) <= 1e-4
-    assert "check-reference: 2 steps" in r.stdout and ": OK" in r.stdout
+    assert "check-reference: 2 steps" in r.out and ": OK" in r.out
 
 
 def test_plan_world_mismatch_rejected_before_any_step(tmp_path, monkeypatch, capsys):
@@ -78,6 +79,11 @@ def test_plan_world_mismatch_rejected_before_any_step(tmp_path, monkeypatch, cap
                        env=dict(_env(), NPROC="2"), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == err, r.stderr
     assert "torch.distributed" not in r.stderr and r.stdout == ""
+    # the same check in launch_local (used by `make demo`)
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    assert launch_local(plan, nproc=2, args=["--steps", "1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == err
 
 
 @pytest.mark.parametrize("mutate, message", [
