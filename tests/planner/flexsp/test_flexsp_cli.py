@@ -1,0 +1,87 @@
+"""`adasched plan sp` / `adasched bench sp`: happy path and every bad input (exit 2, one error line, no file)."""
+import json
+
+import pytest
+
+from adasched.planner.cli import main
+from adasched.planner.plan import load_plan
+from adasched.planner.flexsp import SPPlan
+
+BASE = ["--profile", "a100-64-flexsp-paper", "--model", "gpt-7b", "--global-batch", "32", "--steps", "2",
+        "--max-context", "32768", "--time-limit", "0.2", "--seed", "4"]
+
+
+def test_plan_sp_happy_path(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    rc = main(["plan", "sp", *BASE, "--seqlens", "builtin", "--gpus", "8", "--out", str(out), "--json"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    rep = json.loads(cap.out)
+    plan = load_plan(out, expect=SPPlan)
+    assert plan.world_size == 8 and len(plan.steps) == 2 and plan.max_context == 32768
+    assert len(rep["rows"]) == 2 and rep["summary"]["memory_violations"] == 0
+    assert rep["summary"]["speedup_vs_best_homogeneous_min"] >= 1.0 - 1e-9
+    # the batches are drawn deterministically (the time-limited MILP may end at a different point)
+    out2 = tmp_path / "plan2.json"
+    assert main(["plan", "sp", *BASE, "--seqlens", "builtin", "--gpus", "8", "--out", str(out2), "--json"]) == 0
+    capsys.readouterr()
+    assert [s.seqlens for s in load_plan(out2).steps] == [s.seqlens for s in plan.steps]
+
+
+def test_bench_sp_json(capsys):
+    rc = main(["bench", "sp", *BASE, "--gpus", "8", "--json"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    rep = json.loads(cap.out)
+    for key in ("speedup_vs_static_mean", "speedup_vs_best_homogeneous_mean", "speedup_vs_best_homogeneous_min",
+                "solve_seconds_p95", "memory_violations", "mip_gap_mean"):
+        assert key in rep["summary"]
+    assert rep["summary"]["speedup_vs_static_mean"] >= 1.0
+    assert rep["config"]["gpus"] == 8
+
+
+def _bad(tmp_path, capsys, args, match):
+    out = tmp_path / "plan.json"
+    rc = main(["plan", "sp", *BASE, *args, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert match in err, err
+    assert not out.exists()
+    assert not list(tmp_path.glob(".plan.json*"))
+
+
+def test_empty_length_file(tmp_path, capsys):
+    f = tmp_path / "empty.txt"
+    f.write_text("")
+    _bad(tmp_path, capsys, ["--seqlens", str(f), "--gpus", "8"], "no sequence lengths")
+
+
+def test_non_numeric_length_file(tmp_path, capsys):
+    f = tmp_path / "lens.txt"
+    f.write_text("100\n200\n3x0\n")
+    _bad(tmp_path, capsys, ["--seqlens", str(f), "--gpus", "8"], "line 3")
+
+
+def test_sequence_too_long_for_the_cluster(tmp_path, capsys):
+    f = tmp_path / "lens.txt"
+    f.write_text("100\n200\n900000\n")
+    # 900k tokens of gpt-7b need ~61 GiB per GPU even on 64 A100-40GB
+    out = tmp_path / "plan.json"
+    rc = main(["plan", "sp", "--profile", "a100-64-flexsp-paper", "--model", "gpt-7b", "--seqlens", str(f),
+               "--gpus", "64", "--global-batch", "3", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "sequence 2 has 900000 tokens" in err and "GiB per GPU" in err
+    assert not out.exists()
+
+
+def test_more_gpus_than_profile(tmp_path, capsys):
+    _bad(tmp_path, capsys, ["--seqlens", "builtin", "--gpus", "128"], "describes 64")
+
+
+def test_non_power_of_two_gpus(tmp_path, capsys):
+    _bad(tmp_path, capsys, ["--seqlens", "builtin", "--gpus", "12"], "not a power of two")
+
+
+def test_missing_file(tmp_path, capsys):
+    _bad(tmp_path, capsys, ["--seqlens", str(tmp_path / "nope.txt"), "--gpus", "8"], "no such file")

@@ -1,0 +1,67 @@
+"""Cost model: published terms, terms derived from layer fits, all-to-all per degree, memory, bad input."""
+import numpy as np
+import pytest
+
+from adasched.planner.flexsp.costmodel import MODEL_PRESETS, sp_cost_model
+from adasched.profiler.builtins import FLEXSP_A2A_GBPS, FLEXSP_MODEL_COSTS
+from adasched.profiler.io import InputError
+from adasched.profiler.profile import load_profile
+
+MiB = 1024 * 1024
+
+
+def test_published_terms_and_formula():
+    prof = load_profile("a100-64-flexsp-paper")
+    cm = sp_cost_model(prof, "gpt-7b", 64)
+    pub = FLEXSP_MODEL_COSTS["gpt-7b"]
+    assert (cm.a1, cm.a2, cm.b1) == (pub["a1"], pub["a2"], pub["b1"])
+    assert cm.act_bytes_per_token == pytest.approx(pub["act_mb"] * MiB)
+    rng = np.random.default_rng(0)
+    s = rng.integers(100, 30000, 9).astype(float)
+    L, h = 32, 4096
+    for d in (1, 2, 8, 16, 64):
+        comm = 0.0 if d == 1 else sum(8 * L * h * x * 2 for x in s) / d / (FLEXSP_A2A_GBPS[d] * 1e9) * 1e3
+        expect = (pub["a1"] * (s * s).sum() + pub["a2"] * s.sum()) / d + pub["b1"] + comm
+        assert cm.group_time(d, s) == pytest.approx(expect, rel=1e-9)
+        mem = s.sum() * pub["act_mb"] * MiB / d + 16 * MODEL_PRESETS["gpt-7b"].params / 64
+        assert cm.group_memory(d, s) == pytest.approx(mem, rel=1e-9)
+    # intra-node groups (<= 8) use the NVLink fit, larger ones the inter-node fit
+    assert prof.collective("all_to_all", 8).scope == "intra" and prof.collective("all_to_all", 16).scope == "inter"
+    per_rank_16 = (cm.coeffs(16)[1] - cm.a2 / 16) * 16  # all-to-all ms per token of sequence, per rank share
+    per_rank_8 = (cm.coeffs(8)[1] - cm.a2 / 8) * 8
+    assert per_rank_16 > 5 * per_rank_8
+
+
+def test_memory_capacity_and_min_degree():
+    cm = sp_cost_model(load_profile("a100-64-flexsp-paper"), "gpt-13b", 64)
+    for d in cm.degrees:
+        cap = cm.token_capacity(d)
+        assert cm.fits(d, [cap * 0.999]) and not cm.fits(d, [cap * 1.001])
+    s = cm.token_capacity(4) * 1.01
+    assert cm.min_degree(s) == 8
+    assert cm.min_degree(cm.token_capacity(64) * 1.01) is None
+
+
+def test_derived_terms_scale_layer_fits():
+    prof = load_profile("h100-sxm")
+    att, lin = prof.attention, prof.linear
+    cm7 = sp_cost_model(prof, "gpt-7b", 64)
+    cm30 = sp_cost_model(prof, "gpt-30b", 64)
+    w7 = 4096 / (att.heads * att.head_dim)
+    assert cm7.a1 == pytest.approx(32 * att.a1_ms_per_tok2 * w7)
+    assert cm7.a2 == pytest.approx(32 * (att.a2_ms_per_tok * w7 + lin.ms_per_token * (4096 / lin.hidden) ** 2))
+    w30 = 6656 / (att.heads * att.head_dim)
+    assert cm30.a1 == pytest.approx(60 * att.a1_ms_per_tok2 * w30)
+    assert cm30.a2 == pytest.approx(60 * (att.a2_ms_per_tok * w30 + lin.ms_per_token * (6656 / lin.hidden) ** 2))
+    assert cm7.b1 >= 0 and cm7.memory_bytes == prof.memory_bytes
+
+
+@pytest.mark.parametrize("gpus,msg", [(6, "not a power of two"), (128, "describes 64")])
+def test_bad_gpu_counts(gpus, msg):
+    with pytest.raises(InputError, match=msg):
+        sp_cost_model(load_profile("a100-64-flexsp-paper"), "gpt-7b", gpus)
+
+
+def test_unknown_model():
+    with pytest.raises(InputError, match="unknown model"):
+        sp_cost_model(load_profile("a100-64-flexsp-paper"), "gpt-5t", 8)

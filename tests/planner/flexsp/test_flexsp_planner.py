@@ -1,0 +1,116 @@
+"""End-to-end planning on the packaged Wikipedia sample: never worse than the baselines, every sequence in
+exactly one group, buddy placement, memory, plan file round trip, simulation."""
+import math
+from importlib import resources
+
+import numpy as np
+import pytest
+
+from adasched.planner.flexsp import PlannerConfig, SPPlan, load_lengths, plan_sp, sp_cost_model
+from adasched.planner.flexsp.assign import buddy_ranks
+from adasched.planner.plan import load_plan, save_plan
+from adasched.profiler.profile import load_profile
+
+SAMPLE = resources.files("adasched.planner.flexsp").joinpath("data/wikipedia-sample.txt")
+
+
+@pytest.fixture(scope="module")
+def planned():
+    prof = load_profile("a100-64-flexsp-paper")
+    lens = load_lengths(SAMPLE, max_context=32768)
+    out = {}
+    for form in ("auto", "groups"):
+        cfg = PlannerConfig(time_limit=0.3, seed=1, formulation=form)
+        out[form] = plan_sp(prof, "gpt-7b", lens, gpus=8, global_batch=48, steps=3, seed=3, config=cfg,
+                            max_context=32768)
+    return prof, out
+
+
+def test_sample_fixture():
+    lens = load_lengths(SAMPLE)
+    assert lens.size == 20000 and lens.min() >= 1
+    assert 300 < np.median(lens) < 400  # Wikipedia: p50 ~ 347 tokens
+
+
+@pytest.mark.parametrize("form", ["auto", "groups"])
+def test_plan_is_never_worse_and_complete(planned, form):
+    prof, out = planned
+    plan, results = out[form]
+    cm = sp_cost_model(prof, "gpt-7b", 8)
+    for st, r in zip(plan.steps, results):
+        assert st.predicted_ms <= st.baselines_ms["best_homogeneous"] * (1 + 1e-9)
+        assert st.predicted_ms <= st.baselines_ms["static"] * (1 + 1e-9)
+        assert st.predicted_ms >= r.lower_bound_ms * (1 - 1e-9)
+        seen = [i for mb in st.micro_batches for g in mb.groups for i in g.seq_ids]
+        assert sorted(seen) == list(range(len(st.seqlens)))  # every sequence in exactly one group
+        total = 0.0
+        for mb in st.micro_batches:
+            assert sum(g.degree for g in mb.groups) <= 8
+            for g in mb.groups:
+                assert g.seqlens == [st.seqlens[i] for i in g.seq_ids]
+                assert cm.fits(g.degree, g.seqlens)  # memory on the real lengths
+                assert g.predicted_ms == pytest.approx(cm.group_time(g.degree, g.seqlens), rel=1e-6)
+            assert mb.predicted_ms == pytest.approx(max(g.predicted_ms for g in mb.groups), rel=1e-6)
+            total += mb.predicted_ms
+        assert st.predicted_ms == pytest.approx(total, rel=1e-6)
+        assert st.solver_status in ("optimal", "feasible", "timeout", "heuristic")
+
+
+def test_buddy_placement(planned):
+    prof, out = planned
+    plan, _ = out["auto"]
+    distinct: dict[int, set] = {r: set() for r in range(plan.world_size)}
+    for st in plan.steps:
+        for mb in st.micro_batches:
+            for g in mb.groups:
+                r0 = g.ranks[0]
+                assert g.ranks == list(range(r0, r0 + g.degree))  # contiguous
+                assert r0 % g.degree == 0  # aligned to the degree
+                if g.degree <= prof.gpus_per_node:
+                    assert r0 // prof.gpus_per_node == g.ranks[-1] // prof.gpus_per_node  # inside one node
+                for r in g.ranks:
+                    distinct[r].add(tuple(g.ranks))
+    assert max(len(v) for v in distinct.values()) <= int(math.log2(plan.world_size)) + 1
+
+
+def test_buddy_ranks_properties():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        degs, left = [], 16
+        while left:
+            d = int(2 ** rng.integers(0, int(math.log2(left)) + 1))
+            degs.append(d)
+            left -= d
+        rng.shuffle(degs)
+        ranks = buddy_ranks(degs, 16)
+        flat = sorted(r for rs in ranks for r in rs)
+        assert flat == list(range(16))
+        for d, rs in zip(degs, ranks):
+            assert len(rs) == d and rs[0] % d == 0 and rs == list(range(rs[0], rs[0] + d))
+    with pytest.raises(ValueError):
+        buddy_ranks([8, 8, 1], 16)
+
+
+def test_plan_round_trip_and_simulation(planned, tmp_path):
+    _, out = planned
+    plan, _ = out["auto"]
+    p = tmp_path / "plan.json"
+    save_plan(plan, p)
+    back = load_plan(p, expect=SPPlan)
+    assert back.model_dump() == plan.model_dump()
+    for st in back.steps:
+        sim = back.simulate(st.step)
+        assert sim.makespan_ms == pytest.approx(st.predicted_ms, rel=1e-9)
+    rows = dict(back.summary_rows())
+    assert "step 0" in rows and "model / GPUs" in rows
+    back.plot(tmp_path / "g.png")
+    assert (tmp_path / "g.png").stat().st_size > 1000
+
+
+def test_plan_rejects_a_sequence_that_cannot_fit():
+    from adasched.profiler.io import InputError
+
+    prof = load_profile("a100-64-flexsp-paper")
+    lens = np.array([100, 200, 10_000_000])
+    with pytest.raises(InputError, match=r"sequence 2 has 10000000 tokens and needs .* GiB"):
+        plan_sp(prof, "gpt-7b", lens, gpus=64, global_batch=2, steps=1)
