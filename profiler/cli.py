@@ -17,15 +17,16 @@ def register(groups) -> None:
         out: Path = typer.Option(Path("profile.json"), "--out", "-o",
                                  help="Where to write the ClusterProfile JSON (written atomically)."),
         nproc: Optional[int] = typer.Option(None, "--nproc", min=2,
-                                            help="Worker processes for the collective benchmarks (gloo) when not "
-                                                 "under torchrun; default 4, or 2 with --quick."),
+                                            help="Worker processes for the collective benchmarks when not under "
+                                                 "torchrun (gloo on CPU; nccl, one per GPU, on a multi-GPU node); "
+                                                 "default 4 (2 with --quick) on CPU, the GPU count on GPUs."),
         no_collectives: bool = typer.Option(False, "--no-collectives", help="Skip the collective benchmarks."),
         name: Optional[str] = typer.Option(None, "--name", help="Profile name (default local-<hostname>)."),
         as_json: bool = typer.Option(False, "--json", help="Print the profile as JSON on stdout (nothing else)."),
     ) -> None:
         """Measure this machine and write a ClusterProfile JSON (the planners' --profile FILE).
 
-        Device inventory (NVML, or the CPU host without a GPU), GEMM rate, copy bandwidth, attention fwd+bwd over sequence lengths (fit a1*s^2 + a2*s + b), the linear layers' cost per token, and all_to_all, all_reduce, all_gather, reduce_scatter over message and group sizes (alpha-beta fits with their error). Under torchrun the collectives use that world (gloo on CPU, nccl on GPU); otherwise --nproc gloo workers are spawned here. Progress goes to stderr; --json keeps stdout pure JSON.
+        Device inventory (NVML, or the CPU host without a GPU), GEMM rate, copy bandwidth, attention fwd+bwd over sequence lengths (fit a1*s^2 + a2*s + b), the linear layers' cost per token, and all_to_all, all_reduce, all_gather, reduce_scatter over message and group sizes (alpha-beta fits with their error). Under torchrun the collectives use that world (gloo on CPU, nccl on GPU); otherwise --nproc workers are spawned here (gloo on CPU; nccl, one per GPU, on a multi-GPU node; a single GPU skips them). Progress goes to stderr; --json keeps stdout pure JSON.
         """
         from adasched.planner.ui import emit_json, print_table
 

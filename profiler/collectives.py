@@ -13,7 +13,8 @@ reduce_scatter (reduce_scatter_single / reduce_scatter_tensor). Where the backen
 (gloo in older torch) it is timed as all_reduce + taking the local shard, and the fit's ``source`` says so.
 
 Every process group gets ``timeout_s``; :func:`spawn_collectives` runs the measurement in fresh worker
-processes (torch.multiprocessing, gloo, free port) and kills them if the whole run exceeds its limit.
+processes (torch.multiprocessing, gloo on CPU or nccl with one GPU per rank, free port) and kills them if the
+whole run exceeds its limit.
 """
 from __future__ import annotations
 
@@ -172,8 +173,9 @@ def measure_collectives(cfg: CollectiveConfig, *, device: str = "cpu", show_prog
                     keys.append((op, g, n * 4))
                     times.append(ts)
                     advance()
-    t = torch.tensor(times, dtype=torch.float64)
+    t = torch.tensor(times, dtype=torch.float64, device=device)  # nccl reduces device tensors only
     dist.reduce(t, dst=0, op=dist.ReduceOp.MAX)  # the slowest rank of each run
+    t = t.cpu()
     if rank != 0:
         return None
     points = [{"op": op, "group_size": g, "bytes": nbytes, "ms": statistics.median(t[i].tolist())}
@@ -214,16 +216,21 @@ def fit_collectives(result: dict[str, Any], ranks_per_node: int, source: str) ->
 
 
 # ---- spawning workers (used by `adasched profile` outside torchrun) -------------------------------
-def _worker(rank: int, world: int, port: int, cfg_dict: dict, out_path: str, show_progress: bool) -> None:
+def _worker(rank: int, world: int, port: int, cfg_dict: dict, out_path: str, show_progress: bool,
+            backend: str = "gloo") -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     cfg = CollectiveConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_dict.items()})
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    device = "cpu"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=cfg.timeout_s))
     try:
-        res = measure_collectives(cfg, device="cpu", show_progress=show_progress)
+        res = measure_collectives(cfg, device=device, show_progress=show_progress)
         if rank == 0:
             with open(out_path, "w", encoding="utf-8") as fh:
                 json.dump(res, fh)
@@ -232,20 +239,24 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, out_path: str, sho
 
 
 def spawn_collectives(nproc: int, cfg: CollectiveConfig, *, show_progress: bool = True,
-                      limit_s: float | None = None) -> dict[str, Any]:
-    """Run :func:`measure_collectives` in ``nproc`` fresh gloo worker processes; rank 0's result.
+                      limit_s: float | None = None, backend: str = "gloo") -> dict[str, Any]:
+    """Run :func:`measure_collectives` in ``nproc`` fresh worker processes; rank 0's result.
+
+    ``backend`` 'gloo' measures on the CPU; 'nccl' puts rank i on GPU i (needs nproc GPUs).
 
     The workers are killed if the whole run takes longer than ``limit_s`` (default: 4 x cfg.timeout_s)."""
     import torch.multiprocessing as mp
 
     if nproc < 2:
         raise ValueError(f"--nproc: collectives need >= 2 processes, got {nproc}")
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend: expected 'gloo' or 'nccl', got {backend!r}")
     limit_s = limit_s or 4 * cfg.timeout_s
     fd, out_path = tempfile.mkstemp(prefix="adasched-coll-", suffix=".json")
     os.close(fd)
     ctx = None
     try:
-        ctx = mp.start_processes(_worker, args=(nproc, free_port(), asdict(cfg), out_path, show_progress),
+        ctx = mp.start_processes(_worker, args=(nproc, free_port(), asdict(cfg), out_path, show_progress, backend),
                                  nprocs=nproc, join=False, start_method="spawn")
         deadline = time.monotonic() + limit_s
         while not ctx.join(timeout=1.0):

@@ -1,7 +1,8 @@
 """Profile the machine we run on: inventory + microbenchmarks + collectives -> one ClusterProfile.
 
 Two ways to get the collectives:
-- outside torchrun, :func:`profile_local` spawns ``nproc`` gloo worker processes itself;
+- outside torchrun, :func:`profile_local` spawns ``nproc`` worker processes itself (gloo on the CPU; nccl,
+  one GPU per rank, on a multi-GPU node);
 - under torchrun (``RANK``/``WORLD_SIZE`` set), :func:`profile_in_world` measures in that world (gloo on
   CPU, nccl on GPU) and rank 0 adds its own inventory and microbenchmarks and writes the file.
 """
@@ -57,17 +58,35 @@ def _assemble(*, quick: bool, device, host, micro, coll, ranks_per_node: int, nu
 
 def profile_local(*, quick: bool, nproc: int | None = None, collectives: bool = True, microbench: bool = True,
                   show_progress: bool = True, name: str | None = None, verbose: bool = True) -> ClusterProfile:
-    """Profile this machine in this process; collectives in ``nproc`` spawned gloo workers."""
+    """Profile this machine in this process; the collectives in ``nproc`` spawned workers: nccl with one
+    GPU per rank where there are >= 2 GPUs, gloo on the CPU where there is no GPU. A single GPU has no
+    interconnect to measure: its collectives are skipped with a note on stderr."""
+    import sys
+
+    import torch
+
     from .collectives import collective_config, spawn_collectives
     from .inventory import inventory
     from .microbench import microbench_config, run_microbenchmarks
 
     device, host = inventory(verbose=verbose)
-    nproc = nproc if nproc is not None else DEFAULT_NPROC[1 if quick else 0]
-    if nproc < 2 and collectives:
+    ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    backend = "nccl" if ngpu >= 2 else "gloo"
+    if nproc is None:
+        nproc = min(ngpu, 8) if ngpu >= 2 else DEFAULT_NPROC[1 if quick else 0]
+    if collectives and nproc < 2:
         raise ValueError(f"--nproc: collectives need >= 2 processes, got {nproc} (or pass --no-collectives)")
+    if collectives and ngpu >= 2 and nproc > ngpu:
+        raise ValueError(f"--nproc: {nproc} ranks but only {ngpu} GPUs (nccl needs one GPU per rank)")
+    if collectives and ngpu == 1:
+        print("one GPU: no GPU interconnect to measure, skipping the collectives (run the collective profiling "
+              "under torchrun on a multi-GPU node: launch/profile_collectives.sh)", file=sys.stderr)
+        collectives = False
     micro = run_microbenchmarks(microbench_config(quick), show_progress=show_progress) if microbench else None
-    coll = spawn_collectives(nproc, collective_config(quick, gpu=False), show_progress=show_progress) if collectives else None
+    coll = None
+    if collectives:
+        coll = spawn_collectives(nproc, collective_config(quick, gpu=backend == "nccl"),
+                                 show_progress=show_progress, backend=backend)
     return _assemble(quick=quick, device=device, host=host, micro=micro, coll=coll, ranks_per_node=nproc,
                      num_nodes=1, name=name)
 
