@@ -105,8 +105,10 @@ def _value_consumers(problem: Problem):
     return out
 
 
-def solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, optimise: bool = True) -> Attempt:
-    """Build and solve the CP-SAT model at initiation interval ``ii``."""
+def solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, optimise: bool = True,
+             hint_times: dict[str, int] | None = None) -> Attempt:
+    """Build and solve the CP-SAT model at initiation interval ``ii``; ``hint_times`` (issue cycles, e.g.
+    the plain schedule at the same I) become a warm-start hint for residues and stages."""
     from ortools.sat.python import cp_model
 
     # ---- data ----------------------------------------------------------------------------------------
@@ -208,7 +210,8 @@ def solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, opti
 
     copies: dict[int, cp_model.IntVar] = {}
     if warp:
-        cmax = kmax + 2
+        max_dist = max([e.distance for e in g.edges] + [0])
+        cmax = kmax + max_dist + 2 + -(-max(length) // ii)
         for i, o in enumerate(ops):
             if not (o.regs or o.smem):
                 continue
@@ -249,7 +252,16 @@ def solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, opti
         model.Minimize(obj)
 
     # ---- solve ---------------------------------------------------------------------------------------
-    out = solve_cpsat(model, params)
+    hint = None
+    if hint_times:
+        hint = {}
+        for i, v in enumerate(names):
+            tv = hint_times.get(v)
+            if tv is not None and 0 <= tv // ii <= kmax:
+                hint[k[i]] = tv // ii
+                for r in range(ii):
+                    hint[x[i][r]] = int(r == tv % ii)
+    out = solve_cpsat(model, params, hint=hint)
 
     # ---- extract -------------------------------------------------------------------------------------
     att = Attempt(ii=ii, warp=warp, status=out.status, seconds=out.solve_seconds,
@@ -282,7 +294,7 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
     def left() -> float:
         return params.time_limit - (time.perf_counter() - t0)
 
-    def search(start: int, use_warp: bool) -> tuple[Attempt | None, bool]:
+    def search(start: int, use_warp: bool, hint: Attempt | None = None) -> tuple[Attempt | None, bool]:
         proven = True
         cap = max_ii or ii_cap(problem, use_warp)
         for ii in range(start, max(cap, start) + 1):
@@ -291,7 +303,8 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
                 return None, False
             p = SolveParams(time_limit=rem, seed=params.seed, threads=params.threads, mip_gap=params.mip_gap,
                             msg=params.msg)
-            att = solve_at(problem, ii, p, warp=use_warp)
+            att = solve_at(problem, ii, p, warp=use_warp,
+                           hint_times=hint.times if hint is not None and hint.ii == ii else None)
             attempts.append(att)
             if att.has_solution:
                 return att, proven
@@ -308,7 +321,7 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
                          f"{params.time_limit:g} s (raise --time-limit)")
     best, proven = plain, plain_proven
     if warp:
-        ws, ws_proven = search(plain.ii, True)
+        ws, ws_proven = search(plain.ii, True, hint=plain)
         if ws is None:
             raise ValueError(f"graph {problem.graph.name!r}: plain modulo schedule at I = {plain.ii} found, but no "
                              f"warp-specialised schedule within the time limit of {params.time_limit:g} s "

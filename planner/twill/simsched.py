@@ -6,7 +6,9 @@ core, TMA) and only their dependants wait for them (``delay`` cycles, plus the m
 cost when the value crosses warp groups, plus optional random extra latency of variable-latency ops). Units
 are held per the reservation tables in absolute cycles. Two modes:
 
-- ``asap``: every op issues as soon as its group, inputs and units allow (what the hardware does);
+- ``asap``: every op issues as soon as its group, inputs and units allow (what the hardware does), with the
+  order of the ops on each shared unit kept as scheduled (the emitted kernel enforces it with barriers
+  between warp groups, as FA3's ping-pong does; ``unit_order=False`` drops them: pure greedy);
 - ``timed``: additionally never before its scheduled cycle (replays the static schedule exactly when valid).
 
 The result gives the steady-state cycles per iteration (mean issue-to-issue distance of the second half of
@@ -33,14 +35,15 @@ class SimResult:
 
 def simulate_schedule(graph: dict, machine: dict, ii: int, times: dict[str, int], groups: dict[str, int], *,
                       units: dict[str, int] | None = None, warp: bool = True, iterations: int | None = None,
-                      mode: Literal["asap", "timed"] = "asap", jitter: int = 0, seed: int = 0) -> SimResult:
+                      mode: Literal["asap", "timed"] = "asap", jitter: int = 0, seed: int = 0,
+                      unit_order: bool = True) -> SimResult:
     ops = {o["name"]: o for o in graph["ops"]}
     order = [o["name"] for o in graph["ops"]]
     caps = dict(units if units is not None else {**machine["units"], **(graph.get("units") or {})})
     handoff = int(machine.get("handoff_cycles", 0)) if warp else 0
     length = {v: max([len(r) for r in o["reserve"].values()] + [1]) for v, o in ops.items()}
     stages = max(times.values()) // ii + 1
-    n_it = iterations or max(16, 4 * stages + 8)
+    n_it = iterations or max(48, 6 * stages + 8)
     lane = dict(groups) if warp else {v: i for i, v in enumerate(order)}
     edges_in: dict[str, list[dict]] = {v: [] for v in order}
     for e in graph["edges"]:
@@ -69,6 +72,14 @@ def simulate_schedule(graph: dict, machine: dict, ii: int, times: dict[str, int]
             queues[lane[v]].append((v, it))
     for q in queues.values():
         q.sort(key=lambda p: (times[p[0]] + p[1] * ii, order.index(p[0])))
+    # per unit: the scheduled order of the instances holding it; each waits for its predecessor's issue
+    prev_on_unit: dict[tuple[str, int], list[tuple[str, int]]] = {}
+    if unit_order:
+        for u in caps:
+            inst = [(v, it) for it in range(n_it) for v in order if any(ops[v]["reserve"].get(u, ()))]
+            inst.sort(key=lambda p: (times[p[0]] + p[1] * ii, order.index(p[0])))
+            for a, b in zip(inst, inst[1:]):
+                prev_on_unit.setdefault(b, []).append(a)
     head = {q: 0 for q in queues}
     free_at = {q: 0 for q in queues}
     busy: dict[tuple[str, int], int] = {}
@@ -82,6 +93,9 @@ def simulate_schedule(graph: dict, machine: dict, ii: int, times: dict[str, int]
     def ready(v: str, it: int, c: int) -> str:
         if mode == "timed" and c < times[v] + it * ii:
             return "time"
+        for before in prev_on_unit.get((v, it), ()):
+            if before not in issued:
+                return f"unit order: {before[0]}#{before[1]}"
         for e in edges_in[v]:
             src_it = it - e.get("distance", 0)
             if src_it < 0:

@@ -70,6 +70,8 @@ def test_fa3_structure_and_speed(fa3):
         assert slot[f"S{i}"].stage < slot[f"O{i}"].stage
         assert f"S{i}" in plan.peeled
     assert plan.sim_replay_exact and plan.sim_deadlock is False
+    # ASAP in-order issue with the scheduled unit order (ping-pong barriers) sustains I cycles per iteration
+    assert plan.sim_cycles_per_iteration == pytest.approx(plan.ii, rel=0.02)
     assert plan.knobs.num_warps == 8 and plan.knobs.warp_specialize is False  # Hopper: no warp_specialize
 
 
