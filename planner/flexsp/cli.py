@@ -60,14 +60,14 @@ def _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context, show_
 
 
 def _step_rows(rows):
-    return [(r["step"], r["sequences"], r["tokens"], r["max_len"], r["micro_batches"], r["flexsp_ms"],
-             r["static_ms"], r["best_homogeneous_ms"], r["speedup_vs_static"], r["speedup_vs_best_homogeneous"],
-             r["lower_bound_ms"], r["solve_seconds"], r["milp_status"],
-             "-" if r["mip_gap"] is None else f"{r['mip_gap']:.1%}") for r in rows]
+    return [(r["step"], r["sequences"], r["tokens"], r["micro_batches"], f"{r['flexsp_ms']:.0f}",
+             f"{r['static_ms']:.0f}", f"{r['best_homogeneous_ms']:.0f}", f"{r['speedup_vs_static']:.2f}x",
+             f"{r['speedup_vs_best_homogeneous']:.3f}x", f"{r['lower_bound_ms']:.0f}", f"{r['solve_seconds']:.2f}",
+             r["milp_status"], "-" if r["mip_gap"] is None else f"{r['mip_gap']:.1%}") for r in rows]
 
 
-_STEP_COLS = ["step", "seqs", "tokens", "max len", "M", "FlexSP ms", "static SP=N ms", "best single degree ms",
-              "vs static", "vs best single", "lower bound ms", "solve s", "MILP", "MIP gap"]
+_STEP_COLS = ["step", "seqs", "tokens", "M", "FlexSP ms", "static ms", "1-degree ms", "vs static", "vs 1-degree",
+              "bound ms", "solve s", "MILP", "gap"]
 
 
 def register(groups) -> None:

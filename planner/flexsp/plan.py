@@ -124,4 +124,5 @@ class SPPlan(Plan):
         st = next(s for s in self.steps if s.step == step)
         render_gantt(tasks, path, title=f"FlexSP step {step}: {st.predicted_ms:.0f} ms, "
                                         f"{len(st.micro_batches)} micro-batches, {self.world_size} GPUs",
-                     lane_of=lambda t: f"rank {t.rank}", label_of=lambda t: t.category)
+                     lane_of=lambda t: f"rank {t.rank}",
+                     label_of=lambda t: f"{t.name.split('.')[0]} {t.name.split('.')[1]} {t.category}")
