@@ -88,8 +88,8 @@ def time_fn(fn: Callable[[], Any], device: str, quick: bool) -> tuple[float, flo
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
-    qs = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
-    return statistics.median(times), qs[0], qs[-1]
+    n = len(times) - 1
+    return statistics.median(times), times[int(0.2 * n)], times[math.ceil(0.8 * n)]
 
 
 def _load(module: str):

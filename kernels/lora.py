@@ -275,7 +275,10 @@ if HAVE_TRITON:
         r_ok = rr < rank
         st = tl.load(S + rows[:, None] * stride_sm + rr[None, :], mask=row_ok[:, None], other=0.0)
         ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for nb in range(pid_n, tl.cdiv(N, BLOCK_N), SPLIT_N):
+        n_end = tl.cdiv(N, BLOCK_N)
+        if not HAS_DBIAS:  # a tile no adapter covers has nothing to do here
+            n_end = n_end * (rank > 0).to(tl.int32)
+        for nb in range(pid_n, n_end, SPLIT_N):
             cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
             c_ok = cols < N
             dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :], mask=row_ok[:, None] & c_ok[None, :],
@@ -450,6 +453,24 @@ def _fused_forward(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int):
     return y, s, xd, mask
 
 
+def _grad_lora_a(ds: torch.Tensor, xd: torch.Tensor, plan: _TilePlan, K: int) -> torch.Tensor:
+    """Step 4: dA = dS^T Xd per covered segment (thin GEMMs through torch.matmul; an adapter's segments are
+    summed in fp32). One segment on a GPU: a single GEMM in the input dtype."""
+    segs = plan.segments
+    on_gpu = ds.device.type == "cuda"
+    if on_gpu and len(segs) == 1 and segs[0][3] == plan.r_total:
+        _, start, end, rank, _ = segs[0]
+        return ds[start:end, :rank].to(xd.dtype).t() @ xd[start:end]
+    da = torch.zeros((plan.r_total, K), device=ds.device, dtype=torch.float32)
+    for _, start, end, rank, r_off in segs:
+        if on_gpu:
+            part = (ds[start:end, :rank].to(xd.dtype).t() @ xd[start:end]).float()
+        else:
+            part = ds[start:end, :rank].t() @ xd[start:end].float()
+        da[r_off:r_off + rank] += part
+    return da
+
+
 def _fused_backward(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, need_dx: bool, need_dbias: bool):
     """Steps 3-5. Returns dX (or None), dA_cat, dB_cat (fp32), dbias (fp32 or None)."""
     T, N = dy2.shape
@@ -460,19 +481,13 @@ def _fused_backward(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, nee
     dbias = torch.zeros((N,), device=dev, dtype=torch.float32) if need_dbias else None
     block_n = 16 if INTERPRET else 64
     split_n = _split(plan.n_tiles, triton.cdiv(N, block_n), dev)
-    _lora_dy_kernel[(plan.n_tiles, split_n)](
-        dy2, s, b_cat, ds, db, dbias if dbias is not None else ds, plan.table, plan.ftable, N,
-        dy2.stride(0), s.stride(0), b_cat.stride(0), ds.stride(0), db.stride(0),
-        SPLIT_N=split_n, BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_R=plan.block_r,
-        HAS_DBIAS=dbias is not None, UPCAST=INTERPRET, **_launch_opts(4, 3))
-    # dA = dS^T Xd per covered segment (thin GEMMs; fp32 accumulation across an adapter's segments)
-    da = torch.zeros((plan.r_total, K), device=dev, dtype=torch.float32)
-    for _, start, end, rank, r_off in plan.segments:
-        if dev.type == "cuda":
-            part = ds[start:end, :rank].to(xd.dtype).t() @ xd[start:end]
-        else:
-            part = ds[start:end, :rank].t() @ xd[start:end].float()
-        da[r_off:r_off + rank] += part.float()
+    if plan.segments or dbias is not None:
+        _lora_dy_kernel[(plan.n_tiles, split_n)](
+            dy2, s, b_cat, ds, db, dbias if dbias is not None else ds, plan.table, plan.ftable, N,
+            dy2.stride(0), s.stride(0), b_cat.stride(0), ds.stride(0), db.stride(0),
+            SPLIT_N=split_n, BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_R=plan.block_r,
+            HAS_DBIAS=dbias is not None, UPCAST=INTERPRET, **_launch_opts(4, 3))
+    da = _grad_lora_a(ds, xd, plan, K)
     dx = None
     if need_dx:
         dx = torch.empty((T, K), device=dev, dtype=dy2.dtype)

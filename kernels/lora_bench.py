@@ -3,7 +3,9 @@
 Providers per shape (same inputs, same run):
   base   frozen base linear only: Y = X W^T, backward dX = dY W (the floor LoRA is measured against);
   eager  PEFT-style eager torch LoRA: X W^T + scale * B(A(dropout(X))) (grads for X, A, B);
-  fused  ``lora_linear`` (Triton; under the interpreter on the CPU).
+  fused  ``lora_linear`` (Triton; under the interpreter on the CPU);
+  triton_base  the same Triton GEMM kernels with no LoRA rows (fused / triton_base = the cost of the fusion,
+         triton_base / base = our GEMM against cuBLAS).
 Dropout 0.1 and scale 2.0, as in the measured H100 profile (../shared/data/profiles/h100-sxm-measured-*.json).
 Multi-LoRA: 4 adapters with different ranks over uneven segments of one packed batch; eager = base + one LoRA
 branch per segment (mLoRA-style loop), fused = ``multi_lora_linear``.
@@ -11,6 +13,7 @@ branch per segment (mLoRA-style loop), fused = ``multi_lora_linear``.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 from .bench import BenchCase
 
@@ -52,9 +55,10 @@ def _single_providers(T, K, N, r, device, backward: bool):
         import torch
         import torch.nn.functional as F
 
-        from .lora import lora_linear
+        from .lora import LoRAAdapterWeights, lora_linear, multi_lora_linear
 
         x, w, a, b, dy = _single_inputs(T, K, N, r, device)
+        no_rows = [LoRAAdapterWeights(a, b, SCALE, DROPOUT)]
 
         def base():
             return F.linear(x, w)
@@ -65,14 +69,17 @@ def _single_providers(T, K, N, r, device, backward: bool):
         def fused():
             return lora_linear(x, w, a, b, SCALE, DROPOUT)
 
+        def triton_base():  # our GEMM kernels with no row covered: separates GEMM quality from fusion cost
+            return multi_lora_linear(x, w, no_rows, [])
+
         if not backward:
-            return {"base": base, "eager": eager, "fused": fused}
+            return {"base": base, "eager": eager, "fused": fused, "triton_base": triton_base}
 
         def fwd_bwd(fn, inputs):
             return lambda: torch.autograd.grad(fn(), inputs, dy)
 
         return {"base": fwd_bwd(base, (x,)), "eager": fwd_bwd(eager, (x, a, b)),
-                "fused": fwd_bwd(fused, (x, a, b))}
+                "fused": fwd_bwd(fused, (x, a, b)), "triton_base": fwd_bwd(triton_base, (x,))}
 
     return build
 
@@ -281,4 +288,52 @@ def checks(device: str) -> list[tuple[str, bool, str]]:
         out.append(_check_single(37, 48, 40, 4, 0.1, torch.float16, device, 5e-3))
         out.append(_check_mask(device))
         out.append(_check_multi(61, 40, 36, (2, 4, 8, 16), torch.float32, device, 1e-5))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Issue targets (H100): read off one run's results
+# ------------------------------------------------------------------------------------------------------------
+def summarize(results: list[dict]) -> list[tuple[str, float, str, Optional[bool]]]:
+    """(target, measured, goal, met; None for an informational row) for the LoRA kernel targets, from ``run_benchmarks`` rows of one run:
+    fused fwd+bwd / base at T=8192 K=N=4096 r=16 <= 1.10; mean eager/fused fwd+bwd speedup over the grid >= 1.3;
+    4-adapter multi-LoRA fwd+bwd / base <= 1.15. Missing measurements give no row."""
+    ok = [r for r in results if r.get("group") == "lora" and not r["error"]]
+
+    def ms(case, provider, **params):
+        for r in ok:
+            if r["case"] == case and r["provider"] == provider and all(r["params"].get(k) == v
+                                                                       for k, v in params.items()):
+                return r["median_ms"]
+        return None
+
+    out = []
+    f = ms("lora fwd+bwd", "fused", T=8192, K=4096, N=4096, r=16)
+    b = ms("lora fwd+bwd", "base", T=8192, K=4096, N=4096, r=16)
+    e = ms("lora fwd+bwd", "eager", T=8192, K=4096, N=4096, r=16)
+    if f and b:
+        out.append(("fused fwd+bwd / base, T=8192 4096x4096 r=16", f / b, "<= 1.10", f / b <= 1.10))
+    if e and b:
+        out.append(("eager fwd+bwd / base, T=8192 4096x4096 r=16", e / b, "(H100 profile: 1.56)", None))
+    for case in ("lora fwd+bwd", "lora fwd"):
+        speed = []
+        for r in ok:
+            if r["case"] == case and r["provider"] == "fused":
+                eg = ms(case, "eager", **{k: r["params"][k] for k in ("T", "K", "N", "r")})
+                if eg:
+                    speed.append(eg / r["median_ms"])
+        if speed:
+            mean = sum(speed) / len(speed)
+            target = case == "lora fwd+bwd"
+            out.append((f"eager / fused {case.split()[-1]}, mean over {len(speed)} shapes", mean,
+                        ">= 1.3" if target else "(no target)", mean >= 1.3 if target else None))
+            out.append((f"eager / fused {case.split()[-1]}, max over {len(speed)} shapes", max(speed),
+                        "(paper: 1.39 max)" if target else "", None))
+    for r in ok:
+        if r["case"] == "multi-lora x4 fwd+bwd" and r["provider"] == "fused":
+            p = r["params"]
+            b = ms("multi-lora x4 fwd+bwd", "base", T=p["T"], K=p["K"], N=p["N"])
+            if b:
+                out.append((f"multi-lora x4 fwd+bwd / base, T={p['T']} {p['K']}x{p['N']}", r["median_ms"] / b,
+                            "<= 1.15", r["median_ms"] / b <= 1.15))
     return out

@@ -226,3 +226,19 @@ def test_fallback_without_triton_warns_once_and_matches(monkeypatch):
     assert sum("torch reference path" in str(r.message) for r in rec) == 1
     monkeypatch.setattr(L, "HAVE_TRITON", True)
     assert_all_close("fallback", y, lora_linear(x, w, a, b, 2.0, 0.2, seed=8), 1e-5, 1e-5)
+
+
+def test_multi_lora_no_segments_is_the_base_layer():
+    """All rows uncovered: the fused kernels compute x W^T + b alone; adapters get zero gradients."""
+    K, N = 40, 24
+    x = _rand(21, K, dtype=torch.float32, grad=True)
+    w, bias = _rand(N, K, dtype=torch.float32, scale=0.2), _rand(N, dtype=torch.float32, grad=True)
+    ad = LoRAAdapterWeights(_rand(8, K, dtype=torch.float32, grad=True), _rand(N, 8, dtype=torch.float32, grad=True),
+                            3.0, 0.5)
+    y = multi_lora_linear(x, w, [ad], [], bias=bias)
+    assert_all_close("y", y, x @ w.t() + bias, 1e-5, 1e-5)
+    dy = _rand(21, N, dtype=torch.float32)
+    gx, gb, ga, gB = torch.autograd.grad(y, (x, bias, ad.lora_a, ad.lora_b), dy)
+    assert_all_close("dx", gx, dy @ w, 1e-5, 1e-5)
+    assert_all_close("dbias", gb, dy.sum(0), 1e-5, 1e-5)
+    assert torch.count_nonzero(ga) == 0 and torch.count_nonzero(gB) == 0

@@ -1,0 +1,131 @@
+"""One command for a GPU machine: every kernel's correctness checks (bf16) and `bench kernels`, one table.
+
+    python3 launch/device_check.py                # full grid; ~5-8 min on an H100 incl. Triton autotuning
+    python3 launch/device_check.py --quick        # two shapes per kernel (~1-2 min)
+
+Runs from a plain checkout (the adasched package need not be installed: the folders are mapped onto the
+``adasched.*`` namespace here) on torch 2.11 / triton 3.6 as well as our pins. Prints the checks, the benchmark
+ratios against baselines measured in the same run, and the LoRA targets; writes device_check.json and
+device_check.txt to $OUT when that is set. Exit status 1 if a check fails or a provider errors. Without a GPU it
+runs the CPU smoke path (Triton interpreter, tiny shapes): useful to test this script, meaningless as timings.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDERS = ("kernels", "planner", "profiler", "runtime", "schedules", "launch")
+
+
+def ensure_namespace() -> None:
+    """Make ``import adasched.kernels...`` work from a bare checkout (no pip install on the GPU image)."""
+    try:
+        import adasched.kernels  # noqa: F401
+        return
+    except ImportError:
+        pass
+    pkg = types.ModuleType("adasched")
+    pkg.__path__ = []
+    sys.modules["adasched"] = pkg
+    for folder in FOLDERS:
+        init = ROOT / folder / "__init__.py"
+        if not init.exists():
+            continue
+        spec = importlib.util.spec_from_file_location(f"adasched.{folder}", init,
+                                                      submodule_search_locations=[str(ROOT / folder)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+        setattr(pkg, folder, mod)
+
+
+def autotune_choices() -> dict:
+    """The GEMM configs Triton's autotuner picked per key (for the notes)."""
+    out = {}
+    lora = sys.modules.get("adasched.kernels.lora")
+    for name in ("_gemm_fwd_tuned", "_gemm_bwd_tuned"):
+        tuner = getattr(lora, name, None) if lora else None
+        if tuner is not None:
+            out[name] = {str(k): str(v) for k, v in getattr(tuner, "cache", {}).items()}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="two shapes per kernel instead of the full grid")
+    ap.add_argument("--only", default=None, help="comma-separated groups (lora, moe, gemm)")
+    ap.add_argument("--budget-s", type=float, default=390.0,
+                    help="stop starting new benchmark cases after this many seconds (default 390)")
+    ap.add_argument("--no-bench", action="store_true", help="checks only")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    ensure_namespace()
+    import torch
+
+    from adasched.kernels import bench
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    quick = args.quick or device == "cpu"
+    bench.prepare_device(device)
+    only = [g.strip() for g in args.only.split(",")] if args.only else None
+    env = bench.environment(device)
+    print(f"device check: {env['device_name']} ({device}), torch {env['torch']}, triton {env['triton']}, "
+          f"{env['date_utc']} UTC", flush=True)
+    if device == "cpu":
+        print("NO GPU: CPU smoke path under the Triton interpreter; times are NOT performance numbers", flush=True)
+
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    log("[checks] running")
+    checks = bench.run_checks(only, device)
+    t_checks = time.perf_counter() - t0
+    out = {"results": [], "skipped": []}
+    if not args.no_bench:
+        out = bench.run_benchmarks(only, quick=quick, device=device,
+                                   budget_s=max(0.0, args.budget_s - t_checks), log=log)
+    targets = []
+    try:
+        from adasched.kernels.lora_bench import summarize
+
+        targets = summarize(out["results"])
+    except Exception as err:  # the targets table is a convenience; never lose the numbers over it
+        log(f"[targets] {type(err).__name__}: {err}")
+
+    text = [bench.format_table([[c["group"], c["check"], "ok" if c["ok"] else "FAIL", c["detail"]] for c in checks],
+                               ["group", "check", "result", "detail"], title="== correctness checks =="), ""]
+    text.append(bench.format_table(bench.result_rows(out["results"]), bench.RESULT_COLUMNS,
+                                   title=f"== bench kernels ({'quick' if quick else 'full grid'}; ratios vs "
+                                         f"baseline from this run; {env['device_name']}) =="))
+    for s in out["skipped"]:
+        text.append(f"skipped: {s}")
+    if targets:
+        text += ["", bench.format_table([[n, f"{v:.3f}", g, "" if m is None else ("met" if m else "NOT MET")]
+                                         for n, v, g, m in targets],
+                                        ["LoRA target", "measured", "goal", ""], title="== LoRA targets ==")]
+    failed = [c for c in checks if not c["ok"]]
+    errors = [r for r in out["results"] if r["error"]]
+    wall = time.perf_counter() - t0
+    text.append(f"\n{len(checks) - len(failed)}/{len(checks)} checks ok, {len(errors)} provider errors, "
+                f"{wall:.0f} s")
+    report = "\n".join(text)
+    print(report, flush=True)
+
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        payload = {**env, "quick": quick, "wall_s": wall, "checks": checks, **out,
+                   "targets": [{"target": n, "measured": v, "goal": g, "met": m} for n, v, g, m in targets],
+                   "autotune": autotune_choices()}
+        (Path(out_dir) / "device_check.json").write_text(json.dumps(payload, indent=1, default=str))
+        (Path(out_dir) / "device_check.txt").write_text(report + "\n")
+    return 1 if failed or errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
