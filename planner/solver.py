@@ -141,18 +141,25 @@ def _cbc_bound(prob) -> float | None:
 
 # ---- OR-Tools linear solvers (SCIP, CBC, HiGHS through pywraplp): these expose the best bound ----------
 def solve_linear(solver, params: SolveParams, hint: dict[Any, float] | None = None,
-                 variables: Iterable[Any] | None = None) -> SolveOutcome:
+                 variables: Iterable[Any] | None = None, name: str | None = None) -> SolveOutcome:
     """Solve an ``ortools.linear_solver.pywraplp.Solver`` (made with e.g. ``Solver.CreateSolver('SCIP')``).
 
-    Unlike PuLP/CBC this reports the best bound, so a time-limited result carries a real MIP gap."""
+    Unlike PuLP/CBC this reports the best bound, so a time-limited result carries a real MIP gap.
+    ``name`` labels the backend in the record (default: from ``SolverVersion()``; pass it for HiGHS, whose
+    OR-Tools 9.15 wrapper reports itself as 'PDLP Solver')."""
     from ortools.linear_solver import pywraplp
 
     solver.SetTimeLimit(int(params.time_limit * 1000))
     solver.SetNumThreads(params.threads)
-    name = solver.SolverVersion().split()[0].lower() if solver.SolverVersion() else "mip"
+    name = (name or (solver.SolverVersion().split()[0] if solver.SolverVersion() else "mip")).lower()
     if "scip" in name:
         solver.SetSolverSpecificParametersAsString(f"randomization/randomseedshift = {params.seed}\n")
-    if hint:
+    note = None
+    version = solver.SolverVersion() or ""
+    if hint and (name in ("highs", "pdlp") or version.startswith("PDLP")):
+        # OR-Tools 9.15's HiGHS wrapper (which reports itself as 'PDLP Solver') segfaults on SetHint
+        note = "warm-start hint not passed: the OR-Tools HiGHS/PDLP wrapper crashes on SetHint"
+    elif hint:
         solver.SetHint(list(hint.keys()), [float(v) for v in hint.values()])
     mp = pywraplp.MPSolverParameters()
     mp.SetDoubleParam(mp.RELATIVE_MIP_GAP, params.mip_gap)
@@ -175,7 +182,7 @@ def solve_linear(solver, params: SolveParams, hint: dict[Any, float] | None = No
     bound = solver.Objective().BestBound() if status in ("optimal", "feasible") else None
     vs = list(variables) if variables is not None else list(solver.variables())
     values = {v.name(): v.solution_value() for v in vs} if status in ("optimal", "feasible") else {}
-    return SolveOutcome(f"ortools-{name}", status, objective, bound, dt, params, values)
+    return SolveOutcome(f"ortools-{name}", status, objective, bound, dt, params, values, note=note)
 
 
 # ---- OR-Tools CP-SAT -----------------------------------------------------------------------------
