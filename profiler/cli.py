@@ -35,6 +35,10 @@ def register(groups) -> None:
 
         if out.exists() and out.is_dir():
             raise typer.BadParameter(f"{out} is a directory", param_hint="--out")
+        import os
+
+        if in_torchrun() and no_collectives and os.environ.get("RANK", "0") != "0":
+            return  # nothing collective to do: rank 0 profiles and writes alone
         try:
             if in_torchrun() and not no_collectives:
                 prof = profile_in_world(quick=quick, out=out, name=name)
