@@ -1,0 +1,81 @@
+"""GradNormRecorder (optimizer step pre-hook) and the norms CSV: values against a direct computation on two
+param groups, CSV round trip, bad files."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from adasched.profiler.io import InputError
+from adasched.schedules import GradNormRecorder, Refined, read_norms_csv, write_norms_csv
+from adasched.schedules.gradnorm import load_norms_file
+
+
+def test_recorder_logs_l2_l1_per_step_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    opt = torch.optim.AdamW([{"params": model[0].parameters(), "lr": 1e-2},
+                             {"params": model[2].parameters(), "lr": 3e-3}])
+    rec = GradNormRecorder(opt)
+    want_l2, want_l1 = [], []
+    path = tmp_path / "norms.csv"
+    with rec.recording(path):
+        for _ in range(13):
+            loss = model(torch.randn(9, 7)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            flat = torch.cat([p.grad.reshape(-1).double() for p in model.parameters()])
+            want_l2.append(float(flat.norm()))
+            want_l1.append(float(flat.abs().sum()))
+            opt.step()
+    opt.step()  # after the block: detached, not recorded
+    assert len(rec) == 13
+    np.testing.assert_allclose(rec.l2, want_l2, rtol=1e-12)
+    np.testing.assert_allclose(rec.l1, want_l1, rtol=1e-12)
+    assert path.read_text().splitlines()[0] == "step,l2,l1"
+    assert read_norms_csv(path, "l2") == rec.l2 and read_norms_csv(path, "l1") == rec.l1
+    # the file drives Refined exactly like the in-memory norms
+    o1 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.4)
+    o2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.4)
+    a = Refined.from_file(o1, path, norm="l1", smoothing=0.2)
+    b = Refined(o2, want_l1, norm="l1", smoothing=0.2)
+    np.testing.assert_allclose([a.lr_at(t) for t in range(14)], [b.lr_at(t) for t in range(14)], rtol=1e-12)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("", "empty"),
+    ("step,l2,l1\n", "no gradient norms"),
+    ("step,l1\n0,1.0\n", "no column 'l2'"),
+    ("step,l2,l1\n0,1.0,2.0\n1,abc,2.0\n", "line 3"),
+    ("step,l2,l1\n0,1.0,2.0\n1,nan,2.0\n", "line 3"),
+    ("step,l2,l1\n0,1.0,2.0\n1,inf,2.0\n", "finite"),
+    ("step,l2,l1\n0,0.0,2.0\n", "> 0"),
+])
+def test_bad_norm_files(tmp_path, text, needle):
+    p = tmp_path / "n.csv"
+    p.write_text(text)
+    with pytest.raises(InputError, match=needle) as err:
+        read_norms_csv(p, "l2")
+    assert str(err.value).startswith(str(p))
+    with pytest.raises(InputError):
+        read_norms_csv(tmp_path / "missing.csv")
+    with pytest.raises(ValueError, match="^norm:"):
+        read_norms_csv(p, "linf")
+
+
+def test_wrong_length_and_json_checks(tmp_path):
+    g = np.random.default_rng(0).lognormal(size=12)
+    p = write_norms_csv(tmp_path / "n.csv", g.tolist(), (g * 3).tolist())
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match="wrong length") as err:
+        Refined.from_file(opt, p, total_steps=20)
+    assert "n.csv" in str(err.value)
+    bad = tmp_path / "x.json"
+    bad.write_text('{"kind": "something_else"}')
+    with pytest.raises(InputError, match="refined_lr_schedule"):
+        load_norms_file(bad)
+    with pytest.raises(ValueError, match="^l1:"):
+        write_norms_csv(tmp_path / "y.csv", [1.0, 2.0], [1.0])
+    assert math.isclose(read_norms_csv(p)[3], g[3], rel_tol=1e-15)
