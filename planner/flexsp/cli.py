@@ -10,16 +10,35 @@ __all__ = ["register"]
 
 _PROFILE_HELP = "Cluster profile: a built-in name (a100-64-flexsp-paper, h100-sxm) or a profile JSON file."
 _MODEL_HELP = "Model preset: gpt-7b, gpt-13b, gpt-30b."
-_SEQLENS_HELP = ("Sequence-length file, one positive integer per line ('#' comments allowed), or 'builtin' for "
-                 "the packaged 20k-line Wikipedia sample.")
+_SEQLENS_HELP = ("Sequence-length file, one positive integer per line ('#' comments allowed); 'builtin' for the "
+                 "packaged 20k-line Wikipedia sample; or 'lognormal:MEDIAN,SIGMA' for 100k lengths drawn from a "
+                 "lognormal with that median (tokens) and log-space sigma (seed 0).")
 
 
-def _seqlens_path(seqlens: str) -> str:
+def _lengths(seqlens: str, max_context):
+    """Lengths from a file, the packaged sample or a parametric lognormal (clipped to max_context)."""
+    import numpy as np
+
+    from adasched.profiler.io import InputError
+
+    from .api import load_lengths
+
     if seqlens == "builtin":
         from importlib import resources
 
-        return str(resources.files("adasched.planner.flexsp").joinpath("data/wikipedia-sample.txt"))
-    return seqlens
+        return load_lengths(str(resources.files("adasched.planner.flexsp").joinpath("data/wikipedia-sample.txt")),
+                            max_context)
+    if seqlens.startswith("lognormal:"):
+        try:
+            median, sigma = (float(x) for x in seqlens.split(":", 1)[1].split(","))
+        except ValueError:
+            raise InputError("--seqlens", f"{seqlens!r}: expected lognormal:MEDIAN,SIGMA, e.g. lognormal:1024,1.6") from None
+        if not (median >= 1 and sigma > 0):
+            raise InputError("--seqlens", f"{seqlens!r}: need MEDIAN >= 1 and SIGMA > 0")
+        rng = np.random.default_rng(0)
+        lens = np.maximum(1, np.rint(rng.lognormal(np.log(median), sigma, 100_000))).astype(np.int64)
+        return np.minimum(lens, max_context) if max_context else lens
+    return load_lengths(seqlens, max_context)
 
 
 def _setup(profile: str, model: str, seqlens: str, gpus: Optional[int], max_context: Optional[int],
@@ -27,7 +46,6 @@ def _setup(profile: str, model: str, seqlens: str, gpus: Optional[int], max_cont
     from adasched.profiler.io import InputError
     from adasched.profiler.profile import load_profile
 
-    from .api import load_lengths
     from .costmodel import model_preset, sp_cost_model
     from .planner import PlannerConfig, check_fits
 
@@ -44,7 +62,9 @@ def _setup(profile: str, model: str, seqlens: str, gpus: Optional[int], max_cont
         raise InputError("--gpus", f"{n} GPUs but profile {prof.name!r} describes {prof.world_size} "
                                    f"({prof.num_nodes} nodes x {prof.gpus_per_node}); use a profile with more nodes")
     cm = sp_cost_model(prof, mdl, n)
-    lens = load_lengths(_seqlens_path(seqlens), max_context)
+    if max_context is not None and max_context < 1:
+        raise InputError("--max-context", f"must be >= 1 token, got {max_context}")
+    lens = _lengths(seqlens, max_context)
     check_fits(lens, cm, where=seqlens)
     cfg = PlannerConfig(time_limit=time_limit, seed=seed, buckets=buckets, use_milp=not no_milp)
     return prof, mdl, cm, lens, cfg
@@ -155,6 +175,8 @@ def _scaling(prof, mdl, lens, cfg, seed) -> list[dict]:
     """Solve time and quality over sequences per batch x GPUs (one global batch per cell)."""
     import math
 
+    import numpy as np
+
     from .batching import draw_batches
     from .costmodel import sp_cost_model
     from .planner import plan_step
@@ -167,7 +189,8 @@ def _scaling(prof, mdl, lens, cfg, seed) -> list[dict]:
             p = prof if g <= prof.world_size and g % prof.gpus_per_node == 0 else prof.with_nodes(
                 max(1, math.ceil(g / prof.gpus_per_node)))
             cm = sp_cost_model(p, mdl, g)
-            batch = draw_batches(lens, b, 1, seed)[0]
+            # lengths clipped to what one sequence can use on all g GPUs (small clusters hold less)
+            batch = np.minimum(draw_batches(lens, b, 1, seed)[0], int(cm.token_capacity(g)))
             try:
                 r = plan_step(batch, cm, cfg)
                 row = dict(gpus=g, sequences=b, tokens=int(batch.sum()), micro_batches=r.chosen_m,

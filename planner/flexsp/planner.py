@@ -105,7 +105,7 @@ def check_fits(lens: np.ndarray, cm: SPCostModel, where: str = "--seqlens") -> N
     i = int(np.argmax(lens))
     if lens[i] > cap:
         need = cm.memory_needed(float(lens[i]), cm.world)
-        raise InputError(where, f"sequence {i} has {int(lens[i])} tokens and needs {need / GiB:.1f} GiB per GPU "
+        raise InputError(where, f"sequence {i} (0-based) has {int(lens[i])} tokens and needs {need / GiB:.1f} GiB per GPU "
                                 f"even on all {cm.world} GPUs (device memory {cm.memory_bytes / GiB:.1f} GiB, "
                                 f"at most {int(cap)} tokens fit); lower --max-context or add GPUs")
 

@@ -71,7 +71,7 @@ def test_sequence_too_long_for_the_cluster(tmp_path, capsys):
     rc = main(["plan", "sp", "--profile", "a100-64-flexsp-paper", "--model", "gpt-7b", "--seqlens", str(f),
                "--gpus", "64", "--global-batch", "3", "--out", str(out)])
     err = capsys.readouterr().err
-    assert rc == 2 and "sequence 2 has 900000 tokens" in err and "GiB per GPU" in err
+    assert rc == 2 and "sequence 2 (0-based) has 900000 tokens" in err and "GiB per GPU" in err
     assert not out.exists()
 
 
@@ -85,3 +85,16 @@ def test_non_power_of_two_gpus(tmp_path, capsys):
 
 def test_missing_file(tmp_path, capsys):
     _bad(tmp_path, capsys, ["--seqlens", str(tmp_path / "nope.txt"), "--gpus", "8"], "no such file")
+
+
+def test_lognormal_lengths(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    rc = main(["plan", "sp", *BASE, "--seqlens", "lognormal:512,1.2", "--gpus", "8", "--out", str(out), "--json"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    plan = load_plan(out, expect=SPPlan)
+    lens = [x for st in plan.steps for x in st.seqlens]
+    assert max(lens) <= 32768 and min(lens) >= 1 and 200 < sorted(lens)[len(lens) // 2] < 1300
+    sub = tmp_path / "bad"
+    sub.mkdir()
+    _bad(sub, capsys, ["--seqlens", "lognormal:abc", "--gpus", "8"], "lognormal:MEDIAN,SIGMA")
