@@ -21,9 +21,10 @@ segments (each segment is padded to the M tile in the launch grid, not in memory
 concatenated along r, so "pointers" are rank offsets and there is no cap on adapters per batch. Rows that no
 segment covers get the base projection only. The single-adapter path is the same kernels with one segment.
 
-Dropout RNG: element (row, col) of the [T, K] input is kept iff
-``philox4x32_10(seed, counter=(row * K + col, 0, 0, 0))[0] >= floor(p * 2**32)`` (Triton's ``tl.randint``);
-``philox_uint32`` below is a bit-exact torch mirror, so the torch reference draws the identical mask.
+Dropout RNG: element (row, col) of the [T, K] input is kept iff word (col % 4) of
+``philox4x32_10(seed, counter=(row * ceil(K/4) + col // 4, 0, 0, 0))`` is >= floor(p * 2**32) (Triton's
+``tl.randint4x``: one Philox call per 4 elements); ``philox4x32``/``dropout_uniforms`` below are a bit-exact
+torch mirror, so the torch reference draws the identical mask.
 
 Off the GPU the kernels run under ``TRITON_INTERPRET=1`` (tiles are upcast to float32 after loading, because the
 interpreter gets bf16 arithmetic wrong). Without a GPU and without the interpreter, the public functions fall back
@@ -59,6 +60,8 @@ __all__ = [
     "multi_lora_linear_reference",
     "dropout_keep_mask",
     "philox_uint32",
+    "philox4x32",
+    "dropout_uniforms",
     "keep_threshold",
     "backend_for",
     "default_block_m",
@@ -87,10 +90,10 @@ def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox_uint32(seed: int, offsets: torch.Tensor, n_rounds: int = 10) -> torch.Tensor:
-    """First output word of Philox4x32 (``n_rounds`` rounds) for counters (offset, 0, 0, 0) and key
-    (seed low 32 bits, seed high 32 bits), as int64 values in [0, 2**32). Bit-exact with ``tl.randint(seed, offset)``
-    for int32 offsets."""
+def philox4x32(seed: int, offsets: torch.Tensor, n_rounds: int = 10) -> tuple[torch.Tensor, ...]:
+    """The four output words of Philox4x32 (``n_rounds`` rounds) for counters (offset, 0, 0, 0) and key
+    (seed low 32 bits, seed high 32 bits), as int64 values in [0, 2**32). Bit-exact with
+    ``tl.randint4x(seed, offset)`` for int32 offsets."""
     c0 = offsets.to(torch.int64) & _M32
     c1 = torch.zeros_like(c0)
     c2 = torch.zeros_like(c0)
@@ -102,7 +105,22 @@ def philox_uint32(seed: int, offsets: torch.Tensor, n_rounds: int = 10) -> torch
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + _PHILOX_KEY_A) & _M32
         k1 = (k1 + _PHILOX_KEY_B) & _M32
-    return c0
+    return c0, c1, c2, c3
+
+
+def philox_uint32(seed: int, offsets: torch.Tensor, n_rounds: int = 10) -> torch.Tensor:
+    """First Philox4x32 output word (``tl.randint(seed, offset)``), int64 values in [0, 2**32)."""
+    return philox4x32(seed, offsets, n_rounds)[0]
+
+
+def dropout_uniforms(seed: int, rows: int, cols: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 32-bit draws (int64 in [0, 2**32)) behind the dropout mask of a [rows, cols] input: element (i, j)
+    is word j % 4 of Philox4x32(seed, counter = i * ceil(cols / 4) + j // 4) - one Philox call per 4 elements."""
+    c4 = -(-cols // 4)
+    offs = torch.arange(rows, device=device, dtype=torch.int64)[:, None] * c4 + \
+        torch.arange(c4, device=device, dtype=torch.int64)[None, :]
+    words = torch.stack(philox4x32(seed, offs), dim=-1)  # [rows, c4, 4]
+    return words.reshape(rows, c4 * 4)[:, :cols]
 
 
 def keep_threshold(p: float) -> int:
@@ -112,17 +130,20 @@ def keep_threshold(p: float) -> int:
 
 def dropout_keep_mask(seed: int, rows: int, cols: int, p: float | torch.Tensor,
                       device: torch.device | str = "cpu") -> torch.Tensor:
-    """Boolean keep mask [rows, cols] of the fused kernels for ``seed``; ``p`` is one probability or a per-row
-    tensor of probabilities (multi-LoRA). Element (i, j) uses Philox counter i * cols + j."""
+    """Boolean keep mask [rows, cols] of the fused kernels for ``seed``: keep (i, j) iff its draw (see
+    ``dropout_uniforms``) >= floor(p * 2**32); ``p`` is one probability or a per-row tensor (multi-LoRA)."""
     _check_seed(seed)
-    if rows * cols >= 2 ** 31:
-        raise ValueError(f"dropout: rows*cols = {rows * cols} must be < 2**31 (int32 RNG counters)")
-    offs = torch.arange(rows * cols, device=device, dtype=torch.int64).view(rows, cols)
-    u = philox_uint32(seed, offs)
+    _check_counters(rows, cols)
+    u = dropout_uniforms(seed, rows, cols, device)
     if isinstance(p, torch.Tensor):
         thr = torch.tensor([keep_threshold(float(v)) for v in p.tolist()], dtype=torch.int64, device=device)
         return u >= thr[:, None]
     return u >= keep_threshold(float(p))
+
+
+def _check_counters(rows: int, cols: int) -> None:
+    if rows * -(-cols // 4) >= 2 ** 31:
+        raise ValueError(f"dropout: rows={rows} x ceil(cols/4)={-(-cols // 4)} Philox counters must be < 2**31")
 
 
 def _check_seed(seed) -> None:
@@ -169,8 +190,13 @@ if HAVE_TRITON:
                 io_mask = row_ok[:, None] & c_ok[None, :]
                 x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=io_mask, other=0.0)
                 if HAS_DROPOUT:
-                    offs = (rows[:, None] * K + cols[None, :]).to(tl.int32)
-                    keep = tl.randint(seed, offs) >= thr
+                    # one Philox call per 4 columns: counter row*ceil(K/4) + col//4, word col%4
+                    c4 = (K + 3) // 4
+                    quads = kb * (BLOCK_K // 4) + tl.arange(0, BLOCK_K // 4)
+                    offs = (rows[:, None] * c4 + quads[None, :]).to(tl.int32)
+                    w0, w1, w2, w3 = tl.randint4x(seed, offs)
+                    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_M, BLOCK_K))
+                    keep = words >= thr
                     xd = tl.where(keep, x.to(tl.float32) * inv_keep, 0.0).to(X.dtype.element_ty)
                     tl.store(XD + rows[:, None] * stride_dm + cols[None, :], xd, mask=io_mask)
                     tl.store(MASK + rows[:, None] * stride_mm + cols[None, :], keep.to(tl.int8), mask=io_mask)
@@ -627,6 +653,8 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     ranks = tuple(int(ad.lora_a.shape[0]) for ad in adapters)
     plan = _tile_plan(x2.shape[0], segs, ranks, tuple(float(ad.scale) for ad in adapters),
                       tuple(float(ad.dropout_p) for ad in adapters), bm, x2.device)
+    if plan.has_dropout:
+        _check_counters(*x2.shape)
     dt = x2.dtype
     if len(adapters) == 1:
         a_cat, b_cat = adapters[0].lora_a.to(dt), adapters[0].lora_b.to(dt)
