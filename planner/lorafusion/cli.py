@@ -47,7 +47,7 @@ def register(groups) -> None:
         jobs: str = typer.Option(..., "--jobs", help=_JOBS_HELP),
         profile: str = typer.Option("h100-sxm", "--profile", help=_PROFILE_HELP),
         out: Path = typer.Option(..., "--out", help="Where to write the plan JSON (atomic; nothing on error)."),
-        time_limit: float = typer.Option(0.4, "--time-limit", help="Seconds for each MILP of each (global batch, group)."),
+        time_limit: float = typer.Option(0.4, "--time-limit", help="Solver budget in seconds per (global batch, group) problem: MILP 1 gets at most half, MILP 2 the rest."),
         seed: int = typer.Option(0, "--seed", help="Solver seed."),
         no_milp: bool = typer.Option(False, "--no-milp", help="First-fit decreasing only (no MILP)."),
         plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the simulated 1F1B pipeline (PNG)."),
@@ -80,15 +80,16 @@ def register(groups) -> None:
     def bench_lora(
         jobs: str = typer.Option(..., "--jobs", help=_JOBS_HELP),
         profile: str = typer.Option("h100-sxm", "--profile", help=_PROFILE_HELP),
-        time_limit: float = typer.Option(0.4, "--time-limit", help="Seconds for each MILP of each (global batch, group)."),
+        time_limit: float = typer.Option(0.4, "--time-limit", help="Solver budget in seconds per (global batch, group) problem: MILP 1 gets at most half, MILP 2 the rest."),
         seed: int = typer.Option(0, "--seed"),
+        no_milp: bool = typer.Option(False, "--no-milp", help="First-fit decreasing only (ablation)."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     ) -> None:
         """Plan a workload and report simulated throughput against mLoRA-style and sequential baselines,
         padding waste, solve time p95 and the verifier's missing/duplicated sample counts."""
         from ..ui import emit_json, print_table
 
-        plan = _plan(jobs, profile, time_limit, seed, False)
+        plan = _plan(jobs, profile, time_limit, seed, no_milp)
         s = plan.summary
         if as_json:
             emit_json({"jobs": plan.source, "profile": plan.profile.name if plan.profile else profile,

@@ -197,6 +197,10 @@ def _milp(samples: Sequence[int], adapter_of: Sequence[int], lengths: Sequence[i
         prob += pulp.lpSum(u.values()) >= lower_bound, "lower_bound"
         prob += pulp.lpSum(u.values())
     else:
+        # valid bound: the other bins hold at most (nbins - 1) * capacity of the padded total
+        least = sum(padded(sum(lengths[s] for s in samples if adapter_of[s] == a)) for a in adapters)
+        floor_blocks = max(1, -(-(least - (nbins - 1) * capacity) // SEGMENT_ALIGN))
+        prob += pulp.lpSum(k[a, nbins - 1] for a in adapters) >= floor_blocks, "last_bin_floor"
         prob += pulp.lpSum(k[a, nbins - 1] for a in adapters)
     # solve (warm start: the given bins, in order)
     hint: dict[str, float] = {}
@@ -234,7 +238,8 @@ def _milp(samples: Sequence[int], adapter_of: Sequence[int], lengths: Sequence[i
 def pack_problem(samples: Sequence[int], adapter_of: Sequence[int], lengths: Sequence[int], capacity: int,
                  *, time_limit: float = 0.4, seed: int = 0, use_milp: bool = True) -> PackResult:
     """Pack one (global batch, group): FFD warm start; MILP 1 unless FFD already meets the lower bound;
-    MILP 2 to shrink the last bin. The result keeps the best feasible bins found and an honest status.
+    MILP 2 to shrink the last bin. ``time_limit`` (s) is the budget of the whole problem: MILP 1 may use half
+    of it, MILP 2 what is left. The result keeps the best feasible bins found and an honest status.
     Bins are returned largest first, the smallest last."""
     t0 = time.perf_counter()
     lb = bin_lower_bound(samples, adapter_of, lengths, capacity)
@@ -242,7 +247,8 @@ def pack_problem(samples: Sequence[int], adapter_of: Sequence[int], lengths: Seq
     ffd_n = len(bins)
     status = "optimal" if ffd_n == lb else "heuristic"
     m1 = m2 = None
-    params = SolveParams(time_limit=time_limit, seed=seed, threads=1)
+    def params(limit: float) -> SolveParams:
+        return SolveParams(time_limit=max(0.05, limit), seed=seed, threads=1)
 
     def ordered(bs: list[Bin]) -> list[Bin]:
         return sorted(bs, key=lambda b: (-padded_size(b, lengths), min(min(v) for v in b.values())))
@@ -251,15 +257,16 @@ def pack_problem(samples: Sequence[int], adapter_of: Sequence[int], lengths: Seq
     smallest_before = padded_size(bins[-1], lengths) if bins else 0
     if use_milp and ffd_n > lb:
         out, sol = _milp(samples, adapter_of, lengths, capacity, ffd_n, fix_bins=False, lower_bound=lb,
-                         warm=bins, params=params)
+                         warm=bins, params=params(time_limit / 2))
         m1 = out.status
         if sol is not None and _valid(sol, samples, lengths, capacity) and len(sol) <= len(bins):
             if len(sol) < len(bins) or out.status == "optimal":
                 bins = ordered(sol)
             status = "optimal" if (out.status == "optimal" or len(sol) == lb) else "feasible"
-    if use_milp and len(bins) >= 2 and padded_size(bins[-1], lengths) > SEGMENT_ALIGN:
+    left = time_limit - (time.perf_counter() - t0) - 0.1  # ~0.1 s of CBC start-up and file I/O per run
+    if use_milp and len(bins) >= 2 and padded_size(bins[-1], lengths) > SEGMENT_ALIGN and left > 0.05:
         out, sol = _milp(samples, adapter_of, lengths, capacity, len(bins), fix_bins=True, lower_bound=lb,
-                         warm=bins, params=params)
+                         warm=bins, params=params(left))
         m2 = out.status
         if sol is not None and len(sol) == len(bins) and _valid(sol, samples, lengths, capacity):
             sol = ordered(sol)

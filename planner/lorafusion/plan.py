@@ -159,8 +159,8 @@ def _p95(xs: list[float]) -> float:
 
 def build_plan(w: Workload, profile, *, time_limit: float = 0.4, seed: int = 0, use_milp: bool = True,
                progress=None) -> LoRAPlan:
-    """Plan a multi-job LoRA workload on ``profile`` (see module docstring). ``time_limit`` (s) applies to
-    each of MILP 1 and MILP 2 of every (global batch, group) problem."""
+    """Plan a multi-job LoRA workload on ``profile`` (see module docstring). ``time_limit`` (s) is the solver
+    budget of each (global batch, group) problem (MILP 1 gets at most half, MILP 2 the rest)."""
     cfg, L = w.config, w.lengths
     adapter_of = w.adapter_of
     cost = stage_cost_from_profile(profile, cfg.layers, cfg.stages)
