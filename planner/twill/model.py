@@ -21,7 +21,6 @@ the result, down to MII, was proved infeasible; a time-out is recorded as such, 
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 

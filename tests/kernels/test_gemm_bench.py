@@ -17,12 +17,17 @@ def test_cases_contract_and_run():
     assert all(not r["error"] and r["median_ms"] > 0 for r in rows)
 
 
-def test_plan_config_from_twill_plan():
-    cfg, plan = gemm_bench.plan_config((128, 128, 64), "h100")
-    assert plan.solver.status == "optimal"
-    assert (cfg.num_stages, cfg.num_warps, cfg.warp_specialize) == (plan.knobs.num_stages, plan.knobs.num_warps, False)
-    cfg_b, plan_b = gemm_bench.plan_config((128, 256, 64), "b200")
+def test_plan_config_from_twill_plan_and_precomputed_table():
+    cfg, info = gemm_bench.plan_config((128, 128, 64), "h100")
+    assert info["status"] == "optimal" and info["source"] == "solved"
+    assert (cfg.num_stages, cfg.num_warps, cfg.warp_specialize) == (info["knobs"]["num_stages"],
+                                                                    info["knobs"]["num_warps"], False)
+    cfg_b, _ = gemm_bench.plan_config((128, 256, 64), "b200")
     assert cfg_b.warp_specialize is True and cfg_b.block_n == 256
+    # the table used on a GPU image without the planner matches a fresh solve
+    for (machine, tile), rec in gemm_bench.PRECOMPUTED.items():
+        _, info = gemm_bench.plan_config(tile, machine)
+        assert info["knobs"] == {k: rec[k] for k in info["knobs"]} and info["ii"] == rec["ii"], (machine, tile)
     assert len(gemm_bench.sweep_configs((128, 128, 64), "h100")) == 8
     assert len(gemm_bench.sweep_configs((128, 128, 64), "b200")) == 16
 
@@ -37,3 +42,11 @@ def test_plan_vs_sweep_code_path_on_cpu():
     assert r["time_to_config_sweep_s"] > 0 and r["time_to_config_plan_s"] > 0
     checks = gemm_bench.checks("cpu")
     assert checks and all(ok for _, ok, _ in checks), checks
+
+
+def test_precomputed_fallback_without_planner(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "adasched.planner.twill.plan", None)  # import raises ImportError
+    cfg, info = gemm_bench.plan_config((128, 256, 64), "h100")
+    assert info["source"] == "precomputed" and (cfg.num_stages, cfg.num_warps) == (3, 8)

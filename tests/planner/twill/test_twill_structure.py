@@ -11,7 +11,7 @@ from adasched.planner.twill import model as twill_model
 from adasched.planner.twill.graph import builtin_graphs, load_machine, make_problem, normalise_costs
 from adasched.planner.twill.knobs import buffer_depths, gemm_graph
 from adasched.planner.twill.mii import compute_mii
-from adasched.planner.twill.plan import make_plan, plan_twill
+from adasched.planner.twill.plan import plan_twill
 from adasched.planner.twill.simsched import simulate_schedule
 from adasched.planner.twill.validator import validate
 
