@@ -263,13 +263,15 @@ if HAVE_TRITON:
                                mask=row_ok[:, None] & o_ok[None, :], other=0)
                 lora = tl.where(keep != 0, lora * tl.load(FTABLE + pid_m * 2 + 1), 0.0)
             acc = lora
+        reds = tl.arange(0, BLOCK_RED)
+        x_ptrs = X + rows[:, None] * stride_xm + reds[None, :]
+        w_ptrs = W + reds[:, None] * stride_wr + outs[None, :] * stride_wo
         for rb in range(0, tl.cdiv(RED_DIM, BLOCK_RED)):
-            reds = rb * BLOCK_RED + tl.arange(0, BLOCK_RED)
-            red_ok = reds < RED_DIM
-            xt = tl.load(X + rows[:, None] * stride_xm + reds[None, :], mask=row_ok[:, None] & red_ok[None, :],
-                         other=0.0)
-            wt = tl.load(W + reds[:, None] * stride_wr + outs[None, :] * stride_wo,
-                         mask=red_ok[:, None] & o_ok[None, :], other=0.0)
+            red_ok = reds < RED_DIM - rb * BLOCK_RED
+            xt = tl.load(x_ptrs, mask=row_ok[:, None] & red_ok[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=red_ok[:, None] & o_ok[None, :], other=0.0)
+            x_ptrs += BLOCK_RED
+            w_ptrs += BLOCK_RED * stride_wr
             if UPCAST:
                 acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32))
             else:
