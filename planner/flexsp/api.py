@@ -103,7 +103,7 @@ def summarize(results: list[StepResult], cm: SPCostModel) -> dict:
         b = r.baselines_ms
         rows.append(dict(
             step=r.step, sequences=int(r.lens.size), tokens=int(r.lens.sum()), max_len=int(r.lens.max()),
-            micro_batches=r.chosen_m, flexsp_ms=r.time_ms, static_ms=b["static"],
+            micro_batches=r.chosen_m, split=r.split, flexsp_ms=r.time_ms, static_ms=b["static"],
             best_homogeneous_ms=b["best_homogeneous"], greedy_ms=b["greedy"] if np.isfinite(b["greedy"]) else None,
             speedup_vs_static=b["static"] / r.time_ms, speedup_vs_best_homogeneous=b["best_homogeneous"] / r.time_ms,
             speedup_vs_greedy=(b["greedy"] / r.time_ms) if np.isfinite(b["greedy"]) else None,

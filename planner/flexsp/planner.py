@@ -75,7 +75,10 @@ class StepResult:
     time_ms: float
     baselines_ms: dict[str, float]
     chosen_m: int
+    """Micro-batches of the chosen split."""
     solve_seconds: float
+    split: str = ""
+    """Which split won: 'sorted-M' (min-max token DP over the sorted batch) or 'bfd-M' (static's bins)."""
     milp: list[MilpStat] = field(default_factory=list)
     static: list[MBSolution] = field(default_factory=list)
     lower_bound_ms: float = 0.0
@@ -146,6 +149,27 @@ def _improve(sol: MBSolution | None, lens, cm, cfg) -> MBSolution | None:
     return local_search(sol, lens, cm)
 
 
+def _heuristics(per_m: dict, split, lens, cm: SPCostModel, cfg: PlannerConfig) -> None:
+    """Baselines and heuristic candidates for every micro-batch of one split; records the split if feasible."""
+    key, mbs = split
+    best_h, homog_tot, greedy_tot = [], 0.0, 0.0
+    for ids in mbs:
+        h, _ = best_homogeneous(ids, lens, cm)
+        g = greedy(ids, lens, cm)
+        homog_tot += h.time_ms if h is not None else math.inf
+        greedy_tot += g.time_ms if g is not None and g.fits else math.inf
+        cands = [c for c in (h, g) if c is not None and c.fits]
+        if h is not None:  # greedy aimed at beating the best single degree
+            for f in (0.92, 0.96, 1.0):
+                gt = greedy(ids, lens, cm, target_ms=f * h.time_ms)
+                if gt is not None and gt.fits:
+                    cands.append(_improve(gt, lens, cm, cfg))
+        best_h.append(_improve(min(cands, key=lambda c: c.time_ms), lens, cm, cfg) if cands else None)
+    if any(c is None for c in best_h):
+        return
+    per_m[key] = dict(mbs=mbs, best=best_h, homog=homog_tot, greedy=greedy_tot, heur=sum(c.time_ms for c in best_h))
+
+
 def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int = 0) -> StepResult:
     """Plan one global batch; see the module docstring."""
     t0 = time.perf_counter()
@@ -157,60 +181,55 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
     cap_n = cm.token_capacity(cm.world)
     m_min = max(1, math.ceil(float(lens.sum()) / cap_n - 1e-12))
 
-    # ---- heuristics per candidate M ------------------------------------------------------------
-    per_m: dict[int, dict] = {}
+    # ---- heuristics per candidate split ---------------------------------------------------------
+    # splits: M consecutive runs of the sorted batch (min-max token DP) for M = M_min.. (at least one
+    # feasible M, then ``extra_microbatches`` more), plus the static baseline's best-fit-decreasing bins
+    # (which mix long and short sequences when the sorted runs cannot fit)
+    static = static_sp(lens, cm)
+    per_m: dict[str, dict] = {}
     lb_work = lower_bound_work(lens, cm)
-    for m in range(m_min, min(n_seq, m_min + cfg.extra_microbatches) + 1):
+    splits = []
+    m, last = m_min, m_min + cfg.extra_microbatches
+    while m <= min(n_seq, last):
         if per_m and m * cm.b1 + lb_work >= min(v["heur"] for v in per_m.values()):
             break  # no plan with m micro-batches can beat the best found (the bound grows with m)
         runs = split_microbatches(srt, m)
         if any(srt[a:b].sum() > cap_n for a, b in runs):
+            last = max(last, m + 1)  # not feasible yet: keep going
+            m += 1
             continue
-        best_h, homog_tot, greedy_tot = [], 0.0, 0.0
-        for a, b in runs:
-            ids = order[a:b]
-            h, _ = best_homogeneous(ids, lens, cm)
-            g = greedy(ids, lens, cm)
-            homog_tot += h.time_ms if h is not None else math.inf
-            greedy_tot += g.time_ms if g is not None and g.fits else math.inf
-            cands = [c for c in (h, g) if c is not None and c.fits]
-            if h is not None:  # greedy aimed at beating the best single degree
-                for f in (0.92, 0.96, 1.0):
-                    gt = greedy(ids, lens, cm, target_ms=f * h.time_ms)
-                    if gt is not None and gt.fits:
-                        cands.append(_improve(gt, lens, cm, cfg))
-            best_h.append(_improve(min(cands, key=lambda c: c.time_ms), lens, cm, cfg) if cands else None)
-        if any(c is None for c in best_h):
-            continue
-        per_m[m] = dict(runs=runs, best=best_h, homog=homog_tot, greedy=greedy_tot,
-                        heur=sum(c.time_ms for c in best_h))
+        splits.append((f"sorted-{m}", [order[a:b] for a, b in runs]))
+        _heuristics(per_m, splits[-1], lens, cm, cfg)
+        m += 1
+    bins = [np.array(sorted(mb.seq_ids(), key=lambda i: (lens[i], i)), dtype=np.int64) for mb in static]
+    seen = {frozenset(frozenset(x.tolist()) for x in mbs) for _, mbs in splits}
+    if frozenset(frozenset(x.tolist()) for x in bins) not in seen:
+        _heuristics(per_m, (f"bfd-{len(bins)}", bins), lens, cm, cfg)
     if not per_m:
-        raise InputError("--global-batch", f"no feasible split of {n_seq} sequences into {m_min}.."
-                                           f"{m_min + cfg.extra_microbatches} micro-batches on {cm.world} GPUs")
+        raise InputError("--global-batch", f"no feasible split of {n_seq} sequences into micro-batches on {cm.world} GPUs")
 
     # ---- MILP on the most promising M ----------------------------------------------------------
     milp_stats: list[MilpStat] = []
     if cfg.use_milp:
         ranked = sorted(per_m, key=lambda m: per_m[m]["heur"])[: cfg.milp_candidates]
-        n_runs = sum(len(per_m[m]["runs"]) for m in ranked)
+        n_runs = sum(len(per_m[m]["mbs"]) for m in ranked)
         budget = cfg.time_limit
         t_milp0 = time.perf_counter()
         done = 0
         for m in ranked:
             info = per_m[m]
-            for r, (a, b) in enumerate(info["runs"]):
+            for r, ids_sorted in enumerate(info["mbs"]):
                 left = budget - (time.perf_counter() - t_milp0)
                 if left <= 0.02:
                     break
                 per = max(0.02, left / max(1, n_runs - done))
                 done += 1
-                buckets = make_buckets(srt[a:b], cfg.buckets)
-                ids_sorted = order[a:b]
+                buckets = make_buckets(lens[ids_sorted], cfg.buckets)
                 bucket_of = {int(ids_sorted[j]): q for q, bk in enumerate(buckets) for j in range(bk.start, bk.end)}
                 inc = info["best"][r]
                 hint = bucket_counts(inc, bucket_of, len(buckets))
                 params = SolveParams(time_limit=per, seed=cfg.seed, threads=cfg.threads)
-                n_groups = sum(min(cm.world // d, b - a) for d in cm.degrees)
+                n_groups = sum(min(cm.world // d, ids_sorted.size) for d in cm.degrees)
                 if cfg.formulation == "groups" or (cfg.formulation == "auto" and n_groups <= cfg.max_group_vars):
                     res = solve_microbatch(buckets, cm, params, hint=hint, backend=cfg.backend)
                     sol = realise(res.groups, buckets, ids_sorted, lens, cm) if res is not None and res.groups else None
@@ -236,7 +255,6 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
     # ---- choose ----------------------------------------------------------------------------------
     best_m = min(per_m, key=lambda m: per_m[m]["heur"])
     mbs = per_m[best_m]["best"]
-    static = static_sp(lens, cm)
     baselines = {
         "static": sum(s.time_ms for s in static),
         "best_homogeneous": min(v["homog"] for v in per_m.values()),
@@ -244,7 +262,7 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
     }
     total = sum(mb.time_ms for mb in mbs)
     return StepResult(step=step, lens=lens, micro_batches=mbs, time_ms=total, baselines_ms=baselines,
-                      chosen_m=best_m, solve_seconds=time.perf_counter() - t0, milp=milp_stats, static=static,
+                      chosen_m=len(mbs), split=best_m, solve_seconds=time.perf_counter() - t0, milp=milp_stats, static=static,
                       lower_bound_ms=m_min * cm.b1 + lb_work)
 
 
