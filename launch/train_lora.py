@@ -41,12 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _make_plan(args, rank: int, world: int) -> str:
-    """Plan JSON text on rank 0 (written to OUT/plan.json), broadcast to every rank."""
+    """Plan JSON text made (or read) on rank 0 and broadcast to every rank."""
     text = None
     if rank == 0:
         from adasched.planner.lorafusion.jobs import build_workload, load_jobs
         from adasched.planner.lorafusion.plan import LoRAPlan, build_plan
-        from adasched.planner.plan import load_plan, save_plan
+        from adasched.planner.plan import load_plan
         from adasched.profiler.profile import load_profile
 
         if args.plan is not None:
@@ -55,7 +55,6 @@ def _make_plan(args, rank: int, world: int) -> str:
             cfg, base, label = load_jobs(args.jobs)
             w = build_workload(cfg, base, where=label, label=label)
             plan = build_plan(w, load_profile(args.profile), time_limit=args.time_limit, seed=args.seed)
-        save_plan(plan, args.out / "plan.json")
         text = plan.model_dump_json()
     if world > 1:
         import torch.distributed as dist
@@ -71,6 +70,7 @@ def run(args: argparse.Namespace) -> dict | None:
     import torch.distributed as dist
 
     from adasched.planner.lorafusion.plan import LoRAPlan
+    from adasched.planner.plan import save_plan
     from adasched.runtime.lora_model import TinyCausalLM, TinyLMConfig
     from adasched.runtime.lora_trainer import (
         SyntheticLoRAData,
@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> dict | None:
         gather_adapter_states,
         save_adapters,
         train_plan,
+        check_plan,
         train_plan_pipeline,
     )
 
@@ -91,6 +92,9 @@ def run(args: argparse.Namespace) -> dict | None:
         plan = LoRAPlan.model_validate_json(_make_plan(args, rank, world))
         model = TinyCausalLM(TinyLMConfig(vocab_size=args.vocab, hidden=args.hidden, layers=args.layers,
                                           heads=args.heads, ffn_hidden=args.ffn, max_positions=args.max_positions))
+        check_plan(plan, model, world)  # before anything is written
+        if rank == 0:
+            save_plan(plan, args.out / "plan.json")
         adapters = build_adapters(model, plan, seed=args.seed)
         data = SyntheticLoRAData(args.vocab, seed=args.seed)
         fused = not args.reference

@@ -44,6 +44,8 @@ __all__ = [
     "one_f_one_b_order",
     "stage_layers",
     "save_adapters",
+    "check_plan",
+    "gather_adapter_states",
 ]
 
 
@@ -190,7 +192,8 @@ def _optimizers(adapters: Sequence[LoRAAdapter], plan, layers: tuple[int, int]) 
     return out
 
 
-def _check_plan(plan, model: TinyCausalLM, stages: int) -> None:
+def check_plan(plan, model: TinyCausalLM, stages: int) -> None:
+    """InputError unless the plan fits the model (sample lengths) and ``stages`` pipeline ranks (dependency rule)."""
     if max(plan.lengths) > model.cfg.max_positions:
         raise InputError("plan", f"longest sample {max(plan.lengths)} tokens > model max_positions {model.cfg.max_positions}")
     bad = dependency_violations(plan.sequence(), stages)
@@ -227,7 +230,7 @@ def _loss(logits: torch.Tensor, mb: PackedMicrobatch, sums: dict[tuple[int, int]
 def train_plan(model: TinyCausalLM, adapters: Sequence[LoRAAdapter], plan, data: SyntheticLoRAData, *,
                fused: bool = True, seed: int = 0) -> TrainResult:
     """Execute every microbatch of ``plan`` in order on all layers (one process)."""
-    _check_plan(plan, model, 1)
+    check_plan(plan, model, 1)
     counts = _target_counts(plan)
     opts = _optimizers(adapters, plan, (0, model.cfg.layers))
     steps_at = _last_microbatch(plan)
@@ -259,7 +262,7 @@ def train_plan_pipeline(model: TinyCausalLM, adapters: Sequence[LoRAAdapter], pl
     import torch.distributed as dist
 
     S, s = dist.get_world_size(group), dist.get_rank(group)
-    _check_plan(plan, model, S)
+    check_plan(plan, model, S)
     peer = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
     layers = stage_layers(model.cfg.layers, S, s)
     first, last = s == 0, s == S - 1

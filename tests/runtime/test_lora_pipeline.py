@@ -73,3 +73,11 @@ def test_two_stage_pipeline_matches_single_process(tmp_path):
         assert sa.keys() == sb.keys() and len(sa) > 0
         for k in sa:
             torch.testing.assert_close(sb[k], sa[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{job} {k}: {m}")
+
+
+def test_launcher_rejects_a_plan_the_model_cannot_run(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["--jobs", "tiny", "--out", str(out), "--reference", "--max-positions", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "max_positions 8" in err
+    assert not out.exists()

@@ -1,0 +1,66 @@
+"""Jobs files, named distributions and presets."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from adasched.planner.lorafusion.jobs import (
+    PRESETS,
+    build_workload,
+    load_jobs,
+    parse_jobs,
+    wikipedia_lengths,
+)
+from adasched.profiler.io import InputError
+
+
+def test_wikipedia_fixture_is_the_stated_sample():
+    w = np.asarray(wikipedia_lengths())
+    assert len(w) == 4096 and w.min() >= 1 and w.max() == 4096
+    assert 700 < w.mean() < 820 and 300 < np.median(w) < 400
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_build_deterministic_workloads(name):
+    cfg, base, label = load_jobs(name)
+    a = build_workload(cfg, base, label=label)
+    b = build_workload(*load_jobs(name)[:2])
+    assert a.lengths == b.lengths
+    assert max(a.lengths) <= cfg.capacity
+    for j in a.jobs:
+        assert len(j.batches) == cfg.global_batches
+        assert all(len(bt) == j.spec.global_batch_size for bt in j.batches)
+    ids = sorted(s for j in a.jobs for bt in j.batches for s in bt)
+    assert ids == list(range(len(a.lengths)))
+    if name in ("mix", "het"):
+        assert len(cfg.jobs) == 4 and cfg.capacity == 8192
+
+
+def test_parametric_distributions_match_their_stated_parameters():
+    cfg = parse_jobs({"global_batches": 64, "seed": 1, "jobs": [
+        {"name": "x", "adapter": {"r": 8}, "lengths": "xsum", "global_batch_size": 64},
+        {"name": "c", "adapter": {"r": 8}, "lengths": "cnndm", "global_batch_size": 64}]})
+    w = build_workload(cfg)
+    for j, (median, sigma, lo) in zip(w.jobs, ((480, 0.5, 64), (850, 0.45, 128))):
+        xs = np.asarray([w.lengths[s] for bt in j.batches for s in bt])
+        assert xs.min() >= lo and xs.max() <= 4096
+        assert abs(np.median(xs) / median - 1) < 0.05
+        assert abs(np.std(np.log(xs)) - sigma) < 0.03
+        assert abs(xs.mean() / (median * math.exp(sigma ** 2 / 2)) - 1) < 0.05
+
+
+def test_length_file_is_used_in_order_and_short_files_rejected(tmp_path):
+    (tmp_path / "l.txt").write_text("# lengths\n5\n6\n7\n8\n9\n")
+    cfg = parse_jobs({"global_batches": 5, "jobs": [
+        {"name": "f", "adapter": {"r": 1}, "lengths": "l.txt", "global_batch_size": 2}]})
+    w = build_workload(cfg, tmp_path)
+    assert w.lengths == (5, 6, 7, 8) and w.jobs[0].batches == ((0, 1), (2, 3))
+    cfg = parse_jobs({"jobs": [{"name": "f", "adapter": {"r": 1}, "lengths": "l.txt", "global_batch_size": 9}]})
+    with pytest.raises(InputError, match="fewer than global_batch_size 9"):
+        build_workload(cfg, tmp_path)
+    (tmp_path / "bad.txt").write_text("5\nfive\n")
+    cfg = parse_jobs({"jobs": [{"name": "f", "adapter": {"r": 1}, "lengths": "bad.txt", "global_batch_size": 1}]})
+    with pytest.raises(InputError, match="line 2"):
+        build_workload(cfg, tmp_path)
