@@ -9,9 +9,10 @@ Mapping (documented assumptions, checked on a GPU by kernels/gemm_bench.py):
 - ``num_warps``: 4 per consumer (non-producer) warp group, at least 4;
 - ``warp_specialize``: True only where the machine's Triton supports it (Blackwell) and the schedule has a
   producer group; on Hopper it is False (upstream may ignore or reject it there);
-- ``maxnreg``: the registers per thread a consumer group may take when the producer keeps only its base
-  (the register file minus the producer groups' base, shared by the consumer groups), rounded down to a
-  multiple of 8 and capped by the per-group limit.
+- ``maxnreg``: the registers per thread a register-holding group may take when every other group (producers,
+  MMA-issue groups without live values) keeps only its base: the register file minus those bases, shared
+  evenly by the groups whose ops hold registers, rounded down to a multiple of 8 and capped by the per-group
+  limit.
 """
 from __future__ import annotations
 
@@ -63,7 +64,9 @@ def derive_knobs(graph: Graph, machine: Machine, ii: int, times: dict[str, int],
     consumer = {groups[o.name] for o in graph.ops} - producer
     num_warps = 4 * max(1, len(consumer))
     ws = bool(machine.warp_specialize and producer and consumer)
-    share = (machine.regs_total - machine.group_base_regs * len(producer)) // max(1, len(consumer))
+    holding = {groups[o.name] for o in graph.ops if (o.regs or 0) > 0} or consumer
+    others = len(set(groups.values()) - holding)
+    share = (machine.regs_total - machine.group_base_regs * others) // max(1, len(holding))
     maxnreg = min(machine.regs_per_group_max, share, 255) // 8 * 8
     return TritonKnobs(num_stages=max(1, num_stages), num_warps=num_warps, warp_specialize=ws,
                        maxnreg=max(24, maxnreg))

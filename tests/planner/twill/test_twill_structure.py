@@ -87,6 +87,10 @@ def test_hopper_gemm_knobs_and_fa4_blackwell():
     assert validate(fa4.graph, fa4.machine, fa4.model_dump(mode="json")) == []
     assert fa4.knobs.warp_specialize is True  # supported on Blackwell, with a producer group
     assert fa4.ii == compute_mii(make_problem("fa4-blackwell", "b200")).mii
+    # FA4-like roles: TMA producer, an MMA-issue group (QK^T of both tiles), two softmax groups
+    roles = sorted(sorted(g.ops) for g in fa4.warp_groups)
+    assert roles == [["C0", "O0", "P0"], ["C1", "O1", "P1"], ["LK", "LV"], ["S0", "S1"]]
+    assert fa4.knobs.maxnreg == 232 and fa4.knobs.num_warps == 12
 
 
 def test_gemm_graph_tiles():
