@@ -211,7 +211,9 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
     # ---- MILP on the most promising M ----------------------------------------------------------
     milp_stats: list[MilpStat] = []
     if cfg.use_milp:
-        ranked = sorted(per_m, key=lambda m: per_m[m]["heur"])[: cfg.milp_candidates]
+        ranked = sorted(per_m, key=lambda m: per_m[m]["heur"])
+        # further splits only when their heuristic total is close to the best (else the budget is wasted)
+        ranked = [m for m in ranked if per_m[m]["heur"] <= 1.05 * per_m[ranked[0]]["heur"]][: cfg.milp_candidates]
         n_runs = sum(len(per_m[m]["mbs"]) for m in ranked)
         budget = cfg.time_limit
         t_milp0 = time.perf_counter()
