@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Train the tiny MoE LM, expert-parallel over NPROC local ranks (gloo on CPU), printing the loss per step.
+#   NPROC=4 launch/train_moe.sh --router all --schedule all --steps 10 [--plan plan.json] [--hierarchical]
+# Arguments are validated once before any worker starts (one `error:` line, exit 2).
+# PYTHON selects the interpreter (default: python3 on PATH; use the project's .venv/bin/python).
+set -euo pipefail
+PY="${PYTHON:-python3}"
+NPROC="${NPROC:-4}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+WORLD_SIZE="$NPROC" "$PY" -m adasched.launch.train_moe --validate-only "$@"
+exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m adasched.launch.train_moe "$@"
