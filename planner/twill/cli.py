@@ -14,7 +14,8 @@ def register(groups) -> None:
     def plan_twill_cmd(
         graph: str = typer.Option("fa3-hopper", "--graph", help="Built-in graph (toy-attention, fa3-hopper, "
                                   "hopper-gemm, fa4-blackwell) or a graph JSON file."),
-        machine: str = typer.Option("h100", "--machine", help="Built-in machine (h100, b200) or a machine JSON file."),
+        machine: Optional[str] = typer.Option(None, "--machine", help="Built-in machine (h100, b200) or a machine "
+                                              "JSON file; default: the graph's 'machine' field, else h100."),
         out: Optional[Path] = typer.Option(None, "--out", help="Write the plan JSON here."),
         time_limit: float = typer.Option(10.0, "--time-limit", help="Seconds for the whole search over I."),
         seed: int = typer.Option(0, "--seed"),

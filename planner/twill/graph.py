@@ -229,11 +229,14 @@ def check_graph(graph: Graph, machine: Machine, where: str = "graph") -> Problem
     return Problem(graph=graph, machine=machine, units=units, warp=warp)
 
 
-def make_problem(graph: str | os.PathLike | Graph, machine: str | os.PathLike | Machine) -> Problem:
-    """Load (if given names/paths) and check a graph and a machine."""
+def make_problem(graph: str | os.PathLike | Graph, machine: str | os.PathLike | Machine | None = None) -> Problem:
+    """Load (if given names/paths) and check a graph and a machine (default: the graph's ``machine`` hint,
+    else h100)."""
     where = "graph"
     if not isinstance(graph, Graph):
         graph, where = load_graph(graph)
+    if machine is None:
+        machine = graph.machine or "h100"
     if not isinstance(machine, Machine):
         machine = load_machine(machine)
     return check_graph(graph, machine, where)

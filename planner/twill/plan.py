@@ -243,8 +243,9 @@ def make_plan(problem: Problem, schedule, *, simulate: bool = True) -> TwillPlan
     )
 
 
-def plan_twill(graph, machine, params=None, *, simulate: bool = True) -> TwillPlan:
-    """One call: load/check (names, paths or models), solve, and build the plan."""
+def plan_twill(graph, machine=None, params=None, *, simulate: bool = True) -> TwillPlan:
+    """One call: load/check (names, paths or models; machine default: the graph's hint, else h100), solve
+    (``params``: adasched.planner.solver.SolveParams, default 10 s, seed 0, 1 thread) and build the plan."""
     from .graph import make_problem
     from .model import solve
 
