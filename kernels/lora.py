@@ -311,17 +311,17 @@ if HAVE_TRITON:
             c_ok = cols < N
             dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :], mask=row_ok[:, None] & c_ok[None, :],
                          other=0.0)
-            if rank > 0:
-                bt = tl.load(B + cols[:, None] * stride_bn + (r_off + rr)[None, :],
-                             mask=c_ok[:, None] & r_ok[None, :], other=0.0)
-                if UPCAST:
-                    ds += tl.dot(dy.to(tl.float32), bt.to(tl.float32))
-                    db = tl.dot(tl.trans(dy.to(tl.float32)), st)
-                else:
-                    ds += tl.dot(dy, bt)
-                    db = tl.dot(tl.trans(dy), st.to(DY.dtype.element_ty))
-                tl.atomic_add(DB + cols[:, None] * stride_dbn + (r_off + rr)[None, :], db * scale,
-                              mask=c_ok[:, None] & r_ok[None, :])
+            # rank 0 (only reached with HAS_DBIAS): B loads and dB adds are fully masked, no branch in the loop
+            bt = tl.load(B + cols[:, None] * stride_bn + (r_off + rr)[None, :],
+                         mask=c_ok[:, None] & r_ok[None, :], other=0.0)
+            if UPCAST:
+                ds += tl.dot(dy.to(tl.float32), bt.to(tl.float32))
+                db = tl.dot(tl.trans(dy.to(tl.float32)), st)
+            else:
+                ds += tl.dot(dy, bt)
+                db = tl.dot(tl.trans(dy), st.to(DY.dtype.element_ty))
+            tl.atomic_add(DB + cols[:, None] * stride_dbn + (r_off + rr)[None, :], db * scale,
+                          mask=c_ok[:, None] & r_ok[None, :])
             if HAS_DBIAS:
                 tl.atomic_add(DBIAS + cols, tl.sum(dy.to(tl.float32), axis=0), mask=c_ok)
         if rank > 0:
