@@ -22,9 +22,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-__all__ = ["FWD_FRACTION", "StageCost", "stage_cost_from_profile", "padded", "SEGMENT_ALIGN"]
-
 from .jobs import SEGMENT_ALIGN
+
+__all__ = ["FWD_FRACTION", "StageCost", "stage_cost_from_profile", "padded", "SEGMENT_ALIGN"]
 
 FWD_FRACTION = 1.0 / 3.0
 
