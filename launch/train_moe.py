@@ -51,6 +51,8 @@ def parse_args(argv):
     p.add_argument("--plan-config", default=None, help="configuration name inside the plan (default: first)")
     p.add_argument("--hierarchical", action="store_true", help="two-step (intra-node, inter-node) all-to-all")
     p.add_argument("--gpus-per-node", type=int, default=2)
+    p.add_argument("--router-stats-out", type=Path, default=None,
+                   help="write {mean_k_per_layer: [...]} of the last run (rank 0) for `adasched plan moe --router-stats`")
     p.add_argument("--validate-only", action="store_true", help="check the arguments (and --plan against "
                    "WORLD_SIZE) and exit")
     p.add_argument("--compare-schedules", action="store_true")
@@ -167,7 +169,7 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log)
     if reducer is not None:
         reducer.remove()
     return {"router": router, "schedule": schedule, "caps": caps, "first_loss": losses[0], "final_loss": losses[-1],
-            "floor_nats": task.entropy_nats}
+            "floor_nats": task.entropy_nats, "mean_k_per_layer": [s_["mean_k"] for s_ in model.layer_stats()]}
 
 
 def train_schedule(schedule: str, *, router: str = "gshard", layers: int = 6, experts: int = 8, budget: int | None = None,
@@ -201,6 +203,7 @@ def train_schedule(schedule: str, *, router: str = "gshard", layers: int = 6, ex
         ev = [float(lm_loss(model(x), y)) for x, y in (task.batch(held, batch, seq) for _ in range(eval_batches))]
         stats = model.layer_stats()
     return {"schedule": schedule, "caps": caps, "final_loss": sum(ev) / len(ev),
+            "first_loss": sum(train[:5]) / len(train[:5]),
             "train_loss": sum(train[-10:]) / len(train[-10:]), "mean_k": [round(s["mean_k"], 3) for s in stats],
             "floor_nats": task.entropy_nats}
 
@@ -289,6 +292,11 @@ def _main(args) -> int:
                 out.append(res)
     finally:
         dist.destroy_process_group()
+    if rank == 0 and args.router_stats_out is not None and out:
+        from adasched.profiler.io import atomic_write_json
+
+        atomic_write_json(args.router_stats_out, {"mean_k_per_layer": out[-1]["mean_k_per_layer"],
+                                                  "router": out[-1]["router"], "schedule": out[-1]["schedule"]})
     if rank == 0 and args.json:
         print(json.dumps({"world": world, "runs": out}))
     return 0

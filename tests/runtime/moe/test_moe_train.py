@@ -1,0 +1,80 @@
+"""train_moe: per-layer router configs from schedules, single-process schedule training, a real torchrun EP run
+(2 gloo ranks) printing the loss per step, plan/argument errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adasched.launch.train_moe import compare_schedules, layer_routers, main, train_schedule
+from adasched.runtime.moe.router import ROUTER_KINDS
+from adasched.schedules.capacity import CAPACITY_SCHEDULES
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.mark.parametrize("router", ROUTER_KINDS)
+def test_layer_routers_follow_schedule(router):
+    for sched in CAPACITY_SCHEDULES:
+        cfgs, caps = layer_routers(router, sched, 6, 8, ep_size=2)
+        assert len(cfgs) == 6
+        if router == "switch":
+            assert [c.num_experts for c in cfgs] == caps and sum(caps) == 48
+            assert all(c.num_experts % 2 == 0 and c.top_k == 1 for c in cfgs)
+        else:
+            field = "k_max" if router == "top_p" else "top_k"
+            assert [getattr(c, field) for c in cfgs] == caps and sum(caps) == 12
+    with pytest.raises(ValueError, match="--budget: 7 is not a multiple"):
+        layer_routers("switch", "uniform", 2, 8, budget=7, ep_size=2)
+
+
+def test_schedule_training_learns_and_compare_reports():
+    r = train_schedule("descending", layers=3, steps=150, batch=8)
+    assert r["caps"] == [3, 2, 1] and r["mean_k"] == [3, 2, 1]
+    assert r["floor_nats"] < r["final_loss"] < r["first_loss"] - 0.1
+    res = compare_schedules(["uniform", "pyramid"], steps=5, layers=3, seeds=[0])
+    assert [row["schedule"] for row in res["rows"]] == ["uniform", "pyramid"]
+    assert res["rows"][0]["vs_uniform"] == 1.0 and res["best"] in ("uniform", "pyramid")
+
+
+def test_bad_arguments_exit_2(capsys):
+    assert main(["--router", "nope", "--validate-only"]) == 2
+    assert "error: --router: nope not in gshard" in capsys.readouterr().err
+    assert main(["--schedule", "wave", "--budget", "99", "--layers", "4", "--validate-only"]) == 2
+    assert "budget: 99 cannot be met by 4 layers" in capsys.readouterr().err
+
+
+def test_plan_for_another_ep_size_is_an_error(tmp_path, monkeypatch, capsys):
+    from adasched.planner.cli import main as cli
+
+    plan = tmp_path / "plan.json"
+    assert cli(["plan", "moe", "--config", "mixtral-8x7b", "--gpus", "4", "--out", str(plan),
+                "--stages", "published", "--time-limit", "0.5"]) in (0, None)
+    capsys.readouterr()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["--plan", str(plan), "--experts", "8", "--validate-only"]) == 2
+    err = capsys.readouterr().err
+    assert "planned for EP size 4" in err and "this run has 2 ranks" in err
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(["--plan", str(plan), "--experts", "8", "--validate-only"]) == 0
+
+
+def test_torchrun_ep_training_prints_loss_per_step(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, NPROC="2", OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    stats = tmp_path / "stats.json"
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "train_moe.sh"), "--router", "gshard,top_p",
+                           "--schedule", "ascending", "--steps", "2", "--layers", "2", "--r-fwd", "2", "--r-bwd", "1",
+                           "--router-stats-out", str(stats)],
+                          capture_output=True, text=True, env=env, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [l for l in proc.stdout.splitlines() if " step " in l]
+    assert [l.split("]")[0] + "]" for l in lines] == ["[gshard/ascending]"] * 2 + ["[top_p/ascending]"] * 2
+    for l in lines:
+        loss = float(l.split(" loss ")[1].split()[0])
+        assert 1.0 < loss < 4.0
+    assert "mean_k 1.00/3.00" in lines[0]                    # ascending k over 2 layers, budget 4
+    data = json.loads(stats.read_text())
+    assert data["router"] == "top_p" and len(data["mean_k_per_layer"]) == 2
