@@ -5,6 +5,8 @@
   ceil(gbs_j / m) samples per microbatch in dataset order; the jobs' samples are concatenated as rows and
   padded to the longest sample of the microbatch (no packing, no capacity check). The next global batch
   waits for the optimizer step (dependency rule -> S-1 empty slots, i.e. a pipeline flush).
+- ``mlora_sorted``: the same with each job's global batch sorted by length before it is cut into the fixed
+  per-microbatch counts, so similar lengths share a padded batch (a stronger variant, for context).
 - ``sequential``: one job after the other, each global batch packed on its own with first-fit decreasing
   (segments padded to 128, capacity respected); the dependency rule flushes the pipeline between global
   batches because no other job's microbatches can fill the gap.
@@ -36,7 +38,7 @@ class BaselineResult:
         return 1.0 - self.tokens / self.computed_tokens if self.computed_tokens else 0.0
 
 
-def mlora_baseline(w: Workload, cost: StageCost) -> BaselineResult:
+def mlora_baseline(w: Workload, cost: StageCost, *, sort_by_length: bool = False) -> BaselineResult:
     cfg, L = w.config, w.lengths
     seq: list[Microbatch] = []
     shapes: list[tuple[int, int]] = []  # (rows, padded row length) per microbatch in seq order (before no-ops)
@@ -46,10 +48,12 @@ def mlora_baseline(w: Workload, cost: StageCost) -> BaselineResult:
         budget = sum(sum(L[s] for s in j.batches[g]) for j in active)
         m = max(1, math.ceil(budget / cfg.capacity))
         per = {j.index: math.ceil(len(j.batches[g]) / m) for j in active}
+        order = {j.index: sorted(j.batches[g], key=lambda s: (L[s], s)) if sort_by_length else list(j.batches[g])
+                 for j in active}
         for i in range(m):
             segs = []
             for j in active:
-                ids = list(j.batches[g][i * per[j.index]: (i + 1) * per[j.index]])
+                ids = order[j.index][i * per[j.index]: (i + 1) * per[j.index]]
                 if ids:
                     segs.append((j.index, g, ids))
             if segs:
@@ -66,7 +70,7 @@ def mlora_baseline(w: Workload, cost: StageCost) -> BaselineResult:
         computed += rows * width
         biggest = max(biggest, rows * width)
     sim = simulate_1f1b(stage_ms, cfg.stages, update_dependencies(seq))
-    return BaselineResult("mlora", sim.makespan_ms, len(seq), noops, sum(L), computed, biggest)
+    return BaselineResult("mlora_sorted" if sort_by_length else "mlora", sim.makespan_ms, len(seq), noops, sum(L), computed, biggest)
 
 
 def sequential_baseline(w: Workload, cost: StageCost) -> BaselineResult:

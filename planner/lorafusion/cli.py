@@ -36,6 +36,8 @@ def _comparison_rows(plan) -> list[tuple]:
         ("lorafusion (this plan)", s.makespan_ms, s.throughput_tokens_per_s, s.padding_waste, s.microbatches, 1.0),
         ("mlora-style", s.mlora_makespan_ms, s.tokens / s.mlora_makespan_ms * 1000.0, s.mlora_padding_waste, s.mlora_microbatches,
          s.mlora_makespan_ms / s.makespan_ms),
+        ("mlora-style, length-sorted", s.mlora_sorted_makespan_ms, s.tokens / s.mlora_sorted_makespan_ms * 1000.0,
+         s.mlora_sorted_padding_waste, s.mlora_microbatches, s.mlora_sorted_makespan_ms / s.makespan_ms),
         ("sequential packing", s.sequential_makespan_ms, s.tokens / s.sequential_makespan_ms * 1000.0,
          s.sequential_padding_waste, s.sequential_microbatches, s.sequential_makespan_ms / s.makespan_ms),
     ]

@@ -64,3 +64,12 @@ def test_baselines_flush_between_global_batches_with_stages():
     # each job's global batch 0 -> 1 boundary needs S-1 = 3 no-op slots (job x -> job y needs none)
     assert res4.noops == 2 * 3
     assert res4.makespan_ms > res1.makespan_ms / 4
+
+
+def test_sorted_mlora_pads_less_on_the_same_samples():
+    w = _workload(1)
+    plain, srt = mlora_baseline(w, COST), mlora_baseline(w, COST, sort_by_length=True)
+    assert srt.tokens == plain.tokens and srt.microbatches == plain.microbatches
+    # global batch 0 of job x = (1000, 200, 700) in 2 microbatches of 2 + 1 rows: sorted puts 200 and 700 together
+    assert srt.computed_tokens < plain.computed_tokens
+    assert srt.makespan_ms < plain.makespan_ms
