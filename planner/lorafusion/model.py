@@ -239,7 +239,7 @@ def pack_problem(samples: Sequence[int], adapter_of: Sequence[int], lengths: Seq
                  *, time_limit: float = 0.4, seed: int = 0, use_milp: bool = True) -> PackResult:
     """Pack one (global batch, group): FFD warm start; MILP 1 unless FFD already meets the lower bound;
     MILP 2 to shrink the last bin. ``time_limit`` (s) is the budget of the whole problem: MILP 1 may use half
-    of it, MILP 2 what is left. The result keeps the best feasible bins found and an honest status.
+    of it, MILP 2 what is left after ~0.1 s is set aside for CBC's start-up. The result keeps the best feasible bins found and an honest status.
     Bins are returned largest first, the smallest last."""
     t0 = time.perf_counter()
     lb = bin_lower_bound(samples, adapter_of, lengths, capacity)
@@ -247,6 +247,7 @@ def pack_problem(samples: Sequence[int], adapter_of: Sequence[int], lengths: Seq
     ffd_n = len(bins)
     status = "optimal" if ffd_n == lb else "heuristic"
     m1 = m2 = None
+
     def params(limit: float) -> SolveParams:
         return SolveParams(time_limit=max(0.05, limit), seed=seed, threads=1)
 
