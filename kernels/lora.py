@@ -7,7 +7,7 @@ memory-bound step rides inside a kernel that reads the big tensors anyway:
 
 forward
   1. ``_lora_down_kernel``: reads X once, draws the dropout mask, writes Xd = X * mask / (1 - p) and the mask
-     (only when some adapter has p > 0), and accumulates S = Xd A^T (fp32, split over K with atomic adds);
+     as bits (only when some adapter has p > 0), and accumulates S = Xd A^T (fp32, split over K, atomic adds);
   2. ``_lora_gemm_kernel``: Y = X W^T with its accumulator initialised from scale * S B^T, bias in the epilogue.
 backward
   3. ``_lora_dy_kernel``: reads dY once for dS = scale dY B and dB = scale dY^T S (and d bias), atomic adds;
@@ -59,6 +59,7 @@ __all__ = [
     "multi_lora_linear",
     "multi_lora_linear_reference",
     "dropout_keep_mask",
+    "unpack_keep_bits",
     "philox_uint32",
     "philox4x32",
     "dropout_uniforms",
@@ -126,6 +127,13 @@ def dropout_uniforms(seed: int, rows: int, cols: int, device: torch.device | str
 def keep_threshold(p: float) -> int:
     """A uniform 32-bit draw u keeps its element iff u >= keep_threshold(p) = floor(p * 2**32)."""
     return min(int(math.floor(p * 4294967296.0)), _M32)
+
+
+def unpack_keep_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """The kernels' saved mask (uint8 [rows, ceil(cols/8)], bit c % 8 of byte c // 8) as a bool [rows, cols]."""
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
+    bits = (packed.to(torch.int32)[:, :, None] >> shifts) & 1
+    return bits.reshape(packed.shape[0], -1)[:, :cols].bool()
 
 
 def dropout_keep_mask(seed: int, rows: int, cols: int, p: float | torch.Tensor,
@@ -199,7 +207,12 @@ if HAVE_TRITON:
                     keep = words >= thr
                     xd = tl.where(keep, x.to(tl.float32) * inv_keep, 0.0).to(X.dtype.element_ty)
                     tl.store(XD + rows[:, None] * stride_dm + cols[None, :], xd, mask=io_mask)
-                    tl.store(MASK + rows[:, None] * stride_mm + cols[None, :], keep.to(tl.int8), mask=io_mask)
+                    # keep bits packed 8 per byte (bit c%8 of byte c//8): 1/8 of an int8 mask's traffic
+                    bits = tl.reshape(keep.to(tl.int32), (BLOCK_M, BLOCK_K // 8, 8)) << tl.arange(0, 8)[None, None, :]
+                    packed = tl.sum(bits, axis=2).to(tl.uint8)
+                    bcols = kb * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+                    tl.store(MASK + rows[:, None] * stride_mm + bcols[None, :], packed,
+                             mask=row_ok[:, None] & (bcols < (K + 7) // 8)[None, :])
                 else:
                     xd = x
                 a = tl.load(A + (r_off + rr)[None, :] * stride_ar + cols[:, None],
@@ -259,8 +272,9 @@ if HAVE_TRITON:
             if APPLY_SCALE:
                 lora = lora * tl.load(FTABLE + pid_m * 2 + 0)
             if HAS_MASK:
-                keep = tl.load(MASK + rows[:, None] * stride_mm + outs[None, :],
-                               mask=row_ok[:, None] & o_ok[None, :], other=0)
+                packed = tl.load(MASK + rows[:, None] * stride_mm + (outs // 8)[None, :],
+                                 mask=row_ok[:, None] & o_ok[None, :], other=0)
+                keep = (packed.to(tl.int32) >> (outs % 8)[None, :]) & 1
                 lora = tl.where(keep != 0, lora * tl.load(FTABLE + pid_m * 2 + 1), 0.0)
             acc = lora
         reds = tl.arange(0, BLOCK_RED)
@@ -458,14 +472,14 @@ def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bi
 
 
 def _fused_forward(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int):
-    """Steps 1-2. Returns Y, S (fp32 [T, BLOCK_R]), Xd (or X), mask (int8 or None)."""
+    """Steps 1-2. Returns Y, S (fp32 [T, BLOCK_R]), Xd (or X), packed keep bits (uint8 [T, ceil(K/8)]) or None."""
     T, K = x2.shape
     N = weight.shape[0]
     dev = x2.device
     s = torch.zeros((T, plan.block_r), device=dev, dtype=torch.float32)
     if plan.has_dropout:
         xd = torch.empty_like(x2)
-        mask = torch.empty((T, K), device=dev, dtype=torch.int8)
+        mask = torch.empty((T, (K + 7) // 8), device=dev, dtype=torch.uint8)
     else:
         xd, mask = x2, None
     block_k = 16 if INTERPRET else 64

@@ -225,10 +225,11 @@ def _check_mask(device):
     plan = L._tile_plan(T, ((0, 0, T),), (16,), (1.0,), (0.3,), L.default_block_m(device), x.device)
     _, _, xd, mask = L._fused_forward(x, w, None, a, b, plan, 2 ** 31 + 5)
     want = L.dropout_keep_mask(2 ** 31 + 5, T, K, 0.3, device)
-    same = bool(torch.equal(mask.bool(), want))
-    frac = 1 - mask.float().mean().item()
+    keep = L.unpack_keep_bits(mask, K)
+    same = bool(torch.equal(keep, want))
+    frac = 1 - keep.float().mean().item()
     again = L._fused_forward(x, w, None, a, b, plan, 2 ** 31 + 5)[3]
-    sigma = math.sqrt(0.3 * 0.7 / mask.numel())
+    sigma = math.sqrt(0.3 * 0.7 / keep.numel())
     ok = same and bool(torch.equal(again, mask)) and abs(frac - 0.3) < 5 * sigma
     return ("dropout mask = torch Philox mirror, reproducible", ok,
             f"kernel mask == mirror: {same}; dropped fraction {frac:.4f} (p=0.3)")

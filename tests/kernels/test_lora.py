@@ -81,7 +81,8 @@ def test_dropout_mask_reproducible_and_matches_kernel():
     a, b = _rand(4, K, dtype=torch.float32), _rand(40, 4, dtype=torch.float32)
     plan = L._tile_plan(T, ((0, 0, T),), (4,), (1.0,), (p,), 16, x.device)
     _, _, xd, mask = L._fused_forward(x, w, None, a, b, plan, 99)
-    assert torch.equal(mask.bool(), m1)
+    assert mask.shape == (T, (K + 7) // 8) and mask.dtype == torch.uint8  # packed bits
+    assert torch.equal(L.unpack_keep_bits(mask, K), m1)
     assert_all_close("xd", xd, x * m1 / (1 - p), 1e-6, 1e-6)
     # seed=None draws from torch's generator: reproducible under manual_seed
     torch.manual_seed(5)

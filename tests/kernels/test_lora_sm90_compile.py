@@ -36,11 +36,11 @@ SCRIPT = textwrap.dedent('''
 
     bf = "*bf16"
     out = {}
-    down = dict(X=bf, A=bf, S="*fp32", XD=bf, MASK="*i8", TABLE="*i64", FTABLE="*fp32", seed="i32", K="i32",
+    down = dict(X=bf, A=bf, S="*fp32", XD=bf, MASK="*u8", TABLE="*i64", FTABLE="*fp32", seed="i32", K="i32",
                 stride_xm="i32", stride_ar="i32", stride_sm="i32", stride_dm="i32", stride_mm="i32")
     out["down_dropout"] = comp(L._lora_down_kernel, down, dict(SPLIT_K=4, BLOCK_M=128, BLOCK_K=64, BLOCK_R=16,
                                HAS_DROPOUT=True, UPCAST=False), dict(num_warps=4, num_stages=3), nodiv=("seed",))
-    gemm = dict(X=bf, W=bf, L="*fp32", P=bf, MASK="*i8", BIAS=bf, OUT=bf, TABLE="*i64", FTABLE="*fp32",
+    gemm = dict(X=bf, W=bf, L="*fp32", P=bf, MASK="*u8", BIAS=bf, OUT=bf, TABLE="*i64", FTABLE="*fp32",
                 n_tiles="i32", OUT_DIM="i32", RED_DIM="i32", m_bucket="i32", stride_xm="i32", stride_wr="i32",
                 stride_wo="i32", stride_lm="i32", stride_pr="i32", stride_po="i32", stride_mm="i32", stride_om="i32")
     base = dict(BLOCK_M=128, BLOCK_O=256, BLOCK_RED=64, BLOCK_R=16, GROUP_M=8, UPCAST=False)
