@@ -1,12 +1,21 @@
 """adasched.schedules: budget-aware LR schedules (REX, UBA, linear decay, refined from gradient norms) as torch
 LRSchedulers, a gradient-norm recorder, and adapters for transformers, DeepSpeed and megatron-core."""
+from .adapters import (DeepSpeedSchedule, MegatronParamScheduler, ScheduleLambda, get_lambda_schedule,
+                       get_refined_schedule_with_warmup, get_rex_schedule_with_warmup, get_uba_schedule_with_warmup)
 from .gradnorm import GradNormRecorder, read_norms_csv, write_norms_csv
 from .lr import (REX, SCHEDULE_NAMES, UBA, UBA_DEFAULT_PHI, LinearDecay, Refined, WarmupDecay, cosine_multiplier,
                  get_schedule, linear_multiplier, refined_multipliers, rex_multiplier, smooth_norms, uba_multiplier,
                  warmup_decay_multiplier)
 
 __all__ = [
+    # schedulers (torch LRScheduler subclasses) and the transformers-like factory
     "REX", "UBA", "LinearDecay", "Refined", "WarmupDecay", "get_schedule", "SCHEDULE_NAMES", "UBA_DEFAULT_PHI",
+    # pure multipliers of progress z in [0, 1]
     "linear_multiplier", "cosine_multiplier", "rex_multiplier", "uba_multiplier", "refined_multipliers",
-    "smooth_norms", "warmup_decay_multiplier", "GradNormRecorder", "read_norms_csv", "write_norms_csv",
+    "smooth_norms", "warmup_decay_multiplier",
+    # gradient norms
+    "GradNormRecorder", "read_norms_csv", "write_norms_csv",
+    # adapters
+    "get_rex_schedule_with_warmup", "get_uba_schedule_with_warmup", "get_refined_schedule_with_warmup",
+    "get_lambda_schedule", "ScheduleLambda", "DeepSpeedSchedule", "MegatronParamScheduler",
 ]

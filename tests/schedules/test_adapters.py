@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from adasched.schedules import REX, UBA, LinearDecay, Refined
-from adasched.schedules.adapters import (DeepSpeedSchedule, MegatronParamScheduler, get_lambda_schedule,
+from adasched.schedules.adapters import (MegatronParamScheduler, get_lambda_schedule,
                                          get_refined_schedule_with_warmup, get_rex_schedule_with_warmup,
                                          get_uba_schedule_with_warmup)
 
