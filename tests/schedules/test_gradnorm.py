@@ -79,3 +79,17 @@ def test_wrong_length_and_json_checks(tmp_path):
     with pytest.raises(ValueError, match="^l1:"):
         write_norms_csv(tmp_path / "y.csv", [1.0, 2.0], [1.0])
     assert math.isclose(read_norms_csv(p)[3], g[3], rel_tol=1e-15)
+
+
+def test_get_schedule_refined_from_path(tmp_path):
+    from adasched.schedules import get_schedule
+
+    g = np.random.default_rng(2).lognormal(size=30)
+    p = write_norms_csv(tmp_path / "n.csv", (g / 3).tolist(), g.tolist())
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(2))], lr=0.2)
+    s = get_schedule("refined", opt, 3, 30, path=p, norm="l1", min_lr_ratio=0.1)
+    o2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.2)
+    ref = Refined(o2, g, warmup_steps=3, norm="l1", min_lr_ratio=0.1)
+    np.testing.assert_allclose([s.lr_at(t)[0] for t in range(31)], [ref.lr_at(t)[0] for t in range(31)], rtol=1e-12)
+    with pytest.raises(ValueError, match="wrong length"):
+        get_schedule("refined", opt, 3, 31, path=p)
