@@ -89,6 +89,13 @@ class AdapterSpec(_Strict):
             raise ValueError(f"must be >= 1, got {v}")
         return v
 
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _targets_shape(cls, v):
+        if isinstance(v, str) and v != "all-linear":
+            raise ValueError(f"must be a list of module names or 'all-linear', got {v!r}")
+        return v
+
     @field_validator("target_modules")
     @classmethod
     def _targets(cls, v):
@@ -126,6 +133,21 @@ class JobSpec(_Strict):
     lengths: Union[str, LognormalSpec] = Field(description="named distribution, a file path, or a lognormal spec")
     global_batch_size: int = Field(ge=1, description="samples per global batch (optimizer step)")
     lr: float = Field(default=2e-4, gt=0)
+
+    @field_validator("lengths", mode="before")
+    @classmethod
+    def _lengths(cls, v):
+        if isinstance(v, dict):
+            try:
+                return LognormalSpec.model_validate(v)
+            except ValidationError as err:
+                from adasched.profiler.io import describe_validation_error
+
+                raise ValueError(describe_validation_error(err)) from None
+        if not isinstance(v, str) or not v:
+            raise ValueError(f"must be a named distribution ({', '.join(NAMED_DISTRIBUTIONS)}), a length file path "
+                             f"or {{dist: lognormal, median, sigma, min, max}}, got {v!r}")
+        return v
 
 
 class JobsFile(_Strict):

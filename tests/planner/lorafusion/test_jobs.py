@@ -64,3 +64,19 @@ def test_length_file_is_used_in_order_and_short_files_rejected(tmp_path):
     cfg = parse_jobs({"jobs": [{"name": "f", "adapter": {"r": 1}, "lengths": "bad.txt", "global_batch_size": 1}]})
     with pytest.raises(InputError, match="line 2"):
         build_workload(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("lengths, adapter, needle", [
+    ({"dist": "lognormal", "median": -1, "sigma": 0.5}, {"r": 2}, "lengths: median"),
+    (5, {"r": 2}, "lengths: must be a named distribution"),
+    ("xsum", {"r": 2, "target_modules": "q_proj"}, "adapter.target_modules: must be a list"),
+    ("xsum", {"r": 2, "alpha": 0}, "adapter.alpha"),
+    ("xsum", {"r": 2, "dropout": 1.0}, "adapter.dropout"),
+])
+def test_field_errors_name_the_job_and_field(lengths, adapter, needle):
+    with pytest.raises(InputError) as err:
+        parse_jobs({"jobs": [{"name": "ok", "adapter": {"r": 1}, "lengths": "xsum", "global_batch_size": 1},
+                             {"name": "bad-job", "adapter": adapter, "lengths": lengths, "global_batch_size": 2}]},
+                   "f.yaml")
+    msg = str(err.value)
+    assert msg.startswith("f.yaml: job 'bad-job': ") and needle in msg, msg
