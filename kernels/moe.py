@@ -269,6 +269,28 @@ def segment_sum(y: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, num_
     return out
 
 
+# On a GPU the two GEMM kernels are autotuned over a few tile shapes (BLOCK_M of the forward kernel stays 128:
+# the host tile schedule depends on it). Off-GPU one small fixed configuration is used (no autotune).
+_GPU_BLOCK_M = 128
+_TUNED: dict = {}
+AUTOTUNE_ERRORS: list[str] = []   # an autotune failure falls back to the fixed tiles and is recorded here
+
+
+def _tuned(name: str):
+    if name not in _TUNED:
+        if name == "mm":
+            cfgs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                    for bn, bk, w, st in ((128, 64, 8, 3), (128, 64, 4, 4), (256, 64, 8, 3), (128, 128, 8, 3),
+                                          (64, 64, 4, 4))]
+            _TUNED[name] = triton.autotune(configs=cfgs, key=["K", "M", "swk"])(_grouped_mm_kernel)
+        else:
+            cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                    for bm, bn, bk, w, st in ((64, 128, 128, 8, 3), (64, 128, 64, 4, 4), (32, 128, 128, 8, 3),
+                                              (64, 64, 64, 4, 4), (128, 128, 64, 8, 3))]
+            _TUNED[name] = triton.autotune(configs=cfgs, key=["K", "M", "sxk"])(_grouped_wgrad_kernel)
+    return _TUNED[name]
+
+
 def grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, index: MoEIndex) -> torch.Tensor:
     """Triton: y (N,M) with y[rows of e] = x[rows of e] @ w[e]; w (E,K,M), any strides."""
     N, K = x.shape
@@ -276,13 +298,21 @@ def grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, index: MoEIndex) -> torc
     y = torch.empty((N, M), dtype=x.dtype, device=x.device)
     if N == 0:
         return y
+    args = (x, w, y)
+    strides = (x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1))
+    if x.device.type == "cuda" and not AUTOTUNE_ERRORS:
+        te, tr = index.tiles(_GPU_BLOCK_M)
+        try:
+            _tuned("mm")[lambda meta: (te.numel(), triton.cdiv(M, meta["BLOCK_N"]))](
+                *args, te, tr, index.offsets, K, M, *strides, BLOCK_M=_GPU_BLOCK_M, CAST_F32=False)
+            return y
+        except Exception as err:  # pragma: no cover - GPU only
+            AUTOTUNE_ERRORS.append(f"grouped_mm: {type(err).__name__}: {err}"[:300])
     bm, bn, bk, warps, stages = _gemm_blocks(x.device)
     te, tr = index.tiles(bm)
-    grid = (te.numel(), triton.cdiv(M, bn))
-    _grouped_mm_kernel[grid](x, w, y, te, tr, index.offsets, K, M,
-                             x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
-                             y.stride(0), y.stride(1), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                             CAST_F32=x.device.type != "cuda", num_warps=warps, num_stages=stages)
+    _grouped_mm_kernel[(te.numel(), triton.cdiv(M, bn))](
+        *args, te, tr, index.offsets, K, M, *strides, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        CAST_F32=x.device.type != "cuda", num_warps=warps, num_stages=stages)
     return y
 
 
@@ -290,12 +320,19 @@ def grouped_wgrad_triton(x: torch.Tensor, dy: torch.Tensor, index: MoEIndex, num
     """Triton: dw (E,K,M) with dw[e] = x[rows of e]^T @ dy[rows of e] (float32 accumulation, x's dtype)."""
     K, M = x.shape[1], dy.shape[1]
     dw = torch.empty((num_experts, K, M), dtype=x.dtype, device=x.device)
+    args = (x, dy, dw, index.offsets, K, M, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+            dw.stride(0), dw.stride(1), dw.stride(2))
+    if x.device.type == "cuda" and not AUTOTUNE_ERRORS:
+        try:
+            _tuned("wgrad")[lambda meta: (num_experts, triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(M, meta["BLOCK_N"]))](
+                *args, CAST_F32=False)
+            return dw
+        except Exception as err:  # pragma: no cover - GPU only
+            AUTOTUNE_ERRORS.append(f"grouped_wgrad: {type(err).__name__}: {err}"[:300])
     bm, bn, bk, warps, stages = _gemm_blocks(x.device)
-    grid = (num_experts, triton.cdiv(K, bk), triton.cdiv(M, bn))
-    _grouped_wgrad_kernel[grid](x, dy, dw, index.offsets, K, M, x.stride(0), x.stride(1),
-                                dy.stride(0), dy.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
-                                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, CAST_F32=x.device.type != "cuda",
-                                num_warps=warps, num_stages=stages)
+    _grouped_wgrad_kernel[(num_experts, triton.cdiv(K, bk), triton.cdiv(M, bn))](
+        *args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, CAST_F32=x.device.type != "cuda",
+        num_warps=warps, num_stages=stages)
     return dw
 
 

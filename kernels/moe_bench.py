@@ -133,9 +133,14 @@ def checks(device: str) -> list[tuple[str, bool, str]]:
     import torch
 
     if device == "cuda":
+        from . import moe as K
+
         bf = torch.bfloat16
-        return [_check(1000, 8, 2, 1024, 1536, "swiglu", bf, device, 2e-2),
+        rows = [_check(1000, 8, 2, 1024, 1536, "swiglu", bf, device, 2e-2),
                 _check(2048, 64, 6, 512, 352, "swiglu", bf, device, 2e-2),
                 _check(777, 16, 2, 384, 520, "gelu", bf, device, 2e-2)]
+        rows.append(("moe grouped GEMM autotune", not K.AUTOTUNE_ERRORS,
+                     "; ".join(K.AUTOTUNE_ERRORS) or "autotuned tiles in use"))
+        return rows
     return [_check(29, 5, 2, 24, 20, "swiglu", torch.float32, device, 1e-5),
             _check(23, 4, 2, 16, 12, "gelu", torch.float16, device, 5e-3)]
