@@ -6,7 +6,8 @@ Providers per shape (same inputs, same run):
   fused  ``lora_linear`` (Triton; under the interpreter on the CPU);
   triton_base  the same Triton GEMM kernels with no LoRA rows (fused / triton_base = the cost of the fusion,
          triton_base / base = our GEMM against cuBLAS).
-Dropout 0.1 and scale 2.0, as in the measured H100 profile (../shared/data/profiles/h100-sxm-measured-*.json).
+Dropout 0.1 and scale 2.0, as in the measured H100 profile (../shared/data/profiles/h100-sxm-measured-*.json);
+one extra GPU case repeats the target shape with dropout 0.
 Multi-LoRA: 4 adapters with different ranks over uneven segments of one packed batch; eager = base + one LoRA
 branch per segment (mLoRA-style loop), fused = ``multi_lora_linear``.
 """
@@ -37,10 +38,10 @@ def _single_inputs(T, K, N, r, device):
     import torch
 
     dt = _dtype(device)
-    g = torch.Generator(device="cpu").manual_seed(T * 7 + K + N + r)
+    g = torch.Generator(device=device).manual_seed(T * 7 + K + N + r)  # drawn on the device: big inputs are quick
 
     def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dt)
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dt)
 
     x = rnd(T, K).requires_grad_()
     w = rnd(N, K, scale=K ** -0.5)
@@ -50,7 +51,7 @@ def _single_inputs(T, K, N, r, device):
     return x, w, a, b, dy
 
 
-def _single_providers(T, K, N, r, device, backward: bool):
+def _single_providers(T, K, N, r, device, backward: bool, p: float = DROPOUT):
     def build():
         import torch
         import torch.nn.functional as F
@@ -58,16 +59,17 @@ def _single_providers(T, K, N, r, device, backward: bool):
         from .lora import LoRAAdapterWeights, lora_linear, multi_lora_linear
 
         x, w, a, b, dy = _single_inputs(T, K, N, r, device)
-        no_rows = [LoRAAdapterWeights(a, b, SCALE, DROPOUT)]
+        no_rows = [LoRAAdapterWeights(a, b, SCALE, p)]
 
         def base():
             return F.linear(x, w)
 
         def eager():
-            return F.linear(x, w) + F.linear(F.linear(F.dropout(x, DROPOUT, True), a), b) * SCALE
+            xd = F.dropout(x, p, True) if p > 0 else x  # PEFT uses nn.Identity for p = 0
+            return F.linear(x, w) + F.linear(F.linear(xd, a), b) * SCALE
 
         def fused():
-            return lora_linear(x, w, a, b, SCALE, DROPOUT)
+            return lora_linear(x, w, a, b, SCALE, p)
 
         def triton_base():  # our GEMM kernels with no row covered: separates GEMM quality from fusion cost
             return multi_lora_linear(x, w, no_rows, [])
@@ -104,10 +106,10 @@ def _multi_providers(T, K, N, ranks, device, backward: bool):
         from .lora import LoRAAdapterWeights, multi_lora_linear
 
         x, w, _, _, dy = _single_inputs(T, K, N, 1, device)
-        dt, g = _dtype(device), torch.Generator(device="cpu").manual_seed(1234)
+        dt, g = _dtype(device), torch.Generator(device=device).manual_seed(1234)
         adapters = [LoRAAdapterWeights(
-            (torch.randn(r, K, generator=g) * K ** -0.5).to(device=device, dtype=dt).requires_grad_(),
-            (torch.randn(N, r, generator=g) * r ** -0.5).to(device=device, dtype=dt).requires_grad_(),
+            (torch.randn(r, K, generator=g, device=device) * K ** -0.5).to(dt).requires_grad_(),
+            (torch.randn(N, r, generator=g, device=device) * r ** -0.5).to(dt).requires_grad_(),
             SCALE, DROPOUT) for r in ranks]
         segs = _segments(T, MULTI_FRACTIONS[: len(ranks)])
         params = [x] + [t for ad in adapters for t in (ad.lora_a, ad.lora_b)]
@@ -152,6 +154,11 @@ def cases(quick: bool, device: str) -> list[BenchCase]:
                 name="lora fwd+bwd" if backward else "lora fwd", shape=f"T={T} K={K} N={N} r={r}",
                 providers=_single_providers(T, K, N, r, device, backward), baseline="base",
                 params={"T": T, "K": K, "N": N, "r": r, "dropout": DROPOUT, "backward": backward}))
+    if device == "cuda":  # the target shape without dropout: what the dropout pass costs
+        T, K, N, r = (8192, 4096, 4096, 16)
+        out.append(BenchCase(name="lora fwd+bwd p=0", shape=f"T={T} K={K} N={N} r={r}",
+                             providers=_single_providers(T, K, N, r, device, True, p=0.0), baseline="base",
+                             params={"T": T, "K": K, "N": N, "r": r, "dropout": 0.0, "backward": True}))
     ranks = MULTI_RANKS if device == "cuda" else (2, 4, 8, 16)
     for T, K, N in multi:
         for backward in (False, True):
@@ -316,6 +323,10 @@ def summarize(results: list[dict]) -> list[tuple[str, float, str, Optional[bool]
         out.append(("fused fwd+bwd / base, T=8192 4096x4096 r=16", f / b, "<= 1.10", f / b <= 1.10))
     if e and b:
         out.append(("eager fwd+bwd / base, T=8192 4096x4096 r=16", e / b, "(H100 profile: 1.56)", None))
+    f0 = ms("lora fwd+bwd p=0", "fused", T=8192, K=4096, N=4096, r=16)
+    b0 = ms("lora fwd+bwd p=0", "base", T=8192, K=4096, N=4096, r=16)
+    if f0 and b0:
+        out.append(("fused fwd+bwd / base, same shape, dropout 0", f0 / b0, "(info)", None))
     for case in ("lora fwd+bwd", "lora fwd"):
         speed = []
         for r in ok:
