@@ -604,6 +604,12 @@ def _validate(x2, weight, bias, adapters: Sequence[LoRAAdapterWeights], segments
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("weight: must be frozen (requires_grad=False); LoRA trains lora_a/lora_b only")
     N = weight.shape[0]
+    others = [("weight", weight), ("bias", bias)] + [
+        (f"adapters[{i}].{n}", t) for i, ad in enumerate(adapters) for n, t in (("lora_a", ad.lora_a),
+                                                                                  ("lora_b", ad.lora_b))]
+    for name, t in others:
+        if t is not None and t.device != x2.device:
+            raise ValueError(f"{name}: on {t.device}, x is on {x2.device}")
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"bias: shape {tuple(bias.shape)} must be [{N}]")
     for i, ad in enumerate(adapters):
