@@ -44,8 +44,12 @@ def train(engine, steps: int, rank: int, start: int):
 
 def main(out_dir: str, ckpt_dir: str) -> None:
     import deepspeed
+    import deepspeed.comm.torch  # noqa: F401
     import torch
 
+    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op at init (25-120 s here); without it the
+    # engine falls back to torch.distributed's gloo all-reduce, which is what this test needs.
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo", timeout=__import__("datetime").timedelta(seconds=60))
     rank = torch.distributed.get_rank()
     engine, sched = build(0)
