@@ -6,7 +6,8 @@ Providers per shape (same inputs, same run; forward + backward of the whole laye
   naive  ``MoELayer(backend="torch")``: torch sort/gather, a Python loop over experts with one matmul each,
          index_add combine (the "before" of the measured H100 profile: 2.28x dense at E=8,k=2; 13.8x at E=64,k=6);
   ours   ``MoELayer(backend="triton")``: Triton permute, grouped GEMM over uneven expert batches, gate-weighted
-         combine (under the interpreter on the CPU: a smoke test, not a performance number).
+         combine (under the interpreter on the CPU: a smoke test, not a performance number);
+  ours+torch_gmm  diagnostic: the same layer with the expert GEMMs on ``torch._grouped_mm`` (when torch has it).
 GPU shapes (issue 6): E=8,k=2 hidden 2048 ffn 4096 and E=64,k=6 hidden 4096 ffn 3584, T=16384 tokens, bf16.
 """
 from __future__ import annotations
@@ -57,10 +58,33 @@ def _providers(T, E, k, H, Fd, device):
             params = [x] + list(m.parameters())
             return lambda: torch.autograd.grad(m(x), params, dy)
 
-        return {"dense": lambda: torch.autograd.grad(dense_fwd(), (x, w1, w2), dy),
-                "naive": layer(naive), "ours": layer(ours)}
+        provs = {"dense": lambda: torch.autograd.grad(dense_fwd(), (x, w1, w2), dy),
+                 "naive": layer(naive), "ours": layer(ours)}
+        if hasattr(torch, "_grouped_mm"):
+            params = [x] + list(ours.parameters())
+            provs["ours+torch_gmm"] = lambda: torch.autograd.grad(layer_with_torch_grouped_mm(ours, x), params, dy)
+        return provs
 
     return build
+
+
+def layer_with_torch_grouped_mm(layer, x):
+    """Diagnostic provider: ``layer``'s forward with the Triton permute/combine but the expert GEMMs done by
+    ``torch._grouped_mm`` (cuBLAS/CUTLASS grouped GEMM where torch has it): tells whether the Triton grouped
+    GEMM or the rest of the layer is what separates ``ours`` from ``dense``."""
+    import torch
+    import torch.nn.functional as F
+
+    from . import moe as K
+
+    r = layer.router(x)
+    idx = K.make_index(r.token_idx, r.counts, x.shape[0])
+    offs = idx.offsets[1:].to(torch.int32)
+    rows = K.permute(x, idx, "triton")
+    a = torch._grouped_mm(rows, layer.w1, offs=offs)
+    g, u = a.chunk(2, dim=-1)
+    y = torch._grouped_mm((F.silu(g) * u).contiguous(), layer.w2, offs=offs)
+    return K.unpermute(y, r.weight.to(y.dtype), idx, "triton")
 
 
 def cases(quick: bool, device: str) -> list[BenchCase]:
