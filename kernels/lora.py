@@ -17,8 +17,8 @@ Xd and the mask are saved for backward; nothing is recomputed.
 
 Multi-LoRA: the rows of one packed batch are cut into tiles of ``block_m`` rows that never straddle two adapter
 segments (each segment is padded to the M tile in the launch grid, not in memory). A per-tile table holds
-(row_start, valid_rows, rank, rank_offset, dropout_threshold) and (scale, 1/(1-p)); the adapters' A and B are
-concatenated along r, so "pointers" are rank offsets and there is no cap on adapters per batch. Rows that no
+(row_start, valid_rows, rank, rank_offset, dropout_threshold, adapter_id) and (scale, 1/(1-p)); the adapters'
+A and B are concatenated along r, so "pointers" are rank offsets and there is no cap on adapters per batch. Rows that no
 segment covers get the base projection only. The single-adapter path is the same kernels with one segment.
 
 Dropout RNG: element (row, col) of the [T, K] input is kept iff word (col % 4) of
@@ -70,7 +70,7 @@ __all__ = [
 
 #: Triton kernels were decorated in interpreter mode (read once at import, as Triton itself does).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_TABLE_COLS = 5  # row_start, n_valid, rank, rank_offset, keep_threshold
+_TABLE_COLS = 6  # row_start, n_valid, rank, rank_offset, keep_threshold, adapter_id (-1: base only)
 _warned_fallback = False
 
 
@@ -179,10 +179,10 @@ if HAVE_TRITON:
         """Per (tile, K split): Xd = dropout(X) (+ mask) and S[tile] += Xd[tile, ksplit] A^T[ksplit]."""
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
-        row_start = tl.load(TABLE + pid_m * 5 + 0)
-        n_valid = tl.load(TABLE + pid_m * 5 + 1)
-        rank = tl.load(TABLE + pid_m * 5 + 2)
-        r_off = tl.load(TABLE + pid_m * 5 + 3)
+        row_start = tl.load(TABLE + pid_m * 6 + 0)
+        n_valid = tl.load(TABLE + pid_m * 6 + 1)
+        rank = tl.load(TABLE + pid_m * 6 + 2)
+        r_off = tl.load(TABLE + pid_m * 6 + 3)
         if rank > 0:
             rm = tl.arange(0, BLOCK_M)
             rows = row_start + rm
@@ -190,7 +190,7 @@ if HAVE_TRITON:
             rr = tl.arange(0, BLOCK_R)
             r_ok = rr < rank
             acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            thr = tl.load(TABLE + pid_m * 5 + 4).to(tl.uint32)
+            thr = tl.load(TABLE + pid_m * 6 + 4).to(tl.uint32)
             inv_keep = tl.load(FTABLE + pid_m * 2 + 1)
             for kb in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
                 cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -248,10 +248,10 @@ if HAVE_TRITON:
         pid_m = first_m + ((pid % num_pid_in_group) % group_size)
         pid_o = (pid % num_pid_in_group) // group_size
 
-        row_start = tl.load(TABLE + pid_m * 5 + 0)
-        n_valid = tl.load(TABLE + pid_m * 5 + 1)
-        rank = tl.load(TABLE + pid_m * 5 + 2)
-        r_off = tl.load(TABLE + pid_m * 5 + 3)
+        row_start = tl.load(TABLE + pid_m * 6 + 0)
+        n_valid = tl.load(TABLE + pid_m * 6 + 1)
+        rank = tl.load(TABLE + pid_m * 6 + 2)
+        r_off = tl.load(TABLE + pid_m * 6 + 3)
         rm = tl.arange(0, BLOCK_M)
         rows = row_start + rm
         row_ok = rm < n_valid
@@ -305,10 +305,10 @@ if HAVE_TRITON:
         """One read of dY per (tile, N split): dS[tile] += scale dY B, dB += scale dY^T S[tile], dbias += sum dY."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        row_start = tl.load(TABLE + pid_m * 5 + 0)
-        n_valid = tl.load(TABLE + pid_m * 5 + 1)
-        rank = tl.load(TABLE + pid_m * 5 + 2)
-        r_off = tl.load(TABLE + pid_m * 5 + 3)
+        row_start = tl.load(TABLE + pid_m * 6 + 0)
+        n_valid = tl.load(TABLE + pid_m * 6 + 1)
+        rank = tl.load(TABLE + pid_m * 6 + 2)
+        r_off = tl.load(TABLE + pid_m * 6 + 3)
         scale = tl.load(FTABLE + pid_m * 2 + 0)
         rm = tl.arange(0, BLOCK_M)
         rows = row_start + rm
@@ -375,7 +375,7 @@ def default_block_m(device: torch.device | str) -> int:
 class _TilePlan:
     """Per-tile metadata of one packed batch (host copy + device tensors)."""
 
-    table: torch.Tensor  # int64 [n_tiles, 5]: row_start, n_valid, rank, rank_offset, keep_threshold
+    table: torch.Tensor  # int64 [n_tiles, 6]: row_start, n_valid, rank, rank_offset, keep_threshold, adapter_id
     ftable: torch.Tensor  # float32 [n_tiles, 2]: scale, 1/(1-p)
     n_tiles: int
     block_m: int
@@ -405,10 +405,10 @@ def _tile_plan(T: int, segments: tuple, ranks: tuple, scales: tuple, ps: tuple, 
         for s in range(start, end, block_m):
             n = min(block_m, end - s)
             if aid < 0:
-                rows.append((s, n, 0, 0, 0))
+                rows.append((s, n, 0, 0, 0, -1))
                 frows.append((0.0, 1.0))
             else:
-                rows.append((s, n, ranks[aid], offs[aid], keep_threshold(ps[aid])))
+                rows.append((s, n, ranks[aid], offs[aid], keep_threshold(ps[aid]), aid))
                 frows.append((float(scales[aid]), 1.0 / (1.0 - ps[aid])))
 
     pos = 0

@@ -253,3 +253,17 @@ def test_multi_lora_no_segments_is_the_base_layer():
     assert_all_close("dx", gx, dy @ w, 1e-5, 1e-5)
     assert_all_close("dbias", gb, dy.sum(0), 1e-5, 1e-5)
     assert torch.count_nonzero(ga) == 0 and torch.count_nonzero(gB) == 0
+
+
+def test_tile_table_pads_segments_to_the_m_tile():
+    """Tiles never straddle segments; uncovered rows get adapter -1 / rank 0; every row is in exactly one tile."""
+    plan = L._tile_plan(50, ((1, 5, 23), (0, 23, 24), (1, 40, 50)), (4, 8), (2.0, 0.5), (0.0, 0.5), 16,
+                        torch.device("cpu"))
+    t = plan.table.tolist()
+    assert [tuple(r[:3]) + (r[5],) for r in t] == [
+        (0, 5, 0, -1), (5, 16, 8, 1), (21, 2, 8, 1), (23, 1, 4, 0), (24, 16, 0, -1), (40, 10, 8, 1)]
+    assert [r[3] for r in t if r[5] == 1] == [4, 4, 4] and t[3][3] == 0  # rank offsets into A_cat / B_cat
+    assert t[1][4] == 2 ** 31 and t[3][4] == 0  # keep thresholds: p = 0.5 and p = 0
+    assert plan.ftable[1].tolist() == [0.5, 2.0] and plan.r_total == 12 and plan.block_r == 16
+    covered = sorted(r for row in t for r in range(row[0], row[0] + row[1]))
+    assert covered == list(range(50))
