@@ -153,10 +153,10 @@ class _Exchange:
         if not ep.hierarchical:
             outs, works = _a2a(tensors, self.send, self.recv, ep.group)
             return _Pending(outs, works)
-        outs, works = _a2a([t[self.perm1] for t in tensors], self.send1, self.recv1, ep.intra_group)
+        outs, works = _a2a([t[self.perm1.to(t.device)] for t in tensors], self.send1, self.recv1, ep.intra_group)
 
         def phase2(mid):
-            res, w2 = _a2a([t[self.perm2] for t in mid], self.send2, self.recv2, ep.inter_group)
+            res, w2 = _a2a([t[self.perm2.to(t.device)] for t in mid], self.send2, self.recv2, ep.inter_group)
             for w in w2:
                 w.wait()
             return res
@@ -181,7 +181,7 @@ class _Exchange:
 
 def _unpermute_rows(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(t)
-    out[perm] = t
+    out[perm.to(t.device)] = t
     return out
 
 
@@ -305,7 +305,7 @@ def _chunks(meta: _Meta, r: int):
     chunk_of_row = (meta.token_idx * r) // max(T, 1)
     rows = [torch.nonzero(chunk_of_row == c, as_tuple=True)[0] for c in range(r)]
     dest = meta.expert_idx // ep.experts_per_rank
-    local = torch.zeros(r, ep.size, dtype=torch.int64)
+    local = torch.zeros(r, ep.size, dtype=torch.int64, device=meta.token_idx.device)
     local.index_put_((chunk_of_row, dest), torch.ones_like(dest), accumulate=True)
     # sizes first: every rank learns every (source, chunk, destination) count (r is equal on all ranks)
     gathered = [torch.empty_like(local) for _ in range(ep.size)]
@@ -345,7 +345,7 @@ class EPExperts(torch.autograd.Function):
             xr, tags = p.wait()
             order, counts, keys = _group_by_expert(tags, E_local, P, key_base)
             xs = xr[order]
-            idx = make_index(torch.zeros(xs.shape[0], dtype=torch.int64), counts, 1)
+            idx = make_index(torch.zeros(xs.shape[0], dtype=torch.int64, device=xs.device), counts, 1)
             ys, a = expert_mlp_forward(xs, w1, w2, idx, meta.activation, meta.backend)
             saved_x.append(xs)
             saved_a.append(a)
@@ -380,7 +380,7 @@ class EPExperts(torch.autograd.Function):
             g, tags = p.wait()
             order, counts, keys = _group_by_expert(tags, E_local, P, key_base)
             pos = torch.searchsorted(key_s, keys)
-            idx = make_index(torch.zeros(keys.shape[0], dtype=torch.int64), counts, 1)
+            idx = make_index(torch.zeros(keys.shape[0], dtype=torch.int64, device=keys.device), counts, 1)
             dx, d1, d2 = expert_mlp_backward(x_s[pos], a_s[pos], g[order], w1, w2, idx,
                                              meta.activation, meta.backend)
             dw1 += d1
