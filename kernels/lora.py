@@ -383,7 +383,6 @@ class _TilePlan:
     r_total: int
     has_dropout: bool
     segments: tuple  # ((adapter, start, end, rank, rank_offset), ...) covered segments, sorted
-    row_p: Optional[tuple]  # per-segment p for the reference mask (None without dropout)
 
 
 _PLAN_CACHE: "OrderedDict[tuple, _TilePlan]" = OrderedDict()
@@ -427,7 +426,6 @@ def _tile_plan(T: int, segments: tuple, ranks: tuple, scales: tuple, ps: tuple, 
         ftable=torch.tensor(frows, dtype=torch.float32).reshape(-1, 2).to(device),
         n_tiles=len(rows), block_m=block_m, block_r=max(16, _next_pow2(max(ranks) if ranks else 1)),
         r_total=offs[-1], has_dropout=has_dropout, segments=tuple(covered),
-        row_p=tuple(ps[aid] for aid, _, _ in segments) if has_dropout else None,
     )
     _PLAN_CACHE[key] = plan
     if len(_PLAN_CACHE) > 64:

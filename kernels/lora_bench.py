@@ -303,8 +303,8 @@ def checks(device: str) -> list[tuple[str, bool, str]]:
 # Issue targets (H100): read off one run's results
 # ------------------------------------------------------------------------------------------------------------
 def summarize(results: list[dict]) -> list[tuple[str, float, str, Optional[bool]]]:
-    """(target, measured, goal, met; None for an informational row) for the LoRA kernel targets, from ``run_benchmarks`` rows of one run:
-    fused fwd+bwd / base at T=8192 K=N=4096 r=16 <= 1.10; mean eager/fused fwd+bwd speedup over the grid >= 1.3;
+    """(target, measured, goal, met; None for an informational row) for the LoRA kernel targets, from the
+    ``run_benchmarks`` rows of one run: fused fwd+bwd / base at T=8192 K=N=4096 r=16 <= 1.10; mean eager/fused fwd+bwd speedup over the grid >= 1.3;
     4-adapter multi-LoRA fwd+bwd / base <= 1.15. Missing measurements give no row."""
     ok = [r for r in results if r.get("group") == "lora" and not r["error"]]
 
