@@ -16,6 +16,8 @@ Ops (each: Triton kernel, host launcher, autograd.Function, torch reference):
   schedule lists (expert, first row) per BLOCK_M tile, so uneven and empty experts cost nothing.
   Backward: ``dx`` is the same kernel on ``w`` transposed (a stride view); ``dw[e] = x_e^T dy_e`` is a
   second kernel reducing over each expert's rows (an expert with 0 rows gets a zero gradient).
+- ``activation_triton(a, activation)`` / ``activation_backward_triton(a, dh, activation)``: fused SwiGLU / GELU
+  (erf form) and their gradients, one pass each (the backward re-emits h for the w2 gradient).
 - ``expert_mlp(x, w1, w2, index, activation)``: SwiGLU (w1 (E,H,2F) = [gate | up], w2 (E,F,H)) or GELU
   (w1 (E,H,F), w2 (E,F,H)) experts on the sorted rows. :func:`expert_mlp_forward` /
   :func:`expert_mlp_backward` are exposed so the expert-parallel runtime can run the backward on
@@ -45,7 +47,7 @@ except Exception:  # pragma: no cover - exercised only without triton
 __all__ = [
     "MoEIndex", "make_index", "permute", "unpermute", "grouped_mm", "expert_mlp",
     "expert_mlp_forward", "expert_mlp_backward", "permute_ref", "unpermute_ref", "grouped_mm_ref",
-    "expert_mlp_ref", "triton_usable", "Backend",
+    "expert_mlp_ref", "triton_usable", "Backend", "activation_triton", "activation_backward_triton",
 ]
 
 Backend = Literal["auto", "triton", "torch"]
@@ -224,6 +226,45 @@ if HAS_TRITON:
                  acc.to(dw_ptr.dtype.element_ty), mask=k_ok[:, None] & n_ok[None, :])
 
 
+    @triton.jit
+    def _act_fwd_kernel(a_ptr, h_ptr, Fd, stride_a, stride_h, SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
+        """h = silu(a[:, :F]) * a[:, F:] (SwiGLU) or gelu(a) (exact erf form), one row block."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < Fd
+        g = tl.load(a_ptr + row * stride_a + cols, mask=m, other=0.0).to(tl.float32)
+        if SWIGLU:
+            u = tl.load(a_ptr + row * stride_a + Fd + cols, mask=m, other=0.0).to(tl.float32)
+            h = g * tl.sigmoid(g) * u
+        else:
+            h = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
+        tl.store(h_ptr + row * stride_h + cols, h.to(h_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _act_bwd_kernel(a_ptr, dh_ptr, da_ptr, h_ptr, Fd, stride_a, stride_dh, stride_da, stride_h,
+                        SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
+        """da from dh and the saved pre-activation a; also re-emits h (needed for the w2 gradient)."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < Fd
+        g = tl.load(a_ptr + row * stride_a + cols, mask=m, other=0.0).to(tl.float32)
+        dh = tl.load(dh_ptr + row * stride_dh + cols, mask=m, other=0.0).to(tl.float32)
+        if SWIGLU:
+            u = tl.load(a_ptr + row * stride_a + Fd + cols, mask=m, other=0.0).to(tl.float32)
+            sg = tl.sigmoid(g)
+            silu = g * sg
+            dg = dh * u * sg * (1.0 + g * (1.0 - sg))
+            tl.store(da_ptr + row * stride_da + cols, dg.to(da_ptr.dtype.element_ty), mask=m)
+            tl.store(da_ptr + row * stride_da + Fd + cols, (dh * silu).to(da_ptr.dtype.element_ty), mask=m)
+            h = silu * u
+        else:
+            cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
+            pdf = tl.exp(-0.5 * g * g) * 0.3989422804014327
+            tl.store(da_ptr + row * stride_da + cols, (dh * (cdf + g * pdf)).to(da_ptr.dtype.element_ty), mask=m)
+            h = g * cdf
+        tl.store(h_ptr + row * stride_h + cols, h.to(h_ptr.dtype.element_ty), mask=m)
+
+
 # ---------------------------------------------------------------------------------------------------
 # host launchers
 # ---------------------------------------------------------------------------------------------------
@@ -336,6 +377,32 @@ def grouped_wgrad_triton(x: torch.Tensor, dy: torch.Tensor, index: MoEIndex, num
     return dw
 
 
+def activation_triton(a: torch.Tensor, activation: str) -> torch.Tensor:
+    """Triton: SwiGLU (a (N,2F) -> (N,F)) or GELU (a (N,F) -> (N,F)) in float32 math, a's dtype out."""
+    a = a.contiguous()
+    N = a.shape[0]
+    Fd = a.shape[1] // 2 if activation == "swiglu" else a.shape[1]
+    h = torch.empty((N, Fd), dtype=a.dtype, device=a.device)
+    if N and Fd:
+        bl = _block_h(Fd, a.device)
+        _act_fwd_kernel[(N, triton.cdiv(Fd, bl))](a, h, Fd, a.stride(0), h.stride(0),
+                                                  SWIGLU=activation == "swiglu", BLOCK=bl)
+    return h
+
+
+def activation_backward_triton(a: torch.Tensor, dh: torch.Tensor, activation: str):
+    """Triton: (da, h) from the pre-activation a and the output gradient dh."""
+    a, dh = a.contiguous(), dh.contiguous()
+    N, Fd = dh.shape
+    da = torch.empty_like(a)
+    h = torch.empty((N, Fd), dtype=a.dtype, device=a.device)
+    if N and Fd:
+        bl = _block_h(Fd, a.device)
+        _act_bwd_kernel[(N, triton.cdiv(Fd, bl))](a, dh, da, h, Fd, a.stride(0), dh.stride(0), da.stride(0),
+                                                  h.stride(0), SWIGLU=activation == "swiglu", BLOCK=bl)
+    return da, h
+
+
 # ---------------------------------------------------------------------------------------------------
 # torch references (same signatures; also the fallback path)
 # ---------------------------------------------------------------------------------------------------
@@ -442,37 +509,38 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, index: MoEIndex, backend: Backe
 # -- expert MLP with explicit forward/backward (used by the expert-parallel pipeline) -----------------
 def expert_mlp_forward(x, w1, w2, index: MoEIndex, activation: str = "swiglu", backend: Backend = "auto"):
     """Returns (y, a): y (N,H) expert outputs, a (N, F or 2F) pre-activation saved for the backward."""
+    use_triton = _pick(backend, x)
     with torch.no_grad():
         a = grouped_mm(x, w1, index, backend)
-        h = _act_ref(a, activation)          # elementwise in the storage dtype (torch upcasts inside)
+        h = activation_triton(a, activation) if use_triton else _act_ref(a, activation)
         return grouped_mm(h, w2, index, backend), a
 
 
 def expert_mlp_backward(x, a, dy, w1, w2, index: MoEIndex, activation: str = "swiglu",
                         backend: Backend = "auto"):
-    """Gradients (dx, dw1, dw2) of the expert MLP from the saved input x and pre-activation a."""
-    use_triton = _pick(backend, x)
+    """Gradients (dx, dw1, dw2) of the expert MLP from the saved input x and pre-activation a
+    (the activation is recomputed from a, not stored)."""
+    dy = dy.contiguous().to(x.dtype)
+    if _pick(backend, x):
+        with torch.no_grad():
+            dh = grouped_mm_triton(dy, w2.transpose(1, 2), index)
+            da, h = activation_backward_triton(a, dh, activation)
+            dw2 = grouped_wgrad_triton(h, dy, index, w2.shape[0])
+            dx = grouped_mm_triton(da, w1.transpose(1, 2), index)
+            dw1 = grouped_wgrad_triton(x.contiguous(), da, index, w1.shape[0])
+        return dx, dw1, dw2
     with torch.enable_grad():
         a_ = a.detach().requires_grad_(True)
-        h_ = _act_ref(a_, activation)        # recomputed from the saved pre-activation
+        h_ = _act_ref(a_, activation)
     h = h_.detach()
-    dy = dy.contiguous().to(x.dtype)
     with torch.no_grad():
-        if use_triton:
-            dh = grouped_mm_triton(dy, w2.transpose(1, 2), index)
-            dw2 = grouped_wgrad_triton(h, dy, index, w2.shape[0])
-        else:
-            dh = grouped_mm_ref(dy, w2.transpose(1, 2), index)
-            dw2 = _wgrad_ref(h, dy, index, w2.shape[0])
+        dh = grouped_mm_ref(dy, w2.transpose(1, 2), index)
+        dw2 = _wgrad_ref(h, dy, index, w2.shape[0])
     (da,) = torch.autograd.grad(h_, a_, dh.to(h_.dtype))
     da = da.to(x.dtype)
     with torch.no_grad():
-        if use_triton:
-            dx = grouped_mm_triton(da, w1.transpose(1, 2), index)
-            dw1 = grouped_wgrad_triton(x.contiguous(), da, index, w1.shape[0])
-        else:
-            dx = grouped_mm_ref(da, w1.transpose(1, 2), index)
-            dw1 = _wgrad_ref(x, da, index, w1.shape[0])
+        dx = grouped_mm_ref(da, w1.transpose(1, 2), index)
+        dw1 = _wgrad_ref(x, da, index, w1.shape[0])
     return dx, dw1, dw2
 
 

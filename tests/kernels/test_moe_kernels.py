@@ -129,3 +129,19 @@ def test_backend_selection(monkeypatch):
     torch.testing.assert_close(K.permute(t, idx), t[[1, 0]])
     with pytest.raises(ValueError, match="activation: 'relu'"):
         K.expert_mlp(t, None, None, idx, "relu")
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_activation_kernels(activation, dtype):
+    Fd = 37
+    a = (torch.randn(9, 2 * Fd if activation == "swiglu" else Fd) * 2).to(dtype)
+    dh = torch.randn(9, Fd).to(dtype)
+    h = K.activation_triton(a, activation)
+    a_ref = a.float().requires_grad_(True)
+    h_ref = K._act_ref(a_ref, activation)
+    assert_all_close(h, h_ref, dtype, f"{activation} h")
+    (da_ref,) = torch.autograd.grad(h_ref, a_ref, dh.float())
+    da, h2 = K.activation_backward_triton(a, dh, activation)
+    assert_all_close(da, da_ref, dtype, f"{activation} da")
+    assert_all_close(h2, h_ref, dtype, f"{activation} h (re-emitted)")
