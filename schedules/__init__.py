@@ -1,7 +1,9 @@
 """adasched.schedules: budget-aware LR schedules (REX, UBA, linear decay, refined from gradient norms) as torch
-LRSchedulers, a gradient-norm recorder, and adapters for transformers, DeepSpeed and megatron-core."""
+LRSchedulers, a gradient-norm recorder, adapters for transformers, DeepSpeed and megatron-core, and MoE
+layer-wise capacity schedules (DynaMoE)."""
 from .adapters import (DeepSpeedSchedule, MegatronParamScheduler, ScheduleLambda, get_lambda_schedule,
                        get_refined_schedule_with_warmup, get_rex_schedule_with_warmup, get_uba_schedule_with_warmup)
+from .capacity import CAPACITY_SCHEDULES, capacity_schedule, moe_layer_configs, schedule_shape
 from .gradnorm import GradNormRecorder, read_norms_csv, write_norms_csv
 from .lr import (REX, SCHEDULE_NAMES, UBA, UBA_DEFAULT_PHI, LinearDecay, Refined, WarmupDecay, cosine_multiplier,
                  get_schedule, linear_multiplier, refined_multipliers, rex_multiplier, smooth_norms, uba_multiplier,
@@ -18,4 +20,6 @@ __all__ = [
     # adapters
     "get_rex_schedule_with_warmup", "get_uba_schedule_with_warmup", "get_refined_schedule_with_warmup",
     "get_lambda_schedule", "ScheduleLambda", "DeepSpeedSchedule", "MegatronParamScheduler",
+    # MoE layer-wise capacity schedules
+    "CAPACITY_SCHEDULES", "capacity_schedule", "schedule_shape", "moe_layer_configs",
 ]
