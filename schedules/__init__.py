@@ -1,13 +1,24 @@
 """adasched.schedules: budget-aware LR schedules (REX, UBA, linear decay, refined from gradient norms) as torch
 LRSchedulers, a gradient-norm recorder, adapters for transformers, DeepSpeed and megatron-core, and MoE
-layer-wise capacity schedules (DynaMoE)."""
-from .adapters import (DeepSpeedSchedule, MegatronParamScheduler, ScheduleLambda, get_lambda_schedule,
-                       get_refined_schedule_with_warmup, get_rex_schedule_with_warmup, get_uba_schedule_with_warmup)
-from .capacity import CAPACITY_SCHEDULES, capacity_schedule, moe_layer_configs, schedule_shape
-from .gradnorm import GradNormRecorder, read_norms_csv, write_norms_csv
-from .lr import (REX, SCHEDULE_NAMES, UBA, UBA_DEFAULT_PHI, LinearDecay, Refined, WarmupDecay, cosine_multiplier,
-                 get_schedule, linear_multiplier, refined_multipliers, rex_multiplier, smooth_norms, uba_multiplier,
-                 warmup_decay_multiplier)
+layer-wise capacity schedules (DynaMoE).
+
+Imports are lazy (``from adasched.schedules import REX`` loads torch on first use), so the CLI plugin that lives
+here (``adasched.schedules.cli``) stays cheap to import and ``adasched --help`` stays fast.
+"""
+from __future__ import annotations
+
+import importlib
+
+_MODULE_OF = {
+    **dict.fromkeys(("DeepSpeedSchedule", "MegatronParamScheduler", "ScheduleLambda", "get_lambda_schedule",
+                     "get_refined_schedule_with_warmup", "get_rex_schedule_with_warmup",
+                     "get_uba_schedule_with_warmup"), "adapters"),
+    **dict.fromkeys(("CAPACITY_SCHEDULES", "capacity_schedule", "moe_layer_configs", "schedule_shape"), "capacity"),
+    **dict.fromkeys(("GradNormRecorder", "read_norms_csv", "write_norms_csv"), "gradnorm"),
+    **dict.fromkeys(("REX", "SCHEDULE_NAMES", "UBA", "UBA_DEFAULT_PHI", "LinearDecay", "Refined", "WarmupDecay",
+                     "cosine_multiplier", "get_schedule", "linear_multiplier", "refined_multipliers",
+                     "rex_multiplier", "smooth_norms", "uba_multiplier", "warmup_decay_multiplier"), "lr"),
+}
 
 __all__ = [
     # schedulers (torch LRScheduler subclasses) and the transformers-like factory
@@ -23,3 +34,13 @@ __all__ = [
     # MoE layer-wise capacity schedules
     "CAPACITY_SCHEDULES", "capacity_schedule", "schedule_shape", "moe_layer_configs",
 ]
+
+
+def __getattr__(name: str):
+    if name in _MODULE_OF:
+        return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
