@@ -55,7 +55,10 @@ def to_plan(results: list[StepResult], cm: SPCostModel, profile: ClusterProfile,
     steps = [_step_model(r, cm) for r in results]
     gaps = [r.mip_gap for r in results if r.mip_gap is not None]
     statuses = {r.milp_status for r in results}
-    status = "optimal" if statuses == {"optimal"} else ("heuristic" if statuses == {"heuristic"} else "feasible")
+    # a step whose MILPs all timed out without a solution runs a heuristic plan: no step with a solver solution
+    # -> "heuristic", never "feasible"
+    solved = statuses & {"optimal", "feasible"}
+    status = "optimal" if statuses == {"optimal"} else ("feasible" if solved else "heuristic")
     n_won = sum(1 for r in results for m in r.milp if m.won)
     n_milp = sum(len(r.milp) for r in results)
     solver = SolverRecord(

@@ -114,3 +114,25 @@ def test_plan_rejects_a_sequence_that_cannot_fit():
     lens = np.array([100, 200, 10_000_000])
     with pytest.raises(InputError, match=r"sequence 2 \(0-based\) has 10000000 tokens and needs .* GiB"):
         plan_sp(prof, "gpt-7b", lens, gpus=64, global_batch=2, steps=1)
+
+
+def test_plan_status_never_claims_a_solver_result_it_did_not_get(planned):
+    """Status of the plan from the steps' MILP outcomes: all timed out (no solution) -> the plan is heuristic."""
+    import dataclasses
+
+    from adasched.planner.flexsp.api import to_plan
+    from adasched.planner.flexsp.planner import MilpStat
+
+    prof, out = planned
+    _, results = out["auto"]
+    cm = sp_cost_model(prof, "gpt-7b", 8)
+    cfg = PlannerConfig(time_limit=0.3, seed=1)
+
+    def with_milp(*statuses):
+        rs = [dataclasses.replace(r, milp=[MilpStat(s, None, None, None, 0.1, False)]) for r, s in zip(results, statuses)]
+        return to_plan(rs, cm, prof, cfg, "d", 32768).solver.status
+
+    assert with_milp("timeout", "timeout", "timeout") == "heuristic"
+    assert with_milp("optimal", "optimal", "optimal") == "optimal"
+    assert with_milp("optimal", "timeout", "optimal") == "feasible"
+    assert with_milp("feasible", "optimal", "optimal") == "feasible"
