@@ -63,9 +63,9 @@ def emit_json(obj: Any) -> None:
 
 @contextmanager
 def progress(description: str, total: int | None, *, enabled: bool = True):
-    """A rich progress bar on stderr; yields ``advance(n=1)``. Disabled (no output) when not a TTY-friendly run
-    is requested or ``enabled`` is False."""
-    if not enabled:
+    """A rich progress bar on stderr; yields ``advance(n=1)``. Disabled (no output) when ``enabled`` is False or
+    stderr is not a terminal (logs, pipes, tests: stderr then carries only warnings and the one `error:` line)."""
+    if not enabled or not err_console().is_terminal:
         yield lambda n=1: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -117,3 +117,13 @@ def test_console_entry_point_no_traceback(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr == f"error: {tmp_path / 'nope.json'}: no such file\n"
+
+
+def test_plan_error_after_progress_is_one_line(tmp_path):
+    """A bad option found once planning has started still leaves exactly one stderr line (no progress bar when
+    stderr is not a terminal) and no plan file."""
+    out = tmp_path / "p.json"
+    r = subprocess.run([sys.executable, "-m", "adasched.planner", "plan", "sp", "--seqlens", "builtin",
+                        "--global-batch", "0", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr == "error: --global-batch: must be >= 1, got 0\n", r.stderr
+    assert not out.exists()
