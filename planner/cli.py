@@ -208,13 +208,17 @@ def main(argv: list[str] | None = None) -> int:
         ctx = e.ctx.command_path if getattr(e, "ctx", None) else "adasched"
         sys.stderr.write(f"error: {ctx}: {msg}\n")
         return 2
-    except (InputError, ValueError, FileNotFoundError) as e:
+    except (InputError, ValueError) as e:
         from pydantic import ValidationError
 
         from adasched.profiler.io import describe_validation_error
 
         msg = describe_validation_error(e) if isinstance(e, ValidationError) else str(e)
         sys.stderr.write("error: " + " ".join(msg.split()) + "\n")
+        return 2
+    except OSError as e:  # a file the user named that cannot be read or written (permissions, a directory...)
+        where = e.filename if e.filename is not None else "adasched"
+        sys.stderr.write(f"error: {where}: {' '.join((e.strerror or str(e)).split())}\n")
         return 2
     except abort_exc:
         sys.stderr.write("aborted\n")

@@ -48,13 +48,9 @@ def render_gantt(tasks: Iterable, path: str | os.PathLike, *, title: str = "", x
     if handles:
         ax.legend(handles, [c for c in cats if c], loc="upper right", fontsize=7, ncol=min(len(handles), 6))
     fig.tight_layout()
-    path = os.fspath(path)
-    base, ext = os.path.splitext(path)
-    tmp = f"{base}.tmp{os.getpid()}{ext or '.png'}"
+    from adasched.profiler.io import save_figure
+
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        save_figure(fig, path, dpi=120)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)

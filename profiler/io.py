@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Iterator, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["InputError", "atomic_write_text", "atomic_write_json", "read_json", "load_model", "describe_validation_error"]
+__all__ = ["InputError", "atomic_path", "atomic_write_text", "atomic_write_json", "save_figure", "read_json", "load_model", "describe_validation_error"]
 
 
 class InputError(ValueError):
@@ -25,24 +26,55 @@ class InputError(ValueError):
         super().__init__(f"{self.where}: {what}")
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temp file in the same folder + rename (never half-written)."""
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside ``path`` (same suffix, so e.g. ``savefig`` infers the format); on success it is
+    renamed onto ``path``, on any error removed, so ``path`` is never half-written. A destination that cannot be
+    written (a directory, no permission) is an :class:`InputError` naming ``path``."""
     path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise InputError(path, "is a directory, expected a file path")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result gets the usual permissions
+    except OSError as err:
+        raise InputError(path, f"cannot write: {err.strerror or err}") from None
+    try:
+        yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except OSError as err:
+        raise InputError(path, f"cannot write: {err.strerror or err}") from None
+    finally:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temp file in the same folder + rename (never half-written)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return path
+
+
+def save_figure(fig, path: str | os.PathLike, *, dpi: int = 110) -> Path:
+    """Save a matplotlib figure atomically; the format comes from the suffix (PNG when there is none)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=path.suffix[1:].lower() if path.suffix else "png")
     return path
 
 

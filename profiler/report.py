@@ -98,13 +98,9 @@ def plot_profile(p: ClusterProfile, path: str | os.PathLike) -> None:
         ax.text(0.5, 0.5, "no collective fits", ha="center", transform=ax.transAxes)
     fig.suptitle(f"profile {p.name}")
     fig.tight_layout()
-    path = os.fspath(path)
-    base, ext = os.path.splitext(path)
-    tmp = f"{base}.tmp{os.getpid()}{ext or '.png'}"
+    from .io import save_figure
+
     try:
-        fig.savefig(tmp, dpi=110, format=(ext[1:] if ext else "png"))
-        os.replace(tmp, path)
+        save_figure(fig, path, dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)

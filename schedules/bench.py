@@ -352,5 +352,9 @@ def plot_bench(res: BenchResult, path) -> None:
     ax.set_title("schedules")
     axes[0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from adasched.profiler.io import save_figure
+
+    try:
+        save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)

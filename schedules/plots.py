@@ -69,8 +69,6 @@ def plot_curves(curves: list[tuple[str, np.ndarray]], path: str | os.PathLike, t
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for label, m in curves:
         ax.plot(np.arange(len(m)), m, label=label)
@@ -81,8 +79,9 @@ def plot_curves(curves: list[tuple[str, np.ndarray]], path: str | os.PathLike, t
         ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    from adasched.profiler.io import save_figure
+
+    try:
+        return save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)

@@ -127,3 +127,15 @@ def test_plan_error_after_progress_is_one_line(tmp_path):
                         "--global-batch", "0", "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr == "error: --global-batch: must be >= 1, got 0\n", r.stderr
     assert not out.exists()
+
+
+def test_os_error_is_one_line(tmp_path, capsys, monkeypatch):
+    """An OSError on a user's file (permissions, I/O) is `error: FILE: reason`, exit 2, no traceback."""
+    import adasched.profiler.io as io
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(io, "read_json", denied)
+    assert main(["show", str(tmp_path / "p.json")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'p.json'}: Permission denied\n"

@@ -60,11 +60,36 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(InputError, match=f"^{path}: cannot write: disk full$"):
         atomic_write_text(path, "x" * 1000)
-    with pytest.raises(OSError):
+    with pytest.raises(InputError, match="new.json: cannot write"):
         atomic_write_json(tmp_path / "new.json", {"a": 1})
     assert path.read_text() == before and os.listdir(tmp_path) == ["plan.json"]
+
+
+def test_unwritable_destinations_are_one_line_errors(tmp_path):
+    """A directory, a path under a file, a figure onto a directory: InputError naming the path, nothing left."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from adasched.profiler.io import save_figure
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "f").write_text("keep")
+    with pytest.raises(InputError, match="d: is a directory, expected a file path"):
+        atomic_write_text(tmp_path / "d", "x")
+    with pytest.raises(InputError, match="f/x.json: cannot write"):
+        atomic_write_text(tmp_path / "f" / "x.json", "x")
+    fig = plt.figure()
+    with pytest.raises(InputError, match="d: is a directory"):
+        save_figure(fig, tmp_path / "d")
+    save_figure(fig, tmp_path / "g")  # no suffix: PNG
+    plt.close(fig)
+    assert (tmp_path / "g").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(tmp_path)) == ["d", "f", "g"] and os.listdir(tmp_path / "d") == []
+    assert (tmp_path / "f").read_text() == "keep"
 
 
 @pytest.mark.parametrize("case,content,expect", [
