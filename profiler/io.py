@@ -14,7 +14,7 @@ from typing import Any, Iterator, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["InputError", "atomic_path", "atomic_write_text", "atomic_write_json", "save_figure", "read_json", "load_model", "describe_validation_error"]
+__all__ = ["InputError", "atomic_path", "check_output_path", "atomic_write_text", "atomic_write_json", "save_figure", "read_json", "load_model", "describe_validation_error"]
 
 
 class InputError(ValueError):
@@ -51,6 +51,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+
+
+def check_output_path(path: str | os.PathLike | None, option: str) -> None:
+    """Fail before any work when ``path`` (the value of ``option``) cannot be a file to write: a directory, or
+    under an existing file. Commands that write several outputs check them all first, so a late failure never
+    leaves one written and the command failed."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(option, f"{path} is a directory, expected a file path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(option, f"{path}: {parent} is not a directory")
+            break
 
 
 def _umask() -> int:

@@ -30,12 +30,14 @@ def register(groups) -> None:
         import numpy as np
 
         from adasched.planner.ui import emit_json, print_table
-        from adasched.profiler.io import InputError, atomic_write_json
+        from adasched.profiler.io import InputError, atomic_write_json, check_output_path
 
         from .gradnorm import read_norms_csv
         from .lr import refined_multipliers, smooth_norms
         from .plots import curve_rows, plot_curves
 
+        check_output_path(out, "--out")
+        check_output_path(plot, "--plot")
         if norm not in ("l2", "l1"):
             raise InputError("--norm", f"must be l2 or l1, got {norm!r}")
         if not 0 <= smoothing < 1:

@@ -112,14 +112,14 @@ def register(groups) -> None:
         """Plan FlexSP sequence parallelism: per global batch and micro-batch, concurrent Ulysses groups of
         power-of-two degrees (buddy-placed) and the sequences each runs; compared with static SP = N, the best
         single degree per micro-batch and a greedy heuristic on the same cost model."""
-        from adasched.profiler.io import InputError
+        from adasched.profiler.io import check_output_path
 
         from ..plan import save_plan
         from ..ui import emit_json, print_table
         from .api import summarize
 
-        if out.exists() and out.is_dir():
-            raise InputError("--out", f"{out} is a directory, expected a file path")
+        check_output_path(out, "--out")
+        check_output_path(plot, "--plot")
         prof, mdl, cm, lens, cfg = _setup(profile, model, seqlens, gpus, max_context, time_limit, seed, buckets, no_milp)
         plan, results = _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context, show_progress=not as_json)
         save_plan(plan, out)

@@ -139,3 +139,19 @@ def test_os_error_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(io, "read_json", denied)
     assert main(["show", str(tmp_path / "p.json")]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'p.json'}: Permission denied\n"
+
+
+@pytest.mark.parametrize("argv", [
+    ["plan", "sp", "--seqlens", "builtin", "--global-batch", "8", "--no-milp"],
+    ["plan", "lora", "--jobs", "tiny", "--no-milp"],
+])
+def test_bad_plot_path_fails_before_the_plan_is_written(tmp_path, capsys, argv):
+    """--plot onto a directory or under a file is caught up front: exit 2, one line, no plan file."""
+    out = tmp_path / "plan.json"
+    (tmp_path / "d").mkdir()
+    (tmp_path / "f").write_text("")
+    for plot, expect in ((tmp_path / "d", "is a directory"), (tmp_path / "f" / "x.png", "is not a directory")):
+        assert main(argv + ["--out", str(out), "--plot", str(plot)]) == 2
+        line = _err_line(capsys)
+        assert line.startswith("error: --plot: ") and expect in line, line
+        assert not out.exists()
