@@ -110,8 +110,11 @@ def register(groups) -> None:
 
         from adasched.planner.ui import emit_json, print_table, progress
 
+        from adasched.profiler.io import check_output_path
+
         from .bench import BenchConfig, bench_rows, plot_bench, run_bench, summary
 
+        check_output_path(plot, "--plot")
         cfg = BenchConfig.quick() if quick else BenchConfig()
         if seeds is not None:
             if seeds <= 0:
