@@ -31,6 +31,7 @@ TOLERANCE = 0.03
 #: Plan-derived knobs per (machine, tile), solved with this repository on the CPU (a test checks that they match
 #: a fresh solve). Used only when the planner cannot be imported (the GPU image may lack ortools or pydantic);
 #: the time to configuration then counts the recorded solve time (seconds, 2-core CPU, warm solver).
+WARP_SPECIALIZE_SUPPORTED = {"h100": False, "b200": True}  # mirrors machines/*.json (checked by a test)
 PRECOMPUTED = {
     ("h100", (128, 128, 64)): {"num_stages": 3, "num_warps": 4, "warp_specialize": False, "maxnreg": 240, "ii": 2,
                                "status": "optimal", "solve_seconds": 0.02},
@@ -92,12 +93,16 @@ def plan_config(tile: tuple[int, int, int], machine: str, dtype_bytes: int = 2, 
 
 def sweep_configs(tile: tuple[int, int, int], machine: str, stages=SWEEP_STAGES, warps=SWEEP_WARPS) -> list:
     """Every num_stages x num_warps (x warp_specialize on machines whose Triton supports it)."""
-    from adasched.planner.twill.graph import load_machine
-
     from .gemm import GemmConfig
 
+    try:
+        from adasched.planner.twill.graph import load_machine
+
+        supported = load_machine(machine).warp_specialize
+    except ImportError:  # GPU image without the planner's dependencies
+        supported = WARP_SPECIALIZE_SUPPORTED[machine]
     bm, bn, bk = tile
-    ws = (False, True) if load_machine(machine).warp_specialize else (False,)
+    ws = (False, True) if supported else (False,)
     return [GemmConfig(block_m=bm, block_n=bn, block_k=bk, num_stages=s, num_warps=w, warp_specialize=x)
             for s in stages for w in warps for x in ws]
 

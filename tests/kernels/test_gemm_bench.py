@@ -47,6 +47,12 @@ def test_plan_vs_sweep_code_path_on_cpu():
 def test_precomputed_fallback_without_planner(monkeypatch):
     import sys
 
+    from adasched.planner.twill.graph import load_machine
+
+    for m, ok in gemm_bench.WARP_SPECIALIZE_SUPPORTED.items():
+        assert load_machine(m).warp_specialize is ok
     monkeypatch.setitem(sys.modules, "adasched.planner.twill.plan", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "adasched.planner.twill.graph", None)
     cfg, info = gemm_bench.plan_config((128, 256, 64), "h100")
     assert info["source"] == "precomputed" and (cfg.num_stages, cfg.num_warps) == (3, 8)
+    assert len(gemm_bench.sweep_configs((128, 128, 64), "b200")) == 16
