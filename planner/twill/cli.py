@@ -28,10 +28,12 @@ def register(groups) -> None:
         from adasched.planner.plan import save_plan
         from adasched.planner.solver import SolveParams
         from adasched.planner.ui import emit_json, print_table
-        from adasched.profiler.io import InputError
+        from adasched.profiler.io import InputError, check_output_path
 
         from .plan import plan_twill
 
+        check_output_path(out, "--out")
+        check_output_path(plot, "--plot")
         try:
             params = SolveParams(time_limit=time_limit, seed=seed, threads=threads)
         except ValueError as err:

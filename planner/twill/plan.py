@@ -35,6 +35,7 @@ class WarpGroup(BaseModel):
     index: int
     role: Literal["producer", "consumer", "all"]
     ops: list[str]
+    kinds: list[str] = Field(default_factory=list, description="categories of its ops (e.g. tma, mma, softmax)")
     regs: int = Field(description="registers per thread its live values need (incl. the base)")
 
 
@@ -99,7 +100,7 @@ class TwillPlan(Plan):
     def gantt_tasks(self) -> list:
         """Bars of ``stages + 1`` overlapped iterations, one lane per unit and one per warp group."""
         bars = []
-        role = {g.index: g.role for g in self.warp_groups}
+        role = {g.index: g.role + (f" ({'+'.join(g.kinds)})" if g.kinds else "") for g in self.warp_groups}
         for it in range(self.stages + 1):
             for s in self.ops:
                 start = s.issue_cycle + it * self.ii
@@ -204,7 +205,9 @@ def make_plan(problem: Problem, schedule, *, simulate: bool = True) -> TwillPlan
         else:
             role = "consumer"
         regs = m.group_base_regs + sum((o.regs or 0) * depth[o.name] for o in members)
-        wgs.append(WarpGroup(index=q, role=role, ops=[o.name for o in members], regs=regs if schedule.warp else 0))
+        kinds = sorted({o.category for o in members if o.category})
+        wgs.append(WarpGroup(index=q, role=role, ops=[o.name for o in members], kinds=kinds,
+                             regs=regs if schedule.warp else 0))
     channels = [e.label() for e in g.edges if e.value and e.src != e.dst and groups[e.src] != groups[e.dst]]
     stage = {s.name: s.stage for s in slots}
     last = {q: max(stage[o.name] for o in g.ops if groups[o.name] == q) for q in set(groups.values())}

@@ -75,3 +75,5 @@ def test_bad_options_exit_2(tmp_path, capsys):
     assert "error: --machine" in capsys.readouterr().err
     assert main(["plan", "twill", "--graph", "toy-attention", "--time-limit", "0"]) == 2
     assert "time_limit" in capsys.readouterr().err
+    assert main(["plan", "twill", "--graph", "toy-attention", "--out", str(tmp_path)]) == 2  # a directory
+    assert "error: --out" in capsys.readouterr().err
