@@ -83,6 +83,8 @@ def group_sizes_for(world: int) -> list[int]:
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it). The one copy: runtime.dist and
+    the tests import it from here."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

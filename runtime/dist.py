@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
+
+from adasched.profiler.collectives import free_port  # one copy of the port helper (re-exported here)
 
 __all__ = ["init_distributed", "free_port", "spawn_gloo", "WorkerError", "env_world"]
 
@@ -69,14 +70,6 @@ def init_distributed(backend: str | None = None, timeout_s: float = 60) -> tuple
     dist.init_process_group(backend=backend, rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s), **kwargs)
     return rank, world
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, timeout_s: float, fn: Callable, args: tuple, queue) -> None:

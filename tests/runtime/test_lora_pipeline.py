@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import torch
 import torch.multiprocessing as mp
 import yaml
 
 from adasched.launch.train_lora import main
+from adasched.runtime.dist import free_port
 
 JOBS = {
     "capacity": 256, "stages": 3,  # planned for 3 stages (no-op slots), run on 2 ranks
@@ -24,11 +24,6 @@ JOBS = {
 }
 MODEL = ["--vocab", "32", "--hidden", "16", "--layers", "2", "--heads", "2", "--ffn", "24", "--max-positions", "64"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, argv: list[str], rcs) -> None:
@@ -49,7 +44,7 @@ def test_two_stage_pipeline_matches_single_process(tmp_path):
 
     ctx = mp.get_context("spawn")
     rcs = ctx.Manager().dict()
-    port = _free_port()
+    port = free_port()
     argv = ["--plan", str(single / "plan.json"), "--out", str(piped), "--reference", "--timeout", "60"] + MODEL
     procs = [ctx.Process(target=_worker, args=(r, 2, port, argv, rcs)) for r in range(2)]
     for p in procs:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from adasched.runtime.dist import free_port
 from adasched.schedules import REX, UBA, LinearDecay, Refined
 from adasched.schedules.adapters import (MegatronParamScheduler, get_lambda_schedule,
                                          get_refined_schedule_with_warmup, get_rex_schedule_with_warmup,
@@ -180,11 +180,6 @@ def test_megatron_wrapper_new_styles_equal_our_schedulers(style):
 
 
 # ------------------------------------------------------------------------------------------------ DeepSpeed
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_deepspeed_two_rank_cpu_with_checkpoint(tmp_path):
@@ -197,7 +192,7 @@ def test_deepspeed_two_rank_cpu_with_checkpoint(tmp_path):
     out, ck = tmp_path / "out", tmp_path / "ck"
     out.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(Path(__file__).with_name("test_adapters_dsworker.py")), str(out), str(ck)]
+           str(free_port()), str(Path(__file__).with_name("test_adapters_dsworker.py")), str(out), str(ck)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
