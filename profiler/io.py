@@ -14,7 +14,7 @@ from typing import Any, Iterator, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["InputError", "atomic_path", "check_output_path", "atomic_write_text", "atomic_write_json", "save_figure", "read_json", "load_model", "describe_validation_error"]
+__all__ = ["InputError", "atomic_path", "check_output_path", "atomic_write_text", "atomic_write_json", "save_figure", "read_text", "read_json", "load_model", "describe_validation_error"]
 
 
 class InputError(ValueError):
@@ -102,19 +102,26 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, text + "\n")
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file; missing/unreadable/malformed input raises :class:`InputError`."""
+def read_text(path: str | os.PathLike, *, expected: str = "a file", missing: str = "no such file") -> str:
+    """A user's text file as str (UTF-8); missing, a directory, unreadable or blank -> :class:`InputError`
+    naming the file (``expected`` says what kind of file, ``missing`` replaces 'no such file')."""
     path = Path(path)
     if not path.exists():
-        raise InputError(path, "no such file")
+        raise InputError(path, missing)
     if path.is_dir():
-        raise InputError(path, "is a directory, expected a JSON file")
+        raise InputError(path, f"is a directory, expected {expected}")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(path, f"cannot read: {err}") from None
     if not text.strip():
         raise InputError(path, "file is empty")
+    return text
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file; missing/unreadable/malformed input raises :class:`InputError`."""
+    text = read_text(path, expected="a JSON file")
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:

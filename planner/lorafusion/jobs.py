@@ -245,16 +245,10 @@ def _read_length_file(path: Path, where: str) -> list[int]:
 
 # ---- loading ------------------------------------------------------------------------------------
 def _read_text_config(path: Path) -> Any:
-    if not path.exists():
-        raise InputError(path, "no such file (and not a preset: " + ", ".join(PRESETS) + ")")
-    if path.is_dir():
-        raise InputError(path, "is a directory, expected a jobs file (JSON or YAML)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(path, f"cannot read: {err}") from None
-    if not text.strip():
-        raise InputError(path, "file is empty")
+    from adasched.profiler.io import read_text
+
+    text = read_text(path, expected="a jobs file (JSON or YAML)",
+                     missing="no such file (and not a preset: " + ", ".join(PRESETS) + ")")
     if path.suffix.lower() == ".json":
         try:
             return json.loads(text)

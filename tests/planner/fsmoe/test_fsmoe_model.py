@@ -209,3 +209,16 @@ def test_bench_summary_has_required_fields(capsys):
     for src in ("published", "profile"):
         for row in res["sources"][src]["rows"]:
             assert row["r_fwd"] in R_CANDIDATES and row["r_bwd"] in R_CANDIDATES
+
+
+def test_bad_yaml_config_files_name_the_file(tmp_path):
+    """Empty, non-UTF-8 and directory YAML configs: one InputError naming the file, not a codec error."""
+    from adasched.planner.fsmoe.presets import load_configs
+    from adasched.profiler.io import InputError
+
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "latin.yaml").write_bytes(b"\xff\xfe hidden: 1")
+    (tmp_path / "dir.yaml").mkdir()
+    for name, expect in (("empty.yaml", "file is empty"), ("latin.yaml", "cannot read"), ("dir.yaml", "is a directory")):
+        with pytest.raises(InputError, match=f"^{tmp_path / name}: {expect}"):
+            load_configs(str(tmp_path / name), 8)
