@@ -28,7 +28,6 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from adasched.planner.lorafusion.model import dependency_violations
 from adasched.profiler.io import InputError, atomic_write_text
 
 from .lora_model import LoRAAdapter, TinyCausalLM, save_peft_adapter
@@ -196,7 +195,7 @@ def check_plan(plan, model: TinyCausalLM, stages: int) -> None:
     """InputError unless the plan fits the model (sample lengths) and ``stages`` pipeline ranks (dependency rule)."""
     if max(plan.lengths) > model.cfg.max_positions:
         raise InputError("plan", f"longest sample {max(plan.lengths)} tokens > model max_positions {model.cfg.max_positions}")
-    bad = dependency_violations(plan.sequence(), stages)
+    bad = plan.dependency_violations(stages)
     if bad:
         a, g, f, l = bad[0]
         raise InputError("plan", f"made for {plan.stages} stages: job {plan.jobs[a].name!r} global batch {g} starts at "

@@ -20,6 +20,7 @@ from .model import (
     AdapterStats,
     Microbatch,
     apply_dependency_rule,
+    dependency_violations,
     group_adapters,
     merge_pass,
     pack_problem,
@@ -121,6 +122,11 @@ class LoRAPlan(Plan):
     # ---- views ----------------------------------------------------------------------------------
     def sequence(self) -> list[Microbatch]:
         return [Microbatch([(s.job, s.global_batch, list(s.samples)) for s in mb.segments]) for mb in self.microbatches]
+
+    def dependency_violations(self, stages: int | None = None) -> list[tuple[int, int, int, int]]:
+        """(job, global batch g+1, its first microbatch, last microbatch of g) wherever a job's next global
+        batch would start before its optimizer step under a 1F1B pipeline of ``stages`` (default: the plan's)."""
+        return dependency_violations(self.sequence(), self.stages if stages is None else stages)
 
     def batches(self) -> dict[tuple[int, int], list[int]]:
         """(job, global batch) -> sample ids, rebuilt from the segments."""

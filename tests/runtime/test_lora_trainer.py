@@ -138,3 +138,23 @@ def test_fused_trainer_matches_plain_peft_training_and_saves_loadable_adapters(t
             ours = torch.stack([model.forward_packed([17], proj, tokens=ids[r]) for r in range(2)])
         torch.testing.assert_close(got, ours, atol=1e-5, rtol=1e-5)
         assert (got - base_out).abs().max() > 1e-3  # the adapter really changes the model
+
+
+def test_check_plan_rejects_more_stages_than_the_plan_was_made_for():
+    """A 1-stage plan puts a job's next global batch right after the last one; on 4 stages its optimizer step
+    would not have happened yet: check_plan says so (the rule is read through LoRAPlan.dependency_violations)."""
+    from adasched.profiler.io import InputError
+    from adasched.runtime.lora_trainer import check_plan
+
+    plan = make_plan(0.0, 0.0, stages=1)
+    model = TinyCausalLM(CFG)
+    assert plan.dependency_violations() == []
+    check_plan(plan, model, 1)
+    bad = plan.dependency_violations(4)
+    assert bad, "a 1-stage plan of 2 global batches per job must violate the 4-stage rule"
+    for job, g, first, last in bad:  # brute-force the rule from the microbatch list
+        pos = [i for i, mb in enumerate(plan.microbatches) for s in mb.segments if s.job == job and s.global_batch == g]
+        prev = [i for i, mb in enumerate(plan.microbatches) for s in mb.segments if s.job == job and s.global_batch == g - 1]
+        assert first == min(pos) and last == max(prev) and first - last < 4
+    with pytest.raises(InputError, match=r"fewer than 4 after \d+ \(re-plan with stages >= 4\)"):
+        check_plan(plan, model, 4)
