@@ -1,7 +1,7 @@
 """One command for a GPU machine: every kernel's correctness checks (bf16) and `bench kernels`, one table.
 
-    python3 launch/device_check.py                # full grid; ~5-8 min on an H100 incl. Triton autotuning
-    python3 launch/device_check.py --quick        # two shapes per kernel (~1-2 min)
+    python3 launch/device_check.py                # full grid incl. Triton autotuning (GPU run time not yet measured)
+    python3 launch/device_check.py --quick        # two shapes per kernel
 
 Runs from a plain checkout (the adasched package need not be installed: the folders are mapped onto the
 ``adasched.*`` namespace here) on torch 2.11 / triton 3.6 as well as our pins. Prints the checks, the benchmark
