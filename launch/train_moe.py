@@ -291,7 +291,14 @@ def _main(args) -> int:
                 res = _train_one(args, r, s, rank, world, base_ep, log if rank == 0 else (lambda m: None))
                 out.append(res)
     finally:
-        dist.destroy_process_group()
+        # every rank leaves together: a rank tearing gloo down while its peer is still connected can abort
+        import gc
+
+        gc.collect()                                   # drop finished async-work handles while torch is alive
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
     if rank == 0 and args.router_stats_out is not None and out:
         from adasched.profiler.io import atomic_write_json
 
@@ -302,5 +309,19 @@ def _main(args) -> int:
     return 0
 
 
+def _exit_worker(rc: int) -> None:
+    """Leave a torchrun worker without interpreter finalisation: gloo's worker threads can still hold finished
+    async-work objects whose destruction during finalisation aborts the process (SIGABRT, "terminate called
+    without an active exception") after all work is done. Everything is flushed first."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _rc = main()
+    if "TORCHELASTIC_RUN_ID" in __import__("os").environ:
+        _exit_worker(_rc)
+    sys.exit(_rc)
