@@ -94,5 +94,5 @@ def test_bench_quick_json(capsys, tmp_path):
     for key in {(r["model"], r["optimizer"], r["budget"]) for r in rows}:
         u2, cos = (next(r for r in rows if (r["model"], r["optimizer"], r["budget"], r["schedule"]) == key + (s,))
                    for s in ("uba2", "cosine"))
-        np.testing.assert_allclose(u2["losses"], cos["losses"], rtol=1e-3)
+        np.testing.assert_allclose(u2["losses"], cos["losses"], rtol=1e-6)  # float32 training, identical lr tables
     assert (tmp_path / "b.png").stat().st_size > 1000
