@@ -100,26 +100,14 @@ def layer_routers(router: str, schedule: str, layers: int, experts: int, *, budg
 
 
 def _plan_pipeline(args, world: int, layers: int):
-    """(r_fwd per layer, r_bwd per layer, slice fractions per layer) from --plan, else the flags."""
+    """(r_fwd per layer, r_bwd per layer, slice fractions per layer in backward order) from --plan, else the
+    flags (equal slices)."""
     if args.plan is None:
         return [args.r_fwd] * layers, [args.r_bwd] * layers, [1.0 / layers] * layers
-    from adasched.planner.fsmoe.plan import MoEPlan
-    from adasched.planner.plan import load_plan
-    from adasched.profiler.io import InputError
+    from adasched.runtime.moe.planned import load_pipeline
 
-    plan = load_plan(args.plan, expect=MoEPlan)
-    cfgs = [c for c in plan.configs if args.plan_config in (None, c.name)]
-    if not cfgs:
-        raise InputError("--plan-config", f"{args.plan_config!r} not in {args.plan} "
-                         f"({', '.join(c.name for c in plan.configs)})")
-    c = cfgs[0]
-    if c.ep_size != world:
-        raise InputError(str(args.plan), f"configuration {c.name!r} was planned for EP size {c.ep_size}, "
-                                         f"this run has {world} ranks")
-    pl = [c.layers[min(i, len(c.layers) - 1)] for i in range(layers)]
-    tot = sum(c.grad_slices) or 1.0
-    fr = [c.grad_slices[i] / tot if i < len(c.grad_slices) else 0.0 for i in range(layers)]
-    return [x.r_fwd for x in pl], [x.r_bwd for x in pl], fr
+    pp = load_pipeline(args.plan, ep_size=world, num_layers=layers, config=args.plan_config)
+    return pp.r_fwd, pp.r_bwd, pp.slice_fractions
 
 
 def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log) -> dict:
@@ -140,7 +128,7 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log)
     if world > 1:
         dense = model.dense_parameters()
         total = sum(p.numel() for p in dense)
-        reducer = GradSliceReducer(dense, [f * total for f in reversed(fractions)])
+        reducer = GradSliceReducer(dense, [f * total for f in fractions])   # fractions: backward order
         for m in model.moe_layers():
             m.reducer = reducer
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)

@@ -59,6 +59,16 @@ def test_plan_for_another_ep_size_is_an_error(tmp_path, monkeypatch, capsys):
     assert "planned for EP size 4" in err and "this run has 2 ranks" in err
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert main(["--plan", str(plan), "--experts", "8", "--validate-only"]) == 0
+    from adasched.planner.fsmoe.plan import MoEPlan
+    from adasched.planner.plan import load_plan
+    from adasched.runtime.moe import load_pipeline
+
+    pp = load_pipeline(plan, ep_size=4, num_layers=3)
+    c = load_plan(plan, expect=MoEPlan).configs[0]
+    assert pp.r_fwd == [c.layers[min(i, len(c.layers) - 1)].r_fwd for i in range(3)]
+    assert pp.r_bwd == [c.layers[min(i, len(c.layers) - 1)].r_bwd for i in range(3)]
+    assert abs(sum(pp.slice_fractions) - 1.0) < 1e-9 and len(pp.slice_fractions) == 3
+    assert sum(pp.slices_for(1000)) == pytest.approx(1000)
 
 
 def test_torchrun_ep_training_prints_loss_per_step(tmp_path):
