@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=None, help="profile name (default local-<hostname>)")
     args = ap.parse_args(argv)
 
-    from adasched.profiler.io import InputError
+    from adasched.profiler.io import error_line
     from adasched.profiler.local import in_torchrun, profile_in_world
 
     if not in_torchrun():
@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         prof = profile_in_world(quick=args.quick, out=args.out, microbench=not args.no_microbench, name=args.name)
-    except (InputError, ValueError) as err:
-        sys.stderr.write(f"error: {err}\n")
+    except ValueError as err:  # InputError is a ValueError
+        sys.stderr.write(error_line(err))
         return 2
     if prof is not None:
         print(f"wrote {args.out}: {len(prof.collectives)} collective fits on {prof.world_size} ranks "

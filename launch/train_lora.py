@@ -122,13 +122,13 @@ def run(args: argparse.Namespace) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from adasched.profiler.io import InputError
+    from adasched.profiler.io import error_line
 
     args = parse_args(argv)
     try:
         run(args)
-    except (InputError, ValueError, FileNotFoundError) as err:
-        sys.stderr.write(f"error: {err}\n".replace("\n", " ").rstrip() + "\n")
+    except (ValueError, FileNotFoundError) as err:  # InputError is a ValueError
+        sys.stderr.write(error_line(err))
         return 2
     return 0
 

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from adasched.profiler.io import InputError
+from adasched.profiler.io import InputError, error_line
 
 __all__ = ["main", "parse_args", "check_plan", "scaled_lengths", "make_sequence", "launch_local"]
 
@@ -313,7 +313,8 @@ def main(argv: list[str] | None = None, quiet: bool = False) -> int:
         factor, lengths = scaled_lengths(plan, args.max_len)
     except ValueError as err:  # InputError included
         if rank == 0:
-            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.stderr.write(error_line(err))
+            sys.stderr.flush()
         return 2
     if args.check_plan_only:
         if not quiet:

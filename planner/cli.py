@@ -209,12 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: {ctx}: {msg}\n")
         return 2
     except (InputError, ValueError) as e:
-        from pydantic import ValidationError
+        from adasched.profiler.io import error_line
 
-        from adasched.profiler.io import describe_validation_error
-
-        msg = describe_validation_error(e) if isinstance(e, ValidationError) else str(e)
-        sys.stderr.write("error: " + " ".join(msg.split()) + "\n")
+        sys.stderr.write(error_line(e))
         return 2
     except OSError as e:  # a file the user named that cannot be read or written (permissions, a directory...)
         where = e.filename if e.filename is not None else "adasched"

@@ -14,7 +14,7 @@ from typing import Any, Iterator, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["InputError", "atomic_path", "check_output_path", "atomic_write_text", "atomic_write_json", "save_figure", "read_text", "read_json", "load_model", "describe_validation_error"]
+__all__ = ["InputError", "atomic_path", "check_output_path", "atomic_write_text", "atomic_write_json", "save_figure", "read_text", "read_json", "load_model", "describe_validation_error", "error_line"]
 
 
 class InputError(ValueError):
@@ -137,6 +137,13 @@ def describe_validation_error(err: ValidationError) -> str:
     msg = first.get("msg", "invalid")
     more = len(err.errors()) - 1
     return f"{loc}: {msg}" + (f" (and {more} more)" if more > 0 else "")
+
+
+def error_line(err: BaseException) -> str:
+    """The one line every entry point prints for bad input: ``error: <where>: <what>\n`` (white space folded,
+    a pydantic error as 'field.path: message')."""
+    msg = describe_validation_error(err) if isinstance(err, ValidationError) else str(err)
+    return "error: " + " ".join(msg.split()) + "\n"
 
 
 M = TypeVar("M", bound=BaseModel)
