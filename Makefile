@@ -27,7 +27,7 @@ $(STAMP): $(VPY) requirements.txt constraints.txt pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VPY) -m adasched.launch.demo
+	TRITON_INTERPRET=1 $(VPY) -m adasched.launch.demo
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q tests

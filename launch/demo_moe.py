@@ -4,7 +4,10 @@ Training part (this file's ``train_part``): a tiny MoE LM with DynaMoE top-p rou
 capacity schedule trains expert-parallel over 2 local gloo ranks under torchrun (r_fwd=2, r_bwd=1 chunks,
 dense gradients all-reduced in slices during the MoE backward), printing the loss per step; then two capacity
 schedules at equal budget are compared on the synthetic task (single process, a few seconds).
-The planning part (FSMoE degrees for the Mixtral preset) is added by the planner's owner as ``plan_part``.
+Planning part (``plan_part``): FSMoE chooses the forward/backward chunk counts and the gradient slices for the
+Mixtral-8x7B preset on 64 GPUs (h100-sxm profile) and prints them against no pipelining and a fixed r = 2; after
+training, the router statistics of the trained top-p model (expected k per layer) are fed back into the planner
+for the fine-grained preset (``stats_part``).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["run", "train_part"]
+__all__ = ["run", "plan_part", "train_part", "stats_part"]
 
 
 def train_part(out_dir: Path) -> None:
@@ -44,8 +47,31 @@ def train_part(out_dir: Path) -> None:
     (out_dir / "moe-schedules.json").write_text(json.dumps(res, indent=1) + "\n")
 
 
+def plan_part(out_dir: Path) -> None:
+    from adasched.planner.cli import main
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = out_dir / "moe-plan.json"
+    print("moe: FSMoE plan, Mixtral-8x7B layers on 64 GPUs (8 nodes x 8, h100-sxm profile):")
+    if main(["plan", "moe", "--config", "mixtral-8x7b", "--gpus", "64", "--out", str(plan)]) != 0:
+        raise RuntimeError("adasched plan moe failed")
+    if main(["show", str(plan), "--plot", str(out_dir / "moe-plan.png")]) != 0:
+        raise RuntimeError("adasched show failed")
+
+
+def stats_part(out_dir: Path) -> None:
+    from adasched.planner.cli import main
+
+    out_dir = Path(out_dir)
+    stats = out_dir / "moe-router-stats.json"
+    print("moe: the trained router's expected k per layer, fed back into the planner (fine-grained preset):")
+    if main(["plan", "moe", "--config", "fine-grained", "--gpus", "64", "--router-stats", str(stats),
+             "--out", str(out_dir / "moe-plan-dynamic-k.json")]) != 0:
+        raise RuntimeError("adasched plan moe --router-stats failed")
+
+
 def run(out_dir: Path) -> None:
-    plan_part = globals().get("plan_part")
-    if plan_part is not None:
-        plan_part(out_dir)
+    plan_part(out_dir)
     train_part(out_dir)
+    stats_part(out_dir)
