@@ -55,10 +55,12 @@ def to_plan(results: list[StepResult], cm: SPCostModel, profile: ClusterProfile,
     steps = [_step_model(r, cm) for r in results]
     gaps = [r.mip_gap for r in results if r.mip_gap is not None]
     statuses = {r.milp_status for r in results}
-    # a step whose MILPs all timed out without a solution runs a heuristic plan: no step with a solver solution
-    # -> "heuristic", never "feasible"
+    # The MILPs solve a bucketed model over some micro-batch splits only, so their "optimal" does not prove the
+    # real-length plan optimal. The plan is "optimal" only where every step meets its lower bound; otherwise
+    # "feasible" when some MILP found a solution, else "heuristic" (all MILPs timed out or none ran).
+    at_bound = all(r.time_ms <= r.lower_bound_ms * (1 + 1e-9) for r in results)
     solved = statuses & {"optimal", "feasible"}
-    status = "optimal" if statuses == {"optimal"} else ("feasible" if solved else "heuristic")
+    status = "optimal" if at_bound else ("feasible" if solved else "heuristic")
     n_won = sum(1 for r in results for m in r.milp if m.won)
     n_milp = sum(len(r.milp) for r in results)
     solver = SolverRecord(
@@ -68,7 +70,8 @@ def to_plan(results: list[StepResult], cm: SPCostModel, profile: ClusterProfile,
         seed=config.seed, threads=config.threads,
         note=f"MILP budget {config.time_limit:g} s per step over {len(results)} steps; {n_milp} MILPs (bucketed, Q={config.buckets}); MILP beat the heuristics on {n_won}; gap is the "
              f"mean over MILPs of (objective - bound)/objective in the bucketed model; every plan is evaluated on "
-             f"real lengths and is the best of MILP, single-degree and greedy candidates",
+             f"real lengths and is the best of MILP, single-degree and greedy candidates; status 'optimal' only when "
+             f"every step meets its lower bound (MILP statuses per step refer to the bucketed model)",
     )
     bnames = sorted({k for r in results for k in r.baselines_ms})
     baselines = {k: round(sum(r.baselines_ms.get(k, np.inf) for r in results), 6) for k in bnames}

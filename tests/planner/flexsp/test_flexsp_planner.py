@@ -117,7 +117,8 @@ def test_plan_rejects_a_sequence_that_cannot_fit():
 
 
 def test_plan_status_never_claims_a_solver_result_it_did_not_get(planned):
-    """Status of the plan from the steps' MILP outcomes: all timed out (no solution) -> the plan is heuristic."""
+    """Plan status: all MILPs timed out (no solution) -> heuristic; bucketed MILPs proved optimal -> still only
+    feasible (the real-length plan is not proven optimal) unless every step meets its lower bound."""
     import dataclasses
 
     from adasched.planner.flexsp.api import to_plan
@@ -128,11 +129,15 @@ def test_plan_status_never_claims_a_solver_result_it_did_not_get(planned):
     cm = sp_cost_model(prof, "gpt-7b", 8)
     cfg = PlannerConfig(time_limit=0.3, seed=1)
 
-    def with_milp(*statuses):
-        rs = [dataclasses.replace(r, milp=[MilpStat(s, None, None, None, 0.1, False)]) for r, s in zip(results, statuses)]
+    def with_milp(*statuses, at_bound=False):
+        rs = [dataclasses.replace(r, milp=[MilpStat(s, None, None, None, 0.1, False)],
+                                  lower_bound_ms=r.time_ms if at_bound else r.lower_bound_ms)
+              for r, s in zip(results, statuses)]
         return to_plan(rs, cm, prof, cfg, "d", 32768).solver.status
 
+    assert any(r.time_ms > r.lower_bound_ms * (1 + 1e-9) for r in results)  # the real plans are above the bound
     assert with_milp("timeout", "timeout", "timeout") == "heuristic"
-    assert with_milp("optimal", "optimal", "optimal") == "optimal"
+    assert with_milp("optimal", "optimal", "optimal") == "feasible"
     assert with_milp("optimal", "timeout", "optimal") == "feasible"
     assert with_milp("feasible", "optimal", "optimal") == "feasible"
+    assert with_milp("timeout", "timeout", "timeout", at_bound=True) == "optimal"  # proved by the bound
