@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -27,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adasched.planner.lorafusion.jobs import KNOWN_TARGET_MODULES, AdapterSpec
-from adasched.profiler.io import atomic_write_text
+from adasched.profiler.io import atomic_path, atomic_write_text
 
 __all__ = ["TinyLMConfig", "TinyCausalLM", "LoRAAdapter", "save_peft_adapter", "Proj", "plain_proj", "ATTN_MODULES", "MLP_MODULES"]
 
@@ -257,14 +256,7 @@ def save_peft_adapter(out_dir: str | os.PathLike, config: dict, state: dict[str,
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".adapter_model.", suffix=".tmp", dir=out)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": "pt"})
-        os.replace(tmp, out / "adapter_model.safetensors")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out / "adapter_model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     atomic_write_text(out / "adapter_config.json", json.dumps(config, indent=1) + "\n")
     return out

@@ -116,7 +116,7 @@ def test_fused_trainer_matches_plain_peft_training_and_saves_loadable_adapters(t
     base_out = TinyCausalLM(CFG)(ids)
     for j, job in enumerate(plan.jobs):
         d = tmp_path / "out" / job.name
-        assert (d / "adapter_model.safetensors").exists() and (d / "adapter_config.json").exists()
+        assert sorted(f.name for f in d.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]  # no temp
         conf = LoraConfig.from_pretrained(str(d))
         assert conf.r == job.adapter.r and conf.lora_alpha == job.adapter.alpha
         assert conf.use_rslora == job.adapter.use_rslora
