@@ -33,8 +33,9 @@ def register(groups) -> None:
         from .local import in_torchrun, profile_in_world, profile_local
         from .report import profile_rows
 
-        if out.exists() and out.is_dir():
-            raise typer.BadParameter(f"{out} is a directory", param_hint="--out")
+        from .io import check_output_path
+
+        check_output_path(out, "--out")  # before minutes of measuring, and before any note on stderr
         import os
 
         if in_torchrun() and no_collectives and os.environ.get("RANK", "0") != "0":

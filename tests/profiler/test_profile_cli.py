@@ -38,3 +38,7 @@ def test_profile_bad_options(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error:") and "is a directory" in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+    # a path under a file: refused before measuring, so the host note never reaches stderr
+    (tmp_path / "f").write_text("")
+    assert main(["profile", "--quick", "--no-collectives", "--out", str(tmp_path / "f" / "p.json")]) == 2
+    assert capsys.readouterr().err == f"error: --out: {tmp_path / 'f' / 'p.json'}: {tmp_path / 'f'} is not a directory\n"
