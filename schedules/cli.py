@@ -74,14 +74,19 @@ def register(groups) -> None:
     ) -> None:
         """Plot lr / peak lr per step for several schedules (and print their values at 0..100 %)."""
         from adasched.planner.ui import emit_json, print_table
+        from adasched.profiler.io import InputError, check_output_path
 
         from .plots import DEFAULT_SPECS, curve_rows, plot_curves, schedule_curve
 
+        check_output_path(out, "--out")
         specs = list(schedules) if schedules else list(DEFAULT_SPECS)
         has_file = any(s.lower().endswith((".csv", ".json")) for s in specs)
         n = steps if steps is not None else (None if has_file else 100)
         if n is not None and n <= 0:
-            raise ValueError(f"--steps: must be > 0, got {n}")
+            raise InputError("--steps", f"must be > 0, got {n}")
+        if warmup < 0 or (n is not None and warmup >= n):
+            raise InputError("--warmup", f"must be in [0, steps) = [0, {n}), got {warmup}" if n is not None
+                             else f"must be >= 0, got {warmup}")
         is_file = [s.lower().endswith((".csv", ".json")) for s in specs]
         curves: list = [None] * len(specs)
         for i in sorted(range(len(specs)), key=lambda i: not is_file[i]):  # files first: they set the length

@@ -62,7 +62,9 @@ def test_plot_default_and_mixed(tmp_path, capsys):
     (["schedules", "refine", "{empty}", "--out", "{dir}/o.json"], "empty"),
     (["schedules", "plot", "uba:0", "--out", "{dir}/o.png"], "phi"),
     (["schedules", "plot", "rex", "--out", "{dir}/o.png", "--steps", "0"], "--steps"),
-    (["schedules", "plot", "rex", "--out", "{dir}/o.png", "--steps", "10", "--warmup", "10"], "warmup_steps"),
+    (["schedules", "plot", "rex", "--out", "{dir}/o.png", "--steps", "10", "--warmup", "10"], "--warmup"),
+    (["schedules", "plot", "rex", "--out", "{dir}/o.png", "--warmup", "-1"], "--warmup"),
+    (["schedules", "plot", "rex", "--out", "{norms}/x.png"], "--out"),
     (["schedules", "plot", "step", "--out", "{dir}/o.png"], "schedule"),
     (["schedules", "plot", "{norms}", "--steps", "20", "--out", "{dir}/o.png"], "wrong length"),
 ])
