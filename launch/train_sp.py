@@ -35,7 +35,7 @@ from adasched.profiler.io import InputError, error_line
 
 __all__ = ["main", "parse_args", "check_plan", "scaled_lengths", "make_sequence", "launch_local"]
 
-TOLERANCE = {"float32": 1e-4, "float64": 1e-10}  # max |grad - ref| / max |ref|, and |loss - ref| / |ref|
+TOLERANCE = {"float32": 1e-5, "float64": 1e-10}  # max |grad - ref| / max |ref|, and |loss - ref| / |ref|
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

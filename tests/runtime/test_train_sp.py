@@ -62,7 +62,7 @@ def test_train_sp_matches_single_process_reference(tmp_path, monkeypatch, capfd)
     assert [int(s[3]) for s in steps] == [96 + 13 + 5 + 4 + 43 + 2, 32 + 32 + 2 + 7]
     for s in steps:
         assert 4.0 < float(s[4]) < 7.0  # ~ln(256) at init
-        assert float(s[6]) <= 1e-4 and float(s[7]) <= 1e-4
+        assert float(s[6]) <= 1e-5 and float(s[7]) <= 1e-5  # float32: measured ~5e-8 (loss), ~6e-7 (grads)
     assert "check-reference: 2 steps" in r.out and ": OK" in r.out
 
 
