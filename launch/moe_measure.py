@@ -1,0 +1,494 @@
+"""FSMoE cost model vs the real expert-parallel MoE layer, measured on this CPU over gloo.
+
+    python -m adasched.launch.moe_measure [--json] [--quick] [--nproc 4]
+    adasched bench moe --measure [--quick] [--json]        (runs this module in a subprocess)
+
+For a few small configurations (flat EP over ``--nproc`` gloo ranks, GShard top-2, dropless or capacity mode,
+torch backend for the expert GEMMs, one thread per rank) every rank, all at once:
+
+1. measures the primitives on this machine: the dispatch (rows + int64 tags, two asynchronous
+   ``all_to_all_single``) and the combine (rows) at four message sizes -> alpha-beta fits; the expert
+   computation of one pipeline chunk (group by expert, expert MLP forward, or its backward from the saved
+   activations) at three chunk sizes -> alpha + work per direction; and the part of the layer that is not
+   pipelined (router, permute/unpermute and their backward, the size exchange and the chunk bookkeeping of
+   ``runtime.moe.ep``), per r;
+2. builds :class:`~adasched.planner.fsmoe.costmodel.StageCosts` from the fits (stage 0 = the all-to-all,
+   stage 2 = the expert compute; no intra-node stages, no all-reduce: flat EP, one layer) and predicts the
+   layer's forward and backward time for r in {1, 2, 4} with the planner's exact pipeline evaluation
+   (best issue order) plus the measured non-pipelined part; ``choose_r`` over {1, 2, 4} gives the r the
+   planner would pick;
+3. measures the real EP :class:`~adasched.runtime.moe.MoELayer` forward and backward separately for every r
+   (r values interleaved round-robin so background load hits them alike; barrier before each timing; per
+   repeat the max over ranks; the median over repeats after warm-up);
+4. prints a table (unless ``--json``) and, last, ONE line of JSON ``{"rows": [...], "mean_abs_error": ...,
+   "chosen_r_predicted": {...}, "best_r_measured": {...}, "note": ...}``; ``error = (predicted - measured) /
+   measured``.
+
+All times are milliseconds. Sizes are per rank.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+__all__ = ["MeasureConfig", "CONFIGS", "R_VALUES", "main", "measure", "predict", "stage_costs_of", "summarize"]
+
+R_VALUES = (1, 2, 4)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeasureConfig:
+    """One small MoE layer measured on CPU (all sizes per rank)."""
+
+    name: str
+    hidden: int
+    """M, model hidden size."""
+    ffn: int
+    """H, expert FFN hidden size."""
+    experts: int
+    """E, experts over all ranks (must divide by --nproc)."""
+    tokens: int
+    """Tokens on each rank."""
+    activation: str = "swiglu"
+    capacity_factor: float | None = None
+    """None = dropless."""
+    top_k: int = 2
+
+
+CONFIGS = (
+    MeasureConfig(name="swiglu-dropless", hidden=64, ffn=128, experts=8, tokens=2048),
+    MeasureConfig(name="gelu-capacity1.25", hidden=128, ffn=256, experts=8, tokens=1024, activation="gelu",
+                  capacity_factor=1.25),
+    MeasureConfig(name="swiglu-comm-heavy", hidden=256, ffn=32, experts=8, tokens=1024),
+)
+
+
+@dataclass(frozen=True)
+class Repeats:
+    warmup: int
+    """Untimed rounds first."""
+    rounds: int
+    """Timed rounds: every probe once per round."""
+
+
+NOTE = ("CPU measurement: {P} gloo ranks on a {C}-core machine, one compute thread per rank. Compute and gloo's "
+        "communication threads compete for the same cores, so the overlap the pipeline model assumes (links and "
+        "compute as independent resources) is only partly available; chunking then mostly adds per-chunk "
+        "latency. Prediction = FSMoE pipeline model on alpha-beta fits measured in the same run + the measured "
+        "non-pipelined part of the layer (router, permute/unpermute, size exchange, bookkeeping). "
+        "error = (predicted - measured) / measured; per-rank times, max over ranks, median over rounds.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# on every rank: probes, run round-robin
+# ---------------------------------------------------------------------------------------------------
+# A probe runs once and returns the local wall times (ms) of its timed parts; it places its own barriers.
+# All probes of a configuration run in rounds (every probe once per round, the same order on every rank), so
+# that load from other processes on the machine drifts over all of them alike. Per probe and timed part: the
+# max over ranks of each sample, then the median over the rounds.
+Probe = Callable[[], tuple]
+
+
+def _simple(fn, setup=None) -> Probe:
+    import torch.distributed as dist
+
+    def probe():
+        if setup:
+            setup()
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        return ((time.perf_counter() - t0) * 1e3,)
+    return probe
+
+
+def _run_probes(probes: dict[str, Probe], rep: Repeats) -> dict[str, list[float]]:
+    import torch
+    import torch.distributed as dist
+
+    for _ in range(rep.warmup):
+        for p in probes.values():
+            p()
+    samples: dict[str, list] = {k: [] for k in probes}
+    for _ in range(rep.rounds):
+        for k, p in probes.items():
+            samples[k].append(p())
+    out = {}
+    for k, s in samples.items():
+        t = torch.tensor(s, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        out[k] = [statistics.median(col) for col in t.T.tolist()]
+    return out
+
+
+def _max_int(v: int) -> int:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([v], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _a2a_probes(rows_max: int, hidden: int, P: int) -> tuple[list[int], dict[str, Probe]]:
+    """Dispatch (rows + int64 (src, expert, token) tags: two asynchronous all_to_all_single) and combine (rows)
+    at four sizes up to the busiest rank's rows, split evenly over the P destinations."""
+    import torch
+    import torch.distributed as dist
+
+    sizes = sorted({max(P, (rows_max // d) // P * P) for d in (8, 4, 2, 1)})
+    probes = {}
+    for n in sizes:
+        x = torch.randn(n, hidden)
+        tags = torch.randint(0, 1 << 20, (n, 3), dtype=torch.int64)
+        ox, ot = torch.empty_like(x), torch.empty_like(tags)
+
+        def dispatch(x=x, tags=tags, ox=ox, ot=ot):
+            w1 = dist.all_to_all_single(ox, x, async_op=True)
+            w2 = dist.all_to_all_single(ot, tags, async_op=True)
+            w1.wait()
+            w2.wait()
+
+        def combine(x=x, ox=ox):
+            dist.all_to_all_single(ox, x, async_op=True).wait()
+
+        probes[f"dispatch/{n}"] = _simple(dispatch)
+        probes[f"combine/{n}"] = _simple(combine)
+    return sizes, probes
+
+
+def _compute_probes(cfg: MeasureConfig, P: int, rows_max: int) -> tuple[list[int], dict[str, Probe]]:
+    """One pipeline chunk's work on the expert rank as ``runtime.moe.ep`` runs it (group the received rows by
+    expert, expert MLP forward, restore the order; or the backward from the saved activations), at the chunk
+    sizes of r = 4, 2, 1 of the busiest rank's received rows."""
+    import torch
+
+    from adasched.kernels.moe import expert_mlp_backward, expert_mlp_forward, make_index
+    from adasched.runtime.moe.ep import _group_by_expert, _unpermute_rows
+
+    E_local = cfg.experts // P
+    cols = 2 * cfg.ffn if cfg.activation == "swiglu" else cfg.ffn
+    w1 = torch.randn(E_local, cfg.hidden, cols) * cfg.hidden ** -0.5
+    w2 = torch.randn(E_local, cfg.ffn, cfg.hidden) * cfg.ffn ** -0.5
+    key_base = 1 << 40
+    N = rows_max
+    tags_all = torch.stack([torch.randint(0, P, (N,)), torch.randint(0, E_local, (N,)), torch.randperm(N)], 1)
+    key_all = (tags_all[:, 1] * P + tags_all[:, 0]) * key_base + tags_all[:, 2]
+    key_s, korder = torch.sort(key_all)
+    x_all = torch.randn(N, cfg.hidden)
+    x_s = x_all[korder]
+    idx_all = make_index(torch.zeros(N, dtype=torch.int64), torch.bincount(tags_all[korder, 1], minlength=E_local), 1)
+    _, a_s = expert_mlp_forward(x_s, w1, w2, idx_all, cfg.activation, "torch")
+    dw1, dw2 = torch.zeros_like(w1), torch.zeros_like(w2)
+    sizes = sorted({max(1, N // r) for r in (4, 2, 1)})
+    probes = {}
+    for n in sizes:
+        sel = torch.randperm(N)[:n]
+        xr, tags, g = x_all[sel].contiguous(), tags_all[sel].contiguous(), torch.randn(n, cfg.hidden)
+
+        def forward(xr=xr, tags=tags):
+            order, counts, _ = _group_by_expert(tags, E_local, P, key_base)
+            xs = xr[order]
+            idx = make_index(torch.zeros(xs.shape[0], dtype=torch.int64), counts, 1)
+            ys, _ = expert_mlp_forward(xs, w1, w2, idx, cfg.activation, "torch")
+            _unpermute_rows(ys, order)
+
+        def backward(tags=tags, g=g):
+            order, counts, keys = _group_by_expert(tags, E_local, P, key_base)
+            pos = torch.searchsorted(key_s, keys)
+            idx = make_index(torch.zeros(keys.shape[0], dtype=torch.int64), counts, 1)
+            dx, d1, d2 = expert_mlp_backward(x_s[pos], a_s[pos], g[order], w1, w2, idx, cfg.activation, "torch")
+            dw1.add_(d1)
+            dw2.add_(d2)
+            _unpermute_rows(dx, order)
+
+        probes[f"expert_fwd/{n}"] = _simple(forward)
+        probes[f"expert_bwd/{n}"] = _simple(backward)
+    return sizes, probes
+
+
+def _fixed_probes(layer, x, gy, ep, recv_max: int) -> dict[str, Probe]:
+    """The non-pipelined part of the EP layer: router + permute + unpermute (forward, then their backward), and
+    per r ``runtime.moe.ep``'s size exchange (one all_gather) and chunk bookkeeping around the pipeline (row
+    gathers and tags for the dispatch, output assembly, the saved activations re-sorted by key)."""
+    import torch
+    import torch.distributed as dist
+
+    from adasched.kernels.moe import make_index, permute, unpermute
+    from adasched.runtime.moe.ep import _chunks, _Exchange, _Meta, _tags
+
+    T = x.shape[0]
+
+    def local():
+        xt = x.detach().requires_grad_(True)
+        dist.barrier()
+        t0 = time.perf_counter()
+        routing = layer.router(xt)
+        index = make_index(routing.token_idx, routing.counts, T)
+        rows = permute(xt, index, layer.backend)
+        out = unpermute(rows, routing.weight.to(rows.dtype), index, layer.backend)
+        t1 = time.perf_counter()
+        dist.barrier()
+        t2 = time.perf_counter()
+        out.backward(gy)
+        return (t1 - t0) * 1e3, (time.perf_counter() - t2) * 1e3
+
+    with torch.no_grad():
+        routing = layer.router(x)
+    index = make_index(routing.token_idx, routing.counts, T)
+    x_rows = permute(x.detach(), index, layer.backend)
+    w1, w2 = layer.w1.detach(), layer.w2.detach()
+    recv_x = torch.randn(recv_max, w1.shape[1])
+    recv_a = torch.randn(recv_max, w1.shape[2])
+    probes: dict[str, Probe] = {"local": local}
+    for r in R_VALUES:
+        meta = _Meta(ep, routing.token_idx, routing.expert_idx, T, r, r, layer.activation, layer.backend)
+
+        def book_forward(meta=meta, r=r):
+            rows, mats = _chunks(meta, r)
+            [_Exchange(ep, m) for m in mats]
+            sent = [(x_rows[rw], _tags(meta, rw)) for rw in rows]
+            y = x_rows.new_empty(x_rows.shape[0], w2.shape[2])
+            for rw, (xr, _) in zip(rows, sent):
+                y[rw] = xr
+            korder = torch.argsort(torch.randperm(recv_max))
+            recv_x[korder], recv_a[korder]
+
+        def book_backward(meta=meta, r=r):
+            rows, mats = _chunks(meta, r)
+            [_Exchange(ep, m) for m in mats]
+            sent = [(x_rows[rw], _tags(meta, rw)) for rw in rows]
+            torch.zeros_like(w1), torch.zeros_like(w2)
+            gx = x_rows.new_empty(x_rows.shape[0], w1.shape[1])
+            for rw, (xr, _) in zip(rows, sent):
+                gx[rw] = xr
+
+        probes[f"book_fwd/{r}"] = _simple(book_forward)
+        probes[f"book_bwd/{r}"] = _simple(book_backward)
+    return probes
+
+
+def _layer_probes(layer, x, gy) -> dict[str, Probe]:
+    """The real EP layer: forward and backward timed separately (a barrier before each), per r."""
+    import torch.distributed as dist
+
+    def run(r):
+        layer.set_pipeline(r, r)
+        layer.zero_grad(set_to_none=True)
+        xi = x.detach().requires_grad_(True)
+        dist.barrier()
+        t0 = time.perf_counter()
+        y = layer(xi)
+        t1 = time.perf_counter()
+        dist.barrier()
+        t2 = time.perf_counter()
+        y.backward(gy)
+        return (t1 - t0) * 1e3, (time.perf_counter() - t2) * 1e3
+
+    return {f"layer/{r}": (lambda r=r: run(r)) for r in R_VALUES}
+
+
+def _fit(xs, ms) -> dict:
+    from adasched.profiler.fit import fit_alpha_beta
+
+    f = fit_alpha_beta(xs, ms)
+    return {"alpha_ms": f.coef[0], "ms_per_row": f.coef[1], "fit_rel_error": f.rel_error, "note": f.note}
+
+
+def _measure_config(cfg: MeasureConfig, rank: int, world: int, rep: Repeats, seed: int) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from adasched.runtime.moe import ExpertParallel, MoELayer, RouterConfig
+
+    ep = ExpertParallel.create(cfg.experts)
+    torch.manual_seed(seed)                                   # same router and experts everywhere
+    rc = RouterConfig(kind="gshard", num_experts=cfg.experts, top_k=cfg.top_k, capacity_factor=cfg.capacity_factor)
+    full = MoELayer(cfg.hidden, cfg.ffn, rc, activation=cfg.activation, backend="torch")
+    layer = MoELayer(cfg.hidden, cfg.ffn, rc, activation=cfg.activation, backend="torch", ep=ep)
+    layer.router.load_state_dict(full.router.state_dict())
+    layer.load_full_experts(full.w1.detach(), full.w2.detach())
+    del full
+    g = torch.Generator().manual_seed(seed * 1000 + rank + 1)
+    x = torch.randn(cfg.tokens, cfg.hidden, generator=g)
+    gy = torch.randn(cfg.tokens, cfg.hidden, generator=g)
+    # the actual traffic of this routing: rows each rank sends and receives (the busiest rank sets the pace)
+    with torch.no_grad():
+        routing = layer.router(x)
+    send = torch.bincount(routing.expert_idx // ep.experts_per_rank, minlength=world)
+    recv = send.clone()
+    dist.all_reduce(recv)
+    sent_max, recv_max = _max_int(int(send.sum())), _max_int(int(recv[rank]))
+    a2a_sizes, probes = _a2a_probes(max(sent_max, recv_max), cfg.hidden, world)
+    comp_sizes, comp = _compute_probes(cfg, world, recv_max)
+    probes.update(comp)
+    probes.update(_fixed_probes(layer, x, gy, ep, recv_max))
+    probes.update(_layer_probes(layer, x, gy))
+    t = _run_probes(probes, rep)
+    one = {k: v[0] for k, v in t.items()}
+    a2a = {"rows": a2a_sizes, "dispatch_ms": [one[f"dispatch/{n}"] for n in a2a_sizes],
+           "combine_ms": [one[f"combine/{n}"] for n in a2a_sizes]}
+    a2a.update(dispatch=_fit(a2a_sizes, a2a["dispatch_ms"]), combine=_fit(a2a_sizes, a2a["combine_ms"]))
+    comp = {"rows": comp_sizes, "fwd_ms": [one[f"expert_fwd/{n}"] for n in comp_sizes],
+            "bwd_ms": [one[f"expert_bwd/{n}"] for n in comp_sizes]}
+    comp.update(fwd=_fit(comp_sizes, comp["fwd_ms"]), bwd=_fit(comp_sizes, comp["bwd_ms"]))
+    fixed = {"local_fwd_ms": t["local"][0], "local_bwd_ms": t["local"][1]}
+    for r in R_VALUES:
+        fixed[f"book_fwd_ms_r{r}"] = one[f"book_fwd/{r}"]
+        fixed[f"book_bwd_ms_r{r}"] = one[f"book_bwd/{r}"]
+    layer_ms = {r: {"fwd_ms": t[f"layer/{r}"][0], "bwd_ms": t[f"layer/{r}"][1]} for r in R_VALUES}
+    return {"config": asdict(cfg), "rows_sent_max": sent_max, "rows_received_max": recv_max,
+            "a2a": a2a, "compute": comp, "fixed": fixed, "layer": layer_ms}
+
+
+def _rank_main(rank: int, world: int, configs: list[MeasureConfig], rep: Repeats, seed: int) -> list[dict]:
+    import gc
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        return [_measure_config(c, rank, world, rep, seed) for c in configs]
+    finally:
+        gc.collect()          # drop finished async-work handles before the group is torn down (see train_moe)
+        dist.barrier()
+
+# ---------------------------------------------------------------------------------------------------
+# prediction (planner side: pure functions of the measured numbers)
+# ---------------------------------------------------------------------------------------------------
+def stage_costs_of(meas: dict, direction: str):
+    """StageCosts of one direction from the fits: stage 0 = the mean of dispatch and combine (the pipeline model
+    uses one all-to-all cost for both; their sum is kept exact), stage 2 = the expert chunk work."""
+    from adasched.planner.fsmoe.costmodel import StageCosts
+
+    a2a, comp = meas["a2a"], meas["compute"]
+    rows_a2a = max(meas["rows_sent_max"], meas["rows_received_max"])
+    a0 = (a2a["dispatch"]["alpha_ms"] + a2a["combine"]["alpha_ms"]) / 2
+    w0 = (a2a["dispatch"]["ms_per_row"] + a2a["combine"]["ms_per_row"]) / 2 * rows_a2a
+    c = comp[direction]
+    a2, w2 = c["alpha_ms"], c["ms_per_row"] * meas["rows_received_max"]
+    return StageCosts((a0, 0.0, a2, 0.0, 0.0), (w0, 0.0, w2, 0.0, 0.0),
+                      f"measured on this CPU over gloo ({direction})",
+                      ("stage 0: mean of dispatch (rows + tags) and combine fits", "no intra-node stages (flat EP)"))
+
+
+def predict(meas: dict) -> dict:
+    """Predicted fwd/bwd ms per r (pipeline model + measured non-pipelined part) and the r choose_r picks."""
+    from adasched.planner.fsmoe.model import choose_r
+
+    out = {"per_r": {r: {} for r in R_VALUES}, "chosen": {}}
+    for d in ("fwd", "bwd"):
+        sc = stage_costs_of(meas, d)
+        best, per_r = choose_r(sc, R_VALUES)
+        out["chosen"][d] = best.r
+        fx = meas["fixed"]
+        for r in R_VALUES:
+            out["per_r"][r][d] = {"pipeline_ms": per_r[r], "fixed_ms": fx[f"local_{d}_ms"] + fx[f"book_{d}_ms_r{r}"]}
+    return out
+
+
+def summarize(results: list[dict], nproc: int) -> dict:
+    rows, chosen, best_meas, configs = [], {}, {}, []
+    for meas in results:
+        name = meas["config"]["name"]
+        pred = predict(meas)
+        chosen[name] = pred["chosen"]
+        lay = {int(k): v for k, v in meas["layer"].items()}
+        best_meas[name] = {d: min(R_VALUES, key=lambda r: lay[r][f"{d}_ms"]) for d in ("fwd", "bwd")}
+        for r in R_VALUES:
+            p = pred["per_r"][r]
+            pf = p["fwd"]["pipeline_ms"] + p["fwd"]["fixed_ms"]
+            pb = p["bwd"]["pipeline_ms"] + p["bwd"]["fixed_ms"]
+            mf, mb = lay[r]["fwd_ms"], lay[r]["bwd_ms"]
+            rows.append({"config": name, "r": r, "predicted_fwd_ms": pf, "measured_fwd_ms": mf,
+                         "predicted_bwd_ms": pb, "measured_bwd_ms": mb,
+                         "error_fwd": (pf - mf) / mf, "error_bwd": (pb - mb) / mb})
+        configs.append({"name": name, "config": meas["config"], "rows_sent_max": meas["rows_sent_max"],
+                        "rows_received_max": meas["rows_received_max"], "a2a": meas["a2a"],
+                        "compute": meas["compute"], "fixed": meas["fixed"],
+                        "prediction_parts": {str(r): pred["per_r"][r] for r in R_VALUES}})
+    errs = [abs(r["error_fwd"]) for r in rows] + [abs(r["error_bwd"]) for r in rows]
+    cores = os.cpu_count() or 1
+    return {
+        "rows": rows,
+        "mean_abs_error": statistics.fmean(errs) if errs else None,
+        "chosen_r_predicted": chosen,
+        "best_r_measured": best_meas,
+        "chosen_r_matches_best": sum(chosen[n][d] == best_meas[n][d] for n in chosen for d in ("fwd", "bwd")),
+        "chosen_r_decisions": 2 * len(chosen),
+        "machine": f"{cores}-core CPU, gloo, {nproc} ranks",
+        "note": NOTE.format(P=nproc, C=cores),
+        "configs": configs,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------------
+def measure(quick: bool, nproc: int, seed: int = 0) -> dict:
+    """Run the measurement on ``nproc`` fresh gloo ranks and summarize it."""
+    from adasched.profiler.io import InputError
+
+    if nproc < 2:
+        raise InputError("--nproc", f"{nproc}: expert parallelism needs at least 2 ranks")
+    configs = list(CONFIGS[:1] if quick else CONFIGS)
+    for c in configs:
+        if c.experts % nproc:
+            raise InputError("--nproc", f"{nproc} does not divide the {c.experts} experts of config {c.name!r}")
+    rep = Repeats(warmup=2, rounds=7) if quick else Repeats(warmup=3, rounds=25)
+    os.environ["OMP_NUM_THREADS"] = "1"                        # inherited by the spawned ranks
+    from adasched.runtime.dist import spawn_gloo
+
+    from adasched.launch import moe_measure as mod              # importable name for the spawned ranks
+    t0 = time.perf_counter()
+    per_rank = spawn_gloo(mod._rank_main, nproc, configs, rep, seed, timeout_s=120 if quick else 600)
+    out = summarize(per_rank[0], nproc)
+    out.update(repeats={"warmup": rep.warmup, "rounds": rep.rounds}, wall_s=time.perf_counter() - t0,
+               quick=quick, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    return out
+
+
+def _print_table(res: dict) -> None:
+    from adasched.planner.ui import print_table
+
+    cols = ["config", "r", "pred fwd ms", "meas fwd ms", "err fwd", "pred bwd ms", "meas bwd ms", "err bwd"]
+    rows = [(r["config"], r["r"], r["predicted_fwd_ms"], r["measured_fwd_ms"], f"{r['error_fwd']:+.1%}",
+             r["predicted_bwd_ms"], r["measured_bwd_ms"], f"{r['error_bwd']:+.1%}") for r in res["rows"]]
+    print_table(rows, cols, title=f"MoE layer: predicted vs measured ({res['machine']})")
+    pick = [(n, res["chosen_r_predicted"][n]["fwd"], res["best_r_measured"][n]["fwd"],
+             res["chosen_r_predicted"][n]["bwd"], res["best_r_measured"][n]["bwd"]) for n in res["chosen_r_predicted"]]
+    print_table(pick, ["config", "r_fwd chosen", "r_fwd best measured", "r_bwd chosen", "r_bwd best measured"])
+    print(f"mean |error| {res['mean_abs_error']:.1%}; {res['note']}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m adasched.launch.moe_measure",
+                                description="FSMoE predicted vs measured MoE layer time on this CPU (gloo).")
+    p.add_argument("--json", action="store_true", help="print only the one-line JSON result")
+    p.add_argument("--quick", action="store_true", help="one configuration, fewer repeats")
+    p.add_argument("--nproc", type=int, default=4, help="gloo ranks = expert-parallel size (default 4)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        res = measure(args.quick, args.nproc, args.seed)
+    except ValueError as err:                                   # InputError is a ValueError: one line, exit 2
+        from adasched.profiler.io import error_line
+
+        sys.stderr.write(error_line(err))
+        return 2
+    if not args.json:
+        _print_table(res)
+    sys.stdout.write(json.dumps(res) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
