@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 __all__ = ["main", "parse_args"]
@@ -71,6 +69,7 @@ def run(args: argparse.Namespace) -> dict | None:
 
     from adasched.planner.lorafusion.plan import LoRAPlan
     from adasched.planner.plan import save_plan
+    from adasched.runtime.dist import env_world, init_distributed
     from adasched.runtime.lora_model import TinyCausalLM, TinyLMConfig
     from adasched.runtime.lora_trainer import (
         SyntheticLoRAData,
@@ -82,10 +81,10 @@ def run(args: argparse.Namespace) -> dict | None:
         train_plan_pipeline,
     )
 
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world, _ = env_world()  # the one place that reads the torchrun environment
     torch.manual_seed(args.seed)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=args.timeout))
+    if world > 1:
+        init_distributed("gloo", timeout_s=args.timeout)  # idempotent; every collective bounded by --timeout
     try:
         if world > args.layers:
             raise ValueError(f"--layers: {args.layers} layers cannot be split over {world} pipeline stages")
