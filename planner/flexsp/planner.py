@@ -29,6 +29,7 @@ from .assign import MBSolution, buddy_ranks, local_search
 from .baselines import best_homogeneous, greedy, static_sp
 from .batching import make_buckets, split_microbatches
 from .costmodel import SPCostModel
+from .search import structure_search
 from .model import bucket_counts, realise, realise_classes, solve_classes, solve_microbatch
 
 __all__ = ["PlannerConfig", "StepResult", "plan_step", "check_fits", "lower_bound_work"]
@@ -55,6 +56,12 @@ class PlannerConfig:
     """'groups': the paper's per-group MILP; 'classes': counts per (bucket, degree), identical groups merged;
     'auto': groups while the candidate groups number at most ``max_group_vars``, else classes."""
     max_group_vars: int = 40
+    structure_search: bool = True
+    """Before the MILPs, improve each micro-batch's group structure by local search on the real lengths
+    (:func:`adasched.planner.flexsp.search.structure_search`); its plans then warm-start the MILPs."""
+    milp_share: float = 0.25
+    """Fraction of ``time_limit`` left to the MILPs when the structure search runs (it gets the rest first;
+    what it leaves unused goes to the MILPs)."""
 
 
 @dataclass
@@ -208,6 +215,24 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
     if not per_m:
         raise InputError("--global-batch", f"no feasible split of {n_seq} sequences into micro-batches on {cm.world} GPUs")
 
+    # ---- structure search on the real lengths, best splits first, first (its plans warm-start the MILPs) ---
+    t_step_search = time.perf_counter()
+    if cfg.structure_search:
+        deadline = time.perf_counter() + cfg.time_limit * (1.0 - (cfg.milp_share if cfg.use_milp else 0.0))
+        keys = sorted(per_m, key=lambda m: per_m[m]["heur"])[: max(1, cfg.milp_candidates)]
+        todo = sum(len(per_m[k]["mbs"]) for k in keys)
+        for key in keys:
+            info = per_m[key]
+            order_mb = sorted(range(len(info["mbs"])), key=lambda r: -info["best"][r].time_ms)
+            for r in order_mb:
+                now = time.perf_counter()
+                if now >= deadline:
+                    break
+                share = (deadline - now) / todo
+                todo -= 1
+                info["best"][r] = structure_search(info["mbs"][r], lens, cm, info["best"][r], deadline=now + share)
+            info["heur"] = sum(c.time_ms for c in info["best"])
+
     # ---- MILP on the most promising M ----------------------------------------------------------
     milp_stats: list[MilpStat] = []
     if cfg.use_milp:
@@ -215,7 +240,7 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
         # further splits only when their heuristic total is close to the best (else the budget is wasted)
         ranked = [m for m in ranked if per_m[m]["heur"] <= 1.05 * per_m[ranked[0]]["heur"]][: cfg.milp_candidates]
         n_runs = sum(len(per_m[m]["mbs"]) for m in ranked)
-        budget = cfg.time_limit
+        budget = cfg.time_limit - (time.perf_counter() - t_step_search)
         t_milp0 = time.perf_counter()
         done = 0
         for m in ranked:

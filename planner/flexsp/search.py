@@ -1,0 +1,153 @@
+"""Group-structure search for one micro-batch, on the real lengths.
+
+The MILP of ../shared/papers/flexsp.md chooses which groups exist (m_p) and which sequences each runs (A_kp)
+at once; the bucketed MILP does so on bucket means and its plan must then be re-packed on the real lengths,
+where it may not fit in memory. :func:`structure_search` works on the first half directly: the group
+structure (a multiset of power-of-two degrees with sum <= N) is improved by a local search whose neighbours
+split one group of degree d into two of degree d/2 (or into d groups of degree 1), merge two groups of degree d into one of 2d (or d groups of degree 1 into one of degree d), or add a group
+on idle GPUs; every neighbour is scored by packing the real sequences onto it (LPT, then worst-fit when LPT
+does not fit, each improved by :func:`local_search`), so every plan it returns is evaluated on the real lengths
+with the memory check of the formulation (Mem_p <= E for every group). First improvement, until no neighbour
+improves; then again from a few restart structures (:func:`seed_structures`), until the time / evaluation
+budget runs out.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import numpy as np
+
+from .assign import MBSolution, local_search, lpt_assign, worst_fit_assign
+from .costmodel import SPCostModel
+
+__all__ = ["structure_neighbours", "pack_fast", "seed_structures", "structure_search"]
+
+
+def _key(degrees) -> tuple[int, ...]:
+    return tuple(sorted((int(d) for d in degrees), reverse=True))
+
+
+def structure_neighbours(degrees, world: int) -> list[tuple[int, ...]]:
+    """Structures one move away: split a group d -> (d/2, d/2) or into d groups of degree 1 (largest d
+    first), merge two groups of degree d
+    -> 2d, merge d groups of degree 1 into one of degree d (d = 4, 8, 16), add the largest power-of-two group that fits on idle GPUs. Sorted descending, no duplicates."""
+    st = list(_key(degrees))
+    cnt = Counter(st)
+    out: list[tuple[int, ...]] = []
+    for d in sorted(cnt, reverse=True):
+        if d >= 2:
+            rest = list(st)
+            rest.remove(d)
+            out.append(_key(rest + [d // 2, d // 2]))
+            if d >= 4:
+                out.append(_key(rest + [1] * d))
+    for d in sorted(cnt):
+        if cnt[d] >= 2 and 2 * d <= world:
+            rest = list(st)
+            rest.remove(d)
+            rest.remove(d)
+            out.append(_key(rest + [2 * d]))
+    for d in (4, 8, 16):
+        if d <= world and cnt[1] >= d:
+            rest = list(st)
+            for _ in range(d):
+                rest.remove(1)
+            out.append(_key(rest + [d]))
+    free = world - sum(st)
+    if free >= 1:
+        g = 1
+        while 2 * g <= free:
+            g *= 2
+        out.append(_key(st + [g]))
+    seen, uniq = set(), []
+    for s in out:
+        if s not in seen:
+            seen.add(s)
+            uniq.append(s)
+    return uniq
+
+
+def pack_fast(ids: np.ndarray, lens: np.ndarray, degrees, cm: SPCostModel, source: str,
+              incumbent_ms: float = float("inf"), slack: float = 0.03) -> MBSolution | None:
+    """Real packing of ``ids`` onto groups of ``degrees``: LPT; when it fits and is within ``slack`` of the
+    incumbent it is improved by local search; when LPT does not fit, worst-fit (memory first) + local search.
+    None if nothing fits."""
+    degrees = list(degrees)
+    if max(lens[ids]) > cm.token_capacity(max(degrees)):
+        return None
+    sol = lpt_assign(ids, lens, degrees, cm, source=source)
+    if sol is not None and sol.fits:
+        if sol.time_ms <= incumbent_ms * (1 + slack):
+            sol = local_search(sol, lens, cm)
+        return sol
+    sol = worst_fit_assign(ids, lens, degrees, cm, source=source)
+    if sol is None or not sol.fits:
+        return None
+    return local_search(sol, lens, cm)
+
+
+def seed_structures(ids: np.ndarray, lens: np.ndarray, cm: SPCostModel) -> list[tuple[int, ...]]:
+    """Restart points: the longest sequence on a group of 2x / 4x its smallest feasible degree with every
+    other GPU a degree-1 group, then every single degree (N/d groups)."""
+    n = cm.world
+    out = []
+    dmin = cm.min_degree(float(np.max(lens[ids])))
+    if dmin is not None:
+        for f in (2, 4):
+            d = min(n, dmin * f)
+            out.append(_key([d] + [1] * (n - d)))
+    out += [_key([d] * (n // d)) for d in cm.degrees]
+    return out
+
+
+def structure_search(ids: np.ndarray, lens: np.ndarray, cm: SPCostModel, start: MBSolution,
+                     deadline: float | None = None, max_evals: int | None = None,
+                     source: str = "structure", restarts: bool = True) -> MBSolution:
+    """Local search over the group structure starting from ``start`` (a fitting real solution of ``ids``),
+    then (``restarts``) from each of :func:`seed_structures` while the budget lasts.
+    ``deadline`` is a time.perf_counter() value; ``max_evals`` bounds the packings tried (deterministic runs).
+    Returns ``start`` unless a strictly faster fitting plan is found."""
+    ids = np.asarray(ids, dtype=np.int64)
+    best = start
+    seen = {_key(d for d, _ in start.groups)}
+    evals = 0
+
+    def out_of_budget() -> bool:
+        return (deadline is not None and time.perf_counter() >= deadline) or (max_evals is not None and evals >= max_evals)
+
+    def descend(cur: MBSolution) -> MBSolution:
+        nonlocal evals
+        improved = True
+        while improved:
+            improved = False
+            for nb in structure_neighbours([d for d, _ in cur.groups], cm.world):
+                if nb in seen:
+                    continue
+                if out_of_budget():
+                    return cur
+                seen.add(nb)
+                evals += 1
+                sol = pack_fast(ids, lens, nb, cm, source, incumbent_ms=cur.time_ms)
+                if sol is not None and sol.fits and sol.time_ms < cur.time_ms - 1e-9:
+                    cur = sol
+                    improved = True
+                    break
+        return cur
+
+    best = descend(best)
+    if restarts:
+        for st in seed_structures(ids, lens, cm):
+            if out_of_budget():
+                break
+            if st in seen:
+                continue
+            seen.add(st)
+            evals += 1
+            sol = pack_fast(ids, lens, st, cm, source, incumbent_ms=best.time_ms)
+            if sol is None or not sol.fits:
+                continue
+            sol = descend(sol)
+            if sol.time_ms < best.time_ms - 1e-9:
+                best = sol
+    return best
