@@ -53,10 +53,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             pass
 
 
-def check_output_path(path: str | os.PathLike | None, option: str) -> None:
+#: Figure formats matplotlib's Agg backend writes (checked without importing matplotlib).
+FIGURE_FORMATS = ("png", "pdf", "svg", "svgz", "eps", "ps", "jpg", "jpeg", "tif", "tiff", "webp", "gif", "avif",
+                  "pgf", "raw", "rgba")
+
+
+def check_output_path(path: str | os.PathLike | None, option: str, *, figure: bool | None = None) -> None:
     """Fail before any work when ``path`` (the value of ``option``) cannot be a file to write: a directory, or
-    under an existing file. Commands that write several outputs check them all first, so a late failure never
-    leaves one written and the command failed."""
+    under an existing file; with ``figure`` (default: when ``option`` is '--plot') also a suffix matplotlib
+    cannot write. Commands that write several outputs check them all first, so a late failure never leaves one
+    written and the command failed."""
     if path is None:
         return
     path = Path(path)
@@ -67,6 +73,10 @@ def check_output_path(path: str | os.PathLike | None, option: str) -> None:
             if not parent.is_dir():
                 raise InputError(option, f"{path}: {parent} is not a directory")
             break
+    if (option == "--plot" if figure is None else figure) and path.suffix:
+        fmt = path.suffix[1:].lower()
+        if fmt not in FIGURE_FORMATS:
+            raise InputError(option, f"{path}: cannot draw a {fmt!r} file (use one of {', '.join(FIGURE_FORMATS)})")
 
 
 def _read_umask() -> int:
@@ -92,8 +102,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def save_figure(fig, path: str | os.PathLike, *, dpi: int = 110) -> Path:
     """Save a matplotlib figure atomically; the format comes from the suffix (PNG when there is none)."""
     path = Path(path)
+    fmt = path.suffix[1:].lower() if path.suffix else "png"
+    if fmt not in FIGURE_FORMATS:
+        raise InputError(path, f"cannot draw a {fmt!r} file (use one of {', '.join(FIGURE_FORMATS)})")
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format=path.suffix[1:].lower() if path.suffix else "png")
+        fig.savefig(tmp, dpi=dpi, format=fmt)
     return path
 
 

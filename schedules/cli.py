@@ -78,7 +78,7 @@ def register(groups) -> None:
 
         from .plots import DEFAULT_SPECS, curve_rows, plot_curves, schedule_curve
 
-        check_output_path(out, "--out")
+        check_output_path(out, "--out", figure=True)
         specs = list(schedules) if schedules else list(DEFAULT_SPECS)
         has_file = any(s.lower().endswith((".csv", ".json")) for s in specs)
         n = steps if steps is not None else (None if has_file else 100)

@@ -150,7 +150,8 @@ def test_bad_plot_path_fails_before_the_plan_is_written(tmp_path, capsys, argv):
     out = tmp_path / "plan.json"
     (tmp_path / "d").mkdir()
     (tmp_path / "f").write_text("")
-    for plot, expect in ((tmp_path / "d", "is a directory"), (tmp_path / "f" / "x.png", "is not a directory")):
+    for plot, expect in ((tmp_path / "d", "is a directory"), (tmp_path / "f" / "x.png", "is not a directory"),
+                         (tmp_path / "x.xyz", "cannot draw a 'xyz' file")):
         assert main(argv + ["--out", str(out), "--plot", str(plot)]) == 2
         line = _err_line(capsys)
         assert line.startswith("error: --plot: ") and expect in line, line
