@@ -36,14 +36,16 @@ def _check_result(res: dict, configs: int) -> None:
     assert len(names) == configs
     for name in names:
         assert sorted(r["r"] for r in rows if r["config"] == name) == list(R_VALUES), name
-    errs = []
+    errs, signed = [], []
     for r in rows:
         for d in ("fwd", "bwd"):
             p, m = r[f"predicted_{d}_ms"], r[f"measured_{d}_ms"]
             assert p > 0 and m > 0, f"{r['config']} r={r['r']} {d}: predicted {p}, measured {m}"
             _close(r[f"error_{d}"], (p - m) / m, f"{r['config']} r={r['r']} error_{d}")
             errs.append(abs((p - m) / m))
+            signed.append((p - m) / m)
     _close(res["mean_abs_error"], statistics.fmean(errs), "mean_abs_error")
+    _close(res["mean_signed_error"], statistics.fmean(signed), "mean_signed_error")
     assert res["note"] and "core" in res["note"] and res["machine"].endswith("4 ranks")
     for cfg in res["configs"]:
         name = cfg["name"]
@@ -67,15 +69,21 @@ def _check_result(res: dict, configs: int) -> None:
         w0 = (a2a["dispatch"]["ms_per_row"] + a2a["combine"]["ms_per_row"]) / 2 * n_a2a
         for d in ("fwd", "bwd"):
             a2, w2 = comp[d]["alpha_ms"], comp[d]["ms_per_row"] * n_recv
+            pipes = {}
             for q in R_VALUES:
                 fx = fixed[f"local_{d}_ms"] + fixed[f"book_{d}_ms_r{q}"]
-                pipe = by_r[q][f"predicted_{d}_ms"] - fx
+                pipe = pipes[q] = by_r[q][f"predicted_{d}_ms"] - fx
                 serial = 2 * (q * a0 + w0) + q * a2 + w2
                 if q == 1:
                     _close(pipe, serial, f"{name} {d} r=1: dispatch + compute + combine")
                 else:
                     busiest = max(2 * (q * a0 + w0), q * a2 + w2)
                     assert busiest - 1e-9 <= pipe <= serial + 1e-9, (name, d, q, busiest, pipe, serial)
+            # the planner's pick (choose_r over {1, 2, 4}) has the shortest pipelined time
+            assert pipes[res["chosen_r_predicted"][name][d]] <= min(pipes.values()) + 1e-9, (name, d, pipes)
+    matches = sum(res["chosen_r_predicted"][n][d] == res["best_r_measured"][n][d]
+                  for n in res["chosen_r_predicted"] for d in ("fwd", "bwd"))
+    assert res["chosen_r_matches_best"] == matches and res["chosen_r_decisions"] == 2 * configs
 
 
 def test_measure_quick_table_and_json(capsys):
