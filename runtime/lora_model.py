@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adasched.planner.lorafusion.jobs import KNOWN_TARGET_MODULES, AdapterSpec
+from adasched.planner.lorafusion.plan import KNOWN_TARGET_MODULES, AdapterSpec  # plan model only
 from adasched.profiler.io import atomic_path, atomic_write_text
 
 __all__ = ["TinyLMConfig", "TinyCausalLM", "LoRAAdapter", "save_peft_adapter", "Proj", "plain_proj", "ATTN_MODULES", "MLP_MODULES"]

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..plan import Plan, SolverRecord, inputs_digest, profile_ref
 from .baselines import mlora_baseline, sequential_baseline
 from .costmodel import StageCost, padded, stage_cost_from_profile
-from .jobs import AdapterSpec, Workload
+from .jobs import KNOWN_TARGET_MODULES, AdapterSpec, Workload  # the adapter schema is part of the plan
 from .model import (
     AdapterStats,
     Microbatch,
@@ -28,7 +28,8 @@ from .model import (
     verify_schedule,
 )
 
-__all__ = ["LoRAJob", "LoRASegment", "LoRAMicrobatch", "LoRAProblem", "LoRASummary", "LoRAPlan", "build_plan"]
+__all__ = ["AdapterSpec", "KNOWN_TARGET_MODULES", "LoRAJob", "LoRASegment", "LoRAMicrobatch", "LoRAProblem",
+           "LoRASummary", "LoRAPlan", "build_plan"]
 
 
 class _M(BaseModel):
