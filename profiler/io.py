@@ -14,7 +14,8 @@ from typing import Any, Iterator, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["InputError", "atomic_path", "check_output_path", "atomic_write_text", "atomic_write_json", "save_figure", "read_text", "read_json", "load_model", "describe_validation_error", "error_line"]
+__all__ = ["InputError", "atomic_path", "check_output_path", "atomic_write_text", "atomic_write_json", "save_figure",
+           "FIGURE_FORMATS", "read_text", "read_json", "load_model", "describe_validation_error", "error_line"]
 
 
 class InputError(ValueError):
