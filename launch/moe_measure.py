@@ -17,9 +17,10 @@ torch backend for the expert GEMMs, one thread per rank) every rank, all at once
    layer's forward and backward time for r in {1, 2, 4} with the planner's exact pipeline evaluation
    (best issue order) plus the measured non-pipelined part; ``choose_r`` over {1, 2, 4} gives the r the
    planner would pick;
-3. measures the real EP :class:`~adasched.runtime.moe.MoELayer` forward and backward separately for every r
-   (r values interleaved round-robin so background load hits them alike; barrier before each timing; per
-   repeat the max over ranks; the median over repeats after warm-up);
+3. measures the real EP :class:`~adasched.runtime.moe.MoELayer` forward and backward separately for every r.
+   Every timing of steps 1 and 3 is a probe; the probes run round-robin (each once per round, warm-up rounds
+   first) so that load from other processes drifts over all of them alike; a barrier before each timed part;
+   per round the max over ranks, then the median over rounds;
 4. prints a table (unless ``--json``) and, last, ONE line of JSON ``{"rows": [...], "mean_abs_error": ...,
    "chosen_r_predicted": {...}, "best_r_measured": {...}, "note": ...}``; ``error = (predicted - measured) /
    measured``.
@@ -450,12 +451,19 @@ def measure(quick: bool, nproc: int, seed: int = 0) -> dict:
         if c.experts % nproc:
             raise InputError("--nproc", f"{nproc} does not divide the {c.experts} experts of config {c.name!r}")
     rep = Repeats(warmup=2, rounds=7) if quick else Repeats(warmup=3, rounds=25)
-    os.environ["OMP_NUM_THREADS"] = "1"                        # inherited by the spawned ranks
     from adasched.runtime.dist import spawn_gloo
 
     from adasched.launch import moe_measure as mod              # importable name for the spawned ranks
     t0 = time.perf_counter()
-    per_rank = spawn_gloo(mod._rank_main, nproc, configs, rep, seed, timeout_s=120 if quick else 600)
+    omp = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"                        # inherited by the spawned ranks
+    try:
+        per_rank = spawn_gloo(mod._rank_main, nproc, configs, rep, seed, timeout_s=120 if quick else 600)
+    finally:
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
     out = summarize(per_rank[0], nproc)
     out.update(repeats={"warmup": rep.warmup, "rounds": rep.rounds}, wall_s=time.perf_counter() - t0,
                quick=quick, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
