@@ -1,6 +1,6 @@
 """From a Twill schedule to Triton knobs, and the GEMM main-loop graph for a given tile shape.
 
-Mapping (documented assumptions, checked on a GPU by kernels/gemm_bench.py):
+Mapping (documented assumptions, checked on a GPU by launch/gemm_check.py):
 
 - ``num_stages``: the deepest shared-memory buffer among the variable-latency (TMA) loads, i.e. how many
   copies of a loaded tile are live at once = ceil(lifetime / I), at least 2 (a load whose latency is not

@@ -7,7 +7,8 @@ import torch
 
 from adasched.kernels.gemm import GemmConfig, gemm, gemm_autograd, gemm_reference
 
-TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-2, rtol=1e-2)}
+# float32: K <= 48 products of N(0,1) values accumulate ~1e-6 error; float16 outputs round at ~1e-3 relative
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=1e-2, rtol=5e-3)}
 CONFIGS = [
     GemmConfig(block_m=16, block_n=16, block_k=16, group_m=1),
     GemmConfig(block_m=32, block_n=16, block_k=32, group_m=2, num_stages=4, num_warps=8, warp_specialize=True,

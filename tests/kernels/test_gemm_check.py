@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from adasched.kernels import gemm_bench
+from adasched.launch import gemm_check as gemm_bench
 from adasched.kernels.bench import BenchCase, run_benchmarks
 
 

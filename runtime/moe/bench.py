@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from .bench import BenchCase
+from adasched.kernels.bench import BenchCase
 
 __all__ = ["cases", "checks", "GPU_SHAPES"]
 
@@ -75,7 +75,7 @@ def layer_with_torch_grouped_mm(layer, x):
     import torch
     import torch.nn.functional as F
 
-    from . import moe as K
+    from adasched.kernels import moe as K
 
     r = layer.router(x)
     idx = K.make_index(r.token_idx, r.counts, x.shape[0])
@@ -116,7 +116,7 @@ def _rel(a, b) -> float:
 def _check(T, E, k, H, Fd, activation, dtype, device, tol):
     import torch
 
-    from . import moe as K
+    from adasched.kernels import moe as K
 
     g = torch.Generator(device="cpu").manual_seed(T * 3 + E)
     # top-k of random scores, expert 1 left empty
@@ -157,7 +157,7 @@ def checks(device: str) -> list[tuple[str, bool, str]]:
     import torch
 
     if device == "cuda":
-        from . import moe as K
+        from adasched.kernels import moe as K
 
         bf = torch.bfloat16
         rows = [_check(1000, 8, 2, 1024, 1536, "swiglu", bf, device, 2e-2),

@@ -1,7 +1,7 @@
 """MoE kernel-bench contract: cases/checks run on the CPU; the providers compute the same layer."""
 import torch
 
-from adasched.kernels import moe_bench
+from adasched.runtime.moe import bench as moe_bench
 from adasched.kernels.bench import BenchCase
 
 

@@ -8,14 +8,14 @@ the machine supports it; compile N times). Reports TFLOP/s of both, the ratio, a
 (plan: solve + one compile + one timing; sweep: N compiles + N timings). ``checks`` turns it into pass/fail
 (plan within 3 % of the best swept configuration) for the device check. Run directly:
 
-    python -m adasched.kernels.gemm_bench [--quick] [--json FILE]
+    python -m adasched.launch.gemm_check [--quick] [--json FILE]
 """
 from __future__ import annotations
 
 import math
 import time
 
-from .bench import BenchCase
+from adasched.kernels.bench import BenchCase
 
 __all__ = ["cases", "checks", "plan_vs_sweep", "plan_config", "sweep_configs", "machine_for_device",
            "GPU_SHAPES", "GPU_TILES", "SWEEP_STAGES", "SWEEP_WARPS", "TOLERANCE"]
@@ -66,7 +66,7 @@ def plan_config(tile: tuple[int, int, int], machine: str, dtype_bytes: int = 2, 
 
     ``info``: {ii, status, solve_seconds, source: 'solved' | 'precomputed'}. Without an importable planner
     (and ``allow_precomputed``) the knobs come from :data:`PRECOMPUTED`."""
-    from .gemm import GemmConfig
+    from adasched.kernels.gemm import GemmConfig
 
     bm, bn, bk = tile
     try:
@@ -93,7 +93,7 @@ def plan_config(tile: tuple[int, int, int], machine: str, dtype_bytes: int = 2, 
 
 def sweep_configs(tile: tuple[int, int, int], machine: str, stages=SWEEP_STAGES, warps=SWEEP_WARPS) -> list:
     """Every num_stages x num_warps (x warp_specialize on machines whose Triton supports it)."""
-    from .gemm import GemmConfig
+    from adasched.kernels.gemm import GemmConfig
 
     try:
         from adasched.planner.twill.graph import load_machine
@@ -127,7 +127,7 @@ def cases(quick: bool, device: str) -> list[BenchCase]:
             def build(M=M, N=N, K=K, tile=tile):
                 import torch
 
-                from .gemm import gemm
+                from adasched.kernels.gemm import gemm
 
                 a, b = _inputs(M, N, K, device)
                 cfg, _ = plan_config(tile, machine)
@@ -141,7 +141,7 @@ def cases(quick: bool, device: str) -> list[BenchCase]:
 
 def _first_call_and_time(fn, device: str, quick: bool) -> tuple[float, float, float]:
     """(seconds of the first call: compile + run, median ms of later calls, seconds spent timing)."""
-    from .bench import time_fn
+    from adasched.kernels.bench import time_fn
 
     t0 = time.perf_counter()
     fn()
@@ -160,7 +160,7 @@ def plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, tiles=
     """One row per (shape, tile): plan and best-sweep TFLOP/s, ratio, times to configuration (seconds)."""
     import torch
 
-    from .gemm import gemm, gemm_reference
+    from adasched.kernels.gemm import gemm, gemm_reference
 
     shapes = shapes or (CPU_SHAPES if device == "cpu" else GPU_SHAPES[:1] if quick else GPU_SHAPES)
     tiles = tiles or (CPU_TILES if device == "cpu" else GPU_TILES)
@@ -214,7 +214,7 @@ def checks(device: str) -> list[tuple[str, bool, str]]:
     """Correctness of the plan-configured GEMM, and (CUDA) the plan within 3 % of the sweep's best."""
     import torch
 
-    from .gemm import gemm, gemm_reference
+    from adasched.kernels.gemm import gemm, gemm_reference
 
     out = []
     machine = machine_for_device(device)
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
-    from .bench import format_table, resolve_device
+    from adasched.kernels.bench import format_table, resolve_device
 
     ap = argparse.ArgumentParser(description="Twill plan-derived GEMM config vs a full num_stages x num_warps sweep")
     ap.add_argument("--quick", action="store_true")
