@@ -102,7 +102,7 @@ def register(groups) -> None:
                                                   help="Longer sequences are clipped (truncated) to this many tokens."),
         steps: int = typer.Option(1, "--steps", help="Global batches to plan (drawn from a seeded permutation)."),
         seed: int = typer.Option(0, "--seed", help="Seed for drawing batches and for the solver."),
-        time_limit: float = typer.Option(1.0, "--time-limit", help="MILP seconds per global batch."),
+        time_limit: float = typer.Option(1.0, "--time-limit", help="Search seconds per global batch: the group-structure search (3/4) then the MILPs (the rest)."),
         buckets: int = typer.Option(16, "--buckets", help="Length buckets per micro-batch in the MILP."),
         no_milp: bool = typer.Option(False, "--no-milp", help="Heuristics only (single degrees, greedy, local search)."),
         out: Path = typer.Option(..., "--out", help="Plan JSON to write (atomic; nothing on error)."),
@@ -142,7 +142,7 @@ def register(groups) -> None:
         max_context: Optional[int] = typer.Option(384 * 1024, "--max-context", help="Clip longer sequences to this."),
         steps: int = typer.Option(10, "--steps"),
         seed: int = typer.Option(0, "--seed"),
-        time_limit: float = typer.Option(1.0, "--time-limit", help="MILP seconds per global batch."),
+        time_limit: float = typer.Option(1.0, "--time-limit", help="Search seconds per global batch: the group-structure search (3/4) then the MILPs (the rest)."),
         buckets: int = typer.Option(16, "--buckets"),
         no_milp: bool = typer.Option(False, "--no-milp"),
         scaling: bool = typer.Option(False, "--scaling", help="Also a table over sequences per batch (128..4096) "

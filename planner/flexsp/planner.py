@@ -6,13 +6,18 @@ Per step (all times on the real lengths):
    into M consecutive runs by the min-max token DP (:func:`split_microbatches`);
 2. per micro-batch: the baselines (every single degree, LPT-packed; the greedy heuristic), each also
    improved by local search as a candidate for the FlexSP plan;
-3. for the most promising M (best heuristic total, then the next ones while time is left): bucket each
+3. group-structure search on the real lengths (:func:`structure_search`: split / merge groups, restarts) from
+   the best candidate of every micro-batch of the most promising splits;
+4. for the most promising M (best heuristic total, then the next ones while time is left): bucket each
    micro-batch (padding DP, Q buckets), solve the MILP warm-started with the best candidate so far, hand the
    real sequences to the MILP's groups, local search; keep the best candidate per micro-batch;
-4. the step's plan is the M with the smallest total; baselines are reported at their own best M, so the
+5. splits with several micro-batches: sequences move into the idle time beside another micro-batch's critical
+   group (:func:`fill_across`; the split is then no longer consecutive runs of the sorted order);
+6. the step's plan is the M with the smallest total; baselines are reported at their own best M, so the
    plan is never worse than the best single degree per micro-batch.
 
-The MILP time limit is a budget per step shared by its micro-batches.
+``time_limit`` is a budget per step: the structure search gets ``1 - milp_share`` of it first, the MILPs
+(shared by their micro-batches) what is left.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from .assign import MBSolution, buddy_ranks, local_search
 from .baselines import best_homogeneous, greedy, static_sp
 from .batching import make_buckets, split_microbatches
 from .costmodel import SPCostModel
-from .search import structure_search
+from .search import fill_across, structure_search
 from .model import bucket_counts, realise, realise_classes, solve_classes, solve_microbatch
 
 __all__ = ["PlannerConfig", "StepResult", "plan_step", "check_fits", "lower_bound_work"]
@@ -44,7 +49,8 @@ class PlannerConfig:
     extra_microbatches: int = 4
     """Micro-batch counts tried: M_min .. M_min + this."""
     time_limit: float = 1.0
-    """MILP seconds per step (shared by the micro-batches of the M values solved)."""
+    """Search seconds per step: the structure search gets (1 - milp_share) of it first, then the MILPs (shared by
+    the micro-batches of the M values solved) get what is left."""
     milp_candidates: int = 2
     """How many of the best M values (by heuristic total) get MILPs."""
     seed: int = 0
@@ -278,6 +284,15 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
                 gap = relative_gap(o.objective, bound) if o.status in ("optimal", "feasible") else None
                 milp_stats.append(MilpStat(o.status, gap, o.objective, bound, o.solve_seconds, won))
             info["heur"] = sum(c.time_ms for c in info["best"])
+
+    # ---- idle time beside a micro-batch's critical group takes sequences of the other micro-batches ------
+    if cfg.structure_search:
+        deadline = t_step_search + cfg.time_limit
+        for key in sorted(per_m, key=lambda m: per_m[m]["heur"]):
+            info = per_m[key]
+            if len(info["best"]) > 1:
+                info["best"] = fill_across(info["best"], lens, cm, deadline=deadline)
+                info["heur"] = sum(c.time_ms for c in info["best"])
 
     # ---- choose ----------------------------------------------------------------------------------
     best_m = min(per_m, key=lambda m: per_m[m]["heur"])

@@ -18,10 +18,10 @@ from collections import Counter
 
 import numpy as np
 
-from .assign import MBSolution, local_search, lpt_assign, worst_fit_assign
+from .assign import MBSolution, evaluate, local_search, lpt_assign, worst_fit_assign
 from .costmodel import SPCostModel
 
-__all__ = ["structure_neighbours", "pack_fast", "seed_structures", "structure_search"]
+__all__ = ["structure_neighbours", "pack_fast", "seed_structures", "structure_search", "fill_across"]
 
 
 def _key(degrees) -> tuple[int, ...]:
@@ -151,3 +151,72 @@ def structure_search(ids: np.ndarray, lens: np.ndarray, cm: SPCostModel, start: 
             if sol.time_ms < best.time_ms - 1e-9:
                 best = sol
     return best
+
+
+def fill_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadline: float | None = None
+                ) -> list[MBSolution]:
+    """Use the idle time beside a micro-batch's critical group for sequences of the other micro-batches.
+
+    A step's time is the sum of its micro-batches' makespans, and a micro-batch whose makespan is set by one
+    long sequence on a big group leaves its other groups idle for part of it. For each receiver (slowest
+    first), sequences of every other micro-batch (longest first) move into the receiver's group that they
+    fill best while that group stays within the receiver's makespan and within memory (Mem_p <= E); so the
+    receiver's makespan is unchanged and every donor only loses work. Donors are then rebalanced by
+    :func:`local_search` (and :func:`structure_search` until ``deadline``); a donor left empty is dropped
+    (one b1 less). The split is then no longer consecutive runs of the sorted order; every plan is still
+    evaluated on the real lengths. Returns the input unless the step's total time strictly drops."""
+    if len(mbs) < 2:
+        return mbs
+    cur = [MBSolution([(d, list(ids)) for d, ids in mb.groups], time_ms=mb.time_ms, source=mb.source,
+                      fits=mb.fits, extra=dict(mb.extra)) for mb in mbs]
+    if not all(mb.fits for mb in cur):
+        return mbs
+    total0 = sum(mb.time_ms for mb in mbs)
+    for a in sorted(range(len(cur)), key=lambda r: -cur[r].time_ms):
+        rec = cur[a]
+        if not rec.groups:
+            continue
+        limit = rec.time_ms * (1 - 1e-12)
+        deg = [d for d, _ in rec.groups]
+        co = np.array([cm.coeffs(d) for d in deg], dtype=np.float64)
+        A, Bc, Cc = co[:, 0], co[:, 1], co[:, 2]
+        cap = np.array([cm.token_capacity(d) for d in deg])
+        sq = np.array([float(np.dot(lens[ids], lens[ids].astype(np.float64))) for _, ids in rec.groups])
+        sm = np.array([float(lens[ids].sum()) for _, ids in rec.groups])
+        members = [list(ids) for _, ids in rec.groups]
+        changed = False
+        for b in range(len(cur)):
+            if b == a or not cur[b].groups:
+                continue
+            donor = cur[b]
+            moved: set[int] = set()
+            for i in sorted(donor.seq_ids(), key=lambda i: -int(lens[i])):
+                s = float(lens[i])
+                new = A * (sq + s * s) + Bc * (sm + s) + Cc
+                ok = (new <= limit) & (sm + s <= cap)
+                if not ok.any():
+                    continue
+                g = int(np.argmax(np.where(ok, new, -np.inf)))  # best fit: the fullest group that still fits
+                members[g].append(int(i))
+                sq[g] += s * s
+                sm[g] += s
+                moved.add(int(i))
+            if not moved:
+                continue
+            changed = True
+            left = [(d, [i for i in ids if i not in moved]) for d, ids in donor.groups]
+            nd = evaluate(MBSolution(left, source=donor.source), lens, cm)
+            if nd.groups:
+                nd = local_search(nd, lens, cm)
+                if deadline is not None and time.perf_counter() < deadline:
+                    ids_b = np.array(sorted(nd.seq_ids(), key=lambda i: (int(lens[i]), i)), dtype=np.int64)
+                    nd = structure_search(ids_b, lens, cm, nd, deadline=deadline, source=donor.source)
+            cur[b] = nd
+        if changed:
+            cur[a] = evaluate(MBSolution([(deg[g], members[g]) for g in range(len(deg))],
+                                         source=rec.source if "fill" in rec.source else rec.source + "+fill",
+                                         extra=dict(rec.extra)), lens, cm)
+    cur = [mb for mb in cur if mb.groups]
+    if not all(mb.fits for mb in cur) or sum(mb.time_ms for mb in cur) >= total0 - 1e-9:
+        return mbs
+    return cur

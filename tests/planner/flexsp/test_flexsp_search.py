@@ -7,7 +7,8 @@ import pytest
 
 from adasched.planner.flexsp.assign import MBSolution, evaluate, lpt_assign
 from adasched.planner.flexsp.costmodel import ModelShape, SPCostModel
-from adasched.planner.flexsp.search import pack_fast, seed_structures, structure_neighbours, structure_search
+from adasched.planner.flexsp.search import (fill_across, pack_fast, seed_structures, structure_neighbours,
+                                            structure_search)
 
 STRUCTURES = ([4], [2, 2], [2, 1, 1], [1, 1, 1, 1])  # every maximal buddy structure of 4 GPUs
 
@@ -115,3 +116,60 @@ def test_budget_is_respected(make_cm):
     assert structure_search(ids, lens, cm, start, max_evals=0) is start
     one = structure_search(ids, lens, cm, start, max_evals=1, restarts=False)
     assert one.time_ms <= start.time_ms and one.fits
+
+
+def _check_step(mbs, lens, cm, n):
+    ids = sorted(i for mb in mbs for i in mb.seq_ids())
+    assert ids == list(range(n))  # every sequence exactly once over the micro-batches
+    for mb in mbs:
+        assert mb.fits and mb.gpus <= cm.world
+        assert mb.time_ms == pytest.approx(max(cm.group_time(d, lens[g]) for d, g in mb.groups), rel=1e-12)
+        assert all(cm.group_memory(d, lens[g]) <= cm.memory_bytes for d, g in mb.groups)
+
+
+def test_fill_across_uses_idle_time_and_drops_an_emptied_micro_batch():
+    """Micro-batch 0: one long sequence sets the makespan on a degree-2 group, a degree-1 group beside it is
+    almost idle; micro-batch 1 holds two short sequences that fit in that idle time: they move, micro-batch 1
+    disappears and the step saves its whole makespan."""
+    cm = _mixing_cm()
+    lens = np.array([2900, 200, 300, 250], dtype=np.int64)
+    mb0 = evaluate(MBSolution([(2, [0]), (1, [1])], source="a"), lens, cm)
+    mb1 = evaluate(MBSolution([(1, [2]), (1, [3])], source="b"), lens, cm)
+    out = fill_across([mb0, mb1], lens, cm)
+    _check_step(out, lens, cm, 4)
+    assert len(out) == 1
+    assert out[0].time_ms == pytest.approx(mb0.time_ms, rel=1e-12)  # the receiver's makespan is unchanged
+    assert sorted(i for d, g in out[0].groups if d == 1 for i in g) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("seed", [21, 22, 23, 24, 25, 26])
+def test_fill_across_never_worse_and_sound(seed):
+    """Random two-micro-batch steps (one long sequence in the first): the result is a valid plan of the same
+    sequences, never slower than the input, strictly faster whenever some sequence of the other micro-batch
+    fits beside the critical group, and never faster than the brute-force optimum of its own micro-batches."""
+    cm = _mixing_cm()
+    rng = np.random.default_rng(seed)
+    lens = np.concatenate([[rng.integers(2200, 2900)], rng.integers(100, 500, 5)]).astype(np.int64)
+    a_ids, b_ids = [0, 1], [2, 3, 4, 5]
+    mb0 = evaluate(MBSolution([(2, [0]), (1, [1])], source="a"), lens, cm)
+    mb1 = lpt_assign(np.array(b_ids), lens, [1, 1, 1, 1], cm, source="b")
+    before = mb0.time_ms + mb1.time_ms
+    out = fill_across([mb0, mb1], lens, cm)
+    _check_step(out, lens, cm, lens.size)
+    after = sum(mb.time_ms for mb in out)
+    assert after <= before + 1e-9
+    slack = mb0.time_ms - cm.group_time(1, lens[[1]])
+    cheapest = min(cm.group_time(1, lens[[i]]) - cm.b1 for i in b_ids)  # adding it to the degree-1 group
+    if cheapest < slack - 1e-9:
+        assert after < before - 1e-9
+    assert after >= sum(brute_force(lens[mb.seq_ids()], cm) for mb in out) - 1e-9
+
+
+def test_fill_across_keeps_a_step_without_idle_time():
+    cm = _mixing_cm()
+    lens = np.array([700, 700, 700, 700, 650, 650, 650, 650], dtype=np.int64)
+    mb0 = evaluate(MBSolution([(1, [0]), (1, [1]), (1, [2]), (1, [3])], source="a"), lens, cm)
+    mb1 = evaluate(MBSolution([(1, [4]), (1, [5]), (1, [6]), (1, [7])], source="b"), lens, cm)
+    out = fill_across([mb0, mb1], lens, cm)
+    assert out[0] is mb0 and out[1] is mb1
+    assert fill_across([mb0], lens, cm)[0] is mb0
