@@ -225,17 +225,19 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
     t_step_search = time.perf_counter()
     if cfg.structure_search:
         deadline = time.perf_counter() + cfg.time_limit * (1.0 - (cfg.milp_share if cfg.use_milp else 0.0))
-        keys = sorted(per_m, key=lambda m: per_m[m]["heur"])[: max(1, cfg.milp_candidates)]
-        todo = sum(len(per_m[k]["mbs"]) for k in keys)
-        for key in keys:
+        keys = sorted(per_m, key=lambda m: per_m[m]["heur"])
+        # further splits only when their heuristic total is close to the best; the best split gets 70 % first
+        keys = [k for k in keys if per_m[k]["heur"] <= 1.05 * per_m[keys[0]]["heur"]][: max(1, cfg.milp_candidates)]
+        for n_key, key in enumerate(keys):
             info = per_m[key]
+            now = time.perf_counter()
+            key_deadline = deadline if n_key == len(keys) - 1 else now + 0.7 * max(0.0, deadline - now)
             order_mb = sorted(range(len(info["mbs"])), key=lambda r: -info["best"][r].time_ms)
-            for r in order_mb:
+            for j, r in enumerate(order_mb):
                 now = time.perf_counter()
-                if now >= deadline:
+                if now >= key_deadline:
                     break
-                share = (deadline - now) / todo
-                todo -= 1
+                share = (key_deadline - now) / (len(order_mb) - j)
                 info["best"][r] = structure_search(info["mbs"][r], lens, cm, info["best"][r], deadline=now + share)
             info["heur"] = sum(c.time_ms for c in info["best"])
 
