@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 PLAN_ARGS = ["--profile", "a100-64-flexsp-paper", "--model", "gpt-7b", "--seqlens", "builtin", "--gpus", "4",
-             "--global-batch", "16", "--max-context", "8192", "--steps", "2", "--seed", "0", "--time-limit", "0.5"]
+             "--global-batch", "64", "--max-context", "12000", "--steps", "2", "--seed", "0", "--time-limit", "0.5"]
 
 
 def run(out_dir: Path) -> None:
