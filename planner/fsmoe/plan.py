@@ -86,6 +86,15 @@ class MoEPlan(Plan):
         out += [ScheduledTask("B:" + t.name, 0, "bwd " + t.stream, t.start_ms + shift, t.end_ms + shift, t.category) for t in b]
         return out
 
+    def plot(self, path) -> None:
+        from ..gantt import render_gantt
+
+        c = self.configs[0]
+        l0 = c.layers[0]
+        render_gantt(self.gantt_tasks(), path,
+                     title=f"{c.name}: one MoE layer, forward r={l0.r_fwd} then backward r={l0.r_bwd}: "
+                           f"{c.fwd_bwd_ms:.2f} ms (no pipelining {c.baselines_fwd_bwd_ms['no-pipeline']:.2f} ms)")
+
     def check_ep_size(self, ep_size: int, config: str | None = None) -> MoEConfigPlan:
         """The plan entry for a runtime with expert-parallel size ``ep_size``; a clear error if it was made for
         another EP size."""
