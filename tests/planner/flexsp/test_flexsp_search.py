@@ -196,3 +196,25 @@ def test_plan_step_with_search_is_valid_and_never_worse_than_without():
         assert r.time_ms <= r.baselines_ms["best_homogeneous"] + 1e-6
     assert got.time_ms <= base.time_ms + 1e-6
     assert got.chosen_m >= 1 and base.chosen_m >= 2
+
+
+@pytest.mark.parametrize("seed,n", [(31, 4), (32, 5), (33, 6)])
+def test_fluid_lower_bound_is_a_valid_bound(seed, n, make_cm):
+    """b1 + cheapest work / N <= fluid bound <= brute-force optimum of one micro-batch (4 GPUs)."""
+    from adasched.planner.flexsp.bounds import fluid_lower_bound
+    from adasched.planner.flexsp.planner import lower_bound_work
+
+    for cm in (make_cm(), _mixing_cm()):
+        lens = _instance(seed, n)
+        lb = fluid_lower_bound(lens, cm, rel_tol=1e-6)
+        opt = brute_force(lens, cm)
+        assert cm.b1 + lower_bound_work(lens, cm) - 1e-6 <= lb <= opt + 1e-9
+
+
+def test_fluid_lower_bound_reports_an_impossible_batch(make_cm):
+    from adasched.planner.flexsp.bounds import fluid_feasible, fluid_lower_bound
+
+    cm = make_cm()
+    lens = np.array([1400, 1400, 1400, 1400, 1400], dtype=np.int64)  # 7000 tokens > 4 GPUs x 1500
+    assert fluid_lower_bound(lens, cm) == float("inf")
+    assert not fluid_feasible(lens, cm, cm.b1)
