@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from sched_helpers import make_opt, run
+
 from adasched.runtime.dist import free_port
 from adasched.schedules import REX, UBA, LinearDecay, Refined
 from adasched.schedules.adapters import (MegatronParamScheduler, get_lambda_schedule,
@@ -21,29 +23,6 @@ from adasched.schedules.adapters import (MegatronParamScheduler, get_lambda_sche
                                          get_uba_schedule_with_warmup)
 
 
-
-def make_opt(seed: int = 0, kind: str = "sgd"):
-    """Two param groups with different, random base lrs (same as test_lr.make_opt)."""
-    gen = torch.Generator().manual_seed(seed)
-    lrs = (0.05 + torch.rand(2, generator=gen) * 0.5).tolist()
-    a = torch.nn.Parameter(torch.randn(4, 3, generator=gen))
-    b = torch.nn.Parameter(torch.randn(5, generator=gen))
-    groups = [{"params": [a], "lr": lrs[0]}, {"params": [b], "lr": lrs[1]}]
-    opt = torch.optim.SGD(groups, momentum=0.9) if kind == "sgd" else torch.optim.AdamW(groups)
-    return opt, lrs
-
-
-def run(sched, opt, n):
-    """lr of every group for n optimizer steps, then the one after (n + 1 rows)."""
-    out = [list(sched.get_last_lr())]
-    for _ in range(n):
-        for g in opt.param_groups:
-            for p in g["params"]:
-                p.grad = torch.randn_like(p)
-        opt.step()
-        sched.step()
-        out.append(list(sched.get_last_lr()))
-    return np.array(out)
 
 REPO = Path(__file__).resolve().parents[2]
 

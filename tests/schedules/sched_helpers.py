@@ -1,0 +1,28 @@
+"""Shared by the schedule tests: an optimizer with two param groups of random, different base lrs, and a
+driver that records every group's lr step by step."""
+import numpy as np
+import torch
+
+
+def make_opt(seed: int = 0, kind: str = "sgd"):
+    """Two param groups with different, random base lrs."""
+    gen = torch.Generator().manual_seed(seed)
+    lrs = (0.05 + torch.rand(2, generator=gen) * 0.5).tolist()
+    a = torch.nn.Parameter(torch.randn(4, 3, generator=gen))
+    b = torch.nn.Parameter(torch.randn(5, generator=gen))
+    groups = [{"params": [a], "lr": lrs[0]}, {"params": [b], "lr": lrs[1]}]
+    opt = torch.optim.SGD(groups, momentum=0.9) if kind == "sgd" else torch.optim.AdamW(groups)
+    return opt, lrs
+
+
+def run(sched, opt, n):
+    """lr of every group used by n optimizer steps, then the one after (n + 1 rows)."""
+    out = [list(sched.get_last_lr())]
+    for _ in range(n):
+        for g in opt.param_groups:
+            for p in g["params"]:
+                p.grad = torch.randn_like(p)
+        opt.step()
+        sched.step()
+        out.append(list(sched.get_last_lr()))
+    return np.array(out)
