@@ -34,15 +34,14 @@ def ensure_namespace() -> None:
     pkg = types.ModuleType("adasched")
     pkg.__path__ = []
     sys.modules["adasched"] = pkg
+    # The top folders become bare namespace packages: their __init__ files are NOT run, so nothing imports
+    # pydantic/ortools/pulp (absent from the GPU image) unless a benchmark really needs it.
     for folder in FOLDERS:
-        init = ROOT / folder / "__init__.py"
-        if not init.exists():
+        if not (ROOT / folder).is_dir():
             continue
-        spec = importlib.util.spec_from_file_location(f"adasched.{folder}", init,
-                                                      submodule_search_locations=[str(ROOT / folder)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
+        mod = types.ModuleType(f"adasched.{folder}")
+        mod.__path__ = [str(ROOT / folder)]
+        sys.modules[mod.__name__] = mod
         setattr(pkg, folder, mod)
 
 
