@@ -451,8 +451,27 @@ def _launch_opts(num_warps: int = 4, num_stages: int = 3) -> dict:
     return {} if INTERPRET else {"num_warps": num_warps, "num_stages": num_stages}
 
 
+def _check_gemm_config(cfg, block_m: Optional[int]) -> int:
+    """Validates an explicit ``gemm_config`` (a ``kernels.gemm.GemmConfig``) for the LoRA GEMMs; returns the M
+    tile it implies (the tile table's rows per tile are the GEMM's BLOCK_M)."""
+    for name in ("block_m", "block_n", "block_k", "group_m", "num_stages", "num_warps", "warp_specialize",
+                 "maxnreg"):
+        if not hasattr(cfg, name):
+            raise ValueError(f"gemm_config: {cfg!r} has no field {name!r} (pass a kernels.gemm.GemmConfig)")
+    if cfg.warp_specialize:
+        raise ValueError("gemm_config: warp_specialize=True is not supported by the LoRA GEMM kernels (their "
+                         "reduction loop is not warp-specialised); use warp_specialize=False")
+    if block_m is not None and int(block_m) != cfg.block_m:
+        raise ValueError(f"block_m: {block_m} differs from gemm_config.block_m = {cfg.block_m}")
+    return int(cfg.block_m)
+
+
 def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bias, out, plan: _TilePlan,
-          out_dim: int, red_dim: int, *, apply_scale: bool, backward: bool) -> None:
+          out_dim: int, red_dim: int, *, apply_scale: bool, backward: bool, config=None) -> None:
+    """Y = X W^T (+ LoRA prologue, bias) or dX = dY W (+ masked prologue). ``config`` (GemmConfig or None): None
+    autotunes on a GPU and uses a fixed 16x16 tile under the interpreter; a config launches with its
+    block_n (BLOCK_O), block_k (BLOCK_RED), group_m, num_stages, num_warps and maxnreg (its block_m is the tile
+    table's ``plan.block_m``; the knobs are ignored by the interpreter, as in ``kernels.gemm``)."""
     dummy = plan.table
     args = (x, w, lmat, pmat, mask if mask is not None else dummy, bias if bias is not None else dummy, out,
             plan.table, plan.ftable, plan.n_tiles, out_dim, red_dim, _next_pow2(x.shape[0]),
@@ -460,7 +479,14 @@ def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bi
             mask.stride(0) if mask is not None else 0, out.stride(0))
     flags = dict(BLOCK_M=plan.block_m, BLOCK_R=plan.block_r, HAS_BIAS=bias is not None,
                  HAS_MASK=mask is not None, APPLY_SCALE=apply_scale, UPCAST=INTERPRET)
-    if INTERPRET:
+    if config is not None:
+        grid = (plan.n_tiles * triton.cdiv(out_dim, config.block_n),)
+        opts = {} if INTERPRET else {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        if config.maxnreg is not None and not INTERPRET:
+            opts["maxnreg"] = config.maxnreg
+        _lora_gemm_kernel[grid](*args, BLOCK_O=config.block_n, BLOCK_RED=config.block_k, GROUP_M=config.group_m,
+                                **flags, **opts)
+    elif INTERPRET:
         grid = (plan.n_tiles * triton.cdiv(out_dim, 16),)
         _lora_gemm_kernel[grid](*args, BLOCK_O=16, BLOCK_RED=16, GROUP_M=2, **flags)
     else:
@@ -469,7 +495,7 @@ def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bi
         kernel[grid](*args, **flags)
 
 
-def _fused_forward(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int):
+def _fused_forward(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int, gemm_config=None):
     """Steps 1-2. Returns Y, S (fp32 [T, BLOCK_R]), Xd (or X), packed keep bits (uint8 [T, ceil(K/8)]) or None."""
     T, K = x2.shape
     N = weight.shape[0]
@@ -489,7 +515,7 @@ def _fused_forward(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int):
         HAS_DROPOUT=plan.has_dropout, UPCAST=INTERPRET, **_launch_opts(4, 3))
     y = torch.empty((T, N), device=dev, dtype=x2.dtype)
     _gemm(x2, weight, weight.stride(1), weight.stride(0), s, b_cat, b_cat.stride(1), b_cat.stride(0), None, bias, y,
-          plan, N, K, apply_scale=True, backward=False)
+          plan, N, K, apply_scale=True, backward=False, config=gemm_config)
     return y, s, xd, mask
 
 
@@ -511,7 +537,8 @@ def _grad_lora_a(ds: torch.Tensor, xd: torch.Tensor, plan: _TilePlan, K: int) ->
     return da
 
 
-def _fused_backward(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, need_dx: bool, need_dbias: bool):
+def _fused_backward(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, need_dx: bool, need_dbias: bool,
+                    gemm_config=None):
     """Steps 3-5. Returns dX (or None), dA_cat, dB_cat (fp32), dbias (fp32 or None)."""
     T, N = dy2.shape
     K = weight.shape[1]
@@ -532,7 +559,7 @@ def _fused_backward(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, nee
     if need_dx:
         dx = torch.empty((T, K), device=dev, dtype=dy2.dtype)
         _gemm(dy2, weight, weight.stride(0), weight.stride(1), ds, a_cat, a_cat.stride(0), a_cat.stride(1), mask,
-              None, dx, plan, K, N, apply_scale=False, backward=True)
+              None, dx, plan, K, N, apply_scale=False, backward=True, config=gemm_config)
     return dx, da, db[:, :plan.r_total], dbias
 
 
@@ -540,10 +567,11 @@ class _FusedLoRAFunction(torch.autograd.Function):
     """Autograd over the fused kernels; inputs: x2 [T, K], weight, bias, A_cat [R, K], B_cat [N, R]."""
 
     @staticmethod
-    def forward(ctx, x2, weight, bias, a_cat, b_cat, plan, seed):
-        y, s, xd, mask = _fused_forward(x2, weight, bias, a_cat, b_cat, plan, seed)
+    def forward(ctx, x2, weight, bias, a_cat, b_cat, plan, seed, gemm_config=None):
+        y, s, xd, mask = _fused_forward(x2, weight, bias, a_cat, b_cat, plan, seed, gemm_config)
         ctx.save_for_backward(weight, a_cat, b_cat, s, xd, mask)
         ctx.plan = plan
+        ctx.gemm_config = gemm_config
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
@@ -554,9 +582,10 @@ class _FusedLoRAFunction(torch.autograd.Function):
         need_dx = ctx.needs_input_grad[0]
         need_dbias = ctx.has_bias and ctx.needs_input_grad[2]
         dy2 = dy if dy.stride(-1) == 1 else dy.contiguous()
-        dx, da, db, dbias = _fused_backward(dy2, weight, a_cat, b_cat, s, xd, mask, ctx.plan, need_dx, need_dbias)
+        dx, da, db, dbias = _fused_backward(dy2, weight, a_cat, b_cat, s, xd, mask, ctx.plan, need_dx, need_dbias,
+                                            ctx.gemm_config)
         return (dx, None, dbias.to(ctx.bias_dtype) if dbias is not None else None,
-                da.to(a_cat.dtype), db.to(b_cat.dtype), None, None)
+                da.to(a_cat.dtype), db.to(b_cat.dtype), None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -649,13 +678,17 @@ def _resolve_seed(seed, adapters, segs) -> int:
 
 def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[LoRAAdapterWeights],
                       segments: Sequence[tuple[int, int, int]], bias: Optional[torch.Tensor] = None,
-                      seed: Optional[int] = None, block_m: Optional[int] = None) -> torch.Tensor:
+                      seed: Optional[int] = None, block_m: Optional[int] = None,
+                      gemm_config=None) -> torch.Tensor:
     """Packed multi-adapter LoRA linear over x [T, K]: rows [start, end) of each segment (adapter, start, end)
     get adapter ``adapter``'s LoRA term; rows no segment covers get x W^T + bias only. Differentiable w.r.t. x,
     bias and every adapter's lora_a/lora_b; weight [N, K] is frozen. Returns [T, N] in x's dtype.
 
     ``seed`` fixes the dropout masks (drawn from torch's default generator when None); ``block_m`` is the M tile
-    (rows per tile; default 128 on a GPU, 16 under the interpreter)."""
+    (rows per tile; default 128 on a GPU, 16 under the interpreter). ``gemm_config`` (a ``kernels.gemm.GemmConfig``,
+    e.g. Twill's plan-derived one) fixes the launch of the two big GEMMs (Y = X W^T + LoRA, dX = dY W + LoRA):
+    its block_m is the M tile, block_n / block_k / group_m / num_stages / num_warps / maxnreg are used as given
+    (no autotuning); warp_specialize must be False. None: autotuned on a GPU, a fixed small tile off it."""
     if x.dim() != 2:
         raise ValueError(f"x: shape {tuple(x.shape)} must be 2-D [T, K] for multi_lora_linear")
     if not adapters:
@@ -663,6 +696,8 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     x2 = x if x.stride(-1) == 1 else x.contiguous()
     segs = _validate(x2, weight, bias, adapters, segments)
     seed_v = _resolve_seed(seed, adapters, segs)
+    if gemm_config is not None:
+        block_m = _check_gemm_config(gemm_config, block_m)
     backend = backend_for(x2)
     if backend == "torch":
         _warn_fallback(x2)
@@ -686,21 +721,22 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     if x2.shape[0] == 0:
         return F.linear(x2, w, bias)
-    return _FusedLoRAFunction.apply(x2, w, bias, a_cat, b_cat, plan, seed_v)
+    return _FusedLoRAFunction.apply(x2, w, bias, a_cat, b_cat, plan, seed_v, gemm_config)
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
                 dropout_p: float = 0.0, bias: Optional[torch.Tensor] = None,
-                seed: Optional[int] = None) -> torch.Tensor:
+                seed: Optional[int] = None, gemm_config=None) -> torch.Tensor:
     """Fused LoRA linear: x [..., K] -> x W^T + scale * (dropout(x) A^T) B^T + bias, shape [..., N].
 
     weight [N, K] frozen; lora_a [r, K]; lora_b [N, r]; differentiable w.r.t. x, lora_a, lora_b and bias.
     Dropout keeps element (i, j) of x.reshape(-1, K) iff Philox(seed, i*K + j) >= floor(p * 2**32) and scales
-    kept elements by 1/(1-p); the same seed gives the same mask (see ``dropout_keep_mask``)."""
+    kept elements by 1/(1-p); the same seed gives the same mask (see ``dropout_keep_mask``). ``gemm_config``:
+    explicit launch configuration of the two big GEMMs (see ``multi_lora_linear``); None keeps the default."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     ad = LoRAAdapterWeights(lora_a, lora_b, float(scale), float(dropout_p))
-    y = multi_lora_linear(x2, weight, [ad], [(0, 0, x2.shape[0])], bias=bias, seed=seed)
+    y = multi_lora_linear(x2, weight, [ad], [(0, 0, x2.shape[0])], bias=bias, seed=seed, gemm_config=gemm_config)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -729,8 +765,9 @@ def _reference_impl(x2, weight, bias, adapters, segs, seed: int) -> torch.Tensor
 
 def multi_lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[LoRAAdapterWeights],
                                 segments: Sequence[tuple[int, int, int]], bias: Optional[torch.Tensor] = None,
-                                seed: Optional[int] = None, block_m: Optional[int] = None) -> torch.Tensor:
-    """Plain-torch ``multi_lora_linear`` (``block_m`` is accepted and ignored); same masks for the same seed."""
+                                seed: Optional[int] = None, block_m: Optional[int] = None,
+                                gemm_config=None) -> torch.Tensor:
+    """Plain-torch ``multi_lora_linear`` (``block_m`` and ``gemm_config`` are accepted and ignored); same masks for the same seed."""
     if x.dim() != 2:
         raise ValueError(f"x: shape {tuple(x.shape)} must be 2-D [T, K] for multi_lora_linear")
     segs = _validate(x, weight, bias, adapters, segments)
@@ -739,8 +776,8 @@ def multi_lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, adapters:
 
 def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                           scale: float, dropout_p: float = 0.0, bias: Optional[torch.Tensor] = None,
-                          seed: Optional[int] = None) -> torch.Tensor:
-    """Plain-torch ``lora_linear`` with the identical dropout mask for the same seed."""
+                          seed: Optional[int] = None, gemm_config=None) -> torch.Tensor:
+    """Plain-torch ``lora_linear`` with the identical dropout mask for the same seed (``gemm_config`` ignored)."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     ad = LoRAAdapterWeights(lora_a, lora_b, float(scale), float(dropout_p))

@@ -6,9 +6,12 @@
 warp_specialize / maxnreg; compile once) against a full sweep num_stages x num_warps (x warp_specialize where
 the machine supports it; compile N times). Reports TFLOP/s of both, the ratio, and the time to configuration
 (plan: solve + one compile + one timing; sweep: N compiles + N timings). ``checks`` turns it into pass/fail
-(plan within 3 % of the best swept configuration) for the device check. Run directly:
+(plan within 3 % of the best swept configuration) for the device check. ``lora_plan_vs_sweep`` is the same
+comparison for the fused LoRA linear (``kernels.lora``: forward Y = X W^T + LoRA and backward dX = dY W + LoRA,
+both GEMMs launched with one config; warp_specialize is not available there and is dropped), timed over a whole
+forward + backward step. Run directly:
 
-    python -m adasched.launch.gemm_check [--quick] [--json FILE]
+    python -m adasched.launch.gemm_check [--quick] [--lora] [--json FILE]
 """
 from __future__ import annotations
 
@@ -18,12 +21,18 @@ import time
 from adasched.kernels.bench import BenchCase
 
 __all__ = ["cases", "checks", "plan_vs_sweep", "plan_config", "sweep_configs", "machine_for_device",
-           "GPU_SHAPES", "GPU_TILES", "SWEEP_STAGES", "SWEEP_WARPS", "TOLERANCE"]
+           "lora_plan_vs_sweep", "lora_flops", "GPU_SHAPES", "GPU_TILES", "LORA_GPU_SHAPES", "SWEEP_STAGES",
+           "SWEEP_WARPS", "TOLERANCE"]
 
 GPU_SHAPES = ((4096, 4096, 4096), (8192, 8192, 8192), (4096, 14336, 4096))  # (M, N, K)
 GPU_TILES = ((128, 128, 64), (128, 256, 64))
 CPU_SHAPES = ((64, 48, 80),)
 CPU_TILES = ((64, 32, 32),)
+#: LoRA fused linear shapes (T tokens, K in, N out, rank r): a 4096-wide projection and an MLP up-projection.
+LORA_GPU_SHAPES = ((8192, 4096, 4096, 16), (8192, 4096, 14336, 16))
+LORA_CPU_SHAPES = ((24, 32, 32, 4),)
+LORA_CPU_TILES = ((64, 32, 16),)
+LORA_DROPOUT = 0.1
 SWEEP_STAGES = (2, 3, 4, 5)
 SWEEP_WARPS = (4, 8)
 TOLERANCE = 0.03
@@ -210,6 +219,124 @@ def plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, tiles=
     return rows
 
 
+def lora_flops(T: int, K: int, N: int, r: int) -> float:
+    """Useful FLOPs of one fused LoRA forward + backward (dX, dA, dB): Y = X W^T and dX = dY W (2 T N K each),
+    plus the six rank-r products S = Xd A^T, S B^T, dS = dY B, dB = dY^T S, dA = dS^T Xd, dS A (2 T r K or
+    2 T r N each): 4 T N K + 6 T r (K + N)."""
+    return 4.0 * T * N * K + 6.0 * T * r * (K + N)
+
+
+def _lora_inputs(T: int, K: int, N: int, r: int, device: str):
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(T + 3 * K + 7 * N + 11 * r)
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    mk = lambda *shape, s: (torch.randn(*shape, generator=g) * s).to(device=device, dtype=dt)  # noqa: E731
+    x = mk(T, K, s=1.0).requires_grad_(True)
+    w = mk(N, K, s=K ** -0.5)
+    a = mk(r, K, s=K ** -0.5).requires_grad_(True)
+    b = mk(N, r, s=r ** -0.5).requires_grad_(True)
+    dy = mk(T, N, s=1.0)
+    return x, w, a, b, dy
+
+
+def _lora_step(x, w, a, b, dy, cfg, seed: int = 1234, reference: bool = False):
+    """One fused LoRA forward + backward with ``cfg``: (Y, dX, dA, dB)."""
+    import torch
+
+    from adasched.kernels.lora import lora_linear, lora_linear_reference
+
+    fn = lora_linear_reference if reference else lora_linear
+    y = fn(x, w, a, b, 2.0, LORA_DROPOUT, seed=seed, **({} if reference else {"gemm_config": cfg}))
+    return (y.detach(), *torch.autograd.grad(y, (x, a, b), dy))
+
+
+def lora_plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, tiles=None, stages=SWEEP_STAGES,
+                       warps=SWEEP_WARPS, log=None) -> list[dict]:
+    """The fused LoRA linear (forward + backward, dropout 0.1) with the Twill plan-derived GEMM config of each
+    tile vs every num_stages x num_warps config of that tile. One row per (shape, tile): plan and best ms and
+    TFLOP/s (useful FLOPs, :func:`lora_flops`), plan/best, times to configuration (plan: solve + first call +
+    timing; sweep: first calls + timings of every config), the largest relative error of Y, dX, dA, dB against
+    the fp32 torch reference over all configs, and ``configs``: every measured config ({config, ms, tflops,
+    first_s, bench_s, rel_err, error, in_sweep})."""
+    import dataclasses
+
+    import torch
+
+    shapes = shapes or (LORA_CPU_SHAPES if device == "cpu" else LORA_GPU_SHAPES[:1] if quick else LORA_GPU_SHAPES)
+    tiles = tiles or (LORA_CPU_TILES if device == "cpu" else GPU_TILES)
+    machine = machine_for_device(device)
+    rows = []
+    for (T, K, N, r) in shapes:
+        x, w, a, b, dy = _lora_inputs(T, K, N, r, device)
+        f32 = [t.detach().float().requires_grad_(t.requires_grad) for t in (x, w, a, b)]
+        ref = _lora_step(*f32, dy.float(), None, reference=True)
+        flops = lora_flops(T, K, N, r)
+        for tile in tiles:
+            t0 = time.perf_counter()
+            cfg_plan, info = plan_config(tile, machine, dtype_bytes=x.element_size())
+            solve_s = time.perf_counter() - t0 if info["source"] == "solved" else info["solve_seconds"]
+            ws_dropped = cfg_plan.warp_specialize
+            cfg_plan = dataclasses.replace(cfg_plan, warp_specialize=False)
+            sweep_cfgs = []
+            for c in sweep_configs(tile, machine, stages, warps):
+                c = dataclasses.replace(c, warp_specialize=False)
+                if c not in sweep_cfgs:
+                    sweep_cfgs.append(c)
+            measured: list[dict] = []
+            for cfg in [cfg_plan] + [c for c in sweep_cfgs if c != cfg_plan]:
+                if log:
+                    log(f"[lora] T={T} K={K} N={N} r={r} {cfg.label()}")
+                rec = {"config": cfg.label(), "cfg": cfg, "in_sweep": cfg in sweep_cfgs, "plan": cfg == cfg_plan}
+                try:
+                    first, ms, bench_s = _first_call_and_time(lambda cfg=cfg: _lora_step(x, w, a, b, dy, cfg),
+                                                              device, quick)
+                    got = _lora_step(x, w, a, b, dy, cfg)
+                    err = max((g.float() - e).abs().max().item() / max(e.abs().max().item(), 1e-6)
+                              for g, e in zip(got, ref))
+                    rec.update(first_s=first, bench_s=bench_s, ms=ms, tflops=flops / (ms * 1e-3) / 1e12,
+                               rel_err=err, error="")
+                except Exception as exc:  # a config the compiler rejects is recorded, not fatal
+                    rec.update(first_s=0.0, bench_s=0.0, ms=math.nan, tflops=0.0, rel_err=math.nan,
+                               error=f"{type(exc).__name__}: {exc}"[:200])
+                measured.append(rec)
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            sweep = [v for v in measured if v["in_sweep"]]
+            ok_sweep = [v for v in sweep if not v["error"]]
+            best = max(ok_sweep, key=lambda v: v["tflops"]) if ok_sweep else None
+            p = measured[0]
+            ratio = p["tflops"] / best["tflops"] if best and best["tflops"] > 0 else math.nan
+            rows.append({
+                "shape": f"T={T} K={K} N={N} r={r}", "tile": "x".join(map(str, tile)), "machine": machine,
+                "dtype": str(x.dtype).replace("torch.", ""),
+                "plan_config": p["config"], "plan_ms": p["ms"], "plan_tflops": p["tflops"], "plan_error": p["error"],
+                "plan_ii": info["ii"], "plan_status": info["status"], "plan_source": info["source"],
+                "warp_specialize_dropped": ws_dropped,
+                "best_config": best["config"] if best else None, "best_ms": best["ms"] if best else None,
+                "best_tflops": best["tflops"] if best else None,
+                "plan_over_best": ratio, "within_tolerance": bool(ratio >= 1 - TOLERANCE) if best else False,
+                "n_sweep": len(sweep), "sweep_failed": [v["config"] for v in sweep if v["error"]],
+                "time_to_config_plan_s": solve_s + p["first_s"] + p["bench_s"],
+                "time_to_config_sweep_s": sum(v["first_s"] + v["bench_s"] for v in sweep),
+                "solve_s": solve_s, "plan_compile_s": p["first_s"],
+                "max_rel_err": max((v["rel_err"] for v in measured if not v["error"]), default=math.nan),
+                "configs": [{k: v for k, v in m.items() if k != "cfg"} for m in measured],
+            })
+        del x, w, a, b, dy, f32, ref
+    return rows
+
+
+def _lora_check_row(r: dict) -> tuple[str, bool, str]:
+    detail = (f"{r['shape']} tile {r['tile']} {r['dtype']} fwd+bwd: plan {r['plan_config']} {r['plan_ms']:.3f} ms "
+              f"({r['plan_tflops']:.1f} TFLOP/s) vs best {r['best_config']} {r['best_ms'] or math.nan:.3f} ms "
+              f"({r['best_tflops'] or 0:.1f}) = {r['plan_over_best']:.3f}; time to config "
+              f"{r['time_to_config_plan_s']:.1f} s vs {r['time_to_config_sweep_s']:.1f} s ({r['n_sweep']} configs); "
+              f"max rel err {r['max_rel_err']:.2e}")
+    return (f"twill plan within {TOLERANCE:.0%} of sweep, LoRA {r['shape']} {r['tile']}", r["within_tolerance"],
+            detail)
+
+
 def checks(device: str) -> list[tuple[str, bool, str]]:
     """Correctness of the plan-configured GEMM, and (CUDA) the plan within 3 % of the sweep's best."""
     import torch
@@ -234,6 +361,24 @@ def checks(device: str) -> list[tuple[str, bool, str]]:
                       f"({r['n_sweep']} configs)")
             out.append((f"twill plan within {TOLERANCE:.0%} of sweep {r['shape']} {r['tile']}", r["within_tolerance"],
                         detail))
+    # the fused LoRA linear with the plan's config: Y, dX, dA, dB against the fp32 torch reference
+    (T, K, N, r), ltile = ((LORA_CPU_SHAPES[0], LORA_CPU_TILES[0]) if device == "cpu"
+                           else ((1031, 1024, 1536, 16), GPU_TILES[0]))
+    import dataclasses
+
+    lcfg = dataclasses.replace(plan_config(ltile, machine)[0], warp_specialize=False)
+    x, w, a, b, dy = _lora_inputs(T, K, N, r, device)
+    got = _lora_step(x, w, a, b, dy, lcfg)
+    ref = _lora_step(*[t.detach().float().requires_grad_(t.requires_grad) for t in (x, w, a, b)], dy.float(), None,
+                     reference=True)
+    ltol = 1e-4 if x.dtype == torch.float32 else 3e-2
+    bad = sum(int((~torch.isclose(g.float(), e, atol=ltol * max(e.abs().max().item(), 1.0), rtol=ltol)).sum())
+              for g, e in zip(got, ref))
+    total = sum(e.numel() for e in ref)
+    out.append((f"lora fwd+bwd T={T} K={K} N={N} r={r} {lcfg.label()} vs torch", bad == 0,
+                f"{bad} of {total} elements of Y, dX, dA, dB differ"))
+    if device == "cuda":
+        out.extend(_lora_check_row(r) for r in lora_plan_vs_sweep(device))
     return out
 
 
@@ -246,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Twill plan-derived GEMM config vs a full num_stages x num_warps sweep")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--lora", action="store_true", help="the fused LoRA linear (fwd+bwd) instead of the GEMM")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the rows as JSON to this file")
     args = ap.parse_args(argv)
     dev = resolve_device(args.device)
@@ -253,11 +399,12 @@ def main(argv: list[str] | None = None) -> int:
         import os
 
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    rows = plan_vs_sweep(dev, quick=args.quick, log=lambda s: print(s, flush=True))
+    fn = lora_plan_vs_sweep if args.lora else plan_vs_sweep
+    rows = fn(dev, quick=args.quick, log=lambda s: print(s, flush=True))
     cols = ["shape", "tile", "plan_config", "plan_tflops", "best_config", "best_tflops", "plan_over_best",
             "time_to_config_plan_s", "time_to_config_sweep_s", "n_sweep"]
     fmt = [[(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c])) for c in cols] for r in rows]
-    print(format_table(fmt, cols, title=f"twill plan vs sweep ({dev}, machine {rows[0]['machine'] if rows else '?'})"))
+    print(format_table(fmt, cols, title=f"twill plan vs sweep{' (LoRA fwd+bwd)' if args.lora else ''} ({dev}, machine {rows[0]['machine'] if rows else '?'})"))
     if args.json_out:
         with open(args.json_out, "w") as fh:
             json.dump(rows, fh, indent=1)

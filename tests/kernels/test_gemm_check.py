@@ -56,3 +56,31 @@ def test_precomputed_fallback_without_planner(monkeypatch):
     cfg, info = gemm_bench.plan_config((128, 256, 64), "h100")
     assert info["source"] == "precomputed" and (cfg.num_stages, cfg.num_warps) == (3, 8)
     assert len(gemm_bench.sweep_configs((128, 128, 64), "b200")) == 16
+
+
+def test_lora_plan_vs_sweep_rows_on_cpu():
+    stages, warps = (2, 3), (4, 8)
+    rows = gemm_bench.lora_plan_vs_sweep("cpu", quick=True, shapes=((24, 32, 32, 4),), tiles=((64, 32, 16),),
+                                         stages=stages, warps=warps)
+    (r,) = rows
+    plan_cfg, _ = gemm_bench.plan_config((64, 32, 16), "h100", dtype_bytes=4)
+    # every config present: the plan's first, then each num_stages x num_warps point exactly once
+    labels = [c["config"] for c in r["configs"]]
+    sweep = [f"64x32x16 s{s} w{w}" for s in stages for w in warps]
+    assert labels[0] == r["plan_config"] == plan_cfg.label() and r["configs"][0]["plan"]
+    assert sorted(c["config"] for c in r["configs"] if c["in_sweep"]) == sorted(sweep) and r["n_sweep"] == 4
+    assert len(labels) == len(set(labels)) == 4 + (plan_cfg.label() not in sweep)
+    assert all(c["error"] == "" and c["ms"] > 0 and c["rel_err"] < 1e-5 for c in r["configs"])
+    # ratios and throughputs recomputed from the per-config rows
+    flops = gemm_bench.lora_flops(24, 32, 32, 4)
+    assert flops == 4 * 24 * 32 * 32 + 6 * 24 * 4 * (32 + 32)
+    for c in r["configs"]:
+        assert math.isclose(c["tflops"], flops / (c["ms"] * 1e-3) / 1e12, rel_tol=1e-9)
+    best = max((c for c in r["configs"] if c["in_sweep"]), key=lambda c: c["tflops"])
+    assert r["best_config"] == best["config"] and math.isclose(r["best_tflops"], best["tflops"])
+    assert math.isclose(r["plan_over_best"], r["configs"][0]["tflops"] / best["tflops"], rel_tol=1e-9)
+    assert r["within_tolerance"] == (r["plan_over_best"] >= 1 - gemm_bench.TOLERANCE)
+    assert math.isclose(r["time_to_config_sweep_s"],
+                        sum(c["first_s"] + c["bench_s"] for c in r["configs"] if c["in_sweep"]), rel_tol=1e-9)
+    assert r["time_to_config_plan_s"] >= r["configs"][0]["first_s"] + r["configs"][0]["bench_s"]
+    assert r["max_rel_err"] < 1e-5 and r["sweep_failed"] == []

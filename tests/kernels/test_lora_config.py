@@ -1,0 +1,110 @@
+"""The fused LoRA GEMMs launched with an explicit GemmConfig (Twill's plan-derived config or a sweep point), under
+TRITON_INTERPRET=1: every output and gradient element equals the default path and the float64 reference, the
+kernels really launch with the config's tiles, and bad configs are refused."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adasched.kernels import lora as L
+from adasched.kernels.gemm import GemmConfig
+from adasched.kernels.lora import LoRAAdapterWeights, lora_linear, lora_linear_reference, multi_lora_linear
+
+pytest.importorskip("triton")
+
+CONFIGS = [
+    GemmConfig(block_m=16, block_n=32, block_k=16, group_m=1, num_stages=2, num_warps=4),
+    GemmConfig(block_m=32, block_n=16, block_k=32, group_m=4, num_stages=4, num_warps=8, maxnreg=128),
+]
+
+
+def assert_close(name, got, ref, tol=2e-5):
+    g, r = got.detach().double(), ref.detach().double()
+    assert g.shape == r.shape, name
+    bad = ~torch.isclose(g, r, atol=tol * max(1.0, r.abs().max().item()), rtol=tol)
+    assert not bad.any(), f"{name}: {int(bad.sum())}/{bad.numel()} elements differ"
+
+
+class _Spy:
+    """Records (grid, constexpr kwargs) of each launch of the wrapped kernel, then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.calls.append((grid, kw))
+            return self.kernel[grid](*args, **kw)
+        return launch
+
+
+def _leaves(T, K, N, r):
+    f = lambda *s, sc=1.0: (torch.randn(*s) * sc)  # noqa: E731
+    x, w, a, b, bias = f(T, K), f(N, K, sc=K ** -0.5), f(r, K, sc=K ** -0.5), f(N, r, sc=0.5), f(N, sc=0.1)
+    return x, w, a, b, bias, f(T, N)
+
+
+def _run(fn, x, w, a, b, bias, dy, **kw):
+    x, a, b, bias = (t.clone().requires_grad_(True) for t in (x, a, b, bias))
+    y = fn(x, w, a, b, 1.5, 0.25, bias=bias, seed=77, **kw)
+    return (y.detach(), *torch.autograd.grad(y, (x, a, b, bias), dy))
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.label())
+def test_explicit_config_equals_default_path_and_reference(cfg, monkeypatch):
+    torch.manual_seed(3)
+    x, w, a, b, bias, dy = _leaves(37, 40, 48, 5)
+    default = _run(lora_linear, x, w, a, b, bias, dy)
+    spy = _Spy(L._lora_gemm_kernel)
+    monkeypatch.setattr(L, "_lora_gemm_kernel", spy)
+    got = _run(lora_linear, x, w, a, b, bias, dy, gemm_config=cfg)
+    ref = _run(lora_linear_reference, *(t.double() for t in (x, w, a, b, bias, dy)))
+    for name, g, d, r in zip(("y", "dx", "dA", "dB", "dbias"), got, default, ref):
+        assert_close(f"{name} vs default", g, d)
+        assert_close(f"{name} vs float64 reference", g, r)
+    # both GEMMs (forward: out N=48; dX: out K=40) launched with the config's tiles, M tiles of block_m rows
+    assert len(spy.calls) == 2
+    n_tiles = -(-37 // cfg.block_m)
+    for (grid, kw), out_dim in zip(spy.calls, (48, 40)):
+        assert (kw["BLOCK_M"], kw["BLOCK_O"], kw["BLOCK_RED"], kw["GROUP_M"]) == (
+            cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m)
+        assert grid == (n_tiles * -(-out_dim // cfg.block_n),)
+
+
+def test_multi_lora_explicit_config_uncovered_rows():
+    torch.manual_seed(5)
+    T, K, N = 50, 24, 40
+    x = torch.randn(T, K)
+    w = torch.randn(N, K) * K ** -0.5
+    ads = [LoRAAdapterWeights(torch.randn(r, K).requires_grad_(True), torch.randn(N, r).requires_grad_(True), s, p)
+           for r, s, p in ((3, 2.0, 0.0), (8, 0.5, 0.3))]
+    segs = [(1, 0, 13), (0, 20, 47)]  # rows 13..19 and 47..49 get the base projection only
+    dy = torch.randn(T, N)
+    outs = []
+    for cfg in (None, CONFIGS[1]):
+        xx = x.clone().requires_grad_(True)
+        y = multi_lora_linear(xx, w, ads, segs, seed=9, gemm_config=cfg)
+        grads = torch.autograd.grad(y, [xx] + [t for ad in ads for t in (ad.lora_a, ad.lora_b)], dy)
+        outs.append((y.detach(), *grads))
+    x64 = x.double().requires_grad_(True)
+    ads64 = [LoRAAdapterWeights(ad.lora_a.detach().double().requires_grad_(True),
+                                ad.lora_b.detach().double().requires_grad_(True), ad.scale, ad.dropout_p) for ad in ads]
+    y64 = L.multi_lora_linear_reference(x64, w.double(), ads64, segs, seed=9)
+    ref = (y64.detach(), *torch.autograd.grad(y64, [x64] + [t for ad in ads64 for t in (ad.lora_a, ad.lora_b)],
+                                              dy.double()))
+    names = ("y", "dx", "dA0", "dB0", "dA1", "dB1")
+    for name, g, d, r in zip(names, outs[1], outs[0], ref):
+        assert_close(f"{name} vs default", g, d)
+        assert_close(f"{name} vs float64 reference", g, r)
+
+
+def test_bad_gemm_config_is_refused():
+    x, w, a, b, bias, _ = _leaves(8, 16, 16, 2)
+    with pytest.raises(ValueError, match="warp_specialize"):
+        lora_linear(x, w, a, b, 1.0, gemm_config=GemmConfig(block_m=16, block_n=16, block_k=16,
+                                                             warp_specialize=True))
+    with pytest.raises(ValueError, match="block_m: 32 differs"):
+        multi_lora_linear(x, w, [LoRAAdapterWeights(a, b, 1.0)], [(0, 0, 8)], block_m=32,
+                          gemm_config=GemmConfig(block_m=16, block_n=16, block_k=16))
+    with pytest.raises(ValueError, match="gemm_config"):
+        lora_linear(x, w, a, b, 1.0, gemm_config={"num_stages": 3})
