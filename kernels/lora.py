@@ -466,6 +466,17 @@ def _check_gemm_config(cfg, block_m: Optional[int]) -> int:
     return int(cfg.block_m)
 
 
+def _config_launch(config, interpret: bool) -> tuple[dict, dict]:
+    """(tile constexprs, compile options) of ``_lora_gemm_kernel`` for a GemmConfig: BLOCK_O = block_n,
+    BLOCK_RED = block_k, GROUP_M = group_m; num_warps, num_stages and maxnreg (when set) except under the
+    interpreter, which takes none of them."""
+    consts = {"BLOCK_O": config.block_n, "BLOCK_RED": config.block_k, "GROUP_M": config.group_m}
+    opts = {} if interpret else {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    if config.maxnreg is not None and not interpret:
+        opts["maxnreg"] = config.maxnreg
+    return consts, opts
+
+
 def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bias, out, plan: _TilePlan,
           out_dim: int, red_dim: int, *, apply_scale: bool, backward: bool, config=None) -> None:
     """Y = X W^T (+ LoRA prologue, bias) or dX = dY W (+ masked prologue). ``config`` (GemmConfig or None): None
@@ -481,11 +492,8 @@ def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bi
                  HAS_MASK=mask is not None, APPLY_SCALE=apply_scale, UPCAST=INTERPRET)
     if config is not None:
         grid = (plan.n_tiles * triton.cdiv(out_dim, config.block_n),)
-        opts = {} if INTERPRET else {"num_warps": config.num_warps, "num_stages": config.num_stages}
-        if config.maxnreg is not None and not INTERPRET:
-            opts["maxnreg"] = config.maxnreg
-        _lora_gemm_kernel[grid](*args, BLOCK_O=config.block_n, BLOCK_RED=config.block_k, GROUP_M=config.group_m,
-                                **flags, **opts)
+        consts, opts = _config_launch(config, INTERPRET)
+        _lora_gemm_kernel[grid](*args, **consts, **flags, **opts)
     elif INTERPRET:
         grid = (plan.n_tiles * triton.cdiv(out_dim, 16),)
         _lora_gemm_kernel[grid](*args, BLOCK_O=16, BLOCK_RED=16, GROUP_M=2, **flags)
