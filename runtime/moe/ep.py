@@ -23,8 +23,12 @@ backward (degree ``r_bwd``, chosen independently)
 
 Hierarchical path (``hierarchical=True``): every exchange runs in two steps, first inside the node
 (intra-node all-to-all to the local peer with the destination's local index), then between nodes
-(all-to-all among the ranks with the same local index). The first step is asynchronous; the second runs
-when the chunk is waited for.
+(all-to-all among the ranks with the same local index); the combine runs the inverse (inter-node, then
+intra-node). Both steps are asynchronous: a per-pass :class:`_Scheduler` issues a chunk's second step as
+soon as its first has completed (checked without blocking whenever a step is added and before every chunk's
+compute), keeps every group's collectives in the same order on all ranks, and before chunk c's compute makes
+sure chunk c+1's inter-node step is in flight, so it overlaps chunk c's compute. Set
+``ExpertParallel.events = []`` to record the issue order and the chunk computes.
 """
 from __future__ import annotations
 
@@ -58,6 +62,7 @@ class ExpertParallel:
     intra_group: object = None
     inter_group: object = None
     stats: dict = field(default_factory=lambda: {"gaps": 0})
+    events: list | None = None     # set to [] to record collective issues and chunk computes (tests, traces)
 
     @property
     def size(self) -> int:
@@ -113,14 +118,115 @@ def _a2a(tensors, send, recv, group):
     return outs, works
 
 
-class _Pending:
-    def __init__(self, outs, works, then=None):
-        self.outs, self.works, self.then = outs, works, then
+class _Step:
+    """One asynchronous all-to-all of one chunk on one group.
 
-    def wait(self):
+    ``inputs``: the tensors to send, or (for the second step of a hierarchical exchange) a function of the
+    previous step's outputs (``dep``); such a step may only be issued once ``dep`` has completed.
+    """
+
+    def __init__(self, group, send, recv, inputs, dep: "_Step | None" = None, label: tuple = ()):
+        self.group, self.send, self.recv = group, send, recv
+        self.inputs, self.dep, self.label = inputs, dep, label
+        self.outs = self.works = None
+
+    @property
+    def issued(self) -> bool:
+        return self.works is not None
+
+    def completed(self) -> bool:
+        """Non-blocking: issued and every transfer finished."""
+        return self.issued and all(w.is_completed() for w in self.works)
+
+    def issue(self) -> None:
+        ins = self.inputs(self.dep.result()) if self.dep is not None else self.inputs
+        self.outs, self.works = _a2a(ins, self.send, self.recv, self.group)
+        self.inputs = None                           # drop the send buffers' references once in flight
+
+    def result(self) -> list[torch.Tensor]:
+        """Blocking: wait for the transfers (the step must have been issued)."""
         for w in self.works:
             w.wait()
-        return self.then(self.outs) if self.then else self.outs
+        return self.outs
+
+
+class _Chain:
+    """The steps of one chunk's exchange (one flat step, or intra-node then inter-node) and the final
+    reordering of the last step's outputs."""
+
+    def __init__(self, steps: list[_Step], then=None):
+        self.steps, self.then = steps, then
+
+    @property
+    def last(self) -> _Step:
+        return self.steps[-1]
+
+
+class _Scheduler:
+    """Issues the steps of one pipeline pass (forward or backward); a second step is chained to its first by
+    polling, so the thread never blocks just to chain the two.
+
+    State machine of a step: QUEUED -> (dependency completed, every earlier step of its group issued) ->
+    ISSUED -> (transfers finished) -> COMPLETED. Steps are added in program order, which is the same on
+    every rank; a step is issued only after every earlier-added step of the same process group, so every
+    group sees its collectives in the same order on all ranks whatever the timing. :meth:`progress` is the
+    non-blocking driver (called whenever a step is added and before every chunk's compute): it issues each
+    group's queued steps from the front as long as their dependencies have completed (``is_completed``).
+    :meth:`drive` is the blocking driver: it issues every step up to the given one in the order added,
+    waiting for dependencies as needed; it is used only where the pipeline needs a result (a chunk's
+    received rows, and chunk c+1's inter-node step before chunk c's compute). Because it always issues the
+    earliest-added unissued step first, a rank that blocks has issued every earlier step, so the step it
+    waits on is one every rank can reach: deadlock-free.
+
+    ``log`` (``ExpertParallel.events``; off when None) receives ``(pass, what, chunk, detail)`` tuples:
+    ``what="issue"`` with ``detail=(direction, step)`` (direction "dispatch"/"combine", step 1 or 2) for every
+    collective issued, and ``what="compute_start"``/``"compute_end"`` (detail None) around every chunk's
+    expert compute.
+    """
+
+    def __init__(self, pass_name: str, log: list | None):
+        self.pass_name, self.log = pass_name, log
+        self.queue: list[_Step] = []
+
+    def record(self, what: str, chunk: int, detail=None) -> None:
+        if self.log is not None:
+            self.log.append((self.pass_name, what, chunk, detail))
+
+    def add(self, chain: _Chain) -> _Chain:
+        self.queue.extend(chain.steps)
+        self.progress()
+        return chain
+
+    def _issue(self, step: _Step) -> None:
+        step.issue()
+        direction, chunk, index = step.label
+        self.record("issue", chunk, (direction, index))
+
+    def progress(self) -> None:
+        blocked = set()                                  # groups whose front step cannot go yet
+        for step in self.queue:
+            key = id(step.group)
+            if key in blocked:
+                continue
+            if step.dep is None or step.dep.completed():
+                self._issue(step)
+            else:
+                blocked.add(key)
+        self.queue = [s for s in self.queue if not s.issued]
+
+    def drive(self, upto: _Step) -> None:
+        if upto.issued:
+            return
+        while self.queue:
+            step = self.queue.pop(0)
+            self._issue(step)                            # blocks in dep.result() if the dependency is running
+            if step is upto:
+                break
+
+    def wait(self, chain: _Chain) -> list[torch.Tensor]:
+        self.drive(chain.last)
+        outs = chain.last.result()
+        return chain.then(outs) if chain.then else outs
 
 
 class _Exchange:
@@ -148,41 +254,62 @@ class _Exchange:
         self.send2 = [sum(R[nq * G + l][n * G + lq] for l in range(G)) for n in range(Nn)]
         self.recv2 = [sum(R[n * G + l][q] for l in range(G)) for n in range(Nn)]
 
-    def start(self, tensors):
+    def dispatch(self, tensors, chunk: int) -> _Chain:
+        """Rows (grouped by destination rank) to their expert ranks: one step, or intra- then inter-node."""
         ep = self.ep
         if not ep.hierarchical:
-            outs, works = _a2a(tensors, self.send, self.recv, ep.group)
-            return _Pending(outs, works)
-        outs, works = _a2a([t[self.perm1.to(t.device)] for t in tensors], self.send1, self.recv1, ep.intra_group)
+            return _Chain([_Step(ep.group, self.send, self.recv, tensors, label=("dispatch", chunk, 1))])
+        p1, p2 = self.perm1, self.perm2
+        s1 = _Step(ep.intra_group, self.send1, self.recv1, [t[p1.to(t.device)] for t in tensors],
+                   label=("dispatch", chunk, 1))
+        s2 = _Step(ep.inter_group, self.send2, self.recv2, lambda mid: [t[p2.to(t.device)] for t in mid],
+                   dep=s1, label=("dispatch", chunk, 2))
+        return _Chain([s1, s2])
 
-        def phase2(mid):
-            res, w2 = _a2a([t[self.perm2.to(t.device)] for t in mid], self.send2, self.recv2, ep.inter_group)
-            for w in w2:
-                w.wait()
-            return res
-        return _Pending(outs, works, phase2)
-
-    def start_back(self, tensors):
-        """Exact inverse of :meth:`start`: rows in received order go back to where they came from."""
+    def combine(self, tensors, chunk: int) -> _Chain:
+        """Exact inverse of :meth:`dispatch`: rows in received order go back to where they came from
+        (inter-node first, then intra-node)."""
         ep = self.ep
         if not ep.hierarchical:
-            outs, works = _a2a(tensors, self.recv, self.send, ep.group)
-            return _Pending(outs, works)
-        outs, works = _a2a(tensors, self.recv2, self.send2, ep.inter_group)
-
-        def phase1(mid):
-            mid = [_unpermute_rows(t, self.perm2) for t in mid]
-            res, w1 = _a2a(mid, self.recv1, self.send1, ep.intra_group)
-            for w in w1:
-                w.wait()
-            return [_unpermute_rows(t, self.perm1) for t in res]
-        return _Pending(outs, works, phase1)
+            return _Chain([_Step(ep.group, self.recv, self.send, tensors, label=("combine", chunk, 1))])
+        p1, p2 = self.perm1, self.perm2
+        c1 = _Step(ep.inter_group, self.recv2, self.send2, tensors, label=("combine", chunk, 1))
+        c2 = _Step(ep.intra_group, self.recv1, self.send1, lambda mid: [_unpermute_rows(t, p2) for t in mid],
+                   dep=c1, label=("combine", chunk, 2))
+        return _Chain([c1, c2], lambda outs: [_unpermute_rows(t, p1) for t in outs])
 
 
 def _unpermute_rows(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(t)
     out[perm.to(t.device)] = t
     return out
+
+
+def _pipeline(ep: ExpertParallel, pass_name: str, exch: list[_Exchange], sends, compute, after_chunk=None):
+    """Run one pass: dispatch every chunk, then per chunk wait / compute / combine; returns each chunk's
+    combined rows. ``compute(c, received tensors) -> tensor to send back``; ``after_chunk(c)`` runs in the
+    gap after chunk c's combine is issued.
+
+    Before chunk c's compute the pipeline makes sure chunk c+1's dispatch has reached its last step (for the
+    hierarchical path: its inter-node all-to-all is issued, waiting for its intra-node step if that is still
+    running), so chunk c+1's transfer overlaps chunk c's compute even when nothing can issue collectives while
+    the compute runs (one host thread).
+    """
+    sched = _Scheduler(pass_name, ep.events)
+    disp = [sched.add(ex.dispatch(t, c)) for c, (ex, t) in enumerate(zip(exch, sends))]
+    back = []
+    for c, ex in enumerate(exch):
+        got = sched.wait(disp[c])
+        if c + 1 < len(exch):
+            sched.drive(disp[c + 1].last)
+        sched.progress()
+        sched.record("compute_start", c)
+        out = compute(c, got)
+        sched.record("compute_end", c)
+        back.append(sched.add(ex.combine([out], c)))
+        if after_chunk is not None:
+            after_chunk(c)
+    return [sched.wait(b)[0] for b in back]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -339,10 +466,10 @@ class EPExperts(torch.autograd.Function):
         key_base = 1 << 40
         rows, mats = _chunks(meta, meta.r_fwd)
         exch = [_Exchange(ep, m) for m in mats]
-        pend = [ex.start([x_rows[rw], _tags(meta, rw)]) for ex, rw in zip(exch, rows)]
-        saved_x, saved_a, saved_key, back = [], [], [], []
-        for c, (ex, p) in enumerate(zip(exch, pend)):
-            xr, tags = p.wait()
+        saved_x, saved_a, saved_key = [], [], []
+
+        def compute(c, got):
+            xr, tags = got
             order, counts, keys = _group_by_expert(tags, E_local, P, key_base)
             xs = xr[order]
             idx = make_index(torch.zeros(xs.shape[0], dtype=torch.int64, device=xs.device), counts, 1)
@@ -350,10 +477,12 @@ class EPExperts(torch.autograd.Function):
             saved_x.append(xs)
             saved_a.append(a)
             saved_key.append(keys)
-            back.append(ex.start_back([_unpermute_rows(ys, order)]))
+            return _unpermute_rows(ys, order)
+
+        outs = _pipeline(ep, "forward", exch, [[x_rows[rw], _tags(meta, rw)] for rw in rows], compute)
         y = x_rows.new_empty(x_rows.shape[0], w2.shape[2])
-        for rw, p in zip(rows, back):
-            y[rw] = p.wait()[0]
+        for rw, o in zip(rows, outs):
+            y[rw] = o
         key = torch.cat(saved_key)
         korder = torch.argsort(key)
         ctx.save_for_backward(torch.cat(saved_x)[korder], torch.cat(saved_a)[korder], key[korder], w1, w2)
@@ -370,28 +499,31 @@ class EPExperts(torch.autograd.Function):
         gy = gy.contiguous()
         rows, mats = _chunks(meta, meta.r_bwd)
         exch = [_Exchange(ep, m) for m in mats]
-        pend = [ex.start([gy[rw], _tags(meta, rw)]) for ex, rw in zip(exch, rows)]
         if meta.reducer is not None:
             meta.reducer.begin_layer()
         dw1 = torch.zeros_like(w1)
         dw2 = torch.zeros_like(w2)
-        back = []
-        for c, (ex, p) in enumerate(zip(exch, pend)):
-            g, tags = p.wait()
+
+        def compute(c, got):
+            g, tags = got
             order, counts, keys = _group_by_expert(tags, E_local, P, key_base)
             pos = torch.searchsorted(key_s, keys)
             idx = make_index(torch.zeros(keys.shape[0], dtype=torch.int64, device=keys.device), counts, 1)
             dx, d1, d2 = expert_mlp_backward(x_s[pos], a_s[pos], g[order], w1, w2, idx,
                                              meta.activation, meta.backend)
-            dw1 += d1
-            dw2 += d2
-            back.append(ex.start_back([_unpermute_rows(dx, order)]))
+            dw1.add_(d1)
+            dw2.add_(d2)
+            return _unpermute_rows(dx, order)
+
+        def gap(c):
             if meta.reducer is not None:
                 ep.stats["gaps"] += 1
                 meta.reducer.gap((c + 1) / len(exch))
+
+        outs = _pipeline(ep, "backward", exch, [[gy[rw], _tags(meta, rw)] for rw in rows], compute, gap)
         gx = gy.new_empty(gy.shape[0], w1.shape[1])
-        for rw, p in zip(rows, back):
-            gx[rw] = p.wait()[0]
+        for rw, o in zip(rows, outs):
+            gx[rw] = o
         return gx, dw1, dw2, None
 
 

@@ -1,8 +1,15 @@
 """Expert parallelism over 4 real gloo ranks vs the single-process layer: outputs and every gradient, for every
 router and every pipeline degree r in {1, 2, 4} (forward and backward set differently), flat and hierarchical
-all-to-all, and the dense-gradient all-reduce launched in slices inside the MoE backward gaps."""
+all-to-all, and the dense-gradient all-reduce launched in slices inside the MoE backward gaps. The hierarchical
+path is also checked to be asynchronous end to end: chunk k+1's inter-node step is issued before chunk k's expert
+compute ends, and every process group sees its collectives in the same order on every rank, also when the ranks
+run their computes at skewed speeds."""
+import time
+
 import torch
 import torch.distributed as dist
+
+import adasched.runtime.moe.ep as ep_mod
 
 from adasched.runtime.dist import spawn_gloo
 from adasched.runtime.moe import ExpertParallel, GradSliceReducer, MoELayer, RouterConfig
@@ -96,6 +103,61 @@ def _gap_case(rank, world, ep):
     reducer.remove()
 
 
+def _issue_order(events, pass_name):
+    """Per process group kind, the (direction, chunk, step) of every collective issued in one pass, in issue
+    order; and the event index of each (what, chunk, detail)."""
+    ev = [e[1:] for e in events if e[0] == pass_name]
+    intra, inter = [], []
+    for what, chunk, detail in ev:
+        if what == "issue":
+            direction, step = detail
+            # dispatch: step 1 intra-node, step 2 inter-node; combine: step 1 inter-node, step 2 intra-node
+            on_intra = (direction == "dispatch") == (step == 1)
+            (intra if on_intra else inter).append((direction, chunk, step))
+    return ev, intra, inter
+
+
+def _async_case(rank, world, hier):
+    """Hierarchical EP with r_fwd=4, r_bwd=3 and rank-skewed compute speeds: outputs and gradients still match
+    the single-process layer; in each pass chunk k+1's inter-node dispatch is issued before chunk k's compute
+    ends; each group's collectives are issued exactly once each, in program order."""
+    fwd, bwd = ep_mod.expert_mlp_forward, ep_mod.expert_mlp_backward
+
+    def slow(fn):
+        def wrapped(*a, **k):
+            time.sleep(0.004 * ((rank + 1) % world))    # rank 3 fastest, rank 2 slowest
+            return fn(*a, **k)
+        return wrapped
+
+    ep_mod.expert_mlp_forward, ep_mod.expert_mlp_backward = slow(fwd), slow(bwd)
+    hier.events = []
+    try:
+        _layer_case(rank, world, hier, "gshard", 4, 3, None, seed=91)
+    finally:
+        ep_mod.expert_mlp_forward, ep_mod.expert_mlp_backward = fwd, bwd
+        events, hier.events = hier.events, None
+    for pass_name, r in (("forward", 4), ("backward", 3)):
+        ev, intra, inter = _issue_order(events, pass_name)
+        assert intra == [("dispatch", c, 1) for c in range(r)] + [("combine", c, 2) for c in range(r)], (pass_name,
+                                                                                                        intra)
+        assert inter == [("dispatch", c, 2) for c in range(r)] + [("combine", c, 1) for c in range(r)], (pass_name,
+                                                                                                        inter)
+        for k in range(r - 1):
+            issued = ev.index(("issue", k + 1, ("dispatch", 2)))
+            ended = ev.index(("compute_end", k, None))
+            assert issued < ended, f"{pass_name}: chunk {k + 1}'s inter-node dispatch issued after chunk {k}'s compute"
+        # every chunk's inter-node dispatch is issued before that chunk's compute starts
+        for k in range(r):
+            assert ev.index(("issue", k, ("dispatch", 2))) < ev.index(("compute_start", k, None)), pass_name
+    # the same per-group issue order on every rank (another order would pair mismatched collectives); the
+    # interleaving of the two groups may differ with timing, so only each group's sequence is compared
+    orders = [None] * world
+    dist.all_gather_object(orders, [e for e in events if e[1] == "issue"])
+    for pass_name in ("forward", "backward"):
+        per_rank = [_issue_order(o, pass_name)[1:] for o in orders]
+        assert all(p == per_rank[0] for p in per_rank), pass_name
+
+
 def _worker(rank, world):
     flat = ExpertParallel.create(E)
     hier = ExpertParallel.create(E, hierarchical=True, gpus_per_node=2)
@@ -109,10 +171,12 @@ def _worker(rank, world):
     for kind, rf, rb, cf in [("gshard", 2, 1, 1.25), ("top_p", 4, 4, None), ("expert_choice", 1, 2, None)]:
         _layer_case(rank, world, hier, kind, rf, rb, cf, seed=77)
         done += 1
+    _async_case(rank, world, hier)
+    done += 1
     _gap_case(rank, world, flat)
     return done + 1
 
 
 def test_ep_matches_single_process_all_routers_all_r():
     done = spawn_gloo(_worker, 4, timeout_s=120)
-    assert done == [len(ROUTER_KINDS) * 3 + 4] * 4
+    assert done == [len(ROUTER_KINDS) * 3 + 5] * 4
