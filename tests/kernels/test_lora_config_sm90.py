@@ -4,13 +4,10 @@ pipeline depth = num_stages, num_warps, ``.maxnreg`` in the PTX, warpgroup MMA. 
 ones the launcher passes (``lora._config_launch``). Subprocess, since this test session sets TRITON_INTERPRET=1."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from sm90_helpers import run_sm90_script
 
 pytest.importorskip("triton")
 
@@ -52,13 +49,7 @@ SCRIPT = textwrap.dedent('''
 
 @pytest.mark.slow
 def test_lora_gemm_compiles_with_the_configs_knobs_for_sm90(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=240)
-    if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr):
-        pytest.skip("Triton's bundled ptxas is not runnable here")  # pragma: no cover
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_sm90_script(SCRIPT, tmp_path)
     assert len(res) == 3
     for r in res:
         cfg = r["cfg"]

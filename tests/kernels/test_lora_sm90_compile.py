@@ -7,13 +7,10 @@ this test session and Triton reads it when the kernels are decorated.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from sm90_helpers import run_sm90_script
 
 pytest.importorskip("triton")
 
@@ -58,13 +55,7 @@ SCRIPT = textwrap.dedent('''
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_with_pipelined_wgmma_gemms(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=240)
-    if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr):
-        pytest.skip("Triton's bundled ptxas is not runnable here")  # pragma: no cover
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_sm90_script(SCRIPT, tmp_path)
     for name in ("gemm_fwd", "gemm_dx"):
         assert res[name] == {"stages": 3, "wgmma": True, "async": True}, (name, res[name])
     for name in ("down_dropout", "dy"):
