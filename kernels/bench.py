@@ -49,6 +49,7 @@ class BenchCase:
     baseline: str
     note: str = ""
     params: dict = field(default_factory=dict)  # machine-readable shape parameters for --json
+    priority: int = 1  # 0: a target shape (the device check times these before the rest of the grid)
 
 
 def group_of(module: str) -> str:
@@ -123,10 +124,12 @@ def _modules(only: Optional[Iterable[str]]) -> list[str]:
 
 
 def run_benchmarks(only: Optional[Iterable[str]] = None, quick: bool = False, device: str = "cpu",
-                   budget_s: Optional[float] = None, log: Optional[Callable[[str], None]] = None) -> dict:
+                   budget_s: Optional[float] = None, log: Optional[Callable[[str], None]] = None,
+                   priority: Optional[int] = None, on_result: Optional[Callable[[dict], None]] = None) -> dict:
     """Time every case of every selected module. Returns {"results": [...], "skipped": [...]}; a provider that
     raises is recorded with its error instead of a time; once ``budget_s`` seconds have passed the remaining
-    cases are skipped (and listed)."""
+    cases are skipped (and listed). ``priority`` keeps only the cases of that priority (0: target shapes);
+    ``on_result`` sees each finished case's rows (the device check saves partial results with it)."""
     t_start = time.perf_counter()
     results, skipped = [], []
     for module in _modules(only):
@@ -145,12 +148,17 @@ def run_benchmarks(only: Optional[Iterable[str]] = None, quick: bool = False, de
             results.append(_row(group, "(cases)", "", "", error=f"{type(err).__name__}: {err}"))
             continue
         for case in cases:
+            if priority is not None and case.priority != priority:
+                continue
             if budget_s is not None and time.perf_counter() - t_start > budget_s:
                 skipped.append(f"{group}: {case.name} {case.shape} (time budget {budget_s:.0f} s spent)")
                 continue
             if log:
                 log(f"[bench] {group}: {case.name} {case.shape}")
-            results.extend(_run_case(group, case, device, quick))
+            rows = _run_case(group, case, device, quick)
+            results.extend(rows)
+            if on_result:
+                on_result({"results": results, "skipped": skipped})
     return {"results": results, "skipped": skipped}
 
 
@@ -193,8 +201,12 @@ def _run_case(group: str, case: BenchCase, device: str, quick: bool) -> list[dic
     return rows
 
 
-def run_checks(only: Optional[Iterable[str]] = None, device: str = "cpu") -> list[dict]:
-    """Every selected module's ``checks(device)``: rows {group, check, ok, detail}."""
+def run_checks(only: Optional[Iterable[str]] = None, device: str = "cpu",
+               deadline: Optional[float] = None) -> list[dict]:
+    """Every selected module's ``checks(device)``: rows {group, check, ok, detail}. ``deadline`` (a
+    ``time.perf_counter()`` value) is passed on to the checks that take one (long sweeps stop there)."""
+    import inspect
+
     rows = []
     for module in _modules(only):
         group = group_of(module)
@@ -202,7 +214,8 @@ def run_checks(only: Optional[Iterable[str]] = None, device: str = "cpu") -> lis
             mod = _load(module)
             if mod is None or not hasattr(mod, "checks"):
                 continue
-            for name, ok, detail in mod.checks(device):
+            kw = {"deadline": deadline} if "deadline" in inspect.signature(mod.checks).parameters else {}
+            for name, ok, detail in mod.checks(device, **kw):
                 rows.append({"group": group, "check": name, "ok": bool(ok), "detail": detail})
         except Exception as err:
             rows.append({"group": group, "check": "(checks)", "ok": False,

@@ -56,15 +56,26 @@ def autotune_choices() -> dict:
     return out
 
 
+def _targets(results: list[dict], log) -> list[tuple]:
+    rows = []
+    for module in ("adasched.kernels.lora_bench", "adasched.runtime.moe.bench"):
+        try:
+            rows += importlib.import_module(module).summarize(results)
+        except Exception as err:  # the targets table is a convenience; never lose the numbers over it
+            log(f"[targets] {module}: {type(err).__name__}: {err}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="two shapes per kernel instead of the full grid")
     ap.add_argument("--only", default=None, help="comma-separated groups (lora, moe, gemm)")
     ap.add_argument("--budget-s", type=float, default=390.0,
-                    help="stop starting new benchmark cases after this many seconds (default 390)")
+                    help="no new benchmark case or sweep config starts after this many seconds (default 390)")
     ap.add_argument("--no-bench", action="store_true", help="checks only")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
+    deadline = t0 + args.budget_s
     ensure_namespace()
     import torch
 
@@ -73,55 +84,81 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     quick = args.quick or device == "cpu"
     bench.prepare_device(device)
-    only = [g.strip() for g in args.only.split(",")] if args.only else None
+    groups = [g.strip() for g in args.only.split(",")] if args.only else list(bench.BENCH_MODULES)
     env = bench.environment(device)
     print(f"device check: {env['device_name']} ({device}), torch {env['torch']}, triton {env['triton']}, "
           f"{env['date_utc']} UTC", flush=True)
     if device == "cpu":
         print("NO GPU: CPU smoke path under the Triton interpreter; times are NOT performance numbers", flush=True)
 
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    log("[checks] running")
-    checks = bench.run_checks(only, device)
-    t_checks = time.perf_counter() - t0
-    out = {"results": [], "skipped": []}
-    if not args.no_bench:
-        out = bench.run_benchmarks(only, quick=quick, device=device,
-                                   budget_s=max(0.0, args.budget_s - t_checks), log=log)
-    targets = []
-    try:
-        from adasched.kernels.lora_bench import summarize
+    log = lambda msg: print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    out_dir = os.environ.get("OUT")
+    checks: list[dict] = []
+    bench_out: dict = {"results": [], "skipped": []}
+    done: list[dict] = []  # finished results of earlier phases
 
-        targets = summarize(out["results"])
-    except Exception as err:  # the targets table is a convenience; never lose the numbers over it
-        log(f"[targets] {type(err).__name__}: {err}")
+    def save(partial: dict | None = None) -> None:
+        """Everything so far to $OUT/device_check.json (a run cut off by its time limit still reports)."""
+        if not out_dir:
+            return
+        results = done + (partial or bench_out)["results"]
+        sweeps = getattr(sys.modules.get("adasched.launch.gemm_check"), "LAST_SWEEPS", {})
+        payload = {**env, "quick": quick, "wall_s": time.perf_counter() - t0, "checks": checks,
+                   "results": results, "skipped": bench_out["skipped"], "sweeps": sweeps,
+                   "autotune": autotune_choices()}
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        tmp = Path(out_dir) / "device_check.json.tmp"
+        tmp.write_text(json.dumps(payload, indent=1, default=str))
+        tmp.replace(Path(out_dir) / "device_check.json")
+
+    def run_bench(priority: int) -> None:
+        nonlocal bench_out
+        if args.no_bench:
+            return
+        got = bench.run_benchmarks(groups, quick=quick, device=device, priority=priority, log=log,
+                                   budget_s=max(0.0, deadline - time.perf_counter()), on_result=save)
+        done.extend(got["results"])
+        bench_out = {"results": [], "skipped": bench_out["skipped"] + got["skipped"]}
+        save()
+
+    # Phase 1: correctness of the kernels; 2: the target shapes; 3: the Twill sweeps; 4: the rest of the grid.
+    fast = [g for g in groups if g != "gemm"]
+    log(f"[checks] {', '.join(fast)}")
+    checks += bench.run_checks(fast, device)
+    save()
+    run_bench(priority=0)
+    if "gemm" in groups:
+        log("[checks] gemm (Twill plan vs sweep)")
+        checks += bench.run_checks(["gemm"], device, deadline=deadline)
+        save()
+    run_bench(priority=1)
+    results = done
+    targets = _targets(results, log)
 
     text = [bench.format_table([[c["group"], c["check"], "ok" if c["ok"] else "FAIL", c["detail"]] for c in checks],
                                ["group", "check", "result", "detail"], title="== correctness checks =="), ""]
-    text.append(bench.format_table(bench.result_rows(out["results"]), bench.RESULT_COLUMNS,
+    text.append(bench.format_table(bench.result_rows(results), bench.RESULT_COLUMNS,
                                    title=f"== bench kernels ({'quick' if quick else 'full grid'}; ratios vs "
                                          f"baseline from this run; {env['device_name']}) =="))
-    for s in out["skipped"]:
+    for s in bench_out["skipped"]:
         text.append(f"skipped: {s}")
     if targets:
         text += ["", bench.format_table([[n, f"{v:.3f}", g, "" if m is None else ("met" if m else "NOT MET")]
                                          for n, v, g, m in targets],
-                                        ["LoRA target", "measured", "goal", ""], title="== LoRA targets ==")]
+                                        ["target", "measured", "goal", ""], title="== targets ==")]
     failed = [c for c in checks if not c["ok"]]
-    errors = [r for r in out["results"] if r["error"]]
+    errors = [r for r in results if r["error"]]
     wall = time.perf_counter() - t0
     text.append(f"\n{len(checks) - len(failed)}/{len(checks)} checks ok, {len(errors)} provider errors, "
-                f"{wall:.0f} s")
+                f"{len(bench_out['skipped'])} cases skipped, {wall:.0f} s")
     report = "\n".join(text)
     print(report, flush=True)
-
-    out_dir = os.environ.get("OUT")
     if out_dir:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        payload = {**env, "quick": quick, "wall_s": wall, "checks": checks, **out,
-                   "targets": [{"target": n, "measured": v, "goal": g, "met": m} for n, v, g, m in targets],
-                   "autotune": autotune_choices()}
-        (Path(out_dir) / "device_check.json").write_text(json.dumps(payload, indent=1, default=str))
+        save()
+        path = Path(out_dir) / "device_check.json"
+        payload = json.loads(path.read_text())
+        payload["targets"] = [{"target": n, "measured": v, "goal": g, "met": m} for n, v, g, m in targets]
+        path.write_text(json.dumps(payload, indent=1, default=str))
         (Path(out_dir) / "device_check.txt").write_text(report + "\n")
     return 1 if failed or errors else 0
 

@@ -164,9 +164,20 @@ def _first_call_and_time(fn, device: str, quick: bool) -> tuple[float, float, fl
     return first, med, time.perf_counter() - t1
 
 
+def _past(deadline) -> bool:
+    return deadline is not None and time.perf_counter() > deadline
+
+
+DEADLINE_SKIP = "skipped: device-check deadline reached"
+#: the rows of the last ``checks`` run's sweeps ({"gemm": [...], "lora": [...]}), for the device check's JSON
+LAST_SWEEPS: dict = {"gemm": [], "lora": []}
+
+
 def plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, tiles=None, stages=SWEEP_STAGES,
-                  warps=SWEEP_WARPS, log=None) -> list[dict]:
-    """One row per (shape, tile): plan and best-sweep TFLOP/s, ratio, times to configuration (seconds)."""
+                  warps=SWEEP_WARPS, log=None, deadline=None) -> list[dict]:
+    """One row per (shape, tile): plan and best-sweep TFLOP/s, ratio, times to configuration (seconds).
+    Configs not started by ``deadline`` (a ``time.perf_counter()`` value) are recorded as skipped and make the
+    row ``complete: False`` (never within tolerance)."""
     import torch
 
     from adasched.kernels.gemm import gemm, gemm_reference
@@ -185,6 +196,10 @@ def plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, tiles=
             solve_s = time.perf_counter() - t0 if info["source"] == "solved" else info["solve_seconds"]
             measured: dict[str, dict] = {}
             for cfg in [cfg_plan] + [c for c in sweep_configs(tile, machine, stages, warps) if c != cfg_plan]:
+                if _past(deadline):
+                    measured[cfg.label()] = {"cfg": cfg, "error": DEADLINE_SKIP, "first_s": 0.0, "bench_s": 0.0,
+                                             "ms": math.nan, "tflops": 0.0}
+                    continue
                 if log:
                     log(f"[gemm] {M}x{N}x{K} {cfg.label()}")
                 try:
@@ -203,12 +218,14 @@ def plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, tiles=
             best = max(ok_sweep, key=lambda v: v["tflops"]) if ok_sweep else None
             p = measured[cfg_plan.label()]
             ratio = p["tflops"] / best["tflops"] if best and best["tflops"] > 0 else math.nan
+            complete = not any(v["error"] == DEADLINE_SKIP for v in measured.values())
             rows.append({
-                "shape": f"{M}x{N}x{K}", "tile": "x".join(map(str, tile)), "machine": machine,
+                "shape": f"{M}x{N}x{K}", "tile": "x".join(map(str, tile)), "machine": machine, "complete": complete,
                 "plan_config": cfg_plan.label(), "plan_tflops": p["tflops"], "plan_error": p["error"],
                 "plan_ii": info["ii"], "plan_status": info["status"], "plan_source": info["source"],
                 "best_config": best["cfg"].label() if best else None, "best_tflops": best["tflops"] if best else None,
-                "plan_over_best": ratio, "within_tolerance": bool(ratio >= 1 - TOLERANCE) if best else False,
+                "plan_over_best": ratio,
+                "within_tolerance": bool(complete and ratio >= 1 - TOLERANCE) if best else False,
                 "n_sweep": len(sweep), "sweep_failed": [v["cfg"].label() for v in sweep if v["error"]],
                 "time_to_config_plan_s": solve_s + p["first_s"] + p["bench_s"],
                 "time_to_config_sweep_s": sum(v["first_s"] + v["bench_s"] for v in sweep),
@@ -252,13 +269,13 @@ def _lora_step(x, w, a, b, dy, cfg, seed: int = 1234, reference: bool = False):
 
 
 def lora_plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, tiles=None, stages=SWEEP_STAGES,
-                       warps=SWEEP_WARPS, log=None) -> list[dict]:
+                       warps=SWEEP_WARPS, log=None, deadline=None) -> list[dict]:
     """The fused LoRA linear (forward + backward, dropout 0.1) with the Twill plan-derived GEMM config of each
     tile vs every num_stages x num_warps config of that tile. One row per (shape, tile): plan and best ms and
     TFLOP/s (useful FLOPs, :func:`lora_flops`), plan/best, times to configuration (plan: solve + first call +
     timing; sweep: first calls + timings of every config), the largest relative error of Y, dX, dA, dB against
     the fp32 torch reference over all configs, and ``configs``: every measured config ({config, ms, tflops,
-    first_s, bench_s, rel_err, error, in_sweep})."""
+    first_s, bench_s, rel_err, error, in_sweep}). ``deadline`` as in :func:`plan_vs_sweep`."""
     import dataclasses
 
     import torch
@@ -288,6 +305,11 @@ def lora_plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, t
                 if log:
                     log(f"[lora] T={T} K={K} N={N} r={r} {cfg.label()}")
                 rec = {"config": cfg.label(), "cfg": cfg, "in_sweep": cfg in sweep_cfgs, "plan": cfg == cfg_plan}
+                if _past(deadline):
+                    rec.update(first_s=0.0, bench_s=0.0, ms=math.nan, tflops=0.0, rel_err=math.nan,
+                               error=DEADLINE_SKIP)
+                    measured.append(rec)
+                    continue
                 try:
                     first, ms, bench_s = _first_call_and_time(lambda cfg=cfg: _lora_step(x, w, a, b, dy, cfg),
                                                               device, quick)
@@ -307,15 +329,18 @@ def lora_plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, t
             best = max(ok_sweep, key=lambda v: v["tflops"]) if ok_sweep else None
             p = measured[0]
             ratio = p["tflops"] / best["tflops"] if best and best["tflops"] > 0 else math.nan
+            complete = not any(v["error"] == DEADLINE_SKIP for v in measured)
             rows.append({
                 "shape": f"T={T} K={K} N={N} r={r}", "tile": "x".join(map(str, tile)), "machine": machine,
+                "complete": complete,
                 "dtype": str(x.dtype).replace("torch.", ""),
                 "plan_config": p["config"], "plan_ms": p["ms"], "plan_tflops": p["tflops"], "plan_error": p["error"],
                 "plan_ii": info["ii"], "plan_status": info["status"], "plan_source": info["source"],
                 "warp_specialize_dropped": ws_dropped,
                 "best_config": best["config"] if best else None, "best_ms": best["ms"] if best else None,
                 "best_tflops": best["tflops"] if best else None,
-                "plan_over_best": ratio, "within_tolerance": bool(ratio >= 1 - TOLERANCE) if best else False,
+                "plan_over_best": ratio,
+                "within_tolerance": bool(complete and ratio >= 1 - TOLERANCE) if best else False,
                 "n_sweep": len(sweep), "sweep_failed": [v["config"] for v in sweep if v["error"]],
                 "time_to_config_plan_s": solve_s + p["first_s"] + p["bench_s"],
                 "time_to_config_sweep_s": sum(v["first_s"] + v["bench_s"] for v in sweep),
@@ -328,7 +353,7 @@ def lora_plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, t
 
 
 def _lora_check_row(r: dict) -> tuple[str, bool, str]:
-    detail = (f"{r['shape']} tile {r['tile']} {r['dtype']} fwd+bwd: plan {r['plan_config']} {r['plan_ms']:.3f} ms "
+    detail = (f"{'' if r['complete'] else 'INCOMPLETE (deadline) '}{r['shape']} tile {r['tile']} {r['dtype']} fwd+bwd: plan {r['plan_config']} {r['plan_ms']:.3f} ms "
               f"({r['plan_tflops']:.1f} TFLOP/s) vs best {r['best_config']} {r['best_ms'] or math.nan:.3f} ms "
               f"({r['best_tflops'] or 0:.1f}) = {r['plan_over_best']:.3f}; time to config "
               f"{r['time_to_config_plan_s']:.1f} s vs {r['time_to_config_sweep_s']:.1f} s ({r['n_sweep']} configs); "
@@ -337,8 +362,9 @@ def _lora_check_row(r: dict) -> tuple[str, bool, str]:
             detail)
 
 
-def checks(device: str) -> list[tuple[str, bool, str]]:
-    """Correctness of the plan-configured GEMM, and (CUDA) the plan within 3 % of the sweep's best."""
+def checks(device: str, deadline=None) -> list[tuple[str, bool, str]]:
+    """Correctness of the plan-configured GEMM, and (CUDA) the plan within 3 % of the sweep's best. With a
+    ``deadline`` the GEMM sweep gets half of the time left and the LoRA sweep the rest."""
     import torch
 
     from adasched.kernels.gemm import gemm, gemm_reference
@@ -354,8 +380,10 @@ def checks(device: str) -> list[tuple[str, bool, str]]:
     bad = int((~torch.isclose(got, want, atol=tol, rtol=tol)).sum())
     out.append((f"gemm {M}x{N}x{K} {cfg.label()} vs torch", bad == 0, f"{bad} of {got.numel()} elements differ"))
     if device == "cuda":
-        for r in plan_vs_sweep(device):
-            detail = (f"{r['shape']} tile {r['tile']}: plan {r['plan_config']} {r['plan_tflops']:.1f} TFLOP/s vs best "
+        half = None if deadline is None else time.perf_counter() + 0.5 * max(0.0, deadline - time.perf_counter())
+        LAST_SWEEPS["gemm"] = plan_vs_sweep(device, deadline=half)
+        for r in LAST_SWEEPS["gemm"]:
+            detail = (f"{'' if r['complete'] else 'INCOMPLETE (deadline) '}{r['shape']} tile {r['tile']}: plan {r['plan_config']} {r['plan_tflops']:.1f} TFLOP/s vs best "
                       f"{r['best_config']} {r['best_tflops'] or 0:.1f} ({r['plan_over_best']:.3f}); time to config "
                       f"{r['time_to_config_plan_s']:.1f} s vs {r['time_to_config_sweep_s']:.1f} s "
                       f"({r['n_sweep']} configs)")
@@ -378,7 +406,8 @@ def checks(device: str) -> list[tuple[str, bool, str]]:
     out.append((f"lora fwd+bwd T={T} K={K} N={N} r={r} {lcfg.label()} vs torch", bad == 0,
                 f"{bad} of {total} elements of Y, dX, dA, dB differ"))
     if device == "cuda":
-        out.extend(_lora_check_row(r) for r in lora_plan_vs_sweep(device))
+        LAST_SWEEPS["lora"] = lora_plan_vs_sweep(device, deadline=deadline)
+        out.extend(_lora_check_row(r) for r in LAST_SWEEPS["lora"])
     return out
 
 
