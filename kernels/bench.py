@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 __all__ = ["BENCH_MODULES", "BenchCase", "group_of", "resolve_device", "prepare_device", "time_fn",
-           "run_benchmarks", "run_checks", "environment", "format_table", "RESULT_COLUMNS", "result_rows"]
+           "run_benchmarks", "run_checks", "time_interleaved", "profile_providers", "format_profile", "environment", "format_table", "RESULT_COLUMNS", "result_rows"]
 
 #: group -> module. The kernels package knows these only by name: the MoE layer benchmark lives with the runtime
 #: (it times the whole layer), the plan-derived GEMM configuration check with the launch scripts (it needs Twill).
@@ -169,6 +169,50 @@ def _row(group, case, shape, provider, median=math.nan, p20=math.nan, p80=math.n
             "params": params or {}, "note": note}
 
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], device: str, quick: bool,
+                     rounds: Optional[int] = None) -> dict[str, Any]:
+    """Times several providers fairly: each is called once (compile, warm-up), then ``rounds`` rounds each time
+    every provider once (``do_bench`` on a GPU, ~20 ms per provider per round) in a rotating order, so clock
+    ramps, throttling and drift hit every provider alike. Returns {name: (median, p20, p80) ms over the
+    rounds' medians} or {name: the exception it raised}."""
+    out: dict[str, Any] = {}
+    live = {}
+    for name, fn in fns.items():
+        try:
+            fn()
+            live[name] = fn
+        except Exception as err:
+            out[name] = err
+    if device == "cuda" and live:
+        import torch
+        from triton.testing import do_bench
+
+        torch.cuda.synchronize()
+        rounds = rounds or (3 if quick else 5)
+        per: dict[str, list[float]] = {n: [] for n in live}
+        names = list(live)
+        for rnd in range(rounds):
+            order = names[rnd % len(names):] + names[:rnd % len(names)]
+            for name in order:
+                try:
+                    per[name].append(float(do_bench(live[name], warmup=5, rep=20, return_mode="median")))
+                except Exception as err:
+                    out[name] = err
+        for name, vals in per.items():
+            if name in out or not vals:
+                continue
+            vals.sort()
+            n = len(vals) - 1
+            out[name] = (statistics.median(vals), vals[int(0.2 * n)], vals[math.ceil(0.8 * n)])
+        return out
+    for name, fn in live.items():
+        try:
+            out[name] = time_fn(fn, device, quick)
+        except Exception as err:
+            out[name] = err
+    return out
+
+
 def _run_case(group: str, case: BenchCase, device: str, quick: bool) -> list[dict]:
     rows = []
     try:
@@ -179,15 +223,16 @@ def _run_case(group: str, case: BenchCase, device: str, quick: bool) -> list[dic
     if case.baseline not in providers:
         return [_row(group, case.name, case.shape, "(setup)", error=f"baseline {case.baseline!r} not a provider")]
     timed = {}
-    for name, fn in providers.items():
-        try:
-            timed[name] = time_fn(fn, device, quick)
-        except Exception as err:
+    for name, t in time_interleaved(providers, device, quick).items():
+        if isinstance(t, BaseException):
             timed[name] = None
-            rows.append(_row(group, case.name, case.shape, name, error=f"{type(err).__name__}: {err}"[:300],
+            rows.append(_row(group, case.name, case.shape, name, error=f"{type(t).__name__}: {t}"[:300],
                              params=case.params, baseline=case.baseline))
+        else:
+            timed[name] = t
     base = timed.get(case.baseline)
-    for name, t in timed.items():
+    for name in providers:
+        t = timed.get(name)
         if t is None:
             continue
         ratio = t[0] / base[0] if base else math.nan
@@ -221,6 +266,61 @@ def run_checks(only: Optional[Iterable[str]] = None, device: str = "cpu",
             rows.append({"group": group, "check": "(checks)", "ok": False,
                          "detail": f"{type(err).__name__}: {err}"[:300]})
     return rows
+
+
+def profile_providers(case: BenchCase, names: Sequence[str], steps: int = 3, top: int = 8,
+                      device: str = "cuda") -> dict:
+    """Device-time breakdown of some providers of one case (GPU): torch.profiler over ``steps`` calls after a
+    warm-up; per provider {"total_us": device time per call, "kernels": [(name, us per call, calls per call)]}
+    for the ``top`` kernels by device time. Where the time goes, for the notes (not a benchmark number)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    providers = case.providers() if callable(case.providers) else case.providers
+    out = {}
+    for name in names:
+        fn = providers.get(name)
+        if fn is None:
+            continue
+        try:
+            fn()
+            sync()
+            with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    fn()
+                sync()
+            rows = []
+            for ev in prof.key_averages():
+                if cuda:
+                    t = getattr(ev, "self_device_time_total", None)
+                    if t is None:
+                        t = getattr(ev, "self_cuda_time_total", 0.0)
+                else:
+                    t = ev.self_cpu_time_total
+                if t and t > 0:
+                    rows.append((ev.key[:90], float(t) / steps, ev.count / steps))
+            rows.sort(key=lambda r: -r[1])
+            out[name] = {"total_us": sum(r[1] for r in rows), "kernels": rows[:top]}
+        except Exception as err:  # a profiler problem must not cost the run
+            out[name] = {"error": f"{type(err).__name__}: {err}"[:200]}
+    del providers
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def format_profile(title: str, prof: dict) -> str:
+    lines = [f"-- profile: {title}"]
+    for name, p in prof.items():
+        if "error" in p:
+            lines.append(f"  {name}: {p['error']}")
+            continue
+        lines.append(f"  {name}: {p['total_us']:.0f} us device time per call")
+        for k, us, n in p["kernels"]:
+            lines.append(f"    {us:9.1f} us  x{n:<4g} {k}")
+    return "\n".join(lines)
 
 
 def environment(device: str) -> dict:

@@ -346,6 +346,8 @@ if HAVE_TRITON:
         cfg = triton.Config
         return [
             cfg({"BLOCK_O": 256, "BLOCK_RED": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+            cfg({"BLOCK_O": 256, "BLOCK_RED": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
+            cfg({"BLOCK_O": 128, "BLOCK_RED": 64, "GROUP_M": 8}, num_stages=3, num_warps=4),
             cfg({"BLOCK_O": 128, "BLOCK_RED": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
             cfg({"BLOCK_O": 128, "BLOCK_RED": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
             cfg({"BLOCK_O": 128, "BLOCK_RED": 128, "GROUP_M": 8}, num_stages=3, num_warps=8),
@@ -477,12 +479,34 @@ def _config_launch(config, interpret: bool) -> tuple[dict, dict]:
     return consts, opts
 
 
+BASE_GEMMS = ("triton", "torch")
+
+
+def _term_config(block_m: int):
+    """Launch of the LoRA-term-only pass (no reduction loop: bandwidth-bound, small tiles, no pipelining)."""
+    from .gemm import GemmConfig
+
+    return GemmConfig(block_m=block_m, block_n=128, block_k=64, num_stages=1, num_warps=4)
+
+
 def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bias, out, plan: _TilePlan,
-          out_dim: int, red_dim: int, *, apply_scale: bool, backward: bool, config=None) -> None:
+          out_dim: int, red_dim: int, *, apply_scale: bool, backward: bool, config=None, base: str = "triton",
+          w_ro: Optional[torch.Tensor] = None) -> None:
     """Y = X W^T (+ LoRA prologue, bias) or dX = dY W (+ masked prologue). ``config`` (GemmConfig or None): None
     autotunes on a GPU and uses a fixed 16x16 tile under the interpreter; a config launches with its
     block_n (BLOCK_O), block_k (BLOCK_RED), group_m, num_stages, num_warps and maxnreg (its block_m is the tile
-    table's ``plan.block_m``; the knobs are ignored by the interpreter, as in ``kernels.gemm``)."""
+    table's ``plan.block_m``; the knobs are ignored by the interpreter, as in ``kernels.gemm``).
+
+    ``base="torch"``: the kernel writes only the LoRA term (+ bias) into ``out`` (no reduction loop), then
+    torch's GEMM (cuBLAS on a GPU) accumulates onto it in place, ``out += x @ w_ro`` (beta = 1: the LoRA term
+    enters the base GEMM through its C input instead of its register accumulator; one extra read and write of
+    ``out``)."""
+    if base == "torch":
+        term = _term_config(plan.block_m)
+        _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bias, out, plan, out_dim, 0,
+              apply_scale=apply_scale, backward=backward, config=None if INTERPRET else term)
+        out.addmm_(x, w_ro)
+        return
     dummy = plan.table
     args = (x, w, lmat, pmat, mask if mask is not None else dummy, bias if bias is not None else dummy, out,
             plan.table, plan.ftable, plan.n_tiles, out_dim, red_dim, _next_pow2(x.shape[0]),
@@ -503,7 +527,8 @@ def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bi
         kernel[grid](*args, **flags)
 
 
-def _fused_forward(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int, gemm_config=None):
+def _fused_forward(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int, gemm_config=None,
+                   base: str = "triton"):
     """Steps 1-2. Returns Y, S (fp32 [T, BLOCK_R]), Xd (or X), packed keep bits (uint8 [T, ceil(K/8)]) or None."""
     T, K = x2.shape
     N = weight.shape[0]
@@ -523,7 +548,7 @@ def _fused_forward(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int, g
         HAS_DROPOUT=plan.has_dropout, UPCAST=INTERPRET, **_launch_opts(4, 3))
     y = torch.empty((T, N), device=dev, dtype=x2.dtype)
     _gemm(x2, weight, weight.stride(1), weight.stride(0), s, b_cat, b_cat.stride(1), b_cat.stride(0), None, bias, y,
-          plan, N, K, apply_scale=True, backward=False, config=gemm_config)
+          plan, N, K, apply_scale=True, backward=False, config=gemm_config, base=base, w_ro=weight.t())
     return y, s, xd, mask
 
 
@@ -546,7 +571,7 @@ def _grad_lora_a(ds: torch.Tensor, xd: torch.Tensor, plan: _TilePlan, K: int) ->
 
 
 def _fused_backward(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, need_dx: bool, need_dbias: bool,
-                    gemm_config=None):
+                    gemm_config=None, base: str = "triton"):
     """Steps 3-5. Returns dX (or None), dA_cat, dB_cat (fp32), dbias (fp32 or None)."""
     T, N = dy2.shape
     K = weight.shape[1]
@@ -567,7 +592,7 @@ def _fused_backward(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, nee
     if need_dx:
         dx = torch.empty((T, K), device=dev, dtype=dy2.dtype)
         _gemm(dy2, weight, weight.stride(0), weight.stride(1), ds, a_cat, a_cat.stride(0), a_cat.stride(1), mask,
-              None, dx, plan, K, N, apply_scale=False, backward=True, config=gemm_config)
+              None, dx, plan, K, N, apply_scale=False, backward=True, config=gemm_config, base=base, w_ro=weight)
     return dx, da, db[:, :plan.r_total], dbias
 
 
@@ -575,11 +600,12 @@ class _FusedLoRAFunction(torch.autograd.Function):
     """Autograd over the fused kernels; inputs: x2 [T, K], weight, bias, A_cat [R, K], B_cat [N, R]."""
 
     @staticmethod
-    def forward(ctx, x2, weight, bias, a_cat, b_cat, plan, seed, gemm_config=None):
-        y, s, xd, mask = _fused_forward(x2, weight, bias, a_cat, b_cat, plan, seed, gemm_config)
+    def forward(ctx, x2, weight, bias, a_cat, b_cat, plan, seed, gemm_config=None, base="triton"):
+        y, s, xd, mask = _fused_forward(x2, weight, bias, a_cat, b_cat, plan, seed, gemm_config, base)
         ctx.save_for_backward(weight, a_cat, b_cat, s, xd, mask)
         ctx.plan = plan
         ctx.gemm_config = gemm_config
+        ctx.base = base
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
@@ -591,9 +617,9 @@ class _FusedLoRAFunction(torch.autograd.Function):
         need_dbias = ctx.has_bias and ctx.needs_input_grad[2]
         dy2 = dy if dy.stride(-1) == 1 else dy.contiguous()
         dx, da, db, dbias = _fused_backward(dy2, weight, a_cat, b_cat, s, xd, mask, ctx.plan, need_dx, need_dbias,
-                                            ctx.gemm_config)
+                                            ctx.gemm_config, ctx.base)
         return (dx, None, dbias.to(ctx.bias_dtype) if dbias is not None else None,
-                da.to(a_cat.dtype), db.to(b_cat.dtype), None, None, None)
+                da.to(a_cat.dtype), db.to(b_cat.dtype), None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -687,7 +713,7 @@ def _resolve_seed(seed, adapters, segs) -> int:
 def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[LoRAAdapterWeights],
                       segments: Sequence[tuple[int, int, int]], bias: Optional[torch.Tensor] = None,
                       seed: Optional[int] = None, block_m: Optional[int] = None,
-                      gemm_config=None) -> torch.Tensor:
+                      gemm_config=None, base_gemm: str = "triton") -> torch.Tensor:
     """Packed multi-adapter LoRA linear over x [T, K]: rows [start, end) of each segment (adapter, start, end)
     get adapter ``adapter``'s LoRA term; rows no segment covers get x W^T + bias only. Differentiable w.r.t. x,
     bias and every adapter's lora_a/lora_b; weight [N, K] is frozen. Returns [T, N] in x's dtype.
@@ -696,7 +722,14 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     (rows per tile; default 128 on a GPU, 16 under the interpreter). ``gemm_config`` (a ``kernels.gemm.GemmConfig``,
     e.g. Twill's plan-derived one) fixes the launch of the two big GEMMs (Y = X W^T + LoRA, dX = dY W + LoRA):
     its block_m is the M tile, block_n / block_k / group_m / num_stages / num_warps / maxnreg are used as given
-    (no autotuning); warp_specialize must be False. None: autotuned on a GPU, a fixed small tile off it."""
+    (no autotuning); warp_specialize must be False. None: autotuned on a GPU, a fixed small tile off it.
+
+    ``base_gemm``: "triton" (default) runs the two big GEMMs in our kernel with the LoRA term in its register
+    accumulator; "torch" lets torch's GEMM (cuBLAS) do them, the LoRA term (+ bias, mask) written first by the
+    same kernel without its reduction loop and accumulated through the GEMM's C input (``gemm_config`` then
+    does not apply). Same results up to rounding."""
+    if base_gemm not in BASE_GEMMS:
+        raise ValueError(f"base_gemm: {base_gemm!r} must be one of {', '.join(BASE_GEMMS)}")
     if x.dim() != 2:
         raise ValueError(f"x: shape {tuple(x.shape)} must be 2-D [T, K] for multi_lora_linear")
     if not adapters:
@@ -729,22 +762,24 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     if x2.shape[0] == 0:
         return F.linear(x2, w, bias)
-    return _FusedLoRAFunction.apply(x2, w, bias, a_cat, b_cat, plan, seed_v, gemm_config)
+    return _FusedLoRAFunction.apply(x2, w, bias, a_cat, b_cat, plan, seed_v, gemm_config, base_gemm)
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
                 dropout_p: float = 0.0, bias: Optional[torch.Tensor] = None,
-                seed: Optional[int] = None, gemm_config=None) -> torch.Tensor:
+                seed: Optional[int] = None, gemm_config=None, base_gemm: str = "triton") -> torch.Tensor:
     """Fused LoRA linear: x [..., K] -> x W^T + scale * (dropout(x) A^T) B^T + bias, shape [..., N].
 
     weight [N, K] frozen; lora_a [r, K]; lora_b [N, r]; differentiable w.r.t. x, lora_a, lora_b and bias.
     Dropout keeps element (i, j) of x.reshape(-1, K) iff Philox(seed, i*K + j) >= floor(p * 2**32) and scales
     kept elements by 1/(1-p); the same seed gives the same mask (see ``dropout_keep_mask``). ``gemm_config``:
-    explicit launch configuration of the two big GEMMs (see ``multi_lora_linear``); None keeps the default."""
+    explicit launch configuration of the two big GEMMs (see ``multi_lora_linear``); None keeps the default.
+    ``base_gemm``: "triton" or "torch" (cuBLAS for the two big GEMMs; see ``multi_lora_linear``)."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     ad = LoRAAdapterWeights(lora_a, lora_b, float(scale), float(dropout_p))
-    y = multi_lora_linear(x2, weight, [ad], [(0, 0, x2.shape[0])], bias=bias, seed=seed, gemm_config=gemm_config)
+    y = multi_lora_linear(x2, weight, [ad], [(0, 0, x2.shape[0])], bias=bias, seed=seed, gemm_config=gemm_config,
+                          base_gemm=base_gemm)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -774,7 +809,7 @@ def _reference_impl(x2, weight, bias, adapters, segs, seed: int) -> torch.Tensor
 def multi_lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[LoRAAdapterWeights],
                                 segments: Sequence[tuple[int, int, int]], bias: Optional[torch.Tensor] = None,
                                 seed: Optional[int] = None, block_m: Optional[int] = None,
-                                gemm_config=None) -> torch.Tensor:
+                                gemm_config=None, base_gemm: str = "triton") -> torch.Tensor:
     """Plain-torch ``multi_lora_linear`` (``block_m`` and ``gemm_config`` are accepted and ignored); same masks for the same seed."""
     if x.dim() != 2:
         raise ValueError(f"x: shape {tuple(x.shape)} must be 2-D [T, K] for multi_lora_linear")
@@ -784,7 +819,7 @@ def multi_lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, adapters:
 
 def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                           scale: float, dropout_p: float = 0.0, bias: Optional[torch.Tensor] = None,
-                          seed: Optional[int] = None, gemm_config=None) -> torch.Tensor:
+                          seed: Optional[int] = None, gemm_config=None, base_gemm: str = "triton") -> torch.Tensor:
     """Plain-torch ``lora_linear`` with the identical dropout mask for the same seed (``gemm_config`` ignored)."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)

@@ -47,10 +47,14 @@ except Exception:  # pragma: no cover - exercised only without triton
 __all__ = [
     "MoEIndex", "make_index", "permute", "unpermute", "grouped_mm", "expert_mlp",
     "expert_mlp_forward", "expert_mlp_backward", "permute_ref", "unpermute_ref", "grouped_mm_ref",
-    "expert_mlp_ref", "triton_usable", "Backend", "activation_triton", "activation_backward_triton",
+    "expert_mlp_ref", "triton_usable", "Backend", "BACKENDS", "activation_triton", "activation_backward_triton",
+    "grouped_mm_gmm", "grouped_wgrad_gmm", "gmm_aligned",
 ]
 
-Backend = Literal["auto", "triton", "torch"]
+Backend = Literal["auto", "triton", "triton_gmm", "torch"]
+#: "triton_gmm": the Triton permute / activation / combine kernels with the expert GEMMs on
+#: ``torch._grouped_mm`` (cuBLAS/CUTLASS grouped GEMM on a GPU) instead of our Triton grouped GEMM kernels.
+BACKENDS = ("auto", "triton", "triton_gmm", "torch")
 
 
 def _interpreting() -> bool:
@@ -63,9 +67,13 @@ def triton_usable(t: torch.Tensor) -> bool:
 
 
 def _pick(backend: Backend, t: torch.Tensor) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
     if backend == "torch":
         return False
-    if backend == "triton":
+    if backend == "triton_gmm" and not hasattr(torch, "_grouped_mm"):
+        raise ValueError(f"backend: 'triton_gmm' needs torch._grouped_mm (torch {torch.__version__} has none)")
+    if backend in ("triton", "triton_gmm"):
         if not triton_usable(t):
             raise ValueError(f"backend: 'triton' cannot run on device {t.device} "
                              "(needs a GPU or TRITON_INTERPRET=1)")
@@ -377,6 +385,43 @@ def grouped_wgrad_triton(x: torch.Tensor, dy: torch.Tensor, index: MoEIndex, num
     return dw
 
 
+def _gmm_offsets(index: MoEIndex) -> torch.Tensor:
+    return index.offsets[1:].to(torch.int32)
+
+
+def grouped_mm_gmm(x: torch.Tensor, w: torch.Tensor, index: MoEIndex) -> torch.Tensor:
+    """``torch._grouped_mm``: y (N,M) with y[rows of e] = x[rows of e] @ w[e]; w (E,K,M)."""
+    return torch._grouped_mm(x, w, offs=_gmm_offsets(index))
+
+
+def grouped_wgrad_gmm(x: torch.Tensor, dy: torch.Tensor, index: MoEIndex, num_experts: int) -> torch.Tensor:
+    """``torch._grouped_mm`` over the shared row dimension: dw[e] = x[rows of e]^T @ dy[rows of e]."""
+    if index.num_experts != num_experts:
+        raise ValueError(f"grouped_wgrad: index has {index.num_experts} experts, expected {num_experts}")
+    return torch._grouped_mm(x.t(), dy, offs=_gmm_offsets(index))
+
+
+def gmm_aligned(*tensors: torch.Tensor) -> bool:
+    """``torch._grouped_mm`` needs 16-byte aligned data and non-unit strides; other shapes take our kernels."""
+    for t in tensors:
+        es = t.element_size()
+        if t.data_ptr() % 16 or any(st != 1 and sz > 1 and (st * es) % 16 for st, sz in zip(t.stride(), t.shape)):
+            return False
+    return True
+
+
+def _mm(x, w, index, backend):
+    if backend == "triton_gmm" and gmm_aligned(x, w):
+        return grouped_mm_gmm(x, w, index)
+    return grouped_mm_triton(x, w, index)
+
+
+def _wgrad(x, dy, index, num_experts, backend):
+    if backend == "triton_gmm" and gmm_aligned(x, dy):
+        return grouped_wgrad_gmm(x, dy, index, num_experts)
+    return grouped_wgrad_triton(x, dy, index, num_experts)
+
+
 def activation_triton(a: torch.Tensor, activation: str) -> torch.Tensor:
     """Triton: SwiGLU (a (N,2F) -> (N,F)) or GELU (a (N,F) -> (N,F)) in float32 math, a's dtype out."""
     a = a.contiguous()
@@ -475,18 +520,18 @@ class _Unpermute(torch.autograd.Function):
 
 class _GroupedMM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, index):
-        ctx.index = index
+    def forward(ctx, x, w, index, backend="triton"):
+        ctx.index, ctx.backend = index, backend
         ctx.save_for_backward(x, w)
-        return grouped_mm_triton(x, w, index)
+        return _mm(x, w, index, backend)
 
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
         dy = dy.contiguous()
-        dx = grouped_mm_triton(dy, w.transpose(1, 2), ctx.index) if ctx.needs_input_grad[0] else None
-        dw = grouped_wgrad_triton(x, dy, ctx.index, w.shape[0]) if ctx.needs_input_grad[1] else None
-        return dx, dw, None
+        dx = _mm(dy, w.transpose(1, 2), ctx.index, ctx.backend) if ctx.needs_input_grad[0] else None
+        dw = _wgrad(x, dy, ctx.index, w.shape[0], ctx.backend) if ctx.needs_input_grad[1] else None
+        return dx, dw, None, None
 
 
 def permute(x: torch.Tensor, index: MoEIndex, backend: Backend = "auto") -> torch.Tensor:
@@ -503,7 +548,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, index: MoEIndex, backend: Backe
     """Grouped GEMM over the experts' row segments: x (N,K), w (E,K,M) -> (N,M)."""
     if index.num_experts != w.shape[0]:
         raise ValueError(f"grouped_mm: index has {index.num_experts} experts, weight has {w.shape[0]}")
-    return _GroupedMM.apply(x.contiguous(), w, index) if _pick(backend, x) else grouped_mm_ref(x, w, index)
+    if _pick(backend, x):
+        return _GroupedMM.apply(x.contiguous(), w, index, "triton_gmm" if backend == "triton_gmm" else "triton")
+    return grouped_mm_ref(x, w, index)
 
 
 # -- expert MLP with explicit forward/backward (used by the expert-parallel pipeline) -----------------
@@ -523,11 +570,11 @@ def expert_mlp_backward(x, a, dy, w1, w2, index: MoEIndex, activation: str = "sw
     dy = dy.contiguous().to(x.dtype)
     if _pick(backend, x):
         with torch.no_grad():
-            dh = grouped_mm_triton(dy, w2.transpose(1, 2), index)
+            dh = _mm(dy, w2.transpose(1, 2), index, backend)
             da, h = activation_backward_triton(a, dh, activation)
-            dw2 = grouped_wgrad_triton(h, dy, index, w2.shape[0])
-            dx = grouped_mm_triton(da, w1.transpose(1, 2), index)
-            dw1 = grouped_wgrad_triton(x.contiguous(), da, index, w1.shape[0])
+            dw2 = _wgrad(h, dy, index, w2.shape[0], backend)
+            dx = _mm(da, w1.transpose(1, 2), index, backend)
+            dw1 = _wgrad(x.contiguous(), da, index, w1.shape[0], backend)
         return dx, dw1, dw2
     with torch.enable_grad():
         a_ = a.detach().requires_grad_(True)

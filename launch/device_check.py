@@ -56,6 +56,13 @@ def autotune_choices() -> dict:
     return out
 
 
+#: (group, case name, shape, providers) whose device time is broken down by kernel after the target benchmarks
+PROFILE_TARGETS = (
+    ("lora", "lora fwd+bwd", "T=8192 K=4096 N=4096 r=16", ("base", "fused", "fused_cublas")),
+    ("moe", "moe layer fwd+bwd", "T=16384 E=8 k=2 H=2048 F=4096", ("dense", "ours", "ours_gmm")),
+)
+
+
 def _targets(results: list[dict], log) -> list[tuple]:
     rows = []
     for module in ("adasched.kernels.lora_bench", "adasched.runtime.moe.bench"):
@@ -73,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=390.0,
                     help="no new benchmark case or sweep config starts after this many seconds (default 390)")
     ap.add_argument("--no-bench", action="store_true", help="checks only")
+    ap.add_argument("--no-profile", action="store_true", help="skip the profiler breakdown of the target shapes")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     deadline = t0 + args.budget_s
@@ -96,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     checks: list[dict] = []
     bench_out: dict = {"results": [], "skipped": []}
     done: list[dict] = []  # finished results of earlier phases
+    save_extra: dict = {}
 
     def save(partial: dict | None = None) -> None:
         """Everything so far to $OUT/device_check.json (a run cut off by its time limit still reports)."""
@@ -105,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         sweeps = getattr(sys.modules.get("adasched.launch.gemm_check"), "LAST_SWEEPS", {})
         payload = {**env, "quick": quick, "wall_s": time.perf_counter() - t0, "checks": checks,
                    "results": results, "skipped": bench_out["skipped"], "sweeps": sweeps,
-                   "autotune": autotune_choices()}
+                   "autotune": autotune_choices(), **save_extra}
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         tmp = Path(out_dir) / "device_check.json.tmp"
         tmp.write_text(json.dumps(payload, indent=1, default=str))
@@ -121,17 +130,33 @@ def main(argv: list[str] | None = None) -> int:
         bench_out = {"results": [], "skipped": bench_out["skipped"] + got["skipped"]}
         save()
 
-    # Phase 1: correctness of the kernels; 2: the target shapes; 3: the Twill sweeps; 4: the rest of the grid.
+    # Phase 1: correctness of the kernels; 2: the target shapes (+ profiler breakdown); 3: the Twill sweeps;
+    # 4: the rest of the fwd+bwd grid; 5: everything else (fwd-only grid, other multi-LoRA shapes, GEMM bench).
     fast = [g for g in groups if g != "gemm"]
     log(f"[checks] {', '.join(fast)}")
     checks += bench.run_checks(fast, device)
     save()
     run_bench(priority=0)
+    profiles = {}
+    if device == "cuda" and not args.no_profile:  # where the time of the target shapes goes
+        for group, case_name, shape, names in PROFILE_TARGETS:
+            if group not in groups or time.perf_counter() > deadline:
+                continue
+            try:
+                mod = importlib.import_module(bench.BENCH_MODULES[group])
+                case = next(c for c in mod.cases(quick, device) if c.name == case_name and c.shape == shape)
+                log(f"[profile] {group}: {case_name} {shape}")
+                profiles[f"{case_name} {shape}"] = bench.profile_providers(case, names, device=device)
+            except Exception as err:
+                profiles[f"{case_name} {shape}"] = {"(profile)": {"error": f"{type(err).__name__}: {err}"[:200]}}
+        save_extra["profiles"] = profiles
+        save()
     if "gemm" in groups:
         log("[checks] gemm (Twill plan vs sweep)")
         checks += bench.run_checks(["gemm"], device, deadline=deadline)
         save()
     run_bench(priority=1)
+    run_bench(priority=2)
     results = done
     targets = _targets(results, log)
 
@@ -142,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                                          f"baseline from this run; {env['device_name']}) =="))
     for s in bench_out["skipped"]:
         text.append(f"skipped: {s}")
+    for title, prof in profiles.items():
+        text += ["", bench.format_profile(title, prof)]
     if targets:
         text += ["", bench.format_table([[n, f"{v:.3f}", g, "" if m is None else ("met" if m else "NOT MET")]
                                          for n, v, g, m in targets],

@@ -144,24 +144,32 @@ def cases(quick: bool, device: str) -> list[BenchCase]:
 
             out.append(BenchCase(name="gemm", shape=f"M={M} N={N} K={K} tile={tile[0]}x{tile[1]}x{tile[2]}",
                                  providers=build, baseline="torch", note=f"machine model {machine}",
-                                 params={"M": M, "N": N, "K": K, "tile": list(tile), "machine": machine}))
+                                 params={"M": M, "N": N, "K": K, "tile": list(tile), "machine": machine},
+                                 priority=2))
     return out
 
 
-def _first_call_and_time(fn, device: str, quick: bool) -> tuple[float, float, float]:
-    """(seconds of the first call: compile + run, median ms of later calls, seconds spent timing)."""
-    from adasched.kernels.bench import time_fn
-
+def _first_call(fn, device: str) -> float:
+    """Seconds of the first call (compile + run)."""
     t0 = time.perf_counter()
     fn()
     if device == "cuda":
         import torch
 
         torch.cuda.synchronize()
-    first = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    med, _, _ = time_fn(fn, device, quick)
-    return first, med, time.perf_counter() - t1
+    return time.perf_counter() - t0
+
+
+def _time_all(fns: dict, device: str, quick: bool) -> tuple[dict, float]:
+    """Interleaved timing of the compiled configs (``kernels.bench.time_interleaved``: every config once per
+    round, rotating order, so clock drift hits all alike): ({label: median ms or exception}, seconds of timing
+    per config)."""
+    from adasched.kernels.bench import time_interleaved
+
+    t0 = time.perf_counter()
+    got = time_interleaved(fns, device, quick)
+    per = (time.perf_counter() - t0) / max(1, len(fns))
+    return {k: (v if isinstance(v, BaseException) else v[0]) for k, v in got.items()}, per
 
 
 def _past(deadline) -> bool:
@@ -195,6 +203,7 @@ def plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, tiles=
             cfg_plan, info = plan_config(tile, machine, dtype_bytes=a.element_size())
             solve_s = time.perf_counter() - t0 if info["source"] == "solved" else info["solve_seconds"]
             measured: dict[str, dict] = {}
+            fns = {}
             for cfg in [cfg_plan] + [c for c in sweep_configs(tile, machine, stages, warps) if c != cfg_plan]:
                 if _past(deadline):
                     measured[cfg.label()] = {"cfg": cfg, "error": DEADLINE_SKIP, "first_s": 0.0, "bench_s": 0.0,
@@ -202,16 +211,23 @@ def plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, tiles=
                     continue
                 if log:
                     log(f"[gemm] {M}x{N}x{K} {cfg.label()}")
-                try:
-                    first, ms, bench_s = _first_call_and_time(lambda cfg=cfg: gemm(a, b, cfg), device, quick)
+                try:  # compile + first run; then check the result
+                    first = _first_call(lambda cfg=cfg: gemm(a, b, cfg), device)
                     err = (gemm(a, b, cfg).float() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6)
-                    measured[cfg.label()] = {"cfg": cfg, "first_s": first, "bench_s": bench_s, "ms": ms,
-                                             "tflops": flops / (ms * 1e-3) / 1e12, "rel_err": err, "error": ""}
+                    measured[cfg.label()] = {"cfg": cfg, "first_s": first, "rel_err": err, "error": ""}
+                    fns[cfg.label()] = lambda cfg=cfg: gemm(a, b, cfg)
                 except Exception as exc:  # a config the compiler rejects is recorded, not fatal
                     measured[cfg.label()] = {"cfg": cfg, "error": f"{type(exc).__name__}: {exc}"[:200],
                                              "first_s": 0.0, "bench_s": 0.0, "ms": math.nan, "tflops": 0.0}
-                if device == "cuda":
-                    torch.cuda.empty_cache()
+            times, per = _time_all(fns, device, quick)
+            for label, t in times.items():
+                m = measured[label]
+                if isinstance(t, BaseException):
+                    m.update(error=f"{type(t).__name__}: {t}"[:200], bench_s=0.0, ms=math.nan, tflops=0.0)
+                else:
+                    m.update(bench_s=per, ms=t, tflops=flops / (t * 1e-3) / 1e12)
+            if device == "cuda":
+                torch.cuda.empty_cache()
             # the sweep leaves maxnreg to the compiler; the plan's config is one of them when it sets none
             sweep = [v for v in measured.values() if v["cfg"].maxnreg is None]
             ok_sweep = [v for v in sweep if not v["error"]]
@@ -231,6 +247,8 @@ def plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, tiles=
                 "time_to_config_sweep_s": sum(v["first_s"] + v["bench_s"] for v in sweep),
                 "solve_s": solve_s, "plan_compile_s": p["first_s"],
                 "max_rel_err": max((v.get("rel_err", 0.0) for v in measured.values() if not v["error"]), default=math.nan),
+                "configs": [{"config": k, **{f: v.get(f) for f in ("ms", "tflops", "first_s", "error")}}
+                            for k, v in measured.items()],
             })
         del a, b, ref
     return rows
@@ -301,29 +319,37 @@ def lora_plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, t
                 if c not in sweep_cfgs:
                     sweep_cfgs.append(c)
             measured: list[dict] = []
+            fns = {}
             for cfg in [cfg_plan] + [c for c in sweep_cfgs if c != cfg_plan]:
-                if log:
-                    log(f"[lora] T={T} K={K} N={N} r={r} {cfg.label()}")
                 rec = {"config": cfg.label(), "cfg": cfg, "in_sweep": cfg in sweep_cfgs, "plan": cfg == cfg_plan}
+                measured.append(rec)
                 if _past(deadline):
                     rec.update(first_s=0.0, bench_s=0.0, ms=math.nan, tflops=0.0, rel_err=math.nan,
                                error=DEADLINE_SKIP)
-                    measured.append(rec)
                     continue
-                try:
-                    first, ms, bench_s = _first_call_and_time(lambda cfg=cfg: _lora_step(x, w, a, b, dy, cfg),
-                                                              device, quick)
+                if log:
+                    log(f"[lora] T={T} K={K} N={N} r={r} {cfg.label()}")
+                try:  # compile + first run; then check Y, dX, dA, dB
+                    rec["first_s"] = _first_call(lambda cfg=cfg: _lora_step(x, w, a, b, dy, cfg), device)
                     got = _lora_step(x, w, a, b, dy, cfg)
-                    err = max((g.float() - e).abs().max().item() / max(e.abs().max().item(), 1e-6)
-                              for g, e in zip(got, ref))
-                    rec.update(first_s=first, bench_s=bench_s, ms=ms, tflops=flops / (ms * 1e-3) / 1e12,
-                               rel_err=err, error="")
+                    rec["rel_err"] = max((g.float() - e).abs().max().item() / max(e.abs().max().item(), 1e-6)
+                                         for g, e in zip(got, ref))
+                    rec["error"] = ""
+                    fns[cfg.label()] = lambda cfg=cfg: _lora_step(x, w, a, b, dy, cfg)
                 except Exception as exc:  # a config the compiler rejects is recorded, not fatal
                     rec.update(first_s=0.0, bench_s=0.0, ms=math.nan, tflops=0.0, rel_err=math.nan,
                                error=f"{type(exc).__name__}: {exc}"[:200])
-                measured.append(rec)
-                if device == "cuda":
-                    torch.cuda.empty_cache()
+            times, per = _time_all(fns, device, quick)
+            for rec in measured:
+                t = times.get(rec["config"])
+                if t is None:
+                    continue
+                if isinstance(t, BaseException):
+                    rec.update(error=f"{type(t).__name__}: {t}"[:200], bench_s=0.0, ms=math.nan, tflops=0.0)
+                else:
+                    rec.update(bench_s=per, ms=t, tflops=flops / (t * 1e-3) / 1e12)
+            if device == "cuda":
+                torch.cuda.empty_cache()
             sweep = [v for v in measured if v["in_sweep"]]
             ok_sweep = [v for v in sweep if not v["error"]]
             best = max(ok_sweep, key=lambda v: v["tflops"]) if ok_sweep else None

@@ -104,10 +104,77 @@ def test_lora_targets_summary_from_rows():
 
     shape = dict(T=8192, K=4096, N=4096, r=16)
     rows = [row("lora fwd+bwd", "base", 1.0, **shape), row("lora fwd+bwd", "eager", 1.56, **shape),
-            row("lora fwd+bwd", "fused", 1.2, **shape),
+            row("lora fwd+bwd", "fused", 1.2, **shape), row("lora fwd+bwd", "fused_cublas", 1.05, **shape),
             row("multi-lora x4 fwd+bwd", "base", 2.0, T=8192, K=4096, N=4096),
-            row("multi-lora x4 fwd+bwd", "fused", 2.2, T=8192, K=4096, N=4096)]
+            row("multi-lora x4 fwd+bwd", "fused", 2.2, T=8192, K=4096, N=4096),
+            row("multi-lora x4 fwd+bwd", "fused_cublas", 2.5, T=8192, K=4096, N=4096)]
     got = {n: (v, m) for n, v, _, m in summarize(rows)}
     assert got["fused fwd+bwd / base, T=8192 4096x4096 r=16"] == (pytest.approx(1.2), False)
+    assert got["fused_cublas fwd+bwd / base, T=8192 4096x4096 r=16"] == (pytest.approx(1.05), True)
     assert got["eager / fused fwd+bwd, mean over 1 shapes"] == (pytest.approx(1.3), True)
-    assert got["multi-lora x4 fwd+bwd / base, T=8192 4096x4096"] == (pytest.approx(1.1), True)
+    assert got["eager / fused_cublas fwd+bwd, mean over 1 shapes"] == (pytest.approx(1.56 / 1.05), True)
+    assert got["multi-lora x4 fused fwd+bwd / base, T=8192 4096x4096"] == (pytest.approx(1.1), True)
+    assert got["multi-lora x4 fused_cublas fwd+bwd / base, T=8192 4096x4096"] == (pytest.approx(1.25), False)
+
+
+def test_moe_targets_summary_from_rows():
+    from adasched.runtime.moe.bench import summarize
+
+    def row(prov, ratio, E):
+        return {"group": "moe", "case": "moe layer fwd+bwd", "provider": prov, "ratio_vs_baseline": ratio,
+                "error": "", "params": {"T": 16384, "E": E, "k": 2 if E == 8 else 6}}
+
+    got = {n: (v, m) for n, v, _, m in summarize([row("dense", 1.0, 8), row("ours", 1.25, 8), row("ours", 1.4, 64),
+                                                   row("naive", 2.0, 64)])}
+    assert got["moe ours fwd+bwd / dense, T=16384 E=8 k=2"] == (pytest.approx(1.25), True)
+    assert got["moe ours fwd+bwd / dense, T=16384 E=64 k=6"] == (pytest.approx(1.4), False)
+    assert got["moe naive fwd+bwd / dense, T=16384 E=64 k=6"] == (pytest.approx(2.0), None)
+    assert not any("dense fwd+bwd" in n for n in got)
+
+
+def test_time_interleaved_times_every_provider_and_keeps_errors():
+    from adasched.kernels.bench import time_interleaved
+
+    calls = {"a": 0, "b": 0}
+
+    def a():
+        calls["a"] += 1
+        return sum(range(2000))
+
+    def b():
+        calls["b"] += 1
+        return sum(range(20000))
+
+    def bad():
+        raise RuntimeError("no such kernel")
+
+    got = time_interleaved({"a": a, "b": b, "bad": bad}, "cpu", quick=True)
+    assert isinstance(got["bad"], RuntimeError)
+    assert calls["a"] >= 4 and calls["b"] >= 4  # warm-up + timed calls
+    (ma, pa20, pa80), (mb, _, _) = got["a"], got["b"]
+    assert 0 < pa20 <= ma <= pa80 and mb > ma  # ten times the work is slower
+
+
+def test_run_benchmarks_priority_filter_and_progress_callback():
+    from adasched.kernels import bench
+
+    seen = []
+    out = bench.run_benchmarks(["lora"], quick=True, device="cpu", priority=0, on_result=seen.append)
+    assert out["results"] == [] and seen == []  # no CPU lora case is a priority-0 (GPU target) case
+    out = bench.run_benchmarks(["moe"], quick=True, device="cpu", priority=0, on_result=seen.append)
+    assert out["results"] and len(seen) == len({(r["case"], r["shape"]) for r in out["results"]})
+
+
+def test_profile_providers_breaks_a_case_down_by_op():
+    import torch
+
+    from adasched.kernels.bench import BenchCase, format_profile, profile_providers
+
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    case = BenchCase(name="mm", shape="64", baseline="mm",
+                     providers=lambda: {"mm": lambda: a @ b, "boom": lambda: 1 / 0})
+    prof = profile_providers(case, ["mm", "boom", "absent"], steps=2, device="cpu")
+    assert set(prof) == {"mm", "boom"} and "ZeroDivisionError" in prof["boom"]["error"]
+    assert prof["mm"]["total_us"] > 0 and any("mm" in k for k, _, _ in prof["mm"]["kernels"])
+    text = format_profile("mm 64", prof)
+    assert "us device time per call" in text and "boom: ZeroDivisionError" in text

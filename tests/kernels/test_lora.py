@@ -148,8 +148,11 @@ def test_lora_linear_batched_input_and_partial_grads():
     assert_all_close("dx", gx, gxr, 1e-5, 1e-5)
 
 
+@pytest.mark.parametrize("base_gemm", ["triton", "torch"])
 @pytest.mark.parametrize("dtype,block_m", [(torch.float32, 16), (torch.float16, 32)])
-def test_multi_lora_three_adapters_uncovered_rows(dtype, block_m):
+def test_multi_lora_three_adapters_uncovered_rows(dtype, block_m, base_gemm):
+    """Every output and gradient element against float64, with the base GEMMs in our kernel (LoRA term in the
+    accumulator) and in torch's GEMM (LoRA term through its C input)."""
     atol, rtol = TOL[dtype]
     T, K, N = 61, 40, 36
     specs = [(4, 0.0, 2.0), (8, 0.3, 0.5), (16, 0.1, 1.25)]  # (rank, dropout, scale)
@@ -161,7 +164,7 @@ def test_multi_lora_three_adapters_uncovered_rows(dtype, block_m):
     w = _rand(N, K, dtype=dtype, scale=0.15)
     bias = _rand(N, dtype=dtype)
     leaves = [x] + [t for ad in adapters for t in (ad.lora_a, ad.lora_b)]
-    y = multi_lora_linear(x, w, adapters, segments, bias=bias, seed=11, block_m=block_m)
+    y = multi_lora_linear(x, w, adapters, segments, bias=bias, seed=11, block_m=block_m, base_gemm=base_gemm)
     dy = _rand(T, N, dtype=dtype)
     grads = torch.autograd.grad(y, leaves, dy)
 
@@ -200,6 +203,23 @@ def test_multi_lora_unused_adapter_gets_zero_grad_and_many_adapters():
         assert_all_close(f"grad {i}", g, torch.zeros_like(leaf) if gr is None else gr, 2e-5, 2e-5)
     assert torch.count_nonzero(torch.autograd.grad(multi_lora_linear(x, w, adapters, segments),
                                                    adapters[5].lora_a, dy)[0]) == 0
+
+
+def test_base_gemm_torch_single_adapter_matches_triton_path():
+    T, K, N, r = 45, 24, 40, 8
+    x = _rand(T, K, dtype=torch.float32, grad=True)
+    w = _rand(N, K, dtype=torch.float32, scale=0.2)
+    a = _rand(r, K, dtype=torch.float32, scale=0.2, grad=True)
+    b = _rand(N, r, dtype=torch.float32, scale=0.5, grad=True)
+    dy = _rand(T, N, dtype=torch.float32)
+    got = {}
+    for base in ("triton", "torch"):
+        y = lora_linear(x, w, a, b, 2.0, 0.2, seed=5, base_gemm=base)
+        got[base] = (y, *torch.autograd.grad(y, (x, a, b), dy))
+    for name, g1, g2 in zip(("y", "dx", "dA", "dB"), got["torch"], got["triton"]):
+        assert_all_close(f"{name} torch-GEMM vs triton", g1, g2, *TOL[torch.float32])
+    with pytest.raises(ValueError, match="base_gemm"):
+        lora_linear(x, w, a, b, 2.0, base_gemm="cublas")
 
 
 def test_bad_input_is_a_clear_value_error():

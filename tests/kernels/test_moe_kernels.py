@@ -63,12 +63,15 @@ def test_permute_unpermute(dtype):
     assert_all_close(w.grad, w_ref.grad, dtype, "unpermute dgate")
 
 
+@pytest.mark.parametrize("backend,K_,M_", [("triton", 20, 18), ("triton_gmm", 24, 16), ("triton_gmm", 20, 18)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_grouped_mm_uneven_and_empty_experts(dtype):
+def test_grouped_mm_uneven_and_empty_experts(dtype, backend, K_, M_):
+    """Our kernels; torch._grouped_mm (16-byte aligned rows); a misaligned shape on 'triton_gmm' (our kernels)."""
     idx, _ = _routing(T=21, E=5, k=2, empty=(0, 3))
-    x = torch.randn(idx.num_rows, 20, dtype=dtype, requires_grad=True)
-    w = (torch.randn(5, 20, 18) * 0.3).to(dtype).requires_grad_(True)
-    y = K.grouped_mm(x, w, idx, backend="triton")
+    x = torch.randn(idx.num_rows, K_, dtype=dtype, requires_grad=True)
+    w = (torch.randn(5, K_, M_) * 0.3).to(dtype).requires_grad_(True)
+    assert K.gmm_aligned(x.detach(), w.detach()) == (K_ * x.element_size() % 16 == 0 and M_ * x.element_size() % 16 == 0)
+    y = K.grouped_mm(x, w, idx, backend=backend)
     x_ref = x.detach().float().requires_grad_(True)
     w_ref = w.detach().float().requires_grad_(True)
     y_ref = K.grouped_mm_ref(x_ref, w_ref, idx)
@@ -81,16 +84,21 @@ def test_grouped_mm_uneven_and_empty_experts(dtype):
     assert torch.all(w.grad[0] == 0) and torch.all(w.grad[3] == 0)
 
 
+@pytest.mark.parametrize("backend", ["triton", "triton_gmm"])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_expert_mlp(activation, dtype):
+def test_expert_mlp(activation, dtype, backend, monkeypatch):
     idx, _ = _routing(T=11, E=4, k=2, empty=(1,), seed=4)
-    H, Fd = 20, 12
+    H, Fd = (20, 12) if backend == "triton" else (24, 16)  # torch._grouped_mm wants 16-byte aligned rows
+    calls = []
+    for name in ("grouped_mm_gmm", "grouped_wgrad_gmm"):
+        real = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
     w1_cols = 2 * Fd if activation == "swiglu" else Fd
     x = torch.randn(idx.num_rows, H, dtype=dtype, requires_grad=True)
     w1 = (torch.randn(4, H, w1_cols) * H ** -0.5).to(dtype).requires_grad_(True)
     w2 = (torch.randn(4, Fd, H) * Fd ** -0.5).to(dtype).requires_grad_(True)
-    y = K.expert_mlp(x, w1, w2, idx, activation, backend="triton")
+    y = K.expert_mlp(x, w1, w2, idx, activation, backend=backend)
     refs = [t.detach().float().requires_grad_(True) for t in (x, w1, w2)]
     y_ref = K.expert_mlp_ref(*refs, idx, activation)
     assert_all_close(y, y_ref, dtype, f"{activation} out")
@@ -100,6 +108,8 @@ def test_expert_mlp(activation, dtype):
     for name, got, ref in zip(("dx", "dw1", "dw2"), (x, w1, w2), refs):
         assert_all_close(got.grad, ref.grad, dtype, f"{activation} {name}")
     assert torch.all(w1.grad[1] == 0) and torch.all(w2.grad[1] == 0)
+    # 'triton_gmm': every expert GEMM on torch._grouped_mm (2 forward, 2 dgrad, 2 wgrad); 'triton': none
+    assert len(calls) == (6 if backend == "triton_gmm" else 0), calls
 
 
 def test_torch_fallback_matches_reference():
@@ -129,6 +139,8 @@ def test_backend_selection(monkeypatch):
     torch.testing.assert_close(K.permute(t, idx), t[[1, 0]])
     with pytest.raises(ValueError, match="activation: 'relu'"):
         K.expert_mlp(t, None, None, idx, "relu")
+    with pytest.raises(ValueError, match="backend: 'cutlass' is not one of"):
+        K.permute(t, idx, backend="cutlass")
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])

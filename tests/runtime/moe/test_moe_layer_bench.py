@@ -7,7 +7,7 @@ from adasched.kernels.bench import BenchCase
 
 def test_checks_pass_on_cpu_interpreter():
     rows = moe_bench.checks("cpu")
-    assert len(rows) == 2
+    assert len(rows) == 3 and "triton_gmm" in rows[2][0]
     for name, ok, detail in rows:
         assert ok, f"{name}: {detail}"
 
@@ -19,12 +19,11 @@ def test_cases_and_providers_agree():
     (case,) = moe_bench.cases(True, "cpu")
     assert isinstance(case, BenchCase) and case.baseline == "dense"
     prov = case.providers()
-    assert {"dense", "naive", "ours"} <= set(prov)
+    assert {"dense", "naive", "ours", "ours_gmm"} <= set(prov)
     g_naive, g_ours = prov["naive"](), prov["ours"]()
     assert len(g_naive) == len(g_ours) == 4          # dx, router, w1, w2
     for a, b in zip(g_naive, g_ours):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
-    if "ours+torch_gmm" in prov:
-        for a, b in zip(g_naive, prov["ours+torch_gmm"]()):
-            torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+    for a, b in zip(g_naive, prov["ours_gmm"]()):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
     assert all(g.abs().sum() > 0 for g in prov["dense"]())
