@@ -3,7 +3,7 @@
 Providers per shape (same inputs, same run):
   base   frozen base linear only: Y = X W^T, backward dX = dY W (the floor LoRA is measured against);
   eager  PEFT-style eager torch LoRA: X W^T + scale * B(A(dropout(X))) (grads for X, A, B);
-  fused  ``lora_linear`` (Triton; under the interpreter on the CPU);
+  fused  ``lora_linear(..., base_gemm="triton")``: every GEMM in our Triton kernels (the interpreter on the CPU);
   fused_cublas  ``lora_linear(..., base_gemm="torch")``: the same fused LoRA kernels, the two big GEMMs in torch's
          GEMM (cuBLAS) with the LoRA term added through its C input;
   triton_base  the same Triton GEMM kernels with no LoRA rows (fused / triton_base = the cost of the fusion,
@@ -75,13 +75,13 @@ def _single_providers(T, K, N, r, device, backward: bool, p: float = DROPOUT):
             return F.linear(x, w) + F.linear(F.linear(xd, a), b) * SCALE
 
         def fused():
-            return lora_linear(x, w, a, b, SCALE, p)
+            return lora_linear(x, w, a, b, SCALE, p, base_gemm="triton")
 
         def fused_cublas():  # same fused LoRA kernels, the two big GEMMs in cuBLAS (LoRA term via C)
             return lora_linear(x, w, a, b, SCALE, p, base_gemm="torch")
 
         def triton_base():  # our GEMM kernels with no row covered: separates GEMM quality from fusion cost
-            return multi_lora_linear(x, w, no_rows, [])
+            return multi_lora_linear(x, w, no_rows, [], base_gemm="triton")
 
         if not backward:
             return {"base": base, "eager": eager, "fused": fused, "fused_cublas": fused_cublas,
@@ -134,7 +134,7 @@ def _multi_providers(T, K, N, ranks, device, backward: bool):
             return F.linear(x, w) + torch.cat(parts, dim=0)
 
         def fused():
-            return multi_lora_linear(x, w, adapters, segs)
+            return multi_lora_linear(x, w, adapters, segs, base_gemm="triton")
 
         def fused_cublas():
             return multi_lora_linear(x, w, adapters, segs, base_gemm="torch")

@@ -9,10 +9,13 @@ Mapping (documented assumptions, checked on a GPU by launch/gemm_check.py):
 - ``num_warps``: 4 per consumer (non-producer) warp group, at least 4;
 - ``warp_specialize``: True only where the machine's Triton supports it (Blackwell) and the schedule has a
   producer group; on Hopper it is False (upstream may ignore or reject it there);
-- ``maxnreg``: the registers per thread a register-holding group may take when every other group (producers,
-  MMA-issue groups without live values) keeps only its base: the register file minus those bases, shared
-  evenly by the groups whose ops hold registers, rounded down to a multiple of 8 and capped by the per-group
-  limit.
+- ``maxnreg``: only with ``warp_specialize`` (the per-group register split that setmaxnreg makes happen): the
+  registers per thread a register-holding group may take when every other group (producers, MMA-issue groups
+  without live values) keeps only its base: the register file minus those bases, shared evenly by the groups
+  whose ops hold registers, rounded down to a multiple of 8 and capped by the per-group limit. Without warp
+  specialization there is no split to make and the knob is left to the compiler (None): on an H200
+  (2026-11-28, ``launch/device_check.py``) capping a non-specialized Triton GEMM at 240 registers cost 4-13 %
+  (128x256x64 s3 w8: 611-638 TFLOP/s with the cap, 664-679 without).
 """
 from __future__ import annotations
 
@@ -67,9 +70,9 @@ def derive_knobs(graph: Graph, machine: Machine, ii: int, times: dict[str, int],
     holding = {groups[o.name] for o in graph.ops if (o.regs or 0) > 0} or consumer
     others = len(set(groups.values()) - holding)
     share = (machine.regs_total - machine.group_base_regs * others) // max(1, len(holding))
-    maxnreg = min(machine.regs_per_group_max, share, 255) // 8 * 8
+    maxnreg = max(24, min(machine.regs_per_group_max, share, 255) // 8 * 8)
     return TritonKnobs(num_stages=max(1, num_stages), num_warps=num_warps, warp_specialize=ws,
-                       maxnreg=max(24, maxnreg))
+                       maxnreg=maxnreg if ws else None)
 
 
 def gemm_graph(machine: Machine, block_m: int, block_n: int, block_k: int, dtype_bytes: int = 2) -> Graph:

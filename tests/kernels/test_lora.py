@@ -220,6 +220,12 @@ def test_base_gemm_torch_single_adapter_matches_triton_path():
         assert_all_close(f"{name} torch-GEMM vs triton", g1, g2, *TOL[torch.float32])
     with pytest.raises(ValueError, match="base_gemm"):
         lora_linear(x, w, a, b, 2.0, base_gemm="cublas")
+    from adasched.kernels.gemm import GemmConfig
+
+    with pytest.raises(ValueError, match="base_gemm: 'torch' cannot take a gemm_config"):
+        lora_linear(x, w, a, b, 2.0, base_gemm="torch", gemm_config=GemmConfig(block_m=16))
+    assert L.resolve_base_gemm("auto", x) == "triton"  # off the GPU "auto" keeps the fully fused kernel
+    assert L.resolve_base_gemm("torch", x) == "torch"
 
 
 def test_bad_input_is_a_clear_value_error():

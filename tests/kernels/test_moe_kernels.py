@@ -141,6 +141,9 @@ def test_backend_selection(monkeypatch):
         K.expert_mlp(t, None, None, idx, "relu")
     with pytest.raises(ValueError, match="backend: 'cutlass' is not one of"):
         K.permute(t, idx, backend="cutlass")
+    # the expert-GEMM engine: torch._grouped_mm when asked for; "auto" picks it only on a GPU
+    assert K.gemm_engine("triton_gmm", t) == "triton_gmm"
+    assert K.gemm_engine("auto", t) == "triton" and K.gemm_engine("triton", t) == "triton"
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
