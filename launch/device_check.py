@@ -1,7 +1,12 @@
 """One command for a GPU machine: every kernel's correctness checks (bf16) and `bench kernels`, one table.
 
-    python3 launch/device_check.py                # full grid incl. Triton autotuning (GPU run time not yet measured)
-    python3 launch/device_check.py --quick        # two shapes per kernel
+    python3 launch/device_check.py --budget-s 320   # what the H200 run of 2026-11-28 used: ~335 s, 54 grid cases
+                                                    # left for a later run by the budget
+    python3 launch/device_check.py --quick          # two shapes per kernel
+
+Order: kernel checks (lora, moe), the target shapes (priority 0) with a profiler breakdown, the Twill sweeps
+(gemm checks; they stop at the budget), the rest of the fwd+bwd grid (priority 1), then everything else
+(priority 2). Partial results are saved to $OUT after every case.
 
 Runs from a plain checkout (the adasched package need not be installed: the folders are mapped onto the
 ``adasched.*`` namespace here) on torch 2.11 / triton 3.6 as well as our pins. Prints the checks, the benchmark

@@ -6,6 +6,12 @@ Mapping (documented assumptions, checked on a GPU by launch/gemm_check.py):
   copies of a loaded tile are live at once = ceil(lifetime / I), at least 2 (a load whose latency is not
   known at compile time always gets a second buffer so its producer can run ahead); the schedule's stage
   count when the graph has no loads;
+  then raised to fill the shared memory left over at the occupancy that depth allows: with S KiB per stage
+  (the loads' ``smem``) and capacity C, c = C // (depth * S) CTAs fit per SM, and the loads get
+  C // (c * S) buffers - spare shared memory becomes extra prefetch depth without costing a resident CTA (the
+  rule CUTLASS's automatic stage count follows). On an H200 (2026-11-28 sweep, BENCHMARKS.md ``twill``) the
+  128x256x64 GEMM tile ran 5-7 % faster at 4 stages than at the schedule's 3, while 128x128x64 kept 3 stages
+  (two CTAs per SM);
 - ``num_warps``: 4 per consumer (non-producer) warp group, at least 4;
 - ``warp_specialize``: True only where the machine's Triton supports it (Blackwell) and the schedule has a
   producer group; on Hopper it is False (upstream may ignore or reject it there);
@@ -63,6 +69,10 @@ def derive_knobs(graph: Graph, machine: Machine, ii: int, times: dict[str, int],
     loads = [o.name for o in graph.ops if o.variable_latency and (o.smem or 0) > 0]
     stages = max(times.values()) // ii + 1
     num_stages = max([max(2, depth[v]) for v in loads], default=stages)
+    stage_kib = sum(o.smem for o in graph.ops if o.name in loads)
+    if loads and stage_kib > 0 and num_stages * stage_kib <= machine.smem_capacity:
+        ctas = machine.smem_capacity // (num_stages * stage_kib)
+        num_stages = max(num_stages, machine.smem_capacity // (ctas * stage_kib))
     producer = {groups[o.name] for o in graph.ops if o.variable_latency}
     consumer = {groups[o.name] for o in graph.ops} - producer
     num_warps = 4 * max(1, len(consumer))
