@@ -218,9 +218,9 @@ if HAVE_TRITON:
                 a = tl.load(A + (r_off + rr)[None, :] * stride_ar + cols[:, None],
                             mask=r_ok[None, :] & c_ok[:, None], other=0.0)
                 if UPCAST:
-                    acc += tl.dot(xd.to(tl.float32), a.to(tl.float32))
+                    acc = tl.dot(xd.to(tl.float32), a.to(tl.float32), acc)
                 else:
-                    acc += tl.dot(xd, a)
+                    acc = tl.dot(xd, a, acc)
             s_ptrs = S + rows[:, None] * stride_sm + rr[None, :]
             if SPLIT_K > 1:
                 tl.atomic_add(s_ptrs, acc, mask=row_ok[:, None])
@@ -258,25 +258,10 @@ if HAVE_TRITON:
         outs = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
         o_ok = outs < OUT_DIM
 
+        # The K loop first, on a zero accumulator that only MMAs write: a LoRA term placed in the accumulator
+        # before the loop made ptxas serialize the warpgroup MMAs on sm_90 (C7515, "non wgmma instructions
+        # defining accumulator registers"); added after the loop it stays in registers all the same.
         acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
-        if rank > 0:
-            rr = tl.arange(0, BLOCK_R)
-            r_ok = rr < rank
-            lt = tl.load(L + rows[:, None] * stride_lm + rr[None, :], mask=row_ok[:, None], other=0.0)
-            pt = tl.load(P + (r_off + rr)[:, None] * stride_pr + outs[None, :] * stride_po,
-                         mask=r_ok[:, None] & o_ok[None, :], other=0.0)
-            if UPCAST:
-                lora = tl.dot(lt.to(tl.float32), pt.to(tl.float32))
-            else:
-                lora = tl.dot(lt.to(P.dtype.element_ty), pt)
-            if APPLY_SCALE:
-                lora = lora * tl.load(FTABLE + pid_m * 2 + 0)
-            if HAS_MASK:
-                packed = tl.load(MASK + rows[:, None] * stride_mm + (outs // 8)[None, :],
-                                 mask=row_ok[:, None] & o_ok[None, :], other=0)
-                keep = (packed.to(tl.int32) >> (outs % 8)[None, :]) & 1
-                lora = tl.where(keep != 0, lora * tl.load(FTABLE + pid_m * 2 + 1), 0.0)
-            acc = lora
         reds = tl.arange(0, BLOCK_RED)
         x_ptrs = X + rows[:, None] * stride_xm + reds[None, :]
         w_ptrs = W + reds[:, None] * stride_wr + outs[None, :] * stride_wo
@@ -287,9 +272,30 @@ if HAVE_TRITON:
             x_ptrs += BLOCK_RED
             w_ptrs += BLOCK_RED * stride_wr
             if UPCAST:
-                acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32))
+                acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc)
             else:
-                acc += tl.dot(xt, wt)
+                acc = tl.dot(xt, wt, acc)
+        if rank > 0:
+            rr = tl.arange(0, BLOCK_R)
+            r_ok = rr < rank
+            lt = tl.load(L + rows[:, None] * stride_lm + rr[None, :], mask=row_ok[:, None], other=0.0)
+            pt = tl.load(P + (r_off + rr)[:, None] * stride_pr + outs[None, :] * stride_po,
+                         mask=r_ok[:, None] & o_ok[None, :], other=0.0)
+            if APPLY_SCALE:  # the scale goes on the thin fp32 operand, not on the [BLOCK_M, BLOCK_O] product
+                lt = lt * tl.load(FTABLE + pid_m * 2 + 0)
+            if UPCAST:
+                lt = lt.to(tl.float32)
+                pt = pt.to(tl.float32)
+            else:
+                lt = lt.to(P.dtype.element_ty)
+            if HAS_MASK:  # the dropout mask acts on the product: a second [BLOCK_M, BLOCK_O] fp32 tile
+                lora = tl.dot(lt, pt)
+                packed = tl.load(MASK + rows[:, None] * stride_mm + (outs // 8)[None, :],
+                                 mask=row_ok[:, None] & o_ok[None, :], other=0)
+                keep = (packed.to(tl.int32) >> (outs % 8)[None, :]) & 1
+                acc += tl.where(keep != 0, lora * tl.load(FTABLE + pid_m * 2 + 1), 0.0)
+            else:  # accumulate straight into the MMA accumulator: no second tile
+                acc = tl.dot(lt, pt, acc)
         if HAS_BIAS:
             acc += tl.load(BIAS + outs, mask=o_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(OUT + rows[:, None] * stride_om + outs[None, :], acc.to(OUT.dtype.element_ty),
@@ -329,10 +335,10 @@ if HAVE_TRITON:
             bt = tl.load(B + cols[:, None] * stride_bn + (r_off + rr)[None, :],
                          mask=c_ok[:, None] & r_ok[None, :], other=0.0)
             if UPCAST:
-                ds += tl.dot(dy.to(tl.float32), bt.to(tl.float32))
+                ds = tl.dot(dy.to(tl.float32), bt.to(tl.float32), ds)
                 db = tl.dot(tl.trans(dy.to(tl.float32)), st)
             else:
-                ds += tl.dot(dy, bt)
+                ds = tl.dot(dy, bt, ds)
                 db = tl.dot(tl.trans(dy), st.to(DY.dtype.element_ty))
             tl.atomic_add(DB + cols[:, None] * stride_dbn + (r_off + rr)[None, :], db * scale,
                           mask=c_ok[:, None] & r_ok[None, :])
@@ -497,7 +503,7 @@ def _term_config(block_m: int):
     """Launch of the LoRA-term-only pass (no reduction loop: bandwidth-bound, small tiles, no pipelining)."""
     from .gemm import GemmConfig
 
-    return GemmConfig(block_m=block_m, block_n=128, block_k=64, num_stages=1, num_warps=4)
+    return GemmConfig(block_m=block_m, block_n=128, block_k=64, num_stages=1, num_warps=8)
 
 
 def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bias, out, plan: _TilePlan,

@@ -68,7 +68,13 @@ def test_fused_model_matches_peft_outputs_and_grads(r, alpha, rslora, lora_bias)
     fused.zero_grad()
     gx_ref = torch.autograd.grad(ref(x), x, dy)[0]
     gx = torch.autograd.grad(fused(xf), xf, dy)[0]
-    torch.testing.assert_close(gx, gx_ref, atol=2e-5, rtol=2e-5)
+    # dX sums through three stacked layers in a different order than PEFT's: judge both against float64
+    ref64 = copy.deepcopy(ref).double()
+    x64 = x.detach().double().requires_grad_()
+    gx64 = torch.autograd.grad(ref64(x64), x64, dy.double())[0]
+    err_fused, err_peft = (gx.double() - gx64).abs().max().item(), (gx_ref.double() - gx64).abs().max().item()
+    assert err_fused <= max(4 * err_peft, 2e-5 * gx64.abs().max().item()), (err_fused, err_peft)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-4, rtol=1e-4)
     ref(x).backward(dy)
     fused(xf).backward(dy)
     g_ref, g = _lora_grads(ref), _lora_grads(fused)
