@@ -234,7 +234,7 @@ if HAVE_TRITON:
         stride_xm, stride_wr, stride_wo, stride_lm, stride_pr, stride_po, stride_mm, stride_om,
         BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
         GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, APPLY_SCALE: tl.constexpr,
-        UPCAST: tl.constexpr,
+        UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False,
     ):
         """OUT[tile, oblk] = lora_prologue + X[tile, :] @ W[:, oblk] (+ bias), W element (red, out) at
         W + red*stride_wr + out*stride_wo. Prologue: L[tile, :r] @ P[r_off:r_off+r, oblk], times scale (forward)
@@ -265,7 +265,7 @@ if HAVE_TRITON:
         reds = tl.arange(0, BLOCK_RED)
         x_ptrs = X + rows[:, None] * stride_xm + reds[None, :]
         w_ptrs = W + reds[:, None] * stride_wr + outs[None, :] * stride_wo
-        for rb in range(0, tl.cdiv(RED_DIM, BLOCK_RED)):
+        for rb in tl.range(0, tl.cdiv(RED_DIM, BLOCK_RED), warp_specialize=WARP_SPECIALIZE):
             red_ok = reds < RED_DIM - rb * BLOCK_RED
             xt = tl.load(x_ptrs, mask=row_ok[:, None] & red_ok[None, :], other=0.0)
             wt = tl.load(w_ptrs, mask=red_ok[:, None] & o_ok[None, :], other=0.0)
@@ -294,6 +294,12 @@ if HAVE_TRITON:
                                  mask=row_ok[:, None] & o_ok[None, :], other=0)
                 keep = (packed.to(tl.int32) >> (outs % 8)[None, :]) & 1
                 acc += tl.where(keep != 0, lora * tl.load(FTABLE + pid_m * 2 + 1), 0.0)
+            elif WARP_SPECIALIZE:
+                # sm_100 + Triton 3.7.1: a dot into the loop's (TMEM) accumulator after a warp-specialised loop
+                # fails to compile (TritonGPUHoistTMEMAlloc), and acc + dot is combined into exactly that; the
+                # row select keeps the LoRA product a separate tile, as in the masked path (rows past n_valid are
+                # not stored anyway)
+                acc += tl.where(row_ok[:, None], tl.dot(lt, pt), 0.0)
             else:  # accumulate straight into the MMA accumulator: no second tile
                 acc = tl.dot(lt, pt, acc)
         if HAS_BIAS:
@@ -466,9 +472,6 @@ def _check_gemm_config(cfg, block_m: Optional[int]) -> int:
                  "maxnreg"):
         if not hasattr(cfg, name):
             raise ValueError(f"gemm_config: {cfg!r} has no field {name!r} (pass a kernels.gemm.GemmConfig)")
-    if cfg.warp_specialize:
-        raise ValueError("gemm_config: warp_specialize=True is not supported by the LoRA GEMM kernels (their "
-                         "reduction loop is not warp-specialised); use warp_specialize=False")
     if block_m is not None and int(block_m) != cfg.block_m:
         raise ValueError(f"block_m: {block_m} differs from gemm_config.block_m = {cfg.block_m}")
     return int(cfg.block_m)
@@ -478,7 +481,8 @@ def _config_launch(config, interpret: bool) -> tuple[dict, dict]:
     """(tile constexprs, compile options) of ``_lora_gemm_kernel`` for a GemmConfig: BLOCK_O = block_n,
     BLOCK_RED = block_k, GROUP_M = group_m; num_warps, num_stages and maxnreg (when set) except under the
     interpreter, which takes none of them."""
-    consts = {"BLOCK_O": config.block_n, "BLOCK_RED": config.block_k, "GROUP_M": config.group_m}
+    consts = {"BLOCK_O": config.block_n, "BLOCK_RED": config.block_k, "GROUP_M": config.group_m,
+              "WARP_SPECIALIZE": bool(config.warp_specialize)}
     opts = {} if interpret else {"num_warps": config.num_warps, "num_stages": config.num_stages}
     if config.maxnreg is not None and not interpret:
         opts["maxnreg"] = config.maxnreg
@@ -739,7 +743,8 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     (rows per tile; default 128 on a GPU, 16 under the interpreter). ``gemm_config`` (a ``kernels.gemm.GemmConfig``,
     e.g. Twill's plan-derived one) fixes the launch of the two big GEMMs (Y = X W^T + LoRA, dX = dY W + LoRA):
     its block_m is the M tile, block_n / block_k / group_m / num_stages / num_warps / maxnreg are used as given
-    (no autotuning); warp_specialize must be False. None: autotuned on a GPU, a fixed small tile off it.
+    (no autotuning); warp_specialize=True runs the K loop as ``tl.range(..., warp_specialize=True)`` (producer /
+    consumer partitions; Triton supports it on Blackwell). None: autotuned on a GPU, a fixed small tile off it.
 
     ``base_gemm``: "triton" runs the two big GEMMs in our kernel with the LoRA term in its register
     accumulator; "torch" lets torch's GEMM (cuBLAS) do them, the LoRA term (+ bias, mask) written first by the

@@ -8,7 +8,7 @@ the machine supports it; compile N times). Reports TFLOP/s of both, the ratio, a
 (plan: solve + one compile + one timing; sweep: N compiles + N timings). ``checks`` turns it into pass/fail
 (plan within 3 % of the best swept configuration) for the device check. ``lora_plan_vs_sweep`` is the same
 comparison for the fused LoRA linear (``kernels.lora``: forward Y = X W^T + LoRA and backward dX = dY W + LoRA,
-both GEMMs launched with one config; warp_specialize is not available there and is dropped), timed over a whole
+both GEMMs launched with one config, warp_specialize included where the machine has it), timed over a whole
 forward + backward step. Run directly:
 
     python -m adasched.launch.gemm_check [--quick] [--lora] [--json FILE]
@@ -294,8 +294,6 @@ def lora_plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, t
     timing; sweep: first calls + timings of every config), the largest relative error of Y, dX, dA, dB against
     the fp32 torch reference over all configs, and ``configs``: every measured config ({config, ms, tflops,
     first_s, bench_s, rel_err, error, in_sweep}). ``deadline`` as in :func:`plan_vs_sweep`."""
-    import dataclasses
-
     import torch
 
     shapes = shapes or (LORA_CPU_SHAPES if device == "cpu" else LORA_GPU_SHAPES[:1] if quick else LORA_GPU_SHAPES)
@@ -311,13 +309,7 @@ def lora_plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, t
             t0 = time.perf_counter()
             cfg_plan, info = plan_config(tile, machine, dtype_bytes=x.element_size())
             solve_s = time.perf_counter() - t0 if info["source"] == "solved" else info["solve_seconds"]
-            ws_dropped = cfg_plan.warp_specialize
-            cfg_plan = dataclasses.replace(cfg_plan, warp_specialize=False)
-            sweep_cfgs = []
-            for c in sweep_configs(tile, machine, stages, warps):
-                c = dataclasses.replace(c, warp_specialize=False)
-                if c not in sweep_cfgs:
-                    sweep_cfgs.append(c)
+            sweep_cfgs = list(sweep_configs(tile, machine, stages, warps))
             measured: list[dict] = []
             fns = {}
             for cfg in [cfg_plan] + [c for c in sweep_cfgs if c != cfg_plan]:
@@ -362,7 +354,6 @@ def lora_plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, t
                 "dtype": str(x.dtype).replace("torch.", ""),
                 "plan_config": p["config"], "plan_ms": p["ms"], "plan_tflops": p["tflops"], "plan_error": p["error"],
                 "plan_ii": info["ii"], "plan_status": info["status"], "plan_source": info["source"],
-                "warp_specialize_dropped": ws_dropped,
                 "best_config": best["config"] if best else None, "best_ms": best["ms"] if best else None,
                 "best_tflops": best["tflops"] if best else None,
                 "plan_over_best": ratio,
@@ -418,9 +409,7 @@ def checks(device: str, deadline=None) -> list[tuple[str, bool, str]]:
     # the fused LoRA linear with the plan's config: Y, dX, dA, dB against the fp32 torch reference
     (T, K, N, r), ltile = ((LORA_CPU_SHAPES[0], LORA_CPU_TILES[0]) if device == "cpu"
                            else ((1031, 1024, 1536, 16), GPU_TILES[0]))
-    import dataclasses
-
-    lcfg = dataclasses.replace(plan_config(ltile, machine)[0], warp_specialize=False)
+    lcfg = plan_config(ltile, machine)[0]
     x, w, a, b, dy = _lora_inputs(T, K, N, r, device)
     got = _lora_step(x, w, a, b, dy, lcfg)
     ref = _lora_step(*[t.detach().float().requires_grad_(t.requires_grad) for t in (x, w, a, b)], dy.float(), None,

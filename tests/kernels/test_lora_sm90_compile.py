@@ -53,7 +53,7 @@ SCRIPT = textwrap.dedent('''
     gemm = dict(X=bf, W=bf, L="*fp32", P=bf, MASK="*u8", BIAS=bf, OUT=bf, TABLE="*i64", FTABLE="*fp32",
                 n_tiles="i32", OUT_DIM="i32", RED_DIM="i32", m_bucket="i32", stride_xm="i32", stride_wr="i32",
                 stride_wo="i32", stride_lm="i32", stride_pr="i32", stride_po="i32", stride_mm="i32", stride_om="i32")
-    base = dict(BLOCK_M=128, BLOCK_O=256, BLOCK_RED=64, BLOCK_R=16, GROUP_M=8, UPCAST=False)
+    base = dict(BLOCK_M=128, BLOCK_O=256, BLOCK_RED=64, BLOCK_R=16, GROUP_M=8, UPCAST=False, WARP_SPECIALIZE=False)
     out["gemm_fwd"] = comp(L._lora_gemm_kernel, gemm, dict(base, HAS_BIAS=True, HAS_MASK=False, APPLY_SCALE=True,
                            stride_wr=1, stride_pr=1), dict(num_warps=8, num_stages=3))
     out["gemm_dx"] = comp(L._lora_gemm_kernel, gemm, dict(base, HAS_BIAS=False, HAS_MASK=True, APPLY_SCALE=False,
@@ -82,3 +82,41 @@ def test_kernels_compile_for_sm90_with_pipelined_wgmma_gemms(tmp_path):
     assert res["gemm_fwd"]["spill_bytes"] == 0 and res["gemm_dx_128"]["spill_bytes"] == 0, res
     for name in ("down_dropout", "dy"):
         assert res[name]["wgmma"] and res[name]["async"] and res[name]["stages"] >= 2, (name, res[name])
+
+
+WS_SCRIPT = textwrap.dedent('''
+    import json
+    import triton
+    from triton.compiler import ASTSource
+    from triton.backends.compiler import GPUTarget
+    from adasched.kernels import lora as L
+
+    bf = "*bf16"
+    types = dict(X=bf, W=bf, L="*fp32", P=bf, MASK="*u8", BIAS=bf, OUT=bf, TABLE="*i64", FTABLE="*fp32",
+                 n_tiles="i32", OUT_DIM="i32", RED_DIM="i32", m_bucket="i32", stride_xm="i32", stride_wr="i32",
+                 stride_wo="i32", stride_lm="i32", stride_pr="i32", stride_po="i32", stride_mm="i32",
+                 stride_om="i32")
+    fn = L._lora_gemm_kernel
+    out = {}
+    for cc in (100, 90):
+        for mask in (False, True):
+            consts = dict(BLOCK_M=128, BLOCK_O=128, BLOCK_RED=64, BLOCK_R=16, GROUP_M=8, UPCAST=False,
+                          HAS_BIAS=False, HAS_MASK=mask, APPLY_SCALE=not mask, WARP_SPECIALIZE=True,
+                          **({"stride_wo": 1, "stride_po": 1} if mask else {"stride_wr": 1, "stride_pr": 1}))
+            sig = {n: ("constexpr" if n in consts else types[n]) for n in fn.arg_names}
+            attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in consts}
+            k = triton.compile(ASTSource(fn, sig, consts, attrs=attrs), target=GPUTarget("cuda", cc, 32),
+                               options=dict(num_warps=4, num_stages=3))
+            out[f"sm{cc}{'_mask' if mask else ''}"] = {"partitions": "ttg.warp_specialize" in k.asm["ttgir"],
+                                                      "tcgen05": "tcgen05" in k.asm["ptx"]}
+    print(json.dumps(out))
+''')
+
+
+@pytest.mark.slow
+def test_lora_gemm_warp_specialized_compiles_for_sm100(tmp_path):
+    """Twill's Blackwell plans set warp_specialize: the LoRA GEMM's K loop then splits into producer/consumer
+    partitions on sm_100 (tcgen05 MMAs), forward and masked dX alike; Hopper compiles the same source unsplit."""
+    res = run_sm90_script(WS_SCRIPT, tmp_path)
+    assert res["sm100"] == res["sm100_mask"] == {"partitions": True, "tcgen05": True}, res
+    assert res["sm90"]["partitions"] is False and res["sm90_mask"]["partitions"] is False, res
