@@ -172,6 +172,21 @@ def _time_all(fns: dict, device: str, quick: bool) -> tuple[dict, float]:
     return {k: (v if isinstance(v, BaseException) else v[0]) for k, v in got.items()}, per
 
 
+def _time_into(records: dict, fns: dict, device: str, quick: bool, flops: float) -> None:
+    """Times ``fns`` ({label: fn}) interleaved and writes ms, TFLOP/s and timing seconds (or the error) into
+    ``records[label]``."""
+    times, per = _time_all(fns, device, quick)
+    for label, t in times.items():
+        if isinstance(t, BaseException):
+            records[label].update(error=f"{type(t).__name__}: {t}"[:200], bench_s=0.0, ms=math.nan, tflops=0.0)
+        else:
+            records[label].update(bench_s=per, ms=t, tflops=flops / (t * 1e-3) / 1e12)
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
 def _past(deadline) -> bool:
     return deadline is not None and time.perf_counter() > deadline
 
@@ -186,8 +201,6 @@ def plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, tiles=
     """One row per (shape, tile): plan and best-sweep TFLOP/s, ratio, times to configuration (seconds).
     Configs not started by ``deadline`` (a ``time.perf_counter()`` value) are recorded as skipped and make the
     row ``complete: False`` (never within tolerance)."""
-    import torch
-
     from adasched.kernels.gemm import gemm, gemm_reference
 
     shapes = shapes or (CPU_SHAPES if device == "cpu" else GPU_SHAPES[:1] if quick else GPU_SHAPES)
@@ -219,15 +232,7 @@ def plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, tiles=
                 except Exception as exc:  # a config the compiler rejects is recorded, not fatal
                     measured[cfg.label()] = {"cfg": cfg, "error": f"{type(exc).__name__}: {exc}"[:200],
                                              "first_s": 0.0, "bench_s": 0.0, "ms": math.nan, "tflops": 0.0}
-            times, per = _time_all(fns, device, quick)
-            for label, t in times.items():
-                m = measured[label]
-                if isinstance(t, BaseException):
-                    m.update(error=f"{type(t).__name__}: {t}"[:200], bench_s=0.0, ms=math.nan, tflops=0.0)
-                else:
-                    m.update(bench_s=per, ms=t, tflops=flops / (t * 1e-3) / 1e12)
-            if device == "cuda":
-                torch.cuda.empty_cache()
+            _time_into(measured, fns, device, quick, flops)
             # the sweep leaves maxnreg to the compiler; the plan's config is one of them when it sets none
             sweep = [v for v in measured.values() if v["cfg"].maxnreg is None]
             ok_sweep = [v for v in sweep if not v["error"]]
@@ -294,8 +299,6 @@ def lora_plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, t
     timing; sweep: first calls + timings of every config), the largest relative error of Y, dX, dA, dB against
     the fp32 torch reference over all configs, and ``configs``: every measured config ({config, ms, tflops,
     first_s, bench_s, rel_err, error, in_sweep}). ``deadline`` as in :func:`plan_vs_sweep`."""
-    import torch
-
     shapes = shapes or (LORA_CPU_SHAPES if device == "cpu" else LORA_GPU_SHAPES[:1] if quick else LORA_GPU_SHAPES)
     tiles = tiles or (LORA_CPU_TILES if device == "cpu" else GPU_TILES)
     machine = machine_for_device(device)
@@ -331,17 +334,7 @@ def lora_plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, t
                 except Exception as exc:  # a config the compiler rejects is recorded, not fatal
                     rec.update(first_s=0.0, bench_s=0.0, ms=math.nan, tflops=0.0, rel_err=math.nan,
                                error=f"{type(exc).__name__}: {exc}"[:200])
-            times, per = _time_all(fns, device, quick)
-            for rec in measured:
-                t = times.get(rec["config"])
-                if t is None:
-                    continue
-                if isinstance(t, BaseException):
-                    rec.update(error=f"{type(t).__name__}: {t}"[:200], bench_s=0.0, ms=math.nan, tflops=0.0)
-                else:
-                    rec.update(bench_s=per, ms=t, tflops=flops / (t * 1e-3) / 1e12)
-            if device == "cuda":
-                torch.cuda.empty_cache()
+            _time_into({rec["config"]: rec for rec in measured}, fns, device, quick, flops)
             sweep = [v for v in measured if v["in_sweep"]]
             ok_sweep = [v for v in sweep if not v["error"]]
             best = max(ok_sweep, key=lambda v: v["tflops"]) if ok_sweep else None

@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ROUTER_KINDS", "RouterConfig", "Routing", "RouterStats", "Router"]
