@@ -238,7 +238,8 @@ if HAVE_TRITON:
     ):
         """OUT[tile, oblk] = X[tile, :] @ W[:, oblk] + lora_term (+ bias), W element (red, out) at
         W + red*stride_wr + out*stride_wo. LoRA term, added to the accumulator after the K loop:
-        L[tile, :r] @ P[r_off:r_off+r, oblk], times scale (forward) or times mask/(1-p) (backward). Used for Y = X W^T + scale S B^T + b and dX = dY W + mask (dS A)/(1-p)."""
+        L[tile, :r] @ P[r_off:r_off+r, oblk], times scale (forward) or times mask/(1-p) (backward). Used for
+        Y = X W^T + scale S B^T + b and dX = dY W + mask (dS A)/(1-p)."""
         pid = tl.program_id(0)
         num_pid_o = tl.cdiv(OUT_DIM, BLOCK_O)
         num_pid_in_group = GROUP_M * num_pid_o
