@@ -12,28 +12,15 @@ from sm90_helpers import run_sm90_script
 pytest.importorskip("triton")
 
 SCRIPT = textwrap.dedent('''
-    import json, re
-    import triton
-    from triton.compiler import ASTSource
-    from triton.backends.compiler import GPUTarget
+    import json
     from adasched.kernels import lora as L
+    from adasched.kernels.aot import SIGNATURES, compile_report
     from adasched.kernels.gemm import GemmConfig
 
     def comp(consts, opts):
-        fn = L._lora_gemm_kernel
-        sig = {n: ("constexpr" if n in consts else TYPES[n]) for n in fn.arg_names}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in consts}
-        k = triton.compile(ASTSource(fn, sig, consts, attrs=attrs), target=GPUTarget("cuda", 90, 32), options=opts)
-        g = k.asm["ttgir"]
-        return {"stages": max([int(m) for m in re.findall(r"memdesc<(\\d+)x\\d+x\\d+x", g)] or [1]),
-                "warps": int(re.findall(r'"ttg.num-warps" = (\\d+)', g)[0]), "wgmma": "warp_group_dot" in g,
-                "maxnreg": int((re.findall(r"\\.maxnreg (\\d+)", k.asm["ptx"]) or [0])[0])}
+        r = compile_report(L._lora_gemm_kernel, SIGNATURES["lora_gemm"], consts, opts, arch=90)
+        return {"stages": r["stages"], "warps": r["num_warps"], "wgmma": r["mma"] == "wgmma", "maxnreg": r["maxnreg"]}
 
-    bf = "*bf16"
-    TYPES = dict(X=bf, W=bf, L="*fp32", P=bf, MASK="*u8", BIAS=bf, OUT=bf, TABLE="*i64", FTABLE="*fp32",
-                 n_tiles="i32", OUT_DIM="i32", RED_DIM="i32", m_bucket="i32", stride_xm="i32", stride_wr="i32",
-                 stride_wo="i32", stride_lm="i32", stride_pr="i32", stride_po="i32", stride_mm="i32",
-                 stride_om="i32")
     out = []
     for cfg in [GemmConfig(block_m=128, block_n=128, block_k=64, num_stages=3, num_warps=4, maxnreg=240),
                 GemmConfig(block_m=128, block_n=256, block_k=64, num_stages=4, num_warps=8),

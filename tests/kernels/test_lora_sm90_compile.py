@@ -15,57 +15,30 @@ from sm90_helpers import run_sm90_script
 pytest.importorskip("triton")
 
 SCRIPT = textwrap.dedent('''
-    import json, re
-    import triton
-    from triton.compiler import ASTSource
-    from triton.backends.compiler import GPUTarget
+    import json
     from adasched.kernels import lora as L
+    from adasched.kernels.aot import SIGNATURES, compile_report
 
-    def comp(fn, types, consts, opts, nodiv=()):
-        # mirror the JIT's specialisation: 16-divisible pointers and sizes (K, N, strides are multiples of 16)
-        sig = {n: ("constexpr" if n in consts else types[n]) for n in fn.arg_names}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-                 if n not in consts and n not in nodiv}
-        k = triton.compile(ASTSource(fn, sig, consts, attrs=attrs), target=GPUTarget("cuda", 90, 32), options=opts)
-        g = k.asm["ttgir"]
-        return {"stages": max([int(m) for m in re.findall(r"memdesc<(\\d+)x\\d+x\\d+x", g)] or [1]),
-                "wgmma": "warp_group_dot" in g, "async": "async_copy" in g or "async_tma" in g,
-                **ptxas_report(k.asm["ptx"])}
+    def comp(fn, kind, consts, opts, nodiv=()):
+        r = compile_report(fn, SIGNATURES[kind], consts, opts, arch=90, no_divisibility=nodiv)
+        return {"stages": r["stages"], "wgmma": r["mma"] == "wgmma", "async": r["async_loads"],
+                "spill_bytes": r["spill_bytes"], "wgmma_serialized": r["wgmma_serialized"]}
 
-    def ptxas_report(ptx):
-        # Triton's bundled ptxas, verbose: registers, spills and the wgmma-serialisation warning (C7515)
-        import os, subprocess, tempfile
-        exe = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-        with tempfile.TemporaryDirectory() as d:
-            src = os.path.join(d, "k.ptx")
-            open(src, "w").write(ptx)
-            err = subprocess.run([exe, "-v", "--gpu-name", "sm_90a", src, "-o", os.path.join(d, "k.o")],
-                                 capture_output=True, text=True).stderr
-        spills = [int(v) for v in re.findall(r"(\\d+) bytes spill stores", err)]
-        return {"spill_bytes": max(spills or [-1]), "wgmma_serialized": "C7515" in err}
-
-    bf = "*bf16"
     out = {}
-    down = dict(X=bf, A=bf, S="*fp32", XD=bf, MASK="*u8", TABLE="*i64", FTABLE="*fp32", seed="i32", K="i32",
-                stride_xm="i32", stride_ar="i32", stride_sm="i32", stride_dm="i32", stride_mm="i32")
-    out["down_dropout"] = comp(L._lora_down_kernel, down, dict(SPLIT_K=4, BLOCK_M=128, BLOCK_K=64, BLOCK_R=16,
+    out["down_dropout"] = comp(L._lora_down_kernel, "lora_down", dict(SPLIT_K=4, BLOCK_M=128, BLOCK_K=64, BLOCK_R=16,
                                HAS_DROPOUT=True, UPCAST=False), dict(num_warps=4, num_stages=3), nodiv=("seed",))
-    gemm = dict(X=bf, W=bf, L="*fp32", P=bf, MASK="*u8", BIAS=bf, OUT=bf, TABLE="*i64", FTABLE="*fp32",
-                n_tiles="i32", OUT_DIM="i32", RED_DIM="i32", m_bucket="i32", stride_xm="i32", stride_wr="i32",
-                stride_wo="i32", stride_lm="i32", stride_pr="i32", stride_po="i32", stride_mm="i32", stride_om="i32")
     base = dict(BLOCK_M=128, BLOCK_O=256, BLOCK_RED=64, BLOCK_R=16, GROUP_M=8, UPCAST=False, WARP_SPECIALIZE=False)
-    out["gemm_fwd"] = comp(L._lora_gemm_kernel, gemm, dict(base, HAS_BIAS=True, HAS_MASK=False, APPLY_SCALE=True,
-                           stride_wr=1, stride_pr=1), dict(num_warps=8, num_stages=3))
-    out["gemm_dx"] = comp(L._lora_gemm_kernel, gemm, dict(base, HAS_BIAS=False, HAS_MASK=True, APPLY_SCALE=False,
-                          stride_wo=1, stride_po=1), dict(num_warps=8, num_stages=3))
-    dy = dict(DY=bf, S="*fp32", B=bf, DS="*fp32", DB="*fp32", DBIAS="*fp32", TABLE="*i64", FTABLE="*fp32",
-              N="i32", stride_dym="i32", stride_sm="i32", stride_bn="i32", stride_dsm="i32", stride_dbn="i32")
-    out["dy"] = comp(L._lora_dy_kernel, dy, dict(SPLIT_N=2, BLOCK_M=128, BLOCK_N=64, BLOCK_R=64, HAS_DBIAS=True,
-                     UPCAST=False), dict(num_warps=4, num_stages=3))
+    out["gemm_fwd"] = comp(L._lora_gemm_kernel, "lora_gemm", dict(base, HAS_BIAS=True, HAS_MASK=False,
+                           APPLY_SCALE=True, stride_wr=1, stride_pr=1), dict(num_warps=8, num_stages=3))
+    out["gemm_dx"] = comp(L._lora_gemm_kernel, "lora_gemm", dict(base, HAS_BIAS=False, HAS_MASK=True,
+                          APPLY_SCALE=False, stride_wo=1, stride_po=1), dict(num_warps=8, num_stages=3))
     # the dX GEMM with the dropout mask needs a second output tile for the masked LoRA term: a 128x128 tile on
     # 8 warps holds both without spilling (the autotuner's other tiles may spill there)
-    out["gemm_dx_128"] = comp(L._lora_gemm_kernel, gemm, dict(base, BLOCK_O=128, HAS_BIAS=False, HAS_MASK=True,
-                              APPLY_SCALE=False, stride_wo=1, stride_po=1), dict(num_warps=8, num_stages=3))
+    out["gemm_dx_128"] = comp(L._lora_gemm_kernel, "lora_gemm", dict(base, BLOCK_O=128, HAS_BIAS=False,
+                              HAS_MASK=True, APPLY_SCALE=False, stride_wo=1, stride_po=1),
+                              dict(num_warps=8, num_stages=3))
+    out["dy"] = comp(L._lora_dy_kernel, "lora_dy", dict(SPLIT_N=2, BLOCK_M=128, BLOCK_N=64, BLOCK_R=64,
+                     HAS_DBIAS=True, UPCAST=False), dict(num_warps=4, num_stages=3))
     print(json.dumps(out))
 ''')
 
@@ -86,29 +59,19 @@ def test_kernels_compile_for_sm90_with_pipelined_wgmma_gemms(tmp_path):
 
 WS_SCRIPT = textwrap.dedent('''
     import json
-    import triton
-    from triton.compiler import ASTSource
-    from triton.backends.compiler import GPUTarget
     from adasched.kernels import lora as L
+    from adasched.kernels.aot import SIGNATURES, compile_report
 
-    bf = "*bf16"
-    types = dict(X=bf, W=bf, L="*fp32", P=bf, MASK="*u8", BIAS=bf, OUT=bf, TABLE="*i64", FTABLE="*fp32",
-                 n_tiles="i32", OUT_DIM="i32", RED_DIM="i32", m_bucket="i32", stride_xm="i32", stride_wr="i32",
-                 stride_wo="i32", stride_lm="i32", stride_pr="i32", stride_po="i32", stride_mm="i32",
-                 stride_om="i32")
-    fn = L._lora_gemm_kernel
     out = {}
     for cc in (100, 90):
         for mask in (False, True):
             consts = dict(BLOCK_M=128, BLOCK_O=128, BLOCK_RED=64, BLOCK_R=16, GROUP_M=8, UPCAST=False,
                           HAS_BIAS=False, HAS_MASK=mask, APPLY_SCALE=not mask, WARP_SPECIALIZE=True,
                           **({"stride_wo": 1, "stride_po": 1} if mask else {"stride_wr": 1, "stride_pr": 1}))
-            sig = {n: ("constexpr" if n in consts else types[n]) for n in fn.arg_names}
-            attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in consts}
-            k = triton.compile(ASTSource(fn, sig, consts, attrs=attrs), target=GPUTarget("cuda", cc, 32),
-                               options=dict(num_warps=4, num_stages=3))
-            out[f"sm{cc}{'_mask' if mask else ''}"] = {"partitions": "ttg.warp_specialize" in k.asm["ttgir"],
-                                                      "tcgen05": "tcgen05" in k.asm["ptx"]}
+            r = compile_report(L._lora_gemm_kernel, SIGNATURES["lora_gemm"], consts,
+                               dict(num_warps=4, num_stages=3), arch=cc)
+            out[f"sm{cc}{'_mask' if mask else ''}"] = {"partitions": r["ws_partitions"],
+                                                      "tcgen05": r["mma"] == "tcgen05"}
     print(json.dumps(out))
 ''')
 

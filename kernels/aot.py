@@ -1,0 +1,163 @@
+"""Offline compile of our Triton kernels for an NVIDIA target, without a GPU: the compiler's resource report.
+
+``triton.compile`` lowers a kernel for a chosen target (sm_90 Hopper, sm_100 Blackwell, ...) on any machine, and
+Triton ships the ``ptxas`` that assembles the PTX; ``ptxas -v`` then reports registers, spills and its own
+performance warnings. That answers, at no device time, most "why is this kernel slow" questions worth asking
+before a GPU run: did the loads get a shared-memory pipeline, which MMA instructions were emitted, did the loop
+split into warp-specialised partitions, do the registers spill, and did ptxas serialise the warpgroup MMAs
+(warning C7515 - found this way in the LoRA GEMM on 2026-11-28, see BENCHMARKS.md ``kernels``).
+
+Must run in a process where ``TRITON_INTERPRET`` is not ``1`` (the interpreter replaces the kernels when they are
+decorated); :func:`compile_report` refuses otherwise. ``python -m adasched.launch.kernel_report`` prints the
+report for every kernel of ours at representative configurations.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from typing import Any, Iterable, Optional
+
+__all__ = ["SIGNATURES", "compile_report", "ptxas_path", "kernel_cases"]
+
+_BF = "*bf16"
+
+#: argument types of our kernels for ``ASTSource`` (bf16 activations; constexpr arguments are given per call)
+SIGNATURES: dict[str, dict[str, str]] = {
+    "lora_gemm": dict(X=_BF, W=_BF, L="*fp32", P=_BF, MASK="*u8", BIAS=_BF, OUT=_BF, TABLE="*i64", FTABLE="*fp32",
+                      n_tiles="i32", OUT_DIM="i32", RED_DIM="i32", m_bucket="i32", stride_xm="i32",
+                      stride_wr="i32", stride_wo="i32", stride_lm="i32", stride_pr="i32", stride_po="i32",
+                      stride_mm="i32", stride_om="i32"),
+    "lora_down": dict(X=_BF, A=_BF, S="*fp32", XD=_BF, MASK="*u8", TABLE="*i64", FTABLE="*fp32", seed="i32",
+                      K="i32", stride_xm="i32", stride_ar="i32", stride_sm="i32", stride_dm="i32", stride_mm="i32"),
+    "lora_dy": dict(DY=_BF, S="*fp32", B=_BF, DS="*fp32", DB="*fp32", DBIAS="*fp32", TABLE="*i64", FTABLE="*fp32",
+                    N="i32", stride_dym="i32", stride_sm="i32", stride_bn="i32", stride_dsm="i32", stride_dbn="i32"),
+    "gemm": dict(a_ptr=_BF, b_ptr=_BF, c_ptr=_BF, M="i32", N="i32", K="i32", stride_am="i32", stride_ak="i32",
+                 stride_bk="i32", stride_bn="i32", stride_cm="i32", stride_cn="i32"),
+    "moe_mm": dict(x_ptr=_BF, w_ptr=_BF, y_ptr=_BF, tile_e_ptr="*i32", tile_row_ptr="*i32", off_ptr="*i64",
+                   K="i32", M="i32", sxm="i32", sxk="i32", swe="i32", swk="i32", swn="i32", sym="i32", syn="i32"),
+    "moe_wgrad": dict(x_ptr=_BF, dy_ptr=_BF, dw_ptr=_BF, off_ptr="*i64", K="i32", M="i32", sxm="i32", sxk="i32",
+                      sdm="i32", sdn="i32", swe="i32", swk="i32", swn="i32"),
+}
+
+
+def ptxas_path(arch: int = 90) -> str:
+    """The ``ptxas`` Triton itself uses for ``sm_<arch>`` (it ships a newer one for Blackwell)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(arch).path
+    except (ImportError, AttributeError):  # older Triton: one bundled ptxas
+        import triton
+
+        return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def _ptxas_verbose(ptx: str, arch: int) -> str:
+    suffix = "a" if arch in (90, 100) else ""
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as fh:
+            fh.write(ptx)
+        proc = subprocess.run([ptxas_path(arch), "-v", f"--gpu-name=sm_{arch}{suffix}", src, "-o",
+                               os.path.join(d, "k.cubin")], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed for sm_{arch}: {proc.stderr.strip()[-500:]}")
+    return proc.stderr
+
+
+def compile_report(fn, types: dict[str, str], consts: dict[str, Any], options: dict[str, Any], arch: int = 90,
+                   no_divisibility: Iterable[str] = ()) -> dict[str, Any]:
+    """Compile the ``@triton.jit`` function ``fn`` for ``sm_<arch>`` and report what the compilers did.
+
+    ``types``: Triton type of every non-constexpr argument; ``consts``: the constexpr values (and any argument to
+    specialise, e.g. a unit stride); ``options``: num_warps / num_stages / maxnreg; every other argument is assumed
+    16-divisible (as the JIT specialises pointers and sizes that are) except those in ``no_divisibility``.
+    Returns {arch, regs, spill_bytes, stack_bytes, shared_bytes, stages (deepest shared-memory ring), mma
+    ("tcgen05" | "wgmma" | "mma" | "fma"), ws_partitions, maxnreg (0: none), num_warps, async_loads,
+    warnings (ptxas codes such as "C7515"), wgmma_serialized}."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("compile_report: TRITON_INTERPRET=1 is set; run in a process without it")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    skip = set(no_divisibility)
+    sig = {n: ("constexpr" if n in consts else types[n]) for n in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in consts and n not in skip}
+    kernel = triton.compile(ASTSource(fn, sig, consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
+                            options=dict(options))
+    ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
+    log = _ptxas_verbose(ptx, arch)
+
+    def first_int(pattern: str, text: str, default: int = 0) -> int:
+        found = re.findall(pattern, text)
+        return int(found[0]) if found else default
+
+    mma = ("tcgen05" if "tcgen05.mma" in ptx else "wgmma" if "wgmma.mma_async" in ptx
+           else "mma" if re.search(r"\bmma\.sync", ptx) else "fma")
+    warnings = sorted(set(re.findall(r"\((C\d{4})\)", log)))
+    return {
+        "arch": arch,
+        "regs": first_int(r"Used (\d+) registers", log),
+        "spill_bytes": first_int(r"(\d+) bytes spill stores", log),
+        "stack_bytes": first_int(r"(\d+) bytes stack frame", log),
+        "shared_bytes": int(getattr(kernel.metadata, "shared", 0)),
+        "stages": max([int(m) for m in re.findall(r"memdesc<(\d+)x\d+x\d+x", ttgir)] or [1]),
+        "mma": mma,
+        "ws_partitions": "ttg.warp_specialize" in ttgir,
+        "maxnreg": first_int(r"\.maxnreg (\d+)", ptx),
+        "num_warps": first_int(r'"ttg.num-warps" = (\d+)', ttgir),
+        "async_loads": "async_copy" in ttgir or "async_tma" in ttgir,
+        "warnings": warnings,
+        "wgmma_serialized": "C7515" in warnings,
+    }
+
+
+def kernel_cases(only: Optional[Iterable[str]] = None, arch: int = 90) -> list[tuple[str, str, Any, dict, dict, dict, tuple]]:
+    """(group, label, fn, types, consts, options, no_divisibility) for our kernels at the configurations they run
+    with: the LoRA GEMM at every autotune config (forward, and dX with the dropout mask) and the Twill-style
+    128x128 / 128x256 tiles (warp-specialised on sm_100), the dropout/S and dY kernels at their launch settings,
+    the plain GEMM at the sweep's tiles, the MoE grouped GEMMs at their autotune configs."""
+    from . import gemm as G
+    from . import lora as L
+    from . import moe as M
+
+    groups = set(only) if only else {"lora", "gemm", "moe"}
+    ws = arch >= 100
+    cases = []
+    if "lora" in groups:
+        gemm_cfgs = [(dict(c.kwargs), dict(num_warps=c.num_warps, num_stages=c.num_stages))
+                     for c in L._gemm_configs()]
+        for kw, opts in gemm_cfgs:
+            tile = f"128x{kw['BLOCK_O']}x{kw['BLOCK_RED']} s{opts['num_stages']} w{opts['num_warps']}"
+            base = dict(BLOCK_M=128, BLOCK_R=16, UPCAST=False, WARP_SPECIALIZE=ws, HAS_BIAS=False, **kw)
+            cases.append(("lora", f"lora GEMM fwd {tile}{' ws' if ws else ''}", L._lora_gemm_kernel,
+                          SIGNATURES["lora_gemm"], dict(base, HAS_MASK=False, APPLY_SCALE=True, stride_wr=1,
+                                                        stride_pr=1), opts, ()))
+            cases.append(("lora", f"lora GEMM dX+mask {tile}{' ws' if ws else ''}", L._lora_gemm_kernel,
+                          SIGNATURES["lora_gemm"], dict(base, HAS_MASK=True, APPLY_SCALE=False, stride_wo=1,
+                                                        stride_po=1), opts, ()))
+        cases.append(("lora", "lora dropout/S (split 5)", L._lora_down_kernel, SIGNATURES["lora_down"],
+                      dict(SPLIT_K=5, BLOCK_M=128, BLOCK_K=64, BLOCK_R=16, HAS_DROPOUT=True, UPCAST=False),
+                      dict(num_warps=4, num_stages=3), ("seed",)))
+        cases.append(("lora", "lora dY (split 5)", L._lora_dy_kernel, SIGNATURES["lora_dy"],
+                      dict(SPLIT_N=5, BLOCK_M=128, BLOCK_N=64, BLOCK_R=16, HAS_DBIAS=False, UPCAST=False),
+                      dict(num_warps=4, num_stages=3), ()))
+    if "gemm" in groups:
+        for bn, warps, stages in ((128, 4, 3), (128, 8, 4), (256, 8, 3), (256, 8, 4)):
+            cases.append(("gemm", f"GEMM 128x{bn}x64 s{stages} w{warps}{' ws' if ws else ''}", G._gemm_kernel,
+                          SIGNATURES["gemm"], dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8,
+                                                   WARP_SPECIALIZE=ws, UPCAST=False, stride_ak=1, stride_bn=1,
+                                                   stride_cn=1), dict(num_warps=warps, num_stages=stages), ()))
+    if "moe" in groups:
+        for bn, bk, warps, stages in ((128, 64, 8, 3), (256, 64, 8, 3), (128, 128, 8, 3)):
+            cases.append(("moe", f"MoE grouped GEMM 128x{bn}x{bk} s{stages} w{warps}", M._grouped_mm_kernel,
+                          SIGNATURES["moe_mm"], dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=bk, CAST_F32=False, sxk=1,
+                                                     swn=1, syn=1), dict(num_warps=warps, num_stages=stages), ()))
+        for bm, bn, bk, warps, stages in ((64, 128, 128, 8, 3), (128, 128, 64, 8, 3)):
+            cases.append(("moe", f"MoE wgrad {bk}x{bn} rows {bm} s{stages} w{warps}", M._grouped_wgrad_kernel,
+                          SIGNATURES["moe_wgrad"], dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, CAST_F32=False, sxk=1,
+                                                        sdn=1, swn=1), dict(num_warps=warps, num_stages=stages), ()))
+    return cases
