@@ -170,6 +170,13 @@ def _draw_seed() -> int:
 if HAVE_TRITON:
 
     @triton.jit
+    def _tile_entry(TABLE, pid_m):
+        """Row start, valid rows, LoRA rank (0: no adapter) and rank offset of M tile ``pid_m`` of the tile table
+        (6 int64 per tile: those four, the dropout keep threshold, the adapter index)."""
+        return (tl.load(TABLE + pid_m * 6 + 0), tl.load(TABLE + pid_m * 6 + 1), tl.load(TABLE + pid_m * 6 + 2),
+                tl.load(TABLE + pid_m * 6 + 3))
+
+    @triton.jit
     def _lora_down_kernel(
         X, A, S, XD, MASK, TABLE, FTABLE, seed, K,
         stride_xm, stride_ar, stride_sm, stride_dm, stride_mm,
@@ -179,10 +186,7 @@ if HAVE_TRITON:
         """Per (tile, K split): Xd = dropout(X) (+ mask) and S[tile] += Xd[tile, ksplit] A^T[ksplit]."""
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
-        row_start = tl.load(TABLE + pid_m * 6 + 0)
-        n_valid = tl.load(TABLE + pid_m * 6 + 1)
-        rank = tl.load(TABLE + pid_m * 6 + 2)
-        r_off = tl.load(TABLE + pid_m * 6 + 3)
+        row_start, n_valid, rank, r_off = _tile_entry(TABLE, pid_m)
         if rank > 0:
             rm = tl.arange(0, BLOCK_M)
             rows = row_start + rm
@@ -249,10 +253,7 @@ if HAVE_TRITON:
         pid_m = first_m + ((pid % num_pid_in_group) % group_size)
         pid_o = (pid % num_pid_in_group) // group_size
 
-        row_start = tl.load(TABLE + pid_m * 6 + 0)
-        n_valid = tl.load(TABLE + pid_m * 6 + 1)
-        rank = tl.load(TABLE + pid_m * 6 + 2)
-        r_off = tl.load(TABLE + pid_m * 6 + 3)
+        row_start, n_valid, rank, r_off = _tile_entry(TABLE, pid_m)
         rm = tl.arange(0, BLOCK_M)
         rows = row_start + rm
         row_ok = rm < n_valid
@@ -318,10 +319,7 @@ if HAVE_TRITON:
         """One read of dY per (tile, N split): dS[tile] += scale dY B, dB += scale dY^T S[tile], dbias += sum dY."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        row_start = tl.load(TABLE + pid_m * 6 + 0)
-        n_valid = tl.load(TABLE + pid_m * 6 + 1)
-        rank = tl.load(TABLE + pid_m * 6 + 2)
-        r_off = tl.load(TABLE + pid_m * 6 + 3)
+        row_start, n_valid, rank, r_off = _tile_entry(TABLE, pid_m)
         scale = tl.load(FTABLE + pid_m * 2 + 0)
         rm = tl.arange(0, BLOCK_M)
         rows = row_start + rm
