@@ -1,5 +1,4 @@
 """The FlexSP MILPs against brute-force enumeration of group assignments on tiny instances."""
-import itertools
 
 import numpy as np
 import pytest
@@ -10,22 +9,7 @@ from adasched.planner.flexsp.model import realise, realise_classes, solve_classe
 from adasched.planner.flexsp.planner import analytic_bound
 from adasched.planner.solver import SolveParams
 
-
-STRUCTURES = ([4], [2, 2], [2, 1, 1], [1, 1, 1, 1])  # maximal buddy structures of 4 GPUs; groups may stay empty
-
-
-def brute_force(lens, cm):
-    """Best makespan over every structure and every assignment of sequences to its groups (memory-checked)."""
-    best = np.inf
-    n = len(lens)
-    for degs in STRUCTURES:
-        for assign in itertools.product(range(len(degs)), repeat=n):
-            groups = [[i for i in range(n) if assign[i] == g] for g in range(len(degs))]
-            if not all(cm.fits(d, lens[ids]) for d, ids in zip(degs, groups)):
-                continue
-            t = max(cm.group_time(d, lens[ids]) for d, ids in zip(degs, groups) if ids)
-            best = min(best, t)
-    return best
+from flexsp_oracle import brute_force
 
 
 def _instance(seed, n):

@@ -1,5 +1,4 @@
 """Group-structure local search (planner/flexsp/search.py) on tiny instances, against brute force."""
-import itertools
 from collections import Counter
 
 import numpy as np
@@ -9,21 +8,7 @@ from adasched.planner.flexsp.assign import MBSolution, evaluate, lpt_assign
 from adasched.planner.flexsp.costmodel import ModelShape, SPCostModel
 from adasched.planner.flexsp.search import (fill_across, pack_fast, seed_structures, structure_neighbours,
                                             structure_search)
-
-STRUCTURES = ([4], [2, 2], [2, 1, 1], [1, 1, 1, 1])  # every maximal buddy structure of 4 GPUs
-
-
-def brute_force(lens, cm, structures=STRUCTURES):
-    """Best makespan over the structures and every assignment of sequences to their groups (memory-checked)."""
-    best = np.inf
-    n = len(lens)
-    for degs in structures:
-        for assign in itertools.product(range(len(degs)), repeat=n):
-            groups = [[i for i in range(n) if assign[i] == g] for g in range(len(degs))]
-            if not all(cm.fits(d, lens[ids]) for d, ids in zip(degs, groups)):
-                continue
-            best = min(best, max(cm.group_time(d, lens[ids]) for d, ids in zip(degs, groups) if ids))
-    return best
+from flexsp_oracle import STRUCTURES, brute_force
 
 
 def _instance(seed, n):
