@@ -7,16 +7,6 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = [
-    "LoRAAdapterWeights",
-    "lora_linear",
-    "lora_linear_reference",
-    "multi_lora_linear",
-    "multi_lora_linear_reference",
-    "FusedLoRALinear",
-    "apply_fused_lora",
-]
-
 _LAZY = {
     "LoRAAdapterWeights": "adasched.kernels.lora",
     "lora_linear": "adasched.kernels.lora",
@@ -26,6 +16,7 @@ _LAZY = {
     "FusedLoRALinear": "adasched.kernels.peft_compat",
     "apply_fused_lora": "adasched.kernels.peft_compat",
 }
+__all__ = list(_LAZY)
 
 
 def __getattr__(name: str):
