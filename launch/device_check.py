@@ -107,18 +107,18 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda msg: print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     out_dir = os.environ.get("OUT")
     checks: list[dict] = []
-    bench_out: dict = {"results": [], "skipped": []}
-    done: list[dict] = []  # finished results of earlier phases
+    results: list[dict] = []  # rows of the finished benchmark phases
+    skipped: list[str] = []
     save_extra: dict = {}
 
     def save(partial: dict | None = None) -> None:
         """Everything so far to $OUT/device_check.json (a run cut off by its time limit still reports)."""
         if not out_dir:
             return
-        results = done + (partial or bench_out)["results"]
+        rows = results + (partial["results"] if partial else [])
         sweeps = getattr(sys.modules.get("adasched.launch.gemm_check"), "LAST_SWEEPS", {})
         payload = {**env, "quick": quick, "wall_s": time.perf_counter() - t0, "checks": checks,
-                   "results": results, "skipped": bench_out["skipped"], "sweeps": sweeps,
+                   "results": rows, "skipped": skipped + (partial["skipped"] if partial else []), "sweeps": sweeps,
                    "autotune": autotune_choices(), **save_extra}
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         tmp = Path(out_dir) / "device_check.json.tmp"
@@ -126,13 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         tmp.replace(Path(out_dir) / "device_check.json")
 
     def run_bench(priority: int) -> None:
-        nonlocal bench_out
         if args.no_bench:
             return
         got = bench.run_benchmarks(groups, quick=quick, device=device, priority=priority, log=log,
                                    budget_s=max(0.0, deadline - time.perf_counter()), on_result=save)
-        done.extend(got["results"])
-        bench_out = {"results": [], "skipped": bench_out["skipped"] + got["skipped"]}
+        results.extend(got["results"])
+        skipped.extend(got["skipped"])
         save()
 
     # Phase 1: correctness of the kernels; 2: the target shapes (+ profiler breakdown); 3: the Twill sweeps;
@@ -162,7 +161,6 @@ def main(argv: list[str] | None = None) -> int:
         save()
     run_bench(priority=1)
     run_bench(priority=2)
-    results = done
     targets = _targets(results, log)
 
     text = [bench.format_table([[c["group"], c["check"], "ok" if c["ok"] else "FAIL", c["detail"]] for c in checks],
@@ -170,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     text.append(bench.format_table(bench.result_rows(results), bench.RESULT_COLUMNS,
                                    title=f"== bench kernels ({'quick' if quick else 'full grid'}; ratios vs "
                                          f"baseline from this run; {env['device_name']}) =="))
-    for s in bench_out["skipped"]:
+    for s in skipped:
         text.append(f"skipped: {s}")
     for title, prof in profiles.items():
         text += ["", bench.format_profile(title, prof)]
@@ -182,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     errors = [r for r in results if r["error"]]
     wall = time.perf_counter() - t0
     text.append(f"\n{len(checks) - len(failed)}/{len(checks)} checks ok, {len(errors)} provider errors, "
-                f"{len(bench_out['skipped'])} cases skipped, {wall:.0f} s")
+                f"{len(skipped)} cases skipped, {wall:.0f} s")
     report = "\n".join(text)
     print(report, flush=True)
     if out_dir:
