@@ -31,6 +31,8 @@ SIGNATURES: dict[str, dict[str, str]] = {
                       stride_mm="i32", stride_om="i32"),
     "lora_down": dict(X=_BF, A=_BF, S="*fp32", XD=_BF, MASK="*u8", TABLE="*i64", FTABLE="*fp32", seed="i32",
                       K="i32", stride_xm="i32", stride_ar="i32", stride_sm="i32", stride_dm="i32", stride_mm="i32"),
+    "lora_term": dict(L="*fp32", P=_BF, MASK="*u8", OUT=_BF, TABLE="*i64", FTABLE="*fp32", OUT_DIM="i32",
+                      stride_lm="i32", stride_pr="i32", stride_po="i32", stride_mm="i32", stride_om="i32"),
     "lora_dy": dict(DY=_BF, S="*fp32", B=_BF, DS="*fp32", DB="*fp32", DBIAS="*fp32", TABLE="*i64", FTABLE="*fp32",
                     N="i32", stride_dym="i32", stride_sm="i32", stride_bn="i32", stride_dsm="i32", stride_dbn="i32"),
     "gemm": dict(a_ptr=_BF, b_ptr=_BF, c_ptr=_BF, M="i32", N="i32", K="i32", stride_am="i32", stride_ak="i32",
@@ -139,9 +141,15 @@ def kernel_cases(only: Optional[Iterable[str]] = None, arch: int = 90) -> list[t
             cases.append(("lora", f"lora GEMM dX+mask {tile}{' ws' if ws else ''}", L._lora_gemm_kernel,
                           SIGNATURES["lora_gemm"], dict(base, HAS_MASK=True, APPLY_SCALE=False, stride_wo=1,
                                                         stride_po=1), opts, ()))
-        cases.append(("lora", "lora dropout/S (split 5)", L._lora_down_kernel, SIGNATURES["lora_down"],
-                      dict(SPLIT_K=5, BLOCK_M=128, BLOCK_K=64, BLOCK_R=16, HAS_DROPOUT=True, UPCAST=False),
-                      dict(num_warps=4, num_stages=3), ("seed",)))
+        down = dict(SPLIT_K=8, BLOCK_M=128, BLOCK_K=64, BLOCK_R=16, UPCAST=False, PLANE=L.DROP_PLANE)
+        for name, drop, dot in (("dropout/S", True, True), ("dropout only", True, False), ("S, no dropout", False, True)):
+            cases.append(("lora", f"lora down: {name}", L._lora_down_kernel, SIGNATURES["lora_down"],
+                          dict(down, HAS_DROPOUT=drop, HAS_DOT=dot, SUB_M=L._DOWN_SUB_M),
+                          dict(num_warps=L._DOWN_WARPS, num_stages=L._DOWN_STAGES) if drop else
+                          dict(num_warps=L._DOWN_PLAIN_WARPS, num_stages=L._DOWN_PLAIN_STAGES), ("seed",)))
+        cases.append(("lora", "lora masked dX term", L._lora_masked_term_kernel, SIGNATURES["lora_term"],
+                      dict(BLOCKS_PER_PROG=4, BLOCK_M=128, SUB_M=L._DOWN_SUB_M, BLOCK_R=16, UPCAST=False,
+                           PLANE=L.DROP_PLANE, stride_po=1), dict(num_warps=4, num_stages=1), ()))
         cases.append(("lora", "lora dY (split 5)", L._lora_dy_kernel, SIGNATURES["lora_dy"],
                       dict(SPLIT_N=5, BLOCK_M=128, BLOCK_N=64, BLOCK_R=16, HAS_DBIAS=False, UPCAST=False),
                       dict(num_warps=4, num_stages=3), ()))

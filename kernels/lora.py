@@ -8,12 +8,18 @@ memory-bound step rides inside a kernel that reads the big tensors anyway:
 forward
   1. ``_lora_down_kernel``: reads X once, draws the dropout mask, writes Xd = X * mask / (1 - p) and the mask
      as bits (only when some adapter has p > 0), and accumulates S = Xd A^T (fp32, split over K, atomic adds);
-  2. ``_lora_gemm_kernel``: Y = X W^T with its accumulator initialised from scale * S B^T, bias in the epilogue.
+  2. ``_lora_gemm_kernel``: Y = X W^T, the LoRA term scale * S B^T joining its accumulator after the K loop,
+     bias in the epilogue.
 backward
   3. ``_lora_dy_kernel``: reads dY once for dS = scale dY B and dB = scale dY^T S (and d bias), atomic adds;
   4. dA = dS^T Xd, a thin GEMM per adapter segment (torch.matmul);
-  5. ``_lora_gemm_kernel`` again: dX = dY W with its accumulator initialised from mask * (dS A) / (1 - p).
+  5. ``_lora_gemm_kernel`` again: dX = dY W plus mask * (dS A) / (1 - p).
 Xd and the mask are saved for backward; nothing is recomputed.
+
+``base_gemm`` picks who runs the GEMMs: "triton" is the above; "torch" keeps steps 1, 3 and 4 but lets cuBLAS run
+the two big GEMMs, accumulating onto the LoRA term through their C input (the term written first: by cuBLAS,
+or for dX with dropout by ``_lora_masked_term_kernel``); "torch_all" also moves the thin GEMMs (S, dS, dB) to
+cuBLAS, leaving our kernels only the dropout mask / Xd (step 1 without S) and the masked dX term.
 
 Multi-LoRA: the rows of one packed batch are cut into tiles of ``block_m`` rows that never straddle two adapter
 segments (each segment is padded to the M tile in the launch grid, not in memory). A per-tile table holds
@@ -21,10 +27,14 @@ segments (each segment is padded to the M tile in the launch grid, not in memory
 A and B are concatenated along r, so "pointers" are rank offsets and there is no cap on adapters per batch. Rows that no
 segment covers get the base projection only. The single-adapter path is the same kernels with one segment.
 
-Dropout RNG: element (row, col) of the [T, K] input is kept iff word (col % 4) of
-``philox4x32_10(seed, counter=(row * ceil(K/4) + col // 4, 0, 0, 0))`` is >= floor(p * 2**32) (Triton's
-``tl.randint4x``: one Philox call per 4 elements); ``philox4x32``/``dropout_uniforms`` below are a bit-exact
-torch mirror, so the torch reference draws the identical mask.
+Dropout RNG and mask layout: the columns of the [T, K] input go in blocks of 256, each cut into 8 planes of 32
+columns; column c is in block c // 256, plane b = (c // 32) % 8, lane l = c % 32. Element (row, c) is kept iff word
+b // 2 of ``philox4x32_10(seed, counter=(row * 64 * ceil(K/256) + 64 * (c // 256) + 32 * (b % 2) + l, 0, 0, 0))``
+is >= floor(p * 2**32) (Triton's ``tl.randint4x``: one Philox call per 4 elements, and each of its 4 words feeds
+a whole plane, so the kernel never interleaves words). The saved mask is bit b of byte (row, 32 * (c // 256) + l)
+- 8 contiguous planes make one contiguous row of 32 bytes, again without any reshape. ``dropout_uniforms`` /
+``dropout_keep_mask`` / ``unpack_keep_bits`` below are the bit-exact torch mirror, so the torch reference draws the
+identical mask.
 
 Off the GPU the kernels run under ``TRITON_INTERPRET=1`` (tiles are upcast to float32 after loading, because the
 interpreter gets bf16 arithmetic wrong). Without a GPU and without the interpreter, the public functions fall back
@@ -60,6 +70,7 @@ __all__ = [
     "multi_lora_linear_reference",
     "dropout_keep_mask",
     "unpack_keep_bits",
+    "mask_bytes",
     "philox_uint32",
     "philox4x32",
     "dropout_uniforms",
@@ -114,14 +125,31 @@ def philox_uint32(seed: int, offsets: torch.Tensor, n_rounds: int = 10) -> torch
     return philox4x32(seed, offsets, n_rounds)[0]
 
 
+#: dropout layout (see the module docstring): 32-column planes, 8 planes (256 columns, 64 Philox counters) a block
+DROP_PLANE, DROP_PLANES = 32, 8
+DROP_BLOCK = DROP_PLANE * DROP_PLANES
+#: launch of the dropout/S kernel with dropout: 32 rows a program on 8 warps, no software pipelining (a streaming
+#: kernel wants occupancy): 99 registers for dropout + S, 62 for dropout only, no spills (sm_90 ptxas,
+#: kernel_report); 128 rows on 4 warps took 255 registers + spills and serialized its wgmma (C7515). Without
+#: dropout (S = X A^T only) 4 warps and a 3-stage pipelined K loop: 38 registers.
+_DOWN_SUB_M, _DOWN_WARPS, _DOWN_STAGES = 32, 8, 1
+_DOWN_PLAIN_WARPS, _DOWN_PLAIN_STAGES = 4, 3
+
+
+def _drop_blocks(cols: int) -> int:
+    return -(-cols // DROP_BLOCK)
+
+
 def dropout_uniforms(seed: int, rows: int, cols: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 32-bit draws (int64 in [0, 2**32)) behind the dropout mask of a [rows, cols] input: element (i, j)
-    is word j % 4 of Philox4x32(seed, counter = i * ceil(cols / 4) + j // 4) - one Philox call per 4 elements."""
-    c4 = -(-cols // 4)
-    offs = torch.arange(rows, device=device, dtype=torch.int64)[:, None] * c4 + \
-        torch.arange(c4, device=device, dtype=torch.int64)[None, :]
-    words = torch.stack(philox4x32(seed, offs), dim=-1)  # [rows, c4, 4]
-    return words.reshape(rows, c4 * 4)[:, :cols]
+    """The 32-bit draws (int64 in [0, 2**32)) behind the dropout mask of a [rows, cols] input, in the kernels'
+    plane layout (module docstring): one Philox call per 4 elements, word j feeding planes 2j and 2j + 1."""
+    nb = _drop_blocks(cols)
+    per_row = nb * DROP_BLOCK // 4
+    offs = torch.arange(rows, device=device, dtype=torch.int64)[:, None] * per_row + \
+        torch.arange(per_row, device=device, dtype=torch.int64)[None, :]
+    words = torch.stack(philox4x32(seed, offs), dim=-1)  # [rows, counter = (blk, h, l), word j]
+    words = words.reshape(rows, nb, 2, DROP_PLANE, 4).permute(0, 1, 4, 2, 3)  # [rows, blk, j, h, l]: b = 2j + h
+    return words.reshape(rows, nb * DROP_BLOCK)[:, :cols]
 
 
 def keep_threshold(p: float) -> int:
@@ -129,11 +157,18 @@ def keep_threshold(p: float) -> int:
     return min(int(math.floor(p * 4294967296.0)), _M32)
 
 
+def mask_bytes(cols: int) -> int:
+    """Bytes per row of the kernels' saved keep mask for ``cols`` input columns (ceil(cols / 256) * 32)."""
+    return _drop_blocks(cols) * DROP_PLANE
+
+
 def unpack_keep_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
-    """The kernels' saved mask (uint8 [rows, ceil(cols/8)], bit c % 8 of byte c // 8) as a bool [rows, cols]."""
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
-    bits = (packed.to(torch.int32)[:, :, None] >> shifts) & 1
-    return bits.reshape(packed.shape[0], -1)[:, :cols].bool()
+    """The kernels' saved mask (uint8 [rows, mask_bytes(cols)]: column c is bit (c // 32) % 8 of byte
+    32 * (c // 256) + c % 32) as a bool [rows, cols]."""
+    rows = packed.shape[0]
+    shifts = torch.arange(DROP_PLANES, device=packed.device, dtype=torch.int32)
+    bits = (packed.to(torch.int32).reshape(rows, -1, DROP_PLANE)[..., None] >> shifts) & 1  # [rows, blk, l, b]
+    return bits.transpose(2, 3).reshape(rows, -1)[:, :cols].bool()
 
 
 def dropout_keep_mask(seed: int, rows: int, cols: int, p: float | torch.Tensor,
@@ -150,8 +185,9 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, p: float | torch.Tensor,
 
 
 def _check_counters(rows: int, cols: int) -> None:
-    if rows * -(-cols // 4) >= 2 ** 31:
-        raise ValueError(f"dropout: rows={rows} x ceil(cols/4)={-(-cols // 4)} Philox counters must be < 2**31")
+    per_row = _drop_blocks(cols) * DROP_BLOCK // 4
+    if rows * per_row >= 2 ** 31:
+        raise ValueError(f"dropout: rows={rows} x {per_row} Philox counters per row must be < 2**31")
 
 
 def _check_seed(seed) -> None:
@@ -177,59 +213,95 @@ if HAVE_TRITON:
                 tl.load(TABLE + pid_m * 6 + 3))
 
     @triton.jit
+    def _down_plane(X, XD, A, acc, packed, word, thr, inv_keep, rows, row_ok, col0, K, r_off, rr, r_ok,
+                    stride_xm, stride_dm, stride_ar, BIT: tl.constexpr, PLANE: tl.constexpr,
+                    HAS_DOT: tl.constexpr, UPCAST: tl.constexpr):
+        """One 32-column plane of the dropout block: Xd = X * keep / (1 - p) from one Philox word per element,
+        keep bit -> bit BIT of the block's mask bytes, S += Xd A^T over the plane."""
+        cols = col0 + tl.arange(0, PLANE)
+        c_ok = cols < K
+        io_mask = row_ok[:, None] & c_ok[None, :]
+        x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=io_mask, other=0.0)
+        keep = word >= thr
+        xd = tl.where(keep, x.to(tl.float32) * inv_keep, 0.0).to(X.dtype.element_ty)
+        tl.store(XD + rows[:, None] * stride_dm + cols[None, :], xd, mask=io_mask)
+        packed = packed | (keep.to(tl.int32) << BIT)
+        if HAS_DOT:
+            a = tl.load(A + (r_off + rr)[None, :] * stride_ar + cols[:, None],
+                        mask=r_ok[None, :] & c_ok[:, None], other=0.0)
+            if UPCAST:
+                acc = tl.dot(xd.to(tl.float32), a.to(tl.float32), acc)
+            else:
+                acc = tl.dot(xd, a, acc)
+        return acc, packed
+
+    @triton.jit
     def _lora_down_kernel(
         X, A, S, XD, MASK, TABLE, FTABLE, seed, K,
         stride_xm, stride_ar, stride_sm, stride_dm, stride_mm,
         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-        HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, HAS_DOT: tl.constexpr, UPCAST: tl.constexpr, PLANE: tl.constexpr = 32,
+        SUB_M: tl.constexpr = 32,
     ):
-        """Per (tile, K split): Xd = dropout(X) (+ mask) and S[tile] += Xd[tile, ksplit] A^T[ksplit]."""
-        pid_m = tl.program_id(0)
+        """Per (SUB_M rows of a tile, K split): S[rows] += X[rows, ksplit] A^T[ksplit]; with dropout, per block
+        of 8 planes of PLANE columns: Xd = dropout(X), its keep bits (one byte row per block), S from Xd.
+        HAS_DOT=False: only Xd and the mask (S is left to a cuBLAS GEMM). Rows go SUB_M at a time (a tile of
+        BLOCK_M rows is BLOCK_M // SUB_M programs), so four Philox words per element stay in registers."""
+        pid_m = tl.program_id(0) // (BLOCK_M // SUB_M)
+        sub = tl.program_id(0) % (BLOCK_M // SUB_M)
         pid_k = tl.program_id(1)
         row_start, n_valid, rank, r_off = _tile_entry(TABLE, pid_m)
-        if rank > 0:
-            rm = tl.arange(0, BLOCK_M)
+        if rank > 0 and sub * SUB_M < n_valid:
+            rm = sub * SUB_M + tl.arange(0, SUB_M)
             rows = row_start + rm
             row_ok = rm < n_valid
             rr = tl.arange(0, BLOCK_R)
             r_ok = rr < rank
-            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            thr = tl.load(TABLE + pid_m * 6 + 4).to(tl.uint32)
-            inv_keep = tl.load(FTABLE + pid_m * 2 + 1)
-            for kb in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
-                cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-                c_ok = cols < K
-                io_mask = row_ok[:, None] & c_ok[None, :]
-                x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=io_mask, other=0.0)
-                if HAS_DROPOUT:
-                    # one Philox call per 4 columns: counter row*ceil(K/4) + col//4, word col%4
-                    c4 = (K + 3) // 4
-                    quads = kb * (BLOCK_K // 4) + tl.arange(0, BLOCK_K // 4)
-                    offs = (rows[:, None] * c4 + quads[None, :]).to(tl.int32)
-                    w0, w1, w2, w3 = tl.randint4x(seed, offs)
-                    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_M, BLOCK_K))
-                    keep = words >= thr
-                    xd = tl.where(keep, x.to(tl.float32) * inv_keep, 0.0).to(X.dtype.element_ty)
-                    tl.store(XD + rows[:, None] * stride_dm + cols[None, :], xd, mask=io_mask)
-                    # keep bits packed 8 per byte (bit c%8 of byte c//8): 1/8 of an int8 mask's traffic
-                    bits = tl.reshape(keep.to(tl.int32), (BLOCK_M, BLOCK_K // 8, 8)) << tl.arange(0, 8)[None, None, :]
-                    packed = tl.sum(bits, axis=2).to(tl.uint8)
-                    bcols = kb * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
-                    tl.store(MASK + rows[:, None] * stride_mm + bcols[None, :], packed,
-                             mask=row_ok[:, None] & (bcols < (K + 7) // 8)[None, :])
-                else:
-                    xd = x
-                a = tl.load(A + (r_off + rr)[None, :] * stride_ar + cols[:, None],
-                            mask=r_ok[None, :] & c_ok[:, None], other=0.0)
-                if UPCAST:
-                    acc = tl.dot(xd.to(tl.float32), a.to(tl.float32), acc)
-                else:
-                    acc = tl.dot(xd, a, acc)
-            s_ptrs = S + rows[:, None] * stride_sm + rr[None, :]
-            if SPLIT_K > 1:
-                tl.atomic_add(s_ptrs, acc, mask=row_ok[:, None])
+            acc = tl.zeros((SUB_M, BLOCK_R), dtype=tl.float32)
+            if HAS_DROPOUT:
+                thr = tl.load(TABLE + pid_m * 6 + 4).to(tl.uint32)
+                inv_keep = tl.load(FTABLE + pid_m * 2 + 1)
+                n_blk = tl.cdiv(K, 8 * PLANE)
+                lanes = tl.arange(0, PLANE)
+                for kb in range(pid_k, n_blk, SPLIT_K):
+                    col0 = kb * (8 * PLANE)
+                    packed = tl.zeros((SUB_M, PLANE), dtype=tl.int32)
+                    for h in tl.static_range(2):
+                        # counters (row, block, h, lane): 64 per block; word j feeds plane 2j + h
+                        offs = (rows[:, None] * (n_blk * 2 * PLANE) + (kb * 2 + h) * PLANE + lanes[None, :])
+                        w0, w1, w2, w3 = tl.randint4x(seed, offs.to(tl.int32))
+                        acc, packed = _down_plane(X, XD, A, acc, packed, w0, thr, inv_keep, rows, row_ok,
+                                                  col0 + h * PLANE, K, r_off, rr, r_ok, stride_xm, stride_dm,
+                                                  stride_ar, h, PLANE, HAS_DOT, UPCAST)
+                        acc, packed = _down_plane(X, XD, A, acc, packed, w1, thr, inv_keep, rows, row_ok,
+                                                  col0 + (2 + h) * PLANE, K, r_off, rr, r_ok, stride_xm,
+                                                  stride_dm, stride_ar, 2 + h, PLANE, HAS_DOT, UPCAST)
+                        acc, packed = _down_plane(X, XD, A, acc, packed, w2, thr, inv_keep, rows, row_ok,
+                                                  col0 + (4 + h) * PLANE, K, r_off, rr, r_ok, stride_xm,
+                                                  stride_dm, stride_ar, 4 + h, PLANE, HAS_DOT, UPCAST)
+                        acc, packed = _down_plane(X, XD, A, acc, packed, w3, thr, inv_keep, rows, row_ok,
+                                                  col0 + (6 + h) * PLANE, K, r_off, rr, r_ok, stride_xm,
+                                                  stride_dm, stride_ar, 6 + h, PLANE, HAS_DOT, UPCAST)
+                    tl.store(MASK + rows[:, None] * stride_mm + (kb * PLANE + lanes)[None, :], packed.to(tl.uint8),
+                             mask=row_ok[:, None])
             else:
-                tl.store(s_ptrs, acc, mask=row_ok[:, None])
+                for kb in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
+                    cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+                    c_ok = cols < K
+                    x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=row_ok[:, None] & c_ok[None, :],
+                                other=0.0)
+                    a = tl.load(A + (r_off + rr)[None, :] * stride_ar + cols[:, None],
+                                mask=r_ok[None, :] & c_ok[:, None], other=0.0)
+                    if UPCAST:
+                        acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc)
+                    else:
+                        acc = tl.dot(x, a, acc)
+            if HAS_DOT:
+                s_ptrs = S + rows[:, None] * stride_sm + rr[None, :]
+                if SPLIT_K > 1:
+                    tl.atomic_add(s_ptrs, acc, mask=row_ok[:, None])
+                else:
+                    tl.store(s_ptrs, acc, mask=row_ok[:, None])
 
     @triton.jit
     def _lora_gemm_kernel(
@@ -292,9 +364,10 @@ if HAVE_TRITON:
                 lt = lt.to(P.dtype.element_ty)
             if HAS_MASK:  # the dropout mask acts on the product: a second [BLOCK_M, BLOCK_O] fp32 tile
                 lora = tl.dot(lt, pt)
-                packed = tl.load(MASK + rows[:, None] * stride_mm + (outs // 8)[None, :],
+                # dropout layout: column c is bit (c // 32) % 8 of byte 32 * (c // 256) + c % 32
+                packed = tl.load(MASK + rows[:, None] * stride_mm + ((outs // 256) * 32 + outs % 32)[None, :],
                                  mask=row_ok[:, None] & o_ok[None, :], other=0)
-                keep = (packed.to(tl.int32) >> (outs % 8)[None, :]) & 1
+                keep = (packed.to(tl.int32) >> ((outs // 32) % 8)[None, :]) & 1
                 acc += tl.where(keep != 0, lora * tl.load(FTABLE + pid_m * 2 + 1), 0.0)
             elif WARP_SPECIALIZE:
                 # sm_100 + Triton 3.7.1: a dot into the loop's (TMEM) accumulator after a warp-specialised loop
@@ -353,6 +426,50 @@ if HAVE_TRITON:
             tl.atomic_add(DS + rows[:, None] * stride_dsm + rr[None, :], ds * scale,
                           mask=row_ok[:, None] & r_ok[None, :])
 
+    @triton.jit
+    def _lora_masked_term_kernel(
+        L, P, MASK, OUT, TABLE, FTABLE, OUT_DIM,
+        stride_lm, stride_pr, stride_po, stride_mm, stride_om,
+        BLOCKS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr, SUB_M: tl.constexpr, BLOCK_R: tl.constexpr,
+        UPCAST: tl.constexpr, PLANE: tl.constexpr = 32,
+    ):
+        """dX's LoRA term alone: OUT[rows, cols] = keep * (L[rows, :r] @ P[r_off:r_off+r, cols]) / (1 - p) over
+        BLOCKS_PER_PROG dropout blocks (8 planes of PLANE columns: one mask byte row per block, bit = plane), so
+        the mask is read as bytes and expanded by shifts, never gathered. Rows no adapter covers get zeros."""
+        pid_m = tl.program_id(0) // (BLOCK_M // SUB_M)
+        sub = tl.program_id(0) % (BLOCK_M // SUB_M)
+        pid_c = tl.program_id(1)
+        row_start, n_valid, rank, r_off = _tile_entry(TABLE, pid_m)
+        if sub * SUB_M < n_valid:
+            rm = sub * SUB_M + tl.arange(0, SUB_M)
+            rows = row_start + rm
+            row_ok = rm < n_valid
+            rr = tl.arange(0, BLOCK_R)
+            r_ok = rr < rank  # rank 0: every load masked, the term is zero
+            lanes = tl.arange(0, PLANE)
+            lt = tl.load(L + rows[:, None] * stride_lm + rr[None, :], mask=row_ok[:, None] & r_ok[None, :],
+                         other=0.0)
+            inv_keep = tl.load(FTABLE + pid_m * 2 + 1)
+            if UPCAST:
+                lt = lt.to(tl.float32)
+            else:
+                lt = lt.to(P.dtype.element_ty)
+            n_blk = tl.cdiv(OUT_DIM, 8 * PLANE)
+            for kb in range(pid_c * BLOCKS_PER_PROG, tl.minimum(n_blk, (pid_c + 1) * BLOCKS_PER_PROG)):
+                packed = tl.load(MASK + rows[:, None] * stride_mm + (kb * PLANE + lanes)[None, :],
+                                 mask=row_ok[:, None] & (rank > 0), other=0).to(tl.int32)
+                for b in tl.static_range(8):
+                    cols = kb * (8 * PLANE) + b * PLANE + lanes
+                    c_ok = cols < OUT_DIM
+                    pt = tl.load(P + (r_off + rr)[:, None] * stride_pr + cols[None, :] * stride_po,
+                                 mask=r_ok[:, None] & c_ok[None, :], other=0.0)
+                    if UPCAST:
+                        pt = pt.to(tl.float32)
+                    term = tl.dot(lt, pt)
+                    term = tl.where(((packed >> b) & 1) != 0, term * inv_keep, 0.0)
+                    tl.store(OUT + rows[:, None] * stride_om + cols[None, :], term.to(OUT.dtype.element_ty),
+                             mask=row_ok[:, None] & c_ok[None, :])
+
     def _gemm_configs():
         cfg = triton.Config
         return [
@@ -396,6 +513,7 @@ class _TilePlan:
     r_total: int
     has_dropout: bool
     segments: tuple  # ((adapter, start, end, rank, rank_offset), ...) covered segments, sorted
+    scales: tuple  # per adapter
 
 
 _PLAN_CACHE: "OrderedDict[tuple, _TilePlan]" = OrderedDict()
@@ -438,7 +556,7 @@ def _tile_plan(T: int, segments: tuple, ranks: tuple, scales: tuple, ps: tuple, 
         table=torch.tensor(rows, dtype=torch.int64).reshape(-1, _TABLE_COLS).to(device),
         ftable=torch.tensor(frows, dtype=torch.float32).reshape(-1, 2).to(device),
         n_tiles=len(rows), block_m=block_m, block_r=max(16, _next_pow2(max(ranks) if ranks else 1)),
-        r_total=offs[-1], has_dropout=has_dropout, segments=tuple(covered),
+        r_total=offs[-1], has_dropout=has_dropout, segments=tuple(covered), scales=tuple(scales),
     )
     _PLAN_CACHE[key] = plan
     if len(_PLAN_CACHE) > 64:
@@ -452,11 +570,12 @@ def _num_sms(device: torch.device) -> int:
     return 1
 
 
-def _split(n_tiles: int, n_blocks: int, device: torch.device) -> int:
-    """How many programs share one tile's loop, so that a thin batch still fills the GPU (~2 programs per SM)."""
+def _split(n_tiles: int, n_blocks: int, device: torch.device, per_sm: int = 2) -> int:
+    """How many programs share one tile's loop, so that a thin batch still fills the GPU (``per_sm`` programs
+    per SM)."""
     if INTERPRET or device.type != "cuda":
         return max(1, min(2, n_blocks))  # exercise the atomic-add path in tests
-    want = -(-2 * _num_sms(device) // max(n_tiles, 1))
+    want = -(-per_sm * _num_sms(device) // max(n_tiles, 1))
     return max(1, min(want, n_blocks))
 
 
@@ -488,7 +607,7 @@ def _config_launch(config, interpret: bool) -> tuple[dict, dict]:
     return consts, opts
 
 
-BASE_GEMMS = ("auto", "triton", "torch")
+BASE_GEMMS = ("auto", "triton", "torch", "torch_all")
 
 
 def resolve_base_gemm(base_gemm: str, x: torch.Tensor) -> str:
@@ -502,31 +621,13 @@ def resolve_base_gemm(base_gemm: str, x: torch.Tensor) -> str:
     return base_gemm
 
 
-def _term_config(block_m: int):
-    """Launch of the LoRA-term-only pass (no reduction loop: bandwidth-bound, small tiles, no pipelining)."""
-    from .gemm import GemmConfig
-
-    return GemmConfig(block_m=block_m, block_n=128, block_k=64, num_stages=1, num_warps=8)
-
-
 def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bias, out, plan: _TilePlan,
-          out_dim: int, red_dim: int, *, apply_scale: bool, backward: bool, config=None, base: str = "triton",
-          w_ro: Optional[torch.Tensor] = None) -> None:
-    """Y = X W^T (+ LoRA prologue, bias) or dX = dY W (+ masked prologue). ``config`` (GemmConfig or None): None
-    autotunes on a GPU and uses a fixed 16x16 tile under the interpreter; a config launches with its
-    block_n (BLOCK_O), block_k (BLOCK_RED), group_m, num_stages, num_warps and maxnreg (its block_m is the tile
-    table's ``plan.block_m``; the knobs are ignored by the interpreter, as in ``kernels.gemm``).
-
-    ``base="torch"``: the kernel writes only the LoRA term (+ bias) into ``out`` (no reduction loop), then
-    torch's GEMM (cuBLAS on a GPU) accumulates onto it in place, ``out += x @ w_ro`` (beta = 1: the LoRA term
-    enters the base GEMM through its C input instead of its register accumulator; one extra read and write of
-    ``out``)."""
-    if base == "torch":
-        term = _term_config(plan.block_m)
-        _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bias, out, plan, out_dim, 0,
-              apply_scale=apply_scale, backward=backward, config=None if INTERPRET else term)
-        out.addmm_(x, w_ro)
-        return
+          out_dim: int, red_dim: int, *, apply_scale: bool, backward: bool, config=None) -> None:
+    """Y = X W^T (+ LoRA term, bias) or dX = dY W (+ masked LoRA term) in our kernel, the LoRA term joining
+    the register accumulator after the K loop. ``config`` (GemmConfig or None): None autotunes on a GPU and uses
+    a fixed 16x16 tile under the interpreter; a config launches with its block_n (BLOCK_O), block_k
+    (BLOCK_RED), group_m, num_stages, num_warps and maxnreg (its block_m is the tile table's ``plan.block_m``;
+    the knobs are ignored by the interpreter, as in ``kernels.gemm``)."""
     dummy = plan.table
     args = (x, w, lmat, pmat, mask if mask is not None else dummy, bias if bias is not None else dummy, out,
             plan.table, plan.ftable, plan.n_tiles, out_dim, red_dim, _next_pow2(x.shape[0]),
@@ -547,28 +648,166 @@ def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bi
         kernel[grid](*args, **flags)
 
 
-def _fused_forward(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int, gemm_config=None,
-                   base: str = "triton"):
-    """Steps 1-2. Returns Y, S (fp32 [T, BLOCK_R]), Xd (or X), packed keep bits (uint8 [T, ceil(K/8)]) or None."""
+def _down(x2, a_cat, plan: _TilePlan, seed: int, with_s: bool):
+    """Step 1: S (fp32 [T, BLOCK_R], or None when ``with_s`` is False), Xd (or X) and the packed keep bits
+    (uint8 [T, mask_bytes(K)]) or None, from one read of X."""
     T, K = x2.shape
-    N = weight.shape[0]
     dev = x2.device
-    s = torch.zeros((T, plan.block_r), device=dev, dtype=torch.float32)
+    s = torch.zeros((T, plan.block_r), device=dev, dtype=torch.float32) if with_s else None
     if plan.has_dropout:
         xd = torch.empty_like(x2)
-        mask = torch.empty((T, (K + 7) // 8), device=dev, dtype=torch.uint8)
+        mask = torch.empty((T, mask_bytes(K)), device=dev, dtype=torch.uint8)
     else:
         xd, mask = x2, None
+        if not with_s:
+            return s, xd, mask
     block_k = 16 if INTERPRET else 64
-    split_k = _split(plan.n_tiles, triton.cdiv(K, block_k), dev)
-    _lora_down_kernel[(plan.n_tiles, split_k)](
-        x2, a_cat, s, xd, mask if mask is not None else s, plan.table, plan.ftable, seed, K,
-        x2.stride(0), a_cat.stride(0), s.stride(0), xd.stride(0), mask.stride(0) if mask is not None else 0,
+    sub_m = min(_DOWN_SUB_M, plan.block_m)
+    n_rows = plan.n_tiles * (plan.block_m // sub_m)
+    n_blocks = triton.cdiv(K, DROP_BLOCK) if plan.has_dropout else triton.cdiv(K, block_k)
+    split_k = _split(n_rows, n_blocks, dev, per_sm=4)
+    dummy = s if s is not None else plan.ftable
+    _lora_down_kernel[(n_rows, split_k)](
+        x2, a_cat, dummy, xd, mask if mask is not None else dummy, plan.table, plan.ftable, seed, K,
+        x2.stride(0), a_cat.stride(0), s.stride(0) if s is not None else 0, xd.stride(0),
+        mask.stride(0) if mask is not None else 0,
         SPLIT_K=split_k, BLOCK_M=plan.block_m, BLOCK_K=block_k, BLOCK_R=plan.block_r,
-        HAS_DROPOUT=plan.has_dropout, UPCAST=INTERPRET, **_launch_opts(4, 3))
-    y = torch.empty((T, N), device=dev, dtype=x2.dtype)
+        HAS_DROPOUT=plan.has_dropout, HAS_DOT=with_s, UPCAST=INTERPRET, PLANE=DROP_PLANE, SUB_M=sub_m,
+        **(_launch_opts(_DOWN_WARPS, _DOWN_STAGES) if plan.has_dropout
+           else _launch_opts(_DOWN_PLAIN_WARPS, _DOWN_PLAIN_STAGES)))
+    return s, xd, mask
+
+
+def _segment_views(plan: _TilePlan, a_cat, b_cat):
+    """(start, end, rank, rank_offset, scale, A_a [r, K], B_a [N, r]) per covered segment."""
+    return [(start, end, rank, r_off, plan.scales[aid], a_cat[r_off:r_off + rank], b_cat[:, r_off:r_off + rank])
+            for aid, start, end, rank, r_off in plan.segments]
+
+
+def _uncovered(plan: _TilePlan, T: int):
+    """Row ranges [start, end) that no segment covers."""
+    pos, gaps = 0, []
+    for _, start, end, _, _ in plan.segments:
+        if pos < start:
+            gaps.append((pos, start))
+        pos = end
+    if pos < T:
+        gaps.append((pos, T))
+    return gaps
+
+
+def _term_rows(out, plan: _TilePlan, thin, mats, bias=None) -> None:
+    """out = the LoRA term (+ bias) by cuBLAS: rows of segment i get thin[i] @ mats[i] (+ bias), rows no segment
+    covers get bias or zeros. The big GEMM then accumulates onto ``out`` through its C input."""
+    for start, end in _uncovered(plan, out.shape[0]):
+        if bias is not None:
+            out[start:end] = bias
+        else:
+            out[start:end].zero_()
+    for (_, start, end, _, _), t, m in zip(plan.segments, thin, mats):
+        if bias is not None:
+            torch.addmm(bias, t, m, out=out[start:end])
+        else:
+            torch.mm(t, m, out=out[start:end])
+
+
+def _masked_term(ds, a_cat, mask, out, plan: _TilePlan) -> None:
+    """dX's LoRA term with the dropout mask, mask * (dS A) / (1 - p), by ``_lora_masked_term_kernel``."""
+    T, K = out.shape
+    sub_m = min(_DOWN_SUB_M, plan.block_m)
+    n_rows = plan.n_tiles * (plan.block_m // sub_m)
+    n_blk = triton.cdiv(K, DROP_BLOCK)
+    per_prog = 1 if INTERPRET else max(1, n_blk // 4)
+    _lora_masked_term_kernel[(n_rows, triton.cdiv(n_blk, per_prog))](
+        ds, a_cat, mask, out, plan.table, plan.ftable, K,
+        ds.stride(0), a_cat.stride(0), a_cat.stride(1), mask.stride(0), out.stride(0),
+        BLOCKS_PER_PROG=per_prog, BLOCK_M=plan.block_m, SUB_M=sub_m, BLOCK_R=plan.block_r, UPCAST=INTERPRET,
+        PLANE=DROP_PLANE, **_launch_opts(4, 1))
+
+
+def _forward_cublas(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int, thin: str):
+    """``base_gemm`` "torch" / "torch_all": the LoRA term scale S B^T (+ bias) written by cuBLAS, the base GEMM
+    accumulated onto it through C (``out.addmm_``, beta = 1). S comes from our dropout/S kernel ("triton") or
+    from cuBLAS after the mask-only kernel ("torch")."""
+    T = x2.shape[0]
+    views = _segment_views(plan, a_cat, b_cat)
+    s, xd, mask = _down(x2, a_cat, plan, seed, with_s=thin == "triton")
+    if thin == "triton":
+        s16 = [s[start:end, :rank].to(x2.dtype) for start, end, rank, *_ in views]
+    else:
+        s = torch.zeros((T, plan.block_r), device=x2.device, dtype=torch.float32)
+        s16 = []
+        for start, end, rank, _, _, a, _ in views:
+            s16.append(xd[start:end] @ a.t())
+            s[start:end, :rank] = s16[-1]
+    y = torch.empty((T, weight.shape[0]), device=x2.device, dtype=x2.dtype)
+    _term_rows(y, plan, s16, [(b * scale).t() for *_, scale, _, b in views], bias)
+    y.addmm_(x2, weight.t())
+    return y, s, xd, mask
+
+
+def _backward_cublas(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, need_dx: bool, need_dbias: bool,
+                     thin: str):
+    """``base_gemm`` "torch" / "torch_all": dS = scale dY B and dB = scale dY^T S from our one-read kernel
+    ("triton") or as cuBLAS GEMMs per segment ("torch"); dX = dY W by cuBLAS accumulated onto the LoRA term
+    (masked by our kernel when there is dropout, else cuBLAS)."""
+    T, N = dy2.shape
+    K = weight.shape[1]
+    dev = dy2.device
+    views = _segment_views(plan, a_cat, b_cat)
+    if thin == "triton":
+        ds, db, dbias = _dy_pass(dy2, s, b_cat, plan, need_dbias)
+    else:
+        ds = torch.zeros((T, plan.block_r), device=dev, dtype=torch.float32)
+        db = torch.zeros((N, max(plan.r_total, 1)), device=dev, dtype=torch.float32)
+        dbias = torch.sum(dy2, dim=0, dtype=torch.float32) if need_dbias else None
+        for start, end, rank, r_off, scale, _, b in views:
+            dyv = dy2[start:end]
+            ds[start:end, :rank] = dyv @ (b * scale)
+            db[:, r_off:r_off + rank] += dyv.t() @ (s[start:end, :rank] * scale).to(dy2.dtype)
+    da = _grad_lora_a(ds, xd, plan, K)
+    dx = None
+    if need_dx:
+        dx = torch.empty((T, K), device=dev, dtype=dy2.dtype)
+        if mask is not None:
+            _masked_term(ds, a_cat, mask, dx, plan)
+        else:
+            _term_rows(dx, plan, [ds[start:end, :rank].to(dy2.dtype) for start, end, rank, *_ in views],
+                       [a for *_, a, _ in views])
+        dx.addmm_(dy2, weight)
+    return dx, da, db[:, :plan.r_total], dbias
+
+
+def _dy_pass(dy2, s, b_cat, plan: _TilePlan, need_dbias: bool):
+    """Step 3 in our kernel: dS, dB (fp32) and dbias (fp32 or None) from one read of dY."""
+    T, N = dy2.shape
+    dev = dy2.device
+    ds = torch.zeros((T, plan.block_r), device=dev, dtype=torch.float32)
+    db = torch.zeros((N, max(plan.r_total, 1)), device=dev, dtype=torch.float32)
+    dbias = torch.zeros((N,), device=dev, dtype=torch.float32) if need_dbias else None
+    block_n = 16 if INTERPRET else 64
+    split_n = _split(plan.n_tiles, triton.cdiv(N, block_n), dev)
+    if plan.segments or dbias is not None:
+        _lora_dy_kernel[(plan.n_tiles, split_n)](
+            dy2, s, b_cat, ds, db, dbias if dbias is not None else ds, plan.table, plan.ftable, N,
+            dy2.stride(0), s.stride(0), b_cat.stride(0), ds.stride(0), db.stride(0),
+            SPLIT_N=split_n, BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_R=plan.block_r,
+            HAS_DBIAS=dbias is not None, UPCAST=INTERPRET, **_launch_opts(4, 3))
+    return ds, db, dbias
+
+
+def _fused_forward(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int, gemm_config=None,
+                   base: str = "triton"):
+    """Steps 1-2. Returns Y, S (fp32 [T, BLOCK_R]), Xd (or X), packed keep bits (uint8 [T, mask_bytes(K)]) or
+    None."""
+    if base in ("torch", "torch_all"):
+        return _forward_cublas(x2, weight, bias, a_cat, b_cat, plan, seed, "torch" if base == "torch_all" else "triton")
+    T, K = x2.shape
+    N = weight.shape[0]
+    s, xd, mask = _down(x2, a_cat, plan, seed, with_s=True)
+    y = torch.empty((T, N), device=x2.device, dtype=x2.dtype)
     _gemm(x2, weight, weight.stride(1), weight.stride(0), s, b_cat, b_cat.stride(1), b_cat.stride(0), None, bias, y,
-          plan, N, K, apply_scale=True, backward=False, config=gemm_config, base=base, w_ro=weight.t())
+          plan, N, K, apply_scale=True, backward=False, config=gemm_config)
     return y, s, xd, mask
 
 
@@ -593,26 +832,18 @@ def _grad_lora_a(ds: torch.Tensor, xd: torch.Tensor, plan: _TilePlan, K: int) ->
 def _fused_backward(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, need_dx: bool, need_dbias: bool,
                     gemm_config=None, base: str = "triton"):
     """Steps 3-5. Returns dX (or None), dA_cat, dB_cat (fp32), dbias (fp32 or None)."""
+    if base in ("torch", "torch_all"):
+        return _backward_cublas(dy2, weight, a_cat, b_cat, s, xd, mask, plan, need_dx, need_dbias,
+                                "torch" if base == "torch_all" else "triton")
     T, N = dy2.shape
     K = weight.shape[1]
-    dev = dy2.device
-    ds = torch.zeros((T, plan.block_r), device=dev, dtype=torch.float32)
-    db = torch.zeros((N, max(plan.r_total, 1)), device=dev, dtype=torch.float32)
-    dbias = torch.zeros((N,), device=dev, dtype=torch.float32) if need_dbias else None
-    block_n = 16 if INTERPRET else 64
-    split_n = _split(plan.n_tiles, triton.cdiv(N, block_n), dev)
-    if plan.segments or dbias is not None:
-        _lora_dy_kernel[(plan.n_tiles, split_n)](
-            dy2, s, b_cat, ds, db, dbias if dbias is not None else ds, plan.table, plan.ftable, N,
-            dy2.stride(0), s.stride(0), b_cat.stride(0), ds.stride(0), db.stride(0),
-            SPLIT_N=split_n, BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_R=plan.block_r,
-            HAS_DBIAS=dbias is not None, UPCAST=INTERPRET, **_launch_opts(4, 3))
+    ds, db, dbias = _dy_pass(dy2, s, b_cat, plan, need_dbias)
     da = _grad_lora_a(ds, xd, plan, K)
     dx = None
     if need_dx:
-        dx = torch.empty((T, K), device=dev, dtype=dy2.dtype)
+        dx = torch.empty((T, K), device=dy2.device, dtype=dy2.dtype)
         _gemm(dy2, weight, weight.stride(0), weight.stride(1), ds, a_cat, a_cat.stride(0), a_cat.stride(1), mask,
-              None, dx, plan, K, N, apply_scale=False, backward=True, config=gemm_config, base=base, w_ro=weight)
+              None, dx, plan, K, N, apply_scale=False, backward=True, config=gemm_config)
     return dx, da, db[:, :plan.r_total], dbias
 
 
@@ -748,11 +979,13 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     ``base_gemm``: "triton" runs the two big GEMMs in our kernel with the LoRA term in its register
     accumulator; "torch" lets torch's GEMM (cuBLAS) do them, the LoRA term (+ bias, mask) written first by the
     same kernel without its reduction loop and accumulated through the GEMM's C input (``gemm_config`` then
-    does not apply); "auto" (default): "torch" on a GPU, where it measured faster, "triton" under the
-    interpreter. Same results up to rounding."""
+    does not apply); "torch_all": cuBLAS for every GEMM, the thin LoRA ones too (S = Xd A^T, S B^T, dS, dB per
+    segment), our kernels only for the dropout mask / Xd and the masked dX term (no gemm_config); "auto"
+    (default): "torch" on a GPU, where it measured faster, "triton" under the interpreter. Same results up to
+    rounding."""
     if gemm_config is not None:  # an explicit launch configuration is for our GEMM kernel
-        if base_gemm == "torch":
-            raise ValueError("base_gemm: 'torch' cannot take a gemm_config (it configures our Triton GEMM)")
+        if base_gemm in ("torch", "torch_all"):
+            raise ValueError(f"base_gemm: {base_gemm!r} cannot take a gemm_config (it configures our Triton GEMM)")
         resolve_base_gemm(base_gemm, x)
         base_gemm = "triton"
     else:
@@ -798,10 +1031,11 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
     """Fused LoRA linear: x [..., K] -> x W^T + scale * (dropout(x) A^T) B^T + bias, shape [..., N].
 
     weight [N, K] frozen; lora_a [r, K]; lora_b [N, r]; differentiable w.r.t. x, lora_a, lora_b and bias.
-    Dropout keeps element (i, j) of x.reshape(-1, K) iff Philox(seed, i*K + j) >= floor(p * 2**32) and scales
-    kept elements by 1/(1-p); the same seed gives the same mask (see ``dropout_keep_mask``). ``gemm_config``:
+    Dropout keeps element (i, j) of x.reshape(-1, K) iff its Philox draw (module docstring) >= floor(p * 2**32)
+    and scales kept elements by 1/(1-p); the same seed gives the same mask (see ``dropout_keep_mask``). ``gemm_config``:
     explicit launch configuration of the two big GEMMs (see ``multi_lora_linear``); None keeps the default.
-    ``base_gemm``: "auto", "triton" or "torch" (cuBLAS for the two big GEMMs; see ``multi_lora_linear``)."""
+    ``base_gemm``: "auto", "triton", "torch" (cuBLAS for the two big GEMMs) or "torch_all" (cuBLAS for every
+    GEMM); see ``multi_lora_linear``."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     ad = LoRAAdapterWeights(lora_a, lora_b, float(scale), float(dropout_p))

@@ -6,6 +6,8 @@ Providers per shape (same inputs, same run):
   fused  ``lora_linear(..., base_gemm="triton")``: every GEMM in our Triton kernels (the interpreter on the CPU);
   fused_cublas  ``lora_linear(..., base_gemm="torch")``: the same fused LoRA kernels, the two big GEMMs in torch's
          GEMM (cuBLAS) with the LoRA term added through its C input;
+  fused_cublas_all  ``lora_linear(..., base_gemm="torch_all")``: cuBLAS for every GEMM, the thin LoRA ones too;
+         our kernels only for the dropout mask / Xd and the masked dX term;
   triton_base  the same Triton GEMM kernels with no LoRA rows (fused / triton_base = the cost of the fusion,
          triton_base / base = our GEMM against cuBLAS).
 Dropout 0.1 and scale 2.0, as in the measured H100 profile (../shared/data/profiles/h100-sxm-measured-*.json);
@@ -23,8 +25,9 @@ from .bench import BenchCase
 __all__ = ["cases", "checks", "summarize", "GPU_TOKENS", "GPU_SHAPES", "GPU_RANKS", "FUSED_PROVIDERS"]
 
 #: the fused LoRA variants timed per shape: our GEMM kernel with the LoRA term in its accumulator, and the same
-#: fused LoRA kernels around cuBLAS for the two big GEMMs (``base_gemm="torch"``)
-FUSED_PROVIDERS = ("fused", "fused_cublas")
+#: fused LoRA kernels around cuBLAS for the two big GEMMs (``base_gemm="torch"``), and cuBLAS for every GEMM
+#: around our dropout and masked-term kernels (``base_gemm="torch_all"``)
+FUSED_PROVIDERS = ("fused", "fused_cublas", "fused_cublas_all")
 
 GPU_TOKENS = (2048, 4096, 8192, 16384)
 GPU_SHAPES = ((4096, 4096), (8192, 8192), (4096, 14336))  # (K = in features, N = out features)
@@ -80,19 +83,19 @@ def _single_providers(T, K, N, r, device, backward: bool, p: float = DROPOUT):
         def fused_cublas():  # same fused LoRA kernels, the two big GEMMs in cuBLAS (LoRA term via C)
             return lora_linear(x, w, a, b, SCALE, p, base_gemm="torch")
 
+        def fused_cublas_all():  # cuBLAS for every GEMM; Triton for the dropout mask and masked dX term only
+            return lora_linear(x, w, a, b, SCALE, p, base_gemm="torch_all")
+
         def triton_base():  # our GEMM kernels with no row covered: separates GEMM quality from fusion cost
             return multi_lora_linear(x, w, no_rows, [], base_gemm="triton")
 
+        fns = {"base": base, "eager": eager, "fused": fused, "fused_cublas": fused_cublas,
+               "fused_cublas_all": fused_cublas_all, "triton_base": triton_base}
         if not backward:
-            return {"base": base, "eager": eager, "fused": fused, "fused_cublas": fused_cublas,
-                    "triton_base": triton_base}
-
-        def fwd_bwd(fn, inputs):
-            return lambda: torch.autograd.grad(fn(), inputs, dy)
-
-        return {"base": fwd_bwd(base, (x,)), "eager": fwd_bwd(eager, (x, a, b)),
-                "fused": fwd_bwd(fused, (x, a, b)), "fused_cublas": fwd_bwd(fused_cublas, (x, a, b)),
-                "triton_base": fwd_bwd(triton_base, (x,))}
+            return fns
+        inputs = {"base": (x,), "triton_base": (x,)}
+        return {name: (lambda fn=fn, ins=inputs.get(name, (x, a, b)): torch.autograd.grad(fn(), ins, dy))
+                for name, fn in fns.items()}
 
     return build
 
@@ -139,12 +142,15 @@ def _multi_providers(T, K, N, ranks, device, backward: bool):
         def fused_cublas():
             return multi_lora_linear(x, w, adapters, segs, base_gemm="torch")
 
+        def fused_cublas_all():
+            return multi_lora_linear(x, w, adapters, segs, base_gemm="torch_all")
+
+        fns = {"base": base, "eager": eager, "fused": fused, "fused_cublas": fused_cublas,
+               "fused_cublas_all": fused_cublas_all}
         if not backward:
-            return {"base": base, "eager": eager, "fused": fused, "fused_cublas": fused_cublas}
-        return {"base": lambda: torch.autograd.grad(base(), (x,), dy),
-                "eager": lambda: torch.autograd.grad(eager(), params, dy),
-                "fused": lambda: torch.autograd.grad(fused(), params, dy),
-                "fused_cublas": lambda: torch.autograd.grad(fused_cublas(), params, dy)}
+            return fns
+        return {name: (lambda fn=fn, ins=((x,) if name == "base" else params): torch.autograd.grad(fn(), ins, dy))
+                for name, fn in fns.items()}
 
     return build
 
@@ -207,7 +213,7 @@ def _poison(device: str) -> None:
         del junk
 
 
-def _check_single(T, K, N, r, p, dtype, device, tol):
+def _check_single(T, K, N, r, p, dtype, device, tol, base_gemm="auto"):
     import torch
 
     from .lora import lora_linear, lora_linear_reference
@@ -222,7 +228,7 @@ def _check_single(T, K, N, r, p, dtype, device, tol):
     dy = rnd(T, N)
     leaves = [t.requires_grad_() for t in (x, a, b, bias)]
     _poison(device)
-    y = lora_linear(x, w, a, b, SCALE, p, bias, seed=77)
+    y = lora_linear(x, w, a, b, SCALE, p, bias, seed=77, base_gemm=base_gemm)
     grads = torch.autograd.grad(y, leaves, dy)
     l64 = [t.detach().double().requires_grad_() for t in leaves]
     y64 = lora_linear_reference(l64[0], w.double(), l64[1], l64[2], SCALE, p, l64[3], seed=77)
@@ -234,7 +240,8 @@ def _check_single(T, K, N, r, p, dtype, device, tol):
     eager = [_rel(u, v) for u, v in zip([ye, *ge], [y64, *g64])]
     ok = all(o <= max(tol, 2 * e) for o, e in zip(ours, eager))
     detail = " ".join(f"{n}={o:.1e}(eager {e:.1e})" for n, o, e in zip(names, ours, eager))
-    return (f"lora {str(dtype).split('.')[-1]} T={T} K={K} N={N} r={r} p={p}", ok, "rel err vs f64: " + detail)
+    return (f"lora {str(dtype).split('.')[-1]} T={T} K={K} N={N} r={r} p={p} {base_gemm}", ok,
+            "rel err vs f64: " + detail)
 
 
 def _check_mask(device):
@@ -254,13 +261,16 @@ def _check_mask(device):
     same = bool(torch.equal(keep, want))
     frac = 1 - keep.float().mean().item()
     again = L._fused_forward(x, w, None, a, b, plan, 2 ** 31 + 5)[3]
+    _, xd_only, mask_only = L._down(x, a, plan, 2 ** 31 + 5, with_s=False)  # the launch base_gemm="torch_all" uses
     sigma = math.sqrt(0.3 * 0.7 / keep.numel())
-    ok = same and bool(torch.equal(again, mask)) and abs(frac - 0.3) < 5 * sigma
+    same_only = bool(torch.equal(mask_only, mask)) and bool(torch.equal(xd_only, xd))
+    ok = same and same_only and bool(torch.equal(again, mask)) and abs(frac - 0.3) < 5 * sigma
     return ("dropout mask = torch Philox mirror, reproducible", ok,
-            f"kernel mask == mirror: {same}; dropped fraction {frac:.4f} (p=0.3)")
+            f"kernel mask == mirror: {same}; mask-only launch identical: {same_only}; dropped fraction {frac:.4f} "
+            "(p=0.3)")
 
 
-def _check_multi(T, K, N, ranks, dtype, device, tol, block_m=None):
+def _check_multi(T, K, N, ranks, dtype, device, tol, block_m=None, base_gemm="auto"):
     import torch
 
     from .lora import LoRAAdapterWeights, multi_lora_linear, multi_lora_linear_reference
@@ -280,7 +290,7 @@ def _check_multi(T, K, N, ranks, dtype, device, tol, block_m=None):
     x, w, dy = rnd(T, K).requires_grad_(), rnd(N, K, scale=K ** -0.5), rnd(T, N)
     leaves = [x] + [t for ad in adapters for t in (ad.lora_a, ad.lora_b)]
     _poison(device)
-    y = multi_lora_linear(x, w, adapters, segs, seed=5, block_m=block_m)
+    y = multi_lora_linear(x, w, adapters, segs, seed=5, block_m=block_m, base_gemm=base_gemm)
     grads = torch.autograd.grad(y, leaves, dy)
     a64 = [LoRAAdapterWeights(ad.lora_a.detach().double().requires_grad_(),
                               ad.lora_b.detach().double().requires_grad_(), ad.scale, ad.dropout_p)
@@ -291,7 +301,8 @@ def _check_multi(T, K, N, ranks, dtype, device, tol, block_m=None):
     g64 = torch.autograd.grad(y64, l64, dy.double())
     errs = [_rel(u, v) for u, v in zip([y, *grads], [y64, *g64])]
     ok = all(e <= tol for e in errs)
-    return (f"multi-lora x{n} {str(dtype).split('.')[-1]} T={T} K={K} N={N} r={'/'.join(map(str, ranks))}", ok,
+    return (f"multi-lora x{n} {str(dtype).split('.')[-1]} T={T} K={K} N={N} r={'/'.join(map(str, ranks))} "
+            f"{base_gemm}", ok,
             f"max rel err vs f64 over y and {len(grads)} grads: {max(errs):.1e} (tol {tol:g})")
 
 
@@ -303,17 +314,19 @@ def checks(device: str) -> list[tuple[str, bool, str]]:
     out = []
     if device == "cuda":
         bf = torch.bfloat16
-        out.append(_check_single(1000, 1536, 1032, 16, 0.1, bf, device, 1e-2))
+        for base_gemm in ("triton", "torch", "torch_all"):
+            out.append(_check_single(1000, 1536, 1032, 16, 0.1, bf, device, 1e-2, base_gemm=base_gemm))
+            out.append(_check_multi(3000, 2048, 1536, MULTI_RANKS, bf, device, 1e-2, base_gemm=base_gemm))
         out.append(_check_single(4096, 4096, 4096, 64, 0.0, bf, device, 1e-2))
         out.append(_check_single(777, 4096, 14336, 16, 0.1, bf, device, 1e-2))
         out.append(_check_single(513, 1024, 768, 16, 0.1, torch.float16, device, 1e-2))
         out.append(_check_mask(device))
-        out.append(_check_multi(3000, 2048, 1536, MULTI_RANKS, bf, device, 1e-2))
     else:
         out.append(_check_single(37, 48, 40, 8, 0.2, torch.float32, device, 1e-5))
         out.append(_check_single(37, 48, 40, 4, 0.1, torch.float16, device, 5e-3))
         out.append(_check_mask(device))
         out.append(_check_multi(61, 40, 36, (2, 4, 8, 16), torch.float32, device, 1e-5))
+        out.append(_check_multi(61, 300, 36, (2, 4, 8, 16), torch.float32, device, 1e-5, base_gemm="torch_all"))
     return out
 
 

@@ -63,7 +63,7 @@ def autotune_choices() -> dict:
 
 #: (group, case name, shape, providers) whose device time is broken down by kernel after the target benchmarks
 PROFILE_TARGETS = (
-    ("lora", "lora fwd+bwd", "T=8192 K=4096 N=4096 r=16", ("base", "fused", "fused_cublas")),
+    ("lora", "lora fwd+bwd", "T=8192 K=4096 N=4096 r=16", ("base", "fused", "fused_cublas", "fused_cublas_all")),
     ("moe", "moe layer fwd+bwd", "T=16384 E=8 k=2 H=2048 F=4096", ("dense", "ours", "ours_gmm")),
 )
 

@@ -81,7 +81,7 @@ def test_dropout_mask_reproducible_and_matches_kernel():
     a, b = _rand(4, K, dtype=torch.float32), _rand(40, 4, dtype=torch.float32)
     plan = L._tile_plan(T, ((0, 0, T),), (4,), (1.0,), (p,), 16, x.device)
     _, _, xd, mask = L._fused_forward(x, w, None, a, b, plan, 99)
-    assert mask.shape == (T, (K + 7) // 8) and mask.dtype == torch.uint8  # packed bits
+    assert mask.shape == (T, L.mask_bytes(K)) and mask.dtype == torch.uint8  # packed bits
     assert torch.equal(L.unpack_keep_bits(mask, K), m1)
     assert_all_close("xd", xd, x * m1 / (1 - p), 1e-6, 1e-6)
     # seed=None draws from torch's generator: reproducible under manual_seed
@@ -90,6 +90,32 @@ def test_dropout_mask_reproducible_and_matches_kernel():
     torch.manual_seed(5)
     y2 = lora_linear_reference(x, w, a, b, 1.0, 0.5)
     assert_all_close("seed=None", y1, y2, 1e-5, 1e-5)
+
+
+def test_dropout_layout_spans_blocks_and_partial_planes():
+    """K = 300: a full 256-column block and a partial one (planes 0-1 partly, 2-7 empty); the mask-only launch
+    (HAS_DOT=False, used by base_gemm="torch_all") draws the same Xd and bits as the fused one."""
+    T, K, p = 19, 300, 0.4
+    x = _rand(T, K, dtype=torch.float32)
+    a = _rand(8, K, dtype=torch.float32)
+    plan = L._tile_plan(T, ((0, 0, T),), (8,), (1.0,), (p,), 16, x.device)
+    s, xd, mask = L._down(x, a, plan, 7, with_s=True)
+    s2, xd2, mask2 = L._down(x, a, plan, 7, with_s=False)
+    keep = dropout_keep_mask(7, T, K, p)
+    assert mask.shape == (T, 64) and s2 is None
+    assert torch.equal(L.unpack_keep_bits(mask, K), keep) and torch.equal(mask2, mask)
+    assert_all_close("xd", xd, x * keep / (1 - p), 1e-6, 1e-6)
+    assert torch.equal(xd2, xd)
+    assert_all_close("S", s[:, :8], (x * keep / (1 - p)) @ a.t(), 2e-5, 2e-5)
+    # the mirror's layout, spelled out for one element: column 77 is block 0, plane 2, lane 13 -> word 1 of
+    # counter row*128 + 0*64 + 0*32 + 13; byte 13 bit 2 of the row
+    u = L.dropout_uniforms(7, T, K)
+    row = 5
+    assert u[row, 77].item() == philox4x32(7, torch.tensor([row * 128 + 13]))[1].item()
+    assert ((mask[row, 13].item() >> 2) & 1) == int(u[row, 77].item() >= keep_threshold(p))
+    # column 290: block 1, plane 1 (h = 1, word 0), lane 2 -> counter row*128 + 64 + 32 + 2
+    assert u[row, 290].item() == philox4x32(7, torch.tensor([row * 128 + 98]))[0].item()
+    assert abs(1.0 - keep.float().mean().item() - p) < 0.06
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -148,7 +174,7 @@ def test_lora_linear_batched_input_and_partial_grads():
     assert_all_close("dx", gx, gxr, 1e-5, 1e-5)
 
 
-@pytest.mark.parametrize("base_gemm", ["triton", "torch"])
+@pytest.mark.parametrize("base_gemm", ["triton", "torch", "torch_all"])
 @pytest.mark.parametrize("dtype,block_m", [(torch.float32, 16), (torch.float16, 32)])
 def test_multi_lora_three_adapters_uncovered_rows(dtype, block_m, base_gemm):
     """Every output and gradient element against float64, with the base GEMMs in our kernel (LoRA term in the
@@ -212,18 +238,22 @@ def test_base_gemm_torch_single_adapter_matches_triton_path():
     a = _rand(r, K, dtype=torch.float32, scale=0.2, grad=True)
     b = _rand(N, r, dtype=torch.float32, scale=0.5, grad=True)
     dy = _rand(T, N, dtype=torch.float32)
-    got = {}
-    for base in ("triton", "torch"):
-        y = lora_linear(x, w, a, b, 2.0, 0.2, seed=5, base_gemm=base)
-        got[base] = (y, *torch.autograd.grad(y, (x, a, b), dy))
-    for name, g1, g2 in zip(("y", "dx", "dA", "dB"), got["torch"], got["triton"]):
-        assert_all_close(f"{name} torch-GEMM vs triton", g1, g2, *TOL[torch.float32])
+    bias = _rand(N, dtype=torch.float32, grad=True)
+    for p in (0.2, 0.0):
+        got = {}
+        for base in ("triton", "torch", "torch_all"):
+            y = lora_linear(x, w, a, b, 2.0, p, bias, seed=5, base_gemm=base)
+            got[base] = (y, *torch.autograd.grad(y, (x, a, b, bias), dy))
+        for other in ("torch", "torch_all"):
+            for name, g1, g2 in zip(("y", "dx", "dA", "dB", "dbias"), got[other], got["triton"]):
+                assert_all_close(f"p={p} {name} {other} vs triton", g1, g2, *TOL[torch.float32])
     with pytest.raises(ValueError, match="base_gemm"):
         lora_linear(x, w, a, b, 2.0, base_gemm="cublas")
     from adasched.kernels.gemm import GemmConfig
 
-    with pytest.raises(ValueError, match="base_gemm: 'torch' cannot take a gemm_config"):
-        lora_linear(x, w, a, b, 2.0, base_gemm="torch", gemm_config=GemmConfig(block_m=16))
+    for base in ("torch", "torch_all"):
+        with pytest.raises(ValueError, match=f"base_gemm: '{base}' cannot take a gemm_config"):
+            lora_linear(x, w, a, b, 2.0, base_gemm=base, gemm_config=GemmConfig(block_m=16))
     assert L.resolve_base_gemm("auto", x) == "triton"  # off the GPU "auto" keeps the fully fused kernel
     assert L.resolve_base_gemm("torch", x) == "torch"
 
