@@ -42,11 +42,11 @@ TOLERANCE = 0.03
 #: the time to configuration then counts the recorded solve time (seconds, 2-core CPU, warm solver).
 WARP_SPECIALIZE_SUPPORTED = {"h100": False, "b200": True}  # mirrors machines/*.json (checked by a test)
 PRECOMPUTED = {
-    ("h100", (128, 128, 64)): {"num_stages": 3, "num_warps": 4, "warp_specialize": False, "maxnreg": None, "ii": 2,
+    ("h100", (128, 128, 64)): {"num_stages": 4, "num_warps": 8, "warp_specialize": False, "maxnreg": None, "ii": 2,
                                "status": "optimal", "solve_seconds": 0.02},
     ("h100", (128, 256, 64)): {"num_stages": 4, "num_warps": 8, "warp_specialize": False, "maxnreg": None, "ii": 2,
                                "status": "optimal", "solve_seconds": 0.02},
-    ("b200", (128, 128, 64)): {"num_stages": 3, "num_warps": 4, "warp_specialize": True, "maxnreg": 240, "ii": 2,
+    ("b200", (128, 128, 64)): {"num_stages": 4, "num_warps": 4, "warp_specialize": True, "maxnreg": 240, "ii": 2,
                                "status": "optimal", "solve_seconds": 0.02},
     ("b200", (128, 256, 64)): {"num_stages": 4, "num_warps": 8, "warp_specialize": True, "maxnreg": 240, "ii": 2,
                                "status": "optimal", "solve_seconds": 0.02},

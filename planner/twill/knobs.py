@@ -6,13 +6,18 @@ Mapping (documented assumptions, checked on a GPU by launch/gemm_check.py):
   copies of a loaded tile are live at once = ceil(lifetime / I), at least 2 (a load whose latency is not
   known at compile time always gets a second buffer so its producer can run ahead); the schedule's stage
   count when the graph has no loads;
-  then raised to fill the shared memory left over at the occupancy that depth allows: with S KiB per stage
-  (the loads' ``smem``) and capacity C, c = C // (depth * S) CTAs fit per SM, and the loads get
-  C // (c * S) buffers - spare shared memory becomes extra prefetch depth without costing a resident CTA (the
-  rule CUTLASS's automatic stage count follows). On an H200 (2026-11-28 sweep, BENCHMARKS.md ``twill``) the
-  128x256x64 GEMM tile ran 5-7 % faster at 4 stages than at the schedule's 3, while 128x128x64 kept 3 stages
-  (two CTAs per SM);
-- ``num_warps``: 4 per consumer (non-producer) warp group, at least 4;
+  plus one slack buffer, because the schedule placed the variable-latency load at its nominal latency and a
+  late one would stall the MMA otherwise; capped by what the shared memory of one CTA holds (capacity // S
+  with S KiB per stage, the loads' ``smem``). On an H200 (2026-11-28, two sweeps, BENCHMARKS.md ``twill``)
+  both GEMM tiles ran best or within 2 % of best at 4 stages (schedule depth 3); the rule used before (fill
+  the shared memory at the occupancy the depth allows: 3 stages and two CTAs for 128x128x64) lost 4-6 %
+  there in the second sweep;
+- ``num_warps``: with warp specialization 4 per consumer (non-producer) warp group. Without it Triton spreads
+  the tile's rows over all warps, one warpgroup per 64-row MMA slice, so every register-holding op gets a
+  warpgroup of its own: 4 x max(consumer groups, register-holding ops), at most 8 (two consumer
+  warpgroups, as CUTLASS's cooperative Hopper kernels). On the H200 the 128x128x64 tile (two m64 MMA
+  slices) ran 4-7 % faster on 8 warps than on 4, and the fused LoRA GEMM 1.7x (its masked dX epilogue spills
+  on 4 warps: kernel_report);
 - ``warp_specialize``: True only where the machine's Triton supports it (Blackwell) and the schedule has a
   producer group; on Hopper it is False (upstream may ignore or reject it there);
 - ``maxnreg``: only with ``warp_specialize`` (the per-group register split that setmaxnreg makes happen): the
@@ -70,13 +75,18 @@ def derive_knobs(graph: Graph, machine: Machine, ii: int, times: dict[str, int],
     stages = max(times.values()) // ii + 1
     num_stages = max([max(2, depth[v]) for v in loads], default=stages)
     stage_kib = sum(o.smem for o in graph.ops if o.name in loads)
-    if loads and stage_kib > 0 and num_stages * stage_kib <= machine.smem_capacity:
-        ctas = machine.smem_capacity // (num_stages * stage_kib)
-        num_stages = max(num_stages, machine.smem_capacity // (ctas * stage_kib))
+    if loads:
+        num_stages += 1  # slack for the variable-latency load
+        if stage_kib > 0:
+            num_stages = max(2, min(num_stages, machine.smem_capacity // stage_kib))
     producer = {groups[o.name] for o in graph.ops if o.variable_latency}
     consumer = {groups[o.name] for o in graph.ops} - producer
-    num_warps = 4 * max(1, len(consumer))
     ws = bool(machine.warp_specialize and producer and consumer)
+    if ws:
+        num_warps = 4 * max(1, len(consumer))
+    else:
+        holders = sum(1 for o in graph.ops if (o.regs or 0) > 0)
+        num_warps = min(8, 4 * max(1, len(consumer), holders))
     holding = {groups[o.name] for o in graph.ops if (o.regs or 0) > 0} or consumer
     others = len(set(groups.values()) - holding)
     share = (machine.regs_total - machine.group_base_regs * others) // max(1, len(holding))
