@@ -431,7 +431,7 @@ if HAVE_TRITON:
         L, P, MASK, OUT, TABLE, FTABLE, OUT_DIM,
         stride_lm, stride_pr, stride_po, stride_mm, stride_om,
         BLOCKS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr, SUB_M: tl.constexpr, BLOCK_R: tl.constexpr,
-        UPCAST: tl.constexpr, PLANE: tl.constexpr = 32,
+        UPCAST: tl.constexpr, PLANE: tl.constexpr = 32, APPLY_SCALE: tl.constexpr = False,
     ):
         """dX's LoRA term alone: OUT[rows, cols] = keep * (L[rows, :r] @ P[r_off:r_off+r, cols]) / (1 - p) over
         BLOCKS_PER_PROG dropout blocks (8 planes of PLANE columns: one mask byte row per block, bit = plane), so
@@ -450,6 +450,8 @@ if HAVE_TRITON:
             lt = tl.load(L + rows[:, None] * stride_lm + rr[None, :], mask=row_ok[:, None] & r_ok[None, :],
                          other=0.0)
             inv_keep = tl.load(FTABLE + pid_m * 2 + 1)
+            if APPLY_SCALE:  # L is dY B without the adapter's scale
+                inv_keep = inv_keep * tl.load(FTABLE + pid_m * 2 + 0)
             if UPCAST:
                 lt = lt.to(tl.float32)
             else:
@@ -611,13 +613,16 @@ BASE_GEMMS = ("auto", "triton", "torch", "torch_all")
 
 
 def resolve_base_gemm(base_gemm: str, x: torch.Tensor) -> str:
-    """"auto" -> "torch" (cuBLAS) on a GPU, "triton" elsewhere (the interpreter runs the fully fused kernel). On
-    an H200 (2026-11-28, ``launch/device_check.py``) fwd+bwd at T=8192, 4096x4096, r=16 took 1.31 ms with the
-    cuBLAS base GEMMs against 1.71 ms with our Triton GEMM (frozen base alone: 0.71 ms)."""
+    """"auto" -> "torch_all" (cuBLAS for every GEMM) on a GPU, "triton" elsewhere (the interpreter runs the fully
+    fused kernel). On an H200 (2026-11-28 06:38 UTC, ``launch/device_check.py``, fwd+bwd over 24 grid shapes)
+    "torch_all" was the fastest of the three on the 16 shapes with T >= 8192 or T = 4096 and a big layer
+    (1.09-2.06x the frozen base at T=8192-16384 against 1.17-2.17x for "torch" and 1.37-2.58x for "triton");
+    on the 8 smaller ones every variant was bound by host-side launch cost, which its one-segment path has
+    since cut."""
     if base_gemm not in BASE_GEMMS:
         raise ValueError(f"base_gemm: {base_gemm!r} must be one of {', '.join(BASE_GEMMS)}")
     if base_gemm == "auto":
-        return "torch" if x.device.type == "cuda" else "triton"
+        return "torch_all" if x.device.type == "cuda" else "triton"
     return base_gemm
 
 
@@ -711,8 +716,9 @@ def _term_rows(out, plan: _TilePlan, thin, mats, bias=None) -> None:
             torch.mm(t, m, out=out[start:end])
 
 
-def _masked_term(ds, a_cat, mask, out, plan: _TilePlan) -> None:
-    """dX's LoRA term with the dropout mask, mask * (dS A) / (1 - p), by ``_lora_masked_term_kernel``."""
+def _masked_term(ds, a_cat, mask, out, plan: _TilePlan, apply_scale: bool = False) -> None:
+    """dX's LoRA term with the dropout mask, mask * (dS A) / (1 - p), by ``_lora_masked_term_kernel``
+    (``apply_scale``: ``ds`` lacks the adapter's scale, the kernel applies it)."""
     T, K = out.shape
     sub_m = min(_DOWN_SUB_M, plan.block_m)
     n_rows = plan.n_tiles * (plan.block_m // sub_m)
@@ -722,7 +728,63 @@ def _masked_term(ds, a_cat, mask, out, plan: _TilePlan) -> None:
         ds, a_cat, mask, out, plan.table, plan.ftable, K,
         ds.stride(0), a_cat.stride(0), a_cat.stride(1), mask.stride(0), out.stride(0),
         BLOCKS_PER_PROG=per_prog, BLOCK_M=plan.block_m, SUB_M=sub_m, BLOCK_R=plan.block_r, UPCAST=INTERPRET,
-        PLANE=DROP_PLANE, **_launch_opts(4, 1))
+        PLANE=DROP_PLANE, APPLY_SCALE=apply_scale, **_launch_opts(4, 1))
+
+
+def _one_segment(plan: _TilePlan, T: int) -> bool:
+    """One adapter segment covering every row (every ``lora_linear`` call): the cuBLAS path needs no per-row
+    bookkeeping there, so it issues a handful of calls - on a GPU each call costs ~20 us of host time, which
+    is the whole step time of small shapes."""
+    return len(plan.segments) == 1 and plan.segments[0][1] == 0 and plan.segments[0][2] == T
+
+
+def _adapter_mats(plan: _TilePlan, a_cat, b_cat):
+    _, _, _, rank, r_off = plan.segments[0]
+    if rank == plan.r_total:
+        return a_cat, b_cat
+    return a_cat[r_off:r_off + rank], b_cat[:, r_off:r_off + rank]
+
+
+def _forward_one_segment(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int):
+    """``base_gemm="torch_all"``, one segment: Y = scale (Xd A^T) B^T (+ bias) by cuBLAS, then Y += X W^T through
+    C. Saves S = Xd A^T in the input dtype [T, r]."""
+    scale = plan.scales[plan.segments[0][0]]
+    a, b = _adapter_mats(plan, a_cat, b_cat)
+    _, xd, mask = _down(x2, a_cat, plan, seed, with_s=False)
+    s16 = torch.mm(xd, a.t())
+    if bias is not None:
+        y = torch.addmm(bias, s16, b.t(), alpha=scale)
+    else:  # beta = 0: the uninitialised C is ignored
+        y = torch.empty((x2.shape[0], weight.shape[0]), device=x2.device, dtype=x2.dtype)
+        y.addmm_(s16, b.t(), beta=0, alpha=scale)
+    y.addmm_(x2, weight.t())
+    return y, s16, xd, mask
+
+
+def _backward_one_segment(dy2, weight, a_cat, b_cat, s16, xd, mask, plan: _TilePlan, need_dx: bool,
+                          need_dbias: bool):
+    """The backward of ``_forward_one_segment``: P = dY B (dS = scale P), dB = scale dY^T S, dA = scale P^T Xd,
+    dX = dY W + mask * scale (P A) / (1 - p), the scale riding on the GEMMs' alpha."""
+    aid, _, _, rank, r_off = plan.segments[0]
+    scale = plan.scales[aid]
+    a, b = _adapter_mats(plan, a_cat, b_cat)
+    p = torch.mm(dy2, b)
+    db = torch.empty_like(b).addmm_(dy2.t(), s16, beta=0, alpha=scale)
+    da = torch.empty_like(a).addmm_(p.t(), xd, beta=0, alpha=scale)
+    if rank != plan.r_total:  # other adapters of the call cover no rows: zero gradients
+        da_full, db_full = torch.zeros_like(a_cat), torch.zeros_like(b_cat)
+        da_full[r_off:r_off + rank], db_full[:, r_off:r_off + rank] = da, db
+        da, db = da_full, db_full
+    dbias = torch.sum(dy2, dim=0, dtype=torch.float32) if need_dbias else None
+    dx = None
+    if need_dx:
+        dx = torch.empty_like(xd)
+        if mask is not None:
+            _masked_term(p, a_cat, mask, dx, plan, apply_scale=True)
+        else:
+            dx.addmm_(p, a, beta=0, alpha=scale)
+        dx.addmm_(dy2, weight)
+    return dx, da, db, dbias
 
 
 def _forward_cublas(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int, thin: str):
@@ -800,6 +862,8 @@ def _fused_forward(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int, g
                    base: str = "triton"):
     """Steps 1-2. Returns Y, S (fp32 [T, BLOCK_R]), Xd (or X), packed keep bits (uint8 [T, mask_bytes(K)]) or
     None."""
+    if base == "torch_all" and _one_segment(plan, x2.shape[0]):
+        return _forward_one_segment(x2, weight, bias, a_cat, b_cat, plan, seed)
     if base in ("torch", "torch_all"):
         return _forward_cublas(x2, weight, bias, a_cat, b_cat, plan, seed, "torch" if base == "torch_all" else "triton")
     T, K = x2.shape
@@ -832,6 +896,8 @@ def _grad_lora_a(ds: torch.Tensor, xd: torch.Tensor, plan: _TilePlan, K: int) ->
 def _fused_backward(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, need_dx: bool, need_dbias: bool,
                     gemm_config=None, base: str = "triton"):
     """Steps 3-5. Returns dX (or None), dA_cat, dB_cat (fp32), dbias (fp32 or None)."""
+    if base == "torch_all" and _one_segment(plan, dy2.shape[0]):
+        return _backward_one_segment(dy2, weight, a_cat, b_cat, s, xd, mask, plan, need_dx, need_dbias)
     if base in ("torch", "torch_all"):
         return _backward_cublas(dy2, weight, a_cat, b_cat, s, xd, mask, plan, need_dx, need_dbias,
                                 "torch" if base == "torch_all" else "triton")
@@ -981,8 +1047,8 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     same kernel without its reduction loop and accumulated through the GEMM's C input (``gemm_config`` then
     does not apply); "torch_all": cuBLAS for every GEMM, the thin LoRA ones too (S = Xd A^T, S B^T, dS, dB per
     segment), our kernels only for the dropout mask / Xd and the masked dX term (no gemm_config); "auto"
-    (default): "torch" on a GPU, where it measured faster, "triton" under the interpreter. Same results up to
-    rounding."""
+    (default): "torch_all" on a GPU, where it measured fastest, "triton" under the interpreter. Same results up
+    to rounding."""
     if gemm_config is not None:  # an explicit launch configuration is for our GEMM kernel
         if base_gemm in ("torch", "torch_all"):
             raise ValueError(f"base_gemm: {base_gemm!r} cannot take a gemm_config (it configures our Triton GEMM)")

@@ -258,6 +258,29 @@ def test_base_gemm_torch_single_adapter_matches_triton_path():
     assert L.resolve_base_gemm("torch", x) == "torch"
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_torch_all_one_segment_of_several_adapters(p):
+    """base_gemm="torch_all" takes its short path when one segment covers every row; the other adapters of the
+    call get zero gradients, no bias, every element against float64."""
+    T, K, N = 33, 280, 24
+    adapters = [LoRAAdapterWeights(_rand(r, K, dtype=torch.float32, scale=0.1, grad=True),
+                                   _rand(N, r, dtype=torch.float32, grad=True), sc, p) for r, sc in ((4, 0.5), (8, 2.0))]
+    x = _rand(T, K, dtype=torch.float32, grad=True)
+    w = _rand(N, K, dtype=torch.float32, scale=0.1)
+    leaves = [x] + [t for ad in adapters for t in (ad.lora_a, ad.lora_b)]
+    dy = _rand(T, N, dtype=torch.float32)
+    y = multi_lora_linear(x, w, adapters, [(1, 0, T)], seed=3, base_gemm="torch_all")
+    grads = torch.autograd.grad(y, leaves, dy)
+    ads64 = [LoRAAdapterWeights(_leaf64(ad.lora_a), _leaf64(ad.lora_b), ad.scale, ad.dropout_p) for ad in adapters]
+    l64 = [_leaf64(x)] + [t for ad in ads64 for t in (ad.lora_a, ad.lora_b)]
+    y64 = multi_lora_linear_reference(l64[0], w.double(), ads64, [(1, 0, T)], seed=3)
+    g64 = torch.autograd.grad(y64, l64, dy.double(), allow_unused=True)
+    assert_all_close("y", y, y64, 2e-5, 2e-5)
+    for name, g, leaf, r in zip(("dx", "dA0", "dB0", "dA1", "dB1"), grads, leaves, g64):
+        assert_all_close(name, g, torch.zeros_like(leaf) if r is None else r, 4e-5, 4e-5)
+    assert torch.count_nonzero(grads[1]) == 0 and torch.count_nonzero(grads[2]) == 0
+
+
 def test_bad_input_is_a_clear_value_error():
     K, N = 16, 8
     x, w = _rand(10, K, dtype=torch.float32), _rand(N, K, dtype=torch.float32)
