@@ -131,9 +131,14 @@ DROP_BLOCK = DROP_PLANE * DROP_PLANES
 #: launch of the dropout/S kernel with dropout: 32 rows a program on 8 warps, no software pipelining (a streaming
 #: kernel wants occupancy): 99 registers for dropout + S, 62 for dropout only, no spills (sm_90 ptxas,
 #: kernel_report); 128 rows on 4 warps took 255 registers + spills and serialized its wgmma (C7515). Without
-#: dropout (S = X A^T only) 4 warps and a 3-stage pipelined K loop: 38 registers.
+#: dropout (S = X A^T only) 4 warps and a 3-stage pipelined K loop: 38 registers. ``DOWN_LAUNCH`` /
+#: ``TERM_LAUNCH`` are the launch knobs of the dropout and masked-term kernels (``launch/lora_kernel_sweep.py``
+#: times alternatives on a GPU): rows per program, warps, programs per SM (dropout: split of the K loop) or
+#: column blocks per program (term: the row's blocks are cut into ``split`` programs).
 _DOWN_SUB_M, _DOWN_WARPS, _DOWN_STAGES = 32, 8, 1
 _DOWN_PLAIN_WARPS, _DOWN_PLAIN_STAGES = 4, 3
+DOWN_LAUNCH = {"sub_m": _DOWN_SUB_M, "warps": _DOWN_WARPS, "per_sm": 4}
+TERM_LAUNCH = {"sub_m": _DOWN_SUB_M, "warps": 4, "split": 4}
 
 
 def _drop_blocks(cols: int) -> int:
@@ -653,7 +658,7 @@ def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bi
         kernel[grid](*args, **flags)
 
 
-def _down(x2, a_cat, plan: _TilePlan, seed: int, with_s: bool):
+def _down(x2, a_cat, plan: _TilePlan, seed: int, with_s: bool, launch: Optional[dict] = None):
     """Step 1: S (fp32 [T, BLOCK_R], or None when ``with_s`` is False), Xd (or X) and the packed keep bits
     (uint8 [T, mask_bytes(K)]) or None, from one read of X."""
     T, K = x2.shape
@@ -667,10 +672,11 @@ def _down(x2, a_cat, plan: _TilePlan, seed: int, with_s: bool):
         if not with_s:
             return s, xd, mask
     block_k = 16 if INTERPRET else 64
-    sub_m = min(_DOWN_SUB_M, plan.block_m)
+    knobs = {**DOWN_LAUNCH, **(launch or {})}
+    sub_m = min(knobs["sub_m"], plan.block_m)
     n_rows = plan.n_tiles * (plan.block_m // sub_m)
     n_blocks = triton.cdiv(K, DROP_BLOCK) if plan.has_dropout else triton.cdiv(K, block_k)
-    split_k = _split(n_rows, n_blocks, dev, per_sm=4)
+    split_k = _split(n_rows, n_blocks, dev, per_sm=knobs["per_sm"])
     dummy = s if s is not None else plan.ftable
     _lora_down_kernel[(n_rows, split_k)](
         x2, a_cat, dummy, xd, mask if mask is not None else dummy, plan.table, plan.ftable, seed, K,
@@ -678,7 +684,7 @@ def _down(x2, a_cat, plan: _TilePlan, seed: int, with_s: bool):
         mask.stride(0) if mask is not None else 0,
         SPLIT_K=split_k, BLOCK_M=plan.block_m, BLOCK_K=block_k, BLOCK_R=plan.block_r,
         HAS_DROPOUT=plan.has_dropout, HAS_DOT=with_s, UPCAST=INTERPRET, PLANE=DROP_PLANE, SUB_M=sub_m,
-        **(_launch_opts(_DOWN_WARPS, _DOWN_STAGES) if plan.has_dropout
+        **(_launch_opts(knobs["warps"], _DOWN_STAGES) if plan.has_dropout
            else _launch_opts(_DOWN_PLAIN_WARPS, _DOWN_PLAIN_STAGES)))
     return s, xd, mask
 
@@ -716,19 +722,21 @@ def _term_rows(out, plan: _TilePlan, thin, mats, bias=None) -> None:
             torch.mm(t, m, out=out[start:end])
 
 
-def _masked_term(ds, a_cat, mask, out, plan: _TilePlan, apply_scale: bool = False) -> None:
+def _masked_term(ds, a_cat, mask, out, plan: _TilePlan, apply_scale: bool = False,
+                 launch: Optional[dict] = None) -> None:
     """dX's LoRA term with the dropout mask, mask * (dS A) / (1 - p), by ``_lora_masked_term_kernel``
     (``apply_scale``: ``ds`` lacks the adapter's scale, the kernel applies it)."""
     T, K = out.shape
-    sub_m = min(_DOWN_SUB_M, plan.block_m)
+    knobs = {**TERM_LAUNCH, **(launch or {})}
+    sub_m = min(knobs["sub_m"], plan.block_m)
     n_rows = plan.n_tiles * (plan.block_m // sub_m)
     n_blk = triton.cdiv(K, DROP_BLOCK)
-    per_prog = 1 if INTERPRET else max(1, n_blk // 4)
+    per_prog = 1 if INTERPRET else max(1, -(-n_blk // knobs["split"]))
     _lora_masked_term_kernel[(n_rows, triton.cdiv(n_blk, per_prog))](
         ds, a_cat, mask, out, plan.table, plan.ftable, K,
         ds.stride(0), a_cat.stride(0), a_cat.stride(1), mask.stride(0), out.stride(0),
         BLOCKS_PER_PROG=per_prog, BLOCK_M=plan.block_m, SUB_M=sub_m, BLOCK_R=plan.block_r, UPCAST=INTERPRET,
-        PLANE=DROP_PLANE, APPLY_SCALE=apply_scale, **_launch_opts(4, 1))
+        PLANE=DROP_PLANE, APPLY_SCALE=apply_scale, **_launch_opts(knobs["warps"], 1))
 
 
 def _one_segment(plan: _TilePlan, T: int) -> bool:

@@ -1,0 +1,133 @@
+"""Launch alternatives of the two bandwidth-bound LoRA kernels, timed on a GPU at one shape.
+
+    python3 launch/lora_kernel_sweep.py                  # T=8192 K=4096 r=16 p=0.1, bf16
+    python3 launch/lora_kernel_sweep.py --T 16384 --K 8192 --r 64
+
+Kernels: the dropout kernel (Xd and the mask bits; with ``--with-s`` also S = Xd A^T, the launch
+``base_gemm="torch"`` uses) over rows per program x warps x programs per SM, and the masked dX term over rows
+per program x warps x programs per row. Every alternative's output is compared with the default launch's
+(``kernels.lora.DOWN_LAUNCH`` / ``TERM_LAUNCH``): the dropout outputs must be bit-identical, the term within
+bf16 rounding. Prints one table per kernel (time, GB/s against the bytes each must move) and writes
+``lora_kernel_sweep.json`` to $OUT when set. Runs from a bare checkout like ``device_check.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from device_check import ensure_namespace
+
+DOWN_GRID = {"sub_m": (16, 32), "warps": (4, 8), "per_sm": (4, 8)}
+TERM_GRID = {"sub_m": (32, 64), "warps": (4, 8), "split": (2, 4, 8)}
+
+
+def _configs(grid: dict) -> list[dict]:
+    keys = list(grid)
+    return [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--T", type=int, default=8192)
+    ap.add_argument("--K", type=int, default=4096)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--p", type=float, default=0.1)
+    ap.add_argument("--with-s", action="store_true", help="also time the dropout kernel that accumulates S")
+    args = ap.parse_args(argv)
+    ensure_namespace()
+    import torch
+
+    from adasched.kernels import bench
+    from adasched.kernels import lora as L
+
+    smoke = not torch.cuda.is_available()
+    if smoke and os.environ.get("TRITON_INTERPRET") != "1":
+        print("lora_kernel_sweep: needs a GPU (or TRITON_INTERPRET=1 for a CPU smoke run)", file=sys.stderr)
+        return 2
+    dev = torch.device("cpu" if smoke else "cuda")
+    T, K, r, p = (48, 300, 4, args.p) if smoke else (args.T, args.K, args.r, args.p)
+    if smoke:
+        print("NO GPU: CPU smoke run under the Triton interpreter, tiny shape; times are NOT performance numbers",
+              flush=True)
+    g = torch.Generator(device=dev).manual_seed(T + K + r)
+    dt = torch.float32 if smoke else torch.bfloat16  # the interpreter gets bf16 arithmetic wrong
+    x = torch.randn(T, K, device=dev, generator=g).to(dt)
+    a = (torch.randn(r, K, device=dev, generator=g) * K ** -0.5).to(dt)
+    pmat = (torch.randn(T, r, device=dev, generator=g)).to(dt)  # dY B, the term's thin input
+    plan = L._tile_plan(T, ((0, 0, T),), (r,), (2.0,), (p,), 16 if smoke else 128, dev)
+    seed = 12345
+    mb = L.mask_bytes(K)
+    env = bench.environment(dev.type)
+    out = {**env, "smoke": smoke, "shape": {"T": T, "K": K, "r": r, "p": p}, "down": [], "term": []}
+
+    def time_ms(fn) -> float:
+        if smoke:
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100))
+
+    # dropout kernel: reads X, writes Xd and the mask bits
+    down_bytes = T * K * 2 * 2 + T * mb
+    kinds = [False, True] if args.with_s else [False]
+    _, xd_ref, mask_ref = L._down(x, a, plan, seed, with_s=False)
+    s_ref = L._down(x, a, plan, seed, with_s=True)[0]
+    for with_s, cfg in itertools.product(kinds, _configs(DOWN_GRID)):
+        row = {"with_s": with_s, **cfg}
+        try:
+            s, xd, mask = L._down(x, a, plan, seed, with_s=with_s, launch=cfg)
+            same = bool(torch.equal(xd, xd_ref)) and bool(torch.equal(mask, mask_ref))
+            if with_s:
+                same = same and bool(torch.allclose(s, s_ref, rtol=1e-3, atol=1e-3))
+            ms = time_ms(lambda: L._down(x, a, plan, seed, with_s=with_s, launch=cfg))
+            row.update(ms=ms, gbps=down_bytes / ms / 1e6, same=same, default=cfg == L.DOWN_LAUNCH)
+        except Exception as err:  # a config that does not compile is a result, not a crash
+            row.update(ms=float("nan"), gbps=float("nan"), same=False, error=f"{type(err).__name__}: {err}"[:160])
+        out["down"].append(row)
+        print(f"down {row}", file=sys.stderr, flush=True)
+
+    # masked dX term: reads the mask, writes [T, K]
+    term_bytes = T * K * 2 + T * mb
+    dx_ref = torch.empty(T, K, device=dev, dtype=dt)
+    L._masked_term(pmat, a, mask_ref, dx_ref, plan, apply_scale=True)
+    for cfg in _configs(TERM_GRID):
+        row = dict(cfg)
+        try:
+            dx = torch.empty_like(dx_ref)
+            L._masked_term(pmat, a, mask_ref, dx, plan, apply_scale=True, launch=cfg)
+            diff = float((dx.float() - dx_ref.float()).abs().max())
+            ms = time_ms(lambda: L._masked_term(pmat, a, mask_ref, dx, plan, apply_scale=True, launch=cfg))
+            row.update(ms=ms, gbps=term_bytes / ms / 1e6, max_abs_diff=diff,
+                       same=diff <= 1e-2 * float(dx_ref.float().abs().max()), default=cfg == L.TERM_LAUNCH)
+        except Exception as err:
+            row.update(ms=float("nan"), gbps=float("nan"), same=False, error=f"{type(err).__name__}: {err}"[:160])
+        out["term"].append(row)
+        print(f"term {row}", file=sys.stderr, flush=True)
+
+    text = [f"lora kernel sweep: {env['device_name']}, torch {env['torch']}, triton {env['triton']}, "
+            f"T={T} K={K} r={r} p={p}"]
+    for name, rows, keys in (("dropout (Xd + mask)", out["down"], ["with_s", *DOWN_GRID]),
+                             ("masked dX term", out["term"], list(TERM_GRID))):
+        ok = sorted((rw for rw in rows if rw["ms"] == rw["ms"]), key=lambda rw: rw["ms"])
+        table = [[*(str(rw[k]) for k in keys), f"{rw['ms'] * 1e3:.1f}", f"{rw['gbps']:.0f}",
+                  "yes" if rw["same"] else "NO", "default" if rw.get("default") else ""] for rw in ok]
+        table += [[*(str(rw[k]) for k in keys), "error", rw.get("error", ""), "", ""] for rw in rows
+                  if rw["ms"] != rw["ms"]]
+        text.append(bench.format_table(table, [*keys, "us", "GB/s", "same output", ""], title=f"== {name} =="))
+    print("\n".join(text), flush=True)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
+        (Path(os.environ["OUT"]) / "lora_kernel_sweep.json").write_text(json.dumps(out, indent=1, default=str))
+    bad = [rw for rw in out["down"] + out["term"] if rw["ms"] == rw["ms"] and not rw["same"]]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
