@@ -144,12 +144,13 @@ def kernel_cases(only: Optional[Iterable[str]] = None, arch: int = 90) -> list[t
         down = dict(SPLIT_K=8, BLOCK_M=128, BLOCK_K=64, BLOCK_R=16, UPCAST=False, PLANE=L.DROP_PLANE)
         for name, drop, dot in (("dropout/S", True, True), ("dropout only", True, False), ("S, no dropout", False, True)):
             cases.append(("lora", f"lora down: {name}", L._lora_down_kernel, SIGNATURES["lora_down"],
-                          dict(down, HAS_DROPOUT=drop, HAS_DOT=dot, SUB_M=L._DOWN_SUB_M),
-                          dict(num_warps=L._DOWN_WARPS, num_stages=L._DOWN_STAGES) if drop else
+                          dict(down, HAS_DROPOUT=drop, HAS_DOT=dot, SUB_M=L.DOWN_LAUNCH["sub_m"]),
+                          dict(num_warps=L.DOWN_LAUNCH["warps"], num_stages=L._DOWN_STAGES) if drop else
                           dict(num_warps=L._DOWN_PLAIN_WARPS, num_stages=L._DOWN_PLAIN_STAGES), ("seed",)))
         cases.append(("lora", "lora masked dX term", L._lora_masked_term_kernel, SIGNATURES["lora_term"],
-                      dict(BLOCKS_PER_PROG=4, BLOCK_M=128, SUB_M=L._DOWN_SUB_M, BLOCK_R=16, UPCAST=False,
-                           PLANE=L.DROP_PLANE, stride_po=1), dict(num_warps=4, num_stages=1), ()))
+                      dict(BLOCKS_PER_PROG=2, BLOCK_M=128, SUB_M=L.TERM_LAUNCH["sub_m"], BLOCK_R=16, UPCAST=False,
+                           PLANE=L.DROP_PLANE, APPLY_SCALE=True, stride_po=1),
+                      dict(num_warps=L.TERM_LAUNCH["warps"], num_stages=1), ()))
         cases.append(("lora", "lora dY (split 5)", L._lora_dy_kernel, SIGNATURES["lora_dy"],
                       dict(SPLIT_N=5, BLOCK_M=128, BLOCK_N=64, BLOCK_R=16, HAS_DBIAS=False, UPCAST=False),
                       dict(num_warps=4, num_stages=3), ()))

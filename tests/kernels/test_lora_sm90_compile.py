@@ -28,8 +28,8 @@ SCRIPT = textwrap.dedent('''
     for name, dot in (("down_dropout", True), ("down_mask_only", False)):
         r = compile_report(L._lora_down_kernel, SIGNATURES["lora_down"],
                            dict(SPLIT_K=4, BLOCK_M=128, BLOCK_K=64, BLOCK_R=16, HAS_DROPOUT=True, HAS_DOT=dot,
-                                UPCAST=False, PLANE=L.DROP_PLANE, SUB_M=L._DOWN_SUB_M),
-                           dict(num_warps=L._DOWN_WARPS, num_stages=L._DOWN_STAGES), arch=90,
+                                UPCAST=False, PLANE=L.DROP_PLANE, SUB_M=L.DOWN_LAUNCH["sub_m"]),
+                           dict(num_warps=L.DOWN_LAUNCH["warps"], num_stages=L._DOWN_STAGES), arch=90,
                            no_divisibility=("seed",))
         out[name] = {"regs": r["regs"], "spill_bytes": r["spill_bytes"], "warnings": r["warnings"],
                      "mma": r["mma"]}
@@ -60,11 +60,11 @@ def test_kernels_compile_for_sm90_with_pipelined_wgmma_gemms(tmp_path):
         assert res[name]["wgmma_serialized"] is False, (name, res[name])
     assert res["gemm_fwd"]["spill_bytes"] == 0 and res["gemm_dx_128"]["spill_bytes"] == 0, res
     assert res["dy"]["wgmma"] and res["dy"]["async"] and res["dy"]["stages"] >= 2, res["dy"]
-    # the dropout/S kernel as launched: few enough registers for >= 2 programs of 8 warps per SM, no spills, no
-    # ptxas warnings (128 rows on 4 warps took 255 registers + spills and serialized its wgmma: C7515)
+    # the dropout/S kernel as launched (32 rows, 4 warps): no spills, no ptxas warnings, <= 168 registers, so
+    # three programs share an SM (128 rows on 4 warps took 255 registers + spills and serialized its wgmma: C7515)
     for name in ("down_dropout", "down_mask_only"):
         got = res[name]
-        assert got["regs"] <= 128 and got["spill_bytes"] == 0 and not got["warnings"], (name, got)
+        assert got["regs"] <= 168 and got["spill_bytes"] == 0 and not got["warnings"], (name, got)
     assert res["down_dropout"]["mma"] in ("mma", "wgmma"), res["down_dropout"]
 
 
