@@ -23,10 +23,12 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 __all__ = ["BENCH_MODULES", "BenchCase", "group_of", "resolve_device", "prepare_device", "time_fn",
-           "run_benchmarks", "run_checks", "time_interleaved", "profile_providers", "format_profile", "environment", "format_table", "RESULT_COLUMNS", "result_rows"]
+           "run_benchmarks", "run_checks", "time_interleaved", "profile_providers", "format_profile",
+           "host_profile", "format_host_profile", "environment", "format_table", "RESULT_COLUMNS", "result_rows"]
 
 #: group -> module. The kernels package knows these only by name: the MoE layer benchmark lives with the runtime
 #: (it times the whole layer), the plan-derived GEMM configuration check with the launch scripts (it needs Twill).
@@ -309,6 +311,63 @@ def profile_providers(case: BenchCase, names: Sequence[str], steps: int = 3, top
     if cuda:
         torch.cuda.empty_cache()
     return out
+
+
+def host_profile(case: BenchCase, names: Sequence[str], calls: int = 30, top: int = 12,
+                 device: str = "cuda") -> dict:
+    """Host-side cost of some providers of one case: per provider the CPU time per call spent issuing the work
+    (``calls`` calls back to back, no synchronisation inside) and the wall time per call including the device
+    (synchronised at the end), and for each the ``top`` Python functions by own time under cProfile (name, us
+    per call, calls per call). Small shapes are bound by this, not by the kernels."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    providers = case.providers() if callable(case.providers) else case.providers
+    out = {}
+    for name in names:
+        fn = providers.get(name)
+        if fn is None:
+            continue
+        try:
+            for _ in range(3):
+                fn()
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            t1 = time.perf_counter()
+            sync()
+            t2 = time.perf_counter()
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(calls):
+                fn()
+            prof.disable()
+            sync()
+            stats = pstats.Stats(prof).stats  # {(file, line, func): (cc, nc, tt, ct, callers)}
+            rows = sorted(((f"{Path(k[0]).name}:{k[1]}({k[2]})", v[2] / calls * 1e6, v[1] / calls)
+                           for k, v in stats.items()), key=lambda r: -r[1])
+            out[name] = {"issue_us": (t1 - t0) / calls * 1e6, "wall_us": (t2 - t0) / calls * 1e6,
+                         "functions": rows[:top]}
+        except Exception as err:  # a profiler problem must not cost the run
+            out[name] = {"error": f"{type(err).__name__}: {err}"[:200]}
+    del providers
+    return out
+
+
+def format_host_profile(title: str, prof: dict) -> str:
+    lines = [f"-- host profile: {title}"]
+    for name, p in prof.items():
+        if "error" in p:
+            lines.append(f"  {name}: {p['error']}")
+            continue
+        lines.append(f"  {name}: {p['issue_us']:.0f} us to issue a call, {p['wall_us']:.0f} us wall per call")
+        for k, us, n in p["functions"]:
+            lines.append(f"    {us:9.1f} us  x{n:<5g} {k}")
+    return "\n".join(lines)
 
 
 def format_profile(title: str, prof: dict) -> str:

@@ -68,6 +68,13 @@ PROFILE_TARGETS = (
 )
 
 
+#: (group, case name, shape, providers) whose host-side cost is profiled: a shape small enough that issuing the
+#: work, not the kernels, sets the time (on the H200 image every fused LoRA variant took ~1 ms a call there)
+HOST_PROFILE_TARGETS = (
+    ("lora", "lora fwd+bwd", "T=2048 K=4096 N=4096 r=16", ("base", "eager", "fused", "fused_cublas_all")),
+)
+
+
 def _targets(results: list[dict], log) -> list[tuple]:
     rows = []
     for module in ("adasched.kernels.lora_bench", "adasched.runtime.moe.bench"):
@@ -141,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     checks += bench.run_checks(fast, device)
     save()
     run_bench(priority=0)
-    profiles = {}
+    profiles, host_profiles = {}, {}
     if device == "cuda" and not args.no_profile:  # where the time of the target shapes goes
         for group, case_name, shape, names in PROFILE_TARGETS:
             if group not in groups or time.perf_counter() > deadline:
@@ -153,7 +160,18 @@ def main(argv: list[str] | None = None) -> int:
                 profiles[f"{case_name} {shape}"] = bench.profile_providers(case, names, device=device)
             except Exception as err:
                 profiles[f"{case_name} {shape}"] = {"(profile)": {"error": f"{type(err).__name__}: {err}"[:200]}}
+        for group, case_name, shape, names in HOST_PROFILE_TARGETS:
+            if group not in groups or time.perf_counter() > deadline:
+                continue
+            try:
+                mod = importlib.import_module(bench.BENCH_MODULES[group])
+                case = next(c for c in mod.cases(False, device) if c.name == case_name and c.shape == shape)
+                log(f"[host profile] {group}: {case_name} {shape}")
+                host_profiles[f"{case_name} {shape}"] = bench.host_profile(case, names, device=device)
+            except Exception as err:
+                host_profiles[f"{case_name} {shape}"] = {"(host profile)": {"error": f"{type(err).__name__}: {err}"[:200]}}
         save_extra["profiles"] = profiles
+        save_extra["host_profiles"] = host_profiles
         save()
     if "gemm" in groups:
         log("[checks] gemm (Twill plan vs sweep)")
@@ -172,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         text.append(f"skipped: {s}")
     for title, prof in profiles.items():
         text += ["", bench.format_profile(title, prof)]
+    for title, prof in host_profiles.items():
+        text += ["", bench.format_host_profile(title, prof)]
     if targets:
         text += ["", bench.format_table([[n, f"{v:.3f}", g, "" if m is None else ("met" if m else "NOT MET")]
                                          for n, v, g, m in targets],

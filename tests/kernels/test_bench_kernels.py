@@ -178,3 +178,26 @@ def test_profile_providers_breaks_a_case_down_by_op():
     assert prof["mm"]["total_us"] > 0 and any("mm" in k for k, _, _ in prof["mm"]["kernels"])
     text = format_profile("mm 64", prof)
     assert "us device time per call" in text and "boom: ZeroDivisionError" in text
+
+
+def test_host_profile_reports_issue_time_and_python_functions():
+    import torch
+
+    from adasched.kernels.bench import BenchCase, format_host_profile, host_profile
+
+    a, b = torch.randn(32, 32), torch.randn(32, 32)
+
+    def three_matmuls():
+        return (a @ b) @ (b @ a)
+
+    case = BenchCase(name="mm", shape="32", baseline="mm",
+                     providers=lambda: {"mm": three_matmuls, "boom": lambda: 1 / 0})
+    prof = host_profile(case, ["mm", "boom", "absent"], calls=4, device="cpu")
+    assert set(prof) == {"mm", "boom"} and "ZeroDivisionError" in prof["boom"]["error"]
+    p = prof["mm"]
+    assert 0 < p["issue_us"] <= p["wall_us"]
+    names = {k: n for k, _, n in p["functions"]}
+    assert any("three_matmuls" in k and n == 1 for k, n in names.items()), names
+    assert all(us >= 0 for _, us, _ in p["functions"])
+    text = format_host_profile("mm 32", prof)
+    assert "us to issue a call" in text and "boom: ZeroDivisionError" in text
