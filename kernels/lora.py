@@ -624,8 +624,8 @@ def resolve_base_gemm(base_gemm: str, x: torch.Tensor) -> str:
     fused kernel). On an H200 (2026-11-28 06:38 UTC, ``launch/device_check.py``, fwd+bwd over 24 grid shapes)
     "torch_all" was the fastest of the three on the 16 shapes with T >= 8192 or T = 4096 and a big layer
     (1.09-2.06x the frozen base at T=8192-16384 against 1.17-2.17x for "torch" and 1.37-2.58x for "triton");
-    on the 8 smaller ones every variant was bound by host-side launch cost, which its one-segment path has
-    since cut."""
+    on the 8 smaller ones every variant was bound by host-side launch cost, since cut for "torch_all" (GEMMs
+    into views, the scale on alpha: ~3 host calls per segment instead of ~15; not re-measured)."""
     if base_gemm not in BASE_GEMMS:
         raise ValueError(f"base_gemm: {base_gemm!r} must be one of {', '.join(BASE_GEMMS)}")
     if base_gemm == "auto":
@@ -691,12 +691,6 @@ def _down(x2, a_cat, plan: _TilePlan, seed: int, with_s: bool, launch: Optional[
     return s, xd, mask
 
 
-def _segment_views(plan: _TilePlan, a_cat, b_cat):
-    """(start, end, rank, rank_offset, scale, A_a [r, K], B_a [N, r]) per covered segment."""
-    return [(start, end, rank, r_off, plan.scales[aid], a_cat[r_off:r_off + rank], b_cat[:, r_off:r_off + rank])
-            for aid, start, end, rank, r_off in plan.segments]
-
-
 def _uncovered(plan: _TilePlan, T: int):
     """Row ranges [start, end) that no segment covers."""
     pos, gaps = 0, []
@@ -707,21 +701,6 @@ def _uncovered(plan: _TilePlan, T: int):
     if pos < T:
         gaps.append((pos, T))
     return gaps
-
-
-def _term_rows(out, plan: _TilePlan, thin, mats, bias=None) -> None:
-    """out = the LoRA term (+ bias) by cuBLAS: rows of segment i get thin[i] @ mats[i] (+ bias), rows no segment
-    covers get bias or zeros. The big GEMM then accumulates onto ``out`` through its C input."""
-    for start, end in _uncovered(plan, out.shape[0]):
-        if bias is not None:
-            out[start:end] = bias
-        else:
-            out[start:end].zero_()
-    for (_, start, end, _, _), t, m in zip(plan.segments, thin, mats):
-        if bias is not None:
-            torch.addmm(bias, t, m, out=out[start:end])
-        else:
-            torch.mm(t, m, out=out[start:end])
 
 
 def _masked_term(ds, a_cat, mask, out, plan: _TilePlan, apply_scale: bool = False,
@@ -741,50 +720,59 @@ def _masked_term(ds, a_cat, mask, out, plan: _TilePlan, apply_scale: bool = Fals
         PLANE=DROP_PLANE, APPLY_SCALE=apply_scale, **_launch_opts(knobs["warps"], 1))
 
 
-def _one_segment(plan: _TilePlan, T: int) -> bool:
-    """One adapter segment covering every row (every ``lora_linear`` call): the cuBLAS path needs no per-row
-    bookkeeping there, so it issues a handful of calls - on a GPU each call costs ~20 us of host time, which
-    is the whole step time of small shapes."""
-    return len(plan.segments) == 1 and plan.segments[0][1] == 0 and plan.segments[0][2] == T
+def _fill_uncovered(out, plan: _TilePlan, bias=None) -> None:
+    """Rows no segment covers get the bias (or zeros): the LoRA term there is zero."""
+    for start, end in _uncovered(plan, out.shape[0]):
+        if bias is not None:
+            out[start:end] = bias
+        else:
+            out[start:end].zero_()
 
 
-def _adapter_mats(plan: _TilePlan, a_cat, b_cat):
-    _, _, _, rank, r_off = plan.segments[0]
-    if rank == plan.r_total:
-        return a_cat, b_cat
-    return a_cat[r_off:r_off + rank], b_cat[:, r_off:r_off + rank]
-
-
-def _forward_one_segment(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int):
-    """``base_gemm="torch_all"``, one segment: Y = scale (Xd A^T) B^T (+ bias) by cuBLAS, then Y += X W^T through
-    C. Saves S = Xd A^T in the input dtype [T, r]."""
-    scale = plan.scales[plan.segments[0][0]]
-    a, b = _adapter_mats(plan, a_cat, b_cat)
+def _forward_torch_all(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int):
+    """``base_gemm="torch_all"``: per segment two cuBLAS calls writing straight into views - S = Xd A^T into a
+    [T, r_max] buffer, Y = scale S B^T (+ bias) into Y's rows, the scale on alpha - then Y += X W^T through C.
+    No copies and no per-segment scaling passes: on a GPU each host call costs ~15-25 us, which is what small
+    shapes and many segments pay. Saves S in the input dtype."""
+    T = x2.shape[0]
     _, xd, mask = _down(x2, a_cat, plan, seed, with_s=False)
-    s16 = torch.mm(xd, a.t())
-    if bias is not None:
-        y = torch.addmm(bias, s16, b.t(), alpha=scale)
-    else:  # beta = 0: the uninitialised C is ignored
-        y = torch.empty((x2.shape[0], weight.shape[0]), device=x2.device, dtype=x2.dtype)
-        y.addmm_(s16, b.t(), beta=0, alpha=scale)
+    r_max = max([rank for *_, rank, _ in plan.segments], default=1)
+    s16 = torch.empty((T, r_max), device=x2.device, dtype=x2.dtype)
+    y = torch.empty((T, weight.shape[0]), device=x2.device, dtype=x2.dtype)
+    _fill_uncovered(y, plan, bias)
+    for aid, start, end, rank, r_off in plan.segments:
+        sv = s16[start:end, :rank]
+        sv.addmm_(xd[start:end], a_cat[r_off:r_off + rank].t(), beta=0)
+        bt = b_cat[:, r_off:r_off + rank].t()
+        if bias is not None:
+            torch.addmm(bias, sv, bt, alpha=plan.scales[aid], out=y[start:end])
+        else:  # beta = 0: the uninitialised rows are ignored
+            y[start:end].addmm_(sv, bt, beta=0, alpha=plan.scales[aid])
     y.addmm_(x2, weight.t())
     return y, s16, xd, mask
 
 
-def _backward_one_segment(dy2, weight, a_cat, b_cat, s16, xd, mask, plan: _TilePlan, need_dx: bool,
-                          need_dbias: bool):
-    """The backward of ``_forward_one_segment``: P = dY B (dS = scale P), dB = scale dY^T S, dA = scale P^T Xd,
-    dX = dY W + mask * scale (P A) / (1 - p), the scale riding on the GEMMs' alpha."""
-    aid, _, _, rank, r_off = plan.segments[0]
-    scale = plan.scales[aid]
-    a, b = _adapter_mats(plan, a_cat, b_cat)
-    p = torch.mm(dy2, b)
-    db = torch.empty_like(b).addmm_(dy2.t(), s16, beta=0, alpha=scale)
-    da = torch.empty_like(a).addmm_(p.t(), xd, beta=0, alpha=scale)
-    if rank != plan.r_total:  # other adapters of the call cover no rows: zero gradients
-        da_full, db_full = torch.zeros_like(a_cat), torch.zeros_like(b_cat)
-        da_full[r_off:r_off + rank], db_full[:, r_off:r_off + rank] = da, db
-        da, db = da_full, db_full
+def _backward_torch_all(dy2, weight, a_cat, b_cat, s16, xd, mask, plan: _TilePlan, need_dx: bool,
+                        need_dbias: bool):
+    """The backward of ``_forward_torch_all``: per segment P = dY B (dS = scale P), dB += scale dY^T S,
+    dA += scale P^T Xd as cuBLAS calls into views (an adapter's first segment overwrites, beta = 0, later ones
+    accumulate); dX = dY W accumulated through C onto mask * scale (P A) / (1 - p) (our kernel, all segments in
+    one launch) or, without dropout, onto scale P A per segment."""
+    T, N = dy2.shape
+    p = torch.empty((T, s16.shape[1]), device=dy2.device, dtype=dy2.dtype)
+    # every adapter has a segment: each row of dA / dB gets written, no zero fill needed
+    fresh = len({aid for aid, *_ in plan.segments}) == len(plan.scales)
+    da = torch.empty_like(a_cat) if fresh else torch.zeros_like(a_cat)
+    db = torch.empty_like(b_cat) if fresh else torch.zeros_like(b_cat)
+    seen = set()
+    for aid, start, end, rank, r_off in plan.segments:
+        beta = 1 if (aid in seen or not fresh) else 0
+        seen.add(aid)
+        scale = plan.scales[aid]
+        dyv, pv = dy2[start:end], p[start:end, :rank]
+        pv.addmm_(dyv, b_cat[:, r_off:r_off + rank], beta=0)
+        db[:, r_off:r_off + rank].addmm_(dyv.t(), s16[start:end, :rank], beta=beta, alpha=scale)
+        da[r_off:r_off + rank].addmm_(pv.t(), xd[start:end], beta=beta, alpha=scale)
     dbias = torch.sum(dy2, dim=0, dtype=torch.float32) if need_dbias else None
     dx = None
     if need_dx:
@@ -792,60 +780,48 @@ def _backward_one_segment(dy2, weight, a_cat, b_cat, s16, xd, mask, plan: _TileP
         if mask is not None:
             _masked_term(p, a_cat, mask, dx, plan, apply_scale=True)
         else:
-            dx.addmm_(p, a, beta=0, alpha=scale)
+            _fill_uncovered(dx, plan)
+            for aid, start, end, rank, r_off in plan.segments:
+                dx[start:end].addmm_(p[start:end, :rank], a_cat[r_off:r_off + rank], beta=0,
+                                     alpha=plan.scales[aid])
         dx.addmm_(dy2, weight)
     return dx, da, db, dbias
 
 
-def _forward_cublas(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int, thin: str):
-    """``base_gemm`` "torch" / "torch_all": the LoRA term scale S B^T (+ bias) written by cuBLAS, the base GEMM
-    accumulated onto it through C (``out.addmm_``, beta = 1). S comes from our dropout/S kernel ("triton") or
-    from cuBLAS after the mask-only kernel ("torch")."""
+def _forward_cublas(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int):
+    """``base_gemm="torch"``: S from our dropout/S kernel, the LoRA term scale S B^T (+ bias) written by cuBLAS,
+    the base GEMM accumulated onto it through C (``out.addmm_``, beta = 1)."""
     T = x2.shape[0]
-    views = _segment_views(plan, a_cat, b_cat)
-    s, xd, mask = _down(x2, a_cat, plan, seed, with_s=thin == "triton")
-    if thin == "triton":
-        s16 = [s[start:end, :rank].to(x2.dtype) for start, end, rank, *_ in views]
-    else:
-        s = torch.zeros((T, plan.block_r), device=x2.device, dtype=torch.float32)
-        s16 = []
-        for start, end, rank, _, _, a, _ in views:
-            s16.append(xd[start:end] @ a.t())
-            s[start:end, :rank] = s16[-1]
+    s, xd, mask = _down(x2, a_cat, plan, seed, with_s=True)
     y = torch.empty((T, weight.shape[0]), device=x2.device, dtype=x2.dtype)
-    _term_rows(y, plan, s16, [(b * scale).t() for *_, scale, _, b in views], bias)
+    _fill_uncovered(y, plan, bias)
+    for aid, start, end, rank, r_off in plan.segments:
+        bt = b_cat[:, r_off:r_off + rank].t()
+        sv = s[start:end, :rank].to(x2.dtype)
+        if bias is not None:
+            torch.addmm(bias, sv, bt, alpha=plan.scales[aid], out=y[start:end])
+        else:
+            y[start:end].addmm_(sv, bt, beta=0, alpha=plan.scales[aid])
     y.addmm_(x2, weight.t())
     return y, s, xd, mask
 
 
-def _backward_cublas(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, need_dx: bool, need_dbias: bool,
-                     thin: str):
-    """``base_gemm`` "torch" / "torch_all": dS = scale dY B and dB = scale dY^T S from our one-read kernel
-    ("triton") or as cuBLAS GEMMs per segment ("torch"); dX = dY W by cuBLAS accumulated onto the LoRA term
-    (masked by our kernel when there is dropout, else cuBLAS)."""
+def _backward_cublas(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, need_dx: bool, need_dbias: bool):
+    """``base_gemm="torch"``: dS = scale dY B and dB = scale dY^T S from our one-read kernel; dX = dY W by cuBLAS
+    accumulated onto the LoRA term (masked by our kernel when there is dropout, else cuBLAS per segment)."""
     T, N = dy2.shape
     K = weight.shape[1]
-    dev = dy2.device
-    views = _segment_views(plan, a_cat, b_cat)
-    if thin == "triton":
-        ds, db, dbias = _dy_pass(dy2, s, b_cat, plan, need_dbias)
-    else:
-        ds = torch.zeros((T, plan.block_r), device=dev, dtype=torch.float32)
-        db = torch.zeros((N, max(plan.r_total, 1)), device=dev, dtype=torch.float32)
-        dbias = torch.sum(dy2, dim=0, dtype=torch.float32) if need_dbias else None
-        for start, end, rank, r_off, scale, _, b in views:
-            dyv = dy2[start:end]
-            ds[start:end, :rank] = dyv @ (b * scale)
-            db[:, r_off:r_off + rank] += dyv.t() @ (s[start:end, :rank] * scale).to(dy2.dtype)
+    ds, db, dbias = _dy_pass(dy2, s, b_cat, plan, need_dbias)
     da = _grad_lora_a(ds, xd, plan, K)
     dx = None
     if need_dx:
-        dx = torch.empty((T, K), device=dev, dtype=dy2.dtype)
+        dx = torch.empty((T, K), device=dy2.device, dtype=dy2.dtype)
         if mask is not None:
             _masked_term(ds, a_cat, mask, dx, plan)
         else:
-            _term_rows(dx, plan, [ds[start:end, :rank].to(dy2.dtype) for start, end, rank, *_ in views],
-                       [a for *_, a, _ in views])
+            _fill_uncovered(dx, plan)
+            for aid, start, end, rank, r_off in plan.segments:
+                torch.mm(ds[start:end, :rank].to(dy2.dtype), a_cat[r_off:r_off + rank], out=dx[start:end])
         dx.addmm_(dy2, weight)
     return dx, da, db[:, :plan.r_total], dbias
 
@@ -872,10 +848,10 @@ def _fused_forward(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int, g
                    base: str = "triton"):
     """Steps 1-2. Returns Y, S (fp32 [T, BLOCK_R]), Xd (or X), packed keep bits (uint8 [T, mask_bytes(K)]) or
     None."""
-    if base == "torch_all" and _one_segment(plan, x2.shape[0]):
-        return _forward_one_segment(x2, weight, bias, a_cat, b_cat, plan, seed)
-    if base in ("torch", "torch_all"):
-        return _forward_cublas(x2, weight, bias, a_cat, b_cat, plan, seed, "torch" if base == "torch_all" else "triton")
+    if base == "torch_all":
+        return _forward_torch_all(x2, weight, bias, a_cat, b_cat, plan, seed)
+    if base == "torch":
+        return _forward_cublas(x2, weight, bias, a_cat, b_cat, plan, seed)
     T, K = x2.shape
     N = weight.shape[0]
     s, xd, mask = _down(x2, a_cat, plan, seed, with_s=True)
@@ -906,11 +882,10 @@ def _grad_lora_a(ds: torch.Tensor, xd: torch.Tensor, plan: _TilePlan, K: int) ->
 def _fused_backward(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, need_dx: bool, need_dbias: bool,
                     gemm_config=None, base: str = "triton"):
     """Steps 3-5. Returns dX (or None), dA_cat, dB_cat (fp32), dbias (fp32 or None)."""
-    if base == "torch_all" and _one_segment(plan, dy2.shape[0]):
-        return _backward_one_segment(dy2, weight, a_cat, b_cat, s, xd, mask, plan, need_dx, need_dbias)
-    if base in ("torch", "torch_all"):
-        return _backward_cublas(dy2, weight, a_cat, b_cat, s, xd, mask, plan, need_dx, need_dbias,
-                                "torch" if base == "torch_all" else "triton")
+    if base == "torch_all":
+        return _backward_torch_all(dy2, weight, a_cat, b_cat, s, xd, mask, plan, need_dx, need_dbias)
+    if base == "torch":
+        return _backward_cublas(dy2, weight, a_cat, b_cat, s, xd, mask, plan, need_dx, need_dbias)
     T, N = dy2.shape
     K = weight.shape[1]
     ds, db, dbias = _dy_pass(dy2, s, b_cat, plan, need_dbias)

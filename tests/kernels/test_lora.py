@@ -260,8 +260,8 @@ def test_base_gemm_torch_single_adapter_matches_triton_path():
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_torch_all_one_segment_of_several_adapters(p):
-    """base_gemm="torch_all" takes its short path when one segment covers every row; the other adapters of the
-    call get zero gradients, no bias, every element against float64."""
+    """base_gemm="torch_all" with one segment covering every row: the other adapters of the call get zero
+    gradients (dA/dB zero-filled only then), no bias, every element against float64."""
     T, K, N = 33, 280, 24
     adapters = [LoRAAdapterWeights(_rand(r, K, dtype=torch.float32, scale=0.1, grad=True),
                                    _rand(N, r, dtype=torch.float32, grad=True), sc, p) for r, sc in ((4, 0.5), (8, 2.0))]
