@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Optional
 
 from adasched.kernels.bench import BenchCase
 
@@ -187,6 +188,34 @@ def _time_into(records: dict, fns: dict, device: str, quick: bool, flops: float)
         torch.cuda.empty_cache()
 
 
+#: rounds of the head-to-head re-timing of the plan's config against the sweep's best (see :func:`_confirm`)
+CONFIRM_ROUNDS = 9
+
+
+def _confirm(fns: dict, plan_label: str, best_label: Optional[str], device: str, quick: bool) -> Optional[float]:
+    """plan / best throughput from a fresh interleaved timing of just those two configs (``CONFIRM_ROUNDS``
+    rounds), or None when the plan is the best or either is missing. The sweep's own ratio is biased low: its
+    best is the largest of N noisy medians (the winner's curse; on the H200 the 128x128 configs within 4 % of
+    each other swapped places between two runs), so the tolerance is judged on this unselected comparison and
+    both ratios are reported."""
+    if best_label is None or best_label == plan_label or plan_label not in fns or best_label not in fns:
+        return None
+    from adasched.kernels.bench import time_interleaved
+
+    got = time_interleaved({plan_label: fns[plan_label], best_label: fns[best_label]}, device, quick,
+                           rounds=CONFIRM_ROUNDS)
+    tp, tb = got.get(plan_label), got.get(best_label)
+    if isinstance(tp, BaseException) or isinstance(tb, BaseException) or not tp or not tb or tp[0] <= 0:
+        return None
+    return tb[0] / tp[0]
+
+
+def _within(complete: bool, ratio: float, confirm: Optional[float]) -> bool:
+    """The tolerance test of a row: on the head-to-head ratio when there is one, else on the sweep's."""
+    judged = confirm if confirm is not None else ratio
+    return bool(complete and judged >= 1 - TOLERANCE)
+
+
 def _past(deadline) -> bool:
     return deadline is not None and time.perf_counter() > deadline
 
@@ -240,13 +269,14 @@ def plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, tiles=
             p = measured[cfg_plan.label()]
             ratio = p["tflops"] / best["tflops"] if best and best["tflops"] > 0 else math.nan
             complete = not any(v["error"] == DEADLINE_SKIP for v in measured.values())
+            confirm = _confirm(fns, cfg_plan.label(), best["cfg"].label() if best else None, device, quick)
             rows.append({
                 "shape": f"{M}x{N}x{K}", "tile": "x".join(map(str, tile)), "machine": machine, "complete": complete,
                 "plan_config": cfg_plan.label(), "plan_tflops": p["tflops"], "plan_error": p["error"],
                 "plan_ii": info["ii"], "plan_status": info["status"], "plan_source": info["source"],
                 "best_config": best["cfg"].label() if best else None, "best_tflops": best["tflops"] if best else None,
-                "plan_over_best": ratio,
-                "within_tolerance": bool(complete and ratio >= 1 - TOLERANCE) if best else False,
+                "plan_over_best": ratio, "plan_over_best_confirmed": confirm,
+                "within_tolerance": _within(complete, ratio, confirm) if best else False,
                 "n_sweep": len(sweep), "sweep_failed": [v["cfg"].label() for v in sweep if v["error"]],
                 "time_to_config_plan_s": solve_s + p["first_s"] + p["bench_s"],
                 "time_to_config_sweep_s": sum(v["first_s"] + v["bench_s"] for v in sweep),
@@ -341,6 +371,7 @@ def lora_plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, t
             p = measured[0]
             ratio = p["tflops"] / best["tflops"] if best and best["tflops"] > 0 else math.nan
             complete = not any(v["error"] == DEADLINE_SKIP for v in measured)
+            confirm = _confirm(fns, p["config"], best["config"] if best else None, device, quick)
             rows.append({
                 "shape": f"T={T} K={K} N={N} r={r}", "tile": "x".join(map(str, tile)), "machine": machine,
                 "complete": complete,
@@ -349,8 +380,8 @@ def lora_plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, t
                 "plan_ii": info["ii"], "plan_status": info["status"], "plan_source": info["source"],
                 "best_config": best["config"] if best else None, "best_ms": best["ms"] if best else None,
                 "best_tflops": best["tflops"] if best else None,
-                "plan_over_best": ratio,
-                "within_tolerance": bool(complete and ratio >= 1 - TOLERANCE) if best else False,
+                "plan_over_best": ratio, "plan_over_best_confirmed": confirm,
+                "within_tolerance": _within(complete, ratio, confirm) if best else False,
                 "n_sweep": len(sweep), "sweep_failed": [v["config"] for v in sweep if v["error"]],
                 "time_to_config_plan_s": solve_s + p["first_s"] + p["bench_s"],
                 "time_to_config_sweep_s": sum(v["first_s"] + v["bench_s"] for v in sweep),
@@ -362,10 +393,15 @@ def lora_plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, t
     return rows
 
 
+def _confirmed(r: dict) -> str:
+    c = r.get("plan_over_best_confirmed")
+    return "" if c is None else f", head to head {c:.3f}"
+
+
 def _lora_check_row(r: dict) -> tuple[str, bool, str]:
     detail = (f"{'' if r['complete'] else 'INCOMPLETE (deadline) '}{r['shape']} tile {r['tile']} {r['dtype']} fwd+bwd: plan {r['plan_config']} {r['plan_ms']:.3f} ms "
               f"({r['plan_tflops']:.1f} TFLOP/s) vs best {r['best_config']} {r['best_ms'] or math.nan:.3f} ms "
-              f"({r['best_tflops'] or 0:.1f}) = {r['plan_over_best']:.3f}; time to config "
+              f"({r['best_tflops'] or 0:.1f}) = {r['plan_over_best']:.3f}{_confirmed(r)}; time to config "
               f"{r['time_to_config_plan_s']:.1f} s vs {r['time_to_config_sweep_s']:.1f} s ({r['n_sweep']} configs); "
               f"max rel err {r['max_rel_err']:.2e}")
     return (f"twill plan within {TOLERANCE:.0%} of sweep, LoRA {r['shape']} {r['tile']}", r["within_tolerance"],
@@ -394,7 +430,8 @@ def checks(device: str, deadline=None) -> list[tuple[str, bool, str]]:
         LAST_SWEEPS["gemm"] = plan_vs_sweep(device, deadline=half)
         for r in LAST_SWEEPS["gemm"]:
             detail = (f"{'' if r['complete'] else 'INCOMPLETE (deadline) '}{r['shape']} tile {r['tile']}: plan {r['plan_config']} {r['plan_tflops']:.1f} TFLOP/s vs best "
-                      f"{r['best_config']} {r['best_tflops'] or 0:.1f} ({r['plan_over_best']:.3f}); time to config "
+                      f"{r['best_config']} {r['best_tflops'] or 0:.1f} ({r['plan_over_best']:.3f}{_confirmed(r)}); "
+                      f"time to config "
                       f"{r['time_to_config_plan_s']:.1f} s vs {r['time_to_config_sweep_s']:.1f} s "
                       f"({r['n_sweep']} configs)")
             out.append((f"twill plan within {TOLERANCE:.0%} of sweep {r['shape']} {r['tile']}", r["within_tolerance"],
@@ -439,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     fn = lora_plan_vs_sweep if args.lora else plan_vs_sweep
     rows = fn(dev, quick=args.quick, log=lambda s: print(s, flush=True))
     cols = ["shape", "tile", "plan_config", "plan_tflops", "best_config", "best_tflops", "plan_over_best",
-            "time_to_config_plan_s", "time_to_config_sweep_s", "n_sweep"]
+            "plan_over_best_confirmed", "within_tolerance", "time_to_config_plan_s", "time_to_config_sweep_s",
+            "n_sweep"]
     fmt = [[(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c])) for c in cols] for r in rows]
     print(format_table(fmt, cols, title=f"twill plan vs sweep{' (LoRA fwd+bwd)' if args.lora else ''} ({dev}, machine {rows[0]['machine'] if rows else '?'})"))
     if args.json_out:
