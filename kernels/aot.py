@@ -31,7 +31,7 @@ SIGNATURES: dict[str, dict[str, str]] = {
                       stride_mm="i32", stride_om="i32"),
     "lora_down": dict(X=_BF, A=_BF, S="*fp32", XD=_BF, MASK="*u8", TABLE="*i64", FTABLE="*fp32", seed="i32",
                       K="i32", stride_xm="i32", stride_ar="i32", stride_sm="i32", stride_dm="i32", stride_mm="i32"),
-    "lora_term": dict(L="*fp32", P=_BF, MASK="*u8", OUT=_BF, TABLE="*i64", FTABLE="*fp32", OUT_DIM="i32",
+    "lora_term": dict(L=_BF, P=_BF, MASK="*u8", OUT=_BF, TABLE="*i64", FTABLE="*fp32", OUT_DIM="i32",
                       stride_lm="i32", stride_pr="i32", stride_po="i32", stride_mm="i32", stride_om="i32"),
     "lora_dy": dict(DY=_BF, S="*fp32", B=_BF, DS="*fp32", DB="*fp32", DBIAS="*fp32", TABLE="*i64", FTABLE="*fp32",
                     N="i32", stride_dym="i32", stride_sm="i32", stride_bn="i32", stride_dsm="i32", stride_dbn="i32"),

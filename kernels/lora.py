@@ -739,6 +739,7 @@ def _forward_torch_all(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: in
     r_max = max([rank for *_, rank, _ in plan.segments], default=1)
     s16 = torch.empty((T, r_max), device=x2.device, dtype=x2.dtype)
     y = torch.empty((T, weight.shape[0]), device=x2.device, dtype=x2.dtype)
+    bias = bias.to(x2.dtype) if bias is not None else None  # cuBLAS takes C in the output dtype
     _fill_uncovered(y, plan, bias)
     for aid, start, end, rank, r_off in plan.segments:
         sv = s16[start:end, :rank]
@@ -756,7 +757,7 @@ def _backward_torch_all(dy2, weight, a_cat, b_cat, s16, xd, mask, plan: _TilePla
                         need_dbias: bool):
     """The backward of ``_forward_torch_all``: per segment P = dY B (dS = scale P), dB += scale dY^T S,
     dA += scale P^T Xd as cuBLAS calls into views (an adapter's first segment overwrites, beta = 0, later ones
-    accumulate); dX = dY W accumulated through C onto mask * scale (P A) / (1 - p) (our kernel, all segments in
+    accumulate - in the parameters' dtype, as eager autograd sums per-segment grads); dX = dY W accumulated through C onto mask * scale (P A) / (1 - p) (our kernel, all segments in
     one launch) or, without dropout, onto scale P A per segment."""
     T, N = dy2.shape
     p = torch.empty((T, s16.shape[1]), device=dy2.device, dtype=dy2.dtype)
@@ -794,6 +795,7 @@ def _forward_cublas(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int):
     T = x2.shape[0]
     s, xd, mask = _down(x2, a_cat, plan, seed, with_s=True)
     y = torch.empty((T, weight.shape[0]), device=x2.device, dtype=x2.dtype)
+    bias = bias.to(x2.dtype) if bias is not None else None  # cuBLAS takes C in the output dtype
     _fill_uncovered(y, plan, bias)
     for aid, start, end, rank, r_off in plan.segments:
         bt = b_cat[:, r_off:r_off + rank].t()
@@ -846,8 +848,8 @@ def _dy_pass(dy2, s, b_cat, plan: _TilePlan, need_dbias: bool):
 
 def _fused_forward(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int, gemm_config=None,
                    base: str = "triton"):
-    """Steps 1-2. Returns Y, S (fp32 [T, BLOCK_R]), Xd (or X), packed keep bits (uint8 [T, mask_bytes(K)]) or
-    None."""
+    """Steps 1-2. Returns Y, S (fp32 [T, BLOCK_R]; "torch_all": input dtype [T, max rank]), Xd (or X), packed
+    keep bits (uint8 [T, mask_bytes(K)]) or None."""
     if base == "torch_all":
         return _forward_torch_all(x2, weight, bias, a_cat, b_cat, plan, seed)
     if base == "torch":
@@ -1028,9 +1030,9 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     consumer partitions; Triton supports it on Blackwell). None: autotuned on a GPU, a fixed small tile off it.
 
     ``base_gemm``: "triton" runs the two big GEMMs in our kernel with the LoRA term in its register
-    accumulator; "torch" lets torch's GEMM (cuBLAS) do them, the LoRA term (+ bias, mask) written first by the
-    same kernel without its reduction loop and accumulated through the GEMM's C input (``gemm_config`` then
-    does not apply); "torch_all": cuBLAS for every GEMM, the thin LoRA ones too (S = Xd A^T, S B^T, dS, dB per
+    accumulator; "torch" keeps our dropout/S and dY kernels but lets cuBLAS run the two big GEMMs, accumulating
+    through their C input onto the LoRA term (+ bias) written first - by cuBLAS, or for dX with dropout by our
+    masked-term kernel (``gemm_config`` then does not apply); "torch_all": cuBLAS for every GEMM, the thin LoRA ones too (S = Xd A^T, S B^T, dS, dB per
     segment), our kernels only for the dropout mask / Xd and the masked dX term (no gemm_config); "auto"
     (default): "torch_all" on a GPU, where it measured fastest, "triton" under the interpreter. Same results up
     to rounding."""

@@ -269,7 +269,8 @@ def plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, tiles=
             p = measured[cfg_plan.label()]
             ratio = p["tflops"] / best["tflops"] if best and best["tflops"] > 0 else math.nan
             complete = not any(v["error"] == DEADLINE_SKIP for v in measured.values())
-            confirm = _confirm(fns, cfg_plan.label(), best["cfg"].label() if best else None, device, quick)
+            confirm = None if _past(deadline) else _confirm(fns, cfg_plan.label(),
+                                                             best["cfg"].label() if best else None, device, quick)
             rows.append({
                 "shape": f"{M}x{N}x{K}", "tile": "x".join(map(str, tile)), "machine": machine, "complete": complete,
                 "plan_config": cfg_plan.label(), "plan_tflops": p["tflops"], "plan_error": p["error"],
@@ -371,7 +372,8 @@ def lora_plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, t
             p = measured[0]
             ratio = p["tflops"] / best["tflops"] if best and best["tflops"] > 0 else math.nan
             complete = not any(v["error"] == DEADLINE_SKIP for v in measured)
-            confirm = _confirm(fns, p["config"], best["config"] if best else None, device, quick)
+            confirm = None if _past(deadline) else _confirm(fns, p["config"], best["config"] if best else None,
+                                                             device, quick)
             rows.append({
                 "shape": f"T={T} K={K} N={N} r={r}", "tile": "x".join(map(str, tile)), "machine": machine,
                 "complete": complete,

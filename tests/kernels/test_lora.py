@@ -281,6 +281,26 @@ def test_torch_all_one_segment_of_several_adapters(p):
     assert torch.count_nonzero(grads[1]) == 0 and torch.count_nonzero(grads[2]) == 0
 
 
+@pytest.mark.parametrize("base_gemm", ["triton", "torch", "torch_all"])
+def test_bias_in_another_dtype_is_cast(base_gemm):
+    """A float64 bias on float32 activations works in every mode (cuBLAS takes C in the output dtype)."""
+    T, K, N, r = 40, 300, 24, 4
+    x = _rand(T, K, dtype=torch.float32, grad=True)
+    w = _rand(N, K, dtype=torch.float32, scale=0.1)
+    a = _rand(r, K, dtype=torch.float32, scale=0.1, grad=True)
+    b = _rand(N, r, dtype=torch.float32, grad=True)
+    bias = torch.randn(N, dtype=torch.float64, requires_grad=True)
+    ad = [LoRAAdapterWeights(a, b, 1.5, 0.1)]
+    y = multi_lora_linear(x, w, ad, [(0, 5, 30)], bias=bias, seed=9, base_gemm=base_gemm)
+    assert y.dtype == torch.float32
+    dy = _rand(T, N, dtype=torch.float32)
+    dbias, = torch.autograd.grad(y, [bias], dy)
+    assert dbias.dtype == torch.float64
+    ref = multi_lora_linear_reference(x, w, ad, [(0, 5, 30)], bias=bias.detach().float(), seed=9)
+    assert_all_close("y", y, ref, 2e-5, 2e-5)
+    assert_all_close("dbias", dbias, dy.double().sum(0), 1e-5, 1e-5)
+
+
 def test_bad_input_is_a_clear_value_error():
     K, N = 16, 8
     x, w = _rand(10, K, dtype=torch.float32), _rand(N, K, dtype=torch.float32)
