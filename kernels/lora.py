@@ -528,6 +528,15 @@ class _TilePlan:
 _PLAN_CACHE: "OrderedDict[tuple, _TilePlan]" = OrderedDict()
 
 
+def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without stalling the host: a copy from pageable memory to a GPU waits for the
+    GPU to drain; from pinned memory it is queued (a packed multi-LoRA batch changes its segments every step, so
+    its tile table is built and uploaded on every call)."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _tile_plan(T: int, segments: tuple, ranks: tuple, scales: tuple, ps: tuple, block_m: int,
                device: torch.device) -> _TilePlan:
     key = (T, segments, ranks, scales, ps, block_m, str(device))
@@ -562,8 +571,8 @@ def _tile_plan(T: int, segments: tuple, ranks: tuple, scales: tuple, ps: tuple, 
         emit(pos, T, -1)
     has_dropout = any(ps[aid] > 0 for aid, _, _ in segments)
     plan = _TilePlan(
-        table=torch.tensor(rows, dtype=torch.int64).reshape(-1, _TABLE_COLS).to(device),
-        ftable=torch.tensor(frows, dtype=torch.float32).reshape(-1, 2).to(device),
+        table=_upload(torch.tensor(rows, dtype=torch.int64).reshape(-1, _TABLE_COLS), device),
+        ftable=_upload(torch.tensor(frows, dtype=torch.float32).reshape(-1, 2), device),
         n_tiles=len(rows), block_m=block_m, block_r=max(16, _next_pow2(max(ranks) if ranks else 1)),
         r_total=offs[-1], has_dropout=has_dropout, segments=tuple(covered), scales=tuple(scales),
     )
