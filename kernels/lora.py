@@ -684,6 +684,10 @@ def _down(x2, a_cat, plan: _TilePlan, seed: int, with_s: bool, launch: Optional[
             return s, xd, mask
     block_k = 16 if INTERPRET else 64
     knobs = {**DOWN_LAUNCH, **(launch or {})}
+    if with_s and plan.block_r > 16 and "warps" not in (launch or {}):
+        # S over 32+ rank columns on 4 warps: 252-255 registers and spills at sm_90 (kernel_report); 8 warps hold
+        # it in 124-181 without (a compiler report, not a timing: the sweep ran r=16 only)
+        knobs["warps"] = max(knobs["warps"], 8)
     sub_m = min(knobs["sub_m"], plan.block_m)
     n_rows = plan.n_tiles * (plan.block_m // sub_m)
     n_blocks = triton.cdiv(K, DROP_BLOCK) if plan.has_dropout else triton.cdiv(K, block_k)
