@@ -248,7 +248,7 @@ if HAVE_TRITON:
         stride_xm, stride_ar, stride_sm, stride_dm, stride_mm,
         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, HAS_DOT: tl.constexpr, UPCAST: tl.constexpr, PLANE: tl.constexpr = 32,
-        SUB_M: tl.constexpr = 32,
+        SUB_M: tl.constexpr = 32, SEED_FROM_PTR: tl.constexpr = False,
     ):
         """Per (SUB_M rows of a tile, K split): S[rows] += X[rows, ksplit] A^T[ksplit]; with dropout, per block
         of 8 planes of PLANE columns: Xd = dropout(X), its keep bits (one byte row per block), S from Xd.
@@ -266,6 +266,8 @@ if HAVE_TRITON:
             r_ok = rr < rank
             acc = tl.zeros((SUB_M, BLOCK_R), dtype=tl.float32)
             if HAS_DROPOUT:
+                if SEED_FROM_PTR:  # a device-side seed (CUDA-graph friendly)
+                    seed = tl.load(seed)
                 thr = tl.load(TABLE + pid_m * 6 + 4).to(tl.uint32)
                 inv_keep = tl.load(FTABLE + pid_m * 2 + 1)
                 n_blk = tl.cdiv(K, 8 * PLANE)
@@ -669,7 +671,7 @@ def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bi
         kernel[grid](*args, **flags)
 
 
-def _down(x2, a_cat, plan: _TilePlan, seed: int, with_s: bool, launch: Optional[dict] = None):
+def _down(x2, a_cat, plan: _TilePlan, seed, with_s: bool, launch: Optional[dict] = None):
     """Step 1: S (fp32 [T, BLOCK_R], or None when ``with_s`` is False), Xd (or X) and the packed keep bits
     (uint8 [T, mask_bytes(K)]) or None, from one read of X."""
     T, K = x2.shape
@@ -699,6 +701,7 @@ def _down(x2, a_cat, plan: _TilePlan, seed: int, with_s: bool, launch: Optional[
         mask.stride(0) if mask is not None else 0,
         SPLIT_K=split_k, BLOCK_M=plan.block_m, BLOCK_K=block_k, BLOCK_R=plan.block_r,
         HAS_DROPOUT=plan.has_dropout, HAS_DOT=with_s, UPCAST=INTERPRET, PLANE=DROP_PLANE, SUB_M=sub_m,
+        SEED_FROM_PTR=isinstance(seed, torch.Tensor),
         **(_launch_opts(knobs["warps"], _DOWN_STAGES) if plan.has_dropout
            else _launch_opts(_DOWN_PLAIN_WARPS, _DOWN_PLAIN_STAGES)))
     return s, xd, mask
@@ -1018,13 +1021,30 @@ def _validate(x2, weight, bias, adapters: Sequence[LoRAAdapterWeights], segments
     return tuple(segs)
 
 
-def _resolve_seed(seed, adapters, segs) -> int:
+def _resolve_seed(seed, adapters, segs, device=None):
+    """The seed a call uses: an int, or a one-element int64 tensor on the activations' device (read by the
+    dropout kernel on the device: nothing on the host depends on its value, so the call can be captured in a CUDA
+    graph and the seed advanced in place between replays)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1 or (device is not None and seed.device != device):
+            raise ValueError(f"seed: a tensor seed must be one int64 element on {device} (got {seed.dtype}, "
+                             f"{seed.numel()} elements, on {seed.device})")
+        return seed
     if any(adapters[aid].dropout_p > 0 for aid, _, _ in segs):
         if seed is None:
             return _draw_seed()
         _check_seed(seed)
         return int(seed)
     return 0 if seed is None else int(seed)
+
+
+def _host_seed(seed) -> int:
+    """An int seed for the torch reference (reads a tensor seed back: a host sync, reference path only)."""
+    if isinstance(seed, torch.Tensor):
+        value = int(seed.reshape(()).item())
+        _check_seed(value)
+        return value
+    return seed
 
 
 def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[LoRAAdapterWeights],
@@ -1035,7 +1055,10 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     get adapter ``adapter``'s LoRA term; rows no segment covers get x W^T + bias only. Differentiable w.r.t. x,
     bias and every adapter's lora_a/lora_b; weight [N, K] is frozen. Returns [T, N] in x's dtype.
 
-    ``seed`` fixes the dropout masks (drawn from torch's default generator when None); ``block_m`` is the M tile
+    ``seed`` fixes the dropout masks (drawn from torch's default generator when None): an int, or a one-element
+    int64 tensor on x's device that the dropout kernel reads on the device - then no host work depends on its
+    value, so the call can sit in a CUDA graph with the seed advanced in place between replays (e.g.
+    ``seed.add_(1)``; capture itself has not been run on a GPU yet). ``block_m`` is the M tile
     (rows per tile; default 128 on a GPU, 16 under the interpreter). ``gemm_config`` (a ``kernels.gemm.GemmConfig``,
     e.g. Twill's plan-derived one) fixes the launch of the two big GEMMs (Y = X W^T + LoRA, dX = dY W + LoRA):
     its block_m is the M tile, block_n / block_k / group_m / num_stages / num_warps / maxnreg are used as given
@@ -1062,13 +1085,13 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
         raise ValueError("adapters: at least one adapter is required")
     x2 = x if x.stride(-1) == 1 else x.contiguous()
     segs = _validate(x2, weight, bias, adapters, segments)
-    seed_v = _resolve_seed(seed, adapters, segs)
+    seed_v = _resolve_seed(seed, adapters, segs, x2.device)
     if gemm_config is not None:
         block_m = _check_gemm_config(gemm_config, block_m)
     backend = backend_for(x2)
     if backend == "torch":
         _warn_fallback(x2)
-        return _reference_impl(x2, weight, bias, adapters, segs, seed_v)
+        return _reference_impl(x2, weight, bias, adapters, segs, _host_seed(seed_v))
     bm = block_m or default_block_m(x2.device)
     if bm < 16 or bm & (bm - 1):
         raise ValueError(f"block_m: {bm} must be a power of two >= 16")
@@ -1141,7 +1164,7 @@ def multi_lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, adapters:
     if x.dim() != 2:
         raise ValueError(f"x: shape {tuple(x.shape)} must be 2-D [T, K] for multi_lora_linear")
     segs = _validate(x, weight, bias, adapters, segments)
-    return _reference_impl(x, weight, bias, adapters, segs, _resolve_seed(seed, adapters, segs))
+    return _reference_impl(x, weight, bias, adapters, segs, _host_seed(_resolve_seed(seed, adapters, segs)))
 
 
 def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,

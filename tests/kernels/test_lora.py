@@ -337,6 +337,33 @@ def test_torch_all_issues_only_gemms_into_views(nseg):
         assert_all_close("grad", g, r, 2e-5, 2e-5)
 
 
+@pytest.mark.parametrize("base_gemm", ["triton", "torch", "torch_all"])
+def test_seed_as_device_tensor_matches_int_seed_and_advances_in_place(base_gemm):
+    """A one-element int64 seed tensor is read by the kernel on the device: the same outputs and gradients as
+    the int seed, and advancing it in place (what a CUDA-graph replay would do) draws a new mask."""
+    T, K, N, r = 33, 300, 24, 4
+    x = _rand(T, K, dtype=torch.float32, grad=True)
+    w = _rand(N, K, dtype=torch.float32, scale=0.1)
+    a = _rand(r, K, dtype=torch.float32, scale=0.1, grad=True)
+    b = _rand(N, r, dtype=torch.float32, grad=True)
+    dy = _rand(T, N, dtype=torch.float32)
+    seed_t = torch.tensor([2 ** 40 + 7], dtype=torch.int64)
+    got = lora_linear(x, w, a, b, 1.5, 0.3, seed=seed_t, base_gemm=base_gemm)
+    want = lora_linear(x, w, a, b, 1.5, 0.3, seed=2 ** 40 + 7, base_gemm=base_gemm)
+    assert torch.equal(got, want)
+    for g1, g2 in zip(torch.autograd.grad(got, (x, a, b), dy), torch.autograd.grad(want, (x, a, b), dy)):
+        assert torch.equal(g1, g2)
+    ref = lora_linear_reference(x, w, a, b, 1.5, 0.3, seed=seed_t)
+    assert_all_close("y vs reference", got, ref, 2e-5, 2e-5)
+    seed_t.add_(1)
+    again = lora_linear(x, w, a, b, 1.5, 0.3, seed=seed_t, base_gemm=base_gemm)
+    assert_all_close("next seed", again, lora_linear_reference(x, w, a, b, 1.5, 0.3, seed=2 ** 40 + 8), 2e-5, 2e-5)
+    assert not torch.allclose(again, got)
+    for bad in (torch.tensor([1.0]), torch.tensor([1, 2]), torch.tensor([1], dtype=torch.int32)):
+        with pytest.raises(ValueError, match="seed: a tensor seed"):
+            lora_linear(x, w, a, b, 1.5, 0.3, seed=bad, base_gemm=base_gemm)
+
+
 def test_bad_input_is_a_clear_value_error():
     K, N = 16, 8
     x, w = _rand(10, K, dtype=torch.float32), _rand(N, K, dtype=torch.float32)
