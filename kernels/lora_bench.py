@@ -14,6 +14,7 @@ Dropout 0.1 and scale 2.0, as in the measured H100 profile (../shared/data/profi
 one extra GPU case repeats the target shape with dropout 0.
 Multi-LoRA: 4 adapters with different ranks over uneven segments of one packed batch; eager = base + one LoRA
 branch per segment (mLoRA-style loop), fused = ``multi_lora_linear``.
+On a GPU also "lora fwd+bwd graphed": base, eager and ``torch_all`` replayed from CUDA graphs (no host cost).
 """
 from __future__ import annotations
 
@@ -100,6 +101,62 @@ def _single_providers(T, K, N, r, device, backward: bool, p: float = DROPOUT):
     return build
 
 
+def _graphed(step):
+    """``step`` (a zero-argument fwd+bwd call) captured into a CUDA graph on its first call (after a warm-up on
+    a side stream, as torch's whole-network capture recipe does) and replayed afterwards: the device time of the
+    call without the host's per-op cost."""
+    import torch
+
+    state = {}
+
+    def run():
+        if "graph" not in state:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                state["out"] = step()
+            state["graph"] = graph
+        state["graph"].replay()
+        return state["out"]
+
+    return run
+
+
+def _graphed_providers(T, K, N, r, device, p: float = DROPOUT):
+    """fwd+bwd of base, eager and ``torch_all`` each replayed from a CUDA graph (GPU only): what the small shapes
+    cost once the host is out of the way. The fused call takes its seed as a device tensor advanced in the
+    graph, so every replay draws a new mask, as eager's dropout does with torch's graph-safe generator."""
+    def build():
+        import torch
+        import torch.nn.functional as F
+
+        from .lora import lora_linear
+
+        x, w, a, b, dy = _single_inputs(T, K, N, r, device)
+        seed = torch.zeros(1, dtype=torch.int64, device=device)
+
+        def base():
+            return torch.autograd.grad(F.linear(x, w), (x,), dy)
+
+        def eager():
+            xd = F.dropout(x, p, True) if p > 0 else x
+            return torch.autograd.grad(F.linear(x, w) + F.linear(F.linear(xd, a), b) * SCALE, (x, a, b), dy)
+
+        def fused_cublas_all():
+            seed.add_(1)
+            return torch.autograd.grad(lora_linear(x, w, a, b, SCALE, p, seed=seed, base_gemm="torch_all"),
+                                       (x, a, b), dy)
+
+        return {"base": _graphed(base), "eager": _graphed(eager), "fused_cublas_all": _graphed(fused_cublas_all)}
+
+    return build
+
+
 def _segments(T, fractions):
     """Contiguous segments covering [0, T) in the given proportions; on big batches the cuts are moved 37 rows
     off the 128-row tile grid, so every segment pays its padding to the M tile."""
@@ -182,6 +239,12 @@ def cases(quick: bool, device: str) -> list[BenchCase]:
         out.append(BenchCase(name="lora fwd+bwd p=0", shape=f"T={T} K={K} N={N} r={r}",
                              providers=_single_providers(T, K, N, r, device, True, p=0.0), baseline="base",
                              params={"T": T, "K": K, "N": N, "r": r, "dropout": 0.0, "backward": True}, priority=0))
+        # the same calls replayed from CUDA graphs: a host-bound small shape and the target shape
+        for T, K, N, r in ((2048, 4096, 4096, 16), target):
+            out.append(BenchCase(name="lora fwd+bwd graphed", shape=f"T={T} K={K} N={N} r={r}",
+                                 providers=_graphed_providers(T, K, N, r, device), baseline="base",
+                                 params={"T": T, "K": K, "N": N, "r": r, "dropout": DROPOUT, "backward": True},
+                                 priority=0))
     ranks = MULTI_RANKS if device == "cuda" else (2, 4, 8, 16)
     for T, K, N in multi:
         for backward in (False, True):
@@ -351,6 +414,14 @@ def summarize(results: list[dict]) -> list[tuple[str, float, str, Optional[bool]
     e = ms("lora fwd+bwd", "eager", T=8192, K=4096, N=4096, r=16)
     if e and b:
         out.append(("eager fwd+bwd / base, T=8192 4096x4096 r=16", e / b, "(H100 profile: 1.56)", None))
+    for T in (2048, 8192):  # replayed from CUDA graphs: no host cost in any provider
+        bg = ms("lora fwd+bwd graphed", "base", T=T, K=4096, N=4096, r=16)
+        eg = ms("lora fwd+bwd graphed", "eager", T=T, K=4096, N=4096, r=16)
+        fg = ms("lora fwd+bwd graphed", "fused_cublas_all", T=T, K=4096, N=4096, r=16)
+        if bg and fg:
+            out.append((f"graphed fused_cublas_all fwd+bwd / base, T={T} 4096x4096 r=16", fg / bg, "(info)", None))
+        if eg and fg:
+            out.append((f"graphed eager / fused_cublas_all, T={T} 4096x4096 r=16", eg / fg, "(info)", None))
     b0 = ms("lora fwd+bwd p=0", "base", T=8192, K=4096, N=4096, r=16)
     for prov in FUSED_PROVIDERS:
         f = ms("lora fwd+bwd", prov, T=8192, K=4096, N=4096, r=16)

@@ -201,3 +201,40 @@ def test_host_profile_reports_issue_time_and_python_functions():
     assert all(us >= 0 for _, us, _ in p["functions"])
     text = format_host_profile("mm 32", prof)
     assert "us to issue a call" in text and "boom: ZeroDivisionError" in text
+
+
+def test_graphed_provider_warms_up_captures_once_then_replays(monkeypatch):
+    """The CUDA-graph wrapper's control flow with torch.cuda stand-ins (no GPU here): three warm-up calls on a
+    side stream, one captured call, then replays only."""
+    import contextlib
+
+    import torch
+
+    from adasched.kernels import lora_bench
+
+    events = []
+
+    class FakeStream:
+        def wait_stream(self, other):
+            events.append("wait")
+
+    class FakeGraph:
+        def replay(self):
+            events.append("replay")
+
+    @contextlib.contextmanager
+    def fake_ctx(*args, **kwargs):
+        events.append("enter")
+        yield
+        events.append("exit")
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", fake_ctx)
+    monkeypatch.setattr(torch.cuda, "graph", fake_ctx)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    calls = []
+    run = lora_bench._graphed(lambda: calls.append(1) or len(calls))
+    assert run() == 4 and len(calls) == 4  # 3 warm-up + the captured call, whose output is kept
+    assert run() == 4 and run() == 4 and len(calls) == 4  # replays do not run the Python step again
+    assert events.count("replay") == 3 and events.count("enter") == 2
