@@ -239,12 +239,13 @@ def cases(quick: bool, device: str) -> list[BenchCase]:
         out.append(BenchCase(name="lora fwd+bwd p=0", shape=f"T={T} K={K} N={N} r={r}",
                              providers=_single_providers(T, K, N, r, device, True, p=0.0), baseline="base",
                              params={"T": T, "K": K, "N": N, "r": r, "dropout": 0.0, "backward": True}, priority=0))
-        # the same calls replayed from CUDA graphs: a host-bound small shape and the target shape
+        # the same calls replayed from CUDA graphs, a host-bound small shape and the target shape: first of the
+        # priority-1 phase (after the targets, so a capture problem cannot cost them)
         for T, K, N, r in ((2048, 4096, 4096, 16), target):
-            out.append(BenchCase(name="lora fwd+bwd graphed", shape=f"T={T} K={K} N={N} r={r}",
-                                 providers=_graphed_providers(T, K, N, r, device), baseline="base",
-                                 params={"T": T, "K": K, "N": N, "r": r, "dropout": DROPOUT, "backward": True},
-                                 priority=0))
+            out.insert(0, BenchCase(name="lora fwd+bwd graphed", shape=f"T={T} K={K} N={N} r={r}",
+                                    providers=_graphed_providers(T, K, N, r, device), baseline="base",
+                                    params={"T": T, "K": K, "N": N, "r": r, "dropout": DROPOUT, "backward": True},
+                                    priority=1))
     ranks = MULTI_RANKS if device == "cuda" else (2, 4, 8, 16)
     for T, K, N in multi:
         for backward in (False, True):
