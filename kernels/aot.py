@@ -142,7 +142,7 @@ def kernel_cases(only: Optional[Iterable[str]] = None, arch: int = 90) -> list[t
                           SIGNATURES["lora_gemm"], dict(base, HAS_MASK=True, APPLY_SCALE=False, stride_wo=1,
                                                         stride_po=1), opts, ()))
         down = dict(SPLIT_K=8, BLOCK_M=128, BLOCK_K=64, BLOCK_R=16, UPCAST=False, PLANE=L.DROP_PLANE,
-                    SEED_FROM_PTR=False)
+                    SEED_FROM_PTR=False, ALL_ROWS=False)
         for name, drop, dot in (("dropout/S", True, True), ("dropout only", True, False), ("S, no dropout", False, True)):
             cases.append(("lora", f"lora down: {name}", L._lora_down_kernel, SIGNATURES["lora_down"],
                           dict(down, HAS_DROPOUT=drop, HAS_DOT=dot, SUB_M=L.DOWN_LAUNCH["sub_m"]),

@@ -46,7 +46,7 @@ import math
 import os
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -248,7 +248,7 @@ if HAVE_TRITON:
         stride_xm, stride_ar, stride_sm, stride_dm, stride_mm,
         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, HAS_DOT: tl.constexpr, UPCAST: tl.constexpr, PLANE: tl.constexpr = 32,
-        SUB_M: tl.constexpr = 32, SEED_FROM_PTR: tl.constexpr = False,
+        SUB_M: tl.constexpr = 32, SEED_FROM_PTR: tl.constexpr = False, ALL_ROWS: tl.constexpr = False,
     ):
         """Per (SUB_M rows of a tile, K split): S[rows] += X[rows, ksplit] A^T[ksplit]; with dropout, per block
         of 8 planes of PLANE columns: Xd = dropout(X), its keep bits (one byte row per block), S from Xd.
@@ -258,7 +258,9 @@ if HAVE_TRITON:
         sub = tl.program_id(0) % (BLOCK_M // SUB_M)
         pid_k = tl.program_id(1)
         row_start, n_valid, rank, r_off = _tile_entry(TABLE, pid_m)
-        if rank > 0 and sub * SUB_M < n_valid:
+        # ALL_ROWS: rows no adapter covers get Xd = X too (their keep threshold is 0), for consumers that read
+        # every row of Xd (the grouped GEMMs of base_gemm="torch_grouped")
+        if (rank > 0 or ALL_ROWS) and sub * SUB_M < n_valid:
             rm = sub * SUB_M + tl.arange(0, SUB_M)
             rows = row_start + rm
             row_ok = rm < n_valid
@@ -525,6 +527,7 @@ class _TilePlan:
     has_dropout: bool
     segments: tuple  # ((adapter, start, end, rank, rank_offset), ...) covered segments, sorted
     scales: tuple  # per adapter
+    extras: dict = field(default_factory=dict, compare=False, repr=False)  # lazily built per-plan tensors
 
 
 _PLAN_CACHE: "OrderedDict[tuple, _TilePlan]" = OrderedDict()
@@ -627,7 +630,7 @@ def _config_launch(config, interpret: bool) -> tuple[dict, dict]:
     return consts, opts
 
 
-BASE_GEMMS = ("auto", "triton", "torch", "torch_all")
+BASE_GEMMS = ("auto", "triton", "torch", "torch_all", "torch_grouped")
 
 
 def resolve_base_gemm(base_gemm: str, x: torch.Tensor) -> str:
@@ -671,7 +674,7 @@ def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bi
         kernel[grid](*args, **flags)
 
 
-def _down(x2, a_cat, plan: _TilePlan, seed, with_s: bool, launch: Optional[dict] = None):
+def _down(x2, a_cat, plan: _TilePlan, seed, with_s: bool, launch: Optional[dict] = None, all_rows: bool = False):
     """Step 1: S (fp32 [T, BLOCK_R], or None when ``with_s`` is False), Xd (or X) and the packed keep bits
     (uint8 [T, mask_bytes(K)]) or None, from one read of X."""
     T, K = x2.shape
@@ -701,7 +704,7 @@ def _down(x2, a_cat, plan: _TilePlan, seed, with_s: bool, launch: Optional[dict]
         mask.stride(0) if mask is not None else 0,
         SPLIT_K=split_k, BLOCK_M=plan.block_m, BLOCK_K=block_k, BLOCK_R=plan.block_r,
         HAS_DROPOUT=plan.has_dropout, HAS_DOT=with_s, UPCAST=INTERPRET, PLANE=DROP_PLANE, SUB_M=sub_m,
-        SEED_FROM_PTR=isinstance(seed, torch.Tensor),
+        SEED_FROM_PTR=isinstance(seed, torch.Tensor), ALL_ROWS=all_rows,
         **(_launch_opts(knobs["warps"], _DOWN_STAGES) if plan.has_dropout
            else _launch_opts(_DOWN_PLAIN_WARPS, _DOWN_PLAIN_STAGES)))
     return s, xd, mask
@@ -805,6 +808,111 @@ def _backward_torch_all(dy2, weight, a_cat, b_cat, s16, xd, mask, plan: _TilePla
     return dx, da, db, dbias
 
 
+@dataclass(frozen=True)
+class _Groups:
+    """A packed batch as ``torch._grouped_mm`` groups: contiguous row ranges covering [0, T) in order (segments
+    and the gaps between them), each with its adapter's rank columns padded to ``r_pad``."""
+
+    offs: torch.Tensor  # int32 [G]: cumulative row ends
+    idx: torch.Tensor  # int64 [G * r_pad]: row of the rank-extended A (or column of B) for (group, j); r_total = zero
+    col_scale: torch.Tensor  # float32 [r_total + 1]: the scale of each rank column, 0 for the zero row
+    gscale: torch.Tensor  # float32 [G]: each group's scale (0 for gaps)
+    r_pad: int
+    n_groups: int
+
+
+def _group_data(plan: _TilePlan, T: int, device) -> _Groups:
+    got = plan.extras.get("groups")
+    if got is not None:
+        return got
+    r_pad = -(-max(rank for *_, rank, _ in plan.segments) // 8) * 8  # 16-byte rows in bf16
+    ends, idx, gscale, pos = [], [], [], 0
+    col_scale = [0.0] * (plan.r_total + 1)
+
+    def group(end, rank, r_off, scale):
+        ends.append(end)
+        idx.extend(r_off + j if j < rank else plan.r_total for j in range(r_pad))
+        gscale.append(scale)
+
+    for aid, start, end, rank, r_off in plan.segments:
+        if pos < start:
+            group(start, 0, 0, 0.0)
+        group(end, rank, r_off, plan.scales[aid])
+        col_scale[r_off:r_off + rank] = [plan.scales[aid]] * rank
+        pos = end
+    if pos < T:
+        group(T, 0, 0, 0.0)
+    got = _Groups(offs=_upload(torch.tensor(ends, dtype=torch.int32), device),
+                  idx=_upload(torch.tensor(idx, dtype=torch.int64), device),
+                  col_scale=_upload(torch.tensor(col_scale, dtype=torch.float32), device),
+                  gscale=_upload(torch.tensor(gscale, dtype=torch.float32), device), r_pad=r_pad,
+                  n_groups=len(ends))
+    plan.extras["groups"] = got
+    return got
+
+
+def _grouped_ok(x2, weight, bias, a_cat, b_cat) -> bool:
+    """``torch._grouped_mm`` exists and takes these operands (16-byte aligned rows); no bias (it would cost a
+    pass over Y: the per-segment path folds it into cuBLAS's C instead)."""
+    if bias is not None or not hasattr(torch, "_grouped_mm"):
+        return False
+    from .moe import gmm_aligned
+
+    # the grouped operands: X / Xd [T, K], the gathered A rows [G, r_pad, K] and B rows [G, r_pad, N], dY [T, N]
+    es = x2.element_size()
+    return gmm_aligned(x2) and (x2.shape[1] * es) % 16 == 0 and (weight.shape[0] * es) % 16 == 0
+
+
+def _grouped_rows(g: _Groups, a_cat, b_cat):
+    """The groups' A rows [G, r_pad, K] and scaled B rows [G, r_pad, N], zero beyond each group's rank."""
+    K, N = a_cat.shape[1], b_cat.shape[0]
+    a_rows = torch.cat([a_cat, a_cat.new_zeros(1, K)]).index_select(0, g.idx)
+    b_ext = torch.cat([b_cat, b_cat.new_zeros(N, 1)], dim=1) * g.col_scale.to(b_cat.dtype)
+    b_rows = b_ext.t().index_select(0, g.idx)
+    return a_rows.view(g.n_groups, g.r_pad, K), b_rows.view(g.n_groups, g.r_pad, N)
+
+
+def _forward_grouped(x2, weight, a_cat, b_cat, plan: _TilePlan, seed):
+    """``base_gemm="torch_grouped"``: ``torch_all`` with each thin GEMM one ``torch._grouped_mm`` over every
+    segment (and the gaps, as zero-rank groups): a fixed number of host calls whatever the number of segments.
+    S = Xd A_g^T, Y = (scale S) B_g^T, then Y += X W^T through C. Saves S [T, r_pad]."""
+    T = x2.shape[0]
+    g = _group_data(plan, T, x2.device)
+    _, xd, mask = _down(x2, a_cat, plan, seed, with_s=False, all_rows=True)  # the gap groups read Xd too
+    a_rows, b_rows = _grouped_rows(g, a_cat, b_cat)
+    s = torch._grouped_mm(xd, a_rows.transpose(1, 2), offs=g.offs)
+    y = torch._grouped_mm(s, b_rows, offs=g.offs)
+    y.addmm_(x2, weight.t())
+    return y, s, xd, mask
+
+
+def _backward_grouped(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, need_dx: bool, need_dbias: bool):
+    """The backward of ``_forward_grouped``: dS = dY (scale B)_g, dB_g = scale dY_g^T S_g and dA_g = dS_g^T Xd_g
+    as grouped GEMMs, summed into the adapters' rows by one ``index_add_`` each; dX = dY W through C onto the
+    masked term (our kernel) or dS A_g (a grouped GEMM)."""
+    T, N = dy2.shape
+    K = xd.shape[1]
+    g = _group_data(plan, T, dy2.device)
+    a_rows, b_rows = _grouped_rows(g, a_cat, b_cat)
+    ds = torch._grouped_mm(dy2, b_rows.transpose(1, 2), offs=g.offs)  # scale already in B's rows
+    dbg = torch._grouped_mm(dy2.t(), s, offs=g.offs) * g.gscale.to(s.dtype).view(-1, 1, 1)  # [G, N, r_pad]
+    db = torch.zeros((plan.r_total + 1, N), device=dy2.device, dtype=b_cat.dtype)
+    db.index_add_(0, g.idx, dbg.transpose(1, 2).reshape(-1, N))
+    dag = torch._grouped_mm(ds.t(), xd, offs=g.offs)  # [G, r_pad, K]
+    da = torch.zeros((plan.r_total + 1, K), device=dy2.device, dtype=a_cat.dtype)
+    da.index_add_(0, g.idx, dag.view(-1, K))
+    dbias = torch.sum(dy2, dim=0, dtype=torch.float32) if need_dbias else None
+    dx = None
+    if need_dx:
+        if mask is not None:
+            dx = torch.empty_like(xd)
+            _masked_term(ds, a_cat, mask, dx, plan)
+        else:
+            dx = torch._grouped_mm(ds, a_rows, offs=g.offs)
+        dx.addmm_(dy2, weight)
+    return dx, da[:plan.r_total], db[:plan.r_total].t(), dbias
+
+
 def _forward_cublas(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int):
     """``base_gemm="torch"``: S from our dropout/S kernel, the LoRA term scale S B^T (+ bias) written by cuBLAS,
     the base GEMM accumulated onto it through C (``out.addmm_``, beta = 1)."""
@@ -866,6 +974,8 @@ def _fused_forward(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int, g
                    base: str = "triton"):
     """Steps 1-2. Returns Y, S (fp32 [T, BLOCK_R]; "torch_all": input dtype [T, max rank]), Xd (or X), packed
     keep bits (uint8 [T, mask_bytes(K)]) or None."""
+    if base == "torch_grouped":
+        return _forward_grouped(x2, weight, a_cat, b_cat, plan, seed)
     if base == "torch_all":
         return _forward_torch_all(x2, weight, bias, a_cat, b_cat, plan, seed)
     if base == "torch":
@@ -900,6 +1010,8 @@ def _grad_lora_a(ds: torch.Tensor, xd: torch.Tensor, plan: _TilePlan, K: int) ->
 def _fused_backward(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, need_dx: bool, need_dbias: bool,
                     gemm_config=None, base: str = "triton"):
     """Steps 3-5. Returns dX (or None), dA_cat, dB_cat (fp32), dbias (fp32 or None)."""
+    if base == "torch_grouped":
+        return _backward_grouped(dy2, weight, a_cat, b_cat, s, xd, mask, plan, need_dx, need_dbias)
     if base == "torch_all":
         return _backward_torch_all(dy2, weight, a_cat, b_cat, s, xd, mask, plan, need_dx, need_dbias)
     if base == "torch":
@@ -1069,11 +1181,14 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     accumulator; "torch" keeps our dropout/S and dY kernels but lets cuBLAS run the two big GEMMs, accumulating
     through their C input onto the LoRA term (+ bias) written first - by cuBLAS, or for dX with dropout by our
     masked-term kernel (``gemm_config`` then does not apply); "torch_all": cuBLAS for every GEMM, the thin LoRA ones too (S = Xd A^T, S B^T, dS, dB per
-    segment), our kernels only for the dropout mask / Xd and the masked dX term (no gemm_config); "auto"
+    segment), our kernels only for the dropout mask / Xd and the masked dX term (no gemm_config);
+    "torch_grouped": "torch_all" with each thin GEMM one ``torch._grouped_mm`` over all segments - a fixed number
+    of host calls for any number of adapters (falls back to "torch_all" with a bias, without ``_grouped_mm`` or
+    with rows not 16-byte aligned; not measured on a GPU yet, so not what "auto" picks); "auto"
     (default): "torch_all" on a GPU, where it measured fastest, "triton" under the interpreter. Same results up
     to rounding."""
     if gemm_config is not None:  # an explicit launch configuration is for our GEMM kernel
-        if base_gemm in ("torch", "torch_all"):
+        if base_gemm in ("torch", "torch_all", "torch_grouped"):
             raise ValueError(f"base_gemm: {base_gemm!r} cannot take a gemm_config (it configures our Triton GEMM)")
         resolve_base_gemm(base_gemm, x)
         base_gemm = "triton"
@@ -1111,6 +1226,8 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     if x2.shape[0] == 0:
         return F.linear(x2, w, bias)
+    if base_gemm == "torch_grouped" and (not plan.segments or not _grouped_ok(x2, w, bias, a_cat, b_cat)):
+        base_gemm = "torch_all"  # the per-segment cuBLAS path computes the same
     return _FusedLoRAFunction.apply(x2, w, bias, a_cat, b_cat, plan, seed_v, gemm_config, base_gemm)
 
 

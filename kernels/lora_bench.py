@@ -8,6 +8,8 @@ Providers per shape (same inputs, same run):
          GEMM (cuBLAS) with the LoRA term added through its C input;
   fused_cublas_all  ``lora_linear(..., base_gemm="torch_all")``: cuBLAS for every GEMM, the thin LoRA ones too;
          our kernels only for the dropout mask / Xd and the masked dX term;
+  fused_grouped  (multi-LoRA only) ``base_gemm="torch_grouped"``: the same with each thin GEMM one
+         ``torch._grouped_mm`` over all segments;
   triton_base  the same Triton GEMM kernels with no LoRA rows (fused / triton_base = the cost of the fusion,
          triton_base / base = our GEMM against cuBLAS).
 Dropout 0.1 and scale 2.0, as in the measured H100 profile (../shared/data/profiles/h100-sxm-measured-*.json);
@@ -28,7 +30,7 @@ __all__ = ["cases", "checks", "summarize", "GPU_TOKENS", "GPU_SHAPES", "GPU_RANK
 #: the fused LoRA variants timed per shape: our GEMM kernel with the LoRA term in its accumulator, and the same
 #: fused LoRA kernels around cuBLAS for the two big GEMMs (``base_gemm="torch"``), and cuBLAS for every GEMM
 #: around our dropout and masked-term kernels (``base_gemm="torch_all"``)
-FUSED_PROVIDERS = ("fused", "fused_cublas", "fused_cublas_all")
+FUSED_PROVIDERS = ("fused", "fused_cublas", "fused_cublas_all", "fused_grouped")
 
 GPU_TOKENS = (2048, 4096, 8192, 16384)
 GPU_SHAPES = ((4096, 4096), (8192, 8192), (4096, 14336))  # (K = in features, N = out features)
@@ -202,8 +204,11 @@ def _multi_providers(T, K, N, ranks, device, backward: bool):
         def fused_cublas_all():
             return multi_lora_linear(x, w, adapters, segs, base_gemm="torch_all")
 
+        def fused_grouped():  # torch_all with one torch._grouped_mm per thin GEMM over all segments
+            return multi_lora_linear(x, w, adapters, segs, base_gemm="torch_grouped")
+
         fns = {"base": base, "eager": eager, "fused": fused, "fused_cublas": fused_cublas,
-               "fused_cublas_all": fused_cublas_all}
+               "fused_cublas_all": fused_cublas_all, "fused_grouped": fused_grouped}
         if not backward:
             return fns
         return {name: (lambda fn=fn, ins=((x,) if name == "base" else params): torch.autograd.grad(fn(), ins, dy))
@@ -381,6 +386,7 @@ def checks(device: str) -> list[tuple[str, bool, str]]:
         for base_gemm in ("triton", "torch", "torch_all"):
             out.append(_check_single(1000, 1536, 1032, 16, 0.1, bf, device, 1e-2, base_gemm=base_gemm))
             out.append(_check_multi(3000, 2048, 1536, MULTI_RANKS, bf, device, 1e-2, base_gemm=base_gemm))
+        out.append(_check_multi(3000, 2048, 1536, MULTI_RANKS, bf, device, 1e-2, base_gemm="torch_grouped"))
         out.append(_check_single(4096, 4096, 4096, 64, 0.0, bf, device, 1e-2))
         out.append(_check_single(777, 4096, 14336, 16, 0.1, bf, device, 1e-2))
         out.append(_check_single(513, 1024, 768, 16, 0.1, torch.float16, device, 1e-2))
@@ -391,6 +397,7 @@ def checks(device: str) -> list[tuple[str, bool, str]]:
         out.append(_check_mask(device))
         out.append(_check_multi(61, 40, 36, (2, 4, 8, 16), torch.float32, device, 1e-5))
         out.append(_check_multi(61, 300, 36, (2, 4, 8, 16), torch.float32, device, 1e-5, base_gemm="torch_all"))
+        out.append(_check_multi(61, 40, 32, (2, 4, 8, 16), torch.float32, device, 1e-5, base_gemm="torch_grouped"))
     return out
 
 

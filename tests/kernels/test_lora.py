@@ -364,6 +364,74 @@ def test_seed_as_device_tensor_matches_int_seed_and_advances_in_place(base_gemm)
             lora_linear(x, w, a, b, 1.5, 0.3, seed=bad, base_gemm=base_gemm)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("ps", [(0.0, 0.0, 0.0), (0.0, 0.3, 0.1)])
+def test_torch_grouped_matches_float64_with_gaps_repeats_and_unused_adapters(dtype, ps):
+    """base_gemm="torch_grouped": every thin GEMM one torch._grouped_mm over all segments and the gaps; an adapter
+    with several segments, one with none, uncovered rows, dropout on some adapters - every element vs float64."""
+    atol, rtol = TOL[dtype]
+    T, K, N = 61, 40, 32
+    specs = [(4, 2.0), (8, 0.5), (16, 1.25), (3, 1.0)]  # the rank-3 adapter has no segment
+    adapters = [LoRAAdapterWeights(_rand(r, K, dtype=dtype, scale=0.15, grad=True),
+                                   _rand(N, r, dtype=dtype, scale=0.5, grad=True), sc, p)
+                for (r, sc), p in zip(specs, ps + (0.0,))]
+    segments = [(1, 3, 21), (2, 30, 61), (0, 25, 28), (1, 28, 30)]
+    x = _rand(T, K, dtype=dtype, grad=True)
+    w = _rand(N, K, dtype=dtype, scale=0.15)
+    dy = _rand(T, N, dtype=dtype)
+    leaves = [x] + [t for ad in adapters for t in (ad.lora_a, ad.lora_b)]
+    y = multi_lora_linear(x, w, adapters, segments, seed=11, base_gemm="torch_grouped")
+    grads = torch.autograd.grad(y, leaves, dy)
+    ads64 = [LoRAAdapterWeights(_leaf64(ad.lora_a), _leaf64(ad.lora_b), ad.scale, ad.dropout_p) for ad in adapters]
+    l64 = [_leaf64(x)] + [t for ad in ads64 for t in (ad.lora_a, ad.lora_b)]
+    y64 = multi_lora_linear_reference(l64[0], w.double(), ads64, segments, seed=11)
+    g64 = torch.autograd.grad(y64, l64, dy.double(), allow_unused=True)
+    assert_all_close("y", y, y64, atol, rtol)
+    for i, (g, r, leaf) in enumerate(zip(grads, g64, leaves)):
+        assert_all_close(f"grad {i}", g, torch.zeros_like(leaf) if r is None else r, atol * 2, rtol * 2)
+
+
+def test_torch_grouped_host_calls_do_not_grow_with_segments():
+    """The point of "torch_grouped": the same dispatches for 2 or 4 adapter segments (6 grouped GEMMs - S, Y,
+    dS, dB, dA, dX term - and 2 base GEMMs without dropout); only the autograd of the adapters' concatenation
+    adds its two slices per adapter. With a bias it takes the per-segment "torch_all" path (cuBLAS folds the
+    bias into C)."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    T, K, N = 64, 48, 40
+    counts = {}
+    for nseg in (2, 4):
+        ads = [LoRAAdapterWeights(_rand(4, K, dtype=torch.float32, grad=True),
+                                  _rand(N, 4, dtype=torch.float32, grad=True), 1.0 + i, 0.0) for i in range(nseg)]
+        segs = [(i, i * (T // nseg), (i + 1) * (T // nseg)) for i in range(nseg)]
+        x, w = _rand(T, K, dtype=torch.float32, grad=True), _rand(N, K, dtype=torch.float32)
+        dy = _rand(T, N, dtype=torch.float32)
+        leaves = [x] + [t for ad in ads for t in (ad.lora_a, ad.lora_b)]
+        multi_lora_linear(x, w, ads, segs, base_gemm="torch_grouped")  # builds the tile table and the groups
+        with Count() as c:
+            torch.autograd.grad(multi_lora_linear(x, w, ads, segs, base_gemm="torch_grouped"), leaves, dy)
+        assert c.ops["_grouped_mm"] == 6 and c.ops["addmm_"] == 2, dict(c.ops)
+        counts[nseg] = c.ops
+    assert counts[4]["slice"] - counts[2]["slice"] == 2 * 2  # the concatenation's backward, per adapter
+    assert {k: v for k, v in counts[2].items() if k != "slice"} == {k: v for k, v in counts[4].items() if k != "slice"}
+    bias = _rand(N, dtype=torch.float32)
+    with Count() as c:
+        y = multi_lora_linear(x, w, ads, segs, bias=bias, base_gemm="torch_grouped")
+    assert c.ops["_grouped_mm"] == 0
+    assert_all_close("with bias", y, multi_lora_linear_reference(x, w, ads, segs, bias=bias), 2e-5, 2e-5)
+
+
 def test_bad_input_is_a_clear_value_error():
     K, N = 16, 8
     x, w = _rand(10, K, dtype=torch.float32), _rand(N, K, dtype=torch.float32)

@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent('''
         r = compile_report(L._lora_down_kernel, SIGNATURES["lora_down"],
                            dict(SPLIT_K=4, BLOCK_M=128, BLOCK_K=64, BLOCK_R=16, HAS_DROPOUT=True, HAS_DOT=dot,
                                 UPCAST=False, PLANE=L.DROP_PLANE, SUB_M=L.DOWN_LAUNCH["sub_m"],
-                                SEED_FROM_PTR=False),
+                                SEED_FROM_PTR=False, ALL_ROWS=False),
                            dict(num_warps=L.DOWN_LAUNCH["warps"], num_stages=L._DOWN_STAGES), arch=90,
                            no_divisibility=("seed",))
         out[name] = {"regs": r["regs"], "spill_bytes": r["spill_bytes"], "warnings": r["warnings"],
