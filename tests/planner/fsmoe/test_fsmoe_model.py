@@ -100,7 +100,9 @@ def test_slice_milp_matches_brute_force(seed):
     produced = [rng.uniform(0.5, 4.0) for _ in range(n)]
     alpha, beta = rng.uniform(0.05, 0.8), rng.uniform(0.2, 1.5)
     res = solve_slices(gaps, produced, alpha, beta, SolveParams(time_limit=5))
-    assert res.outcome.status in ("optimal", "heuristic")
+    # CBC solves these in ~10 ms; on a loaded CI machine one run once hit the time limit and (honestly) reported
+    # 'feasible' - the brute-force equality below is what proves the answer optimal either way
+    assert res.outcome.status in ("optimal", "heuristic", "feasible")
     assert sum(res.slices) == pytest.approx(brute_force_slices(gaps, produced, alpha, beta), rel=1e-6, abs=1e-6)
     taken = 0.0
     for i, x in enumerate(res.slices):  # prefix rule and gap capacity hold
