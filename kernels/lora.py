@@ -890,8 +890,12 @@ def _backward_grouped(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, n
     """The backward of ``_forward_grouped``: dS = dY (scale B)_g, dB_g = scale dY_g^T S_g and dA_g = dS_g^T Xd_g
     as grouped GEMMs, summed into the adapters' rows by one ``index_add_`` each; dX = dY W through C onto the
     masked term (our kernel) or dS A_g (a grouped GEMM)."""
+    from .moe import gmm_aligned
+
     T, N = dy2.shape
     K = xd.shape[1]
+    if not gmm_aligned(dy2):  # an incoming gradient view off the 16-byte grid
+        dy2 = dy2.clone()
     g = _group_data(plan, T, dy2.device)
     a_rows, b_rows = _grouped_rows(g, a_cat, b_cat)
     ds = torch._grouped_mm(dy2, b_rows.transpose(1, 2), offs=g.offs)  # scale already in B's rows
