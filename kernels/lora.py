@@ -808,6 +808,10 @@ def _backward_torch_all(dy2, weight, a_cat, b_cat, s16, xd, mask, plan: _TilePla
     return dx, da, db, dbias
 
 
+#: torch's bf16 grouped GEMM takes fewer than 1024 groups; segments + gaps <= 2 * segments + 1
+_MAX_GROUPS = 1024
+
+
 @dataclass(frozen=True)
 class _Groups:
     """A packed batch as ``torch._grouped_mm`` groups: contiguous row ranges covering [0, T) in order (segments
@@ -856,6 +860,9 @@ def _grouped_ok(x2, weight, bias, a_cat, b_cat) -> bool:
     pass over Y: the per-segment path folds it into cuBLAS's C instead)."""
     if bias is not None or not hasattr(torch, "_grouped_mm"):
         return False
+    # bf16 on a GPU (other dtypes take a path that copies the offsets to the host); fp32/fp16 on the CPU
+    if x2.dtype not in ((torch.bfloat16,) if x2.is_cuda else (torch.float32, torch.float16, torch.bfloat16)):
+        return False
     from .moe import gmm_aligned
 
     # the grouped operands: X / Xd [T, K], the gathered A rows [G, r_pad, K] and B rows [G, r_pad, N], dY [T, N]
@@ -894,8 +901,8 @@ def _backward_grouped(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, n
 
     T, N = dy2.shape
     K = xd.shape[1]
-    if not gmm_aligned(dy2):  # an incoming gradient view off the 16-byte grid
-        dy2 = dy2.clone()
+    if not gmm_aligned(dy2):  # an incoming gradient off the 16-byte grid, or broadcast (stride 0)
+        dy2 = dy2.clone(memory_format=torch.contiguous_format)
     g = _group_data(plan, T, dy2.device)
     a_rows, b_rows = _grouped_rows(g, a_cat, b_cat)
     ds = torch._grouped_mm(dy2, b_rows.transpose(1, 2), offs=g.offs)  # scale already in B's rows
@@ -1174,7 +1181,8 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     ``seed`` fixes the dropout masks (drawn from torch's default generator when None): an int, or a one-element
     int64 tensor on x's device that the dropout kernel reads on the device - then no host work depends on its
     value, so the call can sit in a CUDA graph with the seed advanced in place between replays (e.g.
-    ``seed.add_(1)``; capture itself has not been run on a GPU yet). ``block_m`` is the M tile
+    ``seed.add_(1)``; capture itself has not been run on a GPU yet; a negative value is not caught there, the
+    kernel takes its 64 bits as unsigned). ``block_m`` is the M tile
     (rows per tile; default 128 on a GPU, 16 under the interpreter). ``gemm_config`` (a ``kernels.gemm.GemmConfig``,
     e.g. Twill's plan-derived one) fixes the launch of the two big GEMMs (Y = X W^T + LoRA, dX = dY W + LoRA):
     its block_m is the M tile, block_n / block_k / group_m / num_stages / num_warps / maxnreg are used as given
@@ -1230,7 +1238,8 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     if x2.shape[0] == 0:
         return F.linear(x2, w, bias)
-    if base_gemm == "torch_grouped" and (not plan.segments or not _grouped_ok(x2, w, bias, a_cat, b_cat)):
+    if base_gemm == "torch_grouped" and (not plan.segments or 2 * len(plan.segments) + 1 >= _MAX_GROUPS
+                                         or not _grouped_ok(x2, w, bias, a_cat, b_cat)):
         base_gemm = "torch_all"  # the per-segment cuBLAS path computes the same
     return _FusedLoRAFunction.apply(x2, w, bias, a_cat, b_cat, plan, seed_v, gemm_config, base_gemm)
 

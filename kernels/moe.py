@@ -407,10 +407,12 @@ def grouped_wgrad_gmm(x: torch.Tensor, dy: torch.Tensor, index: MoEIndex, num_ex
 
 
 def gmm_aligned(*tensors: torch.Tensor) -> bool:
-    """``torch._grouped_mm`` needs 16-byte aligned data and non-unit strides; other shapes take our kernels."""
+    """``torch._grouped_mm`` needs 16-byte aligned data and non-unit strides (no broadcast, stride-0 dims);
+    other shapes take our kernels."""
     for t in tensors:
         es = t.element_size()
-        if t.data_ptr() % 16 or any(st != 1 and sz > 1 and (st * es) % 16 for st, sz in zip(t.stride(), t.shape)):
+        if t.data_ptr() % 16 or any(sz > 1 and (st == 0 or (st != 1 and (st * es) % 16))
+                                    for st, sz in zip(t.stride(), t.shape)):
             return False
     return True
 

@@ -432,6 +432,31 @@ def test_torch_grouped_host_calls_do_not_grow_with_segments():
     assert_all_close("with bias", y, multi_lora_linear_reference(x, w, ads, segs, bias=bias), 2e-5, 2e-5)
 
 
+def test_torch_grouped_takes_broadcast_inputs_and_float64_through_the_fallbacks():
+    """Review findings: a broadcast (stride-0) gradient or input and a float64 batch must not reach
+    torch._grouped_mm (it rejects both); results equal the per-segment path's."""
+    T, K, N = 40, 48, 32
+    ads = [LoRAAdapterWeights(_rand(4, K, dtype=torch.float32, scale=0.2, grad=True),
+                              _rand(N, 4, dtype=torch.float32, grad=True), 1.5, 0.0)]
+    x = _rand(T, K, dtype=torch.float32, grad=True)
+    w = _rand(N, K, dtype=torch.float32, scale=0.2)
+    leaves = [x, ads[0].lora_a, ads[0].lora_b]
+    c = _rand(N, dtype=torch.float32)
+
+    def loss(base):  # the gradient of y.sum(0) reaches the layer as c expanded over the rows: strides (0, 1)
+        return (multi_lora_linear(x, w, ads, [(0, 8, 40)], base_gemm=base).sum(0) * c).sum()
+
+    for g1, g2 in zip(torch.autograd.grad(loss("torch_grouped"), leaves), torch.autograd.grad(loss("torch_all"), leaves)):
+        assert_all_close("broadcast dY", g1, g2, 2e-5, 2e-5)
+    xb = _rand(K, dtype=torch.float32).expand(T, K)  # a broadcast input, no dropout: Xd is x itself
+    assert_all_close("broadcast x", multi_lora_linear(xb, w, ads, [(0, 8, 40)], base_gemm="torch_grouped"),
+                     multi_lora_linear_reference(xb, w, ads, [(0, 8, 40)]), 2e-5, 2e-5)
+    ads64 = [LoRAAdapterWeights(ads[0].lora_a.detach().double(), ads[0].lora_b.detach().double(), 1.5, 0.0)]
+    x64 = x.detach().double()
+    assert_all_close("float64", multi_lora_linear(x64, w.double(), ads64, [(0, 8, 40)], base_gemm="torch_grouped"),
+                     multi_lora_linear_reference(x64, w.double(), ads64, [(0, 8, 40)]), 1e-12, 1e-12)
+
+
 def test_bad_input_is_a_clear_value_error():
     K, N = 16, 8
     x, w = _rand(10, K, dtype=torch.float32), _rand(N, K, dtype=torch.float32)
