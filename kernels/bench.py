@@ -358,28 +358,27 @@ def host_profile(case: BenchCase, names: Sequence[str], calls: int = 30, top: in
     return out
 
 
-def format_host_profile(title: str, prof: dict) -> str:
-    lines = [f"-- host profile: {title}"]
+def _format_breakdown(header: str, prof: dict, headline, rows_key: str, count_width: int) -> str:
+    lines = [header]
     for name, p in prof.items():
         if "error" in p:
             lines.append(f"  {name}: {p['error']}")
             continue
-        lines.append(f"  {name}: {p['issue_us']:.0f} us to issue a call, {p['wall_us']:.0f} us wall per call")
-        for k, us, n in p["functions"]:
-            lines.append(f"    {us:9.1f} us  x{n:<5g} {k}")
+        lines.append(f"  {name}: {headline(p)}")
+        for k, us, n in p[rows_key]:
+            lines.append(f"    {us:9.1f} us  x{n:<{count_width}g} {k}")
     return "\n".join(lines)
+
+
+def format_host_profile(title: str, prof: dict) -> str:
+    return _format_breakdown(f"-- host profile: {title}", prof,
+                             lambda p: f"{p['issue_us']:.0f} us to issue a call, {p['wall_us']:.0f} us wall per call",
+                             "functions", 5)
 
 
 def format_profile(title: str, prof: dict) -> str:
-    lines = [f"-- profile: {title}"]
-    for name, p in prof.items():
-        if "error" in p:
-            lines.append(f"  {name}: {p['error']}")
-            continue
-        lines.append(f"  {name}: {p['total_us']:.0f} us device time per call")
-        for k, us, n in p["kernels"]:
-            lines.append(f"    {us:9.1f} us  x{n:<4g} {k}")
-    return "\n".join(lines)
+    return _format_breakdown(f"-- profile: {title}", prof, lambda p: f"{p['total_us']:.0f} us device time per call",
+                             "kernels", 4)
 
 
 def environment(device: str) -> dict:

@@ -748,28 +748,39 @@ def _fill_uncovered(out, plan: _TilePlan, bias=None) -> None:
             out[start:end].zero_()
 
 
+def _cublas_lora_term(x2, weight, bias, b_cat, plan: _TilePlan, s_rows) -> torch.Tensor:
+    """Y = scale S B^T (+ bias) per segment by cuBLAS into Y's rows (scale on alpha; beta = 0 on the
+    uninitialised rows; rows no segment covers get the bias or zeros), then Y += X W^T through C.
+    ``s_rows(aid, start, end, rank, r_off)`` gives the segment's S [rows, rank] in the input dtype."""
+    y = torch.empty((x2.shape[0], weight.shape[0]), device=x2.device, dtype=x2.dtype)
+    bias = bias.to(x2.dtype) if bias is not None else None  # cuBLAS takes C in the output dtype
+    _fill_uncovered(y, plan, bias)
+    for aid, start, end, rank, r_off in plan.segments:
+        sv = s_rows(aid, start, end, rank, r_off)
+        bt = b_cat[:, r_off:r_off + rank].t()
+        if bias is not None:
+            torch.addmm(bias, sv, bt, alpha=plan.scales[aid], out=y[start:end])
+        else:
+            y[start:end].addmm_(sv, bt, beta=0, alpha=plan.scales[aid])
+    y.addmm_(x2, weight.t())
+    return y
+
+
 def _forward_torch_all(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int):
     """``base_gemm="torch_all"``: per segment two cuBLAS calls writing straight into views - S = Xd A^T into a
     [T, r_max] buffer, Y = scale S B^T (+ bias) into Y's rows, the scale on alpha - then Y += X W^T through C.
-    No copies and no per-segment scaling passes: on a GPU each host call costs ~15-25 us, which is what small
-    shapes and many segments pay. Saves S in the input dtype."""
+    No copies and no per-segment scaling passes: host calls (~15-25 us each, estimated from ~1 ms per fwd+bwd of
+    ~45 calls on the H200 image; device_check's host profile measures it) are what small shapes and many
+    segments pay. Saves S in the input dtype."""
     T = x2.shape[0]
     _, xd, mask = _down(x2, a_cat, plan, seed, with_s=False)
     r_max = max([rank for *_, rank, _ in plan.segments], default=1)
     s16 = torch.empty((T, r_max), device=x2.device, dtype=x2.dtype)
-    y = torch.empty((T, weight.shape[0]), device=x2.device, dtype=x2.dtype)
-    bias = bias.to(x2.dtype) if bias is not None else None  # cuBLAS takes C in the output dtype
-    _fill_uncovered(y, plan, bias)
-    for aid, start, end, rank, r_off in plan.segments:
-        sv = s16[start:end, :rank]
-        sv.addmm_(xd[start:end], a_cat[r_off:r_off + rank].t(), beta=0)
-        bt = b_cat[:, r_off:r_off + rank].t()
-        if bias is not None:
-            torch.addmm(bias, sv, bt, alpha=plan.scales[aid], out=y[start:end])
-        else:  # beta = 0: the uninitialised rows are ignored
-            y[start:end].addmm_(sv, bt, beta=0, alpha=plan.scales[aid])
-    y.addmm_(x2, weight.t())
-    return y, s16, xd, mask
+
+    def s_rows(aid, start, end, rank, r_off):
+        return s16[start:end, :rank].addmm_(xd[start:end], a_cat[r_off:r_off + rank].t(), beta=0)
+
+    return _cublas_lora_term(x2, weight, bias, b_cat, plan, s_rows), s16, xd, mask
 
 
 def _backward_torch_all(dy2, weight, a_cat, b_cat, s16, xd, mask, plan: _TilePlan, need_dx: bool,
@@ -924,45 +935,6 @@ def _backward_grouped(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, n
     return dx, da[:plan.r_total], db[:plan.r_total].t(), dbias
 
 
-def _forward_cublas(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int):
-    """``base_gemm="torch"``: S from our dropout/S kernel, the LoRA term scale S B^T (+ bias) written by cuBLAS,
-    the base GEMM accumulated onto it through C (``out.addmm_``, beta = 1)."""
-    T = x2.shape[0]
-    s, xd, mask = _down(x2, a_cat, plan, seed, with_s=True)
-    y = torch.empty((T, weight.shape[0]), device=x2.device, dtype=x2.dtype)
-    bias = bias.to(x2.dtype) if bias is not None else None  # cuBLAS takes C in the output dtype
-    _fill_uncovered(y, plan, bias)
-    for aid, start, end, rank, r_off in plan.segments:
-        bt = b_cat[:, r_off:r_off + rank].t()
-        sv = s[start:end, :rank].to(x2.dtype)
-        if bias is not None:
-            torch.addmm(bias, sv, bt, alpha=plan.scales[aid], out=y[start:end])
-        else:
-            y[start:end].addmm_(sv, bt, beta=0, alpha=plan.scales[aid])
-    y.addmm_(x2, weight.t())
-    return y, s, xd, mask
-
-
-def _backward_cublas(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, need_dx: bool, need_dbias: bool):
-    """``base_gemm="torch"``: dS = scale dY B and dB = scale dY^T S from our one-read kernel; dX = dY W by cuBLAS
-    accumulated onto the LoRA term (masked by our kernel when there is dropout, else cuBLAS per segment)."""
-    T, N = dy2.shape
-    K = weight.shape[1]
-    ds, db, dbias = _dy_pass(dy2, s, b_cat, plan, need_dbias)
-    da = _grad_lora_a(ds, xd, plan, K)
-    dx = None
-    if need_dx:
-        dx = torch.empty((T, K), device=dy2.device, dtype=dy2.dtype)
-        if mask is not None:
-            _masked_term(ds, a_cat, mask, dx, plan)
-        else:
-            _fill_uncovered(dx, plan)
-            for aid, start, end, rank, r_off in plan.segments:
-                torch.mm(ds[start:end, :rank].to(dy2.dtype), a_cat[r_off:r_off + rank], out=dx[start:end])
-        dx.addmm_(dy2, weight)
-    return dx, da, db[:, :plan.r_total], dbias
-
-
 def _dy_pass(dy2, s, b_cat, plan: _TilePlan, need_dbias: bool):
     """Step 3 in our kernel: dS, dB (fp32) and dbias (fp32 or None) from one read of dY."""
     T, N = dy2.shape
@@ -989,11 +961,13 @@ def _fused_forward(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int, g
         return _forward_grouped(x2, weight, a_cat, b_cat, plan, seed)
     if base == "torch_all":
         return _forward_torch_all(x2, weight, bias, a_cat, b_cat, plan, seed)
-    if base == "torch":
-        return _forward_cublas(x2, weight, bias, a_cat, b_cat, plan, seed)
     T, K = x2.shape
     N = weight.shape[0]
     s, xd, mask = _down(x2, a_cat, plan, seed, with_s=True)
+    if base == "torch":  # the LoRA term by cuBLAS from our S, the base GEMM through C
+        y = _cublas_lora_term(x2, weight, bias, b_cat, plan, lambda aid, start, end, rank, r_off:
+                              s[start:end, :rank].to(x2.dtype))
+        return y, s, xd, mask
     y = torch.empty((T, N), device=x2.device, dtype=x2.dtype)
     _gemm(x2, weight, weight.stride(1), weight.stride(0), s, b_cat, b_cat.stride(1), b_cat.stride(0), None, bias, y,
           plan, N, K, apply_scale=True, backward=False, config=gemm_config)
@@ -1025,8 +999,6 @@ def _fused_backward(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, nee
         return _backward_grouped(dy2, weight, a_cat, b_cat, s, xd, mask, plan, need_dx, need_dbias)
     if base == "torch_all":
         return _backward_torch_all(dy2, weight, a_cat, b_cat, s, xd, mask, plan, need_dx, need_dbias)
-    if base == "torch":
-        return _backward_cublas(dy2, weight, a_cat, b_cat, s, xd, mask, plan, need_dx, need_dbias)
     T, N = dy2.shape
     K = weight.shape[1]
     ds, db, dbias = _dy_pass(dy2, s, b_cat, plan, need_dbias)
@@ -1034,8 +1006,17 @@ def _fused_backward(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, nee
     dx = None
     if need_dx:
         dx = torch.empty((T, K), device=dy2.device, dtype=dy2.dtype)
-        _gemm(dy2, weight, weight.stride(0), weight.stride(1), ds, a_cat, a_cat.stride(0), a_cat.stride(1), mask,
-              None, dx, plan, K, N, apply_scale=False, backward=True, config=gemm_config)
+        if base == "triton":
+            _gemm(dy2, weight, weight.stride(0), weight.stride(1), ds, a_cat, a_cat.stride(0), a_cat.stride(1),
+                  mask, None, dx, plan, K, N, apply_scale=False, backward=True, config=gemm_config)
+        else:  # "torch": dX = dY W by cuBLAS through C onto the LoRA term (masked by our kernel, else cuBLAS)
+            if mask is not None:
+                _masked_term(ds, a_cat, mask, dx, plan)
+            else:
+                _fill_uncovered(dx, plan)
+                for aid, start, end, rank, r_off in plan.segments:
+                    torch.mm(ds[start:end, :rank].to(dy2.dtype), a_cat[r_off:r_off + rank], out=dx[start:end])
+            dx.addmm_(dy2, weight)
     return dx, da, db[:, :plan.r_total], dbias
 
 

@@ -150,26 +150,20 @@ def main(argv: list[str] | None = None) -> int:
     run_bench(priority=0)
     profiles, host_profiles = {}, {}
     if device == "cuda" and not args.no_profile:  # where the time of the target shapes goes
-        for group, case_name, shape, names in PROFILE_TARGETS:
-            if group not in groups or time.perf_counter() > deadline:
-                continue
-            try:
-                mod = importlib.import_module(bench.BENCH_MODULES[group])
-                case = next(c for c in mod.cases(quick, device) if c.name == case_name and c.shape == shape)
-                log(f"[profile] {group}: {case_name} {shape}")
-                profiles[f"{case_name} {shape}"] = bench.profile_providers(case, names, device=device)
-            except Exception as err:
-                profiles[f"{case_name} {shape}"] = {"(profile)": {"error": f"{type(err).__name__}: {err}"[:200]}}
-        for group, case_name, shape, names in HOST_PROFILE_TARGETS:
-            if group not in groups or time.perf_counter() > deadline:
-                continue
-            try:
-                mod = importlib.import_module(bench.BENCH_MODULES[group])
-                case = next(c for c in mod.cases(False, device) if c.name == case_name and c.shape == shape)
-                log(f"[host profile] {group}: {case_name} {shape}")
-                host_profiles[f"{case_name} {shape}"] = bench.host_profile(case, names, device=device)
-            except Exception as err:
-                host_profiles[f"{case_name} {shape}"] = {"(host profile)": {"error": f"{type(err).__name__}: {err}"[:200]}}
+        def breakdown(targets, profile, label, out):
+            for group, case_name, shape, names in targets:
+                if group not in groups or time.perf_counter() > deadline:
+                    continue
+                try:
+                    mod = importlib.import_module(bench.BENCH_MODULES[group])
+                    case = next(c for c in mod.cases(False, device) if c.name == case_name and c.shape == shape)
+                    log(f"[{label}] {group}: {case_name} {shape}")
+                    out[f"{case_name} {shape}"] = profile(case, names, device=device)
+                except Exception as err:
+                    out[f"{case_name} {shape}"] = {f"({label})": {"error": f"{type(err).__name__}: {err}"[:200]}}
+
+        breakdown(PROFILE_TARGETS, bench.profile_providers, "profile", profiles)
+        breakdown(HOST_PROFILE_TARGETS, bench.host_profile, "host profile", host_profiles)
         save_extra["profiles"] = profiles
         save_extra["host_profiles"] = host_profiles
         save()

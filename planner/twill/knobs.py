@@ -8,16 +8,16 @@ Mapping (documented assumptions, checked on a GPU by launch/gemm_check.py):
   count when the graph has no loads;
   plus one slack buffer, because the schedule placed the variable-latency load at its nominal latency and a
   late one would stall the MMA otherwise; capped by what the shared memory of one CTA holds (capacity // S
-  with S KiB per stage, the loads' ``smem``). On an H200 (2026-11-28, two sweeps, BENCHMARKS.md ``twill``)
-  both GEMM tiles ran best or within 2 % of best at 4 stages (schedule depth 3); the rule used before (fill
-  the shared memory at the occupancy the depth allows: 3 stages and two CTAs for 128x128x64) lost 4-6 %
-  there in the second sweep;
+  with S KiB per stage, the loads' ``smem``). On an H200 (2026-11-28, three sweeps, BENCHMARKS.md ``twill``)
+  the 128x256x64 tile ran best at 4 stages (schedule depth 3) every time; on 128x128x64, 4 stages with 8
+  warps was within 3.6 % of the best in every sweep and the earlier choice (3 stages, 4 warps, two CTAs per
+  SM) within 7 % - they swap places from run to run, so the plain GEMM does not decide between them;
 - ``num_warps``: with warp specialization 4 per consumer (non-producer) warp group. Without it Triton spreads
   the tile's rows over all warps, one warpgroup per 64-row MMA slice, so every register-holding op gets a
   warpgroup of its own: 4 x max(consumer groups, register-holding ops), at most 8 (two consumer
-  warpgroups, as CUTLASS's cooperative Hopper kernels). On the H200 the 128x128x64 tile (two m64 MMA
-  slices) ran 4-7 % faster on 8 warps than on 4, and the fused LoRA GEMM 1.7x (its masked dX epilogue spills
-  on 4 warps: kernel_report);
+  warpgroups, as CUTLASS's cooperative Hopper kernels). What decides it on the H200 is the fused LoRA GEMM
+  on the 128x128x64 tile (two m64 MMA slices): 1.7-1.9x faster on 8 warps than on 4, where its masked dX
+  epilogue spills (kernel_report); the plain GEMM is within run-to-run noise either way (above);
 - ``warp_specialize``: True only where the machine's Triton supports it (Blackwell) and the schedule has a
   producer group; on Hopper it is False (upstream may ignore or reject it there);
 - ``maxnreg``: only with ``warp_specialize`` (the per-group register split that setmaxnreg makes happen): the
