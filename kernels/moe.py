@@ -51,7 +51,8 @@ except Exception:  # pragma: no cover - exercised only without triton
 
 __all__ = [
     "MoEIndex", "make_index", "permute", "unpermute", "grouped_mm", "expert_mlp",
-    "expert_mlp_forward", "expert_mlp_backward", "permute_ref", "unpermute_ref", "grouped_mm_ref",
+    "expert_mlp_forward", "expert_mlp_backward", "expert_mlp_backward_data", "expert_mlp_backward_weight",
+    "ExpertWgradInputs", "permute_ref", "unpermute_ref", "grouped_mm_ref",
     "expert_mlp_ref", "triton_usable", "Backend", "BACKENDS", "activation_triton", "activation_backward_triton",
     "grouped_mm_gmm", "grouped_wgrad_gmm", "gmm_aligned", "gemm_engine",
 ]
@@ -579,32 +580,63 @@ def expert_mlp_forward(x, w1, w2, index: MoEIndex, activation: str = "swiglu", b
         return grouped_mm(h, w2, index, backend), a
 
 
-def expert_mlp_backward(x, a, dy, w1, w2, index: MoEIndex, activation: str = "swiglu",
-                        backend: Backend = "auto"):
-    """Gradients (dx, dw1, dw2) of the expert MLP from the saved input x and pre-activation a
-    (the activation is recomputed from a, not stored)."""
+@dataclass
+class ExpertWgradInputs:
+    """What the weight gradients of the expert MLP need, kept by :func:`expert_mlp_backward_data` so that
+    :func:`expert_mlp_backward_weight` can run later (after the data gradient has been sent on)."""
+
+    x: torch.Tensor
+    h: torch.Tensor
+    da: torch.Tensor
+    dy: torch.Tensor
+    index: MoEIndex
+    backend: str
+    use_triton: bool
+
+
+def expert_mlp_backward_data(x, a, dy, w1, w2, index: MoEIndex, activation: str = "swiglu",
+                             backend: Backend = "auto") -> tuple[torch.Tensor, ExpertWgradInputs]:
+    """The data gradient dx of the expert MLP (two GEMMs + the activation backward) and what the weight
+    gradients need; the activation is recomputed from the saved pre-activation ``a``."""
     dy = dy.contiguous().to(x.dtype)
     if _pick(backend, x):
-        backend = gemm_engine(backend, x)
+        engine = gemm_engine(backend, x)
         with torch.no_grad():
-            dh = _mm(dy, w2.transpose(1, 2), index, backend)
+            dh = _mm(dy, w2.transpose(1, 2), index, engine)
             da, h = activation_backward_triton(a, dh, activation)
-            dw2 = _wgrad(h, dy, index, w2.shape[0], backend)
-            dx = _mm(da, w1.transpose(1, 2), index, backend)
-            dw1 = _wgrad(x.contiguous(), da, index, w1.shape[0], backend)
-        return dx, dw1, dw2
+            dx = _mm(da, w1.transpose(1, 2), index, engine)
+        return dx, ExpertWgradInputs(x.contiguous(), h, da, dy, index, engine, True)
     with torch.enable_grad():
         a_ = a.detach().requires_grad_(True)
         h_ = _act_ref(a_, activation)
     h = h_.detach()
     with torch.no_grad():
         dh = grouped_mm_ref(dy, w2.transpose(1, 2), index)
-        dw2 = _wgrad_ref(h, dy, index, w2.shape[0])
     (da,) = torch.autograd.grad(h_, a_, dh.to(h_.dtype))
     da = da.to(x.dtype)
     with torch.no_grad():
         dx = grouped_mm_ref(da, w1.transpose(1, 2), index)
-        dw1 = _wgrad_ref(x, da, index, w1.shape[0])
+    return dx, ExpertWgradInputs(x, h, da, dy, index, "torch", False)
+
+
+def expert_mlp_backward_weight(saved: ExpertWgradInputs, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dw1, dw2) from what :func:`expert_mlp_backward_data` kept."""
+    with torch.no_grad():
+        if saved.use_triton:
+            dw2 = _wgrad(saved.h, saved.dy, saved.index, num_experts, saved.backend)
+            dw1 = _wgrad(saved.x, saved.da, saved.index, num_experts, saved.backend)
+        else:
+            dw2 = _wgrad_ref(saved.h, saved.dy, saved.index, num_experts)
+            dw1 = _wgrad_ref(saved.x, saved.da, saved.index, num_experts)
+    return dw1, dw2
+
+
+def expert_mlp_backward(x, a, dy, w1, w2, index: MoEIndex, activation: str = "swiglu",
+                        backend: Backend = "auto"):
+    """Gradients (dx, dw1, dw2) of the expert MLP from the saved input x and pre-activation a
+    (the activation is recomputed from a, not stored)."""
+    dx, saved = expert_mlp_backward_data(x, a, dy, w1, w2, index, activation, backend)
+    dw1, dw2 = expert_mlp_backward_weight(saved, w1.shape[0])
     return dx, dw1, dw2
 
 

@@ -47,7 +47,9 @@ def parse_args(argv):
     p.add_argument("--capacity-factor", type=float, default=None, help="None = dropless")
     p.add_argument("--r-fwd", type=int, default=2)
     p.add_argument("--r-bwd", type=int, default=2)
-    p.add_argument("--plan", type=Path, default=None, help="FSMoE plan JSON (r_fwd, r_bwd, grad_slices)")
+    p.add_argument("--wgrad", choices=("fused", "per-chunk", "deferred"), default="fused",
+                   help="where the backward computes the expert weight gradients (a --plan sets it per layer)")
+    p.add_argument("--plan", type=Path, default=None, help="FSMoE plan JSON (r_fwd, r_bwd, wgrad_bwd, grad_slices)")
     p.add_argument("--plan-config", default=None, help="configuration name inside the plan (default: first)")
     p.add_argument("--hierarchical", action="store_true", help="two-step (intra-node, inter-node) all-to-all")
     p.add_argument("--gpus-per-node", type=int, default=2)
@@ -100,14 +102,14 @@ def layer_routers(router: str, schedule: str, layers: int, experts: int, *, budg
 
 
 def _plan_pipeline(args, world: int, layers: int):
-    """(r_fwd per layer, r_bwd per layer, slice fractions per layer in backward order) from --plan, else the
-    flags (equal slices)."""
+    """(r_fwd per layer, r_bwd per layer, slice fractions per layer in backward order, wgrad per layer) from
+    --plan, else the flags (equal slices)."""
     if args.plan is None:
-        return [args.r_fwd] * layers, [args.r_bwd] * layers, [1.0 / layers] * layers
+        return [args.r_fwd] * layers, [args.r_bwd] * layers, [1.0 / layers] * layers, [args.wgrad] * layers
     from adasched.runtime.moe.planned import load_pipeline
 
     pp = load_pipeline(args.plan, ep_size=world, num_layers=layers, config=args.plan_config)
-    return pp.r_fwd, pp.r_bwd, pp.slice_fractions
+    return pp.r_fwd, pp.r_bwd, pp.slice_fractions, pp.wgrad
 
 
 def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log) -> dict:
@@ -119,10 +121,10 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log)
 
     routers, caps = layer_routers(router, schedule, args.layers, args.experts, budget=args.budget, lo=args.lo,
                                   hi=args.hi, ep_size=world, capacity_factor=args.capacity_factor)
-    r_fwd, r_bwd, fractions = _plan_pipeline(args, world, args.layers)
+    r_fwd, r_bwd, fractions, wgrad = _plan_pipeline(args, world, args.layers)
     torch.manual_seed(args.seed)
     model = TinyMoELM(args.vocab, args.d, args.heads, args.ffn, routers, max_len=args.seq, ep=ep,
-                      r_fwd=r_fwd, r_bwd=r_bwd)
+                      r_fwd=r_fwd, r_bwd=r_bwd, wgrad=wgrad)
     model.init_experts(args.seed + 1)
     reducer = None
     if world > 1:

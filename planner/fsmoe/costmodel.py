@@ -12,8 +12,9 @@ Two sources for alpha/beta:
 - ``profile``: a ClusterProfile's collective fits (per byte, bf16 = 2 bytes per element) and GEMM rate.
   The inter-node all-to-all uses the fit at the full world size (every GPU of every node exchanges with its
   peers at once, so the NICs see a full all-to-all); all-gather/reduce-scatter use the intra-node fit at
-  gpus_per_node; the expert GEMM runs at the profile's GEMM rate with ``GEMM_ALPHA_MS`` launch overhead per
-  chunk (an assumption: the profile has no GEMM latency term); the gradient all-reduce uses the all_reduce fit.
+  gpus_per_node; the expert GEMM runs at the profile's GEMM rate on the GPU's real multiply-add count
+  (f*T*g*M*H, see ``_expert_macs_per_gpu``) with ``GEMM_ALPHA_MS`` launch overhead per chunk (an assumption: the
+  profile has no GEMM latency term); the gradient all-reduce uses the all_reduce fit.
 """
 from __future__ import annotations
 
@@ -154,6 +155,18 @@ def _workloads(cfg: MoEConfig, topo: Topology, layer: int) -> tuple[float, float
     return (n0, n13, n2, n13, n4)
 
 
+def _expert_macs_per_gpu(cfg: MoEConfig, topo: Topology, layer: int) -> float:
+    """Multiply-adds of the expert MLPs on one GPU, counted from the layout (for profile-derived costs).
+
+    Flat EP: T*P tokens x f routed rows spread evenly over P GPUs -> f*T rows per GPU, g*M*H each.
+    Hierarchical: a node's sharded experts receive f*T*gpus_per_node rows, every GPU of the node multiplies all
+    of them by its 1/gpus_per_node shard -> again f*T*g*M*H. (The paper's n2 carries a further 1/P, which
+    belongs with its own fitted beta_2 and B*L convention; a GEMM rate needs the real count.) A shared expert
+    runs on the GPU's own T tokens."""
+    macs = cfg.g * cfg.f(layer) * cfg.tokens * cfg.hidden * cfg.ffn_hidden
+    return macs + cfg.shared_experts * cfg.g * cfg.tokens * cfg.hidden * cfg.ffn_hidden
+
+
 def stage_costs(cfg: MoEConfig, topo: Topology, *, source: Literal["published", "profile"],
                 profile: ClusterProfile | None = None, layer: int = 0) -> StageCosts:
     from adasched.profiler.builtins import FSMOE_ALPHA_MS, FSMOE_BETA_MS
@@ -185,7 +198,7 @@ def stage_costs(cfg: MoEConfig, topo: Topology, *, source: Literal["published", 
             alpha[i] = fit.alpha_ms
             work[i] = fit.beta_ms_per_byte * n[i] * ELEMENT_BYTES
             notes.append(f"{op}: fit on {fit.group_size} ranks ({fit.source})")
-    flops = 2.0 * n[2]
+    flops = 2.0 * _expert_macs_per_gpu(cfg, topo, layer)
     alpha[2] = GEMM_ALPHA_MS
     work[2] = flops / (profile.gemm_tflops * 1e9)  # TFLOP/s -> FLOP per ms
     notes.append(f"gemm: {profile.gemm_tflops} TFLOP/s + {GEMM_ALPHA_MS} ms per chunk (assumed launch overhead)")

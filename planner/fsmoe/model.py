@@ -10,6 +10,14 @@ Two issue orders are evaluated for the links ("dispatch-first": all dispatches, 
 paper's T_A; "interleaved": dispatch(j+1) is issued before combine(j)) and the better is kept.
 r is chosen over powers of two by evaluating the discrete-event simulation exactly (no continuous
 relaxation + rounding), separately for forward and backward (backward doubles the expert GEMM).
+
+Backward weight gradients (``wgrad``): the backward expert compute is two GEMMs of the forward's size, the data
+gradient (dX, which the combine all-to-all sends back) and the weight gradient (dW, which nothing in the layer
+waits for). ``"fused"`` runs them as one task per chunk, as autograd does (the combine waits for dW too: what
+DeepSpeed-MoE and Tutel do); ``"per-chunk"`` issues chunk j's dW right after its dX, off the combine's path;
+``"deferred"`` issues every dW after the last dX (Megatron-core's delayed wgrad), so the combines never queue
+behind a dW. The backward is evaluated in all three and the best is kept; a layer's backward ends when both the
+last combine and the last dW have finished.
 """
 from __future__ import annotations
 
@@ -30,16 +38,21 @@ __all__ = [
     "greedy_slices",
     "solve_slices",
     "R_CANDIDATES",
+    "WGRAD_MODES",
+    "orders",
 ]
 
 R_CANDIDATES = (1, 2, 4, 8, 16)
 Order = Literal["dispatch-first", "interleaved"]
+Wgrad = Literal["fused", "per-chunk", "deferred"]
+WGRAD_MODES: tuple[Wgrad, ...] = ("fused", "per-chunk", "deferred")
 
 
 @dataclass(frozen=True)
 class PipelineEval:
     r: int
     order: Order
+    wgrad: Wgrad
     time_ms: float
     inter_busy_ms: float
     compute_busy_ms: float
@@ -50,9 +63,14 @@ class PipelineEval:
         return max(0.0, self.time_ms - self.inter_busy_ms)
 
 
-def _tasks(c: StageCosts, r: int, order: Order, prefix: str = "") -> list[Task]:
+def _tasks(c: StageCosts, r: int, order: Order, prefix: str = "", wgrad: Wgrad = "fused") -> list[Task]:
+    """Tasks of one direction. With ``wgrad`` other than "fused", ``c`` must be backward costs: each chunk's
+    expert task becomes dX (half of c's GEMM: alpha_2/2 + work_2/(2r), what the combine waits for) plus a dW
+    task of the same cost that nothing in the layer depends on."""
     d = [c.chunk_ms(0, r) if c.work[0] > 0 else 0.0, c.chunk_ms(1, r), c.chunk_ms(2, r), c.chunk_ms(3, r),
          c.chunk_ms(0, r) if c.work[0] > 0 else 0.0]
+    if wgrad != "fused":
+        d[2] /= 2.0
     names = [[f"{prefix}{s}{j}" for s in ("dispatch", "allgather", "gemm", "reducescatter", "combine")] for j in range(r)]
     per_chunk = []
     for j in range(r):
@@ -76,27 +94,51 @@ def _tasks(c: StageCosts, r: int, order: Order, prefix: str = "") -> list[Task]:
                 seq += [per_chunk[j - 1][3], per_chunk[j - 1][4]]
             seq.append(per_chunk[j][2])
         seq += [per_chunk[r - 1][3], per_chunk[r - 1][4]]
-    return seq
+    if wgrad == "fused":
+        return seq
+    dw = {t.name: Task(f"{prefix}wgrad{t.name[len(prefix) + 4:]}", 0, "compute", d[2], (t.name,), category="wgrad")
+          for t in seq if t.category == "gemm"}
+    if wgrad == "deferred":
+        return seq + list(dw.values())
+    out = []
+    for t in seq:
+        out.append(t)
+        if t.name in dw:
+            out.append(dw[t.name])
+    return out
 
 
-def evaluate_pipeline(c: StageCosts, r: int, order: Order = "dispatch-first") -> PipelineEval:
-    """Exact (simulated) time of one MoE layer direction with r chunks."""
+def evaluate_pipeline(c: StageCosts, r: int, order: Order = "dispatch-first", wgrad: Wgrad = "fused") -> PipelineEval:
+    """Exact (simulated) time of one MoE layer direction with r chunks (``wgrad``: backward only, see module)."""
     if r < 1:
         raise ValueError(f"r must be >= 1, got {r}")
-    sim = simulate(_tasks(c, r, order))
-    return PipelineEval(r, order, sim.makespan_ms, sim.busy_ms(stream="inter"), sim.busy_ms(stream="compute"), sim)
+    if wgrad not in WGRAD_MODES:
+        raise ValueError(f"wgrad must be one of {WGRAD_MODES}, got {wgrad!r}")
+    sim = simulate(_tasks(c, r, order, wgrad=wgrad))
+    return PipelineEval(r, order, wgrad, sim.makespan_ms, sim.busy_ms(stream="inter"), sim.busy_ms(stream="compute"), sim)
 
 
-def choose_r(c: StageCosts, candidates=R_CANDIDATES) -> tuple[PipelineEval, dict[int, float]]:
-    """Best (r, order) over the candidates by exact evaluation; also returns the time of every r."""
+def orders(r: int) -> tuple[Order, ...]:
+    return ("dispatch-first",) if r == 1 else ("dispatch-first", "interleaved")
+
+
+def choose_r(c: StageCosts, candidates=R_CANDIDATES, wgrad_modes: tuple[Wgrad, ...] = ("fused",)
+             ) -> tuple[PipelineEval, dict[int, float]]:
+    """Best (r, order, wgrad) over the candidates by exact evaluation; also returns the best time of every r.
+    Pass ``wgrad_modes=WGRAD_MODES`` for a backward pass (``c`` = backward costs). Ties keep the earlier
+    candidate (smaller r, "fused" before the split modes)."""
     best: PipelineEval | None = None
     per_r: dict[int, float] = {}
     for r in candidates:
-        for order in (("dispatch-first",) if r == 1 else ("dispatch-first", "interleaved")):
-            ev = evaluate_pipeline(c, r, order)  # type: ignore[arg-type]
-            per_r[r] = min(per_r.get(r, float("inf")), ev.time_ms)
-            if best is None or ev.time_ms < best.time_ms - 1e-12:
-                best = ev
+        for wgrad in wgrad_modes:
+            # r = 1 has one chunk: "per-chunk" and "deferred" issue the same stream order
+            if r == 1 and wgrad == "per-chunk" and "deferred" in wgrad_modes:
+                continue
+            for order in orders(r):
+                ev = evaluate_pipeline(c, r, order, wgrad)
+                per_r[r] = min(per_r.get(r, float("inf")), ev.time_ms)
+                if best is None or ev.time_ms < best.time_ms - 1e-12:
+                    best = ev
     assert best is not None
     return best, per_r
 

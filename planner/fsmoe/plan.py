@@ -21,8 +21,13 @@ class MoELayerPlan(BaseModel):
     r_bwd: int = Field(ge=1)
     order_fwd: str
     order_bwd: str
+    wgrad_bwd: Literal["fused", "per-chunk", "deferred"] = Field(
+        default="fused", description="where the backward weight-gradient GEMMs run: with dX (fused), right after "
+                                     "their chunk's dX, or after the last dX (see planner.fsmoe.model)")
     fwd_ms: float
     bwd_ms: float
+    bwd_fused_wgrad_ms: float | None = Field(default=None, description="best backward with wgrad fused (any r): "
+                                                                      "what the degree choice alone gives")
     case_fwd: str = Field(description="paper case matching the chosen r: a2a-bound (T_A) or compute-bound (T_B)")
     time_by_r_fwd: dict[str, float]
     time_by_r_bwd: dict[str, float]
@@ -60,7 +65,7 @@ class MoEPlan(Plan):
         for c in self.configs:
             l0 = c.layers[0]
             nb = c.baselines_fwd_bwd_ms
-            rows.append((c.name, f"r_fwd={l0.r_fwd} r_bwd={l0.r_bwd} layer fwd+bwd {c.fwd_bwd_ms:.2f} ms; "
+            rows.append((c.name, f"r_fwd={l0.r_fwd} r_bwd={l0.r_bwd} wgrad={l0.wgrad_bwd} layer fwd+bwd {c.fwd_bwd_ms:.2f} ms; "
                                  f"no-pipeline {nb['no-pipeline'] / c.fwd_bwd_ms:.2f}x, fixed-r2 {nb['fixed-r2'] / c.fwd_bwd_ms:.2f}x slower"))
         return rows
 
@@ -78,7 +83,7 @@ class MoEPlan(Plan):
         fwd = stage_costs(cfg, topo, source=src, profile=prof)
         l0 = c.layers[0]
         f = evaluate_pipeline(fwd, l0.r_fwd, l0.order_fwd).sim.tasks  # type: ignore[arg-type]
-        b = evaluate_pipeline(fwd.backward(), l0.r_bwd, l0.order_bwd).sim.tasks  # type: ignore[arg-type]
+        b = evaluate_pipeline(fwd.backward(), l0.r_bwd, l0.order_bwd, l0.wgrad_bwd).sim.tasks  # type: ignore[arg-type]
         shift = max(t.end_ms for t in f)
         from ..simulator import ScheduledTask
 
@@ -92,7 +97,7 @@ class MoEPlan(Plan):
         c = self.configs[0]
         l0 = c.layers[0]
         render_gantt(self.gantt_tasks(), path,
-                     title=f"{c.name}: one MoE layer, forward r={l0.r_fwd} then backward r={l0.r_bwd}: "
+                     title=f"{c.name}: one MoE layer, forward r={l0.r_fwd} then backward r={l0.r_bwd} (wgrad {l0.wgrad_bwd}): "
                            f"{c.fwd_bwd_ms:.2f} ms (no pipelining {c.baselines_fwd_bwd_ms['no-pipeline']:.2f} ms)")
 
     def check_ep_size(self, ep_size: int, config: str | None = None) -> MoEConfigPlan:

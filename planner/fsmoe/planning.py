@@ -10,7 +10,7 @@ from ..plan import inputs_digest, profile_ref
 from ..solver import SolveParams
 from .baselines import BASELINES, baseline_fwd_bwd_ms
 from .costmodel import MoEConfig, stage_costs, topology
-from .model import choose_r, paper_cases, solve_slices
+from .model import WGRAD_MODES, choose_r, paper_cases, solve_slices
 from .plan import MoEConfigPlan, MoELayerPlan, MoEPlan
 
 __all__ = ["dense_block_ms", "plan_config", "plan_moe"]
@@ -50,11 +50,12 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
         bwd = fwd.backward()
         first = first or fwd
         bf, per_r_f = choose_r(fwd)
-        bb, per_r_b = choose_r(bwd)
+        bb, per_r_b = choose_r(bwd, wgrad_modes=WGRAD_MODES)
+        bb_fused, _ = choose_r(bwd)
         case = "a2a-bound (T_A)" if paper_cases(fwd, bf.r)["T_A_valid"] else "compute-bound (T_B)"
         layers.append(MoELayerPlan(
             layer=layer, mean_k=cfg.k_of_layer(layer), r_fwd=bf.r, r_bwd=bb.r, order_fwd=bf.order, order_bwd=bb.order,
-            fwd_ms=bf.time_ms, bwd_ms=bb.time_ms, case_fwd=case,
+            wgrad_bwd=bb.wgrad, fwd_ms=bf.time_ms, bwd_ms=bb.time_ms, bwd_fused_wgrad_ms=bb_fused.time_ms, case_fwd=case,
             time_by_r_fwd={str(k): v for k, v in per_r_f.items()}, time_by_r_bwd={str(k): v for k, v in per_r_b.items()},
         ))
         moe_bwd_idle.append(bb.inter_idle_ms)

@@ -19,7 +19,10 @@ backward (degree ``r_bwd``, chosen independently)
     expert inputs/pre-activations of each incoming row by its tag (source, expert, token), so forward and
     backward chunks need not coincide. In each gap of the backward pipeline (after each chunk's combine is
     issued) the :class:`GradSliceReducer`, if given, launches the next planned slice of the dense-gradient
-    all-reduce.
+    all-reduce. ``wgrad`` places the expert weight gradients (the planner's ``wgrad_bwd``): "fused" computes
+    dW with dX in each chunk's compute (autograd's order: the combine waits for it); "per-chunk" computes
+    chunk c's dW right after chunk c's combine is issued; "deferred" computes every dW after the last
+    combine is issued. The split modes keep the combine's path to dX alone, so dW overlaps the combines.
 
 Hierarchical path (``hierarchical=True``): every exchange runs in two steps, first inside the node
 (intra-node all-to-all to the local peer with the destination's local index), then between nodes
@@ -38,9 +41,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from adasched.kernels.moe import Backend, make_index, expert_mlp_backward, expert_mlp_forward
+from adasched.kernels.moe import (Backend, expert_mlp_backward, expert_mlp_backward_data, expert_mlp_backward_weight,
+                                  expert_mlp_forward, make_index)
 
-__all__ = ["ExpertParallel", "EPExperts", "GradSliceReducer", "ep_experts"]
+__all__ = ["ExpertParallel", "EPExperts", "GradSliceReducer", "ep_experts", "WGRAD_MODES"]
+
+WGRAD_MODES = ("fused", "per-chunk", "deferred")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -285,10 +291,11 @@ def _unpermute_rows(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _pipeline(ep: ExpertParallel, pass_name: str, exch: list[_Exchange], sends, compute, after_chunk=None):
+def _pipeline(ep: ExpertParallel, pass_name: str, exch: list[_Exchange], sends, compute, after_chunk=None,
+              after_all=None):
     """Run one pass: dispatch every chunk, then per chunk wait / compute / combine; returns each chunk's
     combined rows. ``compute(c, received tensors) -> tensor to send back``; ``after_chunk(c)`` runs in the
-    gap after chunk c's combine is issued.
+    gap after chunk c's combine is issued; ``after_all()`` after the last combine is issued, before waiting.
 
     Before chunk c's compute the pipeline makes sure chunk c+1's dispatch has reached its last step (for the
     hierarchical path: its inter-node all-to-all is issued, waiting for its intra-node step if that is still
@@ -309,6 +316,8 @@ def _pipeline(ep: ExpertParallel, pass_name: str, exch: list[_Exchange], sends, 
         back.append(sched.add(ex.combine([out], c)))
         if after_chunk is not None:
             after_chunk(c)
+    if after_all is not None:
+        after_all()
     return [sched.wait(b)[0] for b in back]
 
 
@@ -424,6 +433,7 @@ class _Meta:
     activation: str
     backend: Backend
     reducer: GradSliceReducer | None = None
+    wgrad: str = "fused"
 
 
 def _chunks(meta: _Meta, r: int):
@@ -504,23 +514,43 @@ class EPExperts(torch.autograd.Function):
         dw1 = torch.zeros_like(w1)
         dw2 = torch.zeros_like(w2)
 
+        pending = []  # weight-gradient inputs of chunks whose dW has not run yet (split modes)
+        sched_log = ep.events
+
+        def weight_grads():
+            while pending:
+                c, saved = pending.pop(0)
+                if sched_log is not None:
+                    sched_log.append(("backward", "wgrad", c, None))
+                d1, d2 = expert_mlp_backward_weight(saved, E_local)
+                dw1.add_(d1)
+                dw2.add_(d2)
+
         def compute(c, got):
             g, tags = got
             order, counts, keys = _group_by_expert(tags, E_local, P, key_base)
             pos = torch.searchsorted(key_s, keys)
             idx = make_index(torch.zeros(keys.shape[0], dtype=torch.int64, device=keys.device), counts, 1)
-            dx, d1, d2 = expert_mlp_backward(x_s[pos], a_s[pos], g[order], w1, w2, idx,
-                                             meta.activation, meta.backend)
-            dw1.add_(d1)
-            dw2.add_(d2)
+            if meta.wgrad == "fused":
+                dx, d1, d2 = expert_mlp_backward(x_s[pos], a_s[pos], g[order], w1, w2, idx,
+                                                 meta.activation, meta.backend)
+                dw1.add_(d1)
+                dw2.add_(d2)
+            else:
+                dx, saved = expert_mlp_backward_data(x_s[pos], a_s[pos], g[order], w1, w2, idx,
+                                                     meta.activation, meta.backend)
+                pending.append((c, saved))
             return _unpermute_rows(dx, order)
 
         def gap(c):
+            if meta.wgrad == "per-chunk":
+                weight_grads()
             if meta.reducer is not None:
                 ep.stats["gaps"] += 1
                 meta.reducer.gap((c + 1) / len(exch))
 
-        outs = _pipeline(ep, "backward", exch, [[gy[rw], _tags(meta, rw)] for rw in rows], compute, gap)
+        outs = _pipeline(ep, "backward", exch, [[gy[rw], _tags(meta, rw)] for rw in rows], compute, gap,
+                         after_all=weight_grads)
         gx = gy.new_empty(gy.shape[0], w1.shape[1])
         for rw, o in zip(rows, outs):
             gx[rw] = o
@@ -529,9 +559,12 @@ class EPExperts(torch.autograd.Function):
 
 def ep_experts(x_rows, w1, w2, token_idx, expert_idx, num_tokens: int, ep: ExpertParallel, *,
                r_fwd: int = 1, r_bwd: int = 1, activation: str = "swiglu", backend: Backend = "auto",
-               reducer: GradSliceReducer | None = None) -> torch.Tensor:
-    """Expert outputs for this rank's sorted assignment rows, computed by the experts' owner ranks."""
+               reducer: GradSliceReducer | None = None, wgrad: str = "fused") -> torch.Tensor:
+    """Expert outputs for this rank's sorted assignment rows, computed by the experts' owner ranks.
+    ``wgrad``: where the backward computes the expert weight gradients (module docstring)."""
     if r_fwd < 1 or r_bwd < 1:
         raise ValueError(f"r_fwd={r_fwd}, r_bwd={r_bwd}: pipeline degrees must be >= 1")
-    meta = _Meta(ep, token_idx, expert_idx, num_tokens, r_fwd, r_bwd, activation, backend, reducer)
+    if wgrad not in WGRAD_MODES:
+        raise ValueError(f"wgrad={wgrad!r}: must be one of {', '.join(WGRAD_MODES)}")
+    meta = _Meta(ep, token_idx, expert_idx, num_tokens, r_fwd, r_bwd, activation, backend, reducer, wgrad)
     return EPExperts.apply(x_rows, w1, w2, meta)

@@ -20,10 +20,16 @@ from torch import nn
 
 from adasched.kernels.moe import Backend, expert_mlp, make_index, permute, unpermute
 
-from .ep import ExpertParallel, GradSliceReducer, ep_experts
+from .ep import WGRAD_MODES, ExpertParallel, GradSliceReducer, ep_experts
 from .router import Router, RouterConfig, RouterStats
 
 __all__ = ["MoELayer"]
+
+
+def _check_wgrad(wgrad: str) -> str:
+    if wgrad not in WGRAD_MODES:
+        raise ValueError(f"wgrad={wgrad!r}: must be one of {', '.join(WGRAD_MODES)}")
+    return wgrad
 
 
 class MoELayer(nn.Module):
@@ -32,7 +38,7 @@ class MoELayer(nn.Module):
 
     def __init__(self, hidden: int, ffn: int, router: RouterConfig, *, activation: str = "swiglu",
                  backend: Backend = "auto", ep: ExpertParallel | None = None, r_fwd: int = 1, r_bwd: int = 1,
-                 reducer: GradSliceReducer | None = None):
+                 reducer: GradSliceReducer | None = None, wgrad: str = "fused"):
         super().__init__()
         if activation not in ("swiglu", "gelu"):
             raise ValueError(f"activation: {activation!r} is not 'swiglu' or 'gelu'")
@@ -43,6 +49,7 @@ class MoELayer(nn.Module):
             raise ValueError(f"ep.num_experts: {ep.num_experts} differs from router num_experts {E}")
         self.hidden, self.ffn, self.activation, self.backend = hidden, ffn, activation, backend
         self.ep, self.r_fwd, self.r_bwd, self.reducer = ep, r_fwd, r_bwd, reducer
+        self.wgrad = _check_wgrad(wgrad)
         self.router = Router(hidden, router)
         e_local = E if ep is None else ep.experts_per_rank
         self.expert_offset = 0 if ep is None else ep.rank * e_local
@@ -52,11 +59,14 @@ class MoELayer(nn.Module):
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_stats: RouterStats | None = None
 
-    def set_pipeline(self, r_fwd: int, r_bwd: int) -> None:
-        """Pipeline degrees from a plan (e.g. an FSMoE ``MoELayerPlan``'s r_fwd/r_bwd)."""
+    def set_pipeline(self, r_fwd: int, r_bwd: int, wgrad: str | None = None) -> None:
+        """Pipeline degrees (and the weight-gradient placement) from a plan (an FSMoE ``MoELayerPlan``'s
+        r_fwd/r_bwd/wgrad_bwd)."""
         if r_fwd < 1 or r_bwd < 1:
             raise ValueError(f"r_fwd={r_fwd}, r_bwd={r_bwd}: pipeline degrees must be >= 1")
         self.r_fwd, self.r_bwd = int(r_fwd), int(r_bwd)
+        if wgrad is not None:
+            self.wgrad = _check_wgrad(wgrad)
 
     def load_full_experts(self, w1: torch.Tensor, w2: torch.Tensor) -> None:
         """Copy this rank's shard out of full (E, ...) expert weights."""
@@ -81,7 +91,7 @@ class MoELayer(nn.Module):
         else:
             y = ep_experts(rows, self.w1, self.w2, routing.token_idx, routing.expert_idx, T, self.ep,
                            r_fwd=self.r_fwd, r_bwd=self.r_bwd, activation=self.activation,
-                           backend=self.backend, reducer=self.reducer)
+                           backend=self.backend, reducer=self.reducer, wgrad=self.wgrad)
         out = unpermute(y, routing.weight.to(y.dtype), index, self.backend)
         if self.training and self.router.config.kind == "sigmoid_bias":
             counts = routing.counts.detach().clone()

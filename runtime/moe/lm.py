@@ -76,11 +76,12 @@ def _ep_for(ep: ExpertParallel | None, num_experts: int) -> ExpertParallel | Non
 
 
 class TinyMoELM(nn.Module):
-    """``routers``: one RouterConfig per layer. ``ep``/``r_fwd``/``r_bwd``/``reducer``/``backend`` go to every
-    MoE layer (``r_fwd``/``r_bwd`` may be per-layer lists)."""
+    """``routers``: one RouterConfig per layer. ``ep``/``r_fwd``/``r_bwd``/``wgrad``/``reducer``/``backend`` go
+    to every MoE layer (``r_fwd``/``r_bwd``/``wgrad`` may be per-layer lists)."""
 
     def __init__(self, vocab: int, d: int, heads: int, ffn: int, routers: list[RouterConfig], max_len: int = 256,
-                 *, ep: ExpertParallel | None = None, r_fwd=1, r_bwd=1, reducer: GradSliceReducer | None = None,
+                 *, ep: ExpertParallel | None = None, r_fwd=1, r_bwd=1, wgrad="fused",
+                 reducer: GradSliceReducer | None = None,
                  backend: str = "torch", activation: str = "swiglu"):
         super().__init__()
         if d % heads:
@@ -88,9 +89,11 @@ class TinyMoELM(nn.Module):
         L = len(routers)
         rf = r_fwd if isinstance(r_fwd, (list, tuple)) else [r_fwd] * L
         rb = r_bwd if isinstance(r_bwd, (list, tuple)) else [r_bwd] * L
+        wg = wgrad if isinstance(wgrad, (list, tuple)) else [wgrad] * L
         self.tok = nn.Embedding(vocab, d)
         self.pos = nn.Embedding(max_len, d)
-        self.blocks = nn.ModuleList(_Block(d, heads, ffn, cfg, ep=_ep_for(ep, cfg.num_experts), r_fwd=rf[i], r_bwd=rb[i], reducer=reducer,
+        self.blocks = nn.ModuleList(_Block(d, heads, ffn, cfg, ep=_ep_for(ep, cfg.num_experts), r_fwd=rf[i], r_bwd=rb[i], wgrad=wg[i],
+                                           reducer=reducer,
                                            backend=backend, activation=activation)
                                     for i, cfg in enumerate(routers))
         self.ln = nn.LayerNorm(d)

@@ -2,7 +2,7 @@
 the dense-gradient slices. The runtime reads plans only through the plan models."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["PlannedPipeline", "load_pipeline"]
@@ -10,7 +10,7 @@ __all__ = ["PlannedPipeline", "load_pipeline"]
 
 @dataclass
 class PlannedPipeline:
-    """r_fwd/r_bwd: per MoE layer (forward order); slice_fractions: share of the dense gradient all-reduced in
+    """r_fwd/r_bwd/wgrad: per MoE layer (forward order); slice_fractions: share of the dense gradient all-reduced in
     each MoE layer's backward gap, in backward order (sums to 1 unless the plan has no slices)."""
 
     config: str
@@ -18,6 +18,8 @@ class PlannedPipeline:
     r_fwd: list[int]
     r_bwd: list[int]
     slice_fractions: list[float]
+    wgrad: list[str] = field(default_factory=list)
+    """Backward weight-gradient placement per layer (a plan's ``wgrad_bwd``; "fused" for older plans)."""
 
     def slices_for(self, dense_elements: int) -> list[float]:
         """Slice sizes in elements for a model with ``dense_elements`` replicated gradient elements."""
@@ -47,4 +49,5 @@ def load_pipeline(path: str | Path, *, ep_size: int, num_layers: int, config: st
     sl = [float(x) for x in c.grad_slices[:num_layers]] + [0.0] * max(0, num_layers - len(c.grad_slices))
     tot = sum(sl)
     fr = [x / tot for x in sl] if tot > 0 else [1.0 / num_layers] * num_layers
-    return PlannedPipeline(c.name, c.ep_size, [x.r_fwd for x in layers], [x.r_bwd for x in layers], fr)
+    return PlannedPipeline(c.name, c.ep_size, [x.r_fwd for x in layers], [x.r_bwd for x in layers], fr,
+                           [x.wgrad_bwd for x in layers])

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from adasched.planner.cli import main
 from adasched.planner.fsmoe.costmodel import MoEConfig, StageCosts, stage_costs, topology
 from adasched.planner.fsmoe.model import (
-    R_CANDIDATES, choose_r, evaluate_pipeline, greedy_slices, paper_cases, solve_slices,
+    R_CANDIDATES, WGRAD_MODES, choose_r, evaluate_pipeline, greedy_slices, paper_cases, solve_slices,
 )
 from adasched.planner.fsmoe.planning import plan_moe
 from adasched.planner.plan import load_plan
@@ -67,6 +67,68 @@ def test_backward_can_choose_another_degree():
     bf, _ = choose_r(fwd)
     bb, _ = choose_r(fwd.backward())
     assert (bf.r, bb.r) == (2, 1)  # GEMM doubling in backward changes the balance
+
+
+def test_split_wgrad_hand_computed_timelines():
+    # backward costs: a2a chunk = 4/r, GEMM (dX + dW) = 6/r, so dX = dW = 3/r; flat EP (no intra stages)
+    bwd = costs([0, 0, 0, 0, 0], [4.0, 0.0, 6.0, 0.0, 1.0])
+    assert evaluate_pipeline(bwd, 1, wgrad="fused").time_ms == pytest.approx(4 + 6 + 4)
+    # r = 1: D [0,4], dX [4,7], C [7,11] while dW [7,10]
+    ev = evaluate_pipeline(bwd, 1, wgrad="deferred")
+    t = ev.sim.by_name()
+    assert (t["combine0"].start_ms, t["wgrad0"].start_ms, t["wgrad0"].end_ms) == (7, 7, 10)
+    assert ev.time_ms == pytest.approx(11)
+    # r = 2, dispatch-first: D0 [0,2] D1 [2,4]; dX0 [2,3.5]; per-chunk: dW0 [3.5,5] delays dX1 to [5,6.5]
+    # -> C0 [4,6] C1 [6.5,8.5], dW1 [6.5,8]; deferred: dX1 [4,5.5], dW0 [5.5,7], dW1 [7,8.5], C0 [4,6] C1 [6,8]
+    per = evaluate_pipeline(bwd, 2, "dispatch-first", "per-chunk").sim.by_name()
+    assert (per["gemm1"].start_ms, per["combine1"].start_ms, per["wgrad1"].end_ms) == (5, 6.5, 8)
+    assert evaluate_pipeline(bwd, 2, "dispatch-first", "per-chunk").time_ms == pytest.approx(8.5)
+    de = evaluate_pipeline(bwd, 2, "dispatch-first", "deferred")
+    d = de.sim.by_name()
+    assert (d["gemm1"].end_ms, d["combine1"].end_ms, d["wgrad0"].start_ms, d["wgrad1"].end_ms) == (5.5, 8, 5.5, 8.5)
+    assert de.time_ms == pytest.approx(8.5)
+    with pytest.raises(ValueError, match="wgrad"):
+        evaluate_pipeline(bwd, 1, wgrad="later")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    a=st.lists(st.floats(0.0, 0.5), min_size=5, max_size=5),
+    w=st.lists(st.floats(0.01, 50.0), min_size=5, max_size=5),
+)
+def test_split_wgrad_choice_never_worse_and_bounded(a, w):
+    bwd = costs(a, w).backward()
+    fused, _ = choose_r(bwd)
+    best, per_r = choose_r(bwd, wgrad_modes=WGRAD_MODES)
+    assert best.time_ms <= fused.time_ms + 1e-9
+    r = best.r
+    # the compute stream runs all of dX and dW; the inter link both all-to-alls of every chunk
+    assert best.time_ms >= bwd.chunk_ms(2, r) * r - 1e-9
+    assert best.time_ms >= 2 * bwd.chunk_ms(0, r) * r - 1e-9
+    # the combine of the last chunk follows the last dX: never before a dispatch + dX + combine chain
+    assert best.time_ms >= bwd.chunk_ms(0, r) + bwd.chunk_ms(2, r) / 2 + bwd.chunk_ms(0, r) - 1e-9
+
+
+def test_profile_gemm_counts_the_real_multiply_adds():
+    """Profile-derived expert GEMM time = 2 * (routed rows per GPU) * g*M*H / GEMM rate + alpha, counted here
+    from the layout: flat EP (GShard grid: E = #GPUs) and hierarchical (Mixtral: 8 experts on 8 nodes)."""
+    from adasched.planner.fsmoe.costmodel import GEMM_ALPHA_MS
+
+    prof = load_profile("h100-sxm")
+    rate = prof.gemm_tflops * 1e9                        # FLOP per ms
+    flat = MoEConfig(name="f", hidden=1024, ffn_hidden=4096, experts=64, top_k=2, capacity_factor=1.2, batch=8,
+                     seq_len=2048, num_layers=1)
+    T = 8 * 2048
+    rows = 64 * T * 2.4 / 64                              # every GPU routes f*T rows; one expert per GPU
+    c = stage_costs(flat, topology(flat, 64, 8), source="profile", profile=prof)
+    assert c.work[2] == pytest.approx(2 * rows * 2 * 1024 * 4096 / rate)
+    assert c.alpha[2] == GEMM_ALPHA_MS
+    mix = MoEConfig(name="m", hidden=4096, ffn_hidden=14336, experts=8, top_k=2, capacity_factor=1.2, batch=4,
+                    seq_len=1024, activation="swiglu", num_layers=1)
+    T = 4 * 1024
+    node_rows = 64 * T * 2.4 / 8                          # rows arriving at one node's expert
+    c = stage_costs(mix, topology(mix, 64, 8), source="profile", profile=prof)
+    assert c.work[2] == pytest.approx(2 * node_rows * 3 * 4096 * (14336 / 8) / rate)   # 1/8 of H per GPU
 
 
 def test_paper_case_a_condition():

@@ -1,5 +1,6 @@
 """Expert parallelism over 4 real gloo ranks vs the single-process layer: outputs and every gradient, for every
-router and every pipeline degree r in {1, 2, 4} (forward and backward set differently), flat and hierarchical
+router and every pipeline degree r in {1, 2, 4} (forward and backward set differently), each placement of the
+backward weight gradients (fused, per-chunk, deferred - with the issue order checked), flat and hierarchical
 all-to-all, and the dense-gradient all-reduce launched in slices inside the MoE backward gaps. The hierarchical
 path is also checked to be asynchronous end to end: chunk k+1's inter-node step is issued before chunk k's expert
 compute ends, and every process group sees its collectives in the same order on every rank, also when the ranks
@@ -13,6 +14,7 @@ import adasched.runtime.moe.ep as ep_mod
 
 from adasched.runtime.dist import spawn_gloo
 from adasched.runtime.moe import ExpertParallel, GradSliceReducer, MoELayer, RouterConfig
+from adasched.runtime.moe.ep import WGRAD_MODES
 from adasched.runtime.moe.router import ROUTER_KINDS
 
 H, FFN, E = 8, 6, 8
@@ -36,13 +38,13 @@ def _close(got, want, what):
                            f"max err {float((got - want).abs().max()):.3g}")
 
 
-def _layer_case(rank, world, ep, kind, r_fwd, r_bwd, cf, seed):
+def _layer_case(rank, world, ep, kind, r_fwd, r_bwd, cf, seed, wgrad="fused"):
     cfg = RouterConfig(kind=kind, num_experts=E, top_k=2, k_max=3, p=0.5, capacity_factor=cf)
     torch.manual_seed(seed)                              # same weights on every rank
     ref = MoELayer(H, FFN, cfg, backend="torch").eval()
     if kind == "sigmoid_bias":
         ref.router.expert_bias.copy_(torch.randn(E) * 0.1)
-    lay = MoELayer(H, FFN, cfg, backend="torch", ep=ep, r_fwd=r_fwd, r_bwd=r_bwd).eval()
+    lay = MoELayer(H, FFN, cfg, backend="torch", ep=ep, r_fwd=r_fwd, r_bwd=r_bwd, wgrad=wgrad).eval()
     lay.router.load_state_dict(ref.router.state_dict())
     lay.load_full_experts(ref.w1.detach(), ref.w2.detach())
     xs, gys = _inputs(world, seed)
@@ -60,7 +62,7 @@ def _layer_case(rank, world, ep, kind, r_fwd, r_bwd, cf, seed):
         if s == rank:
             x_ref, y_ref = xr, yr.detach()
             stats_ref = ref.last_stats
-    name = f"{kind} r_fwd={r_fwd} r_bwd={r_bwd} cf={cf} hier={ep.hierarchical}"
+    name = f"{kind} r_fwd={r_fwd} r_bwd={r_bwd} wgrad={wgrad} cf={cf} hier={ep.hierarchical}"
     _close(y, y_ref, f"{name}: output")
     _close(x.grad, x_ref.grad, f"{name}: dx")
     n, off = lay.w1.shape[0], lay.expert_offset
@@ -78,7 +80,7 @@ def _gap_case(rank, world, ep):
     torch.manual_seed(7)
     refs = [MoELayer(H, FFN, cfg, backend="torch"), torch.nn.Linear(H, H), MoELayer(H, FFN, cfg, backend="torch")]
     torch.manual_seed(8)
-    eps = [MoELayer(H, FFN, cfg, backend="torch", ep=ep, r_fwd=2, r_bwd=4), torch.nn.Linear(H, H),
+    eps = [MoELayer(H, FFN, cfg, backend="torch", ep=ep, r_fwd=2, r_bwd=4, wgrad="deferred"), torch.nn.Linear(H, H),
            MoELayer(H, FFN, cfg, backend="torch", ep=ep, r_fwd=4, r_bwd=2)]
     for a, b in zip(eps, refs):
         a.load_state_dict(b.state_dict(), strict=False) if not isinstance(a, MoELayer) else None
@@ -158,6 +160,34 @@ def _async_case(rank, world, hier):
         assert all(p == per_rank[0] for p in per_rank), pass_name
 
 
+def _wgrad_order_case(rank, world, flat):
+    """Where the weight gradients run in the backward: "per-chunk" - chunk c's dW after chunk c's combine is
+    issued and before chunk c+1's compute; "deferred" - every dW after the last combine is issued; "fused" -
+    no separate dW step."""
+    r = 3
+    for wgrad in WGRAD_MODES:
+        flat.events = []
+        try:
+            _layer_case(rank, world, flat, "gshard", 2, r, None, seed=5, wgrad=wgrad)
+        finally:
+            events, flat.events = flat.events, None
+        ev = [e[1:] for e in events if e[0] == "backward"]
+        dw = [i for i, e in enumerate(ev) if e[0] == "wgrad"]
+        combine = [i for i, e in enumerate(ev) if e[0] == "issue" and e[2][0] == "combine"]
+        starts = [ev.index(("compute_start", c, None)) for c in range(r)]
+        assert len(combine) == r, ev
+        if wgrad == "fused":
+            assert dw == [], ev
+        elif wgrad == "per-chunk":
+            assert [ev[i][1] for i in dw] == list(range(r)), ev
+            for c in range(r):
+                assert combine[c] < dw[c], (wgrad, ev)
+                assert c + 1 == r or dw[c] < starts[c + 1], (wgrad, ev)
+        else:
+            assert [ev[i][1] for i in dw] == list(range(r)), ev
+            assert min(dw) > max(combine) and min(dw) > max(starts), (wgrad, ev)
+
+
 def _worker(rank, world):
     flat = ExpertParallel.create(E)
     hier = ExpertParallel.create(E, hierarchical=True, gpus_per_node=2)
@@ -166,11 +196,15 @@ def _worker(rank, world):
     for i, kind in enumerate(ROUTER_KINDS):
         for j, (rf, rb) in enumerate(pairs):
             cf = 1.0 if (kind in ("gshard", "switch", "expert_choice") and j == 1) else None
-            _layer_case(rank, world, flat, kind, rf, rb, cf, seed=10 * i + j)
+            _layer_case(rank, world, flat, kind, rf, rb, cf, seed=10 * i + j,
+                        wgrad=WGRAD_MODES[(i + j) % len(WGRAD_MODES)])
             done += 1
-    for kind, rf, rb, cf in [("gshard", 2, 1, 1.25), ("top_p", 4, 4, None), ("expert_choice", 1, 2, None)]:
-        _layer_case(rank, world, hier, kind, rf, rb, cf, seed=77)
+    for kind, rf, rb, cf, wg in [("gshard", 2, 1, 1.25, "deferred"), ("top_p", 4, 4, None, "per-chunk"),
+                                 ("expert_choice", 1, 2, None, "fused")]:
+        _layer_case(rank, world, hier, kind, rf, rb, cf, seed=77, wgrad=wg)
         done += 1
+    _wgrad_order_case(rank, world, flat)
+    done += 1
     _async_case(rank, world, hier)
     done += 1
     _gap_case(rank, world, flat)
@@ -179,4 +213,4 @@ def _worker(rank, world):
 
 def test_ep_matches_single_process_all_routers_all_r():
     done = spawn_gloo(_worker, 4, timeout_s=120)
-    assert done == [len(ROUTER_KINDS) * 3 + 5] * 4
+    assert done == [len(ROUTER_KINDS) * 3 + 6] * 4
