@@ -17,7 +17,10 @@ torch backend for the expert GEMMs, one thread per rank) every rank, all at once
    layer's forward and backward time for r in {1, 2, 4} with the planner's exact pipeline evaluation
    (best issue order) plus the measured non-pipelined part; ``choose_r`` over {1, 2, 4} gives the r the
    planner would pick;
-3. measures the real EP :class:`~adasched.runtime.moe.MoELayer` forward and backward separately for every r.
+3. measures the real EP :class:`~adasched.runtime.moe.MoELayer` forward and backward separately for every r,
+   the backward both with the expert weight gradients fused into each chunk (autograd's order) and deferred
+   after the last combine (``wgrad="deferred"``; predicted with the weight-gradient part of one chunk's
+   backward measured on its own).
    Every timing of steps 1 and 3 is a probe; the probes run round-robin (each once per round, warm-up rounds
    first) so that load from other processes drifts over all of them alike; a barrier before each timed part;
    per round the max over ranks, then the median over rounds;
@@ -170,7 +173,8 @@ def _compute_probes(cfg: MeasureConfig, P: int, rows_max: int) -> tuple[list[int
     sizes of r = 4, 2, 1 of the busiest rank's received rows."""
     import torch
 
-    from adasched.kernels.moe import expert_mlp_backward, expert_mlp_forward, make_index
+    from adasched.kernels.moe import (expert_mlp_backward, expert_mlp_backward_data, expert_mlp_backward_weight,
+                                      expert_mlp_forward, make_index)
     from adasched.runtime.moe.ep import _group_by_expert, _unpermute_rows
 
     E_local = cfg.experts // P
@@ -209,8 +213,19 @@ def _compute_probes(cfg: MeasureConfig, P: int, rows_max: int) -> tuple[list[int
             dw2.add_(d2)
             _unpermute_rows(dx, order)
 
+        order, counts, keys = _group_by_expert(tags, E_local, P, key_base)
+        pos = torch.searchsorted(key_s, keys)
+        idx = make_index(torch.zeros(keys.shape[0], dtype=torch.int64), counts, 1)
+        _, saved = expert_mlp_backward_data(x_s[pos], a_s[pos], g[order], w1, w2, idx, cfg.activation, "torch")
+
+        def weight(saved=saved):
+            d1, d2 = expert_mlp_backward_weight(saved, E_local)
+            dw1.add_(d1)
+            dw2.add_(d2)
+
         probes[f"expert_fwd/{n}"] = _simple(forward)
         probes[f"expert_bwd/{n}"] = _simple(backward)
+        probes[f"expert_bwd_dw/{n}"] = _simple(weight)
     return sizes, probes
 
 
@@ -279,8 +294,8 @@ def _layer_probes(layer, x, gy) -> dict[str, Probe]:
     """The real EP layer: forward and backward timed separately (a barrier before each), per r."""
     import torch.distributed as dist
 
-    def run(r):
-        layer.set_pipeline(r, r)
+    def run(r, wgrad="fused"):
+        layer.set_pipeline(r, r, wgrad)
         layer.zero_grad(set_to_none=True)
         xi = x.detach().requires_grad_(True)
         dist.barrier()
@@ -292,7 +307,9 @@ def _layer_probes(layer, x, gy) -> dict[str, Probe]:
         y.backward(gy)
         return (t1 - t0) * 1e3, (time.perf_counter() - t2) * 1e3
 
-    return {f"layer/{r}": (lambda r=r: run(r)) for r in R_VALUES}
+    probes = {f"layer/{r}": (lambda r=r: run(r)) for r in R_VALUES}
+    probes.update({f"layer_deferred/{r}": (lambda r=r: run(r, "deferred")) for r in R_VALUES})
+    return probes
 
 
 def _fit(xs, ms) -> dict:
@@ -337,13 +354,16 @@ def _measure_config(cfg: MeasureConfig, rank: int, world: int, rep: Repeats, see
            "combine_ms": [one[f"combine/{n}"] for n in a2a_sizes]}
     a2a.update(dispatch=_fit(a2a_sizes, a2a["dispatch_ms"]), combine=_fit(a2a_sizes, a2a["combine_ms"]))
     comp = {"rows": comp_sizes, "fwd_ms": [one[f"expert_fwd/{n}"] for n in comp_sizes],
-            "bwd_ms": [one[f"expert_bwd/{n}"] for n in comp_sizes]}
-    comp.update(fwd=_fit(comp_sizes, comp["fwd_ms"]), bwd=_fit(comp_sizes, comp["bwd_ms"]))
+            "bwd_ms": [one[f"expert_bwd/{n}"] for n in comp_sizes],
+            "bwd_dw_ms": [one[f"expert_bwd_dw/{n}"] for n in comp_sizes]}
+    comp.update(fwd=_fit(comp_sizes, comp["fwd_ms"]), bwd=_fit(comp_sizes, comp["bwd_ms"]),
+                bwd_dw=_fit(comp_sizes, comp["bwd_dw_ms"]))
     fixed = {"local_fwd_ms": t["local"][0], "local_bwd_ms": t["local"][1]}
     for r in R_VALUES:
         fixed[f"book_fwd_ms_r{r}"] = one[f"book_fwd/{r}"]
         fixed[f"book_bwd_ms_r{r}"] = one[f"book_bwd/{r}"]
-    layer_ms = {r: {"fwd_ms": t[f"layer/{r}"][0], "bwd_ms": t[f"layer/{r}"][1]} for r in R_VALUES}
+    layer_ms = {r: {"fwd_ms": t[f"layer/{r}"][0], "bwd_ms": t[f"layer/{r}"][1],
+                    "bwd_deferred_ms": t[f"layer_deferred/{r}"][1]} for r in R_VALUES}
     return {"config": asdict(cfg), "rows_sent_max": sent_max, "rows_received_max": recv_max,
             "a2a": a2a, "compute": comp, "fixed": fixed, "layer": layer_ms}
 
@@ -374,24 +394,33 @@ def stage_costs_of(meas: dict, direction: str):
     a0 = (a2a["dispatch"]["alpha_ms"] + a2a["combine"]["alpha_ms"]) / 2
     w0 = (a2a["dispatch"]["ms_per_row"] + a2a["combine"]["ms_per_row"]) / 2 * rows_a2a
     c = comp[direction]
-    a2, w2 = c["alpha_ms"], c["ms_per_row"] * meas["rows_received_max"]
+    rows = meas["rows_received_max"]
+    a2, w2 = c["alpha_ms"], c["ms_per_row"] * rows
+    dw = None
+    if direction == "bwd" and "bwd_dw" in comp:
+        dw = (comp["bwd_dw"]["alpha_ms"], comp["bwd_dw"]["ms_per_row"] * rows)
     return StageCosts((a0, 0.0, a2, 0.0, 0.0), (w0, 0.0, w2, 0.0, 0.0),
                       f"measured on this CPU over gloo ({direction})",
-                      ("stage 0: mean of dispatch (rows + tags) and combine fits", "no intra-node stages (flat EP)"))
+                      ("stage 0: mean of dispatch (rows + tags) and combine fits", "no intra-node stages (flat EP)"),
+                      dw=dw)
 
 
 def predict(meas: dict) -> dict:
     """Predicted fwd/bwd ms per r (pipeline model + measured non-pipelined part) and the r choose_r picks."""
-    from adasched.planner.fsmoe.model import choose_r
+    from adasched.planner.fsmoe.model import choose_r, evaluate_pipeline, orders
 
     out = {"per_r": {r: {} for r in R_VALUES}, "chosen": {}}
+    fx = meas["fixed"]
     for d in ("fwd", "bwd"):
         sc = stage_costs_of(meas, d)
         best, per_r = choose_r(sc, R_VALUES)
         out["chosen"][d] = best.r
-        fx = meas["fixed"]
         for r in R_VALUES:
             out["per_r"][r][d] = {"pipeline_ms": per_r[r], "fixed_ms": fx[f"local_{d}_ms"] + fx[f"book_{d}_ms_r{r}"]}
+            if d == "bwd":
+                out["per_r"][r]["bwd_deferred"] = {
+                    "pipeline_ms": min(evaluate_pipeline(sc, r, o, "deferred").time_ms for o in orders(r)),
+                    "fixed_ms": out["per_r"][r]["bwd"]["fixed_ms"]}
     return out
 
 
@@ -407,15 +436,19 @@ def summarize(results: list[dict], nproc: int) -> dict:
             p = pred["per_r"][r]
             pf = p["fwd"]["pipeline_ms"] + p["fwd"]["fixed_ms"]
             pb = p["bwd"]["pipeline_ms"] + p["bwd"]["fixed_ms"]
-            mf, mb = lay[r]["fwd_ms"], lay[r]["bwd_ms"]
+            pd = p["bwd_deferred"]["pipeline_ms"] + p["bwd_deferred"]["fixed_ms"]
+            mf, mb, md = lay[r]["fwd_ms"], lay[r]["bwd_ms"], lay[r]["bwd_deferred_ms"]
             rows.append({"config": name, "r": r, "predicted_fwd_ms": pf, "measured_fwd_ms": mf,
                          "predicted_bwd_ms": pb, "measured_bwd_ms": mb,
-                         "error_fwd": (pf - mf) / mf, "error_bwd": (pb - mb) / mb})
+                         "error_fwd": (pf - mf) / mf, "error_bwd": (pb - mb) / mb,
+                         "predicted_bwd_deferred_ms": pd, "measured_bwd_deferred_ms": md,
+                         "error_bwd_deferred": (pd - md) / md,
+                         "predicted_deferred_over_fused": pd / pb, "measured_deferred_over_fused": md / mb})
         configs.append({"name": name, "config": meas["config"], "rows_sent_max": meas["rows_sent_max"],
                         "rows_received_max": meas["rows_received_max"], "a2a": meas["a2a"],
                         "compute": meas["compute"], "fixed": meas["fixed"],
                         "prediction_parts": {str(r): pred["per_r"][r] for r in R_VALUES}})
-    signed = [r["error_fwd"] for r in rows] + [r["error_bwd"] for r in rows]
+    signed = [r["error_fwd"] for r in rows] + [r["error_bwd"] for r in rows] + [r["error_bwd_deferred"] for r in rows]
     cores = os.cpu_count() or 1
     note = NOTE.format(P=nproc, C=cores)
     under = sum(e < 0 for e in signed)
@@ -431,6 +464,10 @@ def summarize(results: list[dict], nproc: int) -> dict:
         "best_r_measured": best_meas,
         "chosen_r_matches_best": sum(chosen[n][d] == best_meas[n][d] for n in chosen for d in ("fwd", "bwd")),
         "chosen_r_decisions": 2 * len(chosen),
+        "measured_deferred_over_fused_mean": statistics.fmean(r["measured_deferred_over_fused"] for r in rows)
+        if rows else None,
+        "predicted_deferred_over_fused_mean": statistics.fmean(r["predicted_deferred_over_fused"] for r in rows)
+        if rows else None,
         "machine": f"{cores}-core CPU, gloo, {nproc} ranks",
         "note": note,
         "configs": configs,
@@ -473,15 +510,19 @@ def measure(quick: bool, nproc: int, seed: int = 0) -> dict:
 def _print_table(res: dict) -> None:
     from adasched.planner.ui import print_table
 
-    cols = ["config", "r", "pred fwd ms", "meas fwd ms", "err fwd", "pred bwd ms", "meas bwd ms", "err bwd"]
+    cols = ["config", "r", "pred fwd ms", "meas fwd ms", "err fwd", "pred bwd ms", "meas bwd ms", "err bwd",
+            "pred bwd dW-deferred", "meas bwd dW-deferred", "err"]
     rows = [(r["config"], r["r"], r["predicted_fwd_ms"], r["measured_fwd_ms"], f"{r['error_fwd']:+.1%}",
-             r["predicted_bwd_ms"], r["measured_bwd_ms"], f"{r['error_bwd']:+.1%}") for r in res["rows"]]
+             r["predicted_bwd_ms"], r["measured_bwd_ms"], f"{r['error_bwd']:+.1%}", r["predicted_bwd_deferred_ms"],
+             r["measured_bwd_deferred_ms"], f"{r['error_bwd_deferred']:+.1%}") for r in res["rows"]]
     print_table(rows, cols, title=f"MoE layer: predicted vs measured ({res['machine']})")
     pick = [(n, res["chosen_r_predicted"][n]["fwd"], res["best_r_measured"][n]["fwd"],
              res["chosen_r_predicted"][n]["bwd"], res["best_r_measured"][n]["bwd"]) for n in res["chosen_r_predicted"]]
     print_table(pick, ["config", "r_fwd chosen", "r_fwd best measured", "r_bwd chosen", "r_bwd best measured"])
     print(f"mean |error| {res['mean_abs_error']:.1%} (mean signed {res['mean_signed_error']:+.1%}); "
-          f"chosen r = best measured r in {res['chosen_r_matches_best']} of {res['chosen_r_decisions']} decisions")
+          f"chosen r = best measured r in {res['chosen_r_matches_best']} of {res['chosen_r_decisions']} decisions; "
+          f"backward with dW deferred / fused: measured {res['measured_deferred_over_fused_mean']:.3f}, "
+          f"predicted {res['predicted_deferred_over_fused_mean']:.3f} (mean over configs and r)")
     print(res["note"])
 
 

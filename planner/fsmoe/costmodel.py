@@ -123,11 +123,20 @@ class StageCosts:
     work: tuple[float, float, float, float, float]
     source: str
     notes: tuple[str, ...] = field(default=())
+    dw: tuple[float, float] | None = None
+    """Backward costs only: (alpha, work) of the weight-gradient part of stage 2, when known separately (a
+    measurement); None = half of stage 2 (dX and dW are GEMMs of the same size)."""
 
     def chunk_ms(self, stage: int, r: int) -> float:
         if self.work[stage] == 0 and stage in (1, 3):
             return 0.0
         return self.alpha[stage] + self.work[stage] / r
+
+    def dw_chunk_ms(self, r: int) -> float:
+        """One chunk's weight-gradient share of the backward expert compute (see ``dw``)."""
+        if self.dw is None:
+            return self.chunk_ms(2, r) / 2.0
+        return min(self.chunk_ms(2, r), self.dw[0] + self.dw[1] / r)
 
     def backward(self) -> "StageCosts":
         """Backward: data and weight gradients double the expert GEMM (alpha2 and beta2)."""

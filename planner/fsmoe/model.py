@@ -65,12 +65,12 @@ class PipelineEval:
 
 def _tasks(c: StageCosts, r: int, order: Order, prefix: str = "", wgrad: Wgrad = "fused") -> list[Task]:
     """Tasks of one direction. With ``wgrad`` other than "fused", ``c`` must be backward costs: each chunk's
-    expert task becomes dX (half of c's GEMM: alpha_2/2 + work_2/(2r), what the combine waits for) plus a dW
-    task of the same cost that nothing in the layer depends on."""
+    expert task becomes dX (what the combine waits for) plus a dW task that nothing in the layer depends on;
+    dW = ``c.dw_chunk_ms(r)`` (half of the chunk's GEMM unless measured separately), dX = the rest."""
     d = [c.chunk_ms(0, r) if c.work[0] > 0 else 0.0, c.chunk_ms(1, r), c.chunk_ms(2, r), c.chunk_ms(3, r),
          c.chunk_ms(0, r) if c.work[0] > 0 else 0.0]
-    if wgrad != "fused":
-        d[2] /= 2.0
+    d_w = c.dw_chunk_ms(r) if wgrad != "fused" else 0.0
+    d[2] -= d_w
     names = [[f"{prefix}{s}{j}" for s in ("dispatch", "allgather", "gemm", "reducescatter", "combine")] for j in range(r)]
     per_chunk = []
     for j in range(r):
@@ -96,7 +96,7 @@ def _tasks(c: StageCosts, r: int, order: Order, prefix: str = "", wgrad: Wgrad =
         seq += [per_chunk[r - 1][3], per_chunk[r - 1][4]]
     if wgrad == "fused":
         return seq
-    dw = {t.name: Task(f"{prefix}wgrad{t.name[len(prefix) + 4:]}", 0, "compute", d[2], (t.name,), category="wgrad")
+    dw = {t.name: Task(f"{prefix}wgrad{t.name[len(prefix) + 4:]}", 0, "compute", d_w, (t.name,), category="wgrad")
           for t in seq if t.category == "gemm"}
     if wgrad == "deferred":
         return seq + list(dw.values())

@@ -3,8 +3,8 @@ time vs the real expert-parallel layer over 4 gloo ranks (quick mode, one config
 
 The numbers are timings, so they are checked for consistency, not for values: every r in {1, 2, 4} is present
 with positive predicted and measured times; the errors are recomputed from those times; the r = 1 prediction
-equals the closed form (dispatch + expert compute + combine, nothing overlaps) recomputed from the fitted
-constants; r > 1 predictions lie between the busiest resource and the serial sum; the alpha-beta fits reproduce
+equals the closed form (dispatch + expert compute + combine, nothing overlaps; with the weight gradients deferred:
+dispatch + dX + the longer of combine and dW) recomputed from the fitted constants; r > 1 predictions lie between the busiest resource and the serial sum; the alpha-beta fits reproduce
 their own measured points to within their reported error."""
 import json
 import statistics
@@ -37,13 +37,18 @@ def _check_result(res: dict, configs: int) -> None:
     for name in names:
         assert sorted(r["r"] for r in rows if r["config"] == name) == list(R_VALUES), name
     errs, signed = [], []
-    for r in rows:
-        for d in ("fwd", "bwd"):
+    for d in ("fwd", "bwd", "bwd_deferred"):
+        for r in rows:
             p, m = r[f"predicted_{d}_ms"], r[f"measured_{d}_ms"]
             assert p > 0 and m > 0, f"{r['config']} r={r['r']} {d}: predicted {p}, measured {m}"
             _close(r[f"error_{d}"], (p - m) / m, f"{r['config']} r={r['r']} error_{d}")
             errs.append(abs((p - m) / m))
             signed.append((p - m) / m)
+    for r in rows:
+        _close(r["measured_deferred_over_fused"], r["measured_bwd_deferred_ms"] / r["measured_bwd_ms"], "ratio")
+        _close(r["predicted_deferred_over_fused"], r["predicted_bwd_deferred_ms"] / r["predicted_bwd_ms"], "ratio")
+    _close(res["measured_deferred_over_fused_mean"], statistics.fmean(r["measured_deferred_over_fused"] for r in rows),
+           "measured_deferred_over_fused_mean")
     _close(res["mean_abs_error"], statistics.fmean(errs), "mean_abs_error")
     _close(res["mean_signed_error"], statistics.fmean(signed), "mean_signed_error")
     assert res["note"] and "core" in res["note"] and res["machine"].endswith("4 ranks")
@@ -60,6 +65,7 @@ def _check_result(res: dict, configs: int) -> None:
         _check_fit(a2a["rows"], a2a["combine_ms"], a2a["combine"], f"{name} combine")
         _check_fit(comp["rows"], comp["fwd_ms"], comp["fwd"], f"{name} expert fwd")
         _check_fit(comp["rows"], comp["bwd_ms"], comp["bwd"], f"{name} expert bwd")
+        _check_fit(comp["rows"], comp["bwd_dw_ms"], comp["bwd_dw"], f"{name} expert bwd dW")
         assert all(v > 0 for v in fixed.values()), fixed
         n_a2a = max(cfg["rows_sent_max"], cfg["rows_received_max"])
         n_recv = cfg["rows_received_max"]
@@ -81,6 +87,11 @@ def _check_result(res: dict, configs: int) -> None:
                     assert busiest - 1e-9 <= pipe <= serial + 1e-9, (name, d, q, busiest, pipe, serial)
             # the planner's pick (choose_r over {1, 2, 4}) has the shortest pipelined time
             assert pipes[res["chosen_r_predicted"][name][d]] <= min(pipes.values()) + 1e-9, (name, d, pipes)
+            if d == "bwd":
+                dw = min(comp["bwd_dw"]["alpha_ms"] + comp["bwd_dw"]["ms_per_row"] * n_recv, a2 + w2)
+                fx = fixed["local_bwd_ms"] + fixed["book_bwd_ms_r1"]
+                _close(by_r[1]["predicted_bwd_deferred_ms"] - fx, (a0 + w0) + (a2 + w2 - dw) + max(a0 + w0, dw),
+                       f"{name} bwd r=1 dW deferred: dispatch + dX + max(combine, dW)")
     matches = sum(res["chosen_r_predicted"][n][d] == res["best_r_measured"][n][d]
                   for n in res["chosen_r_predicted"] for d in ("fwd", "bwd"))
     assert res["chosen_r_matches_best"] == matches and res["chosen_r_decisions"] == 2 * configs
