@@ -159,3 +159,46 @@ def test_plan_knobs_against_the_recorded_h200_sweeps():
                     assert ratio >= 1 - TOLERANCE, f"{kind} {row['shape']} {row['tile']}: plan {label} at {ratio:.3f}"
                 checked += 1
     assert checked == 16 and set(misses) == set(KNOWN_MISSES)
+
+
+#: plan vs best on the recorded H100 sweep: the 128x128 tile's 8 warps lose 3.9 % to 4 warps there (on the
+#: H200 sweeps above 8 warps win or sit within 2.1 %); recorded as it is, not fitted to.
+H100_KNOWN_MISSES = {"128x128x64": 0.960}
+
+
+def test_plan_knobs_against_the_recorded_h100_peer_sweep():
+    """Replay of the H100 sweep shipped with the project's data (a plain Triton tiled matmul at 8192^3, tiles
+    {128x128, 128x256, 256x128, 64x128} x 64, stages 2-5 x warps 4/8; not our kernel and not re-fitted to):
+    the plan's config must be within 3 % of the tile's best on every tile but H100_KNOWN_MISSES (and no worse
+    there than recorded). 64x128 gets 6 stages from the plan, a config the sweep did not run: reported as
+    unswept, not counted."""
+    import json
+    from pathlib import Path
+
+    pytest.importorskip("ortools")
+    from adasched.launch.gemm_check import TOLERANCE, plan_config
+
+    data = json.loads((Path(__file__).parent / "data" / "h100_peers_gemm_sweep_2026-11-28.json").read_text())
+    tiles: dict[tuple, dict] = {}
+    for r in data["rows"]:
+        if "tflops" in r:
+            tiles.setdefault((r["BM"], r["BN"], r["BK"]), {})[(r["stages"], r["warps"])] = r["tflops"]
+    assert len(tiles) == 4
+    checked, unswept, misses = 0, [], {}
+    for tile, table in tiles.items():
+        cfg, info = plan_config(tile, "h100", allow_precomputed=False)
+        assert info["source"] == "solved" and not cfg.warp_specialize
+        name = "x".join(map(str, tile))
+        got = table.get((cfg.num_stages, cfg.num_warps))
+        if got is None:
+            unswept.append((name, cfg.num_stages, cfg.num_warps))
+            continue
+        ratio = got / max(table.values())
+        if name in H100_KNOWN_MISSES:
+            misses[name] = ratio
+            assert ratio >= H100_KNOWN_MISSES[name] - 1e-3, f"{name}: plan s{cfg.num_stages} w{cfg.num_warps} {ratio:.3f}"
+        else:
+            assert ratio >= 1 - TOLERANCE, f"{name}: plan s{cfg.num_stages} w{cfg.num_warps} at {ratio:.3f}"
+        checked += 1
+    assert checked == 3 and set(misses) == set(H100_KNOWN_MISSES), (checked, misses)
+    assert unswept == [("64x128x64", 6, 4)], unswept
