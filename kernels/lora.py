@@ -93,6 +93,21 @@ _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
 _PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
 
 
+#: Under the interpreter the masked dX epilogue runs split (its 16-wide tiles in halves); tests set it to 32 to
+#: run the unsplit epilogue.
+_INTERPRET_EPI_SPLIT_MIN = 16
+
+
+def epi_split_min(block_m: int, block_o: int, num_warps: int) -> int:
+    """``EPI_SPLIT_MIN`` of ``_lora_gemm_kernel`` for a launch: split the masked dX epilogue into column halves
+    when the fp32 accumulator alone takes >= 128 registers per thread (block_m * block_o / (32 * num_warps)):
+    there a full-width second tile spilled on sm_90 (128x256 w8: 2060 bytes, 128x128 w4: 1044-1168) and the
+    split removes it (252 / 255 registers, no spill; ``kernel_report``). Smaller accumulators keep the full-width
+    epilogue (128x128 w8: 170 registers, the configuration measured on the H200). Not yet timed on a GPU."""
+    return block_o if block_m * block_o // (32 * max(1, num_warps)) >= 128 else 2 * block_o
+
+
+
 def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(hi, lo) 32-bit halves of a * b for a 32-bit constant a and int64 tensor b in [0, 2**32), no overflow."""
     p_lo = a * (b & 0xFFFF)  # < 2**48
@@ -321,12 +336,16 @@ if HAVE_TRITON:
         stride_xm, stride_wr, stride_wo, stride_lm, stride_pr, stride_po, stride_mm, stride_om,
         BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
         GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, APPLY_SCALE: tl.constexpr,
-        UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False,
+        UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False, EPI_SPLIT_MIN: tl.constexpr = 256,
     ):
         """OUT[tile, oblk] = X[tile, :] @ W[:, oblk] + lora_term (+ bias), W element (red, out) at
         W + red*stride_wr + out*stride_wo. LoRA term, added to the accumulator after the K loop:
         L[tile, :r] @ P[r_off:r_off+r, oblk], times scale (forward) or times mask/(1-p) (backward). Used for
-        Y = X W^T + scale S B^T + b and dX = dY W + mask (dS A)/(1-p)."""
+        Y = X W^T + scale S B^T + b and dX = dY W + mask (dS A)/(1-p).
+
+        With the mask and BLOCK_O >= EPI_SPLIT_MIN the epilogue runs on the two column halves of the tile in
+        turn (the accumulator split in registers), so the masked product is a half-width second tile: on sm_90
+        the 128x256 tile spilled 2 KiB with a full-width one (kernel_report)."""
         pid = tl.program_id(0)
         num_pid_o = tl.cdiv(OUT_DIM, BLOCK_O)
         num_pid_in_group = GROUP_M * num_pid_o
@@ -373,7 +392,9 @@ if HAVE_TRITON:
                 pt = pt.to(tl.float32)
             else:
                 lt = lt.to(P.dtype.element_ty)
-            if HAS_MASK:  # the dropout mask acts on the product: a second [BLOCK_M, BLOCK_O] fp32 tile
+            if HAS_MASK and BLOCK_O >= EPI_SPLIT_MIN:
+                pass  # below, per column half
+            elif HAS_MASK:  # the dropout mask acts on the product: a second [BLOCK_M, BLOCK_O] fp32 tile
                 lora = tl.dot(lt, pt)
                 # dropout layout: column c is bit (c // 32) % 8 of byte 32 * (c // 256) + c % 32
                 packed = tl.load(MASK + rows[:, None] * stride_mm + ((outs // 256) * 32 + outs % 32)[None, :],
@@ -388,6 +409,44 @@ if HAVE_TRITON:
                 acc += tl.where(row_ok[:, None], tl.dot(lt, pt), 0.0)
             else:  # accumulate straight into the MMA accumulator: no second tile
                 acc = tl.dot(lt, pt, acc)
+        if HAS_MASK and BLOCK_O >= EPI_SPLIT_MIN:
+            HALF: tl.constexpr = BLOCK_O // 2
+            # acc[:, :HALF] and acc[:, HALF:] as two register tiles (row-major reshape, then split the pair axis)
+            acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+            _masked_half(acc_lo, pid_o * BLOCK_O, rows, row_ok, rank, r_off, pid_m, L, P, MASK, BIAS, OUT, FTABLE,
+                         OUT_DIM, stride_lm, stride_pr, stride_po, stride_mm, stride_om,
+                         HALF, BLOCK_R, HAS_BIAS, UPCAST)
+            _masked_half(acc_hi, pid_o * BLOCK_O + HALF, rows, row_ok, rank, r_off, pid_m, L, P, MASK, BIAS, OUT,
+                         FTABLE, OUT_DIM, stride_lm, stride_pr, stride_po, stride_mm, stride_om,
+                         HALF, BLOCK_R, HAS_BIAS, UPCAST)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(BIAS + outs, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(OUT + rows[:, None] * stride_om + outs[None, :], acc.to(OUT.dtype.element_ty),
+                     mask=row_ok[:, None] & o_ok[None, :])
+
+    @triton.jit
+    def _masked_half(acc, col0, rows, row_ok, rank, r_off, pid_m, L, P, MASK, BIAS, OUT, FTABLE, OUT_DIM,
+                     stride_lm, stride_pr, stride_po, stride_mm, stride_om,
+                     WIDTH: tl.constexpr, BLOCK_R: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr):
+        """Columns [col0, col0 + WIDTH) of the dX tile: acc (= dY W there) + mask * (dS A) / (1-p) (+ bias),
+        stored."""
+        outs = col0 + tl.arange(0, WIDTH)
+        o_ok = outs < OUT_DIM
+        if rank > 0:
+            rr = tl.arange(0, BLOCK_R)
+            lt = tl.load(L + rows[:, None] * stride_lm + rr[None, :], mask=row_ok[:, None], other=0.0)
+            pt = tl.load(P + (r_off + rr)[:, None] * stride_pr + outs[None, :] * stride_po,
+                         mask=(rr < rank)[:, None] & o_ok[None, :], other=0.0)
+            if UPCAST:
+                lt = lt.to(tl.float32)
+                pt = pt.to(tl.float32)
+            else:
+                lt = lt.to(P.dtype.element_ty)
+            packed = tl.load(MASK + rows[:, None] * stride_mm + ((outs // 256) * 32 + outs % 32)[None, :],
+                             mask=row_ok[:, None] & o_ok[None, :], other=0)
+            keep = (packed.to(tl.int32) >> ((outs // 32) % 8)[None, :]) & 1
+            acc += tl.where(keep != 0, tl.dot(lt, pt) * tl.load(FTABLE + pid_m * 2 + 1), 0.0)
         if HAS_BIAS:
             acc += tl.load(BIAS + outs, mask=o_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(OUT + rows[:, None] * stride_om + outs[None, :], acc.to(OUT.dtype.element_ty),
@@ -484,16 +543,11 @@ if HAVE_TRITON:
                              mask=row_ok[:, None] & c_ok[None, :])
 
     def _gemm_configs():
-        cfg = triton.Config
-        return [
-            cfg({"BLOCK_O": 256, "BLOCK_RED": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-            cfg({"BLOCK_O": 256, "BLOCK_RED": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
-            cfg({"BLOCK_O": 128, "BLOCK_RED": 64, "GROUP_M": 8}, num_stages=3, num_warps=4),
-            cfg({"BLOCK_O": 128, "BLOCK_RED": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-            cfg({"BLOCK_O": 128, "BLOCK_RED": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-            cfg({"BLOCK_O": 128, "BLOCK_RED": 128, "GROUP_M": 8}, num_stages=3, num_warps=8),
-            cfg({"BLOCK_O": 64, "BLOCK_RED": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-        ]
+        def cfg(bo, bk, stages, warps):
+            return triton.Config({"BLOCK_O": bo, "BLOCK_RED": bk, "GROUP_M": 8,
+                                  "EPI_SPLIT_MIN": epi_split_min(128, bo, warps)}, num_stages=stages, num_warps=warps)
+        return [cfg(256, 64, 3, 8), cfg(256, 64, 4, 8), cfg(128, 64, 3, 4), cfg(128, 64, 4, 4), cfg(128, 64, 3, 8),
+                cfg(128, 128, 3, 8), cfg(64, 64, 4, 4)]
 
     if not INTERPRET:
         # Two tuners over one kernel: forward (OUT=N, RED=K) and dX (OUT=K, RED=N) keep separate caches.
@@ -623,7 +677,9 @@ def _config_launch(config, interpret: bool) -> tuple[dict, dict]:
     BLOCK_RED = block_k, GROUP_M = group_m; num_warps, num_stages and maxnreg (when set) except under the
     interpreter, which takes none of them."""
     consts = {"BLOCK_O": config.block_n, "BLOCK_RED": config.block_k, "GROUP_M": config.group_m,
-              "WARP_SPECIALIZE": bool(config.warp_specialize)}
+              "WARP_SPECIALIZE": bool(config.warp_specialize),
+              "EPI_SPLIT_MIN": (_INTERPRET_EPI_SPLIT_MIN if interpret else
+                                epi_split_min(config.block_m, config.block_n, config.num_warps))}
     opts = {} if interpret else {"num_warps": config.num_warps, "num_stages": config.num_stages}
     if config.maxnreg is not None and not interpret:
         opts["maxnreg"] = config.maxnreg
@@ -667,7 +723,8 @@ def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bi
         _lora_gemm_kernel[grid](*args, **consts, **flags, **opts)
     elif INTERPRET:
         grid = (plan.n_tiles * triton.cdiv(out_dim, 16),)
-        _lora_gemm_kernel[grid](*args, BLOCK_O=16, BLOCK_RED=16, GROUP_M=2, **flags)
+        _lora_gemm_kernel[grid](*args, BLOCK_O=16, BLOCK_RED=16, GROUP_M=2, EPI_SPLIT_MIN=_INTERPRET_EPI_SPLIT_MIN,
+                                **flags)
     else:
         kernel = _gemm_bwd_tuned if backward else _gemm_fwd_tuned
         grid = lambda meta: (plan.n_tiles * triton.cdiv(out_dim, meta["BLOCK_O"]),)  # noqa: E731

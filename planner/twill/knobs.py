@@ -17,7 +17,8 @@ Mapping (documented assumptions, checked on a GPU by launch/gemm_check.py):
   warpgroup of its own: 4 x max(consumer groups, register-holding ops), at most 8 (two consumer
   warpgroups, as CUTLASS's cooperative Hopper kernels). What decides it on the H200 is the fused LoRA GEMM
   on the 128x128x64 tile (two m64 MMA slices): 1.7-1.9x faster on 8 warps than on 4, where its masked dX
-  epilogue spills (kernel_report); the plain GEMM is within run-to-run noise either way (above);
+  epilogue spilled (kernel_report; since split per column half it compiles without spills on 4 warps too - not
+  re-timed, so the mapping stands); the plain GEMM is within run-to-run noise either way (above);
 - ``warp_specialize``: True only where the machine's Triton supports it (Blackwell) and the schedule has a
   producer group; on Hopper it is False (upstream may ignore or reject it there);
 - ``maxnreg``: only with ``warp_specialize`` (the per-group register split that setmaxnreg makes happen): the

@@ -169,6 +169,33 @@ def test_lora_linear_matches_references(dtype, p, with_bias, r):
         assert rel < 1e-5, rel
 
 
+@pytest.mark.parametrize("split_min", [16, 32])
+def test_masked_dx_epilogue_split_and_unsplit_match_float64(monkeypatch, split_min):
+    """The dX GEMM's masked LoRA term, per column half (EPI_SPLIT_MIN <= BLOCK_O; the interpreter's 16-wide
+    tiles in halves of 8) and full width (32 > 16): every element of dx against float64, K = 300 so the tiles
+    cross the mask's 256-column blocks and end in a partial one."""
+    monkeypatch.setattr(L, "_INTERPRET_EPI_SPLIT_MIN", split_min)
+    atol, rtol = TOL[torch.float32]
+    T, K, N, r, p = 40, 300, 24, 8, 0.3
+    x = _rand(T, K, dtype=torch.float32, grad=True)
+    w = _rand(N, K, dtype=torch.float32, scale=K ** -0.5)
+    a = _rand(r, K, dtype=torch.float32, scale=K ** -0.5, grad=True)
+    b = _rand(N, r, dtype=torch.float32, scale=0.5, grad=True)
+    dy = _rand(T, N, dtype=torch.float32)
+    y = lora_linear(x, w, a, b, 1.5, p, seed=77, base_gemm="triton")
+    (dx,) = torch.autograd.grad(y, [x], dy)
+    x64 = _leaf64(x)
+    y64 = lora_linear_reference(x64, w.double(), a.double(), b.double(), 1.5, p, seed=77)
+    (dx64,) = torch.autograd.grad(y64, [x64], dy.double())
+    assert_all_close(f"dx split_min={split_min}", dx, dx64, atol * 2, rtol * 2)
+
+
+def test_epi_split_rule():
+    # split where the fp32 accumulator alone takes >= 128 registers per thread
+    assert L.epi_split_min(128, 256, 8) == 256 and L.epi_split_min(128, 128, 4) == 128
+    assert L.epi_split_min(128, 128, 8) == 256 and L.epi_split_min(128, 64, 4) == 128
+
+
 def test_lora_linear_batched_input_and_partial_grads():
     """x [B, S, K]; only lora_a/lora_b require grad (frozen activations), then only x (frozen adapter)."""
     K, N, r = 24, 33, 4
