@@ -271,8 +271,25 @@ def test_bench_summary_has_required_fields(capsys):
         assert key in s
     assert s["slower_than_a_baseline"] == 0
     for src in ("published", "profile"):
-        for row in res["sources"][src]["rows"]:
+        rows = res["sources"][src]["rows"]
+        for row in rows:
             assert row["r_fwd"] in R_CANDIDATES and row["r_bwd"] in R_CANDIDATES
+            assert row["wgrad_bwd"] in WGRAD_MODES
+            assert row["speedup_vs_no_pipeline"] == pytest.approx(row["no_pipeline_ms"] / row["fwd_bwd_ms"])
+            # the weight-gradient placement only ever adds to what the degree choice gives
+            assert row["speedup_vs_no_pipeline"] >= row["degree_only_speedup_vs_no_pipeline"] - 1e-12
+            assert row["fwd_bwd_ms"] <= min(row["no_pipeline_ms"], row["fixed_r2_ms"]) + 1e-9
+        bound = [r for r in rows if r["inter_node_bound"]]
+        got = res["summary_by_source"][src]
+        assert got["inter_node_bound_configs"] == len(bound) > 0
+        assert got["inter_node_bound_speedup_vs_no_pipeline_mean"] == pytest.approx(
+            sum(r["speedup_vs_no_pipeline"] for r in bound) / len(bound))
+        assert got["inter_node_bound_speedup_vs_fixed_r2_min"] == pytest.approx(
+            min(r["speedup_vs_fixed_r2"] for r in bound))
+    # the headline summary is the published-constants one; the pooled one covers both sources
+    assert s["inter_node_bound_speedup_vs_no_pipeline_mean"] == \
+        res["summary_by_source"]["published"]["inter_node_bound_speedup_vs_no_pipeline_mean"]
+    assert res["summary_all_sources"]["configs"] == sum(len(res["sources"][k]["rows"]) for k in res["sources"])
 
 
 def test_bad_yaml_config_files_name_the_file(tmp_path):
