@@ -1,8 +1,8 @@
 """`make demo` step for MoE.
 
 Training part (this file's ``train_part``): a tiny MoE LM with DynaMoE top-p routing and a descending
-capacity schedule trains expert-parallel over 2 local gloo ranks under torchrun (r_fwd=2, r_bwd=1 chunks,
-dense gradients all-reduced in slices during the MoE backward), printing the loss per step; then two capacity
+capacity schedule trains expert-parallel over 2 local gloo ranks under torchrun (r_fwd=2, r_bwd=1 chunks, expert
+weight gradients deferred past the backward combine, dense gradients all-reduced in slices during the MoE backward), printing the loss per step; then two capacity
 schedules at equal budget are compared on the synthetic task (single process, a few seconds).
 Planning part (``plan_part``): FSMoE chooses the forward/backward chunk counts and the gradient slices for the
 Mixtral-8x7B preset on 64 GPUs (h100-sxm profile) and prints them against no pipelining and a fixed r = 2; after
@@ -28,10 +28,11 @@ def train_part(out_dir: Path) -> None:
     stats = out_dir / "moe-router-stats.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "adasched.launch.train_moe", "--router", "top_p", "--schedule", "descending", "--layers", "4",
-           "--steps", "6", "--r-fwd", "2", "--r-bwd", "1", "--router-stats-out", str(stats)]
+           "--steps", "6", "--r-fwd", "2", "--r-bwd", "1", "--wgrad", "deferred", "--router-stats-out", str(stats)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
-    print("moe: tiny MoE LM, top-p routing, descending k_max schedule, EP over 2 gloo ranks (torchrun):")
+    print("moe: tiny MoE LM, top-p routing, descending k_max schedule, EP over 2 gloo ranks (torchrun, "
+          "r_fwd=2, r_bwd=1, wgrad deferred):")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     for line in proc.stdout.splitlines():
         if " step " in line:
