@@ -134,7 +134,7 @@ def kernel_cases(only: Optional[Iterable[str]] = None, arch: int = 90) -> list[t
                      for c in L._gemm_configs()]
         for kw, opts in gemm_cfgs:
             tile = f"128x{kw['BLOCK_O']}x{kw['BLOCK_RED']} s{opts['num_stages']} w{opts['num_warps']}"
-            base = dict(BLOCK_M=128, BLOCK_R=16, UPCAST=False, WARP_SPECIALIZE=ws, HAS_BIAS=False, **kw)
+            base = dict(BLOCK_M=128, BLOCK_R=16, UPCAST=False, WARP_SPECIALIZE=ws, HAS_BIAS=False, EPI_SPLIT=-1, **kw)
             cases.append(("lora", f"lora GEMM fwd {tile}{' ws' if ws else ''}", L._lora_gemm_kernel,
                           SIGNATURES["lora_gemm"], dict(base, HAS_MASK=False, APPLY_SCALE=True, stride_wr=1,
                                                         stride_pr=1), opts, ()))

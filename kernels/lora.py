@@ -93,19 +93,19 @@ _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
 _PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
 
 
-#: Under the interpreter the masked dX epilogue runs split (its 16-wide tiles in halves); tests set it to 32 to
-#: run the unsplit epilogue.
-_INTERPRET_EPI_SPLIT_MIN = 16
+#: ``EPI_SPLIT`` of the interpreter's LoRA GEMM launches: -1 = the rule of ``epi_split`` (its 16x16 tiles are
+#: small, so never split: the form the GPU runs for its 128x128 w8 tiles); tests set 1 to run the split form.
+_INTERPRET_EPI_SPLIT = -1
 
 
-def epi_split_min(block_m: int, block_o: int, num_warps: int) -> int:
-    """``EPI_SPLIT_MIN`` of ``_lora_gemm_kernel`` for a launch: split the masked dX epilogue into column halves
-    when the fp32 accumulator alone takes >= 128 registers per thread (block_m * block_o / (32 * num_warps)):
-    there a full-width second tile spilled on sm_90 (128x256 w8: 2060 bytes, 128x128 w4: 1044-1168) and the
-    split removes it (252 / 255 registers, no spill; ``kernel_report``). Smaller accumulators keep the full-width
-    epilogue (128x128 w8: 170 registers, the configuration measured on the H200). Not yet timed on a GPU."""
-    return block_o if block_m * block_o // (32 * max(1, num_warps)) >= 128 else 2 * block_o
-
+def epi_split(block_m: int, block_o: int, num_warps: int) -> bool:
+    """Whether ``_lora_gemm_kernel`` (EPI_SPLIT=-1) runs its masked dX epilogue per column half: when the fp32
+    accumulator alone takes >= 128 registers per thread (block_m * block_o / (32 * num_warps)). There a
+    full-width second tile spilled on sm_90 (128x256 w8: 2060 bytes, 128x128 w4: 1044-1168) and the split
+    removes it (252 / 255 registers, no spill; ``kernel_report``); smaller accumulators keep the full-width
+    epilogue (128x128 w8: 170 registers, the configuration measured fastest on the H200). Not yet timed on a
+    GPU."""
+    return block_m * block_o // (32 * max(1, num_warps)) >= 128
 
 
 def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,16 +336,19 @@ if HAVE_TRITON:
         stride_xm, stride_wr, stride_wo, stride_lm, stride_pr, stride_po, stride_mm, stride_om,
         BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
         GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, APPLY_SCALE: tl.constexpr,
-        UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False, EPI_SPLIT_MIN: tl.constexpr = 256,
+        UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False, EPI_WARPS: tl.constexpr = 4,
+        EPI_SPLIT: tl.constexpr = -1,
     ):
         """OUT[tile, oblk] = X[tile, :] @ W[:, oblk] + lora_term (+ bias), W element (red, out) at
         W + red*stride_wr + out*stride_wo. LoRA term, added to the accumulator after the K loop:
         L[tile, :r] @ P[r_off:r_off+r, oblk], times scale (forward) or times mask/(1-p) (backward). Used for
         Y = X W^T + scale S B^T + b and dX = dY W + mask (dS A)/(1-p).
 
-        With the mask and BLOCK_O >= EPI_SPLIT_MIN the epilogue runs on the two column halves of the tile in
-        turn (the accumulator split in registers), so the masked product is a half-width second tile: on sm_90
-        the 128x256 tile spilled 2 KiB with a full-width one (kernel_report)."""
+        With the mask the LoRA product is a second fp32 tile. Where the accumulator alone takes >= 128 registers
+        per thread (BLOCK_M * BLOCK_O / (32 * EPI_WARPS), EPI_WARPS = the launch's num_warps) the epilogue runs
+        on the tile's two column halves in turn (the accumulator split in registers), so that second tile is
+        half as wide: on sm_90 the 128x256 w8 and 128x128 w4 tiles spilled 1-2 KiB with a full-width one
+        (kernel_report). EPI_SPLIT: -1 by that rule, 0 never, 1 always (tests)."""
         pid = tl.program_id(0)
         num_pid_o = tl.cdiv(OUT_DIM, BLOCK_O)
         num_pid_in_group = GROUP_M * num_pid_o
@@ -379,58 +382,55 @@ if HAVE_TRITON:
                 acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc)
             else:
                 acc = tl.dot(xt, wt, acc)
-        if rank > 0:
-            rr = tl.arange(0, BLOCK_R)
-            r_ok = rr < rank
-            lt = tl.load(L + rows[:, None] * stride_lm + rr[None, :], mask=row_ok[:, None], other=0.0)
-            pt = tl.load(P + (r_off + rr)[:, None] * stride_pr + outs[None, :] * stride_po,
-                         mask=r_ok[:, None] & o_ok[None, :], other=0.0)
-            if APPLY_SCALE:  # the scale goes on the thin fp32 operand, not on the [BLOCK_M, BLOCK_O] product
-                lt = lt * tl.load(FTABLE + pid_m * 2 + 0)
-            if UPCAST:
-                lt = lt.to(tl.float32)
-                pt = pt.to(tl.float32)
+        if HAS_MASK:
+            if EPI_SPLIT == 1 or (EPI_SPLIT == -1 and BLOCK_M * BLOCK_O // (32 * EPI_WARPS) >= 128):
+                HALF: tl.constexpr = BLOCK_O // 2
+                # acc[:, :HALF] and acc[:, HALF:] as two register tiles (row-major reshape, split the pair axis)
+                acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+                _masked_epilogue(acc_lo, pid_o * BLOCK_O, rows, row_ok, rank, r_off, pid_m, L, P, MASK, BIAS, OUT,
+                                 FTABLE, OUT_DIM, stride_lm, stride_pr, stride_po, stride_mm, stride_om,
+                                 HALF, BLOCK_R, HAS_BIAS, APPLY_SCALE, UPCAST)
+                _masked_epilogue(acc_hi, pid_o * BLOCK_O + HALF, rows, row_ok, rank, r_off, pid_m, L, P, MASK, BIAS,
+                                 OUT, FTABLE, OUT_DIM, stride_lm, stride_pr, stride_po, stride_mm, stride_om,
+                                 HALF, BLOCK_R, HAS_BIAS, APPLY_SCALE, UPCAST)
             else:
-                lt = lt.to(P.dtype.element_ty)
-            if HAS_MASK and BLOCK_O >= EPI_SPLIT_MIN:
-                pass  # below, per column half
-            elif HAS_MASK:  # the dropout mask acts on the product: a second [BLOCK_M, BLOCK_O] fp32 tile
-                lora = tl.dot(lt, pt)
-                # dropout layout: column c is bit (c // 32) % 8 of byte 32 * (c // 256) + c % 32
-                packed = tl.load(MASK + rows[:, None] * stride_mm + ((outs // 256) * 32 + outs % 32)[None, :],
-                                 mask=row_ok[:, None] & o_ok[None, :], other=0)
-                keep = (packed.to(tl.int32) >> ((outs // 32) % 8)[None, :]) & 1
-                acc += tl.where(keep != 0, lora * tl.load(FTABLE + pid_m * 2 + 1), 0.0)
-            elif WARP_SPECIALIZE:
-                # sm_100 + Triton 3.7.1: a dot into the loop's (TMEM) accumulator after a warp-specialised loop
-                # fails to compile (TritonGPUHoistTMEMAlloc), and acc + dot is combined into exactly that; the
-                # row select keeps the LoRA product a separate tile, as in the masked path (rows past n_valid are
-                # not stored anyway)
-                acc += tl.where(row_ok[:, None], tl.dot(lt, pt), 0.0)
-            else:  # accumulate straight into the MMA accumulator: no second tile
-                acc = tl.dot(lt, pt, acc)
-        if HAS_MASK and BLOCK_O >= EPI_SPLIT_MIN:
-            HALF: tl.constexpr = BLOCK_O // 2
-            # acc[:, :HALF] and acc[:, HALF:] as two register tiles (row-major reshape, then split the pair axis)
-            acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
-            _masked_half(acc_lo, pid_o * BLOCK_O, rows, row_ok, rank, r_off, pid_m, L, P, MASK, BIAS, OUT, FTABLE,
-                         OUT_DIM, stride_lm, stride_pr, stride_po, stride_mm, stride_om,
-                         HALF, BLOCK_R, HAS_BIAS, UPCAST)
-            _masked_half(acc_hi, pid_o * BLOCK_O + HALF, rows, row_ok, rank, r_off, pid_m, L, P, MASK, BIAS, OUT,
-                         FTABLE, OUT_DIM, stride_lm, stride_pr, stride_po, stride_mm, stride_om,
-                         HALF, BLOCK_R, HAS_BIAS, UPCAST)
+                _masked_epilogue(acc, pid_o * BLOCK_O, rows, row_ok, rank, r_off, pid_m, L, P, MASK, BIAS, OUT,
+                                 FTABLE, OUT_DIM, stride_lm, stride_pr, stride_po, stride_mm, stride_om,
+                                 BLOCK_O, BLOCK_R, HAS_BIAS, APPLY_SCALE, UPCAST)
         else:
+            if rank > 0:
+                rr = tl.arange(0, BLOCK_R)
+                lt = tl.load(L + rows[:, None] * stride_lm + rr[None, :], mask=row_ok[:, None], other=0.0)
+                pt = tl.load(P + (r_off + rr)[:, None] * stride_pr + outs[None, :] * stride_po,
+                             mask=(rr < rank)[:, None] & o_ok[None, :], other=0.0)
+                if APPLY_SCALE:  # the scale goes on the thin fp32 operand, not on the [BLOCK_M, BLOCK_O] product
+                    lt = lt * tl.load(FTABLE + pid_m * 2 + 0)
+                if UPCAST:
+                    lt = lt.to(tl.float32)
+                    pt = pt.to(tl.float32)
+                else:
+                    lt = lt.to(P.dtype.element_ty)
+                if WARP_SPECIALIZE:
+                    # sm_100 + Triton 3.7.1: a dot into the loop's (TMEM) accumulator after a warp-specialised
+                    # loop fails to compile (TritonGPUHoistTMEMAlloc), and acc + dot is combined into exactly that;
+                    # the row select keeps the LoRA product a separate tile, as in the masked path (rows past
+                    # n_valid are not stored anyway)
+                    acc += tl.where(row_ok[:, None], tl.dot(lt, pt), 0.0)
+                else:  # accumulate straight into the MMA accumulator: no second tile
+                    acc = tl.dot(lt, pt, acc)
             if HAS_BIAS:
                 acc += tl.load(BIAS + outs, mask=o_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(OUT + rows[:, None] * stride_om + outs[None, :], acc.to(OUT.dtype.element_ty),
                      mask=row_ok[:, None] & o_ok[None, :])
 
     @triton.jit
-    def _masked_half(acc, col0, rows, row_ok, rank, r_off, pid_m, L, P, MASK, BIAS, OUT, FTABLE, OUT_DIM,
-                     stride_lm, stride_pr, stride_po, stride_mm, stride_om,
-                     WIDTH: tl.constexpr, BLOCK_R: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr):
-        """Columns [col0, col0 + WIDTH) of the dX tile: acc (= dY W there) + mask * (dS A) / (1-p) (+ bias),
-        stored."""
+    def _masked_epilogue(acc, col0, rows, row_ok, rank, r_off, pid_m, L, P, MASK, BIAS, OUT, FTABLE, OUT_DIM,
+                         stride_lm, stride_pr, stride_po, stride_mm, stride_om, WIDTH: tl.constexpr,
+                         BLOCK_R: tl.constexpr, HAS_BIAS: tl.constexpr, APPLY_SCALE: tl.constexpr,
+                         UPCAST: tl.constexpr):
+        """Columns [col0, col0 + WIDTH) of a tile with the dropout mask: acc + mask * (L P) / (1-p) (times the
+        scale with APPLY_SCALE) (+ bias), stored. The dropout mask acts on the product, a second [BLOCK_M, WIDTH]
+        fp32 tile; mask layout: column c is bit (c // 32) % 8 of byte 32 * (c // 256) + c % 32."""
         outs = col0 + tl.arange(0, WIDTH)
         o_ok = outs < OUT_DIM
         if rank > 0:
@@ -438,6 +438,8 @@ if HAVE_TRITON:
             lt = tl.load(L + rows[:, None] * stride_lm + rr[None, :], mask=row_ok[:, None], other=0.0)
             pt = tl.load(P + (r_off + rr)[:, None] * stride_pr + outs[None, :] * stride_po,
                          mask=(rr < rank)[:, None] & o_ok[None, :], other=0.0)
+            if APPLY_SCALE:
+                lt = lt * tl.load(FTABLE + pid_m * 2 + 0)
             if UPCAST:
                 lt = lt.to(tl.float32)
                 pt = pt.to(tl.float32)
@@ -543,9 +545,9 @@ if HAVE_TRITON:
                              mask=row_ok[:, None] & c_ok[None, :])
 
     def _gemm_configs():
-        def cfg(bo, bk, stages, warps):
-            return triton.Config({"BLOCK_O": bo, "BLOCK_RED": bk, "GROUP_M": 8,
-                                  "EPI_SPLIT_MIN": epi_split_min(128, bo, warps)}, num_stages=stages, num_warps=warps)
+        def cfg(bo, bk, stages, warps):  # EPI_WARPS: the kernel's split rule needs the launch's warp count
+            return triton.Config({"BLOCK_O": bo, "BLOCK_RED": bk, "GROUP_M": 8, "EPI_WARPS": warps},
+                                 num_stages=stages, num_warps=warps)
         return [cfg(256, 64, 3, 8), cfg(256, 64, 4, 8), cfg(128, 64, 3, 4), cfg(128, 64, 4, 4), cfg(128, 64, 3, 8),
                 cfg(128, 128, 3, 8), cfg(64, 64, 4, 4)]
 
@@ -678,8 +680,7 @@ def _config_launch(config, interpret: bool) -> tuple[dict, dict]:
     interpreter, which takes none of them."""
     consts = {"BLOCK_O": config.block_n, "BLOCK_RED": config.block_k, "GROUP_M": config.group_m,
               "WARP_SPECIALIZE": bool(config.warp_specialize),
-              "EPI_SPLIT_MIN": (_INTERPRET_EPI_SPLIT_MIN if interpret else
-                                epi_split_min(config.block_m, config.block_n, config.num_warps))}
+              "EPI_WARPS": config.num_warps, "EPI_SPLIT": _INTERPRET_EPI_SPLIT if interpret else -1}
     opts = {} if interpret else {"num_warps": config.num_warps, "num_stages": config.num_stages}
     if config.maxnreg is not None and not interpret:
         opts["maxnreg"] = config.maxnreg
@@ -723,7 +724,7 @@ def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bi
         _lora_gemm_kernel[grid](*args, **consts, **flags, **opts)
     elif INTERPRET:
         grid = (plan.n_tiles * triton.cdiv(out_dim, 16),)
-        _lora_gemm_kernel[grid](*args, BLOCK_O=16, BLOCK_RED=16, GROUP_M=2, EPI_SPLIT_MIN=_INTERPRET_EPI_SPLIT_MIN,
+        _lora_gemm_kernel[grid](*args, BLOCK_O=16, BLOCK_RED=16, GROUP_M=2, EPI_SPLIT=_INTERPRET_EPI_SPLIT,
                                 **flags)
     else:
         kernel = _gemm_bwd_tuned if backward else _gemm_fwd_tuned

@@ -115,12 +115,12 @@ def register(groups) -> None:
                             title=key)
 
 
-_COLS = ["config", "EP", "r_fwd", "r_bwd", "fwd ms", "bwd ms", "no-pipe x", "r=2 x", "AR exposed ms", "slices"]
+_COLS = ["config", "EP", "r_fwd", "r_bwd", "wgrad", "fwd ms", "bwd ms", "no-pipe x", "r=2 x", "AR exposed ms", "slices"]
 
 
 def _row(c):
     l0 = c.layers[0]
-    return (c.name, c.ep_size, l0.r_fwd, l0.r_bwd, l0.fwd_ms, l0.bwd_ms,
+    return (c.name, c.ep_size, l0.r_fwd, l0.r_bwd, l0.wgrad_bwd, l0.fwd_ms, l0.bwd_ms,
             c.baselines_fwd_bwd_ms["no-pipeline"] / c.fwd_bwd_ms, c.baselines_fwd_bwd_ms["fixed-r2"] / c.fwd_bwd_ms,
             c.grad_exposed_ms, c.slice_solver_status)
 

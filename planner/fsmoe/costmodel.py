@@ -158,8 +158,10 @@ def _workloads(cfg: MoEConfig, topo: Topology, layer: int) -> tuple[float, float
     n0 = f * T * M / P if topo.ep_size > 1 else 0.0
     n13 = f * T * M if topo.hierarchical and topo.gpus_per_node > 1 else 0.0
     n2 = cfg.g * f * T * M * H / P
-    if cfg.shared_experts:  # a shared expert runs on every token, locally (no communication)
-        n2 += cfg.shared_experts * cfg.g * T * M * H / max(topo.gpus_per_node if topo.hierarchical else 1, 1)
+    if cfg.shared_experts:
+        # a shared expert runs on each GPU's own T tokens (no communication): g*T*M*H multiply-adds against the
+        # routed f*T*g*M*H, so in the paper's n2 (the routed count over P) it also carries the 1/P
+        n2 += cfg.shared_experts * cfg.g * T * M * H / P
     n4 = float(cfg.dense_params)
     return (n0, n13, n2, n13, n4)
 

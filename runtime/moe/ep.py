@@ -21,8 +21,12 @@ backward (degree ``r_bwd``, chosen independently)
     issued) the :class:`GradSliceReducer`, if given, launches the next planned slice of the dense-gradient
     all-reduce. ``wgrad`` places the expert weight gradients (the planner's ``wgrad_bwd``): "fused" computes
     dW with dX in each chunk's compute (autograd's order: the combine waits for it); "per-chunk" computes
-    chunk c's dW right after chunk c's combine is issued; "deferred" computes every dW after the last
-    combine is issued. The split modes keep the combine's path to dX alone, so dW overlaps the combines.
+    chunk c's dW right after chunk c's combine is issued (and that gap's dense slice); "deferred" computes
+    every dW after the last combine is issued. The split modes issue each combine when its dX is done, so dW
+    overlaps the combines. On the hierarchical path a combine's second (intra-node) step can only be issued
+    by the host thread once its first step has finished: the pipeline checks before every dW, so such a step
+    waits behind at most one chunk's dW (on a GPU the dW kernels are queued asynchronously, the host check
+    comes right after).
 
 Hierarchical path (``hierarchical=True``): every exchange runs in two steps, first inside the node
 (intra-node all-to-all to the local peer with the destination's local index), then between nodes
@@ -294,8 +298,10 @@ def _unpermute_rows(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 def _pipeline(ep: ExpertParallel, pass_name: str, exch: list[_Exchange], sends, compute, after_chunk=None,
               after_all=None):
     """Run one pass: dispatch every chunk, then per chunk wait / compute / combine; returns each chunk's
-    combined rows. ``compute(c, received tensors) -> tensor to send back``; ``after_chunk(c)`` runs in the
-    gap after chunk c's combine is issued; ``after_all()`` after the last combine is issued, before waiting.
+    combined rows. ``compute(c, received tensors) -> tensor to send back``; ``after_chunk(c, progress)`` runs in
+    the gap after chunk c's combine is issued; ``after_all(progress)`` after the last combine is issued, before
+    waiting. ``progress()`` issues every collective step that has become ready (the hierarchical path's second
+    steps): hooks that compute call it between pieces of work, so no step waits behind more than one piece.
 
     Before chunk c's compute the pipeline makes sure chunk c+1's dispatch has reached its last step (for the
     hierarchical path: its inter-node all-to-all is issued, waiting for its intra-node step if that is still
@@ -315,9 +321,9 @@ def _pipeline(ep: ExpertParallel, pass_name: str, exch: list[_Exchange], sends, 
         sched.record("compute_end", c)
         back.append(sched.add(ex.combine([out], c)))
         if after_chunk is not None:
-            after_chunk(c)
+            after_chunk(c, sched.progress)
     if after_all is not None:
-        after_all()
+        after_all(sched.progress)
     return [sched.wait(b)[0] for b in back]
 
 
@@ -517,8 +523,9 @@ class EPExperts(torch.autograd.Function):
         pending = []  # weight-gradient inputs of chunks whose dW has not run yet (split modes)
         sched_log = ep.events
 
-        def weight_grads():
+        def weight_grads(progress):
             while pending:
+                progress()  # e.g. a finished combine's intra-node step goes out before this dW, not after
                 c, saved = pending.pop(0)
                 if sched_log is not None:
                     sched_log.append(("backward", "wgrad", c, None))
@@ -542,12 +549,12 @@ class EPExperts(torch.autograd.Function):
                 pending.append((c, saved))
             return _unpermute_rows(dx, order)
 
-        def gap(c):
-            if meta.wgrad == "per-chunk":
-                weight_grads()
-            if meta.reducer is not None:
+        def gap(c, progress):
+            if meta.reducer is not None:  # the dense slice first: its all-reduce then runs during the dW
                 ep.stats["gaps"] += 1
                 meta.reducer.gap((c + 1) / len(exch))
+            if meta.wgrad == "per-chunk":
+                weight_grads(progress)
 
         outs = _pipeline(ep, "backward", exch, [[gy[rw], _tags(meta, rw)] for rw in rows], compute, gap,
                          after_all=weight_grads)

@@ -19,7 +19,15 @@ class PlannedPipeline:
     r_bwd: list[int]
     slice_fractions: list[float]
     wgrad: list[str] = field(default_factory=list)
-    """Backward weight-gradient placement per layer (a plan's ``wgrad_bwd``; "fused" for older plans)."""
+    """Backward weight-gradient placement per layer (a plan's ``wgrad_bwd``; older plans read as "fused"); left
+    empty it is filled with "fused" for every layer."""
+
+    def __post_init__(self):
+        if not self.wgrad:
+            self.wgrad = ["fused"] * len(self.r_fwd)
+        if not len(self.r_fwd) == len(self.r_bwd) == len(self.wgrad):
+            raise ValueError(f"r_fwd, r_bwd and wgrad need one entry per layer: {len(self.r_fwd)}, "
+                             f"{len(self.r_bwd)}, {len(self.wgrad)}")
 
     def slices_for(self, dense_elements: int) -> list[float]:
         """Slice sizes in elements for a model with ``dense_elements`` replicated gradient elements."""

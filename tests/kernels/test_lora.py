@@ -169,12 +169,12 @@ def test_lora_linear_matches_references(dtype, p, with_bias, r):
         assert rel < 1e-5, rel
 
 
-@pytest.mark.parametrize("split_min", [16, 32])
-def test_masked_dx_epilogue_split_and_unsplit_match_float64(monkeypatch, split_min):
-    """The dX GEMM's masked LoRA term, per column half (EPI_SPLIT_MIN <= BLOCK_O; the interpreter's 16-wide
-    tiles in halves of 8) and full width (32 > 16): every element of dx against float64, K = 300 so the tiles
-    cross the mask's 256-column blocks and end in a partial one."""
-    monkeypatch.setattr(L, "_INTERPRET_EPI_SPLIT_MIN", split_min)
+@pytest.mark.parametrize("split", [1, -1])
+def test_masked_dx_epilogue_split_and_unsplit_match_float64(monkeypatch, split):
+    """The dX GEMM's masked LoRA term, per column half (EPI_SPLIT=1: the interpreter's 16-wide tiles in halves
+    of 8) and full width (-1: the rule, which does not split tiles this small): every element of dx against
+    float64, K = 300 so the tiles cross the mask's 256-column blocks and end in a partial one."""
+    monkeypatch.setattr(L, "_INTERPRET_EPI_SPLIT", split)
     atol, rtol = TOL[torch.float32]
     T, K, N, r, p = 40, 300, 24, 8, 0.3
     x = _rand(T, K, dtype=torch.float32, grad=True)
@@ -187,13 +187,13 @@ def test_masked_dx_epilogue_split_and_unsplit_match_float64(monkeypatch, split_m
     x64 = _leaf64(x)
     y64 = lora_linear_reference(x64, w.double(), a.double(), b.double(), 1.5, p, seed=77)
     (dx64,) = torch.autograd.grad(y64, [x64], dy.double())
-    assert_all_close(f"dx split_min={split_min}", dx, dx64, atol * 2, rtol * 2)
+    assert_all_close(f"dx split={split}", dx, dx64, atol * 2, rtol * 2)
 
 
 def test_epi_split_rule():
     # split where the fp32 accumulator alone takes >= 128 registers per thread
-    assert L.epi_split_min(128, 256, 8) == 256 and L.epi_split_min(128, 128, 4) == 128
-    assert L.epi_split_min(128, 128, 8) == 256 and L.epi_split_min(128, 64, 4) == 128
+    assert L.epi_split(128, 256, 8) and L.epi_split(128, 128, 4) and L.epi_split(256, 128, 8)
+    assert not L.epi_split(128, 128, 8) and not L.epi_split(128, 64, 4) and not L.epi_split(16, 16, 4)
 
 
 def test_lora_linear_batched_input_and_partial_grads():
@@ -216,11 +216,15 @@ def test_lora_linear_batched_input_and_partial_grads():
     assert_all_close("dx", gx, gxr, 1e-5, 1e-5)
 
 
-@pytest.mark.parametrize("base_gemm", ["triton", "torch", "torch_all"])
+@pytest.mark.parametrize("base_gemm", ["triton", "triton-split", "torch", "torch_all"])
 @pytest.mark.parametrize("dtype,block_m", [(torch.float32, 16), (torch.float16, 32)])
-def test_multi_lora_three_adapters_uncovered_rows(dtype, block_m, base_gemm):
+def test_multi_lora_three_adapters_uncovered_rows(monkeypatch, dtype, block_m, base_gemm):
     """Every output and gradient element against float64, with the base GEMMs in our kernel (LoRA term in the
-    accumulator) and in torch's GEMM (LoRA term through its C input)."""
+    accumulator; "triton-split": its masked dX epilogue per column half) and in torch's GEMM (LoRA term through
+    its C input)."""
+    if base_gemm == "triton-split":
+        monkeypatch.setattr(L, "_INTERPRET_EPI_SPLIT", 1)
+        base_gemm = "triton"
     atol, rtol = TOL[dtype]
     T, K, N = 61, 40, 36
     specs = [(4, 0.0, 2.0), (8, 0.3, 0.5), (16, 0.1, 1.25)]  # (rank, dropout, scale)

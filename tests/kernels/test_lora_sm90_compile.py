@@ -35,21 +35,21 @@ SCRIPT = textwrap.dedent('''
         out[name] = {"regs": r["regs"], "spill_bytes": r["spill_bytes"], "warnings": r["warnings"],
                      "mma": r["mma"]}
     base = dict(BLOCK_M=128, BLOCK_O=256, BLOCK_RED=64, BLOCK_R=16, GROUP_M=8, UPCAST=False, WARP_SPECIALIZE=False,
-                EPI_SPLIT_MIN=L.epi_split_min(128, 256, 8))
+                EPI_WARPS=8, EPI_SPLIT=-1)
     out["gemm_fwd"] = comp(L._lora_gemm_kernel, "lora_gemm", dict(base, HAS_BIAS=True, HAS_MASK=False,
                            APPLY_SCALE=True, stride_wr=1, stride_pr=1), dict(num_warps=8, num_stages=3))
     out["gemm_dx"] = comp(L._lora_gemm_kernel, "lora_gemm", dict(base, HAS_BIAS=False, HAS_MASK=True,
                           APPLY_SCALE=False, stride_wo=1, stride_po=1), dict(num_warps=8, num_stages=3))
     # the dX GEMM with the dropout mask needs a second output tile for the masked LoRA term: a 128x128 tile on
     # 8 warps holds both without spilling; 128x256 on 8 warps and 128x128 on 4 run the epilogue per column
-    # half (epi_split_min) - with a full-width second tile they spilled 1-2 KiB; both forms are compiled here
+    # half (lora.epi_split) - with a full-width second tile they spilled 1-2 KiB; both forms are compiled here
     out["gemm_dx_128"] = comp(L._lora_gemm_kernel, "lora_gemm", dict(base, BLOCK_O=128, HAS_BIAS=False,
-                              HAS_MASK=True, APPLY_SCALE=False, stride_wo=1, stride_po=1,
-                              EPI_SPLIT_MIN=L.epi_split_min(128, 128, 8)), dict(num_warps=8, num_stages=3))
-    for name, bo, warps, split in (("gemm_dx_unsplit", 256, 8, 512), ("gemm_dx_128_w4", 128, 4, None)):
+                              HAS_MASK=True, APPLY_SCALE=False, stride_wo=1, stride_po=1),
+                              dict(num_warps=8, num_stages=3))
+    for name, bo, warps, split in (("gemm_dx_unsplit", 256, 8, 0), ("gemm_dx_128_w4", 128, 4, -1)):
         out[name] = comp(L._lora_gemm_kernel, "lora_gemm", dict(base, BLOCK_O=bo, HAS_BIAS=False, HAS_MASK=True,
-                         APPLY_SCALE=False, stride_wo=1, stride_po=1,
-                         EPI_SPLIT_MIN=split or L.epi_split_min(128, bo, warps)), dict(num_warps=warps, num_stages=3))
+                         APPLY_SCALE=False, stride_wo=1, stride_po=1, EPI_WARPS=warps, EPI_SPLIT=split),
+                         dict(num_warps=warps, num_stages=3))
     out["dy"] = comp(L._lora_dy_kernel, "lora_dy", dict(SPLIT_N=2, BLOCK_M=128, BLOCK_N=64, BLOCK_R=64,
                      HAS_DBIAS=True, UPCAST=False), dict(num_warps=4, num_stages=3))
     print(json.dumps(out))
@@ -88,7 +88,7 @@ WS_SCRIPT = textwrap.dedent('''
         for mask in (False, True):
             consts = dict(BLOCK_M=128, BLOCK_O=128, BLOCK_RED=64, BLOCK_R=16, GROUP_M=8, UPCAST=False,
                           HAS_BIAS=False, HAS_MASK=mask, APPLY_SCALE=not mask, WARP_SPECIALIZE=True,
-                          EPI_SPLIT_MIN=L.epi_split_min(128, 128, 4),
+                          EPI_WARPS=4, EPI_SPLIT=-1,
                           **({"stride_wo": 1, "stride_po": 1} if mask else {"stride_wr": 1, "stride_pr": 1}))
             r = compile_report(L._lora_gemm_kernel, SIGNATURES["lora_gemm"], consts,
                                dict(num_warps=4, num_stages=3), arch=cc)

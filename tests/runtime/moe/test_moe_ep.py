@@ -188,6 +188,31 @@ def _wgrad_order_case(rank, world, flat):
             assert min(dw) > max(combine) and min(dw) > max(starts), (wgrad, ev)
 
 
+def _wgrad_hier_case(rank, world, hier):
+    """Hierarchical path, dW deferred and slow (0.3 s each): a combine's second (intra-node) step is issued as
+    soon as its first step has finished - between two dW, not after all of them (the host thread checks before
+    every dW). Gradients still match the single-process layer."""
+    slow_w = ep_mod.expert_mlp_backward_weight
+
+    def slow(*a, **k):
+        time.sleep(0.3)
+        return slow_w(*a, **k)
+
+    r = 3
+    ep_mod.expert_mlp_backward_weight = slow
+    hier.events = []
+    try:
+        _layer_case(rank, world, hier, "gshard", 1, r, None, seed=13, wgrad="deferred")
+    finally:
+        ep_mod.expert_mlp_backward_weight = slow_w
+        events, hier.events = hier.events, None
+    ev = [e[1:] for e in events if e[0] == "backward"]
+    dw = [i for i, e in enumerate(ev) if e[0] == "wgrad"]
+    second = [i for i, e in enumerate(ev) if e[0] == "issue" and e[2] == ("combine", 2)]
+    assert len(dw) == r and len(second) == r, ev
+    assert max(second) < dw[-1], f"a combine's intra-node step waited for every dW: {ev}"
+
+
 def _worker(rank, world):
     flat = ExpertParallel.create(E)
     hier = ExpertParallel.create(E, hierarchical=True, gpus_per_node=2)
@@ -204,7 +229,8 @@ def _worker(rank, world):
         _layer_case(rank, world, hier, kind, rf, rb, cf, seed=77, wgrad=wg)
         done += 1
     _wgrad_order_case(rank, world, flat)
-    done += 1
+    _wgrad_hier_case(rank, world, hier)
+    done += 2
     _async_case(rank, world, hier)
     done += 1
     _gap_case(rank, world, flat)
@@ -213,4 +239,4 @@ def _worker(rank, world):
 
 def test_ep_matches_single_process_all_routers_all_r():
     done = spawn_gloo(_worker, 4, timeout_s=120)
-    assert done == [len(ROUTER_KINDS) * 3 + 6] * 4
+    assert done == [len(ROUTER_KINDS) * 3 + 7] * 4
