@@ -705,12 +705,14 @@ def resolve_base_gemm(base_gemm: str, x: torch.Tensor) -> str:
 
 
 def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bias, out, plan: _TilePlan,
-          out_dim: int, red_dim: int, *, apply_scale: bool, backward: bool, config=None) -> None:
+          out_dim: int, red_dim: int, *, apply_scale: bool, backward: bool, config=None,
+          epi_split: Optional[int] = None) -> None:
     """Y = X W^T (+ LoRA term, bias) or dX = dY W (+ masked LoRA term) in our kernel, the LoRA term joining
     the register accumulator after the K loop. ``config`` (GemmConfig or None): None autotunes on a GPU and uses
     a fixed 16x16 tile under the interpreter; a config launches with its block_n (BLOCK_O), block_k
     (BLOCK_RED), group_m, num_stages, num_warps and maxnreg (its block_m is the tile table's ``plan.block_m``;
-    the knobs are ignored by the interpreter, as in ``kernels.gemm``)."""
+    the knobs are ignored by the interpreter, as in ``kernels.gemm``). ``epi_split`` (with a config only):
+    overrides the masked epilogue's form, 0 full width, 1 per column half (``launch/lora_kernel_sweep.py``)."""
     dummy = plan.table
     args = (x, w, lmat, pmat, mask if mask is not None else dummy, bias if bias is not None else dummy, out,
             plan.table, plan.ftable, plan.n_tiles, out_dim, red_dim, _next_pow2(x.shape[0]),
@@ -721,6 +723,8 @@ def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bi
     if config is not None:
         grid = (plan.n_tiles * triton.cdiv(out_dim, config.block_n),)
         consts, opts = _config_launch(config, INTERPRET)
+        if epi_split is not None:
+            consts["EPI_SPLIT"] = int(epi_split)
         _lora_gemm_kernel[grid](*args, **consts, **flags, **opts)
     elif INTERPRET:
         grid = (plan.n_tiles * triton.cdiv(out_dim, 16),)

@@ -4,10 +4,12 @@
     python3 launch/lora_kernel_sweep.py --T 16384 --K 8192 --r 64
 
 Kernels: the dropout kernel (Xd and the mask bits; with ``--with-s`` also S = Xd A^T, the launch
-``base_gemm="torch"`` uses) over rows per program x warps x programs per SM, and the masked dX term over rows
-per program x warps x programs per row. Every alternative's output is compared with the default launch's
-(``kernels.lora.DOWN_LAUNCH`` / ``TERM_LAUNCH``): the dropout outputs must be bit-identical, the term within
-bf16 rounding. Prints one table per kernel (time, GB/s against the bytes each must move) and writes
+``base_gemm="torch"`` uses) over rows per program x warps x programs per SM, the masked dX term over rows
+per program x warps x programs per row, and the fused dX GEMM (dY W + the masked LoRA term, ``base_gemm=
+"triton"``; N = ``--N``) at four tile configs with its masked epilogue full width and per column half
+(``kernels.lora.epi_split``: the split removed 1-2 KiB of spills on sm_90 offline; this times it). Every
+alternative's output is compared with the default launch's (``kernels.lora.DOWN_LAUNCH`` / ``TERM_LAUNCH``;
+for the GEMM the first config's): the dropout outputs must be bit-identical, the rest within bf16 rounding. Prints one table per kernel (time, GB/s against the bytes each must move) and writes
 ``lora_kernel_sweep.json`` to $OUT when set. Runs from a bare checkout like ``device_check.py``.
 """
 from __future__ import annotations
@@ -26,6 +28,8 @@ from device_check import ensure_namespace
 #: 4 warps / 8 per row), one step further in each direction it was still improving in
 DOWN_GRID = {"sub_m": (16, 32, 64), "warps": (4, 8), "per_sm": (8, 16)}
 TERM_GRID = {"sub_m": (64, 128), "warps": (4, 8), "split": (8, 16)}
+#: (block_n, num_stages, num_warps) of the dX GEMM: the two tiles of the Twill plans and of the autotuner
+DX_TILES = ((256, 3, 8), (256, 4, 8), (128, 4, 4), (128, 4, 8))
 
 
 def _configs(grid: dict) -> list[dict]:
@@ -39,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--K", type=int, default=4096)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--p", type=float, default=0.1)
+    ap.add_argument("--N", type=int, default=4096, help="output features of the layer (the dX GEMM's reduction)")
     ap.add_argument("--with-s", action="store_true", help="also time the dropout kernel that accumulates S")
     args = ap.parse_args(argv)
     ensure_namespace()
@@ -53,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dev = torch.device("cpu" if smoke else "cuda")
     T, K, r, p = (48, 300, 4, args.p) if smoke else (args.T, args.K, args.r, args.p)
+    N = 40 if smoke else args.N
     if smoke:
         print("NO GPU: CPU smoke run under the Triton interpreter, tiny shape; times are NOT performance numbers",
               flush=True)
@@ -65,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     seed = 12345
     mb = L.mask_bytes(K)
     env = bench.environment(dev.type)
-    out = {**env, "smoke": smoke, "shape": {"T": T, "K": K, "r": r, "p": p}, "down": [], "term": []}
+    out = {**env, "smoke": smoke, "shape": {"T": T, "K": K, "r": r, "p": p, "N": N}, "down": [], "term": [],
+           "dx_gemm": []}
 
     def time_ms(fn) -> float:
         if smoke:
@@ -113,8 +120,48 @@ def main(argv: list[str] | None = None) -> int:
         out["term"].append(row)
         print(f"term {row}", file=sys.stderr, flush=True)
 
+    # fused dX GEMM: dY [T, N] @ W [N, K] + mask * (dS A) / (1-p), full-width vs split masked epilogue
+    from adasched.kernels.gemm import GemmConfig
+
+    dy = torch.randn(T, N, device=dev, generator=g).to(dt)
+    w = (torch.randn(N, K, device=dev, generator=g) * N ** -0.5).to(dt)
+    ds = torch.randn(T, plan.block_r, device=dev, generator=g, dtype=torch.float32)
+    dx_flops = 2.0 * T * N * K
+    gemm_ref = None
+    for (bn, stages, warps), split in itertools.product(DX_TILES if not smoke else ((32, 2, 4),), (0, 1)):
+        cfg = GemmConfig(block_m=plan.block_m, block_n=bn, block_k=64 if not smoke else 16, num_stages=stages,
+                         num_warps=warps)
+        row = {"tile": f"{plan.block_m}x{bn}x{cfg.block_k}", "stages": stages, "warps": warps,
+               "epilogue": "split" if split else "full", "rule_splits": L.epi_split(plan.block_m, bn, warps)}
+
+        def run(cfg=cfg, split=split, dxo=None):
+            dxo = torch.empty(T, K, device=dev, dtype=dt) if dxo is None else dxo
+            L._gemm(dy, w, w.stride(0), w.stride(1), ds, a, a.stride(0), a.stride(1), mask_ref, None, dxo, plan, K,
+                    N, apply_scale=False, backward=True, config=cfg, epi_split=split)
+            return dxo
+
+        try:
+            got = run()
+            gemm_ref = got if gemm_ref is None else gemm_ref  # the first config's output is the reference
+            diff = float((got.float() - gemm_ref.float()).abs().max())
+            buf = torch.empty(T, K, device=dev, dtype=dt)
+            ms = time_ms(lambda: run(dxo=buf))
+            row.update(ms=ms, tflops=dx_flops / ms / 1e9, max_abs_diff=diff,
+                       same=diff <= 2e-2 * float(gemm_ref.float().abs().max()))
+        except Exception as err:
+            row.update(ms=float("nan"), tflops=float("nan"), same=False, error=f"{type(err).__name__}: {err}"[:160])
+        out["dx_gemm"].append(row)
+        print(f"dx_gemm {row}", file=sys.stderr, flush=True)
+
     text = [f"lora kernel sweep: {env['device_name']}, torch {env['torch']}, triton {env['triton']}, "
-            f"T={T} K={K} r={r} p={p}"]
+            f"T={T} K={K} N={N} r={r} p={p}"]
+    ok = sorted((rw for rw in out["dx_gemm"] if rw["ms"] == rw["ms"]), key=lambda rw: rw["ms"])
+    table = [[rw["tile"], str(rw["stages"]), str(rw["warps"]), rw["epilogue"], "yes" if rw["rule_splits"] else "no",
+              f"{rw['ms'] * 1e3:.1f}", f"{rw['tflops']:.0f}", "yes" if rw["same"] else "NO"] for rw in ok]
+    table += [[rw["tile"], str(rw["stages"]), str(rw["warps"]), rw["epilogue"], "", "error", rw.get("error", ""), ""]
+              for rw in out["dx_gemm"] if rw["ms"] != rw["ms"]]
+    text.append(bench.format_table(table, ["tile", "stages", "warps", "epilogue", "rule splits", "us", "TFLOP/s",
+                                           "same output"], title="== fused dX GEMM (dY W + masked LoRA term) =="))
     for name, rows, keys in (("dropout (Xd + mask)", out["down"], ["with_s", *DOWN_GRID]),
                              ("masked dX term", out["term"], list(TERM_GRID))):
         ok = sorted((rw for rw in rows if rw["ms"] == rw["ms"]), key=lambda rw: rw["ms"])
@@ -127,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("OUT"):
         Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
         (Path(os.environ["OUT"]) / "lora_kernel_sweep.json").write_text(json.dumps(out, indent=1, default=str))
-    bad = [rw for rw in out["down"] + out["term"] if rw["ms"] == rw["ms"] and not rw["same"]]
+    bad = [rw for rw in out["down"] + out["term"] + out["dx_gemm"] if rw["ms"] == rw["ms"] and not rw["same"]]
     return 1 if bad else 0
 
 

@@ -238,3 +238,26 @@ def test_graphed_provider_warms_up_captures_once_then_replays(monkeypatch):
     assert run() == 4 and len(calls) == 4  # 3 warm-up + the captured call, whose output is kept
     assert run() == 4 and run() == 4 and len(calls) == 4  # replays do not run the Python step again
     assert events.count("replay") == 3 and events.count("enter") == 2
+
+
+def test_lora_kernel_sweep_smoke_runs_every_section(tmp_path):
+    """launch/lora_kernel_sweep.py as the GPU run starts it (a script from a bare checkout), here under the
+    interpreter at its tiny shape: every dropout/term launch and both dX GEMM epilogues (full width, per column
+    half) give the default's output; JSON written to $OUT."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_INTERPRET="1", OUT=str(tmp_path))
+    proc = subprocess.run([sys.executable, str(root / "launch" / "lora_kernel_sweep.py")], cwd=root / "launch",
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "fused dX GEMM" in proc.stdout and "NO GPU" in proc.stdout
+    data = json.loads((tmp_path / "lora_kernel_sweep.json").read_text())
+    assert data["smoke"] is True
+    rows = data["dx_gemm"]
+    assert sorted(r["epilogue"] for r in rows) == ["full", "split"], rows
+    for section in ("down", "term", "dx_gemm"):
+        assert data[section] and all(r["same"] and "error" not in r for r in data[section]), (section, data[section])
