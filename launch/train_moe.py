@@ -102,14 +102,14 @@ def layer_routers(router: str, schedule: str, layers: int, experts: int, *, budg
 
 
 def _plan_pipeline(args, world: int, layers: int):
-    """(r_fwd per layer, r_bwd per layer, slice fractions per layer in backward order, wgrad per layer) from
-    --plan, else the flags (equal slices)."""
-    if args.plan is None:
-        return [args.r_fwd] * layers, [args.r_bwd] * layers, [1.0 / layers] * layers, [args.wgrad] * layers
-    from adasched.runtime.moe.planned import load_pipeline
+    """The per-layer pipeline settings (a ``PlannedPipeline``: r, wgrad placement, issue orders, dense-gradient
+    slice fractions in backward order) from --plan, else from the flags (equal slices, dispatch-first)."""
+    from adasched.runtime.moe.planned import PlannedPipeline, load_pipeline
 
-    pp = load_pipeline(args.plan, ep_size=world, num_layers=layers, config=args.plan_config)
-    return pp.r_fwd, pp.r_bwd, pp.slice_fractions, pp.wgrad
+    if args.plan is None:
+        return PlannedPipeline("flags", world, [args.r_fwd] * layers, [args.r_bwd] * layers, [1.0 / layers] * layers,
+                               [args.wgrad] * layers)
+    return load_pipeline(args.plan, ep_size=world, num_layers=layers, config=args.plan_config)
 
 
 def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log) -> dict:
@@ -121,10 +121,11 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log)
 
     routers, caps = layer_routers(router, schedule, args.layers, args.experts, budget=args.budget, lo=args.lo,
                                   hi=args.hi, ep_size=world, capacity_factor=args.capacity_factor)
-    r_fwd, r_bwd, fractions, wgrad = _plan_pipeline(args, world, args.layers)
+    pp = _plan_pipeline(args, world, args.layers)
+    fractions = pp.slice_fractions
     torch.manual_seed(args.seed)
     model = TinyMoELM(args.vocab, args.d, args.heads, args.ffn, routers, max_len=args.seq, ep=ep,
-                      r_fwd=r_fwd, r_bwd=r_bwd, wgrad=wgrad)
+                      r_fwd=pp.r_fwd, r_bwd=pp.r_bwd, wgrad=pp.wgrad, order_fwd=pp.order_fwd, order_bwd=pp.order_bwd)
     model.init_experts(args.seed + 1)
     reducer = None
     if world > 1:

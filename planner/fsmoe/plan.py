@@ -1,6 +1,6 @@
 """MoE plan: per configuration the chosen pipeline degrees (forward/backward), where the backward computes the
 expert weight gradients, predicted layer times, the baselines' times and the gradient all-reduce slices. The
-runtime reads r_fwd, r_bwd, wgrad_bwd and grad_slices (``runtime.moe.load_pipeline``)."""
+runtime reads r_fwd, r_bwd, order_fwd, order_bwd, wgrad_bwd and grad_slices (``runtime.moe.load_pipeline``)."""
 from __future__ import annotations
 
 from typing import Literal

@@ -48,9 +48,12 @@ import torch.distributed as dist
 from adasched.kernels.moe import (Backend, expert_mlp_backward, expert_mlp_backward_data, expert_mlp_backward_weight,
                                   expert_mlp_forward, make_index)
 
-__all__ = ["ExpertParallel", "EPExperts", "GradSliceReducer", "ep_experts", "WGRAD_MODES"]
+__all__ = ["ExpertParallel", "EPExperts", "GradSliceReducer", "ep_experts", "WGRAD_MODES", "ORDERS"]
 
 WGRAD_MODES = ("fused", "per-chunk", "deferred")
+#: collective issue orders of a pass (the planner's ``order_fwd``/``order_bwd``): every dispatch up front, or
+#: chunk c+1's dispatch issued just before chunk c's compute, so each combine follows one dispatch
+ORDERS = ("dispatch-first", "interleaved")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -296,24 +299,34 @@ def _unpermute_rows(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 
 def _pipeline(ep: ExpertParallel, pass_name: str, exch: list[_Exchange], sends, compute, after_chunk=None,
-              after_all=None):
+              after_all=None, order: str = "dispatch-first"):
     """Run one pass: dispatch every chunk, then per chunk wait / compute / combine; returns each chunk's
     combined rows. ``compute(c, received tensors) -> tensor to send back``; ``after_chunk(c, progress)`` runs in
     the gap after chunk c's combine is issued; ``after_all(progress)`` after the last combine is issued, before
     waiting. ``progress()`` issues every collective step that has become ready (the hierarchical path's second
     steps): hooks that compute call it between pieces of work, so no step waits behind more than one piece.
+    ``order``: "dispatch-first" issues every chunk's dispatch up front (links: d0 d1 ... d(r-1) c0 c1 ...);
+    "interleaved" issues d0 and d1, then chunk c+1's dispatch just before chunk c's compute (links: d0 d1 c0 d2
+    c1 d3 ...), so an early combine does not queue behind every later dispatch.
 
     Before chunk c's compute the pipeline makes sure chunk c+1's dispatch has reached its last step (for the
     hierarchical path: its inter-node all-to-all is issued, waiting for its intra-node step if that is still
     running), so chunk c+1's transfer overlaps chunk c's compute even when nothing can issue collectives while
     the compute runs (one host thread).
     """
+    if order not in ORDERS:
+        raise ValueError(f"order={order!r}: must be one of {', '.join(ORDERS)}")
     sched = _Scheduler(pass_name, ep.events)
-    disp = [sched.add(ex.dispatch(t, c)) for c, (ex, t) in enumerate(zip(exch, sends))]
+    r = len(exch)
+    disp: list[_Chain | None] = [None] * r
+    for c in range(r if order == "dispatch-first" else min(2, r)):
+        disp[c] = sched.add(exch[c].dispatch(sends[c], c))
     back = []
     for c, ex in enumerate(exch):
         got = sched.wait(disp[c])
-        if c + 1 < len(exch):
+        if c + 1 < r:
+            if disp[c + 1] is None:                       # interleaved: after combine c-1, before compute c
+                disp[c + 1] = sched.add(exch[c + 1].dispatch(sends[c + 1], c + 1))
             sched.drive(disp[c + 1].last)
         sched.progress()
         sched.record("compute_start", c)
@@ -440,6 +453,8 @@ class _Meta:
     backend: Backend
     reducer: GradSliceReducer | None = None
     wgrad: str = "fused"
+    order_fwd: str = "dispatch-first"
+    order_bwd: str = "dispatch-first"
 
 
 def _chunks(meta: _Meta, r: int):
@@ -495,7 +510,8 @@ class EPExperts(torch.autograd.Function):
             saved_key.append(keys)
             return _unpermute_rows(ys, order)
 
-        outs = _pipeline(ep, "forward", exch, [[x_rows[rw], _tags(meta, rw)] for rw in rows], compute)
+        outs = _pipeline(ep, "forward", exch, [[x_rows[rw], _tags(meta, rw)] for rw in rows], compute,
+                         order=meta.order_fwd)
         y = x_rows.new_empty(x_rows.shape[0], w2.shape[2])
         for rw, o in zip(rows, outs):
             y[rw] = o
@@ -557,7 +573,7 @@ class EPExperts(torch.autograd.Function):
                 weight_grads(progress)
 
         outs = _pipeline(ep, "backward", exch, [[gy[rw], _tags(meta, rw)] for rw in rows], compute, gap,
-                         after_all=weight_grads)
+                         after_all=weight_grads, order=meta.order_bwd)
         gx = gy.new_empty(gy.shape[0], w1.shape[1])
         for rw, o in zip(rows, outs):
             gx[rw] = o
@@ -566,12 +582,18 @@ class EPExperts(torch.autograd.Function):
 
 def ep_experts(x_rows, w1, w2, token_idx, expert_idx, num_tokens: int, ep: ExpertParallel, *,
                r_fwd: int = 1, r_bwd: int = 1, activation: str = "swiglu", backend: Backend = "auto",
-               reducer: GradSliceReducer | None = None, wgrad: str = "fused") -> torch.Tensor:
+               reducer: GradSliceReducer | None = None, wgrad: str = "fused", order_fwd: str = "dispatch-first",
+               order_bwd: str = "dispatch-first") -> torch.Tensor:
     """Expert outputs for this rank's sorted assignment rows, computed by the experts' owner ranks.
-    ``wgrad``: where the backward computes the expert weight gradients (module docstring)."""
+    ``wgrad``: where the backward computes the expert weight gradients; ``order_fwd``/``order_bwd``: the
+    collective issue order of each pass (module docstring, ``_pipeline``)."""
     if r_fwd < 1 or r_bwd < 1:
         raise ValueError(f"r_fwd={r_fwd}, r_bwd={r_bwd}: pipeline degrees must be >= 1")
     if wgrad not in WGRAD_MODES:
         raise ValueError(f"wgrad={wgrad!r}: must be one of {', '.join(WGRAD_MODES)}")
-    meta = _Meta(ep, token_idx, expert_idx, num_tokens, r_fwd, r_bwd, activation, backend, reducer, wgrad)
+    for name, o in (("order_fwd", order_fwd), ("order_bwd", order_bwd)):
+        if o not in ORDERS:
+            raise ValueError(f"{name}={o!r}: must be one of {', '.join(ORDERS)}")
+    meta = _Meta(ep, token_idx, expert_idx, num_tokens, r_fwd, r_bwd, activation, backend, reducer, wgrad,
+                 order_fwd, order_bwd)
     return EPExperts.apply(x_rows, w1, w2, meta)

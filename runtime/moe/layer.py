@@ -20,7 +20,7 @@ from torch import nn
 
 from adasched.kernels.moe import Backend, expert_mlp, make_index, permute, unpermute
 
-from .ep import WGRAD_MODES, ExpertParallel, GradSliceReducer, ep_experts
+from .ep import ORDERS, WGRAD_MODES, ExpertParallel, GradSliceReducer, ep_experts
 from .router import Router, RouterConfig, RouterStats
 
 __all__ = ["MoELayer"]
@@ -32,13 +32,20 @@ def _check_wgrad(wgrad: str) -> str:
     return wgrad
 
 
+def _check_order(name: str, order: str) -> str:
+    if order not in ORDERS:
+        raise ValueError(f"{name}={order!r}: must be one of {', '.join(ORDERS)}")
+    return order
+
+
 class MoELayer(nn.Module):
     """Mixture-of-experts MLP. Parameters: ``router.proj`` (E, hidden) and expert weights
     ``w1`` (E_local, hidden, 2*ffn for SwiGLU / ffn for GELU), ``w2`` (E_local, ffn, hidden)."""
 
     def __init__(self, hidden: int, ffn: int, router: RouterConfig, *, activation: str = "swiglu",
                  backend: Backend = "auto", ep: ExpertParallel | None = None, r_fwd: int = 1, r_bwd: int = 1,
-                 reducer: GradSliceReducer | None = None, wgrad: str = "fused"):
+                 reducer: GradSliceReducer | None = None, wgrad: str = "fused", order_fwd: str = "dispatch-first",
+                 order_bwd: str = "dispatch-first"):
         super().__init__()
         if activation not in ("swiglu", "gelu"):
             raise ValueError(f"activation: {activation!r} is not 'swiglu' or 'gelu'")
@@ -50,6 +57,7 @@ class MoELayer(nn.Module):
         self.hidden, self.ffn, self.activation, self.backend = hidden, ffn, activation, backend
         self.ep, self.r_fwd, self.r_bwd, self.reducer = ep, r_fwd, r_bwd, reducer
         self.wgrad = _check_wgrad(wgrad)
+        self.order_fwd, self.order_bwd = _check_order("order_fwd", order_fwd), _check_order("order_bwd", order_bwd)
         self.router = Router(hidden, router)
         e_local = E if ep is None else ep.experts_per_rank
         self.expert_offset = 0 if ep is None else ep.rank * e_local
@@ -59,14 +67,19 @@ class MoELayer(nn.Module):
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_stats: RouterStats | None = None
 
-    def set_pipeline(self, r_fwd: int, r_bwd: int, wgrad: str | None = None) -> None:
-        """Pipeline degrees (and the weight-gradient placement) from a plan (an FSMoE ``MoELayerPlan``'s
-        r_fwd/r_bwd/wgrad_bwd)."""
+    def set_pipeline(self, r_fwd: int, r_bwd: int, wgrad: str | None = None, order_fwd: str | None = None,
+                     order_bwd: str | None = None) -> None:
+        """Pipeline degrees (and, when given, the weight-gradient placement and the issue orders) from a plan (an
+        FSMoE ``MoELayerPlan``'s r_fwd/r_bwd/wgrad_bwd/order_fwd/order_bwd)."""
         if r_fwd < 1 or r_bwd < 1:
             raise ValueError(f"r_fwd={r_fwd}, r_bwd={r_bwd}: pipeline degrees must be >= 1")
         self.r_fwd, self.r_bwd = int(r_fwd), int(r_bwd)
         if wgrad is not None:
             self.wgrad = _check_wgrad(wgrad)
+        if order_fwd is not None:
+            self.order_fwd = _check_order("order_fwd", order_fwd)
+        if order_bwd is not None:
+            self.order_bwd = _check_order("order_bwd", order_bwd)
 
     def load_full_experts(self, w1: torch.Tensor, w2: torch.Tensor) -> None:
         """Copy this rank's shard out of full (E, ...) expert weights."""
@@ -91,7 +104,8 @@ class MoELayer(nn.Module):
         else:
             y = ep_experts(rows, self.w1, self.w2, routing.token_idx, routing.expert_idx, T, self.ep,
                            r_fwd=self.r_fwd, r_bwd=self.r_bwd, activation=self.activation,
-                           backend=self.backend, reducer=self.reducer, wgrad=self.wgrad)
+                           backend=self.backend, reducer=self.reducer, wgrad=self.wgrad,
+                           order_fwd=self.order_fwd, order_bwd=self.order_bwd)
         out = unpermute(y, routing.weight.to(y.dtype), index, self.backend)
         if self.training and self.router.config.kind == "sigmoid_bias":
             counts = routing.counts.detach().clone()

@@ -76,24 +76,25 @@ def _ep_for(ep: ExpertParallel | None, num_experts: int) -> ExpertParallel | Non
 
 
 class TinyMoELM(nn.Module):
-    """``routers``: one RouterConfig per layer. ``ep``/``r_fwd``/``r_bwd``/``wgrad``/``reducer``/``backend`` go
-    to every MoE layer (``r_fwd``/``r_bwd``/``wgrad`` may be per-layer lists)."""
+    """``routers``: one RouterConfig per layer. ``ep``/``r_fwd``/``r_bwd``/``wgrad``/``order_fwd``/``order_bwd``/
+    ``reducer``/``backend`` go to every MoE layer (the pipeline settings may be per-layer lists)."""
 
     def __init__(self, vocab: int, d: int, heads: int, ffn: int, routers: list[RouterConfig], max_len: int = 256,
-                 *, ep: ExpertParallel | None = None, r_fwd=1, r_bwd=1, wgrad="fused",
-                 reducer: GradSliceReducer | None = None,
+                 *, ep: ExpertParallel | None = None, r_fwd=1, r_bwd=1, wgrad="fused", order_fwd="dispatch-first",
+                 order_bwd="dispatch-first", reducer: GradSliceReducer | None = None,
                  backend: str = "torch", activation: str = "swiglu"):
         super().__init__()
         if d % heads:
             raise ValueError(f"d={d} is not divisible by heads={heads}")
         L = len(routers)
-        rf = r_fwd if isinstance(r_fwd, (list, tuple)) else [r_fwd] * L
-        rb = r_bwd if isinstance(r_bwd, (list, tuple)) else [r_bwd] * L
-        wg = wgrad if isinstance(wgrad, (list, tuple)) else [wgrad] * L
+        def per_layer(v):
+            return list(v) if isinstance(v, (list, tuple)) else [v] * L
+
+        rf, rb, wg, of, ob = (per_layer(v) for v in (r_fwd, r_bwd, wgrad, order_fwd, order_bwd))
         self.tok = nn.Embedding(vocab, d)
         self.pos = nn.Embedding(max_len, d)
         self.blocks = nn.ModuleList(_Block(d, heads, ffn, cfg, ep=_ep_for(ep, cfg.num_experts), r_fwd=rf[i], r_bwd=rb[i], wgrad=wg[i],
-                                           reducer=reducer,
+                                           order_fwd=of[i], order_bwd=ob[i], reducer=reducer,
                                            backend=backend, activation=activation)
                                     for i, cfg in enumerate(routers))
         self.ln = nn.LayerNorm(d)

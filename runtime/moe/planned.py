@@ -10,8 +10,9 @@ __all__ = ["PlannedPipeline", "load_pipeline"]
 
 @dataclass
 class PlannedPipeline:
-    """r_fwd/r_bwd/wgrad: per MoE layer (forward order); slice_fractions: share of the dense gradient all-reduced in
-    each MoE layer's backward gap, in backward order (sums to 1 unless the plan has no slices)."""
+    """r_fwd/r_bwd/wgrad/order_fwd/order_bwd: per MoE layer (forward order); slice_fractions: share of the dense
+    gradient all-reduced in each MoE layer's backward gap, in backward order (sums to 1 unless the plan has no
+    slices). ``layer_kwargs(i)`` gives layer i's settings as MoELayer keyword arguments."""
 
     config: str
     ep_size: int
@@ -21,13 +22,24 @@ class PlannedPipeline:
     wgrad: list[str] = field(default_factory=list)
     """Backward weight-gradient placement per layer (a plan's ``wgrad_bwd``; older plans read as "fused"); left
     empty it is filled with "fused" for every layer."""
+    order_fwd: list[str] = field(default_factory=list)
+    order_bwd: list[str] = field(default_factory=list)
+    """Collective issue order of each pass per layer (the plan's ``order_fwd``/``order_bwd``); left empty:
+    "dispatch-first"."""
 
     def __post_init__(self):
-        if not self.wgrad:
-            self.wgrad = ["fused"] * len(self.r_fwd)
-        if not len(self.r_fwd) == len(self.r_bwd) == len(self.wgrad):
-            raise ValueError(f"r_fwd, r_bwd and wgrad need one entry per layer: {len(self.r_fwd)}, "
-                             f"{len(self.r_bwd)}, {len(self.wgrad)}")
+        n = len(self.r_fwd)
+        for name, default in (("wgrad", "fused"), ("order_fwd", "dispatch-first"), ("order_bwd", "dispatch-first")):
+            if not getattr(self, name):
+                setattr(self, name, [default] * n)
+        lens = {k: len(getattr(self, k)) for k in ("r_fwd", "r_bwd", "wgrad", "order_fwd", "order_bwd")}
+        if len(set(lens.values())) != 1:
+            raise ValueError(f"the per-layer settings need one entry per layer each: {lens}")
+
+    def layer_kwargs(self, i: int) -> dict:
+        """Layer i's pipeline settings as ``MoELayer``/``set_pipeline`` keyword arguments."""
+        return {"r_fwd": self.r_fwd[i], "r_bwd": self.r_bwd[i], "wgrad": self.wgrad[i],
+                "order_fwd": self.order_fwd[i], "order_bwd": self.order_bwd[i]}
 
     def slices_for(self, dense_elements: int) -> list[float]:
         """Slice sizes in elements for a model with ``dense_elements`` replicated gradient elements."""
@@ -58,4 +70,4 @@ def load_pipeline(path: str | Path, *, ep_size: int, num_layers: int, config: st
     tot = sum(sl)
     fr = [x / tot for x in sl] if tot > 0 else [1.0 / num_layers] * num_layers
     return PlannedPipeline(c.name, c.ep_size, [x.r_fwd for x in layers], [x.r_bwd for x in layers], fr,
-                           [x.wgrad_bwd for x in layers])
+                           [x.wgrad_bwd for x in layers], [x.order_fwd for x in layers], [x.order_bwd for x in layers])

@@ -1,7 +1,7 @@
 """Expert parallelism over 4 real gloo ranks vs the single-process layer: outputs and every gradient, for every
 router and every pipeline degree r in {1, 2, 4} (forward and backward set differently), each placement of the
-backward weight gradients (fused, per-chunk, deferred - with the issue order checked), flat and hierarchical
-all-to-all, and the dense-gradient all-reduce launched in slices inside the MoE backward gaps. The hierarchical
+backward weight gradients (fused, per-chunk, deferred - with the issue order checked), both collective issue
+orders (dispatch-first, interleaved - checked too), flat and hierarchical all-to-all, and the dense-gradient all-reduce launched in slices inside the MoE backward gaps. The hierarchical
 path is also checked to be asynchronous end to end: chunk k+1's inter-node step is issued before chunk k's expert
 compute ends, and every process group sees its collectives in the same order on every rank, also when the ranks
 run their computes at skewed speeds."""
@@ -14,7 +14,7 @@ import adasched.runtime.moe.ep as ep_mod
 
 from adasched.runtime.dist import spawn_gloo
 from adasched.runtime.moe import ExpertParallel, GradSliceReducer, MoELayer, RouterConfig
-from adasched.runtime.moe.ep import WGRAD_MODES
+from adasched.runtime.moe.ep import ORDERS, WGRAD_MODES
 from adasched.runtime.moe.router import ROUTER_KINDS
 
 H, FFN, E = 8, 6, 8
@@ -38,13 +38,14 @@ def _close(got, want, what):
                            f"max err {float((got - want).abs().max()):.3g}")
 
 
-def _layer_case(rank, world, ep, kind, r_fwd, r_bwd, cf, seed, wgrad="fused"):
+def _layer_case(rank, world, ep, kind, r_fwd, r_bwd, cf, seed, wgrad="fused", order="dispatch-first"):
     cfg = RouterConfig(kind=kind, num_experts=E, top_k=2, k_max=3, p=0.5, capacity_factor=cf)
     torch.manual_seed(seed)                              # same weights on every rank
     ref = MoELayer(H, FFN, cfg, backend="torch").eval()
     if kind == "sigmoid_bias":
         ref.router.expert_bias.copy_(torch.randn(E) * 0.1)
-    lay = MoELayer(H, FFN, cfg, backend="torch", ep=ep, r_fwd=r_fwd, r_bwd=r_bwd, wgrad=wgrad).eval()
+    lay = MoELayer(H, FFN, cfg, backend="torch", ep=ep, r_fwd=r_fwd, r_bwd=r_bwd, wgrad=wgrad, order_fwd=order,
+                   order_bwd=order).eval()
     lay.router.load_state_dict(ref.router.state_dict())
     lay.load_full_experts(ref.w1.detach(), ref.w2.detach())
     xs, gys = _inputs(world, seed)
@@ -62,7 +63,7 @@ def _layer_case(rank, world, ep, kind, r_fwd, r_bwd, cf, seed, wgrad="fused"):
         if s == rank:
             x_ref, y_ref = xr, yr.detach()
             stats_ref = ref.last_stats
-    name = f"{kind} r_fwd={r_fwd} r_bwd={r_bwd} wgrad={wgrad} cf={cf} hier={ep.hierarchical}"
+    name = f"{kind} r_fwd={r_fwd} r_bwd={r_bwd} wgrad={wgrad} order={order} cf={cf} hier={ep.hierarchical}"
     _close(y, y_ref, f"{name}: output")
     _close(x.grad, x_ref.grad, f"{name}: dx")
     n, off = lay.w1.shape[0], lay.expert_offset
@@ -213,6 +214,25 @@ def _wgrad_hier_case(rank, world, hier):
     assert max(second) < dw[-1], f"a combine's intra-node step waited for every dW: {ev}"
 
 
+def _order_case(rank, world, flat):
+    """Issue order of the collectives per pass: "dispatch-first" d0 d1 d2 c0 c1 c2; "interleaved" d0 d1 c0 d2 c1
+    c2 (chunk c+1's dispatch just before chunk c's compute) - the two link orders the planner evaluates."""
+    r = 3
+    want = {"dispatch-first": [("dispatch", 0), ("dispatch", 1), ("dispatch", 2), ("combine", 0), ("combine", 1),
+                               ("combine", 2)],
+            "interleaved": [("dispatch", 0), ("dispatch", 1), ("combine", 0), ("dispatch", 2), ("combine", 1),
+                            ("combine", 2)]}
+    for order, seq in want.items():
+        flat.events = []
+        try:
+            _layer_case(rank, world, flat, "gshard", r, r, None, seed=21, order=order)
+        finally:
+            events, flat.events = flat.events, None
+        for pass_name in ("forward", "backward"):
+            got = [(e[3][0], e[2]) for e in events if e[0] == pass_name and e[1] == "issue"]
+            assert got == seq, (order, pass_name, got)
+
+
 def _worker(rank, world):
     flat = ExpertParallel.create(E)
     hier = ExpertParallel.create(E, hierarchical=True, gpus_per_node=2)
@@ -222,12 +242,17 @@ def _worker(rank, world):
         for j, (rf, rb) in enumerate(pairs):
             cf = 1.0 if (kind in ("gshard", "switch", "expert_choice") and j == 1) else None
             _layer_case(rank, world, flat, kind, rf, rb, cf, seed=10 * i + j,
-                        wgrad=WGRAD_MODES[(i + j) % len(WGRAD_MODES)])
+                        wgrad=WGRAD_MODES[(i + j) % len(WGRAD_MODES)],
+                        order=ORDERS[(i + j) % len(ORDERS)])
             done += 1
-    for kind, rf, rb, cf, wg in [("gshard", 2, 1, 1.25, "deferred"), ("top_p", 4, 4, None, "per-chunk"),
-                                 ("expert_choice", 1, 2, None, "fused")]:
-        _layer_case(rank, world, hier, kind, rf, rb, cf, seed=77, wgrad=wg)
+    for kind, rf, rb, cf, wg, order in [("gshard", 2, 1, 1.25, "deferred", "dispatch-first"),
+                                        ("top_p", 4, 4, None, "per-chunk", "interleaved"),
+                                        ("expert_choice", 1, 2, None, "fused", "interleaved"),
+                                        ("gshard", 4, 3, None, "deferred", "interleaved")]:
+        _layer_case(rank, world, hier, kind, rf, rb, cf, seed=77, wgrad=wg, order=order)
         done += 1
+    _order_case(rank, world, flat)
+    done += 1
     _wgrad_order_case(rank, world, flat)
     _wgrad_hier_case(rank, world, hier)
     done += 2
@@ -239,4 +264,4 @@ def _worker(rank, world):
 
 def test_ep_matches_single_process_all_routers_all_r():
     done = spawn_gloo(_worker, 4, timeout_s=120)
-    assert done == [len(ROUTER_KINDS) * 3 + 7] * 4
+    assert done == [len(ROUTER_KINDS) * 3 + 9] * 4

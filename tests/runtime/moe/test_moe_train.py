@@ -68,6 +68,8 @@ def test_plan_for_another_ep_size_is_an_error(tmp_path, monkeypatch, capsys):
     assert pp.r_fwd == [c.layers[min(i, len(c.layers) - 1)].r_fwd for i in range(3)]
     assert pp.r_bwd == [c.layers[min(i, len(c.layers) - 1)].r_bwd for i in range(3)]
     assert pp.wgrad == [c.layers[min(i, len(c.layers) - 1)].wgrad_bwd for i in range(3)]
+    assert pp.order_bwd == [c.layers[min(i, len(c.layers) - 1)].order_bwd for i in range(3)]
+    assert pp.layer_kwargs(1)["order_fwd"] == c.layers[min(1, len(c.layers) - 1)].order_fwd
     assert set(pp.wgrad) <= {"fused", "per-chunk", "deferred"}
     assert abs(sum(pp.slice_fractions) - 1.0) < 1e-9 and len(pp.slice_fractions) == 3
     assert sum(pp.slices_for(1000)) == pytest.approx(1000)
