@@ -14,9 +14,9 @@ torch backend for the expert GEMMs, one thread per rank) every rank, all at once
    ``runtime.moe.ep``), per r;
 2. builds :class:`~adasched.planner.fsmoe.costmodel.StageCosts` from the fits (stage 0 = the all-to-all,
    stage 2 = the expert compute; no intra-node stages, no all-reduce: flat EP, one layer) and predicts the
-   layer's forward and backward time for r in {1, 2, 4} with the planner's exact pipeline evaluation
-   (best issue order) plus the measured non-pipelined part; ``choose_r`` over {1, 2, 4} gives the r the
-   planner would pick;
+   layer's forward and backward time for r in {1, 2, 4} with the planner's exact pipeline evaluation (in
+   the issue order the layer runs here, dispatch-first) plus the measured non-pipelined part; the r with the
+   shortest predicted pipeline is the one the planner would pick;
 3. measures the real EP :class:`~adasched.runtime.moe.MoELayer` forward and backward separately for every r,
    the backward both with the expert weight gradients fused into each chunk (autograd's order) and deferred
    after the last combine (``wgrad="deferred"``; predicted with the weight-gradient part of one chunk's
@@ -406,20 +406,24 @@ def stage_costs_of(meas: dict, direction: str):
 
 
 def predict(meas: dict) -> dict:
-    """Predicted fwd/bwd ms per r (pipeline model + measured non-pipelined part) and the r choose_r picks."""
-    from adasched.planner.fsmoe.model import choose_r, evaluate_pipeline, orders
+    """Predicted fwd/bwd ms per r (pipeline model + measured non-pipelined part) and the r with the shortest
+    predicted pipeline (dispatch-first, the order measured)."""
+    from adasched.planner.fsmoe.model import evaluate_pipeline
 
     out = {"per_r": {r: {} for r in R_VALUES}, "chosen": {}}
     fx = meas["fixed"]
     for d in ("fwd", "bwd"):
         sc = stage_costs_of(meas, d)
-        best, per_r = choose_r(sc, R_VALUES)
-        out["chosen"][d] = best.r
+        # the layer is measured with the runtime's default issue order (dispatch-first): predict that one, and
+        # pick r among those predictions (for r <= 2 the two orders coincide)
+        pipes = {r: evaluate_pipeline(sc, r, "dispatch-first").time_ms for r in R_VALUES}
+        out["chosen"][d] = min(R_VALUES, key=lambda r: (pipes[r], r))
         for r in R_VALUES:
-            out["per_r"][r][d] = {"pipeline_ms": per_r[r], "fixed_ms": fx[f"local_{d}_ms"] + fx[f"book_{d}_ms_r{r}"]}
+            pipe = pipes[r]
+            out["per_r"][r][d] = {"pipeline_ms": pipe, "fixed_ms": fx[f"local_{d}_ms"] + fx[f"book_{d}_ms_r{r}"]}
             if d == "bwd":
                 out["per_r"][r]["bwd_deferred"] = {
-                    "pipeline_ms": min(evaluate_pipeline(sc, r, o, "deferred").time_ms for o in orders(r)),
+                    "pipeline_ms": evaluate_pipeline(sc, r, "dispatch-first", "deferred").time_ms,
                     "fixed_ms": out["per_r"][r]["bwd"]["fixed_ms"]}
     return out
 

@@ -88,7 +88,7 @@ def _check_result(res: dict, configs: int) -> None:
                 else:
                     busiest = max(2 * (q * a0 + w0), q * a2 + w2)
                     assert busiest - 1e-9 <= pipe <= serial + 1e-9, (name, d, q, busiest, pipe, serial)
-            # the planner's pick (choose_r over {1, 2, 4}) has the shortest pipelined time
+            # the planner's pick (over {1, 2, 4}, dispatch-first as measured) has the shortest pipelined time
             assert pipes[res["chosen_r_predicted"][name][d]] <= min(pipes.values()) + 1e-9, (name, d, pipes)
             if d == "bwd":
                 dw = min(comp["bwd_dw"]["alpha_ms"] + comp["bwd_dw"]["ms_per_row"] * n_recv, a2 + w2)
