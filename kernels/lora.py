@@ -713,6 +713,8 @@ def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bi
     (BLOCK_RED), group_m, num_stages, num_warps and maxnreg (its block_m is the tile table's ``plan.block_m``;
     the knobs are ignored by the interpreter, as in ``kernels.gemm``). ``epi_split`` (with a config only):
     overrides the masked epilogue's form, 0 full width, 1 per column half (``launch/lora_kernel_sweep.py``)."""
+    if epi_split is not None and config is None:
+        raise ValueError("epi_split: only with an explicit config (the autotuned launch applies the split rule)")
     dummy = plan.table
     args = (x, w, lmat, pmat, mask if mask is not None else dummy, bias if bias is not None else dummy, out,
             plan.table, plan.ftable, plan.n_tiles, out_dim, red_dim, _next_pow2(x.shape[0]),

@@ -16,7 +16,8 @@ torch backend for the expert GEMMs, one thread per rank) every rank, all at once
    stage 2 = the expert compute; no intra-node stages, no all-reduce: flat EP, one layer) and predicts the
    layer's forward and backward time for r in {1, 2, 4} with the planner's exact pipeline evaluation (in
    the issue order the layer runs here, dispatch-first) plus the measured non-pipelined part; the r with the
-   shortest predicted pipeline is the one the planner would pick;
+   shortest predicted pipeline is the pick (the planner also weighs the interleaved order, which the model has
+   not yet found strictly faster);
 3. measures the real EP :class:`~adasched.runtime.moe.MoELayer` forward and backward separately for every r,
    the backward both with the expert weight gradients fused into each chunk (autograd's order) and deferred
    after the last combine (``wgrad="deferred"``; predicted with the weight-gradient part of one chunk's

@@ -49,7 +49,8 @@ def parse_args(argv):
     p.add_argument("--r-bwd", type=int, default=2)
     p.add_argument("--wgrad", choices=("fused", "per-chunk", "deferred"), default="fused",
                    help="where the backward computes the expert weight gradients (a --plan sets it per layer)")
-    p.add_argument("--plan", type=Path, default=None, help="FSMoE plan JSON (r_fwd, r_bwd, wgrad_bwd, grad_slices)")
+    p.add_argument("--plan", type=Path, default=None,
+                   help="FSMoE plan JSON (r_fwd, r_bwd, order_fwd, order_bwd, wgrad_bwd, grad_slices)")
     p.add_argument("--plan-config", default=None, help="configuration name inside the plan (default: first)")
     p.add_argument("--hierarchical", action="store_true", help="two-step (intra-node, inter-node) all-to-all")
     p.add_argument("--gpus-per-node", type=int, default=2)

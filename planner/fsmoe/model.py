@@ -123,11 +123,13 @@ def orders(r: int) -> tuple[Order, ...]:
     return ("dispatch-first",) if r == 1 else ("dispatch-first", "interleaved")
 
 
-def choose_r(c: StageCosts, candidates=R_CANDIDATES, wgrad_modes: tuple[Wgrad, ...] = ("fused",)
+def choose_r(c: StageCosts, candidates=R_CANDIDATES, wgrad_modes: tuple[Wgrad, ...] = ("fused",),
+             issue_orders: tuple[Order, ...] = ("dispatch-first", "interleaved")
              ) -> tuple[PipelineEval, dict[int, float]]:
     """Best (r, order, wgrad) over the candidates by exact evaluation; also returns the best time of every r.
-    Pass ``wgrad_modes=WGRAD_MODES`` for a backward pass (``c`` = backward costs). Ties keep the earlier
-    candidate (smaller r, "fused" before the split modes)."""
+    Pass ``wgrad_modes=WGRAD_MODES`` for a backward pass (``c`` = backward costs); ``issue_orders`` limits the
+    link orders (the runtime issues "interleaved" on flat exchanges only). Ties keep the earlier candidate
+    (smaller r, "fused" before the split modes, "dispatch-first" before "interleaved")."""
     best: PipelineEval | None = None
     per_r: dict[int, float] = {}
     for r in candidates:
@@ -135,7 +137,7 @@ def choose_r(c: StageCosts, candidates=R_CANDIDATES, wgrad_modes: tuple[Wgrad, .
             # r = 1 has one chunk: "per-chunk" and "deferred" issue the same stream order
             if r == 1 and wgrad == "per-chunk" and "deferred" in wgrad_modes:
                 continue
-            for order in orders(r):
+            for order in (o for o in orders(r) if o in issue_orders):
                 ev = evaluate_pipeline(c, r, order, wgrad)
                 per_r[r] = min(per_r.get(r, float("inf")), ev.time_ms)
                 if best is None or ev.time_ms < best.time_ms - 1e-12:

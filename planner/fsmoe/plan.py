@@ -20,8 +20,8 @@ class MoELayerPlan(BaseModel):
     mean_k: float
     r_fwd: int = Field(ge=1)
     r_bwd: int = Field(ge=1)
-    order_fwd: str
-    order_bwd: str
+    order_fwd: Literal["dispatch-first", "interleaved"]
+    order_bwd: Literal["dispatch-first", "interleaved"]
     wgrad_bwd: Literal["fused", "per-chunk", "deferred"] = Field(
         default="fused", description="where the backward weight-gradient GEMMs run: with dX (fused), right after "
                                      "their chunk's dX, or after the last dX (see planner.fsmoe.model)")

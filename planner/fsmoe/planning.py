@@ -49,9 +49,11 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
         fwd = stage_costs(cfg, topo, source=stages, profile=profile, layer=layer)
         bwd = fwd.backward()
         first = first or fwd
-        bf, per_r_f = choose_r(fwd)
-        bb, per_r_b = choose_r(bwd, wgrad_modes=WGRAD_MODES)
-        bb_fused, _ = choose_r(bwd)
+        # the runtime interleaves dispatches and combines on flat exchanges only (runtime.moe.ep._pipeline)
+        io = ("dispatch-first",) if topo.hierarchical else ("dispatch-first", "interleaved")
+        bf, per_r_f = choose_r(fwd, issue_orders=io)
+        bb, per_r_b = choose_r(bwd, wgrad_modes=WGRAD_MODES, issue_orders=io)
+        bb_fused, _ = choose_r(bwd, issue_orders=io)
         case = "a2a-bound (T_A)" if paper_cases(fwd, bf.r)["T_A_valid"] else "compute-bound (T_B)"
         layers.append(MoELayerPlan(
             layer=layer, mean_k=cfg.k_of_layer(layer), r_fwd=bf.r, r_bwd=bb.r, order_fwd=bf.order, order_bwd=bb.order,

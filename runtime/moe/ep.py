@@ -8,8 +8,9 @@ forward (degree ``r_fwd``)
     1. sizes first: one ``all_gather`` of the (r, E) assignment counts per chunk, so every rank knows every
        split of every exchange (uneven splits, no further size round trips);
     2. the local tokens are cut into ``r`` contiguous token ranges (chunks); every chunk's rows are
-       dispatched with ``all_to_all_single(..., async_op=True)`` (all chunks issued up front), together with
-       a small int64 tag per row (source rank, local expert, token);
+       dispatched with ``all_to_all_single(..., async_op=True)`` (all chunks issued up front with
+       ``order_fwd="dispatch-first"``; with "interleaved" each chunk's dispatch follows the previous chunk's
+       combine, flat path only), together with a small int64 tag per row (source rank, local expert, token);
     3. for each chunk in turn: wait for its dispatch, run the expert MLP (grouped GEMM) on its rows, issue
        its combine asynchronously - so chunk c's compute overlaps chunk c+1's dispatch and chunk c-1's
        combine;
@@ -300,14 +301,17 @@ def _unpermute_rows(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 def _pipeline(ep: ExpertParallel, pass_name: str, exch: list[_Exchange], sends, compute, after_chunk=None,
               after_all=None, order: str = "dispatch-first"):
-    """Run one pass: dispatch every chunk, then per chunk wait / compute / combine; returns each chunk's
+    """Run one pass: dispatch the chunks, then per chunk wait / compute / combine; returns each chunk's
     combined rows. ``compute(c, received tensors) -> tensor to send back``; ``after_chunk(c, progress)`` runs in
     the gap after chunk c's combine is issued; ``after_all(progress)`` after the last combine is issued, before
     waiting. ``progress()`` issues every collective step that has become ready (the hierarchical path's second
     steps): hooks that compute call it between pieces of work, so no step waits behind more than one piece.
     ``order``: "dispatch-first" issues every chunk's dispatch up front (links: d0 d1 ... d(r-1) c0 c1 ...);
-    "interleaved" issues d0 and d1, then chunk c+1's dispatch just before chunk c's compute (links: d0 d1 c0 d2
-    c1 d3 ...), so an early combine does not queue behind every later dispatch.
+    "interleaved" issues d0 and d1, then chunk c+2's dispatch right after chunk c's combine, before the gap's
+    work (links: d0 d1 c0 d2 c1 d3 ...), so an early combine does not queue behind every later dispatch. Flat
+    exchanges only: on the hierarchical path a combine's intra-node step can follow its inter-node step only
+    once that has finished, and making chunk c+1's dispatch ready before chunk c's compute would then wait for
+    chunk c-1's whole combine (one host thread); ``ep_experts`` rejects that combination.
 
     Before chunk c's compute the pipeline makes sure chunk c+1's dispatch has reached its last step (for the
     hierarchical path: its inter-node all-to-all is issued, waiting for its intra-node step if that is still
@@ -325,14 +329,14 @@ def _pipeline(ep: ExpertParallel, pass_name: str, exch: list[_Exchange], sends, 
     for c, ex in enumerate(exch):
         got = sched.wait(disp[c])
         if c + 1 < r:
-            if disp[c + 1] is None:                       # interleaved: after combine c-1, before compute c
-                disp[c + 1] = sched.add(exch[c + 1].dispatch(sends[c + 1], c + 1))
             sched.drive(disp[c + 1].last)
         sched.progress()
         sched.record("compute_start", c)
         out = compute(c, got)
         sched.record("compute_end", c)
         back.append(sched.add(ex.combine([out], c)))
+        if c + 2 < r and disp[c + 2] is None:               # interleaved: d(c+2) right after combine c
+            disp[c + 2] = sched.add(exch[c + 2].dispatch(sends[c + 2], c + 2))
         if after_chunk is not None:
             after_chunk(c, sched.progress)
     if after_all is not None:
@@ -594,6 +598,9 @@ def ep_experts(x_rows, w1, w2, token_idx, expert_idx, num_tokens: int, ep: Exper
     for name, o in (("order_fwd", order_fwd), ("order_bwd", order_bwd)):
         if o not in ORDERS:
             raise ValueError(f"{name}={o!r}: must be one of {', '.join(ORDERS)}")
+        if o == "interleaved" and ep.hierarchical:
+            raise ValueError(f"{name}='interleaved' needs the flat exchange: on the hierarchical path chunk c's "
+                             "compute would wait for chunk c-1's whole two-step combine (use 'dispatch-first')")
     meta = _Meta(ep, token_idx, expert_idx, num_tokens, r_fwd, r_bwd, activation, backend, reducer, wgrad,
                  order_fwd, order_bwd)
     return EPExperts.apply(x_rows, w1, w2, meta)

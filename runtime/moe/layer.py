@@ -57,7 +57,7 @@ class MoELayer(nn.Module):
         self.hidden, self.ffn, self.activation, self.backend = hidden, ffn, activation, backend
         self.ep, self.r_fwd, self.r_bwd, self.reducer = ep, r_fwd, r_bwd, reducer
         self.wgrad = _check_wgrad(wgrad)
-        self.order_fwd, self.order_bwd = _check_order("order_fwd", order_fwd), _check_order("order_bwd", order_bwd)
+        self.order_fwd, self.order_bwd = self._order("order_fwd", order_fwd), self._order("order_bwd", order_bwd)
         self.router = Router(hidden, router)
         e_local = E if ep is None else ep.experts_per_rank
         self.expert_offset = 0 if ep is None else ep.rank * e_local
@@ -77,9 +77,16 @@ class MoELayer(nn.Module):
         if wgrad is not None:
             self.wgrad = _check_wgrad(wgrad)
         if order_fwd is not None:
-            self.order_fwd = _check_order("order_fwd", order_fwd)
+            self.order_fwd = self._order("order_fwd", order_fwd)
         if order_bwd is not None:
-            self.order_bwd = _check_order("order_bwd", order_bwd)
+            self.order_bwd = self._order("order_bwd", order_bwd)
+
+    def _order(self, name: str, order: str) -> str:
+        _check_order(name, order)
+        if order == "interleaved" and self.ep is not None and self.ep.hierarchical:
+            raise ValueError(f"{name}='interleaved' needs the flat exchange (this layer's EP is hierarchical); "
+                             "use 'dispatch-first'")
+        return order
 
     def load_full_experts(self, w1: torch.Tensor, w2: torch.Tensor) -> None:
         """Copy this rank's shard out of full (E, ...) expert weights."""

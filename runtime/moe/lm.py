@@ -88,7 +88,11 @@ class TinyMoELM(nn.Module):
             raise ValueError(f"d={d} is not divisible by heads={heads}")
         L = len(routers)
         def per_layer(v):
-            return list(v) if isinstance(v, (list, tuple)) else [v] * L
+            if isinstance(v, (list, tuple)):
+                if len(v) != L:
+                    raise ValueError(f"a per-layer pipeline setting has {len(v)} entries for {L} MoE layers: {v!r}")
+                return list(v)
+            return [v] * L
 
         rf, rb, wg, of, ob = (per_layer(v) for v in (r_fwd, r_bwd, wgrad, order_fwd, order_bwd))
         self.tok = nn.Embedding(vocab, d)

@@ -23,9 +23,9 @@ class PlannedPipeline:
     """Backward weight-gradient placement per layer (a plan's ``wgrad_bwd``; older plans read as "fused"); left
     empty it is filled with "fused" for every layer."""
     order_fwd: list[str] = field(default_factory=list)
+    """Forward collective issue order per layer (the plan's ``order_fwd``); left empty: "dispatch-first"."""
     order_bwd: list[str] = field(default_factory=list)
-    """Collective issue order of each pass per layer (the plan's ``order_fwd``/``order_bwd``); left empty:
-    "dispatch-first"."""
+    """Backward collective issue order per layer (the plan's ``order_bwd``); left empty: "dispatch-first"."""
 
     def __post_init__(self):
         n = len(self.r_fwd)
@@ -35,6 +35,12 @@ class PlannedPipeline:
         lens = {k: len(getattr(self, k)) for k in ("r_fwd", "r_bwd", "wgrad", "order_fwd", "order_bwd")}
         if len(set(lens.values())) != 1:
             raise ValueError(f"the per-layer settings need one entry per layer each: {lens}")
+        from .ep import ORDERS, WGRAD_MODES
+
+        for name, allowed in (("wgrad", WGRAD_MODES), ("order_fwd", ORDERS), ("order_bwd", ORDERS)):
+            bad = [v for v in getattr(self, name) if v not in allowed]
+            if bad:
+                raise ValueError(f"{name}: {bad[0]!r} is not one of {', '.join(allowed)}")
 
     def layer_kwargs(self, i: int) -> dict:
         """Layer i's pipeline settings as ``MoELayer``/``set_pipeline`` keyword arguments."""

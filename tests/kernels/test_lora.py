@@ -190,6 +190,15 @@ def test_masked_dx_epilogue_split_and_unsplit_match_float64(monkeypatch, split):
     assert_all_close(f"dx split={split}", dx, dx64, atol * 2, rtol * 2)
 
 
+def test_epi_split_override_needs_a_config():
+    T, K, N = 16, 32, 16
+    plan = L._tile_plan(T, ((0, 0, T),), (4,), (1.0,), (0.0,), 16, torch.device("cpu"))
+    x, w = torch.randn(T, K), torch.randn(N, K)
+    with pytest.raises(ValueError, match="epi_split: only with an explicit config"):
+        L._gemm(x, w, w.stride(1), w.stride(0), torch.zeros(T, 16), torch.randn(N, 4), 1, N, None, None,
+                torch.empty(T, N), plan, N, K, apply_scale=True, backward=False, epi_split=1)
+
+
 def test_epi_split_rule():
     # split where the fp32 accumulator alone takes >= 128 registers per thread
     assert L.epi_split(128, 256, 8) and L.epi_split(128, 128, 4) and L.epi_split(256, 128, 8)

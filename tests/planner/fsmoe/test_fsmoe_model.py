@@ -106,6 +106,7 @@ def test_split_wgrad_closed_form_at_r1_and_bounds(a, w):
     for mode in ("per-chunk", "deferred"):
         assert evaluate_pipeline(bwd, 1, wgrad=mode).time_ms == pytest.approx(closed, rel=1e-12, abs=1e-12)
     best, per_r = choose_r(bwd, wgrad_modes=WGRAD_MODES)
+    assert choose_r(bwd, wgrad_modes=WGRAD_MODES, issue_orders=("dispatch-first",))[0].order == "dispatch-first"
     r = best.r
     # the compute stream runs all of dX and dW; the inter link both all-to-alls of every chunk
     assert best.time_ms >= bwd.chunk_ms(2, r) * r - 1e-9

@@ -236,6 +236,13 @@ def _order_case(rank, world, flat):
 def _worker(rank, world):
     flat = ExpertParallel.create(E)
     hier = ExpertParallel.create(E, hierarchical=True, gpus_per_node=2)
+    cfg = RouterConfig(kind="gshard", num_experts=E, top_k=2)
+    for kw in ({"order_fwd": "interleaved"}, {"order_bwd": "interleaved"}):   # flat exchanges only
+        try:
+            MoELayer(H, FFN, cfg, backend="torch", ep=hier, **kw)
+            raise AssertionError(f"hierarchical EP accepted {kw}")
+        except ValueError as err:
+            assert "flat exchange" in str(err), err
     done = 0
     pairs = [(1, 2), (2, 4), (4, 1)]
     for i, kind in enumerate(ROUTER_KINDS):
@@ -245,11 +252,9 @@ def _worker(rank, world):
                         wgrad=WGRAD_MODES[(i + j) % len(WGRAD_MODES)],
                         order=ORDERS[(i + j) % len(ORDERS)])
             done += 1
-    for kind, rf, rb, cf, wg, order in [("gshard", 2, 1, 1.25, "deferred", "dispatch-first"),
-                                        ("top_p", 4, 4, None, "per-chunk", "interleaved"),
-                                        ("expert_choice", 1, 2, None, "fused", "interleaved"),
-                                        ("gshard", 4, 3, None, "deferred", "interleaved")]:
-        _layer_case(rank, world, hier, kind, rf, rb, cf, seed=77, wgrad=wg, order=order)
+    for kind, rf, rb, cf, wg in [("gshard", 2, 1, 1.25, "deferred"), ("top_p", 4, 4, None, "per-chunk"),
+                                 ("expert_choice", 1, 2, None, "fused"), ("gshard", 4, 3, None, "deferred")]:
+        _layer_case(rank, world, hier, kind, rf, rb, cf, seed=77, wgrad=wg)
         done += 1
     _order_case(rank, world, flat)
     done += 1

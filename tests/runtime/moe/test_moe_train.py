@@ -92,3 +92,21 @@ def test_torchrun_ep_training_prints_loss_per_step(tmp_path):
     assert "mean_k 1.00/3.00" in lines[0]                    # ascending k over 2 layers, budget 4
     data = json.loads(stats.read_text())
     assert data["router"] == "top_p" and len(data["mean_k_per_layer"]) == 2
+
+
+def test_planned_pipeline_and_per_layer_settings_are_validated():
+    from adasched.runtime.moe.lm import TinyMoELM
+    from adasched.runtime.moe.planned import PlannedPipeline
+    from adasched.runtime.moe import RouterConfig
+
+    pp = PlannedPipeline("c", 4, [2, 1], [1, 4], [0.5, 0.5])
+    assert pp.wgrad == ["fused"] * 2 and pp.order_fwd == pp.order_bwd == ["dispatch-first"] * 2
+    assert pp.layer_kwargs(1) == {"r_fwd": 1, "r_bwd": 4, "wgrad": "fused", "order_fwd": "dispatch-first",
+                                  "order_bwd": "dispatch-first"}
+    with pytest.raises(ValueError, match="order_fwd: 'dispatch_first'"):
+        PlannedPipeline("c", 4, [2], [1], [1.0], ["fused"], ["dispatch_first"])
+    with pytest.raises(ValueError, match="one entry per layer"):
+        PlannedPipeline("c", 4, [2, 2], [1], [1.0])
+    routers = [RouterConfig(kind="gshard", num_experts=4, top_k=2)] * 2
+    with pytest.raises(ValueError, match="3 entries for 2 MoE layers"):
+        TinyMoELM(16, 8, 2, 8, routers, r_fwd=[1, 2, 4])
