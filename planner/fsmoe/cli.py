@@ -99,11 +99,11 @@ def register(groups) -> None:
             return
         for src, block in result["sources"].items():
             print_table([(r["config"], "yes" if r["inter_node_bound"] else "no", r["r_fwd"], r["r_bwd"], r["wgrad_bwd"],
-                          r["fwd_bwd_ms"], r["speedup_vs_no_pipeline"], r["degree_only_speedup_vs_no_pipeline"],
+                          r["fwd_bwd_ms"], r["speedup_vs_no_pipeline"], r["wgrad_fused_speedup_vs_no_pipeline"],
                           r["speedup_vs_fixed_r2"], r["ideal_speedup_bound"], r["iteration_speedup_vs_no_pipeline"])
                          for r in block["rows"]],
                         ["config", "a2a-bound", "r_fwd", "r_bwd", "wgrad", "layer fwd+bwd ms", "vs no-pipe",
-                         "(r only)", "vs r=2", "ideal bound", "iteration vs no-pipe"], title=f"stages: {src}")
+                         "(dW fused)", "vs r=2", "ideal bound", "iteration vs no-pipe"], title=f"stages: {src}")
         keys = list(result["summary_by_source"]["published"])
         print_table([(k, *(result["summary_by_source"][src][k] for src in result["sources"]),
                       result["summary_all_sources"][k]) for k in keys], ["summary", *result["sources"], "both"],

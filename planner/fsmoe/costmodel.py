@@ -126,6 +126,12 @@ class StageCosts:
     dw: tuple[float, float] | None = None
     """Backward costs only: (alpha, work) of the weight-gradient part of stage 2, when known separately (a
     measurement); None = half of stage 2 (dX and dW are GEMMs of the same size)."""
+    shared: tuple[float, float] = (0.0, 0.0)
+    """(alpha, work) ms of the shared experts (a dense MLP on the GPU's own tokens, no exchange, not chunked)."""
+
+    @property
+    def shared_ms(self) -> float:
+        return self.shared[0] + self.shared[1] if self.shared[1] > 0 else 0.0
 
     def chunk_ms(self, stage: int, r: int) -> float:
         if self.work[stage] == 0 and stage in (1, 3):
@@ -144,7 +150,8 @@ class StageCosts:
         w = list(self.work)
         a[2] *= 2
         w[2] *= 2
-        return StageCosts(tuple(a), tuple(w), self.source + " (backward)", self.notes)  # type: ignore[arg-type]
+        return StageCosts(tuple(a), tuple(w), self.source + " (backward)", self.notes,  # type: ignore[arg-type]
+                          shared=(2 * self.shared[0], 2 * self.shared[1]))
 
     @property
     def a2a_ms(self) -> float:
@@ -158,12 +165,14 @@ def _workloads(cfg: MoEConfig, topo: Topology, layer: int) -> tuple[float, float
     n0 = f * T * M / P if topo.ep_size > 1 else 0.0
     n13 = f * T * M if topo.hierarchical and topo.gpus_per_node > 1 else 0.0
     n2 = cfg.g * f * T * M * H / P
-    if cfg.shared_experts:
-        # a shared expert runs on each GPU's own T tokens (no communication): g*T*M*H multiply-adds against the
-        # routed f*T*g*M*H, so in the paper's n2 (the routed count over P) it also carries the 1/P
-        n2 += cfg.shared_experts * cfg.g * T * M * H / P
     n4 = float(cfg.dense_params)
     return (n0, n13, n2, n13, n4)
+
+
+def _shared_n(cfg: MoEConfig, topo: Topology) -> float:
+    """The shared experts in the paper's n2 units: they run on each GPU's own T tokens (no communication),
+    g*T*M*H multiply-adds each against the routed f*T*g*M*H, so like the routed count they carry the 1/P."""
+    return cfg.shared_experts * cfg.g * cfg.tokens * cfg.hidden * cfg.ffn_hidden / topo.ep_size
 
 
 def _expert_macs_per_gpu(cfg: MoEConfig, topo: Topology, layer: int) -> float:
@@ -172,10 +181,9 @@ def _expert_macs_per_gpu(cfg: MoEConfig, topo: Topology, layer: int) -> float:
     Flat EP: T*P tokens x f routed rows spread evenly over P GPUs -> f*T rows per GPU, g*M*H each.
     Hierarchical: a node's sharded experts receive f*T*gpus_per_node rows, every GPU of the node multiplies all
     of them by its 1/gpus_per_node shard -> again f*T*g*M*H. (The paper's n2 carries a further 1/P, which
-    belongs with its own fitted beta_2 and B*L convention; a GEMM rate needs the real count.) A shared expert
-    runs on the GPU's own T tokens."""
-    macs = cfg.g * cfg.f(layer) * cfg.tokens * cfg.hidden * cfg.ffn_hidden
-    return macs + cfg.shared_experts * cfg.g * cfg.tokens * cfg.hidden * cfg.ffn_hidden
+    belongs with its own fitted beta_2 and B*L convention; a GEMM rate needs the real count.) Routed experts
+    only: the shared ones are costed separately (``StageCosts.shared``)."""
+    return cfg.g * cfg.f(layer) * cfg.tokens * cfg.hidden * cfg.ffn_hidden
 
 
 def stage_costs(cfg: MoEConfig, topo: Topology, *, source: Literal["published", "profile"],
@@ -186,7 +194,9 @@ def stage_costs(cfg: MoEConfig, topo: Topology, *, source: Literal["published", 
     if source == "published":
         alpha = tuple(a if n[i] > 0 else 0.0 for i, a in enumerate(FSMOE_ALPHA_MS))
         work = tuple(b * n[i] for i, b in enumerate(FSMOE_BETA_MS))
-        return StageCosts(alpha, work, "published FSMoE constants (fsmoe.md)")  # type: ignore[arg-type]
+        ns = _shared_n(cfg, topo)
+        return StageCosts(alpha, work, "published FSMoE constants (fsmoe.md)",  # type: ignore[arg-type]
+                          shared=(FSMOE_ALPHA_MS[2], FSMOE_BETA_MS[2] * ns) if ns > 0 else (0.0, 0.0))
     if profile is None:
         raise ValueError("stage_costs(source='profile') needs a profile")
     profile.require("gemm_tflops", "collectives", who="the FSMoE planner")
@@ -217,7 +227,10 @@ def stage_costs(cfg: MoEConfig, topo: Topology, *, source: Literal["published", 
     alpha[4] = fit.alpha_ms
     work[4] = fit.beta_ms_per_byte * n[4] * ELEMENT_BYTES
     notes.append(f"all_reduce: fit on {fit.group_size} ranks ({fit.source})")
-    return StageCosts(tuple(alpha), tuple(work), f"profile {profile.name}", tuple(notes))  # type: ignore[arg-type]
+    shared_macs = cfg.shared_experts * cfg.g * cfg.tokens * cfg.hidden * cfg.ffn_hidden
+    shared = (GEMM_ALPHA_MS, 2.0 * shared_macs / (profile.gemm_tflops * 1e9)) if shared_macs else (0.0, 0.0)
+    return StageCosts(tuple(alpha), tuple(work), f"profile {profile.name}", tuple(notes),  # type: ignore[arg-type]
+                      shared=shared)
 
 
 def clamp_r_candidates(max_r: int = 16) -> list[int]:

@@ -19,6 +19,10 @@ DeepSpeed-MoE and Tutel do); ``"per-chunk"`` issues chunk j's dW right after its
 ``"deferred"`` issues every dW after the last dX (Megatron-core's delayed wgrad), so the combines never queue
 behind a dW. The backward is evaluated in all three and the best is kept; a layer's backward ends when both the
 last combine and the last dW have finished.
+
+Shared experts (a dense MLP every token passes through, fine-grained MoE): one compute task, not chunked,
+issued first - it needs no exchange, so it runs while the first dispatches are in flight (the EP runtime does
+the same, ``runtime.moe.ep``); the baselines compute it before the dispatch (autograd's sequential order).
 """
 from __future__ import annotations
 
@@ -64,20 +68,27 @@ class PipelineEval:
         return max(0.0, self.time_ms - self.inter_busy_ms)
 
 
-def _tasks(c: StageCosts, r: int, order: Order, prefix: str = "", wgrad: Wgrad = "fused") -> list[Task]:
+def _tasks(c: StageCosts, r: int, order: Order, prefix: str = "", wgrad: Wgrad = "fused",
+           shared_overlap: bool = True) -> list[Task]:
     """Tasks of one direction. With ``wgrad`` other than "fused", ``c`` must be backward costs: each chunk's
     expert task becomes dX (what the combine waits for) plus a dW task that nothing in the layer depends on;
-    dW = ``c.dw_chunk_ms(r)`` (half of the chunk's GEMM unless measured separately), dX = the rest."""
+    dW = ``c.dw_chunk_ms(r)`` (half of the chunk's GEMM unless measured separately), dX = the rest.
+    Shared experts (``c.shared``) are one compute task issued first; with ``shared_overlap`` it runs while the
+    first dispatches are in flight (as the EP runtime does), without it every dispatch waits for it (autograd's
+    sequential order: what the baselines do)."""
     d = [c.chunk_ms(0, r) if c.work[0] > 0 else 0.0, c.chunk_ms(1, r), c.chunk_ms(2, r), c.chunk_ms(3, r),
          c.chunk_ms(0, r) if c.work[0] > 0 else 0.0]
     d_w = c.dw_chunk_ms(r) if wgrad != "fused" else 0.0
     d[2] -= d_w
     names = [[f"{prefix}{s}{j}" for s in ("dispatch", "allgather", "gemm", "reducescatter", "combine")] for j in range(r)]
+    shared_ms = c.shared_ms
+    shared = [Task(f"{prefix}shared", 0, "compute", shared_ms, (), category="shared")] if shared_ms > 0 else []
+    first_deps = () if shared_overlap or not shared else (shared[0].name,)
     per_chunk = []
     for j in range(r):
         nd, na, ng, nr, nc = names[j]
         per_chunk.append((
-            Task(nd, 0, "inter", d[0], (), category="a2a"),
+            Task(nd, 0, "inter", d[0], first_deps, category="a2a"),
             Task(na, 0, "intra", d[1], (nd,), category="allgather"),
             Task(ng, 0, "compute", d[2], (na,), category="gemm"),
             Task(nr, 0, "intra", d[3], (ng,), category="reducescatter"),
@@ -95,6 +106,7 @@ def _tasks(c: StageCosts, r: int, order: Order, prefix: str = "", wgrad: Wgrad =
                 seq += [per_chunk[j - 1][3], per_chunk[j - 1][4]]
             seq.append(per_chunk[j][2])
         seq += [per_chunk[r - 1][3], per_chunk[r - 1][4]]
+    seq = shared + seq
     if wgrad == "fused":
         return seq
     dw = {t.name: Task(f"{prefix}wgrad{t.name[len(prefix) + 4:]}", 0, "compute", d_w, (t.name,), category="wgrad")
@@ -109,13 +121,15 @@ def _tasks(c: StageCosts, r: int, order: Order, prefix: str = "", wgrad: Wgrad =
     return out
 
 
-def evaluate_pipeline(c: StageCosts, r: int, order: Order = "dispatch-first", wgrad: Wgrad = "fused") -> PipelineEval:
-    """Exact (simulated) time of one MoE layer direction with r chunks (``wgrad``: backward only, see module)."""
+def evaluate_pipeline(c: StageCosts, r: int, order: Order = "dispatch-first", wgrad: Wgrad = "fused",
+                      shared_overlap: bool = True) -> PipelineEval:
+    """Exact (simulated) time of one MoE layer direction with r chunks (``wgrad``: backward only, see module;
+    ``shared_overlap``: see ``_tasks``)."""
     if r < 1:
         raise ValueError(f"r must be >= 1, got {r}")
     if wgrad not in WGRAD_MODES:
         raise ValueError(f"wgrad must be one of {WGRAD_MODES}, got {wgrad!r}")
-    sim = simulate(_tasks(c, r, order, wgrad=wgrad))
+    sim = simulate(_tasks(c, r, order, wgrad=wgrad, shared_overlap=shared_overlap))
     return PipelineEval(r, order, wgrad, sim.makespan_ms, sim.busy_ms(stream="inter"), sim.busy_ms(stream="compute"), sim)
 
 

@@ -49,7 +49,8 @@ import torch.distributed as dist
 from adasched.kernels.moe import (Backend, expert_mlp_backward, expert_mlp_backward_data, expert_mlp_backward_weight,
                                   expert_mlp_forward, make_index)
 
-__all__ = ["ExpertParallel", "EPExperts", "GradSliceReducer", "ep_experts", "WGRAD_MODES", "ORDERS"]
+__all__ = ["ExpertParallel", "EPExperts", "GradSliceReducer", "ep_experts", "shared_expert_index", "WGRAD_MODES",
+           "ORDERS"]
 
 WGRAD_MODES = ("fused", "per-chunk", "deferred")
 #: collective issue orders of a pass (the planner's ``order_fwd``/``order_bwd``): every dispatch up front, or
@@ -300,12 +301,14 @@ def _unpermute_rows(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 
 def _pipeline(ep: ExpertParallel, pass_name: str, exch: list[_Exchange], sends, compute, after_chunk=None,
-              after_all=None, order: str = "dispatch-first"):
+              after_all=None, order: str = "dispatch-first", before_first=None):
     """Run one pass: dispatch the chunks, then per chunk wait / compute / combine; returns each chunk's
     combined rows. ``compute(c, received tensors) -> tensor to send back``; ``after_chunk(c, progress)`` runs in
     the gap after chunk c's combine is issued; ``after_all(progress)`` after the last combine is issued, before
-    waiting. ``progress()`` issues every collective step that has become ready (the hierarchical path's second
-    steps): hooks that compute call it between pieces of work, so no step waits behind more than one piece.
+    waiting; ``before_first(progress)`` once the first dispatches are issued, before waiting for chunk 0 (the
+    shared expert's work, which needs no exchange). ``progress()`` issues every collective step that has become
+    ready (the hierarchical path's second steps): hooks that compute call it between pieces of work, so no step
+    waits behind more than one piece.
     ``order``: "dispatch-first" issues every chunk's dispatch up front (links: d0 d1 ... d(r-1) c0 c1 ...);
     "interleaved" issues d0 and d1, then chunk c+2's dispatch right after chunk c's combine, before the gap's
     work (links: d0 d1 c0 d2 c1 d3 ...), so an early combine does not queue behind every later dispatch. Flat
@@ -325,6 +328,10 @@ def _pipeline(ep: ExpertParallel, pass_name: str, exch: list[_Exchange], sends, 
     disp: list[_Chain | None] = [None] * r
     for c in range(r if order == "dispatch-first" else min(2, r)):
         disp[c] = sched.add(exch[c].dispatch(sends[c], c))
+    if before_first is not None:
+        sched.record("shared_start", -1)
+        before_first(sched.progress)
+        sched.record("shared_end", -1)
     back = []
     for c, ex in enumerate(exch):
         got = sched.wait(disp[c])
@@ -459,6 +466,7 @@ class _Meta:
     wgrad: str = "fused"
     order_fwd: str = "dispatch-first"
     order_bwd: str = "dispatch-first"
+    shared_index: object = None   # MoEIndex of the shared expert (all T rows, one group), when there is one
 
 
 def _chunks(meta: _Meta, r: int):
@@ -492,16 +500,23 @@ def _group_by_expert(tags: torch.Tensor, E_local: int, P: int, key_base: int):
 
 
 class EPExperts(torch.autograd.Function):
-    """(x_rows (N,H) sorted by (expert, token), w1, w2 local shards) -> expert outputs y_rows (N,H)."""
+    """(x_rows (N,H) sorted by (expert, token), w1, w2 local shards) -> expert outputs y_rows (N,H); with a
+    shared expert (its input sx (T,H) = the layer's tokens, weights sw1 (1,H,.), sw2 (1,F,H)) also its output
+    (T,H), computed (and in the backward differentiated) while the first dispatches are in flight."""
 
     @staticmethod
-    def forward(ctx, x_rows, w1, w2, meta: _Meta):
+    def forward(ctx, x_rows, w1, w2, meta: _Meta, sx=None, sw1=None, sw2=None):
         ep = meta.ep
         E_local, P = ep.experts_per_rank, ep.size
         key_base = 1 << 40
         rows, mats = _chunks(meta, meta.r_fwd)
         exch = [_Exchange(ep, m) for m in mats]
         saved_x, saved_a, saved_key = [], [], []
+        shared = {}
+
+        def shared_forward(progress):
+            shared["y"], shared["a"] = expert_mlp_forward(sx, sw1, sw2, meta.shared_index, meta.activation,
+                                                          meta.backend)
 
         def compute(c, got):
             xr, tags = got
@@ -515,19 +530,20 @@ class EPExperts(torch.autograd.Function):
             return _unpermute_rows(ys, order)
 
         outs = _pipeline(ep, "forward", exch, [[x_rows[rw], _tags(meta, rw)] for rw in rows], compute,
-                         order=meta.order_fwd)
+                         order=meta.order_fwd, before_first=shared_forward if sx is not None else None)
         y = x_rows.new_empty(x_rows.shape[0], w2.shape[2])
         for rw, o in zip(rows, outs):
             y[rw] = o
         key = torch.cat(saved_key)
         korder = torch.argsort(key)
-        ctx.save_for_backward(torch.cat(saved_x)[korder], torch.cat(saved_a)[korder], key[korder], w1, w2)
+        ctx.save_for_backward(torch.cat(saved_x)[korder], torch.cat(saved_a)[korder], key[korder], w1, w2,
+                              *((sx, shared["a"], sw1, sw2) if sx is not None else ()))
         ctx.meta = meta
-        return y
+        return y if sx is None else (y, shared["y"])
 
     @staticmethod
-    def backward(ctx, gy):
-        x_s, a_s, key_s, w1, w2 = ctx.saved_tensors
+    def backward(ctx, gy, gy_shared=None):
+        x_s, a_s, key_s, w1, w2, *sh = ctx.saved_tensors
         meta = ctx.meta
         ep = meta.ep
         E_local, P = ep.experts_per_rank, ep.size
@@ -576,21 +592,33 @@ class EPExperts(torch.autograd.Function):
             if meta.wgrad == "per-chunk":
                 weight_grads(progress)
 
+        shared_grads = []
+
+        def shared_backward(progress):
+            sx, sa, sw1, sw2 = sh
+            dsx, saved = expert_mlp_backward_data(sx, sa, gy_shared, sw1, sw2, meta.shared_index, meta.activation,
+                                                  meta.backend)
+            progress()
+            shared_grads.extend([dsx, *expert_mlp_backward_weight(saved, 1)])
+
         outs = _pipeline(ep, "backward", exch, [[gy[rw], _tags(meta, rw)] for rw in rows], compute, gap,
-                         after_all=weight_grads, order=meta.order_bwd)
+                         after_all=weight_grads, order=meta.order_bwd,
+                         before_first=shared_backward if sh else None)
         gx = gy.new_empty(gy.shape[0], w1.shape[1])
         for rw, o in zip(rows, outs):
             gx[rw] = o
-        return gx, dw1, dw2, None
+        return (gx, dw1, dw2, None, *(shared_grads if sh else (None, None, None)))
 
 
 def ep_experts(x_rows, w1, w2, token_idx, expert_idx, num_tokens: int, ep: ExpertParallel, *,
                r_fwd: int = 1, r_bwd: int = 1, activation: str = "swiglu", backend: Backend = "auto",
                reducer: GradSliceReducer | None = None, wgrad: str = "fused", order_fwd: str = "dispatch-first",
-               order_bwd: str = "dispatch-first") -> torch.Tensor:
+               order_bwd: str = "dispatch-first", shared=None):
     """Expert outputs for this rank's sorted assignment rows, computed by the experts' owner ranks.
     ``wgrad``: where the backward computes the expert weight gradients; ``order_fwd``/``order_bwd``: the
-    collective issue order of each pass (module docstring, ``_pipeline``)."""
+    collective issue order of each pass (module docstring, ``_pipeline``). ``shared=(x (T,H), w1 (1,H,.),
+    w2 (1,F,H))``: a shared expert on this rank's tokens, computed while the first dispatches are in flight
+    (forward and backward); then returns (routed rows, shared output)."""
     if r_fwd < 1 or r_bwd < 1:
         raise ValueError(f"r_fwd={r_fwd}, r_bwd={r_bwd}: pipeline degrees must be >= 1")
     if wgrad not in WGRAD_MODES:
@@ -603,4 +631,14 @@ def ep_experts(x_rows, w1, w2, token_idx, expert_idx, num_tokens: int, ep: Exper
                              "compute would wait for chunk c-1's whole two-step combine (use 'dispatch-first')")
     meta = _Meta(ep, token_idx, expert_idx, num_tokens, r_fwd, r_bwd, activation, backend, reducer, wgrad,
                  order_fwd, order_bwd)
-    return EPExperts.apply(x_rows, w1, w2, meta)
+    if shared is None:
+        return EPExperts.apply(x_rows, w1, w2, meta)
+    sx, sw1, sw2 = shared
+    meta.shared_index = shared_expert_index(sx.shape[0], sx.device)
+    return EPExperts.apply(x_rows, w1, w2, meta, sx, sw1, sw2)
+
+
+def shared_expert_index(num_tokens: int, device) -> "object":
+    """The grouped-GEMM index of a shared expert: one group holding every token, in token order."""
+    return make_index(torch.arange(num_tokens, device=device), torch.tensor([num_tokens], device=device),
+                      num_tokens)

@@ -11,6 +11,12 @@ Dropless mode: ``RouterConfig(capacity_factor=None)``; capacity (drop) mode: ``c
 With ``ep=ExpertParallel.create(...)`` the layer holds only its rank's ``E / P`` experts (``w1``/``w2`` are the
 local shards, experts ``expert_offset .. expert_offset + E/P - 1``) and runs the expert computation through
 :func:`adasched.runtime.moe.ep.ep_experts` with pipeline degrees ``r_fwd``/``r_bwd``.
+
+``shared_experts=n`` adds an always-on shared expert (DeepSeek-MoE style): one MLP of width
+``n * shared_ffn`` (default ``shared_ffn = ffn``) on every token, its output added to the routed experts'.
+Its weights (``shared_w1`` (1, hidden, .), ``shared_w2`` (1, ., hidden)) are replicated on every rank (dense
+parameters for data parallelism). Expert-parallel, it runs while the first dispatches are in flight, forward
+and backward.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from torch import nn
 
 from adasched.kernels.moe import Backend, expert_mlp, make_index, permute, unpermute
 
-from .ep import ORDERS, WGRAD_MODES, ExpertParallel, GradSliceReducer, ep_experts
+from .ep import ORDERS, WGRAD_MODES, ExpertParallel, GradSliceReducer, ep_experts, shared_expert_index
 from .router import Router, RouterConfig, RouterStats
 
 __all__ = ["MoELayer"]
@@ -45,8 +51,11 @@ class MoELayer(nn.Module):
     def __init__(self, hidden: int, ffn: int, router: RouterConfig, *, activation: str = "swiglu",
                  backend: Backend = "auto", ep: ExpertParallel | None = None, r_fwd: int = 1, r_bwd: int = 1,
                  reducer: GradSliceReducer | None = None, wgrad: str = "fused", order_fwd: str = "dispatch-first",
-                 order_bwd: str = "dispatch-first"):
+                 order_bwd: str = "dispatch-first", shared_experts: int = 0, shared_ffn: int | None = None):
         super().__init__()
+        if shared_experts < 0 or (shared_ffn is not None and shared_ffn < 1):
+            raise ValueError(f"shared_experts={shared_experts}, shared_ffn={shared_ffn}: need shared_experts >= 0 "
+                             "and shared_ffn >= 1")
         if activation not in ("swiglu", "gelu"):
             raise ValueError(f"activation: {activation!r} is not 'swiglu' or 'gelu'")
         if hidden < 1 or ffn < 1:
@@ -64,6 +73,12 @@ class MoELayer(nn.Module):
         cols = 2 * ffn if activation == "swiglu" else ffn
         self.w1 = nn.Parameter(torch.randn(e_local, hidden, cols) * hidden ** -0.5)
         self.w2 = nn.Parameter(torch.randn(e_local, ffn, hidden) * ffn ** -0.5)
+        self.shared_w1 = self.shared_w2 = None
+        if shared_experts:
+            sf = shared_experts * (shared_ffn or ffn)
+            scols = 2 * sf if activation == "swiglu" else sf
+            self.shared_w1 = nn.Parameter(torch.randn(1, hidden, scols) * hidden ** -0.5)
+            self.shared_w2 = nn.Parameter(torch.randn(1, sf, hidden) * sf ** -0.5)
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_stats: RouterStats | None = None
 
@@ -106,14 +121,24 @@ class MoELayer(nn.Module):
         self.last_stats = routing.stats
         index = make_index(routing.token_idx, routing.counts, T)
         rows = permute(xt, index, self.backend)
+        has_shared = self.shared_w1 is not None
+        y_shared = None
         if self.ep is None:
             y = expert_mlp(rows, self.w1, self.w2, index, self.activation, self.backend)
+            if has_shared:
+                y_shared = expert_mlp(xt, self.shared_w1, self.shared_w2, shared_expert_index(T, xt.device),
+                                      self.activation, self.backend)
         else:
             y = ep_experts(rows, self.w1, self.w2, routing.token_idx, routing.expert_idx, T, self.ep,
                            r_fwd=self.r_fwd, r_bwd=self.r_bwd, activation=self.activation,
                            backend=self.backend, reducer=self.reducer, wgrad=self.wgrad,
-                           order_fwd=self.order_fwd, order_bwd=self.order_bwd)
+                           order_fwd=self.order_fwd, order_bwd=self.order_bwd,
+                           shared=(xt, self.shared_w1, self.shared_w2) if has_shared else None)
+            if has_shared:
+                y, y_shared = y
         out = unpermute(y, routing.weight.to(y.dtype), index, self.backend)
+        if y_shared is not None:
+            out = out + y_shared
         if self.training and self.router.config.kind == "sigmoid_bias":
             counts = routing.counts.detach().clone()
             if self.ep is not None:                    # balance on the whole group's load

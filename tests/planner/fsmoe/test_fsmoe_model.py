@@ -69,6 +69,21 @@ def test_backward_can_choose_another_degree():
     assert (bf.r, bb.r) == (2, 1)  # GEMM doubling in backward changes the balance
 
 
+def test_shared_expert_task_hand_computed():
+    # a2a 4, gemm 2, shared 3 (alpha 1 + work 2), r = 1: overlapped, the shared MLP runs during the dispatch:
+    # compute [0,3], dispatch [0,4], gemm [4,6], combine [6,10]; sequential (the baselines): 3 + 4 + 2 + 4
+    c = StageCosts((0, 0, 0, 0, 0), (4.0, 0.0, 2.0, 0.0, 1.0), "test", shared=(1.0, 2.0))
+    ev = evaluate_pipeline(c, 1)
+    t = ev.sim.by_name()
+    assert (t["shared"].start_ms, t["shared"].end_ms, t["gemm0"].start_ms) == (0, 3, 4)
+    assert ev.time_ms == pytest.approx(10)
+    assert evaluate_pipeline(c, 1, shared_overlap=False).time_ms == pytest.approx(13)
+    # backward doubles it (data + weight gradients) and, overlapped, it delays chunk 0's dX only past the dispatch
+    b = c.backward()
+    assert b.shared == (2.0, 4.0)
+    assert evaluate_pipeline(b, 1, wgrad="deferred").time_ms == pytest.approx(6 + 2 + max(4, 2))
+
+
 def test_split_wgrad_hand_computed_timelines():
     # backward costs: a2a chunk = 4/r, GEMM (dX + dW) = 6/r, so dX = dW = 3/r; flat EP (no intra stages)
     bwd = costs([0, 0, 0, 0, 0], [4.0, 0.0, 6.0, 0.0, 1.0])
@@ -135,6 +150,13 @@ def test_profile_gemm_counts_the_real_multiply_adds():
     node_rows = 64 * T * 2.4 / 8                          # rows arriving at one node's expert
     c = stage_costs(mix, topology(mix, 64, 8), source="profile", profile=prof)
     assert c.work[2] == pytest.approx(2 * node_rows * 3 * 4096 * (14336 / 8) / rate)   # 1/8 of H per GPU
+    assert c.shared == (0.0, 0.0)
+    # a shared expert is costed apart from the routed ones: its own T tokens on every GPU, no 1/P
+    fine = MoEConfig(name="s", hidden=2048, ffn_hidden=1408, experts=64, top_k=6, batch=4, seq_len=2048,
+                     activation="swiglu", shared_experts=1, dropless=True, num_layers=1)
+    c = stage_costs(fine, topology(fine, 64, 8), source="profile", profile=prof)
+    assert c.shared == (GEMM_ALPHA_MS, pytest.approx(2 * 4 * 2048 * 3 * 2048 * 1408 / rate))
+    assert c.work[2] == pytest.approx(2 * 6 * 4 * 2048 * 3 * 2048 * 1408 / rate)
 
 
 def test_paper_case_a_condition():

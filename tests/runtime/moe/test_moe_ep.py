@@ -38,16 +38,20 @@ def _close(got, want, what):
                            f"max err {float((got - want).abs().max()):.3g}")
 
 
-def _layer_case(rank, world, ep, kind, r_fwd, r_bwd, cf, seed, wgrad="fused", order="dispatch-first"):
+def _layer_case(rank, world, ep, kind, r_fwd, r_bwd, cf, seed, wgrad="fused", order="dispatch-first", shared=0):
     cfg = RouterConfig(kind=kind, num_experts=E, top_k=2, k_max=3, p=0.5, capacity_factor=cf)
     torch.manual_seed(seed)                              # same weights on every rank
-    ref = MoELayer(H, FFN, cfg, backend="torch").eval()
+    ref = MoELayer(H, FFN, cfg, backend="torch", shared_experts=shared).eval()
     if kind == "sigmoid_bias":
         ref.router.expert_bias.copy_(torch.randn(E) * 0.1)
     lay = MoELayer(H, FFN, cfg, backend="torch", ep=ep, r_fwd=r_fwd, r_bwd=r_bwd, wgrad=wgrad, order_fwd=order,
-                   order_bwd=order).eval()
+                   order_bwd=order, shared_experts=shared).eval()
     lay.router.load_state_dict(ref.router.state_dict())
     lay.load_full_experts(ref.w1.detach(), ref.w2.detach())
+    if shared:
+        with torch.no_grad():
+            lay.shared_w1.copy_(ref.shared_w1)
+            lay.shared_w2.copy_(ref.shared_w2)
     xs, gys = _inputs(world, seed)
     x = xs[rank].clone().requires_grad_(True)
     y = lay(x)
@@ -63,13 +67,19 @@ def _layer_case(rank, world, ep, kind, r_fwd, r_bwd, cf, seed, wgrad="fused", or
         if s == rank:
             x_ref, y_ref = xr, yr.detach()
             stats_ref = ref.last_stats
-    name = f"{kind} r_fwd={r_fwd} r_bwd={r_bwd} wgrad={wgrad} order={order} cf={cf} hier={ep.hierarchical}"
+    name = (f"{kind} r_fwd={r_fwd} r_bwd={r_bwd} wgrad={wgrad} order={order} cf={cf} hier={ep.hierarchical} "
+            f"shared={shared}")
     _close(y, y_ref, f"{name}: output")
     _close(x.grad, x_ref.grad, f"{name}: dx")
     n, off = lay.w1.shape[0], lay.expert_offset
     _close(lay.w1.grad, ref.w1.grad[off:off + n], f"{name}: dw1")
     _close(lay.w2.grad, ref.w2.grad[off:off + n], f"{name}: dw2")
     _close(red, ref.router.proj.weight.grad, f"{name}: router grad")
+    if shared:                                           # replicated shared expert: sum of the ranks' gradients
+        for w_ep, w_ref in ((lay.shared_w1, ref.shared_w1), (lay.shared_w2, ref.shared_w2)):
+            g = w_ep.grad.clone()
+            dist.all_reduce(g)
+            _close(g, w_ref.grad, f"{name}: shared expert grad")
     assert lay.last_stats.tokens_per_expert.tolist() == stats_ref.tokens_per_expert.tolist(), name
     assert lay.last_stats.dropped == stats_ref.dropped, name
 
@@ -233,6 +243,25 @@ def _order_case(rank, world, flat):
             assert got == seq, (order, pass_name, got)
 
 
+def _shared_case(rank, world, flat, hier):
+    """A shared expert: outputs and every gradient equal the single-process layer's (flat and hierarchical, with
+    deferred dW and the interleaved order on the flat path), and it runs once the first dispatches are issued,
+    before chunk 0's compute, in both passes."""
+    _layer_case(rank, world, flat, "gshard", 2, 3, None, seed=31, wgrad="deferred", order="interleaved", shared=2)
+    _layer_case(rank, world, hier, "top_p", 3, 2, None, seed=32, wgrad="per-chunk", shared=1)
+    flat.events = []
+    try:
+        _layer_case(rank, world, flat, "gshard", 3, 3, None, seed=33, shared=1)
+    finally:
+        events, flat.events = flat.events, None
+    for pass_name in ("forward", "backward"):
+        ev = [e[1:] for e in events if e[0] == pass_name]
+        start = ev.index(("shared_start", -1, None))
+        assert ev.index(("shared_end", -1, None)) < ev.index(("compute_start", 0, None)), (pass_name, ev)
+        issued_before = [e for e in ev[:start] if e[0] == "issue"]
+        assert [(d[0], c) for _, c, d in issued_before] == [("dispatch", 0), ("dispatch", 1), ("dispatch", 2)], ev
+
+
 def _worker(rank, world):
     flat = ExpertParallel.create(E)
     hier = ExpertParallel.create(E, hierarchical=True, gpus_per_node=2)
@@ -257,7 +286,8 @@ def _worker(rank, world):
         _layer_case(rank, world, hier, kind, rf, rb, cf, seed=77, wgrad=wg)
         done += 1
     _order_case(rank, world, flat)
-    done += 1
+    _shared_case(rank, world, flat, hier)
+    done += 2
     _wgrad_order_case(rank, world, flat)
     _wgrad_hier_case(rank, world, hier)
     done += 2
@@ -269,4 +299,4 @@ def _worker(rank, world):
 
 def test_ep_matches_single_process_all_routers_all_r():
     done = spawn_gloo(_worker, 4, timeout_s=120)
-    assert done == [len(ROUTER_KINDS) * 3 + 9] * 4
+    assert done == [len(ROUTER_KINDS) * 3 + 10] * 4

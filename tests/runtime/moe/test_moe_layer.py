@@ -62,6 +62,33 @@ def test_triton_backend_matches_torch_backend(kind):
         torch.testing.assert_close(pa.grad, pb.grad, atol=2e-5, rtol=2e-5, msg=n)
 
 
+@pytest.mark.parametrize("backend,activation", [("torch", "swiglu"), ("triton", "gelu")])
+def test_shared_expert_adds_a_dense_mlp_on_every_token(backend, activation):
+    """shared_experts=2 of width 5: out = routed experts (token loop, float64) + one MLP of width 10 on every
+    token (float64), and its weights get the gradient of that MLP."""
+    torch.manual_seed(5)
+    layer = MoELayer(12, 8, RouterConfig(kind="gshard", num_experts=4, top_k=2), activation=activation,
+                     backend=backend, shared_experts=2, shared_ffn=5).eval()
+    assert tuple(layer.shared_w2.shape) == (1, 10, 12)
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    y = layer(x)
+    routed, _ = _loop_reference(layer, x)
+    xt = x.detach().reshape(-1, 12).double().requires_grad_(True)
+    w1 = layer.shared_w1.detach()[0].double().requires_grad_(True)
+    w2 = layer.shared_w2.detach()[0].double().requires_grad_(True)
+    a = xt @ w1
+    h = F.silu(a[:, :10]) * a[:, 10:] if activation == "swiglu" else F.gelu(a)
+    shared = h @ w2
+    torch.testing.assert_close(y.double(), routed + shared.reshape(3, 5, 12), atol=2e-5, rtol=2e-5)
+    gy = torch.randn(15, 12, dtype=torch.float64)
+    (y.reshape(15, 12).double() * gy).sum().backward()
+    (shared * gy).sum().backward()
+    torch.testing.assert_close(layer.shared_w1.grad[0].double(), w1.grad, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(layer.shared_w2.grad[0].double(), w2.grad, atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="shared_experts=-1"):
+        MoELayer(12, 8, RouterConfig(kind="gshard", num_experts=4, top_k=2), shared_experts=-1)
+
+
 def test_layer_in_a_model_trains():
     torch.manual_seed(3)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), MoELayer(16, 16, RouterConfig(kind="top_p", num_experts=4,
