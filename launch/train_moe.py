@@ -47,6 +47,7 @@ def parse_args(argv):
     p.add_argument("--capacity-factor", type=float, default=None, help="None = dropless")
     p.add_argument("--r-fwd", type=int, default=2)
     p.add_argument("--r-bwd", type=int, default=2)
+    p.add_argument("--shared-experts", type=int, default=0, help="always-on shared experts per MoE layer")
     p.add_argument("--wgrad", choices=("fused", "per-chunk", "deferred"), default="fused",
                    help="where the backward computes the expert weight gradients (a --plan sets it per layer)")
     p.add_argument("--plan", type=Path, default=None,
@@ -126,7 +127,8 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log)
     fractions = pp.slice_fractions
     torch.manual_seed(args.seed)
     model = TinyMoELM(args.vocab, args.d, args.heads, args.ffn, routers, max_len=args.seq, ep=ep,
-                      r_fwd=pp.r_fwd, r_bwd=pp.r_bwd, wgrad=pp.wgrad, order_fwd=pp.order_fwd, order_bwd=pp.order_bwd)
+                      r_fwd=pp.r_fwd, r_bwd=pp.r_bwd, wgrad=pp.wgrad, order_fwd=pp.order_fwd, order_bwd=pp.order_bwd,
+                      shared_experts=args.shared_experts)
     model.init_experts(args.seed + 1)
     reducer = None
     if world > 1:
@@ -256,6 +258,8 @@ def _main(args) -> int:
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.experts % env_world:
         raise ValueError(f"--experts: {args.experts} is not divisible by the expert-parallel size {env_world}")
+    if args.shared_experts < 0:
+        raise ValueError(f"--shared-experts: {args.shared_experts} must be >= 0")
     for r in routers:                                 # validate every combination before any process group
         for s in schedules:
             layer_routers(r, s, args.layers, args.experts, budget=args.budget, lo=args.lo, hi=args.hi,

@@ -68,9 +68,9 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
     # pipeline + the dense block's backward (links idle); its dense gradients exist after it finished.
     order = list(range(cfg.num_layers))[::-1]
     gaps = [moe_bwd_idle[i] + dense_b for i in order]
-    produced = [float(cfg.dense_params)] * cfg.num_layers
+    produced = [float(cfg.replicated_params)] * cfg.num_layers
     a4 = first.alpha[4]
-    b4 = first.work[4] / max(cfg.dense_params, 1)
+    b4 = first.work[4] / max(cfg.replicated_params, 1)
     sl = solve_slices(gaps, produced, a4, b4, params)
     at_end = a4 + b4 * sum(produced)
     moe_total = sum(l.fwd_ms + l.bwd_ms for l in layers)

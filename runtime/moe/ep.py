@@ -329,6 +329,9 @@ def _pipeline(ep: ExpertParallel, pass_name: str, exch: list[_Exchange], sends, 
     for c in range(r if order == "dispatch-first" else min(2, r)):
         disp[c] = sched.add(exch[c].dispatch(sends[c], c))
     if before_first is not None:
+        # hierarchical: chunk 0's inter-node step must be in flight before the host turns to the shared work
+        # (it can only be issued by this thread; on a GPU its input would otherwise queue behind that work)
+        sched.drive(disp[0].last)
         sched.record("shared_start", -1)
         before_first(sched.progress)
         sched.record("shared_end", -1)
@@ -599,7 +602,8 @@ class EPExperts(torch.autograd.Function):
             dsx, saved = expert_mlp_backward_data(sx, sa, gy_shared, sw1, sw2, meta.shared_index, meta.activation,
                                                   meta.backend)
             progress()
-            shared_grads.extend([dsx, *expert_mlp_backward_weight(saved, 1)])
+            need_w = ctx.needs_input_grad[5] or ctx.needs_input_grad[6]
+            shared_grads.extend([dsx, *(expert_mlp_backward_weight(saved, 1) if need_w else (None, None))])
 
         outs = _pipeline(ep, "backward", exch, [[gy[rw], _tags(meta, rw)] for rw in rows], compute, gap,
                          after_all=weight_grads, order=meta.order_bwd,

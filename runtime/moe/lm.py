@@ -77,11 +77,12 @@ def _ep_for(ep: ExpertParallel | None, num_experts: int) -> ExpertParallel | Non
 
 class TinyMoELM(nn.Module):
     """``routers``: one RouterConfig per layer. ``ep``/``r_fwd``/``r_bwd``/``wgrad``/``order_fwd``/``order_bwd``/
-    ``reducer``/``backend`` go to every MoE layer (the pipeline settings may be per-layer lists)."""
+    ``reducer``/``backend``/``shared_experts`` go to every MoE layer (the pipeline settings may be per-layer
+    lists)."""
 
     def __init__(self, vocab: int, d: int, heads: int, ffn: int, routers: list[RouterConfig], max_len: int = 256,
                  *, ep: ExpertParallel | None = None, r_fwd=1, r_bwd=1, wgrad="fused", order_fwd="dispatch-first",
-                 order_bwd="dispatch-first", reducer: GradSliceReducer | None = None,
+                 order_bwd="dispatch-first", reducer: GradSliceReducer | None = None, shared_experts: int = 0,
                  backend: str = "torch", activation: str = "swiglu"):
         super().__init__()
         if d % heads:
@@ -99,6 +100,7 @@ class TinyMoELM(nn.Module):
         self.pos = nn.Embedding(max_len, d)
         self.blocks = nn.ModuleList(_Block(d, heads, ffn, cfg, ep=_ep_for(ep, cfg.num_experts), r_fwd=rf[i], r_bwd=rb[i], wgrad=wg[i],
                                            order_fwd=of[i], order_bwd=ob[i], reducer=reducer,
+                                           shared_experts=shared_experts,
                                            backend=backend, activation=activation)
                                     for i, cfg in enumerate(routers))
         self.ln = nn.LayerNorm(d)

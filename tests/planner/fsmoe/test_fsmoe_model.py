@@ -156,6 +156,10 @@ def test_profile_gemm_counts_the_real_multiply_adds():
                      activation="swiglu", shared_experts=1, dropless=True, num_layers=1)
     c = stage_costs(fine, topology(fine, 64, 8), source="profile", profile=prof)
     assert c.shared == (GEMM_ALPHA_MS, pytest.approx(2 * 4 * 2048 * 3 * 2048 * 1408 / rate))
+    # its weights are replicated: all-reduced with the dense gradients (4*M^2 + g*M*H elements per layer)
+    no_shared = stage_costs(fine.model_copy(update={"shared_experts": 0}), topology(fine, 64, 8), source="profile",
+                            profile=prof)
+    assert c.work[4] / no_shared.work[4] == pytest.approx((4 * 2048 ** 2 + 3 * 2048 * 1408) / (4 * 2048 ** 2))
     assert c.work[2] == pytest.approx(2 * 6 * 4 * 2048 * 3 * 2048 * 1408 / rate)
 
 

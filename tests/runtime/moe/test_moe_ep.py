@@ -248,7 +248,14 @@ def _shared_case(rank, world, flat, hier):
     deferred dW and the interleaved order on the flat path), and it runs once the first dispatches are issued,
     before chunk 0's compute, in both passes."""
     _layer_case(rank, world, flat, "gshard", 2, 3, None, seed=31, wgrad="deferred", order="interleaved", shared=2)
-    _layer_case(rank, world, hier, "top_p", 3, 2, None, seed=32, wgrad="per-chunk", shared=1)
+    hier.events = []
+    try:
+        _layer_case(rank, world, hier, "top_p", 3, 2, None, seed=32, wgrad="per-chunk", shared=1)
+    finally:
+        hev, hier.events = hier.events, None
+    for pass_name in ("forward", "backward"):   # hierarchical: chunk 0's inter-node step goes out before the MLP
+        ev = [e[1:] for e in hev if e[0] == pass_name]
+        assert ev.index(("issue", 0, ("dispatch", 2))) < ev.index(("shared_start", -1, None)), (pass_name, ev)
     flat.events = []
     try:
         _layer_case(rank, world, flat, "gshard", 3, 3, None, seed=33, shared=1)

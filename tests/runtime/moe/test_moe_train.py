@@ -44,6 +44,8 @@ def test_bad_arguments_exit_2(capsys):
     assert "error: --router: nope not in gshard" in capsys.readouterr().err
     assert main(["--schedule", "wave", "--budget", "99", "--layers", "4", "--validate-only"]) == 2
     assert "budget: 99 cannot be met by 4 layers" in capsys.readouterr().err
+    assert main(["--shared-experts", "-1", "--validate-only"]) == 2
+    assert "error: --shared-experts: -1 must be >= 0" in capsys.readouterr().err
 
 
 def test_plan_for_another_ep_size_is_an_error(tmp_path, monkeypatch, capsys):
@@ -81,7 +83,7 @@ def test_torchrun_ep_training_prints_loss_per_step(tmp_path):
     stats = tmp_path / "stats.json"
     proc = subprocess.run(["bash", str(ROOT / "launch" / "train_moe.sh"), "--router", "gshard,top_p",
                            "--schedule", "ascending", "--steps", "2", "--layers", "2", "--r-fwd", "2", "--r-bwd", "1",
-                           "--router-stats-out", str(stats)],
+                           "--shared-experts", "1", "--wgrad", "deferred", "--router-stats-out", str(stats)],
                           capture_output=True, text=True, env=env, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [l for l in proc.stdout.splitlines() if " step " in l]
