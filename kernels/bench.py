@@ -270,6 +270,23 @@ def run_checks(only: Optional[Iterable[str]] = None, device: str = "cpu",
     return rows
 
 
+def _per_provider(case: BenchCase, names: Sequence[str], measure) -> dict:
+    """``measure(fn)`` for each named provider of ``case`` that exists; an exception becomes that provider's
+    ``{"error": ...}`` (a profiler problem must not cost the run)."""
+    providers = case.providers() if callable(case.providers) else case.providers
+    out = {}
+    for name in names:
+        fn = providers.get(name)
+        if fn is None:
+            continue
+        try:
+            out[name] = measure(fn)
+        except Exception as err:
+            out[name] = {"error": f"{type(err).__name__}: {err}"[:200]}
+    del providers
+    return out
+
+
 def profile_providers(case: BenchCase, names: Sequence[str], steps: int = 3, top: int = 8,
                       device: str = "cuda") -> dict:
     """Device-time breakdown of some providers of one case (GPU): torch.profiler over ``steps`` calls after a
@@ -280,34 +297,28 @@ def profile_providers(case: BenchCase, names: Sequence[str], steps: int = 3, top
 
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    providers = case.providers() if callable(case.providers) else case.providers
-    out = {}
-    for name in names:
-        fn = providers.get(name)
-        if fn is None:
-            continue
-        try:
-            fn()
+
+    def measure(fn) -> dict:
+        fn()
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                fn()
             sync()
-            with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-                for _ in range(steps):
-                    fn()
-                sync()
-            rows = []
-            for ev in prof.key_averages():
-                if cuda:
-                    t = getattr(ev, "self_device_time_total", None)
-                    if t is None:
-                        t = getattr(ev, "self_cuda_time_total", 0.0)
-                else:
-                    t = ev.self_cpu_time_total
-                if t and t > 0:
-                    rows.append((ev.key[:90], float(t) / steps, ev.count / steps))
-            rows.sort(key=lambda r: -r[1])
-            out[name] = {"total_us": sum(r[1] for r in rows), "kernels": rows[:top]}
-        except Exception as err:  # a profiler problem must not cost the run
-            out[name] = {"error": f"{type(err).__name__}: {err}"[:200]}
-    del providers
+        rows = []
+        for ev in prof.key_averages():
+            if cuda:
+                t = getattr(ev, "self_device_time_total", None)
+                if t is None:
+                    t = getattr(ev, "self_cuda_time_total", 0.0)
+            else:
+                t = ev.self_cpu_time_total
+            if t and t > 0:
+                rows.append((ev.key[:90], float(t) / steps, ev.count / steps))
+        rows.sort(key=lambda r: -r[1])
+        return {"total_us": sum(r[1] for r in rows), "kernels": rows[:top]}
+
+    out = _per_provider(case, names, measure)
     if cuda:
         torch.cuda.empty_cache()
     return out
@@ -325,37 +336,29 @@ def host_profile(case: BenchCase, names: Sequence[str], calls: int = 30, top: in
     import torch
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    providers = case.providers() if callable(case.providers) else case.providers
-    out = {}
-    for name in names:
-        fn = providers.get(name)
-        if fn is None:
-            continue
-        try:
-            for _ in range(3):
-                fn()
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            t1 = time.perf_counter()
-            sync()
-            t2 = time.perf_counter()
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(calls):
-                fn()
-            prof.disable()
-            sync()
-            stats = pstats.Stats(prof).stats  # {(file, line, func): (cc, nc, tt, ct, callers)}
-            rows = sorted(((f"{Path(k[0]).name}:{k[1]}({k[2]})", v[2] / calls * 1e6, v[1] / calls)
-                           for k, v in stats.items()), key=lambda r: -r[1])
-            out[name] = {"issue_us": (t1 - t0) / calls * 1e6, "wall_us": (t2 - t0) / calls * 1e6,
-                         "functions": rows[:top]}
-        except Exception as err:  # a profiler problem must not cost the run
-            out[name] = {"error": f"{type(err).__name__}: {err}"[:200]}
-    del providers
-    return out
+
+    def measure(fn) -> dict:
+        for _ in range(3):
+            fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        t1 = time.perf_counter()
+        sync()
+        t2 = time.perf_counter()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            fn()
+        prof.disable()
+        sync()
+        stats = pstats.Stats(prof).stats  # {(file, line, func): (cc, nc, tt, ct, callers)}
+        rows = sorted(((f"{Path(k[0]).name}:{k[1]}({k[2]})", v[2] / calls * 1e6, v[1] / calls)
+                       for k, v in stats.items()), key=lambda r: -r[1])
+        return {"issue_us": (t1 - t0) / calls * 1e6, "wall_us": (t2 - t0) / calls * 1e6, "functions": rows[:top]}
+
+    return _per_provider(case, names, measure)
 
 
 def _format_breakdown(header: str, prof: dict, headline, rows_key: str, count_width: int) -> str:

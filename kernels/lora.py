@@ -228,6 +228,13 @@ def _draw_seed() -> int:
 if HAVE_TRITON:
 
     @triton.jit
+    def _mma(a, b, acc, UPCAST: tl.constexpr):
+        """acc + a @ b; UPCAST (the interpreter) multiplies in float32, which it gets right for bf16 inputs."""
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        return tl.dot(a, b, acc)
+
+    @triton.jit
     def _tile_entry(TABLE, pid_m):
         """Row start, valid rows, LoRA rank (0: no adapter) and rank offset of M tile ``pid_m`` of the tile table
         (6 int64 per tile: those four, the dropout keep threshold, the adapter index)."""
@@ -251,10 +258,7 @@ if HAVE_TRITON:
         if HAS_DOT:
             a = tl.load(A + (r_off + rr)[None, :] * stride_ar + cols[:, None],
                         mask=r_ok[None, :] & c_ok[:, None], other=0.0)
-            if UPCAST:
-                acc = tl.dot(xd.to(tl.float32), a.to(tl.float32), acc)
-            else:
-                acc = tl.dot(xd, a, acc)
+            acc = _mma(xd, a, acc, UPCAST)
         return acc, packed
 
     @triton.jit
@@ -318,10 +322,7 @@ if HAVE_TRITON:
                                 other=0.0)
                     a = tl.load(A + (r_off + rr)[None, :] * stride_ar + cols[:, None],
                                 mask=r_ok[None, :] & c_ok[:, None], other=0.0)
-                    if UPCAST:
-                        acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc)
-                    else:
-                        acc = tl.dot(x, a, acc)
+                    acc = _mma(x, a, acc, UPCAST)
             if HAS_DOT:
                 s_ptrs = S + rows[:, None] * stride_sm + rr[None, :]
                 if SPLIT_K > 1:
@@ -378,10 +379,7 @@ if HAVE_TRITON:
             wt = tl.load(w_ptrs, mask=red_ok[:, None] & o_ok[None, :], other=0.0)
             x_ptrs += BLOCK_RED
             w_ptrs += BLOCK_RED * stride_wr
-            if UPCAST:
-                acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc)
-            else:
-                acc = tl.dot(xt, wt, acc)
+            acc = _mma(xt, wt, acc, UPCAST)
         if HAS_MASK:
             if EPI_SPLIT == 1 or (EPI_SPLIT == -1 and BLOCK_M * BLOCK_O // (32 * EPI_WARPS) >= 128):
                 HALF: tl.constexpr = BLOCK_O // 2

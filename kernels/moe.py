@@ -591,7 +591,7 @@ class ExpertWgradInputs:
     dy: torch.Tensor
     index: MoEIndex
     backend: str
-    use_triton: bool
+    """The GEMM engine the data gradient used ("triton" / "triton_gmm"), or "torch" for the reference path."""
 
 
 def expert_mlp_backward_data(x, a, dy, w1, w2, index: MoEIndex, activation: str = "swiglu",
@@ -605,7 +605,7 @@ def expert_mlp_backward_data(x, a, dy, w1, w2, index: MoEIndex, activation: str 
             dh = _mm(dy, w2.transpose(1, 2), index, engine)
             da, h = activation_backward_triton(a, dh, activation)
             dx = _mm(da, w1.transpose(1, 2), index, engine)
-        return dx, ExpertWgradInputs(x.contiguous(), h, da, dy, index, engine, True)
+        return dx, ExpertWgradInputs(x.contiguous(), h, da, dy, index, engine)
     with torch.enable_grad():
         a_ = a.detach().requires_grad_(True)
         h_ = _act_ref(a_, activation)
@@ -616,13 +616,13 @@ def expert_mlp_backward_data(x, a, dy, w1, w2, index: MoEIndex, activation: str 
     da = da.to(x.dtype)
     with torch.no_grad():
         dx = grouped_mm_ref(da, w1.transpose(1, 2), index)
-    return dx, ExpertWgradInputs(x, h, da, dy, index, "torch", False)
+    return dx, ExpertWgradInputs(x, h, da, dy, index, "torch")
 
 
 def expert_mlp_backward_weight(saved: ExpertWgradInputs, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(dw1, dw2) from what :func:`expert_mlp_backward_data` kept."""
     with torch.no_grad():
-        if saved.use_triton:
+        if saved.backend != "torch":
             dw2 = _wgrad(saved.h, saved.dy, saved.index, num_experts, saved.backend)
             dw1 = _wgrad(saved.x, saved.da, saved.index, num_experts, saved.backend)
         else:

@@ -175,10 +175,15 @@ def _workloads(cfg: MoEConfig, topo: Topology, layer: int) -> tuple[float, float
     return (n0, n13, n2, n13, n4)
 
 
+def _shared_macs_per_gpu(cfg: MoEConfig) -> float:
+    """Multiply-adds of the shared experts on one GPU: each runs on the GPU's own T tokens (no communication),
+    g*M*H per token."""
+    return cfg.shared_experts * cfg.g * cfg.tokens * cfg.hidden * cfg.ffn_hidden
+
+
 def _shared_n(cfg: MoEConfig, topo: Topology) -> float:
-    """The shared experts in the paper's n2 units: they run on each GPU's own T tokens (no communication),
-    g*T*M*H multiply-adds each against the routed f*T*g*M*H, so like the routed count they carry the 1/P."""
-    return cfg.shared_experts * cfg.g * cfg.tokens * cfg.hidden * cfg.ffn_hidden / topo.ep_size
+    """The shared experts in the paper's n2 units: against the routed f*T*g*M*H they carry the same 1/P."""
+    return _shared_macs_per_gpu(cfg) / topo.ep_size
 
 
 def _expert_macs_per_gpu(cfg: MoEConfig, topo: Topology, layer: int) -> float:
@@ -236,7 +241,7 @@ def stage_costs(cfg: MoEConfig, topo: Topology, *, source: Literal["published", 
     alpha[4] = fit.alpha_ms
     work[4] = fit.beta_ms_per_byte * n[4] * ELEMENT_BYTES
     notes.append(f"all_reduce: fit on {fit.group_size} ranks ({fit.source})")
-    shared_macs = cfg.shared_experts * cfg.g * cfg.tokens * cfg.hidden * cfg.ffn_hidden
+    shared_macs = _shared_macs_per_gpu(cfg)
     shared = (GEMM_ALPHA_MS, 2.0 * shared_macs / (profile.gemm_tflops * 1e9)) if shared_macs else (0.0, 0.0)
     return StageCosts(tuple(alpha), tuple(work), f"profile {profile.name}", tuple(notes),  # type: ignore[arg-type]
                       shared=shared)

@@ -8,7 +8,8 @@ the inter-node link, the intra-node link and the compute stream, each in issue o
     chunk j:  A2A-dispatch(j) -> AllGather(j) -> ExpertGEMM(j) -> ReduceScatter(j) -> A2A-combine(j)
 Two issue orders are evaluated for the links ("dispatch-first": all dispatches, then all combines, as in the
 paper's T_A; "interleaved": dispatch(j+1) is issued before combine(j)) and the better is kept; the EP runtime
-issues its collectives in the same two orders (``runtime.moe.ep``).
+issues its collectives in the same two orders (``runtime.moe.ep``; interleaved on flat exchanges only, so the
+planner offers it only there).
 r is chosen over powers of two by evaluating the discrete-event simulation exactly (no continuous
 relaxation + rounding), separately for forward and backward (backward doubles the expert GEMM).
 

@@ -49,8 +49,8 @@ import torch.distributed as dist
 from adasched.kernels.moe import (Backend, expert_mlp_backward, expert_mlp_backward_data, expert_mlp_backward_weight,
                                   expert_mlp_forward, make_index)
 
-__all__ = ["ExpertParallel", "EPExperts", "GradSliceReducer", "ep_experts", "shared_expert_index", "WGRAD_MODES",
-           "ORDERS"]
+__all__ = ["ExpertParallel", "EPExperts", "GradSliceReducer", "ep_experts", "check_pipeline_settings",
+           "shared_expert_index", "WGRAD_MODES", "ORDERS"]
 
 WGRAD_MODES = ("fused", "per-chunk", "deferred")
 #: collective issue orders of a pass (the planner's ``order_fwd``/``order_bwd``): every dispatch up front, or
@@ -625,14 +625,7 @@ def ep_experts(x_rows, w1, w2, token_idx, expert_idx, num_tokens: int, ep: Exper
     (forward and backward); then returns (routed rows, shared output)."""
     if r_fwd < 1 or r_bwd < 1:
         raise ValueError(f"r_fwd={r_fwd}, r_bwd={r_bwd}: pipeline degrees must be >= 1")
-    if wgrad not in WGRAD_MODES:
-        raise ValueError(f"wgrad={wgrad!r}: must be one of {', '.join(WGRAD_MODES)}")
-    for name, o in (("order_fwd", order_fwd), ("order_bwd", order_bwd)):
-        if o not in ORDERS:
-            raise ValueError(f"{name}={o!r}: must be one of {', '.join(ORDERS)}")
-        if o == "interleaved" and ep.hierarchical:
-            raise ValueError(f"{name}='interleaved' needs the flat exchange: on the hierarchical path chunk c's "
-                             "compute would wait for chunk c-1's whole two-step combine (use 'dispatch-first')")
+    check_pipeline_settings(ep, wgrad=wgrad, order_fwd=order_fwd, order_bwd=order_bwd)
     meta = _Meta(ep, token_idx, expert_idx, num_tokens, r_fwd, r_bwd, activation, backend, reducer, wgrad,
                  order_fwd, order_bwd)
     if shared is None:
@@ -640,6 +633,22 @@ def ep_experts(x_rows, w1, w2, token_idx, expert_idx, num_tokens: int, ep: Exper
     sx, sw1, sw2 = shared
     meta.shared_index = shared_expert_index(sx.shape[0], sx.device)
     return EPExperts.apply(x_rows, w1, w2, meta, sx, sw1, sw2)
+
+
+def check_pipeline_settings(ep: ExpertParallel | None, *, wgrad: str | None = None, order_fwd: str | None = None,
+                            order_bwd: str | None = None) -> None:
+    """ValueError naming the setting when ``wgrad`` / an issue order is unknown, or "interleaved" is asked of a
+    hierarchical exchange (one host thread would make chunk c's compute wait for chunk c-1's two-step combine)."""
+    if wgrad is not None and wgrad not in WGRAD_MODES:
+        raise ValueError(f"wgrad={wgrad!r}: must be one of {', '.join(WGRAD_MODES)}")
+    for name, o in (("order_fwd", order_fwd), ("order_bwd", order_bwd)):
+        if o is None:
+            continue
+        if o not in ORDERS:
+            raise ValueError(f"{name}={o!r}: must be one of {', '.join(ORDERS)}")
+        if o == "interleaved" and ep is not None and ep.hierarchical:
+            raise ValueError(f"{name}='interleaved' needs the flat exchange: on the hierarchical path chunk c's "
+                             "compute would wait for chunk c-1's whole two-step combine (use 'dispatch-first')")
 
 
 def shared_expert_index(num_tokens: int, device) -> "object":

@@ -26,22 +26,10 @@ from torch import nn
 
 from adasched.kernels.moe import Backend, expert_mlp, make_index, permute, unpermute
 
-from .ep import ORDERS, WGRAD_MODES, ExpertParallel, GradSliceReducer, ep_experts, shared_expert_index
+from .ep import ExpertParallel, GradSliceReducer, check_pipeline_settings, ep_experts, shared_expert_index
 from .router import Router, RouterConfig, RouterStats
 
 __all__ = ["MoELayer"]
-
-
-def _check_wgrad(wgrad: str) -> str:
-    if wgrad not in WGRAD_MODES:
-        raise ValueError(f"wgrad={wgrad!r}: must be one of {', '.join(WGRAD_MODES)}")
-    return wgrad
-
-
-def _check_order(name: str, order: str) -> str:
-    if order not in ORDERS:
-        raise ValueError(f"{name}={order!r}: must be one of {', '.join(ORDERS)}")
-    return order
 
 
 class MoELayer(nn.Module):
@@ -65,8 +53,8 @@ class MoELayer(nn.Module):
             raise ValueError(f"ep.num_experts: {ep.num_experts} differs from router num_experts {E}")
         self.hidden, self.ffn, self.activation, self.backend = hidden, ffn, activation, backend
         self.ep, self.r_fwd, self.r_bwd, self.reducer = ep, r_fwd, r_bwd, reducer
-        self.wgrad = _check_wgrad(wgrad)
-        self.order_fwd, self.order_bwd = self._order("order_fwd", order_fwd), self._order("order_bwd", order_bwd)
+        check_pipeline_settings(ep, wgrad=wgrad, order_fwd=order_fwd, order_bwd=order_bwd)
+        self.wgrad, self.order_fwd, self.order_bwd = wgrad, order_fwd, order_bwd
         self.router = Router(hidden, router)
         e_local = E if ep is None else ep.experts_per_rank
         self.expert_offset = 0 if ep is None else ep.rank * e_local
@@ -88,20 +76,11 @@ class MoELayer(nn.Module):
         FSMoE ``MoELayerPlan``'s r_fwd/r_bwd/wgrad_bwd/order_fwd/order_bwd)."""
         if r_fwd < 1 or r_bwd < 1:
             raise ValueError(f"r_fwd={r_fwd}, r_bwd={r_bwd}: pipeline degrees must be >= 1")
+        check_pipeline_settings(self.ep, wgrad=wgrad, order_fwd=order_fwd, order_bwd=order_bwd)
         self.r_fwd, self.r_bwd = int(r_fwd), int(r_bwd)
-        if wgrad is not None:
-            self.wgrad = _check_wgrad(wgrad)
-        if order_fwd is not None:
-            self.order_fwd = self._order("order_fwd", order_fwd)
-        if order_bwd is not None:
-            self.order_bwd = self._order("order_bwd", order_bwd)
-
-    def _order(self, name: str, order: str) -> str:
-        _check_order(name, order)
-        if order == "interleaved" and self.ep is not None and self.ep.hierarchical:
-            raise ValueError(f"{name}='interleaved' needs the flat exchange (this layer's EP is hierarchical); "
-                             "use 'dispatch-first'")
-        return order
+        self.wgrad = wgrad or self.wgrad
+        self.order_fwd = order_fwd or self.order_fwd
+        self.order_bwd = order_bwd or self.order_bwd
 
     def load_full_experts(self, w1: torch.Tensor, w2: torch.Tensor) -> None:
         """Copy this rank's shard out of full (E, ...) expert weights."""

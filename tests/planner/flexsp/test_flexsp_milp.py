@@ -58,7 +58,6 @@ def test_local_search_improves_to_a_local_optimum(make_cm):
     cm = make_cm(world=8, gpus_per_node=4)
     rng = np.random.default_rng(3)
     lens = rng.integers(50, 700, 14).astype(np.int64)
-    ids = np.arange(lens.size)
     # a feasible but unbalanced start: the long half on one degree-4 group, the rest on four degree-1 groups
     order = list(np.argsort(-lens))
     start = evaluate(MBSolution([(4, order[:7]), (1, order[7:9]), (1, order[9:11]), (1, order[11:13]), (1, order[13:])]),

@@ -112,3 +112,13 @@ def test_planned_pipeline_and_per_layer_settings_are_validated():
     routers = [RouterConfig(kind="gshard", num_experts=4, top_k=2)] * 2
     with pytest.raises(ValueError, match="3 entries for 2 MoE layers"):
         TinyMoELM(16, 8, 2, 8, routers, r_fwd=[1, 2, 4])
+
+
+def test_runtime_and_planner_name_the_same_modes():
+    """The plan's wgrad_bwd / order_* values are read by the runtime: both sides list the same names."""
+    from typing import get_args
+
+    from adasched.planner.fsmoe.model import WGRAD_MODES as PLANNED_WGRAD, Order
+    from adasched.runtime.moe.ep import ORDERS, WGRAD_MODES
+
+    assert WGRAD_MODES == PLANNED_WGRAD and ORDERS == get_args(Order)
