@@ -26,7 +26,7 @@ _BF = "*bf16"
 #: argument types of our kernels for ``ASTSource`` (bf16 activations; constexpr arguments are given per call)
 SIGNATURES: dict[str, dict[str, str]] = {
     "lora_gemm": dict(X=_BF, W=_BF, L="*fp32", P=_BF, MASK="*u8", BIAS=_BF, OUT=_BF, TABLE="*i64", FTABLE="*fp32",
-                      n_tiles="i32", OUT_DIM="i32", RED_DIM="i32", m_bucket="i32", stride_xm="i32",
+                      n_tiles="i32", OUT_DIM="i32", RED_DIM="i32", m_bucket="i32", X_ROWS="i32", stride_xm="i32",
                       stride_wr="i32", stride_wo="i32", stride_lm="i32", stride_pr="i32", stride_po="i32",
                       stride_mm="i32", stride_om="i32"),
     "lora_down": dict(X=_BF, A=_BF, S="*fp32", XD=_BF, MASK="*u8", TABLE="*i64", FTABLE="*fp32", seed="i32",
@@ -78,7 +78,7 @@ def compile_report(fn, types: dict[str, str], consts: dict[str, Any], options: d
     16-divisible (as the JIT specialises pointers and sizes that are) except those in ``no_divisibility``.
     Returns {arch, regs, spill_bytes, stack_bytes, shared_bytes, stages (deepest shared-memory ring), mma
     ("tcgen05" | "wgmma" | "mma" | "fma"), ws_partitions, maxnreg (0: none), num_warps, async_loads,
-    warnings (ptxas codes such as "C7515"), wgmma_serialized}."""
+    tma_loads (bulk tensor copies: TMA descriptors), warnings (ptxas codes such as "C7515"), wgmma_serialized}."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile_report: TRITON_INTERPRET=1 is set; run in a process without it")
     import triton
@@ -86,6 +86,9 @@ def compile_report(fn, types: dict[str, str], consts: dict[str, Any], options: d
     from triton.compiler import ASTSource
 
     skip = set(no_divisibility)
+    # constexpr parameters not given take their declared defaults, as a launch that omits them does
+    consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default and p.name not in consts},
+              **consts}
     sig = {n: ("constexpr" if n in consts else types[n]) for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in consts and n not in skip}
     kernel = triton.compile(ASTSource(fn, sig, consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
@@ -112,6 +115,7 @@ def compile_report(fn, types: dict[str, str], consts: dict[str, Any], options: d
         "maxnreg": first_int(r"\.maxnreg (\d+)", ptx),
         "num_warps": first_int(r'"ttg.num-warps" = (\d+)', ttgir),
         "async_loads": "async_copy" in ttgir or "async_tma" in ttgir,
+        "tma_loads": "cp.async.bulk.tensor" in ptx,
         "warnings": warnings,
         "wgmma_serialized": "C7515" in warnings,
     }
@@ -119,9 +123,10 @@ def compile_report(fn, types: dict[str, str], consts: dict[str, Any], options: d
 
 def kernel_cases(only: Optional[Iterable[str]] = None, arch: int = 90) -> list[tuple[str, str, Any, dict, dict, dict, tuple]]:
     """(group, label, fn, types, consts, options, no_divisibility) for our kernels at the configurations they run
-    with: the LoRA GEMM at every autotune config (forward, and dX with the dropout mask) and the Twill-style
-    128x128 / 128x256 tiles (warp-specialised on sm_100), the dropout/S and dY kernels at their launch settings,
-    the plain GEMM at the sweep's tiles, the MoE grouped GEMMs at their autotune configs."""
+    with: the LoRA GEMM at every autotune config (forward, and dX with the dropout mask; pointer tiles, and TMA
+    descriptor loads as ``base_gemm="triton_tma"`` runs them) and the Twill-style 128x128 / 128x256 tiles
+    (warp-specialised on sm_100), the dropout/S and dY kernels at their launch settings, the plain GEMM at the
+    sweep's tiles (and with TMA at the two 8-warp ones), the MoE grouped GEMMs at their autotune configs."""
     from . import gemm as G
     from . import lora as L
     from . import moe as M
@@ -131,16 +136,17 @@ def kernel_cases(only: Optional[Iterable[str]] = None, arch: int = 90) -> list[t
     cases = []
     if "lora" in groups:
         gemm_cfgs = [(dict(c.kwargs), dict(num_warps=c.num_warps, num_stages=c.num_stages))
-                     for c in L._gemm_configs()]
+                     for c in L._gemm_configs() + L._gemm_configs(tma=True)]
         for kw, opts in gemm_cfgs:
-            tile = f"128x{kw['BLOCK_O']}x{kw['BLOCK_RED']} s{opts['num_stages']} w{opts['num_warps']}"
+            tile = (f"128x{kw['BLOCK_O']}x{kw['BLOCK_RED']} s{opts['num_stages']} w{opts['num_warps']}"
+                    f"{' ws' if ws else ''}{' tma' if kw['USE_TMA'] else ''}")
             base = dict(BLOCK_M=128, BLOCK_R=16, UPCAST=False, WARP_SPECIALIZE=ws, HAS_BIAS=False, EPI_SPLIT=-1, **kw)
-            cases.append(("lora", f"lora GEMM fwd {tile}{' ws' if ws else ''}", L._lora_gemm_kernel,
+            cases.append(("lora", f"lora GEMM fwd {tile}", L._lora_gemm_kernel,
                           SIGNATURES["lora_gemm"], dict(base, HAS_MASK=False, APPLY_SCALE=True, stride_wr=1,
-                                                        stride_pr=1), opts, ()))
-            cases.append(("lora", f"lora GEMM dX+mask {tile}{' ws' if ws else ''}", L._lora_gemm_kernel,
+                                                        stride_pr=1, W_OUT_MAJOR=True), opts, ()))
+            cases.append(("lora", f"lora GEMM dX+mask {tile}", L._lora_gemm_kernel,
                           SIGNATURES["lora_gemm"], dict(base, HAS_MASK=True, APPLY_SCALE=False, stride_wo=1,
-                                                        stride_po=1), opts, ()))
+                                                        stride_po=1, W_OUT_MAJOR=False), opts, ()))
         down = dict(SPLIT_K=8, BLOCK_M=128, BLOCK_K=64, BLOCK_R=16, UPCAST=False, PLANE=L.DROP_PLANE,
                     SEED_FROM_PTR=False, ALL_ROWS=False)
         for name, drop, dot in (("dropout/S", True, True), ("dropout only", True, False), ("S, no dropout", False, True)):
@@ -156,11 +162,13 @@ def kernel_cases(only: Optional[Iterable[str]] = None, arch: int = 90) -> list[t
                       dict(SPLIT_N=5, BLOCK_M=128, BLOCK_N=64, BLOCK_R=16, HAS_DBIAS=False, UPCAST=False),
                       dict(num_warps=4, num_stages=3), ()))
     if "gemm" in groups:
-        for bn, warps, stages in ((128, 4, 3), (128, 8, 4), (256, 8, 3), (256, 8, 4)):
-            cases.append(("gemm", f"GEMM 128x{bn}x64 s{stages} w{warps}{' ws' if ws else ''}", G._gemm_kernel,
-                          SIGNATURES["gemm"], dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8,
-                                                   WARP_SPECIALIZE=ws, UPCAST=False, stride_ak=1, stride_bn=1,
-                                                   stride_cn=1), dict(num_warps=warps, num_stages=stages), ()))
+        for bn, warps, stages, tma in ((128, 4, 3, False), (128, 8, 4, False), (256, 8, 3, False),
+                                       (256, 8, 4, False), (128, 8, 4, True), (256, 8, 4, True)):
+            cases.append(("gemm", f"GEMM 128x{bn}x64 s{stages} w{warps}{' ws' if ws else ''}{' tma' if tma else ''}",
+                          G._gemm_kernel, SIGNATURES["gemm"],
+                          dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, WARP_SPECIALIZE=ws, UPCAST=False,
+                               stride_ak=1, stride_bn=1, stride_cn=1, USE_TMA=tma, A_K_UNIT=True, B_N_UNIT=True),
+                          dict(num_warps=warps, num_stages=stages), ()))
     if "moe" in groups:
         for bn, bk, warps, stages in ((128, 64, 8, 3), (256, 64, 8, 3), (128, 128, 8, 3)):
             cases.append(("moe", f"MoE grouped GEMM 128x{bn}x{bk} s{stages} w{warps}", M._grouped_mm_kernel,

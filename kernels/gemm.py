@@ -47,6 +47,9 @@ class GemmConfig:
     """tl.range(warp_specialize=True): producer/consumer partitions (Blackwell; may fail elsewhere)."""
     maxnreg: Optional[int] = None
     """Registers per thread cap (None: compiler's choice)."""
+    tma: bool = False
+    """Load the operand tiles through TMA tensor descriptors (sm_90+) instead of pointer tiles, where the
+    operands allow it (unit stride along the loaded rows, 16-byte aligned bases and row strides)."""
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -75,6 +78,8 @@ class GemmConfig:
             s += " ws"
         if self.maxnreg:
             s += f" r{self.maxnreg}"
+        if self.tma:
+            s += " tma"
         return s
 
     def as_dict(self) -> dict:
@@ -91,7 +96,10 @@ if HAVE_TRITON:
     def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
                      stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     WARP_SPECIALIZE: tl.constexpr, UPCAST: tl.constexpr):
+                     WARP_SPECIALIZE: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr = False,
+                     A_K_UNIT: tl.constexpr = True, B_N_UNIT: tl.constexpr = True):
+        """USE_TMA: A and B tiles through in-kernel TMA descriptors; A_K_UNIT / B_N_UNIT say which axis of each
+        has unit stride (a transposed operand is loaded in its memory order and transposed in shared memory)."""
         pid = tl.program_id(0)
         grid_m = tl.cdiv(M, BLOCK_M)
         grid_n = tl.cdiv(N, BLOCK_N)
@@ -103,20 +111,47 @@ if HAVE_TRITON:
         pid_n = (pid % width) // rows
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kt in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WARP_SPECIALIZE):
-            k_left = K - kt * BLOCK_K
-            a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
-            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
+        if USE_TMA:
+            if A_K_UNIT:
+                a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
+                                                   block_shape=[BLOCK_M, BLOCK_K])
+            else:
+                a_desc = tl.make_tensor_descriptor(a_ptr, shape=[K, M], strides=[stride_ak, 1],
+                                                   block_shape=[BLOCK_K, BLOCK_M])
+            if B_N_UNIT:
+                b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_bk, 1],
+                                                   block_shape=[BLOCK_K, BLOCK_N])
+            else:
+                b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1],
+                                                   block_shape=[BLOCK_N, BLOCK_K])
+            for kt in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WARP_SPECIALIZE):
+                if A_K_UNIT:
+                    a = a_desc.load([pid_m * BLOCK_M, kt * BLOCK_K])
+                else:
+                    a = tl.trans(a_desc.load([kt * BLOCK_K, pid_m * BLOCK_M]))
+                if B_N_UNIT:
+                    b = b_desc.load([kt * BLOCK_K, pid_n * BLOCK_N])
+                else:
+                    b = tl.trans(b_desc.load([pid_n * BLOCK_N, kt * BLOCK_K]))
+                if UPCAST:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc)
+        else:
+            offs_k = tl.arange(0, BLOCK_K)
+            a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+            b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+            for kt in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WARP_SPECIALIZE):
+                k_left = K - kt * BLOCK_K
+                a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
+                b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc)
+                a_ptrs += BLOCK_K * stride_ak
+                b_ptrs += BLOCK_K * stride_bk
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
@@ -157,11 +192,58 @@ def gemm(a: torch.Tensor, b: torch.Tensor, config: Optional[GemmConfig] = None) 
     if cfg.maxnreg is not None and not _interpreting():
         opts["maxnreg"] = cfg.maxnreg
     interp = _interpreting()
+    tma = {}
+    if cfg.tma:
+        layout = tma_layout(a, b)
+        if layout is not None:
+            tma = dict(USE_TMA=True, A_K_UNIT=layout[0], B_N_UNIT=layout[1])
+            if a.is_cuda:
+                set_descriptor_allocator()
     _gemm_kernel[grid](a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
                        c.stride(1), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                        GROUP_M=cfg.group_m, WARP_SPECIALIZE=bool(cfg.warp_specialize),
-                       UPCAST=interp or a.dtype == torch.float32, **opts)
+                       UPCAST=interp or a.dtype == torch.float32, **tma, **opts)
     return c
+
+
+def _unit_axis(t: torch.Tensor) -> Optional[int]:
+    """The axis of a 2-D tensor a TMA descriptor can read it along (unit stride, 16-byte aligned other stride),
+    or None."""
+    e = t.element_size()
+    if t.data_ptr() % 16:
+        return None
+    for axis in (1, 0):
+        other = t.stride(1 - axis)
+        if t.stride(axis) == 1 and (other * e) % 16 == 0 and (t.shape[1 - axis] == 1 or other >= t.shape[axis]):
+            return axis
+    return None
+
+
+def tma_layout(a: torch.Tensor, b: torch.Tensor) -> Optional[tuple[bool, bool]]:
+    """(A has unit stride along K, B has unit stride along N) when both A [M, K] and B [K, N] can be read through
+    TMA descriptors, else None (the launch then uses pointer tiles)."""
+    ua, ub = _unit_axis(a), _unit_axis(b)
+    if ua is None or ub is None:
+        return None
+    return ua == 1, ub == 1
+
+
+def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def set_descriptor_allocator() -> None:
+    """In-kernel TMA descriptors need Triton's global scratch allocator. Triton keeps it in a ContextVar, which a
+    new thread (autograd's backward worker) does not inherit, so launchers call this before every TMA launch; an
+    allocator the caller set stays in place."""
+    try:
+        from triton.runtime import _allocation
+
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # another Triton layout: set ours
+        pass
+    triton.set_allocator(_descriptor_scratch)
 
 
 def gemm_reference(a: torch.Tensor, b: torch.Tensor, config: Optional[GemmConfig] = None) -> torch.Tensor:

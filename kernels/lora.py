@@ -46,11 +46,13 @@ import math
 import os
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .gemm import set_descriptor_allocator
 
 try:  # a CPU-only install may lack triton: everything still imports and runs on the torch path
     import triton
@@ -333,12 +335,12 @@ if HAVE_TRITON:
     @triton.jit
     def _lora_gemm_kernel(
         X, W, L, P, MASK, BIAS, OUT, TABLE, FTABLE,
-        n_tiles, OUT_DIM, RED_DIM, m_bucket,
+        n_tiles, OUT_DIM, RED_DIM, m_bucket, X_ROWS,
         stride_xm, stride_wr, stride_wo, stride_lm, stride_pr, stride_po, stride_mm, stride_om,
         BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
         GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, APPLY_SCALE: tl.constexpr,
         UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False, EPI_WARPS: tl.constexpr = 4,
-        EPI_SPLIT: tl.constexpr = -1,
+        EPI_SPLIT: tl.constexpr = -1, USE_TMA: tl.constexpr = False, W_OUT_MAJOR: tl.constexpr = False,
     ):
         """OUT[tile, oblk] = X[tile, :] @ W[:, oblk] + lora_term (+ bias), W element (red, out) at
         W + red*stride_wr + out*stride_wo. LoRA term, added to the accumulator after the K loop:
@@ -349,7 +351,15 @@ if HAVE_TRITON:
         per thread (BLOCK_M * BLOCK_O / (32 * EPI_WARPS), EPI_WARPS = the launch's num_warps) the epilogue runs
         on the tile's two column halves in turn (the accumulator split in registers), so that second tile is
         half as wide: on sm_90 the 128x256 w8 and 128x128 w4 tiles spilled 1-2 KiB with a full-width one
-        (kernel_report). EPI_SPLIT: -1 by that rule, 0 never, 1 always (tests)."""
+        (kernel_report). EPI_SPLIT: -1 by that rule, 0 never, 1 always (tests).
+
+        USE_TMA: the K loop's X and W tiles come through TMA tensor descriptors (made in the kernel, sm_90+)
+        instead of pointer tiles: no per-element address registers, the copy engine fills the shared-memory ring.
+        X is a [X_ROWS, RED_DIM] descriptor read from the tile's first row (rows past the tile's n_valid are
+        read but never stored; past X_ROWS the unit fills zeros); W_OUT_MAJOR: W is [OUT_DIM, RED_DIM] with
+        unit stride along RED (the forward's W [N, K]; the tile is transposed in shared memory), else
+        [RED_DIM, OUT_DIM] with unit stride along OUT (dX's W). Needs 16-byte aligned bases and row strides
+        (``_tma_ok``). The epilogue stays masked pointer stores (a tile's valid rows end anywhere)."""
         pid = tl.program_id(0)
         num_pid_o = tl.cdiv(OUT_DIM, BLOCK_O)
         num_pid_in_group = GROUP_M * num_pid_o
@@ -370,16 +380,33 @@ if HAVE_TRITON:
         # before the loop made ptxas serialize the warpgroup MMAs on sm_90 (C7515, "non wgmma instructions
         # defining accumulator registers"); added after the loop it stays in registers all the same.
         acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
-        reds = tl.arange(0, BLOCK_RED)
-        x_ptrs = X + rows[:, None] * stride_xm + reds[None, :]
-        w_ptrs = W + reds[:, None] * stride_wr + outs[None, :] * stride_wo
-        for rb in tl.range(0, tl.cdiv(RED_DIM, BLOCK_RED), warp_specialize=WARP_SPECIALIZE):
-            red_ok = reds < RED_DIM - rb * BLOCK_RED
-            xt = tl.load(x_ptrs, mask=row_ok[:, None] & red_ok[None, :], other=0.0)
-            wt = tl.load(w_ptrs, mask=red_ok[:, None] & o_ok[None, :], other=0.0)
-            x_ptrs += BLOCK_RED
-            w_ptrs += BLOCK_RED * stride_wr
-            acc = _mma(xt, wt, acc, UPCAST)
+        if USE_TMA:
+            x_desc = tl.make_tensor_descriptor(X, shape=[X_ROWS, RED_DIM], strides=[stride_xm, 1],
+                                               block_shape=[BLOCK_M, BLOCK_RED])
+            if W_OUT_MAJOR:
+                w_desc = tl.make_tensor_descriptor(W, shape=[OUT_DIM, RED_DIM], strides=[stride_wo, 1],
+                                                   block_shape=[BLOCK_O, BLOCK_RED])
+            else:
+                w_desc = tl.make_tensor_descriptor(W, shape=[RED_DIM, OUT_DIM], strides=[stride_wr, 1],
+                                                   block_shape=[BLOCK_RED, BLOCK_O])
+            for rb in tl.range(0, tl.cdiv(RED_DIM, BLOCK_RED), warp_specialize=WARP_SPECIALIZE):
+                xt = x_desc.load([row_start.to(tl.int32), rb * BLOCK_RED])
+                if W_OUT_MAJOR:
+                    wt = tl.trans(w_desc.load([pid_o * BLOCK_O, rb * BLOCK_RED]))
+                else:
+                    wt = w_desc.load([rb * BLOCK_RED, pid_o * BLOCK_O])
+                acc = _mma(xt, wt, acc, UPCAST)
+        else:
+            reds = tl.arange(0, BLOCK_RED)
+            x_ptrs = X + rows[:, None] * stride_xm + reds[None, :]
+            w_ptrs = W + reds[:, None] * stride_wr + outs[None, :] * stride_wo
+            for rb in tl.range(0, tl.cdiv(RED_DIM, BLOCK_RED), warp_specialize=WARP_SPECIALIZE):
+                red_ok = reds < RED_DIM - rb * BLOCK_RED
+                xt = tl.load(x_ptrs, mask=row_ok[:, None] & red_ok[None, :], other=0.0)
+                wt = tl.load(w_ptrs, mask=red_ok[:, None] & o_ok[None, :], other=0.0)
+                x_ptrs += BLOCK_RED
+                w_ptrs += BLOCK_RED * stride_wr
+                acc = _mma(xt, wt, acc, UPCAST)
         if HAS_MASK:
             if EPI_SPLIT == 1 or (EPI_SPLIT == -1 and BLOCK_M * BLOCK_O // (32 * EPI_WARPS) >= 128):
                 HALF: tl.constexpr = BLOCK_O // 2
@@ -542,9 +569,9 @@ if HAVE_TRITON:
                     tl.store(OUT + rows[:, None] * stride_om + cols[None, :], term.to(OUT.dtype.element_ty),
                              mask=row_ok[:, None] & c_ok[None, :])
 
-    def _gemm_configs():
+    def _gemm_configs(tma: bool = False):
         def cfg(bo, bk, stages, warps):  # EPI_WARPS: the kernel's split rule needs the launch's warp count
-            return triton.Config({"BLOCK_O": bo, "BLOCK_RED": bk, "GROUP_M": 8, "EPI_WARPS": warps},
+            return triton.Config({"BLOCK_O": bo, "BLOCK_RED": bk, "GROUP_M": 8, "EPI_WARPS": warps, "USE_TMA": tma},
                                  num_stages=stages, num_warps=warps)
         return [cfg(256, 64, 3, 8), cfg(256, 64, 4, 8), cfg(128, 64, 3, 4), cfg(128, 64, 4, 4), cfg(128, 64, 3, 8),
                 cfg(128, 128, 3, 8), cfg(64, 64, 4, 4)]
@@ -554,6 +581,9 @@ if HAVE_TRITON:
         _KEY = ["m_bucket", "OUT_DIM", "RED_DIM", "BLOCK_R"]
         _gemm_fwd_tuned = triton.autotune(configs=_gemm_configs(), key=_KEY)(_lora_gemm_kernel)
         _gemm_bwd_tuned = triton.autotune(configs=_gemm_configs(), key=_KEY)(_lora_gemm_kernel)
+        # base_gemm="triton_tma": the same tiles with X and W through TMA descriptors
+        _gemm_fwd_tuned_tma = triton.autotune(configs=_gemm_configs(tma=True), key=_KEY)(_lora_gemm_kernel)
+        _gemm_bwd_tuned_tma = triton.autotune(configs=_gemm_configs(tma=True), key=_KEY)(_lora_gemm_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -685,7 +715,7 @@ def _config_launch(config, interpret: bool) -> tuple[dict, dict]:
     return consts, opts
 
 
-BASE_GEMMS = ("auto", "triton", "torch", "torch_all", "torch_grouped")
+BASE_GEMMS = ("auto", "triton", "triton_tma", "torch", "torch_all", "torch_grouped")
 
 
 def resolve_base_gemm(base_gemm: str, x: torch.Tensor) -> str:
@@ -702,34 +732,56 @@ def resolve_base_gemm(base_gemm: str, x: torch.Tensor) -> str:
     return base_gemm
 
 
+def _tma_ok(x: torch.Tensor, w: torch.Tensor, stride_wr: int, stride_wo: int) -> bool:
+    """Whether X [rows, RED] and W (element (red, out) at ``stride_wr``/``stride_wo``) can be read through TMA
+    descriptors: unit stride along the contiguous axis, 16-byte aligned base addresses and row strides."""
+    e = x.element_size()
+    if x.stride(1) != 1 or (x.stride(0) * e) % 16 or x.data_ptr() % 16 or w.data_ptr() % 16:
+        return False
+    if stride_wr == 1:
+        return (stride_wo * e) % 16 == 0
+    return stride_wo == 1 and (stride_wr * e) % 16 == 0
+
+
 def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bias, out, plan: _TilePlan,
           out_dim: int, red_dim: int, *, apply_scale: bool, backward: bool, config=None,
-          epi_split: Optional[int] = None) -> None:
+          epi_split: Optional[int] = None, tma: bool = False) -> None:
     """Y = X W^T (+ LoRA term, bias) or dX = dY W (+ masked LoRA term) in our kernel, the LoRA term joining
     the register accumulator after the K loop. ``config`` (GemmConfig or None): None autotunes on a GPU and uses
     a fixed 16x16 tile under the interpreter; a config launches with its block_n (BLOCK_O), block_k
     (BLOCK_RED), group_m, num_stages, num_warps and maxnreg (its block_m is the tile table's ``plan.block_m``;
     the knobs are ignored by the interpreter, as in ``kernels.gemm``). ``epi_split`` (with a config only):
-    overrides the masked epilogue's form, 0 full width, 1 per column half (``launch/lora_kernel_sweep.py``)."""
+    overrides the masked epilogue's form, 0 full width, 1 per column half (``launch/lora_kernel_sweep.py``).
+    ``tma`` (or a config with ``tma=True``) reads X and W through TMA descriptors where ``_tma_ok`` allows, else
+    pointer tiles (autotuned over the same tiles either way)."""
     if epi_split is not None and config is None:
         raise ValueError("epi_split: only with an explicit config (the autotuned launch applies the split rule)")
     dummy = plan.table
     args = (x, w, lmat, pmat, mask if mask is not None else dummy, bias if bias is not None else dummy, out,
-            plan.table, plan.ftable, plan.n_tiles, out_dim, red_dim, _next_pow2(x.shape[0]),
+            plan.table, plan.ftable, plan.n_tiles, out_dim, red_dim, _next_pow2(x.shape[0]), x.shape[0],
             x.stride(0), stride_wr, stride_wo, lmat.stride(0), stride_pr, stride_po,
             mask.stride(0) if mask is not None else 0, out.stride(0))
     flags = dict(BLOCK_M=plan.block_m, BLOCK_R=plan.block_r, HAS_BIAS=bias is not None,
                  HAS_MASK=mask is not None, APPLY_SCALE=apply_scale, UPCAST=INTERPRET)
+    use_tma = (tma or bool(getattr(config, "tma", False))) and _tma_ok(x, w, stride_wr, stride_wo)
+    if use_tma:
+        flags["W_OUT_MAJOR"] = stride_wr == 1
+        if x.is_cuda:
+            set_descriptor_allocator()
     if config is not None:
         grid = (plan.n_tiles * triton.cdiv(out_dim, config.block_n),)
         consts, opts = _config_launch(config, INTERPRET)
         if epi_split is not None:
             consts["EPI_SPLIT"] = int(epi_split)
-        _lora_gemm_kernel[grid](*args, **consts, **flags, **opts)
+        _lora_gemm_kernel[grid](*args, **consts, USE_TMA=use_tma, **flags, **opts)
     elif INTERPRET:
         grid = (plan.n_tiles * triton.cdiv(out_dim, 16),)
         _lora_gemm_kernel[grid](*args, BLOCK_O=16, BLOCK_RED=16, GROUP_M=2, EPI_SPLIT=_INTERPRET_EPI_SPLIT,
-                                **flags)
+                                USE_TMA=use_tma, **flags)
+    elif use_tma:
+        kernel = _gemm_bwd_tuned_tma if backward else _gemm_fwd_tuned_tma
+        grid = lambda meta: (plan.n_tiles * triton.cdiv(out_dim, meta["BLOCK_O"]),)  # noqa: E731
+        kernel[grid](*args, **flags)
     else:
         kernel = _gemm_bwd_tuned if backward else _gemm_fwd_tuned
         grid = lambda meta: (plan.n_tiles * triton.cdiv(out_dim, meta["BLOCK_O"]),)  # noqa: E731
@@ -1032,7 +1084,7 @@ def _fused_forward(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int, g
         return y, s, xd, mask
     y = torch.empty((T, N), device=x2.device, dtype=x2.dtype)
     _gemm(x2, weight, weight.stride(1), weight.stride(0), s, b_cat, b_cat.stride(1), b_cat.stride(0), None, bias, y,
-          plan, N, K, apply_scale=True, backward=False, config=gemm_config)
+          plan, N, K, apply_scale=True, backward=False, config=gemm_config, tma=base == "triton_tma")
     return y, s, xd, mask
 
 
@@ -1068,9 +1120,10 @@ def _fused_backward(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, nee
     dx = None
     if need_dx:
         dx = torch.empty((T, K), device=dy2.device, dtype=dy2.dtype)
-        if base == "triton":
+        if base in ("triton", "triton_tma"):
             _gemm(dy2, weight, weight.stride(0), weight.stride(1), ds, a_cat, a_cat.stride(0), a_cat.stride(1),
-                  mask, None, dx, plan, K, N, apply_scale=False, backward=True, config=gemm_config)
+                  mask, None, dx, plan, K, N, apply_scale=False, backward=True, config=gemm_config,
+                  tma=base == "triton_tma")
         else:  # "torch": dX = dY W by cuBLAS through C onto the LoRA term (masked by our kernel, else cuBLAS)
             if mask is not None:
                 _masked_term(ds, a_cat, mask, dx, plan)
@@ -1233,7 +1286,9 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     consumer partitions; Triton supports it on Blackwell). None: autotuned on a GPU, a fixed small tile off it.
 
     ``base_gemm``: "triton" runs the two big GEMMs in our kernel with the LoRA term in its register
-    accumulator; "torch" keeps our dropout/S and dY kernels but lets cuBLAS run the two big GEMMs, accumulating
+    accumulator; "triton_tma" the same with the K loop's X and W tiles through TMA descriptors where their rows
+    are 16-byte aligned (sm_90+; compiled offline for sm_90, not yet timed on a GPU, so not what "auto" picks;
+    with a ``gemm_config`` it sets its ``tma``); "torch" keeps our dropout/S and dY kernels but lets cuBLAS run the two big GEMMs, accumulating
     through their C input onto the LoRA term (+ bias) written first - by cuBLAS, or for dX with dropout by our
     masked-term kernel (``gemm_config`` then does not apply); "torch_all": cuBLAS for every GEMM, the thin LoRA ones too (S = Xd A^T, S B^T, dS, dB per
     segment), our kernels only for the dropout mask / Xd and the masked dX term (no gemm_config);
@@ -1246,6 +1301,8 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
         if base_gemm in ("torch", "torch_all", "torch_grouped"):
             raise ValueError(f"base_gemm: {base_gemm!r} cannot take a gemm_config (it configures our Triton GEMM)")
         resolve_base_gemm(base_gemm, x)
+        if base_gemm == "triton_tma" and not getattr(gemm_config, "tma", True):
+            gemm_config = replace(gemm_config, tma=True)
         base_gemm = "triton"
     else:
         base_gemm = resolve_base_gemm(base_gemm, x)
@@ -1296,8 +1353,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
     Dropout keeps element (i, j) of x.reshape(-1, K) iff its Philox draw (module docstring) >= floor(p * 2**32)
     and scales kept elements by 1/(1-p); the same seed gives the same mask (see ``dropout_keep_mask``). ``gemm_config``:
     explicit launch configuration of the two big GEMMs (see ``multi_lora_linear``); None keeps the default.
-    ``base_gemm``: "auto", "triton", "torch" (cuBLAS for the two big GEMMs) or "torch_all" (cuBLAS for every
-    GEMM); see ``multi_lora_linear``."""
+    ``base_gemm``: "auto", "triton", "triton_tma" (TMA descriptor loads), "torch" (cuBLAS for the two big GEMMs),
+    "torch_all" (cuBLAS for every GEMM) or "torch_grouped"; see ``multi_lora_linear``."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     ad = LoRAAdapterWeights(lora_a, lora_b, float(scale), float(dropout_p))

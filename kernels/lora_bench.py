@@ -4,6 +4,7 @@ Providers per shape (same inputs, same run):
   base   frozen base linear only: Y = X W^T, backward dX = dY W (the floor LoRA is measured against);
   eager  PEFT-style eager torch LoRA: X W^T + scale * B(A(dropout(X))) (grads for X, A, B);
   fused  ``lora_linear(..., base_gemm="triton")``: every GEMM in our Triton kernels (the interpreter on the CPU);
+  fused_tma  ``base_gemm="triton_tma"``: the same with the big GEMMs' X and W tiles through TMA descriptors;
   fused_cublas  ``lora_linear(..., base_gemm="torch")``: the same fused LoRA kernels, the two big GEMMs in torch's
          GEMM (cuBLAS) with the LoRA term added through its C input;
   fused_cublas_all  ``lora_linear(..., base_gemm="torch_all")``: cuBLAS for every GEMM, the thin LoRA ones too;
@@ -11,7 +12,7 @@ Providers per shape (same inputs, same run):
   fused_grouped  (multi-LoRA only) ``base_gemm="torch_grouped"``: the same with each thin GEMM one
          ``torch._grouped_mm`` over all segments;
   triton_base  the same Triton GEMM kernels with no LoRA rows (fused / triton_base = the cost of the fusion,
-         triton_base / base = our GEMM against cuBLAS).
+         triton_base / base = our GEMM against cuBLAS); triton_base_tma the same through TMA descriptors.
 Dropout 0.1 and scale 2.0, as in the measured H100 profile (../shared/data/profiles/h100-sxm-measured-*.json);
 one extra GPU case repeats the target shape with dropout 0.
 Multi-LoRA: 4 adapters with different ranks over uneven segments of one packed batch; eager = base + one LoRA
@@ -30,7 +31,7 @@ __all__ = ["cases", "checks", "summarize", "GPU_TOKENS", "GPU_SHAPES", "GPU_RANK
 #: the fused LoRA variants timed per shape: our GEMM kernel with the LoRA term in its accumulator, and the same
 #: fused LoRA kernels around cuBLAS for the two big GEMMs (``base_gemm="torch"``), and cuBLAS for every GEMM
 #: around our dropout and masked-term kernels (``base_gemm="torch_all"``)
-FUSED_PROVIDERS = ("fused", "fused_cublas", "fused_cublas_all", "fused_grouped")
+FUSED_PROVIDERS = ("fused", "fused_tma", "fused_cublas", "fused_cublas_all", "fused_grouped")
 
 GPU_TOKENS = (2048, 4096, 8192, 16384)
 GPU_SHAPES = ((4096, 4096), (8192, 8192), (4096, 14336))  # (K = in features, N = out features)
@@ -83,6 +84,9 @@ def _single_providers(T, K, N, r, device, backward: bool, p: float = DROPOUT):
         def fused():
             return lora_linear(x, w, a, b, SCALE, p, base_gemm="triton")
 
+        def fused_tma():
+            return lora_linear(x, w, a, b, SCALE, p, base_gemm="triton_tma")
+
         def fused_cublas():  # same fused LoRA kernels, the two big GEMMs in cuBLAS (LoRA term via C)
             return lora_linear(x, w, a, b, SCALE, p, base_gemm="torch")
 
@@ -92,11 +96,14 @@ def _single_providers(T, K, N, r, device, backward: bool, p: float = DROPOUT):
         def triton_base():  # our GEMM kernels with no row covered: separates GEMM quality from fusion cost
             return multi_lora_linear(x, w, no_rows, [], base_gemm="triton")
 
-        fns = {"base": base, "eager": eager, "fused": fused, "fused_cublas": fused_cublas,
-               "fused_cublas_all": fused_cublas_all, "triton_base": triton_base}
+        def triton_base_tma():
+            return multi_lora_linear(x, w, no_rows, [], base_gemm="triton_tma")
+
+        fns = {"base": base, "eager": eager, "fused": fused, "fused_tma": fused_tma, "fused_cublas": fused_cublas,
+               "fused_cublas_all": fused_cublas_all, "triton_base": triton_base, "triton_base_tma": triton_base_tma}
         if not backward:
             return fns
-        inputs = {"base": (x,), "triton_base": (x,)}
+        inputs = {"base": (x,), "triton_base": (x,), "triton_base_tma": (x,)}
         return {name: (lambda fn=fn, ins=inputs.get(name, (x, a, b)): torch.autograd.grad(fn(), ins, dy))
                 for name, fn in fns.items()}
 
@@ -198,6 +205,9 @@ def _multi_providers(T, K, N, ranks, device, backward: bool):
         def fused():
             return multi_lora_linear(x, w, adapters, segs, base_gemm="triton")
 
+        def fused_tma():
+            return multi_lora_linear(x, w, adapters, segs, base_gemm="triton_tma")
+
         def fused_cublas():
             return multi_lora_linear(x, w, adapters, segs, base_gemm="torch")
 
@@ -207,7 +217,7 @@ def _multi_providers(T, K, N, ranks, device, backward: bool):
         def fused_grouped():  # torch_all with one torch._grouped_mm per thin GEMM over all segments
             return multi_lora_linear(x, w, adapters, segs, base_gemm="torch_grouped")
 
-        fns = {"base": base, "eager": eager, "fused": fused, "fused_cublas": fused_cublas,
+        fns = {"base": base, "eager": eager, "fused": fused, "fused_tma": fused_tma, "fused_cublas": fused_cublas,
                "fused_cublas_all": fused_cublas_all, "fused_grouped": fused_grouped}
         if not backward:
             return fns
@@ -382,7 +392,7 @@ def checks(device: str) -> list[tuple[str, bool, str]]:
     out = []
     if device == "cuda":
         bf = torch.bfloat16
-        for base_gemm in ("triton", "torch", "torch_all"):
+        for base_gemm in ("triton", "triton_tma", "torch", "torch_all"):
             out.append(_check_single(1000, 1536, 1032, 16, 0.1, bf, device, 1e-2, base_gemm=base_gemm))
             out.append(_check_multi(3000, 2048, 1536, MULTI_RANKS, bf, device, 1e-2, base_gemm=base_gemm))
         out.append(_check_multi(3000, 2048, 1536, MULTI_RANKS, bf, device, 1e-2, base_gemm="torch_grouped"))
@@ -397,6 +407,7 @@ def checks(device: str) -> list[tuple[str, bool, str]]:
         out.append(_check_multi(61, 40, 36, (2, 4, 8, 16), torch.float32, device, 1e-5))
         out.append(_check_multi(61, 300, 36, (2, 4, 8, 16), torch.float32, device, 1e-5, base_gemm="torch_all"))
         out.append(_check_multi(61, 40, 32, (2, 4, 8, 16), torch.float32, device, 1e-5, base_gemm="torch_grouped"))
+        out.append(_check_multi(61, 40, 32, (2, 4, 8, 16), torch.float32, device, 1e-5, base_gemm="triton_tma"))
     return out
 
 

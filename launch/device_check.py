@@ -54,7 +54,7 @@ def autotune_choices() -> dict:
     """The GEMM configs Triton's autotuner picked per key (for the notes)."""
     out = {}
     lora = sys.modules.get("adasched.kernels.lora")
-    for name in ("_gemm_fwd_tuned", "_gemm_bwd_tuned"):
+    for name in ("_gemm_fwd_tuned", "_gemm_bwd_tuned", "_gemm_fwd_tuned_tma", "_gemm_bwd_tuned_tma"):
         tuner = getattr(lora, name, None) if lora else None
         if tuner is not None:
             out[name] = {str(k): str(v) for k, v in getattr(tuner, "cache", {}).items()}
@@ -63,7 +63,8 @@ def autotune_choices() -> dict:
 
 #: (group, case name, shape, providers) whose device time is broken down by kernel after the target benchmarks
 PROFILE_TARGETS = (
-    ("lora", "lora fwd+bwd", "T=8192 K=4096 N=4096 r=16", ("base", "fused", "fused_cublas", "fused_cublas_all")),
+    ("lora", "lora fwd+bwd", "T=8192 K=4096 N=4096 r=16", ("base", "fused", "fused_tma", "fused_cublas",
+                                                           "fused_cublas_all")),
     ("moe", "moe layer fwd+bwd", "T=16384 E=8 k=2 H=2048 F=4096", ("dense", "ours", "ours_gmm")),
 )
 

@@ -3,15 +3,20 @@
     python3 launch/lora_kernel_sweep.py                  # T=8192 K=4096 r=16 p=0.1, bf16
     python3 launch/lora_kernel_sweep.py --T 16384 --K 8192 --r 64
 
-Kernels: the dropout kernel (Xd and the mask bits; with ``--with-s`` also S = Xd A^T, the launch
-``base_gemm="torch"`` uses) over rows per program x warps x programs per SM, the masked dX term over rows
-per program x warps x programs per row, and the fused dX GEMM (dY W + the masked LoRA term, ``base_gemm=
-"triton"``; N = ``--N``) at four tile configs with its masked epilogue full width and per column half
-(``kernels.lora.epi_split``: the split removed 1-2 KiB of spills on sm_90 offline; this times it). Every
-alternative's output is compared with the default launch's (``kernels.lora.DOWN_LAUNCH`` / ``TERM_LAUNCH``) -
-the dropout outputs bit-identical, the term within bf16 rounding - and every dX GEMM with a float32 torch
-reference (dY W + keep * (dS A) / (1-p)) within 1 % of its largest element. Prints one table per kernel (time, GB/s against the bytes each must move) and writes
-``lora_kernel_sweep.json`` to $OUT when set. Runs from a bare checkout like ``device_check.py``.
+Kernels, in this order (``--only gemm,term,down`` picks some):
+- gemm: our two big LoRA GEMMs (``base_gemm="triton"``; N = ``--N``) at four tile configs, each with pointer
+  tiles and with TMA descriptor loads (``GemmConfig.tma``, ``base_gemm="triton_tma"``) - the forward
+  (X W^T + scale S B^T) and the dX GEMM (dY W + the masked LoRA term; pointer tiles also with the masked epilogue
+  full width and per column half, ``kernels.lora.epi_split``) - next to cuBLAS running the plain X W^T and dY W
+  on the same tensors (the column "x cuBLAS": our GEMM with its LoRA term over cuBLAS without it);
+- term: the masked dX term over rows per program x warps x programs per row;
+- down: the dropout kernel (Xd and the mask bits; with ``--with-s`` also S = Xd A^T, the launch
+  ``base_gemm="torch"`` uses) over rows per program x warps x programs per SM.
+Every alternative's output is checked: the dropout outputs bit-identical to the default launch's
+(``kernels.lora.DOWN_LAUNCH``), the term within bf16 rounding of ``TERM_LAUNCH``'s, every GEMM against a float32
+torch reference within 1 % of its largest element. Prints one table per kernel (time, TFLOP/s or GB/s against
+the bytes each must move) and writes ``lora_kernel_sweep.json`` to $OUT when set. Runs from a bare checkout like
+``device_check.py``.
 """
 from __future__ import annotations
 
@@ -46,7 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--p", type=float, default=0.1)
     ap.add_argument("--N", type=int, default=4096, help="output features of the layer (the dX GEMM's reduction)")
     ap.add_argument("--with-s", action="store_true", help="also time the dropout kernel that accumulates S")
+    ap.add_argument("--only", default="gemm,term,down", help="comma-separated parts: gemm, term, down (default: all)")
     args = ap.parse_args(argv)
+    parts = [x.strip() for x in args.only.split(",") if x.strip()]
+    bad = [x for x in parts if x not in ("gemm", "term", "down")]
+    if bad or not parts:
+        print(f"lora_kernel_sweep: --only: {', '.join(bad) or 'nothing given'}: choose from gemm, term, down",
+              file=sys.stderr)
+        return 2
     ensure_namespace()
     import torch
 
@@ -73,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     mb = L.mask_bytes(K)
     env = bench.environment(dev.type)
     out = {**env, "smoke": smoke, "shape": {"T": T, "K": K, "r": r, "p": p, "N": N}, "down": [], "term": [],
-           "dx_gemm": []}
+           "gemm": []}
 
     def time_ms(fn) -> float:
         if smoke:
@@ -84,90 +96,120 @@ def main(argv: list[str] | None = None) -> int:
 
         return float(triton.testing.do_bench(fn, warmup=25, rep=100))
 
-    # dropout kernel: reads X, writes Xd and the mask bits
-    down_bytes = T * K * 2 * 2 + T * mb
-    kinds = [False, True] if args.with_s else [False]
-    _, xd_ref, mask_ref = L._down(x, a, plan, seed, with_s=False)
-    s_ref = L._down(x, a, plan, seed, with_s=True)[0]
-    for with_s, cfg in itertools.product(kinds, _configs(DOWN_GRID)):
-        row = {"with_s": with_s, **cfg}
-        try:
-            s, xd, mask = L._down(x, a, plan, seed, with_s=with_s, launch=cfg)
-            same = bool(torch.equal(xd, xd_ref)) and bool(torch.equal(mask, mask_ref))
-            if with_s:
-                same = same and bool(torch.allclose(s, s_ref, rtol=1e-3, atol=1e-3))
-            ms = time_ms(lambda: L._down(x, a, plan, seed, with_s=with_s, launch=cfg))
-            row.update(ms=ms, gbps=down_bytes / ms / 1e6, same=same, default=cfg == L.DOWN_LAUNCH)
-        except Exception as err:  # a config that does not compile is a result, not a crash
-            row.update(ms=float("nan"), gbps=float("nan"), same=False, error=f"{type(err).__name__}: {err}"[:160])
-        out["down"].append(row)
-        print(f"down {row}", file=sys.stderr, flush=True)
+    _, xd_ref, mask_ref = L._down(x, a, plan, seed, with_s=False)  # the default launch: reference outputs
 
-    # masked dX term: reads the mask, writes [T, K]
-    term_bytes = T * K * 2 + T * mb
-    dx_ref = torch.empty(T, K, device=dev, dtype=dt)
-    L._masked_term(pmat, a, mask_ref, dx_ref, plan, apply_scale=True)
-    for cfg in _configs(TERM_GRID):
-        row = dict(cfg)
-        try:
-            dx = torch.empty_like(dx_ref)
-            L._masked_term(pmat, a, mask_ref, dx, plan, apply_scale=True, launch=cfg)
-            diff = float((dx.float() - dx_ref.float()).abs().max())
-            ms = time_ms(lambda: L._masked_term(pmat, a, mask_ref, dx, plan, apply_scale=True, launch=cfg))
-            row.update(ms=ms, gbps=term_bytes / ms / 1e6, max_abs_diff=diff,
-                       same=diff <= 1e-2 * float(dx_ref.float().abs().max()), default=cfg == L.TERM_LAUNCH)
-        except Exception as err:
-            row.update(ms=float("nan"), gbps=float("nan"), same=False, error=f"{type(err).__name__}: {err}"[:160])
-        out["term"].append(row)
-        print(f"term {row}", file=sys.stderr, flush=True)
+    if "gemm" in parts:
+        # our two big GEMMs (pointer tiles vs TMA descriptors) and cuBLAS on the same tensors
+        from adasched.kernels.gemm import GemmConfig
 
-    # fused dX GEMM: dY [T, N] @ W [N, K] + mask * (dS A) / (1-p), full-width vs split masked epilogue
-    from adasched.kernels.gemm import GemmConfig
+        dy = torch.randn(T, N, device=dev, generator=g).to(dt)
+        w = (torch.randn(N, K, device=dev, generator=g) * N ** -0.5).to(dt)
+        bmat = (torch.randn(N, r, device=dev, generator=g) * r ** -0.5).to(dt)
+        ds = torch.randn(T, plan.block_r, device=dev, generator=g, dtype=torch.float32)
+        s_fp32 = torch.zeros(T, plan.block_r, device=dev, dtype=torch.float32)
+        s_fp32[:, :r] = torch.randn(T, r, device=dev, generator=g)
+        flops = 2.0 * T * N * K
+        keep = L.unpack_keep_bits(mask_ref, K)
+        # independent float32 references: X W^T + scale S B^T, dY W + keep * (dS A) / (1 - p)
+        refs = {"fwd": x.float() @ w.float().t() + 2.0 * s_fp32[:, :r] @ bmat.float().t(),
+                "dX": dy.float() @ w.float() + torch.where(keep, ds[:, :r] @ a.float(), 0.0) / (1.0 - p)}
+        cublas = {"fwd": lambda: torch.mm(x, w.t()), "dX": lambda: torch.mm(dy, w)}
+        cublas_ms = {}
+        variants = [("fwd", False, None), ("fwd", True, None), ("dX", False, 0), ("dX", False, 1), ("dX", True, None)]
+        for kind in ("fwd", "dX"):
+            ms = time_ms(cublas[kind])
+            cublas_ms[kind] = ms
+            out["gemm"].append({"gemm": kind, "impl": "cuBLAS (no LoRA term)", "tile": "", "stages": "", "warps": "",
+                                "epilogue": "", "ms": ms, "tflops": flops / ms / 1e9, "same": True,
+                                "x_cublas": 1.0})
+        for (bn, stages, warps), (kind, tma, split) in itertools.product(
+                DX_TILES if not smoke else ((32, 2, 4),), variants):
+            cfg = GemmConfig(block_m=plan.block_m, block_n=bn, block_k=64 if not smoke else 16, num_stages=stages,
+                             num_warps=warps, tma=tma)
+            rule = L.epi_split(plan.block_m, bn, warps)
+            row = {"gemm": kind, "impl": "ours, TMA" if tma else "ours, pointers", "tile": f"{plan.block_m}x{bn}x{cfg.block_k}",
+                   "stages": stages, "warps": warps,
+                   "epilogue": "" if kind == "fwd" else ("split" if (rule if split is None else split) else "full")}
 
-    dy = torch.randn(T, N, device=dev, generator=g).to(dt)
-    w = (torch.randn(N, K, device=dev, generator=g) * N ** -0.5).to(dt)
-    ds = torch.randn(T, plan.block_r, device=dev, generator=g, dtype=torch.float32)
-    dx_flops = 2.0 * T * N * K
-    keep = L.unpack_keep_bits(mask_ref, K)
-    # independent reference in float32: dY W + keep * (dS A) / (1 - p)
-    gemm_ref = dy.float() @ w.float() + torch.where(keep, ds[:, :r] @ a.float(), 0.0) / (1.0 - p)
-    ref_scale = float(gemm_ref.abs().max())
-    for (bn, stages, warps), split in itertools.product(DX_TILES if not smoke else ((32, 2, 4),), (0, 1)):
-        cfg = GemmConfig(block_m=plan.block_m, block_n=bn, block_k=64 if not smoke else 16, num_stages=stages,
-                         num_warps=warps)
-        row = {"tile": f"{plan.block_m}x{bn}x{cfg.block_k}", "stages": stages, "warps": warps,
-               "epilogue": "split" if split else "full", "rule_splits": L.epi_split(plan.block_m, bn, warps)}
+            def run(cfg=cfg, kind=kind, split=split, buf=None):
+                if kind == "fwd":
+                    buf = torch.empty(T, N, device=dev, dtype=dt) if buf is None else buf
+                    L._gemm(x, w, w.stride(1), w.stride(0), s_fp32, bmat, bmat.stride(1), bmat.stride(0), None, None,
+                            buf, plan, N, K, apply_scale=True, backward=False, config=cfg)
+                else:
+                    buf = torch.empty(T, K, device=dev, dtype=dt) if buf is None else buf
+                    L._gemm(dy, w, w.stride(0), w.stride(1), ds, a, a.stride(0), a.stride(1), mask_ref, None, buf, plan,
+                            K, N, apply_scale=False, backward=True, config=cfg, epi_split=split)
+                return buf
 
-        def run(cfg=cfg, split=split, dxo=None):
-            dxo = torch.empty(T, K, device=dev, dtype=dt) if dxo is None else dxo
-            L._gemm(dy, w, w.stride(0), w.stride(1), ds, a, a.stride(0), a.stride(1), mask_ref, None, dxo, plan, K,
-                    N, apply_scale=False, backward=True, config=cfg, epi_split=split)
-            return dxo
+            try:
+                got = run()
+                ref = refs[kind]
+                diff = float((got.float() - ref).abs().max())
+                buf = torch.empty_like(got)
+                ms = time_ms(lambda: run(buf=buf))
+                # bf16 output of a long fp32 sum: within 1 % of the largest element (float32 smoke: 1e-4)
+                row.update(ms=ms, tflops=flops / ms / 1e9, max_abs_diff=diff, x_cublas=ms / cublas_ms[kind],
+                           same=diff <= (1e-4 if smoke else 1e-2) * float(ref.abs().max()))
+            except Exception as err:
+                row.update(ms=float("nan"), tflops=float("nan"), same=False, error=f"{type(err).__name__}: {err}"[:160])
+            out["gemm"].append(row)
+            print(f"gemm {row}", file=sys.stderr, flush=True)
 
-        try:
-            got = run()
-            diff = float((got.float() - gemm_ref).abs().max())
-            buf = torch.empty(T, K, device=dev, dtype=dt)
-            ms = time_ms(lambda: run(dxo=buf))
-            # bf16 output of a K = N-long fp32 sum: within 1 % of the largest element (float32 smoke: 1e-4)
-            row.update(ms=ms, tflops=dx_flops / ms / 1e9, max_abs_diff=diff,
-                       same=diff <= (1e-4 if smoke else 1e-2) * ref_scale)
-        except Exception as err:
-            row.update(ms=float("nan"), tflops=float("nan"), same=False, error=f"{type(err).__name__}: {err}"[:160])
-        out["dx_gemm"].append(row)
-        print(f"dx_gemm {row}", file=sys.stderr, flush=True)
+    if "term" in parts:
+        # masked dX term: reads the mask, writes [T, K]
+        term_bytes = T * K * 2 + T * mb
+        dx_ref = torch.empty(T, K, device=dev, dtype=dt)
+        L._masked_term(pmat, a, mask_ref, dx_ref, plan, apply_scale=True)
+        for cfg in _configs(TERM_GRID):
+            row = dict(cfg)
+            try:
+                dx = torch.empty_like(dx_ref)
+                L._masked_term(pmat, a, mask_ref, dx, plan, apply_scale=True, launch=cfg)
+                diff = float((dx.float() - dx_ref.float()).abs().max())
+                ms = time_ms(lambda: L._masked_term(pmat, a, mask_ref, dx, plan, apply_scale=True, launch=cfg))
+                row.update(ms=ms, gbps=term_bytes / ms / 1e6, max_abs_diff=diff,
+                           same=diff <= 1e-2 * float(dx_ref.float().abs().max()), default=cfg == L.TERM_LAUNCH)
+            except Exception as err:
+                row.update(ms=float("nan"), gbps=float("nan"), same=False, error=f"{type(err).__name__}: {err}"[:160])
+            out["term"].append(row)
+            print(f"term {row}", file=sys.stderr, flush=True)
+
+    if "down" in parts:
+        # dropout kernel: reads X, writes Xd and the mask bits
+        down_bytes = T * K * 2 * 2 + T * mb
+        kinds = [False, True] if args.with_s else [False]
+        s_ref = L._down(x, a, plan, seed, with_s=True)[0]
+        for with_s, cfg in itertools.product(kinds, _configs(DOWN_GRID)):
+            row = {"with_s": with_s, **cfg}
+            try:
+                s, xd, mask = L._down(x, a, plan, seed, with_s=with_s, launch=cfg)
+                same = bool(torch.equal(xd, xd_ref)) and bool(torch.equal(mask, mask_ref))
+                if with_s:
+                    same = same and bool(torch.allclose(s, s_ref, rtol=1e-3, atol=1e-3))
+                ms = time_ms(lambda: L._down(x, a, plan, seed, with_s=with_s, launch=cfg))
+                row.update(ms=ms, gbps=down_bytes / ms / 1e6, same=same, default=cfg == L.DOWN_LAUNCH)
+            except Exception as err:  # a config that does not compile is a result, not a crash
+                row.update(ms=float("nan"), gbps=float("nan"), same=False, error=f"{type(err).__name__}: {err}"[:160])
+            out["down"].append(row)
+            print(f"down {row}", file=sys.stderr, flush=True)
 
     text = [f"lora kernel sweep: {env['device_name']}, torch {env['torch']}, triton {env['triton']}, "
             f"T={T} K={K} N={N} r={r} p={p}"]
-    ok = sorted((rw for rw in out["dx_gemm"] if rw["ms"] == rw["ms"]), key=lambda rw: rw["ms"])
-    table = [[rw["tile"], str(rw["stages"]), str(rw["warps"]), rw["epilogue"], "yes" if rw["rule_splits"] else "no",
-              f"{rw['ms'] * 1e3:.1f}", f"{rw['tflops']:.0f}", "yes" if rw["same"] else "NO"] for rw in ok]
-    table += [[rw["tile"], str(rw["stages"]), str(rw["warps"]), rw["epilogue"], "", "error", rw.get("error", ""), ""]
-              for rw in out["dx_gemm"] if rw["ms"] != rw["ms"]]
-    text.append(bench.format_table(table, ["tile", "stages", "warps", "epilogue", "rule splits", "us", "TFLOP/s",
-                                           "same output"], title="== fused dX GEMM (dY W + masked LoRA term) =="))
+    for kind, title in (("fwd", "forward GEMM (X W^T + scale S B^T)"), ("dX", "dX GEMM (dY W + masked LoRA term)")):
+        rows = [rw for rw in out["gemm"] if rw["gemm"] == kind]
+        ok = sorted((rw for rw in rows if rw["ms"] == rw["ms"]), key=lambda rw: rw["ms"])
+        table = [[rw["impl"], rw["tile"], str(rw["stages"]), str(rw["warps"]), rw["epilogue"], f"{rw['ms'] * 1e3:.1f}",
+                  f"{rw['tflops']:.0f}", f"{rw['x_cublas']:.3f}", "yes" if rw["same"] else "NO"] for rw in ok]
+        table += [[rw["impl"], rw["tile"], str(rw["stages"]), str(rw["warps"]), rw["epilogue"], "error",
+                   rw.get("error", ""), "", ""] for rw in rows if rw["ms"] != rw["ms"]]
+        if table:
+            text.append(bench.format_table(table, ["impl", "tile", "stages", "warps", "epilogue", "us", "TFLOP/s",
+                                                   "x cuBLAS", "same output"], title=f"== {title} =="))
     for name, rows, keys in (("dropout (Xd + mask)", out["down"], ["with_s", *DOWN_GRID]),
                              ("masked dX term", out["term"], list(TERM_GRID))):
+        if not rows:
+            continue
         ok = sorted((rw for rw in rows if rw["ms"] == rw["ms"]), key=lambda rw: rw["ms"])
         table = [[*(str(rw[k]) for k in keys), f"{rw['ms'] * 1e3:.1f}", f"{rw['gbps']:.0f}",
                   "yes" if rw["same"] else "NO", "default" if rw.get("default") else ""] for rw in ok]
@@ -178,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("OUT"):
         Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
         (Path(os.environ["OUT"]) / "lora_kernel_sweep.json").write_text(json.dumps(out, indent=1, default=str))
-    bad = [rw for rw in out["down"] + out["term"] + out["dx_gemm"] if rw["ms"] == rw["ms"] and not rw["same"]]
+    bad = [rw for rw in out["down"] + out["term"] + out["gemm"] if rw["ms"] == rw["ms"] and not rw["same"]]
     return 1 if bad else 0
 
 

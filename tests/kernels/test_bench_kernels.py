@@ -242,8 +242,9 @@ def test_graphed_provider_warms_up_captures_once_then_replays(monkeypatch):
 
 def test_lora_kernel_sweep_smoke_runs_every_section(tmp_path):
     """launch/lora_kernel_sweep.py as the GPU run starts it (a script from a bare checkout), here under the
-    interpreter at its tiny shape: every dropout/term launch and both dX GEMM epilogues (full width, per column
-    half) give the default's output; JSON written to $OUT."""
+    interpreter at its tiny shape: every dropout/term launch gives the default's output; the forward and dX GEMMs
+    (pointer tiles, TMA descriptors; dX epilogue full width and per column half) match float32 references; the
+    cuBLAS rows are there; JSON written to $OUT; a bad --only is one error line, exit 2."""
     import os
     import subprocess
     import sys
@@ -254,10 +255,16 @@ def test_lora_kernel_sweep_smoke_runs_every_section(tmp_path):
     proc = subprocess.run([sys.executable, str(root / "launch" / "lora_kernel_sweep.py")], cwd=root / "launch",
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "fused dX GEMM" in proc.stdout and "NO GPU" in proc.stdout
+    assert "dX GEMM" in proc.stdout and "forward GEMM" in proc.stdout and "NO GPU" in proc.stdout
     data = json.loads((tmp_path / "lora_kernel_sweep.json").read_text())
     assert data["smoke"] is True
-    rows = data["dx_gemm"]
-    assert sorted(r["epilogue"] for r in rows) == ["full", "split"], rows
-    for section in ("down", "term", "dx_gemm"):
+    got = sorted((r["gemm"], r["impl"], r["epilogue"]) for r in data["gemm"])
+    assert got == [("dX", "cuBLAS (no LoRA term)", ""), ("dX", "ours, TMA", "full"), ("dX", "ours, pointers", "full"),
+                   ("dX", "ours, pointers", "split"), ("fwd", "cuBLAS (no LoRA term)", ""), ("fwd", "ours, TMA", ""),
+                   ("fwd", "ours, pointers", "")], got
+    for section in ("down", "term", "gemm"):
         assert data[section] and all(r["same"] and "error" not in r for r in data[section]), (section, data[section])
+    bad = subprocess.run([sys.executable, str(root / "launch" / "lora_kernel_sweep.py"), "--only", "gemm,conv"],
+                         cwd=root / "launch", capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "lora_kernel_sweep: --only: conv: choose from gemm, term, down"]

@@ -41,7 +41,9 @@ def test_gemm_report_for_sm90(tmp_path):
         pytest.skip("Triton's bundled ptxas is not runnable here")  # pragma: no cover
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())
-    assert len(rows) == 4 and "kernel report, sm_90" in proc.stdout
+    assert len(rows) == 6 and "kernel report, sm_90" in proc.stdout
+    # the two TMA rows read through bulk tensor copies, the four pointer rows do not
+    assert [r["tma_loads"] for r in rows] == [r["kernel"].endswith(" tma") for r in rows] == [False] * 4 + [True] * 2
     for r in rows:
         stages = int(re.search(r" s(\d+) ", r["kernel"] + " ").group(1))
         warps = int(re.search(r" w(\d+)", r["kernel"]).group(1))

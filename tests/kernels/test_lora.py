@@ -225,7 +225,7 @@ def test_lora_linear_batched_input_and_partial_grads():
     assert_all_close("dx", gx, gxr, 1e-5, 1e-5)
 
 
-@pytest.mark.parametrize("base_gemm", ["triton", "triton-split", "torch", "torch_all"])
+@pytest.mark.parametrize("base_gemm", ["triton", "triton-split", "triton_tma", "torch", "torch_all"])
 @pytest.mark.parametrize("dtype,block_m", [(torch.float32, 16), (torch.float16, 32)])
 def test_multi_lora_three_adapters_uncovered_rows(monkeypatch, dtype, block_m, base_gemm):
     """Every output and gradient element against float64, with the base GEMMs in our kernel (LoRA term in the
@@ -245,9 +245,22 @@ def test_multi_lora_three_adapters_uncovered_rows(monkeypatch, dtype, block_m, b
     w = _rand(N, K, dtype=dtype, scale=0.15)
     bias = _rand(N, dtype=dtype)
     leaves = [x] + [t for ad in adapters for t in (ad.lora_a, ad.lora_b)]
+    launches = []
+    if base_gemm == "triton_tma":  # record whether each big GEMM really read through descriptors
+        kernel = L._lora_gemm_kernel
+
+        class Spy:
+            def __getitem__(self, grid):
+                def launch(*args, **kw):
+                    launches.append(kw["USE_TMA"])
+                    return kernel[grid](*args, **kw)
+                return launch
+        monkeypatch.setattr(L, "_lora_gemm_kernel", Spy())
     y = multi_lora_linear(x, w, adapters, segments, bias=bias, seed=11, block_m=block_m, base_gemm=base_gemm)
     dy = _rand(T, N, dtype=dtype)
     grads = torch.autograd.grad(y, leaves, dy)
+    if base_gemm == "triton_tma":  # float16 dY rows of N = 36 are 72 bytes: dX falls back to pointer tiles
+        assert launches == [True, dtype == torch.float32]
 
     ads64 = [LoRAAdapterWeights(_leaf64(ad.lora_a), _leaf64(ad.lora_b), ad.scale, ad.dropout_p) for ad in adapters]
     x64 = _leaf64(x)

@@ -17,6 +17,9 @@ CONFIGS = [
     GemmConfig(block_m=32, block_n=16, block_k=32, group_m=4, num_stages=4, num_warps=8, maxnreg=128),
     # a warp-specialised K loop (Twill's Blackwell configs): same function, the interpreter ignores the split
     GemmConfig(block_m=16, block_n=16, block_k=16, group_m=2, num_stages=3, num_warps=4, warp_specialize=True),
+    # X and W through TMA descriptors (the shapes below have 16-byte aligned rows): forward W [N, K] read
+    # out-major and transposed in shared memory, dX's W read red-major; tiles past the edges zero-filled
+    GemmConfig(block_m=16, block_n=32, block_k=16, group_m=2, num_stages=4, num_warps=8, tma=True),
 ]
 
 
@@ -71,6 +74,42 @@ def test_explicit_config_equals_default_path_and_reference(cfg, monkeypatch):
         assert (kw["BLOCK_M"], kw["BLOCK_O"], kw["BLOCK_RED"], kw["GROUP_M"], kw["WARP_SPECIALIZE"]) == (
             cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m, cfg.warp_specialize)
         assert grid == (n_tiles * -(-out_dim // cfg.block_n),)
+        assert kw.get("USE_TMA", False) == cfg.tma
+    if cfg.tma:  # forward: W [N, K] has unit stride along the reduction; dX: along the output
+        assert [kw["W_OUT_MAJOR"] for _, kw in spy.calls] == [True, False]
+
+
+def test_tma_config_multi_lora_and_unaligned_fallback(monkeypatch):
+    """tma=True on a packed batch whose segments start mid-tile (the descriptor reads from each tile's first row;
+    rows past the tile's valid ones belong to the next segment and are never stored), and on a K whose rows are
+    not 16-byte aligned (pointer tiles instead): every output and gradient against float64."""
+    cfg = CONFIGS[3]
+    torch.manual_seed(8)
+    for K, want_tma in ((40, True), (37, False)):
+        T, N = 53, 24
+        x = torch.randn(T, K)
+        w = torch.randn(N, K) * K ** -0.5
+        ads = [LoRAAdapterWeights(torch.randn(r, K).requires_grad_(True), torch.randn(N, r).requires_grad_(True),
+                                  s, p) for r, s, p in ((4, 2.0, 0.2), (8, 0.5, 0.0))]
+        segs = [(0, 3, 21), (1, 21, 50)]
+        dy = torch.randn(T, N)
+        spy = _Spy(L._lora_gemm_kernel)
+        monkeypatch.setattr(L, "_lora_gemm_kernel", spy)
+        xx = x.clone().requires_grad_(True)
+        y = multi_lora_linear(xx, w, ads, segs, bias=None, seed=4, gemm_config=cfg)
+        leaves = [xx] + [t for ad in ads for t in (ad.lora_a, ad.lora_b)]
+        got = (y.detach(), *torch.autograd.grad(y, leaves, dy))
+        monkeypatch.undo()
+        assert [kw.get("USE_TMA", False) for _, kw in spy.calls] == [want_tma, want_tma]
+        x64 = x.double().requires_grad_(True)
+        ads64 = [LoRAAdapterWeights(ad.lora_a.detach().double().requires_grad_(True),
+                                    ad.lora_b.detach().double().requires_grad_(True), ad.scale, ad.dropout_p)
+                 for ad in ads]
+        y64 = L.multi_lora_linear_reference(x64, w.double(), ads64, segs, seed=4)
+        ref = (y64.detach(), *torch.autograd.grad(y64, [x64] + [t for ad in ads64 for t in (ad.lora_a, ad.lora_b)],
+                                                  dy.double()))
+        for name, g, r in zip(("y", "dx", "dA0", "dB0", "dA1", "dB1"), got, ref):
+            assert_close(f"K={K} {name}", g, r)
 
 
 def test_multi_lora_explicit_config_uncovered_rows():
