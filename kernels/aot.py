@@ -34,7 +34,8 @@ SIGNATURES: dict[str, dict[str, str]] = {
     "lora_term": dict(L=_BF, P=_BF, MASK="*u8", OUT=_BF, TABLE="*i64", FTABLE="*fp32", OUT_DIM="i32",
                       stride_lm="i32", stride_pr="i32", stride_po="i32", stride_mm="i32", stride_om="i32"),
     "lora_dy": dict(DY=_BF, S="*fp32", B=_BF, DS="*fp32", DB="*fp32", DBIAS="*fp32", TABLE="*i64", FTABLE="*fp32",
-                    N="i32", stride_dym="i32", stride_sm="i32", stride_bn="i32", stride_dsm="i32", stride_dbn="i32"),
+                    N="i32", db_copies="i32", stride_dym="i32", stride_sm="i32", stride_bn="i32", stride_dsm="i32",
+                    stride_dbn="i32", stride_dbc="i32"),
     "gemm": dict(a_ptr=_BF, b_ptr=_BF, c_ptr=_BF, M="i32", N="i32", K="i32", stride_am="i32", stride_ak="i32",
                  stride_bk="i32", stride_bn="i32", stride_cm="i32", stride_cn="i32"),
     "moe_mm": dict(x_ptr=_BF, w_ptr=_BF, y_ptr=_BF, tile_e_ptr="*i32", tile_row_ptr="*i32", off_ptr="*i64",
@@ -160,7 +161,7 @@ def kernel_cases(only: Optional[Iterable[str]] = None, arch: int = 90) -> list[t
                       dict(num_warps=L.TERM_LAUNCH["warps"], num_stages=1), ()))
         cases.append(("lora", "lora dY (split 5)", L._lora_dy_kernel, SIGNATURES["lora_dy"],
                       dict(SPLIT_N=5, BLOCK_M=128, BLOCK_N=64, BLOCK_R=16, HAS_DBIAS=False, UPCAST=False),
-                      dict(num_warps=4, num_stages=3), ()))
+                      dict(num_warps=4, num_stages=3), ("db_copies",)))
     if "gemm" in groups:
         for bn, warps, stages, tma in ((128, 4, 3, False), (128, 8, 4, False), (256, 8, 3, False),
                                        (256, 8, 4, False), (128, 8, 4, True), (256, 8, 4, True)):

@@ -158,6 +158,12 @@ _DOWN_STAGES = 1
 _DOWN_PLAIN_WARPS, _DOWN_PLAIN_STAGES = 4, 3
 DOWN_LAUNCH = {"sub_m": 32, "warps": 4, "per_sm": 8}
 TERM_LAUNCH = {"sub_m": 64, "warps": 4, "split": 8}
+#: Launch knobs of the dY kernel (``base_gemm="triton"``): columns per step, programs per SM (the N loop is split to
+#: reach that many), warps, and copies of dB the tiles' atomic adds are spread over (tile i adds into copy
+#: i % copies, summed afterwards: fewer adds landing on one address at a time). The defaults are what the
+#: H200 runs of 2026-11-28 measured (92 us at T=8192 N=4096 r=16, 0.7 TB/s); ``launch/lora_kernel_sweep.py
+#: --only dy`` times the alternatives (not yet run on a GPU).
+DY_LAUNCH = {"block_n": 64, "per_sm": 2, "warps": 4, "copies": 1}
 
 
 def _drop_blocks(cols: int) -> int:
@@ -481,14 +487,16 @@ if HAVE_TRITON:
 
     @triton.jit
     def _lora_dy_kernel(
-        DY, S, B, DS, DB, DBIAS, TABLE, FTABLE, N,
-        stride_dym, stride_sm, stride_bn, stride_dsm, stride_dbn,
+        DY, S, B, DS, DB, DBIAS, TABLE, FTABLE, N, db_copies,
+        stride_dym, stride_sm, stride_bn, stride_dsm, stride_dbn, stride_dbc,
         SPLIT_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         HAS_DBIAS: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        """One read of dY per (tile, N split): dS[tile] += scale dY B, dB += scale dY^T S[tile], dbias += sum dY."""
+        """One read of dY per (tile, N split): dS[tile] += scale dY B, dB += scale dY^T S[tile], dbias += sum dY.
+        dB goes to copy ``pid_m % db_copies`` (copies ``stride_dbc`` elements apart; the host sums them)."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
+        DB = DB + (pid_m % db_copies) * stride_dbc
         row_start, n_valid, rank, r_off = _tile_entry(TABLE, pid_m)
         scale = tl.load(FTABLE + pid_m * 2 + 0)
         rm = tl.arange(0, BLOCK_M)
@@ -1049,22 +1057,25 @@ def _backward_grouped(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, n
     return dx, da[:plan.r_total], db[:plan.r_total].t(), dbias
 
 
-def _dy_pass(dy2, s, b_cat, plan: _TilePlan, need_dbias: bool):
-    """Step 3 in our kernel: dS, dB (fp32) and dbias (fp32 or None) from one read of dY."""
+def _dy_pass(dy2, s, b_cat, plan: _TilePlan, need_dbias: bool, launch: Optional[dict] = None):
+    """Step 3 in our kernel: dS, dB (fp32) and dbias (fp32 or None) from one read of dY. ``launch`` overrides
+    ``DY_LAUNCH`` (block_n is 16 under the interpreter)."""
     T, N = dy2.shape
     dev = dy2.device
+    knobs = {**DY_LAUNCH, **(launch or {})}
+    copies = max(1, min(int(knobs["copies"]), plan.n_tiles))
     ds = torch.zeros((T, plan.block_r), device=dev, dtype=torch.float32)
-    db = torch.zeros((N, max(plan.r_total, 1)), device=dev, dtype=torch.float32)
+    db = torch.zeros((copies, N, max(plan.r_total, 1)), device=dev, dtype=torch.float32)
     dbias = torch.zeros((N,), device=dev, dtype=torch.float32) if need_dbias else None
-    block_n = 16 if INTERPRET else 64
-    split_n = _split(plan.n_tiles, triton.cdiv(N, block_n), dev)
+    block_n = 16 if INTERPRET else int(knobs["block_n"])
+    split_n = _split(plan.n_tiles, triton.cdiv(N, block_n), dev, per_sm=int(knobs["per_sm"]))
     if plan.segments or dbias is not None:
         _lora_dy_kernel[(plan.n_tiles, split_n)](
-            dy2, s, b_cat, ds, db, dbias if dbias is not None else ds, plan.table, plan.ftable, N,
-            dy2.stride(0), s.stride(0), b_cat.stride(0), ds.stride(0), db.stride(0),
+            dy2, s, b_cat, ds, db, dbias if dbias is not None else ds, plan.table, plan.ftable, N, copies,
+            dy2.stride(0), s.stride(0), b_cat.stride(0), ds.stride(0), db.stride(1), db.stride(0),
             SPLIT_N=split_n, BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_R=plan.block_r,
-            HAS_DBIAS=dbias is not None, UPCAST=INTERPRET, **_launch_opts(4, 3))
-    return ds, db, dbias
+            HAS_DBIAS=dbias is not None, UPCAST=INTERPRET, **_launch_opts(int(knobs["warps"]), 3))
+    return ds, db[0] if copies == 1 else db.sum(0), dbias
 
 
 def _fused_forward(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int, gemm_config=None,

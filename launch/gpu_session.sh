@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The owed GPU measurements in one call (for a lent device machine; see README "what is measured where"):
-#   1. launch/lora_kernel_sweep.py --only gemm: our forward and dX LoRA GEMMs at four tiles, pointer tiles vs TMA
+#   1. launch/lora_kernel_sweep.py --only gemm,dy: our forward and dX LoRA GEMMs at four tiles, pointer tiles vs TMA
 #      descriptors (base_gemm="triton_tma"), the dX epilogue full width vs per column half, each over cuBLAS on
-#      the same tensors (~1-2 min; the dropout/term launch knobs were swept on 2026-11-28 and are not repeated);
+#      the same tensors, and the dY kernel's launch (N block, programs per SM, dB copies) (~2 min; the
+#      dropout/term launch knobs were swept on 2026-11-28 and are not repeated);
 #   2. launch/device_check.py --only lora,gemm: bf16 checks, the LoRA grid (triton / triton_tma / torch /
 #      torch_all / torch_grouped providers, graphed case, host profile) and the Twill plan-vs-sweep with
 #      head-to-head confirmation, within --budget-s.
@@ -15,6 +16,6 @@ PY="${PYTHON:-python3}"
 echo "== gpu_session: $(date -u +%Y-%m-%dT%H:%M:%SZ), budget ${BUDGET}s for device_check =="
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 rc=0
-timeout 240 "$PY" lora_kernel_sweep.py --only gemm || { echo "lora_kernel_sweep exit $?"; rc=1; }
+timeout 270 "$PY" lora_kernel_sweep.py --only gemm,dy || { echo "lora_kernel_sweep exit $?"; rc=1; }
 timeout $((BUDGET + 90)) "$PY" device_check.py --only lora,gemm --budget-s "$BUDGET" || { echo "device_check exit $?"; rc=1; }
 exit $rc

@@ -3,12 +3,15 @@
     python3 launch/lora_kernel_sweep.py                  # T=8192 K=4096 r=16 p=0.1, bf16
     python3 launch/lora_kernel_sweep.py --T 16384 --K 8192 --r 64
 
-Kernels, in this order (``--only gemm,term,down`` picks some):
+Kernels, in this order (``--only gemm,dy,term,down`` picks some):
 - gemm: our two big LoRA GEMMs (``base_gemm="triton"``; N = ``--N``) at four tile configs, each with pointer
   tiles and with TMA descriptor loads (``GemmConfig.tma``, ``base_gemm="triton_tma"``) - the forward
   (X W^T + scale S B^T) and the dX GEMM (dY W + the masked LoRA term; pointer tiles also with the masked epilogue
   full width and per column half, ``kernels.lora.epi_split``) - next to cuBLAS running the plain X W^T and dY W
   on the same tensors (the column "x cuBLAS": our GEMM with its LoRA term over cuBLAS without it);
+- dy: the dY kernel of ``base_gemm="triton"`` (dS = dY B and dB = dY^T S from one read of dY; 92 us at the
+  default shape on the H200, 0.7 TB/s) over columns per step x programs per SM x warps x copies of dB its atomic
+  adds are spread over (``kernels.lora.DY_LAUNCH``);
 - term: the masked dX term over rows per program x warps x programs per row;
 - down: the dropout kernel (Xd and the mask bits; with ``--with-s`` also S = Xd A^T, the launch
   ``base_gemm="torch"`` uses) over rows per program x warps x programs per SM.
@@ -34,6 +37,8 @@ from device_check import ensure_namespace
 #: 4 warps / 8 per row), one step further in each direction it was still improving in
 DOWN_GRID = {"sub_m": (16, 32, 64), "warps": (4, 8), "per_sm": (8, 16)}
 TERM_GRID = {"sub_m": (64, 128), "warps": (4, 8), "split": (8, 16)}
+#: the dY kernel: around DY_LAUNCH (64 / 2 / 4 / 1), more programs and dB copies
+DY_GRID = {"block_n": (64, 128), "per_sm": (2, 8), "warps": (4,), "copies": (1, 8)}
 #: (block_n, num_stages, num_warps) of the dX GEMM: the two tiles of the Twill plans and of the autotuner
 DX_TILES = ((256, 3, 8), (256, 4, 8), (128, 4, 4), (128, 4, 8))
 
@@ -51,12 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--p", type=float, default=0.1)
     ap.add_argument("--N", type=int, default=4096, help="output features of the layer (the dX GEMM's reduction)")
     ap.add_argument("--with-s", action="store_true", help="also time the dropout kernel that accumulates S")
-    ap.add_argument("--only", default="gemm,term,down", help="comma-separated parts: gemm, term, down (default: all)")
+    ap.add_argument("--only", default="gemm,dy,term,down",
+                    help="comma-separated parts: gemm, dy, term, down (default: all)")
     args = ap.parse_args(argv)
     parts = [x.strip() for x in args.only.split(",") if x.strip()]
-    bad = [x for x in parts if x not in ("gemm", "term", "down")]
+    bad = [x for x in parts if x not in ("gemm", "dy", "term", "down")]
     if bad or not parts:
-        print(f"lora_kernel_sweep: --only: {', '.join(bad) or 'nothing given'}: choose from gemm, term, down",
+        print(f"lora_kernel_sweep: --only: {', '.join(bad) or 'nothing given'}: choose from gemm, dy, term, down",
               file=sys.stderr)
         return 2
     ensure_namespace()
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     mb = L.mask_bytes(K)
     env = bench.environment(dev.type)
     out = {**env, "smoke": smoke, "shape": {"T": T, "K": K, "r": r, "p": p, "N": N}, "down": [], "term": [],
-           "gemm": []}
+           "gemm": [], "dy": []}
 
     def time_ms(fn) -> float:
         if smoke:
@@ -156,6 +162,30 @@ def main(argv: list[str] | None = None) -> int:
             out["gemm"].append(row)
             print(f"gemm {row}", file=sys.stderr, flush=True)
 
+    if "dy" in parts:
+        # dY kernel: reads dY [T, N] once, dS [T, r] and dB [N, r] in fp32; float64 references
+        dy_in = torch.randn(T, N, device=dev, generator=g).to(dt)
+        b_in = (torch.randn(N, r, device=dev, generator=g) * r ** -0.5).to(dt)
+        s_in = torch.zeros(T, plan.block_r, device=dev, dtype=torch.float32)
+        s_in[:, :r] = torch.randn(T, r, device=dev, generator=g)
+        ds_ref = 2.0 * dy_in.double() @ b_in.double()
+        db_ref = 2.0 * dy_in.double().t() @ s_in[:, :r].double()
+        dy_bytes = T * N * 2
+        for cfg in _configs(DY_GRID):
+            row = dict(cfg)
+            try:
+                ds_got, db_got, _ = L._dy_pass(dy_in, s_in, b_in, plan, False, launch=cfg)
+                err = max(float((ds_got[:, :r].double() - ds_ref).abs().max() / ds_ref.abs().max()),
+                          float((db_got[:, :r].double() - db_ref).abs().max() / db_ref.abs().max()))
+                ms = time_ms(lambda: L._dy_pass(dy_in, s_in, b_in, plan, False, launch=cfg))
+                # fp32 sums of bf16 products (the interpreter: float32 inputs)
+                row.update(ms=ms, gbps=dy_bytes / ms / 1e6, rel_err=err, same=err <= (1e-5 if smoke else 1e-2),
+                           default=cfg == L.DY_LAUNCH)
+            except Exception as err:
+                row.update(ms=float("nan"), gbps=float("nan"), same=False,
+                           error=f"{type(err).__name__}: {err}"[:160])
+            out["dy"].append(row)
+            print(f"dy {row}", file=sys.stderr, flush=True)
     if "term" in parts:
         # masked dX term: reads the mask, writes [T, K]
         term_bytes = T * K * 2 + T * mb
@@ -206,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         if table:
             text.append(bench.format_table(table, ["impl", "tile", "stages", "warps", "epilogue", "us", "TFLOP/s",
                                                    "x cuBLAS", "same output"], title=f"== {title} =="))
-    for name, rows, keys in (("dropout (Xd + mask)", out["down"], ["with_s", *DOWN_GRID]),
+    for name, rows, keys in (("dY kernel (dS, dB)", out["dy"], list(DY_GRID)),
+                             ("dropout (Xd + mask)", out["down"], ["with_s", *DOWN_GRID]),
                              ("masked dX term", out["term"], list(TERM_GRID))):
         if not rows:
             continue
@@ -220,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("OUT"):
         Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
         (Path(os.environ["OUT"]) / "lora_kernel_sweep.json").write_text(json.dumps(out, indent=1, default=str))
-    bad = [rw for rw in out["down"] + out["term"] + out["gemm"] if rw["ms"] == rw["ms"] and not rw["same"]]
+    bad = [rw for rw in out["down"] + out["term"] + out["gemm"] + out["dy"] if rw["ms"] == rw["ms"] and not rw["same"]]
     return 1 if bad else 0
 
 

@@ -262,9 +262,10 @@ def test_lora_kernel_sweep_smoke_runs_every_section(tmp_path):
     assert got == [("dX", "cuBLAS (no LoRA term)", ""), ("dX", "ours, TMA", "full"), ("dX", "ours, pointers", "full"),
                    ("dX", "ours, pointers", "split"), ("fwd", "cuBLAS (no LoRA term)", ""), ("fwd", "ours, TMA", ""),
                    ("fwd", "ours, pointers", "")], got
-    for section in ("down", "term", "gemm"):
+    assert len(data["dy"]) == 8 and sum(r["default"] for r in data["dy"]) == 1, data["dy"]
+    for section in ("down", "term", "gemm", "dy"):
         assert data[section] and all(r["same"] and "error" not in r for r in data[section]), (section, data[section])
     bad = subprocess.run([sys.executable, str(root / "launch" / "lora_kernel_sweep.py"), "--only", "gemm,conv"],
                          cwd=root / "launch", capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "lora_kernel_sweep: --only: conv: choose from gemm, term, down"]
+        "lora_kernel_sweep: --only: conv: choose from gemm, dy, term, down"]

@@ -225,14 +225,18 @@ def test_lora_linear_batched_input_and_partial_grads():
     assert_all_close("dx", gx, gxr, 1e-5, 1e-5)
 
 
-@pytest.mark.parametrize("base_gemm", ["triton", "triton-split", "triton_tma", "torch", "torch_all"])
+@pytest.mark.parametrize("base_gemm", ["triton", "triton-split", "triton-dbcopies", "triton_tma", "torch",
+                                       "torch_all"])
 @pytest.mark.parametrize("dtype,block_m", [(torch.float32, 16), (torch.float16, 32)])
 def test_multi_lora_three_adapters_uncovered_rows(monkeypatch, dtype, block_m, base_gemm):
     """Every output and gradient element against float64, with the base GEMMs in our kernel (LoRA term in the
-    accumulator; "triton-split": its masked dX epilogue per column half) and in torch's GEMM (LoRA term through
-    its C input)."""
+    accumulator; "triton-split": its masked dX epilogue per column half; "triton-dbcopies": dB summed from 3
+    copies) and in torch's GEMM (LoRA term through its C input)."""
     if base_gemm == "triton-split":
         monkeypatch.setattr(L, "_INTERPRET_EPI_SPLIT", 1)
+        base_gemm = "triton"
+    if base_gemm == "triton-dbcopies":  # the dY kernel spreading its dB adds over 3 copies (tile i -> copy i % 3)
+        monkeypatch.setattr(L, "DY_LAUNCH", {**L.DY_LAUNCH, "copies": 3})
         base_gemm = "triton"
     atol, rtol = TOL[dtype]
     T, K, N = 61, 40, 36
