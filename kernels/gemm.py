@@ -49,7 +49,8 @@ class GemmConfig:
     """Registers per thread cap (None: compiler's choice)."""
     tma: bool = False
     """Load the operand tiles through TMA tensor descriptors (sm_90+) instead of pointer tiles, where the
-    operands allow it (unit stride along the loaded rows, 16-byte aligned bases and row strides)."""
+    operands allow it (unit stride along the loaded rows, 16-byte aligned bases and row strides) and no tile
+    side exceeds 256. The descriptors are made in the kernel (one global write and fence per program)."""
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -193,7 +194,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, config: Optional[GemmConfig] = None) 
         opts["maxnreg"] = cfg.maxnreg
     interp = _interpreting()
     tma = {}
-    if cfg.tma:
+    if cfg.tma and max(cfg.block_m, cfg.block_n, cfg.block_k) <= 256:  # TMA boxes: <= 256 per dimension
         layout = tma_layout(a, b)
         if layout is not None:
             tma = dict(USE_TMA=True, A_K_UNIT=layout[0], B_N_UNIT=layout[1])

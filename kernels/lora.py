@@ -740,6 +740,10 @@ def resolve_base_gemm(base_gemm: str, x: torch.Tensor) -> str:
     return base_gemm
 
 
+#: TMA copies boxes of at most 256 elements per dimension: bigger tiles take pointer tiles
+TMA_MAX_BOX = 256
+
+
 def _tma_ok(x: torch.Tensor, w: torch.Tensor, stride_wr: int, stride_wo: int) -> bool:
     """Whether X [rows, RED] and W (element (red, out) at ``stride_wr``/``stride_wo``) can be read through TMA
     descriptors: unit stride along the contiguous axis, 16-byte aligned base addresses and row strides."""
@@ -771,7 +775,8 @@ def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bi
             mask.stride(0) if mask is not None else 0, out.stride(0))
     flags = dict(BLOCK_M=plan.block_m, BLOCK_R=plan.block_r, HAS_BIAS=bias is not None,
                  HAS_MASK=mask is not None, APPLY_SCALE=apply_scale, UPCAST=INTERPRET)
-    use_tma = (tma or bool(getattr(config, "tma", False))) and _tma_ok(x, w, stride_wr, stride_wo)
+    use_tma = ((tma or bool(getattr(config, "tma", False))) and _tma_ok(x, w, stride_wr, stride_wo)
+               and (config is None or max(config.block_n, config.block_k, plan.block_m) <= TMA_MAX_BOX))
     if use_tma:
         flags["W_OUT_MAJOR"] = stride_wr == 1
         if x.is_cuda:

@@ -111,3 +111,16 @@ def test_gemm_tma_falls_back_to_pointer_tiles_when_unaligned(monkeypatch):
     assert "USE_TMA" not in spy.calls[0]
     assert G.tma_layout(a, b) is None and G.tma_layout(a[:, :32], b) is None  # a view keeps the parent's stride
     assert G.tma_layout(torch.randn(8, 40)[:, 8:], torch.randn(32, 8)) == (True, True)
+
+
+def test_gemm_tma_needs_boxes_of_at_most_256(monkeypatch):
+    """A tile side above 256 cannot be one TMA box: the launch keeps pointer tiles (and stays correct)."""
+    import adasched.kernels.gemm as G
+
+    g = torch.Generator().manual_seed(13)
+    a, b = torch.randn(24, 40, generator=g), torch.randn(40, 16, generator=g)
+    spy = _KernelSpy(G._gemm_kernel)
+    monkeypatch.setattr(G, "_gemm_kernel", spy)
+    _close(gemm(a, b, GemmConfig(block_m=16, block_n=16, block_k=512, tma=True)), gemm_reference(a, b),
+           torch.float32, "C (box too big)")
+    assert "USE_TMA" not in spy.calls[0]
