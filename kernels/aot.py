@@ -148,6 +148,16 @@ def kernel_cases(only: Optional[Iterable[str]] = None, arch: int = 90) -> list[t
             cases.append(("lora", f"lora GEMM dX+mask {tile}", L._lora_gemm_kernel,
                           SIGNATURES["lora_gemm"], dict(base, HAS_MASK=True, APPLY_SCALE=False, stride_wo=1,
                                                         stride_po=1, W_OUT_MAJOR=False), opts, ()))
+        for bo in (256, 128):  # the persistent grid (GemmConfig.persistent), TMA, at the 8-warp tiles
+            kw = dict(BLOCK_M=128, BLOCK_R=16, UPCAST=False, WARP_SPECIALIZE=ws, HAS_BIAS=False, EPI_SPLIT=-1,
+                      BLOCK_O=bo, BLOCK_RED=64, GROUP_M=8, EPI_WARPS=8, USE_TMA=True, PERSISTENT=True)
+            tile = f"128x{bo}x64 s4 w8{' ws' if ws else ''} tma persistent"
+            cases.append(("lora", f"lora GEMM fwd {tile}", L._lora_gemm_kernel, SIGNATURES["lora_gemm"],
+                          dict(kw, HAS_MASK=False, APPLY_SCALE=True, stride_wr=1, stride_pr=1, W_OUT_MAJOR=True),
+                          dict(num_warps=8, num_stages=4), ()))
+            cases.append(("lora", f"lora GEMM dX+mask {tile}", L._lora_gemm_kernel, SIGNATURES["lora_gemm"],
+                          dict(kw, HAS_MASK=True, APPLY_SCALE=False, stride_wo=1, stride_po=1, W_OUT_MAJOR=False),
+                          dict(num_warps=8, num_stages=4), ()))
         down = dict(SPLIT_K=8, BLOCK_M=128, BLOCK_K=64, BLOCK_R=16, UPCAST=False, PLANE=L.DROP_PLANE,
                     SEED_FROM_PTR=False, ALL_ROWS=False)
         for name, drop, dot in (("dropout/S", True, True), ("dropout only", True, False), ("S, no dropout", False, True)):

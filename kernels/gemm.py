@@ -51,6 +51,9 @@ class GemmConfig:
     """Load the operand tiles through TMA tensor descriptors (sm_90+) instead of pointer tiles, where the
     operands allow it (unit stride along the loaded rows, 16-byte aligned bases and row strides) and no tile
     side exceeds 256. The descriptors are made in the kernel (one global write and fence per program)."""
+    persistent: bool = False
+    """LoRA GEMMs only (``kernels.lora``): one program per resident CTA slot looping over the output tiles
+    (the plain ``gemm`` launches one program per tile either way)."""
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -81,6 +84,8 @@ class GemmConfig:
             s += f" r{self.maxnreg}"
         if self.tma:
             s += " tma"
+        if self.persistent:
+            s += " persistent"
         return s
 
     def as_dict(self) -> dict:

@@ -347,6 +347,7 @@ if HAVE_TRITON:
         GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, APPLY_SCALE: tl.constexpr,
         UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False, EPI_WARPS: tl.constexpr = 4,
         EPI_SPLIT: tl.constexpr = -1, USE_TMA: tl.constexpr = False, W_OUT_MAJOR: tl.constexpr = False,
+        PERSISTENT: tl.constexpr = False,
     ):
         """OUT[tile, oblk] = X[tile, :] @ W[:, oblk] + lora_term (+ bias), W element (red, out) at
         W + red*stride_wr + out*stride_wo. LoRA term, added to the accumulator after the K loop:
@@ -365,8 +366,49 @@ if HAVE_TRITON:
         read but never stored; past X_ROWS the unit fills zeros); W_OUT_MAJOR: W is [OUT_DIM, RED_DIM] with
         unit stride along RED (the forward's W [N, K]; the tile is transposed in shared memory), else
         [RED_DIM, OUT_DIM] with unit stride along OUT (dX's W). Needs 16-byte aligned bases and row strides
-        (``_tma_ok``). The epilogue stays masked pointer stores (a tile's valid rows end anywhere)."""
-        pid = tl.program_id(0)
+        (``_tma_ok``). The epilogue stays masked pointer stores (a tile's valid rows end anywhere).
+
+        PERSISTENT: a grid of at most one program per resident CTA slot, each looping over output tiles
+        pid, pid + grid, ... (the descriptors made once per program, not once per tile). The tile loop is not
+        flattened into the K loop: with ``flatten=True`` ptxas serialised the warpgroup MMAs on sm_90 (C7514 /
+        C7515, offline compile, Triton 3.7.1)."""
+        n_out = n_tiles * tl.cdiv(OUT_DIM, BLOCK_O)
+        x_desc = None
+        w_desc = None
+        if USE_TMA:
+            x_desc = tl.make_tensor_descriptor(X, shape=[X_ROWS, RED_DIM], strides=[stride_xm, 1],
+                                               block_shape=[BLOCK_M, BLOCK_RED])
+            if W_OUT_MAJOR:
+                w_desc = tl.make_tensor_descriptor(W, shape=[OUT_DIM, RED_DIM], strides=[stride_wo, 1],
+                                                   block_shape=[BLOCK_O, BLOCK_RED])
+            else:
+                w_desc = tl.make_tensor_descriptor(W, shape=[RED_DIM, OUT_DIM], strides=[stride_wr, 1],
+                                                   block_shape=[BLOCK_RED, BLOCK_O])
+        if PERSISTENT:
+            for tile in tl.range(tl.program_id(0), n_out, tl.num_programs(0)):
+                _lora_gemm_tile(tile, x_desc, w_desc, X, W, L, P, MASK, BIAS, OUT, TABLE, FTABLE, n_tiles, OUT_DIM,
+                                RED_DIM, stride_xm, stride_wr, stride_wo, stride_lm, stride_pr, stride_po,
+                                stride_mm, stride_om, BLOCK_M, BLOCK_O, BLOCK_RED, BLOCK_R, GROUP_M, HAS_BIAS,
+                                HAS_MASK, APPLY_SCALE, UPCAST, WARP_SPECIALIZE, EPI_WARPS, EPI_SPLIT, USE_TMA,
+                                W_OUT_MAJOR)
+        else:
+            _lora_gemm_tile(tl.program_id(0), x_desc, w_desc, X, W, L, P, MASK, BIAS, OUT, TABLE, FTABLE, n_tiles,
+                            OUT_DIM, RED_DIM, stride_xm, stride_wr, stride_wo, stride_lm, stride_pr, stride_po,
+                            stride_mm, stride_om, BLOCK_M, BLOCK_O, BLOCK_RED, BLOCK_R, GROUP_M, HAS_BIAS, HAS_MASK,
+                            APPLY_SCALE, UPCAST, WARP_SPECIALIZE, EPI_WARPS, EPI_SPLIT, USE_TMA, W_OUT_MAJOR)
+
+    @triton.jit
+    def _lora_gemm_tile(
+        pid, x_desc, w_desc, X, W, L, P, MASK, BIAS, OUT, TABLE, FTABLE, n_tiles, OUT_DIM, RED_DIM,
+        stride_xm, stride_wr, stride_wo, stride_lm, stride_pr, stride_po, stride_mm, stride_om,
+        BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
+        GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, APPLY_SCALE: tl.constexpr,
+        UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, EPI_WARPS: tl.constexpr, EPI_SPLIT: tl.constexpr,
+        USE_TMA: tl.constexpr, W_OUT_MAJOR: tl.constexpr,
+    ):
+        """Output tile ``pid`` of ``_lora_gemm_kernel`` (grouped along M for L2 reuse): the K loop, then the LoRA
+        term and the epilogue."""
+
         num_pid_o = tl.cdiv(OUT_DIM, BLOCK_O)
         num_pid_in_group = GROUP_M * num_pid_o
         group_id = pid // num_pid_in_group
@@ -387,14 +429,6 @@ if HAVE_TRITON:
         # defining accumulator registers"); added after the loop it stays in registers all the same.
         acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
         if USE_TMA:
-            x_desc = tl.make_tensor_descriptor(X, shape=[X_ROWS, RED_DIM], strides=[stride_xm, 1],
-                                               block_shape=[BLOCK_M, BLOCK_RED])
-            if W_OUT_MAJOR:
-                w_desc = tl.make_tensor_descriptor(W, shape=[OUT_DIM, RED_DIM], strides=[stride_wo, 1],
-                                                   block_shape=[BLOCK_O, BLOCK_RED])
-            else:
-                w_desc = tl.make_tensor_descriptor(W, shape=[RED_DIM, OUT_DIM], strides=[stride_wr, 1],
-                                                   block_shape=[BLOCK_RED, BLOCK_O])
             for rb in tl.range(0, tl.cdiv(RED_DIM, BLOCK_RED), warp_specialize=WARP_SPECIALIZE):
                 xt = x_desc.load([row_start.to(tl.int32), rb * BLOCK_RED])
                 if W_OUT_MAJOR:
@@ -742,6 +776,15 @@ def resolve_base_gemm(base_gemm: str, x: torch.Tensor) -> str:
 
 #: TMA copies boxes of at most 256 elements per dimension: bigger tiles take pointer tiles
 TMA_MAX_BOX = 256
+#: shared memory per SM that CTAs can use on sm_90 (228 KiB, 1 KiB of it reserved per CTA)
+_SMEM_PER_SM = 228 * 1024
+
+
+def _ctas_per_sm(config, elem_bytes: int) -> int:
+    """CTAs of a GemmConfig that fit one SM by their operand rings in shared memory (the persistent grid's
+    programs per SM)."""
+    ring = config.num_stages * (config.block_m + config.block_n) * config.block_k * elem_bytes + 1024
+    return max(1, _SMEM_PER_SM // ring)
 
 
 def _tma_ok(x: torch.Tensor, w: torch.Tensor, stride_wr: int, stride_wo: int) -> bool:
@@ -783,6 +826,9 @@ def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bi
             set_descriptor_allocator()
     if config is not None:
         grid = (plan.n_tiles * triton.cdiv(out_dim, config.block_n),)
+        if getattr(config, "persistent", False):
+            grid = (min(grid[0], _num_sms(x.device) * _ctas_per_sm(config, x.element_size())),)
+            flags["PERSISTENT"] = True
         consts, opts = _config_launch(config, INTERPRET)
         if epi_split is not None:
             consts["EPI_SPLIT"] = int(epi_split)

@@ -5,7 +5,8 @@
 
 Kernels, in this order (``--only gemm,dy,term,down`` picks some):
 - gemm: our two big LoRA GEMMs (``base_gemm="triton"``; N = ``--N``) at four tile configs, each with pointer
-  tiles and with TMA descriptor loads (``GemmConfig.tma``, ``base_gemm="triton_tma"``) - the forward
+  tiles and with TMA descriptor loads (``GemmConfig.tma``, ``base_gemm="triton_tma"``; at the 8-warp tiles also
+  on a persistent grid, ``GemmConfig.persistent``) - the forward
   (X W^T + scale S B^T) and the dX GEMM (dY W + the masked LoRA term; pointer tiles also with the masked epilogue
   full width and per column half, ``kernels.lora.epi_split``) - next to cuBLAS running the plain X W^T and dY W
   on the same tensors (the column "x cuBLAS": our GEMM with its LoRA term over cuBLAS without it);
@@ -121,19 +122,24 @@ def main(argv: list[str] | None = None) -> int:
                 "dX": dy.float() @ w.float() + torch.where(keep, ds[:, :r] @ a.float(), 0.0) / (1.0 - p)}
         cublas = {"fwd": lambda: torch.mm(x, w.t()), "dX": lambda: torch.mm(dy, w)}
         cublas_ms = {}
-        variants = [("fwd", False, None), ("fwd", True, None), ("dX", False, 0), ("dX", False, 1), ("dX", True, None)]
+        # (gemm, tma, dX epilogue split (None: the rule), persistent grid)
+        variants = [("fwd", False, None, False), ("fwd", True, None, False), ("fwd", True, None, True),
+                    ("dX", False, 0, False), ("dX", False, 1, False), ("dX", True, None, False), ("dX", True, None, True)]
         for kind in ("fwd", "dX"):
             ms = time_ms(cublas[kind])
             cublas_ms[kind] = ms
             out["gemm"].append({"gemm": kind, "impl": "cuBLAS (no LoRA term)", "tile": "", "stages": "", "warps": "",
                                 "epilogue": "", "ms": ms, "tflops": flops / ms / 1e9, "same": True,
                                 "x_cublas": 1.0})
-        for (bn, stages, warps), (kind, tma, split) in itertools.product(
+        for (bn, stages, warps), (kind, tma, split, persistent) in itertools.product(
                 DX_TILES if not smoke else ((32, 2, 4),), variants):
+            if persistent and warps != 8 and not smoke:  # the persistent grid at the two 8-warp tiles only
+                continue
             cfg = GemmConfig(block_m=plan.block_m, block_n=bn, block_k=64 if not smoke else 16, num_stages=stages,
-                             num_warps=warps, tma=tma)
+                             num_warps=warps, tma=tma, persistent=persistent)
             rule = L.epi_split(plan.block_m, bn, warps)
-            row = {"gemm": kind, "impl": "ours, TMA" if tma else "ours, pointers", "tile": f"{plan.block_m}x{bn}x{cfg.block_k}",
+            impl = ("ours, TMA" if tma else "ours, pointers") + (", persistent" if persistent else "")
+            row = {"gemm": kind, "impl": impl, "tile": f"{plan.block_m}x{bn}x{cfg.block_k}",
                    "stages": stages, "warps": warps,
                    "epilogue": "" if kind == "fwd" else ("split" if (rule if split is None else split) else "full")}
 

@@ -259,9 +259,10 @@ def test_lora_kernel_sweep_smoke_runs_every_section(tmp_path):
     data = json.loads((tmp_path / "lora_kernel_sweep.json").read_text())
     assert data["smoke"] is True
     got = sorted((r["gemm"], r["impl"], r["epilogue"]) for r in data["gemm"])
-    assert got == [("dX", "cuBLAS (no LoRA term)", ""), ("dX", "ours, TMA", "full"), ("dX", "ours, pointers", "full"),
+    assert got == [("dX", "cuBLAS (no LoRA term)", ""), ("dX", "ours, TMA", "full"),
+                   ("dX", "ours, TMA, persistent", "full"), ("dX", "ours, pointers", "full"),
                    ("dX", "ours, pointers", "split"), ("fwd", "cuBLAS (no LoRA term)", ""), ("fwd", "ours, TMA", ""),
-                   ("fwd", "ours, pointers", "")], got
+                   ("fwd", "ours, TMA, persistent", ""), ("fwd", "ours, pointers", "")], got
     assert len(data["dy"]) == 8 and sum(r["default"] for r in data["dy"]) == 1, data["dy"]
     for section in ("down", "term", "gemm", "dy"):
         assert data[section] and all(r["same"] and "error" not in r for r in data[section]), (section, data[section])

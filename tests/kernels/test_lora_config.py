@@ -146,3 +146,39 @@ def test_bad_gemm_config_is_refused():
                           gemm_config=GemmConfig(block_m=16, block_n=16, block_k=16))
     with pytest.raises(ValueError, match="gemm_config"):
         lora_linear(x, w, a, b, 1.0, gemm_config={"num_stages": 3})
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_persistent_grid_loops_over_every_tile(tma, monkeypatch):
+    """GemmConfig(persistent=True): fewer programs than output tiles (17 here, by the operand rings that fit one
+    SM's shared memory, one SM under the interpreter), each looping over tiles pid, pid + 17, ...; every output
+    and gradient element against float64, on a packed batch with uncovered rows."""
+    cfg = GemmConfig(block_m=16, block_n=32, block_k=16, group_m=2, num_stages=4, num_warps=8, tma=tma,
+                     persistent=True)
+    assert L._ctas_per_sm(cfg, 4) == 17
+    torch.manual_seed(12)
+    T, K, N = 200, 40, 96
+    x = torch.randn(T, K)
+    w = torch.randn(N, K) * K ** -0.5
+    ads = [LoRAAdapterWeights(torch.randn(r, K).requires_grad_(True), torch.randn(N, r).requires_grad_(True), s, p)
+           for r, s, p in ((4, 2.0, 0.2), (8, 0.5, 0.0))]
+    segs = [(0, 5, 90), (1, 90, 190)]
+    dy = torch.randn(T, N)
+    spy = _Spy(L._lora_gemm_kernel)
+    monkeypatch.setattr(L, "_lora_gemm_kernel", spy)
+    xx = x.clone().requires_grad_(True)
+    y = multi_lora_linear(xx, w, ads, segs, seed=21, gemm_config=cfg)
+    leaves = [xx] + [t for ad in ads for t in (ad.lora_a, ad.lora_b)]
+    got = (y.detach(), *torch.autograd.grad(y, leaves, dy))
+    monkeypatch.undo()
+    n_tiles = 1 + 6 + 7 + 1  # rows 0-4 uncovered, two segments, rows 190-199 uncovered: 16-row tiles
+    assert [grid for grid, _ in spy.calls] == [(17,), (17,)] and 17 < n_tiles * 2
+    assert all(kw["PERSISTENT"] and kw["USE_TMA"] == tma for _, kw in spy.calls)
+    x64 = x.double().requires_grad_(True)
+    ads64 = [LoRAAdapterWeights(ad.lora_a.detach().double().requires_grad_(True),
+                                ad.lora_b.detach().double().requires_grad_(True), ad.scale, ad.dropout_p) for ad in ads]
+    y64 = L.multi_lora_linear_reference(x64, w.double(), ads64, segs, seed=21)
+    ref = (y64.detach(), *torch.autograd.grad(y64, [x64] + [t for ad in ads64 for t in (ad.lora_a, ad.lora_b)],
+                                              dy.double()))
+    for name, g, r in zip(("y", "dx", "dA0", "dB0", "dA1", "dB1"), got, ref):
+        assert_close(name, g, r)
