@@ -29,7 +29,8 @@ except Exception:  # pragma: no cover - exercised only without triton
     tl = None
     HAVE_TRITON = False
 
-__all__ = ["GemmConfig", "gemm", "gemm_reference", "GemmFunction", "gemm_autograd", "backend_for"]
+__all__ = ["GemmConfig", "gemm", "gemm_reference", "GemmFunction", "gemm_autograd", "backend_for", "tma_layout",
+           "tma_unit_axis", "set_descriptor_allocator"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,8 +50,9 @@ class GemmConfig:
     """Registers per thread cap (None: compiler's choice)."""
     tma: bool = False
     """Load the operand tiles through TMA tensor descriptors (sm_90+) instead of pointer tiles, where the
-    operands allow it (unit stride along the loaded rows, 16-byte aligned bases and row strides) and no tile
-    side exceeds 256. The descriptors are made in the kernel (one global write and fence per program)."""
+    operands allow it (unit stride along the loaded rows, 16-byte aligned bases and row strides, rows that
+    neither overlap nor repeat). The descriptors are made in the kernel (one global write and fence per
+    program)."""
     persistent: bool = False
     """LoRA GEMMs only (``kernels.lora``): one program per resident CTA slot looping over the output tiles
     (the plain ``gemm`` launches one program per tile either way)."""
@@ -199,7 +201,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, config: Optional[GemmConfig] = None) 
         opts["maxnreg"] = cfg.maxnreg
     interp = _interpreting()
     tma = {}
-    if cfg.tma and max(cfg.block_m, cfg.block_n, cfg.block_k) <= 256:  # TMA boxes: <= 256 per dimension
+    if cfg.tma:
         layout = tma_layout(a, b)
         if layout is not None:
             tma = dict(USE_TMA=True, A_K_UNIT=layout[0], B_N_UNIT=layout[1])
@@ -212,9 +214,10 @@ def gemm(a: torch.Tensor, b: torch.Tensor, config: Optional[GemmConfig] = None) 
     return c
 
 
-def _unit_axis(t: torch.Tensor) -> Optional[int]:
-    """The axis of a 2-D tensor a TMA descriptor can read it along (unit stride, 16-byte aligned other stride),
-    or None."""
+def tma_unit_axis(t: torch.Tensor) -> Optional[int]:
+    """The axis of a 2-D tensor a TMA descriptor can read it along (unit stride; the other stride 16-byte
+    aligned and at least that axis's length, so rows neither overlap nor repeat; a 16-byte aligned base), or
+    None."""
     e = t.element_size()
     if t.data_ptr() % 16:
         return None
@@ -228,7 +231,7 @@ def _unit_axis(t: torch.Tensor) -> Optional[int]:
 def tma_layout(a: torch.Tensor, b: torch.Tensor) -> Optional[tuple[bool, bool]]:
     """(A has unit stride along K, B has unit stride along N) when both A [M, K] and B [K, N] can be read through
     TMA descriptors, else None (the launch then uses pointer tiles)."""
-    ua, ub = _unit_axis(a), _unit_axis(b)
+    ua, ub = tma_unit_axis(a), tma_unit_axis(b)
     if ua is None or ub is None:
         return None
     return ua == 1, ub == 1

@@ -52,7 +52,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .gemm import set_descriptor_allocator
+from .gemm import set_descriptor_allocator, tma_unit_axis
 
 try:  # a CPU-only install may lack triton: everything still imports and runs on the torch path
     import triton
@@ -774,28 +774,28 @@ def resolve_base_gemm(base_gemm: str, x: torch.Tensor) -> str:
     return base_gemm
 
 
-#: TMA copies boxes of at most 256 elements per dimension: bigger tiles take pointer tiles
-TMA_MAX_BOX = 256
-#: shared memory per SM that CTAs can use on sm_90 (228 KiB, 1 KiB of it reserved per CTA)
-_SMEM_PER_SM = 228 * 1024
+#: per SM on sm_90: shared memory CTAs can use (228 KiB, 1 KiB of it reserved per CTA), threads, registers
+_SMEM_PER_SM, _THREADS_PER_SM, _REGS_PER_SM = 228 * 1024, 2048, 65536
 
 
 def _ctas_per_sm(config, elem_bytes: int) -> int:
-    """CTAs of a GemmConfig that fit one SM by their operand rings in shared memory (the persistent grid's
-    programs per SM)."""
+    """CTAs of a GemmConfig that fit one SM (the persistent grid's programs per SM): by their operand rings in
+    shared memory, by threads, and by registers counted at the 255-per-thread cap (the count is known only
+    after compiling; these GEMMs sit near it, 166-255 on sm_90)."""
     ring = config.num_stages * (config.block_m + config.block_n) * config.block_k * elem_bytes + 1024
-    return max(1, _SMEM_PER_SM // ring)
+    threads = 32 * config.num_warps
+    return max(1, min(_SMEM_PER_SM // ring, _THREADS_PER_SM // threads, _REGS_PER_SM // (255 * threads)))
 
 
 def _tma_ok(x: torch.Tensor, w: torch.Tensor, stride_wr: int, stride_wo: int) -> bool:
     """Whether X [rows, RED] and W (element (red, out) at ``stride_wr``/``stride_wo``) can be read through TMA
-    descriptors: unit stride along the contiguous axis, 16-byte aligned base addresses and row strides."""
-    e = x.element_size()
-    if x.stride(1) != 1 or (x.stride(0) * e) % 16 or x.data_ptr() % 16 or w.data_ptr() % 16:
+    descriptors (``kernels.gemm.tma_unit_axis``): X with unit stride along RED, W along either axis, 16-byte
+    aligned base addresses and row strides, rows that neither overlap nor repeat (a broadcast dY has row stride
+    0: pointer tiles)."""
+    if tma_unit_axis(x) != 1:
         return False
-    if stride_wr == 1:
-        return (stride_wo * e) % 16 == 0
-    return stride_wo == 1 and (stride_wr * e) % 16 == 0
+    axis = tma_unit_axis(w)
+    return axis is not None and (stride_wr == 1 or stride_wo == 1) and w.stride(axis) == 1
 
 
 def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bias, out, plan: _TilePlan,
@@ -818,8 +818,7 @@ def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bi
             mask.stride(0) if mask is not None else 0, out.stride(0))
     flags = dict(BLOCK_M=plan.block_m, BLOCK_R=plan.block_r, HAS_BIAS=bias is not None,
                  HAS_MASK=mask is not None, APPLY_SCALE=apply_scale, UPCAST=INTERPRET)
-    use_tma = ((tma or bool(getattr(config, "tma", False))) and _tma_ok(x, w, stride_wr, stride_wo)
-               and (config is None or max(config.block_n, config.block_k, plan.block_m) <= TMA_MAX_BOX))
+    use_tma = (tma or bool(getattr(config, "tma", False))) and _tma_ok(x, w, stride_wr, stride_wo)
     if use_tma:
         flags["W_OUT_MAJOR"] = stride_wr == 1
         if x.is_cuda:

@@ -103,6 +103,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return float(triton.testing.do_bench(fn, warmup=25, rep=100))
 
+    def save() -> None:
+        """Everything so far to $OUT/lora_kernel_sweep.json (a run cut off by its time limit still reports)."""
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
+            tmp = Path(os.environ["OUT"]) / "lora_kernel_sweep.json.tmp"
+            tmp.write_text(json.dumps(out, indent=1, default=str))
+            tmp.replace(Path(os.environ["OUT"]) / "lora_kernel_sweep.json")
+
     _, xd_ref, mask_ref = L._down(x, a, plan, seed, with_s=False)  # the default launch: reference outputs
 
     if "gemm" in parts:
@@ -139,7 +147,12 @@ def main(argv: list[str] | None = None) -> int:
                              num_warps=warps, tma=tma, persistent=persistent)
             rule = L.epi_split(plan.block_m, bn, warps)
             impl = ("ours, TMA" if tma else "ours, pointers") + (", persistent" if persistent else "")
-            row = {"gemm": kind, "impl": impl, "tile": f"{plan.block_m}x{bn}x{cfg.block_k}",
+            # whether descriptors really read the operands (else the launch fell back to pointer tiles)
+            tma_used = tma and (L._tma_ok(x, w, w.stride(1), w.stride(0)) if kind == "fwd"
+                                else L._tma_ok(dy, w, w.stride(0), w.stride(1)))
+            if tma and not tma_used:
+                impl += " (fell back to pointers)"
+            row = {"gemm": kind, "impl": impl, "tma_used": tma_used, "tile": f"{plan.block_m}x{bn}x{cfg.block_k}",
                    "stages": stages, "warps": warps,
                    "epilogue": "" if kind == "fwd" else ("split" if (rule if split is None else split) else "full")}
 
@@ -166,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as err:
                 row.update(ms=float("nan"), tflops=float("nan"), same=False, error=f"{type(err).__name__}: {err}"[:160])
             out["gemm"].append(row)
+            save()
             print(f"gemm {row}", file=sys.stderr, flush=True)
 
     if "dy" in parts:
@@ -191,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                 row.update(ms=float("nan"), gbps=float("nan"), same=False,
                            error=f"{type(err).__name__}: {err}"[:160])
             out["dy"].append(row)
+            save()
             print(f"dy {row}", file=sys.stderr, flush=True)
     if "term" in parts:
         # masked dX term: reads the mask, writes [T, K]
@@ -209,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as err:
                 row.update(ms=float("nan"), gbps=float("nan"), same=False, error=f"{type(err).__name__}: {err}"[:160])
             out["term"].append(row)
+            save()
             print(f"term {row}", file=sys.stderr, flush=True)
 
     if "down" in parts:
@@ -228,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as err:  # a config that does not compile is a result, not a crash
                 row.update(ms=float("nan"), gbps=float("nan"), same=False, error=f"{type(err).__name__}: {err}"[:160])
             out["down"].append(row)
+            save()
             print(f"down {row}", file=sys.stderr, flush=True)
 
     text = [f"lora kernel sweep: {env['device_name']}, torch {env['torch']}, triton {env['triton']}, "
@@ -254,9 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                   if rw["ms"] != rw["ms"]]
         text.append(bench.format_table(table, [*keys, "us", "GB/s", "same output", ""], title=f"== {name} =="))
     print("\n".join(text), flush=True)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
-        (Path(os.environ["OUT"]) / "lora_kernel_sweep.json").write_text(json.dumps(out, indent=1, default=str))
+    save()
     bad = [rw for rw in out["down"] + out["term"] + out["gemm"] + out["dy"] if rw["ms"] == rw["ms"] and not rw["same"]]
     return 1 if bad else 0
 

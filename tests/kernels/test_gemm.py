@@ -113,14 +113,16 @@ def test_gemm_tma_falls_back_to_pointer_tiles_when_unaligned(monkeypatch):
     assert G.tma_layout(torch.randn(8, 40)[:, 8:], torch.randn(32, 8)) == (True, True)
 
 
-def test_gemm_tma_needs_boxes_of_at_most_256(monkeypatch):
-    """A tile side above 256 cannot be one TMA box: the launch keeps pointer tiles (and stays correct)."""
+
+def test_tma_unit_axis_refuses_misaligned_overlapping_and_broadcast_views():
+    """What a TMA descriptor cannot read falls back: a base 4 bytes off, a row stride that is not a multiple of
+    16 bytes, a broadcast (stride 0) or overlapping rows; transposed views are read along their unit axis."""
     import adasched.kernels.gemm as G
 
-    g = torch.Generator().manual_seed(13)
-    a, b = torch.randn(24, 40, generator=g), torch.randn(40, 16, generator=g)
-    spy = _KernelSpy(G._gemm_kernel)
-    monkeypatch.setattr(G, "_gemm_kernel", spy)
-    _close(gemm(a, b, GemmConfig(block_m=16, block_n=16, block_k=512, tma=True)), gemm_reference(a, b),
-           torch.float32, "C (box too big)")
-    assert "USE_TMA" not in spy.calls[0]
+    big = torch.randn(8, 41)
+    assert G.tma_unit_axis(torch.randn(8, 40)) == 1 and G.tma_unit_axis(torch.randn(40, 8).t()) == 0
+    assert G.tma_unit_axis(big[:, :40]) is None  # row stride 164 bytes
+    base = torch.randn(8, 44)
+    assert G.tma_unit_axis(base[:, 4:]) == 1 and G.tma_unit_axis(base[:, 1:41]) is None  # base 16 / 4 bytes off
+    assert G.tma_unit_axis(torch.randn(1, 40).expand(8, 40)) is None  # broadcast rows: stride 0
+    assert G.tma_unit_axis(torch.randn(64).as_strided((8, 16), (4, 1))) is None  # overlapping rows

@@ -568,3 +568,34 @@ def test_tile_table_pads_segments_to_the_m_tile():
     assert plan.ftable[1].tolist() == [0.5, 2.0] and plan.r_total == 12 and plan.block_r == 16
     covered = sorted(r for row in t for r in range(row[0], row[0] + row[1]))
     assert covered == list(range(50))
+
+
+def test_dy_kernel_spreads_db_over_copies_by_tile(monkeypatch):
+    """DY_LAUNCH["copies"] = 3: tile i's dB adds land in copy i % 3 only (checked per copy against float64 sums
+    over those tiles), and _dy_pass returns their sum; dS for every row."""
+    T, N, r, bm = 80, 48, 4, 16  # 5 tiles of 16 rows, one adapter with scale 1.5
+    g = torch.Generator().manual_seed(31)
+    dy = torch.randn(T, N, generator=g)
+    b = torch.randn(N, r, generator=g)
+    plan = L._tile_plan(T, ((0, 0, T),), (r,), (1.5,), (0.0,), bm, torch.device("cpu"))
+    s = torch.zeros(T, plan.block_r)
+    s[:, :r] = torch.randn(T, r, generator=g)
+    launched = []
+    kernel = L._lora_dy_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launched.append(args[4])  # the dB buffer [copies, N, R]
+                return kernel[grid](*args, **kw)
+            return launch
+    monkeypatch.setattr(L, "_lora_dy_kernel", Spy())
+    ds, db, _ = L._dy_pass(dy, s, b, plan, False, launch={"copies": 3})
+    (copies,) = launched
+    assert copies.shape[0] == 3
+    for c in range(3):
+        rows = torch.cat([torch.arange(i * bm, (i + 1) * bm) for i in range(5) if i % 3 == c])
+        want = 1.5 * dy[rows].double().t() @ s[rows, :r].double()
+        assert torch.allclose(copies[c, :, :r].double(), want, rtol=1e-5, atol=1e-5), c
+    assert torch.allclose(db[:, :r].double(), 1.5 * dy.double().t() @ s[:, :r].double(), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(ds[:, :r].double(), 1.5 * dy.double() @ b.double(), rtol=1e-5, atol=1e-5)

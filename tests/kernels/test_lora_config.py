@@ -150,12 +150,14 @@ def test_bad_gemm_config_is_refused():
 
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
 def test_persistent_grid_loops_over_every_tile(tma, monkeypatch):
-    """GemmConfig(persistent=True): fewer programs than output tiles (17 here, by the operand rings that fit one
-    SM's shared memory, one SM under the interpreter), each looping over tiles pid, pid + 17, ...; every output
-    and gradient element against float64, on a packed batch with uncovered rows."""
+    """GemmConfig(persistent=True): fewer programs than output tiles (5 "SMs" x 1 CTA of 8 warps: registers at
+    the cap allow one), each looping over tiles pid, pid + 5, ...; every output and gradient element against
+    float64, on a packed batch with uncovered rows."""
     cfg = GemmConfig(block_m=16, block_n=32, block_k=16, group_m=2, num_stages=4, num_warps=8, tma=tma,
                      persistent=True)
-    assert L._ctas_per_sm(cfg, 4) == 17
+    assert L._ctas_per_sm(cfg, 4) == 1  # shared memory would allow 17, threads 8
+    assert L._ctas_per_sm(GemmConfig(block_m=128, block_n=128, block_k=64, num_stages=3, num_warps=4), 2) == 2
+    monkeypatch.setattr(L, "_num_sms", lambda device: 5)
     torch.manual_seed(12)
     T, K, N = 200, 40, 96
     x = torch.randn(T, K)
@@ -172,7 +174,7 @@ def test_persistent_grid_loops_over_every_tile(tma, monkeypatch):
     got = (y.detach(), *torch.autograd.grad(y, leaves, dy))
     monkeypatch.undo()
     n_tiles = 1 + 6 + 7 + 1  # rows 0-4 uncovered, two segments, rows 190-199 uncovered: 16-row tiles
-    assert [grid for grid, _ in spy.calls] == [(17,), (17,)] and 17 < n_tiles * 2
+    assert [grid for grid, _ in spy.calls] == [(5,), (5,)] and 5 < n_tiles * 2
     assert all(kw["PERSISTENT"] and kw["USE_TMA"] == tma for _, kw in spy.calls)
     x64 = x.double().requires_grad_(True)
     ads64 = [LoRAAdapterWeights(ad.lora_a.detach().double().requires_grad_(True),
@@ -182,3 +184,28 @@ def test_persistent_grid_loops_over_every_tile(tma, monkeypatch):
                                               dy.double()))
     for name, g, r in zip(("y", "dx", "dA0", "dB0", "dA1", "dB1"), got, ref):
         assert_close(name, g, r)
+
+
+def test_tma_fallback_for_broadcast_dy_and_misaligned_views(monkeypatch):
+    """triton_tma where a descriptor cannot read an operand: a loss like y.sum(0) hands backward a broadcast dY
+    (row stride 0) - the dX GEMM takes pointer tiles, the forward keeps TMA; a view whose base is 4 bytes off
+    falls back too. Gradients against float64."""
+    torch.manual_seed(14)
+    T, K, N, r = 40, 48, 32, 4
+    x, w, a, b, bias, _ = _leaves(T, K, N, r)
+    assert L._tma_ok(x, w, w.stride(1), w.stride(0))
+    assert not L._tma_ok(torch.randn(T, K + 1)[:, 1:], w, w.stride(1), w.stride(0))  # base 4 bytes off
+    assert not L._tma_ok(torch.randn(1, N).expand(T, N), w, w.stride(0), w.stride(1))  # broadcast rows
+    spy = _Spy(L._lora_gemm_kernel)
+    monkeypatch.setattr(L, "_lora_gemm_kernel", spy)
+    xx, aa, bb = (t.clone().requires_grad_(True) for t in (x, a, b))
+    c = torch.randn(N)  # d loss / d y.sum(0): autograd hands backward c.expand(T, N)
+    got = torch.autograd.grad(lora_linear(xx, w, aa, bb, 1.5, 0.25, seed=3, base_gemm="triton_tma").sum(0),
+                              (xx, aa, bb), c)
+    monkeypatch.undo()
+    assert [kw["USE_TMA"] for _, kw in spy.calls] == [True, False]
+    x64, a64, b64 = (t.double().requires_grad_(True) for t in (x, a, b))
+    ref = torch.autograd.grad(lora_linear_reference(x64, w.double(), a64, b64, 1.5, 0.25, seed=3).sum(0),
+                              (x64, a64, b64), c.double())
+    for name, g, rr in zip(("dx", "dA", "dB"), got, ref):
+        assert_close(name, g, rr)
