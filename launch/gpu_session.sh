@@ -16,6 +16,6 @@ PY="${PYTHON:-python3}"
 echo "== gpu_session: $(date -u +%Y-%m-%dT%H:%M:%SZ), budget ${BUDGET}s for device_check =="
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 rc=0
-timeout 270 "$PY" lora_kernel_sweep.py --only gemm,dy || { echo "lora_kernel_sweep exit $?"; rc=1; }
+timeout 300 "$PY" lora_kernel_sweep.py --only gemm,dy || { echo "lora_kernel_sweep exit $?"; rc=1; }
 timeout $((BUDGET + 90)) "$PY" device_check.py --only lora,gemm --budget-s "$BUDGET" || { echo "device_check exit $?"; rc=1; }
 exit $rc

@@ -38,8 +38,9 @@ from device_check import ensure_namespace
 #: 4 warps / 8 per row), one step further in each direction it was still improving in
 DOWN_GRID = {"sub_m": (16, 32, 64), "warps": (4, 8), "per_sm": (8, 16)}
 TERM_GRID = {"sub_m": (64, 128), "warps": (4, 8), "split": (8, 16)}
-#: the dY kernel: around DY_LAUNCH (64 / 2 / 4 / 1), more programs and dB copies
-DY_GRID = {"block_n": (64, 128), "per_sm": (2, 8), "warps": (4,), "copies": (1, 8)}
+#: the dY kernel: around DY_LAUNCH (64 / 2 / 4 / 1), more programs and dB copies (64 = one per 128-row tile at
+#: T=8192: no two tiles add into the same address)
+DY_GRID = {"block_n": (64, 128), "per_sm": (2, 8), "warps": (4,), "copies": (1, 8, 64)}
 #: (block_n, num_stages, num_warps) of the dX GEMM: the two tiles of the Twill plans and of the autotuner
 DX_TILES = ((256, 3, 8), (256, 4, 8), (128, 4, 4), (128, 4, 8))
 

@@ -263,7 +263,7 @@ def test_lora_kernel_sweep_smoke_runs_every_section(tmp_path):
                    ("dX", "ours, TMA, persistent", "full"), ("dX", "ours, pointers", "full"),
                    ("dX", "ours, pointers", "split"), ("fwd", "cuBLAS (no LoRA term)", ""), ("fwd", "ours, TMA", ""),
                    ("fwd", "ours, TMA, persistent", ""), ("fwd", "ours, pointers", "")], got
-    assert len(data["dy"]) == 8 and sum(r["default"] for r in data["dy"]) == 1, data["dy"]
+    assert len(data["dy"]) == 12 and sum(r["default"] for r in data["dy"]) == 1, data["dy"]
     assert all(r["tma_used"] == ("TMA" in r["impl"]) for r in data["gemm"] if r["impl"].startswith("ours")), data
     for section in ("down", "term", "gemm", "dy"):
         assert data[section] and all(r["same"] and "error" not in r for r in data[section]), (section, data[section])
