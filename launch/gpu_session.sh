@@ -7,11 +7,12 @@
 #   2. launch/device_check.py --only lora,gemm: bf16 checks, the LoRA grid (triton / triton_tma / torch /
 #      torch_all / torch_grouped providers, graphed case, host profile) and the Twill plan-vs-sweep with
 #      head-to-head confirmation, within --budget-s.
-# Usage: bash launch/gpu_session.sh [budget seconds for step 2, default 300]. Writes under $OUT when set.
+# Usage: bash launch/gpu_session.sh [budget seconds for step 2, default 200]. Writes under $OUT when set.
+# Wall time at most 300 + budget + 90 s: the default fits the device tool's 600 s per call.
 # Runs from a bare checkout (no install needed: device_check.py sets up the package namespace).
 set -u
 cd "$(dirname "$0")"
-BUDGET="${1:-300}"
+BUDGET="${1:-200}"
 PY="${PYTHON:-python3}"
 echo "== gpu_session: $(date -u +%Y-%m-%dT%H:%M:%SZ), budget ${BUDGET}s for device_check =="
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
