@@ -74,27 +74,35 @@ def plan_config(tile: tuple[int, int, int], machine: str, dtype_bytes: int = 2, 
                 allow_precomputed: bool = True):
     """(GemmConfig, info) for a tile shape: solve the GEMM main-loop graph and map its knobs to the config.
 
-    ``info``: {ii, status, solve_seconds, source: 'solved' | 'precomputed'}. Without an importable planner
-    (and ``allow_precomputed``) the knobs come from :data:`PRECOMPUTED`."""
+    ``info``: {ii, status, solve_seconds, source: 'solved' | 'precomputed'}. Without an importable planner, or
+    when its solve fails (and ``allow_precomputed``), the knobs come from :data:`PRECOMPUTED` and ``info['why']``
+    says why."""
     from adasched.kernels.gemm import GemmConfig
 
     bm, bn, bk = tile
+
+    def precomputed(why: BaseException):
+        if not allow_precomputed or (machine, tuple(tile)) not in PRECOMPUTED or dtype_bytes != 2:
+            raise why
+        rec = PRECOMPUTED[(machine, tuple(tile))]
+        cfg = GemmConfig.from_knobs(rec, block_m=bm, block_n=bn, block_k=bk)
+        return cfg, {"ii": rec["ii"], "status": rec["status"], "solve_seconds": rec["solve_seconds"],
+                     "source": "precomputed", "why": f"{type(why).__name__}: {why}"[:200],
+                     "knobs": {k: rec[k] for k in ("num_stages", "num_warps", "warp_specialize", "maxnreg")}}
+
     try:
         from adasched.planner.solver import SolveParams
         from adasched.planner.twill.graph import load_machine
         from adasched.planner.twill.knobs import gemm_graph
         from adasched.planner.twill.plan import plan_twill
-    except ImportError:
-        if not allow_precomputed or (machine, tuple(tile)) not in PRECOMPUTED or dtype_bytes != 2:
-            raise
-        rec = PRECOMPUTED[(machine, tuple(tile))]
-        cfg = GemmConfig.from_knobs(rec, block_m=bm, block_n=bn, block_k=bk)
-        return cfg, {"ii": rec["ii"], "status": rec["status"], "solve_seconds": rec["solve_seconds"],
-                     "source": "precomputed", "knobs": {k: rec[k] for k in ("num_stages", "num_warps",
-                                                                              "warp_specialize", "maxnreg")}}
-    m = load_machine(machine)
-    plan = plan_twill(gemm_graph(m, bm, bn, bk, dtype_bytes), m, SolveParams(time_limit=time_limit),
-                      simulate=False)
+    except ImportError as err:
+        return precomputed(err)
+    try:
+        m = load_machine(machine)
+        plan = plan_twill(gemm_graph(m, bm, bn, bk, dtype_bytes), m, SolveParams(time_limit=time_limit),
+                          simulate=False)
+    except Exception as err:  # carried wheels that import but fail to solve (a GPU image's other protobuf, ...)
+        return precomputed(err)
     knobs = plan.knobs.model_dump()
     cfg = GemmConfig.from_knobs(knobs, block_m=bm, block_n=bn, block_k=bk)
     return cfg, {"ii": plan.ii, "status": plan.solver.status, "solve_seconds": plan.solver.solve_seconds,

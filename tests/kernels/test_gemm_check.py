@@ -78,7 +78,23 @@ def test_precomputed_fallback_without_planner(monkeypatch):
     monkeypatch.setitem(sys.modules, "adasched.planner.twill.graph", None)
     cfg, info = gemm_bench.plan_config((128, 256, 64), "h100")
     assert info["source"] == "precomputed" and (cfg.num_stages, cfg.num_warps, cfg.maxnreg) == (4, 8, None)
+    assert "ImportError" in info["why"] or "ModuleNotFoundError" in info["why"]
     assert len(gemm_bench.sweep_configs((128, 128, 64), "b200")) == 16
+
+
+def test_precomputed_fallback_when_the_solve_fails(monkeypatch):
+    """Carried solver wheels that import but fail to solve on the GPU image: the recorded knobs, and why; a tile
+    with no record raises the solver's error."""
+    import adasched.planner.twill.plan as twill_plan
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("protobuf mismatch")
+    monkeypatch.setattr(twill_plan, "plan_twill", broken)
+    cfg, info = gemm_bench.plan_config((128, 128, 64), "h100")
+    assert info["source"] == "precomputed" and info["why"] == "RuntimeError: protobuf mismatch"
+    assert (cfg.num_stages, cfg.num_warps) == (4, 8)
+    with pytest.raises(RuntimeError, match="protobuf mismatch"):
+        gemm_bench.plan_config((64, 64, 32), "h100")
 
 
 def test_lora_plan_vs_sweep_rows_on_cpu():

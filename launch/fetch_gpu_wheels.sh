@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Wheels the GPU image lacks, for the device tool's `carry` (run HERE, on the CPU machine, before a GPU call):
+# ortools and pydantic, so launch/gemm_check.py solves Twill's plan on the GPU machine itself (live solve and
+# time to configuration) instead of falling back to its PRECOMPUTED knobs. The image runs CPython 3.12 on x86-64
+# and already holds numpy, absl-py, pandas, rich, pyyaml; protobuf and typing_extensions come along because
+# ortools / pydantic pin newer ones than an image may hold.
+# Usage: bash launch/fetch_gpu_wheels.sh   -> .whl/ (git-ignored, ~33 MB); then `run` with carry [".whl"]:
+#        launch/gpu_session.sh installs them into /tmp/site when ../.whl holds any.
+set -eu
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+mkdir -p .whl
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 -d .whl \
+  "ortools==9.15.6755" "protobuf>=6.33.1,<6.34" "immutabledict>=3" \
+  "pydantic==2.14.4" "pydantic-core==2.50.5" "annotated-types>=0.6" "typing-inspection>=0.4.4" \
+  "typing-extensions>=4.16"
+ls -la .whl
+du -sh .whl
