@@ -43,6 +43,16 @@ class _Spy:
         return launch
 
 
+def _multi_reference64(x, w, ads, segs, seed, dy):
+    """(y, dx, dA0, dB0, dA1, dB1, ...) of the float64 torch reference for the same leaves."""
+    x64 = x.double().requires_grad_(True)
+    ads64 = [LoRAAdapterWeights(ad.lora_a.detach().double().requires_grad_(True),
+                                ad.lora_b.detach().double().requires_grad_(True), ad.scale, ad.dropout_p) for ad in ads]
+    y64 = L.multi_lora_linear_reference(x64, w.double(), ads64, segs, seed=seed)
+    leaves = [x64] + [t for ad in ads64 for t in (ad.lora_a, ad.lora_b)]
+    return (y64.detach(), *torch.autograd.grad(y64, leaves, dy.double()))
+
+
 def _leaves(T, K, N, r):
     f = lambda *s, sc=1.0: (torch.randn(*s) * sc)  # noqa: E731
     x, w, a, b, bias = f(T, K), f(N, K, sc=K ** -0.5), f(r, K, sc=K ** -0.5), f(N, r, sc=0.5), f(N, sc=0.1)
@@ -101,13 +111,7 @@ def test_tma_config_multi_lora_and_unaligned_fallback(monkeypatch):
         got = (y.detach(), *torch.autograd.grad(y, leaves, dy))
         monkeypatch.undo()
         assert [kw.get("USE_TMA", False) for _, kw in spy.calls] == [want_tma, want_tma]
-        x64 = x.double().requires_grad_(True)
-        ads64 = [LoRAAdapterWeights(ad.lora_a.detach().double().requires_grad_(True),
-                                    ad.lora_b.detach().double().requires_grad_(True), ad.scale, ad.dropout_p)
-                 for ad in ads]
-        y64 = L.multi_lora_linear_reference(x64, w.double(), ads64, segs, seed=4)
-        ref = (y64.detach(), *torch.autograd.grad(y64, [x64] + [t for ad in ads64 for t in (ad.lora_a, ad.lora_b)],
-                                                  dy.double()))
+        ref = _multi_reference64(x, w, ads, segs, 4, dy)
         for name, g, r in zip(("y", "dx", "dA0", "dB0", "dA1", "dB1"), got, ref):
             assert_close(f"K={K} {name}", g, r)
 
@@ -127,12 +131,7 @@ def test_multi_lora_explicit_config_uncovered_rows():
         y = multi_lora_linear(xx, w, ads, segs, seed=9, gemm_config=cfg)
         grads = torch.autograd.grad(y, [xx] + [t for ad in ads for t in (ad.lora_a, ad.lora_b)], dy)
         outs.append((y.detach(), *grads))
-    x64 = x.double().requires_grad_(True)
-    ads64 = [LoRAAdapterWeights(ad.lora_a.detach().double().requires_grad_(True),
-                                ad.lora_b.detach().double().requires_grad_(True), ad.scale, ad.dropout_p) for ad in ads]
-    y64 = L.multi_lora_linear_reference(x64, w.double(), ads64, segs, seed=9)
-    ref = (y64.detach(), *torch.autograd.grad(y64, [x64] + [t for ad in ads64 for t in (ad.lora_a, ad.lora_b)],
-                                              dy.double()))
+    ref = _multi_reference64(x, w, ads, segs, 9, dy)
     names = ("y", "dx", "dA0", "dB0", "dA1", "dB1")
     for name, g, d, r in zip(names, outs[1], outs[0], ref):
         assert_close(f"{name} vs default", g, d)
@@ -176,12 +175,7 @@ def test_persistent_grid_loops_over_every_tile(tma, monkeypatch):
     n_tiles = 1 + 6 + 7 + 1  # rows 0-4 uncovered, two segments, rows 190-199 uncovered: 16-row tiles
     assert [grid for grid, _ in spy.calls] == [(5,), (5,)] and 5 < n_tiles * 2
     assert all(kw["PERSISTENT"] and kw["USE_TMA"] == tma for _, kw in spy.calls)
-    x64 = x.double().requires_grad_(True)
-    ads64 = [LoRAAdapterWeights(ad.lora_a.detach().double().requires_grad_(True),
-                                ad.lora_b.detach().double().requires_grad_(True), ad.scale, ad.dropout_p) for ad in ads]
-    y64 = L.multi_lora_linear_reference(x64, w.double(), ads64, segs, seed=21)
-    ref = (y64.detach(), *torch.autograd.grad(y64, [x64] + [t for ad in ads64 for t in (ad.lora_a, ad.lora_b)],
-                                              dy.double()))
+    ref = _multi_reference64(x, w, ads, segs, 21, dy)
     for name, g, r in zip(("y", "dx", "dA0", "dB0", "dA1", "dB1"), got, ref):
         assert_close(name, g, r)
 
