@@ -271,3 +271,25 @@ def test_lora_kernel_sweep_smoke_runs_every_section(tmp_path):
                          cwd=root / "launch", capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "lora_kernel_sweep: --only: conv: choose from gemm, dy, term, down"]
+
+
+def test_gpu_checks_survive_one_mode_failing(monkeypatch):
+    """On a GPU, a base_gemm mode whose kernel fails (e.g. does not compile there) becomes failed check rows; the
+    other modes' checks still run (the checks' own bodies are stubbed: this is about the control flow)."""
+    from adasched.kernels import lora_bench as LB
+
+    def fake(kind):
+        def check(*args, base_gemm="auto", **kw):
+            if base_gemm == "triton_tma":
+                raise RuntimeError("no TMA here")
+            return (f"{kind} {base_gemm}", True, "")
+        return check
+    monkeypatch.setattr(LB, "_check_single", fake("single"))
+    monkeypatch.setattr(LB, "_check_multi", fake("multi"))
+    monkeypatch.setattr(LB, "_check_mask", lambda device: ("mask", True, ""))
+    rows = LB.checks("cuda")
+    failed = [r for r in rows if not r[1]]
+    assert [r[0] for r in failed] == ["lora single bf16 triton_tma", "lora multi bf16 triton_tma"]
+    assert all("RuntimeError: no TMA here" in r[2] for r in failed)
+    for mode in ("triton", "torch", "torch_all"):
+        assert (f"single {mode}", True, "") in rows and (f"multi {mode}", True, "") in rows
