@@ -250,17 +250,23 @@ if HAVE_TRITON:
                 tl.load(TABLE + pid_m * 6 + 3))
 
     @triton.jit
-    def _down_plane(X, XD, A, acc, packed, word, thr, inv_keep, rows, row_ok, col0, K, r_off, rr, r_ok,
-                    stride_xm, stride_dm, stride_ar, BIT: tl.constexpr, PLANE: tl.constexpr,
+    def _load_plane(X, rows, row_ok, col0, K, stride_xm, PLANE: tl.constexpr):
+        """X[rows, col0:col0 + PLANE] (zeros past K and past the valid rows)."""
+        cols = col0 + tl.arange(0, PLANE)
+        return tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :],
+                       other=0.0)
+
+    @triton.jit
+    def _down_plane(x, XD, A, acc, packed, word, thr, inv_keep, rows, row_ok, col0, K, r_off, rr, r_ok,
+                    stride_dm, stride_ar, BIT: tl.constexpr, PLANE: tl.constexpr,
                     HAS_DOT: tl.constexpr, UPCAST: tl.constexpr):
-        """One 32-column plane of the dropout block: Xd = X * keep / (1 - p) from one Philox word per element,
-        keep bit -> bit BIT of the block's mask bytes, S += Xd A^T over the plane."""
+        """One 32-column plane of the dropout block, x already loaded: Xd = X * keep / (1 - p) from one Philox
+        word per element, keep bit -> bit BIT of the block's mask bytes, S += Xd A^T over the plane."""
         cols = col0 + tl.arange(0, PLANE)
         c_ok = cols < K
         io_mask = row_ok[:, None] & c_ok[None, :]
-        x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=io_mask, other=0.0)
         keep = word >= thr
-        xd = tl.where(keep, x.to(tl.float32) * inv_keep, 0.0).to(X.dtype.element_ty)
+        xd = tl.where(keep, x.to(tl.float32) * inv_keep, 0.0).to(XD.dtype.element_ty)
         tl.store(XD + rows[:, None] * stride_dm + cols[None, :], xd, mask=io_mask)
         packed = packed | (keep.to(tl.int32) << BIT)
         if HAS_DOT:
@@ -304,21 +310,32 @@ if HAVE_TRITON:
                 for kb in range(pid_k, n_blk, SPLIT_K):
                     col0 = kb * (8 * PLANE)
                     packed = tl.zeros((SUB_M, PLANE), dtype=tl.int32)
+                    # all 8 planes' loads go out first: interleaved with the Xd stores (which may alias X as
+                    # far as the compiler knows) each load waited for the previous plane's store - one load in
+                    # flight per thread (sm_90 PTX: ld st ld st ...)
+                    xs = (_load_plane(X, rows, row_ok, col0, K, stride_xm, PLANE),
+                          _load_plane(X, rows, row_ok, col0 + PLANE, K, stride_xm, PLANE),
+                          _load_plane(X, rows, row_ok, col0 + 2 * PLANE, K, stride_xm, PLANE),
+                          _load_plane(X, rows, row_ok, col0 + 3 * PLANE, K, stride_xm, PLANE),
+                          _load_plane(X, rows, row_ok, col0 + 4 * PLANE, K, stride_xm, PLANE),
+                          _load_plane(X, rows, row_ok, col0 + 5 * PLANE, K, stride_xm, PLANE),
+                          _load_plane(X, rows, row_ok, col0 + 6 * PLANE, K, stride_xm, PLANE),
+                          _load_plane(X, rows, row_ok, col0 + 7 * PLANE, K, stride_xm, PLANE))
                     for h in tl.static_range(2):
                         # counters (row, block, h, lane): 64 per block; word j feeds plane 2j + h
                         offs = (rows[:, None] * (n_blk * 2 * PLANE) + (kb * 2 + h) * PLANE + lanes[None, :])
                         w0, w1, w2, w3 = tl.randint4x(seed, offs.to(tl.int32))
-                        acc, packed = _down_plane(X, XD, A, acc, packed, w0, thr, inv_keep, rows, row_ok,
-                                                  col0 + h * PLANE, K, r_off, rr, r_ok, stride_xm, stride_dm,
+                        acc, packed = _down_plane(xs[h], XD, A, acc, packed, w0, thr, inv_keep, rows, row_ok,
+                                                  col0 + h * PLANE, K, r_off, rr, r_ok, stride_dm,
                                                   stride_ar, h, PLANE, HAS_DOT, UPCAST)
-                        acc, packed = _down_plane(X, XD, A, acc, packed, w1, thr, inv_keep, rows, row_ok,
-                                                  col0 + (2 + h) * PLANE, K, r_off, rr, r_ok, stride_xm,
+                        acc, packed = _down_plane(xs[2 + h], XD, A, acc, packed, w1, thr, inv_keep, rows, row_ok,
+                                                  col0 + (2 + h) * PLANE, K, r_off, rr, r_ok,
                                                   stride_dm, stride_ar, 2 + h, PLANE, HAS_DOT, UPCAST)
-                        acc, packed = _down_plane(X, XD, A, acc, packed, w2, thr, inv_keep, rows, row_ok,
-                                                  col0 + (4 + h) * PLANE, K, r_off, rr, r_ok, stride_xm,
+                        acc, packed = _down_plane(xs[4 + h], XD, A, acc, packed, w2, thr, inv_keep, rows, row_ok,
+                                                  col0 + (4 + h) * PLANE, K, r_off, rr, r_ok,
                                                   stride_dm, stride_ar, 4 + h, PLANE, HAS_DOT, UPCAST)
-                        acc, packed = _down_plane(X, XD, A, acc, packed, w3, thr, inv_keep, rows, row_ok,
-                                                  col0 + (6 + h) * PLANE, K, r_off, rr, r_ok, stride_xm,
+                        acc, packed = _down_plane(xs[6 + h], XD, A, acc, packed, w3, thr, inv_keep, rows, row_ok,
+                                                  col0 + (6 + h) * PLANE, K, r_off, rr, r_ok,
                                                   stride_dm, stride_ar, 6 + h, PLANE, HAS_DOT, UPCAST)
                     tl.store(MASK + rows[:, None] * stride_mm + (kb * PLANE + lanes)[None, :], packed.to(tl.uint8),
                              mask=row_ok[:, None])
