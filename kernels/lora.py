@@ -583,6 +583,13 @@ if HAVE_TRITON:
                           mask=row_ok[:, None] & r_ok[None, :])
 
     @triton.jit
+    def _p_plane(P, col0, r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po, PLANE: tl.constexpr):
+        """P[r_off + rr, col0:col0 + PLANE] (zeros past the rank and past OUT_DIM)."""
+        cols = col0 + tl.arange(0, PLANE)
+        return tl.load(P + (r_off + rr)[:, None] * stride_pr + cols[None, :] * stride_po,
+                       mask=r_ok[:, None] & (cols < OUT_DIM)[None, :], other=0.0)
+
+    @triton.jit
     def _lora_masked_term_kernel(
         L, P, MASK, OUT, TABLE, FTABLE, OUT_DIM,
         stride_lm, stride_pr, stride_po, stride_mm, stride_om,
@@ -616,11 +623,26 @@ if HAVE_TRITON:
             for kb in range(pid_c * BLOCKS_PER_PROG, tl.minimum(n_blk, (pid_c + 1) * BLOCKS_PER_PROG)):
                 packed = tl.load(MASK + rows[:, None] * stride_mm + (kb * PLANE + lanes)[None, :],
                                  mask=row_ok[:, None] & (rank > 0), other=0).to(tl.int32)
+                # the block's 8 P planes are loaded before any store (interleaved, each load waited for the
+                # previous plane's stores, which may alias P as far as the compiler knows)
+                pts = (_p_plane(P, kb * (8 * PLANE), r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po, PLANE),
+                       _p_plane(P, kb * (8 * PLANE) + PLANE, r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po, PLANE),
+                       _p_plane(P, kb * (8 * PLANE) + 2 * PLANE, r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po,
+                                PLANE),
+                       _p_plane(P, kb * (8 * PLANE) + 3 * PLANE, r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po,
+                                PLANE),
+                       _p_plane(P, kb * (8 * PLANE) + 4 * PLANE, r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po,
+                                PLANE),
+                       _p_plane(P, kb * (8 * PLANE) + 5 * PLANE, r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po,
+                                PLANE),
+                       _p_plane(P, kb * (8 * PLANE) + 6 * PLANE, r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po,
+                                PLANE),
+                       _p_plane(P, kb * (8 * PLANE) + 7 * PLANE, r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po,
+                                PLANE))
                 for b in tl.static_range(8):
                     cols = kb * (8 * PLANE) + b * PLANE + lanes
                     c_ok = cols < OUT_DIM
-                    pt = tl.load(P + (r_off + rr)[:, None] * stride_pr + cols[None, :] * stride_po,
-                                 mask=r_ok[:, None] & c_ok[None, :], other=0.0)
+                    pt = pts[b]
                     if UPCAST:
                         pt = pt.to(tl.float32)
                     term = tl.dot(lt, pt)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The owed GPU measurements in one call (for a lent device machine; see README "what is measured where"):
-#   1. launch/lora_kernel_sweep.py --only gemm,dy,down: our forward and dX LoRA GEMMs at four tiles, pointer tiles vs TMA
+#   1. launch/lora_kernel_sweep.py --only gemm,dy,down,term: our forward and dX LoRA GEMMs at four tiles, pointer tiles vs TMA
 #      descriptors (base_gemm="triton_tma"), the dX epilogue full width vs per column half, each over cuBLAS on
 #      the same tensors, the dY kernel's launch (N block, programs per SM, dB copies) and the dropout kernel's
-#      (its X loads now go out before its Xd stores) (~3-4 min; the masked-term knobs are not repeated);
+#      and the masked dX term's (both now issue a block's loads before its stores) (~3-4 min);
 #   2. launch/device_check.py --only lora,gemm: bf16 checks, the LoRA grid (triton / triton_tma / torch /
 #      torch_all / torch_grouped providers, graphed case, host profile) and the Twill plan-vs-sweep with
 #      head-to-head confirmation, within --budget-s.
@@ -29,6 +29,6 @@ if ls ../.whl/*.whl >/dev/null 2>&1; then
   fi
 fi
 rc=0
-timeout 300 "$PY" lora_kernel_sweep.py --only gemm,dy,down || { echo "lora_kernel_sweep exit $?"; rc=1; }
+timeout 300 "$PY" lora_kernel_sweep.py --only gemm,dy,down,term || { echo "lora_kernel_sweep exit $?"; rc=1; }
 timeout $((BUDGET + 90)) "$PY" device_check.py --only lora,gemm --budget-s "$BUDGET" || { echo "device_check exit $?"; rc=1; }
 exit $rc
