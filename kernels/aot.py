@@ -57,6 +57,25 @@ def ptxas_path(arch: int = 90) -> str:
         return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
+def _sass_counts(cubin: bytes, arch: int) -> dict[str, int]:
+    """Counts in the kernel's machine code (Triton's nvdisasm): GPU-wide memory barriers (``MEMBAR.ALL.GPU``: what an
+    acq_rel atomic costs before each add), fire-and-forget reductions (``REDG``) and value-returning atomics
+    (``ATOMG``). Empty when nvdisasm is not there."""
+    tool = os.path.join(os.path.dirname(ptxas_path(arch)), "nvdisasm")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as fh:
+            fh.write(cubin)
+        proc = subprocess.run([tool, "-c", path], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {}
+    sass = proc.stdout
+    return {"membar_gpu": len(re.findall(r"\bMEMBAR\.[\w.]*GPU\b", sass)),
+            "red_global": len(re.findall(r"\bREDG\.", sass)), "atom_global": len(re.findall(r"\bATOMG\.", sass))}
+
+
 def _ptxas_verbose(ptx: str, arch: int) -> str:
     suffix = "a" if arch in (90, 100) else ""
     with tempfile.TemporaryDirectory() as d:
@@ -79,7 +98,8 @@ def compile_report(fn, types: dict[str, str], consts: dict[str, Any], options: d
     16-divisible (as the JIT specialises pointers and sizes that are) except those in ``no_divisibility``.
     Returns {arch, regs, spill_bytes, stack_bytes, shared_bytes, stages (deepest shared-memory ring), mma
     ("tcgen05" | "wgmma" | "mma" | "fma"), ws_partitions, maxnreg (0: none), num_warps, async_loads,
-    tma_loads (bulk tensor copies: TMA descriptors), warnings (ptxas codes such as "C7515"), wgmma_serialized}."""
+    tma_loads (bulk tensor copies: TMA descriptors), warnings (ptxas codes such as "C7515"), wgmma_serialized,
+    membar_gpu / red_global / atom_global (machine-code counts, see ``_sass_counts``; absent without nvdisasm)}."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile_report: TRITON_INTERPRET=1 is set; run in a process without it")
     import triton
@@ -119,6 +139,7 @@ def compile_report(fn, types: dict[str, str], consts: dict[str, Any], options: d
         "tma_loads": "cp.async.bulk.tensor" in ptx,
         "warnings": warnings,
         "wgmma_serialized": "C7515" in warnings,
+        **_sass_counts(kernel.asm["cubin"], arch),
     }
 
 

@@ -351,7 +351,7 @@ if HAVE_TRITON:
             if HAS_DOT:
                 s_ptrs = S + rows[:, None] * stride_sm + rr[None, :]
                 if SPLIT_K > 1:
-                    tl.atomic_add(s_ptrs, acc, mask=row_ok[:, None])
+                    tl.atomic_add(s_ptrs, acc, mask=row_ok[:, None], sem="relaxed")
                 else:
                     tl.store(s_ptrs, acc, mask=row_ok[:, None])
 
@@ -574,13 +574,15 @@ if HAVE_TRITON:
             else:
                 ds = tl.dot(dy, bt, ds)
                 db = tl.dot(tl.trans(dy), st.to(DY.dtype.element_ty))
+            # relaxed: only the sums matter, nothing in the kernel reads them back (Triton's default, acq_rel,
+            # makes every add a fence: sm_90 PTX atom.global.gpu.acq_rel)
             tl.atomic_add(DB + cols[:, None] * stride_dbn + (r_off + rr)[None, :], db * scale,
-                          mask=c_ok[:, None] & r_ok[None, :])
+                          mask=c_ok[:, None] & r_ok[None, :], sem="relaxed")
             if HAS_DBIAS:
-                tl.atomic_add(DBIAS + cols, tl.sum(dy.to(tl.float32), axis=0), mask=c_ok)
+                tl.atomic_add(DBIAS + cols, tl.sum(dy.to(tl.float32), axis=0), mask=c_ok, sem="relaxed")
         if rank > 0:
             tl.atomic_add(DS + rows[:, None] * stride_dsm + rr[None, :], ds * scale,
-                          mask=row_ok[:, None] & r_ok[None, :])
+                          mask=row_ok[:, None] & r_ok[None, :], sem="relaxed")
 
     @triton.jit
     def _p_plane(P, col0, r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po, PLANE: tl.constexpr):

@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # a config the compiler rejects is a finding, not a crash
             rows.append({"group": group, "kernel": label, "arch": args.arch, "error": f"{type(err).__name__}: {err}"[:200]})
         print(f"  compiled {label}", file=sys.stderr, flush=True)
-    cols = ["group", "kernel", "regs", "spill_bytes", "shared_bytes", "stages", "mma", "tma_loads", "ws_partitions", "warnings",
-            "error"]
+    cols = ["group", "kernel", "regs", "spill_bytes", "shared_bytes", "stages", "mma", "tma_loads", "membar_gpu",
+            "ws_partitions", "warnings", "error"]
     table = [[("" if r.get(c) is None else ",".join(r[c]) if isinstance(r.get(c), list) else str(r.get(c, "")))
               for c in cols] for r in rows]
     print(format_table(table, cols, title=f"kernel report, sm_{args.arch} (offline compile, Triton's ptxas -v)"))

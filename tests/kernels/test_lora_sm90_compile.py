@@ -23,7 +23,8 @@ SCRIPT = textwrap.dedent('''
         r = compile_report(fn, SIGNATURES[kind], consts, opts, arch=90, no_divisibility=nodiv)
         return {"stages": r["stages"], "wgmma": r["mma"] == "wgmma", "async": r["async_loads"],
                 "spill_bytes": r["spill_bytes"], "wgmma_serialized": r["wgmma_serialized"], "regs": r["regs"],
-                "tma": r["tma_loads"]}
+                "tma": r["tma_loads"], "membar_gpu": r.get("membar_gpu"), "red_global": r.get("red_global"),
+                "atom_global": r.get("atom_global")}
 
     out = {}
     for name, dot in (("down_dropout", True), ("down_mask_only", False)):
@@ -34,7 +35,8 @@ SCRIPT = textwrap.dedent('''
                            dict(num_warps=L.DOWN_LAUNCH["warps"], num_stages=L._DOWN_STAGES), arch=90,
                            no_divisibility=("seed",))
         out[name] = {"regs": r["regs"], "spill_bytes": r["spill_bytes"], "warnings": r["warnings"],
-                     "mma": r["mma"]}
+                     "mma": r["mma"], "membar_gpu": r.get("membar_gpu"), "red_global": r.get("red_global"),
+                     "atom_global": r.get("atom_global")}
     base = dict(BLOCK_M=128, BLOCK_O=256, BLOCK_RED=64, BLOCK_R=16, GROUP_M=8, UPCAST=False, WARP_SPECIALIZE=False,
                 EPI_WARPS=8, EPI_SPLIT=-1)
     out["gemm_fwd"] = comp(L._lora_gemm_kernel, "lora_gemm", dict(base, HAS_BIAS=True, HAS_MASK=False,
@@ -91,6 +93,12 @@ def test_kernels_compile_for_sm90_with_pipelined_wgmma_gemms(tmp_path):
         got = res[name]
         assert got["regs"] <= 168 and got["spill_bytes"] == 0 and not got["warnings"], (name, got)
     assert res["down_dropout"]["mma"] in ("mma", "wgmma"), res["down_dropout"]
+    # the accumulating atomics (dY: dS, dB; dropout/S: split-K S) are relaxed fire-and-forget reductions: with
+    # Triton's default acq_rel each add compiled to MEMBAR.ALL.GPU + ATOMG (24 of each in the dY loop on sm_90)
+    if res["dy"]["membar_gpu"] is not None:  # nvdisasm ships with Triton; None only without it
+        for name in ("dy", "down_dropout"):
+            got = res[name]
+            assert got["membar_gpu"] == 0 and got["atom_global"] == 0 and got["red_global"] > 0, (name, got)
 
 
 WS_SCRIPT = textwrap.dedent('''
