@@ -59,8 +59,9 @@ def ptxas_path(arch: int = 90) -> str:
 
 def _sass_counts(cubin: bytes, arch: int) -> dict[str, int]:
     """Counts in the kernel's machine code (Triton's nvdisasm): GPU-wide memory barriers (``MEMBAR.ALL.GPU``: what an
-    acq_rel atomic costs before each add), fire-and-forget reductions (``REDG``) and value-returning atomics
-    (``ATOMG``). Empty when nvdisasm is not there."""
+    acq_rel atomic costs before each add), fire-and-forget reductions (``REDG``), value-returning atomics
+    (``ATOMG``) and one-element 16-bit global loads (``LDG.E.U16``: a gather where a vector load was meant).
+    Empty when nvdisasm is not there."""
     tool = os.path.join(os.path.dirname(ptxas_path(arch)), "nvdisasm")
     if not os.path.exists(tool):
         return {}
@@ -73,7 +74,8 @@ def _sass_counts(cubin: bytes, arch: int) -> dict[str, int]:
         return {}
     sass = proc.stdout
     return {"membar_gpu": len(re.findall(r"\bMEMBAR\.[\w.]*GPU\b", sass)),
-            "red_global": len(re.findall(r"\bREDG\.", sass)), "atom_global": len(re.findall(r"\bATOMG\.", sass))}
+            "red_global": len(re.findall(r"\bREDG\.", sass)), "atom_global": len(re.findall(r"\bATOMG\.", sass)),
+            "ldg_16bit": len(re.findall(r"\bLDG\.E\.U16\b", sass))}
 
 
 def _ptxas_verbose(ptx: str, arch: int) -> str:
@@ -99,7 +101,8 @@ def compile_report(fn, types: dict[str, str], consts: dict[str, Any], options: d
     Returns {arch, regs, spill_bytes, stack_bytes, shared_bytes, stages (deepest shared-memory ring), mma
     ("tcgen05" | "wgmma" | "mma" | "fma"), ws_partitions, maxnreg (0: none), num_warps, async_loads,
     tma_loads (bulk tensor copies: TMA descriptors), warnings (ptxas codes such as "C7515"), wgmma_serialized,
-    membar_gpu / red_global / atom_global (machine-code counts, see ``_sass_counts``; absent without nvdisasm)}."""
+    membar_gpu / red_global / atom_global / ldg_16bit (machine-code counts, see ``_sass_counts``; absent without
+    nvdisasm)}."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile_report: TRITON_INTERPRET=1 is set; run in a process without it")
     import triton
@@ -165,7 +168,8 @@ def kernel_cases(only: Optional[Iterable[str]] = None, arch: int = 90) -> list[t
             base = dict(BLOCK_M=128, BLOCK_R=16, UPCAST=False, WARP_SPECIALIZE=ws, HAS_BIAS=False, EPI_SPLIT=-1, **kw)
             cases.append(("lora", f"lora GEMM fwd {tile}", L._lora_gemm_kernel,
                           SIGNATURES["lora_gemm"], dict(base, HAS_MASK=False, APPLY_SCALE=True, stride_wr=1,
-                                                        stride_pr=1, W_OUT_MAJOR=True), opts, ()))
+                                                        stride_pr=1, W_OUT_MAJOR=True, P_R_UNIT=True, R_ALIGN=8),
+                          opts, ()))
             cases.append(("lora", f"lora GEMM dX+mask {tile}", L._lora_gemm_kernel,
                           SIGNATURES["lora_gemm"], dict(base, HAS_MASK=True, APPLY_SCALE=False, stride_wo=1,
                                                         stride_po=1, W_OUT_MAJOR=False), opts, ()))
@@ -174,7 +178,8 @@ def kernel_cases(only: Optional[Iterable[str]] = None, arch: int = 90) -> list[t
                       BLOCK_O=bo, BLOCK_RED=64, GROUP_M=8, EPI_WARPS=8, USE_TMA=True, PERSISTENT=True)
             tile = f"128x{bo}x64 s4 w8{' ws' if ws else ''} tma persistent"
             cases.append(("lora", f"lora GEMM fwd {tile}", L._lora_gemm_kernel, SIGNATURES["lora_gemm"],
-                          dict(kw, HAS_MASK=False, APPLY_SCALE=True, stride_wr=1, stride_pr=1, W_OUT_MAJOR=True),
+                          dict(kw, HAS_MASK=False, APPLY_SCALE=True, stride_wr=1, stride_pr=1, W_OUT_MAJOR=True,
+                               P_R_UNIT=True, R_ALIGN=8),
                           dict(num_warps=8, num_stages=4), ()))
             cases.append(("lora", f"lora GEMM dX+mask {tile}", L._lora_gemm_kernel, SIGNATURES["lora_gemm"],
                           dict(kw, HAS_MASK=True, APPLY_SCALE=False, stride_wo=1, stride_po=1, W_OUT_MAJOR=False),

@@ -364,7 +364,7 @@ if HAVE_TRITON:
         GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, APPLY_SCALE: tl.constexpr,
         UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False, EPI_WARPS: tl.constexpr = 4,
         EPI_SPLIT: tl.constexpr = -1, USE_TMA: tl.constexpr = False, W_OUT_MAJOR: tl.constexpr = False,
-        PERSISTENT: tl.constexpr = False,
+        PERSISTENT: tl.constexpr = False, P_R_UNIT: tl.constexpr = False, R_ALIGN: tl.constexpr = 1,
     ):
         """OUT[tile, oblk] = X[tile, :] @ W[:, oblk] + lora_term (+ bias), W element (red, out) at
         W + red*stride_wr + out*stride_wo. LoRA term, added to the accumulator after the K loop:
@@ -388,7 +388,12 @@ if HAVE_TRITON:
         PERSISTENT: a grid of at most one program per resident CTA slot, each looping over output tiles
         pid, pid + grid, ... (the descriptors made once per program, not once per tile). The tile loop is not
         flattened into the K loop: with ``flatten=True`` ptxas serialised the warpgroup MMAs on sm_90 (C7514 /
-        C7515, offline compile, Triton 3.7.1)."""
+        C7515, offline compile, Triton 3.7.1).
+
+        P_R_UNIT (the forward's B [N, R_total], contiguous rows): the unmasked LoRA term reads P as [BLOCK_O,
+        BLOCK_R] rows and transposes it, instead of gathering it one element per load (sm_90: 16 scalar loads per
+        thread at 128x256); R_ALIGN: every adapter's rank offset is a multiple of it (8 lets the rows load as
+        16-byte vectors)."""
         n_out = n_tiles * tl.cdiv(OUT_DIM, BLOCK_O)
         x_desc = None
         w_desc = None
@@ -407,12 +412,13 @@ if HAVE_TRITON:
                                 RED_DIM, stride_xm, stride_wr, stride_wo, stride_lm, stride_pr, stride_po,
                                 stride_mm, stride_om, BLOCK_M, BLOCK_O, BLOCK_RED, BLOCK_R, GROUP_M, HAS_BIAS,
                                 HAS_MASK, APPLY_SCALE, UPCAST, WARP_SPECIALIZE, EPI_WARPS, EPI_SPLIT, USE_TMA,
-                                W_OUT_MAJOR)
+                                W_OUT_MAJOR, P_R_UNIT, R_ALIGN)
         else:
             _lora_gemm_tile(tl.program_id(0), x_desc, w_desc, X, W, L, P, MASK, BIAS, OUT, TABLE, FTABLE, n_tiles,
                             OUT_DIM, RED_DIM, stride_xm, stride_wr, stride_wo, stride_lm, stride_pr, stride_po,
                             stride_mm, stride_om, BLOCK_M, BLOCK_O, BLOCK_RED, BLOCK_R, GROUP_M, HAS_BIAS, HAS_MASK,
-                            APPLY_SCALE, UPCAST, WARP_SPECIALIZE, EPI_WARPS, EPI_SPLIT, USE_TMA, W_OUT_MAJOR)
+                            APPLY_SCALE, UPCAST, WARP_SPECIALIZE, EPI_WARPS, EPI_SPLIT, USE_TMA, W_OUT_MAJOR,
+                            P_R_UNIT, R_ALIGN)
 
     @triton.jit
     def _lora_gemm_tile(
@@ -421,7 +427,7 @@ if HAVE_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
         GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, APPLY_SCALE: tl.constexpr,
         UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, EPI_WARPS: tl.constexpr, EPI_SPLIT: tl.constexpr,
-        USE_TMA: tl.constexpr, W_OUT_MAJOR: tl.constexpr,
+        USE_TMA: tl.constexpr, W_OUT_MAJOR: tl.constexpr, P_R_UNIT: tl.constexpr, R_ALIGN: tl.constexpr,
     ):
         """Output tile ``pid`` of ``_lora_gemm_kernel`` (grouped along M for L2 reuse): the K loop, then the LoRA
         term and the epilogue."""
@@ -483,8 +489,16 @@ if HAVE_TRITON:
             if rank > 0:
                 rr = tl.arange(0, BLOCK_R)
                 lt = tl.load(L + rows[:, None] * stride_lm + rr[None, :], mask=row_ok[:, None], other=0.0)
-                pt = tl.load(P + (r_off + rr)[:, None] * stride_pr + outs[None, :] * stride_po,
-                             mask=(rr < rank)[:, None] & o_ok[None, :], other=0.0)
+                if P_R_UNIT:  # rows of B [N, R_total] (contiguous: stride_po = R_total), transposed in registers
+                    # the load is bounded by the row (a mask constant over aligned groups, so it vectorises);
+                    # columns of other adapters are zeroed in registers
+                    cols_r = tl.max_contiguous(tl.multiple_of(r_off + rr, R_ALIGN), BLOCK_R)
+                    pt = tl.load(P + outs[:, None] * stride_po + cols_r[None, :],
+                                 mask=o_ok[:, None] & (cols_r < stride_po)[None, :], other=0.0)
+                    pt = tl.trans(tl.where((rr < rank)[None, :], pt, 0.0))
+                else:
+                    pt = tl.load(P + (r_off + rr)[:, None] * stride_pr + outs[None, :] * stride_po,
+                                 mask=(rr < rank)[:, None] & o_ok[None, :], other=0.0)
                 if APPLY_SCALE:  # the scale goes on the thin fp32 operand, not on the [BLOCK_M, BLOCK_O] product
                     lt = lt * tl.load(FTABLE + pid_m * 2 + 0)
                 if UPCAST:
@@ -694,6 +708,7 @@ class _TilePlan:
     has_dropout: bool
     segments: tuple  # ((adapter, start, end, rank, rank_offset), ...) covered segments, sorted
     scales: tuple  # per adapter
+    r_align: int = 1  # every adapter's rank offset is a multiple of this (8 or 1)
     extras: dict = field(default_factory=dict, compare=False, repr=False)  # lazily built per-plan tensors
 
 
@@ -747,6 +762,7 @@ def _tile_plan(T: int, segments: tuple, ranks: tuple, scales: tuple, ps: tuple, 
         ftable=_upload(torch.tensor(frows, dtype=torch.float32).reshape(-1, 2), device),
         n_tiles=len(rows), block_m=block_m, block_r=max(16, _next_pow2(max(ranks) if ranks else 1)),
         r_total=offs[-1], has_dropout=has_dropout, segments=tuple(covered), scales=tuple(scales),
+        r_align=8 if all(o % 8 == 0 for o in offs) else 1,
     )
     _PLAN_CACHE[key] = plan
     if len(_PLAN_CACHE) > 64:
@@ -858,7 +874,8 @@ def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bi
             x.stride(0), stride_wr, stride_wo, lmat.stride(0), stride_pr, stride_po,
             mask.stride(0) if mask is not None else 0, out.stride(0))
     flags = dict(BLOCK_M=plan.block_m, BLOCK_R=plan.block_r, HAS_BIAS=bias is not None,
-                 HAS_MASK=mask is not None, APPLY_SCALE=apply_scale, UPCAST=INTERPRET)
+                 HAS_MASK=mask is not None, APPLY_SCALE=apply_scale, UPCAST=INTERPRET,
+                 P_R_UNIT=mask is None and stride_pr == 1 and stride_po == pmat.shape[1], R_ALIGN=plan.r_align)
     use_tma = (tma or bool(getattr(config, "tma", False))) and _tma_ok(x, w, stride_wr, stride_wo)
     if use_tma:
         flags["W_OUT_MAJOR"] = stride_wr == 1

@@ -599,3 +599,25 @@ def test_dy_kernel_spreads_db_over_copies_by_tile(monkeypatch):
         assert torch.allclose(copies[c, :, :r].double(), want, rtol=1e-5, atol=1e-5), c
     assert torch.allclose(db[:, :r].double(), 1.5 * dy.double().t() @ s[:, :r].double(), rtol=1e-5, atol=1e-5)
     assert torch.allclose(ds[:, :r].double(), 1.5 * dy.double() @ b.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_an_adapter_rows_do_not_read_another_adapters_weights():
+    """The forward GEMM reads B's rows in aligned vectors that span every adapter's columns and zeroes the columns
+    of other adapters in registers: an adapter whose B holds inf/nan must not leak into another's rows."""
+    T, K, N = 48, 32, 40
+    g = torch.Generator().manual_seed(41)
+    x = torch.randn(T, K, generator=g)
+    w = torch.randn(N, K, generator=g) * K ** -0.5
+    good = LoRAAdapterWeights(torch.randn(8, K, generator=g), torch.randn(N, 8, generator=g), 1.5, 0.0)
+    bad_b = torch.randn(N, 8, generator=g)
+    bad_b[::3, 2] = float("inf")
+    bad_b[1::3, 5] = float("nan")
+    bad = LoRAAdapterWeights(torch.randn(8, K, generator=g), bad_b, 0.5, 0.0)
+    for order in ((good, bad), (bad, good)):
+        gi = 0 if order[0] is good else 1
+        segs = [(gi, 0, 24), (1 - gi, 24, 48)]
+        y = multi_lora_linear(x, w, list(order), segs, seed=1, base_gemm="triton")
+        ref = x[:24].double() @ w.double().t() + 1.5 * (x[:24].double() @ good.lora_a.double().t()) @ \
+            good.lora_b.double().t()
+        assert torch.isfinite(y[:24]).all()
+        assert torch.allclose(y[:24].double(), ref, rtol=1e-5, atol=1e-5)

@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent('''
         return {"stages": r["stages"], "wgmma": r["mma"] == "wgmma", "async": r["async_loads"],
                 "spill_bytes": r["spill_bytes"], "wgmma_serialized": r["wgmma_serialized"], "regs": r["regs"],
                 "tma": r["tma_loads"], "membar_gpu": r.get("membar_gpu"), "red_global": r.get("red_global"),
-                "atom_global": r.get("atom_global")}
+                "atom_global": r.get("atom_global"), "ldg_16bit": r.get("ldg_16bit")}
 
     out = {}
     for name, dot in (("down_dropout", True), ("down_mask_only", False)):
@@ -40,7 +40,10 @@ SCRIPT = textwrap.dedent('''
     base = dict(BLOCK_M=128, BLOCK_O=256, BLOCK_RED=64, BLOCK_R=16, GROUP_M=8, UPCAST=False, WARP_SPECIALIZE=False,
                 EPI_WARPS=8, EPI_SPLIT=-1)
     out["gemm_fwd"] = comp(L._lora_gemm_kernel, "lora_gemm", dict(base, HAS_BIAS=True, HAS_MASK=False,
-                           APPLY_SCALE=True, stride_wr=1, stride_pr=1), dict(num_warps=8, num_stages=3))
+                           APPLY_SCALE=True, stride_wr=1, stride_pr=1, P_R_UNIT=True, R_ALIGN=8),
+                           dict(num_warps=8, num_stages=3))
+    out["gemm_fwd_gather"] = comp(L._lora_gemm_kernel, "lora_gemm", dict(base, HAS_BIAS=True, HAS_MASK=False,
+                                  APPLY_SCALE=True, stride_wr=1, stride_pr=1), dict(num_warps=8, num_stages=3))
     out["gemm_dx"] = comp(L._lora_gemm_kernel, "lora_gemm", dict(base, HAS_BIAS=False, HAS_MASK=True,
                           APPLY_SCALE=False, stride_wo=1, stride_po=1), dict(num_warps=8, num_stages=3))
     # the dX GEMM with the dropout mask needs a second output tile for the masked LoRA term: a 128x128 tile on
@@ -96,6 +99,9 @@ def test_kernels_compile_for_sm90_with_pipelined_wgmma_gemms(tmp_path):
     # the accumulating atomics (dY: dS, dB; dropout/S: split-K S) are relaxed fire-and-forget reductions: with
     # Triton's default acq_rel each add compiled to MEMBAR.ALL.GPU + ATOMG (24 of each in the dY loop on sm_90)
     if res["dy"]["membar_gpu"] is not None:  # nvdisasm ships with Triton; None only without it
+        # the forward's LoRA term reads B's rows as 16-byte vectors; the gathered form took 16 one-element loads
+        # per thread more (left in both: the bias row, one element per thread, coalesced)
+        assert res["gemm_fwd"]["ldg_16bit"] <= 1 and res["gemm_fwd_gather"]["ldg_16bit"] >= 16, res
         for name in ("dy", "down_dropout"):
             got = res[name]
             assert got["membar_gpu"] == 0 and got["atom_global"] == 0 and got["red_global"] > 0, (name, got)
