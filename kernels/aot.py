@@ -196,7 +196,8 @@ def kernel_cases(only: Optional[Iterable[str]] = None, arch: int = 90) -> list[t
                            PLANE=L.DROP_PLANE, APPLY_SCALE=True, stride_po=1),
                       dict(num_warps=L.TERM_LAUNCH["warps"], num_stages=1), ()))
         cases.append(("lora", "lora dY (split 5)", L._lora_dy_kernel, SIGNATURES["lora_dy"],
-                      dict(SPLIT_N=5, BLOCK_M=128, BLOCK_N=64, BLOCK_R=16, HAS_DBIAS=False, UPCAST=False),
+                      dict(SPLIT_N=5, BLOCK_M=128, BLOCK_N=64, BLOCK_R=16, HAS_DBIAS=False, UPCAST=False,
+                           B_ROWS=True, R_ALIGN=8),
                       dict(num_warps=4, num_stages=3), ("db_copies",)))
     if "gemm" in groups:
         for bn, warps, stages, tma in ((128, 4, 3, False), (128, 8, 4, False), (256, 8, 3, False),

@@ -555,10 +555,12 @@ if HAVE_TRITON:
         DY, S, B, DS, DB, DBIAS, TABLE, FTABLE, N, db_copies,
         stride_dym, stride_sm, stride_bn, stride_dsm, stride_dbn, stride_dbc,
         SPLIT_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-        HAS_DBIAS: tl.constexpr, UPCAST: tl.constexpr,
+        HAS_DBIAS: tl.constexpr, UPCAST: tl.constexpr, B_ROWS: tl.constexpr = False, R_ALIGN: tl.constexpr = 1,
     ):
         """One read of dY per (tile, N split): dS[tile] += scale dY B, dB += scale dY^T S[tile], dbias += sum dY.
-        dB goes to copy ``pid_m % db_copies`` (copies ``stride_dbc`` elements apart; the host sums them)."""
+        dB goes to copy ``pid_m % db_copies`` (copies ``stride_dbc`` elements apart; the host sums them).
+        B_ROWS: B is [N, R_total] with contiguous rows (stride_bn = R_total), read row-wise; R_ALIGN as in
+        ``_lora_gemm_kernel``."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         DB = DB + (pid_m % db_copies) * stride_dbc
@@ -569,6 +571,7 @@ if HAVE_TRITON:
         row_ok = rm < n_valid
         rr = tl.arange(0, BLOCK_R)
         r_ok = rr < rank
+        cols_r = tl.max_contiguous(tl.multiple_of(r_off + rr, R_ALIGN), BLOCK_R)
         st = tl.load(S + rows[:, None] * stride_sm + rr[None, :], mask=row_ok[:, None], other=0.0)
         ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         n_end = tl.cdiv(N, BLOCK_N)
@@ -580,8 +583,14 @@ if HAVE_TRITON:
             dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :], mask=row_ok[:, None] & c_ok[None, :],
                          other=0.0)
             # rank 0 (only reached with HAS_DBIAS): B loads and dB adds are fully masked, no branch in the loop
-            bt = tl.load(B + cols[:, None] * stride_bn + (r_off + rr)[None, :],
-                         mask=c_ok[:, None] & r_ok[None, :], other=0.0)
+            if B_ROWS:  # B [N, R_total] with contiguous rows: 16-byte row loads bounded by the row (a rank mask
+                # along the row made them one-element loads). Other adapters' columns only reach dS columns
+                # >= rank (dY B sums over N, not over R), which the dS add masks out.
+                bt = tl.load(B + cols[:, None] * stride_bn + cols_r[None, :],
+                             mask=c_ok[:, None] & (cols_r < stride_bn)[None, :], other=0.0)
+            else:
+                bt = tl.load(B + cols[:, None] * stride_bn + (r_off + rr)[None, :],
+                             mask=c_ok[:, None] & r_ok[None, :], other=0.0)
             if UPCAST:
                 ds = tl.dot(dy.to(tl.float32), bt.to(tl.float32), ds)
                 db = tl.dot(tl.trans(dy.to(tl.float32)), st)
@@ -1182,7 +1191,9 @@ def _dy_pass(dy2, s, b_cat, plan: _TilePlan, need_dbias: bool, launch: Optional[
             dy2, s, b_cat, ds, db, dbias if dbias is not None else ds, plan.table, plan.ftable, N, copies,
             dy2.stride(0), s.stride(0), b_cat.stride(0), ds.stride(0), db.stride(1), db.stride(0),
             SPLIT_N=split_n, BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_R=plan.block_r,
-            HAS_DBIAS=dbias is not None, UPCAST=INTERPRET, **_launch_opts(int(knobs["warps"]), 3))
+            HAS_DBIAS=dbias is not None, UPCAST=INTERPRET,
+            B_ROWS=b_cat.stride(1) == 1 and b_cat.stride(0) == b_cat.shape[1], R_ALIGN=plan.r_align,
+            **_launch_opts(int(knobs["warps"]), 3))
     return ds, db[0] if copies == 1 else db.sum(0), dbias
 
 

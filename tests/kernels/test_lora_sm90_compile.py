@@ -64,7 +64,7 @@ SCRIPT = textwrap.dedent('''
                               APPLY_SCALE=False, stride_wo=1, stride_po=1, USE_TMA=True, W_OUT_MAJOR=False),
                               dict(num_warps=8, num_stages=3))
     out["dy"] = comp(L._lora_dy_kernel, "lora_dy", dict(SPLIT_N=2, BLOCK_M=128, BLOCK_N=64, BLOCK_R=64,
-                     HAS_DBIAS=True, UPCAST=False), dict(num_warps=4, num_stages=3))
+                     HAS_DBIAS=True, UPCAST=False, B_ROWS=True, R_ALIGN=8), dict(num_warps=4, num_stages=3))
     print(json.dumps(out))
 ''')
 
@@ -102,6 +102,7 @@ def test_kernels_compile_for_sm90_with_pipelined_wgmma_gemms(tmp_path):
         # the forward's LoRA term reads B's rows as 16-byte vectors; the gathered form took 16 one-element loads
         # per thread more (left in both: the bias row, one element per thread, coalesced)
         assert res["gemm_fwd"]["ldg_16bit"] <= 1 and res["gemm_fwd_gather"]["ldg_16bit"] >= 16, res
+        assert res["dy"]["ldg_16bit"] == 0, res["dy"]  # B's rows in the dY loop: vectors too
         for name in ("dy", "down_dropout"):
             got = res[name]
             assert got["membar_gpu"] == 0 and got["atom_global"] == 0 and got["red_global"] > 0, (name, got)
