@@ -257,6 +257,18 @@ if HAVE_TRITON:
                        other=0.0)
 
     @triton.jit
+    def _x_planes(X, rows, row_ok, col0, K, stride_xm, PLANE: tl.constexpr):
+        """The 8 planes of X of one dropout block (columns col0 .. col0 + 8 * PLANE), loaded together."""
+        return (_load_plane(X, rows, row_ok, col0, K, stride_xm, PLANE),
+                _load_plane(X, rows, row_ok, col0 + PLANE, K, stride_xm, PLANE),
+                _load_plane(X, rows, row_ok, col0 + 2 * PLANE, K, stride_xm, PLANE),
+                _load_plane(X, rows, row_ok, col0 + 3 * PLANE, K, stride_xm, PLANE),
+                _load_plane(X, rows, row_ok, col0 + 4 * PLANE, K, stride_xm, PLANE),
+                _load_plane(X, rows, row_ok, col0 + 5 * PLANE, K, stride_xm, PLANE),
+                _load_plane(X, rows, row_ok, col0 + 6 * PLANE, K, stride_xm, PLANE),
+                _load_plane(X, rows, row_ok, col0 + 7 * PLANE, K, stride_xm, PLANE))
+
+    @triton.jit
     def _down_plane(x, XD, A, acc, packed, word, thr, inv_keep, rows, row_ok, col0, K, r_off, rr, r_ok,
                     stride_dm, stride_ar, BIT: tl.constexpr, PLANE: tl.constexpr,
                     HAS_DOT: tl.constexpr, UPCAST: tl.constexpr):
@@ -287,6 +299,7 @@ if HAVE_TRITON:
         of 8 planes of PLANE columns: Xd = dropout(X), its keep bits (one byte row per block), S from Xd.
         HAS_DOT=False: only Xd and the mask (S is left to a cuBLAS GEMM). Rows go SUB_M at a time (a tile of
         BLOCK_M rows is BLOCK_M // SUB_M programs), so four Philox words per element stay in registers."""
+        PREFETCH_X: tl.constexpr = (not HAS_DOT) or BLOCK_R <= 32
         pid_m = tl.program_id(0) // (BLOCK_M // SUB_M)
         sub = tl.program_id(0) % (BLOCK_M // SUB_M)
         pid_k = tl.program_id(1)
@@ -312,31 +325,22 @@ if HAVE_TRITON:
                     packed = tl.zeros((SUB_M, PLANE), dtype=tl.int32)
                     # all 8 planes' loads go out first: interleaved with the Xd stores (which may alias X as
                     # far as the compiler knows) each load waited for the previous plane's store - one load in
-                    # flight per thread (sm_90 PTX: ld st ld st ...)
-                    xs = (_load_plane(X, rows, row_ok, col0, K, stride_xm, PLANE),
-                          _load_plane(X, rows, row_ok, col0 + PLANE, K, stride_xm, PLANE),
-                          _load_plane(X, rows, row_ok, col0 + 2 * PLANE, K, stride_xm, PLANE),
-                          _load_plane(X, rows, row_ok, col0 + 3 * PLANE, K, stride_xm, PLANE),
-                          _load_plane(X, rows, row_ok, col0 + 4 * PLANE, K, stride_xm, PLANE),
-                          _load_plane(X, rows, row_ok, col0 + 5 * PLANE, K, stride_xm, PLANE),
-                          _load_plane(X, rows, row_ok, col0 + 6 * PLANE, K, stride_xm, PLANE),
-                          _load_plane(X, rows, row_ok, col0 + 7 * PLANE, K, stride_xm, PLANE))
+                    # flight per thread (sm_90 PTX: ld st ld st ...). Not with S at rank blocks above 32: there
+                    # the 8 planes took 173 registers (124 one at a time)
+                    if PREFETCH_X:
+                        xs = _x_planes(X, rows, row_ok, col0, K, stride_xm, PLANE)
                     for h in tl.static_range(2):
                         # counters (row, block, h, lane): 64 per block; word j feeds plane 2j + h
                         offs = (rows[:, None] * (n_blk * 2 * PLANE) + (kb * 2 + h) * PLANE + lanes[None, :])
-                        w0, w1, w2, w3 = tl.randint4x(seed, offs.to(tl.int32))
-                        acc, packed = _down_plane(xs[h], XD, A, acc, packed, w0, thr, inv_keep, rows, row_ok,
-                                                  col0 + h * PLANE, K, r_off, rr, r_ok, stride_dm,
-                                                  stride_ar, h, PLANE, HAS_DOT, UPCAST)
-                        acc, packed = _down_plane(xs[2 + h], XD, A, acc, packed, w1, thr, inv_keep, rows, row_ok,
-                                                  col0 + (2 + h) * PLANE, K, r_off, rr, r_ok,
-                                                  stride_dm, stride_ar, 2 + h, PLANE, HAS_DOT, UPCAST)
-                        acc, packed = _down_plane(xs[4 + h], XD, A, acc, packed, w2, thr, inv_keep, rows, row_ok,
-                                                  col0 + (4 + h) * PLANE, K, r_off, rr, r_ok,
-                                                  stride_dm, stride_ar, 4 + h, PLANE, HAS_DOT, UPCAST)
-                        acc, packed = _down_plane(xs[6 + h], XD, A, acc, packed, w3, thr, inv_keep, rows, row_ok,
-                                                  col0 + (6 + h) * PLANE, K, r_off, rr, r_ok,
-                                                  stride_dm, stride_ar, 6 + h, PLANE, HAS_DOT, UPCAST)
+                        words = tl.randint4x(seed, offs.to(tl.int32))
+                        for j in tl.static_range(4):  # plane 2j + h, bit 2j + h of the mask bytes
+                            if PREFETCH_X:
+                                x = xs[2 * j + h]
+                            else:
+                                x = _load_plane(X, rows, row_ok, col0 + (2 * j + h) * PLANE, K, stride_xm, PLANE)
+                            acc, packed = _down_plane(x, XD, A, acc, packed, words[j], thr, inv_keep, rows, row_ok,
+                                                      col0 + (2 * j + h) * PLANE, K, r_off, rr, r_ok, stride_dm,
+                                                      stride_ar, 2 * j + h, PLANE, HAS_DOT, UPCAST)
                     tl.store(MASK + rows[:, None] * stride_mm + (kb * PLANE + lanes)[None, :], packed.to(tl.uint8),
                              mask=row_ok[:, None])
             else:
@@ -587,7 +591,7 @@ if HAVE_TRITON:
                 # along the row made them one-element loads). Other adapters' columns only reach dS columns
                 # >= rank (dY B sums over N, not over R), which the dS add masks out.
                 bt = tl.load(B + cols[:, None] * stride_bn + cols_r[None, :],
-                             mask=c_ok[:, None] & (cols_r < stride_bn)[None, :], other=0.0)
+                             mask=c_ok[:, None] & (cols_r < stride_bn)[None, :] & (rank > 0), other=0.0)
             else:
                 bt = tl.load(B + cols[:, None] * stride_bn + (r_off + rr)[None, :],
                              mask=c_ok[:, None] & r_ok[None, :], other=0.0)
@@ -615,6 +619,18 @@ if HAVE_TRITON:
                        mask=r_ok[:, None] & (cols < OUT_DIM)[None, :], other=0.0)
 
     @triton.jit
+    def _p_planes(P, col0, r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po, PLANE: tl.constexpr):
+        """The 8 planes of P that one dropout block of columns starting at col0 needs, loaded together."""
+        return (_p_plane(P, col0, r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po, PLANE),
+                _p_plane(P, col0 + PLANE, r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po, PLANE),
+                _p_plane(P, col0 + 2 * PLANE, r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po, PLANE),
+                _p_plane(P, col0 + 3 * PLANE, r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po, PLANE),
+                _p_plane(P, col0 + 4 * PLANE, r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po, PLANE),
+                _p_plane(P, col0 + 5 * PLANE, r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po, PLANE),
+                _p_plane(P, col0 + 6 * PLANE, r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po, PLANE),
+                _p_plane(P, col0 + 7 * PLANE, r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po, PLANE))
+
+    @triton.jit
     def _lora_masked_term_kernel(
         L, P, MASK, OUT, TABLE, FTABLE, OUT_DIM,
         stride_lm, stride_pr, stride_po, stride_mm, stride_om,
@@ -624,6 +640,7 @@ if HAVE_TRITON:
         """dX's LoRA term alone: OUT[rows, cols] = keep * (L[rows, :r] @ P[r_off:r_off+r, cols]) / (1 - p) over
         BLOCKS_PER_PROG dropout blocks (8 planes of PLANE columns: one mask byte row per block, bit = plane), so
         the mask is read as bytes and expanded by shifts, never gathered. Rows no adapter covers get zeros."""
+        PREFETCH_P: tl.constexpr = BLOCK_R <= 32
         pid_m = tl.program_id(0) // (BLOCK_M // SUB_M)
         sub = tl.program_id(0) % (BLOCK_M // SUB_M)
         pid_c = tl.program_id(1)
@@ -649,25 +666,18 @@ if HAVE_TRITON:
                 packed = tl.load(MASK + rows[:, None] * stride_mm + (kb * PLANE + lanes)[None, :],
                                  mask=row_ok[:, None] & (rank > 0), other=0).to(tl.int32)
                 # the block's 8 P planes are loaded before any store (interleaved, each load waited for the
-                # previous plane's stores, which may alias P as far as the compiler knows)
-                pts = (_p_plane(P, kb * (8 * PLANE), r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po, PLANE),
-                       _p_plane(P, kb * (8 * PLANE) + PLANE, r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po, PLANE),
-                       _p_plane(P, kb * (8 * PLANE) + 2 * PLANE, r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po,
-                                PLANE),
-                       _p_plane(P, kb * (8 * PLANE) + 3 * PLANE, r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po,
-                                PLANE),
-                       _p_plane(P, kb * (8 * PLANE) + 4 * PLANE, r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po,
-                                PLANE),
-                       _p_plane(P, kb * (8 * PLANE) + 5 * PLANE, r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po,
-                                PLANE),
-                       _p_plane(P, kb * (8 * PLANE) + 6 * PLANE, r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po,
-                                PLANE),
-                       _p_plane(P, kb * (8 * PLANE) + 7 * PLANE, r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po,
-                                PLANE))
+                # previous plane's stores, which may alias P as far as the compiler knows); up to rank blocks of
+                # 32 - at 128 the 8 planes took 188 registers (95 one at a time) for loads that hit L2 anyway
+                if PREFETCH_P:
+                    pts = _p_planes(P, kb * (8 * PLANE), r_off, rr, r_ok, OUT_DIM, stride_pr, stride_po, PLANE)
                 for b in tl.static_range(8):
                     cols = kb * (8 * PLANE) + b * PLANE + lanes
                     c_ok = cols < OUT_DIM
-                    pt = pts[b]
+                    if PREFETCH_P:
+                        pt = pts[b]
+                    else:
+                        pt = _p_plane(P, kb * (8 * PLANE) + b * PLANE, r_off, rr, r_ok, OUT_DIM, stride_pr,
+                                      stride_po, PLANE)
                     if UPCAST:
                         pt = pt.to(tl.float32)
                     term = tl.dot(lt, pt)
@@ -884,7 +894,8 @@ def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bi
             mask.stride(0) if mask is not None else 0, out.stride(0))
     flags = dict(BLOCK_M=plan.block_m, BLOCK_R=plan.block_r, HAS_BIAS=bias is not None,
                  HAS_MASK=mask is not None, APPLY_SCALE=apply_scale, UPCAST=INTERPRET,
-                 P_R_UNIT=mask is None and stride_pr == 1 and stride_po == pmat.shape[1], R_ALIGN=plan.r_align)
+                 # the forward's B [N, R_total] only (dX's A [R_total, K] with K = 1 has the same strides)
+                 P_R_UNIT=not backward and stride_pr == 1 and stride_po == pmat.shape[1], R_ALIGN=plan.r_align)
     use_tma = (tma or bool(getattr(config, "tma", False))) and _tma_ok(x, w, stride_wr, stride_wo)
     if use_tma:
         flags["W_OUT_MAJOR"] = stride_wr == 1

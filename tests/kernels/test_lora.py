@@ -637,14 +637,36 @@ def test_backward_of_one_adapter_ignores_another_adapters_weights():
     bad_b[::3, 2] = float("inf")
     bad_b[1::3, 5] = float("nan")
     dy = torch.randn(T, N, generator=g)
-    xx = x.clone().requires_grad_(True)
-    good = LoRAAdapterWeights(a0.clone().requires_grad_(True), b0.clone().requires_grad_(True), 1.5, 0.0)
-    bad = LoRAAdapterWeights(torch.randn(8, K, generator=g).requires_grad_(True), bad_b.requires_grad_(True), 0.5, 0.0)
-    y = multi_lora_linear(xx, w, [bad, good], [(0, 0, 24), (1, 24, 48)], seed=1, base_gemm="triton")
-    dx, da, db = torch.autograd.grad(y, (xx, good.lora_a, good.lora_b), dy)
+    bad_a = torch.randn(8, K, generator=g)
     x64, a64, b64 = (t.double().requires_grad_(True) for t in (x[24:], a0, b0))
     y64 = x64 @ w.double().t() + 1.5 * (x64 @ a64.t()) @ b64.t()
     rdx, rda, rdb = torch.autograd.grad(y64, (x64, a64, b64), dy[24:].double())
-    for name, got, ref in (("dx", dx[24:], rdx), ("dA", da, rda), ("dB", db, rdb)):
-        assert torch.isfinite(got).all(), name
-        assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-4), name
+    for good_first in (False, True):  # the good adapter's columns before or after the bad one's in B
+        xx = x.clone().requires_grad_(True)
+        good = LoRAAdapterWeights(a0.clone().requires_grad_(True), b0.clone().requires_grad_(True), 1.5, 0.0)
+        bad = LoRAAdapterWeights(bad_a.clone().requires_grad_(True), bad_b.clone().requires_grad_(True), 0.5, 0.0)
+        ads = [good, bad] if good_first else [bad, good]
+        gi = 0 if good_first else 1
+        y = multi_lora_linear(xx, w, ads, [(1 - gi, 0, 24), (gi, 24, 48)], seed=1, base_gemm="triton")
+        dx, da, db = torch.autograd.grad(y, (xx, good.lora_a, good.lora_b), dy)
+        for name, got, ref in (("dx", dx[24:], rdx), ("dA", da, rda), ("dB", db, rdb)):
+            assert torch.isfinite(got).all(), (good_first, name)
+            assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-4), (good_first, name)
+
+
+def test_dx_with_one_input_feature_and_rank_offsets_alignment():
+    """K = 1 (A [r, 1] has unit strides both ways, like the forward's B - the dX GEMM must still read it as A),
+    and the rank-offset alignment the kernels are told about: 8 only when every offset is a multiple of 8."""
+    g = torch.Generator().manual_seed(44)
+    x, w = torch.randn(8, 1, generator=g), torch.randn(16, 1, generator=g)
+    a, b, dy = torch.randn(4, 1, generator=g), torch.randn(16, 4, generator=g), torch.randn(8, 16, generator=g)
+    got = torch.autograd.grad(lora_linear(x.requires_grad_(True), w, a, b, 2.0, 0.0, base_gemm="triton"), (x,), dy)
+    x64 = x.detach().double().requires_grad_(True)
+    ref = torch.autograd.grad(lora_linear_reference(x64, w.double(), a.double(), b.double(), 2.0, 0.0), (x64,),
+                              dy.double())
+    assert torch.allclose(got[0].double(), ref[0], rtol=1e-5, atol=1e-5)
+    cpu = torch.device("cpu")
+    for ranks, want in (((8, 12), 1), ((8, 16), 8), ((16,), 8), ((4,), 1), ((8, 8, 4), 1)):
+        segs = tuple((i, 16 * i, 16 * i + 16) for i in range(len(ranks)))
+        plan = L._tile_plan(16 * len(ranks), segs, ranks, (1.0,) * len(ranks), (0.0,) * len(ranks), 16, cpu)
+        assert plan.r_align == want, ranks
