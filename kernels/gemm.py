@@ -55,7 +55,7 @@ class GemmConfig:
     program)."""
     persistent: bool = False
     """LoRA GEMMs only (``kernels.lora``): one program per resident CTA slot looping over the output tiles
-    (the plain ``gemm`` launches one program per tile either way)."""
+    (the plain ``gemm`` refuses it)."""
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -186,6 +186,8 @@ def gemm(a: torch.Tensor, b: torch.Tensor, config: Optional[GemmConfig] = None) 
     """C = A @ B with the Triton kernel launched with ``config``'s tile shape and knobs."""
     _check(a, b)
     cfg = config or GemmConfig()
+    if cfg.persistent:
+        raise ValueError("GemmConfig.persistent: only the LoRA GEMMs (kernels.lora) have a persistent grid")
     if backend_for(a) == "torch":
         return gemm_reference(a, b, cfg)
     M, K = a.shape

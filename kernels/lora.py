@@ -503,13 +503,7 @@ if HAVE_TRITON:
                 else:
                     pt = tl.load(P + (r_off + rr)[:, None] * stride_pr + outs[None, :] * stride_po,
                                  mask=(rr < rank)[:, None] & o_ok[None, :], other=0.0)
-                if APPLY_SCALE:  # the scale goes on the thin fp32 operand, not on the [BLOCK_M, BLOCK_O] product
-                    lt = lt * tl.load(FTABLE + pid_m * 2 + 0)
-                if UPCAST:
-                    lt = lt.to(tl.float32)
-                    pt = pt.to(tl.float32)
-                else:
-                    lt = lt.to(P.dtype.element_ty)
+                lt, pt = _thin_operands(lt, pt, FTABLE + pid_m * 2, APPLY_SCALE, UPCAST)
                 if WARP_SPECIALIZE:
                     # sm_100 + Triton 3.7.1: a dot into the loop's (TMEM) accumulator after a warp-specialised
                     # loop fails to compile (TritonGPUHoistTMEMAlloc), and acc + dot is combined into exactly that;
@@ -522,6 +516,17 @@ if HAVE_TRITON:
                 acc += tl.load(BIAS + outs, mask=o_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(OUT + rows[:, None] * stride_om + outs[None, :], acc.to(OUT.dtype.element_ty),
                      mask=row_ok[:, None] & o_ok[None, :])
+
+    @triton.jit
+    def _thin_operands(lt, pt, SCALE, APPLY_SCALE: tl.constexpr, UPCAST: tl.constexpr):
+        """The LoRA term's two thin operands for ``tl.dot``: L (fp32) times the tile's scale (at SCALE) when
+        APPLY_SCALE - on the thin operand, not on the [BLOCK_M, width] product - and both in P's dtype, or both
+        float32 under the interpreter (UPCAST)."""
+        if APPLY_SCALE:
+            lt = lt * tl.load(SCALE)
+        if UPCAST:
+            return lt.to(tl.float32), pt.to(tl.float32)
+        return lt.to(pt.dtype), pt
 
     @triton.jit
     def _masked_epilogue(acc, col0, rows, row_ok, rank, r_off, pid_m, L, P, MASK, BIAS, OUT, FTABLE, OUT_DIM,
@@ -538,13 +543,7 @@ if HAVE_TRITON:
             lt = tl.load(L + rows[:, None] * stride_lm + rr[None, :], mask=row_ok[:, None], other=0.0)
             pt = tl.load(P + (r_off + rr)[:, None] * stride_pr + outs[None, :] * stride_po,
                          mask=(rr < rank)[:, None] & o_ok[None, :], other=0.0)
-            if APPLY_SCALE:
-                lt = lt * tl.load(FTABLE + pid_m * 2 + 0)
-            if UPCAST:
-                lt = lt.to(tl.float32)
-                pt = pt.to(tl.float32)
-            else:
-                lt = lt.to(P.dtype.element_ty)
+            lt, pt = _thin_operands(lt, pt, FTABLE + pid_m * 2, APPLY_SCALE, UPCAST)
             packed = tl.load(MASK + rows[:, None] * stride_mm + ((outs // 256) * 32 + outs % 32)[None, :],
                              mask=row_ok[:, None] & o_ok[None, :], other=0)
             keep = (packed.to(tl.int32) >> ((outs // 32) % 8)[None, :]) & 1

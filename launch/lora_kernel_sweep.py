@@ -112,6 +112,17 @@ def main(argv: list[str] | None = None) -> int:
             tmp.write_text(json.dumps(out, indent=1, default=str))
             tmp.replace(Path(os.environ["OUT"]) / "lora_kernel_sweep.json")
 
+    def record(section: str, row: dict, measure) -> None:
+        """``row`` updated with what ``measure()`` returns (a config that fails to compile or run is a result:
+        ms NaN and the error), added to ``out[section]``, saved, echoed."""
+        try:
+            row.update(measure())
+        except Exception as err:
+            row.update(ms=float("nan"), same=False, error=f"{type(err).__name__}: {err}"[:160])
+        out[section].append(row)
+        save()
+        print(f"{section} {row}", file=sys.stderr, flush=True)
+
     _, xd_ref, mask_ref = L._down(x, a, plan, seed, with_s=False)  # the default launch: reference outputs
 
     if "gemm" in parts:
@@ -168,20 +179,16 @@ def main(argv: list[str] | None = None) -> int:
                             K, N, apply_scale=False, backward=True, config=cfg, epi_split=split)
                 return buf
 
-            try:
+            def measure(run=run, kind=kind):
                 got = run()
                 ref = refs[kind]
                 diff = float((got.float() - ref).abs().max())
                 buf = torch.empty_like(got)
                 ms = time_ms(lambda: run(buf=buf))
                 # bf16 output of a long fp32 sum: within 1 % of the largest element (float32 smoke: 1e-4)
-                row.update(ms=ms, tflops=flops / ms / 1e9, max_abs_diff=diff, x_cublas=ms / cublas_ms[kind],
-                           same=diff <= (1e-4 if smoke else 1e-2) * float(ref.abs().max()))
-            except Exception as err:
-                row.update(ms=float("nan"), tflops=float("nan"), same=False, error=f"{type(err).__name__}: {err}"[:160])
-            out["gemm"].append(row)
-            save()
-            print(f"gemm {row}", file=sys.stderr, flush=True)
+                return dict(ms=ms, tflops=flops / ms / 1e9, max_abs_diff=diff, x_cublas=ms / cublas_ms[kind],
+                            same=diff <= (1e-4 if smoke else 1e-2) * float(ref.abs().max()))
+            record("gemm", row, measure)
 
     if "dy" in parts:
         # dY kernel: reads dY [T, N] once, dS [T, r] and dB [N, r] in fp32; float64 references
@@ -193,40 +200,29 @@ def main(argv: list[str] | None = None) -> int:
         db_ref = 2.0 * dy_in.double().t() @ s_in[:, :r].double()
         dy_bytes = T * N * 2
         for cfg in _configs(DY_GRID):
-            row = dict(cfg)
-            try:
+            def measure(cfg=cfg):
                 ds_got, db_got, _ = L._dy_pass(dy_in, s_in, b_in, plan, False, launch=cfg)
                 err = max(float((ds_got[:, :r].double() - ds_ref).abs().max() / ds_ref.abs().max()),
                           float((db_got[:, :r].double() - db_ref).abs().max() / db_ref.abs().max()))
                 ms = time_ms(lambda: L._dy_pass(dy_in, s_in, b_in, plan, False, launch=cfg))
                 # fp32 sums of bf16 products (the interpreter: float32 inputs)
-                row.update(ms=ms, gbps=dy_bytes / ms / 1e6, rel_err=err, same=err <= (1e-5 if smoke else 1e-2),
-                           default=cfg == L.DY_LAUNCH)
-            except Exception as err:
-                row.update(ms=float("nan"), gbps=float("nan"), same=False,
-                           error=f"{type(err).__name__}: {err}"[:160])
-            out["dy"].append(row)
-            save()
-            print(f"dy {row}", file=sys.stderr, flush=True)
+                return dict(ms=ms, gbps=dy_bytes / ms / 1e6, rel_err=err, same=err <= (1e-5 if smoke else 1e-2),
+                            default=cfg == L.DY_LAUNCH)
+            record("dy", dict(cfg), measure)
     if "term" in parts:
         # masked dX term: reads the mask, writes [T, K]
         term_bytes = T * K * 2 + T * mb
         dx_ref = torch.empty(T, K, device=dev, dtype=dt)
         L._masked_term(pmat, a, mask_ref, dx_ref, plan, apply_scale=True)
         for cfg in _configs(TERM_GRID):
-            row = dict(cfg)
-            try:
+            def measure(cfg=cfg):
                 dx = torch.empty_like(dx_ref)
                 L._masked_term(pmat, a, mask_ref, dx, plan, apply_scale=True, launch=cfg)
                 diff = float((dx.float() - dx_ref.float()).abs().max())
                 ms = time_ms(lambda: L._masked_term(pmat, a, mask_ref, dx, plan, apply_scale=True, launch=cfg))
-                row.update(ms=ms, gbps=term_bytes / ms / 1e6, max_abs_diff=diff,
-                           same=diff <= 1e-2 * float(dx_ref.float().abs().max()), default=cfg == L.TERM_LAUNCH)
-            except Exception as err:
-                row.update(ms=float("nan"), gbps=float("nan"), same=False, error=f"{type(err).__name__}: {err}"[:160])
-            out["term"].append(row)
-            save()
-            print(f"term {row}", file=sys.stderr, flush=True)
+                return dict(ms=ms, gbps=term_bytes / ms / 1e6, max_abs_diff=diff,
+                            same=diff <= 1e-2 * float(dx_ref.float().abs().max()), default=cfg == L.TERM_LAUNCH)
+            record("term", dict(cfg), measure)
 
     if "down" in parts:
         # dropout kernel: reads X, writes Xd and the mask bits
@@ -234,19 +230,14 @@ def main(argv: list[str] | None = None) -> int:
         kinds = [False, True] if args.with_s else [False]
         s_ref = L._down(x, a, plan, seed, with_s=True)[0]
         for with_s, cfg in itertools.product(kinds, _configs(DOWN_GRID)):
-            row = {"with_s": with_s, **cfg}
-            try:
+            def measure(with_s=with_s, cfg=cfg):
                 s, xd, mask = L._down(x, a, plan, seed, with_s=with_s, launch=cfg)
                 same = bool(torch.equal(xd, xd_ref)) and bool(torch.equal(mask, mask_ref))
                 if with_s:
                     same = same and bool(torch.allclose(s, s_ref, rtol=1e-3, atol=1e-3))
                 ms = time_ms(lambda: L._down(x, a, plan, seed, with_s=with_s, launch=cfg))
-                row.update(ms=ms, gbps=down_bytes / ms / 1e6, same=same, default=cfg == L.DOWN_LAUNCH)
-            except Exception as err:  # a config that does not compile is a result, not a crash
-                row.update(ms=float("nan"), gbps=float("nan"), same=False, error=f"{type(err).__name__}: {err}"[:160])
-            out["down"].append(row)
-            save()
-            print(f"down {row}", file=sys.stderr, flush=True)
+                return dict(ms=ms, gbps=down_bytes / ms / 1e6, same=same, default=cfg == L.DOWN_LAUNCH)
+            record("down", {"with_s": with_s, **cfg}, measure)
 
     text = [f"lora kernel sweep: {env['device_name']}, torch {env['torch']}, triton {env['triton']}, "
             f"T={T} K={K} N={N} r={r} p={p}"]

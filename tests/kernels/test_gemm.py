@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_spy import KernelSpy
 
 from adasched.kernels.gemm import GemmConfig, gemm, gemm_autograd, gemm_reference
 
@@ -59,22 +60,11 @@ def test_gemm_bad_input():
         GemmConfig(block_m=48)
     with pytest.raises(ValueError, match="maxnreg"):
         GemmConfig(maxnreg=300)
+    with pytest.raises(ValueError, match="persistent"):  # a knob only the LoRA GEMMs have is not ignored silently
+        gemm(torch.randn(4, 8), torch.randn(8, 4), GemmConfig(block_m=16, block_n=16, block_k=16, persistent=True))
     cfg = GemmConfig.from_knobs({"num_stages": 3, "num_warps": 8, "warp_specialize": False, "maxnreg": 240},
                                 block_m=128, block_n=128, block_k=64)
     assert (cfg.num_stages, cfg.num_warps, cfg.maxnreg) == (3, 8, 240)
-
-
-class _KernelSpy:
-    """Records the constexpr kwargs of each ``_gemm_kernel`` launch, then launches it."""
-
-    def __init__(self, kernel):
-        self.kernel, self.calls = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kw):
-            self.calls.append(kw)
-            return self.kernel[grid](*args, **kw)
-        return launch
 
 
 TMA_CFG = GemmConfig(block_m=16, block_n=32, block_k=16, group_m=2, num_stages=3, num_warps=4, tma=True)
@@ -92,10 +82,10 @@ def test_gemm_tma_descriptors_every_layout(dtype, a_t, b_t, monkeypatch):
     g = torch.Generator().manual_seed(11 + 2 * a_t + b_t)
     a = torch.randn(K, M, generator=g).to(dtype).t() if a_t else torch.randn(M, K, generator=g).to(dtype)
     b = torch.randn(N, K, generator=g).to(dtype).t() if b_t else torch.randn(K, N, generator=g).to(dtype)
-    spy = _KernelSpy(G._gemm_kernel)
+    spy = KernelSpy(G._gemm_kernel)
     monkeypatch.setattr(G, "_gemm_kernel", spy)
     _close(gemm(a, b, TMA_CFG), gemm_reference(a, b), dtype, "C (tma)")
-    (kw,) = spy.calls
+    (kw,) = spy.kwargs()
     assert (kw["USE_TMA"], kw["A_K_UNIT"], kw["B_N_UNIT"]) == (True, not a_t, not b_t)
 
 
@@ -105,10 +95,10 @@ def test_gemm_tma_falls_back_to_pointer_tiles_when_unaligned(monkeypatch):
     g = torch.Generator().manual_seed(12)
     a = torch.randn(20, 37, generator=g)  # row stride 148 bytes: not a multiple of 16
     b = torch.randn(37, 24, generator=g)
-    spy = _KernelSpy(G._gemm_kernel)
+    spy = KernelSpy(G._gemm_kernel)
     monkeypatch.setattr(G, "_gemm_kernel", spy)
     _close(gemm(a, b, TMA_CFG), gemm_reference(a, b), torch.float32, "C (fallback)")
-    assert "USE_TMA" not in spy.calls[0]
+    assert "USE_TMA" not in spy.kwargs()[0]
     assert G.tma_layout(a, b) is None and G.tma_layout(a[:, :32], b) is None  # a view keeps the parent's stride
     assert G.tma_layout(torch.randn(8, 40)[:, 8:], torch.randn(32, 8)) == (True, True)
 

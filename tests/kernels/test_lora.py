@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from kernel_spy import KernelSpy
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from adasched.kernels import lora as L
@@ -249,22 +250,14 @@ def test_multi_lora_three_adapters_uncovered_rows(monkeypatch, dtype, block_m, b
     w = _rand(N, K, dtype=dtype, scale=0.15)
     bias = _rand(N, dtype=dtype)
     leaves = [x] + [t for ad in adapters for t in (ad.lora_a, ad.lora_b)]
-    launches = []
+    spy = KernelSpy(L._lora_gemm_kernel)
     if base_gemm == "triton_tma":  # record whether each big GEMM really read through descriptors
-        kernel = L._lora_gemm_kernel
-
-        class Spy:
-            def __getitem__(self, grid):
-                def launch(*args, **kw):
-                    launches.append(kw["USE_TMA"])
-                    return kernel[grid](*args, **kw)
-                return launch
-        monkeypatch.setattr(L, "_lora_gemm_kernel", Spy())
+        monkeypatch.setattr(L, "_lora_gemm_kernel", spy)
     y = multi_lora_linear(x, w, adapters, segments, bias=bias, seed=11, block_m=block_m, base_gemm=base_gemm)
     dy = _rand(T, N, dtype=dtype)
     grads = torch.autograd.grad(y, leaves, dy)
     if base_gemm == "triton_tma":  # float16 dY rows of N = 36 are 72 bytes: dX falls back to pointer tiles
-        assert launches == [True, dtype == torch.float32]
+        assert [kw["USE_TMA"] for kw in spy.kwargs()] == [True, dtype == torch.float32]
 
     ads64 = [LoRAAdapterWeights(_leaf64(ad.lora_a), _leaf64(ad.lora_b), ad.scale, ad.dropout_p) for ad in adapters]
     x64 = _leaf64(x)
@@ -580,18 +573,11 @@ def test_dy_kernel_spreads_db_over_copies_by_tile(monkeypatch):
     plan = L._tile_plan(T, ((0, 0, T),), (r,), (1.5,), (0.0,), bm, torch.device("cpu"))
     s = torch.zeros(T, plan.block_r)
     s[:, :r] = torch.randn(T, r, generator=g)
-    launched = []
-    kernel = L._lora_dy_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                launched.append(args[4])  # the dB buffer [copies, N, R]
-                return kernel[grid](*args, **kw)
-            return launch
-    monkeypatch.setattr(L, "_lora_dy_kernel", Spy())
+    spy = KernelSpy(L._lora_dy_kernel)
+    monkeypatch.setattr(L, "_lora_dy_kernel", spy)
     ds, db, _ = L._dy_pass(dy, s, b, plan, False, launch={"copies": 3})
-    (copies,) = launched
+    ((_, args, _),) = spy.calls
+    copies = args[4]  # the dB buffer [copies, N, R]
     assert copies.shape[0] == 3
     for c in range(3):
         rows = torch.cat([torch.arange(i * bm, (i + 1) * bm) for i in range(5) if i % 3 == c])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_spy import KernelSpy
 
 from adasched.kernels import lora as L
 from adasched.kernels.gemm import GemmConfig
@@ -30,17 +31,14 @@ def assert_close(name, got, ref, tol=2e-5):
     assert not bad.any(), f"{name}: {int(bad.sum())}/{bad.numel()} elements differ"
 
 
-class _Spy:
-    """Records (grid, constexpr kwargs) of each launch of the wrapped kernel, then launches it."""
-
-    def __init__(self, kernel):
-        self.kernel, self.calls = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kw):
-            self.calls.append((grid, kw))
-            return self.kernel[grid](*args, **kw)
-        return launch
+def _packed_leaves(T, K, N, specs):
+    """x [T, K], w [N, K], one trainable adapter per (rank, scale, dropout) in ``specs`` and dY [T, N], drawn from
+    torch's global generator in that order."""
+    x = torch.randn(T, K)
+    w = torch.randn(N, K) * K ** -0.5
+    ads = [LoRAAdapterWeights(torch.randn(r, K).requires_grad_(True), torch.randn(N, r).requires_grad_(True), s, p)
+           for r, s, p in specs]
+    return x, w, ads, torch.randn(T, N)
 
 
 def _multi_reference64(x, w, ads, segs, seed, dy):
@@ -70,7 +68,7 @@ def test_explicit_config_equals_default_path_and_reference(cfg, monkeypatch):
     torch.manual_seed(3)
     x, w, a, b, bias, dy = _leaves(37, 40, 48, 5)
     default = _run(lora_linear, x, w, a, b, bias, dy)
-    spy = _Spy(L._lora_gemm_kernel)
+    spy = KernelSpy(L._lora_gemm_kernel)
     monkeypatch.setattr(L, "_lora_gemm_kernel", spy)
     got = _run(lora_linear, x, w, a, b, bias, dy, gemm_config=cfg)
     ref = _run(lora_linear_reference, *(t.double() for t in (x, w, a, b, bias, dy)))
@@ -80,13 +78,13 @@ def test_explicit_config_equals_default_path_and_reference(cfg, monkeypatch):
     # both GEMMs (forward: out N=48; dX: out K=40) launched with the config's tiles, M tiles of block_m rows
     assert len(spy.calls) == 2
     n_tiles = -(-37 // cfg.block_m)
-    for (grid, kw), out_dim in zip(spy.calls, (48, 40)):
+    for (grid, _, kw), out_dim in zip(spy.calls, (48, 40)):
         assert (kw["BLOCK_M"], kw["BLOCK_O"], kw["BLOCK_RED"], kw["GROUP_M"], kw["WARP_SPECIALIZE"]) == (
             cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m, cfg.warp_specialize)
         assert grid == (n_tiles * -(-out_dim // cfg.block_n),)
         assert kw.get("USE_TMA", False) == cfg.tma
     if cfg.tma:  # forward: W [N, K] has unit stride along the reduction; dX: along the output
-        assert [kw["W_OUT_MAJOR"] for _, kw in spy.calls] == [True, False]
+        assert [kw["W_OUT_MAJOR"] for kw in spy.kwargs()] == [True, False]
 
 
 def test_tma_config_multi_lora_and_unaligned_fallback(monkeypatch):
@@ -97,20 +95,16 @@ def test_tma_config_multi_lora_and_unaligned_fallback(monkeypatch):
     torch.manual_seed(8)
     for K, want_tma in ((40, True), (37, False)):
         T, N = 53, 24
-        x = torch.randn(T, K)
-        w = torch.randn(N, K) * K ** -0.5
-        ads = [LoRAAdapterWeights(torch.randn(r, K).requires_grad_(True), torch.randn(N, r).requires_grad_(True),
-                                  s, p) for r, s, p in ((4, 2.0, 0.2), (8, 0.5, 0.0))]
+        x, w, ads, dy = _packed_leaves(T, K, N, ((4, 2.0, 0.2), (8, 0.5, 0.0)))
         segs = [(0, 3, 21), (1, 21, 50)]
-        dy = torch.randn(T, N)
-        spy = _Spy(L._lora_gemm_kernel)
+        spy = KernelSpy(L._lora_gemm_kernel)
         monkeypatch.setattr(L, "_lora_gemm_kernel", spy)
         xx = x.clone().requires_grad_(True)
         y = multi_lora_linear(xx, w, ads, segs, bias=None, seed=4, gemm_config=cfg)
         leaves = [xx] + [t for ad in ads for t in (ad.lora_a, ad.lora_b)]
         got = (y.detach(), *torch.autograd.grad(y, leaves, dy))
         monkeypatch.undo()
-        assert [kw.get("USE_TMA", False) for _, kw in spy.calls] == [want_tma, want_tma]
+        assert [kw.get("USE_TMA", False) for kw in spy.kwargs()] == [want_tma, want_tma]
         ref = _multi_reference64(x, w, ads, segs, 4, dy)
         for name, g, r in zip(("y", "dx", "dA0", "dB0", "dA1", "dB1"), got, ref):
             assert_close(f"K={K} {name}", g, r)
@@ -119,12 +113,8 @@ def test_tma_config_multi_lora_and_unaligned_fallback(monkeypatch):
 def test_multi_lora_explicit_config_uncovered_rows():
     torch.manual_seed(5)
     T, K, N = 50, 24, 40
-    x = torch.randn(T, K)
-    w = torch.randn(N, K) * K ** -0.5
-    ads = [LoRAAdapterWeights(torch.randn(r, K).requires_grad_(True), torch.randn(N, r).requires_grad_(True), s, p)
-           for r, s, p in ((3, 2.0, 0.0), (8, 0.5, 0.3))]
+    x, w, ads, dy = _packed_leaves(T, K, N, ((3, 2.0, 0.0), (8, 0.5, 0.3)))
     segs = [(1, 0, 13), (0, 20, 47)]  # rows 13..19 and 47..49 get the base projection only
-    dy = torch.randn(T, N)
     outs = []
     for cfg in (None, CONFIGS[1]):
         xx = x.clone().requires_grad_(True)
@@ -159,13 +149,9 @@ def test_persistent_grid_loops_over_every_tile(tma, monkeypatch):
     monkeypatch.setattr(L, "_num_sms", lambda device: 5)
     torch.manual_seed(12)
     T, K, N = 200, 40, 96
-    x = torch.randn(T, K)
-    w = torch.randn(N, K) * K ** -0.5
-    ads = [LoRAAdapterWeights(torch.randn(r, K).requires_grad_(True), torch.randn(N, r).requires_grad_(True), s, p)
-           for r, s, p in ((4, 2.0, 0.2), (8, 0.5, 0.0))]
+    x, w, ads, dy = _packed_leaves(T, K, N, ((4, 2.0, 0.2), (8, 0.5, 0.0)))
     segs = [(0, 5, 90), (1, 90, 190)]
-    dy = torch.randn(T, N)
-    spy = _Spy(L._lora_gemm_kernel)
+    spy = KernelSpy(L._lora_gemm_kernel)
     monkeypatch.setattr(L, "_lora_gemm_kernel", spy)
     xx = x.clone().requires_grad_(True)
     y = multi_lora_linear(xx, w, ads, segs, seed=21, gemm_config=cfg)
@@ -173,8 +159,8 @@ def test_persistent_grid_loops_over_every_tile(tma, monkeypatch):
     got = (y.detach(), *torch.autograd.grad(y, leaves, dy))
     monkeypatch.undo()
     n_tiles = 1 + 6 + 7 + 1  # rows 0-4 uncovered, two segments, rows 190-199 uncovered: 16-row tiles
-    assert [grid for grid, _ in spy.calls] == [(5,), (5,)] and 5 < n_tiles * 2
-    assert all(kw["PERSISTENT"] and kw["USE_TMA"] == tma for _, kw in spy.calls)
+    assert [grid for grid, _, _ in spy.calls] == [(5,), (5,)] and 5 < n_tiles * 2
+    assert all(kw["PERSISTENT"] and kw["USE_TMA"] == tma for kw in spy.kwargs())
     ref = _multi_reference64(x, w, ads, segs, 21, dy)
     for name, g, r in zip(("y", "dx", "dA0", "dB0", "dA1", "dB1"), got, ref):
         assert_close(name, g, r)
@@ -190,14 +176,14 @@ def test_tma_fallback_for_broadcast_dy_and_misaligned_views(monkeypatch):
     assert L._tma_ok(x, w, w.stride(1), w.stride(0))
     assert not L._tma_ok(torch.randn(T, K + 1)[:, 1:], w, w.stride(1), w.stride(0))  # base 4 bytes off
     assert not L._tma_ok(torch.randn(1, N).expand(T, N), w, w.stride(0), w.stride(1))  # broadcast rows
-    spy = _Spy(L._lora_gemm_kernel)
+    spy = KernelSpy(L._lora_gemm_kernel)
     monkeypatch.setattr(L, "_lora_gemm_kernel", spy)
     xx, aa, bb = (t.clone().requires_grad_(True) for t in (x, a, b))
     c = torch.randn(N)  # d loss / d y.sum(0): autograd hands backward c.expand(T, N)
     got = torch.autograd.grad(lora_linear(xx, w, aa, bb, 1.5, 0.25, seed=3, base_gemm="triton_tma").sum(0),
                               (xx, aa, bb), c)
     monkeypatch.undo()
-    assert [kw["USE_TMA"] for _, kw in spy.calls] == [True, False]
+    assert [kw["USE_TMA"] for kw in spy.kwargs()] == [True, False]
     x64, a64, b64 = (t.double().requires_grad_(True) for t in (x, a, b))
     ref = torch.autograd.grad(lora_linear_reference(x64, w.double(), a64, b64, 1.5, 0.25, seed=3).sum(0),
                               (x64, a64, b64), c.double())
