@@ -63,14 +63,21 @@ def emit_json(obj: Any) -> None:
 
 @contextmanager
 def progress(description: str, total: int | None, *, enabled: bool = True):
-    """A rich progress bar on stderr; yields ``advance(n=1)``. Disabled (no output) when ``enabled`` is False or
-    stderr is not a terminal (logs, pipes, tests: stderr then carries only warnings and the one `error:` line)."""
+    """A rich progress bar on stderr; yields ``advance(n=1, total=None)`` (``total`` sets the bar's length once the
+    caller knows it). Disabled (no output) when ``enabled`` is False or stderr is not a terminal (logs, pipes,
+    tests: stderr then carries only warnings and the one `error:` line)."""
     if not enabled or not err_console().is_terminal:
-        yield lambda n=1: None
+        yield lambda n=1, total=None: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console(), transient=False) as p:
         task = p.add_task(description, total=total)
-        yield lambda n=1: p.advance(task, n)
+
+        def advance(n: int = 1, total: int | None = None) -> None:
+            if total is not None:
+                p.update(task, total=total)
+            p.advance(task, n)
+
+        yield advance

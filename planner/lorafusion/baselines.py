@@ -41,7 +41,6 @@ class BaselineResult:
 def mlora_baseline(w: Workload, cost: StageCost, *, sort_by_length: bool = False) -> BaselineResult:
     cfg, L = w.config, w.lengths
     seq: list[Microbatch] = []
-    shapes: list[tuple[int, int]] = []  # (rows, padded row length) per microbatch in seq order (before no-ops)
     nb = max(len(j.batches) for j in w.jobs)
     for g in range(nb):
         active = [j for j in w.jobs if g < len(j.batches)]

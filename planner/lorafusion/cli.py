@@ -25,7 +25,6 @@ def _plan(jobs: str, profile: str, time_limit: float, seed: int, no_milp: bool):
     cfg, base, label = load_jobs(jobs)
     w = build_workload(cfg, base, where=label if not label.startswith("preset:") else f"preset {jobs}", label=label)
     prof = load_profile(profile)
-    nb = max(len(j.batches) for j in w.jobs)
     with progress("packing (global batch, group) problems", total=None) as advance:
         return build_plan(w, prof, time_limit=time_limit, seed=seed, use_milp=not no_milp, progress=advance)
 

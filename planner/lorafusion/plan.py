@@ -188,6 +188,8 @@ def build_plan(w: Workload, profile, *, time_limit: float = 0.4, seed: int = 0, 
     records: list[LoRAProblem] = []
     nb = max(len(j.batches) for j in w.jobs)
     work = [(g, grp) for g in range(nb) for grp in groups if any(g < len(w.jobs[a].batches) for a in grp)]
+    if progress is not None:
+        progress(0, total=len(work))
     for g, grp in work:
         members = [a for a in grp if g < len(w.jobs[a].batches)]
         samples = [s for a in members for s in w.jobs[a].batches[g]]

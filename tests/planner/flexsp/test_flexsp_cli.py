@@ -1,8 +1,6 @@
 """`adasched plan sp` / `adasched bench sp`: happy path and every bad input (exit 2, one error line, no file)."""
 import json
 
-import pytest
-
 from adasched.planner.cli import main
 from adasched.planner.plan import load_plan
 from adasched.planner.flexsp import SPPlan

@@ -1,7 +1,6 @@
 """Packing (FFD, MILP 1/2 against brute force), merge pass, dependency rule, verifier, 1F1B simulation."""
 from __future__ import annotations
 
-import itertools
 import random
 
 import pytest
