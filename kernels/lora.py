@@ -36,6 +36,9 @@ a whole plane, so the kernel never interleaves words). The saved mask is bit b o
 ``dropout_keep_mask`` / ``unpack_keep_bits`` below are the bit-exact torch mirror, so the torch reference draws the
 identical mask.
 
+Under ``torch.compile`` the public functions trace as one custom op per call (``kernels/lora_op.py``): same
+kernels, no graph break.
+
 Off the GPU the kernels run under ``TRITON_INTERPRET=1`` (tiles are upcast to float32 after loading, because the
 interpreter gets bf16 arithmetic wrong). Without a GPU and without the interpreter, the public functions fall back
 to the torch reference with a one-time warning.
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -1115,9 +1119,10 @@ def _group_data(plan: _TilePlan, T: int, device) -> _Groups:
     return got
 
 
-def _grouped_ok(x2, weight, bias, a_cat, b_cat) -> bool:
+def _grouped_ok(x2, weight, bias, a_cat, b_cat, check_ptr: bool = True) -> bool:
     """``torch._grouped_mm`` exists and takes these operands (16-byte aligned rows); no bias (it would cost a
-    pass over Y: the per-segment path folds it into cuBLAS's C instead)."""
+    pass over Y: the per-segment path folds it into cuBLAS's C instead). ``check_ptr=False`` (a compile trace):
+    X's address is not checked; the custom op copies an unaligned X when it runs."""
     if bias is not None or not hasattr(torch, "_grouped_mm"):
         return False
     # bf16 on a GPU (other dtypes take a path that copies the offsets to the host); fp32/fp16 on the CPU
@@ -1127,7 +1132,7 @@ def _grouped_ok(x2, weight, bias, a_cat, b_cat) -> bool:
 
     # the grouped operands: X / Xd [T, K], the gathered A rows [G, r_pad, K] and B rows [G, r_pad, N], dY [T, N]
     es = x2.element_size()
-    return gmm_aligned(x2) and (x2.shape[1] * es) % 16 == 0 and (weight.shape[0] * es) % 16 == 0
+    return gmm_aligned(x2, check_ptr=check_ptr) and (x2.shape[1] * es) % 16 == 0 and (weight.shape[0] * es) % 16 == 0
 
 
 def _grouped_rows(g: _Groups, a_cat, b_cat):
@@ -1331,7 +1336,17 @@ def _warn_fallback(x: torch.Tensor) -> None:
         why = "triton is not installed" if not HAVE_TRITON else (
             f"tensors on {x.device.type} and TRITON_INTERPRET={'1' if INTERPRET else 'unset'}")
         warnings.warn(f"adasched.kernels.lora: fused Triton kernels unavailable ({why}); using the torch "
-                      "reference path (same results, unfused)", RuntimeWarning, stacklevel=3)
+                      "reference path (same results, unfused)", RuntimeWarning, stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """``stacklevel`` of the first frame outside this package's kernels and torch (torch.compiler.disable's
+    wrapper sits between the caller and the fallback)."""
+    skip = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _validate(x2, weight, bias, adapters: Sequence[LoRAAdapterWeights], segments) -> tuple:
@@ -1452,20 +1467,21 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
         raise ValueError("adapters: at least one adapter is required")
     x2 = x if x.stride(-1) == 1 else x.contiguous()
     segs = _validate(x2, weight, bias, adapters, segments)
-    seed_v = _resolve_seed(seed, adapters, segs, x2.device)
+    # under torch.compile a None seed is drawn when the op runs (see kernels.lora_op), not while tracing
+    compiling = torch.compiler.is_compiling()
+    seed_v = None if (compiling and seed is None) else _resolve_seed(seed, adapters, segs, x2.device)
     if gemm_config is not None:
         block_m = _check_gemm_config(gemm_config, block_m)
     backend = backend_for(x2)
     if backend == "torch":
-        _warn_fallback(x2)
-        return _reference_impl(x2, weight, bias, adapters, segs, _host_seed(seed_v))
+        return _reference_fallback(x2, weight, bias, adapters, segs, seed_v)
     bm = block_m or default_block_m(x2.device)
     if bm < 16 or bm & (bm - 1):
         raise ValueError(f"block_m: {bm} must be a power of two >= 16")
     ranks = tuple(int(ad.lora_a.shape[0]) for ad in adapters)
-    plan = _tile_plan(x2.shape[0], segs, ranks, tuple(float(ad.scale) for ad in adapters),
-                      tuple(float(ad.dropout_p) for ad in adapters), bm, x2.device)
-    if plan.has_dropout:
+    scales = tuple(float(ad.scale) for ad in adapters)
+    ps = tuple(float(ad.dropout_p) for ad in adapters)
+    if any(ps[aid] > 0 for aid, _, _ in segs):
         _check_counters(*x2.shape)
     dt = x2.dtype
     if len(adapters) == 1:
@@ -1478,10 +1494,21 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     if x2.shape[0] == 0:
         return F.linear(x2, w, bias)
-    if base_gemm == "torch_grouped" and (not plan.segments or 2 * len(plan.segments) + 1 >= _MAX_GROUPS
-                                         or not _grouped_ok(x2, w, bias, a_cat, b_cat)):
+    if base_gemm == "torch_grouped" and (not segs or 2 * len(segs) + 1 >= _MAX_GROUPS
+                                         or not _grouped_ok(x2, w, bias, a_cat, b_cat, check_ptr=not compiling)):
         base_gemm = "torch_all"  # the per-segment cuBLAS path computes the same
+    if compiling:  # one opaque custom op per call: no graph break, the tile table built when it runs
+        return _lora_op.compiled_call(x2, w, bias, a_cat, b_cat, segs, ranks, scales, ps, seed_v, bm, gemm_config, base_gemm)
+    plan = _tile_plan(x2.shape[0], segs, ranks, scales, ps, bm, x2.device)
     return _FusedLoRAFunction.apply(x2, w, bias, a_cat, b_cat, plan, seed_v, gemm_config, base_gemm)
+
+
+@torch.compiler.disable
+def _reference_fallback(x2, weight, bias, adapters, segs, seed) -> torch.Tensor:
+    """The torch reference where no fused kernel can run (outside any compiled graph: its seed is read on the
+    host)."""
+    _warn_fallback(x2)
+    return _reference_impl(x2, weight, bias, adapters, segs, _host_seed(_resolve_seed(seed, adapters, segs)))
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
@@ -1546,3 +1573,6 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.T
     ad = LoRAAdapterWeights(lora_a, lora_b, float(scale), float(dropout_p))
     y = multi_lora_linear_reference(x2, weight, [ad], [(0, 0, x2.shape[0])], bias=bias, seed=seed)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+from . import lora_op as _lora_op  # noqa: E402  (registers the torch.compile custom ops; imports this module)

@@ -384,6 +384,43 @@ def _check_multi(T, K, N, ranks, dtype, device, tol, block_m=None, base_gemm="au
             f"max rel err vs f64 over y and {len(grads)} grads: {max(errs):.1e} (tol {tol:g})")
 
 
+def _check_compile(device, dtype):
+    """torch.compile(fullgraph=True, aot_eager) of a single- and a 3-adapter call with dropout: outputs and every
+    gradient equal the eager call's bit for bit (the same kernels behind the custom ops)."""
+    import torch
+
+    from .lora import LoRAAdapterWeights, multi_lora_linear
+
+    torch._dynamo.reset()
+    g = torch.Generator(device="cpu").manual_seed(11)
+    T, K, N = (1000, 1536, 1032) if device == "cuda" else (45, 48, 40)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_()
+
+    x, w = rnd(T, K), rnd(N, K, scale=K ** -0.5).detach()
+    ads = [LoRAAdapterWeights(rnd(r, K, scale=K ** -0.5), rnd(N, r, scale=r ** -0.5), 0.5 + i, p)
+           for i, (r, p) in enumerate(((16, 0.1), (8, 0.0), (32, 0.2)))]
+    dy = torch.randn(T, N, generator=g).to(device=device, dtype=dtype)
+    leaves = [x] + [t for ad in ads for t in (ad.lora_a, ad.lora_b)]
+    calls = {"single": lambda: multi_lora_linear(x, w, ads[:1], [(0, 0, T)], seed=3),
+             "multi x3": lambda: multi_lora_linear(x, w, ads, [(2, 0, T // 3), (0, T // 3 + 5, 2 * T // 3),
+                                                              (1, 2 * T // 3, T - 7)], seed=3)}
+    bad = []
+    for name, fn in calls.items():
+        compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+        outs = []
+        for f in (fn, compiled):
+            y = f()
+            outs.append([y.detach()] + [t if t is not None else torch.zeros(0)
+                                        for t in torch.autograd.grad(y, leaves, dy, allow_unused=True)])
+        if not all(torch.equal(u, v) for u, v in zip(*outs)):
+            bad.append(name)
+    torch._dynamo.reset()
+    return (f"lora torch.compile {str(dtype).split('.')[-1]} (aot_eager, fullgraph) = eager", not bad,
+            "outputs and grads bit-identical: " + ("yes" if not bad else "NO for " + ", ".join(bad)))
+
+
 def checks(device: str) -> list[tuple[str, bool, str]]:
     """bf16 on the GPU (tolerance 1e-2 relative, or 2x eager torch's own bf16 error); float16 and float32 on the
     CPU interpreter."""
@@ -405,6 +442,10 @@ def checks(device: str) -> list[tuple[str, bool, str]]:
         out.append(_check_single(777, 4096, 14336, 16, 0.1, bf, device, 1e-2))
         out.append(_check_single(513, 1024, 768, 16, 0.1, torch.float16, device, 1e-2))
         out.append(_check_mask(device))
+        try:
+            out.append(_check_compile(device, bf))
+        except Exception as err:
+            out.append(("lora torch.compile bf16", False, f"{type(err).__name__}: {err}"[:300]))
     else:
         out.append(_check_single(37, 48, 40, 8, 0.2, torch.float32, device, 1e-5))
         out.append(_check_single(37, 48, 40, 4, 0.1, torch.float16, device, 5e-3))
@@ -413,6 +454,7 @@ def checks(device: str) -> list[tuple[str, bool, str]]:
         out.append(_check_multi(61, 300, 36, (2, 4, 8, 16), torch.float32, device, 1e-5, base_gemm="torch_all"))
         out.append(_check_multi(61, 40, 32, (2, 4, 8, 16), torch.float32, device, 1e-5, base_gemm="torch_grouped"))
         out.append(_check_multi(61, 40, 32, (2, 4, 8, 16), torch.float32, device, 1e-5, base_gemm="triton_tma"))
+        out.append(_check_compile(device, torch.float32))
     return out
 
 

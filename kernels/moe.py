@@ -407,12 +407,12 @@ def grouped_wgrad_gmm(x: torch.Tensor, dy: torch.Tensor, index: MoEIndex, num_ex
     return torch._grouped_mm(x.t(), dy, offs=_gmm_offsets(index))
 
 
-def gmm_aligned(*tensors: torch.Tensor) -> bool:
+def gmm_aligned(*tensors: torch.Tensor, check_ptr: bool = True) -> bool:
     """``torch._grouped_mm`` needs 16-byte aligned data and non-unit strides (no broadcast, stride-0 dims);
-    other shapes take our kernels."""
+    other shapes take our kernels. ``check_ptr=False``: strides only (what a ``torch.compile`` trace can see)."""
     for t in tensors:
         es = t.element_size()
-        if t.data_ptr() % 16 or any(sz > 1 and (st == 0 or (st != 1 and (st * es) % 16))
+        if (check_ptr and t.data_ptr() % 16) or any(sz > 1 and (st == 0 or (st != 1 and (st * es) % 16))
                                     for st, sz in zip(t.stride(), t.shape)):
             return False
     return True
