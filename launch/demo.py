@@ -19,6 +19,15 @@ STEPS = (
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    names = [name for name, _ in STEPS]
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"usage: python -m adasched.launch.demo [STEP ...]   (steps: {' '.join(names)}; none = all, in "
+              "this order; outputs in demo-out/)")
+        return 0
+    unknown = [a for a in argv if a not in names]
+    if unknown:
+        sys.stderr.write(f"error: step {unknown[0]!r}: unknown (steps: {', '.join(names)})\n")
+        return 2
     only = set(argv)
     out = Path("demo-out")
     out.mkdir(exist_ok=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,7 +36,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ffn", type=int, default=48)
     p.add_argument("--max-positions", type=int, default=512)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds before a stuck collective fails")
+    p.add_argument("--check", action="store_true",
+                   help="validate the options and the plan for --world pipeline stages, write nothing, exit (what "
+                        "launch/train_lora.sh runs before torchrun, so bad input fails once, on one line)")
+    p.add_argument("--world", type=int, default=None, help="with --check: the ranks torchrun will start")
     return p.parse_args(argv)
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    from adasched.profiler.io import InputError
+
+    for opt in ("vocab", "hidden", "layers", "heads", "ffn", "max_positions"):
+        v = getattr(args, opt)
+        if v < 1:
+            raise InputError(f"--{opt.replace('_', '-')}", f"must be >= 1, got {v}")
+    if args.hidden % args.heads:
+        raise InputError("--hidden", f"{args.hidden} must be divisible by --heads {args.heads}")
+    if args.world is not None and not args.check:
+        raise InputError("--world", "only with --check (under torchrun the world is torchrun's)")
+    if args.world is not None and args.world < 1:
+        raise InputError("--world", f"must be >= 1, got {args.world}")
 
 
 def _make_plan(args, rank: int, world: int) -> str:
@@ -81,17 +101,25 @@ def run(args: argparse.Namespace) -> dict | None:
         train_plan_pipeline,
     )
 
+    _check_options(args)
     rank, world, _ = env_world()  # the one place that reads the torchrun environment
+    if args.check:  # one process judging the world torchrun will start
+        rank, world = 0, args.world or world
     torch.manual_seed(args.seed)
-    if world > 1:
+    distributed = world > 1 and not args.check
+    if distributed:
         init_distributed("gloo", timeout_s=args.timeout)  # idempotent; every collective bounded by --timeout
     try:
         if world > args.layers:
             raise ValueError(f"--layers: {args.layers} layers cannot be split over {world} pipeline stages")
-        plan = LoRAPlan.model_validate_json(_make_plan(args, rank, world))
+        plan = LoRAPlan.model_validate_json(_make_plan(args, rank, world if distributed else 1))
         model = TinyCausalLM(TinyLMConfig(vocab_size=args.vocab, hidden=args.hidden, layers=args.layers,
                                           heads=args.heads, ffn_hidden=args.ffn, max_positions=args.max_positions))
         check_plan(plan, model, world)  # before anything is written
+        if args.check:
+            print(f"ok: {len(plan.microbatches)} microbatches of {len(plan.jobs)} jobs for {world} pipeline "
+                  f"stage(s); nothing written")
+            return None
         if rank == 0:
             save_plan(plan, args.out / "plan.json")
         adapters = build_adapters(model, plan, seed=args.seed)
@@ -116,7 +144,7 @@ def run(args: argparse.Namespace) -> dict | None:
         print(json.dumps(summary, indent=1))
         return summary
     finally:
-        if world > 1 and dist.is_initialized():
+        if distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -127,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except (ValueError, FileNotFoundError) as err:  # InputError is a ValueError
-        sys.stderr.write(error_line(err))
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank sees it: one line, from rank 0
+            sys.stderr.write(error_line(err))
         return 2
     return 0
 

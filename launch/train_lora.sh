@@ -8,4 +8,6 @@ OUT="${1:-runs/lora}"
 shift || true
 NPROC="${NPROC:-2}"
 PY="${PYTHON:-python}"
+# bad options, jobs or plans fail here, once, as one `error:` line with exit status 2 (not once per rank)
+"$PY" -m adasched.launch.train_lora --check --world "$NPROC" --out "$OUT" "$@" >/dev/null || exit $?
 exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m adasched.launch.train_lora --out "$OUT" "$@"

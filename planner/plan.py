@@ -107,6 +107,12 @@ class Plan(BaseModel):
             raise InputError(path, f"plan kind {self.kind!r} has nothing to draw")
         render_gantt(tasks, path, title=f"{self.kind} plan: predicted {self.predicted_ms:.2f} ms")
 
+    def verify(self) -> list[str]:
+        """Rules the plan's content must satisfy beyond its field types (what the planner's own verifier checked
+        when it wrote the plan), one message per violation; ``load_plan`` refuses a plan with any. Subclasses
+        override; the base has none."""
+        return []
+
     def gantt_tasks(self) -> list:
         """Scheduled tasks (adasched.planner.simulator.ScheduledTask) to draw; subclasses override."""
         return []
@@ -150,12 +156,18 @@ def load_plan(path: str | os.PathLike, expect: type[Plan] | None = None) -> Plan
         want = expect.model_fields["kind"].default
         if kind != want:
             raise InputError(path, f"kind: is a {kind!r} plan, expected {want!r}")
-        return load_model(path, expect, data=data)
-    try:
-        cls = plan_class(kind)
-    except InputError:
-        raise InputError(path, f"kind: unknown plan kind {kind!r} (known: {', '.join(sorted(PLAN_KINDS))})") from None
-    return load_model(path, cls, data=data)
+        cls = expect
+    else:
+        try:
+            cls = plan_class(kind)
+        except InputError:
+            raise InputError(path, f"kind: unknown plan kind {kind!r} (known: {', '.join(sorted(PLAN_KINDS))})") from None
+    plan = load_model(path, cls, data=data)
+    errors = plan.verify()
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise InputError(path, f"fails verification: {errors[0]}{more}")
+    return plan
 
 
 def save_plan(plan: Plan, path: str | os.PathLike) -> None:

@@ -72,6 +72,36 @@ class SPPlan(Plan):
                         used.add(r)
         return self
 
+    def verify(self) -> list[str]:
+        """Per step: every sequence of the global batch in exactly one group of one micro-batch, each group's
+        ``seqlens`` the step's lengths of its ``seq_ids``, each group's ranks contiguous and aligned to its
+        degree (buddy placement)."""
+        errors: list[str] = []
+        for st in self.steps:
+            n = len(st.seqlens)
+            seen: dict[int, int] = {}
+            for mi, mb in enumerate(st.micro_batches):
+                for gi, g in enumerate(mb.groups):
+                    where = f"step {st.step} micro-batch {mi} group {gi}"
+                    lo = min(g.ranks)
+                    if g.ranks != list(range(lo, lo + g.degree)) or lo % g.degree:
+                        errors.append(f"{where}: ranks {g.ranks} are not {g.degree} contiguous ranks aligned to "
+                                      f"{g.degree}")
+                    for sid, ln in zip(g.seq_ids, g.seqlens):
+                        if not 0 <= sid < n:
+                            errors.append(f"{where}: sequence id {sid} not in [0, {n})")
+                            continue
+                        seen[sid] = seen.get(sid, 0) + 1
+                        if ln != st.seqlens[sid]:
+                            errors.append(f"{where}: sequence {sid} has {st.seqlens[sid]} tokens, the group says {ln}")
+            dup = sorted(k for k, c in seen.items() if c > 1)
+            missing = [k for k in range(n) if k not in seen]
+            if dup:
+                errors.append(f"step {st.step}: {len(dup)} sequences in more than one group (first: {dup[0]})")
+            if missing:
+                errors.append(f"step {st.step}: {len(missing)} sequences in no group (first: {missing[0]})")
+        return errors
+
     # ---- presentation -----------------------------------------------------------------------------
     def summary_rows(self) -> list[tuple[str, str]]:
         rows = super().summary_rows()

@@ -8,7 +8,7 @@ import typer
 
 __all__ = ["register"]
 
-_JOBS_HELP = "A jobs file (JSON or YAML) or a preset name: mix, het."
+_JOBS_HELP = "A jobs file (JSON or YAML) or a preset name: mix, het, tiny."  # = jobs.PRESETS (a test checks)
 _PROFILE_HELP = "Cluster profile: a built-in name (h100-sxm, a100-64-flexsp-paper) or a profile JSON file."
 
 

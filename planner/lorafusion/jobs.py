@@ -72,7 +72,9 @@ NAMED_DISTRIBUTIONS = ("wikipedia", "xsum", "cnndm", "mix")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a bool is not an int (``r: true`` is an error, not rank 1), a float is not an int, a string is not
+    # a number; an int is still accepted where a float is expected
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class AdapterSpec(_Strict):

@@ -137,6 +137,55 @@ class LoRAPlan(Plan):
                 out.setdefault((s.job, s.global_batch), []).extend(s.samples)
         return out
 
+    def expected_batches(self) -> dict[tuple[int, int], list[int]]:
+        """(job, global batch) -> sample ids as the workload numbers them: each job's samples contiguous, in
+        global batches of ``global_batch_size`` (``jobs.build_workload``)."""
+        out, start = {}, 0
+        for j, job in enumerate(self.jobs):
+            for g in range(job.global_batches):
+                out[(j, g)] = list(range(start, start + job.global_batch_size))
+                start += job.global_batch_size
+        return out
+
+    def verify(self) -> list[str]:
+        """Every sample of every (job, global batch) in exactly one segment of its job and global batch, segment
+        and microbatch token counts that match ``lengths``, each microbatch within ``capacity``, one segment per
+        job per microbatch, the dependency rule for ``stages``, and a summary that says so."""
+        errors: list[str] = []
+        n = len(self.lengths)
+        expected = self.expected_batches()
+        if sum(len(ids) for ids in expected.values()) != n:
+            return [f"lengths: {n} samples, but the jobs' global batches hold "
+                    f"{sum(len(ids) for ids in expected.values())}"]
+        for i, mb in enumerate(self.microbatches):
+            for s in mb.segments:
+                if s.job >= len(self.jobs) or s.global_batch >= self.jobs[s.job].global_batches:
+                    errors.append(f"microbatch {i}: segment of job {s.job} global batch {s.global_batch}, which "
+                                  "the plan does not have")
+                bad = [x for x in s.samples if not 0 <= x < n]
+                if bad:
+                    errors.append(f"microbatch {i}: sample id {bad[0]} not in [0, {n})")
+        if errors:
+            return errors
+        ver = verify_schedule(self.sequence(), expected, self.lengths, self.capacity, self.stages)
+        if ver.duplicated:
+            errors.append(f"{len(ver.duplicated)} samples in more than one place (first: sample {ver.duplicated[0]})")
+        if ver.missing:
+            errors.append(f"{len(ver.missing)} samples in no microbatch (first: sample {ver.missing[0]})")
+        errors += ver.errors
+        for i, mb in enumerate(self.microbatches):
+            for s in mb.segments:
+                tokens = sum(self.lengths[x] for x in s.samples)
+                if (s.tokens, s.padded_tokens) != (tokens, padded(tokens)):
+                    errors.append(f"microbatch {i}: job {s.job} segment says {s.tokens} tokens ({s.padded_tokens} "
+                                  f"padded), its samples hold {tokens} ({padded(tokens)})")
+            if mb.padded_tokens != sum(s.padded_tokens for s in mb.segments):
+                errors.append(f"microbatch {i}: padded_tokens {mb.padded_tokens} != the sum over its segments")
+        if (self.summary.samples_missing, self.summary.samples_duplicated) != (len(ver.missing), len(ver.duplicated)):
+            errors.append(f"summary: samples missing/duplicated {self.summary.samples_missing}/"
+                          f"{self.summary.samples_duplicated}, found {len(ver.missing)}/{len(ver.duplicated)}")
+        return errors
+
     def simulate(self):
         _, sim = sequence_ms(self.sequence(), self.lengths, StageCost(**self.stage_cost), self.stages)
         return sim

@@ -35,7 +35,7 @@ MACHINES_DIR = Path(__file__).with_name("machines")
 class Op(BaseModel):
     """One tile-level operation of the loop body."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: str = Field(min_length=1)
     reserve: dict[str, list[int]] = Field(description="unit -> units held in each cycle after issue")
     regs: int | None = Field(default=None, ge=0, description="registers per thread its result holds while live")
@@ -64,7 +64,7 @@ class Op(BaseModel):
 
 
 class Edge(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
     src: str = Field(alias="from")
     dst: str = Field(alias="to")
     delay: int = Field(default=0, ge=0, description="minimum issue-to-issue distance (normalised cycles)")
@@ -76,7 +76,7 @@ class Edge(BaseModel):
 
 
 class Graph(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: str = "graph"
     description: str = ""
     machine: str | None = Field(default=None, description="machine the graph was written for (hint)")
@@ -108,7 +108,7 @@ class Graph(BaseModel):
 class Machine(BaseModel):
     """Per-SM resources of one GPU, in normalised cycles (``cycle_ns`` converts back)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: str
     description: str = ""
     cycle_ns: float = Field(gt=0, description="nanoseconds per normalised cycle")

@@ -75,6 +75,33 @@ class TwillPlan(Plan):
     graph: dict[str, Any]
     machine: dict[str, Any]
 
+    def verify(self) -> list[str]:
+        """The independent validator (``validator.validate``) on the embedded graph and machine, plus the plan's
+        own bookkeeping: I not below its MII, every op in a listed warp group and each group listing exactly
+        its ops, ``stages`` = the last op's stage + 1. ``make_plan`` runs it on every plan it emits and
+        ``load_plan`` on every plan it reads."""
+        from .validator import validate
+
+        errors: list[str] = []
+        if self.ii < self.mii:
+            errors.append(f"ii {self.ii} is below the plan's MII {self.mii}")
+        groups = {g.index: g for g in self.warp_groups}
+        for s in self.ops:
+            if s.warp_group not in groups:
+                errors.append(f"op {s.name}: warp group {s.warp_group} is not one of the plan's {sorted(groups)}")
+        for q, g in groups.items():
+            members = sorted(s.name for s in self.ops if s.warp_group == q)
+            if sorted(g.ops) != members:
+                errors.append(f"warp group {q} lists ops {sorted(g.ops)}, the schedule puts {members} there")
+        if self.ops and self.stages != max(s.stage for s in self.ops) + 1:
+            errors.append(f"stages {self.stages} != the last op's stage + 1 ({max(s.stage for s in self.ops) + 1})")
+        try:
+            errors += validate(self.graph, self.machine, self.model_dump(mode="json"))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            errors.append(f"graph / machine: not a graph and machine the validator can read ({type(err).__name__}: "
+                          f"{err})")
+        return errors
+
     # ---- presentation ----------------------------------------------------------------------------------
     def summary_rows(self) -> list[tuple[str, str]]:
         rows = super().summary_rows()
@@ -230,7 +257,7 @@ def make_plan(problem: Problem, schedule, *, simulate: bool = True) -> TwillPlan
         time_limit=rec.time_limit if rec else None, seed=rec.seed if rec else None,
         threads=rec.threads if rec else None, note=schedule.note or None,
     )
-    return TwillPlan(
+    plan = TwillPlan(
         inputs_digest=inputs_digest(g, m),
         solver=solver,
         predicted_ms=ii * m.cycle_ns * 1e-6,
@@ -244,6 +271,10 @@ def make_plan(problem: Problem, schedule, *, simulate: bool = True) -> TwillPlan
         sim_cycles_per_iteration=sim_cpi, sim_deadlock=sim_dead, sim_replay_exact=replay,
         graph=g.model_dump(by_alias=True, exclude_none=True), machine=m.model_dump(),
     )
+    errors = plan.verify()
+    if errors:  # the solver and the validator share no code: a disagreement is a bug in one of them
+        raise RuntimeError(f"twill: the emitted schedule fails the independent validator: {'; '.join(errors)}")
+    return plan
 
 
 def plan_twill(graph, machine=None, params=None, *, simulate: bool = True) -> TwillPlan:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
@@ -76,3 +77,24 @@ def test_launcher_rejects_a_plan_the_model_cannot_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error:") and "max_positions 8" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--hidden", "-4"], "error: --hidden: must be >= 1, got -4"),
+    (["--max-positions", "0"], "error: --max-positions: must be >= 1, got 0"),
+    (["--hidden", "30", "--heads", "4"], "error: --hidden: 30 must be divisible by --heads 4"),
+    (["--world", "2"], "error: --world: only with --check"),
+    (["--check", "--world", "3"], "error: --layers: 2 layers cannot be split over 3 pipeline stages"),
+])
+def test_launcher_options_fail_on_one_line_naming_the_option(tmp_path, capsys, argv, needle):
+    out = tmp_path / "o"
+    assert main(["--jobs", "tiny", "--out", str(out), "--reference"] + argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(needle) and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_check_mode_validates_for_the_torchrun_world_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["--jobs", "tiny", "--out", str(out), "--check", "--world", "2"]) == 0
+    assert capsys.readouterr().out.startswith("ok: ") and not out.exists()

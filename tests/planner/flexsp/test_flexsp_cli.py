@@ -96,3 +96,40 @@ def test_lognormal_lengths(tmp_path, capsys):
     sub = tmp_path / "bad"
     sub.mkdir()
     _bad(sub, capsys, ["--seqlens", "lognormal:abc", "--gpus", "8"], "lognormal:MEDIAN,SIGMA")
+
+
+def test_show_refuses_an_sp_plan_that_loses_or_repeats_a_sequence(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "sp", *BASE, "--seqlens", "builtin", "--gpus", "8", "--out", str(out)]) == 0
+    assert main(["show", str(out)]) == 0
+    capsys.readouterr()
+    good = json.loads(out.read_text())
+    groups = [(mi, gi) for mi, mb in enumerate(good["steps"][0]["micro_batches"]) for gi, _ in enumerate(mb["groups"])]
+
+    def group(d, k):
+        mi, gi = groups[k]
+        return d["steps"][0]["micro_batches"][mi]["groups"][gi]
+
+    def repeat(d):  # the first group's first sequence replaced by the last group's last one
+        a, b = group(d, 0), group(d, -1)
+        a["seq_ids"][0], a["seqlens"][0] = b["seq_ids"][-1], b["seqlens"][-1]
+
+    def wrong_length(d):
+        group(d, 0)["seqlens"][0] += 1
+
+    wide = next(k for k in range(len(groups)) if group(good, k)["degree"] > 1)
+
+    def unordered(d):  # the same ranks, not in ascending order (a shard order the runtime does not use)
+        g = group(d, wide)
+        g["ranks"] = g["ranks"][::-1]
+
+    cases = [(repeat, "sequences in more than one group"), (wrong_length, "tokens, the group says"),
+             (unordered, "contiguous ranks aligned")]
+    for i, (edit, needle) in enumerate(cases):
+        d = json.loads(json.dumps(good))
+        edit(d)
+        p = tmp_path / f"bad{i}.json"
+        p.write_text(json.dumps(d))
+        assert main(["show", str(p)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {p}: fails verification: ") and needle in err and err.count("\n") == 1, err

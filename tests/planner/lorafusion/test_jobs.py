@@ -72,6 +72,9 @@ def test_length_file_is_used_in_order_and_short_files_rejected(tmp_path):
     ("xsum", {"r": 2, "target_modules": "q_proj"}, "adapter.target_modules: must be a list"),
     ("xsum", {"r": 2, "alpha": 0}, "adapter.alpha"),
     ("xsum", {"r": 2, "dropout": 1.0}, "adapter.dropout"),
+    ("xsum", {"r": True}, "adapter.r: Input should be a valid integer"),  # a bool is not rank 1
+    ("xsum", {"r": 8.0}, "adapter.r: Input should be a valid integer"),
+    ("xsum", {"r": 2, "alpha": "16"}, "adapter.alpha: Input should be a valid number"),
 ])
 def test_field_errors_name_the_job_and_field(lengths, adapter, needle):
     with pytest.raises(InputError) as err:

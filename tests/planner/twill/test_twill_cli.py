@@ -57,6 +57,9 @@ def test_plan_twill_user_graph_file(tmp_path, capsys):
     ([{"name": "A", "reserve": {"TC": [2]}}], [], "'A': holds 2 'TC' in one cycle"),
     ([{"name": "A", "reserve": {"TC": [1]}}, {"name": "A", "reserve": {"TC": [1]}}], [], "duplicate op name 'A'"),
     ([{"name": "A", "reserve": {"TC": []}}], [], "reserve"),
+    ([{"name": "A", "reserve": {"TC": [True]}}], [], "ops.0.reserve.TC.0: Input should be a valid integer"),
+    ([{"name": "A", "reserve": {"TC": [1]}}, {"name": "B", "reserve": {"TC": [1]}}],
+     [{"from": "A", "to": "B", "delay": True}], "edges.0.delay: Input should be a valid integer"),
 ])
 def test_bad_graphs_exit_2_naming_the_op_or_edge(tmp_path, capsys, ops, edges, needle):
     p = _graph(tmp_path, ops, edges)
@@ -77,3 +80,37 @@ def test_bad_options_exit_2(tmp_path, capsys):
     assert "time_limit" in capsys.readouterr().err
     assert main(["plan", "twill", "--graph", "toy-attention", "--out", str(tmp_path)]) == 2  # a directory
     assert "error: --out" in capsys.readouterr().err
+
+
+def test_show_refuses_a_tampered_twill_plan(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "twill", "--graph", "fa3-hopper", "--machine", "h100", "--out", str(out)]) == 0
+    capsys.readouterr()
+    good = json.loads(out.read_text())
+    assert TwillPlan.model_validate(good).verify() == []
+
+    def below_mii(d):
+        d["ii"] = 1
+
+    def bad_group(d):
+        d["ops"][0]["warp_group"] = 7
+
+    def moved(d):  # the last op one stage later (stages kept consistent): its loop-carried edge breaks
+        d["ops"][-1]["issue_cycle"] += d["ii"]
+        d["ops"][-1]["stage"] += 1
+        d["stages"] = max(o["stage"] for o in d["ops"]) + 1
+
+    def wrong_stages(d):
+        d["stages"] += 1
+
+    for i, (edit, needle) in enumerate([(below_mii, "ii 1 is below the plan's MII 8"),
+                                        (bad_group, "warp group 7 is not one of the plan's"),
+                                        (moved, "issue distance"),
+                                        (wrong_stages, "stages")]):
+        d = json.loads(json.dumps(good))
+        edit(d)
+        p = tmp_path / f"bad{i}.json"
+        p.write_text(json.dumps(d))
+        assert main(["show", str(p)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {p}: fails verification: ") and needle in err and err.count("\n") == 1, err
