@@ -94,10 +94,24 @@ class MoELayer(nn.Module):
         if shape[-1] != self.hidden:
             raise ValueError(f"input: last dim {shape[-1]} != hidden {self.hidden}")
         xt = x.reshape(-1, self.hidden)
-        T = xt.shape[0]
         routing = self.router(xt)
         self.aux_loss = routing.aux_loss
         self.last_stats = routing.stats
+        out = self._dispatch(xt, routing)
+        if self.training and self.router.config.kind == "sigmoid_bias":
+            counts = routing.counts.detach().clone()
+            if self.ep is not None:                    # balance on the whole group's load
+                dist.all_reduce(counts, group=self.ep.group)
+            self.router.update_bias(counts)
+        return out.reshape(shape)
+
+    @torch.compiler.disable
+    def _dispatch(self, xt: torch.Tensor, routing) -> torch.Tensor:
+        """Tokens to their experts and back (permute, expert MLPs - all-to-alls with expert parallelism -,
+        weighted unpermute). Its row counts depend on the routing's values, and its kernels launch with grids
+        sized from them, so under torch.compile it runs eagerly between compiled graphs (the router and what
+        surrounds the layer stay compiled)."""
+        T = xt.shape[0]
         index = make_index(routing.token_idx, routing.counts, T)
         rows = permute(xt, index, self.backend)
         has_shared = self.shared_w1 is not None
@@ -118,9 +132,4 @@ class MoELayer(nn.Module):
         out = unpermute(y, routing.weight.to(y.dtype), index, self.backend)
         if y_shared is not None:
             out = out + y_shared
-        if self.training and self.router.config.kind == "sigmoid_bias":
-            counts = routing.counts.detach().clone()
-            if self.ep is not None:                    # balance on the whole group's load
-                dist.all_reduce(counts, group=self.ep.group)
-            self.router.update_bias(counts)
-        return out.reshape(shape)
+        return out
