@@ -1439,6 +1439,8 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     its block_m is the M tile, block_n / block_k / group_m / num_stages / num_warps / maxnreg are used as given
     (no autotuning); warp_specialize=True runs the K loop as ``tl.range(..., warp_specialize=True)`` (producer /
     consumer partitions; Triton supports it on Blackwell). None: autotuned on a GPU, a fixed small tile off it.
+    Under ``torch.autocast`` every operand is cast to the autocast dtype first, as ``F.linear`` does (the LoRA
+    parameters' gradients flow back through the casts in their own dtype).
 
     ``base_gemm``: "triton" runs the two big GEMMs in our kernel with the LoRA term in its register
     accumulator; "triton_tma" the same with the K loop's X and W tiles through TMA descriptors where their rows
@@ -1452,6 +1454,15 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     with rows not 16-byte aligned; not measured on a GPU yet, so not what "auto" picks); "auto"
     (default): "torch_all" on a GPU, where it measured fastest, "triton" under the interpreter. Same results up
     to rounding."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):  # as F.linear under autocast: every operand in the autocast dtype
+        dt = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            return multi_lora_linear(
+                x.to(dt), weight.to(dt), [replace(ad, lora_a=ad.lora_a.to(dt), lora_b=ad.lora_b.to(dt))
+                                          for ad in adapters],
+                segments, bias=bias.to(dt) if bias is not None else None, seed=seed, block_m=block_m,
+                gemm_config=gemm_config, base_gemm=base_gemm)
     if gemm_config is not None:  # an explicit launch configuration is for our GEMM kernel
         if base_gemm in ("torch", "torch_all", "torch_grouped"):
             raise ValueError(f"base_gemm: {base_gemm!r} cannot take a gemm_config (it configures our Triton GEMM)")

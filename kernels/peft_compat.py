@@ -9,6 +9,7 @@ that shares the same parameter objects (base weight/bias, ``lora_A``/``lora_B`` 
 
 (PEFT's own ``scaling`` entry is used, so both conventions follow the adapter's config). Dropout is active in
 ``train()`` mode only, with the fused kernels' seeded Philox mask (seed drawn from torch's generator per call).
+Under ``torch.autocast`` the layer computes in the autocast dtype, as PEFT's does (fp32 master weights work).
 
 Not supported (a ``ValueError`` names the layer): DoRA and other LoRA variants, ``fan_in_fan_out`` (Conv1D
 bases), merged adapters, several active adapters on one layer, a base layer that is not ``nn.Linear``.

@@ -121,3 +121,42 @@ def test_unsupported_layers_are_refused_without_partial_replacement():
     assert not any(isinstance(m, FusedLoRALinear) for m in model.modules())
     with pytest.raises(ValueError, match="no peft"):
         apply_fused_lora(TinyBlock())
+
+
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_autocast_mixed_precision_like_peft(dt):
+    """fp32 weights under torch.autocast (HF Trainer's bf16/fp16 mode): the fused layers compute in the autocast
+    dtype as PEFT's do - including after a plain Linear whose output is already in that dtype (``down`` here;
+    this raised a dtype error before) - and the fp32 LoRA parameters get their gradients."""
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "down"], init_lora_weights=False)
+    ref = get_peft_model(TinyBlock(), cfg)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    fused = copy.deepcopy(ref)
+    assert apply_fused_lora(fused) == 2
+    ref64 = copy.deepcopy(ref).double()
+    x = torch.randn(3, 11, 24)
+    dy = torch.randn(3, 11, 24)
+    outs = {}
+    for name, model in (("peft", ref), ("fused", fused)):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=dt):
+            y = model(x)
+            assert model.base_model.model.down(x.new_ones(2, 40)).dtype == dt  # the LoRA layer computes in dt
+        (y.float() * dy).sum().backward()
+        outs[name] = (y.float(), _lora_grads(model))
+    y64 = ref64(x.double())
+    (y64 * dy.double()).sum().backward()
+    g64 = _lora_grads(ref64)
+    assert all(g.dtype == torch.float32 for g in outs["fused"][1].values())
+
+    def err(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    for i, (y_or_g, want) in enumerate([(0, y64)] + [(n, g64[n]) for n in g64]):
+        got = {k: (v[0] if i == 0 else v[1][y_or_g]) for k, v in outs.items()}
+        e_fused, e_peft = err(got["fused"], want), err(got["peft"], want)
+        assert e_fused <= max(2 * e_peft, 1e-3), (y_or_g, e_fused, e_peft)
