@@ -3,6 +3,8 @@ expert weight gradients, predicted layer times, the baselines' times and the gra
 runtime reads r_fwd, r_bwd, order_fwd, order_bwd, wgrad_bwd and grad_slices (``runtime.moe.load_pipeline``)."""
 from __future__ import annotations
 
+import math
+
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -60,6 +62,38 @@ class MoEPlan(Plan):
     gpus: int
     gpus_per_node: int
     configs: list[MoEConfigPlan]
+
+    def verify(self) -> list[str]:
+        """Per configuration: EP size dividing the GPUs, layers numbered 0.. in order (as many as the model has),
+        each layer's chosen degrees among the ones it timed - the forward's the fastest, the backward no slower
+        than the fastest fused-wgrad time -, fwd_bwd_ms = layer 0's forward + backward, one non-negative
+        gradient slice per layer."""
+        errors: list[str] = []
+        for c in self.configs:
+            at = f"config {c.name!r}"
+            if c.ep_size < 1 or self.gpus % c.ep_size:
+                errors.append(f"{at}: ep_size {c.ep_size} does not divide {self.gpus} GPUs")
+            n = c.config.get("num_layers")
+            if [lp.layer for lp in c.layers] != list(range(len(c.layers))) or (n is not None and len(c.layers) != n):
+                errors.append(f"{at}: layers {[lp.layer for lp in c.layers][:6]}... are not 0..{(n or len(c.layers)) - 1}")
+            for lp in c.layers:
+                fwd, bwd = lp.time_by_r_fwd.get(str(lp.r_fwd)), lp.time_by_r_bwd.get(str(lp.r_bwd))
+                if fwd is None or bwd is None:
+                    errors.append(f"{at} layer {lp.layer}: r_fwd {lp.r_fwd} / r_bwd {lp.r_bwd} not among the timed "
+                                  f"degrees {sorted(lp.time_by_r_fwd)} / {sorted(lp.time_by_r_bwd)}")
+                    continue
+                if not math.isclose(lp.fwd_ms, fwd, rel_tol=1e-9) or fwd > min(lp.time_by_r_fwd.values()) * (1 + 1e-9):
+                    errors.append(f"{at} layer {lp.layer}: forward {lp.fwd_ms} ms at r={lp.r_fwd} is not the fastest "
+                                  f"timed degree ({min(lp.time_by_r_fwd.values())} ms)")
+                if lp.bwd_ms > min(lp.time_by_r_bwd.values()) * (1 + 1e-9):
+                    errors.append(f"{at} layer {lp.layer}: backward {lp.bwd_ms} ms is slower than the fastest timed "
+                                  f"degree ({min(lp.time_by_r_bwd.values())} ms)")
+            if c.layers and not math.isclose(c.fwd_bwd_ms, c.layers[0].fwd_ms + c.layers[0].bwd_ms, rel_tol=1e-9):
+                errors.append(f"{at}: fwd_bwd_ms {c.fwd_bwd_ms} != layer 0's forward + backward")
+            if len(c.grad_slices) != len(c.layers) or any(v < 0 for v in c.grad_slices):
+                errors.append(f"{at}: {len(c.grad_slices)} gradient slices (need one >= 0 per layer, "
+                              f"{len(c.layers)})")
+        return errors
 
     def summary_rows(self) -> list[tuple[str, str]]:
         rows = super().summary_rows()

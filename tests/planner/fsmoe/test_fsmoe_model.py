@@ -333,3 +333,41 @@ def test_bad_yaml_config_files_name_the_file(tmp_path):
     for name, expect in (("empty.yaml", "file is empty"), ("latin.yaml", "cannot read"), ("dir.yaml", "is a directory")):
         with pytest.raises(InputError, match=f"^{tmp_path / name}: {expect}"):
             load_configs(str(tmp_path / name), 8)
+
+
+def test_show_refuses_a_tampered_moe_plan(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert main(["plan", "moe", "--config", "mixtral-8x7b", "--gpus", "16", "--out", str(out)]) == 0
+    assert main(["show", str(out)]) == 0
+    capsys.readouterr()
+    good = json.loads(out.read_text())
+    layer0 = good["configs"][0]["layers"][0]
+    slow_r = max(layer0["time_by_r_fwd"], key=layer0["time_by_r_fwd"].get)
+
+    def slow_degree(d):  # a degree it timed, not the fastest
+        lp = d["configs"][0]["layers"][0]
+        lp["r_fwd"], lp["fwd_ms"] = int(slow_r), lp["time_by_r_fwd"][slow_r]
+        d["configs"][0]["fwd_bwd_ms"] = lp["fwd_ms"] + lp["bwd_ms"]
+
+    def untimed(d):
+        d["configs"][0]["layers"][1]["r_bwd"] = 3
+
+    def renumbered(d):
+        d["configs"][0]["layers"][2]["layer"] = 7
+
+    def slices(d):
+        d["configs"][0]["grad_slices"].pop()
+
+    def ep(d):
+        d["configs"][0]["ep_size"] = 3
+
+    for i, (edit, needle) in enumerate([(slow_degree, "is not the fastest timed degree"),
+                                        (untimed, "not among the timed degrees"), (renumbered, "are not 0.."),
+                                        (slices, "gradient slices"), (ep, "does not divide 16 GPUs")]):
+        d = json.loads(json.dumps(good))
+        edit(d)
+        p = tmp_path / f"bad{i}.json"
+        p.write_text(json.dumps(d))
+        assert main(["show", str(p)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {p}: fails verification: ") and needle in err and err.count("\n") == 1, err
