@@ -4,3 +4,29 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def assert_show_refuses(tmp_path, capsys):
+    """``check(good_plan_dict, [(edit, needle), ...])``: each edited copy of a valid plan makes ``adasched show
+    FILE --plot PNG`` exit 2 with one ``error: FILE: fails verification: ...`` line containing ``needle``, and
+    draws nothing."""
+    from adasched.planner.cli import main
+
+    def check(good: dict, cases) -> None:
+        for i, (edit, needle) in enumerate(cases):
+            d = json.loads(json.dumps(good))
+            edit(d)
+            p, png = tmp_path / f"tampered{i}.json", tmp_path / f"tampered{i}.png"
+            p.write_text(json.dumps(d))
+            capsys.readouterr()
+            assert main(["show", str(p), "--plot", str(png)]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: {p}: fails verification: ") and needle in err and err.count("\n") == 1, err
+            assert not png.exists()
+
+    return check
