@@ -1455,7 +1455,7 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     (default): "torch_all" on a GPU, where it measured fastest, "triton" under the interpreter. Same results up
     to rounding."""
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):  # as F.linear under autocast: every operand in the autocast dtype
+    if torch.is_autocast_enabled(dev) and x.dtype != torch.float64:  # as F.linear: autocast leaves float64 alone
         dt = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
             return multi_lora_linear(

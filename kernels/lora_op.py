@@ -12,10 +12,14 @@ flat ``[adapter, start, end, ...]`` list, every adapter's rank, scale and dropou
 GEMM provider and a ``GemmConfig`` flattened to ints (``encode_config``). The tile table is built (and cached,
 as in eager mode) when the op runs, not while tracing.
 
-Seeds: ``seed=None`` draws the dropout seed from torch's default generator inside the op, on every call (as eager
-does), so a compiled step does not bake one mask into the graph; an int seed is a constant of the graph (Dynamo
-recompiles when it changes: pass None or a tensor seed for per-step seeds); a one-element int64 tensor seed is
-read on the device, as in eager mode.
+Seeds: ``seed=None`` draws the dropout seed in the graph on every call (``torch.randint`` on x's device, read by
+the kernel from device memory), so a compiled step does not bake one mask into the graph and an activation-
+checkpointed recompute replays the same draw. On the CPU that is the draw eager mode makes (bit-identical masks
+under aot_eager; inductor uses its own random stream unless ``torch._inductor.config.fallback_random``); on a
+GPU eager draws from the CPU generator and compiled code from the GPU's, so the masks differ between the two (as
+for any random op under torch.compile). An int seed is a constant of the graph (Dynamo recompiles when it
+changes: pass None or a tensor seed for per-step seeds); a one-element int64 tensor seed is read on the device,
+as in eager mode.
 
 Why not the custom ops in eager mode too: a custom op's dispatch costs host time per call, and the host side is
 what small shapes pay for (BENCHMARKS.md, kernels); eager keeps the lighter ``autograd.Function``.
@@ -108,13 +112,16 @@ def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], a_cat: Te
                     seed_t: Optional[Tensor], block_m: int, base: str, config: list[int]
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Y and what the backward needs: (Y [T, N], S, Xd [T, K] or an empty tensor without dropout, the packed
-    keep bits [T, mask_bytes(K)] or an empty uint8 tensor). ``seed`` < 0: drawn here (``seed_t`` None)."""
+    keep bits [T, mask_bytes(K)] or an empty uint8 tensor). The seed is ``seed_t`` (a device tensor) when given,
+    else ``seed`` (< 0 only when no adapter of the batch has dropout: the op itself draws nothing)."""
     plan = _plan(x.shape[0], x.device, segs, ranks, scales, ps, block_m)
     x = _aligned_for(base, x)
     if seed_t is not None:
         seed_v = seed_t
     elif seed < 0:
-        seed_v = L._draw_seed() if plan.has_dropout else 0
+        if plan.has_dropout:
+            raise ValueError("seed: dropout needs a seed (compiled_call draws one when the caller gives none)")
+        seed_v = 0
     else:
         seed_v = seed
     y, s, xd, mask = L._fused_forward(x, weight, bias, a_cat, b_cat, plan, seed_v, decode_config(config), base)
@@ -189,6 +196,11 @@ def compiled_call(x2: Tensor, weight: Tensor, bias: Optional[Tensor], a_cat: Ten
     """``multi_lora_linear``'s fused path as the custom op (what Dynamo traces)."""
     if isinstance(seed, Tensor):
         seed_i, seed_t = -1, seed
+    elif seed is None and any(ps[a] > 0 for a, _, _ in segs):
+        # drawn in the graph, from x's device generator, into a tensor the kernel reads (no host sync): an
+        # activation-checkpointed region replays it in its recompute, so both passes see the same mask (a draw
+        # inside the opaque op would not be replayed under inductor)
+        seed_i, seed_t = -1, torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int64, device=x2.device)
     else:
         seed_i, seed_t = (-1 if seed is None else int(seed)), None
     flat = [int(v) for seg in segs for v in seg]

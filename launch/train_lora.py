@@ -52,6 +52,12 @@ def _check_options(args: argparse.Namespace) -> None:
             raise InputError(f"--{opt.replace('_', '-')}", f"must be >= 1, got {v}")
     if args.hidden % args.heads:
         raise InputError("--hidden", f"{args.hidden} must be divisible by --heads {args.heads}")
+    for opt in ("timeout", "time_limit"):
+        v = getattr(args, opt)
+        if not v > 0:
+            raise InputError(f"--{opt.replace('_', '-')}", f"must be > 0 seconds, got {v}")
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError("--out", f"{str(args.out)!r} exists and is not a folder")
     if args.world is not None and not args.check:
         raise InputError("--world", "only with --check (under torchrun the world is torchrun's)")
     if args.world is not None and args.world < 1:

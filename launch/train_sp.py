@@ -71,38 +71,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_plan(plan, world: int, heads: int | None, where: str) -> None:
-    """Reject a plan that this world cannot execute; raises InputError naming the plan field."""
-    from adasched.runtime.pg_pool import is_buddy_range
-
+    """Reject a plan that this world cannot execute; raises InputError naming the plan field. The structure
+    (ranks, every sequence once, lengths) is ``SPPlan.verify``; this adds the run's world and the model's heads."""
     if plan.world_size != world:
         raise InputError(where, f"world_size: plan is for {plan.world_size} ranks but this run has {world} "
                                 f"(torchrun --nproc_per_node={plan.world_size})")
-    if not plan.steps:
-        raise InputError(where, "steps: the plan has no steps")
+    errors = plan.verify()
+    if errors:
+        raise InputError(where, errors[0])
     for si, st in enumerate(plan.steps):
-        n = len(st.seqlens)
-        seen: dict[int, str] = {}
         for mi, mb in enumerate(st.micro_batches):
             for gi, g in enumerate(mb.groups):
-                loc = f"steps.{si}.micro_batches.{mi}.groups.{gi}"
-                if not is_buddy_range(g.ranks, world):
-                    raise InputError(where, f"{loc}.ranks: {g.ranks} is not an aligned power-of-two rank range "
-                                            f"of world size {world}")
                 if heads is not None and heads % g.degree:
-                    raise InputError(where, f"{loc}.degree: {g.degree} does not divide the model's {heads} heads")
-                for sid, slen in zip(g.seq_ids, g.seqlens):
-                    if not 0 <= sid < n:
-                        raise InputError(where, f"{loc}.seq_ids: {sid} outside the step's {n} sequences")
-                    if st.seqlens[sid] != slen:
-                        raise InputError(where, f"{loc}.seqlens: sequence {sid} has length {slen} here but "
-                                                f"{st.seqlens[sid]} in steps.{si}.seqlens")
-                    if sid in seen:
-                        raise InputError(where, f"{loc}.seq_ids: sequence {sid} already runs in {seen[sid]}")
-                    seen[sid] = loc
-        missing = sorted(set(range(n)) - set(seen))
-        if missing:
-            raise InputError(where, f"steps.{si}: sequences {missing[:8]} are in no group "
-                                    f"(the loss is over the whole global batch)")
+                    raise InputError(where, f"steps.{si}.micro_batches.{mi}.groups.{gi}.degree: {g.degree} does not "
+                                            f"divide the model's {heads} heads")
 
 
 def scaled_lengths(plan, max_len: int) -> tuple[float, list[list[int]]]:

@@ -147,6 +147,28 @@ def read_json(path: str | os.PathLike) -> Any:
         raise InputError(path, f"malformed JSON: {' '.join(str(err).split()) or type(err).__name__}") from None
 
 
+_YAML_LOADER = None
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that also reads ``2e-4`` and ``1E3`` as numbers, as YAML 1.2 and JSON do (PyYAML follows
+    YAML 1.1, where a float needs a dot: ``lr: 2e-4`` was the string "2e-4"). Raises ``yaml.YAMLError``."""
+    global _YAML_LOADER
+    import re
+
+    import yaml
+
+    if _YAML_LOADER is None:
+        class _Loader(yaml.SafeLoader):
+            pass
+
+        _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                      re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                      list("-+0123456789"))
+        _YAML_LOADER = _Loader
+    return yaml.load(text, Loader=_YAML_LOADER)
+
+
 def describe_validation_error(err: ValidationError) -> str:
     """First problem of a pydantic error as 'field.path: message' (one line)."""
     first = err.errors()[0]

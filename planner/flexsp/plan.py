@@ -73,33 +73,36 @@ class SPPlan(Plan):
         return self
 
     def verify(self) -> list[str]:
-        """Per step: every sequence of the global batch in exactly one group of one micro-batch, each group's
-        ``seqlens`` the step's lengths of its ``seq_ids``, each group's ranks contiguous and aligned to its
-        degree (buddy placement)."""
+        """What any run of the plan needs, world-size aside (``launch/train_sp.check_plan`` adds the run's world
+        and heads): per step, every group's ranks an aligned power-of-two range of ``world_size``, every sequence
+        of the global batch in exactly one group with the step's length for it."""
+        if not self.steps:
+            return ["steps: the plan has no steps"]
         errors: list[str] = []
-        for st in self.steps:
+        for si, st in enumerate(self.steps):
             n = len(st.seqlens)
-            seen: dict[int, int] = {}
+            seen: dict[int, str] = {}
             for mi, mb in enumerate(st.micro_batches):
                 for gi, g in enumerate(mb.groups):
-                    where = f"step {st.step} micro-batch {mi} group {gi}"
+                    loc = f"steps.{si}.micro_batches.{mi}.groups.{gi}"
                     lo = min(g.ranks)
                     if g.ranks != list(range(lo, lo + g.degree)) or lo % g.degree:
-                        errors.append(f"{where}: ranks {g.ranks} are not {g.degree} contiguous ranks aligned to "
-                                      f"{g.degree}")
-                    for sid, ln in zip(g.seq_ids, g.seqlens):
+                        errors.append(f"{loc}.ranks: {g.ranks} is not an aligned power-of-two rank range of world "
+                                      f"size {self.world_size}")
+                    for sid, slen in zip(g.seq_ids, g.seqlens):
                         if not 0 <= sid < n:
-                            errors.append(f"{where}: sequence id {sid} not in [0, {n})")
+                            errors.append(f"{loc}.seq_ids: {sid} outside the step's {n} sequences")
                             continue
-                        seen[sid] = seen.get(sid, 0) + 1
-                        if ln != st.seqlens[sid]:
-                            errors.append(f"{where}: sequence {sid} has {st.seqlens[sid]} tokens, the group says {ln}")
-            dup = sorted(k for k, c in seen.items() if c > 1)
-            missing = [k for k in range(n) if k not in seen]
-            if dup:
-                errors.append(f"step {st.step}: {len(dup)} sequences in more than one group (first: {dup[0]})")
+                        if st.seqlens[sid] != slen:
+                            errors.append(f"{loc}.seqlens: sequence {sid} has length {slen} here but "
+                                          f"{st.seqlens[sid]} in steps.{si}.seqlens")
+                        if sid in seen:
+                            errors.append(f"{loc}.seq_ids: sequence {sid} already runs in {seen[sid]}")
+                        seen[sid] = loc
+            missing = sorted(set(range(n)) - set(seen))
             if missing:
-                errors.append(f"step {st.step}: {len(missing)} sequences in no group (first: {missing[0]})")
+                errors.append(f"steps.{si}: sequences {missing[:8]} are in no group (the loss is over the whole "
+                              "global batch)")
         return errors
 
     # ---- presentation -----------------------------------------------------------------------------

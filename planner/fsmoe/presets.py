@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from adasched.profiler.io import InputError, describe_validation_error, read_json, read_text
+from adasched.profiler.io import InputError, describe_validation_error, load_yaml, read_json, read_text
 
 from .costmodel import MoEConfig
 
@@ -55,7 +55,7 @@ def load_configs(name_or_path: str, gpus: int) -> list[MoEConfig]:
         import yaml
 
         try:
-            data = yaml.safe_load(read_text(path, expected="a JSON or YAML config file"))
+            data = load_yaml(read_text(path, expected="a JSON or YAML config file"))
         except yaml.YAMLError as err:
             raise InputError(path, f"malformed YAML: {str(err).splitlines()[0]}") from None
     else:

@@ -258,8 +258,10 @@ def _read_text_config(path: Path) -> Any:
             raise InputError(path, f"malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
     import yaml
 
+    from adasched.profiler.io import load_yaml
+
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError as err:
         raise InputError(path, f"malformed YAML: {str(err).splitlines()[0]}") from None
 
@@ -353,6 +355,6 @@ PRESETS = ("mix", "het", "tiny")
 
 
 def _preset_data(name: str) -> dict:
-    import yaml
+    from adasched.profiler.io import load_yaml
 
-    return yaml.safe_load(resources.files("adasched.planner.lorafusion").joinpath(f"presets/{name}.yaml").read_text())
+    return load_yaml(resources.files("adasched.planner.lorafusion").joinpath(f"presets/{name}.yaml").read_text())

@@ -9,9 +9,10 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adasched.planner.plan import Plan, inputs_digest
+from adasched.profiler.io import describe_validation_error
 from .graph import Graph, Problem
 from .knobs import TritonKnobs, buffer_depths, derive_knobs
 
@@ -95,6 +96,15 @@ class TwillPlan(Plan):
                 errors.append(f"warp group {q} lists ops {sorted(g.ops)}, the schedule puts {members} there")
         if self.ops and self.stages != max(s.stage for s in self.ops) + 1:
             errors.append(f"stages {self.stages} != the last op's stage + 1 ({max(s.stage for s in self.ops) + 1})")
+        try:
+            from .graph import Graph, Machine
+
+            digest = inputs_digest(Graph.model_validate(self.graph), Machine.model_validate(self.machine))
+            if digest != self.inputs_digest:
+                errors.append(f"graph / machine: not the ones the plan was solved for (inputs digest {digest[:12]}... "
+                              f"!= {self.inputs_digest[:12]}...)")
+        except ValidationError as err:
+            errors.append(f"graph / machine: not a valid graph and machine ({describe_validation_error(err)})")
         try:
             errors += validate(self.graph, self.machine, self.model_dump(mode="json"))
         except (KeyError, TypeError, ValueError, AttributeError) as err:

@@ -10,7 +10,7 @@ from torch import nn
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
-from adasched.kernels.lora import lora_linear_reference  # noqa: E402
+from adasched.kernels.lora import lora_linear, lora_linear_reference  # noqa: E402
 from adasched.kernels.peft_compat import FusedLoRALinear, apply_fused_lora, restore_peft_lora  # noqa: E402
 
 
@@ -160,3 +160,14 @@ def test_autocast_mixed_precision_like_peft(dt):
         got = {k: (v[0] if i == 0 else v[1][y_or_g]) for k, v in outs.items()}
         e_fused, e_peft = err(got["fused"], want), err(got["peft"], want)
         assert e_fused <= max(2 * e_peft, 1e-3), (y_or_g, e_fused, e_peft)
+
+
+def test_autocast_leaves_float64_alone_as_f_linear_does():
+    x, w = torch.randn(5, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64)
+    a, b = torch.randn(2, 8, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_linear(x, w, a, b, 0.5)
+        assert torch.nn.functional.linear(x, w).dtype == torch.float64
+    assert y.dtype == torch.float64
+    # (the interpreted kernels accumulate in float32: float64 in, float64 out, float32-close values)
+    torch.testing.assert_close(y, lora_linear_reference(x, w, a, b, 0.5), rtol=1e-5, atol=1e-5)

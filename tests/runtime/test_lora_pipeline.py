@@ -85,6 +85,8 @@ def test_launcher_rejects_a_plan_the_model_cannot_run(tmp_path, capsys):
     (["--hidden", "30", "--heads", "4"], "error: --hidden: 30 must be divisible by --heads 4"),
     (["--world", "2"], "error: --world: only with --check"),
     (["--check", "--world", "3"], "error: --layers: 2 layers cannot be split over 3 pipeline stages"),
+    (["--check", "--timeout", "-5"], "error: --timeout: must be > 0 seconds, got -5.0"),
+    (["--time-limit", "0"], "error: --time-limit: must be > 0 seconds, got 0.0"),
 ])
 def test_launcher_options_fail_on_one_line_naming_the_option(tmp_path, capsys, argv, needle):
     out = tmp_path / "o"
@@ -98,3 +100,12 @@ def test_check_mode_validates_for_the_torchrun_world_and_writes_nothing(tmp_path
     out = tmp_path / "o"
     assert main(["--jobs", "tiny", "--out", str(out), "--check", "--world", "2"]) == 0
     assert capsys.readouterr().out.startswith("ok: ") and not out.exists()
+
+
+def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.write_text("not a folder")
+    assert main(["--jobs", "tiny", "--out", str(out), "--check", "--world", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out: '{out}' exists and is not a folder") and err.count("\n") == 1, err
+    assert out.read_text() == "not a folder"

@@ -123,5 +123,5 @@ def test_show_refuses_an_sp_plan_that_loses_or_repeats_a_sequence(tmp_path, caps
         g = group(d, wide)
         g["ranks"] = g["ranks"][::-1]
 
-    assert_show_refuses(good, [(repeat, "sequences in more than one group"), (wrong_length, "tokens, the group says"),
-                               (unordered, "contiguous ranks aligned")])
+    assert_show_refuses(good, [(repeat, "already runs in"), (wrong_length, "has length"),
+                               (unordered, "is not an aligned power-of-two rank range")])

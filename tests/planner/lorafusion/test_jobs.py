@@ -83,3 +83,16 @@ def test_field_errors_name_the_job_and_field(lengths, adapter, needle):
                    "f.yaml")
     msg = str(err.value)
     assert msg.startswith("f.yaml: job 'bad-job': ") and needle in msg, msg
+
+
+def test_yaml_exponent_numbers_without_a_dot_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads `2e-4` as a string; our loader reads it as YAML 1.2 and JSON do."""
+    p = tmp_path / "jobs.yaml"
+    p.write_text("capacity: 4096\njobs:\n  - name: a\n    adapter: {r: 8, alpha: 1.6E1}\n"
+                 "    lengths: {dist: lognormal, median: 3e2, sigma: 0.5}\n    global_batch_size: 4\n    lr: 2e-4\n")
+    cfg, _, _ = load_jobs(str(p))
+    job = cfg.jobs[0]
+    assert job.lr == 2e-4 and job.adapter.alpha == 16.0 and job.lengths.median == 300.0
+    p.write_text(p.read_text().replace("lr: 2e-4", "lr: '2e-4'"))  # quoted: a string, refused by name
+    with pytest.raises(InputError, match="job 'a': lr: Input should be a valid number"):
+        load_jobs(str(p))

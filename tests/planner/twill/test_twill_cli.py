@@ -103,6 +103,9 @@ def test_show_refuses_a_tampered_twill_plan(tmp_path, capsys, assert_show_refuse
     def wrong_stages(d):
         d["stages"] += 1
 
+    def no_edges(d):  # a graph without its dependences would validate any schedule: the digest catches it
+        d["graph"]["edges"] = []
+
     assert_show_refuses(good, [(below_mii, "ii 1 is below the plan's MII 8"),
                                (bad_group, "warp group 7 is not one of the plan's"), (moved, "issue distance"),
-                               (wrong_stages, "stages")])
+                               (wrong_stages, "stages"), (no_edges, "not the ones the plan was solved for")])
