@@ -238,6 +238,21 @@ class WarmupDecay(LRScheduler):
         return [t if s == 1.0 else t * s for t, s in zip(target, scales)]
 
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the schedule, and put its last learning rates back into the optimizer's param groups: the
+        chained update above reads the groups' current lr, and a checkpoint resumed without optimizer state
+        (DeepSpeed ``load_optimizer_states=False``, a freshly built optimizer) would otherwise hand it the fresh
+        optimizer's lr - 0 at the start of a warmup, which then stayed 0 for the rest of the run."""
+        super().load_state_dict(state_dict)
+        last = getattr(self, "_last_lr", None)
+        if last is not None and len(last) == len(self.optimizer.param_groups):
+            for group, value in zip(self.optimizer.param_groups, last):
+                if isinstance(group["lr"], torch.Tensor):
+                    group["lr"].fill_(float(value))
+                else:
+                    group["lr"] = value
+
+
 class LinearDecay(WarmupDecay):
     """Linear warmup then linear decay to ``min_lr`` at ``total_steps`` (matches megatron-core ``linear`` and
     transformers ``get_linear_schedule_with_warmup``)."""

@@ -157,6 +157,25 @@ def test_state_dict_resume_exact(name):
     np.testing.assert_array_equal(np.concatenate([first, rest[1:]]), full)
 
 
+@pytest.mark.parametrize("name", list(FACTORIES))
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_resume_without_optimizer_state_is_exact(name, warmup):
+    """Walk finding: a scheduler restored into a freshly built optimizer (DeepSpeed load_checkpoint with
+    load_optimizer_states=False) read the fresh optimizer's lr as another scheduler's factor - 0 at the start of a
+    warmup, so the lr stayed 0 for the rest of the run. load_state_dict puts its last lrs back."""
+    T, k = 20, 8
+    opt, _ = make_opt(7)
+    full = run(FACTORIES[name](opt, T, warmup_steps=warmup), opt, T + 1)
+    opt_a, _ = make_opt(7)
+    s_a = FACTORIES[name](opt_a, T, warmup_steps=warmup)
+    first = run(s_a, opt_a, k)
+    opt_b, _ = make_opt(7)  # same base lrs, no optimizer state loaded
+    s_b = FACTORIES[name](opt_b, T, warmup_steps=warmup)
+    s_b.load_state_dict(s_a.state_dict())
+    rest = run(s_b, opt_b, T + 1 - k)
+    np.testing.assert_allclose(np.concatenate([first, rest[1:]]), full, rtol=1e-12, atol=0)
+
+
 def test_sequential_lr_child_restarts_at_zero():
     T1, T2 = 4, 12
     opt, lrs = make_opt(6)
