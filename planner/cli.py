@@ -5,6 +5,7 @@ groups together and turns bad input into one line `error: <where>: <what>` with 
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 from dataclasses import dataclass
@@ -63,7 +64,9 @@ def show_cmd(
 ) -> None:
     """Validate a plan or profile and say what it is and why it was chosen (baselines compared)."""
     from adasched.profiler.builtins import BUILTIN_PROFILES
-    from adasched.profiler.io import read_json
+    from adasched.profiler.io import check_output_path, read_json
+
+    check_output_path(plot, "--plot")  # before anything is printed
 
     from .plan import load_plan
     from .ui import emit_json, print_table
@@ -103,15 +106,36 @@ def show_cmd(
             typer.echo(f"wrote {plot}")
 
 
+@functools.cache
+def _task_spec():
+    """The pydantic model of one task of a task-graph file, built on first use (the CLI's import stays light);
+    strict: a bool is not a rank, a string is not a duration."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class TaskSpec(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+        name: str = Field(min_length=1)
+        rank: int = Field(ge=0)
+        stream: str = Field(min_length=1)
+        duration_ms: float = Field(ge=0, allow_inf_nan=False)
+        deps: list[str] = Field(default_factory=list)
+        sync: str | None = None
+        category: str = ""
+
+    return TaskSpec
+
+
 @app.command("simulate")
 def simulate_cmd(
     path: Path = typer.Argument(..., help="A task-graph JSON ({'tasks': [{name, rank, stream, duration_ms, deps, "
                                           "sync, category}, ...]}) or a plan whose kind can re-simulate itself."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the simulated timeline (PNG)."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print makespan, busy time per lane and every task as JSON."),
 ) -> None:
     """Run the discrete-event simulator (per-rank compute/communication streams with dependencies)."""
-    from adasched.profiler.io import read_json
+    from adasched.profiler.io import check_output_path, read_json
+
+    check_output_path(plot, "--plot")  # before anything is printed
 
     from .gantt import render_gantt
     from .plan import load_plan
@@ -122,14 +146,17 @@ def simulate_cmd(
     if isinstance(data, dict) and "tasks" in data and "kind" not in data:
         if not isinstance(data["tasks"], list) or not data["tasks"]:
             raise InputError(path, "tasks: must be a non-empty list")
+        from pydantic import ValidationError
+
+        from adasched.profiler.io import describe_validation_error
+
         tasks = []
         for i, t in enumerate(data["tasks"]):
             try:
-                t = dict(t)
-                t["deps"] = tuple(t.get("deps", ()))
-                tasks.append(Task(**t))
-            except (TypeError, ValueError) as err:
-                raise InputError(path, f"tasks.{i}: {err}") from None
+                spec = _task_spec().model_validate(t)
+            except ValidationError as err:
+                raise InputError(path, f"tasks.{i}: {describe_validation_error(err)}") from None
+            tasks.append(Task(**{**spec.model_dump(), "deps": tuple(spec.deps)}))
         try:
             sim = simulate(tasks)
         except ValueError as err:

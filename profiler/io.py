@@ -27,14 +27,24 @@ class InputError(ValueError):
         super().__init__(f"{self.where}: {what}")
 
 
+def _write_target(path: Path, where) -> Path:
+    """The file a write to ``path`` lands in: a symlink's target (the link stays a link), never a directory or a
+    device, pipe or socket (renaming a temp file onto one would replace it)."""
+    if path.is_symlink():
+        path = path.resolve()
+    if path.is_dir():
+        raise InputError(where, "is a directory, expected a file path")
+    if path.exists() and not path.is_file():
+        raise InputError(where, "is not a regular file (a device, pipe or socket), expected a file path")
+    return path
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path`` (same suffix, so e.g. ``savefig`` infers the format); on success it is
     renamed onto ``path``, on any error removed, so ``path`` is never half-written. A destination that cannot be
     written (a directory, no permission) is an :class:`InputError` naming ``path``."""
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(path, "is a directory, expected a file path")
+    path = _write_target(Path(path), path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
@@ -66,9 +76,11 @@ def check_output_path(path: str | os.PathLike | None, option: str, *, figure: bo
     written and the command failed."""
     if path is None:
         return
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(option, f"{path} is a directory, expected a file path")
+    given = Path(path)
+    try:
+        path = _write_target(given, option)
+    except InputError as err:
+        raise InputError(option, f"{given} {err.what}") from None
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():

@@ -11,6 +11,8 @@ done before the step). Norms stay on the device until they are read (no sync per
 """
 from __future__ import annotations
 
+import functools
+
 import csv
 import io
 import math
@@ -144,6 +146,25 @@ def read_norms_csv(path: str | os.PathLike, norm: str = "l2") -> list[float]:
     return out
 
 
+@functools.cache
+def _refined_file_model():
+    """What ``load_norms_file`` reads of a schedule JSON from ``adasched schedules refine`` (other keys, such as
+    the multipliers it also holds, are left alone); strict: a bool is not a norm value."""
+    from typing import Literal
+
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class RefinedScheduleFile(BaseModel):
+        model_config = ConfigDict(extra="ignore", strict=True)
+        kind: Literal["refined_lr_schedule"]
+        schema_version: Literal[1] = 1
+        norm: Literal["l2", "l1"]
+        smoothing: float = Field(default=0.1, ge=0, lt=1)
+        grad_norms: list[float] = Field(min_length=1)
+
+    return RefinedScheduleFile
+
+
 def load_norms_file(path: str | os.PathLike, norm: str | None = None) -> dict:
     """Norms from a CSV (``{'norm', 'grad_norms'}``) or a schedule JSON from ``adasched schedules refine``
     (``{'norm', 'smoothing', 'grad_norms', ...}``)."""
@@ -151,13 +172,18 @@ def load_norms_file(path: str | os.PathLike, norm: str | None = None) -> dict:
 
     path = Path(path)
     if path.suffix.lower() == ".json":
+        from pydantic import ValidationError
+
+        from adasched.profiler.io import describe_validation_error
+
         data = read_json(path)
         if not isinstance(data, dict) or data.get("kind") != "refined_lr_schedule":
             raise InputError(path, "not a refined schedule (expected kind 'refined_lr_schedule')")
-        if norm is not None and norm != data.get("norm"):
-            raise InputError(path, f"norm: file was refined with {data.get('norm')!r}, asked for {norm!r}")
-        g = data.get("grad_norms")
-        if not isinstance(g, list) or not g:
-            raise InputError(path, "grad_norms: missing or empty")
-        return data
+        try:
+            doc = _refined_file_model().model_validate(data).model_dump()
+        except ValidationError as err:
+            raise InputError(path, describe_validation_error(err)) from None
+        if norm is not None and norm != doc["norm"]:
+            raise InputError(path, f"norm: file was refined with {doc['norm']!r}, asked for {norm!r}")
+        return doc
     return {"norm": norm or "l2", "grad_norms": read_norms_csv(path, norm or "l2")}

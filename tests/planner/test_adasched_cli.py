@@ -88,7 +88,14 @@ def test_simulate(tmp_path, capsys):
                                                            "rank 1 / comm": 1.0}
     assert plot.exists()
     for tasks, expect in [
-        ([{"name": "a", "rank": 0, "stream": "s", "duration_ms": -1}], "tasks.0: task 'a': duration_ms must be >= 0"),
+        ([{"name": "a", "rank": 0, "stream": "s", "duration_ms": -1}],
+         "tasks.0: duration_ms: Input should be greater than or equal to 0"),
+        ([{"name": "a", "rank": True, "stream": "s", "duration_ms": 1}], "tasks.0: rank: Input should be a valid integer"),
+        ([{"name": "a", "rank": "0", "stream": "s", "duration_ms": 1}], "tasks.0: rank: Input should be a valid integer"),
+        ([{"name": "a", "rank": 0, "stream": None, "duration_ms": 1}], "tasks.0: stream: Input should be a valid string"),
+        ([{"name": "a", "rank": 0, "stream": "s", "duration_ms": "2"}], "tasks.0: duration_ms: Input should be a valid"),
+        ([{"name": "a", "rank": 0, "stream": "s", "duration_ms": 1e999}], "tasks.0: duration_ms: Input should be a finite"),
+        ([{"name": "a", "rank": 0, "stream": "s", "duration_ms": 1, "deps": "b"}], "tasks.0: deps: Input should be a valid list"),
         ([{"name": "a", "rank": 0, "stream": "s", "duration_ms": 1, "deps": ["z"]}], "unknown task 'z'"),
         ([{"name": "a", "rank": 0, "stream": "s", "duration_ms": 1, "deps": ["b"]},
           {"name": "b", "rank": 0, "stream": "s", "duration_ms": 1}], "deadlocked"),
@@ -101,6 +108,13 @@ def test_simulate(tmp_path, capsys):
         line = _err_line(capsys)
         assert line.startswith(f"error: {path}") and expect in line, line
         assert not bad_plot.exists()
+
+
+def test_show_checks_plot_before_printing(tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    assert main(["show", "h100-sxm", "--json", "--plot", str(tmp_path / "f" / "x.png")]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err.startswith("error: --plot: ") and "is not a directory" in cap.err
 
 
 def test_usage_errors(capsys):

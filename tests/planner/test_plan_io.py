@@ -92,6 +92,25 @@ def test_unwritable_destinations_are_one_line_errors(tmp_path):
     assert (tmp_path / "f").read_text() == "keep"
 
 
+def test_writes_follow_a_symlink_and_refuse_a_fifo(tmp_path):
+    """Walk finding: the temp-file rename replaced a symlink, a FIFO or a device node by a regular file."""
+    from adasched.profiler.io import check_output_path
+
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    atomic_write_text(link, "new")
+    assert link.is_symlink() and real.read_text() == "new"
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match="fifo.json: is not a regular file"):
+        atomic_write_text(fifo, "x")
+    with pytest.raises(InputError, match="--out: .*fifo.json is not a regular file"):
+        check_output_path(fifo, "--out")
+    assert not fifo.is_file() and fifo.exists()  # still the FIFO
+
+
 @pytest.mark.parametrize("case,content,expect", [
     ("missing", None, "no such file"),
     ("empty", "", "file is empty"),

@@ -98,3 +98,25 @@ def test_bench_quick_json(capsys, tmp_path):
                    for s in ("uba2", "cosine"))
         np.testing.assert_allclose(u2["losses"], cos["losses"], rtol=1e-6)  # float32 training, identical lr tables
     assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("doc,needle", [
+    ({"grad_norms": [1, 2, 3]}, "norm: Field required"),
+    ({"grad_norms": [1, True, 3], "norm": "l2"}, "grad_norms.1: Input should be a valid number"),
+    ({"grad_norms": "abc", "norm": "l2"}, "grad_norms: Input should be a valid list"),
+    ({"grad_norms": [1, 2], "norm": "l7"}, "norm: Input should be 'l2' or 'l1'"),
+    ({"grad_norms": [1, 2], "norm": "l2", "smoothing": "x"}, "smoothing: Input should be a valid number"),
+    ({"grad_norms": [1, 2], "norm": "l2", "schema_version": "banana"}, "schema_version: Input should be 1"),
+])
+def test_refined_schedule_json_is_validated(tmp_path, capsys, doc, needle):
+    """Walk finding: a schedule JSON without "norm" raised KeyError (traceback); bools passed as norms."""
+    p = tmp_path / "s.json"
+    p.write_text(json.dumps({"kind": "refined_lr_schedule", **doc}))
+    png = tmp_path / "p.png"
+    assert main(["schedules", "plot", str(p), "--out", str(png)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {p}: ") and needle in err and err.count("\n") == 1, err
+    assert not png.exists()
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match="s.json: "):
+        Refined.from_file(opt, p)
