@@ -12,9 +12,9 @@ import importlib
 import json
 import os
 from datetime import datetime, timezone
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from adasched.profiler.io import InputError, atomic_write_json, load_model, read_json
 
@@ -77,8 +77,19 @@ class Plan(BaseModel):
     inputs_digest: str = Field(description="sha256 of the canonical JSON of the inputs the plan was made from")
     profile: ProfileRef | None = None
     solver: SolverRecord
-    predicted_ms: float = Field(description="predicted cost of this plan (ms; per step where the plan has steps)")
-    baselines_ms: dict[str, float] = Field(default_factory=dict, description="predicted cost of each baseline (ms)")
+    predicted_ms: float = Field(ge=0.0, allow_inf_nan=False,
+                                description="predicted cost of this plan (ms; per step where the plan has steps)")
+    baselines_ms: dict[str, Annotated[float, Field(ge=0.0, allow_inf_nan=False)]] = Field(
+        default_factory=dict, description="predicted cost of each baseline (ms)")
+
+    @field_validator("created")
+    @classmethod
+    def _iso_time(cls, v: str) -> str:
+        try:
+            datetime.fromisoformat(v)
+        except ValueError:
+            raise ValueError(f"{v!r} is not an ISO 8601 time") from None
+        return v
 
     # ---- presentation hooks, overridden per kind ------------------------------------------------
     def summary_rows(self) -> list[tuple[str, str]]:
@@ -147,7 +158,7 @@ def load_plan(path: str | os.PathLike, expect: type[Plan] | None = None) -> Plan
         raise InputError(path, f"expected a JSON object, got {type(data).__name__}")
     if "schema_version" not in data:
         raise InputError(path, "schema_version: missing (not an adasched plan?)")
-    if data["schema_version"] != PLAN_SCHEMA_VERSION:
+    if type(data["schema_version"]) is not int or data["schema_version"] != PLAN_SCHEMA_VERSION:
         raise InputError(path, f"schema_version {data['schema_version']!r} is not supported (expected {PLAN_SCHEMA_VERSION})")
     kind = data.get("kind")
     if not isinstance(kind, str):

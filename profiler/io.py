@@ -207,12 +207,13 @@ def load_model(path: str | os.PathLike, model: type[M], *, data: Any = None) -> 
     if not isinstance(data, dict):
         raise InputError(path, f"expected a JSON object, got {type(data).__name__}")
     expected_version = getattr(model, "SCHEMA_VERSION", None)
-    if expected_version is not None and "schema_version" in data and data["schema_version"] != expected_version:
-        raise InputError(path, f"schema_version {data['schema_version']!r} is not supported (expected {expected_version})")
+    version = data.get("schema_version", expected_version)
+    if expected_version is not None and (type(version) is not int or version != expected_version):
+        raise InputError(path, f"schema_version {version!r} is not supported (expected {expected_version})")
     expected_kind = getattr(model, "KIND", None)
     if expected_kind is not None and "kind" in data and data["kind"] != expected_kind:
         raise InputError(path, f"kind {data['kind']!r} is not a {expected_kind}")
-    try:
-        return model.model_validate(data)
+    try:  # strict, as JSON: a bool is not a number, "2" is not an int; ISO dates and arrays for tuples still parse
+        return model.model_validate_json(json.dumps(data), strict=True)
     except ValidationError as err:
         raise InputError(path, describe_validation_error(err)) from None

@@ -64,8 +64,8 @@ def capacity_schedule(name: str, num_layers: int, budget: int, lo: int, hi: int,
     f = schedule_shape(name, num_layers, waves)
     L = num_layers
     for label, v in (("budget", budget), ("lo", lo), ("hi", hi)):
-        if int(v) != v:
-            raise ValueError(f"{label}: {v} must be an integer")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
+            raise ValueError(f"{label}: {v!r} must be an integer")
     budget, lo, hi = int(budget), int(lo), int(hi)
     if lo < 0 or hi < lo:
         raise ValueError(f"bounds: (lo={lo}, hi={hi}) need 0 <= lo <= hi")

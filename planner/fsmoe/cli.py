@@ -1,6 +1,7 @@
 """`adasched plan moe` and `adasched bench moe`."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -22,8 +23,13 @@ def _configs_with_stats(config: str, gpus: int, router_stats: Optional[Path]):
     if router_stats is not None:
         data = read_json(router_stats)
         ks = data.get("mean_k_per_layer") if isinstance(data, dict) else None
-        if not isinstance(ks, list) or not ks or not all(isinstance(k, (int, float)) for k in ks):
+        if not isinstance(ks, list) or not ks or not all(isinstance(k, (int, float)) and not isinstance(k, bool)
+                                                         for k in ks):
             raise InputError(router_stats, "mean_k_per_layer: expected a non-empty list of numbers")
+        for c in cfgs:
+            if c.num_layers != len(ks):
+                sys.stderr.write(f"note: {router_stats} has statistics for {len(ks)} MoE layers: planning {len(ks)} "
+                                 f"layers of {c.name} (its config has {c.num_layers})\n")
         try:
             cfgs = [c.model_copy(update={"mean_k_per_layer": [float(k) for k in ks], "num_layers": len(ks)}) for c in cfgs]
             from .costmodel import MoEConfig

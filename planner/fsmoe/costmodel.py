@@ -35,9 +35,10 @@ STAGES = ("a2a", "allgather", "gemm", "reducescatter", "allreduce")
 
 
 class MoEConfig(BaseModel):
-    """One MoE layer configuration (and the model it sits in, for the gradient all-reduce)."""
+    """One MoE layer configuration (and the model it sits in, for the gradient all-reduce). Strict: a bool is not a
+    size, "8" is not a number (an int is a valid float)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: str
     hidden: int = Field(gt=0, description="M, model hidden size")
     ffn_hidden: int = Field(gt=0, description="H, expert FFN hidden size")

@@ -48,6 +48,11 @@ class MoELayer(nn.Module):
             raise ValueError(f"activation: {activation!r} is not 'swiglu' or 'gelu'")
         if hidden < 1 or ffn < 1:
             raise ValueError(f"hidden={hidden}, ffn={ffn}: sizes must be >= 1")
+        if backend not in ("auto", "triton", "triton_gmm", "torch"):
+            raise ValueError(f"backend: {backend!r} is not one of auto, triton, triton_gmm, torch")
+        for name, r in (("r_fwd", r_fwd), ("r_bwd", r_bwd)):
+            if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+                raise ValueError(f"{name}: {r!r} must be an int >= 1 (chunks per exchange)")
         E = router.num_experts
         if ep is not None and ep.num_experts != E:
             raise ValueError(f"ep.num_experts: {ep.num_experts} differs from router num_experts {E}")

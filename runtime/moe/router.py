@@ -84,6 +84,18 @@ class RouterConfig:
     def __post_init__(self) -> None:
         if self.kind not in ROUTER_KINDS:
             raise ValueError(f"router kind: {self.kind!r} is not one of {', '.join(ROUTER_KINDS)}")
+        for name in ("num_experts", "top_k", "k_max"):  # a bool is not a count, 2.5 experts are not a count
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                raise ValueError(f"{name}: {v!r} must be an int")
+        for name in ("capacity_factor", "aux_loss_coef", "z_loss_coef", "p", "entropy_coef", "target_k",
+                     "controller_rate", "p_min", "bias_update_rate"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
+                raise ValueError(f"{name}: {v!r} must be a finite number")
+        for name in ("aux_loss_coef", "z_loss_coef", "entropy_coef", "controller_rate", "bias_update_rate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: {getattr(self, name)} must be >= 0 (0 disables it)")
         if self.num_experts < 1:
             raise ValueError(f"num_experts: {self.num_experts} must be >= 1")
         if self.top_k < 1 or self.top_k > self.num_experts:

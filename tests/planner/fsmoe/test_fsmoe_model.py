@@ -364,3 +364,27 @@ def test_show_refuses_a_tampered_moe_plan(tmp_path, capsys, assert_show_refuses)
     assert_show_refuses(good, [(slow_degree, "is not the fastest timed degree"),
                                (untimed, "not among the timed degrees"), (renumbered, "are not 0.."),
                                (slices, "gradient slices"), (ep, "does not divide 16 GPUs")])
+
+
+def test_config_and_router_stats_files_are_strict(tmp_path, capsys):
+    """Walk finding: `hidden: true` planned a hidden size of 1, `experts: "8"` and `dropless: "yes"` passed, router
+    stats of booleans passed; and --router-stats changed the model's depth without a word."""
+    for field, value, needle in (("hidden", True, "hidden: Input should be a valid integer"),
+                                 ("experts", "8", "experts: Input should be a valid integer"),
+                                 ("dropless", "yes", "dropless: Input should be a valid boolean")):
+        cfg = {"name": "c", "hidden": 64, "ffn_hidden": 128, "experts": 8, "top_k": 2, "batch": 2, "seq_len": 64,
+               field: value}
+        f = tmp_path / "cfg.json"
+        f.write_text(json.dumps(cfg))
+        assert main(["plan", "moe", "--config", str(f), "--gpus", "8", "--out", str(tmp_path / "p.json")]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps({"mean_k_per_layer": [True, 1.5]}))
+    assert main(["plan", "moe", "--config", "mixtral-8x7b", "--gpus", "8", "--router-stats", str(stats),
+                 "--out", str(tmp_path / "q.json")]) == 2
+    assert "mean_k_per_layer: expected a non-empty list of numbers" in capsys.readouterr().err
+    stats.write_text(json.dumps({"mean_k_per_layer": [2.0, 1.5]}))
+    assert main(["plan", "moe", "--config", "mixtral-8x7b", "--gpus", "8", "--router-stats", str(stats),
+                 "--out", str(tmp_path / "q.json")]) == 0
+    assert "has statistics for 2 MoE layers: planning 2 layers of mixtral-8x7b" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Routers against brute-force per-token references."""
 import math
+import re
 
 import pytest
 import torch
@@ -177,3 +178,15 @@ def test_weights_carry_router_gradient():
         out = r(torch.randn(9, 12))
         (out.weight * torch.randn_like(out.weight)).sum().backward()
         assert r.proj.weight.grad is not None and r.proj.weight.grad.abs().sum() > 0, kind
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"top_k": True}, "top_k: True must be an int"), ({"top_k": 2.5}, "top_k: 2.5 must be an int"),
+    ({"num_experts": "8"}, "num_experts: '8' must be an int"), ({"capacity_factor": True}, "capacity_factor: True"),
+    ({"aux_loss_coef": -1.0}, "aux_loss_coef: -1.0 must be >= 0"), ({"z_loss_coef": float("nan")}, "z_loss_coef: nan"),
+    ({"kind": "top_p", "entropy_coef": -0.1}, "entropy_coef: -0.1 must be >= 0"),
+])
+def test_router_config_refuses_wrong_types_and_negative_coefficients(kw, needle):
+    """Walk finding: bools counted as 1, top_k=2.5 failed only inside torch.topk, aux_loss_coef=-1 was taken."""
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        RouterConfig(**kw)
