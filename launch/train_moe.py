@@ -31,11 +31,13 @@ def parse_args(argv):
     p.add_argument("--router", default="gshard", help="router kind, comma list or 'all'")
     p.add_argument("--schedule", default="uniform", help="capacity schedule, comma list or 'all'")
     p.add_argument("--budget", type=int, default=None, help="total capacity over layers (k units or experts)")
-    p.add_argument("--lo", type=int, default=None, help="per-layer lower bound")
-    p.add_argument("--hi", type=int, default=None, help="per-layer upper bound")
+    # --cap-lo / --cap-hi / --hidden: under torchrun, --lo and --d are taken as abbreviations of torchrun's own
+    # options (--log-dir..., --duplicate-stdout-filters); the short spellings still work without torchrun
+    p.add_argument("--cap-lo", "--lo", dest="lo", type=int, default=None, help="per-layer lower bound")
+    p.add_argument("--cap-hi", "--hi", dest="hi", type=int, default=None, help="per-layer upper bound")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--d", type=int, default=32)
+    p.add_argument("--hidden", "--d", dest="d", type=int, default=32, help="model width")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--ffn", type=int, default=32)
     p.add_argument("--vocab", type=int, default=16)
@@ -230,12 +232,39 @@ def compare_schedules(schedules=None, *, quick: bool = False, seeds=None, log=No
                     "differences below seed_spread are not significant"}
 
 
+def _check_sizes(args, world: int) -> None:
+    """Every size and rate a worker would trip over, checked before any process group (ValueError naming the
+    option): all of these failed on every rank, some with a traceback, or trained on NaNs (--batch 0)."""
+    import math
+
+    from adasched.profiler.io import check_output_path
+
+    for opt, low in (("layers", 1), ("experts", 1), ("d", 1), ("heads", 1), ("ffn", 1), ("vocab", 2), ("seq", 2),
+                     ("batch", 1), ("steps", 1), ("r_fwd", 1), ("r_bwd", 1), ("gpus_per_node", 1)):
+        v = getattr(args, opt)
+        if v < low:
+            name = "--hidden" if opt == "d" else f"--{opt.replace('_', '-')}"
+            raise ValueError(f"{name}: {v} must be >= {low}")
+    if args.d % args.heads:
+        raise ValueError(f"--hidden: {args.d} is not divisible by --heads {args.heads}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr: {args.lr} must be a positive number")
+    if args.capacity_factor is not None and not (math.isfinite(args.capacity_factor) and args.capacity_factor > 0):
+        raise ValueError(f"--capacity-factor: {args.capacity_factor} must be > 0 (omit it for dropless)")
+    if args.hierarchical and world > 1 and world % min(args.gpus_per_node, world):
+        raise ValueError(f"--gpus-per-node: {world} ranks do not split into nodes of {args.gpus_per_node}")
+    check_output_path(args.router_stats_out, "--router-stats-out")
+
+
 def main(argv=None) -> int:
+    import os
+
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return _main(args)
     except ValueError as err:          # InputError is a ValueError: one line, exit 2
-        print(f"error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank sees it: one line, from rank 0
+            print(f"error: {err}", file=sys.stderr)
         return 2
 
 
@@ -256,6 +285,7 @@ def _main(args) -> int:
     routers = _names(args.router, ROUTER_KINDS, "--router")
     schedules = _names(args.schedule, CAPACITY_SCHEDULES, "--schedule")
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    _check_sizes(args, env_world)
     if args.experts % env_world:
         raise ValueError(f"--experts: {args.experts} is not divisible by the expert-parallel size {env_world}")
     if args.shared_experts < 0:

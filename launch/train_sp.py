@@ -25,6 +25,7 @@ A plan that does not fit the world (world size, ranks, degrees vs heads, sequenc
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -67,6 +68,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise InputError("--max-len", f"{args.max_len} must be >= 2")
     if args.timeout <= 0:
         raise InputError("--timeout", f"{args.timeout} must be > 0")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise InputError("--lr", f"{args.lr} must be a positive number")
+    if args.backend == "nccl":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError("--backend", "nccl needs CUDA GPUs and this machine has none (use gloo)")
     return args
 
 

@@ -53,6 +53,8 @@ def _setup(profile: str, model: str, seqlens: str, gpus: Optional[int], max_cont
         raise InputError("--time-limit", f"must be > 0 seconds, got {time_limit}")
     if buckets < 1:
         raise InputError("--buckets", f"must be >= 1, got {buckets}")
+    if seed < 0:
+        raise InputError("--seed", f"must be >= 0, got {seed}")
     mdl = model_preset(model)
     prof = load_profile(profile)
     n = prof.world_size if gpus is None else gpus

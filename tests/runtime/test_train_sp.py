@@ -123,3 +123,18 @@ def test_rank_outside_world_and_heads(tmp_path, monkeypatch, capsys):
     assert main(["--plan", str(plan), "--heads", "2"]) == 2
     assert capsys.readouterr().err.strip() == (f"error: {plan}: steps.0.micro_batches.0.groups.0.degree: 4 does not "
                                                f"divide the model's 2 heads")
+
+
+@pytest.mark.parametrize("argv,needle", [(["--lr", "-1"], "error: --lr: -1.0 must be a positive number"),
+                                         (["--backend", "nccl"], "error: --backend: nccl needs CUDA GPUs")])
+def test_options_workers_tripped_over_fail_before_the_plan_check(tmp_path, monkeypatch, capsys, argv, needle):
+    """Walk finding: both passed --check-plan-only, then raised a traceback on every rank."""
+    plan = tmp_path / "plan.json"
+    save_plan(_plan(), plan)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    if argv[0] == "--backend":
+        monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main(["--plan", str(plan), "--check-plan-only"] + argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(needle) and err.count("\n") == 1, err

@@ -122,3 +122,36 @@ def test_runtime_and_planner_name_the_same_modes():
     from adasched.runtime.moe.ep import ORDERS, WGRAD_MODES
 
     assert WGRAD_MODES == PLANNED_WGRAD and ORDERS == get_args(Order)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--steps", "0"], "--steps: 0 must be >= 1"), (["--seq", "0"], "--seq: 0 must be >= 2"),
+    (["--batch", "0"], "--batch: 0 must be >= 1"), (["--lr", "-1"], "--lr: -1.0 must be a positive number"),
+    (["--r-fwd", "0"], "--r-fwd: 0 must be >= 1"), (["--vocab", "1"], "--vocab: 1 must be >= 2"),
+    (["--heads", "3"], "--hidden: 32 is not divisible by --heads 3"),
+    (["--hierarchical", "--gpus-per-node", "3"], "--gpus-per-node: 4 ranks do not split into nodes of 3"),
+])
+def test_validate_only_catches_what_workers_tripped_over(monkeypatch, capsys, tmp_path, argv, needle):
+    """Walk finding: these passed --validate-only and then failed on every rank (tracebacks, or NaN losses for
+    --batch 0)."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(["--validate-only"] + argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {needle}\n", err
+
+
+def test_torchrun_safe_option_names(monkeypatch):
+    """--d and --lo are abbreviations of torchrun's own options (it refuses them before our script runs): the
+    long names --hidden / --cap-lo / --cap-hi exist (the short ones stay as aliases for runs without torchrun), and
+    no launcher option's first name is a prefix of one of torchrun's."""
+    import re
+
+    import torch.distributed.run as torchrun
+
+    theirs = [s for a in torchrun.get_args_parser()._actions for s in a.option_strings]
+    root = Path(__file__).resolve().parents[3] / "launch"
+    for script in ("train_moe.py", "train_sp.py", "train_lora.py", "profile_collectives.py"):
+        ours = re.findall(r'add_argument\(\s*"(--[a-z0-9-]+)"', (root / script).read_text())
+        assert ours and not [o for o in ours if any(t.startswith(o) for t in theirs)], script
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["--validate-only", "--hidden", "32", "--cap-lo", "1", "--cap-hi", "2"]) == 0
