@@ -9,6 +9,7 @@ single-device microbenchmarks, fits the cost models and writes the ClusterProfil
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -18,19 +19,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="CI-sized message sizes and repeats")
     ap.add_argument("--no-microbench", action="store_true", help="only the collectives (skip GEMM/copy/attention/linear)")
     ap.add_argument("--name", default=None, help="profile name (default local-<hostname>)")
+    ap.add_argument("--check", action="store_true",
+                    help="only check the options, outside torchrun (what profile_collectives.sh runs first)")
     args = ap.parse_args(argv)
+    if args.check:
+        from adasched.profiler.io import check_output_path, error_line
 
-    from adasched.profiler.io import error_line
+        try:
+            check_output_path(args.out, "--out")
+        except ValueError as err:
+            sys.stderr.write(error_line(err))
+            return 2
+        return 0
+
+    from adasched.profiler.io import check_output_path, error_line
     from adasched.profiler.local import in_torchrun, profile_in_world
 
     if not in_torchrun():
         sys.stderr.write("error: adasched.launch.profile_collectives: run me under torchrun "
                          "(RANK/WORLD_SIZE/MASTER_ADDR are not set); or use `adasched profile`\n")
         return 2
+    rank0 = os.environ.get("RANK", "0") == "0"
     try:
+        check_output_path(args.out, "--out")  # every rank, before minutes of measuring
         prof = profile_in_world(quick=args.quick, out=args.out, microbench=not args.no_microbench, name=args.name)
-    except ValueError as err:  # InputError is a ValueError
-        sys.stderr.write(error_line(err))
+    except ValueError as err:  # InputError is a ValueError: one line, from rank 0
+        if rank0:
+            sys.stderr.write(error_line(err))
         return 2
     if prof is not None:
         print(f"wrote {args.out}: {len(prof.collectives)} collective fits on {prof.world_size} ranks "

@@ -5,4 +5,7 @@
 # --standalone.
 set -euo pipefail
 OUT="${OUT:-profile.json}"
-exec torchrun --standalone --nproc_per_node="${NPROC:-4}" -m adasched.launch.profile_collectives --out "$OUT" "$@"
+PY="${PYTHON:-python3}"
+# bad options fail here, once, as one `error:` line with exit status 2 (not after the measuring, once per rank)
+"$PY" -m adasched.launch.profile_collectives --check --out "$OUT" "$@" || exit $?
+exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="${NPROC:-4}" -m adasched.launch.profile_collectives --out "$OUT" "$@"

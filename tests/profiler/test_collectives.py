@@ -88,3 +88,22 @@ def test_torchrun_entry_refuses_outside_torchrun(capsys, monkeypatch):
     assert main(["--out", "x.json"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1
+
+
+def test_out_is_checked_before_the_measuring(tmp_path, capsys, monkeypatch):
+    """Walk finding: under torchrun a bad --out failed only after every benchmark, once per rank, plus torchrun's
+    traceback; --check (what profile_collectives.sh runs first) and the start of the run check it."""
+    from adasched.launch.profile_collectives import main
+
+    assert main(["--out", str(tmp_path), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out: ") and "is a directory" in err and err.count("\n") == 1
+    assert main(["--out", str(tmp_path / "p.json"), "--check"]) == 0
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    import adasched.profiler.local as local
+
+    monkeypatch.setattr(local, "profile_in_world", lambda **kw: pytest.fail("measured before checking --out"))
+    assert main(["--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ""  # rank 1: silent; rank 0 prints the line

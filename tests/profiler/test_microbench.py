@@ -42,3 +42,19 @@ def test_time_ms_is_median():
     seq = iter([0.0, 0.0, 0.002, 0.010, 0.002, 0.050, 0.002])
     t = time_ms(lambda: time.sleep(next(seq)), "cpu", warmup=2, repeats=5)
     assert 2.0 <= t < 9.0  # the median of (2, 10, 2, 50, 2) ms, not the mean (13.2) nor a warmup run
+
+
+def test_linear_fit_fallback_reports_the_error_of_the_model_it_stores(monkeypatch):
+    """Walk finding: when noise flattened the slope, the stored model (last point / tokens + the fit's intercept)
+    predicted 388 ms at 1024 tokens against 184 measured, under the affine fit's 10 % error figure."""
+    import adasched.profiler.microbench as mb
+
+    times = iter([200.0, 248.0, 183.7])  # measured on a loaded machine by `adasched profile --quick`
+    monkeypatch.setattr(mb, "time_ms", lambda *a, **k: next(times))
+    cfg = mb.MicrobenchConfig(device="cpu", dtype="float32", gemm_n=64, copy_bytes=1 << 20,
+                              attn_seqlens=[64, 128, 256], attn_heads=2, attn_head_dim=32, linear_hidden=128,
+                              linear_ffn=344, linear_tokens=[64, 256, 1024])
+    lin, rows = mb.bench_linear(cfg)
+    pred = [lin.ms_per_token * r["tokens"] + lin.b_ms for r in rows]
+    err = sum(abs(p - r["fwd_bwd_ms"]) / r["fwd_bwd_ms"] for p, r in zip(pred, rows)) / len(rows)
+    assert lin.ms_per_token > 0 and abs(lin.fit_rel_error - err) < 1e-12
