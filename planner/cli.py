@@ -131,6 +131,7 @@ def simulate_cmd(
                                           "sync, category}, ...]}) or a plan whose kind can re-simulate itself."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the simulated timeline (PNG)."),
     as_json: bool = typer.Option(False, "--json", help="Print makespan, busy time per lane and every task as JSON."),
+    step: int = typer.Option(0, "--step", help="For a plan with several steps (an SP plan): the step to simulate."),
 ) -> None:
     """Run the discrete-event simulator (per-rank compute/communication streams with dependencies)."""
     from adasched.profiler.io import check_output_path, read_json
@@ -143,6 +144,7 @@ def simulate_cmd(
     from .ui import emit_json, print_table
 
     data = read_json(path)
+    what = ""  # "step k of n: " for a plan with steps
     if isinstance(data, dict) and "tasks" in data and "kind" not in data:
         if not isinstance(data["tasks"], list) or not data["tasks"]:
             raise InputError(path, "tasks: must be a non-empty list")
@@ -165,7 +167,17 @@ def simulate_cmd(
         plan = load_plan(path)
         if not hasattr(plan, "simulate"):
             raise InputError(path, f"plan kind {plan.kind!r} cannot be re-simulated")
-        sim = plan.simulate()
+        n_steps = len(getattr(plan, "steps", ()) or ())
+        if n_steps:
+            if not 0 <= step < n_steps:
+                raise InputError("--step", f"{step} is not a step of this plan (0..{n_steps - 1})")
+            sim = plan.simulate(step)
+            what = f"step {step} of {n_steps}: "
+        else:
+            if step:
+                raise InputError("--step", f"plan kind {plan.kind!r} has no steps")
+            sim = plan.simulate()
+            what = ""
     per_lane: dict[str, float] = {}
     for t in sim.tasks:
         per_lane[t.lane] = per_lane.get(t.lane, 0.0) + (t.end_ms - t.start_ms)
@@ -174,9 +186,9 @@ def simulate_cmd(
                    "tasks": [t.__dict__ for t in sim.tasks]})
     else:
         rows = [(lane, busy, busy / sim.makespan_ms if sim.makespan_ms else 0.0) for lane, busy in per_lane.items()]
-        print_table(rows, ["lane", "busy ms", "utilisation"], title=f"makespan {sim.makespan_ms:.3f} ms")
+        print_table(rows, ["lane", "busy ms", "utilisation"], title=f"{what}makespan {sim.makespan_ms:.3f} ms")
     if plot:
-        render_gantt(sim.tasks, plot, title=f"{path.name}: makespan {sim.makespan_ms:.2f} ms")
+        render_gantt(sim.tasks, plot, title=f"{path.name}: {what}makespan {sim.makespan_ms:.2f} ms")
 
 
 _registered = False

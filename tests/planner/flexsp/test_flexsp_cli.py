@@ -125,3 +125,18 @@ def test_show_refuses_an_sp_plan_that_loses_or_repeats_a_sequence(tmp_path, caps
 
     assert_show_refuses(good, [(repeat, "already runs in"), (wrong_length, "has length"),
                                (unordered, "is not an aligned power-of-two rank range")])
+
+
+def test_simulate_picks_a_step_and_says_which(tmp_path, capsys):
+    """Walk finding: `simulate` of a 3-step plan silently showed step 0 only."""
+    out = tmp_path / "plan.json"
+    assert main(["plan", "sp", *BASE, "--seqlens", "builtin", "--gpus", "8", "--out", str(out)]) == 0
+    capsys.readouterr()
+    plan = load_plan(out, expect=SPPlan)
+    for k in range(len(plan.steps)):
+        assert main(["simulate", str(out), "--step", str(k), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["makespan_ms"] == plan.simulate(k).makespan_ms
+    assert main(["simulate", str(out), "--step", "1"]) == 0
+    assert "step 1 of 2: makespan" in capsys.readouterr().out
+    assert main(["simulate", str(out), "--step", "2"]) == 2
+    assert capsys.readouterr().err == "error: --step: 2 is not a step of this plan (0..1)\n"
