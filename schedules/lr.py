@@ -62,7 +62,7 @@ def rex_multiplier(z: float) -> float:
 
 
 def _check_phi(phi: float) -> float:
-    if not isinstance(phi, (int, float)) or not math.isfinite(phi) or phi <= 0:
+    if isinstance(phi, bool) or not isinstance(phi, (int, float)) or not math.isfinite(phi) or phi <= 0:
         raise ValueError(f"phi: must be a finite number > 0, got {phi!r}")
     return float(phi)
 
@@ -178,14 +178,14 @@ class WarmupDecay(LRScheduler):
             if is_abs:
                 raise ValueError("min_lr: give either min_lr (absolute) or min_lr_ratio (fraction of base), not both")
             r = min_lr_ratio
-            if not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 <= r <= 1:
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 <= r <= 1:
                 raise ValueError(f"min_lr_ratio: must be in [0, 1], got {r!r}")
             return [float(r) * b for b in bases]
         if isinstance(min_lr, (list, tuple)):
             if len(min_lr) != len(bases):
                 raise ValueError(f"min_lr: got {len(min_lr)} values for {len(bases)} param groups")
             mins = [float(m) for m in min_lr]
-        elif isinstance(min_lr, (int, float)):
+        elif isinstance(min_lr, (int, float)) and not isinstance(min_lr, bool):
             mins = [float(min_lr)] * len(bases)
         else:
             raise ValueError(f"min_lr: must be a number or one number per param group, got {min_lr!r}")

@@ -251,6 +251,9 @@ def test_get_schedule_factory():
     (lambda o: REX(o, 10, min_lr=0.01, min_lr_ratio=0.1), "min_lr"),
     (lambda o: REX(o, 10, min_lr=100.0), "min_lr"),
     (lambda o: REX(o, 10, min_lr_ratio=1.5), "min_lr_ratio"),
+    (lambda o: REX(o, 10, min_lr_ratio=True), "min_lr_ratio"),  # a bool is not a ratio
+    (lambda o: REX(o, 10, min_lr=True), "min_lr"),
+    (lambda o: UBA(o, 10, phi=True), "phi"),
     (lambda o: Refined(o, []), "grad_norms"),
     (lambda o: Refined(o, [1.0, float("inf"), 2.0]), "grad_norms"),
     (lambda o: Refined(o, [1.0, float("nan")]), "grad_norms"),
