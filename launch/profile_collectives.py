@@ -8,13 +8,14 @@ single-device microbenchmarks, fits the cost models and writes the ClusterProfil
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+from adasched.launch.cli_args import ArgParser
+
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="adasched.launch.profile_collectives", description=__doc__.split("\n\n")[0])
+    ap = ArgParser(prog="adasched.launch.profile_collectives", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="ClusterProfile JSON to write (rank 0, atomically)")
     ap.add_argument("--quick", action="store_true", help="CI-sized message sizes and repeats")
     ap.add_argument("--no-microbench", action="store_true", help="only the collectives (skip GEMM/copy/attention/linear)")

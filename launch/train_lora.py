@@ -17,11 +17,13 @@ import os
 import sys
 from pathlib import Path
 
+from adasched.launch.cli_args import ArgParser
+
 __all__ = ["main", "parse_args"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="adasched.launch.train_lora", description=__doc__.split("\n\n")[0])
+    p = ArgParser(prog="adasched.launch.train_lora", description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", default="tiny", help="jobs file (JSON/YAML) or preset (tiny, mix, het); default tiny")
     p.add_argument("--plan", type=Path, default=None, help="execute this LoRA plan JSON instead of planning --jobs")
     p.add_argument("--out", type=Path, required=True, help="output folder (plan.json, <job>/adapter_*, losses.json)")

@@ -16,18 +16,19 @@ capacity schedule at the same budget and seed and reports the held-out loss of e
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
+from adasched.launch.cli_args import ArgParser
+
 __all__ = ["main", "train_schedule", "compare_schedules", "layer_routers"]
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m adasched.launch.train_moe")
+    p = ArgParser(prog="python -m adasched.launch.train_moe")
     p.add_argument("--router", default="gshard", help="router kind, comma list or 'all'")
     p.add_argument("--schedule", default="uniform", help="capacity schedule, comma list or 'all'")
     p.add_argument("--budget", type=int, default=None, help="total capacity over layers (k units or experts)")

@@ -32,6 +32,8 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
+from adasched.launch.cli_args import ArgParser
+
 from adasched.profiler.io import InputError, error_line
 
 __all__ = ["main", "parse_args", "check_plan", "scaled_lengths", "make_sequence", "launch_local"]
@@ -40,7 +42,7 @@ TOLERANCE = {"float32": 1e-5, "float64": 1e-10}  # max |grad - ref| / max |ref|,
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m adasched.launch.train_sp",
+    p = ArgParser(prog="python -m adasched.launch.train_sp",
                                 description="Train a tiny GPT executing a FlexSP plan (run under torchrun).")
     p.add_argument("--plan", required=True, help="SP plan JSON (adasched plan sp)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the plan's step count)")

@@ -40,6 +40,8 @@ def register(groups) -> None:
         check_output_path(plot, "--plot")
         if norm not in ("l2", "l1"):
             raise InputError("--norm", f"must be l2 or l1, got {norm!r}")
+        if steps is not None and steps < 1:
+            raise InputError("--steps", f"must be >= 1, got {steps}")
         if not 0 <= smoothing < 1:
             raise InputError("--smoothing", f"must be a fraction in [0, 1), got {smoothing}")
         g = read_norms_csv(norms, norm)

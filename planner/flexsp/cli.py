@@ -1,6 +1,7 @@
 """`adasched plan sp` and `adasched bench sp` (thin: parsing and printing; the work is in api.py/planner.py)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -73,6 +74,9 @@ def _setup(profile: str, model: str, seqlens: str, gpus: Optional[int], max_cont
 
 
 def _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context, show_progress=True):
+    if 0 < len(lens) < global_batch:  # draw_batches wraps around the file: sequences repeat inside a batch
+        sys.stderr.write(f"note: the length file has {len(lens)} sequences, fewer than --global-batch "
+                         f"{global_batch}: each global batch repeats sequences\n")
     from ..ui import progress
     from .api import plan_sp
 

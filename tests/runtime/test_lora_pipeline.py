@@ -109,3 +109,12 @@ def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: --out: '{out}' exists and is not a folder") and err.count("\n") == 1, err
     assert out.read_text() == "not a folder"
+
+
+def test_argparse_errors_are_one_line(capsys):
+    """Walk finding: a mistyped option printed the launcher's whole usage text (20+ lines) before the error."""
+    with pytest.raises(SystemExit) as ex:
+        main(["--out", "x", "--hidden", "7.5"])
+    assert ex.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: argument --hidden: invalid int value: '7.5'") and err.count("\n") == 1, err

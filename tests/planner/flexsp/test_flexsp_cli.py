@@ -140,3 +140,11 @@ def test_simulate_picks_a_step_and_says_which(tmp_path, capsys):
     assert "step 1 of 2: makespan" in capsys.readouterr().out
     assert main(["simulate", str(out), "--step", "2"]) == 2
     assert capsys.readouterr().err == "error: --step: 2 is not a step of this plan (0..1)\n"
+
+
+def test_a_length_file_shorter_than_the_batch_is_said(tmp_path, capsys):
+    f = tmp_path / "three.txt"
+    f.write_text("1000\n2000\n3000\n")
+    assert main(["plan", "sp", *BASE, "--seqlens", str(f), "--gpus", "8", "--out", str(tmp_path / "p.json")]) == 0
+    assert ("note: the length file has 3 sequences, fewer than --global-batch 32: each global batch repeats "
+            "sequences") in capsys.readouterr().err

@@ -1,0 +1,17 @@
+"""The launchers' argument parser: a bad option is one ``error:`` line and exit status 2, as everywhere else in
+adasched (argparse prints its whole usage text first - 20+ lines for the bigger launchers - which buries the
+message under torchrun's output)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+__all__ = ["ArgParser"]
+
+
+class ArgParser(argparse.ArgumentParser):
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank parses: one line, from rank 0
+            sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
