@@ -90,7 +90,7 @@ def layer_routers(router: str, schedule: str, layers: int, experts: int, *, budg
         lo = lo if lo is not None else max(u, experts // 2)
         hi = hi if hi is not None else 2 * experts
         budget = budget if budget is not None else layers * experts
-        for name, v in (("--budget", budget), ("--lo", lo), ("--hi", hi)):
+        for name, v in (("--budget", budget), ("--cap-lo", lo), ("--cap-hi", hi)):
             if v % u:
                 raise ValueError(f"{name}: {v} is not a multiple of the expert-parallel size {u} (switch schedules "
                                  f"the expert count)")
@@ -100,7 +100,7 @@ def layer_routers(router: str, schedule: str, layers: int, experts: int, *, budg
     hi = hi if hi is not None else min(4, experts)
     budget = budget if budget is not None else 2 * layers
     if hi > experts:
-        raise ValueError(f"--hi: {hi} exceeds --experts {experts}")
+        raise ValueError(f"--cap-hi: {hi} exceeds --experts {experts}")
     caps = capacity_schedule(schedule, layers, budget, lo, hi)
     field = "k_max" if router == "top_p" else "top_k"
     return [replace(base, **{field: c}) for c in caps], caps

@@ -171,7 +171,7 @@ def simulate_cmd(
         if n_steps:
             if not 0 <= step < n_steps:
                 raise InputError("--step", f"{step} is not a step of this plan (0..{n_steps - 1})")
-            sim = plan.simulate(step)
+            sim = plan.simulate(plan.steps[step].step)  # --step is the position; the plan numbers its steps
             what = f"step {step} of {n_steps}: "
         else:
             if step:

@@ -31,7 +31,10 @@ def _write_target(path: Path, where) -> Path:
     """The file a write to ``path`` lands in: a symlink's target (the link stays a link), never a directory or a
     device, pipe or socket (renaming a temp file onto one would replace it)."""
     if path.is_symlink():
-        path = path.resolve()
+        try:
+            path = path.resolve(strict=False)
+        except (RuntimeError, OSError) as err:  # a symlink loop
+            raise InputError(where, f"is a symlink that cannot be followed ({err})") from None
     if path.is_dir():
         raise InputError(where, "is a directory, expected a file path")
     if path.exists() and not path.is_file():
@@ -200,12 +203,24 @@ def error_line(err: BaseException) -> str:
 M = TypeVar("M", bound=BaseModel)
 
 
+def _whole_floats_as_ints(obj: Any) -> Any:
+    """``8e10`` -> ``80000000000`` throughout a JSON tree (float fields take ints back unchanged)."""
+    if isinstance(obj, float) and obj.is_integer() and abs(obj) < 2 ** 63:
+        return int(obj)
+    if isinstance(obj, dict):
+        return {k: _whole_floats_as_ints(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_whole_floats_as_ints(v) for v in obj]
+    return obj
+
+
 def load_model(path: str | os.PathLike, model: type[M], *, data: Any = None) -> M:
     """Validate JSON ``path`` (or already-read ``data``) against ``model``; errors name file and field."""
     if data is None:
         data = read_json(path)
     if not isinstance(data, dict):
         raise InputError(path, f"expected a JSON object, got {type(data).__name__}")
+    data = _whole_floats_as_ints(data)
     expected_version = getattr(model, "SCHEMA_VERSION", None)
     version = data.get("schema_version", expected_version)
     if expected_version is not None and (type(version) is not int or version != expected_version):
@@ -213,7 +228,8 @@ def load_model(path: str | os.PathLike, model: type[M], *, data: Any = None) -> 
     expected_kind = getattr(model, "KIND", None)
     if expected_kind is not None and "kind" in data and data["kind"] != expected_kind:
         raise InputError(path, f"kind {data['kind']!r} is not a {expected_kind}")
-    try:  # strict, as JSON: a bool is not a number, "2" is not an int; ISO dates and arrays for tuples still parse
-        return model.model_validate_json(json.dumps(data), strict=True)
+    try:  # strict, as JSON: a bool is not a number, "2" is not an int; ISO dates and arrays for tuples still parse;
+        # a whole-number float (8e10 typed by hand for a byte count) still counts as an int, as it did when lax
+        return model.model_validate_json(json.dumps(data, default=str), strict=True)
     except ValidationError as err:
         raise InputError(path, describe_validation_error(err)) from None

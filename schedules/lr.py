@@ -239,14 +239,21 @@ class WarmupDecay(LRScheduler):
 
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore the schedule, and put its last learning rates back into the optimizer's param groups: the
-        chained update above reads the groups' current lr, and a checkpoint resumed without optimizer state
-        (DeepSpeed ``load_optimizer_states=False``, a freshly built optimizer) would otherwise hand it the fresh
-        optimizer's lr - 0 at the start of a warmup, which then stayed 0 for the rest of the run."""
+        """Restore the schedule; when the optimizer's groups still hold the lrs this freshly built scheduler set
+        (a checkpoint resumed without optimizer state: DeepSpeed ``load_optimizer_states=False``, a new
+        optimizer), also put the schedule's last lrs back into them - the chained update above reads the groups'
+        lr, and the fresh one (0 at the start of a warmup) stayed 0 for the rest of the run. A restored optimizer
+        (before this call or after it) keeps its lrs, which in a chain carry the other schedulers' factors."""
+        groups = self.optimizer.param_groups
+        fresh = [float(v) for v in getattr(self, "_last_lr", None) or []]
+        # the groups still hold what this (just built) scheduler set: the optimizer's state was not restored. When
+        # it was, the groups hold the run's lrs - in a chain, other schedulers' factors included - and stay.
+        untouched = len(fresh) == len(groups) and all(math.isclose(float(g["lr"]), f, rel_tol=1e-12, abs_tol=0.0)
+                                                      for g, f in zip(groups, fresh))
         super().load_state_dict(state_dict)
         last = getattr(self, "_last_lr", None)
-        if last is not None and len(last) == len(self.optimizer.param_groups):
-            for group, value in zip(self.optimizer.param_groups, last):
+        if untouched and last is not None and len(last) == len(groups):
+            for group, value in zip(groups, last):
                 if isinstance(group["lr"], torch.Tensor):
                     group["lr"].fill_(float(value))
                 else:

@@ -55,7 +55,7 @@ def register(groups) -> None:
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:
         """FSMoE: choose the chunk count r (forward and backward) per MoE layer and the gradient all-reduce slices."""
-        from adasched.profiler.io import InputError
+        from adasched.profiler.io import InputError, check_output_path
         from adasched.profiler.profile import load_profile
 
         from ..plan import save_plan
@@ -63,6 +63,7 @@ def register(groups) -> None:
         from ..ui import emit_json, print_table
         from .planning import plan_moe
 
+        check_output_path(out, "--out")  # before the planning
         if stages not in ("profile", "published"):
             raise InputError("--stages", f"must be 'profile' or 'published', got {stages!r}")
         prof = load_profile(profile)

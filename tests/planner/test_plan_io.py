@@ -233,3 +233,27 @@ def test_fuzz_mutated_valid_files(tmp_path, which, pick, value):
     path = tmp_path / "f.json"
     path.write_text(json.dumps(base, allow_nan=True))
     _check_all(path)
+
+
+def test_symlink_loop_and_whole_number_floats(tmp_path):
+    """Review findings: a symlink loop as the output raised a RuntimeError traceback; strict loading refused
+    whole-number floats typed by hand for ints (8e10 bytes), which lax loading took."""
+    from adasched.profiler.builtins import builtin_profile
+    from adasched.profiler.io import check_output_path, load_model
+    from adasched.profiler.profile import ClusterProfile
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    with pytest.raises(InputError, match="--out: .*a is a symlink that cannot be followed"):
+        check_output_path(a, "--out")
+    with pytest.raises(InputError, match="a: is a symlink that cannot be followed"):
+        atomic_write_text(a, "x")
+    data = builtin_profile("h100-sxm").model_dump(mode="json")
+    data["device"]["memory_bytes"] = float(data["device"]["memory_bytes"])  # e.g. 8.54e10 written by hand
+    data["gpus_per_node"] = 8.0
+    prof = load_model(tmp_path / "p.json", ClusterProfile, data=data)
+    assert prof.gpus_per_node == 8 and isinstance(prof.device.memory_bytes, int)
+    data["gpus_per_node"] = True  # still not a number
+    with pytest.raises(InputError, match="gpus_per_node: Input should be a valid integer"):
+        load_model(tmp_path / "p.json", ClusterProfile, data=data)

@@ -176,6 +176,31 @@ def test_resume_without_optimizer_state_is_exact(name, warmup):
     np.testing.assert_allclose(np.concatenate([first, rest[1:]]), full, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("compose", ["chained", "sequential"])
+def test_resume_with_optimizer_state_keeps_a_chain_exact(compose):
+    """Review finding: writing the schedule's last lrs back on load broke chains resumed with optimizer state
+    (ChainedScheduler([ours, ExponentialLR]): lr 1/gamma too high for good; SequentialLR: the inactive child's
+    stale lr overwrote the group). The groups are only written when they still hold a fresh scheduler's lrs."""
+    T, k = 16, (6 if compose == "chained" else 3)  # sequential: resumed while the first child is active
+
+    def build(opt):
+        if compose == "chained":
+            return ChainedScheduler([LinearDecay(opt, T, warmup_steps=2), ExponentialLR(opt, gamma=0.9)])
+        return SequentialLR(opt, [LinearDecay(opt, 5, warmup_steps=2), LinearDecay(opt, T - 5)], milestones=[5])
+
+    opt, _ = make_opt(3)
+    full = run(build(opt), opt, T)
+    opt_a, _ = make_opt(3)
+    s_a = build(opt_a)
+    first = run(s_a, opt_a, k)
+    opt_b, _ = make_opt(3)
+    s_b = build(opt_b)
+    opt_b.load_state_dict(opt_a.state_dict())
+    s_b.load_state_dict(s_a.state_dict())
+    rest = run(s_b, opt_b, T - k)
+    np.testing.assert_allclose(np.concatenate([first, rest[1:]]), full, rtol=1e-12, atol=1e-15)
+
+
 def test_sequential_lr_child_restarts_at_zero():
     T1, T2 = 4, 12
     opt, lrs = make_opt(6)
