@@ -153,7 +153,17 @@ def run(args: argparse.Namespace) -> dict | None:
         return summary
     finally:
         if distributed and dist.is_initialized():
-            dist.destroy_process_group()
+            # every rank leaves together: a rank tearing gloo down while its peer still holds the connection
+            # aborted the peer at exit now and then ("terminate called without an active exception", README walk)
+            # (only on success: after an error on one rank the others may sit in another collective)
+            import gc
+
+            try:
+                if sys.exc_info()[0] is None:
+                    gc.collect()  # drop finished async-work handles while torch is alive
+                    dist.barrier()
+            finally:
+                dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:

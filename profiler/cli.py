@@ -19,7 +19,8 @@ def register(groups) -> None:
         nproc: Optional[int] = typer.Option(None, "--nproc", min=2,
                                             help="Worker processes for the collective benchmarks when not under "
                                                  "torchrun (gloo on CPU; nccl, one per GPU, on a multi-GPU node); "
-                                                 "default 4 (2 with --quick) on CPU, the GPU count on GPUs."),
+                                                 "a power of two; default 4 (2 with --quick) on CPU, the GPU "
+                                                 "count (rounded down to a power of two, at most 8) on GPUs."),
         no_collectives: bool = typer.Option(False, "--no-collectives", help="Skip the collective benchmarks."),
         name: Optional[str] = typer.Option(None, "--name", help="Profile name (default local-<hostname>)."),
         as_json: bool = typer.Option(False, "--json", help="Print the profile as JSON on stdout (nothing else)."),

@@ -135,7 +135,7 @@ def measure_collectives(cfg: CollectiveConfig, *, device: str = "cpu", show_prog
             in_group = pg is not None or g == world
             for op in cfg.ops:
                 for size in cfg.sizes:
-                    n = max(g, (size // 4) // world * world)  # elements, divisible by any group size
+                    n = max(g, (size // 4) // g * g)  # elements, divisible by this group's size (3 ranks: 2, 3)
                     x = torch.randn(n, device=device)
                     if op == "all_to_all":
                         out = torch.empty_like(x)

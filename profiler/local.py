@@ -73,9 +73,12 @@ def profile_local(*, quick: bool, nproc: int | None = None, collectives: bool = 
     ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
     backend = "nccl" if ngpu >= 2 else "gloo"
     if nproc is None:
-        nproc = min(ngpu, 8) if ngpu >= 2 else DEFAULT_NPROC[1 if quick else 0]
+        nproc = 1 << (min(ngpu, 8).bit_length() - 1) if ngpu >= 2 else DEFAULT_NPROC[1 if quick else 0]
     if collectives and nproc < 2:
         raise ValueError(f"--nproc: collectives need >= 2 processes, got {nproc} (or pass --no-collectives)")
+    if collectives and nproc & (nproc - 1):  # 3 ranks: gloo timed out in the size-2 group that leaves one out
+        raise ValueError(f"--nproc: {nproc} is not a power of two (the collectives are timed over power-of-two "
+                         "groups of the world)")
     if collectives and ngpu >= 2 and nproc > ngpu:
         raise ValueError(f"--nproc: {nproc} ranks but only {ngpu} GPUs (nccl needs one GPU per rank)")
     if collectives and ngpu == 1:

@@ -34,6 +34,9 @@ def test_profile_bad_options(tmp_path, capsys):
     assert main(["profile", "--quick", "--nproc", "1", "--out", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1 and "--nproc" in err
+    # 3 ranks: gloo timed out in the size-2 group that leaves rank 2 out (README walk): refused up front
+    assert main(["profile", "--quick", "--nproc", "3", "--out", str(tmp_path / "x.json")]) == 2
+    assert "error: --nproc: 3 is not a power of two" in capsys.readouterr().err
     assert main(["profile", "--quick", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "is a directory" in err and err.count("\n") == 1
