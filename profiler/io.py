@@ -142,6 +142,8 @@ def read_text(path: str | os.PathLike, *, expected: str = "a file", missing: str
         raise InputError(path, missing)
     if path.is_dir():
         raise InputError(path, f"is a directory, expected {expected}")
+    if not path.is_file():
+        raise InputError(path, f"is not a regular file (a device, pipe or socket), expected {expected}")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:

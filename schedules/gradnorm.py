@@ -116,8 +116,10 @@ def read_norms_csv(path: str | os.PathLike, norm: str = "l2") -> list[float]:
     if norm not in ("l2", "l1"):
         raise ValueError(f"norm: must be 'l2' or 'l1', got {norm!r}")
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(path, "no such file")
+    if not path.is_file():
+        raise InputError(path, "is not a regular file, expected a norms CSV")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -130,10 +132,21 @@ def read_norms_csv(path: str | os.PathLike, norm: str = "l2") -> list[float]:
     if norm not in header:
         raise InputError(path, f"no column {norm!r} in header {','.join(header)}")
     col = header.index(norm)
+    step_col = header.index("step") if "step" in header else None
     out: list[float] = []
+    last_step = None
     for lineno, row in enumerate(reader, start=2):
         if not row or all(not c.strip() for c in row):
             continue
+        if step_col is not None:  # one row per optimizer step, in order (a repeated or reordered log misaligns)
+            try:
+                step = int(row[step_col])
+            except (IndexError, ValueError):
+                raise InputError(path, f"line {lineno}: column 'step' is not an integer: {row!r}") from None
+            if last_step is not None and step != last_step + 1:
+                raise InputError(path, f"line {lineno}: step {step} follows step {last_step} (expected "
+                                       f"{last_step + 1}: one row per optimizer step, in order)")
+            last_step = step
         try:
             v = float(row[col])
         except (IndexError, ValueError):

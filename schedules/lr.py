@@ -93,9 +93,11 @@ def _check_norms(grad_norms: Sequence[float] | np.ndarray | torch.Tensor, name: 
     if isinstance(grad_norms, torch.Tensor):
         grad_norms = grad_norms.detach().cpu().double().numpy()
     try:
-        g = np.asarray(grad_norms, dtype=np.float64).reshape(-1)
+        g = np.asarray(grad_norms, dtype=np.float64)
     except (TypeError, ValueError):
         raise ValueError(f"{name}: must be a sequence of numbers") from None
+    if g.ndim != 1:  # a [steps, 2] table (l2, l1) would have been flattened into twice the steps
+        raise ValueError(f"{name}: must be one number per optimizer step (1-D), got shape {tuple(g.shape)}")
     if g.size == 0:
         raise ValueError(f"{name}: is empty; need one gradient norm per optimizer step")
     bad = np.flatnonzero(~np.isfinite(g))

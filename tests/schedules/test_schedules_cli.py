@@ -120,3 +120,22 @@ def test_refined_schedule_json_is_validated(tmp_path, capsys, doc, needle):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ValueError, match="s.json: "):
         Refined.from_file(opt, p)
+
+
+def test_norms_csv_steps_in_order_and_special_files(tmp_path, capsys):
+    """Walk findings: a repeated or reordered step column was accepted (misaligned norms), /dev/null was
+    'no such file', and a 2-D norms array was flattened into twice the steps."""
+    p = tmp_path / "n.csv"
+    for body, needle in (("0,1,1\n1,2,2\n1,3,3\n", "line 4: step 1 follows step 1"),
+                         ("0,1,1\n2,2,2\n", "line 3: step 2 follows step 0"),
+                         ("0,1,1\nx,2,2\n", "line 3: column 'step' is not an integer")):
+        p.write_text("step,l2,l1\n" + body)
+        assert main(["schedules", "refine", str(p), "--out", str(tmp_path / "s.json")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {p}: {needle}") and err.count("\n") == 1, err
+    assert main(["schedules", "refine", "/dev/null", "--out", str(tmp_path / "s.json")]) == 2
+    assert "is not a regular file" in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists()
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match=r"grad_norms: must be one number per optimizer step \(1-D\)"):
+        Refined(opt, [[1.0, 2.0], [3.0, 4.0]])
