@@ -6,6 +6,9 @@ from typing import Optional
 
 import typer
 
+#: a fit whose mean relative error is above this gets a note on stderr
+ROUGH_FIT = 0.25
+
 __all__ = ["register"]
 
 
@@ -54,6 +57,11 @@ def register(groups) -> None:
         except (RuntimeError, TimeoutError) as err:  # a worker died or hung: say so, no traceback, no file
             typer.echo(f"error: profile: {' '.join(str(err).split())}", err=True)
             raise typer.Exit(1) from None
+        for what, fit in (("attention", prof.attention), ("linear", prof.linear)):
+            if fit is not None and fit.fit_rel_error > ROUGH_FIT:  # stderr: --json keeps stdout pure JSON
+                typer.echo(f"note: the {what} fit is {fit.fit_rel_error:.0%} off its measured points on average "
+                           "(a busy machine or a too-quick profile?); re-run, or without --quick, before planning "
+                           "with it", err=True)
         if as_json:
             emit_json(prof)
         else:

@@ -126,6 +126,13 @@ class MoEPlan(Plan):
         out += [ScheduledTask("B:" + t.name, 0, "bwd " + t.stream, t.start_ms + shift, t.end_ms + shift, t.category) for t in b]
         return out
 
+    def simulate(self):
+        """The drawn pipeline (first configuration, layer 0: forward then backward) as a simulation, for
+        ``adasched simulate``."""
+        from ..simulator import Simulation
+
+        return Simulation(tasks=self.gantt_tasks())
+
     def plot(self, path) -> None:
         from ..gantt import render_gantt
 

@@ -45,3 +45,17 @@ def test_profile_bad_options(tmp_path, capsys):
     (tmp_path / "f").write_text("")
     assert main(["profile", "--quick", "--no-collectives", "--out", str(tmp_path / "f" / "p.json")]) == 2
     assert capsys.readouterr().err == f"error: --out: {tmp_path / 'f' / 'p.json'}: {tmp_path / 'f'} is not a directory\n"
+
+
+def test_a_rough_fit_gets_a_note(tmp_path, capsys, monkeypatch):
+    """Walk finding: on a loaded machine the quick profile fitted a flat attention curve (39 % off) silently."""
+    import adasched.profiler.local as local
+    from adasched.profiler.builtins import builtin_profile
+
+    prof = builtin_profile("h100-sxm")
+    rough = prof.model_copy(update={"attention": prof.attention.model_copy(update={"fit_rel_error": 0.39})})
+    monkeypatch.setattr(local, "profile_local", lambda **kw: rough)
+    assert main(["profile", "--quick", "--json", "--no-collectives", "--out", str(tmp_path / "p.json")]) == 0
+    cap = capsys.readouterr()
+    assert "note: the attention fit is 39% off its measured points" in cap.err and "linear fit" not in cap.err
+    assert json.loads(cap.out)["attention"]["fit_rel_error"] == 0.39  # stdout stays pure JSON

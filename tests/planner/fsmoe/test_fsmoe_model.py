@@ -388,3 +388,14 @@ def test_config_and_router_stats_files_are_strict(tmp_path, capsys):
     assert main(["plan", "moe", "--config", "mixtral-8x7b", "--gpus", "8", "--router-stats", str(stats),
                  "--out", str(tmp_path / "q.json")]) == 0
     assert "has statistics for 2 MoE layers: planning 2 layers of mixtral-8x7b" in capsys.readouterr().err
+
+
+def test_simulate_re_runs_a_moe_plan(tmp_path, capsys):
+    """Walk finding: `simulate` refused MoE plans although `show --plot` draws their pipeline."""
+    out = tmp_path / "p.json"
+    assert main(["plan", "moe", "--config", "mixtral-8x7b", "--gpus", "16", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["simulate", str(out), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    plan = load_plan(out)
+    assert res["makespan_ms"] == pytest.approx(plan.configs[0].fwd_bwd_ms, rel=1e-9)
