@@ -101,6 +101,26 @@ def _interpreting() -> bool:
 if HAVE_TRITON:
 
     @triton.jit
+    def _tile_desc(ptr, rows, cols, stride_row, stride_col, COLS_UNIT: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                   BLOCK_COLS: tl.constexpr):
+        """An in-kernel TMA descriptor of the [rows, cols] operand, in its memory order: [rows, cols] when the
+        columns have unit stride, else [cols, rows] (``_tile_load`` transposes it back in shared memory)."""
+        if COLS_UNIT:
+            return tl.make_tensor_descriptor(ptr, shape=[rows, cols], strides=[stride_row, 1],
+                                             block_shape=[BLOCK_ROWS, BLOCK_COLS])
+        else:
+            return tl.make_tensor_descriptor(ptr, shape=[cols, rows], strides=[stride_col, 1],
+                                             block_shape=[BLOCK_COLS, BLOCK_ROWS])
+
+    @triton.jit
+    def _tile_load(desc, row0, col0, COLS_UNIT: tl.constexpr):
+        """The [BLOCK_ROWS, BLOCK_COLS] tile at (row0, col0) of a ``_tile_desc`` operand."""
+        if COLS_UNIT:
+            return desc.load([row0, col0])
+        else:
+            return tl.trans(desc.load([col0, row0]))
+
+    @triton.jit
     def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
                      stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -121,27 +141,11 @@ if HAVE_TRITON:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if USE_TMA:
-            if A_K_UNIT:
-                a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
-                                                   block_shape=[BLOCK_M, BLOCK_K])
-            else:
-                a_desc = tl.make_tensor_descriptor(a_ptr, shape=[K, M], strides=[stride_ak, 1],
-                                                   block_shape=[BLOCK_K, BLOCK_M])
-            if B_N_UNIT:
-                b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_bk, 1],
-                                                   block_shape=[BLOCK_K, BLOCK_N])
-            else:
-                b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1],
-                                                   block_shape=[BLOCK_N, BLOCK_K])
+            a_desc = _tile_desc(a_ptr, M, K, stride_am, stride_ak, A_K_UNIT, BLOCK_M, BLOCK_K)
+            b_desc = _tile_desc(b_ptr, K, N, stride_bk, stride_bn, B_N_UNIT, BLOCK_K, BLOCK_N)
             for kt in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WARP_SPECIALIZE):
-                if A_K_UNIT:
-                    a = a_desc.load([pid_m * BLOCK_M, kt * BLOCK_K])
-                else:
-                    a = tl.trans(a_desc.load([kt * BLOCK_K, pid_m * BLOCK_M]))
-                if B_N_UNIT:
-                    b = b_desc.load([kt * BLOCK_K, pid_n * BLOCK_N])
-                else:
-                    b = tl.trans(b_desc.load([pid_n * BLOCK_N, kt * BLOCK_K]))
+                a = _tile_load(a_desc, pid_m * BLOCK_M, kt * BLOCK_K, A_K_UNIT)
+                b = _tile_load(b_desc, kt * BLOCK_K, pid_n * BLOCK_N, B_N_UNIT)
                 if UPCAST:
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)

@@ -238,6 +238,7 @@ def _draw_seed() -> int:
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------------
 if HAVE_TRITON:
+    from .gemm import _tile_desc, _tile_load  # TMA descriptors shared with the plain GEMM kernel
 
     @triton.jit
     def _mma(a, b, acc, UPCAST: tl.constexpr):
@@ -405,15 +406,9 @@ if HAVE_TRITON:
         n_out = n_tiles * tl.cdiv(OUT_DIM, BLOCK_O)
         x_desc = None
         w_desc = None
-        if USE_TMA:
-            x_desc = tl.make_tensor_descriptor(X, shape=[X_ROWS, RED_DIM], strides=[stride_xm, 1],
-                                               block_shape=[BLOCK_M, BLOCK_RED])
-            if W_OUT_MAJOR:
-                w_desc = tl.make_tensor_descriptor(W, shape=[OUT_DIM, RED_DIM], strides=[stride_wo, 1],
-                                                   block_shape=[BLOCK_O, BLOCK_RED])
-            else:
-                w_desc = tl.make_tensor_descriptor(W, shape=[RED_DIM, OUT_DIM], strides=[stride_wr, 1],
-                                                   block_shape=[BLOCK_RED, BLOCK_O])
+        if USE_TMA:  # W as a [RED_DIM, OUT_DIM] operand; out-major (stride_wr == 1) is read transposed
+            x_desc = _tile_desc(X, X_ROWS, RED_DIM, stride_xm, 1, True, BLOCK_M, BLOCK_RED)
+            w_desc = _tile_desc(W, RED_DIM, OUT_DIM, stride_wr, stride_wo, not W_OUT_MAJOR, BLOCK_RED, BLOCK_O)
         if PERSISTENT:
             for tile in tl.range(tl.program_id(0), n_out, tl.num_programs(0)):
                 _lora_gemm_tile(tile, x_desc, w_desc, X, W, L, P, MASK, BIAS, OUT, TABLE, FTABLE, n_tiles, OUT_DIM,
@@ -462,10 +457,7 @@ if HAVE_TRITON:
         if USE_TMA:
             for rb in tl.range(0, tl.cdiv(RED_DIM, BLOCK_RED), warp_specialize=WARP_SPECIALIZE):
                 xt = x_desc.load([row_start.to(tl.int32), rb * BLOCK_RED])
-                if W_OUT_MAJOR:
-                    wt = tl.trans(w_desc.load([pid_o * BLOCK_O, rb * BLOCK_RED]))
-                else:
-                    wt = w_desc.load([rb * BLOCK_RED, pid_o * BLOCK_O])
+                wt = _tile_load(w_desc, rb * BLOCK_RED, pid_o * BLOCK_O, not W_OUT_MAJOR)
                 acc = _mma(xt, wt, acc, UPCAST)
         else:
             reds = tl.arange(0, BLOCK_RED)

@@ -7,11 +7,17 @@ import argparse
 import os
 import sys
 
-__all__ = ["ArgParser"]
+__all__ = ["ArgParser", "is_rank0"]
+
+
+def is_rank0() -> bool:
+    """Rank 0 of a torchrun world, or not under torchrun: the process that prints a launcher's error line (every
+    rank sees the same bad input; one line, not one per rank)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 class ArgParser(argparse.ArgumentParser):
     def error(self, message: str):  # noqa: D401 - argparse's hook
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank parses: one line, from rank 0
+        if is_rank0():
             sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
         sys.exit(2)

@@ -8,10 +8,9 @@ single-device microbenchmarks, fits the cost models and writes the ClusterProfil
 """
 from __future__ import annotations
 
-import os
 import sys
 
-from adasched.launch.cli_args import ArgParser
+from adasched.launch.cli_args import ArgParser, is_rank0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,12 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("error: adasched.launch.profile_collectives: run me under torchrun "
                          "(RANK/WORLD_SIZE/MASTER_ADDR are not set); or use `adasched profile`\n")
         return 2
-    rank0 = os.environ.get("RANK", "0") == "0"
     try:
         check_output_path(args.out, "--out")  # every rank, before minutes of measuring
         prof = profile_in_world(quick=args.quick, out=args.out, microbench=not args.no_microbench, name=args.name)
     except ValueError as err:  # InputError is a ValueError: one line, from rank 0
-        if rank0:
+        if is_rank0():
             sys.stderr.write(error_line(err))
         return 2
     if prof is not None:

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from adasched.launch.cli_args import ArgParser
+from adasched.launch.cli_args import ArgParser, is_rank0
 
 __all__ = ["main", "parse_args"]
 
@@ -173,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except (ValueError, FileNotFoundError) as err:  # InputError is a ValueError
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank sees it: one line, from rank 0
+        if is_rank0():
             sys.stderr.write(error_line(err))
         return 2
     return 0

@@ -22,7 +22,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from adasched.launch.cli_args import ArgParser
+from adasched.launch.cli_args import ArgParser, is_rank0
 
 __all__ = ["main", "train_schedule", "compare_schedules", "layer_routers"]
 
@@ -258,13 +258,11 @@ def _check_sizes(args, world: int) -> None:
 
 
 def main(argv=None) -> int:
-    import os
-
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return _main(args)
     except ValueError as err:          # InputError is a ValueError: one line, exit 2
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank sees it: one line, from rank 0
+        if is_rank0():
             print(f"error: {err}", file=sys.stderr)
         return 2
 
