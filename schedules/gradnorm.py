@@ -6,17 +6,25 @@
             loss(batch).backward(); clip(...); optimizer.step(); sched.step(); optimizer.zero_grad()
 
 The hook runs right before each ``optimizer.step()``, so it sees the gradients the step uses (after any clipping
-done before the step). Norms stay on the device until they are read (no sync per step). CSV columns:
-``step,l2,l1`` (one row per optimizer step, step from 0).
+done before the step); a step that takes a closure (LBFGS) is recorded right after it, from the gradients its
+closure computed. A step that is skipped (``GradScaler`` on inf/NaN gradients) is not a step and has no row.
+Norms stay on the device until they are read (no sync per step). CSV columns: ``step,l2,l1`` (one row per
+optimizer step, step from 0).
+
+Sharded training: gradients that are DTensors (FSDP2 ``fully_shard``, tensor parallel) are reduced over their
+device mesh, so every rank records the norms of the whole gradient. Optimizers whose parameters are each rank's
+disjoint slice as plain tensors (DeepSpeed ZeRO's fp32 partitions, ``engine.optimizer.optimizer``) need
+``process_group=`` (the data-parallel group): the per-rank sums are all-reduced. Without it each rank would log
+the norms of its own slice.
 """
 from __future__ import annotations
 
-import functools
-
 import csv
+import functools
 import io
 import math
 import os
+from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -26,37 +34,84 @@ import torch
 __all__ = ["GradNormRecorder", "grad_norms_of", "write_norms_csv", "read_norms_csv", "load_norms_file"]
 
 
-def grad_norms_of(params) -> torch.Tensor:
-    """``[l2, l1]`` norm of all gradients in ``params`` (float64 accumulation), as one 2-element tensor."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(2, dtype=torch.float64)
-    l2 = torch.stack([torch.linalg.vector_norm(g.detach(), 2, dtype=torch.float64) for g in grads])
-    l1 = torch.stack([torch.linalg.vector_norm(g.detach(), 1, dtype=torch.float64) for g in grads])
-    return torch.stack([torch.linalg.vector_norm(l2, 2), l1.sum()])
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "device_mesh") and hasattr(t, "placements") and hasattr(t, "full_tensor")
+
+
+def grad_norms_of(params, process_group=None) -> torch.Tensor:
+    """``[l2, l1]`` norm of all gradients in ``params`` (float64 accumulation), as one 2-element tensor on the
+    gradients' device. DTensor gradients are reduced over their mesh (one reduction per mesh and placement, not
+    per tensor); ``process_group``: the plain gradients are disjoint per-rank slices of one gradient (ZeRO
+    partitions): their squared l2 and l1 sums are all-reduced over that group (every rank of it must call)."""
+    params = list(params)
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    plain = [g for g in grads if not _is_dtensor(g)]
+    # a rank without plain gradients still joins the all-reduce, with zeros on the parameters' device
+    device = plain[0].device if plain else (params[0].device if params else torch.device("cpu"))
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of squares, sum of |g|]
+    if plain:
+        l2 = torch.stack([torch.linalg.vector_norm(g, 2, dtype=torch.float64) for g in plain])
+        l1 = torch.stack([torch.linalg.vector_norm(g, 1, dtype=torch.float64) for g in plain])
+        sums = torch.stack([l2.square().sum(), l1.sum()]).to(device)
+    if process_group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=process_group)
+    # DTensors: stacked per (mesh, placements) so each group is one reduction (the norms are partial or replicated)
+    groups: dict = defaultdict(list)
+    for g in grads:
+        if _is_dtensor(g):
+            groups[(id(g.device_mesh), tuple(g.placements))].append(g)
+    for same in groups.values():
+        l2 = torch.stack([torch.linalg.vector_norm(g, 2, dtype=torch.float64) for g in same])
+        l1 = torch.stack([torch.linalg.vector_norm(g, 1, dtype=torch.float64) for g in same])
+        n2 = torch.linalg.vector_norm(l2, 2).full_tensor()
+        n1 = torch.linalg.vector_norm(l1, 1).full_tensor()
+        sums = sums + torch.stack([n2.square(), n1]).to(sums.device)
+    return torch.stack([sums[0].sqrt(), sums[1]])
 
 
 class GradNormRecorder:
-    """Logs ``(l2, l1)`` of the gradients of every parameter in ``optimizer.param_groups`` at each step."""
+    """Logs ``(l2, l1)`` of the gradients of every parameter in ``optimizer.param_groups`` at each step.
+    ``process_group``: for optimizers over per-rank disjoint plain-tensor slices (DeepSpeed ZeRO), the group
+    whose ranks hold the slices (see the module docstring); DTensor gradients need nothing."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
+    def __init__(self, optimizer: torch.optim.Optimizer, process_group=None):
+        if not hasattr(optimizer, "register_step_pre_hook"):
+            raise ValueError(f"optimizer: {type(optimizer).__name__} is not a torch.optim.Optimizer (for "
+                             "DeepSpeed, pass the torch optimizer it wraps: engine.optimizer.optimizer under "
+                             "ZeRO, with process_group=)")
         self.optimizer = optimizer
+        self.process_group = process_group
         self._norms: list[torch.Tensor] = []
-        self._handle = None
+        self._handles: list = []
+        self._after_closure = False
 
-    def _hook(self, optimizer, args, kwargs) -> None:
+    def _record(self, optimizer) -> None:
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        self._norms.append(grad_norms_of(params))
+        self._norms.append(grad_norms_of(params, self.process_group))
+
+    def _pre_hook(self, optimizer, args, kwargs) -> None:
+        # a closure recomputes the gradients inside step(): record after it instead of the stale ones
+        self._after_closure = bool(args and args[0] is not None) or kwargs.get("closure") is not None
+        if not self._after_closure:
+            self._record(optimizer)
+
+    def _post_hook(self, optimizer, args, kwargs) -> None:
+        if self._after_closure:
+            self._after_closure = False
+            self._record(optimizer)
 
     def attach(self) -> "GradNormRecorder":
-        if self._handle is None:
-            self._handle = self.optimizer.register_step_pre_hook(self._hook)
+        if not self._handles:
+            self._handles = [self.optimizer.register_step_pre_hook(self._pre_hook),
+                             self.optimizer.register_step_post_hook(self._post_hook)]
         return self
 
     def detach(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     @contextmanager
     def recording(self, path: str | os.PathLike | None = None) -> Iterator["GradNormRecorder"]:

@@ -1,0 +1,80 @@
+"""Not a test module: the 2-rank worker of test_gradnorm.py's sharded cases (run by torchrun; named test_* only to
+sit beside it). Mode "fsdp2": a model under ``fully_shard`` (DTensor gradients), GradNormRecorder without a group.
+Mode "zero1"/"zero2": DeepSpeed ZeRO-1/2 on gloo, the recorder on the wrapped torch optimizer with
+``process_group``. Both ranks also train a plain replica whose gradients are all-reduced by hand (the gradient the
+sharded step applies) and write the recorder's rows and the replica's norms to OUT/rank{r}.json."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+
+
+def model_pair(torch):
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))  # noqa: E731
+    m, ref = make(), make()
+    ref.load_state_dict(m.state_dict())
+    return m, ref
+
+
+def main(mode: str, out_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from adasched.schedules import GradNormRecorder
+
+    if mode == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+        m, ref = model_pair(torch)
+        fully_shard(m[0])
+        fully_shard(m)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        rec = GradNormRecorder(opt)
+
+        def step(loss):
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    else:
+        import deepspeed
+        import deepspeed.comm.torch  # noqa: F401
+
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # gloo all-reduce, no JIT-compiled op
+        deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=60))
+        m, ref = model_pair(torch)
+        cfg = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "steps_per_print": 10**9,
+               "zero_optimization": {"stage": int(mode[-1])}, "zero_allow_untested_optimizer": True}
+        m, dsopt, _, _ = deepspeed.initialize(model=m, optimizer=torch.optim.AdamW(m.parameters(), lr=1e-2),
+                                              config=cfg)
+        rec = GradNormRecorder(dsopt.optimizer, process_group=dist.group.WORLD)
+
+        def step(loss):
+            m.backward(loss)
+            m.step()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    want = []
+    with rec.recording():
+        for s in range(3):
+            x = torch.randn(4, 6, generator=torch.Generator().manual_seed(10 * s + rank))
+            step(m(x).pow(2).mean())
+            ref(x).pow(2).mean().backward()
+            for p in ref.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world
+            flat = torch.cat([p.grad.reshape(-1) for p in ref.parameters()]).double()
+            want.append([float(flat.norm()), float(flat.abs().sum())])
+            ref_opt.step()
+            ref_opt.zero_grad()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump({"l2": rec.l2, "l1": rec.l1, "want": want}, fh)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
