@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..simulator import Simulation, Task, simulate
-from ..solver import SolveOutcome, SolveParams, best_of, heuristic_outcome, solve_pulp
+from ..solver import SolveOutcome, SolveParams, heuristic_outcome, solve_pulp
 from .costmodel import StageCosts
 
 __all__ = [
@@ -190,6 +190,17 @@ def _exposed(slices, produced, alpha, beta) -> float:
     return alpha + beta * left if left > 1e-9 else 0.0
 
 
+def _clip_slices(xs, gaps_ms, produced, alpha, beta) -> list[float]:
+    """``xs`` made feasible: each slice within its gap (alpha + beta x <= G, else 0) and the prefix rule."""
+    out, taken = [], 0.0
+    for i, (x, g) in enumerate(zip(xs, gaps_ms)):
+        cap = (g - alpha) / beta if g > alpha else 0.0
+        x = max(0.0, min(x, cap, sum(produced[:i]) - taken))
+        out.append(x)
+        taken += x
+    return out
+
+
 def greedy_slices(gaps_ms: list[float], produced: list[float], alpha: float, beta: float) -> list[float]:
     """Fill each gap (backward order) with as much already-produced gradient as fits.
 
@@ -227,7 +238,7 @@ def solve_slices(gaps_ms: list[float], produced: list[float], alpha: float, beta
     total = float(sum(produced))
     if n == 0 or total <= 0:
         return GradSliceResult([0.0] * n, 0.0, heur)
-    scale = 1.0 / max(total, 1.0)  # solve in units of the total to keep CBC well conditioned
+    scale = 1.0 / total  # solve in units of the total (x_i <= 1) to keep CBC well conditioned
     prob = pulp.LpProblem("grad_slices", pulp.LpMaximize)
     x = [pulp.LpVariable(f"x_{i}", lowBound=0, upBound=1.0) for i in range(n)]
     y = [pulp.LpVariable(f"y_{i}", cat="Binary") for i in range(n)]
@@ -235,18 +246,31 @@ def solve_slices(gaps_ms: list[float], produced: list[float], alpha: float, beta
     for i in range(n):
         prob += alpha * y[i] + beta * total * x[i] <= gaps_ms[i], f"gap_{i}"
         prob += x[i] <= y[i], f"launch_{i}"
-        prob += pulp.lpSum(x[: i + 1]) <= sum(produced[:i]) * scale + 1e-12, f"prefix_{i}"
+        # no slack on the right-hand side: CBC 2.10 mishandled a 1e-12 there (returned x_i > 0 with y_i = 0)
+        prob += pulp.lpSum(x[: i + 1]) <= sum(produced[:i]) * scale, f"prefix_{i}"
     warm = {f"x_{i}": v * scale for i, v in enumerate(greedy)}
     warm.update({f"y_{i}": 1.0 if v > 0 else 0.0 for i, v in enumerate(greedy)})
-    solved = solve_pulp(prob, params, warm_start=warm)
+    try:
+        solved = solve_pulp(prob, params, warm_start=warm)
+    except pulp.PulpSolverError as err:  # CBC killed by a very short limit before writing a solution file
+        solved = SolveOutcome("pulp-cbc", "timeout", None, None, params.time_limit, params, note=str(err)[:200])
+    best = heur
+    slices = list(greedy)
     if solved.has_solution:
-        solved.objective = solved.objective * total if solved.objective is not None else None
-        solved.values = {f"x_{i}": solved.values.get(f"x_{i}", 0.0) * total for i in range(n)}
-    best = best_of(heur, solved, minimize=False)
-    slices = [max(0.0, best.values.get(f"x_{i}", 0.0)) for i in range(n)]
-    # numerical clean-up: never claim more than exists at any prefix
-    taken = 0.0
-    for i in range(n):
-        slices[i] = min(slices[i], max(0.0, sum(produced[:i]) - taken))
-        taken += slices[i]
+        # CBC's answer is checked, not trusted: its values are clipped to every gap's capacity and to the prefix
+        # rule (a presolve slip once returned a slice in a gap whose launch flag was 0, against the prefix rule)
+        raw = [solved.values.get(f"x_{i}", 0.0) * total for i in range(n)]
+        mine = _clip_slices(raw, gaps_ms, produced, alpha, beta)
+        tol = 1e-9 * max(total, 1.0)
+        if sum(mine) >= sum(greedy) - tol:
+            slices = mine
+            best = SolveOutcome(solved.backend, solved.status, sum(mine),
+                                None if solved.bound is None else solved.bound * total,
+                                solved.solve_seconds + heur.solve_seconds, params,
+                                {f"x_{i}": v for i, v in enumerate(mine)}, solved.note)
+        else:
+            best = SolveOutcome(f"heuristic+{solved.backend}", "heuristic", sum(greedy), None,
+                                solved.solve_seconds + heur.solve_seconds, params, heur.values,
+                                note=f"CBC's {solved.status} solution hid {sum(mine):.6g} of the gradients once checked "
+                                     f"against its constraints, the greedy fill {sum(greedy):.6g}")
     return GradSliceResult(slices, _exposed(slices, produced, alpha, beta), best)
