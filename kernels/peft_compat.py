@@ -1,25 +1,40 @@
 """Switch a PEFT LoRA model to the fused kernels with one call.
 
-``apply_fused_lora(peft_model)`` replaces every ``peft.tuners.lora.Linear`` in place with a ``FusedLoRALinear``
-that shares the same parameter objects (base weight/bias, ``lora_A``/``lora_B`` ModuleDicts), so optimizers,
-``state_dict`` keys and ``save_pretrained`` keep working, and computes the same function through
-``adasched.kernels.lora.lora_linear``:
+``apply_fused_lora(peft_model)`` turns every ``peft.tuners.lora.Linear`` of the model, in place, into a
+``FusedLoRALinear`` - a subclass of PEFT's layer that differs only in its ``forward``. The module stays where it
+was, with the same parameters, buffers, adapter state and ``state_dict`` keys, and it is still one of PEFT's tuner
+layers, so everything PEFT does with its layers keeps working: ``save_pretrained`` / ``from_pretrained``,
+``load_adapter``, ``set_adapter``, ``disable_adapter()``, ``merge_adapter`` / ``unmerge_adapter``,
+``merge_and_unload`` / ``unload``, ``delete_adapter``, ``set_scale``, optimizers holding the parameters.
+
+The forward computes what PEFT's does, through ``adasched.kernels.lora.lora_linear``:
 
     y = base(x) + scaling * lora_B(lora_A(dropout(x)))     scaling = alpha / r, or alpha / sqrt(r) with rsLoRA
 
-(PEFT's own ``scaling`` entry is used, so both conventions follow the adapter's config). Dropout is active in
-``train()`` mode only, with the fused kernels' seeded Philox mask (seed drawn from torch's generator per call).
-Under ``torch.autocast`` the layer computes in the autocast dtype, as PEFT's does (fp32 master weights work).
+(PEFT's own ``scaling`` entry, read at every call, so both conventions and ``set_scale`` follow the adapter's
+config; with ``lora_bias`` lora_B's bias joins the base bias times ``scaling``). Dropout is active when the
+adapter's dropout module is in ``train()`` mode, with the fused kernels' seeded Philox mask (seed drawn from torch's
+generator per call: the same distribution as PEFT's mask, not the same draw). Under ``torch.autocast`` the layer
+computes in the autocast dtype, as PEFT's does (fp32 master weights work); without autocast the LoRA term is
+computed in the input's dtype (PEFT casts the input to the adapter weights' dtype).
 
-Not supported (a ``ValueError`` names the layer): DoRA and other LoRA variants, ``fan_in_fan_out`` (Conv1D
-bases), merged adapters, several active adapters on one layer, a base layer that is not ``nn.Linear``.
-PEFT's ``disable_adapter()`` context does not reach fused layers; call ``restore_peft_lora`` first.
+The fused kernels serve a layer in PEFT's plain state: one active adapter, not merged, adapters enabled, no extra
+forward arguments. Whenever PEFT puts the layer in another state - ``disable_adapter()``, merged weights, several
+active adapters (``set_adapter([...])``), an active adapter this layer lacks, a LoRA variant such as DoRA loaded
+later, a mixed-adapter batch (``adapter_names=``) - the call runs PEFT's own forward, so the output is always
+PEFT's. ``apply_fused_lora`` itself refuses (``ValueError`` naming the layer, nothing switched) layers that could
+never run fused: DoRA and other variants on the active adapter, ``fan_in_fan_out`` (Conv1D bases), merged
+adapters, several active adapters, a base layer that is not ``nn.Linear``, subclasses of PEFT's ``Linear``.
+
+A base weight that requires grad is refused by the kernels (they compute no gradient for it) while grad mode is
+on: ``ValueError`` from the layer's forward.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+from peft.tuners.lora import Linear as _PeftLoraLinear
 from torch import nn
 
 from .lora import lora_linear
@@ -27,39 +42,27 @@ from .lora import lora_linear
 __all__ = ["FusedLoRALinear", "apply_fused_lora", "restore_peft_lora"]
 
 
-def _peft_lora_linear_cls():
-    from peft.tuners.lora import Linear
-
-    return Linear
-
-
-class FusedLoRALinear(nn.Module):
-    """One PEFT LoRA linear layer (one adapter) executed by the fused Triton kernels."""
-
-    def __init__(self, base_layer: nn.Linear, lora_A: nn.ModuleDict, lora_B: nn.ModuleDict,
-                 lora_dropout: nn.ModuleDict, scaling: float, adapter_name: str = "default",
-                 lora_bias: bool = False):
-        super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise ValueError(f"base_layer: {type(base_layer).__name__} is not nn.Linear")
-        self.base_layer = base_layer
-        self.lora_A = lora_A
-        self.lora_B = lora_B
-        self.lora_dropout = lora_dropout
-        self.adapter_name = adapter_name
-        self.scaling = float(scaling)
-        self.lora_bias = bool(lora_bias)
-
-    @property
-    def dropout_p(self) -> float:
-        drop = self.lora_dropout[self.adapter_name] if self.adapter_name in self.lora_dropout else None
-        return float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
+class FusedLoRALinear(_PeftLoraLinear):
+    """A ``peft.tuners.lora.Linear`` whose forward runs the fused Triton kernels when the layer is in PEFT's plain
+    one-adapter state, and PEFT's forward otherwise. Made from an existing PEFT layer by ``from_peft`` /
+    ``apply_fused_lora`` (in place); ``restore_peft_lora`` turns it back."""
 
     @classmethod
     def from_peft(cls, module: nn.Module, adapter_name: Optional[str] = None) -> "FusedLoRALinear":
-        """Wrap a ``peft.tuners.lora.Linear``; ``adapter_name`` defaults to its single active adapter."""
-        if not isinstance(module, _peft_lora_linear_cls()):
-            raise ValueError(f"module: {type(module).__name__} is not a peft.tuners.lora.Linear")
+        """Switch ``module`` (a ``peft.tuners.lora.Linear``) to the fused kernels in place and return it.
+        ``adapter_name``, when given, is made the layer's active adapter first (as PEFT's ``set_adapter``)."""
+        cls._check(module, adapter_name)
+        if adapter_name is not None:
+            module.set_adapter(adapter_name)
+        module.__class__ = cls
+        return module
+
+    @staticmethod
+    def _check(module: nn.Module, adapter_name: Optional[str]) -> None:
+        """Raises ValueError if ``module`` can never run the fused kernels (nothing is changed)."""
+        if type(module) not in (_PeftLoraLinear, FusedLoRALinear):
+            raise ValueError(f"module: {type(module).__name__} is not a peft.tuners.lora.Linear"
+                             + (" (subclasses are not supported)" if isinstance(module, _PeftLoraLinear) else ""))
         if adapter_name is None:
             active = [a for a in module.active_adapters if a in module.lora_A]
             if len(active) != 1:
@@ -67,63 +70,86 @@ class FusedLoRALinear(nn.Module):
             adapter_name = active[0]
         if adapter_name not in module.lora_A:
             raise ValueError(f"adapter_name: {adapter_name!r} not in {list(module.lora_A.keys())}")
-        if adapter_name in getattr(module, "lora_variant", {}) or module.use_dora.get(adapter_name, False):
+        if adapter_name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(adapter_name,
+                                                                                                      False):
             raise ValueError(f"adapter {adapter_name!r}: LoRA variants (DoRA, ...) are not supported by the fused "
                              "kernels")
         if getattr(module, "fan_in_fan_out", False):
             raise ValueError("fan_in_fan_out=True (Conv1D base layers) is not supported by the fused kernels")
         if getattr(module, "merged", False):
             raise ValueError("the layer has merged adapters; unmerge before switching to the fused kernels")
-        fused = cls(module.get_base_layer(), module.lora_A, module.lora_B, module.lora_dropout,
-                    module.scaling[adapter_name], adapter_name,
-                    lora_bias=bool(getattr(module, "lora_bias", {}).get(adapter_name, False)))
-        object.__setattr__(fused, "_peft_module", module)  # for restore_peft_lora; not a registered submodule
-        return fused
+        if not isinstance(module.get_base_layer(), nn.Linear):
+            raise ValueError(f"base_layer: {type(module.get_base_layer()).__name__} is not nn.Linear")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.lora_A[self.adapter_name].weight
-        b_layer = self.lora_B[self.adapter_name]
-        bias = self.base_layer.bias
-        if self.lora_bias and b_layer.bias is not None:
-            lb = b_layer.bias.to(x.dtype) * self.scaling
-            bias = lb if bias is None else bias + lb
-        p = self.dropout_p if self.training else 0.0
-        return lora_linear(x, self.base_layer.weight, a, b_layer.weight, self.scaling, p, bias)
+    def fused_adapter(self) -> Optional[str]:
+        """The adapter the fused kernels compute now, or None when the layer's state needs PEFT's forward."""
+        if self.disable_adapters or self.merged:
+            return None
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if len(active) != 1:
+            return None
+        name = active[0]
+        if name in getattr(self, "lora_variant", {}) or getattr(self, "use_dora", {}).get(name, False):
+            return None
+        return name if isinstance(self.get_base_layer(), nn.Linear) else None
 
-    def extra_repr(self) -> str:
-        w = self.base_layer.weight
-        r = self.lora_A[self.adapter_name].weight.shape[0]
-        return (f"in={w.shape[1]}, out={w.shape[0]}, adapter={self.adapter_name!r}, r={r}, "
-                f"scaling={self.scaling:g}, dropout={self.dropout_p:g}")
+    @property
+    def dropout_p(self) -> float:
+        """Dropout probability of the adapter the fused kernels compute (0.0 when none or no dropout)."""
+        name = self.fused_adapter()
+        drop = self.lora_dropout[name] if name is not None and name in self.lora_dropout else None
+        return float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = None if args or any(v is not None for v in kwargs.values()) else self.fused_adapter()
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.get_base_layer()
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        scaling = float(self.scaling[name])
+        bias = base.bias
+        if getattr(self, "lora_bias", {}).get(name, False) and lora_b.bias is not None:
+            lb = lora_b.bias * scaling
+            bias = lb if bias is None else bias + lb.to(bias.dtype)
+        drop = self.lora_dropout[name] if name in self.lora_dropout else None
+        p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
+        return lora_linear(x, base.weight, lora_a.weight, lora_b.weight, scaling, p, bias)
+
+    def __repr__(self) -> str:
+        return "fused_" + super().__repr__()
 
 
-def _replace_modules(model: nn.Module, pick, make) -> int:
-    targets = [(name, mod) for name, mod in model.named_modules() if pick(mod)]
-    for name, mod in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, make(mod))
-    return len(targets)
+def _peft_layers(model: nn.Module) -> list:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _PeftLoraLinear)]
 
 
 def apply_fused_lora(model: nn.Module, adapter_name: Optional[str] = None) -> int:
-    """Replace every ``peft.tuners.lora.Linear`` in ``model`` in place by a ``FusedLoRALinear``; returns how
-    many layers were switched. Raises ``ValueError`` if there is none, or if one cannot be fused (nothing is
-    replaced then: all layers are checked first)."""
-    cls = _peft_lora_linear_cls()
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, cls)]
+    """Switch every ``peft.tuners.lora.Linear`` in ``model`` to ``FusedLoRALinear`` in place; returns how many
+    layers run fused (layers already switched count too). ``adapter_name``, when given, is made the active adapter
+    first (``PeftModel.set_adapter`` for a PeftModel, else each layer's ``set_adapter``). Raises ``ValueError`` if
+    there is no such layer, or if one cannot be fused (nothing is changed then: every layer is checked first)."""
+    found = _peft_layers(model)
     if not found:
         raise ValueError("model: no peft.tuners.lora.Linear layers found")
-    fused = {}
     for name, mod in found:
         try:
-            fused[id(mod)] = FusedLoRALinear.from_peft(mod, adapter_name)
+            FusedLoRALinear._check(mod, adapter_name)
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None
-    return _replace_modules(model, lambda m: isinstance(m, cls), lambda m: fused[id(m)])
+    if adapter_name is not None:
+        from peft import PeftModel
+
+        if isinstance(model, PeftModel):
+            model.set_adapter(adapter_name)
+    for _, mod in found:
+        FusedLoRALinear.from_peft(mod, adapter_name)
+    return len(found)
 
 
 def restore_peft_lora(model: nn.Module) -> int:
-    """Undo ``apply_fused_lora``: put the original PEFT layers back; returns how many were restored."""
-    return _replace_modules(model, lambda m: isinstance(m, FusedLoRALinear) and hasattr(m, "_peft_module"),
-                            lambda m: m._peft_module)
+    """Undo ``apply_fused_lora``: the fused layers become plain ``peft.tuners.lora.Linear`` again (same module
+    objects, same state); returns how many were restored."""
+    layers = [m for m in model.modules() if type(m) is FusedLoRALinear]
+    for m in layers:
+        m.__class__ = _PeftLoraLinear
+    return len(layers)

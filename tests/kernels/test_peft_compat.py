@@ -54,7 +54,7 @@ def test_fused_model_matches_peft_outputs_and_grads(r, alpha, rslora, lora_bias)
     layers = [m for m in fused.modules() if isinstance(m, FusedLoRALinear)]
     assert len(layers) == 3
     want = alpha / r ** 0.5 if rslora else alpha / r
-    assert all(abs(m.scaling - want) < 1e-12 for m in layers)
+    assert all(abs(m.scaling["default"] - want) < 1e-12 for m in layers)
 
     x = torch.randn(3, 11, 24, requires_grad=True)
     xf = x.detach().clone().requires_grad_()
@@ -85,6 +85,7 @@ def test_fused_model_matches_peft_outputs_and_grads(r, alpha, rslora, lora_bias)
         torch.testing.assert_close(g[n], g_ref[n], atol=atol, rtol=1e-4, msg=lambda m: f"{n}: {m}")
 
     assert restore_peft_lora(fused) == 3
+    assert not any(isinstance(m, FusedLoRALinear) for m in fused.modules())
     fused.eval()
     ref.eval()
     torch.testing.assert_close(fused(xf), ref(x))
@@ -92,20 +93,21 @@ def test_fused_model_matches_peft_outputs_and_grads(r, alpha, rslora, lora_bias)
 
 def test_dropout_in_train_mode_uses_the_seeded_mask():
     model = _peft_model(4, 8, 0.3, False)
-    peft_layer = model.base_model.model.up
-    layer = FusedLoRALinear.from_peft(peft_layer)
+    peft_layer = copy.deepcopy(model.base_model.model.up)  # PEFT's own layer, kept as the reference
+    layer = FusedLoRALinear.from_peft(model.base_model.model.up)
+    assert layer is model.base_model.model.up  # switched in place
     assert layer.dropout_p == pytest.approx(0.3)
     x = torch.randn(2, 7, 24, requires_grad=True)
     layer.train()
     torch.manual_seed(17)
     y = layer(x)
     torch.manual_seed(17)  # the reference draws the same seed from torch's generator -> the same Philox mask
-    y_ref = lora_linear_reference(x, peft_layer.base_layer.weight, peft_layer.lora_A["default"].weight,
-                                  peft_layer.lora_B["default"].weight, layer.scaling, 0.3,
-                                  peft_layer.base_layer.bias)
+    y_ref = lora_linear_reference(x, layer.base_layer.weight, layer.lora_A["default"].weight,
+                                  layer.lora_B["default"].weight, layer.scaling["default"], 0.3,
+                                  layer.base_layer.bias)
     torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=2e-5)
     dy = torch.randn_like(y)
-    a = peft_layer.lora_A["default"].weight
+    a = layer.lora_A["default"].weight
     torch.testing.assert_close(torch.autograd.grad(y, (x, a), dy), torch.autograd.grad(y_ref, (x, a), dy),
                                atol=5e-5, rtol=5e-5)
     layer.eval()  # eval: no dropout -> exactly PEFT's eval output
@@ -171,3 +173,130 @@ def test_autocast_leaves_float64_alone_as_f_linear_does():
     assert y.dtype == torch.float64
     # (the interpreted kernels accumulate in float32: float64 in, float64 out, float32-close values)
     torch.testing.assert_close(y, lora_linear_reference(x, w, a, b, 0.5), rtol=1e-5, atol=1e-5)
+
+
+def _randomize(model, tag=""):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name and tag in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+
+
+def _two_adapter_model():
+    model = _peft_model(4, 8, 0.0, False)
+    model.add_adapter("two", LoraConfig(r=2, lora_alpha=5, target_modules=["q", "v", "up"], use_rslora=True,
+                                        init_lora_weights=False))
+    _randomize(model, ".two.")
+    return model
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the calls that reach the fused kernels from a FusedLoRALinear."""
+    import adasched.kernels.peft_compat as pc
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return lora_linear(*args, **kwargs)
+
+    monkeypatch.setattr(pc, "lora_linear", spy)
+    return calls
+
+
+def test_save_pretrained_of_a_fused_model_loads_back(tmp_path):
+    """Review finding: PEFT finds the adapter weights to save by visiting its tuner layers; the fused layers were
+    not PEFT layers any more, so save_pretrained wrote an adapter file with no tensors at all (a warning only) and
+    from_pretrained loaded random initial weights. Now the layers stay PEFT layers."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    model = _peft_model(4, 8, 0.1, False)
+    assert apply_fused_lora(model) == 3
+    model.eval()
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert len(saved) == 6 and all("lora_" in k for k in saved)
+    torch.manual_seed(0)  # the same base weights as _peft_model's
+    loaded = PeftModel.from_pretrained(TinyBlock(), tmp_path).eval()
+    x = torch.randn(2, 5, 24)
+    torch.testing.assert_close(loaded(x), model(x), atol=2e-5, rtol=2e-5)
+    # and a fused model takes a second adapter from disk
+    model.load_adapter(tmp_path, adapter_name="again")
+    model.set_adapter("again")
+    torch.testing.assert_close(model(x), loaded(x), atol=2e-5, rtol=2e-5)
+
+
+def test_peft_adapter_controls_reach_fused_layers(fused_calls):
+    """Review finding: set_adapter() left the fused layers computing the first adapter (outputs off by ~4.6),
+    disable_adapter() raised "No adapter layers found", merge_and_unload() / unload() raised AttributeError and
+    delete_adapter() KeyError. Each is now checked against the same call on PEFT's own model; the fused kernels
+    run exactly when the layer is in the plain one-adapter state."""
+    ref = _two_adapter_model()
+    fused = copy.deepcopy(ref)
+    assert apply_fused_lora(fused) == 3
+    ref.eval()
+    fused.eval()
+    x = torch.randn(2, 5, 24)
+
+    def same(runs_fused):
+        n = len(fused_calls)
+        y = fused(x)
+        assert len(fused_calls) - n == (3 if runs_fused else 0)
+        torch.testing.assert_close(y, ref(x), atol=2e-5, rtol=2e-5)
+        return y
+
+    y_default = same(True)
+    for m in (ref, fused):
+        m.set_adapter("two")
+    y_two = same(True)
+    assert (y_two - y_default).abs().max() > 0.1  # the adapters differ: the switch is visible
+    with ref.disable_adapter(), fused.disable_adapter():
+        same(False)
+    for m in (ref, fused):
+        m.base_model.set_adapter(["default", "two"])  # several active adapters: PEFT's forward
+    same(False)
+    for m in (ref, fused):
+        m.set_adapter("default")
+        m.merge_adapter()
+    same(False)
+    for m in (ref, fused):
+        m.unmerge_adapter()
+    same(True)
+    for m in (ref, fused):
+        m.delete_adapter("default")
+    same(True)  # "two" is active now
+    merged_ref, merged = copy.deepcopy(ref).merge_and_unload(), copy.deepcopy(fused).merge_and_unload()
+    assert not any(isinstance(m, FusedLoRALinear) for m in merged.modules())
+    torch.testing.assert_close(merged(x), merged_ref(x), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(merged(x), ref(x), atol=2e-5, rtol=2e-5)
+    unloaded = fused.unload()
+    torch.manual_seed(0)
+    torch.testing.assert_close(unloaded(x), TinyBlock()(x))
+
+
+def test_base_bias_trained_with_bias_all_and_adapter_name_argument():
+    """PEFT's bias="all" trains the base biases: their gradients match PEFT's; apply_fused_lora(adapter_name=...)
+    makes that adapter the active one."""
+    torch.manual_seed(0)
+    ref = get_peft_model(TinyBlock(), LoraConfig(r=4, lora_alpha=8, target_modules=["v", "up"], bias="all",
+                                                 init_lora_weights=False))
+    _randomize(ref)
+    ref.add_adapter("two", LoraConfig(r=3, lora_alpha=4, target_modules=["v", "up"], init_lora_weights=False))
+    _randomize(ref, ".two.")
+    fused = copy.deepcopy(ref)
+    assert apply_fused_lora(fused, adapter_name="two") == 2
+    ref.set_adapter("two")
+    assert fused.active_adapter == "two"
+    x = torch.randn(3, 4, 24)
+    dy = torch.randn(3, 4, 24)
+    grads = []
+    for m in (ref, fused):
+        m.zero_grad(set_to_none=True)
+        m(x).backward(dy)
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and any(n.endswith("base_layer.bias") for n in grads[0])
+    for n, g in grads[0].items():
+        assert grads[1][n] is not None, n
+        torch.testing.assert_close(grads[1][n], g, atol=1e-5 * g.abs().max().item() + 1e-6, rtol=1e-4)
