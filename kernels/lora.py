@@ -46,6 +46,7 @@ to the torch reference with a one-time warning.
 from __future__ import annotations
 
 import math
+import operator
 import os
 import sys
 import warnings
@@ -1287,6 +1288,7 @@ class _FusedLoRAFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels' backward builds no graph: a double backward raises
     def backward(ctx, dy):
         weight, a_cat, b_cat, s, xd, mask = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0]
@@ -1371,9 +1373,11 @@ def _validate(x2, weight, bias, adapters: Sequence[LoRAAdapterWeights], segments
             raise ValueError(f"adapters[{i}].scale: {ad.scale} must be finite")
     segs = []
     for j, seg in enumerate(segments):
-        if len(seg) != 3:
-            raise ValueError(f"segments[{j}]: {seg!r} must be (adapter_index, row_start, row_end)")
-        aid, s, e = (int(v) for v in seg)
+        try:
+            aid, s, e = (operator.index(v) for v in seg)  # ints only: 2.5 or "3" is not silently truncated
+        except (TypeError, ValueError):
+            raise ValueError(f"segments[{j}]: {seg!r} must be (adapter_index, row_start, row_end), three ints"
+                             ) from None
         if not 0 <= aid < len(adapters):
             raise ValueError(f"segments[{j}]: adapter index {aid} not in [0, {len(adapters)})")
         if not 0 <= s <= e <= T:
@@ -1466,6 +1470,8 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
         base_gemm = resolve_base_gemm(base_gemm, x)
     if x.dim() != 2:
         raise ValueError(f"x: shape {tuple(x.shape)} must be 2-D [T, K] for multi_lora_linear")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"x: dtype {x.dtype} must be a floating point dtype")
     if not adapters:
         raise ValueError("adapters: at least one adapter is required")
     x2 = x if x.stride(-1) == 1 else x.contiguous()
@@ -1476,9 +1482,9 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     if gemm_config is not None:
         block_m = _check_gemm_config(gemm_config, block_m)
     backend = backend_for(x2)
-    if backend == "torch":
-        return _reference_fallback(x2, weight, bias, adapters, segs, seed_v)
-    bm = block_m or default_block_m(x2.device)
+    if backend == "torch" or x2.dtype == torch.float64:  # the kernels accumulate in fp32: float64 gets the exact path
+        return _reference_fallback(x2, weight, bias, adapters, segs, seed_v, warn=backend == "torch")
+    bm = default_block_m(x2.device) if block_m is None else int(block_m)
     if bm < 16 or bm & (bm - 1):
         raise ValueError(f"block_m: {bm} must be a power of two >= 16")
     ranks = tuple(int(ad.lora_a.shape[0]) for ad in adapters)
@@ -1495,8 +1501,8 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     a_cat = a_cat if a_cat.stride(-1) == 1 else a_cat.contiguous()
     b_cat = b_cat if b_cat.stride(-1) == 1 else b_cat.contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
-    if x2.shape[0] == 0:
-        return F.linear(x2, w, bias)
+    if x2.shape[0] == 0:  # no rows: the LoRA weights still get (zero) gradients, as with PEFT (DDP needs them)
+        return F.linear(x2, w, bias) + F.linear(F.linear(x2, a_cat), b_cat)
     if base_gemm == "torch_grouped" and (not segs or 2 * len(segs) + 1 >= _MAX_GROUPS
                                          or not _grouped_ok(x2, w, bias, a_cat, b_cat, check_ptr=not compiling)):
         base_gemm = "torch_all"  # the per-segment cuBLAS path computes the same
@@ -1507,10 +1513,11 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
 
 
 @torch.compiler.disable
-def _reference_fallback(x2, weight, bias, adapters, segs, seed) -> torch.Tensor:
-    """The torch reference where no fused kernel can run (outside any compiled graph: its seed is read on the
-    host)."""
-    _warn_fallback(x2)
+def _reference_fallback(x2, weight, bias, adapters, segs, seed, warn: bool = True) -> torch.Tensor:
+    """The torch reference where no fused kernel can run, or for float64 (outside any compiled graph: its seed is
+    read on the host)."""
+    if warn:
+        _warn_fallback(x2)
     return _reference_impl(x2, weight, bias, adapters, segs, _host_seed(_resolve_seed(seed, adapters, segs)))
 
 
@@ -1525,6 +1532,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
     explicit launch configuration of the two big GEMMs (see ``multi_lora_linear``); None keeps the default.
     ``base_gemm``: "auto", "triton", "triton_tma" (TMA descriptor loads), "torch" (cuBLAS for the two big GEMMs),
     "torch_all" (cuBLAS for every GEMM) or "torch_grouped"; see ``multi_lora_linear``."""
+    if x.dim() == 0:
+        raise ValueError("x: a 0-d tensor; must be [..., K]")
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     ad = LoRAAdapterWeights(lora_a, lora_b, float(scale), float(dropout_p))
@@ -1539,8 +1548,6 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
 def _reference_impl(x2, weight, bias, adapters, segs, seed: int) -> torch.Tensor:
     T, K = x2.shape
     y = F.linear(x2, weight, bias)
-    if not segs:
-        return y
     p_row = torch.zeros(T, dtype=torch.float64)
     for aid, s, e in segs:
         p_row[s:e] = float(adapters[aid].dropout_p)
@@ -1553,6 +1560,10 @@ def _reference_impl(x2, weight, bias, adapters, segs, seed: int) -> torch.Tensor
             xs = xs * keep[s:e].to(xs.dtype) / (1.0 - float(ad.dropout_p))
         a, b = ad.lora_a.to(x2.dtype), ad.lora_b.to(x2.dtype)
         delta[s:e] = float(ad.scale) * F.linear(F.linear(xs, a), b)
+    used = {aid for aid, _, _ in segs}
+    for aid, ad in enumerate(adapters):  # an adapter without rows gets zero gradients (not None), as in the kernels
+        if aid not in used:
+            delta[0:0] = F.linear(F.linear(x2[0:0], ad.lora_a.to(x2.dtype)), ad.lora_b.to(x2.dtype))
     return y + delta
 
 

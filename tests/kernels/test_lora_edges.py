@@ -1,0 +1,114 @@
+"""Edge cases of the public LoRA functions a user reaches directly (review findings, TRITON_INTERPRET=1, tiny
+shapes): float64, an empty batch, double backward, malformed segments / block_m / dtypes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adasched.kernels.lora import (
+    LoRAAdapterWeights,
+    lora_linear,
+    lora_linear_reference,
+    multi_lora_linear,
+    multi_lora_linear_reference,
+)
+
+
+def _ads(K, N, dtype, ranks=(1, 5), ps=(0.3, 0.0), scales=(2.0, 0.5)):
+    g = torch.Generator().manual_seed(3)
+    return [LoRAAdapterWeights((torch.randn(r, K, generator=g) * 0.5).to(dtype).requires_grad_(),
+                               (torch.randn(N, r, generator=g) * 0.5).to(dtype).requires_grad_(), s, p)
+            for r, p, s in zip(ranks, ps, scales)]
+
+
+def _grads(y, leaves, dy):
+    return [g if g is not None else None for g in torch.autograd.grad(y, leaves, dy, allow_unused=True)]
+
+
+def test_float64_is_computed_in_float64():
+    """Review finding: float64 inputs came back float64 but with float32 precision (errors ~1e-6, the kernels
+    accumulate in fp32), so e.g. gradcheck of a fused PEFT layer failed. float64 now takes the exact torch path
+    (same dropout masks): every output and gradient element within 1e-12 of the float64 reference."""
+    K, N, T = 19, 13, 21
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, K, generator=g, dtype=torch.float64).requires_grad_()
+    w = torch.randn(N, K, generator=g, dtype=torch.float64)
+    bias = torch.randn(N, generator=g, dtype=torch.float64).requires_grad_()
+    ads = _ads(K, N, torch.float64, ranks=(1, 4, 2), ps=(0.3, 0.0, 0.1), scales=(2.0, 0.5, 1.5))
+    segs = [(1, 9, 21), (0, 0, 7)]  # unsorted, rows 7-8 base only, adapter 2 unused
+    leaves = [x, bias] + [t for ad in ads for t in (ad.lora_a, ad.lora_b)]
+    dy = torch.randn(T, N, generator=g, dtype=torch.float64)
+    y = multi_lora_linear(x, w, ads, segs, bias=bias, seed=5)
+    got = [y] + _grads(y, leaves, dy)
+    y_ref = multi_lora_linear_reference(x, w, ads, segs, bias=bias, seed=5)
+    want = [y_ref] + _grads(y_ref, leaves, dy)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a is not None and b is not None, i
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=lambda m: f"output/grad {i}: {m}")
+    assert torch.equal(got[-1], torch.zeros_like(got[-1])) and torch.equal(got[-2], torch.zeros_like(got[-2]))
+    a, b = ads[1].lora_a, ads[1].lora_b
+    assert torch.autograd.gradcheck(lambda xx, aa, bb: lora_linear(xx, w, aa, bb, 0.7, bias=bias),
+                                    (x[:3].detach().requires_grad_(), a, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_empty_batch_gives_zero_lora_gradients(dtype):
+    """Review finding: with 0 tokens the result was the bare base projection, so the LoRA weights got no gradient
+    at all (None): backward() left .grad unset and DDP without find_unused_parameters waits for them. PEFT gives
+    zeros; now so do we."""
+    K, N = 12, 7
+    x = torch.randn(0, K, dtype=dtype, requires_grad=True)
+    w = torch.randn(N, K, dtype=dtype)
+    bias = torch.randn(N, dtype=dtype, requires_grad=True)
+    a = torch.randn(3, K, dtype=dtype, requires_grad=True)
+    b = torch.randn(N, 3, dtype=dtype, requires_grad=True)
+    y = lora_linear(x, w, a, b, 2.0, dropout_p=0.2, bias=bias)
+    assert y.shape == (0, N) and y.dtype == dtype
+    y.sum().backward()
+    for t in (a, b, bias):
+        assert t.grad is not None and torch.equal(t.grad, torch.zeros_like(t))
+    assert x.grad.shape == (0, K)
+    ads = _ads(K, N, dtype)
+    y = multi_lora_linear(x, w, ads, [(0, 0, 0), (1, 0, 0)])
+    grads = torch.autograd.grad(y.sum(), [t for ad in ads for t in (ad.lora_a, ad.lora_b)])
+    assert all(torch.equal(gr, torch.zeros_like(gr)) for gr in grads)
+
+
+def test_double_backward_is_refused_not_silently_dropped():
+    """Review finding: grad(..., create_graph=True) through the fused layer returned a dX with no graph behind
+    it, so a gradient penalty's second-order terms were silently missing. The backward is once-differentiable now:
+    differentiating it raises."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 10, generator=g, requires_grad=True)
+    w = torch.randn(8, 10, generator=g)
+    a = torch.randn(2, 10, generator=g, requires_grad=True)
+    b = torch.randn(8, 2, generator=g, requires_grad=True)
+    y = lora_linear(x, w, a, b, 0.5)
+    gx, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    torch.testing.assert_close(gx, torch.autograd.grad(lora_linear_reference(x, w, a, b, 0.5).square().sum(), x)[0])
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        (gx.square().sum() + y.sum()).backward()
+
+
+def test_malformed_arguments_name_the_argument():
+    """Review findings: a fractional segment bound was truncated silently ((0, 0.5, 3) ran as (0, 0, 3)), a
+    segment that is not a sequence raised TypeError, block_m=0 silently meant the default, integer inputs ran,
+    a 0-d x raised IndexError."""
+    K, N = 16, 8
+    x, w = torch.randn(10, K), torch.randn(N, K)
+    ads = _ads(K, N, torch.float32)
+    cases = [
+        (lambda: multi_lora_linear(x, w, ads, [(0, 0.5, 3)]), "segments\\[0\\]"),
+        (lambda: multi_lora_linear(x, w, ads, [(0, 0, 4), 5]), "segments\\[1\\]"),
+        (lambda: multi_lora_linear(x, w, ads, [(0, "0", 4)]), "segments\\[0\\]"),
+        (lambda: multi_lora_linear(x, w, ads, [(0, 0, 4)], block_m=0), "block_m"),
+        (lambda: lora_linear(x.long(), w.long(), ads[0].lora_a.detach().long(), ads[0].lora_b.detach().long(),
+                             1.0), "x: dtype"),
+        (lambda: lora_linear(torch.tensor(1.0), w, ads[0].lora_a, ads[0].lora_b, 1.0), "x: "),
+    ]
+    for fn, match in cases:
+        with pytest.raises(ValueError, match=match):
+            fn()
+    # integer-valued numbers that are ints (numpy-like / 0-d tensors) still work
+    y = multi_lora_linear(x, w, ads, [(torch.tensor(1), torch.tensor(2), 9)], seed=4)
+    torch.testing.assert_close(y, multi_lora_linear_reference(x, w, ads, [(1, 2, 9)], seed=4))
