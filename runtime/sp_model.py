@@ -125,4 +125,7 @@ class TinyGPT(nn.Module):
                    total_targets: int) -> Tensor:
         """Sum of this shard's next-token cross-entropies / total_targets (the global batch's target count)."""
         logits = self(tokens, positions, cu_seqlens, group)
-        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum") / total_targets
+        # half-precision logits go up to float32 for the softmax; float64 stays float64 (``.float()`` here cut a
+        # float64 run's loss and logit gradients to float32, and --check-reference failed at its 1e-10 tolerance)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum") / total_targets
