@@ -119,6 +119,10 @@ def check_fits(lens: np.ndarray, cm: SPCostModel, where: str = "--seqlens") -> N
     """Every sequence must fit on all N GPUs; else an InputError naming it and the memory it needs."""
     cap = cm.token_capacity(cm.world)
     i = int(np.argmax(lens))
+    if cap < 1:
+        raise InputError("--gpus", f"the {cm.model.name} model states alone need {cm.model_state_bytes / GiB:.1f} GiB per GPU "
+                                   f"on {cm.world} GPUs (ZeRO-{cm.model.zero_stage}), more than the device's "
+                                   f"{cm.memory_bytes / GiB:.1f} GiB: no sequence fits; add GPUs")
     if lens[i] > cap:
         need = cm.memory_needed(float(lens[i]), cm.world)
         raise InputError(where, f"sequence {i} (0-based) has {int(lens[i])} tokens and needs {need / GiB:.1f} GiB per GPU "

@@ -161,9 +161,10 @@ def fill_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadli
     long sequence on a big group leaves its other groups idle for part of it. For each receiver (slowest
     first), sequences of every other micro-batch (longest first) move into the receiver's group that they
     fill best while that group stays within the receiver's makespan and within memory (Mem_p <= E); so the
-    receiver's makespan is unchanged and every donor only loses work. Donors are then rebalanced by
-    :func:`local_search` (and :func:`structure_search` until ``deadline``); a donor left empty is dropped
-    (one b1 less). The split is then no longer consecutive runs of the sorted order; every plan is still
+    receiver's makespan is unchanged and every donor only loses work; the receiver's idle GPUs count as empty
+    groups (largest power of two first), so a micro-batch that leaves GPUs idle can take whole sequences. Donors
+    are then rebalanced by :func:`local_search` and :func:`structure_search` (until ``deadline``; past it, a
+    few structures); a donor left empty is dropped (one b1 less). The split is then no longer consecutive runs of the sorted order; every plan is still
     evaluated on the real lengths. Returns the input unless the step's total time strictly drops."""
     if len(mbs) < 2:
         return mbs
@@ -176,14 +177,22 @@ def fill_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadli
         rec = cur[a]
         if not rec.groups:
             continue
-        limit = rec.time_ms * (1 - 1e-12)
+        # up to (not beyond) the receiver's makespan: a sequence that finishes with it still leaves its donor
+        limit = rec.time_ms * (1 + 1e-12)
         deg = [d for d, _ in rec.groups]
+        members = [list(ids) for _, ids in rec.groups]
+        # the receiver's idle GPUs become empty groups (largest power of two first) that may take sequences too
+        # (5 equal sequences on 4 GPUs: 3 + 2 by tokens -> 4 + 1, the 4th on the GPU the first left idle)
+        free = cm.world - sum(deg)
+        while free > 0:
+            deg.append(1 << (free.bit_length() - 1))
+            members.append([])
+            free -= deg[-1]
         co = np.array([cm.coeffs(d) for d in deg], dtype=np.float64)
         A, Bc, Cc = co[:, 0], co[:, 1], co[:, 2]
         cap = np.array([cm.token_capacity(d) for d in deg])
-        sq = np.array([float(np.dot(lens[ids], lens[ids].astype(np.float64))) for _, ids in rec.groups])
-        sm = np.array([float(lens[ids].sum()) for _, ids in rec.groups])
-        members = [list(ids) for _, ids in rec.groups]
+        sq = np.array([float(np.dot(lens[ids], lens[ids].astype(np.float64))) for ids in members])
+        sm = np.array([float(lens[ids].sum()) for ids in members])
         changed = False
         for b in range(len(cur)):
             if b == a or not cur[b].groups:
@@ -208,9 +217,11 @@ def fill_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadli
             nd = evaluate(MBSolution(left, source=donor.source), lens, cm)
             if nd.groups:
                 nd = local_search(nd, lens, cm)
+                ids_b = np.array(sorted(nd.seq_ids(), key=lambda i: (int(lens[i]), i)), dtype=np.int64)
                 if deadline is not None and time.perf_counter() < deadline:
-                    ids_b = np.array(sorted(nd.seq_ids(), key=lambda i: (int(lens[i]), i)), dtype=np.int64)
                     nd = structure_search(ids_b, lens, cm, nd, deadline=deadline, source=donor.source)
+                else:  # past the deadline: still a few structures (a donor left with one sequence wants all GPUs)
+                    nd = structure_search(ids_b, lens, cm, nd, max_evals=6, source=donor.source)
             cur[b] = nd
         if changed:
             cur[a] = evaluate(MBSolution([(deg[g], members[g]) for g in range(len(deg))],
