@@ -52,6 +52,12 @@ class FusedLoRALinear(_PeftLoraLinear):
         """Switch ``module`` (a ``peft.tuners.lora.Linear``) to the fused kernels in place and return it.
         ``adapter_name``, when given, is made the layer's active adapter first (as PEFT's ``set_adapter``)."""
         cls._check(module, adapter_name)
+        if adapter_name is not None and adapter_name not in module.lora_A:
+            raise ValueError(f"adapter_name: {adapter_name!r} not in {list(module.lora_A.keys())}")
+        return cls._switch(module, adapter_name)
+
+    @classmethod
+    def _switch(cls, module: nn.Module, adapter_name: Optional[str]) -> "FusedLoRALinear":
         if adapter_name is not None:
             module.set_adapter(adapter_name)
         module.__class__ = cls
@@ -59,19 +65,19 @@ class FusedLoRALinear(_PeftLoraLinear):
 
     @staticmethod
     def _check(module: nn.Module, adapter_name: Optional[str]) -> None:
-        """Raises ValueError if ``module`` can never run the fused kernels (nothing is changed)."""
+        """Raises ValueError if ``module`` can never run the fused kernels (nothing is changed). A layer without
+        the adapter (``adapter_name``, else the active one) is fine: PEFT computes its base projection only."""
         if type(module) not in (_PeftLoraLinear, FusedLoRALinear):
             raise ValueError(f"module: {type(module).__name__} is not a peft.tuners.lora.Linear"
                              + (" (subclasses are not supported)" if isinstance(module, _PeftLoraLinear) else ""))
         if adapter_name is None:
             active = [a for a in module.active_adapters if a in module.lora_A]
-            if len(active) != 1:
+            if len(active) > 1:
                 raise ValueError(f"adapter_name: layer has active adapters {active}; name exactly one")
-            adapter_name = active[0]
-        if adapter_name not in module.lora_A:
-            raise ValueError(f"adapter_name: {adapter_name!r} not in {list(module.lora_A.keys())}")
-        if adapter_name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(adapter_name,
-                                                                                                      False):
+            adapter_name = active[0] if active else None
+        if adapter_name is not None and adapter_name in module.lora_A and (
+                adapter_name in getattr(module, "lora_variant", {})
+                or getattr(module, "use_dora", {}).get(adapter_name, False)):
             raise ValueError(f"adapter {adapter_name!r}: LoRA variants (DoRA, ...) are not supported by the fused "
                              "kernels")
         if getattr(module, "fan_in_fan_out", False):
@@ -125,7 +131,8 @@ def _peft_layers(model: nn.Module) -> list:
 
 def apply_fused_lora(model: nn.Module, adapter_name: Optional[str] = None) -> int:
     """Switch every ``peft.tuners.lora.Linear`` in ``model`` to ``FusedLoRALinear`` in place; returns how many
-    layers run fused (layers already switched count too). ``adapter_name``, when given, is made the active adapter
+    layers were switched (layers already switched count too; a layer without the active adapter is switched and
+    computes its base projection, as PEFT's). ``adapter_name``, when given, is made the active adapter
     first (``PeftModel.set_adapter`` for a PeftModel, else each layer's ``set_adapter``). Raises ``ValueError`` if
     there is no such layer, or if one cannot be fused (nothing is changed then: every layer is checked first)."""
     found = _peft_layers(model)
@@ -136,13 +143,16 @@ def apply_fused_lora(model: nn.Module, adapter_name: Optional[str] = None) -> in
             FusedLoRALinear._check(mod, adapter_name)
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None
+    if adapter_name is not None and not any(adapter_name in mod.lora_A for _, mod in found):
+        raise ValueError(f"adapter_name: {adapter_name!r} is in no LoRA layer (adapters: "
+                         f"{sorted({a for _, mod in found for a in mod.lora_A})})")
     if adapter_name is not None:
         from peft import PeftModel
 
         if isinstance(model, PeftModel):
             model.set_adapter(adapter_name)
     for _, mod in found:
-        FusedLoRALinear.from_peft(mod, adapter_name)
+        FusedLoRALinear._switch(mod, adapter_name)
     return len(found)
 
 

@@ -300,3 +300,26 @@ def test_base_bias_trained_with_bias_all_and_adapter_name_argument():
     for n, g in grads[0].items():
         assert grads[1][n] is not None, n
         torch.testing.assert_close(grads[1][n], g, atol=1e-5 * g.abs().max().item() + 1e-6, rtol=1e-4)
+
+
+def test_adapter_on_a_subset_of_the_layers(fused_calls):
+    """Review finding: with an active adapter that targets only some of the LoRA layers (another adapter covers the
+    rest), apply_fused_lora refused the whole model ("active adapters []"). The layers without it now compute the
+    base projection as PEFT's do, the others run fused; an adapter name that no layer has is refused."""
+    ref = _peft_model(4, 8, 0.0, False)
+    ref.add_adapter("q_only", LoraConfig(r=2, lora_alpha=3, target_modules=["q"], init_lora_weights=False))
+    _randomize(ref, ".q_only.")
+    ref.set_adapter("q_only")
+    fused = copy.deepcopy(ref)
+    with pytest.raises(ValueError, match="adapter_name: 'nope'"):
+        apply_fused_lora(fused, adapter_name="nope")
+    assert not any(isinstance(m, FusedLoRALinear) for m in fused.modules())
+    assert apply_fused_lora(fused) == 3
+    x = torch.randn(2, 5, 24)
+    y = fused(x)
+    assert len(fused_calls) == 1  # q only
+    torch.testing.assert_close(y, ref(x), atol=2e-5, rtol=2e-5)
+    assert apply_fused_lora(fused, adapter_name="default") == 3
+    ref.set_adapter("default")
+    torch.testing.assert_close(fused(x), ref(x), atol=2e-5, rtol=2e-5)
+    assert len(fused_calls) == 4
