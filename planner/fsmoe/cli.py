@@ -1,6 +1,7 @@
 """`adasched plan moe` and `adasched bench moe`."""
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -66,6 +67,8 @@ def register(groups) -> None:
         check_output_path(out, "--out")  # before the planning
         if stages not in ("profile", "published"):
             raise InputError("--stages", f"must be 'profile' or 'published', got {stages!r}")
+        if not (time_limit > 0 and math.isfinite(time_limit)):
+            raise InputError("--time-limit", f"must be > 0 seconds, got {time_limit}")
         prof = load_profile(profile)
         cfgs = _configs_with_stats(config, gpus, router_stats)
         plan = plan_moe(cfgs, gpus, prof, stages=stages, params=SolveParams(time_limit=time_limit))  # type: ignore[arg-type]

@@ -215,3 +215,15 @@ def test_edge_topologies_plan_verifies_and_never_loses_to_the_baselines(gpus, ex
         assert lp.fwd_ms == pytest.approx(min(lp.time_by_r_fwd.values()), rel=1e-12)
         assert math.isfinite(lp.bwd_ms) and lp.bwd_ms <= lp.bwd_fused_wgrad_ms + 1e-12
     assert c.grad_exposed_ms <= c.grad_exposed_at_end_ms + 1e-9
+
+
+@pytest.mark.parametrize("limit", ["0", "-2", "nan", "inf"])
+def test_plan_moe_bad_time_limit_is_one_error_line_naming_the_option(tmp_path, capsys, limit):
+    """Found by review: the line said 'error: time_limit must be ...' (SolveParams' field, not the option)."""
+    from adasched.planner.cli import main
+
+    out = tmp_path / "p.json"
+    assert main(["plan", "moe", "--config", "mixtral-8x7b", "--gpus", "8", "--out", str(out), "--time-limit", limit]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --time-limit: must be > 0 seconds") and len(err.splitlines()) == 1, err
+    assert not out.exists()
