@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from .costmodel import StageCost
 from .jobs import Workload
 from .model import Microbatch, apply_dependency_rule, ffd_pack, simulate_1f1b, update_dependencies
@@ -32,6 +32,8 @@ class BaselineResult:
     computed_tokens: int
     """rows x padded length the GEMMs process (padding included)"""
     max_microbatch_tokens: int
+    sequence: list[Microbatch] = field(default_factory=list, repr=False)
+    """The microbatch sequence that was simulated (no-ops included)."""
 
     @property
     def padding_waste(self) -> float:
@@ -69,7 +71,8 @@ def mlora_baseline(w: Workload, cost: StageCost, *, sort_by_length: bool = False
         computed += rows * width
         biggest = max(biggest, rows * width)
     sim = simulate_1f1b(stage_ms, cfg.stages, update_dependencies(seq))
-    return BaselineResult("mlora_sorted" if sort_by_length else "mlora", sim.makespan_ms, len(seq), noops, sum(L), computed, biggest)
+    return BaselineResult("mlora_sorted" if sort_by_length else "mlora", sim.makespan_ms, len(seq), noops, sum(L), computed,
+                          biggest, seq)
 
 
 def sequential_baseline(w: Workload, cost: StageCost) -> BaselineResult:
@@ -85,5 +88,5 @@ def sequential_baseline(w: Workload, cost: StageCost) -> BaselineResult:
     sim = simulate_1f1b(stage_ms, cfg.stages, update_dependencies(seq))
     computed = sum(mb.padded_tokens(L) for mb in seq)
     return BaselineResult("sequential", sim.makespan_ms, len(seq), noops, sum(L), computed,
-                          max(mb.padded_tokens(L) for mb in seq))
+                          max(mb.padded_tokens(L) for mb in seq), seq)
 
