@@ -1501,6 +1501,8 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     a_cat = a_cat if a_cat.stride(-1) == 1 else a_cat.contiguous()
     b_cat = b_cat if b_cat.stride(-1) == 1 else b_cat.contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    if bias is not None and bias.stride(0) != 1:  # the GEMM epilogue reads the bias with unit stride
+        bias = bias.contiguous()
     if x2.shape[0] == 0:  # no rows: the LoRA weights still get (zero) gradients, as with PEFT (DDP needs them)
         return F.linear(x2, w, bias) + F.linear(F.linear(x2, a_cat), b_cat)
     if base_gemm == "torch_grouped" and (not segs or 2 * len(segs) + 1 >= _MAX_GROUPS
