@@ -118,3 +118,17 @@ def test_argparse_errors_are_one_line(capsys):
     assert ex.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: argument --hidden: invalid int value: '7.5'") and err.count("\n") == 1, err
+
+
+def test_summary_says_which_kernels_ran(tmp_path, monkeypatch, capsys):
+    """Review finding: without TRITON_INTERPRET (launch/train_lora.sh on a CPU) every fused call fell back to the
+    torch reference with a warning, yet the summary said "fused": true."""
+    from adasched.launch.train_lora import parse_args, run
+
+    monkeypatch.setattr("adasched.kernels.lora.backend_for", lambda x: "torch")  # as without the interpreter
+    s = run(parse_args(["--jobs", "tiny", "--out", str(tmp_path / "a"), "--time-limit", "0.1"]))
+    assert (s["fused"], s["kernels"]) == (False, "torch")
+    s = run(parse_args(["--jobs", "tiny", "--out", str(tmp_path / "b"), "--time-limit", "0.1", "--reference"]))
+    assert (s["fused"], s["kernels"]) == (False, "reference")
+    out = capsys.readouterr().out
+    assert out.count('"kernels": "torch"') == 1 and out.count('"kernels": "reference"') == 1
