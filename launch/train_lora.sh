@@ -4,8 +4,13 @@
 # NPROC (default 2) sets the number of pipeline stages; the plan is made with the jobs file's `stages`, which
 # must be >= NPROC (the tiny preset uses 2).
 set -euo pipefail
-OUT="${1:-runs/lora}"
-shift || true
+# OUT_DIR is optional: a first argument that starts with "-" is an option (`train_lora.sh --jobs my.yaml` made
+# "--jobs" the output folder and failed with "argument --out: expected one argument")
+OUT="runs/lora"
+if [ "$#" -gt 0 ] && [ "${1#-}" = "$1" ]; then
+    OUT="$1"
+    shift
+fi
 NPROC="${NPROC:-2}"
 PY="${PYTHON:-python}"
 # bad options, jobs or plans fail here, once, as one `error:` line with exit status 2 (not once per rank)

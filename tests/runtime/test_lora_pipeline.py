@@ -132,3 +132,19 @@ def test_summary_says_which_kernels_ran(tmp_path, monkeypatch, capsys):
     assert (s["fused"], s["kernels"]) == (False, "reference")
     out = capsys.readouterr().out
     assert out.count('"kernels": "torch"') == 1 and out.count('"kernels": "reference"') == 1
+
+
+def test_launch_script_out_dir_is_optional(tmp_path):
+    """Review finding: `train_lora.sh --jobs FILE` (OUT_DIR left out, as its usage line allows) took "--jobs" as the
+    output folder and failed with "argument --out: expected one argument"; now the options reach the launcher."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "launch" / "train_lora.sh"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHON"] = sys.executable
+    r = subprocess.run(["bash", str(script), "--jobs", "tiny", "--hidden", "-4"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr == "error: --hidden: must be >= 1, got -4\n", r.stderr
+    assert list(tmp_path.iterdir()) == []  # the default runs/lora was not created
