@@ -235,12 +235,13 @@ def compare_schedules(schedules=None, *, quick: bool = False, seeds=None, log=No
 
 def _check_sizes(args, world: int) -> None:
     """Every size and rate a worker would trip over, checked before any process group (ValueError naming the
-    option): all of these failed on every rank, some with a traceback, or trained on NaNs (--batch 0)."""
+    option): all of these failed on every rank, some with a traceback, or trained on NaNs (--batch 0). --vocab >= 3:
+    the Markov task gives every context 3 successors (--vocab 2 passed here and then failed on every worker)."""
     import math
 
     from adasched.profiler.io import check_output_path
 
-    for opt, low in (("layers", 1), ("experts", 1), ("d", 1), ("heads", 1), ("ffn", 1), ("vocab", 2), ("seq", 2),
+    for opt, low in (("layers", 1), ("experts", 1), ("d", 1), ("heads", 1), ("ffn", 1), ("vocab", 3), ("seq", 2),
                      ("batch", 1), ("steps", 1), ("r_fwd", 1), ("r_bwd", 1), ("gpus_per_node", 1)):
         v = getattr(args, opt)
         if v < low:

@@ -40,6 +40,7 @@ sure chunk c+1's inter-node step is in flight, so it overlaps chunk c's compute.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -366,6 +367,12 @@ class GradSliceReducer:
     post-accumulate-grad hooks mark parameters ready). :meth:`finish` reduces whatever is left, waits, and
     writes the averaged (``average=True``) gradients back. ``launched_in_gaps`` counts elements launched
     inside MoE gaps (for tests and logs).
+
+    One backward per :meth:`finish`. Gradient accumulation over micro-batches: run every micro-batch's backward
+    but the last under :meth:`no_sync` (as with DDP), then the last one launches the slices of the accumulated
+    gradients. A gradient that accumulates into elements already launched (a second backward before
+    :meth:`finish` outside ``no_sync``) raises RuntimeError: that slice's reduced value would be stale and
+    :meth:`finish` would write it over the accumulated gradient (it did, silently).
     """
 
     def __init__(self, params, slices, group=None, average: bool = True):
@@ -374,6 +381,8 @@ class GradSliceReducer:
         self.slices = [float(s) for s in slices]
         self.group = group if group is not None else dist.group.WORLD
         self.average = average
+        self._offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self._enabled = True
         self._ready = [False] * len(self.params)
         self._hooks = [p.register_post_accumulate_grad_hook(self._mark(i)) for i, p in enumerate(self.params)]
         self._reset()
@@ -389,8 +398,24 @@ class GradSliceReducer:
 
     def _mark(self, i):
         def hook(_p):
+            if not self._enabled:
+                return
+            if self._ready[i] and self._offsets[i] < self._done:
+                raise RuntimeError(
+                    f"GradSliceReducer: dense parameter {i} (backward order) accumulated another gradient after its "
+                    "slice was all-reduced; for gradient accumulation run the earlier micro-batches' backward "
+                    "under reducer.no_sync(), or call finish() after every backward")
             self._ready[i] = True
         return hook
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Backward passes inside launch nothing and mark nothing (gradient accumulation, like DDP's no_sync)."""
+        prev, self._enabled = self._enabled, False
+        try:
+            yield self
+        finally:
+            self._enabled = prev
 
     def _ready_prefix(self) -> int:
         n = 0
@@ -402,6 +427,8 @@ class GradSliceReducer:
 
     def begin_layer(self) -> None:
         """Called once at the start of each MoE layer's backward."""
+        if not self._enabled:
+            return
         self._layer += 1
         self._layer_start = self._layer_budget_end
         extra = self.slices[self._layer] if self._layer < len(self.slices) else 0.0
@@ -410,6 +437,8 @@ class GradSliceReducer:
     def gap(self, fraction: float) -> None:
         """A gap of the MoE backward pipeline, ``fraction`` of the layer's chunks done: launch the slice
         share up to ``fraction`` of this layer's budget, limited to the gradients that exist."""
+        if not self._enabled:
+            return
         target = self._layer_start + fraction * (self._layer_budget_end - self._layer_start)
         upto = min(int(round(target)), self._ready_prefix(), sum(self.sizes))
         if upto > self._done:

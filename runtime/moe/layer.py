@@ -61,6 +61,7 @@ class MoELayer(nn.Module):
         check_pipeline_settings(ep, wgrad=wgrad, order_fwd=order_fwd, order_bwd=order_bwd)
         self.wgrad, self.order_fwd, self.order_bwd = wgrad, order_fwd, order_bwd
         self.router = Router(hidden, router)
+        self.router.deferred_updates = True       # the controller step is this layer's (_schedule_router_update)
         e_local = E if ep is None else ep.experts_per_rank
         self.expert_offset = 0 if ep is None else ep.rank * e_local
         cols = 2 * ffn if activation == "swiglu" else ffn
@@ -103,12 +104,51 @@ class MoELayer(nn.Module):
         self.aux_loss = routing.aux_loss
         self.last_stats = routing.stats
         out = self._dispatch(xt, routing)
-        if self.training and self.router.config.kind == "sigmoid_bias":
+        if self.training:
+            self._schedule_router_update(routing)
+        return out.reshape(shape)
+
+    @torch.compiler.disable
+    def _schedule_router_update(self, routing) -> None:
+        """The router's state step of a training forward (sigmoid_bias: the bias from the group's token counts;
+        top_p with ``target_k``: the controller from the group's mean k). The group statistics are gathered here,
+        in the forward (every rank runs it), and the step is applied once, when the gates' gradient reaches
+        this layer in the backward. So an activation-checkpoint recompute (torch.utils.checkpoint, reentrant or
+        not; Megatron/DeepSpeed recompute) routes with the state of the forward it replays, and the state moves
+        once per training step as without checkpointing. A forward under ``torch.no_grad()`` (no backward to
+        follow: evaluation in train mode, a reentrant checkpoint's first pass) leaves the state alone; one whose
+        gates need no gradient (router and input frozen) applies the step at once."""
+        cfg = self.router.config
+        if not torch.is_grad_enabled():                # same on every rank: no collective is skipped by one
+            return
+        if cfg.kind == "sigmoid_bias":
             counts = routing.counts.detach().clone()
             if self.ep is not None:                    # balance on the whole group's load
                 dist.all_reduce(counts, group=self.ep.group)
-            self.router.update_bias(counts)
-        return out.reshape(shape)
+
+            def apply():
+                self.router.update_bias(counts)
+        elif cfg.kind == "top_p" and cfg.target_k is not None:
+            nk = torch.tensor([float(routing.token_idx.numel()), float(routing.num_tokens)], dtype=torch.float64)
+            if self.ep is not None:                    # mean k over the group: p stays equal on every rank
+                dist.all_reduce(nk, group=self.ep.group)
+            mean_k = float(nk[0]) / max(float(nk[1]), 1.0)
+
+            def apply():
+                self.router.controller_step(mean_k)
+        else:
+            return
+        if not routing.weight.requires_grad:
+            apply()
+            return
+        done = []
+
+        def hook(_grad):
+            if not done:                               # once, also if the graph is backpropagated again
+                done.append(True)
+                apply()
+
+        routing.weight.register_hook(hook)
 
     @torch.compiler.disable
     def _dispatch(self, xt: torch.Tensor, routing) -> torch.Tensor:

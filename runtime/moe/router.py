@@ -12,9 +12,12 @@ Routers (``RouterConfig.kind``):
 - ``switch``: softmax, top-1, gate = the probability (not renormalised), same load-balancing loss.
 - ``sigmoid_bias``: scores ``sigmoid(logits)``; selection by top-k of ``scores + bias`` where ``bias`` is
   a buffer (not trained by gradients); gates = the chosen *scores* (without bias) renormalised to sum 1.
-  Aux-loss-free balancing: after each training step the layer calls :meth:`Router.update_bias` with the
-  token counts per expert ``c`` (summed over the expert-parallel group), and the bias moves by
-  ``bias_e += bias_update_rate * sign(mean(c) - c_e)``: overloaded experts become less attractive.
+  Aux-loss-free balancing: once per training forward that is backpropagated, the layer calls
+  :meth:`Router.update_bias` with the token counts per expert ``c`` (summed over the expert-parallel group),
+  and the bias moves by ``bias_e += bias_update_rate * sign(mean(c) - c_e)``: overloaded experts become less
+  attractive. The layer applies the step when the gates' gradient arrives in the backward, not in the forward,
+  so an activation-checkpoint recompute routes with the same bias as the forward it replays (applied in the
+  forward, the recompute picked other experts: silently wrong gradients, and the bias moved twice).
 - ``expert_choice``: softmax over experts; each expert takes its ``C = ceil(capacity_factor * T * k / E)``
   highest-probability tokens; gate = probability. Balanced by construction (no aux loss); a token chosen
   by no expert is counted as dropped.
@@ -24,7 +27,11 @@ Routers (``RouterConfig.kind``):
   ``H(P) = -sum_i P_i log P_i``: minimising it sharpens the router so it does not drift to uniform
   (which would activate k_max experts everywhere); written as the paper's ``sum P log P`` term with the
   sign that makes it a penalty on flatness. Optional controller (``target_k``): after each training
-  forward ``p <- clip(p - controller_rate * (mean_k - target_k), p_min, 1)``.
+  forward ``p <- clip(p - controller_rate * (mean_k - target_k), p_min, 1)`` (:meth:`Router.controller_step`).
+  Inside an :class:`~adasched.runtime.moe.layer.MoELayer` the step is the layer's, timed like the bias step
+  above, with ``mean_k`` over the whole expert-parallel group so ``p`` stays equal on every rank.
+
+Aux-loss terms are means over this call's tokens (``sum / max(T, 1)``: a call with no tokens adds 0).
 
 Capacity: ``capacity_factor=None`` is dropless. Otherwise each expert keeps at most
 ``C = ceil(capacity_factor * N / E)`` assignments (N = assignments before drops; N = T*k for fixed top-k)
@@ -138,7 +145,7 @@ class RouterStats:
     num_tokens: int
     """Tokens routed."""
     p: float | None = None
-    """top_p threshold used (after the controller step, if any)."""
+    """top_p threshold this forward routed with (a controller step, if any, comes after it)."""
 
     def as_dict(self) -> dict:
         return {"tokens_per_expert": self.tokens_per_expert.tolist(), "mean_k": self.mean_k,
@@ -201,6 +208,9 @@ class Router(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(config.num_experts), persistent=True)
         self.p = float(config.p)
         self.last_stats: RouterStats | None = None
+        #: True when the owner (an :class:`~adasched.runtime.moe.layer.MoELayer`) applies the top_p controller step
+        #: itself (after the backward, on the expert-parallel group's mean k); False: :meth:`forward` applies it
+        self.deferred_updates = False
 
     # -- public -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> Routing:
@@ -210,8 +220,9 @@ class Router(nn.Module):
         T, E = logits.shape
         losses: dict[str, float] = {}
         aux = logits.new_zeros(())
+        n_mean = float(max(T, 1))        # means over tokens as sum / max(T, 1): a rank with no tokens gets 0, not NaN
         if cfg.z_loss_coef > 0:
-            z = torch.logsumexp(logits, dim=-1).square().mean()
+            z = torch.logsumexp(logits, dim=-1).square().sum() / n_mean
             aux = aux + cfg.z_loss_coef * z
             losses["z_loss"] = float(z.detach())
         kind = cfg.kind
@@ -231,7 +242,7 @@ class Router(nn.Module):
                 if kind == "top_p":
                     sel, gate, mask = self._top_p(probs)
                     if cfg.entropy_coef > 0:
-                        ent = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1).mean()
+                        ent = -(probs * torch.log(probs.clamp_min(1e-20))).sum() / n_mean
                         aux = aux + cfg.entropy_coef * ent
                         losses["entropy"] = float(ent.detach())
                 else:
@@ -247,7 +258,7 @@ class Router(nn.Module):
             tok, exp, w, rk = tok_all[mask], sel[mask], gate[mask], rank[mask]
             if cfg.aux_loss_coef > 0 and kind != "sigmoid_bias":
                 frac = torch.bincount(exp, minlength=E).float() / max(exp.numel(), 1)
-                lb = E * (frac * probs.mean(0)).sum()
+                lb = E * (frac * probs.sum(0)).sum() / n_mean
                 aux = aux + cfg.aux_loss_coef * lb
                 losses["load_balance"] = float(lb.detach())
             dropped = 0
@@ -258,8 +269,8 @@ class Router(nn.Module):
         stats = RouterStats(tokens_per_expert=counts.detach().cpu(),
                             mean_k=float(exp.numel()) / max(T, 1), dropped=int(dropped),
                             num_tokens=T, p=self.p if kind == "top_p" else None)
-        if kind == "top_p" and cfg.target_k is not None and self.training:
-            self.p = float(min(1.0, max(cfg.p_min, self.p - cfg.controller_rate * (stats.mean_k - cfg.target_k))))
+        if kind == "top_p" and cfg.target_k is not None and self.training and not self.deferred_updates:
+            self.controller_step(stats.mean_k)
         self.last_stats = stats
         return Routing(token_idx=tok, expert_idx=exp, weight=w, counts=counts, num_tokens=T,
                        aux_loss=aux, losses=losses, stats=stats)
@@ -271,6 +282,14 @@ class Router(nn.Module):
             return
         c = tokens_per_expert.to(self.expert_bias.device, torch.float32)
         self.expert_bias += self.config.bias_update_rate * torch.sign(c.mean() - c)
+
+    def controller_step(self, mean_k: float) -> None:
+        """top_p controller: ``p <- clip(p - controller_rate * (mean_k - target_k), p_min, 1)`` (no-op for other
+        routers or without ``target_k``)."""
+        cfg = self.config
+        if cfg.kind != "top_p" or cfg.target_k is None:
+            return
+        self.p = float(min(1.0, max(cfg.p_min, self.p - cfg.controller_rate * (mean_k - cfg.target_k))))
 
     # -- rules ------------------------------------------------------------------------------------
     def _top_p(self, probs: torch.Tensor):

@@ -116,7 +116,12 @@ def test_sigmoid_bias_updates_in_training_only():
     layer(x)
     assert torch.all(layer.router.expert_bias == 0)
     layer.train()
-    layer(x)
+    with torch.no_grad():                   # a training-mode forward with no backward to follow: no step
+        layer(x)
+    assert torch.all(layer.router.expert_bias == 0)
+    y = layer(x)
+    assert torch.all(layer.router.expert_bias == 0)   # the step comes with the backward (recompute-safe)
+    y.square().sum().backward()
     c = layer.last_stats.tokens_per_expert.float()
     torch.testing.assert_close(layer.router.expert_bias, 0.1 * torch.sign(c.mean() - c))
 

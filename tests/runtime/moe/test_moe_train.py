@@ -127,7 +127,8 @@ def test_runtime_and_planner_name_the_same_modes():
 @pytest.mark.parametrize("argv,needle", [
     (["--steps", "0"], "--steps: 0 must be >= 1"), (["--seq", "0"], "--seq: 0 must be >= 2"),
     (["--batch", "0"], "--batch: 0 must be >= 1"), (["--lr", "-1"], "--lr: -1.0 must be a positive number"),
-    (["--r-fwd", "0"], "--r-fwd: 0 must be >= 1"), (["--vocab", "1"], "--vocab: 1 must be >= 2"),
+    (["--r-fwd", "0"], "--r-fwd: 0 must be >= 1"), (["--vocab", "1"], "--vocab: 1 must be >= 3"),
+    (["--vocab", "2"], "--vocab: 2 must be >= 3"),   # review: passed, then every worker failed (3 successors)
     (["--heads", "3"], "--hidden: 32 is not divisible by --heads 3"),
     (["--hierarchical", "--gpus-per-node", "3"], "--gpus-per-node: 4 ranks do not split into nodes of 3"),
 ])
