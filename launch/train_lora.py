@@ -61,6 +61,8 @@ def _check_options(args: argparse.Namespace) -> None:
         v = getattr(args, opt)
         if not v > 0:
             raise InputError(f"--{opt.replace('_', '-')}", f"must be > 0 seconds, got {v}")
+    if not -2 ** 63 <= args.seed < 2 ** 63:  # torch.manual_seed and the planner's seed take these
+        raise InputError("--seed", f"must be in [-2**63, 2**63), got {args.seed}")
     if args.out.exists() and not args.out.is_dir():
         raise InputError("--out", f"{str(args.out)!r} exists and is not a folder")
     if args.world is not None and not args.check:

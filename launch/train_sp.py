@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise InputError("--max-len", f"{args.max_len} must be >= 2")
     if args.timeout <= 0:
         raise InputError("--timeout", f"{args.timeout} must be > 0")
+    if not -2 ** 63 <= args.seed < 2 ** 64:  # torch.manual_seed's range (the model init)
+        raise InputError("--seed", f"{args.seed} must be in [-2**63, 2**64)")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise InputError("--lr", f"{args.lr} must be a positive number")
     if args.backend == "nccl":
@@ -108,7 +110,9 @@ def make_sequence(seed: int, step: int, seq_id: int, length: int, vocab: int):
     """Token ids of sequence ``seq_id`` of training step ``step`` (deterministic: same on every rank)."""
     import torch
 
-    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_033 + seq_id)
+    s = (seed * 1_000_003 + step) * 1_000_033 + seq_id
+    # folded into manual_seed's range [-2**63, 2**64): --seed >= ~2**24 overflowed it on every rank
+    g = torch.Generator().manual_seed(s if -2 ** 63 <= s < 2 ** 64 else s % 2 ** 64)
     x0 = int(torch.randint(0, vocab, (1,), generator=g))
     stride = int(torch.randint(1, 8, (1,), generator=g))
     return (x0 + stride * torch.arange(length)) % vocab

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from adasched.planner.lorafusion.plan import KNOWN_TARGET_MODULES, AdapterSpec  # plan model only
 from adasched.profiler.io import atomic_path, atomic_write_text
 
-__all__ = ["TinyLMConfig", "TinyCausalLM", "LoRAAdapter", "save_peft_adapter", "Proj", "plain_proj", "ATTN_MODULES", "MLP_MODULES"]
+__all__ = ["TinyLMConfig", "TinyCausalLM", "LoRAAdapter", "save_peft_adapter", "Proj", "plain_proj", "ATTN_MODULES",
+           "MLP_MODULES", "seed64"]
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -36,6 +37,13 @@ assert set(ATTN_MODULES + MLP_MODULES) == set(KNOWN_TARGET_MODULES)
 
 Proj = Callable[[str, nn.Linear, torch.Tensor], torch.Tensor]
 """proj(module path, frozen nn.Linear, x [T, K]) -> [T, N]"""
+
+
+def seed64(x: int) -> int:
+    """``x`` folded into ``torch.Generator.manual_seed``'s range [-2**63, 2**64) (``x`` itself when it is in range):
+    seeds derived as ``seed * big + i`` overflowed it for --seed >= ~2**44 ("Overflow when unpacking long long")."""
+    x = int(x)
+    return x if -2 ** 63 <= x < 2 ** 64 else x % 2 ** 64
 
 
 def plain_proj(path: str, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -93,7 +101,7 @@ class TinyCausalLM(nn.Module):
     def __init__(self, cfg: TinyLMConfig):
         super().__init__()
         self.cfg = cfg
-        gen = torch.Generator().manual_seed(cfg.seed)
+        gen = torch.Generator().manual_seed(seed64(cfg.seed))
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden)
         self.embed_positions = nn.Embedding(cfg.max_positions, cfg.hidden)
         self.layers = nn.ModuleList(_Block(cfg) for _ in range(cfg.layers))
@@ -184,7 +192,7 @@ class LoRAAdapter(nn.Module):
         self.paths: list[str] = []
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed64(seed))
         for name, mod in model.named_modules():
             if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in spec.modules:
                 key = name.replace(".", "__")

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from adasched.profiler.io import InputError, atomic_write_text
 
-from .lora_model import LoRAAdapter, TinyCausalLM, save_peft_adapter
+from .lora_model import LoRAAdapter, TinyCausalLM, save_peft_adapter, seed64
 
 __all__ = [
     "SyntheticLoRAData",
@@ -58,7 +58,7 @@ class SyntheticLoRAData:
     seed: int = 0
 
     def tokens(self, job: int, sample: int, length: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + sample)
+        g = torch.Generator().manual_seed(seed64(self.seed * 1_000_003 + sample))
         t0 = int(torch.randint(0, self.vocab_size, (1,), generator=g))
         a, c = 2 * job + 3, 5 * job + 1
         out = [t0]

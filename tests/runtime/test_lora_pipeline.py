@@ -87,6 +87,7 @@ def test_launcher_rejects_a_plan_the_model_cannot_run(tmp_path, capsys):
     (["--check", "--world", "3"], "error: --layers: 2 layers cannot be split over 3 pipeline stages"),
     (["--check", "--timeout", "-5"], "error: --timeout: must be > 0 seconds, got -5.0"),
     (["--time-limit", "0"], "error: --time-limit: must be > 0 seconds, got 0.0"),
+    (["--seed", str(2 ** 63)], f"error: --seed: must be in [-2**63, 2**63), got {2 ** 63}"),
 ])
 def test_launcher_options_fail_on_one_line_naming_the_option(tmp_path, capsys, argv, needle):
     out = tmp_path / "o"
@@ -148,3 +149,30 @@ def test_launch_script_out_dir_is_optional(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr == "error: --hidden: must be >= 1, got -4\n", r.stderr
     assert list(tmp_path.iterdir()) == []  # the default runs/lora was not created
+
+
+def test_large_seeds_train():
+    """Review finding: seeds derived as seed * 1_000_003 + sample overflowed torch's generator for --seed >= ~2**44
+    ("error: Overflow when unpacking long long"); they are folded into its range now (in-range ones unchanged)."""
+    from adasched.runtime.lora_model import TinyCausalLM, TinyLMConfig, seed64
+    from adasched.runtime.lora_trainer import SyntheticLoRAData, build_adapters, train_plan
+
+    assert seed64(5) == 5 and seed64(-5) == -5 and seed64(2 ** 64 + 7) == 7
+    big, small = SyntheticLoRAData(32, seed=2 ** 62), SyntheticLoRAData(32, seed=3)
+    assert torch.equal(big.tokens(1, 4, 9), big.tokens(1, 4, 9)) and not torch.equal(big.tokens(1, 4, 9),
+                                                                                       small.tokens(1, 4, 9))
+    g = torch.Generator().manual_seed(3 * 1_000_003 + 4)  # in-range seeds draw what they drew before
+    assert int(small.tokens(0, 4, 2)[0]) == int(torch.randint(0, 32, (1,), generator=g))
+    from adasched.planner.lorafusion.jobs import build_workload, parse_jobs
+    from adasched.planner.lorafusion.plan import build_plan
+    from adasched.profiler.profile import load_profile
+
+    jobs = dict(JOBS, stages=1, global_batches=1)
+    jobs["jobs"] = [dict(j, global_batch_size=2) for j in JOBS["jobs"]]
+    plan = build_plan(build_workload(parse_jobs(jobs), label="t"), load_profile("h100-sxm"), use_milp=False,
+                      seed=2 ** 63 - 1)
+    model = TinyCausalLM(TinyLMConfig(vocab_size=32, hidden=16, layers=2, heads=2, ffn_hidden=24, max_positions=64,
+                                      seed=2 ** 63 - 1))
+    ads = build_adapters(model, plan, seed=2 ** 63 - 1)
+    res = train_plan(model, ads, plan, big, fused=False, seed=2 ** 63 - 1)
+    assert res.steps == {0: 1, 1: 1} and all(torch.isfinite(torch.tensor(list(res.losses.values()))))

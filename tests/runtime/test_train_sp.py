@@ -138,3 +138,26 @@ def test_options_workers_tripped_over_fail_before_the_plan_check(tmp_path, monke
     assert main(["--plan", str(plan), "--check-plan-only"] + argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(needle) and err.count("\n") == 1, err
+
+
+def test_large_seeds(tmp_path, monkeypatch, capsys):
+    """Review finding: make_sequence seeded torch's generator with (seed * 1_000_003 + step) * 1_000_033 + id,
+    which overflowed it for --seed >= ~2**24 (e.g. 2**31): a ValueError traceback on every rank after the process
+    group was up. Folded into the generator's range now; a seed torch.manual_seed cannot take is one error line."""
+    import torch
+
+    from adasched.launch.train_sp import make_sequence
+
+    for seed in (2 ** 31, 2 ** 63 - 1, -2 ** 63):
+        a = make_sequence(seed, 1, 2, 9, 256)
+        assert torch.equal(a, make_sequence(seed, 1, 2, 9, 256)) and a.shape == (9,)
+        assert not torch.equal(a, make_sequence(seed, 1, 3, 9, 256))  # another sequence, another stream
+    g = torch.Generator().manual_seed((3 * 1_000_003 + 1) * 1_000_033 + 2)  # small seeds: the same data as before
+    assert int(make_sequence(3, 1, 2, 4, 256)[0]) == int(torch.randint(0, 256, (1,), generator=g))
+    plan = tmp_path / "plan.json"
+    save_plan(_plan(), plan)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["--plan", str(plan), "--check-plan-only", "--seed", str(2 ** 64)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --seed: {2 ** 64} must be in [-2**63, 2**64)\n", err
