@@ -41,7 +41,8 @@ kernels, no graph break.
 
 Off the GPU the kernels run under ``TRITON_INTERPRET=1`` (tiles are upcast to float32 after loading, because the
 interpreter gets bf16 arithmetic wrong). Without a GPU and without the interpreter, the public functions fall back
-to the torch reference with a one-time warning.
+to the torch reference with a one-time warning. float64 inputs always take the torch reference (exact float64; the
+kernels accumulate in float32), without a warning. The backward is once-differentiable: a double backward raises.
 """
 from __future__ import annotations
 
@@ -212,7 +213,7 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, p: float | torch.Tensor,
     ``dropout_uniforms``) >= floor(p * 2**32); ``p`` is one probability or a per-row tensor (multi-LoRA)."""
     _check_seed(seed)
     _check_counters(rows, cols)
-    u = dropout_uniforms(seed, rows, cols, device)
+    u = dropout_uniforms(int(seed), rows, cols, device)
     if isinstance(p, torch.Tensor):
         thr = torch.tensor([keep_threshold(float(v)) for v in p.tolist()], dtype=torch.int64, device=device)
         return u >= thr[:, None]
@@ -226,7 +227,11 @@ def _check_counters(rows: int, cols: int) -> None:
 
 
 def _check_seed(seed) -> None:
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
+    try:  # ints and int-likes (numpy integers); not bools, floats or strings
+        ok = not isinstance(seed, (bool, torch.Tensor)) and 0 <= operator.index(seed) < 2 ** 63
+    except TypeError:
+        ok = False
+    if not ok:
         raise ValueError(f"seed: {seed!r} must be an int in [0, 2**63)")
 
 

@@ -136,3 +136,18 @@ def test_strided_bias_view(base_gemm):
     for i, (u, v) in enumerate(zip(got, want)):
         torch.testing.assert_close(u.double(), v, atol=2e-5 * max(1.0, v.abs().max().item()), rtol=2e-5,
                                    msg=lambda m: f"output/grad {i}: {m}")
+
+
+def test_numpy_integer_seed_is_an_int_seed():
+    """Review finding: a numpy integer seed (e.g. from np.random.default_rng().integers) was refused with "seed: 5
+    must be an int"; it now gives the mask of the same Python int. Floats and bools are still refused."""
+    np = pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(9, 16, generator=g), torch.randn(8, 16, generator=g)
+    a, b = torch.randn(2, 16, generator=g), torch.randn(8, 2, generator=g)
+    y = lora_linear(x, w, a, b, 1.0, dropout_p=0.4, seed=np.int64(5))
+    assert torch.equal(y, lora_linear(x, w, a, b, 1.0, dropout_p=0.4, seed=5))
+    torch.testing.assert_close(y, lora_linear_reference(x, w, a, b, 1.0, dropout_p=0.4, seed=np.int64(5)))
+    for bad in (5.0, True, "5"):
+        with pytest.raises(ValueError, match="seed"):
+            lora_linear(x, w, a, b, 1.0, dropout_p=0.4, seed=bad)
