@@ -1509,7 +1509,7 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     if bias is not None and bias.stride(0) != 1:  # the GEMM epilogue reads the bias with unit stride
         bias = bias.contiguous()
     if x2.shape[0] == 0:  # no rows: the LoRA weights still get (zero) gradients, as with PEFT (DDP needs them)
-        return F.linear(x2, w, bias) + F.linear(F.linear(x2, a_cat), b_cat)
+        return F.linear(x2, w, bias.to(dt) if bias is not None else None) + F.linear(F.linear(x2, a_cat), b_cat)
     if base_gemm == "torch_grouped" and (not segs or 2 * len(segs) + 1 >= _MAX_GROUPS
                                          or not _grouped_ok(x2, w, bias, a_cat, b_cat, check_ptr=not compiling)):
         base_gemm = "torch_all"  # the per-segment cuBLAS path computes the same
@@ -1554,7 +1554,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
 # ----------------------------------------------------------------------------------------------------------------
 def _reference_impl(x2, weight, bias, adapters, segs, seed: int) -> torch.Tensor:
     T, K = x2.shape
-    y = F.linear(x2, weight, bias)
+    y = F.linear(x2, weight, bias.to(x2.dtype) if bias is not None else None)  # a bias in another dtype: cast
     p_row = torch.zeros(T, dtype=torch.float64)
     for aid, s, e in segs:
         p_row[s:e] = float(adapters[aid].dropout_p)

@@ -151,3 +151,24 @@ def test_numpy_integer_seed_is_an_int_seed():
     for bad in (5.0, True, "5"):
         with pytest.raises(ValueError, match="seed"):
             lora_linear(x, w, a, b, 1.0, dropout_p=0.4, seed=bad)
+
+
+@pytest.mark.parametrize("T", [0, 5])
+@pytest.mark.parametrize("xdt,bdt", [(torch.float64, torch.float32), (torch.float32, torch.float64)])
+def test_bias_in_another_dtype_everywhere(T, xdt, bdt):
+    """The kernels cast a bias in another dtype; the torch reference (now float64's path) and the empty-batch
+    path raised "self and mat2 must have the same dtype" instead. Output and bias gradient against float64."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(T, 8, generator=g).to(xdt)
+    w, a, b = torch.randn(4, 8, generator=g), torch.randn(2, 8, generator=g), torch.randn(4, 2, generator=g)
+    bias = torch.randn(4, generator=g).to(bdt).requires_grad_()
+    dy = torch.randn(T, 4, generator=g).to(xdt)
+    want = x.double() @ w.double().T + 0.5 * (x.double() @ a.double().T) @ b.double().T + bias.detach().double()
+    for fn in (lora_linear, lora_linear_reference):
+        bias.grad = None
+        y = fn(x, w.to(xdt), a.to(xdt), b.to(xdt), 0.5, bias=bias)
+        assert y.dtype == xdt
+        y.backward(dy)
+        torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)
+        assert bias.grad.dtype == bdt
+        torch.testing.assert_close(bias.grad.double(), dy.double().sum(0), atol=1e-5, rtol=1e-5)
