@@ -41,8 +41,10 @@ kernels, no graph break.
 
 Off the GPU the kernels run under ``TRITON_INTERPRET=1`` (tiles are upcast to float32 after loading, because the
 interpreter gets bf16 arithmetic wrong). Without a GPU and without the interpreter, the public functions fall back
-to the torch reference with a one-time warning. float64 inputs always take the torch reference (exact float64; the
-kernels accumulate in float32), without a warning. The backward is once-differentiable: a double backward raises.
+to the torch reference with a one-time warning. In eager mode float64 inputs take the torch reference too (exact
+float64; the kernels accumulate in float32), without a warning; a compiled graph runs the kernels for them (fp32
+accumulation: the reference would break ``fullgraph=True``). The backward is once-differentiable: a double
+backward raises.
 """
 from __future__ import annotations
 
@@ -1487,7 +1489,8 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     if gemm_config is not None:
         block_m = _check_gemm_config(gemm_config, block_m)
     backend = backend_for(x2)
-    if backend == "torch" or x2.dtype == torch.float64:  # the kernels accumulate in fp32: float64 gets the exact path
+    if backend == "torch" or (x2.dtype == torch.float64 and not compiling):  # float64: the exact path (the kernels
+        # accumulate in fp32); a compiled graph keeps the custom op (the reference would break fullgraph=True)
         return _reference_fallback(x2, weight, bias, adapters, segs, seed_v, warn=backend == "torch")
     bm = default_block_m(x2.device) if block_m is None else int(block_m)
     if bm < 16 or bm & (bm - 1):

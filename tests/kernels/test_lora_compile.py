@@ -249,3 +249,20 @@ def test_activation_checkpointing_recomputes_the_same_mask(reentrant):
     plain = _run(lambda: block(x), (x, a, b, bias), 21)
     ckpt = _run(lambda: checkpoint(block, x, use_reentrant=reentrant), (x, a, b, bias), 21)
     _assert_same(ckpt, plain)
+
+
+def test_float64_compiles_fullgraph():
+    """Eager float64 takes the exact torch reference (a compiler-disabled function); a compiled graph keeps the
+    custom op for it, so fullgraph=True still traces (float32 accumulation there, as before)."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(9, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, 16, generator=g, dtype=torch.float64)
+    a = torch.randn(2, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(8, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    fn = torch.compile(lambda inp: lora_linear(inp, w, a, b, 0.5, 0.2, seed=3), backend="aot_eager", fullgraph=True)
+    got = fn(x)
+    want = lora_linear(x, w, a, b, 0.5, 0.2, seed=3)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    gx, = torch.autograd.grad(got.sum(), x)
+    torch.testing.assert_close(gx, torch.autograd.grad(want.sum(), x)[0], atol=1e-5, rtol=1e-5)
