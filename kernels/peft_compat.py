@@ -26,8 +26,8 @@ PEFT's. ``apply_fused_lora`` itself refuses (``ValueError`` naming the layer, no
 never run fused: DoRA and other variants on the active adapter, ``fan_in_fan_out`` (Conv1D bases), merged
 adapters, several active adapters, a base layer that is not ``nn.Linear``, subclasses of PEFT's ``Linear``.
 
-A base weight that requires grad is refused by the kernels (they compute no gradient for it) while grad mode is
-on: ``ValueError`` from the layer's forward.
+A base weight that requires grad is refused while grad mode is on (the kernels compute no gradient for it):
+``ValueError`` from the layer's forward, naming ``base_layer.weight``; under ``torch.no_grad()`` it runs.
 """
 from __future__ import annotations
 
@@ -111,6 +111,9 @@ class FusedLoRALinear(_PeftLoraLinear):
         if name is None:
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
+        if base.weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError("base_layer.weight: requires grad, but the fused kernels compute no gradient for it; "
+                             "freeze it (requires_grad_(False)) or call restore_peft_lora(model) first")
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
         scaling = float(self.scaling[name])
         bias = base.bias

@@ -323,3 +323,19 @@ def test_adapter_on_a_subset_of_the_layers(fused_calls):
     ref.set_adapter("default")
     torch.testing.assert_close(fused(x), ref(x), atol=2e-5, rtol=2e-5)
     assert len(fused_calls) == 4
+
+
+def test_trainable_base_weight_is_refused_not_silently_frozen():
+    """The kernels compute no gradient for the base weight: a PEFT layer whose base weight requires grad raises
+    (naming it) instead of training everything but W; under no_grad / inference_mode it runs and matches PEFT."""
+    ref = _peft_model(4, 8, 0.0, False).eval()
+    fused = copy.deepcopy(ref)
+    apply_fused_lora(fused)
+    fused.base_model.model.up.base_layer.weight.requires_grad_(True)
+    x = torch.randn(2, 3, 24)
+    with pytest.raises(ValueError, match="base_layer.weight"):
+        fused(x)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x), atol=2e-5, rtol=2e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), ref(x), atol=2e-5, rtol=2e-5)
