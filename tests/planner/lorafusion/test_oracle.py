@@ -254,3 +254,50 @@ def test_plan_is_never_slower_than_the_sequential_baseline(tmp_path):
     assert plan.predicted_ms <= plan.baselines_ms["sequential"] + 1e-9
     assert plan.sequence_source == "sequential" and plan.summary.speedup_vs_sequential == 1.0
     assert plan.simulate().makespan_ms == pytest.approx(plan.predicted_ms, abs=1e-4)
+
+
+def _oracle_1f1b(t, S, waits=()):
+    """Longest path of a 1F1B pipeline, written out here: stage s runs min(S-s-1, M) forwards, then alternates
+    F/B, then drains; F(i,s) after F(i,s-1), B(i,s) after B(i,s+1) (last stage: after F(i,S-1)), each stage in
+    its order; (i, j) in ``waits``: F(i, s) after B(j, s) on every stage. Forward = 1/3 of the microbatch."""
+    M = len(t)
+    wait = {}
+    for i, j in waits:
+        wait.setdefault(i, []).append(j)
+    order, prev = {}, {}
+    for s in range(S):
+        w = min(S - s - 1, M)
+        o = [("F", i) for i in range(w)]
+        for i in range(M - w):
+            o += [("F", w + i), ("B", i)]
+        order[s] = o + [("B", i) for i in range(M - w, M)]
+        prev.update({(b, s): (a, s) for a, b in zip(order[s], order[s][1:])})
+    end, todo = {}, [(op, s) for s in range(S) for op in order[s]]
+    while todo:
+        left = []
+        for op, s in todo:
+            kind, i = op
+            deps = [prev[(op, s)]] if (op, s) in prev else []
+            if kind == "F":
+                deps += ([(("F", i), s - 1)] if s else []) + [(("B", j), s) for j in wait.get(i, ())]
+            else:
+                deps.append((("B", i), s + 1) if s + 1 < S else (("F", i), s))
+            if all(d in end for d in deps):
+                end[(op, s)] = max((end[d] for d in deps), default=0.0) + (t[i] / 3 if kind == "F" else 2 * t[i] / 3)
+            else:
+                left.append((op, s))
+        assert len(left) < len(todo), "oracle deadlock"
+        todo = left
+    return max(end.values())
+
+
+def test_1f1b_simulation_equals_a_longest_path_oracle():
+    """200 pipelines (seed 8): 1-8 microbatches (some no-ops of 0 ms) of random cost, 1-6 stages, optimizer-step
+    waits at least S apart (what the dependency rule guarantees)."""
+    rng = random.Random(8)
+    for _ in range(200):
+        M, S = rng.randint(1, 8), rng.randint(1, 6)
+        t = [rng.choice([0.0, rng.uniform(0.1, 5)]) for _ in range(M)]
+        waits = [(i, j) for i, j in ((rng.randrange(M), rng.randrange(M)) for _ in range(rng.randint(0, 2)))
+                 if i - j >= S]
+        assert simulate_1f1b(t, S, waits).makespan_ms == pytest.approx(_oracle_1f1b(t, S, waits), rel=1e-12, abs=1e-12)
