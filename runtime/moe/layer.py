@@ -17,6 +17,12 @@ local shards, experts ``expert_offset .. expert_offset + E/P - 1``) and runs the
 Its weights (``shared_w1`` (1, hidden, .), ``shared_w2`` (1, ., hidden)) are replicated on every rank (dense
 parameters for data parallelism). Expert-parallel, it runs while the first dispatches are in flight, forward
 and backward.
+
+``attach_aux_loss=True`` hangs the router losses on the layer's output instead (its backward adds their
+gradient, as Megatron-core does): then do *not* add ``moe.aux_loss`` to the loss (it is detached, for logging).
+Use it under reentrant activation checkpointing (``torch.utils.checkpoint(use_reentrant=True)``, DeepSpeed's and
+Megatron's recompute): there the checkpointed forward runs under ``no_grad``, so the ``moe.aux_loss`` read after
+it has no graph and the load-balancing / z / entropy terms would silently not train the router.
 """
 from __future__ import annotations
 
@@ -32,6 +38,21 @@ from .router import Router, RouterConfig, RouterStats
 __all__ = ["MoELayer"]
 
 
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on the layer output whose backward also sends gradient 1 into the aux loss (Megatron-core's
+    MoEAuxLossAutoScaler idea): the aux loss trains the router whenever the output is backpropagated."""
+
+    @staticmethod
+    def forward(ctx, out, aux):
+        ctx.save_for_backward(aux)        # used by the backward: a traced (torch.compile) graph keeps its gradient
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (aux,) = ctx.saved_tensors
+        return grad, torch.ones_like(aux)
+
+
 class MoELayer(nn.Module):
     """Mixture-of-experts MLP. Parameters: ``router.proj`` (E, hidden) and expert weights
     ``w1`` (E_local, hidden, 2*ffn for SwiGLU / ffn for GELU), ``w2`` (E_local, ffn, hidden)."""
@@ -39,8 +60,12 @@ class MoELayer(nn.Module):
     def __init__(self, hidden: int, ffn: int, router: RouterConfig, *, activation: str = "swiglu",
                  backend: Backend = "auto", ep: ExpertParallel | None = None, r_fwd: int = 1, r_bwd: int = 1,
                  reducer: GradSliceReducer | None = None, wgrad: str = "fused", order_fwd: str = "dispatch-first",
-                 order_bwd: str = "dispatch-first", shared_experts: int = 0, shared_ffn: int | None = None):
+                 order_bwd: str = "dispatch-first", shared_experts: int = 0, shared_ffn: int | None = None,
+                 attach_aux_loss: bool = False):
         super().__init__()
+        if not isinstance(attach_aux_loss, bool):
+            raise ValueError(f"attach_aux_loss: {attach_aux_loss!r} must be True or False")
+        self.attach_aux_loss = attach_aux_loss
         if shared_experts < 0 or (shared_ffn is not None and shared_ffn < 1):
             raise ValueError(f"shared_experts={shared_experts}, shared_ffn={shared_ffn}: need shared_experts >= 0 "
                              "and shared_ffn >= 1")
@@ -101,11 +126,11 @@ class MoELayer(nn.Module):
             raise ValueError(f"input: last dim {shape[-1]} != hidden {self.hidden}")
         xt = x.reshape(-1, self.hidden)
         routing = self.router(xt)
-        self.aux_loss = routing.aux_loss
         self.last_stats = routing.stats
         out = self._dispatch(xt, routing)
         if self.training:
             self._schedule_router_update(routing)
+        self.aux_loss = routing.aux_loss.detach() if self.attach_aux_loss else routing.aux_loss
         return out.reshape(shape)
 
     @torch.compiler.disable
@@ -177,4 +202,8 @@ class MoELayer(nn.Module):
         out = unpermute(y, routing.weight.to(y.dtype), index, self.backend)
         if y_shared is not None:
             out = out + y_shared
+        if self.attach_aux_loss and routing.aux_loss.requires_grad:
+            # here, in eager code: under torch.compile an output that aliases its input (this identity) is
+            # replayed as a view outside the graph, which dropped the aux loss's gradient
+            out = _AttachAuxLoss.apply(out, routing.aux_loss)
         return out

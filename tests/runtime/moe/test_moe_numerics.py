@@ -179,6 +179,32 @@ def test_checkpoint_recompute_routes_like_the_forward(kind, reentrant):
         assert plain.router.p < 0.9
 
 
+@pytest.mark.parametrize("mode", ["plain", "reentrant", "non-reentrant"])
+def test_attached_aux_loss_trains_the_router_under_checkpointing(mode):
+    """attach_aux_loss=True: the router losses' gradient rides on the output's backward. Under reentrant
+    checkpointing ``layer.aux_loss`` comes from a no_grad forward (no graph: adding it to the loss trained nothing);
+    attached, every gradient equals the un-checkpointed layer with ``loss + aux_loss``."""
+    torch.manual_seed(16)
+    cfg = RouterConfig(kind="top_p", num_experts=4, k_max=3, p=0.6, aux_loss_coef=0.5, z_loss_coef=0.1,
+                       entropy_coef=0.2)
+    plain = MoELayer(8, 6, cfg, backend="torch")
+    att = MoELayer(8, 6, cfg, backend="torch", attach_aux_loss=True)
+    att.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 7, 8)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = plain(xa)
+    (ya.square().sum() + plain.aux_loss).backward()
+    yb = att(xb) if mode == "plain" else checkpoint(att, xb, use_reentrant=mode == "reentrant")
+    yb.square().sum().backward()
+    torch.testing.assert_close(yb, ya, rtol=0, atol=0)
+    assert not att.aux_loss.requires_grad and float(att.aux_loss) == float(plain.aux_loss.detach()) > 0
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-6, atol=1e-7)
+    for (n, p), (_, q) in zip(plain.named_parameters(), att.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
+    with pytest.raises(ValueError, match="attach_aux_loss: 1"):
+        MoELayer(8, 6, cfg, attach_aux_loss=1)
+
+
 def test_router_state_moves_with_the_backward_once():
     torch.manual_seed(15)
     layer = MoELayer(8, 6, RouterConfig(kind="top_p", num_experts=4, k_max=3, **{k: v for k, v in
@@ -211,17 +237,18 @@ def _close(got, want, what):
 
 
 def _ep_case(rank, world, ep, cfg, Ts, r_fwd, r_bwd, seed, *, wgrad="fused", bias=None, train=False, steps=1,
-             ckpt=False):
+             ckpt=False, backend="torch"):
     """The EP layer on this rank's tokens vs the single-process layer on every rank's tokens (gradients summed
     over ranks for the replicated router), over ``steps`` training steps; returns the EP layer."""
     torch.manual_seed(seed)
     ref = MoELayer(HID, FFN, cfg, backend="torch").train(train)
     if bias is not None:
         ref.router.expert_bias.copy_(bias)
-    lay = MoELayer(HID, FFN, cfg, backend="torch", ep=ep, r_fwd=r_fwd, r_bwd=r_bwd, wgrad=wgrad).train(train)
+    lay = MoELayer(HID, FFN, cfg, backend=backend, ep=ep, r_fwd=r_fwd, r_bwd=r_bwd, wgrad=wgrad).train(train)
     lay.router.load_state_dict(ref.router.state_dict())
     lay.load_full_experts(ref.w1.detach(), ref.w2.detach())
-    name = f"{cfg.kind} cf={cfg.capacity_factor} T={Ts} r=({r_fwd},{r_bwd}) ckpt={ckpt}"
+    name = (f"{cfg.kind} cf={cfg.capacity_factor} T={Ts} r=({r_fwd},{r_bwd}) ckpt={ckpt} backend={backend} "
+            f"hier={ep.hierarchical}/{ep.gpus_per_node}")
     for step in range(steps):
         gens = [torch.Generator().manual_seed(1000 * seed + 10 * step + s) for s in range(world)]
         xs = [torch.randn(T, HID, generator=g) for T, g in zip(Ts, gens)]
@@ -277,6 +304,14 @@ def _ep_worker(rank, world):
                            drop_policy=policy)
         _ep_case(rank, world, ep, cfg, [9, 0, 4], 4, 3, seed=1, wgrad="deferred")
         done += 1
+    # the same edges through the Triton kernels (interpreted) and through the hierarchical exchange with one rank
+    # per node (intra-node groups of one) and with one node (inter-node groups of one)
+    cfg = RouterConfig(kind="gshard", num_experts=E3, top_k=2, capacity_factor=0.7)
+    _ep_case(rank, world, ep, cfg, [9, 0, 4], 2, 3, seed=5, wgrad="per-chunk", backend="triton")
+    for gpn in (1, 3):
+        hier = ExpertParallel.create(E3, hierarchical=True, gpus_per_node=gpn)
+        _ep_case(rank, world, hier, cfg, [0, 9, 4], 3, 2, seed=6, wgrad="deferred")
+    done += 3
     # experts 1 and 4 receive no token anywhere (bias -10): zero weight gradients on their owners, and equal
     bias = torch.tensor([0.0, -10.0, 0.1, 0.0, -10.0, 0.2])
     cfg = RouterConfig(kind="sigmoid_bias", num_experts=E3, top_k=2)
@@ -302,7 +337,7 @@ def _ep_worker(rank, world):
 
 
 def test_ep_three_ranks_edges_and_router_state():
-    assert spawn_gloo(_ep_worker, 3, timeout_s=90) == [7] * 3
+    assert spawn_gloo(_ep_worker, 3, timeout_s=90) == [10] * 3
 
 
 # ---------------------------------------------------------------------------------------------------
