@@ -207,6 +207,8 @@ class TrainResult:
     losses: dict[tuple[int, int], float] = field(default_factory=dict)
     """(job, global batch) -> mean token loss of that global batch (before its optimizer step)"""
     microbatch_losses: list[float] = field(default_factory=list)
+    """per executed microbatch, the loss it backpropagated: the sum over its jobs of (their tokens' CE sum here /
+    their global batch's target tokens) - each job's share of its global-batch mean, not a mean of this microbatch"""
     steps: dict[int, int] = field(default_factory=dict)
     """job -> optimizer steps taken"""
 
