@@ -163,9 +163,9 @@ def fill_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadli
     fill best while that group stays within the receiver's makespan and within memory (Mem_p <= E); so the
     receiver's makespan is unchanged and every donor only loses work; the receiver's idle GPUs count as empty
     groups (largest power of two first), so a micro-batch that leaves GPUs idle can take whole sequences. Donors
-    are then rebalanced by :func:`local_search` and :func:`structure_search` (a few structures always, more until
-    ``deadline``); a donor left empty is dropped (one b1 less). The split is then no longer consecutive runs of the sorted order; every plan is still
-    evaluated on the real lengths. Returns the input unless the step's total time strictly drops."""
+    are then rebalanced by :func:`local_search` and :func:`structure_search` (a few structures always for a donor
+    left with <= 8 sequences, more until ``deadline``); a donor left empty is dropped (one b1 less). The split
+    is then no longer consecutive runs of the sorted order; every plan is still evaluated on the real lengths. Returns the input unless the step's total time strictly drops."""
     if len(mbs) < 2:
         return mbs
     cur = [MBSolution([(d, list(ids)) for d, ids in mb.groups], time_ms=mb.time_ms, source=mb.source,
@@ -218,9 +218,11 @@ def fill_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadli
             if nd.groups:
                 nd = local_search(nd, lens, cm)
                 ids_b = np.array(sorted(nd.seq_ids(), key=lambda i: (int(lens[i]), i)), dtype=np.int64)
-                # a few structures whatever the clock says (a donor left with one sequence wants all GPUs; a
-                # deterministic minimum), then more while the deadline allows
-                nd = structure_search(ids_b, lens, cm, nd, max_evals=6, source=donor.source)
+                # a donor left with a few sequences gets a few structures whatever the clock says (one sequence
+                # left on a degree-2 group wants all GPUs; cheap at that size, and deterministic), then any donor
+                # more while the deadline allows
+                if ids_b.size <= 8:
+                    nd = structure_search(ids_b, lens, cm, nd, max_evals=6, source=donor.source)
                 if deadline is not None and time.perf_counter() < deadline:
                     nd = structure_search(ids_b, lens, cm, nd, deadline=deadline, source=donor.source)
             cur[b] = nd
