@@ -120,8 +120,8 @@ def check_fits(lens: np.ndarray, cm: SPCostModel, where: str = "--seqlens") -> N
     cap = cm.token_capacity(cm.world)
     i = int(np.argmax(lens))
     if cap < 1:
-        raise InputError("--gpus", f"the {cm.model.name} model states alone need {cm.model_state_bytes / GiB:.1f} GiB per GPU "
-                                   f"on {cm.world} GPUs (ZeRO-{cm.model.zero_stage}), more than the device's "
+        raise InputError("--gpus", f"the {cm.model.name} model states alone need {cm.model_state_bytes / GiB:.1f} "
+                                   f"GiB per GPU on {cm.world} GPUs (ZeRO-{cm.model.zero_stage}), more than the device's "
                                    f"{cm.memory_bytes / GiB:.1f} GiB: no sequence fits; add GPUs")
     if lens[i] > cap:
         need = cm.memory_needed(float(lens[i]), cm.world)

@@ -165,7 +165,8 @@ def fill_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadli
     groups (largest power of two first), so a micro-batch that leaves GPUs idle can take whole sequences. Donors
     are then rebalanced by :func:`local_search` and :func:`structure_search` (a few structures always for a donor
     left with <= 8 sequences, more until ``deadline``); a donor left empty is dropped (one b1 less). The split
-    is then no longer consecutive runs of the sorted order; every plan is still evaluated on the real lengths. Returns the input unless the step's total time strictly drops."""
+    is then no longer consecutive runs of the sorted order; every plan is still evaluated on the real lengths.
+    Returns the input unless the step's total time strictly drops."""
     if len(mbs) < 2:
         return mbs
     cur = [MBSolution([(d, list(ids)) for d, ids in mb.groups], time_ms=mb.time_ms, source=mb.source,

@@ -271,6 +271,6 @@ def solve_slices(gaps_ms: list[float], produced: list[float], alpha: float, beta
         else:
             best = SolveOutcome(f"heuristic+{solved.backend}", "heuristic", sum(greedy), None,
                                 solved.solve_seconds + heur.solve_seconds, params, heur.values,
-                                note=f"CBC's {solved.status} solution hid {sum(mine):.6g} of the gradients once checked "
-                                     f"against its constraints, the greedy fill {sum(greedy):.6g}")
+                                note=f"CBC's {solved.status} solution hid {sum(mine):.6g} of the gradients once "
+                                     f"checked against its constraints, the greedy fill {sum(greedy):.6g}")
     return GradSliceResult(slices, _exposed(slices, produced, alpha, beta), best)

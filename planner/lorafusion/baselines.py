@@ -71,8 +71,8 @@ def mlora_baseline(w: Workload, cost: StageCost, *, sort_by_length: bool = False
         computed += rows * width
         biggest = max(biggest, rows * width)
     sim = simulate_1f1b(stage_ms, cfg.stages, update_dependencies(seq))
-    return BaselineResult("mlora_sorted" if sort_by_length else "mlora", sim.makespan_ms, len(seq), noops, sum(L), computed,
-                          biggest, seq)
+    return BaselineResult("mlora_sorted" if sort_by_length else "mlora", sim.makespan_ms, len(seq), noops, sum(L),
+                          computed, biggest, seq)
 
 
 def sequential_baseline(w: Workload, cost: StageCost) -> BaselineResult:

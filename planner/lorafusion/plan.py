@@ -203,7 +203,8 @@ class LoRAPlan(Plan):
             ("jobs", ", ".join(f"{j.name}(r={j.adapter.r})" for j in self.jobs)),
             ("groups", " | ".join("+".join(self.jobs[a].name for a in g) for g in self.groups)),
             ("microbatches", f"{s.microbatches} ({s.noop_microbatches} no-op, {s.merges} merged)"
-                             + ("; the per-job sequential schedule (simulated faster)" if self.sequence_source == "sequential" else "")),
+                             + ("; the per-job sequential schedule (simulated faster)"
+                                if self.sequence_source == "sequential" else "")),
             ("speedup vs mLoRA-style", f"{s.speedup_vs_mlora:.3f}x"),
             ("speedup vs sequential", f"{s.speedup_vs_sequential:.3f}x"),
             ("speedup vs mLoRA-style, sorted", f"{s.speedup_vs_mlora_sorted:.3f}x"),
