@@ -206,11 +206,42 @@ class Router(nn.Module):
         self.proj = nn.Linear(hidden, config.num_experts, bias=False)
         nn.init.normal_(self.proj.weight, std=hidden ** -0.5)
         self.register_buffer("expert_bias", torch.zeros(config.num_experts), persistent=True)
-        self.p = float(config.p)
+        # the top_p threshold is state (the controller moves it): a persistent buffer, so a checkpoint resumes with
+        # the controlled p (as a plain attribute it was not in the state_dict: a resumed run routed with config.p)
+        self.register_buffer("p_threshold", torch.tensor(float(config.p), dtype=torch.float64), persistent=True)
         self.last_stats: RouterStats | None = None
         #: True when the owner (an :class:`~adasched.runtime.moe.layer.MoELayer`) applies the top_p controller step
         #: itself (after the backward, on the expert-parallel group's mean k); False: :meth:`forward` applies it
         self.deferred_updates = False
+
+    @property
+    def p(self) -> float:
+        """The current top_p threshold (``config.p`` until the controller moves it)."""
+        return float(self.p_threshold)
+
+    @p.setter
+    def p(self, value: float) -> None:
+        with torch.no_grad():
+            self.p_threshold.fill_(float(value))
+
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)`` / ``.half()`` / ``.bfloat16()`` leave the routing state in full precision: in bf16 a
+        ``bias_update_rate=1e-3`` step is under half an ulp once |bias| >= 0.5 (the bias stopped moving) and p's
+        controller steps were rounded the same way. Device moves apply as usual."""
+        super()._apply(fn, recurse)
+        for name, dt in (("expert_bias", torch.float32), ("p_threshold", torch.float64)):
+            b = self._buffers.get(name)
+            if b is not None and b.dtype != dt:
+                self._buffers[name] = b.to(dt)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "p_threshold"
+        if key not in state_dict:                  # a state_dict saved before p was a buffer: keep the current p
+            state_dict[key] = self.p_threshold.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # -- public -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> Routing:
@@ -297,7 +328,7 @@ class Router(nn.Module):
         sp, si = torch.sort(probs, dim=-1, descending=True)
         sp, si = sp[:, :k_max], si[:, :k_max]
         before = torch.cumsum(sp, -1) - sp            # mass strictly before each element
-        mask = before < self.p                        # keeps the element that crosses p
+        mask = before < self.p_threshold              # keeps the element that crosses p (compared in sp's dtype)
         mask[:, 0] = True
         return si, sp, mask
 

@@ -205,6 +205,36 @@ def test_attached_aux_loss_trains_the_router_under_checkpointing(mode):
         MoELayer(8, 6, cfg, attach_aux_loss=1)
 
 
+def test_router_state_survives_checkpoints_and_dtype_casts():
+    """The controlled p is in the state_dict (it was a plain attribute: a resumed run routed with config.p again);
+    a state_dict without it (saved before) still loads strictly; ``.to(bfloat16)`` keeps the bias and p in full
+    precision (a bf16 bias at 0.6 swallowed every 1e-3 step)."""
+    torch.manual_seed(17)
+    cfg = RouterConfig(kind="top_p", num_experts=4, k_max=3, p=0.9, target_k=1.2, controller_rate=0.3)
+    layer = MoELayer(8, 6, cfg, backend="torch")
+    for _ in range(2):
+        layer(torch.randn(12, 8)).sum().backward()
+    assert layer.router.p < 0.9
+    resumed = MoELayer(8, 6, cfg, backend="torch")
+    resumed.load_state_dict(layer.state_dict())
+    assert resumed.router.p == layer.router.p
+    old = {k: v for k, v in layer.state_dict().items() if not k.endswith("p_threshold")}
+    resumed.router.p = 0.33
+    resumed.load_state_dict(old)                          # strict: an older checkpoint still loads
+    assert resumed.router.p == 0.33
+    half = MoELayer(8, 6, RouterConfig(kind="sigmoid_bias", num_experts=4, top_k=1), backend="torch")
+    half = half.to(torch.bfloat16)
+    assert half.w1.dtype == torch.bfloat16 and half.router.proj.weight.dtype == torch.bfloat16
+    assert half.router.expert_bias.dtype == torch.float32 and half.router.p_threshold.dtype == torch.float64
+    half.router.expert_bias.fill_(0.6)
+    half.router.update_bias(torch.tensor([1, 2, 3, 10]))
+    torch.testing.assert_close(half.router.expert_bias, torch.tensor([0.601, 0.601, 0.601, 0.599]))
+    y = half.train()(torch.randn(6, 8, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert half.router.expert_bias.dtype == torch.float32
+
+
 def test_router_state_moves_with_the_backward_once():
     torch.manual_seed(15)
     layer = MoELayer(8, 6, RouterConfig(kind="top_p", num_experts=4, k_max=3, **{k: v for k, v in
