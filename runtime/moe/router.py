@@ -11,7 +11,9 @@ Routers (``RouterConfig.kind``):
   loss ``E * sum_e f_e * P_e`` (f_e: fraction of assignments to e before drops, P_e: mean probability).
 - ``switch``: softmax, top-1, gate = the probability (not renormalised), same load-balancing loss.
 - ``sigmoid_bias``: scores ``sigmoid(logits)``; selection by top-k of ``scores + bias`` where ``bias`` is
-  a buffer (not trained by gradients); gates = the chosen *scores* (without bias) renormalised to sum 1.
+  a buffer (not trained by gradients); gates = the chosen *scores* (without bias) renormalised to sum 1 for
+  k > 1, the score itself for k = 1 (as Megatron-core; renormalised, one gate is the constant 1 and the router
+  got no gradient from the task loss).
   Aux-loss-free balancing: once per training forward that is backpropagated, the layer calls
   :meth:`Router.update_bias` with the token counts per expert ``c`` (summed over the expert-parallel group),
   and the bias moves by ``bias_e += bias_update_rate * sign(mean(c) - c_e)``: overloaded experts become less
@@ -265,7 +267,8 @@ class Router(nn.Module):
                 scores = torch.sigmoid(logits)
                 sel = torch.topk(scores.detach() + self.expert_bias, cfg.top_k, dim=-1).indices
                 gate = scores.gather(1, sel)
-                gate = gate / gate.sum(-1, keepdim=True)
+                if cfg.top_k > 1:   # k = 1: s/s is the constant 1 - no gradient would reach the router
+                    gate = gate / gate.sum(-1, keepdim=True)
                 probs = scores / scores.sum(-1, keepdim=True)
                 mask = torch.ones_like(sel, dtype=torch.bool)
             else:

@@ -28,19 +28,19 @@ def _choices(kind, logits, bias, k, p, k_max):
     out = []
     for t in range(logits.shape[0]):
         row = logits[t]
-        if kind == "sigmoid_bias":
+        if kind == "sigmoid_bias":                       # renormalised over the chosen k when k > 1 (Megatron)
             s = torch.sigmoid(row)
             sel = sorted(range(len(row)), key=lambda e: -(float(s[e]) + float(bias[e])))[:k]
-            tot = sum(float(s[e]) for e in sel)
+            tot = sum(float(s[e]) for e in sel) if k > 1 else 1.0
             out.append([(e, float(s[e]) / tot) for e in sel])
             continue
         pr = torch.softmax(row, 0)
         order = sorted(range(len(row)), key=lambda e: -float(pr[e]))
         if kind == "switch":
             out.append([(order[0], float(pr[order[0]]))])
-        elif kind == "gshard":
+        elif kind == "gshard":                           # renormalised over the chosen k when k > 1
             sel = order[:k]
-            tot = sum(float(pr[e]) for e in sel)
+            tot = sum(float(pr[e]) for e in sel) if k > 1 else 1.0
             out.append([(e, float(pr[e]) / tot) for e in sel])
         else:                                            # top_p: prefix reaching p, crossing element kept
             sel, acc = [], 0.0
@@ -69,18 +69,19 @@ def _capacity_reference(choices, E, cf, policy):
 
 
 @pytest.mark.parametrize("policy", ["position", "probs"])
-@pytest.mark.parametrize("kind", ["gshard", "switch", "sigmoid_bias", "top_p"])
-def test_routing_and_drops_match_per_token_reference(kind, policy):
+@pytest.mark.parametrize("kind,k", [("gshard", 3), ("gshard", 1), ("switch", 1), ("sigmoid_bias", 3),
+                                    ("sigmoid_bias", 1), ("top_p", 3)])
+def test_routing_and_drops_match_per_token_reference(kind, k, policy):
     E, T, Hd = 5, 23, 10
     torch.manual_seed(11)
-    cfg = RouterConfig(kind=kind, num_experts=E, top_k=3, capacity_factor=0.6, drop_policy=policy, p=0.55, k_max=3)
+    cfg = RouterConfig(kind=kind, num_experts=E, top_k=k, capacity_factor=0.6, drop_policy=policy, p=0.55, k_max=3)
     r = Router(Hd, cfg)
     with torch.no_grad():
         r.expert_bias.copy_(torch.randn(E) * 0.2)
     x = torch.randn(T, Hd)
     out = r(x)
     logits = (x.double() @ r.proj.weight.detach().double().t())
-    want, dropped = _capacity_reference(_choices(kind, logits, r.expert_bias.double(), 3, 0.55, 3), E, 0.6, policy)
+    want, dropped = _capacity_reference(_choices(kind, logits, r.expert_bias.double(), k, 0.55, 3), E, 0.6, policy)
     got = sorted(zip(out.token_idx.tolist(), out.expert_idx.tolist(), out.weight.tolist()))
     assert [g[:2] for g in got] == [w[:2] for w in want], kind
     torch.testing.assert_close(torch.tensor([g[2] for g in got], dtype=torch.float64),
@@ -88,6 +89,35 @@ def test_routing_and_drops_match_per_token_reference(kind, policy):
     assert dropped > 0 and out.stats.dropped == dropped
     assert out.counts.tolist() == [sum(1 for w in want if w[1] == e) for e in range(E)]
     assert out.stats.mean_k == pytest.approx(len(want) / T)
+
+
+@pytest.mark.parametrize("kind,k", [("gshard", 1), ("switch", 1), ("sigmoid_bias", 1), ("sigmoid_bias", 2),
+                                    ("top_p", 1), ("expert_choice", 1)])
+def test_task_loss_trains_the_router_at_every_k(kind, k):
+    """The gates carry the router's gradient for every router at k = 1 too: sigmoid_bias renormalised a single
+    chosen score to the constant 1, so its router got no gradient from the task loss (max |grad| ~1e-6, rounding)."""
+    torch.manual_seed(18)
+    layer = MoELayer(8, 6, RouterConfig(kind=kind, num_experts=4, top_k=k, k_max=k, z_loss_coef=0.0,
+                                        aux_loss_coef=0.0, entropy_coef=0.0), backend="torch")
+    x = torch.randn(10, 8, dtype=torch.float64)
+    layer.double()
+    layer(x).square().sum().backward()
+    g = layer.router.proj.weight.grad
+    assert g.abs().max() > 1e-3, (kind, k, g.abs().max())
+    # and it is the true gradient: a central finite difference on one router weight (the router computes its
+    # logits in float32, hence the step of 1e-3 and the 1e-2 tolerance)
+    w = layer.router.proj.weight
+    i, j = divmod(int(g.abs().argmax()), g.shape[1])
+    sel = layer.router(x).expert_idx
+    with torch.no_grad():
+        w[i, j] += 1e-3
+        up = layer(x).square().sum()
+        assert torch.equal(layer.router(x).expert_idx, sel)
+        w[i, j] -= 2e-3
+        down = layer(x).square().sum()
+        assert torch.equal(layer.router(x).expert_idx, sel)
+        w[i, j] += 1e-3
+    assert float((up - down) / 2e-3) == pytest.approx(float(g[i, j]), rel=1e-2)
 
 
 def _aux_reference(kind, logits, cfg, assignments_before_drop):
