@@ -123,6 +123,22 @@ class RouterConfig:
             raise ValueError(f"target_k: {self.target_k} must be in [1, k_max={self.effective_k_max}]")
         if not (0.0 < self.p_min <= 1.0):
             raise ValueError(f"p_min: {self.p_min} must be in (0, 1]")
+        object.__setattr__(self, "_validated", True)
+
+    def __setattr__(self, name, value) -> None:
+        """A field changed after construction (a capacity factor or k changed between steps) is validated like
+        the constructor's: a bad value raises ValueError naming it and the old value stays (it was taken as is:
+        ``capacity_factor = 0`` dropped every assignment, ``top_k = 9`` of 8 experts failed inside torch.topk)."""
+        if not self.__dict__.get("_validated", False):
+            object.__setattr__(self, name, value)
+            return
+        old = getattr(self, name)
+        object.__setattr__(self, name, value)
+        try:
+            self.__post_init__()
+        except ValueError:
+            object.__setattr__(self, name, old)
+            raise
 
     @property
     def effective_k_max(self) -> int:

@@ -120,6 +120,30 @@ def test_task_loss_trains_the_router_at_every_k(kind, k):
     assert float((up - down) / 2e-3) == pytest.approx(float(g[i, j]), rel=1e-2)
 
 
+def test_capacity_changed_between_steps():
+    """A capacity factor (or k) changed on a live layer between steps takes effect at the next forward and equals
+    a layer built with it; a bad value raises naming it and leaves the old one (it was taken as is: 0 dropped every
+    assignment)."""
+    torch.manual_seed(19)
+    live = MoELayer(8, 6, RouterConfig(kind="gshard", num_experts=4, top_k=2), backend="torch")
+    x = torch.randn(24, 8)
+    for cf, k in ((None, 2), (0.5, 2), (3.0, 1), (0.25, 3)):
+        live.router.config.capacity_factor = cf
+        live.router.config.top_k = k
+        fresh = MoELayer(8, 6, RouterConfig(kind="gshard", num_experts=4, top_k=k, capacity_factor=cf),
+                         backend="torch")
+        fresh.load_state_dict(live.state_dict())
+        torch.testing.assert_close(live(x), fresh(x), rtol=0, atol=0)
+        assert live.last_stats.as_dict() == fresh.last_stats.as_dict()
+        assert (live.last_stats.dropped > 0) == (cf is not None and cf < 1)
+    for field, bad, needle in (("capacity_factor", 0.0, "capacity_factor: 0.0"), ("top_k", 5, "top_k: 5"),
+                               ("drop_policy", "random", "drop_policy: 'random'")):
+        before = getattr(live.router.config, field)
+        with pytest.raises(ValueError, match=needle):
+            setattr(live.router.config, field, bad)
+        assert getattr(live.router.config, field) == before
+
+
 def _aux_reference(kind, logits, cfg, assignments_before_drop):
     """The aux terms from their formulas in float64 (differentiable in logits)."""
     T, E = logits.shape
