@@ -373,6 +373,10 @@ class GradSliceReducer:
     gradients. A gradient that accumulates into elements already launched (a second backward before
     :meth:`finish` outside ``no_sync``) raises RuntimeError: that slice's reduced value would be stale and
     :meth:`finish` would write it over the accumulated gradient (it did, silently).
+
+    The backward graph must be the same on every rank (as for DDP without ``find_unused_parameters``): what is
+    launched in a gap depends on which gradients exist there, so a parameter with a gradient on some ranks only
+    would pair different all-reduces across ranks. A parameter with no gradient on every rank is reduced as zeros.
     """
 
     def __init__(self, params, slices, group=None, average: bool = True):
@@ -451,6 +455,8 @@ class GradSliceReducer:
         for p, s in zip(self.params, self.sizes):
             lo, hi = max(start, off), min(upto, off + s)
             if lo < hi:
+                if p.grad is None:   # no gradient this step on this rank (unused here): it contributes zeros, as
+                    p.grad = torch.zeros_like(p)   # DDP does - every rank must send the same elements
                 pieces.append(p.grad.reshape(-1)[lo - off:hi - off])
             off += s
         buf = torch.cat(pieces).contiguous()

@@ -469,7 +469,17 @@ def _accum_worker(rank, world):
     except RuntimeError as err:
         assert "no_sync" in str(err), err
     red.finish()
+    # a dense parameter that gets no gradient this step (a branch skipped on every rank; zero_grad(set_to_none)):
+    # it is reduced as zeros (finish() raised AttributeError on its None grad)
+    zero()
+    extra = torch.nn.Linear(HID, 1)
+    red2 = GradSliceReducer(dense + list(extra.parameters()), [1e6])
+    moe.reducer = red2
+    out(moe(lin(xs[0]))).square().sum().backward()
+    red2.finish()
+    assert torch.equal(extra.weight.grad, torch.zeros_like(extra.weight))
     red.remove()
+    red2.remove()
     return True
 
 
