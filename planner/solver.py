@@ -35,12 +35,18 @@ class SolveParams:
     mip_gap: float = 1e-6
     """Relative gap at which the MILP is considered solved (proved within this gap counts as optimal)."""
     msg: bool = False
+    node_limit: int | None = None
+    """Branch-and-bound nodes at most (CBC through PuLP, SCIP through OR-Tools): unlike the clock, a node limit
+    that stops the search stops it at the same point on any machine load (with ``threads=1``), so the answer is
+    reproducible; the time limit still applies as a cap."""
 
     def __post_init__(self):
         if not (self.time_limit > 0 and math.isfinite(self.time_limit)):
             raise ValueError(f"time_limit must be a positive number of seconds, got {self.time_limit}")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.node_limit is not None and (isinstance(self.node_limit, bool) or self.node_limit < 1):
+            raise ValueError(f"node_limit must be a positive number of nodes, got {self.node_limit}")
 
 
 @dataclass
@@ -106,7 +112,8 @@ def solve_pulp(prob, params: SolveParams, warm_start: dict[str, float] | None = 
         threads=params.threads,
         gapRel=params.mip_gap,
         warmStart=bool(warm_start),
-        options=[f"randomSeed {params.seed + 1}", f"randomCbcSeed {params.seed + 1}"],
+        options=[f"randomSeed {params.seed + 1}", f"randomCbcSeed {params.seed + 1}"]
+        + ([f"maxNodes {int(params.node_limit)}"] if params.node_limit is not None else []),
     )
     t0 = time.perf_counter()
     prob.solve(solver)
@@ -153,7 +160,10 @@ def solve_linear(solver, params: SolveParams, hint: dict[Any, float] | None = No
     solver.SetNumThreads(params.threads)
     name = (name or (solver.SolverVersion().split()[0] if solver.SolverVersion() else "mip")).lower()
     if "scip" in name:
-        solver.SetSolverSpecificParametersAsString(f"randomization/randomseedshift = {params.seed}\n")
+        extra = f"limits/nodes = {int(params.node_limit)}\n" if params.node_limit is not None else ""
+        solver.SetSolverSpecificParametersAsString(f"randomization/randomseedshift = {params.seed}\n{extra}")
+    elif params.node_limit is not None:
+        raise ValueError(f"node_limit: supported with SCIP (and CBC through solve_pulp), not {name}")
     note = None
     version = solver.SolverVersion() or ""
     if hint and (name in ("highs", "pdlp") or version.startswith("PDLP")):

@@ -66,9 +66,14 @@ def to_plan(results: list[StepResult], cm: SPCostModel, profile: ClusterProfile,
     solver = SolverRecord(
         backend=f"ortools-{config.backend.lower()}+heuristics" if config.use_milp else "heuristic",
         status=status, gap=float(np.mean(gaps)) if gaps else None,
-        solve_seconds=round(sum(r.solve_seconds for r in results), 6), time_limit=config.time_limit * len(results),
+        solve_seconds=round(sum(r.solve_seconds for r in results), 6),
+        time_limit=None if config.deterministic else config.time_limit * len(results),
         seed=config.seed, threads=config.threads,
-        note=f"MILP budget {config.time_limit:g} s per step over {len(results)} steps; {n_milp} MILPs (bucketed, Q={config.buckets}); MILP beat the heuristics on {n_won}; gap is the "
+        note=(f"deterministic: at most {config.max_evals} group structures per micro-batch and "
+              f"{config.milp_nodes} nodes per MILP, {config.time_limit:g} s a cap per MILP; "
+              f"{sum(1 for r in results if r.clock_bound)} steps cut by that cap (those may differ between runs); "
+              if config.deterministic else f"MILP budget {config.time_limit:g} s per step; ")
+             + f"{len(results)} steps; {n_milp} MILPs (bucketed, Q={config.buckets}); MILP beat the heuristics on {n_won}; gap is the "
              f"mean over MILPs of (objective - bound)/objective in the bucketed model; every plan is evaluated on "
              f"real lengths and is the best of MILP, single-degree and greedy candidates; status 'optimal' only when "
              f"every step meets its lower bound (MILP statuses per step refer to the bucketed model)",

@@ -42,8 +42,13 @@ def _lengths(seqlens: str, max_context):
     return load_lengths(seqlens, max_context)
 
 
+#: ``--deterministic``: group structures tried per micro-batch and branch-and-bound nodes per MILP (on the
+#: Wikipedia gpt-7b / 64-GPU steps these gave the same step times as the 1 s clock budget on an idle machine)
+DETERMINISTIC_EVALS, DETERMINISTIC_NODES = 100, 50
+
+
 def _setup(profile: str, model: str, seqlens: str, gpus: Optional[int], max_context: Optional[int],
-           time_limit: float, seed: int, buckets: int, no_milp: bool):
+           time_limit: float, seed: int, buckets: int, no_milp: bool, deterministic: bool = False):
     from adasched.profiler.io import InputError
     from adasched.profiler.profile import load_profile
 
@@ -69,7 +74,8 @@ def _setup(profile: str, model: str, seqlens: str, gpus: Optional[int], max_cont
         raise InputError("--max-context", f"must be >= 1 token, got {max_context}")
     lens = _lengths(seqlens, max_context)
     check_fits(lens, cm, where=seqlens)
-    cfg = PlannerConfig(time_limit=time_limit, seed=seed, buckets=buckets, use_milp=not no_milp)
+    cfg = PlannerConfig(time_limit=time_limit, seed=seed, buckets=buckets, use_milp=not no_milp,
+                        max_evals=DETERMINISTIC_EVALS if deterministic else None, milp_nodes=DETERMINISTIC_NODES)
     return prof, mdl, cm, lens, cfg
 
 
@@ -81,8 +87,14 @@ def _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context, show_
     from .api import plan_sp
 
     with progress(f"planning {steps} global batches", total=steps, enabled=show_progress) as advance:
-        return plan_sp(prof, mdl, lens, gpus=cm.world, global_batch=global_batch, steps=steps, seed=seed,
-                       config=cfg, max_context=max_context, on_step=lambda r: advance())
+        plan, results = plan_sp(prof, mdl, lens, gpus=cm.world, global_batch=global_batch, steps=steps, seed=seed,
+                                config=cfg, max_context=max_context, on_step=lambda r: advance())
+    cut = [r.step for r in results if r.clock_bound]
+    if cut:
+        sys.stderr.write(f"note: --deterministic: a MILP of step(s) {', '.join(map(str, cut))} hit the "
+                         f"--time-limit cap ({cfg.time_limit:g} s) before its node limit; those steps may differ "
+                         f"between runs (raise --time-limit)\n")
+    return plan, results
 
 
 def _step_rows(rows):
@@ -94,6 +106,11 @@ def _step_rows(rows):
 
 _STEP_COLS = ["step", "seqs", "tokens", "M", "FlexSP ms", "static ms", "1-degree ms", "vs static", "vs 1-degree",
               "bound ms", "solve s", "MILP", "gap"]
+
+
+_DET_HELP = ("Bound the searches by work, not the clock (at most 100 group structures per micro-batch, 50 "
+             "branch-and-bound nodes per MILP): the same inputs give the same plan on any machine load; "
+             "--time-limit is then a cap per MILP (a note names steps it cut).")
 
 
 def register(groups) -> None:
@@ -111,6 +128,7 @@ def register(groups) -> None:
         time_limit: float = typer.Option(1.0, "--time-limit", help="Search seconds per global batch: the group-structure search (3/4) then the MILPs (the rest)."),
         buckets: int = typer.Option(16, "--buckets", help="Length buckets per micro-batch in the MILP."),
         no_milp: bool = typer.Option(False, "--no-milp", help="Heuristics only (single degrees, greedy, local search)."),
+        deterministic: bool = typer.Option(False, "--deterministic", help=_DET_HELP),
         out: Path = typer.Option(..., "--out", help="Plan JSON to write (atomic; nothing on error)."),
         plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw step 0's groups per rank (PNG)."),
         as_json: bool = typer.Option(False, "--json", help="Print the per-step figures as JSON."),
@@ -126,7 +144,8 @@ def register(groups) -> None:
 
         check_output_path(out, "--out")
         check_output_path(plot, "--plot")
-        prof, mdl, cm, lens, cfg = _setup(profile, model, seqlens, gpus, max_context, time_limit, seed, buckets, no_milp)
+        prof, mdl, cm, lens, cfg = _setup(profile, model, seqlens, gpus, max_context, time_limit, seed, buckets, no_milp,
+                                          deterministic)
         plan, results = _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context, show_progress=not as_json)
         save_plan(plan, out)
         if plot:
@@ -151,6 +170,7 @@ def register(groups) -> None:
         time_limit: float = typer.Option(1.0, "--time-limit", help="Search seconds per global batch: the group-structure search (3/4) then the MILPs (the rest)."),
         buckets: int = typer.Option(16, "--buckets"),
         no_milp: bool = typer.Option(False, "--no-milp"),
+        deterministic: bool = typer.Option(False, "--deterministic", help=_DET_HELP),
         scaling: bool = typer.Option(False, "--scaling", help="Also a table over sequences per batch (128..4096) "
                                                                 "and GPUs (8..256, profile.with_nodes) with solve times."),
         as_json: bool = typer.Option(False, "--json", help="Machine-readable per-step rows and summary."),
@@ -159,12 +179,13 @@ def register(groups) -> None:
         from ..ui import emit_json, print_table
         from .api import summarize
 
-        prof, mdl, cm, lens, cfg = _setup(profile, model, seqlens, gpus, max_context, time_limit, seed, buckets, no_milp)
+        prof, mdl, cm, lens, cfg = _setup(profile, model, seqlens, gpus, max_context, time_limit, seed, buckets, no_milp,
+                                          deterministic)
         plan, results = _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context, show_progress=True)
         rep = summarize(results, cm)
         rep["config"] = dict(profile=prof.name, model=mdl.name, gpus=cm.world, global_batch=global_batch,
                              max_context=max_context, steps=steps, seed=seed, time_limit=time_limit, buckets=buckets,
-                             milp=not no_milp, seqlens=seqlens)
+                             milp=not no_milp, seqlens=seqlens, deterministic=deterministic)
         if scaling:
             rep["scaling"] = _scaling(prof, mdl, lens, cfg, seed)
         if as_json:

@@ -68,6 +68,18 @@ class PlannerConfig:
     milp_share: float = 0.25
     """Fraction of ``time_limit`` left to the MILPs when the structure search runs (it gets the rest first;
     what it leaves unused goes to the MILPs)."""
+    max_evals: int | None = None
+    """Deterministic mode when set: the searches are bounded by work instead of the clock - the structure search
+    tries at most this many group structures per micro-batch (and per donor of the fill across micro-batches),
+    every selected MILP runs (bounded by ``milp_nodes``), so the same inputs give the same plan on any machine
+    load. ``time_limit`` then caps each MILP only (a cap that stops one makes that step clock-dependent again:
+    ``StepResult.clock_bound`` says so)."""
+    milp_nodes: int = 200
+    """Branch-and-bound nodes per MILP in deterministic mode (SCIP ``limits/nodes``)."""
+
+    @property
+    def deterministic(self) -> bool:
+        return self.max_evals is not None
 
 
 @dataclass
@@ -96,6 +108,9 @@ class StepResult:
     static: list[MBSolution] = field(default_factory=list)
     lower_bound_ms: float = 0.0
     """M_min * b1 + :func:`lower_bound_work`: no plan of this step can be faster (ms)."""
+    clock_bound: bool = False
+    """Deterministic mode only: a MILP of this step was stopped by its time cap rather than its node limit, so
+    this step may differ between runs (raise ``time_limit`` or lower ``milp_nodes``)."""
 
     @property
     def memory_violations(self) -> int:
@@ -184,7 +199,8 @@ def _heuristics(per_m: dict, split, lens, cm: SPCostModel, cfg: PlannerConfig) -
         best_h.append(_improve(min(cands, key=lambda c: c.time_ms), lens, cm, cfg) if cands else None)
     if any(c is None for c in best_h):
         return
-    per_m[key] = dict(mbs=mbs, best=best_h, homog=homog_tot, greedy=greedy_tot, heur=sum(c.time_ms for c in best_h))
+    per_m[key] = dict(mbs=mbs, best=best_h, start=list(best_h), homog=homog_tot, greedy=greedy_tot,
+                      heur=sum(c.time_ms for c in best_h))
 
 
 def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int = 0) -> StepResult:
@@ -227,7 +243,16 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
 
     # ---- structure search on the real lengths, best splits first, first (its plans warm-start the MILPs) ---
     t_step_search = time.perf_counter()
-    if cfg.structure_search:
+    clock_bound = False  # a clock limit, not the work limits, cut a search of this step
+    if cfg.structure_search and cfg.deterministic:
+        keys = sorted(per_m, key=lambda m: (per_m[m]["heur"], m))
+        keys = [k for k in keys if per_m[k]["heur"] <= 1.05 * per_m[keys[0]]["heur"]][: max(1, cfg.milp_candidates)]
+        for key in keys:
+            info = per_m[key]
+            for r in range(len(info["mbs"])):
+                info["best"][r] = structure_search(info["mbs"][r], lens, cm, info["best"][r], max_evals=cfg.max_evals)
+            info["heur"] = sum(c.time_ms for c in info["best"])
+    elif cfg.structure_search:
         deadline = time.perf_counter() + cfg.time_limit * (1.0 - (cfg.milp_share if cfg.use_milp else 0.0))
         keys = sorted(per_m, key=lambda m: per_m[m]["heur"])
         # further splits only when their heuristic total is close to the best; the best split gets 70 % first
@@ -248,7 +273,7 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
     # ---- MILP on the most promising M ----------------------------------------------------------
     milp_stats: list[MilpStat] = []
     if cfg.use_milp:
-        ranked = sorted(per_m, key=lambda m: per_m[m]["heur"])
+        ranked = sorted(per_m, key=lambda m: (per_m[m]["heur"], m))
         # further splits only when their heuristic total is close to the best (else the budget is wasted)
         ranked = [m for m in ranked if per_m[m]["heur"] <= 1.05 * per_m[ranked[0]]["heur"]][: cfg.milp_candidates]
         n_runs = sum(len(per_m[m]["mbs"]) for m in ranked)
@@ -258,16 +283,20 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
         for m in ranked:
             info = per_m[m]
             for r, ids_sorted in enumerate(info["mbs"]):
-                left = budget - (time.perf_counter() - t_milp0)
-                if left <= 0.02:
-                    break
-                per = max(0.02, left / max(1, n_runs - done))
+                if cfg.deterministic:
+                    per = cfg.time_limit  # a cap only: the node limit decides where the search stops
+                else:
+                    left = budget - (time.perf_counter() - t_milp0)
+                    if left <= 0.02:
+                        break
+                    per = max(0.02, left / max(1, n_runs - done))
                 done += 1
                 buckets = make_buckets(lens[ids_sorted], cfg.buckets)
                 bucket_of = {int(ids_sorted[j]): q for q, bk in enumerate(buckets) for j in range(bk.start, bk.end)}
                 inc = info["best"][r]
                 hint = bucket_counts(inc, bucket_of, len(buckets))
-                params = SolveParams(time_limit=per, seed=cfg.seed, threads=cfg.threads)
+                params = SolveParams(time_limit=per, seed=cfg.seed, threads=cfg.threads,
+                                     node_limit=cfg.milp_nodes if cfg.deterministic else None)
                 n_groups = sum(min(cm.world // d, ids_sorted.size) for d in cm.degrees)
                 if cfg.formulation == "groups" or (cfg.formulation == "auto" and n_groups <= cfg.max_group_vars):
                     res = solve_microbatch(buckets, cm, params, hint=hint, backend=cfg.backend)
@@ -289,15 +318,24 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
                     bound = o.bound
                 gap = relative_gap(o.objective, bound) if o.status in ("optimal", "feasible") else None
                 milp_stats.append(MilpStat(o.status, gap, o.objective, bound, o.solve_seconds, won))
+                if cfg.deterministic and o.status != "optimal" and o.solve_seconds >= 0.95 * per:
+                    clock_bound = True  # stopped by the time cap, not by its nodes
             info["heur"] = sum(c.time_ms for c in info["best"])
 
     # ---- idle time beside a micro-batch's critical group takes sequences of the other micro-batches ------
     if cfg.structure_search:
         deadline = t_step_search + cfg.time_limit
-        for key in sorted(per_m, key=lambda m: per_m[m]["heur"]):
+        for key in sorted(per_m, key=lambda m: (per_m[m]["heur"], m)):
             info = per_m[key]
             if len(info["best"]) > 1:
-                info["best"] = fill_across(info["best"], lens, cm, deadline=deadline)
+                # from the searched micro-batches and from the heuristic ones the search started from: the fill
+                # moves sequences between micro-batches, so the better start for it is not always the searched one
+                # (24 sequences on 8 GPUs: 117.6 ms from the searched plan, 112.8 ms from the heuristic one)
+                for start in (info["best"], info["start"]):
+                    filled = (fill_across(start, lens, cm, max_evals=cfg.max_evals) if cfg.deterministic
+                              else fill_across(start, lens, cm, deadline=deadline))
+                    if sum(c.time_ms for c in filled) < sum(c.time_ms for c in info["best"]) - 1e-9:
+                        info["best"] = filled
                 info["heur"] = sum(c.time_ms for c in info["best"])
 
     # ---- choose ----------------------------------------------------------------------------------
@@ -311,7 +349,7 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
     total = sum(mb.time_ms for mb in mbs)
     return StepResult(step=step, lens=lens, micro_batches=mbs, time_ms=total, baselines_ms=baselines,
                       chosen_m=len(mbs), split=best_m, solve_seconds=time.perf_counter() - t0, milp=milp_stats, static=static,
-                      lower_bound_ms=m_min * cm.b1 + lb_work)
+                      lower_bound_ms=m_min * cm.b1 + lb_work, clock_bound=clock_bound)
 
 
 def placed_groups(mb: MBSolution, world: int) -> list[tuple[int, list[int], list[int]]]:

@@ -153,8 +153,8 @@ def structure_search(ids: np.ndarray, lens: np.ndarray, cm: SPCostModel, start: 
     return best
 
 
-def fill_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadline: float | None = None
-                ) -> list[MBSolution]:
+def fill_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadline: float | None = None,
+                max_evals: int | None = None) -> list[MBSolution]:
     """Use the idle time beside a micro-batch's critical group for sequences of the other micro-batches.
 
     A step's time is the sum of its micro-batches' makespans, and a micro-batch whose makespan is set by one
@@ -164,7 +164,8 @@ def fill_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadli
     receiver's makespan is unchanged and every donor only loses work; the receiver's idle GPUs count as empty
     groups (largest power of two first), so a micro-batch that leaves GPUs idle can take whole sequences. Donors
     are then rebalanced by :func:`local_search` and :func:`structure_search` (a few structures always for a donor
-    left with <= 8 sequences, more until ``deadline``); a donor left empty is dropped (one b1 less). The split
+    left with <= 8 sequences, more until ``deadline`` or, deterministic, up to ``max_evals``); a donor left empty
+    is dropped (one b1 less). The split
     is then no longer consecutive runs of the sorted order; every plan is still evaluated on the real lengths.
     Returns the input unless the step's total time strictly drops."""
     if len(mbs) < 2:
@@ -224,7 +225,9 @@ def fill_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadli
                 # more while the deadline allows
                 if ids_b.size <= 8:
                     nd = structure_search(ids_b, lens, cm, nd, max_evals=6, source=donor.source)
-                if deadline is not None and time.perf_counter() < deadline:
+                if max_evals is not None:
+                    nd = structure_search(ids_b, lens, cm, nd, max_evals=max_evals, source=donor.source)
+                elif deadline is not None and time.perf_counter() < deadline:
                     nd = structure_search(ids_b, lens, cm, nd, deadline=deadline, source=donor.source)
             cur[b] = nd
         if changed:

@@ -163,3 +163,53 @@ def test_params_validation_and_gap():
         SolveParams(threads=0)
     assert relative_gap(10.0, 8.0) == pytest.approx(0.2)
     assert relative_gap(None, 1.0) is None and relative_gap(1.0, float("inf")) is None
+
+
+@pytest.mark.parametrize("backend", ["scip", "cbc"])
+def test_node_limit_stops_at_the_same_point_whatever_the_clock(backend):
+    """A node limit (SCIP limits/nodes, CBC maxNodes) stops a hard search before it proves anything, with a
+    generous time limit: the status is not optimal, and two runs return the same incumbent."""
+    a, d = _market_split(m=5, n=50, seed=5)
+    runs = []
+    for _ in range(2):
+        params = SolveParams(time_limit=60, threads=1, node_limit=3)
+        if backend == "scip":
+            from ortools.linear_solver import pywraplp
+
+            s = pywraplp.Solver.CreateSolver("SCIP")
+            x = [s.BoolVar(f"x{j}") for j in range(a.shape[1])]
+            dev = [s.NumVar(0, s.infinity(), f"dev{i}") for i in range(a.shape[0])]
+            for i in range(a.shape[0]):
+                expr = sum(int(a[i, j]) * x[j] for j in range(a.shape[1])) - int(d[i])
+                s.Add(dev[i] >= expr)
+                s.Add(dev[i] >= -expr)
+            s.Minimize(sum(dev))
+            out = solve_linear(s, params, variables=x)
+        else:
+            import pulp
+
+            prob = pulp.LpProblem("market_split", pulp.LpMinimize)
+            x = [pulp.LpVariable(f"x{j}", cat="Binary") for j in range(a.shape[1])]
+            sp = [pulp.LpVariable(f"sp{i}", lowBound=0) for i in range(a.shape[0])]
+            sm = [pulp.LpVariable(f"sm{i}", lowBound=0) for i in range(a.shape[0])]
+            prob += pulp.lpSum(sp) + pulp.lpSum(sm)
+            for i in range(a.shape[0]):
+                prob += pulp.lpSum(int(a[i, j]) * x[j] for j in range(a.shape[1])) + sp[i] - sm[i] == int(d[i])
+            out = solve_pulp(prob, params)
+        assert out.status in ("feasible", "timeout"), (backend, out.status, out.objective)
+        assert out.solve_seconds < 30  # the nodes stopped it, not the clock
+        runs.append((out.status, out.objective, sorted((k, round(v)) for k, v in out.values.items()
+                                                       if k.startswith("x"))))
+    assert runs[0] == runs[1]
+
+
+def test_node_limit_validation():
+    for bad in (0, -1, True):
+        with pytest.raises(ValueError, match="node_limit"):
+            SolveParams(node_limit=bad)
+    from ortools.linear_solver import pywraplp
+
+    s = pywraplp.Solver.CreateSolver("CBC")
+    s.Minimize(s.BoolVar("x"))
+    with pytest.raises(ValueError, match="node_limit: supported with SCIP"):
+        solve_linear(s, SolveParams(node_limit=5))
