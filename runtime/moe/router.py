@@ -38,7 +38,11 @@ Aux-loss terms are means over this call's tokens (``sum / max(T, 1)``: a call wi
 Capacity: ``capacity_factor=None`` is dropless. Otherwise each expert keeps at most
 ``C = ceil(capacity_factor * N / E)`` assignments (N = assignments before drops; N = T*k for fixed top-k)
 and drops the rest by ``drop_policy``: ``"position"`` keeps first choices before second choices and, within
-a choice rank, earlier tokens first (GShard); ``"probs"`` keeps the highest gates.
+a choice rank, earlier tokens first (GShard; DeepSpeed-MoE's top-2 gate); ``"probs"`` keeps the highest gates
+(Megatron-core's "probs": the gates after renormalisation). Differences a peer's user may notice: Megatron-core's
+"position" keeps by token position whatever the choice rank (for k > 1 it can keep a token's second choice
+over a later token's first); DeepSpeed applies ``min_capacity`` (default 4), here C may be smaller; capacity is
+per rank (the tokens this router sees), as in both.
 
 z-loss: ``z_loss_coef * mean_t logsumexp(logits_t)^2`` (all routers).
 """
