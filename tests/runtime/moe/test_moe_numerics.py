@@ -405,13 +405,13 @@ def _ep_worker(rank, world):
             le = e - lay.expert_offset
             assert torch.all(lay.w1.grad[le] == 0) and torch.all(lay.w2.grad[le] == 0)
     done += 1
-    # router state in training: the bias and the controlled p equal on every rank and equal to the group step,
-    # with and without activation checkpointing (the recompute re-runs the exchanges)
+    # router state in training (rank 1 with no tokens): the bias and the controlled p equal on every rank and equal
+    # to the group step, with and without activation checkpointing (the recompute re-runs the exchanges)
     for ckpt in (False, True):
         _ep_case(rank, world, ep, RouterConfig(kind="sigmoid_bias", num_experts=E3, top_k=2, bias_update_rate=0.05),
-                 [6, 2, 9], 2, 1, seed=3, train=True, steps=2, ckpt=ckpt)
+                 [6, 0, 9], 2, 1, seed=3, train=True, steps=2, ckpt=ckpt)
         lay = _ep_case(rank, world, ep, RouterConfig(kind="top_p", num_experts=E3, k_max=4, p=0.8, target_k=1.5,
-                                                     controller_rate=0.3), [12, 1, 5], 1, 2, seed=4, train=True,
+                                                     controller_rate=0.3), [12, 0, 5], 1, 2, seed=4, train=True,
                        steps=2, ckpt=ckpt)
         ps = [None] * world
         dist.all_gather_object(ps, lay.router.p)
