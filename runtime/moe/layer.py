@@ -154,7 +154,8 @@ class MoELayer(nn.Module):
             def apply():
                 self.router.update_bias(counts)
         elif cfg.kind == "top_p" and cfg.target_k is not None:
-            nk = torch.tensor([float(routing.token_idx.numel()), float(routing.num_tokens)], dtype=torch.float64)
+            nk = torch.tensor([float(routing.token_idx.numel()), float(routing.num_tokens)], dtype=torch.float64,
+                              device=routing.counts.device)   # the tokens' device: an nccl group needs CUDA tensors
             if self.ep is not None:                    # mean k over the group: p stays equal on every rank
                 dist.all_reduce(nk, group=self.ep.group)
             mean_k = float(nk[0]) / max(float(nk[1]), 1.0)
