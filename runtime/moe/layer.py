@@ -107,6 +107,9 @@ class MoELayer(nn.Module):
         FSMoE ``MoELayerPlan``'s r_fwd/r_bwd/wgrad_bwd/order_fwd/order_bwd)."""
         if r_fwd < 1 or r_bwd < 1:
             raise ValueError(f"r_fwd={r_fwd}, r_bwd={r_bwd}: pipeline degrees must be >= 1")
+        for name, r in (("r_fwd", r_fwd), ("r_bwd", r_bwd)):   # as the constructor: 2.5 was truncated to 2
+            if not isinstance(r, int) or isinstance(r, bool):
+                raise ValueError(f"{name}: {r!r} must be an int >= 1 (chunks per exchange)")
         check_pipeline_settings(self.ep, wgrad=wgrad, order_fwd=order_fwd, order_bwd=order_bwd)
         self.r_fwd, self.r_bwd = int(r_fwd), int(r_bwd)
         self.wgrad = wgrad or self.wgrad

@@ -134,3 +134,6 @@ def test_bad_layer_input():
         layer(torch.randn(3, 5))
     with pytest.raises(ValueError, match="r_fwd=0"):
         layer.set_pipeline(0, 2)
+    with pytest.raises(ValueError, match="r_bwd: 2.5 must be an int"):   # review: was truncated to 2
+        layer.set_pipeline(1, 2.5)
+    assert (layer.r_fwd, layer.r_bwd) == (1, 1)
