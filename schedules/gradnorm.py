@@ -92,8 +92,12 @@ class GradNormRecorder:
         self._norms.append(grad_norms_of(params, self.process_group))
 
     def _pre_hook(self, optimizer, args, kwargs) -> None:
-        # a closure recomputes the gradients inside step(): record after it instead of the stale ones
-        self._after_closure = bool(args and args[0] is not None) or kwargs.get("closure") is not None
+        # a closure recomputes the gradients inside step(): record after it instead of the stale ones. torch passes
+        # the hooks step's whole ``args``, the optimizer first: a positional closure is args[1] (reading args[0]
+        # took every step for a closure step and recorded after it, where e.g. SGD's foreach nesterov update has
+        # changed the gradients in place)
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")
+        self._after_closure = closure is not None
         if not self._after_closure:
             self._record(optimizer)
 

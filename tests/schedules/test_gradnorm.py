@@ -124,6 +124,25 @@ def test_closure_step_records_the_gradients_its_closure_computed():
     np.testing.assert_allclose(rec.l1[:4], [w[1] for w in want], rtol=1e-6)
 
 
+def test_step_without_closure_records_before_the_update_changes_the_gradients():
+    """A plain step() is recorded before it runs: SGD's foreach nesterov update adds the momentum buffer to p.grad in
+    place, so a row taken after the step (every step was taken for a closure step: torch passes the hooks the
+    optimizer as args[0]) logged (1 + momentum) x the gradient at the first step."""
+    torch.manual_seed(2)
+    model = torch.nn.Linear(6, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, foreach=True)
+    want = []
+    with GradNormRecorder(opt) as rec:
+        for _ in range(3):
+            opt.zero_grad()
+            (model(torch.randn(8, 6)) - torch.randn(8, 3)).pow(2).mean().backward()
+            flat = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
+            want.append((float(flat.norm()), float(flat.abs().sum())))
+            opt.step()
+    np.testing.assert_allclose(rec.l2, [w[0] for w in want], rtol=1e-12)
+    np.testing.assert_allclose(rec.l1, [w[1] for w in want], rtol=1e-12)
+
+
 def test_recorder_refuses_a_non_torch_optimizer():
     class Wrapper:  # what deepspeed.initialize returns under ZeRO: not a torch.optim.Optimizer
         param_groups = []
