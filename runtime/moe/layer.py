@@ -23,8 +23,14 @@ gradient, as Megatron-core does): then do *not* add ``moe.aux_loss`` to the loss
 Use it under reentrant activation checkpointing (``torch.utils.checkpoint(use_reentrant=True)``, DeepSpeed's and
 Megatron's recompute): there the checkpointed forward runs under ``no_grad``, so the ``moe.aux_loss`` read after
 it has no graph and the load-balancing / z / entropy terms would silently not train the router.
+When the backward scales the loss (``GradScaler``, DeepSpeed's fp16 loss scale, a loss divided by the
+gradient-accumulation steps), set ``moe.aux_loss_scale`` to that factor before the forward (Megatron-core's
+``MoEAuxLossAutoScaler.set_loss_scale``): the attached gradient is ``aux_loss_scale``, as if the aux loss had been
+added to the loss before the scaling (with the default 1 a GradScaler at 65536 weighted it 1/65536 after unscaling).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -39,18 +45,21 @@ __all__ = ["MoELayer"]
 
 
 class _AttachAuxLoss(torch.autograd.Function):
-    """Identity on the layer output whose backward also sends gradient 1 into the aux loss (Megatron-core's
+    """Identity on the layer output whose backward also sends gradient ``scale`` into the aux loss (Megatron-core's
     MoEAuxLossAutoScaler idea): the aux loss trains the router whenever the output is backpropagated."""
 
     @staticmethod
-    def forward(ctx, out, aux):
+    def forward(ctx, out, aux, scale: float):
         ctx.save_for_backward(aux)        # used by the backward: a traced (torch.compile) graph keeps its gradient
-        return out.view_as(out)
+        ctx.scale = scale
+        # a copy, not a view: a view made in a custom Function cannot be modified in place (``h = moe(x); h += x``
+        # raised "Output 0 of View is a view and is being modified inplace")
+        return out.clone()
 
     @staticmethod
     def backward(ctx, grad):
         (aux,) = ctx.saved_tensors
-        return grad, torch.ones_like(aux)
+        return grad, torch.full_like(aux, ctx.scale), None
 
 
 class MoELayer(nn.Module):
@@ -66,6 +75,8 @@ class MoELayer(nn.Module):
         if not isinstance(attach_aux_loss, bool):
             raise ValueError(f"attach_aux_loss: {attach_aux_loss!r} must be True or False")
         self.attach_aux_loss = attach_aux_loss
+        #: with ``attach_aux_loss``: the factor the backward applies to the loss (loss scale / accumulation steps)
+        self.aux_loss_scale = 1.0
         if shared_experts < 0 or (shared_ffn is not None and shared_ffn < 1):
             raise ValueError(f"shared_experts={shared_experts}, shared_ffn={shared_ffn}: need shared_experts >= 0 "
                              "and shared_ffn >= 1")
@@ -209,5 +220,10 @@ class MoELayer(nn.Module):
         if self.attach_aux_loss and routing.aux_loss.requires_grad:
             # here, in eager code: under torch.compile an output that aliases its input (this identity) is
             # replayed as a view outside the graph, which dropped the aux loss's gradient
-            out = _AttachAuxLoss.apply(out, routing.aux_loss)
+            scale = self.aux_loss_scale
+            if isinstance(scale, torch.Tensor):
+                scale = float(scale)
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+                raise ValueError(f"aux_loss_scale: {scale!r} must be a finite number")
+            out = _AttachAuxLoss.apply(out, routing.aux_loss, float(scale))
         return out

@@ -259,6 +259,43 @@ def test_attached_aux_loss_trains_the_router_under_checkpointing(mode):
         MoELayer(8, 6, cfg, attach_aux_loss=1)
 
 
+def test_attached_aux_loss_follows_a_loss_scale_and_allows_in_place_on_the_output():
+    """A scaled backward (GradScaler, DeepSpeed fp16 loss scale, loss / accumulation steps) with
+    ``aux_loss_scale`` = that factor gives the grads of ``(loss + aux_loss) * scale`` (the attached gradient was a
+    fixed 1: under a loss scale of 1024 the aux loss weighed 1/1024 after unscaling); and the output can be modified
+    in place (``h += x``; it was a view made in a custom Function: RuntimeError)."""
+    torch.manual_seed(17)
+    cfg = RouterConfig(kind="gshard", num_experts=4, top_k=2, aux_loss_coef=0.5, z_loss_coef=0.1)
+    plain = MoELayer(8, 6, cfg, backend="torch")
+    att = MoELayer(8, 6, cfg, backend="torch", attach_aux_loss=True)
+    att.load_state_dict(plain.state_dict())
+    S = 1024.0
+    x = torch.randn(2, 5, 8)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = plain(xa)
+    ya = ya + xa
+    ((ya.square().sum() + plain.aux_loss) * S).backward()
+    att.aux_loss_scale = S
+    yb = att(xb)
+    yb += xb                                                  # an in-place residual on the attached output
+    (yb.square().sum() * S).backward()
+    torch.testing.assert_close(yb, ya, rtol=0, atol=0)
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-6, atol=1e-4)
+    for (n, p), (_, q) in zip(plain.named_parameters(), att.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+    # under reentrant checkpointing (no in-place there: torch refuses it on any checkpointed output)
+    xc = x.clone().requires_grad_()
+    att.zero_grad()
+    yc = checkpoint(att, xc, use_reentrant=True) + xc
+    (yc.square().sum() * S).backward()
+    torch.testing.assert_close(xc.grad, xa.grad, rtol=1e-6, atol=1e-4)
+    for (n, p), (_, q) in zip(plain.named_parameters(), att.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+    att.aux_loss_scale = float("nan")
+    with pytest.raises(ValueError, match="aux_loss_scale"):
+        att(xb)
+
+
 def test_router_state_survives_checkpoints_and_dtype_casts():
     """The controlled p is in the state_dict (it was a plain attribute: a resumed run routed with config.p again);
     a state_dict without it (saved before) still loads strictly; ``.to(bfloat16)`` keeps the bias and p in full
