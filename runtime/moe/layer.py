@@ -168,14 +168,17 @@ class MoELayer(nn.Module):
             def apply():
                 self.router.update_bias(counts)
         elif cfg.kind == "top_p" and cfg.target_k is not None:
-            nk = torch.tensor([float(routing.token_idx.numel()), float(routing.num_tokens)], dtype=torch.float64,
-                              device=routing.counts.device)   # the tokens' device: an nccl group needs CUDA tensors
+            # [assignments, tokens] built and reduced on the tokens' device (an nccl group needs CUDA tensors), and
+            # the step applied there too: reading them on the host (float(nk[0])) synchronised the device at the
+            # end of every training forward of the layer, waiting for its expert compute
+            dev = routing.counts.device
+            nk = torch.stack([routing.counts.sum().to(torch.float64),
+                              torch.full((), float(routing.num_tokens), dtype=torch.float64, device=dev)])
             if self.ep is not None:                    # mean k over the group: p stays equal on every rank
                 dist.all_reduce(nk, group=self.ep.group)
-            mean_k = float(nk[0]) / max(float(nk[1]), 1.0)
 
             def apply():
-                self.router.controller_step(mean_k)
+                self.router.controller_step(nk[0] / nk[1].clamp_min(1.0))
         else:
             return
         if not routing.weight.requires_grad:

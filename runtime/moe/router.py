@@ -337,11 +337,18 @@ class Router(nn.Module):
         c = tokens_per_expert.to(self.expert_bias.device, torch.float32)
         self.expert_bias += self.config.bias_update_rate * torch.sign(c.mean() - c)
 
-    def controller_step(self, mean_k: float) -> None:
+    def controller_step(self, mean_k: float | torch.Tensor) -> None:
         """top_p controller: ``p <- clip(p - controller_rate * (mean_k - target_k), p_min, 1)`` (no-op for other
-        routers or without ``target_k``)."""
+        routers or without ``target_k``). ``mean_k`` may be a 0-d tensor: the step then stays on its device (no
+        host sync; float64 as the float path)."""
         cfg = self.config
         if cfg.kind != "top_p" or cfg.target_k is None:
+            return
+        if isinstance(mean_k, torch.Tensor):
+            with torch.no_grad():
+                mk = mean_k.detach().to(self.p_threshold.device, torch.float64)
+                self.p_threshold.copy_((self.p_threshold - cfg.controller_rate * (mk - cfg.target_k))
+                                       .clamp(cfg.p_min, 1.0))
             return
         self.p = float(min(1.0, max(cfg.p_min, self.p - cfg.controller_rate * (mean_k - cfg.target_k))))
 

@@ -344,6 +344,36 @@ def test_router_state_moves_with_the_backward_once():
     assert layer.router.p == pytest.approx(want)
 
 
+
+def test_router_state_step_reads_nothing_back_to_the_host():
+    """The layer's router-state step of a training forward (top_p controller, sigmoid_bias bias) makes no
+    device-to-host read (``aten._local_scalar_dense``: item()/float()): the top_p one did float(nk[0]) after the
+    dispatch, a device sync at the end of every training forward on a GPU. p still moves by the float formula
+    exactly."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                Reads.n += 1
+            return func(*args, **(kwargs or {}))
+
+    for kind, extra in (("top_p", dict(k_max=3, p=0.7, target_k=1.3, controller_rate=0.2)),
+                        ("sigmoid_bias", dict(top_k=2))):
+        torch.manual_seed(18)
+        layer = MoELayer(8, 6, RouterConfig(kind=kind, num_experts=4, **extra), backend="torch")
+        routing = layer.router(torch.randn(11, 8, requires_grad=True))
+        Reads.n = 0
+        with Reads():
+            layer._schedule_router_update(routing)
+        assert Reads.n == 0, kind
+        if kind == "top_p":
+            mean_k = routing.token_idx.numel() / 11
+            routing.weight.sum().backward()
+            assert layer.router.p == min(1.0, max(0.01, 0.7 - 0.2 * (mean_k - 1.3)))
+
 # ---------------------------------------------------------------------------------------------------
 # expert parallelism over 3 gloo ranks
 # ---------------------------------------------------------------------------------------------------
