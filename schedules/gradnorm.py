@@ -89,7 +89,17 @@ class GradNormRecorder:
 
     def _record(self, optimizer) -> None:
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        self._norms.append(grad_norms_of(params, self.process_group))
+        norms = grad_norms_of(params, self.process_group)
+        # GradScaler with an optimizer that unscales inside its step (fused=True: _step_supports_amp_scaling) hands
+        # it the still-scaled gradients with these two attributes; found_inf != 0 makes that step a no-op. The row
+        # is unscaled here (it logged the norms times the loss scale) and a skipped step's row (inf/NaN, which made
+        # the CSV unreadable) is dropped when the rows are read - on the device until then, no sync per step
+        scale, found = getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None)
+        if isinstance(scale, torch.Tensor):
+            norms = norms / scale.detach().reshape(-1)[0].to(norms.device, torch.float64)
+        skip = (found.detach().reshape(-1)[0].to(norms.device, torch.float64) if isinstance(found, torch.Tensor)
+                else norms.new_zeros(()))
+        self._norms.append(torch.cat([norms, skip.reshape(1)]))
 
     def _pre_hook(self, optimizer, args, kwargs) -> None:
         # a closure recomputes the gradients inside step(): record after it instead of the stale ones. torch passes
@@ -125,7 +135,7 @@ class GradNormRecorder:
             yield self
         finally:
             self.detach()
-            if path is not None and self._norms:
+            if path is not None and len(self):
                 self.to_csv(path)
 
     def __enter__(self) -> "GradNormRecorder":
@@ -135,7 +145,7 @@ class GradNormRecorder:
         self.detach()
 
     def __len__(self) -> int:
-        return len(self._norms)
+        return len(self._rows()) if self._norms else 0
 
     @property
     def l2(self) -> list[float]:
@@ -146,7 +156,8 @@ class GradNormRecorder:
         return [float(v) for v in self._rows()[:, 1]] if self._norms else []
 
     def _rows(self) -> torch.Tensor:
-        return torch.stack(self._norms).cpu()
+        rows = torch.stack(self._norms).cpu()
+        return rows[rows[:, 2] == 0][:, :2]
 
     def to_csv(self, path: str | os.PathLike) -> Path:
         rows = self._rows().tolist() if self._norms else []

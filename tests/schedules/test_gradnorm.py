@@ -143,6 +143,36 @@ def test_step_without_closure_records_before_the_update_changes_the_gradients():
     np.testing.assert_allclose(rec.l1, [w[1] for w in want], rtol=1e-12)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_grad_scaler_rows_are_unscaled_and_a_skipped_step_has_none(tmp_path, fused):
+    """GradScaler: with a fused optimizer the step gets the still-scaled gradients (it unscales inside, told by
+    optimizer.grad_scale / found_inf): the rows were the norms times the scale (7570.6 for 7.39 at 1024) and a step
+    skipped on inf gradients logged an inf row (the CSV then failed to load). Rows now equal the unscaled norms,
+    and the skipped step has none, as on the unfused path where GradScaler does not call step()."""
+    torch.manual_seed(3)
+    model = torch.nn.Linear(5, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    want = []
+    with GradNormRecorder(opt).recording(tmp_path / "n.csv") as rec:
+        for step in range(3):
+            opt.zero_grad()
+            loss = (model(torch.randn(6, 5)) - torch.randn(6, 3)).pow(2).mean()
+            g = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+            scaler.scale(loss).backward()
+            if step == 1:
+                model.bias.grad[0] = float("inf")      # this step is skipped
+            else:
+                flat = torch.cat([t.reshape(-1) for t in g]).double()
+                want.append((float(flat.norm()), float(flat.abs().sum())))
+            scaler.step(opt)
+            scaler.update()
+    assert len(rec) == 2
+    np.testing.assert_allclose(rec.l2, [w[0] for w in want], rtol=1e-6)
+    np.testing.assert_allclose(rec.l1, [w[1] for w in want], rtol=1e-6)
+    np.testing.assert_allclose(read_norms_csv(tmp_path / "n.csv"), [w[0] for w in want], rtol=1e-6)
+
+
 def test_recorder_refuses_a_non_torch_optimizer():
     class Wrapper:  # what deepspeed.initialize returns under ZeRO: not a torch.optim.Optimizer
         param_groups = []
