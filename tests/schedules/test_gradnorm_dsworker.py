@@ -73,7 +73,11 @@ def main(mode: str, out_dir: str) -> None:
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
         json.dump({"l2": rec.l2, "l1": rec.l1, "want": want}, fh)
     dist.barrier()
-    dist.destroy_process_group()
+    # both results are written: leave without the process-group / interpreter teardown, where rank 0 aborted now
+    # and then under load ("terminate called without an active exception", SIGABRT: 2 runs of 10 failed)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
