@@ -249,12 +249,16 @@ class Router(nn.Module):
     def _apply(self, fn, recurse=True):
         """``.to(dtype)`` / ``.half()`` / ``.bfloat16()`` leave the routing state in full precision: in bf16 a
         ``bias_update_rate=1e-3`` step is under half an ulp once |bias| >= 0.5 (the bias stopped moving) and p's
-        controller steps were rounded the same way. Device moves apply as usual."""
+        controller steps were rounded the same way. Device moves apply as usual. The values are taken from the
+        full-precision buffers, not cast back from the cast ones (that rounded them once per cast: a bias at 0.6003
+        became 0.6016, more than one update step)."""
+        keep = {name: self._buffers.get(name) for name in ("expert_bias", "p_threshold")}
         super()._apply(fn, recurse)
         for name, dt in (("expert_bias", torch.float32), ("p_threshold", torch.float64)):
-            b = self._buffers.get(name)
+            b, old = self._buffers.get(name), keep[name]
             if b is not None and b.dtype != dt:
-                self._buffers[name] = b.to(dt)
+                src = old if old is not None and old.dtype == dt else b
+                self._buffers[name] = src.detach().to(device=b.device, dtype=dt)
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

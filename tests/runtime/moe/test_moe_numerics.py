@@ -326,6 +326,21 @@ def test_router_state_survives_checkpoints_and_dtype_casts():
     assert half.router.expert_bias.dtype == torch.float32
 
 
+def test_dtype_cast_keeps_the_router_state_values_not_only_their_dtype():
+    """``.to(bfloat16)`` / ``.half()`` keep the bias and p at their values: they were cast down and back up, so a
+    bias of 0.6003 became 0.6016 (more than one 1e-3 update step) and p 0.41234568 became 0.41210938."""
+    bias = torch.tensor([0.6003, -0.3001, 1e-4, 1.2345])
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to("cpu", torch.float16)):
+        r = Router(8, RouterConfig(kind="top_p", num_experts=4, k_max=2, p=0.4))
+        r.p = 0.4123456789
+        r.expert_bias.copy_(bias)
+        r = cast(r)
+        assert r.proj.weight.dtype in (torch.bfloat16, torch.float16)
+        assert r.p == 0.4123456789 and torch.equal(r.expert_bias, bias)
+        r = r.float()
+        assert r.p == 0.4123456789 and torch.equal(r.expert_bias, bias)
+
+
 def test_router_state_moves_with_the_backward_once():
     torch.manual_seed(15)
     layer = MoELayer(8, 6, RouterConfig(kind="top_p", num_experts=4, k_max=3, **{k: v for k, v in
