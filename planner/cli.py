@@ -181,14 +181,22 @@ def simulate_cmd(
     per_lane: dict[str, float] = {}
     for t in sim.tasks:
         per_lane[t.lane] = per_lane.get(t.lane, 0.0) + (t.end_ms - t.start_ms)
+    unit = getattr(sim, "unit", "ms")  # a Twill loop schedule counts normalised cycles
     if as_json:
-        emit_json({"makespan_ms": sim.makespan_ms, "busy_ms": per_lane,
-                   "tasks": [t.__dict__ for t in sim.tasks]})
+        if unit == "ms":
+            emit_json({"makespan_ms": sim.makespan_ms, "busy_ms": per_lane,
+                       "tasks": [t.__dict__ for t in sim.tasks]})
+        else:
+            emit_json({f"makespan_{unit}": sim.makespan_ms, f"busy_{unit}": per_lane, "unit": unit,
+                       "tasks": [{**{k: v for k, v in t.__dict__.items() if k not in ("start_ms", "end_ms")},
+                                  "start": t.start_ms, "end": t.end_ms} for t in sim.tasks]})
     else:
         rows = [(lane, busy, busy / sim.makespan_ms if sim.makespan_ms else 0.0) for lane, busy in per_lane.items()]
-        print_table(rows, ["lane", "busy ms", "utilisation"], title=f"{what}makespan {sim.makespan_ms:.3f} ms")
+        print_table(rows, ["lane", f"busy {unit}", "utilisation"],
+                    title=f"{what}makespan {sim.makespan_ms:.3f} {unit}")
     if plot:
-        render_gantt(sim.tasks, plot, title=f"{path.name}: {what}makespan {sim.makespan_ms:.2f} ms")
+        render_gantt(sim.tasks, plot, title=f"{path.name}: {what}makespan {sim.makespan_ms:.2f} {unit}",
+                     **({} if unit == "ms" else {"xlabel": unit}))
 
 
 _registered = False

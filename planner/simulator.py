@@ -47,6 +47,8 @@ class ScheduledTask:
 @dataclass
 class Simulation:
     tasks: list[ScheduledTask] = field(default_factory=list)
+    unit: str = "ms"
+    """What the tasks' ``start_ms``/``end_ms`` count: milliseconds, or "cycles" for a Twill loop schedule."""
 
     @property
     def makespan_ms(self) -> float:

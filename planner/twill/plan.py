@@ -155,11 +155,12 @@ class TwillPlan(Plan):
                            f"{self.stages} stages, {len(self.warp_groups)} warp groups")
 
     def simulate(self):
-        """Re-simulate as per-lane tasks (for `adasched simulate plan.json`)."""
+        """Re-simulate as per-lane tasks (for `adasched simulate plan.json`); times in normalised cycles
+        (``unit="cycles"``; one cycle is ``cycle_ns`` ns)."""
         from adasched.planner.simulator import ScheduledTask, Simulation
 
         return Simulation(tasks=[ScheduledTask(b.name, 0, b.lane, b.start_ms, b.end_ms, b.category)
-                                 for b in self.gantt_tasks()])
+                                 for b in self.gantt_tasks()], unit="cycles")
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,17 @@ def test_plan_twill_json_out_and_show_plot(tmp_path, capsys):
     assert png.stat().st_size > 5000
     text = capsys.readouterr().out
     assert "triton knobs" in text and "warp groups" in text
+    # simulate: the loop schedule counts normalised cycles, and says so (it printed "makespan 44.000 ms")
+    assert main(["simulate", str(out), "--json"]) == 0
+    sim = json.loads(capsys.readouterr().out)
+    assert sim["unit"] == "cycles" and "makespan_ms" not in sim
+    bars = plan.gantt_tasks()
+    assert sim["makespan_cycles"] == max(b.end_ms for b in bars) == (plan.stages + 1) * plan.ii - plan.ii + max(
+        s.issue_cycle + s.length for s in plan.ops)
+    assert {t["stream"] for t in sim["tasks"]} == {b.lane for b in bars}
+    assert main(["simulate", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"makespan {sim['makespan_cycles']:.3f} cycles" in text and " ms" not in text
 
 
 def test_plan_twill_user_graph_file(tmp_path, capsys):
