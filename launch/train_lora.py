@@ -142,6 +142,11 @@ def run(args: argparse.Namespace) -> dict | None:
         plan = LoRAPlan.model_validate_json(_make_plan(args, rank, world if distributed else 1))
         model = TinyCausalLM(TinyLMConfig(vocab_size=args.vocab, hidden=args.hidden, layers=args.layers,
                                           heads=args.heads, ffn_hidden=args.ffn, max_positions=args.max_positions))
+        if plan.lengths and max(plan.lengths) > args.max_positions:  # the user's knob, not the plan, to name
+            from adasched.profiler.io import InputError
+
+            raise InputError("--max-positions", f"{args.max_positions} is shorter than the longest sample, "
+                                                f"{max(plan.lengths)} tokens, of {args.plan or args.jobs}")
         check_plan(plan, model, world)  # before anything is written
         if args.check:
             print(f"ok: {len(plan.microbatches)} microbatches of {len(plan.jobs)} jobs for {world} pipeline "

@@ -75,7 +75,9 @@ def test_launcher_rejects_a_plan_the_model_cannot_run(tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["--jobs", "tiny", "--out", str(out), "--reference", "--max-positions", "8"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error:") and "max_positions 8" in err
+    # names the option to change and where the samples came from (it said "error: plan: ...")
+    assert err.startswith("error: --max-positions: 8 is shorter than the longest sample, ")
+    assert err.rstrip().endswith("tokens, of tiny") and err.count("\n") == 1
     assert not out.exists()
 
 
