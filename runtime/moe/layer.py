@@ -112,6 +112,16 @@ class MoELayer(nn.Module):
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_stats: RouterStats | None = None
 
+    def reset_parameters(self) -> None:
+        """The constructor's initialisation again (experts normal(0, fan_in^-1/2), the router's weights and state):
+        for meta-device construction, ``layer.to_empty(device=...)`` then ``layer.reset_parameters()`` (the
+        torchtitan / FSDP2 init path); an expert-parallel rank draws its own experts from the current RNG."""
+        with torch.no_grad():
+            for w in (self.w1, self.w2, self.shared_w1, self.shared_w2):
+                if w is not None:
+                    w.normal_(0.0, w.shape[1] ** -0.5)
+        self.router.reset_parameters()
+
     def set_pipeline(self, r_fwd: int, r_bwd: int, wgrad: str | None = None, order_fwd: str | None = None,
                      order_bwd: str | None = None) -> None:
         """Pipeline degrees (and, when given, the weight-gradient placement and the issue orders) from a plan (an

@@ -226,15 +226,24 @@ class Router(nn.Module):
         super().__init__()
         self.config = config
         self.proj = nn.Linear(hidden, config.num_experts, bias=False)
-        nn.init.normal_(self.proj.weight, std=hidden ** -0.5)
         self.register_buffer("expert_bias", torch.zeros(config.num_experts), persistent=True)
         # the top_p threshold is state (the controller moves it): a persistent buffer, so a checkpoint resumes with
         # the controlled p (as a plain attribute it was not in the state_dict: a resumed run routed with config.p)
         self.register_buffer("p_threshold", torch.tensor(float(config.p), dtype=torch.float64), persistent=True)
+        self.reset_parameters()
         self.last_stats: RouterStats | None = None
         #: True when the owner (an :class:`~adasched.runtime.moe.layer.MoELayer`) applies the top_p controller step
         #: itself (after the backward, on the expert-parallel group's mean k); False: :meth:`forward` applies it
         self.deferred_updates = False
+
+    def reset_parameters(self) -> None:
+        """Initial weights and routing state (normal(0, hidden^-1/2) projection, zero expert bias, p = config.p):
+        what the constructor does, for meta-device init (``module.to_empty(device=...)`` leaves uninitialised
+        memory in the buffers too, e.g. p = 6.9e-310)."""
+        nn.init.normal_(self.proj.weight, std=self.proj.in_features ** -0.5)
+        with torch.no_grad():
+            self.expert_bias.zero_()
+            self.p_threshold.fill_(float(self.config.p))
 
     @property
     def p(self) -> float:

@@ -567,3 +567,32 @@ def _accum_worker(rank, world):
 
 def test_grad_slice_reducer_gradient_accumulation():
     assert spawn_gloo(_accum_worker, 2, timeout_s=60) == [True, True]
+
+
+def test_meta_device_init_then_reset_parameters():
+    """torchtitan-style init: build on the meta device, to_empty, reset_parameters. The routing state was left as
+    uninitialised memory (p_threshold 6.9e-310 after to_empty: top_p routed every token to one expert)."""
+    from adasched.runtime.moe.layer import MoELayer
+    from adasched.runtime.moe.router import RouterConfig
+
+    cfg = RouterConfig(kind="top_p", num_experts=4, top_k=2, p=0.7, k_max=3)
+    torch.manual_seed(3)
+    ref = MoELayer(12, 10, cfg, shared_experts=1)
+    with torch.device("meta"):
+        lay = MoELayer(12, 10, cfg, shared_experts=1)
+    lay = lay.to_empty(device="cpu")
+    with torch.no_grad():  # what to_empty may leave behind
+        lay.router.p_threshold.fill_(6.9e-310)
+        lay.router.expert_bias.fill_(123.0)
+    torch.manual_seed(3)
+    lay.reset_parameters()
+    for (name, a), (_, b) in zip(ref.state_dict().items(), lay.state_dict().items()):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+    assert lay.router.p == pytest.approx(0.7) and torch.equal(lay.router.expert_bias, torch.zeros(4))
+    # same distributions as the constructor: every weight's std within 25 % of the constructor's
+    for (name, a), (_, b) in zip(ref.named_parameters(), lay.named_parameters()):
+        assert float(b.detach().std()) == pytest.approx(float(a.detach().std()), rel=0.25), name
+    x = torch.randn(16, 12)
+    lay.eval()
+    y = lay(x)
+    assert torch.isfinite(y).all() and lay.last_stats is not None
