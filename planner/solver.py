@@ -202,6 +202,9 @@ def solve_cpsat(model, params: SolveParams, hint: dict[Any, int] | None = None,
     read back into ``values`` by name."""
     from ortools.sat.python import cp_model
 
+    if params.node_limit is not None:
+        raise ValueError("node_limit: CP-SAT has no node limit (its deterministic work limit is "
+                         "max_deterministic_time); supported with SCIP and CBC")
     if hint:
         model.ClearHints()
         for var, val in hint.items():

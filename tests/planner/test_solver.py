@@ -213,3 +213,9 @@ def test_node_limit_validation():
     s.Minimize(s.BoolVar("x"))
     with pytest.raises(ValueError, match="node_limit: supported with SCIP"):
         solve_linear(s, SolveParams(node_limit=5))
+    from ortools.sat.python import cp_model
+
+    m = cp_model.CpModel()
+    m.Minimize(m.NewBoolVar("b"))
+    with pytest.raises(ValueError, match="node_limit: CP-SAT has no node limit"):
+        solve_cpsat(m, SolveParams(node_limit=5))
