@@ -121,7 +121,8 @@ class DeepSpeedSchedule:
 # ----------------------------------------------------------------------------------------------------------------
 # megatron-core: drop-in for megatron.core.optimizer_param_scheduler.OptimizerParamScheduler
 # ----------------------------------------------------------------------------------------------------------------
-MEGATRON_STYLES = ("constant", "linear", "cosine", "rex", "uba", "refined")
+MEGATRON_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD", "rex", "uba", "refined")
+MEGATRON_WSD_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
 
 
 class MegatronParamScheduler:
@@ -131,7 +132,8 @@ class MegatronParamScheduler:
     ``lr_warmup_steps`` (inclusive); decay from ``max_lr`` to ``min_lr`` at ``lr_decay_steps`` (which includes the
     warmup), then ``min_lr``. Param groups may override ``max_lr``/``min_lr``/``start_wd``/``end_wd``/``wd_mult``.
 
-    Styles: ``constant``, ``linear`` and ``cosine`` as in megatron-core (same floats), plus ``rex``, ``uba``
+    Styles: ``constant``, ``linear``, ``cosine``, ``inverse-square-root`` and ``WSD`` (with ``wsd_decay_steps``,
+    ``lr_wsd_decay_style``) as in megatron-core (same floats), plus ``rex``, ``uba``
     (``phi``) and ``refined`` (``grad_norms`` of a previous run, one per optimizer step; the table is
     interpolated linearly in progress, so the sample counts need not match)."""
 
@@ -139,9 +141,12 @@ class MegatronParamScheduler:
                  lr_decay_steps: int, lr_decay_style: str, start_wd: float = 0.0, end_wd: float = 0.0,
                  wd_incr_steps: int = 1, wd_incr_style: str = "constant",
                  use_checkpoint_opt_param_scheduler: bool = True, override_opt_param_scheduler: bool = False,
+                 wsd_decay_steps: int | None = None, lr_wsd_decay_style: str | None = None,
                  *, phi: float = UBA_DEFAULT_PHI, grad_norms=None, norm: str = "l2", smoothing: float = 0.1):
         self.optimizer = optimizer
         self.init_lr, self.max_lr, self.min_lr = float(init_lr), float(max_lr), float(min_lr)
+        if not (math.isfinite(self.max_lr) and self.max_lr >= 0.0):
+            raise ValueError(f"max_lr: must be a finite number >= 0, got {max_lr!r}")
         if not (0.0 <= self.min_lr <= self.max_lr):
             raise ValueError(f"min_lr: must be in [0, max_lr={self.max_lr}], got {self.min_lr}")
         if not (0.0 <= self.init_lr <= self.max_lr):
@@ -154,6 +159,15 @@ class MegatronParamScheduler:
         if lr_decay_style not in MEGATRON_STYLES:
             raise ValueError(f"lr_decay_style: {lr_decay_style!r} not supported; choose {', '.join(MEGATRON_STYLES)}")
         self.lr_decay_style = lr_decay_style
+        self.wsd_decay_steps, self.lr_wsd_decay_style = wsd_decay_steps, lr_wsd_decay_style
+        if lr_decay_style == "WSD":
+            self.wsd_decay_steps = _check_int("wsd_decay_steps", wsd_decay_steps, 1)
+            if self.wsd_decay_steps > self.lr_decay_steps:
+                raise ValueError(f"wsd_decay_steps: must be <= lr_decay_steps={self.lr_decay_steps}, "
+                                 f"got {self.wsd_decay_steps}")
+            if lr_wsd_decay_style not in MEGATRON_WSD_STYLES:
+                raise ValueError(f"lr_wsd_decay_style: must be one of {', '.join(MEGATRON_WSD_STYLES)}, "
+                                 f"got {lr_wsd_decay_style!r}")
         self.phi = _check_phi(phi)
         self.decay_table = None
         if lr_decay_style == "refined":
@@ -207,6 +221,17 @@ class MegatronParamScheduler:
             return max_lr
         if self.num_steps > self.lr_decay_steps:
             return min_lr
+        if self.lr_decay_style == "inverse-square-root":
+            return max(min_lr, max_lr * math.sqrt(max(self.lr_warmup_steps, 1)) / math.sqrt(max(self.num_steps, 1)))
+        if self.lr_decay_style == "WSD":
+            anneal_start = self.lr_decay_steps - self.wsd_decay_steps
+            if self.num_steps <= anneal_start:
+                return min_lr + 1.0 * (max_lr - min_lr)
+            r = float(self.num_steps - anneal_start) / float(self.wsd_decay_steps)
+            wsd = self.lr_wsd_decay_style
+            coeff = (1.0 - r if wsd == "linear" else 0.5 * (math.cos(math.pi * r) + 1.0) if wsd == "cosine"
+                     else 2.0 * math.pow(0.5, r) - 1.0 if wsd == "exponential" else 1.0 - math.sqrt(r))
+            return min_lr + coeff * (max_lr - min_lr)
         z = float(self.num_steps - self.lr_warmup_steps) / float(self.lr_decay_steps - self.lr_warmup_steps)
         return min_lr + self._coeff(z) * (max_lr - min_lr)
 

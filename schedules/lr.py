@@ -137,7 +137,11 @@ def refined_multipliers(grad_norms, norm: str = "l2", smoothing: float = 0.1) ->
     if norm not in ("l2", "l1"):
         raise ValueError(f"norm: must be 'l2' (SGD) or 'l1' (Adam-type), got {norm!r}")
     g = smooth_norms(grad_norms, smoothing)
-    w = 1.0 / (g * g) if norm == "l2" else 1.0 / g
+    # weights in the log domain, scaled so the largest is 1: the schedule is invariant to the norms' scale, so
+    # 1/g**2 must not overflow for tiny norms (1e-200) nor underflow to 0 for huge ones; a weight more than ~1e308
+    # below the largest underflows to 0 (its step's lr is that much below the peak anyway).
+    logw = (-2.0 if norm == "l2" else -1.0) * np.log(g)
+    w = np.exp(logw - logw.max())
     w_ext = np.append(w, w[-1])  # position K
     tail = np.cumsum(w_ext[::-1])[::-1]  # tail[k] = sum_{p >= k} w_p
     m = np.zeros(g.size + 1)
@@ -152,6 +156,10 @@ def refined_multipliers(grad_norms, norm: str = "l2", smoothing: float = 0.1) ->
 # Schedulers
 # ----------------------------------------------------------------------------------------------------------------
 def _check_int(name: str, value, lo: int) -> int:
+    """An int >= ``lo``; a float with an integral value (``len(loader) * epochs / accum`` = 1000.0) is taken as
+    that int, as transformers does, a fractional one (999.5) is refused."""
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
         raise ValueError(f"{name}: must be an integer >= {lo}, got {value!r}")
     return int(value)
@@ -169,6 +177,10 @@ class WarmupDecay(LRScheduler):
             raise ValueError(f"warmup_steps: must be < total_steps={self.total_steps}, got {self.warmup_steps}")
         bases = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
         self.min_lrs = self._resolve_min_lrs(bases, min_lr, min_lr_ratio)
+        # floor rule for a param group added after construction (optimizer.add_param_group): the same ratio, or
+        # the same absolute min_lr; None when min_lr was a per-group list (no value for a new group)
+        self._new_group_min = (("ratio", float(min_lr_ratio)) if min_lr_ratio is not None else
+                               None if isinstance(min_lr, (list, tuple)) else ("abs", float(min_lr)))
         self._own_lrs: list[float] | None = None  # our last unscaled values (closed form)
         self._ext_scales: list[float] = [1.0] * len(bases)  # factors applied by other schedulers
         super().__init__(optimizer, last_epoch)
@@ -218,13 +230,45 @@ class WarmupDecay(LRScheduler):
         return [lo + (b - lo) * m for b, lo in zip(self.base_lrs, self.min_lrs)]
 
     # -- torch LRScheduler protocol -----------------------------------------------------------------------------
+    def _sync_groups(self) -> None:
+        """Adopt param groups added to the optimizer after this scheduler was made (``add_param_group``, e.g. a
+        module unfrozen mid-run): their lr at that time becomes their base lr (``initial_lr``), their floor follows
+        ``min_lr_ratio`` / the scalar ``min_lr``; from then on they follow the schedule like the others (torch's
+        own schedulers fail on them with ``zip() argument 2 is shorter than argument 1``)."""
+        groups = self.optimizer.param_groups
+        n = len(self.base_lrs)
+        if len(groups) == n:
+            return
+        if len(groups) < n:
+            raise ValueError(f"optimizer: has {len(groups)} param groups but the scheduler was made for {n}; "
+                             f"param groups cannot be removed from a scheduled optimizer")
+        rule = getattr(self, "_new_group_min", ("abs", 0.0))
+        if rule is None:
+            raise ValueError(f"min_lr: was given per param group ({n} values) but the optimizer now has "
+                             f"{len(groups)} groups; build the scheduler after add_param_group, or use min_lr_ratio")
+        for i, group in enumerate(groups[n:], start=n):
+            base = float(group.setdefault("initial_lr", float(group["lr"])))
+            lo = rule[1] * base if rule[0] == "ratio" else rule[1]
+            if not 0.0 <= lo <= base:
+                raise ValueError(f"min_lr: {lo} is above the base lr {base} of param group {i} (added after the "
+                                 f"scheduler was made)")
+            self.base_lrs.append(base)
+            self.min_lrs.append(lo)
+            # no other scheduler has scaled it yet: external factor 1 (its current lr counts as our last value)
+            if self._own_lrs is not None:
+                self._own_lrs.append(float(group["lr"]))
+            self._ext_scales.append(1.0)
+
     def _get_closed_form_lr(self) -> list[float]:
+        self._sync_groups()
         values = self.lr_at(self.last_epoch)
         self._own_lrs = list(values)
         self._ext_scales = [1.0] * len(values)
         return values
 
     def get_lr(self) -> list[float]:
+        if not self._is_initial:
+            self._sync_groups()
         target = self.lr_at(self.last_epoch)
         groups = self.optimizer.param_groups
         if self._is_initial or self._own_lrs is None:
@@ -254,7 +298,17 @@ class WarmupDecay(LRScheduler):
                                                       for g, f in zip(groups, fresh))
         super().load_state_dict(state_dict)
         last = getattr(self, "_last_lr", None)
-        if untouched and last is not None and len(last) == len(groups):
+        if untouched and last is not None:  # a checkpoint with fewer groups: the added ones are adopted later
+            if len(last) > len(groups):
+                raise ValueError(f"state_dict: has {len(last)} param groups but the optimizer has {len(groups)}")
+            n_old = len(last)
+            if len(groups) > n_old:  # groups the checkpoint lacks: adopt now, at the checkpoint's step
+                self._sync_groups()
+                now = self.lr_at(self.last_epoch)
+                last = list(last) + now[n_old:]
+                if self._own_lrs is not None:
+                    self._own_lrs[n_old:] = now[n_old:]
+                self._last_lr = list(last)
             for group, value in zip(groups, last):
                 if isinstance(group["lr"], torch.Tensor):
                     group["lr"].fill_(float(value))
@@ -350,10 +404,11 @@ def get_schedule(name: str, optimizer: torch.optim.Optimizer, num_warmup_steps: 
     includes warmup. ``cosine`` is UBA with phi = 2. ``refined`` takes ``grad_norms=`` or ``path=`` (then
     ``num_training_steps`` may be omitted and must match the file if given). Other keywords go to the class
     (``min_lr``, ``min_lr_ratio``, ``phi``, ``norm``, ``smoothing``, ``last_epoch``)."""
-    key = str(name).lower()
+    key = str(getattr(name, "value", name)).lower()  # transformers.SchedulerType.LINEAR -> "linear"
     if key not in SCHEDULE_NAMES:
         raise ValueError(f"name: unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
     if key == "refined":
+        num_warmup_steps = _check_int("num_warmup_steps", num_warmup_steps, 0)
         if "path" in kw:
             return Refined.from_file(optimizer, kw.pop("path"), total_steps=num_training_steps,
                                      warmup_steps=num_warmup_steps, **kw)
@@ -368,5 +423,10 @@ def get_schedule(name: str, optimizer: torch.optim.Optimizer, num_warmup_steps: 
             raise ValueError("phi: not accepted by 'cosine' (it is UBA with phi=2); use name='uba'")
         kw["phi"] = 2.0
         key = "uba"
+    # errors name the factory's arguments (num_training_steps, not the class's total_steps)
+    total = _check_int("num_training_steps", num_training_steps, 1)
+    warm = _check_int("num_warmup_steps", num_warmup_steps, 0)
+    if warm >= total:
+        raise ValueError(f"num_warmup_steps: must be < num_training_steps={total}, got {warm}")
     cls = {"linear": LinearDecay, "rex": REX, "uba": UBA}[key]
-    return cls(optimizer, num_training_steps, warmup_steps=num_warmup_steps, **kw)
+    return cls(optimizer, total, warmup_steps=warm, **kw)
