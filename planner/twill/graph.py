@@ -226,6 +226,14 @@ def check_graph(graph: Graph, machine: Machine, where: str = "graph") -> Problem
         if warp and (o.smem or 0) > machine.smem_capacity:
             raise InputError(where, f"ops[{i}] {o.name!r}: needs {o.smem} KiB of shared memory but machine "
                                     f"{machine.name!r} has {machine.smem_capacity} KiB")
+    if warp and machine.max_warp_groups < 2:
+        var = [i for i, o in enumerate(graph.ops) if o.variable_latency]
+        fixed = [o.name for o in graph.ops if not o.variable_latency]
+        if var and fixed:  # the producer group of its own needs a second group (the solver searched in vain)
+            i = var[0]
+            raise InputError(where, f"ops[{i}] {graph.ops[i].name!r}: variable latency needs a producer warp group "
+                                    f"of its own, but machine {machine.name!r} has max_warp_groups = "
+                                    f"{machine.max_warp_groups} and op {fixed[0]!r} has a fixed latency")
     return Problem(graph=graph, machine=machine, units=units, warp=warp)
 
 

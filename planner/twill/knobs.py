@@ -8,7 +8,7 @@ Mapping (documented assumptions, checked on a GPU by launch/gemm_check.py):
   count when the graph has no loads;
   plus one slack buffer, because the schedule placed the variable-latency load at its nominal latency and a
   late one would stall the MMA otherwise; capped by what the shared memory of one CTA holds (capacity // S
-  with S KiB per stage, the loads' ``smem``). On an H200 (2026-11-28, three sweeps, BENCHMARKS.md ``twill``)
+  with S KiB per stage, the loads' ``smem``), even when that is a single stage. On an H200 (2026-11-28, three sweeps, BENCHMARKS.md ``twill``)
   the 128x256x64 tile ran best at 4 stages (schedule depth 3) every time; on 128x128x64, 4 stages with 8
   warps was within 3.6 % of the best in every sweep and the earlier choice (3 stages, 4 warps, two CTAs per
   SM) within 7 % - they swap places from run to run, so the plain GEMM does not decide between them;
@@ -79,7 +79,9 @@ def derive_knobs(graph: Graph, machine: Machine, ii: int, times: dict[str, int],
     if loads:
         num_stages += 1  # slack for the variable-latency load
         if stage_kib > 0:
-            num_stages = max(2, min(num_stages, machine.smem_capacity // stage_kib))
+            # never more stages than the CTA's shared memory holds, even below the two a load wants: a
+            # machine that fits one stage got num_stages=2, more shared memory than it has
+            num_stages = max(1, min(num_stages, machine.smem_capacity // stage_kib))
     producer = {groups[o.name] for o in graph.ops if o.variable_latency}
     consumer = {groups[o.name] for o in graph.ops} - producer
     ws = bool(machine.warp_specialize and producer and consumer)

@@ -279,11 +279,18 @@ def solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, opti
     return att
 
 
+def _with_time(params: SolveParams, seconds: float) -> SolveParams:
+    return SolveParams(time_limit=max(seconds, 0.01), seed=params.seed, threads=params.threads,
+                       mip_gap=params.mip_gap, msg=params.msg)
+
+
 def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | None = None,
           max_ii: int | None = None) -> Schedule:
     """Smallest I with a schedule (plain modulo scheduling, then the warp problem when the graph asks).
 
-    ``params.time_limit`` is the budget of the whole search (seconds); every attempt gets what is left."""
+    ``params.time_limit`` is the budget of the whole search (seconds). At each I a feasibility solve gets at
+    most half of what is left (all of it at the last I), then, when it found a schedule, the secondary
+    objective is optimised from it with the rest."""
     params = params or SolveParams(time_limit=10.0)
     warp = problem.warp if warp is None else warp
     t0 = time.perf_counter()
@@ -293,20 +300,33 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
     def left() -> float:
         return params.time_limit - (time.perf_counter() - t0)
 
-    def search(start: int, use_warp: bool, hint: Attempt | None = None) -> tuple[Attempt | None, bool]:
+    def search(start: int, use_warp: bool, hint: Attempt | None = None,
+               optimise: bool = True) -> tuple[Attempt | None, bool]:
         proven = True
         cap = max_ii or ii_cap(problem, use_warp)
-        for ii in range(start, max(cap, start) + 1):
+        top = max(cap, start)
+        for ii in range(start, top + 1):
             rem = left()
             if rem <= 0.01:
                 return None, False
-            p = SolveParams(time_limit=rem, seed=params.seed, threads=params.threads, mip_gap=params.mip_gap,
-                            msg=params.msg)
-            att = solve_at(problem, ii, p, warp=use_warp,
-                           hint_times=hint.times if hint is not None and hint.ii == ii else None)
-            attempts.append(att)
+            # feasibility first, on at most half of what is left unless this is the last I: a time-out here
+            # still leaves time for a larger I (one attempt used to take the whole budget, so a time-out at
+            # MII ended the search with no schedule at all); proofs of infeasibility are also faster without
+            # the objective
+            p = _with_time(params, rem / 2 if ii < top else rem)
+            hint_times = hint.times if hint is not None and hint.ii == ii else None
+            att = solve_at(problem, ii, p, warp=use_warp, optimise=False, hint_times=hint_times)
             if att.has_solution:
+                att.status = "feasible"  # a satisfaction model says 'optimal' for any solution
+                if optimise and left() > 0.01:
+                    best = solve_at(problem, ii, _with_time(params, left()), warp=use_warp, optimise=True,
+                                    hint_times=att.times)
+                    best.seconds += att.seconds
+                    if best.has_solution:
+                        att = best
+                attempts.append(att)
                 return att, proven
+            attempts.append(att)
             if att.status != "infeasible":
                 proven = False
         what = ("no warp-specialised schedule: the register, shared-memory or warp-group limits cannot be met"
@@ -314,7 +334,9 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
         raise ValueError(f"graph {problem.graph.name!r}: {what} up to I = {cap}"
                          + ("" if proven else " (some attempts timed out; raise --time-limit)"))
 
-    plain, plain_proven = search(bounds.mii, False)
+    # with the warp problem to follow, the plain stage only decides feasibility at each I (its schedule is a
+    # hint, its span is thrown away): optimising the span there spent the whole budget on a 30-op graph
+    plain, plain_proven = search(bounds.mii, False, optimise=not warp)
     if plain is None:
         raise ValueError(f"graph {problem.graph.name!r}: no schedule found within the time limit of "
                          f"{params.time_limit:g} s (raise --time-limit)")
