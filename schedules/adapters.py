@@ -6,6 +6,7 @@ None of these imports transformers, deepspeed or megatron: they only follow thei
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Sequence
 
 import numpy as np
@@ -36,7 +37,7 @@ class ScheduleLambda:
         if self.num_warmup_steps >= self.num_training_steps:
             raise ValueError(f"num_warmup_steps: must be < num_training_steps={self.num_training_steps}, "
                              f"got {self.num_warmup_steps}")
-        if not isinstance(min_lr_ratio, (int, float)) or not 0 <= min_lr_ratio <= 1:
+        if not isinstance(min_lr_ratio, numbers.Real) or not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio: must be in [0, 1], got {min_lr_ratio!r}")
         self.min_lr_ratio = float(min_lr_ratio)
         self.phi = None if phi is None else _check_phi(phi)

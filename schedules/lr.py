@@ -21,6 +21,7 @@ Conventions shared by every schedule here (``step`` = the scheduler's ``last_epo
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Sequence
 
 import numpy as np
@@ -62,7 +63,7 @@ def rex_multiplier(z: float) -> float:
 
 
 def _check_phi(phi: float) -> float:
-    if isinstance(phi, bool) or not isinstance(phi, (int, float)) or not math.isfinite(phi) or phi <= 0:
+    if isinstance(phi, bool) or not isinstance(phi, numbers.Real) or not math.isfinite(phi) or phi <= 0:
         raise ValueError(f"phi: must be a finite number > 0, got {phi!r}")
     return float(phi)
 
@@ -110,7 +111,7 @@ def _check_norms(grad_norms: Sequence[float] | np.ndarray | torch.Tensor, name: 
 
 
 def _check_smoothing(smoothing: float) -> float:
-    if not isinstance(smoothing, (int, float)) or not math.isfinite(smoothing) or not 0 <= smoothing < 1:
+    if not isinstance(smoothing, numbers.Real) or not math.isfinite(smoothing) or not 0 <= smoothing < 1:
         raise ValueError(f"smoothing: must be a fraction of the run in [0, 1), got {smoothing!r}")
     return float(smoothing)
 
@@ -187,19 +188,19 @@ class WarmupDecay(LRScheduler):
 
     @staticmethod
     def _resolve_min_lrs(bases: list[float], min_lr, min_lr_ratio) -> list[float]:
-        is_abs = not (isinstance(min_lr, (int, float)) and min_lr == 0.0)
+        is_abs = not (isinstance(min_lr, numbers.Real) and min_lr == 0.0)
         if min_lr_ratio is not None:
             if is_abs:
                 raise ValueError("min_lr: give either min_lr (absolute) or min_lr_ratio (fraction of base), not both")
             r = min_lr_ratio
-            if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 <= r <= 1:
+            if isinstance(r, bool) or not isinstance(r, numbers.Real) or not math.isfinite(r) or not 0 <= r <= 1:
                 raise ValueError(f"min_lr_ratio: must be in [0, 1], got {r!r}")
             return [float(r) * b for b in bases]
         if isinstance(min_lr, (list, tuple)):
             if len(min_lr) != len(bases):
                 raise ValueError(f"min_lr: got {len(min_lr)} values for {len(bases)} param groups")
             mins = [float(m) for m in min_lr]
-        elif isinstance(min_lr, (int, float)) and not isinstance(min_lr, bool):
+        elif isinstance(min_lr, numbers.Real) and not isinstance(min_lr, bool):
             mins = [float(min_lr)] * len(bases)
         else:
             raise ValueError(f"min_lr: must be a number or one number per param group, got {min_lr!r}")

@@ -200,3 +200,21 @@ def test_megatron_argument_errors_name_the_argument():
         MegatronParamScheduler(make_opt(0)[0], **dict(base, lr_decay_style="WSD", lr_wsd_decay_style="linear"))
     with pytest.raises(ValueError, match=r"^lr_wsd_decay_style: "):
         MegatronParamScheduler(make_opt(0)[0], **dict(base, lr_decay_style="WSD", wsd_decay_steps=20))
+
+
+def test_numpy_scalars_are_numbers():
+    """phi / min_lr / min_lr_ratio / smoothing from a numpy sweep (np.float32) were refused as 'not a number'."""
+    o_np, _ = make_opt(6)
+    o_py, _ = make_opt(6)
+    a = UBA(o_np, 15, phi=np.float32(0.75), warmup_steps=2, min_lr_ratio=np.float32(0.25))
+    b = UBA(o_py, 15, phi=float(np.float32(0.75)), warmup_steps=2, min_lr_ratio=float(np.float32(0.25)))
+    np.testing.assert_array_equal(run(a, o_np, 17), run(b, o_py, 17))
+    o_np, lrs = make_opt(6)
+    o_py, _ = make_opt(6)
+    floor = np.float32(0.5 * min(lrs))
+    a = REX(o_np, 9, min_lr=floor)
+    b = REX(o_py, 9, min_lr=float(floor))
+    np.testing.assert_array_equal(run(a, o_np, 10), run(b, o_py, 10))
+    g = np.random.default_rng(8).lognormal(0, 0.5, 20)
+    np.testing.assert_array_equal(refined_multipliers(g, "l1", np.float32(0.25)),
+                                  refined_multipliers(g, "l1", float(np.float32(0.25))))
