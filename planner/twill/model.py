@@ -16,7 +16,11 @@ its issue cycle is t_v = I * k_v + r_v. Constraints (OR-Tools section order belo
 Objective at fixed I, lexicographic by weights: fewest warp groups, then fewest cross-group edges
 (channels), then the shortest iteration span (fewest stages). The driver :func:`solve` raises I from MII
 until a schedule exists; the plain problem first (so without warp fields the reported I is exactly the
-modulo-scheduling minimum), then the warp problem from that I. ``proven`` is True only when every I below
+modulo-scheduling minimum; with them it only decides feasibility), then the warp problem from that I. Each I
+first gets a feasibility solve on at most half of the remaining time (so a time-out still leaves time for a
+larger I), then the objective is optimised from the schedule found. The encoding is time-indexed (I booleans
+per op): keep costs normalised to small integers (``normalise_costs``); at I in the thousands CP-SAT's presolve
+alone takes seconds. ``proven`` is True only when every I below
 the result, down to MII, was proved infeasible; a time-out is recorded as such, never as infeasible.
 """
 from __future__ import annotations
@@ -133,18 +137,18 @@ def solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, opti
     for i in range(n):
         model.AddExactlyOne(x[i])
     for unit, cap in problem.units.items():  # one capacity row per (unit, residue)
-        coef: dict[tuple[int, int], dict[int, int]] = {}
+        # rows[s][(i, r)] = units op i holds at residue s when it issues at residue r (built per row: looping
+        # over every (op, residue) pair for every row was O(I^2 n) and took the whole budget at I = 2000)
+        rows: list[dict[tuple[int, int], int]] = [{} for _ in range(ii)]
         for i, o in enumerate(ops):
             for c, use in enumerate(o.reserve.get(unit, ())):
                 if use:
                     for r in range(ii):
-                        s = (r + c) % ii
-                        row = coef.setdefault((s, i), {})
-                        row[r] = row.get(r, 0) + use
-        for s in range(ii):
-            terms = [(w, x[i][r]) for (s2, i), row in coef.items() if s2 == s for r, w in row.items()]
-            if terms and sum(w for w, _ in terms) > cap:
-                model.Add(sum(w * b for w, b in terms) <= cap)
+                        row = rows[(r + c) % ii]
+                        row[(i, r)] = row.get((i, r), 0) + use
+        for row in rows:
+            if row and sum(row.values()) > cap:
+                model.Add(sum(w * x[i][r] for (i, r), w in row.items()) <= cap)
 
     cross: dict[int, cp_model.IntVar] = {}
     a = used = None
