@@ -161,14 +161,8 @@ class MegatronParamScheduler:
             raise ValueError(f"lr_decay_style: {lr_decay_style!r} not supported; choose {', '.join(MEGATRON_STYLES)}")
         self.lr_decay_style = lr_decay_style
         self.wsd_decay_steps, self.lr_wsd_decay_style = wsd_decay_steps, lr_wsd_decay_style
-        if lr_decay_style == "WSD":
-            self.wsd_decay_steps = _check_int("wsd_decay_steps", wsd_decay_steps, 1)
-            if self.wsd_decay_steps > self.lr_decay_steps:
-                raise ValueError(f"wsd_decay_steps: must be <= lr_decay_steps={self.lr_decay_steps}, "
-                                 f"got {self.wsd_decay_steps}")
-            if lr_wsd_decay_style not in MEGATRON_WSD_STYLES:
-                raise ValueError(f"lr_wsd_decay_style: must be one of {', '.join(MEGATRON_WSD_STYLES)}, "
-                                 f"got {lr_wsd_decay_style!r}")
+        if lr_decay_style == "WSD":  # other styles ignore them (megatron passes both for every style)
+            self._check_wsd()
         self.phi = _check_phi(phi)
         self.decay_table = None
         if lr_decay_style == "refined":
@@ -189,6 +183,15 @@ class MegatronParamScheduler:
         self.override_opt_param_scheduler = override_opt_param_scheduler
         self.num_steps = 0
         self.step(0)
+
+    def _check_wsd(self) -> None:
+        self.wsd_decay_steps = _check_int("wsd_decay_steps", self.wsd_decay_steps, 1)
+        if self.wsd_decay_steps > self.lr_decay_steps:
+            raise ValueError(f"wsd_decay_steps: must be <= lr_decay_steps={self.lr_decay_steps}, "
+                             f"got {self.wsd_decay_steps}")
+        if self.lr_wsd_decay_style not in MEGATRON_WSD_STYLES:
+            raise ValueError(f"lr_wsd_decay_style: must be one of {', '.join(MEGATRON_WSD_STYLES)}, "
+                             f"got {self.lr_wsd_decay_style!r}")
 
     def get_wd(self, param_group: dict | None = None) -> float:
         start = param_group.get("start_wd", self.start_wd) if param_group else self.start_wd
@@ -265,8 +268,21 @@ class MegatronParamScheduler:
             "lr_warmup_steps")
         self.lr_decay_steps = self._check_and_set(
             self.lr_decay_steps, sd.get("end_iter", sd.get("decay_steps", sd.get("lr_decay_steps"))), "lr_decay_steps")
-        self.lr_decay_style = self._check_and_set(self.lr_decay_style, sd.get("decay_style", sd.get("lr_decay_style")),
-                                                  "lr_decay_style")
+        style = self._check_and_set(self.lr_decay_style, sd.get("decay_style", sd.get("lr_decay_style")),
+                                    "lr_decay_style")
+        # a checkpoint's style this scheduler cannot run (megatron raises deep inside the next step())
+        if style not in MEGATRON_STYLES:
+            raise ValueError(f"lr_decay_style: the checkpoint's {style!r} is not supported; choose "
+                             f"{', '.join(MEGATRON_STYLES)} or pass override_opt_param_scheduler=True")
+        if style == "refined" and self.decay_table is None:
+            raise ValueError("lr_decay_style: the checkpoint uses 'refined' but this scheduler was built without "
+                             "grad_norms; build it with lr_decay_style='refined', grad_norms=...")
+        if style == "WSD":
+            if self.wsd_decay_steps is None:
+                raise ValueError("lr_decay_style: the checkpoint uses 'WSD' but this scheduler has no "
+                                 "wsd_decay_steps; build it with wsd_decay_steps= and lr_wsd_decay_style=")
+            self._check_wsd()
+        self.lr_decay_style = style
         self.step(increment=sd.get("num_iters", sd.get("num_steps")))
         if "start_wd" in sd:
             self.start_wd = self._check_and_set(self.start_wd, sd["start_wd"], "start_wd")

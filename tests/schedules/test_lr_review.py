@@ -218,3 +218,31 @@ def test_numpy_scalars_are_numbers():
     g = np.random.default_rng(8).lognormal(0, 0.5, 20)
     np.testing.assert_array_equal(refined_multipliers(g, "l1", np.float32(0.25)),
                                   refined_multipliers(g, "l1", float(np.float32(0.25))))
+
+
+def test_megatron_checkpoint_with_a_style_this_scheduler_cannot_run():
+    """A checkpoint saying 'refined' (or 'WSD') loaded into a scheduler built without grad_norms (without
+    wsd_decay_steps) under use_checkpoint_opt_param_scheduler: load_state_dict took the style and step() failed
+    with TypeError deep inside (len(None)). Now one ValueError at load naming lr_decay_style; an unknown style
+    likewise; override_opt_param_scheduler keeps ours and runs."""
+    kw = dict(init_lr=0.0, max_lr=3e-4, min_lr=3e-5, lr_warmup_steps=8, lr_decay_steps=64)
+    g = np.random.default_rng(9).lognormal(0, 0.3, 16)
+    src = MegatronParamScheduler(make_opt(0)[0], **kw, lr_decay_style="refined", grad_norms=g)
+    src.step(24)
+    wsd = MegatronParamScheduler(make_opt(0)[0], **kw, lr_decay_style="WSD", wsd_decay_steps=16,
+                                 lr_wsd_decay_style="cosine")
+    wsd.step(24)
+    odd = dict(src.state_dict(), lr_decay_style="polynomial")
+    for state, needle in ((src.state_dict(), "refined"), (wsd.state_dict(), "WSD"), (odd, "polynomial")):
+        with pytest.raises(ValueError, match=rf"^lr_decay_style: .*{needle}"):
+            MegatronParamScheduler(make_opt(0)[0], **kw, lr_decay_style="cosine").load_state_dict(state)
+    opt = make_opt(0)[0]
+    mine = MegatronParamScheduler(opt, **kw, lr_decay_style="cosine", use_checkpoint_opt_param_scheduler=False,
+                                  override_opt_param_scheduler=True)
+    mine.load_state_dict(src.state_dict())
+    assert mine.num_steps == 24 and mine.lr_decay_style == "cosine"
+    z = (24 - 8) / (64 - 8)
+    assert opt.param_groups[0]["lr"] == pytest.approx(3e-5 + 0.5 * (1 + math.cos(math.pi * z)) * 2.7e-4, rel=1e-14)
+    # megatron passes wsd_decay_steps / lr_wsd_decay_style for every style: other styles ignore them, as megatron
+    MegatronParamScheduler(make_opt(0)[0], **kw, lr_decay_style="linear", wsd_decay_steps=10**6,
+                           lr_wsd_decay_style="exponential")
