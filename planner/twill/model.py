@@ -21,7 +21,8 @@ first gets a feasibility solve on at most half of the remaining time (so a time-
 larger I), then the objective is optimised from the schedule found. The encoding is time-indexed (I booleans
 per op): keep costs normalised to small integers (``normalise_costs``); at I in the thousands CP-SAT's presolve
 alone takes seconds. ``proven`` is True only when every I below
-the result, down to MII, was proved infeasible; a time-out is recorded as such, never as infeasible.
+the result, down to MII, was proved infeasible; a time-out is recorded as such, never as infeasible, and the
+gap then is at least (I - the smallest I not proved infeasible) / I.
 """
 from __future__ import annotations
 
@@ -363,6 +364,11 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
     gap = None
     if best.objective is not None and best.bound is not None:
         gap = max(0.0, (best.objective - best.bound) / max(abs(best.objective), 1e-9))
+    if not proven:
+        # I itself is not proved minimal: the smallest I not proved infeasible bounds it from below, and the gap
+        # covers it (a time-out at MII gave 'feasible' with gap 0.0, as if only the tie-breakers were open)
+        lowest = min([a.ii for a in attempts if a.status == "timeout" and a.ii < best.ii] + [best.ii])
+        gap = max(gap or 0.0, (best.ii - lowest) / best.ii)
     return Schedule(
         ii=best.ii, mii=bounds, plain_ii=plain.ii, plain_proven=plain_proven, proven=proven, status=status,
         gap=gap, objective=best.objective, bound=best.bound, seconds=time.perf_counter() - t0,

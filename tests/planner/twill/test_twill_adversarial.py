@@ -162,6 +162,11 @@ def test_a_timed_out_attempt_leaves_time_for_a_larger_ii(monkeypatch):
     assert time.perf_counter() - t0 < 3.0
     assert s.ii == 3 and s.status == "feasible" and not s.proven
     assert [(a.ii, a.status) for a in s.attempts][0] == (2, "timeout") and "timed out" in s.note
+    # the gap covers the unproved I (it said 0.0: only the tie-breakers' gap), and the plan records it
+    assert s.gap == pytest.approx(1 / 3)
+    plan = make_plan(prob, s, simulate=False)
+    assert plan.solver.status == "feasible" and plan.solver.gap == pytest.approx(1 / 3)
+    assert not plan.ii_proven_minimal
 
 
 def test_one_warp_group_machine_with_a_load_is_an_input_error(tmp_path, capsys):
