@@ -38,6 +38,12 @@ def register(groups) -> None:
 
         check_output_path(out, "--out")
         check_output_path(plot, "--plot")
+        # writing over the norms being read loses the previous run's record (it was replaced by the JSON)
+        for option, path in (("--out", out), ("--plot", plot)):
+            if path is not None and norms.exists() and Path(path).resolve() == norms.resolve():
+                raise InputError(option, f"{path} is the norms file being read; write the schedule elsewhere")
+        if plot is not None and Path(plot).resolve() == Path(out).resolve():
+            raise InputError("--plot", f"{plot} is also --out; give them different files")
         if norm not in ("l2", "l1"):
             raise InputError("--norm", f"must be l2 or l1, got {norm!r}")
         if steps is not None and steps < 1:

@@ -246,3 +246,22 @@ def test_megatron_checkpoint_with_a_style_this_scheduler_cannot_run():
     # megatron passes wsd_decay_steps / lr_wsd_decay_style for every style: other styles ignore them, as megatron
     MegatronParamScheduler(make_opt(0)[0], **kw, lr_decay_style="linear", wsd_decay_steps=10**6,
                            lr_wsd_decay_style="exponential")
+
+
+@pytest.mark.parametrize("target", ["same", "relative"])
+def test_cli_refine_refuses_to_write_over_its_input(tmp_path, capsys, monkeypatch, target):
+    """`adasched schedules refine norms.csv --out norms.csv` replaced the previous run's norms with the JSON
+    (exit 0). Now one error line, exit 2, the CSV byte for byte as before."""
+    rng = np.random.default_rng(12)
+    l2 = rng.lognormal(0, 0.4, 9)
+    path = write_norms_csv(tmp_path / "norms.csv", l2.tolist(), (3 * l2).tolist())
+    before = path.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    out = str(path) if target == "same" else "./norms.csv"
+    assert main(["schedules", "refine", str(path), "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --out: ") and "norms file" in err[0]
+    assert path.read_bytes() == before
+    assert main(["schedules", "refine", "norms.csv", "--out", "s.json", "--plot", "s.json"]) == 2
+    assert capsys.readouterr().err.startswith("error: --plot: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["norms.csv"]
