@@ -87,6 +87,10 @@ def register(groups) -> None:
         from .plots import DEFAULT_SPECS, curve_rows, plot_curves, schedule_curve
 
         check_output_path(out, "--out", figure=True)
+        if norm is not None and norm not in ("l2", "l1"):
+            raise InputError("--norm", f"must be l2 or l1, got {norm!r}")
+        if smoothing is not None and not 0 <= smoothing < 1:  # NaN too
+            raise InputError("--smoothing", f"must be a fraction in [0, 1), got {smoothing}")
         specs = list(schedules) if schedules else list(DEFAULT_SPECS)
         has_file = any(s.lower().endswith((".csv", ".json")) for s in specs)
         n = steps if steps is not None else (None if has_file else 100)

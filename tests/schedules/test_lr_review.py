@@ -265,3 +265,17 @@ def test_cli_refine_refuses_to_write_over_its_input(tmp_path, capsys, monkeypatc
     assert main(["schedules", "refine", "norms.csv", "--out", "s.json", "--plot", "s.json"]) == 2
     assert capsys.readouterr().err.startswith("error: --plot: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["norms.csv"]
+
+
+@pytest.mark.parametrize("opt, value", [("--norm", "l3"), ("--smoothing", "2"), ("--smoothing", "nan")])
+def test_cli_plot_option_errors_name_the_option(tmp_path, capsys, opt, value):
+    """`schedules plot norms.csv --smoothing 2` said 'error: norms.csv: smoothing: ...' (--norm l3: 'norm: ...'):
+    the option is named now; one line, exit 2, no PNG."""
+    rng = np.random.default_rng(13)
+    l2 = rng.lognormal(0, 0.4, 9)
+    path = write_norms_csv(tmp_path / "norms.csv", l2.tolist(), (3 * l2).tolist())
+    png = tmp_path / "p.png"
+    assert main(["schedules", "plot", str(path), opt, value, "--out", str(png)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {opt}: "), err
+    assert not png.exists()
