@@ -110,7 +110,9 @@ def simulate_schedule(graph: dict, machine: dict, ii: int, times: dict[str, int]
                 return f"{e['from']}#{src_it}+{need - c}"
         for e in reuse[v]:
             old = it - depth[v] + e.get("distance", 0)
-            if old >= 0:
+            # a consumer instance past the last iteration never runs (it was waited for: a false deadlock on
+            # every value read through a loop-carried edge of distance > its buffer depth)
+            if 0 <= old < n_it:
                 t_old = issued.get((e["to"], old))
                 if t_old is None:
                     return f"buffer of {v}: {e['to']}#{old}"
