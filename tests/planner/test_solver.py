@@ -86,10 +86,10 @@ def _market_split(m=4, n=36, seed=3):
     return a, d
 
 
-def test_pulp_time_limited_hard_instance_is_not_optimal():
+def _market_split_pulp(a, d):
+    """min sum |a x - d| as a PuLP problem (x binary; the deviations split into two nonnegative parts)."""
     import pulp
 
-    a, d = _market_split()
     prob = pulp.LpProblem("market_split", pulp.LpMinimize)
     x = [pulp.LpVariable(f"x{j}", cat="Binary") for j in range(a.shape[1])]
     sp = [pulp.LpVariable(f"sp{i}", lowBound=0) for i in range(a.shape[0])]
@@ -97,7 +97,27 @@ def test_pulp_time_limited_hard_instance_is_not_optimal():
     prob += pulp.lpSum(sp) + pulp.lpSum(sm)
     for i in range(a.shape[0]):
         prob += pulp.lpSum(int(a[i, j]) * x[j] for j in range(a.shape[1])) + sp[i] - sm[i] == int(d[i])
-    out = solve_pulp(prob, SolveParams(time_limit=0.5, threads=1))
+    return prob
+
+
+def _market_split_scip(a, d):
+    """The same as an OR-Tools SCIP model; returns (solver, x)."""
+    from ortools.linear_solver import pywraplp
+
+    s = pywraplp.Solver.CreateSolver("SCIP")
+    x = [s.BoolVar(f"x{j}") for j in range(a.shape[1])]
+    dev = [s.NumVar(0, s.infinity(), f"dev{i}") for i in range(a.shape[0])]
+    for i in range(a.shape[0]):
+        expr = sum(int(a[i, j]) * x[j] for j in range(a.shape[1])) - int(d[i])
+        s.Add(dev[i] >= expr)
+        s.Add(dev[i] >= -expr)
+    s.Minimize(sum(dev))
+    return s, x
+
+
+def test_pulp_time_limited_hard_instance_is_not_optimal():
+    a, d = _market_split()
+    out = solve_pulp(_market_split_pulp(a, d), SolveParams(time_limit=0.5, threads=1))
     assert out.status in ("feasible", "timeout"), out.status
     assert out.record().status != "optimal"
 
@@ -118,16 +138,7 @@ def test_ortools_time_limited_hard_instance_is_not_optimal(backend):
         mdl.Minimize(sum(dev))
         out = solve_cpsat(mdl, SolveParams(time_limit=0.2, threads=1), variables=x)
     else:
-        from ortools.linear_solver import pywraplp
-
-        s = pywraplp.Solver.CreateSolver("SCIP")
-        x = [s.BoolVar(f"x{j}") for j in range(a.shape[1])]
-        dev = [s.NumVar(0, s.infinity(), f"dev{i}") for i in range(a.shape[0])]
-        for i in range(a.shape[0]):
-            expr = sum(int(a[i, j]) * x[j] for j in range(a.shape[1])) - int(d[i])
-            s.Add(dev[i] >= expr)
-            s.Add(dev[i] >= -expr)
-        s.Minimize(sum(dev))
+        s, _ = _market_split_scip(a, d)
         out = solve_linear(s, SolveParams(time_limit=0.3, threads=1))
     assert out.status in ("feasible", "timeout"), (out.status, out.objective, out.bound)
     if out.status == "feasible" and out.objective > 0:
@@ -174,28 +185,10 @@ def test_node_limit_stops_at_the_same_point_whatever_the_clock(backend):
     for _ in range(2):
         params = SolveParams(time_limit=60, threads=1, node_limit=3)
         if backend == "scip":
-            from ortools.linear_solver import pywraplp
-
-            s = pywraplp.Solver.CreateSolver("SCIP")
-            x = [s.BoolVar(f"x{j}") for j in range(a.shape[1])]
-            dev = [s.NumVar(0, s.infinity(), f"dev{i}") for i in range(a.shape[0])]
-            for i in range(a.shape[0]):
-                expr = sum(int(a[i, j]) * x[j] for j in range(a.shape[1])) - int(d[i])
-                s.Add(dev[i] >= expr)
-                s.Add(dev[i] >= -expr)
-            s.Minimize(sum(dev))
+            s, x = _market_split_scip(a, d)
             out = solve_linear(s, params, variables=x)
         else:
-            import pulp
-
-            prob = pulp.LpProblem("market_split", pulp.LpMinimize)
-            x = [pulp.LpVariable(f"x{j}", cat="Binary") for j in range(a.shape[1])]
-            sp = [pulp.LpVariable(f"sp{i}", lowBound=0) for i in range(a.shape[0])]
-            sm = [pulp.LpVariable(f"sm{i}", lowBound=0) for i in range(a.shape[0])]
-            prob += pulp.lpSum(sp) + pulp.lpSum(sm)
-            for i in range(a.shape[0]):
-                prob += pulp.lpSum(int(a[i, j]) * x[j] for j in range(a.shape[1])) + sp[i] - sm[i] == int(d[i])
-            out = solve_pulp(prob, params)
+            out = solve_pulp(_market_split_pulp(a, d), params)
         assert out.status in ("feasible", "timeout"), (backend, out.status, out.objective)
         assert out.solve_seconds < 30  # the nodes stopped it, not the clock
         runs.append((out.status, out.objective, sorted((k, round(v)) for k, v in out.values.items()

@@ -12,7 +12,6 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from adasched.runtime.dist import spawn_gloo
