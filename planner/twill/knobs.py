@@ -7,7 +7,7 @@ Mapping (documented assumptions, checked on a GPU by launch/gemm_check.py):
   known at compile time always gets a second buffer so its producer can run ahead); the schedule's stage
   count when the graph has no loads;
   plus one slack buffer, because the schedule placed the variable-latency load at its nominal latency and a
-  late one would stall the MMA otherwise; capped by what the shared memory of one CTA holds (capacity // S
+  late one would stall the MMA otherwise; capped by what the shared memory of one CTA holds ((capacity - the other ops' ``smem`` x buffers) // S
   with S KiB per stage, the loads' ``smem``), even when that is a single stage. On an H200 (2026-11-28, three sweeps, BENCHMARKS.md ``twill``)
   the 128x256x64 tile ran best at 4 stages (schedule depth 3) every time; on 128x128x64, 4 stages with 8
   warps was within 3.6 % of the best in every sweep and the earlier choice (3 stages, 4 warps, two CTAs per
@@ -81,7 +81,9 @@ def derive_knobs(graph: Graph, machine: Machine, ii: int, times: dict[str, int],
         if stage_kib > 0:
             # never more stages than the CTA's shared memory holds, even below the two a load wants: a
             # machine that fits one stage got num_stages=2, more shared memory than it has
-            num_stages = max(1, min(num_stages, machine.smem_capacity // stage_kib))
+            # the other ops' shared memory (their buffers) stays resident beside the load stages
+            fixed_kib = sum((o.smem or 0) * depth[o.name] for o in graph.ops if o.name not in loads)
+            num_stages = max(1, min(num_stages, (machine.smem_capacity - fixed_kib) // stage_kib))
     producer = {groups[o.name] for o in graph.ops if o.variable_latency}
     consumer = {groups[o.name] for o in graph.ops} - producer
     ws = bool(machine.warp_specialize and producer and consumer)
