@@ -231,11 +231,12 @@ class WarmupDecay(LRScheduler):
         return [lo + (b - lo) * m for b, lo in zip(self.base_lrs, self.min_lrs)]
 
     # -- torch LRScheduler protocol -----------------------------------------------------------------------------
-    def _sync_groups(self) -> None:
+    def _sync_groups(self, floors: Sequence[float] | None = None) -> None:
         """Adopt param groups added to the optimizer after this scheduler was made (``add_param_group``, e.g. a
         module unfrozen mid-run): their lr at that time becomes their base lr (``initial_lr``), their floor follows
         ``min_lr_ratio`` / the scalar ``min_lr``; from then on they follow the schedule like the others (torch's
-        own schedulers fail on them with ``zip() argument 2 is shorter than argument 1``)."""
+        own schedulers fail on them with ``zip() argument 2 is shorter than argument 1``). ``floors``: the floor of
+        each group by index, where known (the min_lrs of the scheduler a checkpoint was loaded into)."""
         groups = self.optimizer.param_groups
         n = len(self.base_lrs)
         if len(groups) == n:
@@ -244,12 +245,14 @@ class WarmupDecay(LRScheduler):
             raise ValueError(f"optimizer: has {len(groups)} param groups but the scheduler was made for {n}; "
                              f"param groups cannot be removed from a scheduled optimizer")
         rule = getattr(self, "_new_group_min", ("abs", 0.0))
+        if floors is not None and len(floors) >= len(groups):
+            rule = ("given", 0.0)
         if rule is None:
             raise ValueError(f"min_lr: was given per param group ({n} values) but the optimizer now has "
                              f"{len(groups)} groups; build the scheduler after add_param_group, or use min_lr_ratio")
         for i, group in enumerate(groups[n:], start=n):
             base = float(group.setdefault("initial_lr", float(group["lr"])))
-            lo = rule[1] * base if rule[0] == "ratio" else rule[1]
+            lo = float(floors[i]) if rule[0] == "given" else rule[1] * base if rule[0] == "ratio" else rule[1]
             if not 0.0 <= lo <= base:
                 raise ValueError(f"min_lr: {lo} is above the base lr {base} of param group {i} (added after the "
                                  f"scheduler was made)")
@@ -293,11 +296,16 @@ class WarmupDecay(LRScheduler):
         (before this call or after it) keeps its lrs, which in a chain carry the other schedulers' factors."""
         groups = self.optimizer.param_groups
         fresh = [float(v) for v in getattr(self, "_last_lr", None) or []]
+        # this scheduler's floors, one per group it was built on: they give the floor of a group the checkpoint
+        # lacks (a per-group min_lr list has no rule for it, only these values)
+        built_mins = list(self.min_lrs) if len(getattr(self, "min_lrs", [])) == len(groups) else None
         # the groups still hold what this (just built) scheduler set: the optimizer's state was not restored. When
         # it was, the groups hold the run's lrs - in a chain, other schedulers' factors included - and stay.
         untouched = len(fresh) == len(groups) and all(math.isclose(float(g["lr"]), f, rel_tol=1e-12, abs_tol=0.0)
                                                       for g, f in zip(groups, fresh))
         super().load_state_dict(state_dict)
+        if built_mins is not None and len(self.base_lrs) < len(groups):
+            self._sync_groups(floors=built_mins)
         last = getattr(self, "_last_lr", None)
         if untouched and last is not None:  # a checkpoint with fewer groups: the added ones are adopted later
             if len(last) > len(groups):
