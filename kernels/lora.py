@@ -1381,6 +1381,8 @@ def _validate(x2, weight, bias, adapters: Sequence[LoRAAdapterWeights], segments
     segs = []
     for j, seg in enumerate(segments):
         try:
+            if any(isinstance(v, bool) for v in seg):  # True is an int to operator.index: adapter 1 by accident
+                raise TypeError("bool")
             aid, s, e = (operator.index(v) for v in seg)  # ints only: 2.5 or "3" is not silently truncated
         except (TypeError, ValueError):
             raise ValueError(f"segments[{j}]: {seg!r} must be (adapter_index, row_start, row_end), three ints"

@@ -119,6 +119,7 @@ def test_malformed_arguments_name_the_argument():
         (lambda: multi_lora_linear(x, w, ads, [(0, 0.5, 3)]), "segments\\[0\\]"),
         (lambda: multi_lora_linear(x, w, ads, [(0, 0, 4), 5]), "segments\\[1\\]"),
         (lambda: multi_lora_linear(x, w, ads, [(0, "0", 4)]), "segments\\[0\\]"),
+        (lambda: multi_lora_linear(x, w, ads, [(True, 0, 4)]), "segments\\[0\\]"),  # True ran as adapter 1
         (lambda: multi_lora_linear(x, w, ads, [(0, 0, 4)], block_m=0), "block_m"),
         (lambda: lora_linear(x.long(), w.long(), ads[0].lora_a.detach().long(), ads[0].lora_b.detach().long(),
                              1.0), "x: dtype"),
