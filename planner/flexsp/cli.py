@@ -42,9 +42,10 @@ def _lengths(seqlens: str, max_context):
     return load_lengths(seqlens, max_context)
 
 
-#: ``--deterministic``: group structures tried per micro-batch and branch-and-bound nodes per MILP (on the
-#: Wikipedia gpt-7b / 64-GPU steps these gave the same step times as the 1 s clock budget on an idle machine)
-DETERMINISTIC_EVALS, DETERMINISTIC_NODES = 100, 50
+#: ``--deterministic``: group structures tried per micro-batch (MILPs: PlannerConfig.milp_nodes, 50; on the
+#: Wikipedia gpt-7b / 64-GPU steps: 1.082x vs the best single degree against the clock mode's 1.080-1.085x,
+#: BENCHMARKS.md `sp`)
+DETERMINISTIC_EVALS = 100
 
 
 def _setup(profile: str, model: str, seqlens: str, gpus: Optional[int], max_context: Optional[int],
@@ -75,7 +76,7 @@ def _setup(profile: str, model: str, seqlens: str, gpus: Optional[int], max_cont
     lens = _lengths(seqlens, max_context)
     check_fits(lens, cm, where=seqlens)
     cfg = PlannerConfig(time_limit=time_limit, seed=seed, buckets=buckets, use_milp=not no_milp,
-                        max_evals=DETERMINISTIC_EVALS if deterministic else None, milp_nodes=DETERMINISTIC_NODES)
+                        max_evals=DETERMINISTIC_EVALS if deterministic else None)
     return prof, mdl, cm, lens, cfg
 
 

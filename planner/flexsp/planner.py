@@ -74,7 +74,7 @@ class PlannerConfig:
     every selected MILP runs (bounded by ``milp_nodes``), so the same inputs give the same plan on any machine
     load. ``time_limit`` then caps each MILP only (a cap that stops one makes that step clock-dependent again:
     ``StepResult.clock_bound`` says so)."""
-    milp_nodes: int = 200
+    milp_nodes: int = 50
     """Branch-and-bound nodes per MILP in deterministic mode (SCIP ``limits/nodes``)."""
 
     @property
@@ -203,6 +203,13 @@ def _heuristics(per_m: dict, split, lens, cm: SPCostModel, cfg: PlannerConfig) -
                       heur=sum(c.time_ms for c in best_h))
 
 
+def _promising(per_m: dict, n: int) -> list[str]:
+    """The (at most ``n``) splits worth searching further, best heuristic total first (ties by name, so the order
+    does not depend on dict order): only those within 5 % of the best, else the budget is wasted."""
+    keys = sorted(per_m, key=lambda m: (per_m[m]["heur"], m))
+    return [k for k in keys if per_m[k]["heur"] <= 1.05 * per_m[keys[0]]["heur"]][:n]
+
+
 def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int = 0) -> StepResult:
     """Plan one global batch; see the module docstring."""
     t0 = time.perf_counter()
@@ -245,18 +252,14 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
     t_step_search = time.perf_counter()
     clock_bound = False  # a clock limit, not the work limits, cut a search of this step
     if cfg.structure_search and cfg.deterministic:
-        keys = sorted(per_m, key=lambda m: (per_m[m]["heur"], m))
-        keys = [k for k in keys if per_m[k]["heur"] <= 1.05 * per_m[keys[0]]["heur"]][: max(1, cfg.milp_candidates)]
-        for key in keys:
+        for key in _promising(per_m, max(1, cfg.milp_candidates)):
             info = per_m[key]
             for r in range(len(info["mbs"])):
                 info["best"][r] = structure_search(info["mbs"][r], lens, cm, info["best"][r], max_evals=cfg.max_evals)
             info["heur"] = sum(c.time_ms for c in info["best"])
     elif cfg.structure_search:
         deadline = time.perf_counter() + cfg.time_limit * (1.0 - (cfg.milp_share if cfg.use_milp else 0.0))
-        keys = sorted(per_m, key=lambda m: per_m[m]["heur"])
-        # further splits only when their heuristic total is close to the best; the best split gets 70 % first
-        keys = [k for k in keys if per_m[k]["heur"] <= 1.05 * per_m[keys[0]]["heur"]][: max(1, cfg.milp_candidates)]
+        keys = _promising(per_m, max(1, cfg.milp_candidates))  # the best split gets 70 % of the time first
         for n_key, key in enumerate(keys):
             info = per_m[key]
             now = time.perf_counter()
@@ -273,9 +276,7 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
     # ---- MILP on the most promising M ----------------------------------------------------------
     milp_stats: list[MilpStat] = []
     if cfg.use_milp:
-        ranked = sorted(per_m, key=lambda m: (per_m[m]["heur"], m))
-        # further splits only when their heuristic total is close to the best (else the budget is wasted)
-        ranked = [m for m in ranked if per_m[m]["heur"] <= 1.05 * per_m[ranked[0]]["heur"]][: cfg.milp_candidates]
+        ranked = _promising(per_m, cfg.milp_candidates)
         n_runs = sum(len(per_m[m]["mbs"]) for m in ranked)
         budget = cfg.time_limit - (time.perf_counter() - t_step_search)
         t_milp0 = time.perf_counter()

@@ -44,6 +44,13 @@ from .router import Router, RouterConfig, RouterStats
 __all__ = ["MoELayer"]
 
 
+def _check_degrees(r_fwd, r_bwd) -> None:
+    """Pipeline degrees (chunks per exchange) are ints >= 1: a bool, 2.5 or 0 is refused, naming the argument."""
+    for name, r in (("r_fwd", r_fwd), ("r_bwd", r_bwd)):
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"{name}: {r!r} must be an int >= 1 (chunks per exchange)")
+
+
 class _AttachAuxLoss(torch.autograd.Function):
     """Identity on the layer output whose backward also sends gradient ``scale`` into the aux loss (Megatron-core's
     MoEAuxLossAutoScaler idea): the aux loss trains the router whenever the output is backpropagated."""
@@ -86,9 +93,7 @@ class MoELayer(nn.Module):
             raise ValueError(f"hidden={hidden}, ffn={ffn}: sizes must be >= 1")
         if backend not in ("auto", "triton", "triton_gmm", "torch"):
             raise ValueError(f"backend: {backend!r} is not one of auto, triton, triton_gmm, torch")
-        for name, r in (("r_fwd", r_fwd), ("r_bwd", r_bwd)):
-            if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-                raise ValueError(f"{name}: {r!r} must be an int >= 1 (chunks per exchange)")
+        _check_degrees(r_fwd, r_bwd)
         E = router.num_experts
         if ep is not None and ep.num_experts != E:
             raise ValueError(f"ep.num_experts: {ep.num_experts} differs from router num_experts {E}")
@@ -126,11 +131,7 @@ class MoELayer(nn.Module):
                      order_bwd: str | None = None) -> None:
         """Pipeline degrees (and, when given, the weight-gradient placement and the issue orders) from a plan (an
         FSMoE ``MoELayerPlan``'s r_fwd/r_bwd/wgrad_bwd/order_fwd/order_bwd)."""
-        if r_fwd < 1 or r_bwd < 1:
-            raise ValueError(f"r_fwd={r_fwd}, r_bwd={r_bwd}: pipeline degrees must be >= 1")
-        for name, r in (("r_fwd", r_fwd), ("r_bwd", r_bwd)):   # as the constructor: 2.5 was truncated to 2
-            if not isinstance(r, int) or isinstance(r, bool):
-                raise ValueError(f"{name}: {r!r} must be an int >= 1 (chunks per exchange)")
+        _check_degrees(r_fwd, r_bwd)  # as the constructor: 2.5 was truncated to 2
         check_pipeline_settings(self.ep, wgrad=wgrad, order_fwd=order_fwd, order_bwd=order_bwd)
         self.r_fwd, self.r_bwd = int(r_fwd), int(r_bwd)
         self.wgrad = wgrad or self.wgrad

@@ -130,17 +130,26 @@ def _close(a: dict, b: dict, tol: float):
 def single_run():
     """The fused single-process run of the dropout-free plan (shared by the PEFT and pipeline tests)."""
     plan = make_plan()
+    inits: list = []
+    model, ads, res, log = _logged_run(plan, lt.train_plan, on_built=lambda ads: inits.extend(
+        ad.peft_state_dict() for ad in ads))
+    return plan, inits, res, [ad.peft_state_dict() for ad in ads], log
+
+
+def _logged_run(plan, train, on_built=lambda ads: None):
+    """``train`` (train_plan or train_plan_pipeline) on fresh adapters with every optimizer step logged as
+    (job, microbatch, lr); returns (model, adapters, result, log)."""
     mp = pytest.MonkeyPatch()
     log: list = []
     try:
         _record_steps(mp.setattr, log)
         model = TinyCausalLM(CFG)
         ads = lt.build_adapters(model, plan, seed=4, init_b="random")
-        init = [ad.peft_state_dict() for ad in ads]
-        res = lt.train_plan(model, ads, plan, lt.SyntheticLoRAData(CFG.vocab_size, seed=6), fused=True, seed=1)
+        on_built(ads)
+        res = train(model, ads, plan, lt.SyntheticLoRAData(CFG.vocab_size, seed=6), fused=True, seed=1)
     finally:
         mp.undo()
-    return plan, init, res, [ad.peft_state_dict() for ad in ads], log
+    return model, ads, res, log
 
 
 def test_plan_shape_is_what_the_tests_claim():
@@ -173,16 +182,7 @@ def _pipeline_worker(rank, world, plan_json):
     from adasched.planner.lorafusion.plan import LoRAPlan
 
     plan = LoRAPlan.model_validate_json(plan_json)
-    mp = pytest.MonkeyPatch()
-    log: list = []
-    try:
-        _record_steps(mp.setattr, log)
-        model = TinyCausalLM(CFG)
-        ads = lt.build_adapters(model, plan, seed=4, init_b="random")
-        res = lt.train_plan_pipeline(model, ads, plan, lt.SyntheticLoRAData(CFG.vocab_size, seed=6), fused=True,
-                                     seed=1)
-    finally:
-        mp.undo()
+    model, ads, res, log = _logged_run(plan, lt.train_plan_pipeline)
     return res, lt.gather_adapter_states(ads, model), log, lt.stage_layers(CFG.layers, world, rank)
 
 

@@ -132,7 +132,7 @@ def test_bad_layer_input():
     layer = MoELayer(4, 4, RouterConfig(num_experts=2, top_k=1))
     with pytest.raises(ValueError, match="last dim 5"):
         layer(torch.randn(3, 5))
-    with pytest.raises(ValueError, match="r_fwd=0"):
+    with pytest.raises(ValueError, match="r_fwd: 0 must be an int >= 1"):
         layer.set_pipeline(0, 2)
     with pytest.raises(ValueError, match="r_bwd: 2.5 must be an int"):   # review: was truncated to 2
         layer.set_pipeline(1, 2.5)
