@@ -42,6 +42,11 @@ from .lora import lora_linear
 __all__ = ["FusedLoRALinear", "apply_fused_lora", "restore_peft_lora"]
 
 
+def _is_variant(module: nn.Module, name: str) -> bool:
+    """Whether adapter ``name`` of a PEFT layer is a LoRA variant (DoRA, ...), which the fused kernels do not run."""
+    return name in getattr(module, "lora_variant", {}) or bool(getattr(module, "use_dora", {}).get(name, False))
+
+
 class FusedLoRALinear(_PeftLoraLinear):
     """A ``peft.tuners.lora.Linear`` whose forward runs the fused Triton kernels when the layer is in PEFT's plain
     one-adapter state, and PEFT's forward otherwise. Made from an existing PEFT layer by ``from_peft`` /
@@ -75,9 +80,7 @@ class FusedLoRALinear(_PeftLoraLinear):
             if len(active) > 1:
                 raise ValueError(f"adapter_name: layer has active adapters {active}; name exactly one")
             adapter_name = active[0] if active else None
-        if adapter_name is not None and adapter_name in module.lora_A and (
-                adapter_name in getattr(module, "lora_variant", {})
-                or getattr(module, "use_dora", {}).get(adapter_name, False)):
+        if adapter_name is not None and adapter_name in module.lora_A and _is_variant(module, adapter_name):
             raise ValueError(f"adapter {adapter_name!r}: LoRA variants (DoRA, ...) are not supported by the fused "
                              "kernels")
         if getattr(module, "fan_in_fan_out", False):
@@ -95,7 +98,7 @@ class FusedLoRALinear(_PeftLoraLinear):
         if len(active) != 1:
             return None
         name = active[0]
-        if name in getattr(self, "lora_variant", {}) or getattr(self, "use_dora", {}).get(name, False):
+        if _is_variant(self, name):
             return None
         return name if isinstance(self.get_base_layer(), nn.Linear) else None
 
