@@ -3,7 +3,8 @@
 - ``mlora``: mLoRA-style. Each global batch of every job runs together: the same number m of microbatches
   for all jobs (m = ceil(sum_j gbs_j * mu_j / capacity), the token budget), job j contributing a fixed
   ceil(gbs_j / m) samples per microbatch in dataset order; the jobs' samples are concatenated as rows and
-  padded to the longest sample of the microbatch (no packing, no capacity check). The next global batch
+  padded to the longest sample of the microbatch (no packing, no capacity check), the batch's rows x width
+  rounded up to the 128-row GEMM tile once (packed segments pay the same rounding each). The next global batch
   waits for the optimizer step (dependency rule -> S-1 empty slots, i.e. a pipeline flush).
 - ``mlora_sorted``: the same with each job's global batch sorted by length before it is cut into the fixed
   per-microbatch counts, so similar lengths share a padded batch (a stronger variant, for context).
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from .costmodel import StageCost
+from .costmodel import StageCost, padded
 from .jobs import Workload
 from .model import Microbatch, apply_dependency_rule, ffd_pack, simulate_1f1b, update_dependencies
 
@@ -30,7 +31,7 @@ class BaselineResult:
     noops: int
     tokens: int
     computed_tokens: int
-    """rows x padded length the GEMMs process (padding included)"""
+    """rows x padded length the GEMMs process, rounded up to the M tile (padding included)"""
     max_microbatch_tokens: int
     sequence: list[Microbatch] = field(default_factory=list, repr=False)
     """The microbatch sequence that was simulated (no-ops included)."""
@@ -68,8 +69,8 @@ def mlora_baseline(w: Workload, cost: StageCost, *, sort_by_length: bool = False
             continue
         rows, width = len(ids), max(L[s] for s in ids)
         stage_ms.append(cost.padded_batch_ms(rows, width))
-        computed += rows * width
-        biggest = max(biggest, rows * width)
+        computed += padded(rows * width)
+        biggest = max(biggest, padded(rows * width))
     sim = simulate_1f1b(stage_ms, cfg.stages, update_dependencies(seq))
     return BaselineResult("mlora_sorted" if sort_by_length else "mlora", sim.makespan_ms, len(seq), noops, sum(L),
                           computed, biggest, seq)

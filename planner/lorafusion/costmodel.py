@@ -6,8 +6,9 @@ One pipeline stage holds ``layers / S`` transformer layers. For one microbatch a
                          + sum_i (attention.a1 * L_i^2 + attention.a2 * L_i) + attention.b_ms )
 
 - ``profile.linear`` is the fitted fwd+bwd time of one Llama-7B-like layer's linear layers (QKV, O, MLP)
-  per token; ``padded_tokens`` counts every row the GEMMs touch, i.e. segment padding (packed plans) or
-  padding to the longest sample (mLoRA-style batches).
+  per token; ``padded_tokens`` counts every row the GEMMs touch, i.e. segment padding to the 128-row M tile
+  (packed plans: each adapter's segment is rounded up, the multi-LoRA kernel's tiles hold one adapter) or
+  padding to the longest sample, the whole batch then rounded up to the M tile once (mLoRA-style batches).
 - ``profile.attention`` is the fitted fwd+bwd causal attention of one layer for one sequence; packed
   microbatches run one variable-length attention call over their samples (each sample attends only to
   itself), padded batches run every row at the padded length.
@@ -55,11 +56,13 @@ class StageCost:
         return self.layers_per_stage * per_layer
 
     def padded_batch_ms(self, rows: int, row_length: int) -> float:
-        """fwd+bwd ms of a [rows x row_length] padded batch on one stage (attention over the padded rows)."""
+        """fwd+bwd ms of a [rows x row_length] padded batch on one stage (attention over the padded rows). The
+        GEMMs run ``rows * row_length`` tokens rounded up to the M tile once (``padded``), as a packed
+        microbatch's segments are: both kinds of batch pay the tile rounding of the kernels that run them."""
         if rows <= 0:
             return 0.0
         att = rows * (self.attn_a1_ms_per_tok2 * row_length ** 2 + self.attn_a2_ms_per_tok * row_length)
-        per_layer = self.linear_ms_per_token * rows * row_length + self.linear_b_ms + att + self.attn_b_ms
+        per_layer = self.linear_ms_per_token * padded(rows * row_length) + self.linear_b_ms + att + self.attn_b_ms
         return self.layers_per_stage * per_layer
 
     def as_dict(self) -> dict:
