@@ -34,9 +34,10 @@ class ScheduleLambda:
         self.name = name
         self.num_training_steps = _check_int("num_training_steps", num_training_steps, 1)
         self.num_warmup_steps = _check_int("num_warmup_steps", num_warmup_steps, 0)
-        if self.num_warmup_steps >= self.num_training_steps:
-            raise ValueError(f"num_warmup_steps: must be < num_training_steps={self.num_training_steps}, "
-                             f"got {self.num_warmup_steps}")
+        if self.num_warmup_steps > self.num_training_steps or (
+                name == "refined" and self.num_warmup_steps == self.num_training_steps):
+            raise ValueError(f"num_warmup_steps: must be {'<' if name == 'refined' else '<='} num_training_steps="
+                             f"{self.num_training_steps}, got {self.num_warmup_steps}")
         if not isinstance(min_lr_ratio, numbers.Real) or not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio: must be in [0, 1], got {min_lr_ratio!r}")
         self.min_lr_ratio = float(min_lr_ratio)
@@ -64,7 +65,7 @@ class ScheduleLambda:
         w, T = self.num_warmup_steps, self.num_training_steps
         if step < w:
             return step / w
-        m = self.decay(min(step - w, T - w), T - w)
+        m = self.decay(min(step - w, T - w), T - w) if T > w else 0.0   # all warmup: min_lr from step T on
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * m
 
 

@@ -7,7 +7,8 @@ Conventions shared by every schedule here (``step`` = the scheduler's ``last_epo
   ``num_training_steps``). Warmup is linear from 0: ``lr = base_lr * step / warmup_steps`` for
   ``step < warmup_steps``. The decay phase has ``K = total_steps - warmup_steps`` steps and progress
   ``z = (step - warmup_steps) / K``; ``lr = min_lr + (base_lr - min_lr) * multiplier(z)``; ``step >= total_steps``
-  stays at ``min_lr``.
+  stays at ``min_lr``. ``warmup_steps == total_steps`` is all warmup (K = 0): ``min_lr`` from step
+  ``total_steps`` on, as transformers' linear schedule gives (the refined schedule needs K >= 1).
 * ``base_lr`` is each param group's ``initial_lr`` (its lr when the scheduler was made), so groups keep their ratio.
 * Floor: ``min_lr`` is an ABSOLUTE learning rate (the same for every group, or a list with one per group);
   ``min_lr_ratio`` is a FRACTION of each group's base lr. Give at most one of them.
@@ -174,8 +175,8 @@ class WarmupDecay(LRScheduler):
                  min_lr: float | Sequence[float] = 0.0, last_epoch: int = -1, *, min_lr_ratio: float | None = None):
         self.total_steps = _check_int("total_steps", total_steps, 1)
         self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
-        if self.warmup_steps >= self.total_steps:
-            raise ValueError(f"warmup_steps: must be < total_steps={self.total_steps}, got {self.warmup_steps}")
+        if self.warmup_steps > self.total_steps:
+            raise ValueError(f"warmup_steps: must be <= total_steps={self.total_steps}, got {self.warmup_steps}")
         bases = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
         self.min_lrs = self._resolve_min_lrs(bases, min_lr, min_lr_ratio)
         # floor rule for a param group added after construction (optimizer.add_param_group): the same ratio, or
@@ -219,6 +220,8 @@ class WarmupDecay(LRScheduler):
         if step < self.warmup_steps:
             return step / self.warmup_steps
         num_decay = self.total_steps - self.warmup_steps
+        if num_decay == 0:           # all warmup (transformers allows it): the decay's end, min_lr, from step T on
+            return 0.0
         return self.decay_multiplier(min(step - self.warmup_steps, num_decay), num_decay)
 
     def lr_at(self, step: int) -> list[float]:
@@ -435,7 +438,7 @@ def get_schedule(name: str, optimizer: torch.optim.Optimizer, num_warmup_steps: 
     # errors name the factory's arguments (num_training_steps, not the class's total_steps)
     total = _check_int("num_training_steps", num_training_steps, 1)
     warm = _check_int("num_warmup_steps", num_warmup_steps, 0)
-    if warm >= total:
-        raise ValueError(f"num_warmup_steps: must be < num_training_steps={total}, got {warm}")
+    if warm > total:
+        raise ValueError(f"num_warmup_steps: must be <= num_training_steps={total}, got {warm}")
     cls = {"linear": LinearDecay, "rex": REX, "uba": UBA}[key]
     return cls(optimizer, total, warmup_steps=warm, **kw)

@@ -66,7 +66,7 @@ def test_lambda_factories_match_classes_and_transformers():
     np.testing.assert_allclose(np.concatenate([head, tail[1:]]), run(get_rex_schedule_with_warmup(o3, W, T), o3,
                                                                      T + 1), rtol=0, atol=0)
     with pytest.raises(ValueError, match="^num_warmup_steps:"):
-        get_rex_schedule_with_warmup(o3, 31, 31)
+        get_rex_schedule_with_warmup(o3, 32, 31)   # more warmup than steps (equal is all warmup, allowed)
 
 
 def get_linear_schedule_with_warmup_factory(W, T):

@@ -268,7 +268,7 @@ def test_get_schedule_factory():
 @pytest.mark.parametrize("make,arg", [
     (lambda o: REX(o, 0), "total_steps"),
     (lambda o: REX(o, -3), "total_steps"),
-    (lambda o: LinearDecay(o, 10, warmup_steps=10), "warmup_steps"),
+    (lambda o: LinearDecay(o, 10, warmup_steps=11), "warmup_steps"),   # 10 = all warmup, allowed
     (lambda o: LinearDecay(o, 10, warmup_steps=-1), "warmup_steps"),
     (lambda o: UBA(o, 10, phi=0.0), "phi"),
     (lambda o: UBA(o, 10, phi=-1.0), "phi"),

@@ -56,7 +56,7 @@ def test_integral_float_step_counts_are_taken_fractional_refused():
     (dict(num_warmup_steps=0, num_training_steps=-3), "num_training_steps"),
     (dict(num_warmup_steps=0, num_training_steps=float("nan")), "num_training_steps"),
     (dict(num_warmup_steps=-1, num_training_steps=10), "num_warmup_steps"),
-    (dict(num_warmup_steps=10, num_training_steps=10), "num_warmup_steps"),
+    (dict(num_warmup_steps=11, num_training_steps=10), "num_warmup_steps"),   # 10 = all warmup, allowed
 ])
 def test_factory_errors_name_the_factory_arguments(kw, arg):
     """They said 'total_steps: ...'/'warmup_steps: ...', names the caller of get_schedule never wrote."""
