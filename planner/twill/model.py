@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from adasched.planner.solver import SolveParams, solve_cpsat
 
 from .graph import Problem
+from .heuristic import HeuristicSchedule, heuristic_schedule
 from .mii import MII, compute_mii
 
 __all__ = ["Attempt", "Schedule", "solve_at", "solve", "horizon_stages", "ii_cap"]
@@ -78,6 +79,8 @@ class Schedule:
     warp: bool
     note: str = ""
     params: SolveParams | None = None
+    method: str = "cp-sat"
+    """What produced the schedule: 'cp-sat' or 'heuristic' (iterative modulo scheduling, when CP-SAT found none)."""
 
 
 def _max_weight(problem: Problem, ii: int, warp: bool) -> int:
@@ -110,9 +113,10 @@ def _value_consumers(problem: Problem):
 
 
 def solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, optimise: bool = True,
-             hint_times: dict[str, int] | None = None) -> Attempt:
+             hint_times: dict[str, int] | None = None, hint_groups: dict[str, int] | None = None) -> Attempt:
     """Build and solve the CP-SAT model at initiation interval ``ii``; ``hint_times`` (issue cycles, e.g.
-    the plain schedule at the same I) become a warm-start hint for residues and stages."""
+    the plain schedule at the same I) become a warm-start hint for residues and stages, ``hint_groups`` (warp
+    mode; e.g. the heuristic's) for the group of each op."""
     from ortools.sat.python import cp_model
 
     # ---- data ----------------------------------------------------------------------------------------
@@ -265,6 +269,14 @@ def solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, opti
                 hint[k[i]] = tv // ii
                 for r in range(ii):
                     hint[x[i][r]] = int(r == tv % ii)
+        if warp and hint_groups and set(hint_groups) == set(names):
+            remap: dict[int, int] = {}  # canonical numbering (groups opened in op order), as the symmetry rule wants
+            for v in names:
+                remap.setdefault(hint_groups[v], len(remap))
+            if len(remap) <= G:
+                for i, v in enumerate(names):
+                    for q in range(G):
+                        hint[a[i][q]] = int(q == remap[hint_groups[v]])
     out = solve_cpsat(model, params, hint=hint)
 
     # ---- extract -------------------------------------------------------------------------------------
@@ -289,13 +301,43 @@ def _with_time(params: SolveParams, seconds: float) -> SolveParams:
                        mip_gap=params.mip_gap, msg=params.msg)
 
 
+def _lower_bound(bounds: MII, attempts: list[Attempt], warp: bool) -> int:
+    """The smallest I >= MII not proved infeasible (a plain infeasibility proof also rules out the warp
+    problem at that I; a warp proof says nothing about the plain problem)."""
+    dead = {a.ii for a in attempts if a.status == "infeasible" and (warp or not a.warp)}
+    lb = bounds.mii
+    while lb in dead:
+        lb += 1
+    return lb
+
+
+def _from_heuristic(h: HeuristicSchedule, bounds: MII, attempts: list[Attempt], plain_ii: int,
+                    plain_proven: bool, warp: bool, seconds: float, params: SolveParams, why: str) -> Schedule:
+    lb = _lower_bound(bounds, attempts, warp)
+    if lb > h.ii:
+        raise RuntimeError(f"twill: CP-SAT proved I = {h.ii} infeasible but the heuristic's schedule there passes "
+                           "the validator: the model is wrong")
+    note = (f"heuristic schedule (iterative modulo scheduling, {h.seconds:.3g} s): {why}; "
+            f"I >= {lb} proved" + ("" if lb == h.ii else f", so I = {h.ii} is within {(h.ii - lb) / h.ii:.1%}")
+            + "; secondary objective (groups, channels, span) not optimised")
+    return Schedule(
+        ii=h.ii, mii=bounds, plain_ii=plain_ii, plain_proven=plain_proven, proven=lb == h.ii, status="feasible",
+        gap=(h.ii - lb) / h.ii, objective=None, bound=None, seconds=seconds, times=dict(h.times),
+        groups=dict(h.groups) if warp else {}, copies=dict(h.copies), attempts=attempts, warp=warp, note=note,
+        params=params, method="heuristic",
+    )
+
+
 def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | None = None,
-          max_ii: int | None = None) -> Schedule:
+          max_ii: int | None = None, heuristic: bool = True) -> Schedule:
     """Smallest I with a schedule (plain modulo scheduling, then the warp problem when the graph asks).
 
-    ``params.time_limit`` is the budget of the whole search (seconds). At each I a feasibility solve gets at
-    most half of what is left (all of it at the last I), then, when it found a schedule, the secondary
-    objective is optimised from it with the rest."""
+    ``params.time_limit`` is the budget of the whole search (seconds), the heuristic included. With
+    ``heuristic`` (default) iterative modulo scheduling runs first: its I caps the CP-SAT search (no larger I is
+    tried), its schedule is CP-SAT's warm start at that I, and it is the answer when CP-SAT finds no schedule in
+    time (``method`` 'heuristic', status 'feasible', gap (I - smallest I not proved infeasible) / I). At each I a
+    feasibility solve gets at most half of what is left (all of it at the last I), then, when it found a
+    schedule, the secondary objective is optimised from it with the rest."""
     params = params or SolveParams(time_limit=10.0)
     warp = problem.warp if warp is None else warp
     t0 = time.perf_counter()
@@ -305,11 +347,19 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
     def left() -> float:
         return params.time_limit - (time.perf_counter() - t0)
 
-    def search(start: int, use_warp: bool, hint: Attempt | None = None,
-               optimise: bool = True) -> tuple[Attempt | None, bool]:
+    heur_plain = heur_warp = None
+    if heuristic:
+        heur_plain = heuristic_schedule(problem, warp=False, max_ii=max_ii, time_limit=params.time_limit)
+        if warp:
+            heur_warp = heuristic_schedule(problem, warp=True, max_ii=max_ii, time_limit=params.time_limit)
+
+    def search(start: int, use_warp: bool, hint: Attempt | None = None, optimise: bool = True,
+               heur: HeuristicSchedule | None = None) -> tuple[Attempt | None, bool]:
         proven = True
         cap = max_ii or ii_cap(problem, use_warp)
         top = max(cap, start)
+        if heur is not None:
+            top = max(min(top, heur.ii), start)  # the heuristic has a schedule there: no larger I is needed
         for ii in range(start, top + 1):
             rem = left()
             if rem <= 0.01:
@@ -319,13 +369,18 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
             # MII ended the search with no schedule at all); proofs of infeasibility are also faster without
             # the objective
             p = _with_time(params, rem / 2 if ii < top else rem)
-            hint_times = hint.times if hint is not None and hint.ii == ii else None
-            att = solve_at(problem, ii, p, warp=use_warp, optimise=False, hint_times=hint_times)
+            hint_times = hint_groups = None
+            if heur is not None and heur.ii == ii:
+                hint_times, hint_groups = heur.times, heur.groups
+            elif hint is not None and hint.ii == ii:
+                hint_times = hint.times
+            att = solve_at(problem, ii, p, warp=use_warp, optimise=False, hint_times=hint_times,
+                           hint_groups=hint_groups)
             if att.has_solution:
                 att.status = "feasible"  # a satisfaction model says 'optimal' for any solution
                 if optimise and left() > 0.01:
                     best = solve_at(problem, ii, _with_time(params, left()), warp=use_warp, optimise=True,
-                                    hint_times=att.times)
+                                    hint_times=att.times, hint_groups=att.groups)
                     best.seconds += att.seconds
                     if best.has_solution:
                         att = best
@@ -334,6 +389,8 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
             attempts.append(att)
             if att.status != "infeasible":
                 proven = False
+        if heur is not None and heur.ii >= start:
+            return None, False  # the last I (the heuristic's) timed out: it answers
         what = ("no warp-specialised schedule: the register, shared-memory or warp-group limits cannot be met"
                 if use_warp else "no modulo schedule")
         raise ValueError(f"graph {problem.graph.name!r}: {what} up to I = {cap}"
@@ -341,18 +398,32 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
 
     # with the warp problem to follow, the plain stage only decides feasibility at each I (its schedule is a
     # hint, its span is thrown away): optimising the span there spent the whole budget on a 30-op graph
-    plain, plain_proven = search(bounds.mii, False, optimise=not warp)
-    if plain is None:
-        raise ValueError(f"graph {problem.graph.name!r}: no schedule found within the time limit of "
-                         f"{params.time_limit:g} s (raise --time-limit)")
+    plain, plain_proven = search(bounds.mii, False, optimise=not warp, heur=heur_plain)
+    if plain is None and not warp:
+        if heur_plain is None:
+            raise ValueError(f"graph {problem.graph.name!r}: no schedule found within the time limit of "
+                             f"{params.time_limit:g} s (raise --time-limit)")
+        return _from_heuristic(heur_plain, bounds, attempts, heur_plain.ii, False, False, time.perf_counter() - t0,
+                               params, "CP-SAT found no schedule within the time limit")
     best, proven = plain, plain_proven
     if warp:
-        ws, ws_proven = search(plain.ii, True, hint=plain)
+        ws = None
+        ws_proven = False
+        if plain is not None:
+            ws, ws_proven = search(plain.ii, True, hint=plain, heur=heur_warp)
         if ws is None:
-            raise ValueError(f"graph {problem.graph.name!r}: plain modulo schedule at I = {plain.ii} found, but no "
-                             f"warp-specialised schedule within the time limit of {params.time_limit:g} s "
-                             "(raise --time-limit)")
+            if heur_warp is None:
+                raise ValueError(f"graph {problem.graph.name!r}: "
+                                 + (f"plain modulo schedule at I = {plain.ii} found, but " if plain else "")
+                                 + f"no warp-specialised schedule within the time limit of {params.time_limit:g} s"
+                                 " (raise --time-limit)")
+            why = ("CP-SAT found no warp-specialised schedule within the time limit" if plain is not None else
+                   "CP-SAT found no schedule within the time limit")
+            plain_ii = plain.ii if plain is not None else (heur_plain.ii if heur_plain is not None else heur_warp.ii)
+            return _from_heuristic(heur_warp, bounds, attempts, plain_ii, plain is not None and plain_proven, True,
+                                   time.perf_counter() - t0, params, why)
         best, proven = ws, plain_proven and ws_proven
+    assert best is not None
     notes = []
     if not proven:
         lower = [a.ii for a in attempts if a.ii < best.ii and a.status == "timeout" and a.warp == best.warp]
@@ -360,6 +431,9 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
         notes.append(f"I = {best.ii} not proved minimal: I = {sorted(set(lower))} timed out")
     if best.status != "optimal":
         notes.append("secondary objective (groups, channels, span) not proved optimal")
+    heur_used = heur_warp if warp else heur_plain
+    if heur_used is not None:
+        notes.append(f"heuristic warm start: I = {heur_used.ii} in {heur_used.seconds:.3g} s")
     status = "optimal" if proven and best.status == "optimal" else "feasible"
     gap = None
     if best.objective is not None and best.bound is not None:

@@ -58,6 +58,8 @@ class TwillPlan(Plan):
     rec_mii: int
     plain_ii: int = Field(description="minimal I of plain modulo scheduling (no warp constraints)")
     ii_proven_minimal: bool
+    method: Literal["cp-sat", "heuristic"] = Field(default="cp-sat", description="what produced the schedule: "
+                                                   "CP-SAT, or iterative modulo scheduling when CP-SAT found none")
     warp_specialised: bool = Field(description="the joint SWP + warp-specialisation problem was solved")
     stages: int = Field(ge=1)
     cycle_ns: float
@@ -117,6 +119,8 @@ class TwillPlan(Plan):
         rows = super().summary_rows()
         rows[3:3] = [
             ("graph / machine", f"{self.graph_name} / {self.machine_name}"),
+            ("method", self.method + (" (iterative modulo scheduling: CP-SAT found no schedule in time)"
+                                      if self.method == "heuristic" else "")),
             ("ii (cycles/iter)", f"{self.ii} (MII {self.mii}: res {self.res_mii}, rec {self.rec_mii}; plain {self.plain_ii})"
              + ("" if self.ii_proven_minimal else ", not proved minimal")),
             ("stages", str(self.stages)),
@@ -263,7 +267,7 @@ def make_plan(problem: Problem, schedule, *, simulate: bool = True) -> TwillPlan
     from adasched.planner.plan import SolverRecord
 
     solver = SolverRecord(
-        backend="ortools-cp-sat", status=schedule.status, gap=schedule.gap, objective=schedule.objective,
+        backend="heuristic" if schedule.method == "heuristic" else "ortools-cp-sat", status=schedule.status, gap=schedule.gap, objective=schedule.objective,
         bound=schedule.bound, solve_seconds=round(schedule.seconds, 6),
         time_limit=rec.time_limit if rec else None, seed=rec.seed if rec else None,
         threads=rec.threads if rec else None, note=schedule.note or None,
@@ -275,6 +279,7 @@ def make_plan(problem: Problem, schedule, *, simulate: bool = True) -> TwillPlan
         baselines_ms={"no-pipelining": serial * m.cycle_ns * 1e-6},
         graph_name=g.name, machine_name=m.name, ii=ii, mii=schedule.mii.mii, res_mii=schedule.mii.res,
         rec_mii=schedule.mii.rec, plain_ii=schedule.plain_ii, ii_proven_minimal=schedule.proven,
+        method=schedule.method,
         warp_specialised=schedule.warp, stages=max(stage.values()) + 1, cycle_ns=m.cycle_ns, ops=slots,
         warp_groups=wgs, channels=channels, buffers=buffers, peeled=peeled, knobs=knobs,
         attempts=[AttemptRecord(ii=a.ii, warp=a.warp, status=a.status, seconds=round(a.seconds, 6))

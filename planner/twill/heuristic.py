@@ -1,0 +1,350 @@
+"""Iterative modulo scheduling (after Rau's IMS): a fast schedule when CP-SAT has none, and its warm start.
+
+At a fixed I, ops are taken highest *height* first (longest path to the end of the graph under edge weights
+delay - I * distance); each goes to the first cycle from its earliest start (the latest of its scheduled
+predecessors' issue + delay) whose reservation table fits the modulo reservation table (MRT). When no cycle in
+[earliest, earliest + I) fits, it is forced in at the earliest start (or one cycle after where it last was) and
+the ops it collides with - on a unit row or on a dependence with an already scheduled successor - are taken out
+and rescheduled later. An op with no scheduled predecessor but scheduled successors goes as late as those allow.
+A budget of placements bounds the work; when it runs out, I is raised.
+
+Warp problem: a fixed assignment is tried for each count of consumer groups (variable-latency ops on one
+producer group; the others spread over the consumer groups by a greedy that keeps value edges inside a group and
+balances issue slots and registers); each group's issue slot (one op per cycle, a blocking op holding it for its
+length) is one more row of the MRT, and a value crossing groups gets the machine's handoff added to its edge.
+After scheduling, buffer depths (ceil(lifetime / I)) must fit the register and shared-memory budgets.
+
+The search over I starts at a lower bound, steps by 1 four times, then gallops (doubling steps) to the first I
+that schedules, and bisects back between the last failure and that success (feasibility is not monotone in I,
+so this is a heuristic search, not a proof). The result is checked by the independent validator before it is
+returned; nothing here proves anything about optimality.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .graph import Problem
+from .knobs import buffer_depths
+from .mii import compute_mii
+
+__all__ = ["HeuristicSchedule", "modulo_schedule", "heuristic_schedule", "assignments"]
+
+
+@dataclass
+class HeuristicSchedule:
+    ii: int
+    times: dict[str, int]
+    groups: dict[str, int]
+    copies: dict[str, int]
+    warp: bool
+    seconds: float = 0.0
+    tried: list[int] = field(default_factory=list)
+    """Every I the search tried, in order."""
+
+
+def _fold(row: list[int], ii: int) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for c, n in enumerate(row):
+        if n:
+            out[c % ii] = out.get(c % ii, 0) + n
+    return out
+
+
+def modulo_schedule(problem: Problem, ii: int, groups: dict[str, int] | None = None, *,
+                    budget_ratio: int = 8) -> dict[str, int] | None:
+    """Issue cycles of one modulo schedule at ``ii`` (with warp-group issue slots and handoffs when ``groups``
+    is given), or None when the placement budget runs out or the grouping makes a recurrence too long."""
+    g, m = problem.graph, problem.machine
+    names = [o.name for o in g.ops]
+    idx = {v: i for i, v in enumerate(names)}
+    n = len(names)
+    hand = m.handoff_cycles if groups is not None else 0
+
+    # ---- modulo reservation rows: key -> capacity; per op [(key, folded offsets, counts)] --------------
+    caps: dict[object, int] = dict(problem.units)
+    cells: list[list[tuple[object, np.ndarray, np.ndarray]]] = []
+    for o in g.ops:
+        rows = {u: _fold(r, ii) for u, r in o.reserve.items()}
+        if groups is not None:
+            key = ("#group", groups[o.name])
+            caps[key] = 1
+            rows[key] = _fold([1] * (o.length if o.blocking else 1), ii)
+        mine = []
+        for key, fold in rows.items():
+            if not fold:
+                continue
+            offs = np.fromiter(fold.keys(), dtype=np.int64)
+            cnt = np.fromiter(fold.values(), dtype=np.int64)
+            if cnt.max() > caps.get(key, 0):
+                return None  # the op collides with itself at this I
+            mine.append((key, offs, cnt))
+        cells.append(mine)
+    occ = {key: np.zeros(ii, dtype=np.int64) for key in caps}
+
+    # ---- dependences with their weights at this I ------------------------------------------------------
+    preds: list[list[tuple[int, int]]] = [[] for _ in range(n)]
+    succs: list[list[tuple[int, int]]] = [[] for _ in range(n)]
+    weighted = []
+    for e in g.edges:
+        u, v = idx[e.src], idx[e.dst]
+        w = e.delay - ii * e.distance
+        if groups is not None and e.value and u != v and groups[e.src] != groups[e.dst]:
+            w += hand
+        if u == v:
+            if w > 0:
+                return None
+            continue
+        preds[v].append((u, w))
+        succs[u].append((v, w))
+        weighted.append((u, v, w))
+    height = [0] * n
+    for _ in range(n + 1):
+        changed = False
+        for u, v, w in weighted:
+            if height[v] + w > height[u]:
+                height[u] = height[v] + w
+                changed = True
+        if not changed:
+            break
+    else:
+        return None  # positive cycle: no schedule at this I (with these groups)
+    order = sorted(range(n), key=lambda i: (-height[i], i))
+
+    # ---- iterative scheduling ----------------------------------------------------------------------------
+    t: list[int | None] = [None] * n
+    last: list[int | None] = [None] * n
+
+    def fits(i: int, cand: np.ndarray) -> np.ndarray:
+        ok = np.ones(len(cand), dtype=bool)
+        for key, offs, cnt in cells[i]:
+            res = (cand[:, None] + offs[None, :]) % ii
+            ok &= (occ[key][res] + cnt[None, :] <= caps[key]).all(axis=1)
+        return ok
+
+    def place(i: int, at: int, sign: int) -> None:
+        for key, offs, cnt in cells[i]:
+            np.add.at(occ[key], (at + offs) % ii, sign * cnt)
+
+    def unschedule(j: int) -> None:
+        place(j, t[j], -1)
+        t[j] = None
+
+    budget = budget_ratio * n
+    while budget > 0:
+        i = next((j for j in order if t[j] is None), None)
+        if i is None:
+            break
+        budget -= 1
+        est = [t[u] + w for u, w in preds[i] if t[u] is not None]
+        lst = [t[s] - w for s, w in succs[i] if t[s] is not None]
+        if est:
+            lo = max(est)
+            hi = min([lo + ii - 1] + lst)
+            forward = True
+        elif lst:
+            hi = min(lst)
+            lo = hi - ii + 1
+            forward = False
+        else:
+            lo, hi, forward = 0, ii - 1, True
+        chosen = None
+        if lo <= hi:
+            span = np.arange(lo, hi + 1, dtype=np.int64) if forward else np.arange(hi, lo - 1, -1, dtype=np.int64)
+            step = 16
+            pos = 0
+            while pos < len(span) and chosen is None:  # chunks that grow: the earliest cycles usually fit
+                chunk = span[pos:pos + step]
+                ok = fits(i, chunk)
+                if ok.any():
+                    chosen = int(chunk[int(np.argmax(ok))])
+                pos += step
+                step *= 4
+        if chosen is None:  # force it in and evict what collides
+            base = lo if forward else hi
+            if last[i] is not None and forward and base <= last[i]:
+                base = last[i] + 1
+            chosen = base
+            for key, offs, cnt in cells[i]:
+                res = (chosen + offs) % ii
+                bad = set(res[occ[key][res] + cnt > caps[key]].tolist())
+                if bad:
+                    for j in range(n):
+                        if t[j] is not None and j != i:
+                            for k2, o2, _ in cells[j]:
+                                if k2 == key and bad.intersection(((t[j] + o2) % ii).tolist()):
+                                    unschedule(j)
+                                    break
+        t[i] = chosen
+        last[i] = chosen
+        place(i, chosen, +1)
+        for s, w in succs[i]:
+            if t[s] is not None and chosen + w > t[s]:
+                unschedule(s)
+        for u, w in preds[i]:
+            if t[u] is not None and t[u] + w > chosen:
+                unschedule(u)
+    if any(x is None for x in t):
+        return None
+    shift = (min(t) // ii) * ii  # earliest op in stage 0
+    return {v: t[i] - shift for i, v in enumerate(names)}
+
+
+def _budgets_ok(problem: Problem, ii: int, times: dict[str, int], groups: dict[str, int]) -> dict[str, int] | None:
+    """Buffer depths of the values holding registers or shared memory when they fit the budgets, else None."""
+    g, m = problem.graph, problem.machine
+    depth = buffer_depths(g, ii, times)
+    held = {o.name: depth[o.name] for o in g.ops if (o.regs or 0) > 0 or (o.smem or 0) > 0}
+    total = 0
+    for q in set(groups.values()):
+        regs = m.group_base_regs + sum((o.regs or 0) * held.get(o.name, 1) for o in g.ops if groups[o.name] == q)
+        if regs > m.regs_per_group_max:
+            return None
+        total += regs
+    smem = sum((o.smem or 0) * held.get(o.name, 1) for o in g.ops)
+    if total > m.regs_total or smem > m.smem_capacity:
+        return None
+    return held
+
+
+def assignments(problem: Problem) -> list[dict[str, int]]:
+    """Candidate warp-group assignments, fewest groups first: variable-latency ops on one producer group (when
+    the graph also has fixed-latency ops), the others spread over 1, 2, ... consumer groups."""
+    g, m = problem.graph, problem.machine
+    var = [o for o in g.ops if o.variable_latency]
+    fixed = [o for o in g.ops if not o.variable_latency]
+    if not var or not fixed:
+        producer, first = {}, 0
+        pool = list(g.ops)
+    else:
+        producer, first = {o.name: 0 for o in var}, 1
+        pool = fixed
+    hold = {o.name: (o.length if o.blocking else 1) for o in pool}
+    nbrs: dict[str, list[str]] = {o.name: [] for o in g.ops}
+    for e in g.edges:
+        if e.value and e.src != e.dst:
+            nbrs[e.src].append(e.dst)
+            nbrs[e.dst].append(e.src)
+    room = m.regs_per_group_max - m.group_base_regs
+    out: list[dict[str, int]] = []
+    for k in range(1, m.max_warp_groups - first + 1):
+        if k > len(pool):
+            break
+        target = -(-sum(hold.values()) // k)
+        for together_first in (True, False):  # keep value edges inside a group / balance issue slots only
+            load = [0] * k
+            regs = [0] * k
+            grp: dict[str, int] = {}
+            ordered = pool if together_first else sorted(pool, key=lambda o: -hold[o.name])
+            for o in ordered:
+                def score(q: int) -> tuple:
+                    over = load[q] + hold[o.name] > target or regs[q] + (o.regs or 0) > room
+                    together = sum(1 for w in nbrs[o.name] if grp.get(w) == q) if together_first else 0
+                    return (over, -together, load[q], regs[q], q)
+                q = min(range(k), key=score)
+                grp[o.name] = q + first
+                load[q] += hold[o.name]
+                regs[q] += o.regs or 0
+            if len(set(grp.values())) < k or max(regs) > room:
+                continue  # a group stayed empty (the same as a smaller k), or registers cannot fit
+            cand = {**producer, **grp}
+            if cand not in out:
+                out.append(cand)
+    return out
+
+
+def _search(lower: int, cap: int, attempt: Callable[[int], HeuristicSchedule | None],
+            tried: list[int], deadline: float) -> HeuristicSchedule | None:
+    """First I from ``lower`` that ``attempt`` schedules: +1 four times, then galloping, then bisection back
+    (the bisection stops at ``deadline``; the first success is always searched for, up to ``cap``)."""
+    best = None
+    failed = lower - 1
+    ii, step, misses = lower, 1, 0
+    while ii <= cap:
+        tried.append(ii)
+        best = attempt(ii)
+        if best is not None:
+            break
+        failed = ii
+        misses += 1
+        if misses >= 4:
+            step *= 2
+        if ii == cap:
+            break
+        ii = min(ii + step, cap)
+    if best is None:
+        return None
+    lo, hi = failed, best.ii
+    while hi - lo > 1 and time.perf_counter() < deadline:
+        mid = (lo + hi) // 2
+        tried.append(mid)
+        r = attempt(mid)
+        if r is not None:
+            best, hi = r, mid
+        else:
+            lo = mid
+    return best
+
+
+def heuristic_schedule(problem: Problem, *, warp: bool | None = None, lower: int | None = None,
+                       max_ii: int | None = None, time_limit: float = 30.0) -> HeuristicSchedule | None:
+    """The smallest I the heuristic schedules (plain, or the warp problem when ``warp``), checked by the
+    independent validator; None when nothing up to ``max_ii`` (default: ``model.ii_cap``) fits, e.g. the
+    register or shared-memory budgets cannot be met. ``time_limit`` (s) bounds the refinement (bisection below
+    the first I that schedules, further groupings), never the search for a first schedule."""
+    from .model import ii_cap
+
+    warp = problem.warp if warp is None else warp
+    t0 = time.perf_counter()
+    deadline = t0 + time_limit
+    lb = max(lower or 1, compute_mii(problem).mii)
+    cap = max(max_ii or ii_cap(problem, warp), lb)
+    tried: list[int] = []
+    if not warp:
+        zero = {o.name: 0 for o in problem.graph.ops}
+
+        def plain(ii: int) -> HeuristicSchedule | None:
+            times = modulo_schedule(problem, ii)
+            return None if times is None else HeuristicSchedule(ii, times, zero, {}, False)
+
+        best = _search(lb, cap, plain, tried, deadline)
+    else:
+        best = None
+        for grp in assignments(problem):
+            hold: dict[int, int] = {}
+            for o in problem.graph.ops:
+                hold[grp[o.name]] = hold.get(grp[o.name], 0) + (o.length if o.blocking else 1)
+            start = max(lb, max(hold.values()))
+            if best is not None and (start >= best.ii or time.perf_counter() > deadline):
+                continue  # more groups cannot give a smaller I from here / out of time
+
+            def joint(ii: int, grp=grp) -> HeuristicSchedule | None:
+                times = modulo_schedule(problem, ii, grp)
+                if times is None:
+                    return None
+                copies = _budgets_ok(problem, ii, times, grp)
+                return None if copies is None else HeuristicSchedule(ii, times, grp, copies, True)
+
+            top = cap if best is None else best.ii - 1
+            r = _search(start, top, joint, tried, deadline)
+            if r is not None and (best is None or r.ii < best.ii):
+                best = r
+    if best is None:
+        return None
+    if _validate(problem, best):
+        raise RuntimeError(f"twill heuristic: schedule at I = {best.ii} fails the validator: "
+                           f"{'; '.join(_validate(problem, best))}")
+    best.seconds = time.perf_counter() - t0
+    best.tried = tried
+    return best
+
+
+def _validate(problem: Problem, s: HeuristicSchedule) -> list[str]:
+    from .validator import validate
+
+    plan = {"ii": s.ii, "warp_specialised": s.warp, "buffers": s.copies,
+            "ops": [{"name": v, "issue_cycle": t, "warp_group": s.groups[v]} for v, t in s.times.items()]}
+    return validate(problem.graph.model_dump(by_alias=True), problem.machine.model_dump(), plan)
