@@ -18,6 +18,7 @@ from .costmodel import StageCost, padded, stage_cost_from_profile
 from .jobs import KNOWN_TARGET_MODULES, AdapterSpec, Workload  # the adapter schema is part of the plan
 from .model import (
     AdapterStats,
+    MILP_BINARIES_PER_SECOND,
     Microbatch,
     apply_dependency_rule,
     dependency_violations,
@@ -313,6 +314,7 @@ def build_plan(w: Workload, profile, *, time_limit: float = 0.4, seed: int = 0, 
         problems_feasible=n_status["feasible"],
         problems_heuristic=n_status["heuristic"],
     )
+    n_skip = sum((r.milp1 == "skipped") + (r.milp2 == "skipped") for r in records)
     worst = "optimal" if n_status["feasible"] == n_status["heuristic"] == 0 else (
         "feasible" if n_status["heuristic"] == 0 else "heuristic")
     solver = SolverRecord(
@@ -328,7 +330,9 @@ def build_plan(w: Workload, profile, *, time_limit: float = 0.4, seed: int = 0, 
               f"{n_status['feasible']} MILP stopped by its time limit, {n_status['heuristic']} FFD kept unproved; "
               f"objective = total bins, bound = sum of per-problem lower bounds; MILP 2 (smallest last bin) "
               f"proved optimal in {sum(r.milp2 == 'optimal' for r in records)} of "
-              f"{sum(r.milp2 is not None for r in records)} runs, the rest stopped by the time limit"
+              f"{sum(r.milp2 not in (None, 'skipped') for r in records)} runs, the rest stopped by the time limit"
+              + (f"; {n_skip} MILPs not started: too large for their budget (samples x bins > "
+                 f"{MILP_BINARIES_PER_SECOND} x seconds; raise --time-limit)" if n_skip else "")
               + ("; the per-job sequential schedule simulated faster than the packed one and is the plan's sequence"
                  if source == "sequential" else "")),
     )

@@ -1,0 +1,60 @@
+"""A MILP too large for its budget is not started: CBC 2.10 ignores short limits on big models (a 512-sample
+problem ran 16-24 s at a 0.01-1 s limit before) and segfaults when the limit ends inside its warm start."""
+from __future__ import annotations
+
+import random
+
+from adasched.planner.lorafusion.model import MILP_BINARIES_PER_SECOND, bin_lower_bound, ffd_pack, pack_problem
+from adasched.planner.lorafusion.plan import build_plan
+from adasched.planner.lorafusion.jobs import parse_jobs, build_workload
+from adasched.profiler.profile import load_profile
+
+
+def _check_bins(bins, samples, lengths, adapter_of, capacity):
+    seen = sorted(s for b in bins for ids in b.values() for s in ids)
+    assert seen == sorted(samples)
+    for b in bins:
+        assert sum(-(-sum(lengths[s] for s in ids) // 128) * 128 for ids in b.values()) <= capacity
+        for a, ids in b.items():
+            assert all(adapter_of[s] == a for s in ids)
+
+
+def test_large_problem_skips_the_milps_and_keeps_ffd():
+    rng = random.Random(3)
+    n = 512
+    lengths = [rng.randint(50, 4000) for _ in range(n)]
+    adapter_of = [rng.randrange(4) for _ in range(n)]
+    samples = list(range(n))
+    ffd = ffd_pack(samples, adapter_of, lengths, 8192)
+    lb = bin_lower_bound(samples, adapter_of, lengths, 8192)
+    assert n * len(ffd) > MILP_BINARIES_PER_SECOND * 1.0 and len(ffd) > lb      # the case under test
+    res = pack_problem(samples, adapter_of, lengths, 8192, time_limit=1.0)
+    assert res.milp1 == "skipped" and res.status == "heuristic"
+    assert len(res.bins) == len(ffd) == res.ffd_bins and res.lower_bound == lb
+    _check_bins(res.bins, samples, lengths, adapter_of, 8192)
+
+
+def test_small_problem_still_solves_the_milp():
+    rng = random.Random(5)
+    for _ in range(20):                    # find a small case where FFD misses the lower bound
+        n = 24
+        lengths = [rng.randint(300, 3000) for _ in range(n)]
+        adapter_of = [rng.randrange(2) for _ in range(n)]
+        samples = list(range(n))
+        if len(ffd_pack(samples, adapter_of, lengths, 4096)) > bin_lower_bound(samples, adapter_of, lengths, 4096):
+            break
+    else:
+        raise AssertionError("no case with an FFD gap found")
+    res = pack_problem(samples, adapter_of, lengths, 4096, time_limit=2.0)
+    assert res.milp1 not in (None, "skipped")
+    _check_bins(res.bins, samples, lengths, adapter_of, 4096)
+
+
+def test_plan_note_says_which_milps_were_not_started():
+    cfg = parse_jobs({"capacity": 8192, "stages": 2, "global_batches": 1, "jobs": [
+        {"name": f"j{i}", "adapter": {"r": 8}, "lengths": "wikipedia", "global_batch_size": 160} for i in range(2)]})
+    plan = build_plan(build_workload(cfg), load_profile("h100-sxm"), time_limit=0.2)
+    skipped = sum((p.milp1 == "skipped") + (p.milp2 == "skipped") for p in plan.problems)
+    assert skipped >= 1
+    assert f"{skipped} MILPs not started" in plan.solver.note
+    assert plan.summary.samples_missing == plan.summary.samples_duplicated == 0
