@@ -212,7 +212,9 @@ def _budgets_ok(problem: Problem, ii: int, times: dict[str, int], groups: dict[s
 
 def assignments(problem: Problem) -> list[dict[str, int]]:
     """Candidate warp-group assignments, fewest groups first: variable-latency ops on one producer group (when
-    the graph also has fixed-latency ops), the others spread over 1, 2, ... consumer groups."""
+    the graph also has fixed-latency ops), the others spread over 1, 2, ... consumer groups, two greedy ways
+    each: keeping value edges inside a group, or only balancing issue slots (both within an even share of the
+    issue slots and within the per-group registers, a value read d iterations later counted d times)."""
     g, m = problem.graph, problem.machine
     var = [o for o in g.ops if o.variable_latency]
     fixed = [o for o in g.ops if not o.variable_latency]
@@ -229,6 +231,12 @@ def assignments(problem: Problem) -> list[dict[str, int]]:
             nbrs[e.src].append(e.dst)
             nbrs[e.dst].append(e.src)
     room = m.regs_per_group_max - m.group_base_regs
+    # a value read d iterations later needs about d buffers whatever the schedule
+    depth = {o.name: 1 for o in g.ops}
+    for e in g.edges:
+        if e.value and e.src != e.dst:
+            depth[e.src] = max(depth[e.src], e.distance)
+    need = {o.name: (o.regs or 0) * depth[o.name] for o in g.ops}
     out: list[dict[str, int]] = []
     for k in range(1, m.max_warp_groups - first + 1):
         if k > len(pool):
@@ -241,15 +249,15 @@ def assignments(problem: Problem) -> list[dict[str, int]]:
             ordered = pool if together_first else sorted(pool, key=lambda o: -hold[o.name])
             for o in ordered:
                 def score(q: int) -> tuple:
-                    over = load[q] + hold[o.name] > target or regs[q] + (o.regs or 0) > room
+                    over = load[q] + hold[o.name] > target or regs[q] + need[o.name] > room
                     together = sum(1 for w in nbrs[o.name] if grp.get(w) == q) if together_first else 0
                     return (over, -together, load[q], regs[q], q)
                 q = min(range(k), key=score)
                 grp[o.name] = q + first
                 load[q] += hold[o.name]
-                regs[q] += o.regs or 0
-            if len(set(grp.values())) < k or max(regs) > room:
-                continue  # a group stayed empty (the same as a smaller k), or registers cannot fit
+                regs[q] += need[o.name]
+            if len(set(grp.values())) < k:
+                continue  # a group stayed empty: the same as a smaller k
             cand = {**producer, **grp}
             if cand not in out:
                 out.append(cand)
@@ -318,6 +326,12 @@ def heuristic_schedule(problem: Problem, *, warp: bool | None = None, lower: int
             for o in problem.graph.ops:
                 hold[grp[o.name]] = hold.get(grp[o.name], 0) + (o.length if o.blocking else 1)
             start = max(lb, max(hold.values()))
+            floor = {q: problem.machine.group_base_regs for q in hold}  # registers with one buffer per value
+            for o in problem.graph.ops:
+                floor[grp[o.name]] += o.regs or 0
+            if max(floor.values()) > problem.machine.regs_per_group_max or \
+                    sum(floor.values()) > problem.machine.regs_total:
+                continue  # over the register budget at any I
             if best is not None and (start >= best.ii or time.perf_counter() > deadline):
                 continue  # more groups cannot give a smaller I from here / out of time
 

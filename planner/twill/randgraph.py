@@ -38,7 +38,7 @@ def random_graph(n_ops: int, seed: int, *, warp: bool = False, scale: int = 1) -
         row = [rng.randint(0 if c else 1, UNITS[unit]) for c in range(rng.randint(1, 3))]
         op = {"name": f"v{i}", "reserve": {unit: [c for c in row for _ in range(scale)]}, "category": unit.lower()}
         if warp:
-            op["regs"] = rng.choice([0, 0, 0, 0, 8, 16])
+            op["regs"] = rng.choice([0, 0, 0, 0, 0, 8, 16])
             op["blocking"] = unit == "SFU" and rng.random() < 0.5
         ops.append(op)
     names = [o["name"] for o in ops]

@@ -126,22 +126,25 @@ def simulate_schedule(graph: dict, machine: dict, ii: int, times: dict[str, int]
 
     while len(issued) < total:
         progressed = False
-        for q in sorted(queues):
-            if head[q] >= len(queues[q]) or free_at[q] > cycle:
-                continue
-            v, it = queues[q][head[q]]
-            why = ready(v, it, cycle)
-            if why:
-                stalled = f"{v}#{it} waits on {why}"
-                continue
-            issued[(v, it)] = cycle
-            for u, row in ops[v]["reserve"].items():
-                for k, cnt in enumerate(row):
-                    if cnt:
-                        busy[(u, cycle + k)] = busy.get((u, cycle + k), 0) + cnt
-            free_at[q] = cycle + (length[v] if (warp and ops[v].get("blocking")) else 1)
-            head[q] += 1
-            progressed = True
+        again = True
+        while again:  # passes until none issues: a delay-0 dependant issues in the same cycle as its source,
+            again = False  # whichever lane comes first (one pass delayed it a cycle when its lane came first)
+            for q in sorted(queues):
+                if head[q] >= len(queues[q]) or free_at[q] > cycle:
+                    continue
+                v, it = queues[q][head[q]]
+                why = ready(v, it, cycle)
+                if why:
+                    stalled = f"{v}#{it} waits on {why}"
+                    continue
+                issued[(v, it)] = cycle
+                for u, row in ops[v]["reserve"].items():
+                    for k, cnt in enumerate(row):
+                        if cnt:
+                            busy[(u, cycle + k)] = busy.get((u, cycle + k), 0) + cnt
+                free_at[q] = cycle + (length[v] if (warp and ops[v].get("blocking")) else 1)
+                head[q] += 1
+                progressed = again = True
         if progressed:
             last_progress = cycle
         elif cycle - last_progress > patience:
