@@ -101,6 +101,7 @@ def compile_report(fn, types: dict[str, str], consts: dict[str, Any], options: d
     Returns {arch, regs, spill_bytes, stack_bytes, shared_bytes, stages (deepest shared-memory ring), mma
     ("tcgen05" | "wgmma" | "mma" | "fma"), ws_partitions, maxnreg (0: none), num_warps, async_loads,
     tma_loads (bulk tensor copies: TMA descriptors), warnings (ptxas codes such as "C7515"), wgmma_serialized,
+    dot_precisions (the ``tt.dot`` input precisions in the TTIR: "tf32" on fp32 operands is TF32 rounding),
     membar_gpu / red_global / atom_global / ldg_16bit (machine-code counts, see ``_sass_counts``; absent without
     nvdisasm)}."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -142,6 +143,7 @@ def compile_report(fn, types: dict[str, str], consts: dict[str, Any], options: d
         "tma_loads": "cp.async.bulk.tensor" in ptx,
         "warnings": warnings,
         "wgmma_serialized": "C7515" in warnings,
+        "dot_precisions": sorted(set(re.findall(r"inputPrecision = (\w+)", kernel.asm["ttir"]))),
         **_sass_counts(kernel.asm["cubin"], arch),
     }
 

@@ -113,6 +113,22 @@ if HAVE_TRITON:
                                              block_shape=[BLOCK_COLS, BLOCK_ROWS])
 
     @triton.jit
+    def dot_acc(a, b, acc):
+        """acc + a @ b. fp32 operands multiply in IEEE fp32: Triton's default for them on NVIDIA GPUs is TF32
+        (10-bit mantissa, ~1e-3 relative error), which torch's fp32 matmul does not use unless told to; the
+        interpreter ignores the precision, so only a GPU would show the difference. Other dtypes: plain tl.dot."""
+        if a.dtype == tl.float32:
+            return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a, b, acc)
+
+    @triton.jit
+    def dot_new(a, b):
+        """a @ b into a new fp32 tile, fp32 operands in IEEE fp32 (see ``dot_acc``)."""
+        if a.dtype == tl.float32:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
     def _tile_load(desc, row0, col0, COLS_UNIT: tl.constexpr):
         """The [BLOCK_ROWS, BLOCK_COLS] tile at (row0, col0) of a ``_tile_desc`` operand."""
         if COLS_UNIT:
@@ -125,9 +141,11 @@ if HAVE_TRITON:
                      stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                      WARP_SPECIALIZE: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr = False,
-                     A_K_UNIT: tl.constexpr = True, B_N_UNIT: tl.constexpr = True):
+                     A_K_UNIT: tl.constexpr = True, B_N_UNIT: tl.constexpr = True, OFFS_64: tl.constexpr = False):
         """USE_TMA: A and B tiles through in-kernel TMA descriptors; A_K_UNIT / B_N_UNIT say which axis of each
-        has unit stride (a transposed operand is loaded in its memory order and transposed in shared memory)."""
+        has unit stride (a transposed operand is loaded in its memory order and transposed in shared memory).
+        OFFS_64: row and column indices in int64, for operands whose element offsets reach 2**31 (``_offs_64``);
+        in int32 ``offs_m * stride_am`` wraps there and reads out of bounds."""
         pid = tl.program_id(0)
         grid_m = tl.cdiv(M, BLOCK_M)
         grid_n = tl.cdiv(N, BLOCK_N)
@@ -139,6 +157,9 @@ if HAVE_TRITON:
         pid_n = (pid % width) // rows
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if OFFS_64:
+            offs_m = offs_m.to(tl.int64)
+            offs_n = offs_n.to(tl.int64)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if USE_TMA:
             a_desc = _tile_desc(a_ptr, M, K, stride_am, stride_ak, A_K_UNIT, BLOCK_M, BLOCK_K)
@@ -149,7 +170,7 @@ if HAVE_TRITON:
                 if UPCAST:
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc)
+                acc = dot_acc(a, b, acc)
         else:
             offs_k = tl.arange(0, BLOCK_K)
             a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
@@ -161,7 +182,7 @@ if HAVE_TRITON:
                 if UPCAST:
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc)
+                acc = dot_acc(a, b, acc)
                 a_ptrs += BLOCK_K * stride_ak
                 b_ptrs += BLOCK_K * stride_bk
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
@@ -216,8 +237,16 @@ def gemm(a: torch.Tensor, b: torch.Tensor, config: Optional[GemmConfig] = None) 
     _gemm_kernel[grid](a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
                        c.stride(1), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                        GROUP_M=cfg.group_m, WARP_SPECIALIZE=bool(cfg.warp_specialize),
-                       UPCAST=interp or a.dtype == torch.float32, **tma, **opts)
+                       UPCAST=interp or a.dtype == torch.float32, OFFS_64=_offs_64(a, b, c), **tma, **opts)
     return c
+
+
+def _offs_64(*tensors: torch.Tensor, pad: int = 1024) -> bool:
+    """Whether some element offset of these 2-D operands - counting up to ``pad`` rows/columns past each edge,
+    where a ragged last tile computes (masked) addresses - reaches 2**31: then ``_gemm_kernel`` indexes in int64
+    (Triton passes strides and sizes below 2**31 as int32, and int32 products wrap)."""
+    return any(sum((size + pad) * abs(stride) for size, stride in zip(t.shape, t.stride())) >= 2 ** 31
+               for t in tensors)
 
 
 def tma_unit_axis(t: torch.Tensor) -> Optional[int]:

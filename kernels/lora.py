@@ -174,6 +174,12 @@ TERM_LAUNCH = {"sub_m": 64, "warps": 4, "split": 8}
 DY_LAUNCH = {"block_n": 64, "per_sm": 2, "warps": 4, "copies": 1}
 
 
+#: What the LoRA GEMMs' autotuner keys its choice on. The constexpr flags matter: Triton's autotuner keys on the
+#: listed arguments and the tensors' dtypes only, so without HAS_MASK the dX GEMM with the dropout mask (a second
+#: fp32 tile in the epilogue: more registers, spills at some tiles) reused the tile tuned for dX without it.
+GEMM_TUNE_KEY = ("m_bucket", "OUT_DIM", "RED_DIM", "BLOCK_R", "HAS_MASK", "HAS_BIAS")
+
+
 def _drop_blocks(cols: int) -> int:
     return -(-cols // DROP_BLOCK)
 
@@ -247,13 +253,14 @@ def _draw_seed() -> int:
 # ----------------------------------------------------------------------------------------------------------------
 if HAVE_TRITON:
     from .gemm import _tile_desc, _tile_load  # TMA descriptors shared with the plain GEMM kernel
+    from .gemm import dot_acc, dot_new  # fp32 operands in IEEE fp32 (Triton's GPU default for them is TF32)
 
     @triton.jit
     def _mma(a, b, acc, UPCAST: tl.constexpr):
         """acc + a @ b; UPCAST (the interpreter) multiplies in float32, which it gets right for bf16 inputs."""
         if UPCAST:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-        return tl.dot(a, b, acc)
+        return dot_acc(a, b, acc)
 
     @triton.jit
     def _tile_entry(TABLE, pid_m):
@@ -513,9 +520,9 @@ if HAVE_TRITON:
                     # loop fails to compile (TritonGPUHoistTMEMAlloc), and acc + dot is combined into exactly that;
                     # the row select keeps the LoRA product a separate tile, as in the masked path (rows past
                     # n_valid are not stored anyway)
-                    acc += tl.where(row_ok[:, None], tl.dot(lt, pt), 0.0)
+                    acc += tl.where(row_ok[:, None], dot_new(lt, pt), 0.0)
                 else:  # accumulate straight into the MMA accumulator: no second tile
-                    acc = tl.dot(lt, pt, acc)
+                    acc = dot_acc(lt, pt, acc)
             if HAS_BIAS:
                 acc += tl.load(BIAS + outs, mask=o_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(OUT + rows[:, None] * stride_om + outs[None, :], acc.to(OUT.dtype.element_ty),
@@ -551,7 +558,7 @@ if HAVE_TRITON:
             packed = tl.load(MASK + rows[:, None] * stride_mm + ((outs // 256) * 32 + outs % 32)[None, :],
                              mask=row_ok[:, None] & o_ok[None, :], other=0)
             keep = (packed.to(tl.int32) >> ((outs // 32) % 8)[None, :]) & 1
-            acc += tl.where(keep != 0, tl.dot(lt, pt) * tl.load(FTABLE + pid_m * 2 + 1), 0.0)
+            acc += tl.where(keep != 0, dot_new(lt, pt) * tl.load(FTABLE + pid_m * 2 + 1), 0.0)
         if HAS_BIAS:
             acc += tl.load(BIAS + outs, mask=o_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(OUT + rows[:, None] * stride_om + outs[None, :], acc.to(OUT.dtype.element_ty),
@@ -602,8 +609,8 @@ if HAVE_TRITON:
                 ds = tl.dot(dy.to(tl.float32), bt.to(tl.float32), ds)
                 db = tl.dot(tl.trans(dy.to(tl.float32)), st)
             else:
-                ds = tl.dot(dy, bt, ds)
-                db = tl.dot(tl.trans(dy), st.to(DY.dtype.element_ty))
+                ds = dot_acc(dy, bt, ds)
+                db = dot_new(tl.trans(dy), st.to(DY.dtype.element_ty))
             # relaxed: only the sums matter, nothing in the kernel reads them back (Triton's default, acq_rel,
             # makes every add a fence: sm_90 PTX atom.global.gpu.acq_rel)
             tl.atomic_add(DB + cols[:, None] * stride_dbn + (r_off + rr)[None, :], db * scale,
@@ -683,7 +690,7 @@ if HAVE_TRITON:
                                       stride_po, PLANE)
                     if UPCAST:
                         pt = pt.to(tl.float32)
-                    term = tl.dot(lt, pt)
+                    term = dot_new(lt, pt)
                     term = tl.where(((packed >> b) & 1) != 0, term * inv_keep, 0.0)
                     tl.store(OUT + rows[:, None] * stride_om + cols[None, :], term.to(OUT.dtype.element_ty),
                              mask=row_ok[:, None] & c_ok[None, :])
@@ -697,7 +704,7 @@ if HAVE_TRITON:
 
     if not INTERPRET:
         # Two tuners over one kernel: forward (OUT=N, RED=K) and dX (OUT=K, RED=N) keep separate caches.
-        _KEY = ["m_bucket", "OUT_DIM", "RED_DIM", "BLOCK_R"]
+        _KEY = list(GEMM_TUNE_KEY)
         _gemm_fwd_tuned = triton.autotune(configs=_gemm_configs(), key=_KEY)(_lora_gemm_kernel)
         _gemm_bwd_tuned = triton.autotune(configs=_gemm_configs(), key=_KEY)(_lora_gemm_kernel)
         # base_gemm="triton_tma": the same tiles with X and W through TMA descriptors
@@ -1445,7 +1452,11 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     (no autotuning); warp_specialize=True runs the K loop as ``tl.range(..., warp_specialize=True)`` (producer /
     consumer partitions; Triton supports it on Blackwell). None: autotuned on a GPU, a fixed small tile off it.
     Under ``torch.autocast`` every operand is cast to the autocast dtype first, as ``F.linear`` does (the LoRA
-    parameters' gradients flow back through the casts in their own dtype).
+    parameters' gradients flow back through the casts in their own dtype). Without autocast, a segment whose
+    adapter is wider than x (fp32 adapters, bf16 x: PEFT's default dtype mix) gets its LoRA term in the adapter's
+    dtype, as PEFT's ``lora.Linear`` computes it (x cast up, the term added to the base output in that dtype,
+    the sum rounded to x's dtype): that call runs torch ops (``_reference_impl``) with the dropout kernel's
+    mask, not the fused GEMMs, and breaks a compiled graph there. Adapters narrower than x are cast up to x's dtype.
 
     ``base_gemm``: "triton" runs the two big GEMMs in our kernel with the LoRA term in its register
     accumulator; "triton_tma" the same with the K loop's X and W tiles through TMA descriptors where their rows
@@ -1502,6 +1513,9 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     ps = tuple(float(ad.dropout_p) for ad in adapters)
     if any(ps[aid] > 0 for aid, _, _ in segs):
         _check_counters(*x2.shape)
+    if _wider_adapters(x2.dtype, adapters, segs):  # PEFT's numerics: the LoRA term in the adapters' dtype
+        plan = _tile_plan(x2.shape[0], segs, ranks, scales, ps, bm, x2.device) if x2.shape[0] else None
+        return _wider_adapter_call(x2, weight, bias, adapters, segs, seed_v, plan)
     dt = x2.dtype
     if len(adapters) == 1:
         a_cat, b_cat = adapters[0].lora_a.to(dt), adapters[0].lora_b.to(dt)
@@ -1522,6 +1536,24 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
         return _lora_op.compiled_call(x2, w, bias, a_cat, b_cat, segs, ranks, scales, ps, seed_v, bm, gemm_config, base_gemm)
     plan = _tile_plan(x2.shape[0], segs, ranks, scales, ps, bm, x2.device)
     return _FusedLoRAFunction.apply(x2, w, bias, a_cat, b_cat, plan, seed_v, gemm_config, base_gemm)
+
+
+@torch.compiler.disable
+def _wider_adapter_call(x2, weight, bias, adapters, segs, seed, plan: Optional[_TilePlan]) -> torch.Tensor:
+    """Adapters wider than the input (fp32 adapters on a bf16 model without autocast, PEFT's default dtype mix):
+    the base projection and each LoRA term by torch ops in PEFT's numerics (``_reference_impl``), the dropout mask
+    drawn by the dropout kernel when ``plan`` is given (the same bits as the fused path and the torch mirror; a
+    tensor seed stays on the device). Unfused: what the kernels save here is only the mask's Philox draw."""
+    keep = None
+    seed = _resolve_seed(seed, adapters, segs, x2.device)  # a None seed under torch.compile: drawn here, per call
+    if plan is not None and plan.has_dropout:
+        # A is not read by a mask-only launch (HAS_DOT=False); Xd comes back in x's dtype and is not used
+        _, _, bits = _down(x2.detach(), adapters[0].lora_a.detach(), plan, seed, with_s=False)
+        keep = unpack_keep_bits(bits, x2.shape[1])
+        seed = 0
+    else:
+        seed = _host_seed(_resolve_seed(seed, adapters, segs))
+    return _reference_impl(x2, weight, bias, adapters, segs, seed, keep=keep)
 
 
 @torch.compiler.disable
@@ -1557,26 +1589,51 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
 # ----------------------------------------------------------------------------------------------------------------
 # Torch references (same signatures; plain autograd; identical dropout masks)
 # ----------------------------------------------------------------------------------------------------------------
-def _reference_impl(x2, weight, bias, adapters, segs, seed: int) -> torch.Tensor:
+def _term_dtype(x_dtype: torch.dtype, ad: LoRAAdapterWeights) -> torch.dtype:
+    """The dtype an adapter's LoRA term is computed in: the wider of the input's and lora_a's. With fp32 adapters
+    on a bf16/fp16 input that is fp32, as PEFT's ``lora.Linear`` (it casts the input to lora_A's dtype); with
+    adapters narrower than the input (bf16 adapters, fp32 input) the input's, where PEFT would round to bf16."""
+    return torch.promote_types(x_dtype, ad.lora_a.dtype)
+
+
+def _wider_adapters(x_dtype: torch.dtype, adapters, segs) -> bool:
+    """Some segment's adapter is wider than the input (fp32 adapters on a bf16 input): its LoRA term is computed
+    in the adapter's dtype, which the fused kernels (one dtype per launch) do not do."""
+    return any(adapters[aid].lora_a.dtype != x_dtype and _term_dtype(x_dtype, adapters[aid]) != x_dtype
+               for aid, _, _ in segs)  # the dtype test first: no torch call on the common path
+
+
+def _reference_impl(x2, weight, bias, adapters, segs, seed: int, keep: Optional[torch.Tensor] = None
+                    ) -> torch.Tensor:
+    """``keep``: the boolean dropout mask [T, K] when already drawn (by the dropout kernel), else drawn here from
+    ``seed`` by the torch mirror. Each segment's LoRA term is computed in ``_term_dtype`` (PEFT's numerics for fp32
+    adapters on a bf16 input: the input cast up, S and the term in fp32, added to the base output in fp32, then
+    rounded to the input's dtype); all in the input's dtype when the dtypes agree."""
     T, K = x2.shape
     y = F.linear(x2, weight, bias.to(x2.dtype) if bias is not None else None)  # a bias in another dtype: cast
     p_row = torch.zeros(T, dtype=torch.float64)
     for aid, s, e in segs:
         p_row[s:e] = float(adapters[aid].dropout_p)
-    keep = dropout_keep_mask(seed, T, K, p_row, x2.device) if bool((p_row > 0).any()) else None
-    delta = torch.zeros_like(y)
+    if keep is None and bool((p_row > 0).any()):
+        keep = dropout_keep_mask(seed, T, K, p_row, x2.device)
+    acc = y.dtype
+    for aid, _, _ in segs:
+        acc = torch.promote_types(acc, _term_dtype(x2.dtype, adapters[aid]))
+    delta = torch.zeros(y.shape, dtype=acc, device=y.device)
     for aid, s, e in segs:
         ad = adapters[aid]
-        xs = x2[s:e]
+        dt = _term_dtype(x2.dtype, ad)
+        xs = x2[s:e].to(dt)
         if keep is not None and ad.dropout_p > 0:
-            xs = xs * keep[s:e].to(xs.dtype) / (1.0 - float(ad.dropout_p))
-        a, b = ad.lora_a.to(x2.dtype), ad.lora_b.to(x2.dtype)
+            xs = xs * keep[s:e].to(dt) / (1.0 - float(ad.dropout_p))
+        a, b = ad.lora_a.to(dt), ad.lora_b.to(dt)
         delta[s:e] = float(ad.scale) * F.linear(F.linear(xs, a), b)
     used = {aid for aid, _, _ in segs}
     for aid, ad in enumerate(adapters):  # an adapter without rows gets zero gradients (not None), as in the kernels
         if aid not in used:
-            delta[0:0] = F.linear(F.linear(x2[0:0], ad.lora_a.to(x2.dtype)), ad.lora_b.to(x2.dtype))
-    return y + delta
+            dt = _term_dtype(x2.dtype, ad)
+            delta[0:0] = F.linear(F.linear(x2[0:0].to(dt), ad.lora_a.to(dt)), ad.lora_b.to(dt))
+    return (y + delta).to(x2.dtype)
 
 
 def multi_lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[LoRAAdapterWeights],

@@ -141,6 +141,7 @@ def make_index(token_idx: torch.Tensor, counts: torch.Tensor, num_tokens: int) -
 # Triton kernels
 # ---------------------------------------------------------------------------------------------------
 if HAS_TRITON:
+    from .gemm import dot_acc  # fp32 operands in IEEE fp32, not Triton's TF32 default
 
     @triton.jit
     def _gather_rows_kernel(src_ptr, idx_ptr, scale_ptr, out_ptr, dot_ptr, dot_out_ptr, H,
@@ -209,7 +210,7 @@ if HAS_TRITON:
             if CAST_F32:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            acc += tl.dot(a, b)
+            acc = dot_acc(a, b, acc)
         tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
 
@@ -235,7 +236,7 @@ if HAS_TRITON:
             if CAST_F32:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            acc += tl.dot(a, b)
+            acc = dot_acc(a, b, acc)
         tl.store(dw_ptr + e.to(tl.int64) * swe + rk[:, None] * swk + rn[None, :] * swn,
                  acc.to(dw_ptr.dtype.element_ty), mask=k_ok[:, None] & n_ok[None, :])
 
@@ -346,8 +347,17 @@ def _tuned(name: str):
     return _TUNED[name]
 
 
+def _one_dtype(what: str, *tensors: torch.Tensor) -> None:
+    """The expert GEMMs take operands of one dtype, as tl.dot and torch._grouped_mm on a GPU do. Under the
+    interpreter the kernels cast both operands to float32, which would hide a mix the GPU refuses to compile."""
+    if len({t.dtype for t in tensors}) > 1:
+        raise ValueError(f"{what}: operand dtypes differ ({', '.join(str(t.dtype) for t in tensors)}); "
+                         "cast them to one dtype")
+
+
 def grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, index: MoEIndex) -> torch.Tensor:
     """Triton: y (N,M) with y[rows of e] = x[rows of e] @ w[e]; w (E,K,M), any strides."""
+    _one_dtype("grouped_mm", x, w)
     N, K = x.shape
     M = w.shape[2]
     y = torch.empty((N, M), dtype=x.dtype, device=x.device)
@@ -373,6 +383,7 @@ def grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, index: MoEIndex) -> torc
 
 def grouped_wgrad_triton(x: torch.Tensor, dy: torch.Tensor, index: MoEIndex, num_experts: int) -> torch.Tensor:
     """Triton: dw (E,K,M) with dw[e] = x[rows of e]^T @ dy[rows of e] (float32 accumulation, x's dtype)."""
+    _one_dtype("grouped_wgrad", x, dy)
     K, M = x.shape[1], dy.shape[1]
     dw = torch.empty((num_experts, K, M), dtype=x.dtype, device=x.device)
     args = (x, dy, dw, index.offsets, K, M, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
@@ -397,6 +408,7 @@ def _gmm_offsets(index: MoEIndex) -> torch.Tensor:
 
 def grouped_mm_gmm(x: torch.Tensor, w: torch.Tensor, index: MoEIndex) -> torch.Tensor:
     """``torch._grouped_mm``: y (N,M) with y[rows of e] = x[rows of e] @ w[e]; w (E,K,M)."""
+    _one_dtype("grouped_mm", x, w)
     return torch._grouped_mm(x, w, offs=_gmm_offsets(index))
 
 
@@ -404,6 +416,7 @@ def grouped_wgrad_gmm(x: torch.Tensor, dy: torch.Tensor, index: MoEIndex, num_ex
     """``torch._grouped_mm`` over the shared row dimension: dw[e] = x[rows of e]^T @ dy[rows of e]."""
     if index.num_experts != num_experts:
         raise ValueError(f"grouped_wgrad: index has {index.num_experts} experts, expected {num_experts}")
+    _one_dtype("grouped_wgrad", x, dy)
     return torch._grouped_mm(x.t(), dy, offs=_gmm_offsets(index))
 
 

@@ -15,8 +15,12 @@ The forward computes what PEFT's does, through ``adasched.kernels.lora.lora_line
 config; with ``lora_bias`` lora_B's bias joins the base bias times ``scaling``). Dropout is active when the
 adapter's dropout module is in ``train()`` mode, with the fused kernels' seeded Philox mask (seed drawn from torch's
 generator per call: the same distribution as PEFT's mask, not the same draw). Under ``torch.autocast`` the layer
-computes in the autocast dtype, as PEFT's does (fp32 master weights work); without autocast the LoRA term is
-computed in the input's dtype (PEFT casts the input to the adapter weights' dtype).
+computes in the autocast dtype, as PEFT's does (fp32 master weights work). Without autocast, adapters in a
+wider dtype than the input - PEFT's default on a bf16/fp16 model, whose ``get_peft_model`` upcasts the adapters to
+fp32 - get PEFT's numerics: the input cast to the adapters' dtype, S, the LoRA term and its gradients in fp32,
+added to the base output in fp32 and rounded to the input's dtype (equal to PEFT's layer; torch ops, not the
+fused kernels, except the dropout mask: the speed of the fused path needs autocast or adapters in the input's
+dtype). With ``lora_bias`` the lora_B bias joins the base bias in the base bias's dtype.
 
 The fused kernels serve a layer in PEFT's plain state: one active adapter, not merged, adapters enabled, no extra
 forward arguments. Whenever PEFT puts the layer in another state - ``disable_adapter()``, merged weights, several

@@ -339,3 +339,83 @@ def test_trainable_base_weight_is_refused_not_silently_frozen():
         torch.testing.assert_close(fused(x), ref(x), atol=2e-5, rtol=2e-5)
     with torch.inference_mode():
         torch.testing.assert_close(fused(x), ref(x), atol=2e-5, rtol=2e-5)
+
+
+def _bf16_model_with_fp32_adapters(dropout):
+    """PEFT's default dtype mix: get_peft_model on a bf16 model upcasts the adapters to fp32
+    (autocast_adapter_dtype=True), and without torch.autocast PEFT computes the LoRA term in fp32."""
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q", "v", "up"],
+                     init_lora_weights=False)
+    model = get_peft_model(TinyBlock().to(torch.bfloat16), cfg)
+    _randomize(model)
+    lora = {n: p.dtype for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and set(lora.values()) == {torch.float32}
+    return model
+
+
+def test_bf16_base_fp32_adapters_without_autocast_match_peft():
+    """Known gap, closed: with a bf16 base and fp32 adapters (no autocast) the LoRA term was computed in bf16
+    (the adapters cast down), so lora_A/lora_B gradients were off PEFT's by ~2e-3 relative. The term now runs in
+    the adapters' dtype as PEFT's does: per layer, the output, dX and the LoRA gradients equal PEFT's (the same
+    ops in the same dtypes); the whole model's outputs too."""
+    ref = _bf16_model_with_fp32_adapters(0.0)
+    fused = copy.deepcopy(ref)
+    apply_fused_lora(fused)
+    x = torch.randn(3, 13, 24).to(torch.bfloat16)
+    torch.testing.assert_close(fused(x), ref(x), atol=0, rtol=0)
+    for name in ("q", "v", "up"):
+        layers = {"peft": getattr(ref.base_model.model, name), "fused": getattr(fused.base_model.model, name)}
+        assert isinstance(layers["fused"], FusedLoRALinear) and not isinstance(layers["peft"], FusedLoRALinear)
+        dy = torch.randn(3, 13, layers["peft"].out_features).to(torch.bfloat16)
+        got = {}
+        for kind, layer in layers.items():
+            xx = x.clone().requires_grad_()
+            y = layer(xx)
+            params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+            got[kind] = (y, *torch.autograd.grad(y, [xx, *params], dy))
+        (y_ref, gx_ref, ga_ref, gb_ref), (y, gx, ga, gb) = got["peft"], got["fused"]
+        assert y.dtype == gx.dtype == torch.bfloat16 and ga.dtype == gb.dtype == torch.float32
+        torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
+        torch.testing.assert_close(gx, gx_ref, atol=0, rtol=0)
+        for u, v in ((ga, ga_ref), (gb, gb_ref)):
+            rel = ((u - v).norm() / v.norm()).item()
+            assert rel <= 1e-6, (name, rel)  # before: ~1e-3 (the LoRA term rounded to bf16)
+
+
+def test_bf16_base_fp32_adapters_dropout_uses_the_kernel_mask_in_fp32():
+    """The same dtype mix with dropout: the mask is the kernels' Philox mask (the seed from torch's generator, as
+    on the fused path), applied to the fp32-cast input as PEFT's dropout is; equal to PEFT's layer whose dropout
+    applies that mask."""
+    from adasched.kernels.lora import dropout_keep_mask
+
+    model = _bf16_model_with_fp32_adapters(0.3)
+    peft_layer = copy.deepcopy(model.base_model.model.up)
+    layer = FusedLoRALinear.from_peft(model.base_model.model.up)
+    layer.train()
+    x = torch.randn(2, 9, 24).to(torch.bfloat16).requires_grad_()
+    torch.manual_seed(23)
+    y = layer(x)
+    torch.manual_seed(23)
+    seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item())  # the draw the fused call made
+    keep = dropout_keep_mask(seed, 18, 24, 0.3).reshape(2, 9, 24)
+    assert 0 < int((~keep).sum()) < keep.numel()
+
+    class Masked(nn.Module):
+        def forward(self, h):
+            assert h.dtype == torch.float32  # PEFT casts the input to lora_A's dtype before its dropout
+            return h * keep.to(h.dtype) / (1.0 - 0.3)
+
+    peft_layer.lora_dropout["default"] = Masked()
+    xr = x.detach().clone().requires_grad_()
+    y_ref = peft_layer(xr)
+    torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
+    dy = torch.randn_like(y)
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    params_ref = [peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight]
+    g = torch.autograd.grad(y, [x, *params], dy)
+    g_ref = torch.autograd.grad(y_ref, [xr, *params_ref], dy)
+    torch.testing.assert_close(g[0], g_ref[0], atol=0, rtol=0)
+    for u, v in zip(g[1:], g_ref[1:]):
+        assert u.dtype == torch.float32
+        assert ((u - v).norm() / v.norm()).item() <= 1e-6

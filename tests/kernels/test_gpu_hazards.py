@@ -1,0 +1,129 @@
+"""Hazards the Triton interpreter hides and a GPU would hit: TF32 products on fp32 operands, int32 offsets of huge
+operands, operand dtypes the GPU refuses to multiply, the autotuner's key. Each test fails on the code before its
+fix; the compile test lowers the kernels for sm_90 without a GPU (Triton's own compiler and ptxas)."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+from sm90_helpers import run_sm90_script
+
+pytest.importorskip("triton")
+
+from adasched.kernels import gemm as G  # noqa: E402
+from adasched.kernels import lora as L  # noqa: E402
+from adasched.kernels import moe as M  # noqa: E402
+
+F32_SCRIPT = textwrap.dedent('''
+    import json
+    from adasched.kernels import gemm as G, lora as L, moe as M
+    from adasched.kernels.aot import SIGNATURES, compile_report
+
+    def f32(kind):
+        return {k: ("*fp32" if v == "*bf16" else v) for k, v in SIGNATURES[kind].items()}
+
+    out = {}
+    def rep(name, fn, kind, consts, opts, nodiv=()):
+        r = compile_report(fn, f32(kind), consts, opts, arch=90, no_divisibility=nodiv)
+        out[name] = {"prec": r["dot_precisions"], "mma": r["mma"]}
+
+    # the dX GEMM with the dropout mask: the K loop (_mma) and the masked epilogue's LoRA product (dot_new)
+    rep("lora_gemm_dx", L._lora_gemm_kernel, "lora_gemm", dict(BLOCK_M=64, BLOCK_O=64, BLOCK_RED=32, BLOCK_R=16,
+        GROUP_M=8, UPCAST=False, HAS_BIAS=False, HAS_MASK=True, APPLY_SCALE=False, stride_wo=1, stride_po=1,
+        EPI_WARPS=4), dict(num_warps=4, num_stages=2))
+    rep("lora_dy", L._lora_dy_kernel, "lora_dy", dict(SPLIT_N=2, BLOCK_M=64, BLOCK_N=32, BLOCK_R=16,
+        HAS_DBIAS=False, UPCAST=False), dict(num_warps=4, num_stages=2), ("db_copies",))
+    rep("gemm", G._gemm_kernel, "gemm", dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, WARP_SPECIALIZE=False,
+        UPCAST=False, stride_ak=1, stride_bn=1, stride_cn=1), dict(num_warps=4, num_stages=2))
+    rep("moe_mm", M._grouped_mm_kernel, "moe_mm", dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, CAST_F32=False, sxk=1,
+        swn=1, syn=1), dict(num_warps=4, num_stages=2))
+    print(json.dumps(out))
+''')
+
+
+def test_fp32_operands_multiply_in_ieee_fp32_not_tf32(tmp_path):
+    """Triton's default precision for fp32 tl.dot on NVIDIA GPUs is TF32 (10-bit mantissa, ~1e-3 relative), which
+    torch's fp32 matmul does not use by default and the interpreter does not emulate: fp32 LoRA / GEMM / MoE
+    results would have been ~1e-3 off on a GPU while every CPU test passed at 1e-5. Compiled for sm_90, fp32
+    dots now carry no TF32 precision and lower to FMA (before: inputPrecision = tf32, warpgroup MMA)."""
+    got = run_sm90_script(F32_SCRIPT, tmp_path)
+    assert set(got) == {"lora_gemm_dx", "lora_dy", "gemm", "moe_mm"}
+    for name, r in got.items():
+        assert "tf32" not in r["prec"], (name, r)
+        assert r["mma"] == "fma", (name, r)
+
+
+def test_gemm_indexes_in_int64_where_offsets_reach_2_31():
+    """``_gemm_kernel`` computed ``offs_m * stride_am`` in int32 (Triton passes sizes and strides below 2**31 as
+    int32; the interpreter wraps int32 as the GPU does). An operand of >= 2**31 elements (T=131072 x K=16384)
+    wrapped to a negative offset: an out-of-bounds read on a GPU. The launcher now switches such launches to int64
+    indices (``_offs_64``, shapes checked on meta tensors: nothing allocated); the int64 variant computes the
+    same product."""
+    big = torch.empty((131072, 16384), device="meta", dtype=torch.bfloat16)
+    small = torch.empty((16384, 64), device="meta", dtype=torch.bfloat16)
+    assert G._offs_64(big, small) and G._offs_64(small, big.t()) and not G._offs_64(small, small.t())
+    assert not G._offs_64(torch.empty((8192, 8192), device="meta"))
+    # the ragged tile's masked addresses count: 2**31 - 1 elements plus a tile's overshoot
+    assert G._offs_64(torch.empty((2 ** 31 - 1024, 1), device="meta"))
+
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(37, 40, generator=g), torch.randn(40, 29, generator=g)
+    c = torch.empty(37, 29)
+    for offs_64 in (False, True):
+        c.fill_(float("nan"))
+        G._gemm_kernel[(triton_cdiv(37, 16) * triton_cdiv(29, 16),)](
+            a, b, c, 37, 29, 40, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+            BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, WARP_SPECIALIZE=False, UPCAST=True, OFFS_64=offs_64)
+        torch.testing.assert_close(c, a @ b, atol=1e-5, rtol=1e-5)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def test_interpreter_wraps_int32_products_like_the_gpu():
+    """Why the int64 cast matters and why the interpreter can test it: its int32 arithmetic wraps (numpy int32),
+    as the GPU's does - an int32 row index times a stride past 2**31 goes negative in both."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def wrap(O, stride, WIDE: tl.constexpr):
+        r = tl.arange(0, 16)
+        if WIDE:
+            r = r.to(tl.int64)
+        tl.store(O + tl.arange(0, 16), (r * stride).to(tl.int64))
+
+    out = torch.zeros(16, dtype=torch.int64)
+    wrap[(1,)](out, 2 ** 28, WIDE=False)
+    assert out[8].item() == -2 ** 31
+    wrap[(1,)](out, 2 ** 28, WIDE=True)
+    assert out.tolist() == [i * 2 ** 28 for i in range(16)]
+
+
+def test_moe_expert_gemms_refuse_mixed_operand_dtypes():
+    """tl.dot and torch._grouped_mm refuse operands of two dtypes on a GPU; under the interpreter the MoE kernels
+    cast both to float32 first, so bf16 rows times fp32 expert weights ran on the CPU and would fail to compile
+    on the GPU. The launchers now raise the same error everywhere."""
+    counts = torch.tensor([3, 0, 2])
+    idx = M.make_index(torch.tensor([0, 1, 2, 0, 1]), counts, 3)
+    x = torch.randn(5, 16).to(torch.bfloat16)
+    w = torch.randn(3, 16, 16)
+    with pytest.raises(ValueError, match="grouped_mm: operand dtypes differ"):
+        M.grouped_mm_triton(x, w, idx)
+    with pytest.raises(ValueError, match="grouped_wgrad: operand dtypes differ"):
+        M.grouped_wgrad_triton(x, torch.randn(5, 16), idx, 3)
+    y = M.grouped_mm_triton(x, w.to(torch.bfloat16), idx)  # one dtype: runs
+    torch.testing.assert_close(y.float(), M.grouped_mm_ref(x.float(), w.to(torch.bfloat16).float(), idx),
+                               atol=3e-2, rtol=2e-2)
+
+
+def test_lora_gemm_autotune_key_separates_masked_and_bias_variants():
+    """Triton's autotuner keys on the listed arguments and tensor dtypes only: the dX GEMM with the dropout mask
+    (a second fp32 epilogue tile) reused whatever tile the unmasked dX had been tuned to, and the forward with a
+    bias the one without. The key lists the flags (the tuners exist only off the interpreter: checked here on
+    the key they are built from)."""
+    assert {"HAS_MASK", "HAS_BIAS"} <= set(L.GEMM_TUNE_KEY)
+    params = set(L._lora_gemm_kernel.arg_names)
+    assert set(L.GEMM_TUNE_KEY) <= params  # every key names a kernel argument (an unknown name is ignored)
