@@ -1,6 +1,6 @@
-"""Train a tiny MoE language model on the synthetic Markov task, expert-parallel over every rank (gloo on CPU).
+"""Train a tiny MoE language model on the synthetic Markov task, expert-parallel (gloo on CPU).
 
-    torchrun --nproc_per_node=4 -m adasched.launch.train_moe --router all --schedule all --steps 10
+    torchrun --nproc_per_node=4 -m adasched.launch.train_moe --router all --schedule all --steps 10 [--ep-size 2]
     python -m adasched.launch.train_moe --compare-schedules [--quick] [--json]
 
 Per step rank 0 prints the mean LM loss over ranks, each layer's mean experts per token and dropped
@@ -8,6 +8,9 @@ assignments. ``--router``/``--schedule`` take one name, a comma list or ``all``:
 the same process group, one after another. The capacity schedule sets, per layer, ``top_k`` (gshard,
 sigmoid_bias, expert_choice), ``k_max`` (top_p) or, for switch (k = 1), the number of experts (in units of the
 EP size); ``--budget`` is the total over layers (default: 2 per layer, or the expert count per layer).
+``--ep-size`` (default: every rank) splits the ranks into contiguous EP groups of that size; each expert then has
+world / ep-size copies, whose gradients are averaged over the expert-data-parallel group
+(:meth:`ExpertParallel.create_groups`, :class:`ExpertGradReducer`); the dense gradients over every rank.
 ``--plan`` takes the pipeline degrees and gradient slices from an FSMoE plan (``adasched plan moe``); a plan
 made for another EP size is an error naming both sizes.
 
@@ -56,6 +59,8 @@ def parse_args(argv):
     p.add_argument("--plan", type=Path, default=None,
                    help="FSMoE plan JSON (r_fwd, r_bwd, order_fwd, order_bwd, wgrad_bwd, grad_slices)")
     p.add_argument("--plan-config", default=None, help="configuration name inside the plan (default: first)")
+    p.add_argument("--ep-size", type=int, default=None,
+                   help="expert-parallel group size (default: every rank); it must divide the world size and --experts")
     p.add_argument("--hierarchical", action="store_true", help="two-step (intra-node, inter-node) all-to-all")
     p.add_argument("--gpus-per-node", type=int, default=2)
     p.add_argument("--router-stats-out", type=Path, default=None,
@@ -106,38 +111,56 @@ def layer_routers(router: str, schedule: str, layers: int, experts: int, *, budg
     return [replace(base, **{field: c}) for c in caps], caps
 
 
-def _plan_pipeline(args, world: int, layers: int):
+def _plan_pipeline(args, ep_size: int, layers: int):
     """The per-layer pipeline settings (a ``PlannedPipeline``: r, wgrad placement, issue orders, dense-gradient
-    slice fractions in backward order) from --plan, else from the flags (equal slices, dispatch-first)."""
+    slice fractions in backward order) from --plan (planned for ``ep_size`` ranks per EP group), else from the
+    flags (equal slices, dispatch-first)."""
     from adasched.runtime.moe.planned import PlannedPipeline, load_pipeline
 
     if args.plan is None:
-        return PlannedPipeline("flags", world, [args.r_fwd] * layers, [args.r_bwd] * layers, [1.0 / layers] * layers,
-                               [args.wgrad] * layers)
-    return load_pipeline(args.plan, ep_size=world, num_layers=layers, config=args.plan_config)
+        return PlannedPipeline("flags", ep_size, [args.r_fwd] * layers, [args.r_bwd] * layers,
+                               [1.0 / layers] * layers, [args.wgrad] * layers)
+    return load_pipeline(args.plan, ep_size=ep_size, num_layers=layers, config=args.plan_config)
+
+
+def ep_size_for(args, world: int) -> int:
+    """The expert-parallel size: ``--ep-size``, default the world. ValueError naming --ep-size when it is not a
+    divisor of the world size or of --experts."""
+    ep = world if args.ep_size is None else args.ep_size
+    if ep < 1:
+        raise ValueError(f"--ep-size: {ep} must be >= 1")
+    if world % ep:
+        raise ValueError(f"--ep-size: {ep} does not divide the world size {world}")
+    if args.experts % ep:
+        raise ValueError(f"--ep-size: {ep} does not divide --experts {args.experts}")
+    return ep
 
 
 def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log) -> dict:
     import torch
     import torch.distributed as dist
 
-    from adasched.runtime.moe import GradSliceReducer
+    from adasched.runtime.moe import ExpertGradReducer, GradSliceReducer, replica_divergence
     from adasched.runtime.moe.lm import MarkovTask, TinyMoELM, lm_loss
 
+    ep_size = ep.size if ep is not None else 1
     routers, caps = layer_routers(router, schedule, args.layers, args.experts, budget=args.budget, lo=args.lo,
-                                  hi=args.hi, ep_size=world, capacity_factor=args.capacity_factor)
-    pp = _plan_pipeline(args, world, args.layers)
+                                  hi=args.hi, ep_size=ep_size, capacity_factor=args.capacity_factor)
+    pp = _plan_pipeline(args, ep_size, args.layers)
     fractions = pp.slice_fractions
     torch.manual_seed(args.seed)
     model = TinyMoELM(args.vocab, args.d, args.heads, args.ffn, routers, max_len=args.seq, ep=ep,
                       r_fwd=pp.r_fwd, r_bwd=pp.r_bwd, wgrad=pp.wgrad, order_fwd=pp.order_fwd, order_bwd=pp.order_bwd,
                       shared_experts=args.shared_experts)
     model.init_experts(args.seed + 1)
-    reducer = None
+    reducer = expert_reducer = None
     if world > 1:
         dense = model.dense_parameters()
         total = sum(p.numel() for p in dense)
-        reducer = GradSliceReducer(dense, [f * total for f in fractions])   # fractions: backward order
+        # dense grads: mean over every rank (fractions: backward order); expert grads: summed over their copies
+        # (the expert-data-parallel group) and divided by the world size (every rank's tokens reached them once)
+        reducer = GradSliceReducer(dense, [f * total for f in fractions], group=ep.dp_group)
+        expert_reducer = ExpertGradReducer(model.expert_parameters(), ep)
         for m in model.moe_layers():
             m.reducer = reducer
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -151,8 +174,7 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log)
         (loss + model.aux_loss()).backward()
         if reducer is not None:
             reducer.finish()                           # dense grads: mean over ranks (slices already launched)
-            for p in model.expert_parameters():       # experts saw every rank's tokens: mean-loss scaling
-                p.grad /= world
+            expert_reducer.finish()                    # expert grads (buckets launched during the backward)
         opt.step()
         lv = loss.detach().clone()
         if world > 1:
@@ -163,9 +185,12 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log)
         mean_k = "/".join(f"{s_['mean_k']:.2f}" for s_ in stats)
         dropped = "/".join(str(s_["dropped"]) for s_ in stats)
         log(f"[{router}/{schedule}] step {step:3d} loss {losses[-1]:.4f} mean_k {mean_k} dropped {dropped}")
+    copies_diff = None
     if reducer is not None:
         reducer.remove()
-    return {"router": router, "schedule": schedule, "caps": caps, "first_loss": losses[0], "final_loss": losses[-1],
+        expert_reducer.remove()
+        copies_diff = replica_divergence(model, ep)   # 0.0: every copy of every parameter is bitwise equal
+    return {"copies_max_diff": copies_diff, "router": router, "schedule": schedule, "caps": caps, "first_loss": losses[0], "final_loss": losses[-1],
             "floor_nats": task.entropy_nats, "mean_k_per_layer": [s_["mean_k"] for s_ in model.layer_stats()]}
 
 
@@ -286,15 +311,19 @@ def _main(args) -> int:
     schedules = _names(args.schedule, CAPACITY_SCHEDULES, "--schedule")
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     _check_sizes(args, env_world)
-    if args.experts % env_world:
+    if args.ep_size is None and args.experts % env_world:
         raise ValueError(f"--experts: {args.experts} is not divisible by the expert-parallel size {env_world}")
+    env_ep = ep_size_for(args, env_world)
+    if args.hierarchical and env_ep > 1 and env_ep % min(args.gpus_per_node, env_ep):
+        raise ValueError(f"--gpus-per-node: an expert-parallel group of {env_ep} ranks does not split into nodes of "
+                         f"{args.gpus_per_node}")
     if args.shared_experts < 0:
         raise ValueError(f"--shared-experts: {args.shared_experts} must be >= 0")
     for r in routers:                                 # validate every combination before any process group
         for s in schedules:
             layer_routers(r, s, args.layers, args.experts, budget=args.budget, lo=args.lo, hi=args.hi,
-                          ep_size=env_world, capacity_factor=args.capacity_factor)
-    _plan_pipeline(args, env_world, args.layers)
+                          ep_size=env_ep, capacity_factor=args.capacity_factor)
+    _plan_pipeline(args, env_ep, args.layers)
     if args.validate_only:
         return 0
     from adasched.runtime.dist import init_distributed
@@ -307,9 +336,12 @@ def _main(args) -> int:
 
     from adasched.runtime.moe import ExpertParallel
 
-    # one set of groups; layers with another expert count (switch schedules) get a copy with that count
-    base_ep = ExpertParallel.create(world, hierarchical=args.hierarchical and world > 1,
-                                    gpus_per_node=min(args.gpus_per_node, world)) if world > 1 else None
+    # one set of groups (EP groups of --ep-size and the expert-data-parallel groups joining their copies); layers
+    # with another expert count (switch schedules) get a copy with that count
+    ep_size = ep_size_for(args, world)
+    base_ep = ExpertParallel.create_groups(args.experts, ep_size, hierarchical=args.hierarchical and ep_size > 1,
+                                           gpus_per_node=min(args.gpus_per_node, ep_size),
+                                           timeout_s=120) if world > 1 else None
     out = []
     try:
         for r in routers:
@@ -331,7 +363,7 @@ def _main(args) -> int:
         atomic_write_json(args.router_stats_out, {"mean_k_per_layer": out[-1]["mean_k_per_layer"],
                                                   "router": out[-1]["router"], "schedule": out[-1]["schedule"]})
     if rank == 0 and args.json:
-        print(json.dumps({"world": world, "runs": out}))
+        print(json.dumps({"world": world, "ep_size": base_ep.size if base_ep else 1, "runs": out}))
     return 0
 
 

@@ -50,7 +50,7 @@ import torch.distributed as dist
 from adasched.kernels.moe import (Backend, expert_mlp_backward, expert_mlp_backward_data, expert_mlp_backward_weight,
                                   expert_mlp_forward, make_index)
 
-__all__ = ["ExpertParallel", "EPExperts", "GradSliceReducer", "ep_experts", "check_pipeline_settings",
+__all__ = ["ExpertParallel", "EPExperts", "GradSliceReducer", "ExpertGradReducer", "ep_experts", "check_pipeline_settings",
            "shared_expert_index", "WGRAD_MODES", "ORDERS"]
 
 WGRAD_MODES = ("fused", "per-chunk", "deferred")
@@ -64,9 +64,18 @@ ORDERS = ("dispatch-first", "interleaved")
 # ---------------------------------------------------------------------------------------------------
 @dataclass
 class ExpertParallel:
-    """The expert-parallel group and, for the hierarchical path, its intra-/inter-node sub-groups.
+    """The expert-parallel group, its data-parallel surroundings and, for the hierarchical path, its intra-/inter-node
+    sub-groups.
 
-    Build with :meth:`create` on every rank at the same point (it creates process groups collectively).
+    Build on every rank at the same point (both constructors create process groups collectively):
+    :meth:`create` makes EP over one group (default: the world); :meth:`create_groups` splits the world (or a
+    data-parallel group) into EP groups of a given size and the expert-data-parallel groups that join the replicas
+    of each expert (Megatron-core's expert_model_parallel / expert_data_parallel groups).
+
+    ``dp_group``/``dp_ranks``: the data-parallel group, whose ranks all hold different data for the same model:
+    the dense gradients are averaged over it, the router statistics (expert bias, top-p controller) reduced over
+    it. ``expert_dp_group``/``expert_dp_ranks``: the ranks holding the same experts as this one (this rank
+    included, in EP-group order); ``expert_dp_group`` is None when there is no other copy.
     """
 
     group: object
@@ -79,10 +88,30 @@ class ExpertParallel:
     inter_group: object = None
     stats: dict = field(default_factory=lambda: {"gaps": 0})
     events: list | None = None     # set to [] to record collective issues and chunk computes (tests, traces)
+    dp_group: object = None        # None: the EP group itself (what :meth:`create` builds)
+    dp_ranks: list[int] | None = None
+    expert_dp_group: object = None
+    expert_dp_ranks: list[int] | None = None
+
+    def __post_init__(self):
+        if self.dp_ranks is None:
+            self.dp_group, self.dp_ranks = self.group, list(self.ranks)
+        if self.expert_dp_ranks is None:
+            self.expert_dp_ranks = [self.ranks[self.rank]]
 
     @property
     def size(self) -> int:
         return len(self.ranks)
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel size: how many ranks' losses the gradients average (= EP size x expert-DP size)."""
+        return len(self.dp_ranks)
+
+    @property
+    def expert_dp_size(self) -> int:
+        """How many copies of this rank's experts exist (ranks in ``expert_dp_ranks``)."""
+        return len(self.expert_dp_ranks)
 
     @property
     def experts_per_rank(self) -> int:
@@ -95,30 +124,99 @@ class ExpertParallel:
     @classmethod
     def create(cls, num_experts: int, group=None, hierarchical: bool = False, gpus_per_node: int | None = None,
                timeout_s: float = 60.0) -> "ExpertParallel":
-        """EP over ``group`` (default: the whole world). Raises ValueError naming the value when the experts
-        do not divide over the ranks or ``gpus_per_node`` does not divide the group."""
+        """EP over ``group`` (default: the whole world), which is also the data-parallel group (no expert copies
+        elsewhere; for EP smaller than the data-parallel world use :meth:`create_groups`). Raises ValueError naming
+        the value when the experts do not divide over the ranks or ``gpus_per_node`` does not divide the group."""
         group = group if group is not None else dist.group.WORLD
         ranks = dist.get_process_group_ranks(group)
-        P = len(ranks)
-        if num_experts % P:
-            raise ValueError(f"num_experts: {num_experts} is not divisible by the expert-parallel size {P}")
-        me = ranks.index(dist.get_rank())
-        ep = cls(group=group, ranks=ranks, rank=me, num_experts=num_experts, hierarchical=hierarchical)
+        _check_divides(num_experts, len(ranks), hierarchical, gpus_per_node)
+        ep = cls(group=group, ranks=ranks, rank=ranks.index(dist.get_rank()), num_experts=num_experts,
+                 hierarchical=hierarchical)
         if hierarchical:
-            G = gpus_per_node or P
-            if G < 1 or P % G:
-                raise ValueError(f"gpus_per_node: {gpus_per_node} does not divide the expert-parallel size {P}")
-            ep.gpus_per_node = G
-            to = timedelta(seconds=timeout_s)
-            for n in range(P // G):                       # collective: every rank creates every group
-                g = dist.new_group([ranks[n * G + l] for l in range(G)], timeout=to)
-                if me // G == n:
-                    ep.intra_group = g
-            for l in range(G):
-                g = dist.new_group([ranks[n * G + l] for n in range(P // G)], timeout=to)
-                if me % G == l:
-                    ep.inter_group = g
+            _attach_node_groups(ep, [ranks], gpus_per_node, timedelta(seconds=timeout_s))
         return ep
+
+    @classmethod
+    def create_groups(cls, num_experts: int, ep_size: int, group=None, *, hierarchical: bool = False,
+                      gpus_per_node: int | None = None, timeout_s: float = 60.0) -> "ExpertParallel":
+        """Expert data parallelism: split the data-parallel ``group`` (default: the world; size D) into D / ep_size
+        contiguous EP groups (ranks [k*ep_size, (k+1)*ep_size) of the group, Megatron-core's default order), each
+        holding all ``num_experts`` experts, ``num_experts / ep_size`` per rank; rank i of every EP group holds
+        the same experts, so the ranks {k*ep_size + i} form expert-data-parallel group i. Returns this rank's
+        :class:`ExpertParallel` with ``dp_group`` = ``group`` and ``expert_dp_group`` attached.
+
+        Collective over the world: every rank calls it with its own data-parallel group (the groups of all ranks
+        must be disjoint; they are exchanged once with ``all_gather_object`` when ``group`` is not the world) and
+        creates every group of every data-parallel group, in the same order. ``ep_size == D`` gives the EP of
+        :meth:`create` (no expert copies); ``ep_size == 1`` replicates every expert on every rank. ValueError
+        naming the argument when ``ep_size`` does not divide D, ``num_experts`` is not a multiple of ``ep_size``,
+        or ``gpus_per_node`` does not divide ``ep_size``; raised before any group is created, on every rank."""
+        if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
+            raise ValueError(f"ep_size: {ep_size!r} must be an int >= 1")
+        group = group if group is not None else dist.group.WORLD
+        mine = dist.get_process_group_ranks(group)
+        parents = [sorted(mine)]                        # group ranks are in global-rank order (new_group sorts)
+        if len(mine) != dist.get_world_size():          # every rank must create every group: learn the others'
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, sorted(mine))
+            parents = [list(g) for g in sorted({tuple(g) for g in gathered})]
+            seen = [r for g in parents for r in g]
+            if len(seen) != len(set(seen)):             # the same verdict on every rank: all raise together
+                raise ValueError(f"group: the ranks' data-parallel groups overlap: {parents}")
+        sizes = sorted({len(g) for g in parents})
+        if any(n % ep_size for n in sizes):
+            raise ValueError(f"ep_size: {ep_size} does not divide the data-parallel size "
+                             f"{sizes[0] if len(sizes) == 1 else sizes}")
+        _check_divides(num_experts, ep_size, hierarchical, gpus_per_node)
+        me = dist.get_rank()
+        to = timedelta(seconds=timeout_s)
+        ep = edp = None
+        ep_groups = []
+        for parent in parents:                          # the same calls in the same order on every rank
+            for k in range(len(parent) // ep_size):
+                ranks = parent[k * ep_size:(k + 1) * ep_size]
+                g = dist.new_group(ranks, timeout=to)
+                ep_groups.append(ranks)
+                if me in ranks:
+                    ep = cls(group=g, ranks=ranks, rank=ranks.index(me), num_experts=num_experts,
+                             hierarchical=hierarchical, dp_group=group, dp_ranks=list(mine))
+            for i in range(ep_size):
+                ranks = parent[i::ep_size]
+                g = dist.new_group(ranks, timeout=to) if len(ranks) > 1 else None
+                if me in ranks:
+                    edp = (g, ranks)
+        ep.expert_dp_group, ep.expert_dp_ranks = edp
+        if hierarchical:
+            _attach_node_groups(ep, ep_groups, gpus_per_node, to)
+        return ep
+
+
+def _check_divides(num_experts: int, P: int, hierarchical: bool, gpus_per_node: int | None) -> None:
+    if num_experts % P:
+        raise ValueError(f"num_experts: {num_experts} is not divisible by the expert-parallel size {P}")
+    if hierarchical:
+        G = gpus_per_node or P
+        if G < 1 or P % G:
+            raise ValueError(f"gpus_per_node: {gpus_per_node} does not divide the expert-parallel size {P}")
+
+
+def _attach_node_groups(ep: ExpertParallel, ep_groups: list[list[int]], gpus_per_node: int | None, to) -> None:
+    """The hierarchical path's groups of every EP group in ``ep_groups`` (collective: every rank creates all of
+    them, in order): per node its G local ranks (intra-node), per local index the ranks with that index on every
+    node (inter-node); ``ep`` keeps its own."""
+    G = gpus_per_node or ep.size
+    ep.gpus_per_node = G
+    for ranks in ep_groups:
+        P = len(ranks)
+        mine = ranks == ep.ranks
+        for n in range(P // G):
+            g = dist.new_group([ranks[n * G + l] for l in range(G)], timeout=to)
+            if mine and ep.rank // G == n:
+                ep.intra_group = g
+        for l in range(G):
+            g = dist.new_group([ranks[n * G + l] for n in range(P // G)], timeout=to)
+            if mine and ep.rank % G == l:
+                ep.inter_group = g
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -356,7 +454,7 @@ def _pipeline(ep: ExpertParallel, pass_name: str, exch: list[_Exchange], sends, 
 
 
 # ---------------------------------------------------------------------------------------------------
-# dense-gradient all-reduce in slices
+# gradient reduction: dense gradients in planned slices, expert gradients over their copies
 # ---------------------------------------------------------------------------------------------------
 class GradSliceReducer:
     """All-reduces the dense (replicated) gradients in planned slices during the MoE backward pipeline.
@@ -377,14 +475,28 @@ class GradSliceReducer:
     The backward graph must be the same on every rank (as for DDP without ``find_unused_parameters``): what is
     launched in a gap depends on which gradients exist there, so a parameter with a gradient on some ranks only
     would pair different all-reduces across ranks. A parameter with no gradient on every rank is reduced as zeros.
+
+    ``group``: where the gradients are summed (default: the world; with :meth:`ExpertParallel.create_groups` pass
+    ``ep.dp_group``); ``average`` divides the sums by ``divisor`` (default: the group's size).
+    ``bucket_elements``: also launch, from the gradient hooks, the ready prefix whenever it holds at least this
+    many unlaunched elements (DDP-style buckets, independent of the MoE gaps); None (default): gaps and
+    :meth:`finish` only.
     """
 
-    def __init__(self, params, slices, group=None, average: bool = True):
+    def __init__(self, params, slices, group=None, average: bool = True, *, divisor: float | None = None,
+                 bucket_elements: int | None = None):
+        if bucket_elements is not None and (isinstance(bucket_elements, bool) or not isinstance(bucket_elements, int)
+                                            or bucket_elements < 1):
+            raise ValueError(f"bucket_elements: {bucket_elements!r} must be an int >= 1 or None")
+        if divisor is not None and not divisor > 0:
+            raise ValueError(f"divisor: {divisor!r} must be > 0")
         self.params = [p for p in reversed(list(params)) if p.requires_grad]
         self.sizes = [p.numel() for p in self.params]
         self.slices = [float(s) for s in slices]
         self.group = group if group is not None else dist.group.WORLD
         self.average = average
+        self.divisor = divisor
+        self.bucket_elements = bucket_elements
         self._offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
         self._enabled = True
         self._ready = [False] * len(self.params)
@@ -410,6 +522,10 @@ class GradSliceReducer:
                     "slice was all-reduced; for gradient accumulation run the earlier micro-batches' backward "
                     "under reducer.no_sync(), or call finish() after every backward")
             self._ready[i] = True
+            if self.bucket_elements is not None:
+                upto = self._ready_prefix()
+                if upto - self._done >= self.bucket_elements:
+                    self._launch(upto)
         return hook
 
     @contextlib.contextmanager
@@ -420,6 +536,11 @@ class GradSliceReducer:
             yield self
         finally:
             self._enabled = prev
+
+    @property
+    def launched_elements(self) -> int:
+        """Gradient elements whose all-reduce has been launched since the last :meth:`finish` (tests, logs)."""
+        return self._done
 
     def _ready_prefix(self) -> int:
         n = 0
@@ -460,20 +581,24 @@ class GradSliceReducer:
                 pieces.append(p.grad.reshape(-1)[lo - off:hi - off])
             off += s
         buf = torch.cat(pieces).contiguous()
-        work = dist.all_reduce(buf, group=self.group, async_op=True)
-        self._pending.append((start, upto, buf, work))
+        self._pending.append((start, upto, buf, self._all_reduce(buf)))
         self._done = upto
+
+    def _all_reduce(self, buf: torch.Tensor):
+        """Start the sum of ``buf`` over the group; returns the work handle (None: nothing to wait for)."""
+        return dist.all_reduce(buf, group=self.group, async_op=True)
 
     def finish(self) -> None:
         """Launch the rest, wait for every slice, write the reduced gradients back; ready for the next step."""
         total = sum(self.sizes)
         if self._done < total:
             self._launch(total)
-        world = dist.get_world_size(self.group)
+        divisor = self.divisor if self.divisor is not None else dist.get_world_size(self.group)
         for start, end, buf, work in self._pending:
-            work.wait()
+            if work is not None:
+                work.wait()
             if self.average:
-                buf /= world
+                buf /= divisor
             off = 0
             for p, s in zip(self.params, self.sizes):
                 lo, hi = max(start, off), min(end, off + s)
@@ -485,6 +610,35 @@ class GradSliceReducer:
     def remove(self) -> None:
         for h in self._hooks:
             h.remove()
+
+
+class ExpertGradReducer(GradSliceReducer):
+    """The expert weight gradients of an expert-parallel model: summed over the expert-data-parallel group (the
+    ranks holding the same experts, ``ep.expert_dp_group``) and divided by the data-parallel size ``ep.dp_size``.
+
+    Why that divisor: each rank's loss is a mean over its own tokens, and an expert's gradient on its EP rank
+    already sums the contributions of every rank of the EP group (their tokens came to it); the sum over the
+    expert copies then covers every data-parallel rank once, so dividing by the data-parallel size gives the
+    gradient of the mean loss - what the dense gradients get (Megatron-core's expert gradient scaling,
+    1 / data-parallel size). Without copies (:meth:`ExpertParallel.create`) it only divides, no collective.
+
+    Buckets (``bucket_elements``, in backward order) are all-reduced asynchronously from the gradient hooks as
+    soon as they are complete, overlapping the rest of the backward; :meth:`finish` launches the rest, waits and
+    writes the reduced gradients back; :meth:`no_sync` for gradient accumulation, as :class:`GradSliceReducer`
+    (the same rules: one backward per :meth:`finish` outside ``no_sync``, the same backward graph on every rank).
+    Nothing runs in the forward. ``params``: the expert parameters (forward order), e.g. the ``"expert"`` ones of
+    :func:`adasched.runtime.moe.layer.split_parameters`.
+    """
+
+    def __init__(self, params, ep: ExpertParallel, *, bucket_elements: int | None = 1 << 22, average: bool = True):
+        super().__init__(params, (), group=ep.expert_dp_group, average=average, divisor=ep.dp_size,
+                         bucket_elements=bucket_elements)
+        self.group = ep.expert_dp_group                 # None: no other copy of these experts
+
+    def _all_reduce(self, buf: torch.Tensor):
+        if self.group is None:
+            return None
+        return dist.all_reduce(buf, group=self.group, async_op=True)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,7 +10,10 @@ Usage in any torch model::
 Dropless mode: ``RouterConfig(capacity_factor=None)``; capacity (drop) mode: ``capacity_factor > 0``.
 With ``ep=ExpertParallel.create(...)`` the layer holds only its rank's ``E / P`` experts (``w1``/``w2`` are the
 local shards, experts ``expert_offset .. expert_offset + E/P - 1``) and runs the expert computation through
-:func:`adasched.runtime.moe.ep.ep_experts` with pipeline degrees ``r_fwd``/``r_bwd``.
+:func:`adasched.runtime.moe.ep.ep_experts` with pipeline degrees ``r_fwd``/``r_bwd``. EP smaller than the
+data-parallel world: ``ep=ExpertParallel.create_groups(E, ep_size, ...)``; then reduce the dense gradients over
+``ep.dp_group`` and the expert gradients with :class:`~adasched.runtime.moe.ep.ExpertGradReducer` (the two kinds:
+:func:`split_parameters`); router statistics are reduced over ``ep.dp_group``.
 
 ``shared_experts=n`` adds an always-on shared expert (DeepSeek-MoE style): one MLP of width
 ``n * shared_ffn`` (default ``shared_ffn = ffn``) on every token, its output added to the routed experts'.
@@ -41,7 +44,7 @@ from adasched.kernels.moe import Backend, expert_mlp, make_index, permute, unper
 from .ep import ExpertParallel, GradSliceReducer, check_pipeline_settings, ep_experts, shared_expert_index
 from .router import Router, RouterConfig, RouterStats
 
-__all__ = ["MoELayer"]
+__all__ = ["MoELayer", "named_parameters_by_kind", "split_parameters", "replica_divergence"]
 
 
 def _check_degrees(r_fwd, r_bwd) -> None:
@@ -108,6 +111,8 @@ class MoELayer(nn.Module):
         cols = 2 * ffn if activation == "swiglu" else ffn
         self.w1 = nn.Parameter(torch.randn(e_local, hidden, cols) * hidden ** -0.5)
         self.w2 = nn.Parameter(torch.randn(e_local, ffn, hidden) * ffn ** -0.5)
+        if ep is not None:     # sharded: not all-reduced over the data-parallel group (DeepSpeed's / Megatron's mark)
+            self.w1.allreduce = self.w2.allreduce = False
         self.shared_w1 = self.shared_w2 = None
         if shared_experts:
             sf = shared_experts * (shared_ffn or ffn)
@@ -173,8 +178,8 @@ class MoELayer(nn.Module):
             return
         if cfg.kind == "sigmoid_bias":
             counts = routing.counts.detach().clone()
-            if self.ep is not None:                    # balance on the whole group's load
-                dist.all_reduce(counts, group=self.ep.group)
+            if self.ep is not None:                    # balance on the load of every data-parallel rank
+                dist.all_reduce(counts, group=self.ep.dp_group)
 
             def apply():
                 self.router.update_bias(counts)
@@ -185,8 +190,8 @@ class MoELayer(nn.Module):
             dev = routing.counts.device
             nk = torch.stack([routing.counts.sum().to(torch.float64),
                               torch.full((), float(routing.num_tokens), dtype=torch.float64, device=dev)])
-            if self.ep is not None:                    # mean k over the group: p stays equal on every rank
-                dist.all_reduce(nk, group=self.ep.group)
+            if self.ep is not None:                    # mean k over the data-parallel group: p stays equal
+                dist.all_reduce(nk, group=self.ep.dp_group)
 
             def apply():
                 self.router.controller_step(nk[0] / nk[1].clamp_min(1.0))
@@ -241,3 +246,44 @@ class MoELayer(nn.Module):
                 raise ValueError(f"aux_loss_scale: {scale!r} must be a finite number")
             out = _AttachAuxLoss.apply(out, routing.aux_loss, float(scale))
         return out
+
+
+def named_parameters_by_kind(module: nn.Module):
+    """Yield ``(name, parameter, kind)`` for every parameter of ``module`` (``named_parameters`` order): kind
+    ``"expert"`` for the expert weights (``w1``/``w2``) of an expert-parallel :class:`MoELayer` - a rank's own shard,
+    reduced over its expert-data-parallel copies (:class:`~adasched.runtime.moe.ep.ExpertGradReducer`) - and
+    ``"dense"`` for everything else, replicated on every data-parallel rank (routers, shared experts, attention,
+    embeddings, and the experts of a layer without EP). Decided from the modules, so it survives ``to_empty``;
+    the expert-parallel weights also carry ``allreduce = False``, the mark DeepSpeed's ``is_moe_param`` and
+    Megatron-core's DDP read."""
+    expert = {id(p) for m in module.modules() if isinstance(m, MoELayer) and m.ep is not None for p in (m.w1, m.w2)}
+    for name, p in module.named_parameters():
+        yield name, p, "expert" if id(p) in expert else "dense"
+
+
+def split_parameters(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(dense, expert) parameters of ``module``, each in forward order (:func:`named_parameters_by_kind`)."""
+    dense, expert = [], []
+    for _, p, kind in named_parameters_by_kind(module):
+        (expert if kind == "expert" else dense).append(p)
+    return dense, expert
+
+
+def replica_divergence(module: nn.Module, ep: ExpertParallel) -> float:
+    """Largest absolute difference between a parameter and any of its copies: dense parameters over
+    ``ep.dp_group``, expert shards over ``ep.expert_dp_group`` (0.0: every copy is bitwise equal). A check for after
+    a step (Megatron-core's ``check_param_hashes_across_dp_replicas`` idea): collective over the data-parallel
+    group (two ``all_gather`` of flat copies and one ``all_reduce``), the same value on every rank; reads the
+    result on the host."""
+    worst = torch.zeros((), dtype=torch.float64)
+    dense, expert = split_parameters(module)
+    for params, group, n in ((dense, ep.dp_group, ep.dp_size), (expert, ep.expert_dp_group, ep.expert_dp_size)):
+        if not params or group is None:
+            continue
+        flat = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in params])
+        copies = [torch.empty_like(flat) for _ in range(n)]
+        dist.all_gather(copies, flat, group=group)
+        worst = torch.maximum(worst, torch.stack([(c - flat).abs().max() for c in copies]).max().cpu())
+    worst = worst.to(dense[0].device if dense else "cpu")
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=ep.dp_group)
+    return float(worst)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ep import ExpertParallel, GradSliceReducer
-from .layer import MoELayer
+from .layer import MoELayer, split_parameters
 from .router import RouterConfig
 
 __all__ = ["TinyMoELM", "MarkovTask"]
@@ -121,12 +121,12 @@ class TinyMoELM(nn.Module):
         return [b.moe for b in self.blocks]
 
     def dense_parameters(self) -> list[nn.Parameter]:
-        """Replicated parameters (everything except the experts' w1/w2), forward order."""
-        expert = {id(m.w1) for m in self.moe_layers()} | {id(m.w2) for m in self.moe_layers()}
-        return [p for p in self.parameters() if id(p) not in expert]
+        """Replicated parameters (everything except the expert-parallel experts' w1/w2), forward order."""
+        return split_parameters(self)[0]
 
     def expert_parameters(self) -> list[nn.Parameter]:
-        return [p for m in self.moe_layers() for p in (m.w1, m.w2)]
+        """The expert-parallel layers' expert shards (w1/w2), forward order; empty without EP."""
+        return split_parameters(self)[1]
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         S = idx.shape[1]
