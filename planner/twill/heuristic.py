@@ -44,6 +44,10 @@ class HeuristicSchedule:
     seconds: float = 0.0
     tried: list[int] = field(default_factory=list)
     """Every I the search tried, in order."""
+    source: str = "iterative modulo scheduling"
+    method: str = "heuristic"
+    """The plan's ``method`` when this schedule is the answer: 'heuristic', or 'cp-sat-coarse' (CP-SAT in a
+    coarser time unit, scaled back)."""
 
 
 def _fold(row: list[int], ii: int) -> dict[int, int]:

@@ -80,7 +80,8 @@ class Schedule:
     note: str = ""
     params: SolveParams | None = None
     method: str = "cp-sat"
-    """What produced the schedule: 'cp-sat' or 'heuristic' (iterative modulo scheduling, when CP-SAT found none)."""
+    """What produced the schedule: 'cp-sat'; when CP-SAT found none in time, 'heuristic' (iterative modulo
+    scheduling) or 'cp-sat-coarse' (CP-SAT on the problem in a coarser time unit, scaled back)."""
 
 
 def _max_weight(problem: Problem, ii: int, warp: bool) -> int:
@@ -112,11 +113,85 @@ def _value_consumers(problem: Problem):
     return out
 
 
+INTERVAL_FROM = 48
+"""Above this I, ``solve_at`` encodes residues as integers and reservations as wrapped intervals (model size
+independent of I) instead of I booleans per op."""
+
+
+def _runs(row: list[int]) -> list[tuple[int, int, int]]:
+    """(offset, length, count) of the maximal runs of equal non-zero counts in a reservation row."""
+    out: list[tuple[int, int, int]] = []
+    for c, cnt in enumerate(row):
+        if cnt and out and out[-1][2] == cnt and out[-1][0] + out[-1][1] == c:
+            out[-1] = (out[-1][0], out[-1][1] + 1, cnt)
+        elif cnt:
+            out.append((c, 1, cnt))
+    return out
+
+
+def _window(model, ii: int, r, offset: int, size: int, name: str, presence=None) -> list:
+    """Intervals covering the circular window [r + offset, r + offset + size) mod ii (0 < size < ii): its start
+    p in [0, ii) and the same interval at p + ii; on [ii, 2 ii) they cover exactly the window's residues, and
+    elsewhere a subset of them, so a cumulative over the line is the capacity row of every residue."""
+    off = offset % ii
+    if off == 0:
+        p = r
+    else:
+        wrap = model.NewBoolVar(f"wrap[{name}]")
+        p = model.NewIntVar(0, ii - 1, f"p[{name}]")
+        model.Add(p == r + off - ii * wrap)
+    if presence is None:
+        return [model.NewFixedSizeIntervalVar(p, size, f"w[{name}]"),
+                model.NewFixedSizeIntervalVar(p + ii, size, f"w2[{name}]")]
+    return [model.NewOptionalFixedSizeIntervalVar(p, size, presence, f"w[{name}]"),
+            model.NewOptionalFixedSizeIntervalVar(p + ii, size, presence, f"w2[{name}]")]
+
+
+def _wrapped_resources(model, problem: Problem, ii: int, res: list) -> None:
+    """Unit capacities modulo I with integer residues: a run of c units for L cycles holds c * (L // I) units
+    at every residue (a constant) plus c on a window of L % I cycles (two intervals under a cumulative)."""
+    for unit, cap in problem.units.items():
+        const = 0
+        ivs, dem = [], []
+        for i, o in enumerate(problem.graph.ops):
+            for j, (off, size, cnt) in enumerate(_runs(o.reserve.get(unit, []))):
+                const += cnt * (size // ii)
+                if size % ii:
+                    ivs += _window(model, ii, res[i], off, size % ii, f"{o.name},{unit},{j}")
+                    dem += [cnt, cnt]
+        if const > cap:
+            model.AddBoolOr([])  # the tables alone hold more than the unit has at every residue: infeasible
+        elif ivs and sum(dem) // 2 + const > cap:
+            model.AddCumulative(ivs, dem, cap - const)
+
+
+def _wrapped_issue_slots(model, ii: int, res: list, occ: list[int], a: list, names: list[str]) -> None:
+    """One issue per warp group and cycle with integer residues: op i holds its group's slot for occ[i] cycles
+    from its issue (optional intervals present when it is on that group, under a no-overlap per group)."""
+    G = len(a[0])
+    for q in range(G):
+        ivs = []
+        for i in range(len(names)):
+            full, rest = divmod(occ[i], ii)
+            if full >= 2 or (full == 1 and rest):
+                model.Add(a[i][q] == 0)  # it would hold the slot twice at some residue
+            elif full == 1:  # it holds the slot at every residue: alone on the group
+                for j in range(len(names)):
+                    if j != i:
+                        model.AddBoolOr([a[i][q].Not(), a[j][q].Not()])
+            else:
+                ivs += _window(model, ii, res[i], 0, rest, f"slot[{names[i]},{q}]", presence=a[i][q])
+        if len(ivs) > 2:
+            model.AddNoOverlap(ivs)
+
+
 def solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, optimise: bool = True,
-             hint_times: dict[str, int] | None = None, hint_groups: dict[str, int] | None = None) -> Attempt:
+             hint_times: dict[str, int] | None = None, hint_groups: dict[str, int] | None = None,
+             encoding: str = "auto") -> Attempt:
     """Build and solve the CP-SAT model at initiation interval ``ii``; ``hint_times`` (issue cycles, e.g.
     the plain schedule at the same I) become a warm-start hint for residues and stages, ``hint_groups`` (warp
-    mode; e.g. the heuristic's) for the group of each op."""
+    mode; e.g. the heuristic's) for the group of each op. ``encoding``: 'time' (one-hot residues), 'interval'
+    (integer residues, wrapped intervals) or 'auto' (interval when ``ii`` > INTERVAL_FROM)."""
     from ortools.sat.python import cp_model
 
     # ---- data ----------------------------------------------------------------------------------------
@@ -134,14 +209,27 @@ def solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, opti
 
     # ---- model & variables ---------------------------------------------------------------------------
     model = cp_model.CpModel()
-    x = [[model.NewBoolVar(f"x[{v},{r}]") for r in range(ii)] for v in names]
+    if encoding == "auto":
+        encoding = "interval" if ii > INTERVAL_FROM else "time"
+    if encoding not in ("time", "interval"):
+        raise ValueError(f"encoding must be 'auto', 'time' or 'interval', got {encoding!r}")
+    timed = encoding == "time"
     k = [model.NewIntVar(0, kmax, f"k[{v}]") for v in names]
-    t = [ii * k[i] + sum(r * x[i][r] for r in range(ii)) for i in range(n)]
+    if timed:
+        x = [[model.NewBoolVar(f"x[{v},{r}]") for r in range(ii)] for v in names]
+        res = [sum(r * x[i][r] for r in range(ii)) for i in range(n)]
+    else:
+        x = []
+        res = [model.NewIntVar(0, ii - 1, f"r[{v}]") for v in names]
+    t = [ii * k[i] + res[i] for i in range(n)]
 
     # ---- constraints ---------------------------------------------------------------------------------
     for i in range(n):
-        model.AddExactlyOne(x[i])
-    for unit, cap in problem.units.items():  # one capacity row per (unit, residue)
+        if timed:
+            model.AddExactlyOne(x[i])
+    if not timed:
+        _wrapped_resources(model, problem, ii, res)
+    for unit, cap in (problem.units.items() if timed else ()):  # one capacity row per (unit, residue)
         # rows[s][(i, r)] = units op i holds at residue s when it issues at residue r (built per row: looping
         # over every (op, residue) pair for every row was O(I^2 n) and took the whole budget at I = 2000)
         rows: list[dict[tuple[int, int], int]] = [{} for _ in range(ii)]
@@ -184,7 +272,9 @@ def solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, opti
                             model.AddBoolOr([a[i][q].Not(), a[j][q].Not()])
         # one issue per group per cycle; a blocking op holds its group for its whole length
         occ = [length[i] if o.blocking else 1 for i, o in enumerate(ops)]
-        for q in range(G):
+        if not timed:
+            _wrapped_issue_slots(model, ii, res, occ, a, names)
+        for q in (range(G) if timed else ()):
             z = [[None] * ii for _ in range(n)]
             for i in range(n):
                 for r in range(ii):
@@ -267,8 +357,11 @@ def solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, opti
             tv = hint_times.get(v)
             if tv is not None and 0 <= tv // ii <= kmax:
                 hint[k[i]] = tv // ii
-                for r in range(ii):
-                    hint[x[i][r]] = int(r == tv % ii)
+                if timed:
+                    for r in range(ii):
+                        hint[x[i][r]] = int(r == tv % ii)
+                else:
+                    hint[res[i]] = tv % ii
         if warp and hint_groups and set(hint_groups) == set(names):
             remap: dict[int, int] = {}  # canonical numbering (groups opened in op order), as the symmetry rule wants
             for v in names:
@@ -285,7 +378,7 @@ def solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, opti
     if out.has_solution:
         sv = out.solver  # type: ignore[attr-defined]
         for i, v in enumerate(names):
-            r = next(r for r in range(ii) if sv.Value(x[i][r]))
+            r = next(r for r in range(ii) if sv.Value(x[i][r])) if timed else sv.Value(res[i])
             att.times[v] = ii * sv.Value(k[i]) + r
             att.groups[v] = next(q for q in range(G) if sv.Value(a[i][q])) if warp else 0
             if i in copies:
@@ -299,6 +392,65 @@ def solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, opti
 def _with_time(params: SolveParams, seconds: float) -> SolveParams:
     return SolveParams(time_limit=max(seconds, 0.01), seed=params.seed, threads=params.threads,
                        mip_gap=params.mip_gap, msg=params.msg)
+
+
+def time_unit(problem: Problem, warp: bool) -> int:
+    """The largest g such that every delay, every reservation table (constant on aligned blocks of g cycles and
+    a whole number of blocks long) and, for the warp problem, the handoff are multiples of g: the same problem
+    is then stated exactly in units of g cycles."""
+    from math import gcd
+
+    g = 0
+    for e in problem.graph.edges:
+        g = gcd(g, e.delay)
+    if warp and problem.warp:
+        g = gcd(g, problem.machine.handoff_cycles)
+    for o in problem.graph.ops:
+        for row in o.reserve.values():
+            g = gcd(g, len(row))
+            change = [c for c in range(1, len(row)) if row[c] != row[c - 1]]
+            for c in change:
+                g = gcd(g, c)
+        if o.blocking and warp:
+            g = gcd(g, o.length)
+    return max(g, 1)
+
+
+def _coarse(problem: Problem, g: int) -> Problem:
+    """The problem in units of g cycles (see :func:`time_unit`)."""
+    graph = problem.graph.model_copy(deep=True)
+    for o in graph.ops:
+        o.reserve = {u: row[::g] for u, row in o.reserve.items()}
+    for e in graph.edges:
+        e.delay //= g
+    machine = problem.machine.model_copy(update={"handoff_cycles": problem.machine.handoff_cycles // g})
+    return problem.model_copy(update={"graph": graph, "machine": machine})
+
+
+def _coarse_schedule(problem: Problem, warp: bool, params: SolveParams) -> HeuristicSchedule | None:
+    """When the costs share a unit g > 1: solve the problem stated in units of g (small I, fast), scale its
+    schedule back (times x g, I x g: valid in the original units, so an upper bound there, not a proof of
+    minimality), checked by the validator; None when there is no such unit or no schedule."""
+    g = time_unit(problem, warp)
+    if g == 1:
+        return None
+    small = _coarse(problem, g)
+    try:
+        s = solve(small, params, warp=warp)
+    except ValueError:
+        return None
+    times = {v: t * g for v, t in s.times.items()}
+    groups = s.groups if warp else {v: 0 for v in times}
+    from .knobs import buffer_depths
+
+    depth = buffer_depths(problem.graph, s.ii * g, times)
+    copies = {o.name: depth[o.name] for o in problem.graph.ops if (o.regs or 0) > 0 or (o.smem or 0) > 0}
+    out = HeuristicSchedule(ii=s.ii * g, times=times, groups=groups, copies=copies if warp else {}, warp=warp,
+                            seconds=s.seconds, method="cp-sat-coarse",
+                            source=f"CP-SAT in units of {g} cycles (I = {s.ii}, {s.status}), scaled back")
+    from .heuristic import _validate
+
+    return None if _validate(problem, out) else out
 
 
 def _lower_bound(bounds: MII, attempts: list[Attempt], warp: bool) -> int:
@@ -317,14 +469,14 @@ def _from_heuristic(h: HeuristicSchedule, bounds: MII, attempts: list[Attempt], 
     if lb > h.ii:
         raise RuntimeError(f"twill: CP-SAT proved I = {h.ii} infeasible but the heuristic's schedule there passes "
                            "the validator: the model is wrong")
-    note = (f"heuristic schedule (iterative modulo scheduling, {h.seconds:.3g} s): {why}; "
+    note = (f"{h.method} schedule ({h.source}, {h.seconds:.3g} s): {why}; "
             f"I >= {lb} proved" + ("" if lb == h.ii else f", so I = {h.ii} is within {(h.ii - lb) / h.ii:.1%}")
             + "; secondary objective (groups, channels, span) not optimised")
     return Schedule(
         ii=h.ii, mii=bounds, plain_ii=plain_ii, plain_proven=plain_proven, proven=lb == h.ii, status="feasible",
         gap=(h.ii - lb) / h.ii, objective=None, bound=None, seconds=seconds, times=dict(h.times),
         groups=dict(h.groups) if warp else {}, copies=dict(h.copies), attempts=attempts, warp=warp, note=note,
-        params=params, method="heuristic",
+        params=params, method=h.method,
     )
 
 
@@ -352,6 +504,14 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
         heur_plain = heuristic_schedule(problem, warp=False, max_ii=max_ii, time_limit=params.time_limit)
         if warp:
             heur_warp = heuristic_schedule(problem, warp=True, max_ii=max_ii, time_limit=params.time_limit)
+        # costs in a coarser unit (e.g. raw cycles, all multiples of 256): the problem in that unit solved
+        # exactly is a far better start than the heuristic at large I (a third of the budget)
+        coarse = _coarse_schedule(problem, warp, _with_time(params, max(left(), 0.05) / 3))
+        if coarse is not None:
+            if warp and (heur_warp is None or coarse.ii < heur_warp.ii):
+                heur_warp = coarse
+            elif not warp and (heur_plain is None or coarse.ii < heur_plain.ii):
+                heur_plain = coarse
 
     def search(start: int, use_warp: bool, hint: Attempt | None = None, optimise: bool = True,
                heur: HeuristicSchedule | None = None) -> tuple[Attempt | None, bool]:
@@ -433,7 +593,7 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
         notes.append("secondary objective (groups, channels, span) not proved optimal")
     heur_used = heur_warp if warp else heur_plain
     if heur_used is not None:
-        notes.append(f"heuristic warm start: I = {heur_used.ii} in {heur_used.seconds:.3g} s")
+        notes.append(f"warm start ({heur_used.source}): I = {heur_used.ii} in {heur_used.seconds:.3g} s")
     status = "optimal" if proven and best.status == "optimal" else "feasible"
     gap = None
     if best.objective is not None and best.bound is not None:

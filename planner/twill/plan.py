@@ -58,8 +58,9 @@ class TwillPlan(Plan):
     rec_mii: int
     plain_ii: int = Field(description="minimal I of plain modulo scheduling (no warp constraints)")
     ii_proven_minimal: bool
-    method: Literal["cp-sat", "heuristic"] = Field(default="cp-sat", description="what produced the schedule: "
-                                                   "CP-SAT, or iterative modulo scheduling when CP-SAT found none")
+    method: Literal["cp-sat", "heuristic", "cp-sat-coarse"] = Field(
+        default="cp-sat", description="what produced the schedule: CP-SAT; when it found none in time, iterative "
+                                      "modulo scheduling or CP-SAT in a coarser time unit, scaled back")
     warp_specialised: bool = Field(description="the joint SWP + warp-specialisation problem was solved")
     stages: int = Field(ge=1)
     cycle_ns: float
@@ -119,8 +120,9 @@ class TwillPlan(Plan):
         rows = super().summary_rows()
         rows[3:3] = [
             ("graph / machine", f"{self.graph_name} / {self.machine_name}"),
-            ("method", self.method + (" (iterative modulo scheduling: CP-SAT found no schedule in time)"
-                                      if self.method == "heuristic" else "")),
+            ("method", self.method + {"heuristic": " (iterative modulo scheduling: CP-SAT found no schedule in time)",
+                                      "cp-sat-coarse": " (CP-SAT in a coarser time unit, scaled back: CP-SAT found "
+                                                       "no schedule in the original units in time)"}.get(self.method, "")),
             ("ii (cycles/iter)", f"{self.ii} (MII {self.mii}: res {self.res_mii}, rec {self.rec_mii}; plain {self.plain_ii})"
              + ("" if self.ii_proven_minimal else ", not proved minimal")),
             ("stages", str(self.stages)),
