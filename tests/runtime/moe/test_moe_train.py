@@ -61,6 +61,11 @@ def test_plan_for_another_ep_size_is_an_error(tmp_path, monkeypatch, capsys):
     assert "planned for EP size 4" in err and "this run has 2 ranks" in err
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert main(["--plan", str(plan), "--experts", "8", "--validate-only"]) == 0
+    # --ep-size: the plan is checked against the EP size, not the world (8 ranks in EP groups of 4 fit it)
+    assert main(["--plan", str(plan), "--experts", "8", "--ep-size", "2", "--validate-only"]) == 2
+    assert "planned for EP size 4" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert main(["--plan", str(plan), "--experts", "8", "--ep-size", "4", "--validate-only"]) == 0
     from adasched.planner.fsmoe.plan import MoEPlan
     from adasched.planner.plan import load_plan
     from adasched.runtime.moe import load_pipeline
