@@ -41,7 +41,7 @@ OPS = ("all_to_all", "all_reduce", "all_gather", "reduce_scatter")
 @dataclass(frozen=True, kw_only=True)
 class CollectiveConfig:
     sizes: tuple[int, ...]
-    """Message sizes in bytes per rank (each is rounded down to a multiple of 4 * world bytes)."""
+    """Message sizes in bytes per rank (each is rounded down to a multiple of 4 * group size bytes)."""
     ops: tuple[str, ...] = OPS
     warmup: int = 1
     repeats: int = 5
@@ -198,6 +198,13 @@ def _emulated_reduce_scatter(dist, out, x, pg, g):
     return fn
 
 
+def _scope(g: int, ranks_per_node: int, world: int) -> str:
+    """'intra' when every group of g contiguous ranks stays inside one node (ranks numbered node by node, as
+    torchrun does): one node, or g divides the ranks per node; else 'inter' (6 ranks a node: ranks 4..7 of a
+    4-rank group straddle two nodes)."""
+    return "intra" if world <= ranks_per_node or ranks_per_node % g == 0 else "inter"
+
+
 def fit_collectives(result: dict[str, Any], ranks_per_node: int, source: str) -> list[CollectiveFit]:
     """alpha-beta fit per (op, group size) of :func:`measure_collectives`' points, with the fit error."""
     by_key: dict[tuple[str, int], list[dict]] = {}
@@ -211,7 +218,7 @@ def fit_collectives(result: dict[str, Any], ranks_per_node: int, source: str) ->
             src += f"; {f.note}"
         if result.get("emulated", {}).get(op):
             src += f"; {op} {result['emulated'][op]}"
-        fits.append(CollectiveFit(op=op, group_size=g, scope="intra" if g <= ranks_per_node else "inter",
+        fits.append(CollectiveFit(op=op, group_size=g, scope=_scope(g, ranks_per_node, result["world"]),
                                   alpha_ms=f.coef[0], beta_ms_per_byte=f.coef[1], fit_rel_error=f.rel_error,
                                   source=src))
     return fits

@@ -88,6 +88,8 @@ def profile_local(*, quick: bool, nproc: int | None = None, collectives: bool = 
     micro = run_microbenchmarks(microbench_config(quick), show_progress=show_progress) if microbench else None
     coll = None
     if collectives:
+        if ngpu:
+            torch.cuda.empty_cache()  # the workers share these GPUs: give back what the microbenchmarks cached
         coll = spawn_collectives(nproc, collective_config(quick, gpu=backend == "nccl"),
                                  show_progress=show_progress, backend=backend)
     return _assemble(quick=quick, device=device, host=host, micro=micro, coll=coll, ranks_per_node=nproc,

@@ -6,9 +6,8 @@
 - the linear layers of one transformer layer (QKV, O, SwiGLU MLP) forward+backward over token counts
   -> ms/token + b.
 
-On a CUDA device the timings are medians of ``triton.testing.do_bench`` (CUDA events when triton is
-missing), in bf16; on the CPU they are medians of ``time.perf_counter`` over repeats, in float32, with
-shapes small enough for a CI box. ``quick`` keeps everything CI-sized on either.
+On a CUDA device the timings are medians of CUDA-event times over ``repeats`` calls, in bf16; on the CPU
+they are medians of ``time.perf_counter`` over repeats, in float32, with shapes small enough for a CI box. ``quick`` keeps everything CI-sized on either.
 """
 from __future__ import annotations
 
@@ -83,27 +82,16 @@ def microbench_config(quick: bool, device: str | None = None) -> MicrobenchConfi
 
 
 def time_ms(fn: Callable[[], Any], device: str, warmup: int, repeats: int) -> float:
-    """Median wall time of ``fn()`` in ms (GPU: triton do_bench or CUDA events; CPU: perf_counter)."""
+    """Median time of ``fn()`` in ms over ``repeats`` timed calls, after ``warmup`` untimed ones.
+
+    GPU: each call between two CUDA events on the current stream, one synchronize after the last (nothing
+    waits on the host inside the timed calls), so exactly ``repeats`` samples whatever the call's length
+    (triton's do_bench takes its warmup/rep in ms and ran 1-2 samples of a 50 ms call). CPU: perf_counter
+    around each call (CPU ops are synchronous)."""
     import torch
 
     if device == "cuda":
-        try:
-            from triton.testing import do_bench
-
-            return float(do_bench(fn, warmup=max(warmup, 1) * 5, rep=max(repeats, 1) * 5, return_mode="median"))
-        except ImportError:
-            pass
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        return statistics.median(times)
+        return _cuda_median_ms(fn, warmup, repeats, torch.cuda)
     for _ in range(warmup):
         fn()
     times = []
@@ -112,6 +100,20 @@ def time_ms(fn: Callable[[], Any], device: str, warmup: int, repeats: int) -> fl
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def _cuda_median_ms(fn: Callable[[], Any], warmup: int, repeats: int, cuda) -> float:
+    """``cuda`` is ``torch.cuda`` (a parameter so the event bookkeeping can be tested without a GPU)."""
+    for _ in range(warmup):
+        fn()
+    cuda.synchronize()
+    events = [(cuda.Event(enable_timing=True), cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
 def _dtype(cfg: MicrobenchConfig):

@@ -37,7 +37,10 @@ class _Strict(BaseModel):
 class CollectiveFit(_Strict):
     """alpha-beta model of one collective on one group size: time_ms = alpha_ms + beta_ms_per_byte * bytes.
 
-    `bytes` is the message size per rank (the tensor each rank passes to the collective)."""
+    `bytes` is the message size per rank: the tensor each rank passes in. all_reduce, all_to_all, broadcast:
+    the whole buffer; all_gather: the rank's shard (the output is group_size times larger); reduce_scatter:
+    the whole unreduced buffer (the output shard is 1/group_size of it). nccl-tests' "size" is the same except
+    for all_gather, where it is the gathered output (group_size x bytes); see :attr:`bus_bandwidth_GBps`."""
 
     op: CollectiveOp
     group_size: PositiveInt
@@ -52,8 +55,17 @@ class CollectiveFit(_Strict):
 
     @property
     def bandwidth_GBps(self) -> float:
-        """Asymptotic bandwidth (bytes per rank / time) in GB/s."""
+        """Asymptotic bandwidth (bytes per rank / time) in GB/s, 1 GB = 1e9 bytes."""
         return 1.0 / (self.beta_ms_per_byte * 1e6)
+
+    @property
+    def bus_bandwidth_GBps(self) -> float:
+        """Asymptotic bus bandwidth in GB/s as nccl-tests and DeepSpeed's comms logger report it (n = group
+        size, B = bytes per rank as above, t = time): all_reduce 2(n-1)/n * B/t; all_to_all and reduce_scatter
+        (n-1)/n * B/t; all_gather (n-1)/n * nB/t (nccl-tests' size is the gathered output); broadcast B/t."""
+        n = self.group_size
+        factor = {"all_reduce": 2.0 * (n - 1) / n, "all_gather": float(n - 1), "broadcast": 1.0}.get(self.op, (n - 1) / n)
+        return factor * self.bandwidth_GBps
 
 
 class AttentionFit(_Strict):
@@ -61,7 +73,7 @@ class AttentionFit(_Strict):
 
     a1_ms_per_tok2: float = Field(ge=0.0)
     a2_ms_per_tok: float = Field(ge=0.0)
-    b_ms: float = 0.0
+    b_ms: float = Field(default=0.0, ge=0.0)
     heads: PositiveInt = 32
     head_dim: PositiveInt = 128
     fit_rel_error: float = Field(default=0.0, ge=0.0)
@@ -75,7 +87,7 @@ class LinearFit(_Strict):
     """Linear layers (QKV, O, MLP) of one transformer layer, fwd+bwd: time_ms(t) = ms_per_token * t + b_ms."""
 
     ms_per_token: float = Field(gt=0.0)
-    b_ms: float = 0.0
+    b_ms: float = Field(default=0.0, ge=0.0)
     hidden: PositiveInt = 4096
     ffn_hidden: PositiveInt = 11008
     fit_rel_error: float = Field(default=0.0, ge=0.0)
@@ -103,11 +115,11 @@ class DeviceInfo(_Strict):
     name: str
     memory_bytes: PositiveInt
     count_per_node: PositiveInt = 1
-    sm_clock_mhz: float | None = None
-    mem_clock_mhz: float | None = None
-    nvlink_links: int | None = None
-    pcie_gen: int | None = None
-    power_limit_w: float | None = None
+    sm_clock_mhz: float | None = Field(default=None, ge=0.0)
+    mem_clock_mhz: float | None = Field(default=None, ge=0.0)
+    nvlink_links: int | None = Field(default=None, ge=0)
+    pcie_gen: int | None = Field(default=None, ge=0)
+    power_limit_w: float | None = Field(default=None, ge=0.0)
     topology: dict[str, Any] | None = Field(default=None, description="GPU-GPU link matrix from NVML where available")
     driver: str | None = None
 
@@ -181,35 +193,62 @@ class ClusterProfile(_Strict):
         return self.collective(op, group_size).time_ms(nbytes)
 
     def require(self, *fields: str, who: str) -> None:
-        """Raise a clear InputError if a field a planner needs is missing."""
+        """Raise a clear InputError if a field a planner needs is missing (None or empty). A name that is not a
+        ClusterProfile field is a ValueError (a typo would otherwise read as 'the profile lacks it')."""
         for f in fields:
+            if f not in type(self).model_fields and not isinstance(getattr(type(self), f, None), property):
+                raise ValueError(f"require: {f!r} is not a ClusterProfile field")
             if getattr(self, f, None) in (None, [], {}):
                 raise InputError(f"profile {self.name!r}", f"lacks '{f}', which {who} needs")
 
+    def _scope(self, group_size: int) -> Literal["intra", "inter"]:
+        return "intra" if group_size <= self.gpus_per_node else "inter"
+
     def with_nodes(self, num_nodes: int) -> "ClusterProfile":
-        """The same per-node hardware on `num_nodes` nodes. Inter-node collective fits are extended to the
-        new group sizes by keeping the largest fitted group's bandwidth (documented extrapolation)."""
+        """The same per-node hardware on `num_nodes` nodes (world = num_nodes * gpus_per_node).
+
+        Per op, the fits for groups up to the new world are kept; then, if none reaches the new world:
+        - a larger fit exists (fewer nodes than the profile): the next larger fit is kept, re-sized to the
+          whole world (conservative, as :meth:`collective` takes the next larger fit between sizes);
+        - the largest fit crosses nodes (scope 'inter'): it is extended to each power of two up to the new
+          world and to the world itself, keeping its alpha and per-rank bandwidth (optimistic where more nodes
+          share the links; the copies' `source` says so);
+        - the largest fit stays inside a node: nothing is added - an intra-node (NVLink) figure says nothing
+          about the links between nodes, so a query for a larger group is an error naming what exists."""
+        import re
+
         if num_nodes < 1:
             raise InputError("num_nodes", f"must be >= 1, got {num_nodes}")
         new_world = num_nodes * self.gpus_per_node
-        fits: list[CollectiveFit] = []
         by_op: dict[str, list[CollectiveFit]] = {}
         for c in self.collectives:
             by_op.setdefault(c.op, []).append(c)
-        for op, cs in by_op.items():
+        fits: list[CollectiveFit] = []
+        for cs in by_op.values():
             cs = sorted(cs, key=lambda c: c.group_size)
             kept = [c for c in cs if c.group_size <= new_world]
             fits.extend(kept)
-            largest = cs[-1]
-            g = largest.group_size * 2
-            while g <= new_world:
-                fits.append(
-                    largest.model_copy(
-                        update={"group_size": g, "source": f"{largest.source}; extrapolated from {largest.group_size}"}
-                    )
-                )
-                g *= 2
-        return self.model_copy(update={"num_nodes": num_nodes, "collectives": fits, "name": f"{self.name}@{num_nodes}n"})
+            if kept and kept[-1].group_size == new_world:
+                continue
+            larger = [c for c in cs if c.group_size > new_world]
+            if larger:
+                c = larger[0]
+                fits.append(c.model_copy(update={
+                    "group_size": new_world, "scope": self._scope(new_world),
+                    "source": f"{c.source}; the {c.group_size}-rank fit, kept for {new_world} ranks (conservative)"}))
+                continue
+            largest = kept[-1]
+            if largest.scope != "inter":
+                continue
+            sizes = [1 << k for k in range(largest.group_size.bit_length(), new_world.bit_length())
+                     if 1 << k <= new_world]
+            for g in sorted(set(sizes) | {new_world}):
+                fits.append(largest.model_copy(update={
+                    "group_size": g, "scope": "inter",
+                    "source": f"{largest.source}; extrapolated from {largest.group_size} ranks at the same per-rank "
+                              "bandwidth (optimistic)"}))
+        name = re.sub(r"@\d+n$", "", self.name)
+        return self.model_copy(update={"num_nodes": num_nodes, "collectives": fits, "name": f"{name}@{num_nodes}n"})
 
 
 def load_profile(name_or_path: str | os.PathLike) -> ClusterProfile:

@@ -28,11 +28,26 @@ def profile_rows(p: ClusterProfile) -> list[tuple[str, str]]:
                                        f"(fit error {p.linear.fit_rel_error:.1%})"))
     for c in sorted(p.collectives, key=lambda c: (c.op, c.group_size)):
         rows.append((f"{c.op} x{c.group_size} ({c.scope})",
-                     f"alpha {c.alpha_ms:.4g} ms, {c.bandwidth_GBps:.2f} GB/s (fit error {c.fit_rel_error:.1%})"))
+                     f"alpha {c.alpha_ms:.4g} ms, {c.bandwidth_GBps:.2f} GB/s of bytes per rank, busbw "
+                     f"{c.bus_bandwidth_GBps:.2f} GB/s (fit error {c.fit_rel_error:.1%})"))
     for name, m in p.model_costs.items():
         rows.append((f"model {name}", f"a1 {m.a1_ms_per_tok2:.4g}, a2 {m.a2_ms_per_tok:.4g}, b1 {m.b1_ms:.4g} ms, "
                                       f"{m.act_bytes_per_token / 2**20:.3f} MiB act/token"))
     return rows
+
+
+def _points(rows, x: str, y: str, **match) -> list[tuple[float, float]]:
+    """(x, y) of the rows of a profile's free-form ``raw`` that are dicts with positive finite numbers at ``x``
+    and ``y`` (and ``match``'s values); anything else (a hand-edited or foreign raw section) is left out."""
+    import math
+
+    def num(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+    if not isinstance(rows, list):
+        return []
+    return [(float(r[x]), float(r[y])) for r in rows
+            if isinstance(r, dict) and num(r.get(x)) and num(r.get(y)) and all(r.get(k) == v for k, v in match.items())]
 
 
 def plot_profile(p: ClusterProfile, path: str | os.PathLike) -> None:
@@ -45,16 +60,17 @@ def plot_profile(p: ClusterProfile, path: str | os.PathLike) -> None:
     import numpy as np
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    raw = p.raw
     ax = axes[0]
     if p.attention:
-        pts = [r for r in p.raw.get("attention_causal_sdpa_bf16_headdim128_batch1", []) if r.get("heads") == p.attention.heads]
-        pts += [r for r in p.raw.get("attention", []) if isinstance(r, dict) and "seq" in r]
-        lo, hi = (min(r["seq"] for r in pts) / 2, max(r["seq"] for r in pts) * 2) if pts else (2**10, 2**16)
+        pts = _points(raw.get("attention_causal_sdpa_bf16_headdim128_batch1"), "seq", "fwd_bwd_ms",
+                      heads=p.attention.heads) + _points(raw.get("attention"), "seq", "fwd_bwd_ms")
+        lo, hi = (min(x for x, _ in pts) / 2, max(x for x, _ in pts) * 2) if pts else (2**10, 2**16)
         s = np.logspace(np.log2(lo), np.log2(hi), 50, base=2)
         ax.loglog(s, [p.attention.time_ms(x) for x in s],
                   label=f"fit a1 s^2 + a2 s + b (err {p.attention.fit_rel_error:.1%})")
         if pts:
-            ax.loglog([r["seq"] for r in pts], [r["fwd_bwd_ms"] for r in pts], "o", label="measured")
+            ax.loglog([x for x, _ in pts], [y for _, y in pts], "o", label="measured")
         ax.set_xlabel("sequence length (tokens)")
         ax.set_ylabel("attention fwd+bwd per layer (ms)")
         ax.set_title(f"attention, {p.attention.heads} heads x {p.attention.head_dim}", fontsize=9)
@@ -63,14 +79,14 @@ def plot_profile(p: ClusterProfile, path: str | os.PathLike) -> None:
         ax.text(0.5, 0.5, "no attention model", ha="center")
     ax = axes[1]
     if p.linear:
-        raw_lin = p.raw.get("dense_7b_layer_linear_fwd_bwd", {}).get("rows", []) if isinstance(
-            p.raw.get("dense_7b_layer_linear_fwd_bwd"), dict) else []
-        raw_lin = raw_lin + [r for r in p.raw.get("linear", []) if isinstance(r, dict) and "tokens" in r]
-        lo, hi = (min(r["tokens"] for r in raw_lin) / 2, max(r["tokens"] for r in raw_lin) * 2) if raw_lin else (2**8, 2**16)
+        dense = raw.get("dense_7b_layer_linear_fwd_bwd")
+        pts = _points(dense.get("rows") if isinstance(dense, dict) else None, "tokens", "fwd_bwd_ms")
+        pts += _points(raw.get("linear"), "tokens", "fwd_bwd_ms")
+        lo, hi = (min(x for x, _ in pts) / 2, max(x for x, _ in pts) * 2) if pts else (2**8, 2**16)
         t = np.logspace(np.log2(lo), np.log2(hi), 50, base=2)
         ax.loglog(t, [p.linear.time_ms(x) for x in t], label=f"fit c t + b (err {p.linear.fit_rel_error:.1%})")
-        if raw_lin:
-            ax.loglog([r["tokens"] for r in raw_lin], [r["fwd_bwd_ms"] for r in raw_lin], "o", label="measured")
+        if pts:
+            ax.loglog([x for x, _ in pts], [y for _, y in pts], "o", label="measured")
         ax.set_xlabel("tokens")
         ax.set_ylabel("linear layers fwd+bwd per layer (ms)")
         ax.set_title(f"linear, hidden {p.linear.hidden}, ffn {p.linear.ffn_hidden}", fontsize=9)
@@ -78,20 +94,22 @@ def plot_profile(p: ClusterProfile, path: str | os.PathLike) -> None:
     else:
         ax.text(0.5, 0.5, "no linear model", ha="center")
     ax = axes[2]
-    points = p.raw.get("collectives", {}).get("points", []) if isinstance(p.raw.get("collectives"), dict) else []
-    if points:
-        sizes = np.logspace(np.log2(min(q["bytes"] for q in points)), np.log2(max(q["bytes"] for q in points)), 40, base=2)
+    coll = raw.get("collectives")
+    points = coll.get("points") if isinstance(coll, dict) else None
+    every = _points(points, "bytes", "ms")
+    if every:
+        sizes = np.logspace(np.log2(min(x for x, _ in every)), np.log2(max(x for x, _ in every)), 40, base=2)
     else:
         sizes = np.logspace(10, 30, 40, base=2)
     for i, c in enumerate(sorted(p.collectives, key=lambda c: (c.op, c.group_size))):
         colour = f"C{i % 10}"
         ax.loglog(sizes, [c.time_ms(x) for x in sizes], color=colour, label=f"{c.op} x{c.group_size}")
-        mine = [q for q in points if q["op"] == c.op and q["group_size"] == c.group_size]
+        mine = _points(points, "bytes", "ms", op=c.op, group_size=c.group_size)
         if mine:
-            ax.loglog([q["bytes"] for q in mine], [q["ms"] for q in mine], "o", color=colour, markersize=3)
+            ax.loglog([x for x, _ in mine], [y for _, y in mine], "o", color=colour, markersize=3)
     ax.set_xlabel("bytes per rank")
     ax.set_ylabel("time (ms)")
-    ax.set_title("collectives: alpha + beta * bytes" + (" (dots: measured)" if points else ""), fontsize=9)
+    ax.set_title("collectives: alpha + beta * bytes" + (" (dots: measured)" if every else ""), fontsize=9)
     if p.collectives:
         ax.legend(fontsize=6, ncol=2)
     else:

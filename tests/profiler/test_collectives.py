@@ -107,3 +107,17 @@ def test_out_is_checked_before_the_measuring(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(local, "profile_in_world", lambda **kw: pytest.fail("measured before checking --out"))
     assert main(["--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err == ""  # rank 1: silent; rank 0 prints the line
+
+
+def test_scope_is_inter_when_contiguous_groups_straddle_nodes():
+    """6 ranks a node, 12 ranks: a 4-rank group (ranks 4..7) crosses nodes and was labelled 'intra' (4 <= 6)."""
+    import numpy as np
+
+    rng = np.random.default_rng(41)
+    for world, per_node, want in ((12, 6, {2: "intra", 4: "inter", 8: "inter", 12: "inter"}),
+                                  (16, 8, {2: "intra", 4: "intra", 8: "intra", 16: "inter"}),
+                                  (6, 6, {2: "intra", 4: "intra", 6: "intra"})):
+        pts = [{"op": "all_reduce", "group_size": g, "bytes": b, "ms": float(rng.uniform(0.05, 0.2)) + b * 1e-7}
+               for g in group_sizes_for(world) for b in (4096, 1 << 20)]
+        fits = fit_collectives({"world": world, "backend": "gloo", "points": pts}, per_node, "measured: x")
+        assert {f.group_size: f.scope for f in fits} == want

@@ -70,3 +70,70 @@ def test_affine_exact_and_nonnegative():
 def test_bad_inputs(x, y):
     with pytest.raises(ValueError):
         fit_alpha_beta(x, y)
+
+
+# ---- independent check: the fits are relative-error least squares, as the docstrings say ------------------
+def _rel_lstsq(X, y):
+    """min sum(((X c - y) / y)^2), written out with numpy's lstsq (no non-negativity; used where the optimum is
+    positive anyway)."""
+    w = 1.0 / y
+    coef, *_ = np.linalg.lstsq(X * w[:, None], y * w, rcond=None)
+    return coef
+
+
+def test_builtin_h100_fits_are_the_relative_least_squares_of_the_measurements():
+    """The h100-sxm attention and linear models against numpy's lstsq on the shipped measurements (ms, tokens)."""
+    from adasched.profiler.builtins import builtin_profile
+
+    h = builtin_profile("h100-sxm")
+    rows = [r for r in h.raw["attention_causal_sdpa_bf16_headdim128_batch1"] if r["heads"] == 32]
+    s = np.array([r["seq"] for r in rows], dtype=np.float64)
+    y = np.array([r["fwd_bwd_ms"] for r in rows])
+    ref = _rel_lstsq(np.stack([s * s, s, np.ones_like(s)], axis=1), y)
+    assert np.all(ref > 0)
+    np.testing.assert_allclose([h.attention.a1_ms_per_tok2, h.attention.a2_ms_per_tok, h.attention.b_ms], ref,
+                               rtol=1e-6)
+    # units: 65536 tokens, 32 heads x 128, causal fwd+bwd = 3.5 x 2 s^2 h d flops at ~532 TFLOP/s -> ~231 ms
+    assert h.attention.time_ms(65536) == pytest.approx(3.5 * 2 * 65536**2 * 32 * 128 / 532e12 * 1e3, rel=0.03)
+    lin = h.raw["dense_7b_layer_linear_fwd_bwd"]["rows"]
+    t = np.array([r["tokens"] for r in lin], dtype=np.float64)
+    yl = np.array([r["fwd_bwd_ms"] for r in lin])
+    ref = _rel_lstsq(np.stack([t, np.ones_like(t)], axis=1), yl)
+    np.testing.assert_allclose([h.linear.ms_per_token, h.linear.b_ms], ref, rtol=1e-6)
+    # 6 flops per parameter per token, 4096 x (4 x 4096 + 3 x 11008) parameters, ~600 TFLOP/s -> ~2e-3 ms/token
+    assert h.linear.ms_per_token == pytest.approx(6 * 4096 * (4 * 4096 + 3 * 11008) / 600e12 * 1e3, rel=0.05)
+    pred = np.array([h.linear.time_ms(x) for x in t])
+    assert h.linear.fit_rel_error == pytest.approx(np.mean(np.abs(pred - yl) / yl), rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_noisy_synthetic_fits_match_numpy_and_recover_the_coefficients(seed):
+    """Known coefficients over the GPU config's ranges (64 KiB..256 MiB per rank; 1K..64K tokens), 2 % noise."""
+    rng = np.random.default_rng(seed)
+    x = np.geomspace(2**16, 2**28, 13)
+    alpha, beta = 10 ** rng.uniform(-2, 0), 10 ** rng.uniform(-8, -6)  # 0.01..1 ms; 1..100 GB/s per rank
+    y = (alpha + beta * x) * rng.uniform(0.98, 1.02, x.size)
+    f = fit_alpha_beta(x, y)
+    ref = _rel_lstsq(np.stack([np.ones_like(x), x], axis=1), y)
+    np.testing.assert_allclose(f.coef, ref, rtol=1e-6)
+    np.testing.assert_allclose(f.coef, (alpha, beta), rtol=0.1)
+    assert f.note == ""
+
+    s = np.geomspace(1024, 65536, 7)
+    a1, a2, b = 10 ** rng.uniform(-8, -7), 10 ** rng.uniform(-5, -4), 10 ** rng.uniform(-2, -1)
+    y = (a1 * s * s + a2 * s + b) * rng.uniform(0.995, 1.005, s.size)
+    q = fit_quadratic(s, y)
+    ref = _rel_lstsq(np.stack([s * s, s, np.ones_like(s)], axis=1), y)
+    assert np.all(ref > 0)
+    np.testing.assert_allclose(q.coef, ref, rtol=1e-6)
+    np.testing.assert_allclose(q.coef[0], a1, rtol=0.02)  # the s^2 term is what planners extrapolate with
+    pred = q.coef[0] * s * s + q.coef[1] * s + q.coef[2]
+    assert q.rel_error == pytest.approx(np.mean(np.abs(pred - y) / y), rel=1e-9)
+
+    t = np.array([1024, 4096, 16384, 65536], dtype=np.float64)
+    c, b0 = 10 ** rng.uniform(-4, -2), 10 ** rng.uniform(-1, 0)
+    y = (c * t + b0) * rng.uniform(0.99, 1.01, t.size)
+    a = fit_affine(t, y)
+    ref = _rel_lstsq(np.stack([t, np.ones_like(t)], axis=1), y)
+    np.testing.assert_allclose(a.coef, ref, rtol=1e-6)
+    np.testing.assert_allclose(a.coef[0], c, rtol=0.03)

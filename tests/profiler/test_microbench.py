@@ -1,4 +1,5 @@
 """Microbenchmarks run on this device with tiny shapes and produce consistent, fitted results."""
+import numpy as np
 import pytest
 
 from adasched.profiler.microbench import MicrobenchConfig, microbench_config, run_microbenchmarks, time_ms
@@ -58,3 +59,64 @@ def test_linear_fit_fallback_reports_the_error_of_the_model_it_stores(monkeypatc
     pred = [lin.ms_per_token * r["tokens"] + lin.b_ms for r in rows]
     err = sum(abs(p - r["fwd_bwd_ms"]) / r["fwd_bwd_ms"] for p, r in zip(pred, rows)) / len(rows)
     assert lin.ms_per_token > 0 and abs(lin.fit_rel_error - err) < 1e-12
+
+
+class _FakeCuda:
+    """torch.cuda stand-in: events stamp a host clock advanced by each fn() call; synchronize counts calls."""
+
+    def __init__(self, durations_ms):
+        self.durations = list(durations_ms)
+        self.clock = 0.0
+        self.syncs = 0
+        self.log = []
+        cuda = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                assert enable_timing
+                self.t = None
+
+            def record(self):
+                self.t = cuda.clock
+                cuda.log.append("record")
+
+            def elapsed_time(self, end):
+                assert cuda.syncs >= 2, "elapsed_time read before the final synchronize"
+                return end.t - self.t
+
+        self.Event = Event
+
+    def synchronize(self):
+        self.syncs += 1
+        self.log.append("sync")
+
+    def fn(self):
+        self.clock += self.durations.pop(0)
+        self.log.append("fn")
+
+
+def test_gpu_timing_takes_exactly_the_configured_samples_without_host_syncs_inside():
+    """Review finding: the CUDA path used triton's do_bench with warmup/rep meant as iterations but read as ms
+    (rep = 5 x repeats ms): a 56 ms attention fwd+bwd at 32K tokens got 1-2 samples, not the config's 20. Now:
+    `warmup` untimed calls, `repeats` event-timed calls, one synchronize before and one after them, median."""
+    import adasched.profiler.microbench as mb
+
+    rng = np.random.default_rng(31)
+    for warmup, repeats in ((0, 1), (2, 5), (5, 20)):
+        warm = rng.uniform(50, 100, warmup).tolist()
+        timed = rng.uniform(1, 60, repeats).tolist()
+        cuda = _FakeCuda(warm + timed)
+        got = mb._cuda_median_ms(cuda.fn, warmup, repeats, cuda)
+        assert got == pytest.approx(float(np.median(timed)), rel=1e-12)
+        assert cuda.durations == [] and cuda.syncs == 2
+        assert cuda.log == ["fn"] * warmup + ["sync"] + ["record", "fn", "record"] * repeats + ["sync"]
+
+
+def test_time_ms_on_cuda_goes_through_the_event_path(monkeypatch):
+    import torch
+
+    import adasched.profiler.microbench as mb
+
+    cuda = _FakeCuda([3.0, 7.0, 2.0, 9.0, 4.0])
+    monkeypatch.setattr(torch, "cuda", cuda)
+    assert mb.time_ms(cuda.fn, "cuda", warmup=1, repeats=4) == pytest.approx(5.5)  # median of 7, 2, 9, 4

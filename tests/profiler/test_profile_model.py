@@ -118,3 +118,129 @@ def test_report_and_plot(tmp_path):
     assert [f.name for f in tmp_path.iterdir()] == ["h.png"]  # no temp file left behind
     plot_profile(_random_profile(np.random.default_rng(3)).model_copy(update={"attention": None}), tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+# ---- review findings (each test fails on the code before the fix) ------------------------------------------
+def _one_node(rng, gpus: int, ops=("all_to_all", "all_reduce", "all_gather")) -> ClusterProfile:
+    sizes = [g for g in (2, 4, 8) if g <= gpus]
+    return ClusterProfile(
+        name="node", source="test", num_nodes=1, gpus_per_node=gpus,
+        device=DeviceInfo(kind="gpu", name="X", memory_bytes=1 << 34, count_per_node=gpus),
+        collectives=[CollectiveFit(op=op, group_size=g, scope="intra", alpha_ms=float(rng.uniform(0.01, 0.1)),
+                                   beta_ms_per_byte=float(rng.uniform(1e-9, 1e-8)), source="measured")
+                     for op in ops for g in sizes])
+
+
+def test_with_nodes_does_not_carry_intra_node_bandwidth_across_nodes():
+    """A one-node profile (NVLink-only fits) on 2 nodes got 'intra' fits for 16-rank groups at NVLink speed:
+    a planner then put sequence-parallel groups across nodes for free. Now no inter-node figure is invented."""
+    rng = np.random.default_rng(21)
+    p = _one_node(rng, 8)
+    q = p.with_nodes(2)
+    assert q.world_size == 16 and q.name == "node@2n"
+    assert sorted((c.op, c.group_size, c.scope) for c in q.collectives) == sorted(
+        (c.op, c.group_size, c.scope) for c in p.collectives)
+    for c in p.collectives:  # kept unchanged
+        assert q.collective(c.op, c.group_size) == c
+    with pytest.raises(InputError, match="all_to_all fitted up to group size 8, asked for 16"):
+        q.collective("all_to_all", 16)
+
+
+def test_with_nodes_extends_inter_node_fits_to_every_power_of_two_and_the_world():
+    rng = np.random.default_rng(22)
+    p = _random_profile(rng)  # 2 nodes x 4, fits up to 8 ranks (inter)
+    q = p.with_nodes(6)  # 24 ranks: 16 and the whole world (was: 16 only, a 24-rank query failed)
+    for op in ("all_to_all", "all_reduce"):
+        assert q.group_sizes(op) == [2, 4, 8, 16, 24]
+        big = p.collective(op, 8)
+        for g in (16, 24):
+            c = q.collective(op, g)
+            assert (c.group_size, c.scope, c.alpha_ms, c.beta_ms_per_byte) == (g, "inter", big.alpha_ms,
+                                                                              big.beta_ms_per_byte)
+            assert "extrapolated from 8 ranks" in c.source and "optimistic" in c.source
+    assert q.with_nodes(8).name == "synthetic@8n"  # not synthetic@6n@8n
+
+
+def test_with_nodes_fewer_nodes_keeps_an_op_fitted_only_on_larger_groups():
+    """h100-sxm has its all_reduce fitted on 64 ranks only: with_nodes(1) dropped it, and the MoE planner then
+    failed on max() of an empty list. Now the next larger fit serves the smaller world (conservative)."""
+    h = load_profile("h100-sxm")
+    one = h.with_nodes(1)
+    ar = one.collective("all_reduce", 8)
+    big = h.collective("all_reduce", 64)
+    assert (ar.group_size, ar.scope, ar.alpha_ms, ar.beta_ms_per_byte) == (8, "intra", big.alpha_ms,
+                                                                           big.beta_ms_per_byte)
+    assert "64-rank fit" in ar.source and "conservative" in ar.source
+    assert one.collective("all_reduce", 2) == ar  # every smaller group: the same conservative fit
+    for d in (2, 4, 8):
+        assert one.collective("all_to_all", d) == h.collective("all_to_all", d)
+    assert one.group_sizes("all_to_all") == [2, 4, 8]
+    # 3 nodes of 8: the 24-rank world uses the 32-rank fit (next larger), not the 16-rank one
+    three = h.with_nodes(3)
+    c24 = three.collective("all_to_all", 24)
+    assert c24.beta_ms_per_byte == h.collective("all_to_all", 32).beta_ms_per_byte and c24.group_size == 24
+    # more nodes: the published all_gather/reduce_scatter are intra-node figures and are not extended
+    sixteen = h.with_nodes(16)
+    assert sixteen.group_sizes("all_gather") == [8] and sixteen.group_sizes("all_to_all")[-1] == 128
+    assert sixteen.collective("all_reduce", 128).beta_ms_per_byte == big.beta_ms_per_byte
+    ClusterProfile.model_validate(sixteen.model_dump())  # every derived profile passes validation
+
+
+@pytest.mark.parametrize("field,where", [("b_ms", "attention"), ("b_ms", "linear"), ("sm_clock_mhz", "device"),
+                                         ("power_limit_w", "device"), ("nvlink_links", "device")])
+def test_negative_constants_are_refused(tmp_path, field, where):
+    """A hand-written profile with attention b_ms = -5 predicted negative times for short sequences."""
+    rng = np.random.default_rng(23)
+    d = _random_profile(rng).model_dump(mode="json")
+    d[where][field] = -float(rng.integers(1, 9))
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(InputError) as e:
+        load_profile(path)
+    assert str(e.value).startswith(f"{path}: {where}.{field}: Input should be greater than or equal to 0")
+
+
+def test_require_rejects_a_name_that_is_not_a_field():
+    p = _random_profile(np.random.default_rng(24))
+    p.require("attention", "linear", "collectives", "world_size", who="x")
+    with pytest.raises(ValueError, match="'attn' is not a ClusterProfile field") as e:
+        p.require("attn", who="x")  # was: "profile 'synthetic' lacks 'attn'", blaming the profile
+    assert not isinstance(e.value, InputError)
+
+
+def test_bus_bandwidth_follows_nccl_tests():
+    """busbw (nccl-tests, DeepSpeed comms logger) from bytes per rank B and time t, every op and group size."""
+    rng = np.random.default_rng(25)
+    for op in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast"):
+        for n in (2, 3, 4, 8, 64):
+            beta = float(rng.uniform(1e-9, 1e-6))
+            c = CollectiveFit(op=op, group_size=n, scope="intra", alpha_ms=0.0, beta_ms_per_byte=beta)
+            B = float(rng.uniform(1e6, 1e9))
+            t_s = c.time_ms(B) / 1e3
+            algbw = {"all_gather": n * B}.get(op, B) / t_s / 1e9  # nccl-tests' size: all_gather's is the output
+            factor = {"all_reduce": 2 * (n - 1) / n, "broadcast": 1.0}.get(op, (n - 1) / n)
+            assert c.bandwidth_GBps == pytest.approx(B / t_s / 1e9, rel=1e-12)
+            assert c.bus_bandwidth_GBps == pytest.approx(algbw * factor, rel=1e-12)
+    rows = dict(profile_rows(load_profile("a100-64-flexsp-paper")))
+    assert rows["all_to_all x64 (inter)"].startswith("alpha 0 ms, 4.87 GB/s of bytes per rank, busbw 4.79 GB/s")
+
+
+def test_plot_skips_malformed_raw_rows(tmp_path, capsys):
+    """`adasched show p.json --plot` died with a KeyError traceback on a raw row without fwd_bwd_ms."""
+    from adasched.planner.cli import main
+
+    rng = np.random.default_rng(26)
+    p = _random_profile(rng)
+    good = [{"seq": int(s), "fwd_bwd_ms": float(p.attention.time_ms(s))} for s in (64, 128, 256)]
+    p.raw = {"attention": good + [{"seq": 512}, {"seq": "x", "fwd_bwd_ms": 1.0}, 3],
+             "linear": {"rows": 1}, "dense_7b_layer_linear_fwd_bwd": [1, 2],
+             "collectives": {"points": [{"op": "all_reduce"}, {"op": "all_reduce", "group_size": 2, "bytes": 4096,
+                                                               "ms": float(rng.uniform(0.1, 1))}, None]}}
+    path = tmp_path / "p.json"
+    save_profile(p, path)
+    assert main(["show", str(path), "--plot", str(tmp_path / "p.png")]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    p.raw = {"collectives": [1, 2], "attention": {"seq": 3}}
+    plot_profile(p, tmp_path / "q.png")
+    assert (tmp_path / "q.png").stat().st_size > 1000
