@@ -113,9 +113,10 @@ def epi_split(block_m: int, block_o: int, num_warps: int) -> bool:
     accumulator alone takes >= 128 registers per thread (block_m * block_o / (32 * num_warps)). There a
     full-width second tile spilled on sm_90 (128x256 w8: 2060 bytes, 128x128 w4: 1044-1168) and the split
     removes it (252 / 255 registers, no spill; ``kernel_report``); smaller accumulators keep the full-width
-    epilogue (128x128 w8: 170 registers, the configuration measured fastest on the H200). Not yet timed on a
+    epilogue (128x128 w8: 170 registers, the configuration measured fastest on the H200). Never below 32 columns:
+    a half of 8 would be a tl.dot with N = 8, which Triton versions with a 16 minimum refuse. Not yet timed on a
     GPU."""
-    return block_m * block_o // (32 * max(1, num_warps)) >= 128
+    return block_o >= 32 and block_m * block_o // (32 * max(1, num_warps)) >= 128  # halves of >= 16 columns
 
 
 def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,7 +308,10 @@ if HAVE_TRITON:
             acc = _mma(xd, a, acc, UPCAST)
         return acc, packed
 
-    @triton.jit
+    # seed: not specialised. Triton compiles a separate variant for an int argument equal to 1 and for one divisible
+    # by 16, so per-call seeds recompiled this kernel mid-training (on average at the 16th call) and could compile
+    # inside a CUDA-graph capture; only int32 vs int64 seeds (below / above 2**31) still differ
+    @triton.jit(do_not_specialize=["seed"])
     def _lora_down_kernel(
         X, A, S, XD, MASK, TABLE, FTABLE, seed, K,
         stride_xm, stride_ar, stride_sm, stride_dm, stride_mm,
@@ -486,7 +490,7 @@ if HAVE_TRITON:
                 w_ptrs += BLOCK_RED * stride_wr
                 acc = _mma(xt, wt, acc, UPCAST)
         if HAS_MASK:
-            if EPI_SPLIT == 1 or (EPI_SPLIT == -1 and BLOCK_M * BLOCK_O // (32 * EPI_WARPS) >= 128):
+            if EPI_SPLIT == 1 or (EPI_SPLIT == -1 and BLOCK_O >= 32 and BLOCK_M * BLOCK_O // (32 * EPI_WARPS) >= 128):
                 HALF: tl.constexpr = BLOCK_O // 2
                 # acc[:, :HALF] and acc[:, HALF:] as two register tiles (row-major reshape, split the pair axis)
                 acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))

@@ -421,6 +421,75 @@ def _check_compile(device, dtype):
             "outputs and grads bit-identical: " + ("yes" if not bad else "NO for " + ", ".join(bad)))
 
 
+def _check_fp32_ieee(device):
+    """fp32 operands on the GPU: our Triton GEMM (an explicit tile: no autotuning, whose bf16-sized rings do not
+    all fit fp32) against float64. Under TF32 products (Triton's default for fp32 tl.dot on NVIDIA) the error
+    would be ~1e-3; IEEE fp32 stays ~1e-6. (The MoE and LoRA kernels' fp32 dots are checked to lower without TF32
+    by tests/kernels/test_gpu_hazards.py, offline; the LoRA fp32 check above runs the dropout/term kernels.)"""
+    import torch
+
+    from .gemm import GemmConfig, gemm
+
+    g = torch.Generator(device="cpu").manual_seed(3)
+    M, K, N = (1000, 1536, 1032) if device == "cuda" else (40, 48, 36)
+    a = torch.randn(M, K, generator=g).to(device)
+    b = (torch.randn(K, N, generator=g) * K ** -0.5).to(device)
+    err = _rel(gemm(a, b, GemmConfig(block_m=64, block_n=64, block_k=32, num_stages=2, num_warps=4)),
+               a.double() @ b.double())
+    return ("gemm fp32 operands in IEEE fp32 (not TF32)", err <= 1e-5,
+            f"rel err vs f64: {err:.1e} (tol 1e-5; TF32 would be ~1e-3)")
+
+
+def large_offset_checks(device: str) -> list[tuple[str, bool, str]]:
+    """int64 addressing on a GPU: an input of >= 2**31 elements (T=131109 x K=16384 bf16, 4.3 GB), where an
+    int32 ``row * stride`` wraps. Our GEMM (``gemm``; int64 indices by ``_offs_64``) and the LoRA kernels (rows
+    from the int64 tile table) in the modes that run them on X ("triton" with an explicit tile: the GEMM kernel,
+    the S kernel and the dY kernel; "torch": the S and dY kernels), p=0 (the torch mirror of a 2**31-element
+    mask is too slow here). Judged against eager torch in the same dtype on the same tensors (a float64 copy would
+    not fit): a wrapped offset reads garbage or faults, far beyond bf16 rounding. ``device_check`` runs this in a
+    child process, so a fault cannot poison the parent's CUDA context. Off the GPU: tiny shapes (the plumbing
+    only, not the offsets)."""
+    import torch
+
+    from .gemm import GemmConfig, gemm
+    from .lora import lora_linear, lora_linear_reference
+
+    T, K, N, r = (131109, 16384, 64, 16) if device == "cuda" else (37, 48, 24, 4)
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(9)
+    x = torch.randn(T, K, device=device, dtype=dt, generator=g)
+    out = []
+    w = torch.randn(N, K, device=device, dtype=dt, generator=g) * K ** -0.5
+    tile = GemmConfig(block_m=128 if device == "cuda" else 16, block_n=64 if device == "cuda" else 16,
+                      block_k=64 if device == "cuda" else 16, num_stages=3, num_warps=4)
+    y = gemm(x, w.t(), tile)
+    tail = slice(max(0, T - 300), T)  # the rows whose offsets pass 2**31
+    err = _rel(y[tail], x[tail].float() @ w.t().float())
+    out.append((f"gemm int64 offsets T={T} K={K} {str(dt).split('.')[-1]}", err <= 2e-2,
+                f"rel err of the last 300 rows vs torch: {err:.1e} (tol 2e-2)"))
+    del y
+    a = (torch.randn(r, K, device=device, dtype=dt, generator=g) * K ** -0.5).requires_grad_()
+    b = (torch.randn(N, r, device=device, dtype=dt, generator=g) * r ** -0.5).requires_grad_()
+    dy = torch.randn(T, N, device=device, dtype=dt, generator=g)
+    xg = x.requires_grad_()
+    ye = lora_linear_reference(xg, w, a, b, SCALE, 0.0)
+    want = torch.autograd.grad(ye, [xg, a, b], dy)
+    want = [ye.detach()[tail], want[0][tail], want[1], want[2]]
+    del ye
+    for base_gemm, cfg in (("triton", tile), ("torch", None)):
+        try:
+            y = lora_linear(xg, w, a, b, SCALE, 0.0, gemm_config=cfg, base_gemm=base_gemm)
+            got = torch.autograd.grad(y, [xg, a, b], dy)
+            errs = [_rel(u, v) for u, v in zip([y.detach()[tail], got[0][tail], got[1], got[2]], want)]
+            del y, got
+            out.append((f"lora int64 offsets T={T} K={K} {base_gemm}", max(errs) <= 2e-2,
+                        "rel err vs eager torch (same dtype), y/dx last 300 rows, dA, dB: "
+                        + " ".join(f"{e:.1e}" for e in errs) + " (tol 2e-2)"))
+        except Exception as err:
+            out.append((f"lora int64 offsets {base_gemm}", False, f"{type(err).__name__}: {err}"[:300]))
+    return out
+
+
 def checks(device: str) -> list[tuple[str, bool, str]]:
     """bf16 on the GPU (tolerance 1e-2 relative, or 2x eager torch's own bf16 error); float16 and float32 on the
     CPU interpreter."""
@@ -442,6 +511,14 @@ def checks(device: str) -> list[tuple[str, bool, str]]:
         out.append(_check_single(777, 4096, 14336, 16, 0.1, bf, device, 1e-2))
         out.append(_check_single(513, 1024, 768, 16, 0.1, torch.float16, device, 1e-2))
         out.append(_check_mask(device))
+        # fp32 operands: IEEE products, not Triton's TF32 default (a failure is a row, not the end of the checks)
+        for name, check in (("lora float32 torch_all", lambda: _check_single(
+                                1000, 1536, 1032, 16, 0.1, torch.float32, device, 1e-5, base_gemm="torch_all")),
+                            ("gemm fp32", lambda: _check_fp32_ieee(device))):
+            try:
+                out.append(check())
+            except Exception as err:
+                out.append((name, False, f"{type(err).__name__}: {err}"[:300]))
         try:
             out.append(_check_compile(device, bf))
         except Exception as err:
@@ -455,6 +532,7 @@ def checks(device: str) -> list[tuple[str, bool, str]]:
         out.append(_check_multi(61, 40, 32, (2, 4, 8, 16), torch.float32, device, 1e-5, base_gemm="torch_grouped"))
         out.append(_check_multi(61, 40, 32, (2, 4, 8, 16), torch.float32, device, 1e-5, base_gemm="triton_tma"))
         out.append(_check_compile(device, torch.float32))
+        out.append(_check_fp32_ieee(device))
     return out
 
 

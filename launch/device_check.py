@@ -86,6 +86,26 @@ def _targets(results: list[dict], log) -> list[tuple]:
     return rows
 
 
+def large_offset_child(log) -> list[dict]:
+    """``lora_bench.large_offset_checks`` (inputs of >= 2**31 elements: int64 addressing) in a child process: a
+    wrapped offset would fault, and a CUDA fault poisons the process's context for every later check and
+    benchmark; in a child it costs this one row."""
+    import subprocess
+
+    proc = None
+    try:
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--large-offsets"],
+                              capture_output=True, text=True, timeout=240)
+        rows = json.loads(proc.stdout.strip().splitlines()[-1])
+        return [{"group": "lora", "check": n, "ok": bool(ok), "detail": d} for n, ok, d in rows]
+    except Exception as err:
+        why = f"{type(err).__name__}: {err}"[:150]
+        if proc is not None:
+            why += f"; exit {proc.returncode}; stderr: {proc.stderr.strip()[-300:]}"
+        log(f"[checks] int64 offsets child: {why}")
+        return [{"group": "lora", "check": "int64 offsets (child process)", "ok": False, "detail": why}]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="two shapes per kernel instead of the full grid")
@@ -94,11 +114,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="no new benchmark case or sweep config starts after this many seconds (default 390)")
     ap.add_argument("--no-bench", action="store_true", help="checks only")
     ap.add_argument("--no-profile", action="store_true", help="skip the profiler breakdown of the target shapes")
+    ap.add_argument("--large-offsets", action="store_true",
+                    help="only the >= 2**31-element input checks, one JSON line (what the child process runs)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     deadline = t0 + args.budget_s
     ensure_namespace()
     import torch
+
+    if args.large_offsets:
+        from adasched.kernels import lora_bench
+
+        print(json.dumps(lora_bench.large_offset_checks("cuda" if torch.cuda.is_available() else "cpu")))
+        return 0
 
     from adasched.kernels import bench
 
@@ -147,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     fast = [g for g in groups if g != "gemm"]
     log(f"[checks] {', '.join(fast)}")
     checks += bench.run_checks(fast, device)
+    if "lora" in fast:
+        log("[checks] lora: int64 offsets (child process)")
+        checks += large_offset_child(log)
     save()
     run_bench(priority=0)
     profiles, host_profiles = {}, {}

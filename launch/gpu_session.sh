@@ -4,7 +4,8 @@
 #      descriptors (base_gemm="triton_tma"), the dX epilogue full width vs per column half, each over cuBLAS on
 #      the same tensors, the dY kernel's launch (N block, programs per SM, dB copies) and the dropout kernel's
 #      and the masked dX term's (both now issue a block's loads before its stores) (~3-4 min);
-#   2. launch/device_check.py --only lora,gemm: bf16 checks, the LoRA grid (triton / triton_tma / torch /
+#   2. launch/device_check.py --only lora,gemm: bf16 checks (plus fp32 in IEEE, not TF32, and a 2**31-element
+#      input through our GEMM and LoRA kernels - int64 offsets - in a child process, ~30 s), the LoRA grid (triton / triton_tma / torch /
 #      torch_all / torch_grouped providers, graphed case, host profile) and the Twill plan-vs-sweep with
 #      head-to-head confirmation, within --budget-s.
 # Usage: bash launch/gpu_session.sh [budget seconds for step 2, default 170]. Writes under $OUT when set.
@@ -13,9 +14,11 @@
 # call (both scripts print the torch/triton versions and the card).
 # Runs from a bare checkout (no install needed: device_check.py sets up the package namespace).
 set -u
-cd "$(dirname "$0")"
 BUDGET="${1:-170}"
 PY="${PYTHON:-python3}"
+# a relative interpreter path (PYTHON=.venv/bin/python) is resolved before the cd below, else it names nothing
+case "$PY" in /*) ;; */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac
+cd "$(dirname "$0")"
 echo "== gpu_session: $(date -u +%Y-%m-%dT%H:%M:%SZ), budget ${BUDGET}s for device_check =="
 # carried wheels (launch/fetch_gpu_wheels.sh; run with carry [".whl"]): ortools + pydantic, so the Twill check
 # solves its plans here instead of using the precomputed knobs

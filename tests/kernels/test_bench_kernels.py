@@ -288,6 +288,7 @@ def test_gpu_checks_survive_one_mode_failing(monkeypatch):
     monkeypatch.setattr(LB, "_check_multi", fake("multi"))
     monkeypatch.setattr(LB, "_check_mask", lambda device: ("mask", True, ""))
     monkeypatch.setattr(LB, "_check_compile", lambda device, dtype: ("compile", True, ""))
+    monkeypatch.setattr(LB, "_check_fp32_ieee", lambda device: ("fp32", True, ""))
     rows = LB.checks("cuda")
     failed = [r for r in rows if not r[1]]
     assert [r[0] for r in failed] == ["lora single bf16 triton_tma", "lora multi bf16 triton_tma"]

@@ -127,3 +127,29 @@ def test_lora_gemm_autotune_key_separates_masked_and_bias_variants():
     assert {"HAS_MASK", "HAS_BIAS"} <= set(L.GEMM_TUNE_KEY)
     params = set(L._lora_gemm_kernel.arg_names)
     assert set(L.GEMM_TUNE_KEY) <= params  # every key names a kernel argument (an unknown name is ignored)
+
+
+def test_dropout_seed_is_not_specialised():
+    """Triton specialises int arguments equal to 1 (a constant) and divisible by 16 (an alignment hint): each is
+    another compiled variant. The per-call dropout seed made the dropout kernel recompile during training (the
+    first seed divisible by 16, ~1-5 s on sm_90) and could trigger a compile inside a CUDA-graph capture; the
+    interpreter compiles nothing, so no CPU run showed it. The seed is now a do_not_specialize argument."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    keys = {native_specialize_impl(BaseBackend, v, False, True, True) for v in (5, 16, 1)}
+    assert len(keys) == 3  # the premise: three seeds, three variants when specialised
+    assert native_specialize_impl(BaseBackend, 16, False, False, True) == \
+        native_specialize_impl(BaseBackend, 5, False, False, True)  # not specialised: one
+    # interpreter mode keeps the decorator's arguments (a GPU build keeps them per parameter: KernelParam)
+    assert "seed" in (L._lora_down_kernel.kwargs.get("do_not_specialize") or [])
+
+
+def test_masked_epilogue_never_splits_into_halves_narrower_than_16():
+    """The dX epilogue's column-half split (big accumulators) made a tl.dot with N = BLOCK_O / 2: at block_n=16
+    (a legal GemmConfig, e.g. block_m=256 on 1 warp) that is N = 8, which Triton versions with a minimum dot size
+    of 16 refuse to compile and the interpreter accepts. The rule now keeps such tiles full width; the tiles the
+    autotuner and the sweeps use (64..256 columns) are unchanged."""
+    assert not L.epi_split(256, 16, 1) and not L.epi_split(512, 16, 2)
+    assert L.epi_split(256, 32, 2)  # halves of 16: allowed
+    assert [L.epi_split(128, bo, w) for bo, w in ((256, 8), (128, 4), (128, 8), (64, 4))] == [True, True, False, False]
