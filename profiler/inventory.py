@@ -12,7 +12,7 @@ from typing import Any
 
 from .profile import DeviceInfo
 
-__all__ = ["inventory", "gpu_inventory", "cpu_inventory", "host_info"]
+__all__ = ["inventory", "gpu_inventory", "torch_gpu_inventory", "cpu_inventory", "host_info"]
 
 #: NVML topology levels (nvmlDeviceGetTopologyCommonAncestor) -> the short names `nvidia-smi topo -m` uses.
 _TOPO_NAMES = {0: "X", 10: "PIX", 20: "PXB", 30: "PHB", 40: "NODE", 50: "SYS"}
@@ -31,26 +31,28 @@ def _try(fn, *args, default=None):
 
 
 def gpu_inventory(verbose: bool = True) -> tuple[DeviceInfo, dict[str, Any]] | None:
-    """GPU 0's description (all GPUs of a node are assumed alike) and per-GPU extras, or None without NVML."""
+    """GPU 0's description (all GPUs of a node are assumed alike) and per-GPU extras, or None without NVML
+    (why: one line on stderr with ``verbose``)."""
+    found, why = _nvml_inventory()
+    if found is None and verbose:
+        print(f"no NVIDIA GPU/driver found ({why}); describing the CPU host instead", file=sys.stderr)
+    return found
+
+
+def _nvml_inventory() -> tuple[tuple[DeviceInfo, dict[str, Any]] | None, str]:
+    """(what NVML describes, "") or (None, why not)."""
     try:
         import pynvml
     except ImportError:
-        if verbose:
-            print("no NVIDIA GPU/driver found (nvidia-ml-py is not installed); describing the CPU host instead",
-                  file=sys.stderr)
-        return None
+        return None, "nvidia-ml-py is not installed"
     try:
         pynvml.nvmlInit()
     except Exception as err:  # NVMLError_LibraryNotFound / DriverNotLoaded / ...
-        if verbose:
-            print(f"no NVIDIA GPU/driver found (NVML: {err}); describing the CPU host instead", file=sys.stderr)
-        return None
+        return None, f"NVML: {err}"
     try:
         n = pynvml.nvmlDeviceGetCount()
         if n < 1:
-            if verbose:
-                print("no NVIDIA GPU/driver found (NVML: 0 devices); describing the CPU host instead", file=sys.stderr)
-            return None
+            return None, "NVML: 0 devices"
         handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(n)]
         h = handles[0]
         mem = pynvml.nvmlDeviceGetMemoryInfo(h)
@@ -90,7 +92,7 @@ def gpu_inventory(verbose: bool = True) -> tuple[DeviceInfo, dict[str, Any]] | N
             driver=_try(lambda: _s(pynvml.nvmlSystemGetDriverVersion())),
         )
         extras = {"gpus": [_s(pynvml.nvmlDeviceGetName(x)) for x in handles]}
-        return info, extras
+        return (info, extras), ""
     finally:
         _try(pynvml.nvmlShutdown)
 
@@ -153,12 +155,37 @@ def host_info() -> dict[str, Any]:
     return info
 
 
+def torch_gpu_inventory() -> DeviceInfo | None:
+    """GPU 0 as torch.cuda sees it (name, memory, count; no clocks, links or topology), or None without CUDA.
+    The fallback when NVML is missing (nvidia-ml-py is the optional ``gpu`` extra) on a machine whose GPUs torch
+    uses: the microbenchmarks run there, so the profile must describe them, not the CPU host."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available() or torch.cuda.device_count() < 1:
+            return None
+        props = torch.cuda.get_device_properties(0)
+        return DeviceInfo(kind="gpu", name=str(props.name), memory_bytes=int(props.total_memory),
+                          count_per_node=int(torch.cuda.device_count()))
+    except (ImportError, RuntimeError, AssertionError):  # a CPU-only torch, a broken driver
+        return None
+
+
 def inventory(verbose: bool = True) -> tuple[DeviceInfo, dict[str, Any]]:
-    """(device, host facts): the GPUs when NVML finds any, else the CPU host (with one line on stderr)."""
+    """(device, host facts): the GPUs when NVML finds any, else torch.cuda's view of them, else the CPU host
+    (with one line on stderr saying which)."""
     host = host_info()
-    gpu = gpu_inventory(verbose=verbose)
+    gpu, why = _nvml_inventory()
     if gpu is not None:
         dev, extras = gpu
         host.update(extras)
         return dev, host
+    dev = torch_gpu_inventory()
+    if dev is not None:
+        if verbose:
+            print(f"NVML unavailable ({why}); {dev.count_per_node} GPU(s) described from torch.cuda "
+                  "(no clocks, NVLink or topology: pip install nvidia-ml-py for those)", file=sys.stderr)
+        return dev, host
+    if verbose:
+        print(f"no NVIDIA GPU/driver found ({why}); describing the CPU host instead", file=sys.stderr)
     return cpu_inventory(), host

@@ -63,7 +63,10 @@ def test_cpu_fallback_on_this_machine(capsys):
 
 
 def test_nvml_missing_library(monkeypatch, capsys):
+    import torch
+
     monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(0, fail_init=True))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a GPU box: see the torch fallback below
     dev, _ = inv.inventory()
     err = capsys.readouterr().err
     assert dev.kind == "cpu"
@@ -89,3 +92,26 @@ def test_nvml_unsupported_fields_become_none(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     dev, _ = inv.inventory()
     assert dev.power_limit_w is None and dev.topology is None and dev.count_per_node == 1
+
+
+def test_gpus_without_nvml_are_described_from_torch(monkeypatch, capsys):
+    """Review finding: on a GPU machine without nvidia-ml-py (the optional `gpu` extra) the profile described the
+    CPU host (kind cpu, the host's RAM as memory_bytes) while its microbenchmarks ran on the GPU, so planners
+    sized memory from the host RAM. torch.cuda's view of the GPUs is used now."""
+    import torch
+
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(0, fail_init=True))
+    props = types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", total_memory=85520809984)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props if i == 0 else pytest.fail("GPU 0"))
+    dev, host = inv.inventory()
+    err = capsys.readouterr().err
+    assert (dev.kind, dev.name, dev.memory_bytes, dev.count_per_node) == ("gpu", "NVIDIA H100 80GB HBM3",
+                                                                         85520809984, 8)
+    assert dev.sm_clock_mhz is None and dev.topology is None and "gpus" not in host
+    assert err == ("NVML unavailable (NVML: NVML Shared Library Not Found); 8 GPU(s) described from torch.cuda "
+                   "(no clocks, NVLink or topology: pip install nvidia-ml-py for those)\n")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    dev, _ = inv.inventory()
+    assert dev.kind == "cpu" and "describing the CPU host" in capsys.readouterr().err
