@@ -113,6 +113,9 @@ def _value_consumers(problem: Problem):
     return out
 
 
+BISECT_FROM = 16
+"""When the heuristic's I exceeds the lower bound by more than this, ``solve`` bisects between them first."""
+
 INTERVAL_FROM = 48
 """Above this I, ``solve_at`` encodes residues as integers and reservations as wrapped intervals (model size
 independent of I) instead of I booleans per op."""
@@ -453,6 +456,45 @@ def _coarse_schedule(problem: Problem, warp: bool, params: SolveParams) -> Heuri
     return None if _validate(problem, out) else out
 
 
+def compact(problem: Problem, ii: int, times: dict[str, int], groups: dict[str, int] | None,
+            warp: bool) -> dict[str, int]:
+    """The same residues with the fewest stages each (least solution of the dependence constraints on the
+    stages, + handoff across groups): a feasibility solve's schedule can spread over many stages. Resources
+    depend only on the residues; in warp mode the result is kept only when it passes the validator (shorter
+    issue times can lengthen a value's lifetime). Returns ``times`` unchanged otherwise."""
+    from .heuristic import HeuristicSchedule, _validate
+    from .knobs import buffer_depths
+
+    names = [o.name for o in problem.graph.ops]
+    hand = problem.machine.handoff_cycles if warp else 0
+    cons = []
+    for e in problem.graph.edges:
+        w = e.delay - ii * e.distance
+        if warp and groups and e.value and e.src != e.dst and groups[e.src] != groups[e.dst]:
+            w += hand
+        r_u, r_v = times[e.src] % ii, times[e.dst] % ii
+        cons.append((e.src, e.dst, -(-(w - r_v + r_u) // ii)))  # k_v >= k_u + this
+    k = {v: 0 for v in names}
+    for _ in range(len(names) + 1):
+        changed = False
+        for u, v, c in cons:
+            if k[u] + c > k[v]:
+                k[v] = k[u] + c
+                changed = True
+        if not changed:
+            break
+    else:
+        return times
+    lo = min(k.values())
+    out = {v: ii * (k[v] - lo) + times[v] % ii for v in names}
+    if warp:
+        depth = buffer_depths(problem.graph, ii, out)
+        copies = {o.name: depth[o.name] for o in problem.graph.ops if (o.regs or 0) > 0 or (o.smem or 0) > 0}
+        if _validate(problem, HeuristicSchedule(ii, out, groups or {}, copies, True)):
+            return times
+    return out
+
+
 def _lower_bound(bounds: MII, attempts: list[Attempt], warp: bool) -> int:
     """The smallest I >= MII not proved infeasible (a plain infeasibility proof also rules out the warp
     problem at that I; a warp proof says nothing about the plain problem)."""
@@ -515,22 +557,52 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
 
     def search(start: int, use_warp: bool, hint: Attempt | None = None, optimise: bool = True,
                heur: HeuristicSchedule | None = None) -> tuple[Attempt | None, bool]:
-        proven = True
         cap = max_ii or ii_cap(problem, use_warp)
         top = max(cap, start)
         if heur is not None:
             top = max(min(top, heur.ii), start)  # the heuristic has a schedule there: no larger I is needed
+        dead: set[int] = set()
+        found: Attempt | None = None
+        reserve = 0.0
+        if heur is not None and top - start > BISECT_FROM:
+            # a wide range (large latencies): bisect between the lower bound and the heuristic's I for a smaller
+            # I with a schedule, a quarter of what is left per probe. Feasibility is not monotone in I, so this
+            # only finds schedules; minimality still needs every I below proved infeasible
+            lo, hi = start - 1, top
+            while hi - lo > 1 and left() > 0.05:
+                mid = (lo + hi) // 2
+                att = solve_at(problem, mid, _with_time(params, left() / 4), warp=use_warp, optimise=False,
+                               hint_times=hint.times if hint is not None and hint.ii == mid else None)
+                attempts.append(att)
+                if att.has_solution:
+                    att.status = "feasible"
+                    hi, found = mid, att
+                else:
+                    lo = mid
+                    if att.status == "infeasible":
+                        dead.add(mid)
+            top = hi
+            reserve = 0.5  # of what is left when the scan below starts: kept for the answer's objective
+        proven = True
+        scan_end = time.perf_counter() + left() * (1 - reserve)
         for ii in range(start, top + 1):
-            rem = left()
+            if ii in dead:
+                continue
+            rem = left() if ii == top or found is None else scan_end - time.perf_counter()
             if rem <= 0.01:
-                return None, False
+                if found is not None and ii < top:
+                    proven = False
+                    continue  # the scan's share is spent: straight on to the bisection's I
+                return (found, False) if found is not None else (None, False)
             # feasibility first, on at most half of what is left unless this is the last I: a time-out here
             # still leaves time for a larger I (one attempt used to take the whole budget, so a time-out at
             # MII ended the search with no schedule at all); proofs of infeasibility are also faster without
             # the objective
             p = _with_time(params, rem / 2 if ii < top else rem)
             hint_times = hint_groups = None
-            if heur is not None and heur.ii == ii:
+            if found is not None and found.ii == ii:
+                hint_times, hint_groups = found.times, found.groups
+            elif heur is not None and heur.ii == ii:
                 hint_times, hint_groups = heur.times, heur.groups
             elif hint is not None and hint.ii == ii:
                 hint_times = hint.times
@@ -549,6 +621,8 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
             attempts.append(att)
             if att.status != "infeasible":
                 proven = False
+        if found is not None:  # the bisection's schedule (no time left to improve it)
+            return found, False
         if heur is not None and heur.ii >= start:
             return None, False  # the last I (the heuristic's) timed out: it answers
         what = ("no warp-specialised schedule: the register, shared-memory or warp-group limits cannot be met"
@@ -601,11 +675,22 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
     if not proven:
         # I itself is not proved minimal: the smallest I not proved infeasible bounds it from below, and the gap
         # covers it (a time-out at MII gave 'feasible' with gap 0.0, as if only the tie-breakers were open)
-        lowest = min([a.ii for a in attempts if a.status == "timeout" and a.ii < best.ii] + [best.ii])
+        # (the smallest I >= MII not proved infeasible: with the bisection some I below were never tried)
+        lowest = min(_lower_bound(bounds, attempts, warp), best.ii)
         gap = max(gap or 0.0, (best.ii - lowest) / best.ii)
+    times = best.times
+    if best.status != "optimal":  # its span was not minimised: the least stages for its residues
+        times = compact(problem, best.ii, best.times, best.groups, warp)
+        if times != best.times:
+            notes.append("stages compacted after the solve (fewest stages for its residues)")
+            if warp:
+                from .knobs import buffer_depths
+
+                depth = buffer_depths(problem.graph, best.ii, times)
+                best.copies = {v: depth[v] for v in best.copies}
     return Schedule(
         ii=best.ii, mii=bounds, plain_ii=plain.ii, plain_proven=plain_proven, proven=proven, status=status,
         gap=gap, objective=best.objective, bound=best.bound, seconds=time.perf_counter() - t0,
-        times=best.times, groups=best.groups, copies=best.copies, attempts=attempts, warp=warp,
+        times=times, groups=best.groups, copies=best.copies, attempts=attempts, warp=warp,
         note="; ".join(notes), params=params,
     )
