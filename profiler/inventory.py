@@ -132,7 +132,8 @@ def _cores() -> int:
 
 def cpu_inventory() -> DeviceInfo:
     """The CPU host as one device: model name, usable cores (as count_per_node is 1 process), memory."""
-    return DeviceInfo(kind="cpu", name=f"{_cpu_model()} ({_cores()} cores)", memory_bytes=max(1, _memory_bytes()))
+    # memory unknown (neither sysconf nor /proc/meminfo): the smallest value a profile accepts
+    return DeviceInfo(kind="cpu", name=f"{_cpu_model()} ({_cores()} cores)", memory_bytes=max(2**20, _memory_bytes()))
 
 
 def host_info() -> dict[str, Any]:

@@ -9,7 +9,7 @@ import os
 from datetime import datetime, timezone
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from .io import InputError, atomic_write_json, load_model
 
@@ -122,6 +122,13 @@ class DeviceInfo(_Strict):
     power_limit_w: float | None = Field(default=None, ge=0.0)
     topology: dict[str, Any] | None = Field(default=None, description="GPU-GPU link matrix from NVML where available")
     driver: str | None = None
+
+    @field_validator("memory_bytes")
+    @classmethod
+    def _memory_in_bytes(cls, v: int) -> int:
+        if v < 2**20:  # 80 (GiB) or 81920 (MiB) typed into a bytes field: a planner would fit nothing
+            raise ValueError(f"{v} is under 1 MiB: the field is in bytes (80 GiB = {80 * 2**30})")
+        return v
 
 
 class ClusterProfile(_Strict):

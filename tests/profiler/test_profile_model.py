@@ -244,3 +244,20 @@ def test_plot_skips_malformed_raw_rows(tmp_path, capsys):
     p.raw = {"collectives": [1, 2], "attention": {"seq": 3}}
     plot_profile(p, tmp_path / "q.png")
     assert (tmp_path / "q.png").stat().st_size > 1000
+
+
+def test_memory_given_in_gib_or_mib_is_refused(tmp_path):
+    """memory_bytes: 80 (meant as GiB) loaded fine and every planner then found that nothing fits."""
+    rng = np.random.default_rng(27)
+    d = _random_profile(rng).model_dump(mode="json")
+    for v in (int(rng.integers(16, 200)), int(rng.integers(16, 200)) * 1024):
+        d["device"]["memory_bytes"] = v
+        path = tmp_path / "p.json"
+        path.write_text(json.dumps(d))
+        with pytest.raises(InputError) as e:
+            load_profile(path)
+        assert str(e.value) == (f"{path}: device.memory_bytes: Value error, {v} is under 1 MiB: the field is in "
+                                f"bytes (80 GiB = 85899345920)")
+    d["device"]["memory_bytes"] = 2**20
+    path.write_text(json.dumps(d))
+    assert load_profile(path).memory_bytes == 2**20
