@@ -190,8 +190,8 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log)
         reducer.remove()
         expert_reducer.remove()
         copies_diff = replica_divergence(model, ep)   # 0.0: every copy of every parameter is bitwise equal
-    return {"copies_max_diff": copies_diff, "router": router, "schedule": schedule, "caps": caps, "first_loss": losses[0], "final_loss": losses[-1],
-            "floor_nats": task.entropy_nats, "mean_k_per_layer": [s_["mean_k"] for s_ in model.layer_stats()]}
+    return {"copies_max_diff": copies_diff, "router": router, "schedule": schedule, "caps": caps,
+            "first_loss": losses[0], "final_loss": losses[-1], "floor_nats": task.entropy_nats, "mean_k_per_layer": [s_["mean_k"] for s_ in model.layer_stats()]}
 
 
 def train_schedule(schedule: str, *, router: str = "gshard", layers: int = 6, experts: int = 8, budget: int | None = None,

@@ -37,6 +37,11 @@ soon as its first has completed (checked without blocking whenever a step is add
 compute), keeps every group's collectives in the same order on all ranks, and before chunk c's compute makes
 sure chunk c+1's inter-node step is in flight, so it overlaps chunk c's compute. Set
 ``ExpertParallel.events = []`` to record the issue order and the chunk computes.
+
+Expert data parallelism (EP smaller than the data-parallel world, :meth:`ExpertParallel.create_groups`): every
+expert then has D / P copies, one per EP group; the exchanges stay inside each EP group, and after the backward
+:class:`ExpertGradReducer` sums each expert's gradient over its copies (the expert-data-parallel group) while the
+dense gradients are averaged over the whole data-parallel group (:class:`GradSliceReducer` with ``ep.dp_group``).
 """
 from __future__ import annotations
 
@@ -50,8 +55,8 @@ import torch.distributed as dist
 from adasched.kernels.moe import (Backend, expert_mlp_backward, expert_mlp_backward_data, expert_mlp_backward_weight,
                                   expert_mlp_forward, make_index)
 
-__all__ = ["ExpertParallel", "EPExperts", "GradSliceReducer", "ExpertGradReducer", "ep_experts", "check_pipeline_settings",
-           "shared_expert_index", "WGRAD_MODES", "ORDERS"]
+__all__ = ["ExpertParallel", "EPExperts", "GradSliceReducer", "ExpertGradReducer", "ep_experts",
+           "check_pipeline_settings", "shared_expert_index", "WGRAD_MODES", "ORDERS"]
 
 WGRAD_MODES = ("fused", "per-chunk", "deferred")
 #: collective issue orders of a pass (the planner's ``order_fwd``/``order_bwd``): every dispatch up front, or

@@ -286,7 +286,8 @@ def _worker(rank, world):
     err_acc = _accumulation_case(rank, flat)
     err_ddp = _ddp_case(rank, flat)
     _router_state_case(rank, flat)
-    return {"err": max(err_flat, err_hier, err_acc, err_ddp), "launched": launched, "total": total, "diverged": diverged}
+    return {"err": max(err_flat, err_hier, err_acc, err_ddp), "launched": launched, "total": total,
+            "diverged": diverged}
 
 
 def test_expert_data_parallel_world4_ep2():
