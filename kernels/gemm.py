@@ -8,6 +8,9 @@ supports it mainly on Blackwell) and ``maxnreg`` (register cap per thread). Laye
 ``gemm`` (host launcher), ``GemmFunction`` (autograd: dA = dC B^T, dB = A^T dC with the same kernel),
 ``gemm_reference`` (torch, same signature).
 
+fp32 operands multiply in IEEE fp32, not Triton's TF32 default (``dot_acc``); operands whose element offsets reach
+2**31 are indexed in int64 (``_offs_64``).
+
 Off the GPU the kernel runs under ``TRITON_INTERPRET=1`` (tiles upcast to float32 after loading; the knobs are
 parsed and ignored there). Without a GPU and without the interpreter, ``gemm`` falls back to the reference.
 """

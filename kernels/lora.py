@@ -39,6 +39,10 @@ identical mask.
 Under ``torch.compile`` the public functions trace as one custom op per call (``kernels/lora_op.py``): same
 kernels, no graph break.
 
+fp32 operands multiply in IEEE fp32 (``kernels.gemm.dot_acc``): Triton's default for fp32 ``tl.dot`` on NVIDIA GPUs
+is TF32, ~1e-3 relative, which torch's fp32 matmul does not do unless allowed to (and the interpreter never does).
+Row offsets come from the int64 tile table, so ``row * stride`` never wraps at 2**31 elements.
+
 Off the GPU the kernels run under ``TRITON_INTERPRET=1`` (tiles are upcast to float32 after loading, because the
 interpreter gets bf16 arithmetic wrong). Without a GPU and without the interpreter, the public functions fall back
 to the torch reference with a one-time warning. In eager mode float64 inputs take the torch reference too (exact

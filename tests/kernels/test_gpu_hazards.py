@@ -153,3 +153,42 @@ def test_masked_epilogue_never_splits_into_halves_narrower_than_16():
     assert not L.epi_split(256, 16, 1) and not L.epi_split(512, 16, 2)
     assert L.epi_split(256, 32, 2)  # halves of 16: allowed
     assert [L.epi_split(128, bo, w) for bo, w in ((256, 8), (128, 4), (128, 8), (64, 4))] == [True, True, False, False]
+
+
+def test_multi_lora_wider_adapters_take_peft_numerics_with_the_kernel_mask():
+    """A packed batch on a bf16 input whose adapters are fp32 (one bf16, one without rows): each segment's LoRA
+    term in its adapter's dtype (PEFT's numerics), the dropout mask drawn by the dropout kernel - bit-identical to
+    the torch reference, which draws it with the Philox mirror - and the fp32 adapters' gradients at fp32
+    accuracy against float64 (the bf16 inputs are exact there); the adapter without rows gets zero gradients."""
+    g = torch.Generator().manual_seed(4)
+    T, K, N = 45, 40, 24
+
+    def rnd(*shape, dt=torch.float32, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dt)
+
+    x = rnd(T, K, dt=torch.bfloat16)
+    w = rnd(N, K, dt=torch.bfloat16, scale=K ** -0.5)
+    specs = ((4, torch.float32, 0.2), (2, torch.bfloat16, 0.0), (3, torch.float32, 0.1))
+    ads = [L.LoRAAdapterWeights(rnd(r, K, dt=dt, scale=0.3).requires_grad_(), rnd(N, r, dt=dt, scale=0.3)
+                                .requires_grad_(), 1.5 + i, p) for i, (r, dt, p) in enumerate(specs)]
+    segs = [(1, 30, 41), (0, 3, 27)]  # adapter 2 has no rows; rows 0-2, 27-29 and 41-44 are base only
+    dy = rnd(T, N, dt=torch.bfloat16)
+    leaves = [t for ad in ads for t in (ad.lora_a, ad.lora_b)]
+    y = L.multi_lora_linear(x, w, ads, segs, seed=2 ** 31 + 77)
+    y_ref = L.multi_lora_linear_reference(x, w, ads, segs, seed=2 ** 31 + 77)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
+    got, want = torch.autograd.grad(y, leaves, dy), torch.autograd.grad(y_ref, leaves, dy)
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u, v, atol=0, rtol=0)
+    assert all(bool((t == 0).all()) for t in got[4:])  # adapter 2: zero gradients, not None
+    # adapter 0 (fp32) against float64 with the same mask
+    keep = L.dropout_keep_mask(2 ** 31 + 77, T, K, 0.2)[3:27].double()
+    a64, b64 = ads[0].lora_a.detach().double(), ads[0].lora_b.detach().double()
+    xd = x[3:27].double() * keep / 0.8
+    s64 = xd @ a64.t()
+    db64 = 1.5 * dy[3:27].double().t() @ s64
+    da64 = 1.5 * (dy[3:27].double() @ b64).t() @ xd
+    for u, v in ((got[0], da64), (got[1], db64)):
+        assert u.dtype == torch.float32
+        assert ((u.double() - v).norm() / v.norm()).item() < 1e-6
