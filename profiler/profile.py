@@ -178,26 +178,39 @@ class ClusterProfile(_Strict):
     def group_sizes(self, op: CollectiveOp) -> list[int]:
         return sorted(c.group_size for c in self.collectives if c.op == op)
 
-    def collective(self, op: CollectiveOp, group_size: int) -> CollectiveFit:
+    def collective(self, op: CollectiveOp, group_size: int, *, across_nodes: bool = False) -> CollectiveFit:
         """The fit for `op` on `group_size` ranks. A size between fitted sizes uses the next larger fit
-        (conservative); a size outside the fitted range is an error naming what exists."""
+        (conservative); a size outside the fitted range is an error naming what exists.
+
+        Groups are taken as node-packed (contiguous ranks, numbered node by node: Megatron's tensor and context
+        parallel groups, FlexSP's SP groups), so a group no larger than a node is an intra-node one. A group
+        whose ranks sit on different nodes whatever its size (Megatron/DeepSpeed data-parallel groups on
+        several nodes take ranks a node apart) passes ``across_nodes=True``: only inter-node fits are used."""
         if group_size < 1:
             raise InputError("group_size", f"must be >= 1, got {group_size}")
         fits = sorted((c for c in self.collectives if c.op == op), key=lambda c: c.group_size)
         if not fits:
             raise InputError(f"profile {self.name!r}", f"has no {op} fit (a planner needs collectives.{op})")
+        if across_nodes:
+            fits = [c for c in fits if c.scope == "inter"]
+            if not fits:
+                raise InputError(f"profile {self.name!r}", f"has no inter-node {op} fit (measured on one node?)")
         for c in fits:
             if c.group_size >= group_size:
                 return c
         raise InputError(
             f"profile {self.name!r}",
-            f"{op} fitted up to group size {fits[-1].group_size}, asked for {group_size}",
+            f"{'inter-node ' if across_nodes else ''}{op} fitted up to group size {fits[-1].group_size}, "
+            f"asked for {group_size}",
         )
 
-    def collective_time_ms(self, op: CollectiveOp, group_size: int, nbytes: float) -> float:
+    def collective_time_ms(self, op: CollectiveOp, group_size: int, nbytes: float, *,
+                           across_nodes: bool = False) -> float:
+        """Time (ms) of `op` on `group_size` ranks for `nbytes` per rank (see :class:`CollectiveFit`); 0 for one
+        rank."""
         if group_size <= 1:
             return 0.0
-        return self.collective(op, group_size).time_ms(nbytes)
+        return self.collective(op, group_size, across_nodes=across_nodes).time_ms(nbytes)
 
     def require(self, *fields: str, who: str) -> None:
         """Raise a clear InputError if a field a planner needs is missing (None or empty). A name that is not a

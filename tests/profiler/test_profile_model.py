@@ -261,3 +261,25 @@ def test_memory_given_in_gib_or_mib_is_refused(tmp_path):
     d["device"]["memory_bytes"] = 2**20
     path.write_text(json.dumps(d))
     assert load_profile(path).memory_bytes == 2**20
+
+
+def test_collective_across_nodes_uses_inter_node_fits_only():
+    """A Megatron data-parallel group of 4 ranks on 4 nodes (one rank a node) crosses nodes: the 4-rank fit
+    measured on contiguous ranks is NVLink inside one node, so across_nodes picks the next inter-node fit."""
+    rng = np.random.default_rng(28)
+    p = _random_profile(rng)  # 2 nodes x 4: fits 2, 4 intra and 8 inter per op
+    for op in ("all_to_all", "all_reduce"):
+        inter = p.collective(op, 8)
+        assert inter.scope == "inter"
+        for g in (2, 3, 4, 8):
+            assert p.collective(op, g, across_nodes=True) == inter
+            B = float(rng.uniform(1e5, 1e8))
+            assert p.collective_time_ms(op, g, B, across_nodes=True) == pytest.approx(
+                inter.alpha_ms + inter.beta_ms_per_byte * B, rel=1e-12)
+        assert p.collective(op, 4).scope == "intra"  # the default stays node-packed
+        with pytest.raises(InputError, match="inter-node all_reduce fitted up to group size 8, asked for 16"):
+            p.collective("all_reduce", 16, across_nodes=True)
+    one = _one_node(rng, 8)
+    assert one.collective("all_reduce", 4).group_size == 4
+    with pytest.raises(InputError, match="has no inter-node all_reduce fit"):
+        one.collective("all_reduce", 4, across_nodes=True)
