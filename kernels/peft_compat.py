@@ -20,7 +20,7 @@ wider dtype than the input - PEFT's default on a bf16/fp16 model, whose ``get_pe
 fp32 - get PEFT's numerics: the input cast to the adapters' dtype, S, the LoRA term and its gradients in fp32,
 added to the base output in fp32 and rounded to the input's dtype (equal to PEFT's layer; torch ops, not the
 fused kernels, except the dropout mask: the speed of the fused path needs autocast or adapters in the input's
-dtype). With ``lora_bias`` the lora_B bias joins the base bias in the base bias's dtype.
+dtype; with ``lora_bias`` that dtype mix runs PEFT's own forward, which adds lora_B's bias inside the fp32 term).
 
 The fused kernels serve a layer in PEFT's plain state: one active adapter, not merged, adapters enabled, no extra
 forward arguments. Whenever PEFT puts the layer in another state - ``disable_adapter()``, merged weights, several
@@ -122,9 +122,15 @@ class FusedLoRALinear(_PeftLoraLinear):
             raise ValueError("base_layer.weight: requires grad, but the fused kernels compute no gradient for it; "
                              "freeze it (requires_grad_(False)) or call restore_peft_lora(model) first")
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        has_lora_bias = getattr(self, "lora_bias", {}).get(name, False) and lora_b.bias is not None
+        if has_lora_bias and not torch.is_autocast_enabled(x.device.type) and \
+                torch.promote_types(x.dtype, lora_a.weight.dtype) != x.dtype:
+            # adapters wider than x (fp32 on bf16) with lora_bias: PEFT adds lora_B's bias inside the fp32 term,
+            # lora_linear takes one bias in x's dtype - PEFT's own forward keeps its numerics
+            return super().forward(x, *args, **kwargs)
         scaling = float(self.scaling[name])
         bias = base.bias
-        if getattr(self, "lora_bias", {}).get(name, False) and lora_b.bias is not None:
+        if has_lora_bias:
             lb = lora_b.bias * scaling
             bias = lb if bias is None else bias + lb.to(bias.dtype)
         drop = self.lora_dropout[name] if name in self.lora_dropout else None

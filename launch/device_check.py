@@ -95,7 +95,7 @@ def large_offset_child(log) -> list[dict]:
     proc = None
     try:
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--large-offsets"],
-                              capture_output=True, text=True, timeout=240)
+                              capture_output=True, text=True, timeout=150)
         rows = json.loads(proc.stdout.strip().splitlines()[-1])
         return [{"group": "lora", "check": n, "ok": bool(ok), "detail": d} for n, ok, d in rows]
     except Exception as err:

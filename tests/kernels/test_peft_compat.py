@@ -341,12 +341,12 @@ def test_trainable_base_weight_is_refused_not_silently_frozen():
         torch.testing.assert_close(fused(x), ref(x), atol=2e-5, rtol=2e-5)
 
 
-def _bf16_model_with_fp32_adapters(dropout):
+def _bf16_model_with_fp32_adapters(dropout, lora_bias=False):
     """PEFT's default dtype mix: get_peft_model on a bf16 model upcasts the adapters to fp32
     (autocast_adapter_dtype=True), and without torch.autocast PEFT computes the LoRA term in fp32."""
     torch.manual_seed(0)
     cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q", "v", "up"],
-                     init_lora_weights=False)
+                     init_lora_weights=False, lora_bias=lora_bias)
     model = get_peft_model(TinyBlock().to(torch.bfloat16), cfg)
     _randomize(model)
     lora = {n: p.dtype for n, p in model.named_parameters() if "lora_" in n}
@@ -419,3 +419,25 @@ def test_bf16_base_fp32_adapters_dropout_uses_the_kernel_mask_in_fp32():
     for u, v in zip(g[1:], g_ref[1:]):
         assert u.dtype == torch.float32
         assert ((u - v).norm() / v.norm()).item() <= 1e-6
+
+
+def test_bf16_base_fp32_adapters_with_lora_bias_run_peft_forward(fused_calls):
+    """With lora_bias, PEFT adds lora_B's bias inside the fp32 LoRA term; lora_linear takes one bias in the
+    input's dtype, so that dtype mix runs PEFT's own forward: outputs and every gradient are PEFT's."""
+    ref = _bf16_model_with_fp32_adapters(0.0, lora_bias=True)
+    fused = copy.deepcopy(ref)
+    apply_fused_lora(fused)
+    x = torch.randn(2, 5, 24).to(torch.bfloat16)
+    y = fused(x)
+    assert not fused_calls  # PEFT's forward, not the kernels
+    torch.testing.assert_close(y, ref(x), atol=0, rtol=0)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ref(x).backward(dy)
+    g, g_ref = _lora_grads(fused), _lora_grads(ref)
+    assert any(".lora_B." in n and n.endswith("bias") for n in g)
+    for n in g:
+        torch.testing.assert_close(g[n], g_ref[n], atol=0, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast: the kernels again
+        fused(x)
+    assert len(fused_calls) == 3
