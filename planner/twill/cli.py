@@ -22,6 +22,8 @@ def register(groups) -> None:
         threads: int = typer.Option(1, "--threads", help="CP-SAT workers (1 = deterministic)."),
         plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the schedule (PNG)."),
         as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
+        load_slack: bool = typer.Option(False, "--load-slack", help="After fewest warp groups and channels, prefer "
+                                        "slack after variable-latency loads (deeper load buffers) over a short span."),
     ) -> None:
         """Find the smallest initiation interval I (MII = max(ResMII, RecMII) upward, CP-SAT), the stage and issue
         cycle of every op, a warp-group assignment, buffer depths and Triton knobs."""
@@ -38,7 +40,7 @@ def register(groups) -> None:
             params = SolveParams(time_limit=time_limit, seed=seed, threads=threads)
         except ValueError as err:
             raise InputError("--time-limit/--threads", str(err)) from None
-        plan = plan_twill(graph, machine, params)
+        plan = plan_twill(graph, machine, params, load_slack=load_slack)
         if out:
             save_plan(plan, out)
         if plot:
@@ -46,7 +48,7 @@ def register(groups) -> None:
         if as_json:
             emit_json({
                 "ii": plan.ii, "mii": plan.mii, "res_mii": plan.res_mii, "rec_mii": plan.rec_mii,
-                "plain_ii": plan.plain_ii, "method": plan.method, "status": plan.solver.status, "gap": plan.solver.gap,
+                "plain_ii": plan.plain_ii, "method": plan.method, "load_slack": plan.load_slack, "status": plan.solver.status, "gap": plan.solver.gap,
                 "ii_proven_minimal": plan.ii_proven_minimal, "solve_seconds": plan.solver.solve_seconds,
                 "stages": plan.stages,
                 "warp_groups": [g.model_dump() for g in plan.warp_groups],

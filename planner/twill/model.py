@@ -79,6 +79,8 @@ class Schedule:
     warp: bool
     note: str = ""
     params: SolveParams | None = None
+    load_slack: bool = False
+    """The objective preferred slack after variable-latency loads (``solve(load_slack=True)``)."""
     method: str = "cp-sat"
     """What produced the schedule: 'cp-sat'; when CP-SAT found none in time, 'heuristic' (iterative modulo
     scheduling) or 'cp-sat-coarse' (CP-SAT on the problem in a coarser time unit, scaled back)."""
@@ -190,11 +192,13 @@ def _wrapped_issue_slots(model, ii: int, res: list, occ: list[int], a: list, nam
 
 def solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, optimise: bool = True,
              hint_times: dict[str, int] | None = None, hint_groups: dict[str, int] | None = None,
-             encoding: str = "auto") -> Attempt:
+             encoding: str = "auto", load_slack: bool = False) -> Attempt:
     """Build and solve the CP-SAT model at initiation interval ``ii``; ``hint_times`` (issue cycles, e.g.
     the plain schedule at the same I) become a warm-start hint for residues and stages, ``hint_groups`` (warp
     mode; e.g. the heuristic's) for the group of each op. ``encoding``: 'time' (one-hot residues), 'interval'
-    (integer residues, wrapped intervals) or 'auto' (interval when ``ii`` > INTERVAL_FROM)."""
+    (integer residues, wrapped intervals) or 'auto' (interval when ``ii`` > INTERVAL_FROM). ``load_slack``
+    (warp mode): after fewest groups and channels, prefer slack between variable-latency loads and their
+    consumers (up to I cycles per edge; deeper load buffers) over a short span."""
     from ortools.sat.python import cp_model
 
     # ---- data ----------------------------------------------------------------------------------------
@@ -345,11 +349,24 @@ def solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, opti
         span = model.NewIntVar(0, tmax + max(length), "span")
         for i in range(n):
             model.Add(span >= t[i] + length[i])
-        w_chan = tmax + max(length) + 1
-        obj = span
+        w_slack = tmax + max(length) + 1
+        slack = []
+        if warp and load_slack:
+            # spare buffering for variable-latency loads: cycles (at most I per edge) between a load's nominal
+            # arrival and its consumer's issue, which absorb a late load; they lengthen the load's lifetime, so
+            # they take buffers (shared memory, within capacity), and rank below groups and channels
+            for ei, e in enumerate(g.edges):
+                u, v = idx[e.src], idx[e.dst]
+                if ops[u].variable_latency and e.value and u != v:
+                    sl = model.NewIntVar(0, ii, f"slack[{ei}]")
+                    model.Add(sl <= t[v] + ii * e.distance - t[u] - e.delay
+                              - (hand * cross[ei] if ei in cross else 0))
+                    slack.append(sl)
+        w_chan = w_slack * (ii * len(slack) + 1)
+        obj = span - w_slack * sum(slack)
         if warp:
             w_grp = w_chan * (len(cross) + 1)
-            obj = w_grp * sum(used) + w_chan * sum(cross.values()) + span
+            obj = w_grp * sum(used) + w_chan * sum(cross.values()) + obj
         model.Minimize(obj)
 
     # ---- solve ---------------------------------------------------------------------------------------
@@ -523,7 +540,7 @@ def _from_heuristic(h: HeuristicSchedule, bounds: MII, attempts: list[Attempt], 
 
 
 def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | None = None,
-          max_ii: int | None = None, heuristic: bool = True) -> Schedule:
+          max_ii: int | None = None, heuristic: bool = True, load_slack: bool = False) -> Schedule:
     """Smallest I with a schedule (plain modulo scheduling, then the warp problem when the graph asks).
 
     ``params.time_limit`` is the budget of the whole search (seconds), the heuristic included. With
@@ -531,7 +548,7 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
     tried), its schedule is CP-SAT's warm start at that I, and it is the answer when CP-SAT finds no schedule in
     time (``method`` 'heuristic', status 'feasible', gap (I - smallest I not proved infeasible) / I). At each I a
     feasibility solve gets at most half of what is left (all of it at the last I), then, when it found a
-    schedule, the secondary objective is optimised from it with the rest."""
+    schedule, the secondary objective is optimised from it with the rest. ``load_slack``: see :func:`solve_at`."""
     params = params or SolveParams(time_limit=10.0)
     warp = problem.warp if warp is None else warp
     t0 = time.perf_counter()
@@ -612,7 +629,7 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
                 att.status = "feasible"  # a satisfaction model says 'optimal' for any solution
                 if optimise and left() > 0.01:
                     best = solve_at(problem, ii, _with_time(params, left()), warp=use_warp, optimise=True,
-                                    hint_times=att.times, hint_groups=att.groups)
+                                    hint_times=att.times, hint_groups=att.groups, load_slack=load_slack)
                     best.seconds += att.seconds
                     if best.has_solution:
                         att = best
@@ -667,7 +684,7 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
         notes.append("secondary objective (groups, channels, span) not proved optimal")
     heur_used = heur_warp if warp else heur_plain
     if heur_used is not None:
-        notes.append(f"warm start ({heur_used.source}): I = {heur_used.ii} in {heur_used.seconds:.3g} s")
+        notes.append(f"upper bound and hint from {heur_used.source}: I = {heur_used.ii} in {heur_used.seconds:.3g} s")
     status = "optimal" if proven and best.status == "optimal" else "feasible"
     gap = None
     if best.objective is not None and best.bound is not None:
@@ -692,5 +709,5 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
         ii=best.ii, mii=bounds, plain_ii=plain.ii, plain_proven=plain_proven, proven=proven, status=status,
         gap=gap, objective=best.objective, bound=best.bound, seconds=time.perf_counter() - t0,
         times=times, groups=best.groups, copies=best.copies, attempts=attempts, warp=warp,
-        note="; ".join(notes), params=params,
+        note="; ".join(notes), params=params, load_slack=load_slack and warp,
     )

@@ -62,6 +62,8 @@ class TwillPlan(Plan):
         default="cp-sat", description="what produced the schedule: CP-SAT; when it found none in time, iterative "
                                       "modulo scheduling or CP-SAT in a coarser time unit, scaled back")
     warp_specialised: bool = Field(description="the joint SWP + warp-specialisation problem was solved")
+    load_slack: bool = Field(default=False, description="the objective preferred slack (deeper buffers) after "
+                                                        "variable-latency loads, below groups and channels")
     stages: int = Field(ge=1)
     cycle_ns: float
     ops: list[OpSlot]
@@ -125,7 +127,7 @@ class TwillPlan(Plan):
                                                        "no schedule in the original units in time)"}.get(self.method, "")),
             ("ii (cycles/iter)", f"{self.ii} (MII {self.mii}: res {self.res_mii}, rec {self.rec_mii}; plain {self.plain_ii})"
              + ("" if self.ii_proven_minimal else ", not proved minimal")),
-            ("stages", str(self.stages)),
+            ("stages", str(self.stages) + (" (objective preferred load slack)" if self.load_slack else "")),
             ("warp groups", "; ".join(f"WG{g.index} {g.role}: {' '.join(g.ops)} ({g.regs} regs)"
                                       for g in self.warp_groups)),
             ("channels", ", ".join(self.channels) or "-"),
@@ -281,7 +283,7 @@ def make_plan(problem: Problem, schedule, *, simulate: bool = True) -> TwillPlan
         baselines_ms={"no-pipelining": serial * m.cycle_ns * 1e-6},
         graph_name=g.name, machine_name=m.name, ii=ii, mii=schedule.mii.mii, res_mii=schedule.mii.res,
         rec_mii=schedule.mii.rec, plain_ii=schedule.plain_ii, ii_proven_minimal=schedule.proven,
-        method=schedule.method,
+        method=schedule.method, load_slack=schedule.load_slack,
         warp_specialised=schedule.warp, stages=max(stage.values()) + 1, cycle_ns=m.cycle_ns, ops=slots,
         warp_groups=wgs, channels=channels, buffers=buffers, peeled=peeled, knobs=knobs,
         attempts=[AttemptRecord(ii=a.ii, warp=a.warp, status=a.status, seconds=round(a.seconds, 6))
@@ -295,11 +297,12 @@ def make_plan(problem: Problem, schedule, *, simulate: bool = True) -> TwillPlan
     return plan
 
 
-def plan_twill(graph, machine=None, params=None, *, simulate: bool = True) -> TwillPlan:
+def plan_twill(graph, machine=None, params=None, *, simulate: bool = True, load_slack: bool = False) -> TwillPlan:
     """One call: load/check (names, paths or models; machine default: the graph's hint, else h100), solve
-    (``params``: adasched.planner.solver.SolveParams, default 10 s, seed 0, 1 thread) and build the plan."""
+    (``params``: adasched.planner.solver.SolveParams, default 10 s, seed 0, 1 thread; ``load_slack``: prefer
+    slack after variable-latency loads, see ``model.solve_at``) and build the plan."""
     from .graph import make_problem
     from .model import solve
 
     problem = make_problem(graph, machine)
-    return make_plan(problem, solve(problem, params), simulate=simulate)
+    return make_plan(problem, solve(problem, params, load_slack=load_slack), simulate=simulate)
