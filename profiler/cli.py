@@ -62,6 +62,11 @@ def register(groups) -> None:
                 typer.echo(f"note: the {what} fit is {fit.fit_rel_error:.0%} off its measured points on average "
                            "(a busy machine or a too-quick profile?); re-run, or without --quick, before planning "
                            "with it", err=True)
+        rough = [f"{c.op} x{c.group_size} {c.fit_rel_error:.0%}" for c in prof.collectives if c.fit_rel_error > ROUGH_FIT]
+        if rough:
+            typer.echo(f"note: {len(rough)} collective fit(s) more than {ROUGH_FIT:.0%} off their measured points on "
+                       f"average ({', '.join(rough)}); re-run on a quiet machine, or without --quick, before "
+                       "planning with them", err=True)
         if as_json:
             emit_json(prof)
         else:
