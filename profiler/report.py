@@ -16,7 +16,7 @@ def profile_rows(p: ClusterProfile) -> list[tuple[str, str]]:
         ("device", f"{p.device.name}, {p.device.memory_bytes / 2**30:.1f} GiB"),
     ]
     if p.gemm_tflops:
-        rows.append(("GEMM", f"{p.gemm_tflops:.1f} TFLOP/s"))
+        rows.append(("GEMM", f"{p.gemm_tflops:.4g} TFLOP/s"))
     if p.copy_GBps:
         rows.append(("copy", f"{p.copy_GBps:.1f} GB/s (read+write)"))
     if p.attention:

@@ -112,6 +112,10 @@ def test_report_and_plot(tmp_path):
     p = load_profile("h100-sxm")
     rows = dict(profile_rows(p))
     assert "789.6 TFLOP/s" in rows["GEMM"] and "all_to_all x64 (inter)" in rows
+    # a CPU's rate keeps its digits (it printed "0.0 TFLOP/s")
+    slow = float(np.random.default_rng(29).uniform(0.01, 0.05))
+    assert dict(profile_rows(p.model_copy(update={"gemm_tflops": slow})))["GEMM"] == f"{slow:.4g} TFLOP/s"
+    assert not dict(profile_rows(p.model_copy(update={"gemm_tflops": slow})))["GEMM"].startswith("0.0 ")
     out = tmp_path / "h.png"
     plot_profile(p, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
