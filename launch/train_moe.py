@@ -136,6 +136,19 @@ def ep_size_for(args, world: int) -> int:
     return ep
 
 
+def make_ep(args, world: int):
+    """One set of groups for every run (collective): EP groups of --ep-size and the expert-data-parallel groups
+    joining their copies; None for one rank. Layers with another expert count (switch schedules) get a copy with
+    that count (TinyMoELM)."""
+    from adasched.runtime.moe import ExpertParallel
+
+    if world == 1:
+        return None
+    ep_size = ep_size_for(args, world)
+    return ExpertParallel.create_groups(args.experts, ep_size, hierarchical=args.hierarchical and ep_size > 1,
+                                        gpus_per_node=min(args.gpus_per_node, ep_size), timeout_s=120)
+
+
 def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log) -> dict:
     import torch
     import torch.distributed as dist
@@ -148,10 +161,17 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log)
                                   hi=args.hi, ep_size=ep_size, capacity_factor=args.capacity_factor)
     pp = _plan_pipeline(args, ep_size, args.layers)
     fractions = pp.slice_fractions
+    build = dict(max_len=args.seq, shared_experts=args.shared_experts)
     torch.manual_seed(args.seed)
-    model = TinyMoELM(args.vocab, args.d, args.heads, args.ffn, routers, max_len=args.seq, ep=ep,
-                      r_fwd=pp.r_fwd, r_bwd=pp.r_bwd, wgrad=pp.wgrad, order_fwd=pp.order_fwd, order_bwd=pp.order_bwd,
-                      shared_experts=args.shared_experts)
+    model = TinyMoELM(args.vocab, args.d, args.heads, args.ffn, routers, ep=ep, r_fwd=pp.r_fwd, r_bwd=pp.r_bwd,
+                      wgrad=pp.wgrad, order_fwd=pp.order_fwd, order_bwd=pp.order_bwd, **build)
+    if ep is not None:
+        # the dense weights of the model without EP (the expert shards' draws would shift them with the EP size):
+        # with init_experts below, every --ep-size trains the same model
+        torch.manual_seed(args.seed)
+        template = TinyMoELM(args.vocab, args.d, args.heads, args.ffn, routers, **build).state_dict()
+        model.load_state_dict({k: v for k, v in template.items() if not k.endswith((".moe.w1", ".moe.w2"))},
+                              strict=False)
     model.init_experts(args.seed + 1)
     reducer = expert_reducer = None
     if world > 1:
@@ -334,14 +354,7 @@ def _main(args) -> int:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from adasched.runtime.moe import ExpertParallel
-
-    # one set of groups (EP groups of --ep-size and the expert-data-parallel groups joining their copies); layers
-    # with another expert count (switch schedules) get a copy with that count
-    ep_size = ep_size_for(args, world)
-    base_ep = ExpertParallel.create_groups(args.experts, ep_size, hierarchical=args.hierarchical and ep_size > 1,
-                                           gpus_per_node=min(args.gpus_per_node, ep_size),
-                                           timeout_s=120) if world > 1 else None
+    base_ep = make_ep(args, world)
     out = []
     try:
         for r in routers:

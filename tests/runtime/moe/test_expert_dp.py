@@ -271,6 +271,26 @@ def _groups_case(rank):
     return ep
 
 
+def _launcher_case(rank, world):
+    """The launcher's training (make_ep + _train_one) with --ep-size 4, 2 and 1 trains the same model: the same
+    first loss, final losses within float32 rounding, every copy equal at the end."""
+    from adasched.launch.train_moe import _train_one, make_ep, parse_args
+
+    runs = {}
+    for ep_size in (4, 2, 1):
+        args = parse_args(["--ep-size", str(ep_size), "--layers", "1", "--steps", "3", "--batch", "2", "--seq", "8",
+                           "--experts", "4"])
+        ep = make_ep(args, world)
+        assert ep.size == ep_size and ep.expert_dp_size == world // ep_size
+        runs[ep_size] = _train_one(args, "top_p", "uniform", rank, world, ep, lambda m: None)
+    for ep_size, run in runs.items():
+        assert run["copies_max_diff"] == 0.0, (ep_size, run)
+        assert run["first_loss"] == runs[4]["first_loss"], (ep_size, run["first_loss"], runs[4]["first_loss"])
+        assert abs(run["final_loss"] - runs[4]["final_loss"]) <= 1e-5, (ep_size, run["final_loss"],
+                                                                         runs[4]["final_loss"])
+    return max(abs(run["final_loss"] - runs[4]["final_loss"]) for run in runs.values())
+
+
 def _worker(rank, world):
     flat = _groups_case(rank)
     hier = ExpertParallel.create_groups(E, EP, hierarchical=True, gpus_per_node=1)
@@ -286,8 +306,9 @@ def _worker(rank, world):
     err_acc = _accumulation_case(rank, flat)
     err_ddp = _ddp_case(rank, flat)
     _router_state_case(rank, flat)
+    launcher_spread = _launcher_case(rank, world)
     return {"err": max(err_flat, err_hier, err_acc, err_ddp), "launched": launched, "total": total,
-            "diverged": diverged}
+            "diverged": diverged, "launcher_spread": launcher_spread}
 
 
 def test_expert_data_parallel_world4_ep2():
@@ -295,7 +316,7 @@ def test_expert_data_parallel_world4_ep2():
     for r in out:                                        # every element was compared inside the workers
         assert 0 < r["launched"] <= r["total"] and r["diverged"] > 1e-5, r
     print("max abs grad error vs float64:", max(r["err"] for r in out), "old-code copy divergence:",
-          min(r["diverged"] for r in out))
+          min(r["diverged"] for r in out), "launcher final-loss spread over EP 4/2/1:", out[0]["launcher_spread"])
 
 
 def test_parameter_kinds_without_ep_are_all_dense():
