@@ -29,7 +29,7 @@ import numpy as np
 
 from .graph import Problem
 from .knobs import buffer_depths
-from .mii import compute_mii
+from .mii import compute_mii, longest_paths
 
 __all__ = ["HeuristicSchedule", "modulo_schedule", "heuristic_schedule", "assignments"]
 
@@ -105,16 +105,8 @@ def modulo_schedule(problem: Problem, ii: int, groups: dict[str, int] | None = N
         preds[v].append((u, w))
         succs[u].append((v, w))
         weighted.append((u, v, w))
-    height = [0] * n
-    for _ in range(n + 1):
-        changed = False
-        for u, v, w in weighted:
-            if height[v] + w > height[u]:
-                height[u] = height[v] + w
-                changed = True
-        if not changed:
-            break
-    else:
+    height = longest_paths(range(n), [(v, u, w) for u, v, w in weighted])  # to the end of the graph
+    if height is None:
         return None  # positive cycle: no schedule at this I (with these groups)
     order = sorted(range(n), key=lambda i: (-height[i], i))
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from .graph import Problem
 
-__all__ = ["MII", "res_mii", "rec_mii", "compute_mii", "has_positive_cycle"]
+__all__ = ["MII", "res_mii", "rec_mii", "compute_mii", "has_positive_cycle", "longest_paths"]
 
 
 @dataclass(frozen=True)
@@ -35,18 +35,23 @@ def res_mii(problem: Problem) -> int:
     return best
 
 
-def has_positive_cycle(nodes: list[str], weighted: list[tuple[str, str, int]]) -> bool:
-    """Bellman-Ford for longest paths from a virtual source joined to every node with weight 0."""
+def longest_paths(nodes, weighted) -> dict | None:
+    """Bellman-Ford longest paths from a virtual source joined to every node with weight 0: the least
+    solution of d[v] >= d[u] + w >= 0 over the (u, v, w) edges, or None when a cycle is positive."""
     dist = {n: 0 for n in nodes}
-    for _ in range(len(nodes)):
+    for _ in range(len(dist) + 1):
         changed = False
         for u, v, w in weighted:
             if dist[u] + w > dist[v]:
                 dist[v] = dist[u] + w
                 changed = True
         if not changed:
-            return False
-    return True
+            return dist
+    return None
+
+
+def has_positive_cycle(nodes: list[str], weighted: list[tuple[str, str, int]]) -> bool:
+    return longest_paths(nodes, weighted) is None
 
 
 def rec_mii(problem: Problem) -> int:

@@ -33,7 +33,7 @@ from adasched.planner.solver import SolveParams, solve_cpsat
 
 from .graph import Problem
 from .heuristic import HeuristicSchedule, heuristic_schedule
-from .mii import MII, compute_mii
+from .mii import MII, compute_mii, longest_paths
 
 __all__ = ["Attempt", "Schedule", "solve_at", "solve", "horizon_stages", "ii_cap"]
 
@@ -491,16 +491,8 @@ def compact(problem: Problem, ii: int, times: dict[str, int], groups: dict[str, 
             w += hand
         r_u, r_v = times[e.src] % ii, times[e.dst] % ii
         cons.append((e.src, e.dst, -(-(w - r_v + r_u) // ii)))  # k_v >= k_u + this
-    k = {v: 0 for v in names}
-    for _ in range(len(names) + 1):
-        changed = False
-        for u, v, c in cons:
-            if k[u] + c > k[v]:
-                k[v] = k[u] + c
-                changed = True
-        if not changed:
-            break
-    else:
+    k = longest_paths(names, cons)
+    if k is None:
         return times
     lo = min(k.values())
     out = {v: ii * (k[v] - lo) + times[v] % ii for v in names}
