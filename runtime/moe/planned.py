@@ -68,7 +68,7 @@ def load_pipeline(path: str | Path, *, ep_size: int, num_layers: int, config: st
     c = cfgs[0]
     if c.ep_size != ep_size:
         raise InputError(str(path), f"configuration {c.name!r} was planned for EP size {c.ep_size}, "
-                                    f"this run has {ep_size} ranks")
+                                    f"this run has EP size {ep_size} (--ep-size, default: the world size)")
     if num_layers < 1:
         raise ValueError(f"num_layers: {num_layers} must be >= 1")
     layers = [c.layers[min(i, len(c.layers) - 1)] for i in range(num_layers)]

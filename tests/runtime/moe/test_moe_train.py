@@ -58,7 +58,7 @@ def test_plan_for_another_ep_size_is_an_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["--plan", str(plan), "--experts", "8", "--validate-only"]) == 2
     err = capsys.readouterr().err
-    assert "planned for EP size 4" in err and "this run has 2 ranks" in err
+    assert "planned for EP size 4" in err and "this run has EP size 2" in err
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert main(["--plan", str(plan), "--experts", "8", "--validate-only"]) == 0
     # --ep-size: the plan is checked against the EP size, not the world (8 ranks in EP groups of 4 fit it)
