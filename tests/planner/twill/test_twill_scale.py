@@ -152,6 +152,9 @@ def test_cli_summary_shows_the_method(tmp_path, capsys):
     d = json.loads(capsys.readouterr().out)
     assert d["method"] in ("heuristic", "cp-sat") and d["ii"] >= d["mii"]
     assert d["status"] != "optimal" or d["ii"] == d["mii"]
+    assert main(["plan", "twill", "--graph", "fa4-blackwell", "--load-slack", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["load_slack"] and d["method"] == "cp-sat" and d["ii"] == 6
 
 
 def test_interval_encoding_equals_the_time_indexed_one():
