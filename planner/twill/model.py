@@ -177,6 +177,8 @@ def _wrapped_issue_slots(model, ii: int, res: list, occ: list[int], a: list, nam
     for q in range(G):
         ivs = []
         for i in range(len(names)):
+            if q > i:
+                continue  # op i is never on group q (groups are opened in op order; a[i][q] is fixed to 0)
             full, rest = divmod(occ[i], ii)
             if full >= 2 or (full == 1 and rest):
                 model.Add(a[i][q] == 0)  # it would hold the slot twice at some residue
@@ -193,6 +195,21 @@ def _wrapped_issue_slots(model, ii: int, res: list, occ: list[int], a: list, nam
 def solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, optimise: bool = True,
              hint_times: dict[str, int] | None = None, hint_groups: dict[str, int] | None = None,
              encoding: str = "auto", load_slack: bool = False) -> Attempt:
+    """See :func:`_solve_at`. OR-Tools 9.15's presolve can raise IndexError (its symmetry detection,
+    ``symmetry_level`` 0 avoids it; ``solve_cpsat`` does not expose it) on the interval encoding of the warp
+    problem: that I is then solved with the time-indexed encoding, which is exact too, only larger."""
+    kw = dict(warp=warp, optimise=optimise, hint_times=hint_times, hint_groups=hint_groups, load_slack=load_slack)
+    try:
+        return _solve_at(problem, ii, params, encoding=encoding, **kw)
+    except IndexError:
+        if encoding == "time" or (encoding == "auto" and ii <= INTERVAL_FROM):
+            raise
+        return _solve_at(problem, ii, params, encoding="time", **kw)
+
+
+def _solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, optimise: bool = True,
+              hint_times: dict[str, int] | None = None, hint_groups: dict[str, int] | None = None,
+              encoding: str = "auto", load_slack: bool = False) -> Attempt:
     """Build and solve the CP-SAT model at initiation interval ``ii``; ``hint_times`` (issue cycles, e.g.
     the plain schedule at the same I) become a warm-start hint for residues and stages, ``hint_groups`` (warp
     mode; e.g. the heuristic's) for the group of each op. ``encoding``: 'time' (one-hot residues), 'interval'

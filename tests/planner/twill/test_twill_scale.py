@@ -58,17 +58,21 @@ def test_large_random_graphs_always_get_a_valid_schedule(warp):
         assert time.perf_counter() - t0 < 5.0
         _check_plan(prob, s, gd)
         methods.append(s.method)
-    assert "heuristic" in methods  # the budget is too small for CP-SAT on some of them: the fallback answered
+    # which of them CP-SAT finishes in 0.3 s depends on the machine's load (on 2 loaded cores: about half);
+    # the heuristic's path is pinned down by the next test
+    assert set(methods) <= {"cp-sat", "heuristic"}
 
 
 def test_big_graph_had_no_schedule_without_the_heuristic():
-    """Before the heuristic, CP-SAT's search was all there was: an 80-op graph on a 0.3 s budget got an error
-    ('no schedule found within the time limit'). Now it gets a plan, marked as the heuristic's."""
+    """Before the heuristic, CP-SAT's search was all there was: an 80-op graph on a 0.05 s budget (building the
+    model alone takes longer) got an error ('no schedule found within the time limit'). Now it gets a plan,
+    marked as the heuristic's."""
     gd = random_graph(80, 11)
     prob = check_graph(Graph.model_validate(gd), H100)
+    tiny = SolveParams(time_limit=0.05, seed=0, threads=1)
     with pytest.raises(ValueError, match="no schedule found within the time limit"):
-        solve(prob, TINY, heuristic=False)
-    s = solve(prob, TINY)
+        solve(prob, tiny, heuristic=False)
+    s = solve(prob, tiny)
     assert s.method == "heuristic"
     _check_plan(prob, s, gd)
 
@@ -160,7 +164,8 @@ def test_cli_summary_shows_the_method(tmp_path, capsys):
 def test_interval_encoding_equals_the_time_indexed_one():
     """At fixed I the wrapped-interval encoding (used above INTERVAL_FROM) decides feasibility as the one-hot
     encoding does (plain: 30 small random graphs at I = oracle minimum - 2 .. minimum) and reaches the same
-    optimum of the warp objective on FA3 and FA4 at I = MII .. MII + 1."""
+    status and optimum of the warp objective (15 small random warp graphs at I = MII .. MII + 2 with tight
+    registers; FA3 and FA4 at I = MII - 1 .. MII + 1)."""
     p = SolveParams(time_limit=10.0, seed=0, threads=1)
     for seed in range(30):
         gd = random_graph(3 + seed % 4, seed)
@@ -173,6 +178,21 @@ def test_interval_encoding_equals_the_time_indexed_one():
                 plan = {"ii": ii, "warp_specialised": False, "buffers": {},
                         "ops": [{"name": v, "issue_cycle": t, "warp_group": 0} for v, t in a.times.items()]}
                 assert validate(gd, H100.model_dump(), plan) == []
+    machine3 = H100.model_copy(update={"max_warp_groups": 3, "regs_per_group_max": 64, "group_base_regs": 24})
+    compared = crashed = 0
+    for seed in range(15):  # warp problem on small random graphs: a load, 2-4 ops, tight registers
+        prob = check_graph(Graph.model_validate(random_graph(3 + seed % 3, seed, warp=True)), machine3)
+        lo = compute_mii(prob).mii
+        for ii in range(lo, lo + 3):
+            b = twill_model.solve_at(prob, ii, p, warp=True, encoding="time")
+            try:
+                a = twill_model._solve_at(prob, ii, p, warp=True, encoding="interval")
+            except IndexError:  # OR-Tools 9.15 presolve bug (symmetry detection); solve_at falls back to 'time'
+                crashed += 1
+                continue
+            compared += 1
+            assert (a.status, a.objective) == (b.status, b.objective), (seed, ii)
+    assert compared >= 30 and crashed <= 15, (compared, crashed)
     for graph, machine, mii in (("fa3-hopper", "h100", 8), ("fa4-blackwell", "b200", 6)):
         prob = make_problem(graph, machine)
         for ii in (mii - 1, mii, mii + 1):
