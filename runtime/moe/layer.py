@@ -44,7 +44,7 @@ from adasched.kernels.moe import Backend, expert_mlp, make_index, permute, unper
 from .ep import ExpertParallel, GradSliceReducer, check_pipeline_settings, ep_experts, shared_expert_index
 from .router import Router, RouterConfig, RouterStats
 
-__all__ = ["MoELayer", "named_parameters_by_kind", "split_parameters", "replica_divergence"]
+__all__ = ["MoELayer", "named_parameters_by_kind", "split_parameters", "replica_divergence", "step_routers"]
 
 
 def _check_degrees(r_fwd, r_bwd) -> None:
@@ -80,10 +80,17 @@ class MoELayer(nn.Module):
                  backend: Backend = "auto", ep: ExpertParallel | None = None, r_fwd: int = 1, r_bwd: int = 1,
                  reducer: GradSliceReducer | None = None, wgrad: str = "fused", order_fwd: str = "dispatch-first",
                  order_bwd: str = "dispatch-first", shared_experts: int = 0, shared_ffn: int | None = None,
-                 attach_aux_loss: bool = False):
+                 attach_aux_loss: bool = False, router_update: str = "backward"):
         super().__init__()
         if not isinstance(attach_aux_loss, bool):
             raise ValueError(f"attach_aux_loss: {attach_aux_loss!r} must be True or False")
+        if router_update not in ("backward", "step"):
+            raise ValueError(f"router_update: {router_update!r} is not 'backward' or 'step'")
+        #: when the router's state moves: "backward" (each backward of a training forward) or "step" (the
+        #: statistics of every backward since the last :meth:`step_router` call, applied by that call, once per
+        #: optimizer step as Megatron-core's expert-bias update: gradient accumulation does not multiply the rate)
+        self.router_update = router_update
+        self._pending: torch.Tensor | None = None     # "step": summed counts / [assignments, tokens] since the last step
         self.attach_aux_loss = attach_aux_loss
         #: with ``attach_aux_loss``: the factor the backward applies to the loss (loss scale / accumulation steps)
         self.aux_loss_scale = 1.0
@@ -176,7 +183,14 @@ class MoELayer(nn.Module):
         cfg = self.router.config
         if not torch.is_grad_enabled():                # same on every rank: no collective is skipped by one
             return
-        if cfg.kind == "sigmoid_bias":
+        if self.router_update == "step":
+            stat = self._local_router_stat(routing)
+            if stat is None:
+                return
+
+            def apply():                               # summed here, reduced and applied by step_router()
+                self._pending = stat if self._pending is None else self._pending + stat
+        elif cfg.kind == "sigmoid_bias":
             counts = routing.counts.detach().clone()
             if self.ep is not None:                    # balance on the load of every data-parallel rank
                 dist.all_reduce(counts, group=self.ep.dp_group)
@@ -208,6 +222,46 @@ class MoELayer(nn.Module):
                 apply()
 
         routing.weight.register_hook(hook)
+
+    def _local_router_stat(self, routing) -> torch.Tensor | None:
+        """This rank's statistic of one forward for the router's state step: the (E,) counts (sigmoid_bias) or
+        [assignments, tokens] in float64 (top_p with ``target_k``); None when the router keeps no state."""
+        cfg = self.router.config
+        if cfg.kind == "sigmoid_bias":
+            return routing.counts.detach().clone()
+        if cfg.kind == "top_p" and cfg.target_k is not None:
+            dev = routing.counts.device
+            return torch.stack([routing.counts.sum().to(torch.float64),
+                                torch.full((), float(routing.num_tokens), dtype=torch.float64, device=dev)])
+        return None
+
+    @torch.no_grad()
+    def step_router(self) -> None:
+        """``router_update="step"``: apply the router's state step from the statistics of every backward since the
+        last call (summed, then reduced over the data-parallel group), and clear them; call it once per optimizer
+        step on every rank (it is a collective with expert parallelism), e.g. through :func:`step_routers`. A rank
+        with nothing pending contributes zeros; with nothing pending anywhere the state does not move. No-op with
+        ``router_update="backward"`` (the state already moved in each backward)."""
+        if self.router_update != "step":
+            return
+        cfg = self.router.config
+        if cfg.kind == "sigmoid_bias":
+            zero = torch.zeros(cfg.num_experts, dtype=torch.int64, device=self.router.expert_bias.device)
+        elif cfg.kind == "top_p" and cfg.target_k is not None:
+            zero = torch.zeros(2, dtype=torch.float64, device=self.router.p_threshold.device)
+        else:
+            return
+        stat = zero if self._pending is None else self._pending.to(zero.device, zero.dtype)
+        self._pending = None
+        if self.ep is not None:
+            dist.all_reduce(stat, group=self.ep.dp_group)
+        if cfg.kind == "sigmoid_bias":
+            # no host read: a step with no tokens anywhere moves nothing (sign(0 - 0) = 0 for every expert)
+            self.router.update_bias(stat)
+        else:
+            mean_k = stat[0] / stat[1].clamp_min(1.0)
+            # no tokens anywhere: keep p (mean_k := target_k moves it by 0)
+            self.router.controller_step(torch.where(stat[1] > 0, mean_k, torch.full_like(mean_k, cfg.target_k)))
 
     @torch.compiler.disable
     def _dispatch(self, xt: torch.Tensor, routing) -> torch.Tensor:
@@ -287,3 +341,17 @@ def replica_divergence(module: nn.Module, ep: ExpertParallel) -> float:
     worst = worst.to(dense[0].device if dense else "cpu")
     dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=ep.dp_group)
     return float(worst)
+
+
+def step_routers(module: nn.Module) -> int:
+    """Call :meth:`MoELayer.step_router` on every MoE layer of ``module`` (once per optimizer step, on every rank,
+    after the last backward of the step); returns the number of layers whose router state is stepped there
+    (``router_update="step"`` with a stateful router)."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, MoELayer):
+            m.step_router()
+            cfg = m.router.config
+            n += m.router_update == "step" and (cfg.kind == "sigmoid_bias" or
+                                                (cfg.kind == "top_p" and cfg.target_k is not None))
+    return n
