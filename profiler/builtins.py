@@ -25,7 +25,8 @@ Where every number comes from (checked against ../shared/papers/flexsp.md, ../sh
   - all_gather (x8, intra), reduce_scatter (x8, intra), all_reduce (x64, inter): FSMoE's published fitted
     constants, alpha ms = 0.0549 / 0.0688 / 0.341 and beta = 6.72e-7 / 6.70e-7 / 3.50e-6 ms per element
     (stages 1, 3, 4), an element taken as 2 bytes (fp16/bf16) and the workload n read as the per-rank
-    message. Group sizes are our reading of the stages (intra-node AG/RS, cluster-wide gradient AR); a query
+    shard (all_gather's input, reduce_scatter's output: n1 = n3 = f*B*L*M), so the reduce_scatter beta is per
+    byte of the whole unreduced input (beta / 8), as CollectiveFit's bytes are. Group sizes are our reading of the stages (intra-node AG/RS, cluster-wide gradient AR); a query
     for a smaller group uses the next larger fit (conservative).
 Each fit's ``source`` field says which of these it is.
 """
@@ -123,7 +124,9 @@ def _h100_sxm() -> ClusterProfile:
                 group_size=g,
                 scope=scope,
                 alpha_ms=FSMOE_ALPHA_MS[stage],
-                beta_ms_per_byte=FSMOE_BETA_MS[stage] / _FSMOE_ELEMENT_BYTES,
+                # FSMoE's n1 = n3 = f*B*L*M is the per-rank shard: all_gather's input, reduce_scatter's output.
+                # Our reduce_scatter message is the whole unreduced input (g shards): per byte of it, beta / g
+                beta_ms_per_byte=FSMOE_BETA_MS[stage] / _FSMOE_ELEMENT_BYTES / (g if op == "reduce_scatter" else 1),
                 source=fsmoe_src,
             )
         )

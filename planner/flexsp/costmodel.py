@@ -176,15 +176,16 @@ class SPCostModel:
 
 def _zero3_ms(profile: ClusterProfile, model: ModelShape, world: int) -> float:
     """ZeRO-3 parameter traffic per micro-batch (ms): all-gather fwd + all-gather bwd + reduce-scatter grads
-    of the bf16 parameters; per-rank message 2 * P / world bytes. 0 if the profile has no such fits."""
+    of the bf16 parameters. Messages as CollectiveFit counts them (the tensor each rank passes in): all_gather
+    the rank's shard 2 * P / world bytes, reduce_scatter the whole unreduced gradient 2 * P bytes. 0 if the
+    profile has no such fits."""
     total = 0.0
-    per_rank = 2.0 * model.params / world
-    for op, times in (("all_gather", 2), ("reduce_scatter", 1)):
+    for op, times, nbytes in (("all_gather", 2, 2.0 * model.params / world), ("reduce_scatter", 1, 2.0 * model.params)):
         sizes = profile.group_sizes(op)
         if not sizes or world <= 1:
             continue
         g = next((s for s in sizes if s >= world), sizes[-1])
-        total += times * profile.collective(op, g).time_ms(per_rank)
+        total += times * profile.collective(op, g).time_ms(nbytes)
     return total
 
 

@@ -229,16 +229,22 @@ def stage_costs(cfg: MoEConfig, topo: Topology, *, source: Literal["published", 
         work[0] = fit.beta_ms_per_byte * per_rank_bytes
         notes.append(f"a2a: all_to_all fit on {fit.group_size} ranks ({fit.source})")
     if n[1] > 0:
-        for i, op in ((1, "all_gather"), (3, "reduce_scatter")):
+        # n1 = n3 = f*T*M is one rank's shard: all_gather's input, reduce_scatter's output; a CollectiveFit's
+        # bytes are the tensor each rank passes in (reduce_scatter: the whole unreduced buffer, G shards)
+        for i, op, shards in ((1, "all_gather", 1), (3, "reduce_scatter", topo.gpus_per_node)):
             fit = profile.collective(op, topo.gpus_per_node)
             alpha[i] = fit.alpha_ms
-            work[i] = fit.beta_ms_per_byte * n[i] * ELEMENT_BYTES
+            work[i] = fit.beta_ms_per_byte * n[i] * shards * ELEMENT_BYTES
             notes.append(f"{op}: fit on {fit.group_size} ranks ({fit.source})")
     flops = 2.0 * _expert_macs_per_gpu(cfg, topo, layer)
     alpha[2] = GEMM_ALPHA_MS
     work[2] = flops / (profile.gemm_tflops * 1e9)  # TFLOP/s -> FLOP per ms
     notes.append(f"gemm: {profile.gemm_tflops} TFLOP/s + {GEMM_ALPHA_MS} ms per chunk (assumed launch overhead)")
-    fit = profile.collective("all_reduce", min(topo.gpus, max(profile.group_sizes("all_reduce"))))
+    ar_sizes = profile.group_sizes("all_reduce")
+    if not ar_sizes:
+        raise InputError(f"profile {profile.name!r}", "has no all_reduce fit (the FSMoE planner needs "
+                                                      "collectives.all_reduce for the gradient all-reduce stage)")
+    fit = profile.collective("all_reduce", min(topo.gpus, max(ar_sizes)))
     alpha[4] = fit.alpha_ms
     work[4] = fit.beta_ms_per_byte * n[4] * ELEMENT_BYTES
     notes.append(f"all_reduce: fit on {fit.group_size} ranks ({fit.source})")
