@@ -58,6 +58,27 @@ def _fold(row: list[int], ii: int) -> dict[int, int]:
     return out
 
 
+def _runs_of(offs: np.ndarray, cnt: np.ndarray) -> list[tuple[int, int, int]]:
+    """(start, length, count) runs of consecutive residues with equal count (disjoint, covering offs)."""
+    order = np.argsort(offs)
+    out: list[tuple[int, int, int]] = []
+    for o, c in zip(offs[order].tolist(), cnt[order].tolist()):
+        if out and out[-1][2] == c and out[-1][0] + out[-1][1] == o:
+            out[-1] = (out[-1][0], out[-1][1] + 1, c)
+        else:
+            out.append((o, 1, c))
+    return out
+
+
+def _window_max(a: np.ndarray, size: int) -> np.ndarray:
+    """m[x] = max(a[x], ..., a[x + size - 1]) over the circular array a (doubling: O(len(a) log size))."""
+    m, p = a, 1
+    while 2 * p <= size:
+        m = np.maximum(m, np.roll(m, -p))
+        p *= 2
+    return np.maximum(m, np.roll(m, -(size - p)))
+
+
 def modulo_schedule(problem: Problem, ii: int, groups: dict[str, int] | None = None, *,
                     budget_ratio: int = 8) -> dict[str, int] | None:
     """Issue cycles of one modulo schedule at ``ii`` (with warp-group issue slots and handoffs when ``groups``
@@ -114,11 +135,19 @@ def modulo_schedule(problem: Problem, ii: int, groups: dict[str, int] | None = N
     t: list[int | None] = [None] * n
     last: list[int | None] = [None] * n
 
-    def fits(i: int, cand: np.ndarray) -> np.ndarray:
-        ok = np.ones(len(cand), dtype=bool)
-        for key, offs, cnt in cells[i]:
-            res = (cand[:, None] + offs[None, :]) % ii
-            ok &= (occ[key][res] + cnt[None, :] <= caps[key]).all(axis=1)
+    # the folded table as disjoint runs of equal count: a run of length L fits at residue r when the largest
+    # occupancy in its window is at most cap - count (window maxima cost O(I log L), not O(I L))
+    runs = [[(key, _runs_of(offs, cnt)) for key, offs, cnt in mine] for mine in cells]
+
+    def fits(i: int) -> np.ndarray:
+        """ok[r]: op i fits the MRT when issued at residue r."""
+        ok = np.ones(ii, dtype=bool)
+        for key, rows in runs[i]:
+            wmax: dict[int, np.ndarray] = {}
+            for start, size, cnt in rows:
+                if size not in wmax:
+                    wmax[size] = _window_max(occ[key], size)
+                ok &= np.roll(wmax[size], -start) + cnt <= caps[key]
         return ok
 
     def place(i: int, at: int, sign: int) -> None:
@@ -150,15 +179,9 @@ def modulo_schedule(problem: Problem, ii: int, groups: dict[str, int] | None = N
         chosen = None
         if lo <= hi:
             span = np.arange(lo, hi + 1, dtype=np.int64) if forward else np.arange(hi, lo - 1, -1, dtype=np.int64)
-            step = 16
-            pos = 0
-            while pos < len(span) and chosen is None:  # chunks that grow: the earliest cycles usually fit
-                chunk = span[pos:pos + step]
-                ok = fits(i, chunk)
-                if ok.any():
-                    chosen = int(chunk[int(np.argmax(ok))])
-                pos += step
-                step *= 4
+            ok = fits(i)[span % ii]
+            if ok.any():
+                chosen = int(span[int(np.argmax(ok))])
         if chosen is None:  # force it in and evict what collides
             base = lo if forward else hi
             if last[i] is not None and forward and base <= last[i]:

@@ -432,16 +432,14 @@ def _with_time(params: SolveParams, seconds: float) -> SolveParams:
 
 
 def time_unit(problem: Problem, warp: bool) -> int:
-    """The largest g such that every delay, every reservation table (constant on aligned blocks of g cycles and
-    a whole number of blocks long) and, for the warp problem, the handoff are multiples of g: the same problem
-    is then stated exactly in units of g cycles."""
+    """The largest g such that every delay and every reservation table (constant on aligned blocks of g cycles
+    and a whole number of blocks long) are multiples of g: the problem can then be stated in units of g cycles
+    (exactly, up to the warp problem's handoff, which is rounded up there)."""
     from math import gcd
 
     g = 0
     for e in problem.graph.edges:
         g = gcd(g, e.delay)
-    if warp and problem.warp:
-        g = gcd(g, problem.machine.handoff_cycles)
     for o in problem.graph.ops:
         for row in o.reserve.values():
             g = gcd(g, len(row))
@@ -454,20 +452,23 @@ def time_unit(problem: Problem, warp: bool) -> int:
 
 
 def _coarse(problem: Problem, g: int) -> Problem:
-    """The problem in units of g cycles (see :func:`time_unit`)."""
+    """The problem in units of g cycles (see :func:`time_unit`), the handoff rounded up: each of its schedules,
+    times and I multiplied by g, is a schedule of the original (every constraint scales, a handoff of
+    g * ceil(h / g) >= h cycles included)."""
     graph = problem.graph.model_copy(deep=True)
     for o in graph.ops:
         o.reserve = {u: row[::g] for u, row in o.reserve.items()}
     for e in graph.edges:
         e.delay //= g
-    machine = problem.machine.model_copy(update={"handoff_cycles": problem.machine.handoff_cycles // g})
+    machine = problem.machine.model_copy(update={"handoff_cycles": -(-problem.machine.handoff_cycles // g)})
     return problem.model_copy(update={"graph": graph, "machine": machine})
 
 
 def _coarse_schedule(problem: Problem, warp: bool, params: SolveParams) -> HeuristicSchedule | None:
     """When the costs share a unit g > 1: solve the problem stated in units of g (small I, fast), scale its
     schedule back (times x g, I x g: valid in the original units, so an upper bound there, not a proof of
-    minimality), checked by the validator; None when there is no such unit or no schedule."""
+    minimality; in the warp problem the rounded-up handoff may cost more), checked by the validator; None
+    when there is no such unit or no schedule."""
     g = time_unit(problem, warp)
     if g == 1:
         return None
