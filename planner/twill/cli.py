@@ -48,7 +48,8 @@ def register(groups) -> None:
         if as_json:
             emit_json({
                 "ii": plan.ii, "mii": plan.mii, "res_mii": plan.res_mii, "rec_mii": plan.rec_mii,
-                "plain_ii": plan.plain_ii, "method": plan.method, "load_slack": plan.load_slack, "status": plan.solver.status, "gap": plan.solver.gap,
+                "plain_ii": plan.plain_ii, "method": plan.method, "load_slack": plan.load_slack,
+                "status": plan.solver.status, "gap": plan.solver.gap,
                 "ii_proven_minimal": plan.ii_proven_minimal, "solve_seconds": plan.solver.solve_seconds,
                 "stages": plan.stages,
                 "warp_groups": [g.model_dump() for g in plan.warp_groups],

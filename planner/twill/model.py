@@ -1,6 +1,6 @@
 """Modulo scheduling and joint software pipelining + warp specialisation with OR-Tools CP-SAT.
 
-At a fixed initiation interval I each op v gets a residue (one-hot booleans x[v, r], r < I) and a stage k_v;
+At a fixed initiation interval I each op v gets a residue r_v < I and a stage k_v;
 its issue cycle is t_v = I * k_v + r_v. Constraints (OR-Tools section order below):
 
 - dependences: t_v - t_u >= delay - I * distance (+ handoff when the value crosses warp groups);
@@ -14,15 +14,19 @@ its issue cycle is t_v = I * k_v + r_v. Constraints (OR-Tools section order belo
   within the per-group cap and the register file; shared memory (copies * smem) within capacity.
 
 Objective at fixed I, lexicographic by weights: fewest warp groups, then fewest cross-group edges
-(channels), then the shortest iteration span (fewest stages). The driver :func:`solve` raises I from MII
-until a schedule exists; the plain problem first (so without warp fields the reported I is exactly the
-modulo-scheduling minimum; with them it only decides feasibility), then the warp problem from that I. Each I
-first gets a feasibility solve on at most half of the remaining time (so a time-out still leaves time for a
-larger I), then the objective is optimised from the schedule found. The encoding is time-indexed (I booleans
-per op): keep costs normalised to small integers (``normalise_costs``); at I in the thousands CP-SAT's presolve
-alone takes seconds. ``proven`` is True only when every I below
-the result, down to MII, was proved infeasible; a time-out is recorded as such, never as infeasible, and the
-gap then is at least (I - the smallest I not proved infeasible) / I.
+(channels), then (``load_slack``) the most slack after variable-latency loads, then the shortest iteration span
+(fewest stages). The driver :func:`solve` first runs iterative modulo scheduling (``heuristic.py``) and, when
+every cost is a multiple of a unit g > 1, CP-SAT on the problem in units of g (scaled back); the better of the
+two caps the search over I and is CP-SAT's hint there. It then raises I from MII until a schedule exists; the
+plain problem first (so without warp fields the reported I is exactly the modulo-scheduling minimum; with them
+it only decides feasibility), then the warp problem from that I. Each I first gets a feasibility solve on at
+most half of the remaining time (so a time-out still leaves time for a larger I), then the objective is
+optimised from the schedule found; when the range up to the cap is wide, a bisection looks for a smaller I with
+a schedule first. When CP-SAT has none in time, the heuristic's (or the coarse) schedule is the answer
+(``method``), status 'feasible'. Up to I = INTERVAL_FROM the residues are one-hot (I booleans per op); above,
+they are integers and the reservations wrapped intervals (model size independent of I). ``proven`` is True when
+every I below the result, down to MII, was proved infeasible; a time-out is recorded as such, never as
+infeasible, and the gap then is at least (I - the smallest I not proved infeasible) / I.
 """
 from __future__ import annotations
 

@@ -122,9 +122,7 @@ class TwillPlan(Plan):
         rows = super().summary_rows()
         rows[3:3] = [
             ("graph / machine", f"{self.graph_name} / {self.machine_name}"),
-            ("method", self.method + {"heuristic": " (iterative modulo scheduling: CP-SAT found no schedule in time)",
-                                      "cp-sat-coarse": " (CP-SAT in a coarser time unit, scaled back: CP-SAT found "
-                                                       "no schedule in the original units in time)"}.get(self.method, "")),
+            ("method", self.method + _METHOD_NOTE.get(self.method, "")),
             ("ii (cycles/iter)", f"{self.ii} (MII {self.mii}: res {self.res_mii}, rec {self.rec_mii}; plain {self.plain_ii})"
              + ("" if self.ii_proven_minimal else ", not proved minimal")),
             ("stages", str(self.stages) + (" (objective preferred load slack)" if self.load_slack else "")),
@@ -169,6 +167,13 @@ class TwillPlan(Plan):
 
         return Simulation(tasks=[ScheduledTask(b.name, 0, b.lane, b.start_ms, b.end_ms, b.category)
                                  for b in self.gantt_tasks()], unit="cycles")
+
+
+_METHOD_NOTE = {
+    "heuristic": " (iterative modulo scheduling: CP-SAT found no schedule in time)",
+    "cp-sat-coarse": " (CP-SAT in a coarser time unit, scaled back: CP-SAT found no schedule in the original units "
+                     "in time)",
+}
 
 
 @dataclass(frozen=True)
