@@ -214,19 +214,62 @@ def modulo_schedule(problem: Problem, ii: int, groups: dict[str, int] | None = N
 
 def _budgets_ok(problem: Problem, ii: int, times: dict[str, int], groups: dict[str, int]) -> dict[str, int] | None:
     """Buffer depths of the values holding registers or shared memory when they fit the budgets, else None."""
-    g, m = problem.graph, problem.machine
+    g = problem.graph
     depth = buffer_depths(g, ii, times)
     held = {o.name: depth[o.name] for o in g.ops if (o.regs or 0) > 0 or (o.smem or 0) > 0}
+    return held if _fits(problem, held, groups) else None
+
+
+def _retime(problem: Problem, ii: int, times: dict[str, int], groups: dict[str, int]) -> dict[str, int] | None:
+    """Stages for the same residues that keep each held value within a buffer count (lifetime <= copies * I):
+    difference constraints (dependences below, lifetimes above) solved by longest paths. Buffer counts start at
+    one per value (or its length) and grow one at a time, the value with the fewest first (then the cheapest in
+    registers + shared memory), while the budgets allow."""
+    g, m = problem.graph, problem.machine
+    names = [o.name for o in g.ops]
+    res = {v: times[v] % ii for v in names}
+    length = {o.name: o.length for o in g.ops}
+    held = [o for o in g.ops if (o.regs or 0) > 0 or (o.smem or 0) > 0]
+    lower = []
+    for e in g.edges:
+        w = e.delay - ii * e.distance
+        if e.value and e.src != e.dst and groups[e.src] != groups[e.dst]:
+            w += m.handoff_cycles
+        lower.append((e.src, e.dst, -(-(w - res[e.dst] + res[e.src]) // ii)))  # k_dst >= k_src + this
+    copies = {o.name: max(1, -(-o.length // ii)) for o in held}
+    cost = {o.name: (o.regs or 0) + (o.smem or 0) for o in held}
+    for _ in range(4 * len(held) + 4):
+        cons = list(lower)
+        for e in g.edges:
+            if e.value and e.src != e.dst and e.src in copies:
+                # t_dst + I * distance + len_dst - t_src <= copies * I  ->  k_src >= k_dst + this
+                up = copies[e.src] * ii - ii * e.distance - length[e.dst]
+                cons.append((e.dst, e.src, -((up - res[e.dst] + res[e.src]) // ii)))
+        k = longest_paths(names, cons)
+        if k is not None:
+            lo = min(k.values())
+            return {v: ii * (k[v] - lo) + res[v] for v in names}
+        grow = sorted(copies, key=lambda v: (copies[v], cost[v], v))
+        for v in grow:
+            trial = dict(copies, **{v: copies[v] + 1})
+            if _fits(problem, trial, groups):
+                copies = trial
+                break
+        else:
+            return None
+    return None
+
+
+def _fits(problem: Problem, copies: dict[str, int], groups: dict[str, int]) -> bool:
+    """Registers per group (base + regs x buffers) and over all groups, and shared memory, within the machine's."""
+    g, m = problem.graph, problem.machine
     total = 0
     for q in set(groups.values()):
-        regs = m.group_base_regs + sum((o.regs or 0) * held.get(o.name, 1) for o in g.ops if groups[o.name] == q)
+        regs = m.group_base_regs + sum((o.regs or 0) * copies.get(o.name, 1) for o in g.ops if groups[o.name] == q)
         if regs > m.regs_per_group_max:
-            return None
+            return False
         total += regs
-    smem = sum((o.smem or 0) * held.get(o.name, 1) for o in g.ops)
-    if total > m.regs_total or smem > m.smem_capacity:
-        return None
-    return held
+    return total <= m.regs_total and sum((o.smem or 0) * copies.get(o.name, 1) for o in g.ops) <= m.smem_capacity
 
 
 def assignments(problem: Problem) -> list[dict[str, int]]:
@@ -359,6 +402,9 @@ def heuristic_schedule(problem: Problem, *, warp: bool | None = None, lower: int
                 if times is None:
                     return None
                 copies = _budgets_ok(problem, ii, times, grp)
+                if copies is None:  # too many buffers: the same residues, stages chosen to shorten lifetimes
+                    times = _retime(problem, ii, times, grp)
+                    copies = None if times is None else _budgets_ok(problem, ii, times, grp)
                 return None if copies is None else HeuristicSchedule(ii, times, grp, copies, True)
 
             top = cap if best is None else best.ii - 1
