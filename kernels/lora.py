@@ -1522,8 +1522,7 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     if any(ps[aid] > 0 for aid, _, _ in segs):
         _check_counters(*x2.shape)
     if _wider_adapters(x2.dtype, adapters, segs):  # PEFT's numerics: the LoRA term in the adapters' dtype
-        plan = _tile_plan(x2.shape[0], segs, ranks, scales, ps, bm, x2.device) if x2.shape[0] else None
-        return _wider_adapter_call(x2, weight, bias, adapters, segs, seed_v, plan)
+        return _wider_adapter_call(x2, weight, bias, adapters, segs, seed_v, (ranks, scales, ps, bm))
     dt = x2.dtype
     if len(adapters) == 1:
         a_cat, b_cat = adapters[0].lora_a.to(dt), adapters[0].lora_b.to(dt)
@@ -1546,22 +1545,35 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     return _FusedLoRAFunction.apply(x2, w, bias, a_cat, b_cat, plan, seed_v, gemm_config, base_gemm)
 
 
-@torch.compiler.disable
-def _wider_adapter_call(x2, weight, bias, adapters, segs, seed, plan: Optional[_TilePlan]) -> torch.Tensor:
+def _wider_adapter_call(x2, weight, bias, adapters, segs, seed, tiling) -> torch.Tensor:
     """Adapters wider than the input (fp32 adapters on a bf16 model without autocast, PEFT's default dtype mix):
     the base projection and each LoRA term by torch ops in PEFT's numerics (``_reference_impl``), the dropout mask
-    drawn by the dropout kernel when ``plan`` is given (the same bits as the fused path and the torch mirror; a
-    tensor seed stays on the device). Unfused: what the kernels save here is only the mask's Philox draw."""
+    drawn by the dropout kernel (the same bits as the fused path and the torch mirror; a tensor seed stays on the
+    device). Unfused: what the kernels save here is only the mask's Philox draw. Under torch.compile the torch ops
+    trace into the graph (``fullgraph=True`` works); only a call with dropout leaves it, for the mask's draw.
+    ``tiling``: (ranks, scales, ps, block_m) of the tile plan the dropout kernel runs on."""
     keep = None
+    if _segments_drop(adapters, segs):
+        keep = _wider_keep_mask(x2, adapters, segs, seed, tiling)
+    return _reference_impl(x2, weight, bias, adapters, segs, 0, keep=keep)
+
+
+@torch.compiler.disable
+def _wider_keep_mask(x2, adapters, segs, seed, tiling) -> torch.Tensor:
+    """The boolean dropout mask [T, K] of a wider-adapter call, drawn by the dropout kernel (a mask-only launch:
+    A is not read, HAS_DOT=False; Xd comes back in x's dtype and is not used); the torch mirror for no rows."""
+    ranks, scales, ps, bm = tiling
     seed = _resolve_seed(seed, adapters, segs, x2.device)  # a None seed under torch.compile: drawn here, per call
-    if plan is not None and plan.has_dropout:
-        # A is not read by a mask-only launch (HAS_DOT=False); Xd comes back in x's dtype and is not used
-        _, _, bits = _down(x2.detach(), adapters[0].lora_a.detach(), plan, seed, with_s=False)
-        keep = unpack_keep_bits(bits, x2.shape[1])
-        seed = 0
-    else:
-        seed = _host_seed(_resolve_seed(seed, adapters, segs))
-    return _reference_impl(x2, weight, bias, adapters, segs, seed, keep=keep)
+    if not x2.shape[0]:
+        return torch.zeros(x2.shape, dtype=torch.bool, device=x2.device)
+    plan = _tile_plan(x2.shape[0], segs, ranks, scales, ps, bm, x2.device)
+    _, _, bits = _down(x2.detach(), adapters[0].lora_a.detach(), plan, seed, with_s=False)
+    return unpack_keep_bits(bits, x2.shape[1])
+
+
+def _segments_drop(adapters, segs) -> bool:
+    """Some row of some segment has dropout (decided on the host from the adapters' p: traceable)."""
+    return any(float(adapters[aid].dropout_p) > 0 for aid, s, e in segs if e > s)
 
 
 @torch.compiler.disable
@@ -1619,10 +1631,10 @@ def _reference_impl(x2, weight, bias, adapters, segs, seed: int, keep: Optional[
     rounded to the input's dtype); all in the input's dtype when the dtypes agree."""
     T, K = x2.shape
     y = F.linear(x2, weight, bias.to(x2.dtype) if bias is not None else None)  # a bias in another dtype: cast
-    p_row = torch.zeros(T, dtype=torch.float64)
-    for aid, s, e in segs:
-        p_row[s:e] = float(adapters[aid].dropout_p)
-    if keep is None and bool((p_row > 0).any()):
+    if keep is None and _segments_drop(adapters, segs):  # decided on the host: no tensor read (traceable)
+        p_row = torch.zeros(T, dtype=torch.float64)
+        for aid, s, e in segs:
+            p_row[s:e] = float(adapters[aid].dropout_p)
         keep = dropout_keep_mask(seed, T, K, p_row, x2.device)
     acc = y.dtype
     for aid, _, _ in segs:
