@@ -269,3 +269,28 @@ def test_load_slack_keeps_ii_groups_channels_and_absorbs_late_loads(graph, machi
     for jitter in (2, 4):
         got, before = cpi(slack, jitter), cpi(base, jitter)
         assert got <= before + 1e-9 and got == pytest.approx(slack.ii), (jitter, got, before)
+
+
+def test_retiming_fits_buffers_the_asap_schedule_breaks():
+    """A value produced at cycle 0 but read 15 cycles later after a chain, all on one warp group (4 issues: I >= 4):
+    the ASAP modulo schedule keeps 4+ copies of its 64 registers at I = 4 (over the group's 160); re-timing the
+    stages for the same residues brings it to one copy. The heuristic reaches I = MII = 2 on two groups."""
+    from adasched.planner.twill import heuristic
+
+    gd = {"name": "late-read", "units": {"TC": 1, "ALU": 1},
+          "ops": [{"name": "p", "reserve": {"ALU": [1]}, "regs": 64},
+                  {"name": "x1", "reserve": {"TC": [1]}, "regs": 0},
+                  {"name": "x2", "reserve": {"TC": [1]}, "regs": 0},
+                  {"name": "c", "reserve": {"ALU": [1]}, "regs": 0}],
+          "edges": [{"from": "x1", "to": "x2", "delay": 7}, {"from": "x2", "to": "c", "delay": 8},
+                    {"from": "p", "to": "c", "delay": 0}]}
+    machine = H100.model_copy(update={"max_warp_groups": 2, "regs_per_group_max": 160, "group_base_regs": 24})
+    prob = check_graph(Graph.model_validate(gd), machine)
+    groups = {"p": 0, "x1": 0, "x2": 0, "c": 0}
+    asap = heuristic.modulo_schedule(prob, 4, groups)
+    assert asap is not None and heuristic._budgets_ok(prob, 4, asap, groups) is None  # 24 + 64 x 4 > 160
+    fixed = heuristic._retime(prob, 4, asap, groups)
+    assert fixed is not None and {v: t % 4 for v, t in fixed.items()} == {v: t % 4 for v, t in asap.items()}
+    assert heuristic._budgets_ok(prob, 4, fixed, groups) == {"p": 1}
+    h = heuristic_schedule(prob)
+    assert h is not None and h.ii == compute_mii(prob).mii == 2  # on two groups (one issues 2 ops per 2 cycles)
