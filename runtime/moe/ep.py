@@ -639,11 +639,26 @@ class ExpertGradReducer(GradSliceReducer):
         super().__init__(params, (), group=ep.expert_dp_group, average=average, divisor=ep.dp_size,
                          bucket_elements=bucket_elements)
         self.group = ep.expert_dp_group                 # None: no other copy of these experts
+        if self.group is None:                          # nothing to sum: no buckets, finish() scales in place
+            self.bucket_elements = None
 
     def _all_reduce(self, buf: torch.Tensor):
         if self.group is None:
             return None
         return dist.all_reduce(buf, group=self.group, async_op=True)
+
+    def finish(self) -> None:
+        """Without copies (EP over the whole data-parallel group) only the 1 / ``dp_size`` scaling, in place on each
+        gradient (no staging buffers: they held a second copy of every expert gradient until here); else as
+        :meth:`GradSliceReducer.finish`."""
+        if self.group is not None:
+            return super().finish()
+        for p in self.params:
+            if p.grad is None:                          # no gradient on this rank: zeros, as with copies
+                p.grad = torch.zeros_like(p)
+            if self.average:
+                p.grad.div_(self.divisor)
+        self._reset()
 
 
 # ---------------------------------------------------------------------------------------------------
