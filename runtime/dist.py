@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -91,8 +92,18 @@ def _worker(rank: int, world: int, port: int, timeout_s: float, fn: Callable, ar
         buf = io.BytesIO()
         torch.save(result, buf)  # plain bytes across the queue: no shared-memory tensors outliving the worker
         queue.put((rank, "ok", buf.getvalue()))
+        code = 0
     except BaseException:  # noqa: BLE001 - reported to the parent with the rank
         queue.put((rank, "error", traceback.format_exc()))
+        code = 1
+    # the report is flushed to the parent, then the process leaves without the interpreter's teardown: gloo's
+    # threads have aborted a finished worker there ("terminate called without an active exception"), which the
+    # parent could see before the report arrived
+    queue.close()
+    queue.join_thread()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _reset_pool_cache() -> None:
