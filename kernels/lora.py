@@ -1464,7 +1464,8 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     adapter is wider than x (fp32 adapters, bf16 x: PEFT's default dtype mix) gets its LoRA term in the adapter's
     dtype, as PEFT's ``lora.Linear`` computes it (x cast up, the term added to the base output in that dtype,
     the sum rounded to x's dtype): that call runs torch ops (``_reference_impl``) with the dropout kernel's
-    mask, not the fused GEMMs, and breaks a compiled graph there. Adapters narrower than x are cast up to x's dtype.
+    mask, not the fused GEMMs; under torch.compile the torch ops trace into the graph, only the mask's draw (with
+    dropout) breaks it. Adapters narrower than x are cast up to x's dtype.
 
     ``base_gemm``: "triton" runs the two big GEMMs in our kernel with the LoRA term in its register
     accumulator; "triton_tma" the same with the K loop's X and W tiles through TMA descriptors where their rows
