@@ -270,21 +270,29 @@ class MoELayer(nn.Module):
         sized from them, so under torch.compile it runs eagerly between compiled graphs (the router and what
         surrounds the layer stay compiled)."""
         T = xt.shape[0]
+        w1, w2, sw1, sw2 = self.w1, self.w2, self.shared_w1, self.shared_w2
+        amp = xt.device.type if torch.is_autocast_enabled(xt.device.type) else None
+        if amp is not None:
+            # under torch.autocast the expert GEMMs run in the autocast dtype, as F.linear's do (our kernels are not
+            # autocast ops themselves): operands cast here, differentiably (fp32 weights get fp32 gradients)
+            dt = torch.get_autocast_dtype(amp)
+            xt, w1, w2 = xt.to(dt), w1.to(dt), w2.to(dt)
+            if sw1 is not None:
+                sw1, sw2 = sw1.to(dt), sw2.to(dt)
         index = make_index(routing.token_idx, routing.counts, T)
         rows = permute(xt, index, self.backend)
-        has_shared = self.shared_w1 is not None
+        has_shared = sw1 is not None
         y_shared = None
         if self.ep is None:
-            y = expert_mlp(rows, self.w1, self.w2, index, self.activation, self.backend)
+            y = expert_mlp(rows, w1, w2, index, self.activation, self.backend)
             if has_shared:
-                y_shared = expert_mlp(xt, self.shared_w1, self.shared_w2, shared_expert_index(T, xt.device),
-                                      self.activation, self.backend)
+                y_shared = expert_mlp(xt, sw1, sw2, shared_expert_index(T, xt.device), self.activation, self.backend)
         else:
-            y = ep_experts(rows, self.w1, self.w2, routing.token_idx, routing.expert_idx, T, self.ep,
+            y = ep_experts(rows, w1, w2, routing.token_idx, routing.expert_idx, T, self.ep,
                            r_fwd=self.r_fwd, r_bwd=self.r_bwd, activation=self.activation,
                            backend=self.backend, reducer=self.reducer, wgrad=self.wgrad,
                            order_fwd=self.order_fwd, order_bwd=self.order_bwd,
-                           shared=(xt, self.shared_w1, self.shared_w2) if has_shared else None)
+                           shared=(xt, sw1, sw2) if has_shared else None)
             if has_shared:
                 y, y_shared = y
         out = unpermute(y, routing.weight.to(y.dtype), index, self.backend)
