@@ -585,6 +585,14 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
                 heur_warp = coarse
             elif not warp and (heur_plain is None or coarse.ii < heur_plain.ii):
                 heur_plain = coarse
+        if heur_warp is not None and (heur_plain is None or heur_warp.ii < heur_plain.ii):
+            # a warp-specialised schedule is a plain one too: without this the plain search was capped at the
+            # plain heuristic's larger I, and the warp search, starting from the plain I found, could skip
+            # (or, timing out there, raise an error despite) the better warp schedule in hand
+            heur_plain = HeuristicSchedule(ii=heur_warp.ii, times=dict(heur_warp.times),
+                                           groups={v: 0 for v in heur_warp.times}, copies={}, warp=False,
+                                           seconds=heur_warp.seconds, source=heur_warp.source,
+                                           method=heur_warp.method)
 
     def search(start: int, use_warp: bool, hint: Attempt | None = None, optimise: bool = True,
                heur: HeuristicSchedule | None = None) -> tuple[Attempt | None, bool]:
@@ -654,7 +662,7 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
                 proven = False
         if found is not None:  # the bisection's schedule (no time left to improve it)
             return found, False
-        if heur is not None and heur.ii >= start:
+        if heur is not None:
             return None, False  # the last I (the heuristic's) timed out: it answers
         what = ("no warp-specialised schedule: the register, shared-memory or warp-group limits cannot be met"
                 if use_warp else "no modulo schedule")

@@ -1,0 +1,40 @@
+"""Review of the heuristic / coarse-unit / bisection search: defects found by adversarial checks, each pinned by a
+test that failed before its fix."""
+from __future__ import annotations
+
+from adasched.planner.solver import SolveParams
+from adasched.planner.twill import heuristic as twill_heuristic
+from adasched.planner.twill import model as twill_model
+from adasched.planner.twill.graph import make_problem
+from adasched.planner.twill.plan import make_plan
+
+
+def test_a_better_warp_heuristic_caps_the_plain_search(monkeypatch):
+    """The plain heuristic reaches only I = 10 on FA3 while the warp heuristic has a validated schedule at I = 8
+    (iterative modulo scheduling is not monotone: on random warp graphs the warp heuristic beat the plain one in 9
+    of 120). CP-SAT times out everywhere except a plain schedule at I = 10. Before, the plain search was capped at
+    10 only, found 10, and the warp search started there: it raised 'no warp-specialised schedule: the register,
+    shared-memory or warp-group limits cannot be met' with the I = 8 schedule in hand (had CP-SAT found one at 10,
+    the answer would have been 10). A warp schedule is a plain one too: it caps both searches."""
+    prob = make_problem("fa3-hopper", "h100")
+    real = twill_model.heuristic_schedule
+    plain10 = twill_heuristic.modulo_schedule(prob, 10)
+    assert plain10 is not None
+
+    def heur(problem, *, warp=None, **kw):
+        if warp:
+            return real(problem, warp=True, **kw)
+        return twill_heuristic.HeuristicSchedule(10, dict(plain10), {v: 0 for v in plain10}, {}, False)
+
+    def at(problem, ii, params, *, warp, **kw):
+        if not warp and ii == 10:
+            return twill_model.Attempt(ii=ii, warp=False, status="feasible", seconds=0.0, times=dict(plain10),
+                                       groups={v: 0 for v in plain10})
+        return twill_model.Attempt(ii=ii, warp=warp, status="timeout", seconds=0.0)
+
+    monkeypatch.setattr(twill_model, "heuristic_schedule", heur)
+    monkeypatch.setattr(twill_model, "solve_at", at)
+    s = twill_model.solve(prob, SolveParams(time_limit=2.0, seed=0, threads=1))
+    assert (s.ii, s.method, s.status) == (8, "heuristic", "feasible")
+    assert s.plain_ii <= s.ii and s.proven and s.gap == 0.0  # 8 = MII
+    make_plan(prob, s, simulate=False)  # validated
