@@ -96,8 +96,8 @@ def register(groups) -> None:
         n = steps if steps is not None else (None if has_file else 100)
         if n is not None and n <= 0:
             raise InputError("--steps", f"must be > 0, got {n}")
-        if warmup < 0 or (n is not None and warmup >= n):
-            raise InputError("--warmup", f"must be in [0, steps) = [0, {n}), got {warmup}" if n is not None
+        if warmup < 0 or (n is not None and warmup > n):
+            raise InputError("--warmup", f"must be in [0, steps] = [0, {n}], got {warmup}" if n is not None
                              else f"must be >= 0, got {warmup}")
         is_file = [s.lower().endswith((".csv", ".json")) for s in specs]
         curves: list = [None] * len(specs)

@@ -343,10 +343,13 @@ def replica_divergence(module: nn.Module, ep: ExpertParallel) -> float:
         if not params or group is None:
             continue
         flat = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in params])
+        if flat.numel() == 0:                      # zero-size parameters only: nothing can differ
+            continue
         copies = [torch.empty_like(flat) for _ in range(n)]
         dist.all_gather(copies, flat, group=group)
         worst = torch.maximum(worst, torch.stack([(c - flat).abs().max() for c in copies]).max().cpu())
-    worst = worst.to(dense[0].device if dense else "cpu")
+    first = next(module.parameters(), None)
+    worst = worst.to(first.device if first is not None else "cpu")   # the collectives' device (nccl: a CUDA tensor)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=ep.dp_group)
     return float(worst)
 

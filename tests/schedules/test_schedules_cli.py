@@ -52,6 +52,11 @@ def test_plot_default_and_mixed(tmp_path, capsys):
     curves = json.loads(capsys.readouterr().out)["curves"]
     assert all(len(v) == 51 for v in curves.values()) and len(curves) == 3
     assert (tmp_path / "a.png").stat().st_size > 1000 and (tmp_path / "b.png").stat().st_size > 1000
+    # all warmup (warmup == steps, as the schedules accept): linear warmup, then the floor
+    assert main(["schedules", "plot", "rex", "--out", str(tmp_path / "c.png"), "--steps", "8", "--warmup", "8",
+                 "--json"]) == 0
+    rex = json.loads(capsys.readouterr().out)["curves"]["rex"]
+    np.testing.assert_allclose(rex, [k / 8 for k in range(8)] + [0.0], rtol=0, atol=1e-15)
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -62,7 +67,8 @@ def test_plot_default_and_mixed(tmp_path, capsys):
     (["schedules", "refine", "{empty}", "--out", "{dir}/o.json"], "empty"),
     (["schedules", "plot", "uba:0", "--out", "{dir}/o.png"], "phi"),
     (["schedules", "plot", "rex", "--out", "{dir}/o.png", "--steps", "0"], "--steps"),
-    (["schedules", "plot", "rex", "--out", "{dir}/o.png", "--steps", "10", "--warmup", "10"], "--warmup"),
+    (["schedules", "plot", "rex", "--out", "{dir}/o.png", "--steps", "10", "--warmup", "11"], "--warmup"),
+    (["schedules", "plot", "{norms}", "--out", "{dir}/o.png", "--warmup", "50"], "warmup_steps"),
     (["schedules", "plot", "rex", "--out", "{dir}/o.png", "--warmup", "-1"], "--warmup"),
     (["schedules", "plot", "rex", "--out", "{norms}/x.png"], "--out"),
     (["schedules", "plot", "step", "--out", "{dir}/o.png"], "schedule"),
