@@ -38,3 +38,31 @@ def test_a_better_warp_heuristic_caps_the_plain_search(monkeypatch):
     assert (s.ii, s.method, s.status) == (8, "heuristic", "feasible")
     assert s.plain_ii <= s.ii and s.proven and s.gap == 0.0  # 8 = MII
     make_plan(prob, s, simulate=False)  # validated
+
+
+def test_heuristic_past_its_deadline_probes_each_grouping_at_the_cap_first(monkeypatch):
+    """The warp heuristic's search for a first schedule ignores the deadline. On a 120-op random warp graph no
+    grouping schedules at any I: each one was galloped up to the cap (about 13 modulo schedules apiece, 65 in
+    all, 5 s at a 0.3 s limit, for no schedule). Past the deadline each grouping is now tried at the cap first and
+    passed over when that fails. Within the deadline nothing changes."""
+    from adasched.planner.twill.graph import Graph, check_graph, load_machine
+    from adasched.planner.twill.randgraph import random_graph
+
+    calls = []
+    real = twill_heuristic.modulo_schedule
+
+    def counted(problem, ii, groups=None, **kw):
+        calls.append(ii)
+        return real(problem, ii, groups, **kw)
+
+    monkeypatch.setattr(twill_heuristic, "modulo_schedule", counted)
+    prob = check_graph(Graph.model_validate(random_graph(120, 1, warp=True)), load_machine("h100"))
+    groupings = twill_heuristic.assignments(prob)
+    assert twill_heuristic.heuristic_schedule(prob, warp=True, time_limit=0.0) is None
+    assert len(calls) <= len(groupings), calls
+    fa3 = make_problem("fa3-hopper", "h100")
+    h = twill_heuristic.heuristic_schedule(fa3, warp=True, time_limit=10.0)
+    assert h is not None and h.ii == 8 and h.tried[0] == 8  # no probe at the cap within the deadline
+    h = twill_heuristic.heuristic_schedule(fa3, warp=True, time_limit=0.0)
+    assert h is not None and h.tried[:2] == [twill_model.ii_cap(fa3, True), 8] and h.ii == 9  # 8 failed on the
+    # first grouping; past the deadline there is no bisection and no second grouping (as before)
