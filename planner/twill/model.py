@@ -718,7 +718,9 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
         lowest = min(_lower_bound(bounds, attempts, warp), best.ii)
         gap = max(gap or 0.0, (best.ii - lowest) / best.ii)
     times = best.times
-    if best.status != "optimal":  # its span was not minimised: the least stages for its residues
+    # its span was not minimised: the least stages for its residues; not when the objective ran for load slack
+    # (the least stages would take back the slack after the loads that it preferred over a short span)
+    if best.status != "optimal" and not (load_slack and warp and best.objective is not None):
         times = compact(problem, best.ii, best.times, best.groups, warp)
         if times != best.times:
             notes.append("stages compacted after the solve (fewest stages for its residues)")

@@ -66,3 +66,34 @@ def test_heuristic_past_its_deadline_probes_each_grouping_at_the_cap_first(monke
     h = twill_heuristic.heuristic_schedule(fa3, warp=True, time_limit=0.0)
     assert h is not None and h.tried[:2] == [twill_model.ii_cap(fa3, True), 8] and h.ii == 9  # 8 failed on the
     # first grouping; past the deadline there is no bisection and no second grouping (as before)
+
+
+def test_stage_compaction_keeps_the_load_slack_the_objective_chose(monkeypatch):
+    """When the objective's proof times out (status 'feasible'), the schedule's stages were compacted to the fewest
+    for its residues, which also took back the slack after the loads that ``load_slack`` had preferred: FA4's load
+    buffers LK 2, LV 4 became LK 1, LV 3 (FA3: 3, 3 -> 2, 2), the same as without load slack, while the plan still
+    said load_slack. Here every solve is downgraded to 'feasible' (same schedule)."""
+    from adasched.planner.twill.knobs import buffer_depths
+
+    real = twill_model.solve_at
+
+    def downgraded(problem, ii, params, **kw):
+        a = real(problem, ii, params, **kw)
+        if a.status == "optimal":
+            a.status = "feasible"
+        return a
+
+    monkeypatch.setattr(twill_model, "solve_at", downgraded)
+    p = SolveParams(time_limit=10.0, seed=0, threads=1)
+    for graph, machine in (("fa4-blackwell", "b200"), ("fa3-hopper", "h100")):
+        prob = make_problem(graph, machine)
+        base = twill_model.solve(prob, p)
+        slack = twill_model.solve(prob, p, load_slack=True)
+        assert base.status == slack.status == "feasible" and slack.load_slack and base.ii == slack.ii
+
+        def loads(s):
+            d = buffer_depths(prob.graph, s.ii, s.times)
+            return sum(d[o.name] for o in prob.graph.ops if o.variable_latency)
+
+        assert loads(slack) > loads(base), graph
+        make_plan(prob, slack, simulate=False)  # validated
