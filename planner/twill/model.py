@@ -672,6 +672,7 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
     # with the warp problem to follow, the plain stage only decides feasibility at each I (its schedule is a
     # hint, its span is thrown away): optimising the span there spent the whole budget on a 30-op graph
     plain, plain_proven = search(bounds.mii, False, optimise=not warp, heur=heur_plain)
+    plain_proven = plain_proven or (plain is not None and plain.ii == bounds.mii)
     if plain is None and not warp:
         if heur_plain is None:
             raise ValueError(f"graph {problem.graph.name!r}: no schedule found within the time limit of "
@@ -697,6 +698,7 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
                                    time.perf_counter() - t0, params, why)
         best, proven = ws, plain_proven and ws_proven
     assert best is not None
+    proven = proven or best.ii == bounds.mii  # e.g. the bisection's schedule at MII, not re-solved in time
     notes = []
     if not proven:
         lower = [a.ii for a in attempts if a.ii < best.ii and a.status == "timeout" and a.warp == best.warp]

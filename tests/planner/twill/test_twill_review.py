@@ -97,3 +97,30 @@ def test_stage_compaction_keeps_the_load_slack_the_objective_chose(monkeypatch):
 
         assert loads(slack) > loads(base), graph
         make_plan(prob, slack, simulate=False)  # validated
+
+
+def test_a_bisection_schedule_at_mii_is_proved_minimal(monkeypatch):
+    """The bisection finds a schedule at I = MII and the scan's solve there times out: I = MII is minimal by the
+    bound, but the plan said 'not proved minimal: I = [] timed out' (ii_proven_minimal false)."""
+    from adasched.planner.twill.graph import check_graph, load_machine
+    from adasched.planner.twill.scalebench import _scaled
+
+    prob = check_graph(_scaled("toy-attention", "h100", 20), load_machine("h100"))  # MII 40
+    mii = twill_model.compute_mii(prob).mii
+    sched = {ii: twill_heuristic.modulo_schedule(prob, ii) for ii in range(mii, mii + 101)}
+    monkeypatch.setattr(twill_model, "_coarse_schedule", lambda *a, **k: None)
+    monkeypatch.setattr(twill_model, "heuristic_schedule", lambda problem, **kw: twill_heuristic.HeuristicSchedule(
+        mii + 100, sched[mii + 100], {v: 0 for v in sched[mii + 100]}, {}, False))
+    calls: list[int] = []
+
+    def at(problem, ii, params, *, warp, **kw):
+        calls.append(ii)
+        if ii > mii or calls.count(ii) == 1:  # the bisection's probes find them, the scan's solve at MII times out
+            return twill_model.Attempt(ii=ii, warp=warp, status="feasible", seconds=0.0, times=dict(sched[ii]),
+                                       groups={v: 0 for v in sched[ii]})
+        return twill_model.Attempt(ii=ii, warp=warp, status="timeout", seconds=0.0)
+
+    monkeypatch.setattr(twill_model, "solve_at", at)
+    s = twill_model.solve(prob, SolveParams(time_limit=2.0, seed=0, threads=1))
+    assert s.ii == mii and calls.count(mii) == 2 and calls[0] > mii  # found by the bisection
+    assert s.proven and s.gap in (None, 0.0) and "not proved minimal" not in s.note and s.status == "feasible"
