@@ -488,8 +488,9 @@ def _coarse_schedule(problem: Problem, warp: bool, params: SolveParams) -> Heuri
     depth = buffer_depths(problem.graph, s.ii * g, times)
     copies = {o.name: depth[o.name] for o in problem.graph.ops if (o.regs or 0) > 0 or (o.smem or 0) > 0}
     out = HeuristicSchedule(ii=s.ii * g, times=times, groups=groups, copies=copies if warp else {}, warp=warp,
-                            seconds=s.seconds, method="cp-sat-coarse",
-                            source=f"CP-SAT in units of {g} cycles (I = {s.ii}, {s.status}), scaled back")
+                            seconds=s.seconds, method="cp-sat-coarse" if s.method == "cp-sat" else "heuristic",
+                            source=f"{'CP-SAT' if s.method == 'cp-sat' else 'iterative modulo scheduling'} in units "
+                                   f"of {g} cycles (I = {s.ii}, {s.status}), scaled back")
     from .heuristic import _validate
 
     return None if _validate(problem, out) else out

@@ -124,3 +124,20 @@ def test_a_bisection_schedule_at_mii_is_proved_minimal(monkeypatch):
     s = twill_model.solve(prob, SolveParams(time_limit=2.0, seed=0, threads=1))
     assert s.ii == mii and calls.count(mii) == 2 and calls[0] > mii  # found by the bisection
     assert s.proven and s.gap in (None, 0.0) and "not proved minimal" not in s.note and s.status == "feasible"
+
+
+def test_coarse_unit_schedule_names_what_made_it(monkeypatch):
+    """When CP-SAT finds nothing in the coarse unit either, the coarse schedule is the heuristic's (in units of g):
+    it was labelled 'cp-sat-coarse', 'CP-SAT in units of g cycles'."""
+    from adasched.planner.twill.graph import check_graph, load_machine
+    from adasched.planner.twill.scalebench import _scaled
+
+    prob = check_graph(_scaled("toy-attention", "h100", 8), load_machine("h100"))
+    p = SolveParams(time_limit=2.0, seed=0, threads=1)
+    c = twill_model._coarse_schedule(prob, False, p)
+    assert c is not None and c.method == "cp-sat-coarse" and c.source.startswith("CP-SAT in units of 8")
+    monkeypatch.setattr(twill_model, "solve_at", lambda problem, ii, params, **kw: twill_model.Attempt(
+        ii=ii, warp=kw["warp"], status="timeout", seconds=0.0))
+    c = twill_model._coarse_schedule(prob, False, p)
+    assert c is not None and c.ii == 16 and c.method == "heuristic"
+    assert c.source.startswith("iterative modulo scheduling in units of 8")
