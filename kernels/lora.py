@@ -1511,6 +1511,10 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     if gemm_config is not None:
         block_m = _check_gemm_config(gemm_config, block_m)
     backend = backend_for(x2)
+    if backend == "torch" and compiling and not _segments_drop(adapters, segs):
+        # no kernel here (a CPU without TRITON_INTERPRET=1): without dropout the reference is plain torch ops, so
+        # they trace into the graph (fullgraph=True works); with dropout the mask's seed is read on the host
+        return _reference_impl(x2, weight, bias, adapters, segs, 0)
     if backend == "torch" or (x2.dtype == torch.float64 and not compiling):  # float64: the exact path (the kernels
         # accumulate in fp32); a compiled graph keeps the custom op (the reference would break fullgraph=True)
         return _reference_fallback(x2, weight, bias, adapters, segs, seed_v, warn=backend == "torch")
