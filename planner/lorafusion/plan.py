@@ -315,6 +315,8 @@ def build_plan(w: Workload, profile, *, time_limit: float = 0.4, seed: int = 0, 
         problems_heuristic=n_status["heuristic"],
     )
     n_skip = sum((r.milp1 == "skipped") + (r.milp2 == "skipped") for r in records)
+    n2_run = sum(r.milp2 not in (None, "skipped") for r in records)
+    n2_opt = sum(r.milp2 == "optimal" for r in records)
     worst = "optimal" if n_status["feasible"] == n_status["heuristic"] == 0 else (
         "feasible" if n_status["heuristic"] == 0 else "heuristic")
     solver = SolverRecord(
@@ -329,8 +331,8 @@ def build_plan(w: Workload, profile, *, time_limit: float = 0.4, seed: int = 0, 
         note=(f"{len(records)} (global batch, group) problems: {n_status['optimal']} bin count proved minimal, "
               f"{n_status['feasible']} MILP stopped by its time limit, {n_status['heuristic']} FFD kept unproved; "
               f"objective = total bins, bound = sum of per-problem lower bounds; MILP 2 (smallest last bin) "
-              f"proved optimal in {sum(r.milp2 == 'optimal' for r in records)} of "
-              f"{sum(r.milp2 not in (None, 'skipped') for r in records)} runs, the rest stopped by the time limit"
+              f"proved optimal in {n2_opt} of {n2_run} runs"
+              + (", the rest stopped by the time limit" if n2_run > n2_opt else "")
               + (f"; {n_skip} MILPs not started: too large for their budget (samples x bins > "
                  f"{MILP_BINARIES_PER_SECOND} x seconds; raise --time-limit)" if n_skip else "")
               + ("; the per-job sequential schedule simulated faster than the packed one and is the plan's sequence"
