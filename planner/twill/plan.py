@@ -124,7 +124,9 @@ class TwillPlan(Plan):
             ("graph / machine", f"{self.graph_name} / {self.machine_name}"),
             ("method", self.method + _METHOD_NOTE.get(self.method, "")),
             ("ii (cycles/iter)", f"{self.ii} (MII {self.mii}: res {self.res_mii}, rec {self.rec_mii}; plain {self.plain_ii})"
-             + ("" if self.ii_proven_minimal else ", not proved minimal")),
+             + ((", proved minimal" + ("; the solver's gap is the tie-breakers' (groups, channels, span)"
+                                        if self.solver.gap else "")) if self.ii_proven_minimal
+                else ", not proved minimal")),
             ("stages", str(self.stages) + (" (objective preferred load slack)" if self.load_slack else "")),
             ("warp groups", "; ".join(f"WG{g.index} {g.role}: {' '.join(g.ops)} ({g.regs} regs)"
                                       for g in self.warp_groups)),

@@ -294,3 +294,20 @@ def test_retiming_fits_buffers_the_asap_schedule_breaks():
     assert heuristic._budgets_ok(prob, 4, fixed, groups) == {"p": 1}
     h = heuristic_schedule(prob)
     assert h is not None and h.ii == compute_mii(prob).mii == 2  # on two groups (one issues 2 ops per 2 cycles)
+
+
+def test_summary_says_whose_gap_it_is_when_i_is_proved_minimal():
+    """I = MII proved minimal with the tie-breakers unproved (gap 0.52 on a scaled random warp graph): the summary
+    row of I says so, so the solver's gap is not read as a gap on I (two reviews read it that way)."""
+    import dataclasses
+
+    prob = make_problem("toy-attention", "h100")
+    s = solve(prob, SolveParams(time_limit=5.0, seed=0, threads=1))
+    assert s.proven
+    rows = dict(make_plan(prob, dataclasses.replace(s, gap=0.52, status="feasible"), simulate=False).summary_rows())
+    assert rows["ii (cycles/iter)"].endswith("proved minimal; the solver's gap is the tie-breakers' "
+                                             "(groups, channels, span)")
+    rows = dict(make_plan(prob, s, simulate=False).summary_rows())
+    assert rows["ii (cycles/iter)"].endswith(", proved minimal")
+    rows = dict(make_plan(prob, dataclasses.replace(s, proven=False, gap=0.3), simulate=False).summary_rows())
+    assert rows["ii (cycles/iter)"].endswith("not proved minimal")
