@@ -1,5 +1,4 @@
 """Collective profiling with real gloo process groups: spawned workers (2 ranks) and torchrun (4 ranks)."""
-import json
 import os
 import subprocess
 import sys

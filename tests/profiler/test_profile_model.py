@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from adasched.profiler.builtins import (BUILTIN_PROFILES, FLEXSP_A2A_GBPS, FLEXSP_MODEL_COSTS, FSMOE_ALPHA_MS,
-                                        FSMOE_BETA_MS, builtin_profile)
+                                        FSMOE_BETA_MS)
 from adasched.profiler.io import InputError
 from adasched.profiler.profile import (AttentionFit, ClusterProfile, CollectiveFit, DeviceInfo, LinearFit,
                                        load_profile, save_profile)
