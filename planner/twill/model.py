@@ -31,7 +31,7 @@ infeasible, and the gap then is at least (I - the smallest I not proved infeasib
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from adasched.planner.solver import SolveParams, solve_cpsat
 
@@ -201,14 +201,17 @@ def solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, opti
              encoding: str = "auto", load_slack: bool = False) -> Attempt:
     """See :func:`_solve_at`. OR-Tools 9.15's presolve can raise IndexError (its symmetry detection,
     ``symmetry_level`` 0 avoids it; ``solve_cpsat`` does not expose it) on the interval encoding of the warp
-    problem: that I is then solved with the time-indexed encoding, which is exact too, only larger."""
+    problem: that I is then solved with the time-indexed encoding, which is exact too, only larger, in the time
+    the failed attempt left (not a second full limit)."""
     kw = dict(warp=warp, optimise=optimise, hint_times=hint_times, hint_groups=hint_groups, load_slack=load_slack)
+    t0 = time.perf_counter()
     try:
         return _solve_at(problem, ii, params, encoding=encoding, **kw)
     except IndexError:
         if encoding == "time" or (encoding == "auto" and ii <= INTERVAL_FROM):
             raise
-        return _solve_at(problem, ii, params, encoding="time", **kw)
+        left = max(0.05, params.time_limit - (time.perf_counter() - t0))
+        return _solve_at(problem, ii, replace(params, time_limit=left), encoding="time", **kw)
 
 
 def _solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, optimise: bool = True,

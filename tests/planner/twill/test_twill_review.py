@@ -141,3 +141,26 @@ def test_coarse_unit_schedule_names_what_made_it(monkeypatch):
     c = twill_model._coarse_schedule(prob, False, p)
     assert c is not None and c.ii == 16 and c.method == "heuristic"
     assert c.source.startswith("iterative modulo scheduling in units of 8")
+
+
+def test_presolve_index_error_retry_gets_only_the_time_left(monkeypatch):
+    """OR-Tools 9.15's presolve IndexError on the interval encoding: the one-hot retry at that I gets the time the
+    failed attempt left, not a second full limit (a 10 s limit could take 20 s at one I)."""
+    import time as _time
+
+    tm = twill_model
+    calls = []
+
+    def fake(problem, ii, params, *, encoding="auto", **kw):
+        calls.append((encoding, params.time_limit))
+        if encoding != "time":
+            _time.sleep(0.3)
+            raise IndexError("presolve")
+        return tm.Attempt(ii=ii, warp=kw["warp"], status="timeout", seconds=0.0)
+
+    monkeypatch.setattr(tm, "_solve_at", fake)
+    prob = make_problem("toy-attention", "h100")
+    out = tm.solve_at(prob, tm.INTERVAL_FROM + 5, SolveParams(time_limit=1.0, seed=0, threads=1), warp=False)
+    assert out.status == "timeout"
+    assert calls[0] == ("auto", 1.0) and calls[1][0] == "time"
+    assert 0.05 <= calls[1][1] <= 0.75
