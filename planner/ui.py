@@ -1,12 +1,13 @@
 """Terminal output shared by every command: tables for people, JSON for machines, progress bars on stderr."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from contextlib import contextmanager
 from typing import Any, Iterable, Sequence
 
-__all__ = ["console", "err_console", "print_table", "emit_json", "progress", "fmt"]
+__all__ = ["console", "err_console", "print_table", "emit_json", "progress", "fmt", "OneLineArgParser"]
 
 _console = None
 _err_console = None
@@ -81,3 +82,12 @@ def progress(description: str, total: int | None, *, enabled: bool = True):
             p.advance(task, n)
 
         yield advance
+
+
+class OneLineArgParser(argparse.ArgumentParser):
+    """argparse for the planners' ``python -m`` tools: a bad option is one ``error:`` line and exit status 2, as
+    for the ``adasched`` CLI (argparse prints its usage text first)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)

@@ -11,10 +11,11 @@ problem in finer time units, with I that many times larger.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
+
+from adasched.planner.ui import OneLineArgParser
 
 __all__ = ["random_graph", "UNITS"]
 
@@ -57,7 +58,7 @@ def random_graph(n_ops: int, seed: int, *, warp: bool = False, scale: int = 1) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineArgParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ops", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warp", action="store_true", help="loads, registers, blocking ops (the joint problem)")

@@ -8,8 +8,9 @@ built-in toy and FA3 loops with every delay and reservation cycle multiplied (th
 """
 from __future__ import annotations
 
-import argparse
 import time
+
+from adasched.planner.ui import OneLineArgParser
 
 __all__ = ["main"]
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from .graph import Graph, check_graph, load_machine
     from .randgraph import random_graph
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineArgParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="40-op graphs and 0.5 s budgets only")
     a = ap.parse_args(argv)
     h100 = load_machine("h100")

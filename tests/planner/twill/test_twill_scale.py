@@ -311,3 +311,16 @@ def test_summary_says_whose_gap_it_is_when_i_is_proved_minimal():
     assert rows["ii (cycles/iter)"].endswith(", proved minimal")
     rows = dict(make_plan(prob, dataclasses.replace(s, proven=False, gap=0.3), simulate=False).summary_rows())
     assert rows["ii (cycles/iter)"].endswith("not proved minimal")
+
+
+@pytest.mark.parametrize("module", ["randgraph", "scalebench"])
+def test_dev_tools_bad_option_is_one_error_line(module, capsys):
+    """`python -m adasched.planner.twill.randgraph --ops x` printed argparse's usage and the error (2+ lines)."""
+    import importlib
+
+    main = importlib.import_module(f"adasched.planner.twill.{module}").main
+    with pytest.raises(SystemExit) as exc:
+        main(["--no-such-option"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: unrecognized arguments: --no-such-option")
