@@ -39,6 +39,11 @@ def _assemble(*, quick: bool, device, host, micro, coll, ranks_per_node: int, nu
         raw["collectives"] = coll
     host = dict(host, ranks_per_node=ranks_per_node)
     gpus_per_node = max(ranks_per_node, 1) if coll is not None else device.count_per_node
+    if device.kind == "cpu" and gpus_per_node > 1:
+        # the host's RAM is shared by its ranks: a planner reads memory_bytes per rank (every rank reported all
+        # of it, so plans fitted N copies of the model states into one host's memory)
+        device = device.model_copy(update={"memory_bytes": max(2**20, device.memory_bytes // gpus_per_node),
+                                           "name": f"{device.name}, RAM / {gpus_per_node} ranks"})
     return ClusterProfile(
         name=name or f"local-{host.get('hostname', 'host')}",
         source=f"measured: adasched profile {label.strip() or 'full'} run on {where}, "
