@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from math import gcd
 
 from adasched.planner.solver import SolveParams, solve_cpsat
 
 from .graph import Problem
-from .heuristic import HeuristicSchedule, heuristic_schedule
+from .heuristic import HeuristicSchedule, _validate, heuristic_schedule
+from .knobs import buffer_depths
 from .mii import MII, compute_mii, longest_paths
 
 __all__ = ["Attempt", "Schedule", "solve_at", "solve", "horizon_stages", "ii_cap"]
@@ -211,7 +213,7 @@ def solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, opti
         if encoding == "time" or (encoding == "auto" and ii <= INTERVAL_FROM):
             raise
         left = max(0.05, params.time_limit - (time.perf_counter() - t0))
-        return _solve_at(problem, ii, replace(params, time_limit=left), encoding="time", **kw)
+        return _solve_at(problem, ii, _with_time(params, left), encoding="time", **kw)
 
 
 def _solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, optimise: bool = True,
@@ -434,15 +436,13 @@ def _solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, opt
 
 
 def _with_time(params: SolveParams, seconds: float) -> SolveParams:
-    return SolveParams(time_limit=max(seconds, 0.01), seed=params.seed, threads=params.threads,
-                       mip_gap=params.mip_gap, msg=params.msg)
+    return replace(params, time_limit=max(seconds, 0.01))
 
 
 def time_unit(problem: Problem, warp: bool) -> int:
     """The largest g such that every delay and every reservation table (constant on aligned blocks of g cycles
     and a whole number of blocks long) are multiples of g: the problem can then be stated in units of g cycles
     (exactly, up to the warp problem's handoff, which is rounded up there)."""
-    from math import gcd
 
     g = 0
     for e in problem.graph.edges:
@@ -486,16 +486,12 @@ def _coarse_schedule(problem: Problem, warp: bool, params: SolveParams) -> Heuri
         return None
     times = {v: t * g for v, t in s.times.items()}
     groups = s.groups if warp else {v: 0 for v in times}
-    from .knobs import buffer_depths
-
     depth = buffer_depths(problem.graph, s.ii * g, times)
     copies = {o.name: depth[o.name] for o in problem.graph.ops if (o.regs or 0) > 0 or (o.smem or 0) > 0}
     out = HeuristicSchedule(ii=s.ii * g, times=times, groups=groups, copies=copies if warp else {}, warp=warp,
                             seconds=s.seconds, method="cp-sat-coarse" if s.method == "cp-sat" else "heuristic",
                             source=f"{'CP-SAT' if s.method == 'cp-sat' else 'iterative modulo scheduling'} in units "
                                    f"of {g} cycles (I = {s.ii}, {s.status}), scaled back")
-    from .heuristic import _validate
-
     return None if _validate(problem, out) else out
 
 
@@ -505,8 +501,6 @@ def compact(problem: Problem, ii: int, times: dict[str, int], groups: dict[str, 
     stages, + handoff across groups): a feasibility solve's schedule can spread over many stages. Resources
     depend only on the residues; in warp mode the result is kept only when it passes the validator (shorter
     issue times can lengthen a value's lifetime). Returns ``times`` unchanged otherwise."""
-    from .heuristic import HeuristicSchedule, _validate
-    from .knobs import buffer_depths
 
     names = [o.name for o in problem.graph.ops]
     hand = problem.machine.handoff_cycles if warp else 0
@@ -731,8 +725,6 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
         if times != best.times:
             notes.append("stages compacted after the solve (fewest stages for its residues)")
             if warp:
-                from .knobs import buffer_depths
-
                 depth = buffer_depths(problem.graph, best.ii, times)
                 best.copies = {v: depth[v] for v in best.copies}
     return Schedule(
