@@ -586,12 +586,8 @@ class GradSliceReducer:
                 pieces.append(p.grad.reshape(-1)[lo - off:hi - off])
             off += s
         buf = torch.cat(pieces).contiguous()
-        self._pending.append((start, upto, buf, self._all_reduce(buf)))
+        self._pending.append((start, upto, buf, dist.all_reduce(buf, group=self.group, async_op=True)))
         self._done = upto
-
-    def _all_reduce(self, buf: torch.Tensor):
-        """Start the sum of ``buf`` over the group; returns the work handle (None: nothing to wait for)."""
-        return dist.all_reduce(buf, group=self.group, async_op=True)
 
     def finish(self) -> None:
         """Launch the rest, wait for every slice, write the reduced gradients back; ready for the next step."""
@@ -600,8 +596,7 @@ class GradSliceReducer:
             self._launch(total)
         divisor = self.divisor if self.divisor is not None else dist.get_world_size(self.group)
         for start, end, buf, work in self._pending:
-            if work is not None:
-                work.wait()
+            work.wait()
             if self.average:
                 buf /= divisor
             off = 0
@@ -641,11 +636,6 @@ class ExpertGradReducer(GradSliceReducer):
         self.group = ep.expert_dp_group                 # None: no other copy of these experts
         if self.group is None:                          # nothing to sum: no buckets, finish() scales in place
             self.bucket_elements = None
-
-    def _all_reduce(self, buf: torch.Tensor):
-        if self.group is None:
-            return None
-        return dist.all_reduce(buf, group=self.group, async_op=True)
 
     def finish(self) -> None:
         """Without copies (EP over the whole data-parallel group) only the 1 / ``dp_size`` scaling, in place on each

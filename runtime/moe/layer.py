@@ -180,37 +180,22 @@ class MoELayer(nn.Module):
         once per training step as without checkpointing. A forward under ``torch.no_grad()`` (no backward to
         follow: evaluation in train mode, a reentrant checkpoint's first pass) leaves the state alone; one whose
         gates need no gradient (router and input frozen) applies the step at once."""
-        cfg = self.router.config
         if not torch.is_grad_enabled():                # same on every rank: no collective is skipped by one
             return
+        # built (and reduced) on the tokens' device: an nccl group needs CUDA tensors, and reading the statistics
+        # on the host synchronised the device at the end of every training forward of the layer
+        stat = self._local_router_stat(routing)
+        if stat is None:
+            return
         if self.router_update == "step":
-            stat = self._local_router_stat(routing)
-            if stat is None:
-                return
-
             def apply():                               # summed here, reduced and applied by step_router()
                 self._pending = stat if self._pending is None else self._pending + stat
-        elif cfg.kind == "sigmoid_bias":
-            counts = routing.counts.detach().clone()
-            if self.ep is not None:                    # balance on the load of every data-parallel rank
-                dist.all_reduce(counts, group=self.ep.dp_group)
-
-            def apply():
-                self.router.update_bias(counts)
-        elif cfg.kind == "top_p" and cfg.target_k is not None:
-            # [assignments, tokens] built and reduced on the tokens' device (an nccl group needs CUDA tensors), and
-            # the step applied there too: reading them on the host (float(nk[0])) synchronised the device at the
-            # end of every training forward of the layer, waiting for its expert compute
-            dev = routing.counts.device
-            nk = torch.stack([routing.counts.sum().to(torch.float64),
-                              torch.full((), float(routing.num_tokens), dtype=torch.float64, device=dev)])
-            if self.ep is not None:                    # mean k over the data-parallel group: p stays equal
-                dist.all_reduce(nk, group=self.ep.dp_group)
-
-            def apply():
-                self.router.controller_step(nk[0] / nk[1].clamp_min(1.0))
         else:
-            return
+            if self.ep is not None:                    # every data-parallel rank's statistics: the state stays equal
+                dist.all_reduce(stat, group=self.ep.dp_group)
+
+            def apply():
+                self._apply_router_stat(stat)
         if not routing.weight.requires_grad:
             apply()
             return
@@ -226,14 +211,18 @@ class MoELayer(nn.Module):
     def _local_router_stat(self, routing) -> torch.Tensor | None:
         """This rank's statistic of one forward for the router's state step: the (E,) counts (sigmoid_bias) or
         [assignments, tokens] in float64 (top_p with ``target_k``); None when the router keeps no state."""
-        cfg = self.router.config
-        if cfg.kind == "sigmoid_bias":
+        if not self._router_has_state():
+            return None
+        if self.router.config.kind == "sigmoid_bias":
             return routing.counts.detach().clone()
-        if cfg.kind == "top_p" and cfg.target_k is not None:
-            dev = routing.counts.device
-            return torch.stack([routing.counts.sum().to(torch.float64),
-                                torch.full((), float(routing.num_tokens), dtype=torch.float64, device=dev)])
-        return None
+        dev = routing.counts.device
+        return torch.stack([routing.counts.sum().to(torch.float64),
+                            torch.full((), float(routing.num_tokens), dtype=torch.float64, device=dev)])
+
+    def _router_has_state(self) -> bool:
+        """The router keeps a state its statistics move: sigmoid_bias's expert bias, top_p's controlled p."""
+        cfg = self.router.config
+        return cfg.kind == "sigmoid_bias" or (cfg.kind == "top_p" and cfg.target_k is not None)
 
     @torch.no_grad()
     def step_router(self) -> None:
@@ -242,25 +231,27 @@ class MoELayer(nn.Module):
         step on every rank (it is a collective with expert parallelism), e.g. through :func:`step_routers`. A rank
         with nothing pending contributes zeros; with nothing pending anywhere the state does not move. No-op with
         ``router_update="backward"`` (the state already moved in each backward)."""
-        if self.router_update != "step":
+        if self.router_update != "step" or not self._router_has_state():
             return
         cfg = self.router.config
         if cfg.kind == "sigmoid_bias":
             zero = torch.zeros(cfg.num_experts, dtype=torch.int64, device=self.router.expert_bias.device)
-        elif cfg.kind == "top_p" and cfg.target_k is not None:
-            zero = torch.zeros(2, dtype=torch.float64, device=self.router.p_threshold.device)
         else:
-            return
+            zero = torch.zeros(2, dtype=torch.float64, device=self.router.p_threshold.device)
         stat = zero if self._pending is None else self._pending.to(zero.device, zero.dtype)
         self._pending = None
         if self.ep is not None:
             dist.all_reduce(stat, group=self.ep.dp_group)
+        self._apply_router_stat(stat)
+
+    def _apply_router_stat(self, stat: torch.Tensor) -> None:
+        """The router's state step from a (reduced) statistic of :meth:`_local_router_stat`, without a host read. No
+        tokens anywhere moves nothing: sign(0 - 0) = 0 for every expert; for top_p mean_k := target_k."""
+        cfg = self.router.config
         if cfg.kind == "sigmoid_bias":
-            # no host read: a step with no tokens anywhere moves nothing (sign(0 - 0) = 0 for every expert)
             self.router.update_bias(stat)
         else:
             mean_k = stat[0] / stat[1].clamp_min(1.0)
-            # no tokens anywhere: keep p (mean_k := target_k moves it by 0)
             self.router.controller_step(torch.where(stat[1] > 0, mean_k, torch.full_like(mean_k, cfg.target_k)))
 
     @torch.compiler.disable
@@ -362,7 +353,5 @@ def step_routers(module: nn.Module) -> int:
     for m in module.modules():
         if isinstance(m, MoELayer):
             m.step_router()
-            cfg = m.router.config
-            n += m.router_update == "step" and (cfg.kind == "sigmoid_bias" or
-                                                (cfg.kind == "top_p" and cfg.target_k is not None))
+            n += m.router_update == "step" and m._router_has_state()
     return n
