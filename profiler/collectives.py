@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .fit import fit_alpha_beta
-from .profile import CollectiveFit
+from .profile import CollectiveFit, group_scope
 
 __all__ = ["OPS", "CollectiveConfig", "collective_config", "measure_collectives", "fit_collectives",
            "spawn_collectives", "free_port", "group_sizes_for"]
@@ -198,13 +198,6 @@ def _emulated_reduce_scatter(dist, out, x, pg, g):
     return fn
 
 
-def _scope(g: int, ranks_per_node: int, world: int) -> str:
-    """'intra' when every group of g contiguous ranks stays inside one node (ranks numbered node by node, as
-    torchrun does): one node, or g divides the ranks per node; else 'inter' (6 ranks a node: ranks 4..7 of a
-    4-rank group straddle two nodes)."""
-    return "intra" if world <= ranks_per_node or ranks_per_node % g == 0 else "inter"
-
-
 def fit_collectives(result: dict[str, Any], ranks_per_node: int, source: str) -> list[CollectiveFit]:
     """alpha-beta fit per (op, group size) of :func:`measure_collectives`' points, with the fit error."""
     by_key: dict[tuple[str, int], list[dict]] = {}
@@ -218,7 +211,7 @@ def fit_collectives(result: dict[str, Any], ranks_per_node: int, source: str) ->
             src += f"; {f.note}"
         if result.get("emulated", {}).get(op):
             src += f"; {op} {result['emulated'][op]}"
-        fits.append(CollectiveFit(op=op, group_size=g, scope=_scope(g, ranks_per_node, result["world"]),
+        fits.append(CollectiveFit(op=op, group_size=g, scope=group_scope(g, ranks_per_node, result["world"]),
                                   alpha_ms=f.coef[0], beta_ms_per_byte=f.coef[1], fit_rel_error=f.rel_error,
                                   source=src))
     return fits

@@ -34,6 +34,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
 
 
+def group_scope(g: int, ranks_per_node: int, world: int) -> Literal["intra", "inter"]:
+    """'intra' when every group of g contiguous ranks stays inside one node (ranks numbered node by node, as
+    torchrun does): one node, or g divides the ranks per node; else 'inter' (6 ranks a node: ranks 4..7 of a
+    4-rank group straddle two nodes). The one rule for measured fits and for :meth:`ClusterProfile.with_nodes`."""
+    return "intra" if world <= ranks_per_node or ranks_per_node % g == 0 else "inter"
+
+
 class CollectiveFit(_Strict):
     """alpha-beta model of one collective on one group size: time_ms = alpha_ms + beta_ms_per_byte * bytes.
 
@@ -221,9 +228,6 @@ class ClusterProfile(_Strict):
             if getattr(self, f, None) in (None, [], {}):
                 raise InputError(f"profile {self.name!r}", f"lacks '{f}', which {who} needs")
 
-    def _scope(self, group_size: int) -> Literal["intra", "inter"]:
-        return "intra" if group_size <= self.gpus_per_node else "inter"
-
     def with_nodes(self, num_nodes: int) -> "ClusterProfile":
         """The same per-node hardware on `num_nodes` nodes (world = num_nodes * gpus_per_node).
 
@@ -254,7 +258,7 @@ class ClusterProfile(_Strict):
             if larger:
                 c = larger[0]
                 fits.append(c.model_copy(update={
-                    "group_size": new_world, "scope": self._scope(new_world),
+                    "group_size": new_world, "scope": group_scope(new_world, self.gpus_per_node, new_world),
                     "source": f"{c.source}; the {c.group_size}-rank fit, kept for {new_world} ranks (conservative)"}))
                 continue
             largest = kept[-1]
