@@ -268,9 +268,10 @@ def pack_problem(samples: Sequence[int], adapter_of: Sequence[int], lengths: Seq
 
     bins = ordered(bins)
     smallest_before = padded_size(bins[-1], lengths) if bins else 0
-    if use_milp and ffd_n > lb and not fits(ffd_n, time_limit / 2):
+    solve1 = use_milp and ffd_n > lb
+    if solve1 and not fits(ffd_n, time_limit / 2):
         m1 = "skipped"
-    elif use_milp and ffd_n > lb:
+    elif solve1:
         out, sol = _milp(samples, adapter_of, lengths, capacity, ffd_n, fix_bins=False, lower_bound=lb,
                          warm=bins, params=params(time_limit / 2))
         m1 = out.status
@@ -279,10 +280,10 @@ def pack_problem(samples: Sequence[int], adapter_of: Sequence[int], lengths: Seq
                 bins = ordered(sol)
             status = "optimal" if (out.status == "optimal" or len(sol) == lb) else "feasible"
     left = time_limit - (time.perf_counter() - t0) - 0.1  # ~0.1 s of CBC start-up and file I/O per run
-    if use_milp and len(bins) >= 2 and padded_size(bins[-1], lengths) > SEGMENT_ALIGN and left > 0.05 \
-            and not fits(len(bins), left):
+    shrink = use_milp and len(bins) >= 2 and padded_size(bins[-1], lengths) > SEGMENT_ALIGN and left > 0.05
+    if shrink and not fits(len(bins), left):
         m2 = "skipped"
-    elif use_milp and len(bins) >= 2 and padded_size(bins[-1], lengths) > SEGMENT_ALIGN and left > 0.05:
+    elif shrink:
         out, sol = _milp(samples, adapter_of, lengths, capacity, len(bins), fix_bins=True, lower_bound=lb,
                          warm=bins, params=params(left))
         m2 = out.status
