@@ -34,10 +34,12 @@ import time
 from dataclasses import dataclass, field, replace
 from math import gcd
 
+import numpy as np
+
 from adasched.planner.solver import SolveParams, solve_cpsat
 
 from .graph import Problem
-from .heuristic import HeuristicSchedule, _validate, heuristic_schedule
+from .heuristic import HeuristicSchedule, _runs_of, _validate, heuristic_schedule
 from .knobs import buffer_depths
 from .mii import MII, compute_mii, longest_paths
 
@@ -131,13 +133,8 @@ independent of I) instead of I booleans per op."""
 
 def _runs(row: list[int]) -> list[tuple[int, int, int]]:
     """(offset, length, count) of the maximal runs of equal non-zero counts in a reservation row."""
-    out: list[tuple[int, int, int]] = []
-    for c, cnt in enumerate(row):
-        if cnt and out and out[-1][2] == cnt and out[-1][0] + out[-1][1] == c:
-            out[-1] = (out[-1][0], out[-1][1] + 1, cnt)
-        elif cnt:
-            out.append((c, 1, cnt))
-    return out
+    offs = np.flatnonzero(np.asarray(row, dtype=np.int64))
+    return _runs_of(offs, np.asarray(row, dtype=np.int64)[offs])
 
 
 def _window(model, ii: int, r, offset: int, size: int, name: str, presence=None) -> list:
