@@ -109,7 +109,10 @@ def solve_pulp(prob, params: SolveParams, warm_start: dict[str, float] | None = 
     solver = pulp.PULP_CBC_CMD(
         msg=params.msg,
         timeLimit=params.time_limit,
-        threads=params.threads,
+        # one thread: CBC's serial search. "threads 1" runs its threaded search with one worker, whose start
+        # races: 1 run in ~40 of a 3-sample MILP waited the whole 10 s watchdog ("Thread 0 used 0 times, waiting
+        # to start 10.0") past a 1 s limit and came back unproved (a flaky test in CI)
+        threads=params.threads if params.threads > 1 else None,
         gapRel=params.mip_gap,
         warmStart=bool(warm_start),
         options=[f"randomSeed {params.seed + 1}", f"randomCbcSeed {params.seed + 1}"]

@@ -212,3 +212,34 @@ def test_node_limit_validation():
     m.Minimize(m.NewBoolVar("b"))
     with pytest.raises(ValueError, match="node_limit: CP-SAT has no node limit"):
         solve_cpsat(m, SolveParams(node_limit=5))
+
+
+def test_one_thread_runs_cbc_serially(monkeypatch):
+    """threads=1 must not pass CBC "threads 1": that runs its threaded search with one worker, whose start races
+    (1 run in ~40 of a 3-sample LoRA packing MILP waited CBC's 10 s watchdog past a 1 s limit and came back
+    unproved: a flaky test in CI). More threads are passed as asked. The answers are checked too."""
+    import pulp
+
+    from adasched.planner.solver import solve_pulp
+
+    seen = []
+    real = pulp.PULP_CBC_CMD
+
+    def spy(**kw):
+        seen.append(kw.get("threads"))
+        return real(**kw)
+
+    monkeypatch.setattr(pulp, "PULP_CBC_CMD", spy)
+    rng = np.random.default_rng(4)
+    for threads in (1, 2):
+        w = rng.integers(1, 20, 8)
+        v = rng.integers(1, 30, 8)
+        prob = pulp.LpProblem("knap", pulp.LpMaximize)
+        x = [pulp.LpVariable(f"x{i}", cat="Binary") for i in range(8)]
+        prob += pulp.lpSum(int(v[i]) * x[i] for i in range(8))
+        prob += pulp.lpSum(int(w[i]) * x[i] for i in range(8)) <= int(w.sum() // 2)
+        out = solve_pulp(prob, SolveParams(time_limit=5, seed=0, threads=threads))
+        best = max(sum(int(v[i]) for i in range(8) if m >> i & 1) for m in range(256)
+                   if sum(int(w[i]) for i in range(8) if m >> i & 1) <= int(w.sum() // 2))
+        assert out.status == "optimal" and out.objective == pytest.approx(best)
+    assert seen == [None, 2]
