@@ -248,9 +248,15 @@ def _check_seed(seed) -> None:
         raise ValueError(f"seed: {seed!r} must be an int in [0, 2**63)")
 
 
+# Drawn seeds lie in [2**31, 2**63): always int64 for Triton (one compiled variant, as a seed below 2**31 is an
+# int32 argument) and ~2**62 of them, so two calls of a long run practically never share a mask (from [0, 2**31)
+# a million dropout calls held ~230 pairs of equal seeds: equal masks for equal shapes)
+SEED_DRAW_RANGE = (2 ** 31, 2 ** 63 - 1)
+
+
 def _draw_seed() -> int:
     """A seed from torch's default CPU generator, so ``torch.manual_seed`` makes dropout reproducible."""
-    return int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
+    return int(torch.randint(*SEED_DRAW_RANGE, (1,)).item())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -200,7 +200,8 @@ def compiled_call(x2: Tensor, weight: Tensor, bias: Optional[Tensor], a_cat: Ten
         # drawn in the graph, from x's device generator, into a tensor the kernel reads (no host sync): an
         # activation-checkpointed region replays it in its recompute, so both passes see the same mask (a draw
         # inside the opaque op would not be replayed under inductor)
-        seed_i, seed_t = -1, torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int64, device=x2.device)
+        seed_i, seed_t = -1, torch.randint(*L.SEED_DRAW_RANGE, (1,), dtype=torch.int64,
+                                               device=x2.device)
     else:
         seed_i, seed_t = (-1 if seed is None else int(seed)), None
     flat = [int(v) for seg in segs for v in seg]

@@ -106,6 +106,12 @@ def test_dropout_mask_reproducible_and_matches_kernel():
     torch.manual_seed(5)
     y2 = lora_linear_reference(x, w, a, b, 1.0, 0.5)
     assert_all_close("seed=None", y1, y2, 1e-5, 1e-5)
+    # ... a 64-bit draw (an int64 kernel argument, ~2**62 values: long runs do not repeat masks)
+    torch.manual_seed(5)
+    drawn = int(torch.randint(*L.SEED_DRAW_RANGE, (1,)).item())
+    assert 2 ** 31 <= drawn < 2 ** 63
+    assert_all_close("seed=None is the 64-bit draw", y1, lora_linear_reference(x, w, a, b, 1.0, 0.5, seed=drawn),
+                     1e-5, 1e-5)
 
 
 def test_dropout_layout_spans_blocks_and_partial_planes():

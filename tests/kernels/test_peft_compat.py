@@ -387,7 +387,7 @@ def test_bf16_base_fp32_adapters_dropout_uses_the_kernel_mask_in_fp32():
     """The same dtype mix with dropout: the mask is the kernels' Philox mask (the seed from torch's generator, as
     on the fused path), applied to the fp32-cast input as PEFT's dropout is; equal to PEFT's layer whose dropout
     applies that mask."""
-    from adasched.kernels.lora import dropout_keep_mask
+    from adasched.kernels.lora import SEED_DRAW_RANGE, dropout_keep_mask
 
     model = _bf16_model_with_fp32_adapters(0.3)
     peft_layer = copy.deepcopy(model.base_model.model.up)
@@ -397,7 +397,7 @@ def test_bf16_base_fp32_adapters_dropout_uses_the_kernel_mask_in_fp32():
     torch.manual_seed(23)
     y = layer(x)
     torch.manual_seed(23)
-    seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item())  # the draw the fused call made
+    seed = int(torch.randint(*SEED_DRAW_RANGE, (1,)).item())  # the draw the fused call made
     keep = dropout_keep_mask(seed, 18, 24, 0.3).reshape(2, 9, 24)
     assert 0 < int((~keep).sum()) < keep.numel()
 
