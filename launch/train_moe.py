@@ -11,8 +11,9 @@ EP size); ``--budget`` is the total over layers (default: 2 per layer, or the ex
 ``--ep-size`` (default: every rank) splits the ranks into contiguous EP groups of that size; each expert then has
 world / ep-size copies, whose gradients are averaged over the expert-data-parallel group
 (:meth:`ExpertParallel.create_groups`, :class:`ExpertGradReducer`); the dense gradients over every rank.
-``--plan`` takes the pipeline degrees and gradient slices from an FSMoE plan (``adasched plan moe``); a plan
-made for another EP size is an error naming both sizes.
+``--plan`` takes the pipeline degrees and gradient slices from an FSMoE plan made for this world and EP size
+(``adasched plan moe --gpus WORLD [--ep-size K]``); a plan made for another number of GPUs or EP size is an error
+naming both (its dense all-reduce and expert copies were costed for its own).
 
 ``--compare-schedules`` (used by ``adasched bench moe --schedules``) trains one single-process model per
 capacity schedule at the same budget and seed and reports the held-out loss of each (:func:`compare_schedules`).
@@ -111,16 +112,17 @@ def layer_routers(router: str, schedule: str, layers: int, experts: int, *, budg
     return [replace(base, **{field: c}) for c in caps], caps
 
 
-def _plan_pipeline(args, ep_size: int, layers: int):
+def _plan_pipeline(args, ep_size: int, layers: int, world: int):
     """The per-layer pipeline settings (a ``PlannedPipeline``: r, wgrad placement, issue orders, dense-gradient
-    slice fractions in backward order) from --plan (planned for ``ep_size`` ranks per EP group), else from the
-    flags (equal slices, dispatch-first)."""
+    slice fractions in backward order) from --plan (which must have been planned for ``world`` GPUs with EP groups
+    of ``ep_size``: ``adasched plan moe --gpus WORLD --ep-size K``), else from the flags (equal slices,
+    dispatch-first)."""
     from adasched.runtime.moe.planned import PlannedPipeline, load_pipeline
 
     if args.plan is None:
         return PlannedPipeline("flags", ep_size, [args.r_fwd] * layers, [args.r_bwd] * layers,
                                [1.0 / layers] * layers, [args.wgrad] * layers)
-    return load_pipeline(args.plan, ep_size=ep_size, num_layers=layers, config=args.plan_config)
+    return load_pipeline(args.plan, ep_size=ep_size, num_layers=layers, config=args.plan_config, world=world)
 
 
 def ep_size_for(args, world: int) -> int:
@@ -159,7 +161,7 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log)
     ep_size = ep.size if ep is not None else 1
     routers, caps = layer_routers(router, schedule, args.layers, args.experts, budget=args.budget, lo=args.lo,
                                   hi=args.hi, ep_size=ep_size, capacity_factor=args.capacity_factor)
-    pp = _plan_pipeline(args, ep_size, args.layers)
+    pp = _plan_pipeline(args, ep_size, args.layers, world)
     fractions = pp.slice_fractions
     build = dict(max_len=args.seq, shared_experts=args.shared_experts)
     torch.manual_seed(args.seed)
@@ -343,7 +345,7 @@ def _main(args) -> int:
         for s in schedules:
             layer_routers(r, s, args.layers, args.experts, budget=args.budget, lo=args.lo, hi=args.hi,
                           ep_size=env_ep, capacity_factor=args.capacity_factor)
-    _plan_pipeline(args, env_ep, args.layers)
+    _plan_pipeline(args, env_ep, args.layers, env_world)
     if args.validate_only:
         return 0
     from adasched.runtime.dist import init_distributed

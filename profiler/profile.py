@@ -17,6 +17,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "CollectiveOp",
     "CollectiveFit",
+    "bus_factor",
     "AttentionFit",
     "LinearFit",
     "ModelCost",
@@ -70,9 +71,14 @@ class CollectiveFit(_Strict):
         """Asymptotic bus bandwidth in GB/s as nccl-tests and DeepSpeed's comms logger report it (n = group
         size, B = bytes per rank as above, t = time): all_reduce 2(n-1)/n * B/t; all_to_all and reduce_scatter
         (n-1)/n * B/t; all_gather (n-1)/n * nB/t (nccl-tests' size is the gathered output); broadcast B/t."""
-        n = self.group_size
-        factor = {"all_reduce": 2.0 * (n - 1) / n, "all_gather": float(n - 1), "broadcast": 1.0}.get(self.op, (n - 1) / n)
-        return factor * self.bandwidth_GBps
+        return bus_factor(self.op, self.group_size) * self.bandwidth_GBps
+
+
+def bus_factor(op: CollectiveOp, n: int) -> float:
+    """nccl-tests' bus-bandwidth factor: time = bus_factor * bytes / busbw for `bytes` per rank as
+    :class:`CollectiveFit` counts them on n ranks (all_reduce 2(n-1)/n, all_gather n-1, broadcast 1, all_to_all
+    and reduce_scatter (n-1)/n)."""
+    return {"all_reduce": 2.0 * (n - 1) / n, "all_gather": float(n - 1), "broadcast": 1.0}.get(op, (n - 1) / n)
 
 
 class AttentionFit(_Strict):
@@ -210,6 +216,58 @@ class ClusterProfile(_Strict):
             f"{'inter-node ' if across_nodes else ''}{op} fitted up to group size {fits[-1].group_size}, "
             f"asked for {group_size}",
         )
+
+    def collective_two_level(self, op: CollectiveOp, group_size: int) -> CollectiveFit:
+        """:meth:`collective` when a fit of `op` covers `group_size`; for a larger node-packed group of k >= 2
+        whole nodes (G = gpus_per_node ranks each) a two-level estimate, returned as a CollectiveFit whose
+        `source` starts with "two-level estimate" (time still alpha + beta * bytes, bytes as CollectiveFit counts):
+
+        - all_gather (shard s): an all-gather of s among the k ranks with the same local index (one per node),
+          then one of the k*s gathered bytes inside each node (the intra fit on G ranks);
+        - reduce_scatter (buffer B): inside each node on G ranks (B -> B/G), then among the k nodes on B/G;
+        - all_reduce (buffer B): intra reduce_scatter, inter all_reduce of B/G over k nodes, intra all_gather.
+
+        The inter-node steps run at the bus bandwidth (:func:`bus_factor`) and alpha of one inter-node fit: of
+        the fits with the largest inter-node group (every GPU of every node through its NIC at once, as in the
+        k-rank steps above), the one with the lowest bus bandwidth (conservative; any op: an alpha-beta fit's
+        bus bandwidth is its link's). No inter-node fit, a group that is not whole nodes, or an op without a
+        decomposition: InputError."""
+        sizes = self.group_sizes(op)
+        if sizes and sizes[-1] >= group_size:
+            return self.collective(op, group_size)
+        G = self.gpus_per_node
+        k, rem = divmod(group_size, G)
+        have = f"{op} fitted up to group size {sizes[-1]}" if sizes else f"no {op} fit"
+        where = f"profile {self.name!r}"
+        if op not in ("all_gather", "reduce_scatter", "all_reduce"):
+            raise InputError(where, f"has {have}, asked for {group_size} (no two-level estimate for {op})")
+        if rem or k < 2 or group_size > self.world_size:
+            raise InputError(where, f"has {have}, asked for {group_size}, which is not 2..{self.num_nodes} whole "
+                                    f"nodes of {G} GPUs (no two-level estimate)")
+        inter = [c for c in self.collectives if c.scope == "inter"]
+        if not inter:
+            raise InputError(where, f"has {have} and no inter-node fit: a {group_size}-rank {op} ({k} nodes) "
+                                    "cannot be estimated (profile the collectives on more than one node)")
+        top = max(c.group_size for c in inter)
+        link = min((c for c in inter if c.group_size == top), key=lambda c: (c.bus_bandwidth_GBps, c.op))
+        per_ms = link.bus_bandwidth_GBps * 1e6  # bytes per ms
+        if op == "all_gather":
+            intra = [self.collective("all_gather", G)]
+            beta = bus_factor("all_gather", k) / per_ms + intra[0].beta_ms_per_byte * k
+        elif op == "reduce_scatter":
+            intra = [self.collective("reduce_scatter", G)]
+            beta = intra[0].beta_ms_per_byte + bus_factor("reduce_scatter", k) / G / per_ms
+        else:
+            intra = [self.collective("reduce_scatter", G), self.collective("all_gather", G)]
+            beta = (intra[0].beta_ms_per_byte + bus_factor("all_reduce", k) / G / per_ms
+                    + intra[1].beta_ms_per_byte / G)
+        parts = " and ".join(f"the {c.op} fit on {c.group_size} ranks" for c in intra)
+        return CollectiveFit(
+            op=op, group_size=group_size, scope="inter", alpha_ms=link.alpha_ms + sum(c.alpha_ms for c in intra),
+            beta_ms_per_byte=beta, fit_rel_error=0.0,
+            source=f"two-level estimate for {k} nodes x {G}: intra-node {parts}, inter-node at the "
+                   f"{link.op} fit on {link.group_size} ranks ({link.bus_bandwidth_GBps:.3g} GB/s bus bandwidth, "
+                   f"alpha {link.alpha_ms:g} ms: the slowest of the largest inter-node fits; {link.source})")
 
     def collective_time_ms(self, op: CollectiveOp, group_size: int, nbytes: float, *,
                            across_nodes: bool = False) -> float:

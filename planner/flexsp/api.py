@@ -83,7 +83,8 @@ def to_plan(results: list[StepResult], cm: SPCostModel, profile: ClusterProfile,
     baselines = {k: v for k, v in baselines.items() if np.isfinite(v)}
     return SPPlan(inputs_digest=digest, profile=profile_ref(profile), solver=solver,
                   predicted_ms=round(sum(r.time_ms for r in results), 6), baselines_ms=baselines,
-                  world_size=cm.world, model=cm.model.name, max_context=max_context, steps=steps)
+                  world_size=cm.world, model=cm.model.name, max_context=max_context, steps=steps,
+                  cost_model_source=cm.source)
 
 
 def plan_sp(profile: ClusterProfile, model: str | ModelShape, lengths: np.ndarray, *, gpus: int | None = None,
@@ -140,5 +141,6 @@ def summarize(results: list[StepResult], cm: SPCostModel) -> dict:
         memory_violations=int(sum(x["memory_violations"] for x in rows)),
         mip_gap_mean=float(np.mean(gaps)) if gaps else None,
         milp_won_micro_batches=int(sum(x["milp_won"] for x in rows)),
+        cost_model_source=cm.source,
     )
     return dict(rows=rows, summary=summary)

@@ -23,7 +23,8 @@ Where the compute terms come from (:func:`sp_cost_model`):
   hidden^2 (QKV/O are 4 h^2, the MLP ~ 8 h^2 at a fixed ratio), so ``a2 += L * lin.ms_per_token * (h/h_lin)^2``;
   ``b1 = L * (att.b + lin.b)`` (clipped at 0) plus the ZeRO-3 parameter traffic of one micro-batch
   (2 all-gathers + 1 reduce-scatter of the bf16 parameters, per-rank share 2*P/N bytes) when the profile has
-  those fits (the largest fitted group stands in for larger groups; none -> 0).
+  those fits (none -> 0); a ZeRO group larger than every fit (h100-sxm: fitted on one 8-GPU node, 64 GPUs) gets
+  the profile's two-level intra + inter-node estimate, which the cost model's ``source`` names.
 
 Units: ms, bytes, tokens.
 """
@@ -175,18 +176,28 @@ class SPCostModel:
 
 
 def _zero3_ms(profile: ClusterProfile, model: ModelShape, world: int) -> float:
-    """ZeRO-3 parameter traffic per micro-batch (ms): all-gather fwd + all-gather bwd + reduce-scatter grads
-    of the bf16 parameters. Messages as CollectiveFit counts them (the tensor each rank passes in): all_gather
-    the rank's shard 2 * P / world bytes, reduce_scatter the whole unreduced gradient 2 * P bytes. 0 if the
-    profile has no such fits."""
-    total = 0.0
+    """ZeRO-3 parameter traffic per micro-batch (ms); see :func:`_zero3`."""
+    return _zero3(profile, model, world)[0]
+
+
+def _zero3(profile: ClusterProfile, model: ModelShape, world: int) -> tuple[float, str]:
+    """(ms, note): ZeRO-3 parameter traffic per micro-batch: all-gather fwd + all-gather bwd + reduce-scatter grads
+    of the bf16 parameters over the ``world`` GPUs. Messages as CollectiveFit counts them (the tensor each rank
+    passes in): all_gather the rank's shard 2 * P / world bytes, reduce_scatter the whole unreduced gradient 2 * P
+    bytes. A fit covering ``world`` ranks is used as it is; a larger group (e.g. 64 ranks on the h100-sxm profile,
+    whose all_gather/reduce_scatter are fitted on one 8-GPU node) gets the profile's two-level estimate
+    (:meth:`ClusterProfile.collective_two_level`: intra-node fit + inter-node part at the bus bandwidth of the
+    slowest largest inter-node fit), named in the note; an error if the profile has nothing inter-node. 0 (and
+    no note) if the profile has no such fits."""
+    total, notes = 0.0, []
     for op, times, nbytes in (("all_gather", 2, 2.0 * model.params / world), ("reduce_scatter", 1, 2.0 * model.params)):
-        sizes = profile.group_sizes(op)
-        if not sizes or world <= 1:
+        if not profile.group_sizes(op) or world <= 1:
             continue
-        g = next((s for s in sizes if s >= world), sizes[-1])
-        total += times * profile.collective(op, g).time_ms(nbytes)
-    return total
+        fit = profile.collective_two_level(op, world)
+        total += times * fit.time_ms(nbytes)
+        if fit.source.startswith("two-level estimate"):
+            notes.append(f"ZeRO-3 {op} on {world} ranks: {fit.source}")
+    return total, "; ".join(notes)
 
 
 def sp_cost_model(profile: ClusterProfile, model: ModelShape | str, world: int | None = None) -> SPCostModel:
@@ -212,9 +223,12 @@ def sp_cost_model(profile: ClusterProfile, model: ModelShape | str, world: int |
         w_att = h / float(att.heads * att.head_dim)
         a1 = L * att.a1_ms_per_tok2 * w_att
         a2 = L * (att.a2_ms_per_tok * w_att + lin.ms_per_token * (h / lin.hidden) ** 2)
-        b1 = max(0.0, L * (att.b_ms + lin.b_ms)) + _zero3_ms(profile, model, world)
+        zero3_ms, zero3_note = _zero3(profile, model, world)
+        b1 = max(0.0, L * (att.b_ms + lin.b_ms)) + zero3_ms
         act = model.act_bytes_per_token
         source = "derived from profile attention (x h/h_att per layer) and linear (x (h/h_lin)^2 per layer) fits"
+        if zero3_note:
+            source += f"; {zero3_note}"
     alpha, beta = {}, {}
     for d in powers_of_two(world)[1:]:
         fit = profile.collective("all_to_all", d)

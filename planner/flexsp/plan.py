@@ -56,6 +56,8 @@ class SPPlan(Plan):
     world_size: int = Field(ge=1)
     model: str = Field(description="model preset name or shape description")
     max_context: int | None = None
+    cost_model_source: str = Field(default="", description="where the cost model's terms come from, including "
+                                                          "any two-level collective estimate (older plans: empty)")
     steps: list[SPStep]
 
     @model_validator(mode="after")
@@ -109,6 +111,8 @@ class SPPlan(Plan):
     def summary_rows(self) -> list[tuple[str, str]]:
         rows = super().summary_rows()
         rows.insert(1, ("model / GPUs", f"{self.model} on {self.world_size} GPUs"))
+        if self.cost_model_source:
+            rows.insert(2, ("cost model", self.cost_model_source))
         for st in self.steps:
             degs: dict[int, int] = {}
             for mb in st.micro_batches:

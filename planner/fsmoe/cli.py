@@ -45,7 +45,12 @@ def register(groups) -> None:
     @groups.plan.command("moe")
     def plan_moe_cmd(
         config: str = typer.Option(..., "--config", help="mixtral-8x7b | gshard-grid | fine-grained | FILE (JSON/YAML)"),
-        gpus: int = typer.Option(..., "--gpus", help="GPUs (power of two, at most what the profile describes)"),
+        gpus: int = typer.Option(..., "--gpus", help="GPUs (power of two, at most what the profile describes): the "
+                                                     "data-parallel world; dense gradients are all-reduced over all"),
+        ep_size: Optional[int] = typer.Option(None, "--ep-size", help="Flat expert-parallel groups of this many "
+                                              "contiguous GPUs inside --gpus (each expert on gpus/ep-size GPUs, their "
+                                              "gradients all-reduced over those copies), as train_moe --ep-size; "
+                                              "default: EP over every GPU (or over the nodes when experts < GPUs)."),
         out: Path = typer.Option(..., "--out", help="Plan JSON to write (atomically)."),
         profile: str = typer.Option("h100-sxm", "--profile", help="Built-in profile name or ClusterProfile JSON."),
         stages: str = typer.Option("profile", "--stages", help=STAGES_HELP),
@@ -69,14 +74,18 @@ def register(groups) -> None:
             raise InputError("--stages", f"must be 'profile' or 'published', got {stages!r}")
         if not (time_limit > 0 and math.isfinite(time_limit)):
             raise InputError("--time-limit", f"must be > 0 seconds, got {time_limit}")
+        if ep_size is not None and (ep_size < 1 or gpus < 1 or gpus % ep_size):
+            raise InputError("--ep-size", f"{ep_size} does not divide --gpus {gpus}")
         prof = load_profile(profile)
         cfgs = _configs_with_stats(config, gpus, router_stats)
-        plan = plan_moe(cfgs, gpus, prof, stages=stages, params=SolveParams(time_limit=time_limit))  # type: ignore[arg-type]
+        plan = plan_moe(cfgs, gpus, prof, stages=stages, params=SolveParams(time_limit=time_limit),  # type: ignore[arg-type]
+                        ep_size=ep_size)
         save_plan(plan, out)
         if as_json:
             emit_json({"out": str(out), "configs": [_row_dict(c) for c in plan.configs], "solver": plan.solver.model_dump()})
         else:
-            print_table([_row(c) for c in plan.configs], _COLS, title=f"MoE plan ({stages} stages, {gpus} GPUs) -> {out}")
+            print_table([_row(c) for c in plan.configs], _COLS, title=f"MoE plan ({stages} stages, {gpus} GPUs"
+                        f"{f', EP groups of {ep_size}' if ep_size is not None else ''}) -> {out}")
 
     @groups.bench.command("moe")
     def bench_moe_cmd(

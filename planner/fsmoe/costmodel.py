@@ -14,7 +14,14 @@ Two sources for alpha/beta:
   peers at once, so the NICs see a full all-to-all); all-gather/reduce-scatter use the intra-node fit at
   gpus_per_node; the expert GEMM runs at the profile's GEMM rate on the GPU's real multiply-add count
   (f*T*g*M*H, see ``_expert_macs_per_gpu``) with ``GEMM_ALPHA_MS`` launch overhead per chunk (an assumption: the
-  profile has no GEMM latency term); the gradient all-reduce uses the all_reduce fit.
+  profile has no GEMM latency term); the gradient all-reduce of the replicated (dense + shared-expert) parameters
+  spans every GPU: the all_reduce fit on that many ranks, or, when the profile's all_reduce fits stop below it,
+  :meth:`ClusterProfile.collective_two_level`'s intra + inter-node estimate (named in the stage notes; an error
+  when the profile has no inter-node fit).
+
+Expert gradients: with EP over every GPU each expert exists once and needs no all-reduce. With EP size K inside a
+data-parallel world of D GPUs (``topology(..., ep_size=K)``) each expert has D/K copies whose gradients are
+all-reduced over them (:func:`expert_grad_allreduce_ms`, charged once per iteration after the backward).
 """
 from __future__ import annotations
 
@@ -27,7 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from adasched.profiler.io import InputError
 from adasched.profiler.profile import ClusterProfile
 
-__all__ = ["MoEConfig", "StageCosts", "stage_costs", "ELEMENT_BYTES", "GEMM_ALPHA_MS", "Topology", "topology"]
+__all__ = ["MoEConfig", "StageCosts", "stage_costs", "ELEMENT_BYTES", "GEMM_ALPHA_MS", "Topology", "topology",
+           "expert_params_per_gpu", "expert_grad_allreduce_ms"]
 
 ELEMENT_BYTES = 2  # bf16 activations and gradients
 GEMM_ALPHA_MS = 0.02  # per-chunk GEMM launch/tail overhead assumed for profile-derived costs (ms)
@@ -104,13 +112,30 @@ class Topology:
     def nodes(self) -> int:
         return self.gpus // self.gpus_per_node
 
+    @property
+    def expert_copies(self) -> int:
+        """Copies of each expert (shard) in the data-parallel world: gpus / EP size for flat EP (1 when EP spans
+        every GPU), gpus / (EP size * gpus_per_node) when a node shards its experts."""
+        return self.gpus // (self.ep_size * (self.gpus_per_node if self.hierarchical else 1))
 
-def topology(cfg: MoEConfig, gpus: int, gpus_per_node: int) -> Topology:
+
+def topology(cfg: MoEConfig, gpus: int, gpus_per_node: int, ep_size: int | None = None) -> Topology:
     """Flat EP when there are at least as many experts as GPUs (GShard grid: E = #GPUs); otherwise EP over the
-    nodes with each node's GPUs sharding its experts (Mixtral: 8 experts on 8 nodes)."""
+    nodes with each node's GPUs sharding its experts (Mixtral: 8 experts on 8 nodes).
+
+    ``ep_size`` K (``adasched plan moe --ep-size``; the runtime's ``train_moe --ep-size``): flat EP over groups of
+    K contiguous ranks inside the data-parallel world of ``gpus`` D, every GPU holding E/K whole experts, each
+    expert on D/K GPUs (the dense gradients are all-reduced over D, the expert ones over the D/K copies)."""
     if gpus < 1 or gpus & (gpus - 1):
         raise InputError("--gpus", f"must be a power of two >= 1, got {gpus}")
     gpn = min(gpus_per_node, gpus)
+    if ep_size is not None:
+        if ep_size < 1 or gpus % ep_size:
+            raise InputError("--ep-size", f"{ep_size} does not divide --gpus {gpus}")
+        if cfg.experts % ep_size:
+            raise InputError("--ep-size", f"{cfg.name}: {cfg.experts} experts do not divide evenly over EP size "
+                                          f"{ep_size}")
+        return Topology(gpus, gpn, ep_size, hierarchical=False)
     if cfg.experts >= gpus:
         if cfg.experts % gpus:
             raise InputError("--gpus", f"{cfg.name}: {cfg.experts} experts do not divide evenly over {gpus} GPUs")
@@ -240,18 +265,55 @@ def stage_costs(cfg: MoEConfig, topo: Topology, *, source: Literal["published", 
     alpha[2] = GEMM_ALPHA_MS
     work[2] = flops / (profile.gemm_tflops * 1e9)  # TFLOP/s -> FLOP per ms
     notes.append(f"gemm: {profile.gemm_tflops} TFLOP/s + {GEMM_ALPHA_MS} ms per chunk (assumed launch overhead)")
-    ar_sizes = profile.group_sizes("all_reduce")
-    if not ar_sizes:
-        raise InputError(f"profile {profile.name!r}", "has no all_reduce fit (the FSMoE planner needs "
-                                                      "collectives.all_reduce for the gradient all-reduce stage)")
-    fit = profile.collective("all_reduce", min(topo.gpus, max(ar_sizes)))
+    fit = _dense_allreduce_fit(profile, topo)
     alpha[4] = fit.alpha_ms
     work[4] = fit.beta_ms_per_byte * n[4] * ELEMENT_BYTES
-    notes.append(f"all_reduce: fit on {fit.group_size} ranks ({fit.source})")
+    notes.append(f"all_reduce: {fit.group_size} ranks, {fit.source}" if fit.source.startswith("two-level")
+                 else f"all_reduce: fit on {fit.group_size} ranks ({fit.source})")
     shared_macs = _shared_macs_per_gpu(cfg)
     shared = (GEMM_ALPHA_MS, 2.0 * shared_macs / (profile.gemm_tflops * 1e9)) if shared_macs else (0.0, 0.0)
     return StageCosts(tuple(alpha), tuple(work), f"profile {profile.name}", tuple(notes),  # type: ignore[arg-type]
                       shared=shared)
+
+
+def _dense_allreduce_fit(profile: ClusterProfile, topo: Topology):
+    """The all_reduce over every GPU (the replicated gradients): the fit covering ``topo.gpus`` ranks, else the
+    profile's two-level estimate (was: the largest fit, e.g. an 8-GPU NVLink one for 64 GPUs on two nodes' worth
+    of links)."""
+    if not profile.group_sizes("all_reduce"):
+        raise InputError(f"profile {profile.name!r}", "has no all_reduce fit (the FSMoE planner needs "
+                                                      "collectives.all_reduce for the gradient all-reduce stage)")
+    return profile.collective_two_level("all_reduce", topo.gpus)
+
+
+def expert_params_per_gpu(cfg: MoEConfig, topo: Topology) -> float:
+    """Routed-expert parameters one GPU holds over all MoE layers: E * g*M*H per layer spread over the
+    gpus / expert_copies GPUs that hold one copy of them."""
+    return cfg.num_layers * cfg.experts * cfg.g * cfg.hidden * cfg.ffn_hidden * topo.expert_copies / topo.gpus
+
+
+def expert_grad_allreduce_ms(cfg: MoEConfig, topo: Topology, *, source: Literal["published", "profile"],
+                             profile: ClusterProfile | None = None) -> tuple[float, str]:
+    """(ms, note) of the all-reduce of one GPU's expert gradients (bf16, :func:`expert_params_per_gpu`) over the
+    ``topo.expert_copies`` copies of its experts; (0, "") with one copy. Published constants: FSMoE's stage-4
+    gradient all-reduce alpha/beta per element. Profile: the all_reduce fit on that many ranks, inter-node
+    fits only when the world spans several nodes (the copies sit ranks K apart, on different nodes)."""
+    copies = topo.expert_copies
+    if copies <= 1:
+        return 0.0, ""
+    elements = expert_params_per_gpu(cfg, topo)
+    if source == "published":
+        from adasched.profiler.builtins import FSMOE_ALPHA_MS, FSMOE_BETA_MS
+
+        return FSMOE_ALPHA_MS[4] + FSMOE_BETA_MS[4] * elements, (
+            f"expert-gradient all-reduce over {copies} copies: published stage-4 constants")
+    if profile is None:
+        raise ValueError("expert_grad_allreduce_ms(source='profile') needs a profile")
+    across = topo.gpus > topo.gpus_per_node
+    fit = profile.collective("all_reduce", copies, across_nodes=across)
+    return fit.time_ms(elements * ELEMENT_BYTES), (
+        f"expert-gradient all-reduce over {copies} copies: {'inter-node ' if across else ''}all_reduce fit on "
+        f"{fit.group_size} ranks ({fit.source})")
 
 
 def clamp_r_candidates(max_r: int = 16) -> list[int]:

@@ -42,6 +42,10 @@ class MoEConfigPlan(BaseModel):
     config: dict
     ep_size: int
     hierarchical: bool
+    expert_copies: int = Field(default=1, ge=1, description="copies of each expert in the data-parallel world "
+                                                            "(gpus / ep_size for flat EP; older plans: 1)")
+    expert_grad_allreduce_ms: float = Field(default=0.0, ge=0.0, description="all-reduce of the expert gradients "
+                                            "over their copies, after the backward (in iteration_ms; 0 with one copy)")
     a2a_ms: float = Field(description="one un-chunked forward all-to-all (ms)")
     layers: list[MoELayerPlan]
     fwd_bwd_ms: float = Field(description="one MoE layer fwd+bwd with the chosen r (layer 0)")
@@ -59,8 +63,11 @@ class MoEConfigPlan(BaseModel):
 
 class MoEPlan(Plan):
     kind: Literal["moe"] = "moe"
-    gpus: int
+    gpus: int = Field(description="the data-parallel world the plan is for: dense gradients all-reduced over it")
     gpus_per_node: int
+    ep_size_option: int | None = Field(default=None, description="`adasched plan moe --ep-size`: flat EP groups "
+                                                                 "of this size inside the world; None = the default "
+                                                                 "layout (EP over every GPU, or over nodes)")
     configs: list[MoEConfigPlan]
 
     def verify(self) -> list[str]:
@@ -73,6 +80,8 @@ class MoEPlan(Plan):
             at = f"config {c.name!r}"
             if c.ep_size < 1 or self.gpus % c.ep_size:
                 errors.append(f"{at}: ep_size {c.ep_size} does not divide {self.gpus} GPUs")
+            if self.ep_size_option is not None and c.ep_size != self.ep_size_option:
+                errors.append(f"{at}: ep_size {c.ep_size} is not the planned --ep-size {self.ep_size_option}")
             n = c.config.get("num_layers")
             if [lp.layer for lp in c.layers] != list(range(len(c.layers))) or (n is not None and len(c.layers) != n):
                 errors.append(f"{at}: layers {[lp.layer for lp in c.layers][:6]}... are not 0..{(n or len(c.layers)) - 1}")
@@ -112,7 +121,7 @@ class MoEPlan(Plan):
 
         c = self.configs[0]
         cfg = MoEConfig.model_validate(c.config)
-        topo = topology(cfg, self.gpus, self.gpus_per_node)
+        topo = topology(cfg, self.gpus, self.gpus_per_node, self.ep_size_option)
         src = "published" if c.stage_source.startswith("published") else "profile"
         prof = load_profile(self.profile.name) if (src == "profile" and self.profile) else None
         fwd = stage_costs(cfg, topo, source=src, profile=prof)
@@ -142,12 +151,17 @@ class MoEPlan(Plan):
                      title=f"{c.name}: one MoE layer, forward r={l0.r_fwd} then backward r={l0.r_bwd} (wgrad {l0.wgrad_bwd}): "
                            f"{c.fwd_bwd_ms:.2f} ms (no pipelining {c.baselines_fwd_bwd_ms['no-pipeline']:.2f} ms)")
 
-    def check_ep_size(self, ep_size: int, config: str | None = None) -> MoEConfigPlan:
-        """The plan entry for a runtime with expert-parallel size ``ep_size``; a clear error if it was made for
-        another EP size."""
+    def check_ep_size(self, ep_size: int, config: str | None = None, *, world: int | None = None) -> MoEConfigPlan:
+        """The plan entry for a runtime with expert-parallel size ``ep_size`` (and, given, ``world`` data-parallel
+        ranks); a clear one-line error if it was made for another EP size or another number of GPUs (its dense
+        gradient all-reduce and expert copies were costed for ``self.gpus``)."""
         for c in self.configs:
             if config is None or c.name == config:
-                if c.ep_size != ep_size:
-                    raise InputError("plan", f"{c.name}: made for EP size {c.ep_size}, the runtime has EP size {ep_size}")
+                if c.ep_size != ep_size or (world is not None and world != self.gpus):
+                    made = f"{self.gpus} GPUs with EP size {c.ep_size}"
+                    run = f"{world} ranks with EP size {ep_size}" if world is not None else f"EP size {ep_size}"
+                    fix = (f" (re-plan: adasched plan moe --gpus {world} --ep-size {ep_size})"
+                           if world is not None and world % ep_size == 0 else "")
+                    raise InputError("plan", f"{c.name}: made for {made}, the runtime has {run}{fix}")
                 return c
         raise InputError("plan", f"no configuration named {config!r} (have: {', '.join(c.name for c in self.configs)})")

@@ -9,7 +9,7 @@ from adasched.profiler.profile import ClusterProfile
 from ..plan import inputs_digest, profile_ref
 from ..solver import SolveParams
 from .baselines import BASELINES, baseline_fwd_bwd_ms
-from .costmodel import MoEConfig, stage_costs, topology
+from .costmodel import MoEConfig, expert_grad_allreduce_ms, stage_costs, topology
 from .model import WGRAD_MODES, choose_r, paper_cases, solve_slices
 from .plan import MoEConfigPlan, MoELayerPlan, MoEPlan
 
@@ -32,8 +32,10 @@ def dense_block_ms(cfg: MoEConfig, profile: ClusterProfile) -> tuple[float, floa
 
 
 def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: Literal["profile", "published"],
-                params: SolveParams) -> MoEConfigPlan:
-    topo = topology(cfg, gpus, profile.gpus_per_node)
+                params: SolveParams, ep_size: int | None = None) -> MoEConfigPlan:
+    """One configuration on ``gpus`` GPUs (the data-parallel world: dense gradients all-reduced over all of them);
+    ``ep_size``: flat EP groups of that many ranks inside it (default: :func:`topology`'s layout)."""
+    topo = topology(cfg, gpus, profile.gpus_per_node, ep_size)
     dense_f, dense_b = dense_block_ms(cfg, profile)
     layers: list[MoELayerPlan] = []
     moe_bwd_idle: list[float] = []
@@ -73,23 +75,29 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
     b4 = first.work[4] / max(cfg.replicated_params, 1)
     sl = solve_slices(gaps, produced, a4, b4, params)
     at_end = a4 + b4 * sum(produced)
+    # expert gradients of EP groups smaller than the world: all-reduced over their copies after the backward
+    # (charged whole, the same for every schedule; 0 when EP spans every GPU)
+    expert_ar, expert_note = expert_grad_allreduce_ms(cfg, topo, source=stages, profile=profile)
     moe_total = sum(l.fwd_ms + l.bwd_ms for l in layers)
     dense_total = cfg.num_layers * (dense_f + dense_b)
-    iteration = moe_total + dense_total + sl.exposed_ms
-    iter_base = {name: sum(v) + dense_total + at_end for name, v in base_layers.items()}
+    iteration = moe_total + dense_total + sl.exposed_ms + expert_ar
+    iter_base = {name: sum(v) + dense_total + at_end + expert_ar for name, v in base_layers.items()}
     return MoEConfigPlan(
         name=cfg.name, config=cfg.model_dump(mode="json"), ep_size=topo.ep_size, hierarchical=topo.hierarchical,
+        expert_copies=topo.expert_copies, expert_grad_allreduce_ms=expert_ar,
         a2a_ms=first.a2a_ms, layers=layers, fwd_bwd_ms=layers[0].fwd_ms + layers[0].bwd_ms,
         baselines_fwd_bwd_ms={name: v[0] for name, v in base_layers.items()},
         grad_slices=sl.slices, grad_exposed_ms=sl.exposed_ms, grad_exposed_at_end_ms=at_end,
         iteration_ms=iteration, iteration_baselines_ms=iter_base, slice_solver_status=sl.outcome.status,
-        stage_source=first.source, stage_notes=list(first.notes),
+        stage_source=first.source, stage_notes=list(first.notes) + ([expert_note] if expert_note else []),
     )
 
 
 def plan_moe(configs: list[MoEConfig], gpus: int, profile: ClusterProfile, *,
              stages: Literal["profile", "published"] = "profile", params: SolveParams | None = None,
-             progress=None) -> MoEPlan:
+             progress=None, ep_size: int | None = None) -> MoEPlan:
+    """Every configuration on ``gpus`` GPUs; ``ep_size`` (``--ep-size``): flat EP groups of that size inside them,
+    recorded in the plan (``MoEPlan.ep_size_option``) for the runtime's check."""
     params = params or SolveParams(time_limit=2.0)
     if gpus > profile.world_size:
         from adasched.profiler.io import InputError
@@ -98,7 +106,7 @@ def plan_moe(configs: list[MoEConfig], gpus: int, profile: ClusterProfile, *,
     t0 = time.perf_counter()
     out = []
     for cfg in configs:
-        out.append(plan_config(cfg, gpus, profile, stages=stages, params=params))
+        out.append(plan_config(cfg, gpus, profile, stages=stages, params=params, ep_size=ep_size))
         if progress:
             progress()
     dt = time.perf_counter() - t0
@@ -112,7 +120,8 @@ def plan_moe(configs: list[MoEConfig], gpus: int, profile: ClusterProfile, *,
     predicted = sum(c.fwd_bwd_ms for c in out)
     baselines = {name: sum(c.baselines_fwd_bwd_ms[name] for c in out) for name in BASELINES}
     return MoEPlan(
-        inputs_digest=inputs_digest([c.model_dump(mode="json") for c in configs], gpus, stages, profile),
+        inputs_digest=inputs_digest([c.model_dump(mode="json") for c in configs], gpus, stages, profile,
+                                    *([ep_size] if ep_size is not None else [])),
         profile=profile_ref(profile), solver=record, predicted_ms=predicted, baselines_ms=baselines,
-        gpus=gpus, gpus_per_node=profile.gpus_per_node, configs=out,
+        gpus=gpus, gpus_per_node=profile.gpus_per_node, ep_size_option=ep_size, configs=out,
     )

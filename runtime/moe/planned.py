@@ -52,10 +52,13 @@ class PlannedPipeline:
         return [f * dense_elements for f in self.slice_fractions]
 
 
-def load_pipeline(path: str | Path, *, ep_size: int, num_layers: int, config: str | None = None) -> PlannedPipeline:
+def load_pipeline(path: str | Path, *, ep_size: int, num_layers: int, config: str | None = None,
+                  world: int | None = None) -> PlannedPipeline:
     """Degrees and slices of ``config`` (default: the plan's first configuration) for ``num_layers`` MoE layers
     (a plan with fewer layers repeats its last one). Raises InputError naming the file when the configuration is
-    missing or was planned for another EP size."""
+    missing or was planned for another EP size, or (``world`` given) for another number of GPUs: the plan's dense
+    gradient all-reduce (its slices) and expert copies were costed for its ``gpus`` (``adasched plan moe --gpus D
+    --ep-size K`` plans EP groups of K inside D)."""
     from adasched.planner.fsmoe.plan import MoEPlan
     from adasched.planner.plan import load_plan
     from adasched.profiler.io import InputError
@@ -66,9 +69,12 @@ def load_pipeline(path: str | Path, *, ep_size: int, num_layers: int, config: st
         raise InputError(str(path), f"configuration {config!r} not in the plan "
                                     f"({', '.join(c.name for c in plan.configs)})")
     c = cfgs[0]
-    if c.ep_size != ep_size:
-        raise InputError(str(path), f"configuration {c.name!r} was planned for EP size {c.ep_size}, "
-                                    f"this run has EP size {ep_size} (--ep-size, default: the world size)")
+    if c.ep_size != ep_size or (world is not None and world != plan.gpus):
+        hint = (f"; plan it with adasched plan moe --gpus {world} --ep-size {ep_size}"
+                if world is not None and ep_size >= 1 and world % ep_size == 0 else "")
+        raise InputError(str(path), f"configuration {c.name!r} was planned for {plan.gpus} GPUs with EP size "
+                                    f"{c.ep_size}, this run has {world if world is not None else '?'} ranks with EP "
+                                    f"size {ep_size} (--ep-size, default: the world size){hint}")
     if num_layers < 1:
         raise ValueError(f"num_layers: {num_layers} must be >= 1")
     layers = [c.layers[min(i, len(c.layers) - 1)] for i in range(num_layers)]

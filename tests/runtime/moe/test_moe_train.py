@@ -58,14 +58,17 @@ def test_plan_for_another_ep_size_is_an_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["--plan", str(plan), "--experts", "8", "--validate-only"]) == 2
     err = capsys.readouterr().err
-    assert "planned for EP size 4" in err and "this run has EP size 2" in err
+    assert "planned for 4 GPUs with EP size 4" in err and "this run has 2 ranks with EP size 2" in err
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert main(["--plan", str(plan), "--experts", "8", "--validate-only"]) == 0
-    # --ep-size: the plan is checked against the EP size, not the world (8 ranks in EP groups of 4 fit it)
+    # --ep-size: the plan is checked against the EP size and the world
     assert main(["--plan", str(plan), "--experts", "8", "--ep-size", "2", "--validate-only"]) == 2
-    assert "planned for EP size 4" in capsys.readouterr().err
+    assert "planned for 4 GPUs with EP size 4, this run has 4 ranks with EP size 2" in capsys.readouterr().err
+    # 8 ranks in EP groups of 4: the EP size fits, but the plan costed the dense all-reduce on 4 GPUs (plan it with
+    # --gpus 8 --ep-size 4; tests/launch/test_train_moe_plan.py)
     monkeypatch.setenv("WORLD_SIZE", "8")
-    assert main(["--plan", str(plan), "--experts", "8", "--ep-size", "4", "--validate-only"]) == 0
+    assert main(["--plan", str(plan), "--experts", "8", "--ep-size", "4", "--validate-only"]) == 2
+    assert "planned for 4 GPUs with EP size 4, this run has 8 ranks" in capsys.readouterr().err
     from adasched.planner.fsmoe.plan import MoEPlan
     from adasched.planner.plan import load_plan
     from adasched.runtime.moe import load_pipeline
