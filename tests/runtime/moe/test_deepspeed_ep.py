@@ -3,18 +3,22 @@
 
 - without :func:`prepare_for_deepspeed`, ``deepspeed.initialize`` fails (AttributeError 'group_name'): the failure
   the function removes;
-- after it, DeepSpeed's registry holds our groups (the same ranks: no other groups were made);
 - ZeRO stages 0, 1 and 2, torch SGD, two ``engine.backward`` + ``engine.step`` steps on different data per rank: each
   step's gradients (``p.grad`` under stage 0, ``deepspeed.utils.safe_get_full_grad`` under ZeRO: the reduced
   gradient, assembled from the partitions) equal a float64 single-process reference of the data-parallel objective
   (mean over the 4 ranks of each rank's LM + router loss), every element of every dense parameter and expert shard;
   the weights after each step equal the reference's SGD step; every expert copy and dense parameter is bitwise equal
   on its ranks after each step (``replica_divergence`` == 0.0);
+- ZeRO-2 with 2 accumulated micro-batches per step and the optimizer from DeepSpeed's config (built on the returned
+  param groups): the same checks against the mean of all micro-batch losses;
+- DeepSpeed's registry then holds exactly our groups (the same objects: DeepSpeed made none of its own);
+- ZeRO-3 refuses the marked layers (AssertionError), the ValueErrors of prepare_for_deepspeed;
 - EP over the whole world (no expert copies: one-rank expert-data-parallel groups made by prepare_for_deepspeed),
   stage 0, one step against the reference.
 """
 import datetime
 import sys
+import time
 
 import pytest
 import torch
@@ -29,12 +33,14 @@ from adasched.runtime.moe.lm import lm_loss
 STEPS = 2
 
 
-def _config(stage: int) -> dict:
+def _config(stage: int, micro: int = 1, ds_optimizer: bool = False) -> dict:
     B = _data()[0][0].shape[0]
-    cfg = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 1, "train_batch_size": B * WORLD,
-           "steps_per_print": 10 ** 9, "zero_allow_untested_optimizer": True}
+    cfg = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": micro,
+           "train_batch_size": B * micro * WORLD, "steps_per_print": 10 ** 9, "zero_allow_untested_optimizer": True}
     if stage:
         cfg["zero_optimization"] = {"stage": stage}
+    if ds_optimizer:                                    # DeepSpeed builds torch.optim.SGD on the given param groups
+        cfg["optimizer"] = {"type": "SGD", "params": {"lr": LR}}
     return cfg
 
 
@@ -56,8 +62,10 @@ def _shard(ref_grad, model, name):
     return ref_grad[off:off + model.blocks[0].moe.w1.shape[0]]
 
 
-def _train_case(rank, ep, stage, steps=STEPS, seed=3):
-    """``steps`` DeepSpeed steps at ZeRO ``stage`` against the float64 reference (SGD on both); max abs errors."""
+def _train_case(rank, ep, stage, steps=STEPS, seed=3, micro=1, ds_optimizer=False):
+    """``steps`` DeepSpeed steps at ZeRO ``stage`` against the float64 reference (SGD on both), each step of ``micro``
+    accumulated micro-batches; ``ds_optimizer``: the optimizer from DeepSpeed's config on the returned param groups
+    (else a torch SGD made here). Returns the max abs (gradient, weight) errors."""
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
@@ -65,20 +73,28 @@ def _train_case(rank, ep, stage, steps=STEPS, seed=3):
     groups = prepare_for_deepspeed(model)
     names = {g["name"] for g in groups if g.get("moe")}
     assert names == {f"ep_size_{ep.size}"}, names
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(groups, lr=LR),
-                                           config=_config(stage))
+    opt = None if ds_optimizer else torch.optim.SGD(groups, lr=LR)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, model_parameters=groups,
+                                           config=_config(stage, micro, ds_optimizer))
     assert engine.has_moe_layers and engine.zero_optimization_stage() == stage
     ref_params = dict(ref.named_parameters())
     params = list(named_parameters_by_kind(model))
+    B = _data()[0][0].shape[0]
     grad_err = param_err = 0.0
     for step in range(steps):
-        data = [(x, y) for x, y in _data()] if step == 0 else [(y, x) for x, y in _data()]  # new data each step
+        data = _data(micro)
+        data = data if step % 2 == 0 else [(y, x) for x, y in data]     # other data in the next step
         x, y = data[rank]
-        loss = lm_loss(engine(x), y) + model.aux_loss()
-        engine.backward(loss)
+        for m in range(micro):                          # DeepSpeed: step() after every micro-batch (skipped inside)
+            mb = slice(m * B, (m + 1) * B)
+            engine.backward(lm_loss(engine(x[mb]), y[mb]) + model.aux_loss())
+            if m < micro - 1:
+                engine.step()
         ref.zero_grad()
-        for xr, yr in data:                             # the data-parallel objective: mean of the ranks' losses
-            ((lm_loss(ref(xr), yr) + ref.aux_loss()) / WORLD).backward()
+        for xr, yr in data:                             # the data-parallel objective: mean of all micro-batch losses
+            for m in range(micro):
+                mb = slice(m * B, (m + 1) * B)
+                ((lm_loss(ref(xr[mb]), yr[mb]) + ref.aux_loss()) / (WORLD * micro)).backward()
         for name, p, kind in params:                    # every rank asks for every gradient (ZeRO: collective)
             got = p.grad if stage == 0 else safe_get_full_grad(p)
             want = ref_params[name].grad
@@ -94,6 +110,18 @@ def _train_case(rank, ep, stage, steps=STEPS, seed=3):
             param_err = max(param_err, _close(p.detach(), want, f"stage {stage} step {step}: {kind} {name}"))
         assert replica_divergence(model, ep) == 0.0, f"stage {stage} step {step}: copies differ"
     return grad_err, param_err
+
+
+def _stage3_case(ep):
+    """ZeRO-3 refuses DeepSpeed MoE layers (ours are marked as such): every ZeRO-3 parameter is partitioned over the
+    data-parallel group, an expert shard is this rank's own."""
+    import deepspeed
+
+    model, _ = _models(ep, _routers())
+    groups = prepare_for_deepspeed(model)
+    with pytest.raises(AssertionError, match="not supported with ZeRO Stage 3") as err:
+        deepspeed.initialize(model=model, optimizer=torch.optim.SGD(groups, lr=LR), config=_config(3))
+    return str(err.value)
 
 
 def _registry_case(ep):
@@ -114,6 +142,12 @@ def _errors_case(ep):
     with pytest.raises(ValueError, match="has a reducer"):
         prepare_for_deepspeed(model)
     red.remove()
+    rank = dist.get_rank()
+    halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    rep = ExpertParallel.create_groups(E, 1, group=halves[rank // 2])    # data parallel over 2 of the 4 ranks
+    model, _ = _models(rep, _routers())
+    with pytest.raises(ValueError, match="data-parallel group has 2 of 4 ranks"):
+        prepare_for_deepspeed(model)
 
 
 def _worker(rank, world):
@@ -126,12 +160,20 @@ def _worker(rank, world):
     ep = ExpertParallel.create_groups(E, EP)
     untagged = _untagged_case(ep)
     _errors_case(ep)
-    errs = {stage: _train_case(rank, ep, stage) for stage in (0, 1, 2)}
+    errs, secs = {}, {}
+    for key, args, kw in ((0, (ep, 0), {}), (1, (ep, 1), {}), (2, (ep, 2), {}),
+                          ("zero2-accumulate", (ep, 2), {"steps": 1, "seed": 7, "micro": 2, "ds_optimizer": True})):
+        t0 = time.perf_counter()
+        errs[key] = _train_case(rank, *args, **kw)
+        secs[key] = round(time.perf_counter() - t0, 1)
     _registry_case(ep)
+    stage3 = _stage3_case(ep)
     full = ExpertParallel.create_groups(E, WORLD)       # no copies: one-rank expert-DP groups
+    t0 = time.perf_counter()
     errs["ep4"] = _train_case(rank, full, 0, steps=1, seed=5)
+    secs["ep4"] = round(time.perf_counter() - t0, 1)
     dist.barrier()
-    return {"untagged": untagged, "errs": errs}
+    return {"untagged": untagged, "stage3": stage3, "errs": errs, "secs": secs}
 
 
 def test_deepspeed_engine_ep2_of_4_zero_0_1_2(monkeypatch, tmp_path):
@@ -141,5 +183,7 @@ def test_deepspeed_engine_ep2_of_4_zero_0_1_2(monkeypatch, tmp_path):
     out = spawn_gloo(_worker, WORLD, timeout_s=60)
     for r in out:                                       # every element was compared inside the workers
         assert "group_name" in r["untagged"]
-        assert set(r["errs"]) == {0, 1, 2, "ep4"}
-    print("max abs (grad, weight) error vs float64 per ZeRO stage:", out[0]["errs"])
+        assert "not supported with ZeRO Stage 3" in r["stage3"]
+        assert set(r["errs"]) == {0, 1, 2, "zero2-accumulate", "ep4"}
+    print("max abs (grad, weight) error vs float64 per case:", out[0]["errs"], "seconds per case (rank 0):",
+          out[0]["secs"])
