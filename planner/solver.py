@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal, Mapping
 
 from .plan import SolverRecord
 
@@ -200,9 +200,12 @@ def solve_linear(solver, params: SolveParams, hint: dict[Any, float] | None = No
 
 # ---- OR-Tools CP-SAT -----------------------------------------------------------------------------
 def solve_cpsat(model, params: SolveParams, hint: dict[Any, int] | None = None,
-                variables: Iterable[Any] = ()) -> SolveOutcome:
+                variables: Iterable[Any] = (), *, overrides: Mapping[str, Any] | None = None) -> SolveOutcome:
     """Solve a ``cp_model.CpModel``. ``hint`` maps IntVar/BoolVar -> value (AddHint); ``variables`` are
-    read back into ``values`` by name."""
+    read back into ``values`` by name. ``overrides`` sets further CP-SAT parameters by their SatParameters name
+    (e.g. ``{"symmetry_level": 0}``) after those from ``params``; an unknown name is a ValueError, and the
+    ones ``params`` owns (time limit, workers, seed, logging) cannot be overridden here."""
+    from ortools.sat import sat_parameters_pb2
     from ortools.sat.python import cp_model
 
     if params.node_limit is not None:
@@ -217,6 +220,15 @@ def solve_cpsat(model, params: SolveParams, hint: dict[Any, int] | None = None,
     solver.parameters.num_search_workers = params.threads
     solver.parameters.random_seed = params.seed
     solver.parameters.log_search_progress = params.msg
+    for key, val in (overrides or {}).items():
+        if key in _CPSAT_OWNED:
+            raise ValueError(f"CP-SAT parameter {key!r}: set through SolveParams, not overrides")
+        if key not in sat_parameters_pb2.SatParameters.DESCRIPTOR.fields_by_name:
+            raise ValueError(f"CP-SAT parameter {key!r}: no such SatParameters field")
+        try:
+            setattr(solver.parameters, key, val)
+        except TypeError as err:
+            raise ValueError(f"CP-SAT parameter {key!r}: {val!r} has the wrong type") from err
     t0 = time.perf_counter()
     code = solver.Solve(model)
     dt = time.perf_counter() - t0
@@ -237,6 +249,9 @@ def solve_cpsat(model, params: SolveParams, hint: dict[Any, int] | None = None,
     out = SolveOutcome("ortools-cp-sat", status, objective, bound, dt, params, values)
     out.solver = solver  # type: ignore[attr-defined]  # callers read further values from it
     return out
+
+
+_CPSAT_OWNED = ("max_time_in_seconds", "num_search_workers", "num_workers", "random_seed", "log_search_progress")
 
 
 def heuristic_outcome(objective: float, seconds: float, params: SolveParams, note: str | None = None) -> SolveOutcome:

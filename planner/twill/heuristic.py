@@ -80,9 +80,10 @@ def _window_max(a: np.ndarray, size: int) -> np.ndarray:
 
 
 def modulo_schedule(problem: Problem, ii: int, groups: dict[str, int] | None = None, *,
-                    budget_ratio: int = 8) -> dict[str, int] | None:
+                    budget_ratio: int = 8, deadline: float | None = None) -> dict[str, int] | None:
     """Issue cycles of one modulo schedule at ``ii`` (with warp-group issue slots and handoffs when ``groups``
-    is given), or None when the placement budget runs out or the grouping makes a recurrence too long."""
+    is given), or None when the placement budget runs out, the grouping makes a recurrence too long, or
+    ``deadline`` (a ``time.perf_counter()`` value, checked every 16 placements) passes."""
     g, m = problem.graph, problem.machine
     names = [o.name for o in g.ops]
     idx = {v: i for i, v in enumerate(names)}
@@ -164,6 +165,8 @@ def modulo_schedule(problem: Problem, ii: int, groups: dict[str, int] | None = N
         if i is None:
             break
         budget -= 1
+        if deadline is not None and budget % 16 == 0 and time.perf_counter() >= deadline:
+            return None
         est = [t[u] + w for u, w in preds[i] if t[u] is not None]
         lst = [t[s] - w for s, w in succs[i] if t[s] is not None]
         if est:
@@ -220,11 +223,12 @@ def _budgets_ok(problem: Problem, ii: int, times: dict[str, int], groups: dict[s
     return held if _fits(problem, held, groups) else None
 
 
-def _retime(problem: Problem, ii: int, times: dict[str, int], groups: dict[str, int]) -> dict[str, int] | None:
+def _retime(problem: Problem, ii: int, times: dict[str, int], groups: dict[str, int],
+            deadline: float | None = None) -> dict[str, int] | None:
     """Stages for the same residues that keep each held value within a buffer count (lifetime <= copies * I):
     difference constraints (dependences below, lifetimes above) solved by longest paths. Buffer counts start at
     one per value (or its length) and grow one at a time, the value with the fewest first (then the cheapest in
-    registers + shared memory), while the budgets allow."""
+    registers + shared memory), while the budgets allow. None also when ``deadline`` passes."""
     g, m = problem.graph, problem.machine
     names = [o.name for o in g.ops]
     res = {v: times[v] % ii for v in names}
@@ -239,6 +243,8 @@ def _retime(problem: Problem, ii: int, times: dict[str, int], groups: dict[str, 
     copies = {o.name: max(1, -(-o.length // ii)) for o in held}
     cost = {o.name: (o.regs or 0) + (o.smem or 0) for o in held}
     for _ in range(4 * len(held) + 4):
+        if deadline is not None and time.perf_counter() >= deadline:
+            return None
         cons = list(lower)
         for e in g.edges:
             if e.value and e.src != e.dst and e.src in copies:
@@ -327,13 +333,15 @@ def assignments(problem: Problem) -> list[dict[str, int]]:
 
 
 def _search(lower: int, cap: int, attempt: Callable[[int], HeuristicSchedule | None],
-            tried: list[int], deadline: float) -> HeuristicSchedule | None:
+            tried: list[int], deadline: float, hard: float = float("inf")) -> HeuristicSchedule | None:
     """First I from ``lower`` that ``attempt`` schedules: +1 four times, then galloping, then bisection back
-    (the bisection stops at ``deadline``; the first success is always searched for, up to ``cap``)."""
+    (the bisection stops at ``deadline``; the first success is searched for up to ``cap``, until ``hard``)."""
     best = None
     failed = lower - 1
     ii, step, misses = lower, 1, 0
     while ii <= cap:
+        if time.perf_counter() >= hard:
+            return None
         tried.append(ii)
         best = attempt(ii)
         if best is not None:
@@ -348,7 +356,7 @@ def _search(lower: int, cap: int, attempt: Callable[[int], HeuristicSchedule | N
     if best is None:
         return None
     lo, hi = failed, best.ii
-    while hi - lo > 1 and time.perf_counter() < deadline:
+    while hi - lo > 1 and time.perf_counter() < min(deadline, hard):
         mid = (lo + hi) // 2
         tried.append(mid)
         r = attempt(mid)
@@ -360,16 +368,20 @@ def _search(lower: int, cap: int, attempt: Callable[[int], HeuristicSchedule | N
 
 
 def heuristic_schedule(problem: Problem, *, warp: bool | None = None, lower: int | None = None,
-                       max_ii: int | None = None, time_limit: float = 30.0) -> HeuristicSchedule | None:
+                       max_ii: int | None = None, time_limit: float = 30.0,
+                       deadline: float | None = None) -> HeuristicSchedule | None:
     """The smallest I the heuristic schedules (plain, or the warp problem when ``warp``), checked by the
     independent validator; None when nothing up to ``max_ii`` (default: ``model.ii_cap``) fits, e.g. the
-    register or shared-memory budgets cannot be met. ``time_limit`` (s) bounds the refinement (bisection below
-    the first I that schedules, further groupings), never the search for a first schedule."""
+    register or shared-memory budgets cannot be met, or when ``deadline`` passes first. ``time_limit`` (s)
+    bounds the refinement (bisection below the first I that schedules, further groupings); ``deadline`` (a
+    ``time.perf_counter()`` value; default: none) bounds everything, the search for a first schedule included:
+    at it the best schedule found so far is returned (validated), or None."""
     from .model import ii_cap
 
     warp = problem.warp if warp is None else warp
     t0 = time.perf_counter()
-    deadline = t0 + time_limit
+    hard = float("inf") if deadline is None else deadline
+    deadline = min(t0 + time_limit, hard)
     lb = max(lower or 1, compute_mii(problem).mii)
     cap = max(max_ii or ii_cap(problem, warp), lb)
     tried: list[int] = []
@@ -377,13 +389,15 @@ def heuristic_schedule(problem: Problem, *, warp: bool | None = None, lower: int
         zero = {o.name: 0 for o in problem.graph.ops}
 
         def plain(ii: int) -> HeuristicSchedule | None:
-            times = modulo_schedule(problem, ii)
+            times = modulo_schedule(problem, ii, deadline=hard)
             return None if times is None else HeuristicSchedule(ii, times, zero, {}, False)
 
-        best = _search(lb, cap, plain, tried, deadline)
+        best = _search(lb, cap, plain, tried, deadline, hard)
     else:
         best = None
         for grp in assignments(problem):
+            if time.perf_counter() >= hard:
+                break
             hold: dict[int, int] = {}
             for o in problem.graph.ops:
                 hold[grp[o.name]] = hold.get(grp[o.name], 0) + (o.length if o.blocking else 1)
@@ -398,12 +412,12 @@ def heuristic_schedule(problem: Problem, *, warp: bool | None = None, lower: int
                 continue  # more groups cannot give a smaller I from here / out of time
 
             def joint(ii: int, grp=grp) -> HeuristicSchedule | None:
-                times = modulo_schedule(problem, ii, grp)
+                times = modulo_schedule(problem, ii, grp, deadline=hard)
                 if times is None:
                     return None
                 copies = _budgets_ok(problem, ii, times, grp)
                 if copies is None:  # too many buffers: the same residues, stages chosen to shorten lifetimes
-                    times = _retime(problem, ii, times, grp)
+                    times = _retime(problem, ii, times, grp, hard)
                     copies = None if times is None else _budgets_ok(problem, ii, times, grp)
                 return None if copies is None else HeuristicSchedule(ii, times, grp, copies, True)
 
@@ -416,7 +430,7 @@ def heuristic_schedule(problem: Problem, *, warp: bool | None = None, lower: int
                 tried.append(top)
                 if joint(top) is None:
                     continue
-            r = _search(start, top, joint, tried, deadline)
+            r = _search(start, top, joint, tried, deadline, hard)
             if r is not None and (best is None or r.ii < best.ii):
                 best = r
     if best is None:

@@ -195,19 +195,39 @@ def _wrapped_issue_slots(model, ii: int, res: list, occ: list[int], a: list, nam
             model.AddNoOverlap(ivs)
 
 
+PRESOLVE_FIX = {"symmetry_level": 0}
+"""CP-SAT parameters for the interval encoding: OR-Tools 9.15's presolve symmetry detection (on at the default
+``symmetry_level`` 2, and at 1) raises IndexError ('absl::container_internal::raw_hash_map<>::at') on some warp
+models in this encoding (4 of 286 small ones: random 3-8-op warp graphs at I = MII .. MII + 2); with symmetry
+detection off it solves them, and decides the rest the same (the group numbering already breaks the symmetry)."""
+
+
+def _presolve_index_error(err: IndexError) -> bool:
+    """The known OR-Tools 9.15 presolve failure: an absl hash-map ``at`` miss raised out of CpSolver's solve."""
+    tb = err.__traceback__
+    last = None
+    while tb is not None:
+        last = tb.tb_frame.f_code
+        tb = tb.tb_next
+    return ("raw_hash_map" in str(err) and last is not None and last.co_name == "solve"
+            and last.co_filename.replace("\\", "/").endswith("ortools/sat/python/cp_model.py"))
+
+
 def solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, optimise: bool = True,
              hint_times: dict[str, int] | None = None, hint_groups: dict[str, int] | None = None,
-             encoding: str = "auto", load_slack: bool = False) -> Attempt:
-    """See :func:`_solve_at`. OR-Tools 9.15's presolve can raise IndexError (its symmetry detection,
-    ``symmetry_level`` 0 avoids it; ``solve_cpsat`` does not expose it) on the interval encoding of the warp
-    problem: that I is then solved with the time-indexed encoding, which is exact too, only larger, in the time
-    the failed attempt left (not a second full limit)."""
-    kw = dict(warp=warp, optimise=optimise, hint_times=hint_times, hint_groups=hint_groups, load_slack=load_slack)
+             encoding: str = "auto", load_slack: bool = False, deadline: float | None = None) -> Attempt:
+    """See :func:`_solve_at`. The interval encoding is solved with :data:`PRESOLVE_FIX` (OR-Tools 9.15's presolve
+    symmetry detection raised IndexError on it); should that known failure still happen, that I is solved with
+    the time-indexed encoding, which is exact too, only larger, in the time the failed attempt left (not a second
+    full limit). Any other error propagates. ``deadline`` (``time.perf_counter()`` value): the solve ends by it,
+    model building included (a 'timeout' attempt when building took it all)."""
+    kw = dict(warp=warp, optimise=optimise, hint_times=hint_times, hint_groups=hint_groups, load_slack=load_slack,
+              deadline=deadline)
     t0 = time.perf_counter()
     try:
         return _solve_at(problem, ii, params, encoding=encoding, **kw)
-    except IndexError:
-        if encoding == "time" or (encoding == "auto" and ii <= INTERVAL_FROM):
+    except IndexError as err:
+        if encoding == "time" or (encoding == "auto" and ii <= INTERVAL_FROM) or not _presolve_index_error(err):
             raise
         left = max(0.05, params.time_limit - (time.perf_counter() - t0))
         return _solve_at(problem, ii, _with_time(params, left), encoding="time", **kw)
@@ -215,14 +235,23 @@ def solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, opti
 
 def _solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, optimise: bool = True,
               hint_times: dict[str, int] | None = None, hint_groups: dict[str, int] | None = None,
-              encoding: str = "auto", load_slack: bool = False) -> Attempt:
+              encoding: str = "auto", load_slack: bool = False, deadline: float | None = None) -> Attempt:
     """Build and solve the CP-SAT model at initiation interval ``ii``; ``hint_times`` (issue cycles, e.g.
     the plain schedule at the same I) become a warm-start hint for residues and stages, ``hint_groups`` (warp
     mode; e.g. the heuristic's) for the group of each op. ``encoding``: 'time' (one-hot residues), 'interval'
     (integer residues, wrapped intervals) or 'auto' (interval when ``ii`` > INTERVAL_FROM). ``load_slack``
     (warp mode): after fewest groups and channels, prefer slack between variable-latency loads and their
-    consumers (up to I cycles per edge; deeper load buffers) over a short span."""
+    consumers (up to I cycles per edge; deeper load buffers) over a short span. ``deadline``: see
+    :func:`solve_at` (checked between the model's sections; CP-SAT gets what is left of it at most)."""
     from ortools.sat.python import cp_model
+
+    t_start = time.perf_counter()
+
+    def late() -> bool:
+        return deadline is not None and time.perf_counter() >= deadline
+
+    def out_of_time() -> Attempt:
+        return Attempt(ii=ii, warp=warp, status="timeout", seconds=time.perf_counter() - t_start)
 
     # ---- data ----------------------------------------------------------------------------------------
     g, m = problem.graph, problem.machine
@@ -259,6 +288,8 @@ def _solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, opt
             model.AddExactlyOne(x[i])
     if not timed:
         _wrapped_resources(model, problem, ii, res)
+    if late():
+        return out_of_time()
     for unit, cap in (problem.units.items() if timed else ()):  # one capacity row per (unit, residue)
         # rows[s][(i, r)] = units op i holds at residue s when it issues at residue r (built per row: looping
         # over every (op, residue) pair for every row was O(I^2 n) and took the whole budget at I = 2000)
@@ -273,6 +304,8 @@ def _solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, opt
             if row and sum(row.values()) > cap:
                 model.Add(sum(w * x[i][r] for (i, r), w in row.items()) <= cap)
 
+    if late():
+        return out_of_time()
     cross: dict[int, cp_model.IntVar] = {}
     a = used = None
     if warp:
@@ -305,6 +338,8 @@ def _solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, opt
         if not timed:
             _wrapped_issue_slots(model, ii, res, occ, a, names)
         for q in (range(G) if timed else ()):
+            if late():
+                return out_of_time()
             z = [[None] * ii for _ in range(n)]
             for i in range(n):
                 for r in range(ii):
@@ -336,6 +371,8 @@ def _solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, opt
                     model.Add(c >= a[u][q] - a[v][q])
                 cross[ei] = c
 
+    if late():
+        return out_of_time()
     copies: dict[int, cp_model.IntVar] = {}
     if warp:
         max_dist = max([e.distance for e in g.edges] + [0])
@@ -413,7 +450,12 @@ def _solve_at(problem: Problem, ii: int, params: SolveParams, *, warp: bool, opt
                 for i, v in enumerate(names):
                     for q in range(G):
                         hint[a[i][q]] = int(q == remap[hint_groups[v]])
-    out = solve_cpsat(model, params, hint=hint)
+    if deadline is not None:
+        rest = deadline - time.perf_counter()
+        if rest <= 0.005:
+            return out_of_time()
+        params = _with_time(params, min(params.time_limit, rest))
+    out = solve_cpsat(model, params, hint=hint, overrides=None if timed else PRESOLVE_FIX)
 
     # ---- extract -------------------------------------------------------------------------------------
     att = Attempt(ii=ii, warp=warp, status=out.status, seconds=out.solve_seconds,
@@ -468,17 +510,18 @@ def _coarse(problem: Problem, g: int) -> Problem:
     return problem.model_copy(update={"graph": graph, "machine": machine})
 
 
-def _coarse_schedule(problem: Problem, warp: bool, params: SolveParams) -> HeuristicSchedule | None:
+def _coarse_schedule(problem: Problem, warp: bool, params: SolveParams,
+                     hard_deadline: float | None = None) -> HeuristicSchedule | None:
     """When the costs share a unit g > 1: solve the problem stated in units of g (small I, fast), scale its
     schedule back (times x g, I x g: valid in the original units, so an upper bound there, not a proof of
     minimality; in the warp problem the rounded-up handoff may cost more), checked by the validator; None
-    when there is no such unit or no schedule."""
+    when there is no such unit or no schedule. ``hard_deadline``: see :func:`solve`."""
     g = time_unit(problem, warp)
     if g == 1:
         return None
     small = _coarse(problem, g)
     try:
-        s = solve(small, params, warp=warp)
+        s = solve(small, params, warp=warp, hard_deadline=hard_deadline)
     except ValueError:
         return None
     times = {v: t * g for v, t in s.times.items()}
@@ -548,8 +591,17 @@ def _from_heuristic(h: HeuristicSchedule, bounds: MII, attempts: list[Attempt], 
     )
 
 
+GRACE = (0.2, 0.1)
+"""(ratio, seconds): :func:`solve` searches until its time limit L; past it only finishing work runs, until
+(1 + ratio) L + seconds at most: the heuristic's search for a *first* schedule (when it has none yet), the stage
+compaction of the answer, and the validator. So ``Schedule.seconds`` <= 1.2 L + 0.1 s, plus what one step of
+that work takes past the bound (a modulo-scheduling pass checks the clock every 16 placements, the validator and
+the compaction run to their end) and CP-SAT's own overrun of its limit."""
+
+
 def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | None = None,
-          max_ii: int | None = None, heuristic: bool = True, load_slack: bool = False) -> Schedule:
+          max_ii: int | None = None, heuristic: bool = True, load_slack: bool = False,
+          hard_deadline: float | None = None) -> Schedule:
     """Smallest I with a schedule (plain modulo scheduling, then the warp problem when the graph asks).
 
     ``params.time_limit`` is the budget of the whole search (seconds), the heuristic included. With
@@ -557,24 +609,40 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
     tried), its schedule is CP-SAT's warm start at that I, and it is the answer when CP-SAT finds no schedule in
     time (``method`` 'heuristic', status 'feasible', gap (I - smallest I not proved infeasible) / I). At each I a
     feasibility solve gets at most half of what is left (all of it at the last I), then, when it found a
-    schedule, the secondary objective is optimised from it with the rest. ``load_slack``: see :func:`solve_at`."""
+    schedule, the secondary objective is optimised from it with the rest. ``load_slack``: see :func:`solve_at`.
+
+    One deadline, t0 + L, bounds every phase's search (MII, heuristics, the coarse solve, every CP-SAT model
+    build and solve); past it only the finishing work of :data:`GRACE` runs. ``hard_deadline`` (a
+    ``time.perf_counter()`` value) caps both, for a solve nested in another's budget. A schedule found is always
+    returned (status 'feasible' with its gap when unproved); with none found by then, a ValueError says the time
+    limit ran out (never 'infeasible')."""
     params = params or SolveParams(time_limit=10.0)
     warp = problem.warp if warp is None else warp
     t0 = time.perf_counter()
+    deadline = t0 + params.time_limit
+    hard = deadline + GRACE[0] * params.time_limit + GRACE[1]
+    if hard_deadline is not None:
+        deadline, hard = min(deadline, hard_deadline), min(hard, hard_deadline)
     bounds = compute_mii(problem)
     attempts: list[Attempt] = []
 
     def left() -> float:
-        return params.time_limit - (time.perf_counter() - t0)
+        return deadline - time.perf_counter()
 
     heur_plain = heur_warp = None
     if heuristic:
-        heur_plain = heuristic_schedule(problem, warp=False, max_ii=max_ii, time_limit=params.time_limit)
+        # refinement (a smaller I than the first found) on a share of what is left; the first schedule until
+        # the hard deadline, but in the warp problem the plain one (only a cap and hint there) stops at half time
+        heur_plain = heuristic_schedule(problem, warp=False, max_ii=max_ii, time_limit=max(left(), 0.0) / 4,
+                                        deadline=min(hard, t0 + params.time_limit / 2) if warp else hard)
         if warp:
-            heur_warp = heuristic_schedule(problem, warp=True, max_ii=max_ii, time_limit=params.time_limit)
+            heur_warp = heuristic_schedule(problem, warp=True, max_ii=max_ii, time_limit=max(left(), 0.0) / 3,
+                                           deadline=hard)
         # costs in a coarser unit (e.g. raw cycles, all multiples of 256): the problem in that unit solved
-        # exactly is a far better start than the heuristic at large I (a third of the budget)
-        coarse = _coarse_schedule(problem, warp, _with_time(params, max(left(), 0.05) / 3))
+        # exactly is a far better start than the heuristic at large I (a third of what is left)
+        coarse = None
+        if left() > 0.03:
+            coarse = _coarse_schedule(problem, warp, _with_time(params, left() / 3), hard_deadline=deadline)
         if coarse is not None:
             if warp and (heur_warp is None or coarse.ii < heur_warp.ii):
                 heur_warp = coarse
@@ -606,7 +674,8 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
             while hi - lo > 1 and left() > 0.05:
                 mid = (lo + hi) // 2
                 att = solve_at(problem, mid, _with_time(params, left() / 4), warp=use_warp, optimise=False,
-                               hint_times=hint.times if hint is not None and hint.ii == mid else None)
+                               hint_times=hint.times if hint is not None and hint.ii == mid else None,
+                               deadline=deadline)
                 attempts.append(att)
                 if att.has_solution:
                     att.status = "feasible"
@@ -641,12 +710,13 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
             elif hint is not None and hint.ii == ii:
                 hint_times = hint.times
             att = solve_at(problem, ii, p, warp=use_warp, optimise=False, hint_times=hint_times,
-                           hint_groups=hint_groups)
+                           hint_groups=hint_groups, deadline=deadline)
             if att.has_solution:
                 att.status = "feasible"  # a satisfaction model says 'optimal' for any solution
                 if optimise and left() > 0.01:
                     best = solve_at(problem, ii, _with_time(params, left()), warp=use_warp, optimise=True,
-                                    hint_times=att.times, hint_groups=att.groups, load_slack=load_slack)
+                                    hint_times=att.times, hint_groups=att.groups, load_slack=load_slack,
+                                    deadline=deadline)
                     best.seconds += att.seconds
                     if best.has_solution:
                         att = best
@@ -717,7 +787,9 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
     times = best.times
     # its span was not minimised: the least stages for its residues; not when the objective ran for load slack
     # (the least stages would take back the slack after the loads that it preferred over a short span)
-    if best.status != "optimal" and not (load_slack and warp and best.objective is not None):
+    if time.perf_counter() >= hard:
+        notes.append("stages not compacted: out of time")
+    elif best.status != "optimal" and not (load_slack and warp and best.objective is not None):
         times = compact(problem, best.ii, best.times, best.groups, warp)
         if times != best.times:
             notes.append("stages compacted after the solve (fewest stages for its residues)")

@@ -243,3 +243,32 @@ def test_one_thread_runs_cbc_serially(monkeypatch):
                    if sum(int(w[i]) for i in range(8) if m >> i & 1) <= int(w.sum() // 2))
         assert out.status == "optimal" and out.objective == pytest.approx(best)
     assert seen == [None, 2]
+
+
+def test_cpsat_overrides_reach_the_solver_and_bad_ones_are_errors():
+    """``overrides`` sets SatParameters fields by name on the solver that runs (read back from it), the answer is
+    unchanged (the assignment problem again, checked by brute force); an unknown field, a wrong type, or a field
+    SolveParams owns is a ValueError; without overrides the defaults stay (symmetry_level 2)."""
+    from ortools.sat.python import cp_model
+
+    rng = np.random.default_rng(7)
+    n = 4
+    c = rng.integers(1, 50, (n, n))
+    best = min(sum(int(c[i, p[i]]) for i in range(n)) for p in itertools.permutations(range(n)))
+    m = cp_model.CpModel()
+    x = {(i, j): m.NewBoolVar(f"x_{i}_{j}") for i in range(n) for j in range(n)}
+    for i in range(n):
+        m.AddExactlyOne(x[i, j] for j in range(n))
+        m.AddExactlyOne(x[j, i] for j in range(n))
+    m.Minimize(sum(int(c[i, j]) * x[i, j] for i in range(n) for j in range(n)))
+    out = solve_cpsat(m, P, overrides={"symmetry_level": 0, "cp_model_probing_level": 1})
+    assert out.status == "optimal" and out.objective == best
+    assert out.solver.parameters.symmetry_level == 0 and out.solver.parameters.cp_model_probing_level == 1
+    assert out.solver.parameters.max_time_in_seconds == P.time_limit
+    plain = solve_cpsat(m, P)
+    assert plain.objective == best and plain.solver.parameters.symmetry_level == 2
+    for bad, match in (({"no_such_field": 1}, "no such SatParameters field"),
+                       ({"symmetry_level": "zero"}, "wrong type"),
+                       ({"max_time_in_seconds": 99.0}, "set through SolveParams")):
+        with pytest.raises(ValueError, match=match):
+            solve_cpsat(m, P, overrides=bad)

@@ -2,6 +2,8 @@
 test that failed before its fix."""
 from __future__ import annotations
 
+import pytest
+
 from adasched.planner.solver import SolveParams
 from adasched.planner.twill import heuristic as twill_heuristic
 from adasched.planner.twill import model as twill_model
@@ -143,19 +145,51 @@ def test_coarse_unit_schedule_names_what_made_it(monkeypatch):
     assert c.source.startswith("iterative modulo scheduling in units of 8")
 
 
+def _presolve_crash_case():
+    """The warp problem that makes OR-Tools 9.15's presolve symmetry detection raise IndexError in the interval
+    encoding (at its default symmetry_level 2): the 3-op random warp graph of seed 0, I = MII = 5 and 6."""
+    from adasched.planner.twill.graph import Graph, check_graph, load_machine
+    from adasched.planner.twill.randgraph import random_graph
+
+    return check_graph(Graph.model_validate(random_graph(3, 0, warp=True)), load_machine("h100"))
+
+
+def test_presolve_index_error_is_avoided_by_symmetry_level_0(monkeypatch):
+    """The instance crashed CP-SAT's presolve ('absl::container_internal::raw_hash_map<>::at') in the interval
+    encoding; with PRESOLVE_FIX (symmetry_level 0) it solves, deciding it as the one-hot encoding does (status and
+    optimum at I = 5, 6 (infeasible) and 7). The old parameters still crash there (so this instance keeps testing
+    the fix), and solve_at then retries that I with the one-hot encoding, with the same answer."""
+    tm = twill_model
+    prob = _presolve_crash_case()
+    p = SolveParams(time_limit=10.0, seed=0, threads=1)
+    for ii in (5, 6, 7):
+        a = tm._solve_at(prob, ii, p, warp=True, encoding="interval")
+        b = tm._solve_at(prob, ii, p, warp=True, encoding="time")
+        assert (a.status, a.objective) == (b.status, b.objective), ii
+        assert (a.status == "infeasible") == (ii < 7), (ii, a.status)
+    monkeypatch.setattr(tm, "PRESOLVE_FIX", {})
+    with pytest.raises(IndexError, match="raw_hash_map"):
+        tm._solve_at(prob, 5, p, warp=True, encoding="interval")
+    out = tm.solve_at(prob, 5, p, warp=True, encoding="interval")  # the known failure: retried one-hot
+    assert out.status == "infeasible"
+
+
 def test_presolve_index_error_retry_gets_only_the_time_left(monkeypatch):
-    """OR-Tools 9.15's presolve IndexError on the interval encoding: the one-hot retry at that I gets the time the
+    """The known presolve IndexError on the interval encoding: the one-hot retry at that I gets the time the
     failed attempt left, not a second full limit (a 10 s limit could take 20 s at one I)."""
     import time as _time
 
     tm = twill_model
+    real = tm._solve_at
+    crash = _presolve_crash_case()
     calls = []
 
     def fake(problem, ii, params, *, encoding="auto", **kw):
         calls.append((encoding, params.time_limit))
         if encoding != "time":
             _time.sleep(0.3)
-            raise IndexError("presolve")
+            monkeypatch.setattr(tm, "PRESOLVE_FIX", {})
+            real(crash, 5, params, warp=True, encoding="interval")  # raises CP-SAT's own IndexError
         return tm.Attempt(ii=ii, warp=kw["warp"], status="timeout", seconds=0.0)
 
     monkeypatch.setattr(tm, "_solve_at", fake)
@@ -164,3 +198,23 @@ def test_presolve_index_error_retry_gets_only_the_time_left(monkeypatch):
     assert out.status == "timeout"
     assert calls[0] == ("auto", 1.0) and calls[1][0] == "time"
     assert 0.05 <= calls[1][1] <= 0.75
+
+
+@pytest.mark.parametrize("err", [IndexError("list index out of range"), IndexError("presolve"),
+                                 KeyError("x"), RuntimeError("absl::container_internal::raw_hash_map<>::at")],
+                         ids=["index", "index-other-message", "key", "runtime"])
+def test_other_errors_from_a_solve_are_not_retried(monkeypatch, err):
+    """Only CP-SAT's own presolve IndexError is retried with the one-hot encoding: an IndexError raised in our
+    code (a bug, which the old catch-all retried and hid), or any other error, propagates from the one attempt."""
+    tm = twill_model
+    calls = []
+
+    def fake(problem, ii, params, *, encoding="auto", **kw):
+        calls.append(encoding)
+        raise err
+
+    monkeypatch.setattr(tm, "_solve_at", fake)
+    prob = make_problem("toy-attention", "h100")
+    with pytest.raises(type(err)):
+        tm.solve_at(prob, tm.INTERVAL_FROM + 5, SolveParams(time_limit=1.0, seed=0, threads=1), warp=False)
+    assert calls == ["auto"]

@@ -179,20 +179,15 @@ def test_interval_encoding_equals_the_time_indexed_one():
                         "ops": [{"name": v, "issue_cycle": t, "warp_group": 0} for v, t in a.times.items()]}
                 assert validate(gd, H100.model_dump(), plan) == []
     machine3 = H100.model_copy(update={"max_warp_groups": 3, "regs_per_group_max": 64, "group_base_regs": 24})
-    compared = crashed = 0
     for seed in range(15):  # warp problem on small random graphs: a load, 2-4 ops, tight registers
         prob = check_graph(Graph.model_validate(random_graph(3 + seed % 3, seed, warp=True)), machine3)
         lo = compute_mii(prob).mii
         for ii in range(lo, lo + 3):
             b = twill_model.solve_at(prob, ii, p, warp=True, encoding="time")
-            try:
-                a = twill_model._solve_at(prob, ii, p, warp=True, encoding="interval")
-            except IndexError:  # OR-Tools 9.15 presolve bug (symmetry detection); solve_at falls back to 'time'
-                crashed += 1
-                continue
-            compared += 1
+            # _solve_at: no retry. Seed 0 at I = 5, 6 crashed OR-Tools 9.15's presolve here (IndexError) before
+            # the interval encoding ran with symmetry_level 0; all 45 are compared now
+            a = twill_model._solve_at(prob, ii, p, warp=True, encoding="interval")
             assert (a.status, a.objective) == (b.status, b.objective), (seed, ii)
-    assert compared >= 30 and crashed <= 15, (compared, crashed)
     for graph, machine, mii in (("fa3-hopper", "h100", 8), ("fa4-blackwell", "b200", 6)):
         prob = make_problem(graph, machine)
         for ii in (mii - 1, mii, mii + 1):
@@ -324,3 +319,55 @@ def test_dev_tools_bad_option_is_one_error_line(module, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: unrecognized arguments: --no-such-option")
+
+
+def test_one_deadline_bounds_the_whole_solve():
+    """Every phase shares the deadline t0 + L; past it only finishing work runs (model.GRACE: the heuristic's search
+    for a first schedule, compaction, validation), so solve() takes <= 1.2 L + 0.1 s plus one step of that work.
+    The 120-op random warp graph (seed 2) at L = 0.3 s took 2.1-2.4 s before (the plain and the warp heuristic
+    each refined for a whole L and searched for a first schedule without any limit: 853 was tried on three
+    groupings; CP-SAT model building was not counted). Checked with room for a loaded 2-core machine:
+    <= 1.5 L + 0.5 s. The outcome stays honest: a validated schedule, or an error saying the time limit ran out
+    (never 'infeasible')."""
+    gd = random_graph(120, 2, warp=True)
+    prob = check_graph(Graph.model_validate(gd), H100)
+    t0 = time.perf_counter()
+    try:
+        s = solve(prob, TINY)
+    except ValueError as err:
+        assert "within the time limit" in str(err) and "infeasible" not in str(err)
+    else:
+        assert s.seconds <= time.perf_counter() - t0
+        _check_plan(prob, s, gd)
+    assert time.perf_counter() - t0 <= 1.5 * TINY.time_limit + 0.5
+    # the heuristic alone under a deadline: it returns by then (+ one step), with a validated schedule or None
+    t0 = time.perf_counter()
+    h = heuristic_schedule(prob, time_limit=0.1, deadline=t0 + 0.2)
+    assert time.perf_counter() - t0 <= 0.2 * 1.5 + 0.3
+    assert h is None or validate(gd, H100.model_dump(), {
+        "ii": h.ii, "warp_specialised": True, "buffers": h.copies,
+        "ops": [{"name": v, "issue_cycle": t, "warp_group": h.groups[v]} for v, t in h.times.items()]}) == []
+
+
+def test_solve_at_counts_model_building_against_the_deadline(monkeypatch):
+    """A CP-SAT attempt gets at most what is left of the deadline after building its model, and none when
+    building took it all (a 'timeout' attempt, never 'infeasible'); before, the model build (seconds on a 120-op
+    warp model) came on top of a full time limit."""
+    seen = []
+
+    def spy(model, params, hint=None, variables=(), **kw):
+        seen.append(params.time_limit)
+        return real(model, params, hint=hint, variables=variables, **kw)
+
+    real = twill_model.solve_cpsat
+    monkeypatch.setattr(twill_model, "solve_cpsat", spy)
+    prob = make_problem("fa3-hopper", "h100")
+    p = SolveParams(time_limit=10.0, seed=0, threads=1)
+    a = twill_model.solve_at(prob, 8, p, warp=True, deadline=time.perf_counter() - 1.0)
+    assert (a.status, seen) == ("timeout", [])
+    t0 = time.perf_counter()
+    a = twill_model.solve_at(prob, 8, p, warp=True, deadline=t0 + 0.5)
+    assert len(seen) == 1 and 0 < seen[0] <= 0.5 and time.perf_counter() - t0 <= 0.5 + 0.5
+    assert a.status in ("optimal", "feasible", "timeout")
+    b = twill_model.solve_at(prob, 7, p, warp=True, deadline=time.perf_counter() + 20.0, optimise=False)
+    assert b.status == "infeasible" and seen[1] == 10.0  # I = 7 < MII; a far deadline leaves the limit as it was
