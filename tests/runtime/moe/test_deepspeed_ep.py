@@ -135,6 +135,29 @@ def _registry_case(ep):
     assert sorted(groups._get_expert_parallel_group_dict()) == [name]     # DeepSpeed made no layout of its own
 
 
+def _param_groups_case(ep):
+    """User param groups (options per group) come back split: each group's dense parameters with its options, then
+    per group its expert shards in an ``{"moe": True, "name": "ep_size_2"}`` group with the same options; every
+    parameter exactly once. Calling it again (idempotent) gives the same groups."""
+    from deepspeed.moe.layer import MoE
+
+    model, _ = _models(ep, _routers())
+    params = list(model.named_parameters())
+    decay = [p for n, p in params if n.endswith("weight") or n.endswith(("w1", "w2"))]
+    rest = [p for n, p in params if not any(p is q for q in decay)]
+    for _ in range(2):
+        out = prepare_for_deepspeed(model, [{"params": decay, "weight_decay": 0.1, "name": "decay"},
+                                            {"params": rest, "weight_decay": 0.0}])
+        assert [(g["name"], g["weight_decay"], g.get("moe", False)) for g in out] == [
+            ("decay", 0.1, False), ("dense-1", 0.0, False), ("ep_size_2", 0.1, True)]
+        experts = {id(p) for _, p, k in named_parameters_by_kind(model) if k == "expert"}
+        assert {id(p) for p in out[2]["params"]} == experts and len(out[2]["params"]) == len(experts)
+        got = [id(p) for g in out for p in g["params"]]
+        assert sorted(got) == sorted(id(p) for _, p in params)
+        assert all(p.group_name == "ep_size_2" for p in out[2]["params"])
+    assert sum(isinstance(m, MoE) for m in model.modules()) == len(model.blocks)     # one marker per layer
+
+
 def _errors_case(ep):
     model, _ = _models(ep, _routers())
     red = GradSliceReducer(model.dense_parameters(), [1.0], group=ep.dp_group)
@@ -160,6 +183,7 @@ def _worker(rank, world):
     ep = ExpertParallel.create_groups(E, EP)
     untagged = _untagged_case(ep)
     _errors_case(ep)
+    _param_groups_case(ep)
     errs, secs = {}, {}
     for key, args, kw in ((0, (ep, 0), {}), (1, (ep, 1), {}), (2, (ep, 2), {}),
                           ("zero2-accumulate", (ep, 2), {"steps": 1, "seed": 7, "micro": 2, "ds_optimizer": True})):
@@ -185,5 +209,6 @@ def test_deepspeed_engine_ep2_of_4_zero_0_1_2(monkeypatch, tmp_path):
         assert "group_name" in r["untagged"]
         assert "not supported with ZeRO Stage 3" in r["stage3"]
         assert set(r["errs"]) == {0, 1, 2, "zero2-accumulate", "ep4"}
+    print("untagged deepspeed.initialize:", out[0]["untagged"])
     print("max abs (grad, weight) error vs float64 per case:", out[0]["errs"], "seconds per case (rank 0):",
           out[0]["secs"])
