@@ -34,10 +34,13 @@ Use::
 
 The engine then reduces every gradient itself: do not give the layers a ``GradSliceReducer`` nor use an
 ``ExpertGradReducer`` (ValueError for a layer with a reducer). The data-parallel group must be the world (DeepSpeed
-averages the dense gradients over its data-parallel group, the world when no ``mpu`` is given). ZeRO stage 3 is not
-supported: the expert weights are this rank's own shard, while ZeRO-3 partitions every parameter over its group.
+averages the dense gradients over its data-parallel group, the world when no ``mpu`` is given). ZeRO stages 0, 1
+and 2 are tested (``tests/runtime/moe/test_deepspeed_ep.py``); ZeRO-3 refuses DeepSpeed's native MoE layers, as which
+ours are marked (AssertionError "Native DeepSpeed MoE is not supported with ZeRO Stage 3"). ``engine.save_checkpoint``
+is not supported: DeepSpeed writes per-expert files only for its own ``MoE`` layers' expert parameters and the model
+file from data-parallel rank 0, which holds rank 0's shard only - save each rank's ``model.state_dict()`` instead.
 The registry and the ``MoE`` marker are DeepSpeed internals (``deepspeed.utils.groups`` private dictionaries),
-checked against DeepSpeed 0.19.8. Checkpoints through ``engine.save_checkpoint`` are not covered.
+checked against DeepSpeed 0.19.8.
 """
 from __future__ import annotations
 
@@ -139,7 +142,7 @@ def prepare_for_deepspeed(model: nn.Module, param_groups=None) -> list[dict]:
     ``{"moe": True, "name": "ep_size_<P>"}`` group per EP size, options kept. Idempotent. ValueError naming the
     problem when a layer has a dense-gradient ``reducer`` (the engine reduces), the data-parallel group is not the
     world, or two layers' EP groups of one size hold different ranks. A model without expert-parallel layers gets
-    its groups back unchanged (one group without ``param_groups``).
+    its groups back as they are (each given a ``"name"``; one group without ``param_groups``), nothing registered.
     """
     eps: dict[str, ExpertParallel] = {}
     layers = [m for m in model.modules() if isinstance(m, MoELayer) and m.ep is not None]
@@ -155,17 +158,19 @@ def prepare_for_deepspeed(model: nn.Module, param_groups=None) -> list[dict]:
         seen = eps.setdefault(name, ep)
         if (seen.ranks, seen.expert_dp_ranks) != (ep.ranks, ep.expert_dp_ranks):
             raise ValueError(f"model: two EP layouts named {name!r}: ranks {seen.ranks} / {ep.ranks}")
-    if layers:
-        from deepspeed.utils import groups as _ds_groups  # noqa: F401  (DeepSpeed importable before any change)
+    if not layers:
+        return _split_groups(model, param_groups)
+    from deepspeed.utils import groups as ds_groups        # before any change: DeepSpeed must import
     singleton = None
-    if any(ep.expert_dp_group is None for ep in eps.values()):      # the same on every rank: layouts are global
+    if any(ep.expert_dp_group is None and name not in ds_groups._get_expert_data_parallel_group_dict()
+           for name, ep in eps.items()):                # the same on every rank: layouts and registry are global
         for r in range(dist.get_world_size()):                      # every rank creates every one-rank group
             g = dist.new_group([r])
             if r == dist.get_rank():
                 singleton = g
     for name, ep in sorted(eps.items()):
         _register(name, ep, singleton)
-    Marker = _marker_class() if layers else None
+    Marker = _marker_class()
     for m in layers:
         name = deepspeed_group_name(m.ep)
         m.w1.group_name = m.w2.group_name = name

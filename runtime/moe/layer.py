@@ -13,7 +13,8 @@ local shards, experts ``expert_offset .. expert_offset + E/P - 1``) and runs the
 :func:`adasched.runtime.moe.ep.ep_experts` with pipeline degrees ``r_fwd``/``r_bwd``. EP smaller than the
 data-parallel world: ``ep=ExpertParallel.create_groups(E, ep_size, ...)``; then reduce the dense gradients over
 ``ep.dp_group`` and the expert gradients with :class:`~adasched.runtime.moe.ep.ExpertGradReducer` (the two kinds:
-:func:`split_parameters`); router statistics are reduced over ``ep.dp_group``.
+:func:`split_parameters`); router statistics are reduced over ``ep.dp_group``. With DeepSpeed's engine, which reduces
+both itself: :func:`adasched.runtime.moe.deepspeed_ep.prepare_for_deepspeed` before ``deepspeed.initialize``.
 
 ``shared_experts=n`` adds an always-on shared expert (DeepSeek-MoE style): one MLP of width
 ``n * shared_ffn`` (default ``shared_ffn = ffn``) on every token, its output added to the routed experts'.
