@@ -16,8 +16,9 @@ After scheduling, buffer depths (ceil(lifetime / I)) must fit the register and s
 
 The search over I starts at a lower bound, steps by 1 four times, then gallops (doubling steps) to the first I
 that schedules, and bisects back between the last failure and that success (feasibility is not monotone in I,
-so this is a heuristic search, not a proof). The result is checked by the independent validator before it is
-returned; nothing here proves anything about optimality.
+so this is a heuristic search, not a proof). A ``deadline`` stops all of it (a pass checks the clock every 16
+placements), the search for a first schedule included. The result is checked by the independent validator before
+it is returned; nothing here proves anything about optimality.
 """
 from __future__ import annotations
 

@@ -26,7 +26,9 @@ a schedule first. When CP-SAT has none in time, the heuristic's (or the coarse) 
 (``method``), status 'feasible'. Up to I = INTERVAL_FROM the residues are one-hot (I booleans per op); above,
 they are integers and the reservations wrapped intervals (model size independent of I). ``proven`` is True when
 every I below the result, down to MII, was proved infeasible; a time-out is recorded as such, never as
-infeasible, and the gap then is at least (I - the smallest I not proved infeasible) / I.
+infeasible, and the gap then is at least (I - the smallest I not proved infeasible) / I. One deadline (start +
+time limit) bounds every phase - MII, the heuristics, the coarse solve, each CP-SAT model build and solve; past
+it only finishing work runs, for at most :data:`GRACE` (0.2 x limit + 0.1 s) more.
 """
 from __future__ import annotations
 
@@ -616,6 +618,10 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
     ``time.perf_counter()`` value) caps both, for a solve nested in another's budget. A schedule found is always
     returned (status 'feasible' with its gap when unproved); with none found by then, a ValueError says the time
     limit ran out (never 'infeasible')."""
+    # OR-Tools' CP-SAT module (it imports pandas) before the clock starts: a one-time cost per process (~0.5 s
+    # idle, 7-69 s measured on this machine under load 185), which no deadline can interrupt mid-import
+    from ortools.sat.python import cp_model  # noqa: F401
+
     params = params or SolveParams(time_limit=10.0)
     warp = problem.warp if warp is None else warp
     t0 = time.perf_counter()
@@ -632,11 +638,13 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
     heur_plain = heur_warp = None
     if heuristic:
         # refinement (a smaller I than the first found) on a share of what is left; the first schedule until
-        # the hard deadline, but in the warp problem the plain one (only a cap and hint there) stops at half time
-        heur_plain = heuristic_schedule(problem, warp=False, max_ii=max_ii, time_limit=max(left(), 0.0) / 4,
-                                        deadline=min(hard, t0 + params.time_limit / 2) if warp else hard)
+        # the hard deadline, but in the warp problem the plain one (only a cap and hint there) gets a quarter of
+        # the time in all and the warp one's refinement half of what is left
+        heur_plain = heuristic_schedule(problem, warp=False, max_ii=max_ii,
+                                        time_limit=max(left(), 0.0) / (8 if warp else 4),
+                                        deadline=min(hard, t0 + params.time_limit / 4) if warp else hard)
         if warp:
-            heur_warp = heuristic_schedule(problem, warp=True, max_ii=max_ii, time_limit=max(left(), 0.0) / 3,
+            heur_warp = heuristic_schedule(problem, warp=True, max_ii=max_ii, time_limit=max(left(), 0.0) / 2,
                                            deadline=hard)
         # costs in a coarser unit (e.g. raw cycles, all multiples of 256): the problem in that unit solved
         # exactly is a far better start than the heuristic at large I (a third of what is left)

@@ -46,16 +46,26 @@ def _check_plan(prob, s, gd):
 
 @pytest.mark.parametrize("warp", [False, True], ids=["plain", "warp"])
 def test_large_random_graphs_always_get_a_valid_schedule(warp):
-    """40-80 ops, CP-SAT given 0.3 s for the whole search: a validated, deadlock-free schedule every time."""
+    """40-79 ops, 0.3 s for the whole search: a validated, deadlock-free schedule, or (since the time limit bounds
+    the heuristic's search for a first schedule too) an error saying the time limit ran out - never 'infeasible',
+    never nothing when a schedule was found. The plain graphs and the 40-op warp graph must get one (the
+    heuristic's first schedule at 79 ops: 0.11 s of CPU plain, 0.19 s warp, 0.45 s under heavy contention; at 40
+    ops under 0.01 s; when the 2 cores are shared the 1.2 x 0.3 + 0.1 s of wall time can hold less CPU than
+    that, and the larger warp graphs then get the time-limit error where the old code overran the limit)."""
     methods = []
     for seed in range(4):
         n = 40 + 13 * seed
         gd = random_graph(n, seed, warp=warp)
         prob = check_graph(Graph.model_validate(gd), H100)
         assert prob.warp == warp
-        t0 = time.perf_counter()
-        s = solve(prob, TINY)
-        assert time.perf_counter() - t0 < 5.0
+        c0 = time.process_time()
+        try:
+            s = solve(prob, TINY)
+        except ValueError as err:
+            assert warp and seed > 0 and "within the time limit of 0.3 s" in str(err), (seed, str(err))
+            continue
+        finally:
+            assert time.process_time() - c0 <= 1.5 * TINY.time_limit + 0.5
         _check_plan(prob, s, gd)
         methods.append(s.method)
     # which of them CP-SAT finishes in 0.3 s depends on the machine's load (on 2 loaded cores: about half);
@@ -324,14 +334,16 @@ def test_dev_tools_bad_option_is_one_error_line(module, capsys):
 def test_one_deadline_bounds_the_whole_solve():
     """Every phase shares the deadline t0 + L; past it only finishing work runs (model.GRACE: the heuristic's search
     for a first schedule, compaction, validation), so solve() takes <= 1.2 L + 0.1 s plus one step of that work.
-    The 120-op random warp graph (seed 2) at L = 0.3 s took 2.1-2.4 s before (the plain and the warp heuristic
-    each refined for a whole L and searched for a first schedule without any limit: 853 was tried on three
-    groupings; CP-SAT model building was not counted). Checked with room for a loaded 2-core machine:
-    <= 1.5 L + 0.5 s. The outcome stays honest: a validated schedule, or an error saying the time limit ran out
-    (never 'infeasible')."""
+    The 120-op random warp graph (seed 2) at L = 0.3 s took 2.1-3.5 s before, 2+ s of it CPU (the plain and the
+    warp heuristic each refined for a whole L and searched for a first schedule without any limit, trying I = 853
+    on three groupings; CP-SAT model building was not counted). Bound checked with room: 1.5 L + 0.5 s, on the
+    process's CPU time (single-threaded, so <= wall; unlike wall time it does not grow when other jobs hold the
+    2 cores: at load 185 a 0.1 s solve got 0.02 s of CPU in 0.36 s) and on wall time with 4x more room. The
+    outcome stays honest: a validated schedule, or an error saying the time limit ran out (never 'infeasible')."""
     gd = random_graph(120, 2, warp=True)
     prob = check_graph(Graph.model_validate(gd), H100)
-    t0 = time.perf_counter()
+    solve(make_problem("toy-attention", "h100"), TINY)  # OR-Tools imported (outside the clock in solve anyway)
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         s = solve(prob, TINY)
     except ValueError as err:
@@ -339,11 +351,12 @@ def test_one_deadline_bounds_the_whole_solve():
     else:
         assert s.seconds <= time.perf_counter() - t0
         _check_plan(prob, s, gd)
-    assert time.perf_counter() - t0 <= 1.5 * TINY.time_limit + 0.5
-    # the heuristic alone under a deadline: it returns by then (+ one step), with a validated schedule or None
-    t0 = time.perf_counter()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    assert cpu <= 1.5 * TINY.time_limit + 0.5 and wall <= 4 * (1.5 * TINY.time_limit + 0.5), (cpu, wall)
+    # the heuristic alone under a deadline: it stops by then (+ one step), with a validated schedule or None
+    t0, c0 = time.perf_counter(), time.process_time()
     h = heuristic_schedule(prob, time_limit=0.1, deadline=t0 + 0.2)
-    assert time.perf_counter() - t0 <= 0.2 * 1.5 + 0.3
+    assert time.process_time() - c0 <= 0.2 * 1.5 + 0.3
     assert h is None or validate(gd, H100.model_dump(), {
         "ii": h.ii, "warp_specialised": True, "buffers": h.copies,
         "ops": [{"name": v, "issue_cycle": t, "warp_group": h.groups[v]} for v, t in h.times.items()]}) == []
@@ -366,8 +379,8 @@ def test_solve_at_counts_model_building_against_the_deadline(monkeypatch):
     a = twill_model.solve_at(prob, 8, p, warp=True, deadline=time.perf_counter() - 1.0)
     assert (a.status, seen) == ("timeout", [])
     t0 = time.perf_counter()
-    a = twill_model.solve_at(prob, 8, p, warp=True, deadline=t0 + 0.5)
-    assert len(seen) == 1 and 0 < seen[0] <= 0.5 and time.perf_counter() - t0 <= 0.5 + 0.5
-    assert a.status in ("optimal", "feasible", "timeout")
+    a = twill_model.solve_at(prob, 8, p, warp=True, deadline=t0 + 5.0)
+    assert len(seen) == 1 and 0 < seen[0] < 5.0  # what the build left of the 5 s, not the 10 s limit
+    assert a.status in ("optimal", "feasible")
     b = twill_model.solve_at(prob, 7, p, warp=True, deadline=time.perf_counter() + 20.0, optimise=False)
     assert b.status == "infeasible" and seen[1] == 10.0  # I = 7 < MII; a far deadline leaves the limit as it was
