@@ -36,9 +36,11 @@ The engine then reduces every gradient itself: do not give the layers a ``GradSl
 ``ExpertGradReducer`` (ValueError for a layer with a reducer). The data-parallel group must be the world (DeepSpeed
 averages the dense gradients over its data-parallel group, the world when no ``mpu`` is given). ZeRO stages 0, 1
 and 2 are tested (``tests/runtime/moe/test_deepspeed_ep.py``); ZeRO-3 refuses DeepSpeed's native MoE layers, as which
-ours are marked (AssertionError "Native DeepSpeed MoE is not supported with ZeRO Stage 3"). ``engine.save_checkpoint``
-is not supported: DeepSpeed writes per-expert files only for its own ``MoE`` layers' expert parameters and the model
-file from data-parallel rank 0, which holds rank 0's shard only - save each rank's ``model.state_dict()`` instead.
+ours are marked (AssertionError "Native DeepSpeed MoE is not supported with ZeRO Stage 3"). DeepSpeed checkpoints are
+not supported: ``engine.save_checkpoint`` writes per-expert files only for its own ``MoE`` layers' expert parameters
+(none here; its model file, from data-parallel rank 0, holds rank 0's shard), and ``engine.load_checkpoint`` then
+fails (FileNotFoundError: ``layer_0_expert_<i>_mp_rank_00_model_states.pt``) - save each rank's
+``model.state_dict()`` instead.
 The registry and the ``MoE`` marker are DeepSpeed internals (``deepspeed.utils.groups`` private dictionaries),
 checked against DeepSpeed 0.19.8.
 """

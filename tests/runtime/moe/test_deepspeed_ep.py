@@ -12,7 +12,8 @@
 - ZeRO-2 with 2 accumulated micro-batches per step and the optimizer from DeepSpeed's config (built on the returned
   param groups): the same checks against the mean of all micro-batch losses;
 - DeepSpeed's registry then holds exactly our groups (the same objects: DeepSpeed made none of its own);
-- ZeRO-3 refuses the marked layers (AssertionError), the ValueErrors of prepare_for_deepspeed;
+- ZeRO-3 refuses the marked layers (AssertionError); engine.load_checkpoint of a saved engine fails (no expert
+  files: DeepSpeed checkpoints are not supported); the ValueErrors of prepare_for_deepspeed;
 - EP over the whole world (no expert copies: one-rank expert-data-parallel groups made by prepare_for_deepspeed),
   stage 0, one step against the reference.
 """
@@ -124,6 +125,19 @@ def _stage3_case(ep):
     return str(err.value)
 
 
+def _checkpoint_case(ep, ckpt_dir):
+    """The documented limitation: engine.save_checkpoint writes no expert files for our layers, so load_checkpoint
+    fails looking for DeepSpeed's per-expert files."""
+    import deepspeed
+
+    model, _ = _models(ep, _routers())
+    groups = prepare_for_deepspeed(model)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(groups, lr=LR), config=_config(0))
+    engine.save_checkpoint(ckpt_dir, tag="t")
+    with pytest.raises(FileNotFoundError, match=r"layer_0_expert_\d+_mp_rank_00_model_states.pt"):
+        engine.load_checkpoint(ckpt_dir, tag="t")
+
+
 def _registry_case(ep):
     from deepspeed.utils import groups
 
@@ -173,7 +187,7 @@ def _errors_case(ep):
         prepare_for_deepspeed(model)
 
 
-def _worker(rank, world):
+def _worker(rank, world, ckpt_dir):
     import deepspeed
     import deepspeed.comm.torch  # noqa: F401  (deepspeed.comm also exports a name `torch`: use sys.modules)
 
@@ -192,6 +206,7 @@ def _worker(rank, world):
         secs[key] = round(time.perf_counter() - t0, 1)
     _registry_case(ep)
     stage3 = _stage3_case(ep)
+    _checkpoint_case(ep, ckpt_dir)
     full = ExpertParallel.create_groups(E, WORLD)       # no copies: one-rank expert-DP groups
     t0 = time.perf_counter()
     errs["ep4"] = _train_case(rank, full, 0, steps=1, seed=5)
@@ -204,7 +219,7 @@ def test_deepspeed_engine_ep2_of_4_zero_0_1_2(monkeypatch, tmp_path):
     monkeypatch.setenv("DS_BUILD_OPS", "0")
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions"))
-    out = spawn_gloo(_worker, WORLD, timeout_s=60)
+    out = spawn_gloo(_worker, WORLD, str(tmp_path / "ckpt"), timeout_s=60)
     for r in out:                                       # every element was compared inside the workers
         assert "group_name" in r["untagged"]
         assert "not supported with ZeRO Stage 3" in r["stage3"]
