@@ -17,19 +17,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from adasched.launch.cli_args import ArgParser, is_rank0
+from adasched.launch.cli_args import MAX_LAYERS, ArgParser, check_model_memory, check_seconds, is_rank0
 
 __all__ = ["main", "parse_args"]
+
+
+def _folder(text: str) -> Path:
+    if not text.strip():  # Path("") is ".": the adapters would land in the current folder
+        raise argparse.ArgumentTypeError("empty folder name")
+    return Path(text)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgParser(prog="adasched.launch.train_lora", description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", default="tiny", help="jobs file (JSON/YAML) or preset (tiny, mix, het); default tiny")
     p.add_argument("--plan", type=Path, default=None, help="execute this LoRA plan JSON instead of planning --jobs")
-    p.add_argument("--out", type=Path, required=True, help="output folder (plan.json, <job>/adapter_*, losses.json)")
+    p.add_argument("--out", type=_folder, required=True, help="output folder (plan.json, <job>/adapter_*, losses.json)")
     p.add_argument("--reference", action="store_true", help="torch reference multi-LoRA path instead of the fused kernels")
     p.add_argument("--profile", default="h100-sxm", help="profile for planning (costs only affect the simulation)")
     p.add_argument("--time-limit", type=float, default=0.2, help="seconds per packing MILP")
@@ -48,8 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+#: longest --time-limit per packing MILP (seconds)
+MAX_TIME_LIMIT_S = 3600.0
+
+
 def _check_options(args: argparse.Namespace) -> None:
-    from adasched.profiler.io import InputError
+    from adasched.profiler.io import InputError, check_output_folder
 
     for opt in ("vocab", "hidden", "layers", "heads", "ffn", "max_positions"):
         v = getattr(args, opt)
@@ -57,18 +68,24 @@ def _check_options(args: argparse.Namespace) -> None:
             raise InputError(f"--{opt.replace('_', '-')}", f"must be >= 1, got {v}")
     if args.hidden % args.heads:
         raise InputError("--hidden", f"{args.hidden} must be divisible by --heads {args.heads}")
-    for opt in ("timeout", "time_limit"):
-        v = getattr(args, opt)
-        if not v > 0:
-            raise InputError(f"--{opt.replace('_', '-')}", f"must be > 0 seconds, got {v}")
+    if args.layers > MAX_LAYERS:
+        raise InputError("--layers", f"must be <= {MAX_LAYERS}, got {args.layers}")
+    check_seconds("--timeout", args.timeout)  # NaN and inf: finite seconds only (torch's timedelta)
+    check_seconds("--time-limit", args.time_limit, most=MAX_TIME_LIMIT_S)
     if not -2 ** 63 <= args.seed < 2 ** 63:  # torch.manual_seed and the planner's seed take these
         raise InputError("--seed", f"must be in [-2**63, 2**63), got {args.seed}")
     if args.out.exists() and not args.out.is_dir():
         raise InputError("--out", f"{str(args.out)!r} exists and is not a folder")
+    check_output_folder(args.out, "--out")  # a file, an empty name, a read-only place: before any work
     if args.world is not None and not args.check:
         raise InputError("--world", "only with --check (under torchrun the world is torchrun's)")
     if args.world is not None and args.world < 1:
         raise InputError("--world", f"must be >= 1, got {args.world}")
+    # the frozen base model (fp32; the adapters are small) on every rank of this host
+    h = args.hidden
+    params = args.layers * (4 * h * h + 3 * h * args.ffn) + (2 * args.vocab + args.max_positions) * h
+    ranks = args.world or int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    check_model_memory(params, 4, ranks, "--vocab/--hidden/--layers/--ffn/--max-positions", "the fp32 weights")
 
 
 def _make_plan(args, rank: int, world: int) -> str:
@@ -198,9 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (ValueError, FileNotFoundError) as err:  # InputError is a ValueError
+    except ValueError as err:  # InputError is a ValueError
         if is_rank0():
             sys.stderr.write(error_line(err))
+        return 2
+    except OSError as err:  # a file or folder that cannot be read or written (a directory, no permission, ...)
+        if is_rank0():
+            where = err.filename if err.filename is not None else "train_lora"
+            sys.stderr.write(f"error: {where}: {' '.join((err.strerror or str(err)).split())}\n")
         return 2
     return 0
 

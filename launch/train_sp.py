@@ -32,11 +32,11 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from adasched.launch.cli_args import ArgParser
+from adasched.launch.cli_args import MAX_LAYERS, ArgParser, check_model_memory, check_seconds
 
 from adasched.profiler.io import InputError, error_line
 
-__all__ = ["main", "parse_args", "check_plan", "scaled_lengths", "make_sequence", "launch_local"]
+__all__ = ["main", "parse_args", "check_plan", "check_model_fits", "scaled_lengths", "make_sequence", "launch_local"]
 
 TOLERANCE = {"float32": 1e-5, "float64": 1e-10}  # max |grad - ref| / max |ref|, and |loss - ref| / |ref|
 
@@ -68,8 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise InputError(f"--{name.replace('_', '-')}", f"{val} must be >= 1")
     if args.max_len < 2:
         raise InputError("--max-len", f"{args.max_len} must be >= 2")
-    if args.timeout <= 0:
-        raise InputError("--timeout", f"{args.timeout} must be > 0")
+    if args.layers > MAX_LAYERS:
+        raise InputError("--layers", f"{args.layers} must be <= {MAX_LAYERS}")
+    check_seconds("--timeout", args.timeout)  # NaN passed a `<= 0` test; inf overflowed torch's timedelta
     if not -2 ** 63 <= args.seed < 2 ** 64:  # torch.manual_seed's range (the model init)
         raise InputError("--seed", f"{args.seed} must be in [-2**63, 2**64)")
     if not (math.isfinite(args.lr) and args.lr > 0):
@@ -97,6 +98,25 @@ def check_plan(plan, world: int, heads: int | None, where: str) -> None:
                 if heads is not None and heads % g.degree:
                     raise InputError(where, f"steps.{si}.micro_batches.{mi}.groups.{gi}.degree: {g.degree} does not "
                                             f"divide the model's {heads} heads")
+
+
+def check_model_fits(args: argparse.Namespace, plan, world: int) -> None:
+    """Refuse a model (--layers, --heads, --head-dim, --max-len) whose weights, gradients and Adam state on
+    ``world`` CPU ranks exceed this host's memory (a gloo run; an nccl run keeps them on its GPUs)."""
+    if args.backend == "nccl":
+        return
+    if args.backend is None:
+        import torch
+
+        if torch.cuda.is_available():
+            return
+    heads = args.heads or max(4, max(g.degree for st in plan.steps for mb in st.micro_batches for g in mb.groups))
+    hidden = heads * args.head_dim
+    vocab = 256  # TinyGPTConfig's
+    params = args.layers * 12 * hidden * hidden + (2 * vocab + args.max_len) * hidden
+    ranks = min(world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))  # the ranks on this host
+    check_model_memory(params, 4 * (8 if args.dtype == "float64" else 4), ranks,
+                       "--layers/--heads/--head-dim/--max-len", "weights, gradients and Adam state")
 
 
 def scaled_lengths(plan, max_len: int) -> tuple[float, list[list[int]]]:
@@ -306,6 +326,7 @@ def main(argv: list[str] | None = None, quiet: bool = False) -> int:
             world = args.world
         plan = load_plan(args.plan, expect=SPPlan)
         check_plan(plan, world, args.heads, args.plan)
+        check_model_fits(args, plan, world)
         factor, lengths = scaled_lengths(plan, args.max_len)
     except ValueError as err:  # InputError included
         if rank == 0:

@@ -163,6 +163,12 @@ def load_plan(path: str | os.PathLike, expect: type[Plan] | None = None) -> Plan
     kind = data.get("kind")
     if not isinstance(kind, str):
         raise InputError(path, "kind: missing or not a string")
+    if kind not in PLAN_KINDS and (expect is None or kind != expect.model_fields["kind"].default):
+        what = {"cluster_profile": "a cluster profile (adasched profile; `adasched show` reads it)",
+                "refined_lr_schedule": "a refined LR schedule (adasched schedules refine)"}.get(kind)
+        want = f"a plan of kind {expect.model_fields['kind'].default!r}" if expect is not None else "a plan"
+        if what is not None:
+            raise InputError(path, f"kind: is {what}, not {want}")
     if expect is not None:  # the caller knows the class: no registry lookup (works for unregistered kinds too)
         want = expect.model_fields["kind"].default
         if kind != want:

@@ -39,8 +39,17 @@ def register(groups) -> None:
 
         from .io import check_output_path
 
+        from .io import InputError
+
         check_output_path(out, "--out")  # before minutes of measuring, and before any note on stderr
         import os
+
+        if name is not None and not name.strip():
+            raise InputError("--name", "is empty (give a profile name, or leave --name out for local-<hostname>)")
+        if nproc is not None and no_collectives:
+            raise InputError("--nproc", "has no effect with --no-collectives (no worker processes are started)")
+        if nproc is not None and in_torchrun():
+            raise InputError("--nproc", "has no effect under torchrun (the collectives run in torchrun's world)")
 
         if in_torchrun() and no_collectives and os.environ.get("RANK", "0") != "0":
             return  # nothing collective to do: rank 0 profiles and writes alone

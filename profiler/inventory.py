@@ -31,11 +31,13 @@ def _try(fn, *args, default=None):
 
 
 def gpu_inventory(verbose: bool = True) -> tuple[DeviceInfo, dict[str, Any]] | None:
-    """GPU 0's description (all GPUs of a node are assumed alike) and per-GPU extras, or None without NVML
-    (why: one line on stderr with ``verbose``)."""
+    """GPU 0's description through NVML (all GPUs of a node are assumed alike) and per-GPU extras, or None
+    without NVML (why: one line on stderr with ``verbose``). NVML only: :func:`inventory` falls back to
+    torch.cuda's view of the GPUs, then to the CPU host; this function describes neither, so its note says
+    only what NVML found."""
     found, why = _nvml_inventory()
     if found is None and verbose:
-        print(f"no NVIDIA GPU/driver found ({why}); describing the CPU host instead", file=sys.stderr)
+        print(f"NVML describes no NVIDIA GPU ({why})", file=sys.stderr)
     return found
 
 

@@ -14,8 +14,9 @@ from typing import Any, Iterator, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["InputError", "atomic_path", "check_output_path", "atomic_write_text", "atomic_write_json", "save_figure",
-           "FIGURE_FORMATS", "read_text", "read_json", "load_model", "describe_validation_error", "error_line"]
+__all__ = ["InputError", "atomic_path", "check_output_path", "check_output_folder", "atomic_write_text",
+           "atomic_write_json", "save_figure", "FIGURE_FORMATS", "read_text", "read_json", "load_model",
+           "describe_validation_error", "error_line"]
 
 
 class InputError(ValueError):
@@ -88,11 +89,44 @@ def check_output_path(path: str | os.PathLike | None, option: str, *, figure: bo
         if parent.exists():
             if not parent.is_dir():
                 raise InputError(option, f"{path}: {parent} is not a directory")
+            _probe_folder(parent, option, path)
             break
     if (option == "--plot" if figure is None else figure) and path.suffix:
         fmt = path.suffix[1:].lower()
         if fmt not in FIGURE_FORMATS:
             raise InputError(option, f"{path}: cannot draw a {fmt!r} file (use one of {', '.join(FIGURE_FORMATS)})")
+
+
+def check_output_folder(path: str | os.PathLike, option: str) -> None:
+    """Fail before any work when ``path`` (the value of ``option``) cannot be a folder to write into: an empty
+    name, an existing non-folder, under a file, or a place that cannot be written (probed with a temp file in the
+    nearest existing folder). Missing folders are fine: the writer creates them."""
+    if not str(path).strip():
+        raise InputError(option, "is empty, expected a folder")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(option, f"{path} exists and is not a folder")
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise InputError(option, f"{path}: {folder} is not a directory")
+            _probe_folder(folder, option, path)
+            return
+
+
+def _probe_folder(folder: Path, option: str, path: Path) -> None:
+    """Create and remove a temp file in ``folder`` (the nearest existing folder of ``path``): a read-only or
+    pseudo file system (/proc, /sys), or a folder without write permission, fails here, before any work, instead
+    of after minutes of solving or measuring - or after another output was already written."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".adasched-probe-", dir=folder)
+    except OSError as err:
+        raise InputError(option, f"{path}: cannot write in {folder}: {err.strerror or err}") from None
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
 
 
 def _read_umask() -> int:

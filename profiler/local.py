@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .profile import ClusterProfile, save_profile
 
-__all__ = ["profile_local", "profile_in_world", "in_torchrun", "DEFAULT_NPROC"]
+__all__ = ["profile_local", "profile_in_world", "in_torchrun", "resolve_nproc", "max_cpu_nproc", "DEFAULT_NPROC"]
 
 #: worker processes for the collectives when `adasched profile` spawns them (full, quick)
 DEFAULT_NPROC = (4, 2)
@@ -61,6 +61,37 @@ def _assemble(*, quick: bool, device, host, micro, coll, ranks_per_node: int, nu
     )
 
 
+def max_cpu_nproc() -> int:
+    """Most gloo worker processes `adasched profile` spawns on a host without GPUs: each is a torch process
+    (~0.3 GB), so twice the usable cores, at least 8, at most 64 (a power of two)."""
+    from .inventory import _cores
+
+    cap = min(64, max(8, 2 * _cores()))
+    return 1 << (cap.bit_length() - 1)
+
+
+def resolve_nproc(nproc: int | None, *, quick: bool, collectives: bool, ngpu: int) -> int:
+    """The worker count for the spawned collectives: ``nproc`` checked (>= 2, a power of two, one GPU per nccl
+    rank, a bounded number of CPU processes) or the default; a bad value raises ValueError('--nproc: ...')."""
+    if nproc is None:
+        return 1 << (min(ngpu, 8).bit_length() - 1) if ngpu >= 2 else DEFAULT_NPROC[1 if quick else 0]
+    if not collectives:
+        return nproc
+    if nproc < 2:
+        raise ValueError(f"--nproc: collectives need >= 2 processes, got {nproc} (or pass --no-collectives)")
+    if nproc & (nproc - 1):  # 3 ranks: gloo timed out in the size-2 group that leaves one out
+        raise ValueError(f"--nproc: {nproc} is not a power of two (the collectives are timed over power-of-two "
+                         "groups of the world)")
+    if ngpu >= 2 and nproc > ngpu:
+        raise ValueError(f"--nproc: {nproc} ranks but only {ngpu} GPUs (nccl needs one GPU per rank)")
+    if ngpu == 0 and nproc > max_cpu_nproc():
+        from .inventory import _cores
+
+        raise ValueError(f"--nproc: {nproc} worker processes is too many for this host ({_cores()} cores; at most "
+                         f"{max_cpu_nproc()}: every rank is a torch process)")
+    return nproc
+
+
 def profile_local(*, quick: bool, nproc: int | None = None, collectives: bool = True, microbench: bool = True,
                   show_progress: bool = True, name: str | None = None, verbose: bool = True) -> ClusterProfile:
     """Profile this machine in this process; the collectives in ``nproc`` spawned workers: nccl with one
@@ -74,18 +105,10 @@ def profile_local(*, quick: bool, nproc: int | None = None, collectives: bool = 
     from .inventory import inventory
     from .microbench import microbench_config, run_microbenchmarks
 
-    device, host = inventory(verbose=verbose)
     ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
     backend = "nccl" if ngpu >= 2 else "gloo"
-    if nproc is None:
-        nproc = 1 << (min(ngpu, 8).bit_length() - 1) if ngpu >= 2 else DEFAULT_NPROC[1 if quick else 0]
-    if collectives and nproc < 2:
-        raise ValueError(f"--nproc: collectives need >= 2 processes, got {nproc} (or pass --no-collectives)")
-    if collectives and nproc & (nproc - 1):  # 3 ranks: gloo timed out in the size-2 group that leaves one out
-        raise ValueError(f"--nproc: {nproc} is not a power of two (the collectives are timed over power-of-two "
-                         "groups of the world)")
-    if collectives and ngpu >= 2 and nproc > ngpu:
-        raise ValueError(f"--nproc: {nproc} ranks but only {ngpu} GPUs (nccl needs one GPU per rank)")
+    nproc = resolve_nproc(nproc, quick=quick, collectives=collectives, ngpu=ngpu)  # before any note on stderr
+    device, host = inventory(verbose=verbose)
     if collectives and ngpu == 1:
         print("one GPU: no GPU interconnect to measure, skipping the collectives (run the collective profiling "
               "under torchrun on a multi-GPU node: launch/profile_collectives.sh)", file=sys.stderr)

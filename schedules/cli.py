@@ -7,7 +7,12 @@ from typing import List, Optional
 
 import typer
 
-__all__ = ["register"]
+__all__ = ["register", "MAX_PLOT_STEPS", "MAX_SEEDS"]
+
+#: `schedules plot --steps` at most this (one float per step and schedule; 10**9 held the CLI for minutes)
+MAX_PLOT_STEPS = 10_000_000
+#: `bench schedules --seeds` at most this (each seed trains every model; 10**20 overflowed a C size)
+MAX_SEEDS = 1000
 
 
 def register(groups) -> None:
@@ -94,15 +99,20 @@ def register(groups) -> None:
         specs = list(schedules) if schedules else list(DEFAULT_SPECS)
         has_file = any(s.lower().endswith((".csv", ".json")) for s in specs)
         n = steps if steps is not None else (None if has_file else 100)
-        if n is not None and n <= 0:
-            raise InputError("--steps", f"must be > 0, got {n}")
+        if n is not None and not 0 < n <= MAX_PLOT_STEPS:
+            raise InputError("--steps", f"must be in [1, {MAX_PLOT_STEPS:,}], got {n}")
         if warmup < 0 or (n is not None and warmup > n):
             raise InputError("--warmup", f"must be in [0, steps] = [0, {n}], got {warmup}" if n is not None
                              else f"must be >= 0, got {warmup}")
         is_file = [s.lower().endswith((".csv", ".json")) for s in specs]
         curves: list = [None] * len(specs)
         for i in sorted(range(len(specs)), key=lambda i: not is_file[i]):  # files first: they set the length
-            label, m = schedule_curve(specs[i], n, warmup, norm=norm, smoothing=smoothing)
+            try:
+                label, m = schedule_curve(specs[i], n, warmup, norm=norm, smoothing=smoothing)
+            except InputError:  # names its file or option already
+                raise
+            except ValueError as err:  # e.g. 'phi: must be ...' from uba:-1: say which argument
+                raise InputError(f"schedule {specs[i]!r}", str(err).removeprefix("schedule: ")) from None
             if n is None:
                 n = len(m) - 1
             curves[i] = (label, m)
@@ -134,8 +144,8 @@ def register(groups) -> None:
         check_output_path(plot, "--plot")
         cfg = BenchConfig.quick() if quick else BenchConfig()
         if seeds is not None:
-            if seeds <= 0:
-                raise ValueError(f"--seeds: must be > 0, got {seeds}")
+            if not 0 < seeds <= MAX_SEEDS:
+                raise ValueError(f"--seeds: must be in [1, {MAX_SEEDS}], got {seeds}")
             cfg.seeds = seeds
         total = len(cfg.models) * len(cfg.optimizers) * len(cfg.budgets)
         with progress("bench schedules", total, enabled=not as_json) as advance:

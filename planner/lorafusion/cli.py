@@ -1,12 +1,16 @@
 """`adasched plan lora` and `adasched bench lora` (thin: parsing and printing; the work is in plan.py)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-__all__ = ["register"]
+__all__ = ["register", "MAX_TIME_LIMIT_S"]
+
+#: longest --time-limit per (global batch, group) packing problem (seconds)
+MAX_TIME_LIMIT_S = 3600.0
 
 _JOBS_HELP = "A jobs file (JSON or YAML) or a preset name: mix, het, tiny."  # = jobs.PRESETS (a test checks)
 _PROFILE_HELP = "Cluster profile: a built-in name (h100-sxm, a100-64-flexsp-paper) or a profile JSON file."
@@ -20,8 +24,11 @@ def _plan(jobs: str, profile: str, time_limit: float, seed: int, no_milp: bool):
     from .jobs import build_workload, load_jobs
     from .plan import build_plan
 
-    if not (time_limit > 0):
+    if not time_limit > 0:  # NaN too
         raise InputError("--time-limit", f"must be > 0 seconds, got {time_limit}")
+    if not (math.isfinite(time_limit) and time_limit <= MAX_TIME_LIMIT_S):  # inf: the plan recorded no limit
+        raise InputError("--time-limit",
+                         f"must be a finite number of seconds <= {MAX_TIME_LIMIT_S:g}, got {time_limit}")
     cfg, base, label = load_jobs(jobs)
     w = build_workload(cfg, base, where=label if not label.startswith("preset:") else f"preset {jobs}", label=label)
     prof = load_profile(profile)

@@ -270,6 +270,9 @@ def parse_jobs(data: Any, where: str = "jobs") -> JobsFile:
     """Validate a jobs mapping; the first problem becomes one InputError naming the job and the field."""
     if not isinstance(data, dict):
         raise InputError(where, f"expected a mapping with 'jobs', got {type(data).__name__}")
+    if isinstance(data.get("kind"), str) and "schema_version" in data:  # a jobs file has neither key
+        raise InputError(where, f"is an adasched {data['kind']!r} file, not a jobs file (a LoRA plan is read by "
+                                "train_lora --plan)")
     try:
         cfg = JobsFile.model_validate(data)
     except ValidationError as err:
@@ -301,6 +304,8 @@ def preset_jobs(name: str) -> JobsFile:
 def load_jobs(jobs: str | Path) -> tuple[JobsFile, Path | None, str]:
     """A preset name or a jobs file -> (validated config, base folder for relative length files, label)."""
     s = str(jobs)
+    if not s.strip():  # Path("") is ".": "is a directory" named no file the user gave
+        raise InputError("--jobs", f"is empty, expected a jobs file (JSON or YAML) or a preset ({', '.join(PRESETS)})")
     if s in PRESETS and not Path(s).exists():
         return preset_jobs(s), None, f"preset:{s}"
     path = Path(s)
