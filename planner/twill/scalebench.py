@@ -1,6 +1,8 @@
 """Twill at scale: I, MII, status and solve time on large random graphs and large-latency graphs.
 
-``python -m adasched.planner.twill.scalebench [--quick]`` prints one markdown table. Each case runs the current
+``python -m adasched.planner.twill.scalebench [--quick]`` prints one markdown table; ``--adherence`` instead
+times ``solve`` (wall and CPU seconds against the time limit) on random graphs of 40, 80 and 120 ops, seeds 1-3,
+plain and warp, at limits 0.1, 0.3, 1 and 2 s. Each case runs the current
 solver and a baseline from the same run: 'cp-sat only' (``solve(heuristic=False)``: no iterative modulo
 scheduling, no coarse-unit solve) for the random graphs, 'one-hot' (the time-indexed encoding at every I, the
 heuristic still on) for the large-latency graphs. Graphs: ``randgraph.random_graph(n, seed, warp=...)`` and the
@@ -49,13 +51,52 @@ def _run(prob, seconds: float, variant: str) -> dict:
     return row
 
 
+def _adherence() -> int:
+    """One row per (graph, limit): wall and CPU seconds of ``solve`` and what it returned; then the worst ratios."""
+    from adasched.planner.solver import SolveParams
+
+    from .graph import Graph, check_graph, load_machine
+    from .model import solve
+    from .randgraph import random_graph
+
+    h100 = load_machine("h100")
+    solve(check_graph(Graph.model_validate(random_graph(4, 0)), h100), SolveParams(time_limit=0.1))  # imports
+    print("| graph | ops | time limit s | wall s | CPU s | wall / limit | result |")
+    print("|---|---|---|---|---|---|---|")
+    over = worst = 0.0
+    runs = late = 0
+    for n in (40, 80, 120):
+        for seed in (1, 2, 3):
+            for warp in (False, True):
+                prob = check_graph(Graph.model_validate(random_graph(n, seed, warp=warp)), h100)
+                for limit in (0.1, 0.3, 1.0, 2.0):
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    try:
+                        s = solve(prob, SolveParams(time_limit=limit, seed=0, threads=1))
+                        res = f"I = {s.ii} (MII {s.mii.mii}), {s.method}, {s.status}"
+                    except ValueError:
+                        res = "error: time limit ran out"
+                    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                    runs += 1
+                    late += wall > 1.2 * limit + 0.1
+                    worst, over = max(worst, wall / limit), max(over, wall - (1.2 * limit + 0.1))
+                    print(f"| {prob.graph.name} | {n} | {limit:g} | {wall:.2f} | {cpu:.2f} | {wall / limit:.2f} "
+                          f"| {res} |", flush=True)
+    print(f"\nworst wall / limit {worst:.2f}; {late} of {runs} runs above 1.2 x limit + 0.1 s "
+          f"(worst by {max(over, 0.0) * 1000:.0f} ms)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .graph import Graph, check_graph, load_machine
     from .randgraph import random_graph
 
     ap = OneLineArgParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="40-op graphs and 0.5 s budgets only")
+    ap.add_argument("--adherence", action="store_true", help="time solve() against its time limit instead")
     a = ap.parse_args(argv)
+    if a.adherence:
+        return _adherence()
     h100 = load_machine("h100")
     cases = []
     for n in ((40,) if a.quick else (40, 60, 80)):
