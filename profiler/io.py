@@ -223,10 +223,12 @@ def load_yaml(text: str) -> Any:
 def describe_validation_error(err: ValidationError) -> str:
     """First problem of a pydantic error as 'field.path: message' (one line)."""
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first.get("loc", ())) or "<root>"
-    msg = first.get("msg", "invalid")
+    loc = ".".join(str(p) for p in first.get("loc", ()))
+    # a validator's own message: pydantic prefixes it with "Value error, " (and a model-level one has no field:
+    # it said "<root>: Value error, ..."), which told the user nothing
+    msg = first.get("msg", "invalid").removeprefix("Value error, ")
     more = len(err.errors()) - 1
-    return f"{loc}: {msg}" + (f" (and {more} more)" if more > 0 else "")
+    return (f"{loc}: {msg}" if loc else msg) + (f" (and {more} more)" if more > 0 else "")
 
 
 def error_line(err: BaseException) -> str:

@@ -150,7 +150,7 @@ class ClusterProfile(_Strict):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     kind: Literal["cluster_profile"] = "cluster_profile"
-    name: str
+    name: str = Field(min_length=1)
     source: str = Field(description="where the numbers come from (measured on host X / published in paper Y)")
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     num_nodes: PositiveInt = 1
@@ -164,6 +164,15 @@ class ClusterProfile(_Strict):
     collectives: list[CollectiveFit] = Field(default_factory=list)
     model_costs: dict[str, ModelCost] = Field(default_factory=dict)
     raw: dict[str, Any] = Field(default_factory=dict, description="raw measurements the fits came from")
+
+    @field_validator("created")
+    @classmethod
+    def _iso_time(cls, v: str) -> str:
+        try:
+            datetime.fromisoformat(v)
+        except ValueError:
+            raise ValueError(f"{v!r} is not an ISO 8601 time") from None
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "ClusterProfile":

@@ -4,6 +4,7 @@ a note line before the error, a traceback, a hang, thousands of processes, or an
 output failed)."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 import time
@@ -262,3 +263,89 @@ def test_launcher_limits_are_documented_constants():
     for bad in (0.0, -1.0, float("nan"), float("inf"), MAX_TIMEOUT_S * 1.0001):
         with pytest.raises(InputError, match="^--timeout: "):
             check_seconds("--timeout", bad)
+
+
+# ---- jobs files, LoRA plans and profiles: contents -------------------------------------------------------------
+
+def _jobs(**edit) -> dict:
+    job = {"name": "a", "adapter": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj"]},
+           "lengths": {"dist": "lognormal", "median": 64, "sigma": 0.5, "min": 4, "max": 512},
+           "global_batch_size": 4, "lr": 1e-3}
+    d = {"capacity": 1024, "stages": 2, "global_batches": 2, "seed": 0, "layers": 2, "jobs": [job]}
+    for k, v in edit.items():
+        *path, last = k.split("__")
+        cur = d
+        for p in path:
+            cur = cur[int(p)] if p.isdigit() else cur[p]
+        cur[last] = v
+    return d
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ({"stages": 10 ** 9}, "stages: Input should be less than or equal to 1024"),     # hung the simulator
+    ({"global_batches": 10 ** 9}, "more than 1,000,000 per plan"),                    # MemoryError traceback
+    ({"jobs__0__global_batch_size": 10 ** 9}, "more than 1,000,000 per plan"),
+    ({"seed": -1}, "seed: Input should be greater than or equal to 0"),               # "error: expected non-negative
+    ({"jobs__0__lr": float("inf")}, "lr: Input should be a finite number"),            # integer" (numpy, no file)
+    ({"jobs__0__adapter__alpha": float("inf")}, "alpha: Input should be a finite number"),
+    ({"jobs__0__lengths__median": float("inf")}, "median: Input should be a finite number"),
+    ({"jobs__0__name": ".."}, "names a folder"),                                      # adapters saved to OUT/../
+    ({"jobs__0__lengths": "lens_dir"}, "is a directory or not a regular file"),       # "[Errno 21] Is a directory"
+])
+def test_jobs_file_contents(edit, needle, tmp_path, capsys):
+    (tmp_path / "lens_dir").mkdir()
+    p = tmp_path / "jobs.json"
+    p.write_text(json.dumps(_jobs(**edit)))  # json writes inf as Infinity, which Python's reader takes
+    t0 = time.perf_counter()
+    rc = main(["plan", "lora", "--jobs", str(p), "--no-milp", "--out", str(tmp_path / "o.json")])
+    assert needle in _one_error(capsys, rc, str(p))
+    assert time.perf_counter() - t0 < 20 and not (tmp_path / "o.json").exists()
+
+
+def _edit_lora(d, key, value):
+    *path, last = key.split("__")
+    cur = d
+    for p in path:
+        cur = cur[int(p)] if p.isdigit() else cur[p]
+    cur[last] = value
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("stage_cost", {}, "stage_cost: keys [] are not StageCost's terms"),  # show --plot: TypeError traceback
+    ("stage_cost__attn_b_ms", -2.5, "stage_cost.attn_b_ms: -2.5 is not a finite number >= 0"),
+    ("stage_cost__attn_b_ms", float("nan"), "stage_cost.attn_b_ms: nan is not a finite number >= 0"),
+    ("groups", [[0], [5]], "groups: [[0], [5]] must hold every job index"),       # IndexError traceback in show
+    ("groups", [[0, 0]], "must hold every job index"),
+    ("jobs__1__name", "tiny-a", "name 'tiny-a' used twice"),                      # one adapter folder for two jobs
+    ("jobs__0__name", "../x", "String should match pattern"),                    # adapter written outside OUT
+    ("jobs__0__lr", float("nan"), "lr: Input should be a finite number"),  # train_lora: 'jobs.0.lr' without file
+    ("stages", 0, "stages: Input should be greater than or equal to 1"),
+    ("layers", 0, "layers: Input should be greater than or equal to 1"),
+])
+def test_lora_plan_contents(key, value, needle, plans, tmp_path, capsys):
+    from adasched.launch import train_lora
+
+    d = json.loads((plans / "lora.json").read_text())
+    _edit_lora(d, key, value)
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(d))
+    png = tmp_path / "g.png"
+    assert needle in _one_error(capsys, main(["show", str(p), "--plot", str(png)]), str(p))
+    rc = _exit_code(train_lora.main, ["--check", "--world", "2", "--out", str(tmp_path / "runs"), "--plan", str(p)])
+    assert needle in _one_error(capsys, rc, str(p))
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["bad.json"]
+
+
+@pytest.mark.parametrize("key, value, where, needle", [
+    ("created", "yesterday", "created", "'yesterday' is not an ISO 8601 time"),
+    ("name", "", "name", "at least 1 character"),
+    # a model-level check read "<root>: Value error, collectives: ..."
+    ("gpus_per_node", 3, "collectives", "fitted on group size"),
+])
+def test_profile_contents(key, value, where, needle, plans, tmp_path, capsys):
+    d = json.loads((plans / "profile.json").read_text())
+    d[key] = value
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps(d))
+    err = _one_error(capsys, main(["show", str(p)]), f"{p}: {where}")
+    assert needle in err and "<root>" not in err and "Value error" not in err

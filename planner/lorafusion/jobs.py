@@ -47,6 +47,7 @@ from adasched.profiler.io import InputError
 
 __all__ = [
     "SEGMENT_ALIGN",
+    "MAX_SAMPLES",
     "KNOWN_TARGET_MODULES",
     "NAMED_DISTRIBUTIONS",
     "PRESETS",
@@ -61,6 +62,9 @@ __all__ = [
     "preset_jobs",
     "build_workload",
 ]
+
+MAX_SAMPLES = 1_000_000
+"""Most samples one plan covers (all jobs: global_batch_size x global_batches each)."""
 
 SEGMENT_ALIGN = 128
 """Each adapter's segment in a microbatch is padded to a multiple of this many tokens (the kernel's M tile)."""
@@ -79,7 +83,8 @@ class _Strict(BaseModel):
 
 class AdapterSpec(_Strict):
     r: int = Field(description="LoRA rank (>= 1)")
-    alpha: float = Field(default=16.0, gt=0, description="LoRA alpha; scale = alpha / r (alpha / sqrt(r) with rslora)")
+    alpha: float = Field(default=16.0, gt=0, allow_inf_nan=False,
+                         description="LoRA alpha; scale = alpha / r (alpha / sqrt(r) with rslora)")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="LoRA dropout probability")
     target_modules: Union[list[str], Literal["all-linear"]] = Field(default_factory=lambda: ["q_proj", "v_proj"])
     use_rslora: bool = False
@@ -123,8 +128,8 @@ class AdapterSpec(_Strict):
 
 class LognormalSpec(_Strict):
     dist: Literal["lognormal"]
-    median: float = Field(gt=0, description="tokens")
-    sigma: float = Field(gt=0, description="standard deviation of log(length)")
+    median: float = Field(gt=0, allow_inf_nan=False, description="tokens")
+    sigma: float = Field(gt=0, allow_inf_nan=False, description="standard deviation of log(length)")
     min: int = Field(default=1, ge=1)
     max: int = Field(default=4096, ge=1)
 
@@ -134,7 +139,14 @@ class JobSpec(_Strict):
     adapter: AdapterSpec
     lengths: Union[str, LognormalSpec] = Field(description="named distribution, a file path, or a lognormal spec")
     global_batch_size: int = Field(ge=1, description="samples per global batch (optimizer step)")
-    lr: float = Field(default=2e-4, gt=0)
+    lr: float = Field(default=2e-4, gt=0, allow_inf_nan=False)
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_folder_reference(cls, v: str) -> str:
+        if v in (".", ".."):  # the trainer saves the adapter under OUT/<name>/
+            raise ValueError(f"{v!r} names a folder, not a job")
+        return v
 
     @field_validator("lengths", mode="before")
     @classmethod
@@ -154,9 +166,9 @@ class JobSpec(_Strict):
 
 class JobsFile(_Strict):
     capacity: int = Field(default=8192, ge=SEGMENT_ALIGN, description="tokens per microbatch, after segment padding")
-    stages: int = Field(default=4, ge=1, description="pipeline stages S")
+    stages: int = Field(default=4, ge=1, le=1024, description="pipeline stages S (a billion hung the simulator)")
     global_batches: int = Field(default=8, ge=1, description="global batches per job planned in this run")
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, description="numpy's generators take seeds >= 0")
     layers: int = Field(default=32, ge=1, description="transformer layers of the base model (cost model)")
     jobs: list[JobSpec] = Field(min_length=1)
 
@@ -224,6 +236,8 @@ def _read_length_file(path: Path, where: str) -> list[int]:
     if not path.exists():
         raise InputError(where, f"no such length file {str(path)!r} (and not a named distribution: "
                                 f"{', '.join(NAMED_DISTRIBUTIONS)})")
+    if not path.is_file():
+        raise InputError(where, f"length file {str(path)!r} is a directory or not a regular file")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -319,9 +333,14 @@ def build_workload(cfg: JobsFile, base: Path | None = None, where: str = "jobs",
     seeds = rng_root.integers(0, 2**31 - 1, size=len(cfg.jobs))
     lengths: list[int] = []
     jobs: list[JobSamples] = []
+    total = 0
     for i, job in enumerate(cfg.jobs):
         jwhere = f"{where}: job {job.name!r}: lengths"
         need = job.global_batch_size * cfg.global_batches
+        total += need
+        if total > MAX_SAMPLES:  # numpy allocated (and failed on) 10**9-sample arrays
+            raise InputError(where, f"job {job.name!r}: global_batch_size x global_batches: {total:,} samples over "
+                                    f"the jobs so far, more than {MAX_SAMPLES:,} per plan")
         rng = np.random.default_rng(int(seeds[i]))
         if isinstance(job.lengths, LognormalSpec):
             if job.lengths.min > job.lengths.max:

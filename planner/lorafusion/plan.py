@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..plan import Plan, SolverRecord, inputs_digest, profile_ref
 from .baselines import mlora_baseline, sequential_baseline
@@ -38,13 +38,21 @@ class _M(BaseModel):
 
 
 class LoRAJob(_M):
-    name: str
+    # the trainer saves each adapter under OUT/<name>/: a name like "../x" wrote outside OUT
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     adapter: AdapterSpec
-    lr: float
-    global_batch_size: int
-    global_batches: int
+    lr: float = Field(gt=0, allow_inf_nan=False)
+    global_batch_size: int = Field(ge=1)
+    global_batches: int = Field(ge=1)
     mean_tokens: float
     std_tokens: float
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_folder_reference(cls, v: str) -> str:
+        if v in (".", ".."):
+            raise ValueError(f"{v!r} names a folder, not a job")
+        return v
 
 
 class LoRASegment(_M):
@@ -107,12 +115,29 @@ class LoRASummary(_M):
     problems_heuristic: int
 
 
+def _stage_cost_errors(terms: dict) -> list[str]:
+    """The plan's stage_cost must be StageCost's terms (finite, >= 0 ms; ``profile`` a name): `simulate` and
+    `show --plot` build a StageCost from it (a missing term was a TypeError traceback)."""
+    from dataclasses import fields
+
+    want = {f.name for f in fields(StageCost)}
+    if set(terms) - want or (want - {"profile"}) - set(terms):
+        return [f"stage_cost: keys {sorted(terms)} are not StageCost's terms {sorted(want)}"]
+    for k, v in terms.items():
+        if k == "profile":
+            if not isinstance(v, str):
+                return [f"stage_cost.profile: {v!r} is not a name"]
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0):
+            return [f"stage_cost.{k}: {v!r} is not a finite number >= 0"]
+    return []
+
+
 class LoRAPlan(Plan):
     kind: Literal["lora"] = "lora"
     source: str = Field(description="jobs file or preset the plan was made from")
-    capacity: int
-    stages: int
-    layers: int
+    capacity: int = Field(ge=1)
+    stages: int = Field(ge=1, le=1024)
+    layers: int = Field(ge=1)
     jobs: list[LoRAJob]
     lengths: list[int] = Field(description="tokens per sample id")
     groups: list[list[int]]
@@ -156,6 +181,16 @@ class LoRAPlan(Plan):
         and microbatch token counts that match ``lengths``, each microbatch within ``capacity``, one segment per
         job per microbatch, the dependency rule for ``stages``, and a summary that says so."""
         errors: list[str] = []
+        names = [j.name for j in self.jobs]
+        dup = next((x for x in names if names.count(x) > 1), None)
+        if dup is not None:  # two adapters would be saved to one OUT/<name>/ folder
+            errors.append(f"jobs: name {dup!r} used twice")
+        in_groups = sorted(j for g in self.groups for j in g)
+        if in_groups != list(range(len(self.jobs))):
+            errors.append(f"groups: {self.groups} must hold every job index 0..{len(self.jobs) - 1} exactly once")
+        errors += _stage_cost_errors(self.stage_cost)
+        if errors:
+            return errors
         n = len(self.lengths)
         expected = self.expected_batches()
         if sum(len(ids) for ids in expected.values()) != n:

@@ -260,7 +260,7 @@ def test_memory_given_in_gib_or_mib_is_refused(tmp_path):
         path.write_text(json.dumps(d))
         with pytest.raises(InputError) as e:
             load_profile(path)
-        assert str(e.value) == (f"{path}: device.memory_bytes: Value error, {v} is under 1 MiB: the field is in "
+        assert str(e.value) == (f"{path}: device.memory_bytes: {v} is under 1 MiB: the field is in "
                                 f"bytes (80 GiB = 85899345920)")
     d["device"]["memory_bytes"] = 2**20
     path.write_text(json.dumps(d))
