@@ -637,14 +637,14 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
 
     heur_plain = heur_warp = None
     if heuristic:
-        # refinement (a smaller I than the first found) on a share of what is left; the first schedule until
-        # the hard deadline, but in the warp problem the plain one (only a cap and hint there) gets a quarter of
-        # the time in all and the warp one's refinement half of what is left
+        # refinement (a smaller I than the first found) until the deadline at most (it ends far earlier on small
+        # graphs, leaving CP-SAT the rest); the first schedule until the hard deadline, but in the warp problem the
+        # plain one (only a cap and hint there) gets a quarter of the time in all
         heur_plain = heuristic_schedule(problem, warp=False, max_ii=max_ii,
-                                        time_limit=max(left(), 0.0) / (8 if warp else 4),
+                                        time_limit=max(left(), 0.0) / (8 if warp else 1),
                                         deadline=min(hard, t0 + params.time_limit / 4) if warp else hard)
         if warp:
-            heur_warp = heuristic_schedule(problem, warp=True, max_ii=max_ii, time_limit=max(left(), 0.0) / 2,
+            heur_warp = heuristic_schedule(problem, warp=True, max_ii=max_ii, time_limit=max(left(), 0.0),
                                            deadline=hard)
         # costs in a coarser unit (e.g. raw cycles, all multiples of 256): the problem in that unit solved
         # exactly is a far better start than the heuristic at large I (a third of what is left)

@@ -334,9 +334,9 @@ def test_dev_tools_bad_option_is_one_error_line(module, capsys):
 def test_one_deadline_bounds_the_whole_solve():
     """Every phase shares the deadline t0 + L; past it only finishing work runs (model.GRACE: the heuristic's search
     for a first schedule, compaction, validation), so solve() takes <= 1.2 L + 0.1 s plus one step of that work.
-    The 120-op random warp graph (seed 2) at L = 0.3 s took 2.1-3.5 s before, 2+ s of it CPU (the plain and the
-    warp heuristic each refined for a whole L and searched for a first schedule without any limit, trying I = 853
-    on three groupings; CP-SAT model building was not counted). Bound checked with room: 1.5 L + 0.5 s, on the
+    The 120-op random warp graph (seed 2) at L = 0.3 s took 1.55 s (idle machine) to 3.5 s (loaded) before, all
+    of it CPU (the plain and the warp heuristic each refined for a whole L and searched for a first schedule
+    without any limit, trying I = 853 on three groupings; CP-SAT model building was not counted). Bound checked with room: 1.5 L + 0.5 s, on the
     process's CPU time (single-threaded, so <= wall; unlike wall time it does not grow when other jobs hold the
     2 cores: at load 185 a 0.1 s solve got 0.02 s of CPU in 0.36 s) and on wall time with 4x more room. The
     outcome stays honest: a validated schedule, or an error saying the time limit ran out (never 'infeasible')."""
