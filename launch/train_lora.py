@@ -34,7 +34,8 @@ def _folder(text: str) -> Path:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgParser(prog="adasched.launch.train_lora", description=__doc__.split("\n\n")[0])
-    p.add_argument("--jobs", default="tiny", help="jobs file (JSON/YAML) or preset (tiny, mix, het); default tiny")
+    p.add_argument("--jobs", default=None, help="jobs file (JSON/YAML) or preset (tiny, mix, het); default tiny "
+                                                "(not with --plan)")
     p.add_argument("--plan", type=Path, default=None, help="execute this LoRA plan JSON instead of planning --jobs")
     p.add_argument("--out", type=_folder, required=True, help="output folder (plan.json, <job>/adapter_*, losses.json)")
     p.add_argument("--reference", action="store_true", help="torch reference multi-LoRA path instead of the fused kernels")
@@ -52,7 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="validate the options and the plan for --world pipeline stages, write nothing, exit (what "
                         "launch/train_lora.sh runs before torchrun, so bad input fails once, on one line)")
     p.add_argument("--world", type=int, default=None, help="with --check: the ranks torchrun will start")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.plan is not None and args.jobs is not None:  # --jobs was silently ignored
+        p.error("argument --jobs: not with --plan (the plan already holds its jobs)")
+    if args.jobs is None:
+        args.jobs = "tiny"
+    return args
 
 
 #: longest --time-limit per packing MILP (seconds)

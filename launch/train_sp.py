@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="only validate the plan against --world (or WORLD_SIZE) and exit")
     p.add_argument("--world", type=int, default=None, help="world size to validate against (--check-plan-only)")
     args = p.parse_args(argv)
+    if args.world is not None and not args.check_plan_only:  # torchrun's world is the run's; --world was ignored
+        raise InputError("--world", "only with --check-plan-only (under torchrun the world is torchrun's)")
     for name in ("steps", "max_len", "layers", "head_dim", "heads", "world"):
         val = getattr(args, name)
         if val is not None and val < 1:

@@ -98,6 +98,9 @@ def register(groups) -> None:
             raise InputError("--smoothing", f"must be a fraction in [0, 1), got {smoothing}")
         specs = list(schedules) if schedules else list(DEFAULT_SPECS)
         has_file = any(s.lower().endswith((".csv", ".json")) for s in specs)
+        if not has_file and (norm is not None or smoothing is not None):  # was silently ignored
+            raise InputError("--norm" if norm is not None else "--smoothing",
+                             "applies to a norms .csv or refined .json schedule, and none is given")
         n = steps if steps is not None else (None if has_file else 100)
         if n is not None and not 0 < n <= MAX_PLOT_STEPS:
             raise InputError("--steps", f"must be in [1, {MAX_PLOT_STEPS:,}], got {n}")

@@ -349,3 +349,19 @@ def test_profile_contents(key, value, where, needle, plans, tmp_path, capsys):
     p.write_text(json.dumps(d))
     err = _one_error(capsys, main(["show", str(p)]), f"{p}: {where}")
     assert needle in err and "<root>" not in err and "Value error" not in err
+
+
+# ---- conflicting options (one was silently ignored) -----------------------------------------------------------
+
+def test_conflicting_options(plans, tmp_path, capsys):
+    from adasched.launch import train_lora, train_sp
+
+    rc = _exit_code(train_lora.main, ["--check", "--world", "2", "--out", str(tmp_path / "r"),
+                                      "--plan", str(plans / "lora.json"), "--jobs", "mix"])
+    assert "not with --plan" in _one_error(capsys, rc, "argument --jobs")
+    rc = _exit_code(train_sp.main, ["--plan", str(plans / "sp.json"), "--world", "4"])
+    assert "only with --check-plan-only" in _one_error(capsys, rc, "--world")
+    for opt, value in (("--norm", "l1"), ("--smoothing", "0.2")):
+        rc = main(["schedules", "plot", "linear", "cosine", opt, value, "--out", str(tmp_path / "p.png")])
+        assert "none is given" in _one_error(capsys, rc, opt)
+    assert list(tmp_path.iterdir()) == []
