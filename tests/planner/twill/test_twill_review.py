@@ -167,11 +167,14 @@ def test_presolve_index_error_is_avoided_by_symmetry_level_0(monkeypatch):
         b = tm._solve_at(prob, ii, p, warp=True, encoding="time")
         assert (a.status, a.objective) == (b.status, b.objective), ii
         assert (a.status == "infeasible") == (ii < 7), (ii, a.status)
-    monkeypatch.setattr(tm, "PRESOLVE_FIX", {})
-    with pytest.raises(IndexError, match="raw_hash_map"):
-        tm._solve_at(prob, 5, p, warp=True, encoding="interval")
-    out = tm.solve_at(prob, 5, p, warp=True, encoding="interval")  # the known failure: retried one-hot
-    assert out.status == "infeasible"
+    import ortools
+
+    if ortools.__version__.startswith("9.15."):  # the pinned version (constraints.txt); a later one may fix it
+        monkeypatch.setattr(tm, "PRESOLVE_FIX", {})
+        with pytest.raises(IndexError, match="raw_hash_map"):
+            tm._solve_at(prob, 5, p, warp=True, encoding="interval")
+        out = tm.solve_at(prob, 5, p, warp=True, encoding="interval")  # the known failure: retried one-hot
+        assert out.status == "infeasible"
 
 
 def test_presolve_index_error_retry_gets_only_the_time_left(monkeypatch):
@@ -180,16 +183,17 @@ def test_presolve_index_error_retry_gets_only_the_time_left(monkeypatch):
     import time as _time
 
     tm = twill_model
-    real = tm._solve_at
-    crash = _presolve_crash_case()
+    ns: dict = {}
+    # the failure as OR-Tools 9.15 raises it (message, and the innermost frame: ``solve`` in its cp_model.py)
+    exec(compile("def solve():\n    raise IndexError('absl::container_internal::raw_hash_map<>::at')\n",
+                 "/site-packages/ortools/sat/python/cp_model.py", "exec"), ns)
     calls = []
 
     def fake(problem, ii, params, *, encoding="auto", **kw):
         calls.append((encoding, params.time_limit))
         if encoding != "time":
             _time.sleep(0.3)
-            monkeypatch.setattr(tm, "PRESOLVE_FIX", {})
-            real(crash, 5, params, warp=True, encoding="interval")  # raises CP-SAT's own IndexError
+            ns["solve"]()
         return tm.Attempt(ii=ii, warp=kw["warp"], status="timeout", seconds=0.0)
 
     monkeypatch.setattr(tm, "_solve_at", fake)
