@@ -88,6 +88,15 @@ def test_profile_refuses_before_measuring(args, where, needle, tmp_path, capsys,
     assert time.perf_counter() - t0 < 20 and not out.exists()
 
 
+def test_profile_nproc_under_torchrun_is_refused(tmp_path, capsys, monkeypatch, no_gpu):
+    """Under torchrun the world is torchrun's: --nproc was silently ignored."""
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(k, v)
+    rc = main(["profile", "--quick", "--nproc", "4", "--out", str(tmp_path / "p.json")])
+    assert "no effect under torchrun" in _one_error(capsys, rc, "--nproc")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_profile_unwritable_out_fails_before_measuring(unwritable, tmp_path, capsys, no_gpu):
     """--out in /proc measured for minutes, then failed on the write."""
     t0 = time.perf_counter()
