@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true",
                     help="only check the options, outside torchrun (what profile_collectives.sh runs first)")
     args = ap.parse_args(argv)
+    if args.name is not None and not args.name.strip():  # ClusterProfile refuses an empty name after the measuring
+        ap.error("argument --name: empty profile name")
     if args.check:
         from adasched.profiler.io import check_output_path, error_line
 

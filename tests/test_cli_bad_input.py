@@ -261,6 +261,8 @@ def test_profile_collectives_check_unwritable(unwritable, capsys):
 
     rc = profile_collectives.main(["--check", "--out", str(unwritable / "x" / "p.json")])
     assert "cannot write in" in _one_error(capsys, rc, "--out")
+    rc = _exit_code(profile_collectives.main, ["--check", "--out", "/tmp/p.json", "--name", ""])
+    assert "empty profile name" in _one_error(capsys, rc, "argument --name")
 
 
 def test_launcher_limits_are_documented_constants():
