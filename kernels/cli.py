@@ -23,7 +23,8 @@ def register(groups) -> None:
         from . import bench
 
         dev = bench.resolve_device(device)
-        groups_sel = [g.strip() for g in only.split(",") if g.strip()] if only else None
+        # once each, in the order given: `--only lora,lora` ran (and printed) the LoRA cases twice
+        groups_sel = list(dict.fromkeys(g.strip() for g in only.split(",") if g.strip())) if only else None
         if only is not None and not groups_sel:
             raise ValueError("--only: empty; use lora, moe or gemm")
         bench._modules(groups_sel)  # validates --only before any work

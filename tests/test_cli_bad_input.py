@@ -376,3 +376,16 @@ def test_conflicting_options(plans, tmp_path, capsys):
         rc = main(["schedules", "plot", "linear", "cosine", opt, value, "--out", str(tmp_path / "p.png")])
         assert "none is given" in _one_error(capsys, rc, opt)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_kernels_only_runs_each_group_once(monkeypatch, capsys):
+    """`--only lora,lora` ran (and printed) every LoRA case twice."""
+    from adasched.kernels import bench
+
+    seen = []
+    monkeypatch.setattr(bench, "prepare_device", lambda dev: None)
+    monkeypatch.setattr(bench, "environment", lambda dev: {"device_name": "cpu", "torch": "-", "triton": "-"})
+    monkeypatch.setattr(bench, "run_benchmarks", lambda groups, quick, device: seen.append(groups) or
+                        {"results": [], "skipped": []})
+    assert main(["bench", "kernels", "--only", "lora, lora,moe,lora", "--device", "cpu", "--json"]) == 0
+    assert seen == [["lora", "moe"]] and capsys.readouterr().err == ""
