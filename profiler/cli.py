@@ -23,7 +23,9 @@ def register(groups) -> None:
                                             help="Worker processes for the collective benchmarks when not under "
                                                  "torchrun (gloo on CPU; nccl, one per GPU, on a multi-GPU node); "
                                                  "a power of two; default 4 (2 with --quick) on CPU, the GPU "
-                                                 "count (rounded down to a power of two, at most 8) on GPUs."),
+                                                 "count (rounded down to a power of two, at most 8) on GPUs; on "
+                                                 "a CPU host at most 2 x its cores as a power of two (8 to 64). "
+                                                 "Not with --no-collectives, nor under torchrun."),
         no_collectives: bool = typer.Option(False, "--no-collectives", help="Skip the collective benchmarks."),
         name: Optional[str] = typer.Option(None, "--name", help="Profile name (default local-<hostname>)."),
         as_json: bool = typer.Option(False, "--json", help="Print the profile as JSON on stdout (nothing else)."),
