@@ -236,11 +236,16 @@ class ClusterProfile(_Strict):
         - reduce_scatter (buffer B): inside each node on G ranks (B -> B/G), then among the k nodes on B/G;
         - all_reduce (buffer B): intra reduce_scatter, inter all_reduce of B/G over k nodes, intra all_gather.
 
-        The inter-node steps run at the bus bandwidth (:func:`bus_factor`) and alpha of one inter-node fit: of
-        the fits with the largest inter-node group (every GPU of every node through its NIC at once, as in the
-        k-rank steps above), the one with the lowest bus bandwidth (conservative; any op: an alpha-beta fit's
-        bus bandwidth is its link's). No inter-node fit, a group that is not whole nodes, or an op without a
-        decomposition: InputError."""
+        The G concurrent k-rank steps (one per local index) share the node's inter-node links, so each runs at
+        one GPU's share of them, taken with the alpha of one inter-node fit: of the fits with the largest
+        inter-node group, the one whose share is lowest (conservative). A fit's bus bandwidth (:func:`bus_factor`)
+        is not that share for every op: a flat ring collective (all_reduce, all_gather, reduce_scatter,
+        broadcast) on node-packed ranks leaves each node once per ring, so its bus bandwidth is the node's
+        aggregate (nccl-tests' inter-node busbw is compared with all NICs of a node): share = busbw / G; an
+        all_to_all's bus bandwidth is per rank, (n-G)/(n-1) of it leaving the node: share = busbw (n-G)/(n-1).
+        (Charging the k-rank steps the flat fit's whole busbw made RS + AG of a buffer over a profile's
+        all_reduce-fitted world ~G times faster than that fit's all-reduce of it, the same node traffic.) No
+        inter-node fit, a group that is not whole nodes, or an op without a decomposition: InputError."""
         sizes = self.group_sizes(op)
         if sizes and sizes[-1] >= group_size:
             return self.collective(op, group_size)
@@ -257,9 +262,18 @@ class ClusterProfile(_Strict):
         if not inter:
             raise InputError(where, f"has {have} and no inter-node fit: a {group_size}-rank {op} ({k} nodes) "
                                     "cannot be estimated (profile the collectives on more than one node)")
+
+        def share_GBps(c: CollectiveFit) -> float:
+            """One GPU's share (GB/s) of its node's inter-node bandwidth in fit c (docstring above)."""
+            n, g = c.group_size, min(G, c.group_size)
+            if c.op == "all_to_all":
+                return c.bus_bandwidth_GBps * max(n - g, 1) / max(n - 1, 1)
+            return c.bus_bandwidth_GBps / g
+
         top = max(c.group_size for c in inter)
-        link = min((c for c in inter if c.group_size == top), key=lambda c: (c.bus_bandwidth_GBps, c.op))
-        per_ms = link.bus_bandwidth_GBps * 1e6  # bytes per ms
+        link = min((c for c in inter if c.group_size == top), key=lambda c: (share_GBps(c), c.op))
+        share = share_GBps(link)
+        per_ms = share * 1e6  # bytes per ms
         if op == "all_gather":
             intra = [self.collective("all_gather", G)]
             beta = bus_factor("all_gather", k) / per_ms + intra[0].beta_ms_per_byte * k
@@ -275,8 +289,9 @@ class ClusterProfile(_Strict):
             op=op, group_size=group_size, scope="inter", alpha_ms=link.alpha_ms + sum(c.alpha_ms for c in intra),
             beta_ms_per_byte=beta, fit_rel_error=0.0,
             source=f"two-level estimate for {k} nodes x {G}: intra-node {parts}, inter-node at the "
-                   f"{link.op} fit on {link.group_size} ranks ({link.bus_bandwidth_GBps:.3g} GB/s bus bandwidth, "
-                   f"alpha {link.alpha_ms:g} ms: the slowest of the largest inter-node fits; {link.source})")
+                   f"{link.op} fit on {link.group_size} ranks ({share:.3g} GB/s per GPU of its "
+                   f"{link.bus_bandwidth_GBps:.3g} GB/s bus bandwidth, alpha {link.alpha_ms:g} ms: the slowest of the "
+                   f"largest inter-node fits; {link.source})")
 
     def collective_time_ms(self, op: CollectiveOp, group_size: int, nbytes: float, *,
                            across_nodes: bool = False) -> float:
