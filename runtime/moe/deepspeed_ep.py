@@ -35,7 +35,11 @@ Use::
 The engine then reduces every gradient itself: do not give the layers a ``GradSliceReducer`` nor use an
 ``ExpertGradReducer`` (ValueError for a layer with a reducer). The data-parallel group must be the world (DeepSpeed
 averages the dense gradients over its data-parallel group, the world when no ``mpu`` is given). ZeRO stages 0, 1
-and 2 are tested (``tests/runtime/moe/test_deepspeed_ep.py``); ZeRO-3 refuses DeepSpeed's native MoE layers, as which
+and 2 are tested (``tests/runtime/moe/test_deepspeed_ep.py``, fp32), also with frozen parameters and with the config's
+``gradient_clipping``: ZeRO-1/2 clip by the global norm (each expert once: ``engine.get_global_grad_norm()`` equals
+the float64 reference's); ZeRO-0 clips with DeepSpeed's ``clip_grad_norm_``, by the mean over the ranks of each
+rank's local norm (dense + its own experts), not the global norm (``get_global_grad_norm()`` is None there): use
+ZeRO-1/2 when clipping must match a single-process run. ZeRO-3 refuses DeepSpeed's native MoE layers, as which
 ours are marked (AssertionError "Native DeepSpeed MoE is not supported with ZeRO Stage 3"). DeepSpeed checkpoints are
 not supported: ``engine.save_checkpoint`` writes per-expert files only for its own ``MoE`` layers' expert parameters
 (none here; its model file, from data-parallel rank 0, holds rank 0's shard), and ``engine.load_checkpoint`` then
@@ -141,7 +145,9 @@ def prepare_for_deepspeed(model: nn.Module, param_groups=None) -> list[dict]:
     Collective (every rank calls it, before ``deepspeed.initialize``; it creates one-rank groups when the experts
     have no copies). ``param_groups``: None (one group of every parameter) or torch optimizer param groups (a list of
     dicts with ``"params"`` and their options, or of parameters); each is split into its dense parameters and one
-    ``{"moe": True, "name": "ep_size_<P>"}`` group per EP size, options kept. Idempotent. ValueError naming the
+    ``{"moe": True, "name": "ep_size_<P>"}`` group per EP size, options kept; a group without a trainable
+    parameter is left out, and a layer whose expert shards are all frozen is not marked as MoE (ZeRO-1/2 fail on an
+    empty group, and on MoE layers without an MoE group). Idempotent. ValueError naming the
     problem when a layer has a dense-gradient ``reducer`` (the engine reduces), the data-parallel group is not the
     world, or two layers' EP groups of one size hold different ranks. A model without expert-parallel layers gets
     its groups back as they are (each given a ``"name"``; one group without ``param_groups``), nothing registered.
@@ -176,8 +182,12 @@ def prepare_for_deepspeed(model: nn.Module, param_groups=None) -> list[dict]:
     for m in layers:
         name = deepspeed_group_name(m.ep)
         m.w1.group_name = m.w2.group_name = name
-        if not isinstance(getattr(m, "deepspeed_moe", None), Marker):
-            m.deepspeed_moe = Marker(m.ep.num_experts, m.ep.size)
+        marked = isinstance(getattr(m, "deepspeed_moe", None), Marker)
+        if m.w1.requires_grad or m.w2.requires_grad:
+            if not marked:
+                m.deepspeed_moe = Marker(m.ep.num_experts, m.ep.size)
+        elif marked:            # frozen experts: no MoE group for them, so no marker (ZeRO asserts it has one)
+            del m.deepspeed_moe
     return _split_groups(model, param_groups)
 
 
@@ -204,4 +214,6 @@ def _split_groups(model: nn.Module, param_groups) -> list[dict]:
         dense_out.append({**options, "params": dense, "name": options.get("name", f"dense-{i}")})
         for name, ps in sorted(by_name.items()):
             moe_out.append({**options, "params": ps, "name": name, "moe": True})
-    return [g for g in dense_out if g["params"]] + moe_out
+    # a group without a trainable parameter is left out: ZeRO-1/2 drop frozen parameters and then fail on an empty
+    # group (IndexError in Stage1And2ZeroOptimizer), e.g. the dense group when only the experts train
+    return [g for g in dense_out + moe_out if any(p.requires_grad for p in g["params"])]

@@ -11,6 +11,12 @@
   on its ranks after each step (``replica_divergence`` == 0.0);
 - ZeRO-2 with 2 accumulated micro-batches per step and the optimizer from DeepSpeed's config (built on the returned
   param groups): the same checks against the mean of all micro-batch losses;
+- the config's ``gradient_clipping`` (0.2, below the norm): under ZeRO-1/2 ``engine.get_global_grad_norm()`` equals
+  the float64 norm over every unique parameter (each expert once) and the clipped step the reference's; under
+  ZeRO-0 DeepSpeed clips by the mean of the ranks' local norms (asserted to differ from the global norm), which the
+  reference then uses;
+- frozen experts (ZeRO-2) and frozen dense parameters (ZeRO-1): before, the all-frozen group prepare_for_deepspeed
+  returned made ZeRO fail (IndexError in Stage1And2ZeroOptimizer); frozen weights do not move;
 - DeepSpeed's registry then holds exactly our groups (the same objects: DeepSpeed made none of its own);
 - ZeRO-3 refuses the marked layers (AssertionError); engine.load_checkpoint of a saved engine fails (no expert
   files: DeepSpeed checkpoints are not supported); the ValueErrors of prepare_for_deepspeed;
@@ -34,10 +40,11 @@ from adasched.runtime.moe.lm import lm_loss
 STEPS = 2
 
 
-def _config(stage: int, micro: int = 1, ds_optimizer: bool = False) -> dict:
+def _config(stage: int, micro: int = 1, ds_optimizer: bool = False, clip: float = 0.0) -> dict:
     B = _data()[0][0].shape[0]
     cfg = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": micro,
-           "train_batch_size": B * micro * WORLD, "steps_per_print": 10 ** 9, "zero_allow_untested_optimizer": True}
+           "train_batch_size": B * micro * WORLD, "steps_per_print": 10 ** 9, "zero_allow_untested_optimizer": True,
+           "gradient_clipping": clip}
     if stage:
         cfg["zero_optimization"] = {"stage": stage}
     if ds_optimizer:                                    # DeepSpeed builds torch.optim.SGD on the given param groups
@@ -58,28 +65,45 @@ def _untagged_case(ep):
     raise AssertionError("deepspeed.initialize of an untagged EP model did not fail")
 
 
-def _shard(ref_grad, model, name):
-    off = model.blocks[int(name.split(".")[1])].moe.expert_offset
-    return ref_grad[off:off + model.blocks[0].moe.w1.shape[0]]
+def _shard(ref_grad, model, name, ep_rank=None):
+    """This rank's (or EP rank ``ep_rank``'s) shard of a full expert tensor of the reference."""
+    n = model.blocks[0].moe.w1.shape[0]
+    off = model.blocks[int(name.split(".")[1])].moe.expert_offset if ep_rank is None else ep_rank * n
+    return ref_grad[off:off + n]
 
 
-def _train_case(rank, ep, stage, steps=STEPS, seed=3, micro=1, ds_optimizer=False):
+def _clip_coef(clip, norm):
+    """DeepSpeed's clipping factor for a gradient norm (torch's clip_grad_norm_ form, eps 1e-6)."""
+    return min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
+
+
+def _train_case(rank, ep, stage, steps=STEPS, seed=3, micro=1, ds_optimizer=False, clip=0.0, freeze=None):
     """``steps`` DeepSpeed steps at ZeRO ``stage`` against the float64 reference (SGD on both), each step of ``micro``
     accumulated micro-batches; ``ds_optimizer``: the optimizer from DeepSpeed's config on the returned param groups
-    (else a torch SGD made here). Returns the max abs (gradient, weight) errors."""
+    (else a torch SGD made here). ``clip``: the config's gradient_clipping, the reference clipped by the float64 norm
+    over every unique parameter (each expert once) - under ZeRO-1/2 also ``engine.get_global_grad_norm()``; under
+    ZeRO-0 (fp32) DeepSpeed clips by the mean over the ranks of each rank's local norm (dense + its own expert
+    shards; ``get_global_grad_norm()`` None), which the reference then uses. ``freeze``: a name predicate frozen in
+    both models (frozen weights must not move). Returns the max abs (gradient, weight) errors."""
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
     model, ref = _models(ep, _routers(), seed=seed)
+    for m in (model, ref):
+        for name, p in m.named_parameters():
+            p.requires_grad_(not (freeze and freeze(name)))
     groups = prepare_for_deepspeed(model)
     names = {g["name"] for g in groups if g.get("moe")}
-    assert names == {f"ep_size_{ep.size}"}, names
+    experts_train = any(p.requires_grad for _, p, k in named_parameters_by_kind(model) if k == "expert")
+    assert names == ({f"ep_size_{ep.size}"} if experts_train else set()), names
+    assert all(any(p.requires_grad for p in g["params"]) for g in groups)
     opt = None if ds_optimizer else torch.optim.SGD(groups, lr=LR)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, model_parameters=groups,
-                                           config=_config(stage, micro, ds_optimizer))
-    assert engine.has_moe_layers and engine.zero_optimization_stage() == stage
+                                           config=_config(stage, micro, ds_optimizer, clip))
+    assert engine.has_moe_layers == experts_train and engine.zero_optimization_stage() == stage
     ref_params = dict(ref.named_parameters())
-    params = list(named_parameters_by_kind(model))
+    params = [(n, p, k) for n, p, k in named_parameters_by_kind(model) if p.requires_grad]
+    frozen = [(n, p.detach().clone()) for n, p in model.named_parameters() if not p.requires_grad]
     B = _data()[0][0].shape[0]
     grad_err = param_err = 0.0
     for step in range(steps):
@@ -102,9 +126,30 @@ def _train_case(rank, ep, stage, steps=STEPS, seed=3, micro=1, ds_optimizer=Fals
             want = _shard(want, model, name) if kind == "expert" else want
             grad_err = max(grad_err, _close(got, want, f"stage {stage} step {step}: {kind} {name} grad"))
         engine.step()
+        coef = 1.0
+        if clip:
+            norm2 = {n: float((p.grad ** 2).sum()) for n, p in ref_params.items() if p.grad is not None}
+            ref_norm = sum(norm2.values()) ** 0.5
+            coef = _clip_coef(clip, ref_norm)
+            assert coef < 0.9, coef                     # the clip acts
+            if stage:
+                got_norm = engine.get_global_grad_norm()
+                assert abs(float(got_norm) - ref_norm) <= 1e-5 * ref_norm, (stage, float(got_norm), ref_norm)
+            else:                                       # DeepSpeed's clip_grad_norm_: mean of per-rank local norms
+                assert engine.get_global_grad_norm() is None
+                kinds = {n: k for n, _, k in named_parameters_by_kind(model)}
+                dense = sum(v for n, v in norm2.items() if kinds[n] == "dense")
+                local = [(dense + sum(float((_shard(ref_params[n].grad, model, n, ep_rank=r) ** 2).sum())
+                                      for n in norm2 if kinds[n] == "expert")) ** 0.5 for r in range(ep.size)]
+                mean = sum(local) / len(local)
+                assert abs(mean - ref_norm) > 1e-4 * ref_norm     # not the global norm
+                coef = _clip_coef(clip, mean)
         with torch.no_grad():
             for p in ref.parameters():
-                p -= LR * p.grad
+                if p.grad is not None:
+                    p -= LR * coef * p.grad
+        for name, p0 in frozen:
+            assert torch.equal(dict(model.named_parameters())[name].detach(), p0), f"frozen {name} moved"
         for name, p, kind in params:
             want = ref_params[name].detach()
             want = _shard(want, model, name) if kind == "expert" else want
@@ -199,8 +244,14 @@ def _worker(rank, world, ckpt_dir):
     _errors_case(ep)
     _param_groups_case(ep)
     errs, secs = {}, {}
+    experts = lambda n: n.endswith(("w1", "w2"))       # noqa: E731
     for key, args, kw in ((0, (ep, 0), {}), (1, (ep, 1), {}), (2, (ep, 2), {}),
-                          ("zero2-accumulate", (ep, 2), {"steps": 1, "seed": 7, "micro": 2, "ds_optimizer": True})):
+                          ("zero2-accumulate", (ep, 2), {"steps": 1, "seed": 7, "micro": 2, "ds_optimizer": True}),
+                          ("zero0-clip", (ep, 0), {"steps": 1, "clip": 0.2}),
+                          ("zero1-clip", (ep, 1), {"steps": 1, "clip": 0.2}),
+                          ("zero2-clip", (ep, 2), {"steps": 1, "clip": 0.2}),
+                          ("zero2-frozen-experts", (ep, 2), {"steps": 1, "freeze": experts}),
+                          ("zero1-frozen-dense", (ep, 1), {"steps": 1, "freeze": lambda n: not experts(n)})):
         t0 = time.perf_counter()
         errs[key] = _train_case(rank, *args, **kw)
         secs[key] = round(time.perf_counter() - t0, 1)
@@ -223,7 +274,8 @@ def test_deepspeed_engine_ep2_of_4_zero_0_1_2(monkeypatch, tmp_path):
     for r in out:                                       # every element was compared inside the workers
         assert "group_name" in r["untagged"]
         assert "not supported with ZeRO Stage 3" in r["stage3"]
-        assert set(r["errs"]) == {0, 1, 2, "zero2-accumulate", "ep4"}
+        assert set(r["errs"]) == {0, 1, 2, "zero2-accumulate", "zero0-clip", "zero1-clip", "zero2-clip",
+                                  "zero2-frozen-experts", "zero1-frozen-dense", "ep4"}
     print("untagged deepspeed.initialize:", out[0]["untagged"])
     print("max abs (grad, weight) error vs float64 per case:", out[0]["errs"], "seconds per case (rank 0):",
           out[0]["secs"])
