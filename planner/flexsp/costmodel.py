@@ -186,8 +186,8 @@ def _zero3(profile: ClusterProfile, model: ModelShape, world: int) -> tuple[floa
     passes in): all_gather the rank's shard 2 * P / world bytes, reduce_scatter the whole unreduced gradient 2 * P
     bytes. A fit covering ``world`` ranks is used as it is; a larger group (e.g. 64 ranks on the h100-sxm profile,
     whose all_gather/reduce_scatter are fitted on one 8-GPU node) gets the profile's two-level estimate
-    (:meth:`ClusterProfile.collective_two_level`: intra-node fit + inter-node part at the bus bandwidth of the
-    slowest largest inter-node fit), named in the note; an error if the profile has nothing inter-node. 0 (and
+    (:meth:`ClusterProfile.collective_two_level`: intra-node fit + inter-node part at one GPU's share of the
+    inter-node bandwidth of the slowest largest inter-node fit), named in the note; an error if the profile has nothing inter-node. 0 (and
     no note) if the profile has no such fits."""
     total, notes = 0.0, []
     for op, times, nbytes in (("all_gather", 2, 2.0 * model.params / world), ("reduce_scatter", 1, 2.0 * model.params)):

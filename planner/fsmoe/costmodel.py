@@ -21,7 +21,8 @@ Two sources for alpha/beta:
 
 Expert gradients: with EP over every GPU each expert exists once and needs no all-reduce. With EP size K inside a
 data-parallel world of D GPUs (``topology(..., ep_size=K)``) each expert has D/K copies whose gradients are
-all-reduced over them (:func:`expert_grad_allreduce_ms`, charged once per iteration after the backward).
+all-reduced over them (:func:`expert_grad_allreduce_ms`, charged once per iteration after the backward; across
+nodes priced by the inter-node bytes all of a node's groups move together).
 """
 from __future__ import annotations
 
@@ -294,26 +295,37 @@ def expert_params_per_gpu(cfg: MoEConfig, topo: Topology) -> float:
 
 def expert_grad_allreduce_ms(cfg: MoEConfig, topo: Topology, *, source: Literal["published", "profile"],
                              profile: ClusterProfile | None = None) -> tuple[float, str]:
-    """(ms, note) of the all-reduce of one GPU's expert gradients (bf16, :func:`expert_params_per_gpu`) over the
-    ``topo.expert_copies`` copies of its experts; (0, "") with one copy. Published constants: FSMoE's stage-4
-    gradient all-reduce alpha/beta per element. Profile: the all_reduce fit on that many ranks, inter-node
-    fits only when the world spans several nodes (the copies sit ranks K apart, on different nodes)."""
+    """(ms, note) of the all-reduce of the expert gradients (bf16, one GPU's share :func:`expert_params_per_gpu`,
+    X bytes) over the ``topo.expert_copies`` copies of each expert; (0, "") with one copy.
+
+    Every GPU reduces its own X at the same time. Inside one node (world <= gpus_per_node): the all_reduce of X
+    on that many ranks (NVLink: concurrent groups do not share a GPU's links). Across nodes the copies sit K ranks
+    apart and a node's GPUs belong to c = min(K, G) different expert-data-parallel groups (G = gpus_per_node; all G
+    for a node-sharded layout), all crossing the node's inter-node links together: c rings of X each leave the
+    node 2 (n-1)/n X, as one all-reduce of c X over all D GPUs does (2 (D-1)/D c X), so that is the price: the
+    all_reduce on D ranks (:meth:`ClusterProfile.collective_two_level` beyond the fits) of c X bytes, or FSMoE's
+    stage-4 constants (a data-parallel all-reduce of its testbed, per element) for c X / 2 elements. (The flat
+    fit on D/K ranks for X alone charged a node's inter-node traffic ~c times too little: EP 8 of 64 cost 1/8 of
+    EP 1, whose all-reduce moves the same bytes through each node.)"""
     copies = topo.expert_copies
     if copies <= 1:
         return 0.0, ""
     elements = expert_params_per_gpu(cfg, topo)
+    across = topo.gpus > topo.gpus_per_node
+    conc = (topo.gpus_per_node if topo.hierarchical else min(topo.ep_size, topo.gpus_per_node)) if across else 1
+    what = (f"expert-gradient all-reduce over {copies} copies"
+            + (f" ({conc} groups per node at once: one all-reduce of {conc} shards over {topo.gpus} GPUs)"
+               if across else ""))
     if source == "published":
         from adasched.profiler.builtins import FSMOE_ALPHA_MS, FSMOE_BETA_MS
 
-        return FSMOE_ALPHA_MS[4] + FSMOE_BETA_MS[4] * elements, (
-            f"expert-gradient all-reduce over {copies} copies: published stage-4 constants")
+        return FSMOE_ALPHA_MS[4] + FSMOE_BETA_MS[4] * conc * elements, f"{what}: published stage-4 constants"
     if profile is None:
         raise ValueError("expert_grad_allreduce_ms(source='profile') needs a profile")
-    across = topo.gpus > topo.gpus_per_node
-    fit = profile.collective("all_reduce", copies, across_nodes=across)
-    return fit.time_ms(elements * ELEMENT_BYTES), (
-        f"expert-gradient all-reduce over {copies} copies: {'inter-node ' if across else ''}all_reduce fit on "
-        f"{fit.group_size} ranks ({fit.source})")
+    fit = (profile.collective_two_level("all_reduce", topo.gpus) if across
+           else profile.collective("all_reduce", copies))
+    return fit.time_ms(conc * elements * ELEMENT_BYTES), (
+        f"{what}: all_reduce on {fit.group_size} ranks ({fit.source})")
 
 
 def clamp_r_candidates(max_r: int = 16) -> list[int]:

@@ -54,24 +54,48 @@ def test_expert_gradient_allreduce_over_the_copies():
     topo = topology(cfg, 64, 8, ep_size=8)
     # one expert per GPU (8 experts / EP 8) of 3 * 4096 * 14336 = 176,160,768 params, 32 layers: 5,637,144,576
     assert expert_params_per_gpu(cfg, topo) == 5_637_144_576
-    # over its 8 copies (ranks 8 apart: inter-node fits only): 0.341 + 1.75e-6 * 2 * 5,637,144,576 = 19730.347 ms
+    # over its 8 copies (ranks 8 apart, one per node), while the node's 7 other GPUs reduce theirs over the same
+    # links: 8 shards leave each node, priced as one all-reduce of 8 shards over the 64 GPUs:
+    # 0.341 + 1.75e-6 * 8 * 2 * 5,637,144,576 = 157840.389 ms
     ms, note = expert_grad_allreduce_ms(cfg, topo, source="profile", profile=prof)
-    assert ms == pytest.approx(19730.347016, rel=1e-9) and "over 8 copies" in note
+    assert ms == pytest.approx(157840.389128, rel=1e-9) and "over 8 copies" in note
     pc = plan_config(cfg, 64, prof, stages="profile", params=SolveParams(time_limit=1.0), ep_size=8)
-    assert pc.expert_grad_allreduce_ms == pytest.approx(19730.347016, rel=1e-9)
+    ms = 157840.389128
+    assert pc.expert_grad_allreduce_ms == pytest.approx(ms, rel=1e-9)
     # charged once per iteration, after the backward, in the plan's iteration and in its baselines'
     moe = sum(lp.fwd_ms + lp.bwd_ms for lp in pc.layers)
     f, b = dense_block_ms(cfg, prof)
-    assert pc.iteration_ms == pytest.approx(moe + 32 * (f + b) + pc.grad_exposed_ms + 19730.347016, rel=1e-12)
+    assert pc.iteration_ms == pytest.approx(moe + 32 * (f + b) + pc.grad_exposed_ms + ms, rel=1e-12)
     assert pc.iteration_baselines_ms["no-pipeline"] == pytest.approx(
-        32 * pc.baselines_fwd_bwd_ms["no-pipeline"] + 32 * (f + b) + pc.grad_exposed_at_end_ms + 19730.347016,
-        rel=1e-12)
+        32 * pc.baselines_fwd_bwd_ms["no-pipeline"] + 32 * (f + b) + pc.grad_exposed_at_end_ms + ms, rel=1e-12)
     # EP over every GPU (default layout on 64 GPUs with E = 64): one copy, nothing charged
     flat = load_configs("fine-grained", 64)[0]
     assert topology(flat, 64, 8).expert_copies == 1
     assert expert_grad_allreduce_ms(flat, topology(flat, 64, 8), source="profile", profile=prof) == (0.0, "")
     # the default Mixtral layout on 64 GPUs (EP over the 8 nodes, experts sharded in a node): one copy as well
     assert topology(cfg, 64, 8).expert_copies == 1
+
+
+@pytest.mark.parametrize("source", ["profile", "published"])
+def test_expert_gradient_allreduce_prices_a_nodes_inter_node_bytes(source):
+    """Mixtral (8 experts) on 64 GPUs = 8 nodes x 8. EP 1: every GPU holds all 8 experts (8 X) and all-reduces them
+    over 64 copies: 2 * 63/64 * 8 X leave each node. EP 8: every GPU holds one expert (X), 8 copies one per node,
+    and the node's 8 GPUs reduce 8 different experts at once: 8 * 2 * 7/8 * X leave each node - about the same
+    bytes through the same links, so about the same time (here equal: both are one 64-rank all-reduce of 8 X).
+    Before, EP 8 was charged the fit for X alone, 1/8 of EP 1 (19,730 vs 157,840 ms on the profile)."""
+    prof = load_profile("h100-sxm")
+    cfg = load_configs("mixtral-8x7b", 64)[0]
+    t1, t8 = topology(cfg, 64, 8, ep_size=1), topology(cfg, 64, 8, ep_size=8)
+    assert expert_params_per_gpu(cfg, t1) == 8 * expert_params_per_gpu(cfg, t8)
+    ep1 = expert_grad_allreduce_ms(cfg, t1, source=source, profile=prof)[0]
+    ep8 = expert_grad_allreduce_ms(cfg, t8, source=source, profile=prof)[0]
+    assert 0.8 < ep8 / ep1 < 1.25, (ep1, ep8)
+    # one node (8 GPUs, EP 2: 4 experts a GPU, 4 copies on NVLink): the all_reduce of X alone on 4 ranks
+    # (h100-sxm's only all_reduce fit, 64 ranks, is the next larger one): 0.341 + 1.75e-6 * 2 B * 4 * 176,160,768 * 32
+    one = topology(cfg, 8, 8, ep_size=2)
+    if source == "profile":
+        assert expert_grad_allreduce_ms(cfg, one, source=source, profile=prof)[0] == pytest.approx(
+            0.341 + 1.75e-6 * 2 * 4 * 176_160_768 * 32, rel=1e-12)
 
 
 def test_dense_allreduce_beyond_every_fit_is_the_two_level_estimate():
