@@ -226,7 +226,8 @@ class ClusterProfile(_Strict):
             f"asked for {group_size}",
         )
 
-    def collective_two_level(self, op: CollectiveOp, group_size: int) -> CollectiveFit:
+    def collective_two_level(self, op: CollectiveOp, group_size: int, *,
+                             link_op: CollectiveOp | None = None) -> CollectiveFit:
         """:meth:`collective` when a fit of `op` covers `group_size`; for a larger node-packed group of k >= 2
         whole nodes (G = gpus_per_node ranks each) a two-level estimate, returned as a CollectiveFit whose
         `source` starts with "two-level estimate" (time still alpha + beta * bytes, bytes as CollectiveFit counts):
@@ -243,6 +244,8 @@ class ClusterProfile(_Strict):
         broadcast) on node-packed ranks leaves each node once per ring, so its bus bandwidth is the node's
         aggregate (nccl-tests' inter-node busbw is compared with all NICs of a node): share = busbw / G; an
         all_to_all's bus bandwidth is per rank, (n-G)/(n-1) of it leaving the node: share = busbw (n-G)/(n-1).
+        ``link_op`` names the op whose largest inter-node fit is the link instead (a cost model that already
+        charges its other traffic at that fit's network; the rule above if the profile has no such fit).
         (Charging the k-rank steps the flat fit's whole busbw made RS + AG of a buffer over a profile's
         all_reduce-fitted world ~G times faster than that fit's all-reduce of it, the same node traffic.) No
         inter-node fit, a group that is not whole nodes, or an op without a decomposition: InputError."""
@@ -270,8 +273,12 @@ class ClusterProfile(_Strict):
                 return c.bus_bandwidth_GBps * max(n - g, 1) / max(n - 1, 1)
             return c.bus_bandwidth_GBps / g
 
-        top = max(c.group_size for c in inter)
-        link = min((c for c in inter if c.group_size == top), key=lambda c: (share_GBps(c), c.op))
+        chosen = [c for c in inter if c.op == link_op]
+        rule = (f"the largest inter-node {link_op} fit, as asked" if chosen
+                else "the slowest of the largest inter-node fits")
+        pool = chosen or inter
+        top = max(c.group_size for c in pool)
+        link = min((c for c in pool if c.group_size == top), key=lambda c: (share_GBps(c), c.op))
         share = share_GBps(link)
         per_ms = share * 1e6  # bytes per ms
         if op == "all_gather":
@@ -290,8 +297,8 @@ class ClusterProfile(_Strict):
             beta_ms_per_byte=beta, fit_rel_error=0.0,
             source=f"two-level estimate for {k} nodes x {G}: intra-node {parts}, inter-node at the "
                    f"{link.op} fit on {link.group_size} ranks ({share:.3g} GB/s per GPU of its "
-                   f"{link.bus_bandwidth_GBps:.3g} GB/s bus bandwidth, alpha {link.alpha_ms:g} ms: the slowest of the "
-                   f"largest inter-node fits; {link.source})")
+                   f"{link.bus_bandwidth_GBps:.3g} GB/s bus bandwidth, alpha {link.alpha_ms:g} ms: {rule}; "
+                   f"{link.source})")
 
     def collective_time_ms(self, op: CollectiveOp, group_size: int, nbytes: float, *,
                            across_nodes: bool = False) -> float:

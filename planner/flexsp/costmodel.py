@@ -187,13 +187,15 @@ def _zero3(profile: ClusterProfile, model: ModelShape, world: int) -> tuple[floa
     bytes. A fit covering ``world`` ranks is used as it is; a larger group (e.g. 64 ranks on the h100-sxm profile,
     whose all_gather/reduce_scatter are fitted on one 8-GPU node) gets the profile's two-level estimate
     (:meth:`ClusterProfile.collective_two_level`: intra-node fit + inter-node part at one GPU's share of the
-    inter-node bandwidth of the slowest largest inter-node fit), named in the note; an error if the profile has nothing inter-node. 0 (and
-    no note) if the profile has no such fits."""
+    inter-node bandwidth of the largest inter-node all_to_all fit - the network this cost model already charges
+    the SP all-to-alls at; h100-sxm borrows FlexSP's A100 all-to-all and FSMoE's ~30x slower all-reduce testbed,
+    and pricing ZeRO-3 on the other cluster's link made it 12x the SP traffic's network), named in the note; an
+    error if the profile has nothing inter-node. 0 (and no note) if the profile has no such fits."""
     total, notes = 0.0, []
     for op, times, nbytes in (("all_gather", 2, 2.0 * model.params / world), ("reduce_scatter", 1, 2.0 * model.params)):
         if not profile.group_sizes(op) or world <= 1:
             continue
-        fit = profile.collective_two_level(op, world)
+        fit = profile.collective_two_level(op, world, link_op="all_to_all")
         total += times * fit.time_ms(nbytes)
         if fit.source.startswith("two-level estimate"):
             notes.append(f"ZeRO-3 {op} on {world} ranks: {fit.source}")

@@ -2,7 +2,7 @@
 
 Before: FlexSP's ZeRO-3 term took the largest fit when none covered the world, so on h100-sxm (all_gather and
 reduce_scatter fitted on one 8-GPU node) a 64-GPU ZeRO group was charged the intra-node figure (702 ms per
-micro-batch for gpt-7b instead of the 5,600 ms below), and the cost model did not say so. Expected values are
+micro-batch for gpt-7b instead of the 2,721 ms below), and the cost model did not say so. Expected values are
 worked out by hand in the comments (message conventions of CollectiveFit: all_gather = the rank's shard,
 reduce_scatter / all_reduce = the whole buffer; bus bandwidth as nccl-tests defines it). The k-rank inter-node
 steps run at one GPU's share of its node's inter-node bandwidth: a flat ring fit's busbw / G (its busbw is the
@@ -62,6 +62,19 @@ def test_two_level_uses_the_slowest_of_the_largest_inter_fits():
     assert "all_to_all fit on 16 ranks" in ag.source
 
 
+def test_two_level_link_op_picks_that_ops_largest_inter_fit():
+    # with the all_reduce fit present, link_op="all_to_all" takes the 16-rank all_to_all (1.5 GB/s per GPU), not
+    # the slower all_reduce (0.3125) nor the faster 8-rank all_to_all: 6e6 / 1.5e6 = 4.0 ms + intra 8.01
+    p = _profile()
+    ag = p.collective_two_level("all_gather", 16, link_op="all_to_all")
+    assert ag.time_ms(2e6) == pytest.approx(4.0 + 8.01, rel=1e-12)
+    assert "all_to_all fit on 16 ranks" in ag.source and "as asked" in ag.source
+    # an op without an inter-node fit: the default rule (the slowest of the largest), said in the source
+    ag = p.collective_two_level("all_gather", 16, link_op="broadcast")
+    assert ag.time_ms(2e6) == pytest.approx(19.2 + 0.3 + 8.01, rel=1e-12)
+    assert "the slowest of the largest inter-node fits" in ag.source
+
+
 def test_two_level_errors_are_clear():
     p = _profile(drop={("all_to_all", 8), ("all_to_all", 16), ("all_reduce", 16)})
     with pytest.raises(InputError, match="no inter-node fit"):
@@ -76,22 +89,28 @@ def test_two_level_errors_are_clear():
 
 def test_flexsp_zero3_on_64_h100_gpus_is_the_two_level_estimate():
     """gpt-7b: P = 12*32*4096^2 + 2*32000*4096 = 6,704,594,944; bf16 shard s = 2P/64 = 209,518,592 B, gradient
-    B = 2P = 13,409,189,888 B. h100-sxm's largest inter-node fits (64 ranks): all_to_all (FlexSP v(64) = 4.87 GB/s,
-    busbw 4.79, per GPU 4.79 * 56/63 = 4.26 GB/s) and all_reduce (beta 1.75e-6 ms/B: algbw 0.5714 GB/s, busbw
-    2*63/64 * 0.5714 = 1.125 GB/s, the node's aggregate: per GPU 1.125 / 8 = 0.140625 GB/s): the all_reduce one.
-    all_gather = 0.341 + 7 s / 0.140625e6 (10429.3699 ms) + 0.0549 + 3.36e-7 * 8 s (563.1860 ms) = 10992.9508 ms;
-    reduce_scatter = 0.0688 + 4.1875e-8 * B (561.5098) + 0.341 + 7/64 B / 0.140625e6 (10429.3699) = 10991.2895 ms;
-    ZeRO-3 = 2 AG + RS = 32977.1931 ms (the 8-GPU fits alone: 702.48 ms; the inter-node steps at the all_reduce
-    fit's whole busbw: 5600.0971 ms)."""
+    B = 2P = 13,409,189,888 B. h100-sxm's largest inter-node fits (64 ranks): all_to_all (FlexSP v(64) = 4.87 GB/s
+    algbw, busbw 63/64 of it = 4.79, per GPU 4.79 * 56/63 = 4.87 * 56/64 = 4.26125 GB/s) and all_reduce (beta
+    1.75e-6 ms/B: algbw 0.5714 GB/s, busbw 2*63/64 * 0.5714 = 1.125 GB/s, the node's aggregate: per GPU 0.140625).
+    FlexSP prices ZeRO-3 at the all_to_all link, the network its SP all-to-alls are charged at:
+    all_gather = 7 s / 4.26125e6 (344.1785 ms) + 0.0549 + 3.36e-7 * 8 s (563.1860 ms) = 907.4193 ms;
+    reduce_scatter = 0.0688 + 4.1875e-8 * B (561.5098) + 7/8 * B/8 / 4.26125e6 (344.1784) = 905.7570 ms;
+    ZeRO-3 = 2 AG + RS = 2720.5955 ms (the 8-GPU fits alone: 702.48 ms; at the profile's slowest link, FSMoE's
+    all_reduce testbed: 32977.19 ms, 12x)."""
     prof = load_profile("h100-sxm")
     model = model_preset("gpt-7b")
     assert model.params == 6_704_594_944
-    assert _zero3_ms(prof, model, 64) == pytest.approx(32977.1931, abs=1e-3)
+    assert _zero3_ms(prof, model, 64) == pytest.approx(2720.5955, abs=1e-3)
+    s, B = 2.0 * model.params / 64, 2.0 * model.params
+    slowest = (2 * prof.collective_two_level("all_gather", 64).time_ms(s)
+               + prof.collective_two_level("reduce_scatter", 64).time_ms(B))
+    assert slowest == pytest.approx(32977.1931, abs=1e-3)
     # 8 GPUs: one node, the fits as they are: 2 * (0.0549 + 3.36e-7 * 2P/8) + 0.0688 + 4.1875e-8 * 2P
     assert _zero3_ms(prof, model, 8) == pytest.approx(2 * (0.0549 + 563.185975296) + 0.0688 + 561.50982656, rel=1e-9)
     cm64, cm8 = sp_cost_model(prof, model, 64), sp_cost_model(prof, model, 8)
     assert "ZeRO-3 all_gather on 64 ranks: two-level estimate" in cm64.source
     assert "ZeRO-3 reduce_scatter on 64 ranks: two-level estimate" in cm64.source
+    assert "all_to_all fit on 64 ranks" in cm64.source and "all_reduce fit" not in cm64.source
     assert "two-level" not in cm8.source
     # the published A100 terms carry their own b1: unchanged
     a100 = sp_cost_model(load_profile("a100-64-flexsp-paper"), model, 64)
