@@ -27,17 +27,19 @@ def _configs_with_stats(config: str, gpus: int, router_stats: Optional[Path]):
         if not isinstance(ks, list) or not ks or not all(isinstance(k, (int, float)) and not isinstance(k, bool)
                                                          for k in ks):
             raise InputError(router_stats, "mean_k_per_layer: expected a non-empty list of numbers")
-        for c in cfgs:
+        try:
+            from .costmodel import MoEConfig
+
+            stats = [MoEConfig.model_validate(c.model_copy(update={"mean_k_per_layer": [float(k) for k in ks],
+                                                                   "num_layers": len(ks)}).model_dump())
+                     for c in cfgs]
+        except ValidationError as err:
+            raise InputError(router_stats, describe_validation_error(err)) from None
+        for c in cfgs:  # notes only once the statistics are valid (an error is the one line it prints)
             if c.num_layers != len(ks):
                 sys.stderr.write(f"note: {router_stats} has statistics for {len(ks)} MoE layers: planning {len(ks)} "
                                  f"layers of {c.name} (its config has {c.num_layers})\n")
-        try:
-            cfgs = [c.model_copy(update={"mean_k_per_layer": [float(k) for k in ks], "num_layers": len(ks)}) for c in cfgs]
-            from .costmodel import MoEConfig
-
-            cfgs = [MoEConfig.model_validate(c.model_dump()) for c in cfgs]
-        except ValidationError as err:
-            raise InputError(router_stats, describe_validation_error(err)) from None
+        cfgs = stats
     return cfgs
 
 

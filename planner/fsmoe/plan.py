@@ -68,7 +68,7 @@ class MoEPlan(Plan):
     ep_size_option: int | None = Field(default=None, description="`adasched plan moe --ep-size`: flat EP groups "
                                                                  "of this size inside the world; None = the default "
                                                                  "layout (EP over every GPU, or over nodes)")
-    configs: list[MoEConfigPlan]
+    configs: list[MoEConfigPlan] = Field(min_length=1)
 
     def verify(self) -> list[str]:
         """Per configuration: EP size dividing the GPUs, layers numbered 0.. in order (as many as the model has),

@@ -399,3 +399,28 @@ def test_simulate_re_runs_a_moe_plan(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     plan = load_plan(out)
     assert res["makespan_ms"] == pytest.approx(plan.configs[0].fwd_bwd_ms, rel=1e-9)
+
+
+def test_bad_router_stats_and_empty_plans_are_one_error_line(tmp_path, capsys):
+    """Sweep findings: invalid router statistics (NaN, or a k above the experts) of another depth than the config
+    printed the depth notes before the error (3 lines); a MoE plan whose `configs` list is empty passed `show` (a
+    header and nothing planned) and made `simulate` raise an IndexError traceback."""
+    stats = tmp_path / "stats.json"
+    for bad in ("[NaN]", "[1.5, 99.0]"):
+        stats.write_text('{"mean_k_per_layer": %s}' % bad)
+        out = tmp_path / "q.json"
+        assert main(["plan", "moe", "--config", "mixtral-8x7b", "--gpus", "8", "--router-stats", str(stats),
+                     "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "mean_k_per_layer" in err and err.count("\n") == 1, err
+        assert not out.exists()
+    plan = tmp_path / "p.json"
+    assert main(["plan", "moe", "--config", "mixtral-8x7b", "--gpus", "8", "--out", str(plan)]) == 0
+    capsys.readouterr()
+    data = json.loads(plan.read_text())
+    data["configs"] = []
+    plan.write_text(json.dumps(data))
+    for cmd in (["show", str(plan)], ["simulate", str(plan)]):
+        assert main(cmd) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "configs" in err and err.count("\n") == 1, err
