@@ -26,7 +26,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from adasched.launch.cli_args import ArgParser, is_rank0
+from adasched.launch.cli_args import MAX_LAYERS, ArgParser, check_model_memory, is_rank0
 
 __all__ = ["main", "train_schedule", "compare_schedules", "layer_routers"]
 
@@ -100,6 +100,7 @@ def layer_routers(router: str, schedule: str, layers: int, experts: int, *, budg
             if v % u:
                 raise ValueError(f"{name}: {v} is not a multiple of the expert-parallel size {u} (switch schedules "
                                  f"the expert count)")
+        _check_caps(layers, budget, lo, hi, u)
         caps = [c * u for c in capacity_schedule(schedule, layers, budget // u, lo // u, hi // u)]
         return [replace(base, num_experts=c, top_k=1) for c in caps], caps
     lo = lo if lo is not None else 1
@@ -107,9 +108,23 @@ def layer_routers(router: str, schedule: str, layers: int, experts: int, *, budg
     budget = budget if budget is not None else 2 * layers
     if hi > experts:
         raise ValueError(f"--cap-hi: {hi} exceeds --experts {experts}")
+    _check_caps(layers, budget, lo, hi, 1)
     caps = capacity_schedule(schedule, layers, budget, lo, hi)
     field = "k_max" if router == "top_p" else "top_k"
     return [replace(base, **{field: c}) for c in caps], caps
+
+
+def _check_caps(layers: int, budget: int, lo: int, hi: int, unit: int) -> None:
+    """The capacity schedule's bounds, naming the options (capacity_schedule's own messages say 'bounds:' and
+    'budget:'): every layer gets at least one (k, or ``unit`` experts), at most --cap-hi, --budget in total."""
+    if lo < unit:
+        raise ValueError(f"--cap-lo: {lo} must be >= {unit} (every layer routes to at least one expert"
+                         f"{' group' if unit > 1 else ''})")
+    if hi < lo:
+        raise ValueError(f"--cap-hi: {hi} is below --cap-lo {lo}")
+    if not layers * lo <= budget <= layers * hi:
+        raise ValueError(f"--budget: {budget} cannot be met by {layers} layers within --cap-lo {lo} and --cap-hi {hi}: "
+                         f"feasible totals are {layers * lo}..{layers * hi}")
 
 
 def _plan_pipeline(args, ep_size: int, layers: int, world: int):
@@ -285,6 +300,7 @@ def _check_sizes(args, world: int) -> None:
     option): all of these failed on every rank, some with a traceback, or trained on NaNs (--batch 0). --vocab >= 3:
     the Markov task gives every context 3 successors (--vocab 2 passed here and then failed on every worker)."""
     import math
+    import os
 
     from adasched.profiler.io import check_output_path
 
@@ -294,8 +310,20 @@ def _check_sizes(args, world: int) -> None:
         if v < low:
             name = "--hidden" if opt == "d" else f"--{opt.replace('_', '-')}"
             raise ValueError(f"{name}: {v} must be >= {low}")
+    if args.layers > MAX_LAYERS:  # 10**20 hung building the per-layer schedule
+        raise ValueError(f"--layers: {args.layers} must be <= {MAX_LAYERS}")
+    if args.shared_experts < 0:
+        raise ValueError(f"--shared-experts: {args.shared_experts} must be >= 0")
     if args.d % args.heads:
         raise ValueError(f"--hidden: {args.d} is not divisible by --heads {args.heads}")
+    # a lower bound of one rank's parameters: every rank builds every expert before keeping its shard
+    # (init_experts), a switch schedule up to --cap-hi experts per layer; fp32 weights, gradients, AdamW's 2 states
+    experts = max(args.experts, args.hi or 0)
+    params = (args.layers * (4 * args.d * args.d + 2 * args.d * args.ffn * (experts + args.shared_experts))
+              + (args.vocab + args.seq) * args.d)
+    ranks = min(world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))  # the ranks on this host
+    check_model_memory(params, 16, ranks, "--vocab/--hidden/--layers/--ffn/--experts/--cap-hi/--shared-experts/--seq",
+                       "weights, gradients and AdamW state")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr: {args.lr} must be a positive number")
     if args.capacity_factor is not None and not (math.isfinite(args.capacity_factor) and args.capacity_factor > 0):
@@ -339,8 +367,6 @@ def _main(args) -> int:
     if args.hierarchical and env_ep > 1 and env_ep % min(args.gpus_per_node, env_ep):
         raise ValueError(f"--gpus-per-node: an expert-parallel group of {env_ep} ranks does not split into nodes of "
                          f"{args.gpus_per_node}")
-    if args.shared_experts < 0:
-        raise ValueError(f"--shared-experts: {args.shared_experts} must be >= 0")
     for r in routers:                                 # validate every combination before any process group
         for s in schedules:
             layer_routers(r, s, args.layers, args.experts, budget=args.budget, lo=args.lo, hi=args.hi,

@@ -181,19 +181,14 @@ def read_norms_csv(path: str | os.PathLike, norm: str = "l2") -> list[float]:
     """The ``norm`` column of a norms CSV (header required: ``step,l2,l1`` or any header with that column).
     Missing file, missing column, empty, non-numeric, non-finite or <= 0 values raise InputError naming the file
     and row."""
-    from adasched.profiler.io import InputError
+    from adasched.profiler.io import InputError, read_text
 
     if norm not in ("l2", "l1"):
         raise ValueError(f"norm: must be 'l2' or 'l1', got {norm!r}")
     path = Path(path)
-    if not path.exists():
-        raise InputError(path, "no such file")
-    if not path.is_file():
-        raise InputError(path, "is not a regular file, expected a norms CSV")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(path, f"cannot read: {err}") from None
+    # missing, a folder, unreadable, or blank ("file is empty": a whitespace-only file read as a header without
+    # the column, "no column 'l2'")
+    text = read_text(path, expected="a norms CSV")
     reader = csv.reader(io.StringIO(text))
     header = next(reader, None)
     if not header:
@@ -231,8 +226,8 @@ def read_norms_csv(path: str | os.PathLike, norm: str = "l2") -> list[float]:
 
 @functools.cache
 def _refined_file_model():
-    """What ``load_norms_file`` reads of a schedule JSON from ``adasched schedules refine`` (other keys, such as
-    the multipliers it also holds, are left alone); strict: a bool is not a norm value."""
+    """What ``load_norms_file`` reads of a schedule JSON from ``adasched schedules refine`` (other keys are left
+    alone; the derived steps, smoothed norms and multipliers are checked); strict: a bool is not a norm value."""
     from typing import Literal
 
     from pydantic import BaseModel, ConfigDict, Field
@@ -244,8 +239,48 @@ def _refined_file_model():
         norm: Literal["l2", "l1"]
         smoothing: float = Field(default=0.1, ge=0, lt=1)
         grad_norms: list[float] = Field(min_length=1)
+        # what `schedules refine` derived from the above (checked against a recomputation by load_norms_file)
+        steps: int | None = None
+        smoothed_norms: list[float] | None = None
+        multipliers: list[float] | None = None
 
     return RefinedScheduleFile
+
+
+#: stored derived values (multipliers, smoothed norms) must match their recomputation to this relative tolerance
+#: (the JSON holds floats exactly; the slack is for another numpy's summation order)
+DERIVED_RTOL = 1e-9
+
+
+def _check_derived(path: Path, doc: dict) -> None:
+    """A refined JSON's ``steps``, ``smoothed_norms`` and ``multipliers`` were written from its grad_norms, norm
+    and smoothing; training recomputes them from those, so a stored value that differs (an edited or mixed-up
+    file) would silently not be the schedule the file shows: InputError naming the file and the field."""
+    import numpy as np
+
+    from adasched.profiler.io import InputError
+
+    from .lr import refined_multipliers, smooth_norms
+
+    g = doc["grad_norms"]
+    if doc.get("steps") is not None and doc["steps"] != len(g):
+        raise InputError(path, f"steps: {doc['steps']} but the file has {len(g)} grad_norms")
+    try:
+        want = {"smoothed_norms": smooth_norms(g, doc["smoothing"]),
+                "multipliers": refined_multipliers(g, doc["norm"], doc["smoothing"])}
+    except ValueError as err:
+        raise InputError(path, str(err)) from None
+    for key, ref in want.items():
+        got = doc.get(key)
+        if got is None:
+            continue
+        if len(got) != len(ref):
+            raise InputError(path, f"{key}: {len(got)} values, expected {len(ref)} for {len(g)} grad_norms")
+        bad = np.flatnonzero(~np.isclose(np.asarray(got, dtype=np.float64), ref, rtol=DERIVED_RTOL, atol=1e-12))
+        if bad.size:
+            i = int(bad[0])
+            raise InputError(path, f"{key}.{i}: {got[i]!r} but grad_norms, norm {doc['norm']!r} and smoothing "
+                                   f"{doc['smoothing']:g} give {float(ref[i])!r} (an edited file? refine it again)")
 
 
 def load_norms_file(path: str | os.PathLike, norm: str | None = None) -> dict:
@@ -268,5 +303,6 @@ def load_norms_file(path: str | os.PathLike, norm: str | None = None) -> dict:
             raise InputError(path, describe_validation_error(err)) from None
         if norm is not None and norm != doc["norm"]:
             raise InputError(path, f"norm: file was refined with {doc['norm']!r}, asked for {norm!r}")
+        _check_derived(path, doc)
         return doc
     return {"norm": norm or "l2", "grad_norms": read_norms_csv(path, norm or "l2")}

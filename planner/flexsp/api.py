@@ -17,12 +17,12 @@ from adasched.planner.plan import SolverRecord, inputs_digest, profile_ref
 from adasched.profiler.io import InputError
 from adasched.profiler.profile import ClusterProfile
 
-from .batching import draw_batches, read_seqlens
+from .batching import MAX_CONTEXT, draw_batches, read_seqlens
 from .costmodel import ModelShape, SPCostModel, model_preset, sp_cost_model
 from .plan import SPGroup, SPMicroBatch, SPPlan, SPStep
 from .planner import PlannerConfig, StepResult, check_fits, placed_groups, plan_step
 
-__all__ = ["load_lengths", "plan_sp", "summarize", "to_plan"]
+__all__ = ["load_lengths", "plan_sp", "summarize", "to_plan", "planner_memory_bytes", "check_planner_memory"]
 
 
 def load_lengths(path: str | os.PathLike, max_context: int | None = None) -> np.ndarray:
@@ -30,10 +30,45 @@ def load_lengths(path: str | os.PathLike, max_context: int | None = None) -> np.
     the training context, as pre-training pipelines do; the step's token count then matches what is trained)."""
     lens = read_seqlens(path)
     if max_context is not None:
-        if max_context < 1:
-            raise InputError("--max-context", f"must be >= 1 token, got {max_context}")
+        if not 1 <= max_context <= MAX_CONTEXT:  # beyond int64 was an OverflowError traceback from numpy
+            raise InputError("--max-context", f"must be in [1, 2**40] tokens, got {max_context}")
         lens = np.minimum(lens, max_context)
     return lens
+
+
+def planner_memory_bytes(batch: np.ndarray, cm: SPCostModel, config: PlannerConfig) -> int:
+    """Bytes the planner's largest arrays take for one global batch (a lower bound): the micro-batch split DP
+    (:func:`~.batching.split_microbatches`) keeps one int32 choice per sequence per micro-batch count, for M up
+    to M_min + ``extra_microbatches`` (M_min = batch tokens / what all GPUs hold), plus about 12 temporaries of
+    one int64 per sequence; and the local search's swap matrices (:func:`~.assign.local_search`: about 8 float64
+    arrays of the slowest group's sequences x the micro-batch's other sequences, at most (k/2)^2 each for a
+    micro-batch of k sequences, k at most the shortest sequences that fit together on all GPUs). (The bucketing
+    DP is smaller: a micro-batch of at most C tokens has at most sqrt(2 C) distinct lengths.)"""
+    n = int(batch.size)
+    cap = cm.token_capacity(cm.world)
+    if not (n and cap > 0):
+        return 0
+    m_min = max(1, int(np.ceil(float(batch.sum()) / cap)))
+    m_hi = min(n, m_min + config.extra_microbatches + 1)
+    k = int(np.searchsorted(np.cumsum(np.sort(batch).astype(np.float64)), cap, side="right"))
+    return (4 * m_hi + 12 * 8) * (n + 1) + 16 * k * k
+
+
+def check_planner_memory(batches: list[np.ndarray], cm: SPCostModel, config: PlannerConfig) -> None:
+    """Refuse (InputError naming --global-batch) a global batch whose planning needs more than half this host's
+    memory (the estimate is a lower bound; the rest is for the planner's other data): --global-batch 10**9 was
+    OOM-killed. One line, before any planning."""
+    from adasched.profiler.inventory import _memory_bytes
+
+    if not batches:
+        return
+    worst = max(batches, key=lambda b: planner_memory_bytes(b, cm, config))
+    need, have = planner_memory_bytes(worst, cm, config), _memory_bytes()
+    if need > have / 2:
+        raise InputError("--global-batch", f"{worst.size:,} sequences ({int(worst.sum()):,} tokens) split into "
+                                           f"micro-batches on {cm.world} GPUs need at least {need / 2**30:,.1f} GiB "
+                                           f"to plan, more than half this host's {have / 2**30:,.1f} GiB; lower "
+                                           f"--global-batch")
 
 
 def _step_model(r: StepResult, cm: SPCostModel) -> SPStep:
@@ -97,6 +132,7 @@ def plan_sp(profile: ClusterProfile, model: str | ModelShape, lengths: np.ndarra
     cm = sp_cost_model(profile, model_preset(model) if isinstance(model, str) else model, gpus)
     check_fits(lengths, cm, where="--seqlens")
     batches = draw_batches(lengths, global_batch, steps, seed)
+    check_planner_memory(batches, cm, config)
     results = []
     for k, b in enumerate(batches):
         r = plan_step(b, cm, config, step=k)

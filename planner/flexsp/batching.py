@@ -16,7 +16,33 @@ import numpy as np
 
 from adasched.profiler.io import InputError
 
-__all__ = ["read_seqlens", "draw_batches", "split_microbatches", "bucketize", "Bucket", "make_buckets"]
+__all__ = ["read_seqlens", "draw_batches", "split_microbatches", "bucketize", "Bucket", "make_buckets",
+           "MAX_GLOBAL_BATCH", "MAX_STEPS", "MAX_DRAWN", "MAX_CONTEXT", "check_batch_options"]
+
+#: most sequences per global batch (--global-batch): Megatron-scale runs plan a few thousand; 10**9 allocated
+#: the whole draw up front and the process was OOM-killed (larger values overflowed numpy's sizes)
+MAX_GLOBAL_BATCH = 1_000_000
+#: most global batches per plan (--steps): each is planned for up to --time-limit seconds
+MAX_STEPS = 100_000
+#: most sequences drawn over all steps (steps x global batch): the plan lists every one of them
+MAX_DRAWN = 10_000_000
+#: longest --max-context (tokens): a clip far beyond any sequence a cluster holds (2**40, about 1.1e12); larger
+#: values overflowed numpy's int64 lengths
+MAX_CONTEXT = 2 ** 40
+
+
+def check_batch_options(global_batch: int, steps: int) -> None:
+    """--global-batch and --steps within [1, MAX_GLOBAL_BATCH] and [1, MAX_STEPS], their product (the sequences
+    drawn) <= MAX_DRAWN; else an InputError naming the option."""
+    for option, value, most, unit in (("--global-batch", global_batch, MAX_GLOBAL_BATCH, " sequences"),
+                                      ("--steps", steps, MAX_STEPS, "")):
+        if value < 1:
+            raise InputError(option, f"must be >= 1, got {value}")
+        if value > most:
+            raise InputError(option, f"must be <= {most:,}{unit}, got {value}")
+    if steps * global_batch > MAX_DRAWN:
+        raise InputError("--steps", f"{steps} global batches of {global_batch} sequences draw {steps * global_batch:,} "
+                                    f"sequences, more than {MAX_DRAWN:,} per plan (the plan lists each)")
 
 
 def read_seqlens(path: str | os.PathLike) -> np.ndarray:
@@ -59,10 +85,7 @@ def read_seqlens(path: str | os.PathLike) -> np.ndarray:
 def draw_batches(lengths: np.ndarray, global_batch: int, steps: int, seed: int) -> list[np.ndarray]:
     """``steps`` global batches of ``global_batch`` lengths: consecutive slices of one seeded permutation
     of the file (wrapping around when the file is shorter than steps * global_batch)."""
-    if global_batch < 1:
-        raise InputError("--global-batch", f"must be >= 1, got {global_batch}")
-    if steps < 1:
-        raise InputError("--steps", f"must be >= 1, got {steps}")
+    check_batch_options(global_batch, steps)
     perm = np.random.default_rng(seed).permutation(len(lengths))
     idx = np.arange(steps * global_batch) % len(lengths)
     return [lengths[perm[idx[k * global_batch:(k + 1) * global_batch]]].copy() for k in range(steps)]
@@ -83,10 +106,12 @@ def split_microbatches(sorted_lens: np.ndarray, m: int) -> list[tuple[int, int]]
     best = np.full(n + 1, INF, dtype=np.int64)
     best[1:] = P[1:]  # one run
     best[0] = INF
-    arg = [np.zeros(n + 1, dtype=np.int64)]
+    # the choices are kept for every k (m x n of them): int32 halves that (n <= MAX_DRAWN < 2**31 sequences)
+    idx_t = np.int32 if n < 2 ** 31 else np.int64
+    arg = [np.zeros(n + 1, dtype=idx_t)]
     for k in range(2, m + 1):
         new = np.full(n + 1, INF, dtype=np.int64)
-        choice = np.zeros(n + 1, dtype=np.int64)
+        choice = np.zeros(n + 1, dtype=idx_t)
         lo = k - 1  # previous k-1 runs cover at least k-1 items
         js = np.arange(k, n + 1)
         f = best[lo:n] + P[lo:n]  # i in [lo, n-1], non-decreasing

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-__all__ = ["register"]
+__all__ = ["register", "check_options", "MAX_TIME_LIMIT_S", "MAX_SIGMA"]
 
 _PROFILE_HELP = "Cluster profile: a built-in name (a100-64-flexsp-paper, h100-sxm) or a profile JSON file."
 _MODEL_HELP = "Model preset: gpt-7b, gpt-13b, gpt-30b."
@@ -23,6 +23,7 @@ def _lengths(seqlens: str, max_context):
     from adasched.profiler.io import InputError
 
     from .api import load_lengths
+    from .batching import MAX_CONTEXT
 
     if seqlens == "builtin":
         from importlib import resources
@@ -34,12 +35,34 @@ def _lengths(seqlens: str, max_context):
             median, sigma = (float(x) for x in seqlens.split(":", 1)[1].split(","))
         except ValueError:
             raise InputError("--seqlens", f"{seqlens!r}: expected lognormal:MEDIAN,SIGMA, e.g. lognormal:1024,1.6") from None
-        if not (median >= 1 and sigma > 0):
-            raise InputError("--seqlens", f"{seqlens!r}: need MEDIAN >= 1 and SIGMA > 0")
+        if not (1 <= median <= MAX_CONTEXT and 0 < sigma <= MAX_SIGMA):  # NaN fails too
+            raise InputError("--seqlens", f"{seqlens!r}: need 1 <= MEDIAN <= {MAX_CONTEXT} (tokens) and "
+                                          f"0 < SIGMA <= {MAX_SIGMA:g}")
         rng = np.random.default_rng(0)
-        lens = np.maximum(1, np.rint(rng.lognormal(np.log(median), sigma, 100_000))).astype(np.int64)
-        return np.minimum(lens, max_context) if max_context else lens
+        # clipped as floats first: a wide sigma draws lengths beyond int64 (a cast warning, then garbage)
+        draws = np.minimum(rng.lognormal(np.log(median), sigma, 100_000), float(max_context or MAX_CONTEXT))
+        return np.maximum(1, np.rint(draws)).astype(np.int64)
     return load_lengths(seqlens, max_context)
+
+
+#: longest --time-limit (seconds per global batch), as for `plan lora`: inf was accepted with --no-milp (and the
+#: plan recorded no limit)
+MAX_TIME_LIMIT_S = 3600.0
+#: widest lognormal:MEDIAN,SIGMA (log-space): sigma 10 already spans e**-45..e**45 over 100k draws
+MAX_SIGMA = 10.0
+
+
+def check_options(global_batch: int, steps: int, time_limit: float, max_context) -> None:
+    """The numeric options of `plan sp` / `bench sp`, before any file is read: one InputError naming the option."""
+    from adasched.launch.cli_args import check_seconds
+    from adasched.profiler.io import InputError
+
+    from .batching import MAX_CONTEXT, check_batch_options
+
+    check_seconds("--time-limit", time_limit, most=MAX_TIME_LIMIT_S)
+    check_batch_options(global_batch, steps)
+    if max_context is not None and not 1 <= max_context <= MAX_CONTEXT:
+        raise InputError("--max-context", f"must be in [1, 2**40] tokens, got {max_context}")
 
 
 #: ``--deterministic``: group structures tried per micro-batch (MILPs: PlannerConfig.milp_nodes, 50; on the
@@ -56,8 +79,6 @@ def _setup(profile: str, model: str, seqlens: str, gpus: Optional[int], max_cont
     from .costmodel import model_preset, sp_cost_model
     from .planner import PlannerConfig, check_fits
 
-    if not (time_limit > 0):
-        raise InputError("--time-limit", f"must be > 0 seconds, got {time_limit}")
     if buckets < 1:
         raise InputError("--buckets", f"must be >= 1, got {buckets}")
     if seed < 0:
@@ -81,6 +102,10 @@ def _setup(profile: str, model: str, seqlens: str, gpus: Optional[int], max_cont
 
 
 def _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context, show_progress=True):
+    from .api import check_planner_memory
+    from .batching import draw_batches
+
+    check_planner_memory(draw_batches(lens, global_batch, steps, seed), cm, cfg)  # before the note: one line
     if 0 < len(lens) < global_batch:  # draw_batches wraps around the file: sequences repeat inside a batch
         sys.stderr.write(f"note: the length file has {len(lens)} sequences, fewer than --global-batch "
                          f"{global_batch}: each global batch repeats sequences\n")
@@ -143,6 +168,7 @@ def register(groups) -> None:
         from ..ui import emit_json, print_table
         from .api import summarize
 
+        check_options(global_batch, steps, time_limit, max_context)
         check_output_path(out, "--out")
         check_output_path(plot, "--plot")
         prof, mdl, cm, lens, cfg = _setup(profile, model, seqlens, gpus, max_context, time_limit, seed, buckets, no_milp,
@@ -180,6 +206,7 @@ def register(groups) -> None:
         from ..ui import emit_json, print_table
         from .api import summarize
 
+        check_options(global_batch, steps, time_limit, max_context)
         prof, mdl, cm, lens, cfg = _setup(profile, model, seqlens, gpus, max_context, time_limit, seed, buckets, no_milp,
                                           deterministic)
         plan, results = _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context, show_progress=True)

@@ -8,7 +8,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..plan import Plan
 
-__all__ = ["SPGroup", "SPMicroBatch", "SPStep", "SPPlan"]
+__all__ = ["SPGroup", "SPMicroBatch", "SPStep", "SPPlan", "MAX_WORLD", "MAX_PLAN_CONTEXT"]
+
+#: most GPUs an SP plan spans (one model replica's GPUs; the largest clusters built have ~1e5): simulating a
+#: step makes a task per rank per micro-batch, and world_size 1e12 was a MemoryError after 40 s in `show`
+MAX_WORLD = 2 ** 16
+#: longest max_context a plan records (tokens; = batching.MAX_CONTEXT, the bound of --max-context)
+MAX_PLAN_CONTEXT = 2 ** 40
 
 
 class SPGroup(BaseModel):
@@ -50,18 +56,32 @@ class SPStep(BaseModel):
     solver_status: str = Field(default="heuristic", description="MILP status of this step (optimal|feasible|timeout|heuristic)")
     mip_gap: float | None = Field(default=None, description="mean relative gap of this step's MILPs (bucketed model)")
 
+    @model_validator(mode="after")
+    def _check_lengths(self) -> "SPStep":
+        bad = next((s for s in self.seqlens if s <= 0), None)
+        if bad is not None:
+            raise ValueError(f"seqlens: length {bad} is not positive")
+        return self
+
 
 class SPPlan(Plan):
     kind: Literal["sp"] = "sp"
-    world_size: int = Field(ge=1)
-    model: str = Field(description="model preset name or shape description")
-    max_context: int | None = None
+    world_size: int = Field(ge=1, le=MAX_WORLD, description="GPUs (a power of two)")
+    model: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+/:@-]*$",
+                       description="model preset name (gpt-7b, ...) or the name of the ModelShape the library's "
+                                   "plan_sp was given (any name: not checked against the presets; nothing is "
+                                   "built from it)")
+    max_context: int | None = Field(default=None, ge=1, le=MAX_PLAN_CONTEXT,
+                                    description="lengths were clipped to this many tokens (None: not clipped)")
     cost_model_source: str = Field(default="", description="where the cost model's terms come from, including "
                                                           "any two-level collective estimate (older plans: empty)")
     steps: list[SPStep]
 
     @model_validator(mode="after")
     def _check_world(self) -> "SPPlan":
+        if self.world_size & (self.world_size - 1):
+            raise ValueError(f"world_size: {self.world_size} is not a power of two (Ulysses groups are buddy-aligned "
+                             "powers of two)")
         for st in self.steps:
             for mi, mb in enumerate(st.micro_batches):
                 used: set[int] = set()
