@@ -324,6 +324,16 @@ def _check_sizes(args, world: int) -> None:
     ranks = min(world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))  # the ranks on this host
     check_model_memory(params, 16, ranks, "--vocab/--hidden/--layers/--ffn/--experts/--cap-hi/--shared-experts/--seq",
                        "weights, gradients and AdamW state")
+    # a step's fp32 activations kept for the backward, at least: the logits and, per layer, the attention block's
+    # q, k, v, output and residual and the expert FFN's hidden (a batch of 10**20 passed and failed in training)
+    from adasched.profiler.inventory import _memory_bytes
+    from adasched.profiler.io import InputError
+
+    act = args.batch * args.seq * (args.vocab + args.layers * (5 * args.d + args.ffn)) * 4 * max(1, ranks)
+    if act > _memory_bytes():
+        raise InputError("--batch/--seq", f"{args.batch} x {args.seq} tokens per rank keep at least "
+                                          f"{act / 2**30:,.1f} GiB of activations on {ranks} rank(s), more than this "
+                                          f"host's {_memory_bytes() / 2**30:,.1f} GiB")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr: {args.lr} must be a positive number")
     if args.capacity_factor is not None and not (math.isfinite(args.capacity_factor) and args.capacity_factor > 0):

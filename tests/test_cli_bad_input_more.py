@@ -159,6 +159,8 @@ _MOE_SIZES = "--vocab/--hidden/--layers/--ffn/--experts/--cap-hi/--shared-expert
     (["--experts", "1000000000"], _MOE_SIZES, "more than this host's 16.0 GiB"),  # passed validation
     (["--vocab", "1000000000"], _MOE_SIZES, "more than this host's 16.0 GiB"),
     (["--router", "switch", "--cap-hi", "99999999999"], _MOE_SIZES, "more than this host's 16.0 GiB"),
+    # passed validation; training failed in the allocator
+    (["--batch", "99999999999999999999"], "--batch/--seq", "of activations on 1 rank(s), more than this host's 16.0"),
     (["--cap-lo", "-1"], "--cap-lo", "must be >= 1"),                         # "error: bounds: ..." named no option
     (["--cap-lo", "0", "--cap-hi", "0", "--budget", "0"], "--cap-lo", "must be >= 1"),  # "top_k: 0 must be ..."
     (["--cap-lo", "3", "--cap-hi", "2"], "--cap-hi", "is below --cap-lo 3"),

@@ -37,12 +37,13 @@ def load_lengths(path: str | os.PathLike, max_context: int | None = None) -> np.
 
 
 def planner_memory_bytes(batch: np.ndarray, cm: SPCostModel, config: PlannerConfig) -> int:
-    """Bytes the planner's largest arrays take for one global batch (a lower bound): the micro-batch split DP
+    """Bytes the planner's largest arrays take for one global batch (an estimate): the micro-batch split DP
     (:func:`~.batching.split_microbatches`) keeps one int32 choice per sequence per micro-batch count, for M up
     to M_min + ``extra_microbatches`` (M_min = batch tokens / what all GPUs hold), plus about 12 temporaries of
     one int64 per sequence; and the local search's swap matrices (:func:`~.assign.local_search`: about 8 float64
     arrays of the slowest group's sequences x the micro-batch's other sequences, at most (k/2)^2 each for a
-    micro-batch of k sequences, k at most the shortest sequences that fit together on all GPUs). (The bucketing
+    micro-batch of k sequences, k at most the shortest sequences that fit together on all GPUs: a worst case).
+    Measured: 10**6 sequences of 1-16 tokens on 64 GPUs asked numpy for 5.9 GiB in one swap matrix. (The bucketing
     DP is smaller: a micro-batch of at most C tokens has at most sqrt(2 C) distinct lengths.)"""
     n = int(batch.size)
     cap = cm.token_capacity(cm.world)
@@ -56,7 +57,7 @@ def planner_memory_bytes(batch: np.ndarray, cm: SPCostModel, config: PlannerConf
 
 def check_planner_memory(batches: list[np.ndarray], cm: SPCostModel, config: PlannerConfig) -> None:
     """Refuse (InputError naming --global-batch) a global batch whose planning needs more than half this host's
-    memory (the estimate is a lower bound; the rest is for the planner's other data): --global-batch 10**9 was
+    memory (the rest is for the planner's other data): --global-batch 10**9 was
     OOM-killed. One line, before any planning."""
     from adasched.profiler.inventory import _memory_bytes
 
