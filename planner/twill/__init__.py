@@ -4,8 +4,8 @@
 group per op, buffer depths, Triton knobs). Graphs and machines are JSON (built-ins in graphs/, machines/).
 """
 from .graph import Graph, Machine, Problem, load_graph, load_machine, make_problem, normalise_costs
-from .model import Schedule, solve
+from .model import Schedule, TimeLimitError, solve
 from .plan import TwillPlan, make_plan, plan_twill
 
-__all__ = ["Graph", "Machine", "Problem", "Schedule", "TwillPlan", "load_graph", "load_machine", "make_problem",
-           "make_plan", "normalise_costs", "plan_twill", "solve"]
+__all__ = ["Graph", "Machine", "Problem", "Schedule", "TimeLimitError", "TwillPlan", "load_graph", "load_machine",
+           "make_problem", "make_plan", "normalise_costs", "plan_twill", "solve"]

@@ -45,7 +45,13 @@ from .heuristic import HeuristicSchedule, _runs_of, _validate, heuristic_schedul
 from .knobs import buffer_depths
 from .mii import MII, compute_mii, longest_paths
 
-__all__ = ["Attempt", "Schedule", "solve_at", "solve", "horizon_stages", "ii_cap"]
+__all__ = ["Attempt", "Schedule", "TimeLimitError", "solve_at", "solve", "horizon_stages", "ii_cap"]
+
+
+class TimeLimitError(ValueError):
+    """:func:`solve` found no schedule within its time limit and proved none impossible: raise the limit. A
+    ValueError (the CLI prints it as its one ``error:`` line, exit 2), told apart from a graph with no schedule
+    (a plain ValueError) by its type."""
 
 
 @dataclass
@@ -616,8 +622,8 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
     One deadline, t0 + L, bounds every phase's search (MII, heuristics, the coarse solve, every CP-SAT model
     build and solve); past it only the finishing work of :data:`GRACE` runs. ``hard_deadline`` (a
     ``time.perf_counter()`` value) caps both, for a solve nested in another's budget. A schedule found is always
-    returned (status 'feasible' with its gap when unproved); with none found by then, a ValueError says the time
-    limit ran out (never 'infeasible')."""
+    returned (status 'feasible' with its gap when unproved); with none found by then, a :class:`TimeLimitError` (a
+    ValueError) says the time limit ran out (never 'infeasible')."""
     # OR-Tools' CP-SAT module (it imports pandas) before the clock starts: a one-time cost per process (~0.5 s
     # idle, 7-69 s measured on this machine under load 185), which no deadline can interrupt mid-import
     from ortools.sat.python import cp_model  # noqa: F401
@@ -739,8 +745,9 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
             return None, False  # the last I (the heuristic's) timed out: it answers
         what = ("no warp-specialised schedule: the register, shared-memory or warp-group limits cannot be met"
                 if use_warp else "no modulo schedule")
-        raise ValueError(f"graph {problem.graph.name!r}: {what} up to I = {cap}"
-                         + ("" if proven else " (some attempts timed out; raise --time-limit)"))
+        raise (ValueError if proven else TimeLimitError)(
+            f"graph {problem.graph.name!r}: {what} up to I = {cap}"
+            + ("" if proven else " (some attempts timed out; raise --time-limit)"))
 
     # with the warp problem to follow, the plain stage only decides feasibility at each I (its schedule is a
     # hint, its span is thrown away): optimising the span there spent the whole budget on a 30-op graph
@@ -748,8 +755,8 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
     plain_proven = plain_proven or (plain is not None and plain.ii == bounds.mii)
     if plain is None and not warp:
         if heur_plain is None:
-            raise ValueError(f"graph {problem.graph.name!r}: no schedule found within the time limit of "
-                             f"{params.time_limit:g} s (raise --time-limit)")
+            raise TimeLimitError(f"graph {problem.graph.name!r}: no schedule found within the time limit of "
+                                 f"{params.time_limit:g} s (raise --time-limit)")
         return _from_heuristic(heur_plain, bounds, attempts, heur_plain.ii, False, False, time.perf_counter() - t0,
                                params, "CP-SAT found no schedule within the time limit")
     best, proven = plain, plain_proven
@@ -760,10 +767,10 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
             ws, ws_proven = search(plain.ii, True, hint=plain, heur=heur_warp)
         if ws is None:
             if heur_warp is None:
-                raise ValueError(f"graph {problem.graph.name!r}: "
-                                 + (f"plain modulo schedule at I = {plain.ii} found, but " if plain else "")
-                                 + f"no warp-specialised schedule within the time limit of {params.time_limit:g} s"
-                                 " (raise --time-limit)")
+                raise TimeLimitError(f"graph {problem.graph.name!r}: "
+                                     + (f"plain modulo schedule at I = {plain.ii} found, but " if plain else "")
+                                     + f"no warp-specialised schedule within the time limit of "
+                                     f"{params.time_limit:g} s (raise --time-limit)")
             why = ("CP-SAT found no warp-specialised schedule within the time limit" if plain is not None else
                    "CP-SAT found no schedule within the time limit")
             plain_ii = plain.ii if plain is not None else (heur_plain.ii if heur_plain is not None else heur_warp.ii)

@@ -222,3 +222,59 @@ def test_other_errors_from_a_solve_are_not_retried(monkeypatch, err):
     with pytest.raises(type(err)):
         tm.solve_at(prob, tm.INTERVAL_FROM + 5, SolveParams(time_limit=1.0, seed=0, threads=1), warp=False)
     assert calls == ["auto"]
+
+
+def test_time_limit_error_is_its_own_type(monkeypatch, tmp_path, capsys):
+    """No schedule by the deadline raises TimeLimitError: a ValueError (so the CLI's one ``error:`` line, exit 2)
+    that a caller can tell from a graph proved to have no schedule (a plain ValueError) without parsing the
+    message; before, both were bare ValueErrors. Cases: the 120-op warp graph at 0.01 s (its first warp schedule
+    takes ~1.5 s of CPU), CP-SAT alone on an 80-op graph at 0.01 s, a search over every I up to the cap with one
+    time-out (pretended) against the same search all proved infeasible, and a 4-op warp graph whose register
+    limits no I up to the cap meets (proved: the same answer as the brute-force oracle)."""
+    import json
+
+    from adasched.planner.cli import main
+    from adasched.planner.twill import TimeLimitError
+    from adasched.planner.twill.graph import Graph, Machine, check_graph, load_machine
+    from adasched.planner.twill.oracle import min_ii_warp
+    from adasched.planner.twill.randgraph import random_graph
+
+    h100 = load_machine("h100")
+    quick = SolveParams(time_limit=0.01, seed=0, threads=1)
+    gd = random_graph(120, 2, warp=True)
+    with pytest.raises(TimeLimitError, match="no warp-specialised schedule within the time limit of 0.01 s"):
+        twill_model.solve(check_graph(Graph.model_validate(gd), h100), quick)
+    f = tmp_path / "g.json"
+    f.write_text(json.dumps(gd))
+    assert main(["plan", "twill", "--graph", str(f), "--machine", "h100", "--time-limit", "0.01"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "within the time limit of 0.01 s" in err[0], err
+    with pytest.raises(TimeLimitError, match="no schedule found within the time limit of 0.01 s"):
+        twill_model.solve(check_graph(Graph.model_validate(random_graph(80, 11)), h100), quick, heuristic=False)
+
+    prob = make_problem("toy-attention", "h100")
+    for timed_out in (3, None):  # every I from MII = 2 to the cap 4 tried; one time-out, or none
+        monkeypatch.setattr(twill_model, "solve_at", lambda problem, ii, params, t=timed_out, **kw:
+                            twill_model.Attempt(ii=ii, warp=kw["warp"], seconds=0.0,
+                                                status="timeout" if ii == t else "infeasible"))
+        with pytest.raises(ValueError, match="no modulo schedule up to I = 4") as exc:
+            twill_model.solve(prob, SolveParams(time_limit=1.0, seed=0, threads=1), heuristic=False, max_ii=4)
+        assert isinstance(exc.value, TimeLimitError) == (timed_out is not None), str(exc.value)
+        assert ("timed out" in str(exc.value)) == (timed_out is not None)
+    monkeypatch.undo()
+
+    machine = Machine(name="rand", cycle_ns=1.0, units={"A": 1, "B": 1}, max_warp_groups=3, regs_per_group_max=160,
+                      regs_total=400, group_base_regs=24, smem_capacity=64, handoff_cycles=1, warp_specialize=False)
+    gd = {"name": "tight-regs", "units": {"A": 1, "B": 1, "T": 1},
+          "ops": [{"name": "ld", "reserve": {"T": [1]}, "variable_latency": True, "smem": 16},
+                  {"name": "v0", "reserve": {"A": [1, 0]}, "regs": 64, "blocking": True},
+                  {"name": "v1", "reserve": {"A": [0, 1, 1]}, "regs": 96, "blocking": True},
+                  {"name": "v2", "reserve": {"A": [1]}, "regs": 96, "blocking": True}],
+          "edges": [{"from": "ld", "to": "v1", "delay": 2, "distance": 0},
+                    {"from": "v0", "to": "v0", "delay": 1, "distance": 1}]}
+    with pytest.raises(ValueError, match="limits cannot be met up to I = 16") as exc:
+        twill_model.solve(check_graph(Graph.model_validate(gd), machine),
+                          SolveParams(time_limit=20.0, seed=0, threads=1))
+    assert not isinstance(exc.value, TimeLimitError)
+    with pytest.raises(ValueError, match="no warp schedule up to I = 16"):
+        min_ii_warp(gd, machine.model_dump(), max_ii=16)
