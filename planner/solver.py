@@ -203,8 +203,9 @@ def solve_cpsat(model, params: SolveParams, hint: dict[Any, int] | None = None,
                 variables: Iterable[Any] = (), *, overrides: Mapping[str, Any] | None = None) -> SolveOutcome:
     """Solve a ``cp_model.CpModel``. ``hint`` maps IntVar/BoolVar -> value (AddHint); ``variables`` are
     read back into ``values`` by name. ``overrides`` sets further CP-SAT parameters by their SatParameters name
-    (e.g. ``{"symmetry_level": 0}``) after those from ``params``; an unknown name is a ValueError, and the
-    ones ``params`` owns (time limit, workers, seed, logging) cannot be overridden here."""
+    (e.g. ``{"symmetry_level": 0}``; a repeated field takes a list, which replaces its entries) after those from
+    ``params``; an unknown name or a value of the wrong type is a ValueError, and the ones ``params`` owns (time
+    limit, workers, seed, logging) cannot be overridden here."""
     from ortools.sat import sat_parameters_pb2
     from ortools.sat.python import cp_model
 
@@ -223,10 +224,19 @@ def solve_cpsat(model, params: SolveParams, hint: dict[Any, int] | None = None,
     for key, val in (overrides or {}).items():
         if key in _CPSAT_OWNED:
             raise ValueError(f"CP-SAT parameter {key!r}: set through SolveParams, not overrides")
-        if key not in sat_parameters_pb2.SatParameters.DESCRIPTOR.fields_by_name:
+        desc = sat_parameters_pb2.SatParameters.DESCRIPTOR.fields_by_name.get(key)
+        if desc is None:
             raise ValueError(f"CP-SAT parameter {key!r}: no such SatParameters field")
         try:
-            setattr(solver.parameters, key, val)
+            repeated = desc.is_repeated if hasattr(desc, "is_repeated") else desc.label == desc.LABEL_REPEATED
+            if repeated:  # e.g. subsolvers: a list, replacing the default entries
+                if isinstance(val, (str, bytes)):
+                    raise TypeError(val)
+                items = list(val)
+                getattr(solver.parameters, key).clear()
+                getattr(solver.parameters, key).extend(items)
+            else:
+                setattr(solver.parameters, key, val)
         except TypeError as err:
             raise ValueError(f"CP-SAT parameter {key!r}: {val!r} has the wrong type") from err
     t0 = time.perf_counter()

@@ -272,3 +272,26 @@ def test_cpsat_overrides_reach_the_solver_and_bad_ones_are_errors():
                        ({"max_time_in_seconds": 99.0}, "set through SolveParams")):
         with pytest.raises(ValueError, match=match):
             solve_cpsat(m, P, overrides=bad)
+
+
+def test_cpsat_overrides_set_a_repeated_field_from_a_list():
+    """A repeated SatParameters field (subsolvers) takes a list that replaces its entries (it raised
+    AttributeError 'property ... has no setter'); a string or a list of the wrong item type is the ValueError of a
+    wrong type. The model (a random 0-1 knapsack) still solves to its brute-force optimum."""
+    from ortools.sat.python import cp_model
+
+    rng = np.random.default_rng(11)
+    w, v = rng.integers(1, 20, 8), rng.integers(1, 30, 8)
+    cap = int(w.sum() // 2)
+    best = max(sum(int(v[i]) for i in range(8) if m >> i & 1) for m in range(256)
+               if sum(int(w[i]) for i in range(8) if m >> i & 1) <= cap)
+    m = cp_model.CpModel()
+    x = [m.NewBoolVar(f"x{i}") for i in range(8)]
+    m.Add(sum(int(w[i]) * x[i] for i in range(8)) <= cap)
+    m.Maximize(sum(int(v[i]) * x[i] for i in range(8)))
+    out = solve_cpsat(m, P, overrides={"subsolvers": ["default_lp", "no_lp"]})
+    assert out.status == "optimal" and out.objective == best
+    assert list(out.solver.parameters.subsolvers) == ["default_lp", "no_lp"]
+    for bad in ("default_lp", [1, 2], 5):
+        with pytest.raises(ValueError, match="'subsolvers': .* has the wrong type"):
+            solve_cpsat(m, P, overrides={"subsolvers": bad})
