@@ -13,7 +13,7 @@ from adasched.planner.twill import model as twill_model
 from adasched.planner.twill.graph import Graph, check_graph, load_machine, make_problem
 from adasched.planner.twill.heuristic import heuristic_schedule
 from adasched.planner.twill.mii import compute_mii
-from adasched.planner.twill.model import solve
+from adasched.planner.twill.model import TimeLimitError, solve
 from adasched.planner.twill.oracle import min_ii, min_ii_warp
 from adasched.planner.twill.plan import make_plan
 from adasched.planner.twill.randgraph import random_graph
@@ -22,6 +22,15 @@ from adasched.planner.twill.validator import validate
 
 H100 = load_machine("h100")
 TINY = SolveParams(time_limit=0.3, seed=0, threads=1)
+
+
+def _starved(cpu: float, wall: float) -> bool:
+    """This process had under half a CPU over a call (other jobs on the 2 cores): solve's deadline is wall-clock, so
+    a short time limit then holds too little CPU for the heuristic's first schedule, and TimeLimitError is the honest
+    answer. With at least half a CPU (an idle machine: cpu ~ wall, one thread) the schedule is required: the first
+    schedule of each graph held to this takes at most about a quarter of its 1.2 L + 0.1 s in CPU (0.11 s of 0.46 s
+    for the 79-op graph at L = 0.3 s, 0.02 s for the 70-op one, 0.015 s of 0.16 s for the 80-op one at 0.05 s)."""
+    return cpu < 0.5 * wall
 
 
 def _check_plan(prob, s, gd):
@@ -58,11 +67,13 @@ def test_large_random_graphs_always_get_a_valid_schedule(warp):
         gd = random_graph(n, seed, warp=warp)
         prob = check_graph(Graph.model_validate(gd), H100)
         assert prob.warp == warp
-        c0 = time.process_time()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             s = solve(prob, TINY)
-        except ValueError as err:
-            assert warp and seed > 0 and "within the time limit of 0.3 s" in str(err), (seed, str(err))
+        except TimeLimitError as err:
+            cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+            assert (warp and seed > 0) or _starved(cpu, wall), (seed, str(err), cpu, wall)
+            assert "within the time limit of 0.3 s" in str(err), str(err)
             continue
         finally:
             assert time.process_time() - c0 <= 1.5 * TINY.time_limit + 0.5
@@ -80,9 +91,14 @@ def test_big_graph_had_no_schedule_without_the_heuristic():
     gd = random_graph(80, 11)
     prob = check_graph(Graph.model_validate(gd), H100)
     tiny = SolveParams(time_limit=0.05, seed=0, threads=1)
-    with pytest.raises(ValueError, match="no schedule found within the time limit"):
+    with pytest.raises(TimeLimitError, match="no schedule found within the time limit"):
         solve(prob, tiny, heuristic=False)
-    s = solve(prob, tiny)
+    t0, c0 = time.perf_counter(), time.process_time()
+    try:
+        s = solve(prob, tiny)
+    except TimeLimitError:  # its first schedule takes ~0.015 s of CPU: only when the 0.16 s held under half a CPU
+        assert _starved(time.process_time() - c0, time.perf_counter() - t0)
+        return
     assert s.method == "heuristic"
     _check_plan(prob, s, gd)
 
@@ -115,10 +131,15 @@ def test_heuristic_gap_counts_only_proved_infeasible_ii(monkeypatch):
     mii = compute_mii(prob).mii
     monkeypatch.setattr(twill_model, "solve_at", lambda problem, ii, params, **kw: twill_model.Attempt(
         ii=ii, warp=kw["warp"], status="infeasible" if ii == mii else "timeout", seconds=0.0))
+    t0, c0 = time.perf_counter(), time.process_time()
     s = solve(prob, TINY)
     assert s.method == "heuristic" and s.ii > mii
-    assert s.gap == pytest.approx((s.ii - (mii + 1)) / s.ii)
-    assert f"I >= {mii + 1} proved" in s.note
+    # starved of CPU, the heuristic can hold the 0.3 s to the end, and then no I is tried: the bound stays MII
+    tried = (mii, "infeasible") in [(a.ii, a.status) for a in s.attempts]
+    assert tried or _starved(time.process_time() - c0, time.perf_counter() - t0)
+    lb = mii + 1 if tried else mii
+    assert s.gap == pytest.approx((s.ii - lb) / s.ii)
+    assert f"I >= {lb} proved" in s.note
 
 
 def test_heuristic_never_beats_the_oracle_on_small_graphs():
@@ -159,13 +180,26 @@ def test_cli_summary_shows_the_method(tmp_path, capsys):
 
     f = tmp_path / "g.json"
     f.write_text(json.dumps(random_graph(70, 5)))
-    assert main(["plan", "twill", "--graph", str(f), "--machine", "h100", "--time-limit", "0.3"]) == 0
-    out = capsys.readouterr().out
-    assert "method" in out and ("heuristic" in out or "cp-sat" in out)
-    assert main(["plan", "twill", "--graph", str(f), "--machine", "h100", "--time-limit", "0.3", "--json"]) == 0
-    d = json.loads(capsys.readouterr().out)
-    assert d["method"] in ("heuristic", "cp-sat") and d["ii"] >= d["mii"]
-    assert d["status"] != "optimal" or d["ii"] == d["mii"]
+    solve(make_problem("toy-attention", "h100"), TINY)  # OR-Tools imported before the CPU clock below
+
+    def plan(*extra: str) -> str | None:
+        """The CLI's stdout, or None after the time-limit error when this process was starved of CPU."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        rc = main(["plan", "twill", "--graph", str(f), "--machine", "h100", "--time-limit", "0.3", *extra])
+        out, err = capsys.readouterr()
+        if rc == 2 and _starved(time.process_time() - c0, time.perf_counter() - t0):
+            assert err.startswith("error: ") and "within the time limit of 0.3 s" in err and err.count("\n") == 1
+            return None
+        assert rc == 0, err
+        return out
+
+    out = plan()
+    assert out is None or ("method" in out and ("heuristic" in out or "cp-sat" in out))
+    out = plan("--json")
+    if out is not None:
+        d = json.loads(out)
+        assert d["method"] in ("heuristic", "cp-sat") and d["ii"] >= d["mii"]
+        assert d["status"] != "optimal" or d["ii"] == d["mii"]
     assert main(["plan", "twill", "--graph", "fa4-blackwell", "--load-slack", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["load_slack"] and d["method"] == "cp-sat" and d["ii"] == 6
@@ -222,9 +256,9 @@ def test_large_latencies_solve_fast_and_exact():
     solved and scaled back bounds I from above (at most 32 x the heuristic's I there); the answer is validated and
     never 'optimal' unless proved."""
     prob = check_graph(_scaled("toy-attention", 256), H100)
-    t0 = time.perf_counter()
+    c0 = time.process_time()  # CPU time (one thread): wall time grows with other jobs on the 2 cores
     s = solve(prob, SolveParams(time_limit=20.0, seed=0, threads=1))
-    assert time.perf_counter() - t0 < 3.0
+    assert time.process_time() - c0 < 3.0
     assert (s.ii, s.status, s.method) == (512, "optimal", "cp-sat")
     make_plan(prob, s, simulate=False)
     assert twill_model.time_unit(prob, warp=False) == 256
@@ -234,9 +268,9 @@ def test_large_latencies_solve_fast_and_exact():
     assert coarse is not None and coarse.ii == 512 and coarse.method == "cp-sat-coarse"
     h = heuristic_schedule(prob)  # long tables (64-192 cycles) folded into runs: valid, checked inside
     assert h is not None and 512 <= h.ii <= 520
-    t0 = time.perf_counter()
+    c0 = time.process_time()
     s = solve(prob, SolveParams(time_limit=20.0, seed=0, threads=1))
-    assert (s.ii, s.status, s.method) == (512, "optimal", "cp-sat") and time.perf_counter() - t0 < 10.0
+    assert (s.ii, s.status, s.method) == (512, "optimal", "cp-sat") and time.process_time() - c0 < 10.0
     make_plan(prob, s, simulate=False)
     gd = random_graph(20, 3, scale=32)
     prob = check_graph(Graph.model_validate(gd), H100)
@@ -346,13 +380,15 @@ def test_one_deadline_bounds_the_whole_solve():
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         s = solve(prob, TINY)
-    except ValueError as err:
+    except TimeLimitError as err:
         assert "within the time limit" in str(err) and "infeasible" not in str(err)
     else:
         assert s.seconds <= time.perf_counter() - t0
         _check_plan(prob, s, gd)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    assert cpu <= 1.5 * TINY.time_limit + 0.5 and wall <= 4 * (1.5 * TINY.time_limit + 0.5), (cpu, wall)
+    # wall time only with at least half a CPU: starved, one finishing step past the deadline can take seconds
+    assert cpu <= 1.5 * TINY.time_limit + 0.5, (cpu, wall)
+    assert wall <= 4 * (1.5 * TINY.time_limit + 0.5) or _starved(cpu, wall), (cpu, wall)
     # the heuristic alone under a deadline: it stops by then (+ one step), with a validated schedule or None
     t0, c0 = time.perf_counter(), time.process_time()
     h = heuristic_schedule(prob, time_limit=0.1, deadline=t0 + 0.2)
