@@ -56,7 +56,7 @@ def _adherence() -> int:
     from adasched.planner.solver import SolveParams
 
     from .graph import Graph, check_graph, load_machine
-    from .model import solve
+    from .model import TimeLimitError, solve
     from .randgraph import random_graph
 
     h100 = load_machine("h100")
@@ -74,8 +74,10 @@ def _adherence() -> int:
                     try:
                         s = solve(prob, SolveParams(time_limit=limit, seed=0, threads=1))
                         res = f"I = {s.ii} (MII {s.mii.mii}), {s.method}, {s.status}"
-                    except ValueError:
+                    except TimeLimitError:
                         res = "error: time limit ran out"
+                    except ValueError as err:  # e.g. proved: no warp schedule within the register limits
+                        res = f"error: {err}"
                     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
                     runs += 1
                     late += wall > 1.2 * limit + 0.1

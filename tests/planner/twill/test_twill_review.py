@@ -278,3 +278,29 @@ def test_time_limit_error_is_its_own_type(monkeypatch, tmp_path, capsys):
     assert not isinstance(exc.value, TimeLimitError)
     with pytest.raises(ValueError, match="no warp schedule up to I = 16"):
         min_ii_warp(gd, machine.model_dump(), max_ii=16)
+
+
+def test_adherence_table_names_only_time_outs_as_time_outs(monkeypatch, capsys):
+    """``scalebench --adherence`` printed 'error: time limit ran out' for any ValueError from solve, a graph proved
+    to have no schedule included; now only for TimeLimitError, other errors with their own text."""
+    from adasched.planner.twill import TimeLimitError, scalebench
+
+    real = twill_model.solve
+
+    def fake(problem, params=None, **kw):
+        if problem.graph.name == "rand4-s0":  # the table's warm-up solve (imports)
+            return real(problem, params, **kw)
+        if problem.warp:
+            raise ValueError(f"graph {problem.graph.name!r}: no warp-specialised schedule: the register limits")
+        raise TimeLimitError(f"graph {problem.graph.name!r}: no schedule found within the time limit")
+
+    monkeypatch.setattr(twill_model, "solve", fake)
+    assert scalebench.main(["--adherence"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| rand")]
+    assert len(rows) == 72
+    for r in rows:
+        name = r[2:].split(" |")[0]
+        want = (f"| error: graph '{name}': no warp-specialised schedule: the register limits |"
+                if name.endswith("-warp") else "| error: time limit ran out |")
+        assert r.endswith(want), r
+    assert sum(r.endswith("time limit ran out |") for r in rows) == 36
