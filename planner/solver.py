@@ -24,14 +24,18 @@ __all__ = ["SolveParams", "SolveOutcome", "solve_pulp", "solve_linear", "solve_c
 
 Status = Literal["optimal", "feasible", "heuristic", "infeasible", "timeout"]
 
+MAX_THREADS = 1024
+"""Most solver threads a SolveParams takes (CP-SAT refuses 100000 workers as an invalid model)."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class SolveParams:
     time_limit: float = 10.0
     """Wall-clock limit in seconds."""
     seed: int = 0
+    """Any int >= 0; the solvers (32-bit seeds) get :attr:`solver_seed`."""
     threads: int = 1
-    """Solver threads; 1 keeps CBC and CP-SAT deterministic."""
+    """Solver threads (1..MAX_THREADS); 1 keeps CBC and CP-SAT deterministic."""
     mip_gap: float = 1e-6
     """Relative gap at which the MILP is considered solved (proved within this gap counts as optimal)."""
     msg: bool = False
@@ -43,10 +47,18 @@ class SolveParams:
     def __post_init__(self):
         if not (self.time_limit > 0 and math.isfinite(self.time_limit)):
             raise ValueError(f"time_limit must be a positive number of seconds, got {self.time_limit}")
-        if self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        if not 1 <= self.threads <= MAX_THREADS:
+            raise ValueError(f"threads must be in 1..{MAX_THREADS}, got {self.threads}")
         if self.node_limit is not None and (isinstance(self.node_limit, bool) or self.node_limit < 1):
             raise ValueError(f"node_limit must be a positive number of nodes, got {self.node_limit}")
+
+    @property
+    def solver_seed(self) -> int:
+        """The seed folded into [0, 2**31 - 2]: CP-SAT's random_seed and CBC's/SCIP's seeds are 32-bit (CBC gets
+        it + 1); a larger ``seed`` (a data seed reused) raised a TypeError inside OR-Tools."""
+        return self.seed % (2 ** 31 - 1)
 
 
 @dataclass
@@ -115,7 +127,7 @@ def solve_pulp(prob, params: SolveParams, warm_start: dict[str, float] | None = 
         threads=params.threads if params.threads > 1 else None,
         gapRel=params.mip_gap,
         warmStart=bool(warm_start),
-        options=[f"randomSeed {params.seed + 1}", f"randomCbcSeed {params.seed + 1}"]
+        options=[f"randomSeed {params.solver_seed + 1}", f"randomCbcSeed {params.solver_seed + 1}"]
         + ([f"maxNodes {int(params.node_limit)}"] if params.node_limit is not None else []),
     )
     t0 = time.perf_counter()
@@ -164,7 +176,7 @@ def solve_linear(solver, params: SolveParams, hint: dict[Any, float] | None = No
     name = (name or (solver.SolverVersion().split()[0] if solver.SolverVersion() else "mip")).lower()
     if "scip" in name:
         extra = f"limits/nodes = {int(params.node_limit)}\n" if params.node_limit is not None else ""
-        solver.SetSolverSpecificParametersAsString(f"randomization/randomseedshift = {params.seed}\n{extra}")
+        solver.SetSolverSpecificParametersAsString(f"randomization/randomseedshift = {params.solver_seed}\n{extra}")
     elif params.node_limit is not None:
         raise ValueError(f"node_limit: supported with SCIP (and CBC through solve_pulp), not {name}")
     note = None
@@ -219,7 +231,7 @@ def solve_cpsat(model, params: SolveParams, hint: dict[Any, int] | None = None,
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = params.time_limit
     solver.parameters.num_search_workers = params.threads
-    solver.parameters.random_seed = params.seed
+    solver.parameters.random_seed = params.solver_seed
     solver.parameters.log_search_progress = params.msg
     for key, val in (overrides or {}).items():
         if key in _CPSAT_OWNED:

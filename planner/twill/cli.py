@@ -38,8 +38,9 @@ def register(groups) -> None:
         check_output_path(plot, "--plot")
         try:
             params = SolveParams(time_limit=time_limit, seed=seed, threads=threads)
-        except ValueError as err:
-            raise InputError("--time-limit/--threads", str(err)) from None
+        except ValueError as err:  # the message starts with the field's name
+            field = str(err).split()[0]
+            raise InputError({"seed": "--seed", "threads": "--threads"}.get(field, "--time-limit"), str(err)) from None
         plan = plan_twill(graph, machine, params, load_slack=load_slack)
         if out:
             save_plan(plan, out)

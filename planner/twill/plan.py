@@ -65,7 +65,7 @@ class TwillPlan(Plan):
     load_slack: bool = Field(default=False, description="the objective preferred slack (deeper buffers) after "
                                                         "variable-latency loads, below groups and channels")
     stages: int = Field(ge=1)
-    cycle_ns: float
+    cycle_ns: float = Field(gt=0, allow_inf_nan=False)
     ops: list[OpSlot]
     warp_groups: list[WarpGroup]
     channels: list[str] = Field(description="value edges that cross warp groups (u->v)")
@@ -74,7 +74,8 @@ class TwillPlan(Plan):
                                           "first instances run in the prologue")
     knobs: TritonKnobs
     attempts: list[AttemptRecord]
-    sim_cycles_per_iteration: float | None = Field(default=None, description="simsched, ASAP in-order issue")
+    sim_cycles_per_iteration: float | None = Field(default=None, ge=0, allow_inf_nan=False,
+                                                   description="simsched, ASAP in-order issue")
     sim_deadlock: bool | None = None
     sim_replay_exact: bool | None = Field(default=None, description="simsched replaying the static schedule "
                                           "issued every op instance exactly at its scheduled cycle")
@@ -99,6 +100,11 @@ class TwillPlan(Plan):
             members = sorted(s.name for s in self.ops if s.warp_group == q)
             if sorted(g.ops) != members:
                 errors.append(f"warp group {q} lists ops {sorted(g.ops)}, the schedule puts {members} there")
+        reserved = {o.get("name"): sorted(u for u, row in (o.get("reserve") or {}).items() if any(row))
+                    for o in self.graph.get("ops", []) if isinstance(o, dict)}
+        for s in self.ops:  # the units drawn for an op are the ones its reservation table holds
+            if s.name in reserved and sorted(s.units) != reserved[s.name]:
+                errors.append(f"op {s.name}: units {sorted(s.units)}, its reservation table holds {reserved[s.name]}")
         if self.ops and self.stages != max(s.stage for s in self.ops) + 1:
             errors.append(f"stages {self.stages} != the last op's stage + 1 ({max(s.stage for s in self.ops) + 1})")
         try:

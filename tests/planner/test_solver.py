@@ -295,3 +295,26 @@ def test_cpsat_overrides_set_a_repeated_field_from_a_list():
     for bad in ("default_lp", [1, 2], 5):
         with pytest.raises(ValueError, match="'subsolvers': .* has the wrong type"):
             solve_cpsat(m, P, overrides={"subsolvers": bad})
+
+
+def test_seed_and_threads_are_checked_and_large_seeds_fold_into_the_solvers_range():
+    """Sweep findings: `plan twill --seed 1e23` was a TypeError traceback from OR-Tools (CP-SAT's random_seed is
+    32-bit) and `--threads 100000` an 'invalid model' line naming no option. A seed of any size >= 0 now solves
+    (folded into [0, 2**31 - 2] for the solvers); negative seeds and threads outside 1..MAX_THREADS are refused."""
+    from ortools.sat.python import cp_model
+
+    from adasched.planner.solver import MAX_THREADS
+
+    big = SolveParams(time_limit=2, seed=99999999999999999999999)
+    assert 0 <= big.solver_seed < 2 ** 31 - 1 and big.solver_seed == 99999999999999999999999 % (2 ** 31 - 1)
+    assert SolveParams(seed=12345).solver_seed == 12345
+    m = cp_model.CpModel()
+    x = m.NewIntVar(0, 7, "x")
+    m.Add(x >= 3)
+    m.Minimize(x)
+    out = solve_cpsat(m, big)
+    assert out.status == "optimal" and out.objective == 3
+    for kwargs, needle in (({"seed": -1}, "seed must be an int >= 0"), ({"seed": True}, "seed must be an int"),
+                           ({"threads": 0}, "threads must be in 1.."), ({"threads": MAX_THREADS + 1}, "threads must")):
+        with pytest.raises(ValueError, match=needle):
+            SolveParams(**kwargs)

@@ -120,3 +120,33 @@ def test_show_refuses_a_tampered_twill_plan(tmp_path, capsys, assert_show_refuse
     assert_show_refuses(good, [(below_mii, "ii 1 is below the plan's MII 8"),
                                (bad_group, "warp group 7 is not one of the plan's"), (moved, "issue distance"),
                                (wrong_stages, "stages"), (no_edges, "not the ones the plan was solved for")])
+
+
+def test_bad_seed_threads_and_plan_fields_are_one_error_line(tmp_path, capsys):
+    """Sweep findings: --seed 1e23 raised a TypeError traceback from OR-Tools, --threads 100000 printed 'CP-SAT model
+    invalid:' naming no option; a plan whose cycle_ns is NaN, whose simulated cycles are inf or whose op draws on
+    a unit its reservation table does not hold was read and drawn."""
+    import json
+
+    from adasched.planner.cli import main
+
+    base = ["plan", "twill", "--graph", "toy-attention", "--machine", "h100", "--time-limit", "5"]
+    for opts, needle in ((["--seed", "-3"], "error: --seed: seed must be an int >= 0"),
+                         (["--threads", "100000"], "error: --threads: threads must be in 1..1024")):
+        assert main(base + opts) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(needle) and err.count("\n") == 1, err
+    out = tmp_path / "p.json"
+    assert main(base + ["--seed", str(10 ** 23), "--out", str(out)]) == 0
+    capsys.readouterr()
+    plan = json.loads(out.read_text())
+    for change, needle in ((lambda d: d.update(cycle_ns=float("nan")), "cycle_ns"),
+                           (lambda d: d.update(sim_cycles_per_iteration=float("inf")), "sim_cycles_per_iteration"),
+                           (lambda d: d["ops"][0].update(units=["XYZ"]), "its reservation table holds")):
+        bad = json.loads(json.dumps(plan))
+        change(bad)
+        f = tmp_path / "bad.json"
+        f.write_text(json.dumps(bad))
+        assert main(["show", str(f)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err and err.count("\n") == 1, err
