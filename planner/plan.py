@@ -16,7 +16,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from adasched.profiler.io import InputError, atomic_write_json, load_model, read_json
+from adasched.profiler.io import InputError, atomic_write_json, check_iso_time, load_model, read_json
 
 __all__ = [
     "PLAN_SCHEMA_VERSION",
@@ -85,11 +85,7 @@ class Plan(BaseModel):
     @field_validator("created")
     @classmethod
     def _iso_time(cls, v: str) -> str:
-        try:
-            datetime.fromisoformat(v)
-        except ValueError:
-            raise ValueError(f"{v!r} is not an ISO 8601 time") from None
-        return v
+        return check_iso_time(v)
 
     # ---- presentation hooks, overridden per kind ------------------------------------------------
     def summary_rows(self) -> list[tuple[str, str]]:

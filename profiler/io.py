@@ -14,7 +14,7 @@ from typing import Any, Iterator, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["InputError", "atomic_path", "check_output_path", "check_output_folder", "atomic_write_text",
+__all__ = ["InputError", "check_iso_time", "atomic_path", "check_output_path", "check_output_folder", "atomic_write_text",
            "atomic_write_json", "save_figure", "FIGURE_FORMATS", "read_text", "read_json", "load_model",
            "describe_validation_error", "error_line"]
 
@@ -136,6 +136,17 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()  # read once at import: os.umask() briefly changes process state, so not per write
+
+
+def check_iso_time(v: str) -> str:
+    """``v`` if it is an ISO 8601 time (a plan's or profile's ``created``), else a ValueError saying so."""
+    from datetime import datetime
+
+    try:
+        datetime.fromisoformat(v)
+    except ValueError:
+        raise ValueError(f"{v!r} is not an ISO 8601 time") from None
+    return v
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
-from .io import InputError, atomic_write_json, load_model
+from .io import InputError, atomic_write_json, check_iso_time, load_model
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -168,11 +168,7 @@ class ClusterProfile(_Strict):
     @field_validator("created")
     @classmethod
     def _iso_time(cls, v: str) -> str:
-        try:
-            datetime.fromisoformat(v)
-        except ValueError:
-            raise ValueError(f"{v!r} is not an ISO 8601 time") from None
-        return v
+        return check_iso_time(v)
 
     @model_validator(mode="after")
     def _check(self) -> "ClusterProfile":

@@ -57,13 +57,11 @@ def test_ortools_linear_knapsack_matches_brute_force(backend):
         assert "hint not passed" in out.record().note
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_cpsat_assignment_matches_brute_force(seed):
+def _assignment_model(rng, n: int, high: int):
+    """A random n x n assignment problem as a CP-SAT model: (model, x[i, j] booleans, brute-force optimum, costs)."""
     from ortools.sat.python import cp_model
 
-    rng = np.random.default_rng(seed)
-    n = 5
-    c = rng.integers(1, 100, (n, n))
+    c = rng.integers(1, high, (n, n))
     best = min(sum(int(c[i, p[i]]) for i in range(n)) for p in itertools.permutations(range(n)))
     m = cp_model.CpModel()
     x = {(i, j): m.NewBoolVar(f"x_{i}_{j}") for i in range(n) for j in range(n)}
@@ -71,6 +69,13 @@ def test_cpsat_assignment_matches_brute_force(seed):
         m.AddExactlyOne(x[i, j] for j in range(n))
         m.AddExactlyOne(x[j, i] for j in range(n))
     m.Minimize(sum(int(c[i, j]) * x[i, j] for i in range(n) for j in range(n)))
+    return m, x, best, c
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cpsat_assignment_matches_brute_force(seed):
+    n = 5
+    m, x, best, c = _assignment_model(np.random.default_rng(seed), n, 100)
     ident = {x[i, j]: int(i == j) for i in range(n) for j in range(n)}  # the identity: a feasible hint
     out = solve_cpsat(m, P, hint=ident, variables=list(x.values()))
     assert out.status == "optimal" and out.objective == best and out.bound == best
@@ -249,18 +254,8 @@ def test_cpsat_overrides_reach_the_solver_and_bad_ones_are_errors():
     """``overrides`` sets SatParameters fields by name on the solver that runs (read back from it), the answer is
     unchanged (the assignment problem again, checked by brute force); an unknown field, a wrong type, or a field
     SolveParams owns is a ValueError; without overrides the defaults stay (symmetry_level 2)."""
-    from ortools.sat.python import cp_model
-
-    rng = np.random.default_rng(7)
     n = 4
-    c = rng.integers(1, 50, (n, n))
-    best = min(sum(int(c[i, p[i]]) for i in range(n)) for p in itertools.permutations(range(n)))
-    m = cp_model.CpModel()
-    x = {(i, j): m.NewBoolVar(f"x_{i}_{j}") for i in range(n) for j in range(n)}
-    for i in range(n):
-        m.AddExactlyOne(x[i, j] for j in range(n))
-        m.AddExactlyOne(x[j, i] for j in range(n))
-    m.Minimize(sum(int(c[i, j]) * x[i, j] for i in range(n) for j in range(n)))
+    m, x, best, _ = _assignment_model(np.random.default_rng(7), n, 50)
     out = solve_cpsat(m, P, overrides={"symmetry_level": 0, "cp_model_probing_level": 1})
     assert out.status == "optimal" and out.objective == best
     assert out.solver.parameters.symmetry_level == 0 and out.solver.parameters.cp_model_probing_level == 1
