@@ -314,7 +314,8 @@ def expert_grad_allreduce_ms(cfg: MoEConfig, topo: Topology, *, source: Literal[
     across = topo.gpus > topo.gpus_per_node
     conc = (topo.gpus_per_node if topo.hierarchical else min(topo.ep_size, topo.gpus_per_node)) if across else 1
     what = (f"expert-gradient all-reduce over {copies} copies"
-            + (f" ({conc} groups per node at once: one all-reduce of {conc} shards over {topo.gpus} GPUs)"
+            + (f" ({conc} group{'s' * (conc != 1)} per node at once: one all-reduce of {conc} "
+               f"shard{'s' * (conc != 1)} over {topo.gpus} GPUs)"
                if across else ""))
     if source == "published":
         from adasched.profiler.builtins import FSMOE_ALPHA_MS, FSMOE_BETA_MS
