@@ -783,7 +783,8 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
     if not proven:
         lower = [a.ii for a in attempts if a.ii < best.ii and a.status == "timeout" and a.warp == best.warp]
         lower += [a.ii for a in attempts if a.ii < best.ii and a.status == "timeout" and not a.warp]
-        notes.append(f"I = {best.ii} not proved minimal: I = {sorted(set(lower))} timed out")
+        notes.append(f"I = {best.ii} not proved minimal: " + (f"I = {sorted(set(lower))} timed out" if lower else
+                     f"the time limit ran out before every I in [{bounds.mii}, {best.ii}) was tried"))
     if best.status != "optimal":
         notes.append("secondary objective (groups, channels, span) not proved optimal")
     heur_used = heur_warp if warp else heur_plain
