@@ -17,6 +17,7 @@ from adasched.planner.twill.model import TimeLimitError, solve
 from adasched.planner.twill.oracle import min_ii, min_ii_warp
 from adasched.planner.twill.plan import make_plan
 from adasched.planner.twill.randgraph import random_graph
+from adasched.planner.twill.scalebench import _scaled
 from adasched.planner.twill.simsched import simulate_schedule
 from adasched.planner.twill.validator import validate
 
@@ -240,22 +241,13 @@ def test_interval_encoding_equals_the_time_indexed_one():
             assert (a.status, a.objective) == (b.status, b.objective), (graph, ii)
 
 
-def _scaled(name: str, k: int) -> Graph:
-    g = make_problem(name, "h100").graph.model_copy(deep=True)
-    for o in g.ops:
-        o.reserve = {u: [c for c in row for _ in range(k)] for u, row in o.reserve.items()}
-    for e in g.edges:
-        e.delay *= k
-    return g
-
-
 def test_large_latencies_solve_fast_and_exact():
     """Costs in raw-cycle-like units. The toy loop x256 (I = 512): the one-hot model spent 5.5 s here before
     (I booleans per op); now optimal in well under 3 s. FA3 x64 (warp problem): optimal I = 512 (before: found,
     not proved optimal in 60 s). A 20-op random graph x32: the problem in units of 32
     solved and scaled back bounds I from above (at most 32 x the heuristic's I there); the answer is validated and
     never 'optimal' unless proved."""
-    prob = check_graph(_scaled("toy-attention", 256), H100)
+    prob = check_graph(_scaled("toy-attention", "h100", 256), H100)
     c0 = time.process_time()  # CPU time (one thread): wall time grows with other jobs on the 2 cores
     s = solve(prob, SolveParams(time_limit=20.0, seed=0, threads=1))
     assert time.process_time() - c0 < 3.0
@@ -263,7 +255,7 @@ def test_large_latencies_solve_fast_and_exact():
     make_plan(prob, s, simulate=False)
     assert twill_model.time_unit(prob, warp=False) == 256
     # the warp problem in units of 64 (handoff 1 rounded up to 1 unit = 64 cycles: still valid, an upper bound)
-    prob = check_graph(_scaled("fa3-hopper", 64), H100)
+    prob = check_graph(_scaled("fa3-hopper", "h100", 64), H100)
     coarse = twill_model._coarse_schedule(prob, True, SolveParams(time_limit=5.0, seed=0, threads=1))
     assert coarse is not None and coarse.ii == 512 and coarse.method == "cp-sat-coarse"
     h = heuristic_schedule(prob)  # long tables (64-192 cycles) folded into runs: valid, checked inside
