@@ -39,9 +39,7 @@ def register(groups) -> None:
         from .local import in_torchrun, profile_in_world, profile_local
         from .report import profile_rows
 
-        from .io import check_output_path
-
-        from .io import InputError
+        from .io import InputError, check_output_path
 
         check_output_path(out, "--out")  # before minutes of measuring, and before any note on stderr
         import os

@@ -85,12 +85,7 @@ def check_output_path(path: str | os.PathLike | None, option: str, *, figure: bo
         path = _write_target(given, option)
     except InputError as err:
         raise InputError(option, f"{given} {err.what}") from None
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise InputError(option, f"{path}: {parent} is not a directory")
-            _probe_folder(parent, option, path)
-            break
+    _probe_nearest_folder(path.parents, option, path)
     if (option == "--plot" if figure is None else figure) and path.suffix:
         fmt = path.suffix[1:].lower()
         if fmt not in FIGURE_FORMATS:
@@ -106,18 +101,19 @@ def check_output_folder(path: str | os.PathLike, option: str) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(option, f"{path} exists and is not a folder")
-    for folder in (path, *path.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise InputError(option, f"{path}: {folder} is not a directory")
-            _probe_folder(folder, option, path)
-            return
+    _probe_nearest_folder((path, *path.parents), option, path)
 
 
-def _probe_folder(folder: Path, option: str, path: Path) -> None:
-    """Create and remove a temp file in ``folder`` (the nearest existing folder of ``path``): a read-only or
-    pseudo file system (/proc, /sys), or a folder without write permission, fails here, before any work, instead
-    of after minutes of solving or measuring - or after another output was already written."""
+def _probe_nearest_folder(candidates, option: str, path: Path) -> None:
+    """The first existing one of ``candidates`` (``path``'s folders, nearest first) must be a folder we can write
+    in: a temp file is created and removed there, so a read-only or pseudo file system (/proc, /sys), or a folder
+    without write permission, fails here, before any work, instead of after minutes of solving or measuring - or
+    after another output was already written."""
+    folder = next((f for f in candidates if f.exists()), None)
+    if folder is None:
+        return
+    if not folder.is_dir():
+        raise InputError(option, f"{path}: {folder} is not a directory")
     try:
         fd, tmp = tempfile.mkstemp(prefix=".adasched-probe-", dir=folder)
     except OSError as err:
