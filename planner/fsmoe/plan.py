@@ -152,16 +152,19 @@ class MoEPlan(Plan):
                            f"{c.fwd_bwd_ms:.2f} ms (no pipelining {c.baselines_fwd_bwd_ms['no-pipeline']:.2f} ms)")
 
     def check_ep_size(self, ep_size: int, config: str | None = None, *, world: int | None = None) -> MoEConfigPlan:
-        """The plan entry for a runtime with expert-parallel size ``ep_size`` (and, given, ``world`` data-parallel
-        ranks); a clear one-line error if it was made for another EP size or another number of GPUs (its dense
-        gradient all-reduce and expert copies were costed for ``self.gpus``)."""
-        for c in self.configs:
-            if config is None or c.name == config:
-                if c.ep_size != ep_size or (world is not None and world != self.gpus):
-                    made = f"{self.gpus} GPUs with EP size {c.ep_size}"
-                    run = f"{world} ranks with EP size {ep_size}" if world is not None else f"EP size {ep_size}"
-                    fix = (f" (re-plan: adasched plan moe --gpus {world} --ep-size {ep_size})"
-                           if world is not None and world % ep_size == 0 else "")
-                    raise InputError("plan", f"{c.name}: made for {made}, the runtime has {run}{fix}")
-                return c
-        raise InputError("plan", f"no configuration named {config!r} (have: {', '.join(c.name for c in self.configs)})")
+        """The plan entry ``config`` (default: the first) for a runtime with expert-parallel size ``ep_size`` (and,
+        given, ``world`` data-parallel ranks); a clear one-line error if it is missing or was made for another EP
+        size or another number of GPUs (its dense gradient all-reduce and expert copies were costed for
+        ``self.gpus``: ``adasched plan moe --gpus D --ep-size K`` plans EP groups of K inside D)."""
+        cfgs = [c for c in self.configs if config in (None, c.name)]
+        if not cfgs:
+            raise InputError("plan", f"configuration {config!r} not in the plan "
+                                     f"({', '.join(c.name for c in self.configs)})")
+        c = cfgs[0]
+        if c.ep_size != ep_size or (world is not None and world != self.gpus):
+            run = f"{world} ranks with EP size {ep_size}" if world is not None else f"EP size {ep_size}"
+            hint = (f"; plan it with adasched plan moe --gpus {world} --ep-size {ep_size}"
+                    if world is not None and ep_size >= 1 and world % ep_size == 0 else "")
+            raise InputError("plan", f"configuration {c.name!r} was planned for {self.gpus} GPUs with EP size "
+                                     f"{c.ep_size}, this run has {run} (--ep-size, default: the world size){hint}")
+        return c

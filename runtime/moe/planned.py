@@ -64,17 +64,10 @@ def load_pipeline(path: str | Path, *, ep_size: int, num_layers: int, config: st
     from adasched.profiler.io import InputError
 
     plan = load_plan(path, expect=MoEPlan)
-    cfgs = [c for c in plan.configs if config in (None, c.name)]
-    if not cfgs:
-        raise InputError(str(path), f"configuration {config!r} not in the plan "
-                                    f"({', '.join(c.name for c in plan.configs)})")
-    c = cfgs[0]
-    if c.ep_size != ep_size or (world is not None and world != plan.gpus):
-        hint = (f"; plan it with adasched plan moe --gpus {world} --ep-size {ep_size}"
-                if world is not None and ep_size >= 1 and world % ep_size == 0 else "")
-        raise InputError(str(path), f"configuration {c.name!r} was planned for {plan.gpus} GPUs with EP size "
-                                    f"{c.ep_size}, this run has {world if world is not None else '?'} ranks with EP "
-                                    f"size {ep_size} (--ep-size, default: the world size){hint}")
+    try:
+        c = plan.check_ep_size(ep_size, config, world=world)
+    except InputError as err:                           # the same check, naming the file
+        raise InputError(str(path), err.what) from None
     if num_layers < 1:
         raise ValueError(f"num_layers: {num_layers} must be >= 1")
     layers = [c.layers[min(i, len(c.layers) - 1)] for i in range(num_layers)]
