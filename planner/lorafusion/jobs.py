@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from adasched.profiler.io import InputError
 
@@ -134,19 +134,22 @@ class LognormalSpec(_Strict):
     max: int = Field(default=4096, ge=1)
 
 
+def _not_a_folder_reference(v: str) -> str:
+    if v in (".", ".."):  # the trainer saves the adapter under OUT/<name>/
+        raise ValueError(f"{v!r} names a folder, not a job")
+    return v
+
+
+#: a job's name (jobs file and LoRA plan): the trainer saves its adapter under OUT/<name>/, so no "../x", "." or ".."
+JobName = Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$"), AfterValidator(_not_a_folder_reference)]
+
+
 class JobSpec(_Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: JobName
     adapter: AdapterSpec
     lengths: Union[str, LognormalSpec] = Field(description="named distribution, a file path, or a lognormal spec")
     global_batch_size: int = Field(ge=1, description="samples per global batch (optimizer step)")
     lr: float = Field(default=2e-4, gt=0, allow_inf_nan=False)
-
-    @field_validator("name")
-    @classmethod
-    def _not_a_folder_reference(cls, v: str) -> str:
-        if v in (".", ".."):  # the trainer saves the adapter under OUT/<name>/
-            raise ValueError(f"{v!r} names a folder, not a job")
-        return v
 
     @field_validator("lengths", mode="before")
     @classmethod

@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..plan import Plan, SolverRecord, inputs_digest, profile_ref
 from .baselines import mlora_baseline, sequential_baseline
 from .costmodel import StageCost, padded, stage_cost_from_profile
-from .jobs import KNOWN_TARGET_MODULES, AdapterSpec, Workload  # the adapter schema is part of the plan
+from .jobs import KNOWN_TARGET_MODULES, AdapterSpec, JobName, Workload  # the adapter schema is part of the plan
 from .model import (
     AdapterStats,
     MILP_BINARIES_PER_SECOND,
@@ -38,21 +38,13 @@ class _M(BaseModel):
 
 
 class LoRAJob(_M):
-    # the trainer saves each adapter under OUT/<name>/: a name like "../x" wrote outside OUT
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: JobName  # the trainer saves each adapter under OUT/<name>/: a name like "../x" wrote outside OUT
     adapter: AdapterSpec
     lr: float = Field(gt=0, allow_inf_nan=False)
     global_batch_size: int = Field(ge=1)
     global_batches: int = Field(ge=1)
     mean_tokens: float
     std_tokens: float
-
-    @field_validator("name")
-    @classmethod
-    def _not_a_folder_reference(cls, v: str) -> str:
-        if v in (".", ".."):
-            raise ValueError(f"{v!r} names a folder, not a job")
-        return v
 
 
 class LoRASegment(_M):
