@@ -61,11 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-#: longest --time-limit per packing MILP (seconds)
-MAX_TIME_LIMIT_S = 3600.0
-
-
 def _check_options(args: argparse.Namespace) -> None:
+    from adasched.planner.lorafusion.cli import MAX_TIME_LIMIT_S  # as `plan lora --time-limit`
     from adasched.profiler.io import InputError, check_output_folder
 
     for opt in ("vocab", "hidden", "layers", "heads", "ffn", "max_positions"):

@@ -1,7 +1,6 @@
 """`adasched plan lora` and `adasched bench lora` (thin: parsing and printing; the work is in plan.py)."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -17,18 +16,14 @@ _PROFILE_HELP = "Cluster profile: a built-in name (h100-sxm, a100-64-flexsp-pape
 
 
 def _plan(jobs: str, profile: str, time_limit: float, seed: int, no_milp: bool):
-    from adasched.profiler.io import InputError
+    from adasched.launch.cli_args import check_seconds
     from adasched.profiler.profile import load_profile
 
     from ..ui import progress
     from .jobs import build_workload, load_jobs
     from .plan import build_plan
 
-    if not time_limit > 0:  # NaN too
-        raise InputError("--time-limit", f"must be > 0 seconds, got {time_limit}")
-    if not (math.isfinite(time_limit) and time_limit <= MAX_TIME_LIMIT_S):  # inf: the plan recorded no limit
-        raise InputError("--time-limit",
-                         f"must be a finite number of seconds <= {MAX_TIME_LIMIT_S:g}, got {time_limit}")
+    check_seconds("--time-limit", time_limit, most=MAX_TIME_LIMIT_S)  # NaN; inf: the plan recorded no limit
     cfg, base, label = load_jobs(jobs)
     w = build_workload(cfg, base, where=label if not label.startswith("preset:") else f"preset {jobs}", label=label)
     prof = load_profile(profile)
