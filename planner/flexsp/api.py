@@ -17,7 +17,7 @@ from adasched.planner.plan import SolverRecord, inputs_digest, profile_ref
 from adasched.profiler.io import InputError
 from adasched.profiler.profile import ClusterProfile
 
-from .batching import MAX_CONTEXT, draw_batches, read_seqlens
+from .batching import check_max_context, draw_batches, read_seqlens
 from .costmodel import ModelShape, SPCostModel, model_preset, sp_cost_model
 from .plan import SPGroup, SPMicroBatch, SPPlan, SPStep
 from .planner import PlannerConfig, StepResult, check_fits, placed_groups, plan_step
@@ -30,8 +30,7 @@ def load_lengths(path: str | os.PathLike, max_context: int | None = None) -> np.
     the training context, as pre-training pipelines do; the step's token count then matches what is trained)."""
     lens = read_seqlens(path)
     if max_context is not None:
-        if not 1 <= max_context <= MAX_CONTEXT:  # beyond int64 was an OverflowError traceback from numpy
-            raise InputError("--max-context", f"must be in [1, 2**40] tokens, got {max_context}")
+        check_max_context(max_context)
         lens = np.minimum(lens, max_context)
     return lens
 
@@ -125,15 +124,19 @@ def to_plan(results: list[StepResult], cm: SPCostModel, profile: ClusterProfile,
 
 def plan_sp(profile: ClusterProfile, model: str | ModelShape, lengths: np.ndarray, *, gpus: int | None = None,
             global_batch: int, steps: int, seed: int = 0, config: PlannerConfig | None = None,
-            max_context: int | None = None, on_step: Callable[[StepResult], None] | None = None
-            ) -> tuple[SPPlan, list[StepResult]]:
+            max_context: int | None = None, on_step: Callable[[StepResult], None] | None = None,
+            on_checked: Callable[[], None] | None = None) -> tuple[SPPlan, list[StepResult]]:
     """Plan ``steps`` global batches drawn (seeded) from ``lengths``. Raises InputError on bad input
-    before any planning (GPU count, a sequence that does not fit even on all GPUs)."""
+    before any planning (GPU count, a sequence that does not fit even on all GPUs, a batch too large to plan in
+    this host's memory); ``on_checked`` runs once those checks passed (the CLI's notes go there, so an error is
+    the only line)."""
     config = config or PlannerConfig(seed=seed)
     cm = sp_cost_model(profile, model_preset(model) if isinstance(model, str) else model, gpus)
     check_fits(lengths, cm, where="--seqlens")
     batches = draw_batches(lengths, global_batch, steps, seed)
     check_planner_memory(batches, cm, config)
+    if on_checked is not None:
+        on_checked()
     results = []
     for k, b in enumerate(batches):
         r = plan_step(b, cm, config, step=k)

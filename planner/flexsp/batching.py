@@ -17,7 +17,8 @@ import numpy as np
 from adasched.profiler.io import InputError
 
 __all__ = ["read_seqlens", "draw_batches", "split_microbatches", "bucketize", "Bucket", "make_buckets",
-           "MAX_GLOBAL_BATCH", "MAX_STEPS", "MAX_DRAWN", "MAX_CONTEXT", "check_batch_options"]
+           "MAX_GLOBAL_BATCH", "MAX_STEPS", "MAX_DRAWN", "MAX_CONTEXT", "check_batch_options",
+           "check_max_context"]
 
 #: most sequences per global batch (--global-batch): Megatron-scale runs plan a few thousand; 10**9 allocated
 #: the whole draw up front and the process was OOM-killed (larger values overflowed numpy's sizes)
@@ -43,6 +44,12 @@ def check_batch_options(global_batch: int, steps: int) -> None:
     if steps * global_batch > MAX_DRAWN:
         raise InputError("--steps", f"{steps} global batches of {global_batch} sequences draw {steps * global_batch:,} "
                                     f"sequences, more than {MAX_DRAWN:,} per plan (the plan lists each)")
+
+
+def check_max_context(max_context: int) -> None:
+    """--max-context within [1, MAX_CONTEXT] tokens (beyond int64 was an OverflowError traceback from numpy)."""
+    if not 1 <= max_context <= MAX_CONTEXT:
+        raise InputError("--max-context", f"must be in [1, 2**40] tokens, got {max_context}")
 
 
 def read_seqlens(path: str | os.PathLike) -> np.ndarray:

@@ -55,14 +55,13 @@ MAX_SIGMA = 10.0
 def check_options(global_batch: int, steps: int, time_limit: float, max_context) -> None:
     """The numeric options of `plan sp` / `bench sp`, before any file is read: one InputError naming the option."""
     from adasched.launch.cli_args import check_seconds
-    from adasched.profiler.io import InputError
 
-    from .batching import MAX_CONTEXT, check_batch_options
+    from .batching import check_batch_options, check_max_context
 
     check_seconds("--time-limit", time_limit, most=MAX_TIME_LIMIT_S)
     check_batch_options(global_batch, steps)
-    if max_context is not None and not 1 <= max_context <= MAX_CONTEXT:
-        raise InputError("--max-context", f"must be in [1, 2**40] tokens, got {max_context}")
+    if max_context is not None:
+        check_max_context(max_context)
 
 
 #: ``--deterministic``: group structures tried per micro-batch (MILPs: PlannerConfig.milp_nodes, 50; on the
@@ -102,19 +101,18 @@ def _setup(profile: str, model: str, seqlens: str, gpus: Optional[int], max_cont
 
 
 def _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context, show_progress=True):
-    from .api import check_planner_memory
-    from .batching import draw_batches
-
-    check_planner_memory(draw_batches(lens, global_batch, steps, seed), cm, cfg)  # before the note: one line
-    if 0 < len(lens) < global_batch:  # draw_batches wraps around the file: sequences repeat inside a batch
-        sys.stderr.write(f"note: the length file has {len(lens)} sequences, fewer than --global-batch "
-                         f"{global_batch}: each global batch repeats sequences\n")
     from ..ui import progress
     from .api import plan_sp
 
+    def note_short_file():  # after plan_sp's checks: an error stays the only line
+        if 0 < len(lens) < global_batch:  # draw_batches wraps around the file: sequences repeat inside a batch
+            sys.stderr.write(f"note: the length file has {len(lens)} sequences, fewer than --global-batch "
+                             f"{global_batch}: each global batch repeats sequences\n")
+
     with progress(f"planning {steps} global batches", total=steps, enabled=show_progress) as advance:
         plan, results = plan_sp(prof, mdl, lens, gpus=cm.world, global_batch=global_batch, steps=steps, seed=seed,
-                                config=cfg, max_context=max_context, on_step=lambda r: advance())
+                                config=cfg, max_context=max_context, on_step=lambda r: advance(),
+                                on_checked=note_short_file)
     cut = [r.step for r in results if r.clock_bound]
     if cut:
         sys.stderr.write(f"note: --deterministic: a MILP of step(s) {', '.join(map(str, cut))} hit the "
