@@ -82,3 +82,5 @@ def test_fallback_with_dropout_compiles_with_a_graph_break(cpu_fallback):
     want = _run(f, x, w, bias, a, b, dy)
     got = _run(torch.compile(f, backend="aot_eager"), x, w, bias, a, b, dy)
     _same(got, want)
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(f)(x, w, bias, a, b).graph_break_count >= 1  # the break the name promises
