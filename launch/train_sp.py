@@ -102,6 +102,11 @@ def check_plan(plan, world: int, heads: int | None, where: str) -> None:
                                             f"divide the model's {heads} heads")
 
 
+def _heads(args: argparse.Namespace, plan) -> int:
+    """The model's heads: --heads, else the plan's largest SP degree (at least 4)."""
+    return args.heads or max(4, max(g.degree for st in plan.steps for mb in st.micro_batches for g in mb.groups))
+
+
 def check_model_fits(args: argparse.Namespace, plan, world: int) -> None:
     """Refuse a model (--layers, --heads, --head-dim, --max-len) whose weights, gradients and Adam state on
     ``world`` CPU ranks exceed this host's memory (a gloo run; an nccl run keeps them on its GPUs)."""
@@ -112,7 +117,7 @@ def check_model_fits(args: argparse.Namespace, plan, world: int) -> None:
 
         if torch.cuda.is_available():
             return
-    heads = args.heads or max(4, max(g.degree for st in plan.steps for mb in st.micro_batches for g in mb.groups))
+    heads = _heads(args, plan)
     hidden = heads * args.head_dim
     vocab = 256  # TinyGPTConfig's
     params = args.layers * 12 * hidden * hidden + (2 * vocab + args.max_len) * hidden
@@ -237,7 +242,7 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
             else torch.device("cpu")
         dtype = getattr(torch, args.dtype)
         pool = get_pool(timeout_s=args.timeout)
-        heads = args.heads or max(4, max(g.degree for st in plan.steps for mb in st.micro_batches for g in mb.groups))
+        heads = _heads(args, plan)
         cfg = TinyGPTConfig(hidden=heads * args.head_dim, heads=heads, layers=args.layers, max_len=args.max_len)
         torch.manual_seed(args.seed)
         model = TinyGPT(cfg).to(device=device, dtype=dtype)
