@@ -61,7 +61,11 @@ __all__ = ["prepare_for_deepspeed", "deepspeed_group_name"]
 
 def deepspeed_group_name(ep: ExpertParallel) -> str:
     """DeepSpeed's name of an expert-parallel layout: ``"ep_size_<P>"`` (its registry is keyed by the EP size)."""
-    return f"ep_size_{ep.size}"
+    return _group_name(ep.size)
+
+
+def _group_name(ep_size: int) -> str:
+    return f"ep_size_{ep_size}"
 
 
 def _marker_class():
@@ -81,7 +85,7 @@ def _marker_class():
             self.num_experts = num_experts
             self.ep_size = ep_size
             self.num_local_experts = num_experts // ep_size
-            self.expert_group_name = f"ep_size_{ep_size}"
+            self.expert_group_name = _group_name(ep_size)
             self.use_residual = False
             self.enable_expert_tensor_parallelism = False
 
