@@ -10,7 +10,8 @@ import math
 import os
 import sys
 
-__all__ = ["ArgParser", "is_rank0", "check_seconds", "check_model_memory", "MAX_LAYERS", "MAX_TIMEOUT_S"]
+__all__ = ["ArgParser", "is_rank0", "check_seconds", "check_host_memory", "check_model_memory", "MAX_LAYERS",
+           "MAX_TIMEOUT_S"]
 
 #: most transformer layers a launcher's tiny CPU model takes (a bound on the time to build it)
 MAX_LAYERS = 1024
@@ -45,11 +46,17 @@ def check_model_memory(params: int, bytes_per_param: int, ranks: int, options: s
     """Refuse a model whose ``params`` (a lower bound is enough) x ``bytes_per_param`` (every copy a rank keeps:
     weights, gradients, optimizer state) x ``ranks`` on this host exceeds the host's memory: one line naming
     ``options`` (the size options) instead of an allocator traceback or a swapping machine."""
+    need = params * bytes_per_param * max(1, ranks)
+    check_host_memory(need, options, f"the model has at least {params:,} parameters: {need / 2**30:,.1f} GiB for "
+                                     f"{what} on {ranks} rank(s)")
+
+
+def check_host_memory(need: int, options: str, what: str) -> None:
+    """Refuse ``need`` bytes (``what`` needs them: the error line's text before ", more than this host's N GiB")
+    beyond this host's memory, as an InputError naming ``options``."""
     from adasched.profiler.inventory import _memory_bytes
     from adasched.profiler.io import InputError
 
-    need = params * bytes_per_param * max(1, ranks)
     have = _memory_bytes()
     if need > have:
-        raise InputError(options, f"the model has at least {params:,} parameters: {need / 2**30:,.1f} GiB for "
-                                  f"{what} on {ranks} rank(s), more than this host's {have / 2**30:,.1f} GiB")
+        raise InputError(options, f"{what}, more than this host's {have / 2**30:,.1f} GiB")

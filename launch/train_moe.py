@@ -26,7 +26,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from adasched.launch.cli_args import MAX_LAYERS, ArgParser, check_model_memory, is_rank0
+from adasched.launch.cli_args import MAX_LAYERS, ArgParser, check_host_memory, check_model_memory, is_rank0
 
 __all__ = ["main", "train_schedule", "compare_schedules", "layer_routers"]
 
@@ -326,14 +326,9 @@ def _check_sizes(args, world: int) -> None:
                        "weights, gradients and AdamW state")
     # a step's fp32 activations kept for the backward, at least: the logits and, per layer, the attention block's
     # q, k, v, output and residual and the expert FFN's hidden (a batch of 10**20 passed and failed in training)
-    from adasched.profiler.inventory import _memory_bytes
-    from adasched.profiler.io import InputError
-
     act = args.batch * args.seq * (args.vocab + args.layers * (5 * args.d + args.ffn)) * 4 * max(1, ranks)
-    if act > _memory_bytes():
-        raise InputError("--batch/--seq", f"{args.batch} x {args.seq} tokens per rank keep at least "
-                                          f"{act / 2**30:,.1f} GiB of activations on {ranks} rank(s), more than this "
-                                          f"host's {_memory_bytes() / 2**30:,.1f} GiB")
+    check_host_memory(act, "--batch/--seq", f"{args.batch} x {args.seq} tokens per rank keep at least "
+                                            f"{act / 2**30:,.1f} GiB of activations on {ranks} rank(s)")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr: {args.lr} must be a positive number")
     if args.capacity_factor is not None and not (math.isfinite(args.capacity_factor) and args.capacity_factor > 0):

@@ -1,7 +1,6 @@
 """`adasched plan moe` and `adasched bench moe`."""
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -67,6 +66,8 @@ def register(groups) -> None:
         from adasched.profiler.profile import load_profile
 
         from ..plan import save_plan
+        from adasched.launch.cli_args import check_seconds
+
         from ..solver import SolveParams
         from ..ui import emit_json, print_table
         from .planning import plan_moe
@@ -74,8 +75,7 @@ def register(groups) -> None:
         check_output_path(out, "--out")  # before the planning
         if stages not in ("profile", "published"):
             raise InputError("--stages", f"must be 'profile' or 'published', got {stages!r}")
-        if not (time_limit > 0 and math.isfinite(time_limit)):
-            raise InputError("--time-limit", f"must be > 0 seconds, got {time_limit}")
+        check_seconds("--time-limit", time_limit)
         if ep_size is not None and (ep_size < 1 or gpus < 1 or gpus % ep_size):
             raise InputError("--ep-size", f"{ep_size} does not divide --gpus {gpus}")
         prof = load_profile(profile)
