@@ -77,8 +77,6 @@ def _check_options(args: argparse.Namespace) -> None:
     check_seconds("--time-limit", args.time_limit, most=MAX_TIME_LIMIT_S)
     if not -2 ** 63 <= args.seed < 2 ** 63:  # torch.manual_seed and the planner's seed take these
         raise InputError("--seed", f"must be in [-2**63, 2**63), got {args.seed}")
-    if args.out.exists() and not args.out.is_dir():
-        raise InputError("--out", f"{str(args.out)!r} exists and is not a folder")
     check_output_folder(args.out, "--out")  # a file, an empty name, a read-only place: before any work
     if args.world is not None and not args.check:
         raise InputError("--world", "only with --check (under torchrun the world is torchrun's)")

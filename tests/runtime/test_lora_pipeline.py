@@ -110,7 +110,7 @@ def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     out.write_text("not a folder")
     assert main(["--jobs", "tiny", "--out", str(out), "--check", "--world", "2"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: --out: '{out}' exists and is not a folder") and err.count("\n") == 1, err
+    assert err.startswith(f"error: --out: {out} exists and is not a folder") and err.count("\n") == 1, err
     assert out.read_text() == "not a folder"
 
 
