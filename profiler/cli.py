@@ -19,7 +19,7 @@ def register(groups) -> None:
                                                          "(well under a minute on a 2-core CPU box)."),
         out: Path = typer.Option(Path("profile.json"), "--out", "-o",
                                  help="Where to write the ClusterProfile JSON (written atomically)."),
-        nproc: Optional[int] = typer.Option(None, "--nproc", min=2,
+        nproc: Optional[int] = typer.Option(None, "--nproc",
                                             help="Worker processes for the collective benchmarks when not under "
                                                  "torchrun (gloo on CPU; nccl, one per GPU, on a multi-GPU node); "
                                                  "a power of two; default 4 (2 with --quick) on CPU, the GPU "

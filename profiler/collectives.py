@@ -218,8 +218,22 @@ def fit_collectives(result: dict[str, Any], ranks_per_node: int, source: str) ->
 
 
 # ---- spawning workers (used by `adasched profile` outside torchrun) -------------------------------
+def _exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """Watchdog thread of a worker: exit as soon as the launching process is gone (killed, or interrupted while
+    it was still starting workers), instead of measuring on, or waiting out the process-group timeout, as an
+    orphan."""
+    while True:
+        time.sleep(poll_s)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
 def _worker(rank: int, world: int, port: int, cfg_dict: dict, out_path: str, show_progress: bool,
-            backend: str = "gloo") -> None:
+            backend: str = "gloo", parent_pid: int | None = None) -> None:
+    import threading
+
+    if parent_pid is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
     import torch
     import torch.distributed as dist
 
@@ -258,8 +272,11 @@ def spawn_collectives(nproc: int, cfg: CollectiveConfig, *, show_progress: bool 
     os.close(fd)
     ctx = None
     try:
-        ctx = mp.start_processes(_worker, args=(nproc, free_port(), asdict(cfg), out_path, show_progress, backend),
-                                 nprocs=nproc, join=False, start_method="spawn")
+        # daemon: an interrupt while later workers are still starting ends the started ones at exit (they
+        # would otherwise be joined, i.e. waited for); the watchdog covers a killed launcher
+        ctx = mp.start_processes(_worker, args=(nproc, free_port(), asdict(cfg), out_path, show_progress, backend,
+                                                os.getpid()),
+                                 nprocs=nproc, join=False, daemon=True, start_method="spawn")
         deadline = time.monotonic() + limit_s
         while not ctx.join(timeout=1.0):
             if time.monotonic() > deadline:

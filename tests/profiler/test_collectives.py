@@ -120,3 +120,41 @@ def test_scope_is_inter_when_contiguous_groups_straddle_nodes():
                for g in group_sizes_for(world) for b in (4096, 1 << 20)]
         fits = fit_collectives({"world": world, "backend": "gloo", "points": pts}, per_node, "measured: x")
         assert {f.group_size: f.scope for f in fits} == want
+
+
+@pytest.mark.slow
+def test_workers_exit_when_the_launcher_is_killed():
+    """A launcher killed mid-measurement (SIGKILL: no cleanup runs) must not leave its workers measuring on, or
+    waiting out the process-group timeout, as orphans (earlier: ~170 orphaned workers once filled 24 GB)."""
+    import signal
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    code = ("from adasched.profiler.collectives import CollectiveConfig, spawn_collectives\n"
+            "spawn_collectives(2, CollectiveConfig(sizes=(8, 16), repeats=10**7, timeout_s=300), "
+            "show_progress=False, limit_s=600)\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launcher = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(workers) < 2:
+            time.sleep(0.5)
+            workers = [c for c in psutil.Process(launcher.pid).children()
+                       if "spawn_main" in " ".join(c.cmdline())]
+        assert len(workers) == 2, "the two workers never started"
+        time.sleep(3)  # let them get into the measuring loop
+        assert all(w.is_running() for w in workers)
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait(timeout=30)
+        gone, alive = psutil.wait_procs(workers, timeout=15)
+        assert alive == [], f"{len(alive)} worker(s) still running 15 s after the launcher was killed"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        for w in workers:
+            try:
+                w.kill()
+            except psutil.NoSuchProcess:
+                pass
