@@ -30,3 +30,17 @@ def assert_show_refuses(tmp_path, capsys):
             assert not png.exists()
 
     return check
+
+
+@pytest.fixture
+def one_error(capsys):
+    """``check(rc, where)``: rc is 2 and stderr is exactly one ``error: <where>...`` line (no traceback, no
+    warning); returns that line."""
+    def check(rc: int, where: str) -> str:
+        err = capsys.readouterr().err
+        assert rc == 2, err
+        assert err.count("\n") == 1 and err.startswith(f"error: {where}"), err
+        assert "Traceback" not in err and "Warning" not in err
+        return err
+
+    return check

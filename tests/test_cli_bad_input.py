@@ -15,15 +15,6 @@ import pytest
 from adasched.planner.cli import main
 
 
-def _one_error(capsys, rc: int, where: str) -> str:
-    """rc is 2 and stderr is exactly one `error: <where>...` line; returns it."""
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert err.count("\n") == 1 and err.startswith(f"error: {where}"), err
-    assert "Traceback" not in err
-    return err
-
-
 def _exit_code(fn, argv) -> int:
     """A launcher's main: its return value, or argparse's exit status (its own one-line error)."""
     try:
@@ -80,28 +71,28 @@ def plans(tmp_path_factory):
     (["--nproc", "4", "--no-collectives"], "--nproc", "no effect with --no-collectives"),
     (["--name", " ", "--no-collectives"], "--name", "is empty"),
 ])
-def test_profile_refuses_before_measuring(args, where, needle, tmp_path, capsys, no_gpu):
+def test_profile_refuses_before_measuring(args, where, needle, tmp_path, one_error, no_gpu):
     out = tmp_path / "p.json"
     t0 = time.perf_counter()
     rc = main(["profile", "--quick", "--out", str(out), *args])
-    assert needle in _one_error(capsys, rc, where)
+    assert needle in one_error(rc, where)
     assert time.perf_counter() - t0 < 20 and not out.exists()
 
 
-def test_profile_nproc_under_torchrun_is_refused(tmp_path, capsys, monkeypatch, no_gpu):
+def test_profile_nproc_under_torchrun_is_refused(tmp_path, one_error, monkeypatch, no_gpu):
     """Under torchrun the world is torchrun's: --nproc was silently ignored."""
     for k, v in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}.items():
         monkeypatch.setenv(k, v)
     rc = main(["profile", "--quick", "--nproc", "4", "--out", str(tmp_path / "p.json")])
-    assert "no effect under torchrun" in _one_error(capsys, rc, "--nproc")
+    assert "no effect under torchrun" in one_error(rc, "--nproc")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_profile_unwritable_out_fails_before_measuring(unwritable, tmp_path, capsys, no_gpu):
+def test_profile_unwritable_out_fails_before_measuring(unwritable, tmp_path, one_error, no_gpu):
     """--out in /proc measured for minutes, then failed on the write."""
     t0 = time.perf_counter()
     rc = main(["profile", "--quick", "--no-collectives", "--out", str(unwritable / "nope" / "p.json")])
-    assert "cannot write in" in _one_error(capsys, rc, "--out")
+    assert "cannot write in" in one_error(rc, "--out")
     assert time.perf_counter() - t0 < 20
 
 
@@ -148,13 +139,13 @@ def test_check_output_path_probes_the_folder(unwritable, tmp_path):
      "o.json"),
     (["schedules", "plot", "linear", "--out", "{ro}/x/o.png"], "--out", None),
 ])
-def test_no_output_when_a_later_output_cannot_be_written(cmd, where, written, unwritable, tmp_path, capsys):
+def test_no_output_when_a_later_output_cannot_be_written(cmd, where, written, unwritable, tmp_path, one_error):
     rng = __import__("random").Random(7)
     (tmp_path / "norms.csv").write_text("step,l2,l1\n" + "".join(
         f"{i},{rng.uniform(0.5, 3):.6f},{rng.uniform(5, 20):.6f}\n" for i in range(40)))
     argv = [a.format(tmp=tmp_path, ro=unwritable) for a in cmd]
     rc = main(argv)
-    assert "cannot write in" in _one_error(capsys, rc, where)
+    assert "cannot write in" in one_error(rc, where)
     if written:
         assert not (tmp_path / written).exists()
 
@@ -180,13 +171,13 @@ def test_no_output_when_a_later_output_cannot_be_written(cmd, where, written, un
     # a cluster profile "is an unknown plan kind 'cluster_profile'"
     (["simulate", "{plans}/profile.json"], "{plans}/profile.json", "is a cluster profile"),
 ])
-def test_planner_and_schedule_options(argv, where, needle, plans, tmp_path, capsys):
+def test_planner_and_schedule_options(argv, where, needle, plans, tmp_path, one_error):
     argv = [a.format(plans=plans) for a in argv]
     if argv[0] in ("plan", "schedules") and argv[1] in ("lora", "plot"):
         argv += ["--out", str(tmp_path / ("o.png" if argv[1] == "plot" else "o.json"))]
     t0 = time.perf_counter()
     rc = main(argv)
-    assert needle in _one_error(capsys, rc, where.format(plans=plans))
+    assert needle in one_error(rc, where.format(plans=plans))
     assert time.perf_counter() - t0 < 20 and list(tmp_path.iterdir()) == []
 
 
@@ -205,12 +196,12 @@ def test_planner_and_schedule_options(argv, where, needle, plans, tmp_path, caps
     (["--plan", "{plans}/profile.json"], "{plans}/profile.json",
      "is a cluster profile (adasched profile; `adasched show` reads it), not a plan of kind 'sp'"),
 ])
-def test_train_sp_options(extra, where, needle, plans, capsys):
+def test_train_sp_options(extra, where, needle, plans, one_error):
     from adasched.launch import train_sp
 
     argv = ["--plan", str(plans / "sp.json"), "--check-plan-only", "--world", "4", "--backend", "gloo"]
     rc = _exit_code(train_sp.main, argv + [a.format(plans=plans) for a in extra])
-    assert needle in _one_error(capsys, rc, where.format(plans=plans))
+    assert needle in one_error(rc, where.format(plans=plans))
 
 
 def test_train_sp_valid_model_passes(plans, capsys):
@@ -236,13 +227,13 @@ def test_train_sp_valid_model_passes(plans, capsys):
     (["--layers", "99999999999999999999999"], "--layers", "<= 1024"),
     (["--plan", "{plans}/profile.json"], "{plans}/profile.json", "not a plan of kind 'lora'"),
 ])
-def test_train_lora_check(extra, where, needle, plans, unwritable, tmp_path, capsys):
+def test_train_lora_check(extra, where, needle, plans, unwritable, tmp_path, one_error):
     from adasched.launch import train_lora
 
     argv = ["--check", "--world", "1", "--out", str(tmp_path / "runs")]
     t0 = time.perf_counter()
     rc = _exit_code(train_lora.main, argv + [a.format(plans=plans, ro=unwritable) for a in extra])
-    assert needle in _one_error(capsys, rc, where.format(plans=plans))
+    assert needle in one_error(rc, where.format(plans=plans))
     assert time.perf_counter() - t0 < 20 and list(tmp_path.iterdir()) == []
 
 
@@ -255,14 +246,14 @@ def test_train_lora_check_valid(plans, tmp_path, capsys):
     assert rc == 0 and cap.err == "" and "nothing written" in cap.out and list(tmp_path.iterdir()) == []
 
 
-def test_profile_collectives_check_unwritable(unwritable, capsys):
+def test_profile_collectives_check_unwritable(unwritable, one_error):
     """launch/profile_collectives.sh runs --check first: it passed /proc/... and torchrun then measured."""
     from adasched.launch import profile_collectives
 
     rc = profile_collectives.main(["--check", "--out", str(unwritable / "x" / "p.json")])
-    assert "cannot write in" in _one_error(capsys, rc, "--out")
+    assert "cannot write in" in one_error(rc, "--out")
     rc = _exit_code(profile_collectives.main, ["--check", "--out", "/tmp/p.json", "--name", ""])
-    assert "empty profile name" in _one_error(capsys, rc, "argument --name")
+    assert "empty profile name" in one_error(rc, "argument --name")
 
 
 def test_launcher_limits_are_documented_constants():
@@ -303,13 +294,13 @@ def _jobs(**edit) -> dict:
     ({"jobs__0__name": ".."}, "names a folder"),                                      # adapters saved to OUT/../
     ({"jobs__0__lengths": "lens_dir"}, "is a directory or not a regular file"),       # "[Errno 21] Is a directory"
 ])
-def test_jobs_file_contents(edit, needle, tmp_path, capsys):
+def test_jobs_file_contents(edit, needle, tmp_path, one_error):
     (tmp_path / "lens_dir").mkdir()
     p = tmp_path / "jobs.json"
     p.write_text(json.dumps(_jobs(**edit)))  # json writes inf as Infinity, which Python's reader takes
     t0 = time.perf_counter()
     rc = main(["plan", "lora", "--jobs", str(p), "--no-milp", "--out", str(tmp_path / "o.json")])
-    assert needle in _one_error(capsys, rc, str(p))
+    assert needle in one_error(rc, str(p))
     assert time.perf_counter() - t0 < 20 and not (tmp_path / "o.json").exists()
 
 
@@ -333,7 +324,7 @@ def _edit_lora(d, key, value):
     ("stages", 0, "stages: Input should be greater than or equal to 1"),
     ("layers", 0, "layers: Input should be greater than or equal to 1"),
 ])
-def test_lora_plan_contents(key, value, needle, plans, tmp_path, capsys):
+def test_lora_plan_contents(key, value, needle, plans, tmp_path, one_error):
     from adasched.launch import train_lora
 
     d = json.loads((plans / "lora.json").read_text())
@@ -341,9 +332,9 @@ def test_lora_plan_contents(key, value, needle, plans, tmp_path, capsys):
     p = tmp_path / "bad.json"
     p.write_text(json.dumps(d))
     png = tmp_path / "g.png"
-    assert needle in _one_error(capsys, main(["show", str(p), "--plot", str(png)]), str(p))
+    assert needle in one_error(main(["show", str(p), "--plot", str(png)]), str(p))
     rc = _exit_code(train_lora.main, ["--check", "--world", "2", "--out", str(tmp_path / "runs"), "--plan", str(p)])
-    assert needle in _one_error(capsys, rc, str(p))
+    assert needle in one_error(rc, str(p))
     assert sorted(x.name for x in tmp_path.iterdir()) == ["bad.json"]
 
 
@@ -353,28 +344,28 @@ def test_lora_plan_contents(key, value, needle, plans, tmp_path, capsys):
     # a model-level check read "<root>: Value error, collectives: ..."
     ("gpus_per_node", 3, "collectives", "fitted on group size"),
 ])
-def test_profile_contents(key, value, where, needle, plans, tmp_path, capsys):
+def test_profile_contents(key, value, where, needle, plans, tmp_path, one_error):
     d = json.loads((plans / "profile.json").read_text())
     d[key] = value
     p = tmp_path / "p.json"
     p.write_text(json.dumps(d))
-    err = _one_error(capsys, main(["show", str(p)]), f"{p}: {where}")
+    err = one_error(main(["show", str(p)]), f"{p}: {where}")
     assert needle in err and "<root>" not in err and "Value error" not in err
 
 
 # ---- conflicting options (one was silently ignored) -----------------------------------------------------------
 
-def test_conflicting_options(plans, tmp_path, capsys):
+def test_conflicting_options(plans, tmp_path, one_error):
     from adasched.launch import train_lora, train_sp
 
     rc = _exit_code(train_lora.main, ["--check", "--world", "2", "--out", str(tmp_path / "r"),
                                       "--plan", str(plans / "lora.json"), "--jobs", "mix"])
-    assert "not with --plan" in _one_error(capsys, rc, "argument --jobs")
+    assert "not with --plan" in one_error(rc, "argument --jobs")
     rc = _exit_code(train_sp.main, ["--plan", str(plans / "sp.json"), "--world", "4"])
-    assert "only with --check-plan-only" in _one_error(capsys, rc, "--world")
+    assert "only with --check-plan-only" in one_error(rc, "--world")
     for opt, value in (("--norm", "l1"), ("--smoothing", "0.2")):
         rc = main(["schedules", "plot", "linear", "cosine", opt, value, "--out", str(tmp_path / "p.png")])
-        assert "none is given" in _one_error(capsys, rc, opt)
+        assert "none is given" in one_error(rc, opt)
     assert list(tmp_path.iterdir()) == []
 
 

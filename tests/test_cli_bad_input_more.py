@@ -16,15 +16,6 @@ from adasched.planner.cli import main
 GiB = 2 ** 30
 
 
-def _one_error(capsys, rc: int, where: str) -> str:
-    """rc is 2 and stderr is exactly one `error: <where>...` line; returns it."""
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert err.count("\n") == 1 and err.startswith(f"error: {where}"), err
-    assert "Traceback" not in err and "Warning" not in err
-    return err
-
-
 @pytest.fixture
 def host_16gib(monkeypatch):
     """The memory checks see a 16 GiB host on any machine."""
@@ -69,13 +60,13 @@ def sp_dir(tmp_path_factory):
     ("plan", ["--time-limit", "3601"], "--time-limit", "finite number of seconds <= 3600"),
     ("bench", ["--time-limit", "nan"], "--time-limit", "must be > 0 seconds, got nan"),
 ])
-def test_sp_options(cmd, extra, where, needle, sp_dir, tmp_path, capsys, host_16gib):
+def test_sp_options(cmd, extra, where, needle, sp_dir, tmp_path, one_error, host_16gib):
     argv = [cmd, "sp", "--seqlens", str(sp_dir / "lens.txt"), "--gpus", "4", "--global-batch", "8", "--steps", "1"]
     if cmd == "plan":
         argv += ["--out", str(tmp_path / "o.json")]
     t0 = time.perf_counter()
     rc = main(argv + extra)  # later options win: extra overrides the defaults above
-    assert needle in _one_error(capsys, rc, where)
+    assert needle in one_error(rc, where)
     assert time.perf_counter() - t0 < 15 and list(tmp_path.iterdir()) == []
 
 
@@ -130,7 +121,7 @@ def test_lognormal_lengths_clipped_before_the_cast(capsys):
     ("steps.0.seqlens.0", 0, "seqlens: length 0 is not positive"),
 ])
 @pytest.mark.parametrize("cmd", ["show", "simulate"])
-def test_sp_plan_contents(cmd, key, value, needle, sp_dir, tmp_path, capsys):
+def test_sp_plan_contents(cmd, key, value, needle, sp_dir, tmp_path, one_error):
     d = json.loads((sp_dir / "sp.json").read_text())
     *path, last = key.split(".")
     cur = d
@@ -140,7 +131,7 @@ def test_sp_plan_contents(cmd, key, value, needle, sp_dir, tmp_path, capsys):
     p = tmp_path / "bad.json"
     p.write_text(json.dumps(d))
     t0 = time.perf_counter()
-    assert needle in _one_error(capsys, main([cmd, str(p)]), str(p))
+    assert needle in one_error(main([cmd, str(p)]), str(p))
     assert time.perf_counter() - t0 < 10
 
 
@@ -167,14 +158,14 @@ _MOE_SIZES = "--vocab/--hidden/--layers/--ffn/--experts/--cap-hi/--shared-expert
     (["--budget", "99999999999999999999"], "--budget", "feasible totals are 4..16"),  # "budget: ..."
     (["--router", "switch", "--budget", "8"], "--budget", "feasible totals are 16..64"),
 ])
-def test_train_moe_validate_only(extra, where, needle, capsys, monkeypatch, host_16gib):
+def test_train_moe_validate_only(extra, where, needle, one_error, monkeypatch, host_16gib):
     from adasched.launch import train_moe
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     t0 = time.perf_counter()
     rc = train_moe.main(["--validate-only", *extra])
-    assert needle in _one_error(capsys, rc, where)
+    assert needle in one_error(rc, where)
     assert time.perf_counter() - t0 < 10
 
 
@@ -198,12 +189,12 @@ def _norms(path: Path, n: int = 30, seed: int = 3) -> Path:
 
 
 @pytest.mark.parametrize("text", ["   \n\n  \t\n", "\n"])
-def test_refine_blank_norms_file(text, tmp_path, capsys):
+def test_refine_blank_norms_file(text, tmp_path, one_error):
     """A whitespace-only file was "no column 'l2' in header" (its blank first line read as a header)."""
     p = tmp_path / "n.csv"
     p.write_text(text)
     rc = main(["schedules", "refine", str(p), "--out", str(tmp_path / "o.json")])
-    assert "file is empty" in _one_error(capsys, rc, str(p))
+    assert "file is empty" in one_error(rc, str(p))
     assert sorted(x.name for x in tmp_path.iterdir()) == ["n.csv"]
 
 
@@ -235,7 +226,7 @@ def _edit(d: dict, key: str) -> None:
     ("steps", "steps: 31 but the file has 30 grad_norms"),
     ("smoothed_norms", "smoothed_norms.0: "),
 ])
-def test_refined_file_derived_values_checked(key, needle, refined, tmp_path, capsys):
+def test_refined_file_derived_values_checked(key, needle, refined, tmp_path, one_error):
     import torch
 
     from adasched.profiler.io import InputError
@@ -246,7 +237,7 @@ def test_refined_file_derived_values_checked(key, needle, refined, tmp_path, cap
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(d))
     png = tmp_path / "p.png"
-    assert needle in _one_error(capsys, main(["schedules", "plot", str(bad), "--out", str(png)]), str(bad))
+    assert needle in one_error(main(["schedules", "plot", str(bad), "--out", str(png)]), str(bad))
     assert not png.exists()
     opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
     with pytest.raises(InputError, match="^" + str(bad).replace(".", r"\.") + ": " + needle.split(":")[0]):
