@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import sys
 
-from adasched.launch.cli_args import ArgParser, is_rank0
+from adasched.planner.ui import OneLineArgParser, is_rank0
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = ArgParser(prog="adasched.launch.profile_collectives", description=__doc__.split("\n\n")[0])
+    ap = OneLineArgParser(prog="adasched.launch.profile_collectives", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="ClusterProfile JSON to write (rank 0, atomically)")
     ap.add_argument("--quick", action="store_true", help="CI-sized message sizes and repeats")
     ap.add_argument("--no-microbench", action="store_true", help="only the collectives (skip GEMM/copy/attention/linear)")

@@ -21,7 +21,9 @@ import os
 import sys
 from pathlib import Path
 
-from adasched.launch.cli_args import MAX_LAYERS, ArgParser, check_model_memory, check_seconds, is_rank0
+from adasched.launch.cli_args import MAX_LAYERS
+from adasched.planner.ui import OneLineArgParser, is_rank0
+from adasched.profiler.io import check_model_memory, check_seconds
 
 __all__ = ["main", "parse_args"]
 
@@ -33,7 +35,7 @@ def _folder(text: str) -> Path:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = ArgParser(prog="adasched.launch.train_lora", description=__doc__.split("\n\n")[0])
+    p = OneLineArgParser(prog="adasched.launch.train_lora", description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", default=None, help="jobs file (JSON/YAML) or preset (tiny, mix, het); default tiny "
                                                 "(not with --plan)")
     p.add_argument("--plan", type=Path, default=None, help="execute this LoRA plan JSON instead of planning --jobs")

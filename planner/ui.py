@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from contextlib import contextmanager
 from typing import Any, Iterable, Sequence
 
-__all__ = ["console", "err_console", "print_table", "emit_json", "progress", "fmt", "OneLineArgParser"]
+__all__ = ["console", "err_console", "print_table", "emit_json", "progress", "fmt", "OneLineArgParser", "is_rank0"]
 
 _console = None
 _err_console = None
@@ -84,10 +85,18 @@ def progress(description: str, total: int | None, *, enabled: bool = True):
         yield advance
 
 
+def is_rank0() -> bool:
+    """Rank 0 of a torchrun world, or not under torchrun: the process that prints a launcher's error line (every
+    rank sees the same bad input; one line, not one per rank)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 class OneLineArgParser(argparse.ArgumentParser):
-    """argparse for the planners' ``python -m`` tools: a bad option is one ``error:`` line and exit status 2, as
-    for the ``adasched`` CLI (argparse prints its usage text first)."""
+    """argparse for the launchers and the planners' ``python -m`` tools: a bad option is one ``error:`` line (on
+    rank 0 only, under torchrun) and exit status 2, as for the ``adasched`` CLI (argparse prints its whole usage
+    text first - 20+ lines for the bigger launchers - which buries the message under torchrun's output)."""
 
     def error(self, message: str):  # noqa: D401 - argparse's hook
-        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
+        if is_rank0():
+            sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
         sys.exit(2)

@@ -12,7 +12,7 @@ from typing import Any
 
 from .profile import DeviceInfo
 
-__all__ = ["inventory", "gpu_inventory", "torch_gpu_inventory", "cpu_inventory", "host_info"]
+__all__ = ["inventory", "gpu_inventory", "torch_gpu_inventory", "cpu_inventory", "host_info", "host_memory_bytes"]
 
 #: NVML topology levels (nvmlDeviceGetTopologyCommonAncestor) -> the short names `nvidia-smi topo -m` uses.
 _TOPO_NAMES = {0: "X", 10: "PIX", 20: "PXB", 30: "PHB", 40: "NODE", 50: "SYS"}
@@ -110,7 +110,8 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def _memory_bytes() -> int:
+def host_memory_bytes() -> int:
+    """This host's physical memory in bytes (sysconf, else /proc/meminfo; 1 when neither answers)."""
     try:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
@@ -132,10 +133,15 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def _memory_bytes() -> int:  # TEMPORARY (this session): callers still being moved to host_memory_bytes
+    return host_memory_bytes()
+
+
 def cpu_inventory() -> DeviceInfo:
     """The CPU host as one device: model name, usable cores (as count_per_node is 1 process), memory."""
     # memory unknown (neither sysconf nor /proc/meminfo): the smallest value a profile accepts
-    return DeviceInfo(kind="cpu", name=f"{_cpu_model()} ({_cores()} cores)", memory_bytes=max(2**20, _memory_bytes()))
+    return DeviceInfo(kind="cpu", name=f"{_cpu_model()} ({_cores()} cores)",
+                      memory_bytes=max(2**20, host_memory_bytes()))
 
 
 def host_info() -> dict[str, Any]:
@@ -146,7 +152,7 @@ def host_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "cpu": _cpu_model(),
         "cores": _cores(),
-        "memory_bytes": _memory_bytes(),
+        "memory_bytes": host_memory_bytes(),
     }
     try:
         import torch

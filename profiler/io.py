@@ -6,6 +6,7 @@ schema version or a bad field becomes one line naming the file and the field, ne
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -16,7 +17,8 @@ from pydantic import BaseModel, ValidationError
 
 __all__ = ["InputError", "check_iso_time", "atomic_path", "check_output_path", "check_output_folder", "atomic_write_text",
            "atomic_write_json", "save_figure", "FIGURE_FORMATS", "read_text", "read_json", "load_model",
-           "describe_validation_error", "error_line"]
+           "describe_validation_error", "error_line", "check_seconds", "check_host_memory",
+           "check_model_memory", "MAX_TIMEOUT_S"]
 
 
 class InputError(ValueError):
@@ -278,3 +280,35 @@ def load_model(path: str | os.PathLike, model: type[M], *, data: Any = None) -> 
         return model.model_validate_json(json.dumps(data, default=str), strict=True)
     except ValidationError as err:
         raise InputError(path, describe_validation_error(err)) from None
+
+
+#: longest time limit / collective timeout an option takes (one week; torch converts timeouts to a C duration)
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+def check_seconds(option: str, value: float, *, most: float = MAX_TIMEOUT_S) -> None:
+    """``value`` (seconds, of ``option``) must be a finite number in (0, most]; else InputError naming it."""
+    if not value > 0:  # NaN too
+        raise InputError(option, f"must be > 0 seconds, got {value}")
+    if not (math.isfinite(value) and value <= most):
+        raise InputError(option, f"must be a finite number of seconds <= {most:g}, got {value}")
+
+
+def check_host_memory(need: int, options: str, what: str) -> None:
+    """Refuse ``need`` bytes (``what`` needs them: the error line's text before ", more than this host's N GiB")
+    beyond this host's memory, as an InputError naming ``options`` (instead of an allocator traceback, an
+    OOM kill or a swapping machine)."""
+    from . import inventory
+
+    have = inventory.host_memory_bytes()
+    if need > have:
+        raise InputError(options, f"{what}, more than this host's {have / 2**30:,.1f} GiB")
+
+
+def check_model_memory(params: int, bytes_per_param: int, ranks: int, options: str, what: str) -> None:
+    """Refuse a model whose ``params`` (a lower bound is enough) x ``bytes_per_param`` (every copy a rank keeps:
+    weights, gradients, optimizer state) x ``ranks`` on this host exceeds the host's memory: one line naming
+    ``options`` (the size options)."""
+    need = params * bytes_per_param * max(1, ranks)
+    check_host_memory(need, options, f"the model has at least {params:,} parameters: {need / 2**30:,.1f} GiB for "
+                                     f"{what} on {ranks} rank(s)")

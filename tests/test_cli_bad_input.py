@@ -257,7 +257,8 @@ def test_profile_collectives_check_unwritable(unwritable, one_error):
 
 
 def test_launcher_limits_are_documented_constants():
-    from adasched.launch.cli_args import MAX_LAYERS, MAX_TIMEOUT_S, check_seconds
+    from adasched.launch.cli_args import MAX_LAYERS
+    from adasched.profiler.io import MAX_TIMEOUT_S, check_seconds
     from adasched.profiler.io import InputError
 
     assert MAX_LAYERS == 1024 and MAX_TIMEOUT_S == 7 * 24 * 3600

@@ -21,7 +21,7 @@ def host_16gib(monkeypatch):
     """The memory checks see a 16 GiB host on any machine."""
     from adasched.profiler import inventory
 
-    monkeypatch.setattr(inventory, "_memory_bytes", lambda: 16 * GiB)
+    monkeypatch.setattr(inventory, "host_memory_bytes", lambda: 16 * GiB)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ _PROFILE_HELP = "Cluster profile: a built-in name (h100-sxm, a100-64-flexsp-pape
 
 
 def _plan(jobs: str, profile: str, time_limit: float, seed: int, no_milp: bool):
-    from adasched.launch.cli_args import check_seconds
+    from adasched.profiler.io import check_seconds
     from adasched.profiler.profile import load_profile
 
     from ..ui import progress

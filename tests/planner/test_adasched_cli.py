@@ -170,3 +170,22 @@ def test_bad_plot_path_fails_before_the_plan_is_written(tmp_path, capsys, argv):
         line = _err_line(capsys)
         assert line.startswith("error: --plot: ") and expect in line, line
         assert not out.exists()
+
+
+@pytest.mark.parametrize("rank, printed", [(None, True), ("0", True), ("3", False)])
+def test_one_line_arg_parser(rank, printed, monkeypatch, capsys):
+    """The launchers' and planner tools' parser: a bad option is one `error:` line on rank 0 only (torchrun's
+    other ranks exit 2 silently), never argparse's usage text."""
+    from adasched.planner.ui import OneLineArgParser
+
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    ap = OneLineArgParser(prog="tool")
+    ap.add_argument("--steps", type=int, required=True)
+    with pytest.raises(SystemExit) as exc:
+        ap.parse_args(["--steps", "x"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err == ("error: argument --steps: invalid int value: 'x' (see tool --help)\n" if printed else "")
