@@ -12,8 +12,10 @@ EP size); ``--budget`` is the total over layers (default: 2 per layer, or the ex
 world / ep-size copies, whose gradients are averaged over the expert-data-parallel group
 (:meth:`ExpertParallel.create_groups`, :class:`ExpertGradReducer`); the dense gradients over every rank.
 ``--plan`` takes the pipeline degrees and gradient slices from an FSMoE plan made for this world and EP size
-(``adasched plan moe --gpus WORLD [--ep-size K]``); a plan made for another number of GPUs or EP size is an error
-naming both (its dense all-reduce and expert copies were costed for its own).
+(``adasched plan moe --gpus WORLD [--ep-size K]``; with ``--hierarchical``, the runtime's two-step all-to-all
+through nodes of min(--gpus-per-node, EP size) ranks: ``... --two-step-a2a --gpus-per-node G``); a plan made for
+another layout - number of GPUs, EP size, exchange (flat or two-step, node size), or FSMoE's expert-sharded
+"hierarchical" layout, which the runtime does not build - is an error naming both.
 
 ``--compare-schedules`` (used by ``adasched bench moe --schedules``) trains one single-process model per
 capacity schedule at the same budget and seed and reports the held-out loss of each (:func:`compare_schedules`).
@@ -62,7 +64,8 @@ def parse_args(argv):
     p.add_argument("--plan-config", default=None, help="configuration name inside the plan (default: first)")
     p.add_argument("--ep-size", type=int, default=None,
                    help="expert-parallel group size (default: every rank); it must divide the world size and --experts")
-    p.add_argument("--hierarchical", action="store_true", help="two-step (intra-node, inter-node) all-to-all")
+    p.add_argument("--hierarchical", action="store_true", help="two-step (intra-node, inter-node) all-to-all, whole "
+                   "experts per rank (a --plan must be made with plan moe --two-step-a2a --gpus-per-node G)")
     p.add_argument("--gpus-per-node", type=int, default=2)
     p.add_argument("--router-stats-out", type=Path, default=None,
                    help="write {mean_k_per_layer: [...]} of the last run (rank 0) for `adasched plan moe --router-stats`")
@@ -137,7 +140,9 @@ def _plan_pipeline(args, ep_size: int, layers: int, world: int):
     if args.plan is None:
         return PlannedPipeline("flags", ep_size, [args.r_fwd] * layers, [args.r_bwd] * layers,
                                [1.0 / layers] * layers, [args.wgrad] * layers)
-    return load_pipeline(args.plan, ep_size=ep_size, num_layers=layers, config=args.plan_config, world=world)
+    two_step = args.hierarchical and ep_size > 1                 # what make_ep builds
+    return load_pipeline(args.plan, ep_size=ep_size, num_layers=layers, config=args.plan_config, world=world,
+                         two_step=two_step, gpus_per_node=min(args.gpus_per_node, ep_size) if two_step else None)
 
 
 def ep_size_for(args, world: int) -> int:
@@ -409,7 +414,9 @@ def _main(args) -> int:
         atomic_write_json(args.router_stats_out, {"mean_k_per_layer": out[-1]["mean_k_per_layer"],
                                                   "router": out[-1]["router"], "schedule": out[-1]["schedule"]})
     if rank == 0 and args.json:
-        print(json.dumps({"world": world, "ep_size": base_ep.size if base_ep else 1, "runs": out}))
+        hier = bool(base_ep is not None and base_ep.hierarchical)
+        print(json.dumps({"world": world, "ep_size": base_ep.size if base_ep else 1, "two_step": hier,
+                          "exchange_gpus_per_node": base_ep.gpus_per_node if hier else None, "runs": out}))
     return 0
 
 

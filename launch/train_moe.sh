@@ -2,7 +2,8 @@
 # Train the tiny MoE LM, expert-parallel over NPROC local ranks (gloo on CPU; --ep-size K: EP groups of K ranks,
 # each expert on NPROC/K ranks with its gradients averaged over them), printing the loss per step.
 #   NPROC=4 launch/train_moe.sh --router all --schedule all --steps 10 [--plan plan.json] [--hierarchical]
-# A --plan must be made for this world and EP size: adasched plan moe --gpus NPROC [--ep-size K] ...
+# A --plan must be made for this world, EP size and exchange: adasched plan moe --gpus NPROC [--ep-size K] ...
+# (with --hierarchical: ... --two-step-a2a --gpus-per-node G, G = min(--gpus-per-node, EP size)).
 # Arguments are validated once before any worker starts (one `error:` line, exit 2).
 # PYTHON selects the interpreter (default: python3 on PATH; use the project's .venv/bin/python).
 set -euo pipefail

@@ -52,6 +52,12 @@ def register(groups) -> None:
                                               "contiguous GPUs inside --gpus (each expert on gpus/ep-size GPUs, their "
                                               "gradients all-reduced over those copies), as train_moe --ep-size; "
                                               "default: EP over every GPU (or over the nodes when experts < GPUs)."),
+        two_step: bool = typer.Option(False, "--two-step-a2a", help="Whole experts per GPU (as --ep-size), each "
+                                      "exchange an intra-node then an inter-node all-to-all: train_moe "
+                                      "--hierarchical's layout (default EP size: every GPU)."),
+        gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", help="With --two-step-a2a: the node "
+                                                    "size the exchange splits an EP group by (train_moe "
+                                                    "--gpus-per-node; default: the profile's)."),
         out: Path = typer.Option(..., "--out", help="Plan JSON to write (atomically)."),
         profile: str = typer.Option("h100-sxm", "--profile", help="Built-in profile name or ClusterProfile JSON."),
         stages: str = typer.Option("profile", "--stages", help=STAGES_HELP),
@@ -78,16 +84,21 @@ def register(groups) -> None:
         check_seconds("--time-limit", time_limit)
         if ep_size is not None and (ep_size < 1 or gpus < 1 or gpus % ep_size):
             raise InputError("--ep-size", f"{ep_size} does not divide --gpus {gpus}")
+        if gpus_per_node is not None and not two_step:
+            raise InputError("--gpus-per-node", "only with --two-step-a2a (the other layouts take the profile's)")
+        if gpus_per_node is not None and gpus_per_node < 1:
+            raise InputError("--gpus-per-node", f"{gpus_per_node} must be >= 1")
         prof = load_profile(profile)
         cfgs = _configs_with_stats(config, gpus, router_stats)
         plan = plan_moe(cfgs, gpus, prof, stages=stages, params=SolveParams(time_limit=time_limit),  # type: ignore[arg-type]
-                        ep_size=ep_size)
+                        ep_size=ep_size, two_step=two_step, gpus_per_node=gpus_per_node)
         save_plan(plan, out)
         if as_json:
             emit_json({"out": str(out), "configs": [_row_dict(c) for c in plan.configs], "solver": plan.solver.model_dump()})
         else:
             print_table([_row(c) for c in plan.configs], _COLS, title=f"MoE plan ({stages} stages, {gpus} GPUs"
-                        f"{f', EP groups of {ep_size}' if ep_size is not None else ''}) -> {out}")
+                        f"{f', EP groups of {ep_size}' if ep_size is not None else ''}"
+                        f"{', two-step all-to-all' if two_step else ''}) -> {out}")
 
     @groups.bench.command("moe")
     def bench_moe_cmd(

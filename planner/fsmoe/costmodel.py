@@ -106,8 +106,18 @@ class Topology:
     ep_size: int
     """P: ranks an expert-parallel all-to-all spans (nodes for hierarchical, all GPUs for flat)."""
     hierarchical: bool
-    """True: EP across nodes + expert sharding inside a node (all-gather/reduce-scatter stages);
-    False: flat EP, every GPU holds whole experts, no intra-node stages."""
+    """True: EP across nodes + expert sharding inside a node (all-gather/reduce-scatter stages; FSMoE's layout,
+    which the runtime does not build); False: every GPU holds whole experts."""
+    two_step: bool = False
+    """Whole experts per GPU (as flat EP), every exchange in two all-to-all steps: inside the node, then between
+    the nodes (the runtime's ``train_moe --hierarchical``, ``runtime.moe.ep``'s hierarchical path); the node
+    size of the exchange is :attr:`exchange_gpus_per_node`."""
+
+    @property
+    def exchange_gpus_per_node(self) -> int:
+        """Ranks of one EP group per node in the two-step exchange: min(gpus_per_node, ep_size), as the runtime
+        splits its EP group (``train_moe``: ``min(--gpus-per-node, --ep-size)``); 1 when not two-step."""
+        return min(self.gpus_per_node, self.ep_size) if self.two_step else 1
 
     @property
     def nodes(self) -> int:
@@ -120,16 +130,30 @@ class Topology:
         return self.gpus // (self.ep_size * (self.gpus_per_node if self.hierarchical else 1))
 
 
-def topology(cfg: MoEConfig, gpus: int, gpus_per_node: int, ep_size: int | None = None) -> Topology:
+def topology(cfg: MoEConfig, gpus: int, gpus_per_node: int, ep_size: int | None = None, *,
+             two_step: bool = False) -> Topology:
     """Flat EP when there are at least as many experts as GPUs (GShard grid: E = #GPUs); otherwise EP over the
     nodes with each node's GPUs sharding its experts (Mixtral: 8 experts on 8 nodes).
 
     ``ep_size`` K (``adasched plan moe --ep-size``; the runtime's ``train_moe --ep-size``): flat EP over groups of
     K contiguous ranks inside the data-parallel world of ``gpus`` D, every GPU holding E/K whole experts, each
-    expert on D/K GPUs (the dense gradients are all-reduced over D, the expert ones over the D/K copies)."""
+    expert on D/K GPUs (the dense gradients are all-reduced over D, the expert ones over the D/K copies).
+
+    ``two_step`` (``adasched plan moe --two-step-a2a``; the runtime's ``train_moe --hierarchical``): the same
+    whole-expert layout (EP size K, default every GPU), each exchange in two all-to-all steps through nodes of
+    min(gpus_per_node, K) ranks of the EP group (:attr:`Topology.exchange_gpus_per_node`)."""
     if gpus < 1 or gpus & (gpus - 1):
         raise InputError("--gpus", f"must be a power of two >= 1, got {gpus}")
     gpn = min(gpus_per_node, gpus)
+    if two_step:
+        k = gpus if ep_size is None else ep_size
+        if k < 2:
+            raise InputError("--two-step-a2a", f"EP size {k} exchanges nothing (it needs --ep-size >= 2)")
+        if k % min(gpn, k):
+            raise InputError("--gpus-per-node", f"{gpn} does not divide the EP size {k} (the two-step exchange "
+                                                f"splits an EP group into nodes)")
+        topology(cfg, gpus, gpn, k)                   # the flat layout's checks (--ep-size divides, experts)
+        return Topology(gpus, gpn, k, hierarchical=False, two_step=True)
     if ep_size is not None:
         if ep_size < 1 or gpus % ep_size:
             raise InputError("--ep-size", f"{ep_size} does not divide --gpus {gpus}")
@@ -161,6 +185,9 @@ class StageCosts:
     measurement); None = half of stage 2 (dX and dW are GEMMs of the same size)."""
     shared: tuple[float, float] = (0.0, 0.0)
     """(alpha, work) ms of the shared experts (a dense MLP on the GPU's own tokens, no exchange, not chunked)."""
+    two_step: bool = False
+    """Stages 1 and 3 are the intra-node steps of a two-step all-to-all (``Topology.two_step``): the dispatch runs
+    intra-node then inter-node, the combine inter-node then intra-node (planner.fsmoe.model)."""
 
     @property
     def shared_ms(self) -> float:
@@ -184,7 +211,7 @@ class StageCosts:
         a[2] *= 2
         w[2] *= 2
         return StageCosts(tuple(a), tuple(w), self.source + " (backward)", self.notes,  # type: ignore[arg-type]
-                          shared=(2 * self.shared[0], 2 * self.shared[1]))
+                          shared=(2 * self.shared[0], 2 * self.shared[1]), two_step=self.two_step)
 
     @property
     def a2a_ms(self) -> float:
@@ -195,6 +222,15 @@ class StageCosts:
 def _workloads(cfg: MoEConfig, topo: Topology, layer: int) -> tuple[float, float, float, float, float]:
     f = cfg.f(layer)
     T, M, H, P = cfg.tokens, cfg.hidden, cfg.ffn_hidden, topo.ep_size
+    if topo.two_step:
+        # each step moves a rank's f*T*M rows; in FSMoE's units the inter-node step spans the EP group's N nodes
+        # (n0 = f*T*M/N, as P = nodes in its layout) and the intra-node all-to-all of f*T*M per rank receives what
+        # an all-gather of f*T*M/G does ((G-1)/G of it)
+        G = topo.exchange_gpus_per_node
+        N = P // G
+        n0 = f * T * M / N if N > 1 else 0.0
+        n13 = f * T * M / G if G > 1 else 0.0
+        return (n0, n13, cfg.g * f * T * M * H / P, n13, float(cfg.replicated_params))
     n0 = f * T * M / P if topo.ep_size > 1 else 0.0
     n13 = f * T * M if topo.hierarchical and topo.gpus_per_node > 1 else 0.0
     n2 = cfg.g * f * T * M * H / P
@@ -237,7 +273,7 @@ def stage_costs(cfg: MoEConfig, topo: Topology, *, source: Literal["published", 
         # would mostly reward hiding it (conservative for the overlap, see BENCHMARKS `moe`)
         ns = _shared_n(cfg, topo)
         return StageCosts(alpha, work, "published FSMoE constants (fsmoe.md)",  # type: ignore[arg-type]
-                          shared=(0.0, FSMOE_BETA_MS[2] * ns) if ns > 0 else (0.0, 0.0))
+                          shared=(0.0, FSMOE_BETA_MS[2] * ns) if ns > 0 else (0.0, 0.0), two_step=topo.two_step)
     if profile is None:
         raise ValueError("stage_costs(source='profile') needs a profile")
     profile.require("gemm_tflops", "collectives", who="the FSMoE planner")
@@ -250,11 +286,20 @@ def stage_costs(cfg: MoEConfig, topo: Topology, *, source: Literal["published", 
         # every GPU sends its P-way share to the other nodes at once: the full-world all-to-all fit
         group = topo.gpus if topo.hierarchical else topo.ep_size
         fit = profile.collective("all_to_all", group)
-        per_rank_bytes = n[0] * topo.ep_size * ELEMENT_BYTES
+        spans = topo.ep_size // topo.exchange_gpus_per_node       # ranks (nodes for two-step) n0 was divided by
+        per_rank_bytes = n[0] * spans * ELEMENT_BYTES
         alpha[0] = fit.alpha_ms
         work[0] = fit.beta_ms_per_byte * per_rank_bytes
         notes.append(f"a2a: all_to_all fit on {fit.group_size} ranks ({fit.source})")
-    if n[1] > 0:
+    if n[1] > 0 and topo.two_step:
+        # the intra-node step: an all-to-all of a rank's f*T*M rows (= n1 * G elements) among the node's G ranks
+        G = topo.exchange_gpus_per_node
+        fit = profile.collective("all_to_all", G)
+        for i in (1, 3):
+            alpha[i] = fit.alpha_ms
+            work[i] = fit.beta_ms_per_byte * n[i] * G * ELEMENT_BYTES
+        notes.append(f"intra-node all_to_all step: fit on {fit.group_size} ranks ({fit.source})")
+    elif n[1] > 0:
         # n1 = n3 = f*T*M is one rank's shard: all_gather's input, reduce_scatter's output; a CollectiveFit's
         # bytes are the tensor each rank passes in (reduce_scatter: the whole unreduced buffer, G shards)
         for i, op, shards in ((1, "all_gather", 1), (3, "reduce_scatter", topo.gpus_per_node)):
@@ -274,7 +319,7 @@ def stage_costs(cfg: MoEConfig, topo: Topology, *, source: Literal["published", 
     shared_macs = _shared_macs_per_gpu(cfg)
     shared = (GEMM_ALPHA_MS, 2.0 * shared_macs / (profile.gemm_tflops * 1e9)) if shared_macs else (0.0, 0.0)
     return StageCosts(tuple(alpha), tuple(work), f"profile {profile.name}", tuple(notes),  # type: ignore[arg-type]
-                      shared=shared)
+                      shared=shared, two_step=topo.two_step)
 
 
 def _dense_allreduce_fit(profile: ClusterProfile, topo: Topology):

@@ -21,6 +21,10 @@ DeepSpeed-MoE and Tutel do); ``"per-chunk"`` issues chunk j's dW right after its
 behind a dW. The backward is evaluated in all three and the best is kept; a layer's backward ends when both the
 last combine and the last dW have finished.
 
+Two-step exchange (``StageCosts.two_step``, the runtime's hierarchical all-to-all of whole experts): stages 1 and 3
+are the intra-node all-to-all steps; chunk j runs dispatch-intra(j) -> dispatch(j) (inter-node) -> ExpertGEMM(j) ->
+combine(j) (inter-node) -> combine-intra(j), dispatch-first only (as the runtime).
+
 Shared experts (a dense MLP every token passes through, fine-grained MoE): one compute task, not chunked,
 issued first - it needs no exchange, so it runs while the first dispatches are in flight (the EP runtime does
 the same, ``runtime.moe.ep``); the baselines compute it before the dispatch (autograd's sequential order).
@@ -88,6 +92,18 @@ def _tasks(c: StageCosts, r: int, order: Order, prefix: str = "", wgrad: Wgrad =
     per_chunk = []
     for j in range(r):
         nd, na, ng, nr, nc = names[j]
+        if c.two_step:
+            # the runtime's two-step exchange (whole experts): dispatch intra- then inter-node, combine inter- then
+            # intra-node; the tuple keeps the stage positions (issue order below works per position)
+            di, ci = f"{prefix}dispatch_intra{j}", f"{prefix}combine_intra{j}"
+            per_chunk.append((
+                Task(di, 0, "intra", d[1], first_deps, category="a2a-intra"),
+                Task(nd, 0, "inter", d[0], (di,), category="a2a"),
+                Task(ng, 0, "compute", d[2], (nd,), category="gemm"),
+                Task(nc, 0, "inter", d[4], (ng,), category="a2a"),
+                Task(ci, 0, "intra", d[3], (nc,), category="a2a-intra"),
+            ))
+            continue
         per_chunk.append((
             Task(nd, 0, "inter", d[0], first_deps, category="a2a"),
             Task(na, 0, "intra", d[1], (nd,), category="allgather"),

@@ -41,7 +41,18 @@ class MoEConfigPlan(BaseModel):
     name: str
     config: dict
     ep_size: int
-    hierarchical: bool
+    hierarchical: bool = Field(description="FSMoE's layout: EP over nodes, each expert sharded over a node's GPUs "
+                                           "(all-gather/reduce-scatter inside the node); the runtime does not build "
+                                           "it (train_moe --plan refuses such a plan)")
+    two_step_a2a: bool = Field(default=False, description="whole experts per GPU, each exchange an intra-node then "
+                                                          "an inter-node all-to-all (train_moe --hierarchical); "
+                                                          "older plans: False")
+    gpus_per_node: int | None = Field(default=None, ge=1, description="node size the layout was costed with "
+                                                                       "(older plans: None)")
+    exchange_gpus_per_node: int | None = Field(default=None, ge=1, description="two-step: ranks of an EP group per "
+                                                                               "node, min(gpus_per_node, ep_size) "
+                                                                               "(train_moe: min(--gpus-per-node, "
+                                                                               "--ep-size)); None otherwise")
     expert_copies: int = Field(default=1, ge=1, description="copies of each expert in the data-parallel world "
                                                             "(gpus / ep_size for flat EP; older plans: 1)")
     expert_grad_allreduce_ms: float = Field(default=0.0, ge=0.0, description="all-reduce of the expert gradients "
@@ -82,6 +93,11 @@ class MoEPlan(Plan):
                 errors.append(f"{at}: ep_size {c.ep_size} does not divide {self.gpus} GPUs")
             if self.ep_size_option is not None and c.ep_size != self.ep_size_option:
                 errors.append(f"{at}: ep_size {c.ep_size} is not the planned --ep-size {self.ep_size_option}")
+            if c.two_step_a2a and (c.hierarchical or c.exchange_gpus_per_node is None
+                                   or c.ep_size % c.exchange_gpus_per_node):
+                errors.append(f"{at}: a two-step exchange needs whole experts (hierarchical false) and "
+                              f"exchange_gpus_per_node dividing ep_size {c.ep_size} "
+                              f"(got {c.hierarchical}, {c.exchange_gpus_per_node})")
             n = c.config.get("num_layers")
             if [lp.layer for lp in c.layers] != list(range(len(c.layers))) or (n is not None and len(c.layers) != n):
                 errors.append(f"{at}: layers {[lp.layer for lp in c.layers][:6]}... are not 0..{(n or len(c.layers)) - 1}")
@@ -121,7 +137,7 @@ class MoEPlan(Plan):
 
         c = self.configs[0]
         cfg = MoEConfig.model_validate(c.config)
-        topo = topology(cfg, self.gpus, self.gpus_per_node, self.ep_size_option)
+        topo = topology(cfg, self.gpus, self.gpus_per_node, self.ep_size_option, two_step=c.two_step_a2a)
         src = "published" if c.stage_source.startswith("published") else "profile"
         prof = load_profile(self.profile.name) if (src == "profile" and self.profile) else None
         fwd = stage_costs(cfg, topo, source=src, profile=prof)
@@ -151,20 +167,41 @@ class MoEPlan(Plan):
                      title=f"{c.name}: one MoE layer, forward r={l0.r_fwd} then backward r={l0.r_bwd} (wgrad {l0.wgrad_bwd}): "
                            f"{c.fwd_bwd_ms:.2f} ms (no pipelining {c.baselines_fwd_bwd_ms['no-pipeline']:.2f} ms)")
 
-    def check_ep_size(self, ep_size: int, config: str | None = None, *, world: int | None = None) -> MoEConfigPlan:
-        """The plan entry ``config`` (default: the first) for a runtime with expert-parallel size ``ep_size`` (and,
-        given, ``world`` data-parallel ranks); a clear one-line error if it is missing or was made for another EP
-        size or another number of GPUs (its dense gradient all-reduce and expert copies were costed for
-        ``self.gpus``: ``adasched plan moe --gpus D --ep-size K`` plans EP groups of K inside D)."""
+    def check_ep_size(self, ep_size: int, config: str | None = None, *, world: int | None = None,
+                      two_step: bool = False, gpus_per_node: int | None = None) -> MoEConfigPlan:
+        """The plan entry ``config`` (default: the first) for a runtime whose layout is: expert-parallel size
+        ``ep_size`` with whole experts per rank, ``world`` data-parallel ranks (when given), a flat exchange or
+        (``two_step``, ``train_moe --hierarchical``) a two-step one through nodes of ``gpus_per_node`` ranks of
+        the EP group (the runtime's min(--gpus-per-node, --ep-size)). A clear one-line error (InputError) if the
+        entry is missing or was planned for another layout: another EP size or number of GPUs (its dense
+        gradient all-reduce and expert copies were costed for ``self.gpus``), FSMoE's expert-sharded layout
+        (``hierarchical``: the runtime has no expert sharding), or another exchange (flat vs two-step, another
+        node size)."""
         cfgs = [c for c in self.configs if config in (None, c.name)]
         if not cfgs:
             raise InputError("plan", f"configuration {config!r} not in the plan "
                                      f"({', '.join(c.name for c in self.configs)})")
         c = cfgs[0]
+        fits = world is not None and ep_size >= 1 and world % ep_size == 0
+        replan = (f"adasched plan moe --gpus {world} --ep-size {ep_size}"
+                  + (f" --two-step-a2a --gpus-per-node {gpus_per_node}" if two_step else "")) if fits else None
+        if c.hierarchical:
+            nodes = f"{c.ep_size} node{'s' * (c.ep_size != 1)}"
+            g = c.gpus_per_node or self.gpus_per_node
+            raise InputError("plan", f"configuration {c.name!r} was planned with EP over {nodes} and each expert "
+                                     f"sharded over a node's {g} GPUs (FSMoE's hierarchical layout), which the "
+                                     f"runtime does not build (whole experts per rank; --hierarchical is a two-step "
+                                     f"all-to-all of that layout)" + (f"; plan it with {replan}" if replan else ""))
         if c.ep_size != ep_size or (world is not None and world != self.gpus):
             run = f"{world} ranks with EP size {ep_size}" if world is not None else f"EP size {ep_size}"
-            hint = (f"; plan it with adasched plan moe --gpus {world} --ep-size {ep_size}"
-                    if world is not None and ep_size >= 1 and world % ep_size == 0 else "")
             raise InputError("plan", f"configuration {c.name!r} was planned for {self.gpus} GPUs with EP size "
-                                     f"{c.ep_size}, this run has {run} (--ep-size, default: the world size){hint}")
+                                     f"{c.ep_size}, this run has {run} (--ep-size, default: the world size)"
+                                     + (f"; plan it with {replan}" if replan else ""))
+        planned = (f"a two-step all-to-all through nodes of {c.exchange_gpus_per_node} ranks" if c.two_step_a2a
+                   else "a flat all-to-all")
+        this = (f"a two-step one through nodes of {gpus_per_node} (--hierarchical, min(--gpus-per-node, "
+                f"--ep-size))" if two_step else "a flat one (no --hierarchical)")
+        if c.two_step_a2a != two_step or (two_step and c.exchange_gpus_per_node != gpus_per_node):
+            raise InputError("plan", f"configuration {c.name!r} was planned with {planned}, this run has {this}"
+                                     + (f"; plan it with {replan}" if replan else ""))
         return c

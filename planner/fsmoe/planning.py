@@ -32,10 +32,13 @@ def dense_block_ms(cfg: MoEConfig, profile: ClusterProfile) -> tuple[float, floa
 
 
 def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: Literal["profile", "published"],
-                params: SolveParams, ep_size: int | None = None) -> MoEConfigPlan:
+                params: SolveParams, ep_size: int | None = None, two_step: bool = False,
+                gpus_per_node: int | None = None) -> MoEConfigPlan:
     """One configuration on ``gpus`` GPUs (the data-parallel world: dense gradients all-reduced over all of them);
-    ``ep_size``: flat EP groups of that many ranks inside it (default: :func:`topology`'s layout)."""
-    topo = topology(cfg, gpus, profile.gpus_per_node, ep_size)
+    ``ep_size``: flat EP groups of that many ranks inside it (default: :func:`topology`'s layout); ``two_step``:
+    those groups exchange in two all-to-all steps (the runtime's hierarchical path) through nodes of
+    ``gpus_per_node`` (default: the profile's)."""
+    topo = topology(cfg, gpus, gpus_per_node or profile.gpus_per_node, ep_size, two_step=two_step)
     dense_f, dense_b = dense_block_ms(cfg, profile)
     layers: list[MoELayerPlan] = []
     moe_bwd_idle: list[float] = []
@@ -52,7 +55,7 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
         bwd = fwd.backward()
         first = first or fwd
         # the runtime interleaves dispatches and combines on flat exchanges only (runtime.moe.ep._pipeline)
-        io = ("dispatch-first",) if topo.hierarchical else ("dispatch-first", "interleaved")
+        io = ("dispatch-first",) if topo.hierarchical or topo.two_step else ("dispatch-first", "interleaved")
         bf, per_r_f = choose_r(fwd, issue_orders=io)
         bb, per_r_b = choose_r(bwd, wgrad_modes=WGRAD_MODES, issue_orders=io)
         bb_fused, _ = choose_r(bwd, issue_orders=io)
@@ -84,6 +87,8 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
     iter_base = {name: sum(v) + dense_total + at_end + expert_ar for name, v in base_layers.items()}
     return MoEConfigPlan(
         name=cfg.name, config=cfg.model_dump(mode="json"), ep_size=topo.ep_size, hierarchical=topo.hierarchical,
+        two_step_a2a=topo.two_step, gpus_per_node=topo.gpus_per_node,
+        exchange_gpus_per_node=topo.exchange_gpus_per_node if topo.two_step else None,
         expert_copies=topo.expert_copies, expert_grad_allreduce_ms=expert_ar,
         a2a_ms=first.a2a_ms, layers=layers, fwd_bwd_ms=layers[0].fwd_ms + layers[0].bwd_ms,
         baselines_fwd_bwd_ms={name: v[0] for name, v in base_layers.items()},
@@ -95,9 +100,12 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
 
 def plan_moe(configs: list[MoEConfig], gpus: int, profile: ClusterProfile, *,
              stages: Literal["profile", "published"] = "profile", params: SolveParams | None = None,
-             progress=None, ep_size: int | None = None) -> MoEPlan:
-    """Every configuration on ``gpus`` GPUs; ``ep_size`` (``--ep-size``): flat EP groups of that size inside them,
-    recorded in the plan (``MoEPlan.ep_size_option``) for the runtime's check."""
+             progress=None, ep_size: int | None = None, two_step: bool = False,
+             gpus_per_node: int | None = None) -> MoEPlan:
+    """Every configuration on ``gpus`` GPUs; ``ep_size`` (``--ep-size``): flat EP groups of that size inside them;
+    ``two_step`` (``--two-step-a2a``) with ``gpus_per_node`` (``--gpus-per-node``, default: the profile's): the
+    runtime's two-step exchange. The layout is recorded in the plan (``MoEPlan.ep_size_option``, each
+    configuration's ep_size / hierarchical / two_step_a2a / gpus_per_node) for the runtime's check."""
     params = params or SolveParams(time_limit=2.0)
     if gpus > profile.world_size:
         from adasched.profiler.io import InputError
@@ -106,7 +114,8 @@ def plan_moe(configs: list[MoEConfig], gpus: int, profile: ClusterProfile, *,
     t0 = time.perf_counter()
     out = []
     for cfg in configs:
-        out.append(plan_config(cfg, gpus, profile, stages=stages, params=params, ep_size=ep_size))
+        out.append(plan_config(cfg, gpus, profile, stages=stages, params=params, ep_size=ep_size, two_step=two_step,
+                               gpus_per_node=gpus_per_node))
         if progress:
             progress()
     dt = time.perf_counter() - t0
@@ -121,7 +130,8 @@ def plan_moe(configs: list[MoEConfig], gpus: int, profile: ClusterProfile, *,
     baselines = {name: sum(c.baselines_fwd_bwd_ms[name] for c in out) for name in BASELINES}
     return MoEPlan(
         inputs_digest=inputs_digest([c.model_dump(mode="json") for c in configs], gpus, stages, profile,
-                                    *([ep_size] if ep_size is not None else [])),
+                                    *([ep_size] if ep_size is not None else []),
+                                    *([("two-step", gpus_per_node)] if two_step else [])),
         profile=profile_ref(profile), solver=record, predicted_ms=predicted, baselines_ms=baselines,
-        gpus=gpus, gpus_per_node=profile.gpus_per_node, ep_size_option=ep_size, configs=out,
+        gpus=gpus, gpus_per_node=gpus_per_node or profile.gpus_per_node, ep_size_option=ep_size, configs=out,
     )

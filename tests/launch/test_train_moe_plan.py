@@ -51,3 +51,83 @@ def test_plan_mismatch_is_one_line_exit_2(plans, monkeypatch, capsys, world, arg
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {plans[which]}: ") and needle in err[0]
     assert "plan moe --gpus" in err[0]
+
+
+# ---- the layout: FSMoE's expert-sharded "hierarchical" vs the runtime's two-step exchange of whole experts ----
+@pytest.fixture(scope="module")
+def layout_plans(tmp_path_factory):
+    """A plan in FSMoE's hierarchical layout (2 experts on 4 GPUs of one node: EP size 1, each expert sharded over
+    the node's 4 GPUs), and one for the runtime's two-step exchange (4 ranks, EP 4, nodes of 2)."""
+    import json
+
+    d = tmp_path_factory.mktemp("moe_layouts")
+    cfg = d / "two-experts.json"
+    cfg.write_text(json.dumps({"name": "e2", "hidden": 64, "ffn_hidden": 128, "experts": 2, "top_k": 1,
+                               "batch": 2, "seq_len": 32, "num_layers": 2}))
+    out = {"sharded": d / "sharded.json", "two_step": d / "two_step.json"}
+    assert cli(["plan", "moe", "--config", str(cfg), "--gpus", "4", "--out", str(out["sharded"]), "--stages",
+                "published", "--time-limit", "0.5", "--json"]) == 0
+    assert cli(["plan", "moe", "--config", "mixtral-8x7b", "--gpus", "4", "--ep-size", "4", "--two-step-a2a",
+                "--gpus-per-node", "2", "--out", str(out["two_step"]), "--stages", "published", "--time-limit",
+                "0.5", "--json"]) == 0
+    return out
+
+
+def test_plans_record_the_layout(layout_plans):
+    sharded = load_plan(layout_plans["sharded"], expect=MoEPlan).configs[0]
+    assert (sharded.ep_size, sharded.hierarchical, sharded.two_step_a2a, sharded.gpus_per_node) == (1, True, False, 4)
+    ts = load_plan(layout_plans["two_step"], expect=MoEPlan)
+    assert ts.gpus == 4 and ts.gpus_per_node == 2
+    for c in ts.configs:
+        assert (c.ep_size, c.hierarchical, c.two_step_a2a, c.gpus_per_node, c.exchange_gpus_per_node,
+                c.expert_copies) == (4, False, True, 2, 2, 1)
+        assert all(lp.order_fwd == lp.order_bwd == "dispatch-first" for lp in c.layers)  # the runtime's only order
+
+
+@pytest.mark.parametrize("which,argv,needle", [
+    # before: EP size 1 and world 4 matched, so a run with whole experts accepted a plan costed with every expert
+    # sharded over 4 GPUs (all-gather/reduce-scatter inside the node)
+    ("sharded", ["--experts", "8", "--ep-size", "1"], "each expert sharded over a node's 4 GPUs (FSMoE's "
+                                                      "hierarchical layout), which the runtime does not build"),
+    # before: a flat plan accepted a --hierarchical (two-step) run of the same EP size and world
+    ("d4k2", ["--experts", "8", "--ep-size", "2", "--hierarchical", "--gpus-per-node", "2"],
+     "planned with a flat all-to-all, this run has a two-step one through nodes of 2"),
+    ("two_step", ["--experts", "8"], "planned with a two-step all-to-all through nodes of 2 ranks, this run has a "
+                                     "flat one (no --hierarchical)"),
+    ("two_step", ["--experts", "8", "--hierarchical", "--gpus-per-node", "4"],
+     "two-step all-to-all through nodes of 2 ranks, this run has a two-step one through nodes of 4"),
+])
+def test_a_run_with_another_layout_is_refused(plans, layout_plans, monkeypatch, capsys, which, argv, needle):
+    path = {**plans, **layout_plans}[which]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(["--plan", str(path), *argv, "--validate-only"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {path}: ") and needle in err[0], err
+    assert "plan it with adasched plan moe --gpus 4" in err[0]
+
+
+def test_two_step_plan_runs_the_planned_layout(layout_plans, tmp_path):
+    """A real 4-rank gloo launch (train_moe.sh) with --hierarchical and the two-step plan: it is accepted, the
+    runtime builds the plan's layout (EP 4 through nodes of 2) and trains; the same launch without --hierarchical
+    is refused before any worker starts (one line, exit 2)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHON=sys.executable, NPROC="4", OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    base = ["bash", str(root / "launch" / "train_moe.sh"), "--plan", str(layout_plans["two_step"]), "--steps", "1",
+            "--layers", "1", "--hidden", "16", "--ffn", "16", "--seq", "8", "--batch", "2", "--json"]
+    proc = subprocess.run(base + ["--hierarchical", "--gpus-per-node", "2"], capture_output=True, text=True, env=env,
+                          timeout=240, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][-1])
+    c = load_plan(layout_plans["two_step"], expect=MoEPlan).configs[0]
+    assert (res["world"], res["ep_size"], res["two_step"], res["exchange_gpus_per_node"]) == \
+        (4, c.ep_size, c.two_step_a2a, c.exchange_gpus_per_node)
+    assert 1.0 < res["runs"][0]["final_loss"] < 4.0
+    bad = subprocess.run(base, capture_output=True, text=True, env=env, timeout=120, cwd=root)
+    assert bad.returncode == 2 and bad.stderr.count("error:") == 1 and "a flat one (no --hierarchical)" in bad.stderr

@@ -1,0 +1,62 @@
+"""The runtime's two-step exchange (train_moe --hierarchical: whole experts per rank, every all-to-all intra-node then
+inter-node) as a planner layout (`plan moe --two-step-a2a`): workloads, profile fits and the pipeline's task order,
+hand-computed. Before, the planner's only "hierarchical" was FSMoE's expert-sharded layout."""
+import pytest
+
+from adasched.planner.fsmoe.costmodel import MoEConfig, StageCosts, stage_costs, topology
+from adasched.planner.fsmoe.model import evaluate_pipeline
+from adasched.profiler.builtins import FSMOE_ALPHA_MS, FSMOE_BETA_MS
+from adasched.profiler.io import InputError
+from adasched.profiler.profile import load_profile
+
+# f = 2 (top-2, capacity 1.0), T = 2*4 = 8 tokens, M = 4, H = 8, GELU (g = 2), E = 8
+CFG = MoEConfig(name="t", hidden=4, ffn_hidden=8, experts=8, top_k=2, batch=2, seq_len=4, num_layers=1)
+
+
+def test_two_step_topology_and_errors():
+    topo = topology(CFG, 8, 8, 4, two_step=True)
+    assert (topo.ep_size, topo.hierarchical, topo.two_step, topo.exchange_gpus_per_node, topo.expert_copies) == \
+        (4, False, True, 4, 2)
+    assert topology(CFG, 4, 2, two_step=True).ep_size == 4            # default EP: every GPU
+    assert topology(CFG, 4, 2, two_step=True).exchange_gpus_per_node == 2
+    with pytest.raises(InputError, match="--two-step-a2a: EP size 1"):
+        topology(CFG, 4, 2, 1, two_step=True)
+    with pytest.raises(InputError, match="--gpus-per-node: 3 does not divide the EP size 4"):
+        topology(CFG, 4, 3, 4, two_step=True)
+
+
+def test_two_step_published_workloads_hand_computed():
+    # K = 4 ranks in nodes of G = 2 -> N = 2 nodes: n0 = f*T*M/N = 64/2, n1 = n3 = f*T*M/G = 32, n2 = g*f*T*M*H/K
+    sc = stage_costs(CFG, topology(CFG, 4, 2, 4, two_step=True), source="published")
+    n = (32.0, 32.0, 2 * 2 * 8 * 4 * 8 / 4, 32.0, 4.0 * 4 * 4)
+    assert sc.two_step and sc.backward().two_step
+    assert sc.alpha == pytest.approx(FSMOE_ALPHA_MS)
+    assert sc.work == pytest.approx(tuple(b * x for b, x in zip(FSMOE_BETA_MS, n)), rel=1e-12)
+    flat = stage_costs(CFG, topology(CFG, 4, 2, 4), source="published")  # the flat exchange of the same EP group
+    assert not flat.two_step and flat.work[1] == flat.work[3] == 0.0 and flat.work[0] == pytest.approx(
+        FSMOE_BETA_MS[0] * 16.0)
+
+
+def test_two_step_profile_fits_hand_computed():
+    prof = load_profile("h100-sxm")
+    sc = stage_costs(CFG, topology(CFG, 4, 2, 4, two_step=True), source="profile", profile=prof)
+    rank_bytes = 2 * 8 * 4 * 2                                # f*T*M bf16 elements: each step moves a rank's rows
+    inter, intra = prof.collective("all_to_all", 4), prof.collective("all_to_all", 2)
+    assert sc.alpha[0] == inter.alpha_ms and sc.work[0] == pytest.approx(inter.beta_ms_per_byte * rank_bytes)
+    for i in (1, 3):
+        assert sc.alpha[i] == intra.alpha_ms and sc.work[i] == pytest.approx(intra.beta_ms_per_byte * rank_bytes)
+
+
+def test_two_step_pipeline_hand_computed():
+    c = StageCosts((0.0,) * 5, (4.0, 2.0, 2.0, 2.0, 0.0), "test", two_step=True)
+    assert evaluate_pipeline(c, 1).time_ms == pytest.approx(2 + 4 + 2 + 4 + 2)
+    # r = 2: intra chunk 1, inter chunk 2, gemm chunk 1. intra: DI0 [0,1] DI1 [1,2]; inter: D0 [1,3] D1 [3,5];
+    # compute: G0 [3,4] G1 [5,6]; inter: C0 [5,7] C1 [7,9]; intra: CI0 [7,8] CI1 [9,10]
+    t = evaluate_pipeline(c, 2).sim.by_name()
+    spans = {k: (t[k].start_ms, t[k].end_ms) for k in ("dispatch_intra0", "dispatch_intra1", "dispatch0", "dispatch1",
+                                                       "gemm0", "gemm1", "combine0", "combine1", "combine_intra0",
+                                                       "combine_intra1")}
+    assert spans == {"dispatch_intra0": (0, 1), "dispatch_intra1": (1, 2), "dispatch0": (1, 3), "dispatch1": (3, 5),
+                     "gemm0": (3, 4), "gemm1": (5, 6), "combine0": (5, 7), "combine1": (7, 9),
+                     "combine_intra0": (7, 8), "combine_intra1": (9, 10)}
+    assert {s.stream for s in evaluate_pipeline(c, 2).sim.tasks if s.name.startswith("dispatch_intra")} == {"intra"}
