@@ -18,6 +18,10 @@ def register(groups) -> None:
                                         "(bf16 on a GPU) and exit 1 if one fails."),
         device: str = typer.Option("auto", "--device", help="auto | cuda | cpu (CPU: Triton interpreter, "
                                    "times meaningless for performance)."),
+        host_calls: bool = typer.Option(False, "--host-calls", help="Only the LoRA host work per fwd+bwd call: "
+                                        "aten ops dispatched, Triton launches and wall us per call for each "
+                                        "base_gemm, 1 and 4 adapters, dropout 0 and 0.1 (CPU: tiny shape, times "
+                                        "only for the pure-torch rows)."),
     ) -> int:
         """Fused kernels vs their baselines (eager torch, frozen base), ratios from the same run."""
         from . import bench
@@ -30,6 +34,23 @@ def register(groups) -> None:
         bench._modules(groups_sel)  # validates --only before any work
         bench.prepare_device(dev)
         env = bench.environment(dev)
+        if host_calls:
+            from . import lora_bench
+
+            rows = lora_bench.host_call_rows(dev)
+            if as_json:
+                from adasched.planner.ui import emit_json
+
+                emit_json({**env, "host_calls": rows})
+            else:
+                shape = rows[0]["shape"] if rows else ""
+                typer.echo(bench.format_table(
+                    lora_bench.host_call_table_rows(rows), lora_bench.HOST_CALL_COLUMNS,
+                    title=f"LoRA host work per fwd+bwd call, {shape}, on {env['device_name']} ({dev}; torch "
+                          f"{env['torch']}): aten ops dispatched (kernel ops: not views/allocations), Triton "
+                          "launches, median wall us per call" + (" - CPU host-side, NOT GPU times" if dev == "cpu"
+                                                                 else "")))
+            return 0
         checks = bench.run_checks(groups_sel, dev) if run_checks else []
         out = bench.run_benchmarks(groups_sel, quick=quick, device=dev)
         failed = [c for c in checks if not c["ok"]]

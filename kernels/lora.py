@@ -660,10 +660,13 @@ if HAVE_TRITON:
         stride_lm, stride_pr, stride_po, stride_mm, stride_om,
         BLOCKS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr, SUB_M: tl.constexpr, BLOCK_R: tl.constexpr,
         UPCAST: tl.constexpr, PLANE: tl.constexpr = 32, APPLY_SCALE: tl.constexpr = False,
+        L_AT_R_OFF: tl.constexpr = False,
     ):
         """dX's LoRA term alone: OUT[rows, cols] = keep * (L[rows, :r] @ P[r_off:r_off+r, cols]) / (1 - p) over
         BLOCKS_PER_PROG dropout blocks (8 planes of PLANE columns: one mask byte row per block, bit = plane), so
-        the mask is read as bytes and expanded by shifts, never gathered. Rows no adapter covers get zeros."""
+        the mask is read as bytes and expanded by shifts, never gathered. Rows no adapter covers get zeros.
+        L_AT_R_OFF: L is [T, R_total] with the adapters' columns at their rank offsets (the dense "torch_all"
+        path), so the tile reads L[rows, r_off:r_off+r]."""
         PREFETCH_P: tl.constexpr = BLOCK_R <= 32
         pid_m = tl.program_id(0) // (BLOCK_M // SUB_M)
         sub = tl.program_id(0) % (BLOCK_M // SUB_M)
@@ -676,7 +679,8 @@ if HAVE_TRITON:
             rr = tl.arange(0, BLOCK_R)
             r_ok = rr < rank  # rank 0: every load masked, the term is zero
             lanes = tl.arange(0, PLANE)
-            lt = tl.load(L + rows[:, None] * stride_lm + rr[None, :], mask=row_ok[:, None] & r_ok[None, :],
+            l_cols = r_off + rr if L_AT_R_OFF else rr
+            lt = tl.load(L + rows[:, None] * stride_lm + l_cols[None, :], mask=row_ok[:, None] & r_ok[None, :],
                          other=0.0)
             inv_keep = tl.load(FTABLE + pid_m * 2 + 1)
             if APPLY_SCALE:  # L is dY B without the adapter's scale
@@ -752,6 +756,7 @@ class _TilePlan:
     segments: tuple  # ((adapter, start, end, rank, rank_offset), ...) covered segments, sorted
     scales: tuple  # per adapter
     r_align: int = 1  # every adapter's rank offset is a multiple of this (8 or 1)
+    rank_of: tuple = ()  # per adapter
     extras: dict = field(default_factory=dict, compare=False, repr=False)  # lazily built per-plan tensors
 
 
@@ -805,7 +810,7 @@ def _tile_plan(T: int, segments: tuple, ranks: tuple, scales: tuple, ps: tuple, 
         ftable=_upload(torch.tensor(frows, dtype=torch.float32).reshape(-1, 2), device),
         n_tiles=len(rows), block_m=block_m, block_r=max(16, _next_pow2(max(ranks) if ranks else 1)),
         r_total=offs[-1], has_dropout=has_dropout, segments=tuple(covered), scales=tuple(scales),
-        r_align=8 if all(o % 8 == 0 for o in offs) else 1,
+        r_align=8 if all(o % 8 == 0 for o in offs) else 1, rank_of=tuple(ranks),
     )
     _PLAN_CACHE[key] = plan
     if len(_PLAN_CACHE) > 64:
@@ -997,9 +1002,10 @@ def _uncovered(plan: _TilePlan, T: int):
 
 
 def _masked_term(ds, a_cat, mask, out, plan: _TilePlan, apply_scale: bool = False,
-                 launch: Optional[dict] = None) -> None:
+                 launch: Optional[dict] = None, at_rank_offset: bool = False) -> None:
     """dX's LoRA term with the dropout mask, mask * (dS A) / (1 - p), by ``_lora_masked_term_kernel``
-    (``apply_scale``: ``ds`` lacks the adapter's scale, the kernel applies it)."""
+    (``apply_scale``: ``ds`` lacks the adapter's scale, the kernel applies it; ``at_rank_offset``: ``ds`` is
+    [T, R_total] with each adapter's columns at its rank offset, else [T, >= max rank] from column 0)."""
     T, K = out.shape
     knobs = {**TERM_LAUNCH, **(launch or {})}
     sub_m = min(knobs["sub_m"], plan.block_m)
@@ -1010,7 +1016,7 @@ def _masked_term(ds, a_cat, mask, out, plan: _TilePlan, apply_scale: bool = Fals
         ds, a_cat, mask, out, plan.table, plan.ftable, K,
         ds.stride(0), a_cat.stride(0), a_cat.stride(1), mask.stride(0), out.stride(0),
         BLOCKS_PER_PROG=per_prog, BLOCK_M=plan.block_m, SUB_M=sub_m, BLOCK_R=plan.block_r, UPCAST=INTERPRET,
-        PLANE=DROP_PLANE, APPLY_SCALE=apply_scale, **_launch_opts(knobs["warps"], 1))
+        PLANE=DROP_PLANE, APPLY_SCALE=apply_scale, L_AT_R_OFF=at_rank_offset, **_launch_opts(knobs["warps"], 1))
 
 
 def _fill_uncovered(out, plan: _TilePlan, bias=None) -> None:
@@ -1040,8 +1046,102 @@ def _cublas_lora_term(x2, weight, bias, b_cat, plan: _TilePlan, s_rows) -> torch
     return y
 
 
-def _forward_torch_all(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int):
-    """``base_gemm="torch_all"``: per segment two cuBLAS calls writing straight into views - S = Xd A^T into a
+#: "torch_all" runs the thin GEMMs once over the whole packed batch and every adapter's rank columns (``_dense``)
+#: while the adapters' ranks add up to at most this many columns; above it, per segment. Why 128: a thin GEMM
+#: [T, K] x [K, R] in bf16 does ~R flops per byte of X, below the H100/H200 ridge (~200-300 flop/byte) up to
+#: R ~ 200, so the extra columns other adapters' rows multiply by zero should ride on the same read of X. A
+#: roofline argument, not yet timed on a GPU.
+DENSE_MAX_R = 128
+
+
+def _dense(plan: _TilePlan) -> bool:
+    """Whether ``torch_all`` takes the dense form for this plan (a function of the ranks only: traceable)."""
+    return plan.r_total <= DENSE_MAX_R
+
+
+def _dense_scale(plan: _TilePlan, T: int, device) -> tuple[float, Optional[torch.Tensor]]:
+    """(alpha, M) of the dense ``torch_all`` form, built once per plan: one adapter covering every row -> (scale,
+    None), the scale rides on a GEMM's alpha; otherwise (1.0, M) with M float32 [T, R_total] = the adapter's scale
+    where the row's segment uses that rank column, 0 elsewhere (other adapters' columns, uncovered rows). Made on
+    the device from the tile table (tiles cover [0, T) in order) and one small upload."""
+    got = plan.extras.get("dense")
+    if got is not None:
+        return got
+    segs = plan.segments
+    if len(segs) == 1 and segs[0][1] == 0 and segs[0][2] == T and segs[0][3] == plan.r_total:
+        got = (float(plan.scales[segs[0][0]]), None)
+    else:
+        col_aid, col_scale = [], []
+        for aid, scale in enumerate(plan.scales):
+            rank = plan.rank_of[aid]
+            col_aid += [float(aid)] * rank
+            col_scale += [float(scale)] * rank
+        cols = _upload(torch.tensor([col_aid, col_scale], dtype=torch.float32), device)
+        row_aid = torch.repeat_interleave(plan.table[:, 5], plan.table[:, 1], output_size=T)
+        m = torch.where(row_aid[:, None] == cols[0][None, :], cols[1][None, :], 0.0)
+        got = (1.0, m)
+    plan.extras["dense"] = got
+    return got
+
+
+def _scaled_mm(a, b, alpha: float) -> torch.Tensor:
+    """alpha * (a @ b) as one GEMM call (alpha on cuBLAS's alpha; beta = 0 ignores the uninitialised C)."""
+    if alpha == 1.0:
+        return torch.mm(a, b)
+    return torch.empty((a.shape[0], b.shape[1]), device=a.device, dtype=a.dtype).addmm_(a, b, beta=0, alpha=alpha)
+
+
+def _forward_torch_all(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed):
+    """``base_gemm="torch_all"``: cuBLAS for every GEMM. Dense form (``_dense``): S = scale * (Xd A_cat^T) over
+    the whole batch and every adapter's rank columns, zeroed outside each row's own adapter by M (one multiply;
+    one adapter covering every row: the scale on alpha, no M), Y = S B_cat^T (+ bias), then Y += X W^T through C:
+    3 GEMMs and at most one elementwise pass, whatever the number of segments. Saves S (scaled) in the input
+    dtype, [T, R_total]. Per-segment form above ``DENSE_MAX_R`` rank columns (``_forward_torch_all_segments``)."""
+    if not _dense(plan):
+        return _forward_torch_all_segments(x2, weight, bias, a_cat, b_cat, plan, seed)
+    T = x2.shape[0]
+    alpha, m = _dense_scale(plan, T, x2.device)
+    # rows no adapter covers take part in the GEMMs (times zero): with dropout they need a defined Xd too
+    _, xd, mask = _down(x2, a_cat, plan, seed, with_s=False, all_rows=m is not None)
+    s = _scaled_mm(xd, a_cat.t(), alpha)
+    if m is not None:
+        s.mul_(m)
+    if bias is not None:
+        y = torch.addmm(bias.to(x2.dtype), s, b_cat.t())  # cuBLAS takes C in the output dtype
+    else:
+        y = torch.mm(s, b_cat.t())
+    y.addmm_(x2, weight.t())
+    return y, s, xd, mask
+
+
+def _backward_torch_all(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, need_dx: bool,
+                        need_dbias: bool):
+    """The backward of ``_forward_torch_all``. Dense form: P = scale * (dY B_cat) (times M), dB = dY^T S,
+    dA = P^T Xd, dX = dY W accumulated through C onto P A_cat (without dropout) or onto mask * (P A) / (1 - p)
+    (our kernel): 5 GEMMs and at most one elementwise pass. Unused adapters' columns of M are zero: their dA / dB
+    come out zero."""
+    if not _dense(plan):
+        return _backward_torch_all_segments(dy2, weight, a_cat, b_cat, s, xd, mask, plan, need_dx, need_dbias)
+    alpha, m = _dense_scale(plan, dy2.shape[0], dy2.device)
+    p = _scaled_mm(dy2, b_cat, alpha)
+    if m is not None:
+        p.mul_(m)
+    db = torch.mm(dy2.t(), s)
+    da = torch.mm(p.t(), xd)
+    dbias = torch.sum(dy2, dim=0, dtype=torch.float32) if need_dbias else None
+    dx = None
+    if need_dx:
+        if mask is not None:
+            dx = torch.empty_like(xd)
+            _masked_term(p, a_cat, mask, dx, plan, at_rank_offset=True)
+        else:
+            dx = torch.mm(p, a_cat)
+        dx.addmm_(dy2, weight)
+    return dx, da, db, dbias
+
+
+def _forward_torch_all_segments(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int):
+    """``base_gemm="torch_all"`` above ``DENSE_MAX_R`` rank columns: per segment two cuBLAS calls writing straight into views - S = Xd A^T into a
     [T, r_max] buffer, Y = scale S B^T (+ bias) into Y's rows, the scale on alpha - then Y += X W^T through C.
     No copies and no per-segment scaling passes: host calls (~15-25 us each, estimated from ~1 ms per fwd+bwd of
     ~45 calls on the H200 image; device_check's host profile measures it) are what small shapes and many
@@ -1057,9 +1157,9 @@ def _forward_torch_all(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: in
     return _cublas_lora_term(x2, weight, bias, b_cat, plan, s_rows), s16, xd, mask
 
 
-def _backward_torch_all(dy2, weight, a_cat, b_cat, s16, xd, mask, plan: _TilePlan, need_dx: bool,
-                        need_dbias: bool):
-    """The backward of ``_forward_torch_all``: per segment P = dY B (dS = scale P), dB += scale dY^T S,
+def _backward_torch_all_segments(dy2, weight, a_cat, b_cat, s16, xd, mask, plan: _TilePlan, need_dx: bool,
+                                 need_dbias: bool):
+    """The backward of ``_forward_torch_all_segments``: per segment P = dY B (dS = scale P), dB += scale dY^T S,
     dA += scale P^T Xd as cuBLAS calls into views (an adapter's first segment overwrites, beta = 0, later ones
     accumulate - in the parameters' dtype, as eager autograd sums per-segment grads); dX = dY W accumulated through C onto mask * scale (P A) / (1 - p) (our kernel, all segments in
     one launch) or, without dropout, onto scale P A per segment."""
@@ -1609,12 +1709,12 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
     "torch_all" (cuBLAS for every GEMM) or "torch_grouped"; see ``multi_lora_linear``."""
     if x.dim() == 0:
         raise ValueError("x: a 0-d tensor; must be [..., K]")
-    K = x.shape[-1]
-    x2 = x.reshape(-1, K)
+    flat = x.dim() == 2  # no reshape (a view and its backward: host calls) for a 2-D input
+    x2 = x if flat else x.reshape(-1, x.shape[-1])
     ad = LoRAAdapterWeights(lora_a, lora_b, float(scale), float(dropout_p))
     y = multi_lora_linear(x2, weight, [ad], [(0, 0, x2.shape[0])], bias=bias, seed=seed, gemm_config=gemm_config,
                           base_gemm=base_gemm)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return y if flat else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -274,6 +274,226 @@ def cases(quick: bool, device: str) -> list[BenchCase]:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Host work per call: aten ops dispatched and Triton kernels launched per forward+backward (``--host-calls``)
+# ------------------------------------------------------------------------------------------------------------
+#: the providers whose host work ``host_call_rows`` counts
+HOST_CALL_MODES = ("torch_all", "torch", "torch_grouped", "triton")
+#: aten ops that launch no device kernel (allocations, views, metadata); every other op is a ``kernel op``
+NO_KERNEL_OPS = frozenset({
+    "empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "alias", "view", "_unsafe_view",
+    "slice", "select", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "as_strided", "detach",
+    "_reshape_alias", "unbind", "split", "narrow", "lift_fresh", "set_", "_local_scalar_dense"})
+#: the Triton kernels of ``kernels.lora`` a launch counter watches (and the autotuned GEMMs on a GPU)
+LORA_KERNELS = ("_lora_down_kernel", "_lora_gemm_kernel", "_lora_dy_kernel", "_lora_masked_term_kernel",
+                "_gemm_fwd_tuned", "_gemm_bwd_tuned", "_gemm_fwd_tuned_tma", "_gemm_bwd_tuned_tma")
+#: (T, K, N, r) of the host-call rows: tiny on the CPU (compute negligible), the host-bound H200 shape on a GPU
+HOST_SHAPE = {"cpu": (64, 64, 64, 8), "cuda": (2048, 4096, 4096, 16)}
+
+
+class HostCallCounter:
+    """Counts, inside its ``with`` block, the aten ops dispatched (a ``TorchDispatchMode``: every op the
+    dispatcher sees from Python or from autograd's backward, views and allocations included) and the Triton
+    launches of ``module``'s kernels (``LORA_KERNELS``, swapped for counting proxies while the block runs). Ops a
+    kernel launch issues itself (the interpreter's copies on the CPU) are not counted: they are not host work on
+    a GPU. ``ops`` / ``launches``: name -> calls."""
+
+    def __init__(self, module=None):
+        import collections
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        if module is None:
+            from . import lora as module
+        self.module, self.ops, self.launches = module, collections.Counter(), collections.Counter()
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if not counter._in_launch:
+                    counter.ops[func.overloadpacket.__name__] += 1
+                return func(*args, **(kwargs or {}))
+
+        self._mode, self._in_launch, self._saved = _Mode(), False, {}
+
+    def _proxy(self, name, kernel):
+        counter = self
+
+        class _Launch:
+            def __getitem__(self, grid):
+                def launch(*args, **kw):
+                    counter.launches[name] += 1
+                    counter._in_launch = True
+                    try:
+                        return kernel[grid](*args, **kw)
+                    finally:
+                        counter._in_launch = False
+                return launch
+
+            def __getattr__(self, attr):  # anything else (e.g. autotuner attributes) from the real kernel
+                return getattr(kernel, attr)
+
+        return _Launch()
+
+    def __enter__(self):
+        for name in LORA_KERNELS:
+            kernel = getattr(self.module, name, None)
+            if kernel is not None:
+                self._saved[name] = kernel
+                setattr(self.module, name, self._proxy(name, kernel))
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        for name, kernel in self._saved.items():
+            setattr(self.module, name, kernel)
+        self._saved.clear()
+        return False
+
+    @property
+    def aten_ops(self) -> int:
+        return sum(self.ops.values())
+
+    @property
+    def kernel_ops(self) -> int:
+        """Aten ops that launch device work (not allocations, views or metadata)."""
+        return sum(n for op, n in self.ops.items() if op not in NO_KERNEL_OPS)
+
+
+def host_call_step(base_gemm: str, n_adapters: int, p: float, device: str = "cpu", shape=None, module=None):
+    """A zero-argument fwd+bwd call (``lora_linear`` for one adapter, ``multi_lora_linear`` over ``n_adapters``
+    segments covering the batch, ranks r/2.., seed drawn per call as in training) of ``module`` (default
+    ``kernels.lora``; another revision's copy for before/after timings), gradients for x and every adapter."""
+    import torch
+
+    L = module
+    if L is None:
+        from . import lora as L
+    T, K, N, r = shape or HOST_SHAPE["cuda" if device == "cuda" else "cpu"]
+    dt = _dtype(device)
+    g = torch.Generator(device="cpu").manual_seed(T + K + N + r + n_adapters)
+
+    def rnd(*s, scale=1.0):
+        return (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dt)
+
+    ranks = [r] if n_adapters == 1 else [max(1, r * (i + 1) // n_adapters) for i in range(n_adapters)]
+    ads = [L.LoRAAdapterWeights(rnd(rk, K, scale=K ** -0.5).requires_grad_(),
+                                rnd(N, rk, scale=rk ** -0.5).requires_grad_(), SCALE, p) for rk in ranks]
+    x, w, dy = rnd(T, K).requires_grad_(), rnd(N, K, scale=K ** -0.5), rnd(T, N)
+    leaves = [x] + [t for ad in ads for t in (ad.lora_a, ad.lora_b)]
+    segs = _segments(T, [1.0 / n_adapters] * n_adapters)
+
+    def step():
+        if n_adapters == 1:
+            y = L.lora_linear(x, w, ads[0].lora_a, ads[0].lora_b, SCALE, p, base_gemm=base_gemm)
+        else:
+            y = L.multi_lora_linear(x, w, ads, segs, base_gemm=base_gemm)
+        return torch.autograd.grad(y, leaves, dy)
+
+    return step
+
+
+def count_host_calls(base_gemm: str, n_adapters: int, p: float, device: str = "cpu", shape=None,
+                     module=None) -> HostCallCounter:
+    """The host work of one warm fwd+bwd call (the tile plan already cached by a first call)."""
+    step = host_call_step(base_gemm, n_adapters, p, device, shape, module)
+    step()
+    with HostCallCounter(module) as counter:
+        step()
+    return counter
+
+
+def time_per_call_us(steps: dict, device: str = "cpu", calls: int = 2000, block: int = 50) -> dict:
+    """Median wall time per call (us) of each zero-argument ``step``, interleaved: blocks of ``block`` calls
+    rotating over the steps until each made ``calls`` calls, every call timed on its own (on a GPU the device is
+    synchronised after each call: with host-bound shapes that is the host's time plus one sync)."""
+    import statistics
+    import time
+
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times = {name: [] for name in steps}
+    for step in steps.values():
+        for _ in range(3):
+            step()
+    sync()
+    names = list(steps)
+    for rnd in range(-(-calls // block)):
+        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+            step, out = steps[name], times[name]
+            for _ in range(block):
+                t0 = time.perf_counter()
+                step()
+                sync()
+                out.append((time.perf_counter() - t0) * 1e6)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def host_call_rows(device: str = "cpu", modes=HOST_CALL_MODES, adapters=(1, 4), ps=(0.0, DROPOUT),
+                   time_calls: int = 400) -> list[dict]:
+    """Per (mode, adapters, p): aten ops, kernel ops and Triton launches per fwd+bwd call, and the median wall
+    time per call (``time_per_call_us``; on the CPU only where no kernel runs - the interpreter's time is not host
+    time: None there). ``time_calls=0`` skips the timing."""
+    rows = []
+    shape = HOST_SHAPE["cuda" if device == "cuda" else "cpu"]
+    for n in adapters:
+        for p in ps:
+            for mode in modes:
+                row = {"base_gemm": mode, "adapters": n, "dropout": p, "shape": "T={} K={} N={} r={}".format(*shape)}
+                try:
+                    c = count_host_calls(mode, n, p, device)
+                    row.update(aten_ops=c.aten_ops, kernel_ops=c.kernel_ops, triton_launches=sum(c.launches.values()),
+                               ops=dict(c.ops), launches=dict(c.launches), us_per_call=None, error="")
+                    if time_calls and (device == "cuda" or not c.launches):
+                        step = host_call_step(mode, n, p, device)
+                        row["us_per_call"] = time_per_call_us({"s": step}, device, time_calls)["s"]
+                except Exception as err:  # one mode failing must not cost the others' rows
+                    row.update(aten_ops=None, kernel_ops=None, triton_launches=None, ops={}, launches={},
+                               us_per_call=None, error=f"{type(err).__name__}: {err}"[:200])
+                rows.append(row)
+    return rows
+
+
+HOST_CALL_COLUMNS = ["base_gemm", "adapters", "dropout", "aten ops", "kernel ops", "triton launches", "us/call"]
+
+
+def host_call_table_rows(rows: list[dict]) -> list[list]:
+    out = []
+    for r in rows:
+        if r["error"]:
+            out.append([r["base_gemm"], r["adapters"], r["dropout"], "error", r["error"][:60], "", ""])
+            continue
+        us = "-" if r["us_per_call"] is None else f"{r['us_per_call']:.0f}"
+        out.append([r["base_gemm"], r["adapters"], r["dropout"], r["aten_ops"], r["kernel_ops"],
+                    r["triton_launches"], us])
+    return out
+
+
+def lora_at_revision(rev: str, repo=None):
+    """``kernels/lora.py`` as it was at git revision ``rev``, imported as a separate module (its torch.compile
+    custom ops not registered again), for before/after host timings in one process. Dev tool: needs the git
+    checkout."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(repo) if repo else Path(__file__).resolve().parents[1]
+    src = subprocess.run(["git", "-C", str(root), "show", f"{rev}:kernels/lora.py"], check=True,
+                         capture_output=True, text=True).stdout
+    src = src.replace("from . import lora_op as _lora_op", "_lora_op = None")
+    name = f"adasched.kernels._lora_at_{rev[:12]}"
+    spec = importlib.util.spec_from_loader(name, loader=None)
+    mod = importlib.util.module_from_spec(spec)
+    mod.__package__ = "adasched.kernels"
+    mod.__file__ = str(root / "kernels" / "lora.py")
+    sys.modules[name] = mod
+    exec(compile(src, f"<kernels/lora.py at {rev}>", "exec"), mod.__dict__)
+    return mod
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Correctness checks (bf16 on the GPU, float16/float32 under the interpreter) against a float64 reference
 # ------------------------------------------------------------------------------------------------------------
 def _rel(a, b) -> float:

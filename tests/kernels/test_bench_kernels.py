@@ -295,3 +295,24 @@ def test_gpu_checks_survive_one_mode_failing(monkeypatch):
     assert all("RuntimeError: no TMA here" in r[2] for r in failed)
     for mode in ("triton", "torch", "torch_all"):
         assert (f"single {mode}", True, "") in rows and (f"multi {mode}", True, "") in rows
+
+
+def test_host_calls_flag_counts_ops_and_launches_without_interpreter_noise(monkeypatch, capsys):
+    """`bench kernels --host-calls`: per (base_gemm, adapters, dropout) the aten ops a fwd+bwd dispatches and the
+    Triton kernels it launches. The interpreter's own tensor ops inside a launch are not counted (they are no host
+    work on a GPU); a mode that launches kernels has no CPU time (interpreter time is not host time)."""
+    from adasched.kernels import lora_bench
+
+    full = lora_bench.host_call_rows
+    monkeypatch.setattr(lora_bench, "host_call_rows", lambda dev: full(
+        dev, modes=("torch_all", "triton"), adapters=(1,), ps=(0.0,), time_calls=20))
+    assert main(["bench", "kernels", "--host-calls", "--json", "--device", "cpu"]) == 0
+    rows = {r["base_gemm"]: r for r in json.loads(capsys.readouterr().out)["host_calls"]}
+    assert rows["torch_all"]["triton_launches"] == 0 and rows["torch_all"]["us_per_call"] > 0
+    assert rows["torch_all"]["ops"] == {"mm": 4, "addmm_": 4, "empty": 2, "t": 5}
+    tri = rows["triton"]
+    assert tri["launches"] == {"_lora_down_kernel": 1, "_lora_gemm_kernel": 2, "_lora_dy_kernel": 1}
+    assert tri["us_per_call"] is None and "set_" not in tri["ops"] and tri["aten_ops"] < 25, tri["ops"]
+    assert main(["bench", "kernels", "--host-calls", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "NOT GPU times" in text and "torch_all" in text and "triton launches" in text
