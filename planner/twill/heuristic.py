@@ -22,6 +22,7 @@ it is returned; nothing here proves anything about optimality.
 """
 from __future__ import annotations
 
+import heapq
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -30,7 +31,7 @@ import numpy as np
 
 from .graph import Problem
 from .knobs import buffer_depths
-from .mii import compute_mii, longest_paths
+from .mii import compute_mii, longest_paths, longest_paths_or_cycle
 
 __all__ = ["HeuristicSchedule", "modulo_schedule", "heuristic_schedule", "assignments"]
 
@@ -137,34 +138,81 @@ def modulo_schedule(problem: Problem, ii: int, groups: dict[str, int] | None = N
     t: list[int | None] = [None] * n
     last: list[int | None] = [None] * n
 
+    # the MRT as Python lists (one cell read per check: a candidate cycle is tried cell by cell, stopping at the
+    # first that is full, and most ops fit at one of the first cycles tried), who holds each (key, residue), and
+    # per op its cells as (row, room = cap - count, offset)
+    occ_l = {key: [0] * ii for key in caps}
+    holders: dict[object, dict[int, set[int]]] = {key: {} for key in caps}
+    flat = [[(occ_l[key], caps[key] - c, o) for key, offs, cnt in mine for o, c in zip(offs.tolist(), cnt.tolist())]
+            for mine in cells]
     # the folded table as disjoint runs of equal count: a run of length L fits at residue r when the largest
-    # occupancy in its window is at most cap - count (window maxima cost O(I log L), not O(I L))
+    # occupancy in its window is at most cap - count (window maxima cost O(I log L), not O(I L)); used for the
+    # whole window at once when a few cycles tried one by one do not fit
     runs = [[(key, _runs_of(offs, cnt)) for key, offs, cnt in mine] for mine in cells]
 
     def fits(i: int) -> np.ndarray:
         """ok[r]: op i fits the MRT when issued at residue r."""
         ok = np.ones(ii, dtype=bool)
         for key, rows in runs[i]:
+            row = np.asarray(occ_l[key], dtype=np.int64)
             wmax: dict[int, np.ndarray] = {}
             for start, size, cnt in rows:
                 if size not in wmax:
-                    wmax[size] = _window_max(occ[key], size)
+                    wmax[size] = _window_max(row, size)
                 ok &= np.roll(wmax[size], -start) + cnt <= caps[key]
         return ok
 
+    def fits_at(i: int, c: int) -> bool:
+        for row, room, o in flat[i]:
+            if row[(c + o) % ii] > room:
+                return False
+        return True
+
+    def first_fit(i: int, lo: int, hi: int, forward: bool) -> int | None:
+        """The first cycle of [lo, hi] (from lo when ``forward``, else from hi) where op i fits, or None."""
+        span = range(lo, hi + 1) if forward else range(hi, lo - 1, -1)
+        # one by one while cheap (a whole short window; else its first cycles, then the window maxima)
+        few = len(span) if len(span) * len(flat[i]) <= 2048 else min(len(span), max(2, 256 // max(1, len(flat[i]))))
+        for c in span[:few]:
+            if fits_at(i, c):
+                return c
+        if few == len(span):
+            return None
+        rest = np.arange(span[few], span[-1] + (1 if forward else -1), 1 if forward else -1, dtype=np.int64)
+        ok = fits(i)[rest % ii]
+        return int(rest[int(np.argmax(ok))]) if ok.any() else None
+
+    mine_l = [[(occ_l[key], holders[key], o, c) for key, offs, cnt in mine
+               for o, c in zip(offs.tolist(), cnt.tolist())] for mine in cells]
+
     def place(i: int, at: int, sign: int) -> None:
-        for key, offs, cnt in cells[i]:
-            np.add.at(occ[key], (at + offs) % ii, sign * cnt)
+        if sign > 0:
+            for row, who, o, c in mine_l[i]:
+                r = (at + o) % ii
+                row[r] += c
+                who.setdefault(r, set()).add(i)
+        else:
+            for row, who, o, c in mine_l[i]:
+                r = (at + o) % ii
+                row[r] -= c
+                who[r].discard(i)
+
+    # the unscheduled op of highest priority: a heap of positions in ``order`` (lazy: stale entries skipped)
+    pos = {v: p for p, v in enumerate(order)}
+    todo = list(range(n))  # positions, already a heap
 
     def unschedule(j: int) -> None:
         place(j, t[j], -1)
         t[j] = None
+        heapq.heappush(todo, pos[j])
 
     budget = budget_ratio * n
     while budget > 0:
-        i = next((j for j in order if t[j] is None), None)
-        if i is None:
+        while todo and t[order[todo[0]]] is not None:
+            heapq.heappop(todo)
+        if not todo:
             break
+        i = order[heapq.heappop(todo)]
         budget -= 1
         if deadline is not None and budget % 16 == 0 and time.perf_counter() >= deadline:
             return None
@@ -180,27 +228,21 @@ def modulo_schedule(problem: Problem, ii: int, groups: dict[str, int] | None = N
             forward = False
         else:
             lo, hi, forward = 0, ii - 1, True
-        chosen = None
-        if lo <= hi:
-            span = np.arange(lo, hi + 1, dtype=np.int64) if forward else np.arange(hi, lo - 1, -1, dtype=np.int64)
-            ok = fits(i)[span % ii]
-            if ok.any():
-                chosen = int(span[int(np.argmax(ok))])
+        chosen = first_fit(i, lo, hi, forward) if lo <= hi else None
         if chosen is None:  # force it in and evict what collides
             base = lo if forward else hi
             if last[i] is not None and forward and base <= last[i]:
                 base = last[i] + 1
             chosen = base
             for key, offs, cnt in cells[i]:
-                res = (chosen + offs) % ii
-                bad = set(res[occ[key][res] + cnt > caps[key]].tolist())
-                if bad:
-                    for j in range(n):
-                        if t[j] is not None and j != i:
-                            for k2, o2, _ in cells[j]:
-                                if k2 == key and bad.intersection(((t[j] + o2) % ii).tolist()):
-                                    unschedule(j)
-                                    break
+                row, who = occ_l[key], holders[key]
+                evict: set[int] = set()
+                for o, c in zip(offs.tolist(), cnt.tolist()):
+                    r = (chosen + o) % ii
+                    if row[r] + c > caps[key]:
+                        evict |= who[r]
+                for j in sorted(evict):
+                    unschedule(j)
         t[i] = chosen
         last[i] = chosen
         place(i, chosen, +1)
@@ -228,8 +270,10 @@ def _retime(problem: Problem, ii: int, times: dict[str, int], groups: dict[str, 
             deadline: float | None = None) -> dict[str, int] | None:
     """Stages for the same residues that keep each held value within a buffer count (lifetime <= copies * I):
     difference constraints (dependences below, lifetimes above) solved by longest paths. Buffer counts start at
-    one per value (or its length) and grow one at a time, the value with the fewest first (then the cheapest in
-    registers + shared memory), while the budgets allow. None also when ``deadline`` passes."""
+    one per value (or its length) and grow one at a time while the budgets allow: when the constraints have a
+    positive cycle, a value whose lifetime row lies on it, the one with the fewest buffers first (then the
+    cheapest in registers + shared memory); growing any other value could not break that cycle and only spent the
+    budgets (on 120-op graphs every grouping failed that way). None also when ``deadline`` passes."""
     g, m = problem.graph, problem.machine
     names = [o.name for o in g.ops]
     res = {v: times[v] % ii for v in names}
@@ -243,24 +287,45 @@ def _retime(problem: Problem, ii: int, times: dict[str, int], groups: dict[str, 
         lower.append((e.src, e.dst, -(-(w - res[e.dst] + res[e.src]) // ii)))  # k_dst >= k_src + this
     copies = {o.name: max(1, -(-o.length // ii)) for o in held}
     cost = {o.name: (o.regs or 0) + (o.smem or 0) for o in held}
+    # the budgets' running totals (one more buffer of v changes only its group's registers and the shared memory:
+    # the same test as _fits, in O(1) per candidate)
+    regs_of = {o.name: o.regs or 0 for o in g.ops}
+    smem_of = {o.name: o.smem or 0 for o in g.ops}
+    regs_q = {q: m.group_base_regs for q in set(groups.values())}
+    for o in g.ops:
+        regs_q[groups[o.name]] += regs_of[o.name] * copies.get(o.name, 1)
+    regs_all = sum(regs_q.values())
+    smem = sum(smem_of[o.name] * copies.get(o.name, 1) for o in g.ops)
+    within = (max(regs_q.values()) <= m.regs_per_group_max and regs_all <= m.regs_total
+              and smem <= m.smem_capacity)  # when not, no buffer can be added (_fits fails every trial)
+    # consumers of each held value: (consumer, distance), for the lifetime rows
+    reads = [(e.src, e.dst, e.distance) for e in g.edges if e.value and e.src != e.dst and e.src in copies]
     for _ in range(4 * len(held) + 4):
         if deadline is not None and time.perf_counter() >= deadline:
             return None
         cons = list(lower)
-        for e in g.edges:
-            if e.value and e.src != e.dst and e.src in copies:
-                # t_dst + I * distance + len_dst - t_src <= copies * I  ->  k_src >= k_dst + this
-                up = copies[e.src] * ii - ii * e.distance - length[e.dst]
-                cons.append((e.dst, e.src, -((up - res[e.dst] + res[e.src]) // ii)))
-        k = longest_paths(names, cons)
+        for src, dst, dist in reads:
+            # t_dst + I * distance + len_dst - t_src <= copies * I  ->  k_src >= k_dst + this
+            up = copies[src] * ii - ii * dist - length[dst]
+            cons.append((dst, src, -((up - res[dst] + res[src]) // ii)))
+        k, cycle = longest_paths_or_cycle(names, cons)
         if k is not None:
             lo = min(k.values())
             return {v: ii * (k[v] - lo) + res[v] for v in names}
-        grow = sorted(copies, key=lambda v: (copies[v], cost[v], v))
-        for v in grow:
-            trial = dict(copies, **{v: copies[v] + 1})
-            if _fits(problem, trial, groups):
-                copies = trial
+        if not within:
+            return None
+        # only a buffer of a value whose lifetime row lies on the positive cycle can break it (a buffer of any
+        # other value leaves the cycle as it is and only spends the budgets)
+        on = {(cycle[j - 1], cycle[j]) for j in range(len(cycle))}
+        cand = {src for src, dst, _ in reads if (dst, src) in on}
+        for v in sorted(cand, key=lambda v: (copies[v], cost[v], v)):
+            q, dr = groups[v], regs_of[v]
+            if regs_q[q] + dr <= m.regs_per_group_max and regs_all + dr <= m.regs_total \
+                    and smem + smem_of[v] <= m.smem_capacity:
+                copies[v] += 1
+                regs_q[q] += dr
+                regs_all += dr
+                smem += smem_of[v]
                 break
         else:
             return None
@@ -396,6 +461,7 @@ def heuristic_schedule(problem: Problem, *, warp: bool | None = None, lower: int
         best = _search(lb, cap, plain, tried, deadline, hard)
     else:
         best = None
+        deferred: list[tuple[int, Callable[[int], HeuristicSchedule | None]]] = []
         for grp in assignments(problem):
             if time.perf_counter() >= hard:
                 break
@@ -425,15 +491,21 @@ def heuristic_schedule(problem: Problem, *, warp: bool | None = None, lower: int
             top = cap if best is None else best.ii - 1
             if best is None and time.perf_counter() > deadline:
                 # past the deadline with no schedule yet (the search below ignores the deadline then): first try
-                # this grouping at the cap and pass over it when even that fails, instead of galloping through
-                # every I up to the cap (about a second per grouping on a 120-op graph, 5 s in all for no
-                # schedule at a 0.3 s limit). A heuristic cut: feasibility is not monotone in I
+                # this grouping at the cap and, when even that fails, gallop through it only after every other
+                # grouping had its probe (a whole gallop took about a second per grouping on a 120-op graph before
+                # the scheduler got faster; ~0.05 s now). A heuristic order: feasibility is not monotone in I (a
+                # register-bound grouping can fit at a small I and not at the cap, where every stage is one)
                 tried.append(top)
                 if joint(top) is None:
+                    deferred.append((start, joint))
                     continue
             r = _search(start, top, joint, tried, deadline, hard)
             if r is not None and (best is None or r.ii < best.ii):
                 best = r
+        for start, joint in deferred:
+            if best is not None or time.perf_counter() >= hard:
+                break
+            best = _search(start, cap, joint, tried, deadline, hard)
     if best is None:
         return None
     if _validate(problem, best):

@@ -6,11 +6,13 @@ longest paths; binary search on I, since every weight falls as I grows).
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 from .graph import Problem
 
-__all__ = ["MII", "res_mii", "rec_mii", "compute_mii", "has_positive_cycle", "longest_paths"]
+__all__ = ["MII", "res_mii", "rec_mii", "compute_mii", "has_positive_cycle", "longest_paths",
+           "longest_paths_or_cycle"]
 
 
 @dataclass(frozen=True)
@@ -37,16 +39,68 @@ def res_mii(problem: Problem) -> int:
 
 def longest_paths(nodes, weighted) -> dict | None:
     """Bellman-Ford longest paths from a virtual source joined to every node with weight 0: the least
-    solution of d[v] >= d[u] + w >= 0 over the (u, v, w) edges, or None when a cycle is positive."""
+    solution of d[v] >= d[u] + w >= 0 over the (u, v, w) edges, or None when a cycle is positive.
+
+    Queue-based (only the successors of a node whose value rose are relaxed again), with the predecessor graph
+    checked for a cycle after every n improvements (a cycle there is a positive cycle of the graph), and an
+    improving path of more than n edges as a last resort: the same least solution as the round-based version,
+    with far fewer relaxations on the near-acyclic graphs here, and a positive cycle found after a few laps of it
+    instead of n rounds over every edge."""
+    return longest_paths_or_cycle(nodes, weighted)[0]
+
+
+def longest_paths_or_cycle(nodes, weighted) -> tuple[dict | None, list | None]:
+    """(:func:`longest_paths`' solution, None), or (None, the nodes of a positive cycle in edge order: each
+    node's successor on the cycle is the next one, the last's is the first)."""
     dist = {n: 0 for n in nodes}
-    for _ in range(len(dist) + 1):
-        changed = False
-        for u, v, w in weighted:
-            if dist[u] + w > dist[v]:
-                dist[v] = dist[u] + w
-                changed = True
-        if not changed:
-            return dist
+    succ: dict = {n: [] for n in dist}
+    for u, v, w in weighted:
+        succ[u].append((v, w))
+    n = len(dist)
+    pred: dict = {}
+    hops = dict.fromkeys(dist, 0)  # edges on the improving path that set dist[v]
+    queue = deque(dist)
+    queued = set(dist)
+    since = 0
+    while queue:
+        u = queue.popleft()
+        queued.discard(u)
+        du, hu = dist[u], hops[u] + 1
+        for v, w in succ[u]:
+            if du + w > dist[v]:
+                dist[v] = du + w
+                hops[v] = hu
+                pred[v] = u
+                since += 1
+                if hu > n or since >= n:  # an improving path of > n edges repeats a node; or a periodic check
+                    since = 0
+                    cyc = _pred_cycle(pred)
+                    if cyc is not None:
+                        return None, cyc
+                if v not in queued:
+                    queued.add(v)
+                    queue.append(v)
+    return dist, None
+
+
+def _pred_cycle(pred: dict) -> list | None:
+    """A cycle closed by the predecessor links (v -> pred[v]) in edge order (pred[x] -> x), or None. A cycle
+    there is a positive cycle of the graph (each link was set by a strict improvement)."""
+    state: dict = {}  # 1: on the current walk, 2: known to reach a root
+    for start in pred:
+        if start in state:
+            continue
+        walk = []
+        v = start
+        while v in pred and v not in state:
+            state[v] = 1
+            walk.append(v)
+            v = pred[v]
+        if state.get(v) == 1:
+            cyc = walk[walk.index(v):]  # v, pred[v], pred[pred[v]], ...: edges run backwards along the walk
+            return cyc[::-1]
+        for x in walk:
+            state[x] = 2
     return None
 
 

@@ -2,6 +2,8 @@
 test that failed before its fix."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from adasched.planner.solver import SolveParams
@@ -46,7 +48,10 @@ def test_heuristic_past_its_deadline_probes_each_grouping_at_the_cap_first(monke
     """The warp heuristic's search for a first schedule ignores the deadline. On a 120-op random warp graph no
     grouping schedules at any I: each one was galloped up to the cap (about 13 modulo schedules apiece, 65 in
     all, 5 s at a 0.3 s limit, for no schedule). Past the deadline each grouping is now tried at the cap first and
-    passed over when that fails. Within the deadline nothing changes."""
+    passed over when that fails. Within the deadline nothing changes. (Since the retiming grows only buffers on
+    the positive cycle, that graph schedules: the budgets are made to fail here instead, as they did then. And
+    since a gallop costs ~0.05 s there, not ~1 s, a grouping that fails at the cap is galloped through after every
+    grouping had its probe, within the hard deadline: a register-bound grouping can fit at a small I only.)"""
     from adasched.planner.twill.graph import Graph, check_graph, load_machine
     from adasched.planner.twill.randgraph import random_graph
 
@@ -60,8 +65,20 @@ def test_heuristic_past_its_deadline_probes_each_grouping_at_the_cap_first(monke
     monkeypatch.setattr(twill_heuristic, "modulo_schedule", counted)
     prob = check_graph(Graph.model_validate(random_graph(120, 1, warp=True)), load_machine("h100"))
     groupings = twill_heuristic.assignments(prob)
-    assert twill_heuristic.heuristic_schedule(prob, warp=True, time_limit=0.0) is None
-    assert len(calls) <= len(groupings), calls
+    with monkeypatch.context() as mp:  # no grouping fits the budgets at any I
+        mp.setattr(twill_heuristic, "_budgets_ok", lambda *a, **k: None)
+        mp.setattr(twill_heuristic, "_retime", lambda *a, **k: None)
+        cap = twill_model.ii_cap(prob, True)
+        assert twill_heuristic.heuristic_schedule(prob, warp=True, time_limit=0.0) is None
+        k = next(j for j, ii in enumerate(calls) if ii != cap)  # every grouping (within the registers) probed at
+        assert 1 <= k <= len(groupings) and calls[:k] == [cap] * k, calls  # the cap first,
+        assert len(calls) > 3 * k  # then galloped through (no hard deadline)
+        calls.clear()
+        h = twill_heuristic.heuristic_schedule(prob, warp=True, time_limit=0.0, deadline=time.perf_counter() - 1)
+        assert h is None and calls == []  # past the hard deadline: nothing tried
+        calls.clear()
+        assert twill_heuristic.heuristic_schedule(prob, warp=True, time_limit=30.0, deadline=None) is None
+        assert len(calls) > 2 * len(groupings)  # within the deadline: galloped up to the cap, grouping by grouping
     fa3 = make_problem("fa3-hopper", "h100")
     h = twill_heuristic.heuristic_schedule(fa3, warp=True, time_limit=10.0)
     assert h is not None and h.ii == 8 and h.tried[0] == 8  # no probe at the cap within the deadline
@@ -227,8 +244,8 @@ def test_other_errors_from_a_solve_are_not_retried(monkeypatch, err):
 def test_time_limit_error_is_its_own_type(monkeypatch, tmp_path, capsys):
     """No schedule by the deadline raises TimeLimitError: a ValueError (so the CLI's one ``error:`` line, exit 2)
     that a caller can tell from a graph proved to have no schedule (a plain ValueError) without parsing the
-    message; before, both were bare ValueErrors. Cases: the 120-op warp graph at 0.01 s (its first warp schedule
-    takes ~1.5 s of CPU), CP-SAT alone on an 80-op graph at 0.01 s, a search over every I up to the cap with one
+    message; before, both were bare ValueErrors. Cases: the 120-op warp graph at 0.01 s with the heuristic made to
+    find nothing (its first warp schedule took ~1.5 s of CPU then; ~0.05 s now, within the grace), CP-SAT alone on an 80-op graph at 0.01 s, a search over every I up to the cap with one
     time-out (pretended) against the same search all proved infeasible, and a 4-op warp graph whose register
     limits no I up to the cap meets (proved: the same answer as the brute-force oracle)."""
     import json
@@ -242,6 +259,7 @@ def test_time_limit_error_is_its_own_type(monkeypatch, tmp_path, capsys):
     h100 = load_machine("h100")
     quick = SolveParams(time_limit=0.01, seed=0, threads=1)
     gd = random_graph(120, 2, warp=True)
+    monkeypatch.setattr(twill_heuristic, "modulo_schedule", lambda *a, **k: None)
     with pytest.raises(TimeLimitError, match="no warp-specialised schedule within the time limit of 0.01 s"):
         twill_model.solve(check_graph(Graph.model_validate(gd), h100), quick)
     f = tmp_path / "g.json"
@@ -249,6 +267,7 @@ def test_time_limit_error_is_its_own_type(monkeypatch, tmp_path, capsys):
     assert main(["plan", "twill", "--graph", str(f), "--machine", "h100", "--time-limit", "0.01"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "within the time limit of 0.01 s" in err[0], err
+    monkeypatch.undo()
     with pytest.raises(TimeLimitError, match="no schedule found within the time limit of 0.01 s"):
         twill_model.solve(check_graph(Graph.model_validate(random_graph(80, 11)), h100), quick, heuristic=False)
 
