@@ -21,8 +21,10 @@ Two sources for alpha/beta:
 
 Expert gradients: with EP over every GPU each expert exists once and needs no all-reduce. With EP size K inside a
 data-parallel world of D GPUs (``topology(..., ep_size=K)``) each expert has D/K copies whose gradients are
-all-reduced over them (:func:`expert_grad_allreduce_ms`, charged once per iteration after the backward; across
-nodes priced by the inter-node bytes all of a node's groups move together).
+all-reduced over them (:func:`expert_grad_allreduce_ms`; across nodes priced by the inter-node bytes all of a
+node's groups move together). The runtime launches them in buckets (:func:`expert_grad_buckets`, the rule of
+``runtime.moe.ep.ExpertGradReducer``) while the backward goes on; the planner overlaps them with the rest of the
+backward (planner.fsmoe.planning, :func:`planner.fsmoe.model.exposed_comm_ms`).
 """
 from __future__ import annotations
 
@@ -36,10 +38,13 @@ from adasched.profiler.io import InputError
 from adasched.profiler.profile import ClusterProfile
 
 __all__ = ["MoEConfig", "StageCosts", "stage_costs", "ELEMENT_BYTES", "GEMM_ALPHA_MS", "Topology", "topology",
-           "expert_params_per_gpu", "expert_grad_allreduce_ms"]
+           "expert_params_per_gpu", "expert_grad_allreduce_ms", "expert_grad_buckets", "EXPERT_GRAD_BUCKET_ELEMENTS"]
 
 ELEMENT_BYTES = 2  # bf16 activations and gradients
 GEMM_ALPHA_MS = 0.02  # per-chunk GEMM launch/tail overhead assumed for profile-derived costs (ms)
+#: the runtime's expert-gradient bucket (``runtime.moe.ep.ExpertGradReducer``'s default ``bucket_elements``, which
+#: train_moe uses): a bucket's all-reduce is launched once this many ready elements wait (elements)
+EXPERT_GRAD_BUCKET_ELEMENTS = 1 << 22
 STAGES = ("a2a", "allgather", "gemm", "reducescatter", "allreduce")
 
 
@@ -338,10 +343,31 @@ def expert_params_per_gpu(cfg: MoEConfig, topo: Topology) -> float:
     return cfg.num_layers * cfg.experts * cfg.g * cfg.hidden * cfg.ffn_hidden * topo.expert_copies / topo.gpus
 
 
+def expert_grad_buckets(per_position: list[float], bucket_elements: float = EXPERT_GRAD_BUCKET_ELEMENTS
+                        ) -> tuple[list[float], float]:
+    """The runtime's launch rule for the expert-gradient all-reduce (``ExpertGradReducer``): a layer's expert
+    gradients become ready when its MoE backward ends (``per_position``: elements per layer, backward order);
+    once at least ``bucket_elements`` ready elements wait, all of them are launched. Returns (elements launched at
+    the end of each position's MoE backward, elements left for ``finish()`` after the backward). Per layer: the
+    runtime's hooks fire per parameter (w1, w2), so a layer whose first parameter alone fills a bucket may launch
+    twice at the same moment (one more alpha than counted here)."""
+    launched, waiting = [], 0.0
+    for x in per_position:
+        waiting += x
+        if waiting > 0 and waiting >= bucket_elements:
+            launched.append(waiting)
+            waiting = 0.0
+        else:
+            launched.append(0.0)
+    return launched, waiting
+
+
 def expert_grad_allreduce_ms(cfg: MoEConfig, topo: Topology, *, source: Literal["published", "profile"],
-                             profile: ClusterProfile | None = None) -> tuple[float, str]:
+                             profile: ClusterProfile | None = None, elements: float | None = None
+                             ) -> tuple[float, str]:
     """(ms, note) of the all-reduce of the expert gradients (bf16, one GPU's share :func:`expert_params_per_gpu`,
-    X bytes) over the ``topo.expert_copies`` copies of each expert; (0, "") with one copy.
+    X bytes, or ``elements`` of it: one bucket) over the ``topo.expert_copies`` copies of each expert; (0, "")
+    with one copy.
 
     Every GPU reduces its own X at the same time. Inside one node (world <= gpus_per_node): the all_reduce of X
     on that many ranks (NVLink: concurrent groups do not share a GPU's links). Across nodes the copies sit K ranks
@@ -355,7 +381,7 @@ def expert_grad_allreduce_ms(cfg: MoEConfig, topo: Topology, *, source: Literal[
     copies = topo.expert_copies
     if copies <= 1:
         return 0.0, ""
-    elements = expert_params_per_gpu(cfg, topo)
+    elements = expert_params_per_gpu(cfg, topo) if elements is None else elements
     across = topo.gpus > topo.gpus_per_node
     conc = (topo.gpus_per_node if topo.hierarchical else min(topo.ep_size, topo.gpus_per_node)) if across else 1
     what = (f"expert-gradient all-reduce over {copies} copies"

@@ -50,6 +50,7 @@ __all__ = [
     "R_CANDIDATES",
     "WGRAD_MODES",
     "orders",
+    "exposed_comm_ms",
 ]
 
 R_CANDIDATES = (1, 2, 4, 8, 16)
@@ -189,6 +190,25 @@ def paper_cases(c: StageCosts, r: int, allreduce_ms: float = 0.0) -> dict[str, f
     t_b = 2 * (a0 + w0 / r) + t_ag + t_rs + r * a2 + w2
     t_c = 2 * (r * a0 + w0) + allreduce_ms
     return {"T_A": t_a, "T_A_valid": valid_a, "T_B": t_b, "T_C": t_c}
+
+
+# ---- gradient all-reduces during the backward ----------------------------------------------------
+def exposed_comm_ms(periods: list[tuple[float, float]], at_end_ms: float = 0.0) -> float:
+    """All-reduce time left after the backward when the gradient all-reduces share the link with the MoE
+    exchanges and only fill its idle time (the dense-slice MILP's assumption, extended to every all-reduce).
+
+    ``periods``: in time order, (ms of all-reduce work launched at the period's start, ms of idle link time in the
+    period). The link is a work-conserving queue over the idle time: ``backlog = max(0, backlog + launched - idle)``
+    per period; the backlog at the end plus ``at_end_ms`` (what is launched only after the backward) is exposed.
+    Independent of the order among queued all-reduces. Not the Task simulator: its streams are FIFO and
+    non-preemptive, so a queued all-reduce would hold back the next layer's all-to-all, while the runtime issues
+    the gradient all-reduces on their own process groups (streams) next to the exchanges."""
+    backlog = 0.0
+    for launched, idle in periods:
+        if launched < 0 or idle < 0:
+            raise ValueError(f"periods: launched and idle ms must be >= 0, got ({launched}, {idle})")
+        backlog = max(0.0, backlog + launched - idle)
+    return backlog + at_end_ms
 
 
 # ---- gradient all-reduce slices ------------------------------------------------------------------

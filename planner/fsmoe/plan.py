@@ -56,7 +56,9 @@ class MoEConfigPlan(BaseModel):
     expert_copies: int = Field(default=1, ge=1, description="copies of each expert in the data-parallel world "
                                                             "(gpus / ep_size for flat EP; older plans: 1)")
     expert_grad_allreduce_ms: float = Field(default=0.0, ge=0.0, description="all-reduce of the expert gradients "
-                                            "over their copies, after the backward (in iteration_ms; 0 with one copy)")
+                                            "over their copies, the runtime's buckets summed (0 with one copy)")
+    expert_grad_exposed_ms: float | None = Field(default=None, ge=0.0, description="the part of it not hidden in the "
+                                                 "backward (in iteration_ms); older plans: None = all of it")
     a2a_ms: float = Field(description="one un-chunked forward all-to-all (ms)")
     layers: list[MoELayerPlan]
     fwd_bwd_ms: float = Field(description="one MoE layer fwd+bwd with the chosen r (layer 0)")
@@ -115,6 +117,9 @@ class MoEPlan(Plan):
                                   f"degree ({min(lp.time_by_r_bwd.values())} ms)")
             if c.layers and not math.isclose(c.fwd_bwd_ms, c.layers[0].fwd_ms + c.layers[0].bwd_ms, rel_tol=1e-9):
                 errors.append(f"{at}: fwd_bwd_ms {c.fwd_bwd_ms} != layer 0's forward + backward")
+            if c.expert_grad_exposed_ms is not None and c.expert_grad_exposed_ms > c.expert_grad_allreduce_ms * (1 + 1e-9):
+                errors.append(f"{at}: expert_grad_exposed_ms {c.expert_grad_exposed_ms} exceeds the expert all-reduce "
+                              f"{c.expert_grad_allreduce_ms}")
             if len(c.grad_slices) != len(c.layers) or any(v < 0 for v in c.grad_slices):
                 errors.append(f"{at}: {len(c.grad_slices)} gradient slices (need one >= 0 per layer, "
                               f"{len(c.layers)})")

@@ -9,8 +9,9 @@ from adasched.profiler.profile import ClusterProfile
 from ..plan import inputs_digest, profile_ref
 from ..solver import SolveParams
 from .baselines import BASELINES, baseline_fwd_bwd_ms
-from .costmodel import MoEConfig, expert_grad_allreduce_ms, stage_costs, topology
-from .model import WGRAD_MODES, choose_r, paper_cases, solve_slices
+from .costmodel import (EXPERT_GRAD_BUCKET_ELEMENTS, MoEConfig, expert_grad_allreduce_ms, expert_grad_buckets, expert_params_per_gpu,
+                        stage_costs, topology)
+from .model import WGRAD_MODES, choose_r, exposed_comm_ms, paper_cases, solve_slices
 from .plan import MoEConfigPlan, MoELayerPlan, MoEPlan
 
 __all__ = ["dense_block_ms", "plan_config", "plan_moe"]
@@ -78,18 +79,40 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
     b4 = first.work[4] / max(cfg.replicated_params, 1)
     sl = solve_slices(gaps, produced, a4, b4, params)
     at_end = a4 + b4 * sum(produced)
-    # expert gradients of EP groups smaller than the world: all-reduced over their copies after the backward
-    # (charged whole, the same for every schedule; 0 when EP spans every GPU)
-    expert_ar, expert_note = expert_grad_allreduce_ms(cfg, topo, source=stages, profile=profile)
+    # expert gradients of EP groups smaller than the world (0 when EP spans every GPU): all-reduced over their
+    # copies in the runtime's buckets, launched when a layer's MoE backward ends (its expert gradients exist) and
+    # overlapping the rest of the backward: its dense block's backward, then the later layers' idle link time, which
+    # the dense slices use too (exposed_comm_ms: the link as one queue over its idle time); the baselines
+    # all-reduce everything after the backward (one all-reduce, as for their dense gradients)
+    expert_whole, expert_note = expert_grad_allreduce_ms(cfg, topo, source=stages, profile=profile)
+    per_layer = expert_params_per_gpu(cfg, topo) / cfg.num_layers
+    launched, rest = expert_grad_buckets([per_layer] * cfg.num_layers)
+
+    def bucket_ms(x: float) -> float:
+        return expert_grad_allreduce_ms(cfg, topo, source=stages, profile=profile, elements=x)[0] if x > 0 else 0.0
+
+    expert_ms = [bucket_ms(x) for x in launched]
+    expert_rest_ms = bucket_ms(rest)
+    periods = []
+    for j, i in enumerate(order):
+        periods.append((a4 + b4 * sl.slices[j] if sl.slices[j] > 0 else 0.0, moe_bwd_idle[i]))
+        periods.append((expert_ms[j], dense_b))
+    exposed = exposed_comm_ms(periods, at_end_ms=sl.exposed_ms + expert_rest_ms)
+    expert_exposed = max(0.0, exposed - sl.exposed_ms)
     moe_total = sum(l.fwd_ms + l.bwd_ms for l in layers)
     dense_total = cfg.num_layers * (dense_f + dense_b)
-    iteration = moe_total + dense_total + sl.exposed_ms + expert_ar
-    iter_base = {name: sum(v) + dense_total + at_end + expert_ar for name, v in base_layers.items()}
+    iteration = moe_total + dense_total + sl.exposed_ms + expert_exposed
+    iter_base = {name: sum(v) + dense_total + at_end + expert_whole for name, v in base_layers.items()}
+    if expert_note:
+        expert_note += (f"; {sum(1 for x in launched if x > 0) + (rest > 0)} bucket(s) of >= "
+                        f"{EXPERT_GRAD_BUCKET_ELEMENTS} elements overlapping the backward: "
+                        f"{expert_exposed:.4g} of {sum(expert_ms) + expert_rest_ms:.4g} ms exposed")
     return MoEConfigPlan(
         name=cfg.name, config=cfg.model_dump(mode="json"), ep_size=topo.ep_size, hierarchical=topo.hierarchical,
         two_step_a2a=topo.two_step, gpus_per_node=topo.gpus_per_node,
         exchange_gpus_per_node=topo.exchange_gpus_per_node if topo.two_step else None,
-        expert_copies=topo.expert_copies, expert_grad_allreduce_ms=expert_ar,
+        expert_copies=topo.expert_copies, expert_grad_allreduce_ms=sum(expert_ms) + expert_rest_ms,
+        expert_grad_exposed_ms=expert_exposed,
         a2a_ms=first.a2a_ms, layers=layers, fwd_bwd_ms=layers[0].fwd_ms + layers[0].bwd_ms,
         baselines_fwd_bwd_ms={name: v[0] for name, v in base_layers.items()},
         grad_slices=sl.slices, grad_exposed_ms=sl.exposed_ms, grad_exposed_at_end_ms=at_end,
