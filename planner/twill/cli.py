@@ -36,11 +36,15 @@ def register(groups) -> None:
 
         check_output_path(out, "--out")
         check_output_path(plot, "--plot")
-        try:
-            params = SolveParams(time_limit=time_limit, seed=seed, threads=threads)
-        except ValueError as err:  # the message starts with the field's name
-            field = str(err).split()[0]
-            raise InputError({"seed": "--seed", "threads": "--threads"}.get(field, "--time-limit"), str(err)) from None
+        # each option checked alone (the others at their valid defaults), so the error names the option that is
+        # wrong whatever SolveParams' message says (it used to be read off the message's first word)
+        for option, field, value in (("--time-limit", "time_limit", time_limit), ("--seed", "seed", seed),
+                                     ("--threads", "threads", threads)):
+            try:
+                SolveParams(**{field: value})
+            except ValueError as err:
+                raise InputError(option, str(err)) from None
+        params = SolveParams(time_limit=time_limit, seed=seed, threads=threads)
         plan = plan_twill(graph, machine, params, load_slack=load_slack)
         if out:
             save_plan(plan, out)

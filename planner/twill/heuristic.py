@@ -448,7 +448,7 @@ def heuristic_schedule(problem: Problem, *, warp: bool | None = None, lower: int
     t0 = time.perf_counter()
     hard = float("inf") if deadline is None else deadline
     deadline = min(t0 + time_limit, hard)
-    lb = max(lower or 1, compute_mii(problem).mii)
+    lb = max(lower or 1, compute_mii(problem, deadline=hard).mii)
     cap = max(max_ii or ii_cap(problem, warp), lb)
     tried: list[int] = []
     if not warp:

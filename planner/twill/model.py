@@ -582,6 +582,29 @@ def _lower_bound(bounds: MII, attempts: list[Attempt], warp: bool) -> int:
     return lb
 
 
+def _unproved(bounds: MII, attempts: list[Attempt], ii: int, warp: bool) -> tuple[list[int], list[int]]:
+    """The I in [MII, ii) not proved infeasible (see :func:`_lower_bound`), split into those where an attempt
+    (of the answer's problem, or the plain one) timed out and those never tried."""
+    dead = {a.ii for a in attempts if a.status == "infeasible" and (warp or not a.warp)}
+    timed = {a.ii for a in attempts if a.status == "timeout" and (warp or not a.warp)}
+    left = [i for i in range(bounds.mii, ii) if i not in dead]
+    return [i for i in left if i in timed], [i for i in left if i not in timed]
+
+
+def _ranges(values: list[int]) -> str:
+    """Sorted ints as runs: [3, 4, 5, 7] -> '3-5, 7'."""
+    runs: list[list[int]] = []
+    for v in sorted(set(values)):
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+_INEXACT_MII = "the RecMII search ran out of time: MII {} is a lower bound, not the exact MII"
+
+
 def _from_heuristic(h: HeuristicSchedule, bounds: MII, attempts: list[Attempt], plain_ii: int,
                     plain_proven: bool, warp: bool, seconds: float, params: SolveParams, why: str) -> Schedule:
     lb = _lower_bound(bounds, attempts, warp)
@@ -590,7 +613,8 @@ def _from_heuristic(h: HeuristicSchedule, bounds: MII, attempts: list[Attempt], 
                            "the validator: the model is wrong")
     note = (f"{h.method} schedule ({h.source}, {h.seconds:.3g} s): {why}; "
             f"I >= {lb} proved" + ("" if lb == h.ii else f", so I = {h.ii} is within {(h.ii - lb) / h.ii:.1%}")
-            + "; secondary objective (groups, channels, span) not optimised")
+            + "; secondary objective (groups, channels, span) not optimised"
+            + ("" if bounds.exact else "; " + _INEXACT_MII.format(bounds.mii)))
     return Schedule(
         ii=h.ii, mii=bounds, plain_ii=plain_ii, plain_proven=plain_proven, proven=lb == h.ii, status="feasible",
         gap=(h.ii - lb) / h.ii, objective=None, bound=None, seconds=seconds, times=dict(h.times),
@@ -635,7 +659,7 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
     hard = deadline + GRACE[0] * params.time_limit + GRACE[1]
     if hard_deadline is not None:
         deadline, hard = min(deadline, hard_deadline), min(hard, hard_deadline)
-    bounds = compute_mii(problem)
+    bounds = compute_mii(problem, deadline=deadline)
     attempts: list[Attempt] = []
 
     def left() -> float:
@@ -778,15 +802,19 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
                                    time.perf_counter() - t0, params, why)
         best, proven = ws, plain_proven and ws_proven
     assert best is not None
-    proven = proven or best.ii == bounds.mii  # e.g. the bisection's schedule at MII, not re-solved in time
+    timed_out, untried = _unproved(bounds, attempts, best.ii, warp)
+    # e.g. the bisection's schedule at MII, not re-solved in time; or every I below proved infeasible, some out of
+    # the scan's order (by the bisection)
+    proven = proven or not (timed_out or untried)
     notes = []
     if not proven:
-        lower = [a.ii for a in attempts if a.ii < best.ii and a.status == "timeout" and a.warp == best.warp]
-        lower += [a.ii for a in attempts if a.ii < best.ii and a.status == "timeout" and not a.warp]
-        notes.append(f"I = {best.ii} not proved minimal: " + (f"I = {sorted(set(lower))} timed out" if lower else
-                     f"the time limit ran out before every I in [{bounds.mii}, {best.ii}) was tried"))
+        notes.append(f"I = {best.ii} not proved minimal: " + "; ".join(
+            ([f"I = {_ranges(timed_out)} timed out"] if timed_out else [])
+            + ([f"I = {_ranges(untried)} not tried (out of time)"] if untried else [])))
     if best.status != "optimal":
         notes.append("secondary objective (groups, channels, span) not proved optimal")
+    if not bounds.exact:
+        notes.append(_INEXACT_MII.format(bounds.mii))
     heur_used = heur_warp if warp else heur_plain
     if heur_used is not None:
         notes.append(f"upper bound and hint from {heur_used.source}: I = {heur_used.ii} in {heur_used.seconds:.3g} s")

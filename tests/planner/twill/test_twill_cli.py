@@ -150,3 +150,30 @@ def test_bad_seed_threads_and_plan_fields_are_one_error_line(tmp_path, capsys):
         assert main(["show", str(f)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and needle in err and err.count("\n") == 1, err
+
+
+def test_solver_option_errors_name_the_option_whatever_the_message_says(monkeypatch, capsys):
+    """The CLI named the bad option after the first word of SolveParams' message ('seed must be ...' -> --seed), so
+    a reworded message ('invalid seed: ...') was blamed on --time-limit. Each option is now checked on its own:
+    the error names the option, with SolveParams' message as it is; with several bad, the first in option order."""
+    from dataclasses import dataclass
+
+    import adasched.planner.solver as solver
+
+    @dataclass(frozen=True)
+    class Reworded(solver.SolveParams):
+        def __post_init__(self):
+            try:
+                super().__post_init__()
+            except ValueError as err:
+                raise ValueError(f"invalid value: {err}") from None
+
+    monkeypatch.setattr(solver, "SolveParams", Reworded)
+    base = ["plan", "twill", "--graph", "toy-attention", "--machine", "h100"]
+    for opts, option in ((["--seed", "-3"], "--seed"), (["--threads", "0"], "--threads"),
+                         (["--time-limit", "-1"], "--time-limit"),
+                         (["--threads", "0", "--seed", "-1", "--time-limit", "nan"], "--time-limit"),
+                         (["--threads", "0", "--seed", "-1"], "--seed")):
+        assert main(base + opts) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {option}: invalid value: ") and err.count("\n") == 1, (opts, err)

@@ -89,3 +89,56 @@ def test_first_warp_schedule_on_120_ops_is_fast_and_valid():
         assert cpu < 1.0, (seed, cpu)
     s = twill_model.solve(probs[2], SolveParams(time_limit=0.5, seed=0, threads=1))
     assert s.warp and s.ii >= s.mii.mii and s.status in ("feasible", "optimal")
+
+
+def test_rec_mii_stops_at_its_deadline_with_a_lower_bound(monkeypatch):
+    """RecMII equals the brute force (smallest I with no positive cycle, by the round-based reference) on random
+    graphs; with a deadline that passes after k bisection steps it returns a lower bound on it (``exact`` False),
+    for every k; without one, the exact value. Before, compute_mii took no deadline (3-26 ms on 120-300 ops then,
+    ~0.4 s on 1000; 1-4 ms and ~15 ms with the queue-based longest paths)."""
+    from adasched.planner.twill import mii as twill_mii
+    from adasched.planner.twill.graph import make_problem
+
+    h100 = load_machine("h100")
+    probs = [check_graph(Graph.model_validate(random_graph(n, seed, warp=warp)), h100)
+             for n, seed, warp in ((6, 1, False), (9, 2, True), (12, 3, False), (20, 4, True))]
+    probs.append(make_problem("fa3-hopper", "h100"))
+    for prob in probs:
+        g = prob.graph
+        nodes = [o.name for o in g.ops]
+        want = next(ii for ii in range(1, 10_000) if _round_based(
+            nodes, [(e.src, e.dst, e.delay - ii * e.distance) for e in g.edges]) is not None)
+        assert twill_mii.rec_mii_bound(prob) == (want, True) and twill_mii.rec_mii(prob) == want
+        assert twill_mii.compute_mii(prob, deadline=time.perf_counter() + 60).exact
+        exacts = []
+        for k in range(0, 20):
+            clock = iter([0.0] * k + [10.0] * 1000)
+            monkeypatch.setattr(twill_mii.time, "perf_counter", lambda: next(clock))
+            bound, exact = twill_mii.rec_mii_bound(prob, deadline=5.0)
+            monkeypatch.undo()
+            assert 1 <= bound <= want and (not exact or bound == want), (g.name, k, bound, want)
+            exacts.append(exact)
+        assert exacts[-1] and not exacts[0]  # cut short at first, exact given enough steps
+        past = twill_mii.compute_mii(prob, deadline=time.perf_counter() - 1)
+        assert past.rec <= want and past.res == twill_mii.res_mii(prob)
+        assert not past.exact
+
+
+def test_solve_bounds_mii_by_its_deadline_and_says_when_it_is_only_a_bound(monkeypatch):
+    """solve gives compute_mii its deadline; when RecMII was cut short, the note says MII is only a lower bound."""
+    from adasched.planner.twill.graph import make_problem
+    from adasched.planner.twill.mii import MII
+
+    seen = []
+    real = twill_model.compute_mii
+
+    def spy(problem, deadline=None):
+        seen.append(deadline)
+        m = real(problem, deadline=deadline)
+        return MII(res=m.res, rec=1, exact=False)  # as if cut short before any step (1 is a lower bound)
+
+    monkeypatch.setattr(twill_model, "compute_mii", spy)
+    t0 = time.perf_counter()
+    s = twill_model.solve(make_problem("toy-attention", "h100"), SolveParams(time_limit=1.0, seed=0, threads=1))
+    assert seen and seen[0] is not None and t0 < seen[0] <= t0 + 1.0 + 0.5
+    assert s.ii == 2 and "MII 2 is a lower bound" in s.note, s.note
