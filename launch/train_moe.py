@@ -28,7 +28,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from adasched.launch.cli_args import MAX_LAYERS, ArgParser, check_host_memory, check_model_memory, is_rank0
+from adasched.launch.cli_args import MAX_LAYERS
+from adasched.planner.ui import OneLineArgParser as ArgParser, is_rank0
+from adasched.profiler.io import check_host_memory, check_model_memory
 
 __all__ = ["main", "train_schedule", "compare_schedules", "layer_routers"]
 

@@ -68,11 +68,10 @@ def register(groups) -> None:
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:
         """FSMoE: choose the chunk count r (forward and backward) per MoE layer and the gradient all-reduce slices."""
-        from adasched.profiler.io import InputError, check_output_path
+        from adasched.profiler.io import InputError, check_output_path, check_seconds
         from adasched.profiler.profile import load_profile
 
         from ..plan import save_plan
-        from adasched.launch.cli_args import check_seconds
 
         from ..solver import SolveParams
         from ..ui import emit_json, print_table

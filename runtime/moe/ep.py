@@ -39,9 +39,12 @@ sure chunk c+1's inter-node step is in flight, so it overlaps chunk c's compute.
 ``ExpertParallel.events = []`` to record the issue order and the chunk computes.
 
 Expert data parallelism (EP smaller than the data-parallel world, :meth:`ExpertParallel.create_groups`): every
-expert then has D / P copies, one per EP group; the exchanges stay inside each EP group, and after the backward
-:class:`ExpertGradReducer` sums each expert's gradient over its copies (the expert-data-parallel group) while the
-dense gradients are averaged over the whole data-parallel group (:class:`GradSliceReducer` with ``ep.dp_group``).
+expert then has D / P copies, one per EP group; the exchanges stay inside each EP group, and
+:class:`ExpertGradReducer` sums each expert's gradient over its copies (the expert-data-parallel group:
+asynchronous bucket all-reduces launched from the gradient hooks as soon as a layer's expert gradients exist, so
+they overlap the rest of the backward - what the FSMoE planner charges, ``expert_grad_exposed_ms`` -, the rest
+at ``finish()``) while the dense gradients are averaged over the whole data-parallel group
+(:class:`GradSliceReducer` with ``ep.dp_group``).
 """
 from __future__ import annotations
 
