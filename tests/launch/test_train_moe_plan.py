@@ -55,22 +55,33 @@ def test_plan_mismatch_is_one_line_exit_2(plans, monkeypatch, capsys, world, arg
 
 # ---- the layout: FSMoE's expert-sharded "hierarchical" vs the runtime's two-step exchange of whole experts ----
 @pytest.fixture(scope="module")
-def layout_plans(tmp_path_factory):
-    """A plan in FSMoE's hierarchical layout (2 experts on 4 GPUs of one node: EP size 1, each expert sharded over
-    the node's 4 GPUs), and one for the runtime's two-step exchange (4 ranks, EP 4, nodes of 2)."""
+def sharded_plan(tmp_path_factory):
+    """A plan in FSMoE's hierarchical layout: 2 experts on 4 GPUs of one node (EP size 1, each expert sharded over
+    the node's 4 GPUs)."""
     import json
 
-    d = tmp_path_factory.mktemp("moe_layouts")
+    d = tmp_path_factory.mktemp("moe_sharded")
     cfg = d / "two-experts.json"
     cfg.write_text(json.dumps({"name": "e2", "hidden": 64, "ffn_hidden": 128, "experts": 2, "top_k": 1,
                                "batch": 2, "seq_len": 32, "num_layers": 2}))
-    out = {"sharded": d / "sharded.json", "two_step": d / "two_step.json"}
-    assert cli(["plan", "moe", "--config", str(cfg), "--gpus", "4", "--out", str(out["sharded"]), "--stages",
+    assert cli(["plan", "moe", "--config", str(cfg), "--gpus", "4", "--out", str(d / "sharded.json"), "--stages",
                 "published", "--time-limit", "0.5", "--json"]) == 0
+    return d / "sharded.json"
+
+
+@pytest.fixture(scope="module")
+def two_step_plan(tmp_path_factory):
+    """A plan for the runtime's two-step exchange: 4 ranks, EP 4, nodes of 2."""
+    out = tmp_path_factory.mktemp("moe_two_step") / "two_step.json"
     assert cli(["plan", "moe", "--config", "mixtral-8x7b", "--gpus", "4", "--ep-size", "4", "--two-step-a2a",
-                "--gpus-per-node", "2", "--out", str(out["two_step"]), "--stages", "published", "--time-limit",
-                "0.5", "--json"]) == 0
+                "--gpus-per-node", "2", "--out", str(out), "--stages", "published", "--time-limit", "0.5",
+                "--json"]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def layout_plans(sharded_plan, two_step_plan):
+    return {"sharded": sharded_plan, "two_step": two_step_plan}
 
 
 def test_plans_record_the_layout(layout_plans):
@@ -97,8 +108,8 @@ def test_plans_record_the_layout(layout_plans):
     ("two_step", ["--experts", "8", "--hierarchical", "--gpus-per-node", "4"],
      "two-step all-to-all through nodes of 2 ranks, this run has a two-step one through nodes of 4"),
 ])
-def test_a_run_with_another_layout_is_refused(plans, layout_plans, monkeypatch, capsys, which, argv, needle):
-    path = {**plans, **layout_plans}[which]
+def test_a_run_with_another_layout_is_refused(plans, request, monkeypatch, capsys, which, argv, needle):
+    path = plans[which] if which in plans else request.getfixturevalue(f"{which}_plan")
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert main(["--plan", str(path), *argv, "--validate-only"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
