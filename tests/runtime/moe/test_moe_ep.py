@@ -130,6 +130,21 @@ def _issue_order(events, pass_name):
     return ev, intra, inter
 
 
+def _planned_two_step_order(r, stream):
+    """(direction, chunk, step) of the planner's two-step tasks on one link (``intra``/``inter``), in queue order."""
+    from adasched.planner.fsmoe.costmodel import StageCosts
+    from adasched.planner.fsmoe.model import _tasks
+
+    step = {"dispatch_intra": ("dispatch", 1), "dispatch": ("dispatch", 2), "combine": ("combine", 1),
+            "combine_intra": ("combine", 2)}
+    out = []
+    for t in _tasks(StageCosts((0.0,) * 5, (1.0,) * 5, "order", two_step=True), r, "dispatch-first"):
+        if t.stream == stream:
+            name = t.name.rstrip("0123456789")
+            out.append((step[name][0], int(t.name[len(name):]), step[name][1]))
+    return out
+
+
 def _async_case(rank, world, hier):
     """Hierarchical EP with r_fwd=4, r_bwd=3 and rank-skewed compute speeds: outputs and gradients still match
     the single-process layer; in each pass chunk k+1's inter-node dispatch is issued before chunk k's compute
@@ -155,6 +170,8 @@ def _async_case(rank, world, hier):
                                                                                                         intra)
         assert inter == [("dispatch", c, 2) for c in range(r)] + [("combine", c, 1) for c in range(r)], (pass_name,
                                                                                                         inter)
+        # the planner's two-step layout (plan moe --two-step-a2a) queues each link's steps in this same order
+        assert (_planned_two_step_order(r, "intra"), _planned_two_step_order(r, "inter")) == (intra, inter), pass_name
         for k in range(r - 1):
             issued = ev.index(("issue", k + 1, ("dispatch", 2)))
             ended = ev.index(("compute_end", k, None))
