@@ -60,3 +60,35 @@ def test_two_step_pipeline_hand_computed():
                      "gemm0": (3, 4), "gemm1": (5, 6), "combine0": (5, 7), "combine1": (7, 9),
                      "combine_intra0": (7, 8), "combine_intra1": (9, 10)}
     assert {s.stream for s in evaluate_pipeline(c, 2).sim.tasks if s.name.startswith("dispatch_intra")} == {"intra"}
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--gpus-per-node", "2"], "error: --gpus-per-node: only with --two-step-a2a"),
+    (["--two-step-a2a", "--ep-size", "1"], "error: --two-step-a2a: EP size 1 exchanges nothing"),
+    (["--two-step-a2a", "--gpus-per-node", "3"], "error: --gpus-per-node: 3 does not divide the EP size 4"),
+])
+def test_plan_cli_two_step_bad_input_is_one_line(tmp_path, capsys, argv, needle):
+    from adasched.planner.cli import main
+
+    out = tmp_path / "p.json"
+    assert main(["plan", "moe", "--config", "mixtral-8x7b", "--gpus", "4", "--stages", "published", "--time-limit",
+                 "0.5", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and err[0].startswith(needle), err
+    assert not out.exists()
+
+
+def test_two_step_plan_shows_and_simulates_its_layout(tmp_path, capsys):
+    from adasched.planner.cli import main
+    from adasched.planner.fsmoe.plan import MoEPlan
+    from adasched.planner.plan import load_plan
+
+    out = tmp_path / "p.json"
+    assert main(["plan", "moe", "--config", "mixtral-8x7b", "--gpus", "4", "--two-step-a2a", "--gpus-per-node", "2",
+                 "--stages", "published", "--time-limit", "0.5", "--out", str(out)]) == 0
+    plan = load_plan(out, expect=MoEPlan)
+    assert plan.verify() == [] and plan.ep_size_option is None and plan.configs[0].ep_size == 4
+    names = {t.name for t in plan.gantt_tasks()}
+    assert "F:dispatch_intra0" in names and "B:combine_intra0" in names    # the drawn pipeline is the two-step one
+    assert main(["show", str(out), "--plot", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 1000
