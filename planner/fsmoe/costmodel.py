@@ -7,6 +7,11 @@ workload's streaming time. With f = k * capacity_factor, tokens per GPU T = B*L,
 
     n0 = f*T*M/P    n1 = n3 = f*T*M    n2 = g*f*T*M*H/P  (g = 2 GELU MLP, 3 SwiGLU)   (elements)
 
+Layouts (:func:`topology`): flat EP (whole experts per GPU, one all-to-all; stages 1 and 3 empty); FSMoE's
+hierarchical one (EP over nodes, each expert sharded over a node's GPUs: all stages; the runtime does not build
+it); the runtime's two-step exchange (``two_step``: whole experts per GPU, stages 1 and 3 are the intra-node
+all-to-all steps, stage 0 the inter-node one).
+
 Two sources for alpha/beta:
 - ``published``: FSMoE's fitted constants (ms, per element), taken as they are;
 - ``profile``: a ClusterProfile's collective fits (per byte, bf16 = 2 bytes per element) and GEMM rate.

@@ -192,7 +192,7 @@ class MoEPlan(Plan):
                   + (f" --two-step-a2a --gpus-per-node {gpus_per_node}" if two_step else "")) if fits else None
         if c.hierarchical:
             nodes = f"{c.ep_size} node{'s' * (c.ep_size != 1)}"
-            g = c.gpus_per_node or self.gpus_per_node
+            g = c.gpus_per_node or min(self.gpus_per_node, self.gpus)
             raise InputError("plan", f"configuration {c.name!r} was planned with EP over {nodes} and each expert "
                                      f"sharded over a node's {g} GPUs (FSMoE's hierarchical layout), which the "
                                      f"runtime does not build (whole experts per rank; --hierarchical is a two-step "
