@@ -739,7 +739,8 @@ def _next_pow2(n: int) -> int:
 
 def default_block_m(device: torch.device | str) -> int:
     """Rows per M tile: 128 on a GPU (the paper's padding unit), 16 under the interpreter."""
-    return 128 if torch.device(device).type == "cuda" and not INTERPRET else 16
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return 128 if kind == "cuda" and not INTERPRET else 16
 
 
 @dataclass(frozen=True)
@@ -870,8 +871,10 @@ def resolve_base_gemm(base_gemm: str, x: torch.Tensor) -> str:
     fused kernel). On an H200 (2026-11-28 06:38 UTC, ``launch/device_check.py``, fwd+bwd over 24 grid shapes)
     "torch_all" was the fastest of the three on the 16 shapes with T >= 8192 or T = 4096 and a big layer
     (1.09-2.06x the frozen base at T=8192-16384 against 1.17-2.17x for "torch" and 1.37-2.58x for "triton");
-    on the 8 smaller ones every variant was bound by host-side launch cost, since cut for "torch_all" (GEMMs
-    into views, the scale on alpha: ~3 host calls per segment instead of ~15; not re-measured)."""
+    on the 8 smaller ones every variant was bound by host-side launch cost, since cut for "torch_all" (the dense
+    form for one adapter: 8 GEMM calls per fwd+bwd whatever its segments, the scale on alpha or in a per-plan
+    row mask; 15 aten ops per fwd+bwd without dropout instead of 34 - ``lora_bench.count_host_calls``, CPU; not
+    re-measured on a GPU)."""
     if base_gemm not in BASE_GEMMS:
         raise ValueError(f"base_gemm: {base_gemm!r} must be one of {', '.join(BASE_GEMMS)}")
     if base_gemm == "auto":
@@ -1046,24 +1049,21 @@ def _cublas_lora_term(x2, weight, bias, b_cat, plan: _TilePlan, s_rows) -> torch
     return y
 
 
-#: "torch_all" runs the thin GEMMs once over the whole packed batch and every adapter's rank columns (``_dense``)
-#: while the adapters' ranks add up to at most this many columns; above it, per segment. Why 128: a thin GEMM
-#: [T, K] x [K, R] in bf16 does ~R flops per byte of X, below the H100/H200 ridge (~200-300 flop/byte) up to
-#: R ~ 200, so the extra columns other adapters' rows multiply by zero should ride on the same read of X. A
-#: roofline argument, not yet timed on a GPU.
-DENSE_MAX_R = 128
-
-
 def _dense(plan: _TilePlan) -> bool:
-    """Whether ``torch_all`` takes the dense form for this plan (a function of the ranks only: traceable)."""
-    return plan.r_total <= DENSE_MAX_R
+    """Whether ``torch_all`` takes its dense form: the call has one adapter (its segments and gaps in any number).
+    Several adapters keep the per-segment form: a GEMM over every adapter's rank columns sums products of one
+    adapter's rows with another adapter's weights (times zero), so inf/nan weights or gradients of one job would
+    leak into the others' rows (0 * inf = nan); per segment, each adapter's GEMMs touch only its own weights and
+    rows. (A function of the ranks only: traceable.)"""
+    return len(plan.rank_of) == 1
 
 
 def _dense_scale(plan: _TilePlan, T: int, device) -> tuple[float, Optional[torch.Tensor]]:
-    """(alpha, M) of the dense ``torch_all`` form, built once per plan: one adapter covering every row -> (scale,
-    None), the scale rides on a GEMM's alpha; otherwise (1.0, M) with M float32 [T, R_total] = the adapter's scale
-    where the row's segment uses that rank column, 0 elsewhere (other adapters' columns, uncovered rows). Made on
-    the device from the tile table (tiles cover [0, T) in order) and one small upload."""
+    """(alpha, M) of the dense ``torch_all`` form, built once per plan: the adapter covering every row -> (scale,
+    None), the scale rides on a GEMM's alpha; otherwise (1.0, M) with M float32 [T, r] = the scale on the rows its
+    segments cover, 0 on the rows none does. Made on the device from the tile table (tiles cover [0, T) in order)
+    and one small upload. (Written for any number of adapters - M zero on other adapters' columns - though
+    ``_dense`` takes it for one only.)"""
     got = plan.extras.get("dense")
     if got is not None:
         return got
@@ -1092,11 +1092,11 @@ def _scaled_mm(a, b, alpha: float) -> torch.Tensor:
 
 
 def _forward_torch_all(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed):
-    """``base_gemm="torch_all"``: cuBLAS for every GEMM. Dense form (``_dense``): S = scale * (Xd A_cat^T) over
-    the whole batch and every adapter's rank columns, zeroed outside each row's own adapter by M (one multiply;
-    one adapter covering every row: the scale on alpha, no M), Y = S B_cat^T (+ bias), then Y += X W^T through C:
-    3 GEMMs and at most one elementwise pass, whatever the number of segments. Saves S (scaled) in the input
-    dtype, [T, R_total]. Per-segment form above ``DENSE_MAX_R`` rank columns (``_forward_torch_all_segments``)."""
+    """``base_gemm="torch_all"``: cuBLAS for every GEMM. Dense form (one adapter, ``_dense``): S = scale *
+    (Xd A^T) over the whole batch, zeroed on rows no segment covers by M (one multiply; a segment covering every
+    row: the scale on alpha, no M), Y = S B^T (+ bias), then Y += X W^T through C: 3 GEMMs and at most one
+    elementwise pass, whatever the number of segments. Saves S (scaled) in the input dtype, [T, r]. Several
+    adapters: per segment (``_forward_torch_all_segments``)."""
     if not _dense(plan):
         return _forward_torch_all_segments(x2, weight, bias, a_cat, b_cat, plan, seed)
     T = x2.shape[0]
@@ -1116,10 +1116,9 @@ def _forward_torch_all(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed):
 
 def _backward_torch_all(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, need_dx: bool,
                         need_dbias: bool):
-    """The backward of ``_forward_torch_all``. Dense form: P = scale * (dY B_cat) (times M), dB = dY^T S,
-    dA = P^T Xd, dX = dY W accumulated through C onto P A_cat (without dropout) or onto mask * (P A) / (1 - p)
-    (our kernel): 5 GEMMs and at most one elementwise pass. Unused adapters' columns of M are zero: their dA / dB
-    come out zero."""
+    """The backward of ``_forward_torch_all``. Dense form: P = scale * (dY B) (times M), dB = dY^T S,
+    dA = P^T Xd, dX = dY W accumulated through C onto P A (without dropout) or onto mask * (P A) / (1 - p)
+    (our kernel): 5 GEMMs and at most one elementwise pass."""
     if not _dense(plan):
         return _backward_torch_all_segments(dy2, weight, a_cat, b_cat, s, xd, mask, plan, need_dx, need_dbias)
     alpha, m = _dense_scale(plan, dy2.shape[0], dy2.device)
@@ -1141,7 +1140,7 @@ def _backward_torch_all(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan,
 
 
 def _forward_torch_all_segments(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int):
-    """``base_gemm="torch_all"`` above ``DENSE_MAX_R`` rank columns: per segment two cuBLAS calls writing straight into views - S = Xd A^T into a
+    """``base_gemm="torch_all"`` with several adapters: per segment two cuBLAS calls writing straight into views - S = Xd A^T into a
     [T, r_max] buffer, Y = scale S B^T (+ bias) into Y's rows, the scale on alpha - then Y += X W^T through C.
     No copies and no per-segment scaling passes: host calls (~15-25 us each, estimated from ~1 ms per fwd+bwd of
     ~45 calls on the H200 image; device_check's host profile measures it) are what small shapes and many
@@ -1425,7 +1424,7 @@ class _FusedLoRAFunction(torch.autograd.Function):
         dx, da, db, dbias = _fused_backward(dy2, weight, a_cat, b_cat, s, xd, mask, ctx.plan, need_dx, need_dbias,
                                             ctx.gemm_config, ctx.base)
         return (dx, None, dbias.to(ctx.bias_dtype) if dbias is not None else None,
-                da.to(a_cat.dtype), db.to(b_cat.dtype), None, None, None, None)
+                _as_dtype(da, a_cat.dtype), _as_dtype(db, b_cat.dtype), None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1481,12 +1480,15 @@ def _validate(x2, weight, bias, adapters: Sequence[LoRAAdapterWeights], segments
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("weight: must be frozen (requires_grad=False); LoRA trains lora_a/lora_b only")
     N = weight.shape[0]
-    others = [("weight", weight), ("bias", bias)] + [
-        (f"adapters[{i}].{n}", t) for i, ad in enumerate(adapters) for n, t in (("lora_a", ad.lora_a),
-                                                                                  ("lora_b", ad.lora_b))]
-    for name, t in others:
-        if t is not None and t.device != x2.device:
-            raise ValueError(f"{name}: on {t.device}, x is on {x2.device}")
+    dev = x2.device
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != dev:
+            raise ValueError(f"{name}: on {t.device}, x is on {dev}")
+    for i, ad in enumerate(adapters):  # the names formatted only for an error (this runs on every call)
+        for name in ("lora_a", "lora_b"):
+            t = getattr(ad, name)
+            if t.device != dev:
+                raise ValueError(f"adapters[{i}].{name}: on {t.device}, x is on {dev}")
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"bias: shape {tuple(bias.shape)} must be [{N}]")
     for i, ad in enumerate(adapters):
@@ -1636,10 +1638,10 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
         return _wider_adapter_call(x2, weight, bias, adapters, segs, seed_v, (ranks, scales, ps, bm))
     dt = x2.dtype
     if len(adapters) == 1:
-        a_cat, b_cat = adapters[0].lora_a.to(dt), adapters[0].lora_b.to(dt)
+        a_cat, b_cat = _as_dtype(adapters[0].lora_a, dt), _as_dtype(adapters[0].lora_b, dt)
     else:
-        a_cat = torch.cat([ad.lora_a.to(dt) for ad in adapters], dim=0)
-        b_cat = torch.cat([ad.lora_b.to(dt) for ad in adapters], dim=1)
+        a_cat = torch.cat([_as_dtype(ad.lora_a, dt) for ad in adapters], dim=0)
+        b_cat = torch.cat([_as_dtype(ad.lora_b, dt) for ad in adapters], dim=1)
     a_cat = a_cat if a_cat.stride(-1) == 1 else a_cat.contiguous()
     b_cat = b_cat if b_cat.stride(-1) == 1 else b_cat.contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
@@ -1654,6 +1656,11 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
         return _lora_op.compiled_call(x2, w, bias, a_cat, b_cat, segs, ranks, scales, ps, seed_v, bm, gemm_config, base_gemm)
     plan = _tile_plan(x2.shape[0], segs, ranks, scales, ps, bm, x2.device)
     return _FusedLoRAFunction.apply(x2, w, bias, a_cat, b_cat, plan, seed_v, gemm_config, base_gemm)
+
+
+def _as_dtype(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """``t.to(dt)`` without the call when it already is (a host call saved on the common path)."""
+    return t if t.dtype == dt else t.to(dt)
 
 
 def _wider_adapter_call(x2, weight, bias, adapters, segs, seed, tiling) -> torch.Tensor:

@@ -18,6 +18,11 @@ one extra GPU case repeats the target shape with dropout 0.
 Multi-LoRA: 4 adapters with different ranks over uneven segments of one packed batch; eager = base + one LoRA
 branch per segment (mLoRA-style loop), fused = ``multi_lora_linear``.
 On a GPU also "lora fwd+bwd graphed": base, eager and ``torch_all`` replayed from CUDA graphs (no host cost).
+
+Host work (``adasched bench kernels --host-calls``): per base_gemm mode, 1 and 4 adapters, dropout 0 and 0.1, the
+aten ops one warm fwd+bwd dispatches (``HostCallCounter``: a TorchDispatchMode; the Triton interpreter's own ops
+inside a launch not counted), the Triton kernels it launches, and the median wall time per call;
+``compare_host_time(rev)`` sets a git revision's ``kernels/lora.py`` beside the current one in one process.
 """
 from __future__ import annotations
 
@@ -26,7 +31,9 @@ from typing import Optional
 
 from .bench import BenchCase
 
-__all__ = ["cases", "checks", "summarize", "GPU_TOKENS", "GPU_SHAPES", "GPU_RANKS", "FUSED_PROVIDERS"]
+__all__ = ["cases", "checks", "summarize", "GPU_TOKENS", "GPU_SHAPES", "GPU_RANKS", "FUSED_PROVIDERS",
+           "HostCallCounter", "count_host_calls", "host_call_rows", "time_per_call_us", "compare_host_time",
+           "lora_at_revision"]
 
 #: the fused LoRA variants timed per shape: our GEMM kernel with the LoRA term in its accumulator, and the same
 #: fused LoRA kernels around cuBLAS for the two big GEMMs (``base_gemm="torch"``), and cuBLAS for every GEMM
@@ -493,6 +500,41 @@ def lora_at_revision(rev: str, repo=None):
     return mod
 
 
+def compare_host_time(rev: str, device: str = "cpu", modes=("torch_all",), adapters=(1, 4), p: float = 0.0,
+                      calls: int = 3000) -> list[dict]:
+    """Host work of ``kernels/lora.py`` at git revision ``rev`` against the working tree's, in one process: per
+    (mode, adapters) the aten ops / kernel ops / Triton launches per fwd+bwd of each, and the median wall time
+    per call of each and of eager torch LoRA (the PEFT-style provider: X W^T + scale B(A(X))), interleaved
+    (``time_per_call_us``). On the CPU only meaningful where no Triton kernel runs (p = 0 with "torch_all"):
+    interpreter time is not host time. Run with TRITON_INTERPRET=1 (else the CPU takes the torch reference)."""
+    import torch
+    import torch.nn.functional as F
+
+    old = lora_at_revision(rev)
+    rows = []
+    for mode in modes:
+        for n in adapters:
+            c_old, c_new = (count_host_calls(mode, n, p, device, module=m) for m in (old, None))
+            steps = {"before": host_call_step(mode, n, p, device, module=old), "after": host_call_step(mode, n, p, device)}
+            if n == 1:
+                T, K, N, r = HOST_SHAPE["cuda" if device == "cuda" else "cpu"]
+                x, w, a, b, dy = _single_inputs(T, K, N, r, device)
+
+                def eager():
+                    xd = F.dropout(x, p, True) if p > 0 else x
+                    return torch.autograd.grad(F.linear(x, w) + F.linear(F.linear(xd, a), b) * SCALE, (x, a, b), dy)
+
+                steps["eager"] = eager
+            us = time_per_call_us(steps, device, calls)
+            rows.append({"base_gemm": mode, "adapters": n, "dropout": p, "rev": rev,
+                         "before": {"aten_ops": c_old.aten_ops, "kernel_ops": c_old.kernel_ops,
+                                    "triton_launches": sum(c_old.launches.values()), "us_per_call": us["before"]},
+                         "after": {"aten_ops": c_new.aten_ops, "kernel_ops": c_new.kernel_ops,
+                                   "triton_launches": sum(c_new.launches.values()), "us_per_call": us["after"]},
+                         "eager_us_per_call": us.get("eager")})
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Correctness checks (bf16 on the GPU, float16/float32 under the interpreter) against a float64 reference
 # ------------------------------------------------------------------------------------------------------------
@@ -718,31 +760,30 @@ def checks(device: str) -> list[tuple[str, bool, str]]:
     out = []
     if device == "cuda":
         bf = torch.bfloat16
-        for base_gemm in ("triton", "triton_tma", "torch", "torch_all"):
-            # one mode failing to compile on this GPU must not cost the other modes' checks
-            for what, check, args in (("single", _check_single, (1000, 1536, 1032, 16, 0.1)),
-                                      ("multi", _check_multi, (3000, 2048, 1536, MULTI_RANKS))):
-                try:
-                    out.append(check(*args, bf, device, 1e-2, base_gemm=base_gemm))
-                except Exception as err:
-                    out.append((f"lora {what} bf16 {base_gemm}", False, f"{type(err).__name__}: {err}"[:300]))
-        out.append(_check_multi(3000, 2048, 1536, MULTI_RANKS, bf, device, 1e-2, base_gemm="torch_grouped"))
-        out.append(_check_single(4096, 4096, 4096, 64, 0.0, bf, device, 1e-2))
-        out.append(_check_single(777, 4096, 14336, 16, 0.1, bf, device, 1e-2))
-        out.append(_check_single(513, 1024, 768, 16, 0.1, torch.float16, device, 1e-2))
-        out.append(_check_mask(device))
-        # fp32 operands: IEEE products, not Triton's TF32 default (a failure is a row, not the end of the checks)
-        for name, check in (("lora float32 torch_all", lambda: _check_single(
-                                1000, 1536, 1032, 16, 0.1, torch.float32, device, 1e-5, base_gemm="torch_all")),
-                            ("gemm fp32", lambda: _check_fp32_ieee(device))):
+
+        def guarded(name, fn):  # one check failing (a mode not compiling on this GPU) must not cost the others
             try:
-                out.append(check())
+                out.append(fn())
             except Exception as err:
                 out.append((name, False, f"{type(err).__name__}: {err}"[:300]))
-        try:
-            out.append(_check_compile(device, bf))
-        except Exception as err:
-            out.append(("lora torch.compile bf16", False, f"{type(err).__name__}: {err}"[:300]))
+
+        for base_gemm in ("triton", "triton_tma", "torch", "torch_all"):
+            guarded(f"lora single bf16 {base_gemm}",
+                    lambda: _check_single(1000, 1536, 1032, 16, 0.1, bf, device, 1e-2, base_gemm=base_gemm))
+            guarded(f"lora multi bf16 {base_gemm}",
+                    lambda: _check_multi(3000, 2048, 1536, MULTI_RANKS, bf, device, 1e-2, base_gemm=base_gemm))
+        guarded("lora multi bf16 torch_grouped",
+                lambda: _check_multi(3000, 2048, 1536, MULTI_RANKS, bf, device, 1e-2, base_gemm="torch_grouped"))
+        for T, K, N, r, p, dt in ((4096, 4096, 4096, 64, 0.0, bf), (777, 4096, 14336, 16, 0.1, bf),
+                                  (513, 1024, 768, 16, 0.1, torch.float16)):
+            guarded(f"lora {str(dt).split('.')[-1]} T={T} K={K} N={N} r={r} p={p}",
+                    lambda: _check_single(T, K, N, r, p, dt, device, 1e-2))
+        guarded("lora dropout mask", lambda: _check_mask(device))
+        # fp32 operands: IEEE products, not Triton's TF32 default
+        guarded("lora float32 torch_all", lambda: _check_single(
+            1000, 1536, 1032, 16, 0.1, torch.float32, device, 1e-5, base_gemm="torch_all"))
+        guarded("gemm fp32", lambda: _check_fp32_ieee(device))
+        guarded("lora torch.compile bf16", lambda: _check_compile(device, bf))
     else:
         out.append(_check_single(37, 48, 40, 8, 0.2, torch.float32, device, 1e-5))
         out.append(_check_single(37, 48, 40, 4, 0.1, torch.float16, device, 5e-3))

@@ -75,8 +75,8 @@ def _saved_lora_cols(segs: list[int], ranks: list[int], base: str) -> tuple[int,
     """Columns and fp32-ness of the S the forward saves, per provider (see ``_fused_forward``)."""
     covered = [ranks[a] for a, _, _ in _segments(segs)]
     if base == "torch_all":
-        if sum(ranks) <= L.DENSE_MAX_R:  # the dense form: every adapter's rank columns
-            return sum(ranks), False
+        if len(ranks) == 1:  # the dense form (one adapter): its rank, rows covered or not
+            return ranks[0], False
         return max(covered, default=1), False
     if base == "torch_grouped":
         return -(-max(covered) // 8) * 8, False

@@ -297,6 +297,23 @@ def test_gpu_checks_survive_one_mode_failing(monkeypatch):
         assert (f"single {mode}", True, "") in rows and (f"multi {mode}", True, "") in rows
 
 
+def test_gpu_checks_every_check_is_guarded(monkeypatch):
+    """Every GPU check (not only the per-mode ones) becomes a failed row when it raises; the rest still run."""
+    from adasched.kernels import lora_bench as LB
+
+    def boom(*args, **kw):
+        raise RuntimeError("mask kernel broke")
+    monkeypatch.setattr(LB, "_check_single", lambda *a, base_gemm="auto", **kw: (f"single {base_gemm}", True, ""))
+    monkeypatch.setattr(LB, "_check_multi", lambda *a, base_gemm="auto", **kw: (f"multi {base_gemm}", True, ""))
+    monkeypatch.setattr(LB, "_check_mask", boom)
+    monkeypatch.setattr(LB, "_check_compile", lambda device, dtype: ("compile", True, ""))
+    monkeypatch.setattr(LB, "_check_fp32_ieee", lambda device: ("fp32", True, ""))
+    rows = LB.checks("cuda")
+    assert [r[0] for r in rows if not r[1]] == ["lora dropout mask"]
+    assert ("fp32", True, "") in rows and ("compile", True, "") in rows and ("multi torch_grouped", True, "") in rows
+    assert len(rows) == 4 * 2 + 1 + 3 + 1 + 1 + 1 + 1
+
+
 def test_host_calls_flag_counts_ops_and_launches_without_interpreter_noise(monkeypatch, capsys):
     """`bench kernels --host-calls`: per (base_gemm, adapters, dropout) the aten ops a fwd+bwd dispatches and the
     Triton kernels it launches. The interpreter's own tensor ops inside a launch are not counted (they are no host
@@ -316,3 +333,24 @@ def test_host_calls_flag_counts_ops_and_launches_without_interpreter_noise(monke
     assert main(["bench", "kernels", "--host-calls", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "NOT GPU times" in text and "torch_all" in text and "triton launches" in text
+
+
+def test_compare_host_time_loads_a_revision_beside_the_current_module():
+    """The before/after host timing: ``kernels/lora.py`` at a git revision imported as its own module (the custom
+    ops not registered twice), both counted and timed in one process, eager torch LoRA timed beside them."""
+    import shutil
+    from pathlib import Path
+
+    from adasched.kernels import lora as L
+    from adasched.kernels import lora_bench as LB
+
+    root = Path(LB.__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("needs the git checkout (a dev tool)")
+    old = LB.lora_at_revision("HEAD")
+    assert old is not L and old.LoRAAdapterWeights is not L.LoRAAdapterWeights
+    rows = LB.compare_host_time("HEAD", adapters=(1,), calls=40)
+    (row,) = rows
+    for side in ("before", "after"):
+        assert row[side]["aten_ops"] > 0 and row[side]["triton_launches"] == 0 and row[side]["us_per_call"] > 0
+    assert row["eager_us_per_call"] > 0

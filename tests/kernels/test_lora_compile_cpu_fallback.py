@@ -76,8 +76,9 @@ def test_fallback_compiles_fullgraph_without_dropout(cpu_fallback):
 def test_fallback_with_dropout_compiles_with_a_graph_break(cpu_fallback):
     x, w, bias, a, b, dy = _inputs(2)
 
-    def f(x, w, bias, a, b):
-        return lora_linear(x, w, a[0], b[0], 2.0, 0.25, bias=bias, seed=77)
+    def f(x, w, bias, a, b):  # ops on both sides of the call: a 2-D input traces no reshape into the graph now,
+        # and a lone disabled call would leave no graph at all to count a break between
+        return lora_linear(x * 2.0, w, a[0], b[0], 2.0, 0.25, bias=bias, seed=77) * 3.0
 
     want = _run(f, x, w, bias, a, b, dy)
     got = _run(torch.compile(f, backend="aot_eager"), x, w, bias, a, b, dy)
