@@ -1,4 +1,4 @@
-"""Lower bounds on the initiation interval: MII = max(ResMII, RecMII).
+"""Lower bounds on the initiation interval: MII = max(ResMII, RecMII, the exclusive-cells bound).
 
 ResMII = max over units f of ceil(total reservation of f per iteration / cap(f)).
 RecMII = the smallest I >= 1 such that no cycle is positive under edge weights d - I * distance (Bellman-Ford
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from .graph import Problem
 
 __all__ = ["MII", "res_mii", "rec_mii", "compute_mii", "has_positive_cycle", "longest_paths",
-           "longest_paths_or_cycle", "rec_mii_bound"]
+           "longest_paths_or_cycle", "rec_mii_bound",
+           "exclusive_mii"]
 
 
 @dataclass(frozen=True)
@@ -23,10 +24,12 @@ class MII:
     exact: bool = True
     """False when a deadline stopped the RecMII search: ``rec`` is then only a lower bound on RecMII (every use of
     MII here is as a lower bound on I, so that stays sound)."""
+    excl: int = 0
+    """The exclusive-cells bound (:func:`exclusive_mii`), when it is above ResMII and RecMII (else 0)."""
 
     @property
     def mii(self) -> int:
-        return max(self.res, self.rec, 1)
+        return max(self.res, self.rec, self.excl, 1)
 
 
 def res_mii(problem: Problem) -> int:
@@ -38,6 +41,61 @@ def res_mii(problem: Problem) -> int:
         if cap <= 0:
             raise ValueError(f"unit {unit!r} has no instances but ops reserve it")
         best = max(best, -(-use // cap))
+    return best
+
+
+def _exclusive(rows: list[list[int]], cap: int) -> tuple[int, int, int]:
+    """(E, N, span) of one unit: E cells held at full capacity, N a lower bound on the residues that cannot be
+    full, span the longest stretch from an op's first to its last non-zero cell (see :func:`exclusive_mii`)."""
+    full = left = right = span = 0
+    for row in rows:
+        nz = [c for c, n in enumerate(row) if n]
+        if not nz:
+            continue
+        span = max(span, nz[-1] - nz[0] + 1)
+        full += sum(1 for n in row if n == cap)
+        for c, n in enumerate(row):
+            if n != cap:
+                continue
+            p = 0  # partial cells right before this full one (a run of its own full cells counts once)
+            while c - p - 1 >= 0 and 0 < row[c - p - 1] < cap:
+                p += 1
+            left += p
+            q = 0
+            while c + q + 1 < len(row) and 0 < row[c + q + 1] < cap:
+                q += 1
+            right += q
+    return full, max(left, right), span
+
+
+def exclusive_mii(problem: Problem, start: int = 1) -> int:
+    """The smallest I >= ``start`` that the exclusive-cells bound does not rule out (``start`` when none is ruled
+    out), per unit f of capacity C:
+
+    A cell where an op holds all C units is *full*: at its residue no other op holds f (E full cells, at distinct
+    residues). A run of p partial cells (0 < count < C) right before an op's full cell lies on p residues that are
+    not full, right before a full residue; two such runs of different full cells never share a residue (the later
+    one would contain the earlier one's full residue), so at least N_L = sum of those p residues are not full; the
+    same for runs right after full cells (N_R). So I >= E + max(N_L, N_R) whenever no op spans more than I cycles
+    from its first to its last non-zero cell (then an op's cells fall on distinct residues). ResMII is this
+    bound's special case with no partial runs next to full cells counted, so it is never weaker; with capacity
+    1 every held cell is full and it equals ResMII. E.g. random_graph(20, 3, scale=32): ALU (2 units) has 15 x 32
+    full cycles and partial runs of 6 x 32 before full ones: I >= 672, where ResMII = 640."""
+    best = max(start, 1)
+    bounds = []
+    for unit, cap in problem.units.items():
+        if cap <= 0:
+            continue
+        rows = [o.reserve[unit] for o in problem.graph.ops if unit in o.reserve]
+        full, n, span = _exclusive(rows, cap)
+        if n:
+            bounds.append((full + n, span))
+    changed = True
+    while changed:  # every I in [span, bound) is ruled out; raising I may bring another unit's window into play
+        changed = False
+        for bound, span in bounds:
+            if span <= best < bound:
+                best, changed = bound, True
     return best
 
 
@@ -152,4 +210,6 @@ def compute_mii(problem: Problem, deadline: float | None = None) -> MII:
     """ResMII and RecMII; past ``deadline`` (``time.perf_counter()`` value) RecMII is a lower bound (``exact``
     False)."""
     rec, exact = rec_mii_bound(problem, deadline)
-    return MII(res=res_mii(problem), rec=rec, exact=exact)
+    res = res_mii(problem)
+    excl = exclusive_mii(problem, max(res, rec))
+    return MII(res=res, rec=rec, exact=exact, excl=excl if excl > max(res, rec) else 0)

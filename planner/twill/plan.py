@@ -129,7 +129,9 @@ class TwillPlan(Plan):
         rows[3:3] = [
             ("graph / machine", f"{self.graph_name} / {self.machine_name}"),
             ("method", self.method + _METHOD_NOTE.get(self.method, "")),
-            ("ii (cycles/iter)", f"{self.ii} (MII {self.mii}: res {self.res_mii}, rec {self.rec_mii}; plain {self.plain_ii})"
+            ("ii (cycles/iter)", f"{self.ii} (MII {self.mii}: res {self.res_mii}, rec {self.rec_mii}"
+             + (", exclusive-cells bound" if self.mii > max(self.res_mii, self.rec_mii, 1) else "")
+             + f"; plain {self.plain_ii})"
              + ((", proved minimal" + ("; the solver's gap is the tie-breakers' (groups, channels, span)"
                                         if self.solver.gap else "")) if self.ii_proven_minimal
                 else ", not proved minimal")),
