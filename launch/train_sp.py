@@ -35,6 +35,7 @@ from typing import Sequence
 from adasched.launch.cli_args import MAX_LAYERS, ArgParser, check_model_memory, check_seconds
 
 from adasched.profiler.io import InputError, error_line
+from adasched.runtime.sp_model_spec import param_count
 
 __all__ = ["main", "parse_args", "check_plan", "check_model_fits", "scaled_lengths", "make_sequence", "launch_local"]
 
@@ -117,10 +118,8 @@ def check_model_fits(args: argparse.Namespace, plan, world: int) -> None:
 
         if torch.cuda.is_available():
             return
-    heads = _heads(args, plan)
-    hidden = heads * args.head_dim
-    vocab = 256  # TinyGPTConfig's
-    params = args.layers * 12 * hidden * hidden + (2 * vocab + args.max_len) * hidden
+    # the model _train builds (TinyGPTConfig's other sizes at their defaults), counted without torch
+    params = param_count(_heads(args, plan) * args.head_dim, args.layers, args.max_len)
     ranks = min(world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))  # the ranks on this host
     check_model_memory(params, 4 * (8 if args.dtype == "float64" else 4), ranks,
                        "--layers/--heads/--head-dim/--max-len", "weights, gradients and Adam state")

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import sp_model_spec as spec
 from .ulysses import packed_causal_attention, ulysses_attention
 
 __all__ = ["TinyGPTConfig", "TinyGPT", "PackedBatch", "pack_sequences", "IGNORE"]
@@ -27,16 +28,16 @@ IGNORE = -100  # target of a sequence's last token
 
 @dataclass(frozen=True, kw_only=True)
 class TinyGPTConfig:
-    vocab: int = 256
+    vocab: int = spec.VOCAB
     """token ids in [0, vocab)"""
-    hidden: int = 32
+    hidden: int = spec.HIDDEN
     """model width; hidden = heads * head_dim"""
-    heads: int = 4
+    heads: int = spec.HEADS
     """attention heads; every SP degree used must divide it"""
-    layers: int = 2
-    max_len: int = 256
+    layers: int = spec.LAYERS
+    max_len: int = spec.MAX_LEN
     """learned positions: longest sequence (tokens)"""
-    mlp_ratio: int = 4
+    mlp_ratio: int = spec.MLP_RATIO
 
     def __post_init__(self) -> None:
         for name in ("vocab", "hidden", "heads", "layers", "max_len", "mlp_ratio"):
@@ -44,6 +45,11 @@ class TinyGPTConfig:
                 raise ValueError(f"TinyGPTConfig.{name}: {getattr(self, name)} must be >= 1")
         if self.hidden % self.heads:
             raise ValueError(f"TinyGPTConfig.hidden: {self.hidden} is not divisible by heads={self.heads}")
+
+    @property
+    def params(self) -> int:
+        """Parameter count of the model (``sp_model_spec.param_count``, torch-free)."""
+        return spec.param_count(self.hidden, self.layers, self.max_len, self.vocab, self.mlp_ratio)
 
 
 @dataclass

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Callable
 
@@ -18,8 +19,8 @@ from adasched.profiler.io import InputError
 from adasched.profiler.profile import ClusterProfile
 
 from .batching import check_max_context, draw_batches, read_seqlens
-from .costmodel import ModelShape, SPCostModel, model_preset, sp_cost_model
-from .plan import SPGroup, SPMicroBatch, SPPlan, SPStep
+from .costmodel import MODEL_PRESETS, ModelShape, SPCostModel, model_preset, sp_cost_model
+from .plan import SPGroup, SPMicroBatch, SPModelShape, SPPlan, SPStep
 from .planner import PlannerConfig, StepResult, check_fits, placed_groups, plan_step
 
 __all__ = ["load_lengths", "plan_sp", "summarize", "to_plan", "planner_memory_bytes", "check_planner_memory"]
@@ -118,8 +119,16 @@ def to_plan(results: list[StepResult], cm: SPCostModel, profile: ClusterProfile,
     baselines = {k: v for k, v in baselines.items() if np.isfinite(v)}
     return SPPlan(inputs_digest=digest, profile=profile_ref(profile), solver=solver,
                   predicted_ms=round(sum(r.time_ms for r in results), 6), baselines_ms=baselines,
-                  world_size=cm.world, model=cm.model.name, max_context=max_context, steps=steps,
-                  cost_model_source=cm.source)
+                  world_size=cm.world, model=cm.model.name, model_shape=_shape_record(cm.model),
+                  max_context=max_context, steps=steps, cost_model_source=cm.source)
+
+
+def _shape_record(shape: ModelShape) -> SPModelShape | None:
+    """None for an unchanged preset (its name says it all); else the sizes, so the plan's model name means
+    something (an SPPlan refuses an unknown name without them)."""
+    if MODEL_PRESETS.get(shape.name) == shape:
+        return None
+    return SPModelShape(**dataclasses.asdict(shape))
 
 
 def plan_sp(profile: ClusterProfile, model: str | ModelShape, lengths: np.ndarray, *, gpus: int | None = None,

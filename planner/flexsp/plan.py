@@ -8,7 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..plan import Plan
 
-__all__ = ["SPGroup", "SPMicroBatch", "SPStep", "SPPlan", "MAX_WORLD", "MAX_PLAN_CONTEXT"]
+__all__ = ["SPGroup", "SPMicroBatch", "SPStep", "SPModelShape", "SPPlan", "known_models", "MAX_WORLD",
+           "MAX_PLAN_CONTEXT"]
 
 #: most GPUs an SP plan spans (one model replica's GPUs; the largest clusters built have ~1e5): simulating a
 #: step makes a task per rank per micro-batch, and world_size 1e12 was a MemoryError after 40 s in `show`
@@ -64,18 +65,52 @@ class SPStep(BaseModel):
         return self
 
 
+class SPModelShape(BaseModel):
+    """The sizes of a model the plan was made for (:class:`~.costmodel.ModelShape` as JSON)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200)
+    hidden: int = Field(ge=1)
+    layers: int = Field(ge=1)
+    heads: int = Field(ge=1)
+    vocab: int = Field(ge=1)
+    act_bytes_per_token: float = Field(gt=0.0, allow_inf_nan=False)
+    zero_stage: int = Field(ge=0, le=3)
+    state_bytes_per_param: int = Field(ge=1)
+
+
+def known_models() -> list[str]:
+    """Model names an SP plan may give without a model_shape: the planner's presets and the runtime's tiny GPT."""
+    from adasched.runtime.sp_model_spec import MODEL_NAME
+
+    from .costmodel import MODEL_PRESETS
+
+    return [*MODEL_PRESETS, MODEL_NAME]
+
+
 class SPPlan(Plan):
     kind: Literal["sp"] = "sp"
     world_size: int = Field(ge=1, le=MAX_WORLD, description="GPUs (a power of two)")
     model: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+/:@-]*$",
-                       description="model preset name (gpt-7b, ...) or the name of the ModelShape the library's "
-                                   "plan_sp was given (any name: not checked against the presets; nothing is "
-                                   "built from it)")
+                       description="the model planned for: a planner preset (gpt-7b, gpt-13b, gpt-30b), the "
+                                   "runtime's tiny GPT ('tiny-gpt'), or any other name whose sizes model_shape "
+                                   "lists (the library's plan_sp given its own ModelShape); another name is refused")
+    model_shape: SPModelShape | None = Field(default=None, description="sizes of a model that is not a preset "
+                                                                        "(or a preset changed); None for a preset")
     max_context: int | None = Field(default=None, ge=1, le=MAX_PLAN_CONTEXT,
                                     description="lengths were clipped to this many tokens (None: not clipped)")
     cost_model_source: str = Field(default="", description="where the cost model's terms come from, including "
                                                           "any two-level collective estimate (older plans: empty)")
     steps: list[SPStep]
+
+    @model_validator(mode="after")
+    def _check_model(self) -> "SPPlan":
+        if self.model_shape is None and self.model not in known_models():
+            raise ValueError(f"model: unknown model {self.model!r} (known: {', '.join(known_models())}; a plan for "
+                             f"another model lists its sizes in model_shape)")
+        if self.model_shape is not None and self.model_shape.name != self.model:
+            raise ValueError(f"model_shape.name: {self.model_shape.name!r} is not the plan's model {self.model!r}")
+        return self
 
     @model_validator(mode="after")
     def _check_world(self) -> "SPPlan":
