@@ -1139,44 +1139,99 @@ def _backward_torch_all(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan,
     return dx, da, db, dbias
 
 
+@dataclass(frozen=True)
+class _Chunks:
+    """A plan's rows as consecutive chunks covering [0, T) (segments and the gaps between them), so one
+    ``split`` per tensor gives every segment's rows as views (one host call instead of a slice per segment)."""
+
+    rows: tuple  # rows per chunk
+    seg_chunk: tuple  # chunk index of each covered segment, in ``plan.segments`` order
+    gap_chunk: tuple  # chunk indices of the gaps
+    r_max: int  # the largest rank of a covered segment
+
+
+def _chunks(plan: _TilePlan, T: int) -> _Chunks:
+    got = plan.extras.get("chunks")
+    if got is None:
+        rows, seg_chunk, gap_chunk, pos = [], [], [], 0
+        for _, start, end, _, _ in plan.segments:
+            if pos < start:
+                gap_chunk.append(len(rows))
+                rows.append(start - pos)
+            seg_chunk.append(len(rows))
+            rows.append(end - start)
+            pos = end
+        if pos < T:
+            gap_chunk.append(len(rows))
+            rows.append(T - pos)
+        got = _Chunks(tuple(rows), tuple(seg_chunk), tuple(gap_chunk),
+                      max([rank for *_, rank, _ in plan.segments], default=1))
+        plan.extras["chunks"] = got
+    return got
+
+
+def _rank_parts(t: torch.Tensor, plan: _TilePlan, dim: int) -> tuple:
+    """Each adapter's rank rows (dim 0) or columns (dim 1) of a concatenated A / B / dA / dB as views, one call."""
+    return (t,) if len(plan.rank_of) == 1 else t.split(plan.rank_of, dim=dim)
+
+
 def _forward_torch_all_segments(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed: int):
-    """``base_gemm="torch_all"`` with several adapters: per segment two cuBLAS calls writing straight into views - S = Xd A^T into a
-    [T, r_max] buffer, Y = scale S B^T (+ bias) into Y's rows, the scale on alpha - then Y += X W^T through C.
-    No copies and no per-segment scaling passes: host calls (~15-25 us each, estimated from ~1 ms per fwd+bwd of
-    ~45 calls on the H200 image; device_check's host profile measures it) are what small shapes and many
-    segments pay. Saves S in the input dtype."""
-    T = x2.shape[0]
+    """``base_gemm="torch_all"`` with several adapters: per segment two cuBLAS calls writing straight into views -
+    S = Xd A^T into a [T, r_max] buffer, Y = scale S B^T (+ bias) into Y's rows, the scale on alpha - then
+    Y += X W^T through C. No copies and no per-segment scaling passes; the segments' row views come from one
+    ``split`` per tensor (``_chunks``), the adapters' A / B from one each: ~4 host calls per segment. Saves S in
+    the input dtype."""
+    T, N = x2.shape[0], weight.shape[0]
+    ch = _chunks(plan, T)
     _, xd, mask = _down(x2, a_cat, plan, seed, with_s=False)
-    r_max = max([rank for *_, rank, _ in plan.segments], default=1)
-    s16 = torch.empty((T, r_max), device=x2.device, dtype=x2.dtype)
-
-    def s_rows(aid, start, end, rank, r_off):
-        return s16[start:end, :rank].addmm_(xd[start:end], a_cat[r_off:r_off + rank].t(), beta=0)
-
-    return _cublas_lora_term(x2, weight, bias, b_cat, plan, s_rows), s16, xd, mask
+    s16 = torch.empty((T, ch.r_max), device=x2.device, dtype=x2.dtype)
+    y = torch.empty((T, N), device=x2.device, dtype=x2.dtype)
+    s_rows, x_rows, y_rows = s16.split(ch.rows), xd.split(ch.rows), y.split(ch.rows)
+    a_parts, b_parts = _rank_parts(a_cat, plan, 0), _rank_parts(b_cat, plan, 1)
+    bias = bias.to(x2.dtype) if bias is not None else None  # cuBLAS takes C in the output dtype
+    for c in ch.gap_chunk:  # rows no segment covers: the bias or zeros (their LoRA term is zero)
+        if bias is not None:
+            y_rows[c].copy_(bias)
+        else:
+            y_rows[c].zero_()
+    for (aid, _, _, rank, _), c in zip(plan.segments, ch.seg_chunk):
+        sv = s_rows[c] if rank == ch.r_max else s_rows[c][:, :rank]
+        sv.addmm_(x_rows[c], a_parts[aid].t(), beta=0)
+        if bias is not None:
+            torch.addmm(bias, sv, b_parts[aid].t(), alpha=plan.scales[aid], out=y_rows[c])
+        else:
+            y_rows[c].addmm_(sv, b_parts[aid].t(), beta=0, alpha=plan.scales[aid])
+    y.addmm_(x2, weight.t())
+    return y, s16, xd, mask
 
 
 def _backward_torch_all_segments(dy2, weight, a_cat, b_cat, s16, xd, mask, plan: _TilePlan, need_dx: bool,
                                  need_dbias: bool):
     """The backward of ``_forward_torch_all_segments``: per segment P = dY B (dS = scale P), dB += scale dY^T S,
     dA += scale P^T Xd as cuBLAS calls into views (an adapter's first segment overwrites, beta = 0, later ones
-    accumulate - in the parameters' dtype, as eager autograd sums per-segment grads); dX = dY W accumulated through C onto mask * scale (P A) / (1 - p) (our kernel, all segments in
-    one launch) or, without dropout, onto scale P A per segment."""
-    T, N = dy2.shape
+    accumulate - in the parameters' dtype, as eager autograd sums per-segment grads); dX = dY W accumulated
+    through C onto mask * scale (P A) / (1 - p) (our kernel, all segments in one launch) or, without dropout,
+    onto scale P A per segment."""
+    T = dy2.shape[0]
+    ch = _chunks(plan, T)
     p = torch.empty((T, s16.shape[1]), device=dy2.device, dtype=dy2.dtype)
     # every adapter has a segment: each row of dA / dB gets written, no zero fill needed
     fresh = len({aid for aid, *_ in plan.segments}) == len(plan.scales)
     da = torch.empty_like(a_cat) if fresh else torch.zeros_like(a_cat)
     db = torch.empty_like(b_cat) if fresh else torch.zeros_like(b_cat)
-    seen = set()
-    for aid, start, end, rank, r_off in plan.segments:
+    dy_rows, p_rows, s_rows, x_rows = dy2.split(ch.rows), p.split(ch.rows), s16.split(ch.rows), xd.split(ch.rows)
+    b_parts, da_parts, db_parts = _rank_parts(b_cat, plan, 1), _rank_parts(da, plan, 0), _rank_parts(db, plan, 1)
+    seen, pvs = set(), []
+    for (aid, _, _, rank, _), c in zip(plan.segments, ch.seg_chunk):
         beta = 1 if (aid in seen or not fresh) else 0
         seen.add(aid)
         scale = plan.scales[aid]
-        dyv, pv = dy2[start:end], p[start:end, :rank]
-        pv.addmm_(dyv, b_cat[:, r_off:r_off + rank], beta=0)
-        db[:, r_off:r_off + rank].addmm_(dyv.t(), s16[start:end, :rank], beta=beta, alpha=scale)
-        da[r_off:r_off + rank].addmm_(pv.t(), xd[start:end], beta=beta, alpha=scale)
+        dyv = dy_rows[c]
+        pv, sv = (p_rows[c], s_rows[c]) if rank == s16.shape[1] else (p_rows[c][:, :rank], s_rows[c][:, :rank])
+        pv.addmm_(dyv, b_parts[aid], beta=0)
+        db_parts[aid].addmm_(dyv.t(), sv, beta=beta, alpha=scale)
+        da_parts[aid].addmm_(pv.t(), x_rows[c], beta=beta, alpha=scale)
+        pvs.append(pv)
     dbias = torch.sum(dy2, dim=0, dtype=torch.float32) if need_dbias else None
     dx = None
     if need_dx:
@@ -1184,10 +1239,11 @@ def _backward_torch_all_segments(dy2, weight, a_cat, b_cat, s16, xd, mask, plan:
         if mask is not None:
             _masked_term(p, a_cat, mask, dx, plan, apply_scale=True)
         else:
-            _fill_uncovered(dx, plan)
-            for aid, start, end, rank, r_off in plan.segments:
-                dx[start:end].addmm_(p[start:end, :rank], a_cat[r_off:r_off + rank], beta=0,
-                                     alpha=plan.scales[aid])
+            dx_rows, a_parts = dx.split(ch.rows), _rank_parts(a_cat, plan, 0)
+            for c in ch.gap_chunk:
+                dx_rows[c].zero_()
+            for (aid, *_), c, pv in zip(plan.segments, ch.seg_chunk, pvs):
+                dx_rows[c].addmm_(pv, a_parts[aid], beta=0, alpha=plan.scales[aid])
         dx.addmm_(dy2, weight)
     return dx, da, db, dbias
 

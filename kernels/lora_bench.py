@@ -289,7 +289,7 @@ HOST_CALL_MODES = ("torch_all", "torch", "torch_grouped", "triton")
 NO_KERNEL_OPS = frozenset({
     "empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "alias", "view", "_unsafe_view",
     "slice", "select", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "as_strided", "detach",
-    "_reshape_alias", "unbind", "split", "narrow", "lift_fresh", "set_", "_local_scalar_dense"})
+    "_reshape_alias", "unbind", "split", "split_with_sizes", "narrow", "lift_fresh", "set_", "_local_scalar_dense"})
 #: the Triton kernels of ``kernels.lora`` a launch counter watches (and the autotuned GEMMs on a GPU)
 LORA_KERNELS = ("_lora_down_kernel", "_lora_gemm_kernel", "_lora_dy_kernel", "_lora_masked_term_kernel",
                 "_gemm_fwd_tuned", "_gemm_bwd_tuned", "_gemm_fwd_tuned_tma", "_gemm_bwd_tuned_tma")
