@@ -1,6 +1,7 @@
 """Twill at scale: I, MII, status and solve time on large random graphs and large-latency graphs.
 
-``python -m adasched.planner.twill.scalebench [--quick]`` prints one markdown table; ``--adherence`` instead
+``python -m adasched.planner.twill.scalebench [--quick]`` prints one markdown table; ``--first`` instead the CPU
+seconds of the heuristic to its first schedule and for its whole search (40-120 ops); ``--adherence`` instead
 times ``solve`` (wall and CPU seconds against the time limit) on random graphs of 40, 80 and 120 ops, seeds 1-3,
 plain and warp, at limits 0.1, 0.3, 1 and 2 s. Each case runs the current
 solver and a baseline from the same run: 'cp-sat only' (``solve(heuristic=False)``: no iterative modulo
@@ -89,6 +90,43 @@ def _adherence() -> int:
     return 0
 
 
+def _first(sizes: tuple[int, ...] = (40, 80, 120)) -> int:
+    """CPU seconds of the iterative modulo-scheduling heuristic to its first schedule and for its whole search
+    (``heuristic_schedule(time_limit=30)``), random graphs of 40, 80 and 120 ops, seeds 1-3, plain and warp."""
+    from . import heuristic
+    from .graph import Graph, check_graph, load_machine
+    from .randgraph import random_graph
+
+    h100 = load_machine("h100")
+    print("| graph | ops | CPU s to first schedule | CPU s whole search | I | tried |")
+    print("|---|---|---|---|---|---|")
+    real = heuristic._search
+    for n in sizes:
+        for seed in (1, 2, 3):
+            for warp in (False, True):
+                prob = check_graph(Graph.model_validate(random_graph(n, seed, warp=warp)), h100)
+                first: list[float] = []
+                c0 = time.process_time()
+
+                def timed(lower, cap, attempt, tried, deadline, hard=float("inf")):
+                    def att(ii):
+                        r = attempt(ii)
+                        if r is not None and not first:
+                            first.append(time.process_time() - c0)
+                        return r
+                    return real(lower, cap, att, tried, deadline, hard)
+
+                heuristic._search = timed
+                try:
+                    h = heuristic.heuristic_schedule(prob, warp=warp, time_limit=30.0)
+                finally:
+                    heuristic._search = real
+                whole = time.process_time() - c0
+                print(f"| {prob.graph.name} | {n} | {first[0] if first else float('nan'):.3f} | {whole:.3f} | "
+                      f"{h.ii if h else 'none'} | {len(h.tried) if h else '-'} |", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .graph import Graph, check_graph, load_machine
     from .randgraph import random_graph
@@ -96,9 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = OneLineArgParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="40-op graphs and 0.5 s budgets only")
     ap.add_argument("--adherence", action="store_true", help="time solve() against its time limit instead")
+    ap.add_argument("--first", action="store_true", help="CPU time of the heuristic's first schedule instead")
     a = ap.parse_args(argv)
     if a.adherence:
         return _adherence()
+    if a.first:
+        return _first()
     h100 = load_machine("h100")
     cases = []
     for n in ((40,) if a.quick else (40, 60, 80)):

@@ -142,3 +142,16 @@ def test_solve_bounds_mii_by_its_deadline_and_says_when_it_is_only_a_bound(monke
     s = twill_model.solve(make_problem("toy-attention", "h100"), SolveParams(time_limit=1.0, seed=0, threads=1))
     assert seen and seen[0] is not None and t0 < seen[0] <= t0 + 1.0 + 0.5
     assert s.ii == 2 and "MII 2 is a lower bound" in s.note, s.note
+
+
+def test_scalebench_first_prints_cpu_to_the_first_schedule(capsys):
+    """`scalebench --first` (the command behind BENCHMARKS' first-schedule table): one row per graph with the CPU
+    seconds to the first schedule <= those of the whole search, and the I found (small graphs here)."""
+    from adasched.planner.twill import scalebench
+
+    assert scalebench._first(sizes=(10,)) == 0
+    rows = [r.split("|")[1:-1] for r in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[0].strip() for r in rows] == [f"rand10-s{s}{w}" for s in (1, 2, 3) for w in ("", "-warp")]
+    for r in rows:
+        first, whole, ii = float(r[2]), float(r[3]), int(r[4])
+        assert 0 <= first <= whole and ii >= 1
