@@ -36,6 +36,22 @@ class MBSolution:
 def evaluate(sol: MBSolution, lens: np.ndarray, cm: SPCostModel) -> MBSolution:
     """Fill in time (makespan over groups, ms) and whether every group fits in memory; drops empty groups."""
     sol.groups = [(d, list(ids)) for d, ids in sol.groups if ids]
+    if len(sol.groups) > 1 and lens.dtype.kind in "iu":
+        # all groups at once: integral lengths sum exactly in float64 below 2**53 in any order, so these are
+        # cm.group_time's and cm.fits' values bit for bit
+        k = len(sol.groups)
+        own = np.repeat(np.arange(k), [len(ids) for _, ids in sol.groups])
+        s = lens[np.fromiter((i for _, ids in sol.groups for i in ids), dtype=np.int64, count=own.size)]
+        s = s.astype(np.float64)
+        sq = np.bincount(own, weights=s * s, minlength=k)
+        if float(sq.sum()) < 2.0 ** 53:
+            sm = np.bincount(own, weights=s, minlength=k)
+            deg = np.array([d for d, _ in sol.groups], dtype=np.float64)
+            co = np.array([cm.coeffs(d) for d, _ in sol.groups], dtype=np.float64)
+            sol.time_ms = float(np.max(co[:, 0] * sq + co[:, 1] * sm + co[:, 2]))
+            mem = sm * cm.act_bytes_per_token / deg + cm.model_state_bytes
+            sol.fits = bool(np.all(mem <= cm.memory_bytes * (1 + 1e-12))) and sol.gpus <= cm.world
+            return sol
     times = [cm.group_time(d, lens[ids]) for d, ids in sol.groups]
     sol.time_ms = max(times) if times else 0.0
     sol.fits = all(cm.fits(d, lens[ids]) for d, ids in sol.groups) and sol.gpus <= cm.world
@@ -45,26 +61,65 @@ def evaluate(sol: MBSolution, lens: np.ndarray, cm: SPCostModel) -> MBSolution:
 def lpt_assign(ids: np.ndarray, lens: np.ndarray, degrees: list[int], cm: SPCostModel,
                source: str = "lpt") -> MBSolution | None:
     """Assign sequences ``ids`` onto groups of the given degrees: longest first, each to the group where it
-    would finish earliest among those with memory room. None if some sequence fits nowhere."""
+    would finish earliest among those with memory room (ties: the first such group). None if some sequence fits
+    nowhere.
+
+    Groups of one degree differ only in their load, so per degree only two kinds of group compete: the first
+    unused one, and the used ones in a heap by (load, index), where the least-loaded with memory room finishes
+    earliest (a group's finish is ``load + alpha s^2 + beta s``, non-decreasing in its load; groups whose finish
+    rounds to the same value are all looked at, so the first index still wins a tie). O(log k) per sequence
+    instead of a pass over all k groups."""
+    import heapq
+
     order = np.asarray(ids)[np.argsort(-lens[np.asarray(ids)], kind="stable")]
     k = len(degrees)
-    co = np.array([cm.coeffs(d) for d in degrees], dtype=np.float64)
-    a, b, c = co[:, 0], co[:, 1], co[:, 2]
-    cap = np.array([cm.token_capacity(d) for d in degrees], dtype=np.float64)
-    load = np.zeros(k)
-    tok = np.zeros(k)
-    used = np.zeros(k, dtype=bool)
+    by_deg: dict[int, list[int]] = {}
+    for g, d in enumerate(degrees):
+        by_deg.setdefault(d, []).append(g)
+    classes = [(cm.coeffs(d), cm.token_capacity(d), gs) for d, gs in by_deg.items()]
+    nxt = [0] * len(classes)  # first unused group of each class (groups are used in index order)
+    heaps: list[list[tuple[float, int]]] = [[] for _ in classes]
+    tok = [0.0] * k
+    cur = [np.nan] * k  # a used group's load (finish time so far)
     owner = np.empty(len(order), dtype=np.int64)
-    for j, i in enumerate(order):
-        s = float(lens[i])
-        t = load + a * (s * s) + b * s + np.where(used, 0.0, c)
-        t[tok + s > cap] = np.inf
-        g = int(np.argmin(t))
-        if not np.isfinite(t[g]):
+    for j, s in enumerate(lens[order].astype(np.float64).tolist()):
+        best_t, best_g, best_c = np.inf, -1, -1
+        for ci, ((a, b, c), cap, gs) in enumerate(classes):
+            ss, bs = a * (s * s), b * s
+            if nxt[ci] < len(gs) and 0.0 + s <= cap:
+                g = gs[nxt[ci]]
+                t = 0.0 + ss + bs + c
+                if t < best_t or (t == best_t and g < best_g):
+                    best_t, best_g, best_c = t, g, ci
+            heap = heaps[ci]
+            popped = []
+            first_t = None
+            while heap:
+                load, g = heap[0]
+                if load != cur[g]:  # stale: the group has taken sequences since
+                    heapq.heappop(heap)
+                    continue
+                t = load + ss + bs + 0.0
+                if first_t is not None and t > first_t:
+                    break  # every later group finishes later still
+                popped.append(heapq.heappop(heap))
+                if tok[g] + s > cap:
+                    continue
+                if first_t is None:
+                    first_t = t
+                if t < best_t or (t == best_t and g < best_g):
+                    best_t, best_g, best_c = t, g, ci
+            for item in popped:
+                heapq.heappush(heap, item)
+        if best_g < 0:
             return None
-        load[g] = t[g]
+        g, ci = best_g, best_c
+        gs = classes[ci][2]
+        if nxt[ci] < len(gs) and gs[nxt[ci]] == g:
+            nxt[ci] += 1
+        cur[g] = best_t  # its old heap entry (if any) is stale now
+        heapq.heappush(heaps[ci], (best_t, g))
         tok[g] += s
-        used[g] = True
         owner[j] = g
     members: list[list[int]] = [[] for _ in range(k)]
     for j, i in enumerate(order):
@@ -107,6 +162,10 @@ def pack_structure(ids: np.ndarray, lens: np.ndarray, degrees: list[int], cm: SP
     return best
 
 
+#: swap matrices (critical group's sequences x the others) above this size are searched pruned (same answer)
+PRUNE_FROM = 4096
+
+
 def local_search(sol: MBSolution, lens: np.ndarray, cm: SPCostModel, max_iter: int = 300) -> MBSolution:
     """Improve the makespan by moving one sequence off the critical group, or swapping it with a shorter one
     of another group, while every group stays within memory (best improving move first, vectorised).
@@ -124,6 +183,9 @@ def local_search(sol: MBSolution, lens: np.ndarray, cm: SPCostModel, max_iter: i
     sq = np.bincount(own, weights=s * s, minlength=k)
     sm = np.bincount(own, weights=s, minlength=k)
     cnt = np.bincount(own, minlength=k)
+
+    # the pruned swap search needs time increasing in the tokens added and integral lengths
+    pruned = bool(np.all(A >= 0) and np.all(B >= 0) and np.all(s == np.rint(s)) and s.size and s.max() < 2 ** 52)
 
     def times():
         return np.where(cnt > 0, A * sq + B * sm + Cc, 0.0)
@@ -146,16 +208,10 @@ def local_search(sol: MBSolution, lens: np.ndarray, cm: SPCostModel, max_iter: i
         other = np.flatnonzero(own != c)
         best_swap = np.inf
         if other.size:
-            sj = s[other]
-            gj = own[other]
-            d = sj[None, :] - si[:, None]  # change of tokens in c
-            d2 = (sj * sj)[None, :] - (si * si)[:, None]
-            nc = A[c] * (sq[c] + d2) + B[c] * (sm[c] + d) + Cc[c]
-            ng = A[gj][None, :] * (sq[gj][None, :] - d2) + B[gj][None, :] * (sm[gj][None, :] - d) + Cc[gj][None, :]
-            okw = (d < 0) & (sm[c] + d <= cap[c]) & (sm[gj][None, :] - d <= cap[gj][None, :])
-            w2 = np.where(okw, np.maximum(nc, ng), np.inf)
-            si_idx = np.unravel_index(int(np.argmin(w2)), w2.shape)
-            best_swap = w2[si_idx]
+            swap = (_swaps_pruned(c, si, other, s, own, A, B, Cc, sq, sm, cap, t, min(cur - 1e-9, best_move))
+                    if pruned and si.size * other.size > PRUNE_FROM else
+                    _swaps_dense(c, si, other, s, own, A, B, Cc, sq, sm, cap))
+            best_swap, si_idx = swap
         if min(best_move, best_swap) >= cur - 1e-9:
             break
         if best_move <= best_swap:
@@ -176,6 +232,95 @@ def local_search(sol: MBSolution, lens: np.ndarray, cm: SPCostModel, max_iter: i
     out = evaluate(MBSolution(groups, source=sol.source if sol.source.endswith("+ls") else sol.source + "+ls",
                               extra=dict(sol.extra)), lens, cm)
     return out if (out.fits and out.time_ms <= sol.time_ms) or not sol.fits else sol
+
+
+def _swaps_dense(c, si, other, s, own, A, B, Cc, sq, sm, cap):
+    """Every swap of a sequence i of the critical group c (lengths ``si``) with a shorter one j of another group
+    (``other``: indices into ``s``): (best resulting max(time of c, time of j's group), (row of i, column of j));
+    inf when no swap fits in memory. Ties go to the first row, then the first column."""
+    sj = s[other]
+    gj = own[other]
+    d = sj[None, :] - si[:, None]  # change of tokens in c
+    d2 = (sj * sj)[None, :] - (si * si)[:, None]
+    nc = A[c] * (sq[c] + d2) + B[c] * (sm[c] + d) + Cc[c]
+    ng = A[gj][None, :] * (sq[gj][None, :] - d2) + B[gj][None, :] * (sm[gj][None, :] - d) + Cc[gj][None, :]
+    okw = (d < 0) & (sm[c] + d <= cap[c]) & (sm[gj][None, :] - d <= cap[gj][None, :])
+    w2 = np.where(okw, np.maximum(nc, ng), np.inf)
+    idx = np.unravel_index(int(np.argmin(w2)), w2.shape)
+    return w2[idx], idx
+
+
+def _inverse(A, B, y):
+    """Largest x >= 0 with A x^2 + B x <= y (A, B >= 0, elementwise): 0 for y <= 0, inf when A = B = 0."""
+    y = np.maximum(y, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        root = np.sqrt(B * B + 4.0 * A * y)
+        x = np.where(B + root > 0, 2.0 * y / (B + root), np.inf)  # stable form of (-B + root) / (2 A)
+    return np.where(y > 0, x, 0.0)
+
+
+def _swaps_pruned(c, si, other, s, own, A, B, Cc, sq, sm, cap, t, thr):
+    """:func:`_swaps_dense`'s answer whenever it is below ``thr`` (else some value >= ``thr``), without the full
+    |critical group| x |other sequences| matrix: for a swap of i (length si) with j (length sj < si, group g) to
+    end below ``thr``, group g's new time needs h_g(sj) > h_g(si) + t_g - thr and c's needs
+    h_c(sj) < thr - t_c + h_c(si), with h(x) = A x^2 + B x increasing; per (i, g) that is a range of lengths,
+    found by binary search in the other sequences sorted by (group, length), widened by a margin so rounding never
+    drops a candidate. Only those pairs are evaluated, with the same arithmetic as the dense form (so the same
+    values and the same tie-break: first row, then first column)."""
+    # a group already at thr or later cannot take a longer sequence and finish before thr
+    act = np.flatnonzero(t < thr)
+    act = act[act != c]
+    if act.size == 0:
+        return np.inf, (0, 0)
+    margin = 1e-7 * (abs(thr) + 1.0)
+    hc = A[c] * si * si + B[c] * si
+    up = np.minimum(np.ceil(_inverse(A[c], B[c], thr - t[c] + hc + margin)) + 1.0, si - 1.0)  # sj < si: integral
+    rws = np.flatnonzero(up >= 1.0)
+    if rws.size == 0:
+        return np.inf, (0, 0)
+    rank = np.full(A.size, -1, dtype=np.int64)
+    rank[act] = np.arange(act.size)
+    sel = np.flatnonzero(rank[own[other]] >= 0)  # positions in ``other`` of sequences in those groups
+    if sel.size == 0:
+        return np.inf, (0, 0)
+    ka = act.size
+    sj_all = s[other]
+    gj_all = own[other]
+    sh = int(s.max()) + 2  # key = group rank * sh + length: (group, length) order
+    keys = rank[gj_all[sel]] * sh + sj_all[sel].astype(np.int64)
+    order = sel[np.argsort(keys, kind="stable")]  # ties: ascending position in ``other``
+    keys = np.sort(keys, kind="stable")
+    sr_ = si[rws]
+    Aa, Ba = A[act], B[act]
+    hi_g = Aa[None, :] * (sr_ * sr_)[:, None] + Ba[None, :] * sr_[:, None]  # h_g(si): rows x active groups
+    low = np.floor(_inverse(Aa[None, :], Ba[None, :], hi_g + t[act][None, :] - thr - margin)) - 1.0
+    low = np.clip(low, 0.0, sh - 1.0).astype(np.int64)
+    upr = np.clip(up[rws], -1.0, sh - 1.0).astype(np.int64)
+    g_off = np.arange(ka, dtype=np.int64)[None, :] * sh
+    a = np.searchsorted(keys, g_off + low, side="left")
+    b = np.searchsorted(keys, g_off + upr[:, None], side="right")
+    cnt = np.maximum(b - a, 0).ravel()
+    total = int(cnt.sum())
+    if total == 0:
+        return np.inf, (0, 0)
+    rows = rws[np.repeat(np.arange(rws.size * ka) // ka, cnt)]
+    first = np.cumsum(cnt) - cnt
+    col = order[np.repeat(a.ravel(), cnt) + np.arange(total) - np.repeat(first, cnt)]
+    sj = sj_all[col]
+    gj = gj_all[col]
+    sr = si[rows]
+    d = sj - sr
+    d2 = sj * sj - sr * sr
+    nc = A[c] * (sq[c] + d2) + B[c] * (sm[c] + d) + Cc[c]
+    ng = A[gj] * (sq[gj] - d2) + B[gj] * (sm[gj] - d) + Cc[gj]
+    okw = (d < 0) & (sm[c] + d <= cap[c]) & (sm[gj] - d <= cap[gj])
+    w2 = np.where(okw, np.maximum(nc, ng), np.inf)
+    best = w2.min()
+    if not np.isfinite(best):
+        return np.inf, (0, 0)
+    at = np.flatnonzero(w2 == best)
+    pick = at[np.lexsort((col[at], rows[at]))[0]]
+    return best, (int(rows[pick]), int(col[pick]))
 
 
 def buddy_ranks(degrees: list[int], world: int) -> list[list[int]]:

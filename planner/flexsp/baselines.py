@@ -68,10 +68,12 @@ def best_homogeneous(ids: np.ndarray, lens: np.ndarray, cm: SPCostModel) -> tupl
     return best, per
 
 
-def greedy(ids: np.ndarray, lens: np.ndarray, cm: SPCostModel, target_ms: float | None = None) -> MBSolution | None:
+def greedy(ids: np.ndarray, lens: np.ndarray, cm: SPCostModel, target_ms: float | None = None,
+           cache: dict | None = None) -> MBSolution | None:
     """Class = smallest degree that holds the sequence and, alone, runs it within ``target_ms`` (when
     given); GPUs per class in proportion to GPU-ms of work (at least what its tokens need in memory);
-    leftover GPUs go to the busiest class; one LPT pass over all groups."""
+    leftover GPUs go to the busiest class; one LPT pass over all groups. ``cache`` (a dict per ``ids``): targets
+    that give the same group degrees share one packing (it depends on the degrees only)."""
     n = cm.world
     s = lens[ids].astype(np.float64)
     dmin = np.zeros(s.size, dtype=np.int64)
@@ -115,4 +117,9 @@ def greedy(ids: np.ndarray, lens: np.ndarray, cm: SPCostModel, target_ms: float 
     if target_ms is None:  # the plain baseline: one LPT pass
         sol = lpt_assign(ids, lens, degrees, cm, source="greedy")
         return evaluate(sol, lens, cm) if sol is not None else None
-    return pack_structure(ids, lens, degrees, cm, source="greedy-target")
+    if cache is None:
+        return pack_structure(ids, lens, degrees, cm, source="greedy-target")
+    key = tuple(degrees)
+    if key not in cache:
+        cache[key] = pack_structure(ids, lens, degrees, cm, source="greedy-target")
+    return cache[key]

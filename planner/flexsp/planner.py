@@ -192,8 +192,9 @@ def _heuristics(per_m: dict, split, lens, cm: SPCostModel, cfg: PlannerConfig) -
         greedy_tot += g.time_ms if g is not None and g.fits else math.inf
         cands = [c for c in (h, g) if c is not None and c.fits]
         if h is not None:  # greedy aimed at beating the best single degree
+            packed: dict = {}  # targets with the same group degrees: one packing
             for f in (0.92, 0.96, 1.0):
-                gt = greedy(ids, lens, cm, target_ms=f * h.time_ms)
+                gt = greedy(ids, lens, cm, target_ms=f * h.time_ms, cache=packed)
                 if gt is not None and gt.fits:
                     cands.append(_improve(gt, lens, cm, cfg))
         best_h.append(_improve(min(cands, key=lambda c: c.time_ms), lens, cm, cfg) if cands else None)
@@ -332,7 +333,9 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
                 # from the searched micro-batches and from the heuristic ones the search started from: the fill
                 # moves sequences between micro-batches, so the better start for it is not always the searched one
                 # (24 sequences on 8 GPUs: 117.6 ms from the searched plan, 112.8 ms from the heuristic one)
-                for start in (info["best"], info["start"]):
+                # (the heuristic start only where the search changed a micro-batch: else it is the same input again)
+                searched = any(a is not b for a, b in zip(info["best"], info["start"]))
+                for start in ((info["best"], info["start"]) if searched else (info["best"],)):
                     filled = (fill_across(start, lens, cm, max_evals=cfg.max_evals) if cfg.deterministic
                               else fill_across(start, lens, cm, deadline=deadline))
                     if sum(c.time_ms for c in filled) < sum(c.time_ms for c in info["best"]) - 1e-9:

@@ -153,6 +153,19 @@ def structure_search(ids: np.ndarray, lens: np.ndarray, cm: SPCostModel, start: 
     return best
 
 
+def _room(A, B, C, sq, sm, cap, limit: float) -> np.ndarray:
+    """Per group (arrays of its alpha, beta, gamma, sum s^2, sum s, token capacity): an upper bound on the
+    longest sequence it can take with time ``A (sq + s^2) + B (sm + s) + C <= limit`` and ``sm + s <= cap``;
+    slightly generous (1e-9 relative + 1e-6 tokens) so float rounding never skips a sequence that fits."""
+    r = limit - C - A * sq - B * sm  # A s^2 + B s <= r
+    with np.errstate(divide="ignore", invalid="ignore"):
+        root = np.sqrt(B * B + 4.0 * A * np.maximum(r, 0.0))
+        # the stable form of (-B + root) / (2 A): 2 r / (B + root); B = A = 0: any length when r >= 0
+        t = np.where(B + root > 0, 2.0 * np.maximum(r, 0.0) / (B + root), np.inf)
+    t = np.where(r < 0, -np.inf, t)
+    return np.minimum(t, cap - sm) * (1 + 1e-9) + 1e-6
+
+
 def fill_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadline: float | None = None,
                 max_evals: int | None = None) -> list[MBSolution]:
     """Use the idle time beside a micro-batch's critical group for sequences of the other micro-batches.
@@ -201,17 +214,30 @@ def fill_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadli
                 continue
             donor = cur[b]
             moved: set[int] = set()
-            for i in sorted(donor.seq_ids(), key=lambda i: -int(lens[i])):
+            d_ids = np.asarray(donor.seq_ids(), dtype=np.int64)
+            d_ids = d_ids[np.argsort(-lens[d_ids], kind="stable")]  # longest first (ties: donor order)
+            neg_s = -lens[d_ids].astype(np.float64)  # ascending
+            # a sequence longer than every group's room (time and memory, :func:`_room`) fits nowhere: skipped
+            # without evaluating it (the rooms only shrink as sequences move in); the rest are checked exactly
+            room = _room(A, Bc, Cc, sq, sm, cap, limit)
+            pos = 0
+            while pos < d_ids.size:
+                pos = max(pos, int(np.searchsorted(neg_s, -float(room.max()), side="left")))
+                if pos >= d_ids.size:
+                    break
+                i = int(d_ids[pos])
+                pos += 1
                 s = float(lens[i])
                 new = A * (sq + s * s) + Bc * (sm + s) + Cc
                 ok = (new <= limit) & (sm + s <= cap)
                 if not ok.any():
                     continue
                 g = int(np.argmax(np.where(ok, new, -np.inf)))  # best fit: the fullest group that still fits
-                members[g].append(int(i))
+                members[g].append(i)
                 sq[g] += s * s
                 sm[g] += s
-                moved.add(int(i))
+                room[g] = _room(A[g:g + 1], Bc[g:g + 1], Cc[g:g + 1], sq[g:g + 1], sm[g:g + 1], cap[g:g + 1], limit)[0]
+                moved.add(i)
             if not moved:
                 continue
             changed = True
