@@ -57,7 +57,8 @@ def register(groups) -> None:
                                       "--hierarchical's layout (default EP size: every GPU)."),
         gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", help="With --two-step-a2a: the node "
                                                     "size the exchange splits an EP group by (train_moe "
-                                                    "--gpus-per-node; default: the profile's)."),
+                                                    "--gpus-per-node; default: the profile's); the gradient "
+                                                    "all-reduces keep the profile's node size."),
         out: Path = typer.Option(..., "--out", help="Plan JSON to write (atomically)."),
         profile: str = typer.Option("h100-sxm", "--profile", help="Built-in profile name or ClusterProfile JSON."),
         stages: str = typer.Option("profile", "--stages", help=STAGES_HELP),

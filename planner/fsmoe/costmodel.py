@@ -122,12 +122,16 @@ class Topology:
     """Whole experts per GPU (as flat EP), every exchange in two all-to-all steps: inside the node, then between
     the nodes (the runtime's ``train_moe --hierarchical``, ``runtime.moe.ep``'s hierarchical path); the node
     size of the exchange is :attr:`exchange_gpus_per_node`."""
+    exchange_node: int | None = None
+    """Two-step only: the node size the exchange splits an EP group by (``plan moe --gpus-per-node``, the runtime's
+    ``--gpus-per-node``); None = :attr:`gpus_per_node`. It shapes the exchange only: :attr:`gpus_per_node` stays
+    the cluster's (the profile's), which prices the gradient all-reduces."""
 
     @property
     def exchange_gpus_per_node(self) -> int:
-        """Ranks of one EP group per node in the two-step exchange: min(gpus_per_node, ep_size), as the runtime
+        """Ranks of one EP group per node in the two-step exchange: min(node size, ep_size), as the runtime
         splits its EP group (``train_moe``: ``min(--gpus-per-node, --ep-size)``); 1 when not two-step."""
-        return min(self.gpus_per_node, self.ep_size) if self.two_step else 1
+        return min(self.exchange_node or self.gpus_per_node, self.ep_size) if self.two_step else 1
 
     @property
     def nodes(self) -> int:
@@ -141,7 +145,7 @@ class Topology:
 
 
 def topology(cfg: MoEConfig, gpus: int, gpus_per_node: int, ep_size: int | None = None, *,
-             two_step: bool = False) -> Topology:
+             two_step: bool = False, exchange_gpus_per_node: int | None = None) -> Topology:
     """Flat EP when there are at least as many experts as GPUs (GShard grid: E = #GPUs); otherwise EP over the
     nodes with each node's GPUs sharding its experts (Mixtral: 8 experts on 8 nodes).
 
@@ -151,7 +155,9 @@ def topology(cfg: MoEConfig, gpus: int, gpus_per_node: int, ep_size: int | None 
 
     ``two_step`` (``adasched plan moe --two-step-a2a``; the runtime's ``train_moe --hierarchical``): the same
     whole-expert layout (EP size K, default every GPU), each exchange in two all-to-all steps through nodes of
-    min(gpus_per_node, K) ranks of the EP group (:attr:`Topology.exchange_gpus_per_node`)."""
+    min(G, K) ranks of the EP group (:attr:`Topology.exchange_gpus_per_node`), G = ``exchange_gpus_per_node``
+    (``--gpus-per-node``; default: ``gpus_per_node``). ``gpus_per_node`` is the cluster's node size (the
+    profile's) in every layout: the expert-gradient all-reduce is priced with it, whatever the exchange's G."""
     if gpus < 1 or gpus & (gpus - 1):
         raise InputError("--gpus", f"must be a power of two >= 1, got {gpus}")
     gpn = min(gpus_per_node, gpus)
@@ -159,11 +165,14 @@ def topology(cfg: MoEConfig, gpus: int, gpus_per_node: int, ep_size: int | None 
         k = gpus if ep_size is None else ep_size
         if k < 2:
             raise InputError("--two-step-a2a", f"EP size {k} exchanges nothing (it needs --ep-size >= 2)")
-        if k % min(gpn, k):
-            raise InputError("--gpus-per-node", f"{gpn} does not divide the EP size {k} (the two-step exchange "
+        if exchange_gpus_per_node is not None and exchange_gpus_per_node < 1:
+            raise InputError("--gpus-per-node", f"{exchange_gpus_per_node} must be >= 1")
+        g = min(exchange_gpus_per_node or gpn, gpus)
+        if k % min(g, k):
+            raise InputError("--gpus-per-node", f"{g} does not divide the EP size {k} (the two-step exchange "
                                                 f"splits an EP group into nodes)")
         topology(cfg, gpus, gpn, k)                   # the flat layout's checks (--ep-size divides, experts)
-        return Topology(gpus, gpn, k, hierarchical=False, two_step=True)
+        return Topology(gpus, gpn, k, hierarchical=False, two_step=True, exchange_node=g)
     if ep_size is not None:
         if ep_size < 1 or gpus % ep_size:
             raise InputError("--ep-size", f"{ep_size} does not divide --gpus {gpus}")
@@ -354,8 +363,9 @@ def expert_grad_buckets(per_position: list[float], bucket_elements: float = EXPE
     gradients become ready when its MoE backward ends (``per_position``: elements per layer, backward order);
     once at least ``bucket_elements`` ready elements wait, all of them are launched. Returns (elements launched at
     the end of each position's MoE backward, elements left for ``finish()`` after the backward). Per layer: the
-    runtime's hooks fire per parameter (w1, w2), so a layer whose first parameter alone fills a bucket may launch
-    twice at the same moment (one more alpha than counted here)."""
+    runtime's hooks fire per parameter, w1's before w2's, and its ready prefix (backward order: w2 first) grows only
+    at w2's, so a layer's two gradients go out together, as counted here
+    (tests/runtime/moe/test_expert_grad_buckets_match_planner.py)."""
     launched, waiting = [], 0.0
     for x in per_position:
         waiting += x

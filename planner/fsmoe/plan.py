@@ -47,12 +47,14 @@ class MoEConfigPlan(BaseModel):
     two_step_a2a: bool = Field(default=False, description="whole experts per GPU, each exchange an intra-node then "
                                                           "an inter-node all-to-all (train_moe --hierarchical); "
                                                           "older plans: False")
-    gpus_per_node: int | None = Field(default=None, ge=1, description="node size the layout was costed with "
-                                                                       "(older plans: None)")
+    gpus_per_node: int | None = Field(default=None, ge=1, description="the cluster's node size the layout was "
+                                                                       "costed with (the profile's, at most gpus; "
+                                                                       "older plans: None)")
     exchange_gpus_per_node: int | None = Field(default=None, ge=1, description="two-step: ranks of an EP group per "
                                                                                "node, min(gpus_per_node, ep_size) "
                                                                                "(train_moe: min(--gpus-per-node, "
-                                                                               "--ep-size)); None otherwise")
+                                                                               "--ep-size), G = plan moe "
+                                                                               "--gpus-per-node); None otherwise")
     expert_copies: int = Field(default=1, ge=1, description="copies of each expert in the data-parallel world "
                                                             "(gpus / ep_size for flat EP; older plans: 1)")
     expert_grad_allreduce_ms: float = Field(default=0.0, ge=0.0, description="all-reduce of the expert gradients "
@@ -87,7 +89,9 @@ class MoEPlan(Plan):
         """Per configuration: EP size dividing the GPUs, layers numbered 0.. in order (as many as the model has),
         each layer's chosen degrees among the ones it timed - the forward's the fastest, the backward no slower
         than the fastest fused-wgrad time -, fwd_bwd_ms = layer 0's forward + backward, one non-negative
-        gradient slice per layer."""
+        gradient slice per layer; a layout that holds together (two-step: whole experts, an exchange node size
+        dividing ep_size; flat: no exchange node size; expert_copies = gpus / ep_size, or / (ep_size * node size)
+        for expert sharding)."""
         errors: list[str] = []
         for c in self.configs:
             at = f"config {c.name!r}"
@@ -100,6 +104,15 @@ class MoEPlan(Plan):
                 errors.append(f"{at}: a two-step exchange needs whole experts (hierarchical false) and "
                               f"exchange_gpus_per_node dividing ep_size {c.ep_size} "
                               f"(got {c.hierarchical}, {c.exchange_gpus_per_node})")
+            if not c.two_step_a2a and c.exchange_gpus_per_node is not None:
+                errors.append(f"{at}: exchange_gpus_per_node {c.exchange_gpus_per_node} given for a flat exchange "
+                              f"(two_step_a2a false): which layout was planned?")
+            gpn = c.gpus_per_node or min(self.gpus_per_node, self.gpus)
+            copies = self.gpus // (c.ep_size * (gpn if c.hierarchical else 1)) if c.ep_size >= 1 else 0
+            if c.expert_copies != copies:
+                errors.append(f"{at}: expert_copies {c.expert_copies} is not the layout's {copies} ({self.gpus} GPUs, "
+                              f"ep_size {c.ep_size}" + (f", experts sharded over {gpn} GPUs" if c.hierarchical
+                                                        else "") + ")")
             n = c.config.get("num_layers")
             if [lp.layer for lp in c.layers] != list(range(len(c.layers))) or (n is not None and len(c.layers) != n):
                 errors.append(f"{at}: layers {[lp.layer for lp in c.layers][:6]}... are not 0..{(n or len(c.layers)) - 1}")
@@ -142,7 +155,8 @@ class MoEPlan(Plan):
 
         c = self.configs[0]
         cfg = MoEConfig.model_validate(c.config)
-        topo = topology(cfg, self.gpus, self.gpus_per_node, self.ep_size_option, two_step=c.two_step_a2a)
+        topo = topology(cfg, self.gpus, self.gpus_per_node, self.ep_size_option, two_step=c.two_step_a2a,
+                        exchange_gpus_per_node=c.exchange_gpus_per_node)
         src = "published" if c.stage_source.startswith("published") else "profile"
         prof = load_profile(self.profile.name) if (src == "profile" and self.profile) else None
         fwd = stage_costs(cfg, topo, source=src, profile=prof)

@@ -38,8 +38,14 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
     """One configuration on ``gpus`` GPUs (the data-parallel world: dense gradients all-reduced over all of them);
     ``ep_size``: flat EP groups of that many ranks inside it (default: :func:`topology`'s layout); ``two_step``:
     those groups exchange in two all-to-all steps (the runtime's hierarchical path) through nodes of
-    ``gpus_per_node`` (default: the profile's)."""
-    topo = topology(cfg, gpus, gpus_per_node or profile.gpus_per_node, ep_size, two_step=two_step)
+    ``gpus_per_node`` (default: the profile's; the exchange's split only - the cluster's node size, which prices
+    the gradient all-reduces, stays the profile's)."""
+    topo = topology(cfg, gpus, profile.gpus_per_node, ep_size, two_step=two_step,
+                    exchange_gpus_per_node=gpus_per_node)
+    # the link the gradient all-reduces share with the exchange: its inter-node step ("inter"), or, for a two-step
+    # exchange inside one node (EP group = one node: no inter-node step), its intra-node all-to-all - then the
+    # same exchange as the flat layout's one all-to-all, with the same idle time
+    link = "intra" if topo.two_step and topo.exchange_gpus_per_node == topo.ep_size else "inter"
     dense_f, dense_b = dense_block_ms(cfg, profile)
     layers: list[MoELayerPlan] = []
     moe_bwd_idle: list[float] = []
@@ -66,7 +72,7 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
             wgrad_bwd=bb.wgrad, fwd_ms=bf.time_ms, bwd_ms=bb.time_ms, bwd_fused_wgrad_ms=bb_fused.time_ms, case_fwd=case,
             time_by_r_fwd={str(k): v for k, v in per_r_f.items()}, time_by_r_bwd={str(k): v for k, v in per_r_b.items()},
         ))
-        moe_bwd_idle.append(bb.inter_idle_ms)
+        moe_bwd_idle.append(max(0.0, bb.time_ms - bb.sim.busy_ms(stream=link)))
         for name, r in BASELINES.items():
             base_layers[name].append(sum(baseline_fwd_bwd_ms(fwd, bwd, r)))
     assert first is not None
@@ -156,5 +162,5 @@ def plan_moe(configs: list[MoEConfig], gpus: int, profile: ClusterProfile, *,
                                     *([ep_size] if ep_size is not None else []),
                                     *([("two-step", gpus_per_node)] if two_step else [])),
         profile=profile_ref(profile), solver=record, predicted_ms=predicted, baselines_ms=baselines,
-        gpus=gpus, gpus_per_node=gpus_per_node or profile.gpus_per_node, ep_size_option=ep_size, configs=out,
+        gpus=gpus, gpus_per_node=profile.gpus_per_node, ep_size_option=ep_size, configs=out,
     )

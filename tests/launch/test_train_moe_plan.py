@@ -88,10 +88,12 @@ def test_plans_record_the_layout(layout_plans):
     sharded = load_plan(layout_plans["sharded"], expect=MoEPlan).configs[0]
     assert (sharded.ep_size, sharded.hierarchical, sharded.two_step_a2a, sharded.gpus_per_node) == (1, True, False, 4)
     ts = load_plan(layout_plans["two_step"], expect=MoEPlan)
-    assert ts.gpus == 4 and ts.gpus_per_node == 2
+    # --gpus-per-node 2 is the exchange's split (exchange_gpus_per_node); the node size the all-reduces are priced
+    # with stays the profile's (h100-sxm: 8 per node, min 4 GPUs)
+    assert ts.gpus == 4 and ts.gpus_per_node == 8
     for c in ts.configs:
         assert (c.ep_size, c.hierarchical, c.two_step_a2a, c.gpus_per_node, c.exchange_gpus_per_node,
-                c.expert_copies) == (4, False, True, 2, 2, 1)
+                c.expert_copies) == (4, False, True, 4, 2, 1)
         assert all(lp.order_fwd == lp.order_bwd == "dispatch-first" for lp in c.layers)  # the runtime's only order
 
 
