@@ -161,6 +161,8 @@ def topology(cfg: MoEConfig, gpus: int, gpus_per_node: int, ep_size: int | None 
     if gpus < 1 or gpus & (gpus - 1):
         raise InputError("--gpus", f"must be a power of two >= 1, got {gpus}")
     gpn = min(gpus_per_node, gpus)
+    if exchange_gpus_per_node is not None and not two_step:
+        raise InputError("--gpus-per-node", "only with --two-step-a2a (the other layouts take the profile's)")
     if two_step:
         k = gpus if ep_size is None else ep_size
         if k < 2:

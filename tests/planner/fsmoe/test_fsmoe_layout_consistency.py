@@ -82,3 +82,11 @@ def test_verify_refuses_inconsistent_layouts(flat_plan_json, tmp_path, edit, nee
     with pytest.raises(InputError) as err:
         load_plan(bad, expect=MoEPlan)
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_exchange_node_size_without_two_step_is_refused():
+    # plan_config(..., gpus_per_node=G) without two_step used to re-cost the layout with nodes of G (the CLI refused
+    # the combination, the Python API did not); now G only ever splits a two-step exchange
+    cfg = load_configs("mixtral-8x7b", 16)[0]
+    with pytest.raises(InputError, match="--gpus-per-node: only with --two-step-a2a"):
+        plan_config(cfg, 16, load_profile("h100-sxm"), stages="published", params=PARAMS, ep_size=8, gpus_per_node=2)
