@@ -660,13 +660,10 @@ if HAVE_TRITON:
         stride_lm, stride_pr, stride_po, stride_mm, stride_om,
         BLOCKS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr, SUB_M: tl.constexpr, BLOCK_R: tl.constexpr,
         UPCAST: tl.constexpr, PLANE: tl.constexpr = 32, APPLY_SCALE: tl.constexpr = False,
-        L_AT_R_OFF: tl.constexpr = False,
     ):
         """dX's LoRA term alone: OUT[rows, cols] = keep * (L[rows, :r] @ P[r_off:r_off+r, cols]) / (1 - p) over
         BLOCKS_PER_PROG dropout blocks (8 planes of PLANE columns: one mask byte row per block, bit = plane), so
-        the mask is read as bytes and expanded by shifts, never gathered. Rows no adapter covers get zeros.
-        L_AT_R_OFF: L is [T, R_total] with the adapters' columns at their rank offsets (the dense "torch_all"
-        path), so the tile reads L[rows, r_off:r_off+r]."""
+        the mask is read as bytes and expanded by shifts, never gathered. Rows no adapter covers get zeros."""
         PREFETCH_P: tl.constexpr = BLOCK_R <= 32
         pid_m = tl.program_id(0) // (BLOCK_M // SUB_M)
         sub = tl.program_id(0) % (BLOCK_M // SUB_M)
@@ -679,8 +676,7 @@ if HAVE_TRITON:
             rr = tl.arange(0, BLOCK_R)
             r_ok = rr < rank  # rank 0: every load masked, the term is zero
             lanes = tl.arange(0, PLANE)
-            l_cols = r_off + rr if L_AT_R_OFF else rr
-            lt = tl.load(L + rows[:, None] * stride_lm + l_cols[None, :], mask=row_ok[:, None] & r_ok[None, :],
+            lt = tl.load(L + rows[:, None] * stride_lm + rr[None, :], mask=row_ok[:, None] & r_ok[None, :],
                          other=0.0)
             inv_keep = tl.load(FTABLE + pid_m * 2 + 1)
             if APPLY_SCALE:  # L is dY B without the adapter's scale
@@ -1005,10 +1001,9 @@ def _uncovered(plan: _TilePlan, T: int):
 
 
 def _masked_term(ds, a_cat, mask, out, plan: _TilePlan, apply_scale: bool = False,
-                 launch: Optional[dict] = None, at_rank_offset: bool = False) -> None:
+                 launch: Optional[dict] = None) -> None:
     """dX's LoRA term with the dropout mask, mask * (dS A) / (1 - p), by ``_lora_masked_term_kernel``
-    (``apply_scale``: ``ds`` lacks the adapter's scale, the kernel applies it; ``at_rank_offset``: ``ds`` is
-    [T, R_total] with each adapter's columns at its rank offset, else [T, >= max rank] from column 0)."""
+    (``apply_scale``: ``ds`` lacks the adapter's scale, the kernel applies it)."""
     T, K = out.shape
     knobs = {**TERM_LAUNCH, **(launch or {})}
     sub_m = min(knobs["sub_m"], plan.block_m)
@@ -1019,7 +1014,7 @@ def _masked_term(ds, a_cat, mask, out, plan: _TilePlan, apply_scale: bool = Fals
         ds, a_cat, mask, out, plan.table, plan.ftable, K,
         ds.stride(0), a_cat.stride(0), a_cat.stride(1), mask.stride(0), out.stride(0),
         BLOCKS_PER_PROG=per_prog, BLOCK_M=plan.block_m, SUB_M=sub_m, BLOCK_R=plan.block_r, UPCAST=INTERPRET,
-        PLANE=DROP_PLANE, APPLY_SCALE=apply_scale, L_AT_R_OFF=at_rank_offset, **_launch_opts(knobs["warps"], 1))
+        PLANE=DROP_PLANE, APPLY_SCALE=apply_scale, **_launch_opts(knobs["warps"], 1))
 
 
 def _fill_uncovered(out, plan: _TilePlan, bias=None) -> None:
@@ -1062,8 +1057,8 @@ def _dense_scale(plan: _TilePlan, T: int, device) -> tuple[float, Optional[torch
     """(alpha, M) of the dense ``torch_all`` form, built once per plan: the adapter covering every row -> (scale,
     None), the scale rides on a GEMM's alpha; otherwise (1.0, M) with M float32 [T, r] = the scale on the rows its
     segments cover, 0 on the rows none does. Made on the device from the tile table (tiles cover [0, T) in order)
-    and one small upload. (Written for any number of adapters - M zero on other adapters' columns - though
-    ``_dense`` takes it for one only.)"""
+    and one small upload (written for any number of adapters - M zero on other adapters' columns - though
+    ``_dense`` takes it for one only)."""
     got = plan.extras.get("dense")
     if got is not None:
         return got
@@ -1132,7 +1127,7 @@ def _backward_torch_all(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan,
     if need_dx:
         if mask is not None:
             dx = torch.empty_like(xd)
-            _masked_term(p, a_cat, mask, dx, plan, at_rank_offset=True)
+            _masked_term(p, a_cat, mask, dx, plan)  # P already carries the scale
         else:
             dx = torch.mm(p, a_cat)
         dx.addmm_(dy2, weight)
