@@ -44,7 +44,16 @@ def planner_memory_bytes(batch: np.ndarray, cm: SPCostModel, config: PlannerConf
     arrays of the slowest group's sequences x the micro-batch's other sequences, at most (k/2)^2 each for a
     micro-batch of k sequences, k at most the shortest sequences that fit together on all GPUs: a worst case).
     Measured: 10**6 sequences of 1-16 tokens on 64 GPUs asked numpy for 5.9 GiB in one swap matrix. (The bucketing
-    DP is smaller: a micro-batch of at most C tokens has at most sqrt(2 C) distinct lengths.)"""
+    DP is smaller: a micro-batch of at most C tokens has at most sqrt(2 C) distinct lengths.)
+
+    This is the largest arrays, not the peak. Not counted: the Python lists of sequence ids each candidate plan
+    holds (about 36 bytes per id; every split tried keeps its heuristic, searched and filled plans, so a few
+    dozen copies of the batch's ids), the plan model and its JSON (about 100 bytes per sequence), the local
+    search's move matrix (critical group's sequences x groups, 5 float64 arrays) and the interpreter with its
+    libraries (~100 MB). The pruned swap search keeps ~16 arrays of its candidate pairs, but falls back to the full
+    matrix when they are more than half its pairs, so the swap term above still bounds it. Measured peak RSS of
+    `plan sp --global-batch 20000` (Wikipedia, 64 GPUs, one step): 464 MiB before the 2026-11-28 speed-up, 181 MiB
+    after; this estimate: 498 MiB (its worst-case swap matrix did not occur)."""
     n = int(batch.size)
     cap = cm.token_capacity(cm.world)
     if not (n and cap > 0):

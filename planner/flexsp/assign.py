@@ -92,6 +92,15 @@ def lpt_assign(ids: np.ndarray, lens: np.ndarray, degrees: list[int], cm: SPCost
                 if t < best_t or (t == best_t and g < best_g):
                     best_t, best_g, best_c = t, g, ci
             heap = heaps[ci]
+            if heap and heap[0][0] == cur[heap[0][1]] and tok[heap[0][1]] + s <= cap:
+                # the least-loaded group is current and has room: unless a child in the heap finishes at the same
+                # time (a tie to look at), it is this class's candidate without touching the heap
+                load, g = heap[0]
+                t = load + ss + bs + 0.0
+                if all(heap[x][0] + ss + bs + 0.0 > t for x in (1, 2) if x < len(heap)):
+                    if t < best_t or (t == best_t and g < best_g):
+                        best_t, best_g, best_c = t, g, ci
+                    continue
             popped = []
             first_t = None
             while heap:
@@ -303,6 +312,10 @@ def _swaps_pruned(c, si, other, s, own, A, B, Cc, sq, sm, cap, t, thr):
     total = int(cnt.sum())
     if total == 0:
         return np.inf, (0, 0)
+    if 2 * total > si.size * other.size:
+        # pruning spared little: the full matrix is as fast, and its memory (8 arrays of the pairs) is what
+        # api.planner_memory_bytes counts; the ~16 arrays of the candidates below stay within it this way
+        return _swaps_dense(c, si, other, s, own, A, B, Cc, sq, sm, cap)
     rows = rws[np.repeat(np.arange(rws.size * ka) // ka, cnt)]
     first = np.cumsum(cnt) - cnt
     col = order[np.repeat(a.ravel(), cnt) + np.arange(total) - np.repeat(first, cnt)]
