@@ -194,7 +194,9 @@ def local_search(sol: MBSolution, lens: np.ndarray, cm: SPCostModel, max_iter: i
     cnt = np.bincount(own, minlength=k)
 
     # the pruned swap search needs time increasing in the tokens added and integral lengths
-    pruned = bool(np.all(A >= 0) and np.all(B >= 0) and np.all(s == np.rint(s)) and s.size and s.max() < 2 ** 52)
+    # (and keys group * (longest + 2) + length within int64: lengths up to 2**40 on 2**16 groups)
+    pruned = bool(np.all(A >= 0) and np.all(B >= 0) and np.all(s == np.rint(s)) and s.size
+                  and (float(s.max()) + 2.0) * k < 2.0 ** 62)
 
     def times():
         return np.where(cnt > 0, A * sq + B * sm + Cc, 0.0)

@@ -79,6 +79,21 @@ def test_pruned_swaps_equal_the_full_swap_matrix(monkeypatch):
         assert pruned.groups == full.groups and pruned.time_ms == full.time_ms
 
 
+def test_pruned_swaps_with_huge_lengths(monkeypatch):
+    """Lengths near 2**60: the (group, length) keys would overflow int64, so the search stays the full matrix."""
+    rng = np.random.default_rng()
+    cm = tiny_cost_model(world=8, cap_tokens=1e20)
+    for _ in range(20):
+        lens = rng.integers(2 ** 59, 2 ** 60, 40)
+        own = rng.integers(0, 4, 40)
+        start = evaluate(MBSolution([(2, [int(i) for i in np.flatnonzero(own == g)]) for g in range(4)]), lens, cm)
+        monkeypatch.setattr(asg, "PRUNE_FROM", 0)
+        pruned = local_search(start, lens, cm)
+        monkeypatch.setattr(asg, "PRUNE_FROM", 10 ** 18)
+        full = local_search(start, lens, cm)
+        assert pruned.groups == full.groups and pruned.time_ms == full.time_ms
+
+
 def test_evaluate_equals_group_time_and_fits():
     rng = np.random.default_rng()
     for _ in range(300):
