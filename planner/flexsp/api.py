@@ -53,7 +53,10 @@ def planner_memory_bytes(batch: np.ndarray, cm: SPCostModel, config: PlannerConf
     libraries (~100 MB). The pruned swap search keeps ~16 arrays of its candidate pairs, but falls back to the full
     matrix when they are more than half its pairs, so the swap term above still bounds it. Measured peak RSS of
     `plan sp --global-batch 20000` (Wikipedia, 64 GPUs, one step): 464 MiB before the 2026-11-28 speed-up, 181 MiB
-    after; this estimate: 498 MiB (its worst-case swap matrix did not occur)."""
+    after, and 179-181 MiB for 64, 2,000 and 8,000 sequences as well (the interpreter, its libraries and reading the
+    10**6-line length file set that peak, not the planning); this estimate: 498 MiB for the 20,000 (its worst-case
+    swap matrix did not occur). A fair peak would need those terms measured per sequence; this check only guards
+    against the batches that cannot be planned in memory at all."""
     n = int(batch.size)
     cap = cm.token_capacity(cm.world)
     if not (n and cap > 0):
