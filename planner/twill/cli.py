@@ -25,8 +25,8 @@ def register(groups) -> None:
         load_slack: bool = typer.Option(False, "--load-slack", help="After fewest warp groups and channels, prefer "
                                         "slack after variable-latency loads (deeper load buffers) over a short span."),
     ) -> None:
-        """Find the smallest initiation interval I (MII = max(ResMII, RecMII) upward, CP-SAT), the stage and issue
-        cycle of every op, a warp-group assignment, buffer depths and Triton knobs."""
+        """Find the smallest initiation interval I (from MII = max(ResMII, RecMII, the exclusive-cells bound) upward,
+        CP-SAT), the stage and issue cycle of every op, a warp-group assignment, buffer depths and Triton knobs."""
         from adasched.planner.plan import save_plan
         from adasched.planner.solver import SolveParams
         from adasched.planner.ui import emit_json, print_table
@@ -53,6 +53,7 @@ def register(groups) -> None:
         if as_json:
             emit_json({
                 "ii": plan.ii, "mii": plan.mii, "res_mii": plan.res_mii, "rec_mii": plan.rec_mii,
+                "excl_mii": plan.excl_mii,
                 "plain_ii": plan.plain_ii, "method": plan.method, "load_slack": plan.load_slack,
                 "status": plan.solver.status, "gap": plan.solver.gap,
                 "ii_proven_minimal": plan.ii_proven_minimal, "solve_seconds": plan.solver.solve_seconds,

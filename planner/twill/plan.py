@@ -53,9 +53,13 @@ class TwillPlan(Plan):
     graph_name: str
     machine_name: str
     ii: int = Field(ge=1, description="initiation interval (normalised cycles per iteration)")
-    mii: int = Field(ge=1)
-    res_mii: int
-    rec_mii: int
+    mii: int = Field(ge=1, description="the lower bound on I the status refers to: max(res_mii, rec_mii, excl_mii, 1) "
+                                       "(optimal only when ii = mii or every I in [mii, ii) was proved infeasible)")
+    res_mii: int = Field(description="ResMII: max over units of ceil(reservation per iteration / capacity)")
+    rec_mii: int = Field(description="RecMII: smallest I with no positive cycle under weights delay - I * distance "
+                                     "(a lower bound on it when the solve's deadline cut its search short)")
+    excl_mii: int = Field(default=0, ge=0, description="the exclusive-cells bound (mii.exclusive_mii) when it is above "
+                                                       "res_mii and rec_mii, else 0 (0 in plans written before it)")
     plain_ii: int = Field(description="minimal I of plain modulo scheduling (no warp constraints)")
     ii_proven_minimal: bool
     method: Literal["cp-sat", "heuristic", "cp-sat-coarse"] = Field(
@@ -92,6 +96,9 @@ class TwillPlan(Plan):
         errors: list[str] = []
         if self.ii < self.mii:
             errors.append(f"ii {self.ii} is below the plan's MII {self.mii}")
+        if self.mii < max(self.res_mii, self.rec_mii, self.excl_mii):
+            errors.append(f"mii {self.mii} is below its own bounds (res {self.res_mii}, rec {self.rec_mii}, exclusive "
+                          f"cells {self.excl_mii})")
         groups = {g.index: g for g in self.warp_groups}
         for s in self.ops:
             if s.warp_group not in groups:
@@ -130,7 +137,8 @@ class TwillPlan(Plan):
             ("graph / machine", f"{self.graph_name} / {self.machine_name}"),
             ("method", self.method + _METHOD_NOTE.get(self.method, "")),
             ("ii (cycles/iter)", f"{self.ii} (MII {self.mii}: res {self.res_mii}, rec {self.rec_mii}"
-             + (", exclusive-cells bound" if self.mii > max(self.res_mii, self.rec_mii, 1) else "")
+             + (f", exclusive cells {self.excl_mii}" if self.excl_mii
+                else ", exclusive-cells bound" if self.mii > max(self.res_mii, self.rec_mii, 1) else "")
              + f"; plain {self.plain_ii})"
              + ((", proved minimal" + ("; the solver's gap is the tie-breakers' (groups, channels, span)"
                                         if self.solver.gap else "")) if self.ii_proven_minimal
@@ -297,7 +305,8 @@ def make_plan(problem: Problem, schedule, *, simulate: bool = True) -> TwillPlan
         predicted_ms=ii * m.cycle_ns * 1e-6,
         baselines_ms={"no-pipelining": serial * m.cycle_ns * 1e-6},
         graph_name=g.name, machine_name=m.name, ii=ii, mii=schedule.mii.mii, res_mii=schedule.mii.res,
-        rec_mii=schedule.mii.rec, plain_ii=schedule.plain_ii, ii_proven_minimal=schedule.proven,
+        rec_mii=schedule.mii.rec, excl_mii=schedule.mii.excl, plain_ii=schedule.plain_ii,
+        ii_proven_minimal=schedule.proven,
         method=schedule.method, load_slack=schedule.load_slack,
         warp_specialised=schedule.warp, stages=max(stage.values()) + 1, cycle_ns=m.cycle_ns, ops=slots,
         warp_groups=wgs, channels=channels, buffers=buffers, peeled=peeled, knobs=knobs,
