@@ -868,8 +868,8 @@ def resolve_base_gemm(base_gemm: str, x: torch.Tensor) -> str:
     "torch_all" was the fastest of the three on the 16 shapes with T >= 8192 or T = 4096 and a big layer
     (1.09-2.06x the frozen base at T=8192-16384 against 1.17-2.17x for "torch" and 1.37-2.58x for "triton");
     on the 8 smaller ones every variant was bound by host-side launch cost, since cut for "torch_all" (the dense
-    form for one adapter: 8 GEMM calls per fwd+bwd whatever its segments, the scale on alpha or in a per-plan
-    row mask; 15 aten ops per fwd+bwd without dropout instead of 34 - ``lora_bench.count_host_calls``, CPU; not
+    form for one adapter over one run of rows: 8 GEMM calls per fwd+bwd whatever its segments, the scale on
+    alpha; 15 aten ops per fwd+bwd without dropout instead of 34 - ``lora_bench.count_host_calls``, CPU; not
     re-measured on a GPU)."""
     if base_gemm not in BASE_GEMMS:
         raise ValueError(f"base_gemm: {base_gemm!r} must be one of {', '.join(BASE_GEMMS)}")
@@ -1044,92 +1044,114 @@ def _cublas_lora_term(x2, weight, bias, b_cat, plan: _TilePlan, s_rows) -> torch
     return y
 
 
-def _dense(plan: _TilePlan) -> bool:
-    """Whether ``torch_all`` takes its dense form: the call has one adapter (its segments and gaps in any number).
-    Several adapters keep the per-segment form: a GEMM over every adapter's rank columns sums products of one
-    adapter's rows with another adapter's weights (times zero), so inf/nan weights or gradients of one job would
-    leak into the others' rows (0 * inf = nan); per segment, each adapter's GEMMs touch only its own weights and
-    rows. (A function of the ranks only: traceable.)"""
-    return len(plan.rank_of) == 1
-
-
-def _dense_scale(plan: _TilePlan, T: int, device) -> tuple[float, Optional[torch.Tensor]]:
-    """(alpha, M) of the dense ``torch_all`` form, built once per plan: the adapter covering every row -> (scale,
-    None), the scale rides on a GEMM's alpha; otherwise (1.0, M) with M float32 [T, r] = the scale on the rows its
-    segments cover, 0 on the rows none does. Made on the device from the tile table (tiles cover [0, T) in order)
-    and one small upload (written for any number of adapters - M zero on other adapters' columns - though
-    ``_dense`` takes it for one only)."""
-    got = plan.extras.get("dense")
-    if got is not None:
+def _dense_run(plan: _TilePlan, T: int) -> Optional[tuple[int, int]]:
+    """The rows [lo, hi) of ``torch_all``'s dense form, or None for the per-segment form; built once per plan. The
+    dense form needs one adapter whose segments are one run of adjacent rows (any number of segments, rows before
+    and after uncovered: a packed batch padded at its end). Its GEMMs then take that run's rows as one view, so
+    no GEMM reads a row no segment covers. Why not a zero row mask over every row: the reductions over rows
+    (dA = P^T Xd, dB = dY^T S) and S = Xd A^T would multiply an uncovered row's inf/nan (padding rows after a
+    fully masked attention, garbage in an unused buffer) by zero - nan in the adapter's gradients and in that
+    row's output - where per segment those rows are never read. Gaps between segments, several adapters (a GEMM
+    over every adapter's rank columns sums one adapter's inf/nan weights or gradients, times zero, into the
+    others' rows) or no segment: per segment, each adapter's GEMMs touching only its own weights and rows."""
+    got = plan.extras.get("dense_run", False)
+    if got is not False:
         return got
     segs = plan.segments
-    if len(segs) == 1 and segs[0][1] == 0 and segs[0][2] == T and segs[0][3] == plan.r_total:
-        got = (float(plan.scales[segs[0][0]]), None)
-    else:
-        col_aid, col_scale = [], []
-        for aid, scale in enumerate(plan.scales):
-            rank = plan.rank_of[aid]
-            col_aid += [float(aid)] * rank
-            col_scale += [float(scale)] * rank
-        cols = _upload(torch.tensor([col_aid, col_scale], dtype=torch.float32), device)
-        row_aid = torch.repeat_interleave(plan.table[:, 5], plan.table[:, 1], output_size=T)
-        m = torch.where(row_aid[:, None] == cols[0][None, :], cols[1][None, :], 0.0)
-        got = (1.0, m)
-    plan.extras["dense"] = got
+    got = None
+    if len(plan.rank_of) == 1 and segs and all(segs[i][2] == segs[i + 1][1] for i in range(len(segs) - 1)):
+        got = (segs[0][1], segs[-1][2])
+    plan.extras["dense_run"] = got
     return got
 
 
-def _scaled_mm(a, b, alpha: float) -> torch.Tensor:
-    """alpha * (a @ b) as one GEMM call (alpha on cuBLAS's alpha; beta = 0 ignores the uninitialised C)."""
-    if alpha == 1.0:
-        return torch.mm(a, b)
-    return torch.empty((a.shape[0], b.shape[1]), device=a.device, dtype=a.dtype).addmm_(a, b, beta=0, alpha=alpha)
+def _run_rows(t: torch.Tensor, run: tuple[int, int]) -> torch.Tensor:
+    """The rows [lo, hi) of ``t``: ``t`` itself when the run covers every row (no view op on the common path)."""
+    lo, hi = run
+    return t if lo == 0 and hi == t.shape[0] else t[lo:hi]
+
+
+def _fill_outside(t: torch.Tensor, run: tuple[int, int], value=None) -> None:
+    """Rows of ``t`` outside [lo, hi) get ``value`` (a row, e.g. the bias) or zeros."""
+    lo, hi = run
+    for a, b in ((0, lo), (hi, t.shape[0])):
+        if a < b:
+            if value is not None:
+                t[a:b].copy_(value)
+            else:
+                t[a:b].zero_()
+
+
+def _scaled_mm(a, b, alpha: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """alpha * (a @ b) as one GEMM call (alpha on cuBLAS's alpha; beta = 0 ignores the uninitialised C), into
+    ``out`` when given."""
+    if out is None:
+        if alpha == 1.0:
+            return torch.mm(a, b)
+        out = torch.empty((a.shape[0], b.shape[1]), device=a.device, dtype=a.dtype)
+    return out.addmm_(a, b, beta=0, alpha=alpha)
 
 
 def _forward_torch_all(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed):
-    """``base_gemm="torch_all"``: cuBLAS for every GEMM. Dense form (one adapter, ``_dense``): S = scale *
-    (Xd A^T) over the whole batch, zeroed on rows no segment covers by M (one multiply; a segment covering every
-    row: the scale on alpha, no M), Y = S B^T (+ bias), then Y += X W^T through C: 3 GEMMs and at most one
-    elementwise pass, whatever the number of segments. Saves S (scaled) in the input dtype, [T, r]. Several
-    adapters: per segment (``_forward_torch_all_segments``)."""
-    if not _dense(plan):
-        return _forward_torch_all_segments(x2, weight, bias, a_cat, b_cat, plan, seed)
+    """``base_gemm="torch_all"``: cuBLAS for every GEMM. Dense form (one adapter over one run of rows,
+    ``_dense_run``): S = scale * (Xd A^T) over the run's rows (the scale on alpha), Y[run] = S B^T (+ bias),
+    the rows outside the run the bias or zeros, then Y += X W^T through C: 3 GEMMs whatever the number of
+    segments (a run covering every row: no views, no fills). Saves S (scaled) in the input dtype, [T, r]: rows
+    outside the run unwritten (never read). Otherwise per segment (``_forward_torch_all_segments``)."""
     T = x2.shape[0]
-    alpha, m = _dense_scale(plan, T, x2.device)
-    # rows no adapter covers take part in the GEMMs (times zero): with dropout they need a defined Xd too
-    _, xd, mask = _down(x2, a_cat, plan, seed, with_s=False, all_rows=m is not None)
-    s = _scaled_mm(xd, a_cat.t(), alpha)
-    if m is not None:
-        s.mul_(m)
-    if bias is not None:
-        y = torch.addmm(bias.to(x2.dtype), s, b_cat.t())  # cuBLAS takes C in the output dtype
+    run = _dense_run(plan, T)
+    if run is None:
+        return _forward_torch_all_segments(x2, weight, bias, a_cat, b_cat, plan, seed)
+    alpha = plan.scales[0]
+    _, xd, mask = _down(x2, a_cat, plan, seed, with_s=False)  # Xd and the bits on the covered rows
+    bias = _as_dtype(bias, x2.dtype) if bias is not None else None  # cuBLAS takes C in the output dtype
+    if run == (0, T):
+        s = _scaled_mm(xd, a_cat.t(), alpha)
+        y = torch.addmm(bias, s, b_cat.t()) if bias is not None else torch.mm(s, b_cat.t())
     else:
-        y = torch.mm(s, b_cat.t())
+        s = torch.empty((T, a_cat.shape[0]), device=x2.device, dtype=x2.dtype)
+        y = torch.empty((T, weight.shape[0]), device=x2.device, dtype=x2.dtype)
+        sv, yv = _run_rows(s, run), _run_rows(y, run)
+        _scaled_mm(_run_rows(xd, run), a_cat.t(), alpha, out=sv)
+        if bias is not None:
+            torch.addmm(bias, sv, b_cat.t(), out=yv)
+        else:
+            yv.addmm_(sv, b_cat.t(), beta=0)
+        _fill_outside(y, run, bias)
     y.addmm_(x2, weight.t())
     return y, s, xd, mask
 
 
 def _backward_torch_all(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, need_dx: bool,
                         need_dbias: bool):
-    """The backward of ``_forward_torch_all``. Dense form: P = scale * (dY B) (times M), dB = dY^T S,
-    dA = P^T Xd, dX = dY W accumulated through C onto P A (without dropout) or onto mask * (P A) / (1 - p)
-    (our kernel): 5 GEMMs and at most one elementwise pass."""
-    if not _dense(plan):
+    """The backward of ``_forward_torch_all``. Dense form, on the run's rows only: P = scale * (dY B), dB = dY^T S,
+    dA = P^T Xd; dX = dY W (every row) accumulated through C onto P A (zeros outside the run; without dropout) or
+    onto mask * (P A) / (1 - p) (our kernel, zeros on uncovered rows): 5 GEMMs."""
+    T = dy2.shape[0]
+    run = _dense_run(plan, T)
+    if run is None:
         return _backward_torch_all_segments(dy2, weight, a_cat, b_cat, s, xd, mask, plan, need_dx, need_dbias)
-    alpha, m = _dense_scale(plan, dy2.shape[0], dy2.device)
-    p = _scaled_mm(dy2, b_cat, alpha)
-    if m is not None:
-        p.mul_(m)
-    db = torch.mm(dy2.t(), s)
-    da = torch.mm(p.t(), xd)
+    alpha = plan.scales[0]
+    dyv, sv, xv = _run_rows(dy2, run), _run_rows(s, run), _run_rows(xd, run)
+    if run == (0, T):
+        p = pv = _scaled_mm(dy2, b_cat, alpha)
+    else:  # P on all T rows (our masked-term kernel indexes it by row), written on the run's
+        p = torch.empty((T, b_cat.shape[1]), device=dy2.device, dtype=dy2.dtype)
+        pv = _scaled_mm(dyv, b_cat, alpha, out=_run_rows(p, run))
+    db = torch.mm(dyv.t(), sv)
+    da = torch.mm(pv.t(), xv)
     dbias = torch.sum(dy2, dim=0, dtype=torch.float32) if need_dbias else None
     dx = None
     if need_dx:
         if mask is not None:
             dx = torch.empty_like(xd)
-            _masked_term(p, a_cat, mask, dx, plan)  # P already carries the scale
-        else:
+            _masked_term(p, a_cat, mask, dx, plan)  # P already carries the scale; uncovered rows get zeros
+        elif run == (0, T):
             dx = torch.mm(p, a_cat)
+        else:
+            dx = torch.empty((T, a_cat.shape[1]), device=dy2.device, dtype=dy2.dtype)
+            _run_rows(dx, run).addmm_(pv, a_cat, beta=0)
+            _fill_outside(dx, run)
         dx.addmm_(dy2, weight)
     return dx, da, db, dbias
 

@@ -75,8 +75,6 @@ def _saved_lora_cols(segs: list[int], ranks: list[int], base: str) -> tuple[int,
     """Columns and fp32-ness of the S the forward saves, per provider (see ``_fused_forward``)."""
     covered = [ranks[a] for a, _, _ in _segments(segs)]
     if base == "torch_all":
-        if len(ranks) == 1:  # the dense form (one adapter): its rank, rows covered or not
-            return ranks[0], False
         return max(covered, default=1), False
     if base == "torch_grouped":
         return -(-max(covered) // 8) * 8, False
@@ -94,10 +92,8 @@ def _aligned_for(base: str, t: Tensor) -> Tensor:
 def _define_unwritten(plan, base: str, s: Tensor, xd: Tensor, mask: Optional[Tensor]) -> None:
     """Zeros where the forward leaves its saved buffers unwritten (nothing reads there): rows no segment covers
     in Xd and the keep bits, and in "torch_all"'s S also the columns past a segment's rank. The eager path skips
-    this; an op's outputs should not depend on what the allocator handed out. (The dense "torch_all" form writes
-    all of them: S on every row and column, Xd and the bits on every row.)"""
-    if base == "torch_all" and L._dense(plan):
-        return
+    this; an op's outputs should not depend on what the allocator handed out. (The dense "torch_all" form leaves
+    the same rows unwritten: those outside its run, which no segment covers.)"""
     gaps = L._uncovered(plan, s.shape[0])
     for start, end in gaps:
         if plan.has_dropout and base != "torch_grouped":  # "torch_grouped" writes Xd on every row

@@ -177,6 +177,35 @@ def test_opcheck_fake_shapes_schema_and_autograd(base, ps, with_bias):
     assert set(res.values()) == {"SUCCESS"}, res
 
 
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("segs", [[0, 3, 20, 0, 20, 37], [0, 3, 20, 0, 22, 37], []])
+def test_opcheck_torch_all_one_adapter(segs, p):
+    """One adapter under "torch_all": one run of rows with gaps before / after (the dense form), a gap between
+    segments (per segment) and no segment at all: the fake S has the real one's shape, rows no segment covers
+    are defined (zeros), and the backward's outputs match the fake ones."""
+    gen = torch.Generator().manual_seed(6)
+    T, K, N, r = 40, 48, 40, 12
+    x = torch.randn(T, K, generator=gen).requires_grad_()
+    w = torch.randn(N, K, generator=gen)
+    a = torch.randn(r, K, generator=gen).requires_grad_()
+    b = torch.randn(N, r, generator=gen).requires_grad_()
+    args = (x, w, None, a, b, segs, [r], [1.5], [p], 11, None, 16, "torch_all", [])
+    res = torch.library.opcheck(lora_op.lora_linear_fwd, args)
+    assert set(res.values()) == {"SUCCESS"}, res
+    y, s, xd, mask = lora_op.lora_linear_fwd(*args)
+    covered = torch.zeros(T, dtype=torch.bool)
+    for i in range(0, len(segs), 3):
+        covered[segs[i + 1]:segs[i + 2]] = True
+    assert torch.equal(s[~covered], torch.zeros_like(s[~covered]))
+    if xd.numel():
+        assert torch.equal(xd[~covered], torch.zeros_like(xd[~covered])) and not mask[~covered].any()
+    dy = torch.randn(T, N, generator=gen)
+    bargs = (dy, w, a.detach(), b.detach(), s, xd if xd.numel() else x.detach(), mask, segs, [r], [1.5], [p], 16,
+             "torch_all", [], True, False)
+    res = torch.library.opcheck(lora_op.lora_linear_bwd, bargs, test_utils=("test_schema", "test_faketensor"))
+    assert set(res.values()) == {"SUCCESS"}, res
+
+
 def test_inductor_compiled_peft_model_matches_eager(eager_random):
     peft = pytest.importorskip("peft")
     from torch import nn
