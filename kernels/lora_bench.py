@@ -480,23 +480,43 @@ def host_call_table_rows(rows: list[dict]) -> list[list]:
 def lora_at_revision(rev: str, repo=None):
     """``kernels/lora.py`` as it was at git revision ``rev``, imported as a separate module (its torch.compile
     custom ops not registered again), for before/after host timings in one process. Dev tool: needs the git
-    checkout."""
+    checkout, and ``rev`` in it (a shallow clone holds only its tip: ``git fetch --unshallow`` first). The source
+    goes to a real file (in the temp dir, named by the commit): ``triton.jit`` reads its functions' source back,
+    which exec'd code without a file does not have. A revision that is not there: ValueError."""
     import importlib.util
+    import os
     import subprocess
     import sys
+    import tempfile
     from pathlib import Path
 
     root = Path(repo) if repo else Path(__file__).resolve().parents[1]
-    src = subprocess.run(["git", "-C", str(root), "show", f"{rev}:kernels/lora.py"], check=True,
-                         capture_output=True, text=True).stdout
+
+    def git(*args, what: str = "") -> str:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+        except OSError as e:  # no git at all
+            raise ValueError(f"rev: {rev!r}: cannot run git ({e})") from None
+        if done.returncode != 0:
+            raise ValueError(f"rev: {rev!r}: {done.stderr.strip() or what or 'git failed'} (in {root})")
+        return done.stdout
+
+    sha = git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}",
+              what="no such commit in this checkout (a shallow clone: git fetch --unshallow)").strip()
+    src = git("show", f"{sha}:kernels/lora.py")
     src = src.replace("from . import lora_op as _lora_op", "_lora_op = None")
-    name = f"adasched.kernels._lora_at_{rev[:12]}"
+    path = Path(tempfile.gettempdir()) / f"adasched_lora_at_{sha[:12]}.py"
+    if not path.exists() or path.read_text() != src:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(src)
+        os.replace(tmp, path)  # atomic: another process may be reading the same revision's file
+    name = f"adasched.kernels._lora_at_{sha[:12]}"
     spec = importlib.util.spec_from_loader(name, loader=None)
     mod = importlib.util.module_from_spec(spec)
     mod.__package__ = "adasched.kernels"
-    mod.__file__ = str(root / "kernels" / "lora.py")
+    mod.__file__ = str(path)
     sys.modules[name] = mod
-    exec(compile(src, f"<kernels/lora.py at {rev}>", "exec"), mod.__dict__)
+    exec(compile(src, str(path), "exec"), mod.__dict__)
     return mod
 
 

@@ -354,3 +354,23 @@ def test_compare_host_time_loads_a_revision_beside_the_current_module():
     for side in ("before", "after"):
         assert row[side]["aten_ops"] > 0 and row[side]["triton_launches"] == 0 and row[side]["us_per_call"] > 0
     assert row["eager_us_per_call"] > 0
+
+
+def test_lora_at_revision_outside_the_interpreter_and_a_missing_revision(monkeypatch):
+    """On a GPU (no TRITON_INTERPRET) ``triton.jit`` reads each kernel's source back from its file: the old
+    revision's module must come from a real file (exec'd from a string it raised "@jit functions should be
+    defined in a Python file"). A revision the checkout lacks (a shallow CI clone) is a ValueError naming it."""
+    import shutil
+    from pathlib import Path
+
+    from adasched.kernels import lora_bench as LB
+
+    root = Path(LB.__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("needs the git checkout (a dev tool)")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # triton.jit decides at decoration time
+    old = LB.lora_at_revision("HEAD")
+    assert type(old._lora_down_kernel).__name__ == "JITFunction"
+    assert Path(old.__file__).read_text().count("def multi_lora_linear(") == 1
+    with pytest.raises(ValueError, match="no such commit"):
+        LB.lora_at_revision("0123456789abcdef0123456789abcdef01234567")
