@@ -482,7 +482,8 @@ def lora_at_revision(rev: str, repo=None):
     custom ops not registered again), for before/after host timings in one process. Dev tool: needs the git
     checkout, and ``rev`` in it (a shallow clone holds only its tip: ``git fetch --unshallow`` first). The source
     goes to a real file (in the temp dir, named by the commit): ``triton.jit`` reads its functions' source back,
-    which exec'd code without a file does not have. A revision that is not there: ValueError."""
+    which exec'd code without a file does not have. Only lora.py is old: its relative imports (``.gemm``, ...)
+    are the working tree's. A revision that is not there: ValueError."""
     import importlib.util
     import os
     import subprocess

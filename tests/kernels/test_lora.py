@@ -457,7 +457,7 @@ PER_SEGMENT_OPS = {2: 52, 4: 82}
 
 @pytest.mark.parametrize("nad", [2, 4])
 def test_torch_all_several_adapters_per_segment_host_calls(nad):
-    """Several adapters stay per segment (isolation: see ``_dense``): 2 base GEMMs + 6 per segment, views (one
+    """Several adapters stay per segment (isolation: see ``_dense_run``): 2 base GEMMs + 6 per segment, views (one
     split per tensor, a column slice where a rank is below the largest) and the adapters' concatenation - no
     copies, scaling or fill passes."""
     from adasched.kernels.lora_bench import count_host_calls
