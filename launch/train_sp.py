@@ -32,9 +32,9 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from adasched.launch.cli_args import MAX_LAYERS, ArgParser, check_model_memory, check_seconds
-
-from adasched.profiler.io import InputError, error_line
+from adasched.launch.cli_args import MAX_LAYERS
+from adasched.planner.ui import OneLineArgParser
+from adasched.profiler.io import InputError, check_model_memory, check_seconds, error_line
 from adasched.runtime.sp_model_spec import param_count
 
 __all__ = ["main", "parse_args", "check_plan", "check_model_fits", "scaled_lengths", "make_sequence", "launch_local"]
@@ -43,7 +43,7 @@ TOLERANCE = {"float32": 1e-5, "float64": 1e-10}  # max |grad - ref| / max |ref|,
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = ArgParser(prog="python -m adasched.launch.train_sp",
+    p = OneLineArgParser(prog="python -m adasched.launch.train_sp",
                                 description="Train a tiny GPT executing a FlexSP plan (run under torchrun).")
     p.add_argument("--plan", required=True, help="SP plan JSON (adasched plan sp)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the plan's step count)")

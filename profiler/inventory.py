@@ -133,10 +133,6 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def _memory_bytes() -> int:  # TEMPORARY (this session): callers still being moved to host_memory_bytes
-    return host_memory_bytes()
-
-
 def cpu_inventory() -> DeviceInfo:
     """The CPU host as one device: model name, usable cores (as count_per_node is 1 process), memory."""
     # memory unknown (neither sysconf nor /proc/meminfo): the smallest value a profile accepts

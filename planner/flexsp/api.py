@@ -71,12 +71,12 @@ def check_planner_memory(batches: list[np.ndarray], cm: SPCostModel, config: Pla
     """Refuse (InputError naming --global-batch) a global batch whose planning needs more than half this host's
     memory (the rest is for the planner's other data): --global-batch 10**9 was
     OOM-killed. One line, before any planning."""
-    from adasched.profiler.inventory import _memory_bytes
+    from adasched.profiler.inventory import host_memory_bytes
 
     if not batches:
         return
     worst = max(batches, key=lambda b: planner_memory_bytes(b, cm, config))
-    need, have = planner_memory_bytes(worst, cm, config), _memory_bytes()
+    need, have = planner_memory_bytes(worst, cm, config), host_memory_bytes()
     if need > have / 2:
         raise InputError("--global-batch", f"{worst.size:,} sequences ({int(worst.sum()):,} tokens) split into "
                                            f"micro-batches on {cm.world} GPUs need at least {need / 2**30:,.1f} GiB "

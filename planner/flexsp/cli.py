@@ -54,7 +54,7 @@ MAX_SIGMA = 10.0
 
 def check_options(global_batch: int, steps: int, time_limit: float, max_context) -> None:
     """The numeric options of `plan sp` / `bench sp`, before any file is read: one InputError naming the option."""
-    from adasched.launch.cli_args import check_seconds
+    from adasched.profiler.io import check_seconds
 
     from .batching import check_batch_options, check_max_context
 
