@@ -155,15 +155,21 @@ def structure_search(ids: np.ndarray, lens: np.ndarray, cm: SPCostModel, start: 
 
 def _room(A, B, C, sq, sm, cap, limit: float) -> np.ndarray:
     """Per group (arrays of its alpha, beta, gamma, sum s^2, sum s, token capacity): an upper bound on the
-    longest sequence it can take with time ``A (sq + s^2) + B (sm + s) + C <= limit`` and ``sm + s <= cap``;
-    slightly generous (1e-9 relative + 1e-6 tokens) so float rounding never skips a sequence that fits."""
-    r = limit - C - A * sq - B * sm  # A s^2 + B s <= r
+    longest sequence it can take with time ``A (sq + s^2) + B (sm + s) + C <= limit`` and ``sm + s <= cap``
+    (A, B >= 0). The exact test rounds: it can pass a length whose true time is a few ulps of ``limit`` above it,
+    which in tokens is ~1e-16 limit / B - more than any fixed token margin when B is tiny against limit
+    (B = 1e-12 ms/token, limit = 9e3 ms: 4661 passes, the bound without slack was 4660.8). So the time budget and
+    the free tokens get 1e-12 relative slack on the terms they are computed from (far above float64's rounding),
+    and the result 1e-9 relative + 1e-6 tokens."""
+    scale = np.abs(limit) + np.abs(C) + A * sq + B * np.abs(sm)
+    r = limit - C - A * sq - B * sm + 1e-12 * scale  # A s^2 + B s <= r
     with np.errstate(divide="ignore", invalid="ignore"):
         root = np.sqrt(B * B + 4.0 * A * np.maximum(r, 0.0))
         # the stable form of (-B + root) / (2 A): 2 r / (B + root); B = A = 0: any length when r >= 0
         t = np.where(B + root > 0, 2.0 * np.maximum(r, 0.0) / (B + root), np.inf)
     t = np.where(r < 0, -np.inf, t)
-    return np.minimum(t, cap - sm) * (1 + 1e-9) + 1e-6
+    free = cap - sm + 1e-12 * (np.abs(cap) + np.abs(sm))
+    return np.minimum(t, free) * (1 + 1e-9) + 1e-6
 
 
 def fill_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadline: float | None = None,

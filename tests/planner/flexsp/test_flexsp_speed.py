@@ -150,6 +150,38 @@ def test_room_bounds_the_longest_sequence_a_group_takes():
             assert room < longest + 1 + 1e-6 * longest + 1e-5
 
 
+def test_room_bounds_with_tiny_beta_and_a_limit_ulps_away():
+    """The exact test rounds: with B tiny against the limit a length can pass although its true time is a few ulps
+    above the limit; _room must still bound it (these four were missed: the room was ~0.2 token short)."""
+    cases = [(0.0, 2.8607061722742376e-12, 8994.21318661195, 0.0, 0.0, 8994.213186625284),
+             (0.0, 1.2200053295399e-12, 5906.251378053393, 29976948834.0, 415527.0, 5906.251378568389),
+             (0.0, 2.07193892286092e-12, 8343.365997836143, 50682191.0, 9023.0, 8343.365999016412),
+             (0.0, 1.1437127406869873e-12, 2592.297353232618, 257040.0, 918.0, 2592.2973532393294)]
+    rng = np.random.default_rng()
+    for _ in range(3000):
+        A = 10 ** rng.uniform(-14, -4) if rng.random() < 0.8 else 0.0
+        B, C = 10 ** rng.uniform(-12, -1), 10 ** rng.uniform(-1, 4)
+        sm = float(rng.integers(0, 10 ** int(rng.integers(1, 7))))
+        sq = sm * float(rng.integers(1, int(sm) + 2))
+        s0 = float(rng.integers(1, 3000))  # the limit: the time with one more sequence of s0 tokens, as the fill's
+        cases.append((A, B, C, sq, sm, (A * (sq + s0 * s0) + B * (sm + s0) + C) * (1 + 1e-12)))
+    checked = 0
+    for A, B, C, sq, sm, limit in cases:
+        room = srch._room(*(np.array([x]) for x in (A, B, C, sq, sm, np.inf)), limit)[0]
+        if not room < 1e7:
+            continue
+        s = np.arange(max(0, int(room) - 3), int(room) + 3000, dtype=np.float64)
+        ok = A * (sq + s * s) + B * (sm + s) + C <= limit
+        assert not ok.any() or s[ok].max() <= room, (A, B, C, sq, sm, limit, room, s[ok].max())
+        checked += 1
+    assert checked >= 1000
+    # memory: the free tokens get slack too (a capacity beyond 2**53 rounds sm + s)
+    cap, sm = 2.0 ** 60 + 2.0 ** 8, 2.0 ** 60 - 2.0 ** 8
+    room = srch._room(*(np.array([x]) for x in (0.0, 0.0, 0.0, 0.0, sm, cap)), 1.0)[0]
+    s = np.arange(0, 2 ** 12, dtype=np.float64)
+    assert s[sm + s <= cap].max() <= room
+
+
 def test_a_large_global_batch_plans_in_bounded_cpu_time():
     """3,000 sequences of the packaged Wikipedia sample on the 64-GPU A100 profile, heuristics with a 0.1 s search
     budget: 7.3 s of CPU before the fast paths (lpt 13 us a sequence, dense swap matrices, a full evaluation of
