@@ -135,6 +135,26 @@ def to_plan(results: list[StepResult], cm: SPCostModel, profile: ClusterProfile,
                   max_context=max_context, steps=steps, cost_model_source=cm.source)
 
 
+def _check_recordable(shape: ModelShape) -> None:
+    """InputError ('model') before any planning when the plan could not record this model (a name the plan's
+    ``model`` field refuses, or sizes ``model_shape`` refuses): else plan_sp planned every step and then failed in
+    :func:`to_plan` with pydantic's multi-line error."""
+    import re
+
+    from pydantic import ValidationError
+
+    from .plan import MODEL_NAME_PATTERN
+
+    if not (isinstance(shape.name, str) and len(shape.name) <= 200 and re.fullmatch(MODEL_NAME_PATTERN, shape.name)):
+        raise InputError("model", f"name {shape.name!r}: 1-200 characters, letters, digits and ._+/:@- "
+                                  f"(not first), as an SP plan records it")
+    try:
+        _shape_record(shape)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise InputError("model", f"{shape.name!r}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
 def _shape_record(shape: ModelShape) -> SPModelShape | None:
     """None for an unchanged preset (its name says it all); else the sizes, so the plan's model name means
     something (an SPPlan refuses an unknown name without them)."""
@@ -153,6 +173,7 @@ def plan_sp(profile: ClusterProfile, model: str | ModelShape, lengths: np.ndarra
     the only line)."""
     config = config or PlannerConfig(seed=seed)
     cm = sp_cost_model(profile, model_preset(model) if isinstance(model, str) else model, gpus)
+    _check_recordable(cm.model)
     check_fits(lengths, cm, where="--seqlens")
     batches = draw_batches(lengths, global_batch, steps, seed)
     check_planner_memory(batches, cm, config)

@@ -68,7 +68,8 @@ def lpt_assign(ids: np.ndarray, lens: np.ndarray, degrees: list[int], cm: SPCost
     unused one, and the used ones in a heap by (load, index), where the least-loaded with memory room finishes
     earliest (a group's finish is ``load + alpha s^2 + beta s``, non-decreasing in its load; groups whose finish
     rounds to the same value are all looked at, so the first index still wins a tie). O(log k) per sequence
-    instead of a pass over all k groups."""
+    instead of a pass over all k groups while the least-loaded groups have memory room; groups without room for a
+    sequence are popped and pushed back on the way to one with room (up to O(k log k) when memory is tight)."""
     import heapq
 
     order = np.asarray(ids)[np.argsort(-lens[np.asarray(ids)], kind="stable")]

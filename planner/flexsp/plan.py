@@ -65,6 +65,10 @@ class SPStep(BaseModel):
         return self
 
 
+#: what an SP plan's model name may be (1-200 characters)
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+/:@-]*$"
+
+
 class SPModelShape(BaseModel):
     """The sizes of a model the plan was made for (:class:`~.costmodel.ModelShape` as JSON)."""
 
@@ -91,7 +95,7 @@ def known_models() -> list[str]:
 class SPPlan(Plan):
     kind: Literal["sp"] = "sp"
     world_size: int = Field(ge=1, le=MAX_WORLD, description="GPUs (a power of two)")
-    model: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+/:@-]*$",
+    model: str = Field(min_length=1, max_length=200, pattern=MODEL_NAME_PATTERN,
                        description="the model planned for: a planner preset (gpt-7b, gpt-13b, gpt-30b), the "
                                    "runtime's tiny GPT ('tiny-gpt'), or any other name whose sizes model_shape "
                                    "lists (the library's plan_sp given its own ModelShape); another name is refused")
