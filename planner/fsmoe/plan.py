@@ -76,6 +76,26 @@ class MoEConfigPlan(BaseModel):
     stage_notes: list[str] = Field(default_factory=list)
 
 
+def layout_text(c: MoEConfigPlan) -> str:
+    """One line for ``adasched show``: the expert-parallel layout a configuration was costed with (what
+    ``train_moe --plan`` checks) and its expert copies' gradient all-reduce."""
+    node = f", nodes of {c.gpus_per_node} GPUs" if c.gpus_per_node else ""
+    if c.hierarchical:
+        text = (f"EP {c.ep_size} over nodes, each expert sharded over a node's GPUs{node} (FSMoE's layout; "
+                "train_moe does not build it)")
+    elif c.two_step_a2a:
+        text = (f"EP {c.ep_size}, two-step all-to-all ({c.exchange_gpus_per_node} ranks per node: intra- then "
+                f"inter-node; train_moe --hierarchical --gpus-per-node {c.exchange_gpus_per_node}){node}")
+    else:
+        text = f"flat EP {c.ep_size} (one all-to-all){node}"
+    text += f"; {c.expert_copies} cop{'y' if c.expert_copies == 1 else 'ies'} of each expert"
+    if c.expert_copies > 1:
+        exposed = c.expert_grad_allreduce_ms if c.expert_grad_exposed_ms is None else c.expert_grad_exposed_ms
+        text += (f", expert-gradient all-reduce {c.expert_grad_allreduce_ms:,.2f} ms ({exposed:,.2f} ms not hidden "
+                 "in the backward)")
+    return text
+
+
 class MoEPlan(Plan):
     kind: Literal["moe"] = "moe"
     gpus: int = Field(description="the data-parallel world the plan is for: dense gradients all-reduced over it")
@@ -145,6 +165,7 @@ class MoEPlan(Plan):
             nb = c.baselines_fwd_bwd_ms
             rows.append((c.name, f"r_fwd={l0.r_fwd} r_bwd={l0.r_bwd} wgrad={l0.wgrad_bwd} layer fwd+bwd {c.fwd_bwd_ms:.2f} ms; "
                                  f"no-pipeline {nb['no-pipeline'] / c.fwd_bwd_ms:.2f}x, fixed-r2 {nb['fixed-r2'] / c.fwd_bwd_ms:.2f}x slower"))
+            rows.append((f"{c.name} layout", layout_text(c)))
         return rows
 
     def gantt_tasks(self) -> list:
