@@ -32,6 +32,14 @@ def dense_block_ms(cfg: MoEConfig, profile: ClusterProfile) -> tuple[float, floa
     return total / 3.0, 2.0 * total / 3.0
 
 
+def shared_link(sim) -> str:
+    """The stream of a simulated MoE pipeline whose link the gradient all-reduces share: the inter-node exchange
+    ("inter": the flat all-to-all, or the inter-node step), or, where the exchange never leaves the node (FSMoE's
+    sharded layout on one node, a two-step exchange whose EP group is one node), the intra-node one (its
+    all-gather / reduce-scatter or intra-node all-to-all on NVLink, where the all-reduce then runs too)."""
+    return "inter" if sim.busy_ms(stream="inter") > 0 else "intra"
+
+
 def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: Literal["profile", "published"],
                 params: SolveParams, ep_size: int | None = None, two_step: bool = False,
                 gpus_per_node: int | None = None) -> MoEConfigPlan:
@@ -42,10 +50,6 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
     the gradient all-reduces, stays the profile's)."""
     topo = topology(cfg, gpus, profile.gpus_per_node, ep_size, two_step=two_step,
                     exchange_gpus_per_node=gpus_per_node)
-    # the link the gradient all-reduces share with the exchange: its inter-node step ("inter"), or, for a two-step
-    # exchange inside one node (EP group = one node: no inter-node step), its intra-node all-to-all - then the
-    # same exchange as the flat layout's one all-to-all, with the same idle time
-    link = "intra" if topo.two_step and topo.exchange_gpus_per_node == topo.ep_size else "inter"
     dense_f, dense_b = dense_block_ms(cfg, profile)
     layers: list[MoELayerPlan] = []
     moe_bwd_idle: list[float] = []
@@ -72,7 +76,7 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
             wgrad_bwd=bb.wgrad, fwd_ms=bf.time_ms, bwd_ms=bb.time_ms, bwd_fused_wgrad_ms=bb_fused.time_ms, case_fwd=case,
             time_by_r_fwd={str(k): v for k, v in per_r_f.items()}, time_by_r_bwd={str(k): v for k, v in per_r_b.items()},
         ))
-        moe_bwd_idle.append(max(0.0, bb.time_ms - bb.sim.busy_ms(stream=link)))
+        moe_bwd_idle.append(max(0.0, bb.time_ms - bb.sim.busy_ms(stream=shared_link(bb.sim))))
         for name, r in BASELINES.items():
             base_layers[name].append(sum(baseline_fwd_bwd_ms(fwd, bwd, r)))
     assert first is not None
