@@ -111,7 +111,6 @@ def modulo_schedule(problem: Problem, ii: int, groups: dict[str, int] | None = N
                 return None  # the op collides with itself at this I
             mine.append((key, offs, cnt))
         cells.append(mine)
-    occ = {key: np.zeros(ii, dtype=np.int64) for key in caps}
 
     # ---- dependences with their weights at this I ------------------------------------------------------
     preds: list[list[tuple[int, int]]] = [[] for _ in range(n)]
