@@ -869,7 +869,7 @@ def resolve_base_gemm(base_gemm: str, x: torch.Tensor) -> str:
     (1.09-2.06x the frozen base at T=8192-16384 against 1.17-2.17x for "torch" and 1.37-2.58x for "triton");
     on the 8 smaller ones every variant was bound by host-side launch cost, since cut for "torch_all" (the dense
     form for one adapter over one run of rows: 8 GEMM calls per fwd+bwd whatever its segments, the scale on
-    alpha; 15 aten ops per fwd+bwd without dropout instead of 34 - ``lora_bench.count_host_calls``, CPU; not
+    alpha; 15 aten ops per fwd+bwd without dropout instead of 38 - ``lora_bench.count_host_calls``, CPU; not
     re-measured on a GPU)."""
     if base_gemm not in BASE_GEMMS:
         raise ValueError(f"base_gemm: {base_gemm!r} must be one of {', '.join(BASE_GEMMS)}")
