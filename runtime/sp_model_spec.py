@@ -1,7 +1,7 @@
 """The tiny GPT of :mod:`adasched.runtime.sp_model`, described without torch: its name, default sizes and exact
 parameter count. ``sp_model.TinyGPTConfig`` takes its defaults from here and ``launch/train_sp``'s host-memory
 check counts parameters with :func:`param_count`, so the check (run on ``--check-plan-only``, which must not load
-torch) and the model agree by construction (tests/runtime/test_train_sp.py compares them with a built model)."""
+torch) and the model agree by construction (tests/runtime/test_train_sp_model.py compares them with a built model)."""
 from __future__ import annotations
 
 __all__ = ["MODEL_NAME", "VOCAB", "HIDDEN", "HEADS", "LAYERS", "MAX_LEN", "MLP_RATIO", "param_count"]
