@@ -1044,7 +1044,7 @@ def _cublas_lora_term(x2, weight, bias, b_cat, plan: _TilePlan, s_rows) -> torch
     return y
 
 
-def _dense_run(plan: _TilePlan, T: int) -> Optional[tuple[int, int]]:
+def _dense_run(plan: _TilePlan) -> Optional[tuple[int, int]]:
     """The rows [lo, hi) of ``torch_all``'s dense form, or None for the per-segment form; built once per plan. The
     dense form needs one adapter whose segments are one run of adjacent rows (any number of segments, rows before
     and after uncovered: a packed batch padded at its end). Its GEMMs then take that run's rows as one view, so
@@ -1099,7 +1099,7 @@ def _forward_torch_all(x2, weight, bias, a_cat, b_cat, plan: _TilePlan, seed):
     segments (a run covering every row: no views, no fills). Saves S (scaled) in the input dtype, [T, r]: rows
     outside the run unwritten (never read). Otherwise per segment (``_forward_torch_all_segments``)."""
     T = x2.shape[0]
-    run = _dense_run(plan, T)
+    run = _dense_run(plan)
     if run is None:
         return _forward_torch_all_segments(x2, weight, bias, a_cat, b_cat, plan, seed)
     alpha = plan.scales[0]
@@ -1128,7 +1128,7 @@ def _backward_torch_all(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan,
     dA = P^T Xd; dX = dY W (every row) accumulated through C onto P A (zeros outside the run; without dropout) or
     onto mask * (P A) / (1 - p) (our kernel, zeros on uncovered rows): 5 GEMMs."""
     T = dy2.shape[0]
-    run = _dense_run(plan, T)
+    run = _dense_run(plan)
     if run is None:
         return _backward_torch_all_segments(dy2, weight, a_cat, b_cat, s, xd, mask, plan, need_dx, need_dbias)
     alpha = plan.scales[0]
