@@ -8,7 +8,6 @@ with many ties and tight memory, and a large global batch plans in a bounded CPU
 import time
 
 import numpy as np
-import pytest
 
 import adasched.planner.flexsp.assign as asg
 import adasched.planner.flexsp.search as srch
