@@ -1,0 +1,319 @@
+"""Checkpoint and resume for the training entry points (torch.distributed.checkpoint underneath).
+
+A run saves into one folder; each save is a sub-folder ``step-00000012`` that DCP writes with one ``.distcp`` file
+per rank, and rank 0 commits it by writing ``adasched-checkpoint.json`` (step, world size, the run's identity) and
+renaming ``step-00000012.partial`` to ``step-00000012``. A crash mid-save leaves only a ``.partial`` folder, which
+loading ignores and the next save of that step replaces. The newest ``keep`` committed saves are kept.
+
+Every rank stores its own state under its own key (``rank3/model``, ...): the entry points hold different things
+per rank (expert-parallel experts, pipeline stages, per-rank RNG), and keys shared by all ranks would be saved
+once, as if replicated. Loading therefore needs the world size of the save; the run identity (plan digest, model
+shape, seed, ...) must match too, or resuming would continue a different run. Both are checked before any
+process group exists (:func:`find_checkpoint`, :func:`check_resumable`), so a mismatch is one ``error:`` line.
+
+State values are any object with ``state_dict()`` / ``load_state_dict()`` (a module, an optimizer, an
+LRScheduler) or the wrappers here: :class:`ModelState` (model + optimizers, DCP's own state-dict helpers, so the
+optimizer's state exists before it is loaded into), :class:`RNGState` (torch, CUDA and Python generators) and
+:class:`Values` (plain counters such as the data cursor).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from adasched.profiler.io import InputError, atomic_write_json, read_json
+
+__all__ = ["CheckpointConfig", "CheckpointInfo", "Checkpointer", "ModelState", "RNGState", "Values",
+           "find_checkpoint", "check_resumable", "committed_steps", "step_folder", "META_NAME", "FORMAT"]
+
+META_NAME = "adasched-checkpoint.json"
+FORMAT = 1
+_PREFIX = "step-"
+_PARTIAL = ".partial"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """Where and how often a run saves, and which save it resumes from."""
+
+    folder: Path
+    """Folder of the run's saves (created on the first save)."""
+    interval: int = 0
+    """Save after every ``interval`` completed steps; 0 = only at the end of the run."""
+    keep: int = 2
+    """Committed saves kept (the newest); 0 = all."""
+    load_step: int | None = None
+    """Resume from this step's save; None = the newest committed save, if any."""
+
+    def __post_init__(self):
+        if self.interval < 0:
+            raise InputError("--checkpoint-every", f"{self.interval} must be >= 0 (0 = only at the end)")
+        if self.keep < 0:
+            raise InputError("--checkpoint-keep", f"{self.keep} must be >= 0 (0 = keep all)")
+        if self.load_step is not None and self.load_step < 0:
+            raise InputError("--load-step", f"{self.load_step} must be >= 0")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A committed save, as its metadata file describes it."""
+
+    step: int
+    path: Path
+    world_size: int
+    run: dict = field(default_factory=dict)
+    saved_at: str = ""
+
+
+def step_folder(folder: Path, step: int) -> Path:
+    return Path(folder) / f"{_PREFIX}{step:08d}"
+
+
+def committed_steps(folder: str | os.PathLike) -> list[int]:
+    """Steps of the committed saves in ``folder``, ascending ([] when the folder does not exist)."""
+    folder = Path(folder)
+    if not folder.exists():
+        return []
+    if not folder.is_dir():
+        raise InputError(folder, "is not a folder (--checkpoint-dir takes the folder of a run's saves)")
+    steps = []
+    for child in folder.iterdir():
+        name = child.name
+        if not name.startswith(_PREFIX) or name.endswith(_PARTIAL) or not (child / META_NAME).is_file():
+            continue
+        digits = name[len(_PREFIX):]
+        if digits.isdigit():
+            steps.append(int(digits))
+    return sorted(steps)
+
+
+def _read_info(path: Path) -> CheckpointInfo:
+    meta_path = path / META_NAME
+    meta = read_json(meta_path)
+    if not isinstance(meta, dict):
+        raise InputError(meta_path, "expected a JSON object")
+    if meta.get("format") != FORMAT:
+        raise InputError(meta_path, f"format {meta.get('format')!r} is not {FORMAT} (saved by another version)")
+    try:
+        step, world = int(meta["step"]), int(meta["world_size"])
+        run = meta.get("run", {})
+    except (KeyError, TypeError, ValueError) as err:
+        raise InputError(meta_path, f"missing or bad field ({err})") from None
+    if not isinstance(run, dict):
+        raise InputError(meta_path, "'run' must be an object")
+    return CheckpointInfo(step=step, path=path, world_size=world, run=run, saved_at=str(meta.get("saved_at", "")))
+
+
+def find_checkpoint(folder: str | os.PathLike, load_step: int | None = None) -> CheckpointInfo | None:
+    """The save to resume from: ``load_step``'s, else the newest committed one; None when there is none (a fresh
+    run). A ``load_step`` that was not saved is an :class:`InputError` listing the saved steps."""
+    folder = Path(folder)
+    steps = committed_steps(folder)
+    if load_step is None:
+        return _read_info(step_folder(folder, steps[-1])) if steps else None
+    if load_step not in steps:
+        have = ", ".join(map(str, steps)) if steps else "none"
+        raise InputError("--load-step", f"{load_step} was not saved in {folder} (committed steps: {have})")
+    return _read_info(step_folder(folder, load_step))
+
+
+def check_resumable(info: CheckpointInfo, world_size: int, run: Mapping[str, Any]) -> None:
+    """Refuse to resume a save made by another world size or another run (one line naming what differs)."""
+    where = info.path / META_NAME
+    if info.world_size != world_size:
+        raise InputError(where, f"saved by {info.world_size} ranks, this run has {world_size} (each rank loads its "
+                                f"own state; start with the same world size or a new --checkpoint-dir)")
+    want = _jsonable(dict(run))
+    diffs = [f"{k}: saved {info.run.get(k)!r}, now {want.get(k)!r}"
+             for k in sorted(set(info.run) | set(want)) if info.run.get(k) != want.get(k)]
+    if diffs:
+        raise InputError(where, "saved by a different run (" + "; ".join(diffs[:4])
+                         + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+                         + "); use the same settings or a new --checkpoint-dir")
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+class Values:
+    """Plain values (step counters, a data cursor) as a stateful object: ``v = Values(step=0)``; ``v["step"]``."""
+
+    def __init__(self, **values: Any):
+        self._values = dict(values)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._values[key] = value
+
+    def state_dict(self) -> dict:
+        return dict(self._values)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        missing = set(self._values) - set(state)
+        if missing:
+            raise KeyError(f"checkpoint lacks values {sorted(missing)}")
+        self._values.update(state)
+
+
+class RNGState:
+    """The generators a run draws from: torch's CPU generator, every CUDA device's (when CUDA is up), Python's
+    ``random``, and any extra ``torch.Generator`` passed by name (e.g. a data sampler's)."""
+
+    def __init__(self, **generators: Any):
+        self.generators = generators
+
+    def state_dict(self) -> dict:
+        import torch
+
+        state = {"torch": torch.get_rng_state(), "python": list(_py_state_flat(random.getstate()))}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.stack([s.cpu() for s in torch.cuda.get_rng_state_all()])
+        for name, g in self.generators.items():
+            state[f"gen.{name}"] = g.get_state()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        import torch
+
+        torch.set_rng_state(state["torch"])
+        random.setstate(_py_state_unflat(state["python"]))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(list(state["cuda"]))
+        for name, g in self.generators.items():
+            g.set_state(state[f"gen.{name}"])
+
+
+def _py_state_flat(st: tuple) -> list:
+    version, internal, gauss = st
+    return [version, *internal, gauss]
+
+
+def _py_state_unflat(flat: list) -> tuple:
+    return (flat[0], tuple(flat[1:-1]), flat[-1])
+
+
+class ModelState:
+    """A model and its optimizers, through ``torch.distributed.checkpoint.state_dict`` (which creates the
+    optimizers' state before a load, so a fresh optimizer can take a saved Adam state)."""
+
+    def __init__(self, model, optimizers: Iterable = ()):
+        self.model = model
+        self.optimizers = list(optimizers)
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+        if not self.optimizers:
+            return {"model": get_model_state_dict(self.model)}
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizers)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+        if not self.optimizers:
+            set_model_state_dict(self.model, state["model"])
+        else:
+            set_state_dict(self.model, self.optimizers, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
+
+
+@contextmanager
+def _quiet_single_process():
+    """DCP warns that it 'assumes the intent' of one process when no process group exists: here it is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+class Checkpointer:
+    """Saves and resumes one run's state. ``run`` names what identifies the run (plan digest, model shape, seed,
+    ...); a save from another run or world size is refused. Under torch.distributed every rank calls
+    :meth:`resume` and :meth:`save` with the same step (they are collective); without it, one process."""
+
+    def __init__(self, config: CheckpointConfig, *, run: Mapping[str, Any]):
+        self.config = config
+        self.run = _jsonable(dict(run))
+        dist = _dist()
+        self.rank = dist.get_rank() if dist else 0
+        self.world_size = dist.get_world_size() if dist else 1
+        self.last_saved: int | None = None
+
+    def _keyed(self, state: Mapping[str, Any]) -> dict:
+        return {f"rank{self.rank}/{name}": value for name, value in state.items()}
+
+    def resume(self, state: Mapping[str, Any]) -> int:
+        """Load the save to resume from into ``state``'s objects (in place); the step it was taken at, 0 when the
+        folder holds none."""
+        import torch.distributed.checkpoint as dcp
+
+        info = find_checkpoint(self.config.folder, self.config.load_step)
+        if info is None:
+            return 0
+        check_resumable(info, self.world_size, self.run)
+        with _quiet_single_process():
+            dcp.load(self._keyed(state), checkpoint_id=str(info.path))
+        self.last_saved = info.step
+        return info.step
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` (completed steps) is a periodic save point."""
+        return self.config.interval > 0 and step > 0 and step % self.config.interval == 0
+
+    def save(self, step: int, state: Mapping[str, Any]) -> Path | None:
+        """Save ``state`` as taken after ``step`` completed steps and commit it (replacing a save of that step left
+        by an earlier timeline); None, nothing written, when this run already holds that step's save (it resumed
+        from it or saved it)."""
+        import torch.distributed.checkpoint as dcp
+
+        if step == self.last_saved:  # decided from state every rank shares, never from a file-system race
+            return None
+        folder = Path(self.config.folder)
+        final = step_folder(folder, step)
+        partial = final.with_name(final.name + _PARTIAL)
+        dist = _dist()
+        if self.rank == 0:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(partial, ignore_errors=True)  # a crashed earlier save of this step
+            except OSError as err:
+                raise InputError(folder, f"cannot write a checkpoint: {err.strerror or err}") from None
+        if dist:
+            dist.barrier()
+        with _quiet_single_process():
+            dcp.save(self._keyed(state), checkpoint_id=str(partial))
+        if self.rank == 0:
+            atomic_write_json(partial / META_NAME, {
+                "format": FORMAT, "step": step, "world_size": self.world_size, "run": self.run,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            if final.exists():  # a later save of an older timeline (this run resumed from an earlier step)
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            self._prune(folder)
+        if dist:
+            dist.barrier()  # committed for every rank when save returns
+        self.last_saved = step
+        return final
+
+    def _prune(self, folder: Path) -> None:
+        if self.config.keep <= 0:
+            return
+        for old in committed_steps(folder)[:-self.config.keep]:
+            shutil.rmtree(step_folder(folder, old), ignore_errors=True)

@@ -1,0 +1,184 @@
+"""runtime.checkpoint: a resumed run continues bit for bit; commits are atomic; other runs' saves are refused."""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+import pytest
+import torch
+
+from adasched.launch.cli_args import add_checkpoint_args, checkpoint_config
+from adasched.profiler.io import InputError
+from adasched.runtime.checkpoint import (META_NAME, CheckpointConfig, Checkpointer, ModelState, RNGState, Values,
+                                         check_resumable, committed_steps, find_checkpoint, step_folder)
+from adasched.runtime.dist import spawn_gloo
+from adasched.schedules import get_schedule
+
+
+def _build(seed: int):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GELU(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.1)
+    sched = get_schedule("rex", opt, num_warmup_steps=2, num_training_steps=8)
+    gen = torch.Generator().manual_seed(seed + 100)
+    progress = Values(step=0, tokens=0)
+    state = {"model": ModelState(model, [opt]), "sched": sched, "rng": RNGState(data=gen), "progress": progress}
+    return model, opt, sched, gen, progress, state
+
+
+def _train(model, opt, sched, gen, progress, steps: int) -> list[float]:
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(5, 6, generator=gen)
+        y = torch.randn(5, 3) + random.random()  # global torch and Python generators are part of the run too
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        progress["step"] += 1
+        progress["tokens"] += 5
+        losses.append(loss.item())
+    return losses
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    model, opt, sched, gen, progress, state = _build(0)
+    _train(model, opt, sched, gen, progress, 3)
+    ck = Checkpointer(CheckpointConfig(folder=tmp_path), run={"seed": 0})
+    assert ck.save(3, state) == step_folder(tmp_path, 3)
+    straight = _train(model, opt, sched, gen, progress, 5)
+
+    # a new run: other initial weights, fresh optimizer (no Adam state yet), other generators
+    model2, opt2, sched2, gen2, progress2, state2 = _build(7)
+    random.seed(12345)
+    ck2 = Checkpointer(CheckpointConfig(folder=tmp_path), run={"seed": 0})
+    assert ck2.resume(state2) == 3
+    assert progress2.state_dict() == {"step": 3, "tokens": 15}
+    assert sched2.last_epoch == 3
+    resumed = _train(model2, opt2, sched2, gen2, progress2, 5)
+    assert resumed == straight  # bit for bit: weights, Adam moments, schedule, dropout and data generators
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_fresh_folder_resumes_nothing(tmp_path):
+    *_, state = _build(0)
+    assert Checkpointer(CheckpointConfig(folder=tmp_path / "none"), run={}).resume(state) == 0
+
+
+def test_commit_keep_and_load_step(tmp_path):
+    model, opt, sched, gen, progress, state = _build(1)
+    ck = Checkpointer(CheckpointConfig(folder=tmp_path, interval=2, keep=2), run={"plan": "abc"})
+    for step in range(1, 7):
+        _train(model, opt, sched, gen, progress, 1)
+        if ck.due(step):
+            ck.save(step, state)
+    assert [s for s in range(1, 7) if ck.due(s)] == [2, 4, 6]
+    assert committed_steps(tmp_path) == [4, 6]  # keep=2 pruned step 2
+    meta = json.loads((step_folder(tmp_path, 6) / META_NAME).read_text())
+    assert meta["step"] == 6 and meta["world_size"] == 1 and meta["run"] == {"plan": "abc"}
+    assert ck.save(6, state) is None  # already holds it
+
+    # an interrupted save (no metadata, or still .partial) is not a checkpoint
+    (tmp_path / "step-00000008.partial").mkdir()
+    (tmp_path / "step-00000009").mkdir()
+    assert committed_steps(tmp_path) == [4, 6]
+    assert find_checkpoint(tmp_path).step == 6
+    assert find_checkpoint(tmp_path, 4).step == 4
+    with pytest.raises(InputError, match=r"--load-step: 5 was not saved .*committed steps: 4, 6"):
+        find_checkpoint(tmp_path, 5)
+
+    # resuming from step 4 and saving step 6 again replaces the old timeline's step 6
+    model2, opt2, sched2, gen2, progress2, state2 = _build(2)
+    ck2 = Checkpointer(CheckpointConfig(folder=tmp_path, interval=2, keep=0, load_step=4), run={"plan": "abc"})
+    assert ck2.resume(state2) == 4
+    w4 = [p.detach().clone() for p in model2.parameters()]
+    ck2.save(6, state2)  # no training in between: step 6's save now holds step 4's weights
+    model3, opt3, sched3, gen3, progress3, state3 = _build(3)
+    Checkpointer(CheckpointConfig(folder=tmp_path), run={"plan": "abc"}).resume(state3)
+    for a, b in zip(w4, model3.parameters()):
+        assert torch.equal(a, b)
+    assert progress3["step"] == 4
+
+
+def test_other_run_or_world_is_refused(tmp_path):
+    *_, state = _build(0)
+    Checkpointer(CheckpointConfig(folder=tmp_path), run={"plan": "abc", "seed": 0}).save(2, state)
+    info = find_checkpoint(tmp_path)
+    with pytest.raises(InputError, match=r"saved by 1 ranks, this run has 4"):
+        check_resumable(info, 4, {"plan": "abc", "seed": 0})
+    with pytest.raises(InputError, match=r"different run \(plan: saved 'abc', now 'xyz'\)"):
+        check_resumable(info, 1, {"plan": "xyz", "seed": 0})
+    with pytest.raises(InputError, match=r"seed: saved 0, now None"):
+        Checkpointer(CheckpointConfig(folder=tmp_path), run={"plan": "abc"}).resume(state)
+    (step_folder(tmp_path, 2) / META_NAME).write_text("{\"format\": 99}")
+    with pytest.raises(InputError, match="format 99 is not 1"):
+        find_checkpoint(tmp_path)
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(InputError, match="is not a folder"):
+        find_checkpoint(f)
+
+
+def _rank_state(rank: int):
+    torch.manual_seed(1000 + rank)  # every rank holds different weights (as expert- or pipeline-parallel ranks do)
+    model = torch.nn.Linear(4, 5 + rank)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    return model, opt, {"model": ModelState(model, [opt]), "progress": Values(step=0, rank=rank)}
+
+
+def _two_rank_worker(rank: int, world: int, folder: str):
+    model, opt, state = _rank_state(rank)
+    model(torch.randn(3, 4)).square().sum().backward()
+    opt.step()
+    ck = Checkpointer(CheckpointConfig(folder=folder), run={"world": world})
+    state["progress"]["step"] = 1
+    ck.save(1, state)
+    saved = [p.detach().clone() for p in model.parameters()]
+    saved_avg = [opt.state[p]["exp_avg"].clone() for p in model.parameters()]
+
+    torch.manual_seed(99)
+    model2 = torch.nn.Linear(4, 5 + rank)
+    opt2 = torch.optim.Adam(model2.parameters(), lr=1e-2)
+    state2 = {"model": ModelState(model2, [opt2]), "progress": Values(step=0, rank=-1)}
+    step = Checkpointer(CheckpointConfig(folder=folder), run={"world": world}).resume(state2)
+    return (step, state2["progress"].state_dict(),
+            all(torch.equal(a, b) for a, b in zip(saved, model2.parameters())),
+            all(torch.equal(a, opt2.state[p]["exp_avg"]) for a, p in zip(saved_avg, model2.parameters())))
+
+
+def test_two_ranks_keep_their_own_state(tmp_path):
+    out = spawn_gloo(_two_rank_worker, 2, str(tmp_path), timeout_s=90)
+    assert out == [(1, {"step": 1, "rank": 0}, True, True), (1, {"step": 1, "rank": 1}, True, True)]
+    assert sorted(p.name for p in step_folder(tmp_path, 1).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    info = find_checkpoint(tmp_path)
+    assert info.world_size == 2
+    *_, state = _rank_state(0)
+    with pytest.raises(InputError, match="saved by 2 ranks, this run has 1"):
+        Checkpointer(CheckpointConfig(folder=tmp_path), run={"world": 2}).resume(state)
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser()
+    add_checkpoint_args(p)
+    return p.parse_args(argv)
+
+
+def test_checkpoint_options():
+    assert checkpoint_config(_parse([])) is None
+    cfg = checkpoint_config(_parse(["--checkpoint-dir", "ck", "--checkpoint-every", "3", "--checkpoint-keep", "0",
+                                    "--load-step", "6"]))
+    assert (str(cfg.folder), cfg.interval, cfg.keep, cfg.load_step) == ("ck", 3, 0, 6)
+    with pytest.raises(InputError, match="--checkpoint-every: needs --checkpoint-dir"):
+        checkpoint_config(_parse(["--checkpoint-every", "3"]))
+    with pytest.raises(InputError, match="--load-step: needs --checkpoint-dir"):
+        checkpoint_config(_parse(["--load-step", "3"]))
+    with pytest.raises(InputError, match=r"--checkpoint-every: -1 must be >= 0"):
+        checkpoint_config(_parse(["--checkpoint-dir", "ck", "--checkpoint-every", "-1"]))
+    with pytest.raises(InputError, match=r"--checkpoint-keep: -2 must be >= 0"):
+        checkpoint_config(_parse(["--checkpoint-dir", "ck", "--checkpoint-keep", "-2"]))
+    with pytest.raises(InputError, match=r"--load-step: -1 must be >= 0"):
+        checkpoint_config(_parse(["--checkpoint-dir", "ck", "--load-step", "-1"]))
