@@ -16,6 +16,8 @@ import numpy as np
 
 from adasched.profiler.io import InputError
 
+from .plan import MAX_PLAN_CONTEXT
+
 __all__ = ["read_seqlens", "draw_batches", "split_microbatches", "bucketize", "Bucket", "make_buckets",
            "MAX_GLOBAL_BATCH", "MAX_STEPS", "MAX_DRAWN", "MAX_CONTEXT", "check_batch_options",
            "check_max_context"]
@@ -27,9 +29,8 @@ MAX_GLOBAL_BATCH = 1_000_000
 MAX_STEPS = 100_000
 #: most sequences drawn over all steps (steps x global batch): the plan lists every one of them
 MAX_DRAWN = 10_000_000
-#: longest --max-context (tokens): a clip far beyond any sequence a cluster holds (2**40, about 1.1e12); larger
-#: values overflowed numpy's int64 lengths
-MAX_CONTEXT = 2 ** 40
+#: longest --max-context (tokens): the longest context a plan records (one constant for both)
+MAX_CONTEXT = MAX_PLAN_CONTEXT
 
 
 def check_batch_options(global_batch: int, steps: int) -> None:

@@ -14,7 +14,8 @@ __all__ = ["SPGroup", "SPMicroBatch", "SPStep", "SPModelShape", "SPPlan", "known
 #: most GPUs an SP plan spans (one model replica's GPUs; the largest clusters built have ~1e5): simulating a
 #: step makes a task per rank per micro-batch, and world_size 1e12 was a MemoryError after 40 s in `show`
 MAX_WORLD = 2 ** 16
-#: longest max_context a plan records (tokens; = batching.MAX_CONTEXT, the bound of --max-context)
+#: longest max_context a plan records and --max-context takes (tokens): a clip far beyond any sequence a cluster
+#: holds (2**40, about 1.1e12); larger values overflowed numpy's int64 lengths
 MAX_PLAN_CONTEXT = 2 ** 40
 
 

@@ -18,6 +18,6 @@ BASELINES = {"no-pipeline": 1, "fixed-r2": 2}
 
 def baseline_fwd_bwd_ms(fwd: StageCosts, bwd: StageCosts, r: int) -> tuple[float, float]:
     """(forward ms, backward ms) of one layer with a fixed degree r (best issue order, as for ours)."""
-    f = min(evaluate_pipeline(fwd, r, o, shared_overlap=False).time_ms for o in orders(r))
-    b = min(evaluate_pipeline(bwd, r, o, shared_overlap=False).time_ms for o in orders(r))
+    f = min(evaluate_pipeline(fwd, r, o, shared_overlap=False).time_ms for o in orders(r, fwd.two_step))
+    b = min(evaluate_pipeline(bwd, r, o, shared_overlap=False).time_ms for o in orders(r, bwd.two_step))
     return f, b

@@ -145,14 +145,17 @@ def evaluate_pipeline(c: StageCosts, r: int, order: Order = "dispatch-first", wg
     ``shared_overlap``: see ``_tasks``)."""
     if r < 1:
         raise ValueError(f"r must be >= 1, got {r}")
+    if c.two_step and order != "dispatch-first":  # the runtime issues two-step exchanges dispatch-first only
+        raise ValueError(f"order {order!r}: a two-step exchange is costed dispatch-first only (as the runtime issues it)")
     if wgrad not in WGRAD_MODES:
         raise ValueError(f"wgrad must be one of {WGRAD_MODES}, got {wgrad!r}")
     sim = simulate(_tasks(c, r, order, wgrad=wgrad, shared_overlap=shared_overlap))
     return PipelineEval(r, order, wgrad, sim.makespan_ms, sim.busy_ms(stream="inter"), sim.busy_ms(stream="compute"), sim)
 
 
-def orders(r: int) -> tuple[Order, ...]:
-    return ("dispatch-first",) if r == 1 else ("dispatch-first", "interleaved")
+def orders(r: int, two_step: bool = False) -> tuple[Order, ...]:
+    """Issue orders worth trying for r chunks (one chunk, or a two-step exchange: dispatch-first only)."""
+    return ("dispatch-first",) if r == 1 or two_step else ("dispatch-first", "interleaved")
 
 
 def choose_r(c: StageCosts, candidates=R_CANDIDATES, wgrad_modes: tuple[Wgrad, ...] = ("fused",),
@@ -160,7 +163,8 @@ def choose_r(c: StageCosts, candidates=R_CANDIDATES, wgrad_modes: tuple[Wgrad, .
              ) -> tuple[PipelineEval, dict[int, float]]:
     """Best (r, order, wgrad) over the candidates by exact evaluation; also returns the best time of every r.
     Pass ``wgrad_modes=WGRAD_MODES`` for a backward pass (``c`` = backward costs); ``issue_orders`` limits the
-    link orders (the runtime issues "interleaved" on flat exchanges only). Ties keep the earlier candidate
+    link orders (the runtime issues "interleaved" on flat exchanges only; two-step costs get "dispatch-first"
+    whatever is passed). Ties keep the earlier candidate
     (smaller r, "fused" before the split modes, "dispatch-first" before "interleaved")."""
     best: PipelineEval | None = None
     per_r: dict[int, float] = {}
@@ -169,7 +173,7 @@ def choose_r(c: StageCosts, candidates=R_CANDIDATES, wgrad_modes: tuple[Wgrad, .
             # r = 1 has one chunk: "per-chunk" and "deferred" issue the same stream order
             if r == 1 and wgrad == "per-chunk" and "deferred" in wgrad_modes:
                 continue
-            for order in (o for o in orders(r) if o in issue_orders):
+            for order in (o for o in orders(r, c.two_step) if o in issue_orders):
                 ev = evaluate_pipeline(c, r, order, wgrad)
                 per_r[r] = min(per_r.get(r, float("inf")), ev.time_ms)
                 if best is None or ev.time_ms < best.time_ms - 1e-12:

@@ -92,3 +92,20 @@ def test_two_step_plan_shows_and_simulates_its_layout(tmp_path, capsys):
     assert "F:dispatch_intra0" in names and "B:combine_intra0" in names    # the drawn pipeline is the two-step one
     assert main(["show", str(out), "--plot", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_two_step_is_costed_in_the_runtime_issue_order_only():
+    # the runtime issues two-step exchanges dispatch-first; before, the interleaved order was costed too (by the
+    # fixed-r2 baseline) and evaluate_pipeline accepted it
+    from adasched.planner.fsmoe.baselines import baseline_fwd_bwd_ms
+    from adasched.planner.fsmoe.model import choose_r, orders
+
+    c = StageCosts((0.05,) * 5, (4.0, 2.0, 2.0, 2.0, 0.0), "test", two_step=True)
+    assert orders(2, two_step=True) == ("dispatch-first",) and orders(2) == ("dispatch-first", "interleaved")
+    with pytest.raises(ValueError, match="'interleaved': a two-step exchange is costed dispatch-first only"):
+        evaluate_pipeline(c, 2, "interleaved")
+    best, per_r = choose_r(c, issue_orders=("dispatch-first", "interleaved"))
+    assert best.order == "dispatch-first" and set(per_r) >= {1, 2}
+    f, b = baseline_fwd_bwd_ms(c, c.backward(), 2)
+    assert f == evaluate_pipeline(c, 2, shared_overlap=False).time_ms
+    assert b == evaluate_pipeline(c.backward(), 2, shared_overlap=False).time_ms
