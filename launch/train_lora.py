@@ -9,6 +9,18 @@ Rank 0 makes the plan (``--jobs`` file or preset; or reads ``--plan``), writes O
 so every rank executes the same microbatch sequence. Every job's adapter is saved in PEFT's format under
 OUT/<job name>/ and the per-global-batch losses in OUT/losses.json. Bad input: `error: ...`, exit 2.
 
+Checkpoints (``--checkpoint-dir``; torch.distributed.checkpoint, one file per rank): a "step" of this trainer is
+one microbatch of the plan (no-op ones included), so a run has ``len(plan.microbatches)`` steps and
+``--checkpoint-every N`` saves after every N microbatches (the 1F1B pipeline drains at those points: no microbatch
+is in flight in a save) and at the end; ``--load-step`` names such a microbatch count. A save holds each rank's
+adapter matrices, the gradients accumulated for unfinished global batches, every job's AdamW state, the loss sums
+and per-microbatch losses so far, the optimizer-step counts and the RNG (see "Checkpoints" in
+:mod:`adasched.runtime.lora_trainer`); rank 0 also writes the plan to CHECKPOINT_DIR/plan.json on a fresh run,
+and a resumed run executes that plan (re-planning with a time-limited solver could pack differently). The run's
+identity - the plan's ``inputs_digest`` and a digest of its microbatch sequence, the model dims, --seed, the
+kernel path - and the world size must match the save's, else one ``error:`` line, exit 2, before any process
+group exists. A resumed run writes the same adapters and losses.json, byte for byte, as the uninterrupted one.
+
 The fused multi-LoRA kernels run on a CPU only under TRITON_INTERPRET=1 (slow: ~85 s for the tiny preset on one
 core); without it each call falls back to the torch reference (same results). The printed summary's "kernels"
 says which ran: "interpret", "torch" (that fallback) or "reference" (--reference).
@@ -21,7 +33,7 @@ import os
 import sys
 from pathlib import Path
 
-from adasched.launch.cli_args import MAX_LAYERS
+from adasched.launch.cli_args import MAX_LAYERS, add_checkpoint_args, checkpoint_config
 from adasched.planner.ui import OneLineArgParser, is_rank0
 from adasched.profiler.io import check_model_memory, check_seconds
 
@@ -55,6 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="validate the options and the plan for --world pipeline stages, write nothing, exit (what "
                         "launch/train_lora.sh runs before torchrun, so bad input fails once, on one line)")
     p.add_argument("--world", type=int, default=None, help="with --check: the ranks torchrun will start")
+    add_checkpoint_args(p)
+    for action in p._actions:  # what a step is in this trainer
+        if action.dest == "checkpoint_every":
+            action.help = ("also save after every N completed steps; a step = one microbatch of the plan, no-op "
+                           "ones included (the pipeline drains there) (default 0: only at the end)")
+        elif action.dest == "load_step":
+            action.help = "resume from this step's save (microbatches of the plan done) instead of the newest"
     args = p.parse_args(argv)
     if args.plan is not None and args.jobs is not None:  # --jobs was silently ignored
         p.error("argument --jobs: not with --plan (the plan already holds its jobs)")
@@ -89,6 +108,55 @@ def _check_options(args: argparse.Namespace) -> None:
     params = args.layers * (4 * h * h + 3 * h * args.ffn) + (2 * args.vocab + args.max_positions) * h
     ranks = args.world or int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     check_model_memory(params, 4, ranks, "--vocab/--hidden/--layers/--ffn/--max-positions", "the fp32 weights")
+    cfg = checkpoint_config(args)
+    if cfg is not None:
+        check_output_folder(cfg.folder, "--checkpoint-dir")
+
+
+def _plan_digest(plan) -> str:
+    """sha256 of what the trainer executes from a plan: jobs, sample lengths, microbatch sequence."""
+    import hashlib
+
+    body = plan.model_dump(mode="json", include={"jobs", "lengths", "microbatches"})
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _identity(args: argparse.Namespace, plan, inputs: str | None = None) -> dict:
+    """What makes a different run (checked against a save's before resuming it). ``inputs``: the inputs digest of
+    --jobs when it is given (a changed jobs file then shows as its own difference)."""
+    return {"trainer": "train_lora", "inputs_digest": inputs or plan.inputs_digest, "plan_sha256": _plan_digest(plan),
+            "model": {"vocab": args.vocab, "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
+                      "ffn": args.ffn, "max_positions": args.max_positions},
+            "seed": args.seed, "dtype": "float32", "kernels": _kernel_path(args.reference)}
+
+
+def _resume_check(args: argparse.Namespace, cfg, world: int):
+    """Before any process group: the plan a resumed run executes (None for a fresh run) after checking the save
+    belongs to this run and world size (InputError otherwise)."""
+    from adasched.planner.lorafusion.plan import LoRAPlan
+    from adasched.planner.plan import inputs_digest, load_plan
+    from adasched.profiler.io import InputError
+    from adasched.runtime.checkpoint import check_resumable, find_checkpoint
+
+    info = find_checkpoint(cfg.folder, cfg.load_step)
+    if info is None:
+        return None
+    inputs = None
+    if args.plan is not None:
+        plan = load_plan(args.plan, expect=LoRAPlan)
+    else:
+        saved = Path(cfg.folder) / "plan.json"
+        if not saved.is_file():
+            raise InputError(saved, "missing: the plan of the saved run (resume with its --plan, or a new "
+                                    "--checkpoint-dir)")
+        plan = load_plan(saved, expect=LoRAPlan)
+        from adasched.planner.lorafusion.jobs import build_workload, load_jobs
+
+        jcfg, base, label = load_jobs(args.jobs)
+        w = build_workload(jcfg, base, where=label, label=label)
+        inputs = inputs_digest(w.config, list(w.lengths))
+    check_resumable(info, world, _identity(args, plan, inputs))
+    return plan
 
 
 def _make_plan(args, rank: int, world: int) -> str:
@@ -137,6 +205,7 @@ def run(args: argparse.Namespace) -> dict | None:
     from adasched.planner.lorafusion.plan import LoRAPlan
     from adasched.planner.plan import save_plan
     from adasched.runtime.dist import env_world, init_distributed
+    from adasched.runtime.checkpoint import Checkpointer, RNGState, step_folder
     from adasched.runtime.lora_model import TinyCausalLM, TinyLMConfig
     from adasched.runtime.lora_trainer import (
         SyntheticLoRAData,
@@ -146,12 +215,15 @@ def run(args: argparse.Namespace) -> dict | None:
         train_plan,
         check_plan,
         train_plan_pipeline,
+        trainer_state,
     )
 
     _check_options(args)
+    cfg = checkpoint_config(args)
     rank, world, _ = env_world()  # the one place that reads the torchrun environment
     if args.check:  # one process judging the world torchrun will start
         rank, world = 0, args.world or world
+    resumed_plan = _resume_check(args, cfg, world) if cfg is not None else None
     torch.manual_seed(args.seed)
     distributed = world > 1 and not args.check
     if distributed:
@@ -159,7 +231,10 @@ def run(args: argparse.Namespace) -> dict | None:
     try:
         if world > args.layers:
             raise ValueError(f"--layers: {args.layers} layers cannot be split over {world} pipeline stages")
-        plan = LoRAPlan.model_validate_json(_make_plan(args, rank, world if distributed else 1))
+        if resumed_plan is not None:  # every rank read the same saved plan
+            plan = resumed_plan
+        else:
+            plan = LoRAPlan.model_validate_json(_make_plan(args, rank, world if distributed else 1))
         model = TinyCausalLM(TinyLMConfig(vocab_size=args.vocab, hidden=args.hidden, layers=args.layers,
                                           heads=args.heads, ffn_hidden=args.ffn, max_positions=args.max_positions))
         if plan.lengths and max(plan.lengths) > args.max_positions:  # the user's knob, not the plan, to name
@@ -174,25 +249,52 @@ def run(args: argparse.Namespace) -> dict | None:
             return None
         if rank == 0:
             save_plan(plan, args.out / "plan.json")
+            if cfg is not None and resumed_plan is None:  # the plan a resumed run will execute
+                save_plan(plan, Path(cfg.folder) / "plan.json")
         adapters = build_adapters(model, plan, seed=args.seed)
         data = SyntheticLoRAData(args.vocab, seed=args.seed)
         kernels = _kernel_path(args.reference)
         fused = kernels in ("triton", "interpret")  # what really runs: not the fallback the fused call takes
+        tstate = trainer_state(model, adapters, plan, stages=world, stage=rank)
+        state = {"trainer": tstate, "rng": RNGState()}
+        total = len(plan.microbatches)
+        ck, start, on_checkpoint = None, 0, None
+        if cfg is not None:
+            ck = Checkpointer(cfg, run=_identity(args, plan))
+            start = ck.resume(state)
+            if start != tstate.cursor:
+                raise ValueError(f"{cfg.folder}: the save of step {start} holds trainer step {tstate.cursor}")
+            if rank == 0 and start >= total:
+                print(f"nothing left to train: all {total} steps (plan microbatches) are done in {ck.config.folder}; "
+                      f"writing the saved adapters", file=sys.stderr, flush=True)
+            elif rank == 0 and start > 0:
+                print(f"resumed from {step_folder(cfg.folder, start)} at step {start}", file=sys.stderr, flush=True)
+
+            def save_due(step: int) -> None:  # every rank, at a step boundary (the pipeline is drained)
+                if ck.due(step):
+                    ck.save(step, state)
+
+            on_checkpoint = save_due
+        every = cfg.interval if cfg is not None else 0
         if world == 1:
-            res = train_plan(model, adapters, plan, data, fused=fused, seed=args.seed)
+            res = train_plan(model, adapters, plan, data, fused=fused, seed=args.seed, state=tstate,
+                             checkpoint_every=every, on_checkpoint=on_checkpoint)
             states = None
         else:
-            res = train_plan_pipeline(model, adapters, plan, data, fused=fused, seed=args.seed)
+            res = train_plan_pipeline(model, adapters, plan, data, fused=fused, seed=args.seed, state=tstate,
+                                      checkpoint_every=every, on_checkpoint=on_checkpoint)
             states = gather_adapter_states(adapters, model)
             got = [None] * world if rank == 0 else None
             dist.gather_object(res if rank == world - 1 else None, got, dst=0)
             if rank == 0:
                 res = got[world - 1]
+        if ck is not None:
+            ck.save(total, state)  # collective; nothing written when this step is already saved
         if rank != 0:
             return None
         save_adapters(args.out, plan, adapters, states, res)
         summary = {"out": str(args.out), "world": world, "fused": fused, "kernels": kernels,
-                   "microbatches": len(plan.microbatches),
+                   "microbatches": len(plan.microbatches), "start_step": start,
                    "losses": res.by_job(plan),
                    "optimizer_steps": {plan.jobs[j].name: n for j, n in sorted(res.steps.items())}}
         print(json.dumps(summary, indent=1))

@@ -16,14 +16,35 @@ Execution: :func:`train_plan` runs all layers in one process; :func:`train_plan_
 over the ranks of a process group (gloo on CPU) and runs a 1F1B schedule with send/recv of activations and
 their gradients. Both give the same losses and adapters. :func:`save_adapters` writes each job's adapter in
 PEFT's format (adapter_model.safetensors + adapter_config.json).
+
+Checkpoints. The unit of progress ("step") is a position in the plan's microbatch sequence: step k = the first k
+microbatches of the plan (no-op ones included) are done, forward and backward, on every stage, and every optimizer
+step they end has been taken. With ``checkpoint_every=N`` the trainers call ``on_checkpoint(k)`` at every k that is
+a multiple of N (and at the end); the pipeline runs 1F1B on the chunks between those points and drains at each, so
+no microbatch is in flight there (the drains cost pipeline bubbles, not numerics: each microbatch's forward sees
+the same adapter weights and the backwards accumulate in the same order, so a checkpointed run equals an
+uninterrupted one bit for bit). :class:`LoRATrainerState` (one per rank) is what decides the rest of a run
+from such a point and is saved by :mod:`adasched.runtime.checkpoint`:
+
+- the cursor (steps done);
+- every job's LoRA A/B matrices (the stage's layers are the trained ones; the others keep their seeded init);
+- the gradients accumulated so far of every job whose current global batch is not finished (``.grad``);
+- each job's AdamW state (moments, step count) for the stage's layers (None where the job has none there);
+- the TrainResult: loss sums of the (job, global batch) pairs seen so far, finished or partly accumulated, the
+  per-microbatch losses and the optimizer-step counts (on the last stage; empty elsewhere).
+
+The data (:class:`SyntheticLoRAData`) and the dropout masks (Philox, seeded by run seed, microbatch index and
+module path) are functions of the position, so they need no state; the launcher saves the torch / Python RNG
+anyway (:class:`~adasched.runtime.checkpoint.RNGState`).
 """
 from __future__ import annotations
 
+import io
 import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +66,9 @@ __all__ = [
     "save_adapters",
     "check_plan",
     "gather_adapter_states",
+    "LoRATrainerState",
+    "trainer_state",
+    "checkpoint_points",
 ]
 
 
@@ -227,18 +251,104 @@ def _loss(logits: torch.Tensor, mb: PackedMicrobatch, sums: dict[tuple[int, int]
     return (ce * mb.weights).sum()
 
 
+# ---- resumable state -----------------------------------------------------------------------------------
+class LoRATrainerState:
+    """One rank's trainer state at a step boundary (see "Checkpoints" in the module docstring): a stateful object
+    for :class:`~adasched.runtime.checkpoint.Checkpointer`. Its state dict is one serialized blob (torch.save of
+    tensors and plain values), because its shape changes during a run (gradients and Adam moments appear, loss
+    sums grow) while DCP loads tensors into a fresh run's pre-shaped ones."""
+
+    def __init__(self, adapters: Sequence[LoRAAdapter], optimizers: Sequence[torch.optim.Optimizer | None],
+                 result: TrainResult | None = None, cursor: int = 0):
+        self.adapters = list(adapters)
+        self.optimizers = list(optimizers)
+        self.result = result if result is not None else TrainResult()
+        self.cursor = cursor
+        """steps done: plan microbatches [0, cursor) are finished"""
+
+    def _params(self, j: int):
+        ad = self.adapters[j]
+        return [(f"{p}.{ab}", t) for p in ad.paths for ab, t in zip("AB", ad.pair(p))]
+
+    def state_dict(self) -> dict:
+        payload = {
+            "cursor": int(self.cursor),
+            "params": [{k: t.detach().clone() for k, t in self._params(j)} for j in range(len(self.adapters))],
+            "grads": [{k: t.grad.detach().clone() for k, t in self._params(j) if t.grad is not None}
+                      for j in range(len(self.adapters))],
+            "optim": [o.state_dict() if o is not None else None for o in self.optimizers],
+            "losses": [[j, g, v] for (j, g), v in sorted(self.result.losses.items())],
+            "microbatch_losses": list(self.result.microbatch_losses),
+            "steps": [[j, n] for j, n in sorted(self.result.steps.items())],
+        }
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        return {"blob": buf.getvalue()}
+
+    def load_state_dict(self, state) -> None:
+        p = torch.load(io.BytesIO(state["blob"]), weights_only=True)
+        if len(p["params"]) != len(self.adapters) or len(p["optim"]) != len(self.optimizers):
+            raise ValueError("checkpoint: saved for another number of jobs")
+        with torch.no_grad():
+            for j in range(len(self.adapters)):
+                params = dict(self._params(j))
+                if set(params) != set(p["params"][j]):
+                    raise ValueError(f"checkpoint: job {j}'s adapter modules differ from the saved ones")
+                for k, t in params.items():
+                    t.copy_(p["params"][j][k])
+                    g = p["grads"][j].get(k)
+                    t.grad = None if g is None else g.clone()
+        for o, sd in zip(self.optimizers, p["optim"]):
+            if (o is None) != (sd is None):
+                raise ValueError("checkpoint: saved for another layer split")
+            if o is not None:
+                o.load_state_dict(sd)
+        self.result.losses = {(int(j), int(g)): float(v) for j, g, v in p["losses"]}
+        self.result.microbatch_losses = [float(v) for v in p["microbatch_losses"]]
+        self.result.steps = {int(j): int(n) for j, n in p["steps"]}
+        self.cursor = int(p["cursor"])
+
+
+def trainer_state(model: TinyCausalLM, adapters: Sequence[LoRAAdapter], plan, *, stages: int = 1,
+                  stage: int = 0) -> LoRATrainerState:
+    """A fresh state (step 0) for ``stage`` of ``stages``: AdamW per job over its adapter matrices in that stage's
+    layers."""
+    return LoRATrainerState(adapters, _optimizers(adapters, plan, stage_layers(model.cfg.layers, stages, stage)))
+
+
+def checkpoint_points(start: int, total: int, every: int) -> list[int]:
+    """Step boundaries after ``start`` up to ``total``: the multiples of ``every`` (0 = none) and ``total``."""
+    pts = list(range((start // every + 1) * every, total, every)) if every > 0 else []
+    return pts + [total] if total > start else []
+
+
+def _check_state(state: LoRATrainerState, plan) -> None:
+    if not 0 <= state.cursor <= len(plan.microbatches):
+        raise ValueError(f"checkpoint: step {state.cursor} is outside the plan's {len(plan.microbatches)} "
+                         f"microbatches")
+
+
 # ---- single process -------------------------------------------------------------------------------------
 def train_plan(model: TinyCausalLM, adapters: Sequence[LoRAAdapter], plan, data: SyntheticLoRAData, *,
-               fused: bool = True, seed: int = 0) -> TrainResult:
-    """Execute every microbatch of ``plan`` in order on all layers (one process)."""
+               fused: bool = True, seed: int = 0, state: LoRATrainerState | None = None, checkpoint_every: int = 0,
+               on_checkpoint: Callable[[int], None] | None = None) -> TrainResult:
+    """Execute the microbatches of ``plan`` in order on all layers (one process), from ``state.cursor`` (a fresh
+    :func:`trainer_state` by default) to the end; ``on_checkpoint(step)`` after every ``checkpoint_every``
+    microbatches and after the last."""
     check_plan(plan, model, 1)
     counts = _target_counts(plan)
-    opts = _optimizers(adapters, plan, (0, model.cfg.layers))
+    if state is None:
+        state = trainer_state(model, adapters, plan)
+    _check_state(state, plan)
+    opts, res = state.optimizers, state.result
     steps_at = _last_microbatch(plan)
-    res = TrainResult()
-    for i in range(len(plan.microbatches)):
+    points = set(checkpoint_points(state.cursor, len(plan.microbatches), checkpoint_every))
+    for i in range(state.cursor, len(plan.microbatches)):
         mb = pack_microbatch(plan, i, data, counts)
         if mb is None:
+            state.cursor = i + 1
+            if on_checkpoint is not None and i + 1 in points:
+                on_checkpoint(i + 1)
             continue
         proj = _make_proj(mb, adapters, fused, seed)
         logits = model.forward_packed(mb.seq_lens, proj, tokens=mb.tokens)
@@ -249,33 +359,64 @@ def train_plan(model: TinyCausalLM, adapters: Sequence[LoRAAdapter], plan, data:
             opts[j].step()
             opts[j].zero_grad(set_to_none=True)
             res.steps[j] = res.steps.get(j, 0) + 1
+        state.cursor = i + 1
+        if on_checkpoint is not None and i + 1 in points:
+            on_checkpoint(i + 1)
     return res
 
 
 # ---- pipeline over a process group ------------------------------------------------------------------------
 def train_plan_pipeline(model: TinyCausalLM, adapters: Sequence[LoRAAdapter], plan, data: SyntheticLoRAData, *,
-                        group=None, fused: bool = True, seed: int = 0) -> TrainResult:
+                        group=None, fused: bool = True, seed: int = 0, state: LoRATrainerState | None = None,
+                        checkpoint_every: int = 0, on_checkpoint: Callable[[int], None] | None = None) -> TrainResult:
     """1F1B over the ranks of ``group`` (stage = rank): rank s holds layers ``stage_layers(L, S, s)``, the
     embedding on rank 0, the final norm + head and the loss on the last rank. Activations go forward and their
     gradients backward with point-to-point send/recv; no-op microbatches are skipped by every rank. Each rank
     steps a job's optimizer (its own layers' parameters) after the backward of that job's last microbatch of
-    the global batch. Returns the losses on the last rank (empty elsewhere)."""
+    the global batch. Returns the losses on the last rank (empty elsewhere).
+
+    Starts at ``state.cursor`` (a fresh :func:`trainer_state` of this stage by default). With
+    ``checkpoint_every=N`` the 1F1B schedule runs on chunks of the plan that end at the multiples of N and
+    drains after each (nothing in flight), then every rank calls ``on_checkpoint(step)`` (also after the last
+    chunk)."""
     import torch.distributed as dist
 
     S, s = dist.get_world_size(group), dist.get_rank(group)
     check_plan(plan, model, S)
     peer = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
     layers = stage_layers(model.cfg.layers, S, s)
-    first, last = s == 0, s == S - 1
     counts = _target_counts(plan)
-    opts = _optimizers(adapters, plan, layers)
+    if state is None:
+        state = trainer_state(model, adapters, plan, stages=S, stage=s)
+    _check_state(state, plan)
+    opts, res = state.optimizers, state.result
     steps_at = _last_microbatch(plan)
-    res = TrainResult()
     H = model.cfg.hidden
     live: dict[int, tuple] = {}
     pending: list = []
-    M = len(plan.microbatches)
-    for op, i in one_f_one_b_order(M, S, s):
+    begin = state.cursor
+    for end in checkpoint_points(state.cursor, len(plan.microbatches), checkpoint_every):
+        pending = _one_f_one_b_chunk(model, adapters, plan, data, range(begin, end), S, s, group, peer, layers,
+                                     counts, opts, steps_at, res, fused, seed, H, live, pending)
+        for w, _ in pending:  # drained: every send of the chunk delivered
+            w.wait()
+        pending = []
+        assert not live
+        state.cursor = begin = end
+        if on_checkpoint is not None:
+            on_checkpoint(end)
+    return res
+
+
+def _one_f_one_b_chunk(model, adapters, plan, data, idx: range, S: int, s: int, group, peer, layers, counts, opts,
+                       steps_at, res: TrainResult, fused: bool, seed: int, H: int, live: dict, pending: list) -> list:
+    """1F1B of this stage over the plan microbatches ``idx`` (a chunk that starts and ends with an empty
+    pipeline); returns the sends still in flight."""
+    import torch.distributed as dist
+
+    first, last = s == 0, s == S - 1
+    for op, k in one_f_one_b_order(len(idx), S, s):
+        i = idx[k]
         mb = pack_microbatch(plan, i, data, counts)
         if mb is None:
             continue
@@ -314,9 +455,7 @@ def train_plan_pipeline(model: TinyCausalLM, adapters: Sequence[LoRAAdapter], pl
                     opts[j].zero_grad(set_to_none=True)
                 res.steps[j] = res.steps.get(j, 0) + 1
         pending = [(w, t) for w, t in pending if not w.is_completed()]
-    for w, _ in pending:
-        w.wait()
-    return res
+    return pending
 
 
 def gather_adapter_states(adapters: Sequence[LoRAAdapter], model: TinyCausalLM, group=None) -> list[dict] | None:

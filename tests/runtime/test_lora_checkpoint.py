@@ -1,0 +1,172 @@
+"""Checkpoint/resume of the multi-adapter LoRA trainer (launch/train_lora.py): a step is one plan microbatch; a
+run resumed from a save mid global batch (partly accumulated gradients and loss sums, Adam state, a multi-job
+microbatch just done) writes the same losses.json and the same adapter tensors, bit for bit, as the uninterrupted
+run - on 1 process and on the 2-stage 1F1B pipeline over 2 gloo ranks (which drains at every save point);
+periodic saves keep the right folders; bad checkpoint input is one `error:` line, exit 2, nothing written."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import yaml
+
+from adasched.launch.train_lora import main
+from adasched.runtime.checkpoint import committed_steps, step_folder
+from adasched.runtime.dist import free_port
+
+# planned for 3 stages: 7 microbatches, [(0,0)] [(0,0),(1,0)] [(1,0)] [] [(0,1)] [(0,1),(1,1)] [(1,1)]
+JOBS = {
+    "capacity": 256, "stages": 3, "global_batches": 2, "seed": 5, "layers": 2,
+    "jobs": [
+        {"name": "pa", "adapter": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+         "lengths": {"dist": "lognormal", "median": 20, "sigma": 0.6, "min": 3, "max": 60}, "global_batch_size": 10,
+         "lr": 0.01},
+        {"name": "pb", "adapter": {"r": 2, "alpha": 4, "target_modules": "all-linear"},
+         "lengths": {"dist": "lognormal", "median": 30, "sigma": 0.4, "min": 3, "max": 60}, "global_batch_size": 10,
+         "lr": 0.02},
+    ],
+}
+MODEL = ["--vocab", "32", "--hidden", "16", "--layers", "2", "--heads", "2", "--ffn", "24", "--max-positions", "64",
+         "--reference", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def plan_files(tmp_path_factory):
+    """The jobs file and a plan made from it without the time-limited MILP (the same plan in every run)."""
+    from adasched.planner.lorafusion.jobs import build_workload, parse_jobs
+    from adasched.planner.lorafusion.plan import build_plan
+    from adasched.planner.plan import save_plan
+    from adasched.profiler.profile import load_profile
+
+    d = tmp_path_factory.mktemp("lora_ck_plan")
+    (d / "jobs.yaml").write_text(yaml.safe_dump(JOBS))
+    plan = build_plan(build_workload(parse_jobs(JOBS), label="t"), load_profile("h100-sxm"), use_milp=False)
+    segs = [[(s.job, s.global_batch) for s in mb.segments] for mb in plan.microbatches]
+    assert segs == [[(0, 0)], [(0, 0), (1, 0)], [(1, 0)], [], [(0, 1)], [(0, 1), (1, 1)], [(1, 1)]]
+    save_plan(plan, d / "plan.json")
+    return d / "jobs.yaml", d / "plan.json"
+
+
+def _files(root: Path) -> dict[str, int]:
+    """Every file and folder under ``root`` with its files' modification times (the writability probes of the
+    option checks touch the folders' own times)."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns if p.is_file() else 0 for p in root.rglob("*")}
+
+
+def _assert_same_outputs(a: Path, b: Path) -> None:
+    """losses.json equal as text (json writes floats as repr: every bit) and every adapter tensor equal."""
+    from safetensors.torch import load_file
+
+    assert (b / "losses.json").read_text() == (a / "losses.json").read_text()
+    losses = json.loads((a / "losses.json").read_text())
+    assert losses["optimizer_steps"] == {"pa": 2, "pb": 2} and len(losses["microbatch"]) == 6
+    for job in ("pa", "pb"):
+        sa = load_file(str(a / job / "adapter_model.safetensors"))
+        sb = load_file(str(b / job / "adapter_model.safetensors"))
+        assert sa.keys() == sb.keys() and len(sa) > 0
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"{job} {k}"
+        assert (a / job / "adapter_config.json").read_text() == (b / job / "adapter_config.json").read_text()
+
+
+def test_single_process_resume_mid_global_batch_is_bit_exact(plan_files, tmp_path, capfd):
+    jobs, plan = plan_files
+    straight, first, resumed, ck = (tmp_path / n for n in ("straight", "first", "resumed", "ck"))
+    assert main(["--plan", str(plan), "--out", str(straight)] + MODEL) == 0
+    # (b) every 2 steps, keep 2: saves 2, 4, 6 and the end, 7; the newest two stay
+    assert main(["--plan", str(plan), "--out", str(first), "--checkpoint-dir", str(ck), "--checkpoint-every", "2",
+                 "--checkpoint-keep", "2"] + MODEL) == 0
+    assert committed_steps(ck) == [6, 7] and (ck / "plan.json").is_file()
+    assert not [p for p in ck.iterdir() if p.name.endswith(".partial")]
+    _assert_same_outputs(straight, first)  # saving changes nothing
+    # (a) killed after the save of step 6 (job pb's 2nd global batch half accumulated): resume the newest save,
+    # with --jobs this time: the run executes the plan saved in the checkpoint folder
+    shutil.rmtree(step_folder(ck, 7))
+    capfd.readouterr()
+    assert main(["--jobs", str(jobs), "--out", str(resumed), "--checkpoint-dir", str(ck)] + MODEL) == 0
+    err = capfd.readouterr().err
+    assert f"resumed from {step_folder(ck, 6)} at step 6\n" in err
+    _assert_same_outputs(straight, resumed)
+    assert committed_steps(ck) == [6, 7]
+    # everything done: says so, exits 0 and writes the saved adapters
+    again = tmp_path / "again"
+    assert main(["--plan", str(plan), "--out", str(again), "--checkpoint-dir", str(ck)] + MODEL) == 0
+    assert "nothing left to train" in capfd.readouterr().err
+    _assert_same_outputs(straight, again)
+
+    # (c) bad input: one error line, exit 2, nothing written anywhere
+    before = _files(tmp_path)
+    bad = [
+        (["--checkpoint-dir", str(ck), "--seed", "4"], "saved by a different run (seed: saved 3, now 4)"),
+        (["--checkpoint-dir", str(ck), "--hidden", "8"], "saved by a different run (model: "),
+        (["--checkpoint-dir", str(ck), "--load-step", "3"], "--load-step: 3 was not saved in"),
+        (["--checkpoint-every", "2"], "--checkpoint-every: needs --checkpoint-dir"),
+        (["--load-step", "2"], "--load-step: needs --checkpoint-dir"),
+        (["--checkpoint-dir", str(ck / "plan.json")], "--checkpoint-dir: "),
+        (["--checkpoint-dir", str(ck), "--checkpoint-every", "-1"], "--checkpoint-every: -1 must be >= 0"),
+    ]
+    for extra, needle in bad:
+        argv = ["--plan", str(plan), "--out", str(tmp_path / "bad")] + MODEL + extra
+        assert main(argv) == 2, extra
+        err = capfd.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, (extra, err)
+    # another jobs file (other inputs digest) against the saved plan
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(dict(JOBS, seed=6)))
+    before[str(other.relative_to(tmp_path))] = other.stat().st_mtime_ns
+    assert main(["--jobs", str(other), "--out", str(tmp_path / "bad"), "--checkpoint-dir", str(ck)] + MODEL) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "inputs_digest: saved" in err, err
+    assert _files(tmp_path) == before
+
+
+def _worker(rank: int, world: int, port: int, argv: list[str], rcs) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      OMP_NUM_THREADS="1")
+    rcs[rank] = main(argv)
+
+
+def _pipeline(argv: list[str]) -> dict:
+    ctx = mp.get_context("spawn")
+    rcs = ctx.Manager().dict()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, argv + ["--timeout", "60"], rcs)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0, f"rank exited with {p.exitcode}"
+    return dict(rcs)
+
+
+def test_pipeline_resume_is_bit_exact_and_refuses_another_world_size(plan_files, tmp_path, capfd):
+    _, plan = plan_files
+    straight, first, resumed, ck = (tmp_path / n for n in ("straight", "first", "resumed", "ck"))
+    assert _pipeline(["--plan", str(plan), "--out", str(straight)] + MODEL) == {0: 0, 1: 0}
+    # a save after every microbatch: the pipeline drains 7 times and still computes the same bits
+    assert _pipeline(["--plan", str(plan), "--out", str(first), "--checkpoint-dir", str(ck), "--checkpoint-every",
+                      "1", "--checkpoint-keep", "0"] + MODEL) == {0: 0, 1: 0}
+    assert committed_steps(ck) == list(range(1, 8))
+    assert sorted(p.name for p in step_folder(ck, 2).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    _assert_same_outputs(straight, first)
+    # resume after the multi-job microbatch 1: pa's 1st global batch stepped, pb's half accumulated on both stages
+    capfd.readouterr()
+    assert _pipeline(["--plan", str(plan), "--out", str(resumed), "--checkpoint-dir", str(ck), "--load-step", "2",
+                      "--checkpoint-keep", "0"] + MODEL) == {0: 0, 1: 0}
+    assert f"resumed from {step_folder(ck, 2)} at step 2\n" in capfd.readouterr().err
+    _assert_same_outputs(straight, resumed)
+    # a 1-process run cannot load the 2 ranks' save
+    before = _files(tmp_path)
+    assert main(["--plan", str(plan), "--out", str(tmp_path / "bad"), "--checkpoint-dir", str(ck)] + MODEL) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "saved by 2 ranks, this run has 1" in err, err
+    # nor does `train_lora.sh`'s pre-check for another NPROC
+    assert main(["--check", "--world", "3", "--plan", str(plan), "--out", str(tmp_path / "bad"),
+                 "--checkpoint-dir", str(ck)] + MODEL) == 2
+    assert "saved by 2 ranks, this run has 3" in capfd.readouterr().err
+    assert _files(tmp_path) == before
