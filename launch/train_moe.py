@@ -1,6 +1,8 @@
 """Train a tiny MoE language model on the synthetic Markov task, expert-parallel (gloo on CPU).
 
     torchrun --nproc_per_node=4 -m adasched.launch.train_moe --router all --schedule all --steps 10 [--ep-size 2]
+    torchrun --nproc_per_node=2 -m adasched.launch.train_moe --router sigmoid_bias --steps 200 \
+        --lr-schedule rex --warmup-steps 20 --checkpoint-dir ckpt --checkpoint-every 50   # (re)launch: resumes
     python -m adasched.launch.train_moe --compare-schedules [--quick] [--json]
 
 Per step rank 0 prints the mean LM loss over ranks, each layer's mean experts per token and dropped
@@ -17,26 +19,67 @@ through nodes of min(--gpus-per-node, EP size) ranks: ``... --two-step-a2a --gpu
 another layout - number of GPUs, EP size, exchange (flat or two-step, node size), or FSMoE's expert-sharded
 "hierarchical" layout, which the runtime does not build - is an error naming both.
 
+``--lr-schedule`` (constant, linear, cosine, rex, uba; default constant: the --lr throughout) with
+``--warmup-steps W`` builds :func:`adasched.schedules.get_schedule` over ``--steps`` optimizer steps (W of them
+linear warmup from 0) and steps it once per optimizer step; the log lines then end with the LR the step used.
+
 ``--compare-schedules`` (used by ``adasched bench moe --schedules``) trains one single-process model per
 capacity schedule at the same budget and seed and reports the held-out loss of each (:func:`compare_schedules`).
+
+Checkpoints (``--checkpoint-dir D [--checkpoint-every N] [--checkpoint-keep K] [--load-step S]``,
+:mod:`adasched.runtime.checkpoint`): a run saves into D after every N completed steps and at its end, and a launch
+whose D holds a save resumes from the newest (or step S's) and continues bit for bit: on CPU float32 the losses of
+the remaining steps and the final state equal those of the uninterrupted run. A save holds one run, so
+``--checkpoint-dir`` needs exactly one ``--router`` and one ``--schedule``; ``--compare-schedules`` (single-process,
+one model per schedule) takes no checkpoint options. Every rank stores its own state (expert-parallel ranks hold
+different experts), so a save resumes only with the same world size, and only for the same run: the identity
+(:func:`run_identity`) holds the router, the scheduled per-layer capacities, the model's sizes, --batch, --lr, the
+LR schedule and its warmup (and --steps when the schedule is not constant: its horizon), --seed,
+--capacity-factor, --shared-experts, the EP size and exchange, and the pipeline (the plan's ``inputs_digest`` and
+configuration with --plan, else --r-fwd/--r-bwd/--wgrad); a constant-LR run may be extended with a larger --steps.
+The state, per rank:
+
+- ``model``: the model with AdamW (:class:`~adasched.runtime.checkpoint.ModelState`): the replicated dense weights,
+  this rank's expert shards (w1/w2, and the shared experts), the routers' projections and their persistent buffers
+  - sigmoid_bias's ``expert_bias`` (moved every step by the balancing rule) and top_p's ``p_threshold`` - and
+  AdamW's moments, step counts and the param groups' current LR;
+- ``lr_schedule``: the LR scheduler (its step, base and last LRs), when --lr-schedule is not constant;
+- ``rng``: the rank's data generator (seeded ``1000 * seed + rank``, :meth:`MarkovTask.batch` draws every step's
+  batch from it), torch's global CPU generator and Python's ``random`` (seeded with the data generator's seed;
+  training draws from neither after the model is built; they are saved so that nothing depends on that);
+- ``progress``: completed steps.
+
+Not state, and why: the Markov chain (fixed by its own seed, rebuilt identically), gradients (zeroed at the start of
+every step), the gradient reducers' buffers (reset by every ``finish()``), a MoE layer's pending router statistics
+(only with ``router_update="step"``; this trainer uses "backward", which applies them within the step), the last
+routing statistics and aux loss (recomputed by every forward) and the losses of earlier steps (printed only; with
+``--json`` a resumed launch's ``losses`` start at its ``start_step``).
 """
 from __future__ import annotations
 
 import json
+import random
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from adasched.launch.cli_args import MAX_LAYERS
+from adasched.launch.cli_args import MAX_LAYERS, add_checkpoint_args, checkpoint_config
 from adasched.planner.ui import OneLineArgParser as ArgParser, is_rank0
 from adasched.profiler.io import check_host_memory, check_model_memory
 
-__all__ = ["main", "train_schedule", "compare_schedules", "layer_routers"]
+__all__ = ["main", "train_schedule", "compare_schedules", "layer_routers", "run_identity", "LR_SCHEDULES"]
+
+#: --lr-schedule choices: constant (no scheduler) and the names adasched.schedules.get_schedule builds
+LR_SCHEDULES = ("constant", "linear", "cosine", "rex", "uba")
 
 
 def parse_args(argv):
-    p = ArgParser(prog="python -m adasched.launch.train_moe")
+    p = ArgParser(prog="python -m adasched.launch.train_moe", epilog=(
+        "Checkpoints: --checkpoint-dir needs one --router and one --schedule; every rank saves its own state (its "
+        "experts, AdamW, the LR schedule, its data generator), so a save resumes only with the same world size and "
+        "the same run settings (model, data, --lr/--lr-schedule, --seed, EP size, plan digest); a constant-LR run "
+        "may be extended with a larger --steps."))
     p.add_argument("--router", default="gshard", help="router kind, comma list or 'all'")
     p.add_argument("--schedule", default="uniform", help="capacity schedule, comma list or 'all'")
     p.add_argument("--budget", type=int, default=None, help="total capacity over layers (k units or experts)")
@@ -53,7 +96,12 @@ def parse_args(argv):
     p.add_argument("--seq", type=int, default=24)
     p.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                   help="learning-rate schedule over --steps optimizer steps (adasched.schedules.get_schedule; "
+                        "cosine = UBA with phi 2); default constant: --lr throughout, no scheduler")
+    p.add_argument("--warmup-steps", type=int, default=0, metavar="W",
+                   help="linear warmup from 0 over the first W steps of a non-constant --lr-schedule (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--capacity-factor", type=float, default=None, help="None = dropless")
     p.add_argument("--r-fwd", type=int, default=2)
@@ -71,11 +119,14 @@ def parse_args(argv):
     p.add_argument("--gpus-per-node", type=int, default=2)
     p.add_argument("--router-stats-out", type=Path, default=None,
                    help="write {mean_k_per_layer: [...]} of the last run (rank 0) for `adasched plan moe --router-stats`")
-    p.add_argument("--validate-only", action="store_true", help="check the arguments (and --plan against "
-                   "WORLD_SIZE) and exit")
-    p.add_argument("--compare-schedules", action="store_true")
+    p.add_argument("--validate-only", action="store_true", help="check the arguments (and --plan and a "
+                   "--checkpoint-dir save against WORLD_SIZE) and exit")
+    p.add_argument("--compare-schedules", action="store_true",
+                   help="single-process: one model per capacity schedule, held-out loss of each (no checkpoints)")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end (status lines go to "
+                   "stderr); each run lists the exact loss and LR of every step this launch trained")
+    add_checkpoint_args(p)
     return p.parse_args(argv)
 
 
@@ -173,10 +224,49 @@ def make_ep(args, world: int):
                                         gpus_per_node=min(args.gpus_per_node, ep_size), timeout_s=120)
 
 
-def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log) -> dict:
+def run_identity(args, router: str, schedule: str, ep_size: int, world: int) -> dict:
+    """What makes a run a different run (the checkpoint's identity, see the module docstring): a flat dict of JSON
+    values. Raises like the validation (it resolves the capacity schedule and the plan)."""
+    _, caps = layer_routers(router, schedule, args.layers, args.experts, budget=args.budget, lo=args.lo,
+                            hi=args.hi, ep_size=ep_size, capacity_factor=args.capacity_factor)
+    two_step = bool(args.hierarchical and ep_size > 1)
+    ident = {"trainer": "train_moe", "router": router, "schedule": schedule, "caps": caps, "layers": args.layers,
+             "experts": args.experts, "hidden": args.d, "heads": args.heads, "ffn": args.ffn, "vocab": args.vocab,
+             "seq": args.seq, "batch": args.batch, "shared_experts": args.shared_experts,
+             "capacity_factor": args.capacity_factor, "seed": args.seed, "dtype": "float32", "lr": args.lr,
+             "lr_schedule": args.lr_schedule, "warmup_steps": args.warmup_steps,
+             # a decaying schedule's horizon is --steps: another --steps is another run (a constant LR may extend)
+             "total_steps": None if args.lr_schedule == "constant" else args.steps,
+             "ep_size": ep_size, "two_step_a2a": two_step,
+             "exchange_gpus_per_node": min(args.gpus_per_node, ep_size) if two_step else None}
+    if args.plan is not None:
+        from adasched.planner.fsmoe.plan import MoEPlan
+        from adasched.planner.plan import load_plan
+
+        ident["plan_inputs_digest"] = load_plan(args.plan, expect=MoEPlan).inputs_digest
+        ident["plan_config"] = _plan_pipeline(args, ep_size, args.layers, world).config
+    else:
+        ident.update(r_fwd=args.r_fwd, r_bwd=args.r_bwd, wgrad=args.wgrad)
+    return ident
+
+
+def _lr_scheduler(args, opt):
+    """The --lr-schedule scheduler over --steps optimizer steps (None for constant)."""
+    if args.lr_schedule == "constant":
+        return None
+    from adasched.schedules import get_schedule
+
+    return get_schedule(args.lr_schedule, opt, num_warmup_steps=args.warmup_steps, num_training_steps=args.steps)
+
+
+def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log, *, ckpt=None,
+               status=None) -> dict:
+    """Train one (router, schedule) run for --steps steps. ``ckpt``: (CheckpointConfig, run identity) to resume from
+    and save into; ``status``: where rank 0's one-line notes go (the resume line)."""
     import torch
     import torch.distributed as dist
 
+    from adasched.runtime.checkpoint import Checkpointer, ModelState, RNGState, Values, step_folder
     from adasched.runtime.moe import ExpertGradReducer, GradSliceReducer, replica_divergence
     from adasched.runtime.moe.lm import MarkovTask, TinyMoELM, lm_loss
 
@@ -186,6 +276,7 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log)
     pp = _plan_pipeline(args, ep_size, args.layers, world)
     fractions = pp.slice_fractions
     build = dict(max_len=args.seq, shared_experts=args.shared_experts)
+    random.seed(1000 * args.seed + rank)           # unused by training; seeded so that a run's saved state is its own
     torch.manual_seed(args.seed)
     model = TinyMoELM(args.vocab, args.d, args.heads, args.ffn, routers, ep=ep, r_fwd=pp.r_fwd, r_bwd=pp.r_bwd,
                       wgrad=pp.wgrad, order_fwd=pp.order_fwd, order_bwd=pp.order_bwd, **build)
@@ -208,10 +299,27 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log)
         for m in model.moe_layers():
             m.reducer = reducer
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    sched = _lr_scheduler(args, opt)
     task = MarkovTask(args.vocab)
     gen = torch.Generator().manual_seed(1000 * args.seed + rank)
-    losses = []
-    for step in range(args.steps):
+    progress = Values(step=0)
+    # everything that decides the rest of the run (module docstring, "Checkpoints")
+    state = {"model": ModelState(model, [opt]), "rng": RNGState(data=gen), "progress": progress}
+    if sched is not None:
+        state["lr_schedule"] = sched
+    start, ck, resumed_from = 0, None, None
+    if ckpt is not None:
+        cfg, identity = ckpt
+        ck = Checkpointer(cfg, run=identity)
+        start = ck.resume(state)
+        if start != progress["step"]:
+            raise RuntimeError(f"checkpoint at step {start} holds progress step {progress['step']}")
+        if start > 0:
+            resumed_from = str(step_folder(cfg.folder, start))
+            if rank == 0 and status is not None:
+                status(f"resumed from {resumed_from} at step {start}")
+    losses, lrs = [], []
+    for step in range(start, args.steps):
         x, y = task.batch(gen, args.batch, args.seq)
         opt.zero_grad(set_to_none=False)
         loss = lm_loss(model(x), y)
@@ -219,7 +327,11 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log)
         if reducer is not None:
             reducer.finish()                           # dense grads: mean over ranks (slices already launched)
             expert_reducer.finish()                    # expert grads (buckets launched during the backward)
+        lrs.append(float(opt.param_groups[0]["lr"]))  # the LR this optimizer step uses
         opt.step()
+        if sched is not None:
+            sched.step()                               # once per optimizer step
+        progress["step"] = step + 1
         lv = loss.detach().clone()
         if world > 1:
             dist.all_reduce(lv)
@@ -228,14 +340,21 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log)
         stats = model.layer_stats()
         mean_k = "/".join(f"{s_['mean_k']:.2f}" for s_ in stats)
         dropped = "/".join(str(s_["dropped"]) for s_ in stats)
-        log(f"[{router}/{schedule}] step {step:3d} loss {losses[-1]:.4f} mean_k {mean_k} dropped {dropped}")
+        lr_note = f" lr {lrs[-1]:.4g}" if sched is not None else ""
+        log(f"[{router}/{schedule}] step {step:3d} loss {losses[-1]:.4f} mean_k {mean_k} dropped {dropped}{lr_note}")
+        if ck is not None and ck.due(step + 1):
+            ck.save(step + 1, state)
+    if ck is not None:
+        ck.save(args.steps, state)                     # None (nothing written) when step --steps is already saved
     copies_diff = None
     if reducer is not None:
         reducer.remove()
         expert_reducer.remove()
         copies_diff = replica_divergence(model, ep)   # 0.0: every copy of every parameter is bitwise equal
     return {"copies_max_diff": copies_diff, "router": router, "schedule": schedule, "caps": caps,
-            "first_loss": losses[0], "final_loss": losses[-1], "floor_nats": task.entropy_nats, "mean_k_per_layer": [s_["mean_k"] for s_ in model.layer_stats()]}
+            "start_step": start, "resumed_from": resumed_from, "losses": losses, "lrs": lrs,
+            "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None, "floor_nats": task.entropy_nats,
+            "mean_k_per_layer": [s_["mean_k"] for s_ in model.layer_stats()]}
 
 
 def train_schedule(schedule: str, *, router: str = "gshard", layers: int = 6, experts: int = 8, budget: int | None = None,
@@ -345,6 +464,18 @@ def _check_sizes(args, world: int) -> None:
     check_output_path(args.router_stats_out, "--router-stats-out")
 
 
+def _check_lr_schedule(args) -> None:
+    """--lr-schedule / --warmup-steps against --steps (ValueError naming the option)."""
+    w = args.warmup_steps
+    if w < 0:
+        raise ValueError(f"--warmup-steps: {w} must be >= 0")
+    if w and args.lr_schedule == "constant":
+        raise ValueError(f"--warmup-steps: {w} needs a decaying --lr-schedule ({', '.join(LR_SCHEDULES[1:])}); "
+                         f"constant keeps --lr from the first step")
+    if w > args.steps:
+        raise ValueError(f"--warmup-steps: {w} exceeds --steps {args.steps} (the schedule's horizon)")
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -365,14 +496,28 @@ def _main(args) -> int:
         if not args.json:
             print(msg, flush=True)
 
+    def status(msg):                                   # rank 0's notes; stdout stays one JSON object with --json
+        if is_rank0():
+            print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    ck_cfg = checkpoint_config(args)                   # InputError naming the option
     if args.compare_schedules:
+        for opt, given in (("--checkpoint-dir", ck_cfg is not None), ("--lr-schedule", args.lr_schedule != "constant"),
+                           ("--warmup-steps", args.warmup_steps != 0)):
+            if given:
+                raise ValueError(f"{opt}: not used by --compare-schedules (single-process, one model per capacity "
+                                 f"schedule at a constant --lr); drop it or train with --router/--schedule")
         res = compare_schedules(quick=args.quick, log=lambda m: print(m, file=sys.stderr, flush=True))
         print(json.dumps(res) if args.json else json.dumps(res, indent=1))
         return 0
     routers = _names(args.router, ROUTER_KINDS, "--router")
     schedules = _names(args.schedule, CAPACITY_SCHEDULES, "--schedule")
+    if ck_cfg is not None and len(routers) * len(schedules) != 1:
+        raise ValueError(f"--checkpoint-dir: a checkpoint holds one run; give one --router and one --schedule (got "
+                         f"{len(routers)} x {len(schedules)} combinations)")
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     _check_sizes(args, env_world)
+    _check_lr_schedule(args)
     if args.ep_size is None and args.experts % env_world:
         raise ValueError(f"--experts: {args.experts} is not divisible by the expert-parallel size {env_world}")
     env_ep = ep_size_for(args, env_world)
@@ -384,7 +529,18 @@ def _main(args) -> int:
             layer_routers(r, s, args.layers, args.experts, budget=args.budget, lo=args.lo, hi=args.hi,
                           ep_size=env_ep, capacity_factor=args.capacity_factor)
     _plan_pipeline(args, env_ep, args.layers, env_world)
+    ckpt, saved = None, None
+    if ck_cfg is not None:                            # before any process group: a mismatch is one line, exit 2
+        from adasched.runtime.checkpoint import check_resumable, find_checkpoint
+
+        ckpt = (ck_cfg, run_identity(args, routers[0], schedules[0], env_ep, env_world))
+        saved = find_checkpoint(ck_cfg.folder, ck_cfg.load_step)
+        if saved is not None:
+            check_resumable(saved, env_world, ckpt[1])
     if args.validate_only:
+        return 0
+    if saved is not None and saved.step >= args.steps:
+        status(f"nothing left to train: {saved.path} is step {saved.step} and --steps is {args.steps}")
         return 0
     from adasched.runtime.dist import init_distributed
 
@@ -399,7 +555,8 @@ def _main(args) -> int:
     try:
         for r in routers:
             for s in schedules:
-                res = _train_one(args, r, s, rank, world, base_ep, log if rank == 0 else (lambda m: None))
+                res = _train_one(args, r, s, rank, world, base_ep, log if rank == 0 else (lambda m: None),
+                                 ckpt=ckpt, status=status)
                 out.append(res)
     finally:
         # every rank leaves together: a rank tearing gloo down while its peer is still connected can abort

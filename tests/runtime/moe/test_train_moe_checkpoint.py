@@ -1,0 +1,267 @@
+"""train_moe checkpoints and --lr-schedule.
+
+- Real 2-rank torchrun launches (launch/train_moe.sh, gloo, EP over both ranks: each rank holds different experts):
+  an uninterrupted 4-step run equals a 2-step run resumed to 4 steps by a second launch, loss for loss (the exact
+  floats of --json) and in the whole final state of both ranks (weights, the sigmoid_bias router's expert bias,
+  AdamW, generators, progress); --checkpoint-every / --checkpoint-keep leave the right committed folders.
+- A run whose --lr-schedule decays (so --steps is part of its identity) resumes with --load-step bit for bit
+  (in-process, one rank): the scheduler is part of the state.
+- The schedule changes the LR AdamW uses at every step (recorded inside AdamW.step), as get_schedule's closed form.
+- Bad input (another run, another world size, an unsaved --load-step, checkpoint options without --checkpoint-dir,
+  several runs, --compare-schedules, bad schedule options): one `error:` line, exit 2, nothing written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adasched.launch.train_moe import main
+from adasched.runtime.checkpoint import committed_steps, step_folder
+
+ROOT = Path(__file__).resolve().parents[3]
+# tiny 2-layer model; sigmoid_bias: a router whose buffer (the expert bias) moves every step; ascending: k 1 then 3
+TINY = ["--router", "sigmoid_bias", "--schedule", "ascending", "--layers", "2", "--hidden", "16", "--ffn", "16",
+        "--seq", "8", "--batch", "2", "--seed", "3"]
+
+
+def _launch(*argv: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHON=sys.executable, NPROC=str(nproc), OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run(["bash", str(ROOT / "launch" / "train_moe.sh"), *TINY, *argv], capture_output=True,
+                          text=True, env=env, timeout=240, cwd=ROOT)
+
+
+def _run_json(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    (run,) = out["runs"]
+    assert run["copies_max_diff"] == 0.0
+    return run
+
+
+def _saved(folder: Path) -> dict:
+    """Every rank's saved state of one step folder, read back without a process group."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = folder.parent / (folder.name + ".pt")
+    dcp_to_torch_save(str(folder), str(out))
+    try:
+        return torch.load(out, weights_only=False)
+    finally:
+        out.unlink()
+
+
+def _flat(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flat(v, f"{prefix}{k}/")
+    else:
+        yield prefix.rstrip("/"), tree
+
+
+def _tree(folder: Path) -> list:
+    return sorted((str(p.relative_to(folder)), p.stat().st_mtime_ns) for p in folder.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    base = tmp_path_factory.mktemp("moe_ckpt")
+    straight, split = base / "straight", base / "split"
+    # uninterrupted: 4 steps, a save every 2, all kept
+    full = _run_json(_launch("--steps", "4", "--checkpoint-dir", str(straight), "--checkpoint-every", "2",
+                             "--checkpoint-keep", "0", "--json"))
+    # interrupted: 2 steps (saved at the end), then a second launch to 4 saving every step, keeping 2
+    first = _run_json(_launch("--steps", "2", "--checkpoint-dir", str(split), "--json"))
+    steps_after_first = committed_steps(split)
+    proc = _launch("--steps", "4", "--checkpoint-dir", str(split), "--checkpoint-every", "1", "--checkpoint-keep",
+                   "2", "--json")
+    resumed = _run_json(proc)
+    return {"base": base, "straight": straight, "split": split, "full": full, "first": first, "resumed": resumed,
+            "resumed_stderr": proc.stderr, "steps_after_first": steps_after_first}
+
+
+def test_resumed_launch_equals_uninterrupted_launch(launches):
+    full, first, resumed = launches["full"], launches["first"], launches["resumed"]
+    assert len(full["losses"]) == 4 and full["start_step"] == 0
+    assert first["losses"] == full["losses"][:2]
+    assert resumed["start_step"] == 2 and resumed["resumed_from"] == str(step_folder(launches["split"], 2))
+    assert f"resumed from {step_folder(launches['split'], 2)} at step 2" in launches["resumed_stderr"]
+    assert resumed["losses"] == full["losses"][2:]           # exact floats (JSON keeps every bit)
+    assert len(set(full["losses"])) == 4                     # the steps differ: equality is not trivial
+    # the whole final state of both ranks: model, router buffers, AdamW, generators, progress
+    a, b = _saved(step_folder(launches["straight"], 4)), _saved(step_folder(launches["split"], 4))
+    fa, fb = dict(_flat(a)), dict(_flat(b))
+    assert fa.keys() == fb.keys()
+    for key, va in fa.items():
+        vb = fb[key]
+        assert (torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb), key
+    for r in (0, 1):
+        assert fa[f"rank{r}/progress/step"] == 4
+        assert fa[f"rank{r}/model/model/blocks.1.moe.router.expert_bias"].abs().max() > 0   # the bias moved
+    # expert parallel: each rank saved its own experts (and its own data generator)
+    assert not torch.equal(fa["rank0/model/model/blocks.0.moe.w1"], fa["rank1/model/model/blocks.0.moe.w1"])
+    assert not torch.equal(fa["rank0/rng/gen.data"], fa["rank1/rng/gen.data"])
+    assert torch.equal(fa["rank0/model/model/tok.weight"], fa["rank1/model/model/tok.weight"])  # dense: replicas
+
+
+def test_every_and_keep_leave_the_right_saves(launches):
+    assert committed_steps(launches["straight"]) == [2, 4]  # every 2, keep 0 (all)
+    assert launches["steps_after_first"] == [2]             # the end of the 2-step run
+    assert committed_steps(launches["split"]) == [3, 4]     # every 1 from step 2 on, keep 2: step 2 pruned
+    for folder in (launches["straight"], launches["split"]):
+        assert not list(folder.glob("*.partial"))
+        meta = json.loads((step_folder(folder, 4) / "adasched-checkpoint.json").read_text())
+        assert meta["world_size"] == 2 and meta["run"]["router"] == "sigmoid_bias" and meta["run"]["ep_size"] == 2
+        assert sorted(p.name for p in step_folder(folder, 4).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+
+def test_nothing_left_to_train(launches, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    before = _tree(launches["split"])
+    assert main([*TINY, "--steps", "4", "--checkpoint-dir", str(launches["split"])]) == 0
+    out = capsys.readouterr().out
+    assert out == f"nothing left to train: {step_folder(launches['split'], 4)} is step 4 and --steps is 4\n"
+    assert _tree(launches["split"]) == before
+
+
+@pytest.mark.parametrize("world,argv,needle", [
+    ("2", ["--lr", "0.001"], "saved by a different run (lr: saved 0.003, now 0.001)"),
+    ("2", ["--lr-schedule", "linear"], "saved by a different run (lr_schedule: saved 'constant', now 'linear'; "
+                                       "total_steps: saved None, now 4)"),
+    ("2", ["--ep-size", "1"], "ep_size: saved 2, now 1"),
+    ("4", [], "saved by 2 ranks, this run has 4"),
+    ("2", ["--load-step", "2"], "--load-step: 2 was not saved in"),
+    ("2", ["--router", "sigmoid_bias,gshard"], "--checkpoint-dir: a checkpoint holds one run; give one --router and "
+                                               "one --schedule (got 2 x 1 combinations)"),
+])
+def test_mismatch_is_one_line_and_writes_nothing(launches, monkeypatch, capsys, world, argv, needle):
+    monkeypatch.setenv("WORLD_SIZE", world)
+    before = _tree(launches["base"])
+    args = [*TINY, "--steps", "4", "--checkpoint-dir", str(launches["split"])]
+    if argv[:1] == ["--router"]:
+        args[args.index("--router") + 1] = argv[1]
+        argv = []
+    for extra in ([], ["--validate-only"]):                 # the launcher's check and the workers' own
+        assert main([*args, *argv, *extra]) == 2
+        cap = capsys.readouterr()
+        err = cap.err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], cap.err
+        assert cap.out == ""
+    assert _tree(launches["base"]) == before
+
+
+def test_launcher_refuses_before_any_worker(launches):
+    before = _tree(launches["base"])
+    proc = _launch("--steps", "4", "--checkpoint-dir", str(launches["split"]), "--seed", "4")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {step_folder(launches['split'], 4) / 'adasched-checkpoint.json'}: saved by a different run (seed: "
+        f"saved 3, now 4); use the same settings or a new --checkpoint-dir"]
+    assert "torch.distributed.run" not in proc.stderr and proc.stdout == ""
+    assert _tree(launches["base"]) == before
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--checkpoint-every", "2"], "error: --checkpoint-every: needs --checkpoint-dir"),
+    (["--load-step", "2"], "error: --load-step: needs --checkpoint-dir"),
+    (["--checkpoint-keep", "1"], "error: --checkpoint-keep: needs --checkpoint-dir"),
+    (["--checkpoint-dir", "{new}", "--checkpoint-every", "-1"], "error: --checkpoint-every: -1 must be >= 0"),
+    (["--checkpoint-dir", "{file}"], "is not a folder (--checkpoint-dir takes the folder"),
+    (["--checkpoint-dir", "{new}", "--router", "all"], "error: --checkpoint-dir: a checkpoint holds one run"),
+    (["--checkpoint-dir", "{new}", "--compare-schedules"], "error: --checkpoint-dir: not used by --compare-schedules"),
+    (["--lr-schedule", "rex", "--compare-schedules"], "error: --lr-schedule: not used by --compare-schedules"),
+    (["--warmup-steps", "-1", "--lr-schedule", "linear"], "error: --warmup-steps: -1 must be >= 0"),
+    (["--warmup-steps", "5", "--lr-schedule", "linear", "--steps", "4"],
+     "error: --warmup-steps: 5 exceeds --steps 4 (the schedule's horizon)"),
+    (["--warmup-steps", "2"], "error: --warmup-steps: 2 needs a decaying --lr-schedule"),
+])
+def test_bad_options_are_one_line(tmp_path, monkeypatch, capsys, argv, needle):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    (tmp_path / "file").write_text("x")
+    argv = [a.format(new=tmp_path / "new", file=tmp_path / "file") for a in argv]
+    before = _tree(tmp_path)
+    assert main([*argv, "--validate-only"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert _tree(tmp_path) == before
+
+
+def test_unknown_lr_schedule_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--lr-schedule", "step", "--validate-only"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: argument --lr-schedule: invalid choice: 'step'"), err
+
+
+# ---- in-process, one rank: the LR schedule ------------------------------------------------------------------------
+def _one_rank(capsys, argv) -> dict:
+    rc = main([*TINY, "--json", *argv])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    (run,) = json.loads(cap.out.strip().splitlines()[-1])["runs"]
+    return run
+
+
+@pytest.fixture
+def one_rank_env(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)   # leave the test process's threads alone
+
+
+def test_lr_schedule_sets_the_lr_adamw_uses(one_rank_env, monkeypatch, capsys):
+    from adasched.schedules import get_schedule
+
+    used = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *a, **kw):                                          # the LR inside the optimizer's own step
+        used.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    lr, steps = 0.01, 5
+    probe = torch.optim.AdamW([torch.nn.Parameter(torch.randn(2))], lr=lr)
+    for name in ("linear", "cosine", "rex", "uba"):
+        used.clear()
+        run = _one_rank(capsys, ["--steps", str(steps), "--lr", str(lr), "--lr-schedule", name, "--warmup-steps", "1"])
+        ref = get_schedule(name, probe, num_warmup_steps=1, num_training_steps=steps)
+        want = [ref.lr_at(s)[0] for s in range(steps)]
+        assert used == pytest.approx(want, rel=1e-12, abs=0) and run["lrs"] == used, name
+        assert used[0] == 0.0 and used[1] == pytest.approx(lr, rel=1e-12)      # warmup from 0, then the peak
+        assert all(a > b for a, b in zip(used[1:], used[2:])), (name, used)     # then it decays every step
+        if name == "linear":
+            assert used == pytest.approx([0.0, lr, lr * 3 / 4, lr / 2, lr / 4], rel=1e-12)
+            linear_losses = run["losses"]
+    used.clear()
+    const = _one_rank(capsys, ["--steps", str(steps), "--lr", str(lr)])
+    assert used == [lr] * steps and const["lrs"] == used
+    assert const["losses"][0] == linear_losses[0] and const["losses"][1] != linear_losses[1]
+
+
+def test_lr_schedule_resumes_with_load_step(one_rank_env, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    sched = ["--steps", "5", "--lr", "0.01", "--lr-schedule", "rex", "--warmup-steps", "1", "--checkpoint-dir",
+             str(ck)]
+    full = _one_rank(capsys, [*sched, "--checkpoint-every", "2", "--checkpoint-keep", "0"])
+    assert committed_steps(ck) == [2, 4, 5]
+    kept = tmp_path / "step5"
+    shutil.copytree(step_folder(ck, 5), kept)
+    resumed = _one_rank(capsys, [*sched, "--load-step", "2"])
+    assert resumed["start_step"] == 2
+    assert resumed["lrs"] == full["lrs"][2:] and resumed["losses"] == full["losses"][2:]
+    a, b = dict(_flat(_saved(kept))), dict(_flat(_saved(step_folder(ck, 5))))
+    assert a.keys() == b.keys() and any(k.startswith("rank0/lr_schedule/") for k in a)
+    for key, va in a.items():
+        assert (torch.equal(va, b[key]) if isinstance(va, torch.Tensor) else va == b[key]), key
+    # the schedule's horizon is --steps: a longer run is another run
+    assert main([*TINY, *sched[:-2], "--steps", "6", "--checkpoint-dir", str(ck), "--validate-only"]) == 2
+    assert "total_steps: saved 5, now 6" in capsys.readouterr().err
