@@ -6,6 +6,10 @@
 # (with --hierarchical: ... --two-step-a2a --gpus-per-node G, G = min(--gpus-per-node, EP size)).
 # Arguments are validated once before any worker starts (one `error:` line, exit 2).
 # PYTHON selects the interpreter (default: python3 on PATH; use the project's .venv/bin/python).
+# Checkpoints: --checkpoint-dir D [--checkpoint-every N] [--checkpoint-keep K] [--load-step S] with one --router
+# and one --schedule; launching again with the same D, NPROC and settings resumes from the newest save (a save of
+# another run or NPROC is refused by the --validate-only pass, before torchrun starts). --lr-schedule
+# {constant,linear,cosine,rex,uba} --warmup-steps W: the LR over --steps (part of the saved state).
 set -euo pipefail
 PY="${PYTHON:-python3}"
 NPROC="${NPROC:-4}"
