@@ -2,6 +2,8 @@
 
     torchrun --standalone --nproc_per_node=4 -m adasched.launch.train_sp --plan plan.json --steps 2 --check-reference
     NPROC=4 launch/train_sp.sh --plan plan.json --steps 2 --check-reference
+    NPROC=4 launch/train_sp.sh --plan plan.json --steps 8 --lr-schedule rex --warmup-steps 2 \
+        --checkpoint-dir ckpt --checkpoint-every 2      # run it again after an interruption: it resumes
 
 Semantics
 - Training step i executes plan step i mod K (K = steps in the plan). Per micro-batch, each rank finds the group
@@ -19,6 +21,29 @@ Semantics
 - --check-reference: rank 0 recomputes each step's loss and gradients in one process (whole batch, degree 1,
   same parameters) and prints the largest differences; a difference beyond the dtype's tolerance is an error.
 
+- --lr-schedule linear|cosine|rex|uba (default constant: the --lr of every step, no scheduler) with
+  --warmup-steps W: ``adasched.schedules.get_schedule(name, optimizer, num_warmup_steps=W,
+  num_training_steps=steps)``, stepped once per optimizer step; each step prints the lr the optimizer used.
+
+Checkpoints
+- --checkpoint-dir DIR (with --checkpoint-every N, --checkpoint-keep K, --load-step STEP) saves the run with
+  torch.distributed.checkpoint after every N completed steps and at the end, and a launch whose DIR holds a save
+  resumes from the newest (or STEP's) and trains on to --steps; rank 0 prints `resumed from DIR at step N`. A
+  resumed run is bit for bit the uninterrupted one (CPU, float32 and float64).
+- Saved state (every rank its own): the model and its Adam state (moments, step counts, the lr of the param group);
+  the LR scheduler (its step, last lr); torch's global generator and Python's `random` (nothing draws from them
+  after the model's init today; kept so that dropout or sampling added later resumes right); the step counter.
+  That is all that decides the future: the data of step i is a pure function of (--seed, i, sequence id) and of
+  the plan (step i runs plan step i mod K), gradients are zeroed and all-reduced within a step, and the
+  --check-reference model is reloaded from the trained model's weights before every step (so a resumed run
+  checks against the resumed weights).
+- The run's identity (saved with each checkpoint, checked before any process group exists) is: the plan's
+  execution (world size, lengths, groups: a digest), --seed, --max-len, --layers, --head-dim, the model's heads,
+  --lr, --dtype, --lr-schedule and --warmup-steps, and --steps when the schedule is not constant (its horizon).
+  With the constant schedule --steps may grow between launches; a save at or beyond --steps leaves nothing to
+  train (exit 0). A save of another run or world size, a --load-step that was not saved, or a checkpoint option
+  without --checkpoint-dir is one `error:` line, exit 2, nothing written.
+
 A plan that does not fit the world (world size, ranks, degrees vs heads, sequence ids) is rejected with one
 `error:` line and exit code 2 before any process group is created.
 """
@@ -27,19 +52,23 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from adasched.launch.cli_args import MAX_LAYERS
+from adasched.launch.cli_args import MAX_LAYERS, add_checkpoint_args, checkpoint_config
 from adasched.planner.ui import OneLineArgParser
 from adasched.profiler.io import InputError, check_model_memory, check_seconds, error_line
 from adasched.runtime.sp_model_spec import param_count
 
-__all__ = ["main", "parse_args", "check_plan", "check_model_fits", "scaled_lengths", "make_sequence", "launch_local"]
+__all__ = ["main", "parse_args", "check_plan", "check_model_fits", "scaled_lengths", "make_sequence", "launch_local",
+           "run_identity", "plan_digest", "LR_SCHEDULES"]
 
 TOLERANCE = {"float32": 1e-5, "float64": 1e-10}  # max |grad - ref| / max |ref|, and |loss - ref| / |ref|
+#: --lr-schedule choices: constant (no scheduler) and adasched.schedules.get_schedule's names
+LR_SCHEDULES = ("constant", "linear", "cosine", "rex", "uba")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,13 +84,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=8)
     p.add_argument("--heads", type=int, default=None, help="default: max(4, largest SP degree in the plan)")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (the peak with --lr-schedule)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                   help="learning-rate schedule over the run's --steps (adasched.schedules.get_schedule), stepped "
+                        "once per optimizer step (default constant: --lr throughout)")
+    p.add_argument("--warmup-steps", type=int, default=0, metavar="W",
+                   help="linear warmup from 0 over the first W optimizer steps of --lr-schedule (default 0; "
+                        "must be < --steps)")
     p.add_argument("--dtype", choices=sorted(TOLERANCE), default="float32")
     p.add_argument("--backend", choices=["gloo", "nccl"], default=None, help="default: nccl with CUDA, else gloo")
     p.add_argument("--timeout", type=float, default=120.0, help="collective timeout (s)")
     p.add_argument("--check-plan-only", action="store_true",
                    help="only validate the plan against --world (or WORLD_SIZE) and exit")
     p.add_argument("--world", type=int, default=None, help="world size to validate against (--check-plan-only)")
+    add_checkpoint_args(p)
     args = p.parse_args(argv)
     if args.world is not None and not args.check_plan_only:  # torchrun's world is the run's; --world was ignored
         raise InputError("--world", "only with --check-plan-only (under torchrun the world is torchrun's)")
@@ -78,6 +114,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise InputError("--seed", f"{args.seed} must be in [-2**63, 2**64)")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise InputError("--lr", f"{args.lr} must be a positive number")
+    if args.warmup_steps < 0:
+        raise InputError("--warmup-steps", f"{args.warmup_steps} must be >= 0")
+    if args.warmup_steps and args.lr_schedule == "constant":
+        raise InputError("--warmup-steps", f"needs an --lr-schedule other than constant "
+                                           f"({', '.join(LR_SCHEDULES[1:])})")
+    checkpoint_config(args)  # the checkpoint options' own checks (InputError naming the option)
     if args.backend == "nccl":
         import torch
 
@@ -123,6 +165,53 @@ def check_model_fits(args: argparse.Namespace, plan, world: int) -> None:
     ranks = min(world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))  # the ranks on this host
     check_model_memory(params, 4 * (8 if args.dtype == "float64" else 4), ranks,
                        "--layers/--heads/--head-dim/--max-len", "weights, gradients and Adam state")
+
+
+def _total_steps(args: argparse.Namespace, plan) -> int:
+    """Training steps of the run: --steps, else the plan's step count."""
+    return args.steps or len(plan.steps)
+
+
+def _check_schedule(args: argparse.Namespace, steps: int) -> None:
+    """--warmup-steps against the run's steps (--steps is known only with the plan)."""
+    if args.lr_schedule != "constant" and args.warmup_steps >= steps:
+        raise InputError("--warmup-steps", f"{args.warmup_steps} must be < the run's {steps} steps (--steps): the "
+                                           f"schedule would never leave its warmup")
+
+
+def plan_digest(plan) -> str:
+    """Digest of what the trainer executes from a plan: world size, each step's lengths, each micro-batch's groups
+    (ranks, sequence ids). Predicted times and solver records do not change a run, so they are left out."""
+    from adasched.planner.plan import inputs_digest
+
+    return inputs_digest(plan.world_size, [
+        [st.seqlens, [[[g.ranks, g.seq_ids] for g in mb.groups] for mb in st.micro_batches]] for st in plan.steps])
+
+
+def run_identity(args: argparse.Namespace, plan) -> dict:
+    """What makes a different run (saved with each checkpoint; a save of another identity is not resumed). The
+    step count belongs to it only when the lr schedule's horizon depends on it (a constant-lr run may be
+    extended by a later launch with a larger --steps)."""
+    ident = {"trainer": "train_sp", "plan": plan_digest(plan), "seed": args.seed, "max_len": args.max_len,
+             "layers": args.layers, "head_dim": args.head_dim, "heads": _heads(args, plan), "lr": args.lr,
+             "dtype": args.dtype, "lr_schedule": args.lr_schedule, "warmup_steps": args.warmup_steps}
+    if args.lr_schedule != "constant":
+        ident["total_steps"] = _total_steps(args, plan)
+    return ident
+
+
+def _check_checkpoint(args: argparse.Namespace, plan, world: int):
+    """The save this run resumes from (None: a fresh run), refused with an InputError when it belongs to another
+    run or world size; None too without --checkpoint-dir."""
+    from adasched.runtime.checkpoint import check_resumable, find_checkpoint
+
+    cfg = checkpoint_config(args)
+    if cfg is None:
+        return None
+    info = find_checkpoint(cfg.folder, cfg.load_step)
+    if info is not None:
+        check_resumable(info, world, run_identity(args, plan))
+    return info
 
 
 def scaled_lengths(plan, max_len: int) -> tuple[float, list[list[int]]]:
@@ -231,8 +320,10 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
     import torch.distributed as dist
 
     from adasched.runtime.dist import init_distributed
+    from adasched.runtime.checkpoint import Checkpointer, ModelState, RNGState, Values
     from adasched.runtime.pg_pool import get_pool, reset_pool
     from adasched.runtime.sp_model import TinyGPT, TinyGPTConfig
+    from adasched.schedules import get_schedule
 
     rank, world = init_distributed(args.backend, timeout_s=args.timeout)
     try:
@@ -244,18 +335,39 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
         heads = _heads(args, plan)
         cfg = TinyGPTConfig(hidden=heads * args.head_dim, heads=heads, layers=args.layers, max_len=args.max_len)
         torch.manual_seed(args.seed)
+        random.seed(args.seed)  # nothing draws from it today; seeded so that the saved generators are the seed's
         model = TinyGPT(cfg).to(device=device, dtype=dtype)
         opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+        steps = _total_steps(args, plan)
+        sched = None if args.lr_schedule == "constant" else get_schedule(
+            args.lr_schedule, opt, num_warmup_steps=args.warmup_steps, num_training_steps=steps)
         run = _Run(args, plan, lengths, rank, world, device, model, pool)
-        ref_model = copy.deepcopy(model) if (args.check_reference and rank == 0) else None
-        steps = args.steps or len(plan.steps)
         say = print if rank == 0 else (lambda *a, **k: None)
-        say(f"train_sp: world {world} ({backend}), plan {args.plan}: {len(plan.steps)} steps, running {steps}; "
-            f"model {cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads} heads, {args.dtype}; "
-            f"lengths x{factor:.4g} (max {args.max_len})", flush=True)
+        # everything that decides the rest of the run (module docstring, "Checkpoints")
+        progress = Values(step=0)
+        state = {"model": ModelState(model, [opt]), "rng": RNGState(), "progress": progress}
+        if sched is not None:
+            state["lr_schedule"] = sched
+        cfg_ck = checkpoint_config(args)
+        ck = Checkpointer(cfg_ck, run=run_identity(args, plan)) if cfg_ck is not None else None
+        start = ck.resume(state) if ck is not None else 0
+        if start != progress["step"]:
+            raise RuntimeError(f"checkpoint of step {start} holds step counter {progress['step']}")
+        if start > 0:
+            say(f"resumed from {cfg_ck.folder} at step {start}", flush=True)
+        if start >= steps:
+            say(f"train_sp: the checkpoint is at step {start} and the run has {steps} steps (--steps): nothing left "
+                f"to train", flush=True)
+            return 0
+        # made after the resume for clarity; _reference loads the trained model's weights before every step anyway
+        ref_model = copy.deepcopy(model) if (args.check_reference and rank == 0) else None
+        say(f"train_sp: world {world} ({backend}), plan {args.plan}: {len(plan.steps)} steps, running {steps}"
+            f"{f' from step {start}' if start else ''}; model {cfg.layers} layers, hidden {cfg.hidden}, "
+            f"{cfg.heads} heads, {args.dtype}; lengths x{factor:.4g} (max {args.max_len}); lr {args.lr:g} "
+            f"{args.lr_schedule}" + (f" (warmup {args.warmup_steps})" if args.warmup_steps else ""), flush=True)
         worst_loss = worst_grad = 0.0
         tol = TOLERANCE[args.dtype]
-        for it in range(steps):
+        for it in range(start, steps):
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             ref = _reference(run, ref_model, it) if ref_model is not None else None
@@ -265,8 +377,9 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
             dist.all_reduce(stats)
             loss, tokens = float(stats[0]), int(stats[1])
             st, lens = _step_batch(run, it)
+            lr = opt.param_groups[0]["lr"]  # what opt.step() below applies
             msg = (f"step {it}: plan step {st.step}, {len(lens)} seqs, {tokens} tokens, "
-                   f"{len(st.micro_batches)} micro-batches, loss {loss:.6f}")
+                   f"{len(st.micro_batches)} micro-batches, lr {lr!r}, loss {loss!r}")  # repr: exact floats
             failed = None
             if ref is not None:
                 ref_loss, ref_grads = ref
@@ -285,9 +398,19 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
                 say(f"error: --check-reference: {failed}", flush=True)
                 return 1
             opt.step()
+            if sched is not None:
+                sched.step()
+            progress["step"] = it + 1
+            if ck is not None and ck.due(it + 1):
+                say(f"checkpoint: step {it + 1} saved to {ck.save(it + 1, state)}", flush=True)
+        if ck is not None:
+            where = ck.save(steps, state)
+            if where is not None:
+                say(f"checkpoint: step {steps} saved to {where}", flush=True)
         if args.check_reference:
-            say(f"check-reference: {steps} steps, largest relative difference: loss {worst_loss:.2e}, "
-                f"gradients {worst_grad:.2e} (tolerance {tol:g}, {args.dtype}): OK", flush=True)
+            say(f"check-reference: {steps - start} steps{f' (from step {start})' if start else ''}, largest relative "
+                f"difference: loss {worst_loss:.2e}, gradients {worst_grad:.2e} (tolerance {tol:g}, {args.dtype}): OK",
+                flush=True)
         return 0
     finally:
         reset_pool()
@@ -331,8 +454,10 @@ def main(argv: list[str] | None = None, quiet: bool = False) -> int:
         if args.check_plan_only and args.world is not None:
             world = args.world
         plan = load_plan(args.plan, expect=SPPlan)
+        _check_schedule(args, _total_steps(args, plan))
         check_plan(plan, world, args.heads, args.plan)
         check_model_fits(args, plan, world)
+        saved = _check_checkpoint(args, plan, world)  # before any process group: a mismatch is one line
         factor, lengths = scaled_lengths(plan, args.max_len)
     except ValueError as err:  # InputError included
         if rank == 0:
@@ -342,6 +467,12 @@ def main(argv: list[str] | None = None, quiet: bool = False) -> int:
     if args.check_plan_only:
         if not quiet:
             print(f"{args.plan}: {len(plan.steps)} steps fit world size {world}")
+        return 0
+    steps = _total_steps(args, plan)
+    if saved is not None and saved.step >= steps:  # nothing to do: no process group needed
+        if rank == 0:
+            print(f"train_sp: {saved.path} is at step {saved.step} and the run has {steps} steps (--steps): "
+                  f"nothing left to train")
         return 0
     return _train(args, plan, factor, lengths)
 

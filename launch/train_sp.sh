@@ -3,6 +3,10 @@
 #   NPROC=4 launch/train_sp.sh --plan plan.json [--steps N] [--check-reference] [--seed S] [--max-len L]
 # The plan is validated against NPROC first (one `error:` line, exit 2, no worker started when it does not fit).
 # PYTHON selects the interpreter (default: python3 on PATH; use the project's .venv/bin/python).
+# Checkpoints: add --checkpoint-dir DIR [--checkpoint-every N] [--checkpoint-keep K] [--load-step STEP]; running the
+# same command again resumes from the newest save in DIR (bit for bit the uninterrupted run). A save of another run
+# or world size is refused by the check below (one `error:` line, exit 2) before torchrun starts. The lr schedule:
+# [--lr-schedule linear|cosine|rex|uba] [--warmup-steps W] (default constant).
 set -euo pipefail
 PY="${PYTHON:-python3}"
 NPROC="${NPROC:-4}"

@@ -1,0 +1,265 @@
+"""launch/train_sp checkpoints and lr schedules on 2 gloo ranks under torchrun: a run resumed from a save continues
+bit for bit (losses printed with repr, every saved tensor and value of the final save), --checkpoint-every and
+--checkpoint-keep leave the right step folders, --lr-schedule sets the lr the optimizer uses at every step to
+get_schedule's closed form, --check-reference works on a resumed run, and bad input is one error line, exit 2,
+before any process group and with nothing written.
+
+Five launches (about 7 s each on an idle machine) run once for the module (fixture ``runs``):
+  A1  rex schedule, warmup 1, 4 steps, --checkpoint-every 2 --checkpoint-keep 0 (saves 2, 4)
+  A2  the same command with --load-step 2 --checkpoint-every 1 --checkpoint-keep 2 --check-reference (a run
+      killed after step 2's save and restarted; saves 3 and 4 again, keeps 2)
+  S   constant lr, 4 steps, --checkpoint-every 1 --checkpoint-keep 2 (the uninterrupted run)
+  B1  constant lr, --steps 2 into a new folder; B2 the same folder with --steps 4 (the run extended)
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from adasched.launch.train_sp import launch_local, main
+from adasched.planner.flexsp.plan import SPGroup, SPMicroBatch, SPPlan, SPStep
+from adasched.planner.plan import SolverRecord, save_plan
+from adasched.runtime.checkpoint import committed_steps, step_folder
+from adasched.schedules import get_schedule
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_train_sp import _plan as _plan4  # noqa: E402  (the hand-written 4-rank plan)
+
+LR = 3e-3  # train_sp's default --lr
+MODEL = ["--heads", "2", "--head-dim", "4", "--max-len", "32", "--seed", "5", "--timeout", "60"]
+REX = ["--lr-schedule", "rex", "--warmup-steps", "1", "--steps", "4"]
+STEP_RE = re.compile(r"^step (\d+): plan step \d+, .* micro-batches, lr ([^,]+), loss ([^ ,]+)", re.M)
+
+
+def _group(ranks, ids, lens):
+    return SPGroup(degree=len(ranks), ranks=ranks, seq_ids=ids, seqlens=[lens[i] for i in ids], predicted_ms=1.0)
+
+
+def _plan2() -> SPPlan:
+    """2 ranks; the SP degree changes between steps (2 + idle rank -> 1 + 1)."""
+    l0, l1 = [13, 4, 9], [7, 3, 10, 5]
+    steps = [
+        SPStep(step=0, seqlens=l0, predicted_ms=1.0, micro_batches=[
+            SPMicroBatch(groups=[_group([0, 1], [0, 1], l0)], predicted_ms=1.0),
+            SPMicroBatch(groups=[_group([1], [2], l0)], predicted_ms=1.0)]),
+        SPStep(step=1, seqlens=l1, predicted_ms=1.0, micro_batches=[
+            SPMicroBatch(groups=[_group([0], [0, 3], l1), _group([1], [1, 2], l1)], predicted_ms=1.0)]),
+    ]
+    return SPPlan(world_size=2, model="tiny-gpt", inputs_digest="test", predicted_ms=2.0, steps=steps,
+                  solver=SolverRecord(backend="hand", status="heuristic", solve_seconds=0.0))
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _torchrun(plan: Path, args: list[str]) -> str:
+    """What launch_local starts (torchrun --standalone, 2 ranks, this interpreter); its stdout."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "adasched.launch.train_sp", "--plan", str(plan), *MODEL, *args]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, cwd=plan.parent)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def _steps(out: str) -> dict[int, tuple[str, str]]:
+    """step -> (lr, loss) as printed (repr: the exact floats)."""
+    return {int(s): (lr, loss) for s, lr, loss in STEP_RE.findall(out)}
+
+
+def _saved(folder: Path, step: int, world: int = 2) -> dict:
+    """Every entry of a save (all ranks: model, Adam state, scheduler, RNG, counters), flattened."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = str(step_folder(folder, step))
+    meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    assert {k.split("/")[0] for k in meta} == {f"rank{r}" for r in range(world)}
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) if isinstance(m, TensorStorageMetadata) else None
+             for k, m in meta.items()}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, no_dist=True)
+    return state
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_sp_ckpt")
+    plan = root / "plan.json"
+    save_plan(_plan2(), plan)
+    r = {"root": root, "plan": plan, "dirA": root / "A", "dirS": root / "S", "dirB": root / "B"}
+    r["A1"] = _torchrun(plan, [*REX, "--checkpoint-dir", "A", "--checkpoint-every", "2", "--checkpoint-keep", "0"])
+    r["A1_steps"] = committed_steps(r["dirA"])
+    r["A1_final"] = _saved(r["dirA"], 4)
+    r["A2"] = _torchrun(plan, [*REX, "--checkpoint-dir", "A", "--checkpoint-every", "1", "--checkpoint-keep", "2",
+                               "--load-step", "2", "--check-reference"])
+    r["S"] = _torchrun(plan, ["--steps", "4", "--checkpoint-dir", "S", "--checkpoint-every", "1",
+                              "--checkpoint-keep", "2"])
+    r["B1"] = _torchrun(plan, ["--steps", "2", "--checkpoint-dir", "B"])
+    r["B1_steps"] = committed_steps(r["dirB"])
+    r["B2"] = _torchrun(plan, ["--steps", "4", "--checkpoint-dir", "B"])
+    return r
+
+
+def test_scheduled_run_restarted_from_a_periodic_save_is_bit_for_bit(runs):
+    straight, resumed = _steps(runs["A1"]), _steps(runs["A2"])
+    assert sorted(straight) == [0, 1, 2, 3] and sorted(resumed) == [2, 3], runs["A2"]
+    assert "resumed from A at step 2" in runs["A2"].splitlines()
+    assert resumed == {k: straight[k] for k in (2, 3)}  # lr and loss, exactly
+    # the final save of the restarted run holds exactly the uninterrupted run's state (weights, Adam moments and
+    # steps, the scheduler, the generators, the counter) on both ranks
+    _assert_same_state(runs["A1_final"], _saved(runs["dirA"], 4))
+    # --check-reference on a resumed run: the reference starts from the resumed weights (it would differ from the
+    # distributed loss by far more than 1e-5 if it started from the initial weights)
+    diffs = re.findall(r"rel\. diff loss ([\d.e+-]+), grads ([\d.e+-]+)\)", runs["A2"])
+    assert len(diffs) == 2 and all(float(dl) <= 1e-5 and float(dg) <= 1e-5 for dl, dg in diffs), runs["A2"]
+    assert "check-reference: 2 steps (from step 2)" in runs["A2"] and ": OK" in runs["A2"]
+
+
+def test_constant_lr_run_extended_is_bit_for_bit(runs):
+    straight, first, second = _steps(runs["S"]), _steps(runs["B1"]), _steps(runs["B2"])
+    assert sorted(first) == [0, 1] and sorted(second) == [2, 3]
+    assert first == {k: straight[k] for k in (0, 1)} and second == {k: straight[k] for k in (2, 3)}
+    assert "resumed from B at step 2" in runs["B2"].splitlines()
+    _assert_same_state(_saved(runs["dirS"], 4), _saved(runs["dirB"], 4))
+    # the losses moved (the comparison above is not of an untrained model)
+    assert len({loss for _, loss in straight.values()}) == 4
+
+
+def test_checkpoint_every_and_keep_leave_the_right_saves(runs):
+    assert runs["A1_steps"] == [2, 4]  # every 2, keep all
+    assert committed_steps(runs["dirA"]) == [3, 4]  # restarted at 2: saved 3, 4 again, kept the newest 2
+    assert committed_steps(runs["dirS"]) == [3, 4]  # every 1, keep 2
+    assert runs["B1_steps"] == [2] and committed_steps(runs["dirB"]) == [2, 4]  # only at the end; default keep 2
+    for folder in (runs["dirA"], runs["dirS"], runs["dirB"]):
+        assert not [p for p in folder.iterdir() if p.name.endswith(".partial")]
+    assert "checkpoint: step 3 saved to A/step-00000003" in runs["A2"]
+
+
+def test_lr_schedule_sets_the_optimizer_lr_of_every_step(runs):
+    """The printed lr is the optimizer's param-group lr that opt.step() applies; it follows get_schedule's closed
+    form over the run's 4 steps (warmup 1: 0 at step 0), and the constant default keeps --lr."""
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.ones(1))], lr=LR)
+    want = [get_schedule("rex", opt, num_warmup_steps=1, num_training_steps=4).lr_at(s)[0] for s in range(4)]
+    got = [float(lr) for lr, _ in (_steps(runs["A1"])[s] for s in range(4))]
+    assert got == want and got[0] == 0.0 and got[1] == LR and LR > got[2] > got[3] > 0, (got, want)
+    assert [float(lr) for lr, _ in _steps(runs["S"]).values()] == [LR] * 4
+    # and it changes the training: step 1 of the rex run (lr 0 at step 0: no update yet) is step 0's loss on other
+    # data, while the constant run's step 1 already moved
+    assert _steps(runs["A1"])[0][1] == _steps(runs["S"])[0][1] and _steps(runs["A1"])[1] != _steps(runs["S"])[1]
+
+
+@pytest.mark.parametrize("case", ["identity-steps", "identity-seed", "world", "load-step", "no-dir", "dir-is-file",
+                                  "launch-local"])
+def test_bad_checkpoint_input_is_one_line_exit_2_nothing_written(runs, monkeypatch, capsys, case):
+    root, plan = runs["root"], runs["plan"]
+    monkeypatch.chdir(root)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    (root / "file").write_text("x")
+    before = _tree(root)
+    argv = ["--plan", str(plan), *MODEL]
+    if case == "identity-steps":  # the rex schedule's horizon is part of the run
+        argv += [*REX[:-1], "5", "--checkpoint-dir", "A"]
+        want = ("error: A/step-00000004/adasched-checkpoint.json: saved by a different run (total_steps: saved 4, "
+                "now 5); use the same settings or a new --checkpoint-dir")
+    elif case == "identity-seed":
+        argv = ["--plan", str(plan), *MODEL[:-4], "--seed", "6", "--timeout", "60", "--checkpoint-dir", "B"]
+        want = ("error: B/step-00000004/adasched-checkpoint.json: saved by a different run (seed: saved 5, now 6); "
+                "use the same settings or a new --checkpoint-dir")
+    elif case == "world":  # a 4-rank plan on 4 ranks pointed at the 2-rank run's folder
+        save_plan(_plan4(), root / "plan4.json")
+        before = _tree(root)
+        monkeypatch.setenv("WORLD_SIZE", "4")
+        argv = ["--plan", str(root / "plan4.json"), "--checkpoint-dir", "B"]
+        want = ("error: B/step-00000004/adasched-checkpoint.json: saved by 2 ranks, this run has 4 (each rank loads "
+                "its own state; start with the same world size or a new --checkpoint-dir)")
+    elif case == "load-step":
+        argv += ["--steps", "4", "--checkpoint-dir", "B", "--load-step", "3"]
+        want = "error: --load-step: 3 was not saved in B (committed steps: 2, 4)"
+    elif case == "no-dir":
+        argv += ["--checkpoint-every", "2"]
+        want = "error: --checkpoint-every: needs --checkpoint-dir"
+    elif case == "dir-is-file":
+        argv += ["--checkpoint-dir", "file"]
+        want = "error: file: is not a folder (--checkpoint-dir takes the folder of a run's saves)"
+    else:  # launch_local (and train_sp.sh) check before torchrun starts a worker
+        monkeypatch.delenv("WORLD_SIZE")
+        monkeypatch.delenv("RANK")
+        assert launch_local(plan, 2, [*MODEL, *REX[:-1], "3", "--checkpoint-dir", "A"]) == 2
+        out = capsys.readouterr()
+        assert out.out == "" and out.err.count("\n") == 1 and "total_steps: saved 4, now 3" in out.err, out.err
+        assert _tree(root) == before
+        return
+    assert main(argv) == 2
+    out = capsys.readouterr()
+    assert out.err.splitlines() == [want] and out.out == "", out.err
+    assert _tree(root) == before
+
+
+def test_save_at_or_past_the_steps_leaves_nothing_to_train(runs, monkeypatch, capsys):
+    monkeypatch.chdir(runs["root"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    before = _tree(runs["root"])
+    assert main(["--plan", str(runs["plan"]), *MODEL, "--steps", "3", "--checkpoint-dir", "B"]) == 0
+    out = capsys.readouterr()
+    assert out.out == ("train_sp: B/step-00000004 is at step 4 and the run has 3 steps (--steps): nothing left to "
+                       "train\n") and out.err == ""
+    assert _tree(runs["root"]) == before
+
+
+@pytest.mark.parametrize("argv, want", [
+    (["--lr-schedule", "rex", "--warmup-steps", "-1"], "error: --warmup-steps: -1 must be >= 0"),
+    (["--lr-schedule", "cosine", "--warmup-steps", "4", "--steps", "4"],
+     "error: --warmup-steps: 4 must be < the run's 4 steps (--steps): the schedule would never leave its warmup"),
+    (["--lr-schedule", "uba", "--warmup-steps", "2"],  # the plan's 2 steps when --steps is not given
+     "error: --warmup-steps: 2 must be < the run's 2 steps (--steps): the schedule would never leave its warmup"),
+    (["--warmup-steps", "1"],
+     "error: --warmup-steps: needs an --lr-schedule other than constant (linear, cosine, rex, uba)"),
+    (["--lr-schedule", "step"], "error: argument --lr-schedule: invalid choice: 'step' (choose from "),
+])
+def test_bad_schedule_options(tmp_path, monkeypatch, capsys, argv, want):
+    plan = tmp_path / "plan.json"
+    save_plan(_plan2(), plan)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    try:
+        rc = main(["--plan", str(plan), "--check-plan-only", *argv])
+    except SystemExit as exc:  # argparse's choices
+        rc = exc.code
+    assert rc == 2
+    out = capsys.readouterr()
+    err = out.err.splitlines()
+    if argv[0] == "--lr-schedule" and argv[1] == "step":  # argparse quotes the choices in some Python versions
+        assert len(err) == 1 and err[0].startswith(want) and "uba" in err[0], out.err
+    else:
+        assert err == [want], out.err
+    assert out.out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
