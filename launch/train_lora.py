@@ -69,7 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--world", type=int, default=None, help="with --check: the ranks torchrun will start")
     add_checkpoint_args(p)
     for action in p._actions:  # what a step is in this trainer
-        if action.dest == "checkpoint_every":
+        if action.dest == "checkpoint_dir":
+            action.help = ("folder of this run's saves (and of its plan, plan.json); if it holds a save, the run "
+                           "resumes from the newest, executing that plan (default: no checkpoints)")
+        elif action.dest == "checkpoint_every":
             action.help = ("also save after every N completed steps; a step = one microbatch of the plan, no-op "
                            "ones included (the pipeline drains there) (default 0: only at the end)")
         elif action.dest == "load_step":

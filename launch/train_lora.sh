@@ -3,6 +3,10 @@
 #   launch/train_lora.sh [OUT_DIR] [extra args for adasched.launch.train_lora, e.g. --jobs my_jobs.yaml --reference]
 # NPROC (default 2) sets the number of pipeline stages; the plan is made with the jobs file's `stages`, which
 # must be >= NPROC (the tiny preset uses 2).
+# Checkpoints: add --checkpoint-dir DIR [--checkpoint-every N] [--checkpoint-keep K] [--load-step STEP]; a step is
+# one microbatch of the plan (the pipeline drains at every save point). Launching the same command again resumes
+# from the newest save in DIR (same NPROC and settings, else one `error:` line from the pre-check below) and
+# writes the same adapters as an uninterrupted run.
 set -euo pipefail
 # OUT_DIR is optional: a first argument that starts with "-" is an option (`train_lora.sh --jobs my.yaml` made
 # "--jobs" the output folder and failed with "argument --out: expected one argument")
