@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = OneLineArgParser(prog="python -m adasched.launch.train_sp",
                                 description="Train a tiny GPT executing a FlexSP plan (run under torchrun).")
     p.add_argument("--plan", required=True, help="SP plan JSON (adasched plan sp)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the plan's step count); a resumed constant-lr run may raise it")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps (default: the plan's step count); a resumed constant-lr run may raise it")
     p.add_argument("--check-reference", action="store_true",
                    help="compare every step's loss and gradients with a single-process run on rank 0")
     p.add_argument("--seed", type=int, default=0, help="model init, data and Python random seed")
