@@ -1,9 +1,10 @@
 """train_moe checkpoints and --lr-schedule.
 
-- Real 2-rank torchrun launches (launch/train_moe.sh, gloo, EP over both ranks: each rank holds different experts):
-  an uninterrupted 4-step run equals a 2-step run resumed to 4 steps by a second launch, loss for loss (the exact
-  floats of --json) and in the whole final state of both ranks (weights, the sigmoid_bias router's expert bias,
-  AdamW, generators, progress); --checkpoint-every / --checkpoint-keep leave the right committed folders.
+- Real 2-rank torchrun launches (launch/train_moe.sh, gloo, EP over both ranks: each rank holds different experts;
+  pipeline from an FSMoE --plan): an uninterrupted 4-step run equals a 2-step run resumed to 4 steps by a second
+  launch, loss for loss (the exact floats of --json) and in the whole final state of both ranks (weights, the
+  sigmoid_bias router's expert bias, AdamW, generators, progress); --checkpoint-every / --checkpoint-keep leave the
+  right committed folders; the plan's inputs digest and configuration are part of the run's identity.
 - A run whose --lr-schedule decays (so --steps is part of its identity) resumes with --load-step bit for bit
   (in-process, one rank): the scheduler is part of the state.
 - The schedule changes the LR AdamW uses at every step (recorded inside AdamW.step), as get_schedule's closed form.
@@ -72,19 +73,28 @@ def _tree(folder: Path) -> list:
 
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory):
+    from adasched.planner.cli import main as cli
+
     base = tmp_path_factory.mktemp("moe_ckpt")
+    plans = {}
+    for config in ("mixtral-8x7b", "gshard-grid"):          # two plans for 2 GPUs (EP 2) with other inputs
+        plans[config] = base / f"{config}.json"
+        assert cli(["plan", "moe", "--config", config, "--gpus", "2", "--stages", "published", "--time-limit", "0.5",
+                    "--out", str(plans[config]), "--json"]) in (0, None)
+    planned = ["--plan", str(plans["mixtral-8x7b"])]
     straight, split = base / "straight", base / "split"
     # uninterrupted: 4 steps, a save every 2, all kept
-    full = _run_json(_launch("--steps", "4", "--checkpoint-dir", str(straight), "--checkpoint-every", "2",
+    full = _run_json(_launch(*planned, "--steps", "4", "--checkpoint-dir", str(straight), "--checkpoint-every", "2",
                              "--checkpoint-keep", "0", "--json"))
     # interrupted: 2 steps (saved at the end), then a second launch to 4 saving every step, keeping 2
-    first = _run_json(_launch("--steps", "2", "--checkpoint-dir", str(split), "--json"))
+    first = _run_json(_launch(*planned, "--steps", "2", "--checkpoint-dir", str(split), "--json"))
     steps_after_first = committed_steps(split)
-    proc = _launch("--steps", "4", "--checkpoint-dir", str(split), "--checkpoint-every", "1", "--checkpoint-keep",
-                   "2", "--json")
+    proc = _launch(*planned, "--steps", "4", "--checkpoint-dir", str(split), "--checkpoint-every", "1",
+                   "--checkpoint-keep", "2", "--json")
     resumed = _run_json(proc)
     return {"base": base, "straight": straight, "split": split, "full": full, "first": first, "resumed": resumed,
-            "resumed_stderr": proc.stderr, "steps_after_first": steps_after_first}
+            "resumed_stderr": proc.stderr, "steps_after_first": steps_after_first, "plans": plans,
+            "planned": planned}
 
 
 def test_resumed_launch_equals_uninterrupted_launch(launches):
@@ -119,13 +129,15 @@ def test_every_and_keep_leave_the_right_saves(launches):
         assert not list(folder.glob("*.partial"))
         meta = json.loads((step_folder(folder, 4) / "adasched-checkpoint.json").read_text())
         assert meta["world_size"] == 2 and meta["run"]["router"] == "sigmoid_bias" and meta["run"]["ep_size"] == 2
+        assert meta["run"]["plan_inputs_digest"] == json.loads(launches["plans"]["mixtral-8x7b"].read_text())[
+            "inputs_digest"] and meta["run"]["plan_config"] == "mixtral-8x7b-L1024"
         assert sorted(p.name for p in step_folder(folder, 4).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
 
 def test_nothing_left_to_train(launches, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     before = _tree(launches["split"])
-    assert main([*TINY, "--steps", "4", "--checkpoint-dir", str(launches["split"])]) == 0
+    assert main([*TINY, *launches["planned"], "--steps", "4", "--checkpoint-dir", str(launches["split"])]) == 0
     out = capsys.readouterr().out
     assert out == f"nothing left to train: {step_folder(launches['split'], 4)} is step 4 and --steps is 4\n"
     assert _tree(launches["split"]) == before
@@ -135,18 +147,29 @@ def test_nothing_left_to_train(launches, monkeypatch, capsys):
     ("2", ["--lr", "0.001"], "saved by a different run (lr: saved 0.003, now 0.001)"),
     ("2", ["--lr-schedule", "linear"], "saved by a different run (lr_schedule: saved 'constant', now 'linear'; "
                                        "total_steps: saved None, now 4)"),
-    ("2", ["--ep-size", "1"], "ep_size: saved 2, now 1"),
-    ("4", [], "saved by 2 ranks, this run has 4"),
+    ("2", ["--ep-size", "1"], "this run has 2 ranks with EP size 1"),     # the plan's check comes first
+    ("4", ["--plan", None], "saved by 2 ranks, this run has 4"),          # (the plan is for 2: not given)
     ("2", ["--load-step", "2"], "--load-step: 2 was not saved in"),
     ("2", ["--router", "sigmoid_bias,gshard"], "--checkpoint-dir: a checkpoint holds one run; give one --router and "
                                                "one --schedule (got 2 x 1 combinations)"),
+    ("2", ["--plan-config", "mixtral-8x7b-L4096"], "different run (plan_config: saved 'mixtral-8x7b-L1024', now "
+                                                   "'mixtral-8x7b-L4096')"),
+    ("2", ["--plan", "gshard-grid"], "plan_inputs_digest: saved '{mixtral-8x7b}', now '{gshard-grid}'"),
+    ("2", ["--plan", None], "different run (plan_config: saved 'mixtral-8x7b-L1024', now None; plan_inputs_digest: "
+                            "saved '{mixtral-8x7b}', now None; r_bwd: saved None, now 2; r_fwd: saved None, now 2; and 1 more)"),
 ])
 def test_mismatch_is_one_line_and_writes_nothing(launches, monkeypatch, capsys, world, argv, needle):
     monkeypatch.setenv("WORLD_SIZE", world)
     before = _tree(launches["base"])
-    args = [*TINY, "--steps", "4", "--checkpoint-dir", str(launches["split"])]
-    if argv[:1] == ["--router"]:
-        args[args.index("--router") + 1] = argv[1]
+    args = [*TINY, *launches["planned"], "--steps", "4", "--checkpoint-dir", str(launches["split"])]
+    digests = {k: json.loads(v.read_text())["inputs_digest"] for k, v in launches["plans"].items()}
+    needle = needle.format(**digests)
+    if argv[:1] in (["--router"], ["--plan"]):              # replace (or drop) the option's value
+        i = args.index(argv[0])
+        if argv[1] is None:
+            del args[i:i + 2]
+        else:
+            args[i + 1] = argv[1] if argv[0] == "--router" else str(launches["plans"][argv[1]])
         argv = []
     for extra in ([], ["--validate-only"]):                 # the launcher's check and the workers' own
         assert main([*args, *argv, *extra]) == 2
@@ -159,7 +182,7 @@ def test_mismatch_is_one_line_and_writes_nothing(launches, monkeypatch, capsys, 
 
 def test_launcher_refuses_before_any_worker(launches):
     before = _tree(launches["base"])
-    proc = _launch("--steps", "4", "--checkpoint-dir", str(launches["split"]), "--seed", "4")
+    proc = _launch(*launches["planned"], "--steps", "4", "--checkpoint-dir", str(launches["split"]), "--seed", "4")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: {step_folder(launches['split'], 4) / 'adasched-checkpoint.json'}: saved by a different run (seed: "
