@@ -37,7 +37,10 @@ different experts), so a save resumes only with the same world size, and only fo
 LR schedule and its warmup (and --steps when the schedule is not constant: its horizon), --seed,
 --capacity-factor, --shared-experts, the EP size and exchange, and the pipeline (the plan's ``inputs_digest`` and
 configuration with --plan, else --r-fwd/--r-bwd/--wgrad); a constant-LR run may be extended with a larger --steps.
-The state, per rank:
+A mismatch (other world size, other run, a --load-step not saved, a --checkpoint-dir that is a file) is one
+``error:`` line, exit 2, before any process group (train_moe.sh's --validate-only pass: before torchrun starts).
+Rank 0 prints ``resumed from <step folder> at step N``; a save at or past --steps leaves nothing to train (a note,
+exit 0). The state, per rank:
 
 - ``model``: the model with AdamW (:class:`~adasched.runtime.checkpoint.ModelState`): the replicated dense weights,
   this rank's expert shards (w1/w2, and the shared experts), the routers' projections and their persistent buffers
