@@ -1,30 +1,32 @@
-"""What the launchers share: bounds for numbers argparse accepts but a run cannot use, and the checkpoint options
-(the one-line argument parser is :class:`adasched.planner.ui.OneLineArgParser`; the finite-seconds and memory
+"""What the launchers share: bounds for numbers argparse accepts but a run cannot use, the checkpoint options and the
+LR-schedule options (the one-line argument parser is :class:`adasched.planner.ui.OneLineArgParser`; the finite-seconds and memory
 checks are in :mod:`adasched.profiler.io`)."""
 from __future__ import annotations
 
 import argparse
 
-__all__ = ["MAX_LAYERS", "add_checkpoint_args", "checkpoint_config"]
+__all__ = ["MAX_LAYERS", "add_checkpoint_args", "checkpoint_config", "LR_SCHEDULES", "add_lr_schedule_args",
+           "check_lr_schedule", "lr_scheduler", "lr_identity"]
 
 #: most transformer layers a launcher's tiny CPU model takes (a bound on the time to build it)
 MAX_LAYERS = 1024
 
 
-def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+def add_checkpoint_args(p: argparse.ArgumentParser, *, step: str = "step", folder_holds: str = "") -> None:
     """``--checkpoint-dir``, ``--checkpoint-every``, ``--checkpoint-keep``, ``--load-step`` (torchtitan's
-    checkpoint.folder / interval / keep_latest_k / load_step)."""
+    checkpoint.folder / interval / keep_latest_k / load_step). ``step`` says what one step is in this launcher
+    (e.g. "microbatch of the plan"); ``folder_holds`` names what else the folder keeps (e.g. " and its plan")."""
     g = p.add_argument_group("checkpointing (torch.distributed.checkpoint; a run resumes from the newest save in "
                              "--checkpoint-dir)")
     g.add_argument("--checkpoint-dir", default=None,
-                   help="folder of this run's saves; if it holds one, the run resumes from the newest (default: "
-                        "no checkpoints)")
+                   help=f"folder of this run's saves{folder_holds}; if it holds a save, the run resumes from the "
+                        f"newest (default: no checkpoints)")
     g.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                   help="also save after every N completed steps (default 0: only at the end)")
+                   help=f"also save after every N completed steps (a step = one {step}) (default 0: only at the end)")
     g.add_argument("--checkpoint-keep", type=int, default=2, metavar="K",
                    help="newest saves kept (default 2; 0 = all)")
     g.add_argument("--load-step", type=int, default=None, metavar="STEP",
-                   help="resume from this step's save instead of the newest")
+                   help="resume from the save taken after STEP completed steps instead of the newest")
 
 
 def checkpoint_config(args: argparse.Namespace):
@@ -46,3 +48,49 @@ def checkpoint_config(args: argparse.Namespace):
         raise InputError("--checkpoint-dir", "is empty")
     return CheckpointConfig(folder=Path(args.checkpoint_dir), interval=args.checkpoint_every,
                             keep=args.checkpoint_keep, load_step=args.load_step)
+
+
+#: --lr-schedule choices: "constant" (no scheduler) and adasched.schedules.get_schedule's names (cosine = UBA phi 2)
+LR_SCHEDULES = ("constant", "linear", "cosine", "rex", "uba")
+
+
+def add_lr_schedule_args(p: argparse.ArgumentParser) -> None:
+    """``--lr-schedule`` and ``--warmup-steps`` (the schedule runs over the run's optimizer steps)."""
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                   help="learning-rate schedule over the run's optimizer steps (adasched.schedules.get_schedule; "
+                        "cosine = UBA with phi 2), stepped once per optimizer step (default constant: --lr "
+                        "throughout, no scheduler)")
+    p.add_argument("--warmup-steps", type=int, default=0, metavar="W",
+                   help="linear warmup from 0 over the first W optimizer steps of a non-constant --lr-schedule "
+                        "(default 0; must be < the run's steps)")
+
+
+def check_lr_schedule(args: argparse.Namespace, steps: int | None = None) -> None:
+    """--warmup-steps on its own and, once the run's step count is known, against it (InputError naming it)."""
+    from adasched.profiler.io import InputError
+
+    w = args.warmup_steps
+    if w < 0:
+        raise InputError("--warmup-steps", f"{w} must be >= 0")
+    if w and args.lr_schedule == "constant":
+        raise InputError("--warmup-steps", f"{w} needs a decaying --lr-schedule ({', '.join(LR_SCHEDULES[1:])}); "
+                                           f"constant keeps --lr from the first step")
+    if steps is not None and args.lr_schedule != "constant" and w >= steps:
+        raise InputError("--warmup-steps", f"{w} must be < the run's {steps} steps (--steps): the schedule would "
+                                           f"never leave its warmup")
+
+
+def lr_scheduler(args: argparse.Namespace, optimizer, steps: int):
+    """The --lr-schedule scheduler over ``steps`` optimizer steps; None for constant."""
+    if args.lr_schedule == "constant":
+        return None
+    from adasched.schedules import get_schedule
+
+    return get_schedule(args.lr_schedule, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=steps)
+
+
+def lr_identity(args: argparse.Namespace, steps: int) -> dict:
+    """The schedule's part of a checkpoint's run identity: a decaying schedule's horizon is the step count, so
+    another --steps is another run; a constant LR may be extended by a later launch (total_steps None)."""
+    return {"lr": args.lr, "lr_schedule": args.lr_schedule, "warmup_steps": args.warmup_steps,
+            "total_steps": None if args.lr_schedule == "constant" else steps}

@@ -67,16 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="validate the options and the plan for --world pipeline stages, write nothing, exit (what "
                         "launch/train_lora.sh runs before torchrun, so bad input fails once, on one line)")
     p.add_argument("--world", type=int, default=None, help="with --check: the ranks torchrun will start")
-    add_checkpoint_args(p)
-    for action in p._actions:  # what a step is in this trainer
-        if action.dest == "checkpoint_dir":
-            action.help = ("folder of this run's saves (and of its plan, plan.json); if it holds a save, the run "
-                           "resumes from the newest, executing that plan (default: no checkpoints)")
-        elif action.dest == "checkpoint_every":
-            action.help = ("also save after every N completed steps; a step = one microbatch of the plan, no-op "
-                           "ones included (the pipeline drains there) (default 0: only at the end)")
-        elif action.dest == "load_step":
-            action.help = "resume from this step's save (microbatches of the plan done) instead of the newest"
+    add_checkpoint_args(p, step="microbatch of the plan, no-op ones included; the pipeline drains at a save",
+                        folder_holds=" and of its plan (plan.json, which a resumed run executes)")
     args = p.parse_args(argv)
     if args.plan is not None and args.jobs is not None:  # --jobs was silently ignored
         p.error("argument --jobs: not with --plan (the plan already holds its jobs)")

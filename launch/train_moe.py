@@ -67,14 +67,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from adasched.launch.cli_args import MAX_LAYERS, add_checkpoint_args, checkpoint_config
+from adasched.launch.cli_args import (MAX_LAYERS, add_checkpoint_args, add_lr_schedule_args, check_lr_schedule,
+                                      checkpoint_config, lr_identity, lr_scheduler)
 from adasched.planner.ui import OneLineArgParser as ArgParser, is_rank0
 from adasched.profiler.io import check_host_memory, check_model_memory
 
-__all__ = ["main", "train_schedule", "compare_schedules", "layer_routers", "run_identity", "LR_SCHEDULES"]
-
-#: --lr-schedule choices: constant (no scheduler) and the names adasched.schedules.get_schedule builds
-LR_SCHEDULES = ("constant", "linear", "cosine", "rex", "uba")
+__all__ = ["main", "train_schedule", "compare_schedules", "layer_routers", "run_identity"]
 
 
 def parse_args(argv):
@@ -100,11 +98,7 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
-    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
-                   help="learning-rate schedule over --steps optimizer steps (adasched.schedules.get_schedule; "
-                        "cosine = UBA with phi 2); default constant: --lr throughout, no scheduler")
-    p.add_argument("--warmup-steps", type=int, default=0, metavar="W",
-                   help="linear warmup from 0 over the first W steps of a non-constant --lr-schedule (default 0)")
+    add_lr_schedule_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--capacity-factor", type=float, default=None, help="None = dropless")
     p.add_argument("--r-fwd", type=int, default=2)
@@ -236,11 +230,8 @@ def run_identity(args, router: str, schedule: str, ep_size: int, world: int) -> 
     ident = {"trainer": "train_moe", "router": router, "schedule": schedule, "caps": caps, "layers": args.layers,
              "experts": args.experts, "hidden": args.d, "heads": args.heads, "ffn": args.ffn, "vocab": args.vocab,
              "seq": args.seq, "batch": args.batch, "shared_experts": args.shared_experts,
-             "capacity_factor": args.capacity_factor, "seed": args.seed, "dtype": "float32", "lr": args.lr,
-             "lr_schedule": args.lr_schedule, "warmup_steps": args.warmup_steps,
-             # a decaying schedule's horizon is --steps: another --steps is another run (a constant LR may extend)
-             "total_steps": None if args.lr_schedule == "constant" else args.steps,
-             "ep_size": ep_size, "two_step_a2a": two_step,
+             "capacity_factor": args.capacity_factor, "seed": args.seed, "dtype": "float32",
+             **lr_identity(args, args.steps), "ep_size": ep_size, "two_step_a2a": two_step,
              "exchange_gpus_per_node": min(args.gpus_per_node, ep_size) if two_step else None}
     if args.plan is not None:
         from adasched.planner.fsmoe.plan import MoEPlan
@@ -251,15 +242,6 @@ def run_identity(args, router: str, schedule: str, ep_size: int, world: int) -> 
     else:
         ident.update(r_fwd=args.r_fwd, r_bwd=args.r_bwd, wgrad=args.wgrad)
     return ident
-
-
-def _lr_scheduler(args, opt):
-    """The --lr-schedule scheduler over --steps optimizer steps (None for constant)."""
-    if args.lr_schedule == "constant":
-        return None
-    from adasched.schedules import get_schedule
-
-    return get_schedule(args.lr_schedule, opt, num_warmup_steps=args.warmup_steps, num_training_steps=args.steps)
 
 
 def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log, *, ckpt=None,
@@ -302,7 +284,7 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log,
         for m in model.moe_layers():
             m.reducer = reducer
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    sched = _lr_scheduler(args, opt)
+    sched = lr_scheduler(args, opt, args.steps)
     task = MarkovTask(args.vocab)
     gen = torch.Generator().manual_seed(1000 * args.seed + rank)
     progress = Values(step=0)
@@ -467,18 +449,6 @@ def _check_sizes(args, world: int) -> None:
     check_output_path(args.router_stats_out, "--router-stats-out")
 
 
-def _check_lr_schedule(args) -> None:
-    """--lr-schedule / --warmup-steps against --steps (ValueError naming the option)."""
-    w = args.warmup_steps
-    if w < 0:
-        raise ValueError(f"--warmup-steps: {w} must be >= 0")
-    if w and args.lr_schedule == "constant":
-        raise ValueError(f"--warmup-steps: {w} needs a decaying --lr-schedule ({', '.join(LR_SCHEDULES[1:])}); "
-                         f"constant keeps --lr from the first step")
-    if w > args.steps:
-        raise ValueError(f"--warmup-steps: {w} exceeds --steps {args.steps} (the schedule's horizon)")
-
-
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -520,7 +490,7 @@ def _main(args) -> int:
                          f"{len(routers)} x {len(schedules)} combinations)")
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     _check_sizes(args, env_world)
-    _check_lr_schedule(args)
+    check_lr_schedule(args, args.steps)
     if args.ep_size is None and args.experts % env_world:
         raise ValueError(f"--experts: {args.experts} is not divisible by the expert-parallel size {env_world}")
     env_ep = ep_size_for(args, env_world)

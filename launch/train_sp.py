@@ -58,17 +58,16 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from adasched.launch.cli_args import MAX_LAYERS, add_checkpoint_args, checkpoint_config
+from adasched.launch.cli_args import (MAX_LAYERS, add_checkpoint_args, add_lr_schedule_args, check_lr_schedule,
+                                      checkpoint_config, lr_identity, lr_scheduler)
 from adasched.planner.ui import OneLineArgParser
 from adasched.profiler.io import InputError, check_model_memory, check_seconds, error_line
 from adasched.runtime.sp_model_spec import param_count
 
 __all__ = ["main", "parse_args", "check_plan", "check_model_fits", "scaled_lengths", "make_sequence", "launch_local",
-           "run_identity", "plan_digest", "LR_SCHEDULES"]
+           "run_identity", "plan_digest"]
 
 TOLERANCE = {"float32": 1e-5, "float64": 1e-10}  # max |grad - ref| / max |ref|, and |loss - ref| / |ref|
-#: --lr-schedule choices: constant (no scheduler) and adasched.schedules.get_schedule's names
-LR_SCHEDULES = ("constant", "linear", "cosine", "rex", "uba")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -86,12 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=8)
     p.add_argument("--heads", type=int, default=None, help="default: max(4, largest SP degree in the plan)")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (the peak with --lr-schedule)")
-    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
-                   help="learning-rate schedule over the run's --steps (adasched.schedules.get_schedule), stepped "
-                        "once per optimizer step (default constant: --lr throughout)")
-    p.add_argument("--warmup-steps", type=int, default=0, metavar="W",
-                   help="linear warmup from 0 over the first W optimizer steps of --lr-schedule (default 0; "
-                        "must be < --steps)")
+    add_lr_schedule_args(p)
     p.add_argument("--dtype", choices=sorted(TOLERANCE), default="float32")
     p.add_argument("--backend", choices=["gloo", "nccl"], default=None, help="default: nccl with CUDA, else gloo")
     p.add_argument("--timeout", type=float, default=120.0, help="collective timeout (s)")
@@ -115,11 +109,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise InputError("--seed", f"{args.seed} must be in [-2**63, 2**64)")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise InputError("--lr", f"{args.lr} must be a positive number")
-    if args.warmup_steps < 0:
-        raise InputError("--warmup-steps", f"{args.warmup_steps} must be >= 0")
-    if args.warmup_steps and args.lr_schedule == "constant":
-        raise InputError("--warmup-steps", f"needs an --lr-schedule other than constant "
-                                           f"({', '.join(LR_SCHEDULES[1:])})")
+    check_lr_schedule(args)  # the step count is known with the plan (main)
     checkpoint_config(args)  # the checkpoint options' own checks (InputError naming the option)
     if args.backend == "nccl":
         import torch
@@ -173,13 +163,6 @@ def _total_steps(args: argparse.Namespace, plan) -> int:
     return args.steps or len(plan.steps)
 
 
-def _check_schedule(args: argparse.Namespace, steps: int) -> None:
-    """--warmup-steps against the run's steps (--steps is known only with the plan)."""
-    if args.lr_schedule != "constant" and args.warmup_steps >= steps:
-        raise InputError("--warmup-steps", f"{args.warmup_steps} must be < the run's {steps} steps (--steps): the "
-                                           f"schedule would never leave its warmup")
-
-
 def plan_digest(plan) -> str:
     """Digest of what the trainer executes from a plan: world size, each step's lengths, each micro-batch's groups
     (ranks, sequence ids). Predicted times and solver records do not change a run, so they are left out."""
@@ -193,12 +176,9 @@ def run_identity(args: argparse.Namespace, plan) -> dict:
     """What makes a different run (saved with each checkpoint; a save of another identity is not resumed). The
     step count belongs to it only when the lr schedule's horizon depends on it (a constant-lr run may be
     extended by a later launch with a larger --steps)."""
-    ident = {"trainer": "train_sp", "plan": plan_digest(plan), "seed": args.seed, "max_len": args.max_len,
-             "layers": args.layers, "head_dim": args.head_dim, "heads": _heads(args, plan), "lr": args.lr,
-             "dtype": args.dtype, "lr_schedule": args.lr_schedule, "warmup_steps": args.warmup_steps}
-    if args.lr_schedule != "constant":
-        ident["total_steps"] = _total_steps(args, plan)
-    return ident
+    return {"trainer": "train_sp", "plan": plan_digest(plan), "seed": args.seed, "max_len": args.max_len,
+            "layers": args.layers, "head_dim": args.head_dim, "heads": _heads(args, plan), "dtype": args.dtype,
+            **lr_identity(args, _total_steps(args, plan))}
 
 
 def _check_checkpoint(args: argparse.Namespace, plan, world: int):
@@ -324,7 +304,6 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
     from adasched.runtime.checkpoint import Checkpointer, ModelState, RNGState, Values
     from adasched.runtime.pg_pool import get_pool, reset_pool
     from adasched.runtime.sp_model import TinyGPT, TinyGPTConfig
-    from adasched.schedules import get_schedule
 
     rank, world = init_distributed(args.backend, timeout_s=args.timeout)
     try:
@@ -340,8 +319,7 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
         model = TinyGPT(cfg).to(device=device, dtype=dtype)
         opt = torch.optim.Adam(model.parameters(), lr=args.lr)
         steps = _total_steps(args, plan)
-        sched = None if args.lr_schedule == "constant" else get_schedule(
-            args.lr_schedule, opt, num_warmup_steps=args.warmup_steps, num_training_steps=steps)
+        sched = lr_scheduler(args, opt, steps)
         run = _Run(args, plan, lengths, rank, world, device, model, pool)
         say = print if rank == 0 else (lambda *a, **k: None)
         # everything that decides the rest of the run (module docstring, "Checkpoints")
@@ -455,7 +433,7 @@ def main(argv: list[str] | None = None, quiet: bool = False) -> int:
         if args.check_plan_only and args.world is not None:
             world = args.world
         plan = load_plan(args.plan, expect=SPPlan)
-        _check_schedule(args, _total_steps(args, plan))
+        check_lr_schedule(args, _total_steps(args, plan))
         check_plan(plan, world, args.heads, args.plan)
         check_model_fits(args, plan, world)
         saved = _check_checkpoint(args, plan, world)  # before any process group: a mismatch is one line

@@ -242,7 +242,8 @@ def test_save_at_or_past_the_steps_leaves_nothing_to_train(runs, monkeypatch, ca
     (["--lr-schedule", "uba", "--warmup-steps", "2"],  # the plan's 2 steps when --steps is not given
      "error: --warmup-steps: 2 must be < the run's 2 steps (--steps): the schedule would never leave its warmup"),
     (["--warmup-steps", "1"],
-     "error: --warmup-steps: needs an --lr-schedule other than constant (linear, cosine, rex, uba)"),
+     "error: --warmup-steps: 1 needs a decaying --lr-schedule (linear, cosine, rex, uba); constant keeps --lr from "
+     "the first step"),
     (["--lr-schedule", "step"], "error: argument --lr-schedule: invalid choice: 'step' (choose from "),
 ])
 def test_bad_schedule_options(tmp_path, monkeypatch, capsys, argv, want):

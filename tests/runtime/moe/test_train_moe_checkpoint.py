@@ -202,7 +202,9 @@ def test_launcher_refuses_before_any_worker(launches):
     (["--lr-schedule", "rex", "--compare-schedules"], "error: --lr-schedule: not used by --compare-schedules"),
     (["--warmup-steps", "-1", "--lr-schedule", "linear"], "error: --warmup-steps: -1 must be >= 0"),
     (["--warmup-steps", "5", "--lr-schedule", "linear", "--steps", "4"],
-     "error: --warmup-steps: 5 exceeds --steps 4 (the schedule's horizon)"),
+     "error: --warmup-steps: 5 must be < the run's 4 steps (--steps)"),
+    (["--warmup-steps", "4", "--lr-schedule", "linear", "--steps", "4"],
+     "error: --warmup-steps: 4 must be < the run's 4 steps (--steps)"),
     (["--warmup-steps", "2"], "error: --warmup-steps: 2 needs a decaying --lr-schedule"),
 ])
 def test_bad_options_are_one_line(tmp_path, monkeypatch, capsys, argv, needle):
