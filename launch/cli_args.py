@@ -12,7 +12,7 @@ __all__ = ["MAX_LAYERS", "add_checkpoint_args", "checkpoint_config", "LR_SCHEDUL
 MAX_LAYERS = 1024
 
 
-def add_checkpoint_args(p: argparse.ArgumentParser, *, step: str = "step", folder_holds: str = "") -> None:
+def add_checkpoint_args(p: argparse.ArgumentParser, *, step: str = "optimizer step", folder_holds: str = "") -> None:
     """``--checkpoint-dir``, ``--checkpoint-every``, ``--checkpoint-keep``, ``--load-step`` (torchtitan's
     checkpoint.folder / interval / keep_latest_k / load_step). ``step`` says what one step is in this launcher
     (e.g. "microbatch of the plan"); ``folder_holds`` names what else the folder keeps (e.g. " and its plan")."""
