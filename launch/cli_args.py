@@ -21,9 +21,9 @@ def add_checkpoint_args(p: argparse.ArgumentParser, *, step: str = "optimizer st
     g.add_argument("--checkpoint-dir", default=None,
                    help=f"folder of this run's saves{folder_holds}; if it holds a save, the run resumes from the "
                         f"newest (default: no checkpoints)")
-    g.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+    g.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                    help=f"also save after every N completed steps (a step = one {step}) (default 0: only at the end)")
-    g.add_argument("--checkpoint-keep", type=int, default=2, metavar="K",
+    g.add_argument("--checkpoint-keep", type=int, default=None, metavar="K",
                    help="newest saves kept (default 2; 0 = all)")
     g.add_argument("--load-step", type=int, default=None, metavar="STEP",
                    help="resume from the save taken after STEP completed steps instead of the newest")
@@ -38,16 +38,17 @@ def checkpoint_config(args: argparse.Namespace):
     from adasched.runtime.checkpoint import CheckpointConfig
 
     if args.checkpoint_dir is None:
-        for opt, value, default in (("--checkpoint-every", args.checkpoint_every, 0),
-                                    ("--checkpoint-keep", args.checkpoint_keep, 2),
-                                    ("--load-step", args.load_step, None)):
-            if value != default:
+        # the defaults are None (not 0 / 2) so that an option given with its default value is refused too
+        for opt, value in (("--checkpoint-every", args.checkpoint_every), ("--checkpoint-keep", args.checkpoint_keep),
+                           ("--load-step", args.load_step)):
+            if value is not None:
                 raise InputError(opt, "needs --checkpoint-dir")
         return None
     if not str(args.checkpoint_dir).strip():
         raise InputError("--checkpoint-dir", "is empty")
-    return CheckpointConfig(folder=Path(args.checkpoint_dir), interval=args.checkpoint_every,
-                            keep=args.checkpoint_keep, load_step=args.load_step)
+    return CheckpointConfig(folder=Path(args.checkpoint_dir),
+                            interval=0 if args.checkpoint_every is None else args.checkpoint_every,
+                            keep=2 if args.checkpoint_keep is None else args.checkpoint_keep, load_step=args.load_step)
 
 
 #: --lr-schedule choices: "constant" (no scheduler) and adasched.schedules.get_schedule's names (cosine = UBA phi 2)

@@ -117,12 +117,26 @@ def find_checkpoint(folder: str | os.PathLike, load_step: int | None = None) -> 
     run). A ``load_step`` that was not saved is an :class:`InputError` listing the saved steps."""
     folder = Path(folder)
     steps = committed_steps(folder)
+    _check_writable(folder)
     if load_step is None:
         return _read_info(step_folder(folder, steps[-1])) if steps else None
     if load_step not in steps:
         have = ", ".join(map(str, steps)) if steps else "none"
         raise InputError("--load-step", f"{load_step} was not saved in {folder} (committed steps: {have})")
     return _read_info(step_folder(folder, load_step))
+
+
+def _check_writable(folder: Path) -> None:
+    """Refuse a folder no save could be written to (its nearest existing parent is a file, or not writable), so
+    that a run learns it before training rather than at its first save."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(folder, f"cannot be created: {probe} is not a folder (--checkpoint-dir takes the folder "
+                                 f"of a run's saves)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(folder, f"cannot write a checkpoint: {probe} is not writable")
 
 
 def check_resumable(info: CheckpointInfo, world_size: int, run: Mapping[str, Any]) -> None:
@@ -176,9 +190,14 @@ class RNGState:
     def state_dict(self) -> dict:
         import torch
 
-        state = {"torch": torch.get_rng_state(), "python": list(_py_state_flat(random.getstate()))}
+        # "cuda" is always a key and a plain (pickled) value, never a tensor: DCP loads a non-tensor value whatever
+        # the template holds, while a tensor entry present on one side only (CUDA initialised when saving but not
+        # yet when resuming, or the reverse) is silently skipped or a "Missing key" error, and a tensor's shape
+        # would tie the save to the device count
+        cuda = None
         if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.stack([s.cpu() for s in torch.cuda.get_rng_state_all()])
+            cuda = [bytes(s.cpu().numpy().tobytes()) for s in torch.cuda.get_rng_state_all()]
+        state = {"torch": torch.get_rng_state(), "python": list(_py_state_flat(random.getstate())), "cuda": cuda}
         for name, g in self.generators.items():
             state[f"gen.{name}"] = g.get_state()
         return state
@@ -188,8 +207,12 @@ class RNGState:
 
         torch.set_rng_state(state["torch"])
         random.setstate(_py_state_unflat(state["python"]))
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(list(state["cuda"]))
+        cuda = state.get("cuda")
+        if cuda is not None and torch.cuda.is_available():  # None: saved before CUDA drew (nothing to restore)
+            if len(cuda) != torch.cuda.device_count():
+                raise ValueError(f"checkpoint holds the CUDA generators of {len(cuda)} devices, this process sees "
+                                 f"{torch.cuda.device_count()}")
+            torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in cuda])
         for name, g in self.generators.items():
             g.set_state(state[f"gen.{name}"])
 
@@ -289,26 +312,28 @@ class Checkpointer:
         final = step_folder(folder, step)
         partial = final.with_name(final.name + _PARTIAL)
         dist = _dist()
+        failed = None
         if self.rank == 0:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
                 shutil.rmtree(partial, ignore_errors=True)  # a crashed earlier save of this step
             except OSError as err:
-                raise InputError(folder, f"cannot write a checkpoint: {err.strerror or err}") from None
-        if dist:
-            dist.barrier()
+                failed = f"cannot write a checkpoint: {err.strerror or err}"
+        _agree(dist, folder, failed)  # rank 0 has cleared the way (or failed: every rank raises, none waits)
         with _quiet_single_process():
             dcp.save(self._keyed(state), checkpoint_id=str(partial))
-        if self.rank == 0:
-            atomic_write_json(partial / META_NAME, {
-                "format": FORMAT, "step": step, "world_size": self.world_size, "run": self.run,
-                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-            if final.exists():  # a later save of an older timeline (this run resumed from an earlier step)
-                shutil.rmtree(final)
-            os.replace(partial, final)
-            self._prune(folder)
-        if dist:
-            dist.barrier()  # committed for every rank when save returns
+        if self.rank == 0:  # dcp.save returns on rank 0 once every rank's file is written
+            try:
+                atomic_write_json(partial / META_NAME, {
+                    "format": FORMAT, "step": step, "world_size": self.world_size, "run": self.run,
+                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                if final.exists():  # a later save of an older timeline (this run resumed from an earlier step)
+                    _discard(final)
+                os.replace(partial, final)
+                self._prune(folder)
+            except (OSError, ValueError) as err:  # ValueError: InputError of atomic_write_json
+                failed = f"cannot commit the checkpoint of step {step}: {getattr(err, 'strerror', None) or err}"
+        _agree(dist, folder, failed)  # committed for every rank when save returns
         self.last_saved = step
         return final
 
@@ -316,4 +341,22 @@ class Checkpointer:
         if self.config.keep <= 0:
             return
         for old in committed_steps(folder)[:-self.config.keep]:
-            shutil.rmtree(step_folder(folder, old), ignore_errors=True)
+            _discard(step_folder(folder, old))
+
+
+def _discard(path: Path) -> None:
+    """Delete a committed save: its metadata first (one atomic unlink un-commits it), then the rest, so that a
+    crash midway leaves a folder that loading ignores, never a committed save with missing files."""
+    (path / META_NAME).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _agree(dist, folder: Path, failed: str | None) -> None:
+    """Rank 0's outcome to every rank (a barrier too): an error on rank 0 is raised on every rank, instead of
+    rank 0 raising while the others wait in a collective until the timeout."""
+    if dist is not None:
+        box = [failed]
+        dist.broadcast_object_list(box, src=0)
+        failed = box[0]
+    if failed is not None:
+        raise InputError(folder, failed)

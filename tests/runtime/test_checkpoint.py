@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,3 +184,118 @@ def test_checkpoint_options():
         checkpoint_config(_parse(["--checkpoint-dir", "ck", "--checkpoint-keep", "-2"]))
     with pytest.raises(InputError, match=r"--load-step: -1 must be >= 0"):
         checkpoint_config(_parse(["--checkpoint-dir", "ck", "--load-step", "-1"]))
+    # an option given at its default value still needs the folder (it would do nothing)
+    with pytest.raises(InputError, match="--checkpoint-keep: needs --checkpoint-dir"):
+        checkpoint_config(_parse(["--checkpoint-keep", "2"]))
+    with pytest.raises(InputError, match="--checkpoint-every: needs --checkpoint-dir"):
+        checkpoint_config(_parse(["--checkpoint-every", "0"]))
+    cfg = checkpoint_config(_parse(["--checkpoint-dir", "ck"]))
+    assert (cfg.interval, cfg.keep, cfg.load_step) == (0, 2, None)
+
+
+def test_crash_while_deleting_a_save_leaves_no_broken_committed_save(tmp_path, monkeypatch):
+    """A process killed while it deletes a save (pruning, or replacing an older timeline's save) must not leave a
+    folder that still looks committed with its data gone: the next launch would resume from it and fail."""
+    import shutil
+
+    *_, state = _build(0)
+    Checkpointer(CheckpointConfig(folder=tmp_path, keep=0), run={}).save(2, state)
+    Checkpointer(CheckpointConfig(folder=tmp_path, keep=0), run={}).save(4, state)
+    real_rmtree = shutil.rmtree
+
+    def killed(path, *a, **k):  # deletes a save's data files, then the process dies
+        if Path(path).name.endswith(".partial"):
+            return real_rmtree(path, *a, **k)
+        for f in sorted(Path(path).glob("*.distcp")):
+            f.unlink()
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(RuntimeError, match="killed"):  # keep=1: pruning step 2 dies midway
+        Checkpointer(CheckpointConfig(folder=tmp_path, keep=1), run={}).save(6, state)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert committed_steps(tmp_path) == [4, 6]
+    # resumed from 4, the run saves 6 again: replacing the old timeline's 6 dies midway
+    ck = Checkpointer(CheckpointConfig(folder=tmp_path, keep=0, load_step=4), run={})
+    assert ck.resume(state) == 4
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        ck.save(6, state)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert committed_steps(tmp_path) == [4]
+    assert Checkpointer(CheckpointConfig(folder=tmp_path), run={}).resume(state) == 4
+    ck.save(6, state)  # the half-deleted folder of step 6 is replaced
+    assert committed_steps(tmp_path) == [4, 6]
+
+
+def test_folder_that_cannot_be_created_is_refused_before_the_run(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match=r"sub: cannot be created: .*file is not a folder"):
+        find_checkpoint(tmp_path / "file" / "deeper" / "sub")
+    assert find_checkpoint(tmp_path / "new" / "sub") is None  # creatable: a fresh run
+    assert not (tmp_path / "new").exists()
+
+
+def _rank0_fails_worker(rank: int, world: int, folder: str):
+    *_, state = _rank_state(rank)
+    ck = Checkpointer(CheckpointConfig(folder=folder), run={})
+    try:
+        ck.save(1, state)
+    except InputError as err:
+        return str(err)
+    return "saved"
+
+
+def test_a_save_rank_0_cannot_write_fails_on_every_rank(tmp_path):
+    """Rank 0 creates and commits the folder; when that fails, every rank raises the same error at once instead of
+    the other ranks waiting in a barrier until the collective timeout."""
+    (tmp_path / "file").write_text("x")
+    folder = str(tmp_path / "file" / "sub")
+    t0 = time.monotonic()
+    out = spawn_gloo(_rank0_fails_worker, 2, folder, timeout_s=20)
+    assert len(set(out)) == 1 and out[0].startswith(f"{folder}: cannot write a checkpoint: "), out
+    assert time.monotonic() - t0 < 20 + 30
+
+
+def test_cuda_generators_saved_and_restored_whatever_cuda_state(tmp_path, monkeypatch):
+    """The CUDA entry of RNGState is there whether CUDA was initialised at the save or not: a run that resumes
+    with CUDA up from a save made without it (or the reverse) loads, and saved CUDA states are restored."""
+    states = [torch.randint(0, 256, (16,), dtype=torch.uint8) for _ in range(2)]
+    restored = []
+    fake = {"on": False}
+    # CUDA is faked inside RNGState only (DCP's writer takes other paths when torch.cuda.is_available())
+    fakes = {"is_available": lambda: fake["on"], "is_initialized": lambda: fake["on"],
+             "device_count": lambda: 2 if fake["on"] else 0,
+             "get_rng_state_all": lambda: [s.clone() for s in states],
+             "set_rng_state_all": lambda new: restored.append([s.clone() for s in new])}
+
+    def faking(method):
+        def wrapped(self, *a):
+            real = {name: getattr(torch.cuda, name) for name in fakes}
+            for name, f in fakes.items():
+                setattr(torch.cuda, name, f)
+            try:
+                return method(self, *a)
+            finally:
+                for name, f in real.items():
+                    setattr(torch.cuda, name, f)
+        return wrapped
+
+    monkeypatch.setattr(RNGState, "state_dict", faking(RNGState.state_dict))
+    monkeypatch.setattr(RNGState, "load_state_dict", faking(RNGState.load_state_dict))
+
+    def cuda(on: bool):
+        fake["on"] = on
+
+    cuda(False)
+    Checkpointer(CheckpointConfig(folder=tmp_path / "cpu"), run={}).save(1, {"rng": RNGState()})
+    cuda(True)
+    Checkpointer(CheckpointConfig(folder=tmp_path / "gpu"), run={}).save(1, {"rng": RNGState()})
+    assert Checkpointer(CheckpointConfig(folder=tmp_path / "cpu"), run={}).resume({"rng": RNGState()}) == 1
+    assert restored == []  # nothing saved for CUDA: its generators stay as seeded
+    assert Checkpointer(CheckpointConfig(folder=tmp_path / "gpu"), run={}).resume({"rng": RNGState()}) == 1
+    assert len(restored) == 1 and all(torch.equal(a, b) for a, b in zip(restored[0], states))
+    assert len(restored[0]) == 2
+    cuda(False)
+    assert Checkpointer(CheckpointConfig(folder=tmp_path / "gpu"), run={}).resume({"rng": RNGState()}) == 1
+    assert len(restored) == 1
