@@ -3,7 +3,9 @@
 A run saves into one folder; each save is a sub-folder ``step-00000012`` that DCP writes with one ``.distcp`` file
 per rank, and rank 0 commits it by writing ``adasched-checkpoint.json`` (step, world size, the run's identity) and
 renaming ``step-00000012.partial`` to ``step-00000012``. A crash mid-save leaves only a ``.partial`` folder, which
-loading ignores and the next save of that step replaces. The newest ``keep`` committed saves are kept.
+loading ignores and the next save of that step replaces. The newest ``keep`` committed saves are kept. A run
+resumed from an older save (``load_step``) deletes the saves after it at its first save: they are another
+timeline, and the folder's newest save must be this run's.
 
 Every rank stores its own state under its own key (``rank3/model``, ...): the entry points hold different things
 per rank (expert-parallel experts, pipeline stages, per-rank RNG), and keys shared by all ranks would be saved
@@ -301,9 +303,9 @@ class Checkpointer:
         return self.config.interval > 0 and step > 0 and step % self.config.interval == 0
 
     def save(self, step: int, state: Mapping[str, Any]) -> Path | None:
-        """Save ``state`` as taken after ``step`` completed steps and commit it (replacing a save of that step left
-        by an earlier timeline); None, nothing written, when this run already holds that step's save (it resumed
-        from it or saved it)."""
+        """Save ``state`` as taken after ``step`` completed steps and commit it, deleting the saves of that step
+        and later ones left by an earlier timeline (a run resumed with --load-step from an older save); None,
+        nothing written, when this run already holds that step's save (it resumed from it or saved it)."""
         import torch.distributed.checkpoint as dcp
 
         if step == self.last_saved:  # decided from state every rank shares, never from a file-system race
@@ -327,7 +329,13 @@ class Checkpointer:
                 atomic_write_json(partial / META_NAME, {
                     "format": FORMAT, "step": step, "world_size": self.world_size, "run": self.run,
                     "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-                if final.exists():  # a later save of an older timeline (this run resumed from an earlier step)
+                # saves of this step or later belong to an older timeline (this run resumed from an earlier
+                # step): they go before the commit, so that neither "newest" nor the keep-K count picks them over
+                # this run's saves (pruning by step number would delete the save just made and keep theirs)
+                for later in committed_steps(folder):
+                    if later > step:
+                        _discard(step_folder(folder, later))
+                if final.exists():  # committed, or left half-deleted by a crash
                     _discard(final)
                 os.replace(partial, final)
                 self._prune(folder)

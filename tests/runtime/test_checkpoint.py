@@ -299,3 +299,24 @@ def test_cuda_generators_saved_and_restored_whatever_cuda_state(tmp_path, monkey
     cuda(False)
     assert Checkpointer(CheckpointConfig(folder=tmp_path / "gpu"), run={}).resume({"rng": RNGState()}) == 1
     assert len(restored) == 1
+
+
+@pytest.mark.parametrize("keep, left", [(1, [3]), (2, [2, 3]), (0, [2, 3])])
+def test_a_run_resumed_from_an_older_save_keeps_its_own_saves(tmp_path, keep, left):
+    """Resumed from step 2 of a folder holding 2 and 4, the run's save of step 3 is its newest: the older
+    timeline's step 4 goes (it would be resumed next instead of 3, and keep-K would prune 3 and 2 in its favour)."""
+    model, opt, sched, gen, progress, state = _build(0)
+    ck = Checkpointer(CheckpointConfig(folder=tmp_path, keep=0), run={})
+    for step in (1, 2, 3, 4):
+        _train(model, opt, sched, gen, progress, 1)
+        if step % 2 == 0:
+            ck.save(step, state)
+    *_, state2 = _build(1)
+    ck2 = Checkpointer(CheckpointConfig(folder=tmp_path, keep=keep, load_step=2), run={})
+    assert ck2.resume(state2) == 2
+    state2["progress"]["step"] = 3
+    ck2.save(3, state2)
+    assert committed_steps(tmp_path) == left
+    *_, state3 = _build(2)
+    assert Checkpointer(CheckpointConfig(folder=tmp_path), run={}).resume(state3) == 3
+    assert state3["progress"]["step"] == 3
