@@ -1,6 +1,6 @@
 """What the launchers share: bounds for numbers argparse accepts but a run cannot use, the checkpoint options and the
-LR-schedule options (the one-line argument parser is :class:`adasched.planner.ui.OneLineArgParser`; the finite-seconds and memory
-checks are in :mod:`adasched.profiler.io`)."""
+LR-schedule options (the one-line argument parser is :class:`adasched.planner.ui.OneLineArgParser`; the
+finite-seconds and memory checks are in :mod:`adasched.profiler.io`)."""
 from __future__ import annotations
 
 import argparse

@@ -174,7 +174,7 @@ def test_lr_schedule_sets_the_optimizer_lr_of_every_step(runs):
 
 
 @pytest.mark.parametrize("case", ["identity-steps", "identity-seed", "world", "load-step", "no-dir", "dir-is-file",
-                                  "launch-local"])
+                                  "dir-under-file", "launch-local"])
 def test_bad_checkpoint_input_is_one_line_exit_2_nothing_written(runs, monkeypatch, capsys, case):
     root, plan = runs["root"], runs["plan"]
     monkeypatch.chdir(root)
@@ -209,6 +209,10 @@ def test_bad_checkpoint_input_is_one_line_exit_2_nothing_written(runs, monkeypat
     elif case == "dir-is-file":
         argv += ["--checkpoint-dir", "file"]
         want = "error: file: is not a folder (--checkpoint-dir takes the folder of a run's saves)"
+    elif case == "dir-under-file":  # no save could be written there: refused before training, not at the save
+        argv += ["--checkpoint-dir", "file/sub"]
+        want = ("error: file/sub: cannot be created: file is not a folder (--checkpoint-dir takes the folder of a "
+                "run's saves)")
     else:  # launch_local (and train_sp.sh) check before torchrun starts a worker
         monkeypatch.delenv("WORLD_SIZE")
         monkeypatch.delenv("RANK")
@@ -264,3 +268,27 @@ def test_bad_schedule_options(tmp_path, monkeypatch, capsys, argv, want):
         assert err == [want], out.err
     assert out.out == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
+
+
+def test_run_identity_names_what_changes_the_run():
+    """Every setting that changes the numbers of a run is in its identity; run-time settings (--timeout,
+    --backend, --check-reference, the checkpoint options) are not, so a restart may change them."""
+    from adasched.launch.train_sp import parse_args, run_identity
+
+    plan = _plan2()
+    base = ["--plan", "p.json", *MODEL, *REX]
+    ident = run_identity(parse_args(base), plan)
+    for extra in (["--timeout", "7"], ["--backend", "gloo"], ["--check-reference"],
+                  ["--checkpoint-dir", "x", "--checkpoint-every", "1", "--checkpoint-keep", "0", "--load-step", "2"]):
+        assert run_identity(parse_args(base + extra), plan) == ident, extra
+    for extra in (["--seed", "6"], ["--max-len", "31"], ["--layers", "3"], ["--head-dim", "2"], ["--heads", "1"],
+                  ["--lr", "1e-3"], ["--dtype", "float64"], ["--lr-schedule", "cosine"], ["--warmup-steps", "2"],
+                  ["--steps", "5"]):
+        assert run_identity(parse_args(base + extra), plan) != ident, extra
+    other = _plan2()
+    other.steps[1].micro_batches[0].groups[0].seq_ids.reverse()  # same lengths, other packing
+    assert run_identity(parse_args(base), other) != ident
+    # a constant lr may be extended: the step count is not part of the run then
+    const = ["--plan", "p.json", *MODEL]
+    assert (run_identity(parse_args(const + ["--steps", "2"]), plan)
+            == run_identity(parse_args(const + ["--steps", "9"]), plan))
