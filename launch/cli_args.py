@@ -26,7 +26,8 @@ def add_checkpoint_args(p: argparse.ArgumentParser, *, step: str = "optimizer st
     g.add_argument("--checkpoint-keep", type=int, default=None, metavar="K",
                    help="newest saves kept (default 2; 0 = all)")
     g.add_argument("--load-step", type=int, default=None, metavar="STEP",
-                   help="resume from the save taken after STEP completed steps instead of the newest")
+                   help="resume from the save taken after STEP completed steps instead of the newest (the saves "
+                        "after STEP are another timeline: this run's first save deletes them)")
 
 
 def checkpoint_config(args: argparse.Namespace):

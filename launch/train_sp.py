@@ -28,8 +28,10 @@ Semantics
 Checkpoints
 - --checkpoint-dir DIR (with --checkpoint-every N, --checkpoint-keep K, --load-step STEP) saves the run with
   torch.distributed.checkpoint after every N completed steps and at the end, and a launch whose DIR holds a save
-  resumes from the newest (or STEP's) and trains on to --steps; rank 0 prints `resumed from DIR at step N`. A
-  resumed run is bit for bit the uninterrupted one (CPU, float32 and float64).
+  resumes from the newest (or STEP's: its first save then deletes the saves after STEP, another timeline) and
+  trains on to --steps; rank 0 prints `resumed from DIR at step N`. A resumed run is bit for bit the
+  uninterrupted one on CPU (tested with float32). A --checkpoint-dir that cannot be created is refused before
+  the run, and a save that rank 0 cannot write or commit stops every rank with that error.
 - Saved state (every rank its own): the model and its Adam state (moments, step counts, the lr of the param group);
   the LR scheduler (its step, last lr); torch's global generator and Python's `random` (nothing draws from them
   after the model's init today; kept so that dropout or sampling added later resumes right); the step counter.
