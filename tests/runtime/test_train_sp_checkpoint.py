@@ -131,7 +131,9 @@ def test_scheduled_run_restarted_from_a_periodic_save_is_bit_for_bit(runs):
     assert "resumed from A at step 2" in runs["A2"].splitlines()
     assert resumed == {k: straight[k] for k in (2, 3)}  # lr and loss, exactly
     # the final save of the restarted run holds exactly the uninterrupted run's state (weights, Adam moments and
-    # steps, the scheduler, the generators, the counter) on both ranks
+    # steps, the scheduler, the generators, the counter) on both ranks; the restarted run did write it (else the
+    # comparison would be of A1's save with itself)
+    assert "checkpoint: step 4 saved to A/step-00000004" in runs["A2"].splitlines(), runs["A2"]
     _assert_same_state(runs["A1_final"], _saved(runs["dirA"], 4))
     # --check-reference on a resumed run: the reference starts from the resumed weights (it would differ from the
     # distributed loss by far more than 1e-5 if it started from the initial weights)
