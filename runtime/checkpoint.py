@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import time
@@ -173,13 +174,18 @@ class Values:
         self._values[key] = value
 
     def state_dict(self) -> dict:
-        return dict(self._values)
+        # a dict without tensors goes as one pickled value: DCP flattens dicts into one key per entry and loads only
+        # the entries the resuming run's (template) dict has, so a dict whose keys grow during the run came back
+        # empty or stale, or failed with "Missing key"
+        return {k: pickle.dumps(v) if isinstance(v, dict) and not _holds_tensor(v) else v
+                for k, v in self._values.items()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         missing = set(self._values) - set(state)
         if missing:
             raise KeyError(f"checkpoint lacks values {sorted(missing)}")
-        self._values.update(state)
+        for k, v in state.items():
+            self._values[k] = pickle.loads(v) if isinstance(self._values.get(k), dict) and isinstance(v, bytes) else v
 
 
 class RNGState:
@@ -217,6 +223,18 @@ class RNGState:
             torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in cuda])
         for name, g in self.generators.items():
             g.set_state(state[f"gen.{name}"])
+
+
+def _holds_tensor(obj: Any) -> bool:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return True
+    if isinstance(obj, Mapping):
+        return any(_holds_tensor(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_holds_tensor(v) for v in obj)
+    return False
 
 
 def _py_state_flat(st: tuple) -> list:

@@ -320,3 +320,19 @@ def test_a_run_resumed_from_an_older_save_keeps_its_own_saves(tmp_path, keep, le
     *_, state3 = _build(2)
     assert Checkpointer(CheckpointConfig(folder=tmp_path), run={}).resume(state3) == 3
     assert state3["progress"]["step"] == 3
+
+
+def test_values_holding_a_dict_whose_keys_change_resume(tmp_path):
+    """A plain dict in Values (per-name counters that appear during the run) comes back whole, whatever the
+    resuming run's dict holds yet; tensors in Values are loaded in place."""
+    v = Values(seen={}, step=0, bias=torch.zeros(3))
+    v["seen"] = {"a": 1, "b": [2, 3], "c": {"d": 4.5}}
+    v["step"] = 7
+    v["bias"].copy_(torch.randn(3))
+    Checkpointer(CheckpointConfig(folder=tmp_path), run={}).save(7, {"v": v})
+    for template in ({}, {"x": 9}):
+        w = Values(seen=template, step=0, bias=torch.zeros(3))
+        bias = w["bias"]
+        assert Checkpointer(CheckpointConfig(folder=tmp_path), run={}).resume({"v": w}) == 7
+        assert w["seen"] == {"a": 1, "b": [2, 3], "c": {"d": 4.5}} and w["step"] == 7
+        assert torch.equal(w["bias"], v["bias"]) and w["bias"] is bias
