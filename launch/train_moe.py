@@ -35,8 +35,11 @@ one model per schedule) takes no checkpoint options. Every rank stores its own s
 different experts), so a save resumes only with the same world size, and only for the same run: the identity
 (:func:`run_identity`) holds the router, the scheduled per-layer capacities, the model's sizes, --batch, --lr, the
 LR schedule and its warmup (and --steps when the schedule is not constant: its horizon), --seed,
---capacity-factor, --shared-experts, the EP size and exchange, and the pipeline (the plan's ``inputs_digest`` and
-configuration with --plan, else --r-fwd/--r-bwd/--wgrad); a constant-LR run may be extended with a larger --steps.
+--capacity-factor, --shared-experts, the EP size and exchange, and the pipeline every layer runs - r_fwd/r_bwd,
+weight-gradient placement, issue orders and dense-gradient slices, from --plan or the flags (they change the float
+sums) - with --plan also the plan's ``inputs_digest`` and configuration (a plan re-solved from the same inputs keeps
+its digest but may pick another pipeline); a constant-LR run may be extended with a larger --steps. Output options
+(--json, --router-stats-out) and the checkpoint options themselves are not part of it.
 A mismatch (other world size, other run, a --load-step not saved, a --checkpoint-dir that is a file) is one
 ``error:`` line, exit 2, before any process group (train_moe.sh's --validate-only pass: before torchrun starts).
 Rank 0 prints ``resumed from <step folder> at step N``; a save at or past --steps leaves nothing to train (a note,
@@ -122,7 +125,8 @@ def parse_args(argv):
                    help="single-process: one model per capacity schedule, held-out loss of each (no checkpoints)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end (status lines go to "
-                   "stderr); each run lists the exact loss and LR of every step this launch trained")
+                   "stderr); each run lists the exact loss and LR of every step this launch trained (no runs, and "
+                   "'nothing_left', when the save resumed from is already at --steps)")
     add_checkpoint_args(p)
     return p.parse_args(argv)
 
@@ -238,9 +242,12 @@ def run_identity(args, router: str, schedule: str, ep_size: int, world: int) -> 
         from adasched.planner.plan import load_plan
 
         ident["plan_inputs_digest"] = load_plan(args.plan, expect=MoEPlan).inputs_digest
-        ident["plan_config"] = _plan_pipeline(args, ep_size, args.layers, world).config
-    else:
-        ident.update(r_fwd=args.r_fwd, r_bwd=args.r_bwd, wgrad=args.wgrad)
+    # the pipeline the layers run, per layer, from the plan or the flags: the chunking (r), the weight-gradient
+    # placement and the issue orders change the float sums (r 2 vs 4 changed a loss's last bits), and a plan
+    # re-solved from the same inputs (same digest: a time-limited solve, another --time-limit) may pick others
+    pp = _plan_pipeline(args, ep_size, args.layers, world)
+    ident.update(plan_config=pp.config if args.plan is not None else None, r_fwd=pp.r_fwd, r_bwd=pp.r_bwd,
+                 wgrad=pp.wgrad, order_fwd=pp.order_fwd, order_bwd=pp.order_bwd, grad_slices=pp.slice_fractions)
     return ident
 
 
@@ -514,6 +521,12 @@ def _main(args) -> int:
         return 0
     if saved is not None and saved.step >= args.steps:
         status(f"nothing left to train: {saved.path} is step {saved.step} and --steps is {args.steps}")
+        if args.json and is_rank0():                  # --json: stdout is still one JSON object, with no runs
+            two_step = bool(args.hierarchical and env_ep > 1)
+            print(json.dumps({"world": env_world, "ep_size": env_ep, "two_step": two_step,
+                              "exchange_gpus_per_node": min(args.gpus_per_node, env_ep) if two_step else None,
+                              "runs": [], "nothing_left": {"checkpoint": str(saved.path), "step": saved.step,
+                                                           "steps": args.steps}}), flush=True)
         return 0
     from adasched.runtime.dist import init_distributed
 
