@@ -3,9 +3,11 @@
 A run saves into one folder; each save is a sub-folder ``step-00000012`` that DCP writes with one ``.distcp`` file
 per rank, and rank 0 commits it by writing ``adasched-checkpoint.json`` (step, world size, the run's identity) and
 renaming ``step-00000012.partial`` to ``step-00000012``. A crash mid-save leaves only a ``.partial`` folder, which
-loading ignores and the next save of that step replaces. The newest ``keep`` committed saves are kept. A run
-resumed from an older save (``load_step``) deletes the saves after it at its first save: they are another
-timeline, and the folder's newest save must be this run's.
+loading ignores and the next save of that step replaces; deleting a save (keep-K, or a replaced one) removes its
+metadata first, so a crash midway leaves an uncommitted folder, never a committed one with files missing. When
+rank 0 cannot create or commit a save, every rank raises its error (none waits in a collective). The newest
+``keep`` committed saves are kept. A run resumed from an older save (``load_step``) deletes the saves after it at
+its first save: they are another timeline, and the folder's newest save must be this run's.
 
 Every rank stores its own state under its own key (``rank3/model``, ...): the entry points hold different things
 per rank (expert-parallel experts, pipeline stages, per-rank RNG), and keys shared by all ranks would be saved
@@ -16,7 +18,7 @@ process group exists (:func:`find_checkpoint`, :func:`check_resumable`), so a mi
 State values are any object with ``state_dict()`` / ``load_state_dict()`` (a module, an optimizer, an
 LRScheduler) or the wrappers here: :class:`ModelState` (model + optimizers, DCP's own state-dict helpers, so the
 optimizer's state exists before it is loaded into), :class:`RNGState` (torch, CUDA and Python generators) and
-:class:`Values` (plain counters such as the data cursor).
+:class:`Values` (plain counters such as the data cursor; a tensor-free dict is saved whole, as one value).
 """
 from __future__ import annotations
 
