@@ -40,10 +40,11 @@ weight-gradient placement, issue orders and dense-gradient slices, from --plan o
 sums) - with --plan also the plan's ``inputs_digest`` and configuration (a plan re-solved from the same inputs keeps
 its digest but may pick another pipeline); a constant-LR run may be extended with a larger --steps. Output options
 (--json, --router-stats-out) and the checkpoint options themselves are not part of it.
-A mismatch (other world size, other run, a --load-step not saved, a --checkpoint-dir that is a file) is one
-``error:`` line, exit 2, before any process group (train_moe.sh's --validate-only pass: before torchrun starts).
-Rank 0 prints ``resumed from <step folder> at step N``; a save at or past --steps leaves nothing to train (a note,
-exit 0). The state, per rank:
+A mismatch (other world size, other run, a --load-step not saved, a --checkpoint-dir that is a file or cannot be
+created or written) is one ``error:`` line, exit 2, before any process group (train_moe.sh's --validate-only pass:
+before torchrun starts). Rank 0 prints ``resumed from <step folder> at step N``; a run resumed with --load-step from
+an older save deletes the later saves at its first save; a save at or past --steps leaves nothing to train (a note,
+exit 0; with --json also a JSON object without runs). The state, per rank:
 
 - ``model``: the model with AdamW (:class:`~adasched.runtime.checkpoint.ModelState`): the replicated dense weights,
   this rank's expert shards (w1/w2, and the shared experts), the routers' projections and their persistent buffers
@@ -82,8 +83,8 @@ def parse_args(argv):
     p = ArgParser(prog="python -m adasched.launch.train_moe", epilog=(
         "Checkpoints: --checkpoint-dir needs one --router and one --schedule; every rank saves its own state (its "
         "experts, AdamW, the LR schedule, its data generator), so a save resumes only with the same world size and "
-        "the same run settings (model, data, --lr/--lr-schedule, --seed, EP size, plan digest); a constant-LR run "
-        "may be extended with a larger --steps."))
+        "the same run settings (model, data, --lr/--lr-schedule, --seed, EP size, pipeline, plan digest); a "
+        "constant-LR run may be extended with a larger --steps."))
     p.add_argument("--router", default="gshard", help="router kind, comma list or 'all'")
     p.add_argument("--schedule", default="uniform", help="capacity schedule, comma list or 'all'")
     p.add_argument("--budget", type=int, default=None, help="total capacity over layers (k units or experts)")
