@@ -3,7 +3,7 @@
 A run saves into one folder; each save is a sub-folder ``step-00000012`` that DCP writes with one ``.distcp`` file
 per rank, and rank 0 commits it by writing ``adasched-checkpoint.json`` (step, world size, the run's identity) and
 renaming ``step-00000012.partial`` to ``step-00000012``. A crash mid-save leaves only a ``.partial`` folder, which
-loading ignores and the next save of that step replaces; deleting a save (keep-K, or a replaced one) removes its
+loading ignores and the next commit removes; deleting a save (keep-K, or a replaced one) removes its
 metadata first, so a crash midway leaves an uncommitted folder, never a committed one with files missing. When
 rank 0 cannot create or commit a save, every rank raises its error (none waits in a collective). The newest
 ``keep`` committed saves are kept. A run resumed from an older save (``load_step``) deletes the saves after it at
@@ -366,6 +366,13 @@ class Checkpointer:
         return final
 
     def _prune(self, folder: Path) -> None:
+        # the remains of crashed saves and deletes (``.partial`` folders, step folders without metadata): garbage
+        # once this save is committed (one run writes a folder at a time), however large
+        for child in folder.glob(f"{_PREFIX}*"):
+            if not (child.name[len(_PREFIX):].removesuffix(_PARTIAL).isdigit() and child.is_dir()):
+                continue  # not a folder this module writes
+            if child.name.endswith(_PARTIAL) or not (child / META_NAME).is_file():
+                shutil.rmtree(child, ignore_errors=True)
         if self.config.keep <= 0:
             return
         for old in committed_steps(folder)[:-self.config.keep]:

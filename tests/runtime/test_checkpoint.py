@@ -336,3 +336,16 @@ def test_values_holding_a_dict_whose_keys_change_resume(tmp_path):
         assert Checkpointer(CheckpointConfig(folder=tmp_path), run={}).resume({"v": w}) == 7
         assert w["seen"] == {"a": 1, "b": [2, 3], "c": {"d": 4.5}} and w["step"] == 7
         assert torch.equal(w["bias"], v["bias"]) and w["bias"] is bias
+
+
+def test_a_commit_removes_the_remains_of_crashed_saves(tmp_path):
+    *_, state = _build(0)
+    for name in ("step-00000008.partial", "step-00000009", "step-00000003.partial"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__0_0.distcp").write_bytes(b"x" * 64)
+    (tmp_path / "notes.txt").write_text("mine")  # not a save: left alone
+    (tmp_path / "step-notes").mkdir()
+    (tmp_path / "step-notes.partial").mkdir()
+    Checkpointer(CheckpointConfig(folder=tmp_path, keep=0), run={}).save(2, state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "step-00000002", "step-notes",
+                                                           "step-notes.partial"]
