@@ -306,7 +306,11 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log,
         ck = Checkpointer(cfg, run=identity)
         start = ck.resume(state)
         if start != progress["step"]:
-            raise RuntimeError(f"checkpoint at step {start} holds progress step {progress['step']}")
+            from adasched.profiler.io import InputError      # every rank loaded the same step: all raise
+
+            raise InputError(step_folder(cfg.folder, start), f"holds the state after {progress['step']} steps, its "
+                             f"metadata says step {start} (a copied or edited save); resume from another --load-step "
+                             f"or a new --checkpoint-dir")
         if start > 0:
             resumed_from = str(step_folder(cfg.folder, start))
             if rank == 0 and status is not None:

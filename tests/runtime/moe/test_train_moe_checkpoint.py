@@ -356,3 +356,21 @@ def test_lr_schedule_resumes_with_load_step(one_rank_env, tmp_path, capsys):
     # the schedule's horizon is --steps: a longer run is another run
     assert main([*TINY, *sched[:-2], "--steps", "6", "--checkpoint-dir", str(ck), "--validate-only"]) == 2
     assert "total_steps: saved 5, now 6" in capsys.readouterr().err
+
+
+def test_save_whose_metadata_disagrees_with_its_state_is_one_line(one_rank_env, tmp_path, capsys):
+    """A step folder whose metadata names another step than the progress it holds (a copied or renamed save): one
+    error line naming it, exit 2, nothing written - not a traceback after the process group exists."""
+    ck = tmp_path / "ck"
+    run = ["--steps", "2", "--checkpoint-dir", str(ck)]
+    _one_rank(capsys, run)
+    shutil.copytree(step_folder(ck, 2), step_folder(ck, 3))
+    meta = step_folder(ck, 3) / "adasched-checkpoint.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "step": 3}))
+    before = _tree(tmp_path)
+    assert main([*TINY, *run[:1], "4", *run[2:]]) == 2
+    cap = capsys.readouterr()
+    err = cap.err.strip().splitlines()
+    assert err == [f"error: {step_folder(ck, 3)}: holds the state after 2 steps, its metadata says step 3 (a "
+                   f"copied or edited save); resume from another --load-step or a new --checkpoint-dir"], cap.err
+    assert _tree(tmp_path) == before
