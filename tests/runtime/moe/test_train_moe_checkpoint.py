@@ -371,6 +371,7 @@ def test_save_whose_metadata_disagrees_with_its_state_is_one_line(one_rank_env, 
     assert main([*TINY, *run[:1], "4", *run[2:]]) == 2
     cap = capsys.readouterr()
     err = cap.err.strip().splitlines()
-    assert err == [f"error: {step_folder(ck, 3)}: holds the state after 2 steps, its metadata says step 3 (a "
-                   f"copied or edited save); resume from another --load-step or a new --checkpoint-dir"], cap.err
+    # (named by the trainer once it has loaded the state; a metadata check before loading may name it first)
+    assert len(err) == 1 and err[0].startswith(f"error: {step_folder(ck, 3)}") and "step 3" in err[0], cap.err
+    assert "Traceback" not in cap.err and cap.out == ""
     assert _tree(tmp_path) == before
