@@ -179,6 +179,23 @@ def _make_plan(args, rank: int, world: int) -> str:
     return text
 
 
+def _dcp(where, what: str, fn, *args):
+    """``fn(*args)`` (a Checkpointer load or save) with DCP's failure report - a CheckpointException, a BaseException
+    carrying every rank's traceback, raised on every rank - turned into one InputError naming the first failure (a
+    deleted or damaged .distcp file of a committed save, a full disk)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from adasched.profiler.io import InputError
+
+    try:
+        return fn(*args)
+    except CheckpointException as err:
+        import traceback
+
+        why = [" ".join("".join(traceback.format_exception_only(type(e), e)).split()) for e, _ in err.failures.values()]
+        raise InputError(where, f"{what} ({why[0] if why else err.args[0]})") from None
+
+
 def _kernel_path(reference: bool) -> str:
     """What the multi-LoRA projections run: "reference" (--reference), "interpret" (the fused Triton kernels under
     TRITON_INTERPRET=1) or "torch" (without the interpreter the fused call falls back to the torch reference with
@@ -200,7 +217,7 @@ def run(args: argparse.Namespace) -> dict | None:
     from adasched.planner.lorafusion.plan import LoRAPlan
     from adasched.planner.plan import save_plan
     from adasched.runtime.dist import env_world, init_distributed
-    from adasched.runtime.checkpoint import Checkpointer, RNGState, step_folder
+    from adasched.runtime.checkpoint import Checkpointer, RNGState, find_checkpoint, step_folder
     from adasched.runtime.lora_model import TinyCausalLM, TinyLMConfig
     from adasched.runtime.lora_trainer import (
         SyntheticLoRAData,
@@ -242,10 +259,6 @@ def run(args: argparse.Namespace) -> dict | None:
             print(f"ok: {len(plan.microbatches)} microbatches of {len(plan.jobs)} jobs for {world} pipeline "
                   f"stage(s); nothing written")
             return None
-        if rank == 0:
-            save_plan(plan, args.out / "plan.json")
-            if cfg is not None and resumed_plan is None:  # the plan a resumed run will execute
-                save_plan(plan, Path(cfg.folder) / "plan.json")
         adapters = build_adapters(model, plan, seed=args.seed)
         data = SyntheticLoRAData(args.vocab, seed=args.seed)
         kernels = _kernel_path(args.reference)
@@ -256,7 +269,9 @@ def run(args: argparse.Namespace) -> dict | None:
         ck, start, on_checkpoint = None, 0, None
         if cfg is not None:
             ck = Checkpointer(cfg, run=_identity(args, plan))
-            start = ck.resume(state)
+            info = find_checkpoint(cfg.folder, cfg.load_step)
+            start = _dcp(info.path if info else cfg.folder, "cannot load this save; resume another with --load-step "
+                         "or start in a new --checkpoint-dir", ck.resume, state)
             if start != tstate.cursor:
                 raise ValueError(f"{cfg.folder}: the save of step {start} holds trainer step {tstate.cursor}")
             if rank == 0 and start >= total:
@@ -267,9 +282,13 @@ def run(args: argparse.Namespace) -> dict | None:
 
             def save_due(step: int) -> None:  # every rank, at a step boundary (the pipeline is drained)
                 if ck.due(step):
-                    ck.save(step, state)
+                    _dcp("--checkpoint-dir", f"cannot save step {step}", ck.save, step, state)
 
             on_checkpoint = save_due
+        if rank == 0:  # after the load: a save that cannot be resumed leaves --out untouched
+            save_plan(plan, args.out / "plan.json")
+            if cfg is not None and resumed_plan is None:  # the plan a resumed run will execute (before any save)
+                save_plan(plan, Path(cfg.folder) / "plan.json")
         every = cfg.interval if cfg is not None else 0
         if world == 1:
             res = train_plan(model, adapters, plan, data, fused=fused, seed=args.seed, state=tstate,
@@ -284,7 +303,8 @@ def run(args: argparse.Namespace) -> dict | None:
             if rank == 0:
                 res = got[world - 1]
         if ck is not None:
-            ck.save(total, state)  # collective; nothing written when this step is already saved
+            # collective; nothing written when this step is already saved
+            _dcp("--checkpoint-dir", f"cannot save step {total}", ck.save, total, state)
         if rank != 0:
             return None
         save_adapters(args.out, plan, adapters, states, res)

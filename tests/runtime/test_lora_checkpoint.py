@@ -71,6 +71,8 @@ def _assert_same_outputs(a: Path, b: Path) -> None:
         assert sa.keys() == sb.keys() and len(sa) > 0
         for k in sa:
             assert torch.equal(sa[k], sb[k]), f"{job} {k}"
+        # the launcher's docstring promises the same files byte for byte
+        assert (a / job / "adapter_model.safetensors").read_bytes() == (b / job / "adapter_model.safetensors").read_bytes()
         assert (a / job / "adapter_config.json").read_text() == (b / job / "adapter_config.json").read_text()
 
 
@@ -100,6 +102,11 @@ def test_single_process_resume_mid_global_batch_is_bit_exact(plan_files, tmp_pat
     _assert_same_outputs(straight, again)
 
     # (c) bad input: one error line, exit 2, nothing written anywhere
+    # a plan with the saved one's inputs digest but other contents (pa's lr): only the plan digest tells them apart
+    edited = json.loads(plan.read_text())
+    edited["jobs"][0]["lr"] = 0.5
+    other_plan = tmp_path / "other_plan.json"
+    other_plan.write_text(json.dumps(edited))
     before = _files(tmp_path)
     bad = [
         (["--checkpoint-dir", str(ck), "--seed", "4"], "saved by a different run (seed: saved 3, now 4)"),
@@ -122,6 +129,17 @@ def test_single_process_resume_mid_global_batch_is_bit_exact(plan_files, tmp_pat
     assert main(["--jobs", str(other), "--out", str(tmp_path / "bad"), "--checkpoint-dir", str(ck)] + MODEL) == 2
     err = capfd.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "inputs_digest: saved" in err, err
+    assert main(["--plan", str(other_plan), "--out", str(tmp_path / "bad"), "--checkpoint-dir", str(ck)] + MODEL) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "(plan_sha256: saved" in err, err
+    assert _files(tmp_path) == before
+    # a committed save whose rank file is damaged (DCP raises a BaseException with every rank's traceback)
+    (step_folder(ck, 6) / "__0_0.distcp").write_bytes(b"not a checkpoint")
+    before = _files(tmp_path)
+    assert main(["--plan", str(plan), "--out", str(tmp_path / "bad"), "--checkpoint-dir", str(ck), "--load-step",
+                 "6"] + MODEL) == 2
+    err = capfd.readouterr().err
+    assert err.startswith(f"error: {step_folder(ck, 6)}: cannot load this save") and err.count("\n") == 1, err
     assert _files(tmp_path) == before
 
 
@@ -160,6 +178,11 @@ def test_pipeline_resume_is_bit_exact_and_refuses_another_world_size(plan_files,
                       "--checkpoint-keep", "0"] + MODEL) == {0: 0, 1: 0}
     assert f"resumed from {step_folder(ck, 2)} at step 2\n" in capfd.readouterr().err
     _assert_same_outputs(straight, resumed)
+    # everything done: both stages load the end's save, gather their layers' adapters and rank 0 writes them
+    again = tmp_path / "again"
+    assert _pipeline(["--plan", str(plan), "--out", str(again), "--checkpoint-dir", str(ck)] + MODEL) == {0: 0, 1: 0}
+    assert "nothing left to train: all 7 steps" in capfd.readouterr().err
+    _assert_same_outputs(straight, again)
     # a 1-process run cannot load the 2 ranks' save
     before = _files(tmp_path)
     assert main(["--plan", str(plan), "--out", str(tmp_path / "bad"), "--checkpoint-dir", str(ck)] + MODEL) == 2
