@@ -114,6 +114,8 @@ def _read_info(path: Path) -> CheckpointInfo:
         raise InputError(meta_path, f"missing or bad field ({err})") from None
     if not isinstance(run, dict):
         raise InputError(meta_path, "'run' must be an object")
+    if path.name != step_folder(path.parent, step).name:  # a renamed or copied step folder
+        raise InputError(meta_path, f"says step {step}, but its folder is {path.name}")
     return CheckpointInfo(step=step, path=path, world_size=world, run=run, saved_at=str(meta.get("saved_at", "")))
 
 

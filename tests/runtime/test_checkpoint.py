@@ -349,3 +349,12 @@ def test_a_commit_removes_the_remains_of_crashed_saves(tmp_path):
     Checkpointer(CheckpointConfig(folder=tmp_path, keep=0), run={}).save(2, state)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "step-00000002", "step-notes",
                                                            "step-notes.partial"]
+
+
+def test_metadata_step_must_match_its_folder(tmp_path):
+    # a copied or renamed step folder resumed the state of another step under this one's number
+    *_, state = _build(0)
+    Checkpointer(CheckpointConfig(folder=tmp_path), run={}).save(2, state)
+    step_folder(tmp_path, 2).rename(step_folder(tmp_path, 6))
+    with pytest.raises(InputError, match=r"says step 2, but its folder is step-00000006"):
+        find_checkpoint(tmp_path)
