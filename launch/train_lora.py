@@ -18,7 +18,8 @@ and per-microbatch losses so far, the optimizer-step counts and the RNG (see "Ch
 :mod:`adasched.runtime.lora_trainer`); rank 0 also writes the plan to CHECKPOINT_DIR/plan.json on a fresh run,
 and a resumed run executes that plan (re-planning with a time-limited solver could pack differently). The run's
 identity - the plan's ``inputs_digest`` and a digest of its microbatch sequence, the model dims, --seed, the
-kernel path - and the world size must match the save's, else one ``error:`` line, exit 2, before any process
+kernel numerics (the fused kernels, or the torch reference that both --reference and the fallback run) - and the
+world size must match the save's, else one ``error:`` line, exit 2, before any process
 group exists. A resumed run writes the same adapters and losses.json, byte for byte, as the uninterrupted one.
 
 The fused multi-LoRA kernels run on a CPU only under TRITON_INTERPRET=1 (slow: ~85 s for the tiny preset on one
@@ -122,7 +123,13 @@ def _identity(args: argparse.Namespace, plan, inputs: str | None = None) -> dict
     return {"trainer": "train_lora", "inputs_digest": inputs or plan.inputs_digest, "plan_sha256": _plan_digest(plan),
             "model": {"vocab": args.vocab, "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
                       "ffn": args.ffn, "max_positions": args.max_positions},
-            "seed": args.seed, "dtype": "float32", "kernels": _kernel_path(args.reference)}
+            "seed": args.seed, "dtype": "float32", "kernels": _numerics(_kernel_path(args.reference))}
+
+
+def _numerics(kernels: str) -> str:
+    """The kernel path as run identity: the fallback ("torch", train_lora.sh without TRITON_INTERPRET) calls the
+    torch reference that --reference selects - the same bits - so a save of one resumes under the other."""
+    return "reference" if kernels == "torch" else kernels
 
 
 def _resume_check(args: argparse.Namespace, cfg, world: int):

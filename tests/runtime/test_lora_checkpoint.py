@@ -95,6 +95,17 @@ def test_single_process_resume_mid_global_batch_is_bit_exact(plan_files, tmp_pat
     assert f"resumed from {step_folder(ck, 6)} at step 6\n" in err
     _assert_same_outputs(straight, resumed)
     assert committed_steps(ck) == [6, 7]
+    # the fused call's fallback without TRITON_INTERPRET (train_lora.sh) runs the torch reference that --reference
+    # selects, bit for bit: a --reference save resumes without --reference there
+    import adasched.kernels.lora as lora_kernels
+
+    with pytest.MonkeyPatch.context() as mpatch:
+        mpatch.setattr(lora_kernels, "INTERPRET", False)
+        fallback = tmp_path / "fallback"
+        argv = ["--plan", str(plan), "--out", str(fallback), "--checkpoint-dir", str(ck), "--load-step", "6"]
+        assert main(argv + [a for a in MODEL if a != "--reference"]) == 0
+    assert json.loads(capfd.readouterr().out)["kernels"] == "torch"
+    _assert_same_outputs(straight, fallback)
     # everything done: says so, exits 0 and writes the saved adapters
     again = tmp_path / "again"
     assert main(["--plan", str(plan), "--out", str(again), "--checkpoint-dir", str(ck)] + MODEL) == 0
