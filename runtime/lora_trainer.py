@@ -286,7 +286,14 @@ class LoRATrainerState:
         return {"blob": buf.getvalue()}
 
     def load_state_dict(self, state) -> None:
-        p = torch.load(io.BytesIO(state["blob"]), weights_only=True)
+        try:  # tensors and plain values only (weights_only): a save holds no code to run
+            p = torch.load(io.BytesIO(state["blob"]), weights_only=True)
+            missing = {"cursor", "params", "grads", "optim", "losses", "microbatch_losses", "steps"} - set(p)
+        except Exception as err:  # a damaged blob: UnpicklingError, RuntimeError, EOFError, TypeError, ...
+            why = " ".join(str(err).split())[:200]
+            raise ValueError(f"checkpoint: the trainer state cannot be read ({type(err).__name__}: {why})") from None
+        if missing:
+            raise ValueError(f"checkpoint: the trainer state lacks {sorted(missing)}")
         if len(p["params"]) != len(self.adapters) or len(p["optim"]) != len(self.optimizers):
             raise ValueError("checkpoint: saved for another number of jobs")
         with torch.no_grad():

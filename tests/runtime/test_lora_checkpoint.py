@@ -204,3 +204,33 @@ def test_pipeline_resume_is_bit_exact_and_refuses_another_world_size(plan_files,
                  "--checkpoint-dir", str(ck)] + MODEL) == 2
     assert "saved by 2 ranks, this run has 3" in capfd.readouterr().err
     assert _files(tmp_path) == before
+
+
+def test_trainer_state_refuses_a_damaged_or_unsafe_blob(plan_files):
+    """LoRATrainerState's blob is read with weights_only: junk, a pickled object with code, or a blob without the
+    trainer's fields is a ValueError (one `error:` line in the launcher), and the state it was loaded into is kept."""
+    import io
+    from collections import OrderedDict
+
+    from adasched.planner.lorafusion.plan import LoRAPlan
+    from adasched.planner.plan import load_plan
+    from adasched.runtime.lora_model import TinyCausalLM, TinyLMConfig
+    from adasched.runtime.lora_trainer import build_adapters, trainer_state
+
+    plan = load_plan(plan_files[1], expect=LoRAPlan)
+    model = TinyCausalLM(TinyLMConfig(vocab_size=32, hidden=16, layers=2, heads=2, ffn_hidden=24, max_positions=64))
+    st = trainer_state(model, build_adapters(model, plan, seed=3), plan)
+    good = st.state_dict()
+    a0 = [t.clone() for _, t in st._params(0)]
+    unsafe = io.BytesIO()
+    torch.save({"cursor": 1, "hook": OrderedDict, "call": os.getcwd}, unsafe)  # globals outside weights_only
+    partial = io.BytesIO()
+    torch.save({"cursor": 1}, partial)
+    for blob, needle in ((b"junk", "cannot be read"), (good["blob"][:100], "cannot be read"),
+                         (unsafe.getvalue(), "cannot be read"), (partial.getvalue(), "lacks ['grads'")):
+        with pytest.raises(ValueError, match=r"^checkpoint: the trainer state") as info:
+            st.load_state_dict({"blob": blob})
+        assert needle in str(info.value) and "\n" not in str(info.value), str(info.value)
+        assert st.cursor == 0 and all(torch.equal(x, t) for x, (_, t) in zip(a0, st._params(0)))
+    st.load_state_dict(good)  # the state's own blob still loads
+    assert st.cursor == 0
