@@ -455,7 +455,13 @@ def main(argv: list[str] | None = None, quiet: bool = False) -> int:
             print(f"train_sp: {saved.path} is at step {saved.step} and the run has {steps} steps (--steps): "
                   f"nothing left to train")
         return 0
-    return _train(args, plan, factor, lengths)
+    try:
+        return _train(args, plan, factor, lengths)
+    except InputError as err:  # found only once running (a save that cannot be written): one line, every rank
+        if rank == 0:
+            sys.stderr.write(error_line(err))
+            sys.stderr.flush()
+        return 2
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import os
 import pickle
 import random
 import shutil
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -85,12 +86,16 @@ def step_folder(folder: Path, step: int) -> Path:
 def committed_steps(folder: str | os.PathLike) -> list[int]:
     """Steps of the committed saves in ``folder``, ascending ([] when the folder does not exist)."""
     folder = Path(folder)
-    if not folder.exists():
-        return []
-    if not folder.is_dir():
+    try:
+        if not folder.exists():
+            return []
+        children = list(folder.iterdir()) if folder.is_dir() else None
+    except OSError as err:  # a name too long, no permission, ...
+        raise InputError(folder, f"cannot read: {err.strerror or err}") from None
+    if children is None:
         raise InputError(folder, "is not a folder (--checkpoint-dir takes the folder of a run's saves)")
     steps = []
-    for child in folder.iterdir():
+    for child in children:
         name = child.name
         if not name.startswith(_PREFIX) or name.endswith(_PARTIAL) or not (child / META_NAME).is_file():
             continue
@@ -136,14 +141,19 @@ def find_checkpoint(folder: str | os.PathLike, load_step: int | None = None) -> 
 def _check_writable(folder: Path) -> None:
     """Refuse a folder no save could be written to (its nearest existing parent is a file, or not writable), so
     that a run learns it before training rather than at its first save."""
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise InputError(folder, f"cannot be created: {probe} is not a folder (--checkpoint-dir takes the folder "
-                                 f"of a run's saves)")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise InputError(folder, f"cannot write a checkpoint: {probe} is not writable")
+    try:
+        probe = folder
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise InputError(folder, f"cannot be created: {probe} is not a folder (--checkpoint-dir takes the "
+                                     f"folder of a run's saves)")
+        # a real write, not os.access: root passes access() on read-only and pseudo file systems (/proc)
+        fd, tmp = tempfile.mkstemp(prefix=".adasched-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:  # not writable, read-only, a name too long, ...
+        raise InputError(folder, f"cannot write a checkpoint: {err.strerror or err}") from None
 
 
 def check_resumable(info: CheckpointInfo, world_size: int, run: Mapping[str, Any]) -> None:

@@ -358,3 +358,13 @@ def test_metadata_step_must_match_its_folder(tmp_path):
     step_folder(tmp_path, 2).rename(step_folder(tmp_path, 6))
     with pytest.raises(InputError, match=r"says step 2, but its folder is step-00000006"):
         find_checkpoint(tmp_path)
+
+
+def test_unwritable_or_unreadable_folder_is_one_input_error(tmp_path):
+    # /proc passes os.access(W_OK) for root but takes no files: before, the run trained and failed at its first save;
+    # a name beyond NAME_MAX was an OSError traceback from Path.exists()
+    with pytest.raises(InputError, match=r"^/proc/ck: cannot write a checkpoint: "):
+        find_checkpoint("/proc/ck")
+    long = tmp_path / ("a" * 300)
+    with pytest.raises(InputError, match=r"cannot read: File name too long"):
+        find_checkpoint(long)
