@@ -277,10 +277,24 @@ def run(args: argparse.Namespace) -> dict | None:
         if cfg is not None:
             ck = Checkpointer(cfg, run=_identity(args, plan))
             info = find_checkpoint(cfg.folder, cfg.load_step)
-            start = _dcp(info.path if info else cfg.folder, "cannot load this save; resume another with --load-step "
-                         "or start in a new --checkpoint-dir", ck.resume, state)
-            if start != tstate.cursor:
-                raise ValueError(f"{cfg.folder}: the save of step {start} holds trainer step {tstate.cursor}")
+            failed = None
+            try:
+                start = _dcp(info.path if info else cfg.folder, "cannot load this save; resume another with "
+                             "--load-step or start in a new --checkpoint-dir", ck.resume, state)
+                if start != tstate.cursor:
+                    raise ValueError(f"{cfg.folder}: the save of step {start} holds trainer step {tstate.cursor}")
+            except ValueError as err:
+                failed = err
+            if distributed:  # a rank whose own state did not load stops every rank (its peers would wait on it
+                # until --timeout), and rank 0 prints its line
+                from adasched.profiler.io import error_line
+
+                said = [None] * world
+                dist.all_gather_object(said, None if failed is None else error_line(failed)[len("error: "):].strip())
+                if failed is None and any(said):
+                    failed = ValueError(next(m for m in said if m))
+            if failed is not None:
+                raise failed
             if rank == 0 and start >= total:
                 print(f"nothing left to train: all {total} steps (plan microbatches) are done in {ck.config.folder}; "
                       f"writing the saved adapters", file=sys.stderr, flush=True)

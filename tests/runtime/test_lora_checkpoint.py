@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -160,11 +161,23 @@ def _worker(rank: int, world: int, port: int, argv: list[str], rcs) -> None:
     rcs[rank] = main(argv)
 
 
-def _pipeline(argv: list[str]) -> dict:
+def _worker_rank1_load_fails(rank: int, world: int, port: int, argv: list[str], rcs) -> None:
+    """Rank 1's own trainer state does not load (a damaged blob), rank 0's does."""
+    if rank == 1:
+        from adasched.runtime.lora_trainer import LoRATrainerState
+
+        def refuse(self, state):
+            raise ValueError("checkpoint: the trainer state cannot be read (injected on rank 1)")
+
+        LoRATrainerState.load_state_dict = refuse
+    _worker(rank, world, port, argv, rcs)
+
+
+def _pipeline(argv: list[str], worker=_worker) -> dict:
     ctx = mp.get_context("spawn")
     rcs = ctx.Manager().dict()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, argv + ["--timeout", "60"], rcs)) for r in range(2)]
+    procs = [ctx.Process(target=worker, args=(r, 2, port, argv + ["--timeout", "60"], rcs)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -194,6 +207,15 @@ def test_pipeline_resume_is_bit_exact_and_refuses_another_world_size(plan_files,
     assert _pipeline(["--plan", str(plan), "--out", str(again), "--checkpoint-dir", str(ck)] + MODEL) == {0: 0, 1: 0}
     assert "nothing left to train: all 7 steps" in capfd.readouterr().err
     _assert_same_outputs(straight, again)
+    # only rank 1's state fails to load: every rank stops at once (rank 0 would wait on rank 1 until --timeout),
+    # exit 2, and rank 0 prints rank 1's line
+    t0 = time.monotonic()
+    assert _pipeline(["--plan", str(plan), "--out", str(tmp_path / "bad"), "--checkpoint-dir", str(ck)] + MODEL,
+                     worker=_worker_rank1_load_fails) == {0: 2, 1: 2}
+    assert time.monotonic() - t0 < 50
+    err = capfd.readouterr().err
+    assert "error: checkpoint: the trainer state cannot be read (injected on rank 1)\n" in err, err
+    assert err.count("error: ") == 1 and not (tmp_path / "bad").exists(), err
     # a 1-process run cannot load the 2 ranks' save
     before = _files(tmp_path)
     assert main(["--plan", str(plan), "--out", str(tmp_path / "bad"), "--checkpoint-dir", str(ck)] + MODEL) == 2
