@@ -12,6 +12,12 @@ Ops: all_to_all (all_to_all_single), all_reduce, all_gather (all_gather_single /
 reduce_scatter (reduce_scatter_single / reduce_scatter_tensor). Where the backend lacks reduce_scatter
 (gloo in older torch) it is timed as all_reduce + taking the local shard, and the fit's ``source`` says so.
 
+Every rank of a group runs the same collectives in the same order, and no rank touches a group it is not in.
+A world that is not a power of two leaves ranks outside every group of some sizes (3 ranks: rank 2 for size
+2); they skip those points and meet the others at a world barrier after each such point. Whether
+reduce_scatter is emulated is decided once, before any timing, by a probe on all ranks and an all_reduce of
+the outcome, so every rank takes the same branch.
+
 Every process group gets ``timeout_s``; :func:`spawn_collectives` runs the measurement in fresh worker
 processes (torch.multiprocessing, gloo on CPU or nccl with one GPU per rank, free port) and kills them if the
 whole run exceeds its limit.
@@ -124,6 +130,10 @@ def measure_collectives(cfg: CollectiveConfig, *, device: str = "cpu", show_prog
                 mine = pg
         groups[g] = mine
     emulated: dict[str, str] = {}
+    if "reduce_scatter" in cfg.ops:  # decided once, by every rank together, before any timed collective
+        how = _reduce_scatter_emulation(cfg, dist, torch, reduce_scatter, world, device, timeout)
+        if how:
+            emulated["reduce_scatter"] = how
     keys, times = [], []
     total = len(gsizes) * len(cfg.ops) * len(cfg.sizes)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -148,15 +158,7 @@ def measure_collectives(cfg: CollectiveConfig, *, device: str = "cpu", show_prog
                     else:
                         out = torch.empty(n // g, device=device)
                         fn = lambda: reduce_scatter(out, x, group=pg)  # noqa: E731
-                        if in_group and op not in emulated and cfg.emulate_reduce_scatter:
-                            emulated[op] = "timed as all_reduce + local shard (emulate_reduce_scatter set)"
-                        if in_group and op not in emulated:
-                            try:
-                                fn()
-                                emulated[op] = ""
-                            except (RuntimeError, NotImplementedError):
-                                emulated[op] = "timed as all_reduce + local shard (backend lacks reduce_scatter)"
-                        if in_group and emulated[op]:
+                        if in_group and emulated.get(op):
                             fn = _emulated_reduce_scatter(dist, out, x, pg, g)
                     ts = [0.0] * cfg.repeats  # ranks outside every group of size g (world not a power of 2)
                     if in_group:
@@ -174,6 +176,8 @@ def measure_collectives(cfg: CollectiveConfig, *, device: str = "cpu", show_prog
                             ts.append((time.perf_counter() - t0) * 1e3 / inner)
                     keys.append((op, g, n * 4))
                     times.append(ts)
+                    if world % g:  # some ranks sat this point out: they wait here, one point at most, instead
+                        dist.barrier()  # of in the next world collective for the whole of this group size
                     advance()
     t = torch.tensor(times, dtype=torch.float64, device=device)  # nccl reduces device tensors only
     dist.reduce(t, dst=0, op=dist.ReduceOp.MAX)  # the slowest rank of each run
@@ -184,6 +188,32 @@ def measure_collectives(cfg: CollectiveConfig, *, device: str = "cpu", show_prog
               for i, (op, g, nbytes) in enumerate(keys)]
     return {"world": world, "backend": dist.get_backend(), "points": points,
             "emulated": {k: v for k, v in emulated.items() if v}}
+
+
+def _reduce_scatter_emulation(cfg: CollectiveConfig, dist, torch, reduce_scatter, world: int, device: str,
+                              timeout: datetime.timedelta) -> str:
+    """How reduce_scatter is timed: '' for the backend's own, else why it is timed as all_reduce + local shard.
+
+    Collective over all ranks (world group), called once before any timing: every rank probes the backend's
+    reduce_scatter on a fresh all-ranks group, then the ranks agree with an all_reduce (MIN) of their success
+    flags on the world group, so one rank's failed probe makes every rank emulate, and every group of every size
+    then runs the same sequence of collectives. The probe group has half the timeout: a rank whose probe is left
+    waiting by a rank that failed before sending gives up in time to join the agreement."""
+    if cfg.emulate_reduce_scatter:
+        return "timed as all_reduce + local shard (emulate_reduce_scatter set)"
+    probe_pg = dist.new_group(list(range(world)), timeout=timeout / 2)
+    x = torch.randn(4 * world, device=device)
+    out = torch.empty(4, device=device)
+    ok = 1.0
+    try:
+        reduce_scatter(out, x, group=probe_pg)
+    except (RuntimeError, NotImplementedError):
+        ok = 0.0
+    flag = torch.tensor([ok], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if flag.item() == 1.0:
+        return ""
+    return "timed as all_reduce + local shard (backend lacks reduce_scatter)"
 
 
 def _emulated_reduce_scatter(dist, out, x, pg, g):
