@@ -52,7 +52,17 @@ def print_table(rows: Iterable[Sequence[Any]], columns: Sequence[str], title: st
         t.add_column(str(c), overflow="fold")
     for i, r in enumerate(rows):
         t.add_row(*[fmt(v) for v in r], style="bold" if highlight and i in highlight else None)
-    console().print(t)
+    con = console()
+    if con.is_terminal:
+        con.print(t)  # a terminal's width: long cells fold to fit
+    else:  # a pipe or a file (logs, CI, `| tee`): rich would assume 80 columns and split numbers over lines
+        from rich.measure import Measurement
+
+        from rich.console import Console
+
+        natural = Measurement.get(con, con.options.update_width(10 ** 4), t).maximum
+        # print() caps a width at the console's: a console as wide as the table, on the same stream
+        Console(file=con.file, width=max(natural, con.width), soft_wrap=True, no_color=con.no_color).print(t)
 
 
 def emit_json(obj: Any) -> None:

@@ -1,0 +1,29 @@
+"""print_table into a pipe or a file (logs, CI, `| tee`): every cell on one line, numbers never split."""
+from __future__ import annotations
+
+import random
+
+from adasched.planner.ui import print_table
+
+
+def test_wide_table_into_a_pipe_keeps_every_cell_whole(capsys):
+    rng = random.Random(7)
+    cols = [f"column {i} ms" for i in range(14)]
+    rows = [[rng.randrange(10 ** 5, 10 ** 6) for _ in cols] for _ in range(3)]
+    print_table(rows, cols, title="wide")
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    # before: rich assumed 80 columns and folded 437364 into '437' / '364' on the next line
+    for row in rows:
+        line = next(ln for ln in lines if f"│ {row[0]} " in ln)
+        for v in row:
+            assert f" {v} " in line, (v, line)
+    header = next(ln for ln in lines if "column 0 ms" in ln)
+    assert all(c in header for c in cols)
+    assert len(lines) == 8  # title, top border, header, rule, 3 rows, bottom border
+
+
+def test_narrow_table_is_unchanged(capsys):
+    print_table([[1, 2.5]], ["a", "b"])
+    out = capsys.readouterr().out
+    assert "│ 1 │ 2.5 │" in out
