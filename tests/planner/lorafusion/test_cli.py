@@ -159,3 +159,19 @@ def test_jobs_help_names_every_preset():
     from adasched.planner.lorafusion.jobs import PRESETS
 
     assert _JOBS_HELP.endswith("preset name: " + ", ".join(PRESETS) + ".")
+
+
+def test_show_names_the_solve_time_limit_per_problem(tmp_path, capsys):
+    # the limit is per (global batch, group) problem and the time their sum: 'solve time 4.879 s (limit 0.4 s)' read
+    # as a 12x overrun
+    from adasched.planner.lorafusion.plan import LoRAPlan
+    from adasched.planner.plan import load_plan
+
+    data, _ = _jobs(tmp_path)
+    out = tmp_path / "plan.json"
+    assert main(["plan", "lora", "--jobs", str(_write(tmp_path, data)), "--out", str(out), "--time-limit", "0.2"]) == 0
+    plan = load_plan(out, expect=LoRAPlan)
+    row = dict(plan.summary_rows())["solve time"]
+    assert row == (f"{plan.solver.solve_seconds:.3f} s over {len(plan.problems)} (global batch, group) problems "
+                   f"(limit 0.2 s each)")
+    assert len(plan.problems) >= 1
