@@ -146,6 +146,8 @@ def simulate_cmd(
     data = read_json(path)
     what = ""  # "step k of n: " for a plan with steps
     if isinstance(data, dict) and "tasks" in data and "kind" not in data:
+        if step != 0:  # it was ignored
+            raise InputError("--step", f"{step}: a task graph has no steps (--step is for plans with steps)")
         if not isinstance(data["tasks"], list) or not data["tasks"]:
             raise InputError(path, "tasks: must be a non-empty list")
         from pydantic import ValidationError

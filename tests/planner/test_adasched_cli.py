@@ -189,3 +189,11 @@ def test_one_line_arg_parser(rank, printed, monkeypatch, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err == ("error: argument --steps: invalid int value: 'x' (see tool --help)\n" if printed else "")
+
+
+def test_simulate_refuses_step_for_a_task_graph(tmp_path, one_error):
+    # --step was silently ignored for a task graph (it has no steps)
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps({"tasks": [{"name": "a", "rank": 0, "stream": "compute", "duration_ms": 2.0}]}))
+    assert "a task graph has no steps" in one_error(main(["simulate", str(path), "--step", "1"]), "--step: 1")
+    assert main(["simulate", str(path), "--step", "0"]) == 0
