@@ -1,12 +1,15 @@
 """Demo step `flexsp`: plan 2 FlexSP steps on the built-in A100 profile for 4 GPUs, print the comparison with
-the baselines, draw step 0's groups per rank, then train 2 steps of a tiny GPT executing the plan on 4 gloo
-ranks under torchrun (``python -m torch.distributed.run --standalone --nproc_per_node=4 -m
-adasched.launch.train_sp --plan <plan> --steps 2 --check-reference``).
+the baselines, draw step 0's groups per rank, then train a tiny GPT executing the plan on 4 gloo ranks under
+torchrun: step 1 saving a checkpoint (``python -m torch.distributed.run --standalone --nproc_per_node=4 -m
+adasched.launch.train_sp --plan <plan> --steps 1 --checkpoint-dir <out>/sp-checkpoints``), then a second launch
+that resumes from it for step 2 with ``--check-reference``.
 
-Writes out_dir/sp-plan.json and out_dir/sp-plan.png."""
+Writes out_dir/sp-plan.json, out_dir/sp-plan.png and out_dir/sp-checkpoints/ (cleared first: a save of an earlier
+demo's plan would be refused as another run)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,20 +29,22 @@ def run(out_dir: Path) -> None:
     if rc != 0:
         raise SystemExit(f"demo flexsp: `adasched plan sp` failed with exit status {rc}")
     print(f"FlexSP plan: {plan}; groups per rank of step 0: {plot}", flush=True)
-    train_args = ["--steps", "2", "--check-reference"]
-    try:
-        from adasched.launch.train_sp import launch_local
-    except ImportError:  # runtime not installed: run torchrun directly
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-        env.setdefault("OMP_NUM_THREADS", "1")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-               "-m", "adasched.launch.train_sp", "--plan", str(plan), *train_args]
-        rc = subprocess.run(cmd, env=env, timeout=600).returncode
-    else:
-        rc = launch_local(plan, 4, train_args, timeout_s=600)
-    if rc != 0:
-        raise SystemExit(f"demo flexsp: training on 4 gloo ranks failed with exit status {rc}")
-
+    ckpt = out_dir / "sp-checkpoints"
+    shutil.rmtree(ckpt, ignore_errors=True)
+    for step_args in (["--steps", "1"], ["--steps", "2", "--check-reference"]):  # the second launch resumes
+        train_args = [*step_args, "--checkpoint-dir", str(ckpt)]
+        try:
+            from adasched.launch.train_sp import launch_local
+        except ImportError:  # runtime not installed: run torchrun directly
+            env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+            env.setdefault("OMP_NUM_THREADS", "1")
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+                   "-m", "adasched.launch.train_sp", "--plan", str(plan), *train_args]
+            rc = subprocess.run(cmd, env=env, timeout=600).returncode
+        else:
+            rc = launch_local(plan, 4, train_args, timeout_s=600)
+        if rc != 0:
+            raise SystemExit(f"demo flexsp: training on 4 gloo ranks failed with exit status {rc}")
 
 if __name__ == "__main__":
     run(Path(sys.argv[1] if len(sys.argv) > 1 else "demo-out"))
