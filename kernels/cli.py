@@ -21,9 +21,20 @@ def register(groups) -> None:
         host_calls: bool = typer.Option(False, "--host-calls", help="Only the LoRA host work per fwd+bwd call: "
                                         "aten ops dispatched, Triton launches and wall us per call for each "
                                         "base_gemm, 1 and 4 adapters, dropout 0 and 0.1 (CPU: tiny shape, times "
-                                        "only for the pure-torch rows)."),
+                                        "only for the pure-torch rows). Not with --checks, --quick or "
+                                        "--only other than lora."),
     ) -> int:
         """Fused kernels vs their baselines (eager torch, frozen base), ratios from the same run."""
+        from adasched.profiler.io import InputError
+
+        if host_calls:  # it times the LoRA host work only, at one fixed shape, and runs no checks
+            if run_checks:
+                raise InputError("--checks", "has no effect with --host-calls (it counts host work, runs no checks)")
+            if quick:
+                raise InputError("--quick", "has no effect with --host-calls (it always uses one small LoRA shape)")
+            if only is not None and {g.strip() for g in only.split(",") if g.strip()} - {"lora"}:
+                raise InputError("--only", f"{only}: --host-calls measures the LoRA kernels only (use --only lora "
+                                 "or leave --only out)")
         from . import bench
 
         dev = bench.resolve_device(device)

@@ -471,18 +471,25 @@ def checks(device: str, deadline=None) -> list[tuple[str, bool, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import json
+    import sys
 
     from adasched.kernels.bench import format_table, resolve_device
+    from adasched.planner.ui import OneLineArgParser
+    from adasched.profiler.io import InputError, atomic_write_json, check_output_path
 
-    ap = argparse.ArgumentParser(description="Twill plan-derived GEMM config vs a full num_stages x num_warps sweep")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--device", default="auto")
+    ap = OneLineArgParser(prog="python -m adasched.launch.gemm_check",
+                          description="Twill plan-derived GEMM config vs a full num_stages x num_warps sweep")
+    ap.add_argument("--quick", action="store_true", help="fewer shapes and tiles (smoke test)")
+    ap.add_argument("--device", default="auto", help="auto | cuda | cpu (default: auto)")
     ap.add_argument("--lora", action="store_true", help="the fused LoRA linear (fwd+bwd) instead of the GEMM")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the rows as JSON to this file")
     args = ap.parse_args(argv)
-    dev = resolve_device(args.device)
+    try:  # before any compile or timing: a bad path must not cost the whole sweep
+        check_output_path(args.json_out, "--json")
+        dev = resolve_device(args.device)
+    except (InputError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if dev == "cpu":
         import os
 
@@ -495,8 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     fmt = [[(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c])) for c in cols] for r in rows]
     print(format_table(fmt, cols, title=f"twill plan vs sweep{' (LoRA fwd+bwd)' if args.lora else ''} ({dev}, machine {rows[0]['machine'] if rows else '?'})"))
     if args.json_out:
-        with open(args.json_out, "w") as fh:
-            json.dump(rows, fh, indent=1)
+        atomic_write_json(args.json_out, rows)
     return 0 if all(r["within_tolerance"] for r in rows) or dev == "cpu" else 1
 
 

@@ -11,18 +11,25 @@ TRITON_INTERPRET=1 (it says so otherwise).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
+from adasched.planner.ui import OneLineArgParser
+from adasched.profiler.io import InputError, atomic_write_json, check_output_path
+
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineArgParser(prog="python -m adasched.launch.kernel_report", description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, choices=(90, 100), help="compute capability x10 (default 90)")
-    ap.add_argument("--only", default=None, help="comma-separated groups: lora, gemm, moe")
-    ap.add_argument("--json", dest="json_out", default=None, help="also write the rows to this JSON file")
+    ap.add_argument("--only", default=None, help="comma-separated groups: lora, gemm, moe (default: all)")
+    ap.add_argument("--json", dest="json_out", default=None, help="also write the rows to this JSON file "
+                    "(default: none)")
     args = ap.parse_args(argv)
+    try:  # before compiling anything: a bad path must not cost minutes of work
+        check_output_path(args.json_out, "--json")
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("error: TRITON_INTERPRET=1 is set: run `env -u TRITON_INTERPRET python -m adasched.launch.kernel_report`",
               file=sys.stderr)
@@ -50,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
               for c in cols] for r in rows]
     print(format_table(table, cols, title=f"kernel report, sm_{args.arch} (offline compile, Triton's ptxas -v)"))
     if args.json_out:
-        with open(args.json_out, "w") as fh:
-            json.dump(rows, fh, indent=1)
+        atomic_write_json(args.json_out, rows)
     return 1 if any(r.get("wgmma_serialized") for r in rows) else 0
 
 

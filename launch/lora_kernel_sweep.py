@@ -52,12 +52,15 @@ def _configs(grid: dict) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--T", type=int, default=8192)
-    ap.add_argument("--K", type=int, default=4096)
-    ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--p", type=float, default=0.1)
-    ap.add_argument("--N", type=int, default=4096, help="output features of the layer (the dX GEMM's reduction)")
+    ap.add_argument("--T", type=int, default=8192, help="tokens (rows of X; default: %(default)s)")
+    ap.add_argument("--K", type=int, default=4096, help="input features of the layer (default: %(default)s)")
+    ap.add_argument("--r", type=int, default=16, help="LoRA rank (default: %(default)s)")
+    ap.add_argument("--p", type=float, default=0.1, help="dropout probability on the LoRA input "
+                    "(default: %(default)s)")
+    ap.add_argument("--N", type=int, default=4096, help="output features of the layer (the dX GEMM's reduction; "
+                    "default: %(default)s)")
     ap.add_argument("--with-s", action="store_true", help="also time the dropout kernel that accumulates S")
+    # (without a GPU the smoke run uses a fixed tiny shape: --T/--K/--r/--N apply on a GPU only)
     ap.add_argument("--only", default="gemm,dy,term,down",
                     help="comma-separated parts: gemm, dy, term, down (default: all)")
     args = ap.parse_args(argv)

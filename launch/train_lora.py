@@ -40,6 +40,9 @@ from adasched.profiler.io import check_model_memory, check_seconds
 
 __all__ = ["main", "parse_args"]
 
+DEFAULT_PROFILE = "h100-sxm"   # --profile when planning --jobs
+DEFAULT_TIME_LIMIT_S = 0.2     # --time-limit: seconds per packing MILP
+
 
 def _folder(text: str) -> Path:
     if not text.strip():  # Path("") is ".": the adapters would land in the current folder
@@ -54,16 +57,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plan", type=Path, default=None, help="execute this LoRA plan JSON instead of planning --jobs")
     p.add_argument("--out", type=_folder, required=True, help="output folder (plan.json, <job>/adapter_*, losses.json)")
     p.add_argument("--reference", action="store_true", help="torch reference multi-LoRA path instead of the fused kernels")
-    p.add_argument("--profile", default="h100-sxm", help="profile for planning (costs only affect the simulation)")
-    p.add_argument("--time-limit", type=float, default=0.2, help="seconds per packing MILP")
-    p.add_argument("--seed", type=int, default=0, help="adapter init and dropout seed")
-    p.add_argument("--vocab", type=int, default=64)
-    p.add_argument("--hidden", type=int, default=32)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--ffn", type=int, default=48)
-    p.add_argument("--max-positions", type=int, default=512)
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds before a stuck collective fails")
+    p.add_argument("--profile", default=None, help="profile for planning --jobs (costs only affect the "
+                   f"simulation; default: {DEFAULT_PROFILE}; not with --plan)")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds per packing MILP when planning --jobs "
+                   f"(default: {DEFAULT_TIME_LIMIT_S}; not with --plan)")
+    p.add_argument("--seed", type=int, default=0, help="adapter init and dropout seed (default: %(default)s)")
+    p.add_argument("--vocab", type=int, default=64, help="vocabulary of the tiny base model (default: %(default)s)")
+    p.add_argument("--hidden", type=int, default=32, help="model width, divisible by --heads (default: %(default)s)")
+    p.add_argument("--layers", type=int, default=2, help="transformer layers, >= the pipeline stages "
+                   "(default: %(default)s)")
+    p.add_argument("--heads", type=int, default=2, help="attention heads (default: %(default)s)")
+    p.add_argument("--ffn", type=int, default=48, help="MLP hidden width (default: %(default)s)")
+    p.add_argument("--max-positions", type=int, default=512, help="longest sample the model takes (tokens; "
+                   "default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds before a stuck collective fails "
+                   "(default: %(default)s)")
     p.add_argument("--check", action="store_true",
                    help="validate the options and the plan for --world pipeline stages, write nothing, exit (what "
                         "launch/train_lora.sh runs before torchrun, so bad input fails once, on one line)")
@@ -75,6 +83,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("argument --jobs: not with --plan (the plan already holds its jobs)")
     if args.jobs is None:
         args.jobs = "tiny"
+    # planning options: None = not given (refused with --plan, which is not planned: _check_options); the
+    # defaults otherwise, as before
+    args.planning_given = [opt for opt, v in (("--profile", args.profile), ("--time-limit", args.time_limit))
+                           if v is not None]
+    if args.profile is None:
+        args.profile = DEFAULT_PROFILE
+    if args.time_limit is None:
+        args.time_limit = DEFAULT_TIME_LIMIT_S
     return args
 
 
@@ -82,6 +98,9 @@ def _check_options(args: argparse.Namespace) -> None:
     from adasched.planner.lorafusion.cli import MAX_TIME_LIMIT_S  # as `plan lora --time-limit`
     from adasched.profiler.io import InputError, check_output_folder
 
+    if args.plan is not None and getattr(args, "planning_given", None):
+        opt = args.planning_given[0]
+        raise InputError(opt, "has no effect with --plan (the plan is executed as it is, not re-planned)")
     for opt in ("vocab", "hidden", "layers", "heads", "ffn", "max_positions"):
         v = getattr(args, opt)
         if v < 1:

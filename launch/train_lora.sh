@@ -16,7 +16,8 @@ if [ "$#" -gt 0 ] && [ "${1#-}" = "$1" ]; then
     shift
 fi
 NPROC="${NPROC:-2}"
-PY="${PYTHON:-python}"
+# PYTHON selects the interpreter (default: python3 on PATH; use the project's .venv/bin/python).
+PY="${PYTHON:-python3}"
 # bad options, jobs or plans fail here, once, as one `error:` line with exit status 2 (not once per rank)
 "$PY" -m adasched.launch.train_lora --check --world "$NPROC" --out "$OUT" "$@" >/dev/null || exit $?
 exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m adasched.launch.train_lora --out "$OUT" "$@"

@@ -80,56 +80,75 @@ __all__ = ["main", "train_schedule", "compare_schedules", "layer_routers", "run_
 
 
 def parse_args(argv):
-    p = ArgParser(prog="python -m adasched.launch.train_moe", epilog=(
+    p = ArgParser(prog="python -m adasched.launch.train_moe", description=__doc__.split("\n\n")[0], epilog=(
         "Checkpoints: --checkpoint-dir needs one --router and one --schedule; every rank saves its own state (its "
         "experts, AdamW, the LR schedule, its data generator), so a save resumes only with the same world size and "
         "the same run settings (model, data, --lr/--lr-schedule, --seed, EP size, pipeline, plan digest); a "
         "constant-LR run may be extended with a larger --steps."))
-    p.add_argument("--router", default="gshard", help="router kind, comma list or 'all'")
-    p.add_argument("--schedule", default="uniform", help="capacity schedule, comma list or 'all'")
-    p.add_argument("--budget", type=int, default=None, help="total capacity over layers (k units or experts)")
+    p.add_argument("--router", default="gshard", help="router kind, comma list or 'all' (default: %(default)s)")
+    p.add_argument("--schedule", default="uniform", help="capacity schedule, comma list or 'all' "
+                   "(default: %(default)s)")
+    p.add_argument("--budget", type=int, default=None, help="total capacity over layers (k units or experts; "
+                   "default: 2 per layer, or the expert count per layer)")
     # --cap-lo / --cap-hi / --hidden: under torchrun, --lo and --d are taken as abbreviations of torchrun's own
     # options (--log-dir..., --duplicate-stdout-filters); the short spellings still work without torchrun
-    p.add_argument("--cap-lo", "--lo", dest="lo", type=int, default=None, help="per-layer lower bound")
-    p.add_argument("--cap-hi", "--hi", dest="hi", type=int, default=None, help="per-layer upper bound")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--hidden", "--d", dest="d", type=int, default=32, help="model width")
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--ffn", type=int, default=32)
-    p.add_argument("--vocab", type=int, default=16)
-    p.add_argument("--seq", type=int, default=24)
-    p.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
+    p.add_argument("--cap-lo", "--lo", dest="lo", type=int, default=None, help="per-layer lower bound of the capacity "
+                   "schedule (default: 1; switch: max(EP size, experts/2) experts)")
+    p.add_argument("--cap-hi", "--hi", dest="hi", type=int, default=None, help="per-layer upper bound (default: min(4, "
+                   "--experts); switch: 2 x --experts)")
+    p.add_argument("--layers", type=int, default=4, help="MoE transformer layers (default: %(default)s)")
+    p.add_argument("--experts", type=int, default=8, help="experts per MoE layer (default: %(default)s)")
+    p.add_argument("--hidden", "--d", dest="d", type=int, default=32, help="model width (default: %(default)s)")
+    p.add_argument("--heads", type=int, default=4, help="attention heads; they divide --hidden "
+                   "(default: %(default)s)")
+    p.add_argument("--ffn", type=int, default=32, help="expert FFN hidden width (default: %(default)s)")
+    p.add_argument("--vocab", type=int, default=16, help="vocabulary of the synthetic Markov task, >= 3 "
+                   "(default: %(default)s)")
+    p.add_argument("--seq", type=int, default=24, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per rank per step (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per run (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW; default: %(default)s)")
     add_lr_schedule_args(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--capacity-factor", type=float, default=None, help="None = dropless")
-    p.add_argument("--r-fwd", type=int, default=2)
-    p.add_argument("--r-bwd", type=int, default=2)
-    p.add_argument("--shared-experts", type=int, default=0, help="always-on shared experts per MoE layer")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model's weights and the data "
+                   "(default: %(default)s)")
+    p.add_argument("--capacity-factor", type=float, default=None, help="expert capacity factor; tokens past it "
+                   "are dropped (default: none, dropless)")
+    p.add_argument("--r-fwd", type=int, default=2, help="forward pipeline degree: chunks each layer's all-to-all "
+                   "and experts are split into (default: %(default)s; a --plan sets it per layer)")
+    p.add_argument("--r-bwd", type=int, default=2, help="backward pipeline degree (default: %(default)s; a --plan "
+                   "sets it per layer)")
+    p.add_argument("--shared-experts", type=int, default=0, help="always-on shared experts per MoE layer "
+                   "(default: 0)")
     p.add_argument("--wgrad", choices=("fused", "per-chunk", "deferred"), default="fused",
-                   help="where the backward computes the expert weight gradients (a --plan sets it per layer)")
+                   help="where the backward computes the expert weight gradients (default: fused; a --plan sets it per layer)")
     p.add_argument("--plan", type=Path, default=None,
                    help="FSMoE plan JSON (r_fwd, r_bwd, order_fwd, order_bwd, wgrad_bwd, grad_slices)")
-    p.add_argument("--plan-config", default=None, help="configuration name inside the plan (default: first)")
+    p.add_argument("--plan-config", default=None, help="configuration name inside the --plan (default: its first)")
     p.add_argument("--ep-size", type=int, default=None,
                    help="expert-parallel group size (default: every rank); it must divide the world size and --experts")
     p.add_argument("--hierarchical", action="store_true", help="two-step (intra-node, inter-node) all-to-all, whole "
                    "experts per rank (a --plan must be made with plan moe --two-step-a2a --gpus-per-node G)")
-    p.add_argument("--gpus-per-node", type=int, default=2)
+    p.add_argument("--gpus-per-node", type=int, default=None, help="with --hierarchical: ranks per node of the "
+                   "two-step exchange, capped at the EP size (default: 2)")
     p.add_argument("--router-stats-out", type=Path, default=None,
                    help="write {mean_k_per_layer: [...]} of the last run (rank 0) for `adasched plan moe --router-stats`")
     p.add_argument("--validate-only", action="store_true", help="check the arguments (and --plan and a "
                    "--checkpoint-dir save against WORLD_SIZE) and exit")
     p.add_argument("--compare-schedules", action="store_true",
                    help="single-process: one model per capacity schedule, held-out loss of each (no checkpoints)")
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="with --compare-schedules: 1 seed x 100 steps per schedule instead "
+                   "of 2 x 300")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end (status lines go to "
                    "stderr); each run lists the exact loss and LR of every step this launch trained (no runs, and "
                    "'nothing_left', when the save resumed from is already at --steps)")
     add_checkpoint_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # None = not given: _main refuses an explicit value without --hierarchical (it would do nothing); the value
+    # itself is 2, as before (create_groups takes min(2, EP size) also when flat, where it changes nothing)
+    args.gpus_per_node_given = args.gpus_per_node is not None
+    if args.gpus_per_node is None:
+        args.gpus_per_node = 2
+    return args
 
 
 def _names(arg: str, allowed: tuple[str, ...], flag: str) -> list[str]:
@@ -486,6 +505,15 @@ def _main(args) -> int:
             print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
 
     ck_cfg = checkpoint_config(args)                   # InputError naming the option
+    for opt, given, needs, why in (                   # accepted and silently unused before: refused
+            ("--plan-config", args.plan_config is not None and args.plan is None, "--plan",
+             "it names a configuration inside the plan"),
+            ("--quick", args.quick and not args.compare_schedules, "--compare-schedules",
+             "a training run takes --steps"),
+            ("--gpus-per-node", getattr(args, "gpus_per_node_given", False) and not args.hierarchical,
+             "--hierarchical", "it is the node size of the two-step all-to-all; the flat one has none")):
+        if given:
+            raise ValueError(f"{opt}: has no effect without {needs} ({why})")
     if args.compare_schedules:
         for opt, given in (("--checkpoint-dir", ck_cfg is not None), ("--lr-schedule", args.lr_schedule != "constant"),
                            ("--warmup-steps", args.warmup_steps != 0)):

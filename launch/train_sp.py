@@ -80,17 +80,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="training steps (default: the plan's step count); a resumed constant-lr run may raise it")
     p.add_argument("--check-reference", action="store_true",
                    help="compare every step's loss and gradients with a single-process run on rank 0")
-    p.add_argument("--seed", type=int, default=0, help="model init, data and Python random seed")
+    p.add_argument("--seed", type=int, default=0, help="model init, data and Python random seed "
+                   "(default: %(default)s)")
     p.add_argument("--max-len", type=int, default=256,
-                   help="longest sequence after scaling the plan's lengths (tokens)")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=8)
+                   help="longest sequence after scaling the plan's lengths (tokens; default: "
+                   "%(default)s)")
+    p.add_argument("--layers", type=int, default=2, help="transformer layers (default: %(default)s)")
+    p.add_argument("--head-dim", type=int, default=8, help="width of one attention head; the model width is "
+                   "heads x head-dim (default: %(default)s)")
     p.add_argument("--heads", type=int, default=None, help="default: max(4, largest SP degree in the plan)")
-    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (the peak with --lr-schedule)")
+    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (the peak with --lr-schedule; "
+                   "default: %(default)s)")
     add_lr_schedule_args(p)
-    p.add_argument("--dtype", choices=sorted(TOLERANCE), default="float32")
+    p.add_argument("--dtype", choices=sorted(TOLERANCE), default="float32", help="parameter and activation dtype; "
+                   "sets --check-reference's tolerance (default: %(default)s)")
     p.add_argument("--backend", choices=["gloo", "nccl"], default=None, help="default: nccl with CUDA, else gloo")
-    p.add_argument("--timeout", type=float, default=120.0, help="collective timeout (s)")
+    p.add_argument("--timeout", type=float, default=120.0, help="collective timeout (s; default: %(default)s)")
     p.add_argument("--check-plan-only", action="store_true",
                    help="only validate the plan against --world (or WORLD_SIZE) and exit")
     p.add_argument("--world", type=int, default=None, help="world size to validate against (--check-plan-only)")

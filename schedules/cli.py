@@ -25,7 +25,8 @@ def register(groups) -> None:
         norms: Path = typer.Argument(..., help="Norms CSV (columns step,l2,l1) written by GradNormRecorder."),
         out: Path = typer.Option(..., "--out", help="Write the refined schedule here (JSON)."),
         norm: str = typer.Option("l2", "--norm", help="l2 (SGD: weights 1/||g||_2^2) or l1 (Adam: 1/||g||_1)."),
-        smoothing: float = typer.Option(0.1, "--smoothing", help="Median-filter width as a fraction of the run."),
+        smoothing: float = typer.Option(0.1, "--smoothing", help="Median-filter width as a fraction of "
+                                       "the run, in [0, 1)."),
         steps: Optional[int] = typer.Option(None, "--steps", help="Expected number of optimizer steps (checked)."),
         plot: Optional[Path] = typer.Option(None, "--plot", help="Also plot refined vs linear (PNG)."),
         as_json: bool = typer.Option(False, "--json", help="Print the schedule JSON instead of a table."),
@@ -82,7 +83,9 @@ def register(groups) -> None:
                                                                    "length, else 100)."),
         warmup: int = typer.Option(0, "--warmup", help="Linear warmup steps."),
         norm: Optional[str] = typer.Option(None, "--norm", help="For a norms CSV: l2 (default) or l1."),
-        smoothing: Optional[float] = typer.Option(None, "--smoothing", help="For a norms file: filter width."),
+        smoothing: Optional[float] = typer.Option(None, "--smoothing", help="For a norms file: median-filter "
+                                                  "width as a fraction of the run, in [0, 1) (default: a refined "
+                                                  ".json's own, else 0.1)."),
         as_json: bool = typer.Option(False, "--json", help="Print the curves as JSON."),
     ) -> None:
         """Plot lr / peak lr per step for several schedules (and print their values at 0..100 %)."""

@@ -146,7 +146,8 @@ def register(groups) -> None:
         gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs to plan for (power of two; default: the profile's)."),
         global_batch: int = typer.Option(512, "--global-batch", help="Sequences per global batch (training step); at most 1,000,000, and refused when planning it needs more than half this host's memory."),
         max_context: Optional[int] = typer.Option(None, "--max-context",
-                                                  help="Longer sequences are clipped (truncated) to this many tokens (1..2**40)."),
+                                                  help="Longer sequences are clipped (truncated) to this many tokens (1..2**40); "
+                                                       "default: no clipping."),
         steps: int = typer.Option(1, "--steps", help="Global batches to plan (drawn from a seeded permutation); at most 100,000, and at most 10,000,000 sequences in all."),
         seed: int = typer.Option(0, "--seed", help="Seed for drawing batches and for the solver."),
         time_limit: float = typer.Option(1.0, "--time-limit", help="Search seconds per global batch (finite, <= 3600): the group-structure search (3/4) then the MILPs (the rest)."),
@@ -188,13 +189,16 @@ def register(groups) -> None:
         model: str = typer.Option("gpt-7b", "--model", help=_MODEL_HELP),
         seqlens: str = typer.Option("builtin", "--seqlens", help=_SEQLENS_HELP),
         gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs (power of two; default: the profile's)."),
-        global_batch: int = typer.Option(512, "--global-batch"),
-        max_context: Optional[int] = typer.Option(384 * 1024, "--max-context", help="Clip longer sequences to this."),
-        steps: int = typer.Option(10, "--steps"),
-        seed: int = typer.Option(0, "--seed"),
+        global_batch: int = typer.Option(512, "--global-batch", help="Sequences per global batch (training "
+                                         "step); at most 1,000,000."),
+        max_context: Optional[int] = typer.Option(384 * 1024, "--max-context", help="Clip longer sequences to this many tokens."),
+        steps: int = typer.Option(10, "--steps", help="Global batches to plan and compare (drawn from a seeded "
+                                  "permutation); at most 100,000."),
+        seed: int = typer.Option(0, "--seed", help="Seed for drawing batches and for the solver (>= 0)."),
         time_limit: float = typer.Option(1.0, "--time-limit", help="Search seconds per global batch (finite, <= 3600): the group-structure search (3/4) then the MILPs (the rest)."),
-        buckets: int = typer.Option(16, "--buckets"),
-        no_milp: bool = typer.Option(False, "--no-milp"),
+        buckets: int = typer.Option(16, "--buckets", help="Length buckets per micro-batch in the MILP."),
+        no_milp: bool = typer.Option(False, "--no-milp", help="Heuristics only (single degrees, greedy, local "
+                                     "search): no MILP."),
         deterministic: bool = typer.Option(False, "--deterministic", help=_DET_HELP),
         scaling: bool = typer.Option(False, "--scaling", help="Also a table over sequences per batch (128..4096) "
                                                                 "and GPUs (8..256, profile.with_nodes) with solve times."),

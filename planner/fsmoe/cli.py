@@ -66,7 +66,8 @@ def register(groups) -> None:
                                                     help="JSON {mean_k_per_layer: [...]} from the router's statistics "
                                                          "(dynamic routing: expected k per layer)."),
         time_limit: float = typer.Option(2.0, "--time-limit", help="Seconds per gradient-slice MILP."),
-        as_json: bool = typer.Option(False, "--json"),
+        as_json: bool = typer.Option(False, "--json", help="Print the plan's per-config rows and solver record as "
+                                     "JSON on stdout instead of the table (the plan file is written either way)."),
     ) -> None:
         """FSMoE: choose the chunk count r (forward and backward) per MoE layer and the gradient all-reduce slices."""
         from adasched.profiler.io import InputError, check_output_path, check_seconds
@@ -103,16 +104,24 @@ def register(groups) -> None:
     @groups.bench.command("moe")
     def bench_moe_cmd(
         gpus: int = typer.Option(64, "--gpus", help="GPUs (8 nodes x 8 by default)."),
-        profile: str = typer.Option("h100-sxm", "--profile"),
-        as_json: bool = typer.Option(False, "--json"),
+        profile: str = typer.Option("h100-sxm", "--profile", help="Built-in profile name or ClusterProfile JSON: "
+                                    "the fits behind the 'profile' stage constants."),
+        as_json: bool = typer.Option(False, "--json", help="Print the whole result as JSON on stdout instead of "
+                                     "the tables."),
         measure: bool = typer.Option(False, "--measure", help="Also run the EP layer over gloo on this CPU for small "
                                                                "configs and report predicted vs measured."),
         schedules: bool = typer.Option(False, "--schedules", help="Compare the six capacity schedules at equal budget "
                                                                    "on a small synthetic LM task (CPU training)."),
-        quick: bool = typer.Option(False, "--quick", help="Fewer steps for --measure/--schedules."),
+        quick: bool = typer.Option(False, "--quick", help="Fewer steps for --measure/--schedules (only with one "
+                                   "of them)."),
     ) -> None:
         """Simulated FSMoE schedule vs no pipelining and a fixed r=2 (Tutel-like) on the three preset families,
         with the published FSMoE constants and with the profile's fits."""
+        from adasched.profiler.io import InputError
+
+        if quick and not (measure or schedules):
+            raise InputError("--quick", "has no effect without --measure or --schedules (the simulated comparison "
+                             "has no quick mode)")
         from adasched.profiler.profile import load_profile
 
         from ..solver import SolveParams

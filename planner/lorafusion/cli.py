@@ -19,10 +19,14 @@ def _plan(jobs: str, profile: str, time_limit: float, seed: int, no_milp: bool):
     from adasched.profiler.io import check_seconds
     from adasched.profiler.profile import load_profile
 
+    from adasched.profiler.io import InputError
+
     from ..ui import progress
     from .jobs import build_workload, load_jobs
     from .plan import build_plan
 
+    if seed < 0:  # as plan sp / plan twill: a solver seed is >= 0
+        raise InputError("--seed", f"must be >= 0, got {seed}")
     check_seconds("--time-limit", time_limit, most=MAX_TIME_LIMIT_S)  # NaN; inf: the plan recorded no limit
     cfg, base, label = load_jobs(jobs)
     w = build_workload(cfg, base, where=label if not label.startswith("preset:") else f"preset {jobs}", label=label)
@@ -51,7 +55,7 @@ def register(groups) -> None:
         profile: str = typer.Option("h100-sxm", "--profile", help=_PROFILE_HELP),
         out: Path = typer.Option(..., "--out", help="Where to write the plan JSON (atomic; nothing on error)."),
         time_limit: float = typer.Option(0.4, "--time-limit", help="Solver budget in seconds per (global batch, group) problem: MILP 1 gets at most half, MILP 2 the rest."),
-        seed: int = typer.Option(0, "--seed", help="Solver seed."),
+        seed: int = typer.Option(0, "--seed", help="Solver seed (>= 0)."),
         no_milp: bool = typer.Option(False, "--no-milp", help="First-fit decreasing only (no MILP)."),
         plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the simulated 1F1B pipeline (PNG)."),
         as_json: bool = typer.Option(False, "--json", help="Print the plan summary as JSON."),
@@ -84,7 +88,7 @@ def register(groups) -> None:
         jobs: str = typer.Option(..., "--jobs", help=_JOBS_HELP),
         profile: str = typer.Option("h100-sxm", "--profile", help=_PROFILE_HELP),
         time_limit: float = typer.Option(0.4, "--time-limit", help="Solver budget in seconds per (global batch, group) problem: MILP 1 gets at most half, MILP 2 the rest."),
-        seed: int = typer.Option(0, "--seed"),
+        seed: int = typer.Option(0, "--seed", help="Solver seed (>= 0)."),
         no_milp: bool = typer.Option(False, "--no-milp", help="First-fit decreasing only (ablation)."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     ) -> None:

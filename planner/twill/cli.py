@@ -18,7 +18,7 @@ def register(groups) -> None:
                                               "JSON file; default: the graph's 'machine' field, else h100."),
         out: Optional[Path] = typer.Option(None, "--out", help="Write the plan JSON here."),
         time_limit: float = typer.Option(10.0, "--time-limit", help="Seconds for the whole search over I."),
-        seed: int = typer.Option(0, "--seed"),
+        seed: int = typer.Option(0, "--seed", help="CP-SAT random seed (>= 0)."),
         threads: int = typer.Option(1, "--threads", help="CP-SAT workers (1 = deterministic)."),
         plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the schedule (PNG)."),
         as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),

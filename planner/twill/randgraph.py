@@ -24,8 +24,10 @@ UNITS = {"TC": 1, "SFU": 1, "ALU": 2, "TMA": 1}
 
 def random_graph(n_ops: int, seed: int, *, warp: bool = False, scale: int = 1) -> dict:
     """A graph dict (``Graph.model_validate`` reads it) with ``n_ops`` ops; see the module docstring."""
-    if n_ops < 2 or scale < 1:
-        raise ValueError(f"n_ops must be >= 2 (got {n_ops}) and scale >= 1 (got {scale})")
+    if n_ops < 2:
+        raise ValueError(f"n_ops must be >= 2 (got {n_ops})")
+    if scale < 1:
+        raise ValueError(f"scale must be >= 1 (got {scale})")
     rng = random.Random(seed)
     ops: list[dict] = []
     loads: set[int] = set()
@@ -58,12 +60,17 @@ def random_graph(n_ops: int, seed: int, *, warp: bool = False, scale: int = 1) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = OneLineArgParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ops", type=int, default=60)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = OneLineArgParser(prog="python -m adasched.planner.twill.randgraph", description=__doc__.splitlines()[0])
+    ap.add_argument("--ops", type=int, default=60, help="operations in the loop body (>= 2; default: 60)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed: same seed, same graph (default: 0)")
     ap.add_argument("--warp", action="store_true", help="loads, registers, blocking ops (the joint problem)")
-    ap.add_argument("--scale", type=int, default=1, help="multiply every delay and reservation cycle")
+    ap.add_argument("--scale", type=int, default=1, help="multiply every delay and reservation cycle (>= 1; "
+                    "default: 1)")
     a = ap.parse_args(argv)
+    for option, value, least in (("--ops", a.ops, 2), ("--scale", a.scale, 1)):
+        if value < least:
+            print(f"error: {option}: must be >= {least}, got {value}", file=sys.stderr)
+            return 2
     try:
         g = random_graph(a.ops, a.seed, warp=a.warp, scale=a.scale)
     except ValueError as err:
