@@ -14,6 +14,7 @@ start; the returned :class:`SolveOutcome` carries an honest status:
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal, Mapping
@@ -103,6 +104,52 @@ def relative_gap(objective: float | None, bound: float | None) -> float | None:
     return max(0.0, abs(objective - bound) / denom)
 
 
+# ---- Ctrl-C ----------------------------------------------------------------------------------------
+_STOP_POLL_S = 0.05
+"""How often the waiting main thread wakes (seconds): it bounds the delay from a SIGINT to the stop request."""
+
+
+def _interruptible(solve: Callable[[], Any], stop: Callable[[], Any]) -> Any:
+    """``solve()`` (a C++ solve that releases the GIL) in a worker thread while the main thread waits in Python,
+    so Python's SIGINT handler runs: on KeyboardInterrupt, ``stop()`` (asked again until the worker ends, as a
+    request made before the solver started is lost) and the KeyboardInterrupt is raised once the worker is done.
+
+    The solvers' own SIGINT catching must be off (CP-SAT ``catch_sigint_signal``, SCIP ``misc/catchctrlc``):
+    with it on, a Ctrl-C ends the search as if the time limit had been hit and the caller sees a result.
+    Off the main thread (where no signal handler runs) ``solve()`` runs directly. Anything ``solve()`` raises is
+    raised here with its traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        return solve()
+    box: dict[str, Any] = {}
+    done = threading.Event()  # not Thread.join/is_alive: Python 3.11's join, interrupted by a KeyboardInterrupt,
+    # can mark a running thread as stopped (threading._wait_for_tstate_lock), and the solve would go on unstopped
+
+    def work() -> None:
+        try:
+            box["value"] = solve()
+        except BaseException as err:  # handed to the caller's thread below
+            box["error"] = err
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=work, name="adasched-solve", daemon=True)
+    worker.start()
+    try:
+        while not done.wait(_STOP_POLL_S):
+            pass
+    except KeyboardInterrupt:
+        while not done.is_set():
+            try:
+                stop()
+                done.wait(_STOP_POLL_S)
+            except KeyboardInterrupt:  # a second Ctrl-C while the solver winds down: it is already stopping
+                pass
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 # ---- PuLP / CBC ----------------------------------------------------------------------------------
 def solve_pulp(prob, params: SolveParams, warm_start: dict[str, float] | None = None) -> SolveOutcome:
     """Solve a ``pulp.LpProblem`` with the bundled CBC.
@@ -176,7 +223,10 @@ def solve_linear(solver, params: SolveParams, hint: dict[Any, float] | None = No
     name = (name or (solver.SolverVersion().split()[0] if solver.SolverVersion() else "mip")).lower()
     if "scip" in name:
         extra = f"limits/nodes = {int(params.node_limit)}\n" if params.node_limit is not None else ""
-        solver.SetSolverSpecificParametersAsString(f"randomization/randomseedshift = {params.solver_seed}\n{extra}")
+        # misc/catchctrlc off: SCIP's own SIGINT handler would end the solve as if a limit were hit; Python's
+        # handler raises KeyboardInterrupt instead and the solve is stopped with InterruptSolve
+        solver.SetSolverSpecificParametersAsString(
+            f"randomization/randomseedshift = {params.solver_seed}\nmisc/catchctrlc = FALSE\n{extra}")
     elif params.node_limit is not None:
         raise ValueError(f"node_limit: supported with SCIP (and CBC through solve_pulp), not {name}")
     note = None
@@ -191,7 +241,9 @@ def solve_linear(solver, params: SolveParams, hint: dict[Any, float] | None = No
     if params.msg:
         solver.EnableOutput()
     t0 = time.perf_counter()
-    code = solver.Solve(mp)
+    # Ctrl-C: InterruptSolve where the backend supports it (SCIP); one that does not (it returns False) ends
+    # at its time limit and the KeyboardInterrupt follows then
+    code = _interruptible(lambda: solver.Solve(mp), solver.InterruptSolve)
     dt = time.perf_counter() - t0
     if code == pywraplp.Solver.OPTIMAL:
         status: Status = "optimal"
@@ -217,7 +269,8 @@ def solve_cpsat(model, params: SolveParams, hint: dict[Any, int] | None = None,
     read back into ``values`` by name. ``overrides`` sets further CP-SAT parameters by their SatParameters name
     (e.g. ``{"symmetry_level": 0}``; a repeated field takes a list, which replaces its entries) after those from
     ``params``; an unknown name or a value of the wrong type is a ValueError, and the ones ``params`` owns (time
-    limit, workers, seed, logging) cannot be overridden here."""
+    limit, workers, seed, logging) cannot be overridden here, nor ``catch_sigint_signal`` (kept off: a Ctrl-C
+    stops the search and raises KeyboardInterrupt, see :func:`_interruptible`)."""
     from ortools.sat import sat_parameters_pb2
     from ortools.sat.python import cp_model
 
@@ -233,7 +286,10 @@ def solve_cpsat(model, params: SolveParams, hint: dict[Any, int] | None = None,
     solver.parameters.num_search_workers = params.threads
     solver.parameters.random_seed = params.solver_seed
     solver.parameters.log_search_progress = params.msg
+    solver.parameters.catch_sigint_signal = False  # Ctrl-C -> KeyboardInterrupt, not a result (_interruptible)
     for key, val in (overrides or {}).items():
+        if key == "catch_sigint_signal":
+            raise ValueError(f"CP-SAT parameter {key!r}: kept off here (Ctrl-C raises KeyboardInterrupt)")
         if key in _CPSAT_OWNED:
             raise ValueError(f"CP-SAT parameter {key!r}: set through SolveParams, not overrides")
         desc = sat_parameters_pb2.SatParameters.DESCRIPTOR.fields_by_name.get(key)
@@ -252,7 +308,7 @@ def solve_cpsat(model, params: SolveParams, hint: dict[Any, int] | None = None,
         except TypeError as err:
             raise ValueError(f"CP-SAT parameter {key!r}: {val!r} has the wrong type") from err
     t0 = time.perf_counter()
-    code = solver.Solve(model)
+    code = _interruptible(lambda: solver.Solve(model), solver.StopSearch)
     dt = time.perf_counter() - t0
     has_obj = model.HasObjective()
     if code == cp_model.OPTIMAL:

@@ -1,0 +1,216 @@
+"""Ctrl-C during a solve: solve_cpsat / solve_linear raise KeyboardInterrupt promptly (the solvers' own SIGINT
+catching, which ended the search as if the time limit had been hit and returned a result, is off), and
+`adasched plan twill` / `adasched plan sp` stopped in a solve exit 130 at once, with no plan file and no
+traceback.
+
+The CLI runs in a real subprocess through ``adasched.planner.cli.main`` (what the `adasched` script calls) with
+OR-Tools' ``CpSolver.Solve`` / ``pywraplp.Solver.Solve`` wrapped to print a marker when a solve starts and ends,
+so the SIGINT is sent while a solve is running whatever the machine's load (no sleeps guessed from timings)."""
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adasched.planner.solver import SolveParams, solve_cpsat, solve_linear
+
+LONG = 60.0
+"""Time limit (s) of every interrupted solve: far longer than the test allows, so only the interrupt ends it."""
+PROMPT_S = 3.0
+"""Most seconds from the SIGINT to the KeyboardInterrupt / process exit (measured ~0.05-1 s; slack for load)."""
+
+_WRAP = r"""
+import sys, time
+from ortools.sat.python import cp_model
+from ortools.linear_solver import pywraplp
+
+def marked(cls):
+    orig = cls.Solve
+    def solve(self, *args, **kwargs):
+        sys.stderr.write("@@solve-start\n"); sys.stderr.flush()
+        try:
+            return orig(self, *args, **kwargs)
+        finally:
+            sys.stderr.write("@@solve-end\n"); sys.stderr.flush()
+    cls.Solve = solve
+
+marked(cp_model.CpSolver)
+marked(pywraplp.Solver)
+from adasched.planner.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _market_split(seed: int, m: int = 4, n: int = 30):
+    """A random market-split instance (Cornuejols-Dawande): ``a x = d`` over binaries with d = half the row sums,
+    minimising the total slack. Neither CP-SAT nor SCIP proves these within a minute (measured: both return
+    'feasible' with objective 1 and bound 0 at a 15 s limit), so a solve of it runs to its limit."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 100, (m, n))
+    return a, a.sum(axis=1) // 2
+
+
+def _interrupt_after(seconds: float) -> tuple[threading.Timer, list[float]]:
+    """A timer thread that sends SIGINT to this process after ``seconds``; the list gets the sending time."""
+    sent: list[float] = []
+
+    def fire():
+        sent.append(time.perf_counter())
+        os.kill(os.getpid(), signal.SIGINT)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    return timer, sent
+
+
+def _assert_interrupted(call, monkeypatch, cls) -> float:
+    """Run ``call()`` with a SIGINT 0.3 s in; it must raise KeyboardInterrupt within PROMPT_S of the signal, and
+    the solver's ``cls.Solve`` must have returned by then (the search stopped, not left running in a thread).
+    Returns the latency in seconds."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    returned: list[float] = []
+    orig = cls.Solve
+
+    def solve(self, *args, **kwargs):
+        try:
+            return orig(self, *args, **kwargs)
+        finally:
+            returned.append(time.perf_counter())
+
+    monkeypatch.setattr(cls, "Solve", solve)
+    timer, sent = _interrupt_after(0.3)
+    t0 = time.perf_counter()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            call()
+    finally:
+        timer.cancel()
+    done = time.perf_counter()
+    assert sent, "the solve ended before the SIGINT was sent"
+    assert len(returned) == 1 and sent[0] < returned[0] <= done, "the solver was not stopped"
+    monkeypatch.undo()
+    latency = done - sent[0]
+    assert latency < PROMPT_S, f"KeyboardInterrupt {latency:.2f} s after SIGINT ({done - t0:.2f} s in all)"
+    print(f"{cls.__name__}: KeyboardInterrupt {latency:.3f} s after SIGINT")
+    return latency
+
+
+def test_solve_cpsat_raises_keyboard_interrupt_promptly(monkeypatch):
+    from ortools.sat.python import cp_model
+
+    a, d = _market_split(0)
+    m, n = a.shape
+    model = cp_model.CpModel()
+    x = [model.NewBoolVar(f"x{j}") for j in range(n)]
+    dev = [model.NewIntVar(0, int(a[i].sum()), f"dev{i}") for i in range(m)]
+    for i in range(m):
+        row = sum(int(a[i, j]) * x[j] for j in range(n))
+        model.Add(row - int(d[i]) <= dev[i])
+        model.Add(int(d[i]) - row <= dev[i])
+    model.Minimize(sum(dev))
+    _assert_interrupted(lambda: solve_cpsat(model, SolveParams(time_limit=LONG), variables=x), monkeypatch,
+                        cp_model.CpSolver)
+    # the solver layer is usable afterwards: a small model solves to its brute-force optimum
+    small = cp_model.CpModel()
+    y = [small.NewBoolVar(f"y{j}") for j in range(6)]
+    w = [int(v) for v in a[0, :6]]
+    small.Add(sum(w[j] * y[j] for j in range(6)) <= sum(w) // 2)
+    small.Maximize(sum(w[j] * y[j] for j in range(6)))
+    best = max(sum(w[j] for j in range(6) if mask >> j & 1) for mask in range(64)
+               if sum(w[j] for j in range(6) if mask >> j & 1) <= sum(w) // 2)
+    out = solve_cpsat(small, SolveParams(time_limit=10), variables=y)
+    assert out.status == "optimal" and out.objective == best
+
+
+def test_solve_linear_scip_raises_keyboard_interrupt_promptly(monkeypatch):
+    from ortools.linear_solver import pywraplp
+
+    a, d = _market_split(1)
+    m, n = a.shape
+    solver = pywraplp.Solver.CreateSolver("SCIP")
+    x = [solver.BoolVar(f"x{j}") for j in range(n)]
+    over = [solver.NumVar(0, float(a[i].sum()), f"over{i}") for i in range(m)]
+    under = [solver.NumVar(0, float(a[i].sum()), f"under{i}") for i in range(m)]
+    for i in range(m):
+        solver.Add(sum(int(a[i, j]) * x[j] for j in range(n)) - over[i] + under[i] == int(d[i]))
+    solver.Minimize(sum(over) + sum(under))
+    _assert_interrupted(lambda: solve_linear(solver, SolveParams(time_limit=LONG)), monkeypatch, pywraplp.Solver)
+
+
+def _interrupt_cli(args: list[str], cwd: Path, out: Path, settle: float = 0.3) -> tuple[float, str, str]:
+    """Start the CLI, wait for a solve that is still running ``settle`` s after it started, send SIGINT, and wait
+    for the exit. Returns (seconds from SIGINT to exit, stdout, stderr without the markers)."""
+    proc = subprocess.Popen([sys.executable, "-c", _WRAP, *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    err_lines: list[str] = []
+
+    def pump():  # every stderr line, in order, into the queue ('' at EOF)
+        for ln in proc.stderr:
+            err_lines.append(ln)
+            lines.put(ln)
+        lines.put("")
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        deadline = time.perf_counter() + 120.0  # the first import of OR-Tools/torch can be slow on a loaded host
+        line = None
+        while True:
+            if line is None:
+                line = lines.get(timeout=max(0.0, deadline - time.perf_counter()))
+            assert line, f"the CLI exited (rc {proc.wait()}) before a solve long enough to interrupt"
+            if line.strip() != "@@solve-start":
+                line = None
+                continue
+            try:  # still running `settle` s later? (one that ends in the meantime prints @@solve-end first)
+                line = lines.get(timeout=settle)
+            except queue.Empty:
+                break
+        sent = time.perf_counter()
+        n_before = len(err_lines)
+        proc.send_signal(signal.SIGINT)
+        stdout = proc.stdout.read()
+        proc.wait(timeout=LONG + 30)
+        latency = time.perf_counter() - sent
+        reader.join(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = "".join(ln for ln in err_lines if not ln.startswith("@@solve-"))
+    assert proc.returncode == 130, f"exit {proc.returncode} after {latency:.2f} s (stderr: {err[-2000:]!r})"
+    assert latency < PROMPT_S, f"exited {latency:.2f} s after SIGINT"
+    assert not out.exists(), "a plan was written after Ctrl-C"
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert len(err.strip().splitlines()) <= 1, err
+    # the solver was stopped (its Solve returned) before the exit, not abandoned in a thread at shutdown
+    assert "@@solve-end\n" in err_lines[n_before:], err_lines[n_before:]
+    print(f"{args[:2]}: exit 130 {latency:.2f} s after SIGINT")
+    return latency, stdout, err
+
+
+def test_plan_twill_ctrl_c_exits_130_without_plan(tmp_path):
+    from adasched.planner.twill.randgraph import random_graph
+
+    graph = tmp_path / "rg120.json"
+    graph.write_text(json.dumps(random_graph(120, 2, warp=True)))  # its CP-SAT solves run for seconds each
+    out = tmp_path / "i.json"
+    _interrupt_cli(["plan", "twill", "--graph", str(graph), "--time-limit", str(LONG), "--out", str(out)],
+                   tmp_path, out)
+
+
+def test_plan_sp_ctrl_c_in_milp_exits_130_without_plan(tmp_path):
+    out = tmp_path / "i.json"
+    # the first global batch's SCIP MILP runs ~3 s at a 5 s limit (each solve gets what is left of the batch's
+    # limit after the heuristics); 20 s leaves it seconds on a loaded host too
+    _interrupt_cli(["plan", "sp", "--seqlens", "builtin", "--steps", "2", "--time-limit", "20", "--out", str(out)],
+                   tmp_path, out, settle=0.2)
