@@ -308,7 +308,7 @@ def solve_cpsat(model, params: SolveParams, hint: dict[Any, int] | None = None,
         except TypeError as err:
             raise ValueError(f"CP-SAT parameter {key!r}: {val!r} has the wrong type") from err
     t0 = time.perf_counter()
-    code = _interruptible(lambda: solver.Solve(model), solver.StopSearch)
+    code = _interruptible(lambda: solver.Solve(model), solver.stop_search)
     dt = time.perf_counter() - t0
     has_obj = model.HasObjective()
     if code == cp_model.OPTIMAL:
