@@ -88,7 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=2, help="transformer layers (default: %(default)s)")
     p.add_argument("--head-dim", type=int, default=8, help="width of one attention head; the model width is "
                    "heads x head-dim (default: %(default)s)")
-    p.add_argument("--heads", type=int, default=None, help="default: max(4, largest SP degree in the plan)")
+    p.add_argument("--heads", type=int, default=None,
+                   help="attention heads (default: max(4, largest SP degree in the plan))")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (the peak with --lr-schedule; "
                    "default: %(default)s)")
     add_lr_schedule_args(p)
