@@ -120,7 +120,8 @@ def parse_args(argv):
     p.add_argument("--shared-experts", type=int, default=0, help="always-on shared experts per MoE layer "
                    "(default: 0)")
     p.add_argument("--wgrad", choices=("fused", "per-chunk", "deferred"), default="fused",
-                   help="where the backward computes the expert weight gradients (default: fused; a --plan sets it per layer)")
+                   help="where the backward computes the expert weight gradients (default: fused; a --plan sets "
+                        "it per layer)")
     p.add_argument("--plan", type=Path, default=None,
                    help="FSMoE plan JSON (r_fwd, r_bwd, order_fwd, order_bwd, wgrad_bwd, grad_slices)")
     p.add_argument("--plan-config", default=None, help="configuration name inside the --plan (default: its first)")
@@ -136,8 +137,8 @@ def parse_args(argv):
                    "--checkpoint-dir save against WORLD_SIZE) and exit")
     p.add_argument("--compare-schedules", action="store_true",
                    help="single-process: one model per capacity schedule, held-out loss of each (no checkpoints)")
-    p.add_argument("--quick", action="store_true", help="with --compare-schedules: 1 seed x 100 steps per schedule instead "
-                   "of 2 x 300")
+    p.add_argument("--quick", action="store_true",
+                   help="with --compare-schedules: 1 seed x 100 steps per schedule instead of 2 x 300")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end (status lines go to "
                    "stderr); each run lists the exact loss and LR of every step this launch trained (no runs, and "
                    "'nothing_left', when the save resumed from is already at --steps)")
