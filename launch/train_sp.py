@@ -395,8 +395,8 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
             if where is not None:
                 say(f"checkpoint: step {steps} saved to {where}", flush=True)
         if args.check_reference:
-            n = steps - start
-            say(f"check-reference: {n} step{'s' if n != 1 else ''}{f' (from step {start})' if start else ''}, largest relative "
+            n, since = steps - start, f" (from step {start})" if start else ""
+            say(f"check-reference: {n} step{'s' if n != 1 else ''}{since}, largest relative "
                 f"difference: loss {worst_loss:.2e}, gradients {worst_grad:.2e} (tolerance {tol:g}, {args.dtype}): OK",
                 flush=True)
         return 0
