@@ -57,43 +57,50 @@ def _market_split(seed: int, m: int = 4, n: int = 30):
     return a, a.sum(axis=1) // 2
 
 
-def _interrupt_after(seconds: float) -> tuple[threading.Timer, list[float]]:
-    """A timer thread that sends SIGINT to this process after ``seconds``; the list gets the sending time."""
+def _interrupt_once(started: threading.Event, cancel: threading.Event, settle: float
+                    ) -> tuple[threading.Thread, list[float]]:
+    """A thread that sends SIGINT to this process ``settle`` s after ``started`` is set (the solver's Solve was
+    entered), not after a fixed delay from now that a loaded host may spend before the solve begins, unless
+    ``cancel`` is set first; the list gets the sending time."""
     sent: list[float] = []
 
     def fire():
-        sent.append(time.perf_counter())
-        os.kill(os.getpid(), signal.SIGINT)
+        # settle: a solve well under way (LONG is far away), not one just being set up
+        if started.wait(120.0) and not cancel.wait(settle):
+            sent.append(time.perf_counter())
+            os.kill(os.getpid(), signal.SIGINT)
 
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    return timer, sent
+    return threading.Thread(target=fire, daemon=True), sent
 
 
 def _assert_interrupted(call, monkeypatch, cls) -> float:
-    """Run ``call()`` with a SIGINT 0.3 s in; it must raise KeyboardInterrupt within PROMPT_S of the signal, and
-    the solver's ``cls.Solve`` must have returned by then (the search stopped, not left running in a thread).
-    Returns the latency in seconds."""
+    """Run ``call()`` with a SIGINT 0.3 s into the solve; it must raise KeyboardInterrupt within PROMPT_S of the
+    signal, and the solver's ``cls.Solve`` must have returned by then (the search stopped, not left running in a
+    thread). Returns the latency in seconds."""
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     returned: list[float] = []
+    started = threading.Event()
     orig = cls.Solve
 
     def solve(self, *args, **kwargs):
+        started.set()
         try:
             return orig(self, *args, **kwargs)
         finally:
             returned.append(time.perf_counter())
 
     monkeypatch.setattr(cls, "Solve", solve)
-    timer, sent = _interrupt_after(0.3)
+    cancel = threading.Event()
+    sender, sent = _interrupt_once(started, cancel, 0.3)
     t0 = time.perf_counter()
-    timer.start()
+    sender.start()
     try:
         with pytest.raises(KeyboardInterrupt):
             call()
     finally:
-        timer.cancel()
+        cancel.set()  # no SIGINT into a later test if call() failed otherwise
     done = time.perf_counter()
+    sender.join(timeout=10)
     assert sent, "the solve ended before the SIGINT was sent"
     assert len(returned) == 1 and sent[0] < returned[0] <= done, "the solver was not stopped"
     monkeypatch.undo()
