@@ -5,7 +5,6 @@ here fails before any planning, compiling or training: the whole file runs in a 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -67,10 +66,9 @@ def test_gemm_check_bad_json_path_before_the_sweep(under_a_file, one_error, monk
 
     ran = []
     monkeypatch.setattr(gemm_check, "plan_vs_sweep", lambda *a, **k: ran.append(1) or [])
-    t0 = time.perf_counter()
     rc = gemm_check.main(["--quick", "--device", "cpu", "--json", str(under_a_file)])
     one_error(rc, "--json")
-    assert ran == [] and time.perf_counter() - t0 < 5
+    assert ran == []  # refused before the sweep (a wall-clock bound would only measure this host's load)
 
 
 def test_gemm_check_writes_its_rows_atomically(tmp_path, capsys, monkeypatch):
@@ -110,9 +108,7 @@ def test_adasched_refuses_an_option_that_does_nothing(argv, where, one_error, tm
     from adasched.planner.cli import main
 
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    t0 = time.perf_counter()
-    line = one_error(main(argv), where)
-    assert time.perf_counter() - t0 < 10
+    line = one_error(main(argv), where)  # exit 2 and one line naming the option, before any work
     if where == "--seed":
         assert "must be >= 0, got -1" in line and not (tmp_path / "p.json").exists()
     else:
