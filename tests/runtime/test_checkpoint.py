@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import time
 from pathlib import Path
 
 import pytest
@@ -251,10 +250,10 @@ def test_a_save_rank_0_cannot_write_fails_on_every_rank(tmp_path):
     the other ranks waiting in a barrier until the collective timeout."""
     (tmp_path / "file").write_text("x")
     folder = str(tmp_path / "file" / "sub")
-    t0 = time.monotonic()
+    # a rank left waiting would fail its collective after the 20 s timeout with a distributed error, not
+    # return this InputError (spawn_gloo itself gives up at 20 + 30 s, so a wall-clock bound here adds nothing)
     out = spawn_gloo(_rank0_fails_worker, 2, folder, timeout_s=20)
     assert len(set(out)) == 1 and out[0].startswith(f"{folder}: cannot write a checkpoint: "), out
-    assert time.monotonic() - t0 < 20 + 30
 
 
 def test_cuda_generators_saved_and_restored_whatever_cuda_state(tmp_path, monkeypatch):
