@@ -69,7 +69,8 @@ def _flat(tree, prefix=""):
 
 def _tree(folder: Path) -> list:
     # files with their mtimes, folders by name only (the up-front write probe touches a folder's mtime)
-    return sorted((str(p.relative_to(folder)), p.stat().st_mtime_ns if p.is_file() else None) for p in folder.rglob("*"))
+    return sorted((str(p.relative_to(folder)), p.stat().st_mtime_ns if p.is_file() else None)
+                  for p in folder.rglob("*"))
 
 
 @pytest.fixture(scope="module")
