@@ -56,9 +56,8 @@ def print_table(rows: Iterable[Sequence[Any]], columns: Sequence[str], title: st
     if con.is_terminal:
         con.print(t)  # a terminal's width: long cells fold to fit
     else:  # a pipe or a file (logs, CI, `| tee`): rich would assume 80 columns and split numbers over lines
-        from rich.measure import Measurement
-
         from rich.console import Console
+        from rich.measure import Measurement
 
         natural = Measurement.get(con, con.options.update_width(10 ** 4), t).maximum
         # print() caps a width at the console's: a console as wide as the table, on the same stream

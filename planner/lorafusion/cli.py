@@ -16,10 +16,8 @@ _PROFILE_HELP = "Cluster profile: a built-in name (h100-sxm, a100-64-flexsp-pape
 
 
 def _plan(jobs: str, profile: str, time_limit: float, seed: int, no_milp: bool):
-    from adasched.profiler.io import check_seconds
+    from adasched.profiler.io import InputError, check_seconds
     from adasched.profiler.profile import load_profile
-
-    from adasched.profiler.io import InputError
 
     from ..ui import progress
     from .jobs import build_workload, load_jobs
