@@ -335,9 +335,10 @@ class Checkpointer:
         return self.config.interval > 0 and step > 0 and step % self.config.interval == 0
 
     def save(self, step: int, state: Mapping[str, Any]) -> Path | None:
-        """Save ``state`` as taken after ``step`` completed steps and commit it, deleting the saves of that step
-        and later ones left by an earlier timeline (a run resumed with --load-step from an older save); None,
-        nothing written, when this run already holds that step's save (it resumed from it or saved it)."""
+        """Save ``state`` as taken after ``step`` completed steps and commit it, deleting the saves left by an
+        earlier timeline: those after the step this run resumed from or last saved (a run resumed with --load-step
+        from an older save), ``step``'s own included; None, nothing written, when this run already holds that
+        step's save (it resumed from it or saved it)."""
         import torch.distributed.checkpoint as dcp
 
         if step == self.last_saved:  # decided from state every rank shares, never from a file-system race
@@ -361,11 +362,13 @@ class Checkpointer:
                 atomic_write_json(partial / META_NAME, {
                     "format": FORMAT, "step": step, "world_size": self.world_size, "run": self.run,
                     "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-                # saves of this step or later belong to an older timeline (this run resumed from an earlier
-                # step): they go before the commit, so that neither "newest" nor the keep-K count picks them over
-                # this run's saves (pruning by step number would delete the save just made and keep theirs)
+                # saves after the step this run resumed from or last saved belong to an older timeline (this run
+                # resumed from an earlier step): they go before the commit, so that neither "newest" nor the keep-K
+                # count picks them over this run's saves (pruning by step number would delete this run's and keep
+                # theirs)
+                ours = step if self.last_saved is None else min(step, self.last_saved)
                 for later in committed_steps(folder):
-                    if later > step:
+                    if later > ours:
                         _discard(step_folder(folder, later))
                 if final.exists():  # committed, or left half-deleted by a crash
                     _discard(final)

@@ -321,6 +321,24 @@ def test_a_run_resumed_from_an_older_save_keeps_its_own_saves(tmp_path, keep, le
     assert state3["progress"]["step"] == 3
 
 
+def test_first_save_after_a_resume_deletes_the_older_timeline_between(tmp_path):
+    """Resumed from step 2 of a folder holding 2, 3 and 4, the run's first save is at step 6: the older timeline's
+    3 and 4 (after the step resumed from, not only after the step saved) go, and keep=2 keeps this run's 2 and 6."""
+    model, opt, sched, gen, progress, state = _build(0)
+    ck = Checkpointer(CheckpointConfig(folder=tmp_path, keep=0), run={})
+    for step in (1, 2, 3, 4):
+        _train(model, opt, sched, gen, progress, 1)
+        if step >= 2:
+            ck.save(step, state)
+    assert committed_steps(tmp_path) == [2, 3, 4]
+    model2, opt2, sched2, gen2, progress2, state2 = _build(1)
+    ck2 = Checkpointer(CheckpointConfig(folder=tmp_path, keep=2, load_step=2), run={})
+    assert ck2.resume(state2) == 2
+    _train(model2, opt2, sched2, gen2, progress2, 4)
+    ck2.save(6, state2)
+    assert committed_steps(tmp_path) == [2, 6]
+
+
 def test_values_holding_a_dict_whose_keys_change_resume(tmp_path):
     """A plain dict in Values (per-name counters that appear during the run) comes back whole, whatever the
     resuming run's dict holds yet; tensors in Values are loaded in place."""
