@@ -146,8 +146,8 @@ def register(groups) -> None:
         gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs to plan for (power of two; default: the profile's)."),
         global_batch: int = typer.Option(512, "--global-batch", help="Sequences per global batch (training step); at most 1,000,000, and refused when planning it needs more than half this host's memory."),
         max_context: Optional[int] = typer.Option(None, "--max-context",
-                                                  help="Longer sequences are clipped (truncated) to this many tokens (1..2**40); "
-                                                       "default: no clipping."),
+                                                  help="Longer sequences are clipped (truncated) to this many "
+                                                       "tokens (1..2**40); default: no clipping."),
         steps: int = typer.Option(1, "--steps", help="Global batches to plan (drawn from a seeded permutation); at most 100,000, and at most 10,000,000 sequences in all."),
         seed: int = typer.Option(0, "--seed", help="Seed for drawing batches and for the solver."),
         time_limit: float = typer.Option(1.0, "--time-limit", help="Search seconds per global batch (finite, <= 3600): the group-structure search (3/4) then the MILPs (the rest)."),
@@ -191,7 +191,8 @@ def register(groups) -> None:
         gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs (power of two; default: the profile's)."),
         global_batch: int = typer.Option(512, "--global-batch", help="Sequences per global batch (training "
                                          "step); at most 1,000,000."),
-        max_context: Optional[int] = typer.Option(384 * 1024, "--max-context", help="Clip longer sequences to this many tokens."),
+        max_context: Optional[int] = typer.Option(384 * 1024, "--max-context",
+                                                  help="Clip longer sequences to this many tokens."),
         steps: int = typer.Option(10, "--steps", help="Global batches to plan and compare (drawn from a seeded "
                                   "permutation); at most 100,000."),
         seed: int = typer.Option(0, "--seed", help="Seed for drawing batches and for the solver (>= 0)."),

@@ -146,7 +146,8 @@ def evaluate_pipeline(c: StageCosts, r: int, order: Order = "dispatch-first", wg
     if r < 1:
         raise ValueError(f"r must be >= 1, got {r}")
     if c.two_step and order != "dispatch-first":  # the runtime issues two-step exchanges dispatch-first only
-        raise ValueError(f"order {order!r}: a two-step exchange is costed dispatch-first only (as the runtime issues it)")
+        raise ValueError(f"order {order!r}: a two-step exchange is costed dispatch-first only "
+                         "(as the runtime issues it)")
     if wgrad not in WGRAD_MODES:
         raise ValueError(f"wgrad must be one of {WGRAD_MODES}, got {wgrad!r}")
     sim = simulate(_tasks(c, r, order, wgrad=wgrad, shared_overlap=shared_overlap))

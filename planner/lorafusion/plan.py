@@ -227,7 +227,8 @@ class LoRAPlan(Plan):
     def summary_rows(self) -> list[tuple[str, str]]:
         s = self.summary
         rows = super().summary_rows()
-        if self.solver.time_limit:  # the limit is per problem, the time their sum: '4.9 s (limit 0.4 s)' read as overrun
+        # the limit is per problem, the time their sum: '4.9 s (limit 0.4 s)' read as an overrun
+        if self.solver.time_limit:
             rows = [(k, f"{self.solver.solve_seconds:.3f} s over {len(self.problems)} (global batch, group) problems "
                         f"(limit {self.solver.time_limit:g} s each)") if k == "solve time" else (k, v)
                     for k, v in rows]
