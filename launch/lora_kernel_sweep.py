@@ -51,7 +51,9 @@ def _configs(grid: dict) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 epilog="Without a GPU (CPU smoke run under TRITON_INTERPRET=1) the shape is a fixed "
+                                        "tiny one: --T/--K/--r/--N apply on a GPU only.")
     ap.add_argument("--T", type=int, default=8192, help="tokens (rows of X; default: %(default)s)")
     ap.add_argument("--K", type=int, default=4096, help="input features of the layer (default: %(default)s)")
     ap.add_argument("--r", type=int, default=16, help="LoRA rank (default: %(default)s)")
@@ -60,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--N", type=int, default=4096, help="output features of the layer (the dX GEMM's reduction; "
                     "default: %(default)s)")
     ap.add_argument("--with-s", action="store_true", help="also time the dropout kernel that accumulates S")
-    # (without a GPU the smoke run uses a fixed tiny shape: --T/--K/--r/--N apply on a GPU only)
     ap.add_argument("--only", default="gemm,dy,term,down",
                     help="comma-separated parts: gemm, dy, term, down (default: all)")
     args = ap.parse_args(argv)
