@@ -370,7 +370,8 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log,
         copies_diff = replica_divergence(model, ep)   # 0.0: every copy of every parameter is bitwise equal
     return {"copies_max_diff": copies_diff, "router": router, "schedule": schedule, "caps": caps,
             "start_step": start, "resumed_from": resumed_from, "losses": losses, "lrs": lrs,
-            "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None, "floor_nats": task.entropy_nats,
+            "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+            "floor_nats": task.entropy_nats,
             "mean_k_per_layer": [s_["mean_k"] for s_ in model.layer_stats()]}
 
 
