@@ -46,5 +46,6 @@ def run(out_dir: Path) -> None:
         if rc != 0:
             raise SystemExit(f"demo flexsp: training on 4 gloo ranks failed with exit status {rc}")
 
+
 if __name__ == "__main__":
     run(Path(sys.argv[1] if len(sys.argv) > 1 else "demo-out"))
