@@ -30,7 +30,7 @@ def _check_points(res: dict, world: int) -> None:
 @pytest.mark.slow
 def test_three_spawned_ranks_fit_every_group_size():
     cfg = CollectiveConfig(sizes=SIZES, warmup=1, repeats=2, timeout_s=15)
-    res = spawn_collectives(3, cfg, show_progress=False, limit_s=45)
+    res = spawn_collectives(3, cfg, show_progress=False, limit_s=90)  # with start-up: 3 torch imports, 2 cores
     assert res["world"] == 3 and res["backend"] == "gloo"
     _check_points(res, 3)
     assert res["emulated"] == {}  # gloo's own reduce_scatter was timed, on both group sizes
