@@ -309,7 +309,7 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
     import torch.distributed as dist
 
     from adasched.runtime.dist import init_distributed
-    from adasched.runtime.checkpoint import Checkpointer, ModelState, RNGState, Values
+    from adasched.runtime.checkpoint import Checkpointer, ModelState, RNGState, Values, step_folder
     from adasched.runtime.pg_pool import get_pool, reset_pool
     from adasched.runtime.sp_model import TinyGPT, TinyGPTConfig
 
@@ -338,8 +338,10 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
         cfg_ck = checkpoint_config(args)
         ck = Checkpointer(cfg_ck, run=run_identity(args, plan)) if cfg_ck is not None else None
         start = ck.resume(state) if ck is not None else 0
-        if start != progress["step"]:
-            raise RuntimeError(f"checkpoint of step {start} holds step counter {progress['step']}")
+        if start != progress["step"]:  # every rank loaded the same save: all raise, main prints one line
+            raise InputError(step_folder(cfg_ck.folder, start), f"holds the state after {progress['step']} steps, "
+                             f"its metadata says step {start} (a copied or edited save); resume from another "
+                             f"--load-step or a new --checkpoint-dir")
         if start > 0:
             say(f"resumed from {cfg_ck.folder} at step {start}", flush=True)
         if start >= steps:
