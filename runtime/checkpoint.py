@@ -126,7 +126,9 @@ def _read_info(path: Path) -> CheckpointInfo:
 
 def find_checkpoint(folder: str | os.PathLike, load_step: int | None = None) -> CheckpointInfo | None:
     """The save to resume from: ``load_step``'s, else the newest committed one; None when there is none (a fresh
-    run). A ``load_step`` that was not saved is an :class:`InputError` listing the saved steps."""
+    run). A ``load_step`` that was not saved is an :class:`InputError` listing the saved steps; a folder no save
+    could be written to is an InputError too (a probe file is written and removed: a run learns it before
+    training)."""
     folder = Path(folder)
     steps = committed_steps(folder)
     _check_writable(folder)
