@@ -324,6 +324,14 @@ class Checkpointer:
         import torch.distributed.checkpoint as dcp
 
         info = find_checkpoint(self.config.folder, self.config.load_step)
+        dist = _dist()
+        if dist is not None:  # every rank reads its own file system: on nodes without a shared one they can differ
+            seen: list = [None] * self.world_size
+            dist.all_gather_object(seen, info.step if info is not None else None)
+            if len(set(seen)) > 1:
+                raise InputError(self.config.folder, "the ranks see different saves there (" + ", ".join(
+                    f"rank {r}: {'none' if s is None else f'step {s}'}" for r, s in enumerate(seen))
+                    + "); --checkpoint-dir must be one folder every rank shares")
         if info is None:
             return 0
         check_resumable(info, self.world_size, self.run)
@@ -375,6 +383,7 @@ class Checkpointer:
                 if final.exists():  # committed, or left half-deleted by a crash
                     _discard(final)
                 os.replace(partial, final)
+                _fsync_dir(folder)  # the rename itself survives a power loss
                 self._prune(folder)
             except (OSError, ValueError) as err:  # ValueError: InputError of atomic_write_json
                 failed = f"cannot commit the checkpoint of step {step}: {getattr(err, 'strerror', None) or err}"
@@ -401,6 +410,19 @@ def _discard(path: Path) -> None:
     crash midway leaves a folder that loading ignores, never a committed save with missing files."""
     (path / META_NAME).unlink(missing_ok=True)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder; the commit stands without it
+        pass
+    finally:
+        os.close(fd)
 
 
 def _agree(dist, folder: Path, failed: str | None) -> None:

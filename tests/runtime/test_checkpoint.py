@@ -385,3 +385,24 @@ def test_unwritable_or_unreadable_folder_is_one_input_error(tmp_path):
     long = tmp_path / ("a" * 300)
     with pytest.raises(InputError, match=r"cannot read: File name too long"):
         find_checkpoint(long)
+
+
+def test_ranks_that_see_different_saves_are_refused(tmp_path):
+    # rank 0's folder holds a save, rank 1's is empty: what ranks on nodes without a shared file system see. Before,
+    # rank 0 loaded step 3 while rank 1 started fresh (and the two ranks' DCP collectives no longer matched)
+    _, _, state = _rank_state(0)
+    Checkpointer(CheckpointConfig(folder=tmp_path / "node0"), run={}).save(3, state)  # this process, no world
+    out = spawn_gloo(_diverging_folders_worker, 2, str(tmp_path), timeout_s=60)
+    assert out == ["the ranks see different saves there (rank 0: step 3, rank 1: none); --checkpoint-dir must be one "
+                   "folder every rank shares"] * 2, out
+
+
+def _diverging_folders_worker(rank: int, world: int, root: str):
+    from pathlib import Path
+
+    _, _, state = _rank_state(rank)
+    try:
+        Checkpointer(CheckpointConfig(folder=Path(root) / f"node{rank}"), run={}).resume(state)
+    except InputError as err:
+        return err.what
+    return "resumed"
