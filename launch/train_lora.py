@@ -123,9 +123,7 @@ def _check_options(args: argparse.Namespace) -> None:
     params = args.layers * (4 * h * h + 3 * h * args.ffn) + (2 * args.vocab + args.max_positions) * h
     ranks = args.world or int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     check_model_memory(params, 4, ranks, "--vocab/--hidden/--layers/--ffn/--max-positions", "the fp32 weights")
-    cfg = checkpoint_config(args)
-    if cfg is not None:
-        check_output_folder(cfg.folder, "--checkpoint-dir")
+    checkpoint_config(args)  # the options' own checks; the folder is probed where its saves are looked up
 
 
 def _plan_digest(plan) -> str:

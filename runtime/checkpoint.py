@@ -27,7 +27,6 @@ import os
 import pickle
 import random
 import shutil
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -35,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from adasched.profiler.io import InputError, atomic_write_json, read_json
+from adasched.profiler.io import InputError, atomic_write_json, check_output_folder, read_json
 
 __all__ = ["CheckpointConfig", "CheckpointInfo", "Checkpointer", "ModelState", "RNGState", "Values",
            "find_checkpoint", "check_resumable", "committed_steps", "step_folder", "META_NAME", "FORMAT"]
@@ -130,8 +129,8 @@ def find_checkpoint(folder: str | os.PathLike, load_step: int | None = None) -> 
     could be written to is an InputError too (a probe file is written and removed: a run learns it before
     training)."""
     folder = Path(folder)
-    steps = committed_steps(folder)
     _check_writable(folder)
+    steps = committed_steps(folder)
     if load_step is None:
         return _read_info(step_folder(folder, steps[-1])) if steps else None
     if load_step not in steps:
@@ -141,21 +140,13 @@ def find_checkpoint(folder: str | os.PathLike, load_step: int | None = None) -> 
 
 
 def _check_writable(folder: Path) -> None:
-    """Refuse a folder no save could be written to (its nearest existing parent is a file, or not writable), so
-    that a run learns it before training rather than at its first save."""
+    """Refuse a folder no save could be written to (profiler.io's probe: an existing non-folder, under a file, or a
+    place where a probe file cannot be created, as /proc for root), so that a run learns it before training rather
+    than at its first save."""
     try:
-        probe = folder
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        if not probe.is_dir():
-            raise InputError(folder, f"cannot be created: {probe} is not a folder (--checkpoint-dir takes the "
-                                     f"folder of a run's saves)")
-        # a real write, not os.access: root passes access() on read-only and pseudo file systems (/proc)
-        fd, tmp = tempfile.mkstemp(prefix=".adasched-probe-", dir=probe)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as err:  # not writable, read-only, a name too long, ...
-        raise InputError(folder, f"cannot write a checkpoint: {err.strerror or err}") from None
+        check_output_folder(folder, "--checkpoint-dir")
+    except OSError as err:  # a name too long, ...
+        raise InputError("--checkpoint-dir", f"{folder}: {err.strerror or err}") from None
 
 
 def check_resumable(info: CheckpointInfo, world_size: int, run: Mapping[str, Any]) -> None:

@@ -211,11 +211,10 @@ def test_bad_checkpoint_input_is_one_line_exit_2_nothing_written(runs, monkeypat
         want = "error: --checkpoint-every: needs --checkpoint-dir"
     elif case == "dir-is-file":
         argv += ["--checkpoint-dir", "file"]
-        want = "error: file: is not a folder (--checkpoint-dir takes the folder of a run's saves)"
+        want = "error: --checkpoint-dir: file exists and is not a folder"
     elif case == "dir-under-file":  # no save could be written there: refused before training, not at the save
         argv += ["--checkpoint-dir", "file/sub"]
-        want = ("error: file/sub: cannot be created: file is not a folder (--checkpoint-dir takes the folder of a "
-                "run's saves)")
+        want = "error: --checkpoint-dir: file/sub: file is not a directory"
     else:  # launch_local (and train_sp.sh) check before torchrun starts a worker
         monkeypatch.delenv("WORLD_SIZE")
         monkeypatch.delenv("RANK")

@@ -263,8 +263,8 @@ def test_launcher_refuses_before_any_worker(launches):
     (["--load-step", "2"], "error: --load-step: needs --checkpoint-dir"),
     (["--checkpoint-keep", "1"], "error: --checkpoint-keep: needs --checkpoint-dir"),
     (["--checkpoint-dir", "{new}", "--checkpoint-every", "-1"], "error: --checkpoint-every: -1 must be >= 0"),
-    (["--checkpoint-dir", "{file}"], "is not a folder (--checkpoint-dir takes the folder"),
-    (["--checkpoint-dir", "{file}/sub"], "sub: cannot be created: "),        # not at the first save, mid-run
+    (["--checkpoint-dir", "{file}"], "file exists and is not a folder"),
+    (["--checkpoint-dir", "{file}/sub"], "/file is not a directory"),        # not at the first save, mid-run
     (["--checkpoint-dir", "{new}", "--router", "all"], "error: --checkpoint-dir: a checkpoint holds one run"),
     (["--checkpoint-dir", "{new}", "--compare-schedules"], "error: --checkpoint-dir: not used by --compare-schedules"),
     (["--lr-schedule", "rex", "--compare-schedules"], "error: --lr-schedule: not used by --compare-schedules"),
