@@ -16,8 +16,20 @@ world / ep-size copies, whose gradients are averaged over the expert-data-parall
 ``--plan`` takes the pipeline degrees and gradient slices from an FSMoE plan made for this world and EP size
 (``adasched plan moe --gpus WORLD [--ep-size K]``; with ``--hierarchical``, the runtime's two-step all-to-all
 through nodes of min(--gpus-per-node, EP size) ranks: ``... --two-step-a2a --gpus-per-node G``); a plan made for
-another layout - number of GPUs, EP size, exchange (flat or two-step, node size), or FSMoE's expert-sharded
-"hierarchical" layout, which the runtime does not build - is an error naming both.
+another layout - number of GPUs, EP size, exchange (flat or two-step, node size), whole or sharded experts - is an
+error naming both.
+
+``--expert-shards S`` builds FSMoE's expert-sharded layout (the layout ``adasched plan moe`` picks without
+``--ep-size`` when a model has fewer experts than GPUs; its plans say ``hierarchical``): nodes of S contiguous ranks
+each hold 1/S of the FFN width of the node's experts (for SwiGLU the same columns of the gate and up halves), EP
+groups of ``--ep-size`` ranks (default world / S) across the nodes. Per chunk of the r-chunk pipeline the rows cross
+the nodes in one all-to-all, are all-gathered inside the node, every rank multiplies all of them by its shard and
+the partial outputs are reduce-scattered back before the return all-to-all (the backward likewise; inside the node
+both are all_to_all_single calls, uneven row counts allowed). The experts' weights are the same as for whole
+experts (``init_experts`` draws full weights and each rank keeps its slice), so every layout trains the same
+model: on 4 gloo ranks the losses of 1 node x 4 shards (from a sharded plan), 2 nodes x 2 shards and whole experts
+agree to float rounding (tests/launch/test_train_moe_plan.py). A sharded plan needs ``--expert-shards`` = its node
+size and ``--ep-size`` = its EP size; ``--expert-shards`` does not combine with ``--hierarchical``.
 
 ``--lr-schedule`` (constant, linear, cosine, rex, uba; default constant: the --lr throughout) with
 ``--warmup-steps W`` builds :func:`adasched.schedules.get_schedule` over ``--steps`` optimizer steps (W of them
@@ -131,6 +143,10 @@ def parse_args(argv):
                    "experts per rank (a --plan must be made with plan moe --two-step-a2a --gpus-per-node G)")
     p.add_argument("--gpus-per-node", type=int, default=None, help="with --hierarchical: ranks per node of the "
                    "two-step exchange, capped at the EP size (default: 2)")
+    p.add_argument("--expert-shards", type=int, default=1, help="FSMoE's expert-sharded layout: nodes of S "
+                   "contiguous ranks each hold 1/S of the FFN width of the node's experts, EP groups of --ep-size "
+                   "(default: world / S) across the nodes; a --plan of that layout (plan moe without --ep-size, "
+                   "fewer experts than GPUs) needs S = its node size (default: %(default)s, whole experts)")
     p.add_argument("--router-stats-out", type=Path, default=None,
                    help="write {mean_k_per_layer: [...]} of the last run (rank 0) for `adasched plan moe --router-stats`")
     p.add_argument("--validate-only", action="store_true", help="check the arguments (and --plan and a "
@@ -217,18 +233,33 @@ def _plan_pipeline(args, ep_size: int, layers: int, world: int):
                                [1.0 / layers] * layers, [args.wgrad] * layers)
     two_step = args.hierarchical and ep_size > 1                 # what make_ep builds
     return load_pipeline(args.plan, ep_size=ep_size, num_layers=layers, config=args.plan_config, world=world,
-                         two_step=two_step, gpus_per_node=min(args.gpus_per_node, ep_size) if two_step else None)
+                         two_step=two_step, gpus_per_node=min(args.gpus_per_node, ep_size) if two_step else None,
+                         expert_shards=args.expert_shards)
 
 
 def ep_size_for(args, world: int) -> int:
-    """The expert-parallel size: ``--ep-size``, default the world. ValueError naming --ep-size when it is not a
-    divisor of the world size or of --experts."""
-    ep = world if args.ep_size is None else args.ep_size
+    """The expert-parallel size: ``--ep-size``, default the world (divided by --expert-shards). ValueError naming
+    the option when it is not a divisor of the world size or of --experts, or --expert-shards does not fit."""
+    S = args.expert_shards
+    if S < 1:
+        raise ValueError(f"--expert-shards: {S} must be >= 1")
+    if S > 1:
+        if args.hierarchical:
+            raise ValueError("--expert-shards: the expert-sharded layout has its own exchange (all-to-all across the "
+                             "nodes, all-gather inside them); drop --hierarchical")
+        if world % S:
+            raise ValueError(f"--expert-shards: {S} does not divide the world size {world}")
+        if args.ffn % S:
+            raise ValueError(f"--expert-shards: {S} does not divide --ffn {args.ffn}")
+    ep = world // S if args.ep_size is None else args.ep_size
     if ep < 1:
         raise ValueError(f"--ep-size: {ep} must be >= 1")
-    if world % ep:
-        raise ValueError(f"--ep-size: {ep} does not divide the world size {world}")
+    if world % (ep * S):
+        raise ValueError(f"--ep-size: {ep}" + (f" x --expert-shards {S}" if S > 1 else "")
+                         + f" does not divide the world size {world}")
     if args.experts % ep:
+        if args.ep_size is None:                     # the default EP size: name what the user gave
+            raise ValueError(f"--experts: {args.experts} is not divisible by the expert-parallel size {ep}")
         raise ValueError(f"--ep-size: {ep} does not divide --experts {args.experts}")
     return ep
 
@@ -243,7 +274,8 @@ def make_ep(args, world: int):
         return None
     ep_size = ep_size_for(args, world)
     return ExpertParallel.create_groups(args.experts, ep_size, hierarchical=args.hierarchical and ep_size > 1,
-                                        gpus_per_node=min(args.gpus_per_node, ep_size), timeout_s=120)
+                                        gpus_per_node=min(args.gpus_per_node, ep_size),
+                                        expert_shards=args.expert_shards, timeout_s=120)
 
 
 def run_identity(args, router: str, schedule: str, ep_size: int, world: int) -> dict:
@@ -258,6 +290,8 @@ def run_identity(args, router: str, schedule: str, ep_size: int, world: int) -> 
              "capacity_factor": args.capacity_factor, "seed": args.seed, "dtype": "float32",
              **lr_identity(args, args.steps), "ep_size": ep_size, "two_step_a2a": two_step,
              "exchange_gpus_per_node": min(args.gpus_per_node, ep_size) if two_step else None}
+    if args.expert_shards > 1:                        # only then: saves of whole-expert runs keep their identity
+        ident["expert_shards"] = args.expert_shards
     if args.plan is not None:
         from adasched.planner.fsmoe.plan import MoEPlan
         from adasched.planner.plan import load_plan
@@ -533,8 +567,6 @@ def _main(args) -> int:
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     _check_sizes(args, env_world)
     check_lr_schedule(args, args.steps)
-    if args.ep_size is None and args.experts % env_world:
-        raise ValueError(f"--experts: {args.experts} is not divisible by the expert-parallel size {env_world}")
     env_ep = ep_size_for(args, env_world)
     if args.hierarchical and env_ep > 1 and env_ep % min(args.gpus_per_node, env_ep):
         raise ValueError(f"--gpus-per-node: an expert-parallel group of {env_ep} ranks does not split into nodes of "
@@ -560,6 +592,7 @@ def _main(args) -> int:
             two_step = bool(args.hierarchical and env_ep > 1)
             print(json.dumps({"world": env_world, "ep_size": env_ep, "two_step": two_step,
                               "exchange_gpus_per_node": min(args.gpus_per_node, env_ep) if two_step else None,
+                              "expert_shards": args.expert_shards,
                               "runs": [], "nothing_left": {"checkpoint": str(saved.path), "step": saved.step,
                                                            "steps": args.steps}}), flush=True)
         return 0
@@ -596,7 +629,8 @@ def _main(args) -> int:
     if rank == 0 and args.json:
         hier = bool(base_ep is not None and base_ep.hierarchical)
         print(json.dumps({"world": world, "ep_size": base_ep.size if base_ep else 1, "two_step": hier,
-                          "exchange_gpus_per_node": base_ep.gpus_per_node if hier else None, "runs": out}))
+                          "exchange_gpus_per_node": base_ep.gpus_per_node if hier else None,
+                          "expert_shards": base_ep.shards if base_ep else 1, "runs": out}))
     return 0
 
 

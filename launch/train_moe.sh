@@ -4,6 +4,8 @@
 #   NPROC=4 launch/train_moe.sh --router all --schedule all --steps 10 [--plan plan.json] [--hierarchical]
 # A --plan must be made for this world, EP size and exchange: adasched plan moe --gpus NPROC [--ep-size K] ...
 # (with --hierarchical: ... --two-step-a2a --gpus-per-node G, G = min(--gpus-per-node, EP size)).
+# --expert-shards S: FSMoE's expert-sharded layout (nodes of S ranks share each expert's FFN width; the layout
+# adasched plan moe picks without --ep-size for fewer experts than GPUs: run its plan with S = its node size).
 # Arguments are validated once before any worker starts (one `error:` line, exit 2).
 # PYTHON selects the interpreter (default: python3 on PATH; use the project's .venv/bin/python).
 # Checkpoints: --checkpoint-dir D [--checkpoint-every N] [--checkpoint-keep K] [--load-step S] with one --router

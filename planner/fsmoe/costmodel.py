@@ -8,8 +8,8 @@ workload's streaming time. With f = k * capacity_factor, tokens per GPU T = B*L,
     n0 = f*T*M/P    n1 = n3 = f*T*M    n2 = g*f*T*M*H/P  (g = 2 GELU MLP, 3 SwiGLU)   (elements)
 
 Layouts (:func:`topology`): flat EP (whole experts per GPU, one all-to-all; stages 1 and 3 empty); FSMoE's
-hierarchical one (EP over nodes, each expert sharded over a node's GPUs: all stages; the runtime does not build
-it); the runtime's two-step exchange (``two_step``: whole experts per GPU, stages 1 and 3 are the intra-node
+hierarchical one (EP over nodes, each expert sharded over a node's GPUs: all stages; the runtime's
+``train_moe --expert-shards G``); the runtime's two-step exchange (``two_step``: whole experts per GPU, stages 1 and 3 are the intra-node
 all-to-all steps, stage 0 the inter-node one).
 
 Two sources for alpha/beta:
@@ -117,7 +117,7 @@ class Topology:
     """P: ranks an expert-parallel all-to-all spans (nodes for hierarchical, all GPUs for flat)."""
     hierarchical: bool
     """True: EP across nodes + expert sharding inside a node (all-gather/reduce-scatter stages; FSMoE's layout,
-    which the runtime does not build); False: every GPU holds whole experts."""
+    the runtime's ``ExpertParallel.create_groups(..., expert_shards=G)``); False: every GPU holds whole experts."""
     two_step: bool = False
     """Whole experts per GPU (as flat EP), every exchange in two all-to-all steps: inside the node, then between
     the nodes (the runtime's ``train_moe --hierarchical``, ``runtime.moe.ep``'s hierarchical path); the node

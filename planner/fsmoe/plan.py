@@ -42,8 +42,8 @@ class MoEConfigPlan(BaseModel):
     config: dict
     ep_size: int
     hierarchical: bool = Field(description="FSMoE's layout: EP over nodes, each expert sharded over a node's GPUs "
-                                           "(all-gather/reduce-scatter inside the node); the runtime does not build "
-                                           "it (train_moe --plan refuses such a plan)")
+                                           "(all-gather/reduce-scatter inside the node); the runtime builds it with "
+                                           "train_moe --expert-shards G (G = gpus_per_node)")
     two_step_a2a: bool = Field(default=False, description="whole experts per GPU, each exchange an intra-node then "
                                                           "an inter-node all-to-all (train_moe --hierarchical); "
                                                           "older plans: False")
@@ -81,8 +81,9 @@ def layout_text(c: MoEConfigPlan) -> str:
     ``train_moe --plan`` checks) and its expert copies' gradient all-reduce."""
     node = f", nodes of {c.gpus_per_node} GPUs" if c.gpus_per_node else ""
     if c.hierarchical:
+        g = c.gpus_per_node or "G"
         text = (f"EP {c.ep_size} over nodes, each expert sharded over a node's GPUs{node} (FSMoE's layout; "
-                "train_moe does not build it)")
+                f"train_moe --expert-shards {g} --ep-size {c.ep_size})")
     elif c.two_step_a2a:
         text = (f"EP {c.ep_size}, two-step all-to-all ({c.exchange_gpus_per_node} ranks per node: intra- then "
                 f"inter-node; train_moe --hierarchical --gpus-per-node {c.exchange_gpus_per_node}){node}")
@@ -208,30 +209,45 @@ class MoEPlan(Plan):
                            f"{c.fwd_bwd_ms:.2f} ms (no pipelining {c.baselines_fwd_bwd_ms['no-pipeline']:.2f} ms)")
 
     def check_ep_size(self, ep_size: int, config: str | None = None, *, world: int | None = None,
-                      two_step: bool = False, gpus_per_node: int | None = None) -> MoEConfigPlan:
+                      two_step: bool = False, gpus_per_node: int | None = None,
+                      expert_shards: int = 1) -> MoEConfigPlan:
         """The plan entry ``config`` (default: the first) for a runtime whose layout is: expert-parallel size
         ``ep_size`` with whole experts per rank, ``world`` data-parallel ranks (when given), a flat exchange or
         (``two_step``, ``train_moe --hierarchical``) a two-step one through nodes of ``gpus_per_node`` ranks of
         the EP group (the runtime's min(--gpus-per-node, --ep-size)). A clear one-line error (InputError) if the
         entry is missing or was planned for another layout: another EP size or number of GPUs (its dense
         gradient all-reduce and expert copies were costed for ``self.gpus``), FSMoE's expert-sharded layout
-        (``hierarchical``: the runtime has no expert sharding), or another exchange (flat vs two-step, another
-        node size)."""
+        (``hierarchical``) unless the run shards its experts the same way (``expert_shards`` = the plan's node
+        size, ``ep_size`` = its EP size over the nodes: ``train_moe --expert-shards G``), or another exchange (flat
+        vs two-step, another node size)."""
         cfgs = [c for c in self.configs if config in (None, c.name)]
         if not cfgs:
             raise InputError("plan", f"configuration {config!r} not in the plan "
                                      f"({', '.join(c.name for c in self.configs)})")
         c = cfgs[0]
-        fits = world is not None and ep_size >= 1 and world % ep_size == 0
+        fits = world is not None and ep_size >= 1 and world % ep_size == 0 and expert_shards == 1
         replan = (f"adasched plan moe --gpus {world} --ep-size {ep_size}"
                   + (f" --two-step-a2a --gpus-per-node {gpus_per_node}" if two_step else "")) if fits else None
         if c.hierarchical:
             nodes = f"{c.ep_size} node{'s' * (c.ep_size != 1)}"
             g = c.gpus_per_node or min(self.gpus_per_node, self.gpus)
-            raise InputError("plan", f"configuration {c.name!r} was planned with EP over {nodes} and each expert "
-                                     f"sharded over a node's {g} GPUs (FSMoE's hierarchical layout), which the "
-                                     f"runtime does not build (whole experts per rank; --hierarchical is a two-step "
-                                     f"all-to-all of that layout)" + (f"; plan it with {replan}" if replan else ""))
+            planned = (f"configuration {c.name!r} was planned for {self.gpus} GPUs with EP over {nodes} and each "
+                       f"expert sharded over a node's {g} GPUs (FSMoE's layout; train_moe --expert-shards {g} "
+                       f"--ep-size {c.ep_size})")
+            if expert_shards == 1:
+                raise InputError("plan", f"{planned}, this run holds whole experts per rank"
+                                         + (f"; plan it with {replan}" if replan else ""))
+            if (expert_shards, ep_size) != (g, c.ep_size) or (world is not None and world != self.gpus) or two_step:
+                run = f"{world} ranks, " if world is not None else ""
+                raise InputError("plan", f"{planned}, this run has {run}EP size {ep_size} with experts sharded over "
+                                         f"{expert_shards} ranks")
+            return c
+        if expert_shards > 1:
+            raise InputError("plan", f"configuration {c.name!r} was planned with whole experts per GPU (EP size "
+                                     f"{c.ep_size}), this run shards each expert over {expert_shards} ranks "
+                                     f"(--expert-shards); plan FSMoE's sharded layout with adasched plan moe --gpus "
+                                     f"{world if world is not None else 'WORLD'} (no --ep-size) on a profile with "
+                                     f"{expert_shards} GPUs per node and fewer experts than GPUs")
         if c.ep_size != ep_size or (world is not None and world != self.gpus):
             run = f"{world} ranks with EP size {ep_size}" if world is not None else f"EP size {ep_size}"
             raise InputError("plan", f"configuration {c.name!r} was planned for {self.gpus} GPUs with EP size "

@@ -152,8 +152,8 @@ def prepare_for_deepspeed(model: nn.Module, param_groups=None) -> list[dict]:
     ``{"moe": True, "name": "ep_size_<P>"}`` group per EP size, options kept; a group without a trainable
     parameter is left out, and a layer whose expert shards are all frozen is not marked as MoE (ZeRO-1/2 fail on an
     empty group, and on MoE layers without an MoE group). Idempotent. ValueError naming the
-    problem when a layer has a dense-gradient ``reducer`` (the engine reduces), the data-parallel group is not the
-    world, or two layers' EP groups of one size hold different ranks. A model without expert-parallel layers gets
+    problem when a layer has a dense-gradient ``reducer`` (the engine reduces), shards its experts
+    (``expert_shards`` > 1: not supported), the data-parallel group is not the world, or two layers' EP groups of one size hold different ranks. A model without expert-parallel layers gets
     its groups back as they are (each given a ``"name"``; one group without ``param_groups``), nothing registered.
     """
     eps: dict[str, ExpertParallel] = {}
@@ -163,6 +163,10 @@ def prepare_for_deepspeed(model: nn.Module, param_groups=None) -> list[dict]:
         if m.reducer is not None:
             raise ValueError("model: an expert-parallel MoELayer has a reducer (GradSliceReducer); DeepSpeed's engine "
                              "reduces the gradients itself: build the layers with reducer=None")
+        if ep.shards > 1:
+            raise ValueError(f"model: an MoELayer shards its experts over {ep.shards} ranks (expert_shards); "
+                             "DeepSpeed's MoE gradient handling knows whole experts per rank only: train it with "
+                             "GradSliceReducer + ExpertGradReducer instead")
         if ep.dp_size != dist.get_world_size():
             raise ValueError(f"model: the EP layers' data-parallel group has {ep.dp_size} of {dist.get_world_size()} "
                              "ranks; DeepSpeed averages over the world (create_groups without group=)")

@@ -38,6 +38,16 @@ compute), keeps every group's collectives in the same order on all ranks, and be
 sure chunk c+1's inter-node step is in flight, so it overlaps chunk c's compute. Set
 ``ExpertParallel.events = []`` to record the issue order and the chunk computes.
 
+Expert-sharded path (``ExpertParallel.create_groups(..., expert_shards=S)``, FSMoE's own layout when there are
+fewer experts than GPUs): nodes of S ranks each hold 1/S of the FFN width of the node's ``E / P`` experts; the EP
+group (P ranks, one per node, the same index in each) exchanges the rows of a chunk in one all-to-all, then the
+node's S ranks all-gather what each received (an all_to_all_single sending a rank's block to every peer, uneven
+blocks allowed), every rank runs all of them through its shard, and the partial outputs are reduce-scattered back
+(an all_to_all_single of the peers' segments, summed in peer order) before the return all-to-all. The backward
+runs the same chain on the output gradients (its dX partials reduce-scattered, each shard's dW complete on its
+rank). Rows carry their source's index in the domain (the P * S ranks, node-major), so forward and backward
+chunks still need not coincide. The two steps are chained by the same scheduler as the hierarchical path.
+
 Expert data parallelism (EP smaller than the data-parallel world, :meth:`ExpertParallel.create_groups`): every
 expert then has D / P copies, one per EP group; the exchanges stay inside each EP group, and
 :class:`ExpertGradReducer` sums each expert's gradient over its copies (the expert-data-parallel group:
@@ -100,12 +110,21 @@ class ExpertParallel:
     dp_ranks: list[int] | None = None
     expert_dp_group: object = None
     expert_dp_ranks: list[int] | None = None
+    shards: int = 1
+    """S: ranks sharding each expert (FSMoE's layout: a node's GPUs each hold 1/S of the FFN width of the node's
+    experts); 1 = whole experts per rank."""
+    shard_group: object = None     # the S ranks sharing this rank's experts (one node); None when S = 1
+    shard_rank: int = 0            # index of this process in its shard group
+    domain_group: object = None    # the P * S ranks whose tokens meet (EP groups x shard groups); None when S = 1
+    domain_ranks: list[int] | None = None
 
     def __post_init__(self):
         if self.dp_ranks is None:
             self.dp_group, self.dp_ranks = self.group, list(self.ranks)
         if self.expert_dp_ranks is None:
             self.expert_dp_ranks = [self.ranks[self.rank]]
+        if self.domain_ranks is None:
+            self.domain_group, self.domain_ranks = self.group, list(self.ranks)
 
     @property
     def size(self) -> int:
@@ -129,6 +148,24 @@ class ExpertParallel:
     def num_nodes(self) -> int:
         return self.size // self.gpus_per_node
 
+    @property
+    def domain_size(self) -> int:
+        """Ranks whose tokens travel among each other: the EP group times the shard group (P * S)."""
+        return self.size * self.shards
+
+    @property
+    def domain_rank(self) -> int:
+        """Index of this process in ``domain_ranks`` (node-major: EP index * S + shard index)."""
+        return self.rank * self.shards + self.shard_rank
+
+    def shard_columns(self, ffn: int) -> slice:
+        """This rank's slice of an expert's FFN width (the whole width when S = 1); ValueError when S does not
+        divide ``ffn``."""
+        if ffn % self.shards:
+            raise ValueError(f"ffn: {ffn} is not divisible by the expert shards {self.shards}")
+        f = ffn // self.shards
+        return slice(self.shard_rank * f, (self.shard_rank + 1) * f)
+
     @classmethod
     def create(cls, num_experts: int, group=None, hierarchical: bool = False, gpus_per_node: int | None = None,
                timeout_s: float = 60.0) -> "ExpertParallel":
@@ -146,7 +183,8 @@ class ExpertParallel:
 
     @classmethod
     def create_groups(cls, num_experts: int, ep_size: int, group=None, *, hierarchical: bool = False,
-                      gpus_per_node: int | None = None, timeout_s: float = 60.0) -> "ExpertParallel":
+                      gpus_per_node: int | None = None, expert_shards: int = 1,
+                      timeout_s: float = 60.0) -> "ExpertParallel":
         """Expert data parallelism: split the data-parallel ``group`` (default: the world; size D) into D / ep_size
         contiguous EP groups (ranks [k*ep_size, (k+1)*ep_size) of the group, Megatron-core's default order), each
         holding all ``num_experts`` experts, ``num_experts / ep_size`` per rank; rank i of every EP group holds
@@ -158,9 +196,22 @@ class ExpertParallel:
         creates every group of every data-parallel group, in the same order. ``ep_size == D`` gives the EP of
         :meth:`create` (no expert copies); ``ep_size == 1`` replicates every expert on every rank. ValueError
         naming the argument when ``ep_size`` does not divide D, ``num_experts`` is not a multiple of ``ep_size``,
-        or ``gpus_per_node`` does not divide ``ep_size``; raised before any group is created, on every rank."""
-        if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
-            raise ValueError(f"ep_size: {ep_size!r} must be an int >= 1")
+        or ``gpus_per_node`` does not divide ``ep_size``; raised before any group is created, on every rank.
+
+        ``expert_shards`` S > 1 builds FSMoE's expert-sharded layout (the FSMoE planner's ``hierarchical``
+        configurations): the data-parallel group splits into domains of ``ep_size * S`` contiguous ranks, each
+        domain into ``ep_size`` nodes of S contiguous ranks; the ranks with the same index in every node of a domain
+        form an EP group (``ep_size`` ranks, ``num_experts / ep_size`` experts each, one all-to-all across the
+        nodes) and each node's S ranks (``shard_group``) hold 1/S of the FFN width of the same experts: a chunk's
+        rows are all-gathered inside the node after the all-to-all and the partial outputs reduce-scattered
+        before the return all-to-all. Expert copies: one per domain (``expert_dp_group``, D / (ep_size * S))."""
+        for name, v in (("ep_size", ep_size), ("expert_shards", expert_shards)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: {v!r} must be an int >= 1")
+        if expert_shards > 1 and hierarchical:
+            raise ValueError("expert_shards: the expert-sharded layout has its own exchange (all-to-all across the "
+                             "nodes, all-gather inside them); it does not combine with hierarchical=True")
+        S = expert_shards
         group = group if group is not None else dist.group.WORLD
         mine = dist.get_process_group_ranks(group)
         parents = [sorted(mine)]                        # group ranks are in global-rank order (new_group sorts)
@@ -172,24 +223,41 @@ class ExpertParallel:
             if len(seen) != len(set(seen)):             # the same verdict on every rank: all raise together
                 raise ValueError(f"group: the ranks' data-parallel groups overlap: {parents}")
         sizes = sorted({len(g) for g in parents})
-        if any(n % ep_size for n in sizes):
-            raise ValueError(f"ep_size: {ep_size} does not divide the data-parallel size "
+        if any(n % (ep_size * S) for n in sizes):
+            what = f"ep_size: {ep_size}" + (f" x expert_shards {S}" if S > 1 else "")
+            raise ValueError(f"{what} does not divide the data-parallel size "
                              f"{sizes[0] if len(sizes) == 1 else sizes}")
         _check_divides(num_experts, ep_size, hierarchical, gpus_per_node)
         me = dist.get_rank()
         to = timedelta(seconds=timeout_s)
         ep = edp = None
         ep_groups = []
+        D = ep_size * S                                 # ranks of one domain
         for parent in parents:                          # the same calls in the same order on every rank
-            for k in range(len(parent) // ep_size):
-                ranks = parent[k * ep_size:(k + 1) * ep_size]
-                g = dist.new_group(ranks, timeout=to)
-                ep_groups.append(ranks)
-                if me in ranks:
-                    ep = cls(group=g, ranks=ranks, rank=ranks.index(me), num_experts=num_experts,
-                             hierarchical=hierarchical, dp_group=group, dp_ranks=list(mine))
-            for i in range(ep_size):
-                ranks = parent[i::ep_size]
+            for k in range(len(parent) // D):
+                domain = parent[k * D:(k + 1) * D]
+                dom = shard = None
+                if S > 1:
+                    dg = dist.new_group(domain, timeout=to)
+                    if me in domain:
+                        dom = dg
+                    for n in range(ep_size):            # the nodes: S contiguous ranks sharding the same experts
+                        ranks = domain[n * S:(n + 1) * S]
+                        g = dist.new_group(ranks, timeout=to)
+                        if me in ranks:
+                            shard = (g, ranks.index(me))
+                for l in range(S):                      # EP group l: index l of every node (S = 1: the domain)
+                    ranks = domain[l::S]
+                    g = dist.new_group(ranks, timeout=to)
+                    ep_groups.append(ranks)
+                    if me in ranks:
+                        ep = cls(group=g, ranks=ranks, rank=ranks.index(me), num_experts=num_experts,
+                                 hierarchical=hierarchical, dp_group=group, dp_ranks=list(mine))
+                        if S > 1:
+                            ep.shards, (ep.shard_group, ep.shard_rank) = S, shard
+                            ep.domain_group, ep.domain_ranks = dom, list(domain)
+            for i in range(D):                          # copies: the same position in every domain
+                ranks = parent[i::D]
                 g = dist.new_group(ranks, timeout=to) if len(ranks) > 1 else None
                 if me in ranks:
                     edp = (g, ranks)
@@ -357,6 +425,13 @@ class _Exchange:
     def __init__(self, ep: ExpertParallel, R: list[list[int]]):
         self.ep, self.R = ep, R
         q, P = ep.rank, ep.size
+        if ep.shards > 1:
+            # R is (domain source, EP destination); source n'*S + l' sends to node d's rank with the same index l'
+            S, me, lq = ep.shards, ep.domain_rank, ep.shard_rank
+            self.send = [R[me][d] for d in range(P)]
+            self.recv = [R[n * S + lq][q] for n in range(P)]
+            self.node_rows = [sum(R[n * S + l][q] for n in range(P)) for l in range(S)]  # what each peer received
+            return
         if not ep.hierarchical:
             self.send = [R[q][d] for d in range(P)]
             self.recv = [R[s][q] for s in range(P)]
@@ -379,6 +454,12 @@ class _Exchange:
     def dispatch(self, tensors, chunk: int) -> _Chain:
         """Rows (grouped by destination rank) to their expert ranks: one step, or intra- then inter-node."""
         ep = self.ep
+        if ep.shards > 1:                            # across the nodes, then all-gathered inside the node
+            S, mine = ep.shards, self.node_rows[ep.shard_rank]
+            s1 = _Step(ep.group, self.send, self.recv, tensors, label=("dispatch", chunk, 1))
+            s2 = _Step(ep.shard_group, [mine] * S, self.node_rows, lambda got: [torch.cat([t] * S) for t in got],
+                       dep=s1, label=("dispatch", chunk, 2))
+            return _Chain([s1, s2])
         if not ep.hierarchical:
             return _Chain([_Step(ep.group, self.send, self.recv, tensors, label=("dispatch", chunk, 1))])
         p1, p2 = self.perm1, self.perm2
@@ -392,6 +473,13 @@ class _Exchange:
         """Exact inverse of :meth:`dispatch`: rows in received order go back to where they came from
         (inter-node first, then intra-node)."""
         ep = self.ep
+        if ep.shards > 1:                            # partial sums reduce-scattered inside the node, then back
+            S, mine = ep.shards, self.node_rows[ep.shard_rank]
+            c1 = _Step(ep.shard_group, self.node_rows, [mine] * S, tensors, label=("combine", chunk, 1))
+            c2 = _Step(ep.group, self.recv, self.send,
+                       lambda got: [t.reshape((S, mine) + tuple(t.shape[1:])).sum(0) for t in got],
+                       dep=c1, label=("combine", chunk, 2))
+            return _Chain([c1, c2])
         if not ep.hierarchical:
             return _Chain([_Step(ep.group, self.recv, self.send, tensors, label=("combine", chunk, 1))])
         p1, p2 = self.perm1, self.perm2
@@ -682,17 +770,19 @@ def _chunks(meta: _Meta, r: int):
     dest = meta.expert_idx // ep.experts_per_rank
     local = torch.zeros(r, ep.size, dtype=torch.int64, device=meta.token_idx.device)
     local.index_put_((chunk_of_row, dest), torch.ones_like(dest), accumulate=True)
-    # sizes first: every rank learns every (source, chunk, destination) count (r is equal on all ranks)
-    gathered = [torch.empty_like(local) for _ in range(ep.size)]
-    dist.all_gather(gathered, local, group=ep.group)
+    # sizes first: every rank learns every (source, chunk, destination) count (r is equal on all ranks); with
+    # expert shards the sources are the whole domain (a node all-gathers what its ranks received)
+    n_src = ep.domain_size
+    gathered = [torch.empty_like(local) for _ in range(n_src)]
+    dist.all_gather(gathered, local, group=ep.domain_group)
     full = torch.stack(gathered).tolist()                      # [src][chunk][dst]
-    mats = [[[full[s][c][d] for d in range(ep.size)] for s in range(ep.size)] for c in range(r)]
+    mats = [[[full[s][c][d] for d in range(ep.size)] for s in range(n_src)] for c in range(r)]
     return rows, mats
 
 
 def _tags(meta: _Meta, rows: torch.Tensor) -> torch.Tensor:
     ep = meta.ep
-    src = torch.full_like(rows, ep.rank)
+    src = torch.full_like(rows, ep.domain_rank)
     return torch.stack([src, meta.expert_idx[rows] % ep.experts_per_rank, meta.token_idx[rows]], 1)
 
 
@@ -712,7 +802,7 @@ class EPExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_rows, w1, w2, meta: _Meta, sx=None, sw1=None, sw2=None):
         ep = meta.ep
-        E_local, P = ep.experts_per_rank, ep.size
+        E_local, P = ep.experts_per_rank, ep.domain_size
         key_base = 1 << 40
         rows, mats = _chunks(meta, meta.r_fwd)
         exch = [_Exchange(ep, m) for m in mats]
@@ -751,7 +841,7 @@ class EPExperts(torch.autograd.Function):
         x_s, a_s, key_s, w1, w2, *sh = ctx.saved_tensors
         meta = ctx.meta
         ep = meta.ep
-        E_local, P = ep.experts_per_rank, ep.size
+        E_local, P = ep.experts_per_rank, ep.domain_size
         key_base = 1 << 40
         gy = gy.contiguous()
         rows, mats = _chunks(meta, meta.r_bwd)
@@ -840,7 +930,8 @@ def ep_experts(x_rows, w1, w2, token_idx, expert_idx, num_tokens: int, ep: Exper
 def check_pipeline_settings(ep: ExpertParallel | None, *, wgrad: str | None = None, order_fwd: str | None = None,
                             order_bwd: str | None = None) -> None:
     """ValueError naming the setting when ``wgrad`` / an issue order is unknown, or "interleaved" is asked of a
-    hierarchical exchange (one host thread would make chunk c's compute wait for chunk c-1's two-step combine)."""
+    hierarchical or expert-sharded exchange (one host thread would make chunk c's compute wait for chunk c-1's
+    two-step combine)."""
     if wgrad is not None and wgrad not in WGRAD_MODES:
         raise ValueError(f"wgrad={wgrad!r}: must be one of {', '.join(WGRAD_MODES)}")
     for name, o in (("order_fwd", order_fwd), ("order_bwd", order_bwd)):
@@ -848,8 +939,9 @@ def check_pipeline_settings(ep: ExpertParallel | None, *, wgrad: str | None = No
             continue
         if o not in ORDERS:
             raise ValueError(f"{name}={o!r}: must be one of {', '.join(ORDERS)}")
-        if o == "interleaved" and ep is not None and ep.hierarchical:
-            raise ValueError(f"{name}='interleaved' needs the flat exchange: on the hierarchical path chunk c's "
+        if o == "interleaved" and ep is not None and (ep.hierarchical or ep.shards > 1):
+            path = "hierarchical" if ep.hierarchical else "expert-sharded"
+            raise ValueError(f"{name}='interleaved' needs the flat exchange: on the {path} path chunk c's "
                              "compute would wait for chunk c-1's whole two-step combine (use 'dispatch-first')")
 
 

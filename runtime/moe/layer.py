@@ -116,9 +116,12 @@ class MoELayer(nn.Module):
         self.router.deferred_updates = True       # the controller step is this layer's (_schedule_router_update)
         e_local = E if ep is None else ep.experts_per_rank
         self.expert_offset = 0 if ep is None else ep.rank * e_local
-        cols = 2 * ffn if activation == "swiglu" else ffn
+        #: this rank's slice of each expert's FFN width (all of it unless ``ep`` shards the experts)
+        self.ffn_slice = slice(0, ffn) if ep is None else ep.shard_columns(ffn)
+        f_local = self.ffn_slice.stop - self.ffn_slice.start
+        cols = 2 * f_local if activation == "swiglu" else f_local
         self.w1 = nn.Parameter(torch.randn(e_local, hidden, cols) * hidden ** -0.5)
-        self.w2 = nn.Parameter(torch.randn(e_local, ffn, hidden) * ffn ** -0.5)
+        self.w2 = nn.Parameter(torch.randn(e_local, f_local, hidden) * ffn ** -0.5)
         if ep is not None:     # sharded: not all-reduced over the data-parallel group (DeepSpeed's / Megatron's mark)
             self.w1.allreduce = self.w2.allreduce = False
         self.shared_w1 = self.shared_w2 = None
@@ -135,9 +138,10 @@ class MoELayer(nn.Module):
         for meta-device construction, ``layer.to_empty(device=...)`` then ``layer.reset_parameters()`` (the
         torchtitan / FSDP2 init path); an expert-parallel rank draws its own experts from the current RNG."""
         with torch.no_grad():
-            for w in (self.w1, self.w2, self.shared_w1, self.shared_w2):
+            for w, fan_in in ((self.w1, self.hidden), (self.w2, self.ffn), (self.shared_w1, None),
+                              (self.shared_w2, None)):
                 if w is not None:
-                    w.normal_(0.0, w.shape[1] ** -0.5)
+                    w.normal_(0.0, (fan_in or w.shape[1]) ** -0.5)
         self.router.reset_parameters()
 
     def set_pipeline(self, r_fwd: int, r_bwd: int, wgrad: str | None = None, order_fwd: str | None = None,
@@ -152,11 +156,19 @@ class MoELayer(nn.Module):
         self.order_bwd = order_bwd or self.order_bwd
 
     def load_full_experts(self, w1: torch.Tensor, w2: torch.Tensor) -> None:
-        """Copy this rank's shard out of full (E, ...) expert weights."""
-        n = self.w1.shape[0]
+        """Copy this rank's shard out of full (E, hidden, 2*ffn or ffn) / (E, ffn, hidden) expert weights: its
+        experts and, when the experts are sharded (``ExpertParallel.shards`` > 1), its slice of their FFN width
+        (for SwiGLU the same columns of the gate and the up half)."""
+        n, fs = self.w1.shape[0], self.ffn_slice
+        experts = slice(self.expert_offset, self.expert_offset + n)
         with torch.no_grad():
-            self.w1.copy_(w1[self.expert_offset:self.expert_offset + n])
-            self.w2.copy_(w2[self.expert_offset:self.expert_offset + n])
+            w1 = w1[experts]
+            if self.activation == "swiglu":
+                w1 = torch.cat([w1[..., :self.ffn][..., fs], w1[..., self.ffn:][..., fs]], dim=-1)
+            else:
+                w1 = w1[..., fs]
+            self.w1.copy_(w1)
+            self.w2.copy_(w2[experts][:, fs])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -108,13 +108,15 @@ class TinyMoELM(nn.Module):
         nn.init.normal_(self.pos.weight, std=0.02)
 
     def init_experts(self, seed: int) -> None:
-        """Deterministic full expert weights (identical for any EP size), each rank keeping its shard."""
+        """Deterministic full expert weights (identical for any EP size or expert sharding), each rank keeping its
+        shard."""
         g = torch.Generator().manual_seed(seed)
         for blk in self.blocks:
             m = blk.moe
             E = m.router.config.num_experts
-            w1 = torch.randn(E, *m.w1.shape[1:], generator=g) * m.hidden ** -0.5
-            w2 = torch.randn(E, *m.w2.shape[1:], generator=g) * m.ffn ** -0.5
+            cols = 2 * m.ffn if m.activation == "swiglu" else m.ffn     # full widths: any EP size / shards
+            w1 = torch.randn(E, m.hidden, cols, generator=g) * m.hidden ** -0.5
+            w2 = torch.randn(E, m.ffn, m.hidden, generator=g) * m.ffn ** -0.5
             m.load_full_experts(w1, w2)
 
     def moe_layers(self) -> list[MoELayer]:

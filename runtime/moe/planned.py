@@ -54,20 +54,22 @@ class PlannedPipeline:
 
 def load_pipeline(path: str | Path, *, ep_size: int, num_layers: int, config: str | None = None,
                   world: int | None = None, two_step: bool = False,
-                  gpus_per_node: int | None = None) -> PlannedPipeline:
+                  gpus_per_node: int | None = None, expert_shards: int = 1) -> PlannedPipeline:
     """Degrees and slices of ``config`` (default: the plan's first configuration) for ``num_layers`` MoE layers
     (a plan with fewer layers repeats its last one). Raises InputError naming the file when the configuration is
     missing or was planned for another EP size, or (``world`` given) for another number of GPUs: the plan's dense
     gradient all-reduce (its slices) and expert copies were costed for its ``gpus`` (``adasched plan moe --gpus D
     --ep-size K`` plans EP groups of K inside D), or for another layout: ``two_step`` / ``gpus_per_node`` are the
-    run's exchange (``ExpertParallel.hierarchical`` and its node size; :meth:`MoEPlan.check_ep_size`)."""
+    run's exchange (``ExpertParallel.hierarchical`` and its node size; :meth:`MoEPlan.check_ep_size`);
+    ``expert_shards``: the run's ``ExpertParallel.shards`` (FSMoE's expert-sharded layout when > 1)."""
     from adasched.planner.fsmoe.plan import MoEPlan
     from adasched.planner.plan import load_plan
     from adasched.profiler.io import InputError
 
     plan = load_plan(path, expect=MoEPlan)
     try:
-        c = plan.check_ep_size(ep_size, config, world=world, two_step=two_step, gpus_per_node=gpus_per_node)
+        c = plan.check_ep_size(ep_size, config, world=world, two_step=two_step, gpus_per_node=gpus_per_node,
+                               expert_shards=expert_shards)
     except InputError as err:                           # the same check, naming the file
         raise InputError(str(path), err.what) from None
     if num_layers < 1:

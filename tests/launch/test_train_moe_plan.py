@@ -100,8 +100,9 @@ def test_plans_record_the_layout(layout_plans):
 @pytest.mark.parametrize("which,argv,needle", [
     # before: EP size 1 and world 4 matched, so a run with whole experts accepted a plan costed with every expert
     # sharded over 4 GPUs (all-gather/reduce-scatter inside the node)
-    ("sharded", ["--experts", "8", "--ep-size", "1"], "each expert sharded over a node's 4 GPUs (FSMoE's "
-                                                      "hierarchical layout), which the runtime does not build"),
+    ("sharded", ["--experts", "8", "--ep-size", "1"], "each expert sharded over a node's 4 GPUs (FSMoE's layout; "
+                                                      "train_moe --expert-shards 4 --ep-size 1), this run holds "
+                                                      "whole experts per rank"),
     # before: a flat plan accepted a --hierarchical (two-step) run of the same EP size and world
     ("d4k2", ["--experts", "8", "--ep-size", "2", "--hierarchical", "--gpus-per-node", "2"],
      "planned with a flat all-to-all, this run has a two-step one through nodes of 2"),
@@ -144,3 +145,58 @@ def test_two_step_plan_runs_the_planned_layout(layout_plans, tmp_path):
     assert 1.0 < res["runs"][0]["final_loss"] < 4.0
     bad = subprocess.run(base, capture_output=True, text=True, env=env, timeout=120, cwd=root)
     assert bad.returncode == 2 and bad.stderr.count("error:") == 1 and "a flat one (no --hierarchical)" in bad.stderr
+
+
+@pytest.mark.parametrize("which,argv,needle", [
+    ("sharded", ["--expert-shards", "2"], "train_moe --expert-shards 4 --ep-size 1), this run has 4 ranks, EP size 2 "
+                                          "with experts sharded over 2 ranks"),
+    ("d4k2", ["--ep-size", "2", "--expert-shards", "2"], "planned with whole experts per GPU (EP size 2), this run "
+                                                         "shards each expert over 2 ranks (--expert-shards)"),
+    (None, ["--expert-shards", "3"], "--expert-shards: 3 does not divide the world size 4"),
+    (None, ["--expert-shards", "2", "--hierarchical"], "--expert-shards: the expert-sharded layout has its own "
+                                                       "exchange"),
+    (None, ["--expert-shards", "4", "--ffn", "6"], "--expert-shards: 4 does not divide --ffn 6"),
+    (None, ["--expert-shards", "2", "--ep-size", "4"], "--ep-size: 4 x --expert-shards 2 does not divide the world "
+                                                       "size 4"),
+    (None, ["--expert-shards", "0"], "--expert-shards: 0 must be >= 1"),
+])
+def test_expert_shards_mismatch_is_one_line_exit_2(plans, request, monkeypatch, capsys, which, argv, needle):
+    """--expert-shards S (FSMoE's expert-sharded layout) against the plan's layout and the world."""
+    extra = []
+    if which is not None:
+        path = plans[which] if which in plans else request.getfixturevalue(f"{which}_plan")
+        extra = ["--plan", str(path)]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main([*extra, "--experts", "8", *argv, "--validate-only"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+def test_sharded_plan_runs_the_planned_layout(sharded_plan, tmp_path):
+    """A real 4-rank gloo launch (train_moe.sh) of FSMoE's layout: the sharded plan (one node of 4 GPUs sharding
+    every expert) with --expert-shards 4 is accepted and trains; 2 nodes x 2 shards (flags) and whole experts (EP 4)
+    train the same model: the same losses up to float rounding (the shards' partial sums add in another order)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHON=sys.executable, NPROC="4", OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    base = ["bash", str(root / "launch" / "train_moe.sh"), "--steps", "3", "--layers", "2", "--hidden", "16",
+            "--ffn", "16", "--seq", "8", "--batch", "2", "--experts", "4", "--json"]
+    runs = {}
+    for name, extra in (("plan", ["--plan", str(sharded_plan), "--expert-shards", "4"]),
+                        ("2x2", ["--expert-shards", "2"]), ("whole", [])):
+        proc = subprocess.run(base + extra, capture_output=True, text=True, env=env, timeout=240, cwd=root)
+        assert proc.returncode == 0, (name, proc.stderr[-2000:])
+        runs[name] = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][-1])
+    assert [(r["ep_size"], r["expert_shards"]) for r in runs.values()] == [(1, 4), (2, 2), (4, 1)]
+    want = runs["whole"]["runs"][0]["losses"]
+    assert len(want) == 3 and 1.0 < want[0] < 4.0
+    for name in ("plan", "2x2"):
+        got = runs[name]["runs"][0]
+        assert got["losses"] == pytest.approx(want, rel=1e-5, abs=1e-6), name
+        assert got["copies_max_diff"] == 0.0, name

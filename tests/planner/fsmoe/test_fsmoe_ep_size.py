@@ -133,6 +133,9 @@ def test_plan_cli_ep_size_is_recorded_and_checked(tmp_path, capsys):
         plan.check_ep_size(4, world=4)
     with pytest.raises(InputError, match=r"configuration 'nope' not in the plan"):
         plan.check_ep_size(4, "nope")
+    with pytest.raises(InputError, match=r"planned with whole experts per GPU \(EP size 4\), this run shards each "
+                                         r"expert over 4 ranks"):
+        plan.check_ep_size(4, world=16, expert_shards=4)
     assert plan.gantt_tasks()                                   # redraws with the planned layout
     for bad, needle in ((["--ep-size", "3"], "--ep-size: 3 does not divide --gpus 16"),
                         (["--ep-size", "16", "--config", "mixtral-8x7b"], "8 experts do not divide evenly over EP size 16")):

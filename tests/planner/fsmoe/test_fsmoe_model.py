@@ -232,11 +232,17 @@ def test_plan_cli_roundtrip_and_show(tmp_path, capsys):
     for c in plan.configs:
         assert c.fwd_bwd_ms <= min(c.baselines_fwd_bwd_ms.values()) + 1e-9
         assert c.ep_size == 8 and c.hierarchical
-    # FSMoE's layout (EP over 8 nodes, each expert sharded over a node's 8 GPUs): no runtime layout matches it
-    # (the runtime has whole experts per rank); before, EP size 8 alone was accepted
-    with pytest.raises(ValueError, match="sharded over a node's 8 GPUs .FSMoE's hierarchical layout., which the "
-                                         "runtime does not build"):
+    # FSMoE's layout (EP over 8 nodes, each expert sharded over a node's 8 GPUs): only a run sharding its experts
+    # the same way matches it (train_moe --expert-shards 8 --ep-size 8); whole experts per rank with EP size 8 (once
+    # accepted) or another sharding is refused, naming both layouts
+    assert plan.check_ep_size(8, "mixtral-8x7b-L1024", world=64, expert_shards=8).name == "mixtral-8x7b-L1024"
+    with pytest.raises(ValueError, match="sharded over a node's 8 GPUs .FSMoE's layout; train_moe --expert-shards 8 "
+                                         "--ep-size 8., this run holds whole experts per rank"):
         plan.check_ep_size(8, "mixtral-8x7b-L1024")
+    with pytest.raises(ValueError, match="this run has 64 ranks, EP size 16 with experts sharded over 4 ranks"):
+        plan.check_ep_size(16, "mixtral-8x7b-L1024", world=64, expert_shards=4)
+    with pytest.raises(ValueError, match="this run has 32 ranks, EP size 8 with experts sharded over 8 ranks"):
+        plan.check_ep_size(8, "mixtral-8x7b-L1024", world=32, expert_shards=8)
     png = tmp_path / "moe.png"
     assert main(["show", str(out), "--plot", str(png)]) == 0
     assert png.stat().st_size > 1000

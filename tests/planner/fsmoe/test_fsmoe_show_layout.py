@@ -8,8 +8,8 @@ from adasched.planner.plan import load_plan
 
 
 @pytest.mark.parametrize("extra, want", [
-    ([], "EP 8 over nodes, each expert sharded over a node's GPUs, nodes of 8 GPUs (FSMoE's layout; train_moe does "
-         "not build it); 1 copy of each expert"),
+    ([], "EP 8 over nodes, each expert sharded over a node's GPUs, nodes of 8 GPUs (FSMoE's layout; train_moe "
+         "--expert-shards 8 --ep-size 8); 1 copy of each expert"),
     (["--ep-size", "8"], "flat EP 8 (one all-to-all), nodes of 8 GPUs; 8 copies of each expert, expert-gradient "
                          "all-reduce {ar} ms ({ex} ms not hidden in the backward)"),
     (["--ep-size", "8", "--two-step-a2a", "--gpus-per-node", "4"],
