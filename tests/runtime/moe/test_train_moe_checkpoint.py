@@ -148,7 +148,7 @@ def test_nothing_left_to_train(launches, monkeypatch, capsys):
     cap = capsys.readouterr()
     assert cap.err == note
     assert json.loads(cap.out) == {"world": 2, "ep_size": 2, "two_step": False, "exchange_gpus_per_node": None,
-                                   "runs": [], "nothing_left": {"checkpoint": str(step_folder(launches["split"], 4)),
+                                   "expert_shards": 1, "runs": [], "nothing_left": {"checkpoint": str(step_folder(launches["split"], 4)),
                                                                 "step": 4, "steps": 4}}
     assert _tree(launches["split"]) == before
 
@@ -191,6 +191,7 @@ def _identity(argv, world=2):
     ["--capacity-factor", "1.5"], ["--shared-experts", "1"], ["--budget", "5"], ["--cap-hi", "3", "--budget", "6"],
     ["--cap-lo", "2", "--budget", "6"], ["--schedule", "uniform"], ["--router", "gshard"], ["--ep-size", "1"],
     ["--r-fwd", "1"], ["--r-bwd", "4"], ["--wgrad", "per-chunk"], ["--hierarchical", "--ep-size", "2"],
+    ["--expert-shards", "2"],
 ])
 def test_identity_changes_with_every_setting_of_the_run(argv):
     base = _identity([])
@@ -377,3 +378,23 @@ def test_save_whose_metadata_disagrees_with_its_state_is_one_line(one_rank_env, 
     assert len(err) == 1 and err[0].startswith(f"error: {step_folder(ck, 3)}") and "step 3" in err[0], cap.err
     assert "Traceback" not in cap.err and cap.out == ""
     assert _tree(tmp_path) == before
+
+
+def test_expert_sharded_run_resumes_bit_for_bit(tmp_path):
+    """FSMoE's expert-sharded layout on 2 ranks (one node of 2 shards: each rank holds half of every expert's FFN
+    width): 2 steps + a resumed launch to 4 equal 4 uninterrupted steps, loss for loss and in every saved tensor;
+    the two ranks saved different halves of the same experts."""
+    sharded = ["--expert-shards", "2", "--json"]
+    full = _run_json(_launch(*sharded, "--steps", "4", "--checkpoint-dir", str(tmp_path / "a")))
+    first = _run_json(_launch(*sharded, "--steps", "2", "--checkpoint-dir", str(tmp_path / "b")))
+    resumed = _run_json(_launch(*sharded, "--steps", "4", "--checkpoint-dir", str(tmp_path / "b")))
+    assert first["losses"] == full["losses"][:2] and resumed["losses"] == full["losses"][2:]
+    assert resumed["start_step"] == 2 and len(set(full["losses"])) == 4
+    fa, fb = dict(_flat(_saved(step_folder(tmp_path / "a", 4)))), dict(_flat(_saved(step_folder(tmp_path / "b", 4))))
+    assert fa.keys() == fb.keys()
+    for key, va in fa.items():
+        assert (torch.equal(va, fb[key]) if isinstance(va, torch.Tensor) else va == fb[key]), key
+    w0, w1 = fa["rank0/model/model/blocks.0.moe.w1"], fa["rank1/model/model/blocks.0.moe.w1"]
+    assert w0.shape == w1.shape == (8, 16, 16) and not torch.equal(w0, w1)   # 8 experts, 2 x ffn/2 columns each
+    meta = json.loads((step_folder(tmp_path / "a", 4) / "adasched-checkpoint.json").read_text())
+    assert meta["run"]["expert_shards"] == 2 and meta["run"]["ep_size"] == 1
