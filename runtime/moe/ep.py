@@ -46,7 +46,11 @@ blocks allowed), every rank runs all of them through its shard, and the partial 
 (an all_to_all_single of the peers' segments, summed in peer order) before the return all-to-all. The backward
 runs the same chain on the output gradients (its dX partials reduce-scattered, each shard's dW complete on its
 rank). Rows carry their source's index in the domain (the P * S ranks, node-major), so forward and backward
-chunks still need not coincide. The two steps are chained by the same scheduler as the hierarchical path.
+chunks still need not coincide. The two steps are chained by the same scheduler as the hierarchical path, but
+the step put in flight ahead of the previous chunk's compute is the all-to-all (the first): no compute waits for
+a later chunk's inter-node transfer. The all-gather's send buffer holds S copies of the received block (the
+collective takes one input tensor): a transient S x the chunk's received rows per rank, beside the S x output
+an all-gather has anyway.
 
 Expert data parallelism (EP smaller than the data-parallel world, :meth:`ExpertParallel.create_groups`): every
 expert then has D / P copies, one per EP group; the exchanges stay inside each EP group, and
@@ -341,11 +345,14 @@ class _Step:
 
 
 class _Chain:
-    """The steps of one chunk's exchange (one flat step, or intra-node then inter-node) and the final
-    reordering of the last step's outputs."""
+    """The steps of one chunk's exchange (one flat step, or two chained steps) and the final reordering of the
+    last step's outputs. ``inter``: the inter-node step, the one the pipeline puts in flight ahead of the previous
+    chunk's compute (the last step of a hierarchical dispatch, the first of an expert-sharded one, whose
+    intra-node all-gather follows whenever :meth:`_Scheduler.progress` finds the all-to-all finished)."""
 
-    def __init__(self, steps: list[_Step], then=None):
+    def __init__(self, steps: list[_Step], then=None, inter: _Step | None = None):
         self.steps, self.then = steps, then
+        self.inter = inter if inter is not None else steps[-1]
 
     @property
     def last(self) -> _Step:
@@ -459,7 +466,7 @@ class _Exchange:
             s1 = _Step(ep.group, self.send, self.recv, tensors, label=("dispatch", chunk, 1))
             s2 = _Step(ep.shard_group, [mine] * S, self.node_rows, lambda got: [torch.cat([t] * S) for t in got],
                        dep=s1, label=("dispatch", chunk, 2))
-            return _Chain([s1, s2])
+            return _Chain([s1, s2], inter=s1)
         if not ep.hierarchical:
             return _Chain([_Step(ep.group, self.send, self.recv, tensors, label=("dispatch", chunk, 1))])
         p1, p2 = self.perm1, self.perm2
@@ -511,9 +518,11 @@ def _pipeline(ep: ExpertParallel, pass_name: str, exch: list[_Exchange], sends, 
     once that has finished, and making chunk c+1's dispatch ready before chunk c's compute would then wait for
     chunk c-1's whole combine (one host thread); ``ep_experts`` rejects that combination.
 
-    Before chunk c's compute the pipeline makes sure chunk c+1's dispatch has reached its last step (for the
-    hierarchical path: its inter-node all-to-all is issued, waiting for its intra-node step if that is still
-    running), so chunk c+1's transfer overlaps chunk c's compute even when nothing can issue collectives while
+    Before chunk c's compute the pipeline makes sure chunk c+1's inter-node step is issued (hierarchical path:
+    the dispatch's second step, waiting for its intra-node step if that is still running; expert-sharded path:
+    its first step, so chunk c's compute never waits for chunk c+1's all-to-all - the intra-node all-gather that
+    follows it is issued by ``progress()`` once the all-to-all has finished, at the latest when chunk c+1's rows
+    are needed), so chunk c+1's transfer overlaps chunk c's compute even when nothing can issue collectives while
     the compute runs (one host thread).
     """
     if order not in ORDERS:
@@ -524,9 +533,9 @@ def _pipeline(ep: ExpertParallel, pass_name: str, exch: list[_Exchange], sends, 
     for c in range(r if order == "dispatch-first" else min(2, r)):
         disp[c] = sched.add(exch[c].dispatch(sends[c], c))
     if before_first is not None:
-        # hierarchical: chunk 0's inter-node step must be in flight before the host turns to the shared work
+        # two-step paths: chunk 0's inter-node step must be in flight before the host turns to the shared work
         # (it can only be issued by this thread; on a GPU its input would otherwise queue behind that work)
-        sched.drive(disp[0].last)
+        sched.drive(disp[0].inter)
         sched.record("shared_start", -1)
         before_first(sched.progress)
         sched.record("shared_end", -1)
@@ -534,7 +543,7 @@ def _pipeline(ep: ExpertParallel, pass_name: str, exch: list[_Exchange], sends, 
     for c, ex in enumerate(exch):
         got = sched.wait(disp[c])
         if c + 1 < r:
-            sched.drive(disp[c + 1].last)
+            sched.drive(disp[c + 1].inter)
         sched.progress()
         sched.record("compute_start", c)
         out = compute(c, got)

@@ -75,7 +75,8 @@ class _AttachAuxLoss(torch.autograd.Function):
 
 class MoELayer(nn.Module):
     """Mixture-of-experts MLP. Parameters: ``router.proj`` (E, hidden) and expert weights
-    ``w1`` (E_local, hidden, 2*ffn for SwiGLU / ffn for GELU), ``w2`` (E_local, ffn, hidden)."""
+    ``w1`` (E_local, hidden, 2*f for SwiGLU / f for GELU), ``w2`` (E_local, f, hidden), f = ffn, or ffn / S when
+    ``ep`` shards the experts over S ranks (``ffn_slice`` is this rank's part of the width)."""
 
     def __init__(self, hidden: int, ffn: int, router: RouterConfig, *, activation: str = "swiglu",
                  backend: Backend = "auto", ep: ExpertParallel | None = None, r_fwd: int = 1, r_bwd: int = 1,

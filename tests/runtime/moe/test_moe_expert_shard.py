@@ -113,6 +113,8 @@ def test_expert_sharded_layer_matches_single_process():
                       (1, 2, 0, 0, [0], [0, 1], [0, 2])]
     assert got[1] == [(2, 2, 0, 1, [1, 3], [0, 1, 2, 3], [1]), (1, 4, 0, 1, [1], [0, 1, 2, 3], [1]),
                       (1, 2, 0, 1, [1], [0, 1], [1, 3])]
+    assert got[2] == [(2, 2, 1, 0, [0, 2], [0, 1, 2, 3], [2]), (1, 4, 0, 2, [2], [0, 1, 2, 3], [2]),
+                      (1, 2, 0, 0, [2], [2, 3], [0, 2])]
     assert got[3] == [(2, 2, 1, 1, [1, 3], [0, 1, 2, 3], [3]), (1, 4, 0, 3, [3], [0, 1, 2, 3], [3]),
                       (1, 2, 0, 1, [3], [2, 3], [1, 3])]
 
@@ -199,9 +201,9 @@ def _planned_sharded_order(r, stream):
 
 def _async_case(rank, world):
     """2 nodes x 2 shards, r_fwd=4, r_bwd=3, compute speeds skewed per rank (rank 2 slowest): results still match;
-    in each pass chunk k+1's all-gather (its dispatch's last step) is issued before chunk k's compute ends and
-    every chunk's before its own compute starts; each group's collectives are issued once each, in the planner's
-    queue order for the layout, the same on every rank."""
+    in each pass chunk k+1's all-to-all is issued before chunk k's compute starts and every chunk's all-gather
+    before its own compute; each group's collectives are issued once each, in the planner's queue order for the
+    layout, the same on every rank."""
     import time
 
     import adasched.runtime.moe.ep as ep_mod
@@ -231,8 +233,8 @@ def _async_case(rank, world):
             [("dispatch", c, 1) for c in range(r)] + [("combine", c, 2) for c in range(r)], (pass_name, inter)
         assert intra == _planned_sharded_order(r, "intra") == \
             [("dispatch", c, 2) for c in range(r)] + [("combine", c, 1) for c in range(r)], (pass_name, intra)
-        for k in range(r - 1):
-            assert ev.index(("issue", k + 1, ("dispatch", 2))) < ev.index(("compute_end", k, None)), (pass_name, k)
+        for k in range(r - 1):                           # chunk k+1's all-to-all is in flight during chunk k's compute
+            assert ev.index(("issue", k + 1, ("dispatch", 1))) < ev.index(("compute_start", k, None)), (pass_name, k)
         for k in range(r):
             assert ev.index(("issue", k, ("dispatch", 2))) < ev.index(("compute_start", k, None)), (pass_name, k)
         per_pass[pass_name] = (inter, intra)
@@ -242,3 +244,42 @@ def _async_case(rank, world):
 def test_expert_sharded_pipeline_is_asynchronous_and_ordered():
     got = spawn_gloo(_async_case, 4, timeout_s=180)
     assert all(g == got[0] for g in got)
+
+
+def _no_wait_case(rank, world):
+    """No compute waits for a later chunk's inter-node transfer: rank 0 issues one chunk's dispatch 2 s late, so
+    its EP peer (rank 2) cannot finish that all-to-all for 2 s. (a) Chunk 0 late, with a shared expert: rank 2 starts
+    the shared expert before it can issue chunk 0's all-gather. (b) Chunk 1 late: ranks 2 and 3 (the other node)
+    compute chunk 0 before chunk 1's all-gather can go out. Before, the pipeline first drove chunk c+1's exchange to
+    its last step (the all-gather), which waited for the all-to-all: the shared expert and chunk 0 waited 1 s per
+    second of delay."""
+    import time
+
+    import adasched.runtime.moe.ep as ep_mod
+
+    ep = ExpertParallel.create_groups(E, 2, expert_shards=2)
+    dispatch = ep_mod._Exchange.dispatch
+    out = []
+    for late, shared in ((0, 1), (1, 0)):
+        def slow_dispatch(self, tensors, chunk, late=late):
+            if rank == 0 and chunk == late and self.ep.events is not None:
+                time.sleep(2.0)
+            return dispatch(self, tensors, chunk)
+
+        ep_mod._Exchange.dispatch = slow_dispatch
+        ep.events = []
+        try:
+            _case(rank, world, ep, r_fwd=2, r_bwd=1, shared=shared, seed=40 + late)
+        finally:
+            ep_mod._Exchange.dispatch = dispatch
+            events, ep.events = ep.events, None
+        ev = [e[1:] for e in events if e[0] == "forward"]
+        gather = ev.index(("issue", late, ("dispatch", 2)))
+        first = ev.index(("shared_start", -1, None)) if late == 0 else ev.index(("compute_start", 0, None))
+        out.append(first < gather)
+    return out
+
+
+def test_expert_sharded_compute_does_not_wait_for_later_transfers():
+    got = spawn_gloo(_no_wait_case, 4, timeout_s=180)
+    assert got[2] == [True, True] and got[3][1] is True, got
