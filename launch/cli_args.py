@@ -13,8 +13,8 @@ MAX_LAYERS = 1024
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser, *, step: str = "optimizer step", folder_holds: str = "") -> None:
-    """``--checkpoint-dir``, ``--checkpoint-every``, ``--checkpoint-keep``, ``--load-step`` (torchtitan's
-    checkpoint.folder / interval / keep_latest_k / load_step). ``step`` says what one step is in this launcher
+    """``--checkpoint-dir``, ``--checkpoint-every``, ``--checkpoint-keep``, ``--checkpoint-async``, ``--load-step``
+    (torchtitan's checkpoint.folder / interval / keep_latest_k / async_mode / load_step). ``step`` says what one step is in this launcher
     (e.g. "microbatch of the plan"); ``folder_holds`` names what else the folder keeps (e.g. " and its plan")."""
     g = p.add_argument_group("checkpointing (torch.distributed.checkpoint; a run resumes from the newest save in "
                              "--checkpoint-dir)")
@@ -25,6 +25,9 @@ def add_checkpoint_args(p: argparse.ArgumentParser, *, step: str = "optimizer st
                    help=f"also save after every N completed steps (a step = one {step}) (default 0: only at the end)")
     g.add_argument("--checkpoint-keep", type=int, default=None, metavar="K",
                    help="newest saves kept (default 2; 0 = all)")
+    g.add_argument("--checkpoint-async", action="store_true",
+                   help="save in the background: training goes on once the state is copied to host memory (one more "
+                        "copy of the saved state while a save is in flight); torchtitan's async mode")
     g.add_argument("--load-step", type=int, default=None, metavar="STEP",
                    help="resume from the save taken after STEP completed steps instead of the newest (the saves "
                         "after STEP are another timeline: this run's first save deletes them)")
@@ -41,7 +44,7 @@ def checkpoint_config(args: argparse.Namespace):
     if args.checkpoint_dir is None:
         # the defaults are None (not 0 / 2) so that an option given with its default value is refused too
         for opt, value in (("--checkpoint-every", args.checkpoint_every), ("--checkpoint-keep", args.checkpoint_keep),
-                           ("--load-step", args.load_step)):
+                           ("--load-step", args.load_step), ("--checkpoint-async", args.checkpoint_async or None)):
             if value is not None:
                 raise InputError(opt, "needs --checkpoint-dir")
         return None
@@ -49,7 +52,8 @@ def checkpoint_config(args: argparse.Namespace):
         raise InputError("--checkpoint-dir", "is empty")
     return CheckpointConfig(folder=Path(args.checkpoint_dir),
                             interval=0 if args.checkpoint_every is None else args.checkpoint_every,
-                            keep=2 if args.checkpoint_keep is None else args.checkpoint_keep, load_step=args.load_step)
+                            keep=2 if args.checkpoint_keep is None else args.checkpoint_keep, load_step=args.load_step,
+                            async_save=args.checkpoint_async)
 
 
 #: --lr-schedule choices: "constant" (no scheduler) and adasched.schedules.get_schedule's names (cosine = UBA phi 2)

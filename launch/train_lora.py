@@ -343,6 +343,7 @@ def run(args: argparse.Namespace) -> dict | None:
         if ck is not None:
             # collective; nothing written when this step is already saved
             _dcp("--checkpoint-dir", f"cannot save step {total}", ck.save, total, state)
+            _dcp("--checkpoint-dir", f"cannot save step {total}", ck.finish)   # --checkpoint-async: in flight
         if rank != 0:
             return None
         save_adapters(args.out, plan, adapters, states, res)

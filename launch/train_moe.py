@@ -397,6 +397,7 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log,
             ck.save(step + 1, state)
     if ck is not None:
         ck.save(args.steps, state)                     # None (nothing written) when step --steps is already saved
+        ck.finish()                                    # --checkpoint-async: the save in flight written and committed
     copies_diff = None
     if reducer is not None:
         reducer.remove()

@@ -391,11 +391,14 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
                 sched.step()
             progress["step"] = it + 1
             if ck is not None and ck.due(it + 1):
-                say(f"checkpoint: step {it + 1} saved to {ck.save(it + 1, state)}", flush=True)
+                where = ck.save(it + 1, state)
+                say(f"checkpoint: step {it + 1} {'saving (in the background) to' if cfg_ck.async_save else 'saved to'} "
+                    f"{where}", flush=True)
         if ck is not None:
             where = ck.save(steps, state)
-            if where is not None:
-                say(f"checkpoint: step {steps} saved to {where}", flush=True)
+            ck.finish()                                  # the save in flight (async): written and committed
+            if where is not None or cfg_ck.async_save:   # (async: also when the periodic save was this step's)
+                say(f"checkpoint: step {steps} saved to {step_folder(cfg_ck.folder, steps)}", flush=True)
         if args.check_reference:
             n, since = steps - start, f" (from step {start})" if start else ""
             say(f"check-reference: {n} step{'s' if n != 1 else ''}{since}, largest relative "

@@ -50,6 +50,7 @@ PLUGINS = (
     "adasched.planner.lorafusion.cli",
     "adasched.planner.twill.cli",
     "adasched.schedules.cli",
+    "adasched.runtime.cli",
     "adasched.kernels.cli",
 )
 

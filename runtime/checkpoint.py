@@ -19,6 +19,14 @@ State values are any object with ``state_dict()`` / ``load_state_dict()`` (a mod
 LRScheduler) or the wrappers here: :class:`ModelState` (model + optimizers, DCP's own state-dict helpers, so the
 optimizer's state exists before it is loaded into), :class:`RNGState` (torch, CUDA and Python generators) and
 :class:`Values` (plain counters such as the data cursor; a tensor-free dict is saved whole, as one value).
+
+Asynchronous saves (``CheckpointConfig(async_save=True)``, the launchers' ``--checkpoint-async``; torchtitan's
+async mode): :meth:`Checkpointer.save` copies the state to host memory (DCP's stager: a second copy of every saved
+tensor while the save is in flight) and returns; DCP writes the files from a background thread, coordinating the
+ranks over a gloo group of its own (the training's collectives are not interleaved with it), and once every rank's
+file is written rank 0 commits in the background as above. The next :meth:`~Checkpointer.save` and
+:meth:`~Checkpointer.finish` (call it after the last save) wait for the save in flight and raise its error on
+every rank. A save that was in flight when the process died is a ``.partial`` folder: not a save.
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ import os
 import pickle
 import random
 import shutil
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -37,7 +46,8 @@ from typing import Any, Iterable, Mapping
 from adasched.profiler.io import InputError, atomic_write_json, check_output_folder, read_json
 
 __all__ = ["CheckpointConfig", "CheckpointInfo", "Checkpointer", "ModelState", "RNGState", "Values",
-           "find_checkpoint", "check_resumable", "committed_steps", "step_folder", "META_NAME", "FORMAT"]
+           "find_checkpoint", "check_resumable", "committed_steps", "step_folder", "failure_line", "META_NAME",
+           "FORMAT"]
 
 META_NAME = "adasched-checkpoint.json"
 FORMAT = 1
@@ -57,6 +67,10 @@ class CheckpointConfig:
     """Committed saves kept (the newest); 0 = all."""
     load_step: int | None = None
     """Resume from this step's save; None = the newest committed save, if any."""
+    async_save: bool = False
+    """Save in the background (torchtitan's async mode): :meth:`Checkpointer.save` returns once the state is copied
+    to host memory, a thread writes the files and rank 0 commits; :meth:`Checkpointer.finish` (also at the next
+    save) waits for it and raises its error on every rank."""
 
     def __post_init__(self):
         if self.interval < 0:
@@ -296,7 +310,8 @@ def _dist():
 class Checkpointer:
     """Saves and resumes one run's state. ``run`` names what identifies the run (plan digest, model shape, seed,
     ...); a save from another run or world size is refused. Under torch.distributed every rank calls
-    :meth:`resume` and :meth:`save` with the same step (they are collective); without it, one process."""
+    :meth:`resume`, :meth:`save` and :meth:`finish` with the same step (they are collective; with ``async_save``
+    the constructor is too: it creates the saves' own gloo group); without it, one process."""
 
     def __init__(self, config: CheckpointConfig, *, run: Mapping[str, Any]):
         self.config = config
@@ -305,6 +320,10 @@ class Checkpointer:
         self.rank = dist.get_rank() if dist else 0
         self.world_size = dist.get_world_size() if dist else 1
         self.last_saved: int | None = None
+        self._pending: _Pending | None = None
+        # async saves coordinate the ranks from a background thread: on a group of their own, never interleaved
+        # with the training's collectives on the default group (and gloo, as DCP's async path needs a CPU backend)
+        self._group = dist.new_group(backend="gloo") if dist is not None and config.async_save else None
 
     def _keyed(self, state: Mapping[str, Any]) -> dict:
         return {f"rank{self.rank}/{name}": value for name, value in state.items()}
@@ -339,11 +358,13 @@ class Checkpointer:
         """Save ``state`` as taken after ``step`` completed steps and commit it, deleting the saves left by an
         earlier timeline: those after the step this run resumed from or last saved (a run resumed with --load-step
         from an older save), ``step``'s own included; None, nothing written, when this run already holds that
-        step's save (it resumed from it or saved it)."""
+        step's save (it resumed from it or saved it). With ``async_save`` it returns once the state is staged: the
+        path is the save's once committed (:meth:`finish`); a save still in flight is finished first."""
         import torch.distributed.checkpoint as dcp
 
         if step == self.last_saved:  # decided from state every rank shares, never from a file-system race
             return None
+        self.finish()
         folder = Path(self.config.folder)
         final = step_folder(folder, step)
         partial = final.with_name(final.name + _PARTIAL)
@@ -356,31 +377,60 @@ class Checkpointer:
             except OSError as err:
                 failed = f"cannot write a checkpoint: {err.strerror or err}"
         _agree(dist, folder, failed)  # rank 0 has cleared the way (or failed: every rank raises, none waits)
+        ours = step if self.last_saved is None else min(step, self.last_saved)
+        if self.config.async_save:
+            if dist is None:  # DCP's writer thread warns after this returns: a process-wide filter, that message only
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+            with _quiet_single_process():
+                future = dcp.async_save(self._keyed(state), checkpoint_id=str(partial), process_group=self._group,
+                                        no_dist=dist is None)
+            self._pending = _Pending(step, future, self._commit if self.rank == 0 else None, ours)
+            self.last_saved = step
+            return final
         with _quiet_single_process():
             dcp.save(self._keyed(state), checkpoint_id=str(partial))
         if self.rank == 0:  # dcp.save returns on rank 0 once every rank's file is written
-            try:
-                atomic_write_json(partial / META_NAME, {
-                    "format": FORMAT, "step": step, "world_size": self.world_size, "run": self.run,
-                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-                # saves after the step this run resumed from or last saved belong to an older timeline (this run
-                # resumed from an earlier step): they go before the commit, so that neither "newest" nor the keep-K
-                # count picks them over this run's saves (pruning by step number would delete this run's and keep
-                # theirs)
-                ours = step if self.last_saved is None else min(step, self.last_saved)
-                for later in committed_steps(folder):
-                    if later > ours:
-                        _discard(step_folder(folder, later))
-                if final.exists():  # committed, or left half-deleted by a crash
-                    _discard(final)
-                os.replace(partial, final)
-                _fsync_dir(folder)  # the rename itself survives a power loss
-                self._prune(folder)
-            except (OSError, ValueError) as err:  # ValueError: InputError of atomic_write_json
-                failed = f"cannot commit the checkpoint of step {step}: {getattr(err, 'strerror', None) or err}"
+            failed = self._commit(step, ours)
         _agree(dist, folder, failed)  # committed for every rank when save returns
         self.last_saved = step
         return final
+
+    def finish(self) -> None:
+        """Wait for the asynchronous save in flight, if any (its files written, committed by rank 0) and raise its
+        error on every rank (InputError naming the folder). Collective when a save is in flight; a no-op without
+        one (every rank knows: they all called :meth:`save` alike). Call it after the run's last save."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        failed = pending.wait()
+        _agree(_dist(), Path(self.config.folder), failed)
+
+    def _commit(self, step: int, ours: int) -> str | None:
+        """Rank 0, once every rank's file of ``step`` is written: write the metadata into the ``.partial`` folder,
+        delete the other timeline's saves (after ``ours``), rename, prune. Returns an error line, None when
+        committed."""
+        folder = Path(self.config.folder)
+        final = step_folder(folder, step)
+        partial = final.with_name(final.name + _PARTIAL)
+        try:
+            atomic_write_json(partial / META_NAME, {
+                "format": FORMAT, "step": step, "world_size": self.world_size, "run": self.run,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            # saves after the step this run resumed from or last saved belong to an older timeline (this run
+            # resumed from an earlier step): they go before the commit, so that neither "newest" nor the keep-K
+            # count picks them over this run's saves (pruning by step number would delete this run's and keep
+            # theirs)
+            for later in committed_steps(folder):
+                if later > ours:
+                    _discard(step_folder(folder, later))
+            if final.exists():  # committed, or left half-deleted by a crash
+                _discard(final)
+            os.replace(partial, final)
+            _fsync_dir(folder)  # the rename itself survives a power loss
+            self._prune(folder)
+        except (OSError, ValueError) as err:  # ValueError: InputError of atomic_write_json
+            return f"cannot commit the checkpoint of step {step}: {getattr(err, 'strerror', None) or err}"
+        return None
 
     def _prune(self, folder: Path) -> None:
         # the remains of crashed saves and deletes (``.partial`` folders, step folders without metadata): garbage
@@ -394,6 +444,47 @@ class Checkpointer:
             return
         for old in committed_steps(folder)[:-self.config.keep]:
             _discard(step_folder(folder, old))
+
+
+class _Pending:
+    """An asynchronous save in flight: DCP's future and, on rank 0, the thread that commits once it resolves."""
+
+    def __init__(self, step: int, future, commit, ours: int):
+        self.step, self.future = step, future
+        self.failed: str | None = None
+        self.thread = None
+        if commit is not None:
+            def run():
+                self.failed = self._written() or commit(step, ours)
+
+            self.thread = threading.Thread(target=run, name=f"adasched-commit-{step}", daemon=True)
+            self.thread.start()
+
+    def _written(self) -> str | None:
+        try:
+            self.future.result()
+        except Exception as err:  # noqa: BLE001 - DCP's CheckpointException, OSError, ...: one line for the user
+            return f"cannot write the checkpoint of step {self.step} ({failure_line(err)})"
+        return None
+
+    def wait(self) -> str | None:
+        """Block until written (and on rank 0 committed); the error line, None on success."""
+        if self.thread is None:
+            return self._written()
+        self.thread.join()
+        return self.failed
+
+
+def failure_line(err: BaseException) -> str:
+    """One line for a DCP failure: a CheckpointException (every rank's traceback) reads as its first rank's
+    exception, anything else as its type and message."""
+    import traceback
+
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        err = first[0] if isinstance(first, tuple) else first
+    return " ".join("".join(traceback.format_exception_only(type(err), err)).split())
 
 
 def _discard(path: Path) -> None:

@@ -9,8 +9,8 @@ workload's streaming time. With f = k * capacity_factor, tokens per GPU T = B*L,
 
 Layouts (:func:`topology`): flat EP (whole experts per GPU, one all-to-all; stages 1 and 3 empty); FSMoE's
 hierarchical one (EP over nodes, each expert sharded over a node's GPUs: all stages; the runtime's
-``train_moe --expert-shards G``); the runtime's two-step exchange (``two_step``: whole experts per GPU, stages 1 and 3 are the intra-node
-all-to-all steps, stage 0 the inter-node one).
+``train_moe --expert-shards G``); the runtime's two-step exchange (``two_step``: whole experts per GPU, stages 1
+and 3 are the intra-node all-to-all steps, stage 0 the inter-node one).
 
 Two sources for alpha/beta:
 - ``published``: FSMoE's fitted constants (ms, per element), taken as they are;

@@ -153,7 +153,8 @@ def prepare_for_deepspeed(model: nn.Module, param_groups=None) -> list[dict]:
     parameter is left out, and a layer whose expert shards are all frozen is not marked as MoE (ZeRO-1/2 fail on an
     empty group, and on MoE layers without an MoE group). Idempotent. ValueError naming the
     problem when a layer has a dense-gradient ``reducer`` (the engine reduces), shards its experts
-    (``expert_shards`` > 1: not supported), the data-parallel group is not the world, or two layers' EP groups of one size hold different ranks. A model without expert-parallel layers gets
+    (``expert_shards`` > 1: not supported), the data-parallel group is not the world, or two layers' EP groups of
+    one size hold different ranks. A model without expert-parallel layers gets
     its groups back as they are (each given a ``"name"``; one group without ``param_groups``), nothing registered.
     """
     eps: dict[str, ExpertParallel] = {}

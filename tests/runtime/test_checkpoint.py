@@ -406,3 +406,127 @@ def _diverging_folders_worker(rank: int, world: int, root: str):
     except InputError as err:
         return err.what
     return "resumed"
+
+
+# ---- asynchronous saves (CheckpointConfig(async_save=True), --checkpoint-async) ----------------------------------
+def test_async_save_holds_its_step_while_training_goes_on(tmp_path):
+    """The state is staged when save() returns: the 5 steps trained while the save is written change nothing in it;
+    a run resumed from it then trains those 5 steps bit for bit."""
+    model, opt, sched, gen, progress, state = _build(0)
+    _train(model, opt, sched, gen, progress, 3)
+    ck = Checkpointer(CheckpointConfig(folder=tmp_path, async_save=True), run={"seed": 0})
+    assert ck.save(3, state) == step_folder(tmp_path, 3)
+    straight = _train(model, opt, sched, gen, progress, 5)   # in place: weights, Adam moments, generator, counters
+    ck.finish()
+    ck.finish()                                              # nothing in flight: a no-op
+    assert committed_steps(tmp_path) == [3] and not list(tmp_path.glob("*.partial"))
+    model2, opt2, sched2, gen2, progress2, state2 = _build(7)
+    random.seed(12345)
+    assert Checkpointer(CheckpointConfig(folder=tmp_path), run={"seed": 0}).resume(state2) == 3
+    assert progress2.state_dict() == {"step": 3, "tokens": 15}
+    assert _train(model2, opt2, sched2, gen2, progress2, 5) == straight
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_async_periodic_saves_commit_and_prune(tmp_path):
+    """Each save waits for the one in flight; keep=2 prunes as the synchronous saves do; the same files hold the
+    same values as synchronous saves of the same run."""
+    folders = {}
+    for mode in (False, True):
+        folders[mode] = tmp_path / f"async-{mode}"
+        random.seed(5)                                   # the training draws from it: the same run in both modes
+        model, opt, sched, gen, progress, state = _build(1)
+        ck = Checkpointer(CheckpointConfig(folder=folders[mode], interval=2, keep=2, async_save=mode), run={})
+        for step in range(1, 7):
+            _train(model, opt, sched, gen, progress, 1)
+            if ck.due(step):
+                ck.save(step, state)
+        ck.finish()
+        assert committed_steps(folders[mode]) == [4, 6]
+    for step in (4, 6):
+        loaded = []
+        for mode in (False, True):
+            *_, st = _build(9)
+            Checkpointer(CheckpointConfig(folder=folders[mode], load_step=step), run={}).resume(st)
+            loaded.append(st["model"].state_dict())
+        flat = [dict(_flat_state(x)) for x in loaded]
+        assert flat[0].keys() == flat[1].keys()
+        for k, v in flat[0].items():
+            assert (torch.equal(v, flat[1][k]) if isinstance(v, torch.Tensor) else v == flat[1][k]), (step, k)
+
+
+def _flat_state(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flat_state(v, f"{prefix}{k}/")
+    else:
+        yield prefix, tree
+
+
+def test_async_write_failure_is_raised_by_finish(tmp_path, monkeypatch):
+    """A write that fails in the background (a full disk) is one InputError at finish() (or the next save), naming
+    the folder and the step; nothing is committed."""
+    from concurrent.futures import Future
+
+    import torch.distributed.checkpoint as dcp
+
+    def failing(state_dict, *, checkpoint_id, **_):
+        fut = Future()
+        fut.set_exception(OSError(28, "No space left on device"))
+        return fut
+
+    *_, state = _build(0)
+    monkeypatch.setattr(dcp, "async_save", failing)
+    ck = Checkpointer(CheckpointConfig(folder=tmp_path, async_save=True), run={})
+    ck.save(2, state)
+    with pytest.raises(InputError) as err:
+        ck.finish()
+    assert str(err.value) == (f"{tmp_path}: cannot write the checkpoint of step 2 (OSError: [Errno 28] No space left "
+                              f"on device)")
+    assert committed_steps(tmp_path) == []
+
+
+def _async_two_rank_worker(rank: int, world: int, folder: str):
+    """Each rank saves asynchronously, then runs collectives on the default group and changes its state while the
+    save is in flight; the save holds each rank's state of its step."""
+    import torch.distributed as dist
+
+    model, opt, state = _rank_state(rank)
+    model(torch.randn(3, 4)).square().sum().backward()
+    opt.step()
+    ck = Checkpointer(CheckpointConfig(folder=folder, async_save=True), run={"world": world})
+    state["progress"]["step"] = 1
+    saved = [p.detach().clone() for p in model.parameters()]
+    saved_avg = [opt.state[p]["exp_avg"].clone() for p in model.parameters()]
+    ck.save(1, state)
+    for _ in range(20):                                  # the training's collectives go on meanwhile
+        t = torch.ones(1000)
+        dist.all_reduce(t)
+        assert float(t[0]) == world
+        model(torch.randn(3, 4)).square().sum().backward()
+        opt.step()
+    state["progress"]["step"] = 21
+    ck.finish()
+    torch.manual_seed(99)
+    model2 = torch.nn.Linear(4, 5 + rank)
+    opt2 = torch.optim.Adam(model2.parameters(), lr=1e-2)
+    state2 = {"model": ModelState(model2, [opt2]), "progress": Values(step=0, rank=-1)}
+    step = Checkpointer(CheckpointConfig(folder=folder), run={"world": world}).resume(state2)
+    return (step, state2["progress"].state_dict(),
+            all(torch.equal(a, b) for a, b in zip(saved, model2.parameters())),
+            all(torch.equal(a, opt2.state[p]["exp_avg"]) for a, p in zip(saved_avg, model2.parameters())),
+            not any(torch.equal(a, b) for a, b in zip(saved, model.parameters())))
+
+
+def test_async_save_on_two_ranks(tmp_path):
+    out = spawn_gloo(_async_two_rank_worker, 2, str(tmp_path), timeout_s=90)
+    assert out == [(1, {"step": 1, "rank": 0}, True, True, True), (1, {"step": 1, "rank": 1}, True, True, True)]
+    assert committed_steps(tmp_path) == [1]
+
+
+def test_checkpoint_async_option():
+    assert checkpoint_config(_parse(["--checkpoint-dir", "ck", "--checkpoint-async"])).async_save is True
+    assert checkpoint_config(_parse(["--checkpoint-dir", "ck"])).async_save is False
+    with pytest.raises(InputError, match="--checkpoint-async: needs --checkpoint-dir"):
+        checkpoint_config(_parse(["--checkpoint-async"]))

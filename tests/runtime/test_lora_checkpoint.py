@@ -198,6 +198,17 @@ def test_pipeline_resume_is_bit_exact_and_refuses_another_world_size(plan_files,
     assert committed_steps(ck) == list(range(1, 8))
     assert sorted(p.name for p in step_folder(ck, 2).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     _assert_same_outputs(straight, first)
+    # --checkpoint-async: the 7 saves written in the background while the pipeline goes on, all committed at the end,
+    # the same outputs; a run resumed from its step-3 save (pb's 1st global batch done) finishes the same
+    ck_async = tmp_path / "ck_async"
+    argv = ["--plan", str(plan), "--out", str(tmp_path / "first_async"), "--checkpoint-dir", str(ck_async),
+            "--checkpoint-every", "1", "--checkpoint-keep", "0", "--checkpoint-async"]
+    assert _pipeline(argv + MODEL) == {0: 0, 1: 0}
+    assert committed_steps(ck_async) == list(range(1, 8)) and not list(ck_async.glob("*.partial"))
+    _assert_same_outputs(straight, tmp_path / "first_async")
+    assert _pipeline(["--plan", str(plan), "--out", str(tmp_path / "resumed_async"), "--checkpoint-dir",
+                      str(ck_async), "--load-step", "3", "--checkpoint-keep", "0"] + MODEL) == {0: 0, 1: 0}
+    _assert_same_outputs(straight, tmp_path / "resumed_async")
     # resume after the multi-job microbatch 1: pa's 1st global batch stepped, pb's half accumulated on both stages
     capfd.readouterr()
     assert _pipeline(["--plan", str(plan), "--out", str(resumed), "--checkpoint-dir", str(ck), "--load-step", "2",

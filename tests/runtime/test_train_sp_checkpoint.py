@@ -294,3 +294,17 @@ def test_run_identity_names_what_changes_the_run():
     const = ["--plan", "p.json", *MODEL]
     assert (run_identity(parse_args(const + ["--steps", "2"]), plan)
             == run_identity(parse_args(const + ["--steps", "9"]), plan))
+
+
+def test_async_saves_equal_the_synchronous_run(runs):
+    """--checkpoint-async: the run A1 again (rex, 4 steps, a save every 2) with the saves written in the background:
+    the same losses and lr, the same step-4 state on both ranks, both saves committed when the launch ends."""
+    out = _torchrun(runs["plan"], [*REX, "--checkpoint-dir", "AS", "--checkpoint-every", "2", "--checkpoint-keep", "0",
+                                   "--checkpoint-async"])
+    assert _steps(out) == _steps(runs["A1"])
+    lines = out.splitlines()
+    assert "checkpoint: step 2 saving (in the background) to AS/step-00000002" in lines, out
+    assert "checkpoint: step 4 saved to AS/step-00000004" in lines, out
+    folder = runs["root"] / "AS"
+    assert committed_steps(folder) == [2, 4] and not list(folder.glob("*.partial"))
+    _assert_same_state(runs["A1_final"], _saved(folder, 4))

@@ -148,8 +148,9 @@ def test_nothing_left_to_train(launches, monkeypatch, capsys):
     cap = capsys.readouterr()
     assert cap.err == note
     assert json.loads(cap.out) == {"world": 2, "ep_size": 2, "two_step": False, "exchange_gpus_per_node": None,
-                                   "expert_shards": 1, "runs": [], "nothing_left": {"checkpoint": str(step_folder(launches["split"], 4)),
-                                                                "step": 4, "steps": 4}}
+                                   "expert_shards": 1, "runs": [],
+                                   "nothing_left": {"checkpoint": str(step_folder(launches["split"], 4)),
+                                                    "step": 4, "steps": 4}}
     assert _tree(launches["split"]) == before
 
 
@@ -398,3 +399,24 @@ def test_expert_sharded_run_resumes_bit_for_bit(tmp_path):
     assert w0.shape == w1.shape == (8, 16, 16) and not torch.equal(w0, w1)   # 8 experts, 2 x ffn/2 columns each
     meta = json.loads((step_folder(tmp_path / "a", 4) / "adasched-checkpoint.json").read_text())
     assert meta["run"]["expert_shards"] == 2 and meta["run"]["ep_size"] == 1
+
+
+def test_async_saves_equal_the_synchronous_run(launches, tmp_path):
+    """--checkpoint-async on 2 ranks: the same losses as the synchronous run, the same saves (every tensor of steps
+    2 and 4 equal to the synchronous run's), all committed when the launch ends; a launch resumed from its step-2
+    save with --checkpoint-async trains steps 3-4 as the uninterrupted run did."""
+    folder = tmp_path / "async"
+    run = _run_json(_launch(*launches["planned"], "--steps", "4", "--checkpoint-dir", str(folder),
+                            "--checkpoint-every", "2", "--checkpoint-keep", "0", "--checkpoint-async", "--json"))
+    assert run["losses"] == launches["full"]["losses"]
+    assert committed_steps(folder) == [2, 4] and not list(folder.glob("*.partial"))
+    for step in (2, 4):
+        fa = dict(_flat(_saved(step_folder(launches["straight"], step))))
+        fb = dict(_flat(_saved(step_folder(folder, step))))
+        assert fa.keys() == fb.keys()
+        for key, va in fa.items():
+            assert (torch.equal(va, fb[key]) if isinstance(va, torch.Tensor) else va == fb[key]), (step, key)
+    resumed = _run_json(_launch(*launches["planned"], "--steps", "4", "--checkpoint-dir", str(folder),
+                                "--load-step", "2", "--checkpoint-async", "--json"))
+    assert resumed["start_step"] == 2 and resumed["losses"] == launches["full"]["losses"][2:]
+    assert committed_steps(folder) == [2, 4]

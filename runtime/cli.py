@@ -1,0 +1,53 @@
+"""`adasched bench checkpoint`: synchronous vs asynchronous checkpoint saves (:mod:`adasched.runtime.ckpt_bench`)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+__all__ = ["register"]
+
+
+def register(groups) -> None:
+    @groups.bench.command("checkpoint")
+    def bench_checkpoint_cmd(
+        params_m: float = typer.Option(32.0, "--params-m", help="Millions of float32 parameters in the saved model "
+                                                               "(saved with AdamW's two moments: 12 bytes each)."),
+        repeats: int = typer.Option(3, "--repeats", help="Saves per mode (medians are reported)."),
+        train_steps: int = typer.Option(100, "--train-steps", help="Stand-in training steps run after each save (the "
+                                                                  "work an asynchronous save overlaps)."),
+        folder: Optional[Path] = typer.Option(None, "--folder", help="Where to write the saves (default: a temporary "
+                                                                     "folder, removed afterwards)."),
+        as_json: bool = typer.Option(False, "--json", help="Print the result as JSON only."),
+    ) -> None:
+        """Checkpointer saves, synchronous vs asynchronous (--checkpoint-async), in one process: how long save()
+        blocks the training thread, and save + stand-in training steps until committed (ratios async / sync)."""
+        from adasched.planner.ui import emit_json, print_table, progress
+        from adasched.profiler.io import InputError, check_host_memory, check_output_folder
+
+        from .ckpt_bench import bench_checkpoint
+
+        if not params_m > 0 or params_m > 1e6:
+            raise InputError("--params-m", f"{params_m:g} must be > 0 (and at most 1e6)")
+        if repeats < 1:
+            raise InputError("--repeats", f"{repeats} must be >= 1")
+        if train_steps < 0:
+            raise InputError("--train-steps", f"{train_steps} must be >= 0")
+        params = int(params_m * 2 ** 20)
+        # the model and its moments (12 B/param) plus the async stager's copy of them
+        check_host_memory(24 * params, "--params-m", f"{params_m:g}M parameters need {24 * params / 2**30:,.1f} GiB "
+                                                     f"(weights, AdamW moments and a staged copy)")
+        if folder is not None:
+            check_output_folder(folder, "--folder")
+        with progress("checkpoint saves", repeats, enabled=not as_json) as advance:
+            res = bench_checkpoint(params, repeats, train_steps, None if folder is None else str(folder),
+                                   progress=lambda done, total: advance())
+        if as_json:
+            emit_json(res)
+            return
+        rows = [(mode, res[mode]["blocking_s"] * 1e3, res[mode]["overlapped_s"] * 1e3) for mode in ("sync", "async")]
+        rows.append(("async / sync", res["blocking_ratio"], res["overlapped_ratio"]))
+        print_table(rows, ["mode", "save() blocks (ms)", f"save + {train_steps} steps, committed (ms)"],
+                    title=f"checkpoint of {res['params'] / 1e6:.1f}M params ({res['state_bytes'] / 2**20:,.0f} MiB "
+                          f"with AdamW), {repeats} repeats; the steps alone {res['train_s'] * 1e3:.1f} ms")
