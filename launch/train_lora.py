@@ -264,6 +264,7 @@ def run(args: argparse.Namespace) -> dict | None:
     distributed = world > 1 and not args.check
     if distributed:
         init_distributed("gloo", timeout_s=args.timeout)  # idempotent; every collective bounded by --timeout
+    ck = None
     try:
         if world > args.layers:
             raise ValueError(f"--layers: {args.layers} layers cannot be split over {world} pipeline stages")
@@ -292,7 +293,7 @@ def run(args: argparse.Namespace) -> dict | None:
         total = len(plan.microbatches)
         ck, start, on_checkpoint = None, 0, None
         if cfg is not None:
-            ck = Checkpointer(cfg, run=_identity(args, plan))
+            ck = Checkpointer(cfg, run=_identity(args, plan), timeout_s=args.timeout)
             info = find_checkpoint(cfg.folder, cfg.load_step)
             failed = None
             try:
@@ -354,6 +355,8 @@ def run(args: argparse.Namespace) -> dict | None:
         print(json.dumps(summary, indent=1))
         return summary
     finally:
+        if ck is not None:  # an error path: a save in flight completes with the peers still here (no-op after finish)
+            ck.close()
         if distributed and dist.is_initialized():
             # every rank leaves together: a rank tearing gloo down while its peer still holds the connection
             # aborted the peer at exit now and then ("terminate called without an active exception", README walk)

@@ -357,7 +357,7 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log,
     start, ck, resumed_from = 0, None, None
     if ckpt is not None:
         cfg, identity = ckpt
-        ck = Checkpointer(cfg, run=identity)
+        ck = Checkpointer(cfg, run=identity, timeout_s=120)   # the process group's timeout (init_distributed)
         start = ck.resume(state)
         if start != progress["step"]:
             from adasched.profiler.io import InputError      # every rank loaded the same step: all raise
@@ -370,34 +370,39 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log,
             if rank == 0 and status is not None:
                 status(f"resumed from {resumed_from} at step {start}")
     losses, lrs = [], []
-    for step in range(start, args.steps):
-        x, y = task.batch(gen, args.batch, args.seq)
-        opt.zero_grad(set_to_none=False)
-        loss = lm_loss(model(x), y)
-        (loss + model.aux_loss()).backward()
-        if reducer is not None:
-            reducer.finish()                           # dense grads: mean over ranks (slices already launched)
-            expert_reducer.finish()                    # expert grads (buckets launched during the backward)
-        lrs.append(float(opt.param_groups[0]["lr"]))  # the LR this optimizer step uses
-        opt.step()
-        if sched is not None:
-            sched.step()                               # once per optimizer step
-        progress["step"] = step + 1
-        lv = loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(lv)
-            lv /= world
-        losses.append(float(lv))
-        stats = model.layer_stats()
-        mean_k = "/".join(f"{s_['mean_k']:.2f}" for s_ in stats)
-        dropped = "/".join(str(s_["dropped"]) for s_ in stats)
-        lr_note = f" lr {lrs[-1]:.4g}" if sched is not None else ""
-        log(f"[{router}/{schedule}] step {step:3d} loss {losses[-1]:.4f} mean_k {mean_k} dropped {dropped}{lr_note}")
-        if ck is not None and ck.due(step + 1):
-            ck.save(step + 1, state)
-    if ck is not None:
-        ck.save(args.steps, state)                     # None (nothing written) when step --steps is already saved
-        ck.finish()                                    # --checkpoint-async: the save in flight written and committed
+    try:
+        for step in range(start, args.steps):
+            x, y = task.batch(gen, args.batch, args.seq)
+            opt.zero_grad(set_to_none=False)
+            loss = lm_loss(model(x), y)
+            (loss + model.aux_loss()).backward()
+            if reducer is not None:
+                reducer.finish()                       # dense grads: mean over ranks (slices already launched)
+                expert_reducer.finish()                # expert grads (buckets launched during the backward)
+            lrs.append(float(opt.param_groups[0]["lr"]))  # the LR this optimizer step uses
+            opt.step()
+            if sched is not None:
+                sched.step()                           # once per optimizer step
+            progress["step"] = step + 1
+            lv = loss.detach().clone()
+            if world > 1:
+                dist.all_reduce(lv)
+                lv /= world
+            losses.append(float(lv))
+            stats = model.layer_stats()
+            mean_k = "/".join(f"{s_['mean_k']:.2f}" for s_ in stats)
+            dropped = "/".join(str(s_["dropped"]) for s_ in stats)
+            lr_note = f" lr {lrs[-1]:.4g}" if sched is not None else ""
+            log(f"[{router}/{schedule}] step {step:3d} loss {losses[-1]:.4f} mean_k {mean_k} dropped {dropped}"
+                f"{lr_note}")
+            if ck is not None and ck.due(step + 1):
+                ck.save(step + 1, state)
+        if ck is not None:
+            ck.save(args.steps, state)                 # None (nothing written) when step --steps is already saved
+            ck.finish()                                # --checkpoint-async: the save in flight written and committed
+    finally:
+        if ck is not None:  # an error path: a save in flight completes with the peers still here (no-op after finish)
+            ck.close()
     copies_diff = None
     if reducer is not None:
         reducer.remove()

@@ -314,6 +314,7 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
     from adasched.runtime.sp_model import TinyGPT, TinyGPTConfig
 
     rank, world = init_distributed(args.backend, timeout_s=args.timeout)
+    ck = None
     try:
         backend = dist.get_backend()
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if backend == "nccl" \
@@ -336,7 +337,8 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
         if sched is not None:
             state["lr_schedule"] = sched
         cfg_ck = checkpoint_config(args)
-        ck = Checkpointer(cfg_ck, run=run_identity(args, plan)) if cfg_ck is not None else None
+        ck = (Checkpointer(cfg_ck, run=run_identity(args, plan), timeout_s=args.timeout) if cfg_ck is not None
+              else None)
         start = ck.resume(state) if ck is not None else 0
         if start != progress["step"]:  # every rank loaded the same save: all raise, main prints one line
             raise InputError(step_folder(cfg_ck.folder, start), f"holds the state after {progress['step']} steps, "
@@ -406,6 +408,8 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
                 flush=True)
         return 0
     finally:
+        if ck is not None:  # an error path (--check-reference failed, an exception): a save in flight completes
+            ck.close()      # with the peers still here before the groups go (a no-op after finish())
         reset_pool()
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -311,19 +311,25 @@ class Checkpointer:
     """Saves and resumes one run's state. ``run`` names what identifies the run (plan digest, model shape, seed,
     ...); a save from another run or world size is refused. Under torch.distributed every rank calls
     :meth:`resume`, :meth:`save` and :meth:`finish` with the same step (they are collective; with ``async_save``
-    the constructor is too: it creates the saves' own gloo group); without it, one process."""
+    the constructor is too: it creates the saves' own gloo group, with ``timeout_s``); without it, one process.
+    On an error path call :meth:`close` before destroying the process groups (it waits, locally, for a save in
+    flight)."""
 
-    def __init__(self, config: CheckpointConfig, *, run: Mapping[str, Any]):
+    def __init__(self, config: CheckpointConfig, *, run: Mapping[str, Any], timeout_s: float = 600.0):
+        from datetime import timedelta
+
         self.config = config
         self.run = _jsonable(dict(run))
         dist = _dist()
         self.rank = dist.get_rank() if dist else 0
         self.world_size = dist.get_world_size() if dist else 1
         self.last_saved: int | None = None
+        self.timeout_s = float(timeout_s)
         self._pending: _Pending | None = None
         # async saves coordinate the ranks from a background thread: on a group of their own, never interleaved
         # with the training's collectives on the default group (and gloo, as DCP's async path needs a CPU backend)
-        self._group = dist.new_group(backend="gloo") if dist is not None and config.async_save else None
+        self._group = (dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
+                       if dist is not None and config.async_save else None)
 
     def _keyed(self, state: Mapping[str, Any]) -> dict:
         return {f"rank{self.rank}/{name}": value for name, value in state.items()}
@@ -362,8 +368,8 @@ class Checkpointer:
         path is the save's once committed (:meth:`finish`); a save still in flight is finished first."""
         import torch.distributed.checkpoint as dcp
 
-        if step == self.last_saved:  # decided from state every rank shares, never from a file-system race
-            return None
+        if step == self.last_saved or (self._pending is not None and self._pending.step == step):
+            return None  # decided from state every rank shares, never from a file-system race
         self.finish()
         folder = Path(self.config.folder)
         final = step_folder(folder, step)
@@ -379,13 +385,14 @@ class Checkpointer:
         _agree(dist, folder, failed)  # rank 0 has cleared the way (or failed: every rank raises, none waits)
         ours = step if self.last_saved is None else min(step, self.last_saved)
         if self.config.async_save:
-            if dist is None:  # DCP's writer thread warns after this returns: a process-wide filter, that message only
+            if dist is None:  # DCP's writer thread warns after this returns: a process-wide filter for that one
+                # message (it also silences DCP's single-process load warning for the rest of the process)
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
             with _quiet_single_process():
                 future = dcp.async_save(self._keyed(state), checkpoint_id=str(partial), process_group=self._group,
                                         no_dist=dist is None)
+            # last_saved moves only once committed (finish): a failed save is not "already saved"
             self._pending = _Pending(step, future, self._commit if self.rank == 0 else None, ours)
-            self.last_saved = step
             return final
         with _quiet_single_process():
             dcp.save(self._keyed(state), checkpoint_id=str(partial))
@@ -403,7 +410,27 @@ class Checkpointer:
         if pending is None:
             return
         failed = pending.wait()
-        _agree(_dist(), Path(self.config.folder), failed)
+        dist = _dist()
+        if dist is not None:  # every rank's outcome (DCP reports a rank's write failure on rank 0 too; this is sure)
+            seen: list = [None] * self.world_size
+            dist.all_gather_object(seen, failed)
+            failed = next((f for f in seen if f is not None), None)
+        if failed is not None:
+            raise InputError(Path(self.config.folder), failed)
+        self.last_saved = pending.step
+
+    def close(self) -> str | None:
+        """Error paths, before the process groups go: wait (locally, no collective, at most ``timeout_s``) for the
+        save in flight so that its writer and rank 0's commit can finish with the peers that are still there;
+        returns its error line (None: committed, or nothing was in flight), never raises. Nothing happens to a
+        synchronous Checkpointer."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        failed = pending.wait(self.timeout_s)
+        if failed is None:
+            self.last_saved = pending.step
+        return failed
 
     def _commit(self, step: int, ours: int) -> str | None:
         """Rank 0, once every rank's file of ``step`` is written: write the metadata into the ``.partial`` folder,
@@ -451,27 +478,40 @@ class _Pending:
 
     def __init__(self, step: int, future, commit, ours: int):
         self.step, self.future = step, future
-        self.failed: str | None = None
+        # what the commit thread leaves if it ends without setting a result
+        self.failed: str | None = f"the checkpoint of step {step} was not committed (its commit thread stopped)"
         self.thread = None
         if commit is not None:
             def run():
-                self.failed = self._written() or commit(step, ours)
+                try:
+                    self.failed = self._written() or commit(step, ours)
+                except BaseException as err:  # noqa: BLE001 - anything: a line for finish(), never a silent thread
+                    self.failed = f"cannot commit the checkpoint of step {step} ({failure_line(err)})"
 
             self.thread = threading.Thread(target=run, name=f"adasched-commit-{step}", daemon=True)
             self.thread.start()
 
-    def _written(self) -> str | None:
+    def _written(self, timeout: float | None = None) -> str | None:
+        from concurrent.futures import TimeoutError as FutureTimeout
+
         try:
-            self.future.result()
-        except Exception as err:  # noqa: BLE001 - DCP's CheckpointException, OSError, ...: one line for the user
+            self.future.result(timeout=timeout)
+        except FutureTimeout:
+            return f"the checkpoint of step {self.step} was still being written after {timeout:g} s"
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
             return f"cannot write the checkpoint of step {self.step} ({failure_line(err)})"
         return None
 
-    def wait(self) -> str | None:
-        """Block until written (and on rank 0 committed); the error line, None on success."""
+    def wait(self, timeout: float | None = None) -> str | None:
+        """Block until written (and on rank 0 committed), at most ``timeout`` seconds; the error line, None on
+        success."""
         if self.thread is None:
-            return self._written()
-        self.thread.join()
+            return self._written(timeout)
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            return f"the checkpoint of step {self.step} was still being written after {timeout:g} s"
         return self.failed
 
 

@@ -10,12 +10,12 @@ in the disk or the load falls on both alike), each mode saves a fresh step into 
 - ``overlapped_s``: the save plus ``train_steps`` steps of a fixed stand-in workload (matrix products on the
   training thread), until the save is committed - synchronous: save, then the steps; asynchronous: save, the
   steps while the writer thread runs, then ``finish()``;
-- ``train_s``: the same steps without any save (measured in the same repeat), so ``overlapped_s - train_s`` is
-  what the save costs the run.
+- ``train_s``: the same steps without any save (measured in the same repeat, before the saves), for scale.
 
-Reported: medians over the repeats, and the ratios asynchronous / synchronous. Only this machine's disk and cores
-are measured (the writer thread shares them with the stand-in steps); a GPU run stages device memory to the host
-first, which is not measured here.
+Reported: medians over the repeats with the min and max of each, and the ratios asynchronous / synchronous of
+the medians. Use an even number of repeats: the order alternates (sync first, then async first). Only this
+machine's disk and cores are measured (the writer thread shares them with the stand-in steps); a GPU run stages
+device memory to the host first, which is not measured here.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def _train_steps(n: int, size: int = 768) -> None:
         a = torch.tanh(a @ a) * 0.5
 
 
-def bench_checkpoint(params: int = 32 * 2 ** 20, repeats: int = 3, train_steps: int = 100, folder: str | None = None,
+def bench_checkpoint(params: int = 32 * 2 ** 20, repeats: int = 4, train_steps: int = 100, folder: str | None = None,
                      progress=None) -> dict:
     """Run the benchmark (module docstring); ``folder``: where to write (default a temporary folder, removed)."""
     from .checkpoint import CheckpointConfig, Checkpointer
@@ -92,12 +92,13 @@ def bench_checkpoint(params: int = 32 * 2 ** 20, repeats: int = 3, train_steps: 
         if folder is None:
             shutil.rmtree(root, ignore_errors=True)
     med = {m: {k: statistics.median(v) for k, v in d.items()} for m, d in times.items()}
-    train_s = statistics.median(train)
-    out = {"params": n, "state_bytes": 12 * n, "repeats": repeats, "train_steps": train_steps, "train_s": train_s,
-           "sync": med["sync"], "async": med["async"],
+    for m, d in times.items():
+        for k, v in d.items():
+            med[m][k.replace("_s", "_range_s")] = [min(v), max(v)]
+    out = {"params": n, "state_bytes": 12 * n, "repeats": repeats, "train_steps": train_steps,
+           "train_s": statistics.median(train), "sync": med["sync"], "async": med["async"],
            "blocking_ratio": med["async"]["blocking_s"] / med["sync"]["blocking_s"],
            "overlapped_ratio": med["async"]["overlapped_s"] / med["sync"]["overlapped_s"],
-           "save_cost_ratio": ((med["async"]["overlapped_s"] - train_s)
-                               / max(med["sync"]["overlapped_s"] - train_s, 1e-9)),
-           "note": "medians over repeats, one process, this machine's disk; async/sync ratios below 1 favour async"}
+           "note": "medians over repeats (ranges: min, max), one process, this machine's disk; async/sync ratios "
+                   "below 1 favour async"}
     return out

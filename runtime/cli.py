@@ -14,7 +14,8 @@ def register(groups) -> None:
     def bench_checkpoint_cmd(
         params_m: float = typer.Option(32.0, "--params-m", help="Millions of float32 parameters in the saved model "
                                                                "(saved with AdamW's two moments: 12 bytes each)."),
-        repeats: int = typer.Option(3, "--repeats", help="Saves per mode (medians are reported)."),
+        repeats: int = typer.Option(4, "--repeats", help="Saves per mode (medians and ranges are reported; even: the "
+                                                         "order alternates)."),
         train_steps: int = typer.Option(100, "--train-steps", help="Stand-in training steps run after each save (the "
                                                                   "work an asynchronous save overlaps)."),
         folder: Optional[Path] = typer.Option(None, "--folder", help="Where to write the saves (default: a temporary "
@@ -46,8 +47,13 @@ def register(groups) -> None:
         if as_json:
             emit_json(res)
             return
-        rows = [(mode, res[mode]["blocking_s"] * 1e3, res[mode]["overlapped_s"] * 1e3) for mode in ("sync", "async")]
-        rows.append(("async / sync", res["blocking_ratio"], res["overlapped_ratio"]))
-        print_table(rows, ["mode", "save() blocks (ms)", f"save + {train_steps} steps, committed (ms)"],
+        def ms(mode, key):
+            lo, hi = res[mode][f"{key}_range_s"]
+            return f"{res[mode][f'{key}_s'] * 1e3:,.1f} ({lo * 1e3:,.1f}-{hi * 1e3:,.1f})"
+
+        rows = [(mode, ms(mode, "blocking"), ms(mode, "overlapped")) for mode in ("sync", "async")]
+        rows.append(("async / sync (medians)", f"{res['blocking_ratio']:.3f}", f"{res['overlapped_ratio']:.3f}"))
+        print_table(rows, ["mode", "save() blocks, ms (min-max)",
+                           f"save + {train_steps} steps, committed, ms (min-max)"],
                     title=f"checkpoint of {res['params'] / 1e6:.1f}M params ({res['state_bytes'] / 2**20:,.0f} MiB "
                           f"with AdamW), {repeats} repeats; the steps alone {res['train_s'] * 1e3:.1f} ms")

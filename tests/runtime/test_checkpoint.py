@@ -464,27 +464,80 @@ def _flat_state(tree, prefix=""):
         yield prefix, tree
 
 
-def test_async_write_failure_is_raised_by_finish(tmp_path, monkeypatch):
-    """A write that fails in the background (a full disk) is one InputError at finish() (or the next save), naming
-    the folder and the step; nothing is committed."""
-    from concurrent.futures import Future
+def _full_disk(monkeypatch):
+    """DCP's file writer fails as on a full disk (DCP then raises its CheckpointException, a BaseException)."""
+    from torch.distributed.checkpoint import filesystem
 
-    import torch.distributed.checkpoint as dcp
+    def write_data(self, plan, planner):
+        raise OSError(28, "No space left on device")
 
-    def failing(state_dict, *, checkpoint_id, **_):
-        fut = Future()
-        fut.set_exception(OSError(28, "No space left on device"))
-        return fut
+    monkeypatch.setattr(filesystem._FileSystemWriter, "write_data", write_data)
 
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_write_failure_is_one_input_error(tmp_path, monkeypatch, mode):
+    """A write that fails (a full disk) is one InputError naming the folder and the step - from save() when
+    synchronous, from finish() when asynchronous (DCP's failure is a BaseException: it once went past an
+    ``except Exception`` and finish() reported success) -; nothing is committed, and the step can be saved again."""
     *_, state = _build(0)
-    monkeypatch.setattr(dcp, "async_save", failing)
-    ck = Checkpointer(CheckpointConfig(folder=tmp_path, async_save=True), run={})
-    ck.save(2, state)
-    with pytest.raises(InputError) as err:
+    ck = Checkpointer(CheckpointConfig(folder=tmp_path, async_save=mode == "async"), run={})
+    with monkeypatch.context() as m:
+        _full_disk(m)
+        with pytest.raises((InputError, BaseException)) as err:
+            ck.save(2, state)
+            ck.finish()
+    if mode == "sync":      # the synchronous path raises DCP's own exception (the launchers turn it into one line)
+        assert "No space left on device" in str(err.value)
+    else:
+        assert isinstance(err.value, InputError)
+        assert str(err.value).startswith(f"{tmp_path}: cannot write the checkpoint of step 2 (")
+        assert "OSError: [Errno 28] No space left on device" in str(err.value)
+    assert committed_steps(tmp_path) == [] and ck.last_saved is None
+    assert ck.save(2, state) == step_folder(tmp_path, 2)   # not "already saved": it is written now
+    ck.finish()
+    assert committed_steps(tmp_path) == [2]
+
+
+def _async_rank1_fails_worker(rank: int, world: int, folder: str):
+    """Only rank 1's write fails: both ranks raise the same InputError from finish(), nothing is committed."""
+    import pytest as _pytest
+
+    if rank == 1:
+        mp = _pytest.MonkeyPatch()
+        _full_disk(mp)
+    *_, state = _rank_state(rank)
+    ck = Checkpointer(CheckpointConfig(folder=folder, async_save=True), run={}, timeout_s=60)
+    ck.save(1, state)
+    try:
         ck.finish()
-    assert str(err.value) == (f"{tmp_path}: cannot write the checkpoint of step 2 (OSError: [Errno 28] No space left "
-                              f"on device)")
+    except InputError as err:
+        return str(err)
+    return None
+
+
+def test_async_write_failure_on_one_rank_fails_every_rank(tmp_path):
+    out = spawn_gloo(_async_rank1_fails_worker, 2, str(tmp_path), timeout_s=90)
+    assert out[0] == out[1] and out[0] is not None, out
+    assert out[0].startswith(f"{tmp_path}: cannot write the checkpoint of step 1 (") and "Errno 28" in out[0], out
     assert committed_steps(tmp_path) == []
+
+
+def _async_abandoned_worker(rank: int, world: int, folder: str):
+    """An error path: save asynchronously, then leave without finish(): close() waits locally for the write and
+    rank 0's commit before the process group goes, so the save exists."""
+    import torch.distributed as dist
+
+    *_, state = _rank_state(rank)
+    ck = Checkpointer(CheckpointConfig(folder=folder, async_save=True), run={}, timeout_s=60)
+    ck.save(1, state)
+    failed = ck.close()
+    dist.barrier()
+    return failed, ck.close()
+
+
+def test_close_lets_a_save_in_flight_commit(tmp_path):
+    assert spawn_gloo(_async_abandoned_worker, 2, str(tmp_path), timeout_s=90) == [(None, None), (None, None)]
+    assert committed_steps(tmp_path) == [1]
 
 
 def _async_two_rank_worker(rank: int, world: int, folder: str):

@@ -19,7 +19,10 @@ def test_bench_checkpoint_json_and_saves(tmp_path, capsys):
     assert abs(res["params"] - 2 ** 19) <= 0.01 * 2 ** 19 and res["state_bytes"] == 12 * res["params"]
     for mode in ("sync", "async"):
         assert 0 < res[mode]["blocking_s"] <= res[mode]["overlapped_s"]
-    for key in ("blocking_ratio", "overlapped_ratio", "save_cost_ratio"):
+        for key in ("blocking", "overlapped"):
+            lo, hi = res[mode][f"{key}_range_s"]
+            assert 0 < lo <= res[mode][f"{key}_s"] <= hi
+    for key in ("blocking_ratio", "overlapped_ratio"):
         assert math.isfinite(res[key]) and res[key] > 0, key
     assert res["blocking_ratio"] == pytest.approx(res["async"]["blocking_s"] / res["sync"]["blocking_s"])
     # both modes really saved: the warm-up (step 1) and one save per repeat (steps 2-5), the newest kept (keep=1)
@@ -31,7 +34,7 @@ def test_bench_checkpoint_json_and_saves(tmp_path, capsys):
 def test_bench_checkpoint_table(capsys):
     assert main(["bench", "checkpoint", "--params-m", "0.25", "--repeats", "1", "--train-steps", "1"]) == 0
     out = capsys.readouterr().out
-    assert "save() blocks (ms)" in out and "async / sync" in out
+    assert "save() blocks, ms (min-max)" in out and "async / sync (medians)" in out
 
 
 @pytest.mark.parametrize("argv, needle", [

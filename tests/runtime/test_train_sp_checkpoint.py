@@ -298,7 +298,8 @@ def test_run_identity_names_what_changes_the_run():
 
 def test_async_saves_equal_the_synchronous_run(runs):
     """--checkpoint-async: the run A1 again (rex, 4 steps, a save every 2) with the saves written in the background:
-    the same losses and lr, the same step-4 state on both ranks, both saves committed when the launch ends."""
+    the same losses and lr, the same step-4 state on both ranks, both saves committed when the launch ends; a launch
+    restarted from its step-2 save continues as A1 did."""
     out = _torchrun(runs["plan"], [*REX, "--checkpoint-dir", "AS", "--checkpoint-every", "2", "--checkpoint-keep", "0",
                                    "--checkpoint-async"])
     assert _steps(out) == _steps(runs["A1"])
@@ -307,4 +308,9 @@ def test_async_saves_equal_the_synchronous_run(runs):
     assert "checkpoint: step 4 saved to AS/step-00000004" in lines, out
     folder = runs["root"] / "AS"
     assert committed_steps(folder) == [2, 4] and not list(folder.glob("*.partial"))
+    _assert_same_state(runs["A1_final"], _saved(folder, 4))
+    # restarted from the asynchronous step-2 save: steps 2-3 and the final state as the uninterrupted run's
+    again = _torchrun(runs["plan"], [*REX, "--checkpoint-dir", "AS", "--load-step", "2", "--checkpoint-keep", "0",
+                                     "--checkpoint-async"])
+    assert _steps(again) == {k: _steps(runs["A1"])[k] for k in (2, 3)}
     _assert_same_state(runs["A1_final"], _saved(folder, 4))
