@@ -351,8 +351,14 @@ class Checkpointer:
         if info is None:
             return 0
         check_resumable(info, self.world_size, self.run)
-        with _quiet_single_process():
-            dcp.load(self._keyed(state), checkpoint_id=str(info.path))
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            with _quiet_single_process():
+                dcp.load(self._keyed(state), checkpoint_id=str(info.path))
+        except (CheckpointException, OSError) as err:  # DCP's (every rank gets it; a BaseException): one line
+            raise InputError(info.path, f"cannot load this save ({failure_line(err)}); resume another with "
+                                        f"--load-step or start in a new --checkpoint-dir") from None
         self.last_saved = info.step
         return info.step
 
@@ -394,8 +400,13 @@ class Checkpointer:
             # last_saved moves only once committed (finish): a failed save is not "already saved"
             self._pending = _Pending(step, future, self._commit if self.rank == 0 else None, ours)
             return final
-        with _quiet_single_process():
-            dcp.save(self._keyed(state), checkpoint_id=str(partial))
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            with _quiet_single_process():
+                dcp.save(self._keyed(state), checkpoint_id=str(partial))
+        except (CheckpointException, OSError) as err:  # DCP's reaches every rank (a BaseException): one line each
+            raise InputError(folder, f"cannot write the checkpoint of step {step} ({failure_line(err)})") from None
         if self.rank == 0:  # dcp.save returns on rank 0 once every rank's file is written
             failed = self._commit(step, ours)
         _agree(dist, folder, failed)  # committed for every rank when save returns
