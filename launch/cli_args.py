@@ -14,8 +14,9 @@ MAX_LAYERS = 1024
 
 def add_checkpoint_args(p: argparse.ArgumentParser, *, step: str = "optimizer step", folder_holds: str = "") -> None:
     """``--checkpoint-dir``, ``--checkpoint-every``, ``--checkpoint-keep``, ``--checkpoint-async``, ``--load-step``
-    (torchtitan's checkpoint.folder / interval / keep_latest_k / async_mode / load_step). ``step`` says what one step is in this launcher
-    (e.g. "microbatch of the plan"); ``folder_holds`` names what else the folder keeps (e.g. " and its plan")."""
+    (torchtitan's checkpoint.folder / interval / keep_latest_k / async_mode / load_step). ``step`` says what one step
+    is in this launcher (e.g. "microbatch of the plan"); ``folder_holds`` names what else the folder keeps (e.g.
+    " and its plan")."""
     g = p.add_argument_group("checkpointing (torch.distributed.checkpoint; a run resumes from the newest save in "
                              "--checkpoint-dir)")
     g.add_argument("--checkpoint-dir", default=None,

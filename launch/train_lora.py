@@ -9,7 +9,8 @@ Rank 0 makes the plan (``--jobs`` file or preset; or reads ``--plan``), writes O
 so every rank executes the same microbatch sequence. Every job's adapter is saved in PEFT's format under
 OUT/<job name>/ and the per-global-batch losses in OUT/losses.json. Bad input: `error: ...`, exit 2.
 
-Checkpoints (``--checkpoint-dir``; torch.distributed.checkpoint, one file per rank): a "step" of this trainer is
+Checkpoints (``--checkpoint-dir``, ``--checkpoint-async`` to save in the background; torch.distributed.checkpoint,
+one file per rank): a "step" of this trainer is
 one microbatch of the plan (no-op ones included), so a run has ``len(plan.microbatches)`` steps and
 ``--checkpoint-every N`` saves after every N microbatches (the 1F1B pipeline drains at those points: no microbatch
 is in flight in a save) and at the end; ``--load-step`` names such a microbatch count. A save holds each rank's
@@ -203,23 +204,6 @@ def _make_plan(args, rank: int, world: int) -> str:
     return text
 
 
-def _dcp(where, what: str, fn, *args):
-    """``fn(*args)`` (a Checkpointer load or save) with DCP's failure report - a CheckpointException, a BaseException
-    carrying every rank's traceback, raised on every rank - turned into one InputError naming the first failure (a
-    deleted or damaged .distcp file of a committed save, a full disk)."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    from adasched.profiler.io import InputError
-
-    try:
-        return fn(*args)
-    except CheckpointException as err:
-        import traceback
-
-        why = [" ".join("".join(traceback.format_exception_only(type(e), e)).split()) for e, _ in err.failures.values()]
-        raise InputError(where, f"{what} ({why[0] if why else err.args[0]})") from None
-
-
 def _kernel_path(reference: bool) -> str:
     """What the multi-LoRA projections run: "reference" (--reference), "interpret" (the fused Triton kernels under
     TRITON_INTERPRET=1) or "torch" (without the interpreter the fused call falls back to the torch reference with
@@ -241,7 +225,7 @@ def run(args: argparse.Namespace) -> dict | None:
     from adasched.planner.lorafusion.plan import LoRAPlan
     from adasched.planner.plan import save_plan
     from adasched.runtime.dist import env_world, init_distributed
-    from adasched.runtime.checkpoint import Checkpointer, RNGState, find_checkpoint, step_folder
+    from adasched.runtime.checkpoint import Checkpointer, RNGState, step_folder
     from adasched.runtime.lora_model import TinyCausalLM, TinyLMConfig
     from adasched.runtime.lora_trainer import (
         SyntheticLoRAData,
@@ -294,11 +278,9 @@ def run(args: argparse.Namespace) -> dict | None:
         ck, start, on_checkpoint = None, 0, None
         if cfg is not None:
             ck = Checkpointer(cfg, run=_identity(args, plan), timeout_s=args.timeout)
-            info = find_checkpoint(cfg.folder, cfg.load_step)
             failed = None
             try:
-                start = _dcp(info.path if info else cfg.folder, "cannot load this save; resume another with "
-                             "--load-step or start in a new --checkpoint-dir", ck.resume, state)
+                start = ck.resume(state)  # a save DCP cannot read: one InputError naming it
                 if start != tstate.cursor:
                     raise ValueError(f"{cfg.folder}: the save of step {start} holds trainer step {tstate.cursor}")
             except ValueError as err:
@@ -321,7 +303,7 @@ def run(args: argparse.Namespace) -> dict | None:
 
             def save_due(step: int) -> None:  # every rank, at a step boundary (the pipeline is drained)
                 if ck.due(step):
-                    _dcp("--checkpoint-dir", f"cannot save step {step}", ck.save, step, state)
+                    ck.save(step, state)
 
             on_checkpoint = save_due
         if rank == 0:  # after the load: a save that cannot be resumed leaves --out untouched
@@ -343,8 +325,8 @@ def run(args: argparse.Namespace) -> dict | None:
                 res = got[world - 1]
         if ck is not None:
             # collective; nothing written when this step is already saved
-            _dcp("--checkpoint-dir", f"cannot save step {total}", ck.save, total, state)
-            _dcp("--checkpoint-dir", f"cannot save step {total}", ck.finish)   # --checkpoint-async: in flight
+            ck.save(total, state)
+            ck.finish()          # --checkpoint-async: the save in flight written and committed
         if rank != 0:
             return None
         save_adapters(args.out, plan, adapters, states, res)

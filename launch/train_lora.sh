@@ -4,6 +4,7 @@
 # NPROC (default 2) sets the number of pipeline stages; the plan is made with the jobs file's `stages`, which
 # must be >= NPROC (the tiny preset uses 2).
 # Checkpoints: add --checkpoint-dir DIR [--checkpoint-every N] [--checkpoint-keep K] [--load-step STEP]; a step is
+# (--checkpoint-async: saves written in the background, same files)
 # one microbatch of the plan (the pipeline drains at every save point). Launching the same command again resumes
 # from the newest save in DIR (same NPROC and settings, else one `error:` line from the pre-check below) and
 # writes the same adapters as an uninterrupted run.

@@ -38,7 +38,7 @@ linear warmup from 0) and steps it once per optimizer step; the log lines then e
 ``--compare-schedules`` (used by ``adasched bench moe --schedules``) trains one single-process model per
 capacity schedule at the same budget and seed and reports the held-out loss of each (:func:`compare_schedules`).
 
-Checkpoints (``--checkpoint-dir D [--checkpoint-every N] [--checkpoint-keep K] [--load-step S]``,
+Checkpoints (``--checkpoint-dir D [--checkpoint-every N] [--checkpoint-keep K] [--checkpoint-async] [--load-step S]``,
 :mod:`adasched.runtime.checkpoint`): a run saves into D after every N completed steps and at its end, and a launch
 whose D holds a save resumes from the newest (or step S's) and continues bit for bit: on CPU float32 the losses of
 the remaining steps and the final state equal those of the uninterrupted run. A save holds one run, so
@@ -143,7 +143,8 @@ def parse_args(argv):
                    "experts per rank (a --plan must be made with plan moe --two-step-a2a --gpus-per-node G)")
     p.add_argument("--gpus-per-node", type=int, default=None, help="with --hierarchical: ranks per node of the "
                    "two-step exchange, capped at the EP size (default: 2)")
-    p.add_argument("--expert-shards", type=int, default=1, help="FSMoE's expert-sharded layout: nodes of S "
+    p.add_argument("--expert-shards", type=int, default=1, metavar="S",
+                   help="FSMoE's expert-sharded layout: nodes of S "
                    "contiguous ranks each hold 1/S of the FFN width of the node's experts, EP groups of --ep-size "
                    "(default: world / S) across the nodes; a --plan of that layout (plan moe without --ep-size, "
                    "fewer experts than GPUs) needs S = its node size (default: %(default)s, whole experts)")
@@ -259,7 +260,9 @@ def ep_size_for(args, world: int) -> int:
                          + f" does not divide the world size {world}")
     if args.experts % ep:
         if args.ep_size is None:                     # the default EP size: name what the user gave
-            raise ValueError(f"--experts: {args.experts} is not divisible by the expert-parallel size {ep}")
+            default = f"world {world} / --expert-shards {S}" if S > 1 else "the world size"
+            raise ValueError(f"--experts: {args.experts} is not divisible by the expert-parallel size {ep} (the "
+                             f"default --ep-size: {default}; give --ep-size K)")
         raise ValueError(f"--ep-size: {ep} does not divide --experts {args.experts}")
     return ep
 

@@ -26,7 +26,8 @@ Semantics
   num_training_steps=steps)``, stepped once per optimizer step; each step prints the lr the optimizer used.
 
 Checkpoints
-- --checkpoint-dir DIR (with --checkpoint-every N, --checkpoint-keep K, --load-step STEP) saves the run with
+- --checkpoint-dir DIR (with --checkpoint-every N, --checkpoint-keep K, --checkpoint-async, --load-step STEP) saves
+  the run with
   torch.distributed.checkpoint after every N completed steps and at the end, and a launch whose DIR holds a save
   resumes from the newest (or STEP's: its first save then deletes the saves after STEP, another timeline) and
   trains on to --steps; rank 0 prints `resumed from DIR at step N`. A resumed run is bit for bit the

@@ -41,6 +41,7 @@ def _state(params: int, seed: int):
     for p in model.parameters():                           # AdamW's moments exist (one real step)
         p.grad = torch.randn_like(p)
     opt.step()
+    opt.zero_grad(set_to_none=True)                          # a trainer's save holds no gradients either
     n = sum(p.numel() for p in model.parameters())
     return n, {"model": ModelState(model, [opt]), "rng": RNGState(), "progress": Values(step=1)}
 

@@ -246,9 +246,9 @@ class MoEPlan(Plan):
             raise InputError("plan", f"configuration {c.name!r} was planned with whole experts per GPU (EP size "
                                      f"{c.ep_size}), this run shards each expert over {expert_shards} ranks "
                                      f"(--expert-shards); FSMoE's sharded layout comes from adasched plan moe --gpus "
-                                     f"{world if world is not None else 'WORLD'} (no --ep-size) on a profile with "
-                                     f"{expert_shards} GPUs per node and fewer experts than GPUs, with EP size "
-                                     f"min(experts, nodes) (the run's --ep-size must equal it)")
+                                     f"{world if world is not None else 'WORLD'} (no --ep-size) with a node size of "
+                                     f"{expert_shards} (min(the profile's GPUs per node, --gpus)) and fewer experts "
+                                     f"than GPUs, with EP size min(experts, nodes) (the run's --ep-size must equal it)")
         if c.ep_size != ep_size or (world is not None and world != self.gpus):
             run = f"{world} ranks with EP size {ep_size}" if world is not None else f"EP size {ep_size}"
             raise InputError("plan", f"configuration {c.name!r} was planned for {self.gpus} GPUs with EP size "

@@ -200,7 +200,8 @@ class ExpertParallel:
         creates every group of every data-parallel group, in the same order. ``ep_size == D`` gives the EP of
         :meth:`create` (no expert copies); ``ep_size == 1`` replicates every expert on every rank. ValueError
         naming the argument when ``ep_size`` does not divide D, ``num_experts`` is not a multiple of ``ep_size``,
-        or ``gpus_per_node`` does not divide ``ep_size``; raised before any group is created, on every rank.
+        or ``gpus_per_node`` does not divide ``ep_size`` (with ``expert_shards``: ``ep_size * expert_shards`` not
+        dividing D, or ``hierarchical`` too); raised before any group is created, on every rank.
 
         ``expert_shards`` S > 1 builds FSMoE's expert-sharded layout (the FSMoE planner's ``hierarchical``
         configurations): the data-parallel group splits into domains of ``ep_size * S`` contiguous ranks, each
@@ -717,7 +718,8 @@ class ExpertGradReducer(GradSliceReducer):
     ranks holding the same experts, ``ep.expert_dp_group``) and divided by the data-parallel size ``ep.dp_size``.
 
     Why that divisor: each rank's loss is a mean over its own tokens, and an expert's gradient on its EP rank
-    already sums the contributions of every rank of the EP group (their tokens came to it); the sum over the
+    already sums the contributions of every rank of the EP group (their tokens came to it; with expert shards, of
+    every rank of the domain); the sum over the
     expert copies then covers every data-parallel rank once, so dividing by the data-parallel size gives the
     gradient of the mean loss - what the dense gradients get (Megatron-core's expert gradient scaling,
     1 / data-parallel size). Without copies (:meth:`ExpertParallel.create`) it only divides, no collective.

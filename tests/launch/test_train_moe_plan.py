@@ -200,3 +200,12 @@ def test_sharded_plan_runs_the_planned_layout(sharded_plan, tmp_path):
         got = runs[name]["runs"][0]
         assert got["losses"] == pytest.approx(want, rel=1e-5, abs=1e-6), name
         assert got["copies_max_diff"] == 0.0, name
+
+
+def test_default_ep_size_with_shards_is_named(monkeypatch, capsys):
+    """Experts that do not divide the default EP size (world / --expert-shards) name where that size came from."""
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert main(["--expert-shards", "2", "--experts", "2", "--validate-only"]) == 2
+    assert capsys.readouterr().err == ("error: --experts: 2 is not divisible by the expert-parallel size 4 (the default "
+                                       "--ep-size: world 8 / --expert-shards 2; give --ep-size K)\n")
+    assert main(["--expert-shards", "2", "--experts", "2", "--ep-size", "2", "--validate-only"]) == 0

@@ -250,9 +250,9 @@ def _no_wait_case(rank, world):
     """No compute waits for a later chunk's inter-node transfer: rank 0 issues one chunk's dispatch 2 s late, so
     its EP peer (rank 2) cannot finish that all-to-all for 2 s. (a) Chunk 0 late, with a shared expert: rank 2 starts
     the shared expert before it can issue chunk 0's all-gather. (b) Chunk 1 late: rank 2 computes chunk 0 before
-    chunk 1's all-gather can go out (rank 3's all-to-all partner is rank 1, on time: its all-gather may go first). Before, the pipeline first drove chunk c+1's exchange to
-    its last step (the all-gather), which waited for the all-to-all: the shared expert and chunk 0 waited 1 s per
-    second of delay."""
+    chunk 1's all-gather can go out (rank 3's all-to-all partner is rank 1, on time: its all-gather may go first).
+    Before, the pipeline first drove chunk c+1's exchange to its last step (the all-gather), which waited for the
+    all-to-all: the shared expert and chunk 0 waited 1 s per second of delay."""
     import time
 
     import adasched.runtime.moe.ep as ep_mod

@@ -129,7 +129,7 @@ def _check_result(res: dict, configs: int, sharded: int = 0) -> None:
             a3, w3 = sh["reducescatter"]["alpha_ms"], sh["reducescatter"]["ms_per_row"] * n_recv
         for d in ("fwd", "bwd"):
             sc = stage_costs_of(cfg, d)
-            assert cfg["stage_costs"][d]["work_ms"] == list(sc.work) and not sc.two_step
+            assert not sc.two_step
             if sharded_cfg:
                 assert sc.work[1] > 0 and sc.work[3] > 0 and sc.alpha[1] >= 0 and sc.alpha[3] >= 0, (name, sc)
             else:
