@@ -140,7 +140,11 @@ def _two_rank_worker(rank: int, world: int, folder: str):
     ck.save(1, state)
     saved = [p.detach().clone() for p in model.parameters()]
     saved_avg = [opt.state[p]["exp_avg"].clone() for p in model.parameters()]
+    return _resumed_matches(rank, world, folder, saved, saved_avg)
 
+
+def _resumed_matches(rank: int, world: int, folder: str, saved, saved_avg) -> tuple:
+    """A fresh model and Adam resumed from ``folder``: (step, progress, weights == saved, exp_avg == saved_avg)."""
     torch.manual_seed(99)
     model2 = torch.nn.Linear(4, 5 + rank)
     opt2 = torch.optim.Adam(model2.parameters(), lr=1e-2)
@@ -558,14 +562,7 @@ def _async_two_rank_worker(rank: int, world: int, folder: str):
         opt.step()
     state["progress"]["step"] = 21
     ck.finish()
-    torch.manual_seed(99)
-    model2 = torch.nn.Linear(4, 5 + rank)
-    opt2 = torch.optim.Adam(model2.parameters(), lr=1e-2)
-    state2 = {"model": ModelState(model2, [opt2]), "progress": Values(step=0, rank=-1)}
-    step = Checkpointer(CheckpointConfig(folder=folder), run={"world": world}).resume(state2)
-    return (step, state2["progress"].state_dict(),
-            all(torch.equal(a, b) for a, b in zip(saved, model2.parameters())),
-            all(torch.equal(a, opt2.state[p]["exp_avg"]) for a, p in zip(saved_avg, model2.parameters())),
+    return (*_resumed_matches(rank, world, folder, saved, saved_avg),
             not any(torch.equal(a, b) for a, b in zip(saved, model.parameters())))
 
 

@@ -5,6 +5,9 @@ reduce-scattered back. Outputs, input gradients, router gradients and every expe
 the shard's copies) are checked element by element, for 2 nodes x 2 shards, 1 node x 4 shards and 2 copies of
 1 node x 2 shards, every pipeline degree pair in {1, 2, 3}, the three weight-gradient placements, SwiGLU and GELU,
 capacity drops and a shared expert."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -14,24 +17,10 @@ from adasched.runtime.moe import ExpertGradReducer, ExpertParallel, MoELayer, Ro
 from adasched.runtime.moe.ep import WGRAD_MODES
 
 H, FFN, E = 8, 12, 4
-ATOL = RTOL = 2e-5
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_moe_ep import H as EP_TEST_H, _close, _inputs  # noqa: E402  (uneven tokens per rank; element-wise check)
 
-
-def _inputs(world, seed):
-    xs, gys = [], []
-    for s in range(world):
-        g = torch.Generator().manual_seed(seed * 100 + s)
-        T = 7 + 4 * s                                    # uneven token counts per rank
-        xs.append(torch.randn(T, H, generator=g))
-        gys.append(torch.randn(T, H, generator=g))
-    return xs, gys
-
-
-def _close(got, want, what):
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} vs {tuple(want.shape)}"
-    bad = ~torch.isclose(got, want, atol=ATOL, rtol=RTOL)
-    assert not bad.any(), (f"{what}: {int(bad.sum())}/{bad.numel()} mismatched, first {bad.nonzero()[:3].tolist()}, "
-                           f"max err {float((got - want).abs().max()):.3g}")
+assert EP_TEST_H == H  # _inputs draws (T, H) tensors of that module's H
 
 
 def _shard_of(full_w1, full_w2, lay):
