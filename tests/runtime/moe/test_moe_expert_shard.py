@@ -272,3 +272,20 @@ def _no_wait_case(rank, world):
 def test_expert_sharded_compute_does_not_wait_for_later_transfers():
     got = spawn_gloo(_no_wait_case, 4, timeout_s=180)
     assert got[2] == [True, True], got
+
+
+def _eight_ranks(rank, world):
+    """8 ranks, EP 2 x 2 shards: two domains, so every shard has a copy in the other domain (expert_dp_group of 2)
+    while the all-to-all spans 2 nodes - the case the 4-rank layouts cannot build."""
+    ep = ExpertParallel.create_groups(E, 2, expert_shards=2)
+    _case(rank, world, ep, r_fwd=2, r_bwd=3, wgrad="per-chunk", seed=71)
+    _case(rank, world, ep, kind="switch", r_fwd=1, r_bwd=2, cf=1.0, activation="gelu", seed=72)
+    return (list(ep.ranks), ep.shard_rank, list(ep.domain_ranks), list(ep.expert_dp_ranks))
+
+
+def test_expert_sharded_with_copies_on_eight_ranks():
+    got = spawn_gloo(_eight_ranks, 8, timeout_s=240)
+    assert got[0] == ([0, 2], 0, [0, 1, 2, 3], [0, 4])
+    assert got[3] == ([1, 3], 1, [0, 1, 2, 3], [3, 7])
+    assert got[6] == ([4, 6], 0, [4, 5, 6, 7], [2, 6])
+    assert got[7] == ([5, 7], 1, [4, 5, 6, 7], [3, 7])
