@@ -47,6 +47,7 @@ def register(groups) -> None:
         if as_json:
             emit_json(res)
             return
+
         def ms(mode, key):
             lo, hi = res[mode][f"{key}_range_s"]
             return f"{res[mode][f'{key}_s'] * 1e3:,.1f} ({lo * 1e3:,.1f}-{hi * 1e3:,.1f})"

@@ -119,7 +119,7 @@ class ExpertParallel:
     experts); 1 = whole experts per rank."""
     shard_group: object = None     # the S ranks sharing this rank's experts (one node); None when S = 1
     shard_rank: int = 0            # index of this process in its shard group
-    domain_group: object = None    # the P * S ranks whose tokens meet (EP groups x shard groups); None when S = 1
+    domain_group: object = None    # the P * S ranks whose tokens meet (EP groups x shard groups); S = 1: ``group``
     domain_ranks: list[int] | None = None
 
     def __post_init__(self):
