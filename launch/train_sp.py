@@ -41,11 +41,17 @@ Checkpoints
   --check-reference model is reloaded from the trained model's weights before every step (so a resumed run
   checks against the resumed weights).
 - The run's identity (saved with each checkpoint, checked before any process group exists) is: the plan's
-  execution (world size, lengths, groups: a digest), --seed, --max-len, --layers, --head-dim, the model's heads,
-  --lr, --dtype, --lr-schedule and --warmup-steps, and --steps when the schedule is not constant (its horizon).
-  With the constant schedule --steps may grow between launches; a save at or beyond --steps leaves nothing to
-  train (exit 0). A save of another run or world size, a --load-step that was not saved, or a checkpoint option
-  without --checkpoint-dir is one `error:` line, exit 2, nothing written.
+  execution (world size, lengths, groups: a digest), the plan's batches (each step's lengths: a digest), --seed,
+  --max-len, --layers, --head-dim, the model's heads, --lr, --dtype, --lr-schedule and --warmup-steps, and --steps
+  when the schedule is not constant (its horizon). With the constant schedule --steps may grow between launches; a
+  save at or beyond --steps leaves nothing to train (exit 0). A save of another run, a --load-step that was not
+  saved, or a checkpoint option without --checkpoint-dir is one `error:` line, exit 2, nothing written.
+- Resharded resume: every saved entry is replicated (each rank holds the same model, optimizer, scheduler,
+  generators and counter), so a save of the same run re-planned for another number of GPUs (or another plan of
+  the same batches: `plan sp` with the same --seqlens, --global-batch, --seed and --steps, other --gpus) resumes
+  with every rank loading rank 0's copy; rank 0 prints `resharded: ...`. Only the plan's execution digest may
+  differ then; the step after the resume equals the uninterrupted run's to float rounding (other groups sum the
+  gradients in another order), not bit for bit.
 
 A plan that does not fit the world (world size, ranks, degrees vs heads, sequence ids) is rejected with one
 `error:` line and exit code 2 before any process group is created.
@@ -68,7 +74,7 @@ from adasched.profiler.io import InputError, check_model_memory, check_seconds, 
 from adasched.runtime.sp_model_spec import param_count
 
 __all__ = ["main", "parse_args", "check_plan", "check_model_fits", "scaled_lengths", "make_sequence", "launch_local",
-           "run_identity", "plan_digest"]
+           "run_identity", "plan_digest", "batches_digest"]
 
 TOLERANCE = {"float32": 1e-5, "float64": 1e-10}  # max |grad - ref| / max |ref|, and |loss - ref| / |ref|
 
@@ -181,18 +187,32 @@ def plan_digest(plan) -> str:
         [st.seqlens, [[[g.ranks, g.seq_ids] for g in mb.groups] for mb in st.micro_batches]] for st in plan.steps])
 
 
+def batches_digest(plan) -> str:
+    """Digest of the data a plan trains on, whatever its layout: each step's lengths (a plan of the same batches
+    for another number of GPUs has the same digest)."""
+    from adasched.planner.plan import inputs_digest
+
+    return inputs_digest([st.seqlens for st in plan.steps])
+
+
+#: Identity entries that describe only how the plan lays the work out (a resharded resume may change them).
+LAYOUT_KEYS = ("plan",)
+
+
 def run_identity(args: argparse.Namespace, plan) -> dict:
     """What makes a different run (saved with each checkpoint; a save of another identity is not resumed). The
     step count belongs to it only when the lr schedule's horizon depends on it (a constant-lr run may be
     extended by a later launch with a larger --steps)."""
-    return {"trainer": "train_sp", "plan": plan_digest(plan), "seed": args.seed, "max_len": args.max_len,
+    return {"trainer": "train_sp", "plan": plan_digest(plan), "batches": batches_digest(plan), "seed": args.seed,
+            "max_len": args.max_len,
             "layers": args.layers, "head_dim": args.head_dim, "heads": _heads(args, plan), "dtype": args.dtype,
             **lr_identity(args, _total_steps(args, plan))}
 
 
 def _check_checkpoint(args: argparse.Namespace, plan, world: int):
     """The save this run resumes from (None: a fresh run), refused with an InputError when it belongs to another
-    run or world size; None too without --checkpoint-dir."""
+    run (another world size or plan of the same batches is a resharded resume); None too without
+    --checkpoint-dir."""
     from adasched.runtime.checkpoint import check_resumable, find_checkpoint
 
     cfg = checkpoint_config(args)
@@ -200,7 +220,7 @@ def _check_checkpoint(args: argparse.Namespace, plan, world: int):
         return None
     info = find_checkpoint(cfg.folder, cfg.load_step)
     if info is not None:
-        check_resumable(info, world, run_identity(args, plan))
+        check_resumable(info, world, run_identity(args, plan), LAYOUT_KEYS)
     return info
 
 
@@ -338,8 +358,8 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
         if sched is not None:
             state["lr_schedule"] = sched
         cfg_ck = checkpoint_config(args)
-        ck = (Checkpointer(cfg_ck, run=run_identity(args, plan), timeout_s=args.timeout) if cfg_ck is not None
-              else None)
+        ck = (Checkpointer(cfg_ck, run=run_identity(args, plan), timeout_s=args.timeout, layout_keys=LAYOUT_KEYS,
+                           replicated=state) if cfg_ck is not None else None)  # every entry is replicated
         start = ck.resume(state) if ck is not None else 0
         if start != progress["step"]:  # every rank loaded the same save: all raise, main prints one line
             raise InputError(step_folder(cfg_ck.folder, start), f"holds the state after {progress['step']} steps, "
@@ -347,6 +367,10 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
                              f"--load-step or a new --checkpoint-dir")
         if start > 0:
             say(f"resumed from {cfg_ck.folder} at step {start}", flush=True)
+        if ck is not None and ck.resharded_from is not None:
+            old = ck.resharded_from
+            say(f"resharded: the save was made by {old.world_size} ranks with plan {old.run.get('plan')}; every "
+                f"rank loaded rank 0's copy (this run: {world} ranks, plan {plan_digest(plan)})", flush=True)
         if start >= steps:
             say(f"train_sp: the checkpoint is at step {start} and the run has {steps} steps (--steps): nothing left "
                 f"to train", flush=True)

@@ -14,6 +14,9 @@ per rank (expert-parallel experts, pipeline stages, per-rank RNG), and keys shar
 once, as if replicated. Loading therefore needs the world size of the save; the run identity (plan digest, model
 shape, seed, ...) must match too, or resuming would continue a different run. Both are checked before any
 process group exists (:func:`find_checkpoint`, :func:`check_resumable`), so a mismatch is one ``error:`` line.
+A trainer whose state is replicated (train_sp: a data-parallel model) may resume a save of another world size or
+layout - the same run re-planned for other GPUs - by naming its layout-only identity entries and its replicated
+state: every rank then loads rank 0's copy (a *resharded* resume; DCP reads the same keys on any number of ranks).
 
 State values are any object with ``state_dict()`` / ``load_state_dict()`` (a module, an optimizer, an
 LRScheduler) or the wrappers here: :class:`ModelState` (model + optimizers, DCP's own state-dict helpers, so the
@@ -163,19 +166,29 @@ def _check_writable(folder: Path) -> None:
         raise InputError("--checkpoint-dir", f"{folder}: {err.strerror or err}") from None
 
 
-def check_resumable(info: CheckpointInfo, world_size: int, run: Mapping[str, Any]) -> None:
-    """Refuse to resume a save made by another world size or another run (one line naming what differs)."""
+def check_resumable(info: CheckpointInfo, world_size: int, run: Mapping[str, Any],
+                    layout_keys: Iterable[str] = ()) -> bool:
+    """Refuse to resume a save made by another run (one line naming what differs). Whether the resume is
+    *resharded*: ``layout_keys`` name the entries of ``run`` that describe only how the work is laid out over the
+    ranks (a plan's rank groups), and a trainer that passes them resumes a save of another world size or layout
+    from rank 0's copy of its replicated state (:class:`Checkpointer`'s ``replicated``); without them a save of
+    another world size is refused as well."""
     where = info.path / META_NAME
-    if info.world_size != world_size:
+    layout = set(layout_keys)
+    if info.world_size != world_size and not layout:
         raise InputError(where, f"saved by {info.world_size} ranks, this run has {world_size} (each rank loads its "
                                 f"own state; start with the same world size or a new --checkpoint-dir)")
     want = _jsonable(dict(run))
+    keys = sorted(set(info.run) | set(want))
     diffs = [f"{k}: saved {info.run.get(k)!r}, now {want.get(k)!r}"
-             for k in sorted(set(info.run) | set(want)) if info.run.get(k) != want.get(k)]
+             for k in keys if k not in layout and info.run.get(k) != want.get(k)]
+    if diffs and info.world_size != world_size:
+        diffs.insert(0, f"world size: saved {info.world_size}, now {world_size}")
     if diffs:
         raise InputError(where, "saved by a different run (" + "; ".join(diffs[:4])
                          + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
                          + "); use the same settings or a new --checkpoint-dir")
+    return info.world_size != world_size or any(info.run.get(k) != want.get(k) for k in layout)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -309,17 +322,25 @@ def _dist():
 
 class Checkpointer:
     """Saves and resumes one run's state. ``run`` names what identifies the run (plan digest, model shape, seed,
-    ...); a save from another run or world size is refused. Under torch.distributed every rank calls
+    ...); a save from another run is refused, and so is one of another world size unless the trainer can reshard:
+    ``layout_keys`` (the entries of ``run`` that only lay the work out over the ranks) and ``replicated`` (the
+    state entries every rank holds alike: a data-parallel model and optimizer, counters, generators seeded alike).
+    Then a save of another world size or layout is resumed with every rank loading rank 0's copy of each entry
+    (:attr:`resharded_from` names the save), and a state holding an entry outside ``replicated`` is refused. Under torch.distributed every rank calls
     :meth:`resume`, :meth:`save` and :meth:`finish` with the same step (they are collective; with ``async_save``
     the constructor is too: it creates the saves' own gloo group, with ``timeout_s``); without it, one process.
     On an error path call :meth:`close` before destroying the process groups (it waits, locally, for a save in
     flight)."""
 
-    def __init__(self, config: CheckpointConfig, *, run: Mapping[str, Any], timeout_s: float = 600.0):
+    def __init__(self, config: CheckpointConfig, *, run: Mapping[str, Any], timeout_s: float = 600.0,
+                 layout_keys: Iterable[str] = (), replicated: Iterable[str] = ()):
         from datetime import timedelta
 
         self.config = config
         self.run = _jsonable(dict(run))
+        self.layout_keys = tuple(layout_keys)
+        self.replicated = frozenset(replicated)
+        self.resharded_from: CheckpointInfo | None = None
         dist = _dist()
         self.rank = dist.get_rank() if dist else 0
         self.world_size = dist.get_world_size() if dist else 1
@@ -350,12 +371,19 @@ class Checkpointer:
                     + "); --checkpoint-dir must be one folder every rank shares")
         if info is None:
             return 0
-        check_resumable(info, self.world_size, self.run)
+        keyed = self._keyed(state)
+        if check_resumable(info, self.world_size, self.run, self.layout_keys):
+            per_rank = sorted(set(state) - self.replicated)
+            if per_rank:  # a programming error of the trainer, not bad input
+                raise ValueError(f"cannot reshard the save {info.path}: state entries {per_rank} are per-rank "
+                                 f"(not in replicated)")
+            keyed = {f"rank0/{name}": value for name, value in state.items()}  # every rank: rank 0's copy
+            self.resharded_from = info
         from torch.distributed.checkpoint.api import CheckpointException
 
         try:
             with _quiet_single_process():
-                dcp.load(self._keyed(state), checkpoint_id=str(info.path))
+                dcp.load(keyed, checkpoint_id=str(info.path))
         except (CheckpointException, OSError) as err:  # DCP's (every rank gets it; a BaseException): one line
             raise InputError(info.path, f"cannot load this save ({failure_line(err)}); resume another with "
                                         f"--load-step or start in a new --checkpoint-dir") from None

@@ -115,6 +115,12 @@ def test_other_run_or_world_is_refused(tmp_path):
         check_resumable(info, 1, {"plan": "xyz", "seed": 0})
     with pytest.raises(InputError, match=r"seed: saved 0, now None"):
         Checkpointer(CheckpointConfig(folder=tmp_path), run={"plan": "abc"}).resume(state)
+    # layout keys: another world size or plan is a resharded resume, anything else still another run
+    assert check_resumable(info, 4, {"plan": "xyz", "seed": 0}, ("plan",)) is True
+    assert check_resumable(info, 1, {"plan": "xyz", "seed": 0}, ("plan",)) is True
+    assert check_resumable(info, 1, {"plan": "abc", "seed": 0}, ("plan",)) is False
+    with pytest.raises(InputError, match=r"different run \(world size: saved 1, now 4; seed: saved 0, now 1\); use"):
+        check_resumable(info, 4, {"plan": "xyz", "seed": 1}, ("plan",))
     (step_folder(tmp_path, 2) / META_NAME).write_text("{\"format\": 99}")
     with pytest.raises(InputError, match="format 99 is not 1"):
         find_checkpoint(tmp_path)
@@ -164,6 +170,34 @@ def test_two_ranks_keep_their_own_state(tmp_path):
     *_, state = _rank_state(0)
     with pytest.raises(InputError, match="saved by 2 ranks, this run has 1"):
         Checkpointer(CheckpointConfig(folder=tmp_path), run={"world": 2}).resume(state)
+
+
+def test_resharded_resume_loads_rank_0s_copy(tmp_path):
+    """A save of 2 ranks (different weights per rank) resumed by one process whose trainer declares its layout key
+    and replicated state: it loads rank 0's model, Adam state and counters, element for element; a state entry
+    that is not replicated, or no layout keys, is refused."""
+    spawn_gloo(_two_rank_worker, 2, str(tmp_path), timeout_s=90)
+    model0, opt0, _ = _rank_state(0)  # rank 0's step, recomputed: the same seed and draws as its worker
+    model0(torch.randn(3, 4)).square().sum().backward()
+    opt0.step()
+    torch.manual_seed(7)
+    model = torch.nn.Linear(4, 5)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    progress = Values(step=0, rank=-1)
+    state = {"model": ModelState(model, [opt]), "progress": progress}
+    cfg = CheckpointConfig(folder=tmp_path)
+    with pytest.raises(InputError, match="saved by 2 ranks, this run has 1"):
+        Checkpointer(cfg, run={"world": 1}, replicated=state).resume(state)
+    with pytest.raises(ValueError, match=r"state entries \['progress'\] are per-rank"):
+        Checkpointer(cfg, run={"world": 1}, layout_keys=("world",), replicated={"model"}).resume(state)
+    ck = Checkpointer(cfg, run={"world": 1}, layout_keys=("world",), replicated=state)
+    assert ck.resume(state) == 1
+    assert ck.resharded_from.world_size == 2 and ck.resharded_from.step == 1
+    assert progress.state_dict() == {"step": 1, "rank": 0}
+    for p, q in zip(model.parameters(), model0.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["exp_avg"], opt0.state[q]["exp_avg"])
+        assert torch.equal(opt.state[p]["exp_avg_sq"], opt0.state[q]["exp_avg_sq"])
 
 
 def _parse(argv):

@@ -13,6 +13,7 @@ Five launches (about 7 s each on an idle machine) run once for the module (fixtu
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -196,13 +197,16 @@ def test_bad_checkpoint_input_is_one_line_exit_2_nothing_written(runs, monkeypat
         argv = ["--plan", str(plan), *MODEL[:-4], "--seed", "6", "--timeout", "60", "--checkpoint-dir", "B"]
         want = ("error: B/step-00000004/adasched-checkpoint.json: saved by a different run (seed: saved 5, now 6); "
                 "use the same settings or a new --checkpoint-dir")
-    elif case == "world":  # a 4-rank plan on 4 ranks pointed at the 2-rank run's folder
+    elif case == "world":  # a 4-rank plan of other batches on 4 ranks pointed at the 2-rank run's folder
+        from adasched.launch.train_sp import batches_digest
+
         save_plan(_plan4(), root / "plan4.json")
         before = _tree(root)
         monkeypatch.setenv("WORLD_SIZE", "4")
-        argv = ["--plan", str(root / "plan4.json"), "--checkpoint-dir", "B"]
-        want = ("error: B/step-00000004/adasched-checkpoint.json: saved by 2 ranks, this run has 4 (each rank loads "
-                "its own state; start with the same world size or a new --checkpoint-dir)")
+        argv = ["--plan", str(root / "plan4.json"), *MODEL[2:], "--heads", "4", "--checkpoint-dir", "B"]
+        want = (f"error: B/step-00000004/adasched-checkpoint.json: saved by a different run (world size: saved 2, "
+                f"now 4; batches: saved {batches_digest(_plan2())!r}, now {batches_digest(_plan4())!r}; heads: "
+                f"saved 2, now 4); use the same settings or a new --checkpoint-dir")
     elif case == "load-step":
         argv += ["--steps", "4", "--checkpoint-dir", "B", "--load-step", "3"]
         want = "error: --load-step: 3 was not saved in B (committed steps: 2, 4)"
@@ -319,3 +323,57 @@ def test_async_saves_equal_the_synchronous_run(runs):
     assert _steps(again) == {k: _steps(runs["A1"])[k] for k in (2, 3)}
     assert committed_steps(folder) == [2, 4]
     _assert_same_state(runs["A1_final"], _saved(folder, 4))
+
+
+def _plan2_on_4() -> SPPlan:
+    """_plan2's batches (same lengths per step) laid out on 4 ranks, as `plan sp --gpus 4` would re-plan them."""
+    l0, l1 = _plan2().steps[0].seqlens, _plan2().steps[1].seqlens
+    steps = [
+        SPStep(step=0, seqlens=l0, predicted_ms=1.0, micro_batches=[SPMicroBatch(groups=[
+            _group([0, 1], [0], l0), _group([2], [1], l0), _group([3], [2], l0)], predicted_ms=1.0)]),
+        SPStep(step=1, seqlens=l1, predicted_ms=1.0, micro_batches=[
+            SPMicroBatch(groups=[_group([0, 1], [2], l1), _group([2, 3], [0], l1)], predicted_ms=1.0),
+            SPMicroBatch(groups=[_group([0], [1], l1), _group([3], [3], l1)], predicted_ms=1.0)]),
+    ]
+    return SPPlan(world_size=4, model="tiny-gpt", inputs_digest="test", predicted_ms=2.0, steps=steps,
+                  solver=SolverRecord(backend="hand", status="heuristic", solve_seconds=0.0))
+
+
+def _close(a: dict, b: dict, steps) -> None:
+    for k in steps:
+        assert a[k][0] == b[k][0], k  # the lr: the same closed form
+        assert abs(float(a[k][1]) - float(b[k][1])) <= 1e-5 * abs(float(b[k][1])), (k, a[k], b[k])
+
+
+def test_resharded_resume_on_another_world_size(runs):
+    """The same run re-planned for 4 ranks resumes the 2-rank save (B1's step 2, constant lr): every rank loads rank
+    0's replicated state; steps 2-3 equal the uninterrupted 2-rank run S to float rounding (--check-reference
+    passes on each), the saves are 4-rank ones, and a 2-rank launch resumes the 4-rank step-3 save in turn."""
+    import shutil
+
+    from adasched.launch.train_sp import plan_digest
+
+    root = runs["root"]
+    shutil.copytree(step_folder(runs["dirB"], 2), step_folder(root / "R", 2))
+    plan4 = root / "plan2on4.json"
+    save_plan(_plan2_on_4(), plan4)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+           "-m", "adasched.launch.train_sp", "--plan", str(plan4), *MODEL, "--steps", "4", "--checkpoint-dir", "R",
+           "--checkpoint-every", "1", "--checkpoint-keep", "0", "--check-reference"]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, cwd=root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    want = (f"resharded: the save was made by 2 ranks with plan {plan_digest(_plan2())}; every rank loaded rank 0's "
+            f"copy (this run: 4 ranks, plan {plan_digest(_plan2_on_4())})")
+    assert want in r.stdout.splitlines(), r.stdout
+    got, ref = _steps(r.stdout), _steps(runs["S"])
+    assert sorted(got) == [2, 3]
+    _close(got, ref, (2, 3))
+    assert committed_steps(root / "R") == [2, 3, 4]
+    assert json.loads((step_folder(root / "R", 3) / "adasched-checkpoint.json").read_text())["world_size"] == 4
+    _saved(root / "R", 3, world=4)  # one file per rank of the 4
+    # and back: 2 ranks resume the 4-rank step-3 save (its step-4 save then replaced)
+    back = _torchrun(runs["plan"], ["--steps", "4", "--checkpoint-dir", "R", "--load-step", "3"])
+    assert "resharded: the save was made by 4 ranks" in back, back
+    _close(_steps(back), ref, (3,))
+    assert sorted(_steps(back)) == [3]
+    assert json.loads((step_folder(root / "R", 4) / "adasched-checkpoint.json").read_text())["world_size"] == 2
