@@ -44,15 +44,22 @@ whose D holds a save resumes from the newest (or step S's) and continues bit for
 the remaining steps and the final state equal those of the uninterrupted run. A save holds one run, so
 ``--checkpoint-dir`` needs exactly one ``--router`` and one ``--schedule``; ``--compare-schedules`` (single-process,
 one model per schedule) takes no checkpoint options. Every rank stores its own state (expert-parallel ranks hold
-different experts), so a save resumes only with the same world size, and only for the same run: the identity
-(:func:`run_identity`) holds the router, the scheduled per-layer capacities, the model's sizes, --batch, --lr, the
+different experts). A save resumes only for the same run: the identity (:func:`run_identity`) holds the router, the scheduled per-layer capacities, the model's sizes, --batch, --lr, the
 LR schedule and its warmup (and --steps when the schedule is not constant: its horizon), --seed,
 --capacity-factor, --shared-experts, the EP size and exchange, and the pipeline every layer runs - r_fwd/r_bwd,
 weight-gradient placement, issue orders and dense-gradient slices, from --plan or the flags (they change the float
 sums) - with --plan also the plan's ``inputs_digest`` and configuration (a plan re-solved from the same inputs keeps
 its digest but may pick another pipeline); a constant-LR run may be extended with a larger --steps. Output options
 (--json, --router-stats-out) and the checkpoint options themselves are not part of it.
-A mismatch (other world size, other run, a --load-step not saved, a --checkpoint-dir that is a file or cannot be
+Resharding: the world size and the layout entries of the identity (:data:`LAYOUT_KEYS`: EP size, exchange, expert
+shards, plan and pipeline) may differ from the save's; the launch then resumes it on the new layout - each rank
+joins every expert's weights and AdamW moments from the saved layout's first domain and keeps its own experts and
+FFN columns, takes the dense weights, router buffers, their AdamW state, the LR schedule and the step from rank 0,
+and its data generator from the same rank of the save (a rank the save did not have keeps its fresh one) - and
+rank 0 prints ``resharded: ...`` naming both layouts. On the same ranks the steps after it equal the uninterrupted
+run's to float rounding (other chunkings sum in another order); with another world size the data differ (each
+rank draws its own batch). The capacities must still agree (the switch router schedules expert counts in EP units).
+A mismatch (other run, a --load-step not saved, a --checkpoint-dir that is a file or cannot be
 created or written) is one ``error:`` line, exit 2, before any process group (train_moe.sh's --validate-only pass:
 before torchrun starts). Rank 0 prints ``resumed from <step folder> at step N``; a run resumed with --load-step from
 an older save deletes the later saves at its first save; a save at or past --steps leaves nothing to train (a note,
@@ -281,6 +288,75 @@ def make_ep(args, world: int):
                                         expert_shards=args.expert_shards, timeout_s=120)
 
 
+#: Identity entries that only lay the run out over the ranks: a save differing in them (or in the world size) is a
+#: resharded resume (:func:`_expert_resharder`), not another run.
+LAYOUT_KEYS = ("ep_size", "two_step_a2a", "exchange_gpus_per_node", "expert_shards", "plan_inputs_digest",
+               "plan_config", "r_fwd", "r_bwd", "wgrad", "order_fwd", "order_bwd", "grad_slices")
+
+
+def _expert_resharder(model, opt):
+    """The ``model`` entry of a save of another layout (:class:`~adasched.runtime.checkpoint.Checkpointer`'s
+    ``resharders``): the dense weights, buffers, AdamW state and param groups are rank 0's (replicated); each
+    expert-parallel weight and its AdamW moments are joined from the first domain of the saved layout (its
+    ``ep_size`` x ``expert_shards`` ranks) into the full tensor of all experts and cut to this rank's experts and
+    columns. Every rank holds each layer's full experts for a moment (the tiny LM this trainer runs)."""
+    from adasched.runtime.checkpoint import ModelState, load_templates
+    from adasched.runtime.moe.layer import join_experts
+
+    experts = {id(w) for m in model.moe_layers() for w in (m.w1, m.w2)}   # whole on this rank too without EP
+    fqns = [n for n, p in model.named_parameters() if id(p) in experts]   # blocks.L.moe.w1 / .w2
+    slots = ("exp_avg", "exp_avg_sq")
+
+    def reshard(info, saved):
+        ep_old, s_old = int(info.run.get("ep_size") or 1), int(info.run.get("expert_shards") or 1)
+        domain = ep_old * s_old
+
+        def key(j, fqn, slot=None):
+            return f"rank{j}/model.model.{fqn}" if slot is None else f"rank{j}/model.optim.state.{fqn}.{slot}"
+
+        sharded = {key(0, f, sl) for f in fqns for sl in (None, *slots)}
+        wanted = [k for k in saved if k.startswith("rank0/model.") and k not in sharded]
+        wanted += [key(j, f, sl) for j in range(domain) for f in fqns for sl in (None, *slots)]
+        missing = [k for k in wanted if k not in saved]
+        if missing:
+            from adasched.profiler.io import InputError
+
+            raise InputError(info.path, f"cannot reshard this save: it lacks {missing[0]} (saved by "
+                                        f"{info.world_size} ranks, EP {ep_old} x {s_old} shards)")
+
+        def finish(loaded):
+            model_sd, state, groups = {}, {}, {}
+            for k, v in loaded.items():
+                if not k.startswith("rank0/model.") or k in sharded:
+                    continue
+                rest = k[len("rank0/model."):]
+                if rest.startswith("model."):
+                    model_sd[rest[len("model."):]] = v
+                elif rest.startswith("optim.state."):
+                    fqn, slot = rest[len("optim.state."):].rsplit(".", 1)
+                    state.setdefault(fqn, {})[slot] = v
+                elif rest.startswith("optim.param_groups."):
+                    i, name = rest[len("optim.param_groups."):].split(".", 1)
+                    groups.setdefault(int(i), {})[name] = v
+            for fqn in fqns:
+                layer, which = model.get_submodule(fqn.rsplit(".", 1)[0]), fqn.rsplit(".", 1)[1]
+                E = layer.router.config.num_experts
+                for slot in (None, *slots):
+                    parts = {(j // s_old, j % s_old): loaded[key(j, fqn, slot)] for j in range(domain)}
+                    mine = layer.local_experts(join_experts(parts, which, layer.activation, layer.ffn, E, ep_old,
+                                                            s_old), which).contiguous()
+                    if slot is None:
+                        model_sd[fqn] = mine
+                    else:
+                        state.setdefault(fqn, {})[slot] = mine
+            ModelState(model, [opt]).load_state_dict(
+                {"model": model_sd, "optim": {"state": state, "param_groups": [groups[i] for i in sorted(groups)]}})
+
+        return load_templates(saved, wanted), finish
+
+    return reshard
+
+
 def run_identity(args, router: str, schedule: str, ep_size: int, world: int) -> dict:
     """What makes a run a different run (the checkpoint's identity, see the module docstring): a flat dict of JSON
     values. Raises like the validation (it resolves the capacity schedule and the plan)."""
@@ -360,7 +436,10 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log,
     start, ck, resumed_from = 0, None, None
     if ckpt is not None:
         cfg, identity = ckpt
-        ck = Checkpointer(cfg, run=identity, timeout_s=120)   # the process group's timeout (init_distributed)
+        # the process group's timeout (init_distributed); a save of another layout: module docstring, "Resharding"
+        ck = Checkpointer(cfg, run=identity, timeout_s=120, layout_keys=LAYOUT_KEYS,
+                          replicated={"progress", "lr_schedule"}, own_rank={"rng"},
+                          resharders={"model": _expert_resharder(model, opt)})
         start = ck.resume(state)
         if start != progress["step"]:
             from adasched.profiler.io import InputError      # every rank loaded the same step: all raise
@@ -372,6 +451,11 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log,
             resumed_from = str(step_folder(cfg.folder, start))
             if rank == 0 and status is not None:
                 status(f"resumed from {resumed_from} at step {start}")
+                if ck.resharded_from is not None:
+                    old = ck.resharded_from.run
+                    status(f"resharded: the save was made by {ck.resharded_from.world_size} ranks (EP "
+                           f"{old.get('ep_size')}, expert shards {old.get('expert_shards') or 1}); this run: {world} "
+                           f"ranks (EP {ep_size}, expert shards {ep.shards if ep is not None else 1})")
     losses, lrs = [], []
     try:
         for step in range(start, args.steps):
@@ -592,7 +676,7 @@ def _main(args) -> int:
         ckpt = (ck_cfg, run_identity(args, routers[0], schedules[0], env_ep, env_world))
         saved = find_checkpoint(ck_cfg.folder, ck_cfg.load_step)
         if saved is not None:
-            check_resumable(saved, env_world, ckpt[1])
+            check_resumable(saved, env_world, ckpt[1], LAYOUT_KEYS)
     if args.validate_only:
         return 0
     if saved is not None and saved.step >= args.steps:

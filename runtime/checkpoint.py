@@ -50,7 +50,7 @@ from adasched.profiler.io import InputError, atomic_write_json, check_output_fol
 
 __all__ = ["CheckpointConfig", "CheckpointInfo", "Checkpointer", "ModelState", "RNGState", "Values",
            "find_checkpoint", "check_resumable", "committed_steps", "step_folder", "failure_line", "META_NAME",
-           "FORMAT"]
+           "FORMAT", "saved_entries", "load_templates"]
 
 META_NAME = "adasched-checkpoint.json"
 FORMAT = 1
@@ -191,6 +191,31 @@ def check_resumable(info: CheckpointInfo, world_size: int, run: Mapping[str, Any
     return info.world_size != world_size or any(info.run.get(k) != want.get(k) for k in layout)
 
 
+def saved_entries(info: CheckpointInfo) -> dict:
+    """The flat DCP keys of a save (``rank3/model.model.blocks.0.moe.w1``, ...) with their storage metadata
+    (a tensor's size and dtype, or a pickled value's), read from the save's DCP metadata file."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        return dict(dcp.FileSystemReader(str(info.path)).read_metadata().state_dict_metadata)
+    except (OSError, EOFError, pickle.UnpicklingError) as err:
+        raise InputError(info.path, f"cannot read this save's metadata ({err}); resume another with --load-step "
+                                    f"or start in a new --checkpoint-dir") from None
+
+
+def load_templates(saved: Mapping[str, Any], keys: Iterable[str]) -> dict:
+    """What :func:`torch.distributed.checkpoint.load` fills for the given keys of a save: an empty tensor of the
+    saved size and dtype per tensor, None per pickled value."""
+    import torch
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    out = {}
+    for k in keys:
+        m = saved[k]
+        out[k] = (torch.empty(m.size, dtype=m.properties.dtype) if isinstance(m, TensorStorageMetadata) else None)
+    return out
+
+
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
@@ -323,23 +348,30 @@ def _dist():
 class Checkpointer:
     """Saves and resumes one run's state. ``run`` names what identifies the run (plan digest, model shape, seed,
     ...); a save from another run is refused, and so is one of another world size unless the trainer can reshard:
-    ``layout_keys`` (the entries of ``run`` that only lay the work out over the ranks) and ``replicated`` (the
-    state entries every rank holds alike: a data-parallel model and optimizer, counters, generators seeded alike).
-    Then a save of another world size or layout is resumed with every rank loading rank 0's copy of each entry
-    (:attr:`resharded_from` names the save), and a state holding an entry outside ``replicated`` is refused. Under torch.distributed every rank calls
+    ``layout_keys`` (the entries of ``run`` that only lay the work out over the ranks) and, for every state entry,
+    how a rank of another layout loads it: ``replicated`` (every rank holds it alike - a data-parallel model,
+    counters, generators seeded alike: rank 0's copy), ``own_rank`` (the same rank's copy where the save has that
+    rank, else the fresh value is kept: per-rank data generators) or ``resharders[name]``, a function
+    ``(info, saved) -> (templates, finish)`` given the save's DCP metadata (:func:`saved_entries`) that returns the
+    flat DCP keys it wants loaded (:func:`load_templates`) and a function called with them once loaded (expert-
+    parallel weights re-cut for the new layout). :attr:`resharded_from` then names the save; a state entry with
+    none of the three is refused (ValueError). Under torch.distributed every rank calls
     :meth:`resume`, :meth:`save` and :meth:`finish` with the same step (they are collective; with ``async_save``
     the constructor is too: it creates the saves' own gloo group, with ``timeout_s``); without it, one process.
     On an error path call :meth:`close` before destroying the process groups (it waits, locally, for a save in
     flight)."""
 
     def __init__(self, config: CheckpointConfig, *, run: Mapping[str, Any], timeout_s: float = 600.0,
-                 layout_keys: Iterable[str] = (), replicated: Iterable[str] = ()):
+                 layout_keys: Iterable[str] = (), replicated: Iterable[str] = (), own_rank: Iterable[str] = (),
+                 resharders: Mapping[str, Any] | None = None):
         from datetime import timedelta
 
         self.config = config
         self.run = _jsonable(dict(run))
         self.layout_keys = tuple(layout_keys)
         self.replicated = frozenset(replicated)
+        self.own_rank = frozenset(own_rank)
+        self.resharders = dict(resharders or {})
         self.resharded_from: CheckpointInfo | None = None
         dist = _dist()
         self.rank = dist.get_rank() if dist else 0
@@ -371,13 +403,22 @@ class Checkpointer:
                     + "); --checkpoint-dir must be one folder every rank shares")
         if info is None:
             return 0
-        keyed = self._keyed(state)
+        keyed, finishers = self._keyed(state), []
         if check_resumable(info, self.world_size, self.run, self.layout_keys):
-            per_rank = sorted(set(state) - self.replicated)
+            per_rank = sorted(set(state) - self.replicated - self.own_rank - set(self.resharders))
             if per_rank:  # a programming error of the trainer, not bad input
                 raise ValueError(f"cannot reshard the save {info.path}: state entries {per_rank} are per-rank "
-                                 f"(not in replicated)")
-            keyed = {f"rank0/{name}": value for name, value in state.items()}  # every rank: rank 0's copy
+                                 f"(neither replicated, own_rank nor resharded)")
+            keyed = {f"rank0/{name}": value for name, value in state.items() if name in self.replicated}
+            own = self.rank if self.rank < info.world_size else None  # a rank the save did not have keeps its own
+            keyed.update({f"rank{own}/{name}": value for name, value in state.items()
+                          if name in self.own_rank and own is not None})
+            saved = saved_entries(info) if any(name in state for name in self.resharders) else {}
+            for name, reshard in self.resharders.items():
+                if name in state:
+                    templates, finish = reshard(info, saved)
+                    keyed.update(templates)
+                    finishers.append((finish, templates))
             self.resharded_from = info
         from torch.distributed.checkpoint.api import CheckpointException
 
@@ -387,6 +428,8 @@ class Checkpointer:
         except (CheckpointException, OSError) as err:  # DCP's (every rank gets it; a BaseException): one line
             raise InputError(info.path, f"cannot load this save ({failure_line(err)}); resume another with "
                                         f"--load-step or start in a new --checkpoint-dir") from None
+        for finish, templates in finishers:
+            finish({k: keyed[k] for k in templates})  # DCP filled the tensors in place and set the other values
         self.last_saved = info.step
         return info.step
 

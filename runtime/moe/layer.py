@@ -45,7 +45,8 @@ from adasched.kernels.moe import Backend, expert_mlp, make_index, permute, unper
 from .ep import ExpertParallel, GradSliceReducer, check_pipeline_settings, ep_experts, shared_expert_index
 from .router import Router, RouterConfig, RouterStats
 
-__all__ = ["MoELayer", "named_parameters_by_kind", "split_parameters", "replica_divergence", "step_routers"]
+__all__ = ["MoELayer", "named_parameters_by_kind", "split_parameters", "replica_divergence", "step_routers",
+           "cut_experts", "join_experts"]
 
 
 def _check_degrees(r_fwd, r_bwd) -> None:
@@ -160,16 +161,16 @@ class MoELayer(nn.Module):
         """Copy this rank's shard out of full (E, hidden, 2*ffn or ffn) / (E, ffn, hidden) expert weights: its
         experts and, when the experts are sharded (``ExpertParallel.shards`` > 1), its slice of their FFN width
         (for SwiGLU the same columns of the gate and the up half)."""
-        n, fs = self.w1.shape[0], self.ffn_slice
-        experts = slice(self.expert_offset, self.expert_offset + n)
         with torch.no_grad():
-            w1 = w1[experts]
-            if self.activation == "swiglu":
-                w1 = torch.cat([w1[..., :self.ffn][..., fs], w1[..., self.ffn:][..., fs]], dim=-1)
-            else:
-                w1 = w1[..., fs]
-            self.w1.copy_(w1)
-            self.w2.copy_(w2[experts][:, fs])
+            self.w1.copy_(self.local_experts(w1, "w1"))
+            self.w2.copy_(self.local_experts(w2, "w2"))
+
+    def local_experts(self, full: torch.Tensor, which: str) -> torch.Tensor:
+        """This rank's part of a full expert tensor shaped like ``w1`` (E, hidden, 2*ffn or ffn) or ``w2`` (E, ffn,
+        hidden) of all experts - the weights, or an optimizer's moments of them: :meth:`load_full_experts`'s cut,
+        and the one a resharded checkpoint resume applies to each."""
+        return cut_experts(full, which, self.activation, self.ffn, self.expert_offset, self.w1.shape[0],
+                           self.ffn_slice)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -369,3 +370,38 @@ def step_routers(module: nn.Module) -> int:
             m.step_router()
             n += m.router_update == "step" and m._router_has_state()
     return n
+
+
+def cut_experts(full: torch.Tensor, which: str, activation: str, ffn: int, offset: int, count: int,
+                cols: slice) -> torch.Tensor:
+    """Experts ``offset .. offset + count - 1`` and FFN columns ``cols`` of a full ``w1``/``w2``-shaped tensor (for
+    SwiGLU's w1 the same columns of the gate half and of the up half)."""
+    part = full[offset:offset + count]
+    if which == "w2":
+        return part[:, cols]
+    if activation == "swiglu":
+        return torch.cat([part[..., :ffn][..., cols], part[..., ffn:][..., cols]], dim=-1)
+    return part[..., cols]
+
+
+def join_experts(parts: dict, which: str, activation: str, ffn: int, num_experts: int, ep_size: int,
+                 shards: int) -> torch.Tensor:
+    """The full ``w1``/``w2``-shaped tensor of all experts from the parts of one domain of an expert-parallel
+    layout (:meth:`ExpertParallel.create_groups` with ``ep_size`` and ``expert_shards=shards``): ``parts[(n, s)]``
+    is node n's shard s (what :func:`cut_experts` gives for experts n*E/ep_size.. and columns s*ffn/shards..)."""
+    e, f = num_experts // ep_size, ffn // shards
+    first = parts[(0, 0)]
+    if which == "w2":
+        full = first.new_empty((num_experts, ffn, first.shape[2]))
+    else:
+        full = first.new_empty((num_experts, first.shape[1], 2 * ffn if activation == "swiglu" else ffn))
+    for (n, s), part in parts.items():
+        rows, c = slice(n * e, (n + 1) * e), slice(s * f, (s + 1) * f)
+        if which == "w2":
+            full[rows, c] = part
+        elif activation == "swiglu":
+            full[rows, :, c] = part[..., :f]
+            full[rows, :, ffn + s * f:ffn + (s + 1) * f] = part[..., f:]
+        else:
+            full[rows, :, c] = part
+    return full
