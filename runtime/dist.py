@@ -1,5 +1,6 @@
-"""World set-up for the runtime: one call to join the torchrun world, a free TCP port, and a helper that runs a
-function on N local gloo ranks (real process groups, for tests and small CPU runs).
+"""World set-up for the runtime: one call to join the torchrun world, a free TCP port, a rendezvous store held
+for local launches, and a helper that runs a function on N local gloo ranks (real process groups, for tests and
+small CPU runs).
 
 Every process group made here carries a timeout, so a rank that never arrives turns into an error instead of a
 hang.
@@ -16,7 +17,7 @@ from typing import Any, Callable
 
 from adasched.profiler.collectives import free_port  # one copy of the port helper (re-exported here)
 
-__all__ = ["init_distributed", "free_port", "spawn_gloo", "WorkerError", "env_world"]
+__all__ = ["init_distributed", "free_port", "held_store", "spawn_gloo", "WorkerError", "env_world"]
 
 
 class WorkerError(RuntimeError):
@@ -73,12 +74,24 @@ def init_distributed(backend: str | None = None, timeout_s: float = 60) -> tuple
     return rank, world
 
 
+def held_store(world_size: int, timeout_s: float = 60):
+    """A rendezvous store this process hosts on a port the OS picks, held until it is dropped: start ranks with
+    ``MASTER_ADDR=127.0.0.1 MASTER_PORT=<store.port> TORCHELASTIC_USE_AGENT_STORE=True`` and they join it as clients
+    (as under torchrun, whose agent hosts the store). Unlike a :func:`free_port` port, free only when asked and bound
+    by rank 0 seconds later, no launch running meanwhile can be handed the same port (one that was: a rank of the
+    other launch joined this one's world and waited in ProcessGroupGloo's constructor past its timeout)."""
+    from torch.distributed import TCPStore
+
+    return TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                    timeout=timedelta(seconds=timeout_s))
+
+
 def _worker(rank: int, world: int, port: int, timeout_s: float, fn: Callable, args: tuple, queue) -> None:
     import torch
     import torch.distributed as dist
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     try:
@@ -129,8 +142,8 @@ def spawn_gloo(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: f
         raise ValueError(f"world_size: {world_size} must be >= 1")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, timeout_s, fn, args, queue), daemon=True)
+    store = held_store(world_size, timeout_s)  # the ranks' rendezvous, on a port held for the whole run
+    procs = [ctx.Process(target=_worker, args=(r, world_size, store.port, timeout_s, fn, args, queue), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -168,6 +181,7 @@ def spawn_gloo(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: f
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=5.0)
+        del store
     if errors:
         rank = min(errors)
         raise WorkerError(rank, errors[rank])

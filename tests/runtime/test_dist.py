@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from adasched.runtime.dist import WorkerError, env_world, free_port, spawn_gloo
+from adasched.runtime.dist import WorkerError, env_world, free_port, held_store, spawn_gloo
 
 
 def _sum_ranks(rank, world, offset):
@@ -24,6 +24,26 @@ def test_spawn_gloo_propagates_worker_exception():
     with pytest.raises(WorkerError) as err:
         spawn_gloo(_sum_ranks, 2, -1, timeout_s=30)
     assert err.value.rank == 1 and "boom on purpose" in str(err.value)
+
+
+def test_held_store_holds_its_port_and_spawned_ranks_join_it():
+    """A free_port() port is free again once returned (anyone may bind it before rank 0 does: a launch running
+    meanwhile was handed the same one in a stress run); held_store's port stays bound until the store is dropped,
+    and spawn_gloo's ranks rendezvous through it as clients."""
+    import socket
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", free_port()))
+    store = held_store(2, timeout_s=10)
+    with socket.socket() as s, pytest.raises(OSError):
+        s.bind(("127.0.0.1", store.port))
+    client = TCPStore("127.0.0.1", store.port, 2, is_master=False, timeout=timedelta(seconds=10))
+    client.set("probe", "7")
+    assert store.get("probe") == b"7"
+    assert spawn_gloo(_sum_ranks, 2, 5, timeout_s=30) == [{"rank": r, "world": 2, "sum": 11.0} for r in (0, 1)]
 
 
 def test_free_port_and_env_world(monkeypatch):

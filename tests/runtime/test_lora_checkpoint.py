@@ -18,7 +18,7 @@ import yaml
 
 from adasched.launch.train_lora import main
 from adasched.runtime.checkpoint import committed_steps, step_folder
-from adasched.runtime.dist import free_port
+from adasched.runtime.dist import held_store
 
 # planned for 3 stages: 7 microbatches, [(0,0)] [(0,0),(1,0)] [(1,0)] [] [(0,1)] [(0,1),(1,1)] [(1,1)]
 JOBS = {
@@ -159,7 +159,7 @@ def test_single_process_resume_mid_global_batch_is_bit_exact(plan_files, tmp_pat
 
 def _worker(rank: int, world: int, port: int, argv: list[str], rcs) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      OMP_NUM_THREADS="1")
+                      OMP_NUM_THREADS="1", TORCHELASTIC_USE_AGENT_STORE="True")  # clients of held_store's store
     rcs[rank] = main(argv)
 
 
@@ -178,13 +178,15 @@ def _worker_rank1_load_fails(rank: int, world: int, port: int, argv: list[str], 
 def _pipeline(argv: list[str], worker=_worker) -> dict:
     ctx = mp.get_context("spawn")
     rcs = ctx.Manager().dict()
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, 2, port, argv + ["--timeout", "60"], rcs)) for r in range(2)]
+    store = held_store(2)  # the port held for the launch (no other launch can be handed it); daemons: a rank
+    procs = [ctx.Process(target=worker, args=(r, 2, store.port, argv + ["--timeout", "60"], rcs), daemon=True)
+             for r in range(2)]  # still stuck when the join gives up dies with pytest, not holding its exit
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=120)
         assert p.exitcode == 0, f"rank exited with {p.exitcode}"
+    del store
     return dict(rcs)
 
 

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 import yaml
 
 from adasched.launch.train_lora import main
+from adasched.runtime.dist import held_store
 
 JOBS = {
     "capacity": 256, "stages": 3,  # planned for 3 stages (no-op slots), run on 2 ranks
@@ -27,23 +28,10 @@ MODEL = ["--vocab", "32", "--hidden", "16", "--layers", "2", "--heads", "2", "--
 
 
 def _worker(rank: int, world: int, port: int, argv: list[str], rcs) -> None:
-    # every rank a client of the parent's store (as under torchrun, whose agent hosts it): rank 0 binds no port
+    # every rank a client of the parent's store (runtime.dist.held_store: as under torchrun); rank 0 binds no port
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       OMP_NUM_THREADS="1", TORCHELASTIC_USE_AGENT_STORE="True")
     rcs[rank] = main(argv)
-
-
-def _held_store(world: int):
-    """A TCPStore the parent listens on for the whole launch (the OS picks its port). A port from free_port() is
-    free only when asked: rank 0 binds it seconds later (spawned imports), and a launch running at the same time
-    can be handed the same port in between - stress run: then one launch's rank 0 fails with EADDRINUSE, the other
-    launch's ranks join its store twice as rank 1, and the surplus rank 1 waited in ProcessGroupGloo's constructor
-    past --timeout (135 s with --timeout 60), where the test's join gave up and pytest's exit would join it."""
-    from datetime import timedelta
-
-    from torch.distributed import TCPStore
-
-    return TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
 
 
 def test_two_stage_pipeline_matches_single_process(tmp_path):
@@ -58,7 +46,7 @@ def test_two_stage_pipeline_matches_single_process(tmp_path):
 
     ctx = mp.get_context("spawn")
     rcs = ctx.Manager().dict()
-    store = _held_store(2)
+    store = held_store(2)
     argv = ["--plan", str(single / "plan.json"), "--out", str(piped), "--reference", "--timeout", "60"] + MODEL
     procs = [ctx.Process(target=_worker, args=(r, 2, store.port, argv, rcs), daemon=True) for r in range(2)]
     for p in procs:
@@ -193,19 +181,3 @@ def test_large_seeds_train():
     res = train_plan(model, ads, plan, big, fused=False, seed=2 ** 63 - 1)
     assert res.steps == {0: 1, 1: 1} and all(torch.isfinite(torch.tensor(list(res.losses.values()))))
 
-
-def test_launch_port_is_held_until_the_ranks_join():
-    """Stress finding: the 2-rank launches took a port from free_port(), free again once returned, so a launch
-    running meanwhile could be handed it too (see _held_store: a rank then hung past --timeout). The launch's store
-    holds its port from the start: nobody else can bind it (a free_port() port can be bound by anyone)."""
-    import socket
-
-    from adasched.runtime.dist import free_port
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", free_port()))  # what the old launch relied on nobody else doing
-    store = _held_store(2)
-    with socket.socket() as s, pytest.raises(OSError):
-        s.bind(("127.0.0.1", store.port))
-    store.set("probe", "1")
-    assert store.get("probe") == b"1"
