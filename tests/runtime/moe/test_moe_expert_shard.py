@@ -32,7 +32,10 @@ def _shard_of(full_w1, full_w2, lay):
 
 
 def _case(rank, world, ep, *, kind="gshard", r_fwd=1, r_bwd=1, wgrad="fused", cf=None, activation="swiglu",
-          shared=0, seed=0):
+          shared=0, seed=0, dp=None):
+    """``dp``: (group, ranks) of a data-parallel group smaller than the world (the reference then sees only its
+    ranks' tokens; the replicated gradients are summed over it)."""
+    dp_group, dp_ranks = dp if dp is not None else (None, list(range(world)))
     cfg = RouterConfig(kind=kind, num_experts=E, top_k=2, k_max=3, p=0.5, capacity_factor=cf)
     torch.manual_seed(seed)                              # same weights on every rank
     ref = MoELayer(H, FFN, cfg, backend="torch", activation=activation, shared_experts=shared).eval()
@@ -58,9 +61,9 @@ def _case(rank, world, ep, *, kind="gshard", r_fwd=1, r_bwd=1, wgrad="fused", cf
         for g in dw:
             dist.all_reduce(g, group=ep.expert_dp_group)
     red = lay.router.proj.weight.grad.clone()
-    dist.all_reduce(red)
+    dist.all_reduce(red, group=dp_group)
     x_ref = y_ref = None
-    for s in range(world):
+    for s in dp_ranks:
         xr = xs[s].clone().requires_grad_(s == rank)
         yr = ref(xr)
         ((yr * gys[s]).sum() + ref.aux_loss).backward()
@@ -75,7 +78,7 @@ def _case(rank, world, ep, *, kind="gshard", r_fwd=1, r_bwd=1, wgrad="fused", cf
     if shared:
         for w_ep, w_ref in ((lay.shared_w1, ref.shared_w1), (lay.shared_w2, ref.shared_w2)):
             g = w_ep.grad.clone()
-            dist.all_reduce(g)
+            dist.all_reduce(g, group=dp_group)
             _close(g, w_ref.grad, f"{name}: shared expert grad")
 
 
@@ -289,3 +292,21 @@ def test_expert_sharded_with_copies_on_eight_ranks():
     assert got[3] == ([1, 3], 1, [0, 1, 2, 3], [3, 7])
     assert got[6] == ([4, 6], 0, [4, 5, 6, 7], [2, 6])
     assert got[7] == ([5, 7], 1, [4, 5, 6, 7], [3, 7])
+
+
+def _custom_dp_group(rank, world):
+    """4 ranks as 2 data-parallel groups {0, 2} and {1, 3} (the tensor-parallel pairs {0, 1}, {2, 3} outside):
+    each group one domain of 1 node x 2 shards. Tokens, shards and gradient sums stay inside the group."""
+    groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]         # every rank creates both, in order
+    mine = [0, 2] if rank % 2 == 0 else [1, 3]
+    dp = (groups[rank % 2], mine)
+    ep = ExpertParallel.create_groups(E, 1, dp[0], expert_shards=2)
+    _case(rank, world, ep, r_fwd=2, r_bwd=2, wgrad="deferred", seed=81, dp=dp)
+    _case(rank, world, ep, kind="top_p", r_fwd=1, r_bwd=3, shared=1, activation="gelu", seed=82, dp=dp)
+    return (list(ep.ranks), ep.shard_rank, list(ep.domain_ranks), list(ep.expert_dp_ranks), list(ep.dp_ranks))
+
+
+def test_expert_sharded_on_a_custom_data_parallel_group():
+    got = spawn_gloo(_custom_dp_group, 4, timeout_s=180)
+    assert got == [([0], 0, [0, 2], [0], [0, 2]), ([1], 0, [1, 3], [1], [1, 3]),
+                   ([2], 1, [0, 2], [2], [0, 2]), ([3], 1, [1, 3], [3], [1, 3])]
