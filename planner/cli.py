@@ -107,6 +107,10 @@ def show_cmd(
             typer.echo(f"wrote {plot}")
 
 
+#: Longest task of a task-graph file (ms, about 32 years): two tasks of 1e308 ms added up to an infinite makespan
+MAX_TASK_MS = 1e12
+
+
 @functools.cache
 def _task_spec():
     """The pydantic model of one task of a task-graph file, built on first use (the CLI's import stays light);
@@ -118,7 +122,7 @@ def _task_spec():
         name: str = Field(min_length=1)
         rank: int = Field(ge=0)
         stream: str = Field(min_length=1)
-        duration_ms: float = Field(ge=0, allow_inf_nan=False)
+        duration_ms: float = Field(ge=0, le=MAX_TASK_MS, allow_inf_nan=False)
         deps: list[str] = Field(default_factory=list)
         sync: str | None = None
         category: str = ""

@@ -59,7 +59,10 @@ def register(groups) -> None:
         g = read_norms_csv(norms, norm)
         if steps is not None and steps != len(g):
             raise InputError(norms, f"has {len(g)} steps but --steps {steps} (wrong length)")
-        m = refined_multipliers(g, norm, smoothing)
+        try:
+            m = refined_multipliers(g, norm, smoothing)
+        except ValueError as err:  # 'grad_norms: refinement is degenerate' named no file
+            raise InputError(norms, str(err)) from None
         doc = {"kind": "refined_lr_schedule", "schema_version": 1, "source": str(norms), "norm": norm,
                "smoothing": smoothing, "steps": len(g), "grad_norms": g,
                "smoothed_norms": smooth_norms(g, smoothing).tolist(), "multipliers": m.tolist()}

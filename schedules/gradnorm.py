@@ -203,6 +203,8 @@ def read_norms_csv(path: str | os.PathLike, norm: str = "l2") -> list[float]:
     for lineno, row in enumerate(reader, start=2):
         if not row or all(not c.strip() for c in row):
             continue
+        if len(row) != len(header):  # a row cut short (a run killed mid-write) was read as far as it went
+            raise InputError(path, f"line {lineno}: {len(row)} fields, the header has {len(header)}: {row!r}")
         if step_col is not None:  # one row per optimizer step, in order (a repeated or reordered log misaligns)
             try:
                 step = int(row[step_col])

@@ -64,6 +64,10 @@ def check_options(global_batch: int, steps: int, time_limit: float, max_context)
         check_max_context(max_context)
 
 
+#: ``--buckets`` when not given (with --no-milp it is refused: no MILP uses it)
+DEFAULT_BUCKETS = 16
+_BUCKETS_HELP = f"Length buckets per micro-batch in the MILP (default {DEFAULT_BUCKETS}; not with --no-milp)."
+
 #: ``--deterministic``: group structures tried per micro-batch (MILPs: PlannerConfig.milp_nodes, 50; on the
 #: Wikipedia gpt-7b / 64-GPU steps: 1.082x vs the best single degree against the clock mode's 1.080-1.085x,
 #: BENCHMARKS.md `sp`)
@@ -71,15 +75,19 @@ DETERMINISTIC_EVALS = 100
 
 
 def _setup(profile: str, model: str, seqlens: str, gpus: Optional[int], max_context: Optional[int],
-           time_limit: float, seed: int, buckets: int, no_milp: bool, deterministic: bool = False):
+           time_limit: float, seed: int, buckets: Optional[int], no_milp: bool, deterministic: bool = False):
     from adasched.profiler.io import InputError
     from adasched.profiler.profile import load_profile
 
     from .costmodel import model_preset, sp_cost_model
     from .planner import PlannerConfig, check_fits
 
-    if buckets < 1:
+    if buckets is None:
+        buckets = DEFAULT_BUCKETS
+    elif buckets < 1:
         raise InputError("--buckets", f"must be >= 1, got {buckets}")
+    elif no_milp:  # was accepted and ignored
+        raise InputError("--buckets", "has no effect with --no-milp (it sizes the MILP's length buckets)")
     if seed < 0:
         raise InputError("--seed", f"must be >= 0, got {seed}")
     mdl = model_preset(model)
@@ -151,7 +159,7 @@ def register(groups) -> None:
         steps: int = typer.Option(1, "--steps", help="Global batches to plan (drawn from a seeded permutation); at most 100,000, and at most 10,000,000 sequences in all."),
         seed: int = typer.Option(0, "--seed", help="Seed for drawing batches and for the solver."),
         time_limit: float = typer.Option(1.0, "--time-limit", help="Search seconds per global batch (finite, <= 3600): the group-structure search (3/4) then the MILPs (the rest)."),
-        buckets: int = typer.Option(16, "--buckets", help="Length buckets per micro-batch in the MILP."),
+        buckets: Optional[int] = typer.Option(None, "--buckets", help=_BUCKETS_HELP),
         no_milp: bool = typer.Option(False, "--no-milp", help="Heuristics only (single degrees, greedy, local search)."),
         deterministic: bool = typer.Option(False, "--deterministic", help=_DET_HELP),
         out: Path = typer.Option(..., "--out", help="Plan JSON to write (atomic; nothing on error)."),
@@ -197,7 +205,7 @@ def register(groups) -> None:
                                   "permutation); at most 100,000."),
         seed: int = typer.Option(0, "--seed", help="Seed for drawing batches and for the solver (>= 0)."),
         time_limit: float = typer.Option(1.0, "--time-limit", help="Search seconds per global batch (finite, <= 3600): the group-structure search (3/4) then the MILPs (the rest)."),
-        buckets: int = typer.Option(16, "--buckets", help="Length buckets per micro-batch in the MILP."),
+        buckets: Optional[int] = typer.Option(None, "--buckets", help=_BUCKETS_HELP),
         no_milp: bool = typer.Option(False, "--no-milp", help="Heuristics only (single degrees, greedy, local "
                                      "search): no MILP."),
         deterministic: bool = typer.Option(False, "--deterministic", help=_DET_HELP),
@@ -215,8 +223,8 @@ def register(groups) -> None:
         plan, results = _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context, show_progress=True)
         rep = summarize(results, cm)
         rep["config"] = dict(profile=prof.name, model=mdl.name, gpus=cm.world, global_batch=global_batch,
-                             max_context=max_context, steps=steps, seed=seed, time_limit=time_limit, buckets=buckets,
-                             milp=not no_milp, seqlens=seqlens, deterministic=deterministic)
+                             max_context=max_context, steps=steps, seed=seed, time_limit=time_limit,
+                             buckets=cfg.buckets, milp=not no_milp, seqlens=seqlens, deterministic=deterministic)
         if scaling:
             rep["scaling"] = _scaling(prof, mdl, lens, cfg, seed)
         if as_json:

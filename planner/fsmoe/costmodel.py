@@ -53,24 +53,38 @@ EXPERT_GRAD_BUCKET_ELEMENTS = 1 << 22
 STAGES = ("a2a", "allgather", "gemm", "reducescatter", "allreduce")
 
 
+#: Upper bounds of a config's sizes (far above any real model; a config file's 10**400 overflowed float() in the
+#: cost model, a billion layers hung the gradient-slice planning, an infinite capacity factor made NaN stage times)
+MAX_MOE_SIZE = 2 ** 20        # hidden, ffn_hidden, batch
+MAX_MOE_EXPERTS = 2 ** 16     # experts, shared_experts
+MAX_MOE_SEQ_LEN = 2 ** 24     # tokens per sequence
+MAX_MOE_LAYERS = 1024         # as the launchers' --layers (launch.cli_args.MAX_LAYERS)
+MAX_CAPACITY_FACTOR = 1024.0  # a factor above experts / top_k already keeps every token
+MAX_DENSE_PARAMS = 2 ** 40    # replicated parameters per layer
+
+
 class MoEConfig(BaseModel):
     """One MoE layer configuration (and the model it sits in, for the gradient all-reduce). Strict: a bool is not a
     size, "8" is not a number (an int is a valid float)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     name: str
-    hidden: int = Field(gt=0, description="M, model hidden size")
-    ffn_hidden: int = Field(gt=0, description="H, expert FFN hidden size")
-    experts: int = Field(gt=0, description="E")
-    top_k: float = Field(gt=0, description="k; a float for dynamic routing = expected experts per token")
-    capacity_factor: float = Field(default=1.0, gt=0, description="1.0 with dropless routing")
-    batch: int = Field(gt=0, description="B, sequences per GPU")
-    seq_len: int = Field(gt=0, description="L, tokens per sequence")
+    hidden: int = Field(gt=0, le=MAX_MOE_SIZE, description="M, model hidden size")
+    ffn_hidden: int = Field(gt=0, le=MAX_MOE_SIZE, description="H, expert FFN hidden size")
+    experts: int = Field(gt=0, le=MAX_MOE_EXPERTS, description="E")
+    top_k: float = Field(gt=0, allow_inf_nan=False,
+                         description="k; a float for dynamic routing = expected experts per token")
+    capacity_factor: float = Field(default=1.0, gt=0, le=MAX_CAPACITY_FACTOR, allow_inf_nan=False,
+                                   description="1.0 with dropless routing")
+    batch: int = Field(gt=0, le=MAX_MOE_SIZE, description="B, sequences per GPU")
+    seq_len: int = Field(gt=0, le=MAX_MOE_SEQ_LEN, description="L, tokens per sequence")
     activation: Literal["swiglu", "gelu"] = "gelu"
-    shared_experts: int = Field(default=0, ge=0)
+    shared_experts: int = Field(default=0, ge=0, le=MAX_MOE_EXPERTS)
     dropless: bool = False
-    num_layers: int = Field(default=1, gt=0, description="MoE layers in the model (for gradient slicing)")
-    dense_params_per_layer: int | None = Field(default=None, ge=0, description="attention etc.; default 4*M^2")
+    num_layers: int = Field(default=1, gt=0, le=MAX_MOE_LAYERS,
+                            description="MoE layers in the model (for gradient slicing)")
+    dense_params_per_layer: int | None = Field(default=None, ge=0, le=MAX_DENSE_PARAMS,
+                                               description="attention etc.; default 4*M^2")
     mean_k_per_layer: list[float] | None = Field(default=None, description="router statistics, dynamic routing")
 
     @model_validator(mode="after")

@@ -71,4 +71,7 @@ def load_configs(name_or_path: str, gpus: int) -> list[MoEConfig]:
             out.append(MoEConfig.model_validate(item))
         except ValidationError as err:
             raise InputError(path, f"[{i}].{describe_validation_error(err)}") from None
+        first = next((j for j, c in enumerate(out[:-1]) if c.name == out[-1].name), None)
+        if first is not None:  # the plan's rows (and train_moe --plan-config NAME) are found by name
+            raise InputError(path, f"[{i}].name: {out[-1].name!r} is also the name of [{first}]")
     return out

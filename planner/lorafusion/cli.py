@@ -12,10 +12,14 @@ __all__ = ["register", "MAX_TIME_LIMIT_S"]
 MAX_TIME_LIMIT_S = 3600.0
 
 _JOBS_HELP = "A jobs file (JSON or YAML) or a preset name: mix, het, tiny."  # = jobs.PRESETS (a test checks)
+#: ``--time-limit`` when not given (with --no-milp it is refused: only the MILPs use it)
+DEFAULT_TIME_LIMIT_S = 0.4
+_TIME_LIMIT_HELP = (f"Solver budget in seconds per (global batch, group) problem: MILP 1 gets at most half, MILP 2 "
+                    f"the rest (default {DEFAULT_TIME_LIMIT_S}; not with --no-milp).")
 _PROFILE_HELP = "Cluster profile: a built-in name (h100-sxm, a100-64-flexsp-paper) or a profile JSON file."
 
 
-def _plan(jobs: str, profile: str, time_limit: float, seed: int, no_milp: bool):
+def _plan(jobs: str, profile: str, time_limit: Optional[float], seed: int, no_milp: bool):
     from adasched.profiler.io import InputError, check_seconds
     from adasched.profiler.profile import load_profile
 
@@ -25,7 +29,12 @@ def _plan(jobs: str, profile: str, time_limit: float, seed: int, no_milp: bool):
 
     if seed < 0:  # as plan sp / plan twill: a solver seed is >= 0
         raise InputError("--seed", f"must be >= 0, got {seed}")
-    check_seconds("--time-limit", time_limit, most=MAX_TIME_LIMIT_S)  # NaN; inf: the plan recorded no limit
+    if time_limit is None:
+        time_limit = DEFAULT_TIME_LIMIT_S
+    else:
+        check_seconds("--time-limit", time_limit, most=MAX_TIME_LIMIT_S)  # NaN; inf: the plan recorded no limit
+        if no_milp:  # first-fit decreasing takes no time limit: it was accepted and ignored
+            raise InputError("--time-limit", "has no effect with --no-milp (it is the MILPs' budget)")
     cfg, base, label = load_jobs(jobs)
     w = build_workload(cfg, base, where=label if not label.startswith("preset:") else f"preset {jobs}", label=label)
     prof = load_profile(profile)
@@ -52,7 +61,7 @@ def register(groups) -> None:
         jobs: str = typer.Option(..., "--jobs", help=_JOBS_HELP),
         profile: str = typer.Option("h100-sxm", "--profile", help=_PROFILE_HELP),
         out: Path = typer.Option(..., "--out", help="Where to write the plan JSON (atomic; nothing on error)."),
-        time_limit: float = typer.Option(0.4, "--time-limit", help="Solver budget in seconds per (global batch, group) problem: MILP 1 gets at most half, MILP 2 the rest."),
+        time_limit: Optional[float] = typer.Option(None, "--time-limit", help=_TIME_LIMIT_HELP),
         seed: int = typer.Option(0, "--seed", help="Solver seed (>= 0)."),
         no_milp: bool = typer.Option(False, "--no-milp", help="First-fit decreasing only (no MILP)."),
         plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the simulated 1F1B pipeline (PNG)."),
@@ -85,7 +94,7 @@ def register(groups) -> None:
     def bench_lora(
         jobs: str = typer.Option(..., "--jobs", help=_JOBS_HELP),
         profile: str = typer.Option("h100-sxm", "--profile", help=_PROFILE_HELP),
-        time_limit: float = typer.Option(0.4, "--time-limit", help="Solver budget in seconds per (global batch, group) problem: MILP 1 gets at most half, MILP 2 the rest."),
+        time_limit: Optional[float] = typer.Option(None, "--time-limit", help=_TIME_LIMIT_HELP),
         seed: int = typer.Option(0, "--seed", help="Solver seed (>= 0)."),
         no_milp: bool = typer.Option(False, "--no-milp", help="First-fit decreasing only (ablation)."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),

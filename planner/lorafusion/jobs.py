@@ -48,6 +48,8 @@ from adasched.profiler.io import InputError
 __all__ = [
     "SEGMENT_ALIGN",
     "MAX_SAMPLES",
+    "MAX_TOKENS",
+    "MAX_LAYERS",
     "KNOWN_TARGET_MODULES",
     "NAMED_DISTRIBUTIONS",
     "PRESETS",
@@ -65,6 +67,13 @@ __all__ = [
 
 MAX_SAMPLES = 1_000_000
 """Most samples one plan covers (all jobs: global_batch_size x global_batches each)."""
+
+MAX_TOKENS = 2 ** 40
+"""Most tokens a sample length or a microbatch's capacity may be (as plan sp --max-context; lengths.max 10**400
+overflowed numpy's clip)."""
+
+MAX_LAYERS = 1024
+"""Most transformer layers (as the launchers' --layers; 10**400 overflowed the cost model's layers / stages)."""
 
 SEGMENT_ALIGN = 128
 """Each adapter's segment in a microbatch is padded to a multiple of this many tokens (the kernel's M tile)."""
@@ -130,8 +139,8 @@ class LognormalSpec(_Strict):
     dist: Literal["lognormal"]
     median: float = Field(gt=0, allow_inf_nan=False, description="tokens")
     sigma: float = Field(gt=0, allow_inf_nan=False, description="standard deviation of log(length)")
-    min: int = Field(default=1, ge=1)
-    max: int = Field(default=4096, ge=1)
+    min: int = Field(default=1, ge=1, le=MAX_TOKENS)
+    max: int = Field(default=4096, ge=1, le=MAX_TOKENS)
 
 
 def _not_a_folder_reference(v: str) -> str:
@@ -168,11 +177,13 @@ class JobSpec(_Strict):
 
 
 class JobsFile(_Strict):
-    capacity: int = Field(default=8192, ge=SEGMENT_ALIGN, description="tokens per microbatch, after segment padding")
+    capacity: int = Field(default=8192, ge=SEGMENT_ALIGN, le=MAX_TOKENS,
+                          description="tokens per microbatch, after segment padding")
     stages: int = Field(default=4, ge=1, le=1024, description="pipeline stages S (a billion hung the simulator)")
     global_batches: int = Field(default=8, ge=1, description="global batches per job planned in this run")
     seed: int = Field(default=0, ge=0, description="numpy's generators take seeds >= 0")
-    layers: int = Field(default=32, ge=1, description="transformer layers of the base model (cost model)")
+    layers: int = Field(default=32, ge=1, le=MAX_LAYERS,
+                        description="transformer layers of the base model (cost model)")
     jobs: list[JobSpec] = Field(min_length=1)
 
 

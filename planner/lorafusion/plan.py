@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..plan import Plan, SolverRecord, inputs_digest, profile_ref
 from .baselines import mlora_baseline, sequential_baseline
 from .costmodel import StageCost, padded, stage_cost_from_profile
-from .jobs import KNOWN_TARGET_MODULES, AdapterSpec, JobName, Workload  # the adapter schema is part of the plan
+# the adapter schema is part of the plan
+from .jobs import KNOWN_TARGET_MODULES, MAX_LAYERS, MAX_TOKENS, AdapterSpec, JobName, Workload
 from .model import (
     AdapterStats,
     MILP_BINARIES_PER_SECOND,
@@ -127,9 +128,9 @@ def _stage_cost_errors(terms: dict) -> list[str]:
 class LoRAPlan(Plan):
     kind: Literal["lora"] = "lora"
     source: str = Field(description="jobs file or preset the plan was made from")
-    capacity: int = Field(ge=1)
+    capacity: int = Field(ge=1, le=MAX_TOKENS)
     stages: int = Field(ge=1, le=1024)
-    layers: int = Field(ge=1)
+    layers: int = Field(ge=1, le=MAX_LAYERS)
     jobs: list[LoRAJob]
     lengths: list[int] = Field(description="tokens per sample id")
     groups: list[list[int]]

@@ -24,11 +24,17 @@ from adasched.profiler.io import InputError, load_model
 
 __all__ = [
     "Op", "Edge", "Graph", "Machine", "Problem",
-    "GRAPHS_DIR", "MACHINES_DIR", "builtin_graphs", "builtin_machines",
+    "GRAPHS_DIR", "MACHINES_DIR", "MAX_OPS", "MAX_CYCLES", "builtin_graphs", "builtin_machines",
     "load_graph", "load_machine", "check_graph", "make_problem", "normalise_costs",
 ]
 
 GRAPHS_DIR = Path(__file__).with_name("graphs")
+
+#: Most ops in a graph and most normalised cycles of an edge's delay or an op's reservation table (graphs use small
+#: integers, normalise_costs; scalebench's finest loops have 120 ops and 256-cycle delays). Beyond them the solve
+#: and the schedule simulator ran for hours whatever --time-limit said (a delay of 10**9, 5000 ops).
+MAX_OPS = 256
+MAX_CYCLES = 1024
 MACHINES_DIR = Path(__file__).with_name("machines")
 
 
@@ -50,6 +56,8 @@ class Op(BaseModel):
         for unit, row in v.items():
             if not row:
                 raise ValueError(f"reserve[{unit!r}] is empty (give at least one cycle)")
+            if len(row) > MAX_CYCLES:
+                raise ValueError(f"reserve[{unit!r}] has {len(row):,} cycles, at most {MAX_CYCLES}")
             if any(x < 0 for x in row):
                 raise ValueError(f"reserve[{unit!r}] has a negative count")
         return v
@@ -67,7 +75,8 @@ class Edge(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
     src: str = Field(alias="from")
     dst: str = Field(alias="to")
-    delay: int = Field(default=0, ge=0, description="minimum issue-to-issue distance (normalised cycles)")
+    delay: int = Field(default=0, ge=0, le=MAX_CYCLES, description="minimum issue-to-issue distance (normalised "
+                                                                  "cycles)")
     distance: int = Field(default=0, ge=0, description="iteration distance (1 = loop-carried)")
     value: bool = Field(default=True, description="carries a value (crossing warp groups costs a handoff)")
 
@@ -81,7 +90,7 @@ class Graph(BaseModel):
     description: str = ""
     machine: str | None = Field(default=None, description="machine the graph was written for (hint)")
     units: dict[str, int] | None = Field(default=None, description="unit counts; override the machine's")
-    ops: list[Op] = Field(min_length=1)
+    ops: list[Op] = Field(min_length=1, max_length=MAX_OPS)
     edges: list[Edge] = Field(default_factory=list)
 
     @field_validator("units")
