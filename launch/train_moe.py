@@ -101,9 +101,10 @@ __all__ = ["main", "train_schedule", "compare_schedules", "layer_routers", "run_
 def parse_args(argv):
     p = ArgParser(prog="python -m adasched.launch.train_moe", description=__doc__.split("\n\n")[0], epilog=(
         "Checkpoints: --checkpoint-dir needs one --router and one --schedule; every rank saves its own state (its "
-        "experts, AdamW, the LR schedule, its data generator), so a save resumes only with the same world size and "
-        "the same run settings (model, data, --lr/--lr-schedule, --seed, EP size, pipeline, plan digest); a "
-        "constant-LR run may be extended with a larger --steps."))
+        "experts, AdamW, the LR schedule, its data generator); a save resumes only with the same run settings "
+        "(model, data, --lr/--lr-schedule, --seed, capacities) and is resharded when the world size or layout (EP "
+        "size, exchange, expert shards, pipeline, plan) differs; a constant-LR run may be extended with a larger "
+        "--steps."))
     p.add_argument("--router", default="gshard", help="router kind, comma list or 'all' (default: %(default)s)")
     p.add_argument("--schedule", default="uniform", help="capacity schedule, comma list or 'all' "
                    "(default: %(default)s)")
@@ -452,10 +453,15 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log,
             if rank == 0 and status is not None:
                 status(f"resumed from {resumed_from} at step {start}")
                 if ck.resharded_from is not None:
+                    from adasched.runtime.checkpoint import layout_changes
+
                     old = ck.resharded_from.run
+                    changed = layout_changes(ck.resharded_from, world, identity, LAYOUT_KEYS)
                     status(f"resharded: the save was made by {ck.resharded_from.world_size} ranks (EP "
                            f"{old.get('ep_size')}, expert shards {old.get('expert_shards') or 1}); this run: {world} "
-                           f"ranks (EP {ep_size}, expert shards {ep.shards if ep is not None else 1})")
+                           f"ranks (EP {ep_size}, expert shards {ep.shards if ep is not None else 1}); changed: "
+                           + ", ".join(k.split(" ", 1)[0] if not k.startswith("world") else "world size"
+                                       for k in changed))
     losses, lrs = [], []
     try:
         for step in range(start, args.steps):

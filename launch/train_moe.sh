@@ -10,8 +10,9 @@
 # PYTHON selects the interpreter (default: python3 on PATH; use the project's .venv/bin/python).
 # Checkpoints: --checkpoint-dir D [--checkpoint-every N] [--checkpoint-keep K] [--load-step S] with one --router
 # (--checkpoint-async: saves written in the background, same files)
-# and one --schedule; launching again with the same D, NPROC and settings resumes from the newest save (a save of
-# another run or NPROC is refused by the --validate-only pass, before torchrun starts). --lr-schedule
+# and one --schedule; launching again with the same D and settings resumes from the newest save (another NPROC, EP
+# size, expert shards or plan reshards it; a save of another run is refused by the --validate-only pass, before
+# torchrun starts). --lr-schedule
 # {constant,linear,cosine,rex,uba} --warmup-steps W: the LR over --steps (part of the saved state).
 set -euo pipefail
 PY="${PYTHON:-python3}"

@@ -50,8 +50,10 @@ Checkpoints
   generators and counter), so a save of the same run re-planned for another number of GPUs (or another plan of
   the same batches: `plan sp` with the same --seqlens, --global-batch, --seed and --steps, other --gpus) resumes
   with every rank loading rank 0's copy; rank 0 prints `resharded: ...`. Only the plan's execution digest may
-  differ then; the step after the resume equals the uninterrupted run's to float rounding (other groups sum the
-  gradients in another order), not bit for bit.
+  differ then - the model may not: give a fixed --heads that every plan's degrees divide (the default follows the
+  plan's largest SP degree, so another --gpus may change it; a resume refused for that names --heads). The step
+  after the resume equals the uninterrupted run's to float rounding (other groups sum the gradients in another
+  order), not bit for bit. A save made before the identity held the batches digest resumes on its own plan.
 
 A plan that does not fit the world (world size, ranks, degrees vs heads, sequence ids) is rejected with one
 `error:` line and exit code 2 before any process group is created.
@@ -199,6 +201,20 @@ def batches_digest(plan) -> str:
 LAYOUT_KEYS = ("plan",)
 
 
+def saved_identity(plan):
+    """The ``upgrade`` of a save's identity (:func:`~adasched.runtime.checkpoint.check_resumable`): a save made
+    before the identity held "batches" resumes when its plan digest is this plan's (which covers every step's
+    lengths); with another plan it stays without, and is refused as another run."""
+    digest, batches = plan_digest(plan), batches_digest(plan)
+
+    def upgrade(saved: dict) -> dict:
+        if "batches" not in saved and saved.get("plan") == digest:
+            saved["batches"] = batches
+        return saved
+
+    return upgrade
+
+
 def run_identity(args: argparse.Namespace, plan) -> dict:
     """What makes a different run (saved with each checkpoint; a save of another identity is not resumed). The
     step count belongs to it only when the lr schedule's horizon depends on it (a constant-lr run may be
@@ -220,7 +236,16 @@ def _check_checkpoint(args: argparse.Namespace, plan, world: int):
         return None
     info = find_checkpoint(cfg.folder, cfg.load_step)
     if info is not None:
-        check_resumable(info, world, run_identity(args, plan), LAYOUT_KEYS)
+        heads = info.run.get("heads")
+        if (args.heads is None and isinstance(heads, int) and heads != _heads(args, plan)
+                and info.run.get("plan") != plan_digest(plan)):  # the default follows the plan's largest degree
+            fits = heads > 0 and all(heads % g.degree == 0 for st in plan.steps for mb in st.micro_batches
+                                     for g in mb.groups)
+            raise InputError("--heads", f"the save in {cfg.folder} is of a model with {heads} heads; without --heads "
+                                        f"this plan's model has {_heads(args, plan)} (its largest SP degree, at "
+                                        f"least 4): " + (f"pass --heads {heads} to resume it on this plan" if fits
+                                                         else f"this plan has a degree that does not divide {heads}"))
+        check_resumable(info, world, run_identity(args, plan), LAYOUT_KEYS, saved_identity(plan))
     return info
 
 
@@ -359,7 +384,8 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
             state["lr_schedule"] = sched
         cfg_ck = checkpoint_config(args)
         ck = (Checkpointer(cfg_ck, run=run_identity(args, plan), timeout_s=args.timeout, layout_keys=LAYOUT_KEYS,
-                           replicated=state) if cfg_ck is not None else None)  # every entry is replicated
+                           replicated=state, upgrade=saved_identity(plan))  # every entry is replicated
+              if cfg_ck is not None else None)
         start = ck.resume(state) if ck is not None else 0
         if start != progress["step"]:  # every rank loaded the same save: all raise, main prints one line
             raise InputError(step_folder(cfg_ck.folder, start), f"holds the state after {progress['step']} steps, "

@@ -5,8 +5,9 @@
 # PYTHON selects the interpreter (default: python3 on PATH; use the project's .venv/bin/python).
 # Checkpoints: add --checkpoint-dir DIR [--checkpoint-every N] [--checkpoint-keep K] [--load-step STEP]; running the
 # (--checkpoint-async: saves written in the background, same files)
-# same command again resumes from the newest save in DIR (bit for bit the uninterrupted run). A save of another run
-# or world size is refused by the check below (one `error:` line, exit 2) before torchrun starts. The lr schedule:
+# same command again resumes from the newest save in DIR (bit for bit the uninterrupted run; another NPROC with a
+# plan of the same batches reshards it). A save of another run is refused by the check below (one `error:` line,
+# exit 2) before torchrun starts. The lr schedule:
 # [--lr-schedule linear|cosine|rex|uba] [--warmup-steps W] (default constant).
 set -euo pipefail
 PY="${PYTHON:-python3}"

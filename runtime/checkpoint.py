@@ -11,8 +11,8 @@ its first save: they are another timeline, and the folder's newest save must be 
 
 Every rank stores its own state under its own key (``rank3/model``, ...): the entry points hold different things
 per rank (expert-parallel experts, pipeline stages, per-rank RNG), and keys shared by all ranks would be saved
-once, as if replicated. Loading therefore needs the world size of the save; the run identity (plan digest, model
-shape, seed, ...) must match too, or resuming would continue a different run. Both are checked before any
+once, as if replicated. Loading them as saved therefore needs the world size of the save; the run identity (plan
+digest, model shape, seed, ...) must match too, or resuming would continue a different run. Both are checked before any
 process group exists (:func:`find_checkpoint`, :func:`check_resumable`), so a mismatch is one ``error:`` line.
 A trainer whose state is replicated (train_sp: a data-parallel model) may resume a save of another world size or
 layout - the same run re-planned for other GPUs - by naming its layout-only identity entries and its replicated
@@ -50,7 +50,7 @@ from adasched.profiler.io import InputError, atomic_write_json, check_output_fol
 
 __all__ = ["CheckpointConfig", "CheckpointInfo", "Checkpointer", "ModelState", "RNGState", "Values",
            "find_checkpoint", "check_resumable", "committed_steps", "step_folder", "failure_line", "META_NAME",
-           "FORMAT", "saved_entries", "load_templates"]
+           "FORMAT", "saved_entries", "load_templates", "layout_changes"]
 
 META_NAME = "adasched-checkpoint.json"
 FORMAT = 1
@@ -167,28 +167,40 @@ def _check_writable(folder: Path) -> None:
 
 
 def check_resumable(info: CheckpointInfo, world_size: int, run: Mapping[str, Any],
-                    layout_keys: Iterable[str] = ()) -> bool:
+                    layout_keys: Iterable[str] = (), upgrade=None) -> bool:
     """Refuse to resume a save made by another run (one line naming what differs). Whether the resume is
     *resharded*: ``layout_keys`` name the entries of ``run`` that describe only how the work is laid out over the
     ranks (a plan's rank groups), and a trainer that passes them resumes a save of another world size or layout
-    from rank 0's copy of its replicated state (:class:`Checkpointer`'s ``replicated``); without them a save of
-    another world size is refused as well."""
+    (:class:`Checkpointer`'s ``replicated`` / ``own_rank`` / ``resharders``); without them a save of another world
+    size is refused as well. ``upgrade(saved_run) -> run`` completes the identity of a save made before the trainer
+    added an entry (from what the save does hold), so that such a save still resumes."""
     where = info.path / META_NAME
     layout = set(layout_keys)
     if info.world_size != world_size and not layout:
         raise InputError(where, f"saved by {info.world_size} ranks, this run has {world_size} (each rank loads its "
                                 f"own state; start with the same world size or a new --checkpoint-dir)")
+    saved = _jsonable(upgrade(dict(info.run)) if upgrade is not None else info.run)
     want = _jsonable(dict(run))
-    keys = sorted(set(info.run) | set(want))
-    diffs = [f"{k}: saved {info.run.get(k)!r}, now {want.get(k)!r}"
-             for k in keys if k not in layout and info.run.get(k) != want.get(k)]
-    if diffs and info.world_size != world_size:
-        diffs.insert(0, f"world size: saved {info.world_size}, now {world_size}")
+    keys = sorted(set(saved) | set(want))
+    diffs = [f"{k}: saved {saved.get(k)!r}, now {want.get(k)!r}"
+             for k in keys if k not in layout and saved.get(k) != want.get(k)]
     if diffs:
+        ranks = (f" with {info.world_size} ranks (this run: {world_size}; another world size alone would reshard)"
+                 if info.world_size != world_size else "")
         raise InputError(where, "saved by a different run (" + "; ".join(diffs[:4])
                          + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
-                         + "); use the same settings or a new --checkpoint-dir")
-    return info.world_size != world_size or any(info.run.get(k) != want.get(k) for k in layout)
+                         + f"){ranks}; use the same settings or a new --checkpoint-dir")
+    return info.world_size != world_size or any(saved.get(k) != want.get(k) for k in layout)
+
+
+def layout_changes(info: CheckpointInfo, world_size: int, run: Mapping[str, Any], layout_keys: Iterable[str],
+                   upgrade=None) -> list[str]:
+    """What a resharded resume changes, for the trainers' ``resharded:`` line: ``world size 2 -> 4``, ``r_fwd [2, 2]
+    -> [1, 1]``, ... (the world size and each layout entry that differs)."""
+    saved = _jsonable(upgrade(dict(info.run)) if upgrade is not None else info.run)
+    want = _jsonable(dict(run))
+    out = [f"world size {info.world_size} -> {world_size}"] if info.world_size != world_size else []
+    return out + [f"{k} {saved.get(k)!r} -> {want.get(k)!r}" for k in layout_keys if saved.get(k) != want.get(k)]
 
 
 def saved_entries(info: CheckpointInfo) -> dict:
@@ -198,9 +210,10 @@ def saved_entries(info: CheckpointInfo) -> dict:
 
     try:
         return dict(dcp.FileSystemReader(str(info.path)).read_metadata().state_dict_metadata)
-    except (OSError, EOFError, pickle.UnpicklingError) as err:
-        raise InputError(info.path, f"cannot read this save's metadata ({err}); resume another with --load-step "
-                                    f"or start in a new --checkpoint-dir") from None
+    except Exception as err:  # noqa: BLE001 - OSError, EOFError, UnpicklingError, ... of a damaged file: one line
+        why = " ".join(str(err).split())[:200]
+        raise InputError(info.path, f"cannot read this save's metadata ({type(err).__name__}: {why}); resume "
+                                    f"another with --load-step or start in a new --checkpoint-dir") from None
 
 
 def load_templates(saved: Mapping[str, Any], keys: Iterable[str]) -> dict:
@@ -253,6 +266,9 @@ class RNGState:
 
     def __init__(self, **generators: Any):
         self.generators = generators
+        self.other_devices = False
+        """Set by a resharded resume: a save from a process that saw another number of CUDA devices restores the
+        generators of the devices both have (else that is a ValueError)."""
 
     def state_dict(self) -> dict:
         import torch
@@ -276,10 +292,15 @@ class RNGState:
         random.setstate(_py_state_unflat(state["python"]))
         cuda = state.get("cuda")
         if cuda is not None and torch.cuda.is_available():  # None: saved before CUDA drew (nothing to restore)
-            if len(cuda) != torch.cuda.device_count():
+            states = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in cuda]
+            if len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(states)
+            elif self.other_devices:
+                for i in range(min(len(states), torch.cuda.device_count())):
+                    torch.cuda.set_rng_state(states[i], device=i)
+            else:
                 raise ValueError(f"checkpoint holds the CUDA generators of {len(cuda)} devices, this process sees "
                                  f"{torch.cuda.device_count()}")
-            torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in cuda])
         for name, g in self.generators.items():
             g.set_state(state[f"gen.{name}"])
 
@@ -355,7 +376,7 @@ class Checkpointer:
     ``(info, saved) -> (templates, finish)`` given the save's DCP metadata (:func:`saved_entries`) that returns the
     flat DCP keys it wants loaded (:func:`load_templates`) and a function called with them once loaded (expert-
     parallel weights re-cut for the new layout). :attr:`resharded_from` then names the save; a state entry with
-    none of the three is refused (ValueError). Under torch.distributed every rank calls
+    none of the three is refused (ValueError). ``upgrade``: as :func:`check_resumable`'s. Under torch.distributed every rank calls
     :meth:`resume`, :meth:`save` and :meth:`finish` with the same step (they are collective; with ``async_save``
     the constructor is too: it creates the saves' own gloo group, with ``timeout_s``); without it, one process.
     On an error path call :meth:`close` before destroying the process groups (it waits, locally, for a save in
@@ -363,7 +384,7 @@ class Checkpointer:
 
     def __init__(self, config: CheckpointConfig, *, run: Mapping[str, Any], timeout_s: float = 600.0,
                  layout_keys: Iterable[str] = (), replicated: Iterable[str] = (), own_rank: Iterable[str] = (),
-                 resharders: Mapping[str, Any] | None = None):
+                 resharders: Mapping[str, Any] | None = None, upgrade=None):
         from datetime import timedelta
 
         self.config = config
@@ -372,6 +393,7 @@ class Checkpointer:
         self.replicated = frozenset(replicated)
         self.own_rank = frozenset(own_rank)
         self.resharders = dict(resharders or {})
+        self.upgrade = upgrade
         self.resharded_from: CheckpointInfo | None = None
         dist = _dist()
         self.rank = dist.get_rank() if dist else 0
@@ -404,7 +426,7 @@ class Checkpointer:
         if info is None:
             return 0
         keyed, finishers = self._keyed(state), []
-        if check_resumable(info, self.world_size, self.run, self.layout_keys):
+        if check_resumable(info, self.world_size, self.run, self.layout_keys, self.upgrade):
             per_rank = sorted(set(state) - self.replicated - self.own_rank - set(self.resharders))
             if per_rank:  # a programming error of the trainer, not bad input
                 raise ValueError(f"cannot reshard the save {info.path}: state entries {per_rank} are per-rank "
@@ -413,7 +435,21 @@ class Checkpointer:
             own = self.rank if self.rank < info.world_size else None  # a rank the save did not have keeps its own
             keyed.update({f"rank{own}/{name}": value for name, value in state.items()
                           if name in self.own_rank and own is not None})
-            saved = saved_entries(info) if any(name in state for name in self.resharders) else {}
+            for value in state.values():
+                if isinstance(value, RNGState):  # another machine may see another number of GPUs
+                    value.other_devices = True
+            saved, failed = {}, None
+            if any(name in state for name in self.resharders):
+                try:
+                    saved = saved_entries(info)
+                except InputError as err:
+                    failed = err.what
+            if dist is not None:  # one rank unable to read it must not leave the others waiting in dcp.load
+                seen = [None] * self.world_size
+                dist.all_gather_object(seen, failed)
+                failed = next((f"rank {r}: {f}" for r, f in enumerate(seen) if f is not None), None)
+            if failed is not None:
+                raise InputError(info.path, failed)
             for name, reshard in self.resharders.items():
                 if name in state:
                     templates, finish = reshard(info, saved)

@@ -12,7 +12,8 @@ import torch
 from adasched.launch.cli_args import add_checkpoint_args, checkpoint_config
 from adasched.profiler.io import InputError
 from adasched.runtime.checkpoint import (META_NAME, CheckpointConfig, Checkpointer, ModelState, RNGState, Values,
-                                         check_resumable, committed_steps, find_checkpoint, step_folder)
+                                         check_resumable, committed_steps, find_checkpoint, layout_changes,
+                                         step_folder)
 from adasched.runtime.dist import spawn_gloo
 from adasched.schedules import get_schedule
 
@@ -119,8 +120,16 @@ def test_other_run_or_world_is_refused(tmp_path):
     assert check_resumable(info, 4, {"plan": "xyz", "seed": 0}, ("plan",)) is True
     assert check_resumable(info, 1, {"plan": "xyz", "seed": 0}, ("plan",)) is True
     assert check_resumable(info, 1, {"plan": "abc", "seed": 0}, ("plan",)) is False
-    with pytest.raises(InputError, match=r"different run \(world size: saved 1, now 4; seed: saved 0, now 1\); use"):
+    with pytest.raises(InputError, match=r"different run \(seed: saved 0, now 1\) with 1 ranks \(this run: 4; another "
+                                         r"world size alone would reshard\); use"):
         check_resumable(info, 4, {"plan": "xyz", "seed": 1}, ("plan",))
+    # upgrade: a save from before an identity entry existed is completed from what it holds
+    assert check_resumable(info, 1, {"plan": "abc", "seed": 0, "new": 5},
+                           upgrade=lambda run: {**run, "new": 5} if run["plan"] == "abc" else run) is False
+    with pytest.raises(InputError, match=r"different run \(new: saved None, now 5\)"):
+        check_resumable(info, 1, {"plan": "abc", "seed": 0, "new": 5})
+    assert layout_changes(info, 4, {"plan": "xyz", "seed": 0}, ("plan",)) == ["world size 1 -> 4",
+                                                                            "plan 'abc' -> 'xyz'"]
     (step_folder(tmp_path, 2) / META_NAME).write_text("{\"format\": 99}")
     with pytest.raises(InputError, match="format 99 is not 1"):
         find_checkpoint(tmp_path)
@@ -336,6 +345,17 @@ def test_cuda_generators_saved_and_restored_whatever_cuda_state(tmp_path, monkey
     cuda(False)
     assert Checkpointer(CheckpointConfig(folder=tmp_path / "gpu"), run={}).resume({"rng": RNGState()}) == 1
     assert len(restored) == 1
+    # a process seeing 3 devices: the 2 saved generators are another machine's - refused, unless resharding,
+    # which restores the devices both have one by one
+    fakes["device_count"] = lambda: 3 if fake["on"] else 0
+    fakes["set_rng_state"] = lambda new, device: restored.append((device, new.clone()))
+    cuda(True)
+    with pytest.raises(ValueError, match="CUDA generators of 2 devices, this process sees 3"):
+        Checkpointer(CheckpointConfig(folder=tmp_path / "gpu"), run={}).resume({"rng": RNGState()})
+    ck = Checkpointer(CheckpointConfig(folder=tmp_path / "gpu"), run={"w": 1}, layout_keys=("w",), replicated={"rng"})
+    assert ck.resume({"rng": RNGState()}) == 1 and ck.resharded_from is not None
+    assert [d for d, _ in restored[-2:]] == [0, 1]
+    assert all(torch.equal(new, old) for (_, new), old in zip(restored[-2:], states))
 
 
 @pytest.mark.parametrize("keep, left", [(1, [3]), (2, [2, 3]), (0, [2, 3])])

@@ -131,6 +131,7 @@ def test_scheduled_run_restarted_from_a_periodic_save_is_bit_for_bit(runs):
     straight, resumed = _steps(runs["A1"]), _steps(runs["A2"])
     assert sorted(straight) == [0, 1, 2, 3] and sorted(resumed) == [2, 3], runs["A2"]
     assert "resumed from A at step 2" in runs["A2"].splitlines()
+    assert "resharded" not in runs["A2"]  # the same plan and world: the saved per-rank state, not rank 0's copy
     assert resumed == {k: straight[k] for k in (2, 3)}  # lr and loss, exactly
     # the final save of the restarted run holds exactly the uninterrupted run's state (weights, Adam moments and
     # steps, the scheduler, the generators, the counter) on both ranks; the restarted run did write it (else the
@@ -204,9 +205,10 @@ def test_bad_checkpoint_input_is_one_line_exit_2_nothing_written(runs, monkeypat
         before = _tree(root)
         monkeypatch.setenv("WORLD_SIZE", "4")
         argv = ["--plan", str(root / "plan4.json"), *MODEL[2:], "--heads", "4", "--checkpoint-dir", "B"]
-        want = (f"error: B/step-00000004/adasched-checkpoint.json: saved by a different run (world size: saved 2, "
-                f"now 4; batches: saved {batches_digest(_plan2())!r}, now {batches_digest(_plan4())!r}; heads: "
-                f"saved 2, now 4); use the same settings or a new --checkpoint-dir")
+        want = (f"error: B/step-00000004/adasched-checkpoint.json: saved by a different run (batches: saved "
+                f"{batches_digest(_plan2())!r}, now {batches_digest(_plan4())!r}; heads: saved 2, now 4) with 2 ranks "
+                f"(this run: 4; another world size alone would reshard); use the same settings or a new "
+                f"--checkpoint-dir")
     elif case == "load-step":
         argv += ["--steps", "4", "--checkpoint-dir", "B", "--load-step", "3"]
         want = "error: --load-step: 3 was not saved in B (committed steps: 2, 4)"
@@ -377,3 +379,41 @@ def test_resharded_resume_on_another_world_size(runs):
     _close(_steps(back), ref, (3,))
     assert sorted(_steps(back)) == [3]
     assert json.loads((step_folder(root / "R", 4) / "adasched-checkpoint.json").read_text())["world_size"] == 2
+
+
+def test_save_from_before_the_batches_digest_resumes_on_its_own_plan(runs, tmp_path, monkeypatch, capsys):
+    """A save whose identity has no "batches" entry (made before it existed) resumes with its own plan (whose digest
+    covers the lengths) and stays another run for any other plan; a plan of the same batches whose default heads
+    differ from the save's is refused naming --heads."""
+    import shutil
+
+    from adasched.launch.train_sp import plan_digest, saved_identity
+
+    folder = tmp_path / "old"
+    shutil.copytree(step_folder(runs["dirB"], 2), step_folder(folder, 2))
+    meta_path = step_folder(folder, 2) / "adasched-checkpoint.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["run"]["batches"]
+    meta_path.write_text(json.dumps(meta))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["--plan", str(runs["plan"]), *MODEL, "--check-plan-only", "--steps", "4", "--checkpoint-dir",
+                 str(folder)]) == 0
+    capsys.readouterr()
+    upgrade = saved_identity(_plan2())
+    assert upgrade(dict(meta["run"]))["batches"] == json.loads(
+        (step_folder(runs["dirB"], 2) / "adasched-checkpoint.json").read_text())["run"]["batches"]
+    assert "batches" not in upgrade({"plan": plan_digest(_plan2_on_4())})
+    plan4 = tmp_path / "plan2on4.json"
+    save_plan(_plan2_on_4(), plan4)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(["--plan", str(plan4), *MODEL, "--check-plan-only", "--steps", "4", "--checkpoint-dir",
+                 str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "saved by a different run (batches: saved None, now '" in err[0], err
+    no_heads = [a for a in MODEL if a not in ("--heads", "2")]
+    assert main(["--plan", str(plan4), *no_heads, "--check-plan-only", "--steps", "4", "--checkpoint-dir",
+                 str(runs["dirB"])]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --heads: the save in {runs['dirB']} is of a model with 2 heads; without --heads this plan's model "
+        f"has 4 (its largest SP degree, at least 4): pass --heads 2 to resume it on this plan"]

@@ -8,7 +8,7 @@
 - A run whose --lr-schedule decays (so --steps is part of its identity) resumes with --load-step bit for bit
   (in-process, one rank): the scheduler is part of the state.
 - The schedule changes the LR AdamW uses at every step (recorded inside AdamW.step), as get_schedule's closed form.
-- Bad input (another run, another world size, an unsaved --load-step, checkpoint options without --checkpoint-dir,
+- Bad input (another run, also on another world size, an unsaved --load-step, checkpoint options without --checkpoint-dir,
   several runs, --compare-schedules, bad schedule options): one `error:` line, exit 2, nothing written.
 """
 from __future__ import annotations
@@ -106,6 +106,7 @@ def test_resumed_launch_equals_uninterrupted_launch(launches):
     assert first["losses"] == full["losses"][:2]
     assert resumed["start_step"] == 2 and resumed["resumed_from"] == str(step_folder(launches["split"], 2))
     assert f"resumed from {step_folder(launches['split'], 2)} at step 2" in launches["resumed_stderr"]
+    assert "resharded" not in launches["resumed_stderr"]      # same layout: each rank's own saved state
     assert resumed["losses"] == full["losses"][2:]           # exact floats (JSON keeps every bit)
     assert len(set(full["losses"])) == 4                     # the steps differ: equality is not trivial
     # the whole final state of both ranks: model, router buffers, AdamW, generators, progress
@@ -226,7 +227,8 @@ def test_identity_ignores_what_does_not_change_the_run(tmp_path):
                                        "total_steps: saved None, now 4)"),
     ("2", ["--ep-size", "1"], "this run has 2 ranks with EP size 1"),     # the plan's check comes first
     ("4", ["--plan", None, "--seed", "4"],
-     "saved by a different run (world size: saved 2, now 4; seed: saved 3, now 4)"),
+     "saved by a different run (seed: saved 3, now 4) with 2 ranks (this run: 4; another world size alone would "
+     "reshard)"),
     ("2", ["--load-step", "2"], "--load-step: 2 was not saved in"),
     ("2", ["--router", "sigmoid_bias,gshard"], "--checkpoint-dir: a checkpoint holds one run; give one --router and "
                                                "one --schedule (got 2 x 1 combinations)"),
@@ -486,7 +488,8 @@ def test_resharded_launches_continue_the_run(launches, tmp_path):
     proc = _launch("--expert-shards", "2", "--steps", "4", "--checkpoint-dir", str(a), "--json")
     run = _run_json(proc)
     assert ("resharded: the save was made by 2 ranks (EP 2, expert shards 1); this run: 2 ranks (EP 1, expert "
-            "shards 2)") in proc.stderr, proc.stderr
+            "shards 2); changed: ep_size, expert_shards, plan_inputs_digest, plan_config, r_fwd, r_bwd, wgrad, "
+            "grad_slices") in proc.stderr, proc.stderr
     full = launches["full"]["losses"]
     assert run["start_step"] == 2 and len(run["losses"]) == 2
     for got, want in zip(run["losses"], full[2:]):
@@ -494,7 +497,25 @@ def test_resharded_launches_continue_the_run(launches, tmp_path):
     proc = _launch("--expert-shards", "2", "--steps", "4", "--checkpoint-dir", str(b), "--json", nproc=4)
     run = _run_json(proc)
     assert ("resharded: the save was made by 2 ranks (EP 2, expert shards 1); this run: 4 ranks (EP 2, expert "
-            "shards 2)") in proc.stderr, proc.stderr
+            "shards 2); changed: world size, expert_shards, plan_inputs_digest, plan_config") in proc.stderr, proc.stderr
     assert run["start_step"] == 2 and len(run["losses"]) == 2 and all(math.isfinite(x) for x in run["losses"])
     meta = json.loads((step_folder(b, 4) / "adasched-checkpoint.json").read_text())
     assert meta["world_size"] == 4 and meta["run"]["expert_shards"] == 2 and meta["run"]["ep_size"] == 2
+
+
+def test_expert_sharded_save_resumes_on_whole_experts_with_its_lr_schedule(tmp_path):
+    """The other direction, with a decaying LR: a 2-rank expert-sharded run (1 node x 2 shards, rex with warmup)
+    saved at step 2 resumes on 2 ranks of whole experts (EP 2): the shards of every expert joined (SwiGLU's gate and
+    up halves), the scheduler and AdamW's param groups carried, so steps 2-3 use the uninterrupted run's LRs exactly
+    and give its losses to float rounding."""
+    rex = ["--lr-schedule", "rex", "--warmup-steps", "1", "--json"]
+    full = _run_json(_launch("--expert-shards", "2", *rex, "--steps", "4", "--checkpoint-dir", str(tmp_path / "a"),
+                             "--checkpoint-every", "2", "--checkpoint-keep", "0"))
+    shutil.copytree(step_folder(tmp_path / "a", 2), step_folder(tmp_path / "b", 2))
+    proc = _launch(*rex, "--steps", "4", "--checkpoint-dir", str(tmp_path / "b"))
+    run = _run_json(proc)
+    assert ("resharded: the save was made by 2 ranks (EP 1, expert shards 2); this run: 2 ranks (EP 2, expert "
+            "shards 1); changed: ep_size, expert_shards") in proc.stderr, proc.stderr
+    assert run["start_step"] == 2 and run["lrs"] == full["lrs"][2:] and len(set(full["lrs"])) == 4
+    for got, want in zip(run["losses"], full["losses"][2:]):
+        assert abs(got - want) <= 1e-5 * abs(want), (run["losses"], full["losses"])
