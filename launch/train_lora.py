@@ -19,9 +19,13 @@ and per-microbatch losses so far, the optimizer-step counts and the RNG (see "Ch
 :mod:`adasched.runtime.lora_trainer`); rank 0 also writes the plan to CHECKPOINT_DIR/plan.json on a fresh run,
 and a resumed run executes that plan (re-planning with a time-limited solver could pack differently). The run's
 identity - the plan's ``inputs_digest`` and a digest of its microbatch sequence, the model dims, --seed, the
-kernel numerics (the fused kernels, or the torch reference that both --reference and the fallback run) - and the
-world size must match the save's, else one ``error:`` line, exit 2, before any process
-group exists. A resumed run writes the same adapters and losses.json, byte for byte, as the uninterrupted one.
+kernel numerics (the fused kernels, or the torch reference that both --reference and the fallback run) - must
+match the save's, else one ``error:`` line, exit 2, before any process group exists. A resumed run writes the same
+adapters and losses.json, byte for byte, as the uninterrupted one. Another world size (pipeline stages) reshards
+the save: each rank merges every saved stage's state into its own stage's (matrices and gradients from the stage
+that held their layer, AdamW state re-indexed, loss sums from the last stage; :func:`~adasched.runtime.lora_trainer.
+reshard_trainer_blobs`), its RNG from the same rank when the save had it, and rank 0 prints ``resharded: ...``; the
+plan must obey the new stage count's dependency rule (it does when planned for at least that many stages).
 
 The fused multi-LoRA kernels run on a CPU only under TRITON_INTERPRET=1 (slow: ~85 s for the tiny preset on one
 core); without it each call falls back to the torch reference (same results). The printed summary's "kernels"
@@ -150,9 +154,32 @@ def _numerics(kernels: str) -> str:
     return "reference" if kernels == "torch" else kernels
 
 
+def _trainer_resharder(tstate, adapters, num_layers: int, stages: int, stage: int):
+    """The ``trainer`` entry of a save made by another number of stages (Checkpointer's ``resharders``): every saved
+    stage's blob, merged into this stage's state."""
+    from adasched.runtime.checkpoint import load_templates
+    from adasched.runtime.lora_trainer import reshard_trainer_blobs
+
+    def reshard(info, saved):
+        keys = [f"rank{j}/trainer.blob" for j in range(info.world_size)]
+        missing = [k for k in keys if k not in saved]
+        if missing:
+            from adasched.profiler.io import InputError
+
+            raise InputError(info.path, f"cannot reshard this save: it lacks {missing[0]}")
+
+        def finish(loaded):
+            tstate.load_state_dict(reshard_trainer_blobs([loaded[k] for k in keys], adapters, num_layers,
+                                                         stages=stages, stage=stage))
+
+        return load_templates(saved, keys), finish
+
+    return reshard
+
+
 def _resume_check(args: argparse.Namespace, cfg, world: int):
     """Before any process group: the plan a resumed run executes (None for a fresh run) after checking the save
-    belongs to this run and world size (InputError otherwise)."""
+    belongs to this run (InputError otherwise; another world size is a resharded resume)."""
     from adasched.planner.lorafusion.plan import LoRAPlan
     from adasched.planner.plan import inputs_digest, load_plan
     from adasched.profiler.io import InputError
@@ -175,7 +202,7 @@ def _resume_check(args: argparse.Namespace, cfg, world: int):
         jcfg, base, label = load_jobs(args.jobs)
         w = build_workload(jcfg, base, where=label, label=label)
         inputs = inputs_digest(w.config, list(w.lengths))
-    check_resumable(info, world, _identity(args, plan, inputs))
+    check_resumable(info, world, _identity(args, plan, inputs), reshardable=True)
     return plan
 
 
@@ -277,7 +304,9 @@ def run(args: argparse.Namespace) -> dict | None:
         total = len(plan.microbatches)
         ck, start, on_checkpoint = None, 0, None
         if cfg is not None:
-            ck = Checkpointer(cfg, run=_identity(args, plan), timeout_s=args.timeout)
+            reshard = _trainer_resharder(tstate, adapters, args.layers, world, rank)
+            ck = Checkpointer(cfg, run=_identity(args, plan), timeout_s=args.timeout, reshardable=True,
+                              own_rank={"rng"}, resharders={"trainer": reshard})
             failed = None
             try:
                 start = ck.resume(state)  # a save DCP cannot read: one InputError naming it
@@ -300,6 +329,9 @@ def run(args: argparse.Namespace) -> dict | None:
                       f"writing the saved adapters", file=sys.stderr, flush=True)
             elif rank == 0 and start > 0:
                 print(f"resumed from {step_folder(cfg.folder, start)} at step {start}", file=sys.stderr, flush=True)
+            if rank == 0 and ck.resharded_from is not None:
+                print(f"resharded: the save was made by {ck.resharded_from.world_size} pipeline stage(s); this run "
+                      f"has {world}", file=sys.stderr, flush=True)
 
             def save_due(step: int) -> None:  # every rank, at a step boundary (the pipeline is drained)
                 if ck.due(step):

@@ -6,8 +6,8 @@
 # Checkpoints: add --checkpoint-dir DIR [--checkpoint-every N] [--checkpoint-keep K] [--load-step STEP]; a step is
 # (--checkpoint-async: saves written in the background, same files)
 # one microbatch of the plan (the pipeline drains at every save point). Launching the same command again resumes
-# from the newest save in DIR (same NPROC and settings, else one `error:` line from the pre-check below) and
-# writes the same adapters as an uninterrupted run.
+# from the newest save in DIR (same settings, else one `error:` line from the pre-check below; another NPROC
+# reshards the save's stages) and writes the same adapters as an uninterrupted run.
 set -euo pipefail
 # OUT_DIR is optional: a first argument that starts with "-" is an option (`train_lora.sh --jobs my.yaml` made
 # "--jobs" the output folder and failed with "argument --out: expected one argument")

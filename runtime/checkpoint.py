@@ -167,16 +167,17 @@ def _check_writable(folder: Path) -> None:
 
 
 def check_resumable(info: CheckpointInfo, world_size: int, run: Mapping[str, Any],
-                    layout_keys: Iterable[str] = (), upgrade=None) -> bool:
+                    layout_keys: Iterable[str] = (), upgrade=None, reshardable: bool = False) -> bool:
     """Refuse to resume a save made by another run (one line naming what differs). Whether the resume is
     *resharded*: ``layout_keys`` name the entries of ``run`` that describe only how the work is laid out over the
     ranks (a plan's rank groups), and a trainer that passes them resumes a save of another world size or layout
     (:class:`Checkpointer`'s ``replicated`` / ``own_rank`` / ``resharders``); without them a save of another world
-    size is refused as well. ``upgrade(saved_run) -> run`` completes the identity of a save made before the trainer
-    added an entry (from what the save does hold), so that such a save still resumes."""
+    size is refused as well (``reshardable``: the trainer reshards another world size though its identity has no
+    layout entry). ``upgrade(saved_run) -> run`` completes the identity of a save made before the trainer added an
+    entry (from what the save does hold), so that such a save still resumes."""
     where = info.path / META_NAME
     layout = set(layout_keys)
-    if info.world_size != world_size and not layout:
+    if info.world_size != world_size and not (layout or reshardable):
         raise InputError(where, f"saved by {info.world_size} ranks, this run has {world_size} (each rank loads its "
                                 f"own state; start with the same world size or a new --checkpoint-dir)")
     saved = _jsonable(upgrade(dict(info.run)) if upgrade is not None else info.run)
@@ -376,7 +377,7 @@ class Checkpointer:
     ``(info, saved) -> (templates, finish)`` given the save's DCP metadata (:func:`saved_entries`) that returns the
     flat DCP keys it wants loaded (:func:`load_templates`) and a function called with them once loaded (expert-
     parallel weights re-cut for the new layout). :attr:`resharded_from` then names the save; a state entry with
-    none of the three is refused (ValueError). ``upgrade``: as :func:`check_resumable`'s. Under torch.distributed every rank calls
+    none of the three is refused (ValueError). ``upgrade``, ``reshardable``: as :func:`check_resumable`'s. Under torch.distributed every rank calls
     :meth:`resume`, :meth:`save` and :meth:`finish` with the same step (they are collective; with ``async_save``
     the constructor is too: it creates the saves' own gloo group, with ``timeout_s``); without it, one process.
     On an error path call :meth:`close` before destroying the process groups (it waits, locally, for a save in
@@ -384,7 +385,7 @@ class Checkpointer:
 
     def __init__(self, config: CheckpointConfig, *, run: Mapping[str, Any], timeout_s: float = 600.0,
                  layout_keys: Iterable[str] = (), replicated: Iterable[str] = (), own_rank: Iterable[str] = (),
-                 resharders: Mapping[str, Any] | None = None, upgrade=None):
+                 resharders: Mapping[str, Any] | None = None, upgrade=None, reshardable: bool = False):
         from datetime import timedelta
 
         self.config = config
@@ -394,6 +395,7 @@ class Checkpointer:
         self.own_rank = frozenset(own_rank)
         self.resharders = dict(resharders or {})
         self.upgrade = upgrade
+        self.reshardable = reshardable
         self.resharded_from: CheckpointInfo | None = None
         dist = _dist()
         self.rank = dist.get_rank() if dist else 0
@@ -426,7 +428,7 @@ class Checkpointer:
         if info is None:
             return 0
         keyed, finishers = self._keyed(state), []
-        if check_resumable(info, self.world_size, self.run, self.layout_keys, self.upgrade):
+        if check_resumable(info, self.world_size, self.run, self.layout_keys, self.upgrade, self.reshardable):
             per_rank = sorted(set(state) - self.replicated - self.own_rank - set(self.resharders))
             if per_rank:  # a programming error of the trainer, not bad input
                 raise ValueError(f"cannot reshard the save {info.path}: state entries {per_rank} are per-rank "

@@ -35,7 +35,8 @@ from such a point and is saved by :mod:`adasched.runtime.checkpoint`:
 
 The data (:class:`SyntheticLoRAData`) and the dropout masks (Philox, seeded by run seed, microbatch index and
 module path) are functions of the position, so they need no state; the launcher saves the torch / Python RNG
-anyway (:class:`~adasched.runtime.checkpoint.RNGState`).
+anyway (:class:`~adasched.runtime.checkpoint.RNGState`). A save of another number of stages is merged into each
+new stage's state by :func:`reshard_trainer_blobs` (the launcher's resharded resume).
 """
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ __all__ = [
     "LoRATrainerState",
     "trainer_state",
     "checkpoint_points",
+    "reshard_trainer_blobs",
 ]
 
 
@@ -314,6 +316,60 @@ class LoRATrainerState:
         self.result.microbatch_losses = [float(v) for v in p["microbatch_losses"]]
         self.result.steps = {int(j): int(n) for j, n in p["steps"]}
         self.cursor = int(p["cursor"])
+
+
+def _stage_keys(adapter: LoRAAdapter, layers: tuple[int, int]) -> list[str]:
+    """``path.A`` / ``path.B`` of an adapter's matrices in ``layers``, in the order its stage optimizer holds them
+    (:func:`_optimizers`)."""
+    return [f"{p}.{ab}" for p in adapter.paths if layers[0] <= int(p.split(".")[1]) < layers[1] for ab in "AB"]
+
+
+def reshard_trainer_blobs(blobs: Sequence[bytes], adapters: Sequence[LoRAAdapter], num_layers: int, *,
+                          stages: int, stage: int) -> dict:
+    """The state dict (``{"blob": ...}``) of ``stage`` of ``stages`` from the saved blobs of every stage of another
+    split (one per saved rank, :meth:`LoRATrainerState.state_dict`): each adapter matrix and its accumulated gradient
+    from the stage that held its layer; per job the AdamW state of this stage's matrices re-indexed from the saving
+    stages' optimizers (their param group's settings); the cursor (equal on every stage) from stage 0; the loss
+    sums, microbatch losses and optimizer-step counts from the last stage, which computed them. ValueError for a
+    damaged blob."""
+    old = []
+    for k, blob in enumerate(blobs):
+        try:
+            old.append(torch.load(io.BytesIO(blob), weights_only=True))
+        except Exception as err:  # noqa: BLE001 - a damaged blob: one line, as load_state_dict says it
+            why = " ".join(str(err).split())[:200]
+            raise ValueError(f"checkpoint: the trainer state of saved stage {k} cannot be read "
+                             f"({type(err).__name__}: {why})") from None
+    ranges = [stage_layers(num_layers, len(old), k) for k in range(len(old))]
+
+    def owner(key: str) -> int:
+        li = int(key.split(".")[1])
+        return next(k for k, (lo, hi) in enumerate(ranges) if lo <= li < hi)
+
+    mine = stage_layers(num_layers, stages, stage)
+    out = {"cursor": old[0]["cursor"], "params": [], "grads": [], "optim": [], "losses": old[-1]["losses"],
+           "microbatch_losses": old[-1]["microbatch_losses"], "steps": old[-1]["steps"]}
+    for j, ad in enumerate(adapters):
+        keys = _stage_keys(ad, (0, num_layers))
+        out["params"].append({k: old[owner(k)]["params"][j][k] for k in keys})
+        out["grads"].append({k: old[owner(k)]["grads"][j][k] for k in keys if k in old[owner(k)]["grads"][j]})
+        new_keys = _stage_keys(ad, mine)
+        if not new_keys:
+            out["optim"].append(None)
+            continue
+        where = {k: (s, i) for s, rng in enumerate(ranges) for i, k in enumerate(_stage_keys(ad, rng))}
+        state = {}
+        for i, k in enumerate(new_keys):
+            s, idx = where[k]
+            saved = old[s]["optim"][j]
+            if saved is not None and idx in saved["state"]:  # (none before the matrix's first step)
+                state[i] = saved["state"][idx]
+        src = next(o["optim"][j] for o in old if o["optim"][j] is not None)
+        group = {**src["param_groups"][0], "params": list(range(len(new_keys)))}
+        out["optim"].append({"state": state, "param_groups": [group]})
+    buf = io.BytesIO()
+    torch.save(out, buf)
+    return {"blob": buf.getvalue()}
 
 
 def trainer_state(model: TinyCausalLM, adapters: Sequence[LoRAAdapter], plan, *, stages: int = 1,

@@ -1,8 +1,9 @@
 """Checkpoint/resume of the multi-adapter LoRA trainer (launch/train_lora.py): a step is one plan microbatch; a
 run resumed from a save mid global batch (partly accumulated gradients and loss sums, Adam state, a multi-job
 microbatch just done) writes the same losses.json and the same adapter tensors, bit for bit, as the uninterrupted
-run - on 1 process and on the 2-stage 1F1B pipeline over 2 gloo ranks (which drains at every save point);
-periodic saves keep the right folders; bad checkpoint input is one `error:` line, exit 2, nothing written."""
+run - on 1 process and on the 2-stage 1F1B pipeline over 2 gloo ranks (which drains at every save point); a save
+of one number of stages resumes on another (resharded: equal to rounding); periodic saves keep the right folders;
+bad checkpoint input is one `error:` line, exit 2, nothing written."""
 from __future__ import annotations
 
 import json
@@ -190,7 +191,24 @@ def _pipeline(argv: list[str], worker=_worker) -> dict:
     return dict(rcs)
 
 
-def test_pipeline_resume_is_bit_exact_and_refuses_another_world_size(plan_files, tmp_path, capfd):
+def _assert_close_outputs(a: Path, b: Path) -> None:
+    """The same optimizer steps, every loss and adapter tensor equal to float rounding (rtol 1e-5, atol 1e-6)."""
+    from safetensors.torch import load_file
+
+    la, lb = json.loads((a / "losses.json").read_text()), json.loads((b / "losses.json").read_text())
+    assert la["optimizer_steps"] == lb["optimizer_steps"] == {"pa": 2, "pb": 2}
+    torch.testing.assert_close(torch.tensor(lb["microbatch"]), torch.tensor(la["microbatch"]), rtol=1e-5, atol=1e-6)
+    for job in ("pa", "pb"):
+        torch.testing.assert_close(torch.tensor(lb["per_global_batch"][job]),
+                                   torch.tensor(la["per_global_batch"][job]), rtol=1e-5, atol=1e-6)
+        sa = load_file(str(a / job / "adapter_model.safetensors"))
+        sb = load_file(str(b / job / "adapter_model.safetensors"))
+        assert sa.keys() == sb.keys() and len(sa) > 0
+        for k in sa:
+            torch.testing.assert_close(sb[k], sa[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{job} {k}: {m}")
+
+
+def test_pipeline_resume_is_bit_exact_and_reshards_another_world_size(plan_files, tmp_path, capfd):
     _, plan = plan_files
     straight, first, resumed, ck = (tmp_path / n for n in ("straight", "first", "resumed", "ck"))
     assert _pipeline(["--plan", str(plan), "--out", str(straight)] + MODEL) == {0: 0, 1: 0}
@@ -234,15 +252,31 @@ def test_pipeline_resume_is_bit_exact_and_refuses_another_world_size(plan_files,
     err = capfd.readouterr().err
     assert "error: checkpoint: the trainer state cannot be read (injected on rank 1)\n" in err, err
     assert err.count("error: ") == 1 and not (tmp_path / "bad").exists(), err
-    # a 1-process run cannot load the 2 ranks' save
-    before = _files(tmp_path)
-    assert main(["--plan", str(plan), "--out", str(tmp_path / "bad"), "--checkpoint-dir", str(ck)] + MODEL) == 2
+    # another number of stages reshards: one process resumes the 2 stages' step-2 save (pb's 1st global batch half
+    # accumulated on both stages, pa's Adam state on both) and finishes as the uninterrupted pipeline did, to
+    # rounding (one process sums in another order, as test_lora_pipeline's comparison)
+    ck1 = tmp_path / "ck1"
+    shutil.copytree(ck, ck1)
+    one = tmp_path / "one"
+    assert main(["--plan", str(plan), "--out", str(one), "--checkpoint-dir", str(ck1), "--load-step", "2",
+                 "--checkpoint-every", "1", "--checkpoint-keep", "0"] + MODEL) == 0
     err = capfd.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "saved by 2 ranks, this run has 1" in err, err
-    # nor does `train_lora.sh`'s pre-check for another NPROC
-    assert main(["--check", "--world", "3", "--plan", str(plan), "--out", str(tmp_path / "bad"),
-                 "--checkpoint-dir", str(ck)] + MODEL) == 2
-    assert "saved by 2 ranks, this run has 3" in capfd.readouterr().err
+    assert "resharded: the save was made by 2 pipeline stage(s); this run has 1\n" in err, err
+    _assert_close_outputs(straight, one)
+    assert committed_steps(ck1) == list(range(1, 8))  # 3..7 now the 1-process run's
+    assert json.loads((step_folder(ck1, 4) / "adasched-checkpoint.json").read_text())["world_size"] == 1
+    # and back: 2 stages resume the 1-process step-4 save (pa's 2nd global batch half accumulated)
+    two = tmp_path / "two"
+    assert _pipeline(["--plan", str(plan), "--out", str(two), "--checkpoint-dir", str(ck1), "--load-step", "4",
+                      "--checkpoint-keep", "0"] + MODEL) == {0: 0, 1: 0}
+    assert "resharded: the save was made by 1 pipeline stage(s); this run has 2\n" in capfd.readouterr().err
+    _assert_close_outputs(straight, two)
+    # a save of another run is still refused, on any number of stages
+    before = _files(tmp_path)
+    assert main(["--plan", str(plan), "--out", str(tmp_path / "bad"), "--checkpoint-dir", str(ck)] + MODEL[:-1]
+                + ["4"]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "seed: saved 3, now 4" in err, err
     assert _files(tmp_path) == before
 
 
