@@ -22,7 +22,7 @@ identity - the plan's ``inputs_digest`` and a digest of its microbatch sequence,
 kernel numerics (the fused kernels, or the torch reference that both --reference and the fallback run) - must
 match the save's, else one ``error:`` line, exit 2, before any process group exists. A resumed run writes the same
 adapters and losses.json, byte for byte, as the uninterrupted one. Another world size (pipeline stages) reshards
-the save: each rank merges every saved stage's state into its own stage's (matrices and gradients from the stage
+the save (then the same to float rounding: the stages sum in another order): each rank merges every saved stage's state into its own stage's (matrices and gradients from the stage
 that held their layer, AdamW state re-indexed, loss sums from the last stage; :func:`~adasched.runtime.lora_trainer.
 reshard_trainer_blobs`), its RNG from the same rank when the save had it, and rank 0 prints ``resharded: ...``; the
 plan must obey the new stage count's dependency rule (it does when planned for at least that many stages).
@@ -290,6 +290,13 @@ def run(args: argparse.Namespace) -> dict | None:
 
             raise InputError("--max-positions", f"{args.max_positions} is shorter than the longest sample, "
                                                 f"{max(plan.lengths)} tokens, of {args.plan or args.jobs}")
+        if resumed_plan is not None and plan.dependency_violations(world):  # re-planning would make another run
+            from adasched.profiler.io import InputError
+
+            ok = max(s for s in range(1, world) if not plan.dependency_violations(s))
+            raise InputError(Path(cfg.folder) / "plan.json", f"the saved plan a resumed run executes runs on at most "
+                                                             f"{ok} pipeline stage(s), not {world}: resume on <= {ok} "
+                                                             f"ranks, or start in a new --checkpoint-dir")
         check_plan(plan, model, world)  # before anything is written
         if args.check:
             print(f"ok: {len(plan.microbatches)} microbatches of {len(plan.jobs)} jobs for {world} pipeline "

@@ -236,16 +236,20 @@ def _check_checkpoint(args: argparse.Namespace, plan, world: int):
         return None
     info = find_checkpoint(cfg.folder, cfg.load_step)
     if info is not None:
-        heads = info.run.get("heads")
-        if (args.heads is None and isinstance(heads, int) and heads != _heads(args, plan)
-                and info.run.get("plan") != plan_digest(plan)):  # the default follows the plan's largest degree
-            fits = heads > 0 and all(heads % g.degree == 0 for st in plan.steps for mb in st.micro_batches
-                                     for g in mb.groups)
-            raise InputError("--heads", f"the save in {cfg.folder} is of a model with {heads} heads; without --heads "
-                                        f"this plan's model has {_heads(args, plan)} (its largest SP degree, at "
-                                        f"least 4): " + (f"pass --heads {heads} to resume it on this plan" if fits
-                                                         else f"this plan has a degree that does not divide {heads}"))
-        check_resumable(info, world, run_identity(args, plan), LAYOUT_KEYS, saved_identity(plan))
+        ident, heads = run_identity(args, plan), info.run.get("heads")
+        if args.heads is None and isinstance(heads, int) and heads > 0 and heads != ident["heads"]:
+            try:  # the default follows the plan's largest degree: is the model's heads all that differs?
+                check_resumable(info, world, dict(ident, heads=heads), LAYOUT_KEYS, saved_identity(plan))
+            except InputError:
+                pass  # something else differs too: the full list below
+            else:
+                fits = all(heads % g.degree == 0 for st in plan.steps for mb in st.micro_batches for g in mb.groups)
+                raise InputError("--heads", f"the save in {cfg.folder} is of a model with {heads} heads; without "
+                                            f"--heads this plan's model has {ident['heads']} (its largest SP degree, "
+                                            f"at least 4): " + (f"pass --heads {heads} to resume it on this plan"
+                                                                if fits else f"this plan has a degree that does not "
+                                                                             f"divide {heads}"))
+        check_resumable(info, world, ident, LAYOUT_KEYS, saved_identity(plan))
     return info
 
 

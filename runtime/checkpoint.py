@@ -420,10 +420,13 @@ class Checkpointer:
         dist = _dist()
         if dist is not None:  # every rank reads its own file system: on nodes without a shared one they can differ
             seen: list = [None] * self.world_size
-            dist.all_gather_object(seen, info.step if info is not None else None)
+            mine = None if info is None else (info.step, info.world_size, json.dumps(info.run, sort_keys=True))
+            dist.all_gather_object(seen, mine)  # (the metadata too: it decides which collectives follow)
             if len(set(seen)) > 1:
+                steps = [None if s is None else s[0] for s in seen]
                 raise InputError(self.config.folder, "the ranks see different saves there (" + ", ".join(
-                    f"rank {r}: {'none' if s is None else f'step {s}'}" for r, s in enumerate(seen))
+                    f"rank {r}: {'none' if s is None else f'step {s}'}" for r, s in enumerate(steps))
+                    + (", with different metadata" if len(set(steps)) == 1 else "")
                     + "); --checkpoint-dir must be one folder every rank shares")
         if info is None:
             return 0

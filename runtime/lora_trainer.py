@@ -30,8 +30,8 @@ from such a point and is saved by :mod:`adasched.runtime.checkpoint`:
 - every job's LoRA A/B matrices (the stage's layers are the trained ones; the others keep their seeded init);
 - the gradients accumulated so far of every job whose current global batch is not finished (``.grad``);
 - each job's AdamW state (moments, step count) for the stage's layers (None where the job has none there);
-- the TrainResult: loss sums of the (job, global batch) pairs seen so far, finished or partly accumulated, the
-  per-microbatch losses and the optimizer-step counts (on the last stage; empty elsewhere).
+- the TrainResult: loss sums of the (job, global batch) pairs seen so far, finished or partly accumulated, and the
+  per-microbatch losses (on the last stage; empty elsewhere), and the optimizer-step counts (on every stage).
 
 The data (:class:`SyntheticLoRAData`) and the dropout masks (Philox, seeded by run seed, microbatch index and
 module path) are functions of the position, so they need no state; the launcher saves the torch / Python RNG
@@ -254,6 +254,9 @@ def _loss(logits: torch.Tensor, mb: PackedMicrobatch, sums: dict[tuple[int, int]
 
 
 # ---- resumable state -----------------------------------------------------------------------------------
+_BLOB_FIELDS = frozenset({"cursor", "params", "grads", "optim", "losses", "microbatch_losses", "steps"})
+
+
 class LoRATrainerState:
     """One rank's trainer state at a step boundary (see "Checkpoints" in the module docstring): a stateful object
     for :class:`~adasched.runtime.checkpoint.Checkpointer`. Its state dict is one serialized blob (torch.save of
@@ -290,7 +293,7 @@ class LoRATrainerState:
     def load_state_dict(self, state) -> None:
         try:  # tensors and plain values only (weights_only): a save holds no code to run
             p = torch.load(io.BytesIO(state["blob"]), weights_only=True)
-            missing = {"cursor", "params", "grads", "optim", "losses", "microbatch_losses", "steps"} - set(p)
+            missing = _BLOB_FIELDS - set(p)
         except Exception as err:  # a damaged blob: UnpicklingError, RuntimeError, EOFError, TypeError, ...
             why = " ".join(str(err).split())[:200]
             raise ValueError(f"checkpoint: the trainer state cannot be read ({type(err).__name__}: {why})") from None
@@ -330,16 +333,24 @@ def reshard_trainer_blobs(blobs: Sequence[bytes], adapters: Sequence[LoRAAdapter
     split (one per saved rank, :meth:`LoRATrainerState.state_dict`): each adapter matrix and its accumulated gradient
     from the stage that held its layer; per job the AdamW state of this stage's matrices re-indexed from the saving
     stages' optimizers (their param group's settings); the cursor (equal on every stage) from stage 0; the loss
-    sums, microbatch losses and optimizer-step counts from the last stage, which computed them. ValueError for a
-    damaged blob."""
+    sums and microbatch losses from the last stage, which computed them, and the optimizer-step counts from it too
+    (every stage counts them alike). Every new stage gets the same counts and losses (only the last one's are
+    reported). ValueError for a damaged blob or one of another job count."""
     old = []
     for k, blob in enumerate(blobs):
         try:
-            old.append(torch.load(io.BytesIO(blob), weights_only=True))
+            p = torch.load(io.BytesIO(blob), weights_only=True)
+            missing = sorted(_BLOB_FIELDS - set(p))
         except Exception as err:  # noqa: BLE001 - a damaged blob: one line, as load_state_dict says it
             why = " ".join(str(err).split())[:200]
             raise ValueError(f"checkpoint: the trainer state of saved stage {k} cannot be read "
                              f"({type(err).__name__}: {why})") from None
+        if missing:
+            raise ValueError(f"checkpoint: the trainer state of saved stage {k} lacks {missing}")
+        if len(p["params"]) != len(adapters) or len(p["grads"]) != len(adapters) or len(p["optim"]) != len(adapters):
+            raise ValueError(f"checkpoint: saved stage {k} holds {len(p['params'])} jobs, this run has "
+                             f"{len(adapters)}")
+        old.append(p)
     ranges = [stage_layers(num_layers, len(old), k) for k in range(len(old))]
 
     def owner(key: str) -> int:

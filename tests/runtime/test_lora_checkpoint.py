@@ -6,19 +6,22 @@ of one number of stages resumes on another (resharded: equal to rounding); perio
 bad checkpoint input is one `error:` line, exit 2, nothing written."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 import yaml
 
 from adasched.launch.train_lora import main
-from adasched.runtime.checkpoint import committed_steps, step_folder
+from adasched.runtime.checkpoint import committed_steps, find_checkpoint, load_templates, saved_entries, step_folder
 from adasched.runtime.dist import held_store
 
 # planned for 3 stages: 7 microbatches, [(0,0)] [(0,0),(1,0)] [(1,0)] [] [(0,1)] [(0,1),(1,1)] [(1,1)]
@@ -264,10 +267,18 @@ def test_pipeline_resume_is_bit_exact_and_reshards_another_world_size(plan_files
     assert "resharded: the save was made by 2 pipeline stage(s); this run has 1\n" in err, err
     _assert_close_outputs(straight, one)
     assert committed_steps(ck1) == list(range(1, 8))  # 3..7 now the 1-process run's
-    assert json.loads((step_folder(ck1, 4) / "adasched-checkpoint.json").read_text())["world_size"] == 1
-    # and back: 2 stages resume the 1-process step-4 save (pa's 2nd global batch half accumulated)
+    assert json.loads((step_folder(ck1, 5) / "adasched-checkpoint.json").read_text())["world_size"] == 1
+    # and back: 2 stages resume the 1-process step-5 save (microbatch 4 done: pa's 2nd global batch half
+    # accumulated, its gradients on the matrices of both new stages)
+    info = find_checkpoint(ck1, 5)
+    blob = load_templates(saved_entries(info), ["rank0/trainer.blob"])
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(blob, checkpoint_id=str(info.path), no_dist=True)
+    grads = torch.load(io.BytesIO(blob["rank0/trainer.blob"]), weights_only=True)["grads"]
+    assert len(grads[0]) > 0 and len(grads[1]) == 0  # pa (job 0) mid global batch, pb between its batches
     two = tmp_path / "two"
-    assert _pipeline(["--plan", str(plan), "--out", str(two), "--checkpoint-dir", str(ck1), "--load-step", "4",
+    assert _pipeline(["--plan", str(plan), "--out", str(two), "--checkpoint-dir", str(ck1), "--load-step", "5",
                       "--checkpoint-keep", "0"] + MODEL) == {0: 0, 1: 0}
     assert "resharded: the save was made by 1 pipeline stage(s); this run has 2\n" in capfd.readouterr().err
     _assert_close_outputs(straight, two)
@@ -308,3 +319,18 @@ def test_trainer_state_refuses_a_damaged_or_unsafe_blob(plan_files):
         assert st.cursor == 0 and all(torch.equal(x, t) for x, (_, t) in zip(a0, st._params(0)))
     st.load_state_dict(good)  # the state's own blob still loads
     assert st.cursor == 0
+
+
+def test_a_resumed_plan_runs_on_the_stages_its_dependency_rule_allows(tmp_path, monkeypatch, capfd):
+    """Resharding cannot re-plan (another plan is another run): a save whose plan allows at most 2 pipeline stages
+    (the tiny preset, 4 layers) is refused on 3 naming the saved plan and the largest stage count; 2 is fine."""
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--jobs", "tiny", "--layers", "4", "--reference"]
+    assert main([*tiny, "--out", "t1", "--checkpoint-dir", "tck", "--checkpoint-every", "3"]) == 0
+    capfd.readouterr()
+    assert main(["--check", "--world", "3", *tiny, "--out", "t2", "--checkpoint-dir", "tck", "--load-step", "9"]) == 2
+    assert capfd.readouterr().err.splitlines() == [
+        "error: tck/plan.json: the saved plan a resumed run executes runs on at most 2 pipeline stage(s), not 3: "
+        "resume on <= 2 ranks, or start in a new --checkpoint-dir"]
+    assert main(["--check", "--world", "2", *tiny, "--out", "t2", "--checkpoint-dir", "tck", "--load-step", "9"]) == 0
+    assert not (tmp_path / "t2").exists()

@@ -417,3 +417,9 @@ def test_save_from_before_the_batches_digest_resumes_on_its_own_plan(runs, tmp_p
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: --heads: the save in {runs['dirB']} is of a model with 2 heads; without --heads this plan's model "
         f"has 4 (its largest SP degree, at least 4): pass --heads 2 to resume it on this plan"]
+    # the hint only when the heads are all that differs: with another seed too, the full list
+    other = [a if a != "5" else "6" for a in no_heads]
+    assert main(["--plan", str(plan4), *other, "--check-plan-only", "--steps", "4", "--checkpoint-dir",
+                 str(runs["dirB"])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "saved by a different run (heads: saved 2, now 4; seed: saved 5, now 6)" in err[0], err
