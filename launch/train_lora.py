@@ -21,11 +21,12 @@ and a resumed run executes that plan (re-planning with a time-limited solver cou
 identity - the plan's ``inputs_digest`` and a digest of its microbatch sequence, the model dims, --seed, the
 kernel numerics (the fused kernels, or the torch reference that both --reference and the fallback run) - must
 match the save's, else one ``error:`` line, exit 2, before any process group exists. A resumed run writes the same
-adapters and losses.json, byte for byte, as the uninterrupted one. Another world size (pipeline stages) reshards
-the save (then the same to float rounding: the stages sum in another order): each rank merges every saved stage's state into its own stage's (matrices and gradients from the stage
-that held their layer, AdamW state re-indexed, loss sums from the last stage; :func:`~adasched.runtime.lora_trainer.
-reshard_trainer_blobs`), its RNG from the same rank when the save had it, and rank 0 prints ``resharded: ...``; the
-plan must obey the new stage count's dependency rule (it does when planned for at least that many stages).
+adapters and losses.json, byte for byte, as the uninterrupted one. Another world size (pipeline stages) reshards the
+save (then the same to float rounding: the stages sum in another order): each rank merges every saved stage's state
+into its own stage's (matrices and their gradients from the stage that held their layer, AdamW state re-indexed, loss
+sums from the last stage; :func:`~adasched.runtime.lora_trainer.reshard_trainer_blobs`), its RNG from the same rank
+when the save had it, and rank 0 prints ``resharded: ...``; the saved plan must obey the new stage count's dependency
+rule (it does when planned for at least that many stages; else one line names the largest count it allows).
 
 The fused multi-LoRA kernels run on a CPU only under TRITON_INTERPRET=1 (slow: ~85 s for the tiny preset on one
 core); without it each call falls back to the torch reference (same results). The printed summary's "kernels"

@@ -44,8 +44,9 @@ whose D holds a save resumes from the newest (or step S's) and continues bit for
 the remaining steps and the final state equal those of the uninterrupted run. A save holds one run, so
 ``--checkpoint-dir`` needs exactly one ``--router`` and one ``--schedule``; ``--compare-schedules`` (single-process,
 one model per schedule) takes no checkpoint options. Every rank stores its own state (expert-parallel ranks hold
-different experts). A save resumes only for the same run: the identity (:func:`run_identity`) holds the router, the scheduled per-layer capacities, the model's sizes, --batch, --lr, the
-LR schedule and its warmup (and --steps when the schedule is not constant: its horizon), --seed,
+different experts). A save resumes only for the same run: the identity (:func:`run_identity`) holds the router, the
+scheduled per-layer capacities, the model's sizes, --batch, --lr, the LR schedule and its warmup (and --steps when
+the schedule is not constant: its horizon), --seed,
 --capacity-factor, --shared-experts, the EP size and exchange, and the pipeline every layer runs - r_fwd/r_bwd,
 weight-gradient placement, issue orders and dense-gradient slices, from --plan or the flags (they change the float
 sums) - with --plan also the plan's ``inputs_digest`` and configuration (a plan re-solved from the same inputs keeps
@@ -460,8 +461,7 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log,
                     status(f"resharded: the save was made by {ck.resharded_from.world_size} ranks (EP "
                            f"{old.get('ep_size')}, expert shards {old.get('expert_shards') or 1}); this run: {world} "
                            f"ranks (EP {ep_size}, expert shards {ep.shards if ep is not None else 1}); changed: "
-                           + ", ".join(k.split(" ", 1)[0] if not k.startswith("world") else "world size"
-                                       for k in changed))
+                           + ", ".join(changed))
     losses, lrs = [], []
     try:
         for step in range(start, args.steps):

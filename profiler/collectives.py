@@ -39,7 +39,7 @@ from .fit import fit_alpha_beta
 from .profile import CollectiveFit, group_scope
 
 __all__ = ["OPS", "CollectiveConfig", "collective_config", "measure_collectives", "fit_collectives",
-           "spawn_collectives", "free_port", "group_sizes_for"]
+           "spawn_collectives", "free_port", "held_store", "group_sizes_for"]
 
 OPS = ("all_to_all", "all_reduce", "all_gather", "reduce_scatter")
 
@@ -90,10 +90,23 @@ def group_sizes_for(world: int) -> list[int]:
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it). The one copy: runtime.dist and
-    the tests import it from here."""
+    the tests import it from here. To launch local ranks, :func:`held_store` instead."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def held_store(world_size: int, timeout_s: float = 60):
+    """A rendezvous store this process hosts on a port the OS picks, held until it is dropped: start ranks with
+    ``MASTER_ADDR=127.0.0.1 MASTER_PORT=<store.port> TORCHELASTIC_USE_AGENT_STORE=True`` and they join it as clients
+    (as under torchrun, whose agent hosts the store). Unlike a :func:`free_port` port, free only when asked and bound
+    by rank 0 seconds later, no launch running meanwhile can be handed the same port (one that was: a rank of the
+    other launch joined this one's world and waited in ProcessGroupGloo's constructor past its timeout). The one
+    copy: runtime.dist re-exports it."""
+    from torch.distributed import TCPStore
+
+    return TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                    timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def _op_fns(dist):
@@ -268,6 +281,7 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, out_path: str, sho
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"  # a client of the launcher's held_store, as under torchrun
     cfg = CollectiveConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_dict.items()})
     device = "cpu"
     if backend == "nccl":
@@ -300,11 +314,12 @@ def spawn_collectives(nproc: int, cfg: CollectiveConfig, *, show_progress: bool 
     limit_s = limit_s or 4 * cfg.timeout_s
     fd, out_path = tempfile.mkstemp(prefix="adasched-coll-", suffix=".json")
     os.close(fd)
-    ctx = None
+    ctx = store = None
     try:
+        store = held_store(nproc, cfg.timeout_s)  # the ranks' rendezvous, its port held for the whole run
         # daemon: an interrupt while later workers are still starting ends the started ones at exit (they
         # would otherwise be joined, i.e. waited for); the watchdog covers a killed launcher
-        ctx = mp.start_processes(_worker, args=(nproc, free_port(), asdict(cfg), out_path, show_progress, backend,
+        ctx = mp.start_processes(_worker, args=(nproc, store.port, asdict(cfg), out_path, show_progress, backend,
                                                 os.getpid()),
                                  nprocs=nproc, join=False, daemon=True, start_method="spawn")
         deadline = time.monotonic() + limit_s
@@ -320,4 +335,5 @@ def spawn_collectives(nproc: int, cfg: CollectiveConfig, *, show_progress: bool 
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
+        del store
         os.unlink(out_path)

@@ -12,11 +12,14 @@ its first save: they are another timeline, and the folder's newest save must be 
 Every rank stores its own state under its own key (``rank3/model``, ...): the entry points hold different things
 per rank (expert-parallel experts, pipeline stages, per-rank RNG), and keys shared by all ranks would be saved
 once, as if replicated. Loading them as saved therefore needs the world size of the save; the run identity (plan
-digest, model shape, seed, ...) must match too, or resuming would continue a different run. Both are checked before any
-process group exists (:func:`find_checkpoint`, :func:`check_resumable`), so a mismatch is one ``error:`` line.
-A trainer whose state is replicated (train_sp: a data-parallel model) may resume a save of another world size or
-layout - the same run re-planned for other GPUs - by naming its layout-only identity entries and its replicated
-state: every rank then loads rank 0's copy (a *resharded* resume; DCP reads the same keys on any number of ranks).
+digest, model shape, seed, ...) must match too, or resuming would continue a different run. Both are checked
+before any process group exists (:func:`find_checkpoint`, :func:`check_resumable`), so a mismatch is one
+``error:`` line - except that a trainer able to *reshard* accepts another world size or layout (the same run on
+other GPUs, another plan of it), naming its layout-only identity entries and, per state entry, how a rank of the
+new layout loads it: ``replicated`` (rank 0's copy: train_sp's data-parallel model, counters), ``own_rank`` (the
+same rank's copy where the save has one: per-rank data generators) or a resharder that reads the saved ranks' keys
+it needs and rebuilds its entry (train_moe's experts joined and re-cut, train_lora's pipeline stages merged). DCP
+reads any saved key on any number of ranks.
 
 State values are any object with ``state_dict()`` / ``load_state_dict()`` (a module, an optimizer, an
 LRScheduler) or the wrappers here: :class:`ModelState` (model + optimizers, DCP's own state-dict helpers, so the
@@ -196,12 +199,12 @@ def check_resumable(info: CheckpointInfo, world_size: int, run: Mapping[str, Any
 
 def layout_changes(info: CheckpointInfo, world_size: int, run: Mapping[str, Any], layout_keys: Iterable[str],
                    upgrade=None) -> list[str]:
-    """What a resharded resume changes, for the trainers' ``resharded:`` line: ``world size 2 -> 4``, ``r_fwd [2, 2]
-    -> [1, 1]``, ... (the world size and each layout entry that differs)."""
+    """What a resharded resume changes, for a trainer's ``resharded:`` line: "world size" when it differs, then
+    each layout entry of the identity that differs (``ep_size``, ``r_fwd``, ...)."""
     saved = _jsonable(upgrade(dict(info.run)) if upgrade is not None else info.run)
     want = _jsonable(dict(run))
-    out = [f"world size {info.world_size} -> {world_size}"] if info.world_size != world_size else []
-    return out + [f"{k} {saved.get(k)!r} -> {want.get(k)!r}" for k in layout_keys if saved.get(k) != want.get(k)]
+    out = ["world size"] if info.world_size != world_size else []
+    return out + [k for k in layout_keys if saved.get(k) != want.get(k)]
 
 
 def saved_entries(info: CheckpointInfo) -> dict:
@@ -377,8 +380,9 @@ class Checkpointer:
     ``(info, saved) -> (templates, finish)`` given the save's DCP metadata (:func:`saved_entries`) that returns the
     flat DCP keys it wants loaded (:func:`load_templates`) and a function called with them once loaded (expert-
     parallel weights re-cut for the new layout). :attr:`resharded_from` then names the save; a state entry with
-    none of the three is refused (ValueError). ``upgrade``, ``reshardable``: as :func:`check_resumable`'s. Under torch.distributed every rank calls
-    :meth:`resume`, :meth:`save` and :meth:`finish` with the same step (they are collective; with ``async_save``
+    none of the three is refused (ValueError). ``upgrade``, ``reshardable``: as :func:`check_resumable`'s. Under
+    torch.distributed every rank calls :meth:`resume`, :meth:`save` and :meth:`finish` with the same step (they are
+    collective; with ``async_save``
     the constructor is too: it creates the saves' own gloo group, with ``timeout_s``); without it, one process.
     On an error path call :meth:`close` before destroying the process groups (it waits, locally, for a save in
     flight)."""

@@ -15,7 +15,7 @@ import traceback
 from datetime import timedelta
 from typing import Any, Callable
 
-from adasched.profiler.collectives import free_port  # one copy of the port helper (re-exported here)
+from adasched.profiler.collectives import free_port, held_store  # one copy of each (re-exported here)
 
 __all__ = ["init_distributed", "free_port", "held_store", "spawn_gloo", "WorkerError", "env_world"]
 
@@ -72,18 +72,6 @@ def init_distributed(backend: str | None = None, timeout_s: float = 60) -> tuple
     dist.init_process_group(backend=backend, rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s), **kwargs)
     return rank, world
-
-
-def held_store(world_size: int, timeout_s: float = 60):
-    """A rendezvous store this process hosts on a port the OS picks, held until it is dropped: start ranks with
-    ``MASTER_ADDR=127.0.0.1 MASTER_PORT=<store.port> TORCHELASTIC_USE_AGENT_STORE=True`` and they join it as clients
-    (as under torchrun, whose agent hosts the store). Unlike a :func:`free_port` port, free only when asked and bound
-    by rank 0 seconds later, no launch running meanwhile can be handed the same port (one that was: a rank of the
-    other launch joined this one's world and waited in ProcessGroupGloo's constructor past its timeout)."""
-    from torch.distributed import TCPStore
-
-    return TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
-                    timeout=timedelta(seconds=timeout_s))
 
 
 def _worker(rank: int, world: int, port: int, timeout_s: float, fn: Callable, args: tuple, queue) -> None:

@@ -208,13 +208,14 @@ def _optimizers(adapters: Sequence[LoRAAdapter], plan, layers: tuple[int, int]) 
     """Per job: AdamW over its parameters in ``layers`` (weight decay 0), or None when it has none there."""
     out = []
     for ad, job in zip(adapters, plan.jobs):
-        params = []
-        for p in ad.paths:
-            li = int(p.split(".")[1])
-            if layers[0] <= li < layers[1]:
-                params += list(ad.pair(p))
+        params = [t for p in _stage_paths(ad, layers) for t in ad.pair(p)]  # (A, B) per path: _stage_keys' order
         out.append(torch.optim.AdamW(params, lr=job.lr, weight_decay=0.0) if params else None)
     return out
+
+
+def _stage_paths(adapter: LoRAAdapter, layers: tuple[int, int]) -> list[str]:
+    """The adapter's module paths (``layers.{i}. ...``) in ``layers``, in order."""
+    return [p for p in adapter.paths if layers[0] <= int(p.split(".")[1]) < layers[1]]
 
 
 def check_plan(plan, model: TinyCausalLM, stages: int) -> None:
@@ -324,18 +325,18 @@ class LoRATrainerState:
 def _stage_keys(adapter: LoRAAdapter, layers: tuple[int, int]) -> list[str]:
     """``path.A`` / ``path.B`` of an adapter's matrices in ``layers``, in the order its stage optimizer holds them
     (:func:`_optimizers`)."""
-    return [f"{p}.{ab}" for p in adapter.paths if layers[0] <= int(p.split(".")[1]) < layers[1] for ab in "AB"]
+    return [f"{p}.{ab}" for p in _stage_paths(adapter, layers) for ab in "AB"]
 
 
 def reshard_trainer_blobs(blobs: Sequence[bytes], adapters: Sequence[LoRAAdapter], num_layers: int, *,
                           stages: int, stage: int) -> dict:
     """The state dict (``{"blob": ...}``) of ``stage`` of ``stages`` from the saved blobs of every stage of another
-    split (one per saved rank, :meth:`LoRATrainerState.state_dict`): each adapter matrix and its accumulated gradient
-    from the stage that held its layer; per job the AdamW state of this stage's matrices re-indexed from the saving
-    stages' optimizers (their param group's settings); the cursor (equal on every stage) from stage 0; the loss
-    sums and microbatch losses from the last stage, which computed them, and the optimizer-step counts from it too
-    (every stage counts them alike). Every new stage gets the same counts and losses (only the last one's are
-    reported). ValueError for a damaged blob or one of another job count."""
+    split (one per saved rank, :meth:`LoRATrainerState.state_dict`): each adapter matrix from the stage that held its
+    layer, and for this stage's matrices their accumulated gradients; per job the AdamW state of this stage's matrices
+    re-indexed from the saving stages' optimizers (their param group's settings); the cursor (equal on every stage) from
+    stage 0; the loss sums and microbatch losses from the last stage, which computed them, and the optimizer-step counts
+    from it too (every stage counts them alike). Every new stage gets the same counts and losses (only the last one's
+    are reported). ValueError for a damaged blob or one of another job count."""
     old = []
     for k, blob in enumerate(blobs):
         try:
@@ -361,10 +362,10 @@ def reshard_trainer_blobs(blobs: Sequence[bytes], adapters: Sequence[LoRAAdapter
     out = {"cursor": old[0]["cursor"], "params": [], "grads": [], "optim": [], "losses": old[-1]["losses"],
            "microbatch_losses": old[-1]["microbatch_losses"], "steps": old[-1]["steps"]}
     for j, ad in enumerate(adapters):
-        keys = _stage_keys(ad, (0, num_layers))
+        keys, new_keys = _stage_keys(ad, (0, num_layers)), _stage_keys(ad, mine)
         out["params"].append({k: old[owner(k)]["params"][j][k] for k in keys})
-        out["grads"].append({k: old[owner(k)]["grads"][j][k] for k in keys if k in old[owner(k)]["grads"][j]})
-        new_keys = _stage_keys(ad, mine)
+        # gradients only for this stage's matrices: only its optimizers zero them after their step
+        out["grads"].append({k: old[owner(k)]["grads"][j][k] for k in new_keys if k in old[owner(k)]["grads"][j]})
         if not new_keys:
             out["optim"].append(None)
             continue

@@ -128,8 +128,8 @@ def test_other_run_or_world_is_refused(tmp_path):
                            upgrade=lambda run: {**run, "new": 5} if run["plan"] == "abc" else run) is False
     with pytest.raises(InputError, match=r"different run \(new: saved None, now 5\)"):
         check_resumable(info, 1, {"plan": "abc", "seed": 0, "new": 5})
-    assert layout_changes(info, 4, {"plan": "xyz", "seed": 0}, ("plan",)) == ["world size 1 -> 4",
-                                                                            "plan 'abc' -> 'xyz'"]
+    assert layout_changes(info, 4, {"plan": "xyz", "seed": 0}, ("plan",)) == ["world size", "plan"]
+    assert layout_changes(info, 1, {"plan": "abc", "seed": 0}, ("plan",)) == []
     (step_folder(tmp_path, 2) / META_NAME).write_text("{\"format\": 99}")
     with pytest.raises(InputError, match="format 99 is not 1"):
         find_checkpoint(tmp_path)

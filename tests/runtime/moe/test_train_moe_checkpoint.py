@@ -8,8 +8,11 @@
 - A run whose --lr-schedule decays (so --steps is part of its identity) resumes with --load-step bit for bit
   (in-process, one rank): the scheduler is part of the state.
 - The schedule changes the LR AdamW uses at every step (recorded inside AdamW.step), as get_schedule's closed form.
-- Bad input (another run, also on another world size, an unsaved --load-step, checkpoint options without --checkpoint-dir,
-  several runs, --compare-schedules, bad schedule options): one `error:` line, exit 2, nothing written.
+- Bad input (another run, also on another world size, an unsaved --load-step, checkpoint options without
+  --checkpoint-dir, several runs, --compare-schedules, bad schedule options): one `error:` line, exit 2, nothing
+  written.
+- Resharded resumes (another world size or layout): the experts joined and re-cut element for element, the same
+  ranks' losses to rounding, the LR schedule carried.
 """
 from __future__ import annotations
 
@@ -497,7 +500,8 @@ def test_resharded_launches_continue_the_run(launches, tmp_path):
     proc = _launch("--expert-shards", "2", "--steps", "4", "--checkpoint-dir", str(b), "--json", nproc=4)
     run = _run_json(proc)
     assert ("resharded: the save was made by 2 ranks (EP 2, expert shards 1); this run: 4 ranks (EP 2, expert "
-            "shards 2); changed: world size, expert_shards, plan_inputs_digest, plan_config") in proc.stderr, proc.stderr
+            "shards 2); changed: world size, expert_shards, plan_inputs_digest, plan_config") in proc.stderr, \
+        proc.stderr
     assert run["start_step"] == 2 and len(run["losses"]) == 2 and all(math.isfinite(x) for x in run["losses"])
     meta = json.loads((step_folder(b, 4) / "adasched-checkpoint.json").read_text())
     assert meta["world_size"] == 4 and meta["run"]["expert_shards"] == 2 and meta["run"]["ep_size"] == 2
