@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import argparse
 
+from adasched.planner.plan import MAX_LAYERS  # most transformer layers a launcher's tiny CPU model takes
+
 __all__ = ["MAX_LAYERS", "add_checkpoint_args", "checkpoint_config", "LR_SCHEDULES", "add_lr_schedule_args",
            "check_lr_schedule", "lr_scheduler", "lr_identity"]
-
-#: most transformer layers a launcher's tiny CPU model takes (a bound on the time to build it)
-MAX_LAYERS = 1024
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser, *, step: str = "optimizer step", folder_holds: str = "") -> None:

@@ -20,6 +20,7 @@ from adasched.profiler.io import InputError, atomic_write_json, check_iso_time, 
 
 __all__ = [
     "PLAN_SCHEMA_VERSION",
+    "MAX_LAYERS",
     "SolverStatus",
     "SolverRecord",
     "ProfileRef",
@@ -31,6 +32,9 @@ __all__ = [
 ]
 
 PLAN_SCHEMA_VERSION = 1
+#: Most transformer layers (or pipeline stages) a plan, a jobs file, a MoE config or a launcher's ``--layers`` takes:
+#: a bound on the time to plan and build them (10**400 overflowed the cost models, 10**9 hung the planners)
+MAX_LAYERS = 1024
 SolverStatus = Literal["optimal", "feasible", "heuristic", "infeasible", "timeout"]
 
 #: kind -> "module:Class"; each planner's plan.py defines its class, listed here once.

@@ -64,9 +64,9 @@ def check_options(global_batch: int, steps: int, time_limit: float, max_context)
         check_max_context(max_context)
 
 
-#: ``--buckets`` when not given (with --no-milp it is refused: no MILP uses it)
-DEFAULT_BUCKETS = 16
-_BUCKETS_HELP = f"Length buckets per micro-batch in the MILP (default {DEFAULT_BUCKETS}; not with --no-milp)."
+#: without --buckets PlannerConfig.buckets applies; the help restates its value as the CLI's start-up imports no
+#: planner (a test checks they agree); with --no-milp the option is refused (no MILP uses it)
+_BUCKETS_HELP = "Length buckets per micro-batch in the MILP (default 16; not with --no-milp)."
 
 #: ``--deterministic``: group structures tried per micro-batch (MILPs: PlannerConfig.milp_nodes, 50; on the
 #: Wikipedia gpt-7b / 64-GPU steps: 1.082x vs the best single degree against the clock mode's 1.080-1.085x,
@@ -82,11 +82,9 @@ def _setup(profile: str, model: str, seqlens: str, gpus: Optional[int], max_cont
     from .costmodel import model_preset, sp_cost_model
     from .planner import PlannerConfig, check_fits
 
-    if buckets is None:
-        buckets = DEFAULT_BUCKETS
-    elif buckets < 1:
+    if buckets is not None and buckets < 1:
         raise InputError("--buckets", f"must be >= 1, got {buckets}")
-    elif no_milp:  # was accepted and ignored
+    if buckets is not None and no_milp:  # was accepted and ignored
         raise InputError("--buckets", "has no effect with --no-milp (it sizes the MILP's length buckets)")
     if seed < 0:
         raise InputError("--seed", f"must be >= 0, got {seed}")
@@ -103,8 +101,9 @@ def _setup(profile: str, model: str, seqlens: str, gpus: Optional[int], max_cont
         raise InputError("--max-context", f"must be >= 1 token, got {max_context}")
     lens = _lengths(seqlens, max_context)
     check_fits(lens, cm, where=seqlens)
-    cfg = PlannerConfig(time_limit=time_limit, seed=seed, buckets=buckets, use_milp=not no_milp,
-                        max_evals=DETERMINISTIC_EVALS if deterministic else None)
+    cfg = PlannerConfig(time_limit=time_limit, seed=seed, use_milp=not no_milp,
+                        max_evals=DETERMINISTIC_EVALS if deterministic else None,
+                        **({} if buckets is None else {"buckets": buckets}))
     return prof, mdl, cm, lens, cfg
 
 
@@ -224,7 +223,8 @@ def register(groups) -> None:
         rep = summarize(results, cm)
         rep["config"] = dict(profile=prof.name, model=mdl.name, gpus=cm.world, global_batch=global_batch,
                              max_context=max_context, steps=steps, seed=seed, time_limit=time_limit,
-                             buckets=cfg.buckets, milp=not no_milp, seqlens=seqlens, deterministic=deterministic)
+                             buckets=None if no_milp else cfg.buckets, milp=not no_milp, seqlens=seqlens,
+                             deterministic=deterministic)
         if scaling:
             rep["scaling"] = _scaling(prof, mdl, lens, cfg, seed)
         if as_json:

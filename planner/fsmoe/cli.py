@@ -26,12 +26,12 @@ def _configs_with_stats(config: str, gpus: int, router_stats: Optional[Path]):
         if not isinstance(ks, list) or not ks or not all(isinstance(k, (int, float)) and not isinstance(k, bool)
                                                          for k in ks):
             raise InputError(router_stats, "mean_k_per_layer: expected a non-empty list of numbers")
-        from .costmodel import MAX_MOE_LAYERS, MoEConfig
+        from ..plan import MAX_LAYERS
+        from .costmodel import MoEConfig
 
-        if len(ks) > MAX_MOE_LAYERS:  # a config's num_layers bound (100,000 entries planned for minutes)
-            raise InputError(router_stats, f"mean_k_per_layer: {len(ks):,} layers, at most {MAX_MOE_LAYERS}")
+        if len(ks) > MAX_LAYERS:  # a config's num_layers bound (100,000 entries planned for minutes)
+            raise InputError(router_stats, f"mean_k_per_layer: {len(ks):,} layers, at most {MAX_LAYERS}")
         try:
-
             stats = [MoEConfig.model_validate(c.model_copy(update={"mean_k_per_layer": [float(k) for k in ks],
                                                                    "num_layers": len(ks)}).model_dump())
                      for c in cfgs]

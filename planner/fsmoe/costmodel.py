@@ -42,6 +42,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from adasched.profiler.io import InputError
 from adasched.profiler.profile import ClusterProfile
 
+from ..plan import MAX_LAYERS
+
 __all__ = ["MoEConfig", "StageCosts", "stage_costs", "ELEMENT_BYTES", "GEMM_ALPHA_MS", "Topology", "topology",
            "expert_params_per_gpu", "expert_grad_allreduce_ms", "expert_grad_buckets", "EXPERT_GRAD_BUCKET_ELEMENTS"]
 
@@ -54,11 +56,11 @@ STAGES = ("a2a", "allgather", "gemm", "reducescatter", "allreduce")
 
 
 #: Upper bounds of a config's sizes (far above any real model; a config file's 10**400 overflowed float() in the
-#: cost model, a billion layers hung the gradient-slice planning, an infinite capacity factor made NaN stage times)
+#: cost model, a billion layers hung the gradient-slice planning, an infinite capacity factor made NaN stage times);
+#: num_layers is bounded by adasched.planner.plan.MAX_LAYERS, as the launchers' --layers
 MAX_MOE_SIZE = 2 ** 20        # hidden, ffn_hidden, batch
 MAX_MOE_EXPERTS = 2 ** 16     # experts, shared_experts
 MAX_MOE_SEQ_LEN = 2 ** 24     # tokens per sequence
-MAX_MOE_LAYERS = 1024         # as the launchers' --layers (launch.cli_args.MAX_LAYERS)
 MAX_CAPACITY_FACTOR = 1024.0  # a factor above experts / top_k already keeps every token
 MAX_DENSE_PARAMS = 2 ** 40    # replicated parameters per layer
 
@@ -81,7 +83,7 @@ class MoEConfig(BaseModel):
     activation: Literal["swiglu", "gelu"] = "gelu"
     shared_experts: int = Field(default=0, ge=0, le=MAX_MOE_EXPERTS)
     dropless: bool = False
-    num_layers: int = Field(default=1, gt=0, le=MAX_MOE_LAYERS,
+    num_layers: int = Field(default=1, gt=0, le=MAX_LAYERS,
                             description="MoE layers in the model (for gradient slicing)")
     dense_params_per_layer: int | None = Field(default=None, ge=0, le=MAX_DENSE_PARAMS,
                                                description="attention etc.; default 4*M^2")

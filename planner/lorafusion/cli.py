@@ -12,10 +12,10 @@ __all__ = ["register", "MAX_TIME_LIMIT_S"]
 MAX_TIME_LIMIT_S = 3600.0
 
 _JOBS_HELP = "A jobs file (JSON or YAML) or a preset name: mix, het, tiny."  # = jobs.PRESETS (a test checks)
-#: ``--time-limit`` when not given (with --no-milp it is refused: only the MILPs use it)
-DEFAULT_TIME_LIMIT_S = 0.4
-_TIME_LIMIT_HELP = (f"Solver budget in seconds per (global batch, group) problem: MILP 1 gets at most half, MILP 2 "
-                    f"the rest (default {DEFAULT_TIME_LIMIT_S}; not with --no-milp).")
+#: without --time-limit build_plan's default (model.DEFAULT_TIME_LIMIT_S) applies; the help restates its value as the
+#: CLI's start-up imports no planner (a test checks they agree); with --no-milp it is refused (only the MILPs use it)
+_TIME_LIMIT_HELP = ("Solver budget in seconds per (global batch, group) problem: MILP 1 gets at most half, MILP 2 "
+                    "the rest (default 0.4; not with --no-milp).")
 _PROFILE_HELP = "Cluster profile: a built-in name (h100-sxm, a100-64-flexsp-paper) or a profile JSON file."
 
 
@@ -29,9 +29,7 @@ def _plan(jobs: str, profile: str, time_limit: Optional[float], seed: int, no_mi
 
     if seed < 0:  # as plan sp / plan twill: a solver seed is >= 0
         raise InputError("--seed", f"must be >= 0, got {seed}")
-    if time_limit is None:
-        time_limit = DEFAULT_TIME_LIMIT_S
-    else:
+    if time_limit is not None:
         check_seconds("--time-limit", time_limit, most=MAX_TIME_LIMIT_S)  # NaN; inf: the plan recorded no limit
         if no_milp:  # first-fit decreasing takes no time limit: it was accepted and ignored
             raise InputError("--time-limit", "has no effect with --no-milp (it is the MILPs' budget)")
@@ -39,7 +37,8 @@ def _plan(jobs: str, profile: str, time_limit: Optional[float], seed: int, no_mi
     w = build_workload(cfg, base, where=label if not label.startswith("preset:") else f"preset {jobs}", label=label)
     prof = load_profile(profile)
     with progress("packing (global batch, group) problems", total=None) as advance:
-        return build_plan(w, prof, time_limit=time_limit, seed=seed, use_milp=not no_milp, progress=advance)
+        return build_plan(w, prof, seed=seed, use_milp=not no_milp, progress=advance,
+                          **({} if time_limit is None else {"time_limit": time_limit}))
 
 
 def _comparison_rows(plan) -> list[tuple]:

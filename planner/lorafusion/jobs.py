@@ -45,11 +45,13 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from adasched.profiler.io import InputError
 
+from ..plan import MAX_LAYERS
+
 __all__ = [
     "SEGMENT_ALIGN",
     "MAX_SAMPLES",
     "MAX_TOKENS",
-    "MAX_LAYERS",
+    "MAX_RANK",
     "KNOWN_TARGET_MODULES",
     "NAMED_DISTRIBUTIONS",
     "PRESETS",
@@ -72,8 +74,8 @@ MAX_TOKENS = 2 ** 40
 """Most tokens a sample length or a microbatch's capacity may be (as plan sp --max-context; lengths.max 10**400
 overflowed numpy's clip)."""
 
-MAX_LAYERS = 1024
-"""Most transformer layers (as the launchers' --layers; 10**400 overflowed the cost model's layers / stages)."""
+MAX_RANK = 2 ** 16
+"""Largest LoRA rank r (10**400 was planned, and train_lora then failed building the adapters)."""
 
 SEGMENT_ALIGN = 128
 """Each adapter's segment in a microbatch is padded to a multiple of this many tokens (the kernel's M tile)."""
@@ -91,7 +93,7 @@ class _Strict(BaseModel):
 
 
 class AdapterSpec(_Strict):
-    r: int = Field(description="LoRA rank (>= 1)")
+    r: int = Field(le=MAX_RANK, description=f"LoRA rank (1..{MAX_RANK})")
     alpha: float = Field(default=16.0, gt=0, allow_inf_nan=False,
                          description="LoRA alpha; scale = alpha / r (alpha / sqrt(r) with rslora)")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="LoRA dropout probability")
@@ -179,7 +181,7 @@ class JobSpec(_Strict):
 class JobsFile(_Strict):
     capacity: int = Field(default=8192, ge=SEGMENT_ALIGN, le=MAX_TOKENS,
                           description="tokens per microbatch, after segment padding")
-    stages: int = Field(default=4, ge=1, le=1024, description="pipeline stages S (a billion hung the simulator)")
+    stages: int = Field(default=4, ge=1, le=MAX_LAYERS, description="pipeline stages S (a billion hung the simulator)")
     global_batches: int = Field(default=8, ge=1, description="global batches per job planned in this run")
     seed: int = Field(default=0, ge=0, description="numpy's generators take seeds >= 0")
     layers: int = Field(default=32, ge=1, le=MAX_LAYERS,

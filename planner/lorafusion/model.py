@@ -30,6 +30,7 @@ __all__ = [
     "ffd_pack",
     "bin_lower_bound",
     "pack_problem",
+    "DEFAULT_TIME_LIMIT_S",
     "merge_pass",
     "apply_dependency_rule",
     "dependency_violations",
@@ -235,13 +236,18 @@ def _milp(samples: Sequence[int], adapter_of: Sequence[int], lengths: Sequence[i
     return out, bins
 
 
+DEFAULT_TIME_LIMIT_S = 0.4
+"""Solver budget of one (global batch, group) packing problem when none is given (seconds; `plan lora`'s
+--time-limit)."""
+
 MILP_BINARIES_PER_SECOND = 8_000
 """Largest MILP (samples x bins binaries) started per second of its budget. Measured with CBC 2.10 on this 2-core
 CPU: 3840 binaries took 0.14 s, 6080 took 1.2 s and 17408 took 1.75 s whatever the limit, 65k took 16-24 s."""
 
 
 def pack_problem(samples: Sequence[int], adapter_of: Sequence[int], lengths: Sequence[int], capacity: int,
-                 *, time_limit: float = 0.4, seed: int = 0, use_milp: bool = True) -> PackResult:
+                 *, time_limit: float = DEFAULT_TIME_LIMIT_S, seed: int = 0,
+                 use_milp: bool = True) -> PackResult:
     """Pack one (global batch, group): FFD warm start; MILP 1 unless FFD already meets the lower bound;
     MILP 2 to shrink the last bin. ``time_limit`` (s) is the budget of the whole problem: MILP 1 may use half
     of it, MILP 2 what is left after ~0.1 s is set aside for CBC's start-up. A MILP whose binaries (samples x

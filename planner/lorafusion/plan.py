@@ -12,12 +12,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..plan import Plan, SolverRecord, inputs_digest, profile_ref
+from ..plan import MAX_LAYERS, Plan, SolverRecord, inputs_digest, profile_ref
 from .baselines import mlora_baseline, sequential_baseline
 from .costmodel import StageCost, padded, stage_cost_from_profile
 # the adapter schema is part of the plan
-from .jobs import KNOWN_TARGET_MODULES, MAX_LAYERS, MAX_TOKENS, AdapterSpec, JobName, Workload
+from .jobs import KNOWN_TARGET_MODULES, MAX_TOKENS, AdapterSpec, JobName, Workload
 from .model import (
+    DEFAULT_TIME_LIMIT_S,
     AdapterStats,
     MILP_BINARIES_PER_SECOND,
     Microbatch,
@@ -129,7 +130,7 @@ class LoRAPlan(Plan):
     kind: Literal["lora"] = "lora"
     source: str = Field(description="jobs file or preset the plan was made from")
     capacity: int = Field(ge=1, le=MAX_TOKENS)
-    stages: int = Field(ge=1, le=1024)
+    stages: int = Field(ge=1, le=MAX_LAYERS)
     layers: int = Field(ge=1, le=MAX_LAYERS)
     jobs: list[LoRAJob]
     lengths: list[int] = Field(description="tokens per sample id")
@@ -228,11 +229,11 @@ class LoRAPlan(Plan):
     def summary_rows(self) -> list[tuple[str, str]]:
         s = self.summary
         rows = super().summary_rows()
-        # the limit is per problem, the time their sum: '4.9 s (limit 0.4 s)' read as an overrun
-        if self.solver.time_limit:
-            rows = [(k, f"{self.solver.solve_seconds:.3f} s over {len(self.problems)} (global batch, group) problems "
-                        f"(limit {self.solver.time_limit:g} s each)") if k == "solve time" else (k, v)
-                    for k, v in rows]
+        # the limit is per problem, the time their sum: '4.9 s (limit 0.4 s)' read as an overrun; no limit: --no-milp
+        limit = f" (limit {self.solver.time_limit:g} s each)" if self.solver.time_limit else ""
+        rows = [(k, f"{self.solver.solve_seconds:.3f} s over {len(self.problems)} (global batch, group) problems"
+                    + limit) if k == "solve time" else (k, v)
+                for k, v in rows]
         rows += [
             ("jobs", ", ".join(f"{j.name}(r={j.adapter.r})" for j in self.jobs)),
             ("groups", " | ".join("+".join(self.jobs[a].name for a in g) for g in self.groups)),
@@ -256,10 +257,11 @@ def _p95(xs: list[float]) -> float:
     return ys[min(len(ys) - 1, math.ceil(0.95 * len(ys)) - 1)]
 
 
-def build_plan(w: Workload, profile, *, time_limit: float = 0.4, seed: int = 0, use_milp: bool = True,
-               progress=None) -> LoRAPlan:
+def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S, seed: int = 0,
+               use_milp: bool = True, progress=None) -> LoRAPlan:
     """Plan a multi-job LoRA workload on ``profile`` (see module docstring). ``time_limit`` (s) is the solver
-    budget of each (global batch, group) problem (MILP 1 gets at most half, MILP 2 the rest)."""
+    budget of each (global batch, group) problem (MILP 1 gets at most half, MILP 2 the rest); without
+    ``use_milp`` it is unused and the plan records no time limit."""
     cfg, L = w.config, w.lengths
     adapter_of = w.adapter_of
     cost = stage_cost_from_profile(profile, cfg.layers, cfg.stages)
@@ -358,7 +360,7 @@ def build_plan(w: Workload, profile, *, time_limit: float = 0.4, seed: int = 0, 
         objective=float(sum(r.bins for r in records)),
         bound=float(sum(r.lower_bound for r in records)),
         solve_seconds=round(sum(solve_times), 6),
-        time_limit=time_limit,
+        time_limit=time_limit if use_milp else None,  # first-fit decreasing takes none
         seed=seed,
         threads=1,
         note=(f"{len(records)} (global batch, group) problems: {n_status['optimal']} bin count proved minimal, "

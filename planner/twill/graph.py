@@ -17,6 +17,7 @@ import math
 import os
 from fractions import Fraction
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -24,18 +25,24 @@ from adasched.profiler.io import InputError, load_model
 
 __all__ = [
     "Op", "Edge", "Graph", "Machine", "Problem",
-    "GRAPHS_DIR", "MACHINES_DIR", "MAX_OPS", "MAX_CYCLES", "builtin_graphs", "builtin_machines",
+    "GRAPHS_DIR", "MACHINES_DIR", "MAX_OPS", "MAX_CYCLES", "MAX_UNITS", "builtin_graphs", "builtin_machines",
     "load_graph", "load_machine", "check_graph", "make_problem", "normalise_costs",
 ]
 
 GRAPHS_DIR = Path(__file__).with_name("graphs")
+MACHINES_DIR = Path(__file__).with_name("machines")
 
 #: Most ops in a graph and most normalised cycles of an edge's delay or an op's reservation table (graphs use small
 #: integers, normalise_costs; scalebench's finest loops have 120 ops and 256-cycle delays). Beyond them the solve
-#: and the schedule simulator ran for hours whatever --time-limit said (a delay of 10**9, 5000 ops).
+#: and the schedule simulator ran for hours whatever --time-limit said (a delay of 10**9, 5000 ops). An edge's
+#: distance is bounded by MAX_CYCLES too (10**30 failed inside OR-Tools).
 MAX_OPS = 256
 MAX_CYCLES = 1024
-MACHINES_DIR = Path(__file__).with_name("machines")
+#: Most units of one kind (a machine's or graph's count, an op's entry in a reservation table); 10**30 overflowed
+#: the schedule's int64 arrays.
+MAX_UNITS = 1024
+
+_Count = Annotated[int, Field(le=MAX_UNITS)]
 
 
 class Op(BaseModel):
@@ -43,7 +50,7 @@ class Op(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     name: str = Field(min_length=1)
-    reserve: dict[str, list[int]] = Field(description="unit -> units held in each cycle after issue")
+    reserve: dict[str, list[_Count]] = Field(description="unit -> units held in each cycle after issue")
     regs: int | None = Field(default=None, ge=0, description="registers per thread its result holds while live")
     smem: int | None = Field(default=None, ge=0, description="shared memory (KiB) one live copy of its result holds")
     variable_latency: bool | None = Field(default=None, description="latency unknown at compile time (TMA loads)")
@@ -77,7 +84,7 @@ class Edge(BaseModel):
     dst: str = Field(alias="to")
     delay: int = Field(default=0, ge=0, le=MAX_CYCLES, description="minimum issue-to-issue distance (normalised "
                                                                   "cycles)")
-    distance: int = Field(default=0, ge=0, description="iteration distance (1 = loop-carried)")
+    distance: int = Field(default=0, ge=0, le=MAX_CYCLES, description="iteration distance (1 = loop-carried)")
     value: bool = Field(default=True, description="carries a value (crossing warp groups costs a handoff)")
 
     def label(self) -> str:
@@ -89,7 +96,7 @@ class Graph(BaseModel):
     name: str = "graph"
     description: str = ""
     machine: str | None = Field(default=None, description="machine the graph was written for (hint)")
-    units: dict[str, int] | None = Field(default=None, description="unit counts; override the machine's")
+    units: dict[str, _Count] | None = Field(default=None, description="unit counts; override the machine's")
     ops: list[Op] = Field(min_length=1, max_length=MAX_OPS)
     edges: list[Edge] = Field(default_factory=list)
 
@@ -121,7 +128,7 @@ class Machine(BaseModel):
     name: str
     description: str = ""
     cycle_ns: float = Field(gt=0, description="nanoseconds per normalised cycle")
-    units: dict[str, int]
+    units: dict[str, _Count]
     max_warp_groups: int = Field(ge=1)
     threads_per_group: int = Field(default=128, ge=32)
     regs_per_group_max: int = Field(ge=1, description="registers per thread a warp group may hold (setmaxnreg cap)")

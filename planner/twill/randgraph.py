@@ -17,6 +17,8 @@ import sys
 
 from adasched.planner.ui import OneLineArgParser
 
+from .graph import MAX_CYCLES, MAX_OPS
+
 __all__ = ["random_graph", "UNITS"]
 
 UNITS = {"TC": 1, "SFU": 1, "ALU": 2, "TMA": 1}
@@ -61,15 +63,17 @@ def random_graph(n_ops: int, seed: int, *, warp: bool = False, scale: int = 1) -
 
 def main(argv: list[str] | None = None) -> int:
     ap = OneLineArgParser(prog="python -m adasched.planner.twill.randgraph", description=__doc__.splitlines()[0])
-    ap.add_argument("--ops", type=int, default=60, help="operations in the loop body (>= 2; default: 60)")
+    ap.add_argument("--ops", type=int, default=60, help=f"operations in the loop body (2..{MAX_OPS}; default: 60)")
     ap.add_argument("--seed", type=int, default=0, help="random seed: same seed, same graph (default: 0)")
     ap.add_argument("--warp", action="store_true", help="loads, registers, blocking ops (the joint problem)")
-    ap.add_argument("--scale", type=int, default=1, help="multiply every delay and reservation cycle (>= 1; "
-                    "default: 1)")
+    ap.add_argument("--scale", type=int, default=1, help="multiply every delay and reservation cycle "
+                    f"(1..{MAX_CYCLES // 4}; default: 1)")
     a = ap.parse_args(argv)
-    for option, value, least in (("--ops", a.ops, 2), ("--scale", a.scale, 1)):
-        if value < least:
-            print(f"error: {option}: must be >= {least}, got {value}", file=sys.stderr)
+    # most: what `plan twill` takes (MAX_OPS ops; delays, up to 4 x scale cycles, of at most MAX_CYCLES)
+    for option, value, least, most in (("--ops", a.ops, 2, MAX_OPS), ("--scale", a.scale, 1, MAX_CYCLES // 4)):
+        if not least <= value <= most:
+            bound = f">= {least}" if value < least else f"<= {most} (the most plan twill takes)"
+            print(f"error: {option}: must be {bound}, got {value}", file=sys.stderr)
             return 2
     g = random_graph(a.ops, a.seed, warp=a.warp, scale=a.scale)  # its only ValueErrors are refused above
     json.dump(g, sys.stdout, indent=1)
