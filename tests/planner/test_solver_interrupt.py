@@ -73,11 +73,20 @@ def _interrupt_once(started: threading.Event, cancel: threading.Event, settle: f
     return threading.Thread(target=fire, daemon=True), sent
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler for the test, as in a terminal: a runner started in the background (or under
+    nohup) passes SIGINT ignored to the test process, and Python then installs none."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _assert_interrupted(call, monkeypatch, cls) -> float:
     """Run ``call()`` with a SIGINT 0.3 s into the solve; it must raise KeyboardInterrupt within PROMPT_S of the
     signal, and the solver's ``cls.Solve`` must have returned by then (the search stopped, not left running in a
     thread). Returns the latency in seconds."""
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # (the python_sigint fixture)
     returned: list[float] = []
     started = threading.Event()
     orig = cls.Solve
@@ -110,7 +119,7 @@ def _assert_interrupted(call, monkeypatch, cls) -> float:
     return latency
 
 
-def test_solve_cpsat_raises_keyboard_interrupt_promptly(monkeypatch):
+def test_solve_cpsat_raises_keyboard_interrupt_promptly(monkeypatch, python_sigint):
     from ortools.sat.python import cp_model
 
     a, d = _market_split(0)
@@ -137,7 +146,7 @@ def test_solve_cpsat_raises_keyboard_interrupt_promptly(monkeypatch):
     assert out.status == "optimal" and out.objective == best
 
 
-def test_solve_linear_scip_raises_keyboard_interrupt_promptly(monkeypatch):
+def test_solve_linear_scip_raises_keyboard_interrupt_promptly(monkeypatch, python_sigint):
     from ortools.linear_solver import pywraplp
 
     a, d = _market_split(1)
@@ -155,8 +164,11 @@ def test_solve_linear_scip_raises_keyboard_interrupt_promptly(monkeypatch):
 def _interrupt_cli(args: list[str], cwd: Path, out: Path, settle: float = 0.3) -> tuple[float, str, str]:
     """Start the CLI, wait for a solve that is still running ``settle`` s after it started, send SIGINT, and wait
     for the exit. Returns (seconds from SIGINT to exit, stdout, stderr without the markers)."""
+    # SIGINT at its default in the child (a runner started in the background passes it ignored, and Python then
+    # installs no KeyboardInterrupt handler: the CLI would go on solving), as when started from a terminal
     proc = subprocess.Popen([sys.executable, "-c", _WRAP, *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: queue.Queue = queue.Queue()
     err_lines: list[str] = []
 
