@@ -208,6 +208,12 @@ def test_sp_buckets_recorded(lens, tmp_path, capsys):
     assert main(["plan", "sp", "--seqlens", str(lens), "--gpus", "4", "--global-batch", "8", "--buckets", "4",
                  "--time-limit", "0.5", "--out", str(out)]) == 0
     assert "Q=4" in json.loads(out.read_text())["solver"]["note"]
+    # --no-milp: the note names no MILPs, buckets or MILP budget (it said "0 MILPs (bucketed, Q=16)")
+    assert main(["plan", "sp", "--seqlens", str(lens), "--gpus", "4", "--global-batch", "8", "--no-milp",
+                 "--time-limit", "0.5", "--out", str(out)]) == 0
+    note = json.loads(out.read_text())["solver"]["note"]
+    assert "heuristics only" in note and "search budget 0.5 s per step" in note, note
+    assert "MILP" not in note and "Q=" not in note, note
 
 
 # ---- plan twill: graph sizes ----------------------------------------------------------------------------------------

@@ -120,11 +120,15 @@ def to_plan(results: list[StepResult], cm: SPCostModel, profile: ClusterProfile,
         note=(f"deterministic: at most {config.max_evals} group structures per micro-batch and "
               f"{config.milp_nodes} nodes per MILP, {config.time_limit:g} s a cap per MILP; "
               f"{sum(1 for r in results if r.clock_bound)} steps cut by that cap (those may differ between runs); "
-              if config.deterministic else f"MILP budget {config.time_limit:g} s per step; ")
-             + f"{len(results)} steps; {n_milp} MILPs (bucketed, Q={config.buckets}); MILP beat the heuristics on {n_won}; gap is the "
-             f"mean over MILPs of (objective - bound)/objective in the bucketed model; every plan is evaluated on "
-             f"real lengths and is the best of MILP, single-degree and greedy candidates; status 'optimal' only when "
-             f"every step meets its lower bound (MILP statuses per step refer to the bucketed model)",
+              if config.deterministic else
+              f"{'MILP' if config.use_milp else 'search'} budget {config.time_limit:g} s per step; ")
+             + (f"{len(results)} steps; {n_milp} MILPs (bucketed, Q={config.buckets}); MILP beat the heuristics on "
+                f"{n_won}; gap is the mean over MILPs of (objective - bound)/objective in the bucketed model; every "
+                f"plan is evaluated on real lengths and is the best of MILP, single-degree and greedy candidates; "
+                f"status 'optimal' only when every step meets its lower bound (MILP statuses per step refer to the "
+                f"bucketed model)" if config.use_milp else
+                f"{len(results)} steps; heuristics only (--no-milp: single-degree, greedy and local-search candidates, "
+                f"each evaluated on real lengths)"),
     )
     bnames = sorted({k for r in results for k in r.baselines_ms})
     baselines = {k: round(sum(r.baselines_ms.get(k, np.inf) for r in results), 6) for k in bnames}

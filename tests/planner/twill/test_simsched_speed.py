@@ -1,8 +1,8 @@
 """simsched's work: event-driven, the results of a brute-force per-cycle loop (every field, deadlocks included).
 
 The per-cycle loop asked every warp group at every cycle: on a 256-op random graph (one group per op in the plain
-problem, I = 148, 320 iterations) ~23 million readiness checks, 45 s of the 50 s of ``adasched plan twill
---time-limit 5``. The work is counted through ``stats`` (no wall-clock assertion).
+problem, I = 148, 320 iterations) ~23 million readiness checks, most of the 51.7 s of ``adasched plan twill
+--time-limit 5`` (8.3 s now; BENCHMARKS.md ``twill``). The work is counted through ``stats`` (no wall-clock assertion).
 """
 from __future__ import annotations
 
