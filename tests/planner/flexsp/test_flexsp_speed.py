@@ -184,7 +184,10 @@ def test_room_bounds_with_tiny_beta_and_a_limit_ulps_away():
 def test_a_large_global_batch_plans_in_bounded_cpu_time():
     """3,000 sequences of the packaged Wikipedia sample on the 64-GPU A100 profile, heuristics with a 0.1 s search
     budget: 7.3 s of CPU before the fast paths (lpt 13 us a sequence, dense swap matrices, a full evaluation of
-    every donor sequence in the fill), 1.75 s after (this 2-core machine, loaded); the bound leaves ~3x."""
+    every donor sequence in the fill), 1.75 s after (this 2-core machine, loaded, 2026-11-28). On 2026-11-29 the
+    same code (and that of cdb9879) took 3.8-5.6 s here, so the first bound of 5 s failed a fresh-clone run at
+    5.01 s; the bound is 12 s now, still under the ~4x of the slow paths. (A work count would not depend on the
+    machine: owed.)"""
     from importlib import resources
 
     from adasched.planner.flexsp.api import load_lengths
@@ -201,4 +204,4 @@ def test_a_large_global_batch_plans_in_bounded_cpu_time():
     r = plan_step(batch, cm, PlannerConfig(use_milp=False, time_limit=0.1, seed=0))
     cpu = time.process_time() - c0
     assert r.memory_violations == 0 and r.time_ms <= r.baselines_ms["best_homogeneous"]
-    assert cpu < 5.0, f"{cpu:.2f} s CPU"
+    assert cpu < 12.0, f"{cpu:.2f} s CPU"
