@@ -13,7 +13,7 @@ from adasched.launch.cli_args import add_checkpoint_args, checkpoint_config
 from adasched.profiler.io import InputError
 from adasched.runtime.checkpoint import (META_NAME, CheckpointConfig, Checkpointer, ModelState, RNGState, Values,
                                          check_resumable, committed_steps, find_checkpoint, layout_changes,
-                                         step_folder)
+                                         load_templates, step_folder)
 from adasched.runtime.dist import spawn_gloo
 from adasched.schedules import get_schedule
 
@@ -207,6 +207,106 @@ def test_resharded_resume_loads_rank_0s_copy(tmp_path):
         assert torch.equal(p, q)
         assert torch.equal(opt.state[p]["exp_avg"], opt0.state[q]["exp_avg"])
         assert torch.equal(opt.state[p]["exp_avg_sq"], opt0.state[q]["exp_avg_sq"])
+
+
+_RESHARD_STEP = 7
+
+
+def _reshard_state(gen: torch.Generator, rank: int) -> dict:
+    """A replicated entry, an own_rank entry and an entry left to a resharder; tensors drawn from ``gen``, fresh
+    random values (never zeros), and a per-rank plain value so that a rank's tag tells whose copy it loaded."""
+    return {"rep": Values(w=torch.randn(3, 5, generator=gen), tag=rank),
+            "own": Values(w=torch.randn(4, generator=gen), tag=rank),
+            "experts": Values(w=torch.randn(2, 4, generator=gen))}
+
+
+def _tensors(state: dict) -> dict:
+    return {name: value["w"].clone() for name, value in state.items()}
+
+
+def _reshard_worker(rank: int, world: int, save_to: str | None, save_layout: str, resume_from: str | None,
+                    layout: str) -> dict:
+    """Save (each rank its own values, seeded by world size and rank) with ``save_layout`` as the identity's layout
+    entry, then resume a save with ``layout``; the saved, fresh and resumed tensors go back to the test, with what
+    the resharder saw."""
+    out: dict = {}
+    run = {"seed": 0, "layout": layout}
+    if save_to is not None:
+        state = _reshard_state(torch.Generator().manual_seed(100 * world + rank), rank)
+        Checkpointer(CheckpointConfig(folder=save_to), run={**run, "layout": save_layout}).save(_RESHARD_STEP, state)
+        out["saved"] = _tensors(state)
+    if resume_from is not None:
+        state = _reshard_state(torch.Generator().manual_seed(5000 + 100 * world + rank), -1 - rank)
+        out["fresh"] = _tensors(state)
+        seen: dict = {}
+
+        def reshard(info, saved):  # all the saved ranks' experts, joined (a real trainer would then cut its share)
+            seen.update(world=info.world_size, step=info.step, layout=info.run.get("layout"),
+                        sizes={k: tuple(m.size) for k, m in saved.items() if k.endswith("/experts.w")})
+            keys = [f"rank{r}/experts.w" for r in range(info.world_size)]
+
+            def finish(loaded):
+                seen["finish_keys"] = list(loaded)
+                state["experts"]["w"] = torch.cat([loaded[k] for k in keys])
+
+            return load_templates(saved, keys), finish
+
+        ck = Checkpointer(CheckpointConfig(folder=resume_from), run=run, layout_keys=("layout",),
+                          replicated={"rep"}, own_rank={"own"}, resharders={"experts": reshard})
+        out["step"] = ck.resume(state)
+        out["resharded_from"] = None if ck.resharded_from is None else (ck.resharded_from.world_size,
+                                                                        ck.resharded_from.step)
+        out["resumed"] = _tensors(state)
+        out["tags"] = (state["rep"]["tag"], state["own"]["tag"])
+        out["resharder"] = seen
+    return out
+
+
+def _check_resharded(out: list, saved: list, layout: str) -> None:
+    """Every resuming rank of ``out`` against the save's ranks ``saved`` (their saved tensors), element for
+    element."""
+    old = len(saved)
+    experts = torch.cat([s["experts"] for s in saved])
+    for rank, got in enumerate(out):
+        assert got["step"] == _RESHARD_STEP and got["resharded_from"] == (old, _RESHARD_STEP)
+        res, fresh = got["resumed"], got["fresh"]
+        assert torch.equal(res["rep"], saved[0]["rep"]) and got["tags"][0] == 0  # rank 0's copy on every rank,
+        if 0 < rank < old:  # never this rank's own
+            assert not torch.equal(res["rep"], saved[rank]["rep"])
+        if rank < old:  # own_rank: this rank's saved copy
+            assert torch.equal(res["own"], saved[rank]["own"]) and got["tags"][1] == rank
+        else:  # a rank the save did not have keeps its fresh value
+            assert torch.equal(res["own"], fresh["own"]) and got["tags"][1] == -1 - rank
+        assert not torch.equal(res["own"], fresh["own"] if rank < old else saved[0]["own"])
+        seen = got["resharder"]
+        assert (seen["world"], seen["step"], seen["layout"]) == (old, _RESHARD_STEP, layout)
+        assert seen["sizes"] == {f"rank{r}/experts.w": (2, 4) for r in range(old)}  # the save's metadata
+        assert seen["finish_keys"] == [f"rank{r}/experts.w" for r in range(old)]
+        assert torch.equal(res["experts"], experts)
+
+
+def test_resharded_resume_on_several_ranks(tmp_path):
+    """Real resharded resumes, every rank holding different random values: a 2-rank save resumed by 2 ranks with
+    another layout entry and by 3 ranks, and the 3 ranks' own save resumed by one process. On every rank the
+    replicated entry is rank 0's saved copy (rank 1 does not get its own), the own_rank entry the same rank's saved
+    copy (a rank the save lacks keeps its fresh value), and the resharder gets the saved metadata and every saved
+    rank's experts. (Two spawns: each costs seconds of torch imports.)"""
+    two, three = str(tmp_path / "two"), str(tmp_path / "three")
+    out = spawn_gloo(_reshard_worker, 2, two, "a", two, "b", timeout_s=60)  # another layout entry, same world size
+    saved2 = [o["saved"] for o in out]
+    # the checks can fail: the ranks saved different values (rank 1 loading its own replicated copy would show)
+    for name in ("rep", "own", "experts"):
+        assert not torch.equal(saved2[0][name], saved2[1][name])
+    _check_resharded(out, saved2, "a")
+    out = spawn_gloo(_reshard_worker, 3, three, "a", two, "a", timeout_s=60)  # 2 -> 3 ranks; and a 3-rank save
+    _check_resharded(out, saved2, "a")
+    assert sorted(p.name for p in step_folder(Path(three), _RESHARD_STEP).glob("*.distcp")) == [
+        "__0_0.distcp", "__1_0.distcp", "__2_0.distcp"]
+    saved3 = [o["saved"] for o in out]
+    assert not torch.equal(saved3[0]["rep"], saved3[2]["rep"])
+    out = [_reshard_worker(0, 1, None, "", three, "a")]  # 3 -> 1: this process, no process group
+    assert sorted(out[0]) == ["fresh", "resharded_from", "resharder", "resumed", "step", "tags"]  # it saved nothing
+    _check_resharded(out, saved3, "a")
 
 
 def _parse(argv):
