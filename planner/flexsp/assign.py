@@ -15,6 +15,15 @@ from .costmodel import SPCostModel
 __all__ = ["MBSolution", "evaluate", "lpt_assign", "worst_fit_assign", "pack_structure", "local_search", "buddy_ranks"]
 
 
+#: Units of work of the fast paths, for machine-independent guards (tests/planner/flexsp/test_flexsp_speed.py):
+#: ``lpt_looks``: :func:`lpt_assign`'s looks at groups (one per degree class per sequence, plus every heap entry
+#: popped; the full pass it replaced looks at every group per sequence); ``swap_elems``: elements of the swap
+#: search of :func:`local_search` (the dense form: critical group's sequences x the others; pruned: a length range
+#: per row and active group, plus the candidate pairs); ``fill_evals``: donor sequences :func:`.search.fill_across`
+#: tests exactly (the rest are skipped by their room). Added once per call or batch operation, never per element.
+WORK = {"lpt_looks": 0, "swap_elems": 0, "fill_evals": 0}
+
+
 @dataclass
 class MBSolution:
     """One micro-batch: ``groups[i] = (degree, [sequence ids])``; ids index the step's length array."""
@@ -83,6 +92,7 @@ def lpt_assign(ids: np.ndarray, lens: np.ndarray, degrees: list[int], cm: SPCost
     tok = [0.0] * k
     cur = [np.nan] * k  # a used group's load (finish time so far)
     owner = np.empty(len(order), dtype=np.int64)
+    n_popped = 0  # heap entries popped and pushed back (stale ones are counted at the end)
     for j, s in enumerate(lens[order].astype(np.float64).tolist()):
         best_t, best_g, best_c = np.inf, -1, -1
         for ci, ((a, b, c), cap, gs) in enumerate(classes):
@@ -119,9 +129,11 @@ def lpt_assign(ids: np.ndarray, lens: np.ndarray, degrees: list[int], cm: SPCost
                     first_t = t
                 if t < best_t or (t == best_t and g < best_g):
                     best_t, best_g, best_c = t, g, ci
+            n_popped += len(popped)
             for item in popped:
                 heapq.heappush(heap, item)
         if best_g < 0:
+            WORK["lpt_looks"] += (j + 1) * len(classes) + j + n_popped - sum(len(h) for h in heaps)
             return None
         g, ci = best_g, best_c
         gs = classes[ci][2]
@@ -131,6 +143,8 @@ def lpt_assign(ids: np.ndarray, lens: np.ndarray, degrees: list[int], cm: SPCost
         heapq.heappush(heaps[ci], (best_t, g))
         tok[g] += s
         owner[j] = g
+    # heap pops = pushes (one per sequence placed, plus the popped ones pushed back) - entries left
+    WORK["lpt_looks"] += len(order) * len(classes) + len(order) + n_popped - sum(len(h) for h in heaps)
     members: list[list[int]] = [[] for _ in range(k)]
     for j, i in enumerate(order):
         members[owner[j]].append(int(i))
@@ -258,6 +272,7 @@ def _swaps_dense(c, si, other, s, own, A, B, Cc, sq, sm, cap):
     ng = A[gj][None, :] * (sq[gj][None, :] - d2) + B[gj][None, :] * (sm[gj][None, :] - d) + Cc[gj][None, :]
     okw = (d < 0) & (sm[c] + d <= cap[c]) & (sm[gj][None, :] - d <= cap[gj][None, :])
     w2 = np.where(okw, np.maximum(nc, ng), np.inf)
+    WORK["swap_elems"] += w2.size
     idx = np.unravel_index(int(np.argmin(w2)), w2.shape)
     return w2[idx], idx
 
@@ -313,12 +328,14 @@ def _swaps_pruned(c, si, other, s, own, A, B, Cc, sq, sm, cap, t, thr):
     b = np.searchsorted(keys, g_off + upr[:, None], side="right")
     cnt = np.maximum(b - a, 0).ravel()
     total = int(cnt.sum())
+    WORK["swap_elems"] += si.size + sel.size + cnt.size  # a bound per row, a key per sequence, a range per pair
     if total == 0:
         return np.inf, (0, 0)
     if 2 * total > si.size * other.size:
         # pruning spared little: the full matrix is as fast, and its memory (8 arrays of the pairs) is what
         # api.planner_memory_bytes counts; the ~16 arrays of the candidates below stay within it this way
         return _swaps_dense(c, si, other, s, own, A, B, Cc, sq, sm, cap)
+    WORK["swap_elems"] += total
     rows = rws[np.repeat(np.arange(rws.size * ka) // ka, cnt)]
     first = np.cumsum(cnt) - cnt
     col = order[np.repeat(a.ravel(), cnt) + np.arange(total) - np.repeat(first, cnt)]

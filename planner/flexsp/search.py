@@ -18,7 +18,7 @@ from collections import Counter
 
 import numpy as np
 
-from .assign import MBSolution, evaluate, local_search, lpt_assign, worst_fit_assign
+from .assign import WORK, MBSolution, evaluate, local_search, lpt_assign, worst_fit_assign
 from .costmodel import SPCostModel
 
 __all__ = ["structure_neighbours", "pack_fast", "seed_structures", "structure_search", "fill_across"]
@@ -226,13 +226,14 @@ def fill_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadli
             # a sequence longer than every group's room (time and memory, :func:`_room`) fits nowhere: skipped
             # without evaluating it (the rooms only shrink as sequences move in); the rest are checked exactly
             room = _room(A, Bc, Cc, sq, sm, cap, limit)
-            pos = 0
+            pos = tried = 0
             while pos < d_ids.size:
                 pos = max(pos, int(np.searchsorted(neg_s, -float(room.max()), side="left")))
                 if pos >= d_ids.size:
                     break
                 i = int(d_ids[pos])
                 pos += 1
+                tried += 1
                 s = float(lens[i])
                 new = A * (sq + s * s) + Bc * (sm + s) + Cc
                 ok = (new <= limit) & (sm + s <= cap)
@@ -244,6 +245,7 @@ def fill_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadli
                 sm[g] += s
                 room[g] = _room(A[g:g + 1], Bc[g:g + 1], Cc[g:g + 1], sq[g:g + 1], sm[g:g + 1], cap[g:g + 1], limit)[0]
                 moved.add(i)
+            WORK["fill_evals"] += tried
             if not moved:
                 continue
             changed = True

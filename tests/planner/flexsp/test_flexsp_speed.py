@@ -1,12 +1,10 @@
 """The planner's fast paths give the same answers as the straightforward forms they replace, on random instances
-with many ties and tight memory, and a large global batch plans in a bounded CPU time.
+with many ties and tight memory, and on a large global batch they do a fraction of the slow forms' work.
 
 - lpt_assign (a heap per degree) vs a pass over all groups per sequence (the former implementation, below);
 - local_search's pruned swap search vs the full swap matrix (``PRUNE_FROM``);
 - evaluate's all-groups-at-once sums vs SPCostModel.group_time / fits per group;
 - fill_across's skip of sequences longer than every group's room vs evaluating every sequence."""
-import time
-
 import numpy as np
 
 import adasched.planner.flexsp.assign as asg
@@ -25,6 +23,7 @@ def lpt_reference(ids, lens, degrees, cm):
     load, tok, used = np.zeros(len(degrees)), np.zeros(len(degrees)), np.zeros(len(degrees), dtype=bool)
     members = [[] for _ in degrees]
     for i in order:
+        asg.WORK["lpt_looks"] += len(degrees)  # every group looked at
         s = float(lens[i])
         t = load + co[:, 0] * (s * s) + co[:, 1] * s + np.where(used, 0.0, co[:, 2])
         t[tok + s > cap] = np.inf
@@ -181,15 +180,18 @@ def test_room_bounds_with_tiny_beta_and_a_limit_ulps_away():
     assert s[sm + s <= cap].max() <= room
 
 
-def test_a_large_global_batch_plans_in_bounded_cpu_time():
-    """3,000 sequences of the packaged Wikipedia sample on the 64-GPU A100 profile, heuristics with a 0.1 s search
-    budget: 7.3 s of CPU before the fast paths (lpt 13 us a sequence, dense swap matrices, a full evaluation of
-    every donor sequence in the fill), 1.75 s after (this 2-core machine, loaded, 2026-11-28). On 2026-11-29 the
-    same code (and that of cdb9879) took 3.8-5.6 s here, so the first bound of 5 s failed a fresh-clone run at
-    5.01 s; the bound is 12 s now, still under the ~4x of the slow paths. (A work count would not depend on the
-    machine: owed.)"""
+def test_a_large_global_batch_keeps_its_fast_paths(monkeypatch):
+    """3,000 sequences of the packaged Wikipedia sample on the 64-GPU A100 profile, heuristics in deterministic
+    mode (bounded by work, not the clock; max_evals=0: no structure search, whose packings are the same LPT and
+    local search again): the fast paths' units of work (asg.WORK) against the slow forms' on the same plan, a
+    count that does not depend on the machine. On 2026-11-29: LPT group looks 224,510 vs 3,553,937 (16x), swap
+    search elements 16.8 M vs 155 M (9.3x), fill exact tests 1,236 vs 121,217 (98x); CPU 4.3 s vs 14.4 s on this
+    2-core machine, loaded (how fast is BENCHMARKS' business, not a test's). The bounds (10x, 5x, 20x) fail with
+    PRUNE_FROM = 10 ** 18, without the fill's skip, or with lpt_assign's heap walk not stopping at the first later
+    finish."""
     from importlib import resources
 
+    import adasched.planner.flexsp.baselines as bl
     from adasched.planner.flexsp.api import load_lengths
     from adasched.planner.flexsp.batching import draw_batches
     from adasched.planner.flexsp.costmodel import sp_cost_model
@@ -200,8 +202,30 @@ def test_a_large_global_batch_plans_in_bounded_cpu_time():
                         393216)
     cm = sp_cost_model(load_profile("a100-64-flexsp-paper"), "gpt-7b", 64)
     batch = draw_batches(lens, 3000, 1, 0)[0]
-    c0 = time.process_time()
-    r = plan_step(batch, cm, PlannerConfig(use_milp=False, time_limit=0.1, seed=0))
-    cpu = time.process_time() - c0
-    assert r.memory_violations == 0 and r.time_ms <= r.baselines_ms["best_homogeneous"]
-    assert cpu < 12.0, f"{cpu:.2f} s CPU"
+    cfg = PlannerConfig(use_milp=False, max_evals=0, seed=0)
+
+    def run():
+        asg.WORK.update(dict.fromkeys(asg.WORK, 0))
+        r = plan_step(batch, cm, cfg)
+        return r, dict(asg.WORK)
+
+    def full_pass(ids, lens, degrees, cm, source="lpt"):
+        sol = lpt_reference(ids, lens, degrees, cm)
+        if sol is not None:
+            sol.source = source
+        return sol
+
+    fast, n_fast = run()
+    with monkeypatch.context() as m:  # every fast path off: the same answers, more work
+        m.setattr(asg, "PRUNE_FROM", 10 ** 18)
+        m.setattr(srch, "_room", lambda A, *a: np.full(A.shape, np.inf))
+        for mod in (asg, srch, bl):
+            m.setattr(mod, "lpt_assign", full_pass)
+        slow, n_slow = run()
+    assert fast.memory_violations == 0 and fast.time_ms <= fast.baselines_ms["best_homogeneous"]
+    assert slow.time_ms == fast.time_ms and [mb.groups for mb in slow.micro_batches] == \
+        [mb.groups for mb in fast.micro_batches]
+    assert n_fast["lpt_looks"] * 10 < n_slow["lpt_looks"], (n_fast, n_slow)
+    assert n_fast["swap_elems"] * 5 < n_slow["swap_elems"], (n_fast, n_slow)
+    assert n_fast["fill_evals"] * 20 < n_slow["fill_evals"], (n_fast, n_slow)
+    assert n_fast["fill_evals"] > 0  # the fill ran
