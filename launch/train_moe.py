@@ -45,21 +45,25 @@ the remaining steps and the final state equal those of the uninterrupted run. A 
 ``--checkpoint-dir`` needs exactly one ``--router`` and one ``--schedule``; ``--compare-schedules`` (single-process,
 one model per schedule) takes no checkpoint options. Every rank stores its own state (expert-parallel ranks hold
 different experts). A save resumes only for the same run: the identity (:func:`run_identity`) holds the router, the
-scheduled per-layer capacities, the model's sizes, --batch, --lr, the LR schedule and its warmup (and --steps when
-the schedule is not constant: its horizon), --seed,
---capacity-factor, --shared-experts, the EP size and exchange, and the pipeline every layer runs - r_fwd/r_bwd,
-weight-gradient placement, issue orders and dense-gradient slices, from --plan or the flags (they change the float
-sums) - with --plan also the plan's ``inputs_digest`` and configuration (a plan re-solved from the same inputs keeps
-its digest but may pick another pipeline); a constant-LR run may be extended with a larger --steps. Output options
+scheduled per-layer capacities, the model's sizes, --batch (or --global-batch), --lr, the LR schedule and its warmup
+(and --steps when the schedule is not constant: its horizon), --seed, --capacity-factor, --shared-experts, the EP size
+and exchange, and the pipeline every layer runs - r_fwd/r_bwd, weight-gradient placement, issue orders and
+dense-gradient slices, from --plan or the flags (they change the float sums) - with --plan also the plan's
+``inputs_digest`` and configuration (a plan re-solved from the same inputs keeps its digest but may pick another
+pipeline); a constant-LR run may be extended with a larger --steps. Output options
 (--json, --router-stats-out) and the checkpoint options themselves are not part of it.
 Resharding: the world size and the layout entries of the identity (:data:`LAYOUT_KEYS`: EP size, exchange, expert
 shards, plan and pipeline) may differ from the save's; the launch then resumes it on the new layout - each rank
-joins every expert's weights and AdamW moments from the saved layout's first domain and keeps its own experts and
-FFN columns, takes the dense weights, router buffers, their AdamW state, the LR schedule and the step from rank 0,
-and its data generator from the same rank of the save (a rank the save did not have keeps its fresh one) - and
-rank 0 prints ``resharded: ...`` naming both layouts. On the same ranks the steps after it equal the uninterrupted
-run's to float rounding (other chunkings sum in another order); with another world size the data differ (each
-rank draws its own batch). The capacities must still agree (the switch router schedules expert counts in EP units).
+reads, from the saved layout's first domain, only the saved parts holding its own experts and FFN columns and
+copies their weights and AdamW moments into its own (:func:`adasched.runtime.moe.reshard.expert_resharder`), takes
+the dense weights, router buffers, their AdamW state, the LR schedule and the step from rank 0, and its data
+generator from the same rank of the save (a rank the save did not have keeps its fresh one) - and rank 0 prints
+``resharded: ...`` naming both layouts. On the same ranks the steps after it equal the uninterrupted run's to float
+rounding (other chunkings sum in another order). With ``--batch`` another world size trains on other data (each rank
+draws its own batch, the global batch is world x --batch); with ``--global-batch G`` every rank replays one data
+generator (saved and resumed as rank 0's) and trains on its rows of the same G sequences, so a resume on another
+number of ranks continues on the uninterrupted run's batches. The capacities must still agree (the switch router
+schedules expert counts in EP units).
 A mismatch (other run, a --load-step not saved, a --checkpoint-dir that is a file or cannot be
 created or written) is one ``error:`` line, exit 2, before any process group (train_moe.sh's --validate-only pass:
 before torchrun starts). Rank 0 prints ``resumed from <step folder> at step N``; a run resumed with --load-step from
@@ -72,8 +76,9 @@ exit 0; with --json also a JSON object without runs). The state, per rank:
   AdamW's moments, step counts and the param groups' current LR;
 - ``lr_schedule``: the LR scheduler (its step, base and last LRs), when --lr-schedule is not constant;
 - ``rng``: the rank's data generator (seeded ``1000 * seed + rank``, :meth:`MarkovTask.batch` draws every step's
-  batch from it), torch's global CPU generator and Python's ``random`` (seeded with the data generator's seed;
-  training draws from neither after the model is built; they are saved so that nothing depends on that);
+  batch from it; with --global-batch ``1000 * seed`` on every rank, each drawing the whole global batch), torch's
+  global CPU generator and Python's ``random`` (seeded ``1000 * seed + rank``; training draws from neither after
+  the model is built; they are saved so that nothing depends on that);
 - ``progress``: completed steps.
 
 Not state, and why: the Markov chain (fixed by its own seed, rebuilt identically), gradients (zeroed at the start of
@@ -126,7 +131,12 @@ def parse_args(argv):
     p.add_argument("--vocab", type=int, default=16, help="vocabulary of the synthetic Markov task, >= 3 "
                    "(default: %(default)s)")
     p.add_argument("--seq", type=int, default=24, help="tokens per sequence (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=8, help="sequences per rank per step (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per rank per step; each rank draws its own "
+                   "(default: 8)")
+    p.add_argument("--global-batch", type=int, default=None, metavar="G",
+                   help="sequences per step over all ranks instead of --batch: every rank draws the same G from one "
+                        "data generator and trains on its G / world of them, so the batches do not depend on the "
+                        "world size (a resharded resume on another number of ranks trains on the same data)")
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per run (default: %(default)s)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW; default: %(default)s)")
     add_lr_schedule_args(p)
@@ -175,6 +185,9 @@ def parse_args(argv):
     args.gpus_per_node_given = args.gpus_per_node is not None
     if args.gpus_per_node is None:
         args.gpus_per_node = 2
+    args.batch_given = args.batch is not None
+    if args.batch is None:                             # --global-batch sets it per world size (_main)
+        args.batch = 8
     return args
 
 
@@ -291,72 +304,9 @@ def make_ep(args, world: int):
 
 
 #: Identity entries that only lay the run out over the ranks: a save differing in them (or in the world size) is a
-#: resharded resume (:func:`_expert_resharder`), not another run.
+#: resharded resume (:func:`adasched.runtime.moe.reshard.expert_resharder`), not another run.
 LAYOUT_KEYS = ("ep_size", "two_step_a2a", "exchange_gpus_per_node", "expert_shards", "plan_inputs_digest",
                "plan_config", "r_fwd", "r_bwd", "wgrad", "order_fwd", "order_bwd", "grad_slices")
-
-
-def _expert_resharder(model, opt):
-    """The ``model`` entry of a save of another layout (:class:`~adasched.runtime.checkpoint.Checkpointer`'s
-    ``resharders``): the dense weights, buffers, AdamW state and param groups are rank 0's (replicated); each
-    expert-parallel weight and its AdamW moments are joined from the first domain of the saved layout (its
-    ``ep_size`` x ``expert_shards`` ranks) into the full tensor of all experts and cut to this rank's experts and
-    columns. Every rank holds each layer's full experts for a moment (the tiny LM this trainer runs)."""
-    from adasched.runtime.checkpoint import ModelState, load_templates
-    from adasched.runtime.moe.layer import join_experts
-
-    experts = {id(w) for m in model.moe_layers() for w in (m.w1, m.w2)}   # whole on this rank too without EP
-    fqns = [n for n, p in model.named_parameters() if id(p) in experts]   # blocks.L.moe.w1 / .w2
-    slots = ("exp_avg", "exp_avg_sq")
-
-    def reshard(info, saved):
-        ep_old, s_old = int(info.run.get("ep_size") or 1), int(info.run.get("expert_shards") or 1)
-        domain = ep_old * s_old
-
-        def key(j, fqn, slot=None):
-            return f"rank{j}/model.model.{fqn}" if slot is None else f"rank{j}/model.optim.state.{fqn}.{slot}"
-
-        sharded = {key(0, f, sl) for f in fqns for sl in (None, *slots)}
-        wanted = [k for k in saved if k.startswith("rank0/model.") and k not in sharded]
-        wanted += [key(j, f, sl) for j in range(domain) for f in fqns for sl in (None, *slots)]
-        missing = [k for k in wanted if k not in saved]
-        if missing:
-            from adasched.profiler.io import InputError
-
-            raise InputError(info.path, f"cannot reshard this save: it lacks {missing[0]} (saved by "
-                                        f"{info.world_size} ranks, EP {ep_old} x {s_old} shards)")
-
-        def finish(loaded):
-            model_sd, state, groups = {}, {}, {}
-            for k, v in loaded.items():
-                if not k.startswith("rank0/model.") or k in sharded:
-                    continue
-                rest = k[len("rank0/model."):]
-                if rest.startswith("model."):
-                    model_sd[rest[len("model."):]] = v
-                elif rest.startswith("optim.state."):
-                    fqn, slot = rest[len("optim.state."):].rsplit(".", 1)
-                    state.setdefault(fqn, {})[slot] = v
-                elif rest.startswith("optim.param_groups."):
-                    i, name = rest[len("optim.param_groups."):].split(".", 1)
-                    groups.setdefault(int(i), {})[name] = v
-            for fqn in fqns:
-                layer, which = model.get_submodule(fqn.rsplit(".", 1)[0]), fqn.rsplit(".", 1)[1]
-                E = layer.router.config.num_experts
-                for slot in (None, *slots):
-                    parts = {(j // s_old, j % s_old): loaded[key(j, fqn, slot)] for j in range(domain)}
-                    mine = layer.local_experts(join_experts(parts, which, layer.activation, layer.ffn, E, ep_old,
-                                                            s_old), which).contiguous()
-                    if slot is None:
-                        model_sd[fqn] = mine
-                    else:
-                        state.setdefault(fqn, {})[slot] = mine
-            ModelState(model, [opt]).load_state_dict(
-                {"model": model_sd, "optim": {"state": state, "param_groups": [groups[i] for i in sorted(groups)]}})
-
-        return load_templates(saved, wanted), finish
-
-    return reshard
 
 
 def run_identity(args, router: str, schedule: str, ep_size: int, world: int) -> dict:
@@ -371,6 +321,9 @@ def run_identity(args, router: str, schedule: str, ep_size: int, world: int) -> 
              "capacity_factor": args.capacity_factor, "seed": args.seed, "dtype": "float32",
              **lr_identity(args, args.steps), "ep_size": ep_size, "two_step_a2a": two_step,
              "exchange_gpus_per_node": min(args.gpus_per_node, ep_size) if two_step else None}
+    if args.global_batch is not None:                 # the data are the global batch's, whatever the world size
+        del ident["batch"]
+        ident["global_batch"] = args.global_batch
     if args.expert_shards > 1:                        # only then: saves of whole-expert runs keep their identity
         ident["expert_shards"] = args.expert_shards
     if args.plan is not None:
@@ -397,6 +350,7 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log,
     from adasched.runtime.checkpoint import Checkpointer, ModelState, RNGState, Values, step_folder
     from adasched.runtime.moe import ExpertGradReducer, GradSliceReducer, replica_divergence
     from adasched.runtime.moe.lm import MarkovTask, TinyMoELM, lm_loss
+    from adasched.runtime.moe.reshard import expert_resharder
 
     ep_size = ep.size if ep is not None else 1
     routers, caps = layer_routers(router, schedule, args.layers, args.experts, budget=args.budget, lo=args.lo,
@@ -429,7 +383,10 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log,
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     sched = lr_scheduler(args, opt, args.steps)
     task = MarkovTask(args.vocab)
-    gen = torch.Generator().manual_seed(1000 * args.seed + rank)
+    # per-rank batches: each rank's own generator; --global-batch: one generator every rank replays (seeded as
+    # rank 0's: one rank with --global-batch G trains as with --batch G)
+    shared_data = args.global_batch is not None
+    gen = torch.Generator().manual_seed(1000 * args.seed + (0 if shared_data else rank))
     progress = Values(step=0)
     # everything that decides the rest of the run (module docstring, "Checkpoints")
     state = {"model": ModelState(model, [opt]), "rng": RNGState(data=gen), "progress": progress}
@@ -440,8 +397,9 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log,
         cfg, identity = ckpt
         # the process group's timeout (init_distributed); a save of another layout: module docstring, "Resharding"
         ck = Checkpointer(cfg, run=identity, timeout_s=120, layout_keys=LAYOUT_KEYS,
-                          replicated={"progress", "lr_schedule"}, own_rank={"rng"},
-                          resharders={"model": _expert_resharder(model, opt)})
+                          replicated={"progress", "lr_schedule", *(("rng",) if shared_data else ())},
+                          own_rank=() if shared_data else {"rng"},
+                          resharders={"model": expert_resharder(model, opt)})
         start = ck.resume(state)
         if start != progress["step"]:
             from adasched.profiler.io import InputError      # every rank loaded the same step: all raise
@@ -465,7 +423,11 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log,
     losses, lrs = [], []
     try:
         for step in range(start, args.steps):
-            x, y = task.batch(gen, args.batch, args.seq)
+            if shared_data:                            # the whole global batch, this rank's rows of it
+                x, y = task.batch(gen, args.global_batch, args.seq)
+                x, y = x[rank * args.batch:(rank + 1) * args.batch], y[rank * args.batch:(rank + 1) * args.batch]
+            else:
+                x, y = task.batch(gen, args.batch, args.seq)
             opt.zero_grad(set_to_none=False)
             loss = lm_loss(model(x), y)
             (loss + model.aux_loss()).backward()
@@ -606,6 +568,11 @@ def _check_sizes(args, world: int) -> None:
     act = args.batch * args.seq * (args.vocab + args.layers * (5 * args.d + args.ffn)) * 4 * max(1, ranks)
     check_host_memory(act, "--batch/--seq", f"{args.batch} x {args.seq} tokens per rank keep at least "
                                             f"{act / 2**30:,.1f} GiB of activations on {ranks} rank(s)")
+    if args.global_batch is not None:  # every rank draws the whole global batch (int64 tokens, a few temporaries)
+        drawn = args.global_batch * (args.seq + 1) * 8 * 4 * max(1, ranks)
+        check_host_memory(drawn, "--global-batch/--seq", f"every rank draws all {args.global_batch} x {args.seq} "
+                                                         f"tokens: at least {drawn / 2**30:,.1f} GiB on {ranks} "
+                                                         f"rank(s)")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr: {args.lr} must be a positive number")
     if args.capacity_factor is not None and not (math.isfinite(args.capacity_factor) and args.capacity_factor > 0):
@@ -651,7 +618,8 @@ def _main(args) -> int:
             raise ValueError(f"{opt}: has no effect without {needs} ({why})")
     if args.compare_schedules:
         for opt, given in (("--checkpoint-dir", ck_cfg is not None), ("--lr-schedule", args.lr_schedule != "constant"),
-                           ("--warmup-steps", args.warmup_steps != 0)):
+                           ("--warmup-steps", args.warmup_steps != 0),
+                           ("--global-batch", args.global_batch is not None)):
             if given:
                 raise ValueError(f"{opt}: not used by --compare-schedules (single-process, one model per capacity "
                                  f"schedule at a constant --lr); drop it or train with --router/--schedule")
@@ -664,6 +632,14 @@ def _main(args) -> int:
         raise ValueError(f"--checkpoint-dir: a checkpoint holds one run; give one --router and one --schedule (got "
                          f"{len(routers)} x {len(schedules)} combinations)")
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.global_batch is not None:
+        if args.batch_given:
+            raise ValueError("--global-batch: give --batch (sequences per rank) or --global-batch (over all ranks), "
+                             "not both")
+        if args.global_batch < 1 or args.global_batch % max(1, env_world):
+            raise ValueError(f"--global-batch: {args.global_batch} must be a positive multiple of the {env_world} "
+                             f"rank(s)")
+        args.batch = args.global_batch // max(1, env_world)
     _check_sizes(args, env_world)
     check_lr_schedule(args, args.steps)
     env_ep = ep_size_for(args, env_world)
@@ -729,7 +705,8 @@ def _main(args) -> int:
         hier = bool(base_ep is not None and base_ep.hierarchical)
         print(json.dumps({"world": world, "ep_size": base_ep.size if base_ep else 1, "two_step": hier,
                           "exchange_gpus_per_node": base_ep.gpus_per_node if hier else None,
-                          "expert_shards": base_ep.shards if base_ep else 1, "runs": out}))
+                          "expert_shards": base_ep.shards if base_ep else 1, "batch": args.batch,
+                          "global_batch": args.batch * world, "runs": out}))
     return 0
 
 

@@ -448,17 +448,17 @@ class Checkpointer:
                 if isinstance(value, RNGState):  # another machine may see another number of GPUs
                     value.other_devices = True
             saved, failed = {}, None
-            if any(name in state for name in self.resharders):
+            if any(name in state for name in self.resharders):  # the same on every rank (the same state names)
                 try:
                     saved = saved_entries(info)
                 except InputError as err:
                     failed = err.what
-            if dist is not None:  # one rank unable to read it must not leave the others waiting in dcp.load
-                seen = [None] * self.world_size
-                dist.all_gather_object(seen, failed)
-                failed = next((f"rank {r}: {f}" for r, f in enumerate(seen) if f is not None), None)
-            if failed is not None:
-                raise InputError(info.path, failed)
+                if dist is not None:  # one rank unable to read it must not leave the others waiting in dcp.load
+                    seen = [None] * self.world_size
+                    dist.all_gather_object(seen, failed)
+                    failed = next((f"rank {r}: {f}" for r, f in enumerate(seen) if f is not None), None)
+                if failed is not None:
+                    raise InputError(info.path, failed)
             for name, reshard in self.resharders.items():
                 if name in state:
                     templates, finish = reshard(info, saved)

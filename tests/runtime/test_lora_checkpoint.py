@@ -17,12 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
 import yaml
 
 from adasched.launch.train_lora import main
 from adasched.runtime.checkpoint import committed_steps, find_checkpoint, load_templates, saved_entries, step_folder
-from adasched.runtime.dist import held_store
+from lora_ranks import launch_two_ranks, rank_main
 
 # planned for 3 stages: 7 microbatches, [(0,0)] [(0,0),(1,0)] [(1,0)] [] [(0,1)] [(0,1),(1,1)] [(1,1)]
 JOBS = {
@@ -161,12 +160,6 @@ def test_single_process_resume_mid_global_batch_is_bit_exact(plan_files, tmp_pat
     assert _files(tmp_path) == before
 
 
-def _worker(rank: int, world: int, port: int, argv: list[str], rcs) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      OMP_NUM_THREADS="1", TORCHELASTIC_USE_AGENT_STORE="True")  # clients of held_store's store
-    rcs[rank] = main(argv)
-
-
 def _worker_rank1_load_fails(rank: int, world: int, port: int, argv: list[str], rcs) -> None:
     """Rank 1's own trainer state does not load (a damaged blob), rank 0's does."""
     if rank == 1:
@@ -176,22 +169,11 @@ def _worker_rank1_load_fails(rank: int, world: int, port: int, argv: list[str], 
             raise ValueError("checkpoint: the trainer state cannot be read (injected on rank 1)")
 
         LoRATrainerState.load_state_dict = refuse
-    _worker(rank, world, port, argv, rcs)
+    rank_main(rank, world, port, argv, rcs)
 
 
-def _pipeline(argv: list[str], worker=_worker) -> dict:
-    ctx = mp.get_context("spawn")
-    rcs = ctx.Manager().dict()
-    store = held_store(2)  # the port held for the launch (no other launch can be handed it); daemons: a rank
-    procs = [ctx.Process(target=worker, args=(r, 2, store.port, argv + ["--timeout", "60"], rcs), daemon=True)
-             for r in range(2)]  # still stuck when the join gives up dies with pytest, not holding its exit
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-        assert p.exitcode == 0, f"rank exited with {p.exitcode}"
-    del store
-    return dict(rcs)
+def _pipeline(argv: list[str], worker=rank_main) -> dict:
+    return launch_two_ranks(argv + ["--timeout", "60"], worker)
 
 
 def _assert_close_outputs(a: Path, b: Path) -> None:

@@ -7,11 +7,10 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import yaml
 
 from adasched.launch.train_lora import main
-from adasched.runtime.dist import held_store
+from lora_ranks import launch_two_ranks
 
 JOBS = {
     "capacity": 256, "stages": 3,  # planned for 3 stages (no-op slots), run on 2 ranks
@@ -26,14 +25,6 @@ JOBS = {
 MODEL = ["--vocab", "32", "--hidden", "16", "--layers", "2", "--heads", "2", "--ffn", "24", "--max-positions", "64"]
 
 
-
-def _worker(rank: int, world: int, port: int, argv: list[str], rcs) -> None:
-    # every rank a client of the parent's store (runtime.dist.held_store: as under torchrun); rank 0 binds no port
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      OMP_NUM_THREADS="1", TORCHELASTIC_USE_AGENT_STORE="True")
-    rcs[rank] = main(argv)
-
-
 def test_two_stage_pipeline_matches_single_process(tmp_path):
     jobs = tmp_path / "jobs.yaml"
     jobs.write_text(yaml.safe_dump(JOBS))
@@ -44,18 +35,8 @@ def test_two_stage_pipeline_matches_single_process(tmp_path):
     assert any(len(mb["segments"]) > 1 for mb in plan["microbatches"])  # multi-adapter microbatches
     assert any(not mb["segments"] for mb in plan["microbatches"])  # and no-op microbatches
 
-    ctx = mp.get_context("spawn")
-    rcs = ctx.Manager().dict()
-    store = held_store(2)
     argv = ["--plan", str(single / "plan.json"), "--out", str(piped), "--reference", "--timeout", "60"] + MODEL
-    procs = [ctx.Process(target=_worker, args=(r, 2, store.port, argv, rcs), daemon=True) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-        assert p.exitcode == 0, f"rank exited with {p.exitcode}"
-    del store
-    assert dict(rcs) == {0: 0, 1: 0}
+    assert launch_two_ranks(argv) == {0: 0, 1: 0}
 
     a = json.loads((single / "losses.json").read_text())
     b = json.loads((piped / "losses.json").read_text())

@@ -36,10 +36,10 @@ TINY = ["--router", "sigmoid_bias", "--schedule", "ascending", "--layers", "2", 
         "--seq", "8", "--batch", "2", "--seed", "3"]
 
 
-def _launch(*argv: str, nproc: int = 2) -> subprocess.CompletedProcess:
+def _launch(*argv: str, nproc: int = 2, base: list[str] = TINY) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHON=sys.executable, NPROC=str(nproc), OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
-    return subprocess.run(["bash", str(ROOT / "launch" / "train_moe.sh"), *TINY, *argv], capture_output=True,
+    return subprocess.run(["bash", str(ROOT / "launch" / "train_moe.sh"), *base, *argv], capture_output=True,
                           text=True, env=env, timeout=240, cwd=ROOT)
 
 
@@ -436,10 +436,11 @@ def test_resharder_joins_and_cuts_the_saved_experts_exactly(launches, tmp_path):
     through train_moe's resharder: every expert weight and AdamW moment equals the saved ranks' parts joined, element
     for element; the dense weights, router buffers and their AdamW state are rank 0's; the data generator is rank
     0's own (own_rank); progress and the identity's layout keys as saved."""
-    from adasched.launch.train_moe import LAYOUT_KEYS, _expert_resharder, layer_routers, parse_args
+    from adasched.launch.train_moe import LAYOUT_KEYS, layer_routers, parse_args
     from adasched.runtime.checkpoint import (CheckpointConfig, Checkpointer, ModelState, RNGState, Values,
                                              find_checkpoint)
     from adasched.runtime.moe.lm import TinyMoELM
+    from adasched.runtime.moe.reshard import expert_resharder
 
     folder = tmp_path / "ck"
     shutil.copytree(step_folder(launches["straight"], 2), step_folder(folder, 2))
@@ -454,7 +455,7 @@ def test_resharder_joins_and_cuts_the_saved_experts_exactly(launches, tmp_path):
     assert info.world_size == 2 and info.run["ep_size"] == 2
     ck = Checkpointer(CheckpointConfig(folder=folder), run=dict(info.run, ep_size=1), layout_keys=LAYOUT_KEYS,
                       replicated={"progress", "lr_schedule"}, own_rank={"rng"},
-                      resharders={"model": _expert_resharder(model, opt)})
+                      resharders={"model": expert_resharder(model, opt)})
     assert ck.resume(state) == 2 and progress["step"] == 2 and ck.resharded_from.path == info.path
     saved = dict(_flat(_saved(step_folder(folder, 2))))
     params = dict(model.named_parameters())
@@ -523,3 +524,39 @@ def test_expert_sharded_save_resumes_on_whole_experts_with_its_lr_schedule(tmp_p
     assert run["start_step"] == 2 and run["lrs"] == full["lrs"][2:] and len(set(full["lrs"])) == 4
     for got, want in zip(run["losses"], full["losses"][2:]):
         assert abs(got - want) <= 1e-5 * abs(want), (run["losses"], full["losses"])
+
+
+def test_global_batch_resumes_on_another_world_size_with_the_same_batches(tmp_path):
+    """--global-batch: every rank replays one data generator and trains on its rows of the same batch, so a 2-rank
+    run's step-2 save resumed by 4 ranks (EP 4) continues on the uninterrupted run's batches: steps 2-3 equal its
+    losses to float rounding (with --batch, ranks 2-3 would draw batches of their own)."""
+    i = TINY.index("--batch")
+    tiny = TINY[:i] + TINY[i + 2:] + ["--global-batch", "4", "--steps", "4", "--json"]
+    full = _run_json(_launch(*tiny, "--checkpoint-dir", str(tmp_path / "a"), "--checkpoint-every", "2",
+                             "--checkpoint-keep", "0", base=[]))
+    assert len(set(full["losses"])) == 4
+    shutil.copytree(step_folder(tmp_path / "a", 2), step_folder(tmp_path / "b", 2))
+    proc = _launch(*tiny, "--checkpoint-dir", str(tmp_path / "b"), nproc=4, base=[])
+    run = _run_json(proc)
+    assert ("resharded: the save was made by 2 ranks (EP 2, expert shards 1); this run: 4 ranks (EP 4, expert "
+            "shards 1); changed: world size, ep_size") in proc.stderr, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["global_batch"] == 4
+    assert run["start_step"] == 2
+    for got, want in zip(run["losses"], full["losses"][2:], strict=True):
+        assert abs(got - want) <= 1e-5 * abs(want), (run["losses"], full["losses"])
+
+
+@pytest.mark.parametrize("argv, world, line", [
+    (["--global-batch", "6"], "4", "error: --global-batch: 6 must be a positive multiple of the 4 rank(s)"),
+    (["--global-batch", "0"], "1", "error: --global-batch: 0 must be a positive multiple of the 1 rank(s)"),
+    (["--global-batch", "4", "--batch", "2"], "2", "error: --global-batch: give --batch (sequences per rank) or "
+                                                   "--global-batch (over all ranks), not both"),
+    (["--global-batch", "4", "--compare-schedules"], "1", "error: --global-batch: not used by --compare-schedules"),
+])
+def test_global_batch_bad_input(argv, world, line, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--steps", "2", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(line) and err.count("\n") == 1, err
+    assert not any(tmp_path.iterdir())
