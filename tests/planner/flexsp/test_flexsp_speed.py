@@ -184,11 +184,12 @@ def test_a_large_global_batch_keeps_its_fast_paths(monkeypatch):
     """3,000 sequences of the packaged Wikipedia sample on the 64-GPU A100 profile, heuristics in deterministic
     mode (bounded by work, not the clock; max_evals=0: no structure search, whose packings are the same LPT and
     local search again): the fast paths' units of work (asg.WORK) against the slow forms' on the same plan, a
-    count that does not depend on the machine. On 2026-11-29: LPT group looks 224,510 vs 3,553,937 (16x), swap
+    count that does not depend on the machine. On 2026-11-29: LPT group looks 224,510 vs 3,553,937 (16x; 112,977,
+    31x, once lpt_assign replaced the chosen top entry in place instead of leaving it stale above the new one), swap
     search elements 16.8 M vs 155 M (9.3x), fill exact tests 1,236 vs 121,217 (98x); CPU 4.3 s vs 14.4 s on this
-    2-core machine, loaded (how fast is BENCHMARKS' business, not a test's). The bounds (10x, 5x, 20x) fail with
+    2-core machine, loaded (how fast is BENCHMARKS' business, not a test's). The bounds (20x, 5x, 20x) fail with
     PRUNE_FROM = 10 ** 18, without the fill's skip, or with lpt_assign's heap walk not stopping at the first later
-    finish."""
+    finish, or with its top left stale (16x)."""
     from importlib import resources
 
     import adasched.planner.flexsp.baselines as bl
@@ -225,7 +226,7 @@ def test_a_large_global_batch_keeps_its_fast_paths(monkeypatch):
     assert fast.memory_violations == 0 and fast.time_ms <= fast.baselines_ms["best_homogeneous"]
     assert slow.time_ms == fast.time_ms and [mb.groups for mb in slow.micro_batches] == \
         [mb.groups for mb in fast.micro_batches]
-    assert n_fast["lpt_looks"] * 10 < n_slow["lpt_looks"], (n_fast, n_slow)
+    assert n_fast["lpt_looks"] * 20 < n_slow["lpt_looks"], (n_fast, n_slow)
     assert n_fast["swap_elems"] * 5 < n_slow["swap_elems"], (n_fast, n_slow)
     assert n_fast["fill_evals"] * 20 < n_slow["fill_evals"], (n_fast, n_slow)
     assert n_fast["fill_evals"] > 0  # the fill ran
