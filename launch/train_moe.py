@@ -77,8 +77,9 @@ exit 0; with --json also a JSON object without runs). The state, per rank:
 - ``lr_schedule``: the LR scheduler (its step, base and last LRs), when --lr-schedule is not constant;
 - ``rng``: the rank's data generator (seeded ``1000 * seed + rank``, :meth:`MarkovTask.batch` draws every step's
   batch from it; with --global-batch ``1000 * seed`` on every rank, each drawing the whole global batch), torch's
-  global CPU generator and Python's ``random`` (seeded ``1000 * seed + rank``; training draws from neither after
-  the model is built; they are saved so that nothing depends on that);
+  global CPU generator (seeded ``seed``) and Python's ``random`` (seeded ``1000 * seed + rank``); training draws
+  from neither after the model is built; they are saved so that nothing depends on that (with --global-batch the
+  entry is replicated: a resharded resume gives every rank rank 0's three);
 - ``progress``: completed steps.
 
 Not state, and why: the Markov chain (fixed by its own seed, rebuilt identically), gradients (zeroed at the start of
@@ -135,8 +136,9 @@ def parse_args(argv):
                    "(default: 8)")
     p.add_argument("--global-batch", type=int, default=None, metavar="G",
                    help="sequences per step over all ranks instead of --batch: every rank draws the same G from one "
-                        "data generator and trains on its G / world of them, so the batches do not depend on the "
-                        "world size (a resharded resume on another number of ranks trains on the same data)")
+                        "data generator (all G, every step) and trains on its G / world of them, so the batches do not "
+                        "depend on the world size (a resharded resume on another number of ranks trains on the same "
+                        "data; the load-balancing loss and capacities still use each rank's own tokens)")
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per run (default: %(default)s)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW; default: %(default)s)")
     add_lr_schedule_args(p)
@@ -386,6 +388,9 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log,
     # per-rank batches: each rank's own generator; --global-batch: one generator every rank replays (seeded as
     # rank 0's: one rank with --global-batch G trains as with --batch G)
     shared_data = args.global_batch is not None
+    if shared_data and args.batch * world != args.global_batch:  # _main set --batch from WORLD_SIZE
+        raise ValueError(f"--global-batch: {args.global_batch} sequences over {world} ranks, but WORLD_SIZE gave "
+                         f"{args.batch} per rank")
     gen = torch.Generator().manual_seed(1000 * args.seed + (0 if shared_data else rank))
     progress = Values(step=0)
     # everything that decides the rest of the run (module docstring, "Checkpoints")
@@ -667,9 +672,10 @@ def _main(args) -> int:
             two_step = bool(args.hierarchical and env_ep > 1)
             print(json.dumps({"world": env_world, "ep_size": env_ep, "two_step": two_step,
                               "exchange_gpus_per_node": min(args.gpus_per_node, env_ep) if two_step else None,
-                              "expert_shards": args.expert_shards,
-                              "runs": [], "nothing_left": {"checkpoint": str(saved.path), "step": saved.step,
-                                                           "steps": args.steps}}), flush=True)
+                              "expert_shards": args.expert_shards, "batch": args.batch,
+                              "global_batch": args.batch * env_world, "runs": [],
+                              "nothing_left": {"checkpoint": str(saved.path), "step": saved.step,
+                                               "steps": args.steps}}), flush=True)
         return 0
     from adasched.runtime.dist import init_distributed
 

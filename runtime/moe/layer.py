@@ -46,7 +46,7 @@ from .ep import ExpertParallel, GradSliceReducer, check_pipeline_settings, ep_ex
 from .router import Router, RouterConfig, RouterStats
 
 __all__ = ["MoELayer", "named_parameters_by_kind", "split_parameters", "replica_divergence", "step_routers",
-           "cut_experts", "join_experts"]
+           "cut_experts"]
 
 
 def _check_degrees(r_fwd, r_bwd) -> None:
@@ -167,8 +167,9 @@ class MoELayer(nn.Module):
 
     def local_experts(self, full: torch.Tensor, which: str) -> torch.Tensor:
         """This rank's part of a full expert tensor shaped like ``w1`` (E, hidden, 2*ffn or ffn) or ``w2`` (E, ffn,
-        hidden) of all experts - the weights, or an optimizer's moments of them: :meth:`load_full_experts`'s cut,
-        and the one a resharded checkpoint resume applies to each."""
+        hidden) of all experts - the weights, or an optimizer's moments of them: :meth:`load_full_experts`'s cut
+        (a resharded checkpoint resume builds the same part from the saved parts only:
+        :func:`adasched.runtime.moe.reshard.gather_local_experts`)."""
         return cut_experts(full, which, self.activation, self.ffn, self.expert_offset, self.w1.shape[0],
                            self.ffn_slice)
 
@@ -382,26 +383,3 @@ def cut_experts(full: torch.Tensor, which: str, activation: str, ffn: int, offse
     if activation == "swiglu":
         return torch.cat([part[..., :ffn][..., cols], part[..., ffn:][..., cols]], dim=-1)
     return part[..., cols]
-
-
-def join_experts(parts: dict, which: str, activation: str, ffn: int, num_experts: int, ep_size: int,
-                 shards: int) -> torch.Tensor:
-    """The full ``w1``/``w2``-shaped tensor of all experts from the parts of one domain of an expert-parallel
-    layout (:meth:`ExpertParallel.create_groups` with ``ep_size`` and ``expert_shards=shards``): ``parts[(n, s)]``
-    is node n's shard s (what :func:`cut_experts` gives for experts n*E/ep_size.. and columns s*ffn/shards..)."""
-    e, f = num_experts // ep_size, ffn // shards
-    first = parts[(0, 0)]
-    if which == "w2":
-        full = first.new_empty((num_experts, ffn, first.shape[2]))
-    else:
-        full = first.new_empty((num_experts, first.shape[1], 2 * ffn if activation == "swiglu" else ffn))
-    for (n, s), part in parts.items():
-        rows, c = slice(n * e, (n + 1) * e), slice(s * f, (s + 1) * f)
-        if which == "w2":
-            full[rows, c] = part
-        elif activation == "swiglu":
-            full[rows, :, c] = part[..., :f]
-            full[rows, :, ffn + s * f:ffn + (s + 1) * f] = part[..., f:]
-        else:
-            full[rows, :, c] = part
-    return full

@@ -75,19 +75,26 @@ def expert_resharder(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *
     ``ModelState(model, [optimizer])``, resuming a save of another expert-parallel layout (or world size).
 
     The dense weights, buffers, optimizer state and param groups are rank 0's (replicated over the data-parallel
-    ranks); each :class:`~adasched.runtime.moe.MoELayer`'s ``w1``/``w2`` and their AdamW moments (``exp_avg``,
-    ``exp_avg_sq``) are read from the saved parts that overlap this rank's experts and columns, in the first domain
-    of the saved layout (ranks ``0 .. ep_size*expert_shards - 1``), and copied into this rank's tensors: a rank reads
-    only those parts. ``saved_layout(run) -> (ep_size, expert_shards)`` reads the saved layout from the save's run
-    identity (default: its ``ep_size`` and ``expert_shards`` entries, 1 when absent). A save lacking a needed key
-    raises :class:`~adasched.profiler.io.InputError` naming it."""
+    ranks); each :class:`~adasched.runtime.moe.MoELayer`'s ``w1``/``w2`` and every optimizer state tensor saved with
+    the weight's shape (AdamW's ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``; SGD's ``momentum_buffer``; read
+    from the save's metadata) are read from the saved parts that overlap this rank's experts and columns, in the
+    first domain of the saved layout (ranks ``0 .. ep_size*expert_shards - 1``), and copied into this rank's
+    tensors: a rank reads only those parts. ``saved_layout(run) -> (ep_size, expert_shards)`` reads the saved layout
+    from the save's run identity (default: its ``ep_size`` and ``expert_shards`` entries, 1 when absent). A save
+    lacking a needed key, or whose layout does not divide a layer's experts or width, raises
+    :class:`~adasched.profiler.io.InputError` naming it. Parameter names are the state dict's (those of
+    ``torch.distributed.checkpoint.state_dict``: a ``torch.compile`` wrapper's prefix removed, as in the save)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from adasched.profiler.io import InputError
     from adasched.runtime.checkpoint import ModelState, load_templates
     from adasched.runtime.moe.layer import MoELayer
 
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
-    params = {id(p): n for n, p in model.named_parameters()}
-    experts = {params[id(getattr(m, w))]: (m, w) for m in layers.values() for w in ("w1", "w2")}
-    slots = ("exp_avg", "exp_avg_sq")
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    by_storage = {(t.data_ptr(), tuple(t.shape)): n for n, t in get_model_state_dict(model).items()}
+    experts = {by_storage[(getattr(m, w).data_ptr(), tuple(getattr(m, w).shape))]: (m, w)
+               for m in layers for w in ("w1", "w2")}
     pre = f"{entry}."
 
     def key(j: int, fqn: str, slot: str | None = None) -> str:
@@ -95,23 +102,26 @@ def expert_resharder(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *
 
     def reshard(info, saved):
         ep_old, s_old = saved_layout(info.run)
-        domain = ep_old * s_old
-        sharded = {key(j, f, sl) for j in range(domain) for f in experts for sl in (None, *slots)}
-        wanted = [k for k in saved if k.startswith(f"rank0/{pre}") and k not in sharded]
-        needs = {}                                   # fqn -> the saved parts this rank reads
+        slots, needs = {}, {}                        # fqn -> its weight-shaped state slots / the parts this rank reads
         for fqn, (m, _) in experts.items():
+            w0 = saved.get(key(0, fqn))
+            if w0 is None:
+                raise InputError(info.path, f"cannot reshard this save: it lacks {key(0, fqn)} (saved by "
+                                            f"{info.world_size} ranks, EP {ep_old} x {s_old} shards)")
+            head = key(0, fqn, "")
+            slots[fqn] = [None] + sorted(k[len(head):] for k, v in saved.items()
+                                         if k.startswith(head) and "." not in k[len(head):]
+                                         and isinstance(v, TensorStorageMetadata) and v.size == w0.size)
             E = m.router.config.num_experts
             if E % ep_old or m.ffn % s_old:
-                from adasched.profiler.io import InputError
-
                 raise InputError(info.path, f"cannot reshard this save: its layout (EP {ep_old} x {s_old} shards) "
                                             f"does not divide {fqn}'s {E} experts x {m.ffn} FFN columns")
             needs[fqn] = overlapping_parts(E, m.ffn, ep_old, s_old, m.expert_offset, m.w1.shape[0], m.ffn_slice)
-            wanted += [key(n * s_old + s, fqn, sl) for n, s in needs[fqn] for sl in (None, *slots)]
+        sharded = {key(0, f, sl) for f in experts for sl in slots[f]}
+        wanted = [k for k in saved if k.startswith(f"rank0/{pre}") and k not in sharded]
+        wanted += [key(n * s_old + s, f, sl) for f in experts for n, s in needs[f] for sl in slots[f]]
         missing = [k for k in wanted if k not in saved]
         if missing:
-            from adasched.profiler.io import InputError
-
             raise InputError(info.path, f"cannot reshard this save: it lacks {missing[0]} (saved by "
                                         f"{info.world_size} ranks, EP {ep_old} x {s_old} shards)")
 
@@ -131,7 +141,7 @@ def expert_resharder(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *
                     groups.setdefault(int(i), {})[name] = v
             for fqn, (m, which) in experts.items():
                 E = m.router.config.num_experts
-                for slot in (None, *slots):
+                for slot in slots[fqn]:
                     parts = {(n, s): loaded[key(n * s_old + s, fqn, slot)] for n, s in needs[fqn]}
                     mine = gather_local_experts(parts, which, m.activation, m.ffn, E, ep_old, s_old,
                                                 m.expert_offset, m.w1.shape[0], m.ffn_slice)

@@ -37,8 +37,9 @@ def _full(which, activation, E, ffn, hidden, gen):
 def test_gather_equals_the_cut_of_the_full_tensor_and_reads_only_overlapping_parts():
     import numpy as np
 
-    rng = np.random.default_rng()
-    gen = torch.Generator().manual_seed(int(rng.integers(2 ** 31)))
+    seed = int(np.random.SeedSequence().entropy % 2 ** 31)   # printed on a failure: the case replays
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
     cases = 0
     for _ in range(150):
         E, ffn, hidden = int(rng.choice([1, 2, 4, 6, 8, 12])), int(rng.choice([2, 4, 6, 12])), int(rng.integers(1, 4))
@@ -60,9 +61,9 @@ def test_gather_equals_the_cut_of_the_full_tensor_and_reads_only_overlapping_par
                 needed = overlapping_parts(E, ffn, ep0, s0, off, cnt, cols)
                 brute = sorted({(int(x) // s0, int(x) % s0)
                                 for x in cut_experts(labels, which, act, ffn, off, cnt, cols).unique()})
-                assert -1 not in brute and needed == brute, (E, ffn, ep0, s0, ep1, s1, n, k)
+                assert -1 not in brute and needed == brute, (seed, E, ffn, ep0, s0, ep1, s1, n, k)
                 got = gather_local_experts({p: saved[p] for p in needed}, which, act, ffn, E, ep0, s0, off, cnt, cols)
-                assert got.shape == want.shape and torch.equal(got, want), (E, ffn, ep0, s0, ep1, s1, which, act)
+                assert got.shape == want.shape and torch.equal(got, want), (seed, E, ffn, ep0, s0, ep1, s1, which, act)
                 cases += 1
     assert cases >= 150
 
@@ -88,17 +89,28 @@ def _metadata(flat):
                 if isinstance(v, torch.Tensor) else None) for k, v in flat.items()}
 
 
+OPTIMIZERS = {  # each with the per-element state slots it keeps for a parameter
+    "adamw": (lambda ps: torch.optim.AdamW(ps), ("exp_avg", "exp_avg_sq")),
+    "amsgrad": (lambda ps: torch.optim.AdamW(ps, amsgrad=True), ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
+    "sgd": (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), ("momentum_buffer",)),
+}
+
+
+@pytest.mark.parametrize("optim", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("new", [(2, 2, 1, 0), (1, 2, 0, 1), (4, 1, 3, 0)])
-def test_resharder_asks_only_for_the_overlapping_parts(new):
+def test_resharder_asks_only_for_the_overlapping_parts(new, optim, compiled=False):
     """A save of an EP 2 x 2 shards layout (4 ranks, E=4, ffn=8) resumed at one rank of another layout (``new`` =
     ep, shards, node, shard; the layer's offset, width and weights set as an MoELayer of that layout holds them):
     DCP is asked for rank 0's dense entries and only the saved ranks whose parts overlap; every expert weight and
-    moment equals the cut of the full tensor, the dense weights and their moments rank 0's."""
+    weight-shaped optimizer state (AdamW's moments, amsgrad's max, SGD's momentum) equals the cut of the full
+    tensor, the dense weights and their state rank 0's."""
     from adasched.runtime.checkpoint import ModelState
 
+    make, slots = OPTIMIZERS[optim]
     E, ffn, hidden, ep0, s0 = 4, 8, 3, 2, 2
-    gen = torch.Generator().manual_seed(int(torch.randint(2 ** 31, ())))
-    fulls = {(w, sl): _full(w, "swiglu", E, ffn, hidden, gen) for w in ("w1", "w2") for sl in (None, "m", "v")}
+    seed = int(torch.randint(2 ** 31, ()))
+    gen = torch.Generator().manual_seed(seed)
+    fulls = {(w, sl): _full(w, "swiglu", E, ffn, hidden, gen) for w in ("w1", "w2") for sl in (None, *slots)}
     ranks = {}
     for j in range(ep0 * s0):                  # each saved rank: its parts, the dense parts differing per rank
         torch.manual_seed(100 + j)
@@ -106,7 +118,7 @@ def test_resharder_asks_only_for_the_overlapping_parts(new):
         off, cnt, cols = _position(E, ffn, ep0, s0, j // s0, j % s0)
         for w in ("w1", "w2"):
             setattr(net.moe, w, torch.nn.Parameter(cut_experts(fulls[(w, None)], w, "swiglu", ffn, off, cnt, cols)))
-        opt = torch.optim.AdamW(net.parameters())
+        opt = make(net.parameters())
         net.proj(torch.randn(2, hidden, generator=gen)).sum().backward()
         for p in net.moe.parameters():
             p.grad = torch.randn(p.shape, generator=gen)
@@ -115,9 +127,10 @@ def test_resharder_asks_only_for_the_overlapping_parts(new):
             p = getattr(net.moe, w)
             with torch.no_grad():
                 p.copy_(cut_experts(fulls[(w, None)], w, "swiglu", ffn, off, cnt, cols))
-            for sl, m in (("m", "exp_avg"), ("v", "exp_avg_sq")):
-                opt.state[p][m] = cut_experts(fulls[(w, sl)], w, "swiglu", ffn, off, cnt, cols)
-        ranks[j] = ModelState(net, [opt]).state_dict()
+            assert sorted(k for k, v in opt.state[p].items() if v.shape == p.shape) == sorted(slots)
+            for sl in slots:
+                opt.state[p][sl] = cut_experts(fulls[(w, sl)], w, "swiglu", ffn, off, cnt, cols)
+        ranks[j] = ModelState(torch.compile(net) if compiled else net, [opt]).state_dict()
     flat, _ = flatten_state_dict({f"rank{j}/model": sd for j, sd in ranks.items()})
     ep1, s1, n1, k1 = new
     torch.manual_seed(7)
@@ -127,9 +140,10 @@ def test_resharder_asks_only_for_the_overlapping_parts(new):
     for w in ("w1", "w2"):
         setattr(net.moe, w, torch.nn.Parameter(torch.randn(cut_experts(fulls[(w, None)], w, "swiglu", ffn, off, cnt,
                                                                        cols).shape)))
-    opt = torch.optim.AdamW(net.parameters())
+    opt = make(net.parameters())
     info = SimpleNamespace(run={"ep_size": ep0, "expert_shards": s0}, path="ck", world_size=4)
-    templates, finish = expert_resharder(net, opt)(info, _metadata(flat))
+    model = torch.compile(net) if compiled else net
+    templates, finish = expert_resharder(model, opt)(info, _metadata(flat))
     parts = overlapping_parts(E, ffn, ep0, s0, off, cnt, cols)
     want_ranks = {n * s0 + k for n, k in parts}
     asked = {int(k.split("/")[0][4:]) for k in templates}
@@ -141,11 +155,16 @@ def test_resharder_asks_only_for_the_overlapping_parts(new):
     finish({k: flat[k] for k in templates})
     for w in ("w1", "w2"):
         p = getattr(net.moe, w)
-        assert torch.equal(p.detach(), cut_experts(fulls[(w, None)], w, "swiglu", ffn, off, cnt, cols))
-        for sl, m in (("m", "exp_avg"), ("v", "exp_avg_sq")):
-            assert torch.equal(opt.state[p][m], cut_experts(fulls[(w, sl)], w, "swiglu", ffn, off, cnt, cols))
+        assert torch.equal(p.detach(), cut_experts(fulls[(w, None)], w, "swiglu", ffn, off, cnt, cols)), seed
+        for sl in slots:
+            assert torch.equal(opt.state[p][sl], cut_experts(fulls[(w, sl)], w, "swiglu", ffn, off, cnt, cols)), seed
     for name in ("proj.weight", "proj.bias"):
         assert not torch.equal(flat[f"rank0/model.model.{name}"], flat[f"rank1/model.model.{name}"])
         assert torch.equal(dict(net.named_parameters())[name].detach(), flat[f"rank0/model.model.{name}"])
         p = dict(net.named_parameters())[name]
-        assert torch.equal(opt.state[p]["exp_avg"], flat[f"rank0/model.optim.state.{name}.exp_avg"])
+        assert torch.equal(opt.state[p][slots[0]], flat[f"rank0/model.optim.state.{name}.{slots[0]}"])
+
+
+def test_resharder_names_parameters_as_the_state_dict_does():
+    """A torch.compile wrapper adds ``_orig_mod.`` to the parameter names but not to the saved keys."""
+    test_resharder_asks_only_for_the_overlapping_parts((1, 2, 0, 1), "amsgrad", compiled=True)

@@ -433,7 +433,7 @@ def test_async_saves_equal_the_synchronous_run(launches, tmp_path):
 
 def test_resharder_joins_and_cuts_the_saved_experts_exactly(launches, tmp_path):
     """One process (no EP: every expert whole) resumes the 2-rank save (EP 2: experts 0-3 on rank 0, 4-7 on rank 1)
-    through train_moe's resharder: every expert weight and AdamW moment equals the saved ranks' parts joined, element
+    through expert_resharder (this rank holds every expert: it reads every saved part): every expert weight and AdamW moment equals the saved ranks' parts joined, element
     for element; the dense weights, router buffers and their AdamW state are rank 0's; the data generator is rank
     0's own (own_rank); progress and the identity's layout keys as saved."""
     from adasched.launch.train_moe import LAYOUT_KEYS, layer_routers, parse_args
@@ -526,15 +526,23 @@ def test_expert_sharded_save_resumes_on_whole_experts_with_its_lr_schedule(tmp_p
         assert abs(got - want) <= 1e-5 * abs(want), (run["losses"], full["losses"])
 
 
-def test_global_batch_resumes_on_another_world_size_with_the_same_batches(tmp_path):
+def test_global_batch_resumes_on_another_world_size_with_the_same_batches(tmp_path, monkeypatch, capsys):
     """--global-batch: every rank replays one data generator and trains on its rows of the same batch, so a 2-rank
     run's step-2 save resumed by 4 ranks (EP 4) continues on the uninterrupted run's batches: steps 2-3 equal its
-    losses to float rounding (with --batch, ranks 2-3 would draw batches of their own)."""
+    losses to float rounding (with --batch, ranks 2-3 would draw batches of their own); one process trains the
+    same run."""
     i = TINY.index("--batch")
     tiny = TINY[:i] + TINY[i + 2:] + ["--global-batch", "4", "--steps", "4", "--json"]
     full = _run_json(_launch(*tiny, "--checkpoint-dir", str(tmp_path / "a"), "--checkpoint-every", "2",
                              "--checkpoint-keep", "0", base=[]))
     assert len(set(full["losses"])) == 4
+    # the same save with per-rank batches instead is another run (other data): refused
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    per_rank = [a for a in tiny if a != "--json"]
+    per_rank[per_rank.index("--global-batch"):per_rank.index("--global-batch") + 2] = ["--batch", "2"]
+    assert main([*per_rank, "--checkpoint-dir", str(tmp_path / "a"), "--validate-only"]) == 2
+    err = capsys.readouterr().err
+    assert "saved by a different run (batch: saved None, now 2; global_batch: saved 4, now None)" in err, err
     shutil.copytree(step_folder(tmp_path / "a", 2), step_folder(tmp_path / "b", 2))
     proc = _launch(*tiny, "--checkpoint-dir", str(tmp_path / "b"), nproc=4, base=[])
     run = _run_json(proc)
@@ -544,6 +552,11 @@ def test_global_batch_resumes_on_another_world_size_with_the_same_batches(tmp_pa
     assert run["start_step"] == 2
     for got, want in zip(run["losses"], full["losses"][2:], strict=True):
         assert abs(got - want) <= 1e-5 * abs(want), (run["losses"], full["losses"])
+    proc = _launch(*tiny, nproc=1, base=[])                    # one process, the whole batch: the same run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (one,) = json.loads(proc.stdout.strip().splitlines()[-1])["runs"]
+    for got, want in zip(one["losses"], full["losses"], strict=True):
+        assert abs(got - want) <= 1e-5 * abs(want), (one["losses"], full["losses"])
 
 
 @pytest.mark.parametrize("argv, world, line", [
