@@ -30,7 +30,7 @@ demo: $(STAMP)
 	TRITON_INTERPRET=1 $(VPY) -m adasched.launch.demo
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(VPY) -m pytest -q tests
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info demo-out
