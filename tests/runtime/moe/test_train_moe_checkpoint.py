@@ -153,7 +153,7 @@ def test_nothing_left_to_train(launches, monkeypatch, capsys):
     cap = capsys.readouterr()
     assert cap.err == note
     assert json.loads(cap.out) == {"world": 2, "ep_size": 2, "two_step": False, "exchange_gpus_per_node": None,
-                                   "expert_shards": 1, "runs": [],
+                                   "expert_shards": 1, "batch": 2, "global_batch": 4, "runs": [],
                                    "nothing_left": {"checkpoint": str(step_folder(launches["split"], 4)),
                                                     "step": 4, "steps": 4}}
     assert _tree(launches["split"]) == before
