@@ -9,9 +9,9 @@ Semantics
 - Training step i executes plan step i mod K (K = steps in the plan). Per micro-batch, each rank finds the group
   that lists it (a rank in no group idles), builds that group's sequences, takes its contiguous token shard of
   their packing and runs forward + backward; attention exchanges tokens and heads inside the group.
-- Data: sequence j of step i is synthetic: token ids x_t = (x_0 + t * stride) mod vocab with x_0 and stride in
-  [1, 7] drawn from a generator seeded by (seed, i, j), so every rank rebuilds any sequence without exchanging
-  data and the model has something learnable.
+- Data: sequence j of step i is synthetic: token ids x_t = (x_0 + t * stride) mod vocab with x_0 in [0, vocab)
+  and stride in [1, 7] drawn from a generator seeded by (seed, i, j), so every rank rebuilds any sequence without
+  exchanging data and the model has something learnable.
 - Lengths: the plan's lengths, scaled by max_len / (longest length in the plan) when that is longer than
   --max-len (rounded, at least 2 tokens), so plans made for 100K-token contexts run on a CPU. The scale factor
   is printed.

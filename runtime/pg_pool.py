@@ -86,16 +86,21 @@ class ProcessGroupPool:
 _POOL: ProcessGroupPool | None = None
 
 
-def get_pool(timeout_s: float = 60.0) -> ProcessGroupPool:
-    """The process-wide pool, constructed on first call (collective: all ranks must call it at the same point).
-    A later call with the world torn down and re-initialised builds a new one."""
+def get_pool(timeout_s: float | None = None) -> ProcessGroupPool:
+    """The process-wide pool, constructed on first call (collective: all ranks must call it at the same point) with
+    ``timeout_s`` (default 60 s). A later call with the world torn down and re-initialised builds a new one; one
+    asking for another timeout than the cached pool's groups have raises ValueError (the groups keep the timeout
+    they were created with: :func:`reset_pool` on every rank, then ``get_pool``, builds new ones)."""
     global _POOL
     import torch.distributed as dist
 
     if _POOL is not None and dist.is_initialized() and _POOL.world == dist.get_world_size() \
             and _POOL._world_pg is dist.group.WORLD:
+        if timeout_s is not None and float(timeout_s) != _POOL.timeout_s:
+            raise ValueError(f"timeout_s: {timeout_s} s, but the process-wide pool's groups were created with "
+                             f"{_POOL.timeout_s} s (reset_pool() on every rank first to rebuild them)")
         return _POOL
-    _POOL = ProcessGroupPool(timeout_s=timeout_s)
+    _POOL = ProcessGroupPool(timeout_s=60.0 if timeout_s is None else timeout_s)
     return _POOL
 
 

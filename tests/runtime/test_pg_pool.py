@@ -41,7 +41,12 @@ def _pool_worker(rank, world):
     from adasched.runtime.pg_pool import get_pool
 
     pool = get_pool(timeout_s=20)
-    assert get_pool() is pool  # cached
+    assert get_pool() is pool and get_pool(20) is pool  # cached
+    try:                                               # its groups cannot take another timeout: said, not ignored
+        get_pool(timeout_s=30)
+        raise AssertionError("get_pool(30) returned the 20 s pool")
+    except ValueError as err:
+        assert "created with 20.0 s" in str(err), err
     sums = {}
     for ranks, g in pool.groups_of():
         assert dist.get_world_size(g) == len(ranks) and dist.get_rank(g) == ranks.index(rank)
