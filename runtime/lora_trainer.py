@@ -192,15 +192,24 @@ def one_f_one_b_order(M: int, stages: int, stage: int) -> list[tuple[str, int]]:
     return order + [("B", i) for i in range(M - warm, M)]
 
 
+def _no_targets(plan) -> set[tuple[int, int]]:
+    """The (job, global batch) pairs with no target token: every sample one token long (nothing to predict)."""
+    return {key for key, ids in plan.batches().items() if all(plan.lengths[s] < 2 for s in ids)}
+
+
 def _last_microbatch(plan) -> dict[int, list[int]]:
-    """microbatch index -> jobs whose current global batch ends there (their optimizer steps after its backward)."""
+    """microbatch index -> jobs whose current global batch ends there (their optimizer steps after its backward).
+    A global batch with no target token takes no step: its gradients are zero, and AdamW would still move the
+    adapter on its moments alone."""
     last: dict[tuple[int, int], int] = {}
     for i, mb in enumerate(plan.microbatches):
         for seg in mb.segments:
             last[(seg.job, seg.global_batch)] = i
+    empty = _no_targets(plan)
     out: dict[int, list[int]] = {}
-    for (j, _), i in last.items():
-        out.setdefault(i, []).append(j)
+    for (j, g), i in last.items():
+        if (j, g) not in empty:
+            out.setdefault(i, []).append(j)
     return out
 
 
@@ -239,10 +248,13 @@ class TrainResult:
     steps: dict[int, int] = field(default_factory=dict)
     """job -> optimizer steps taken"""
 
-    def by_job(self, plan) -> dict[str, list[float]]:
-        out: dict[str, list[float]] = {}
+    def by_job(self, plan) -> dict[str, list[float | None]]:
+        """Per job name its global batches' mean token losses in order; None for one with no target token (every
+        sample one token long: a mean over nothing, and no optimizer step was taken for it)."""
+        empty = _no_targets(plan)
+        out: dict[str, list[float | None]] = {}
         for (j, g), v in sorted(self.losses.items()):
-            out.setdefault(plan.jobs[j].name, []).append(v)
+            out.setdefault(plan.jobs[j].name, []).append(None if (j, g) in empty else v)
         return out
 
 

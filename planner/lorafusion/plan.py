@@ -186,6 +186,9 @@ class LoRAPlan(Plan):
         if errors:
             return errors
         n = len(self.lengths)
+        short = next((i for i, x in enumerate(self.lengths) if x < 1), None)
+        if short is not None:  # a sample of no tokens: nothing to train on, and the trainer cannot pack it
+            return [f"lengths: sample {short} has {self.lengths[short]} tokens (at least 1)"]
         expected = self.expected_batches()
         if sum(len(ids) for ids in expected.values()) != n:
             return [f"lengths: {n} samples, but the jobs' global batches hold "
@@ -196,6 +199,9 @@ class LoRAPlan(Plan):
                     errors.append(f"microbatch {i}: segment of job {s.job} global batch {s.global_batch}, which "
                                   "the plan does not have")
                 bad = [x for x in s.samples if not 0 <= x < n]
+                if not s.samples:  # the trainer packs a segment's samples: an empty one is not a segment
+                    errors.append(f"microbatch {i}: segment of job {s.job} global batch {s.global_batch} holds no "
+                                  "samples")
                 if bad:
                     errors.append(f"microbatch {i}: sample id {bad[0]} not in [0, {n})")
         if errors:

@@ -158,3 +158,65 @@ def test_check_plan_rejects_more_stages_than_the_plan_was_made_for():
         assert first == min(pos) and last == max(prev) and first - last < 4
     with pytest.raises(InputError, match=r"fewer than 4 after \d+ \(re-plan with stages >= 4\)"):
         check_plan(plan, model, 4)
+
+
+def _with_lengths(plan, lengths):
+    """The plan with other sample lengths, its segments' token counts following them."""
+    from adasched.planner.lorafusion.costmodel import padded
+
+    plan = plan.model_copy(deep=True, update={"lengths": list(lengths)})
+    for mb in plan.microbatches:
+        for seg in mb.segments:
+            seg.tokens = sum(plan.lengths[s] for s in seg.samples)
+            seg.padded_tokens = padded(seg.tokens)
+        mb.padded_tokens = sum(seg.padded_tokens for seg in mb.segments)
+    return plan
+
+
+def test_a_global_batch_without_targets_takes_no_step_and_reports_no_loss():
+    """Job jb's second global batch holds only 1-token samples (no target): no optimizer step for it (AdamW would
+    move the adapter on its old moments alone; the gradients are zero), its loss is None (a mean over nothing), the
+    other batches train as before."""
+    plan = make_plan(0.0, 0.0)
+    ids = plan.batches()[(1, 1)]
+    lengths = list(plan.lengths)
+    for s in ids:
+        lengths[s] = 1
+    plan = _with_lengths(plan, lengths)
+    assert plan.verify() == []
+    last_of = {}
+    for i, mb in enumerate(plan.microbatches):
+        for seg in mb.segments:
+            last_of[(seg.job, seg.global_batch)] = i
+    data = SyntheticLoRAData(CFG.vocab_size, seed=3)
+    model = TinyCausalLM(CFG)
+    ads = build_adapters(model, plan, seed=1, init_b="random")
+    seen = {}
+
+    def snap(k):
+        seen[k] = {n: t.detach().clone() for n, t in ads[1].peft_state_dict().items()}
+
+    snap(0)                                     # before training
+    res = train_plan(model, ads, plan, data, fused=False, seed=9, checkpoint_every=1, on_checkpoint=snap)
+    assert res.steps == {0: 2, 1: 1}
+    losses = res.by_job(plan)
+    assert losses["jb"][1] is None and all(isinstance(x, float) and x > 0 for x in losses["ja"] + losses["jb"][:1])
+    after_first = seen[last_of[(1, 0)] + 1]
+    assert any(not torch.equal(after_first[n], t) for n, t in seen[0].items())  # gb 0 did move it
+    for n, t in seen[len(plan.microbatches)].items():
+        assert torch.equal(t, after_first[n]), n
+
+
+@pytest.mark.parametrize("what", ["zero-length sample", "empty segment"])
+def test_verify_refuses_what_the_trainer_cannot_pack(what):
+    plan = make_plan(0.0, 0.0)
+    if what == "zero-length sample":
+        lengths = list(plan.lengths)
+        lengths[plan.microbatches[0].segments[0].samples[0]] = 0
+        errors = _with_lengths(plan, lengths).verify()
+        assert errors and "has 0 tokens (at least 1)" in errors[0], errors
+    else:
+        plan = plan.model_copy(deep=True)
+        seg = plan.microbatches[0].segments[0].model_copy(update={"samples": [], "tokens": 0, "padded_tokens": 0})
+        plan.microbatches[0].segments.append(seg)
+        assert any("holds no samples" in e for e in plan.verify()), plan.verify()
