@@ -136,8 +136,10 @@ class MegatronParamScheduler:
 
     Styles: ``constant``, ``linear``, ``cosine``, ``inverse-square-root`` and ``WSD`` (with ``wsd_decay_steps``,
     ``lr_wsd_decay_style``) as in megatron-core (same floats), plus ``rex``, ``uba``
-    (``phi``) and ``refined`` (``grad_norms`` of a previous run, one per optimizer step; the table is
-    interpolated linearly in progress, so the sample counts need not match)."""
+    (``phi``) and ``refined`` (``grad_norms`` of a previous run, one per optimizer step, warmup included as
+    :class:`~adasched.schedules.GradNormRecorder` writes them; the decay is refined from the norms after the
+    warmup's share of them, ``round(len * lr_warmup_steps / lr_decay_steps)``, as :class:`Refined` uses
+    ``grad_norms[W:]``; the table is interpolated linearly in progress, so the sample counts need not match)."""
 
     def __init__(self, optimizer, init_lr: float, max_lr: float, min_lr: float, lr_warmup_steps: int,
                  lr_decay_steps: int, lr_decay_style: str, start_wd: float = 0.0, end_wd: float = 0.0,
@@ -169,7 +171,11 @@ class MegatronParamScheduler:
         if lr_decay_style == "refined":
             if grad_norms is None:
                 raise ValueError("grad_norms: lr_decay_style='refined' needs the norms of a previous run")
-            self.decay_table = refined_multipliers(_check_norms(grad_norms), norm, _check_smoothing(smoothing))
+            norms = _check_norms(grad_norms)
+            skip = round(len(norms) * self.lr_warmup_steps / self.lr_decay_steps)  # the warmup's own norms
+            if skip >= len(norms):
+                raise ValueError(f"grad_norms: {len(norms)} norms leave none after the warmup's share ({skip})")
+            self.decay_table = refined_multipliers(norms[skip:], norm, _check_smoothing(smoothing))
         self.start_wd, self.end_wd = float(start_wd), float(end_wd)
         if not 0.0 <= self.start_wd <= self.end_wd:
             raise ValueError(f"start_wd: must be in [0, end_wd={self.end_wd}], got {self.start_wd}")

@@ -137,7 +137,9 @@ def test_linear_decay_matches_megatron_linear_step_for_step():
 def test_megatron_wrapper_new_styles_equal_our_schedulers(style):
     gbs, T, W = 16, 25, 4
     norms = np.random.default_rng(4).lognormal(0, 0.4, T - W)
-    extra = {"rex": {}, "uba": {"phi": 0.5}, "refined": {"grad_norms": norms, "norm": "l1"}}[style]
+    # refined: the previous run's norms, warmup included (large there: refining from them would warm up twice)
+    full = np.concatenate([np.full(W, 10.0), norms])
+    extra = {"rex": {}, "uba": {"phi": 0.5}, "refined": {"grad_norms": full, "norm": "l1"}}[style]
     o1, lrs = make_opt(32)
     for g, lr in zip(o1.param_groups, lrs):
         g["max_lr"] = lr
@@ -148,7 +150,7 @@ def test_megatron_wrapper_new_styles_equal_our_schedulers(style):
         got.append([g["lr"] for g in o1.param_groups])
     o2, _ = make_opt(32)
     if style == "refined":
-        sched = Refined(o2, np.concatenate([np.ones(W), norms]), warmup_steps=W, min_lr=1e-4, norm="l1")
+        sched = Refined(o2, full, warmup_steps=W, min_lr=1e-4, norm="l1")
     else:
         sched = {"rex": REX, "uba": UBA}[style](o2, T, warmup_steps=W, min_lr=1e-4, **extra)
     np.testing.assert_allclose(np.array(got), run(sched, o2, T + 3), rtol=1e-12, atol=1e-16)
