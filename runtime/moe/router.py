@@ -80,7 +80,8 @@ class RouterConfig:
     z_loss_coef: float = 1e-3
     """Weight of the router z-loss (0 disables)."""
     p: float = 0.4
-    """top_p threshold in (0, 1]."""
+    """top_p threshold in (0, 1]: the router's initial one (:meth:`Router.reset_parameters`). The live threshold is
+    ``Router.p`` (a buffer the controller moves and a checkpoint saves): set that one to change it during a run."""
     k_max: int | None = None
     """top_p cap on experts per token (default top_k)."""
     entropy_coef: float = 1e-2
@@ -336,8 +337,8 @@ class Router(nn.Module):
         stats = RouterStats(tokens_per_expert=counts.detach().cpu(),
                             mean_k=float(exp.numel()) / max(T, 1), dropped=int(dropped),
                             num_tokens=T, p=self.p if kind == "top_p" else None)
-        if kind == "top_p" and cfg.target_k is not None and self.training and not self.deferred_updates:
-            self.controller_step(stats.mean_k)
+        if kind == "top_p" and cfg.target_k is not None and self.training and not self.deferred_updates and T > 0:
+            self.controller_step(stats.mean_k)         # (no tokens: no mean k to steer by; 0 would raise p)
         self.last_stats = stats
         return Routing(token_idx=tok, expert_idx=exp, weight=w, counts=counts, num_tokens=T,
                        aux_loss=aux, losses=losses, stats=stats)

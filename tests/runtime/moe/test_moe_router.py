@@ -190,3 +190,16 @@ def test_router_config_refuses_wrong_types_and_negative_coefficients(kw, needle)
     """Walk finding: bools counted as 1, top_k=2.5 failed only inside torch.topk, aux_loss_coef=-1 was taken."""
     with pytest.raises(ValueError, match=re.escape(needle)):
         RouterConfig(**kw)
+
+
+def test_top_p_controller_does_not_move_on_a_call_without_tokens():
+    """A standalone top_p router in training: a call with no tokens has no mean k to steer by (0 / 0 was taken
+    as k = 0, raising p by rate x target_k per empty call); a call with tokens still moves p."""
+    torch.manual_seed(int(torch.randint(2 ** 31, ())))
+    r = Router(8, RouterConfig(kind="top_p", num_experts=4, p=0.4, k_max=3, target_k=2.0, controller_rate=0.05))
+    r.train()
+    for _ in range(5):
+        r(torch.empty(0, 8))
+    assert r.p == 0.4
+    r(torch.randn(16, 8))
+    assert r.p != 0.4
