@@ -24,6 +24,7 @@ naming the values.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import replace
 from typing import Callable
 
@@ -47,8 +48,9 @@ def schedule_shape(name: str, num_layers: int, waves: float = 1.0) -> list[float
     """The unscaled shape f(u_l) of a schedule (see module docstring)."""
     if name not in CAPACITY_SCHEDULES:
         raise ValueError(f"schedule: {name!r} is not one of {', '.join(CAPACITY_SCHEDULES)}")
-    if num_layers < 1:
-        raise ValueError(f"num_layers: {num_layers} must be >= 1")
+    if isinstance(num_layers, bool) or not isinstance(num_layers, numbers.Integral) or num_layers < 1:
+        raise ValueError(f"num_layers: {num_layers!r} must be an integer >= 1")
+    num_layers = int(num_layers)
     fn = _shape_fn(name, waves)
     L = num_layers
     return [fn(l / (L - 1) if L > 1 else 0.0) for l in range(L)]
@@ -62,9 +64,9 @@ def capacity_schedule(name: str, num_layers: int, budget: int, lo: int, hi: int,
     ``waves``: periods of the ``wave`` schedule over depth.
     """
     f = schedule_shape(name, num_layers, waves)
-    L = num_layers
+    L = int(num_layers)
     for label, v in (("budget", budget), ("lo", lo), ("hi", hi)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
+        if isinstance(v, bool) or not isinstance(v, (numbers.Integral, numbers.Real)) or int(v) != v:
             raise ValueError(f"{label}: {v!r} must be an integer")
     budget, lo, hi = int(budget), int(lo), int(hi)
     if lo < 0 or hi < lo:
@@ -108,10 +110,13 @@ def moe_layer_configs(schedule: str, num_layers: int, budget: int, lo: int, hi: 
     """Per-layer router configs from a schedule: ``base`` (a RouterConfig) copied with ``field`` set per layer.
 
     ``field="k_max"``: dynamic top-p routers get the layer's k_max (top-k routers: use ``field="top_k"``);
-    ``field="num_experts"``: the layer's expert count (top_k/k_max are clipped to it).
+    ``field="num_experts"``: the layer's expert count (top_k/k_max are clipped to it). A top_p controller's
+    ``target_k`` above a layer's k_max is clipped to it (that layer cannot average more experts per token).
     """
     if field not in ("k_max", "top_k", "num_experts"):
         raise ValueError(f"field: {field!r} is not 'k_max', 'top_k' or 'num_experts'")
+    if field == "k_max" and base.kind != "top_p":  # k_max is only top_p's cap: the schedule would do nothing
+        raise ValueError(f"field: 'k_max' caps top_p routing; a {base.kind} router's capacity is field='top_k'")
     if field != "num_experts" and hi > base.num_experts:
         raise ValueError(f"hi: {hi} exceeds num_experts {base.num_experts} for {field}")
     caps = capacity_schedule(schedule, num_layers, budget, lo, hi, **kw)
@@ -120,7 +125,10 @@ def moe_layer_configs(schedule: str, num_layers: int, budget: int, lo: int, hi: 
         if field == "num_experts":
             k = min(base.top_k, c)
             km = None if base.k_max is None else min(base.k_max, c)
-            out.append(replace(base, num_experts=c, top_k=k, k_max=km))
+            cfg = replace(base, num_experts=c, top_k=k, k_max=km, target_k=None)
         else:
-            out.append(replace(base, **{field: c}))
+            cfg = replace(base, **{field: c}, target_k=None)
+        if base.target_k is not None:
+            cfg = replace(cfg, target_k=min(base.target_k, float(cfg.effective_k_max)))
+        out.append(cfg)
     return out

@@ -80,3 +80,21 @@ def test_layer_configs():
     assert [c.num_experts for c in cfgs] == [2, 4, 6]
     with pytest.raises(ValueError, match="hi: 9 exceeds num_experts 8"):
         moe_layer_configs("uniform", 2, 10, 1, 9, base, field="k_max")
+
+
+def test_layer_configs_clip_target_k_and_refuse_k_max_on_top_k_routers():
+    """A top_p controller's target_k above a layer's scheduled k_max is clipped to it (it raised "target_k: 2.0
+    must be in [1, k_max=1]" for the layer given k_max 1); field='k_max' on a gshard config would change nothing."""
+    import numpy as np
+
+    base = RouterConfig(kind="top_p", num_experts=8, k_max=4, target_k=2.0)
+    cfgs = moe_layer_configs("descending", 4, 8, 1, 4, base, field="k_max")
+    assert [c.k_max for c in cfgs] == [3, 2, 2, 1] and [c.target_k for c in cfgs] == [2.0, 2.0, 2.0, 1.0]
+    cfgs = moe_layer_configs("descending", 4, 12, 1, 6, base, field="num_experts")
+    assert [(c.num_experts, c.k_max, c.target_k) for c in cfgs] == [(5, 4, 2.0), (4, 4, 2.0), (2, 2, 2.0),
+                                                                     (1, 1, 1.0)]
+    with pytest.raises(ValueError, match="^field: 'k_max' caps top_p routing; a gshard router"):
+        moe_layer_configs("descending", 4, 8, 1, 4, RouterConfig(kind="gshard"), field="k_max")
+    assert capacity_schedule("pyramid", np.int64(4), np.int64(10), np.int32(1), 4) == [1, 4, 4, 1]
+    with pytest.raises(ValueError, match="^num_layers: 4.0 must be an integer >= 1"):
+        capacity_schedule("pyramid", 4.0, 10, 1, 4)
