@@ -204,6 +204,8 @@ def simulate_cmd(
     if plot:
         render_gantt(sim.tasks, plot, title=f"{path.name}: {what}makespan {sim.makespan_ms:.2f} {unit}",
                      **({} if unit == "ms" else {"xlabel": unit}))
+        if not as_json:
+            typer.echo(f"wrote {plot}")
 
 
 _registered = False

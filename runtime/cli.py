@@ -12,8 +12,8 @@ __all__ = ["register"]
 def register(groups) -> None:
     @groups.bench.command("checkpoint")
     def bench_checkpoint_cmd(
-        params_m: float = typer.Option(32.0, "--params-m", help="Millions of float32 parameters in the saved model "
-                                                               "(saved with AdamW's two moments: 12 bytes each)."),
+        params_m: float = typer.Option(32.0, "--params-m", help="Float32 parameters in the saved model, in units of "
+                                                               "2^20 (saved with AdamW's two moments: 12 bytes each)."),
         repeats: int = typer.Option(4, "--repeats", help="Saves per mode (medians and ranges are reported; even: the "
                                                          "order alternates)."),
         train_steps: int = typer.Option(100, "--train-steps", help="Stand-in training steps run after each save (the "
@@ -56,5 +56,5 @@ def register(groups) -> None:
         rows.append(("async / sync (medians)", f"{res['blocking_ratio']:.3f}", f"{res['overlapped_ratio']:.3f}"))
         print_table(rows, ["mode", "save() blocks, ms (min-max)",
                            f"save + {train_steps} steps, committed, ms (min-max)"],
-                    title=f"checkpoint of {res['params'] / 1e6:.1f}M params ({res['state_bytes'] / 2**20:,.0f} MiB "
+                    title=f"checkpoint of {res['params'] / 2**20:g} x 2^20 params ({res['state_bytes'] / 2**20:,.0f} MiB "
                           f"with AdamW), {repeats} repeats; the steps alone {res['train_s'] * 1e3:.1f} ms")

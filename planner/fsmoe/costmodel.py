@@ -189,6 +189,9 @@ def topology(cfg: MoEConfig, gpus: int, gpus_per_node: int, ep_size: int | None 
         if k % min(g, k):
             raise InputError("--gpus-per-node", f"{g} does not divide the EP size {k} (the two-step exchange "
                                                 f"splits an EP group into nodes)")
+        if ep_size is None and cfg.experts % k:       # the default EP size is every GPU: name what sets it
+            raise InputError("--gpus", f"{cfg.name}: {cfg.experts} experts do not divide evenly over {k} GPUs (the "
+                                       f"EP size of --two-step-a2a without --ep-size)")
         topology(cfg, gpus, gpn, k)                   # the flat layout's checks (--ep-size divides, experts)
         return Topology(gpus, gpn, k, hierarchical=False, two_step=True, exchange_node=g)
     if ep_size is not None:

@@ -87,7 +87,7 @@ def register(groups) -> None:
         print_table(plan.summary_rows(), ["field", "value"], title=f"LoRA plan for {plan.source}")
         print_table(_comparison_rows(plan), ["schedule", "makespan ms", "tokens/s", "padding waste", "microbatches",
                                              "time vs plan"], title="simulated 1F1B pipeline (same samples, same costs)")
-        typer.echo(f"wrote {out}")
+        typer.echo(f"wrote {out}" + (f" and {plot}" if plot else ""))
 
     @groups.bench.command("lora")
     def bench_lora(

@@ -87,6 +87,9 @@ def test_simulate(tmp_path, capsys):
     assert res["makespan_ms"] == 3.0 and res["busy_ms"] == {"rank 0 / compute": 2.0, "rank 0 / comm": 1.0,
                                                            "rank 1 / comm": 1.0}
     assert plot.exists()
+    plot.unlink()
+    assert main(["simulate", str(path), "--plot", str(plot)]) == 0      # a table, then the file it drew
+    assert capsys.readouterr().out.rstrip().endswith(f"wrote {plot}") and plot.exists()
     for tasks, expect in [
         ([{"name": "a", "rank": 0, "stream": "s", "duration_ms": -1}],
          "tasks.0: duration_ms: Input should be greater than or equal to 0"),

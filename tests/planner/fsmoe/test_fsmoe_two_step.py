@@ -66,6 +66,8 @@ def test_two_step_pipeline_hand_computed():
     (["--gpus-per-node", "2"], "error: --gpus-per-node: only with --two-step-a2a"),
     (["--two-step-a2a", "--ep-size", "1"], "error: --two-step-a2a: EP size 1 exchanges nothing"),
     (["--two-step-a2a", "--gpus-per-node", "3"], "error: --gpus-per-node: 3 does not divide the EP size 4"),
+    (["--two-step-a2a", "--gpus", "16"], "error: --gpus: mixtral-8x7b-L1024: 8 experts do not divide evenly over 16 "
+                                         "GPUs (the EP size of --two-step-a2a without --ep-size)"),  # not --ep-size
 ])
 def test_plan_cli_two_step_bad_input_is_one_line(tmp_path, capsys, argv, needle):
     from adasched.planner.cli import main
