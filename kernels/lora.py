@@ -48,7 +48,8 @@ interpreter gets bf16 arithmetic wrong). Without a GPU and without the interpret
 to the torch reference with a one-time warning. In eager mode float64 inputs take the torch reference too (exact
 float64; the kernels accumulate in float32), without a warning; a compiled graph runs the kernels for them (fp32
 accumulation: the reference would break ``fullgraph=True``). The backward is once-differentiable: a double
-backward raises.
+backward that reaches it raises (also with a loss linear in the output, where torch's ``once_differentiable``
+would have let it drop the second-order terms).
 """
 from __future__ import annotations
 
@@ -1473,6 +1474,38 @@ def _fused_backward(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, nee
     return dx, da, db[:, :plan.r_total], dbias
 
 
+def _first_order_only(backward):
+    """torch's ``once_differentiable`` for a backward whose outputs depend on the saved inputs: under
+    ``create_graph=True`` its outputs raise when a second backward reaches them. ``once_differentiable`` arms that
+    only when dY requires grad, but with a loss linear in Y (``y.sum()``, a masked sum) dY is a constant while
+    dX = dY W^T + scale dY B A still depends on A and B (and dA, dB on x): the second-order terms were dropped
+    without a word (A's gradient off by 104 % in such a double backward). Here the outputs are armed whenever an
+    input of the forward needed a gradient."""
+    import functools
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *args):
+        with torch.no_grad():
+            outputs = backward(ctx, *args)
+        needs = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args) or any(ctx.needs_input_grad)
+        if not torch.is_grad_enabled() or not needs:
+            return outputs
+        outs = outputs if isinstance(outputs, tuple) else (outputs,)
+        err = torch._C._functions.DelayedError(b"lora_linear / multi_lora_linear: double backward is not supported "
+                                               b"(the fused kernels' backward builds no graph)", len(outs))
+
+        def armed(t):
+            if t is None:
+                return None
+            t = t.detach()
+            t.requires_grad = True
+            return t
+
+        return err(*[armed(t) for t in outs])
+
+    return wrapper
+
+
 class _FusedLoRAFunction(torch.autograd.Function):
     """Autograd over the fused kernels; inputs: x2 [T, K], weight, bias, A_cat [R, K], B_cat [N, R]."""
 
@@ -1488,7 +1521,7 @@ class _FusedLoRAFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels' backward builds no graph: a double backward raises
+    @_first_order_only  # the kernels' backward builds no graph: a double backward through it raises
     def backward(ctx, dy):
         weight, a_cat, b_cat, s, xd, mask = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0]

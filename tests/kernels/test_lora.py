@@ -747,3 +747,27 @@ def test_dx_with_one_input_feature_and_rank_offsets_alignment():
         segs = tuple((i, 16 * i, 16 * i + 16) for i in range(len(ranks)))
         plan = L._tile_plan(16 * len(ranks), segs, ranks, (1.0,) * len(ranks), (0.0,) * len(ranks), 16, cpu)
         assert plan.r_align == want, ranks
+
+
+@pytest.mark.parametrize("base", ["triton", "torch_all"])
+def test_double_backward_raises_instead_of_dropping_second_order_terms(base):
+    """With a loss linear in y, dY is a constant, yet dX = dY W^T + scale dY B A depends on A and B: torch's
+    once_differentiable let such a double backward run and A's and B's gradients lost their second-order part
+    (off by ~100 %). It must raise; a create_graph backward whose result is not differentiated again still works."""
+    gen = torch.Generator().manual_seed(int(torch.randint(2 ** 31, ())))
+    x = torch.randn(8, 16, generator=gen, requires_grad=True)
+    w = torch.randn(12, 16, generator=gen)
+    a = torch.randn(4, 16, generator=gen, requires_grad=True)
+    b = torch.randn(12, 4, generator=gen, requires_grad=True)
+    c = torch.randn(8, 16, generator=gen)
+    y = lora_linear(x, w, a, b, 0.5, base_gemm=base)
+    (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        ((g * c).sum() + y.sum()).backward()
+    y = lora_linear(x, w, a, b, 0.5, base_gemm=base)
+    (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)   # only first order used: fine
+    want = torch.ones(8, 12) @ (w + 0.5 * b.detach() @ a.detach())
+    torch.testing.assert_close(g.detach(), want, rtol=1e-5, atol=1e-5)
+    a.grad = None                                               # (the failed backward may have reached it)
+    y.sum().backward()
+    torch.testing.assert_close(a.grad, 0.5 * b.detach().t() @ torch.ones(12, 8) @ x.detach(), rtol=1e-5, atol=1e-5)
