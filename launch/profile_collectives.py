@@ -8,6 +8,7 @@ single-device microbenchmarks, fits the cost models and writes the ClusterProfil
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from adasched.planner.ui import OneLineArgParser, is_rank0
@@ -29,6 +30,12 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             check_output_path(args.out, "--out")
+            nproc = os.environ.get("NPROC", "4")  # what profile_collectives.sh hands torchrun
+            if not nproc.isdigit() or int(nproc) < 2:
+                from adasched.profiler.io import InputError
+
+                raise InputError("NPROC", f"{nproc}: collectives need >= 2 processes (or run `adasched profile "
+                                          f"--no-collectives`)")
         except ValueError as err:
             sys.stderr.write(error_line(err))
             return 2

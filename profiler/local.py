@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from .profile import ClusterProfile, save_profile
+from .io import InputError
 
 __all__ = ["profile_local", "profile_in_world", "in_torchrun", "resolve_nproc", "max_cpu_nproc", "DEFAULT_NPROC"]
 
@@ -79,9 +80,6 @@ def resolve_nproc(nproc: int | None, *, quick: bool, collectives: bool, ngpu: in
         return nproc
     if nproc < 2:
         raise ValueError(f"--nproc: collectives need >= 2 processes, got {nproc} (or pass --no-collectives)")
-    if nproc & (nproc - 1):  # 3 ranks: gloo timed out in the size-2 group that leaves one out
-        raise ValueError(f"--nproc: {nproc} is not a power of two (the collectives are timed over power-of-two "
-                         "groups of the world)")
     if ngpu >= 2 and nproc > ngpu:
         raise ValueError(f"--nproc: {nproc} ranks but only {ngpu} GPUs (nccl needs one GPU per rank)")
     if ngpu == 0 and nproc > max_cpu_nproc():
@@ -148,6 +146,9 @@ def profile_in_world(*, quick: bool, out: str | os.PathLike | None, microbench: 
     try:
         rank = dist.get_rank()
         world = dist.get_world_size()
+        if world < 2:  # nothing collective to time: an empty profile written as if measured
+            raise InputError("--nproc_per_node", f"collectives need >= 2 processes, got {world} (or run "
+                                                 f"`adasched profile --no-collectives`)")
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         coll = measure_collectives(cfg, device=f"cuda:{local_rank}" if gpu else "cpu",
                                    show_progress=show_progress)

@@ -63,7 +63,7 @@ def plans(tmp_path_factory):
 
 @pytest.mark.parametrize("args, where, needle", [
     # the "no NVIDIA GPU ... describing the CPU host" note came first (two lines)
-    (["--nproc", "3"], "--nproc", "not a power of two"),
+    (["--nproc", "1"], "--nproc", "collectives need >= 2 processes"),
     # 1024 worker processes were spawned on a 2-core machine
     (["--nproc", "1024"], "--nproc", "too many for this host"),
     (["--nproc", str(2 ** 40)], "--nproc", "too many for this host"),

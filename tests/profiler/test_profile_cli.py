@@ -34,9 +34,8 @@ def test_profile_bad_options(tmp_path, capsys):
     assert main(["profile", "--quick", "--nproc", "1", "--out", str(tmp_path / "x.json")]) == 2
     assert capsys.readouterr().err == ("error: --nproc: collectives need >= 2 processes, got 1 (or pass "
                                        "--no-collectives)\n")  # not typer's "adasched profile: Invalid value" form
-    # 3 ranks: gloo timed out in the size-2 group that leaves rank 2 out (README walk): refused up front
-    assert main(["profile", "--quick", "--nproc", "3", "--out", str(tmp_path / "x.json")]) == 2
-    assert "error: --nproc: 3 is not a power of two" in capsys.readouterr().err
+    # (3 ranks are profiled: tests/profiler/test_collectives_odd_world.py; they were refused here while gloo timed out
+    # in the size-2 group that left rank 2 out)
     assert main(["profile", "--quick", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "is a directory" in err and err.count("\n") == 1

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from adasched.profiler.builtins import (BUILTIN_PROFILES, FLEXSP_A2A_GBPS, FLEXSP_MODEL_COSTS, FSMOE_ALPHA_MS,
-                                        FSMOE_BETA_MS)
+                                        FSMOE_BETA_MS, builtin_profile)
 from adasched.profiler.io import InputError
 from adasched.profiler.profile import (AttentionFit, ClusterProfile, CollectiveFit, DeviceInfo, LinearFit,
                                        load_profile, save_profile)
@@ -71,6 +71,13 @@ def test_validation_rejects_bad_profiles():
     neg["collectives"][0]["beta_ms_per_byte"] = -1.0
     with pytest.raises(ValueError):
         ClusterProfile.model_validate(neg)
+    # a group larger than a node marked on-node: the two-level and across-node queries would price it as NVLink
+    h = builtin_profile("h100-sxm").model_dump(mode="json")
+    wide = next(c for c in h["collectives"] if c["group_size"] > h["gpus_per_node"])
+    assert wide["scope"] == "inter"
+    wide["scope"] = "intra"
+    with pytest.raises(ValueError, match="has scope 'intra', but a node holds 8 GPUs"):
+        ClusterProfile.model_validate(h)
 
 
 def test_builtins_match_their_sources():
