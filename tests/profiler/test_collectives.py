@@ -158,3 +158,23 @@ def test_workers_exit_when_the_launcher_is_killed():
                 w.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+def test_a_killed_worker_is_a_runtime_error_not_a_traceback(monkeypatch):
+    """A worker killed by a signal (the OOM killer, a segfault): torch raises ProcessExitedException, which is not a
+    ProcessRaisedException; it escaped the CLI as a traceback. It is the same one-line RuntimeError now."""
+    import torch.multiprocessing as mp
+
+    import adasched.profiler.collectives as coll
+
+    class Killed:
+        processes = []
+
+        def join(self, timeout=None):
+            raise mp.ProcessExitedException("process 1 terminated with signal SIGKILL", error_index=1, error_pid=4242,
+                                            exit_code=-9, signal_name="SIGKILL")
+
+    monkeypatch.setattr(mp, "start_processes", lambda *a, **k: Killed())
+    with pytest.raises(RuntimeError, match="^collective profiling failed: process 1 terminated with signal SIGKILL"):
+        coll.spawn_collectives(2, coll.CollectiveConfig(sizes=(1024,), warmup=1, repeats=1, timeout_s=5),
+                               show_progress=False, limit_s=30)
