@@ -176,5 +176,5 @@ def test_a_killed_worker_is_a_runtime_error_not_a_traceback(monkeypatch):
 
     monkeypatch.setattr(mp, "start_processes", lambda *a, **k: Killed())
     with pytest.raises(RuntimeError, match="^collective profiling failed: process 1 terminated with signal SIGKILL"):
-        coll.spawn_collectives(2, coll.CollectiveConfig(sizes=(1024,), warmup=1, repeats=1, timeout_s=5),
+        coll.spawn_collectives(2, coll.CollectiveConfig(sizes=(1024, 4096), warmup=1, repeats=1, timeout_s=5),
                                show_progress=False, limit_s=30)
