@@ -330,7 +330,7 @@ def spawn_collectives(nproc: int, cfg: CollectiveConfig, *, show_progress: bool 
             return json.load(fh)
     except mp.ProcessRaisedException as err:
         raise RuntimeError(f"collective profiling failed in a worker: {str(err).strip().splitlines()[-1]}") from None
-    except mp.ProcessException as err:  # a worker killed (the OOM killer, a segfault): ProcessExitedException
+    except mp.ProcessExitedException as err:  # a worker killed (the OOM killer, a segfault): ProcessExitedException
         raise RuntimeError(f"collective profiling failed: {' '.join(str(err).split())}") from None
     finally:
         if ctx is not None:
