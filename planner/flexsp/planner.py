@@ -70,7 +70,8 @@ class PlannerConfig:
     what it leaves unused goes to the MILPs)."""
     max_evals: int | None = None
     """Deterministic mode when set: the searches are bounded by work instead of the clock - the structure search
-    tries at most this many group structures per micro-batch (and per donor of the fill across micro-batches),
+    tries at most this many group structures per micro-batch (and per donor of the fill across micro-batches, there
+    with restarts only on a donor of <= ``search.FILL_RESTARTS_PER_GPU`` sequences per GPU),
     every selected MILP runs (bounded by ``milp_nodes``), so the same inputs give the same plan on any machine
     load. ``time_limit`` then caps each MILP only (a cap that stops one makes that step clock-dependent again:
     ``StepResult.clock_bound`` says so)."""

@@ -153,6 +153,11 @@ def structure_search(ids: np.ndarray, lens: np.ndarray, cm: SPCostModel, start: 
     return best
 
 
+#: deterministic fill: a donor with at most this many sequences per GPU gets the structure search's restarts (see
+#: :func:`fill_across`); larger donors a descent from their structure only
+FILL_RESTARTS_PER_GPU = 4
+
+
 def _room(A, B, C, sq, sm, cap, limit: float) -> np.ndarray:
     """Per group (arrays of its alpha, beta, gamma, sum s^2, sum s, token capacity): an upper bound on the
     longest sequence it can take with time ``A (sq + s^2) + B (sm + s) + C <= limit`` and ``sm + s <= cap``
@@ -183,9 +188,9 @@ def fill_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadli
     receiver's makespan is unchanged and every donor only loses work; the receiver's idle GPUs count as empty
     groups (largest power of two first), so a micro-batch that leaves GPUs idle can take whole sequences. Donors
     are then rebalanced by :func:`local_search` and :func:`structure_search` (a few structures always for a donor
-    left with <= 8 sequences, more until ``deadline`` or, deterministic, up to ``max_evals``); a donor left empty
-    is dropped (one b1 less). The split
-    is then no longer consecutive runs of the sorted order; every plan is still evaluated on the real lengths.
+    left with <= 8 sequences, more until ``deadline`` or, deterministic, up to ``max_evals``, with restarts only
+    on a small donor); a donor left empty is dropped (one b1 less). The split is then no longer consecutive
+    runs of the sorted order; every plan is still evaluated on the real lengths.
     Returns the input unless the step's total time strictly drops."""
     if len(mbs) < 2:
         return mbs
@@ -260,7 +265,15 @@ def fill_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadli
                 if ids_b.size <= 8:
                     nd = structure_search(ids_b, lens, cm, nd, max_evals=6, source=donor.source)
                 if max_evals is not None:
-                    nd = structure_search(ids_b, lens, cm, nd, max_evals=max_evals, source=donor.source)
+                    # restarts only for a small donor (<= FILL_RESTARTS_PER_GPU sequences per GPU), else a descent
+                    # from the donor's structure: on a large donor (about 1,000 Wikipedia sequences on 64 degree-1
+                    # groups) the descent stops after a few structures and the restarts spent the rest of the budget
+                    # walking back from a single-degree structure one group at a time, finding nothing better - most
+                    # of --deterministic's time on large batches (5,000 sequences: 251 -> 41 s CPU, same plan; 36
+                    # steps checked, test_flexsp_speed.py); on small donors (the tests' tiny cost model) a restart
+                    # sometimes finds a better structure (steps up to 1.6 % slower with no restarts at all)
+                    nd = structure_search(ids_b, lens, cm, nd, max_evals=max_evals, source=donor.source,
+                                          restarts=ids_b.size <= FILL_RESTARTS_PER_GPU * cm.world)
                 elif deadline is not None and time.perf_counter() < deadline:
                     nd = structure_search(ids_b, lens, cm, nd, deadline=deadline, source=donor.source)
             cur[b] = nd
