@@ -34,7 +34,8 @@ def _lengths(seqlens: str, max_context):
         try:
             median, sigma = (float(x) for x in seqlens.split(":", 1)[1].split(","))
         except ValueError:
-            raise InputError("--seqlens", f"{seqlens!r}: expected lognormal:MEDIAN,SIGMA, e.g. lognormal:1024,1.6") from None
+            raise InputError("--seqlens",
+                             f"{seqlens!r}: expected lognormal:MEDIAN,SIGMA, e.g. lognormal:1024,1.6") from None
         if not (1 <= median <= MAX_CONTEXT and 0 < sigma <= MAX_SIGMA):  # NaN fails too
             raise InputError("--seqlens", f"{seqlens!r}: need 1 <= MEDIAN <= {MAX_CONTEXT} (tokens) and "
                                           f"0 < SIGMA <= {MAX_SIGMA:g}")
@@ -150,16 +151,22 @@ def register(groups) -> None:
         profile: str = typer.Option("a100-64-flexsp-paper", "--profile", help=_PROFILE_HELP),
         model: str = typer.Option("gpt-7b", "--model", help=_MODEL_HELP),
         seqlens: str = typer.Option(..., "--seqlens", help=_SEQLENS_HELP),
-        gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs to plan for (power of two; default: the profile's)."),
-        global_batch: int = typer.Option(512, "--global-batch", help="Sequences per global batch (training step); at most 1,000,000, and refused when planning it needs more than half this host's memory."),
+        gpus: Optional[int] = typer.Option(None, "--gpus",
+                                           help="GPUs to plan for (power of two; default: the profile's)."),
+        global_batch: int = typer.Option(512, "--global-batch",
+                                         help="Sequences per global batch (training step); at most 1,000,000, and "
+                                              "refused when planning it needs more than half this host's memory."),
         max_context: Optional[int] = typer.Option(None, "--max-context",
                                                   help="Longer sequences are clipped (truncated) to this many "
                                                        "tokens (1..2**40); default: no clipping."),
-        steps: int = typer.Option(1, "--steps", help="Global batches to plan (drawn from a seeded permutation); at most 100,000, and at most 10,000,000 sequences in all."),
+        steps: int = typer.Option(1, "--steps", help="Global batches to plan (drawn from a seeded permutation); at "
+                                  "most 100,000, and at most 10,000,000 sequences in all."),
         seed: int = typer.Option(0, "--seed", help="Seed for drawing batches and for the solver."),
-        time_limit: float = typer.Option(1.0, "--time-limit", help="Search seconds per global batch (finite, <= 3600): the group-structure search (3/4) then the MILPs (the rest)."),
+        time_limit: float = typer.Option(1.0, "--time-limit", help="Search seconds per global batch (finite, <= "
+                                         "3600): the group-structure search (3/4) then the MILPs (the rest)."),
         buckets: Optional[int] = typer.Option(None, "--buckets", help=_BUCKETS_HELP),
-        no_milp: bool = typer.Option(False, "--no-milp", help="Heuristics only (single degrees, greedy, local search)."),
+        no_milp: bool = typer.Option(False, "--no-milp",
+                                     help="Heuristics only (single degrees, greedy, local search)."),
         deterministic: bool = typer.Option(False, "--deterministic", help=_DET_HELP),
         out: Path = typer.Option(..., "--out", help="Plan JSON to write (atomic; nothing on error)."),
         plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw step 0's groups per rank (PNG)."),
@@ -177,9 +184,10 @@ def register(groups) -> None:
         check_options(global_batch, steps, time_limit, max_context)
         check_output_path(out, "--out")
         check_output_path(plot, "--plot")
-        prof, mdl, cm, lens, cfg = _setup(profile, model, seqlens, gpus, max_context, time_limit, seed, buckets, no_milp,
-                                          deterministic)
-        plan, results = _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context, show_progress=not as_json)
+        prof, mdl, cm, lens, cfg = _setup(profile, model, seqlens, gpus, max_context, time_limit, seed, buckets,
+                                          no_milp, deterministic)
+        plan, results = _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context,
+                             show_progress=not as_json)
         save_plan(plan, out)
         if plot:
             plan.plot(plot)
@@ -187,7 +195,8 @@ def register(groups) -> None:
         if as_json:
             emit_json({"out": str(out), **rep})
             return
-        print_table(_step_rows(rep["rows"]), _STEP_COLS, title=f"FlexSP plan: {mdl.name} on {cm.world} GPUs ({prof.name})")
+        print_table(_step_rows(rep["rows"]), _STEP_COLS,
+                    title=f"FlexSP plan: {mdl.name} on {cm.world} GPUs ({prof.name})")
         typer.echo(f"wrote {out}")
 
     @groups.bench.command("sp")
@@ -203,13 +212,14 @@ def register(groups) -> None:
         steps: int = typer.Option(10, "--steps", help="Global batches to plan and compare (drawn from a seeded "
                                   "permutation); at most 100,000."),
         seed: int = typer.Option(0, "--seed", help="Seed for drawing batches and for the solver (>= 0)."),
-        time_limit: float = typer.Option(1.0, "--time-limit", help="Search seconds per global batch (finite, <= 3600): the group-structure search (3/4) then the MILPs (the rest)."),
+        time_limit: float = typer.Option(1.0, "--time-limit", help="Search seconds per global batch (finite, <= "
+                                         "3600): the group-structure search (3/4) then the MILPs (the rest)."),
         buckets: Optional[int] = typer.Option(None, "--buckets", help=_BUCKETS_HELP),
         no_milp: bool = typer.Option(False, "--no-milp", help="Heuristics only (single degrees, greedy, local "
                                      "search): no MILP."),
         deterministic: bool = typer.Option(False, "--deterministic", help=_DET_HELP),
         scaling: bool = typer.Option(False, "--scaling", help="Also a table over sequences per batch (128..4096) "
-                                                                "and GPUs (8..256, profile.with_nodes) with solve times."),
+                                     "and GPUs (8..256, profile.with_nodes) with solve times."),
         as_json: bool = typer.Option(False, "--json", help="Machine-readable per-step rows and summary."),
     ) -> None:
         """Benchmark the FlexSP planner against its baselines on the same batches and cost model."""
@@ -217,8 +227,8 @@ def register(groups) -> None:
         from .api import summarize
 
         check_options(global_batch, steps, time_limit, max_context)
-        prof, mdl, cm, lens, cfg = _setup(profile, model, seqlens, gpus, max_context, time_limit, seed, buckets, no_milp,
-                                          deterministic)
+        prof, mdl, cm, lens, cfg = _setup(profile, model, seqlens, gpus, max_context, time_limit, seed, buckets,
+                                          no_milp, deterministic)
         plan, results = _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context, show_progress=True)
         rep = summarize(results, cm)
         rep["config"] = dict(profile=prof.name, model=mdl.name, gpus=cm.world, global_batch=global_batch,

@@ -169,7 +169,8 @@ class SPCostModel:
 
     def group_memory(self, d: int, seqlens) -> float:
         """Per-GPU bytes of a group of degree d running ``seqlens``."""
-        return float(np.sum(np.asarray(seqlens, dtype=np.float64))) * self.act_bytes_per_token / d + self.model_state_bytes
+        return (float(np.sum(np.asarray(seqlens, dtype=np.float64))) * self.act_bytes_per_token / d
+                + self.model_state_bytes)
 
     def fits(self, d: int, seqlens) -> bool:
         return self.group_memory(d, seqlens) <= self.memory_bytes * (1 + 1e-12)

@@ -30,7 +30,8 @@ from .assign import MBSolution, evaluate
 from .batching import Bucket
 from .costmodel import SPCostModel
 
-__all__ = ["MilpResult", "solve_microbatch", "realise", "bucket_counts", "ClassResult", "solve_classes", "realise_classes"]
+__all__ = ["MilpResult", "solve_microbatch", "realise", "bucket_counts", "ClassResult", "solve_classes",
+           "realise_classes"]
 
 
 @dataclass

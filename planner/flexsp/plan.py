@@ -55,7 +55,8 @@ class SPStep(BaseModel):
     predicted_ms: float = Field(ge=0.0)
     baselines_ms: dict[str, float] = Field(default_factory=dict)
     solve_seconds: float = Field(default=0.0, ge=0.0, description="planning wall time of this step (s)")
-    solver_status: str = Field(default="heuristic", description="MILP status of this step (optimal|feasible|timeout|heuristic)")
+    solver_status: str = Field(default="heuristic",
+                               description="MILP status of this step (optimal|feasible|timeout|heuristic)")
     mip_gap: float | None = Field(default=None, description="mean relative gap of this step's MILPs (bucketed model)")
 
     @model_validator(mode="after")
@@ -128,7 +129,8 @@ class SPPlan(Plan):
                 for g in mb.groups:
                     for r in g.ranks:
                         if r < 0 or r >= self.world_size:
-                            raise ValueError(f"steps.{st.step}.micro_batches.{mi}: rank {r} outside world size {self.world_size}")
+                            raise ValueError(f"steps.{st.step}.micro_batches.{mi}: rank {r} outside world size "
+                                             f"{self.world_size}")
                         if r in used:
                             raise ValueError(f"steps.{st.step}.micro_batches.{mi}: rank {r} in two groups")
                         used.add(r)

@@ -137,12 +137,12 @@ def check_fits(lens: np.ndarray, cm: SPCostModel, where: str = "--seqlens") -> N
     i = int(np.argmax(lens))
     if cap < 1:
         raise InputError("--gpus", f"the {cm.model.name} model states alone need {cm.model_state_bytes / GiB:.1f} "
-                                   f"GiB per GPU on {cm.world} GPUs (ZeRO-{cm.model.zero_stage}), more than the device's "
-                                   f"{cm.memory_bytes / GiB:.1f} GiB: no sequence fits; add GPUs")
+                                   f"GiB per GPU on {cm.world} GPUs (ZeRO-{cm.model.zero_stage}), more than the "
+                                   f"device's {cm.memory_bytes / GiB:.1f} GiB: no sequence fits; add GPUs")
     if lens[i] > cap:
         need = cm.memory_needed(float(lens[i]), cm.world)
-        raise InputError(where, f"sequence {i} (0-based) has {int(lens[i])} tokens and needs {need / GiB:.1f} GiB per GPU "
-                                f"even on all {cm.world} GPUs (device memory {cm.memory_bytes / GiB:.1f} GiB, "
+        raise InputError(where, f"sequence {i} (0-based) has {int(lens[i])} tokens and needs {need / GiB:.1f} GiB "
+                                f"per GPU even on all {cm.world} GPUs (device memory {cm.memory_bytes / GiB:.1f} GiB, "
                                 f"at most {int(cap)} tokens fit); lower --max-context or add GPUs")
 
 
@@ -248,7 +248,8 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
     if frozenset(frozenset(x.tolist()) for x in bins) not in seen:
         _heuristics(per_m, (f"bfd-{len(bins)}", bins), lens, cm, cfg)
     if not per_m:
-        raise InputError("--global-batch", f"no feasible split of {n_seq} sequences into micro-batches on {cm.world} GPUs")
+        raise InputError("--global-batch",
+                         f"no feasible split of {n_seq} sequences into micro-batches on {cm.world} GPUs")
 
     # ---- structure search on the real lengths, best splits first, first (its plans warm-start the MILPs) ---
     t_step_search = time.perf_counter()
@@ -353,7 +354,8 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
     }
     total = sum(mb.time_ms for mb in mbs)
     return StepResult(step=step, lens=lens, micro_batches=mbs, time_ms=total, baselines_ms=baselines,
-                      chosen_m=len(mbs), split=best_m, solve_seconds=time.perf_counter() - t0, milp=milp_stats, static=static,
+                      chosen_m=len(mbs), split=best_m, solve_seconds=time.perf_counter() - t0, milp=milp_stats,
+                      static=static,
                       lower_bound_ms=m_min * cm.b1 + lb_work, clock_bound=clock_bound)
 
 

@@ -4,12 +4,12 @@ The MILP of ../shared/papers/flexsp.md chooses which groups exist (m_p) and whic
 at once; the bucketed MILP does so on bucket means and its plan must then be re-packed on the real lengths,
 where it may not fit in memory. :func:`structure_search` works on the first half directly: the group
 structure (a multiset of power-of-two degrees with sum <= N) is improved by a local search whose neighbours
-split one group of degree d into two of degree d/2 (or into d groups of degree 1), merge two groups of degree d into one of 2d (or d groups of degree 1 into one of degree d), or add a group
-on idle GPUs; every neighbour is scored by packing the real sequences onto it (LPT, then worst-fit when LPT
-does not fit, each improved by :func:`local_search`), so every plan it returns is evaluated on the real lengths
-with the memory check of the formulation (Mem_p <= E for every group). First improvement, until no neighbour
-improves; then again from a few restart structures (:func:`seed_structures`), until the time / evaluation
-budget runs out.
+split one group of degree d into two of degree d/2 (or into d groups of degree 1), merge two groups of degree d
+into one of 2d (or d groups of degree 1 into one of degree d), or add a group on idle GPUs; every neighbour is
+scored by packing the real sequences onto it (LPT, then worst-fit when LPT does not fit, each improved by
+:func:`local_search`), so every plan it returns is evaluated on the real lengths with the memory check of the
+formulation (Mem_p <= E for every group). First improvement, until no neighbour improves; then again from a few
+restart structures (:func:`seed_structures`), until the time / evaluation budget runs out.
 """
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ def _key(degrees) -> tuple[int, ...]:
 
 
 def structure_neighbours(degrees, world: int) -> list[tuple[int, ...]]:
-    """Structures one move away: split a group d -> (d/2, d/2) or into d groups of degree 1 (largest d
-    first), merge two groups of degree d
-    -> 2d, merge d groups of degree 1 into one of degree d (d = 4, 8, 16), add the largest power-of-two group that fits on idle GPUs. Sorted descending, no duplicates."""
+    """Structures one move away: split a group d -> (d/2, d/2) or into d groups of degree 1 (largest d first),
+    merge two groups of degree d -> 2d, merge d groups of degree 1 into one of degree d (d = 4, 8, 16), add the
+    largest power-of-two group that fits on idle GPUs. Sorted descending, no duplicates."""
     st = list(_key(degrees))
     cnt = Counter(st)
     out: list[tuple[int, ...]] = []
@@ -114,7 +114,8 @@ def structure_search(ids: np.ndarray, lens: np.ndarray, cm: SPCostModel, start: 
     evals = 0
 
     def out_of_budget() -> bool:
-        return (deadline is not None and time.perf_counter() >= deadline) or (max_evals is not None and evals >= max_evals)
+        return ((deadline is not None and time.perf_counter() >= deadline)
+                or (max_evals is not None and evals >= max_evals))
 
     def descend(cur: MBSolution) -> MBSolution:
         nonlocal evals
