@@ -11,8 +11,10 @@ __all__ = ["PlannedPipeline", "load_pipeline"]
 @dataclass
 class PlannedPipeline:
     """r_fwd/r_bwd/wgrad/order_fwd/order_bwd: per MoE layer (forward order); slice_fractions: share of the dense
-    gradient all-reduced in each MoE layer's backward gap, in backward order (sums to 1 unless the plan has no
-    slices). ``layer_kwargs(i)`` gives layer i's settings as MoELayer keyword arguments."""
+    gradient all-reduced in each MoE layer's backward gap, in backward order - the plan's slice over its model's
+    replicated gradient elements, so they sum to the share the plan hides in the gaps (at most 1); the rest is
+    reduced after the backward (``GradSliceReducer.finish``), as the plan's ``grad_exposed_ms`` prices it.
+    ``layer_kwargs(i)`` gives layer i's settings as MoELayer keyword arguments."""
 
     config: str
     ep_size: int
@@ -76,7 +78,12 @@ def load_pipeline(path: str | Path, *, ep_size: int, num_layers: int, config: st
         raise ValueError(f"num_layers: {num_layers} must be >= 1")
     layers = [c.layers[min(i, len(c.layers) - 1)] for i in range(num_layers)]
     sl = [float(x) for x in c.grad_slices[:num_layers]] + [0.0] * max(0, num_layers - len(c.grad_slices))
-    tot = sum(sl)
-    fr = [x / tot for x in sl] if tot > 0 else [1.0 / num_layers] * num_layers
+    # each gap's share of the planned model's replicated gradient (the MILP fitted that much into the gap's idle
+    # link time); they were normalised to sum to 1 once, which launched every gradient in the gaps (9x what the
+    # plan hid per gap for Mixtral) and delayed the all-to-alls the plan assumed undisturbed
+    from adasched.planner.fsmoe.costmodel import MoEConfig
+
+    total = float(MoEConfig.model_validate(c.config).replicated_params) * len(c.layers)
+    fr = [min(1.0, x / total) for x in sl] if total > 0 else [0.0] * num_layers
     return PlannedPipeline(c.name, c.ep_size, [x.r_fwd for x in layers], [x.r_bwd for x in layers], fr,
                            [x.wgrad_bwd for x in layers], [x.order_fwd for x in layers], [x.order_bwd for x in layers])
