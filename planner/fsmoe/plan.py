@@ -180,7 +180,22 @@ class MoEPlan(Plan):
         topo = topology(cfg, self.gpus, self.gpus_per_node, self.ep_size_option, two_step=c.two_step_a2a,
                         exchange_gpus_per_node=c.exchange_gpus_per_node)
         src = "published" if c.stage_source.startswith("published") else "profile"
-        prof = load_profile(self.profile.name) if (src == "profile" and self.profile) else None
+        prof = None
+        if src == "profile" and self.profile:
+            from adasched.planner.plan import profile_ref
+            from adasched.profiler.io import InputError
+
+            try:
+                prof = load_profile(self.profile.name)
+            except InputError:
+                prof = None
+            if prof is None or profile_ref(prof).digest != self.profile.digest:
+                # re-simulating with another profile of the same name drew another plan's timeline (a profile
+                # file named like a built-in one: 166 ms drawn for a 3,772 ms plan)
+                raise InputError(self.profile.name, f"this plan was made with a profile named {self.profile.name!r} "
+                                                    f"(digest {self.profile.digest}) that is not the built-in one of "
+                                                    f"that name; its stage costs are not in the plan, so it cannot "
+                                                    f"be re-simulated or drawn here")
         fwd = stage_costs(cfg, topo, source=src, profile=prof)
         l0 = c.layers[0]
         f = evaluate_pipeline(fwd, l0.r_fwd, l0.order_fwd).sim.tasks  # type: ignore[arg-type]

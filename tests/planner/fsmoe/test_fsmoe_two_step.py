@@ -111,3 +111,29 @@ def test_two_step_is_costed_in_the_runtime_issue_order_only():
     f, b = baseline_fwd_bwd_ms(c, c.backward(), 2)
     assert f == evaluate_pipeline(c, 2, shared_overlap=False).time_ms
     assert b == evaluate_pipeline(c.backward(), 2, shared_overlap=False).time_ms
+
+
+def test_simulate_refuses_a_plan_made_with_another_profile_of_the_same_name(tmp_path, capsys):
+    """The plan stores the profile's name and digest, not the stage costs: re-simulating looked the profile up by
+    name, so a plan made with a slower profile file named 'h100-sxm' was drawn with the built-in one (166 ms for a
+    3,772 ms plan). It is refused now, naming the profile; the built-in profile's plan still re-simulates."""
+    import json
+
+    from adasched.planner.cli import main
+    from adasched.profiler.profile import load_profile
+
+    prof = json.loads(load_profile("h100-sxm").model_dump_json())
+    prof["gemm_tflops"] /= 1000
+    slow = tmp_path / "slow.json"
+    slow.write_text(json.dumps(prof))
+    for name, profile in (("slow", str(slow)), ("builtin", "h100-sxm")):
+        out = tmp_path / f"{name}.json"
+        assert main(["plan", "moe", "--config", "fine-grained", "--gpus", "8", "--profile", profile, "--time-limit",
+                     "0.5", "--out", str(out), "--json"]) in (0, None)
+        capsys.readouterr()
+    assert main(["simulate", str(tmp_path / "builtin.json"), "--json"]) in (0, None)
+    capsys.readouterr()
+    assert main(["simulate", str(tmp_path / "slow.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: h100-sxm: this plan was made with a profile named 'h100-sxm'") and \
+        err.count("\n") == 1, err
