@@ -143,12 +143,18 @@ class MoEPlan(Plan):
                     errors.append(f"{at} layer {lp.layer}: r_fwd {lp.r_fwd} / r_bwd {lp.r_bwd} not among the timed "
                                   f"degrees {sorted(lp.time_by_r_fwd)} / {sorted(lp.time_by_r_bwd)}")
                     continue
-                if not math.isclose(lp.fwd_ms, fwd, rel_tol=1e-9) or fwd > min(lp.time_by_r_fwd.values()) * (1 + 1e-9):
-                    errors.append(f"{at} layer {lp.layer}: forward {lp.fwd_ms} ms at r={lp.r_fwd} is not the fastest "
+                if not math.isclose(lp.fwd_ms, fwd, rel_tol=1e-9):
+                    errors.append(f"{at} layer {lp.layer}: forward {lp.fwd_ms} ms, but r={lp.r_fwd} was timed at "
+                                  f"{fwd} ms")
+                elif fwd > min(lp.time_by_r_fwd.values()) * (1 + 1e-9):
+                    errors.append(f"{at} layer {lp.layer}: forward {fwd} ms at r={lp.r_fwd} is not the fastest "
                                   f"timed degree ({min(lp.time_by_r_fwd.values())} ms)")
-                if lp.bwd_ms > min(lp.time_by_r_bwd.values()) * (1 + 1e-9):
-                    errors.append(f"{at} layer {lp.layer}: backward {lp.bwd_ms} ms is slower than the fastest timed "
-                                  f"degree ({min(lp.time_by_r_bwd.values())} ms)")
+                if not math.isclose(lp.bwd_ms, bwd, rel_tol=1e-9):  # (a plan with r_bwd changed by hand passed)
+                    errors.append(f"{at} layer {lp.layer}: backward {lp.bwd_ms} ms, but r={lp.r_bwd} was timed at "
+                                  f"{bwd} ms")
+                elif bwd > min(lp.time_by_r_bwd.values()) * (1 + 1e-9):
+                    errors.append(f"{at} layer {lp.layer}: backward {bwd} ms at r={lp.r_bwd} is not the fastest "
+                                  f"timed degree ({min(lp.time_by_r_bwd.values())} ms)")
             if c.layers and not math.isclose(c.fwd_bwd_ms, c.layers[0].fwd_ms + c.layers[0].bwd_ms, rel_tol=1e-9):
                 errors.append(f"{at}: fwd_bwd_ms {c.fwd_bwd_ms} != layer 0's forward + backward")
             if c.expert_grad_exposed_ms is not None and c.expert_grad_exposed_ms > c.expert_grad_allreduce_ms * (1 + 1e-9):

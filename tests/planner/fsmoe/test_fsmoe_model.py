@@ -360,6 +360,10 @@ def test_show_refuses_a_tampered_moe_plan(tmp_path, capsys, assert_show_refuses)
     def untimed(d):
         d["configs"][0]["layers"][1]["r_bwd"] = 3
 
+    def other_bwd_degree(d):  # r_bwd changed by hand, bwd_ms left: it passed (simulate then disagreed)
+        lp = d["configs"][0]["layers"][1]
+        lp["r_bwd"] = int(next(r for r in lp["time_by_r_bwd"] if lp["time_by_r_bwd"][r] != lp["bwd_ms"]))
+
     def renumbered(d):
         d["configs"][0]["layers"][2]["layer"] = 7
 
@@ -370,7 +374,8 @@ def test_show_refuses_a_tampered_moe_plan(tmp_path, capsys, assert_show_refuses)
         d["configs"][0]["ep_size"] = 3
 
     assert_show_refuses(good, [(slow_degree, "is not the fastest timed degree"),
-                               (untimed, "not among the timed degrees"), (renumbered, "are not 0.."),
+                               (untimed, "not among the timed degrees"), (other_bwd_degree, "was timed at"),
+                               (renumbered, "are not 0.."),
                                (slices, "gradient slices"), (ep, "does not divide 16 GPUs")])
 
 
