@@ -1475,19 +1475,21 @@ def _fused_backward(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, nee
 
 
 def _first_order_only(backward):
-    """torch's ``once_differentiable`` for a backward whose outputs depend on the saved inputs: under
-    ``create_graph=True`` its outputs raise when a second backward reaches them. ``once_differentiable`` arms that
-    only when dY requires grad, but with a loss linear in Y (``y.sum()``, a masked sum) dY is a constant while
-    dX = dY W^T + scale dY B A still depends on A and B (and dA, dB on x): the second-order terms were dropped
-    without a word (A's gradient off by 104 % in such a double backward). Here the outputs are armed whenever an
-    input of the forward needed a gradient."""
+    """torch's ``once_differentiable`` for the fused LoRA backward: under ``create_graph=True`` its outputs raise
+    when a second backward reaches them. ``once_differentiable`` arms that only when dY requires grad, but with a
+    loss linear in Y (``y.sum()``, a masked sum) dY is a constant while dX = dY W^T + scale dY B A still depends on
+    A and B (and dA, dB on x and on B, A): the second-order terms were dropped without a word (A's gradient off by
+    104 % in such a double backward). Here the outputs are also armed when A or B needed a gradient; with only x
+    (and the bias) trainable the backward is linear in dY alone, and a constant dY leaves nothing to drop."""
     import functools
 
     @functools.wraps(backward)
     def wrapper(ctx, *args):
         with torch.no_grad():
             outputs = backward(ctx, *args)
-        needs = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args) or any(ctx.needs_input_grad)
+        # forward inputs (x2, weight, bias, a_cat, b_cat, ...): A and B make dX (and dA, dB) depend on inputs
+        needs = (any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+                 or ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
         if not torch.is_grad_enabled() or not needs:
             return outputs
         outs = outputs if isinstance(outputs, tuple) else (outputs,)

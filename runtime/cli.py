@@ -56,5 +56,6 @@ def register(groups) -> None:
         rows.append(("async / sync (medians)", f"{res['blocking_ratio']:.3f}", f"{res['overlapped_ratio']:.3f}"))
         print_table(rows, ["mode", "save() blocks, ms (min-max)",
                            f"save + {train_steps} steps, committed, ms (min-max)"],
-                    title=f"checkpoint of {res['params'] / 2**20:g} x 2^20 params ({res['state_bytes'] / 2**20:,.0f} MiB "
+                    title=f"checkpoint of {res['params'] / 2**20:g} x 2^20 params "
+                          f"({res['state_bytes'] / 2**20:,.0f} MiB "
                           f"with AdamW), {repeats} repeats; the steps alone {res['train_s'] * 1e3:.1f} ms")

@@ -168,14 +168,12 @@ class MegatronParamScheduler:
             self._check_wsd()
         self.phi = _check_phi(phi)
         self.decay_table = None
+        self._refine = None                          # (norms, norm, smoothing): the table follows W and D
         if lr_decay_style == "refined":
             if grad_norms is None:
                 raise ValueError("grad_norms: lr_decay_style='refined' needs the norms of a previous run")
-            norms = _check_norms(grad_norms)
-            skip = round(len(norms) * self.lr_warmup_steps / self.lr_decay_steps)  # the warmup's own norms
-            if skip >= len(norms):
-                raise ValueError(f"grad_norms: {len(norms)} norms leave none after the warmup's share ({skip})")
-            self.decay_table = refined_multipliers(norms[skip:], norm, _check_smoothing(smoothing))
+            self._refine = (_check_norms(grad_norms), norm, _check_smoothing(smoothing))
+            self._build_decay_table()
         self.start_wd, self.end_wd = float(start_wd), float(end_wd)
         if not 0.0 <= self.start_wd <= self.end_wd:
             raise ValueError(f"start_wd: must be in [0, end_wd={self.end_wd}], got {self.start_wd}")
@@ -190,6 +188,14 @@ class MegatronParamScheduler:
         self.override_opt_param_scheduler = override_opt_param_scheduler
         self.num_steps = 0
         self.step(0)
+
+    def _build_decay_table(self) -> None:
+        """The refined decay from the norms after the warmup's share of them (``round(len * W / D)``)."""
+        norms, norm, smoothing = self._refine
+        skip = round(len(norms) * self.lr_warmup_steps / self.lr_decay_steps)  # the warmup's own norms
+        if skip >= len(norms):
+            raise ValueError(f"grad_norms: {len(norms)} norms leave none after the warmup's share ({skip})")
+        self.decay_table = refined_multipliers(norms[skip:], norm, smoothing)
 
     def _check_wsd(self) -> None:
         self.wsd_decay_steps = _check_int("wsd_decay_steps", self.wsd_decay_steps, 1)
@@ -290,6 +296,8 @@ class MegatronParamScheduler:
                                  "wsd_decay_steps; build it with wsd_decay_steps= and lr_wsd_decay_style=")
             self._check_wsd()
         self.lr_decay_style = style
+        if self._refine is not None:  # the checkpoint's W and D may differ from the constructor's
+            self._build_decay_table()
         self.step(increment=sd.get("num_iters", sd.get("num_steps")))
         if "start_wd" in sd:
             self.start_wd = self._check_and_set(self.start_wd, sd["start_wd"], "start_wd")

@@ -106,13 +106,16 @@ def capacity_schedule(name: str, num_layers: int, budget: int, lo: int, hi: int,
 
 
 def moe_layer_configs(schedule: str, num_layers: int, budget: int, lo: int, hi: int, base, *,
-                      field: str = "k_max", **kw) -> list:
-    """Per-layer router configs from a schedule: ``base`` (a RouterConfig) copied with ``field`` set per layer.
+                      field: str | None = None, **kw) -> list:
+    """Per-layer router configs from a schedule: ``base`` (a RouterConfig) copied with ``field`` set per layer
+    (default: ``k_max`` for a top_p router, ``top_k`` for the others).
 
-    ``field="k_max"``: dynamic top-p routers get the layer's k_max (top-k routers: use ``field="top_k"``);
+    ``field="k_max"``: dynamic top-p routers get the layer's k_max (top-k routers: ``field="top_k"``);
     ``field="num_experts"``: the layer's expert count (top_k/k_max are clipped to it). A top_p controller's
     ``target_k`` above a layer's k_max is clipped to it (that layer cannot average more experts per token).
     """
+    if field is None:
+        field = "k_max" if base.kind == "top_p" else "top_k"
     if field not in ("k_max", "top_k", "num_experts"):
         raise ValueError(f"field: {field!r} is not 'k_max', 'top_k' or 'num_experts'")
     if field == "k_max" and base.kind != "top_p":  # k_max is only top_p's cap: the schedule would do nothing

@@ -771,3 +771,18 @@ def test_double_backward_raises_instead_of_dropping_second_order_terms(base):
     a.grad = None                                               # (the failed backward may have reached it)
     y.sum().backward()
     torch.testing.assert_close(a.grad, 0.5 * b.detach().t() @ torch.ones(12, 8) @ x.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_double_backward_with_frozen_adapters_is_exact():
+    """Only x trainable (A, B and W frozen) and a loss linear in y: dX = dY (W + scale B A) is constant, so a
+    double backward has no second-order term to drop and runs (the guard arms only when A or B needs a gradient)."""
+    seed = int(torch.randint(2 ** 31, ()))
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 16, generator=gen, requires_grad=True)
+    w, a, b = (torch.randn(*s, generator=gen) for s in ((12, 16), (4, 16), (12, 4)))
+    c = torch.randn(8, 16, generator=gen)
+    y = lora_linear(x, w, a, b, 0.5, base_gemm="triton")
+    (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    ((g * c).sum() + y.sum()).backward()
+    torch.testing.assert_close(x.grad, torch.ones(8, 12) @ (w + 0.5 * b @ a), rtol=1e-5, atol=1e-5,
+                               msg=lambda m: f"seed {seed}: {m}")

@@ -1,6 +1,8 @@
 """`adasched profile`: a quick run on this machine writes a loadable profile; --json prints only JSON."""
 import json
 
+import pytest
+
 from adasched.planner.cli import main
 from adasched.profiler.collectives import OPS
 from adasched.profiler.profile import ClusterProfile, load_profile
@@ -81,3 +83,18 @@ def test_a_rough_collective_fit_gets_a_note(tmp_path, capsys, monkeypatch):
                        f"x{c1.group_size} {errs[1]:.0%}, {c4.op} x{c4.group_size} {errs[4]:.0%}); re-run on a quiet "
                        "machine, or without --quick, before planning with them\n")
     assert json.loads(cap.out)["collectives"][1]["fit_rel_error"] == errs[1]
+
+
+@pytest.mark.parametrize("nproc, rc", [("1", 2), ("x", 2), ("2", 0)])
+def test_profile_collectives_check_refuses_fewer_than_two_ranks(nproc, rc, tmp_path, monkeypatch, capsys):
+    """profile_collectives.sh runs --check before torchrun: NPROC=1 wrote an empty profile (no collective to time)
+    with exit status 0."""
+    from adasched.launch.profile_collectives import main as check
+
+    monkeypatch.setenv("NPROC", nproc)
+    assert check(["--check", "--out", str(tmp_path / "p.json")]) == rc
+    err = capsys.readouterr().err
+    if rc:
+        assert err == f"error: NPROC: {nproc}: collectives need >= 2 processes (or run `adasched profile " \
+                      "--no-collectives`)\n", err
+    assert not (tmp_path / "p.json").exists()

@@ -187,3 +187,22 @@ def test_deepspeed_two_rank_cpu_with_checkpoint(tmp_path):
         assert r["rest_a"] == r["rest_b"]  # exact resume from the DeepSpeed checkpoint
         np.testing.assert_allclose(np.array(r["first"] + r["rest_a"]), np.array(want), rtol=1e-14)
     assert results[0]["rest_b"] == results[1]["rest_b"]
+
+
+def test_megatron_refined_resume_with_the_checkpoints_warmup_rebuilds_the_table():
+    """The refined table skips the warmup's share of the norms, round(len * W / D): a scheduler built with another
+    W that loads a checkpoint (use_checkpoint_opt_param_scheduler: the checkpoint's W and D win) rebuilds it, so
+    it gives the saved run's LR (it was 47x off: the table of the constructor's W kept)."""
+    norms = np.random.default_rng(int(np.random.SeedSequence().entropy % 2 ** 31)).lognormal(0, 0.5, 20)
+    o1, _ = make_opt(2)
+    saved = MegatronParamScheduler(o1, 0.0, 0.05, 0.0, 10, 20, "refined", grad_norms=norms)
+    saved.step(12)
+    o2, _ = make_opt(2)
+    fresh = MegatronParamScheduler(o2, 0.0, 0.05, 0.0, 2, 20, "refined", grad_norms=norms)
+    fresh.load_state_dict(saved.state_dict())
+    assert fresh.lr_warmup_steps == 10
+    assert [g["lr"] for g in o2.param_groups] == pytest.approx([g["lr"] for g in o1.param_groups], rel=1e-12)
+    for _ in range(8):
+        saved.step(1)
+        fresh.step(1)
+        assert [g["lr"] for g in o2.param_groups] == pytest.approx([g["lr"] for g in o1.param_groups], rel=1e-12)

@@ -95,6 +95,9 @@ def test_layer_configs_clip_target_k_and_refuse_k_max_on_top_k_routers():
                                                                      (1, 1, 1.0)]
     with pytest.raises(ValueError, match="^field: 'k_max' caps top_p routing; a gshard router"):
         moe_layer_configs("descending", 4, 8, 1, 4, RouterConfig(kind="gshard"), field="k_max")
+    # the default field follows the router: top_k for a top-k router, k_max for top_p
+    assert [c.top_k for c in moe_layer_configs("descending", 4, 8, 1, 4, RouterConfig())] == [3, 2, 2, 1]
+    assert [c.k_max for c in moe_layer_configs("descending", 4, 8, 1, 4, base)] == [3, 2, 2, 1]
     assert capacity_schedule("pyramid", np.int64(4), np.int64(10), np.int32(1), 4) == [1, 4, 4, 1]
     with pytest.raises(ValueError, match="^num_layers: 4.0 must be an integer >= 1"):
         capacity_schedule("pyramid", 4.0, 10, 1, 4)

@@ -433,9 +433,10 @@ def test_async_saves_equal_the_synchronous_run(launches, tmp_path):
 
 def test_resharder_joins_and_cuts_the_saved_experts_exactly(launches, tmp_path):
     """One process (no EP: every expert whole) resumes the 2-rank save (EP 2: experts 0-3 on rank 0, 4-7 on rank 1)
-    through expert_resharder (this rank holds every expert: it reads every saved part): every expert weight and AdamW moment equals the saved ranks' parts joined, element
-    for element; the dense weights, router buffers and their AdamW state are rank 0's; the data generator is rank
-    0's own (own_rank); progress and the identity's layout keys as saved."""
+    through expert_resharder (this rank holds every expert: it reads every saved part): every expert weight and AdamW
+    moment equals the saved ranks' parts joined, element for element; the dense weights, router buffers and their AdamW
+    state are rank 0's; the data generator is rank 0's own (own_rank); progress and the identity's layout keys as
+    saved."""
     from adasched.launch.train_moe import LAYOUT_KEYS, layer_routers, parse_args
     from adasched.runtime.checkpoint import (CheckpointConfig, Checkpointer, ModelState, RNGState, Values,
                                              find_checkpoint)
