@@ -175,7 +175,11 @@ def test_resolved_plan_pipeline_is_a_resharded_resume(launches, tmp_path, monkey
     resolved.write_text(json.dumps(plan))
     want = [load_pipeline(p, ep_size=2, num_layers=2, world=2).slice_fractions
             for p in (launches["plans"]["mixtral-8x7b"], resolved)]
-    assert want[0] != want[1] and want[1] == [0.5, 0.5]
+    from adasched.planner.fsmoe.costmodel import MoEConfig
+
+    c = plan["configs"][0]                                    # each gap's share of the planned model's gradient
+    total = MoEConfig.model_validate(c["config"]).replicated_params * len(c["layers"])
+    assert want[0] != want[1] and want[1] == pytest.approx([slices[0] / total, slices[1] / total], rel=1e-12)
     assert "grad_slices" in LAYOUT_KEYS
     ident = [_identity(["--plan", str(p)]) for p in (launches["plans"]["mixtral-8x7b"], resolved)]
     assert ident[0]["grad_slices"] == want[0] and ident[1]["grad_slices"] == want[1]
