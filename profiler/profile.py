@@ -183,8 +183,8 @@ class ClusterProfile(_Strict):
                     f"collectives: {c.op} fitted on group size {c.group_size} > world size {self.world_size}"
                 )
             if c.group_size > self.gpus_per_node and c.scope != "inter":  # it cannot fit in one node
-                raise ValueError(f"collectives: {c.op} on group size {c.group_size} has scope {c.scope!r}, but a "
-                                 f"node holds {self.gpus_per_node} GPUs (it crosses nodes: 'inter')")
+                raise ValueError(f"collectives: {c.op} fitted on group size {c.group_size} with scope {c.scope!r}, "
+                                 f"but a node holds {self.gpus_per_node} GPUs (it crosses nodes: 'inter')")
         return self
 
     # ---- queries -------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def test_validation_rejects_bad_profiles():
     wide = next(c for c in h["collectives"] if c["group_size"] > h["gpus_per_node"])
     assert wide["scope"] == "inter"
     wide["scope"] = "intra"
-    with pytest.raises(ValueError, match="has scope 'intra', but a node holds 8 GPUs"):
+    with pytest.raises(ValueError, match="with scope 'intra', but a node holds 8 GPUs"):
         ClusterProfile.model_validate(h)
 
 
