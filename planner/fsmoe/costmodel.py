@@ -251,7 +251,7 @@ class StageCosts:
         a[2] *= 2
         w[2] *= 2
         return StageCosts(tuple(a), tuple(w), self.source + " (backward)", self.notes,  # type: ignore[arg-type]
-                          shared=(2 * self.shared[0], 2 * self.shared[1]), two_step=self.two_step)
+                          dw=self.dw, shared=(2 * self.shared[0], 2 * self.shared[1]), two_step=self.two_step)
 
     @property
     def a2a_ms(self) -> float:

@@ -13,7 +13,7 @@ from adasched.profiler.io import InputError
 
 from ..plan import Plan
 
-__all__ = ["MoELayerPlan", "MoEConfigPlan", "MoEPlan"]
+__all__ = ["MoELayerPlan", "MoEConfigPlan", "MoEPlan", "StageCostsRecord"]
 
 
 class MoELayerPlan(BaseModel):
@@ -34,6 +34,32 @@ class MoELayerPlan(BaseModel):
     case_fwd: str = Field(description="paper case matching the chosen r: a2a-bound (T_A) or compute-bound (T_B)")
     time_by_r_fwd: dict[str, float]
     time_by_r_bwd: dict[str, float]
+
+
+class StageCostsRecord(BaseModel):
+    """Layer 0's forward stage costs as the planner priced them (``planner.fsmoe.costmodel.StageCosts``): what
+    ``adasched simulate``/``show --plot`` re-simulate, whatever profile made the plan."""
+    model_config = ConfigDict(extra="forbid")
+    alpha: list[float] = Field(min_length=5, max_length=5, description="ms per chunk of the five stages")
+    work: list[float] = Field(min_length=5, max_length=5, description="ms of each stage's whole workload")
+    shared: list[float] = Field(default_factory=lambda: [0.0, 0.0], min_length=2, max_length=2,
+                                description="(alpha, work) ms of the shared experts")
+    dw: list[float] | None = Field(default=None, min_length=2, max_length=2,
+                                   description="(alpha, work) of the backward's weight-gradient part, if measured")
+    two_step: bool = False
+    source: str = ""
+
+    @classmethod
+    def of(cls, c) -> "StageCostsRecord":
+        return cls(alpha=list(c.alpha), work=list(c.work), shared=list(c.shared),
+                   dw=None if c.dw is None else list(c.dw), two_step=c.two_step, source=c.source)
+
+    def costs(self):
+        from .costmodel import StageCosts
+
+        return StageCosts(tuple(self.alpha), tuple(self.work), self.source,  # type: ignore[arg-type]
+                          shared=(self.shared[0], self.shared[1]),
+                          dw=None if self.dw is None else (self.dw[0], self.dw[1]), two_step=self.two_step)
 
 
 class MoEConfigPlan(BaseModel):
@@ -74,6 +100,40 @@ class MoEConfigPlan(BaseModel):
     slice_solver_status: str
     stage_source: str
     stage_notes: list[str] = Field(default_factory=list)
+    layer0_stage_costs: StageCostsRecord | None = Field(default=None, description="layer 0's forward stage costs "
+                                                        "(the backward's are derived from them); older plans: None")
+
+
+def _check_stage_costs(at: str, rec: StageCostsRecord, l0: MoELayerPlan) -> list[str]:
+    """Layer 0's stored stage costs give its forward and backward times at the chosen degrees (a plan whose costs
+    or degrees were changed by hand would draw and re-simulate another pipeline than the one it reports)."""
+    from .model import evaluate_pipeline
+
+    if any(v < 0 for v in (*rec.alpha, *rec.work, *rec.shared, *(rec.dw or ()))):
+        return [f"{at}: layer0_stage_costs has a negative cost"]
+    try:
+        fwd = rec.costs()
+        got = (evaluate_pipeline(fwd, l0.r_fwd, l0.order_fwd).time_ms,
+               evaluate_pipeline(fwd.backward(), l0.r_bwd, l0.order_bwd, l0.wgrad_bwd).time_ms)
+    except ValueError as e:
+        return [f"{at}: layer0_stage_costs: {e}"]
+    return [f"{at} layer 0: {what} {want} ms, but its stored stage costs give {t} ms at r={r}"
+            for what, want, t, r in (("forward", l0.fwd_ms, got[0], l0.r_fwd), ("backward", l0.bwd_ms, got[1], l0.r_bwd))
+            if not math.isclose(want, t, rel_tol=1e-9, abs_tol=1e-12)]
+
+
+def _pipeline_tasks(fwd, l0: MoELayerPlan) -> list:
+    """Layer ``l0``'s forward then backward pipeline from its forward stage costs ``fwd``, one lane per stream."""
+    from .model import evaluate_pipeline
+    from ..simulator import ScheduledTask
+
+    f = evaluate_pipeline(fwd, l0.r_fwd, l0.order_fwd).sim.tasks
+    b = evaluate_pipeline(fwd.backward(), l0.r_bwd, l0.order_bwd, l0.wgrad_bwd).sim.tasks
+    shift = max(t.end_ms for t in f)
+    out = [ScheduledTask("F:" + t.name, 0, "fwd " + t.stream, t.start_ms, t.end_ms, t.category) for t in f]
+    out += [ScheduledTask("B:" + t.name, 0, "bwd " + t.stream, t.start_ms + shift, t.end_ms + shift, t.category)
+            for t in b]
+    return out
 
 
 def layout_text(c: MoEConfigPlan) -> str:
@@ -155,6 +215,8 @@ class MoEPlan(Plan):
                 elif bwd > min(lp.time_by_r_bwd.values()) * (1 + 1e-9):
                     errors.append(f"{at} layer {lp.layer}: backward {bwd} ms at r={lp.r_bwd} is not the fastest "
                                   f"timed degree ({min(lp.time_by_r_bwd.values())} ms)")
+            if c.layers and c.layer0_stage_costs is not None:
+                errors += _check_stage_costs(at, c.layer0_stage_costs, c.layers[0])
             if c.layers and not math.isclose(c.fwd_bwd_ms, c.layers[0].fwd_ms + c.layers[0].bwd_ms, rel_tol=1e-9):
                 errors.append(f"{at}: fwd_bwd_ms {c.fwd_bwd_ms} != layer 0's forward + backward")
             if c.expert_grad_exposed_ms is not None and c.expert_grad_exposed_ms > c.expert_grad_allreduce_ms * (1 + 1e-9):
@@ -178,10 +240,12 @@ class MoEPlan(Plan):
     def gantt_tasks(self) -> list:
         """Forward then backward pipeline of the first configuration's first layer, one lane per resource."""
         from .costmodel import MoEConfig, stage_costs, topology
-        from .model import evaluate_pipeline
         from adasched.profiler.profile import load_profile
 
         c = self.configs[0]
+        l0 = c.layers[0]
+        if c.layer0_stage_costs is not None:
+            return _pipeline_tasks(c.layer0_stage_costs.costs(), l0)
         cfg = MoEConfig.model_validate(c.config)
         topo = topology(cfg, self.gpus, self.gpus_per_node, self.ep_size_option, two_step=c.two_step_a2a,
                         exchange_gpus_per_node=c.exchange_gpus_per_node)
@@ -200,18 +264,9 @@ class MoEPlan(Plan):
                 # file named like a built-in one: 166 ms drawn for a 3,772 ms plan)
                 raise InputError(self.profile.name, f"this plan was made with a profile named {self.profile.name!r} "
                                                     f"(digest {self.profile.digest}) that is not the built-in one of "
-                                                    f"that name; its stage costs are not in the plan, so it cannot "
-                                                    f"be re-simulated or drawn here")
-        fwd = stage_costs(cfg, topo, source=src, profile=prof)
-        l0 = c.layers[0]
-        f = evaluate_pipeline(fwd, l0.r_fwd, l0.order_fwd).sim.tasks  # type: ignore[arg-type]
-        b = evaluate_pipeline(fwd.backward(), l0.r_bwd, l0.order_bwd, l0.wgrad_bwd).sim.tasks  # type: ignore[arg-type]
-        shift = max(t.end_ms for t in f)
-        from ..simulator import ScheduledTask
-
-        out = [ScheduledTask("F:" + t.name, 0, "fwd " + t.stream, t.start_ms, t.end_ms, t.category) for t in f]
-        out += [ScheduledTask("B:" + t.name, 0, "bwd " + t.stream, t.start_ms + shift, t.end_ms + shift, t.category) for t in b]
-        return out
+                                                    f"that name, and (an older plan) its stage costs are not in it, "
+                                                    f"so it cannot be re-simulated or drawn here; plan it again")
+        return _pipeline_tasks(stage_costs(cfg, topo, source=src, profile=prof), l0)
 
     def simulate(self):
         """The drawn pipeline (first configuration, layer 0: forward then backward) as a simulation, for

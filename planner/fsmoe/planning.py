@@ -12,7 +12,7 @@ from .baselines import BASELINES, baseline_fwd_bwd_ms
 from .costmodel import (EXPERT_GRAD_BUCKET_ELEMENTS, MoEConfig, expert_grad_allreduce_ms, expert_grad_buckets, expert_params_per_gpu,
                         stage_costs, topology)
 from .model import WGRAD_MODES, choose_r, exposed_comm_ms, paper_cases, solve_slices
-from .plan import MoEConfigPlan, MoELayerPlan, MoEPlan
+from .plan import MoEConfigPlan, MoELayerPlan, MoEPlan, StageCostsRecord
 
 __all__ = ["dense_block_ms", "plan_config", "plan_moe"]
 
@@ -128,6 +128,7 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
         grad_slices=sl.slices, grad_exposed_ms=sl.exposed_ms, grad_exposed_at_end_ms=at_end,
         iteration_ms=iteration, iteration_baselines_ms=iter_base, slice_solver_status=sl.outcome.status,
         stage_source=first.source, stage_notes=list(first.notes) + ([expert_note] if expert_note else []),
+        layer0_stage_costs=StageCostsRecord.of(first),
     )
 
 

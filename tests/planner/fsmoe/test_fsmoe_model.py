@@ -437,3 +437,18 @@ def test_bad_router_stats_and_empty_plans_are_one_error_line(tmp_path, capsys):
         assert main(cmd) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and "configs" in err and err.count("\n") == 1, err
+
+
+def test_backward_keeps_a_measured_weight_gradient_split():
+    """StageCosts.backward() dropped ``dw`` (a measured dX/dW split), so a backward derived from costs that carry
+    one priced dW as half of stage 2 again."""
+    rng = random.Random(5)
+    alpha = tuple(rng.uniform(0.01, 0.2) for _ in range(5))
+    work = tuple(rng.uniform(0.5, 4.0) for _ in range(5))
+    dw = (rng.uniform(0.01, 0.1), rng.uniform(0.1, 1.0))
+    c = StageCosts(alpha, work, "test", dw=dw)
+    b = c.backward()
+    assert b.dw == dw and b.alpha[2] == 2 * alpha[2] and b.work[2] == 2 * work[2]
+    for r in (1, 2, 4, 8):
+        assert b.dw_chunk_ms(r) == min(b.chunk_ms(2, r), dw[0] + dw[1] / r)
+        assert b.dw_chunk_ms(r) != b.chunk_ms(2, r) / 2

