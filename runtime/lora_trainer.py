@@ -109,11 +109,14 @@ class PackedMicrobatch:
     global_batch: dict[int, int]
 
 
+def _target_tokens(plan) -> dict[tuple[int, int], int]:
+    """(job, global batch) -> its target tokens (a sample of n tokens predicts n - 1; 0 = nothing to predict)."""
+    return {key: sum(plan.lengths[s] - 1 for s in ids) for key, ids in plan.batches().items()}
+
+
 def _target_counts(plan) -> dict[tuple[int, int], int]:
-    out: dict[tuple[int, int], int] = {}
-    for (j, g), ids in plan.batches().items():
-        out[(j, g)] = max(1, sum(plan.lengths[s] - 1 for s in ids))
-    return out
+    """The divisor of each (job, global batch)'s token losses: its target tokens, at least 1."""
+    return {key: max(1, n) for key, n in _target_tokens(plan).items()}
 
 
 def pack_microbatch(plan, i: int, data: SyntheticLoRAData, counts: dict[tuple[int, int], int]) -> PackedMicrobatch | None:
@@ -194,7 +197,7 @@ def one_f_one_b_order(M: int, stages: int, stage: int) -> list[tuple[str, int]]:
 
 def _no_targets(plan) -> set[tuple[int, int]]:
     """The (job, global batch) pairs with no target token: every sample one token long (nothing to predict)."""
-    return {key for key, ids in plan.batches().items() if all(plan.lengths[s] < 2 for s in ids)}
+    return {key for key, n in _target_tokens(plan).items() if n == 0}
 
 
 def _last_microbatch(plan) -> dict[int, list[int]]:
