@@ -15,7 +15,7 @@ from typing import Any, Iterator, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["InputError", "check_iso_time", "atomic_path", "check_output_path", "check_output_folder", "atomic_write_text",
+__all__ = ["InputError", "loads_json", "yaml_error_text", "check_iso_time", "atomic_path", "check_output_path", "check_output_folder", "atomic_write_text",
            "atomic_write_json", "save_figure", "FIGURE_FORMATS", "read_text", "read_json", "load_model",
            "describe_validation_error", "error_line", "check_seconds", "check_host_memory",
            "check_model_memory", "MAX_TIMEOUT_S"]
@@ -196,11 +196,25 @@ def read_text(path: str | os.PathLike, *, expected: str = "a file", missing: str
     return text
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"duplicate key {dup!r} (the last one would win silently)")
+    return out
+
+
+def loads_json(text: str) -> Any:
+    """``json.loads`` that refuses an object with a key given twice (ValueError; json keeps the last one)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file; missing/unreadable/malformed input raises :class:`InputError`."""
     text = read_text(path, expected="a JSON file")
     try:
-        return json.loads(text)
+        return loads_json(text)
     except json.JSONDecodeError as err:
         raise InputError(path, f"malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
     except (ValueError, RecursionError) as err:  # e.g. an integer literal beyond Python's digit limit, deep nesting
@@ -212,7 +226,8 @@ _YAML_LOADER = None
 
 def load_yaml(text: str) -> Any:
     """``yaml.safe_load`` that also reads ``2e-4`` and ``1E3`` as numbers, as YAML 1.2 and JSON do (PyYAML follows
-    YAML 1.1, where a float needs a dot: ``lr: 2e-4`` was the string "2e-4"). Raises ``yaml.YAMLError``."""
+    YAML 1.1, where a float needs a dot: ``lr: 2e-4`` was the string "2e-4"), and refuses a key given twice in one
+    mapping. Raises ``yaml.YAMLError``."""
     global _YAML_LOADER
     import re
 
@@ -220,13 +235,35 @@ def load_yaml(text: str) -> Any:
 
     if _YAML_LOADER is None:
         class _Loader(yaml.SafeLoader):
-            pass
+            def construct_mapping(self, node, deep=False):
+                # a key given twice: PyYAML keeps the last one silently (`capacity: 1024` then `capacity: 2048`)
+                if isinstance(node, yaml.MappingNode):
+                    seen = set()
+                    for key_node, _ in node.value:
+                        if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                            continue
+                        key = self.construct_object(key_node)
+                        if key in seen:
+                            raise yaml.constructor.ConstructorError(
+                                "while constructing a mapping", node.start_mark,
+                                f"found duplicate key {key!r}", key_node.start_mark)
+                        seen.add(key)
+                return super().construct_mapping(node, deep=deep)
 
         _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                                       re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
                                       list("-+0123456789"))
         _YAML_LOADER = _Loader
     return yaml.load(text, Loader=_YAML_LOADER)
+
+
+def yaml_error_text(err: Exception) -> str:
+    """One line for a ``yaml.YAMLError``: 'malformed YAML at line L column C: problem' (PyYAML's own text spans
+    several lines and puts the position last)."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is not None and problem:
+        return f"malformed YAML at line {mark.line + 1} column {mark.column + 1}: {' '.join(str(problem).split())}"
+    return f"malformed YAML: {(str(err).splitlines() or [type(err).__name__])[0]}"
 
 
 def describe_validation_error(err: ValidationError) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from adasched.profiler.io import InputError, describe_validation_error, load_yaml, read_json, read_text
+from adasched.profiler.io import InputError, describe_validation_error, load_yaml, read_json, read_text, yaml_error_text
 
 from .costmodel import MoEConfig
 
@@ -57,7 +57,7 @@ def load_configs(name_or_path: str, gpus: int) -> list[MoEConfig]:
         try:
             data = load_yaml(read_text(path, expected="a JSON or YAML config file"))
         except yaml.YAMLError as err:
-            raise InputError(path, f"malformed YAML: {str(err).splitlines()[0]}") from None
+            raise InputError(path, yaml_error_text(err)) from None
     else:
         data = read_json(path)
     items = data if isinstance(data, list) else [data]

@@ -1,6 +1,8 @@
 """`adasched plan lora` and `adasched bench lora` (thin: parsing and printing; the work is in plan.py)."""
 from __future__ import annotations
 
+import sys
+
 from pathlib import Path
 from typing import Optional
 
@@ -19,7 +21,7 @@ _TIME_LIMIT_HELP = ("Solver budget in seconds per (global batch, group) problem:
 _PROFILE_HELP = "Cluster profile: a built-in name (h100-sxm, a100-64-flexsp-paper) or a profile JSON file."
 
 
-def _plan(jobs: str, profile: str, time_limit: Optional[float], seed: int, no_milp: bool):
+def _plan(jobs: str, profile: str, time_limit: Optional[float], seed: Optional[int], no_milp: bool):
     from adasched.profiler.io import InputError, check_seconds
     from adasched.profiler.profile import load_profile
 
@@ -27,14 +29,19 @@ def _plan(jobs: str, profile: str, time_limit: Optional[float], seed: int, no_mi
     from .jobs import build_workload, load_jobs
     from .plan import build_plan
 
-    if seed < 0:  # as plan sp / plan twill: a solver seed is >= 0
+    if seed is not None and seed < 0:  # as plan sp / plan twill: a solver seed is >= 0
         raise InputError("--seed", f"must be >= 0, got {seed}")
+    if seed is not None and no_milp:  # was accepted, ignored and recorded in the plan
+        raise InputError("--seed", "has no effect with --no-milp (first-fit decreasing draws no random numbers)")
+    seed = seed or 0
     if time_limit is not None:
         check_seconds("--time-limit", time_limit, most=MAX_TIME_LIMIT_S)  # NaN; inf: the plan recorded no limit
         if no_milp:  # first-fit decreasing takes no time limit: it was accepted and ignored
             raise InputError("--time-limit", "has no effect with --no-milp (it is the MILPs' budget)")
     cfg, base, label = load_jobs(jobs)
     w = build_workload(cfg, base, where=label if not label.startswith("preset:") else f"preset {jobs}", label=label)
+    for note in w.notes:
+        sys.stderr.write(f"note: {note}\n")
     prof = load_profile(profile)
     with progress("packing (global batch, group) problems", total=None) as advance:
         return build_plan(w, prof, seed=seed, use_milp=not no_milp, progress=advance,
@@ -61,7 +68,7 @@ def register(groups) -> None:
         profile: str = typer.Option("h100-sxm", "--profile", help=_PROFILE_HELP),
         out: Path = typer.Option(..., "--out", help="Where to write the plan JSON (atomic; nothing on error)."),
         time_limit: Optional[float] = typer.Option(None, "--time-limit", help=_TIME_LIMIT_HELP),
-        seed: int = typer.Option(0, "--seed", help="Solver seed (>= 0)."),
+        seed: Optional[int] = typer.Option(None, "--seed", help="MILP solver seed (>= 0; default 0; not with --no-milp)."),
         no_milp: bool = typer.Option(False, "--no-milp", help="First-fit decreasing only (no MILP)."),
         plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the simulated 1F1B pipeline (PNG)."),
         as_json: bool = typer.Option(False, "--json", help="Print the plan summary as JSON."),
@@ -94,7 +101,7 @@ def register(groups) -> None:
         jobs: str = typer.Option(..., "--jobs", help=_JOBS_HELP),
         profile: str = typer.Option("h100-sxm", "--profile", help=_PROFILE_HELP),
         time_limit: Optional[float] = typer.Option(None, "--time-limit", help=_TIME_LIMIT_HELP),
-        seed: int = typer.Option(0, "--seed", help="Solver seed (>= 0)."),
+        seed: Optional[int] = typer.Option(None, "--seed", help="MILP solver seed (>= 0; default 0; not with --no-milp)."),
         no_milp: bool = typer.Option(False, "--no-milp", help="First-fit decreasing only (ablation)."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     ) -> None:

@@ -206,6 +206,8 @@ class Workload:
     lengths: tuple[int, ...]
     """lengths[sample_id] in tokens."""
     source: str
+    notes: tuple[str, ...] = ()
+    """What the workload differs by from the jobs file (a length file holding fewer global batches)."""
 
     @property
     def adapter_of(self) -> tuple[int, ...]:
@@ -282,18 +284,22 @@ def _read_text_config(path: Path) -> Any:
     text = read_text(path, expected="a jobs file (JSON or YAML)",
                      missing="no such file (and not a preset: " + ", ".join(PRESETS) + ")")
     if path.suffix.lower() == ".json":
+        from adasched.profiler.io import loads_json
+
         try:
-            return json.loads(text)
+            return loads_json(text)
         except json.JSONDecodeError as err:
             raise InputError(path, f"malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+        except (ValueError, RecursionError) as err:  # a key given twice, deep nesting
+            raise InputError(path, f"malformed JSON: {' '.join(str(err).split()) or type(err).__name__}") from None
     import yaml
 
-    from adasched.profiler.io import load_yaml
+    from adasched.profiler.io import load_yaml, yaml_error_text
 
     try:
         return load_yaml(text)
     except yaml.YAMLError as err:
-        raise InputError(path, f"malformed YAML: {str(err).splitlines()[0]}") from None
+        raise InputError(path, yaml_error_text(err)) from None
 
 
 def parse_jobs(data: Any, where: str = "jobs") -> JobsFile:
@@ -317,6 +323,9 @@ def parse_jobs(data: Any, where: str = "jobs") -> JobsFile:
             raise InputError(where, f"{job}: {field}: {msg}") from None
         field = ".".join(str(p) for p in loc) or "<root>"
         raise InputError(where, f"{field}: {msg}") from None
+    if cfg.stages > cfg.layers:  # was planned with a fraction of a layer per stage
+        raise InputError(where, f"stages: {cfg.stages} pipeline stages but layers {cfg.layers}: every stage needs at "
+                                f"least one layer")
     seen: dict[str, int] = {}
     for i, job in enumerate(cfg.jobs):
         if job.name in seen:
@@ -349,6 +358,7 @@ def build_workload(cfg: JobsFile, base: Path | None = None, where: str = "jobs",
     seeds = rng_root.integers(0, 2**31 - 1, size=len(cfg.jobs))
     lengths: list[int] = []
     jobs: list[JobSamples] = []
+    notes: list[str] = []
     total = 0
     for i, job in enumerate(cfg.jobs):
         jwhere = f"{where}: job {job.name!r}: lengths"
@@ -374,6 +384,11 @@ def build_workload(cfg: JobsFile, base: Path | None = None, where: str = "jobs",
                                          f"global_batch_size {job.global_batch_size}")
             usable = (len(vals) // job.global_batch_size) * job.global_batch_size
             drawn = vals[: min(need, usable)]
+            if len(drawn) < need:  # was silent: the job got fewer global batches than the file asked for
+                notes.append(f"job {job.name!r}: length file {str(p)!r} holds {len(vals)} samples: "
+                             f"{len(drawn) // job.global_batch_size} global batch(es) of {job.global_batch_size}, "
+                             f"not global_batches {cfg.global_batches}"
+                             + (f" (its last {len(vals) - usable} sample(s) unused)" if len(vals) > usable else ""))
         for k, v in enumerate(drawn):
             padded = -(-int(v) // SEGMENT_ALIGN) * SEGMENT_ALIGN
             if padded > cfg.capacity:
@@ -386,7 +401,7 @@ def build_workload(cfg: JobsFile, base: Path | None = None, where: str = "jobs",
             tuple(range(start + g * job.global_batch_size, start + (g + 1) * job.global_batch_size)) for g in range(nb)
         )
         jobs.append(JobSamples(index=i, spec=job, batches=batches))
-    return Workload(config=cfg, jobs=tuple(jobs), lengths=tuple(lengths), source=label or where)
+    return Workload(config=cfg, jobs=tuple(jobs), lengths=tuple(lengths), source=label or where, notes=tuple(notes))
 
 
 # ---- presets ------------------------------------------------------------------------------------

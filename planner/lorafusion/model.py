@@ -139,23 +139,35 @@ def bin_lower_bound(samples: Sequence[int], adapter_of: Sequence[int], lengths: 
 
 
 def ffd_pack(samples: Sequence[int], adapter_of: Sequence[int], lengths: Sequence[int], capacity: int) -> list[Bin]:
-    """First-fit decreasing under the padded capacity (each adapter's segment rounded up to 128)."""
+    """First-fit decreasing under the padded capacity (each adapter's segment rounded up to 128): every sample,
+    longest first, into the first bin whose padded size stays within ``capacity``. The bins are tested all at once
+    (numpy; a loop over the open bins per sample with their sizes re-summed took ~60 s for 20,000 samples)."""
+    import numpy as np
+
+    order = sorted(samples, key=lambda s: (-lengths[s], s))
+    col = {a: i for i, a in enumerate(sorted({adapter_of[s] for s in order}))}
+    n = max(1, len(order))
+    tok = np.zeros((len(col), n), dtype=np.int64)   # tok[adapter, bin]: the adapter's tokens in the bin
+    free = np.zeros(n, dtype=np.int64)               # capacity - padded size, of the open bins
     bins: list[Bin] = []
-    tokens: list[dict[int, int]] = []
-    for s in sorted(samples, key=lambda s: (-lengths[s], s)):
+    A = SEGMENT_ALIGN
+    for s in order:
         a, ln = adapter_of[s], lengths[s]
-        for b, tok in zip(bins, tokens):
-            old = tok.get(a, 0)
-            size = sum(padded(t) for t in tok.values()) - padded(old) + padded(old + ln)
-            if size <= capacity:
-                b.setdefault(a, []).append(s)
-                tok[a] = old + ln
-                break
+        nb = len(bins)
+        t = tok[col[a], :nb]
+        grow = -((-(t + ln)) // A) * A - (-((-t) // A) * A)   # padded(old + ln) - padded(old), per bin
+        fits = grow <= free[:nb]
+        if nb and fits.any():
+            b = int(fits.argmax())
+            bins[b].setdefault(a, []).append(s)
+            free[b] -= grow[b]
         else:
             if padded(ln) > capacity:
                 raise ValueError(f"sample {s} ({ln} tokens) does not fit the capacity {capacity}")
+            b = nb
             bins.append({a: [s]})
-            tokens.append({a: ln})
+            free[b] = capacity - padded(ln)
+        tok[col[a], b] += ln
     return bins
 
 

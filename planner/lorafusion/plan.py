@@ -377,7 +377,8 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
               + (f"; {n_skip} MILPs not started: too large for their budget (samples x bins > "
                  f"{MILP_BINARIES_PER_SECOND} x seconds; raise --time-limit)" if n_skip else "")
               + ("; the per-job sequential schedule simulated faster than the packed one and is the plan's sequence"
-                 if source == "sequential" else "")),
+                 if source == "sequential" else "")
+              + "".join(f"; {n}" for n in w.notes)),
     )
     jobs = [LoRAJob(name=j.spec.name, adapter=j.spec.adapter, lr=j.spec.lr, global_batch_size=j.spec.global_batch_size,
                     global_batches=len(j.batches), mean_tokens=round(st.mu, 3), std_tokens=round(st.sigma, 3))

@@ -124,6 +124,8 @@ def test_writes_follow_a_symlink_and_refuse_a_fifo(tmp_path):
     ("out_of_range", "RATIO", "ratio: Input should be less than or equal to 1"),
     ("unknown_field", "EXTRA", "bogus: Extra inputs are not permitted"),
     ("huge_int", '{"schema_version": ' + "9" * 5000 + "}", "malformed JSON"),
+    # a key given twice was read as its last value (json keeps the last)
+    ("duplicate_key", '{"schema_version": 1, "kind": "toy", "kind": "sp"}', "malformed JSON: duplicate key 'kind'"),
 ])
 def test_load_errors_are_one_line_naming_file_and_field(tmp_path, case, content, expect):
     path = tmp_path / f"{case}.json"

@@ -25,7 +25,7 @@ from lora_ranks import launch_two_ranks, rank_main
 
 # planned for 3 stages: 7 microbatches, [(0,0)] [(0,0),(1,0)] [(1,0)] [] [(0,1)] [(0,1),(1,1)] [(1,1)]
 JOBS = {
-    "capacity": 256, "stages": 3, "global_batches": 2, "seed": 5, "layers": 2,
+    "capacity": 256, "stages": 3, "global_batches": 2, "seed": 5, "layers": 3,  # cost model's; the trainer runs 2
     "jobs": [
         {"name": "pa",
          "adapter": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "down_proj"]},

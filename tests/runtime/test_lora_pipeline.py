@@ -14,7 +14,7 @@ from lora_ranks import launch_two_ranks
 
 JOBS = {
     "capacity": 256, "stages": 3,  # planned for 3 stages (no-op slots), run on 2 ranks
-    "global_batches": 3, "seed": 5, "layers": 2,
+    "global_batches": 3, "seed": 5, "layers": 3,  # the cost model's (a stage holds >= 1 layer); the trainer runs 2
     "jobs": [
         {"name": "pa", "adapter": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "down_proj"]},
          "lengths": {"dist": "lognormal", "median": 20, "sigma": 0.6, "min": 3, "max": 60}, "global_batch_size": 10, "lr": 0.01},

@@ -119,6 +119,52 @@ def test_bad_duplicate_name(tmp_path, capsys):
     _bad(tmp_path, capsys, data, must=["job 'a'", "name", "used twice"])
 
 
+def test_bad_more_stages_than_layers(tmp_path, capsys):
+    # was planned with a quarter of a layer per stage
+    data, _ = _jobs(tmp_path, stages=9)
+    _bad(tmp_path, capsys, data, must=["stages: 9 pipeline stages but layers 8"])
+
+
+@pytest.mark.parametrize("name, text, must", [
+    ("jobs.yaml", "capacity: 1024\ncapacity: 2048\njobs: []\n", "line 2 column 1: found duplicate key 'capacity'"),
+    ("jobs.yaml", "capacity: 1024\njobs:\n  - {name: a, \n", "malformed YAML at line 4 column 1"),
+    ("jobs.json", '{"capacity": 1024, "jobs": [], "capacity": 2048}', "duplicate key 'capacity'"),
+])
+def test_bad_duplicate_key_or_malformed_yaml(tmp_path, capsys, name, text, must):
+    """A key given twice was accepted, the last one winning; a YAML error said where it was in no line."""
+    jobs = tmp_path / name
+    jobs.write_text(text)
+    out = tmp_path / "plan.json"
+    assert main(["plan", "lora", "--jobs", str(jobs), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {jobs}: ") and err.count("\n") == 1 and must in err, err
+    assert not out.exists()
+
+
+def test_short_length_file_is_said(tmp_path, capsys):
+    """A length file holding fewer samples than global_batch_size x global_batches gave the job fewer global batches
+    without a word; now a note on stderr and in the plan's solver note (the job is still planned)."""
+    data, lens = _jobs(tmp_path, global_batches=3)      # job c: 12 samples = 2 global batches of 6, not 3
+    lens.write_text("\n".join(str(x) for x in [900, 120, 3000, 77, 640, 1500, 2048, 333, 51, 4000, 700, 260, 5]))
+    jobs = _write(tmp_path, data)
+    out = tmp_path / "plan.json"
+    assert main(["plan", "lora", "--jobs", str(jobs), "--out", str(out)]) in (0, None)
+    err = capsys.readouterr().err
+    want = "holds 13 samples: 2 global batch(es) of 6, not global_batches 3 (its last 1 sample(s) unused)"
+    assert err.count("note: job 'c': length file") == 1 and want in err, err
+    plan = load_plan(out, expect=LoRAPlan)
+    assert want in plan.solver.note
+
+
+def test_seed_without_milp_is_refused(tmp_path, capsys):
+    data, _ = _jobs(tmp_path)
+    jobs = _write(tmp_path, data)
+    out = tmp_path / "plan.json"
+    assert main(["plan", "lora", "--jobs", str(jobs), "--no-milp", "--seed", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --seed: has no effect with --no-milp") and err.count("\n") == 1 and not out.exists()
+
+
 def test_bad_preset_and_missing_file(tmp_path, capsys):
     out = tmp_path / "p.json"
     assert main(["plan", "lora", "--jobs", "nosuch", "--out", str(out)]) == 2

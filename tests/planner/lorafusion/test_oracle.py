@@ -213,7 +213,8 @@ def _workload(tmp_path, rng, case):
         f.write_text("\n".join(map(str, lengths)) + "\n")
         jobs.append({"name": f"job{j}", "adapter": {"r": r}, "lengths": str(f), "global_batch_size": gbs})
     stages = 16 if case == "deep" else rng.choice([1, 2, 4])
-    return parse_jobs({"capacity": cap, "stages": stages, "global_batches": 2, "seed": 0, "layers": 4, "jobs": jobs})
+    return parse_jobs({"capacity": cap, "stages": stages, "global_batches": 2, "seed": 0, "layers": max(4, stages),
+                       "jobs": jobs})
 
 
 @pytest.mark.parametrize("case", ["one-job", "several", "at-capacity", "tiny", "deep"])

@@ -98,6 +98,39 @@ def test_ffd_respects_padded_capacity_and_uses_every_sample_once():
     assert len(bins) >= bin_lower_bound(range(80), adapter_of, lengths, 4096)
 
 
+def _ffd_reference(samples, adapter_of, lengths, capacity):
+    """The straightforward first-fit decreasing: every open bin in order, its padded size summed again."""
+    bins = []
+    for s in sorted(samples, key=lambda s: (-lengths[s], s)):
+        a = adapter_of[s]
+        for b in bins:
+            trial = {k: list(v) for k, v in b.items()}
+            trial.setdefault(a, []).append(s)
+            if padded_size(trial, lengths) <= capacity:
+                b.setdefault(a, []).append(s)
+                break
+        else:
+            bins.append({a: [s]})
+    return bins
+
+
+def test_ffd_equals_the_straightforward_first_fit():
+    """ffd_pack tests all open bins at once (numpy); same bins, same order, as the loop it replaced, on instances
+    with many adapters, lengths at and around the 128-token padding and near the capacity."""
+    rng = random.Random()
+    for _ in range(300):
+        n = rng.randint(1, 120)
+        cap = rng.choice([128, 256, 1000, 4096])
+        top = rng.choice([3, 129, 300, cap])
+        lengths = [rng.randint(1, top) if rng.random() < 0.8 else rng.choice([127, 128, 129, 255, 256, 257])
+                   for _ in range(n)]
+        lengths = [min(ln, cap // 128 * 128) for ln in lengths]  # padded to 128, every sample fits
+        adapter_of = [rng.randint(0, rng.choice([0, 1, 5])) for _ in range(n)]
+        ids = rng.sample(range(n), rng.randint(1, n))
+        assert ffd_pack(ids, adapter_of, lengths, cap) == _ffd_reference(ids, adapter_of, lengths, cap), \
+            (ids, adapter_of, lengths, cap)
+
+
 def test_ffd_rejects_oversized_sample():
     with pytest.raises(ValueError, match="does not fit"):
         ffd_pack([0], [0], [5000], 4096)
