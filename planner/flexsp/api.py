@@ -105,7 +105,8 @@ def to_plan(results: list[StepResult], cm: SPCostModel, profile: ClusterProfile,
     statuses = {r.milp_status for r in results}
     # The MILPs solve a bucketed model over some micro-batch splits only, so their "optimal" does not prove the
     # real-length plan optimal. The plan is "optimal" only where every step meets its lower bound; otherwise
-    # "feasible" when some MILP found a solution, else "heuristic" (all MILPs timed out or none ran).
+    # "feasible" when some MILP found a solution, else "heuristic" (no MILP found one - timed out, or infeasible in
+    # the bucketed model - or none ran).
     at_bound = all(r.time_ms <= r.lower_bound_ms * (1 + 1e-9) for r in results)
     solved = statuses & {"optimal", "feasible"}
     status = "optimal" if at_bound else ("feasible" if solved else "heuristic")

@@ -56,7 +56,8 @@ class SPStep(BaseModel):
     baselines_ms: dict[str, float] = Field(default_factory=dict)
     solve_seconds: float = Field(default=0.0, ge=0.0, description="planning wall time of this step (s)")
     solver_status: str = Field(default="heuristic",
-                               description="MILP status of this step (optimal|feasible|timeout|heuristic)")
+                               description="MILP status of this step (optimal|feasible|timeout|infeasible|heuristic; "
+                                           "infeasible: every MILP's bucketed model had no solution)")
     mip_gap: float | None = Field(default=None, description="mean relative gap of this step's MILPs (bucketed model)")
 
     @model_validator(mode="after")

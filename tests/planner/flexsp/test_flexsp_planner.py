@@ -53,7 +53,7 @@ def test_plan_is_never_worse_and_complete(planned, form):
             assert mb.predicted_ms == pytest.approx(max(g.predicted_ms for g in mb.groups), rel=1e-6)
             total += mb.predicted_ms
         assert st.predicted_ms == pytest.approx(total, rel=1e-6)
-        assert st.solver_status in ("optimal", "feasible", "timeout", "heuristic")
+        assert st.solver_status in ("optimal", "feasible", "timeout", "infeasible", "heuristic")
 
 
 def test_buddy_placement(planned):
@@ -141,3 +141,22 @@ def test_plan_status_never_claims_a_solver_result_it_did_not_get(planned):
     assert with_milp("optimal", "timeout", "optimal") == "feasible"
     assert with_milp("feasible", "optimal", "optimal") == "feasible"
     assert with_milp("timeout", "timeout", "timeout", at_bound=True) == "optimal"  # proved by the bound
+    assert with_milp("infeasible", "infeasible", "timeout") == "heuristic"
+
+
+def test_step_milp_status_names_an_infeasible_bucketed_model():
+    """Every MILP of a step infeasible (the bucketed model's memory rows use each bucket's longest length) was
+    reported as a time-out; a mix of infeasible and timed-out MILPs is still a time-out."""
+    from adasched.planner.flexsp.planner import MilpStat, StepResult
+
+    def status(*ss):
+        r = StepResult(step=0, lens=np.array([1]), micro_batches=[], time_ms=1.0, baselines_ms={}, chosen_m=1,
+                       split="x", solve_seconds=0.0, milp=[MilpStat(s, None, None, None, 0.0, False) for s in ss],
+                       static=[], lower_bound_ms=0.0)
+        return r.milp_status
+
+    assert status("infeasible", "infeasible") == "infeasible"
+    assert status("infeasible", "timeout") == "timeout"
+    assert status("infeasible", "feasible") == "feasible"
+    assert status("optimal", "optimal") == "optimal"
+    assert status() == "heuristic"
