@@ -73,7 +73,7 @@ def read_seqlens(path: str | os.PathLike) -> np.ndarray:
             vals.append(t)
             linenos.append(i)
     if not vals:
-        raise InputError(path, "no sequence lengths (file is empty)")
+        raise InputError(path, "no sequence lengths (the file is empty or holds only comments and blank lines)")
     try:
         arr = np.array(vals, dtype=np.int64)
     except (ValueError, OverflowError):

@@ -53,16 +53,27 @@ MAX_TIME_LIMIT_S = 3600.0
 MAX_SIGMA = 10.0
 
 
-def check_options(global_batch: int, steps: int, time_limit: float, max_context) -> None:
-    """The numeric options of `plan sp` / `bench sp`, before any file is read: one InputError naming the option."""
-    from adasched.profiler.io import check_seconds
+def check_options(global_batch: int, steps: int, time_limit: float | None, max_context, *,
+                  deterministic: bool = False, no_milp: bool = False) -> float:
+    """The numeric options of `plan sp` / `bench sp`, before any file is read: one InputError naming the option.
+    Returns the time limit (default 1 s)."""
+    from adasched.profiler.io import InputError, check_seconds
 
     from .batching import check_batch_options, check_max_context
 
-    check_seconds("--time-limit", time_limit, most=MAX_TIME_LIMIT_S)
+    if time_limit is not None:
+        check_seconds("--time-limit", time_limit, most=MAX_TIME_LIMIT_S)
+        if deterministic and no_milp:  # accepted and ignored: the same plan at 0.01 s and 50 s
+            raise InputError("--time-limit", "has no effect with --deterministic --no-milp (the searches are bounded "
+                                             "by work there, and it caps only MILPs)")
     check_batch_options(global_batch, steps)
     if max_context is not None:
         check_max_context(max_context)
+    return DEFAULT_TIME_LIMIT_S if time_limit is None else time_limit
+
+
+#: --time-limit's default (PlannerConfig.time_limit)
+DEFAULT_TIME_LIMIT_S = 1.0
 
 
 #: without --buckets PlannerConfig.buckets applies; the help restates its value as the CLI's start-up imports no
@@ -162,8 +173,10 @@ def register(groups) -> None:
         steps: int = typer.Option(1, "--steps", help="Global batches to plan (drawn from a seeded permutation); at "
                                   "most 100,000, and at most 10,000,000 sequences in all."),
         seed: int = typer.Option(0, "--seed", help="Seed for drawing batches and for the solver."),
-        time_limit: float = typer.Option(1.0, "--time-limit", help="Search seconds per global batch (finite, <= "
-                                         "3600): the group-structure search (3/4) then the MILPs (the rest)."),
+        time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Search seconds per global batch "
+                                                   "(default 1; finite, <= 3600): the group-structure search (3/4) "
+                                                   "then the MILPs (the rest); with --deterministic a cap per MILP "
+                                                   "only (not with --no-milp)."),
         buckets: Optional[int] = typer.Option(None, "--buckets", help=_BUCKETS_HELP),
         no_milp: bool = typer.Option(False, "--no-milp",
                                      help="Heuristics only (single degrees, greedy, local search)."),
@@ -181,7 +194,8 @@ def register(groups) -> None:
         from ..ui import emit_json, print_table
         from .api import summarize
 
-        check_options(global_batch, steps, time_limit, max_context)
+        time_limit = check_options(global_batch, steps, time_limit, max_context, deterministic=deterministic,
+                                   no_milp=no_milp)
         check_output_path(out, "--out")
         check_output_path(plot, "--plot")
         prof, mdl, cm, lens, cfg = _setup(profile, model, seqlens, gpus, max_context, time_limit, seed, buckets,
@@ -212,8 +226,10 @@ def register(groups) -> None:
         steps: int = typer.Option(10, "--steps", help="Global batches to plan and compare (drawn from a seeded "
                                   "permutation); at most 100,000."),
         seed: int = typer.Option(0, "--seed", help="Seed for drawing batches and for the solver (>= 0)."),
-        time_limit: float = typer.Option(1.0, "--time-limit", help="Search seconds per global batch (finite, <= "
-                                         "3600): the group-structure search (3/4) then the MILPs (the rest)."),
+        time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Search seconds per global batch "
+                                                   "(default 1; finite, <= 3600): the group-structure search (3/4) "
+                                                   "then the MILPs (the rest); with --deterministic a cap per MILP "
+                                                   "only (not with --no-milp)."),
         buckets: Optional[int] = typer.Option(None, "--buckets", help=_BUCKETS_HELP),
         no_milp: bool = typer.Option(False, "--no-milp", help="Heuristics only (single degrees, greedy, local "
                                      "search): no MILP."),
@@ -226,7 +242,8 @@ def register(groups) -> None:
         from ..ui import emit_json, print_table
         from .api import summarize
 
-        check_options(global_batch, steps, time_limit, max_context)
+        time_limit = check_options(global_batch, steps, time_limit, max_context, deterministic=deterministic,
+                                   no_milp=no_milp)
         prof, mdl, cm, lens, cfg = _setup(profile, model, seqlens, gpus, max_context, time_limit, seed, buckets,
                                           no_milp, deterministic)
         plan, results = _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context, show_progress=True)

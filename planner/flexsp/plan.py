@@ -168,6 +168,11 @@ class SPPlan(Plan):
             if missing:
                 errors.append(f"steps.{si}: sequences {missing[:8]} are in no group (the loss is over the whole "
                               "global batch)")
+        first: dict[int, int] = {}
+        for si, st in enumerate(self.steps):  # `simulate --step K` and the trainers look a step up by its number
+            if st.step in first:
+                errors.append(f"steps.{si}.step: {st.step} is also steps.{first[st.step]}'s number")
+            first.setdefault(st.step, si)
         return errors
 
     # ---- presentation -----------------------------------------------------------------------------

@@ -123,8 +123,12 @@ def test_show_refuses_an_sp_plan_that_loses_or_repeats_a_sequence(tmp_path, caps
         g = group(d, wide)
         g["ranks"] = g["ranks"][::-1]
 
+    def same_number(d):  # simulate --step 1 drew step 0 (the first with that number)
+        d["steps"][1]["step"] = d["steps"][0]["step"]
+
     assert_show_refuses(good, [(repeat, "already runs in"), (wrong_length, "has length"),
-                               (unordered, "is not an aligned power-of-two rank range")])
+                               (unordered, "is not an aligned power-of-two rank range"),
+                               (same_number, "steps.1.step: 0 is also steps.0's number")])
 
 
 def test_simulate_picks_a_step_and_says_which(tmp_path, capsys):
@@ -148,3 +152,21 @@ def test_a_length_file_shorter_than_the_batch_is_said(tmp_path, capsys):
     assert main(["plan", "sp", *BASE, "--seqlens", str(f), "--gpus", "8", "--out", str(tmp_path / "p.json")]) == 0
     assert ("note: the length file has 3 sequences, fewer than --global-batch 32: each global batch repeats "
             "sequences") in capsys.readouterr().err
+
+
+def test_time_limit_with_deterministic_no_milp_is_refused(tmp_path, capsys):
+    """It was accepted and ignored (the same plan at 0.01 s and 50 s): the searches are bounded by work there and it
+    caps only MILPs. Without --time-limit the default is PlannerConfig's."""
+    from adasched.planner.flexsp import PlannerConfig
+    from adasched.planner.flexsp.cli import DEFAULT_TIME_LIMIT_S
+
+    assert DEFAULT_TIME_LIMIT_S == PlannerConfig().time_limit
+    args = ["--seqlens", "lognormal:1500,1.2", "--max-context", "30000", "--gpus", "8", "--global-batch", "12"]
+    for cmd in (["plan", "sp", "--out", str(tmp_path / "p.json")], ["bench", "sp", "--steps", "1"]):
+        assert main([*cmd, *args, "--deterministic", "--no-milp", "--time-limit", "5"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --time-limit: has no effect with --deterministic --no-milp") and \
+            err.count("\n") == 1, err
+    assert not (tmp_path / "p.json").exists()
+    assert main(["bench", "sp", *args, "--steps", "1", "--deterministic", "--no-milp", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["time_limit"] == DEFAULT_TIME_LIMIT_S
