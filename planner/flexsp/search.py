@@ -201,6 +201,8 @@ def fill_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadli
         return mbs
     total0 = sum(mb.time_ms for mb in mbs)
     for a in sorted(range(len(cur)), key=lambda r: -cur[r].time_ms):
+        if deadline is not None and time.perf_counter() >= deadline:
+            break  # (its receiver x donor pairs took 22 s past a 1 s limit with ~200 micro-batches)
         rec = cur[a]
         if not rec.groups:
             continue
@@ -224,6 +226,8 @@ def fill_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadli
         for b in range(len(cur)):
             if b == a or not cur[b].groups:
                 continue
+            if deadline is not None and time.perf_counter() >= deadline:
+                break
             donor = cur[b]
             moved: set[int] = set()
             d_ids = np.asarray(donor.seq_ids(), dtype=np.int64)

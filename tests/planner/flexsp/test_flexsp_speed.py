@@ -270,3 +270,36 @@ def test_fill_restarts_only_small_donors(monkeypatch):
     assert fast.time_ms == slow.time_ms and [mb.groups for mb in fast.micro_batches] == \
         [mb.groups for mb in slow.micro_batches]
     assert n_fast * 2 < n_slow, (n_fast, n_slow)
+
+
+def test_first_feasible_microbatch_count_by_bisection(monkeypatch):
+    """Sequences of 2,700 and 3,300 tokens on 4 GPUs holding 6,000: sorted runs fit only when every 3,300 is alone,
+    so the first feasible M is 3n/4 while M_min is n/2. The planner split the batch once per M up to it (101 splits,
+    ~11 s on 400 such sequences); now it bisects, and the splits it plans are the same: the first feasible M, then
+    up to M_min + extra_microbatches."""
+    import adasched.planner.flexsp.planner as pl
+    from adasched.planner.flexsp.batching import split_microbatches
+    from adasched.planner.flexsp.planner import PlannerConfig, plan_step
+
+    cm = tiny_cost_model(world=4, cap_tokens=1500.0)
+    cap = cm.token_capacity(4)
+    rng = np.random.default_rng()
+    real = pl._heuristics
+    for n in (8, 40, 120):
+        lens = rng.permutation(np.array([2700, 3300] * (n // 2), dtype=np.int64))
+        assert cap >= 6000 and 2 * 3300 > cap
+        srt = np.sort(lens)
+        m_min = int(np.ceil(lens.sum() / cap - 1e-12))
+        first = next(m for m in range(m_min, n + 1)
+                     if all(srt[a:b].sum() <= cap for a, b in split_microbatches(srt, m)))
+        assert first == 3 * n // 4 and m_min == n // 2
+        calls, planned = [], []
+        monkeypatch.setattr(pl, "split_microbatches", lambda s, m: calls.append(m) or split_microbatches(s, m))
+        monkeypatch.setattr(pl, "_heuristics", lambda per_m, split, *a: planned.append(split[0]) or real(per_m, split, *a))
+        cfg = PlannerConfig(use_milp=False, max_evals=5, seed=0)
+        r = plan_step(lens, cm, cfg)
+        assert sorted(i for mb in r.micro_batches for i in mb.seq_ids()) == list(range(n))
+        sorted_ms = [int(x.split("-")[1]) for x in planned if x.startswith("sorted-")]
+        assert sorted_ms and sorted_ms[0] == first and sorted_ms == list(range(first, first + len(sorted_ms)))
+        assert max(sorted_ms) <= max(first, m_min + cfg.extra_microbatches)
+        assert len(calls) <= 2 * int(np.ceil(np.log2(n))) + 2 + len(sorted_ms), (n, calls)
