@@ -109,9 +109,21 @@ def _max_weight(problem: Problem, ii: int, warp: bool) -> int:
 
 def horizon_stages(problem: Problem, ii: int, warp: bool) -> int:
     """Largest stage index needed: with residues fixed the stages solve a difference system whose least
-    solution has k_v <= (n - 1) * (ceil(w_max / I) + 1) (longest path of at most n - 1 edges)."""
+    solution has k_v <= (n - 1) * (W + 1) (longest path of at most n - 1 edges), W the largest edge weight in
+    stages: ceil(w_max / I) for the dependences; in the warp problem also a buffered value's lifetime row
+    (t_p >= t_c + I * distance + len_c - I * copies, copies >= 1 capped by memory) read as an edge from its
+    consumer back to its producer, of at most distance + ceil(len_c / I) stages. Leaving those out bounded the
+    stages too tightly: a producer that must run stages after its consumer (a value read 5 iterations later with
+    room for 2 buffers) was cut off, and CP-SAT proved a schedulable I infeasible."""
     n = len(problem.graph.ops)
-    return max(1, (n - 1) * (-(-_max_weight(problem, ii, warp) // ii) + 1) + 1)
+    w = -(-_max_weight(problem, ii, warp) // ii)
+    if warp:
+        length = {o.name: o.length for o in problem.graph.ops}
+        buffered = {o.name for o in problem.graph.ops if o.regs or o.smem}
+        for v, uses in _value_consumers(problem).items():
+            if v in buffered:
+                w = max([w] + [dist + -(-length[c] // ii) for c, dist in uses])
+    return max(1, (n - 1) * (w + 1) + 1)
 
 
 def ii_cap(problem: Problem, warp: bool) -> int:

@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import math
+
 import os
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -286,7 +288,10 @@ def make_plan(problem: Problem, schedule, *, simulate: bool = True) -> TwillPlan
     if simulate:
         gd, md = g.model_dump(by_alias=True), m.model_dump()
         sim = simulate_schedule(gd, md, ii, times, groups, units=problem.units, warp=schedule.warp)
-        sim_cpi, sim_dead = round(sim.cycles_per_iteration, 4), sim.deadlock
+        # a deadlocked simulation has no cycles per iteration (inf failed the plan's validation: exit 2 on a schedule
+        # the validator accepted); the flag says it
+        sim_cpi = round(sim.cycles_per_iteration, 4) if math.isfinite(sim.cycles_per_iteration) else None
+        sim_dead = sim.deadlock
         rep = simulate_schedule(gd, md, ii, times, groups, units=problem.units, warp=schedule.warp, mode="timed")
         replay = (not rep.deadlock) and all(c == times[v] + it * ii for (v, it), c in rep.issued.items())
     serial = serial_cycles(g, problem.units)

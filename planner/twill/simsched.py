@@ -87,8 +87,33 @@ def simulate_schedule(graph: dict, machine: dict, ii: int, times: dict[str, int]
     rank = {q: r for r, q in enumerate(lanes)}
     lane_of = [rank[lane[v]] for v in order]
 
-    def key(inst: int) -> int:  # (scheduled cycle, op index), as one int
-        return (t0[inst % n] + inst // n * ii) * n + inst % n
+    # ties within a cycle: a topological order of the dependences that are tight there (delay <= 0 and the two
+    # instances scheduled in the same cycle: t_to + I * distance == t_from), then op index. By op index alone, two
+    # ops scheduled in one cycle on one unit with a delay-0 edge from the later-indexed to the earlier deadlocked
+    # (the earlier waited for the later through the edge, the later for the earlier through the unit order). Such
+    # edges form no cycle: a cycle of them would have total distance 0.
+    succ: dict[int, list[int]] = {i: [] for i in range(n)}
+    indeg = [0] * n
+    for e in graph["edges"]:
+        a, b = idx[e["from"]], idx[e["to"]]
+        if a != b and e.get("delay", 0) <= 0 and t0[b] + ii * e.get("distance", 0) == t0[a]:
+            succ[a].append(b)
+            indeg[b] += 1
+    ready = [i for i in range(n) if indeg[i] == 0]
+    heapq.heapify(ready)
+    tie = [0] * n
+    for r in range(n):
+        if not ready:  # (not reached: a cycle of tight edges has distance 0, refused by check_graph)
+            raise ValueError("twill simulator: a cycle of same-cycle dependences (total distance 0)")
+        i = heapq.heappop(ready)
+        tie[i] = r
+        for j in succ[i]:
+            indeg[j] -= 1
+            if indeg[j] == 0:
+                heapq.heappush(ready, j)
+
+    def key(inst: int) -> int:  # (scheduled cycle, tie rank), as one int
+        return (t0[inst % n] + inst // n * ii) * n + tie[inst % n]
 
     queues: list[list[int]] = [[] for _ in lanes]
     for it in range(n_it):
