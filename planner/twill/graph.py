@@ -19,13 +19,13 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from adasched.profiler.io import InputError, load_model
 
 __all__ = [
     "Op", "Edge", "Graph", "Machine", "Problem",
-    "GRAPHS_DIR", "MACHINES_DIR", "MAX_OPS", "MAX_CYCLES", "MAX_UNITS", "builtin_graphs", "builtin_machines",
+    "GRAPHS_DIR", "MACHINES_DIR", "MAX_OPS", "MAX_CYCLES", "MAX_UNITS", "MAX_WARP_GROUPS", "builtin_graphs", "builtin_machines",
     "load_graph", "load_machine", "check_graph", "make_problem", "normalise_costs",
 ]
 
@@ -38,6 +38,8 @@ MACHINES_DIR = Path(__file__).with_name("machines")
 #: distance is bounded by MAX_CYCLES too (10**30 failed inside OR-Tools).
 MAX_OPS = 256
 MAX_CYCLES = 1024
+#: warp groups of a CTA: 1,024 threads / 128
+MAX_WARP_GROUPS = 8
 #: Most units of one kind (a machine's or graph's count, an op's entry in a reservation table); 10**30 overflowed
 #: the schedule's int64 arrays.
 MAX_UNITS = 1024
@@ -129,17 +131,29 @@ class Machine(BaseModel):
     description: str = ""
     cycle_ns: float = Field(gt=0, description="nanoseconds per normalised cycle")
     units: dict[str, _Count]
-    max_warp_groups: int = Field(ge=1)
+    max_warp_groups: int = Field(ge=1, le=MAX_WARP_GROUPS, description="a CTA holds at most 1,024 threads: 8 "
+                                                                       "groups of 128 (10**6 ran 100 s and 1.8 GB "
+                                                                       "past a 3 s limit)")
     threads_per_group: int = Field(default=128, ge=32)
     regs_per_group_max: int = Field(ge=1, description="registers per thread a warp group may hold (setmaxnreg cap)")
     regs_total: int = Field(ge=1, description="registers per thread summed over warp groups (register file / 128)")
     group_base_regs: int = Field(default=0, ge=0, description="registers per thread every used group needs")
     smem_capacity: int = Field(ge=1, description="shared memory per CTA (KiB)")
-    handoff_cycles: int = Field(ge=0, description="extra delay when a value crosses warp groups (mbarrier)")
+    handoff_cycles: int = Field(ge=0, le=MAX_CYCLES, description="extra delay when a value crosses warp groups "
+                                                                  "(mbarrier)")
     warp_specialize: bool = Field(description="Triton's tl.range(warp_specialize=True) is supported here")
     raw_cycles: dict[str, float] = Field(default_factory=dict, description="hardware cycles of op classes")
     clock_ghz: float = Field(default=1.0, gt=0)
     tensor_flops_per_cycle: float = Field(default=0.0, ge=0, description="dense fp16 FLOP per SM cycle")
+
+
+    @model_validator(mode="after")
+    def _base_within_cap(self) -> "Machine":
+        # a base above the per-group cap read as "an op needs None registers ... at most -60"
+        if self.group_base_regs >= self.regs_per_group_max:
+            raise ValueError(f"group_base_regs {self.group_base_regs} leaves no registers under regs_per_group_max "
+                             f"{self.regs_per_group_max}")
+        return self
 
 
 class Problem(BaseModel):

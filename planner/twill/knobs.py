@@ -88,14 +88,22 @@ def derive_knobs(graph: Graph, machine: Machine, ii: int, times: dict[str, int],
     consumer = {groups[o.name] for o in graph.ops} - producer
     ws = bool(machine.warp_specialize and producer and consumer)
     if ws:
-        num_warps = 4 * max(1, len(consumer))
+        # 4 warps per consumer group, rounded up to a power of two: Triton takes no other (fa4's three consumer
+        # groups gave 12, which triton.compile refuses)
+        num_warps = 1 << (4 * max(1, len(consumer)) - 1).bit_length()
     else:
         holders = sum(1 for o in graph.ops if (o.regs or 0) > 0)
         num_warps = min(8, 4 * max(1, len(consumer), holders))
     holding = {groups[o.name] for o in graph.ops if (o.regs or 0) > 0} or consumer
     others = len(set(groups.values()) - holding)
     share = (machine.regs_total - machine.group_base_regs * others) // max(1, len(holding))
-    maxnreg = max(24, min(machine.regs_per_group_max, share, 255) // 8 * 8)
+    # at least what the neediest group holds (its values' buffers), rounded up to setmaxnreg's step of 8: an even
+    # split of the register file gave 160 where a group needed 174 (its kernel would spill); the schedule already
+    # keeps every group within regs_per_group_max and the total within the file
+    need = max([machine.group_base_regs + sum((o.regs or 0) * depth[o.name] for o in graph.ops if groups[o.name] == q)
+                for q in holding] + [0])
+    top = min(machine.regs_per_group_max, 255) // 8 * 8
+    maxnreg = max(24, min(top, max(share // 8 * 8, -(-need // 8) * 8)))
     return TritonKnobs(num_stages=max(1, num_stages), num_warps=num_warps, warp_specialize=ws,
                        maxnreg=maxnreg if ws else None)
 

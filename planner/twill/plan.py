@@ -119,7 +119,15 @@ class TwillPlan(Plan):
         try:
             from .graph import Graph, Machine
 
-            digest = inputs_digest(Graph.model_validate(self.graph), Machine.model_validate(self.machine))
+            graph = Graph.model_validate(self.graph)
+            digest = inputs_digest(graph, Machine.model_validate(self.machine))
+            if graph.has_warp_fields() != self.warp_specialised:
+                # the validator checks groups, buffers and registers by this flag: a plan of a warp graph with it
+                # turned off passed with every op in one group and one buffer per value
+                errors.append(f"warp_specialised {self.warp_specialised}: the graph "
+                              f"{'gives' if graph.has_warp_fields() else 'gives no'} warp fields (registers, shared "
+                              f"memory, variable latency, blocking waits), so the plan must be "
+                              f"{'warp-specialised' if graph.has_warp_fields() else 'a plain modulo schedule'}")
             if digest != self.inputs_digest:
                 errors.append(f"graph / machine: not the ones the plan was solved for (inputs digest {digest[:12]}... "
                               f"!= {self.inputs_digest[:12]}...)")

@@ -96,3 +96,67 @@ def test_same_cycle_ops_on_one_unit_with_a_delay0_edge_do_not_deadlock_the_simul
             sim = simulate_schedule(gd, H100.model_dump(), 1 if times["v"] < 3 else 4, times, {"v": 0, "u": 1},
                                     units={"ALU": 2}, warp=False, mode=mode)
             assert not sim.deadlock, (times, dist, delay, mode)
+
+
+def test_knobs_triton_accepts_and_registers_cover_the_neediest_group():
+    """num_warps was 4 x consumer groups (fa4: 12, which Triton refuses: a power of two is required); maxnreg was an
+    even split of the register file (160) below a group's need (174 with its buffers: the kernel would spill)."""
+    b200 = load_machine("b200")
+    from adasched.planner.twill.graph import make_problem
+
+    for name in ("fa3-hopper", "hopper-gemm", "fa4-blackwell", "toy-attention"):
+        prob = make_problem(name, b200 if name == "fa4-blackwell" else H100)
+        plan = make_plan(prob, twill_model.solve(prob, SolveParams(time_limit=10.0, seed=0, threads=1)), simulate=False)
+        nw = plan.knobs.num_warps
+        assert nw >= 1 and nw & (nw - 1) == 0, (name, nw)
+        if plan.knobs.maxnreg is not None:
+            assert plan.knobs.maxnreg % 8 == 0 and 24 <= plan.knobs.maxnreg <= 255
+            assert plan.knobs.maxnreg >= max(w.regs for w in plan.warp_groups), name
+    g = Graph.model_validate({"name": "knob", "ops": [
+        {"name": "L", "reserve": {"TMA": [1]}, "variable_latency": True, "smem": 16},
+        {"name": "A", "reserve": {"TC": [1]}, "regs": 150}, {"name": "B", "reserve": {"ALU": [1]}, "regs": 120},
+        {"name": "C", "reserve": {"SFU": [1]}, "regs": 120}],
+        "edges": [{"from": "L", "to": x, "delay": 2} for x in "ABC"]})
+    plan = make_plan(prob := check_graph(g, b200), twill_model.solve(prob, SolveParams(time_limit=10.0, seed=0)),
+                     simulate=False)
+    need = max(w.regs for w in plan.warp_groups)
+    assert need > 160 and plan.knobs.maxnreg == -(-need // 8) * 8, (need, plan.knobs)
+    assert plan.knobs.num_warps == 16
+
+
+def test_a_plan_of_a_warp_graph_must_be_warp_specialised(tmp_path, capsys, assert_show_refuses):
+    """The validator checks groups, buffers and registers by the plan's own flag: fa3's plan with it turned off passed
+    `adasched show` (and then with every op in one group and one buffer per value, too)."""
+    import json
+
+    from adasched.planner.cli import main
+
+    out = tmp_path / "fa3.json"
+    assert main(["plan", "twill", "--graph", "fa3-hopper", "--machine", "h100", "--out", str(out), "--json"]) == 0
+    capsys.readouterr()
+
+    def plain(d):
+        d["warp_specialised"] = False
+
+    assert_show_refuses(json.loads(out.read_text()), [(plain, "warp_specialised False: the graph gives warp fields")])
+
+
+def test_machine_limits_are_checked(tmp_path, capsys):
+    """A base above the per-group register cap read as "needs None registers ... at most -60"; 10**6 warp groups ran
+    100 s past a 3 s limit; a handoff of 10**9 cycles was not bounded."""
+    import json
+
+    from adasched.planner.cli import main
+
+    base = json.loads(H100.model_dump_json())
+    for i, (key, value, needle) in enumerate((
+            ("group_base_regs", 300, "group_base_regs 300 leaves no registers under regs_per_group_max 240"),
+            ("max_warp_groups", 10 ** 6, "max_warp_groups: Input should be less than or equal to 8"),
+            ("handoff_cycles", 10 ** 9, "handoff_cycles: Input should be less than or equal to 1024"))):
+        m = tmp_path / f"m{i}.json"
+        m.write_text(json.dumps(dict(base, **{key: value})))
+        out = tmp_path / "p.json"
+        assert main(["plan", "twill", "--graph", "fa3-hopper", "--machine", str(m), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {m}: ") and needle in err and err.count("\n") == 1, err
+        assert not out.exists()
