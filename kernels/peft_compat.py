@@ -91,8 +91,14 @@ class FusedLoRALinear(_PeftLoraLinear):
             raise ValueError("fan_in_fan_out=True (Conv1D base layers) is not supported by the fused kernels")
         if getattr(module, "merged", False):
             raise ValueError("the layer has merged adapters; unmerge before switching to the fused kernels")
-        if not isinstance(module.get_base_layer(), nn.Linear):
-            raise ValueError(f"base_layer: {type(module.get_base_layer()).__name__} is not nn.Linear")
+        base = module.get_base_layer()
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"base_layer: {type(base).__name__} is not nn.Linear")
+        if type(base).forward is not nn.Linear.forward:
+            # the fused kernels read base.weight and base.bias and never call the base layer: a subclass's forward
+            # (a fake-quantising QAT Linear, a scaled one) was skipped silently
+            raise ValueError(f"base_layer: {type(base).__name__} overrides nn.Linear.forward, which the fused kernels "
+                             "would skip (they read its weight and bias)")
 
     def fused_adapter(self) -> Optional[str]:
         """The adapter the fused kernels compute now, or None when the layer's state needs PEFT's forward."""
@@ -104,7 +110,11 @@ class FusedLoRALinear(_PeftLoraLinear):
         name = active[0]
         if _is_variant(self, name):
             return None
-        return name if isinstance(self.get_base_layer(), nn.Linear) else None
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear) or not all(_called_plainly(m) for m in (base, self.lora_A[name],
+                                                                                    self.lora_B[name])):
+            return None
+        return name
 
     @property
     def dropout_p(self) -> float:
@@ -139,6 +149,18 @@ class FusedLoRALinear(_PeftLoraLinear):
 
     def __repr__(self) -> str:
         return "fused_" + super().__repr__()
+
+
+def _called_plainly(m: nn.Module) -> bool:
+    """Calling ``m`` would run nn.Linear.forward and nothing else: no forward/backward hooks (its own or global:
+    weight_norm's pre-hook, accelerate's offload hook, a user's), no instance-level forward. The fused kernels read
+    the weights instead of calling the layers, so where a call would do more, PEFT's forward runs."""
+    from torch.nn.modules import module as _m
+
+    return (type(m).forward is nn.Linear.forward and "forward" not in m.__dict__
+            and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+            and not (_m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks
+                     or _m._global_backward_pre_hooks))
 
 
 def _peft_layers(model: nn.Module) -> list:

@@ -441,3 +441,50 @@ def test_bf16_base_fp32_adapters_with_lora_bias_run_peft_forward(fused_calls):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast: the kernels again
         fused(x)
     assert len(fused_calls) == 3
+
+
+class _HalfLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+def test_a_base_layer_with_its_own_forward_is_refused():
+    """The fused kernels read the base weight and bias and never call the base layer: a subclass overriding forward
+    (here scaling by 0.5; a fake-quantising QAT Linear is the real case) gave another output silently."""
+    torch.manual_seed(1)
+    block = TinyBlock()
+    block.q = _HalfLinear(24, 24, bias=False)
+    model = get_peft_model(block, LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"]))
+    with pytest.raises(ValueError, match=r"q.*base_layer: _HalfLinear overrides nn.Linear.forward"):
+        apply_fused_lora(model)
+    assert not any(isinstance(m, FusedLoRALinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("where", ["base pre-hook", "base hook", "lora_B hook", "global hook"])
+def test_hooks_on_the_layers_run_through_peft_forward(where, fused_calls):
+    """A forward hook or pre-hook on the base layer (weight_norm's, accelerate's offload hook, a user's) or on an
+    adapter matrix was skipped by the fused path (75 % relative difference); such a layer now runs PEFT's forward,
+    hooks included, and the others stay fused."""
+    ref = _peft_model(4, 8, 0.0, False)
+    fused = copy.deepcopy(ref)
+    apply_fused_lora(fused)
+    handles = []
+    for model in (ref, fused):
+        lay = model.base_model.model.v
+        if where == "base pre-hook":
+            handles.append(lay.base_layer.register_forward_pre_hook(lambda m, a: (a[0] * 2.0,)))
+        elif where == "base hook":
+            handles.append(lay.base_layer.register_forward_hook(lambda m, a, out: out + 1.0))
+        elif where == "lora_B hook":
+            handles.append(lay.lora_B["default"].register_forward_hook(lambda m, a, out: out * 3.0))
+    if where == "global hook":
+        handles.append(torch.nn.modules.module.register_module_forward_hook(lambda m, a, out: out))
+    try:
+        x = torch.randn(2, 7, 24)
+        want, got = ref(x), fused(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # the hooked layer (every layer, for a global hook) fell back to PEFT's forward; the others stayed fused
+        assert len(fused_calls) == (0 if where == "global hook" else 2)
+    finally:
+        for h in handles:
+            h.remove()
