@@ -440,14 +440,18 @@ def gemm_engine(backend: Backend, x: torch.Tensor) -> str:
     return "triton"
 
 
+#: dtypes torch._grouped_mm takes (float64 raised "Expected mat_a to be Float32, BFloat16 or Float16")
+GMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _mm(x, w, index, backend):
-    if backend == "triton_gmm" and gmm_aligned(x, w):
+    if backend == "triton_gmm" and x.dtype in GMM_DTYPES and gmm_aligned(x, w):
         return grouped_mm_gmm(x, w, index)
     return grouped_mm_triton(x, w, index)
 
 
 def _wgrad(x, dy, index, num_experts, backend):
-    if backend == "triton_gmm" and gmm_aligned(x, dy):
+    if backend == "triton_gmm" and x.dtype in GMM_DTYPES and gmm_aligned(x, dy):
         return grouped_wgrad_gmm(x, dy, index, num_experts)
     return grouped_wgrad_triton(x, dy, index, num_experts)
 

@@ -182,6 +182,12 @@ class ExpertParallel:
         ep = cls(group=group, ranks=ranks, rank=ranks.index(dist.get_rank()), num_experts=num_experts,
                  hierarchical=hierarchical)
         if hierarchical:
+            if len(ranks) != dist.get_world_size():
+                # each rank would create only its own EP group's node groups: new_group calls that differ between
+                # ranks (a reset connection on one rank, a hang on another)
+                raise ValueError(f"group: a hierarchical EP group of {len(ranks)} of the {dist.get_world_size()} "
+                                 f"ranks; use ExpertParallel.create_groups(num_experts, ep_size={len(ranks)}, "
+                                 f"hierarchical=True, ...), which builds every group's node groups on every rank")
             _attach_node_groups(ep, [ranks], gpus_per_node, timedelta(seconds=timeout_s))
         return ep
 

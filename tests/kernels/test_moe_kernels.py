@@ -160,3 +160,20 @@ def test_fused_activation_kernels(activation, dtype):
     da, h2 = K.activation_backward_triton(a, dh, activation)
     assert_all_close(da, da_ref, dtype, f"{activation} da")
     assert_all_close(h2, h_ref, dtype, f"{activation} h (re-emitted)")
+
+
+def test_triton_gmm_float64_takes_our_kernels():
+    """torch._grouped_mm takes float32/bfloat16/float16 only: a float64 layer on 'triton_gmm' (what 'auto' picks on
+    a GPU) raised "Expected mat_a to be Float32, BFloat16 or Float16"; it runs our Triton kernels now."""
+    idx, _ = _routing(T=13, E=4, k=2, empty=(2,), seed=7)
+    x = torch.randn(idx.num_rows, 24, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(4, 24, 16, dtype=torch.float64) * 0.3).requires_grad_(True)
+    y = K.grouped_mm(x, w, idx, backend="triton_gmm")
+    x_ref, w_ref = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    y_ref = K.grouped_mm_ref(x_ref, w_ref, idx)
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)     # (the kernels accumulate in float32)
+    gy = torch.randn_like(y_ref)
+    y.backward(gy)
+    y_ref.backward(gy)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-6, atol=1e-6)

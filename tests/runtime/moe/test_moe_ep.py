@@ -324,3 +324,20 @@ def _worker(rank, world):
 def test_ep_matches_single_process_all_routers_all_r():
     done = spawn_gloo(_worker, 4, timeout_s=120)
     assert done == [len(ROUTER_KINDS) * 3 + 10] * 4
+
+
+def _subgroup_hierarchical_worker(rank, world):
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    try:
+        ExpertParallel.create(4, group=groups[rank // 2], hierarchical=True, gpus_per_node=2)
+    except ValueError as err:
+        return str(err)
+    return "created"
+
+
+def test_hierarchical_create_on_a_subgroup_is_refused():
+    """Each rank built only its own EP group's node groups (new_group calls differing between ranks: a reset
+    connection on one rank, a hang on another); now a ValueError that points to create_groups, on every rank."""
+    got = spawn_gloo(_subgroup_hierarchical_worker, 4, timeout_s=60)
+    assert all(g.startswith("group: a hierarchical EP group of 2 of the 4 ranks; use ExpertParallel.create_groups")
+               for g in got), got
