@@ -350,6 +350,9 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
     # ---- idle time beside a micro-batch's critical group takes sequences of the other micro-batches ------
     if cfg.structure_search:
         deadline = t_step_search + cfg.time_limit
+        # the moves get --time-limit of their own: the searches above have usually spent `deadline` (a batch of ~200
+        # micro-batches spent 22 s in the moves at a 1 s limit; a bound at `deadline` skipped the fill: +0.2-0.7 %)
+        moves_until = time.perf_counter() + cfg.time_limit
         for key in sorted(per_m, key=lambda m: (per_m[m]["heur"], m)):
             info = per_m[key]
             if len(info["best"]) > 1:
@@ -360,7 +363,7 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
                 searched = any(a is not b for a, b in zip(info["best"], info["start"]))
                 for start in ((info["best"], info["start"]) if searched else (info["best"],)):
                     filled = (fill_across(start, lens, cm, max_evals=cfg.max_evals) if cfg.deterministic
-                              else fill_across(start, lens, cm, deadline=deadline))
+                              else fill_across(start, lens, cm, deadline=deadline, move_deadline=moves_until))
                     if sum(c.time_ms for c in filled) < sum(c.time_ms for c in info["best"]) - 1e-9:
                         info["best"] = filled
                 info["heur"] = sum(c.time_ms for c in info["best"])

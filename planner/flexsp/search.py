@@ -179,7 +179,7 @@ def _room(A, B, C, sq, sm, cap, limit: float) -> np.ndarray:
 
 
 def fill_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadline: float | None = None,
-                max_evals: int | None = None) -> list[MBSolution]:
+                max_evals: int | None = None, move_deadline: float | None = None) -> list[MBSolution]:
     """Use the idle time beside a micro-batch's critical group for sequences of the other micro-batches.
 
     A step's time is the sum of its micro-batches' makespans, and a micro-batch whose makespan is set by one
@@ -192,6 +192,8 @@ def fill_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadli
     left with <= 8 sequences, more until ``deadline`` or, deterministic, up to ``max_evals``, with restarts only
     on a small donor); a donor left empty is dropped (one b1 less). The split is then no longer consecutive
     runs of the sorted order; every plan is still evaluated on the real lengths.
+    ``move_deadline``: the moves themselves (receiver x donor pairs) stop there (None: all pairs); the planner gives
+    them a budget of their own after the searches, whose ``deadline`` has usually passed by then.
     Returns the input unless the step's total time strictly drops."""
     if len(mbs) < 2:
         return mbs
@@ -201,7 +203,7 @@ def fill_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadli
         return mbs
     total0 = sum(mb.time_ms for mb in mbs)
     for a in sorted(range(len(cur)), key=lambda r: -cur[r].time_ms):
-        if deadline is not None and time.perf_counter() >= deadline:
+        if move_deadline is not None and time.perf_counter() >= move_deadline:
             break  # (its receiver x donor pairs took 22 s past a 1 s limit with ~200 micro-batches)
         rec = cur[a]
         if not rec.groups:
@@ -226,7 +228,7 @@ def fill_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadli
         for b in range(len(cur)):
             if b == a or not cur[b].groups:
                 continue
-            if deadline is not None and time.perf_counter() >= deadline:
+            if move_deadline is not None and time.perf_counter() >= move_deadline:
                 break
             donor = cur[b]
             moved: set[int] = set()
