@@ -118,9 +118,11 @@ def to_plan(results: list[StepResult], cm: SPCostModel, profile: ClusterProfile,
         solve_seconds=round(sum(r.solve_seconds for r in results), 6),
         time_limit=None if config.deterministic else config.time_limit * len(results),
         seed=config.seed, threads=config.threads,
-        note=(f"deterministic: at most {config.max_evals} group structures per micro-batch and "
-              f"{config.milp_nodes} nodes per MILP, {config.time_limit:g} s a cap per MILP; "
-              f"{sum(1 for r in results if r.clock_bound)} steps cut by that cap (those may differ between runs); "
+        note=((f"deterministic: at most {config.max_evals} group structures per micro-batch and "
+               f"{config.milp_nodes} nodes per MILP, {config.time_limit:g} s a cap per MILP; "
+               f"{sum(1 for r in results if r.clock_bound)} steps cut by that cap (those may differ between runs); "
+               if config.use_milp else
+               f"deterministic: at most {config.max_evals} group structures per micro-batch, no MILP; ")
               if config.deterministic else
               f"{'MILP' if config.use_milp else 'search'} budget {config.time_limit:g} s per step; ")
              + (f"{len(results)} steps; {n_milp} MILPs (bucketed, Q={config.buckets}); MILP beat the heuristics on "

@@ -249,7 +249,8 @@ def register(groups) -> None:
         plan, results = _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context, show_progress=True)
         rep = summarize(results, cm)
         rep["config"] = dict(profile=prof.name, model=mdl.name, gpus=cm.world, global_batch=global_batch,
-                             max_context=max_context, steps=steps, seed=seed, time_limit=time_limit,
+                             max_context=max_context, steps=steps, seed=seed,
+                             time_limit=None if deterministic and no_milp else time_limit,  # (it has no effect)
                              buckets=None if no_milp else cfg.buckets, milp=not no_milp, seqlens=seqlens,
                              deterministic=deterministic)
         if scaling:

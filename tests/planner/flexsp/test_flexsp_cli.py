@@ -169,4 +169,11 @@ def test_time_limit_with_deterministic_no_milp_is_refused(tmp_path, capsys):
             err.count("\n") == 1, err
     assert not (tmp_path / "p.json").exists()
     assert main(["bench", "sp", *args, "--steps", "1", "--deterministic", "--no-milp", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["time_limit"] is None    # none applies
+    assert main(["bench", "sp", *args, "--steps", "1", "--no-milp", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["config"]["time_limit"] == DEFAULT_TIME_LIMIT_S
+    assert main(["plan", "sp", *args, "--deterministic", "--no-milp", "--out", str(tmp_path / "p.json")]) == 0
+    capsys.readouterr()
+    note = json.loads((tmp_path / "p.json").read_text())["solver"]["note"]
+    assert note.startswith("deterministic: at most 100 group structures per micro-batch, no MILP;") and \
+        "cap per MILP" not in note, note

@@ -44,7 +44,7 @@ def test_bound_never_above_a_coarse_bucketed_milp(make_cm):
     700] in one bucket: 37 % gap on an optimal MILP). Random instances, one to three buckets; the class model keeps
     its max-priced single term (it has that constraint)."""
     cm = make_cm()
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(20261129)  # seeded: the count of proved MILPs below depends on the draws
     checked = 0
     for _ in range(25):
         n = int(rng.integers(3, 7))
