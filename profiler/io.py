@@ -235,9 +235,16 @@ def load_yaml(text: str) -> Any:
 
     if _YAML_LOADER is None:
         class _Loader(yaml.SafeLoader):
-            def construct_mapping(self, node, deep=False):
-                # a key given twice: PyYAML keeps the last one silently (`capacity: 1024` then `capacity: 2048`)
-                if isinstance(node, yaml.MappingNode):
+            # a key given twice: PyYAML keeps the last one silently (`capacity: 1024` then `capacity: 2048`). Checked
+            # on each mapping's own pairs, once, before merge keys (`<<: *base`) are flattened into it: flattening
+            # rewrites an anchored mapping's pairs, so its overrides of merged keys would read as duplicates later.
+            def __init__(self, stream):
+                super().__init__(stream)
+                self._unique_checked: set[int] = set()
+
+            def flatten_mapping(self, node):
+                if id(node) not in self._unique_checked:
+                    self._unique_checked.add(id(node))
                     seen = set()
                     for key_node, _ in node.value:
                         if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
@@ -248,7 +255,7 @@ def load_yaml(text: str) -> Any:
                                 "while constructing a mapping", node.start_mark,
                                 f"found duplicate key {key!r}", key_node.start_mark)
                         seen.add(key)
-                return super().construct_mapping(node, deep=deep)
+                super().flatten_mapping(node)
 
         _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                                       re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),

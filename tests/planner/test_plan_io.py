@@ -259,3 +259,20 @@ def test_symlink_loop_and_whole_number_floats(tmp_path):
     data["gpus_per_node"] = True  # still not a number
     with pytest.raises(InputError, match="gpus_per_node: Input should be a valid integer"):
         load_model(tmp_path / "p.json", ClusterProfile, data=data)
+
+
+def test_yaml_refuses_a_key_given_twice_but_not_a_merge_override():
+    """load_yaml refuses `a: 1` then `a: 2` in one mapping (PyYAML keeps the last silently); a mapping that overrides
+    a key it merged in (`<<: *base` then `x: 1`) is not a duplicate, even when that mapping is itself merged into a
+    later one (checking the pairs after flattening refused it)."""
+    import yaml as pyyaml
+
+    from adasched.profiler.io import load_yaml
+
+    text = "base: &base {x: 0}\nouter:\n  inner: &i\n    <<: *base\n    x: 1\nuse:\n  <<: *i\n  y: 2\n"
+    assert load_yaml(text) == pyyaml.safe_load(text)
+    assert load_yaml("a: &a {p: 1, q: 2}\nb:\n  <<: *a\n  q: 3\n") == {"a": {"p": 1, "q": 2}, "b": {"p": 1, "q": 3}}
+    for bad, line in (("a: 1\nb: 2\na: 3\n", 3), ("x:\n  <<: {q: 1}\n  b: 1\n  b: 2\n", 4)):
+        with pytest.raises(pyyaml.YAMLError) as exc:
+            load_yaml(bad)
+        assert "found duplicate key" in exc.value.problem and exc.value.problem_mark.line + 1 == line
