@@ -175,6 +175,8 @@ class LoRAPlan(Plan):
         and microbatch token counts that match ``lengths``, each microbatch within ``capacity``, one segment per
         job per microbatch, the dependency rule for ``stages``, and a summary that says so."""
         errors: list[str] = []
+        if self.stages > self.layers:  # (the jobs file's rule: every stage holds at least one layer)
+            errors.append(f"stages: {self.stages} pipeline stages but layers {self.layers}")
         names = [j.name for j in self.jobs]
         dup = next((x for x in names if names.count(x) > 1), None)
         if dup is not None:  # two adapters would be saved to one OUT/<name>/ folder

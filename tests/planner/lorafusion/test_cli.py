@@ -195,9 +195,13 @@ def test_show_and_load_refuse_a_plan_that_fails_verification(tmp_path, capsys, a
     def too_big(d):
         d["capacity"] = 128
 
+    def shallow(d):  # fewer layers than stages: refused in the jobs file, passed in a plan
+        d["layers"] = d["stages"] - 1
+
     assert_show_refuses(plan, [(dup, f"1 samples in more than one place (first: sample {first})"),
                                (out_of_range, f"sample id {n + 5} not in [0, {n})"), (tokens, "segment says"),
-                               (wrong_batch, "placed in segment"), (too_big, "> capacity 128")])
+                               (wrong_batch, "placed in segment"), (too_big, "> capacity 128"),
+                               (shallow, "stages: 2 pipeline stages but layers 1")])
 
 
 def test_jobs_help_names_every_preset():
