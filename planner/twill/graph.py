@@ -150,8 +150,8 @@ class Machine(BaseModel):
     @model_validator(mode="after")
     def _base_within_cap(self) -> "Machine":
         # a base above the per-group cap read as "an op needs None registers ... at most -60"
-        if self.group_base_regs >= self.regs_per_group_max:
-            raise ValueError(f"group_base_regs {self.group_base_regs} leaves no registers under regs_per_group_max "
+        if self.group_base_regs > self.regs_per_group_max:
+            raise ValueError(f"group_base_regs {self.group_base_regs} is above regs_per_group_max "
                              f"{self.regs_per_group_max}")
         return self
 

@@ -12,7 +12,8 @@ Mapping (documented assumptions, checked on a GPU by launch/gemm_check.py):
   the 128x256x64 tile ran best at 4 stages (schedule depth 3) every time; on 128x128x64, 4 stages with 8
   warps was within 3.6 % of the best in every sweep and the earlier choice (3 stages, 4 warps, two CTAs per
   SM) within 7 % - they swap places from run to run, so the plain GEMM does not decide between them;
-- ``num_warps``: with warp specialization 4 per consumer (non-producer) warp group. Without it Triton spreads
+- ``num_warps``: with warp specialization 4 per consumer (non-producer) warp group, rounded up to a power of two
+  (Triton takes no other: FA4's three consumer groups give 16, not 12). Without it Triton spreads
   the tile's rows over all warps, one warpgroup per 64-row MMA slice, so every register-holding op gets a
   warpgroup of its own: 4 x max(consumer groups, register-holding ops), at most 8 (two consumer
   warpgroups, as CUTLASS's cooperative Hopper kernels). What decides it on the H200 is the fused LoRA GEMM
@@ -24,7 +25,9 @@ Mapping (documented assumptions, checked on a GPU by launch/gemm_check.py):
 - ``maxnreg``: only with ``warp_specialize`` (the per-group register split that setmaxnreg makes happen): the
   registers per thread a register-holding group may take when every other group (producers, MMA-issue groups
   without live values) keeps only its base: the register file minus those bases, shared evenly by the groups
-  whose ops hold registers, rounded down to a multiple of 8 and capped by the per-group limit. Without warp
+  whose ops hold registers, rounded down to a multiple of 8 and capped by the per-group limit - but never below
+  what the neediest group holds (its base plus its values' buffers, rounded up to 8), which an even split could
+  fall under (the schedule keeps every group within the per-group limit and the file). Without warp
   specialization there is no split to make and the knob is left to the compiler (None): on an H200
   (2026-11-28, ``launch/device_check.py``) capping a non-specialized Triton GEMM at 240 registers cost 4-13 %
   (128x256x64 s3 w8: 611-638 TFLOP/s with the cap, 664-679 without).

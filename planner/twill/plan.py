@@ -162,8 +162,10 @@ class TwillPlan(Plan):
             ("triton knobs", f"num_stages={self.knobs.num_stages} num_warps={self.knobs.num_warps} "
                              f"warp_specialize={self.knobs.warp_specialize} maxnreg={self.knobs.maxnreg}"),
         ]
-        if self.sim_cycles_per_iteration is not None:
-            rows.insert(4, ("simulated", f"{self.sim_cycles_per_iteration:.2f} cycles/iter (ASAP issue)"
+        if self.sim_cycles_per_iteration is not None or self.sim_deadlock:
+            cpi = self.sim_cycles_per_iteration
+            rows.insert(4, ("simulated", (f"{cpi:.2f} cycles/iter (ASAP issue)" if cpi is not None else
+                                          "no cycles/iter (ASAP issue)")
                             + (", DEADLOCK" if self.sim_deadlock else "")
                             + (", replay exact" if self.sim_replay_exact else ", replay NOT exact")))
         return rows
@@ -342,4 +344,10 @@ def plan_twill(graph, machine=None, params=None, *, simulate: bool = True, load_
     from .model import solve
 
     problem = make_problem(graph, machine)
+    if load_slack and not problem.warp:  # accepted and ignored: it ranks warp-specialised schedules only
+        from adasched.profiler.io import InputError
+
+        raise InputError("--load-slack", f"graph {problem.graph.name!r} gives no warp fields (registers, shared "
+                                         "memory, variable latency, blocking waits): it ranks warp-specialised "
+                                         "schedules only")
     return make_plan(problem, solve(problem, params, load_slack=load_slack), simulate=simulate)

@@ -150,7 +150,7 @@ def test_machine_limits_are_checked(tmp_path, capsys):
 
     base = json.loads(H100.model_dump_json())
     for i, (key, value, needle) in enumerate((
-            ("group_base_regs", 300, "group_base_regs 300 leaves no registers under regs_per_group_max 240"),
+            ("group_base_regs", 300, "group_base_regs 300 is above regs_per_group_max 240"),
             ("max_warp_groups", 10 ** 6, "max_warp_groups: Input should be less than or equal to 8"),
             ("handoff_cycles", 10 ** 9, "handoff_cycles: Input should be less than or equal to 1024"))):
         m = tmp_path / f"m{i}.json"
@@ -160,3 +160,16 @@ def test_machine_limits_are_checked(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(f"error: {m}: ") and needle in err and err.count("\n") == 1, err
         assert not out.exists()
+
+
+def test_load_slack_on_a_plain_graph_is_refused(tmp_path, capsys):
+    """--load-slack ranks warp-specialised schedules only: on a graph without warp fields it was accepted, ignored
+    and recorded as load_slack false."""
+    from adasched.planner.cli import main
+
+    out = tmp_path / "p.json"
+    assert main(["plan", "twill", "--graph", "toy-attention", "--load-slack", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --load-slack: graph 'toy-attention' gives no warp fields") and \
+        err.count("\n") == 1, err
+    assert not out.exists()
