@@ -216,7 +216,8 @@ def gemm(a: torch.Tensor, b: torch.Tensor, config: Optional[GemmConfig] = None) 
     cfg = config or GemmConfig()
     if cfg.persistent:
         raise ValueError("GemmConfig.persistent: only the LoRA GEMMs (kernels.lora) have a persistent grid")
-    if backend_for(a) == "torch":
+    if backend_for(a) == "torch" or a.dtype == torch.float64:
+        # (float64: the kernel's tiles were cast to float32 - 3e-7 error, gradcheck failed; as kernels.lora does)
         return gemm_reference(a, b, cfg)
     M, K = a.shape
     N = b.shape[1]
@@ -300,7 +301,42 @@ def gemm_reference(a: torch.Tensor, b: torch.Tensor, config: Optional[GemmConfig
     return (a.to(acc) @ b.to(acc)).to(a.dtype)
 
 
+def first_order_only(message: str, coupled):
+    """A decorator for an autograd Function's ``backward`` computed with kernels that build no graph: under
+    ``create_graph=True`` its outputs raise ``message`` when a second backward reaches them. Like torch's
+    ``once_differentiable``, which arms that only when a grad-output requires grad; ``coupled(ctx)`` says when the
+    outputs depend on trainable forward inputs anyway (a loss linear in the output makes the grad-output a constant
+    while dA = dC B^T still depends on B): armed then too, else those second-order terms were dropped silently."""
+    import functools
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *args):
+            with torch.no_grad():
+                outputs = backward(ctx, *args)
+            needs = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args) or coupled(ctx)
+            if not torch.is_grad_enabled() or not needs:
+                return outputs
+            outs = outputs if isinstance(outputs, tuple) else (outputs,)
+            err = torch._C._functions.DelayedError(message.encode(), len(outs))
+
+            def armed(t):
+                if t is None:
+                    return None
+                t = t.detach()
+                t.requires_grad = True
+                return t
+
+            return err(*[armed(t) for t in outs])
+
+        return wrapper
+
+    return decorate
+
+
 class GemmFunction(torch.autograd.Function):
+    """First order only: the backward's GEMMs build no graph (a double backward raises)."""
+
     @staticmethod
     def forward(ctx, a, b, config):
         ctx.save_for_backward(a, b)
@@ -308,6 +344,8 @@ class GemmFunction(torch.autograd.Function):
         return gemm(a, b, config)
 
     @staticmethod
+    @first_order_only("gemm_autograd: double backward is not supported (the Triton GEMMs' backward builds no graph)",
+                      lambda ctx: ctx.needs_input_grad[0] and ctx.needs_input_grad[1])  # dA needs B, dB needs A
     def backward(ctx, dc):
         a, b = ctx.saved_tensors
         dc = dc.contiguous()

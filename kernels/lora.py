@@ -65,7 +65,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .gemm import set_descriptor_allocator, tma_unit_axis
+from .gemm import first_order_only, set_descriptor_allocator, tma_unit_axis
 
 try:  # a CPU-only install may lack triton: everything still imports and runs on the torch path
     import triton
@@ -1474,38 +1474,14 @@ def _fused_backward(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, nee
     return dx, da, db[:, :plan.r_total], dbias
 
 
-def _first_order_only(backward):
-    """torch's ``once_differentiable`` for the fused LoRA backward: under ``create_graph=True`` its outputs raise
-    when a second backward reaches them. ``once_differentiable`` arms that only when dY requires grad, but with a
-    loss linear in Y (``y.sum()``, a masked sum) dY is a constant while dX = dY W^T + scale dY B A still depends on
-    A and B (and dA, dB on x and on B, A): the second-order terms were dropped without a word (A's gradient off by
-    104 % in such a double backward). Here the outputs are also armed when A or B needed a gradient; with only x
-    (and the bias) trainable the backward is linear in dY alone, and a constant dY leaves nothing to drop."""
-    import functools
-
-    @functools.wraps(backward)
-    def wrapper(ctx, *args):
-        with torch.no_grad():
-            outputs = backward(ctx, *args)
-        # forward inputs (x2, weight, bias, a_cat, b_cat, ...): A and B make dX (and dA, dB) depend on inputs
-        needs = (any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-                 or ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-        if not torch.is_grad_enabled() or not needs:
-            return outputs
-        outs = outputs if isinstance(outputs, tuple) else (outputs,)
-        err = torch._C._functions.DelayedError(b"lora_linear / multi_lora_linear: double backward is not supported "
-                                               b"(the fused kernels' backward builds no graph)", len(outs))
-
-        def armed(t):
-            if t is None:
-                return None
-            t = t.detach()
-            t.requires_grad = True
-            return t
-
-        return err(*[armed(t) for t in outs])
-
-    return wrapper
+# torch's ``once_differentiable`` arms its double-backward error only when dY requires grad, but with a loss linear in
+# Y (``y.sum()``, a masked sum) dY is a constant while dX = dY W^T + scale dY B A still depends on A and B (and dA, dB
+# on x and on B, A): the second-order terms were dropped without a word (A's gradient off by 104 % in such a double
+# backward). Armed also when A or B (forward inputs 3 and 4) needed a gradient; with only x (and the bias) trainable
+# the backward is linear in dY alone, and a constant dY leaves nothing to drop.
+_first_order_only = first_order_only(
+    "lora_linear / multi_lora_linear: double backward is not supported (the fused kernels' backward builds no graph)",
+    lambda ctx: ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
 
 
 class _FusedLoRAFunction(torch.autograd.Function):

@@ -34,10 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: TRITON_INTERPRET=1 is set: run `env -u TRITON_INTERPRET python -m adasched.launch.kernel_report`",
               file=sys.stderr)
         return 2
-    only = [g.strip() for g in args.only.split(",")] if args.only else None
+    only = [g.strip() for g in args.only.split(",")] if args.only is not None else None
     bad = [g for g in (only or []) if g not in ("lora", "gemm", "moe")]
-    if bad:
-        print(f"error: --only: {', '.join(bad)} not in lora, gemm, moe", file=sys.stderr)
+    if bad:  # (an empty --only meant every group; ' ' printed "error: --only:  not in ...")
+        print(f"error: --only: {', '.join(g or repr(g) for g in bad)} not in lora, gemm, moe", file=sys.stderr)
         return 2
 
     from adasched.kernels.aot import compile_report, kernel_cases
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(table, cols, title=f"kernel report, sm_{args.arch} (offline compile, Triton's ptxas -v)"))
     if args.json_out:
         atomic_write_json(args.json_out, rows)
-    return 1 if any(r.get("wgmma_serialized") for r in rows) else 0
+    # 1: a serialised wgmma or a kernel the compiler failed on (that was exit 0, as a pass)
+    return 1 if any(r.get("wgmma_serialized") or r.get("error") for r in rows) else 0
 
 
 if __name__ == "__main__":

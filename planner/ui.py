@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from contextlib import contextmanager
@@ -64,11 +65,22 @@ def print_table(rows: Iterable[Sequence[Any]], columns: Sequence[str], title: st
         Console(file=con.file, width=max(natural, con.width), soft_wrap=True, no_color=con.no_color).print(t)
 
 
+def _finite(obj: Any) -> Any:
+    """NaN and infinities as null: json.dumps writes them as NaN / Infinity, which strict parsers (jq) refuse."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def emit_json(obj: Any) -> None:
-    """Machine-readable output: plain JSON on stdout, nothing else there."""
+    """Machine-readable output: strict JSON on stdout (NaN and infinities as null), nothing else there."""
     if hasattr(obj, "model_dump"):
         obj = obj.model_dump(mode="json")
-    sys.stdout.write(json.dumps(obj, indent=1, default=str) + "\n")
+    sys.stdout.write(json.dumps(_finite(obj), indent=1, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 

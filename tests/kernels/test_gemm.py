@@ -116,3 +116,30 @@ def test_tma_unit_axis_refuses_misaligned_overlapping_and_broadcast_views():
     assert G.tma_unit_axis(base[:, 4:]) == 1 and G.tma_unit_axis(base[:, 1:41]) is None  # base 16 / 4 bytes off
     assert G.tma_unit_axis(torch.randn(1, 40).expand(8, 40)) is None  # broadcast rows: stride 0
     assert G.tma_unit_axis(torch.randn(64).as_strided((8, 16), (4, 1))) is None  # overlapping rows
+
+
+def test_float64_is_computed_in_float64():
+    """The kernel cast float64 tiles to float32 (3e-7 error, gradcheck failed); float64 takes the reference now."""
+    a = torch.randn(9, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(gemm(a.detach(), b.detach()), a.detach() @ b.detach(), rtol=1e-13, atol=1e-13)
+    assert torch.autograd.gradcheck(lambda x, y: gemm_autograd(x, y), (a, b))
+
+
+def test_double_backward_raises_instead_of_dropping_second_order_terms():
+    """gemm_autograd's backward builds no graph: with a loss linear in C, dA = dC B^T still depends on B, and a
+    double backward failed with torch's generic "element 0 of tensors does not require grad" - or, had anything
+    else required grad, would have dropped d(dA)/dB. It raises its own message; first order under create_graph and a
+    double backward with only A trainable (nothing to drop) still work."""
+    a = torch.randn(6, 5, requires_grad=True)
+    b = torch.randn(5, 4, requires_grad=True)
+    c = torch.randn(6, 5)
+    y = gemm_autograd(a, b)
+    (g,) = torch.autograd.grad(y.sum(), a, create_graph=True)
+    with pytest.raises(RuntimeError, match="gemm_autograd: double backward is not supported"):
+        ((g * c).sum() + y.sum()).backward()
+    torch.testing.assert_close(g.detach(), torch.ones(6, 4) @ b.detach().t(), rtol=1e-5, atol=1e-5)
+    b2 = b.detach()
+    y = gemm_autograd(a, b2)
+    (g,) = torch.autograd.grad(y.sum(), a, create_graph=True)     # dA = 1 B^T: no trainable input behind it
+    torch.testing.assert_close(g, torch.ones(6, 4) @ b2.t(), rtol=1e-5, atol=1e-5)

@@ -56,3 +56,6 @@ def test_gemm_report_for_sm90(tmp_path):
 def test_bad_group_is_one_error_line(tmp_path):
     proc = _run(["--only", "lora,conv"], tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --only: conv not in lora, gemm, moe"
+    for empty in ("", " "):  # '' meant every group; ' ' said "--only:  not in"
+        proc = _run(["--only", empty], tmp_path)
+        assert proc.returncode == 2 and proc.stderr.strip() == "error: --only: '' not in lora, gemm, moe", proc.stderr

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from adasched.planner.ui import print_table
 
 
@@ -27,3 +29,20 @@ def test_narrow_table_is_unchanged(capsys):
     print_table([[1, 2.5]], ["a", "b"])
     out = capsys.readouterr().out
     assert "│ 1 │ 2.5 │" in out
+
+
+def test_emit_json_writes_strict_json(capsys):
+    """bench kernels --json error rows carried NaN (json.dumps writes NaN / Infinity, which jq refuses): null now,
+    nested anywhere; finite numbers unchanged."""
+    import json
+
+    import numpy as np
+
+    from adasched.planner.ui import emit_json
+
+    emit_json({"ok": 1.5, "rows": [{"median_ms": float("nan"), "ratio": np.float64("inf")}, (2.0, -float("inf"))],
+               "n": 3, "s": "nan"})
+    out = capsys.readouterr().out
+    assert "NaN" not in out and "Infinity" not in out
+    assert json.loads(out, parse_constant=lambda c: pytest.fail(c)) == {
+        "ok": 1.5, "rows": [{"median_ms": None, "ratio": None}, [2.0, None]], "n": 3, "s": "nan"}
