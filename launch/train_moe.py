@@ -102,6 +102,9 @@ from adasched.launch.cli_args import (MAX_LAYERS, add_checkpoint_args, add_lr_sc
 from adasched.planner.ui import OneLineArgParser as ArgParser, is_rank0
 from adasched.profiler.io import check_host_memory, check_model_memory
 
+#: --seed's bound: the data generators take 1000 * seed + rank, which must fit torch's 64-bit seed
+MAX_SEED = 2 ** 40
+
 __all__ = ["main", "train_schedule", "compare_schedules", "layer_routers", "run_identity"]
 
 
@@ -146,15 +149,15 @@ def parse_args(argv):
                    "(default: %(default)s)")
     p.add_argument("--capacity-factor", type=float, default=None, help="expert capacity factor; tokens past it "
                    "are dropped (default: none, dropless)")
-    p.add_argument("--r-fwd", type=int, default=2, help="forward pipeline degree: chunks each layer's all-to-all "
-                   "and experts are split into (default: %(default)s; a --plan sets it per layer)")
-    p.add_argument("--r-bwd", type=int, default=2, help="backward pipeline degree (default: %(default)s; a --plan "
-                   "sets it per layer)")
+    p.add_argument("--r-fwd", type=int, default=None, help="forward pipeline degree: chunks each layer's all-to-all "
+                   "and experts are split into (default: 2; not with --plan, which sets it per layer)")
+    p.add_argument("--r-bwd", type=int, default=None, help="backward pipeline degree (default: 2; not with --plan, "
+                   "which sets it per layer)")
     p.add_argument("--shared-experts", type=int, default=0, help="always-on shared experts per MoE layer "
                    "(default: 0)")
-    p.add_argument("--wgrad", choices=("fused", "per-chunk", "deferred"), default="fused",
-                   help="where the backward computes the expert weight gradients (default: fused; a --plan sets "
-                        "it per layer)")
+    p.add_argument("--wgrad", choices=("fused", "per-chunk", "deferred"), default=None,
+                   help="where the backward computes the expert weight gradients (default: fused; not with --plan, "
+                        "which sets it per layer)")
     p.add_argument("--plan", type=Path, default=None,
                    help="FSMoE plan JSON (r_fwd, r_bwd, order_fwd, order_bwd, wgrad_bwd, grad_slices)")
     p.add_argument("--plan-config", default=None, help="configuration name inside the --plan (default: its first)")
@@ -182,6 +185,13 @@ def parse_args(argv):
                    "'nothing_left', when the save resumed from is already at --steps)")
     add_checkpoint_args(p)
     args = p.parse_args(argv)
+    # what was given on the command line (not its default): --compare-schedules refuses the training options
+    args.given = {a.dest: a.option_strings[0] for a in p._actions
+                  if a.option_strings and a.dest != "help" and getattr(args, a.dest) != a.default}
+    # None = not given: a --plan sets them per layer (an explicit value next to it was dropped without a word)
+    for dest, default in (("r_fwd", 2), ("r_bwd", 2), ("wgrad", "fused")):
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
     # None = not given: _main refuses an explicit value without --hierarchical (it would do nothing); the value
     # itself is 2, as before (create_groups takes min(2, EP size) also when flat, where it changes nothing)
     args.gpus_per_node_given = args.gpus_per_node is not None
@@ -554,6 +564,8 @@ def _check_sizes(args, world: int) -> None:
         if v < low:
             name = "--hidden" if opt == "d" else f"--{opt.replace('_', '-')}"
             raise ValueError(f"{name}: {v} must be >= {low}")
+    if not 0 <= args.seed <= MAX_SEED:  # 10**20 passed --validate-only, then every worker failed on 1000 * seed
+        raise ValueError(f"--seed: {args.seed} must be in 0..{MAX_SEED}")
     if args.layers > MAX_LAYERS:  # 10**20 hung building the per-layer schedule
         raise ValueError(f"--layers: {args.layers} must be <= {MAX_LAYERS}")
     if args.shared_experts < 0:
@@ -621,6 +633,11 @@ def _main(args) -> int:
              "--hierarchical", "it is the node size of the two-step all-to-all; the flat one has none")):
         if given:
             raise ValueError(f"{opt}: has no effect without {needs} ({why})")
+    if args.plan is not None:
+        for dest in ("r_fwd", "r_bwd", "wgrad"):
+            if dest in getattr(args, "given", {}):
+                raise ValueError(f"{args.given[dest]}: not with --plan, which sets it per layer (the option "
+                                 f"would be ignored)")
     if args.compare_schedules:
         for opt, given in (("--checkpoint-dir", ck_cfg is not None), ("--lr-schedule", args.lr_schedule != "constant"),
                            ("--warmup-steps", args.warmup_steps != 0),
@@ -628,6 +645,15 @@ def _main(args) -> int:
             if given:
                 raise ValueError(f"{opt}: not used by --compare-schedules (single-process, one model per capacity "
                                  f"schedule at a constant --lr); drop it or train with --router/--schedule")
+        # every other option was accepted and ignored (its own model, steps and seeds): refused
+        given = getattr(args, "given", {})
+        unused = [given[d] for d in given if d not in ("compare_schedules", "quick", "json", "validate_only")]
+        if unused:
+            raise ValueError(f"{unused[0]}: not used by --compare-schedules (it trains its own "
+                             f"tiny models: {'1 seed x 100' if args.quick else '2 seeds x 300'} steps per capacity "
+                             f"schedule; only --quick and --json apply)")
+        if args.validate_only:  # (ran the whole comparison)
+            return 0
         res = compare_schedules(quick=args.quick, log=lambda m: print(m, file=sys.stderr, flush=True))
         print(json.dumps(res) if args.json else json.dumps(res, indent=1))
         return 0

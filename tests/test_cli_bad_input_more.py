@@ -157,6 +157,9 @@ _MOE_SIZES = "--vocab/--hidden/--layers/--ffn/--experts/--cap-hi/--shared-expert
     (["--cap-lo", "3", "--cap-hi", "2"], "--cap-hi", "is below --cap-lo 3"),
     (["--budget", "99999999999999999999"], "--budget", "feasible totals are 4..16"),  # "budget: ..."
     (["--router", "switch", "--budget", "8"], "--budget", "feasible totals are 16..64"),
+    # passed validation; every worker then failed on 1000 * seed ("Overflow when unpacking long long")
+    (["--seed", "99999999999999999999"], "--seed", "must be in 0..1099511627776"),
+    (["--seed", "-1"], "--seed", "must be in 0..1099511627776"),
 ])
 def test_train_moe_validate_only(extra, where, needle, one_error, monkeypatch, host_16gib):
     from adasched.launch import train_moe

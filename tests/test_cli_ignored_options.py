@@ -134,6 +134,38 @@ def test_train_moe_refuses_unused_options(extra, where, needs, one_error, one_ra
     assert needs in one_error(train_moe.main(["--validate-only", *extra]), where)
 
 
+@pytest.mark.parametrize("extra, where, needs", [
+    # a --plan sets them per layer: an explicit value was dropped without a word
+    (["--plan", "p.json", "--r-fwd", "3"], "--r-fwd", "not with --plan"),
+    (["--plan", "p.json", "--r-bwd", "2"], "--r-bwd", "not with --plan"),      # even the old default, said explicitly
+    (["--plan", "p.json", "--wgrad", "deferred"], "--wgrad", "not with --plan"),
+    # --compare-schedules trains its own models: every training option was accepted and ignored
+    (["--compare-schedules", "--quick", "--steps", "5"], "--steps", "not used by --compare-schedules"),
+    (["--compare-schedules", "--layers", "2"], "--layers", "not used by --compare-schedules"),
+    (["--compare-schedules", "--seed", "3"], "--seed", "not used by --compare-schedules"),
+    (["--compare-schedules", "--router", "switch"], "--router", "not used by --compare-schedules"),
+    (["--compare-schedules", "--hidden", "16"], "--hidden", "not used by --compare-schedules"),
+    (["--compare-schedules", "--cap-lo", "2"], "--cap-lo", "not used by --compare-schedules"),
+])
+def test_train_moe_refuses_options_a_plan_or_the_comparison_ignores(extra, where, needs, one_error, one_rank,
+                                                                      tmp_path, monkeypatch):
+    from adasched.launch import train_moe
+
+    monkeypatch.chdir(tmp_path)  # refused before the plan is read: it need not exist
+    assert needs in one_error(train_moe.main(["--validate-only", *extra]), where)
+
+
+def test_train_moe_compare_schedules_validate_only_trains_nothing(one_rank, capsys, monkeypatch):
+    """--validate-only --compare-schedules ran the whole comparison (minutes of training)."""
+    from adasched.launch import train_moe
+
+    monkeypatch.setattr(train_moe, "compare_schedules", lambda **kw: pytest.fail("trained"))
+    assert train_moe.main(["--validate-only", "--compare-schedules", "--quick", "--json"]) == 0
+    assert capsys.readouterr().out == ""
+    args = train_moe.parse_args([])
+    assert (args.r_fwd, args.r_bwd, args.wgrad) == (2, 2, "fused")        # the defaults without --plan
+
+
 def test_train_moe_gpus_per_node_default_unchanged(capsys, one_rank):
     from adasched.launch import train_moe
 
