@@ -273,8 +273,13 @@ def make_problem(graph: str | os.PathLike | Graph, machine: str | os.PathLike | 
     where = "graph"
     if not isinstance(graph, Graph):
         graph, where = load_graph(graph)
+    if machine is None and graph.machine:  # the graph file's hint: an unknown one is the file's error, not --machine's
+        try:
+            machine = load_machine(graph.machine)
+        except InputError as err:
+            raise InputError(where, f"machine: {err.what}") from None
     if machine is None:
-        machine = graph.machine or "h100"
+        machine = "h100"
     if not isinstance(machine, Machine):
         machine = load_machine(machine)
     return check_graph(graph, machine, where)

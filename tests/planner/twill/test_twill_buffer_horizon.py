@@ -173,3 +173,20 @@ def test_load_slack_on_a_plain_graph_is_refused(tmp_path, capsys):
     assert err.startswith("error: --load-slack: graph 'toy-attention' gives no warp fields") and \
         err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_an_unknown_machine_named_in_the_graph_file_is_the_files_error(tmp_path, capsys):
+    """A graph file's `machine` hint naming no machine was reported as "--machine: ...", an option not given."""
+    import json
+
+    from adasched.planner.cli import main
+
+    g = json.loads(Graph.model_validate({"name": "t", "ops": [{"name": "a", "reserve": {"TC": [1]}}],
+                                         "edges": []}).model_dump_json(by_alias=True, exclude_none=True))
+    g["machine"] = "h100x"
+    f = tmp_path / "g.json"
+    f.write_text(json.dumps(g))
+    assert main(["plan", "twill", "--graph", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {f}: machine: 'h100x' is neither a built-in machine") and err.count("\n") == 1, err
+    assert main(["plan", "twill", "--graph", str(f), "--machine", "h100", "--json"]) == 0    # --machine overrides
