@@ -151,6 +151,9 @@ def simulate_cmd(
     data = read_json(path)
     what = ""  # "step k of n: " for a plan with steps
     if isinstance(data, dict) and "tasks" in data and "kind" not in data:
+        extra = sorted(set(data) - {"tasks"})
+        if extra:  # ("unit", "ranks", ... were accepted and ignored)
+            raise InputError(path, f"{extra[0]}: not a task-graph field (a task graph is {{\"tasks\": [...]}})")
         if step != 0:  # it was ignored
             raise InputError("--step", f"{step}: a task graph has no steps (--step is for plans with steps)")
         if not isinstance(data["tasks"], list) or not data["tasks"]:
@@ -175,16 +178,21 @@ def simulate_cmd(
         if not hasattr(plan, "simulate"):
             raise InputError(path, f"plan kind {plan.kind!r} cannot be re-simulated")
         n_steps = len(getattr(plan, "steps", ()) or ())
-        if n_steps:
-            if not 0 <= step < n_steps:
-                raise InputError("--step", f"{step} is not a step of this plan (0..{n_steps - 1})")
-            sim = plan.simulate(plan.steps[step].step)  # --step is the position; the plan numbers its steps
-            what = f"step {step} of {n_steps}: "
-        else:
-            if step:
-                raise InputError("--step", f"plan kind {plan.kind!r} has no steps")
-            sim = plan.simulate()
-            what = ""
+        try:
+            if n_steps:
+                if not 0 <= step < n_steps:
+                    raise InputError("--step", f"{step} is not a step of this plan (0..{n_steps - 1})")
+                sim = plan.simulate(plan.steps[step].step)  # --step is the position; the plan numbers its steps
+                what = f"step {step} of {n_steps}: "
+            else:
+                if step:
+                    raise InputError("--step", f"plan kind {plan.kind!r} has no steps")
+                sim = plan.simulate()
+                what = ""
+        except InputError:
+            raise
+        except ValueError as err:  # the simulator's refusals (an overflowing sum of times) name the plan's file
+            raise InputError(path, str(err)) from None
     per_lane: dict[str, float] = {}
     for t in sim.tasks:
         per_lane[t.lane] = per_lane.get(t.lane, 0.0) + (t.end_ms - t.start_ms)

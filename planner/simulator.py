@@ -26,8 +26,8 @@ class Task:
     """Free-form label used for colouring (e.g. 'attn', 'a2a', 'gemm')."""
 
     def __post_init__(self):
-        if self.duration_ms < 0 or self.duration_ms != self.duration_ms:
-            raise ValueError(f"task {self.name!r}: duration_ms must be >= 0, got {self.duration_ms}")
+        if not 0 <= self.duration_ms < float("inf"):  # (NaN fails too; an infinite one made "makespan inf", exit 0)
+            raise ValueError(f"task {self.name!r}: duration_ms must be finite and >= 0, got {self.duration_ms}")
 
 
 @dataclass(frozen=True)
@@ -119,5 +119,7 @@ def simulate(tasks: list[Task]) -> Simulation:
         if not progressed:
             stuck = [queues[k][head[k]].name for k in queues if head[k] < len(queues[k])]
             raise ValueError(f"simulation deadlocked: waiting tasks {stuck[:5]}")
+    if out and not max(s.end_ms for s in out) < float("inf"):  # finite durations whose sum overflowed
+        raise ValueError("simulation: the task durations add up past the float range (makespan inf)")
     out.sort(key=lambda s: (s.rank, s.stream, s.start_ms))
     return Simulation(out)

@@ -218,7 +218,9 @@ def solve_linear(solver, params: SolveParams, hint: dict[Any, float] | None = No
     OR-Tools 9.15 wrapper reports itself as 'PDLP Solver')."""
     from ortools.linear_solver import pywraplp
 
-    solver.SetTimeLimit(int(params.time_limit * 1000))
+    # whole milliseconds, at least 1: int(0.0004 * 1000) = 0 is "no limit" to OR-Tools (a SCIP knapsack ran 6.7 s
+    # and came back optimal at a 0.4 ms limit)
+    solver.SetTimeLimit(max(1, math.ceil(params.time_limit * 1000)))
     solver.SetNumThreads(params.threads)
     name = (name or (solver.SolverVersion().split()[0] if solver.SolverVersion() else "mip")).lower()
     if "scip" in name:
@@ -253,7 +255,11 @@ def solve_linear(solver, params: SolveParams, hint: dict[Any, float] | None = No
         status = "infeasible"
     elif code == pywraplp.Solver.UNBOUNDED:
         raise ValueError("MILP is unbounded: a constraint is missing")
-    else:
+    elif code in (pywraplp.Solver.MODEL_INVALID, pywraplp.Solver.ABNORMAL):
+        # (an infinite coefficient came back as "timeout" within 1 ms)
+        raise ValueError(f"{name}: the solver rejected the model "
+                         f"({'MODEL_INVALID' if code == pywraplp.Solver.MODEL_INVALID else 'ABNORMAL'})")
+    else:  # NOT_SOLVED: stopped by its limits before a solution
         status = "timeout"
     objective = solver.Objective().Value() if status in ("optimal", "feasible") else None
     bound = solver.Objective().BestBound() if status in ("optimal", "feasible") else None

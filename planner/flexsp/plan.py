@@ -25,7 +25,7 @@ class SPGroup(BaseModel):
     ranks: list[int] = Field(description="global ranks, contiguous and aligned to the degree (buddy placement)")
     seq_ids: list[int] = Field(description="indices into the step's sequence list")
     seqlens: list[int] = Field(description="lengths (tokens) of those sequences, same order")
-    predicted_ms: float = Field(ge=0.0)
+    predicted_ms: float = Field(ge=0.0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _check(self) -> "SPGroup":
@@ -43,7 +43,7 @@ class SPGroup(BaseModel):
 class SPMicroBatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
     groups: list[SPGroup]
-    predicted_ms: float = Field(ge=0.0, description="makespan over the concurrent groups")
+    predicted_ms: float = Field(ge=0.0, allow_inf_nan=False, description="makespan over the concurrent groups")
     source: str = Field(default="", description="which candidate won: milp, homogeneous-d, greedy[-target], +ls")
 
 
@@ -52,7 +52,7 @@ class SPStep(BaseModel):
     step: int = Field(ge=0)
     seqlens: list[int] = Field(description="the global batch's sequence lengths; seq_ids index this list")
     micro_batches: list[SPMicroBatch]
-    predicted_ms: float = Field(ge=0.0)
+    predicted_ms: float = Field(ge=0.0, allow_inf_nan=False)
     baselines_ms: dict[str, float] = Field(default_factory=dict)
     solve_seconds: float = Field(default=0.0, ge=0.0, description="planning wall time of this step (s)")
     solver_status: str = Field(default="heuristic",

@@ -72,11 +72,26 @@ def test_bad_tasks():
         simulate([Task("a", 0, "s", 1.0, deps=("nope",))])
     with pytest.raises(ValueError, match="duplicate task name"):
         simulate([Task("a", 0, "s", 1.0), Task("a", 1, "s", 1.0)])
-    with pytest.raises(ValueError, match="duration_ms must be >= 0"):
-        Task("a", 0, "s", -1.0)
-    with pytest.raises(ValueError, match="duration_ms must be >= 0"):
-        Task("a", 0, "s", float("nan"))
+    for bad in (-1.0, float("nan"), float("inf")):  # (inf gave "makespan inf" and exit 0)
+        with pytest.raises(ValueError, match="duration_ms must be finite and >= 0"):
+            Task("a", 0, "s", bad)
+    with pytest.raises(ValueError, match="add up past the float range"):       # finite parts, infinite sum
+        simulate([Task("a", 0, "s", 1e308), Task("b", 0, "s", 1e308)])
     assert simulate([]).makespan_ms == 0.0
+
+
+def test_task_graph_with_an_unknown_top_level_field_is_refused(tmp_path, capsys):
+    """{"tasks": [...], "unit": "cycles"} ran with the extra field ignored."""
+    import json
+
+    from adasched.planner.cli import main
+
+    f = tmp_path / "g.json"
+    f.write_text(json.dumps({"tasks": [{"name": "a", "rank": 0, "stream": "c", "duration_ms": 1.5}],
+                             "unit": "cycles"}))
+    assert main(["simulate", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {f}: unit: not a task-graph field (a task graph is {{\"tasks\": [...]}})\n", err
 
 
 def test_gantt_renders(tmp_path):

@@ -313,3 +313,28 @@ def test_seed_and_threads_are_checked_and_large_seeds_fold_into_the_solvers_rang
                            ({"threads": 0}, "threads must be in 1.."), ({"threads": MAX_THREADS + 1}, "threads must")):
         with pytest.raises(ValueError, match=needle):
             SolveParams(**kwargs)
+
+
+def test_ortools_sub_millisecond_limit_is_a_limit_not_none():
+    """SetTimeLimit(int(0.0004 * 1000)) set 0 ms, which OR-Tools reads as no limit: the hard instance ran to the
+    end (6.7 s) and came back optimal. The limit is at least 1 ms now."""
+    import time
+
+    a, d = _market_split(m=5, n=50, seed=5)
+    s, _ = _market_split_scip(a, d)
+    t0 = time.perf_counter()
+    out = solve_linear(s, SolveParams(time_limit=0.0004, threads=1))
+    assert out.status in ("feasible", "timeout"), out.status
+    assert time.perf_counter() - t0 < 5.0     # (it ran to the proof without a limit; 1 ms with one)
+
+
+def test_ortools_model_invalid_is_an_error_not_a_timeout():
+    """An infinite coefficient makes SCIP answer MODEL_INVALID within a millisecond; it was reported as 'timeout'."""
+    from ortools.linear_solver import pywraplp
+
+    s = pywraplp.Solver.CreateSolver("SCIP")
+    x = s.NumVar(0, 1, "x")
+    s.Add(float("inf") * x <= 1)
+    s.Maximize(x)
+    with pytest.raises(ValueError, match="the solver rejected the model"):
+        solve_linear(s, SolveParams(time_limit=1.0))

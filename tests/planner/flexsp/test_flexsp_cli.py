@@ -126,9 +126,21 @@ def test_show_refuses_an_sp_plan_that_loses_or_repeats_a_sequence(tmp_path, caps
     def same_number(d):  # simulate --step 1 drew step 0 (the first with that number)
         d["steps"][1]["step"] = d["steps"][0]["step"]
 
+    def infinite(d):  # simulated to "makespan inf" with exit 0
+        group(d, 0)["predicted_ms"] = float("inf")
+
     assert_show_refuses(good, [(repeat, "already runs in"), (wrong_length, "has length"),
                                (unordered, "is not an aligned power-of-two rank range"),
                                (same_number, "steps.1.step: 0 is also steps.0's number")])
+    bad = json.loads(json.dumps(good))
+    infinite(bad)
+    p = tmp_path / "infinite.json"
+    p.write_text(json.dumps(bad))
+    for cmd in (["show", str(p)], ["simulate", str(p), "--step", "0"]):
+        assert main(cmd) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {p}: steps.0.micro_batches.0.groups.0.predicted_ms: Input should be a finite "
+                              "number") and err.count("\n") == 1, err
 
 
 def test_simulate_picks_a_step_and_says_which(tmp_path, capsys):
