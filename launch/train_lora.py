@@ -209,27 +209,42 @@ def _resume_check(args: argparse.Namespace, cfg, world: int):
 
 def _make_plan(args, rank: int, world: int) -> str:
     """Plan JSON text made (or read) on rank 0 and broadcast to every rank."""
-    text = None
+    text, error = None, None
     if rank == 0:
         from adasched.planner.lorafusion.jobs import build_workload, load_jobs
         from adasched.planner.lorafusion.plan import LoRAPlan, build_plan
         from adasched.planner.plan import load_plan
         from adasched.profiler.profile import load_profile
 
-        if args.plan is not None:
-            plan = load_plan(args.plan, expect=LoRAPlan)
-        else:
-            cfg, base, label = load_jobs(args.jobs)
-            w = build_workload(cfg, base, where=label, label=label)
-            plan = build_plan(w, load_profile(args.profile), time_limit=args.time_limit, seed=args.seed)
-        text = plan.model_dump_json()
+        try:
+            if args.plan is not None:
+                plan = load_plan(args.plan, expect=LoRAPlan)
+            else:
+                cfg, base, label = load_jobs(args.jobs)
+                w = build_workload(cfg, base, where=label, label=label)
+                plan = build_plan(w, load_profile(args.profile), time_limit=args.time_limit, seed=args.seed)
+            text = plan.model_dump_json()
+        except (ValueError, OSError) as err:  # InputError is a ValueError
+            if world == 1:
+                raise
+            error = err
     if world > 1:
         import torch.distributed as dist
 
-        box = [text]
+        # the error goes to every rank too: rank 0 raising before the broadcast left the others with a
+        # "Connection closed by peer" traceback (and exit 1 under torchrun)
+        box = [text if error is None else ("error", str(error))]
         dist.broadcast_object_list(box, src=0)
+        if isinstance(box[0], tuple):
+            if error is not None:
+                raise error
+            raise _PeerFailed(box[0][1])
         text = box[0]
     return text
+
+
+class _PeerFailed(ValueError):
+    """Another rank (rank 0) failed on bad input and printed it; this rank exits 2 without printing it again."""
 
 
 def _kernel_path(reference: bool) -> str:
@@ -373,7 +388,7 @@ def run(args: argparse.Namespace) -> dict | None:
         summary = {"out": str(args.out), "world": world, "fused": fused, "kernels": kernels,
                    "microbatches": len(plan.microbatches), "start_step": start,
                    "losses": res.by_job(plan),
-                   "optimizer_steps": {plan.jobs[j].name: n for j, n in sorted(res.steps.items())}}
+                   "optimizer_steps": {job.name: res.steps.get(j, 0) for j, job in enumerate(plan.jobs)}}
         print(json.dumps(summary, indent=1))
         return summary
     finally:

@@ -578,5 +578,5 @@ def save_adapters(out_dir: str | Path, plan, adapters: Sequence[LoRAAdapter], st
     if result is not None:
         atomic_write_text(out / "losses.json", json.dumps(
             {"per_global_batch": result.by_job(plan), "microbatch": result.microbatch_losses,
-             "optimizer_steps": {plan.jobs[j].name: n for j, n in sorted(result.steps.items())}}, indent=1) + "\n")
+             "optimizer_steps": {job.name: result.steps.get(j, 0) for j, job in enumerate(plan.jobs)}}, indent=1) + "\n")
     return paths

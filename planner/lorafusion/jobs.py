@@ -145,9 +145,15 @@ class LognormalSpec(_Strict):
     max: int = Field(default=4096, ge=1, le=MAX_TOKENS)
 
 
+#: files the trainer writes beside the per-job folders OUT/<name>/ (a job named so trained, then failed to save)
+TRAINER_FILES = ("plan.json", "losses.json")
+
+
 def _not_a_folder_reference(v: str) -> str:
     if v in (".", ".."):  # the trainer saves the adapter under OUT/<name>/
         raise ValueError(f"{v!r} names a folder, not a job")
+    if v in TRAINER_FILES:
+        raise ValueError(f"{v!r} is the name of a file the trainer writes beside the adapters (OUT/{v})")
     return v
 
 

@@ -220,3 +220,22 @@ def test_verify_refuses_what_the_trainer_cannot_pack(what):
         seg = plan.microbatches[0].segments[0].model_copy(update={"samples": [], "tokens": 0, "padded_tokens": 0})
         plan.microbatches[0].segments.append(seg)
         assert any("holds no samples" in e for e in plan.verify()), plan.verify()
+
+
+def test_losses_json_lists_a_job_that_took_no_step(tmp_path):
+    """A job whose every global batch has no target took no step and was left out of optimizer_steps ({'ja': 2}),
+    while per_global_batch listed it: every job is listed, 0 steps included."""
+    plan = make_plan(0.0, 0.0)
+    lengths = list(plan.lengths)
+    for (j, _), ids in plan.batches().items():
+        if j == 1:
+            for s in ids:
+                lengths[s] = 1
+    plan = _with_lengths(plan, lengths)
+    model = TinyCausalLM(CFG)
+    ads = build_adapters(model, plan, seed=1, init_b="random")
+    res = train_plan(model, ads, plan, SyntheticLoRAData(CFG.vocab_size, seed=3), fused=False, seed=9)
+    save_adapters(tmp_path, plan, ads, result=res)
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    assert losses["optimizer_steps"] == {"ja": 2, "jb": 0}, losses["optimizer_steps"]
+    assert losses["per_global_batch"]["jb"] == [None, None]

@@ -119,6 +119,14 @@ def test_bad_duplicate_name(tmp_path, capsys):
     _bad(tmp_path, capsys, data, must=["job 'a'", "name", "used twice"])
 
 
+@pytest.mark.parametrize("name", ["plan.json", "losses.json"])
+def test_bad_job_named_like_a_trainer_file(tmp_path, capsys, name):
+    # the trainer writes OUT/plan.json and OUT/losses.json beside OUT/<job>/: such a job trained, then failed to save
+    data, _ = _jobs(tmp_path)
+    data["jobs"][1]["name"] = name
+    _bad(tmp_path, capsys, data, must=[f"job {name!r}: name: {name!r} is the name of a file the trainer writes"])
+
+
 def test_bad_more_stages_than_layers(tmp_path, capsys):
     # was planned with a quarter of a layer per stage
     data, _ = _jobs(tmp_path, stages=9)
