@@ -50,15 +50,17 @@ class SolverRecord(BaseModel):
     """What solved the plan and how honest its optimality claim is."""
 
     model_config = ConfigDict(extra="forbid")
-    backend: str = Field(description="e.g. 'pulp-cbc', 'ortools-cp-sat', 'heuristic'")
+    # (a plan with solve_seconds Infinity, time_limit -1 or NaN, threads -3 loaded and was shown as such)
+    backend: str = Field(min_length=1, description="e.g. 'pulp-cbc', 'ortools-cp-sat', 'heuristic'")
     status: SolverStatus
-    gap: float | None = Field(default=None, ge=0.0, description="relative MIP gap (objective - bound)/objective")
-    objective: float | None = None
-    bound: float | None = None
-    solve_seconds: float = Field(ge=0.0)
-    time_limit: float | None = Field(default=None, description="seconds")
-    seed: int | None = None
-    threads: int | None = None
+    gap: float | None = Field(default=None, ge=0.0, allow_inf_nan=False,
+                              description="relative MIP gap (objective - bound)/objective")
+    objective: float | None = Field(default=None, allow_inf_nan=False)
+    bound: float | None = Field(default=None, allow_inf_nan=False)
+    solve_seconds: float = Field(ge=0.0, allow_inf_nan=False)
+    time_limit: float | None = Field(default=None, gt=0.0, allow_inf_nan=False, description="seconds")
+    seed: int | None = Field(default=None, ge=0)
+    threads: int | None = Field(default=None, ge=1)
     note: str | None = None
 
 

@@ -143,6 +143,27 @@ def test_load_errors_are_one_line_naming_file_and_field(tmp_path, case, content,
     assert expect in _one_line(e.value, path)
 
 
+@pytest.mark.parametrize("field, value, expect", [
+    ("solve_seconds", float("inf"), "solver.solve_seconds: Input should be a finite number"),
+    ("time_limit", -1.0, "solver.time_limit: Input should be greater than 0"),
+    ("time_limit", float("nan"), "solver.time_limit: Input should be"),
+    ("threads", -3, "solver.threads: Input should be greater than or equal to 1"),
+    ("seed", -1, "solver.seed: Input should be greater than or equal to 0"),
+    ("objective", float("nan"), "solver.objective: Input should be a finite number"),
+    ("bound", float("inf"), "solver.bound: Input should be a finite number"),
+    ("backend", "", "solver.backend: String should have at least 1 character"),
+])
+def test_solver_record_fields_are_checked(tmp_path, field, value, expect):
+    """Hand-edited solver records loaded and were shown as such ("solve 'inf s'", "limit -1 s", "nan s")."""
+    d = json.loads(_toy().model_dump_json())
+    d["solver"][field] = value
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(InputError) as e:
+        load_plan(path, expect=ToyPlan)
+    assert expect in _one_line(e.value, path)
+
+
 def test_unknown_kind_without_expect(tmp_path):
     path = tmp_path / "p.json"
     path.write_text(json.dumps({"schema_version": 1, "kind": "warp"}))
