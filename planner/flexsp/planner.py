@@ -246,7 +246,7 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
     fits = lambda k: all(srt[a:b].sum() <= cap_n for a, b in split_microbatches(srt, k))  # noqa: E731
     if not fits(m_min):
         # the first M whose sorted runs fit, by bisection (the min-max split only shrinks as M grows): one split
-        # per M up to it took 101 splits, ~11 s, on 400 sequences that pair up to fill the GPUs exactly
+        # per M up to it took 101 splits on 400 sequences that pair up to fill the GPUs exactly
         lo, hi = m_min, n_seq                      # fits(n_seq): one sequence per micro-batch (check_fits)
         while hi - lo > 1:
             mid = (lo + hi) // 2
@@ -351,7 +351,7 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
     if cfg.structure_search:
         deadline = t_step_search + cfg.time_limit
         # the moves get --time-limit of their own: the searches above have usually spent `deadline` (a batch of ~200
-        # micro-batches spent 22 s in the moves at a 1 s limit; a bound at `deadline` skipped the fill: +0.2-0.7 %)
+        # micro-batches spent many times the limit in the moves; a bound at `deadline` skipped the fill)
         moves_until = time.perf_counter() + cfg.time_limit
         for key in sorted(per_m, key=lambda m: (per_m[m]["heur"], m)):
             info = per_m[key]

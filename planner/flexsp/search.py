@@ -204,7 +204,7 @@ def fill_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadli
     total0 = sum(mb.time_ms for mb in mbs)
     for a in sorted(range(len(cur)), key=lambda r: -cur[r].time_ms):
         if move_deadline is not None and time.perf_counter() >= move_deadline:
-            break  # (its receiver x donor pairs took 22 s past a 1 s limit with ~200 micro-batches)
+            break  # (its receiver x donor pairs, quadratic in the micro-batches, had no bound)
         rec = cur[a]
         if not rec.groups:
             continue

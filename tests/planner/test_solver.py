@@ -316,16 +316,12 @@ def test_seed_and_threads_are_checked_and_large_seeds_fold_into_the_solvers_rang
 
 
 def test_ortools_sub_millisecond_limit_is_a_limit_not_none():
-    """SetTimeLimit(int(0.0004 * 1000)) set 0 ms, which OR-Tools reads as no limit: the hard instance ran to the
-    end (6.7 s) and came back optimal. The limit is at least 1 ms now."""
-    import time
-
+    """SetTimeLimit(int(0.0004 * 1000)) set 0 ms, which OR-Tools reads as no limit: a hard instance ran to the end
+    and came back optimal. The limit is at least 1 ms now (a status check, not a timing one)."""
     a, d = _market_split(m=5, n=50, seed=5)
     s, _ = _market_split_scip(a, d)
-    t0 = time.perf_counter()
     out = solve_linear(s, SolveParams(time_limit=0.0004, threads=1))
-    assert out.status in ("feasible", "timeout"), out.status
-    assert time.perf_counter() - t0 < 5.0     # (it ran to the proof without a limit; 1 ms with one)
+    assert out.status in ("feasible", "timeout"), out.status   # (without a limit it ran to the proof: 'optimal')
 
 
 def test_ortools_model_invalid_is_an_error_not_a_timeout():
