@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
 import os
 from datetime import datetime, timezone
 from typing import Annotated, Any, ClassVar, Literal
@@ -44,6 +45,11 @@ PLAN_KINDS: dict[str, str] = {
     "lora": "adasched.planner.lorafusion.plan:LoRAPlan",
     "twill": "adasched.planner.twill.plan:TwillPlan",
 }
+
+
+OPTIMAL_GAP_TOL = 1e-4
+"""The largest relative gap a plan whose solver status is "optimal" may record (the solvers run at a MIP gap of
+1e-6 by default: SolveParams.mip_gap)."""
 
 
 class SolverRecord(BaseModel):
@@ -123,12 +129,30 @@ class Plan(BaseModel):
     def verify(self) -> list[str]:
         """Rules the plan's content must satisfy beyond its field types (what the planner's own verifier checked
         when it wrote the plan), one message per violation; ``load_plan`` refuses a plan with any. Subclasses
-        override; the base has none."""
-        return []
+        extend it (``errors = super().verify()``); the base checks the solver record's claim: a status
+        "optimal" with a gap (given, or between objective and bound) above ``OPTIMAL_GAP_TOL`` is refused - an
+        optimal solve closes its gap, and one that did not is "feasible"."""
+        s = self.solver
+        errors: list[str] = []
+        if s.status == "optimal":
+            for what, gap in (("gap", s.gap), ("objective/bound", relative_gap(s.objective, s.bound))):
+                if gap is not None and gap > OPTIMAL_GAP_TOL:
+                    errors.append(f"solver.{what}: a relative gap of {gap:.3g} with status 'optimal' (an optimal "
+                                  f"solve closes its gap to {OPTIMAL_GAP_TOL:g}; one that did not is 'feasible')")
+                    break
+        return errors
 
     def gantt_tasks(self) -> list:
         """Scheduled tasks (adasched.planner.simulator.ScheduledTask) to draw; subclasses override."""
         return []
+
+
+def relative_gap(objective: float | None, bound: float | None) -> float | None:
+    """|objective - bound| / |objective| (None when either is missing or not finite)."""
+    if objective is None or bound is None or not (math.isfinite(objective) and math.isfinite(bound)):
+        return None
+    denom = max(abs(objective), 1e-9)
+    return max(0.0, abs(objective - bound) / denom)
 
 
 def inputs_digest(*parts: Any) -> str:

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal, Mapping
 
-from .plan import SolverRecord
+from .plan import SolverRecord, relative_gap
 
 __all__ = ["SolveParams", "SolveOutcome", "solve_pulp", "solve_linear", "solve_cpsat", "heuristic_outcome", "best_of", "relative_gap"]
 
@@ -95,13 +95,6 @@ class SolveOutcome:
             threads=self.params.threads,
             note=self.note,
         )
-
-
-def relative_gap(objective: float | None, bound: float | None) -> float | None:
-    if objective is None or bound is None or not (math.isfinite(objective) and math.isfinite(bound)):
-        return None
-    denom = max(abs(objective), 1e-9)
-    return max(0.0, abs(objective - bound) / denom)
 
 
 # ---- Ctrl-C ----------------------------------------------------------------------------------------

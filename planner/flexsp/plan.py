@@ -2,6 +2,7 @@
 each with its ranks and the sequences it runs. The runtime reads this through the model only."""
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -143,7 +144,7 @@ class SPPlan(Plan):
         of the global batch in exactly one group with the step's length for it."""
         if not self.steps:
             return ["steps: the plan has no steps"]
-        errors: list[str] = []
+        errors = super().verify()
         for si, st in enumerate(self.steps):
             n = len(st.seqlens)
             seen: dict[int, str] = {}
@@ -173,6 +174,33 @@ class SPPlan(Plan):
             if st.step in first:
                 errors.append(f"steps.{si}.step: {st.step} is also steps.{first[st.step]}'s number")
             first.setdefault(st.step, si)
+        return errors + self._time_errors()
+
+    def _time_errors(self) -> list[str]:
+        """The predicted times add up as the planner computed them (each rounded to 1e-6 ms): a micro-batch takes
+        its slowest group, a step the sum of its micro-batches, the plan (and each baseline) the sum of its
+        steps. A hand-edited time showed in `show` and the trainers' reports as the plan's own."""
+        errors: list[str] = []
+
+        def off(value: float, total: float, terms: int) -> bool:
+            return not math.isclose(value, total, rel_tol=1e-9, abs_tol=1e-6 * (terms + 1))
+
+        for si, st in enumerate(self.steps):
+            for mi, mb in enumerate(st.micro_batches):
+                slowest = max((g.predicted_ms for g in mb.groups), default=0.0)
+                if off(mb.predicted_ms, slowest, 1):
+                    errors.append(f"steps.{si}.micro_batches.{mi}.predicted_ms: {mb.predicted_ms} ms, its slowest "
+                                  f"group takes {slowest} ms")
+            total = sum(mb.predicted_ms for mb in st.micro_batches)
+            if off(st.predicted_ms, total, len(st.micro_batches)):
+                errors.append(f"steps.{si}.predicted_ms: {st.predicted_ms} ms, its micro-batches add up to {total} ms")
+        total = sum(st.predicted_ms for st in self.steps)
+        if off(self.predicted_ms, total, len(self.steps)):
+            errors.append(f"predicted_ms: {self.predicted_ms} ms, the steps add up to {total} ms")
+        for name, ms in self.baselines_ms.items():
+            total = sum(st.baselines_ms.get(name, math.inf) for st in self.steps)
+            if off(ms, total, len(self.steps)):
+                errors.append(f"baselines_ms.{name}: {ms} ms, the steps' {name} add up to {total} ms")
         return errors
 
     # ---- presentation -----------------------------------------------------------------------------

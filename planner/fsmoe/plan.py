@@ -173,7 +173,7 @@ class MoEPlan(Plan):
         gradient slice per layer; a layout that holds together (two-step: whole experts, an exchange node size
         dividing ep_size; flat: no exchange node size; expert_copies = gpus / ep_size, or / (ep_size * node size)
         for expert sharding)."""
-        errors: list[str] = []
+        errors = super().verify()
         for c in self.configs:
             at = f"config {c.name!r}"
             if c.ep_size < 1 or self.gpus % c.ep_size:
@@ -225,6 +225,11 @@ class MoEPlan(Plan):
             if len(c.grad_slices) != len(c.layers) or any(v < 0 for v in c.grad_slices):
                 errors.append(f"{at}: {len(c.grad_slices)} gradient slices (need one >= 0 per layer, "
                               f"{len(c.layers)})")
+        for name, value, total in [("predicted_ms", self.predicted_ms, sum(c.fwd_bwd_ms for c in self.configs))] + [
+                (f"baselines_ms.{b}", ms, sum(c.baselines_fwd_bwd_ms.get(b, math.nan) for c in self.configs))
+                for b, ms in self.baselines_ms.items()]:
+            if not math.isclose(value, total, rel_tol=1e-9, abs_tol=1e-9):
+                errors.append(f"{name}: {value} ms is not the sum over the configurations ({total} ms)")
         return errors
 
     def summary_rows(self) -> list[tuple[str, str]]:

@@ -174,7 +174,7 @@ class LoRAPlan(Plan):
         """Every sample of every (job, global batch) in exactly one segment of its job and global batch, segment
         and microbatch token counts that match ``lengths``, each microbatch within ``capacity``, one segment per
         job per microbatch, the dependency rule for ``stages``, and a summary that says so."""
-        errors: list[str] = []
+        errors = super().verify()
         if self.stages > self.layers:  # (the jobs file's rule: every stage holds at least one layer)
             errors.append(f"stages: {self.stages} pipeline stages but layers {self.layers}")
         names = [j.name for j in self.jobs]
@@ -225,6 +225,12 @@ class LoRAPlan(Plan):
         if (self.summary.samples_missing, self.summary.samples_duplicated) != (len(ver.missing), len(ver.duplicated)):
             errors.append(f"summary: samples missing/duplicated {self.summary.samples_missing}/"
                           f"{self.summary.samples_duplicated}, found {len(ver.missing)}/{len(ver.duplicated)}")
+        if not errors:  # the predicted time is the simulated 1F1B makespan of this sequence (rounded to 1e-4 ms)
+            ms = sequence_ms(self.sequence(), self.lengths, StageCost(**self.stage_cost), self.stages)[0]
+            for name, value in (("predicted_ms", self.predicted_ms), ("summary.makespan_ms", self.summary.makespan_ms)):
+                if not math.isclose(value, ms, rel_tol=1e-9, abs_tol=1e-3):
+                    errors.append(f"{name}: {value} ms, the microbatches simulate to {round(ms, 4)} ms with the "
+                                  f"plan's stage_cost and {self.stages} stages")
         return errors
 
     def simulate(self):
@@ -366,14 +372,17 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
         backend="ffd+pulp-cbc" if use_milp else "ffd",
         status=worst,
         objective=float(sum(r.bins for r in records)),
-        bound=float(sum(r.lower_bound for r in records)),
+        # a problem whose bin count was proved minimal is bounded by that count, not by its simple lower bound
+        # (else an all-optimal plan recorded objective 106, bound 104 under status "optimal")
+        bound=float(sum(r.bins if r.status == "optimal" else r.lower_bound for r in records)),
         solve_seconds=round(sum(solve_times), 6),
         time_limit=time_limit if use_milp else None,  # first-fit decreasing takes none
         seed=seed,
         threads=1,
         note=(f"{len(records)} (global batch, group) problems: {n_status['optimal']} bin count proved minimal, "
               f"{n_status['feasible']} MILP stopped by its time limit, {n_status['heuristic']} FFD kept unproved; "
-              f"objective = total bins, bound = sum of per-problem lower bounds; MILP 2 (smallest last bin) "
+              f"objective = total bins, bound = sum of per-problem bounds (the bin count where proved minimal, "
+              f"else the volume/adapter lower bound); MILP 2 (smallest last bin) "
               f"proved optimal in {n2_opt} of {n2_run} runs"
               + (", the rest stopped by the time limit" if n2_run > n2_opt else "")
               + (f"; {n_skip} MILPs not started: too large for their budget (samples x bins > "

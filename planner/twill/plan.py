@@ -95,7 +95,7 @@ class TwillPlan(Plan):
         ``load_plan`` on every plan it reads."""
         from .validator import validate
 
-        errors: list[str] = []
+        errors = super().verify()
         if self.ii < self.mii:
             errors.append(f"ii {self.ii} is below the plan's MII {self.mii}")
         if self.mii < max(self.res_mii, self.rec_mii, self.excl_mii):
@@ -138,6 +138,8 @@ class TwillPlan(Plan):
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             errors.append(f"graph / machine: not a graph and machine the validator can read ({type(err).__name__}: "
                           f"{err})")
+        if not math.isclose(self.predicted_ms, self.ii * self.cycle_ns * 1e-6, rel_tol=1e-9, abs_tol=1e-12):
+            errors.append(f"predicted_ms {self.predicted_ms} is not I x cycle_ns ({self.ii} x {self.cycle_ns} ns)")
         return errors
 
     # ---- presentation ----------------------------------------------------------------------------------

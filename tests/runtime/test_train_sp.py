@@ -28,7 +28,7 @@ def _plan(world=4, groups_step0=None):
         [_group([0, 1], [4], lens0), _group([2], [1, 3], lens0), _group([3], [2, 5], lens0)],  # 2 + 1 + 1
     ]
     steps = [
-        SPStep(step=0, seqlens=lens0, predicted_ms=2.0,
+        SPStep(step=0, seqlens=lens0, predicted_ms=float(len(mbs0)),
                micro_batches=[SPMicroBatch(groups=g, predicted_ms=1.0) for g in mbs0]),
         SPStep(step=1, seqlens=lens1, predicted_ms=2.0, micro_batches=[
             SPMicroBatch(groups=[_group([0, 1], [0], lens1), _group([2, 3], [1, 2], lens1)], predicted_ms=1.0),
@@ -37,7 +37,7 @@ def _plan(world=4, groups_step0=None):
     ]
     return SPPlan(world_size=world, model="tiny-gpt", inputs_digest="test",
                   solver=SolverRecord(backend="hand", status="heuristic", solve_seconds=0.0),
-                  predicted_ms=4.0, steps=steps)
+                  predicted_ms=len(mbs0) + 2.0, steps=steps)
 
 
 def _env():

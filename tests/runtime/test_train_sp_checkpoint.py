@@ -47,13 +47,13 @@ def _plan2() -> SPPlan:
     """2 ranks; the SP degree changes between steps (2 + idle rank -> 1 + 1)."""
     l0, l1 = [13, 4, 9], [7, 3, 10, 5]
     steps = [
-        SPStep(step=0, seqlens=l0, predicted_ms=1.0, micro_batches=[
+        SPStep(step=0, seqlens=l0, predicted_ms=2.0, micro_batches=[
             SPMicroBatch(groups=[_group([0, 1], [0, 1], l0)], predicted_ms=1.0),
             SPMicroBatch(groups=[_group([1], [2], l0)], predicted_ms=1.0)]),
         SPStep(step=1, seqlens=l1, predicted_ms=1.0, micro_batches=[
             SPMicroBatch(groups=[_group([0], [0, 3], l1), _group([1], [1, 2], l1)], predicted_ms=1.0)]),
     ]
-    return SPPlan(world_size=2, model="tiny-gpt", inputs_digest="test", predicted_ms=2.0, steps=steps,
+    return SPPlan(world_size=2, model="tiny-gpt", inputs_digest="test", predicted_ms=3.0, steps=steps,
                   solver=SolverRecord(backend="hand", status="heuristic", solve_seconds=0.0))
 
 
@@ -333,11 +333,11 @@ def _plan2_on_4() -> SPPlan:
     steps = [
         SPStep(step=0, seqlens=l0, predicted_ms=1.0, micro_batches=[SPMicroBatch(groups=[
             _group([0, 1], [0], l0), _group([2], [1], l0), _group([3], [2], l0)], predicted_ms=1.0)]),
-        SPStep(step=1, seqlens=l1, predicted_ms=1.0, micro_batches=[
+        SPStep(step=1, seqlens=l1, predicted_ms=2.0, micro_batches=[
             SPMicroBatch(groups=[_group([0, 1], [2], l1), _group([2, 3], [0], l1)], predicted_ms=1.0),
             SPMicroBatch(groups=[_group([0], [1], l1), _group([3], [3], l1)], predicted_ms=1.0)]),
     ]
-    return SPPlan(world_size=4, model="tiny-gpt", inputs_digest="test", predicted_ms=2.0, steps=steps,
+    return SPPlan(world_size=4, model="tiny-gpt", inputs_digest="test", predicted_ms=3.0, steps=steps,
                   solver=SolverRecord(backend="hand", status="heuristic", solve_seconds=0.0))
 
 

@@ -41,14 +41,14 @@ def _group(ranks, ids, lens):
 def test_float64_check_reference_two_ranks_degree_changes(tmp_path, monkeypatch, capfd):
     l0, l1 = [13, 4, 9], [7, 3, 10, 5]
     steps = [
-        SPStep(step=0, seqlens=l0, predicted_ms=1.0, micro_batches=[
+        SPStep(step=0, seqlens=l0, predicted_ms=2.0, micro_batches=[
             SPMicroBatch(groups=[_group([0, 1], [0, 1], l0)], predicted_ms=1.0),   # degree 2, 17 tokens: 9 / 8
             SPMicroBatch(groups=[_group([1], [2], l0)], predicted_ms=1.0)]),       # rank 0 idle
         SPStep(step=1, seqlens=l1, predicted_ms=1.0, micro_batches=[
             SPMicroBatch(groups=[_group([0], [0, 3], l1), _group([1], [1, 2], l1)], predicted_ms=1.0)]),  # 1 + 1
     ]
     plan = tmp_path / "plan.json"
-    save_plan(SPPlan(world_size=2, model="tiny-gpt", inputs_digest="test", predicted_ms=2.0, steps=steps,
+    save_plan(SPPlan(world_size=2, model="tiny-gpt", inputs_digest="test", predicted_ms=3.0, steps=steps,
                      solver=SolverRecord(backend="hand", status="heuristic", solve_seconds=0.0)), plan)
     monkeypatch.chdir(tmp_path)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
