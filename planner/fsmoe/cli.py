@@ -162,10 +162,14 @@ def register(groups) -> None:
 _COLS = ["config", "EP", "r_fwd", "r_bwd", "wgrad", "fwd ms", "bwd ms", "no-pipe x", "r=2 x", "AR exposed ms", "slices"]
 
 
+def _ratio(base: float, plan: float) -> float:
+    return base / plan if plan > 0 else float("nan")
+
+
 def _row(c):
     l0 = c.layers[0]
     return (c.name, c.ep_size, l0.r_fwd, l0.r_bwd, l0.wgrad_bwd, l0.fwd_ms, l0.bwd_ms,
-            c.baselines_fwd_bwd_ms["no-pipeline"] / c.fwd_bwd_ms, c.baselines_fwd_bwd_ms["fixed-r2"] / c.fwd_bwd_ms,
+            _ratio(c.baselines_fwd_bwd_ms["no-pipeline"], c.fwd_bwd_ms), _ratio(c.baselines_fwd_bwd_ms["fixed-r2"], c.fwd_bwd_ms),
             c.grad_exposed_ms, c.slice_solver_status)
 
 

@@ -74,9 +74,11 @@ class MoEConfig(BaseModel):
     hidden: int = Field(gt=0, le=MAX_MOE_SIZE, description="M, model hidden size")
     ffn_hidden: int = Field(gt=0, le=MAX_MOE_SIZE, description="H, expert FFN hidden size")
     experts: int = Field(gt=0, le=MAX_MOE_EXPERTS, description="E")
-    top_k: float = Field(gt=0, allow_inf_nan=False,
+    # floors well above 0: top_k 1e-200 x capacity 1e-200 underflowed to a layer of 0 ms, and the plan's ratios
+    # divided by it (a traceback after the plan was written)
+    top_k: float = Field(ge=1e-3, allow_inf_nan=False,
                          description="k; a float for dynamic routing = expected experts per token")
-    capacity_factor: float = Field(default=1.0, gt=0, le=MAX_CAPACITY_FACTOR, allow_inf_nan=False,
+    capacity_factor: float = Field(default=1.0, ge=1e-3, le=MAX_CAPACITY_FACTOR, allow_inf_nan=False,
                                    description="1.0 with dropless routing")
     batch: int = Field(gt=0, le=MAX_MOE_SIZE, description="B, sequences per GPU")
     seq_len: int = Field(gt=0, le=MAX_MOE_SEQ_LEN, description="L, tokens per sequence")
@@ -205,11 +207,11 @@ def topology(cfg: MoEConfig, gpus: int, gpus_per_node: int, ep_size: int | None 
         if cfg.experts % gpus:
             raise InputError("--gpus", f"{cfg.name}: {cfg.experts} experts do not divide evenly over {gpus} GPUs")
         return Topology(gpus, gpn, gpus, hierarchical=False)
+    # EP over nodes: the largest EP size dividing both the experts and the nodes (min(experts, nodes) gave EP 6
+    # for 6 experts on 8 nodes - a plan that failed its own verification - and refused 12 experts on 8 nodes)
     nodes = gpus // gpn
-    ep = min(cfg.experts, nodes) if nodes > 1 else 1
-    if ep > 1 and cfg.experts % ep:
-        raise InputError("--gpus", f"{cfg.name}: {cfg.experts} experts do not divide evenly over EP size {ep}")
-    return Topology(gpus, gpn, max(ep, 1), hierarchical=True)
+    ep = math.gcd(cfg.experts, nodes) if nodes > 1 else 1
+    return Topology(gpus, gpn, ep, hierarchical=True)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ the same, ``runtime.moe.ep``); the baselines compute it before the dispatch (aut
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -231,11 +232,19 @@ def _exposed(slices, produced, alpha, beta) -> float:
     return alpha + beta * left if left > 1e-9 else 0.0
 
 
+def _slice_cap(gap: float, alpha: float, beta: float) -> float:
+    """Elements one slice can all-reduce in a gap of ``gap`` ms (alpha + beta x <= gap); a free link (beta 0)
+    takes any amount."""
+    if gap <= alpha:
+        return 0.0
+    return (gap - alpha) / beta if beta > 0 else math.inf
+
+
 def _clip_slices(xs, gaps_ms, produced, alpha, beta) -> list[float]:
     """``xs`` made feasible: each slice within its gap (alpha + beta x <= G, else 0) and the prefix rule."""
     out, taken = [], 0.0
     for i, (x, g) in enumerate(zip(xs, gaps_ms)):
-        cap = (g - alpha) / beta if g > alpha else 0.0
+        cap = _slice_cap(g, alpha, beta)
         x = max(0.0, min(x, cap, sum(produced[:i]) - taken))
         out.append(x)
         taken += x
@@ -251,7 +260,7 @@ def greedy_slices(gaps_ms: list[float], produced: list[float], alpha: float, bet
     taken = 0.0
     for i, g in enumerate(gaps_ms):
         avail = sum(produced[:i]) - taken
-        cap = (g - alpha) / beta if g > alpha else 0.0
+        cap = _slice_cap(g, alpha, beta)
         x = max(0.0, min(avail, cap))
         out.append(x)
         taken += x
@@ -273,12 +282,13 @@ def solve_slices(gaps_ms: list[float], produced: list[float], alpha: float, beta
     if len(produced) != n:
         raise ValueError("gaps_ms and produced must have one entry per layer")
     t0 = time.perf_counter()
+    total = float(sum(produced))
+    if n == 0 or total <= 0:  # nothing to all-reduce (no replicated parameters, or one GPU): nothing exposed
+        return GradSliceResult([0.0] * n, 0.0, SolveOutcome("exact", "optimal", 0.0, 0.0, time.perf_counter() - t0,
+                                                            params, note="no gradients to all-reduce"))
     greedy = greedy_slices(gaps_ms, produced, alpha, beta)
     heur = heuristic_outcome(sum(greedy), time.perf_counter() - t0, params, note="greedy fill")
     heur.values = {f"x_{i}": v for i, v in enumerate(greedy)}
-    total = float(sum(produced))
-    if n == 0 or total <= 0:
-        return GradSliceResult([0.0] * n, 0.0, heur)
     scale = 1.0 / total  # solve in units of the total (x_i <= 1) to keep CBC well conditioned
     prob = pulp.LpProblem("grad_slices", pulp.LpMaximize)
     x = [pulp.LpVariable(f"x_{i}", lowBound=0, upBound=1.0) for i in range(n)]

@@ -233,12 +233,15 @@ class MoEPlan(Plan):
         return errors
 
     def summary_rows(self) -> list[tuple[str, str]]:
-        rows = super().summary_rows()
+        rows = [("predicted (one MoE layer's fwd+bwd, summed over the configurations)", v) if k == "predicted" else (k, v)
+                for k, v in super().summary_rows()]
         for c in self.configs:
             l0 = c.layers[0]
             nb = c.baselines_fwd_bwd_ms
+            ratio = {k: f"{v / c.fwd_bwd_ms:.2f}x" if c.fwd_bwd_ms > 0 else "n/a" for k, v in nb.items()}
             rows.append((c.name, f"r_fwd={l0.r_fwd} r_bwd={l0.r_bwd} wgrad={l0.wgrad_bwd} layer fwd+bwd {c.fwd_bwd_ms:.2f} ms; "
-                                 f"no-pipeline {nb['no-pipeline'] / c.fwd_bwd_ms:.2f}x, fixed-r2 {nb['fixed-r2'] / c.fwd_bwd_ms:.2f}x slower"))
+                                 f"no-pipeline {ratio['no-pipeline']}, fixed-r2 {ratio['fixed-r2']} slower; iteration "
+                                 f"({len(c.layers)} layers, gradient all-reduces) {c.iteration_ms:.2f} ms"))
             rows.append((f"{c.name} layout", layout_text(c)))
         return rows
 
@@ -329,7 +332,7 @@ class MoEPlan(Plan):
                                      f"(--expert-shards); FSMoE's sharded layout comes from adasched plan moe --gpus "
                                      f"{world if world is not None else 'WORLD'} (no --ep-size) with a node size of "
                                      f"{expert_shards} (min(the profile's GPUs per node, --gpus)) and fewer experts "
-                                     f"than GPUs, with EP size min(experts, nodes) (the run's --ep-size must equal it)")
+                                     f"than GPUs, with EP size gcd(experts, nodes) (the run's --ep-size must equal it)")
         if c.ep_size != ep_size or (world is not None and world != self.gpus):
             run = f"{world} ranks with EP size {ep_size}" if world is not None else f"EP size {ep_size}"
             raise InputError("plan", f"configuration {c.name!r} was planned for {self.gpus} GPUs with EP size "

@@ -1,0 +1,70 @@
+"""FSMoE planner fixes from a bug hunt (each failed before):
+- the default expert-sharded layout's EP size divides the nodes: 6 experts on 8 nodes planned EP 6 (a plan that
+  failed its own verification in `show`), 12 experts on 8 nodes were refused;
+- a model of MoE layers only (dense_params_per_layer 0) divided by zero in the gradient-slice fill;
+- one GPU (no data parallelism) was charged a dense all-reduce from the 64-rank fit;
+- a top_k / capacity_factor so small the layer took 0 ms crashed the table after the plan was written."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from adasched.planner.fsmoe.costmodel import MoEConfig, topology
+from adasched.planner.fsmoe.planning import plan_config, plan_moe
+from adasched.planner.fsmoe.presets import load_configs
+from adasched.planner.plan import load_plan, save_plan
+from adasched.planner.solver import SolveParams
+from adasched.profiler.profile import load_profile
+
+PARAMS = SolveParams(time_limit=5.0)
+BASE = dict(hidden=256, ffn_hidden=512, top_k=2, batch=2, seq_len=256)
+
+
+@pytest.mark.parametrize("experts, gpus, ep", [(6, 64, 2), (3, 64, 1), (5, 64, 1), (12, 64, 4), (4, 64, 4),
+                                               (8, 64, 8), (6, 32, 2)])
+def test_default_sharded_layout_ep_divides_experts_and_nodes(experts, gpus, ep, tmp_path):
+    cfg = MoEConfig(name=f"e{experts}", experts=experts, **BASE)
+    topo = topology(cfg, gpus, 8)
+    assert (topo.ep_size, topo.hierarchical) == (ep, True)
+    assert (gpus // 8) % topo.ep_size == 0 and experts % topo.ep_size == 0
+    plan = plan_moe([cfg], gpus, load_profile("h100-sxm"), stages="published", params=PARAMS)
+    assert plan.configs[0].expert_copies == gpus // (ep * 8)
+    save_plan(plan, tmp_path / "p.json")
+    assert load_plan(tmp_path / "p.json").configs[0].ep_size == ep  # verifies on load
+
+
+@pytest.mark.parametrize("stages", ["profile", "published"])
+def test_moe_layers_only_plan_nothing_to_all_reduce(stages):
+    cfg = MoEConfig(name="moe-only", hidden=4096, ffn_hidden=14336, experts=8, top_k=2, capacity_factor=1.2, batch=4,
+                    seq_len=1024, activation="swiglu", num_layers=4, dense_params_per_layer=0)
+    c = plan_config(cfg, 64, load_profile("h100-sxm"), stages=stages, params=PARAMS)
+    assert c.grad_slices == [0.0] * 4 and c.grad_exposed_ms == 0.0 and c.grad_exposed_at_end_ms == 0.0
+    assert c.slice_solver_status == "optimal"
+    moe = sum(lp.fwd_ms + lp.bwd_ms for lp in c.layers)
+    # nothing but the layers, their dense blocks and the expert gradients' exposed all-reduce: no alpha charged
+    assert c.iteration_ms >= moe
+    for name, it in c.iteration_baselines_ms.items():  # the baselines' all-reduce after the backward: 0 ms too
+        assert it >= c.iteration_ms - 1e-6, name
+
+
+def test_one_gpu_has_no_dense_all_reduce():
+    (cfg,) = load_configs("mixtral-8x7b", 1)[:1]
+    c = plan_config(cfg, 1, load_profile("h100-sxm"), stages="published", params=PARAMS)
+    assert c.grad_exposed_ms == 0.0 and c.grad_exposed_at_end_ms == 0.0 and c.expert_grad_allreduce_ms == 0.0
+    layers = sum(lp.fwd_ms + lp.bwd_ms for lp in c.layers)
+    assert layers <= c.iteration_ms < layers * 1.5   # (was 7.7 s with 7.2 s of all-reduce on ~0.5 s of layers)
+
+
+def test_tiny_top_k_is_refused_in_one_line(tmp_path):
+    cfg = tmp_path / "t2.json"
+    cfg.write_text(json.dumps({"name": "t2", "hidden": 64, "ffn_hidden": 64, "experts": 4, "top_k": 1e-200,
+                               "capacity_factor": 1e-200, "batch": 1, "seq_len": 16}))
+    out = tmp_path / "plan.json"
+    r = subprocess.run([sys.executable, "-m", "adasched.planner", "plan", "moe", "--config", str(cfg), "--gpus", "4",
+                        "--stages", "published", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: ") and "top_k" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not out.exists()
