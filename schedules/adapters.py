@@ -38,9 +38,12 @@ class ScheduleLambda:
                 name == "refined" and self.num_warmup_steps == self.num_training_steps):
             raise ValueError(f"num_warmup_steps: must be {'<' if name == 'refined' else '<='} num_training_steps="
                              f"{self.num_training_steps}, got {self.num_warmup_steps}")
-        if not isinstance(min_lr_ratio, numbers.Real) or not 0 <= min_lr_ratio <= 1:
+        if (isinstance(min_lr_ratio, bool) or not isinstance(min_lr_ratio, numbers.Real)
+                or not 0 <= min_lr_ratio <= 1):  # (True read as 1.0; REX refuses it)
             raise ValueError(f"min_lr_ratio: must be in [0, 1], got {min_lr_ratio!r}")
         self.min_lr_ratio = float(min_lr_ratio)
+        if phi is not None and name != "uba":  # (silently ignored before; get_schedule refuses it)
+            raise ValueError(f"phi: only the uba schedule takes phi, not {name!r}")
         self.phi = None if phi is None else _check_phi(phi)
         if name == "refined":
             if decay_table is None or len(decay_table) != self.num_training_steps - self.num_warmup_steps + 1:

@@ -63,6 +63,12 @@ def capacity_schedule(name: str, num_layers: int, budget: int, lo: int, hi: int,
     ``lo``/``hi``: inclusive per-layer bounds; ``strength``: fraction of the widest spread the bounds allow;
     ``waves``: periods of the ``wave`` schedule over depth.
     """
+    # (NaN and inf passed the comparisons: a wrong 'budget could not be distributed', a math domain error; a
+    # string strength raised a TypeError)
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength: {strength!r} must be a number in [0, 1]")
+    if isinstance(waves, bool) or not isinstance(waves, numbers.Real) or not (math.isfinite(waves) and waves > 0):
+        raise ValueError(f"waves: {waves!r} must be a finite number > 0")
     f = schedule_shape(name, num_layers, waves)
     L = int(num_layers)
     for label, v in (("budget", budget), ("lo", lo), ("hi", hi)):
@@ -74,10 +80,6 @@ def capacity_schedule(name: str, num_layers: int, budget: int, lo: int, hi: int,
     if not (L * lo <= budget <= L * hi):
         raise ValueError(f"budget: {budget} cannot be met by {L} layers within bounds (lo={lo}, hi={hi}): "
                          f"feasible totals are {L * lo}..{L * hi}")
-    if not (0.0 <= strength <= 1.0):
-        raise ValueError(f"strength: {strength} must be in [0, 1]")
-    if waves <= 0:
-        raise ValueError(f"waves: {waves} must be > 0")
     m = budget / L
     fbar = sum(f) / L
     d = [x - fbar for x in f]

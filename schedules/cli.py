@@ -95,7 +95,7 @@ def register(groups) -> None:
         from adasched.planner.ui import emit_json, print_table
         from adasched.profiler.io import InputError, check_output_path
 
-        from .plots import DEFAULT_SPECS, curve_rows, plot_curves, schedule_curve
+        from .plots import DEFAULT_SPECS, curve_rows, is_file_spec, plot_curves, schedule_curve
 
         check_output_path(out, "--out", figure=True)
         if norm is not None and norm not in ("l2", "l1"):
@@ -103,7 +103,8 @@ def register(groups) -> None:
         if smoothing is not None and not 0 <= smoothing < 1:  # NaN too
             raise InputError("--smoothing", f"must be a fraction in [0, 1), got {smoothing}")
         specs = list(schedules) if schedules else list(DEFAULT_SPECS)
-        has_file = any(s.lower().endswith((".csv", ".json")) for s in specs)
+        is_file = [is_file_spec(s) for s in specs]  # (a path without .csv/.json was a file to the plot, a name here)
+        has_file = any(is_file)
         if not has_file and (norm is not None or smoothing is not None):  # was silently ignored
             raise InputError("--norm" if norm is not None else "--smoothing",
                              "applies to a norms .csv or refined .json schedule, and none is given")
@@ -113,7 +114,6 @@ def register(groups) -> None:
         if warmup < 0 or (n is not None and warmup > n):
             raise InputError("--warmup", f"must be in [0, steps] = [0, {n}], got {warmup}" if n is not None
                              else f"must be >= 0, got {warmup}")
-        is_file = [s.lower().endswith((".csv", ".json")) for s in specs]
         curves: list = [None] * len(specs)
         for i in sorted(range(len(specs)), key=lambda i: not is_file[i]):  # files first: they set the length
             try:
@@ -125,6 +125,11 @@ def register(groups) -> None:
             if n is None:
                 n = len(m) - 1
             curves[i] = (label, m)
+        seen: dict[str, int] = {}
+        for i, (label, m) in enumerate(curves):  # two files of one name: the JSON kept one curve per label
+            seen[label] = seen.get(label, 0) + 1
+            if seen[label] > 1:
+                curves[i] = (f"{label} #{seen[label]}", m)
         plot_curves(curves, out, title=f"{n} steps, warmup {warmup}")
         if as_json:
             emit_json({"out": str(out), "curves": {lab: m.tolist() for lab, m in curves}})

@@ -18,6 +18,12 @@ Conventions shared by every schedule here (``step`` = the scheduler's ``last_epo
   so ``ChainedScheduler([ours, ExponentialLR(g)])`` gives ``ours(t) * g**t``. It never divides by a multiplier
   that may be 0: when our last value was 0 (warmup start, end of decay) the external factor cannot be observed
   and the previous one is kept. Alone, the factor is exactly 1.0 and both forms give identical floats.
+  With warmup (our value 0 at step 0) in a ``ChainedScheduler``, a factor another scheduler applies in that step
+  multiplies 0 and is lost to every chainable scheduler, ours and torch's alike (``[ours, LinearLR(0.5, 1)]`` ends
+  up twice the product): warm up with ``SequentialLR([LinearLR, ours])`` or with ``warmup_steps`` alone.
+* A factor found at construction (group lr below ``initial_lr``) is kept only on an optimizer that has not
+  stepped yet (another scheduler built before us in a chain); on one that has trained, the schedule starts from
+  its closed form (a second stage, or a resumed run stepping a fresh scheduler to catch up).
 """
 from __future__ import annotations
 
@@ -185,6 +191,11 @@ class WarmupDecay(LRScheduler):
                                None if isinstance(min_lr, (list, tuple)) else ("abs", float(min_lr)))
         self._own_lrs: list[float] | None = None  # our last unscaled values (closed form)
         self._ext_scales: list[float] = [1.0] * len(bases)  # factors applied by other schedulers
+        # A group lr below its initial_lr at a fresh start is another scheduler's factor (a chain built before us)
+        # only on an optimizer that has not trained yet; on one that has (a second training stage, a resumed run
+        # stepping a fresh scheduler to catch up) it is what an earlier schedule left - 0 at its end - and was kept
+        # for the whole run. Then we start from the closed form, as transformers' LambdaLR schedules do.
+        self._keep_prior_factor = not optimizer.state and not getattr(optimizer, "_opt_called", False)
         super().__init__(optimizer, last_epoch)
 
     @staticmethod
@@ -279,7 +290,7 @@ class WarmupDecay(LRScheduler):
         target = self.lr_at(self.last_epoch)
         groups = self.optimizer.param_groups
         if self._is_initial or self._own_lrs is None:
-            if self.last_epoch == 0:  # fresh start: keep a factor applied before us (e.g. another scheduler)
+            if self.last_epoch == 0 and self._keep_prior_factor:  # fresh start: keep another scheduler's factor
                 scales = [float(g["lr"]) / b if b != 0 else 1.0 for g, b in zip(groups, self.base_lrs)]
             else:  # made with last_epoch >= 0 (resume): closed form
                 scales = [1.0] * len(target)

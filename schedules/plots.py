@@ -16,6 +16,11 @@ __all__ = ["schedule_curve", "curve_rows", "plot_curves", "DEFAULT_SPECS"]
 DEFAULT_SPECS = ("linear", "cosine", "rex", "uba:0.5", "uba:1", "uba:2", "uba:4")
 
 
+def is_file_spec(spec: str) -> bool:
+    """A schedule spec naming a file (a norms .csv / refined .json, or any path): not a schedule name."""
+    return spec.lower().endswith((".csv", ".json")) or os.sep in spec or bool(os.altsep and os.altsep in spec)
+
+
 def _dummy_opt() -> torch.optim.Optimizer:
     return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
 
@@ -25,7 +30,7 @@ def schedule_curve(spec: str, steps: int | None, warmup_steps: int = 0, *, norm:
     """(label, multipliers at optimizer steps 0..total) from the real scheduler object."""
     opt = _dummy_opt()
     key = spec.lower()
-    if key.endswith((".csv", ".json")) or os.sep in spec:
+    if is_file_spec(spec):
         sched = Refined.from_file(opt, spec, norm=norm, smoothing=smoothing, warmup_steps=warmup_steps,
                                   total_steps=steps)
         label = f"refined ({Path(spec).name})"

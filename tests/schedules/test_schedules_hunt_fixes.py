@@ -1,0 +1,123 @@
+"""Schedules fixes from a bug hunt (each failed before):
+- a scheduler built on an optimizer that already trained kept the lr an earlier schedule left as "another
+  scheduler's factor" for the whole run (0 after a decay to 0; 0.6x after a resume that steps a fresh scheduler to
+  catch up); on an optimizer that has not stepped, a chain's factor is still kept;
+- `schedules plot PATH` with a path not ending in .csv/.json was a file to the plot but a name to the CLI's checks;
+- `schedules plot --json` kept one curve of two files with the same name;
+- capacity_schedule let waves NaN/inf and a string strength through to confusing errors;
+- ScheduleLambda ignored phi on a schedule without one and took min_lr_ratio=True as 1.0."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch.optim.lr_scheduler import ChainedScheduler, LinearLR
+
+from adasched.planner.cli import main
+from adasched.schedules import REX, get_schedule, write_norms_csv
+from adasched.schedules.adapters import ScheduleLambda
+from adasched.schedules.capacity import capacity_schedule
+
+
+def _lrs(opt, sched, n):
+    out = []
+    for _ in range(n):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def _linear(base, total, n):
+    return [base * max(0.0, 1 - t / total) for t in range(n)]
+
+
+def test_second_stage_starts_from_the_base_lr():
+    base = float(np.random.default_rng().uniform(0.05, 0.5))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.randn(4))], lr=base)
+    _lrs(opt, get_schedule("linear", opt, 2, 6), 7)            # the first stage decays to 0
+    assert opt.param_groups[0]["lr"] == 0.0
+    got = _lrs(opt, get_schedule("linear", opt, 0, 4), 5)
+    np.testing.assert_allclose(got, _linear(base, 4, 5), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # the catch-up loop
+def test_resume_stepping_a_fresh_scheduler_catches_up_to_the_closed_form():
+    base = float(np.random.default_rng().uniform(0.05, 0.5))
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = torch.optim.Adam([p], lr=base)
+    sched = get_schedule("linear", opt, 0, 10)
+    for _ in range(4):
+        p.grad = torch.randn(4)
+        opt.step()
+        sched.step()
+    ck = opt.state_dict()
+    p2 = torch.nn.Parameter(p.detach().clone())
+    opt2 = torch.optim.Adam([p2], lr=base)
+    opt2.load_state_dict(ck)
+    fresh = get_schedule("linear", opt2, 0, 10)
+    for _ in range(4):
+        fresh.step()
+    got = []
+    for _ in range(6):
+        got.append(opt2.param_groups[0]["lr"])
+        p2.grad = torch.randn(4)
+        opt2.step()
+        fresh.step()
+    np.testing.assert_allclose(got, _linear(base, 10, 10)[4:], rtol=1e-12, atol=1e-15)
+
+
+def test_a_chain_built_before_training_keeps_the_other_factor():
+    """ChainedScheduler([LinearLR(0.5 -> 1 over 4), REX]) on a fresh optimizer: the product at every step."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.randn(4))], lr=1.0)
+    sched = ChainedScheduler([LinearLR(opt, start_factor=0.5, total_iters=4), REX(opt, 8)])
+    got = _lrs(opt, sched, 9)
+    rex = REX(torch.optim.SGD([torch.nn.Parameter(torch.randn(1))], lr=1.0), 8)
+    want = [rex.multiplier(t) * min(1.0, 0.5 + 0.5 * t / 4) for t in range(9)]
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+
+
+def _norms(path, n=30):
+    l2 = np.random.default_rng().lognormal(0, 0.4, n) * np.linspace(4, 1, n)
+    return write_norms_csv(path, l2.tolist(), (l2 * 5).tolist())
+
+
+def test_plot_takes_a_norms_path_without_the_csv_suffix(tmp_path, capsys):
+    csv = _norms(tmp_path / "n.csv")
+    txt = tmp_path / "n.txt"
+    shutil.copy(csv, txt)
+    assert main(["schedules", "plot", str(txt), "--out", str(tmp_path / "a.png"), "--json", "--norm", "l1"]) == 0
+    curves = json.loads(capsys.readouterr().out)["curves"]
+    (values,) = curves.values()
+    assert len(values) == 31  # the file's 30 steps set the length (was: --steps 100 assumed, then refused)
+
+
+def test_plot_json_keeps_two_files_of_one_name(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = _norms(tmp_path / "a" / "n.csv"), _norms(tmp_path / "b" / "n.csv")
+    assert main(["schedules", "plot", str(a), str(b), "--out", str(tmp_path / "p.png"), "--json"]) == 0
+    curves = json.loads(capsys.readouterr().out)["curves"]
+    assert sorted(curves) == ["refined (n.csv)", "refined (n.csv) #2"]
+    assert curves["refined (n.csv)"] != curves["refined (n.csv) #2"]
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(waves=math.nan), "waves: nan"), (dict(waves=math.inf), "waves: inf"), (dict(waves=-1.0), "waves: -1.0"),
+    (dict(strength="1"), "strength: '1'"), (dict(strength=math.nan), "strength: nan"),
+])
+def test_capacity_schedule_bad_waves_or_strength(kw, needle):
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
+        capacity_schedule("wave", 8, 20, 1, 4, **kw)
+
+
+def test_schedule_lambda_refuses_what_the_classes_refuse():
+    with pytest.raises(ValueError, match="phi: only the uba schedule"):
+        ScheduleLambda("cosine", 0, 10, phi=4.0)
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        ScheduleLambda("linear", 0, 10, min_lr_ratio=True)
+    assert ScheduleLambda("uba", 0, 10, phi=4.0)(5) == pytest.approx(1 / 3)  # uba phi=4 at z=0.5: 1/3
