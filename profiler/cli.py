@@ -21,8 +21,9 @@ def register(groups) -> None:
                                  help="Where to write the ClusterProfile JSON (written atomically)."),
         nproc: Optional[int] = typer.Option(None, "--nproc",
                                             help="Worker processes for the collective benchmarks when not under "
-                                                 "torchrun (gloo on CPU; nccl, one per GPU, on a multi-GPU node); "
-                                                 "a power of two; default 4 (2 with --quick) on CPU, the GPU "
+                                                 "torchrun (gloo on CPU; nccl, one per GPU, on a multi-GPU node; "
+                                                 "the profile then describes the GPUs measured); at least 2; "
+                                                 "default 4 (2 with --quick) on CPU, the GPU "
                                                  "count (rounded down to a power of two, at most 8) on GPUs; on "
                                                  "a CPU host at most 2 x its cores as a power of two (8 to 64). "
                                                  "Not with --no-collectives, nor under torchrun."),
@@ -71,6 +72,10 @@ def register(groups) -> None:
                 typer.echo(f"note: the {what} fit is {fit.fit_rel_error:.0%} off its measured points on average "
                            "(a busy machine or a too-quick profile?); re-run, or without --quick, before planning "
                            "with it", err=True)
+        if prof.attention is not None and prof.attention.a1_ms_per_tok2 == 0:  # (a flat fit passed in silence)
+            typer.echo("note: the attention fit has no s^2 term (the measured times did not grow quadratically with "
+                       "length: a busy machine?); long sequences will be underestimated - re-run before planning "
+                       "with it", err=True)
         rough = [f"{c.op} x{c.group_size} {c.fit_rel_error:.0%}" for c in prof.collectives if c.fit_rel_error > ROUGH_FIT]
         if rough:
             typer.echo(f"note: {len(rough)} collective fit(s) more than {ROUGH_FIT:.0%} off their measured points on "

@@ -70,7 +70,16 @@ def fit_quadratic(s, ms) -> Fit:
     x, y = _check(s, ms)
     X = np.stack([x * x, x, np.ones_like(x)], axis=1)
     a1, a2, b = _nonneg_lstsq(X, y)
-    return Fit((float(a1), float(a2), float(b)), _rel_err(a1 * x * x + a2 * x + b, y))
+    note = ""
+    if a1 == 0 and a2 == 0:  # flat or falling times (a loaded machine): a constant would say length is free
+        b = float(np.min(y))
+        a2 = (float(np.max(y)) - b) / max(float(np.max(x)), 1.0)
+        if a2 <= 0:
+            a2 = b / max(float(np.max(x)), 1.0) * 1e-6
+        note = "no growth with length resolved by the data: linear from the slowest point"
+    elif a1 == 0:
+        note = "no s^2 term resolved by the data: long sequences extrapolate linearly"
+    return Fit((float(a1), float(a2), float(b)), _rel_err(a1 * x * x + a2 * x + b, y), note)
 
 
 def fit_affine(t, ms) -> Fit:

@@ -95,6 +95,8 @@ def _nvml_inventory() -> tuple[tuple[DeviceInfo, dict[str, Any]] | None, str]:
         )
         extras = {"gpus": [_s(pynvml.nvmlDeviceGetName(x)) for x in handles]}
         return (info, extras), ""
+    except Exception as err:  # an NVML error after init (GPU lost, no permission): the next source, not a traceback
+        return None, f"NVML: {err}"
     finally:
         _try(pynvml.nvmlShutdown)
 

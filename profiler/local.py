@@ -72,12 +72,17 @@ def max_cpu_nproc() -> int:
 
 
 def resolve_nproc(nproc: int | None, *, quick: bool, collectives: bool, ngpu: int) -> int:
-    """The worker count for the spawned collectives: ``nproc`` checked (>= 2, a power of two, one GPU per nccl
-    rank, a bounded number of CPU processes) or the default; a bad value raises ValueError('--nproc: ...')."""
+    """The worker count for the spawned collectives: ``nproc`` checked (>= 2, one GPU per nccl rank, a bounded
+    number of CPU processes; any count, odd ones too) or the default (a power of two); a bad value raises
+    ValueError('--nproc: ...'). On a node with several GPUs the profile describes the ``nproc`` GPUs measured
+    (its ``gpus_per_node``)."""
     if nproc is None:
         return 1 << (min(ngpu, 8).bit_length() - 1) if ngpu >= 2 else DEFAULT_NPROC[1 if quick else 0]
     if not collectives:
         return nproc
+    if ngpu == 1:  # (the collectives are skipped on one GPU: the option was silently ignored)
+        raise ValueError(f"--nproc: this node has one GPU, so there are no collectives to run with {nproc} workers "
+                         "(omit --nproc, or profile the collectives under torchrun on a multi-GPU node)")
     if nproc < 2:
         raise ValueError(f"--nproc: collectives need >= 2 processes, got {nproc} (or pass --no-collectives)")
     if ngpu >= 2 and nproc > ngpu:

@@ -165,7 +165,8 @@ def bench_attention(cfg: MicrobenchConfig, advance: Callable[[], None] = lambda:
     fit = fit_quadratic([r["seq"] for r in rows], [r["fwd_bwd_ms"] for r in rows])
     att = AttentionFit(a1_ms_per_tok2=fit.coef[0], a2_ms_per_tok=fit.coef[1], b_ms=fit.coef[2],
                        heads=cfg.attn_heads, head_dim=cfg.attn_head_dim, fit_rel_error=fit.rel_error,
-                       source=f"measured: causal SDPA fwd+bwd, {cfg.dtype}, {cfg.device}")
+                       source=f"measured: causal SDPA fwd+bwd, {cfg.dtype}, {cfg.device}"
+                              + (f"; {fit.note}" if fit.note else ""))
     return att, rows
 
 

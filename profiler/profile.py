@@ -92,6 +92,13 @@ class AttentionFit(_Strict):
     fit_rel_error: float = Field(default=0.0, ge=0.0)
     source: str = "measured"
 
+    @model_validator(mode="after")
+    def _grows_with_length(self) -> "AttentionFit":
+        if self.a1_ms_per_tok2 == 0 and self.a2_ms_per_tok == 0:  # (the planners divided by the length term)
+            raise ValueError("a1_ms_per_tok2 and a2_ms_per_tok: both 0 - attention that costs the same at every "
+                             "length; at least one must be > 0")
+        return self
+
     def time_ms(self, seqlen: float) -> float:
         return self.a1_ms_per_tok2 * seqlen * seqlen + self.a2_ms_per_tok * seqlen + self.b_ms
 
@@ -121,6 +128,13 @@ class ModelCost(_Strict):
     b1_ms: float = Field(ge=0.0)
     act_bytes_per_token: PositiveFloat
     source: str
+
+    @model_validator(mode="after")
+    def _grows_with_length(self) -> "ModelCost":
+        if self.a1_ms_per_tok2 == 0 and self.a2_ms_per_tok == 0:  # (plan sp died dividing by the work term)
+            raise ValueError("a1_ms_per_tok2 and a2_ms_per_tok: both 0 - a model whose sequences cost nothing; at "
+                             "least one must be > 0")
+        return self
 
 
 class DeviceInfo(_Strict):
