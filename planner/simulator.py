@@ -7,7 +7,7 @@ Times are in ms. Planners use it to score plans and baselines; `adasched show --
 """
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 __all__ = ["Task", "ScheduledTask", "Simulation", "simulate"]
@@ -63,7 +63,14 @@ class Simulation:
 
 
 def simulate(tasks: list[Task]) -> Simulation:
-    """Schedule ``tasks`` (see module docstring). Raises ValueError on unknown dependencies or deadlock."""
+    """Schedule ``tasks`` (see module docstring). Raises ValueError on unknown dependencies, a sync key held twice
+    on one stream, or deadlock.
+
+    Event-driven: a stream is looked at again only when something its head waits on happened (its previous task,
+    one of the head's dependencies, or a member of the head's sync group finished). The previous version swept
+    every stream until nothing moved, quadratic in the tasks (a 2,000-task chain given in reverse order: 6.9 s).
+    Start times do not depend on the order streams are looked at: a task starts at the latest of its stream's
+    previous end, its dependencies' ends and (sync) its group members' ready times."""
     names = set()
     for t in tasks:
         if t.name in names:
@@ -81,6 +88,18 @@ def simulate(tasks: list[Task]) -> Simulation:
     for t in tasks:
         if t.sync is not None:
             sync_groups[t.sync].append(t)
+    for key, group in sync_groups.items():  # (said only "deadlocked" before: one stream cannot run both at once)
+        seen: dict[tuple[int, str], str] = {}
+        for g in group:
+            lane = (g.rank, g.stream)
+            if lane in seen:
+                raise ValueError(f"sync key {key!r}: tasks {seen[lane]!r} and {g.name!r} are both on rank {g.rank} "
+                                 f"stream {g.stream!r} (the parts of a collective start together: one per stream)")
+            seen[lane] = g.name
+    waiters: dict[str, list[tuple[int, str]]] = defaultdict(list)  # task -> streams whose tasks depend on it
+    for t in tasks:
+        for d in set(t.deps):
+            waiters[d].append((t.rank, t.stream))
 
     head = {k: 0 for k in queues}
     stream_free = {k: 0.0 for k in queues}
@@ -91,35 +110,53 @@ def simulate(tasks: list[Task]) -> Simulation:
     def ready_time(t: Task) -> float | None:
         """Earliest start of t if it is at the head of its stream and its deps are done, else None."""
         key = (t.rank, t.stream)
-        if queues[key][head[key]] is not t:
+        if head[key] >= len(queues[key]) or queues[key][head[key]] is not t:
             return None
         if any(d not in end for d in t.deps):
             return None
         return max([stream_free[key]] + [end[d] for d in t.deps])
 
-    while remaining:
-        progressed = False
-        for key in list(queues):
-            while head[key] < len(queues[key]):
-                t = queues[key][head[key]]
-                group = sync_groups[t.sync] if t.sync is not None else [t]
-                starts = [ready_time(g) for g in group]
-                if any(s is None for s in starts):
-                    break
-                start = max(starts)  # type: ignore[arg-type]
-                for g in group:
-                    gk = (g.rank, g.stream)
-                    e = start + g.duration_ms
-                    end[g.name] = e
-                    stream_free[gk] = e
-                    head[gk] += 1
-                    out.append(ScheduledTask(g.name, g.rank, g.stream, start, e, g.category))
-                    remaining -= 1
-                progressed = True
-        if not progressed:
-            stuck = [queues[k][head[k]].name for k in queues if head[k] < len(queues[k])]
-            raise ValueError(f"simulation deadlocked: waiting tasks {stuck[:5]}")
+    todo = deque(queues)
+    queued = set(queues)
+    while todo:
+        key = todo.popleft()
+        queued.discard(key)
+        while head[key] < len(queues[key]):
+            t = queues[key][head[key]]
+            group = sync_groups[t.sync] if t.sync is not None else [t]
+            starts = [ready_time(g) for g in group]
+            if any(s is None for s in starts):
+                break  # looked at again when what it waits on finishes
+            start = max(starts)  # type: ignore[arg-type]
+            for g in group:
+                gk = (g.rank, g.stream)
+                e = start + g.duration_ms
+                end[g.name] = e
+                stream_free[gk] = e
+                head[gk] += 1
+                out.append(ScheduledTask(g.name, g.rank, g.stream, start, e, g.category))
+                remaining -= 1
+                # wake: the member's own stream (its next task), the streams of its dependents, and the streams of
+                # the sync-group members of both (a group waits for all its parts)
+                for wk in [gk] + waiters.get(g.name, []):
+                    for lane in _lanes_of_head(wk, queues, head, sync_groups):
+                        if lane not in queued:
+                            queued.add(lane)
+                            todo.append(lane)
+    if remaining:
+        stuck = [queues[k][head[k]].name for k in queues if head[k] < len(queues[k])]
+        raise ValueError(f"simulation deadlocked: waiting tasks {stuck[:5]}")
     if out and not max(s.end_ms for s in out) < float("inf"):  # finite durations whose sum overflowed
         raise ValueError("simulation: the task durations add up past the float range (makespan inf)")
     out.sort(key=lambda s: (s.rank, s.stream, s.start_ms))
     return Simulation(out)
+
+
+def _lanes_of_head(key, queues, head, sync_groups) -> list[tuple[int, str]]:
+    """The stream ``key`` and, when its head task is part of a collective, the streams of the other parts."""
+    if head[key] >= len(queues[key]):
+        return [key]
+    t = queues[key][head[key]]
+    if t.sync is None:
+        return [key]
+    return [key] + [(g.rank, g.stream) for g in sync_groups[t.sync] if (g.rank, g.stream) != key]

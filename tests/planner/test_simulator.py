@@ -1,4 +1,5 @@
 """Discrete-event simulator against hand-computed timelines."""
+import numpy as np
 import pytest
 
 from adasched.planner.simulator import Task, simulate
@@ -102,3 +103,93 @@ def test_gantt_renders(tmp_path):
     out = tmp_path / "g.png"
     render_gantt(sim.tasks, out, title="t")
     assert out.read_bytes()[:4] == b"\x89PNG" and [p.name for p in tmp_path.iterdir()] == ["g.png"]
+
+
+def _sweep_reference(tasks):
+    """The simulator's first algorithm (sweep every stream until nothing moves), kept as an oracle for the
+    event-driven one: {name: (start, end)} or the string "deadlock"."""
+    from collections import defaultdict
+
+    queues, groups = defaultdict(list), defaultdict(list)
+    for t in tasks:
+        queues[(t.rank, t.stream)].append(t)
+        if t.sync is not None:
+            groups[t.sync].append(t)
+    head, free, end, out = {k: 0 for k in queues}, {k: 0.0 for k in queues}, {}, {}
+
+    def ready(t):
+        k = (t.rank, t.stream)
+        if queues[k][head[k]] is not t or any(d not in end for d in t.deps):
+            return None
+        return max([free[k]] + [end[d] for d in t.deps])
+
+    while len(out) < len(tasks):
+        moved = False
+        for k in queues:
+            while head[k] < len(queues[k]):
+                t = queues[k][head[k]]
+                grp = groups[t.sync] if t.sync is not None else [t]
+                starts = [ready(g) for g in grp]
+                if None in starts:
+                    break
+                s = max(starts)
+                for g in grp:
+                    gk = (g.rank, g.stream)
+                    end[g.name] = free[gk] = s + g.duration_ms
+                    head[gk] += 1
+                    out[g.name] = (s, s + g.duration_ms)
+                moved = True
+        if not moved:
+            return "deadlock"
+    return out
+
+
+def _random_tasks(rng, n):
+    ranks, streams = int(rng.integers(1, 5)), ["compute", "comm"]
+    tasks, k = [], 0
+    while len(tasks) < n:
+        earlier = [t.name for t in tasks]
+        deps = tuple(sorted(set(rng.choice(earlier, size=min(len(earlier), int(rng.integers(0, 3))),
+                                           replace=False).tolist()))) if earlier else ()
+        if ranks > 1 and rng.random() < 0.15:  # a collective over a few ranks, on their comm streams
+            members = sorted(rng.choice(ranks, size=int(rng.integers(2, ranks + 1)), replace=False).tolist())
+            dur = float(rng.uniform(0.1, 3.0))
+            for r in members:
+                tasks.append(Task(f"c{k}r{r}", r, "comm", dur, deps=deps if r == members[0] else (), sync=f"c{k}"))
+            k += 1
+        else:
+            tasks.append(Task(f"t{len(tasks)}", int(rng.integers(ranks)), str(rng.choice(streams)),
+                              float(rng.uniform(0.0, 3.0)), deps=deps))
+    order = rng.permutation(len(tasks))   # a shuffled task list: stream order = list order, so deadlocks happen too
+    return [tasks[i] for i in order] if rng.random() < 0.3 else tasks
+
+
+def test_event_driven_simulation_equals_the_sweep_on_random_graphs():
+    rng = np.random.default_rng()
+    seen = {"ok": 0, "deadlock": 0}
+    for _ in range(300):
+        tasks = _random_tasks(rng, int(rng.integers(1, 40)))
+        want = _sweep_reference(tasks)
+        if want == "deadlock":
+            with pytest.raises(ValueError, match="deadlocked"):
+                simulate(tasks)
+            seen["deadlock"] += 1
+            continue
+        got = {t.name: (t.start_ms, t.end_ms) for t in simulate(tasks).tasks}
+        assert got == want, [t.__dict__ for t in tasks]
+        seen["ok"] += 1
+    assert seen["ok"] >= 100 and seen["deadlock"] >= 5, seen
+
+
+def test_reverse_order_chain_is_scheduled():
+    """A dependency chain listed last task first, one stream each: every task waits on the one listed after it.
+    (The sweep version took one pass per task over every stream.)"""
+    n = 3000
+    tasks = [Task(f"t{i}", i, "s", 1.0, deps=(f"t{i - 1}",) if i else ()) for i in range(n)][::-1]
+    sim = simulate(tasks)
+    assert sim.makespan_ms == n and {t.name: t.start_ms for t in sim.tasks} == {f"t{i}": float(i) for i in range(n)}
+
+
+def test_a_sync_key_twice_on_one_stream_names_both_tasks():
+    with pytest.raises(ValueError, match="sync key 'X': tasks 'a' and 'b' are both on rank 0 stream 'comm'"):
+        simulate([Task("a", 0, "comm", 1, sync="X"), Task("b", 0, "comm", 1, sync="X"), Task("c", 1, "comm", 1, sync="X")])
