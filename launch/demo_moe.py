@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+from adasched.launch.proc import run_tree
 
 __all__ = ["run", "plan_part", "train_part", "stats_part"]
 
@@ -33,7 +34,7 @@ def train_part(out_dir: Path) -> None:
     env.pop("TRITON_INTERPRET", None)
     print("moe: tiny MoE LM, top-p routing, descending k_max schedule, EP over 2 gloo ranks (torchrun, "
           "r_fwd=2, r_bwd=1, wgrad deferred):")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    proc = run_tree(cmd, capture_output=True, env=env, timeout_s=600)
     for line in proc.stdout.splitlines():
         if " step " in line:
             print("  " + line)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
+
+from adasched.launch.proc import run_tree
 
 PLAN_ARGS = ["--profile", "a100-64-flexsp-paper", "--model", "gpt-7b", "--seqlens", "builtin", "--gpus", "4",
              "--global-batch", "64", "--max-context", "12000", "--steps", "2", "--seed", "0", "--time-limit", "0.5"]
@@ -40,7 +41,7 @@ def run(out_dir: Path) -> None:
             env.setdefault("OMP_NUM_THREADS", "1")
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
                    "-m", "adasched.launch.train_sp", "--plan", str(plan), *train_args]
-            rc = subprocess.run(cmd, env=env, timeout=600).returncode
+            rc = run_tree(cmd, env=env, timeout_s=600).returncode
         else:
             rc = launch_local(plan, 4, train_args, timeout_s=600)
         if rc != 0:

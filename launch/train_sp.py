@@ -67,6 +67,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Sequence
 
 from adasched.launch.cli_args import (MAX_LAYERS, add_checkpoint_args, add_lr_schedule_args, check_lr_schedule,
@@ -153,6 +154,11 @@ def check_plan(plan, world: int, heads: int | None, where: str) -> None:
                                             f"divide the model's {heads} heads")
 
 
+def _nvidia_driver_present() -> bool:
+    """An NVIDIA driver on this host, seen without importing torch."""
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
+
+
 def _heads(args: argparse.Namespace, plan) -> int:
     """The model's heads: --heads, else the plan's largest SP degree (at least 4)."""
     return args.heads or max(4, max(g.degree for st in plan.steps for mb in st.micro_batches for g in mb.groups))
@@ -164,10 +170,14 @@ def check_model_fits(args: argparse.Namespace, plan, world: int) -> None:
     if args.backend == "nccl":
         return
     if args.backend is None:
-        import torch
+        if args.check_plan_only:  # stays free of torch (launch/train_sp.sh's pre-check never passes --backend):
+            if _nvidia_driver_present():  # a GPU host runs nccl; each rank's own check (with torch) follows
+                return
+        else:
+            import torch
 
-        if torch.cuda.is_available():
-            return
+            if torch.cuda.is_available():
+                return
     # the model _train builds (TinyGPTConfig's other sizes at their defaults), counted without torch
     params = param_count(_heads(args, plan) * args.head_dim, args.layers, args.max_len)
     ranks = min(world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))  # the ranks on this host
@@ -337,6 +347,10 @@ def _all_reduce_grads(model) -> None:
         off += n
 
 
+REFERENCE_WAIT_S = 6 * 3600
+"""How long the other ranks wait for rank 0's single-process reference of a step (``--check-reference``)."""
+
+
 def _reference(run: _Run, ref_model, it: int) -> tuple[float, list]:
     """Single-process loss and gradients of step ``it`` (whole batch packed, degree 1) with the current params."""
     from adasched.runtime.sp_model import pack_sequences
@@ -367,6 +381,16 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
     ck = None
     try:
         backend = dist.get_backend()
+        # each rank read --plan and its options itself: one run, or one line on every rank (a different copy of
+        # the plan on a node without a shared file system trained in silence on mismatched batches, or hung)
+        mine = run_identity(args, plan)
+        every = [None] * world
+        dist.all_gather_object(every, mine)
+        odd = [r for r, other in enumerate(every) if other != every[0]]
+        if odd:
+            keys = sorted(k for k in mine if any(o[k] != every[0][k] for o in every))
+            raise InputError(args.plan, f"rank(s) {odd[:8]} run another plan or options than rank 0 (different: "
+                                        f"{', '.join(keys)}): every rank must read the same plan file and arguments")
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if backend == "nccl" \
             else torch.device("cpu")
         dtype = getattr(torch, args.dtype)
@@ -407,6 +431,10 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
             return 0
         # made after the resume for clarity; _reference loads the trained model's weights before every step anyway
         ref_model = copy.deepcopy(model) if (args.check_reference and rank == 0) else None
+        # the other ranks wait for rank 0's reference here, on a group of its own with a long timeout: they waited
+        # in the step's first all-to-all, bounded by --timeout, and a reference slower than it crashed the run
+        ref_wait = (dist.new_group(list(range(world)), timeout=timedelta(seconds=REFERENCE_WAIT_S))
+                    if args.check_reference and world > 1 else None)
         say(f"train_sp: world {world} ({backend}), plan {args.plan}: {len(plan.steps)} steps, running {steps}"
             f"{f' from step {start}' if start else ''}; model {cfg.layers} layers, hidden {cfg.hidden}, "
             f"{cfg.heads} heads, {args.dtype}; lengths x{factor:.4g} (max {args.max_len}); lr {args.lr:g} "
@@ -417,6 +445,8 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             ref = _reference(run, ref_model, it) if ref_model is not None else None
+            if ref_wait is not None:
+                dist.barrier(group=ref_wait)
             loss_part, my_tokens = _forward_backward(run, it)
             _all_reduce_grads(model)
             stats = torch.tensor([loss_part, float(my_tokens)], dtype=torch.float64, device=device)
@@ -487,10 +517,12 @@ def launch_local(plan: str | os.PathLike, nproc: int = 4, args: Sequence[str] = 
     env.setdefault("OMP_NUM_THREADS", "1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "adasched.launch.train_sp", "--plan", str(plan), *args]
+    from .proc import run_tree
+
     try:
-        return subprocess.run(cmd, env=env, timeout=timeout_s).returncode
-    except subprocess.TimeoutExpired:
-        print(f"error: train_sp: {nproc} ranks did not finish within {timeout_s:g} s", file=sys.stderr)
+        return run_tree(cmd, env=env, timeout_s=timeout_s).returncode
+    except subprocess.TimeoutExpired:  # torchrun and every rank are stopped (they lived on, still training)
+        print(f"error: train_sp: {nproc} ranks did not finish within {timeout_s:g} s (stopped)", file=sys.stderr)
         return 1
 
 

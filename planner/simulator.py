@@ -68,7 +68,7 @@ def simulate(tasks: list[Task]) -> Simulation:
 
     Event-driven: a stream is looked at again only when something its head waits on happened (its previous task,
     one of the head's dependencies, or a member of the head's sync group finished). The previous version swept
-    every stream until nothing moved, quadratic in the tasks (a 2,000-task chain given in reverse order: 6.9 s).
+    every stream until nothing moved: quadratic in the tasks for a chain listed in reverse order.
     Start times do not depend on the order streams are looked at: a task starts at the latest of its stream's
     previous end, its dependencies' ends and (sync) its group members' ready times."""
     names = set()

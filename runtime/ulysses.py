@@ -74,6 +74,8 @@ def reference_packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Sequ
     block-diagonal causal mask, softmax, weighted sum. For tests (O(T^2) memory)."""
     bounds = _as_bounds(cu_seqlens)
     T = q.shape[0]
+    if bounds[-1] != T:  # (trailing tokens got uninitialised sequence ids: a garbage mask)
+        raise ValueError(f"cu_seqlens ends at {bounds[-1]} but q has {T} tokens")
     seq_of = torch.empty(T, dtype=torch.long)
     for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
         seq_of[a:b] = i
@@ -114,7 +116,11 @@ def all_to_all_tokens(x: Tensor, group, in_splits: list[int], out_splits: list[i
 def _group_degree_rank(group) -> tuple[int, int]:
     if group is None:
         return 1, 0
-    return dist.get_world_size(group), dist.get_rank(group)
+    grank = dist.get_rank(group)
+    if grank < 0:  # (read as "degree: -1 must be >= 1")
+        raise ValueError(f"group: rank {dist.get_rank()} is not a member of this SP group (only its members call "
+                         f"ulysses_attention with it)")
+    return dist.get_world_size(group), grank
 
 
 def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Sequence[int] | Tensor, group=None, *,

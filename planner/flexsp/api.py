@@ -130,9 +130,9 @@ def to_plan(results: list[StepResult], cm: SPCostModel, profile: ClusterProfile,
              + (f"{len(results)} steps; {n_milp} MILPs (bucketed, Q={config.buckets}); MILP beat the heuristics on "
                 f"{n_won} (their mean gap in the bucketed model: "
                 + (f"{float(np.mean(gaps)):.4g}" if gaps else "none solved") + "); every "
-                f"plan is evaluated on real lengths and is the best of MILP, single-degree and greedy candidates; "
-                f"status 'optimal' only when every step meets its lower bound (MILP statuses per step refer to the "
-                f"bucketed model)" if config.use_milp else
+                "plan is evaluated on real lengths and is the best of MILP, single-degree and greedy candidates; "
+                "status 'optimal' only when every step meets its lower bound (MILP statuses per step refer to the "
+                "bucketed model)" if config.use_milp else
                 f"{len(results)} steps; heuristics only (--no-milp: single-degree, greedy and local-search candidates, "
                 f"each evaluated on real lengths)")
              + "; objective, bound and gap: the predicted time against the sum of the steps' lower bounds",

@@ -147,6 +147,9 @@ class SPPlan(Plan):
         errors = super().verify()
         for si, st in enumerate(self.steps):
             n = len(st.seqlens)
+            if n == 0:  # (the trainer failed with "max() arg is an empty sequence")
+                errors.append(f"steps.{si}.seqlens: empty (a step trains at least one sequence)")
+                continue
             seen: dict[int, str] = {}
             for mi, mb in enumerate(st.micro_batches):
                 for gi, g in enumerate(mb.groups):

@@ -145,7 +145,9 @@ def check_fits(lens: np.ndarray, cm: SPCostModel, where: str = "--seqlens") -> N
                                    f"device's {cm.memory_bytes / GiB:.1f} GiB: no sequence fits; add GPUs")
     if lens[i] > cap:
         need = cm.memory_needed(float(lens[i]), cm.world)
-        raise InputError(where, f"sequence {i} (0-based) has {int(lens[i])} tokens and needs {need / GiB:.1f} GiB "
+        # (it said "sequence i (0-based)", read as a line number; comments and blank lines are not counted)
+        raise InputError(where, f"the longest sequence (length number {i + 1} of {len(lens)} listed) has "
+                                f"{int(lens[i])} tokens and needs {need / GiB:.1f} GiB "
                                 f"per GPU even on all {cm.world} GPUs (device memory {cm.memory_bytes / GiB:.1f} GiB, "
                                 f"at most {int(cap)} tokens fit); lower --max-context or add GPUs")
 

@@ -63,13 +63,13 @@ def test_non_numeric_length_file(tmp_path, capsys):
 
 def test_sequence_too_long_for_the_cluster(tmp_path, capsys):
     f = tmp_path / "lens.txt"
-    f.write_text("100\n200\n900000\n")
+    f.write_text("# lengths\n100\n\n200\n900000\n")
     # 900k tokens of gpt-7b need ~61 GiB per GPU even on 64 A100-40GB
     out = tmp_path / "plan.json"
     rc = main(["plan", "sp", "--profile", "a100-64-flexsp-paper", "--model", "gpt-7b", "--seqlens", str(f),
                "--gpus", "64", "--global-batch", "3", "--out", str(out)])
     err = capsys.readouterr().err
-    assert rc == 2 and "sequence 2 (0-based) has 900000 tokens" in err and "GiB per GPU" in err
+    assert rc == 2 and "the longest sequence (length number 3 of 3 listed) has 900000 tokens" in err and "GiB per GPU" in err
     assert not out.exists()
 
 

@@ -1,0 +1,60 @@
+"""launch.proc.run_tree: a time-out stops every process the command started (subprocess.run's killed only the
+first: torchrun died and its ranks trained on), and a normal exit leaves none behind."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from adasched.launch.proc import run_tree
+
+# a parent that starts a child which would outlive it, prints the child's pid, then waits
+TREE = ("import subprocess, sys, time; "
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+        "print(c.pid, flush=True); time.sleep(120)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _wait_gone(pid: int, within_s: float = 15.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_timeout_stops_the_whole_tree():
+    with pytest.raises(subprocess.TimeoutExpired) as err:
+        run_tree([sys.executable, "-c", TREE], timeout_s=3.0, capture_output=True, grace_s=2.0)
+    child = int(err.value.output.split()[0])
+    assert _wait_gone(child), f"grandchild {child} outlived the time-out"
+
+
+def test_normal_exit_leaves_no_orphans():
+    code = ("import subprocess, sys; "
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+            "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); print(c.pid)")
+    r = run_tree([sys.executable, "-c", code], timeout_s=60.0, capture_output=True)
+    assert r.returncode == 0
+    assert _wait_gone(int(r.stdout.split()[0]))
+
+
+def test_plain_run_returns_output_and_status():
+    r = run_tree([sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"],
+                 timeout_s=60.0, capture_output=True)
+    assert (r.returncode, r.stdout, r.stderr) == (3, "out\n", "err\n")
