@@ -212,12 +212,17 @@ def loads_json(text: str) -> Any:
 
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file; missing/unreadable/malformed input raises :class:`InputError`."""
-    text = read_text(path, expected="a JSON file")
+    return parse_json_text(read_text(path, expected="a JSON file"), path)
+
+
+def parse_json_text(text: str, path: str | os.PathLike) -> Any:
+    """:func:`loads_json` of a file's text; malformed JSON raises :class:`InputError` naming ``path``."""
     try:
         return loads_json(text)
     except json.JSONDecodeError as err:
         raise InputError(path, f"malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-    except (ValueError, RecursionError) as err:  # e.g. an integer literal beyond Python's digit limit, deep nesting
+    except (ValueError, RecursionError) as err:  # e.g. an integer literal beyond Python's digit limit, deep nesting,
+        # a key given twice
         raise InputError(path, f"malformed JSON: {' '.join(str(err).split()) or type(err).__name__}") from None
 
 

@@ -290,14 +290,9 @@ def _read_text_config(path: Path) -> Any:
     text = read_text(path, expected="a jobs file (JSON or YAML)",
                      missing="no such file (and not a preset: " + ", ".join(PRESETS) + ")")
     if path.suffix.lower() == ".json":
-        from adasched.profiler.io import loads_json
+        from adasched.profiler.io import parse_json_text
 
-        try:
-            return loads_json(text)
-        except json.JSONDecodeError as err:
-            raise InputError(path, f"malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-        except (ValueError, RecursionError) as err:  # a key given twice, deep nesting
-            raise InputError(path, f"malformed JSON: {' '.join(str(err).split()) or type(err).__name__}") from None
+        return parse_json_text(text, path)
     import yaml
 
     from adasched.profiler.io import load_yaml, yaml_error_text

@@ -1,4 +1,7 @@
-"""The warp problem's stage horizon covers a buffered value's lifetime rows. A value read d iterations later with
+"""Twill fixes from bug hunts: the buffered-value stage horizon (below), then the schedule simulator's same-cycle
+ties, the Triton knob mapping, machine limits and `--load-slack` on plain graphs (further down).
+
+The warp problem's stage horizon covers a buffered value's lifetime rows. A value read d iterations later with
 room for fewer than d buffers forces its producer stages after its consumer; the horizon counted only the
 dependences, cut that schedule off, and CP-SAT proved a schedulable I infeasible (a RuntimeError when the heuristic's
 schedule at that I then passed the validator; a wrong I or "no schedule" when it did not)."""
