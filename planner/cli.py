@@ -137,6 +137,9 @@ def simulate_cmd(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the simulated timeline (PNG)."),
     as_json: bool = typer.Option(False, "--json", help="Print makespan, busy time per lane and every task as JSON."),
     step: int = typer.Option(0, "--step", help="For a plan with several steps (an SP plan): the step to simulate."),
+    config: Optional[str] = typer.Option(None, "--config", help="For a MoE plan of several configurations: the one "
+                                                                 "to simulate, by name or position (default: the "
+                                                                 "first)."),
 ) -> None:
     """Run the discrete-event simulator (per-rank compute/communication streams with dependencies)."""
     from adasched.profiler.io import check_output_path, read_json
@@ -156,6 +159,8 @@ def simulate_cmd(
             raise InputError(path, f"{extra[0]}: not a task-graph field (a task graph is {{\"tasks\": [...]}})")
         if step != 0:  # it was ignored
             raise InputError("--step", f"{step}: a task graph has no steps (--step is for plans with steps)")
+        if config is not None:
+            raise InputError("--config", "a task graph has no configurations (--config is for MoE plans)")
         if not isinstance(data["tasks"], list) or not data["tasks"]:
             raise InputError(path, "tasks: must be a non-empty list")
         from pydantic import ValidationError
@@ -178,8 +183,21 @@ def simulate_cmd(
         if not hasattr(plan, "simulate"):
             raise InputError(path, f"plan kind {plan.kind!r} cannot be re-simulated")
         n_steps = len(getattr(plan, "steps", ()) or ())
+        if config is not None and plan.kind != "moe":
+            raise InputError("--config", f"plan kind {plan.kind!r} has no configurations (--config is for MoE plans)")
         try:
-            if n_steps:
+            if config is not None:  # (only the first configuration could be simulated)
+                if step:
+                    raise InputError("--step", f"plan kind {plan.kind!r} has no steps")
+                names = [c.name for c in plan.configs]
+                pos = names.index(config) if config in names else (
+                    int(config) if config.isdigit() and int(config) < len(names) else None)
+                if pos is None:
+                    raise InputError("--config", f"{config!r} is not a configuration of this plan (names: "
+                                                 f"{', '.join(names)}; or a position 0..{len(names) - 1})")
+                sim = plan.simulate(pos)
+                what = f"{names[pos]}: "
+            elif n_steps:
                 if not 0 <= step < n_steps:
                     raise InputError("--step", f"{step} is not a step of this plan (0..{n_steps - 1})")
                 sim = plan.simulate(plan.steps[step].step)  # --step is the position; the plan numbers its steps

@@ -245,12 +245,13 @@ class MoEPlan(Plan):
             rows.append((f"{c.name} layout", layout_text(c)))
         return rows
 
-    def gantt_tasks(self) -> list:
-        """Forward then backward pipeline of the first configuration's first layer, one lane per resource."""
+    def gantt_tasks(self, config: int = 0) -> list:
+        """Forward then backward pipeline of configuration ``config``'s (position) first layer, one lane per
+        resource."""
         from .costmodel import MoEConfig, stage_costs, topology
         from adasched.profiler.profile import load_profile
 
-        c = self.configs[0]
+        c = self.configs[config]
         l0 = c.layers[0]
         if c.layer0_stage_costs is not None:
             return _pipeline_tasks(c.layer0_stage_costs.costs(), l0)
@@ -276,12 +277,12 @@ class MoEPlan(Plan):
                                                     f"so it cannot be re-simulated or drawn here; plan it again")
         return _pipeline_tasks(stage_costs(cfg, topo, source=src, profile=prof), l0)
 
-    def simulate(self):
-        """The drawn pipeline (first configuration, layer 0: forward then backward) as a simulation, for
-        ``adasched simulate``."""
+    def simulate(self, config: int = 0):
+        """The drawn pipeline (configuration ``config`` by position, layer 0: forward then backward) as a
+        simulation, for ``adasched simulate`` (``--config``)."""
         from ..simulator import Simulation
 
-        return Simulation(tasks=self.gantt_tasks())
+        return Simulation(tasks=self.gantt_tasks(config))
 
     def plot(self, path) -> None:
         from ..gantt import render_gantt

@@ -412,6 +412,18 @@ def test_simulate_re_runs_a_moe_plan(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     plan = load_plan(out)
     assert res["makespan_ms"] == pytest.approx(plan.configs[0].fwd_bwd_ms, rel=1e-9)
+    # --config: another configuration by name or position (only the first could be simulated)
+    for sel in (plan.configs[1].name, "1"):
+        assert main(["simulate", str(out), "--json", "--config", sel]) == 0
+        res = json.loads(capsys.readouterr().out)
+        assert res["makespan_ms"] == pytest.approx(plan.configs[1].fwd_bwd_ms, rel=1e-9)
+        assert res["makespan_ms"] != pytest.approx(plan.configs[0].fwd_bwd_ms, rel=1e-3)
+    for bad, needle in ((["--config", "nope"], "--config: 'nope' is not a configuration of this plan"),
+                        (["--config", "2"], "--config: '2' is not a configuration"),
+                        (["--config", "0", "--step", "1"], "--step: plan kind 'moe' has no steps")):
+        assert main(["simulate", str(out), *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {needle}") and err.count("\n") == 1, err
 
 
 def test_bad_router_stats_and_empty_plans_are_one_error_line(tmp_path, capsys):
