@@ -491,9 +491,10 @@ def permute_ref(x: torch.Tensor, index: MoEIndex) -> torch.Tensor:
 
 
 def unpermute_ref(y: torch.Tensor, gate: torch.Tensor, index: MoEIndex) -> torch.Tensor:
-    """(N,H) -> (T,H), out[t] = sum of gate * y over t's rows (float32 accumulation)."""
-    out = torch.zeros((index.num_tokens, y.shape[1]), dtype=torch.float32, device=y.device)
-    out.index_add_(0, index.src_token, y.float() * gate.float().unsqueeze(1))
+    """(N,H) -> (T,H), out[t] = sum of gate * y over t's rows (float32 accumulation; float64 for float64)."""
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    out = torch.zeros((index.num_tokens, y.shape[1]), dtype=acc, device=y.device)
+    out.index_add_(0, index.src_token, y.to(acc) * gate.to(acc).unsqueeze(1))
     return out.to(y.dtype)
 
 
@@ -568,13 +569,32 @@ class _GroupedMM(torch.autograd.Function):
         return dx, dw, None, None
 
 
+def _check_index(what: str, index: MoEIndex, rows: int) -> None:
+    """The index describes ``rows`` expert rows: its counts add up to them (else the Triton kernels read or left
+    rows no expert segment covers: uninitialised output, reads past the tensor)."""
+    if index.num_rows != rows or int(index.counts.sum()) != rows:
+        raise ValueError(f"{what}: the index holds {index.num_rows} rows ({int(index.counts.sum())} by its expert "
+                         f"counts), the input {rows}")
+
+
 def permute(x: torch.Tensor, index: MoEIndex, backend: Backend = "auto") -> torch.Tensor:
-    """Rows of x in expert order: (T,H) -> (N,H)."""
+    """Rows of x in expert order: (T,H) -> (N,H). float64 takes the reference (a plain gather, exact): the Triton
+    kernel moves rows through float32."""
+    if x.shape[0] != index.num_tokens:
+        raise ValueError(f"permute: x has {x.shape[0]} tokens, the index {index.num_tokens}")
+    if x.dtype == torch.float64:
+        _pick(backend, x)  # (still refuses an unknown backend)
+        return permute_ref(x, index)
     return _Permute.apply(x, index) if _pick(backend, x) else permute_ref(x, index)
 
 
 def unpermute(y: torch.Tensor, gate: torch.Tensor, index: MoEIndex, backend: Backend = "auto") -> torch.Tensor:
-    """Gate-weighted combine of expert rows back to tokens: (N,H) -> (T,H)."""
+    """Gate-weighted combine of expert rows back to tokens: (N,H) -> (T,H); float64 takes the reference (the
+    Triton kernel accumulates in float32)."""
+    _check_index("unpermute", index, y.shape[0])
+    if y.dtype == torch.float64:
+        _pick(backend, y)
+        return unpermute_ref(y, gate, index)
     return _Unpermute.apply(y, gate.to(torch.float32), index) if _pick(backend, y) else unpermute_ref(y, gate, index)
 
 
@@ -582,6 +602,12 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, index: MoEIndex, backend: Backe
     """Grouped GEMM over the experts' row segments: x (N,K), w (E,K,M) -> (N,M)."""
     if index.num_experts != w.shape[0]:
         raise ValueError(f"grouped_mm: index has {index.num_experts} experts, weight has {w.shape[0]}")
+    # every backend refuses what the torch reference refuses (the Triton kernel read w[e, k] for k < x's K
+    # whatever w's K: garbage, or reads past the weight)
+    if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"grouped_mm: x {tuple(x.shape)} and w {tuple(w.shape)} do not multiply (x (N, K), "
+                         f"w (E, K, M))")
+    _check_index("grouped_mm", index, x.shape[0])
     if _pick(backend, x):
         return _GroupedMM.apply(x.contiguous(), w, index, gemm_engine(backend, x))
     return grouped_mm_ref(x, w, index)
@@ -684,4 +710,11 @@ def expert_mlp(x, w1, w2, index: MoEIndex, activation: str = "swiglu", backend: 
     """Expert MLP on expert-sorted rows x (N,H): SwiGLU (w1 (E,H,2F)) or GELU (w1 (E,H,F)); w2 (E,F,H)."""
     if activation not in ("swiglu", "gelu"):
         raise ValueError(f"activation: {activation!r} is not 'swiglu' or 'gelu'")
+    E, H = index.num_experts, x.shape[-1]
+    width = w1.shape[-1] if w1.dim() == 3 else -1
+    F = width // 2 if activation == "swiglu" else width
+    if (w1.dim() != 3 or tuple(w1.shape[:2]) != (E, H) or (activation == "swiglu" and width % 2)
+            or tuple(w2.shape) != (E, F, H)):  # (the Triton path computed odd or mismatched widths silently)
+        raise ValueError(f"expert_mlp: w1 {tuple(w1.shape)} and w2 {tuple(w2.shape)} do not fit x {tuple(x.shape)} "
+                         f"and {E} experts (w1 (E, H, {'2F' if activation == 'swiglu' else 'F'}), w2 (E, F, H))")
     return _ExpertMLP.apply(x, w1, w2, index, activation, backend)

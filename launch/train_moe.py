@@ -118,6 +118,9 @@ def parse_args(argv):
     p.add_argument("--router", default="gshard", help="router kind, comma list or 'all' (default: %(default)s)")
     p.add_argument("--schedule", default="uniform", help="capacity schedule, comma list or 'all' "
                    "(default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="the top_p router's threshold p: the "
+                   "smallest prefix of the sorted gate probabilities reaching it (default: %(default)s; the "
+                   "DynaMoE paper's is 0.4)")
     p.add_argument("--budget", type=int, default=None, help="total capacity over layers (k units or experts; "
                    "default: 2 per layer, or the expert count per layer)")
     # --cap-lo / --cap-hi / --hidden: under torchrun, --lo and --d are taken as abbreviations of torchrun's own
@@ -211,15 +214,20 @@ def _names(arg: str, allowed: tuple[str, ...], flag: str) -> list[str]:
     return names
 
 
+DEFAULT_TOP_P = 0.5
+"""`--top-p`: the top_p router's threshold here (the paper's default is 0.4; 0.5 leaves the tiny model's 8 experts
+routing ~1.5 experts a token). With 2 experts any p <= 0.5 always routes one expert (the top probability is >= 0.5)."""
+
+
 def layer_routers(router: str, schedule: str, layers: int, experts: int, *, budget=None, lo=None, hi=None,
-                  ep_size: int = 1, capacity_factor=None):
+                  ep_size: int = 1, capacity_factor=None, top_p: float = DEFAULT_TOP_P):
     """Per-layer RouterConfigs for ``router`` shaped by capacity schedule ``schedule`` (see module docstring).
     Returns (configs, caps) where caps are the scheduled per-layer values."""
     from adasched.runtime.moe import RouterConfig
     from adasched.schedules.capacity import capacity_schedule
 
     base = RouterConfig(kind=router, num_experts=experts, top_k=min(2, experts), capacity_factor=capacity_factor,
-                        p=0.5)
+                        p=top_p)
     if router == "switch":                                # k is 1: schedule the expert count, in EP units
         u = ep_size
         lo = lo if lo is not None else max(u, experts // 2)
@@ -325,11 +333,14 @@ def run_identity(args, router: str, schedule: str, ep_size: int, world: int) -> 
     """What makes a run a different run (the checkpoint's identity, see the module docstring): a flat dict of JSON
     values. Raises like the validation (it resolves the capacity schedule and the plan)."""
     _, caps = layer_routers(router, schedule, args.layers, args.experts, budget=args.budget, lo=args.lo,
-                            hi=args.hi, ep_size=ep_size, capacity_factor=args.capacity_factor)
+                            hi=args.hi, ep_size=ep_size, capacity_factor=args.capacity_factor,
+                            top_p=args.top_p)
     two_step = bool(args.hierarchical and ep_size > 1)
     ident = {"trainer": "train_moe", "router": router, "schedule": schedule, "caps": caps, "layers": args.layers,
              "experts": args.experts, "hidden": args.d, "heads": args.heads, "ffn": args.ffn, "vocab": args.vocab,
              "seq": args.seq, "batch": args.batch, "shared_experts": args.shared_experts,
+             **({"top_p": args.top_p} if router == "top_p" and args.top_p != DEFAULT_TOP_P else {}),  # (saves
+             # made before --top-p existed ran 0.5 and have no such key)
              "capacity_factor": args.capacity_factor, "seed": args.seed, "dtype": "float32",
              **lr_identity(args, args.steps), "ep_size": ep_size, "two_step_a2a": two_step,
              "exchange_gpus_per_node": min(args.gpus_per_node, ep_size) if two_step else None}
@@ -366,7 +377,8 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log,
 
     ep_size = ep.size if ep is not None else 1
     routers, caps = layer_routers(router, schedule, args.layers, args.experts, budget=args.budget, lo=args.lo,
-                                  hi=args.hi, ep_size=ep_size, capacity_factor=args.capacity_factor)
+                                  hi=args.hi, ep_size=ep_size, capacity_factor=args.capacity_factor,
+                                  top_p=args.top_p)
     pp = _plan_pipeline(args, ep_size, args.layers, world)
     fractions = pp.slice_fractions
     build = dict(max_len=args.seq, shared_experts=args.shared_experts)
@@ -594,6 +606,8 @@ def _check_sizes(args, world: int) -> None:
         raise ValueError(f"--lr: {args.lr} must be a positive number")
     if args.capacity_factor is not None and not (math.isfinite(args.capacity_factor) and args.capacity_factor > 0):
         raise ValueError(f"--capacity-factor: {args.capacity_factor} must be > 0 (omit it for dropless)")
+    if not 0 < args.top_p <= 1:  # NaN too
+        raise ValueError(f"--top-p: {args.top_p} must be in (0, 1]")
     if args.hierarchical and world > 1 and world % min(args.gpus_per_node, world):
         raise ValueError(f"--gpus-per-node: {world} ranks do not split into nodes of {args.gpus_per_node}")
     check_output_path(args.router_stats_out, "--router-stats-out")
@@ -680,7 +694,7 @@ def _main(args) -> int:
     for r in routers:                                 # validate every combination before any process group
         for s in schedules:
             layer_routers(r, s, args.layers, args.experts, budget=args.budget, lo=args.lo, hi=args.hi,
-                          ep_size=env_ep, capacity_factor=args.capacity_factor)
+                          ep_size=env_ep, capacity_factor=args.capacity_factor, top_p=args.top_p)
     _plan_pipeline(args, env_ep, args.layers, env_world)
     ckpt, saved = None, None
     if ck_cfg is not None:                            # before any process group: a mismatch is one line, exit 2
