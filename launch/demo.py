@@ -30,6 +30,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     only = set(argv)
     out = Path("demo-out")
+    from adasched.profiler.io import check_output_folder, error_line
+
+    try:  # (a file named demo-out was a FileExistsError traceback)
+        check_output_folder(out, "demo-out")
+    except ValueError as err:
+        sys.stderr.write(error_line(err))
+        return 2
     out.mkdir(exist_ok=True)
     t_all = time.perf_counter()
     for name, mod in STEPS:

@@ -201,7 +201,8 @@ def simulate_cmd(
                 if not 0 <= step < n_steps:
                     raise InputError("--step", f"{step} is not a step of this plan (0..{n_steps - 1})")
                 sim = plan.simulate(plan.steps[step].step)  # --step is the position; the plan numbers its steps
-                what = f"step {step} of {n_steps}: "
+                number = plan.steps[step].step
+                what = f"step {step} of {n_steps}" + (f" (the plan's step {number})" if number != step else "") + ": "
             else:
                 if step:
                     raise InputError("--step", f"plan kind {plan.kind!r} has no steps")
@@ -211,9 +212,7 @@ def simulate_cmd(
             raise
         except ValueError as err:  # the simulator's refusals (an overflowing sum of times) name the plan's file
             raise InputError(path, str(err)) from None
-    per_lane: dict[str, float] = {}
-    for t in sim.tasks:
-        per_lane[t.lane] = per_lane.get(t.lane, 0.0) + (t.end_ms - t.start_ms)
+    per_lane = _busy_per_lane(sim.tasks)
     unit = getattr(sim, "unit", "ms")  # a Twill loop schedule counts normalised cycles
     if as_json:
         if unit == "ms":
@@ -232,6 +231,28 @@ def simulate_cmd(
                      **({} if unit == "ms" else {"xlabel": unit}))
         if not as_json:
             typer.echo(f"wrote {plot}")
+
+
+def _busy_per_lane(tasks) -> dict[str, float]:
+    """Time each lane is busy: the length of the union of its tasks' intervals (a Twill warp group's ops overlap
+    in time; their plain sum read 9 busy cycles of an 8-cycle makespan, utilisation 1.125)."""
+    by_lane: dict[str, list] = {}
+    for t in tasks:
+        by_lane.setdefault(t.lane, []).append((t.start_ms, t.end_ms))
+    out: dict[str, float] = {}
+    for lane, spans in by_lane.items():
+        total, cur_start, cur_end = 0.0, None, None
+        for a, b in sorted(spans):
+            if cur_end is None or a > cur_end:
+                if cur_end is not None:
+                    total += cur_end - cur_start
+                cur_start, cur_end = a, b
+            else:
+                cur_end = max(cur_end, b)
+        if cur_end is not None:
+            total += cur_end - cur_start
+        out[lane] = total
+    return out
 
 
 _registered = False

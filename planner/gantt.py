@@ -4,7 +4,24 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
-__all__ = ["render_gantt"]
+__all__ = ["render_gantt", "sub_rows"]
+
+
+def sub_rows(tasks: Iterable) -> list[list]:
+    """A lane's tasks split into rows without overlaps: bars that overlap in time (a warp group's ops in flight
+    together) were drawn over each other. Each task, in start order, goes to the first row whose last task has
+    ended."""
+    rows: list[list] = []
+    ends: list[float] = []
+    for t in sorted(tasks, key=lambda t: (t.start_ms, t.end_ms)):
+        k = next((i for i, e in enumerate(ends) if e <= t.start_ms), None)
+        if k is None:
+            rows.append([])
+            ends.append(0.0)
+            k = len(rows) - 1
+        rows[k].append(t)
+        ends[k] = t.end_ms
+    return rows
 
 
 def render_gantt(tasks: Iterable, path: str | os.PathLike, *, title: str = "", xlabel: str = "time (ms)",
@@ -21,23 +38,29 @@ def render_gantt(tasks: Iterable, path: str | os.PathLike, *, title: str = "", x
     tasks = list(tasks)
     lane_of = lane_of or (lambda t: getattr(t, "lane", f"rank {t.rank} / {t.stream}"))
     label_of = label_of or (lambda t: getattr(t, "name", ""))
-    lanes: list[str] = []
+    lanes: dict[str, list] = {}
     for t in tasks:
-        ln = lane_of(t)
-        if ln not in lanes:
-            lanes.append(ln)
+        lanes.setdefault(lane_of(t), []).append(t)
     cats = sorted({getattr(t, "category", "") or "" for t in tasks})
     cmap = plt.get_cmap("tab20")
     colour = {c: cmap(i % 20) for i, c in enumerate(cats)}
     height = max(2.5, 0.4 * len(lanes) + 1.2)
     fig, ax = plt.subplots(figsize=(12, height))
     span = max((t.end_ms for t in tasks), default=1.0) - min((t.start_ms for t in tasks), default=0.0)
-    for t in tasks:
-        y = lanes.index(lane_of(t))
-        w = t.end_ms - t.start_ms
-        ax.barh(y, w, left=t.start_ms, height=0.8, color=colour[getattr(t, "category", "") or ""], edgecolor="black", linewidth=0.3)
-        if span > 0 and w / span > 0.04:
-            ax.text(t.start_ms + w / 2, y, label_of(t), ha="center", va="center", fontsize=6, clip_on=True)
+    for y, members in enumerate(lanes.values()):
+        rows = sub_rows(members)
+        h = 0.8 / len(rows)
+        for k, row in enumerate(rows):  # one call per sub-row (one barh per task took 29 s for 20,000 tasks)
+            y0 = y - 0.4 + k * h
+            ax.broken_barh([(t.start_ms, t.end_ms - t.start_ms) for t in row], (y0, h),
+                           facecolors=[colour[getattr(t, "category", "") or ""] for t in row],
+                           edgecolor="black", linewidth=0.3)
+            for t in row:
+                w = t.end_ms - t.start_ms
+                if span > 0 and w / span > 0.04:
+                    ax.text(t.start_ms + w / 2, y0 + h / 2, label_of(t), ha="center", va="center",
+                            fontsize=6 if len(rows) == 1 else 5, clip_on=True)
+    lanes = list(lanes)
     ax.set_yticks(range(len(lanes)))
     ax.set_yticklabels(lanes, fontsize=7)
     ax.invert_yaxis()
@@ -46,7 +69,9 @@ def render_gantt(tasks: Iterable, path: str | os.PathLike, *, title: str = "", x
         ax.set_title(title)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colour[c]) for c in cats if c]
     if handles:
-        ax.legend(handles, [c for c in cats if c], loc="upper right", fontsize=7, ncol=min(len(handles), 6))
+        # outside the axes, to the right: inside it covered the last bars
+        ax.legend(handles, [c for c in cats if c], loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7,
+                  borderaxespad=0.0)
     fig.tight_layout()
     from adasched.profiler.io import save_figure
 

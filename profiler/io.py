@@ -70,9 +70,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             pass
 
 
-#: Figure formats matplotlib's Agg backend writes (checked without importing matplotlib).
+#: Figure formats matplotlib's Agg backend writes (checked without importing matplotlib). Not "pgf": it needs a
+#: TeX installation, and without one the figure failed with a traceback after the work (and after a plan was
+#: written).
 FIGURE_FORMATS = ("png", "pdf", "svg", "svgz", "eps", "ps", "jpg", "jpeg", "tif", "tiff", "webp", "gif", "avif",
-                  "pgf", "raw", "rgba")
+                  "raw", "rgba")
 
 
 def check_output_path(path: str | os.PathLike | None, option: str, *, figure: bool | None = None) -> None:
@@ -92,6 +94,19 @@ def check_output_path(path: str | os.PathLike | None, option: str, *, figure: bo
         fmt = path.suffix[1:].lower()
         if fmt not in FIGURE_FORMATS:
             raise InputError(option, f"{path}: cannot draw a {fmt!r} file (use one of {', '.join(FIGURE_FORMATS)})")
+
+
+def check_distinct_outputs(*outputs: tuple[str, str | os.PathLike | None]) -> None:
+    """(option, path) pairs of one command's outputs: two naming one file are refused (`--out p.png --plot p.png`
+    wrote the plan, then the figure over it, and said "wrote p.png and p.png")."""
+    seen: dict[Path, str] = {}
+    for option, path in outputs:
+        if path is None:
+            continue
+        key = Path(path).expanduser().resolve()
+        if key in seen:
+            raise InputError(option, f"{path} is also {seen[key]}: give each output its own file")
+        seen[key] = option
 
 
 def check_output_folder(path: str | os.PathLike, option: str) -> None:
@@ -165,7 +180,10 @@ def save_figure(fig, path: str | os.PathLike, *, dpi: int = 110) -> Path:
     if fmt not in FIGURE_FORMATS:
         raise InputError(path, f"cannot draw a {fmt!r} file (use one of {', '.join(FIGURE_FORMATS)})")
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format=fmt)
+        try:
+            fig.savefig(tmp, dpi=dpi, format=fmt)
+        except (RuntimeError, ValueError, ImportError) as err:  # a writer this host lacks: one line, no file
+            raise InputError(path, f"cannot draw: {' '.join(str(err).split())[:200]}") from None
     return path
 
 

@@ -75,8 +75,18 @@ def plot_profile(p: ClusterProfile, path: str | os.PathLike) -> None:
         ax.set_ylabel("attention fwd+bwd per layer (ms)")
         ax.set_title(f"attention, {p.attention.heads} heads x {p.attention.head_dim}", fontsize=9)
         ax.legend(fontsize=7)
+    elif p.model_costs:  # a profile of published per-model terms (a100-64-flexsp-paper): its compute model
+        s = np.logspace(7, 19, 50, base=2)
+        for name, mc in sorted(p.model_costs.items()):
+            ax.loglog(s, [(mc.a1_ms_per_tok2 * x * x + mc.a2_ms_per_tok * x) / mc.layers for x in s],
+                      label=f"{name} ({mc.layers} layers)")
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel("compute per sequence per layer (ms)")
+        ax.set_title("published model costs: (a1 s^2 + a2 s) / layers", fontsize=9)
+        ax.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "no attention model", ha="center")
+        ax.axis("off")
     ax = axes[1]
     if p.linear:
         dense = raw.get("dense_7b_layer_linear_fwd_bwd")
@@ -93,6 +103,7 @@ def plot_profile(p: ClusterProfile, path: str | os.PathLike) -> None:
         ax.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "no linear model", ha="center")
+        ax.axis("off")
     ax = axes[2]
     coll = raw.get("collectives")
     points = coll.get("points") if isinstance(coll, dict) else None

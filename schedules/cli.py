@@ -36,7 +36,7 @@ def register(groups) -> None:
         import numpy as np
 
         from adasched.planner.ui import emit_json, print_table
-        from adasched.profiler.io import InputError, atomic_write_json, check_output_path
+        from adasched.profiler.io import InputError, atomic_write_json, check_distinct_outputs, check_output_path
 
         from .gradnorm import read_norms_csv
         from .lr import refined_multipliers, smooth_norms
@@ -44,6 +44,7 @@ def register(groups) -> None:
 
         check_output_path(out, "--out")
         check_output_path(plot, "--plot")
+        check_distinct_outputs(("--out", out), ("--plot", plot))
         # writing over the norms being read loses the previous run's record (it was replaced by the JSON)
         for option, path in (("--out", out), ("--plot", plot)):
             if path is not None and norms.exists() and Path(path).resolve() == norms.resolve():

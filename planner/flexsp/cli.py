@@ -188,7 +188,7 @@ def register(groups) -> None:
         """Plan FlexSP sequence parallelism: per global batch and micro-batch, concurrent Ulysses groups of
         power-of-two degrees (buddy-placed) and the sequences each runs; compared with static SP = N, the best
         single degree per micro-batch and a greedy heuristic on the same cost model."""
-        from adasched.profiler.io import check_output_path
+        from adasched.profiler.io import check_distinct_outputs, check_output_path
 
         from ..plan import save_plan
         from ..ui import emit_json, print_table
@@ -198,6 +198,7 @@ def register(groups) -> None:
                                    no_milp=no_milp)
         check_output_path(out, "--out")
         check_output_path(plot, "--plot")
+        check_distinct_outputs(("--out", out), ("--plot", plot))
         prof, mdl, cm, lens, cfg = _setup(profile, model, seqlens, gpus, max_context, time_limit, seed, buckets,
                                           no_milp, deterministic)
         plan, results = _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context,

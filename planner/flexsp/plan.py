@@ -253,9 +253,12 @@ class SPPlan(Plan):
                 prev[r] = name
         return simulate(tasks)
 
-    def plot(self, path, step: int = 0) -> None:
+    def plot(self, path, step: int | None = None) -> None:
+        """Draw step ``step`` (its number in the plan; default: the first step, whatever it is numbered - a plan
+        numbered from 5 failed with "no step 0")."""
         from adasched.planner.gantt import render_gantt
 
+        step = self.steps[0].step if step is None else step
         tasks = [t for t in self.gantt_tasks(step) if t.category != "barrier"]
         st = next(s for s in self.steps if s.step == step)
         render_gantt(tasks, path, title=f"FlexSP step {step}: {st.predicted_ms:.0f} ms, "

@@ -76,13 +76,14 @@ def register(groups) -> None:
         """Pack several LoRA jobs sharing one frozen base model into microbatches for a 1F1B pipeline
         (adapter grouping, FFD + MILP packing, merge pass, dependency rule) and compare with mLoRA-style
         and sequential baselines simulated on the same samples."""
-        from adasched.profiler.io import check_output_path
+        from adasched.profiler.io import check_distinct_outputs, check_output_path
 
         from ..plan import save_plan
         from ..ui import emit_json, print_table
 
         check_output_path(out, "--out")
         check_output_path(plot, "--plot")
+        check_distinct_outputs(("--out", out), ("--plot", plot))
         plan = _plan(jobs, profile, time_limit, seed, no_milp)
         save_plan(plan, out)
         if plot:

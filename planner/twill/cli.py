@@ -30,12 +30,13 @@ def register(groups) -> None:
         from adasched.planner.plan import save_plan
         from adasched.planner.solver import SolveParams
         from adasched.planner.ui import emit_json, print_table
-        from adasched.profiler.io import InputError, check_output_path
+        from adasched.profiler.io import InputError, check_distinct_outputs, check_output_path
 
         from .plan import plan_twill
 
         check_output_path(out, "--out")
         check_output_path(plot, "--plot")
+        check_distinct_outputs(("--out", out), ("--plot", plot))
         # each option checked alone (the others at their valid defaults), so the error names the option that is
         # wrong whatever SolveParams' message says (it used to be read off the message's first word)
         for option, field, value in (("--time-limit", "time_limit", time_limit), ("--seed", "seed", seed),
