@@ -299,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     _register_plugins()
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="adasched")
+        if rv == 130:  # typer turns a Ctrl-C into Exit(130), which click returns here: say so, as for an Abort
+            sys.stderr.write("aborted\n")
         return int(rv or 0) if isinstance(rv, int) else 0
     except exit_exc as e:
         return int(getattr(e, "exit_code", 0) or 0)
