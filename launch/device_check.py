@@ -161,17 +161,19 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(json.dumps(payload, indent=1, default=str))
         tmp.replace(Path(out_dir) / "device_check.json")
 
-    def run_bench(priority: int) -> None:
+    def run_bench(priority: int, until: float | None = None) -> None:
         if args.no_bench:
             return
+        stop = deadline if until is None else min(until, deadline)
         got = bench.run_benchmarks(groups, quick=quick, device=device, priority=priority, log=log,
-                                   budget_s=max(0.0, deadline - time.perf_counter()), on_result=save)
+                                   budget_s=max(0.0, stop - time.perf_counter()), on_result=save)
         results.extend(got["results"])
         skipped.extend(got["skipped"])
         save()
 
-    # Phase 1: correctness of the kernels; 2: the target shapes (+ profiler breakdown); 3: the Twill sweeps;
-    # 4: the rest of the fwd+bwd grid; 5: everything else (fwd-only grid, other multi-LoRA shapes, GEMM bench).
+    # Phase 1: correctness of the kernels; 2: the target shapes (at most half the time left); 3: the Twill sweeps;
+    # 4: the profiler breakdown of the target shapes; 5: the rest of the fwd+bwd grid; 6: everything else (fwd-only
+    # grid, other multi-LoRA shapes, GEMM bench).
     fast = [g for g in groups if g != "gemm"]
     log(f"[checks] {', '.join(fast)}")
     checks += bench.run_checks(fast, device)
@@ -179,7 +181,14 @@ def main(argv: list[str] | None = None) -> int:
         log("[checks] lora: int64 offsets (child process)")
         checks += large_offset_child(log)
     save()
-    run_bench(priority=0)
+    # the target shapes get at most half of what is left when the Twill plan-vs-sweep (a target of its own) is to
+    # run after them: it came last and got nothing once the LoRA checks and benchmarks had used the budget
+    run_bench(priority=0, until=(time.perf_counter() + 0.5 * max(0.0, deadline - time.perf_counter()))
+              if "gemm" in groups else None)
+    if "gemm" in groups:
+        log("[checks] gemm (Twill plan vs sweep)")
+        checks += bench.run_checks(["gemm"], device, deadline=deadline)
+        save()
     profiles, host_profiles = {}, {}
     if device == "cuda" and not args.no_profile:  # where the time of the target shapes goes
         def breakdown(targets, profile, label, out):
@@ -198,10 +207,6 @@ def main(argv: list[str] | None = None) -> int:
         breakdown(HOST_PROFILE_TARGETS, bench.host_profile, "host profile", host_profiles)
         save_extra["profiles"] = profiles
         save_extra["host_profiles"] = host_profiles
-        save()
-    if "gemm" in groups:
-        log("[checks] gemm (Twill plan vs sweep)")
-        checks += bench.run_checks(["gemm"], device, deadline=deadline)
         save()
     run_bench(priority=1)
     run_bench(priority=2)

@@ -9,12 +9,14 @@
 set -eu
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
+rm -rf .whl  # a re-fetch must not leave two versions of one package (the whole install then fails on the GPU)
 mkdir -p .whl
+# exact versions, the ones constraints.txt pins here (ranges let a later fetch pick others)
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 -d .whl \
-  "ortools==9.15.6755" "protobuf>=6.33.1,<6.34" "immutabledict>=3" \
-  "pydantic==2.14.4" "pydantic-core==2.50.5" "annotated-types>=0.6" "typing-inspection>=0.4.4" \
-  "typing-extensions>=4.16"
+  "ortools==9.15.6755" "protobuf==6.33.6" "immutabledict==4.3.1" \
+  "pydantic==2.14.4" "pydantic-core==2.50.5" "annotated-types==0.8.0" "typing-inspection==0.4.5" \
+  "typing-extensions==4.16.0"
 ls -la .whl
 du -sh .whl

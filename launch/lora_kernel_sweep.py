@@ -63,8 +63,14 @@ def main(argv: list[str] | None = None) -> int:
                     "default: %(default)s)")
     ap.add_argument("--with-s", action="store_true", help="also time the dropout kernel that accumulates S")
     ap.add_argument("--only", default="gemm,dy,term,down",
-                    help="comma-separated parts: gemm, dy, term, down (default: all)")
+                    help="comma-separated parts: gemm, dy, term, down (default: all; the GEMM part runs last: its "
+                         "TMA / persistent variants are the ones never run on a GPU, and a CUDA fault there would "
+                         "spoil everything after it)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="no new variant starts after this many seconds (default: no limit); the rest is listed "
+                         "as skipped")
     args = ap.parse_args(argv)
+    t_start = time.perf_counter()
     parts = [x.strip() for x in args.only.split(",") if x.strip()]
     bad = [x for x in parts if x not in ("gemm", "dy", "term", "down")]
     if bad or not parts:
@@ -106,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             return (time.perf_counter() - t0) * 1e3
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100))
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))  # (default: mean)
 
     def save() -> None:
         """Everything so far to $OUT/lora_kernel_sweep.json (a run cut off by its time limit still reports)."""
@@ -116,9 +122,16 @@ def main(argv: list[str] | None = None) -> int:
             tmp.write_text(json.dumps(out, indent=1, default=str))
             tmp.replace(Path(os.environ["OUT"]) / "lora_kernel_sweep.json")
 
+    out["skipped"] = []
+
     def record(section: str, row: dict, measure) -> None:
         """``row`` updated with what ``measure()`` returns (a config that fails to compile or run is a result:
-        ms NaN and the error), added to ``out[section]``, saved, echoed."""
+        ms NaN and the error), added to ``out[section]``, saved, echoed. Past --budget-s the row is listed as
+        skipped instead."""
+        if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
+            out["skipped"].append({"section": section, **row})
+            save()
+            return
         try:
             row.update(measure())
         except Exception as err:
@@ -128,71 +141,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{section} {row}", file=sys.stderr, flush=True)
 
     _, xd_ref, mask_ref = L._down(x, a, plan, seed, with_s=False)  # the default launch: reference outputs
-
-    if "gemm" in parts:
-        # our two big GEMMs (pointer tiles vs TMA descriptors) and cuBLAS on the same tensors
-        from adasched.kernels.gemm import GemmConfig
-
-        dy = torch.randn(T, N, device=dev, generator=g).to(dt)
-        w = (torch.randn(N, K, device=dev, generator=g) * N ** -0.5).to(dt)
-        bmat = (torch.randn(N, r, device=dev, generator=g) * r ** -0.5).to(dt)
-        ds = torch.randn(T, plan.block_r, device=dev, generator=g, dtype=torch.float32)
-        s_fp32 = torch.zeros(T, plan.block_r, device=dev, dtype=torch.float32)
-        s_fp32[:, :r] = torch.randn(T, r, device=dev, generator=g)
-        flops = 2.0 * T * N * K
-        keep = L.unpack_keep_bits(mask_ref, K)
-        # independent float32 references: X W^T + scale S B^T, dY W + keep * (dS A) / (1 - p)
-        refs = {"fwd": x.float() @ w.float().t() + 2.0 * s_fp32[:, :r] @ bmat.float().t(),
-                "dX": dy.float() @ w.float() + torch.where(keep, ds[:, :r] @ a.float(), 0.0) / (1.0 - p)}
-        cublas = {"fwd": lambda: torch.mm(x, w.t()), "dX": lambda: torch.mm(dy, w)}
-        cublas_ms = {}
-        # (gemm, tma, dX epilogue split (None: the rule), persistent grid)
-        variants = [("fwd", False, None, False), ("fwd", True, None, False), ("fwd", True, None, True),
-                    ("dX", False, 0, False), ("dX", False, 1, False), ("dX", True, None, False), ("dX", True, None, True)]
-        for kind in ("fwd", "dX"):
-            ms = time_ms(cublas[kind])
-            cublas_ms[kind] = ms
-            out["gemm"].append({"gemm": kind, "impl": "cuBLAS (no LoRA term)", "tile": "", "stages": "", "warps": "",
-                                "epilogue": "", "ms": ms, "tflops": flops / ms / 1e9, "same": True,
-                                "x_cublas": 1.0})
-        for (bn, stages, warps), (kind, tma, split, persistent) in itertools.product(
-                DX_TILES if not smoke else ((32, 2, 4),), variants):
-            if persistent and warps != 8 and not smoke:  # the persistent grid at the two 8-warp tiles only
-                continue
-            cfg = GemmConfig(block_m=plan.block_m, block_n=bn, block_k=64 if not smoke else 16, num_stages=stages,
-                             num_warps=warps, tma=tma, persistent=persistent)
-            rule = L.epi_split(plan.block_m, bn, warps)
-            impl = ("ours, TMA" if tma else "ours, pointers") + (", persistent" if persistent else "")
-            # whether descriptors really read the operands (else the launch fell back to pointer tiles)
-            tma_used = tma and (L._tma_ok(x, w, w.stride(1), w.stride(0)) if kind == "fwd"
-                                else L._tma_ok(dy, w, w.stride(0), w.stride(1)))
-            if tma and not tma_used:
-                impl += " (fell back to pointers)"
-            row = {"gemm": kind, "impl": impl, "tma_used": tma_used, "tile": f"{plan.block_m}x{bn}x{cfg.block_k}",
-                   "stages": stages, "warps": warps,
-                   "epilogue": "" if kind == "fwd" else ("split" if (rule if split is None else split) else "full")}
-
-            def run(cfg=cfg, kind=kind, split=split, buf=None):
-                if kind == "fwd":
-                    buf = torch.empty(T, N, device=dev, dtype=dt) if buf is None else buf
-                    L._gemm(x, w, w.stride(1), w.stride(0), s_fp32, bmat, bmat.stride(1), bmat.stride(0), None, None,
-                            buf, plan, N, K, apply_scale=True, backward=False, config=cfg)
-                else:
-                    buf = torch.empty(T, K, device=dev, dtype=dt) if buf is None else buf
-                    L._gemm(dy, w, w.stride(0), w.stride(1), ds, a, a.stride(0), a.stride(1), mask_ref, None, buf, plan,
-                            K, N, apply_scale=False, backward=True, config=cfg, epi_split=split)
-                return buf
-
-            def measure(run=run, kind=kind):
-                got = run()
-                ref = refs[kind]
-                diff = float((got.float() - ref).abs().max())
-                buf = torch.empty_like(got)
-                ms = time_ms(lambda: run(buf=buf))
-                # bf16 output of a long fp32 sum: within 1 % of the largest element (float32 smoke: 1e-4)
-                return dict(ms=ms, tflops=flops / ms / 1e9, max_abs_diff=diff, x_cublas=ms / cublas_ms[kind],
-                            same=diff <= (1e-4 if smoke else 1e-2) * float(ref.abs().max()))
-            record("gemm", row, measure)
 
     if "dy" in parts:
         # dY kernel: reads dY [T, N] once, dS [T, r] and dB [N, r] in fp32; float64 references
@@ -243,6 +191,74 @@ def main(argv: list[str] | None = None) -> int:
                 return dict(ms=ms, gbps=down_bytes / ms / 1e6, same=same, default=cfg == L.DOWN_LAUNCH)
             record("down", {"with_s": with_s, **cfg}, measure)
 
+    if "gemm" in parts:
+        # our two big GEMMs (pointer tiles vs TMA descriptors) and cuBLAS on the same tensors
+        from adasched.kernels.gemm import GemmConfig
+
+        dy = torch.randn(T, N, device=dev, generator=g).to(dt)
+        w = (torch.randn(N, K, device=dev, generator=g) * N ** -0.5).to(dt)
+        bmat = (torch.randn(N, r, device=dev, generator=g) * r ** -0.5).to(dt)
+        ds = torch.randn(T, plan.block_r, device=dev, generator=g, dtype=torch.float32)
+        s_fp32 = torch.zeros(T, plan.block_r, device=dev, dtype=torch.float32)
+        s_fp32[:, :r] = torch.randn(T, r, device=dev, generator=g)
+        flops = 2.0 * T * N * K
+        keep = L.unpack_keep_bits(mask_ref, K)
+        # independent float32 references: X W^T + scale S B^T, dY W + keep * (dS A) / (1 - p)
+        refs = {"fwd": x.float() @ w.float().t() + 2.0 * s_fp32[:, :r] @ bmat.float().t(),
+                "dX": dy.float() @ w.float() + torch.where(keep, ds[:, :r] @ a.float(), 0.0) / (1.0 - p)}
+        cublas = {"fwd": lambda: torch.mm(x, w.t()), "dX": lambda: torch.mm(dy, w)}
+        cublas_ms = {}
+        # (gemm, tma, dX epilogue split (None: the rule), persistent grid)
+        variants = [("fwd", False, None, False), ("fwd", True, None, False), ("fwd", True, None, True),
+                    ("dX", False, 0, False), ("dX", False, 1, False), ("dX", True, None, False), ("dX", True, None, True)]
+        for kind in ("fwd", "dX"):
+            ms = time_ms(cublas[kind])
+            cublas_ms[kind] = ms
+            out["gemm"].append({"gemm": kind, "impl": "cuBLAS (no LoRA term)", "tile": "", "stages": "", "warps": "",
+                                "epilogue": "", "ms": ms, "tflops": flops / ms / 1e9, "same": True,
+                                "x_cublas": 1.0})
+        # pointer tiles first, the TMA / persistent variants (never run on a GPU yet) last
+        grid = sorted(itertools.product(DX_TILES if not smoke else ((32, 2, 4),), variants),
+                      key=lambda tv: bool(tv[1][1] or tv[1][3]))
+        for (bn, stages, warps), (kind, tma, split, persistent) in grid:
+            if persistent and warps != 8 and not smoke:  # the persistent grid at the two 8-warp tiles only
+                continue
+            cfg = GemmConfig(block_m=plan.block_m, block_n=bn, block_k=64 if not smoke else 16, num_stages=stages,
+                             num_warps=warps, tma=tma, persistent=persistent)
+            rule = L.epi_split(plan.block_m, bn, warps)
+            impl = ("ours, TMA" if tma else "ours, pointers") + (", persistent" if persistent else "")
+            # whether descriptors really read the operands (else the launch fell back to pointer tiles)
+            tma_used = tma and (L._tma_ok(x, w, w.stride(1), w.stride(0)) if kind == "fwd"
+                                else L._tma_ok(dy, w, w.stride(0), w.stride(1)))
+            if tma and not tma_used:
+                impl += " (fell back to pointers)"
+            row = {"gemm": kind, "impl": impl, "tma_used": tma_used, "tile": f"{plan.block_m}x{bn}x{cfg.block_k}",
+                   "stages": stages, "warps": warps,
+                   "epilogue": "" if kind == "fwd" else ("split" if (rule if split is None else split) else "full")}
+
+            def run(cfg=cfg, kind=kind, split=split, buf=None):
+                if kind == "fwd":
+                    buf = torch.empty(T, N, device=dev, dtype=dt) if buf is None else buf
+                    L._gemm(x, w, w.stride(1), w.stride(0), s_fp32, bmat, bmat.stride(1), bmat.stride(0), None, None,
+                            buf, plan, N, K, apply_scale=True, backward=False, config=cfg)
+                else:
+                    buf = torch.empty(T, K, device=dev, dtype=dt) if buf is None else buf
+                    L._gemm(dy, w, w.stride(0), w.stride(1), ds, a, a.stride(0), a.stride(1), mask_ref, None, buf, plan,
+                            K, N, apply_scale=False, backward=True, config=cfg, epi_split=split)
+                return buf
+
+            def measure(run=run, kind=kind):
+                got = run()
+                ref = refs[kind]
+                diff = float((got.float() - ref).abs().max())
+                buf = torch.empty_like(got)
+                ms = time_ms(lambda: run(buf=buf))
+                base = time_ms(cublas[kind])  # cuBLAS again, next to this variant (not minutes before it)
+                # bf16 output of a long fp32 sum: within 1 % of the largest element (float32 smoke: 1e-4)
+                return dict(ms=ms, tflops=flops / ms / 1e9, max_abs_diff=diff, x_cublas=ms / base, cublas_ms=base,
+                            same=diff <= (1e-4 if smoke else 1e-2) * float(ref.abs().max()))
+            record("gemm", row, measure)
+
     text = [f"lora kernel sweep: {env['device_name']}, torch {env['torch']}, triton {env['triton']}, "
             f"T={T} K={K} N={N} r={r} p={p}"]
     for kind, title in (("fwd", "forward GEMM (X W^T + scale S B^T)"), ("dX", "dX GEMM (dY W + masked LoRA term)")):
@@ -266,8 +282,13 @@ def main(argv: list[str] | None = None) -> int:
         table += [[*(str(rw[k]) for k in keys), "error", rw.get("error", ""), "", ""] for rw in rows
                   if rw["ms"] != rw["ms"]]
         text.append(bench.format_table(table, [*keys, "us", "GB/s", "same output", ""], title=f"== {name} =="))
+    if out["skipped"]:
+        text.append(f"skipped past --budget-s {args.budget_s:g}: {len(out['skipped'])} variants "
+                    f"({', '.join(sorted({sk['section'] for sk in out['skipped']}))})")
     print("\n".join(text), flush=True)
     save()
+    if os.environ.get("OUT"):  # the tables too: a reply's output tail keeps only its last 12,000 characters
+        (Path(os.environ["OUT"]) / "lora_kernel_sweep.txt").write_text("\n".join(text) + "\n")
     bad = [rw for rw in out["down"] + out["term"] + out["gemm"] + out["dy"] if rw["ms"] == rw["ms"] and not rw["same"]]
     return 1 if bad else 0
 
