@@ -112,7 +112,7 @@ def test_plan_rejects_a_sequence_that_cannot_fit():
 
     prof = load_profile("a100-64-flexsp-paper")
     lens = np.array([100, 200, 10_000_000])
-    with pytest.raises(InputError, match=r"sequence 2 \(0-based\) has 10000000 tokens and needs .* GiB"):
+    with pytest.raises(InputError, match=r"the longest sequence \(length number 3 of 3 listed\) has 10000000 tokens and needs .* GiB"):
         plan_sp(prof, "gpt-7b", lens, gpus=64, global_batch=2, steps=1)
 
 
