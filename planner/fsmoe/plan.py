@@ -31,7 +31,8 @@ class MoELayerPlan(BaseModel):
     bwd_ms: float
     bwd_fused_wgrad_ms: float | None = Field(default=None, description="best backward with wgrad fused (any r): "
                                                                       "what the degree choice alone gives")
-    case_fwd: str = Field(description="paper case matching the chosen r: a2a-bound (T_A) or compute-bound (T_B)")
+    case_fwd: str = Field(description="the forward's busiest resource at the chosen r: a2a-bound (T_A), "
+                                      "compute-bound (T_B) or intra-node-bound (all-gather / reduce-scatter)")
     time_by_r_fwd: dict[str, float]
     time_by_r_bwd: dict[str, float]
 

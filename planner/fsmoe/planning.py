@@ -11,7 +11,7 @@ from ..solver import SolveParams
 from .baselines import BASELINES, baseline_fwd_bwd_ms
 from .costmodel import (EXPERT_GRAD_BUCKET_ELEMENTS, MoEConfig, expert_grad_allreduce_ms, expert_grad_buckets, expert_params_per_gpu,
                         stage_costs, topology)
-from .model import WGRAD_MODES, choose_r, exposed_comm_ms, paper_cases, solve_slices
+from .model import WGRAD_MODES, choose_r, exposed_comm_ms, solve_slices
 from .plan import MoEConfigPlan, MoELayerPlan, MoEPlan, StageCostsRecord
 
 __all__ = ["dense_block_ms", "plan_config", "plan_moe"]
@@ -38,6 +38,17 @@ def shared_link(sim) -> str:
     sharded layout on one node, a two-step exchange whose EP group is one node), the intra-node one (its
     all-gather / reduce-scatter or intra-node all-to-all on NVLink, where the all-reduce then runs too)."""
     return "inter" if sim.busy_ms(stream="inter") > 0 else "intra"
+
+
+def forward_case(fwd, r: int) -> str:
+    """The forward's bound at ``r`` chunks, by the busiest resource: the inter-node all-to-all ("a2a-bound (T_A)"),
+    the experts' compute ("compute-bound (T_B)") or the intra-node all-gather / reduce-scatter of sharded experts.
+    (Only T_A's validity condition was read - a2a against compute - and Mixtral on 64 GPUs, whose all-gather and
+    reduce-scatter dominate, was labelled a2a-bound while `bench moe` called it intra-bound.)"""
+    busy = {"a2a-bound (T_A)": 2 * fwd.chunk_ms(0, r) * r if fwd.work[0] > 0 else 0.0,
+            "intra-node-bound (all-gather / reduce-scatter)": (fwd.chunk_ms(1, r) + fwd.chunk_ms(3, r)) * r,
+            "compute-bound (T_B)": fwd.chunk_ms(2, r) * r + fwd.shared_ms}
+    return max(busy, key=busy.get)
 
 
 def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: Literal["profile", "published"],
@@ -70,7 +81,7 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
         bf, per_r_f = choose_r(fwd, issue_orders=io)
         bb, per_r_b = choose_r(bwd, wgrad_modes=WGRAD_MODES, issue_orders=io)
         bb_fused, _ = choose_r(bwd, issue_orders=io)
-        case = "a2a-bound (T_A)" if paper_cases(fwd, bf.r)["T_A_valid"] else "compute-bound (T_B)"
+        case = forward_case(fwd, bf.r)
         layers.append(MoELayerPlan(
             layer=layer, mean_k=cfg.k_of_layer(layer), r_fwd=bf.r, r_bwd=bb.r, order_fwd=bf.order, order_bwd=bb.order,
             wgrad_bwd=bb.wgrad, fwd_ms=bf.time_ms, bwd_ms=bb.time_ms, bwd_fused_wgrad_ms=bb_fused.time_ms, case_fwd=case,

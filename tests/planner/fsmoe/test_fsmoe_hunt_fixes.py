@@ -68,3 +68,25 @@ def test_tiny_top_k_is_refused_in_one_line(tmp_path):
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("error: ") and "top_k" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not out.exists()
+
+
+def test_forward_case_names_the_busiest_resource():
+    """Mixtral on 64 GPUs: its all-gather / reduce-scatter stages dominate (27 ms each against 9.3 ms of
+    all-to-all, published constants), which `bench moe` calls intra-bound; the plan said a2a-bound (T_A) from T_A's
+    validity condition alone (all-to-all against compute)."""
+    from adasched.planner.fsmoe.bench import _resource_busy
+    from adasched.planner.fsmoe.costmodel import stage_costs
+    from adasched.planner.fsmoe.planning import forward_case
+
+    prof = load_profile("h100-sxm")
+    cfgs = load_configs("mixtral-8x7b", 64)
+    plan = plan_moe(cfgs, 64, prof, stages="published", params=PARAMS)
+    for c, cfg in zip(plan.configs, cfgs):
+        assert c.layers[0].case_fwd == "intra-node-bound (all-gather / reduce-scatter)"
+        busy = _resource_busy(c, 64, prof, "published")
+        assert max(busy, key=busy.get) == "intra"
+        fwd = stage_costs(cfg, topology(cfg, 64, 8), source="published", profile=prof)
+        assert forward_case(fwd, 1) == c.layers[0].case_fwd  # un-chunked too, as the bench counts it
+    g = MoEConfig(name="g", experts=64, **BASE)  # whole experts per GPU: no all-gather stages, never intra-bound
+    fwd = stage_costs(g, topology(g, 64, 8), source="published", profile=prof)
+    assert forward_case(fwd, 2) in ("a2a-bound (T_A)", "compute-bound (T_B)")
