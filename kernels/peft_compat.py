@@ -185,10 +185,18 @@ def apply_fused_lora(model: nn.Module, adapter_name: Optional[str] = None) -> in
         raise ValueError(f"adapter_name: {adapter_name!r} is in no LoRA layer (adapters: "
                          f"{sorted({a for _, mod in found for a in mod.lora_A})})")
     if adapter_name is not None:
+        # model-wide, whatever the wrapper: PeftModel / LoraModel have set_adapter; a model PEFT injected adapters
+        # into (inject_adapter_in_model, transformers' add_adapter) takes PEFT's function. Both switch the
+        # modules_to_save wrappers too: per layer only, they stayed on the old adapter (adapter b's LoRA with
+        # adapter a's head, a's head trainable)
         from peft import PeftModel
+        from peft.tuners.lora import LoraModel
+        from peft.tuners.tuners_utils import set_adapter
 
-        if isinstance(model, PeftModel):
+        if isinstance(model, (PeftModel, LoraModel)):
             model.set_adapter(adapter_name)
+        else:
+            set_adapter(model, adapter_name)
     for _, mod in found:
         FusedLoRALinear._switch(mod, adapter_name)
     return len(found)

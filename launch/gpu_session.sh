@@ -24,6 +24,7 @@ cd "$(dirname "$0")"
 if [ -n "${OUT:-}" ]; then  # a reply's output tail keeps only the last 12,000 characters: keep all of it
   mkdir -p "$OUT"
   exec > >(tee "$OUT/gpu_session.log") 2>&1
+  TEE_PID=$!
 fi
 left() { echo $((TOTAL - SECONDS)); }
 echo "== gpu_session: $(date -u +%Y-%m-%dT%H:%M:%SZ), ${TOTAL}s in all =="
@@ -45,7 +46,7 @@ rc=0
 DC=$(( $(left) - 180 ))
 if [ "$DC" -lt 60 ]; then DC=$(( $(left) - 40 )); fi
 if [ "$DC" -ge 30 ]; then
-  timeout $((DC + 30)) "$PY" device_check.py --only lora,gemm --budget-s "$DC" || { echo "device_check exit $?"; rc=1; }
+  timeout $((DC + 60)) "$PY" device_check.py --only lora,gemm --budget-s "$DC" || { echo "device_check exit $?"; rc=1; }
 else
   echo "gpu_session: only $(left) s left: device_check not started"; rc=1
 fi
@@ -57,4 +58,8 @@ else
   echo "gpu_session: $(left) s left: lora_kernel_sweep not started"
 fi
 echo "== gpu_session done after ${SECONDS}s (exit $rc) =="
+if [ -n "${TEE_PID:-}" ]; then  # let tee write the last lines before the script ends
+  exec 1>&- 2>&-
+  wait "$TEE_PID" 2>/dev/null
+fi
 exit $rc

@@ -383,7 +383,8 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
         backend = dist.get_backend()
         # each rank read --plan and its options itself: one run, or one line on every rank (a different copy of
         # the plan on a node without a shared file system trained in silence on mismatched batches, or hung)
-        mine = run_identity(args, plan)
+        # (--check-reference too: ranks disagreeing on it created the reference's wait group on some ranks only)
+        mine = {**run_identity(args, plan), "check_reference": bool(args.check_reference)}
         every = [None] * world
         dist.all_gather_object(every, mine)
         odd = [r for r, other in enumerate(every) if other != every[0]]

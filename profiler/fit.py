@@ -70,6 +70,11 @@ def fit_quadratic(s, ms) -> Fit:
     x, y = _check(s, ms)
     X = np.stack([x * x, x, np.ones_like(x)], axis=1)
     a1, a2, b = _nonneg_lstsq(X, y)
+    xmax, ymax = float(np.max(x)), float(np.max(y))
+    # a term that adds less than 1e-9 of the largest time at the longest length is the solver's round-off (1e-21
+    # came back for exactly linear data): zero, so the checks below see it
+    a1 = 0.0 if a1 * xmax * xmax < 1e-9 * ymax else a1
+    a2 = 0.0 if a2 * xmax < 1e-9 * ymax else a2
     note = ""
     if a1 == 0 and a2 == 0:  # flat or falling times (a loaded machine): a constant would say length is free
         b = float(np.min(y))

@@ -118,6 +118,10 @@ class DeepSpeedSchedule:
     def __init__(self, name: str, num_warmup_steps: int = 0, num_training_steps: int | None = None, **kw: Any):
         self.name, self.num_warmup_steps, self.num_training_steps, self.kw = name, num_warmup_steps, \
             num_training_steps, kw
+        # checked now on a throwaway optimizer: a bad argument surfaced only inside deepspeed.initialize (without
+        # last_epoch: a resume needs the real optimizer's initial_lr)
+        get_schedule(name, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), num_warmup_steps,
+                     num_training_steps, **{k: v for k, v in kw.items() if k != "last_epoch"})
 
     def __call__(self, optimizer: torch.optim.Optimizer):
         return get_schedule(self.name, optimizer, self.num_warmup_steps, self.num_training_steps, **dict(self.kw))
@@ -145,7 +149,8 @@ class MegatronParamScheduler:
     ``grad_norms[W:]``; the table is interpolated linearly in progress, so the sample counts need not match)."""
 
     def __init__(self, optimizer, init_lr: float, max_lr: float, min_lr: float, lr_warmup_steps: int,
-                 lr_decay_steps: int, lr_decay_style: str, start_wd: float = 0.0, end_wd: float = 0.0,
+                 lr_decay_steps: int, lr_decay_style: str, start_wd: float | None = None,
+                 end_wd: float | None = None,
                  wd_incr_steps: int = 1, wd_incr_style: str = "constant",
                  use_checkpoint_opt_param_scheduler: bool = True, override_opt_param_scheduler: bool = False,
                  wsd_decay_steps: int | None = None, lr_wsd_decay_style: str | None = None,
@@ -177,12 +182,21 @@ class MegatronParamScheduler:
                 raise ValueError("grad_norms: lr_decay_style='refined' needs the norms of a previous run")
             self._refine = (_check_norms(grad_norms), norm, _check_smoothing(smoothing))
             self._build_decay_table()
-        self.start_wd, self.end_wd = float(start_wd), float(end_wd)
-        if not 0.0 <= self.start_wd <= self.end_wd:
+        # weight decay: megatron-core takes start_wd/end_wd always; left out here (both None) the param groups keep
+        # their own weight_decay (the defaults of 0.0 set every group's weight decay to 0 - AdamW's 0.1 gone)
+        if (start_wd is None) != (end_wd is None):
+            raise ValueError(f"{'start_wd' if start_wd is None else 'end_wd'}: give start_wd and end_wd together "
+                             f"(or neither: the param groups keep their weight_decay)")
+        self.start_wd = None if start_wd is None else float(start_wd)
+        self.end_wd = None if end_wd is None else float(end_wd)
+        if self.start_wd is not None and not 0.0 <= self.start_wd <= self.end_wd:
             raise ValueError(f"start_wd: must be in [0, end_wd={self.end_wd}], got {self.start_wd}")
         self.wd_incr_steps = _check_int("wd_incr_steps", wd_incr_steps, 1)
         if wd_incr_style not in ("constant", "linear", "cosine"):
             raise ValueError(f"wd_incr_style: must be constant, linear or cosine, got {wd_incr_style!r}")
+        if wd_incr_style == "constant" and self.start_wd != self.end_wd:  # (megatron-core asserts it; end_wd won)
+            raise ValueError(f"wd_incr_style: 'constant' needs start_wd == end_wd (got {self.start_wd} and "
+                             f"{self.end_wd}); use 'linear' or 'cosine' to change the weight decay")
         self.wd_incr_style = wd_incr_style
         if override_opt_param_scheduler and use_checkpoint_opt_param_scheduler:
             raise ValueError("override_opt_param_scheduler: cannot be set together with "
@@ -260,7 +274,8 @@ class MegatronParamScheduler:
         self.num_steps += increment
         for group in self.optimizer.param_groups:
             group["lr"] = self.get_lr(group)
-            group["weight_decay"] = self.get_wd(group) * group.get("wd_mult", 1.0)
+            if self.start_wd is not None or "start_wd" in group:  # else the group keeps its weight_decay
+                group["weight_decay"] = self.get_wd(group) * group.get("wd_mult", 1.0)
 
     def state_dict(self) -> dict:
         return {"max_lr": self.max_lr, "lr_warmup_steps": self.lr_warmup_steps, "num_steps": self.num_steps,

@@ -49,8 +49,6 @@ def register(groups) -> None:
         for option, path in (("--out", out), ("--plot", plot)):
             if path is not None and norms.exists() and Path(path).resolve() == norms.resolve():
                 raise InputError(option, f"{path} is the norms file being read; write the schedule elsewhere")
-        if plot is not None and Path(plot).resolve() == Path(out).resolve():
-            raise InputError("--plot", f"{plot} is also --out; give them different files")
         if norm not in ("l2", "l1"):
             raise InputError("--norm", f"must be l2 or l1, got {norm!r}")
         if steps is not None and steps < 1:

@@ -23,7 +23,9 @@ Conventions shared by every schedule here (``step`` = the scheduler's ``last_epo
   up twice the product): warm up with ``SequentialLR([LinearLR, ours])`` or with ``warmup_steps`` alone.
 * A factor found at construction (group lr below ``initial_lr``) is kept only on an optimizer that has not
   stepped yet (another scheduler built before us in a chain); on one that has trained, the schedule starts from
-  its closed form (a second stage, or a resumed run stepping a fresh scheduler to catch up).
+  its closed form (a second stage, or a resumed run stepping a fresh scheduler to catch up). "Stepped" is read
+  from the optimizer's step counters (plain SGD without momentum has none: resume its scheduler with
+  ``load_state_dict``).
 """
 from __future__ import annotations
 
@@ -173,6 +175,21 @@ def _check_int(name: str, value, lo: int) -> int:
     return int(value)
 
 
+def _has_stepped(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` has taken a step: a step counter above 0 in its state (Adam, AdamW, Adagrad, SGD
+    with momentum... - Adagrad fills its state, step 0, when it is made), or a step seen by a scheduler's step
+    wrapper in this process. Plain SGD (no momentum) keeps no state, so a plain-SGD optimizer restored from a
+    checkpoint reads as fresh: resume its scheduler with ``load_state_dict`` (or ``last_epoch``) rather than by
+    stepping a fresh one to catch up."""
+    if getattr(optimizer, "_opt_called", False):
+        return True
+    for st in optimizer.state.values():
+        step = st.get("step") if isinstance(st, dict) else None
+        if step is not None and float(step) > 0:
+            return True
+    return False
+
+
 class WarmupDecay(LRScheduler):
     """Base: linear warmup then ``min_lr + (base_lr - min_lr) * self.decay_multiplier(k, K)``.
     Subclasses define :meth:`decay_multiplier` (decay step ``k`` of ``K``)."""
@@ -195,7 +212,7 @@ class WarmupDecay(LRScheduler):
         # only on an optimizer that has not trained yet; on one that has (a second training stage, a resumed run
         # stepping a fresh scheduler to catch up) it is what an earlier schedule left - 0 at its end - and was kept
         # for the whole run. Then we start from the closed form, as transformers' LambdaLR schedules do.
-        self._keep_prior_factor = not optimizer.state and not getattr(optimizer, "_opt_called", False)
+        self._keep_prior_factor = not _has_stepped(optimizer)
         super().__init__(optimizer, last_epoch)
 
     @staticmethod
@@ -452,4 +469,8 @@ def get_schedule(name: str, optimizer: torch.optim.Optimizer, num_warmup_steps: 
     if warm > total:
         raise ValueError(f"num_warmup_steps: must be <= num_training_steps={total}, got {warm}")
     cls = {"linear": LinearDecay, "rex": REX, "uba": UBA}[key]
+    takes = {"min_lr", "min_lr_ratio", "last_epoch"} | ({"phi"} if cls is UBA else set())
+    extra = sorted(set(kw) - takes)
+    if extra:  # (a TypeError from inside the class; through DeepSpeedSchedule only in deepspeed.initialize)
+        raise ValueError(f"{extra[0]}: not an option of schedule {name!r} (it takes {', '.join(sorted(takes))})")
     return cls(optimizer, total, warmup_steps=warm, **kw)

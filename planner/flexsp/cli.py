@@ -182,7 +182,7 @@ def register(groups) -> None:
                                      help="Heuristics only (single degrees, greedy, local search)."),
         deterministic: bool = typer.Option(False, "--deterministic", help=_DET_HELP),
         out: Path = typer.Option(..., "--out", help="Plan JSON to write (atomic; nothing on error)."),
-        plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw step 0's groups per rank (PNG)."),
+        plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the first step's groups per rank (PNG)."),
         as_json: bool = typer.Option(False, "--json", help="Print the per-step figures as JSON."),
     ) -> None:
         """Plan FlexSP sequence parallelism: per global batch and micro-batch, concurrent Ulysses groups of

@@ -141,3 +141,13 @@ def test_lora_bins_proved_minimal_are_their_own_bound(tmp_path):
 
 def test_twill_prediction_is_ii_times_cycle(plans, tmp_path):
     _refused(tmp_path, _edit(plans["twill"], "predicted_ms", lambda v: v * 2), "is not I x cycle_ns")
+
+
+def test_an_older_sp_plan_keeps_loading(plans, tmp_path):
+    """SP plans written before the real gap recorded the bucketed MILPs' mean gap (and no objective/bound) next to
+    status 'optimal' (every step at its lower bound): they still load."""
+    data = json.loads(json.dumps(plans["sp"]))
+    data["solver"].update(status="optimal", gap=0.02, objective=None, bound=None)
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    assert load_plan(path).solver.gap == 0.02

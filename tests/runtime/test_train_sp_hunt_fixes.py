@@ -66,14 +66,15 @@ def test_check_reference_slower_than_the_collective_timeout(tmp_path):
         import adasched.launch.train_sp as t
         fast = t._reference
         def slow(*a, **k):  # a reference that takes longer than --timeout (a big model on rank 0)
-            time.sleep(5)
+            time.sleep(12)
             return fast(*a, **k)
         t._reference = slow
         sys.exit(t.main(["--plan", sys.argv[1], *sys.argv[2:]]))
     """))
-    r = _torchrun(wrapper, str(plan), "--steps", "2", "--check-reference", "--max-len", "96", "--timeout", "2")
+    # --timeout 6: far below the reference's 12 s, far above what a step's collectives wait on a loaded host
+    r = _torchrun(wrapper, str(plan), "--steps", "1", "--check-reference", "--max-len", "96", "--timeout", "6")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "check-reference: 2 steps" in r.stdout and ": OK" in r.stdout, r.stdout
+    assert "check-reference: 1 step" in r.stdout and ": OK" in r.stdout, r.stdout
 
 
 def test_check_plan_only_without_backend_stays_free_of_torch(tmp_path):

@@ -71,11 +71,22 @@ def test_resume_stepping_a_fresh_scheduler_catches_up_to_the_closed_form():
     np.testing.assert_allclose(got, _linear(base, 10, 10)[4:], rtol=1e-12, atol=1e-15)
 
 
-def test_a_chain_built_before_training_keeps_the_other_factor():
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.SGD(ps, lr=1.0),
+    lambda ps: torch.optim.Adagrad(ps, lr=1.0),   # fills its state (step 0) when made: not "trained"
+    lambda ps: torch.optim.AdamW(ps, lr=1.0),
+], ids=["sgd", "adagrad", "adamw"])
+def test_a_chain_built_before_training_keeps_the_other_factor(make):
     """ChainedScheduler([LinearLR(0.5 -> 1 over 4), REX]) on a fresh optimizer: the product at every step."""
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.randn(4))], lr=1.0)
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = make([p])
     sched = ChainedScheduler([LinearLR(opt, start_factor=0.5, total_iters=4), REX(opt, 8)])
-    got = _lrs(opt, sched, 9)
+    got = []
+    for _ in range(9):
+        got.append(opt.param_groups[0]["lr"])
+        p.grad = torch.randn(4) * 1e-3
+        opt.step()
+        sched.step()
     rex = REX(torch.optim.SGD([torch.nn.Parameter(torch.randn(1))], lr=1.0), 8)
     want = [rex.multiplier(t) * min(1.0, 0.5 + 0.5 * t / 4) for t in range(9)]
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
@@ -121,3 +132,52 @@ def test_schedule_lambda_refuses_what_the_classes_refuse():
     with pytest.raises(ValueError, match="min_lr_ratio"):
         ScheduleLambda("linear", 0, 10, min_lr_ratio=True)
     assert ScheduleLambda("uba", 0, 10, phi=4.0)(5) == pytest.approx(1 / 3)  # uba phi=4 at z=0.5: 1/3
+
+
+def test_has_stepped_reads_step_counters():
+    from adasched.schedules.lr import _has_stepped
+
+    p = torch.nn.Parameter(torch.randn(3))
+    for opt in (torch.optim.Adagrad([p], lr=0.1), torch.optim.Adam([p], lr=0.1), torch.optim.SGD([p], lr=0.1)):
+        assert not _has_stepped(opt)
+        p.grad = torch.randn(3)
+        opt.step()
+        fresh = type(opt)([p], lr=0.1)
+        fresh.load_state_dict(opt.state_dict())  # a resumed optimizer (no scheduler has wrapped its step)
+        # plain SGD keeps no state: documented as undetectable
+        assert _has_stepped(fresh) == (not isinstance(opt, torch.optim.SGD))
+
+
+def test_megatron_scheduler_keeps_weight_decay_when_not_given():
+    """The README's MegatronParamScheduler call (no wd arguments) set AdamW's weight decay to 0.0 (defaults
+    start_wd = end_wd = 0.0); megatron-core takes them always. Left out, the groups keep theirs now; given, they
+    are megatron's (constant needs start_wd == end_wd, as megatron asserts)."""
+    from adasched.schedules import MegatronParamScheduler
+
+    wd = float(np.random.default_rng().uniform(0.01, 0.2))
+    p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.AdamW([{"params": [p], "weight_decay": wd}, {"params": [q], "weight_decay": 0.0}], lr=3e-4)
+    kw = dict(init_lr=0.0, max_lr=3e-4, min_lr=3e-5, lr_warmup_steps=10, lr_decay_steps=100, lr_decay_style="rex")
+    s = MegatronParamScheduler(opt, **kw)
+    for _ in range(5):
+        s.step(1)
+    assert [g["weight_decay"] for g in opt.param_groups] == [wd, 0.0]
+    assert opt.param_groups[0]["lr"] == pytest.approx(3e-4 * 5 / 10)
+    MegatronParamScheduler(opt, **kw, start_wd=0.05, end_wd=0.05)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.05]
+    with pytest.raises(ValueError, match="end_wd: give start_wd and end_wd together"):
+        MegatronParamScheduler(opt, **kw, start_wd=0.01)
+    with pytest.raises(ValueError, match="wd_incr_style: 'constant' needs start_wd == end_wd"):
+        MegatronParamScheduler(opt, **kw, start_wd=0.01, end_wd=0.1, wd_incr_steps=50)
+
+
+def test_schedule_options_a_schedule_does_not_take_are_refused_up_front():
+    from adasched.schedules import DeepSpeedSchedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.randn(2))], lr=0.1)
+    with pytest.raises(ValueError, match="phi: not an option of schedule 'rex'"):
+        get_schedule("rex", opt, 10, 100, phi=1.0)
+    with pytest.raises(ValueError, match="phi: not an option of schedule 'rex'"):
+        DeepSpeedSchedule("rex", 10, 100, phi=1.0)  # (raised only inside deepspeed.initialize)
+    assert get_schedule("uba", opt, 10, 100, phi=1.0).phi == 1.0
+    DeepSpeedSchedule("rex", 10, 100, last_epoch=5)  # a resume's last_epoch is not probed on the throwaway

@@ -1,0 +1,79 @@
+"""apply_fused_lora(model, adapter_name=...) on a model that is not a PeftModel (a LoraModel, or a model PEFT
+injected adapters into, as transformers' add_adapter does) switched only the LoRA layers: the modules_to_save
+wrappers stayed on the old adapter (adapter b's LoRA with adapter a's head, a's head trainable). Failed before."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+peft = pytest.importorskip("peft")
+
+from adasched.kernels.peft_compat import apply_fused_lora  # noqa: E402
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.q(x)))
+
+
+def _two_adapters():
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q"], modules_to_save=["head"], init_lora_weights=False)
+    pm = peft.get_peft_model(_Net(), peft.LoraConfig(**cfg), adapter_name="one")
+    pm.add_adapter("two", peft.LoraConfig(**cfg))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n or "modules_to_save" in n:
+                p.add_(torch.randn_like(p) * 0.3)
+    return pm
+
+
+@pytest.mark.parametrize("which", ["peft_model", "lora_model"])
+def test_adapter_name_switches_modules_to_save_too(which):
+    pm = _two_adapters()
+    x = torch.randn(5, 16)
+    pm.set_adapter("two")
+    with torch.no_grad():
+        want = pm(x)
+    pm.set_adapter("one")
+    fused = copy.deepcopy(pm)
+    target = fused if which == "peft_model" else fused.base_model
+    assert apply_fused_lora(target, adapter_name="two") == 1
+    with torch.no_grad():
+        got = fused(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    trainable = sorted(n for n, p in fused.named_parameters() if p.requires_grad)
+    assert trainable and all(".two." in n for n in trainable), trainable
+    assert any("modules_to_save.two" in n for n in trainable), trainable
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")  # a second injected adapter
+def test_injected_adapters_switch_with_their_heads():
+    from peft import inject_adapter_in_model
+
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q"], modules_to_save=["head"], init_lora_weights=False)
+    net = inject_adapter_in_model(peft.LoraConfig(**cfg), _Net(), adapter_name="one")
+    net = inject_adapter_in_model(peft.LoraConfig(**cfg), net, adapter_name="two")
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if "lora_" in n or "modules_to_save" in n:
+                p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(5, 16)
+    ref = copy.deepcopy(net)
+    from peft.tuners.tuners_utils import set_adapter
+
+    set_adapter(ref, "two")
+    with torch.no_grad():
+        want = ref(x)
+    assert apply_fused_lora(net, adapter_name="two") == 1
+    with torch.no_grad():
+        got = net(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert net.head.active_adapters == ["two"]
