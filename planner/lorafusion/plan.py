@@ -237,6 +237,14 @@ class LoRAPlan(Plan):
         _, sim = sequence_ms(self.sequence(), self.lengths, StageCost(**self.stage_cost), self.stages)
         return sim
 
+    def resimulated(self) -> "LoRAPlan":
+        """A copy whose predicted time (``predicted_ms``, ``summary.makespan_ms``) is its sequence's simulated
+        makespan again: for a plan whose microbatches or lengths were changed by hand (``verify`` refuses a
+        prediction that is not the makespan)."""
+        ms = round(sequence_ms(self.sequence(), self.lengths, StageCost(**self.stage_cost), self.stages)[0], 4)
+        return self.model_copy(update={"predicted_ms": ms,
+                                       "summary": self.summary.model_copy(update={"makespan_ms": ms})})
+
     def gantt_tasks(self) -> list:
         return self.simulate().tasks
 

@@ -170,7 +170,7 @@ def _with_lengths(plan, lengths):
             seg.tokens = sum(plan.lengths[s] for s in seg.samples)
             seg.padded_tokens = padded(seg.tokens)
         mb.padded_tokens = sum(seg.padded_tokens for seg in mb.segments)
-    return plan
+    return plan.resimulated()
 
 
 def test_a_global_batch_without_targets_takes_no_step_and_reports_no_loss():
