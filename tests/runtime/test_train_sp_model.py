@@ -114,12 +114,14 @@ def test_memory_check_counts_the_model_train_sp_builds(tmp_path, monkeypatch):
     assert seen == [sum(p.numel() for p in built.parameters())]
 
 
-def test_check_plan_only_stays_free_of_torch(tmp_path):
-    """--check-plan-only with a gloo backend validates plan and model size without importing torch."""
+@pytest.mark.parametrize("backend", [["--backend", "gloo"], []], ids=["gloo", "no-backend"])
+def test_check_plan_only_stays_free_of_torch(tmp_path, backend):
+    """--check-plan-only validates plan and model size without importing torch - also without --backend, what
+    launch/train_sp.sh's pre-check runs (it imported torch to ask for CUDA; bug hunt)."""
     path = tmp_path / "plan.json"
     save_plan(_plan(), path)
     code = ("import sys; from adasched.launch.train_sp import main; "
-            f"rc = main(['--plan', {str(path)!r}, '--check-plan-only', '--world', '4', '--backend', 'gloo']); "
+            f"rc = main(['--plan', {str(path)!r}, '--check-plan-only', '--world', '4', *{backend!r}]); "
             "print(rc, 'torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "0 False", r.stdout + r.stderr

@@ -15,6 +15,16 @@ def make_opt(seed: int = 0, kind: str = "sgd"):
     return opt, lrs
 
 
+def group0_lrs(sched, opt, n):
+    """Group 0's lr at each of n optimizer steps (plain steps: no gradients needed by SGD without momentum)."""
+    out = []
+    for _ in range(n):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
 def run(sched, opt, n):
     """lr of every group used by n optimizer steps, then the one after (n + 1 rows)."""
     out = [list(sched.get_last_lr())]

@@ -21,15 +21,7 @@ from adasched.planner.cli import main
 from adasched.schedules import REX, get_schedule, write_norms_csv
 from adasched.schedules.adapters import ScheduleLambda
 from adasched.schedules.capacity import capacity_schedule
-
-
-def _lrs(opt, sched, n):
-    out = []
-    for _ in range(n):
-        out.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    return out
+from sched_helpers import group0_lrs  # (tests/schedules is on sys.path)
 
 
 def _linear(base, total, n):
@@ -39,9 +31,9 @@ def _linear(base, total, n):
 def test_second_stage_starts_from_the_base_lr():
     base = float(np.random.default_rng().uniform(0.05, 0.5))
     opt = torch.optim.SGD([torch.nn.Parameter(torch.randn(4))], lr=base)
-    _lrs(opt, get_schedule("linear", opt, 2, 6), 7)            # the first stage decays to 0
+    group0_lrs(get_schedule("linear", opt, 2, 6), opt, 7)            # the first stage decays to 0
     assert opt.param_groups[0]["lr"] == 0.0
-    got = _lrs(opt, get_schedule("linear", opt, 0, 4), 5)
+    got = group0_lrs(get_schedule("linear", opt, 0, 4), opt, 5)
     np.testing.assert_allclose(got, _linear(base, 4, 5), rtol=1e-12, atol=1e-15)
 
 
