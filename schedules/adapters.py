@@ -183,7 +183,9 @@ class MegatronParamScheduler:
             self._refine = (_check_norms(grad_norms), norm, _check_smoothing(smoothing))
             self._build_decay_table()
         # weight decay: megatron-core takes start_wd/end_wd always; left out here (both None) the param groups keep
-        # their own weight_decay (the defaults of 0.0 set every group's weight decay to 0 - AdamW's 0.1 gone)
+        # their own weight_decay (the defaults of 0.0 set every group's weight decay to 0 - AdamW's 0.1 gone).
+        # The state_dict then holds None for them, which megatron-core's own scheduler cannot load: give both to
+        # move checkpoints between the two
         if (start_wd is None) != (end_wd is None):
             raise ValueError(f"{'start_wd' if start_wd is None else 'end_wd'}: give start_wd and end_wd together "
                              f"(or neither: the param groups keep their weight_decay)")
