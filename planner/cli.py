@@ -212,7 +212,7 @@ def simulate_cmd(
             raise
         except ValueError as err:  # the simulator's refusals (an overflowing sum of times) name the plan's file
             raise InputError(path, str(err)) from None
-    per_lane = _busy_per_lane(sim.tasks)
+    per_lane = sim.busy_by_lane()
     unit = getattr(sim, "unit", "ms")  # a Twill loop schedule counts normalised cycles
     if as_json:
         if unit == "ms":
@@ -231,28 +231,6 @@ def simulate_cmd(
                      **({} if unit == "ms" else {"xlabel": unit}))
         if not as_json:
             typer.echo(f"wrote {plot}")
-
-
-def _busy_per_lane(tasks) -> dict[str, float]:
-    """Time each lane is busy: the length of the union of its tasks' intervals (a Twill warp group's ops overlap
-    in time; their plain sum read 9 busy cycles of an 8-cycle makespan, utilisation 1.125)."""
-    by_lane: dict[str, list] = {}
-    for t in tasks:
-        by_lane.setdefault(t.lane, []).append((t.start_ms, t.end_ms))
-    out: dict[str, float] = {}
-    for lane, spans in by_lane.items():
-        total, cur_start, cur_end = 0.0, None, None
-        for a, b in sorted(spans):
-            if cur_end is None or a > cur_end:
-                if cur_end is not None:
-                    total += cur_end - cur_start
-                cur_start, cur_end = a, b
-            else:
-                cur_end = max(cur_end, b)
-        if cur_end is not None:
-            total += cur_end - cur_start
-        out[lane] = total
-    return out
 
 
 _registered = False

@@ -103,12 +103,8 @@ def _resource_busy(c, gpus: int, profile: ClusterProfile, src: str) -> dict[str,
 
     cfg = MoEConfig.model_validate(c.config)
     fwd = stage_costs(cfg, topology(cfg, gpus, profile.gpus_per_node), source=src, profile=profile)  # type: ignore[arg-type]
-    out = {"inter": 0.0, "intra": 0.0, "compute": 0.0}
-    for sc in (fwd, fwd.backward()):
-        out["inter"] += 2 * sc.chunk_ms(0, 1) if sc.work[0] > 0 else 0.0
-        out["intra"] += sc.chunk_ms(1, 1) + sc.chunk_ms(3, 1)
-        out["compute"] += sc.chunk_ms(2, 1) + sc.shared_ms
-    return out
+    f, b = fwd.resource_busy_ms(1), fwd.backward().resource_busy_ms(1)
+    return {k: f[k] + b[k] for k in f}
 
 
 def run_subprocess_bench(what: str, quick: bool) -> dict:

@@ -235,6 +235,13 @@ class StageCosts:
     def shared_ms(self) -> float:
         return self.shared[0] + self.shared[1] if self.shared[1] > 0 else 0.0
 
+    def resource_busy_ms(self, r: int = 1) -> dict[str, float]:
+        """Busy ms of each resource over the r chunks: the inter-node link (dispatch + combine), the intra-node one
+        (all-gather + reduce-scatter of sharded experts) and the compute (experts + shared experts)."""
+        return {"inter": 2 * self.chunk_ms(0, r) * r if self.work[0] > 0 else 0.0,
+                "intra": (self.chunk_ms(1, r) + self.chunk_ms(3, r)) * r,
+                "compute": self.chunk_ms(2, r) * r + self.shared_ms}
+
     def chunk_ms(self, stage: int, r: int) -> float:
         if self.work[stage] == 0 and stage in (1, 3):
             return 0.0

@@ -45,10 +45,9 @@ def forward_case(fwd, r: int) -> str:
     the experts' compute ("compute-bound (T_B)") or the intra-node all-gather / reduce-scatter of sharded experts.
     (Only T_A's validity condition was read - a2a against compute - and Mixtral on 64 GPUs, whose all-gather and
     reduce-scatter dominate, was labelled a2a-bound while `bench moe` called it intra-bound.)"""
-    busy = {"a2a-bound (T_A)": 2 * fwd.chunk_ms(0, r) * r if fwd.work[0] > 0 else 0.0,
-            "intra-node-bound (all-gather / reduce-scatter)": (fwd.chunk_ms(1, r) + fwd.chunk_ms(3, r)) * r,
-            "compute-bound (T_B)": fwd.chunk_ms(2, r) * r + fwd.shared_ms}
-    return max(busy, key=busy.get)
+    busy = fwd.resource_busy_ms(r)
+    return {"inter": "a2a-bound (T_A)", "intra": "intra-node-bound (all-gather / reduce-scatter)",
+            "compute": "compute-bound (T_B)"}[max(busy, key=busy.get)]
 
 
 def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: Literal["profile", "published"],

@@ -226,7 +226,7 @@ class LoRAPlan(Plan):
             errors.append(f"summary: samples missing/duplicated {self.summary.samples_missing}/"
                           f"{self.summary.samples_duplicated}, found {len(ver.missing)}/{len(ver.duplicated)}")
         if not errors:  # the predicted time is the simulated 1F1B makespan of this sequence (rounded to 1e-4 ms)
-            ms = sequence_ms(self.sequence(), self.lengths, StageCost(**self.stage_cost), self.stages)[0]
+            ms = self._makespan_ms()
             for name, value in (("predicted_ms", self.predicted_ms), ("summary.makespan_ms", self.summary.makespan_ms)):
                 if not math.isclose(value, ms, rel_tol=1e-9, abs_tol=1e-3):
                     errors.append(f"{name}: {value} ms, the microbatches simulate to {round(ms, 4)} ms with the "
@@ -237,11 +237,14 @@ class LoRAPlan(Plan):
         _, sim = sequence_ms(self.sequence(), self.lengths, StageCost(**self.stage_cost), self.stages)
         return sim
 
+    def _makespan_ms(self) -> float:
+        return sequence_ms(self.sequence(), self.lengths, StageCost(**self.stage_cost), self.stages)[0]
+
     def resimulated(self) -> "LoRAPlan":
         """A copy whose predicted time (``predicted_ms``, ``summary.makespan_ms``) is its sequence's simulated
         makespan again: for a plan whose microbatches or lengths were changed by hand (``verify`` refuses a
         prediction that is not the makespan)."""
-        ms = round(sequence_ms(self.sequence(), self.lengths, StageCost(**self.stage_cost), self.stages)[0], 4)
+        ms = round(self._makespan_ms(), 4)
         return self.model_copy(update={"predicted_ms": ms,
                                        "summary": self.summary.model_copy(update={"makespan_ms": ms})})
 
