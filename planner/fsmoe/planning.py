@@ -95,7 +95,7 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
     order = list(range(cfg.num_layers))[::-1]
     gaps = [moe_bwd_idle[i] + dense_b for i in order]
     # dense gradients to all-reduce: none on one GPU (no data parallelism) or without replicated parameters -
-    # before, one GPU was charged the 64-rank all-reduce fit (7.2 s of a 7.7 s Mixtral iteration) and a model of
+    # before, one GPU was charged the 64-rank all-reduce fit (most of a Mixtral iteration) and a model of
     # MoE layers only divided by zero in the slice fill
     dense_grads = float(cfg.replicated_params) if topo.gpus > 1 else 0.0
     produced = [dense_grads] * cfg.num_layers
