@@ -67,7 +67,9 @@ def register(groups) -> None:
         stages: str = typer.Option("profile", "--stages", help=STAGES_HELP),
         router_stats: Optional[Path] = typer.Option(None, "--router-stats",
                                                     help="JSON {mean_k_per_layer: [...]} from the router's statistics "
-                                                         "(dynamic routing: expected k per layer)."),
+                                                         "(train_moe --router-stats-out): assignments per token "
+                                                         "after capacity drops per layer, planned as they are "
+                                                         "(the capacity factor is not applied to them again)."),
         time_limit: float = typer.Option(2.0, "--time-limit", help="Seconds per gradient-slice MILP."),
         as_json: bool = typer.Option(False, "--json", help="Print the plan's per-config rows and solver record as "
                                      "JSON on stdout instead of the table (the plan file is written either way)."),

@@ -3,7 +3,7 @@
 Stages (fsmoe.md): 0 inter-node all-to-all (dispatch; the combine is a second one), 1 intra-node all-gather,
 2 expert GEMM, 3 intra-node reduce-scatter, 4 gradient all-reduce of the dense parameters.
 One chunk of r of stage i costs ``alpha_i + work_i / r`` ms, where ``work_i = beta_i * n_i`` is the whole
-workload's streaming time. With f = k * capacity_factor, tokens per GPU T = B*L, hidden M, FFN H, EP size P:
+workload's streaming time. With f = k * capacity_factor (router statistics: the measured k after drops as it is), tokens per GPU T = B*L, hidden M, FFN H, EP size P:
 
     n0 = f*T*M/P    n1 = n3 = f*T*M    n2 = g*f*T*M*H/P  (g = 2 GELU MLP, 3 SwiGLU)   (elements)
 
@@ -89,7 +89,9 @@ class MoEConfig(BaseModel):
                             description="MoE layers in the model (for gradient slicing)")
     dense_params_per_layer: int | None = Field(default=None, ge=0, le=MAX_DENSE_PARAMS,
                                                description="attention etc.; default 4*M^2")
-    mean_k_per_layer: list[float] | None = Field(default=None, description="router statistics, dynamic routing")
+    mean_k_per_layer: list[float] | None = Field(
+        default=None, description="router statistics: assignments per token after capacity drops, per layer "
+                                  "(train_moe --router-stats-out); the capacity factor is already in them")
 
     @model_validator(mode="after")
     def _check(self) -> "MoEConfig":
@@ -98,8 +100,8 @@ class MoEConfig(BaseModel):
         if self.mean_k_per_layer is not None:
             if len(self.mean_k_per_layer) != self.num_layers:
                 raise ValueError(f"mean_k_per_layer has {len(self.mean_k_per_layer)} entries, num_layers is {self.num_layers}")
-            if any(not (0 < k <= self.experts) for k in self.mean_k_per_layer):
-                raise ValueError("mean_k_per_layer: every entry must lie in (0, experts]")
+            if any(not (1e-3 <= k <= self.experts) for k in self.mean_k_per_layer):  # top_k's floor, same reason
+                raise ValueError("mean_k_per_layer: every entry must lie in [0.001, experts]")
         return self
 
     @property
@@ -114,7 +116,12 @@ class MoEConfig(BaseModel):
         return self.mean_k_per_layer[layer] if self.mean_k_per_layer else self.top_k
 
     def f(self, layer: int = 0) -> float:
-        return self.k_of_layer(layer) * (1.0 if self.dropless else self.capacity_factor)
+        """Assignments per token the layer moves and computes: k x capacity factor (the capacity buffer, FSMoE's
+        f) from the config, or the measured mean k after drops from router statistics as it is (the runtime moves
+        the kept assignments only; multiplying them by the capacity factor again counted it twice)."""
+        if self.mean_k_per_layer:
+            return self.mean_k_per_layer[layer]
+        return self.top_k * (1.0 if self.dropless else self.capacity_factor)
 
     @property
     def dense_params(self) -> int:

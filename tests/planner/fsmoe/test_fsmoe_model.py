@@ -431,7 +431,7 @@ def test_bad_router_stats_and_empty_plans_are_one_error_line(tmp_path, capsys):
     printed the depth notes before the error (3 lines); a MoE plan whose `configs` list is empty passed `show` (a
     header and nothing planned) and made `simulate` raise an IndexError traceback."""
     stats = tmp_path / "stats.json"
-    for bad in ("[NaN]", "[1.5, 99.0]"):
+    for bad in ("[NaN]", "[1.5, 99.0]", "[1.5, 1e-200]"):
         stats.write_text('{"mean_k_per_layer": %s}' % bad)
         out = tmp_path / "q.json"
         assert main(["plan", "moe", "--config", "mixtral-8x7b", "--gpus", "8", "--router-stats", str(stats),
@@ -464,3 +464,22 @@ def test_backward_keeps_a_measured_weight_gradient_split():
     for r in (1, 2, 4, 8):
         assert b.dw_chunk_ms(r) == min(b.chunk_ms(2, r), dw[0] + dw[1] / r)
         assert b.dw_chunk_ms(r) != b.chunk_ms(2, r) / 2
+
+
+def test_router_stats_are_not_scaled_by_the_capacity_factor_again():
+    """Router statistics hold the assignments per token after capacity drops (what the runtime moves): a layer
+    planned from them with capacity factor 1.5 costs what the same k costs without a capacity factor. It was
+    priced at k x 1.5 (the factor counted twice)."""
+    rng = random.Random()
+    k = round(rng.uniform(1.2, 3.5), 3)
+    common = dict(name="cf", hidden=1024, ffn_hidden=2816, experts=8, batch=2, seq_len=1024, num_layers=1)
+    with_stats = MoEConfig(top_k=2, capacity_factor=1.5, mean_k_per_layer=[k], **common)
+    plain = MoEConfig(top_k=k, capacity_factor=1.0, **common)
+    assert with_stats.f(0) == plain.f(0) == k
+    prof = load_profile("h100-sxm")
+    a = plan_moe([with_stats], 8, prof, stages="published", params=SolveParams(time_limit=2)).configs[0]
+    b = plan_moe([plain], 8, prof, stages="published", params=SolveParams(time_limit=2)).configs[0]
+    assert a.layers[0].fwd_ms == pytest.approx(b.layers[0].fwd_ms, rel=1e-9)
+    assert a.layers[0].bwd_ms == pytest.approx(b.layers[0].bwd_ms, rel=1e-9)
+    # a config without statistics keeps FSMoE's capacity buffer f = k x capacity factor
+    assert MoEConfig(top_k=2, capacity_factor=1.5, **common).f(0) == pytest.approx(3.0)
