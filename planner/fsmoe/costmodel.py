@@ -3,7 +3,8 @@
 Stages (fsmoe.md): 0 inter-node all-to-all (dispatch; the combine is a second one), 1 intra-node all-gather,
 2 expert GEMM, 3 intra-node reduce-scatter, 4 gradient all-reduce of the dense parameters.
 One chunk of r of stage i costs ``alpha_i + work_i / r`` ms, where ``work_i = beta_i * n_i`` is the whole
-workload's streaming time. With f = k * capacity_factor (router statistics: the measured k after drops as it is), tokens per GPU T = B*L, hidden M, FFN H, EP size P:
+workload's streaming time. With f = k * capacity_factor (router statistics: their measured k after drops as it
+is), tokens per GPU T = B*L, hidden M, FFN H, EP size P:
 
     n0 = f*T*M/P    n1 = n3 = f*T*M    n2 = g*f*T*M*H/P  (g = 2 GELU MLP, 3 SwiGLU)   (elements)
 
