@@ -173,7 +173,8 @@ def plan_moe(configs: list[MoEConfig], gpus: int, profile: ClusterProfile, *,
     status = "optimal" if statuses <= {"optimal"} else ("feasible" if "feasible" in statuses else "heuristic")
     record = SolverRecord(backend="exact-eval+pulp-cbc", status=status, solve_seconds=round(dt, 6),
                           time_limit=params.time_limit, seed=params.seed, threads=params.threads,
-                          note="r by exhaustive exact evaluation over {1,2,4,8,16}; gradient slices by MILP")
+                          note="r by exhaustive exact evaluation over {1,2,4,8,16} (doubled past 16 while "
+                               "faster); gradient slices by MILP")
     predicted = sum(c.fwd_bwd_ms for c in out)
     baselines = {name: sum(c.baselines_fwd_bwd_ms[name] for c in out) for name in BASELINES}
     return MoEPlan(

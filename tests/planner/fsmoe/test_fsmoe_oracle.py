@@ -14,7 +14,8 @@ import random
 import pytest
 
 from adasched.planner.fsmoe.costmodel import MoEConfig, StageCosts
-from adasched.planner.fsmoe.model import R_CANDIDATES, WGRAD_MODES, choose_r, evaluate_pipeline, solve_slices
+from adasched.planner.fsmoe.model import (R_CANDIDATES, R_MAX, WGRAD_MODES, choose_r, evaluate_pipeline,
+                                         solve_slices)
 from adasched.planner.fsmoe.planning import plan_moe
 from adasched.planner.solver import SolveParams
 from adasched.profiler.profile import load_profile
@@ -74,9 +75,9 @@ def oracle_time(alpha, work, r, order, wgrad, shared=(0.0, 0.0), dw=None, shared
     return max(end.values())
 
 
-def oracle_best(alpha, work, modes, orders, **kw):
+def oracle_best(alpha, work, modes, orders, rs=R_CANDIDATES, **kw):
     return min(oracle_time(alpha, work, r, o, m, **kw)
-               for r in R_CANDIDATES for m in modes for o in orders if not (r == 1 and o == "interleaved"))
+               for r in rs for m in modes for o in orders if not (r == 1 and o == "interleaved"))
 
 
 def _random_costs(rng):
@@ -104,9 +105,25 @@ def test_timeline_and_choice_equal_the_oracle_on_random_layers():
                         assert got == pytest.approx(want, rel=1e-12, abs=1e-12), (a, w, shared, dw, r, o, m, so)
         for modes in (("fused",), WGRAD_MODES):
             for io in (("dispatch-first",), ("dispatch-first", "interleaved")):
-                best, per_r = choose_r(c, wgrad_modes=modes, issue_orders=io)
+                best, per_r = choose_r(c, wgrad_modes=modes, issue_orders=io, extend=False)
                 assert best.time_ms == pytest.approx(oracle_best(a, w, modes, io, shared=shared, dw=dw), rel=1e-12)
                 assert best.time_ms == pytest.approx(min(per_r.values()), rel=1e-12)
+                # extended: r doubles past the candidates while that is faster; the timed degrees are the
+                # candidates and a run of doublings, the last of them slower (or R_MAX)
+                ext, ext_r = choose_r(c, wgrad_modes=modes, issue_orders=io)
+                rs = sorted(ext_r)
+                extra = rs[len(R_CANDIDATES):]
+                assert rs[:len(R_CANDIDATES)] == sorted(R_CANDIDATES)
+                assert extra == [max(R_CANDIDATES) * 2 ** (i + 1) for i in range(len(extra))]
+                assert ext.time_ms == pytest.approx(oracle_best(a, w, modes, io, rs=rs, shared=shared, dw=dw),
+                                                    rel=1e-12)
+                assert ext.time_ms <= best.time_ms
+                if ext.r >= max(R_CANDIDATES) and ext.r < R_MAX:
+                    assert ext_r[2 * ext.r] >= ext.time_ms - 1e-12
+                for r in extra[:-1]:
+                    assert ext_r[r] < ext_r[r // 2]
+                if ext.r != best.r:
+                    assert ext.r > max(R_CANDIDATES) and ext.time_ms < best.time_ms
                 # the evaluated choice is what the timeline of (r, order, wgrad) gives
                 assert best.time_ms == pytest.approx(oracle_time(a, w, best.r, best.order, best.wgrad, shared=shared,
                                                                  dw=dw), rel=1e-12)
