@@ -290,9 +290,12 @@ class MoEPlan(Plan):
 
         c = self.configs[0]
         l0 = c.layers[0]
+        # one chart: the first configuration; the title says so when there are more (it drew the first silently)
+        more = (f"\n(configuration 1 of {len(self.configs)}; adasched simulate PLAN --config NAME --plot draws another)"
+                if len(self.configs) > 1 else "")
         render_gantt(self.gantt_tasks(), path,
                      title=f"{c.name}: one MoE layer, forward r={l0.r_fwd} then backward r={l0.r_bwd} (wgrad {l0.wgrad_bwd}): "
-                           f"{c.fwd_bwd_ms:.2f} ms (no pipelining {c.baselines_fwd_bwd_ms['no-pipeline']:.2f} ms)")
+                           f"{c.fwd_bwd_ms:.2f} ms (no pipelining {c.baselines_fwd_bwd_ms['no-pipeline']:.2f} ms){more}")
 
     def check_ep_size(self, ep_size: int, config: str | None = None, *, world: int | None = None,
                       two_step: bool = False, gpus_per_node: int | None = None,

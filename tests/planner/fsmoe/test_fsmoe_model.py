@@ -505,3 +505,22 @@ def test_chunk_count_range_does_not_cut_the_optimum_off(preset, gpus):
                     assert str(2 * r) in times and times[str(2 * r)] >= times[str(r)] - 1e-9, (c.name, r, times)
     if preset == "mixtral-8x7b" and gpus == 64:
         assert {c.layers[0].r_fwd for c in plan.configs} == {16, 32}
+
+
+def test_plot_of_several_configurations_says_which_one_it_draws(tmp_path, monkeypatch):
+    """`show --plot` draws one chart: the first configuration. With several, its title says so and how to draw
+    another (it drew the first one silently)."""
+    import adasched.planner.gantt as gantt
+
+    titles = []
+    monkeypatch.setattr(gantt, "render_gantt", lambda tasks, path, title="", **kw: titles.append(title))
+    out = tmp_path / "moe.json"
+    assert main(["plan", "moe", "--config", "mixtral-8x7b", "--gpus", "8", "--out", str(out)]) == 0
+    plan = load_plan(out)
+    assert len(plan.configs) == 2
+    plan.plot(tmp_path / "a.png")
+    assert titles[-1].startswith(plan.configs[0].name)
+    assert "configuration 1 of 2" in titles[-1] and "--config NAME" in titles[-1]
+    one = plan.model_copy(update={"configs": plan.configs[:1]})
+    one.plot(tmp_path / "b.png")
+    assert "configuration 1 of" not in titles[-1]
