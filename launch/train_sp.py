@@ -561,7 +561,8 @@ def main(argv: list[str] | None = None, quiet: bool = False) -> int:
         return 0
     try:
         return _train(args, plan, factor, lengths)
-    except InputError as err:  # found only once running (a save that cannot be written): one line, every rank
+    except ValueError as err:  # found only once running (a save that cannot be written, a resume on a machine
+        # that sees another number of GPUs): one line, exit 2, as train_moe and train_lora (InputError is one)
         if rank == 0:
             sys.stderr.write(error_line(err))
             sys.stderr.flush()

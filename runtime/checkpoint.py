@@ -150,6 +150,11 @@ def find_checkpoint(folder: str | os.PathLike, load_step: int | None = None) -> 
     training)."""
     folder = Path(folder)
     _check_writable(folder)
+    if (folder / META_NAME).is_file():  # one save's folder: it started a fresh run, saving into the save
+        step = folder.name[len(_PREFIX):] if folder.name.startswith(_PREFIX) else "?"
+        raise InputError(folder, f"this is the save of step {step.lstrip('0') or 0}, not a checkpoint folder: give "
+                                 f"its parent folder (--checkpoint-dir {folder.parent}), with --load-step to pick "
+                                 f"this save")
     steps = committed_steps(folder)
     if load_step is None:
         return _read_info(step_folder(folder, steps[-1])) if steps else None
@@ -332,18 +337,37 @@ def _py_state_unflat(flat: list) -> tuple:
 
 class ModelState:
     """A model and its optimizers, through ``torch.distributed.checkpoint.state_dict`` (which creates the
-    optimizers' state before a load, so a fresh optimizer can take a saved Adam state)."""
+    optimizers' state before a load, so a fresh optimizer can take a saved Adam state).
+
+    That creation is an ``optimizer.step()`` at lr 0 with zero gradients: it runs with the optimizers' step hooks
+    suspended (a GradNormRecorder attached before the resume logged a row of norm 0). A parameter the save has no
+    optimizer state for (no gradient before the save: an unused head or expert) is left out of what is loaded and
+    starts without state, as it would have in the run that saved (its created state made the load fail with
+    "Missing key" - the save could not be resumed)."""
 
     def __init__(self, model, optimizers: Iterable = ()):
         self.model = model
         self.optimizers = list(optimizers)
+        self._saved: set[str] | None = None   # the save's keys below this entry, while a resume builds its template
+        self._fresh: list[str] = []           # parameters the save holds no optimizer state for
+
+    def expect_save(self, saved_keys: Iterable[str]) -> None:
+        """Before a load: the save's DCP keys of this entry, relative to it (``optim.state.<fqn>.step``, ...)."""
+        self._saved = set(saved_keys)
 
     def state_dict(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
         if not self.optimizers:
             return {"model": get_model_state_dict(self.model)}
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizers)
+        with _step_hooks_suspended(self.optimizers):
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizers)
+        if self._saved is not None:
+            states = optim_sd.get("state", {})
+            self._fresh = [fqn for fqn, st in states.items()
+                           if isinstance(st, Mapping) and not any(f"optim.state.{fqn}.{k}" in self._saved for k in st)]
+            for fqn in self._fresh:
+                del states[fqn]
         return {"model": model_sd, "optim": optim_sd}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -352,8 +376,38 @@ class ModelState:
         if not self.optimizers:
             set_model_state_dict(self.model, state["model"])
         else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+            # not strict only when parameters are left out of the optimizer state on purpose (the model's entries
+            # are complete either way: DCP filled every key of the template built from this model)
             set_state_dict(self.model, self.optimizers, model_state_dict=state["model"],
-                           optim_state_dict=state["optim"])
+                           optim_state_dict=state["optim"], options=StateDictOptions(strict=not self._fresh))
+            params = dict(self.model.named_parameters())
+            for fqn in self._fresh:  # the state the load's template created for them goes
+                for opt in self.optimizers:
+                    opt.state.pop(params[fqn], None)
+        self._saved, self._fresh = None, []
+
+
+@contextmanager
+def _step_hooks_suspended(optimizers):
+    """The optimizers' own step pre/post hooks removed for the duration (DCP may step them to create state)."""
+    kept = []
+    for opt in optimizers:
+        pre, post = getattr(opt, "_optimizer_step_pre_hooks", None), getattr(opt, "_optimizer_step_post_hooks", None)
+        kept.append((opt, pre, post))
+        if pre is not None:
+            opt._optimizer_step_pre_hooks = type(pre)()
+        if post is not None:
+            opt._optimizer_step_post_hooks = type(post)()
+    try:
+        yield
+    finally:
+        for opt, pre, post in kept:
+            if pre is not None:
+                opt._optimizer_step_pre_hooks = pre
+            if post is not None:
+                opt._optimizer_step_post_hooks = post
 
 
 @contextmanager
@@ -434,6 +488,7 @@ class Checkpointer:
                     + "); --checkpoint-dir must be one folder every rank shares")
         if info is None:
             return 0
+        saved = self._read_saved_entries(info)  # a damaged .metadata: one line here, not DCP's tracebacks
         keyed, finishers = self._keyed(state), []
         if check_resumable(info, self.world_size, self.run, self.layout_keys, self.upgrade, self.reshardable):
             per_rank = sorted(set(state) - self.replicated - self.own_rank - set(self.resharders))
@@ -447,24 +502,15 @@ class Checkpointer:
             for value in state.values():
                 if isinstance(value, RNGState):  # another machine may see another number of GPUs
                     value.other_devices = True
-            saved, failed = {}, None
-            if any(name in state for name in self.resharders):  # the same on every rank (the same state names)
-                try:
-                    saved = saved_entries(info)
-                except InputError as err:
-                    failed = err.what
-                if dist is not None:  # one rank unable to read it must not leave the others waiting in dcp.load
-                    seen = [None] * self.world_size
-                    dist.all_gather_object(seen, failed)
-                    failed = next((f"rank {r}: {f}" for r, f in enumerate(seen) if f is not None), None)
-                if failed is not None:
-                    raise InputError(info.path, failed)
             for name, reshard in self.resharders.items():
                 if name in state:
                     templates, finish = reshard(info, saved)
                     keyed.update(templates)
                     finishers.append((finish, templates))
             self.resharded_from = info
+        for key, value in keyed.items():
+            if isinstance(value, ModelState):
+                value.expect_save(k[len(key) + 1:] for k in saved if k.startswith(key + "."))
         from torch.distributed.checkpoint.api import CheckpointException
 
         try:
@@ -477,6 +523,24 @@ class Checkpointer:
             finish({k: keyed[k] for k in templates})  # DCP filled the tensors in place and set the other values
         self.last_saved = info.step
         return info.step
+
+    def _read_saved_entries(self, info: CheckpointInfo) -> dict:
+        """:func:`saved_entries` on every rank; a rank that cannot read them fails all of them with one line (it
+        must not leave the others waiting in dcp.load)."""
+        saved, failed = {}, None
+        try:
+            saved = saved_entries(info)
+        except InputError as err:
+            failed = err.what
+        dist = _dist()
+        if dist is not None:
+            seen = [None] * self.world_size
+            dist.all_gather_object(seen, failed)
+            failed = next((f"rank {r}: {f}" if self.world_size > 1 else f
+                           for r, f in enumerate(seen) if f is not None), None)
+        if failed is not None:
+            raise InputError(info.path, failed)
+        return saved
 
     def due(self, step: int) -> bool:
         """Whether ``step`` (completed steps) is a periodic save point."""
@@ -590,7 +654,11 @@ class Checkpointer:
         # the remains of crashed saves and deletes (``.partial`` folders, step folders without metadata): garbage
         # once this save is committed (one run writes a folder at a time), however large
         for child in folder.glob(f"{_PREFIX}*"):
-            if not (child.name[len(_PREFIX):].removesuffix(_PARTIAL).isdigit() and child.is_dir()):
+            digits = child.name[len(_PREFIX):].removesuffix(_PARTIAL)
+            # only names of step_folder's form (zero-padded to 8 digits): torchtitan's step-100 or a user's own
+            # step-N folder in the same directory was deleted for having no adasched metadata
+            ours = digits.isdigit() and f"{_PREFIX}{digits}" == step_folder(folder, int(digits)).name
+            if not (ours and child.is_dir()):
                 continue  # not a folder this module writes
             if child.name.endswith(_PARTIAL) or not (child / META_NAME).is_file():
                 shutil.rmtree(child, ignore_errors=True)

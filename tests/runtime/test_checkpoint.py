@@ -745,3 +745,106 @@ def test_a_damaged_save_is_one_input_error(tmp_path):
     msg = str(err.value)
     assert msg.startswith(f"{step_folder(tmp_path, 2)}: cannot load this save (") and "\n" not in msg, msg
     assert msg.endswith("); resume another with --load-step or start in a new --checkpoint-dir"), msg
+
+
+def test_a_commit_leaves_other_tools_step_folders_alone(tmp_path):
+    """Hunt finding: the first commit deleted every step-<digits> folder without adasched's metadata, torchtitan's
+    step-100 saves or a user's step-7 folder included. Only step_folder's own names (8 digits) are ours."""
+    *_, state = _build(0)
+    for name in ("step-100", "step-7", "step-000000012", "step-00000009", "step-00000004.partial"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__0_0.distcp").write_bytes(b"x" * 32)
+    Checkpointer(CheckpointConfig(folder=tmp_path, keep=1), run={}).save(2, state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000012", "step-00000002", "step-100", "step-7"]
+    assert (tmp_path / "step-100" / "__0_0.distcp").read_bytes() == b"x" * 32
+
+
+def test_a_save_folder_given_as_the_checkpoint_folder_is_refused(tmp_path):
+    """Hunt finding: --checkpoint-dir pointing at one save (ck/step-00000002) started a fresh run from step 0 and
+    wrote its saves inside that save's folder."""
+    *_, state = _build(0)
+    Checkpointer(CheckpointConfig(folder=tmp_path), run={}).save(2, state)
+    inner = step_folder(tmp_path, 2)
+    with pytest.raises(InputError) as err:
+        Checkpointer(CheckpointConfig(folder=inner), run={}).resume(_build(1)[-1])
+    assert str(err.value) == (f"{inner}: this is the save of step 2, not a checkpoint folder: give its parent folder "
+                              f"(--checkpoint-dir {tmp_path}), with --load-step to pick this save")
+    assert sorted(p.name for p in inner.iterdir() if p.name.startswith("step-")) == []
+
+
+def _two_heads(seed: int):
+    torch.manual_seed(seed)
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(4, 5), "b": torch.nn.Linear(5, 2)})
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
+    return model, opt
+
+
+def _step_two_heads(model, opt, gen, use_b: bool) -> float:
+    x = torch.randn(3, 4, generator=gen)
+    h = model["a"](x)
+    loss = model["b"](h).pow(2).mean() if use_b else h.pow(2).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def test_a_parameter_without_optimizer_state_resumes(tmp_path):
+    """Hunt finding: a save taken while some parameter had no optimizer state yet (no gradient so far: an unused
+    head) could never be resumed - DCP's template created state for every parameter and the load failed with
+    "Missing key". Now that parameter starts without state, as in the run that saved: the resumed run equals the
+    uninterrupted one bit for bit."""
+    seed = random.randrange(1000)
+    model, opt = _two_heads(seed)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(2):
+        _step_two_heads(model, opt, gen, use_b=False)
+    assert model["b"].weight not in opt.state
+    Checkpointer(CheckpointConfig(folder=tmp_path), run={}).save(2, {"m": ModelState(model, [opt])})
+    gen_state = gen.get_state()
+    straight = [_step_two_heads(model, opt, gen, use_b=True) for _ in range(3)]
+
+    model2, opt2 = _two_heads(seed + 1)
+    assert Checkpointer(CheckpointConfig(folder=tmp_path), run={}).resume({"m": ModelState(model2, [opt2])}) == 2
+    assert model2["b"].weight not in opt2.state and model2["a"].weight in opt2.state
+    gen2 = torch.Generator()
+    gen2.set_state(gen_state)
+    resumed = [_step_two_heads(model2, opt2, gen2, use_b=True) for _ in range(3)]
+    assert resumed == straight
+    for (name, p), (_, q) in zip(model.named_parameters(), model2.named_parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_resume_does_not_fire_the_optimizers_step_hooks(tmp_path):
+    """Hunt finding: DCP creates a fresh optimizer's state by stepping it at lr 0 with zero gradients; a
+    GradNormRecorder attached before the resume logged that as a step of norm 0 (a CSV the refined schedule then
+    refused)."""
+    from adasched.schedules import GradNormRecorder
+
+    model, opt, sched, gen, progress, state = _build(0)
+    _train(model, opt, sched, gen, progress, 2)
+    Checkpointer(CheckpointConfig(folder=tmp_path), run={}).save(2, state)
+    model2, opt2, sched2, gen2, progress2, state2 = _build(3)
+    rec = GradNormRecorder(opt2).attach()
+    calls = []
+    opt2.register_step_post_hook(lambda *a: calls.append(1))
+    assert Checkpointer(CheckpointConfig(folder=tmp_path), run={}).resume(state2) == 2
+    assert len(rec) == 0 and calls == []
+    _train(model2, opt2, sched2, gen2, progress2, 1)
+    assert len(rec) == 1 and rec.l2[0] > 0 and calls == [1]
+
+
+def test_a_damaged_metadata_file_is_one_line(tmp_path, capfd):
+    """Hunt finding: a damaged or empty .metadata printed ~26 lines of DCP tracebacks (through its logger) before
+    the error line; its metadata is now read first, which fails with one InputError and prints nothing."""
+    *_, state = _build(0)
+    Checkpointer(CheckpointConfig(folder=tmp_path), run={}).save(2, state)
+    for junk in (b"x" * 40, b""):
+        (step_folder(tmp_path, 2) / ".metadata").write_bytes(junk)
+        capfd.readouterr()
+        with pytest.raises(InputError) as err:
+            Checkpointer(CheckpointConfig(folder=tmp_path), run={}).resume(_build(1)[-1])
+        msg = str(err.value)
+        assert msg.startswith(f"{step_folder(tmp_path, 2)}: cannot read this save's metadata (") and "\n" not in msg
+        out, errtext = capfd.readouterr()
+        assert out == "" and errtext == "", errtext

@@ -423,3 +423,24 @@ def test_save_from_before_the_batches_digest_resumes_on_its_own_plan(runs, tmp_p
                  str(runs["dirB"])]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "saved by a different run (heads: saved 2, now 4; seed: saved 5, now 6)" in err[0], err
+
+
+def test_an_error_found_while_training_is_one_line(tmp_path, monkeypatch, capsys):
+    """Hunt finding: a ValueError raised once training runs (the resume's 'checkpoint holds the CUDA generators of
+    2 devices, this process sees 4') was a traceback from every rank and exit 1 in train_sp; train_moe and
+    train_lora print it as one line, exit 2."""
+    import adasched.launch.train_sp as train_sp
+
+    plan = tmp_path / "plan.json"
+    save_plan(_plan2(), plan)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    msg = "checkpoint holds the CUDA generators of 2 devices, this process sees 4"
+
+    def boom(*a, **k):
+        raise ValueError(msg)
+
+    monkeypatch.setattr(train_sp, "_train", boom)
+    assert main(["--plan", str(plan), *MODEL]) == 2
+    out = capsys.readouterr()
+    assert out.err == f"error: {msg}\n" and out.out == ""
