@@ -119,6 +119,9 @@ def _check_options(args: argparse.Namespace) -> None:
     check_seconds("--time-limit", args.time_limit, most=MAX_TIME_LIMIT_S)
     if not -2 ** 63 <= args.seed < 2 ** 63:  # torch.manual_seed and the planner's seed take these
         raise InputError("--seed", f"must be in [-2**63, 2**63), got {args.seed}")
+    if args.plan is None and args.seed < 0:  # it seeds the planner's solvers too (the planner's error named 'seed')
+        raise InputError("--seed", f"must be >= 0 when train_lora plans (--jobs): it is the MILP solver seed too, "
+                                   f"got {args.seed}")
     check_output_folder(args.out, "--out")  # a file, an empty name, a read-only place: before any work
     if args.world is not None and not args.check:
         raise InputError("--world", "only with --check (under torchrun the world is torchrun's)")
@@ -274,6 +277,7 @@ def run(args: argparse.Namespace) -> dict | None:
         SyntheticLoRAData,
         build_adapters,
         gather_adapter_states,
+        check_adapter_outputs,
         save_adapters,
         train_plan,
         check_plan,
@@ -314,6 +318,21 @@ def run(args: argparse.Namespace) -> dict | None:
                                                              f"{ok} pipeline stage(s), not {world}: resume on <= {ok} "
                                                              f"ranks, or start in a new --checkpoint-dir")
         check_plan(plan, model, world)  # before anything is written
+        # what rank 0 writes into --out after training, checked before it: its error stops every rank (a rank
+        # going on would wait for it in the pipeline until --timeout)
+        failed = None
+        if rank == 0:
+            try:
+                check_adapter_outputs(args.out, plan)
+            except ValueError as err:
+                failed = err
+        if distributed:
+            box = [None if failed is None else str(failed)]
+            dist.broadcast_object_list(box, src=0)
+            if failed is None and box[0] is not None:
+                failed = _PeerFailed(box[0])
+        if failed is not None:
+            raise failed
         if args.check:
             print(f"ok: {len(plan.microbatches)} microbatches of {len(plan.jobs)} jobs for {world} pipeline "
                   f"stage(s); nothing written")

@@ -111,8 +111,9 @@ class Plan(BaseModel):
             ("predicted", f"{_ms(self.predicted_ms)} ms"),
         ]
         for name, ms in self.baselines_ms.items():
-            ratio = ms / self.predicted_ms if self.predicted_ms > 0 else float("nan")
-            rows.append((f"baseline {name}", f"{_ms(ms)} ms ({ratio:.2f}x of plan)"))
+            # (a plan predicted at 0 ms, rounded: no ratio, not 'nanx')
+            ratio = f" ({ms / self.predicted_ms:.2f}x of plan)" if self.predicted_ms > 0 else ""
+            rows.append((f"baseline {name}", f"{_ms(ms)} ms{ratio}"))
         if self.profile:
             rows.append(("profile", self.profile.name))
         return rows

@@ -566,6 +566,29 @@ def gather_adapter_states(adapters: Sequence[LoRAAdapter], model: TinyCausalLM, 
     return merged
 
 
+#: what :func:`save_adapters` writes: per job OUT/<job name>/<these files>, and OUT/losses.json
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+LOSSES_FILE = "losses.json"
+
+
+def check_adapter_outputs(out_dir: str | Path, plan) -> None:
+    """Raise InputError('--out', ...) where :func:`save_adapters` could not write after training: OUT/<job> a
+    file, one of its two files a folder, OUT/losses.json a folder (found after the training, with some adapters
+    already written, the error was 'File exists')."""
+    from adasched.profiler.io import InputError
+
+    out = Path(out_dir)
+    for job in plan.jobs:
+        d = out / job.name
+        if d.exists() and not d.is_dir():
+            raise InputError("--out", f"{d} is a file: job {job.name!r}'s adapter is saved in a folder of that name")
+        for name in ADAPTER_FILES:
+            if (d / name).is_dir():
+                raise InputError("--out", f"{d / name} is a folder: job {job.name!r}'s adapter writes a file there")
+    if (out / LOSSES_FILE).is_dir():
+        raise InputError("--out", f"{out / LOSSES_FILE} is a folder: the run's losses are written to a file there")
+
+
 def save_adapters(out_dir: str | Path, plan, adapters: Sequence[LoRAAdapter], states: Sequence[dict] | None = None,
                   result: TrainResult | None = None) -> list[Path]:
     """Write out_dir/<job name>/{adapter_model.safetensors, adapter_config.json} per job (PEFT's layout) and,
@@ -576,7 +599,7 @@ def save_adapters(out_dir: str | Path, plan, adapters: Sequence[LoRAAdapter], st
         sd = states[j] if states is not None else ad.peft_state_dict()
         paths.append(save_peft_adapter(out / job.name, ad.peft_config(), sd))
     if result is not None:
-        atomic_write_text(out / "losses.json", json.dumps(
+        atomic_write_text(out / LOSSES_FILE, json.dumps(
             {"per_global_batch": result.by_job(plan), "microbatch": result.microbatch_losses,
              "optimizer_steps": {job.name: result.steps.get(j, 0) for j, job in enumerate(plan.jobs)}}, indent=1) + "\n")
     return paths

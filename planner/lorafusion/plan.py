@@ -16,7 +16,7 @@ from ..plan import MAX_LAYERS, Plan, SolverRecord, inputs_digest, profile_ref
 from .baselines import mlora_baseline, sequential_baseline
 from .costmodel import StageCost, padded, stage_cost_from_profile
 # the adapter schema is part of the plan
-from .jobs import KNOWN_TARGET_MODULES, MAX_TOKENS, AdapterSpec, JobName, Workload
+from .jobs import KNOWN_TARGET_MODULES, MAX_SAMPLES, MAX_TOKENS, AdapterSpec, JobName, Workload
 from .model import (
     DEFAULT_TIME_LIMIT_S,
     AdapterStats,
@@ -43,8 +43,9 @@ class LoRAJob(_M):
     name: JobName  # the trainer saves each adapter under OUT/<name>/: a name like "../x" wrote outside OUT
     adapter: AdapterSpec
     lr: float = Field(gt=0, allow_inf_nan=False)
-    global_batch_size: int = Field(ge=1)
-    global_batches: int = Field(ge=1)
+    # bounded like a jobs file's workload (a plan of global_batch_size 10**12 was a MemoryError in verify)
+    global_batch_size: int = Field(ge=1, le=MAX_SAMPLES)
+    global_batches: int = Field(ge=1, le=MAX_SAMPLES)
     mean_tokens: float
     std_tokens: float
 
@@ -132,7 +133,7 @@ class LoRAPlan(Plan):
     capacity: int = Field(ge=1, le=MAX_TOKENS)
     stages: int = Field(ge=1, le=MAX_LAYERS)
     layers: int = Field(ge=1, le=MAX_LAYERS)
-    jobs: list[LoRAJob]
+    jobs: list[LoRAJob] = Field(min_length=1)
     lengths: list[int] = Field(description="tokens per sample id")
     groups: list[list[int]]
     microbatches: list[LoRAMicrobatch]
@@ -191,10 +192,10 @@ class LoRAPlan(Plan):
         short = next((i for i, x in enumerate(self.lengths) if x < 1), None)
         if short is not None:  # a sample of no tokens: nothing to train on, and the trainer cannot pack it
             return [f"lengths: sample {short} has {self.lengths[short]} tokens (at least 1)"]
+        held = sum(j.global_batch_size * j.global_batches for j in self.jobs)
+        if held != n:  # counted before the ids are listed (10**6 x 10**6 of them hung `show`)
+            return [f"lengths: {n} samples, but the jobs' global batches hold {held}"]
         expected = self.expected_batches()
-        if sum(len(ids) for ids in expected.values()) != n:
-            return [f"lengths: {n} samples, but the jobs' global batches hold "
-                    f"{sum(len(ids) for ids in expected.values())}"]
         for i, mb in enumerate(self.microbatches):
             for s in mb.segments:
                 if s.job >= len(self.jobs) or s.global_batch >= self.jobs[s.job].global_batches:
@@ -231,7 +232,25 @@ class LoRAPlan(Plan):
                 if not math.isclose(value, ms, rel_tol=1e-9, abs_tol=1e-3):
                     errors.append(f"{name}: {value} ms, the microbatches simulate to {round(ms, 4)} ms with the "
                                   f"plan's stage_cost and {self.stages} stages")
+            if not errors:  # and what the summary derives from the sequence says so (show printed stale ratios)
+                want = self._derived_summary(ms)
+                for key, value in want.items():
+                    have = getattr(self.summary, key)
+                    tol = _DERIVED_TOL.get(key, 0)
+                    if not math.isclose(have, value, rel_tol=tol, abs_tol=tol):
+                        errors.append(f"summary.{key}: {have}, the microbatches give {value}")
         return errors
+
+    def _derived_summary(self, ms: float) -> dict:
+        """The summary fields that follow from the microbatches, their simulated makespan ``ms`` and the
+        baselines' makespans, computed as :func:`build_plan` does."""
+        real = sum(s.tokens for mb in self.microbatches for s in mb.segments)
+        padded_total = sum(mb.padded_tokens for mb in self.microbatches)
+        s = self.summary
+        return {"tokens": real, "microbatches": len(self.microbatches),
+                "noop_microbatches": sum(mb.noop for mb in self.microbatches),
+                **derived_ratios(real, padded_total, ms, s.mlora_makespan_ms, s.mlora_sorted_makespan_ms,
+                                 s.sequential_makespan_ms)}
 
     def simulate(self):
         _, sim = sequence_ms(self.sequence(), self.lengths, StageCost(**self.stage_cost), self.stages)
@@ -242,11 +261,13 @@ class LoRAPlan(Plan):
 
     def resimulated(self) -> "LoRAPlan":
         """A copy whose predicted time (``predicted_ms``, ``summary.makespan_ms``) is its sequence's simulated
-        makespan again: for a plan whose microbatches or lengths were changed by hand (``verify`` refuses a
-        prediction that is not the makespan)."""
-        ms = round(self._makespan_ms(), 4)
-        return self.model_copy(update={"predicted_ms": ms,
-                                       "summary": self.summary.model_copy(update={"makespan_ms": ms})})
+        makespan again, with the summary fields that follow from the sequence (tokens, microbatch counts, padding
+        waste, throughput, speedups over the recorded baselines): for a plan whose microbatches or lengths were
+        changed by hand (``verify`` refuses a prediction or summary that does not follow from them)."""
+        raw = self._makespan_ms()
+        ms = round(raw, 4)
+        return self.model_copy(update={"predicted_ms": ms, "summary": self.summary.model_copy(
+            update={"makespan_ms": ms, **self._derived_summary(raw)})})
 
     def gantt_tasks(self) -> list:
         return self.simulate().tasks
@@ -273,6 +294,26 @@ class LoRAPlan(Plan):
             ("samples missing/duplicated", f"{s.samples_missing}/{s.samples_duplicated}"),
         ]
         return rows
+
+
+#: tolerances of the derived summary fields against their recomputation (stored rounded: the ratios to 4
+#: decimals from unrounded makespans, recomputed from makespans rounded to 1e-4 ms)
+_DERIVED_TOL = {"speedup_vs_mlora": 2e-4, "speedup_vs_sequential": 2e-4, "speedup_vs_mlora_sorted": 2e-4,
+                "padding_waste": 2e-5, "throughput_tokens_per_s": 1e-6}
+
+
+def derived_ratios(real: int, padded_total: int, ms: float, mlora_ms: float, mlora_sorted_ms: float,
+                   sequential_ms: float) -> dict:
+    """Padding waste, throughput and speedups of a sequence of ``real`` tokens (``padded_total`` padded) whose
+    simulated makespan is ``ms``, as the summary rounds them (a makespan of 0: ratios 1 for a baseline of 0 too,
+    else inf; throughput 0)."""
+    def ratio(base: float) -> float:
+        return round(base / ms, 4) if ms > 0 else (1.0 if base <= 0 else math.inf)
+
+    return {"padding_waste": round(1 - real / padded_total, 5) if padded_total else 0.0,
+            "throughput_tokens_per_s": round(real / ms * 1000.0, 2) if ms > 0 else 0.0,
+            "speedup_vs_mlora": ratio(mlora_ms), "speedup_vs_sequential": ratio(sequential_ms),
+            "speedup_vs_mlora_sorted": ratio(mlora_sorted_ms)}
 
 
 def _p95(xs: list[float]) -> float:
@@ -347,10 +388,8 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
     solve_times = [r.solve_seconds for r in records]
     n_status = {k: sum(r.status == k for r in records) for k in ("optimal", "feasible", "heuristic")}
     summary = LoRASummary(
-        speedup_vs_mlora=round(mlora.makespan_ms / ms, 4),
-        speedup_vs_sequential=round(seqb.makespan_ms / ms, 4),
-        speedup_vs_mlora_sorted=round(mlora_sorted.makespan_ms / ms, 4),
-        padding_waste=round(1 - real_total / padded_total, 5) if padded_total else 0.0,
+        **derived_ratios(real_total, padded_total, ms, mlora.makespan_ms, mlora_sorted.makespan_ms,
+                         seqb.makespan_ms),
         solve_seconds_p95=round(_p95(solve_times), 4),
         solve_seconds_total=round(sum(solve_times), 4),
         samples_missing=len(ver.missing),
@@ -369,7 +408,6 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
         mlora_max_microbatch_tokens=mlora.max_microbatch_tokens,
         mlora_microbatches=mlora.microbatches,
         sequential_microbatches=seqb.microbatches,
-        throughput_tokens_per_s=round(real_total / ms * 1000.0, 2) if ms else 0.0,
         problems_optimal=n_status["optimal"],
         problems_feasible=n_status["feasible"],
         problems_heuristic=n_status["heuristic"],

@@ -73,6 +73,9 @@ def test_launcher_rejects_a_plan_the_model_cannot_run(tmp_path, capsys):
     (["--check", "--timeout", "-5"], "error: --timeout: must be > 0 seconds, got -5.0"),
     (["--time-limit", "0"], "error: --time-limit: must be > 0 seconds, got 0.0"),
     (["--seed", str(2 ** 63)], f"error: --seed: must be in [-2**63, 2**63), got {2 ** 63}"),
+    # hunt finding: the planner refused it as 'seed: Input should be greater than or equal to 0'
+    (["--seed", "-1"], "error: --seed: must be >= 0 when train_lora plans (--jobs): it is the MILP solver seed too, "
+                       "got -1"),
 ])
 def test_launcher_options_fail_on_one_line_naming_the_option(tmp_path, capsys, argv, needle):
     out = tmp_path / "o"
@@ -162,3 +165,26 @@ def test_large_seeds_train():
     res = train_plan(model, ads, plan, big, fused=False, seed=2 ** 63 - 1)
     assert res.steps == {0: 1, 1: 1} and all(torch.isfinite(torch.tensor(list(res.losses.values()))))
 
+
+
+@pytest.mark.parametrize("taken", ["tiny-b", "tiny-a/adapter_config.json", "losses.json"])
+def test_outputs_that_cannot_be_written_are_refused_before_training(tmp_path, capsys, taken):
+    """Hunt finding: OUT/<job> a file (or OUT/losses.json a folder) was found after the whole training, with
+    some adapters already written, as 'cannot write: File exists'. Now --check and a run refuse it first."""
+    out = tmp_path / "o"
+    if taken == "tiny-b":
+        out.mkdir()
+        (out / taken).write_text("mine")
+        want = f"error: --out: {out / taken} is a file: job 'tiny-b''s adapter is saved in a folder of that name"
+    elif taken == "losses.json":
+        (out / taken).mkdir(parents=True)
+        want = f"error: --out: {out / taken} is a folder: the run's losses are written to a file there"
+    else:
+        (out / taken).mkdir(parents=True)
+        want = f"error: --out: {out / taken} is a folder: job 'tiny-a''s adapter writes a file there"
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    for extra in (["--check"], ["--reference"]):
+        assert main(["--jobs", "tiny", "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err == want + "\n", err
+        assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before

@@ -233,3 +233,115 @@ def test_show_names_the_solve_time_limit_per_problem(tmp_path, capsys):
     assert row == (f"{plan.solver.solve_seconds:.3f} s over {len(plan.problems)} (global batch, group) problems "
                    f"(limit 0.2 s each)")
     assert len(plan.problems) >= 1
+
+
+def test_plan_files_that_are_too_large_or_stale_are_refused(tmp_path, capsys, assert_show_refuses):
+    """Hunt findings: a plan with global_batch_size 10**12 was a MemoryError in verify (global_batches 10**12 hung
+    `show`); a plan of no jobs passed `show`; summary fields that do not follow from the microbatches (ratios,
+    counts, padding waste, throughput) were shown as they were."""
+    data, _ = _jobs(tmp_path)
+    out = tmp_path / "plan.json"
+    assert main(["plan", "lora", "--jobs", str(_write(tmp_path, data)), "--out", str(out), "--time-limit", "0.2"]) == 0
+    plan = json.loads(out.read_text())
+
+    def huge_batch(d):
+        d["jobs"][0]["global_batch_size"] = 10 ** 12
+
+    def huge_batches(d):
+        d["jobs"][0]["global_batches"] = 10 ** 12
+
+    def more_samples(d):
+        d["jobs"][0]["global_batches"] += 1
+
+    def no_jobs(d):
+        d["jobs"], d["groups"], d["microbatches"] = [], [], []
+
+    def field(name, delta):
+        def edit(d):
+            d["summary"][name] += delta
+        return edit
+
+    s = plan["summary"]
+    capsys.readouterr()
+    for edit, needle in ((huge_batch, "jobs.0.global_batch_size: Input should be less than or equal to 1000000"),
+                         (huge_batches, "jobs.0.global_batches: Input should be less than or equal to 1000000"),
+                         (no_jobs, "jobs: List should have at least 1 item")):
+        d = json.loads(json.dumps(plan))
+        edit(d)
+        p = tmp_path / "bad.json"
+        p.write_text(json.dumps(d))
+        assert main(["show", str(p)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {p}: ") and needle in err and err.count("\n") == 1, err
+    n = len(plan["lengths"])
+    assert_show_refuses(plan, [
+        (more_samples, f"lengths: {n} samples, but the jobs' global batches hold "
+                       f"{n + plan['jobs'][0]['global_batch_size']}"),
+        (field("speedup_vs_mlora", 0.01), f"summary.speedup_vs_mlora: {s['speedup_vs_mlora'] + 0.01}, the "
+                                          f"microbatches give {s['speedup_vs_mlora']}"),
+        (field("speedup_vs_sequential", -0.01), "summary.speedup_vs_sequential: "),
+        (field("speedup_vs_mlora_sorted", 0.5), "summary.speedup_vs_mlora_sorted: "),
+        (field("padding_waste", 0.001), "summary.padding_waste: "),
+        (field("throughput_tokens_per_s", 1.0), "summary.throughput_tokens_per_s: "),
+        (field("microbatches", 1), f"summary.microbatches: {s['microbatches'] + 1}, the microbatches give "
+                                   f"{s['microbatches']}"),
+        (field("noop_microbatches", 1), "summary.noop_microbatches: "),
+        (field("tokens", -1), "summary.tokens: "),
+    ])
+
+
+def test_resimulated_recomputes_what_follows_from_the_sequence(tmp_path):
+    """Hunt finding: resimulated() refreshed the makespan only; the speedups, counts, padding waste and throughput
+    of a plan whose microbatches were split by hand stayed those of the old sequence."""
+    data, _ = _jobs(tmp_path)
+    out = tmp_path / "plan.json"
+    assert main(["plan", "lora", "--jobs", str(_write(tmp_path, data)), "--out", str(out), "--time-limit", "0.2"]) == 0
+    plan = load_plan(out)
+    i = next(k for k, mb in enumerate(plan.microbatches) if mb.segments and len(mb.segments[0].samples) > 1)
+    mb = plan.microbatches[i]
+    seg = mb.segments[0]
+    from adasched.planner.lorafusion.costmodel import padded
+
+    L = plan.lengths
+    def part(ids):
+        t = sum(L[x] for x in ids)
+        return seg.model_copy(update={"samples": ids, "tokens": t, "padded_tokens": padded(t)})
+
+    a, b = part(seg.samples[:1]), part(seg.samples[1:])
+    first = mb.model_copy(update={"segments": [a], "padded_tokens": a.padded_tokens})
+    rest = mb.model_copy(update={"segments": [b, *mb.segments[1:]],
+                                 "padded_tokens": b.padded_tokens + sum(x.padded_tokens for x in mb.segments[1:])})
+    split = plan.model_copy(update={"microbatches": [*plan.microbatches[:i], first, rest, *plan.microbatches[i + 1:]]})
+    new = split.resimulated()
+    assert new.verify() == []
+    s, old = new.summary, plan.summary
+    ms = new._makespan_ms()
+    real = sum(x.tokens for m in new.microbatches for x in m.segments)
+    padded_total = sum(m.padded_tokens for m in new.microbatches)
+    assert s.microbatches == old.microbatches + 1 == len(new.microbatches)
+    assert s.tokens == real == old.tokens
+    assert s.padding_waste == round(1 - real / padded_total, 5)
+    assert s.throughput_tokens_per_s == round(real / ms * 1000.0, 2)
+    assert s.speedup_vs_mlora == round(old.mlora_makespan_ms / ms, 4)
+    assert s.speedup_vs_sequential == round(old.sequential_makespan_ms / ms, 4)
+    assert s.speedup_vs_mlora_sorted == round(old.mlora_sorted_makespan_ms / ms, 4)
+    assert new.predicted_ms == s.makespan_ms == round(ms, 4)
+
+
+def test_a_profile_of_tiny_costs_prints_the_comparison(tmp_path, capsys):
+    """Hunt finding: makespans stored to 1e-4 ms read 0 for a profile of tiny per-token costs, and the comparison
+    table divided by them: a ZeroDivisionError traceback (exit 1) after the plan was written."""
+    from adasched.profiler.builtins import builtin_profile
+
+    prof = builtin_profile("h100-sxm").model_dump(mode="json")
+    prof["linear"]["ms_per_token"] = 1e-8
+    prof["linear"]["b_ms"] = 0
+    prof["attention"].update(a1_ms_per_tok2=0, a2_ms_per_tok=1e-10, b_ms=0)
+    pf = tmp_path / "tiny-costs.json"
+    pf.write_text(json.dumps(prof))
+    out = tmp_path / "p.json"
+    for cmd in (["plan", "lora", "--jobs", "tiny", "--profile", str(pf), "--out", str(out)],
+                ["bench", "lora", "--jobs", "tiny", "--profile", str(pf)]):
+        assert main(cmd) == 0
+        res = capsys.readouterr()
+        assert "Traceback" not in res.err and "sequential packing" in res.out
