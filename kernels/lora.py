@@ -764,7 +764,8 @@ _PLAN_CACHE: "OrderedDict[tuple, _TilePlan]" = OrderedDict()
 def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on ``device`` without stalling the host: a copy from pageable memory to a GPU waits for the
     GPU to drain; from pinned memory it is queued (a packed multi-LoRA batch changes its segments every step, so
-    its tile table is built and uploaded on every call)."""
+    its tile table is built and uploaded on every call). ``t`` is built with ``device="cpu"`` explicitly: under
+    ``torch.set_default_device("cuda")`` it was a CUDA tensor, which pin_memory refuses."""
     if torch.device(device).type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
@@ -804,8 +805,8 @@ def _tile_plan(T: int, segments: tuple, ranks: tuple, scales: tuple, ps: tuple, 
         emit(pos, T, -1)
     has_dropout = any(ps[aid] > 0 for aid, _, _ in segments)
     plan = _TilePlan(
-        table=_upload(torch.tensor(rows, dtype=torch.int64).reshape(-1, _TABLE_COLS), device),
-        ftable=_upload(torch.tensor(frows, dtype=torch.float32).reshape(-1, 2), device),
+        table=_upload(torch.tensor(rows, dtype=torch.int64, device="cpu").reshape(-1, _TABLE_COLS), device),
+        ftable=_upload(torch.tensor(frows, dtype=torch.float32, device="cpu").reshape(-1, 2), device),
         n_tiles=len(rows), block_m=block_m, block_r=max(16, _next_pow2(max(ranks) if ranks else 1)),
         r_total=offs[-1], has_dropout=has_dropout, segments=tuple(covered), scales=tuple(scales),
         r_align=8 if all(o % 8 == 0 for o in offs) else 1, rank_of=tuple(ranks),
@@ -1304,10 +1305,10 @@ def _group_data(plan: _TilePlan, T: int, device) -> _Groups:
         pos = end
     if pos < T:
         group(T, 0, 0, 0.0)
-    got = _Groups(offs=_upload(torch.tensor(ends, dtype=torch.int32), device),
-                  idx=_upload(torch.tensor(idx, dtype=torch.int64), device),
-                  col_scale=_upload(torch.tensor(col_scale, dtype=torch.float32), device),
-                  gscale=_upload(torch.tensor(gscale, dtype=torch.float32), device), r_pad=r_pad,
+    got = _Groups(offs=_upload(torch.tensor(ends, dtype=torch.int32, device="cpu"), device),
+                  idx=_upload(torch.tensor(idx, dtype=torch.int64, device="cpu"), device),
+                  col_scale=_upload(torch.tensor(col_scale, dtype=torch.float32, device="cpu"), device),
+                  gscale=_upload(torch.tensor(gscale, dtype=torch.float32, device="cpu"), device), r_pad=r_pad,
                   n_groups=len(ends))
     plan.extras["groups"] = got
     return got
@@ -1834,7 +1835,7 @@ def _reference_impl(x2, weight, bias, adapters, segs, seed: int, keep: Optional[
     T, K = x2.shape
     y = F.linear(x2, weight, bias.to(x2.dtype) if bias is not None else None)  # a bias in another dtype: cast
     if keep is None and _segments_drop(adapters, segs):  # decided on the host: no tensor read (traceable)
-        p_row = torch.zeros(T, dtype=torch.float64)
+        p_row = torch.zeros(T, dtype=torch.float64, device="cpu")
         for aid, s, e in segs:
             p_row[s:e] = float(adapters[aid].dropout_p)
         keep = dropout_keep_mask(seed, T, K, p_row, x2.device)

@@ -191,3 +191,40 @@ def test_bias_in_another_dtype_everywhere(T, xdt, bdt):
         torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)
         assert bias.grad.dtype == bdt
         torch.testing.assert_close(bias.grad.double(), dy.double().sum(0), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:adasched.kernels.lora. fused Triton kernels unavailable")
+@pytest.mark.parametrize("fused", [True, False])
+def test_host_tables_do_not_follow_the_default_device(fused, monkeypatch):
+    """Hunt finding: the multi-LoRA tile table, grouped data and per-row dropout probabilities were built with
+    torch.tensor(...) on the default device; under torch.set_default_device("cuda") they were CUDA tensors that
+    pin_memory refuses. Checked with "meta" as the default device (no GPU here): same outputs and gradients as
+    without it. fused=False: the torch path (its per-row dropout probabilities)."""
+    import adasched.kernels.lora as lora_mod
+
+    if not fused:
+        monkeypatch.setattr(lora_mod, "backend_for", lambda x: "torch")
+    g = torch.Generator().manual_seed(torch.seed() % 2 ** 31)
+    T, K, N = 40, 24, 20
+    x = torch.randn(T, K, generator=g)
+    w = torch.randn(N, K, generator=g) / K ** 0.5
+    ads = [LoRAAdapterWeights(torch.randn(r, K, generator=g), torch.randn(N, r, generator=g), s, p)
+           for r, s, p in ((4, 0.5, 0.25), (8, 2.0, 0.0))]
+    segs = [(0, 0, 17), (1, 17, 33)]
+
+    def run():
+        xs = x.clone().requires_grad_(True)
+        a = [LoRAAdapterWeights(ad.lora_a.clone().requires_grad_(True), ad.lora_b.clone().requires_grad_(True),
+                                ad.scale, ad.dropout_p) for ad in ads]
+        y = multi_lora_linear(xs, w, a, segs, seed=11, block_m=16)
+        y.backward(torch.ones_like(y))
+        return [y.detach(), xs.grad] + [t.grad for ad in a for t in (ad.lora_a, ad.lora_b)]
+
+    want = run()
+    lora_mod._PLAN_CACHE.clear()  # the tables are built again under the default device
+    with torch.device("meta"):
+        assert torch.empty(1).device.type == "meta"
+        got = run()
+    assert all(t.device.type == "cpu" for t in got)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
