@@ -129,7 +129,8 @@ class Machine(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     name: str
     description: str = ""
-    cycle_ns: float = Field(gt=0, description="nanoseconds per normalised cycle")
+    # finite numbers only (Infinity/NaN were written as null into a plan that `show` then refused)
+    cycle_ns: float = Field(gt=0, allow_inf_nan=False, description="nanoseconds per normalised cycle")
     units: dict[str, _Count]
     max_warp_groups: int = Field(ge=1, le=MAX_WARP_GROUPS, description="a CTA holds at most 1,024 threads: 8 "
                                                                        "groups of 128 (10**6 ran 100 s and 1.8 GB "
@@ -142,9 +143,11 @@ class Machine(BaseModel):
     handoff_cycles: int = Field(ge=0, le=MAX_CYCLES, description="extra delay when a value crosses warp groups "
                                                                   "(mbarrier)")
     warp_specialize: bool = Field(description="Triton's tl.range(warp_specialize=True) is supported here")
-    raw_cycles: dict[str, float] = Field(default_factory=dict, description="hardware cycles of op classes")
-    clock_ghz: float = Field(default=1.0, gt=0)
-    tensor_flops_per_cycle: float = Field(default=0.0, ge=0, description="dense fp16 FLOP per SM cycle")
+    raw_cycles: dict[str, Annotated[float, Field(allow_inf_nan=False)]] = Field(
+        default_factory=dict, description="hardware cycles of op classes")
+    clock_ghz: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    tensor_flops_per_cycle: float = Field(default=0.0, ge=0, allow_inf_nan=False,
+                                          description="dense fp16 FLOP per SM cycle")
 
 
     @model_validator(mode="after")
@@ -303,7 +306,8 @@ def normalise_costs(raw: dict[str, float], max_cost: int = 16, tolerance: float 
             raise ValueError(f"raw cost {k!r} = {v} must be a positive number")
     top = max(raw.values())
     main = [k for k, v in raw.items() if v >= overhead * top]
-    cands = {Fraction(v).limit_denominator(10**6) / k for v in raw.values() for k in range(1, max_cost + 1)}
+    # exact fractions: limit_denominator(10**6) rounded costs below ~5e-7 to a unit of 0 (ZeroDivisionError)
+    cands = {Fraction(v) / k for v in raw.values() for k in range(1, max_cost + 1)}
     fallback: tuple[float, float, dict[str, int]] | None = None
     for u in sorted(cands, reverse=True):  # coarsest first
         uf = float(u)

@@ -109,11 +109,6 @@ class TwillPlan(Plan):
             members = sorted(s.name for s in self.ops if s.warp_group == q)
             if sorted(g.ops) != members:
                 errors.append(f"warp group {q} lists ops {sorted(g.ops)}, the schedule puts {members} there")
-        reserved = {o.get("name"): sorted(u for u, row in (o.get("reserve") or {}).items() if any(row))
-                    for o in self.graph.get("ops", []) if isinstance(o, dict)}
-        for s in self.ops:  # the units drawn for an op are the ones its reservation table holds
-            if s.name in reserved and sorted(s.units) != reserved[s.name]:
-                errors.append(f"op {s.name}: units {sorted(s.units)}, its reservation table holds {reserved[s.name]}")
         if self.ops and self.stages != max(s.stage for s in self.ops) + 1:
             errors.append(f"stages {self.stages} != the last op's stage + 1 ({max(s.stage for s in self.ops) + 1})")
         try:
@@ -121,6 +116,12 @@ class TwillPlan(Plan):
 
             graph = Graph.model_validate(self.graph)
             digest = inputs_digest(graph, Machine.model_validate(self.machine))
+            # (on the validated graph: a hand-edited 'reserve' of another shape was a TypeError traceback)
+            reserved = {o.name: sorted(u for u, row in o.reserve.items() if any(row)) for o in graph.ops}
+            for s in self.ops:  # the units drawn for an op are the ones its reservation table holds
+                if s.name in reserved and sorted(s.units) != reserved[s.name]:
+                    errors.append(f"op {s.name}: units {sorted(s.units)}, its reservation table holds "
+                                  f"{reserved[s.name]}")
             if graph.has_warp_fields() != self.warp_specialised:
                 # the validator checks groups, buffers and registers by this flag: a plan of a warp graph with it
                 # turned off passed with every op in one group and one buffer per value
@@ -172,11 +173,18 @@ class TwillPlan(Plan):
                             + (", replay exact" if self.sim_replay_exact else ", replay NOT exact")))
         return rows
 
+    def drawn_iterations(self) -> int:
+        """Iterations the Gantt chart holds: ``stages + 1`` overlapped ones, at most :data:`MAX_GANTT_BARS` bars
+        (a plan of 11,265 stages drew 50 s and 1.3 GB of them)."""
+        per_iteration = max(1, sum(len(s.units) + 1 for s in self.ops))
+        return max(1, min(self.stages + 1, MAX_GANTT_BARS // per_iteration))
+
     def gantt_tasks(self) -> list:
-        """Bars of ``stages + 1`` overlapped iterations, one lane per unit and one per warp group."""
+        """Bars of ``stages + 1`` overlapped iterations (at most :meth:`drawn_iterations`), one lane per unit and
+        one per warp group."""
         bars = []
         role = {g.index: g.role + (f" ({'+'.join(g.kinds)})" if g.kinds else "") for g in self.warp_groups}
-        for it in range(self.stages + 1):
+        for it in range(self.drawn_iterations()):
             for s in self.ops:
                 start = s.issue_cycle + it * self.ii
                 for u in s.units:
@@ -190,7 +198,9 @@ class TwillPlan(Plan):
 
         render_gantt(self.gantt_tasks(), path, xlabel="cycle (normalised)", lane_of=lambda b: b.lane,
                      title=f"twill {self.graph_name} on {self.machine_name}: I = {self.ii} (MII {self.mii}), "
-                           f"{self.stages} stages, {len(self.warp_groups)} warp groups")
+                           f"{self.stages} stages, {len(self.warp_groups)} warp groups"
+                           + (f"\n(the first {self.drawn_iterations():,} of {self.stages + 1:,} overlapped iterations)"
+                              if self.drawn_iterations() < self.stages + 1 else ""))
 
     def simulate(self):
         """Re-simulate as per-lane tasks (for `adasched simulate plan.json`); times in normalised cycles
@@ -200,6 +210,12 @@ class TwillPlan(Plan):
         return Simulation(tasks=[ScheduledTask(b.name, 0, b.lane, b.start_ms, b.end_ms, b.category)
                                  for b in self.gantt_tasks()], unit="cycles")
 
+
+#: op instances (iterations x ops) make_plan simulates at most (~10 us each: the simulation ignores the solve's
+#: time limit); a plan past it records why it has no simulated cycles per iteration
+MAX_SIM_INSTANCES = 300_000
+#: bars the Gantt chart of a plan (show --plot, simulate) draws at most
+MAX_GANTT_BARS = 20_000
 
 _METHOD_NOTE = {
     "heuristic": " (iterative modulo scheduling: CP-SAT found no schedule in time)",
@@ -217,16 +233,22 @@ class _Bar:
     category: str
 
 
-def serial_cycles(graph: Graph, units: dict[str, int]) -> int:
+def serial_cycles(graph: Graph, units: dict[str, int], *, handoff: int = 0,
+                  groups: dict[str, int] | None = None) -> int:
     """Cycles per iteration without software pipelining: a resource-aware list schedule of one iteration
     (ops in topological order of the distance-0 edges, each as early as its inputs and free units allow),
-    the next iteration starting when this one has finished and its loop-carried edges allow."""
+    the next iteration starting when this one has finished and its loop-carried edges allow. With ``groups``
+    (warp specialisation) a value edge between two groups takes ``handoff`` cycles more, as in the schedule."""
+    def delay(e) -> int:
+        crosses = groups is not None and e.value and e.src != e.dst and groups[e.src] != groups[e.dst]
+        return e.delay + (handoff if crosses else 0)
+
     order, preds = _topo(graph)
     busy: dict[tuple[str, int], int] = {}
     t: dict[str, int] = {}
     for v in order:
         op = graph.op(v)
-        s = max([t[e.src] + e.delay for e in preds[v]] + [0])
+        s = max([t[e.src] + delay(e) for e in preds[v]] + [0])
         while any(busy.get((u, s + c), 0) + n > units[u] for u, row in op.reserve.items() for c, n in enumerate(row)):
             s += 1
         for u, row in op.reserve.items():
@@ -236,7 +258,7 @@ def serial_cycles(graph: Graph, units: dict[str, int]) -> int:
     span = max(t[o.name] + o.length for o in graph.ops)
     for e in graph.edges:
         if e.distance > 0:
-            span = max(span, -(-(t[e.src] + e.delay - t[e.dst]) // e.distance))
+            span = max(span, -(-(t[e.src] + delay(e) - t[e.dst]) // e.distance))
     return span
 
 
@@ -262,7 +284,7 @@ def _topo(graph: Graph):
 
 def make_plan(problem: Problem, schedule, *, simulate: bool = True) -> TwillPlan:
     """Turn a :class:`model.Schedule` into a plan (knobs, groups, buffers, prologue, simulation)."""
-    from .simsched import simulate_schedule
+    from .simsched import simulate_schedule, simulated_iterations
 
     g, m = problem.graph, problem.machine
     ii, times = schedule.ii, schedule.times
@@ -297,6 +319,13 @@ def make_plan(problem: Problem, schedule, *, simulate: bool = True) -> TwillPlan
     peeled = [o.name for o in g.ops if stage[o.name] < last[groups[o.name]]]
     knobs = derive_knobs(g, m, ii, times, groups)
     sim_cpi = sim_dead = replay = None
+    sim_skipped = None
+    n_stages = max(stage.values()) + 1
+    instances = simulated_iterations(n_stages) * len(g.ops)
+    if simulate and instances > MAX_SIM_INSTANCES:  # minutes and GBs past the solve's time limit (11,265 stages)
+        sim_skipped = (f"not simulated: {n_stages:,} stages x {len(g.ops)} ops = {instances:,} op instances "
+                       f"(at most {MAX_SIM_INSTANCES:,})")
+        simulate = False
     if simulate:
         gd, md = g.model_dump(by_alias=True), m.model_dump()
         sim = simulate_schedule(gd, md, ii, times, groups, units=problem.units, warp=schedule.warp)
@@ -306,7 +335,10 @@ def make_plan(problem: Problem, schedule, *, simulate: bool = True) -> TwillPlan
         sim_dead = sim.deadlock
         rep = simulate_schedule(gd, md, ii, times, groups, units=problem.units, warp=schedule.warp, mode="timed")
         replay = (not rep.deadlock) and all(c == times[v] + it * ii for (v, it), c in rep.issued.items())
-    serial = serial_cycles(g, problem.units)
+    # without pipelining, in the plan's warp groups (a value crossing them pays the handoff as in the schedule):
+    # the baseline ignoring them was faster than an optimal warp-specialised plan (0.67x of it)
+    serial = serial_cycles(g, problem.units, handoff=m.handoff_cycles if schedule.warp else 0,
+                           groups=groups if schedule.warp else None)
     rec = schedule.params
     from adasched.planner.plan import SolverRecord
 
@@ -314,7 +346,8 @@ def make_plan(problem: Problem, schedule, *, simulate: bool = True) -> TwillPlan
         backend="heuristic" if schedule.method == "heuristic" else "ortools-cp-sat", status=schedule.status, gap=schedule.gap, objective=schedule.objective,
         bound=schedule.bound, solve_seconds=round(schedule.seconds, 6),
         time_limit=rec.time_limit if rec else None, seed=rec.seed if rec else None,
-        threads=rec.threads if rec else None, note=schedule.note or None,
+        threads=rec.threads if rec else None,
+        note="; ".join(x for x in (schedule.note, sim_skipped) if x) or None,
     )
     plan = TwillPlan(
         inputs_digest=inputs_digest(g, m),
@@ -325,7 +358,7 @@ def make_plan(problem: Problem, schedule, *, simulate: bool = True) -> TwillPlan
         rec_mii=schedule.mii.rec, excl_mii=schedule.mii.excl, plain_ii=schedule.plain_ii,
         ii_proven_minimal=schedule.proven,
         method=schedule.method, load_slack=schedule.load_slack,
-        warp_specialised=schedule.warp, stages=max(stage.values()) + 1, cycle_ns=m.cycle_ns, ops=slots,
+        warp_specialised=schedule.warp, stages=n_stages, cycle_ns=m.cycle_ns, ops=slots,
         warp_groups=wgs, channels=channels, buffers=buffers, peeled=peeled, knobs=knobs,
         attempts=[AttemptRecord(ii=a.ii, warp=a.warp, status=a.status, seconds=round(a.seconds, 6))
                   for a in schedule.attempts],

@@ -193,3 +193,116 @@ def test_an_unknown_machine_named_in_the_graph_file_is_the_files_error(tmp_path,
     err = capsys.readouterr().err
     assert err.startswith(f"error: {f}: machine: 'h100x' is neither a built-in machine") and err.count("\n") == 1, err
     assert main(["plan", "twill", "--graph", str(f), "--machine", "h100", "--json"]) == 0    # --machine overrides
+
+
+# ---- 17th session hunt --------------------------------------------------------------------------------------------
+def _plan_of(gd: dict, machine=H100, time_limit: float = 3.0):
+    prob = check_graph(Graph.model_validate(gd), machine)
+    return make_plan(prob, twill_model.solve(prob, SolveParams(time_limit=time_limit, seed=0, threads=1)))
+
+
+def test_simulated_cycles_are_the_slowest_ops_rate():
+    """Hunt finding: the simulated cycles per iteration were the mean of the ops' rates; an op no buffer holds
+    back ran ahead and two independent accumulators (recurrences of 1 and 3 cycles) simulated at 2.00 cycles per
+    iteration, below the proved-minimal I = 3. Now the slowest op's rate: 3.00."""
+    d = random.Random().randint(2, 5)
+    gd = {"name": "two-accumulators",
+          "ops": [{"name": "A", "reserve": {"ALU": [1]}}, {"name": "B", "reserve": {"TC": [1]}}],
+          "edges": [{"from": "A", "to": "A", "delay": 1, "distance": 1},
+                    {"from": "B", "to": "B", "delay": d, "distance": 1}]}
+    plan = _plan_of(gd)
+    assert plan.ii == d and plan.ii_proven_minimal
+    assert plan.sim_cycles_per_iteration == d and plan.sim_replay_exact
+
+
+def test_a_schedule_of_very_many_stages_is_not_simulated_and_draws_a_bounded_chart():
+    """Hunt finding: a chain with delays of 1,024 cycles at I = 1 has ~11,000 stages; the simulation after the solve
+    (6 x stages iterations of every op, past the time limit) took 8 s and 440 MB for 12 ops, minutes and GBs for 40;
+    `show --plot` drew (stages + 1) x ops bars. Now the plan says why it is not simulated and the chart holds at most
+    MAX_GANTT_BARS bars."""
+    from adasched.planner.twill.plan import MAX_GANTT_BARS, MAX_SIM_INSTANCES
+
+    n = 12
+    gd = {"name": "long-chain", "ops": [{"name": f"o{i}", "reserve": {}} for i in range(n)],
+          "edges": [{"from": f"o{i}", "to": f"o{i + 1}", "delay": 1024} for i in range(n - 1)]}
+    plan = _plan_of(gd)
+    assert plan.ii == 1 and plan.stages > 10_000
+    instances = (6 * plan.stages + 8) * n
+    assert instances > MAX_SIM_INSTANCES
+    assert plan.sim_cycles_per_iteration is None and plan.sim_deadlock is None and plan.sim_replay_exact is None
+    assert f"not simulated: {plan.stages:,} stages x {n} ops = {instances:,} op instances" in plan.solver.note
+    assert plan.verify() == []
+    bars = plan.gantt_tasks()
+    assert 0 < len(bars) <= MAX_GANTT_BARS and plan.drawn_iterations() < plan.stages + 1
+    assert len(bars) == plan.drawn_iterations() * sum(len(s.units) + 1 for s in plan.ops)
+    small = _plan_of({"name": "short", "ops": gd["ops"][:3], "edges": [dict(e, delay=2) for e in gd["edges"][:2]]})
+    assert small.sim_cycles_per_iteration is not None and "not simulated" not in (small.solver.note or "")
+    assert small.drawn_iterations() == small.stages + 1
+
+
+def test_a_malformed_embedded_graph_is_one_error_line(tmp_path, capsys, assert_show_refuses):
+    """Hunt finding: a hand-edited plan whose graph has ops null, or a reservation row that is a number, was a
+    TypeError traceback (exit 1) from the units check, which read the graph before it was validated."""
+    import json
+
+    from adasched.planner.cli import main
+
+    out = tmp_path / "p.json"
+    assert main(["plan", "twill", "--graph", "toy-attention", "--out", str(out)]) == 0
+    plan = json.loads(out.read_text())
+
+    def ops_null(d):
+        d["graph"]["ops"] = None
+
+    def row_int(d):
+        op = d["graph"]["ops"][0]
+        op["reserve"] = {k: 1 for k in op["reserve"]}
+
+    assert_show_refuses(plan, [(ops_null, "ops: Input should be a valid list"),
+                               (row_int, "Input should be a valid list")])
+
+
+def test_machine_numbers_must_be_finite(tmp_path, capsys):
+    """Hunt finding: Infinity / NaN in clock_ghz or raw_cycles were accepted and written as null into a plan that
+    `show` then refused; cycle_ns Infinity failed after the solve naming neither the file nor the field."""
+    import json
+
+    from adasched.planner.cli import main
+
+    base = load_machine("h100").model_dump()
+    for field, value in (("clock_ghz", "Infinity"), ("cycle_ns", "Infinity"), ("tensor_flops_per_cycle", "NaN"),
+                         ("raw_cycles", {"tma_latency": "NaN"})):
+        m = dict(base)
+        m[field] = value if not isinstance(value, dict) else dict(base["raw_cycles"], **value)
+        text = json.dumps(m).replace('"Infinity"', "Infinity").replace('"NaN"', "NaN")
+        path = tmp_path / f"m-{field}.json"
+        path.write_text(text)
+        out = tmp_path / "p.json"
+        assert main(["plan", "twill", "--graph", "toy-attention", "--machine", str(path), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path}: {field}") and "finite number" in err and err.count("\n") == 1, err
+        assert not out.exists()
+
+
+def test_a_warp_specialised_plan_is_never_slower_than_its_baseline():
+    """Hunt finding: the no-pipelining baseline ignored the warp groups (no handoff on values crossing them), so an
+    optimal warp-specialised plan of a load L feeding M (and M feeding the next L) was predicted slower than its
+    baseline (0.67x of the plan). The baseline keeps the plan's groups now."""
+    gd = {"name": "warp-vs-baseline",
+          "ops": [{"name": "L", "reserve": {"TMA": [1]}, "variable_latency": True, "smem": 8},
+                  {"name": "M", "reserve": {"TC": [1]}, "regs": 8}],
+          "edges": [{"from": "L", "to": "M", "delay": 1}, {"from": "M", "to": "L", "delay": 0, "distance": 1}]}
+    for handoff in (1, 7):
+        machine = H100.model_copy(update={"handoff_cycles": handoff})
+        plan = _plan_of(gd, machine)
+        assert plan.warp_specialised and plan.ii_proven_minimal
+        assert plan.baselines_ms["no-pipelining"] >= plan.predicted_ms * (1 - 1e-9), (handoff, plan.baselines_ms)
+
+
+def test_normalise_costs_takes_tiny_costs():
+    """Hunt finding: costs below ~5e-7 were rounded to a unit of 0 (ZeroDivisionError)."""
+    from adasched.planner.twill.graph import normalise_costs
+
+    for scale in (1e-9, 3e-7, 1.0, 512.0):
+        costs, unit = normalise_costs({"mma": 2 * scale, "exp": 3 * scale})
+        assert costs == {"mma": 2, "exp": 3} and abs(unit - scale) <= 1e-12 * scale
