@@ -259,14 +259,29 @@ def check_graph(graph: Graph, machine: Machine, where: str = "graph") -> Problem
         if warp and (o.smem or 0) > machine.smem_capacity:
             raise InputError(where, f"ops[{i}] {o.name!r}: needs {o.smem} KiB of shared memory but machine "
                                     f"{machine.name!r} has {machine.smem_capacity} KiB")
+    var = [i for i, o in enumerate(graph.ops) if o.variable_latency]
+    fixed = [o.name for o in graph.ops if not o.variable_latency]
     if warp and machine.max_warp_groups < 2:
-        var = [i for i, o in enumerate(graph.ops) if o.variable_latency]
-        fixed = [o.name for o in graph.ops if not o.variable_latency]
         if var and fixed:  # the producer group of its own needs a second group (the solver searched in vain)
             i = var[0]
             raise InputError(where, f"ops[{i}] {graph.ops[i].name!r}: variable latency needs a producer warp group "
                                     f"of its own, but machine {machine.name!r} has max_warp_groups = "
                                     f"{machine.max_warp_groups} and op {fixed[0]!r} has a fixed latency")
+    if warp:
+        # one buffer per value at least, at any I: registers and shared memory that cannot fit then are refused here
+        # (3 ops of 200 registers searched every I and said "raise --time-limit")
+        need = sum(o.regs or 0 for o in graph.ops)
+        groups = max(-(-need // room) if room > 0 else 1, 2 if var and fixed else 1)
+        if groups > machine.max_warp_groups or need + groups * machine.group_base_regs > machine.regs_total:
+            raise InputError(where, f"ops: {need} registers per thread with one buffer per value need at least "
+                                    f"{groups} warp group(s) and {need + groups * machine.group_base_regs} registers "
+                                    f"with their base, but machine {machine.name!r} has {machine.max_warp_groups} "
+                                    f"groups of at most {room} above the base {machine.group_base_regs}, "
+                                    f"{machine.regs_total} in all: no I fits")
+        smem = sum(o.smem or 0 for o in graph.ops)
+        if smem > machine.smem_capacity:
+            raise InputError(where, f"ops: {smem} KiB of shared memory with one buffer per value, but machine "
+                                    f"{machine.name!r} has {machine.smem_capacity} KiB: no I fits")
     return Problem(graph=graph, machine=machine, units=units, warp=warp)
 
 

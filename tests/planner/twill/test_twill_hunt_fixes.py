@@ -306,3 +306,31 @@ def test_normalise_costs_takes_tiny_costs():
     for scale in (1e-9, 3e-7, 1.0, 512.0):
         costs, unit = normalise_costs({"mma": 2 * scale, "exp": 3 * scale})
         assert costs == {"mma": 2, "exp": 3} and abs(unit - scale) <= 1e-12 * scale
+
+
+def test_registers_or_shared_memory_that_fit_at_no_I_are_refused_up_front(tmp_path, capsys):
+    """Hunt finding: 3 ops of 200 registers on h100 (216 per group above the base 24, 512 in all) searched every I
+    and said 'no warp-specialised schedule within the time limit ... (raise --time-limit)' at any limit; one
+    buffer per value already needs 3 groups and 672 registers. Refused before the search now, as is shared
+    memory over the capacity."""
+    import json
+
+    from adasched.planner.cli import main
+
+    ops = [{"name": f"A{i}", "reserve": {"TC": [1]}, "regs": 200} for i in range(3)]
+    edges = [{"from": "A0", "to": "A1", "delay": 1000}, {"from": "A1", "to": "A2", "delay": 1000}]
+    cases = [({"name": "regs", "ops": ops, "edges": edges},
+              "ops: 600 registers per thread with one buffer per value need at least 3 warp group(s) and 672 "
+              "registers with their base, but machine 'h100' has 4 groups of at most 216 above the base 24, 512 in "
+              "all: no I fits"),
+             ({"name": "smem", "ops": [dict(o, regs=8, smem=100) for o in ops], "edges": edges},
+              "ops: 300 KiB of shared memory with one buffer per value, but machine 'h100' has 227 KiB: no I fits")]
+    for gd, want in cases:
+        path = tmp_path / f"{gd['name']}.json"
+        path.write_text(json.dumps(gd))
+        assert main(["plan", "twill", "--graph", str(path), "--out", str(tmp_path / "p.json")]) == 2
+        assert capsys.readouterr().err == f"error: {path}: {want}\n"
+    # at the limit it plans: 2 ops of 200 registers fit two groups (448 + base 48 <= 512)
+    two = {"name": "two", "ops": ops[:2], "edges": edges[:1]}
+    plan = _plan_of(two)
+    assert plan.warp_specialised and sum(g.regs for g in plan.warp_groups) <= 512
