@@ -208,6 +208,9 @@ def simulate_cmd(
                     raise InputError("--step", f"plan kind {plan.kind!r} has no steps")
                 sim = plan.simulate()
                 what = ""
+                if hasattr(plan, "drawn_iterations") and plan.drawn_iterations() < plan.stages + 1:
+                    # a Twill plan of very many stages: its bars are capped (the makespan is theirs)
+                    what = f"the first {plan.drawn_iterations():,} of {plan.stages + 1:,} overlapped iterations: "
         except InputError:
             raise
         except ValueError as err:  # the simulator's refusals (an overflowing sum of times) name the plan's file

@@ -11,7 +11,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, TypeVar
+from typing import Any, Iterable, Iterator, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -96,9 +96,12 @@ def check_output_path(path: str | os.PathLike | None, option: str, *, figure: bo
             raise InputError(option, f"{path}: cannot draw a {fmt!r} file (use one of {', '.join(FIGURE_FORMATS)})")
 
 
-def check_distinct_outputs(*outputs: tuple[str, str | os.PathLike | None]) -> None:
+def check_distinct_outputs(*outputs: tuple[str, str | os.PathLike | None],
+                           inputs: Iterable[tuple[str, str | os.PathLike | None]] = ()) -> None:
     """(option, path) pairs of one command's outputs: two naming one file are refused (`--out p.png --plot p.png`
-    wrote the plan, then the figure over it, and said "wrote p.png and p.png")."""
+    wrote the plan, then the figure over it, and said "wrote p.png and p.png"), and so is an output that is one of
+    the command's ``inputs`` (option, path or a built-in name) that exist as files (`plan sp --profile my.json
+    --out my.json` replaced the measured profile by the plan)."""
     seen: dict[Path, str] = {}
     for option, path in outputs:
         if path is None:
@@ -107,6 +110,13 @@ def check_distinct_outputs(*outputs: tuple[str, str | os.PathLike | None]) -> No
         if key in seen:
             raise InputError(option, f"{path} is also {seen[key]}: give each output its own file")
         seen[key] = option
+    for in_option, path in inputs:
+        if path is None or not str(path).strip() or not Path(path).expanduser().is_file():
+            continue  # a built-in name, or a missing file (its own error)
+        key = Path(path).expanduser().resolve()
+        if key in seen:
+            raise InputError(seen[key], f"{path} is the {in_option} input: writing there would replace it; "
+                                        f"give the output another file")
 
 
 def check_output_folder(path: str | os.PathLike, option: str) -> None:
@@ -206,7 +216,7 @@ def read_text(path: str | os.PathLike, *, expected: str = "a file", missing: str
     if not path.is_file():
         raise InputError(path, f"is not a regular file (a device, pipe or socket), expected {expected}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows tools) is not data
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(path, f"cannot read: {err}") from None
     if not text.strip():

@@ -36,6 +36,7 @@ every rank. A save that was in flight when the process died is a ``.partial`` fo
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import pickle
@@ -364,8 +365,13 @@ class ModelState:
             model_sd, optim_sd = get_state_dict(self.model, self.optimizers)
         if self._saved is not None:
             states = optim_sd.get("state", {})
-            self._fresh = [fqn for fqn, st in states.items()
-                           if isinstance(st, Mapping) and not any(f"optim.state.{fqn}.{k}" in self._saved for k in st)]
+            held = sorted(k[len("optim.state."):] for k in self._saved if k.startswith("optim.state."))
+
+            def saved_for(fqn: str) -> bool:  # any saved key below optim.state.<fqn>. (sorted: a prefix search)
+                i = bisect.bisect_left(held, fqn + ".")
+                return i < len(held) and held[i].startswith(fqn + ".")
+
+            self._fresh = [fqn for fqn in states if not saved_for(fqn)]
             for fqn in self._fresh:
                 del states[fqn]
         return {"model": model_sd, "optim": optim_sd}
@@ -380,12 +386,9 @@ class ModelState:
 
             # not strict only when parameters are left out of the optimizer state on purpose (the model's entries
             # are complete either way: DCP filled every key of the template built from this model)
+            # (the optimizer's state is replaced as a whole: the left-out parameters start without state)
             set_state_dict(self.model, self.optimizers, model_state_dict=state["model"],
                            optim_state_dict=state["optim"], options=StateDictOptions(strict=not self._fresh))
-            params = dict(self.model.named_parameters())
-            for fqn in self._fresh:  # the state the load's template created for them goes
-                for opt in self.optimizers:
-                    opt.state.pop(params[fqn], None)
         self._saved, self._fresh = None, []
 
 

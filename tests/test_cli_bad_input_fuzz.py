@@ -305,11 +305,19 @@ def test_randgraph_writes_only_graphs_plan_twill_takes(argv, needle, capsys):
 def test_randgraph_largest_graph_is_taken():
     from adasched.planner.twill.graph import MAX_CYCLES, MAX_OPS, Graph, check_graph, load_machine
     from adasched.planner.twill.randgraph import random_graph
+    from adasched.profiler.io import InputError
 
     h100 = load_machine("h100")
     for seed in range(4):
-        check_graph(Graph.model_validate(random_graph(MAX_OPS, seed, warp=bool(seed % 2), scale=MAX_CYCLES // 4)),
-                    h100)
+        g = random_graph(MAX_OPS, seed, warp=bool(seed % 2), scale=MAX_CYCLES // 4)
+        if seed % 2:  # the sizes are what is checked: 256 ops' registers and buffers exceed one SM (refused as such)
+            with pytest.raises(InputError, match="no I fits"):
+                check_graph(Graph.model_validate(g), h100)
+            for op in g["ops"]:
+                op.pop("regs", None)
+                op.pop("smem", None)
+        prob = check_graph(Graph.model_validate(g), h100)
+        assert len(prob.graph.ops) == MAX_OPS and prob.warp == bool(seed % 2)
 
 
 def test_layer_bound_defined_once():

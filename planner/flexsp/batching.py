@@ -56,7 +56,7 @@ def check_max_context(max_context: int) -> None:
 def read_seqlens(path: str | os.PathLike) -> np.ndarray:
     """Lengths (tokens, int64) from a text file; a bad line is an InputError naming the file and line."""
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:  # a BOM (Windows tools) is not data
             text = fh.read()
     except FileNotFoundError:
         raise InputError(path, "no such file") from None

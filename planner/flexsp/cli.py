@@ -198,7 +198,8 @@ def register(groups) -> None:
                                    no_milp=no_milp)
         check_output_path(out, "--out")
         check_output_path(plot, "--plot")
-        check_distinct_outputs(("--out", out), ("--plot", plot))
+        check_distinct_outputs(("--out", out), ("--plot", plot),
+                               inputs=(("--profile", profile), ("--model", model), ("--seqlens", seqlens)))
         prof, mdl, cm, lens, cfg = _setup(profile, model, seqlens, gpus, max_context, time_limit, seed, buckets,
                                           no_milp, deterministic)
         plan, results = _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context,
@@ -281,12 +282,15 @@ def _scaling(prof, mdl, lens, cfg, seed) -> list[dict]:
     out = []
     with progress("scaling cells", total=len(cells)) as advance:
         for b, g in cells:
-            p = prof if g <= prof.world_size and g % prof.gpus_per_node == 0 else prof.with_nodes(
-                max(1, math.ceil(g / prof.gpus_per_node)))
-            cm = sp_cost_model(p, mdl, g)
-            # lengths clipped to what one sequence can use on all g GPUs (small clusters hold less)
-            batch = np.minimum(draw_batches(lens, b, 1, seed)[0], int(cm.token_capacity(g)))
+            batch = draw_batches(lens, b, 1, seed)[0]
             try:
+                # inside the cell: a profile that cannot describe g GPUs (measured on one node, no inter-node
+                # all_to_all fit) fails its cells, not the whole run (it was exit 2 and nothing printed)
+                p = prof if g <= prof.world_size and g % prof.gpus_per_node == 0 else prof.with_nodes(
+                    max(1, math.ceil(g / prof.gpus_per_node)))
+                cm = sp_cost_model(p, mdl, g)
+                # lengths clipped to what one sequence can use on all g GPUs (small clusters hold less)
+                batch = np.minimum(batch, int(cm.token_capacity(g)))
                 r = plan_step(batch, cm, cfg)
                 row = dict(gpus=g, sequences=b, tokens=int(batch.sum()), micro_batches=r.chosen_m,
                            solve_seconds=round(r.solve_seconds, 3),

@@ -75,7 +75,7 @@ def register(groups) -> None:
                                      "JSON on stdout instead of the table (the plan file is written either way)."),
     ) -> None:
         """FSMoE: choose the chunk count r (forward and backward) per MoE layer and the gradient all-reduce slices."""
-        from adasched.profiler.io import InputError, check_output_path, check_seconds
+        from adasched.profiler.io import InputError, check_distinct_outputs, check_output_path, check_seconds
         from adasched.profiler.profile import load_profile
 
         from ..plan import save_plan
@@ -85,6 +85,8 @@ def register(groups) -> None:
         from .planning import plan_moe
 
         check_output_path(out, "--out")  # before the planning
+        check_distinct_outputs(("--out", out), inputs=(("--config", config), ("--profile", profile),
+                                                       ("--router-stats", router_stats)))
         if stages not in ("profile", "published"):
             raise InputError("--stages", f"must be 'profile' or 'published', got {stages!r}")
         check_seconds("--time-limit", time_limit)

@@ -57,8 +57,9 @@ __all__ = [
 
 R_CANDIDATES = (1, 2, 4, 8, 16)
 #: past the candidates :func:`choose_r` doubles r while the time improves, up to this many chunks (the Mixtral preset
-#: at 4,096 tokens on 64 GPUs chose 16, the largest candidate; 32 is 1 % faster in the model, 64 slower again)
-R_MAX = 256
+#: at 4,096 tokens on 64 GPUs chose 16, the largest candidate; 32 is 1 % faster in the model, 64 slower again); a
+#: bound on the planning time too: with alpha near 0 every doubling is faster (0.3 s per layer up to 256)
+R_MAX = 64
 Order = Literal["dispatch-first", "interleaved"]
 Wgrad = Literal["fused", "per-chunk", "deferred"]
 WGRAD_MODES: tuple[Wgrad, ...] = ("fused", "per-chunk", "deferred")

@@ -90,7 +90,7 @@ def register(groups) -> None:
 
         check_output_path(out, "--out")
         check_output_path(plot, "--plot")
-        check_distinct_outputs(("--out", out), ("--plot", plot))
+        check_distinct_outputs(("--out", out), ("--plot", plot), inputs=(("--jobs", jobs), ("--profile", profile)))
         plan = _plan(jobs, profile, time_limit, seed, no_milp)
         save_plan(plan, out)
         if plot:

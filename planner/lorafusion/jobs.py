@@ -263,7 +263,7 @@ def _read_length_file(path: Path, where: str) -> list[int]:
     if not path.is_file():
         raise InputError(where, f"length file {str(path)!r} is a directory or not a regular file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM is not data
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(where, f"cannot read length file {str(path)!r}: {err}") from None
     out = []

@@ -36,7 +36,7 @@ def register(groups) -> None:
 
         check_output_path(out, "--out")
         check_output_path(plot, "--plot")
-        check_distinct_outputs(("--out", out), ("--plot", plot))
+        check_distinct_outputs(("--out", out), ("--plot", plot), inputs=(("--graph", graph), ("--machine", machine)))
         # each option checked alone (the others at their valid defaults), so the error names the option that is
         # wrong whatever SolveParams' message says (it used to be read off the message's first word)
         for option, field, value in (("--time-limit", "time_limit", time_limit), ("--seed", "seed", seed),

@@ -189,3 +189,96 @@ def test_time_limit_with_deterministic_no_milp_is_refused(tmp_path, capsys):
     note = json.loads((tmp_path / "p.json").read_text())["solver"]["note"]
     assert note.startswith("deterministic: at most 100 group structures per micro-batch, no MILP;") and \
         "cap per MILP" not in note, note
+
+
+def test_scaling_cells_a_profile_cannot_describe_fail_alone(monkeypatch):
+    """Hunt finding: `bench sp --scaling` on a profile measured on one node (no inter-node all_to_all fit) raised on
+    the 16-GPU cell outside the cell's try: exit 2 naming a profile 'one-node@2n' the user never gave, nothing
+    printed. Now those cells are error rows and the rest are planned (the step planner is stubbed here: the
+    point is which cells reach it)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import adasched.planner.flexsp.planner as sp_planner
+    from adasched.planner.flexsp.cli import _scaling
+    from adasched.planner.flexsp.costmodel import model_preset
+    from adasched.profiler.profile import load_profile
+
+    d = load_profile("a100-64-flexsp-paper").model_dump(mode="json")
+    d.update(num_nodes=1, name="one-node")
+    d["collectives"] = [c for c in d["collectives"] if c["group_size"] <= d["gpus_per_node"]]
+    from adasched.profiler.profile import ClusterProfile
+
+    prof = ClusterProfile.model_validate(d)
+    reached = []
+
+    def stub(batch, cm, cfg, step=0):
+        reached.append(cm.world)
+        return SimpleNamespace(chosen_m=1, solve_seconds=0.0, baselines_ms={"static": 2.0, "best_homogeneous": 1.5},
+                               time_ms=1.0, milp_status="optimal", mip_gap=0.0)
+
+    monkeypatch.setattr(sp_planner, "plan_step", stub)
+    lens = np.random.default_rng().integers(100, 4000, size=5000)
+    rows = _scaling(prof, model_preset("gpt-7b"), lens, None, 0)
+    assert len(rows) == 30
+    ok = [r for r in rows if r["micro_batches"] is not None]
+    bad = [r for r in rows if r["micro_batches"] is None]
+    assert {r["gpus"] for r in ok} == {8} and len(ok) == 5 and sorted(set(reached)) == [8]
+    assert {r["gpus"] for r in bad} == {16, 32, 64, 128, 256}
+    assert all(r["milp"].startswith("error: ") and "all_to_all" in r["milp"] for r in bad)
+    assert all(r["speedup_vs_static"] == 2.0 for r in ok)
+
+
+def test_an_output_that_is_an_input_is_refused(tmp_path, capsys):
+    """Hunt finding: `plan sp --profile my.json --out my.json` replaced the measured profile by the plan (and
+    --seqlens f --out f the length file). Every `plan` command refuses an output that is one of its input files."""
+    from adasched.profiler.builtins import builtin_profile
+
+    prof = tmp_path / "prof.json"
+    prof.write_text(builtin_profile("a100-64-flexsp-paper").model_dump_json())
+    lens = tmp_path / "lens.txt"
+    lens.write_text("1000\n2000\n3000\n")
+    graph = tmp_path / "graph.json"
+    graph.write_text(json.dumps({"name": "g", "ops": [{"name": "a", "reserve": {"TC": [1]}}], "edges": []}))
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text("capacity: 4096\nstages: 1\njobs:\n- name: a\n  adapter: {r: 8, alpha: 16}\n"
+                    "  lengths: {distribution: uniform, low: 100, high: 900, count: 8}\n  global_batch_size: 4\n"
+                    "  lr: 0.0001\n")
+    cfg = tmp_path / "moe.json"
+    cfg.write_text(json.dumps([{"name": "m", "hidden": 256, "ffn_hidden": 512, "experts": 8, "top_k": 2,
+                                "batch": 2, "seq_len": 128}]))
+    cases = [(["plan", "sp", "--profile", str(prof), "--seqlens", str(lens), "--gpus", "8", "--global-batch", "2"],
+              [("--profile", prof), ("--seqlens", lens)]),
+             (["plan", "twill", "--graph", str(graph)], [("--graph", graph)]),
+             (["plan", "lora", "--jobs", str(jobs)], [("--jobs", jobs)]),
+             (["plan", "moe", "--config", str(cfg), "--gpus", "8"], [("--config", cfg)])]
+    for argv, inputs in cases:
+        for option, path in inputs:
+            before = path.read_bytes()
+            assert main([*argv, "--out", str(path)]) == 2, (argv, option)
+            err = capsys.readouterr().err
+            assert err == (f"error: --out: {path} is the {option} input: writing there would replace it; give the "
+                           f"output another file\n"), err
+            assert path.read_bytes() == before
+
+
+def test_files_with_a_byte_order_mark_are_read(tmp_path, capsys):
+    """Hunt finding: a length file written by a Windows tool (UTF-8 with a BOM) was refused: "line 1: '\\ufeff1000'
+    is not an integer sequence length". JSON files read through profiler.io took the BOM as a syntax error."""
+    import random
+
+    lens = [random.randint(500, 4000) for _ in range(6)]
+    f = tmp_path / "bom.txt"
+    f.write_bytes(b"\xef\xbb\xbf" + "\n".join(map(str, lens)).encode() + b"\n")
+    from adasched.planner.flexsp.batching import read_seqlens
+    from adasched.profiler.io import read_json
+
+    assert read_seqlens(f).tolist() == lens
+    j = tmp_path / "bom.json"
+    j.write_bytes(b"\xef\xbb\xbf" + json.dumps({"lens": lens}).encode())
+    assert read_json(j) == {"lens": lens}
+    out = tmp_path / "p.json"
+    assert main(["plan", "sp", "--seqlens", str(f), "--gpus", "8", "--global-batch", "6", "--time-limit", "0.2",
+                 "--out", str(out)]) == 0
+    assert sorted(load_plan(out).steps[0].seqlens) == sorted(lens)

@@ -345,3 +345,26 @@ def test_a_profile_of_tiny_costs_prints_the_comparison(tmp_path, capsys):
         assert main(cmd) == 0
         res = capsys.readouterr()
         assert "Traceback" not in res.err and "sequential packing" in res.out
+    # and the plan it wrote loads back (review finding: ratios computed from unrounded baseline makespans failed
+    # the summary check once makespans were below ~0.25 ms)
+    assert main(["show", str(out)]) == 0
+
+
+@pytest.mark.parametrize("factor", [1e-2, 1e-4, 1e-7, 1e3])
+def test_plans_of_scaled_costs_pass_their_own_check(tmp_path, capsys, factor):
+    """Review finding: every preset's plan must load back (`show`) whatever the profile's scale."""
+    from adasched.profiler.builtins import builtin_profile
+
+    prof = builtin_profile("h100-sxm").model_dump(mode="json")
+    for key in ("ms_per_token", "b_ms"):
+        prof["linear"][key] *= factor
+    for key in ("a1_ms_per_tok2", "a2_ms_per_tok", "b_ms"):
+        prof["attention"][key] *= factor
+    pf = tmp_path / "scaled.json"
+    pf.write_text(json.dumps(prof))
+    for preset in ("tiny", "mix"):
+        out = tmp_path / f"{preset}.json"
+        assert main(["plan", "lora", "--jobs", preset, "--profile", str(pf), "--out", str(out), "--time-limit",
+                     "0.2"]) == 0
+        capsys.readouterr()
+        assert main(["show", str(out)]) == 0, capsys.readouterr().err

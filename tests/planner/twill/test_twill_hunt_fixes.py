@@ -334,3 +334,27 @@ def test_registers_or_shared_memory_that_fit_at_no_I_are_refused_up_front(tmp_pa
     two = {"name": "two", "ops": ops[:2], "edges": edges[:1]}
     plan = _plan_of(two)
     assert plan.warp_specialised and sum(g.regs for g in plan.warp_groups) <= 512
+
+
+def test_simulate_says_when_it_shows_part_of_a_plans_iterations(tmp_path, capsys):
+    """Review finding: `adasched simulate` of a plan whose chart is capped printed the makespan of the drawn
+    iterations as if it were all of them."""
+    import json
+
+    from adasched.planner.cli import main
+
+    n = 12
+    gd = {"name": "long-chain", "ops": [{"name": f"o{i}", "reserve": {}} for i in range(n)],
+          "edges": [{"from": f"o{i}", "to": f"o{i + 1}", "delay": 1024} for i in range(n - 1)]}
+    g = tmp_path / "g.json"
+    g.write_text(json.dumps(gd))
+    out = tmp_path / "p.json"
+    assert main(["plan", "twill", "--graph", str(g), "--out", str(out)]) == 0
+    capsys.readouterr()
+    from adasched.planner.plan import load_plan
+
+    plan = load_plan(out)
+    k = plan.drawn_iterations()
+    assert main(["simulate", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"the first {k:,} of {plan.stages + 1:,} overlapped iterations: makespan" in " ".join(text.split())
