@@ -421,12 +421,20 @@ def grouped_wgrad_gmm(x: torch.Tensor, dy: torch.Tensor, index: MoEIndex, num_ex
 
 
 def gmm_aligned(*tensors: torch.Tensor, check_ptr: bool = True) -> bool:
-    """``torch._grouped_mm`` needs 16-byte aligned data and non-unit strides (no broadcast, stride-0 dims);
-    other shapes take our kernels. ``check_ptr=False``: strides only (what a ``torch.compile`` trace can see)."""
+    """``torch._grouped_mm`` needs 16-byte aligned data, one of the last two dims of unit stride and every other
+    stride a multiple of 16 bytes (whatever the dim's size: a (N, 1) operand, hidden or FFN size 1, was judged
+    aligned and _grouped_mm refused its strides), and no broadcast (stride-0) dims; other shapes take our kernels.
+    ``check_ptr=False``: strides only (what a ``torch.compile`` trace can see)."""
     for t in tensors:
-        es = t.element_size()
-        if (check_ptr and t.data_ptr() % 16) or any(sz > 1 and (st == 0 or (st != 1 and (st * es) % 16))
-                                    for st, sz in zip(t.stride(), t.shape)):
+        es, st = t.element_size(), t.stride()
+        if check_ptr and t.data_ptr() % 16:
+            return False
+        if t.dim() < 2 or any(s == 0 and n > 1 for s, n in zip(st, t.shape)):
+            return False
+        lead, last = st[-2], st[-1]
+        if not ((last == 1 and (lead * es) % 16 == 0) or (lead == 1 and (last * es) % 16 == 0)):
+            return False
+        if any((s * es) % 16 for s in st[:-2]):
             return False
     return True
 
@@ -595,6 +603,9 @@ def unpermute(y: torch.Tensor, gate: torch.Tensor, index: MoEIndex, backend: Bac
     """Gate-weighted combine of expert rows back to tokens: (N,H) -> (T,H); float64 takes the reference (the
     Triton kernel accumulates in float32)."""
     _check_index("unpermute", index, y.shape[0])
+    if gate.dim() != 1 or gate.shape[0] != y.shape[0]:  # the Triton path read past a short gate
+        raise ValueError(f"unpermute: gate has shape {tuple(gate.shape)}, expected ({y.shape[0]},): one weight per "
+                         f"expert row")
     if y.dtype == torch.float64:
         _pick(backend, y)
         return unpermute_ref(y, gate, index)

@@ -576,6 +576,11 @@ def _check_sizes(args, world: int) -> None:
         if v < low:
             name = "--hidden" if opt == "d" else f"--{opt.replace('_', '-')}"
             raise ValueError(f"{name}: {v} must be >= {low}")
+    from adasched.planner.fsmoe.plan import MAX_CHUNKS
+
+    for opt in ("r_fwd", "r_bwd"):  # every chunk issues its all-to-alls, even empty ones (10**5 ran for minutes)
+        if getattr(args, opt) > MAX_CHUNKS:
+            raise ValueError(f"--{opt.replace('_', '-')}: {getattr(args, opt)} must be <= {MAX_CHUNKS}")
     if not 0 <= args.seed <= MAX_SEED:  # 10**20 passed --validate-only, then every worker failed on 1000 * seed
         raise ValueError(f"--seed: {args.seed} must be in 0..{MAX_SEED}")
     if args.layers > MAX_LAYERS:  # 10**20 hung building the per-layer schedule

@@ -16,12 +16,17 @@ from ..plan import Plan
 __all__ = ["MoELayerPlan", "MoEConfigPlan", "MoEPlan", "StageCostsRecord"]
 
 
+#: most chunks per MoE layer a plan or `train_moe --r-fwd/--r-bwd` takes (the planner chooses at most
+#: model.R_MAX = 64; every chunk issues its own all-to-alls, even empty: r = 10**5 ran for minutes)
+MAX_CHUNKS = 256
+
+
 class MoELayerPlan(BaseModel):
     model_config = ConfigDict(extra="forbid")
     layer: int = Field(ge=0)
     mean_k: float
-    r_fwd: int = Field(ge=1)
-    r_bwd: int = Field(ge=1)
+    r_fwd: int = Field(ge=1, le=MAX_CHUNKS)
+    r_bwd: int = Field(ge=1, le=MAX_CHUNKS)
     order_fwd: Literal["dispatch-first", "interleaved"]
     order_bwd: Literal["dispatch-first", "interleaved"]
     wgrad_bwd: Literal["fused", "per-chunk", "deferred"] = Field(

@@ -689,8 +689,12 @@ class GradSliceReducer:
             lo, hi = max(start, off), min(upto, off + s)
             if lo < hi:
                 if p.grad is None:   # no gradient this step on this rank (unused here): it contributes zeros, as
-                    p.grad = torch.zeros_like(p)   # DDP does - every rank must send the same elements
-                pieces.append(p.grad.reshape(-1)[lo - off:hi - off])
+                    p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)  # DDP does
+                elif not p.grad.is_contiguous():
+                    # a transposed or channels_last gradient: reshape(-1) copies it, and finish() wrote the
+                    # averaged values into that copy (every rank kept its own gradient)
+                    p.grad = p.grad.contiguous()
+                pieces.append(p.grad.view(-1)[lo - off:hi - off])
             off += s
         buf = torch.cat(pieces).contiguous()
         self._pending.append((start, upto, buf, dist.all_reduce(buf, group=self.group, async_op=True)))
@@ -710,7 +714,7 @@ class GradSliceReducer:
             for p, s in zip(self.params, self.sizes):
                 lo, hi = max(start, off), min(end, off + s)
                 if lo < hi:
-                    p.grad.reshape(-1)[lo - off:hi - off].copy_(buf[lo - start:hi - start])
+                    p.grad.view(-1)[lo - off:hi - off].copy_(buf[lo - start:hi - start])  # (contiguous: in place)
                 off += s
         self._reset()
 

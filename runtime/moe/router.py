@@ -331,7 +331,8 @@ class Router(nn.Module):
                 losses["load_balance"] = float(lb.detach())
             dropped = 0
             if cfg.capacity_factor is not None:
-                cap = math.ceil(cfg.capacity_factor * exp.numel() / E)
+                n = exp.numel()  # a factor of E or more keeps every assignment (1e19 overflowed ceil's int)
+                cap = n if cfg.capacity_factor >= E else math.ceil(cfg.capacity_factor * n / E)
                 tok, exp, w, dropped = _apply_capacity(tok, exp, w, rk, cap, E, T, cfg.drop_policy)
         tok, exp, w, counts = _sort_assignments(tok, exp, w, E, T)
         stats = RouterStats(tokens_per_expert=counts.detach().cpu(),
@@ -381,7 +382,7 @@ class Router(nn.Module):
         T, E = logits.shape
         probs = torch.softmax(logits, dim=-1)
         cf = 1.0 if cfg.capacity_factor is None else cfg.capacity_factor
-        cap = min(T, math.ceil(cf * T * cfg.top_k / E))
+        cap = T if cf * cfg.top_k >= E else min(T, math.ceil(cf * T * cfg.top_k / E))  # (no overflow: 1e308)
         top = torch.topk(probs.t(), cap, dim=-1)          # (E, C)
         tok = top.indices.reshape(-1)
         exp = torch.arange(E, device=logits.device).repeat_interleave(cap)

@@ -1,4 +1,6 @@
 """MoE Triton kernels (under TRITON_INTERPRET=1) against torch references: every element and gradient."""
+import re
+
 import pytest
 import torch
 
@@ -177,3 +179,32 @@ def test_triton_gmm_float64_takes_our_kernels():
     y_ref.backward(gy)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_unpermute_refuses_a_gate_of_another_length(backend):
+    """Hunt finding: the Triton unpermute read past a short gate (an out-of-bounds read on a GPU) and used part of
+    a long one; the torch path raised a broadcast error. Both name the gate now."""
+    idx, gate = _routing(T=7, E=4, k=2, empty=())
+    n = idx.src_token.numel()
+    assert gate.numel() == n
+    y = torch.randn(n, 5)
+    for bad in (gate[: n // 2], torch.cat([gate, gate]), gate[:, None]):
+        with pytest.raises(ValueError, match=re.escape(f"unpermute: gate has shape {tuple(bad.shape)}, expected ({n},)")):
+            K.unpermute(y, bad, idx, backend)
+    out = K.unpermute(y, gate, idx, backend)
+    assert_all_close(out, K.unpermute_ref(y, gate, idx), torch.float32, "unpermute")
+
+
+def test_gmm_alignment_of_unit_dims():
+    """Hunt finding: a (N, 1) operand (hidden or FFN size 1) was judged aligned (unit strides and size-1 dims
+    exempt) and torch._grouped_mm refused its strides; the Triton GEMMs take it now."""
+    for shape in ((6, 1), (1, 3), (5, 3)):
+        t = torch.randn(*shape)
+        assert not K.gmm_aligned(t, check_ptr=False), shape
+    assert K.gmm_aligned(torch.randn(5, 8), check_ptr=False)          # 32-byte rows
+    assert K.gmm_aligned(torch.randn(5, 8).t(), check_ptr=False)      # column-major, 32-byte columns
+    assert not K.gmm_aligned(torch.randn(8, 5).t(), check_ptr=False)  # column-major, 20-byte columns
+    assert not K.gmm_aligned(torch.randn(8, 1).expand(8, 4), check_ptr=False)  # broadcast
+    assert K.gmm_aligned(torch.randn(3, 8, 4), check_ptr=False) and not K.gmm_aligned(torch.randn(3, 5, 3),
+                                                                                        check_ptr=False)

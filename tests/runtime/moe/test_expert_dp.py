@@ -353,3 +353,39 @@ def test_torchrun_launcher_ep2_of_4_keeps_copies_equal():
     (run,) = res["runs"]
     assert run["copies_max_diff"] == 0.0
     assert 1.0 < run["final_loss"] < 4.0
+
+
+def _noncontiguous_worker(rank, world):
+    import torch
+
+    from adasched.runtime.moe import GradSliceReducer
+
+    g = torch.Generator().manual_seed(17 + rank)
+    out = {}
+    for make in ("contiguous", "transposed", "channels_last", "unused_channels_last"):
+        if make == "contiguous":
+            w = torch.nn.Parameter(torch.randn(3, 4))
+        elif make == "transposed":
+            w = torch.nn.Parameter(torch.randn(4, 3).t())            # (3, 4), strides (1, 3)
+        else:
+            w = torch.nn.Parameter(torch.randn(2, 3, 2, 2).to(memory_format=torch.channels_last))
+        red = GradSliceReducer([w], slices=[], average=True)
+        x = torch.randn(w.shape, generator=g, dtype=torch.float64).float()
+        if make != "unused_channels_last":
+            (w * x).sum().backward()                                 # grad = x, different on every rank
+        red.finish()
+        out[make] = (x if make != "unused_channels_last" else torch.zeros_like(x), w.grad.detach().clone())
+        red.remove()
+    return out
+
+
+def test_gradients_that_are_not_contiguous_are_averaged():
+    """Hunt finding: the reducer sliced p.grad.reshape(-1), a copy for a transposed or channels_last gradient, and
+    wrote the averaged values into that copy: every rank kept its own gradient (replicas drifting apart)."""
+    res = spawn_gloo(_noncontiguous_worker, 2, timeout_s=60)
+    for make in res[0]:
+        want = (res[0][make][0] + res[1][make][0]) / 2
+        for r in (0, 1):
+            got = res[r][make][1]
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=f"{make} rank {r}")

@@ -92,3 +92,33 @@ def test_bad_top_p_is_one_line(value):
     r = subprocess.run([sys.executable, "-m", "adasched.launch.train_moe", "--router", "top_p", "--top-p", value,
                         "--validate-only"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: --top-p: ") and r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.mark.parametrize("kind", ["gshard", "switch", "expert_choice"])
+def test_a_huge_capacity_factor_keeps_every_assignment(kind):
+    """Hunt finding: a capacity factor over ~1e18 passed validation and then overflowed ceil() (OverflowError
+    traceback; train_moe exit 1): a factor of E or more keeps everything, as dropless does."""
+    from adasched.runtime.moe.router import Router, RouterConfig
+
+    torch.manual_seed(torch.seed() % 2 ** 31)
+    x = torch.randn(24, 16)
+    outs = []
+    for cf in (1e19, 1e308, None if kind != "expert_choice" else 8.0):
+        r = Router(16, RouterConfig(kind=kind, num_experts=8, top_k=1 if kind == "switch" else 2,
+                                    capacity_factor=cf))
+        with torch.no_grad():  # the same weights for every factor
+            for p in r.parameters():
+                p.copy_(torch.linspace(-1, 1, p.numel()).reshape(p.shape))
+        rt = r(x)
+        assert rt.stats.dropped == 0
+        outs.append((rt.token_idx.tolist(), rt.expert_idx.tolist()))
+    assert outs[0] == outs[1] == outs[2]
+
+
+@pytest.mark.parametrize("opt", ["--r-fwd", "--r-bwd"])
+def test_chunk_counts_are_bounded(opt):
+    """Hunt finding: --r-fwd 10**9 passed --validate-only; every chunk issues its own all-to-alls (r = 10**5 ran
+    for minutes)."""
+    r = subprocess.run([sys.executable, "-m", "adasched.launch.train_moe", opt, "257", "--validate-only"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr == f"error: {opt}: 257 must be <= 256\n", r.stderr
