@@ -125,7 +125,7 @@ def test_a_plan_made_with_another_profile_of_the_same_name_re_simulates_its_own_
 
     prof = json.loads(load_profile("h100-sxm").model_dump_json())
     prof["gemm_tflops"] /= 1000
-    slow = tmp_path / "slow.json"
+    slow = tmp_path / "slow-profile.json"  # (the plan was written over it: refused now, outputs are not inputs)
     slow.write_text(json.dumps(prof))
     made = {}
     for name, profile in (("slow", str(slow)), ("builtin", "h100-sxm")):
