@@ -562,14 +562,11 @@ def main(argv: list[str] | None = None, quiet: bool = False) -> int:
     try:
         return _train(args, plan, factor, lengths)
     except ValueError as err:  # found only once running (a save that cannot be written, a resume on a machine
-        # that sees another number of GPUs): one line, exit 2, as train_moe and train_lora (InputError is one).
-        # Rank 0 says it; another rank says a ValueError of its own too (it may be that rank's alone: silent, it was
-        # lost), an InputError not (every rank raises those alike)
+        # that sees another number of GPUs): one line from rank 0, exit 2, as train_moe and train_lora (InputError
+        # is one). Every rank raises these alike; one raised by another rank alone is not said (as there)
         if rank == 0:
             sys.stderr.write(error_line(err))
-        elif not isinstance(err, InputError):
-            sys.stderr.write(error_line(ValueError(f"rank {rank}: {err}")))
-        sys.stderr.flush()
+            sys.stderr.flush()
         return 2
 
 

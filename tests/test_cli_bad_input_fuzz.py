@@ -363,3 +363,16 @@ def test_norms_row_cut_short(cmd, tmp_path, one_error):
     rc = main(["schedules", cmd, str(norms), "--out", str(out)])
     assert "line 4: 2 fields, the header has 3" in one_error(rc, str(norms))
     _only(tmp_path, "n.csv")
+
+
+def test_randgraph_refuses_a_warp_graph_no_SM_holds(capsys):
+    """Since plan twill refuses registers/shared memory that fit at no I, randgraph --warp --ops 256 (920 registers
+    per thread with one buffer per value) is refused with that reason instead of written; 120 ops are written."""
+    from adasched.planner.twill.randgraph import main as randgraph
+
+    assert randgraph(["--ops", "256", "--warp", "--seed", "1"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith("error: --ops: 256 ops with --warp (seed 1) do not fit an h100 SM: ")
+    assert "no I fits" in out.err and out.err.count("\n") == 1
+    assert randgraph(["--ops", "120", "--warp", "--seed", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "rand120-s1-warp"

@@ -76,6 +76,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {option}: must be {bound}, got {value}", file=sys.stderr)
             return 2
     g = random_graph(a.ops, a.seed, warp=a.warp, scale=a.scale)  # its only ValueErrors are refused above
+    if a.warp:  # large warp graphs hold more registers / shared memory than one SM (plan twill refuses them)
+        from adasched.profiler.io import InputError
+
+        from .graph import Graph, check_graph, load_machine
+
+        try:
+            check_graph(Graph.model_validate(g), load_machine("h100"))
+        except InputError as err:
+            print(f"error: --ops: {a.ops} ops with --warp (seed {a.seed}) do not fit an h100 SM: {err.what} "
+                  f"(fewer --ops, e.g. 120)", file=sys.stderr)
+            return 2
     json.dump(g, sys.stdout, indent=1)
     sys.stdout.write("\n")
     return 0
