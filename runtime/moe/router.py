@@ -373,7 +373,9 @@ class Router(nn.Module):
         sp, si = torch.sort(probs, dim=-1, descending=True)
         sp, si = sp[:, :k_max], si[:, :k_max]
         before = torch.cumsum(sp, -1) - sp            # mass strictly before each element
-        mask = before < self.p_threshold              # keeps the element that crosses p (compared in sp's dtype)
+        # keeps the element that crosses p (compared in sp's dtype); p = 1 keeps all k_max (a float32 cumulative sum
+        # reached 1.0 early and dropped the last experts of 503 of 4,096 tokens at E = k_max = 64)
+        mask = (before < self.p_threshold) | (self.p_threshold >= 1.0)
         mask[:, 0] = True
         return si, sp, mask
 

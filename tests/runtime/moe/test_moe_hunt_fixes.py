@@ -122,3 +122,19 @@ def test_chunk_counts_are_bounded(opt):
     r = subprocess.run([sys.executable, "-m", "adasched.launch.train_moe", opt, "257", "--validate-only"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr == f"error: {opt}: 257 must be <= 256\n", r.stderr
+
+
+def test_top_p_of_one_keeps_k_max_experts():
+    """Hunt finding: at p = 1 the float32 cumulative sum of a token's sorted probabilities reached 1.0 before its
+    last experts, which were then dropped (503 of 4,096 tokens got fewer than k_max = 64); p = 1 keeps all k_max."""
+    from adasched.runtime.moe import Router, RouterConfig
+
+    torch.manual_seed(torch.seed() % 2 ** 31)
+    x = torch.randn(2048, 16) * 3
+    for E, k_max in ((64, 64), (16, 5)):
+        r = Router(16, RouterConfig(kind="top_p", num_experts=E, k_max=k_max, p=1.0)).eval()
+        out = r(x)
+        k = torch.bincount(out.token_idx, minlength=x.shape[0])
+        assert bool((k == k_max).all()), (E, int((k < k_max).sum()))
+    r = Router(16, RouterConfig(kind="top_p", num_experts=16, k_max=16, p=0.5)).eval()  # p < 1: a prefix only
+    assert r(x).stats.mean_k < 16
