@@ -50,12 +50,12 @@ Checkpoints
   generators and counter), so a save of the same run re-planned for another number of GPUs (or another plan of
   the same batches: `plan sp` with the same --seqlens, --global-batch, --seed and --steps, other --gpus) resumes
   with every rank loading rank 0's copy; rank 0 prints `resharded: ...`. Only the plan's execution digest may
-  differ then - the model may not: give a fixed --heads that every plan's degrees divide (the default follows the
-  plan's largest SP degree, so another --gpus may change it; a resume refused for that names --heads). The step
-  after the resume equals the uninterrupted run's to float rounding (other groups sum the gradients in another
-  order), not bit for bit. A save made before the identity held the batches digest resumes on its own plan.
+  differ then - the model may not: give a fixed --heads (the default follows the plan's largest SP degree, so
+  another --gpus may change it; a resume refused for that names --heads; any head count runs any degree, a degree
+  that does not divide it splitting the heads unevenly). The step after the resume equals the uninterrupted run's
+  to float rounding (other groups sum the gradients in another order), not bit for bit. A save made before the identity held the batches digest resumes on its own plan.
 
-A plan that does not fit the world (world size, ranks, degrees vs heads, sequence ids) is rejected with one
+A plan that does not fit the world (world size, ranks, sequence ids) is rejected with one
 `error:` line and exit code 2 before any process group is created.
 """
 from __future__ import annotations
@@ -137,21 +137,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def check_plan(plan, world: int, heads: int | None, where: str) -> None:
+def check_plan(plan, world: int, where: str) -> None:
     """Reject a plan that this world cannot execute; raises InputError naming the plan field. The structure
-    (ranks, every sequence once, lengths) is ``SPPlan.verify``; this adds the run's world and the model's heads."""
+    (ranks, every sequence once, lengths) is ``SPPlan.verify``; this adds the run's world. Any head count runs
+    any degree (a degree that does not divide the heads splits them unevenly: runtime/ulysses.head_range)."""
     if plan.world_size != world:
         raise InputError(where, f"world_size: plan is for {plan.world_size} ranks but this run has {world} "
                                 f"(torchrun --nproc_per_node={plan.world_size})")
     errors = plan.verify()
     if errors:
         raise InputError(where, errors[0])
-    for si, st in enumerate(plan.steps):
-        for mi, mb in enumerate(st.micro_batches):
-            for gi, g in enumerate(mb.groups):
-                if heads is not None and heads % g.degree:
-                    raise InputError(where, f"steps.{si}.micro_batches.{mi}.groups.{gi}.degree: {g.degree} does not "
-                                            f"divide the model's {heads} heads")
 
 
 def _nvidia_driver_present() -> bool:
@@ -253,12 +248,9 @@ def _check_checkpoint(args: argparse.Namespace, plan, world: int):
             except InputError:
                 pass  # something else differs too: the full list below
             else:
-                fits = all(heads % g.degree == 0 for st in plan.steps for mb in st.micro_batches for g in mb.groups)
                 raise InputError("--heads", f"the save in {cfg.folder} is of a model with {heads} heads; without "
                                             f"--heads this plan's model has {ident['heads']} (its largest SP degree, "
-                                            f"at least 4): " + (f"pass --heads {heads} to resume it on this plan"
-                                                                if fits else f"this plan has a degree that does not "
-                                                                             f"divide {heads}"))
+                                            f"at least 4): pass --heads {heads} to resume it on this plan")
         check_resumable(info, world, ident, LAYOUT_KEYS, saved_identity(plan))
     return info
 
@@ -540,7 +532,7 @@ def main(argv: list[str] | None = None, quiet: bool = False) -> int:
             world = args.world
         plan = load_plan(args.plan, expect=SPPlan)
         check_lr_schedule(args, _total_steps(args, plan))
-        check_plan(plan, world, args.heads, args.plan)
+        check_plan(plan, world, args.plan)
         check_model_fits(args, plan, world)
         saved = _check_checkpoint(args, plan, world)  # before any process group: a mismatch is one line
         factor, lengths = scaled_lengths(plan, args.max_len)

@@ -33,7 +33,7 @@ class TinyGPTConfig:
     hidden: int = spec.HIDDEN
     """model width; hidden = heads * head_dim"""
     heads: int = spec.HEADS
-    """attention heads; every SP degree used must divide it"""
+    """attention heads (an SP degree that does not divide them splits them unevenly, see ulysses.head_range)"""
     layers: int = spec.LAYERS
     max_len: int = spec.MAX_LEN
     """learned positions: longest sequence (tokens)"""

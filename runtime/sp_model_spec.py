@@ -12,7 +12,7 @@ MODEL_NAME = "tiny-gpt"
 VOCAB = 256
 #: model width (= heads x head_dim)
 HIDDEN = 32
-#: attention heads (every SP degree used must divide it)
+#: attention heads (an SP degree that does not divide them splits them unevenly)
 HEADS = 4
 #: transformer blocks
 LAYERS = 2

@@ -7,7 +7,7 @@ group-rank order; :func:`shard_sizes` gives each rank's token count (uneven when
 hold 0 tokens). Each rank holds q, k, v of its shard, shape [T_i, H, D] (tokens, heads, head dim).
 
 Forward: one all-to-all scatters heads and gathers the sequence (every rank ends with all T tokens for H/d
-heads), attention runs over whole sequences (causal and block-diagonal: token t of a sequence sees tokens
+heads; a degree that does not divide H splits the heads unevenly, see :func:`head_range`), attention runs over whole sequences (causal and block-diagonal: token t of a sequence sees tokens
 0..t of the same sequence only), one all-to-all sends the result back to the token owners. The all-to-all is
 an autograd.Function whose backward is the inverse all-to-all, so gradients reach q, k, v on the rank that
 owns each token. Degree 1 (group None or of size 1) is plain local attention.
@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["shard_sizes", "shard_range", "packed_causal_attention", "reference_packed_attention",
-           "ulysses_attention", "all_to_all_tokens"]
+           "ulysses_attention", "all_to_all_tokens", "head_range"]
 
 
 def shard_sizes(total_tokens: int, degree: int) -> list[int]:
@@ -130,9 +130,10 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Sequence[int]
 
     q, k, v: [T_i, H, D], this rank's contiguous shard (:func:`shard_range`) of the group's packed batch;
     cu_seqlens: boundaries of the whole packed batch (length n_seq + 1, ends at T = sum of shards); group:
-    the SP process group of this micro-batch (None or size 1: local attention). H must be divisible by the
-    group size. attn_fn(q, k, v, cu_seqlens) computes attention on full sequences ([T, H/d, D]). Returns
-    [T_i, H, D].
+    the SP process group of this micro-batch (None or size 1: local attention). Group rank j attends over
+    heads :func:`head_range` (H/d each when d divides H; otherwise the first H mod d ranks take one more, and
+    with d > H the last ranks take none - their attention is idle, the exchanges still run). attn_fn(q, k, v,
+    cu_seqlens) computes attention on full sequences ([T, heads of this rank, D]). Returns [T_i, H, D].
     """
     bounds = _as_bounds(cu_seqlens)
     degree, grank = _group_degree_rank(group)
@@ -145,13 +146,35 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Sequence[int]
         raise ValueError(f"q has {Ti} tokens but shard {grank} of {T} tokens over degree {degree} has {sizes[grank]}")
     if degree == 1:
         return attn_fn(q, k, v, bounds)
-    if H % degree:
-        raise ValueError(f"heads {H} not divisible by SP degree {degree}")
-    hl = H // degree
-    # [T_i, 3, H, D] -> [d, T_i, 3, H/d, D]: the chunk for group rank j holds heads [j*H/d, (j+1)*H/d)
-    qkv = torch.stack((q, k, v), dim=1).view(Ti, 3, degree, hl, D).permute(2, 0, 1, 3, 4)
-    qkv = qkv.reshape(degree * Ti, 3, hl, D)
-    full = all_to_all_tokens(qkv, group, [Ti] * degree, sizes)  # [T, 3, H/d, D], tokens in sequence order
-    out = attn_fn(full[:, 0], full[:, 1], full[:, 2], bounds)  # [T, H/d, D]
-    back = all_to_all_tokens(out, group, sizes, [Ti] * degree)  # [d * T_i, H/d, D], chunk j = heads of rank j
-    return back.view(degree, Ti, hl, D).permute(1, 0, 2, 3).reshape(Ti, H, D)
+    if H % degree == 0:
+        hl = H // degree
+        # [T_i, 3, H, D] -> [d, T_i, 3, H/d, D]: the chunk for group rank j holds heads [j*H/d, (j+1)*H/d)
+        qkv = torch.stack((q, k, v), dim=1).view(Ti, 3, degree, hl, D).permute(2, 0, 1, 3, 4)
+        qkv = qkv.reshape(degree * Ti, 3, hl, D)
+        full = all_to_all_tokens(qkv, group, [Ti] * degree, sizes)  # [T, 3, H/d, D], tokens in sequence order
+        out = attn_fn(full[:, 0], full[:, 1], full[:, 2], bounds)  # [T, H/d, D]
+        back = all_to_all_tokens(out, group, sizes, [Ti] * degree)  # [d * T_i, H/d, D], chunk j = heads of rank j
+        return back.view(degree, Ti, hl, D).permute(1, 0, 2, 3).reshape(Ti, H, D)
+    # Uneven heads: group rank j gets the contiguous head range head_range(H, degree, j) (first ranks take the
+    # rest; with degree > H the last ranks get none). The chunks differ in shape, so they travel flattened
+    # with element split sizes.
+    hs = shard_sizes(H, degree)
+    hl = hs[grank]
+    qkv = torch.stack((q, k, v), dim=1)  # [T_i, 3, H, D]
+    send = torch.cat([qkv[:, :, a:a + n].reshape(-1) for a, n in zip(_starts(hs), hs)])
+    full = all_to_all_tokens(send, group, [Ti * 3 * n * D for n in hs], [t * 3 * hl * D for t in sizes])
+    full = full.view(T, 3, hl, D)
+    # a rank without heads keeps `out` an (empty) view of `full`, so its backward still joins the exchange
+    out = attn_fn(full[:, 0], full[:, 1], full[:, 2], bounds) if hl else full[:, 0]  # [T, hl, D]
+    back = all_to_all_tokens(out.reshape(-1), group, [t * hl * D for t in sizes], [Ti * n * D for n in hs])
+    return torch.cat([c.view(Ti, n, D) for c, n in zip(back.split([Ti * n * D for n in hs]), hs)], dim=1)
+
+
+def head_range(heads: int, degree: int, index: int) -> tuple[int, int]:
+    """[start, stop) of the heads group rank ``index`` attends over in a group of ``degree`` (contiguous ranges,
+    first ranks take the rest; empty for the last ranks when degree > heads)."""
+    return shard_range(heads, degree, index)
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    return [sum(sizes[:i]) for i in range(len(sizes))]

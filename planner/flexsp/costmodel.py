@@ -126,8 +126,10 @@ class SPCostModel:
     # ---- per-degree coefficients ------------------------------------------------------------------
     @property
     def degrees(self) -> list[int]:
-        """Degrees a group may have: powers of two up to the world size (a degree that does not divide the
-        head count needs uneven head splits in the runtime; the cost model does not charge for that)."""
+        """Degrees a group may have: powers of two up to the world size. A degree d that does not divide the
+        head count H runs with uneven head splits (runtime/ulysses.head_range): the busiest rank's attention
+        does ceil(H/d) / (H/d) of the even share (gpt-13b at d=16: 1.2x); the cost model, the paper's, does not
+        charge for that."""
         return powers_of_two(self.world)
 
     def comm_bytes_per_token(self) -> float:

@@ -1,14 +1,15 @@
 """Ulysses attention on real gloo groups vs single-process attention (forward and q/k/v gradients), with
-several degrees, uneven shards, a rank holding no token, and mixed groups within one micro-batch; and vs
-DeepSpeed's DistributedAttention on a static group."""
+several degrees, uneven shards, a rank holding no token, mixed groups within one micro-batch, and head counts
+the degree does not divide (a rank with no head when the degree exceeds them); and vs DeepSpeed's
+DistributedAttention on a static group."""
 import os
 
 import pytest
 import torch
 
 from adasched.runtime.dist import spawn_gloo
-from adasched.runtime.ulysses import (packed_causal_attention, reference_packed_attention, shard_range,
-                                      shard_sizes, ulysses_attention)
+from adasched.runtime.ulysses import (head_range, packed_causal_attention, reference_packed_attention,
+                                      shard_range, shard_sizes, ulysses_attention)
 
 H, D = 8, 5
 # micro-batches on 4 ranks: list of (ranks, sequence lengths) that run concurrently
@@ -27,10 +28,10 @@ def _cu(lens):
     return cu
 
 
-def _inputs(case, gi, lens, dtype):
-    g = torch.Generator().manual_seed(1000 * case + gi)
+def _inputs(case, gi, lens, dtype, heads=H):
+    g = torch.Generator().manual_seed(1000 * case + gi + 17 * heads)
     T = sum(lens)
-    return [torch.randn(T, H, D, generator=g, dtype=torch.float64).to(dtype) for _ in range(4)]  # q, k, v, dout
+    return [torch.randn(T, heads, D, generator=g, dtype=torch.float64).to(dtype) for _ in range(4)]  # q, k, v, dout
 
 
 def _reference(q, k, v, dout, cu):
@@ -40,7 +41,7 @@ def _reference(q, k, v, dout, cu):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def _ulysses_worker(rank, world, dtype_names):
+def _ulysses_worker(rank, world, dtype_names, heads=H):
     from adasched.runtime.pg_pool import get_pool
 
     pool = get_pool(timeout_s=30)
@@ -51,7 +52,7 @@ def _ulysses_worker(rank, world, dtype_names):
             for gi, (ranks, lens) in enumerate(groups):
                 if rank not in ranks:
                     continue
-                q, k, v, dout = _inputs(case, gi, lens, dtype)
+                q, k, v, dout = _inputs(case, gi, lens, dtype, heads)
                 cu = _cu(lens)
                 a, b = shard_range(cu[-1], len(ranks), ranks.index(rank))
                 x = [t[a:b].clone().requires_grad_() for t in (q, k, v)]
@@ -64,14 +65,16 @@ def _ulysses_worker(rank, world, dtype_names):
 TOL = {"float64": 1e-10, "float32": 2e-5}
 
 
-def test_ulysses_matches_single_process():
-    out = spawn_gloo(_ulysses_worker, 4, list(TOL), timeout_s=60)
+@pytest.mark.parametrize("heads", [H, 3, 6], ids=["heads8", "heads3-degree4-has-idle-rank", "heads6-uneven"])
+def test_ulysses_matches_single_process(heads):
+    dtypes = list(TOL) if heads == H else ["float64"]
+    out = spawn_gloo(_ulysses_worker, 4, dtypes, heads, timeout_s=60)
     covered = {}
     for rank, results in enumerate(out):
         for dtype_name, case, gi, a, b, o, gq, gk, gv in results:
             ranks, lens = MICRO_BATCHES[case][gi]
-            assert rank in ranks and o.dtype == getattr(torch, dtype_name)
-            q, k, v, dout = _inputs(case, gi, lens, torch.float64)
+            assert rank in ranks and o.dtype == getattr(torch, dtype_name) and o.shape == (b - a, heads, D)
+            q, k, v, dout = _inputs(case, gi, lens, torch.float64, heads)
             if dtype_name == "float32":  # same inputs the workers saw, reference in float64
                 q, k, v, dout = (t.float().double() for t in (q, k, v, dout))
             ref = _reference(q, k, v, dout, _cu(lens))
@@ -81,12 +84,18 @@ def test_ulysses_matches_single_process():
                                            msg=f"{dtype_name} case {case} group {gi} {name}")
             covered.setdefault((dtype_name, case, gi), []).append((a, b))
     # every token of every group came back from exactly one rank
-    for dtype_name in TOL:
+    for dtype_name in dtypes:
         for case, groups in enumerate(MICRO_BATCHES):
             for gi, (ranks, lens) in enumerate(groups):
                 spans = sorted(covered[(dtype_name, case, gi)])
                 assert spans == [shard_range(sum(lens), len(ranks), i) for i in range(len(ranks))]
     assert any(b == a for res in out for _, _, _, a, b, *_ in res)  # the empty-shard case really ran
+
+
+def test_head_range_covers_every_head_once():
+    assert [head_range(6, 4, j) for j in range(4)] == [(0, 2), (2, 4), (4, 5), (5, 6)]
+    assert [head_range(3, 4, j) for j in range(4)] == [(0, 1), (1, 2), (2, 3), (3, 3)]  # rank 3: no head
+    assert [head_range(40, 16, j)[1] - head_range(40, 16, j)[0] for j in range(16)] == [3] * 8 + [2] * 8
 
 
 def test_local_attention_float32_and_shards():
