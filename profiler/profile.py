@@ -337,8 +337,10 @@ class ClusterProfile(_Strict):
         - a larger fit exists (fewer nodes than the profile): the next larger fit is kept, re-sized to the
           whole world (conservative, as :meth:`collective` takes the next larger fit between sizes);
         - the largest fit crosses nodes (scope 'inter'): it is extended to each power of two up to the new
-          world and to the world itself, keeping its alpha and per-rank bandwidth (optimistic where more nodes
-          share the links; the copies' `source` says so);
+          world and to the world itself, keeping its alpha and bus bandwidth (nccl-tests' busbw, see
+          :func:`bus_factor`: the per-rank beta scales by bus_factor(op, g) / bus_factor(op, n) - x (g-1)/(n-1)
+          for all_gather, whose per-rank message is the shard; optimistic where more nodes share the links; the
+          copies' `source` says so);
         - the largest fit stays inside a node: nothing is added - an intra-node (NVLink) figure says nothing
           about the links between nodes, so a query for a larger group is an error naming what exists."""
         import re
@@ -368,11 +370,13 @@ class ClusterProfile(_Strict):
                 continue
             sizes = [1 << k for k in range(largest.group_size.bit_length(), new_world.bit_length())
                      if 1 << k <= new_world]
+            n = largest.group_size
             for g in sorted(set(sizes) | {new_world}):
                 fits.append(largest.model_copy(update={
                     "group_size": g, "scope": "inter",
-                    "source": f"{largest.source}; extrapolated from {largest.group_size} ranks at the same per-rank "
-                              "bandwidth (optimistic)"}))
+                    "beta_ms_per_byte": largest.beta_ms_per_byte * bus_factor(largest.op, g) / bus_factor(largest.op, n),
+                    "source": f"{largest.source}; extrapolated from {n} ranks at the same bus bandwidth "
+                              "(optimistic)"}))
         name = re.sub(r"@\d+n$", "", self.name)
         return self.model_copy(update={"num_nodes": num_nodes, "collectives": fits, "name": f"{name}@{num_nodes}n"})
 
