@@ -24,8 +24,8 @@ Conventions shared by every schedule here (``step`` = the scheduler's ``last_epo
 * A factor found at construction (group lr below ``initial_lr``) is kept only on an optimizer that has not
   stepped yet (another scheduler built before us in a chain); on one that has trained, the schedule starts from
   its closed form (a second stage, or a resumed run stepping a fresh scheduler to catch up). "Stepped" is read
-  from the optimizer's step counters (plain SGD without momentum has none: resume its scheduler with
-  ``load_state_dict``).
+  from the optimizer's state (step counters; state without one, as SGD momentum buffers; plain SGD without
+  momentum keeps none: resume its scheduler with ``load_state_dict``).
 """
 from __future__ import annotations
 
@@ -176,16 +176,19 @@ def _check_int(name: str, value, lo: int) -> int:
 
 
 def _has_stepped(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer`` has taken a step: a step counter above 0 in its state (Adam, AdamW, Adagrad, SGD
-    with momentum... - Adagrad fills its state, step 0, when it is made), or a step seen by a scheduler's step
-    wrapper in this process. Plain SGD (no momentum) keeps no state, so a plain-SGD optimizer restored from a
-    checkpoint reads as fresh: resume its scheduler with ``load_state_dict`` (or ``last_epoch``) rather than by
-    stepping a fresh one to catch up."""
+    """Whether ``optimizer`` has taken a step: a step counter above 0 in its state (Adam, AdamW, Adagrad... -
+    Adagrad fills its state, step 0, when it is made), per-parameter state without a step counter (SGD with
+    momentum keeps only ``momentum_buffer``, LBFGS ``func_evals``/``n_iter``: torch creates them in the first
+    step), or a step seen by a scheduler's step wrapper in this process. Plain SGD (no momentum) keeps no state,
+    so a plain-SGD optimizer restored from a checkpoint reads as fresh: resume its scheduler with
+    ``load_state_dict`` (or ``last_epoch``) rather than by stepping a fresh one to catch up."""
     if getattr(optimizer, "_opt_called", False):
         return True
     for st in optimizer.state.values():
-        step = st.get("step") if isinstance(st, dict) else None
-        if step is not None and float(step) > 0:
+        if not isinstance(st, dict) or not st:
+            continue
+        step = st.get("step")
+        if step is None or float(step) > 0:
             return True
     return False
 

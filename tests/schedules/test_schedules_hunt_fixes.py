@@ -130,14 +130,46 @@ def test_has_stepped_reads_step_counters():
     from adasched.schedules.lr import _has_stepped
 
     p = torch.nn.Parameter(torch.randn(3))
-    for opt in (torch.optim.Adagrad([p], lr=0.1), torch.optim.Adam([p], lr=0.1), torch.optim.SGD([p], lr=0.1)):
+    makers = (lambda: torch.optim.Adagrad([p], lr=0.1), lambda: torch.optim.Adam([p], lr=0.1),
+              lambda: torch.optim.SGD([p], lr=0.1), lambda: torch.optim.SGD([p], lr=0.1, momentum=0.9),
+              lambda: torch.optim.LBFGS([p], lr=0.1))
+    for make in makers:
+        opt = make()
         assert not _has_stepped(opt)
         p.grad = torch.randn(3)
-        opt.step()
-        fresh = type(opt)([p], lr=0.1)
+        opt.step((lambda: float(p.detach().square().sum())) if isinstance(opt, torch.optim.LBFGS) else None)
+        fresh = make()
         fresh.load_state_dict(opt.state_dict())  # a resumed optimizer (no scheduler has wrapped its step)
-        # plain SGD keeps no state: documented as undetectable
-        assert _has_stepped(fresh) == (not isinstance(opt, torch.optim.SGD))
+        # plain SGD keeps no state: documented as undetectable; SGD with momentum keeps a momentum buffer and
+        # LBFGS its counters, without a "step" key (both read as fresh before: hunt finding)
+        plain_sgd = isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0
+        assert _has_stepped(fresh) == (not plain_sgd), type(opt).__name__
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # the catch-up steps
+def test_resumed_sgd_momentum_catches_up_to_the_closed_form():
+    """Hunt finding: a restored SGD-with-momentum optimizer read as fresh, so a fresh REX scheduler stepped to
+    catch up kept the restored (decayed) lr as another scheduler's factor: 0.75x the schedule to the end."""
+    base = float(np.random.default_rng().uniform(0.05, 0.5))
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = torch.optim.SGD([p], lr=base, momentum=0.9)
+    sched = REX(opt, 10)
+    for _ in range(4):
+        p.grad = torch.randn(4)
+        opt.step()
+        sched.step()
+    opt2 = torch.optim.SGD([torch.nn.Parameter(p.detach().clone())], lr=base, momentum=0.9)
+    opt2.load_state_dict(opt.state_dict())
+    fresh = REX(opt2, 10)
+    for _ in range(4):
+        fresh.step()
+    got = []
+    for _ in range(6):
+        got.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        fresh.step()
+    want = [base * (1 - z) / (0.5 + 0.5 * (1 - z)) for z in (t / 10 for t in range(4, 10))]  # REX, no warmup
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
 
 
 def test_megatron_scheduler_keeps_weight_decay_when_not_given():
