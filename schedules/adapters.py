@@ -119,12 +119,26 @@ class DeepSpeedSchedule:
         self.name, self.num_warmup_steps, self.num_training_steps, self.kw = name, num_warmup_steps, \
             num_training_steps, kw
         # checked now on a throwaway optimizer: a bad argument surfaced only inside deepspeed.initialize (without
-        # last_epoch: a resume needs the real optimizer's initial_lr)
-        get_schedule(name, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), num_warmup_steps,
+        # last_epoch: a resume needs the real optimizer's initial_lr). A per-group min_lr list gets as many
+        # groups, and the groups an lr above every absolute min_lr: the real optimizer's groups and lrs are
+        # checked when DeepSpeed calls us (DeepSpeed's usual two groups, with and without weight decay, were
+        # refused here, as was an absolute min_lr above 1.0)
+        min_lr = kw.get("min_lr", 0.0)
+        floors = list(min_lr) if isinstance(min_lr, (list, tuple)) else [min_lr]
+        top = max([1.0] + [2.0 * float(v) for v in floors
+                           if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)])
+        groups = [{"params": [torch.nn.Parameter(torch.zeros(1))]} for _ in range(max(1, len(floors)))]
+        get_schedule(name, torch.optim.SGD(groups, lr=top), num_warmup_steps,
                      num_training_steps, **{k: v for k, v in kw.items() if k != "last_epoch"})
 
     def __call__(self, optimizer: torch.optim.Optimizer):
         return get_schedule(self.name, optimizer, self.num_warmup_steps, self.num_training_steps, **dict(self.kw))
+
+
+def _norms_digest(norms) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(norms, dtype=np.float64).tobytes()).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,10 +294,18 @@ class MegatronParamScheduler:
                 group["weight_decay"] = self.get_wd(group) * group.get("wd_mult", 1.0)
 
     def state_dict(self) -> dict:
-        return {"max_lr": self.max_lr, "lr_warmup_steps": self.lr_warmup_steps, "num_steps": self.num_steps,
-                "lr_decay_style": self.lr_decay_style, "lr_decay_steps": self.lr_decay_steps,
-                "min_lr": self.min_lr, "start_wd": self.start_wd, "end_wd": self.end_wd,
-                "wd_incr_style": self.wd_incr_style, "wd_incr_steps": self.wd_incr_steps}
+        """megatron-core's keys, plus what our styles add (megatron-core ignores extra keys): ``phi`` for uba,
+        ``norm``, ``smoothing`` and ``grad_norms_digest`` (sha256 of the float64 norms) for refined."""
+        sd = {"max_lr": self.max_lr, "lr_warmup_steps": self.lr_warmup_steps, "num_steps": self.num_steps,
+              "lr_decay_style": self.lr_decay_style, "lr_decay_steps": self.lr_decay_steps,
+              "min_lr": self.min_lr, "start_wd": self.start_wd, "end_wd": self.end_wd,
+              "wd_incr_style": self.wd_incr_style, "wd_incr_steps": self.wd_incr_steps}
+        if self.lr_decay_style == "uba":
+            sd["phi"] = self.phi
+        if self.lr_decay_style == "refined" and self._refine is not None:
+            norms, norm, smoothing = self._refine
+            sd.update(norm=norm, smoothing=smoothing, grad_norms_digest=_norms_digest(norms))
+        return sd
 
     def _check_and_set(self, ours, theirs, name: str):
         if self.override_opt_param_scheduler:
@@ -316,6 +338,15 @@ class MegatronParamScheduler:
                                  "wsd_decay_steps; build it with wsd_decay_steps= and lr_wsd_decay_style=")
             self._check_wsd()
         self.lr_decay_style = style
+        if style == "uba" and "phi" in sd:  # (a save before phi was saved: the constructor's phi)
+            self.phi = _check_phi(self._check_and_set(self.phi, sd["phi"], "phi"))
+        if style == "refined" and "grad_norms_digest" in sd:
+            norms, norm, smoothing = self._refine
+            if sd["grad_norms_digest"] != _norms_digest(norms) and not self.override_opt_param_scheduler:
+                raise ValueError("grad_norms: this scheduler's norms differ from those of the checkpoint's refined "
+                                 "schedule (pass the same grad_norms, or override_opt_param_scheduler=True)")
+            self._refine = (norms, self._check_and_set(norm, sd["norm"], "norm"),
+                            _check_smoothing(self._check_and_set(smoothing, sd["smoothing"], "smoothing")))
         if self._refine is not None:  # the checkpoint's W and D may differ from the constructor's
             self._build_decay_table()
         self.step(increment=sd.get("num_iters", sd.get("num_steps")))

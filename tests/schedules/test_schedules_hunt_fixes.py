@@ -205,3 +205,58 @@ def test_schedule_options_a_schedule_does_not_take_are_refused_up_front():
         DeepSpeedSchedule("rex", 10, 100, phi=1.0)  # (raised only inside deepspeed.initialize)
     assert get_schedule("uba", opt, 10, 100, phi=1.0).phi == 1.0
     DeepSpeedSchedule("rex", 10, 100, last_epoch=5)  # a resume's last_epoch is not probed on the throwaway
+
+
+def test_deepspeed_schedule_takes_a_per_group_min_lr_and_a_large_absolute_one():
+    """Hunt finding: the up-front check built the schedule on a one-group SGD at lr 1.0, so DeepSpeed's usual two
+    groups' min_lr list, and an absolute min_lr above 1.0, were refused before deepspeed.initialize."""
+    from adasched.schedules import DeepSpeedSchedule
+
+    rng = np.random.default_rng()
+    lrs = [float(x) for x in rng.uniform(2.0, 5.0, 2)]
+    floors = [lr * float(rng.uniform(0.05, 0.2)) for lr in lrs]
+    opt = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.randn(2))], "lr": lr} for lr in lrs])
+    sched = DeepSpeedSchedule("rex", 2, 10, min_lr=floors)(opt)
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose([g["lr"] for g in opt.param_groups], floors, rtol=1e-12)  # the end: each floor
+    opt1 = torch.optim.AdamW([torch.nn.Parameter(torch.randn(2))], lr=lrs[0])
+    DeepSpeedSchedule("linear", 0, 10, min_lr=floors[0])(opt1)  # absolute, above 1.0 when lrs[0] is large
+    with pytest.raises(ValueError, match="min_lr"):  # still refused: more values than the real groups
+        DeepSpeedSchedule("rex", 2, 10, min_lr=floors + floors[:1])(opt)
+
+
+def _megatron(style, **kw):
+    from adasched.schedules import MegatronParamScheduler
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.randn(3))], lr=1e-3)
+    return MegatronParamScheduler(opt, init_lr=0.0, max_lr=1e-3, min_lr=1e-5, lr_warmup_steps=10,
+                                  lr_decay_steps=100, lr_decay_style=style, **kw)
+
+
+def test_megatron_scheduler_saves_phi_and_the_refined_norms():
+    """Hunt finding: the state_dict held no phi, so a UBA run resumed with another (or the default) phi changed
+    its schedule silently, even with use_checkpoint_opt_param_scheduler=False, which refuses any mismatch."""
+    rng = np.random.default_rng()
+    phi = float(rng.uniform(2.0, 6.0))
+    run = _megatron("uba", phi=phi)
+    run.step(50)
+    sd = run.state_dict()
+    assert sd["phi"] == phi
+    resumed = _megatron("uba")  # the default phi: the checkpoint's wins (megatron's default semantics)
+    resumed.load_state_dict(sd)
+    assert resumed.phi == phi and resumed.get_lr({}) == run.get_lr({})
+    strict = _megatron("uba", use_checkpoint_opt_param_scheduler=False)
+    with pytest.raises(ValueError, match="phi: scheduler has 0.5 but the checkpoint has"):
+        strict.load_state_dict(sd)
+    norms = rng.uniform(0.5, 2.0, 60)
+    ref = _megatron("refined", grad_norms=norms, smoothing=0.2)
+    ref.step(40)
+    sd = ref.state_dict()
+    same = _megatron("refined", grad_norms=norms.copy())  # the checkpoint's smoothing (0.2) wins over 0.1
+    same.load_state_dict(sd)
+    assert same.get_lr({}) == ref.get_lr({}) and same._refine[2] == 0.2
+    other = _megatron("refined", grad_norms=norms * 1.5 + rng.uniform(0, 0.1, 60))
+    with pytest.raises(ValueError, match="grad_norms: this scheduler's norms differ"):
+        other.load_state_dict(sd)
