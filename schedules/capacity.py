@@ -72,7 +72,9 @@ def capacity_schedule(name: str, num_layers: int, budget: int, lo: int, hi: int,
     f = schedule_shape(name, num_layers, waves)
     L = int(num_layers)
     for label, v in (("budget", budget), ("lo", lo), ("hi", hi)):
-        if isinstance(v, bool) or not isinstance(v, (numbers.Integral, numbers.Real)) or int(v) != v:
+        if (isinstance(v, bool) or not isinstance(v, (numbers.Integral, numbers.Real))
+                or (not isinstance(v, numbers.Integral) and not math.isfinite(v))  # (inf: OverflowError from int())
+                or int(v) != v):
             raise ValueError(f"{label}: {v!r} must be an integer")
     budget, lo, hi = int(budget), int(lo), int(hi)
     if lo < 0 or hi < lo:

@@ -452,6 +452,12 @@ def get_schedule(name: str, optimizer: torch.optim.Optimizer, num_warmup_steps: 
         raise ValueError(f"name: unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
     if key == "refined":
         num_warmup_steps = _check_int("num_warmup_steps", num_warmup_steps, 0)
+        takes = {"grad_norms", "path", "min_lr", "min_lr_ratio", "last_epoch", "norm", "smoothing"}
+        extra = sorted(set(kw) - takes)
+        if extra:  # (a TypeError from inside Refined, as for the other schedules below)
+            raise ValueError(f"{extra[0]}: not an option of schedule {name!r} (it takes {', '.join(sorted(takes))})")
+        if "path" in kw and "grad_norms" in kw:
+            raise ValueError("grad_norms: give grad_norms=... or path=..., not both")
         if "path" in kw:
             return Refined.from_file(optimizer, kw.pop("path"), total_steps=num_training_steps,
                                      warmup_steps=num_warmup_steps, **kw)

@@ -112,10 +112,16 @@ def test_plot_json_keeps_two_files_of_one_name(tmp_path, capsys):
 @pytest.mark.parametrize("kw, needle", [
     (dict(waves=math.nan), "waves: nan"), (dict(waves=math.inf), "waves: inf"), (dict(waves=-1.0), "waves: -1.0"),
     (dict(strength="1"), "strength: '1'"), (dict(strength=math.nan), "strength: nan"),
+    # (an infinite budget or bound was a bare OverflowError from int(), NaN an unlabelled ValueError)
+    (dict(budget=math.inf), "budget: inf must be an integer"), (dict(budget=math.nan), "budget: nan must be"),
+    (dict(hi=math.inf), "hi: inf must be an integer"), (dict(lo=-math.inf), "lo: -inf must be an integer"),
+    (dict(budget=10**400), "budget: 1000"),  # an int too large for a float: refused by the bounds, no overflow
 ])
 def test_capacity_schedule_bad_waves_or_strength(kw, needle):
+    args = dict(budget=20, lo=1, hi=4)
+    args.update(kw)
     with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
-        capacity_schedule("wave", 8, 20, 1, 4, **kw)
+        capacity_schedule("wave", 8, **args)
 
 
 def test_schedule_lambda_refuses_what_the_classes_refuse():
@@ -203,6 +209,14 @@ def test_schedule_options_a_schedule_does_not_take_are_refused_up_front():
         get_schedule("rex", opt, 10, 100, phi=1.0)
     with pytest.raises(ValueError, match="phi: not an option of schedule 'rex'"):
         DeepSpeedSchedule("rex", 10, 100, phi=1.0)  # (raised only inside deepspeed.initialize)
+    norms = np.random.default_rng().uniform(0.5, 2.0, 100)
+    for bad in ("phi", "min_lr_ratios"):  # refined: was a TypeError from inside Refined
+        with pytest.raises(ValueError, match=f"{bad}: not an option of schedule 'refined'"):
+            get_schedule("refined", opt, 10, grad_norms=norms, **{bad: 0.5})
+        with pytest.raises(ValueError, match=f"{bad}: not an option of schedule 'refined'"):
+            DeepSpeedSchedule("refined", 10, grad_norms=norms, **{bad: 0.5})
+    with pytest.raises(ValueError, match="give grad_norms=... or path=..., not both"):
+        get_schedule("refined", opt, 10, grad_norms=norms, path="norms.csv")
     assert get_schedule("uba", opt, 10, 100, phi=1.0).phi == 1.0
     DeepSpeedSchedule("rex", 10, 100, last_epoch=5)  # a resume's last_epoch is not probed on the throwaway
 
