@@ -50,8 +50,8 @@ def schedule_curve(spec: str, steps: int | None, warmup_steps: int = 0, *, norm:
             sched, label = REX(opt, steps, warmup_steps=warmup_steps), "rex"
         elif name == "linear" and not arg:
             sched, label = LinearDecay(opt, steps, warmup_steps=warmup_steps), "linear"
-        elif name == "constant" and not arg:
-            return "constant", np.ones(steps + 1)
+        elif name == "constant" and not arg:  # as --lr-schedule constant: no scheduler, so no warmup either
+            return ("constant (no warmup)" if warmup_steps else "constant"), np.ones(steps + 1)
         else:
             raise ValueError(f"schedule: unknown {spec!r}; use linear, cosine, rex, uba[:PHI], constant or a "
                              f"norms .csv / refined .json file")

@@ -274,3 +274,15 @@ def test_megatron_scheduler_saves_phi_and_the_refined_norms():
     other = _megatron("refined", grad_norms=norms * 1.5 + rng.uniform(0, 0.1, 60))
     with pytest.raises(ValueError, match="grad_norms: this scheduler's norms differ"):
         other.load_state_dict(sd)
+
+
+def test_plot_labels_constant_as_without_warmup():
+    """Hunt finding: `schedules plot constant rex --warmup 5` drew constant at 1 from step 0 under a 'warmup 5'
+    title (as --lr-schedule constant, it has no scheduler and no warmup): the label says so now."""
+    from adasched.schedules.plots import schedule_curve
+
+    n, w = int(np.random.default_rng().integers(10, 50)), 5
+    label, m = schedule_curve("constant", n, w)
+    assert label == "constant (no warmup)" and m.tolist() == [1.0] * (n + 1)
+    assert schedule_curve("constant", n, 0)[0] == "constant"
+    assert schedule_curve("rex", n, w)[1][0] == 0.0  # the others warm up from 0
