@@ -147,8 +147,9 @@ if HAVE_TRITON:
                      A_K_UNIT: tl.constexpr = True, B_N_UNIT: tl.constexpr = True, OFFS_64: tl.constexpr = False):
         """USE_TMA: A and B tiles through in-kernel TMA descriptors; A_K_UNIT / B_N_UNIT say which axis of each
         has unit stride (a transposed operand is loaded in its memory order and transposed in shared memory).
-        OFFS_64: row and column indices in int64, for operands whose element offsets reach 2**31 (``_offs_64``);
-        in int32 ``offs_m * stride_am`` wraps there and reads out of bounds."""
+        OFFS_64: row, column and K indices in int64, for operands whose element offsets reach 2**31
+        (``_offs_64``); in int32 ``offs_m * stride_am`` (or ``offs_k * stride_bk``, the K step) wraps there and
+        reads out of bounds."""
         pid = tl.program_id(0)
         grid_m = tl.cdiv(M, BLOCK_M)
         grid_n = tl.cdiv(N, BLOCK_N)
@@ -176,18 +177,25 @@ if HAVE_TRITON:
                 acc = dot_acc(a, b, acc)
         else:
             offs_k = tl.arange(0, BLOCK_K)
+            if OFFS_64:  # the K axis too: offs_k * stride_bk and the K step wrap in int32 for a wide B row
+                offs_k = offs_k.to(tl.int64)
             a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
             b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
             for kt in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WARP_SPECIALIZE):
                 k_left = K - kt * BLOCK_K
+                if OFFS_64:  # rebuilt from int64 K offsets (BLOCK_K * stride is an int32 product)
+                    ks = kt * BLOCK_K + offs_k
+                    a_ptrs = a_ptr + offs_m[:, None] * stride_am + ks[None, :] * stride_ak
+                    b_ptrs = b_ptr + ks[:, None] * stride_bk + offs_n[None, :] * stride_bn
                 a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
                 b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
                 if UPCAST:
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
                 acc = dot_acc(a, b, acc)
-                a_ptrs += BLOCK_K * stride_ak
-                b_ptrs += BLOCK_K * stride_bk
+                if not OFFS_64:
+                    a_ptrs += BLOCK_K * stride_ak
+                    b_ptrs += BLOCK_K * stride_bk
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
