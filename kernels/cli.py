@@ -15,7 +15,7 @@ def register(groups) -> None:
         quick: bool = typer.Option(False, "--quick", help="A few small shapes (smoke test; CPU: tiny shapes)."),
         as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables."),
         run_checks: bool = typer.Option(False, "--checks", help="Also run each kernel's correctness checks "
-                                        "(bf16 on a GPU) and exit 1 if one fails."),
+                                        "(on a GPU: bf16 LoRA and MoE, fp16 plain GEMM) and exit 1 if one fails."),
         device: str = typer.Option("auto", "--device", help="auto | cuda | cpu (CPU: Triton interpreter, "
                                    "times meaningless for performance)."),
         host_calls: bool = typer.Option(False, "--host-calls", help="Only the LoRA host work per fwd+bwd call: "

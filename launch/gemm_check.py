@@ -65,6 +65,8 @@ def machine_for_device(device: str) -> str:
 
 
 def _dtype(device: str):
+    """The plain GEMM's operand dtype: float16 on a GPU (the recorded H100/H200 sweeps are float16), float32 under
+    the interpreter. The fused LoRA linear's is bfloat16 (:func:`_lora_inputs`)."""
     import torch
 
     return torch.float16 if device == "cuda" else torch.float32
@@ -117,7 +119,8 @@ def sweep_configs(tile: tuple[int, int, int], machine: str, stages=SWEEP_STAGES,
         from adasched.planner.twill.graph import load_machine
 
         supported = load_machine(machine).warp_specialize
-    except ImportError:  # GPU image without the planner's dependencies
+    except Exception:  # GPU image without the planner's dependencies (ImportError; a pydantic-core mismatch
+        # raises SystemError, as in plan_config)
         supported = WARP_SPECIALIZE_SUPPORTED[machine]
     bm, bn, bk = tile
     ws = (False, True) if supported else (False,)
@@ -284,6 +287,7 @@ def plan_vs_sweep(device: str = "cuda", quick: bool = False, shapes=None, tiles=
                                                              best["cfg"].label() if best else None, device, quick)
             rows.append({
                 "shape": f"{M}x{N}x{K}", "tile": "x".join(map(str, tile)), "machine": machine, "complete": complete,
+                "dtype": str(_dtype(device)).removeprefix("torch."),
                 "plan_config": cfg_plan.label(), "plan_tflops": p["tflops"], "plan_error": p["error"],
                 "plan_ii": info["ii"], "plan_status": info["status"], "plan_source": info["source"],
                 "plan_why": info.get("why", ""),

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from contextlib import contextmanager
@@ -65,22 +64,13 @@ def print_table(rows: Iterable[Sequence[Any]], columns: Sequence[str], title: st
         Console(file=con.file, width=max(natural, con.width), soft_wrap=True, no_color=con.no_color).print(t)
 
 
-def _finite(obj: Any) -> Any:
-    """NaN and infinities as null: json.dumps writes them as NaN / Infinity, which strict parsers (jq) refuse."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def emit_json(obj: Any) -> None:
     """Machine-readable output: strict JSON on stdout (NaN and infinities as null), nothing else there."""
+    from adasched.profiler.io import finite_json  # (here: this module stays free of pydantic for the GPU image)
+
     if hasattr(obj, "model_dump"):
         obj = obj.model_dump(mode="json")
-    sys.stdout.write(json.dumps(_finite(obj), indent=1, default=str, allow_nan=False) + "\n")
+    sys.stdout.write(json.dumps(finite_json(obj), indent=1, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 

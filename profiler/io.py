@@ -197,11 +197,24 @@ def save_figure(fig, path: str | os.PathLike, *, dpi: int = 110) -> Path:
     return path
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as None (null): json.dumps writes them as NaN / Infinity, which strict
+    parsers (jq, JSON.parse) refuse."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Strict JSON (NaN and infinities as null, see :func:`finite_json`) written atomically."""
     if isinstance(obj, BaseModel):
         text = obj.model_dump_json(indent=1)
     else:
-        text = json.dumps(obj, indent=1, sort_keys=False)
+        text = json.dumps(finite_json(obj), indent=1, sort_keys=False, allow_nan=False)
     return atomic_write_text(path, text + "\n")
 
 

@@ -46,3 +46,21 @@ def test_emit_json_writes_strict_json(capsys):
     assert "NaN" not in out and "Infinity" not in out
     assert json.loads(out, parse_constant=lambda c: pytest.fail(c)) == {
         "ok": 1.5, "rows": [{"median_ms": None, "ratio": None}, [2.0, None]], "n": 3, "s": "nan"}
+
+
+def test_atomic_write_json_writes_strict_json(tmp_path):
+    """Hunt finding: gemm_check --json (atomic_write_json) wrote a failed sweep config's ms as a bare NaN token,
+    which jq refuses (the recorded H200 sweep has one): null now, as emit_json writes it."""
+    import json
+
+    import numpy as np
+
+    from adasched.profiler.io import atomic_write_json
+
+    v = float(np.random.default_rng().uniform(0.5, 2.0))
+    path = atomic_write_json(tmp_path / "rows.json", [{"config": "128x256x64 s5 w4", "ms": float("nan"),
+                                                        "max_rel_err": np.float64("inf"), "tflops": v}])
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(c)) == [
+        {"config": "128x256x64 s5 w4", "ms": None, "max_rel_err": None, "tflops": v}]
