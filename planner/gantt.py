@@ -72,8 +72,9 @@ def render_gantt(tasks: Iterable, path: str | os.PathLike, *, title: str = "", x
         # outside the axes, to the right: inside it covered the last bars
         ax.legend(handles, [c for c in cats if c], loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7,
                   borderaxespad=0.0)
-    fig.tight_layout()
-    from adasched.profiler.io import save_figure
+    from adasched.profiler.io import save_figure, tight_layout
+
+    tight_layout(fig)
 
     try:
         save_figure(fig, path, dpi=120)

@@ -44,14 +44,17 @@ def fmt(v: Any) -> str:
 
 def print_table(rows: Iterable[Sequence[Any]], columns: Sequence[str], title: str | None = None,
                 highlight: set[int] | None = None) -> None:
-    """Rows as a rich table on stdout; rows whose index is in ``highlight`` are bold."""
+    """Rows as a rich table on stdout; rows whose index is in ``highlight`` are bold. Every text is printed as
+    given: rich would read ``[...]`` in a title or cell (an op named ``S[/x]``, a file ``tw[plan].json``) as
+    markup - a MarkupError traceback, or a label silently changed."""
     from rich.table import Table
+    from rich.text import Text
 
-    t = Table(title=title, show_lines=False)
+    t = Table(title=None if title is None else Text(str(title)), show_lines=False)
     for c in columns:
-        t.add_column(str(c), overflow="fold")
+        t.add_column(Text(str(c)), overflow="fold")
     for i, r in enumerate(rows):
-        t.add_row(*[fmt(v) for v in r], style="bold" if highlight and i in highlight else None)
+        t.add_row(*[Text(fmt(v)) for v in r], style="bold" if highlight and i in highlight else None)
     con = console()
     if con.is_terminal:
         con.print(t)  # a terminal's width: long cells fold to fit

@@ -183,12 +183,31 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def _plain_text(fig) -> None:
+    """Every text of ``fig`` drawn as given: matplotlib reads a pair of ``$`` as math (a Twill graph named
+    ``attn$^$v2`` failed its plot with a ParseSyntaxException; a task ``cost$_in$`` got a subscript), and no
+    figure of ours uses math."""
+    from matplotlib.text import Text
+
+    for text in fig.findobj(Text):
+        text.set_parse_math(False)
+
+
+def tight_layout(fig) -> None:
+    """``fig.tight_layout()`` with every text drawn as given (the layout measures the texts: see
+    :func:`_plain_text`)."""
+    _plain_text(fig)
+    fig.tight_layout()
+
+
 def save_figure(fig, path: str | os.PathLike, *, dpi: int = 110) -> Path:
-    """Save a matplotlib figure atomically; the format comes from the suffix (PNG when there is none)."""
+    """Save a matplotlib figure atomically; the format comes from the suffix (PNG when there is none). Every
+    text is drawn as given (:func:`tight_layout`)."""
     path = Path(path)
     fmt = path.suffix[1:].lower() if path.suffix else "png"
     if fmt not in FIGURE_FORMATS:
         raise InputError(path, f"cannot draw a {fmt!r} file (use one of {', '.join(FIGURE_FORMATS)})")
+    _plain_text(fig)
     with atomic_path(path) as tmp:
         try:
             fig.savefig(tmp, dpi=dpi, format=fmt)

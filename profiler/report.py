@@ -126,8 +126,9 @@ def plot_profile(p: ClusterProfile, path: str | os.PathLike) -> None:
     else:
         ax.text(0.5, 0.5, "no collective fits", ha="center", transform=ax.transAxes)
     fig.suptitle(f"profile {p.name}")
-    fig.tight_layout()
-    from .io import save_figure
+    from .io import save_figure, tight_layout
+
+    tight_layout(fig)
 
     try:
         save_figure(fig, path, dpi=110)

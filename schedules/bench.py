@@ -351,8 +351,9 @@ def plot_bench(res: BenchResult, path) -> None:
     ax.set_ylabel("lr / peak lr")
     ax.set_title("schedules")
     axes[0].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    from adasched.profiler.io import save_figure
+    from adasched.profiler.io import save_figure, tight_layout
+
+    tight_layout(fig)
 
     try:
         save_figure(fig, path, dpi=110)

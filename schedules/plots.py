@@ -83,8 +83,9 @@ def plot_curves(curves: list[tuple[str, np.ndarray]], path: str | os.PathLike, t
     if title:
         ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    from adasched.profiler.io import save_figure
+    from adasched.profiler.io import save_figure, tight_layout
+
+    tight_layout(fig)
 
     try:
         return save_figure(fig, path, dpi=110)

@@ -105,6 +105,32 @@ def test_gantt_renders(tmp_path):
     assert out.read_bytes()[:4] == b"\x89PNG" and [p.name for p in tmp_path.iterdir()] == ["g.png"]
 
 
+def test_gantt_draws_dollar_signs_as_given(tmp_path, monkeypatch):
+    """Hunt finding: names went to matplotlib as mathtext - a Twill graph named 'attn$^$v2' failed `plan twill
+    --plot` with a ParseSyntaxException (after the plan was written), a task 'cost$_in$' got a subscript."""
+    from matplotlib.text import Text
+
+    import adasched.profiler.io as pio
+    from adasched.planner.gantt import render_gantt
+
+    seen = []
+    real = pio.save_figure
+
+    def spy(fig, path, **kw):
+        seen.extend((t.get_text(), t.get_parse_math()) for t in fig.findobj(Text) if t.get_text())
+        return real(fig, path, **kw)
+
+    monkeypatch.setattr(pio, "save_figure", spy)
+    sim = simulate([Task("cost$_in$", 0, "compute", 2.0, category="a$^$"),
+                    Task("fee $5 and $6", 0, "comm$_x$", 2.5, deps=("cost$_in$",), category="b")])
+    out = tmp_path / "g.png"
+    render_gantt(sim.tasks, out, title="attn$^$v2")
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    texts = dict(seen)
+    for text in ("attn$^$v2", "cost$_in$", "fee $5 and $6", "rank 0 / comm$_x$", "a$^$"):
+        assert texts.get(text) is False, (text, seen)  # present, drawn without math
+
+
 def _sweep_reference(tasks):
     """The simulator's first algorithm (sweep every stream until nothing moves), kept as an oracle for the
     event-driven one: {name: (start, end)} or the string "deadlock"."""

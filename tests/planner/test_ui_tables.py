@@ -64,3 +64,19 @@ def test_atomic_write_json_writes_strict_json(tmp_path):
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text, parse_constant=lambda c: pytest.fail(c)) == [
         {"config": "128x256x64 s5 w4", "ms": None, "max_rel_err": None, "tflops": v}]
+
+
+def test_print_table_prints_brackets_as_given(capsys):
+    """Hunt finding: titles and cells went to rich as markup - an op named 'S[/x]' in a Twill graph made `plan
+    twill` and `show` exit 1 with a MarkupError traceback (after the plan was written), a file 'tw[plan].json'
+    was titled 'tw.json', a stream 'comm[bold]' printed as 'comm' in bold."""
+    import random
+
+    from adasched.planner.ui import print_table
+
+    tag = f"x{random.randrange(10 ** 6)}"
+    cells = [f"S[/{tag}]", "comm[bold]", "[red]r[/red]"]
+    print_table([cells, [1.5, 2, "ok"]], ["op[/y]", "stream", "name"], title=f"tw[{tag}].json")
+    out = capsys.readouterr().out
+    for text in cells + ["op[/y]", f"tw[{tag}].json", "1.5"]:
+        assert text in out, text
