@@ -28,6 +28,7 @@ def _stop_group(proc: subprocess.Popen, grace_s: float) -> None:
             break
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
+            proc.poll()  # reap the leader once it exits: its zombie counts as a member and held the full grace
             try:
                 os.killpg(proc.pid, 0)  # any member left?
             except ProcessLookupError:

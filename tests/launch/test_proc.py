@@ -58,3 +58,14 @@ def test_plain_run_returns_output_and_status():
     r = run_tree([sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"],
                  timeout_s=60.0, capture_output=True)
     assert (r.returncode, r.stdout, r.stderr) == (3, "out\n", "err\n")
+
+
+def test_timeout_returns_once_the_tree_is_gone_not_after_the_grace_period():
+    """Hunt finding: the grace loop asked `killpg(pgid, 0)` without reaping the leader, whose zombie kept the
+    group 'alive': every time-out or Ctrl-C waited the full grace period (10 s in `make demo`) although the tree
+    died on SIGTERM at once."""
+    t0 = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_tree([sys.executable, "-c", TREE], timeout_s=2.0, capture_output=True, grace_s=30.0)
+    took = time.monotonic() - t0
+    assert took < 12.0, f"{took:.1f} s: waited for the 30 s grace period"
