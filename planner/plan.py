@@ -36,7 +36,9 @@ PLAN_SCHEMA_VERSION = 1
 #: Most transformer layers (or pipeline stages) a plan, a jobs file, a MoE config or a launcher's ``--layers`` takes:
 #: a bound on the time to plan and build them (10**400 overflowed the cost models, 10**9 hung the planners)
 MAX_LAYERS = 1024
-SolverStatus = Literal["optimal", "feasible", "heuristic", "infeasible", "timeout"]
+#: a plan's solver status (DESIGN.md): a plan exists only where something was found - an infeasible or timed-out
+#: solve is a step inside a planner (adasched.planner.solver.Status), never the status of a plan it writes
+SolverStatus = Literal["optimal", "feasible", "heuristic"]
 
 #: kind -> "module:Class"; each planner's plan.py defines its class, listed here once.
 PLAN_KINDS: dict[str, str] = {

@@ -83,6 +83,10 @@ class SolveOutcome:
         return relative_gap(self.objective, self.bound)
 
     def record(self) -> SolverRecord:
+        """The plan's solver record of this solve; only a solve that found something has one (ValueError for
+        "infeasible" and "timeout": a plan never carries them, see :data:`adasched.planner.plan.SolverStatus`)."""
+        if self.status not in ("optimal", "feasible", "heuristic"):
+            raise ValueError(f"record: a {self.status!r} solve found no solution a plan could record")
         return SolverRecord(
             backend=self.backend,
             status=self.status,

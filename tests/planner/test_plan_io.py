@@ -152,6 +152,10 @@ def test_load_errors_are_one_line_naming_file_and_field(tmp_path, case, content,
     ("objective", float("nan"), "solver.objective: Input should be a finite number"),
     ("bound", float("inf"), "solver.bound: Input should be a finite number"),
     ("backend", "", "solver.backend: String should have at least 1 character"),
+    # a plan's status is optimal | feasible | heuristic (DESIGN.md): "infeasible" and "timeout" plans loaded, and
+    # show/simulate presented them as plans (hunt finding)
+    ("status", "infeasible", "solver.status: Input should be 'optimal', 'feasible' or 'heuristic'"),
+    ("status", "timeout", "solver.status: Input should be 'optimal', 'feasible' or 'heuristic'"),
 ])
 def test_solver_record_fields_are_checked(tmp_path, field, value, expect):
     """Hand-edited solver records loaded and were shown as such ("solve 'inf s'", "limit -1 s", "nan s")."""
