@@ -419,8 +419,8 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
             say(f"resharded: the save was made by {old.world_size} ranks with plan {old.run.get('plan')}; every "
                 f"rank loaded rank 0's copy (this run: {world} ranks, plan {plan_digest(plan)})", flush=True)
         if start >= steps:
-            say(f"train_sp: the checkpoint is at step {start} and the run has {steps} steps (--steps): nothing left "
-                f"to train", flush=True)
+            say(f"train_sp: {step_folder(cfg_ck.folder, start)} is at step {start} and the run has {steps} steps "
+                f"(--steps): nothing left to train", flush=True)
             return 0
         # made after the resume for clarity; _reference loads the trained model's weights before every step anyway
         ref_model = copy.deepcopy(model) if (args.check_reference and rank == 0) else None
@@ -534,7 +534,7 @@ def main(argv: list[str] | None = None, quiet: bool = False) -> int:
         check_lr_schedule(args, _total_steps(args, plan))
         check_plan(plan, world, args.plan)
         check_model_fits(args, plan, world)
-        saved = _check_checkpoint(args, plan, world)  # before any process group: a mismatch is one line
+        _check_checkpoint(args, plan, world)  # before any process group: a mismatch is one line
         factor, lengths = scaled_lengths(plan, args.max_len)
     except ValueError as err:  # InputError included
         if rank == 0:
@@ -545,12 +545,9 @@ def main(argv: list[str] | None = None, quiet: bool = False) -> int:
         if not quiet:
             print(f"{args.plan}: {len(plan.steps)} steps fit world size {world}")
         return 0
-    steps = _total_steps(args, plan)
-    if saved is not None and saved.step >= steps:  # nothing to do: no process group needed
-        if rank == 0:
-            print(f"train_sp: {saved.path} is at step {saved.step} and the run has {steps} steps (--steps): "
-                  f"nothing left to train")
-        return 0
+    # a save at or past --steps: _train says "nothing left to train" once the ranks agree on it (Checkpointer.resume
+    # compares their views) - deciding here, before any process group, rank 0 of a finished run on nodes without a
+    # shared file system returned while the others waited for it in init_process_group until --timeout
     try:
         return _train(args, plan, factor, lengths)
     except ValueError as err:  # found only once running (a save that cannot be written, a resume on a machine

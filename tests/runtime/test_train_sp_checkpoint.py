@@ -235,16 +235,43 @@ def test_bad_checkpoint_input_is_one_line_exit_2_nothing_written(runs, monkeypat
     assert _tree(root) == before
 
 
-def test_save_at_or_past_the_steps_leaves_nothing_to_train(runs, monkeypatch, capsys):
-    monkeypatch.chdir(runs["root"])
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
+def test_save_at_or_past_the_steps_leaves_nothing_to_train(runs):
     before = _tree(runs["root"])
-    assert main(["--plan", str(runs["plan"]), *MODEL, "--steps", "3", "--checkpoint-dir", "B"]) == 0
-    out = capsys.readouterr()
-    assert out.out == ("train_sp: B/step-00000004 is at step 4 and the run has 3 steps (--steps): nothing left to "
-                       "train\n") and out.err == ""
+    out = _torchrun(runs["plan"], ["--steps", "3", "--checkpoint-dir", "B"])
+    assert ("train_sp: B/step-00000004 is at step 4 and the run has 3 steps (--steps): nothing left to train\n"
+            in out) and "step 0:" not in out
     assert _tree(runs["root"]) == before
+
+
+WRAPPER = """import os, runpy, sys
+os.chdir(os.path.join(sys.argv[1], "node" + os.environ["LOCAL_RANK"]))  # each rank its own disk
+sys.argv = ["train_sp", *sys.argv[2:]]
+runpy.run_module("adasched.launch.train_sp", run_name="__main__")
+"""
+
+
+def test_finished_run_on_ranks_that_see_different_saves_is_one_line_not_a_hang(runs, tmp_path):
+    """Hunt finding: on nodes without a shared file system (only rank 0's node holds the saves), relaunching a
+    finished run made rank 0 print 'nothing left to train' and exit before any process group, while the other
+    ranks waited for it in init_process_group until --timeout and died with a DistStoreError traceback. The
+    decision is now taken after the ranks compare their saves: the documented one-line refusal, at once."""
+    import shutil
+    import time
+
+    (tmp_path / "node0").mkdir()
+    (tmp_path / "node1").mkdir()
+    shutil.copytree(runs["dirB"], tmp_path / "node0" / "B")  # rank 0 sees step 4, rank 1 nothing
+    script = tmp_path / "per_rank_cwd.py"
+    script.write_text(WRAPPER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(tmp_path), "--plan", str(runs["plan"]), *MODEL[:-2], "--timeout", "30", "--steps", "3",
+           "--checkpoint-dir", "B"]
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    took = time.monotonic() - t0
+    assert r.returncode != 0 and "nothing left to train" not in r.stdout, r.stdout + r.stderr
+    assert "error: B: the ranks see different saves there (rank 0: step 4, rank 1: none)" in r.stderr, r.stderr
+    assert "DistStoreError" not in r.stderr and took < 30, took
 
 
 @pytest.mark.parametrize("argv, want", [
