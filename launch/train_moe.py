@@ -711,17 +711,6 @@ def _main(args) -> int:
             check_resumable(saved, env_world, ckpt[1], LAYOUT_KEYS)
     if args.validate_only:
         return 0
-    if saved is not None and saved.step >= args.steps:
-        status(f"nothing left to train: {saved.path} is step {saved.step} and --steps is {args.steps}")
-        if args.json and is_rank0():                  # --json: stdout is still one JSON object, with no runs
-            two_step = bool(args.hierarchical and env_ep > 1)
-            print(json.dumps({"world": env_world, "ep_size": env_ep, "two_step": two_step,
-                              "exchange_gpus_per_node": min(args.gpus_per_node, env_ep) if two_step else None,
-                              "expert_shards": args.expert_shards, "batch": args.batch,
-                              "global_batch": args.batch * env_world, "runs": [],
-                              "nothing_left": {"checkpoint": str(saved.path), "step": saved.step,
-                                               "steps": args.steps}}), flush=True)
-        return 0
     from adasched.runtime.dist import init_distributed
 
     rank, world = init_distributed("gloo", timeout_s=120)
@@ -730,6 +719,27 @@ def _main(args) -> int:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
+    if ckpt is not None:
+        # a save at or past --steps is decided once every rank sees it (on nodes without a shared file system
+        # they may not: then the first run's Checkpointer.resume refuses with one line). Decided before the
+        # process group, rank 0 returned while the others waited for it in init_process_group until its timeout
+        views = [None] * world
+        dist.all_gather_object(views, None if saved is None else saved.step)
+        if saved is not None and saved.step >= args.steps and all(v == saved.step for v in views):
+            status(f"nothing left to train: {saved.path} is step {saved.step} and --steps is {args.steps}")
+            if args.json and is_rank0():              # --json: stdout is still one JSON object, with no runs
+                two_step = bool(args.hierarchical and env_ep > 1)
+                print(json.dumps({"world": env_world, "ep_size": env_ep, "two_step": two_step,
+                                  "exchange_gpus_per_node": min(args.gpus_per_node, env_ep) if two_step else None,
+                                  "expert_shards": args.expert_shards, "batch": args.batch,
+                                  "global_batch": args.batch * env_world, "runs": [],
+                                  "nothing_left": {"checkpoint": str(saved.path), "step": saved.step,
+                                                   "steps": args.steps}}), flush=True)
+            try:
+                dist.barrier()
+            finally:
+                dist.destroy_process_group()
+            return 0
     base_ep = make_ep(args, world)
     out = []
     try:

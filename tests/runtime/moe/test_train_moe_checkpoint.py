@@ -141,21 +141,21 @@ def test_every_and_keep_leave_the_right_saves(launches):
         assert sorted(p.name for p in step_folder(folder, 4).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
 
-def test_nothing_left_to_train(launches, monkeypatch, capsys):
-    monkeypatch.setenv("WORLD_SIZE", "2")
+def test_nothing_left_to_train(launches):
+    """On 2 ranks: the ranks agree on the save first (decided before any process group, rank 0 of a finished run
+    on nodes without a shared file system returned while the others waited in init_process_group)."""
     before = _tree(launches["split"])
-    args = [*TINY, *launches["planned"], "--steps", "4", "--checkpoint-dir", str(launches["split"])]
+    args = [*launches["planned"], "--steps", "4", "--checkpoint-dir", str(launches["split"])]
     note = f"nothing left to train: {step_folder(launches['split'], 4)} is step 4 and --steps is 4\n"
-    assert main(args) == 0
-    assert capsys.readouterr().out == note
+    proc = _launch(*args)
+    assert proc.returncode == 0 and proc.stdout == note, proc.stdout + proc.stderr[-3000:]
     # --json: stdout is still one JSON object (no runs), the note goes to stderr
-    assert main([*args, "--json"]) == 0
-    cap = capsys.readouterr()
-    assert cap.err == note
-    assert json.loads(cap.out) == {"world": 2, "ep_size": 2, "two_step": False, "exchange_gpus_per_node": None,
-                                   "expert_shards": 1, "batch": 2, "global_batch": 4, "runs": [],
-                                   "nothing_left": {"checkpoint": str(step_folder(launches["split"], 4)),
-                                                    "step": 4, "steps": 4}}
+    proc = _launch(*args, "--json")
+    assert proc.returncode == 0 and note in proc.stderr, proc.stderr[-3000:]
+    assert json.loads(proc.stdout) == {"world": 2, "ep_size": 2, "two_step": False, "exchange_gpus_per_node": None,
+                                       "expert_shards": 1, "batch": 2, "global_batch": 4, "runs": [],
+                                       "nothing_left": {"checkpoint": str(step_folder(launches["split"], 4)),
+                                                        "step": 4, "steps": 4}}
     assert _tree(launches["split"]) == before
 
 
