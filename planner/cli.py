@@ -72,14 +72,18 @@ def show_cmd(
     from .plan import load_plan
     from .ui import emit_json, print_table
 
-    if path in BUILTIN_PROFILES and not Path(path).exists():
+    if path in BUILTIN_PROFILES:
         from adasched.profiler.builtins import builtin_profile
+        from adasched.profiler.profile import check_builtin_unshadowed
 
+        check_builtin_unshadowed(path, "PATH")
         prof, data = builtin_profile(path), None
     else:
         data = read_json(path)
         prof = None
-        if isinstance(data, dict) and data.get("kind") == "cluster_profile":
+        # a profile's kind is optional (load_profile, and so every --profile, takes one without it)
+        if isinstance(data, dict) and (data.get("kind") == "cluster_profile"
+                                       or ("kind" not in data and "gpus_per_node" in data)):
             from adasched.profiler.io import load_model
             from adasched.profiler.profile import ClusterProfile
 

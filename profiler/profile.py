@@ -387,10 +387,19 @@ def load_profile(name_or_path: str | os.PathLike) -> ClusterProfile:
 
     key = str(name_or_path)
     if key in BUILTIN_PROFILES:
+        check_builtin_unshadowed(key, "--profile")
         return builtin_profile(key)
     if not os.path.exists(key) and os.sep not in key and not key.endswith(".json"):
         raise InputError("--profile", f"{key!r} is neither a built-in profile ({', '.join(sorted(BUILTIN_PROFILES))}) nor a file")
     return load_model(key, ClusterProfile)
+
+
+def check_builtin_unshadowed(name: str, where: str) -> None:
+    """Refuse a built-in profile's name that is also a file here: ``show h100-sxm`` read the file while every
+    ``--profile h100-sxm`` used the built-in (InputError naming ``where``)."""
+    if os.path.exists(name):
+        raise InputError(where, f"{name!r} is both a built-in profile and a file here: pass ./{name} for the file "
+                                f"(or run elsewhere for the built-in)")
 
 
 def save_profile(profile: ClusterProfile, path: str | os.PathLike) -> None:

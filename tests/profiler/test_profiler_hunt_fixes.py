@@ -92,3 +92,33 @@ def test_negligible_fit_terms_are_zero():
     for _ in range(50):
         fit = fit_quadratic(s, float(rng.uniform(1e-3, 1e-1)) * s + float(rng.uniform(0.5, 3)))
         assert fit.coef[0] == 0.0 and fit.coef[1] > 0 and "no s^2 term" in fit.note
+
+
+def test_show_takes_a_profile_without_kind_as_every_planner_does(tmp_path, capsys):
+    """Hunt finding: `show` sent a profile without "kind" to the plan loader ("kind: missing or not a string"),
+    while load_profile (every --profile) takes it: kind is optional."""
+    data = load_profile("h100-sxm").model_dump(mode="json")
+    data.pop("kind")
+    data["name"] = f"nokind-{np.random.default_rng().integers(10 ** 6)}"
+    path = tmp_path / "nokind.json"
+    path.write_text(json.dumps(data))
+    assert main(["show", str(path)]) == 0
+    assert f"profile {data['name']}" in capsys.readouterr().out
+    assert load_profile(path).name == data["name"]
+
+
+def test_a_file_named_like_a_built_in_profile_is_refused_as_ambiguous(tmp_path, monkeypatch, capsys):
+    """Hunt finding: with a file named h100-sxm in the folder, `show h100-sxm` read the file while every
+    `--profile h100-sxm` silently used the built-in. Both refuse the name now; ./h100-sxm is the file."""
+    data = load_profile("h100-sxm").model_dump(mode="json")
+    data["name"] = "local-copy"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "h100-sxm").write_text(json.dumps(data))
+    want = "'h100-sxm' is both a built-in profile and a file here: pass ./h100-sxm for the file"
+    assert main(["show", "h100-sxm"]) == 2
+    assert want in capsys.readouterr().err
+    assert main(["plan", "lora", "--jobs", "tiny", "--profile", "h100-sxm", "--no-milp", "--out", "l.json"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --profile: ") and want in err and not (tmp_path / "l.json").exists()
+    assert load_profile("./h100-sxm").name == "local-copy"
+    assert main(["show", "./h100-sxm"]) == 0 and "profile local-copy" in capsys.readouterr().out
