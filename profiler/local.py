@@ -123,8 +123,9 @@ def profile_local(*, quick: bool, nproc: int | None = None, collectives: bool = 
             torch.cuda.empty_cache()  # the workers share these GPUs: give back what the microbenchmarks cached
         coll = spawn_collectives(nproc, collective_config(quick, gpu=backend == "nccl"),
                                  show_progress=show_progress, backend=backend)
-    return _assemble(quick=quick, device=device, host=host, micro=micro, coll=coll, ranks_per_node=nproc,
-                     num_nodes=1, name=name)
+    # host.ranks_per_node: the workers that measured; without collectives none did (it recorded --nproc's default)
+    return _assemble(quick=quick, device=device, host=host, micro=micro, coll=coll,
+                     ranks_per_node=nproc if coll is not None else device.count_per_node, num_nodes=1, name=name)
 
 
 def profile_in_world(*, quick: bool, out: str | os.PathLike | None, microbench: bool = True,

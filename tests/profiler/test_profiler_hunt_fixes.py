@@ -122,3 +122,12 @@ def test_a_file_named_like_a_built_in_profile_is_refused_as_ambiguous(tmp_path, 
     assert err.startswith("error: --profile: ") and want in err and not (tmp_path / "l.json").exists()
     assert load_profile("./h100-sxm").name == "local-copy"
     assert main(["show", "./h100-sxm"]) == 0 and "profile local-copy" in capsys.readouterr().out
+
+
+def test_profile_without_collectives_records_no_worker_count(tmp_path):
+    """Hunt finding: `profile --no-collectives` recorded host.ranks_per_node = --nproc's default (2; 4 on a GPU)
+    though no worker ran: it is the node's device count now, as gpus_per_node."""
+    out = tmp_path / "p.json"
+    assert main(["profile", "--quick", "--no-collectives", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["host"]["ranks_per_node"] == data["gpus_per_node"] == data["device"]["count_per_node"]
