@@ -121,7 +121,7 @@ def solve_microbatch(buckets: list[Bucket], cm: SPCostModel, params: SolveParams
     hint_vals = None
     if hint is not None:
         hint_vals = _hint(hint, buckets, cm, cand, fits, x, m, C)
-    out = solve_linear(solver, params, hint_vals, variables=list(x.values()) + list(m.values()) + [C])
+    out = solve_linear(solver, params, hint_vals, variables=list(x.values()) + list(m.values()) + [C], name=backend)
 
     # ---- extract ------------------------------------------------------------------------------
     groups: list[tuple[int, list[int]]] = []
@@ -282,7 +282,7 @@ def solve_classes(buckets: list[Bucket], cm: SPCostModel, params: SolveParams,
 
     # ---- solve --------------------------------------------------------------------------------
     hint_vals = _class_hint(hint, buckets, cm, degs, fits, bits, x, u, g, z, w, C, c_max) if hint else None
-    out = solve_linear(solver, params, hint_vals, variables=[C] + list(x.values()) + list(g.values()))
+    out = solve_linear(solver, params, hint_vals, variables=[C] + list(x.values()) + list(g.values()), name=backend)
 
     # ---- extract ------------------------------------------------------------------------------
     gpd, counts = {}, {}
