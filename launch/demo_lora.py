@@ -34,6 +34,9 @@ def run(out_dir: Path) -> None:
     print(f"speedup vs mLoRA-style {s.speedup_vs_mlora:.2f}x, vs sequential {s.speedup_vs_sequential:.2f}x, "
           f"padding waste {s.padding_waste:.2%}, solve p95 {s.solve_seconds_p95:.2f} s, "
           f"missing/duplicated {s.samples_missing}/{s.samples_duplicated}; plan: {out / 'mix-plan.json'}")
+    if s.samples_missing or s.samples_duplicated:  # (printed, and the demo still passed)
+        raise RuntimeError(f"lora: the Mix plan misses {s.samples_missing} and duplicates {s.samples_duplicated} "
+                           f"samples")
 
     # 2. train the tiny preset's 2 adapters by executing its plan on CPU
     cfg, base, label = load_jobs("tiny")

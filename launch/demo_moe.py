@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,7 +35,10 @@ def train_part(out_dir: Path) -> None:
     env.pop("TRITON_INTERPRET", None)
     print("moe: tiny MoE LM, top-p routing, descending k_max schedule, EP over 2 gloo ranks (torchrun, "
           "r_fwd=2, r_bwd=1, wgrad deferred):")
-    proc = run_tree(cmd, capture_output=True, env=env, timeout_s=600)
+    try:
+        proc = run_tree(cmd, capture_output=True, env=env, timeout_s=600)
+    except subprocess.TimeoutExpired:  # (run_tree stopped torchrun and its ranks)
+        raise RuntimeError("train_moe did not finish within 600 s (stopped)") from None
     for line in proc.stdout.splitlines():
         if " step " in line:
             print("  " + line)

@@ -17,6 +17,8 @@ def run(out_dir: Path) -> None:
     print(f"twill fa3-hopper on h100: I = {plan.ii} (MII {plan.mii}), status {plan.solver.status}, "
           f"solved in {plan.solver.solve_seconds:.2f} s, {plan.stages} stages, validator: "
           f"{'ok' if not errs else errs}")
+    if errs:  # (it printed them and the demo still passed)
+        raise RuntimeError(f"twill: the fa3-hopper schedule fails its validator: {errs[0]}")
     for g in plan.warp_groups:
         print(f"  WG{g.index} {g.role:8s} {' '.join(g.ops):16s} {g.regs} regs/thread")
     for o in sorted(plan.ops, key=lambda o: o.issue_cycle):

@@ -1,4 +1,6 @@
 """`python -m adasched.launch.demo [STEP ...]`: unknown steps are an error, not a silent no-op."""
+import pytest
+
 from adasched.launch.demo import STEPS, main
 
 
@@ -16,3 +18,18 @@ def test_help_lists_the_steps(tmp_path, monkeypatch, capsys):
     assert main(["--help"]) == 0
     assert "steps: " + " ".join(name for name, _ in STEPS) in capsys.readouterr().out
     assert not (tmp_path / "demo-out").exists()
+
+
+def test_twill_demo_fails_when_its_schedule_fails_the_validator(tmp_path, monkeypatch, capsys):
+    """Hunt finding: demo_twill printed the validator's errors and passed."""
+    import adasched.planner.twill.plan as twill_plan
+    import adasched.planner.twill.validator as validator
+    from adasched.launch import demo_twill
+    from adasched.planner.solver import SolveParams
+
+    plan = twill_plan.plan_twill("fa3-hopper", "h100", SolveParams(time_limit=10.0, seed=0, threads=1))
+    monkeypatch.setattr(twill_plan, "plan_twill", lambda *a, **k: plan)  # (it validates its own schedule)
+    monkeypatch.setattr(validator, "validate", lambda *a, **k: ["op S0: issued before its input LK is ready"])
+    with pytest.raises(RuntimeError, match="fails its validator: op S0: issued before its input LK is ready"):
+        demo_twill.run(tmp_path)
+    assert not (tmp_path / "twill-fa3.json").exists()
