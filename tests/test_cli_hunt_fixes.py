@@ -123,3 +123,13 @@ def test_demo_with_a_file_named_demo_out(tmp_path):
     r = subprocess.run([sys.executable, "-m", "adasched.launch.demo", "twill"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: demo-out") and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_plan_twill_names_the_figure_it_wrote(tmp_path, capsys):
+    """Hunt finding: `plan twill --plot` (and `plan sp --plot`) wrote the figure, but the closing line named only
+    the plan (and nothing at all without --out)."""
+    out, plot = tmp_path / "t.json", tmp_path / "t.png"
+    assert main(["plan", "twill", "--graph", "toy-attention", "--plot", str(plot)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(f"wrote {plot}") and plot.exists()
+    assert main(["plan", "twill", "--graph", "toy-attention", "--out", str(out), "--plot", str(plot)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(f"wrote {out} and {plot}") and out.exists()

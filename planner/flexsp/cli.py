@@ -213,7 +213,7 @@ def register(groups) -> None:
             return
         print_table(_step_rows(rep["rows"]), _STEP_COLS,
                     title=f"FlexSP plan: {mdl.name} on {cm.world} GPUs ({prof.name})")
-        typer.echo(f"wrote {out}")
+        typer.echo(f"wrote {out}" + (f" and {plot}" if plot else ""))
 
     @groups.bench.command("sp")
     def bench_sp_cmd(

@@ -332,7 +332,7 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
                     res = solve_classes(buckets, cm, params, hint=hint, c_max=1.5 * inc.time_ms, backend=cfg.backend)
                     sol = realise_classes(res, buckets, ids_sorted, lens, cm) if res is not None else None
                 if res is None:
-                    raise InputError("--backend", f"OR-Tools backend {cfg.backend!r} is not available")
+                    raise InputError("PlannerConfig.backend", f"OR-Tools backend {cfg.backend!r} is not available")
                 won = False
                 if sol is not None:
                     sol = _improve(sol, lens, cm, cfg)

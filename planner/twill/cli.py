@@ -70,5 +70,6 @@ def register(groups) -> None:
             rows = [(o.name, o.issue_cycle, o.stage, o.residue, o.warp_group, " ".join(o.units)) for o in
                     sorted(plan.ops, key=lambda o: o.issue_cycle)]
             print_table(rows, ["op", "issue", "stage", "residue", "warp group", "units"], title="schedule")
-            if out:
-                typer.echo(f"wrote {out}")
+            wrote = [str(p) for p in (out, plot) if p]
+            if wrote:
+                typer.echo(f"wrote {' and '.join(wrote)}")
