@@ -117,12 +117,21 @@ def committed_steps(folder: str | os.PathLike) -> list[int]:
     steps = []
     for child in children:
         name = child.name
-        if not name.startswith(_PREFIX) or name.endswith(_PARTIAL) or not (child / META_NAME).is_file():
+        if not name.startswith(_PREFIX) or name.endswith(_PARTIAL) or not _has_meta(child):
             continue
         digits = name[len(_PREFIX):]
         if digits.isdigit():
             steps.append(int(digits))
     return sorted(steps)
+
+
+def _has_meta(child: Path) -> bool:
+    """Whether ``child`` holds a save's metadata; a folder this user cannot read is an InputError (is_file raised
+    a PermissionError traceback through every launcher's pre-check)."""
+    try:
+        return (child / META_NAME).is_file()
+    except OSError as err:
+        raise InputError(child, f"cannot read: {err.strerror or err}") from None
 
 
 def _read_info(path: Path) -> CheckpointInfo:
@@ -663,7 +672,11 @@ class Checkpointer:
             ours = digits.isdigit() and f"{_PREFIX}{digits}" == step_folder(folder, int(digits)).name
             if not (ours and child.is_dir()):
                 continue  # not a folder this module writes
-            if child.name.endswith(_PARTIAL) or not (child / META_NAME).is_file():
+            try:
+                garbage = child.name.endswith(_PARTIAL) or not (child / META_NAME).is_file()
+            except OSError:  # unreadable: not known to be garbage, so not deleted
+                continue
+            if garbage:
                 shutil.rmtree(child, ignore_errors=True)
         if self.config.keep <= 0:
             return

@@ -857,3 +857,31 @@ def test_a_damaged_metadata_file_is_one_line(tmp_path, capfd):
         assert msg.startswith(f"{step_folder(tmp_path, 2)}: cannot read this save's metadata (") and "\n" not in msg
         out, errtext = capfd.readouterr()
         assert out == "" and errtext == "", errtext
+
+
+def test_unreadable_step_folder_is_one_line_and_never_pruned(tmp_path, monkeypatch):
+    """Hunt finding: a step folder this user cannot read (another user's save, mode 700) made
+    `(child / META_NAME).is_file()` raise PermissionError: a traceback through every launcher's pre-check. It is
+    an InputError naming the folder now, and pruning leaves such a folder alone (not known to be garbage)."""
+    model, opt, sched, gen, progress, state = _build(4)
+    ck = Checkpointer(CheckpointConfig(folder=tmp_path, interval=1, keep=0), run={"plan": "p"})
+    for step in (1, 2):
+        _train(model, opt, sched, gen, progress, 1)
+        ck.save(step, state)
+    locked = step_folder(tmp_path, 2)
+    real_is_file = Path.is_file
+
+    def is_file(self):
+        if self.parent == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_file(self)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    with pytest.raises(InputError) as err:
+        committed_steps(tmp_path)
+    assert str(err.value) == f"{locked}: cannot read: Permission denied"
+    with pytest.raises(InputError, match="cannot read: Permission denied"):
+        find_checkpoint(tmp_path)
+    ck._prune(tmp_path)  # keep=0: only garbage goes, and an unreadable folder is not known to be garbage
+    monkeypatch.setattr(Path, "is_file", real_is_file)
+    assert locked.is_dir() and committed_steps(tmp_path) == [1, 2]
