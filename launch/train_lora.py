@@ -297,6 +297,12 @@ def run(args: argparse.Namespace) -> dict | None:
         init_distributed("gloo", timeout_s=args.timeout)  # idempotent; every collective bounded by --timeout
     ck = None
     try:
+        if distributed and cfg is not None:
+            # each rank decided "resumed" from its own file system: on nodes without a shared one they differ, and
+            # a fresh rank's plan broadcast paired with a resuming rank's output check (no error line, a dead run)
+            from adasched.runtime.checkpoint import agree_on_save, find_checkpoint
+
+            agree_on_save(cfg.folder, find_checkpoint(cfg.folder, cfg.load_step))
         if world > args.layers:
             raise ValueError(f"--layers: {args.layers} layers cannot be split over {world} pipeline stages")
         if resumed_plan is not None:  # every rank read the same saved plan

@@ -54,7 +54,7 @@ from adasched.profiler.io import InputError, atomic_write_json, check_output_fol
 
 __all__ = ["CheckpointConfig", "CheckpointInfo", "Checkpointer", "ModelState", "RNGState", "Values",
            "find_checkpoint", "check_resumable", "committed_steps", "step_folder", "failure_line", "META_NAME",
-           "FORMAT", "saved_entries", "load_templates", "layout_changes"]
+           "FORMAT", "saved_entries", "load_templates", "layout_changes", "agree_on_save"]
 
 META_NAME = "adasched-checkpoint.json"
 FORMAT = 1
@@ -436,6 +436,24 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
+def agree_on_save(folder: str | os.PathLike, info: CheckpointInfo | None) -> None:
+    """In a process group: every rank's view of the save to resume from (``find_checkpoint``'s) must be the same;
+    an InputError on every rank otherwise. Each rank reads its own file system: on nodes without a shared one they
+    can differ, and the collectives that follow (which depend on the save) would pair up wrongly or hang."""
+    dist = _dist()
+    if dist is None:
+        return
+    seen: list = [None] * dist.get_world_size()
+    mine = None if info is None else (info.step, info.world_size, json.dumps(info.run, sort_keys=True))
+    dist.all_gather_object(seen, mine)  # (the metadata too: it decides which collectives follow)
+    if len(set(seen)) > 1:
+        steps = [None if s is None else s[0] for s in seen]
+        raise InputError(folder, "the ranks see different saves there (" + ", ".join(
+            f"rank {r}: {'none' if s is None else f'step {s}'}" for r, s in enumerate(steps))
+            + (", with different metadata" if len(set(steps)) == 1 else "")
+            + "); --checkpoint-dir must be one folder every rank shares")
+
+
 class Checkpointer:
     """Saves and resumes one run's state. ``run`` names what identifies the run (plan digest, model shape, seed,
     ...); a save from another run is refused, and so is one of another world size unless the trainer can reshard:
@@ -487,17 +505,7 @@ class Checkpointer:
         import torch.distributed.checkpoint as dcp
 
         info = find_checkpoint(self.config.folder, self.config.load_step)
-        dist = _dist()
-        if dist is not None:  # every rank reads its own file system: on nodes without a shared one they can differ
-            seen: list = [None] * self.world_size
-            mine = None if info is None else (info.step, info.world_size, json.dumps(info.run, sort_keys=True))
-            dist.all_gather_object(seen, mine)  # (the metadata too: it decides which collectives follow)
-            if len(set(seen)) > 1:
-                steps = [None if s is None else s[0] for s in seen]
-                raise InputError(self.config.folder, "the ranks see different saves there (" + ", ".join(
-                    f"rank {r}: {'none' if s is None else f'step {s}'}" for r, s in enumerate(steps))
-                    + (", with different metadata" if len(set(steps)) == 1 else "")
-                    + "); --checkpoint-dir must be one folder every rank shares")
+        agree_on_save(self.config.folder, info)
         if info is None:
             return 0
         saved = self._read_saved_entries(info)  # a damaged .metadata: one line here, not DCP's tracebacks

@@ -172,6 +172,15 @@ def _worker_rank1_load_fails(rank: int, world: int, port: int, argv: list[str], 
     rank_main(rank, world, port, argv, rcs)
 
 
+def _worker_rank1_sees_no_save(rank: int, world: int, port: int, argv: list[str], rcs) -> None:
+    """Rank 1's node has no copy of the saves (no shared file system): find_checkpoint finds none there."""
+    if rank == 1:
+        import adasched.runtime.checkpoint as ckpt
+
+        ckpt.find_checkpoint = lambda *a, **k: None
+    rank_main(rank, world, port, argv, rcs)
+
+
 def _pipeline(argv: list[str], worker=rank_main) -> dict:
     return launch_two_ranks(argv + ["--timeout", "60"], worker)
 
@@ -237,6 +246,14 @@ def test_pipeline_resume_is_bit_exact_and_reshards_another_world_size(plan_files
     err = capfd.readouterr().err
     assert "error: checkpoint: the trainer state cannot be read (injected on rank 1)\n" in err, err
     assert err.count("error: ") == 1 and not (tmp_path / "bad").exists(), err
+    # rank 1 sees no save where rank 0 sees step 7 (nodes without a shared file system): one line, exit 2 at once
+    # (hunt finding: the fresh rank's plan broadcast paired with the resuming rank's output check - no line at all)
+    assert _pipeline(["--plan", str(plan), "--out", str(tmp_path / "bad"), "--checkpoint-dir", str(ck)] + MODEL,
+                     worker=_worker_rank1_sees_no_save) == {0: 2, 1: 2}
+    err = capfd.readouterr().err
+    assert (f"error: {ck}: the ranks see different saves there (rank 0: step 7, rank 1: none); --checkpoint-dir "
+            f"must be one folder every rank shares\n") in err and err.count("error: ") == 1, err
+    assert not (tmp_path / "bad").exists()
     # another number of stages reshards: one process resumes the 2 stages' step-2 save (pb's 1st global batch half
     # accumulated on both stages, pa's Adam state on both) and finishes as the uninterrupted pipeline did, to
     # rounding (one process sums in another order, as test_lora_pipeline's comparison)
