@@ -326,7 +326,10 @@ def load_yaml(text: str) -> Any:
                                       re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
                                       list("-+0123456789"))
         _YAML_LOADER = _Loader
-    return yaml.load(text, Loader=_YAML_LOADER)
+    try:
+        return yaml.load(text, Loader=_YAML_LOADER)
+    except RecursionError:  # ~1000 nested brackets: a RecursionError traceback through every caller
+        raise yaml.YAMLError("nesting too deep") from None
 
 
 def yaml_error_text(err: Exception) -> str:

@@ -261,3 +261,14 @@ def test_refined_file_unedited_loads(refined, tmp_path, capsys):
                                rtol=1e-12, atol=1e-15)
     assert main(["schedules", "plot", str(refined), "--out", str(tmp_path / "p.png")]) in (0, None)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("cmd", [["plan", "lora", "--jobs"], ["plan", "moe", "--gpus", "8", "--config"]])
+def test_deeply_nested_yaml_is_one_line(cmd, tmp_path, one_error):
+    """Hunt finding: ~1000 nested brackets in a YAML jobs/config file raised a RecursionError traceback (exit 1);
+    the JSON reader already refused such nesting with one line."""
+    depth = random.randint(1000, 3000)
+    path = tmp_path / "deep.yaml"
+    path.write_text("jobs: " + "[" * depth + "]" * depth + "\n")
+    line = one_error(main([*cmd, str(path), "--out", str(tmp_path / "p.json")]), str(path))
+    assert "malformed YAML: nesting too deep" in line and not (tmp_path / "p.json").exists()
