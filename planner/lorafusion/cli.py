@@ -90,7 +90,12 @@ def register(groups) -> None:
 
         check_output_path(out, "--out")
         check_output_path(plot, "--plot")
-        check_distinct_outputs(("--out", out), ("--plot", plot), inputs=(("--jobs", jobs), ("--profile", profile)))
+        from .jobs import length_files, load_jobs
+
+        # the length files the jobs file names are inputs too (--out lens.txt replaced the lengths with the plan)
+        cfg, base, _ = load_jobs(jobs)
+        check_distinct_outputs(("--out", out), ("--plot", plot), inputs=(
+            ("--jobs", jobs), ("--profile", profile), *(("--jobs length file", p) for p in length_files(cfg, base))))
         plan = _plan(jobs, profile, time_limit, seed, no_milp)
         save_plan(plan, out)
         if plot:

@@ -353,6 +353,16 @@ def load_jobs(jobs: str | Path) -> tuple[JobsFile, Path | None, str]:
     return cfg, path.parent, str(path)
 
 
+def length_files(cfg: JobsFile, base: Path | None = None) -> list[Path]:
+    """The length files a jobs config reads (relative ones resolved against ``base``, as build_workload does)."""
+    out = []
+    for job in cfg.jobs:
+        if isinstance(job.lengths, str) and job.lengths not in NAMED_DISTRIBUTIONS:
+            p = Path(job.lengths)
+            out.append(base / p if not p.is_absolute() and base is not None else p)
+    return out
+
+
 def build_workload(cfg: JobsFile, base: Path | None = None, where: str = "jobs", label: str = "") -> Workload:
     """Draw (or read) every job's sample lengths and split them into global batches; checks capacity."""
     rng_root = np.random.default_rng(cfg.seed)

@@ -368,3 +368,28 @@ def test_plans_of_scaled_costs_pass_their_own_check(tmp_path, capsys, factor):
                      "0.2"]) == 0
         capsys.readouterr()
         assert main(["show", str(out)]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("opt", ["--out", "--plot"])
+def test_an_output_over_a_length_file_of_the_jobs_is_refused(tmp_path, capsys, monkeypatch, opt):
+    """Hunt finding: `plan lora --jobs jl.yaml --out lens.txt`, lens.txt being the length file jl.yaml names,
+    replaced the user's lengths with the plan (every later plan of that jobs file failed)."""
+    import random
+
+    monkeypatch.chdir(tmp_path)
+    lens = "".join(f"{random.randint(16, 200)}\n" for _ in range(8))
+    name = "lens.txt" if opt == "--out" else "lens.png"  # (a figure must be a picture file name)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / name).write_text(lens)
+    (tmp_path / "data" / "jl.yaml").write_text(yaml.safe_dump({
+        "capacity": 256, "stages": 1, "global_batches": 2, "layers": 2,
+        "jobs": [{"name": "a", "adapter": {"r": 4}, "lengths": name, "global_batch_size": 2}]}))
+    target = f"data/{name}"  # the jobs file's relative path, seen from here
+    argv = ["plan", "lora", "--jobs", "data/jl.yaml", "--no-milp", "--out", "p.json", opt, target]
+    if opt == "--out":
+        argv = argv[:-4] + ["--out", target]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {opt}: {target} is the --jobs length file input: writing there would replace it; give "
+                   f"the output another file\n"), err
+    assert (tmp_path / "data" / name).read_text() == lens and not (tmp_path / "p.json").exists()
