@@ -66,9 +66,10 @@ class FusedLoRALinear(_PeftLoraLinear):
         return cls._switch(module, adapter_name)
 
     @classmethod
-    def _switch(cls, module: nn.Module, adapter_name: Optional[str]) -> "FusedLoRALinear":
+    def _switch(cls, module: nn.Module, adapter_name: Optional[str], inference_mode: bool = False
+                ) -> "FusedLoRALinear":
         if adapter_name is not None:
-            module.set_adapter(adapter_name)
+            module.set_adapter(adapter_name, inference_mode=inference_mode)
         module.__class__ = cls
         return module
 
@@ -193,12 +194,19 @@ def apply_fused_lora(model: nn.Module, adapter_name: Optional[str] = None) -> in
         from peft.tuners.lora import LoraModel
         from peft.tuners.tuners_utils import set_adapter
 
+        # PEFT's set_adapter makes the adapter trainable unless told inference_mode: an adapter loaded for
+        # inference (PeftModel.from_pretrained, is_trainable=False: its config says inference_mode) stays frozen
+        # (it was unfrozen: an optimiser over requires_grad parameters picked it up, forwards built graphs)
+        config = (getattr(model, "peft_config", None) or {}).get(adapter_name)
+        inference_mode = bool(getattr(config, "inference_mode", False))
         if isinstance(model, (PeftModel, LoraModel)):
-            model.set_adapter(adapter_name)
+            model.set_adapter(adapter_name, inference_mode=inference_mode)
         else:
-            set_adapter(model, adapter_name)
+            set_adapter(model, adapter_name, inference_mode=inference_mode)
+    else:
+        inference_mode = False
     for _, mod in found:
-        FusedLoRALinear._switch(mod, adapter_name)
+        FusedLoRALinear._switch(mod, adapter_name, inference_mode)
     return len(found)
 
 

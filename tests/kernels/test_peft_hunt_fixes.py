@@ -77,3 +77,25 @@ def test_injected_adapters_switch_with_their_heads():
         got = net(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert net.head.active_adapters == ["two"]
+
+
+def test_adapter_name_keeps_an_inference_adapter_frozen(tmp_path):
+    """Hunt finding: apply_fused_lora(model, adapter_name=...) called PEFT's set_adapter without inference_mode,
+    so an adapter loaded for inference (PeftModel.from_pretrained: frozen) became trainable. A training model's
+    newly selected adapter still becomes trainable, as with PEFT's own set_adapter; outputs are PEFT's."""
+    pm = _two_adapters()
+    pm.save_pretrained(str(tmp_path))
+    torch.manual_seed(0)
+    base = _Net()
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "two"), adapter_name="two")
+    ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "two"), adapter_name="two")
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert apply_fused_lora(loaded, adapter_name="two") == 1
+    assert not any(p.requires_grad for p in loaded.parameters())
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(loaded(x), ref(x), rtol=1e-5, atol=1e-5)
+    # training: switching to "two" makes it the trainable one, "one" frozen (PEFT's set_adapter semantics)
+    apply_fused_lora(pm, adapter_name="two")
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert trainable and all(".two." in n or n.endswith(".two") for n in trainable if "lora_" in n), trainable
+    assert any("lora_A.two" in n for n in trainable) and not any("lora_A.one" in n for n in trainable)
