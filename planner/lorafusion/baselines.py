@@ -71,7 +71,7 @@ def mlora_baseline(w: Workload, cost: StageCost, *, sort_by_length: bool = False
         stage_ms.append(cost.padded_batch_ms(rows, width))
         computed += padded(rows * width)
         biggest = max(biggest, padded(rows * width))
-    sim = simulate_1f1b(stage_ms, cfg.stages, update_dependencies(seq))
+    sim = simulate_1f1b(stage_ms, cfg.stages, update_dependencies(seq), cost.stage_scales(cfg.stages))
     return BaselineResult("mlora_sorted" if sort_by_length else "mlora", sim.makespan_ms, len(seq), noops, sum(L),
                           computed, biggest, seq)
 
@@ -86,7 +86,7 @@ def sequential_baseline(w: Workload, cost: StageCost) -> BaselineResult:
                 seq.append(Microbatch([(j.index, g, ids) for ids in b.values()]))
     seq, noops = apply_dependency_rule(seq, cfg.stages)
     stage_ms = [cost.packed_ms(mb.padded_tokens(L), [L[s] for _, _, ids in mb.segments for s in ids]) for mb in seq]
-    sim = simulate_1f1b(stage_ms, cfg.stages, update_dependencies(seq))
+    sim = simulate_1f1b(stage_ms, cfg.stages, update_dependencies(seq), cost.stage_scales(cfg.stages))
     computed = sum(mb.padded_tokens(L) for mb in seq)
     return BaselineResult("sequential", sim.makespan_ms, len(seq), noops, sum(L), computed,
                           max(mb.padded_tokens(L) for mb in seq), seq)

@@ -426,11 +426,13 @@ def verify_schedule(seq: Sequence[Microbatch], batches: dict[tuple[int, int], Se
 
 
 # ---- 1F1B pipeline simulation ---------------------------------------------------------------------
-def simulate_1f1b(stage_ms: Sequence[float], stages: int, update_deps: Iterable[tuple[int, int]] = ()):
+def simulate_1f1b(stage_ms: Sequence[float], stages: int, update_deps: Iterable[tuple[int, int]] = (),
+                  stage_scale: Sequence[float] | None = None):
     """Simulate a 1F1B pipeline over ``stages`` ranks (adasched.planner.simulator).
 
     ``stage_ms[i]`` is microbatch i's fwd+bwd time on one stage (0 for a no-op); forward takes FWD_FRACTION
-    of it. ``update_deps`` holds (i, j): microbatch i's forward on every stage waits for microbatch j's
+    of it; ``stage_scale[s]`` (default 1) multiplies every time on stage s (StageCost.stage_scales: layers that
+    do not divide evenly over the stages). ``update_deps`` holds (i, j): microbatch i's forward on every stage waits for microbatch j's
     backward on that stage (the adapter's optimizer step). Raises ValueError (deadlock) when the order of
     1F1B makes that impossible, which the dependency rule prevents."""
     from adasched.planner.simulator import Task, simulate
@@ -446,14 +448,17 @@ def simulate_1f1b(stage_ms: Sequence[float], stages: int, update_deps: Iterable[
         for i in range(M - warm):
             order += [("F", warm + i), ("B", i)]
         order += [("B", i) for i in range(M - warm, M)]
+        k = 1.0 if stage_scale is None else float(stage_scale[s])
         for op, i in order:
             if op == "F":
                 deps = [f"F{i}s{s - 1}"] if s > 0 else []
                 deps += [f"B{j}s{s}" for j in waits.get(i, ())]
-                tasks.append(Task(f"F{i}s{s}", s, "compute", stage_ms[i] * FWD_FRACTION, tuple(deps), category="fwd"))
+                tasks.append(Task(f"F{i}s{s}", s, "compute", k * stage_ms[i] * FWD_FRACTION, tuple(deps),
+                                  category="fwd"))
             else:
                 deps = [f"B{i}s{s + 1}"] if s + 1 < stages else [f"F{i}s{s}"]
-                tasks.append(Task(f"B{i}s{s}", s, "compute", stage_ms[i] * (1 - FWD_FRACTION), tuple(deps), category="bwd"))
+                tasks.append(Task(f"B{i}s{s}", s, "compute", k * stage_ms[i] * (1 - FWD_FRACTION), tuple(deps),
+                                  category="bwd"))
     return simulate(tasks)
 
 
@@ -467,5 +472,5 @@ def sequence_ms(seq: Sequence[Microbatch], lengths: Sequence[int], cost: StageCo
     """Simulated 1F1B makespan (ms) of a microbatch sequence and the simulation itself."""
     stage_ms = [cost.packed_ms(mb.padded_tokens(lengths), [lengths[s] for _, _, ids in mb.segments for s in ids])
                 for mb in seq]
-    sim = simulate_1f1b(stage_ms, stages, update_dependencies(seq))
+    sim = simulate_1f1b(stage_ms, stages, update_dependencies(seq), cost.stage_scales(stages))
     return sim.makespan_ms, sim
