@@ -41,7 +41,7 @@ import sys
 from pathlib import Path
 
 from adasched.launch.cli_args import MAX_LAYERS, add_checkpoint_args, checkpoint_config
-from adasched.planner.ui import OneLineArgParser, is_rank0
+from adasched.planner.ui import OneLineArgParser, reports_errors
 from adasched.profiler.io import check_model_memory, check_seconds
 
 __all__ = ["main", "parse_args"]
@@ -440,11 +440,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except ValueError as err:  # InputError is a ValueError
-        if is_rank0():
+        if reports_errors():
             sys.stderr.write(error_line(err))
         return 2
     except OSError as err:  # a file or folder that cannot be read or written (a directory, no permission, ...)
-        if is_rank0():
+        if reports_errors():
             where = err.filename if err.filename is not None else "train_lora"
             sys.stderr.write(f"error: {where}: {' '.join((err.strerror or str(err)).split())}\n")
         return 2

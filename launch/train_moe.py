@@ -99,7 +99,7 @@ from pathlib import Path
 
 from adasched.launch.cli_args import (MAX_LAYERS, add_checkpoint_args, add_lr_schedule_args, check_lr_schedule,
                                       checkpoint_config, lr_identity, lr_scheduler)
-from adasched.planner.ui import OneLineArgParser as ArgParser, is_rank0
+from adasched.planner.ui import OneLineArgParser as ArgParser, is_rank0, reports_errors
 from adasched.profiler.io import check_host_memory, check_model_memory
 
 #: --seed's bound: the data generators take 1000 * seed + rank, which must fit torch's 64-bit seed
@@ -623,7 +623,7 @@ def main(argv=None) -> int:
     try:
         return _main(args)
     except ValueError as err:          # InputError is a ValueError: one line, exit 2
-        if is_rank0():
+        if reports_errors():
             print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -72,7 +72,7 @@ from typing import Sequence
 
 from adasched.launch.cli_args import (MAX_LAYERS, add_checkpoint_args, add_lr_schedule_args, check_lr_schedule,
                                       checkpoint_config, lr_identity, lr_scheduler)
-from adasched.planner.ui import OneLineArgParser
+from adasched.planner.ui import OneLineArgParser, reports_errors
 from adasched.profiler.io import InputError, check_model_memory, check_seconds, error_line
 from adasched.runtime.sp_model_spec import param_count
 
@@ -537,7 +537,7 @@ def main(argv: list[str] | None = None, quiet: bool = False) -> int:
         _check_checkpoint(args, plan, world)  # before any process group: a mismatch is one line
         factor, lengths = scaled_lengths(plan, args.max_len)
     except ValueError as err:  # InputError included
-        if rank == 0:
+        if rank == 0 or reports_errors():
             sys.stderr.write(error_line(err))
             sys.stderr.flush()
         return 2

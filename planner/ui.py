@@ -8,7 +8,8 @@ import sys
 from contextlib import contextmanager
 from typing import Any, Iterable, Sequence
 
-__all__ = ["console", "err_console", "print_table", "emit_json", "progress", "fmt", "OneLineArgParser", "is_rank0"]
+__all__ = ["console", "err_console", "print_table", "emit_json", "progress", "fmt", "OneLineArgParser", "is_rank0",
+           "reports_errors"]
 
 _console = None
 _err_console = None
@@ -103,6 +104,15 @@ def is_rank0() -> bool:
     """Rank 0 of a torchrun world, or not under torchrun: the process that prints a launcher's error line (every
     rank sees the same bad input; one line, not one per rank)."""
     return os.environ.get("RANK", "0") == "0"
+
+
+def reports_errors() -> bool:
+    """Whether this process prints a launcher's error line: rank 0 (every rank sees the same bad input: one line,
+    not one per rank), and the first rank of every other node (torchrun's LOCAL_RANK 0, GROUP_RANK > 0): a node
+    without a shared file system reads its own files, and an error only its ranks saw was lost (rank 0 printed
+    nothing, torchrun stopped every rank)."""
+    env = os.environ
+    return is_rank0() or (env.get("LOCAL_RANK") == "0" and env.get("GROUP_RANK", "0") not in ("", "0"))
 
 
 class OneLineArgParser(argparse.ArgumentParser):

@@ -14,6 +14,7 @@ import json
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,3 +115,31 @@ def test_a_rank_outside_the_group_is_named():
     out = spawn_gloo(_non_member_worker, 4, timeout_s=60)
     assert out[2] == "group: rank 2 is not a member of this SP group (only its members call ulysses_attention with it)"
     assert out[3] == out[2].replace("rank 2", "rank 3")
+
+
+@pytest.mark.parametrize("launcher", ["train_sp", "train_moe", "train_lora"])
+def test_the_first_rank_of_another_node_reports_its_own_error(launcher, tmp_path, monkeypatch, capsys):
+    """Hunt finding: an error seen before any process group by ranks of another node only (no shared file system:
+    its own copy of a plan or a save) was printed by nobody - rank 0 prints, the failing ranks did not, torchrun
+    stopped every rank. The first rank of each other node prints its line now; the other ranks stay quiet."""
+    import importlib
+
+    main = importlib.import_module(f"adasched.launch.{launcher}").main
+    missing = tmp_path / f"gone-{np.random.default_rng().integers(10 ** 6)}.json"
+    argv = ["--plan", str(missing)]
+    if launcher == "train_lora":  # (its plan is read on rank 0 once the group exists): a checkpoint folder that
+        missing.write_text("a file")  # is a file is one of its checks before any process group
+        argv = ["--jobs", "tiny", "--out", str(tmp_path / "o"), "--checkpoint-dir", str(missing)]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")  # never reached: every case fails before any process group
+    for rank, local, node, says in ((3, 1, 1, False), (2, 0, 1, True), (1, 1, 0, False)):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(local))
+        monkeypatch.setenv("GROUP_RANK", str(node))
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        if says:
+            assert err.count("\n") == 1 and err.startswith("error: ") and str(missing) in err, err
+        else:
+            assert err == "", (rank, err)
