@@ -258,13 +258,18 @@ class LoRAAdapter(nn.Module):
                 b.copy_(sd[f"base_model.model.{p}.lora_B.weight"])
 
 
+#: the files of one adapter in PEFT's layout: weights, config
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
 def save_peft_adapter(out_dir: str | os.PathLike, config: dict, state: dict[str, torch.Tensor]) -> Path:
-    """Write adapter_model.safetensors + adapter_config.json (PEFT's layout) into ``out_dir`` atomically
-    (each file goes through a temp file + rename)."""
+    """Write ADAPTER_FILES (PEFT's layout: adapter_model.safetensors + adapter_config.json) into ``out_dir``
+    atomically (each file goes through a temp file + rename)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    with atomic_path(out / "adapter_model.safetensors") as tmp:
+    weights, config_file = ADAPTER_FILES
+    with atomic_path(out / weights) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
-    atomic_write_text(out / "adapter_config.json", json.dumps(config, indent=1) + "\n")
+    atomic_write_text(out / config_file, json.dumps(config, indent=1) + "\n")
     return out

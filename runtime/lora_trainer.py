@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from adasched.profiler.io import InputError, atomic_write_text
 
-from .lora_model import LoRAAdapter, TinyCausalLM, save_peft_adapter, seed64
+from .lora_model import ADAPTER_FILES, LoRAAdapter, TinyCausalLM, save_peft_adapter, seed64
 
 __all__ = [
     "SyntheticLoRAData",
@@ -566,8 +566,7 @@ def gather_adapter_states(adapters: Sequence[LoRAAdapter], model: TinyCausalLM, 
     return merged
 
 
-#: what :func:`save_adapters` writes: per job OUT/<job name>/<these files>, and OUT/losses.json
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+#: what :func:`save_adapters` writes: per job OUT/<job name>/<ADAPTER_FILES>, and OUT/losses.json
 LOSSES_FILE = "losses.json"
 
 
