@@ -286,3 +286,54 @@ def test_plot_labels_constant_as_without_warmup():
     assert label == "constant (no warmup)" and m.tolist() == [1.0] * (n + 1)
     assert schedule_curve("constant", n, 0)[0] == "constant"
     assert schedule_curve("rex", n, w)[1][0] == 0.0  # the others warm up from 0
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+@pytest.mark.parametrize("optimizer_first", [True, False])
+def test_chain_resumed_with_the_optimizer_restored_first_keeps_the_other_factor(optimizer_first):
+    """Hunt finding: [REX, ExponentialLR] resumed with the optimizer's state loaded before the chain was built ran
+    1/gamma too high for the rest of the run: our constructor overwrote the restored lrs, and load_state_dict then
+    wrote back our own last lrs, taken before ExponentialLR's factor of that step. torch's LinearLR survives it."""
+    import copy
+
+    from torch.optim.lr_scheduler import ExponentialLR
+
+    rng = np.random.default_rng()
+    base, gamma = float(rng.uniform(0.1, 1.0)), float(rng.uniform(0.8, 0.95))
+
+    def build(opt):
+        return ChainedScheduler([REX(opt, 12), ExponentialLR(opt, gamma)])
+
+    def make():
+        p = torch.nn.Parameter(torch.randn(3))
+        return torch.optim.Adam([p], lr=base), p
+
+    opt, p = make()
+    chain, ref = build(opt), []
+    for _ in range(8):
+        p.grad = torch.randn(3)
+        opt.step()
+        chain.step()
+        ref.append(opt.param_groups[0]["lr"])
+    opt, p = make()
+    chain = build(opt)
+    for _ in range(4):
+        p.grad = torch.randn(3)
+        opt.step()
+        chain.step()
+    osd, ssd = copy.deepcopy(opt.state_dict()), copy.deepcopy(chain.state_dict())
+    opt2, p2 = make()
+    if optimizer_first:
+        opt2.load_state_dict(osd)
+        chain2 = build(opt2)
+    else:
+        chain2 = build(opt2)
+        opt2.load_state_dict(osd)
+    chain2.load_state_dict(ssd)
+    got = []
+    for _ in range(4):
+        p2.grad = torch.randn(3)
+        opt2.step()
+        chain2.step()
+        got.append(opt2.param_groups[0]["lr"])
+    np.testing.assert_allclose(got, ref[4:], rtol=1e-12)
