@@ -227,7 +227,11 @@ class LoRAPlan(Plan):
             errors.append(f"summary: samples missing/duplicated {self.summary.samples_missing}/"
                           f"{self.summary.samples_duplicated}, found {len(ver.missing)}/{len(ver.duplicated)}")
         if not errors:  # the predicted time is the simulated 1F1B makespan of this sequence (rounded to 1e-4 ms)
-            ms = self._makespan_ms()
+            try:
+                ms = self._makespan_ms()
+            except ValueError as err:  # (terms that are finite but overflow a task: the task's message named neither
+                # the file nor the field)
+                return [f"stage_cost: the microbatches do not simulate with these terms ({err})"]
             for name, value in (("predicted_ms", self.predicted_ms), ("summary.makespan_ms", self.summary.makespan_ms)):
                 if not math.isclose(value, ms, rel_tol=1e-9, abs_tol=1e-3):
                     errors.append(f"{name}: {value} ms, the microbatches simulate to {round(ms, 4)} ms with the "

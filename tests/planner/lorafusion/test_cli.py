@@ -393,3 +393,21 @@ def test_an_output_over_a_length_file_of_the_jobs_is_refused(tmp_path, capsys, m
     assert err == (f"error: {opt}: {target} is the --jobs length file input: writing there would replace it; give "
                    f"the output another file\n"), err
     assert (tmp_path / "data" / name).read_text() == lens and not (tmp_path / "p.json").exists()
+
+
+def test_stage_cost_that_overflows_the_simulation_names_the_field(tmp_path, capsys):
+    """Hunt finding: finite but huge stage_cost terms (1e308 ms per token) passed the field checks and failed in
+    the simulation: 'error: task 'F0s0': duration_ms must be finite ...', naming neither the file nor the field."""
+    import random
+
+    out = tmp_path / "p.json"
+    assert main(["plan", "lora", "--jobs", "tiny", "--no-milp", "--out", str(out)]) == 0
+    capsys.readouterr()
+    data = json.loads(out.read_text())
+    data["stage_cost"][random.choice(["linear_ms_per_token", "linear_b_ms", "attn_b_ms"])] = 1e308
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    assert main(["show", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}: fails verification: stage_cost: the microbatches do not simulate") and \
+        err.count("\n") == 1, err
