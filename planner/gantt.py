@@ -60,9 +60,11 @@ def render_gantt(tasks: Iterable, path: str | os.PathLike, *, title: str = "", x
                 if span > 0 and w / span > 0.04:
                     ax.text(t.start_ms + w / 2, y0 + h / 2, label_of(t), ha="center", va="center",
                             fontsize=6 if len(rows) == 1 else 5, clip_on=True)
+    from adasched.profiler.io import escape_math
+
     lanes = list(lanes)
     ax.set_yticks(range(len(lanes)))
-    ax.set_yticklabels(lanes, fontsize=7)
+    ax.set_yticklabels([escape_math(lane) for lane in lanes], fontsize=7)  # (tick labels keep math parsing)
     ax.invert_yaxis()
     ax.set_xlabel(xlabel)
     if title:

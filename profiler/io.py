@@ -184,13 +184,25 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def _plain_text(fig) -> None:
-    """Every text of ``fig`` drawn as given: matplotlib reads a pair of ``$`` as math (a Twill graph named
-    ``attn$^$v2`` failed its plot with a ParseSyntaxException; a task ``cost$_in$`` got a subscript), and no
-    figure of ours uses math."""
+    """The texts of ``fig`` drawn as given - titles, axis labels, legends, annotations: matplotlib reads a pair of
+    ``$`` as math (a Twill graph named ``attn$^$v2`` failed its plot with a ParseSyntaxException; a task
+    ``cost$_in$`` got a subscript). Tick labels keep math: a log axis writes its ticks as mathtext (10^k); a
+    figure that puts user text in tick labels escapes it (:func:`escape_math`)."""
     from matplotlib.text import Text
 
+    ticks = set()
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                ticks.update((tick.label1, tick.label2))
     for text in fig.findobj(Text):
-        text.set_parse_math(False)
+        if text not in ticks:
+            text.set_parse_math(False)
+
+
+def escape_math(text: str) -> str:
+    """``text`` for a matplotlib text that keeps math parsing (tick labels): every ``$`` drawn as a dollar."""
+    return str(text).replace("$", r"\$")
 
 
 def tight_layout(fig) -> None:

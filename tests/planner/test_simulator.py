@@ -127,8 +127,32 @@ def test_gantt_draws_dollar_signs_as_given(tmp_path, monkeypatch):
     render_gantt(sim.tasks, out, title="attn$^$v2")
     assert out.read_bytes()[:4] == b"\x89PNG"
     texts = dict(seen)
-    for text in ("attn$^$v2", "cost$_in$", "fee $5 and $6", "rank 0 / comm$_x$", "a$^$"):
+    for text in ("attn$^$v2", "cost$_in$", "fee $5 and $6", "a$^$"):
         assert texts.get(text) is False, (text, seen)  # present, drawn without math
+    # a lane is a tick label, which keeps math parsing (log axes' ticks are mathtext): its dollars are escaped
+    assert texts.get(r"rank 0 / comm\$_x\$") is True, seen
+
+
+def test_log_axis_ticks_keep_their_math(tmp_path, monkeypatch):
+    """Review finding on the fix above: turning math off for every text of a figure printed the log axes' tick
+    labels of `show --plot` (plot_profile) as raw '$\\mathdefault{10^{3}}$'."""
+    from matplotlib.text import Text
+
+    import adasched.profiler.io as pio
+    from adasched.profiler.profile import load_profile
+    from adasched.profiler.report import plot_profile
+
+    ticks = []
+    real = pio.save_figure
+
+    def spy(fig, path, **kw):
+        out = real(fig, path, **kw)
+        ticks.extend((t.get_text(), t.get_parse_math()) for t in fig.findobj(Text) if "mathdefault" in t.get_text())
+        return out
+
+    monkeypatch.setattr(pio, "save_figure", spy)
+    plot_profile(load_profile("h100-sxm"), tmp_path / "p.png")
+    assert ticks and all(math for _, math in ticks), ticks[:5]
 
 
 def _sweep_reference(tasks):
