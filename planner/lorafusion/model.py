@@ -468,9 +468,11 @@ def update_dependencies(seq: Sequence[Microbatch]) -> list[tuple[int, int]]:
     return sorted({(f, last[(a, g - 1)]) for (a, g), f in first.items() if g > 0 and (a, g - 1) in last})
 
 
-def sequence_ms(seq: Sequence[Microbatch], lengths: Sequence[int], cost: StageCost, stages: int):
-    """Simulated 1F1B makespan (ms) of a microbatch sequence and the simulation itself."""
+def sequence_ms(seq: Sequence[Microbatch], lengths: Sequence[int], cost: StageCost, stages: int, *,
+                uniform: bool = False):
+    """Simulated 1F1B makespan (ms) of a microbatch sequence and the simulation itself; ``uniform``: every stage
+    at ``cost.layers_per_stage`` (how plans before 2026-11-29 were simulated), else the trainer's split."""
     stage_ms = [cost.packed_ms(mb.padded_tokens(lengths), [lengths[s] for _, _, ids in mb.segments for s in ids])
                 for mb in seq]
-    sim = simulate_1f1b(stage_ms, stages, update_dependencies(seq), cost.stage_scales(stages))
+    sim = simulate_1f1b(stage_ms, stages, update_dependencies(seq), None if uniform else cost.stage_scales(stages))
     return sim.makespan_ms, sim

@@ -49,3 +49,30 @@ def test_predicted_makespan_is_the_trainers_split(layers, stages):
     assert not plan.verify()  # the stored makespan re-simulates to itself
     scales = StageCost(**plan.stage_cost).stage_scales(stages)
     assert (scales is None) == (layers % stages == 0)
+
+
+def test_a_plan_written_before_the_split_rule_still_loads(tmp_path, monkeypatch):
+    """Review finding: plans written before the trainer's split was simulated (uneven layers/stages) failed
+    verification - show, simulate, train_lora --plan and the resume of a saved plan.json refused them. Their own
+    (uniform) numbers are accepted; anything else is still refused."""
+    import json
+
+    from adasched.planner.plan import load_plan, save_plan
+    from adasched.profiler.io import InputError
+
+    cfg = parse_jobs({"capacity": 2048, "stages": 4, "global_batches": 2, "layers": 5,
+                      "seed": int(np.random.default_rng().integers(1000)),
+                      "jobs": [{"name": f"j{i}", "adapter": {"r": 8}, "lengths": "xsum", "global_batch_size": 8}
+                               for i in range(2)]})
+    new = build_plan(build_workload(cfg, label="t"), load_profile("h100-sxm"), use_milp=False)
+    with monkeypatch.context() as m:  # the old simulation: every stage at layers / stages
+        m.setattr(StageCost, "stage_scales", lambda self, stages: None)
+        old = build_plan(build_workload(cfg, label="t"), load_profile("h100-sxm"), use_milp=False)
+    assert old.predicted_ms < new.predicted_ms  # the last stage's 2 layers, not 1.25
+    save_plan(old, tmp_path / "old.json")
+    assert load_plan(tmp_path / "old.json").predicted_ms == old.predicted_ms
+    data = json.loads((tmp_path / "old.json").read_text())
+    data["predicted_ms"] = data["summary"]["makespan_ms"] = round((old.predicted_ms + new.predicted_ms) / 2, 4)
+    (tmp_path / "edited.json").write_text(json.dumps(data))
+    with pytest.raises(InputError, match="predicted_ms: .* the microbatches simulate to"):
+        load_plan(tmp_path / "edited.json")
