@@ -119,8 +119,8 @@ def sweep_configs(tile: tuple[int, int, int], machine: str, stages=SWEEP_STAGES,
         from adasched.planner.twill.graph import load_machine
 
         supported = load_machine(machine).warp_specialize
-    except Exception:  # GPU image without the planner's dependencies (ImportError; a pydantic-core mismatch
-        # raises SystemError, as in plan_config)
+    except (ImportError, SystemError):  # GPU image without the planner's dependencies (a pydantic-core mismatch
+        # raises SystemError, as in plan_config; an unknown machine is load_machine's own error)
         supported = WARP_SPECIALIZE_SUPPORTED[machine]
     bm, bn, bk = tile
     ws = (False, True) if supported else (False,)

@@ -228,7 +228,8 @@ def solve_linear(solver, params: SolveParams, hint: dict[Any, float] | None = No
             f"randomization/randomseedshift = {params.solver_seed}\nmisc/catchctrlc = FALSE\n{extra}")
     elif params.node_limit is not None:
         raise ValueError(f"node_limit: supported with SCIP (and CBC through solve_pulp), not {name}")
-    if name == "highs" and not params.msg:
+    if "highs" in name and not params.msg:  # (HIGHS, HIGHS_MIXED_INTEGER_PROGRAMMING; the wrapper names itself
+        # 'PDLP Solver', so pass name= - and real PDLP's parameters would reject the HiGHS option)
         # HiGHS prints its banner ("Running HiGHS 1.12.0 ...") on stdout without EnableOutput: a --json stdout
         # was no longer one JSON object. (The wrapper answers False to the call but applies it.)
         solver.SetSolverSpecificParametersAsString("output_flag=false\n")

@@ -35,7 +35,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .fit import fit_alpha_beta
+from .fit import SIZE_TERM_FLOOR, fit_alpha_beta
 from .profile import CollectiveFit, group_scope
 
 __all__ = ["OPS", "CollectiveConfig", "collective_config", "measure_collectives", "fit_collectives",
@@ -248,7 +248,8 @@ def fit_collectives(result: dict[str, Any], ranks_per_node: int, source: str) ->
         by_key.setdefault((p["op"], p["group_size"]), []).append(p)
     fits = []
     for (op, g), pts in sorted(by_key.items()):
-        f = fit_alpha_beta([p["bytes"] for p in pts], [max(p["ms"], 1e-6) for p in pts])
+        f = fit_alpha_beta([p["bytes"] for p in pts], [max(p["ms"], 1e-6) for p in pts],
+                           min_size_term=SIZE_TERM_FLOOR)
         src = f"{source}, {result['backend']}, {result['world']} ranks"
         if f.note:
             src += f"; {f.note}"

@@ -47,16 +47,17 @@ def _rel_err(pred, y) -> float:
 SIZE_TERM_FLOOR = 0.05
 
 
-def fit_alpha_beta(nbytes, ms) -> Fit:
+def fit_alpha_beta(nbytes, ms, *, min_size_term: float | None = None) -> Fit:
     """time_ms = alpha + beta * nbytes; returns Fit(coef=(alpha_ms, beta_ms_per_byte)), beta > 0.
 
     Noisy small-message times can leave the relative-error fit with no size term (beta = 0, i.e. infinite
     bandwidth; a slope under 1e-9 of the largest time is the solver's round-off and counts as none). Then the
     absolute-error fit (dominated by the large messages) is used; if that finds no slope either, alpha = the
     fastest point and beta spans the fastest to the slowest point at the largest size (conservative), and
-    ``note`` says so. Whatever the route, a size term that stays under SIZE_TERM_FLOOR (5 %) of the time at the
-    largest message is raised to it (flat, latency-bound times bound the bandwidth only from below; a fit of
-    their noise gave 1e4-1e15 GB/s) and ``note`` says so: measure larger messages to resolve it."""
+    ``note`` says so. With ``min_size_term`` (collective fits: SIZE_TERM_FLOOR, 5 %), a size term that stays
+    under that share of the time at the largest message is raised to it (flat, latency-bound times bound the
+    bandwidth only from below; a fit of their noise gave 1e4-1e15 GB/s) and ``note`` says so: measure larger
+    messages to resolve it."""
     x, y = _check(nbytes, ms)
     X = np.stack([np.ones_like(x), x], axis=1)
     xmax, ymax = float(np.max(x)), float(np.max(y))
@@ -71,12 +72,14 @@ def fit_alpha_beta(nbytes, ms) -> Fit:
         a = float(np.min(y))
         b = (ymax - a) / max(xmax, 1.0)
         note = "bandwidth not resolved by the data: beta bounds it from the slowest point - measure larger messages"
+        if b <= 0:  # all points equal time: keep a tiny positive slope so bandwidth stays finite
+            b = a / max(xmax, 1.0) * 1e-6
     t_top = float(np.mean(y[x == xmax]))  # the time at the largest message
-    if b * xmax < SIZE_TERM_FLOOR * t_top:
+    if min_size_term is not None and b * xmax < min_size_term * t_top:
         share = b * xmax / t_top
-        b = SIZE_TERM_FLOOR * t_top / max(xmax, 1.0)
+        b = min_size_term * t_top / max(xmax, 1.0)
         note = (f"bandwidth not resolved by the data (the size term was {100 * share:.2g} % of the time at the "
-                f"largest message, {xmax:.4g} bytes): beta raised to {100 * SIZE_TERM_FLOOR:g} % of that time - "
+                f"largest message, {xmax:.4g} bytes): beta raised to {100 * min_size_term:g} % of that time - "
                 f"measure larger messages")
     return Fit((float(a), float(b)), _rel_err(a + b * x, y), note)
 

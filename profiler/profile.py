@@ -397,7 +397,7 @@ def load_profile(name_or_path: str | os.PathLike) -> ClusterProfile:
 def check_builtin_unshadowed(name: str, where: str) -> None:
     """Refuse a built-in profile's name that is also a file here: ``show h100-sxm`` read the file while every
     ``--profile h100-sxm`` used the built-in (InputError naming ``where``)."""
-    if os.path.exists(name):
+    if os.path.isfile(name):
         raise InputError(where, f"{name!r} is both a built-in profile and a file here: pass ./{name} for the file "
                                 f"(or run elsewhere for the built-in)")
 

@@ -126,7 +126,7 @@ class DeepSpeedSchedule:
         min_lr = kw.get("min_lr", 0.0)
         floors = list(min_lr) if isinstance(min_lr, (list, tuple)) else [min_lr]
         top = max([1.0] + [2.0 * float(v) for v in floors
-                           if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)])
+                           if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)])
         groups = [{"params": [torch.nn.Parameter(torch.zeros(1))]} for _ in range(max(1, len(floors)))]
         get_schedule(name, torch.optim.SGD(groups, lr=top), num_warmup_steps,
                      num_training_steps, **{k: v for k, v in kw.items() if k != "last_epoch"})

@@ -270,8 +270,11 @@ class MoEPlan(Plan):
             from adasched.planner.plan import profile_ref
             from adasched.profiler.io import InputError
 
-            try:
-                prof = load_profile(self.profile.name)
+            from adasched.profiler.builtins import BUILTIN_PROFILES, builtin_profile
+
+            try:  # a built-in by its name (a file of that name in the working folder is not what the plan used)
+                prof = (builtin_profile(self.profile.name) if self.profile.name in BUILTIN_PROFILES
+                        else load_profile(self.profile.name))
             except InputError:
                 prof = None
             if prof is None or profile_ref(prof).digest != self.profile.digest:

@@ -340,19 +340,20 @@ def test_ortools_model_invalid_is_an_error_not_a_timeout():
         solve_linear(s, SolveParams(time_limit=1.0))
 
 
-def test_highs_prints_nothing_on_stdout(capfd):
+@pytest.mark.parametrize("backend", ["HIGHS", "HIGHS_MIXED_INTEGER_PROGRAMMING"])
+def test_highs_prints_nothing_on_stdout(capfd, backend):
     """Hunt finding: OR-Tools' HiGHS printed 'Running HiGHS 1.12.0 ...' on stdout for every MILP (FlexSP with
     backend='HIGHS': a --json stdout was no longer one JSON object), and FlexSP's records named it 'pdlp'."""
     from ortools.linear_solver import pywraplp
 
     rng = np.random.default_rng()
     w = rng.integers(1, 9, 6)
-    s = pywraplp.Solver.CreateSolver("HIGHS")
+    s = pywraplp.Solver.CreateSolver(backend)
     xs = [s.IntVar(0, 1, f"x{i}") for i in range(6)]
     s.Add(sum(int(wi) * x for wi, x in zip(w, xs)) <= int(w.sum()) // 2)
     s.Maximize(sum(int(wi) * x for wi, x in zip(w, xs)))
-    out = solve_linear(s, SolveParams(time_limit=5.0, threads=1), name="HIGHS")
+    out = solve_linear(s, SolveParams(time_limit=5.0, threads=1), name=backend)
     best = max(sum(int(w[i]) for i in range(6) if m >> i & 1) for m in range(64)
                if sum(int(w[i]) for i in range(6) if m >> i & 1) <= int(w.sum()) // 2)  # brute force
-    assert out.status == "optimal" and out.objective == pytest.approx(best) and out.backend == "ortools-highs"
+    assert out.status == "optimal" and out.objective == pytest.approx(best) and out.backend == f"ortools-{backend.lower()}"
     assert capfd.readouterr().out == ""

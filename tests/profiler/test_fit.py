@@ -29,7 +29,7 @@ def test_alpha_beta_noisy_error_reported():
 
 
 def test_alpha_beta_flat_data_keeps_positive_beta():
-    f = fit_alpha_beta([1e3, 1e4, 1e5], [2.0, 2.0, 2.0])
+    f = fit_alpha_beta([1e3, 1e4, 1e5], [2.0, 2.0, 2.0], min_size_term=0.05)
     assert f.coef[0] == pytest.approx(2.0, rel=1e-6)
     assert f.coef[1] * 1e5 == pytest.approx(0.05 * 2.0, rel=1e-12)  # the size term: 5 % of the time at 1e5 bytes
     assert "not resolved" in f.note
@@ -43,14 +43,21 @@ def test_alpha_beta_latency_bound_noise_does_not_give_unbounded_bandwidth(seed):
     rng = np.random.default_rng(seed)
     x = np.array([4096.0, 65536.0, 2.0**20, 2.0**22])
     for y in (2.0 * rng.uniform(0.95, 1.05, 4), np.full(4, 2.0) + rng.uniform(0, 1e-15, 4)):
-        f = fit_alpha_beta(x, y)
+        f = fit_alpha_beta(x, y, min_size_term=0.05)  # (what fit_collectives passes: SIZE_TERM_FLOOR)
         assert f.coef[1] * x[-1] >= 0.05 * y[-1] * (1 - 1e-12)
         assert 1e-6 / f.coef[1] < 200  # GB/s (1 / beta in ms per byte): bounded; the floor gives ~40 GB/s here
         assert "not resolved" in f.note and "measure larger messages" in f.note
     # a resolved size term keeps the fit as it is
     y = 0.05 + 1e-6 * x
-    f = fit_alpha_beta(x, y)
+    f = fit_alpha_beta(x, y, min_size_term=0.05)
     assert f.coef == pytest.approx((0.05, 1e-6), rel=1e-6) and f.note == ""
+    # fit_collectives applies the floor to every collective fit
+    from adasched.profiler.collectives import fit_collectives
+
+    pts = [{"op": "all_reduce", "group_size": 2, "bytes": float(b), "ms": float(t)}
+           for b, t in zip(x, 2.0 * rng.uniform(0.95, 1.05, 4))]
+    (c,) = fit_collectives({"points": pts, "world": 2, "backend": "gloo"}, 2, "test")
+    assert c.beta_ms_per_byte * x[-1] >= 0.05 * pts[-1]["ms"] * (1 - 1e-12) and "not resolved" in c.source
 
 
 def test_alpha_beta_noisy_small_messages_fall_back_to_absolute_fit():

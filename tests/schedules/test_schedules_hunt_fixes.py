@@ -236,7 +236,9 @@ def test_deepspeed_schedule_takes_a_per_group_min_lr_and_a_large_absolute_one():
         sched.step()
     np.testing.assert_allclose([g["lr"] for g in opt.param_groups], floors, rtol=1e-12)  # the end: each floor
     opt1 = torch.optim.AdamW([torch.nn.Parameter(torch.randn(2))], lr=lrs[0])
-    DeepSpeedSchedule("linear", 0, 10, min_lr=floors[0])(opt1)  # absolute, above 1.0 when lrs[0] is large
+    high = lrs[0] * float(rng.uniform(0.5, 0.9))  # an absolute floor above 1.0 (lrs[0] >= 2)
+    DeepSpeedSchedule("linear", 0, 10, min_lr=high)(opt1)
+    DeepSpeedSchedule("linear", 0, 10, min_lr=np.float32(high))(opt1)  # a numpy scalar too (review finding)
     with pytest.raises(ValueError, match="min_lr"):  # still refused: more values than the real groups
         DeepSpeedSchedule("rex", 2, 10, min_lr=floors + floors[:1])(opt)
 
