@@ -69,7 +69,7 @@ class FusedLoRALinear(_PeftLoraLinear):
     def _switch(cls, module: nn.Module, adapter_name: Optional[str], inference_mode: bool = False
                 ) -> "FusedLoRALinear":
         if adapter_name is not None:
-            module.set_adapter(adapter_name, inference_mode=inference_mode)
+            _set_adapter(module.set_adapter, adapter_name, inference_mode=inference_mode)
         module.__class__ = cls
         return module
 
@@ -200,14 +200,25 @@ def apply_fused_lora(model: nn.Module, adapter_name: Optional[str] = None) -> in
         config = (getattr(model, "peft_config", None) or {}).get(adapter_name)
         inference_mode = bool(getattr(config, "inference_mode", False))
         if isinstance(model, (PeftModel, LoraModel)):
-            model.set_adapter(adapter_name, inference_mode=inference_mode)
+            _set_adapter(model.set_adapter, adapter_name, inference_mode=inference_mode)
         else:
-            set_adapter(model, adapter_name, inference_mode=inference_mode)
+            _set_adapter(set_adapter, model, adapter_name, inference_mode=inference_mode)
     else:
         inference_mode = False
     for _, mod in found:
         FusedLoRALinear._switch(mod, adapter_name, inference_mode)
     return len(found)
+
+
+def _set_adapter(fn, *args, inference_mode: bool) -> None:
+    """PEFT's set_adapter with ``inference_mode`` where this PEFT takes it (0.21 does; older ones make the adapter
+    trainable, as they always did)."""
+    try:
+        fn(*args, inference_mode=inference_mode)
+    except TypeError as err:
+        if "inference_mode" not in str(err):
+            raise
+        fn(*args)
 
 
 def restore_peft_lora(model: nn.Module) -> int:

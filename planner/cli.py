@@ -82,8 +82,9 @@ def show_cmd(
         data = read_json(path)
         prof = None
         # a profile's kind is optional (load_profile, and so every --profile, takes one without it)
+        profile_keys = {"num_nodes", "gpus_per_node", "device"}
         if isinstance(data, dict) and (data.get("kind") == "cluster_profile"
-                                       or ("kind" not in data and "gpus_per_node" in data)):
+                                       or ("kind" not in data and profile_keys <= data.keys())):
             from adasched.profiler.io import load_model
             from adasched.profiler.profile import ClusterProfile
 
