@@ -665,9 +665,13 @@ class Checkpointer:
                 _discard(final)
             os.replace(partial, final)
             _fsync_dir(folder)  # the rename itself survives a power loss
-            self._prune(folder)
         except (OSError, ValueError) as err:  # ValueError: InputError of atomic_write_json
             return f"cannot commit the checkpoint of step {step}: {getattr(err, 'strerror', None) or err}"
+        try:  # committed: a save that cannot be pruned (another user's, unreadable) stays, the run goes on (it
+            # reported "cannot commit" and stopped every rank, the save committed all the same)
+            self._prune(folder)
+        except (OSError, ValueError):
+            pass
         return None
 
     def _prune(self, folder: Path) -> None:

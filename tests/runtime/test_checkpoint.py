@@ -885,3 +885,23 @@ def test_unreadable_step_folder_is_one_line_and_never_pruned(tmp_path, monkeypat
     ck._prune(tmp_path)  # keep=0: only garbage goes, and an unreadable folder is not known to be garbage
     monkeypatch.setattr(Path, "is_file", real_is_file)
     assert locked.is_dir() and committed_steps(tmp_path) == [1, 2]
+
+
+def test_a_save_that_cannot_be_pruned_does_not_fail_the_commit(tmp_path, monkeypatch):
+    """Review of a hunt suspicion: pruning ran inside the commit's try, so an old save that could not be deleted
+    (another user's) made a committed save report "cannot commit" and stop the run. The commit stands now and
+    the old save stays."""
+    import adasched.runtime.checkpoint as ckpt
+
+    model, opt, sched, gen, progress, state = _build(5)
+    ck = Checkpointer(CheckpointConfig(folder=tmp_path, interval=1, keep=1), run={"plan": "p"})
+    _train(model, opt, sched, gen, progress, 1)
+    ck.save(1, state)
+
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(ckpt, "_discard", refuse)
+    _train(model, opt, sched, gen, progress, 1)
+    ck.save(2, state)  # raised "cannot commit the checkpoint of step 2" before
+    assert committed_steps(tmp_path) == [1, 2] and find_checkpoint(tmp_path).step == 2
