@@ -41,7 +41,8 @@ kernels, no graph break.
 
 fp32 operands multiply in IEEE fp32 (``kernels.gemm.dot_acc``): Triton's default for fp32 ``tl.dot`` on NVIDIA GPUs
 is TF32, ~1e-3 relative, which torch's fp32 matmul does not do unless allowed to (and the interpreter never does).
-Row offsets come from the int64 tile table, so ``row * stride`` never wraps at 2**31 elements.
+Row offsets come from the int64 tile table, so ``row * stride`` never wraps at 2**31 elements; the forward's
+weight offsets (output column x K) are int64 too.
 
 Off the GPU the kernels run under ``TRITON_INTERPRET=1`` (tiles are upcast to float32 after loading, because the
 interpreter gets bf16 arithmetic wrong). Without a GPU and without the interpreter, the public functions fall back
@@ -492,7 +493,9 @@ if HAVE_TRITON:
         else:
             reds = tl.arange(0, BLOCK_RED)
             x_ptrs = X + rows[:, None] * stride_xm + reds[None, :]
-            w_ptrs = W + reds[:, None] * stride_wr + outs[None, :] * stride_wo
+            # int64: the forward's stride_wo is K, and (N-1) K reaches 2**31 for a large frozen weight (a wrapped
+            # offset read another part of memory); once, outside the K loop
+            w_ptrs = W + reds[:, None] * stride_wr + outs[None, :].to(tl.int64) * stride_wo
             for rb in tl.range(0, tl.cdiv(RED_DIM, BLOCK_RED), warp_specialize=WARP_SPECIALIZE):
                 red_ok = reds < RED_DIM - rb * BLOCK_RED
                 xt = tl.load(x_ptrs, mask=row_ok[:, None] & red_ok[None, :], other=0.0)

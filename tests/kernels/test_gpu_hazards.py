@@ -100,6 +100,26 @@ def test_gemm_int64_indices_cover_the_k_axis():
     torch.testing.assert_close(c.to(torch.int32), a.to(torch.int32) @ dense.to(torch.int32), rtol=0, atol=0)
 
 
+def test_lora_forward_weight_offsets_are_int64():
+    """Hunt finding: the fused LoRA forward's weight pointer was ``outs * stride_wo`` in int32 - for a frozen
+    weight of >= 2**31 elements (N x K, stride K) output column n read from n K - 2**32: other memory, or a fault.
+    A [3, 16] fp16 weight whose rows are 2**30 + 16 apart (8 GiB virtual storage, a few pages touched) puts row 2
+    past 2**31; the wrapped address holds zeros, so the old kernel's third column was off by the whole product."""
+    rng = np.random.default_rng()
+    K, N, T = 16, 3, 16
+    S, off = 2 ** 30 + 16, 2 ** 31
+    store = torch.empty(off + 2 * S + K, dtype=torch.float16)
+    w = store.as_strided((N, K), (S, 1), storage_offset=off)
+    w.copy_(torch.from_numpy(rng.standard_normal((N, K)).astype(np.float16)))
+    store[32:32 + K] = 0  # where row 2 lands when 2 S wraps in int32
+    x = torch.from_numpy(rng.standard_normal((T, K)).astype(np.float16))
+    a = torch.from_numpy(rng.standard_normal((4, K)).astype(np.float16))
+    b = torch.from_numpy(rng.standard_normal((N, 4)).astype(np.float16))
+    y = L.lora_linear(x, w, a, b, scale=0.5, base_gemm="triton")
+    ref = x.double() @ w.double().t() + 0.5 * (x.double() @ a.double().t()) @ b.double().t()
+    torch.testing.assert_close(y.double(), ref, rtol=2e-3, atol=2e-2)
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
