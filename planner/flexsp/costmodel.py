@@ -195,8 +195,14 @@ def _zero3(profile: ClusterProfile, model: ModelShape, world: int) -> tuple[floa
     and pricing ZeRO-3 on the other cluster's link made it 12x the SP traffic's network), named in the note; an
     error if the profile has nothing inter-node. 0 (and no note) if the profile has no such fits."""
     total, notes = 0.0, []
+    have = {op: bool(profile.group_sizes(op)) for op in ("all_gather", "reduce_scatter")}
+    if world > 1 and have["all_gather"] != have["reduce_scatter"]:  # (priced in part, silently: b1 lost 2/3)
+        missing = next(op for op, ok in have.items() if not ok)
+        other = "all_gather" if missing == "reduce_scatter" else "reduce_scatter"
+        raise InputError(f"profile {profile.name!r}", f"has {other} fits but no {missing} fit: ZeRO-3's parameter "
+                                                      f"traffic needs both (or neither: then it is not charged)")
     for op, times, nbytes in (("all_gather", 2, 2.0 * model.params / world), ("reduce_scatter", 1, 2.0 * model.params)):
-        if not profile.group_sizes(op) or world <= 1:
+        if not have[op] or world <= 1:
             continue
         fit = profile.collective_two_level(op, world, link_op="all_to_all")
         total += times * fit.time_ms(nbytes)

@@ -142,3 +142,19 @@ def test_flexsp_zero3_without_inter_node_fits_is_an_error():
     with pytest.raises(InputError, match="no inter-node fit"):
         sp_cost_model(prof, "gpt-7b", 16)
     assert sp_cost_model(prof, "gpt-7b", 8).b1 > 0
+
+
+@pytest.mark.parametrize("missing", ["all_gather", "reduce_scatter"])
+def test_a_profile_with_half_of_zero3_is_refused(missing):
+    """Hunt finding: a profile with a reduce_scatter fit but no all_gather one (or the other way) priced ZeRO-3 in
+    part and silently (h100-sxm without all_gather: b1 1,702 -> 575 ms on 8 GPUs); it is refused now, naming the
+    missing op. Neither of them: not charged, as before."""
+    p = _profile(drop=((missing, 4),))
+    with pytest.raises(InputError, match=f"but no {missing} fit: ZeRO-3's parameter traffic needs both"):
+        _zero3_ms(p, model_preset("gpt-7b"), 16)
+    h = load_profile("h100-sxm")  # through the cost model too
+    h = h.model_copy(update={"collectives": [c for c in h.collectives if c.op != missing]})
+    with pytest.raises(InputError, match=f"profile 'h100-sxm': has .* fits but no {missing} fit"):
+        sp_cost_model(h, model_preset("gpt-7b"), 8)
+    neither = _profile(drop=(("all_gather", 4), ("reduce_scatter", 4)))
+    assert _zero3_ms(neither, model_preset("gpt-7b"), 16) == 0.0
