@@ -92,10 +92,11 @@ def register(groups) -> None:
         check_output_path(plot, "--plot")
         from .jobs import length_files, load_jobs
 
+        outputs = (("--out", out), ("--plot", plot))
+        check_distinct_outputs(*outputs, inputs=(("--jobs", jobs), ("--profile", profile)))
         # the length files the jobs file names are inputs too (--out lens.txt replaced the lengths with the plan)
         cfg, base, _ = load_jobs(jobs)
-        check_distinct_outputs(("--out", out), ("--plot", plot), inputs=(
-            ("--jobs", jobs), ("--profile", profile), *(("--jobs length file", p) for p in length_files(cfg, base))))
+        check_distinct_outputs(*outputs, inputs=[("--jobs length file", p) for p in length_files(cfg, base)])
         plan = _plan(jobs, profile, time_limit, seed, no_milp)
         save_plan(plan, out)
         if plot:
