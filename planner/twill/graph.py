@@ -25,7 +25,7 @@ from adasched.profiler.io import InputError, load_model
 
 __all__ = [
     "Op", "Edge", "Graph", "Machine", "Problem",
-    "GRAPHS_DIR", "MACHINES_DIR", "MAX_OPS", "MAX_CYCLES", "MAX_UNITS", "MAX_WARP_GROUPS", "builtin_graphs", "builtin_machines",
+    "GRAPHS_DIR", "MACHINES_DIR", "MAX_OPS", "MAX_CYCLES", "MAX_UNITS", "MAX_RESOURCE", "MAX_WARP_GROUPS", "builtin_graphs", "builtin_machines",
     "load_graph", "load_machine", "check_graph", "make_problem", "normalise_costs",
 ]
 
@@ -45,6 +45,9 @@ MAX_WARP_GROUPS = 8
 MAX_UNITS = 1024
 
 _Count = Annotated[int, Field(le=MAX_UNITS)]
+#: Most registers or KiB of shared memory a machine or an op states: far beyond any GPU (an H100 SM: 64K registers,
+#: 228 KiB); 2**63 KiB overflowed CP-SAT's linear sums (a traceback from `plan twill --machine`)
+MAX_RESOURCE = 2 ** 31 - 1
 
 
 class Op(BaseModel):
@@ -53,8 +56,8 @@ class Op(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     name: str = Field(min_length=1)
     reserve: dict[str, list[_Count]] = Field(description="unit -> units held in each cycle after issue")
-    regs: int | None = Field(default=None, ge=0, description="registers per thread its result holds while live")
-    smem: int | None = Field(default=None, ge=0, description="shared memory (KiB) one live copy of its result holds")
+    regs: int | None = Field(default=None, ge=0, le=MAX_RESOURCE, description="registers per thread its result holds while live")
+    smem: int | None = Field(default=None, ge=0, le=MAX_RESOURCE, description="shared memory (KiB) one live copy of its result holds")
     variable_latency: bool | None = Field(default=None, description="latency unknown at compile time (TMA loads)")
     blocking: bool | None = Field(default=None, description="its warp group can issue nothing else while it runs")
     category: str = Field(default="", description="label for plots (e.g. 'tma', 'mma', 'softmax')")
@@ -135,11 +138,11 @@ class Machine(BaseModel):
     max_warp_groups: int = Field(ge=1, le=MAX_WARP_GROUPS, description="a CTA holds at most 1,024 threads: 8 "
                                                                        "groups of 128 (10**6 ran 100 s and 1.8 GB "
                                                                        "past a 3 s limit)")
-    threads_per_group: int = Field(default=128, ge=32)
-    regs_per_group_max: int = Field(ge=1, description="registers per thread a warp group may hold (setmaxnreg cap)")
-    regs_total: int = Field(ge=1, description="registers per thread summed over warp groups (register file / 128)")
-    group_base_regs: int = Field(default=0, ge=0, description="registers per thread every used group needs")
-    smem_capacity: int = Field(ge=1, description="shared memory per CTA (KiB)")
+    threads_per_group: int = Field(default=128, ge=32, le=1024)
+    regs_per_group_max: int = Field(ge=1, le=MAX_RESOURCE, description="registers per thread a warp group may hold (setmaxnreg cap)")
+    regs_total: int = Field(ge=1, le=MAX_RESOURCE, description="registers per thread summed over warp groups (register file / 128)")
+    group_base_regs: int = Field(default=0, ge=0, le=MAX_RESOURCE, description="registers per thread every used group needs")
+    smem_capacity: int = Field(ge=1, le=MAX_RESOURCE, description="shared memory per CTA (KiB)")
     handoff_cycles: int = Field(ge=0, le=MAX_CYCLES, description="extra delay when a value crosses warp groups "
                                                                   "(mbarrier)")
     warp_specialize: bool = Field(description="Triton's tl.range(warp_specialize=True) is supported here")

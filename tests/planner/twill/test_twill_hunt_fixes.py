@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 import adasched.planner.twill.model as twill_model
 from adasched.planner.solver import SolveParams
 from adasched.planner.twill.graph import Graph, check_graph, load_machine
@@ -358,3 +360,25 @@ def test_simulate_says_when_it_shows_part_of_a_plans_iterations(tmp_path, capsys
     assert main(["simulate", str(out)]) == 0
     text = capsys.readouterr().out
     assert f"the first {k:,} of {plan.stages + 1:,} overlapped iterations: makespan" in " ".join(text.split())
+
+
+@pytest.mark.parametrize("field", ["smem_capacity", "regs_total", "regs_per_group_max"])
+def test_machine_resources_are_bounded(field, tmp_path, capsys):
+    """Hunt finding: a machine with 2**63 KiB of shared memory (or 10**30 registers) reached CP-SAT's linear sums and
+    `plan twill` ended in a 59-line traceback (exit 1). Such numbers are refused on load now; the bound itself
+    (2**31 - 1, far beyond any GPU) still plans."""
+    import json
+
+    from adasched.planner.cli import main
+    from adasched.planner.twill.graph import MAX_RESOURCE
+
+    base = load_machine("h100").model_dump()
+    path, out = tmp_path / "m.json", tmp_path / "p.json"
+    path.write_text(json.dumps(dict(base, **{field: 2 ** 63})))
+    assert main(["plan", "twill", "--graph", "fa3-hopper", "--machine", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {path}: {field}: Input should be less than or equal to {MAX_RESOURCE}\n", err
+    assert not out.exists()
+    path.write_text(json.dumps(dict(base, **{field: MAX_RESOURCE})))
+    assert main(["plan", "twill", "--graph", "fa3-hopper", "--machine", str(path), "--out", str(out),
+                 "--time-limit", "5"]) == 0 and out.exists()
