@@ -216,10 +216,6 @@ class WarmupDecay(LRScheduler):
         # stepping a fresh scheduler to catch up) it is what an earlier schedule left - 0 at its end - and was kept
         # for the whole run. Then we start from the closed form, as transformers' LambdaLR schedules do.
         self._keep_prior_factor = not _has_stepped(optimizer)
-        # a trained optimizer's lrs before our initial step overwrites them: when a resume restored the optimizer
-        # first, load_state_dict puts them back (in a chain they carry the other schedulers' factors, which our own
-        # last lrs - taken before those schedulers stepped - lack: [REX, ExponentialLR] resumed 1/gamma too high)
-        self._restored_lrs = None if self._keep_prior_factor else [float(g["lr"]) for g in optimizer.param_groups]
         super().__init__(optimizer, last_epoch)
 
     @staticmethod
@@ -341,11 +337,7 @@ class WarmupDecay(LRScheduler):
         # it was, the groups hold the run's lrs - in a chain, other schedulers' factors included - and stay.
         untouched = len(fresh) == len(groups) and all(math.isclose(float(g["lr"]), f, rel_tol=1e-12, abs_tol=0.0)
                                                       for g, f in zip(groups, fresh))
-        # restored before we were built (and not stepped since): the optimizer's own lrs are the run's
-        restored = getattr(self, "_restored_lrs", None) if self.last_epoch == 0 else None
-        restored = restored if restored is not None and len(restored) == len(groups) else None
         super().load_state_dict(state_dict)
-        self._restored_lrs = None
         if built_mins is not None and len(self.base_lrs) < len(groups):
             self._sync_groups(floors=built_mins)
         last = getattr(self, "_last_lr", None)
@@ -360,7 +352,7 @@ class WarmupDecay(LRScheduler):
                 if self._own_lrs is not None:
                     self._own_lrs[n_old:] = now[n_old:]
                 self._last_lr = list(last)
-            for group, value in zip(groups, restored if restored is not None else last):
+            for group, value in zip(groups, last):
                 if isinstance(group["lr"], torch.Tensor):
                     group["lr"].fill_(float(value))
                 else:
