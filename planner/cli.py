@@ -82,7 +82,7 @@ def show_cmd(
         data = read_json(path)
         prof = None
         # a profile's kind is optional (load_profile, and so every --profile, takes one without it)
-        profile_keys = {"num_nodes", "gpus_per_node", "device"}
+        profile_keys = {"name", "device"}  # (what a profile must have and no plan has; num_nodes etc. default)
         if isinstance(data, dict) and (data.get("kind") == "cluster_profile"
                                        or ("kind" not in data and profile_keys <= data.keys())):
             from adasched.profiler.io import load_model

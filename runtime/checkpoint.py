@@ -693,7 +693,10 @@ class Checkpointer:
         if self.config.keep <= 0:
             return
         for old in committed_steps(folder)[:-self.config.keep]:
-            _discard(step_folder(folder, old))
+            try:  # one save that cannot be deleted (another user's) must not keep the others from going
+                _discard(step_folder(folder, old))
+            except OSError:
+                continue
 
 
 class _Pending:

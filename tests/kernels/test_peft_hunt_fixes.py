@@ -99,3 +99,19 @@ def test_adapter_name_keeps_an_inference_adapter_frozen(tmp_path):
     trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
     assert trainable and all(".two." in n or n.endswith(".two") for n in trainable if "lora_" in n), trainable
     assert any("lora_A.two" in n for n in trainable) and not any("lora_A.one" in n for n in trainable)
+
+
+def test_set_adapter_without_inference_mode_falls_back(monkeypatch):
+    """An older PEFT whose set_adapter takes no inference_mode: apply_fused_lora still switches the adapter (as it
+    did before; the adapter becomes trainable there, as PEFT's own set_adapter makes it)."""
+    pm = _two_adapters()
+    real = peft.PeftModel.set_adapter
+    calls = []
+
+    def old_style(self, adapter_name):
+        calls.append(adapter_name)
+        return real(self, adapter_name)
+
+    monkeypatch.setattr(peft.PeftModel, "set_adapter", old_style)
+    assert apply_fused_lora(pm, adapter_name="two") == 1
+    assert calls == ["two"] and pm.active_adapter == "two"

@@ -901,7 +901,15 @@ def test_a_save_that_cannot_be_pruned_does_not_fail_the_commit(tmp_path, monkeyp
     def refuse(path):
         raise PermissionError(13, "Permission denied", str(path))
 
+    real = ckpt._discard
     monkeypatch.setattr(ckpt, "_discard", refuse)
     _train(model, opt, sched, gen, progress, 1)
     ck.save(2, state)  # raised "cannot commit the checkpoint of step 2" before
     assert committed_steps(tmp_path) == [1, 2] and find_checkpoint(tmp_path).step == 2
+    # only step 1 refuses: the saves after it are still pruned (the first failure ended the loop: nothing was
+    # pruned again, the disk filled)
+    monkeypatch.setattr(ckpt, "_discard", lambda path: refuse(path) if path.name.endswith("01") else real(path))
+    for step in (3, 4):
+        _train(model, opt, sched, gen, progress, 1)
+        ck.save(step, state)
+    assert committed_steps(tmp_path) == [1, 4]
