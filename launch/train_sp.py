@@ -53,7 +53,8 @@ Checkpoints
   differ then - the model may not: give a fixed --heads (the default follows the plan's largest SP degree, so
   another --gpus may change it; a resume refused for that names --heads; any head count runs any degree, a degree
   that does not divide it splitting the heads unevenly). The step after the resume equals the uninterrupted run's
-  to float rounding (other groups sum the gradients in another order), not bit for bit. A save made before the identity held the batches digest resumes on its own plan.
+  to float rounding (other groups sum the gradients in another order), not bit for bit. A save made before the
+  identity held the batches digest resumes on its own plan.
 
 A plan that does not fit the world (world size, ranks, sequence ids) is rejected with one
 `error:` line and exit code 2 before any process group is created.

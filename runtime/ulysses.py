@@ -7,8 +7,9 @@ group-rank order; :func:`shard_sizes` gives each rank's token count (uneven when
 hold 0 tokens). Each rank holds q, k, v of its shard, shape [T_i, H, D] (tokens, heads, head dim).
 
 Forward: one all-to-all scatters heads and gathers the sequence (every rank ends with all T tokens for H/d
-heads; a degree that does not divide H splits the heads unevenly, see :func:`head_range`), attention runs over whole sequences (causal and block-diagonal: token t of a sequence sees tokens
-0..t of the same sequence only), one all-to-all sends the result back to the token owners. The all-to-all is
+heads; a degree that does not divide H splits the heads unevenly, see :func:`head_range`), attention runs over
+whole sequences (causal and block-diagonal: token t of a sequence sees tokens 0..t of the same sequence only), one
+all-to-all sends the result back to the token owners. The all-to-all is
 an autograd.Function whose backward is the inverse all-to-all, so gradients reach q, k, v on the rank that
 owns each token. Degree 1 (group None or of size 1) is plain local attention.
 """
