@@ -162,7 +162,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Sequence[int]
     hs = shard_sizes(H, degree)
     hl = hs[grank]
     qkv = torch.stack((q, k, v), dim=1)  # [T_i, 3, H, D]
-    send = torch.cat([qkv[:, :, a:a + n].reshape(-1) for a, n in zip(_starts(hs), hs)])
+    send = torch.cat([qkv[:, :, slice(*head_range(H, degree, j))].reshape(-1) for j in range(degree)])
     full = all_to_all_tokens(send, group, [Ti * 3 * n * D for n in hs], [t * 3 * hl * D for t in sizes])
     full = full.view(T, 3, hl, D)
     # a rank without heads keeps `out` an (empty) view of `full`, so its backward still joins the exchange
@@ -175,7 +175,3 @@ def head_range(heads: int, degree: int, index: int) -> tuple[int, int]:
     """[start, stop) of the heads group rank ``index`` attends over in a group of ``degree`` (contiguous ranges,
     first ranks take the rest; empty for the last ranks when degree > heads)."""
     return shard_range(heads, degree, index)
-
-
-def _starts(sizes: list[int]) -> list[int]:
-    return [sum(sizes[:i]) for i in range(len(sizes))]
