@@ -50,6 +50,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from adasched.planner.lorafusion.costmodel import stage_layers
 from adasched.profiler.io import InputError, atomic_write_text
 
 from .lora_model import ADAPTER_FILES, LoRAAdapter, TinyCausalLM, save_peft_adapter, seed64
@@ -179,13 +180,6 @@ def _make_proj(mb: PackedMicrobatch, adapters: Sequence[LoRAAdapter], fused: boo
 
 
 # ---- schedule helpers -----------------------------------------------------------------------------------
-def stage_layers(num_layers: int, stages: int, stage: int) -> tuple[int, int]:
-    """Contiguous, balanced layer range [start, end) of ``stage``."""
-    if not 0 <= stage < stages or stages > num_layers:
-        raise ValueError(f"stage {stage} of {stages} over {num_layers} layers: need 0 <= stage < stages <= layers")
-    return (num_layers * stage) // stages, (num_layers * (stage + 1)) // stages
-
-
 def one_f_one_b_order(M: int, stages: int, stage: int) -> list[tuple[str, int]]:
     """1F1B order of ('F'|'B', microbatch) on one stage: S-s-1 warm-up forwards, then F/B pairs, then drain."""
     warm = min(stages - stage - 1, M)

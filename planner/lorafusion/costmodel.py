@@ -25,7 +25,7 @@ from typing import Sequence
 
 from .jobs import SEGMENT_ALIGN
 
-__all__ = ["FWD_FRACTION", "StageCost", "stage_cost_from_profile", "padded", "SEGMENT_ALIGN"]
+__all__ = ["FWD_FRACTION", "StageCost", "stage_cost_from_profile", "stage_layers", "padded", "SEGMENT_ALIGN"]
 
 FWD_FRACTION = 1.0 / 3.0
 
@@ -67,18 +67,26 @@ class StageCost:
 
     def stage_scales(self, stages: int) -> list[float] | None:
         """Per-stage multipliers of ``packed_ms``/``padded_batch_ms`` for the split the trainer runs
-        (runtime.lora_trainer.stage_layers: stage s holds floor(L (s+1) / S) - floor(L s / S) of the L layers);
+        (:func:`stage_layers`: stage s holds floor(L (s+1) / S) - floor(L s / S) of the L layers);
         None when every stage holds ``layers_per_stage`` (L divisible by S). 5 layers over 4 stages are
         [1, 1, 1, 2]: the last stage takes 2 / 1.25 of the uniform share (the pipeline ran up to 1.39x slower than
         the plan said)."""
         total = self.layers_per_stage * stages
         L = round(total)
-        if stages <= 1 or L <= 0 or abs(total - L) > 1e-6 * max(1.0, total) or L % stages == 0:
+        if stages <= 1 or L < stages or abs(total - L) > 1e-6 * max(1.0, total) or L % stages == 0:
             return None
-        return [((L * (s + 1)) // stages - (L * s) // stages) / self.layers_per_stage for s in range(stages)]
+        return [(hi - lo) / self.layers_per_stage for lo, hi in (stage_layers(L, stages, s) for s in range(stages))]
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def stage_layers(num_layers: int, stages: int, stage: int) -> tuple[int, int]:
+    """Contiguous, balanced layer range [start, end) of ``stage``: the split the LoRA trainer runs
+    (runtime.lora_trainer imports it) and :meth:`StageCost.stage_scales` simulates."""
+    if not 0 <= stage < stages or stages > num_layers:
+        raise ValueError(f"stage {stage} of {stages} over {num_layers} layers: need 0 <= stage < stages <= layers")
+    return (num_layers * stage) // stages, (num_layers * (stage + 1)) // stages
 
 
 def stage_cost_from_profile(profile, layers: int, stages: int) -> StageCost:
