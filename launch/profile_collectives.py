@@ -30,12 +30,25 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             check_output_path(args.out, "--out")
+            from adasched.profiler.io import InputError
+
             nproc = os.environ.get("NPROC", "4")  # what profile_collectives.sh hands torchrun
             if not nproc.isdigit() or int(nproc) < 2:
-                from adasched.profiler.io import InputError
-
                 raise InputError("NPROC", f"{nproc}: collectives need >= 2 processes (or run `adasched profile "
                                           f"--no-collectives`)")
+            # the bounds `adasched profile --nproc` has (one GPU per nccl rank; a bounded number of CPU processes):
+            # NPROC=99999 passed this check and torchrun started 99,999 torch processes
+            import torch
+
+            from adasched.profiler.local import resolve_nproc
+
+            ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if ngpu and int(nproc) > ngpu:
+                raise InputError("NPROC", f"{nproc} ranks but only {ngpu} GPU(s) (nccl needs one GPU per rank)")
+            try:
+                resolve_nproc(int(nproc), quick=args.quick, collectives=True, ngpu=ngpu)
+            except ValueError as err:
+                raise InputError("NPROC", str(err).removeprefix("--nproc: ")) from None
         except ValueError as err:
             sys.stderr.write(error_line(err))
             return 2

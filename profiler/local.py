@@ -62,6 +62,10 @@ def _assemble(*, quick: bool, device, host, micro, coll, ranks_per_node: int, nu
     )
 
 
+CPU_WORKER_BYTES = 300 * 2**20
+"""Host memory of one gloo worker process (torch imported, nothing allocated), about."""
+
+
 def max_cpu_nproc() -> int:
     """Most gloo worker processes `adasched profile` spawns on a host without GPUs: each is a torch process
     (~0.3 GB), so twice the usable cores, at least 8, at most 64 (a power of two)."""
@@ -92,6 +96,15 @@ def resolve_nproc(nproc: int | None, *, quick: bool, collectives: bool, ngpu: in
 
         raise ValueError(f"--nproc: {nproc} worker processes is too many for this host ({_cores()} cores; at most "
                          f"{max_cpu_nproc()}: every rank is a torch process)")
+    if ngpu == 0:  # the largest all_gather holds the shard and the gathered n x shard on every rank, in host memory
+        # (64 ranks on a 32-core host: 65 GiB, an OOM kill after the whole run)
+        from .collectives import collective_config
+        from .io import check_host_memory
+
+        big = max(collective_config(quick, gpu=False).sizes)
+        need = nproc * (nproc + 1) * big + nproc * CPU_WORKER_BYTES
+        check_host_memory(need, "--nproc", f"{nproc} worker processes need about {need / 2**30:,.1f} GiB (torch "
+                                           f"processes and the largest all_gather's buffers)")
     return nproc
 
 
@@ -147,6 +160,9 @@ def profile_in_world(*, quick: bool, out: str | os.PathLike | None, microbench: 
     owns_pg = not dist.is_initialized()
     if owns_pg:
         if gpu:
+            if local_rank >= torch.cuda.device_count():  # (set_device's "invalid device ordinal" traceback)
+                raise InputError("--nproc_per_node", f"local rank {local_rank} but this node has "
+                                                     f"{torch.cuda.device_count()} GPU(s): nccl needs one per rank")
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if gpu else "gloo", timeout=datetime.timedelta(seconds=cfg.timeout_s))
     try:

@@ -98,3 +98,64 @@ def test_profile_collectives_check_refuses_fewer_than_two_ranks(nproc, rc, tmp_p
         assert err == f"error: NPROC: {nproc}: collectives need >= 2 processes (or run `adasched profile " \
                       "--no-collectives`)\n", err
     assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("nproc", ["99999", "65"])
+def test_profile_collectives_check_bounds_cpu_workers_like_profile(nproc, tmp_path, monkeypatch, capsys):
+    """--check took any NPROC >= 2: NPROC=99999 passed it and torchrun started that many torch processes, where
+    `adasched profile --nproc 99999` is refused; the same bound (max_cpu_nproc, at most 64) holds now."""
+    from adasched.launch.profile_collectives import main as check
+    from adasched.profiler.local import max_cpu_nproc
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setenv("NPROC", nproc)
+    assert check(["--check", "--out", str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: NPROC: {nproc} worker processes is too many for this host (") and \
+        err.endswith(f"at most {max_cpu_nproc()}: every rank is a torch process)\n") and err.count("\n") == 1, err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_profile_collectives_check_refuses_more_ranks_than_gpus(tmp_path, monkeypatch, capsys):
+    from adasched.launch.profile_collectives import main as check
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    monkeypatch.setenv("NPROC", "4")
+    assert check(["--check", "--out", str(tmp_path / "p.json")]) == 2
+    assert capsys.readouterr().err == "error: NPROC: 4 ranks but only 2 GPU(s) (nccl needs one GPU per rank)\n"
+
+
+def test_profile_nproc_refused_when_host_memory_cannot_hold_the_all_gathers(monkeypatch):
+    """The CPU worker cap counted cores only: 64 workers on a 32-core host passed, and the largest all_gather
+    (every rank: its shard + the gathered world x shard) needed 65 GiB - an OOM kill after the whole run."""
+    from adasched.profiler import inventory
+    from adasched.profiler.collectives import collective_config
+    from adasched.profiler.local import CPU_WORKER_BYTES, resolve_nproc
+
+    n = 8
+    need = n * (n + 1) * max(collective_config(False).sizes) + n * CPU_WORKER_BYTES
+    monkeypatch.setattr(inventory, "host_memory_bytes", lambda: need)
+    assert resolve_nproc(n, quick=False, collectives=True, ngpu=0) == n
+    monkeypatch.setattr(inventory, "host_memory_bytes", lambda: need - 1)
+    with pytest.raises(ValueError, match=rf"^--nproc: {n} worker processes need about {need / 2**30:,.1f} GiB "
+                                         r"\(torch processes and the largest all_gather's buffers\), more than this "
+                                         r"host's "):
+        resolve_nproc(n, quick=False, collectives=True, ngpu=0)
+    assert resolve_nproc(n, quick=False, collectives=True, ngpu=8) == n  # GPU buffers are not host memory
+
+
+def test_profile_in_world_local_rank_beyond_the_gpus_is_one_line(monkeypatch):
+    """A torchrun with more ranks per node than GPUs: every extra rank died in torch.cuda.set_device's "invalid
+    device ordinal" traceback (a RuntimeError the launcher does not catch)."""
+    import torch.distributed as dist
+
+    from adasched.profiler.local import profile_in_world
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match=r"^--nproc_per_node: local rank 3 but this node has 2 GPU\(s\): nccl needs "
+                                         r"one per rank$"):
+        profile_in_world(quick=True, out=None, microbench=False)
