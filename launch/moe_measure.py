@@ -488,11 +488,12 @@ def _rank_main(rank: int, world: int, configs: list[MeasureConfig], rep: Repeats
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    try:
-        return [_measure_config(c, rank, world, rep, seed) for c in configs]
-    finally:
-        gc.collect()          # drop finished async-work handles before the group is torn down (see train_moe)
-        dist.barrier()
+    out = [_measure_config(c, rank, world, rep, seed) for c in configs]
+    # (after success only: a barrier in a `finally` held a failed rank's error back until the collective timeout,
+    # its peers blocked in the collective it left)
+    gc.collect()          # drop finished async-work handles before the group is torn down (see train_moe)
+    dist.barrier()
+    return out
 
 # ---------------------------------------------------------------------------------------------------
 # prediction (planner side: pure functions of the measured numbers)

@@ -196,3 +196,40 @@ def test_bad_nproc(capsys, nproc, what):
     cap = capsys.readouterr()
     assert rc == 2 and cap.out == ""
     assert cap.err.startswith("error: --nproc: ") and what in cap.err and cap.err.count("\n") == 1, cap.err
+
+
+def _one_rank_fails_worker(rank, world):
+    """Rank 1's measurement raises at once; rank 0's waits in a receive from it (a peer in a collective)."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from adasched.launch import moe_measure
+
+    def measure(*args):
+        if rank == 1:
+            raise ValueError("measurement failed on rank 1")
+        dist.recv(torch.empty(1), src=1)
+    moe_measure._measure_config = measure
+    start = time.monotonic()
+    try:
+        return moe_measure._rank_main(rank, world, [None], None, 0)
+    finally:
+        if rank == 1:
+            assert time.monotonic() - start < 10, "the error was held back"
+
+
+def test_measure_rank_error_reaches_the_caller_without_waiting_for_the_timeout():
+    """_rank_main's dist.barrier() sat in a `finally`: a rank whose measurement raised waited there for peers
+    blocked in the collective it had left, and its error came out only after the collective timeout (up to
+    600 s), as a timeout error."""
+    import time
+
+    from adasched.runtime.dist import WorkerError, spawn_gloo
+
+    start = time.monotonic()
+    with pytest.raises(WorkerError) as info:
+        spawn_gloo(_one_rank_fails_worker, 2, timeout_s=60)
+    assert info.value.rank == 1 and "ValueError: measurement failed on rank 1" in str(info.value)
+    assert "held back" not in str(info.value) and time.monotonic() - start < 50
