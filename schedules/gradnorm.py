@@ -13,9 +13,12 @@ optimizer step, step from 0).
 
 Sharded training: gradients that are DTensors (FSDP2 ``fully_shard``, tensor parallel) are reduced over their
 device mesh, so every rank records the norms of the whole gradient. Optimizers whose parameters are each rank's
-disjoint slice as plain tensors (DeepSpeed ZeRO's fp32 partitions, ``engine.optimizer.optimizer``) need
-``process_group=`` (the data-parallel group): the per-rank sums are all-reduced. Without it each rank would log
-the norms of its own slice.
+disjoint slice as plain tensors (DeepSpeed ZeRO's fp32 partitions) need ``process_group=`` (the data-parallel
+group): the per-rank sums are all-reduced. Without it each rank would log the norms of its own slice. Under ZeRO
+pass the ZeRO optimizer itself, ``GradNormRecorder(engine.optimizer, process_group=...)``: it steps the torch
+optimizer it wraps once per parameter group (ZeRO-1/2) or sub-group (ZeRO-3), each call seeing only that part,
+so the recorder sums those calls into one row per ``engine.step()`` (given the torch optimizer inside, a
+multi-group ZeRO-1/2 step is refused rather than logged as one partial row per group).
 """
 from __future__ import annotations
 
@@ -45,7 +48,9 @@ def grad_norms_of(params, process_group=None) -> torch.Tensor:
     partitions): their squared l2 and l1 sums are all-reduced over that group (every rank of it must call)."""
     params = list(params)
     grads = [p.grad.detach() for p in params if p.grad is not None]
-    plain = [g for g in grads if not _is_dtensor(g)]
+    # sparse gradients (nn.Embedding(sparse=True)): the norms of their values, coalesced first (duplicate indices
+    # add up); vector_norm has no sparse kernel (the step raised NotImplementedError)
+    plain = [g.coalesce().values() if g.is_sparse else g for g in grads if not _is_dtensor(g)]
     # a rank without plain gradients still joins the all-reduce, with zeros on the parameters' device
     device = plain[0].device if plain else (params[0].device if params else torch.device("cpu"))
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of squares, sum of |g|]
@@ -73,21 +78,39 @@ def grad_norms_of(params, process_group=None) -> torch.Tensor:
 
 class GradNormRecorder:
     """Logs ``(l2, l1)`` of the gradients of every parameter in ``optimizer.param_groups`` at each step.
+    ``optimizer``: a torch optimizer, or a wrapper that steps the torch optimizer at its ``.optimizer`` in parts
+    (DeepSpeed's ZeRO optimizers, ``engine.optimizer``): one row per wrapper step, summed over its parts.
     ``process_group``: for optimizers over per-rank disjoint plain-tensor slices (DeepSpeed ZeRO), the group
     whose ranks hold the slices (see the module docstring); DTensor gradients need nothing."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, process_group=None):
+        outer = None
         if not hasattr(optimizer, "register_step_pre_hook"):
-            raise ValueError(f"optimizer: {type(optimizer).__name__} is not a torch.optim.Optimizer (for "
-                             "DeepSpeed, pass the torch optimizer it wraps: engine.optimizer.optimizer under "
-                             "ZeRO, with process_group=)")
+            inner = getattr(optimizer, "optimizer", None)
+            if not (hasattr(inner, "register_step_pre_hook") and callable(getattr(optimizer, "step", None))):
+                raise ValueError(f"optimizer: {type(optimizer).__name__} is not a torch.optim.Optimizer nor a "
+                                 "wrapper of one (for DeepSpeed, pass engine.optimizer, with process_group= under "
+                                 "ZeRO)")
+            outer, optimizer = optimizer, inner
         self.optimizer = optimizer
+        self.outer = outer
+        """The wrapper whose ``step`` is one row (None: each ``optimizer.step()`` is)."""
         self.process_group = process_group
         self._norms: list[torch.Tensor] = []
         self._handles: list = []
         self._after_closure = False
+        self._groups = 0  # param groups at attach (a ZeRO-1/2 part-step shows fewer)
+        self._part: torch.Tensor | None = None  # [sum of squares, l1, skipped] of the wrapper step's parts so far
+        self._in_outer = False
+        self._outer_step = None  # the wrapper's own ``step`` attribute, when it had one, to restore
 
     def _record(self, optimizer) -> None:
+        if self.outer is None and len(optimizer.param_groups) < self._groups:
+            # DeepSpeed ZeRO-1/2 steps the torch optimizer once per group, each call seeing that group alone: one
+            # row per group of partial norms (2 groups: 2N rows, each a part of the norm) was logged
+            raise RuntimeError(f"GradNormRecorder: optimizer.step() ran on {len(optimizer.param_groups)} of its "
+                               f"{self._groups} parameter groups (DeepSpeed ZeRO steps them one at a time): record "
+                               f"the wrapper instead, GradNormRecorder(engine.optimizer, process_group=...)")
         params = [p for g in optimizer.param_groups for p in g["params"]]
         norms = grad_norms_of(params, self.process_group)
         # GradScaler with an optimizer that unscales inside its step (fused=True: _step_supports_amp_scaling) hands
@@ -99,7 +122,34 @@ class GradNormRecorder:
             norms = norms / scale.detach().reshape(-1)[0].to(norms.device, torch.float64)
         skip = (found.detach().reshape(-1)[0].to(norms.device, torch.float64) if isinstance(found, torch.Tensor)
                 else norms.new_zeros(()))
+        if self._in_outer:  # one part of the wrapper's step: summed (squares for l2) into its row
+            part = torch.stack([norms[0].square(), norms[1], skip.reshape(())])
+            if self._part is None:
+                self._part = part
+            else:
+                self._part = torch.stack([self._part[0] + part[0], self._part[1] + part[1],
+                                          torch.maximum(self._part[2], part[2])])
+            return
         self._norms.append(torch.cat([norms, skip.reshape(1)]))
+
+    def _wrap_outer_step(self) -> None:
+        outer = self.outer
+        self._outer_step = outer.__dict__.get("step")
+        step = outer.step
+
+        @functools.wraps(step)
+        def recorded_step(*args, **kwargs):
+            self._in_outer, self._part = True, None
+            try:
+                out = step(*args, **kwargs)
+            finally:
+                self._in_outer = False
+            part, self._part = self._part, None
+            if part is not None:  # (a step ZeRO skipped, fp16 overflow, called no part: no row)
+                self._norms.append(torch.stack([part[0].sqrt(), part[1], part[2]]))
+            return out
+
+        outer.step = recorded_step
 
     def _pre_hook(self, optimizer, args, kwargs) -> None:
         # a closure recomputes the gradients inside step(): record after it instead of the stale ones. torch passes
@@ -118,13 +168,21 @@ class GradNormRecorder:
 
     def attach(self) -> "GradNormRecorder":
         if not self._handles:
+            self._groups = len(self.optimizer.param_groups)
             self._handles = [self.optimizer.register_step_pre_hook(self._pre_hook),
                              self.optimizer.register_step_post_hook(self._post_hook)]
+            if self.outer is not None:
+                self._wrap_outer_step()
         return self
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
+        if self._handles and self.outer is not None:
+            if self._outer_step is not None:
+                self.outer.step = self._outer_step
+            else:
+                del self.outer.step  # the class's method again
         self._handles = []
 
     @contextmanager

@@ -182,11 +182,14 @@ def test_recorder_refuses_a_non_torch_optimizer():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["fsdp2", "zero2", "zero1"])
+@pytest.mark.parametrize("mode", ["fsdp2", "zero2", "zero1", "zero2-groups", "zero3-groups", "zero2-groups-inner"])
 def test_sharded_gradients_give_the_whole_gradients_norms(tmp_path, mode):
     """2 gloo ranks: FSDP2 (DTensor gradients) and DeepSpeed ZeRO-1/2 (each rank's fp32 partition, with
     process_group) log the norms of the whole averaged gradient on every rank - before, each rank logged its own
-    shard's norms (l2 0.41 against 0.82, l1 2.79 / 2.13 against 4.92 on the first FSDP2 step)."""
+    shard's norms (l2 0.41 against 0.82, l1 2.79 / 2.13 against 4.92 on the first FSDP2 step). With two parameter
+    groups ZeRO steps the torch optimizer once per group (ZeRO-1/2) or sub-group (ZeRO-3), each call seeing only
+    its part: 3 steps logged 6 rows of partial norms (l2 0.613, 0.542 for a whole 0.818); the recorder on
+    engine.optimizer sums the parts into one row per step, and on the torch optimizer inside it refuses."""
     import json
     import os
     import subprocess
@@ -205,6 +208,33 @@ def test_sharded_gradients_give_the_whole_gradients_norms(tmp_path, mode):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for r in (0, 1):
         got = json.loads((tmp_path / f"rank{r}.json").read_text())
-        assert len(got["l2"]) == 3
+        if mode.endswith("-inner"):
+            assert got["error"].startswith("GradNormRecorder: optimizer.step() ran on 1 of its 2 parameter groups") \
+                and got["rows"] == 0, got
+            continue
+        assert len(got["l2"]) == 3 and got.get("restored", True)
         np.testing.assert_allclose(got["l2"], [w[0] for w in got["want"]], rtol=1e-9)
         np.testing.assert_allclose(got["l1"], [w[1] for w in got["want"]], rtol=1e-9)
+
+
+def test_sparse_gradients_are_recorded_by_their_coalesced_values():
+    """nn.Embedding(sparse=True) with SGD/SparseAdam: vector_norm has no sparse kernel, so the recorder's pre-hook
+    raised NotImplementedError inside optimizer.step(). The norms are those of the dense gradient (duplicate
+    indices summed first)."""
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence().entropy % 2**31))
+    emb = torch.nn.Embedding(11, 5, sparse=True)
+    lin = torch.nn.Linear(5, 3)
+    opt = torch.optim.SGD(list(emb.parameters()) + list(lin.parameters()), lr=0.1)
+    rec = GradNormRecorder(opt)
+    want = []
+    with rec.recording():
+        for _ in range(3):
+            idx = torch.randint(0, 11, (16,), generator=gen)  # repeated indices: an uncoalesced gradient
+            lin(emb(idx)).pow(2).mean().backward()
+            dense = torch.cat([emb.weight.grad.to_dense().reshape(-1), lin.weight.grad.reshape(-1),
+                               lin.bias.grad]).double()
+            want.append([float(dense.norm()), float(dense.abs().sum())])
+            opt.step()
+            opt.zero_grad()
+    np.testing.assert_allclose(rec.l2, [w[0] for w in want], rtol=1e-12)
+    np.testing.assert_allclose(rec.l1, [w[1] for w in want], rtol=1e-12)

@@ -1,7 +1,9 @@
 """Not a test module: the 2-rank worker of test_gradnorm.py's sharded cases (run by torchrun; named test_* only to
 sit beside it). Mode "fsdp2": a model under ``fully_shard`` (DTensor gradients), GradNormRecorder without a group.
 Mode "zero1"/"zero2": DeepSpeed ZeRO-1/2 on gloo, the recorder on the wrapped torch optimizer with
-``process_group``. Both ranks also train a plain replica whose gradients are all-reduced by hand (the gradient the
+``process_group``. Modes "zero2-groups"/"zero3-groups": two parameter groups (weight decay / none, which ZeRO
+steps one at a time), the recorder on the ZeRO optimizer itself (``engine.optimizer``); "zero2-groups-inner": the
+same on the torch optimizer inside, which must refuse the part-steps. Both ranks also train a plain replica whose gradients are all-reduced by hand (the gradient the
 sharded step applies) and write the recorder's rows and the replica's norms to OUT/rank{r}.json."""
 from __future__ import annotations
 
@@ -17,6 +19,12 @@ def model_pair(torch):
     m, ref = make(), make()
     ref.load_state_dict(m.state_dict())
     return m, ref
+
+
+def groups_of(model) -> list[dict]:
+    """Weights decayed, biases not: two parameter groups."""
+    return [{"params": [p for n, p in model.named_parameters() if n.endswith("weight")], "weight_decay": 0.1},
+            {"params": [p for n, p in model.named_parameters() if n.endswith("bias")], "weight_decay": 0.0}]
 
 
 def main(mode: str, out_dir: str) -> None:
@@ -46,18 +54,36 @@ def main(mode: str, out_dir: str) -> None:
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # gloo all-reduce, no JIT-compiled op
         deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=60))
         m, ref = model_pair(torch)
+        stage = int(mode[4])
         cfg = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "steps_per_print": 10**9,
-               "zero_optimization": {"stage": int(mode[-1])}, "zero_allow_untested_optimizer": True}
-        m, dsopt, _, _ = deepspeed.initialize(model=m, optimizer=torch.optim.AdamW(m.parameters(), lr=1e-2),
-                                              config=cfg)
-        rec = GradNormRecorder(dsopt.optimizer, process_group=dist.group.WORLD)
+               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
+        params = groups_of(m) if "groups" in mode else m.parameters()
+        m, dsopt, _, _ = deepspeed.initialize(model=m, optimizer=torch.optim.AdamW(params, lr=1e-2), config=cfg)
+        if mode.endswith("groups"):
+            rec = GradNormRecorder(dsopt, process_group=dist.group.WORLD)
+            assert rec.optimizer is dsopt.optimizer and rec.outer is dsopt
+        else:
+            rec = GradNormRecorder(dsopt.optimizer, process_group=dist.group.WORLD)
 
         def step(loss):
             m.backward(loss)
             m.step()
     rank, world = dist.get_rank(), dist.get_world_size()
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    ref_opt = torch.optim.AdamW(groups_of(ref) if "groups" in mode else ref.parameters(), lr=1e-2)
     want = []
+    if mode.endswith("-inner"):  # the torch optimizer inside sees one group per call: refused, not logged in parts
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(rank))
+        with rec.recording():
+            try:
+                step(m(x).pow(2).mean())
+                err = None
+            except RuntimeError as e:
+                err = str(e)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+            json.dump({"error": err, "rows": len(rec)}, fh)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     with rec.recording():
         for s in range(3):
             x = torch.randn(4, 6, generator=torch.Generator().manual_seed(10 * s + rank))
@@ -70,8 +96,9 @@ def main(mode: str, out_dir: str) -> None:
             want.append([float(flat.norm()), float(flat.abs().sum())])
             ref_opt.step()
             ref_opt.zero_grad()
+    restored = "step" not in getattr(rec.outer, "__dict__", {})  # detach gave the wrapper its own step back
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-        json.dump({"l2": rec.l2, "l1": rec.l1, "want": want}, fh)
+        json.dump({"l2": rec.l2, "l1": rec.l1, "want": want, "restored": restored}, fh)
     dist.barrier()
     # both results are written: leave without the process-group / interpreter teardown, where rank 0 aborted now
     # and then under load ("terminate called without an active exception", SIGABRT: 2 runs of 10 failed)
