@@ -245,7 +245,16 @@ def check_graph(graph: Graph, machine: Machine, where: str = "graph") -> Problem
                 raise InputError(where, f"edges[{i}] {e.label()}: unknown op {end!r}")
     cyc = _zero_distance_cycle(graph)
     if cyc:
-        raise InputError(where, f"edges: cycle of zero total distance {' -> '.join(cyc)} (no legal schedule)")
+        delay = {}
+        for e in graph.edges:
+            if e.distance == 0:
+                delay[e.src, e.dst] = max(e.delay, delay.get((e.src, e.dst), e.delay))
+        total = sum(delay[a, b] for a, b in zip(cyc, cyc[1:]))
+        why = "no legal schedule" if total > 0 else (  # (delays summing to <= 0: the ops could issue in one
+            # cycle; "no legal schedule" was not true)
+            f"a dependence cycle inside one iteration, here of total delay {total}: not supported - merge its ops or "
+            f"give one edge distance 1")
+        raise InputError(where, f"edges: cycle of zero total distance {' -> '.join(cyc)} ({why})")
     warp = graph.has_warp_fields()
     room = machine.regs_per_group_max - machine.group_base_regs
     for i, o in enumerate(graph.ops):

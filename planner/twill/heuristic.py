@@ -285,6 +285,9 @@ def _retime(problem: Problem, ii: int, times: dict[str, int], groups: dict[str, 
             w += m.handoff_cycles
         lower.append((e.src, e.dst, -(-(w - res[e.dst] + res[e.src]) // ii)))  # k_dst >= k_src + this
     copies = {o.name: max(1, -(-o.length // ii)) for o in held}
+    for e in g.edges:  # x[i] = f(x[i - d]) in place: the value outlives d - 1 later instances, whatever the stages
+        if e.value and e.src == e.dst and e.src in copies:
+            copies[e.src] = max(copies[e.src], e.distance - 1 + -(-length[e.src] // ii))
     cost = {o.name: (o.regs or 0) + (o.smem or 0) for o in held}
     # the budgets' running totals (one more buffer of v changes only its group's registers and the shared memory:
     # the same test as _fits, in O(1) per candidate)
@@ -299,6 +302,7 @@ def _retime(problem: Problem, ii: int, times: dict[str, int], groups: dict[str, 
               and smem <= m.smem_capacity)  # when not, no buffer can be added (_fits fails every trial)
     # consumers of each held value: (consumer, distance), for the lifetime rows
     reads = [(e.src, e.dst, e.distance) for e in g.edges if e.value and e.src != e.dst and e.src in copies]
+    # (self-loops are met by the counts above: their rows do not depend on the stages)
     for _ in range(4 * len(held) + 4):
         if deadline is not None and time.perf_counter() >= deadline:
             return None
@@ -367,7 +371,7 @@ def assignments(problem: Problem) -> list[dict[str, int]]:
     # a value read d iterations later needs about d buffers whatever the schedule
     depth = {o.name: 1 for o in g.ops}
     for e in g.edges:
-        if e.value and e.src != e.dst:
+        if e.value:  # (a self-loop too: x[i] = f(x[i - d]) keeps d copies)
             depth[e.src] = max(depth[e.src], e.distance)
     need = {o.name: (o.regs or 0) * depth[o.name] for o in g.ops}
     out: list[dict[str, int]] = []

@@ -62,8 +62,8 @@ def value_lifetimes(graph: Graph, ii: int, times: dict[str, int]) -> dict[str, i
     length = {o.name: o.length for o in graph.ops}
     life = dict(length)
     for e in graph.edges:
-        if e.value and e.src != e.dst:
-            end = times[e.dst] + ii * e.distance + length[e.dst]
+        if e.value and (e.src != e.dst or e.distance >= 2):  # a self-loop: in place, d - 1 later instances
+            end = times[e.dst] + ii * (e.distance - (e.src == e.dst)) + length[e.dst]
             life[e.src] = max(life[e.src], end - times[e.src])
     return life
 

@@ -135,11 +135,15 @@ def ii_cap(problem: Problem, warp: bool) -> int:
 
 
 def _value_consumers(problem: Problem):
-    """op -> [(consumer, distance)] over value edges, self-loops (in-place accumulators) excluded."""
+    """op -> [(consumer, distance)] over value edges. A self-loop of distance d reads the value d iterations
+    later and the op writes in place, so the value outlives d - 1 later instances: (op, d - 1), which the
+    lifetime rule ``t_c + I * distance + len_c - t_p`` turns into (d - 1) I + len; an in-place accumulator
+    (d = 1) adds nothing. (Dropping every self-loop gave x[i] = f(x[i - 3]) one buffer: 224 registers planned
+    for a value needing 3 x 200 + 24.)"""
     out: dict[str, list[tuple[str, int]]] = {o.name: [] for o in problem.graph.ops}
     for e in problem.graph.edges:
-        if e.value and e.src != e.dst:
-            out[e.src].append((e.dst, e.distance))
+        if e.value and (e.src != e.dst or e.distance >= 2):
+            out[e.src].append((e.dst, e.distance - (e.src == e.dst)))
     return out
 
 

@@ -169,9 +169,11 @@ def min_ii_warp(graph: dict, machine: dict, *, max_ii: int = 32, max_copies: int
                     if length[i] > copies[i] * ii:
                         return False
                     for e in edges:
-                        if e["from"] == names[i] and e.get("value", True) and e["to"] != e["from"]:
+                        d = e.get("distance", 0)
+                        if e["from"] == names[i] and e.get("value", True) and (e["to"] != e["from"] or d >= 2):
                             w = idx[e["to"]]
-                            up = copies[i] * ii - ii * e.get("distance", 0) - length[w]  # t_w - t_i <= up
+                            # (a self-loop writes in place: its value lasts until the instance d - 1 later ends)
+                            up = copies[i] * ii - ii * (d - (w == i)) - length[w]  # t_w - t_i <= up
                             cons.append((w, i, -((up - r[w] + r[i]) // ii)))
                 k = [0] * n
                 for _ in range(n + 1):

@@ -112,10 +112,17 @@ class TwillPlan(Plan):
         if self.ops and self.stages != max(s.stage for s in self.ops) + 1:
             errors.append(f"stages {self.stages} != the last op's stage + 1 ({max(s.stage for s in self.ops) + 1})")
         try:
-            from .graph import Graph, Machine
+            from adasched.profiler.io import InputError
+
+            from .graph import Graph, Machine, check_graph
 
             graph = Graph.model_validate(self.graph)
-            digest = inputs_digest(graph, Machine.model_validate(self.machine))
+            machine = Machine.model_validate(self.machine)
+            digest = inputs_digest(graph, machine)
+            try:  # the rules a graph file meets (unique op names, known endpoints and units, no zero-distance cycle)
+                check_graph(graph, machine)
+            except InputError as err:
+                errors.append(f"graph / machine: {err}")
             # (on the validated graph: a hand-edited 'reserve' of another shape was a TypeError traceback)
             reserved = {o.name: sorted(u for u, row in o.reserve.items() if any(row)) for o in graph.ops}
             for s in self.ops:  # the units drawn for an op are the ones its reservation table holds

@@ -70,16 +70,18 @@ def simulate_schedule(graph: dict, machine: dict, ii: int, times: dict[str, int]
         edges_in[e["to"]].append(e)
     # buffers: a value live L cycles has ceil(L / I) copies; instance it of u reuses the copy of it - depth,
     # so it waits until every consumer of that older copy has finished (the 'empty' barrier)
+    # (a self-loop of distance d writes in place: its value outlives the d - 1 later instances, so it counts as
+    # read by the instance d - 1 later; d = 1, an in-place accumulator, adds nothing)
+    uses = [e if e["from"] != e["to"] else dict(e, distance=e.get("distance", 0) - 1) for e in graph["edges"]
+            if e.get("value", True) and (e["from"] != e["to"] or e.get("distance", 0) >= 2)]
     life = dict(length)
-    for e in graph["edges"]:
-        if e.get("value", True) and e["from"] != e["to"]:
-            end = times[e["to"]] + ii * e.get("distance", 0) + length[e["to"]]
-            life[e["from"]] = max(life[e["from"]], end - times[e["from"]])
+    for e in uses:
+        end = times[e["to"]] + ii * e.get("distance", 0) + length[e["to"]]
+        life[e["from"]] = max(life[e["from"]], end - times[e["from"]])
     depth = {v: max(1, -(-life[v] // ii)) for v in order}
     reuse: dict[str, list[dict]] = {v: [] for v in order}
-    for e in graph["edges"]:
-        if e.get("value", True) and e["from"] != e["to"]:
-            reuse[e["from"]].append(e)
+    for e in uses:
+        reuse[e["from"]].append(e)
     rng = random.Random(seed)
     # per op, per iteration (the same random draws, in the same order, as a dict over (op, iteration))
     extra = [[(rng.randint(0, jitter) if jitter and ops[v].get("variable_latency") else 0) for _ in range(n_it)]

@@ -30,6 +30,9 @@ def validate(graph: dict, machine: dict, plan: dict) -> list[str]:
     if ii < 1:
         return [f"ii = {ii} < 1"]
     ops = {o["name"]: o for o in graph["ops"]}
+    if len(ops) != len(graph["ops"]):  # (the dict kept the last of each name: a hidden op's units went unchecked)
+        names = [o["name"] for o in graph["ops"]]
+        return [f"graph: op {n!r} defined {names.count(n)} times" for n in sorted(set(names)) if names.count(n) > 1]
     slots = {}
     for s in plan["ops"]:
         if s["name"] in slots:
@@ -103,8 +106,9 @@ def validate(graph: dict, machine: dict, plan: dict) -> list[str]:
     life = {v: _len(op) for v, op in ops.items()}
     for e in graph.get("edges", []):
         u, v = e["from"], e["to"]
-        if e.get("value", True) and u != v:
-            life[u] = max(life[u], t[v] + ii * e.get("distance", 0) + _len(ops[v]) - t[u])
+        dist = e.get("distance", 0)
+        if e.get("value", True) and (u != v or dist >= 2):  # a self-loop writes in place: d - 1 later instances
+            life[u] = max(life[u], t[v] + ii * (dist - (u == v)) + _len(ops[v]) - t[u])
     buffers = plan.get("buffers", {})
     depth = {}
     for v, op in ops.items():

@@ -36,7 +36,9 @@ def reference(graph, machine, ii, times, groups, *, units=None, warp=True, itera
     stages = max(times.values()) // ii + 1
     n_it = iterations or max(48, 6 * stages + 8)
     lane = dict(groups) if warp else {v: i for i, v in enumerate(order)}
-    values = [e for e in graph["edges"] if e.get("value", True) and e["from"] != e["to"]]
+    # a self-loop of distance d writes in place: its value is last needed by the instance d - 1 later
+    values = [e if e["from"] != e["to"] else {**e, "distance": e.get("distance", 0) - 1} for e in graph["edges"]
+              if e.get("value", True) and (e["from"] != e["to"] or e.get("distance", 0) >= 2)]
     life = dict(length)
     for e in values:
         end = times[e["to"]] + ii * e.get("distance", 0) + length[e["to"]]

@@ -61,7 +61,11 @@ def test_plan_twill_user_graph_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("ops,edges,needle", [
     ([{"name": "A", "reserve": {"TC": [1]}}, {"name": "B", "reserve": {"TC": [1]}}],
-     [{"from": "A", "to": "B", "delay": 1}, {"from": "B", "to": "A", "delay": 0}], "zero total distance A -> B -> A"),
+     [{"from": "A", "to": "B", "delay": 1}, {"from": "B", "to": "A", "delay": 0}],
+     "zero total distance A -> B -> A (no legal schedule)"),
+    ([{"name": "A", "reserve": {"TC": [1]}}, {"name": "B", "reserve": {"SFU": [1]}}],  # delays 0: "no legal" was false
+     [{"from": "A", "to": "B", "delay": 0}, {"from": "B", "to": "A", "delay": 0}],
+     "zero total distance A -> B -> A (a dependence cycle inside one iteration, here of total delay 0: not supported"),
     ([{"name": "A", "reserve": {"TC": [1]}}], [{"from": "A", "to": "X", "delay": 1}], "edges[0] A->X: unknown op 'X'"),
     ([{"name": "A", "reserve": {"FPGA": [1]}}], [], "'A': reserves unit 'FPGA'"),
     ([{"name": "A", "reserve": {"TC": [1]}, "regs": 400}], [], "'A': needs 400 registers"),

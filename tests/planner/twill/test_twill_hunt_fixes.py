@@ -7,6 +7,7 @@ dependences, cut that schedule off, and CP-SAT proved a schedulable I infeasible
 schedule at that I then passed the validator; a wrong I or "no schedule" when it did not)."""
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -382,3 +383,79 @@ def test_machine_resources_are_bounded(field, tmp_path, capsys):
     path.write_text(json.dumps(dict(base, **{field: MAX_RESOURCE})))
     assert main(["plan", "twill", "--graph", "fa3-hopper", "--machine", str(path), "--out", str(out),
                  "--time-limit", "5"]) == 0 and out.exists()
+
+
+@pytest.mark.parametrize("d", [2, 3, 5])
+def test_a_self_loop_read_d_iterations_later_keeps_d_buffers(d):
+    """x[i] = f(x[i - d]) written in place: every layer (CP-SAT model, heuristic, validator, knobs, simulator)
+    dropped value self-loops as in-place accumulators, right for d = 1 only; at d >= 2 the value outlives the d - 1
+    later instances, so d copies. A 200-register op at d = 3 was planned in 224 registers ("proved minimal", the
+    validator agreeing) where it needs 3 x 200 + 24 > 240 at any I."""
+    from adasched.planner.twill.heuristic import heuristic_schedule
+    from adasched.planner.twill.knobs import buffer_depths
+    from adasched.planner.twill.simsched import simulate_schedule
+
+    regs = random.Random().choice([16, 40, 64]) if d < 5 else 40
+    gd = {"name": f"selfloop-d{d}", "units": {"TC": 1},
+          "ops": [{"name": "A", "reserve": {"TC": [1]}, "regs": regs},
+                  {"name": "B", "reserve": {"SFU": [1]}, "regs": 8}],
+          "edges": [{"from": "A", "to": "A", "delay": 1, "distance": d},
+                    {"from": "B", "to": "B", "delay": 1, "distance": 1}]}  # an accumulator: one buffer
+    plan = _plan_of(gd)
+    assert plan.ii == 1 and plan.buffers["A"] == d and plan.buffers.get("B", 1) == 1
+    base = H100.group_base_regs
+    group_of = {v: g.index for g in plan.warp_groups for v in g.ops}
+    regs_of = {g.index: g.regs for g in plan.warp_groups}
+    if group_of["A"] == group_of["B"]:
+        assert regs_of[group_of["A"]] == base + d * regs + 8
+    else:
+        assert (regs_of[group_of["A"]], regs_of[group_of["B"]]) == (base + d * regs, base + 8)
+    times = {s.name: s.issue_cycle for s in plan.ops}
+    prob = check_graph(Graph.model_validate(gd), H100)
+    assert buffer_depths(prob.graph, plan.ii, times)["A"] == d
+    # the validator refuses one buffer fewer
+    short = plan.model_copy(update={"buffers": {**plan.buffers, "A": d - 1}})
+    assert any(e.startswith(f"value A: {d - 1} buffers < {d} needed") for e in short.verify()), short.verify()
+    # the simulator waits for the buffer: one iteration per cycle still, and no deadlock
+    assert plan.sim_cycles_per_iteration == 1.0 and plan.sim_replay_exact and not plan.sim_deadlock
+    sim = simulate_schedule(gd, H100.model_dump(), 1, times, {"A": 0, "B": 0}, warp=False, mode="timed")
+    assert not sim.deadlock and sim.cycles_per_iteration == 1.0
+    heur = heuristic_schedule(prob, warp=True, time_limit=2.0)
+    assert heur is not None and heur.ii == 1 and heur.copies["A"] == d
+
+
+def test_a_self_loop_needing_more_registers_than_a_group_has_is_refused(tmp_path, capsys):
+    from adasched.planner.cli import main
+
+    gpath = tmp_path / "g.json"
+    gpath.write_text('{"name": "selfloop-d3", "units": {"TC": 1}, "ops": [{"name": "A", "reserve": {"TC": [1]}, '
+                     '"regs": 200}], "edges": [{"from": "A", "to": "A", "delay": 1, "distance": 3}]}')
+    assert main(["plan", "twill", "--graph", str(gpath), "--machine", "h100", "--time-limit", "2",
+                 "--out", str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: graph 'selfloop-d3': no warp-specialised schedule: the register, shared-memory or "
+                          "warp-group limits cannot be met") and err.count("\n") == 1, err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_a_plan_whose_embedded_graph_repeats_an_op_name_fails_verification(tmp_path, capsys, assert_show_refuses):
+    """The validator read the embedded graph's ops into a dict (the last of each name kept) and verify never ran
+    check_graph: a second op 'P' holding the only tensor core for 5 cycles (ResMII 7) inserted into a plan of
+    I = 2, with the inputs digest recomputed, verified and showed as "proved minimal"."""
+    from adasched.planner.plan import inputs_digest
+    from adasched.planner.twill.graph import Machine
+    from adasched.planner.twill.validator import validate
+
+    plan = _plan_of({"name": "toy", "ops": [{"name": "S", "reserve": {"TC": [1]}},
+                                            {"name": "P", "reserve": {"SFU": [1]}}],
+                     "edges": [{"from": "S", "to": "P", "delay": 1, "distance": 0}]})
+    good = plan.model_dump(mode="json")
+    n = random.Random().randint(3, 9)
+
+    def dup(d):
+        d["graph"]["ops"].insert(0, {"name": "P", "reserve": {"TC": [1] * n}})
+        d["inputs_digest"] = inputs_digest(Graph.model_validate(d["graph"]), Machine.model_validate(d["machine"]))
+    d = json.loads(json.dumps(good))
+    dup(d)
+    assert validate(d["graph"], d["machine"], d) == ["graph: op 'P' defined 2 times"]
+    assert_show_refuses(good, [(dup, "graph / machine: graph: ops[2]: duplicate op name 'P'")])
