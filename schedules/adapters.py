@@ -265,7 +265,11 @@ class MegatronParamScheduler:
     def get_lr(self, param_group: dict) -> float:
         max_lr = param_group.get("max_lr", self.max_lr)
         min_lr = param_group.get("min_lr", self.min_lr)
-        if self.lr_warmup_steps > 0 and self.num_steps <= self.lr_warmup_steps:
+        # Megatron's warmup includes its last step (the decay's value at z = 0 is 1 for its styles); a refined
+        # table starts below 1, so its first decay step is the warmup's end (it ran one step at max_lr, up to 31x
+        # the schedule's lr there)
+        end = self.lr_warmup_steps - (self.lr_decay_style == "refined")
+        if self.lr_warmup_steps > 0 and self.num_steps <= end:
             return self.init_lr + (max_lr - self.init_lr) * float(self.num_steps) / float(self.lr_warmup_steps)
         if self.lr_decay_style == "constant":
             return max_lr

@@ -79,10 +79,16 @@ def _check_phi(phi: float) -> float:
 
 def uba_multiplier(z: float, phi: float = UBA_DEFAULT_PHI) -> float:
     """UBA (Tang et al., NeurIPS 2025): ``2 u / (2 phi + (2 - phi) u)`` with ``u = 1 + cos(pi z)``.
-    phi = 2 is exactly cosine; phi < 2 stays high longer; phi > 2 decays faster."""
+    phi = 2 is exactly cosine; phi < 2 stays high longer; phi > 2 decays faster.
+
+    Computed as the same ``c^2 / (c^2 + (phi / 2) s^2)``, c = cos(pi z / 2), s = sin(pi z / 2) (u = 2 c^2,
+    2 - u = 2 s^2), for phi >= 2 with c^2 + s^2 = 1 (``c^2 / (1 + (phi / 2 - 1) s^2)``: exactly cosine at phi = 2):
+    sums of positive terms, where the published form cancels for large phi (phi >= 2**53: 0 / 0 at z = 0, a
+    ZeroDivisionError traceback from `schedules plot uba:1e17`; nan at 1e308)."""
     phi = _check_phi(phi)
-    u = 1.0 + math.cos(math.pi * _clip01(z))
-    return 2.0 * u / (2.0 * phi + (2.0 - phi) * u)
+    z = _clip01(z)
+    c2, s2 = 0.5 * (1.0 + math.cos(math.pi * z)), math.sin(0.5 * math.pi * z) ** 2  # (c2 exactly 0 at z = 1)
+    return c2 / (c2 + 0.5 * phi * s2) if phi < 2.0 else c2 / (1.0 + (0.5 * phi - 1.0) * s2)
 
 
 def warmup_decay_multiplier(step: int, warmup_steps: int, total_steps: int,
@@ -311,7 +317,10 @@ class WarmupDecay(LRScheduler):
         groups = self.optimizer.param_groups
         if self._is_initial or self._own_lrs is None:
             if self.last_epoch == 0 and self._keep_prior_factor:  # fresh start: keep another scheduler's factor
-                scales = [float(g["lr"]) / b if b != 0 else 1.0 for g, b in zip(groups, self.base_lrs)]
+                # (an lr of 0 says nothing of a factor - a warmup's first step, this schedule built a second time
+                # over its own first value: taken as 0 it held the lr at 0 for the whole run)
+                scales = [float(g["lr"]) / b if b != 0 and float(g["lr"]) != 0 else 1.0
+                          for g, b in zip(groups, self.base_lrs)]
             else:  # made with last_epoch >= 0 (resume): closed form
                 scales = [1.0] * len(target)
         else:

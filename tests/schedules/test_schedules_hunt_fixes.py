@@ -288,3 +288,74 @@ def test_plot_labels_constant_as_without_warmup():
     assert label == "constant (no warmup)" and m.tolist() == [1.0] * (n + 1)
     assert schedule_curve("constant", n, 0)[0] == "constant"
     assert schedule_curve("rex", n, w)[1][0] == 0.0  # the others warm up from 0
+
+
+def _one_param_opt(lr=1e-3):
+    return torch.optim.AdamW([torch.nn.Parameter(torch.randn(3))], lr=lr)
+
+
+@pytest.mark.parametrize("first", ["rex-warmup", "hf-linear-warmup", "lambda-warmup"])
+def test_a_schedule_built_over_an_lr_of_0_is_not_held_at_0(first):
+    """A fresh scheduler reads the group's lr over its base lr as another scheduler's factor; an lr of 0 (a warmup's
+    first value: a scheduler built a second time, a dry-run plot before training, a warmup LambdaLR made first)
+    was a factor 0 and held the lr at 0 for the whole run. It counts as no factor now: the same lrs as one REX."""
+    from transformers import get_linear_schedule_with_warmup
+
+    W, T = int(np.random.default_rng().integers(2, 12)), 100
+    ref_opt = _one_param_opt()
+    ref = REX(ref_opt, T, warmup_steps=W)
+    opt = _one_param_opt()
+    {"rex-warmup": lambda: REX(opt, T, warmup_steps=W),
+     "hf-linear-warmup": lambda: get_linear_schedule_with_warmup(opt, W, T),
+     "lambda-warmup": lambda: torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, t / W))}[first]()
+    assert opt.param_groups[0]["lr"] == 0.0
+    sched = REX(opt, T, warmup_steps=W)
+    want, got = [], []
+    for _ in range(T + 2):
+        for o, s, out in ((ref_opt, ref, want), (opt, sched, got)):
+            o.step()
+            s.step()
+            out.append(o.param_groups[0]["lr"])
+    assert got == want and max(got) == pytest.approx(1e-3)
+
+
+def test_megatron_refined_style_starts_its_decay_at_the_end_of_warmup():
+    """Megatron's warmup includes its last step (max_lr there); for the refined style, whose table starts below 1,
+    the adapter ran that step at max_lr where Refined and the LambdaLR factory give table[0] x max_lr (31x less on
+    the hunt's norms). Every step now equals the plain schedule."""
+    from adasched.schedules import Refined
+    from adasched.schedules.adapters import MegatronParamScheduler
+
+    rng = np.random.default_rng()
+    N, W, gbs = 40, int(rng.integers(2, 8)), 8
+    norms = np.exp(rng.normal(size=N)) * np.linspace(3, 1, N)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.randn(1))], lr=1.0)
+    meg = MegatronParamScheduler(opt, init_lr=0.0, max_lr=1.0, min_lr=0.0, lr_warmup_steps=W * gbs,
+                                 lr_decay_steps=N * gbs, lr_decay_style="refined", grad_norms=norms)
+    plain_opt = torch.optim.SGD([torch.nn.Parameter(torch.randn(1))], lr=1.0)
+    plain = Refined(plain_opt, norms, warmup_steps=W)
+    got, want = [opt.param_groups[0]["lr"]], [plain_opt.param_groups[0]["lr"]]
+    for _ in range(N + 2):
+        meg.step(gbs)
+        plain_opt.step()
+        plain.step()
+        got.append(opt.param_groups[0]["lr"])
+        want.append(plain_opt.param_groups[0]["lr"])
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("phi", [1e17, 1e300, 1.7e308])
+def test_uba_with_a_huge_phi_is_a_value_not_a_zero_division(phi, tmp_path, capsys):
+    """2u / (2 phi + (2 - phi) u) cancels for phi >= 2**53 (0 / 0 at z = 0: `schedules plot uba:1e17` was a
+    ZeroDivisionError traceback; nan at 1e308). The same function in a form without cancellation: 1 at z = 0, 0 at
+    z = 1, ~2 / phi at z = 1/2 - and equal to the published form for ordinary phi."""
+    from adasched.schedules.lr import uba_multiplier
+
+    assert uba_multiplier(0.0, phi) == 1.0 and uba_multiplier(1.0, phi) == 0.0
+    assert uba_multiplier(0.5, phi) == pytest.approx(2.0 / phi, rel=1e-12)
+    rng = np.random.default_rng()
+    for z, p in zip(rng.random(200), np.exp(rng.uniform(-4, 8, 200))):
+        u = 1.0 + math.cos(math.pi * z)
+        assert uba_multiplier(float(z), float(p)) == pytest.approx(2 * u / (2 * p + (2 - p) * u), rel=1e-12, abs=1e-15)
+    assert main(["schedules", "plot", f"uba:{phi!r}", "--out", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 0
