@@ -217,6 +217,12 @@ def topology(cfg: MoEConfig, gpus: int, gpus_per_node: int, ep_size: int | None 
         return Topology(gpus, gpn, gpus, hierarchical=False)
     # EP over nodes: the largest EP size dividing both the experts and the nodes (min(experts, nodes) gave EP 6
     # for 6 experts on 8 nodes - a plan that failed its own verification - and refused 12 experts on 8 nodes)
+    if gpus % gpn:  # (nodes of 6 on 16 GPUs: "EP 2 x 6 GPUs" covered 12 of them, and verified)
+        raise InputError("--gpus", f"{gpus} GPUs are not whole nodes of {gpn} (the profile's gpus_per_node), which "
+                                   f"the default layout shards each expert over; pass --ep-size (flat EP)")
+    if cfg.ffn_hidden % gpn:  # the runtime shards the expert's columns evenly (runtime.moe.layer.shard_columns)
+        raise InputError("--gpus", f"{cfg.name}: ffn_hidden {cfg.ffn_hidden} does not split evenly over a node's "
+                                   f"{gpn} GPUs (the default layout shards each expert over a node); pass --ep-size")
     nodes = gpus // gpn
     ep = math.gcd(cfg.experts, nodes) if nodes > 1 else 1
     return Topology(gpus, gpn, ep, hierarchical=True)

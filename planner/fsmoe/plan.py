@@ -94,7 +94,7 @@ class MoEConfigPlan(BaseModel):
     expert_grad_exposed_ms: float | None = Field(default=None, ge=0.0, description="the part of it not hidden in the "
                                                  "backward (in iteration_ms); older plans: None = all of it")
     a2a_ms: float = Field(description="one un-chunked forward all-to-all (ms)")
-    layers: list[MoELayerPlan]
+    layers: list[MoELayerPlan] = Field(min_length=1)
     fwd_bwd_ms: float = Field(description="one MoE layer fwd+bwd with the chosen r (layer 0)")
     baselines_fwd_bwd_ms: dict[str, float]
     grad_slices: list[float] = Field(description="dense-gradient elements all-reduced in each layer's backward gap, "
@@ -179,6 +179,12 @@ class MoEPlan(Plan):
         gradient slice per layer; a layout that holds together (two-step: whole experts, an exchange node size
         dividing ep_size; flat: no exchange node size; expert_copies = gpus / ep_size, or / (ep_size * node size)
         for expert sharding)."""
+        from pydantic import ValidationError
+
+        from adasched.profiler.io import describe_validation_error
+
+        from .costmodel import MoEConfig
+
         errors = super().verify()
         for c in self.configs:
             at = f"config {c.name!r}"
@@ -195,11 +201,18 @@ class MoEPlan(Plan):
                 errors.append(f"{at}: exchange_gpus_per_node {c.exchange_gpus_per_node} given for a flat exchange "
                               f"(two_step_a2a false): which layout was planned?")
             gpn = c.gpus_per_node or min(self.gpus_per_node, self.gpus)
+            if c.hierarchical and c.ep_size >= 1 and self.gpus % (c.ep_size * gpn):
+                errors.append(f"{at}: experts sharded over nodes of {gpn} GPUs in EP groups of {c.ep_size} do not "
+                              f"cover {self.gpus} GPUs")
             copies = self.gpus // (c.ep_size * (gpn if c.hierarchical else 1)) if c.ep_size >= 1 else 0
             if c.expert_copies != copies:
                 errors.append(f"{at}: expert_copies {c.expert_copies} is not the layout's {copies} ({self.gpus} GPUs, "
                               f"ep_size {c.ep_size}" + (f", experts sharded over {gpn} GPUs" if c.hierarchical
                                                         else "") + ")")
+            try:  # (a config that is no MoEConfig verified, then failed in load_pipeline as a raw ValidationError)
+                MoEConfig.model_validate(c.config)
+            except ValidationError as err:
+                errors.append(f"{at}: config is not a MoE configuration ({describe_validation_error(err)})")
             n = c.config.get("num_layers")
             if [lp.layer for lp in c.layers] != list(range(len(c.layers))) or (n is not None and len(c.layers) != n):
                 errors.append(f"{at}: layers {[lp.layer for lp in c.layers][:6]}... are not 0..{(n or len(c.layers)) - 1}")
