@@ -375,7 +375,9 @@ def _swaps_pruned(c, si, other, s, own, A, B, Cc, sq, sm, cap, t, thr):
 
 def buddy_ranks(degrees: list[int], world: int) -> list[list[int]]:
     """Ranks per group: groups sorted by degree (largest first) take consecutive blocks, so every block is
-    aligned to its degree (a buddy allocation) and a group of degree <= gpus_per_node stays inside a node.
+    aligned to its degree (a buddy allocation) and a group of degree <= gpus_per_node stays inside a node when
+    the degree divides the node size (always, for a power-of-two node; on nodes of 6 a degree-4 block can straddle
+    two, and the cost model prices that degree inter-node).
     Returns ranks in the input order of ``degrees``."""
     if sum(degrees) > world:
         raise ValueError(f"groups need {sum(degrees)} GPUs, world has {world}")

@@ -108,7 +108,7 @@ def _setup(profile: str, model: str, seqlens: str, gpus: Optional[int], max_cont
     if n > prof.world_size:
         raise InputError("--gpus", f"{n} GPUs but profile {prof.name!r} describes {prof.world_size} "
                                    f"({prof.num_nodes} nodes x {prof.gpus_per_node}); use a profile with more nodes")
-    cm = sp_cost_model(prof, mdl, n)
+    cm = sp_cost_model(prof, mdl, gpus)  # (None: the profile's world, its own error when not a power of two)
     if max_context is not None and max_context < 1:
         raise InputError("--max-context", f"must be >= 1 token, got {max_context}")
     lens = _lengths(seqlens, max_context)

@@ -193,7 +193,11 @@ def _zero3(profile: ClusterProfile, model: ModelShape, world: int) -> tuple[floa
     inter-node bandwidth of the largest inter-node all_to_all fit - the network this cost model already charges
     the SP all-to-alls at; h100-sxm borrows FlexSP's A100 all-to-all and FSMoE's ~30x slower all-reduce testbed,
     and pricing ZeRO-3 on the other cluster's link made it 12x the SP traffic's network), named in the note; an
-    error if the profile has nothing inter-node. 0 (and no note) if the profile has no such fits."""
+    error if the profile has nothing inter-node. 0 (and no note) if the profile has no such fits. Per the model's
+    ``zero_stage``: ZeRO-3 gathers the parameters (2 all-gathers) and reduce-scatters the gradients each
+    micro-batch; ZeRO-2 keeps the parameters (no all-gather) and reduce-scatters each micro-batch's gradients;
+    ZeRO-0/1 all-reduce the gradients once per step, not per micro-batch: nothing here (every stage was charged
+    ZeRO-3's two all-gathers)."""
     total, notes = 0.0, []
     have = {op: bool(profile.group_sizes(op)) for op in ("all_gather", "reduce_scatter")}
     if world > 1 and have["all_gather"] != have["reduce_scatter"]:  # (priced in part, silently: b1 lost 2/3)
@@ -201,8 +205,10 @@ def _zero3(profile: ClusterProfile, model: ModelShape, world: int) -> tuple[floa
         other = "all_gather" if missing == "reduce_scatter" else "reduce_scatter"
         raise InputError(f"profile {profile.name!r}", f"has {other} fits but no {missing} fit: ZeRO-3's parameter "
                                                       f"traffic needs both (or neither: then it is not charged)")
-    for op, times, nbytes in (("all_gather", 2, 2.0 * model.params / world), ("reduce_scatter", 1, 2.0 * model.params)):
-        if not have[op] or world <= 1:
+    per_mb = {"all_gather": 2 if model.zero_stage >= 3 else 0, "reduce_scatter": 1 if model.zero_stage >= 2 else 0}
+    for op, times, nbytes in (("all_gather", per_mb["all_gather"], 2.0 * model.params / world),
+                              ("reduce_scatter", per_mb["reduce_scatter"], 2.0 * model.params)):
+        if not have[op] or world <= 1 or times == 0:
             continue
         fit = profile.collective_two_level(op, world, link_op="all_to_all")
         total += times * fit.time_ms(nbytes)
@@ -215,6 +221,9 @@ def sp_cost_model(profile: ClusterProfile, model: ModelShape | str, world: int |
     """Build the cost model for ``model`` on the first ``world`` GPUs of ``profile`` (default: all)."""
     if isinstance(model, str):
         model = model_preset(model)
+    if world is None and profile.world_size & (profile.world_size - 1):  # (blamed --gpus, which was not given)
+        raise InputError(f"profile {profile.name!r}", f"describes {profile.world_size} GPUs, not a power of two "
+                                                      f"(Ulysses groups are buddy-aligned powers of two): pass --gpus")
     world = profile.world_size if world is None else world
     if world < 1 or world & (world - 1):
         raise InputError("--gpus", f"{world} is not a power of two (Ulysses groups are buddy-aligned powers of two)")
@@ -241,8 +250,13 @@ def sp_cost_model(profile: ClusterProfile, model: ModelShape | str, world: int |
         if zero3_note:
             source += f"; {zero3_note}"
     alpha, beta = {}, {}
+    G = profile.gpus_per_node
     for d in powers_of_two(world)[1:]:
-        fit = profile.collective("all_to_all", d)
+        # groups are buddy-aligned blocks of d ranks: with a node size d does not divide (6 GPUs, d = 4) some blocks
+        # straddle two nodes (ranks 4-7) - priced as inter-node, for every group of that degree (conservative; the
+        # intra-node fit made such a micro-batch ~50 % faster than its group could run)
+        straddles = world > G and d < G and G % d != 0
+        fit = profile.collective("all_to_all", d, across_nodes=straddles)
         alpha[d], beta[d] = fit.alpha_ms, fit.beta_ms_per_byte
     return SPCostModel(
         model=model, world=world, gpus_per_node=profile.gpus_per_node, memory_bytes=float(profile.memory_bytes),

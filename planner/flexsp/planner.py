@@ -109,6 +109,9 @@ class StepResult:
     static: list[MBSolution] = field(default_factory=list)
     lower_bound_ms: float = 0.0
     """M_min * b1 + :func:`lower_bound_work`: no plan of this step can be faster (ms)."""
+    milp_planned: int = 0
+    """MILPs the step meant to run (one per micro-batch of its most promising splits); the clock may stop it
+    before all of them ran."""
     clock_bound: bool = False
     """Deterministic mode only: a MILP of this step was stopped by its time cap rather than its node limit, so
     this step may differ between runs (raise ``time_limit`` or lower ``milp_nodes``)."""
@@ -127,7 +130,9 @@ class StepResult:
         if not self.milp:
             return "heuristic"
         if all(m.status == "optimal" for m in self.milp):
-            return "optimal"
+            # (only when every micro-batch meant for the MILP got one: the clock stopping the loop after one fast
+            # optimal MILP of 23 called the whole step optimal)
+            return "optimal" if len(self.milp) >= self.milp_planned else "feasible"
         if any(m.status in ("optimal", "feasible") for m in self.milp):
             return "feasible"
         # "infeasible": the bucketed model has no solution (its memory rows use each bucket's longest length), which
@@ -300,6 +305,7 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
 
     # ---- MILP on the most promising M ----------------------------------------------------------
     milp_stats: list[MilpStat] = []
+    n_runs = 0
     if cfg.use_milp:
         ranked = _promising(per_m, cfg.milp_candidates)
         n_runs = sum(len(per_m[m]["mbs"]) for m in ranked)
@@ -382,7 +388,7 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
     return StepResult(step=step, lens=lens, micro_batches=mbs, time_ms=total, baselines_ms=baselines,
                       chosen_m=len(mbs), split=best_m, solve_seconds=time.perf_counter() - t0, milp=milp_stats,
                       static=static,
-                      lower_bound_ms=m_min * cm.b1 + lb_work, clock_bound=clock_bound)
+                      lower_bound_ms=m_min * cm.b1 + lb_work, clock_bound=clock_bound, milp_planned=n_runs)
 
 
 def placed_groups(mb: MBSolution, world: int) -> list[tuple[int, list[int], list[int]]]:

@@ -65,3 +65,49 @@ def test_bad_gpu_counts(gpus, msg):
 def test_unknown_model():
     with pytest.raises(InputError, match="unknown model"):
         sp_cost_model(load_profile("a100-64-flexsp-paper"), "gpt-5t", 8)
+
+
+def test_a_degree_whose_aligned_groups_can_straddle_nodes_is_priced_inter_node():
+    """Groups are buddy-aligned blocks of d ranks. On nodes of 6 GPUs a degree-4 group on ranks 4-7 spans two
+    nodes, but every degree <= 6 was priced with the intra-node (NVLink) all-to-all fit: a plan on 2 x 6 GPUs put
+    such a group at 1715 ms where the inter-node fit gives 2580 ms. Degrees that divide the node size stay intra."""
+    from adasched.profiler.builtins import builtin_profile
+    from adasched.profiler.profile import CollectiveFit
+
+    base = builtin_profile("a100-64-flexsp-paper")
+    a2a = {c.group_size: c for c in base.collectives if c.op == "all_to_all"}
+    inter = next(c for g, c in sorted(a2a.items()) if c.scope == "inter")
+    fits = [a2a[2], a2a[4], CollectiveFit(**{**inter.model_dump(), "group_size": 12})]
+    prof = base.model_copy(update={"num_nodes": 2, "gpus_per_node": 6, "collectives": fits})
+    cm = sp_cost_model(prof, "gpt-7b", world=8)
+    assert (cm.a2a_beta_ms_per_byte[2], cm.a2a_alpha_ms[2]) == (a2a[2].beta_ms_per_byte, a2a[2].alpha_ms)
+    for d in (4, 8):  # 4: straddles (6 % 4 != 0); 8: larger than a node
+        assert (cm.a2a_beta_ms_per_byte[d], cm.a2a_alpha_ms[d]) == (inter.beta_ms_per_byte, inter.alpha_ms), d
+    assert inter.beta_ms_per_byte > a2a[4].beta_ms_per_byte
+    one_node = sp_cost_model(prof, "gpt-7b", world=4)  # all four ranks on node 0: intra
+    assert one_node.a2a_beta_ms_per_byte[4] == a2a[4].beta_ms_per_byte
+
+
+def test_a_profile_world_that_is_not_a_power_of_two_names_the_profile_not_gpus(tmp_path, capsys):
+    """Without --gpus, a profile of 2 x 6 GPUs was refused as "--gpus: 12 is not a power of two" - an option the
+    user never passed."""
+    from adasched.planner.cli import main
+    from adasched.profiler.builtins import builtin_profile
+    from adasched.profiler.profile import save_profile
+
+    from adasched.profiler.profile import CollectiveFit
+
+    base = builtin_profile("a100-64-flexsp-paper")
+    intra = [c for c in base.collectives if c.op == "all_to_all" and c.group_size <= 4]
+    inter = next(c for c in base.collectives if c.op == "all_to_all" and c.scope == "inter")
+    prof = base.model_copy(update={"name": "twelve", "num_nodes": 2, "gpus_per_node": 6, "collectives": [
+        *intra, CollectiveFit(**{**inter.model_dump(), "group_size": 12})]})
+    with pytest.raises(InputError, match=r"^profile 'twelve': describes 12 GPUs, not a power of two .*: pass --gpus$"):
+        sp_cost_model(prof, "gpt-7b")
+    save_profile(prof, tmp_path / "p.json")
+    assert main(["plan", "sp", "--profile", str(tmp_path / "p.json"), "--seqlens", "builtin", "--global-batch", "16",
+                 "--out", str(tmp_path / "plan.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: profile 'twelve': describes 12 GPUs") and err.count("\n") == 1, err
+    assert main(["plan", "sp", "--profile", str(tmp_path / "p.json"), "--gpus", "8", "--seqlens", "builtin", "--max-context", "32000",
+                 "--global-batch", "16", "--no-milp", "--out", str(tmp_path / "plan.json")]) == 0

@@ -160,3 +160,24 @@ def test_step_milp_status_names_an_infeasible_bucketed_model():
     assert status("infeasible", "feasible") == "feasible"
     assert status("optimal", "optimal") == "optimal"
     assert status() == "heuristic"
+
+
+def test_a_step_whose_clock_stopped_the_milps_is_not_called_optimal():
+    """StepResult.milp_status summarised the MILPs that ran: the clock stopping the loop after one fast optimal
+    MILP of a 23-micro-batch step called the whole step optimal. Optimal now needs every planned MILP."""
+    import numpy as np
+
+    from adasched.planner.flexsp.planner import MilpStat, PlannerConfig, StepResult, plan_step
+
+    one = [MilpStat("optimal", 0.0, 1.0, 1.0, 0.01, False)]
+    mk = lambda planned: StepResult(step=0, lens=np.ones(3), micro_batches=[], time_ms=1.0,  # noqa: E731
+                                    baselines_ms={}, chosen_m=1, solve_seconds=0.0, milp=one, milp_planned=planned)
+    assert mk(1).milp_status == "optimal" and mk(23).milp_status == "feasible"
+    # the planner records how many it meant to run
+    from adasched.planner.flexsp.costmodel import sp_cost_model
+    from adasched.profiler.profile import load_profile
+
+    cm = sp_cost_model(load_profile("a100-64-flexsp-paper"), "gpt-7b", 16)
+    lens = np.random.default_rng().integers(1000, 30000, 24)
+    r = plan_step(lens, cm, PlannerConfig(time_limit=2.0, max_evals=50), step=0)  # deterministic: every MILP runs
+    assert r.milp_planned >= r.chosen_m and len(r.milp) == r.milp_planned

@@ -158,3 +158,23 @@ def test_a_profile_with_half_of_zero3_is_refused(missing):
         sp_cost_model(h, model_preset("gpt-7b"), 8)
     neither = _profile(drop=(("all_gather", 4), ("reduce_scatter", 4)))
     assert _zero3_ms(neither, model_preset("gpt-7b"), 16) == 0.0
+
+
+def test_parameter_traffic_follows_the_models_zero_stage():
+    """_zero3 charged ZeRO-3's two all-gathers and a reduce-scatter per micro-batch whatever ModelShape.zero_stage
+    said (b1 2,734 ms at every stage, gpt-7b on 64 GPUs of h100-sxm) while the memory followed the stage. ZeRO-2:
+    the reduce-scatter only; ZeRO-0/1: nothing per micro-batch (their all-reduce is once per step)."""
+    from dataclasses import replace
+
+    from adasched.planner.flexsp.costmodel import _zero3, model_preset, sp_cost_model
+
+    prof = load_profile("h100-sxm")
+    base = model_preset("gpt-7b")
+    world = 64
+    ag = prof.collective_two_level("all_gather", world, link_op="all_to_all").time_ms(2.0 * base.params / world)
+    rs = prof.collective_two_level("reduce_scatter", world, link_op="all_to_all").time_ms(2.0 * base.params)
+    for stage, want in ((3, 2 * ag + rs), (2, rs), (1, 0.0), (0, 0.0)):
+        model = replace(base, zero_stage=stage)
+        assert _zero3(prof, model, world)[0] == pytest.approx(want, rel=1e-12), stage
+        b1 = sp_cost_model(prof, model, world).b1
+        assert b1 == pytest.approx(sp_cost_model(prof, replace(base, zero_stage=1), world).b1 + want, rel=1e-12)
