@@ -409,6 +409,8 @@ def _gmm_offsets(index: MoEIndex) -> torch.Tensor:
 def grouped_mm_gmm(x: torch.Tensor, w: torch.Tensor, index: MoEIndex) -> torch.Tensor:
     """``torch._grouped_mm``: y (N,M) with y[rows of e] = x[rows of e] @ w[e]; w (E,K,M)."""
     _one_dtype("grouped_mm", x, w)
+    if x.shape[0] == 0:  # an EP chunk that brought no rows (see grouped_wgrad_gmm)
+        return x.new_empty((0, w.shape[-1]))
     return torch._grouped_mm(x, w, offs=_gmm_offsets(index))
 
 
@@ -417,6 +419,11 @@ def grouped_wgrad_gmm(x: torch.Tensor, dy: torch.Tensor, index: MoEIndex, num_ex
     if index.num_experts != num_experts:
         raise ValueError(f"grouped_wgrad: index has {index.num_experts} experts, expected {num_experts}")
     _one_dtype("grouped_wgrad", x, dy)
+    if x.shape[0] == 0:
+        # no rows (an EP chunk that brought none, common with r_bwd > 1 on small batches): every dw[e] is 0. A
+        # zero-length contraction operand is refused by CUDA's _grouped_mm stride checks (pytorch/pytorch#192497,
+        # on the 2D x 3D form; this 2D x 2D call is not confirmed on a GPU either way) - not asked at all now
+        return x.new_zeros((num_experts, x.shape[1], dy.shape[1]))
     return torch._grouped_mm(x.t(), dy, offs=_gmm_offsets(index))
 
 

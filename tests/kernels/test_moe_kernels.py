@@ -208,3 +208,20 @@ def test_gmm_alignment_of_unit_dims():
     assert not K.gmm_aligned(torch.randn(8, 1).expand(8, 4), check_ptr=False)  # broadcast
     assert K.gmm_aligned(torch.randn(3, 8, 4), check_ptr=False) and not K.gmm_aligned(torch.randn(3, 5, 3),
                                                                                         check_ptr=False)
+
+
+def test_grouped_gmm_with_no_rows_never_calls_grouped_mm(monkeypatch):
+    """An EP chunk that brings no rows gives (0, K) operands; the weight gradient's _grouped_mm then contracts
+    over length 0, which CUDA's stride checks may refuse (pytorch/pytorch#192497; not confirmed on a GPU for this
+    2D x 2D call). Answered without it: y is (0, M), every dw[e] zero."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch has no _grouped_mm")
+    E, H, M = 4, 16, 24
+    idx = K.make_index(torch.zeros(0, dtype=torch.long), torch.zeros(E, dtype=torch.long), 0)
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: pytest.fail("_grouped_mm called with no rows"))
+    x, dy = torch.randn(0, H), torch.randn(0, M)
+    w = torch.randn(E, H, M)
+    y = K.grouped_mm_gmm(x, w, idx)
+    assert y.shape == (0, M) and y.dtype == x.dtype
+    dw = K.grouped_wgrad_gmm(x, dy, idx, E)
+    assert dw.shape == (E, H, M) and dw.dtype == x.dtype and torch.count_nonzero(dw) == 0
