@@ -264,13 +264,37 @@ def _select(out: dict, groups: dict[int, list[int]], mults: list[float]) -> dict
             "acc_std": float(A.std()), "losses": L.tolist(), "accs": A.tolist()}
 
 
+TIE_REL = 1e-6
+"""Means within this relative difference are ties: float32 rounding (~1e-8) told UBA phi=2 from cosine - the same
+schedule - and ranked the two apart (7.81 against 7.94)."""
+
+
+def _tied(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=TIE_REL, abs_tol=0.0)
+
+
 def _mark_best(results: list[dict], model: str, opt: str, budget: float) -> None:
     rows = [r for r in results if (r["model"], r["optimizer"], r["budget"]) == (model, opt, budget)]
     best_loss = min(r["loss_mean"] for r in rows)
     best_acc = max(r["acc_mean"] for r in rows)
     for r in rows:
-        r["best_loss"] = r["loss_mean"] == best_loss
-        r["best_acc"] = r["acc_mean"] == best_acc
+        r["best_loss"] = _tied(r["loss_mean"], best_loss)
+        r["best_acc"] = _tied(r["acc_mean"], best_acc)
+
+
+def _ranks(rows: list[dict]) -> list[float]:
+    """1-based ranks of ``rows`` by mean test loss, ties (:data:`TIE_REL`) sharing their average rank."""
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["loss_mean"])
+    out = [0.0] * len(rows)
+    i = 0
+    while i < len(order):
+        j = i + 1
+        while j < len(order) and _tied(rows[order[j]]["loss_mean"], rows[order[i]]["loss_mean"]):
+            j += 1
+        for k in order[i:j]:
+            out[k] = (i + 1 + j) / 2.0  # mean of ranks i+1 .. j
+        i = j
+    return out
 
 
 def summary(res: BenchResult) -> list[dict]:
@@ -281,18 +305,16 @@ def summary(res: BenchResult) -> list[dict]:
     wins = {s: [0, 0] for s in scheds}
     for k in keys:
         rows = [r for r in res.results if (r["model"], r["optimizer"], r["budget"]) == k]
-        order = sorted(rows, key=lambda r: r["loss_mean"])
-        for i, r in enumerate(order):
-            ranks[r["schedule"]].append(i + 1)
+        for r, rank in zip(rows, _ranks(rows)):
+            ranks[r["schedule"]].append(rank)
             wins[r["schedule"]][0] += bool(r["best_loss"])
             wins[r["schedule"]][1] += bool(r["best_acc"])
     low = [k for k in keys if k[2] <= 0.25]
     low_ranks = {s: [] for s in scheds}
     for k in low:
-        rows = sorted([r for r in res.results if (r["model"], r["optimizer"], r["budget"]) == k],
-                      key=lambda r: r["loss_mean"])
-        for i, r in enumerate(rows):
-            low_ranks[r["schedule"]].append(i + 1)
+        rows = [r for r in res.results if (r["model"], r["optimizer"], r["budget"]) == k]
+        for r, rank in zip(rows, _ranks(rows)):
+            low_ranks[r["schedule"]].append(rank)
     return [{"schedule": s, "mean_rank": float(np.mean(ranks[s])),
              "mean_rank_low_budget": float(np.mean(low_ranks[s])) if low_ranks[s] else float("nan"),
              "loss_wins": wins[s][0], "acc_wins": wins[s][1]} for s in scheds]
