@@ -36,6 +36,8 @@ def register(groups) -> None:
         if train_steps < 0:
             raise InputError("--train-steps", f"{train_steps} must be >= 0")
         params = int(params_m * 2 ** 20)
+        if params < 1:  # (rounded to 0 parameters: the bench's own error named repeats and train_steps)
+            raise InputError("--params-m", f"{params_m:g} is under one parameter (the unit is 2**20)")
         # the model and its moments (12 B/param) plus the async stager's copy of them
         check_host_memory(24 * params, "--params-m", f"{params_m:g}M parameters need {24 * params / 2**30:,.1f} GiB "
                                                      f"(weights, AdamW moments and a staged copy)")

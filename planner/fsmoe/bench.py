@@ -107,6 +107,9 @@ def _resource_busy(c, gpus: int, profile: ClusterProfile, src: str) -> dict[str,
     return {k: f[k] + b[k] for k in f}
 
 
+SUBPROCESS_TIMEOUT_S = 1800.0
+
+
 def run_subprocess_bench(what: str, quick: bool) -> dict:
     """Runs a runtime-side benchmark in a separate process (the planner never imports the runtime)."""
     module = {"measure": "adasched.launch.moe_measure", "schedules": "adasched.launch.train_moe"}[what]
@@ -116,7 +119,12 @@ def run_subprocess_bench(what: str, quick: bool) -> dict:
     if quick:
         args.append("--quick")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=1800)
+    from adasched.launch.proc import run_tree  # (stdlib only: stops the ranks the child started, too)
+
+    try:
+        proc = run_tree(args, capture_output=True, env=env, timeout_s=SUBPROCESS_TIMEOUT_S)
+    except subprocess.TimeoutExpired:  # (not a ValueError: a traceback, and subprocess.run left the ranks running)
+        raise InputError(f"--{what}", f"{module} did not finish within {SUBPROCESS_TIMEOUT_S:g} s (stopped)") from None
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise InputError(f"--{what}", f"{module} failed (exit {proc.returncode}): {tail[0]}")

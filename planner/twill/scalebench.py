@@ -132,9 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     from .randgraph import random_graph
 
     ap = OneLineArgParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="40-op graphs and 0.5 s budgets only")
-    ap.add_argument("--adherence", action="store_true", help="time solve() against its time limit instead")
-    ap.add_argument("--first", action="store_true", help="CPU time of the heuristic's first schedule instead")
+    mode = ap.add_mutually_exclusive_group()  # (--adherence --first dropped --first; --quick was ignored by both)
+    mode.add_argument("--quick", action="store_true", help="40-op graphs and 0.5 s budgets only")
+    mode.add_argument("--adherence", action="store_true", help="time solve() against its time limit instead")
+    mode.add_argument("--first", action="store_true", help="CPU time of the heuristic's first schedule instead")
     a = ap.parse_args(argv)
     if a.adherence:
         return _adherence()

@@ -42,6 +42,7 @@ def test_bench_checkpoint_table(capsys):
     (["--repeats", "0"], "--repeats: 0 must be >= 1"),
     (["--train-steps", "-1"], "--train-steps: -1 must be >= 0"),
     (["--params-m", "1e9"], "--params-m: 1e+09 must be > 0 (and at most 1e6)"),
+    (["--params-m", "1e-9"], "--params-m: 1e-09 is under one parameter"),  # (named repeats and train_steps)
 ])
 def test_bench_checkpoint_bad_options(argv, needle, capsys):
     assert main(["bench", "checkpoint", *argv]) == 2

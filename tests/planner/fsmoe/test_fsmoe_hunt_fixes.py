@@ -162,3 +162,19 @@ def test_plans_with_no_layers_a_bad_config_or_an_uncovered_layout_fail_verificat
         assert err.startswith(f"error: {p}: ") and needle in err and err.count("\n") == 1, err
     assert_show_refuses(good, [(bad_config, "config 'e8': config is not a MoE configuration (hidden: "),
                                (uncovered, "experts sharded over nodes of 6 GPUs in EP groups of")])
+
+
+def test_bench_moe_subprocess_time_out_is_one_line(monkeypatch):
+    """bench moe --measure/--schedules ran the runtime side under subprocess.run(timeout=1800): a time-out was a
+    TimeoutExpired traceback (not a ValueError) and the ranks the child had started ran on."""
+    import adasched.planner.fsmoe.bench as bench
+    from adasched.profiler.io import InputError
+
+    monkeypatch.setattr(bench, "SUBPROCESS_TIMEOUT_S", 0.5)
+    import adasched.launch.proc as proc
+
+    real = proc.run_tree
+    monkeypatch.setattr(proc, "run_tree", lambda args, **kw: real(["sleep", "30"], **kw))
+    with pytest.raises(InputError, match=r"^--measure: adasched\.launch\.moe_measure did not finish within 0\.5 s "
+                                         r"\(stopped\)$"):
+        bench.run_subprocess_bench("measure", quick=True)

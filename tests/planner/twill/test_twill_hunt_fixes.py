@@ -459,3 +459,16 @@ def test_a_plan_whose_embedded_graph_repeats_an_op_name_fails_verification(tmp_p
     dup(d)
     assert validate(d["graph"], d["machine"], d) == ["graph: op 'P' defined 2 times"]
     assert_show_refuses(good, [(dup, "graph / machine: graph: ops[2]: duplicate op name 'P'")])
+
+
+@pytest.mark.parametrize("argv", [["--adherence", "--quick"], ["--adherence", "--first"], ["--first", "--quick"]])
+def test_scalebench_modes_are_exclusive(argv, capsys):
+    """--adherence returned before --first was looked at and both before --quick: `--adherence --quick` ran the
+    full 72-run sweep, `--adherence --first` dropped --first silently."""
+    from adasched.planner.twill.scalebench import main as scalebench
+
+    with pytest.raises(SystemExit) as exit_info:
+        scalebench(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: argument ") and "not allowed with argument" in err and err.count("\n") == 1, err
