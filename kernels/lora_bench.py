@@ -369,8 +369,9 @@ class HostCallCounter:
 
 def host_call_step(base_gemm: str, n_adapters: int, p: float, device: str = "cpu", shape=None, module=None):
     """A zero-argument fwd+bwd call (``lora_linear`` for one adapter, ``multi_lora_linear`` over ``n_adapters``
-    segments covering the batch, ranks r (i + 1) / n_adapters (2, 4, 6, 8 for 4 at r = 8), seed drawn per call as in training) of ``module`` (default
-    ``kernels.lora``; another revision's copy for before/after timings), gradients for x and every adapter."""
+    segments covering the batch, ranks r (i + 1) / n_adapters - 2, 4, 6, 8 for 4 at r = 8 -, seed drawn per call as
+    in training) of ``module`` (default ``kernels.lora``; another revision's copy for before/after timings),
+    gradients for x and every adapter."""
     import torch
 
     L = module
