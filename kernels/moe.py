@@ -409,8 +409,8 @@ def _gmm_offsets(index: MoEIndex) -> torch.Tensor:
 def grouped_mm_gmm(x: torch.Tensor, w: torch.Tensor, index: MoEIndex) -> torch.Tensor:
     """``torch._grouped_mm``: y (N,M) with y[rows of e] = x[rows of e] @ w[e]; w (E,K,M)."""
     _one_dtype("grouped_mm", x, w)
-    if x.shape[0] == 0:  # an EP chunk that brought no rows (see grouped_wgrad_gmm)
-        return x.new_empty((0, w.shape[-1]))
+    if x.shape[0] == 0 and w.shape[0] > 0:  # an EP chunk that brought no rows (see grouped_wgrad_gmm); a plain
+        return x.matmul(w[0])                 # (0, K) @ (K, M) keeps the result in autograd's graph
     return torch._grouped_mm(x, w, offs=_gmm_offsets(index))
 
 

@@ -91,6 +91,9 @@ class GradNormRecorder:
                 raise ValueError(f"optimizer: {type(optimizer).__name__} is not a torch.optim.Optimizer nor a "
                                  "wrapper of one (for DeepSpeed, pass engine.optimizer, with process_group= under "
                                  "ZeRO)")
+            if not hasattr(optimizer, "__dict__"):  # (its step cannot be hooked per instance: __slots__)
+                raise ValueError(f"optimizer: {type(optimizer).__name__} wraps a torch optimizer but its step cannot "
+                                 "be hooked (no instance __dict__); pass the torch optimizer at its .optimizer")
             outer, optimizer = optimizer, inner
         self.optimizer = optimizer
         self.outer = outer
@@ -103,6 +106,7 @@ class GradNormRecorder:
         self._part: torch.Tensor | None = None  # [sum of squares, l1, skipped] of the wrapper step's parts so far
         self._in_outer = False
         self._outer_step = None  # the wrapper's own ``step`` attribute, when it had one, to restore
+        self._wrapped = None  # our step installed on the wrapper
 
     def _record(self, optimizer) -> None:
         if self.outer is None and len(optimizer.param_groups) < self._groups:
@@ -149,7 +153,7 @@ class GradNormRecorder:
                 self._norms.append(torch.stack([part[0].sqrt(), part[1], part[2]]))
             return out
 
-        outer.step = recorded_step
+        outer.step = self._wrapped = recorded_step
 
     def _pre_hook(self, optimizer, args, kwargs) -> None:
         # a closure recomputes the gradients inside step(): record after it instead of the stale ones. torch passes
@@ -178,7 +182,9 @@ class GradNormRecorder:
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
-        if self._handles and self.outer is not None:
+        # the wrapper's step back - unless another recorder wrapped ours since (its detach restores ours, which then
+        # only passes through: no hooks, no rows)
+        if self._handles and self.outer is not None and self.outer.__dict__.get("step") is self._wrapped:
             if self._outer_step is not None:
                 self.outer.step = self._outer_step
             else:

@@ -22,7 +22,8 @@ Conventions shared by every schedule here (``step`` = the scheduler's ``last_epo
   multiplies 0 and is lost to every chainable scheduler, ours and torch's alike (``[ours, LinearLR(0.5, 1)]`` ends
   up twice the product): warm up with ``SequentialLR([LinearLR, ours])`` or with ``warmup_steps`` alone.
 * A factor found at construction (group lr below ``initial_lr``) is kept only on an optimizer that has not
-  stepped yet (another scheduler built before us in a chain); on one that has trained, the schedule starts from
+  stepped yet (another scheduler built before us in a chain); a group lr of 0 there hides it: step 0 keeps the 0
+  and the next step reads the factor (still 0: none - an abandoned scheduler's warmup start); on one that has trained, the schedule starts from
   its closed form (a second stage, or a resumed run stepping a fresh scheduler to catch up). "Stepped" is read
   from the optimizer's state (step counters; state without one, as SGD momentum buffers; plain SGD without
   momentum keeps none: resume its scheduler with ``load_state_dict``).
@@ -69,6 +70,20 @@ def rex_multiplier(z: float) -> float:
     """REX (Chen et al., MLSys 2022): ``(1 - z) / (1/2 + (1 - z)/2)``; 0.667 at z = 0.5."""
     z = _clip01(z)
     return (1.0 - z) / (0.5 + 0.5 * (1.0 - z))
+
+
+_UNSEEN = -1.0
+"""External factor of a group whose lr was 0 when the schedule was built: not observable yet (lrs are >= 0, so no
+real factor takes this value); the step after resolves it (:func:`_next_factor`)."""
+
+
+def _next_factor(lr: float, own: float, prev: float) -> float:
+    """The external factor after a step: the group's lr over our last value; when that value was 0 the factor
+    cannot be seen and ``prev`` is kept, except an unseen one (:data:`_UNSEEN`), which becomes 1 when the lr is
+    still 0 (nobody else changes it: an abandoned scheduler's 0) or cannot be read."""
+    if prev == _UNSEEN:
+        return lr / own if lr != 0 and own != 0 else 1.0
+    return lr / own if own != 0 else prev
 
 
 def _check_phi(phi: float) -> float:
@@ -317,18 +332,20 @@ class WarmupDecay(LRScheduler):
         groups = self.optimizer.param_groups
         if self._is_initial or self._own_lrs is None:
             if self.last_epoch == 0 and self._keep_prior_factor:  # fresh start: keep another scheduler's factor
-                # (an lr of 0 says nothing of a factor - a warmup's first step, this schedule built a second time
-                # over its own first value: taken as 0 it held the lr at 0 for the whole run)
-                scales = [float(g["lr"]) / b if b != 0 and float(g["lr"]) != 0 else 1.0
+                # an lr of 0 (a warmup's first step) hides the factor: step 0 keeps the 0, the next step decides
+                # (_UNSEEN). Taken as a factor 0 it held the lr at 0 all run when the 0 was nobody's to change (this
+                # schedule built a second time over its own first value); taken as 1, a chain's step 0 ran at the
+                # full lr where the product is 0
+                scales = [(float(g["lr"]) / b if float(g["lr"]) != 0 else _UNSEEN) if b != 0 else 1.0
                           for g, b in zip(groups, self.base_lrs)]
             else:  # made with last_epoch >= 0 (resume): closed form
                 scales = [1.0] * len(target)
         else:
-            scales = [float(g["lr"]) / own if own != 0 else s
+            scales = [_next_factor(float(g["lr"]), own, s)
                       for g, own, s in zip(groups, self._own_lrs, self._ext_scales)]
         self._own_lrs = list(target)
         self._ext_scales = scales
-        return [t if s == 1.0 else t * s for t, s in zip(target, scales)]
+        return [t if s == 1.0 else t * (0.0 if s == _UNSEEN else s) for t, s in zip(target, scales)]
 
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -10,7 +10,8 @@ with beta(d), alpha(d) the alpha-beta all-to-all fit of ``profile.collective("al
 is the per-rank tensor: q, k, v, o forward + backward = 8 all-to-alls per layer, bf16 = 2 bytes; alpha is
 paid once per all-to-all call, i.e. 8 * L times per micro-batch; the published fits have alpha = 0).
 Groups of degree <= gpus_per_node use the intra-node fit, larger ones the inter-node fit (the profile's fit
-for that group size carries its scope).
+for that group size carries its scope); on nodes whose size a degree does not divide (6 GPUs, degree 4) some
+buddy-aligned groups of that degree straddle two nodes, so that degree takes the inter-node fit.
 
 Where the compute terms come from (:func:`sp_cost_model`):
 
@@ -22,7 +23,8 @@ Where the compute terms come from (:func:`sp_cost_model`):
   linear layers (per token per layer, fitted at hidden h_lin with its MLP): FLOPs per token scale with
   hidden^2 (QKV/O are 4 h^2, the MLP ~ 8 h^2 at a fixed ratio), so ``a2 += L * lin.ms_per_token * (h/h_lin)^2``;
   ``b1 = L * (att.b + lin.b)`` (clipped at 0) plus the ZeRO-3 parameter traffic of one micro-batch
-  (2 all-gathers + 1 reduce-scatter of the bf16 parameters, per-rank share 2*P/N bytes) when the profile has
+  (2 all-gathers + 1 reduce-scatter of the bf16 parameters, per-rank share 2*P/N bytes; ZeRO-2: the
+  reduce-scatter only, ZeRO-0/1: none per micro-batch - ``ModelShape.zero_stage``) when the profile has
   those fits (none -> 0); a ZeRO group larger than every fit (h100-sxm: fitted on one 8-GPU node, 64 GPUs) gets
   the profile's two-level intra + inter-node estimate, which the cost model's ``source`` names.
 
@@ -199,13 +201,14 @@ def _zero3(profile: ClusterProfile, model: ModelShape, world: int) -> tuple[floa
     ZeRO-0/1 all-reduce the gradients once per step, not per micro-batch: nothing here (every stage was charged
     ZeRO-3's two all-gathers)."""
     total, notes = 0.0, []
+    per_mb = {"all_gather": 2 if model.zero_stage >= 3 else 0, "reduce_scatter": 1 if model.zero_stage >= 2 else 0}
     have = {op: bool(profile.group_sizes(op)) for op in ("all_gather", "reduce_scatter")}
-    if world > 1 and have["all_gather"] != have["reduce_scatter"]:  # (priced in part, silently: b1 lost 2/3)
-        missing = next(op for op, ok in have.items() if not ok)
-        other = "all_gather" if missing == "reduce_scatter" else "reduce_scatter"
+    needed = [op for op, n in per_mb.items() if n]
+    if world > 1 and len({have[op] for op in needed}) > 1:  # (priced in part, silently: b1 lost 2/3)
+        missing = next(op for op in needed if not have[op])
+        other = next(op for op in needed if have[op])
         raise InputError(f"profile {profile.name!r}", f"has {other} fits but no {missing} fit: ZeRO-3's parameter "
                                                       f"traffic needs both (or neither: then it is not charged)")
-    per_mb = {"all_gather": 2 if model.zero_stage >= 3 else 0, "reduce_scatter": 1 if model.zero_stage >= 2 else 0}
     for op, times, nbytes in (("all_gather", per_mb["all_gather"], 2.0 * model.params / world),
                               ("reduce_scatter", per_mb["reduce_scatter"], 2.0 * model.params)):
         if not have[op] or world <= 1 or times == 0:
@@ -213,7 +216,7 @@ def _zero3(profile: ClusterProfile, model: ModelShape, world: int) -> tuple[floa
         fit = profile.collective_two_level(op, world, link_op="all_to_all")
         total += times * fit.time_ms(nbytes)
         if fit.source.startswith("two-level estimate"):
-            notes.append(f"ZeRO-3 {op} on {world} ranks: {fit.source}")
+            notes.append(f"ZeRO-{model.zero_stage} {op} on {world} ranks: {fit.source}")
     return total, "; ".join(notes)
 
 

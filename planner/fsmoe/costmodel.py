@@ -221,7 +221,7 @@ def topology(cfg: MoEConfig, gpus: int, gpus_per_node: int, ep_size: int | None 
         raise InputError("--gpus", f"{gpus} GPUs are not whole nodes of {gpn} (the profile's gpus_per_node), which "
                                    f"the default layout shards each expert over; pass --ep-size (flat EP)")
     if cfg.ffn_hidden % gpn:  # the runtime shards the expert's columns evenly (runtime.moe.layer.shard_columns)
-        raise InputError("--gpus", f"{cfg.name}: ffn_hidden {cfg.ffn_hidden} does not split evenly over a node's "
+        raise InputError("--config", f"{cfg.name}: ffn_hidden {cfg.ffn_hidden} does not split evenly over a node's "
                                    f"{gpn} GPUs (the default layout shards each expert over a node); pass --ep-size")
     nodes = gpus // gpn
     ep = math.gcd(cfg.experts, nodes) if nodes > 1 else 1

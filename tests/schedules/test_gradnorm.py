@@ -238,3 +238,72 @@ def test_sparse_gradients_are_recorded_by_their_coalesced_values():
             opt.zero_grad()
     np.testing.assert_allclose(rec.l2, [w[0] for w in want], rtol=1e-12)
     np.testing.assert_allclose(rec.l1, [w[1] for w in want], rtol=1e-12)
+
+
+class _PartStepper:
+    """A ZeRO-1/2-like wrapper: steps its torch optimizer once per parameter group, each call seeing that group."""
+
+    def __init__(self, opt):
+        self.optimizer = opt
+
+    def step(self):
+        groups = self.optimizer.param_groups
+        for g in list(groups):
+            self.optimizer.param_groups = [g]
+            self.optimizer.step()
+        self.optimizer.param_groups = groups
+
+
+def test_recorder_on_a_part_stepping_wrapper_logs_one_row_per_step_and_unhooks():
+    lin = torch.nn.Linear(7, 5)
+    opt = torch.optim.SGD([{"params": [lin.weight]}, {"params": [lin.bias], "lr": 0.01}], lr=0.1)
+    wrapper = _PartStepper(opt)
+    rec = GradNormRecorder(wrapper)
+    assert rec.optimizer is opt and rec.outer is wrapper
+    want = []
+    with rec.recording():
+        for _ in range(3):
+            lin(torch.randn(4, 7)).pow(2).sum().backward()
+            g = torch.cat([lin.weight.grad.reshape(-1), lin.bias.grad]).double()
+            want.append((float(g.norm()), float(g.abs().sum())))
+            wrapper.step()
+            opt.zero_grad()
+    np.testing.assert_allclose(rec.l2, [w[0] for w in want], rtol=1e-12)
+    np.testing.assert_allclose(rec.l1, [w[1] for w in want], rtol=1e-12)
+    assert "step" not in wrapper.__dict__  # the class's step again
+    # the torch optimizer inside refuses the part-steps instead of logging partial rows
+    inner = GradNormRecorder(opt)
+    with inner.recording(), pytest.raises(RuntimeError, match=r"ran on 1 of its 2 parameter groups"):
+        lin(torch.randn(4, 7)).sum().backward()
+        wrapper.step()
+
+
+def test_two_recorders_on_one_wrapper_detached_out_of_order_leave_no_rows_behind():
+    lin = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD([{"params": [lin.weight]}, {"params": [lin.bias]}], lr=0.1)
+    wrapper = _PartStepper(opt)
+    a, b = GradNormRecorder(wrapper).attach(), GradNormRecorder(wrapper).attach()
+    lin(torch.randn(2, 3)).sum().backward()
+    wrapper.step()
+    assert len(a) == len(b) == 1 and a.l2 == pytest.approx(b.l2, rel=1e-12)
+    a.detach()  # out of order: b's wrapper stays (a's detach deleted it: b then logged a row per group)
+    wrapper.step()
+    assert len(a) == 1 and len(b) == 2
+    b.detach()
+    wrapper.step()  # a's pass-through wrapper may remain; neither records
+    assert len(a) == 1 and len(b) == 2
+
+
+def test_a_wrapper_without_instance_dict_is_refused():
+    class Slotted:
+        __slots__ = ("optimizer",)
+
+        def __init__(self, opt):
+            self.optimizer = opt
+
+        def step(self):
+            self.optimizer.step()
+
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"^optimizer: Slotted wraps a torch optimizer but its step cannot be hooked"):
+        GradNormRecorder(Slotted(opt))

@@ -383,3 +383,34 @@ def test_bench_schedules_ties_share_ranks_and_wins():
     assert rows["cosine"]["mean_rank_low_budget"] == rows["uba2"]["mean_rank_low_budget"] == 1.5
     assert (rows["cosine"]["loss_wins"], rows["uba2"]["loss_wins"], rows["linear"]["loss_wins"]) == (2, 2, 0)
     assert (rows["cosine"]["acc_wins"], rows["uba2"]["acc_wins"], rows["linear"]["acc_wins"]) == (2, 2, 0)
+
+
+@pytest.mark.parametrize("first", ["linear-warmup", "rex-warmup"])
+def test_a_chain_whose_first_schedule_starts_at_0_runs_the_product_from_step_0(first):
+    """The other side of an lr of 0 at construction: in ChainedScheduler([chainable warmup from 0, ours]) the lr of
+    step 0 is the product, 0 (the first fix of the held-at-0 bug read the 0 as no factor and ran step 0 at the full
+    lr); from step 1 the product of the two schedules' own values."""
+    from adasched.schedules import UBA, LinearDecay
+
+    W, T = int(np.random.default_rng().integers(2, 8)), 30
+    make_first = {"linear-warmup": lambda o: LinearDecay(o, T, warmup_steps=W),
+                  "rex-warmup": lambda o: REX(o, T, warmup_steps=W)}[first]
+    alone = []
+    for make in (make_first, lambda o: UBA(o, T, phi=0.5)):
+        o = torch.optim.SGD([torch.nn.Parameter(torch.randn(1))], lr=1.0)
+        s = make(o)
+        vals = []
+        for _ in range(T):
+            vals.append(o.param_groups[0]["lr"])
+            o.step()
+            s.step()
+        alone.append(vals)
+    o = torch.optim.SGD([torch.nn.Parameter(torch.randn(1))], lr=1.0)
+    chain = ChainedScheduler([make_first(o), UBA(o, T, phi=0.5)])
+    got = []
+    for _ in range(T):
+        got.append(o.param_groups[0]["lr"])
+        o.step()
+        chain.step()
+    assert got[0] == 0.0
+    np.testing.assert_allclose(got, [a * b for a, b in zip(*alone)], rtol=1e-12, atol=0)

@@ -178,3 +178,16 @@ def test_parameter_traffic_follows_the_models_zero_stage():
         assert _zero3(prof, model, world)[0] == pytest.approx(want, rel=1e-12), stage
         b1 = sp_cost_model(prof, model, world).b1
         assert b1 == pytest.approx(sp_cost_model(prof, replace(base, zero_stage=1), world).b1 + want, rel=1e-12)
+
+
+def test_zero2_needs_only_the_reduce_scatter_fit():
+    """ZeRO-2 pays the reduce-scatter alone: a profile with reduce_scatter fits and no all_gather fit was refused as
+    missing the all-gather ZeRO-2 never runs; ZeRO-3 on it is still refused."""
+    from dataclasses import replace
+
+    prof = _profile(drop=(("all_gather", 4),))
+    base = model_preset("gpt-7b")
+    full = _profile()
+    assert _zero3_ms(prof, replace(base, zero_stage=2), 16) == _zero3_ms(full, replace(base, zero_stage=2), 16) > 0
+    with pytest.raises(InputError, match="has reduce_scatter fits but no all_gather fit"):
+        _zero3_ms(prof, base, 16)

@@ -125,7 +125,7 @@ def test_default_sharded_layout_needs_ffn_columns_dividing_a_node():
     from adasched.profiler.io import InputError
 
     cfg = MoEConfig(name="odd", experts=8, **{**BASE, "ffn_hidden": 8 * 64 + 4})
-    with pytest.raises(InputError, match=r"^--gpus: odd: ffn_hidden 516 does not split evenly over a node's 8 GPUs"):
+    with pytest.raises(InputError, match=r"^--config: odd: ffn_hidden 516 does not split evenly over a node's 8 GPUs"):
         topology(cfg, 16, 8)
 
 
