@@ -235,6 +235,10 @@ class MoEPlan(Plan):
                     errors.append(f"{at} layer {lp.layer}: backward {bwd} ms at r={lp.r_bwd} is not the fastest "
                                   f"timed degree ({min(lp.time_by_r_bwd.values())} ms)")
             if c.layers and c.layer0_stage_costs is not None:
+                if c.layer0_stage_costs.two_step != c.two_step_a2a:  # (the Gantt drew a two-step exchange for an
+                    # expert-sharded plan whose makespan happened to be the same)
+                    errors.append(f"{at}: layer0_stage_costs.two_step {c.layer0_stage_costs.two_step} is not the "
+                                  f"layout's two_step_a2a {c.two_step_a2a}")
                 errors += _check_stage_costs(at, c.layer0_stage_costs, c.layers[0])
             if c.layers and not math.isclose(c.fwd_bwd_ms, c.layers[0].fwd_ms + c.layers[0].bwd_ms, rel_tol=1e-9):
                 errors.append(f"{at}: fwd_bwd_ms {c.fwd_bwd_ms} != layer 0's forward + backward")

@@ -160,8 +160,13 @@ def test_plans_with_no_layers_a_bad_config_or_an_uncovered_layout_fail_verificat
         assert main(["show", str(p)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {p}: ") and needle in err and err.count("\n") == 1, err
+    def flip_two_step(d):
+        d["configs"][0]["layer0_stage_costs"]["two_step"] = True
+
     assert_show_refuses(good, [(bad_config, "config 'e8': config is not a MoE configuration (hidden: "),
-                               (uncovered, "experts sharded over nodes of 6 GPUs in EP groups of")])
+                               (uncovered, "experts sharded over nodes of 6 GPUs in EP groups of"),
+                               (flip_two_step, "layer0_stage_costs.two_step True is not the layout's two_step_a2a "
+                                               "False")])
 
 
 def test_bench_moe_subprocess_time_out_is_one_line(monkeypatch):
