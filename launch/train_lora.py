@@ -42,7 +42,7 @@ from pathlib import Path
 
 from adasched.launch.cli_args import MAX_LAYERS, add_checkpoint_args, checkpoint_config
 from adasched.planner.ui import OneLineArgParser, reports_errors
-from adasched.profiler.io import check_model_memory, check_seconds
+from adasched.profiler.io import MIN_COLLECTIVE_TIMEOUT_S, check_model_memory, check_seconds
 
 __all__ = ["main", "parse_args"]
 
@@ -115,7 +115,8 @@ def _check_options(args: argparse.Namespace) -> None:
         raise InputError("--hidden", f"{args.hidden} must be divisible by --heads {args.heads}")
     if args.layers > MAX_LAYERS:
         raise InputError("--layers", f"must be <= {MAX_LAYERS}, got {args.layers}")
-    check_seconds("--timeout", args.timeout)  # NaN and inf: finite seconds only (torch's timedelta)
+    # NaN and inf: finite seconds only (torch's timedelta); under 1 ms it is 0 (the store timed out at once)
+    check_seconds("--timeout", args.timeout, least=MIN_COLLECTIVE_TIMEOUT_S)
     check_seconds("--time-limit", args.time_limit, most=MAX_TIME_LIMIT_S)
     if not -2 ** 63 <= args.seed < 2 ** 63:  # torch.manual_seed and the planner's seed take these
         raise InputError("--seed", f"must be in [-2**63, 2**63), got {args.seed}")

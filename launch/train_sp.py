@@ -74,7 +74,7 @@ from typing import Sequence
 from adasched.launch.cli_args import (MAX_LAYERS, add_checkpoint_args, add_lr_schedule_args, check_lr_schedule,
                                       checkpoint_config, lr_identity, lr_scheduler)
 from adasched.planner.ui import OneLineArgParser, reports_errors
-from adasched.profiler.io import InputError, check_model_memory, check_seconds, error_line
+from adasched.profiler.io import MIN_COLLECTIVE_TIMEOUT_S, InputError, check_model_memory, check_seconds, error_line
 from adasched.runtime.sp_model_spec import param_count
 
 __all__ = ["main", "parse_args", "check_plan", "check_model_fits", "scaled_lengths", "make_sequence", "launch_local",
@@ -123,7 +123,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise InputError("--max-len", f"{args.max_len} must be >= 2")
     if args.layers > MAX_LAYERS:
         raise InputError("--layers", f"{args.layers} must be <= {MAX_LAYERS}")
-    check_seconds("--timeout", args.timeout)  # NaN passed a `<= 0` test; inf overflowed torch's timedelta
+    # NaN passed a `<= 0` test; inf overflowed torch's timedelta; under 1 ms it is 0 (the store timed out at once)
+    check_seconds("--timeout", args.timeout, least=MIN_COLLECTIVE_TIMEOUT_S)
     if not -2 ** 63 <= args.seed < 2 ** 64:  # torch.manual_seed's range (the model init)
         raise InputError("--seed", f"{args.seed} must be in [-2**63, 2**64)")
     if not (math.isfinite(args.lr) and args.lr > 0):

@@ -12,5 +12,13 @@
 set -euo pipefail
 PY="${PYTHON:-python3}"
 NPROC="${NPROC:-4}"
+for a in "$@"; do  # (a --world of the user's was checked instead of NPROC, then refused by every worker: exit 1)
+  case "$a" in
+    --world|--world=*|--check-plan-only)
+      echo "error: $a: set by this script (the world is NPROC=$NPROC); to check a plan against another world run" \
+           "$PY -m adasched.launch.train_sp --check-plan-only --world N ..." >&2
+      exit 2;;
+  esac
+done
 "$PY" -m adasched.launch.train_sp --check-plan-only --world "$NPROC" "$@" >/dev/null
 exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m adasched.launch.train_sp "$@"

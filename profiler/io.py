@@ -410,10 +410,18 @@ def load_model(path: str | os.PathLike, model: type[M], *, data: Any = None) -> 
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
 
-def check_seconds(option: str, value: float, *, most: float = MAX_TIMEOUT_S) -> None:
-    """``value`` (seconds, of ``option``) must be a finite number in (0, most]; else InputError naming it."""
+MIN_COLLECTIVE_TIMEOUT_S = 1.0
+"""Shortest collective/rendezvous timeout the launchers take: below 1 ms torch's timedelta is 0 and the store timed
+out at once (a C++ traceback on every rank after the checks passed); under a second no rendezvous is reliable."""
+
+
+def check_seconds(option: str, value: float, *, most: float = MAX_TIMEOUT_S, least: float = 0.0) -> None:
+    """``value`` (seconds, of ``option``) must be a finite number in (0, most], and >= ``least`` when given; else
+    InputError naming it."""
     if not value > 0:  # NaN too
         raise InputError(option, f"must be > 0 seconds, got {value}")
+    if value < least:
+        raise InputError(option, f"must be >= {least:g} seconds, got {value:g}")
     if not (math.isfinite(value) and value <= most):
         raise InputError(option, f"must be a finite number of seconds <= {most:g}, got {value}")
 

@@ -89,7 +89,8 @@ def _worker(rank: int, world: int, port: int, timeout_s: float, fn: Callable, ar
             result = fn(rank, world, *args)
         finally:
             _reset_pool_cache()
-            dist.destroy_process_group()
+            if dist.is_initialized():  # (fn may have torn it down itself: "Process group cannot be None" was the
+                dist.destroy_process_group()  # report of a run that succeeded, or hid fn's own error)
         buf = io.BytesIO()
         torch.save(result, buf)  # plain bytes across the queue: no shared-memory tensors outliving the worker
         queue.put((rank, "ok", buf.getvalue()))

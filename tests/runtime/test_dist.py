@@ -65,3 +65,21 @@ def test_init_distributed_single_process():
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["(0,", "1)", "gloo", "(0,", "1)"]
+
+
+def _sum_then_destroy(rank, world, offset):
+    import torch.distributed as dist
+
+    out = _sum_ranks(rank, world, offset)
+    dist.destroy_process_group()
+    return out
+
+
+def test_spawn_gloo_function_that_destroys_its_group_is_no_failure():
+    """_worker destroyed the process group after fn unconditionally: fn tearing it down itself turned a run that
+    succeeded into a WorkerError ("Process group cannot be None")."""
+    import random
+
+    off = random.randint(1, 100)
+    assert spawn_gloo(_sum_then_destroy, 2, off, timeout_s=30) == [
+        {"rank": r, "world": 2, "sum": float(2 * off + 1)} for r in (0, 1)]

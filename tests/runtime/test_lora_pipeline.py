@@ -71,6 +71,7 @@ def test_launcher_rejects_a_plan_the_model_cannot_run(tmp_path, capsys):
     (["--world", "2"], "error: --world: only with --check"),
     (["--check", "--world", "3"], "error: --layers: 2 layers cannot be split over 3 pipeline stages"),
     (["--check", "--timeout", "-5"], "error: --timeout: must be > 0 seconds, got -5.0"),
+    (["--check", "--timeout", "1e-9"], "error: --timeout: must be >= 1 seconds, got 1e-09"),  # (0 ms: store timed out)
     (["--time-limit", "0"], "error: --time-limit: must be > 0 seconds, got 0.0"),
     (["--seed", str(2 ** 63)], f"error: --seed: must be in [-2**63, 2**63), got {2 ** 63}"),
     # hunt finding: the planner refused it as 'seed: Input should be greater than or equal to 0'

@@ -160,3 +160,26 @@ def test_large_seeds(tmp_path, monkeypatch, capsys):
     assert main(["--plan", str(plan), "--check-plan-only", "--seed", str(2 ** 64)]) == 2
     err = capsys.readouterr().err
     assert err == f"error: --seed: {2 ** 64} must be in [-2**63, 2**64)\n", err
+
+
+@pytest.mark.parametrize("extra", [["--world", "4"], ["--world=4"], ["--check-plan-only"]])
+def test_launch_script_refuses_options_it_sets_itself(tmp_path, extra):
+    """train_sp.sh adds --world NPROC to its pre-check and passed the user's arguments on: a user's --world was
+    checked instead of NPROC (argparse keeps the last), then every worker refused it - a torchrun traceback, exit 1."""
+    plan = tmp_path / "plan.json"
+    save_plan(_plan(world=4), plan)
+    r = subprocess.run(["bash", str(REPO / "launch" / "train_sp.sh"), "--plan", str(plan), *extra],
+                       env=dict(_env(), NPROC="2"), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {extra[0]}: set by this script (the world is NPROC=2)")
+
+
+@pytest.mark.parametrize("timeout", ["1e-9", "0.0005", "0.5"])
+def test_collective_timeout_under_a_second_is_refused(tmp_path, timeout, capsys):
+    """--timeout 1e-9 passed the checks; timedelta(seconds=1e-9) is 0 ms and every rank's store timed out at once
+    with a C++ traceback."""
+    plan = tmp_path / "plan.json"
+    save_plan(_plan(world=4), plan)
+    assert main(["--plan", str(plan), "--check-plan-only", "--world", "4", "--timeout", timeout]) == 2
+    assert capsys.readouterr().err == f"error: --timeout: must be >= 1 seconds, got {float(timeout):g}\n"
