@@ -265,6 +265,8 @@ def solve_linear(solver, params: SolveParams, hint: dict[Any, float] | None = No
         status = "timeout"
     objective = solver.Objective().Value() if status in ("optimal", "feasible") else None
     bound = solver.Objective().BestBound() if status in ("optimal", "feasible") else None
+    if bound is not None and not abs(bound) < 1e20:  # OR-Tools' "no bound yet" (SCIP cut off before its root):
+        bound = None                                   # recorded as a bound, it made a gap of 1e29
     vs = list(variables) if variables is not None else list(solver.variables())
     values = {v.name(): v.solution_value() for v in vs} if status in ("optimal", "feasible") else {}
     return SolveOutcome(f"ortools-{name}", status, objective, bound, dt, params, values, note=note)

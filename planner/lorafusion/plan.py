@@ -188,6 +188,17 @@ class LoRAPlan(Plan):
         errors += _stage_cost_errors(self.stage_cost)
         if errors:
             return errors
+        # the terms are per stage of this model: layers / stages of them (a plan edited to 64 layers kept its 2-layer
+        # prediction; one with 5 layers per stage of a 2-layer, 2-stage model resimulated and verified)
+        lps = self.stage_cost.get("layers_per_stage")
+        if not (isinstance(lps, (int, float)) and math.isclose(lps, self.layers / self.stages, rel_tol=1e-9)):
+            errors.append(f"stage_cost.layers_per_stage: {lps}, but layers / stages = {self.layers} / {self.stages}")
+        base = {"mlora": self.summary.mlora_makespan_ms, "mlora_sorted": self.summary.mlora_sorted_makespan_ms,
+                "sequential": self.summary.sequential_makespan_ms}
+        if self.baselines_ms != base:  # (show printed both: "baseline mlora 1.000 ms" and the summary's speedup)
+            errors.append(f"baselines_ms: {self.baselines_ms}, the summary's baseline makespans are {base}")
+        if errors:
+            return errors
         n = len(self.lengths)
         short = next((i for i, x in enumerate(self.lengths) if x < 1), None)
         if short is not None:  # a sample of no tokens: nothing to train on, and the trainer cannot pack it

@@ -206,10 +206,18 @@ def test_show_and_load_refuse_a_plan_that_fails_verification(tmp_path, capsys, a
     def shallow(d):  # fewer layers than stages: refused in the jobs file, passed in a plan
         d["layers"] = d["stages"] - 1
 
+    def deeper(d):  # hunt: 64 layers kept the 2-layer model's prediction (stage_cost is per layers / stages)
+        d["layers"] = 64
+
+    def fake_baseline(d):  # hunt: show printed "baseline mlora 1.000 ms" beside the summary's own speedup
+        d["baselines_ms"]["mlora"] = 1.0
+
     assert_show_refuses(plan, [(dup, f"1 samples in more than one place (first: sample {first})"),
                                (out_of_range, f"sample id {n + 5} not in [0, {n})"), (tokens, "segment says"),
                                (wrong_batch, "placed in segment"), (too_big, "> capacity 128"),
-                               (shallow, "stages: 2 pipeline stages but layers 1")])
+                               (shallow, "stages: 2 pipeline stages but layers 1"),
+                               (deeper, f"but layers / stages = 64 / {plan['stages']}"),
+                               (fake_baseline, "baselines_ms: {'mlora': 1.0, ")])
 
 
 def test_jobs_help_names_every_preset():
