@@ -3,8 +3,8 @@ sit beside it). Mode "fsdp2": a model under ``fully_shard`` (DTensor gradients),
 Mode "zero1"/"zero2": DeepSpeed ZeRO-1/2 on gloo, the recorder on the wrapped torch optimizer with
 ``process_group``. Modes "zero2-groups"/"zero3-groups": two parameter groups (weight decay / none, which ZeRO
 steps one at a time), the recorder on the ZeRO optimizer itself (``engine.optimizer``); "zero2-groups-inner": the
-same on the torch optimizer inside, which must refuse the part-steps. Both ranks also train a plain replica whose gradients are all-reduced by hand (the gradient the
-sharded step applies) and write the recorder's rows and the replica's norms to OUT/rank{r}.json."""
+same on the torch optimizer inside, which must refuse the part-steps. Both ranks also train a plain replica whose
+gradients are all-reduced by hand (the gradient the sharded step applies) and write the recorder's rows and the replica's norms to OUT/rank{r}.json."""
 from __future__ import annotations
 
 import datetime
