@@ -24,9 +24,9 @@ Conventions shared by every schedule here (``step`` = the scheduler's ``last_epo
 * A factor found at construction (group lr below ``initial_lr``) is kept only on an optimizer that has not
   stepped yet (another scheduler built before us in a chain); a group lr of 0 there hides it: step 0 keeps the 0
   and the next step reads the factor (still 0: none - an abandoned scheduler's warmup start); on one that has
-  trained, the schedule starts from its closed form (a second stage, or a resumed run stepping a fresh scheduler to catch up). "Stepped" is read
-  from the optimizer's state (step counters; state without one, as SGD momentum buffers; plain SGD without
-  momentum keeps none: resume its scheduler with ``load_state_dict``).
+  trained, the schedule starts from its closed form (a second stage, or a resumed run stepping a fresh scheduler
+  to catch up). "Stepped" is read from the optimizer's state (step counters; state without one, as SGD momentum
+  buffers; plain SGD without momentum keeps none: resume its scheduler with ``load_state_dict``).
 """
 from __future__ import annotations
 
