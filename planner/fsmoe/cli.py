@@ -70,7 +70,7 @@ def register(groups) -> None:
                                                          "(train_moe --router-stats-out): assignments per token "
                                                          "after capacity drops per layer, planned as they are "
                                                          "(the capacity factor is not applied to them again)."),
-        time_limit: float = typer.Option(2.0, "--time-limit", help="Seconds per gradient-slice MILP."),
+        time_limit: float = typer.Option(2.0, "--time-limit", help="Seconds per gradient-slice MILP (a fallback: the greedy fill is normally proved optimal without one)."),
         as_json: bool = typer.Option(False, "--json", help="Print the plan's per-config rows and solver record as "
                                      "JSON on stdout instead of the table (the plan file is written either way)."),
     ) -> None:

@@ -1,5 +1,5 @@
 """FSMoE scheduling: choose the pipeline degree r per direction by exact evaluation, and the gradient
-all-reduce slices by a small MILP.
+all-reduce slices by a greedy fill proved optimal by a matching upper bound (the slice MILP is the fallback).
 
 Sections follow the OR-Tools sample order (data, model, variables, constraints, objective, solve, extract).
 
@@ -47,6 +47,7 @@ __all__ = [
     "paper_cases",
     "GradSliceResult",
     "greedy_slices",
+    "slice_upper_bound",
     "solve_slices",
     "R_CANDIDATES",
     "R_MAX",
@@ -286,9 +287,32 @@ def greedy_slices(gaps_ms: list[float], produced: list[float], alpha: float, bet
     return out
 
 
+def slice_upper_bound(gaps_ms: list[float], produced: list[float], alpha: float, beta: float) -> float:
+    """An upper bound on the elements any feasible set of slices hides: min(sum_j c_j, min_k P_k + sum_{j>k} c_j),
+    with c_j the gap capacity and P_k = sum(produced[:k]) the prefix rule's right-hand side at position k (what
+    positions <= k take is at most P_k, what positions > k take at most their capacities).
+
+    The greedy fill attains it: let k be the last position whose prefix row the fill makes tight (every later
+    position is then filled to capacity, else its row would be tight too), so the fill hides P_k + sum_{j>k} c_j;
+    with no tight row every position is at capacity and the fill hides sum_j c_j. The bound is therefore the
+    optimum, and :func:`solve_slices` uses it as the certificate."""
+    caps = [_slice_cap(g, alpha, beta) for g in gaps_ms]
+    best = sum(caps)
+    tail = 0.0  # sum of caps after position k
+    for k in range(len(caps) - 1, -1, -1):
+        best = min(best, sum(produced[:k]) + tail)
+        tail += caps[k]
+    return best
+
+
 def solve_slices(gaps_ms: list[float], produced: list[float], alpha: float, beta: float,
-                 params: SolveParams) -> GradSliceResult:
-    """MILP: maximise the gradient volume hidden in the gaps.
+                 params: SolveParams, *, method: Literal["auto", "milp"] = "auto") -> GradSliceResult:
+    """Maximise the gradient volume hidden in the gaps.
+
+    ``method="auto"`` (the planner's): the greedy fill, returned as optimal when it reaches
+    :func:`slice_upper_bound` within 1e-9 of the total (it always does - see there; O(n) instead of a MILP with
+    O(n^2) prefix terms, 4.5 s for 1024 layers); otherwise, and with ``method="milp"`` (the tests' cross-check),
+    the MILP below, the greedy fill as its warm start.
 
     data:        gaps G_i (ms idle inter-node link during backward position i), produced D_i (elements, available
                  after position i), all-reduce cost alpha + beta * x per slice.
@@ -305,7 +329,17 @@ def solve_slices(gaps_ms: list[float], produced: list[float], alpha: float, beta
     if n == 0 or total <= 0:  # nothing to all-reduce (no replicated parameters, or one GPU): nothing exposed
         return GradSliceResult([0.0] * n, 0.0, SolveOutcome("exact", "optimal", 0.0, 0.0, time.perf_counter() - t0,
                                                             params, note="no gradients to all-reduce"))
+    if method not in ("auto", "milp"):
+        raise ValueError(f"method must be 'auto' or 'milp', not {method!r}")
     greedy = greedy_slices(gaps_ms, produced, alpha, beta)
+    if method == "auto":
+        bound = slice_upper_bound(gaps_ms, produced, alpha, beta)
+        if sum(greedy) >= bound - 1e-9 * total:
+            return GradSliceResult(
+                greedy, _exposed(greedy, produced, alpha, beta),
+                SolveOutcome("exact", "optimal", sum(greedy), bound, time.perf_counter() - t0, params,
+                             {f"x_{i}": v for i, v in enumerate(greedy)},
+                             note="greedy fill, equal to the prefix-rule upper bound"))
     heur = heuristic_outcome(sum(greedy), time.perf_counter() - t0, params, note="greedy fill")
     heur.values = {f"x_{i}": v for i, v in enumerate(greedy)}
     scale = 1.0 / total  # solve in units of the total (x_i <= 1) to keep CBC well conditioned

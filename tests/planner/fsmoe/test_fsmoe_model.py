@@ -186,14 +186,15 @@ def brute_force_slices(gaps, produced, alpha, beta):
     return best
 
 
+@pytest.mark.parametrize("method", ["auto", "milp"])
 @pytest.mark.parametrize("seed", range(12))
-def test_slice_milp_matches_brute_force(seed):
+def test_slice_milp_matches_brute_force(seed, method):
     rng = random.Random(seed)
     n = rng.randint(2, 7)
     gaps = [rng.uniform(0.0, 3.0) for _ in range(n)]
     produced = [rng.uniform(0.5, 4.0) for _ in range(n)]
     alpha, beta = rng.uniform(0.05, 0.8), rng.uniform(0.2, 1.5)
-    res = solve_slices(gaps, produced, alpha, beta, SolveParams(time_limit=5))
+    res = solve_slices(gaps, produced, alpha, beta, SolveParams(time_limit=5), method=method)
     # CBC solves these in ~10 ms; on a loaded CI machine one run once hit the time limit and (honestly) reported
     # 'feasible' - the brute-force equality below is what proves the answer optimal either way
     assert res.outcome.status in ("optimal", "heuristic", "feasible")

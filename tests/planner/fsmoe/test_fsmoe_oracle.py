@@ -152,7 +152,7 @@ def oracle_hidden(gaps, produced, alpha, beta):
     earliest fill is optimal for capacities min(gap room) under prefix (availability) caps."""
     taken = 0.0
     for i, g in enumerate(gaps):
-        room = (g - alpha) / beta if g > alpha else 0.0
+        room = ((g - alpha) / beta if beta > 0 else math.inf) if g > alpha else 0.0
         taken += max(0.0, min(sum(produced[:i]) - taken, room))
     return taken
 
@@ -182,7 +182,7 @@ def test_slice_milp_regression_cbc_slice_in_an_unlaunched_gap():
     gaps = [0.0, 0.7780068450158718, 1.824956441722934, 0.7780068450158718]
     produced = [0.0, 304957917.59449524, 0.0, 647587257.2391596]
     alpha, beta = 0.7780068450158718, 1.0846551946462426e-09
-    res = solve_slices(gaps, produced, alpha, beta, SolveParams(time_limit=5))
+    res = solve_slices(gaps, produced, alpha, beta, SolveParams(time_limit=5), method="milp")
     assert sum(res.slices) == pytest.approx(produced[1], rel=1e-7)
     assert res.slices[2] == pytest.approx(produced[1], rel=1e-7)
     assert res.exposed_ms == pytest.approx(alpha + beta * produced[3], rel=1e-7)
@@ -201,8 +201,56 @@ def test_slice_milp_equals_the_oracle_on_random_instances():
             produced[-1] = scale
         alpha, beta = rng.choice([0.0, rng.uniform(0.05, 0.8)]), rng.uniform(0.2, 1.5) / scale
         gaps = [rng.choice([0.0, alpha, rng.uniform(0, 3)]) for _ in range(n)]
-        res = solve_slices(gaps, produced, alpha, beta, SolveParams(time_limit=5))
+        res = solve_slices(gaps, produced, alpha, beta, SolveParams(time_limit=5), method="milp")
         _check_slices(res, gaps, produced, alpha, beta)
+
+
+def test_slice_exact_fill_equals_the_oracle_and_its_bound_on_random_instances():
+    """The planner's path: the greedy fill with its upper bound as the certificate. On 200 instances (seed 7,
+    1-9 layers, scales 1 .. 3e10, gaps 0 / exactly alpha / random, alpha 0 or not, beta 0 = a free link) it is
+    reported optimal, hides what the independent oracle hides, its bound equals that optimum, it solves no MILP,
+    and the MILP (method='milp') finds no more."""
+    from adasched.planner.fsmoe import model as M
+
+    rng = random.Random(7)
+    for _ in range(200):
+        n = rng.randint(1, 9)
+        scale = rng.choice([1.0, 1e6, 1e9, 3e10])
+        produced = [rng.choice([0.0, rng.uniform(0.1, 4)]) * scale for _ in range(n)]
+        if sum(produced) == 0:
+            produced[-1] = scale
+        alpha = rng.choice([0.0, rng.uniform(0.05, 0.8)])
+        beta = rng.choice([0.0, rng.uniform(0.2, 1.5) / scale])
+        gaps = [rng.choice([0.0, alpha, rng.uniform(0, 3)]) for _ in range(n)]
+        res = solve_slices(gaps, produced, alpha, beta, SolveParams(time_limit=5))
+        assert res.outcome.status == "optimal" and res.outcome.backend == "exact", res.outcome
+        want = oracle_hidden(gaps, produced, alpha, beta)
+        assert res.outcome.bound == pytest.approx(want, rel=1e-9, abs=1e-9)
+        _check_slices(res, gaps, produced, alpha, beta)
+        if _ % 10 == 0:  # the MILP cross-check (CBC: ~20 ms each)
+            milp = solve_slices(gaps, produced, alpha, beta, SolveParams(time_limit=5), method="milp")
+            assert sum(milp.slices) <= sum(res.slices) + 1e-7 * max(sum(produced), 1.0)
+        assert M.slice_upper_bound(gaps, produced, alpha, beta) == res.outcome.bound
+
+
+def test_slice_exact_fill_solves_no_milp_at_the_layer_limit(monkeypatch):
+    """1024 layers (MAX_LAYERS): the MILP (O(n^2) prefix terms) took 4.5 s here under a 2 s limit; the exact
+    fill solves none and is optimal by its bound. A solver call fails the test."""
+    from adasched.planner.fsmoe import model as M
+    from adasched.planner.plan import MAX_LAYERS
+
+    def no_solver(*a, **k):
+        raise AssertionError("the slice MILP was solved")
+
+    monkeypatch.setattr(M, "solve_pulp", no_solver)
+    rng = random.Random(3)
+    gaps = [rng.uniform(0, 2) for _ in range(MAX_LAYERS)]
+    produced = [rng.uniform(1e6, 1e7) for _ in range(MAX_LAYERS)]
+    res = solve_slices(gaps, produced, 0.05, 1e-7, SolveParams(time_limit=2))
+    assert res.outcome.status == "optimal" and res.outcome.bound == pytest.approx(sum(res.slices), rel=1e-12)
+    assert sum(res.slices) == pytest.approx(oracle_hidden(gaps, produced, 0.05, 1e-7), rel=1e-12)
+    with pytest.raises(ValueError, match="method"):
+        solve_slices(gaps[:2], produced[:2], 0.05, 1e-7, SolveParams(time_limit=2), method="cbc")
 
 
 def test_slice_milp_under_a_tiny_time_limit_is_honest():
@@ -212,7 +260,7 @@ def test_slice_milp_under_a_tiny_time_limit_is_honest():
     n = 40
     produced = [rng.uniform(0.1, 4) * 1e9 for _ in range(n)]
     gaps = [rng.uniform(0, 3) for _ in range(n)]
-    res = solve_slices(gaps, produced, 0.3, 0.7e-9, SolveParams(time_limit=0.01))
+    res = solve_slices(gaps, produced, 0.3, 0.7e-9, SolveParams(time_limit=0.01), method="milp")
     assert res.outcome.status in ("optimal", "feasible", "heuristic")
     _check_slices(res, gaps, produced, 0.3, 0.7e-9)
 
@@ -256,7 +304,7 @@ def test_slice_solver_status_survives_cbc_tolerance():
 
     gaps, produced, alpha, beta = [2431.8571626618723] * 24, [25427968.0] * 24, 0.341, 3.5e-06
     greedy = M.greedy_slices(gaps, produced, alpha, beta)
-    r = M.solve_slices(gaps, produced, alpha, beta, SolveParams(time_limit=5.0))
+    r = M.solve_slices(gaps, produced, alpha, beta, SolveParams(time_limit=5.0), method="milp")
     assert r.outcome.status == "optimal", r.outcome
     assert sum(r.slices) >= sum(greedy) - 1e-6 * sum(produced)
     assert r.slices == M._clip_slices(r.slices, gaps, produced, alpha, beta)  # feasible as reported
