@@ -119,6 +119,16 @@ class Graph(BaseModel):
         return any(o.regs is not None or o.smem is not None or o.variable_latency is not None
                    or o.blocking is not None for o in self.ops)
 
+    def value_uses(self) -> list[tuple[str, str, int]]:
+        """(producer, consumer, iterations later) of every read that keeps a value live: each value edge, except
+        that a self-loop of distance d writes in place, so its value outlives only the d - 1 later instances
+        (src, src, d - 1) and an in-place accumulator (d = 1) adds nothing. The lifetime rule
+        ``t_consumer + I * distance + len_consumer - t_producer`` then gives every user of it (the solver's model
+        and the knobs) the same buffer counts; the validator and the simulator re-derive the rule from the plan's
+        JSON on their own, as independent checks."""
+        return [(e.src, e.dst, e.distance - (e.src == e.dst)) for e in self.edges
+                if e.value and (e.src != e.dst or e.distance >= 2)]
+
     def op(self, name: str) -> Op:
         for o in self.ops:
             if o.name == name:

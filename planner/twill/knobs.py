@@ -61,10 +61,9 @@ def value_lifetimes(graph: Graph, ii: int, times: dict[str, int]) -> dict[str, i
     """Cycles each op's result stays live: until its last (non-self) consumer has finished."""
     length = {o.name: o.length for o in graph.ops}
     life = dict(length)
-    for e in graph.edges:
-        if e.value and (e.src != e.dst or e.distance >= 2):  # a self-loop: in place, d - 1 later instances
-            end = times[e.dst] + ii * (e.distance - (e.src == e.dst)) + length[e.dst]
-            life[e.src] = max(life[e.src], end - times[e.src])
+    for src, dst, d in graph.value_uses():  # a self-loop: in place, d - 1 later instances
+        end = times[dst] + ii * d + length[dst]
+        life[src] = max(life[src], end - times[src])
     return life
 
 

@@ -141,9 +141,8 @@ def _value_consumers(problem: Problem):
     (d = 1) adds nothing. (Dropping every self-loop gave x[i] = f(x[i - 3]) one buffer: 224 registers planned
     for a value needing 3 x 200 + 24.)"""
     out: dict[str, list[tuple[str, int]]] = {o.name: [] for o in problem.graph.ops}
-    for e in problem.graph.edges:
-        if e.value and (e.src != e.dst or e.distance >= 2):
-            out[e.src].append((e.dst, e.distance - (e.src == e.dst)))
+    for src, dst, d in problem.graph.value_uses():
+        out[src].append((dst, d))
     return out
 
 
