@@ -43,12 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             from adasched.profiler.local import resolve_nproc
 
             ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            if ngpu and int(nproc) > ngpu:
-                raise InputError("NPROC", f"{nproc} ranks but only {ngpu} GPU(s) (nccl needs one GPU per rank)")
-            try:
-                resolve_nproc(int(nproc), quick=args.quick, collectives=True, ngpu=ngpu)
-            except ValueError as err:
-                raise InputError("NPROC", str(err).removeprefix("--nproc: ")) from None
+            resolve_nproc(int(nproc), quick=args.quick, collectives=True, ngpu=ngpu, option="NPROC")
         except ValueError as err:
             sys.stderr.write(error_line(err))
             return 2

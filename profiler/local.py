@@ -75,26 +75,27 @@ def max_cpu_nproc() -> int:
     return 1 << (cap.bit_length() - 1)
 
 
-def resolve_nproc(nproc: int | None, *, quick: bool, collectives: bool, ngpu: int) -> int:
+def resolve_nproc(nproc: int | None, *, quick: bool, collectives: bool, ngpu: int, option: str = "--nproc") -> int:
     """The worker count for the spawned collectives: ``nproc`` checked (>= 2, one GPU per nccl rank, a bounded
     number of CPU processes; any count, odd ones too) or the default (a power of two); a bad value raises
-    ValueError('--nproc: ...'). On a node with several GPUs the profile describes the ``nproc`` GPUs measured
-    (its ``gpus_per_node``)."""
+    ValueError('<option>: ...'). On a node with several GPUs the profile describes the ``nproc`` GPUs measured
+    (its ``gpus_per_node``). ``option`` names where the count came from: ``--nproc`` of ``adasched profile``
+    (which spawns its workers), or ``NPROC`` of ``profile_collectives.sh`` (ranks under torchrun)."""
     if nproc is None:
         return 1 << (min(ngpu, 8).bit_length() - 1) if ngpu >= 2 else DEFAULT_NPROC[1 if quick else 0]
     if not collectives:
         return nproc
-    if ngpu == 1:  # (the collectives are skipped on one GPU: the option was silently ignored)
+    if ngpu == 1 and option == "--nproc":  # (the collectives are skipped on one GPU: the option was silently ignored)
         raise ValueError(f"--nproc: this node has one GPU, so there are no collectives to run with {nproc} workers "
                          "(omit --nproc, or profile the collectives under torchrun on a multi-GPU node)")
     if nproc < 2:
-        raise ValueError(f"--nproc: collectives need >= 2 processes, got {nproc} (or pass --no-collectives)")
-    if ngpu >= 2 and nproc > ngpu:
-        raise ValueError(f"--nproc: {nproc} ranks but only {ngpu} GPUs (nccl needs one GPU per rank)")
+        raise ValueError(f"{option}: collectives need >= 2 processes, got {nproc} (or pass --no-collectives)")
+    if ngpu >= 1 and nproc > ngpu:
+        raise ValueError(f"{option}: {nproc} ranks but only {ngpu} GPU(s) (nccl needs one GPU per rank)")
     if ngpu == 0 and nproc > max_cpu_nproc():
         from .inventory import _cores
 
-        raise ValueError(f"--nproc: {nproc} worker processes is too many for this host ({_cores()} cores; at most "
+        raise ValueError(f"{option}: {nproc} worker processes is too many for this host ({_cores()} cores; at most "
                          f"{max_cpu_nproc()}: every rank is a torch process)")
     if ngpu == 0:  # the largest all_gather holds the shard and the gathered n x shard on every rank, in host memory
         # (64 ranks on a 32-core host: 65 GiB, an OOM kill after the whole run)
@@ -103,7 +104,7 @@ def resolve_nproc(nproc: int | None, *, quick: bool, collectives: bool, ngpu: in
 
         big = max(collective_config(quick, gpu=False).sizes)
         need = nproc * (nproc + 1) * big + nproc * CPU_WORKER_BYTES
-        check_host_memory(need, "--nproc", f"{nproc} worker processes need about {need / 2**30:,.1f} GiB (torch "
+        check_host_memory(need, option, f"{nproc} worker processes need about {need / 2**30:,.1f} GiB (torch "
                                            f"processes and the largest all_gather's buffers)")
     return nproc
 
