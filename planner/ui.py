@@ -118,7 +118,15 @@ def reports_errors() -> bool:
 class OneLineArgParser(argparse.ArgumentParser):
     """argparse for the launchers and the planners' ``python -m`` tools: a bad option is one ``error:`` line (on
     rank 0 only, under torchrun) and exit status 2, as for the ``adasched`` CLI (argparse prints its whole usage
-    text first - 20+ lines for the bigger launchers - which buries the message under torchrun's output)."""
+    text first - 20+ lines for the bigger launchers - which buries the message under torchrun's output).
+
+    Options are never abbreviated (``allow_abbrev=False``): a wrapper script that refuses an option it sets itself
+    (``train_sp.sh``: ``--world``) matched the full spelling only, and ``--wor 2`` or ``--check-plan`` reached the
+    parser as the same option."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D401 - argparse's hook
         if is_rank0():

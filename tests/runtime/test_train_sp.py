@@ -175,6 +175,21 @@ def test_launch_script_refuses_options_it_sets_itself(tmp_path, extra):
     assert len(lines) == 1 and lines[0].startswith(f"error: {extra[0]}: set by this script (the world is NPROC=2)")
 
 
+@pytest.mark.parametrize("extra", [["--wor", "2"], ["--wo=4"], ["--check-plan"]])
+def test_launch_script_refuses_abbreviations_of_options_it_sets_itself(tmp_path, extra):
+    """The script matched the full spellings only and argparse took abbreviations: --wor 2 started torchrun
+    (every worker refused it: a traceback, exit 1), --wo=4 checked the plan against 4 ranks for a 2-rank run,
+    --check-plan made every rank check the plan and exit 0 without training. Abbreviations are unknown options
+    now (the launchers' parsers set allow_abbrev=False): one line from the pre-check, exit 2, no torchrun."""
+    plan = tmp_path / "plan.json"
+    save_plan(_plan(world=4), plan)
+    r = subprocess.run(["bash", str(REPO / "launch" / "train_sp.sh"), "--plan", str(plan), *extra],
+                       env=dict(_env(), NPROC="2"), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unrecognized arguments: " + extra[0]), r.stderr
+
+
 @pytest.mark.parametrize("timeout", ["1e-9", "0.0005", "0.5"])
 def test_collective_timeout_under_a_second_is_refused(tmp_path, timeout, capsys):
     """--timeout 1e-9 passed the checks; timedelta(seconds=1e-9) is 0 ms and every rank's store timed out at once
