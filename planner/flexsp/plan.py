@@ -20,6 +20,12 @@ MAX_WORLD = 2 ** 16
 MAX_PLAN_CONTEXT = 2 ** 40
 
 
+def _short(n: int) -> str:
+    """A length for an error line: a 400-digit number as its digit count."""
+    text = str(n)
+    return text if len(text) <= 24 else f"of {len(text)} digits"
+
+
 class SPGroup(BaseModel):
     model_config = ConfigDict(extra="forbid")
     degree: int = Field(ge=1, description="SP degree (power of two) = len(ranks)")
@@ -38,6 +44,9 @@ class SPGroup(BaseModel):
             raise ValueError("seq_ids and seqlens differ in length")
         if any(s <= 0 for s in self.seqlens):
             raise ValueError("seqlens must be positive")
+        big = next((s for s in self.seqlens if s > MAX_PLAN_CONTEXT), None)
+        if big is not None:  # (10**400 made the runtime's length scaling raise OverflowError: a traceback)
+            raise ValueError(f"seqlens: length {_short(big)} is more than {MAX_PLAN_CONTEXT:,} tokens")
         return self
 
 
@@ -66,6 +75,9 @@ class SPStep(BaseModel):
         bad = next((s for s in self.seqlens if s <= 0), None)
         if bad is not None:
             raise ValueError(f"seqlens: length {bad} is not positive")
+        big = next((s for s in self.seqlens if s > MAX_PLAN_CONTEXT), None)
+        if big is not None:
+            raise ValueError(f"seqlens: length {_short(big)} is more than {MAX_PLAN_CONTEXT:,} tokens")
         return self
 
 

@@ -190,6 +190,28 @@ def test_launch_script_refuses_abbreviations_of_options_it_sets_itself(tmp_path,
     assert len(lines) == 1 and lines[0].startswith("error: unrecognized arguments: " + extra[0]), r.stderr
 
 
+@pytest.mark.parametrize("where", ["step", "group"])
+def test_a_plan_length_beyond_the_context_limit_is_one_error_line(tmp_path, capsys, monkeypatch, where):
+    """A sequence length of 10**400 in a plan passed the plan model (positive only) and train_sp's length scaling
+    raised OverflowError (int to float): a traceback, exit 1. Lengths are bounded by MAX_PLAN_CONTEXT now."""
+    import json
+
+    data = json.loads(_plan().model_dump_json())
+    huge = 10 ** 400 if where == "step" else 2 ** 40 + 1
+    if where == "step":
+        data["steps"][0]["seqlens"][0] = huge
+    data["steps"][0]["micro_batches"][0]["groups"][0]["seqlens"][0] = huge
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["--plan", str(path), "--check-plan-only"]) == 2
+    err = capsys.readouterr().err
+    want = "of 401 digits" if where == "step" else f"{huge}"
+    assert err.startswith(f"error: {path}: ") and f"seqlens: length {want} is more than 1,099,511,627,776 tokens" \
+        in err and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("timeout", ["1e-9", "0.0005", "0.5"])
 def test_collective_timeout_under_a_second_is_refused(tmp_path, timeout, capsys):
     """--timeout 1e-9 passed the checks; timedelta(seconds=1e-9) is 0 ms and every rank's store timed out at once
