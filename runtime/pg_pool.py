@@ -33,7 +33,7 @@ def is_buddy_range(ranks: Iterable[int], world_size: int) -> bool:
     if not rs or len(set(rs)) != len(rs):
         return False
     d, o = len(rs), rs[0]
-    return (d & (d - 1)) == 0 and o % d == 0 and rs == list(range(o, o + d)) and o + d <= world_size
+    return (d & (d - 1)) == 0 and o >= 0 and o % d == 0 and rs == list(range(o, o + d)) and o + d <= world_size
 
 
 class ProcessGroupPool:

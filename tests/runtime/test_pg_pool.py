@@ -28,8 +28,14 @@ def test_buddy_groups_properties(world):
 
 def test_is_buddy_range():
     assert is_buddy_range([2, 3], 4) and is_buddy_range([3, 2], 4) and is_buddy_range([0, 1, 2, 3], 4)
-    for bad in ([1, 2], [0, 1, 2], [], [4], [0, 0], [4, 5]):
+    for bad in ([1, 2], [0, 1, 2], [], [4], [0, 0], [4, 5], [-2, -1], [-1]):  # (negatives passed: KeyError later)
         assert not is_buddy_range(bad, 4), bad
+    for world in range(1, 17):  # exactly the members of buddy_groups
+        members = {tuple(g) for g in buddy_groups(world)}
+        for lo in range(-world, world):
+            for d in (1, 2, 4, 8, 16):
+                rs = list(range(lo, lo + d))
+                assert is_buddy_range(rs, world) == (tuple(rs) in members), (rs, world)
     with pytest.raises(ValueError):
         buddy_groups(0)
 
