@@ -135,6 +135,15 @@ class MoELayer(nn.Module):
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_stats: RouterStats | None = None
 
+    def __getstate__(self):
+        # a copy (copy.deepcopy, swa_utils.AveragedModel, pickle) keeps the last aux loss as a value: the live one
+        # belongs to the autograd graph of the step that made it, and deepcopy refuses non-leaf tensors (a model
+        # holding an MoELayer could not be deep-copied after any training forward)
+        state = super().__getstate__()
+        if isinstance(state.get("aux_loss"), torch.Tensor):
+            state["aux_loss"] = state["aux_loss"].detach()
+        return state
+
     def reset_parameters(self) -> None:
         """The constructor's initialisation again (experts normal(0, fan_in^-1/2), the router's weights and state):
         for meta-device construction, ``layer.to_empty(device=...)`` then ``layer.reset_parameters()`` (the

@@ -253,8 +253,16 @@ class Router(nn.Module):
 
     @p.setter
     def p(self, value: float) -> None:
+        # checked as RouterConfig.p is: 1.5 or inf routed k_max experts to every token, 0, a negative or NaN one
+        # expert, and a NaN threshold went into the state_dict where the controller could never move it again
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"p: {value!r} must be a number in (0, 1]") from None
+        if isinstance(value, bool) or not (0.0 < v <= 1.0):
+            raise ValueError(f"p: {value!r} must be in (0, 1]")
         with torch.no_grad():
-            self.p_threshold.fill_(float(value))
+            self.p_threshold.fill_(v)
 
     def _apply(self, fn, recurse=True):
         """``.to(dtype)`` / ``.half()`` / ``.bfloat16()`` leave the routing state in full precision: in bf16 a
