@@ -51,6 +51,10 @@ def schedule_shape(name: str, num_layers: int, waves: float = 1.0) -> list[float
     if isinstance(num_layers, bool) or not isinstance(num_layers, numbers.Integral) or num_layers < 1:
         raise ValueError(f"num_layers: {num_layers!r} must be an integer >= 1")
     num_layers = int(num_layers)
+    # (checked here, not only in capacity_schedule: this is public too, and NaN gave NaN shapes, a negative
+    # number flipped the wave, inf raised a math domain error)
+    if isinstance(waves, bool) or not isinstance(waves, numbers.Real) or not (math.isfinite(waves) and waves > 0):
+        raise ValueError(f"waves: {waves!r} must be a finite number > 0")
     fn = _shape_fn(name, waves)
     L = num_layers
     return [fn(l / (L - 1) if L > 1 else 0.0) for l in range(L)]
@@ -67,8 +71,6 @@ def capacity_schedule(name: str, num_layers: int, budget: int, lo: int, hi: int,
     # string strength raised a TypeError)
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength: {strength!r} must be a number in [0, 1]")
-    if isinstance(waves, bool) or not isinstance(waves, numbers.Real) or not (math.isfinite(waves) and waves > 0):
-        raise ValueError(f"waves: {waves!r} must be a finite number > 0")
     f = schedule_shape(name, num_layers, waves)
     L = int(num_layers)
     for label, v in (("budget", budget), ("lo", lo), ("hi", hi)):
@@ -112,21 +114,33 @@ def capacity_schedule(name: str, num_layers: int, budget: int, lo: int, hi: int,
 def moe_layer_configs(schedule: str, num_layers: int, budget: int, lo: int, hi: int, base, *,
                       field: str | None = None, **kw) -> list:
     """Per-layer router configs from a schedule: ``base`` (a RouterConfig) copied with ``field`` set per layer
-    (default: ``k_max`` for a top_p router, ``top_k`` for the others).
+    (default: ``k_max`` for a top_p router, ``num_experts`` for a switch router - it always routes one expert -
+    and ``top_k`` for the others).
 
     ``field="k_max"``: dynamic top-p routers get the layer's k_max (top-k routers: ``field="top_k"``);
     ``field="num_experts"``: the layer's expert count (top_k/k_max are clipped to it). A top_p controller's
     ``target_k`` above a layer's k_max is clipped to it (that layer cannot average more experts per token).
+    A field the router ignores (``top_k`` of a switch router, or of a top_p router whose ``k_max`` caps it) is
+    refused: the model would be uniform under a schedule that says otherwise. Every layer gets at least one
+    expert (``lo >= 1``).
     """
     if field is None:
-        field = "k_max" if base.kind == "top_p" else "top_k"
+        field = {"top_p": "k_max", "switch": "num_experts"}.get(base.kind, "top_k")
     if field not in ("k_max", "top_k", "num_experts"):
         raise ValueError(f"field: {field!r} is not 'k_max', 'top_k' or 'num_experts'")
     if field == "k_max" and base.kind != "top_p":  # k_max is only top_p's cap: the schedule would do nothing
         raise ValueError(f"field: 'k_max' caps top_p routing; a {base.kind} router's capacity is field='top_k'")
+    if field == "top_k" and base.kind == "switch":
+        raise ValueError("field: 'top_k' does nothing for a switch router (one expert per token); schedule "
+                         "field='num_experts'")
+    if field == "top_k" and base.kind == "top_p" and base.k_max is not None:
+        raise ValueError(f"field: 'top_k' does nothing for a top_p router whose k_max ({base.k_max}) caps it; "
+                         "schedule field='k_max'")
     if field != "num_experts" and hi > base.num_experts:
         raise ValueError(f"hi: {hi} exceeds num_experts {base.num_experts} for {field}")
     caps = capacity_schedule(schedule, num_layers, budget, lo, hi, **kw)
+    if min(caps) < 1:  # (a layer of 0 raised "top_k: 0 must be in [1, ...]", naming an argument never passed)
+        raise ValueError(f"lo: {lo} must be >= 1 for field {field!r} (every layer routes to at least one expert)")
     out = []
     for c in caps:
         if field == "num_experts":

@@ -101,3 +101,38 @@ def test_layer_configs_clip_target_k_and_refuse_k_max_on_top_k_routers():
     assert capacity_schedule("pyramid", np.int64(4), np.int64(10), np.int32(1), 4) == [1, 4, 4, 1]
     with pytest.raises(ValueError, match="^num_layers: 4.0 must be an integer >= 1"):
         capacity_schedule("pyramid", 4.0, 10, 1, 4)
+
+
+def test_layer_configs_refuse_a_field_the_router_ignores_and_layers_without_experts():
+    """Found by a hunt: a switch router scheduled on top_k (the default) and a top_p router with k_max scheduled on
+    top_k built a uniform model (effective k_max 1 / k_max in every layer) under a layer-wise schedule; lo=0 gave a
+    layer of capacity 0 and the error named top_k, which the caller never passed."""
+    from adasched.runtime.moe.router import RouterConfig
+
+    switch = RouterConfig(kind="switch", num_experts=8)
+    cfgs = moe_layer_configs("descending", 4, 20, 2, 8, switch)  # default: the expert count
+    assert [c.num_experts for c in cfgs] == [8, 6, 4, 2] and all(c.effective_k_max == 1 for c in cfgs)
+    with pytest.raises(ValueError, match=r"^field: 'top_k' does nothing for a switch router"):
+        moe_layer_configs("descending", 4, 10, 1, 4, switch, field="top_k")
+    capped = RouterConfig(kind="top_p", num_experts=8, k_max=4)
+    with pytest.raises(ValueError, match=r"^field: 'top_k' does nothing for a top_p router whose k_max \(4\)"):
+        moe_layer_configs("descending", 4, 10, 1, 4, capped, field="top_k")
+    uncapped = RouterConfig(kind="top_p", num_experts=8, top_k=4)  # no k_max: top_k is the cap, so it schedules
+    assert [c.effective_k_max for c in moe_layer_configs("descending", 4, 10, 1, 4, uncapped, field="top_k")] \
+        == [4, 3, 2, 1]
+    for field in ("top_k", "num_experts"):
+        with pytest.raises(ValueError, match=rf"^lo: 0 must be >= 1 for field '{field}'"):
+            moe_layer_configs("descending", 4, 8, 0, 4, RouterConfig(num_experts=8), field=field)
+    # lo=0 whose schedule never reaches 0 is fine
+    assert [c.top_k for c in moe_layer_configs("uniform", 4, 8, 0, 4, RouterConfig(num_experts=8))] == [2] * 4
+
+
+@pytest.mark.parametrize("waves", [float("nan"), -1.0, 0.0, float("inf"), "2", True])
+def test_schedule_shape_checks_waves_itself(waves):
+    """schedule_shape is public, but only capacity_schedule checked waves: NaN shapes, a flipped wave for -1,
+    a math domain error for inf, a TypeError for a string."""
+    from adasched.schedules.capacity import schedule_shape
+
+    with pytest.raises(ValueError, match=r"^waves: .* must be a finite number > 0"):
+        schedule_shape("wave", 5, waves)
+    assert schedule_shape("wave", 5, 1.0) == pytest.approx([0.0, 1.0, 0.0, -1.0, 0.0], abs=1e-12)
