@@ -14,8 +14,12 @@ start; the returned :class:`SolveOutcome` carries an honest status:
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 import threading
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal, Mapping
 
@@ -28,11 +32,16 @@ Status = Literal["optimal", "feasible", "heuristic", "infeasible", "timeout"]
 MAX_THREADS = 1024
 """Most solver threads a SolveParams takes (CP-SAT refuses 100000 workers as an invalid model)."""
 
+MAX_TIME_LIMIT_S = 7 * 24 * 3600.0
+"""Longest time limit a SolveParams takes (the CLIs' cap, ``adasched.profiler.io.MAX_TIMEOUT_S``): 1e16 s
+overflowed OR-Tools' int64 milliseconds (an OverflowError from inside SWIG)."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class SolveParams:
     time_limit: float = 10.0
-    """Wall-clock limit in seconds."""
+    """Wall-clock limit in seconds (up to :data:`MAX_TIME_LIMIT_S`); CBC through OR-Tools (``solve_linear``) counts
+    CPU seconds instead, which its wrapper cannot change - the outcome's note says so."""
     seed: int = 0
     """Any int >= 0; the solvers (32-bit seeds) get :attr:`solver_seed`."""
     threads: int = 1
@@ -48,12 +57,17 @@ class SolveParams:
     def __post_init__(self):
         if not (self.time_limit > 0 and math.isfinite(self.time_limit)):
             raise ValueError(f"time_limit must be a positive number of seconds, got {self.time_limit}")
+        if self.time_limit > MAX_TIME_LIMIT_S:
+            raise ValueError(f"time_limit must be at most {MAX_TIME_LIMIT_S:.0f} seconds (7 days), got "
+                             f"{self.time_limit}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
-        if not 1 <= self.threads <= MAX_THREADS:
-            raise ValueError(f"threads must be in 1..{MAX_THREADS}, got {self.threads}")
-        if self.node_limit is not None and (isinstance(self.node_limit, bool) or self.node_limit < 1):
-            raise ValueError(f"node_limit must be a positive number of nodes, got {self.node_limit}")
+        # (2.5 threads passed and OR-Tools raised a SWIG TypeError)
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or not 1 <= self.threads <= MAX_THREADS:
+            raise ValueError(f"threads must be in 1..{MAX_THREADS} (an int), got {self.threads!r}")
+        if self.node_limit is not None and (isinstance(self.node_limit, bool) or not isinstance(self.node_limit, int)
+                                            or self.node_limit < 1):
+            raise ValueError(f"node_limit must be a positive int number of nodes, got {self.node_limit!r}")
 
     @property
     def solver_seed(self) -> int:
@@ -174,8 +188,18 @@ def solve_pulp(prob, params: SolveParams, warm_start: dict[str, float] | None = 
         options=[f"randomSeed {params.solver_seed + 1}", f"randomCbcSeed {params.solver_seed + 1}"]
         + ([f"maxNodes {int(params.node_limit)}"] if params.node_limit is not None else []),
     )
+    # CBC's files in a folder of their own, removed whatever happens: a Ctrl-C (KeyboardInterrupt out of PuLP's
+    # wait for CBC) left its .mps/.mst/.sol files in the temp folder and, when the SIGINT reached Python only (a
+    # supervisor's kill -INT), CBC itself running to its time limit
+    solver.tmpDir = tempfile.mkdtemp(prefix="adasched-cbc-")
     t0 = time.perf_counter()
-    prob.solve(solver)
+    try:
+        prob.solve(solver)
+    except BaseException:
+        _kill_processes_using(solver.tmpDir)
+        raise
+    finally:
+        shutil.rmtree(solver.tmpDir, ignore_errors=True)
     dt = time.perf_counter() - t0
     sol = prob.sol_status
     if sol == pulp.LpSolutionOptimal:
@@ -188,7 +212,9 @@ def solve_pulp(prob, params: SolveParams, warm_start: dict[str, float] | None = 
         raise ValueError(f"MILP {prob.name!r} is unbounded: a constraint is missing")
     else:
         status = "timeout"
-    objective = pulp.value(prob.objective) if status in ("optimal", "feasible") else None
+    objective = None
+    if status in ("optimal", "feasible"):  # a feasibility model has no objective (pulp.value(None) raised): 0
+        objective = float(pulp.value(prob.objective) or 0.0) if prob.objective is not None else 0.0
     bound = _cbc_bound(prob)
     if status == "optimal" and objective is not None:
         bound = objective if bound is None else bound
@@ -198,6 +224,20 @@ def solve_pulp(prob, params: SolveParams, warm_start: dict[str, float] | None = 
     # A run that used (nearly) all of its time limit and still says optimal is suspicious only when the
     # solution status disagrees, which is handled above; record the wall time either way.
     return SolveOutcome("pulp-cbc", status, objective, bound, dt, params, values)
+
+
+def _kill_processes_using(folder: str) -> None:
+    """SIGKILL every process of this user whose command line names ``folder`` (CBC, started by PuLP with its files
+    there); where there is no /proc (not Linux) nothing is found."""
+    import signal
+
+    needle = os.fsencode(folder)
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (entry / "cmdline").read_bytes() and int(entry.name) != os.getpid():
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
 
 
 def _cbc_bound(prob) -> float | None:
@@ -228,11 +268,14 @@ def solve_linear(solver, params: SolveParams, hint: dict[Any, float] | None = No
             f"randomization/randomseedshift = {params.solver_seed}\nmisc/catchctrlc = FALSE\n{extra}")
     elif params.node_limit is not None:
         raise ValueError(f"node_limit: supported with SCIP (and CBC through solve_pulp), not {name}")
-    if "highs" in name and not params.msg:  # (HIGHS, HIGHS_MIXED_INTEGER_PROGRAMMING; the wrapper names itself
-        # 'PDLP Solver', so pass name= - and real PDLP's parameters would reject the HiGHS option)
+    if "highs" in name:  # (HIGHS, HIGHS_MIXED_INTEGER_PROGRAMMING; the wrapper names itself 'PDLP Solver', so
+        # pass name= - and real PDLP's parameters would reject the HiGHS options)
         # HiGHS prints its banner ("Running HiGHS 1.12.0 ...") on stdout without EnableOutput: a --json stdout
-        # was no longer one JSON object. (The wrapper answers False to the call but applies it.)
-        solver.SetSolverSpecificParametersAsString("output_flag=false\n")
+        # was no longer one JSON object. The gap: MPSolverParameters' RELATIVE_MIP_GAP does not reach HiGHS, which
+        # stopped at its own 1e-4 and reported "optimal" 5.7e-5 below the optimum of a knapsack. (The wrapper
+        # answers False to the call but applies it.)
+        solver.SetSolverSpecificParametersAsString(
+            ("" if params.msg else "output_flag=false\n") + f"mip_rel_gap={params.mip_gap!r}\n")
     note = None
     version = solver.SolverVersion() or ""
     if hint and (name in ("highs", "pdlp") or version.startswith("PDLP")):
@@ -265,6 +308,13 @@ def solve_linear(solver, params: SolveParams, hint: dict[Any, float] | None = No
         status = "timeout"
     objective = solver.Objective().Value() if status in ("optimal", "feasible") else None
     bound = solver.Objective().BestBound() if status in ("optimal", "feasible") else None
+    if name.startswith("cbc"):
+        note = ((note + "; ") if note else "") + "CBC through OR-Tools limits CPU seconds, not wall seconds " \
+                                                 "(solve_pulp's CBC keeps the wall-clock limit)"
+    if "highs" in name and bound is not None:
+        # the HiGHS wrapper answers BestBound() with the objective itself (a gap of 0 for any answer): unknown
+        # unless proved optimal (within mip_gap, as CBC's through solve_pulp)
+        bound = objective if status == "optimal" else None
     if bound is not None and not abs(bound) < 1e20:  # OR-Tools' "no bound yet" (SCIP cut off before its root):
         bound = None                                   # recorded as a bound, it made a gap of 1e29
     vs = list(variables) if variables is not None else list(solver.variables())

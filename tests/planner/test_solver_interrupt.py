@@ -233,3 +233,54 @@ def test_plan_sp_ctrl_c_in_milp_exits_130_without_plan(tmp_path):
     # limit after the heuristics); 20 s leaves it seconds on a loaded host too
     _interrupt_cli(["plan", "sp", "--seqlens", "builtin", "--steps", "2", "--time-limit", "20", "--out", str(out)],
                    tmp_path, out, settle=0.2)
+
+
+def test_solve_pulp_interrupted_stops_cbc_and_leaves_no_files(monkeypatch, python_sigint):
+    """A SIGINT to the Python process only (a supervisor's kill -INT, not a terminal's Ctrl-C to the whole group):
+    PuLP's wait for CBC raised KeyboardInterrupt, but CBC ran on to its time limit and its .mps/.mst/.sol files
+    stayed in the temp folder. solve_pulp stops it and removes its folder now."""
+    import subprocess as sp
+
+    import pulp
+    import pulp.apis.coin_api as coin
+
+    from adasched.planner.solver import solve_pulp
+
+    started = threading.Event()
+    procs: list = []
+
+    class Recording(sp.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            procs.append(self)
+            started.set()
+
+    monkeypatch.setattr(coin.subprocess, "Popen", Recording)
+    a, d = _market_split(2, m=6, n=50)
+    m, n = a.shape
+    prob = pulp.LpProblem("ms", pulp.LpMinimize)
+    x = [pulp.LpVariable(f"x{j}", cat="Binary") for j in range(n)]
+    over = [pulp.LpVariable(f"over{i}", 0) for i in range(m)]
+    under = [pulp.LpVariable(f"under{i}", 0) for i in range(m)]
+    prob += pulp.lpSum(over) + pulp.lpSum(under)
+    for i in range(m):
+        prob += pulp.lpSum(int(a[i, j]) * x[j] for j in range(n)) - over[i] + under[i] == int(d[i])
+    cancel = threading.Event()
+    sender, sent = _interrupt_once(started, cancel, 0.5)
+    sender.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            solve_pulp(prob, SolveParams(time_limit=LONG))
+    finally:
+        cancel.set()
+    sender.join(timeout=10)
+    assert sent and len(procs) == 1
+    cbc = procs[0]
+    arg = next(str(arg) for arg in cbc.args if "adasched-cbc-" in str(arg))  # a file in solve_pulp's folder
+    cut = arg.index("adasched-cbc-")
+    folder = arg[:cut] + arg[cut:].split(os.sep)[0]
+    deadline = time.perf_counter() + PROMPT_S
+    while cbc.poll() is None and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    assert cbc.poll() is not None, "CBC still running after the interrupt"
+    assert not os.path.exists(folder), os.listdir(folder)
