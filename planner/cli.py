@@ -196,7 +196,7 @@ def simulate_cmd(
                     raise InputError("--step", f"plan kind {plan.kind!r} has no steps")
                 names = [c.name for c in plan.configs]
                 pos = names.index(config) if config in names else (
-                    int(config) if config.isdigit() and int(config) < len(names) else None)
+                    int(config) if config.isascii() and config.isdigit() and int(config) < len(names) else None)
                 if pos is None:
                     raise InputError("--config", f"{config!r} is not a configuration of this plan (names: "
                                                  f"{', '.join(names)}; or a position 0..{len(names) - 1})")

@@ -120,7 +120,7 @@ def committed_steps(folder: str | os.PathLike) -> list[int]:
         if not name.startswith(_PREFIX) or name.endswith(_PARTIAL) or not _has_meta(child):
             continue
         digits = name[len(_PREFIX):]
-        if digits.isdigit():
+        if digits.isascii() and digits.isdigit():  # ("²".isdigit(), but int("²") raises)
             steps.append(int(digits))
     return sorted(steps)
 
@@ -681,7 +681,7 @@ class Checkpointer:
             digits = child.name[len(_PREFIX):].removesuffix(_PARTIAL)
             # only names of step_folder's form (zero-padded to 8 digits): torchtitan's step-100 or a user's own
             # step-N folder in the same directory was deleted for having no adasched metadata
-            ours = digits.isdigit() and f"{_PREFIX}{digits}" == step_folder(folder, int(digits)).name
+            ours = digits.isascii() and digits.isdigit() and f"{_PREFIX}{digits}" == step_folder(folder, int(digits)).name
             if not (ours and child.is_dir()):
                 continue  # not a folder this module writes
             try:

@@ -913,3 +913,17 @@ def test_a_save_that_cannot_be_pruned_does_not_fail_the_commit(tmp_path, monkeyp
         _train(model, opt, sched, gen, progress, 1)
         ck.save(step, state)
     assert committed_steps(tmp_path) == [1, 4]
+
+
+def test_a_step_folder_with_non_ascii_digits_is_not_a_save(tmp_path):
+    """"step-\u00b2" passed str.isdigit() and int() raised: a ValueError traceback from listing the saves of a
+    folder holding such a name (with a metadata file in it). It is not a save of ours, as step-abc is not."""
+    odd = tmp_path / "step-\u00b2"
+    odd.mkdir()
+    (odd / META_NAME).write_text("{}")
+    step = random.randint(1, 10 ** 6)
+    real = step_folder(tmp_path, step)
+    real.mkdir()
+    (real / META_NAME).write_text("{}")
+    assert committed_steps(tmp_path) == [step]
+

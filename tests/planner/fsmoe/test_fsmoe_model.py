@@ -422,6 +422,8 @@ def test_simulate_re_runs_a_moe_plan(tmp_path, capsys):
         assert res["makespan_ms"] != pytest.approx(plan.configs[0].fwd_bwd_ms, rel=1e-3)
     for bad, needle in ((["--config", "nope"], "--config: 'nope' is not a configuration of this plan"),
                         (["--config", "2"], "--config: '2' is not a configuration"),
+                        # ("²".isdigit() but int("²") raises: the line blamed the plan file)
+                        (["--config", "\u00b2"], "--config: '\u00b2' is not a configuration"),
                         (["--config", "0", "--step", "1"], "--step: plan kind 'moe' has no steps")):
         assert main(["simulate", str(out), *bad]) == 2
         err = capsys.readouterr().err
