@@ -1558,6 +1558,15 @@ def _caller_level() -> int:
     return level
 
 
+def _number(value, name: str) -> float:
+    """``float(value)``, or a ValueError naming the argument (scale=None raised "float() argument must be a string
+    or a real number", naming nothing)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: {value!r} must be a number") from None
+
+
 def _validate(x2, weight, bias, adapters: Sequence[LoRAAdapterWeights], segments) -> tuple:
     """Checks shapes/dtypes/segments; returns the segments sorted by start, empty ones dropped."""
     T, K = x2.shape
@@ -1579,15 +1588,21 @@ def _validate(x2, weight, bias, adapters: Sequence[LoRAAdapterWeights], segments
                 raise ValueError(f"adapters[{i}].{name}: on {t.device}, x is on {dev}")
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"bias: shape {tuple(bias.shape)} must be [{N}]")
+    if bias is not None and not bias.dtype.is_floating_point:  # (an int64 bias was taken and cast)
+        raise ValueError(f"bias: dtype {bias.dtype} must be a floating point dtype")
     for i, ad in enumerate(adapters):
         a, b = ad.lora_a, ad.lora_b
+        # (complex adapters lost their imaginary part with a warning; bool and int ones were taken as numbers)
+        if not (a.dtype.is_floating_point and b.dtype.is_floating_point):
+            bad = "lora_a" if not a.dtype.is_floating_point else "lora_b"
+            raise ValueError(f"adapters[{i}].{bad}: dtype {getattr(ad, bad).dtype} must be a floating point dtype")
         if a.dim() != 2 or a.shape[1] != K or a.shape[0] < 1:
             raise ValueError(f"adapters[{i}].lora_a: shape {tuple(a.shape)} must be [r, {K}] with r >= 1")
         if b.dim() != 2 or tuple(b.shape) != (N, a.shape[0]):
             raise ValueError(f"adapters[{i}].lora_b: shape {tuple(b.shape)} must be [{N}, {a.shape[0]}]")
-        if not 0.0 <= float(ad.dropout_p) < 1.0:
+        if not 0.0 <= _number(ad.dropout_p, f"adapters[{i}].dropout_p") < 1.0:
             raise ValueError(f"adapters[{i}].dropout_p: {ad.dropout_p} must be in [0, 1)")
-        if not math.isfinite(float(ad.scale)):
+        if not math.isfinite(_number(ad.scale, f"adapters[{i}].scale")):
             raise ValueError(f"adapters[{i}].scale: {ad.scale} must be finite")
     segs = []
     for j, seg in enumerate(segments):
@@ -1806,7 +1821,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
         raise ValueError("x: a 0-d tensor; must be [..., K]")
     flat = x.dim() == 2  # no reshape (a view and its backward: host calls) for a 2-D input
     x2 = x if flat else x.reshape(-1, x.shape[-1])
-    ad = LoRAAdapterWeights(lora_a, lora_b, float(scale), float(dropout_p))
+    ad = LoRAAdapterWeights(lora_a, lora_b, _number(scale, "scale"), _number(dropout_p, "dropout_p"))
     y = multi_lora_linear(x2, weight, [ad], [(0, 0, x2.shape[0])], bias=bias, seed=seed, gemm_config=gemm_config,
                           base_gemm=base_gemm)
     return y if flat else y.reshape(*x.shape[:-1], weight.shape[0])
@@ -1867,8 +1882,18 @@ def multi_lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, adapters:
                                 seed: Optional[int] = None, block_m: Optional[int] = None,
                                 gemm_config=None, base_gemm: str = "auto") -> torch.Tensor:
     """Plain-torch ``multi_lora_linear`` (``block_m`` and ``gemm_config`` are accepted and ignored); same masks for the same seed."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and x.dtype != torch.float64:  # as multi_lora_linear (the output was fp32
+        dt = torch.get_autocast_dtype(dev)                            # under a bf16 autocast, the kernels' bf16)
+        with torch.autocast(dev, enabled=False):
+            return multi_lora_linear_reference(
+                x.to(dt), weight.to(dt), [replace(ad, lora_a=ad.lora_a.to(dt), lora_b=ad.lora_b.to(dt))
+                                          for ad in adapters],
+                segments, bias=bias.to(dt) if bias is not None else None, seed=seed)
     if x.dim() != 2:
         raise ValueError(f"x: shape {tuple(x.shape)} must be 2-D [T, K] for multi_lora_linear")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"x: dtype {x.dtype} must be a floating point dtype")
     segs = _validate(x, weight, bias, adapters, segments)
     return _reference_impl(x, weight, bias, adapters, segs, _host_seed(_resolve_seed(seed, adapters, segs)))
 
@@ -1877,9 +1902,11 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.T
                           scale: float, dropout_p: float = 0.0, bias: Optional[torch.Tensor] = None,
                           seed: Optional[int] = None, gemm_config=None, base_gemm: str = "auto") -> torch.Tensor:
     """Plain-torch ``lora_linear`` with the identical dropout mask for the same seed (``gemm_config`` ignored)."""
+    if x.dim() == 0:  # (an IndexError here; lora_linear's message)
+        raise ValueError("x: a 0-d tensor; must be [..., K]")
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
-    ad = LoRAAdapterWeights(lora_a, lora_b, float(scale), float(dropout_p))
+    ad = LoRAAdapterWeights(lora_a, lora_b, _number(scale, "scale"), _number(dropout_p, "dropout_p"))
     y = multi_lora_linear_reference(x2, weight, [ad], [(0, 0, x2.shape[0])], bias=bias, seed=seed)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 

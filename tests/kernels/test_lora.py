@@ -786,3 +786,45 @@ def test_double_backward_with_frozen_adapters_is_exact():
     ((g * c).sum() + y.sum()).backward()
     torch.testing.assert_close(x.grad, torch.ones(8, 12) @ (w + 0.5 * b @ a), rtol=1e-5, atol=1e-5,
                                msg=lambda m: f"seed {seed}: {m}")
+
+
+def test_references_follow_autocast_and_refuse_a_0d_input_as_the_kernels_do():
+    """Hunt findings: under a bf16 autocast lora_linear returned bf16 (as F.linear) and its reference float32;
+    a 0-d x raised an IndexError in the reference (lora_linear: one ValueError)."""
+    x = torch.randn(5, 8)
+    w = torch.randn(6, 8)
+    a, b = torch.randn(3, 8), torch.randn(6, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = L.lora_linear(x, w, a, b, 0.7)
+        ref = L.lora_linear_reference(x, w, a, b, 0.7)
+    assert got.dtype == ref.dtype == torch.bfloat16
+    want = (x.double() @ w.double().t() + 0.7 * (x.double() @ a.double().t()) @ b.double().t())
+    torch.testing.assert_close(ref.double(), want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
+    for fn in (L.lora_linear, L.lora_linear_reference):
+        with pytest.raises(ValueError, match=r"^x: a 0-d tensor"):
+            fn(torch.tensor(1.0), w, a, b, 0.7)
+
+
+@pytest.mark.parametrize("which", ["lora_a", "lora_b", "bias"])
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.bool, torch.int64])
+def test_adapters_and_bias_must_be_floating_point(which, dtype):
+    """Complex adapters lost their imaginary part (a warning), bool and int ones were taken as numbers, an int64
+    bias was cast: every one is refused by name now, by the kernels and the references."""
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    args = {"lora_a": torch.randn(2, 8), "lora_b": torch.randn(6, 2), "bias": torch.randn(6)}
+    args[which] = (args[which] * 3).to(dtype)
+    for fn in (L.lora_linear, L.lora_linear_reference):
+        with pytest.raises(ValueError, match=rf"{which}: dtype {dtype} must be a floating point dtype"):
+            fn(x, w, args["lora_a"], args["lora_b"], 0.5, bias=args["bias"])
+
+
+@pytest.mark.parametrize("arg,value", [("scale", None), ("scale", "x"), ("dropout_p", "abc"), ("dropout_p", [0.1])])
+def test_non_numeric_scale_or_dropout_names_the_argument(arg, value):
+    x, w, a, b = torch.randn(4, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+    kw = {"scale": 0.5, "dropout_p": 0.0, arg: value}
+    for fn in (L.lora_linear, L.lora_linear_reference):
+        with pytest.raises(ValueError, match=rf"^{arg}: .* must be a number"):
+            fn(x, w, a, b, **kw)
+    ad = L.LoRAAdapterWeights(a, b, **{"scale": 0.5, "dropout_p": 0.0, arg: value})
+    with pytest.raises(ValueError, match=rf"^adapters\[0\]\.{arg}: .* must be a number"):
+        L.multi_lora_linear(x, w, [ad], [(0, 0, 4)])
