@@ -146,6 +146,8 @@ class FusedLoRALinear(_PeftLoraLinear):
             bias = lb if bias is None else bias + lb.to(bias.dtype)
         drop = self.lora_dropout[name] if name in self.lora_dropout else None
         p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
+        if p >= 1.0:  # everything dropped: PEFT's own forward (lora_linear takes p in [0, 1): it raised here)
+            return super().forward(x, *args, **kwargs)
         return lora_linear(x, base.weight, lora_a.weight, lora_b.weight, scaling, p, bias)
 
     def __repr__(self) -> str:

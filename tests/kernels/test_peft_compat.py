@@ -443,6 +443,34 @@ def test_bf16_base_fp32_adapters_with_lora_bias_run_peft_forward(fused_calls):
     assert len(fused_calls) == 3
 
 
+@pytest.mark.parametrize("lora_bias", [False, True])
+def test_dropout_of_one_in_train_mode_is_peft_s_output(fused_calls, lora_bias):
+    """lora_dropout=1.0 (PEFT: the LoRA input all zeros) passed apply_fused_lora, then the first training forward
+    raised "dropout_p: 1.0 must be in [0, 1)" from the kernels. It runs PEFT's forward now: outputs and every
+    gradient equal PEFT's (A and B get zero gradients; lora_B's bias, if any, still counts); eval mode still
+    takes the kernels."""
+    ref = _peft_model(4, 8, 1.0, False, lora_bias=lora_bias)
+    fused = copy.deepcopy(ref)
+    apply_fused_lora(fused)
+    fused.train(), ref.train()
+    x = torch.randn(3, 5, 24)
+    y = fused(x)
+    assert not fused_calls
+    torch.testing.assert_close(y, ref(x), atol=0, rtol=0)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ref(x).backward(dy)
+    g, g_ref = _lora_grads(fused), _lora_grads(ref)
+    assert g.keys() == g_ref.keys() and any(".lora_A." in n for n in g)
+    for n in g:
+        torch.testing.assert_close(g[n], g_ref[n], atol=0, rtol=0)
+        if ".lora_A." in n or (".lora_B." in n and n.endswith("weight")):
+            assert not g[n].any(), n
+    fused.eval(), ref.eval()
+    torch.testing.assert_close(fused(x), ref(x), atol=1e-5, rtol=1e-5)
+    assert len(fused_calls) == 3
+
+
 class _HalfLinear(nn.Linear):
     def forward(self, x):
         return super().forward(x) * 0.5
