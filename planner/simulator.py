@@ -91,9 +91,10 @@ def simulate(tasks: list[Task]) -> Simulation:
     """Schedule ``tasks`` (see module docstring). Raises ValueError on unknown dependencies, a sync key held twice
     on one stream, or deadlock.
 
-    Event-driven: a stream is looked at again only when something its head waits on happened (its previous task,
-    one of the head's dependencies, or a member of the head's sync group finished). The previous version swept
-    every stream until nothing moved: quadratic in the tasks for a chain listed in reverse order.
+    Event-driven: a stream is looked at again only when something its head waits on happened (its previous task or
+    one of the head's dependencies finished); a collective's parts are counted as they arrive and the last one starts
+    the group. Linear in tasks + dependencies (a sweep of every stream until nothing moved was quadratic for a chain
+    listed in reverse order; re-checking every part of a collective on each wake, in its size).
     Start times do not depend on the order streams are looked at: a task starts at the latest of its stream's
     previous end, its dependencies' ends and (sync) its group members' ready times."""
     names = set()
@@ -141,6 +142,11 @@ def simulate(tasks: list[Task]) -> Simulation:
             return None
         return max([stream_free[key]] + [end[d] for d in t.deps])
 
+    # a collective's parts arrive one by one (at the head of their stream, dependencies done: their ready time
+    # is fixed from then on); the last arrival starts the group at the latest ready time. (Each wake used to re-check
+    # every part and re-queue every part's stream: quadratic in a collective's size - 1,024 ranks, 10 collectives
+    # took 19.6 s.)
+    arrived: dict[str, dict[str, float]] = defaultdict(dict)
     todo = deque(queues)
     queued = set(queues)
     while todo:
@@ -148,11 +154,19 @@ def simulate(tasks: list[Task]) -> Simulation:
         queued.discard(key)
         while head[key] < len(queues[key]):
             t = queues[key][head[key]]
-            group = sync_groups[t.sync] if t.sync is not None else [t]
-            starts = [ready_time(g) for g in group]
-            if any(s is None for s in starts):
+            rt = ready_time(t)
+            if rt is None:
                 break  # looked at again when what it waits on finishes
-            start = max(starts)  # type: ignore[arg-type]
+            if t.sync is not None:
+                parts = arrived[t.sync]
+                parts[t.name] = rt
+                group = sync_groups[t.sync]
+                if len(parts) < len(group):
+                    break  # the last part to arrive starts the group
+                start = max(parts.values())
+                del arrived[t.sync]
+            else:
+                group, start = [t], rt
             for g in group:
                 gk = (g.rank, g.stream)
                 e = start + g.duration_ms
@@ -161,13 +175,11 @@ def simulate(tasks: list[Task]) -> Simulation:
                 head[gk] += 1
                 out.append(ScheduledTask(g.name, g.rank, g.stream, start, e, g.category))
                 remaining -= 1
-                # wake: the member's own stream (its next task), the streams of its dependents, and the streams of
-                # the sync-group members of both (a group waits for all its parts)
-                for wk in [gk] + waiters.get(g.name, []):
-                    for lane in _lanes_of_head(wk, queues, head, sync_groups):
-                        if lane not in queued:
-                            queued.add(lane)
-                            todo.append(lane)
+                # wake: the member's own stream (its next task) and the streams of its dependents
+                for lane in [gk] + waiters.get(g.name, []):
+                    if lane not in queued:
+                        queued.add(lane)
+                        todo.append(lane)
     if remaining:
         stuck = [queues[k][head[k]].name for k in queues if head[k] < len(queues[k])]
         raise ValueError(f"simulation deadlocked: waiting tasks {stuck[:5]}")
@@ -175,13 +187,3 @@ def simulate(tasks: list[Task]) -> Simulation:
         raise ValueError("simulation: the task durations add up past the float range (makespan inf)")
     out.sort(key=lambda s: (s.rank, s.stream, s.start_ms))
     return Simulation(out)
-
-
-def _lanes_of_head(key, queues, head, sync_groups) -> list[tuple[int, str]]:
-    """The stream ``key`` and, when its head task is part of a collective, the streams of the other parts."""
-    if head[key] >= len(queues[key]):
-        return [key]
-    t = queues[key][head[key]]
-    if t.sync is None:
-        return [key]
-    return [key] + [(g.rank, g.stream) for g in sync_groups[t.sync] if (g.rank, g.stream) != key]
