@@ -186,6 +186,7 @@ class LoRAPlan(Plan):
         if in_groups != list(range(len(self.jobs))):
             errors.append(f"groups: {self.groups} must hold every job index 0..{len(self.jobs) - 1} exactly once")
         errors += _stage_cost_errors(self.stage_cost)
+        errors += self._solver_record_errors()
         if errors:
             return errors
         # the terms are per stage of this model: layers / stages of them (a plan edited to 64 layers kept its 2-layer
@@ -265,6 +266,41 @@ class LoRAPlan(Plan):
                         tol = 1e-4 + 5e-5 / ms + 1e-9
                     if not math.isclose(have, value, rel_tol=1e-12, abs_tol=tol):
                         errors.append(f"summary.{key}: {have}, the microbatches give {value}")
+        return errors
+
+    def _solver_record_errors(self) -> list[str]:
+        """The solver record and the summary's problem counts follow from ``problems`` (as :func:`build_plan` writes
+        them): a plan edited to read "optimal" over problems that were not proved, or problems that do not cover
+        the samples, was shown and trained as planned."""
+        errors = []
+        n_jobs = len(self.jobs)
+        for i, p in enumerate(self.problems):
+            if not p.jobs or any(not 0 <= j < n_jobs for j in p.jobs):
+                errors.append(f"problems.{i}.jobs: {p.jobs} are not job indices 0..{n_jobs - 1}")
+            if not (0 <= p.lower_bound <= p.bins <= p.ffd_bins) or p.samples < 0 or p.solve_seconds < 0:
+                errors.append(f"problems.{i}: lower_bound {p.lower_bound} <= bins {p.bins} <= ffd_bins {p.ffd_bins} "
+                              f"(and samples, solve_seconds >= 0) does not hold")
+        if errors:
+            return errors
+        samples = sum(p.samples for p in self.problems)
+        if samples != len(self.lengths):
+            errors.append(f"problems: {samples} samples over the (global batch, group) problems, lengths {len(self.lengths)}")
+        counts = {k: sum(p.status == k for p in self.problems) for k in ("optimal", "feasible", "heuristic")}
+        have = {k: getattr(self.summary, f"problems_{k}") for k in counts}
+        if have != counts:
+            errors.append(f"summary.problems_*: {have}, the problems' statuses count {counts}")
+        worst = "optimal" if counts["feasible"] == counts["heuristic"] == 0 else (
+            "feasible" if counts["heuristic"] == 0 else "heuristic")
+        if self.problems and self.solver.status != worst:
+            errors.append(f"solver.status: {self.solver.status!r}, the problems' worst status is {worst!r}")
+        bins = float(sum(p.bins for p in self.problems))
+        bound = float(sum(p.bins if p.status == "optimal" else p.lower_bound for p in self.problems))
+        if self.solver.objective is not None and self.solver.objective != bins:
+            errors.append(f"solver.objective: {self.solver.objective}, the problems hold {bins:g} bins")
+        if self.solver.bound is not None and self.solver.bound != bound:
+            errors.append(f"solver.bound: {self.solver.bound}, the problems' bounds add up to {bound:g}")
+        if self.sequence_source == "sequential" and self.groups != [[j] for j in range(n_jobs)]:
+            errors.append(f"groups: {self.groups}, but a sequential sequence runs every job on its own")
         return errors
 
     def _derived_summary(self, ms: float) -> dict:

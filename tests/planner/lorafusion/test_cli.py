@@ -419,3 +419,50 @@ def test_stage_cost_that_overflows_the_simulation_names_the_field(tmp_path, caps
     err = capsys.readouterr().err
     assert err.startswith(f"error: {bad}: fails verification: stage_cost: the microbatches do not simulate") and \
         err.count("\n") == 1, err
+
+
+def test_verify_refuses_a_solver_record_the_problems_do_not_support(tmp_path, capsys):
+    """verify did not re-derive the solver record and the summary's problem counts from ``problems``: a plan
+    edited to read "optimal" over unproved problems, with another objective or bound, or with problems that do not
+    cover the samples, verified and was shown as planned."""
+    data, _ = _jobs(tmp_path)
+    out = tmp_path / "plan.json"
+    assert main(["plan", "lora", "--jobs", str(_write(tmp_path, data)), "--out", str(out), "--time-limit", "0.2"]) == 0
+    capsys.readouterr()
+    plan = load_plan(out)
+    assert plan.verify() == []
+    p0 = plan.problems[0]
+    flipped = "heuristic" if p0.status == "optimal" else "optimal"
+    problems = [p0.model_copy(update={"status": flipped}), *plan.problems[1:]]
+    edits = {
+        "solver status": ({"solver": plan.solver.model_copy(update={"status": "optimal"}),
+                           "problems": [p.model_copy(update={"status": "heuristic"}) for p in plan.problems]},
+                          "summary.problems_*"),
+        "status flip": ({"problems": problems}, "summary.problems_*"),
+        "objective": ({"solver": plan.solver.model_copy(update={"objective": plan.solver.objective + 1})},
+                      "solver.objective"),
+        "bound": ({"solver": plan.solver.model_copy(update={"bound": plan.solver.bound - 1})}, "solver.bound"),
+        "samples": ({"problems": [p0.model_copy(update={"samples": p0.samples + 1}), *plan.problems[1:]]},
+                    "problems: "),
+        "bins": ({"problems": [p0.model_copy(update={"bins": p0.ffd_bins + 1}), *plan.problems[1:]]},
+                 "problems.0: lower_bound"),
+        "jobs": ({"problems": [p0.model_copy(update={"jobs": [len(plan.jobs)]}), *plan.problems[1:]]},
+                 "problems.0.jobs"),
+    }
+    for what, (update, needle) in edits.items():
+        errs = plan.model_copy(update=update).verify()
+        assert any(e.startswith(needle) for e in errs), (what, errs)
+    # the summary counts made to agree with edited statuses: the solver record's worst status must follow
+    target = "heuristic" if plan.solver.status != "heuristic" else "optimal"
+    retagged = [p.model_copy(update={"status": target}) for p in plan.problems]
+    counts = {k: sum(p.status == k for p in retagged) for k in ("optimal", "feasible", "heuristic")}
+    agreed = plan.model_copy(update={"problems": retagged, "summary": plan.summary.model_copy(
+        update={f"problems_{k}": v for k, v in counts.items()})})
+    errs = agreed.verify()
+    assert any(e.startswith(f"solver.status: {plan.solver.status!r}") for e in errs), errs
+    # and through the CLI: one line, exit 2
+    bad = tmp_path / "bad.json"
+    bad.write_text(plan.model_copy(update=edits["objective"][0]).model_dump_json())
+    assert main(["show", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "solver.objective" in err and err.count("\n") == 1, err
