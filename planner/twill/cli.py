@@ -36,7 +36,11 @@ def register(groups) -> None:
 
         check_output_path(out, "--out")
         check_output_path(plot, "--plot")
-        check_distinct_outputs(("--out", out), ("--plot", plot), inputs=(("--graph", graph), ("--machine", machine)))
+        # the inputs by the files they name: a built-in name given as --graph/--machine (the default fa3-hopper
+        # too) resolves to the package's own file, which `--out <that file>` replaced by a plan
+        check_distinct_outputs(("--out", out), ("--plot", plot),
+                               inputs=(("--graph", _input_file(graph, "graph")), ("--machine", _input_file(machine,
+                                                                                                            "machine"))))
         # each option checked alone (the others at their valid defaults), so the error names the option that is
         # wrong whatever SolveParams' message says (it used to be read off the message's first word)
         for option, field, value in (("--time-limit", "time_limit", time_limit), ("--seed", "seed", seed),
@@ -73,3 +77,20 @@ def register(groups) -> None:
             wrote = [str(p) for p in (out, plot) if p]
             if wrote:
                 typer.echo(f"wrote {' and '.join(wrote)}")
+
+
+def _input_file(spec, what: str):
+    """The file a --graph/--machine value names (a built-in name resolved to its file), or the value itself when it
+    names none (its own error comes later)."""
+    from adasched.profiler.io import InputError
+
+    from .graph import GRAPHS_DIR, MACHINES_DIR, _resolve, builtin_graphs, builtin_machines
+
+    if spec is None:
+        return None
+    folder, names = (GRAPHS_DIR, builtin_graphs()) if what == "graph" else (MACHINES_DIR, builtin_machines())
+    try:
+        return _resolve(spec, folder, what, names)
+    except InputError:
+        return spec
+

@@ -169,6 +169,11 @@ class Machine(BaseModel):
         if self.group_base_regs > self.regs_per_group_max:
             raise ValueError(f"group_base_regs {self.group_base_regs} is above regs_per_group_max "
                              f"{self.regs_per_group_max}")
+        # the maxnreg knob is setmaxnreg's argument: a multiple of 8, at most 255 registers per thread (so 248); a
+        # cap of 255 let a group hold 250 and the knob said 248 (the kernel would spill)
+        if self.warp_specialize and (self.regs_per_group_max % 8 or not 24 <= self.regs_per_group_max <= 248):
+            raise ValueError(f"regs_per_group_max {self.regs_per_group_max}: a warp_specialize machine's cap is "
+                             f"setmaxnreg's, a multiple of 8 in [24, 248]")
         return self
 
 

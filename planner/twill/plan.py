@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import os
 from dataclasses import dataclass
@@ -148,6 +149,50 @@ class TwillPlan(Plan):
                           f"{err})")
         if not math.isclose(self.predicted_ms, self.ii * self.cycle_ns * 1e-6, rel_tol=1e-9, abs_tol=1e-12):
             errors.append(f"predicted_ms {self.predicted_ms} is not I x cycle_ns ({self.ii} x {self.cycle_ns} ns)")
+        if not errors:  # a schedule the validator accepts: what the plan derives from it, recomputed
+            from .graph import Graph, Machine
+
+            errors += self._derived_errors(Graph.model_validate(self.graph), Machine.model_validate(self.machine))
+        return errors
+
+    def _derived_errors(self, graph, machine) -> list[str]:
+        """The fields that follow from the schedule, graph and machine, recomputed (see :func:`_derived_fields`),
+        the lower bounds (ResMII exactly; the MII never above the graph's, which would make "proved minimal" a false
+        claim), the plain I at or above MII, and a proved-minimal I whose every
+        smaller I down to MII the attempts proved infeasible."""
+        from .graph import make_problem
+        from .mii import compute_mii
+
+        errors = []
+        names = {o.name for o in graph.ops}
+        if {s.name for s in self.ops} != names or len(self.ops) != len(names):
+            return [f"ops: {sorted(s.name for s in self.ops)}, the graph's ops are {sorted(names)}"]
+        if self.cycle_ns != machine.cycle_ns:
+            errors.append(f"cycle_ns {self.cycle_ns}: the machine's is {machine.cycle_ns}")
+        times = {s.name: s.issue_cycle for s in self.ops}
+        groups = {s.name: s.warp_group for s in self.ops}
+        if any(t < 0 for t in times.values()):
+            return errors + ["ops: a negative issue cycle"]
+        want = _derived_fields(graph, machine, self.ii, times, groups, self.warp_specialised)
+        for key, value in want.items():
+            have = _plain(getattr(self, key))
+            if have != _plain(value):
+                errors.append(f"{key}: {_short(have)}, the schedule on the embedded graph and machine gives "
+                              f"{_short(_plain(value))}")
+        if self.plain_ii < self.mii:
+            errors.append(f"plain_ii {self.plain_ii} is below the MII {self.mii} (a bound of every schedule)")
+        bounds = compute_mii(make_problem(graph, machine), deadline=time.perf_counter() + VERIFY_MII_SECONDS)
+        if self.res_mii != bounds.res:
+            errors.append(f"res_mii {self.res_mii}: the graph's reservations give {bounds.res}")
+        if bounds.exact and self.mii > bounds.mii:  # (mii >= rec_mii, excl_mii is checked above)
+            errors.append(f"mii {self.mii} (rec {self.rec_mii}, exclusive cells {self.excl_mii}): above the graph's "
+                          f"MII {bounds.mii} (a lower bound that high would make a longer I look minimal)")
+        if self.ii_proven_minimal:
+            dead = {a.ii for a in self.attempts if a.status == "infeasible" and (self.warp_specialised or not a.warp)}
+            open_ = [i for i in range(self.mii, self.ii) if i not in dead]
+            if open_:
+                errors.append(f"ii_proven_minimal: I = {open_[0]} (>= MII {self.mii}, < ii {self.ii}) was not "
+                              f"proved infeasible by any attempt")
         return errors
 
     # ---- presentation ----------------------------------------------------------------------------------
@@ -289,6 +334,56 @@ def _topo(graph: Graph):
     return order, preds
 
 
+VERIFY_MII_SECONDS = 2.0
+"""Most seconds ``TwillPlan.verify`` spends on the RecMII search (past it the stored RecMII is not checked)."""
+
+
+def _plain(value):
+    """Models as dicts, lists of them as lists of dicts (for comparing a plan's fields with recomputed ones)."""
+    if isinstance(value, BaseModel):
+        return value.model_dump()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _short(value, limit: int = 160) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _derived_fields(g, m, ii: int, times: dict[str, int], groups: dict[str, int], warp: bool) -> dict:
+    """What a plan derives from its schedule (issue cycles ``times``, warp ``groups``) on graph ``g`` and machine
+    ``m``: the op slots, the warp groups (role, kinds, registers), channels, buffer depths, peeled ops and the Triton
+    knobs. :func:`make_plan` writes them; :meth:`TwillPlan.verify` recomputes them from the embedded graph and
+    machine (edited knobs, roles or registers verified and were shown as planned)."""
+    depth = buffer_depths(g, ii, times)
+    held = {o.name for o in g.ops if (o.regs or 0) > 0 or (o.smem or 0) > 0}
+    buffers = {v: depth[v] for v in (o.name for o in g.ops) if v in held}
+    slots = [OpSlot(name=o.name, issue_cycle=times[o.name], stage=times[o.name] // ii, residue=times[o.name] % ii,
+                    warp_group=groups[o.name], length=o.length, category=o.category,
+                    units=[u for u, row in o.reserve.items() if any(row)]) for o in g.ops]
+    wgs = []
+    for q in sorted(set(groups.values())):
+        members = [o for o in g.ops if groups[o.name] == q]
+        if not warp:
+            role = "all"
+        elif all(o.variable_latency for o in members):
+            role = "producer"
+        else:
+            role = "consumer"
+        regs = m.group_base_regs + sum((o.regs or 0) * depth[o.name] for o in members)
+        kinds = sorted({o.category for o in members if o.category})
+        wgs.append(WarpGroup(index=q, role=role, ops=[o.name for o in members], kinds=kinds,
+                             regs=regs if warp else 0))
+    channels = [e.label() for e in g.edges if e.value and e.src != e.dst and groups[e.src] != groups[e.dst]]
+    stage = {s.name: s.stage for s in slots}
+    last = {q: max(stage[o.name] for o in g.ops if groups[o.name] == q) for q in set(groups.values())}
+    peeled = [o.name for o in g.ops if stage[o.name] < last[groups[o.name]]]
+    return {"ops": slots, "warp_groups": wgs, "channels": channels, "buffers": buffers, "peeled": peeled,
+            "knobs": derive_knobs(g, m, ii, times, groups)}
+
+
 def make_plan(problem: Problem, schedule, *, simulate: bool = True) -> TwillPlan:
     """Turn a :class:`model.Schedule` into a plan (knobs, groups, buffers, prologue, simulation)."""
     from .simsched import simulate_schedule, simulated_iterations
@@ -301,30 +396,8 @@ def make_plan(problem: Problem, schedule, *, simulate: bool = True) -> TwillPlan
     for o in g.ops:
         remap.setdefault(groups[o.name], len(remap))
     groups = {v: remap[q] for v, q in groups.items()}
-    depth = buffer_depths(g, ii, times)
-    held = {o.name for o in g.ops if (o.regs or 0) > 0 or (o.smem or 0) > 0}
-    buffers = {v: depth[v] for v in (o.name for o in g.ops) if v in held}
-    slots = [OpSlot(name=o.name, issue_cycle=times[o.name], stage=times[o.name] // ii, residue=times[o.name] % ii,
-                    warp_group=groups[o.name], length=o.length, category=o.category,
-                    units=[u for u, row in o.reserve.items() if any(row)]) for o in g.ops]
-    wgs = []
-    for q in sorted(set(groups.values())):
-        members = [o for o in g.ops if groups[o.name] == q]
-        if not schedule.warp:
-            role = "all"
-        elif all(o.variable_latency for o in members):
-            role = "producer"
-        else:
-            role = "consumer"
-        regs = m.group_base_regs + sum((o.regs or 0) * depth[o.name] for o in members)
-        kinds = sorted({o.category for o in members if o.category})
-        wgs.append(WarpGroup(index=q, role=role, ops=[o.name for o in members], kinds=kinds,
-                             regs=regs if schedule.warp else 0))
-    channels = [e.label() for e in g.edges if e.value and e.src != e.dst and groups[e.src] != groups[e.dst]]
-    stage = {s.name: s.stage for s in slots}
-    last = {q: max(stage[o.name] for o in g.ops if groups[o.name] == q) for q in set(groups.values())}
-    peeled = [o.name for o in g.ops if stage[o.name] < last[groups[o.name]]]
-    knobs = derive_knobs(g, m, ii, times, groups)
+    derived = _derived_fields(g, m, ii, times, groups, schedule.warp)
+    slots, stage = derived["ops"], {o.name: times[o.name] // ii for o in g.ops}
     sim_cpi = sim_dead = replay = None
     sim_skipped = None
     n_stages = max(stage.values()) + 1
@@ -365,8 +438,7 @@ def make_plan(problem: Problem, schedule, *, simulate: bool = True) -> TwillPlan
         rec_mii=schedule.mii.rec, excl_mii=schedule.mii.excl, plain_ii=schedule.plain_ii,
         ii_proven_minimal=schedule.proven,
         method=schedule.method, load_slack=schedule.load_slack,
-        warp_specialised=schedule.warp, stages=n_stages, cycle_ns=m.cycle_ns, ops=slots,
-        warp_groups=wgs, channels=channels, buffers=buffers, peeled=peeled, knobs=knobs,
+        warp_specialised=schedule.warp, stages=n_stages, cycle_ns=m.cycle_ns, **derived,
         attempts=[AttemptRecord(ii=a.ii, warp=a.warp, status=a.status, seconds=round(a.seconds, 6))
                   for a in schedule.attempts],
         sim_cycles_per_iteration=sim_cpi, sim_deadlock=sim_dead, sim_replay_exact=replay,
