@@ -40,6 +40,14 @@ __all__ = ["cases", "checks", "summarize", "GPU_TOKENS", "GPU_SHAPES", "GPU_RANK
 #: around our dropout and masked-term kernels (``base_gemm="torch_all"``)
 FUSED_PROVIDERS = ("fused", "fused_tma", "fused_cublas", "fused_cublas_all", "fused_grouped")
 
+TMA_PROVIDERS = ("fused_tma", "triton_base_tma")
+"""The providers through TMA descriptors (``base_gemm="triton_tma"``, never run on a GPU yet)."""
+TMA_ENABLED = True
+"""False drops :data:`TMA_PROVIDERS` from the cases (device_check: their checks failed in a child process)."""
+TMA_CHECKS_IN_PROCESS = True
+"""False leaves :func:`tma_checks` out of :func:`checks` (device_check runs them in a child process: a CUDA fault
+poisons the process's context for every later check and benchmark)."""
+
 GPU_TOKENS = (2048, 4096, 8192, 16384)
 GPU_SHAPES = ((4096, 4096), (8192, 8192), (4096, 14336))  # (K = in features, N = out features)
 GPU_RANKS = (16, 64)
@@ -108,6 +116,7 @@ def _single_providers(T, K, N, r, device, backward: bool, p: float = DROPOUT):
 
         fns = {"base": base, "eager": eager, "fused": fused, "fused_tma": fused_tma, "fused_cublas": fused_cublas,
                "fused_cublas_all": fused_cublas_all, "triton_base": triton_base, "triton_base_tma": triton_base_tma}
+        fns = {k: v for k, v in fns.items() if TMA_ENABLED or k not in TMA_PROVIDERS}
         if not backward:
             return fns
         inputs = {"base": (x,), "triton_base": (x,), "triton_base_tma": (x,)}
@@ -226,6 +235,7 @@ def _multi_providers(T, K, N, ranks, device, backward: bool):
 
         fns = {"base": base, "eager": eager, "fused": fused, "fused_tma": fused_tma, "fused_cublas": fused_cublas,
                "fused_cublas_all": fused_cublas_all, "fused_grouped": fused_grouped}
+        fns = {k: v for k, v in fns.items() if TMA_ENABLED or k not in TMA_PROVIDERS}
         if not backward:
             return fns
         return {name: (lambda fn=fn, ins=((x,) if name == "base" else params): torch.autograd.grad(fn(), ins, dy))
@@ -774,6 +784,22 @@ def large_offset_checks(device: str) -> list[tuple[str, bool, str]]:
     return out
 
 
+def tma_checks(device: str) -> list[tuple[str, bool, str]]:
+    """The bf16 checks of ``base_gemm="triton_tma"`` on the GPU (single and multi-LoRA), each guarded."""
+    import torch
+
+    out = []
+    for name, fn in (("lora single bf16 triton_tma", lambda: _check_single(
+            1000, 1536, 1032, 16, 0.1, torch.bfloat16, device, 1e-2, base_gemm="triton_tma")),
+                     ("lora multi bf16 triton_tma", lambda: _check_multi(
+            3000, 2048, 1536, MULTI_RANKS, torch.bfloat16, device, 1e-2, base_gemm="triton_tma"))):
+        try:
+            out.append(fn())
+        except Exception as err:
+            out.append((name, False, f"{type(err).__name__}: {err}"[:300]))
+    return out
+
+
 def checks(device: str) -> list[tuple[str, bool, str]]:
     """bf16 on the GPU (tolerance 1e-2 relative, or 2x eager torch's own bf16 error); float16 and float32 on the
     CPU interpreter."""
@@ -808,10 +834,8 @@ def checks(device: str) -> list[tuple[str, bool, str]]:
             1000, 1536, 1032, 16, 0.1, torch.float32, device, 1e-5, base_gemm="torch_all"))
         guarded("gemm fp32", lambda: _check_fp32_ieee(device))
         guarded("lora torch.compile bf16", lambda: _check_compile(device, bf))
-        guarded("lora single bf16 triton_tma",
-                lambda: _check_single(1000, 1536, 1032, 16, 0.1, bf, device, 1e-2, base_gemm="triton_tma"))
-        guarded("lora multi bf16 triton_tma",
-                lambda: _check_multi(3000, 2048, 1536, MULTI_RANKS, bf, device, 1e-2, base_gemm="triton_tma"))
+        if TMA_CHECKS_IN_PROCESS and TMA_ENABLED:
+            out += tma_checks(device)
     else:
         out.append(_check_single(37, 48, 40, 8, 0.2, torch.float32, device, 1e-5))
         out.append(_check_single(37, 48, 40, 4, 0.1, torch.float16, device, 5e-3))

@@ -106,6 +106,32 @@ def large_offset_child(log) -> list[dict]:
         return [{"group": "lora", "check": "int64 offsets (child process)", "ok": False, "detail": why}]
 
 
+def tma_child(log) -> list[dict]:
+    """``lora_bench.tma_checks`` (TMA descriptor loads, never run on a GPU yet) in a child process, as
+    :func:`large_offset_child`: a CUDA fault there would poison every later check and benchmark of this process.
+    When they fail (or the child dies) the TMA providers are dropped from this run's benchmark cases."""
+    import subprocess
+
+    from adasched.kernels import lora_bench
+
+    proc = None
+    try:
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--tma-checks"],
+                              capture_output=True, text=True, timeout=180)
+        rows = [{"group": "lora", "check": n, "ok": bool(ok), "detail": d}
+                for n, ok, d in json.loads(proc.stdout.strip().splitlines()[-1])]
+    except Exception as err:
+        why = f"{type(err).__name__}: {err}"[:150]
+        if proc is not None:
+            why += f"; exit {proc.returncode}; stderr: {proc.stderr.strip()[-300:]}"
+        log(f"[checks] TMA child: {why}")
+        rows = [{"group": "lora", "check": "triton_tma (child process)", "ok": False, "detail": why}]
+    if not all(r["ok"] for r in rows):
+        lora_bench.TMA_ENABLED = False
+        log(f"[checks] TMA checks failed: {', '.join(lora_bench.TMA_PROVIDERS)} left out of the benchmarks")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="two shapes per kernel instead of the full grid")
@@ -116,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-profile", action="store_true", help="skip the profiler breakdown of the target shapes")
     ap.add_argument("--large-offsets", action="store_true",
                     help="only the >= 2**31-element input checks, one JSON line (what the child process runs)")
+    ap.add_argument("--tma-checks", action="store_true",
+                    help="only the triton_tma checks, one JSON line (what the child process runs)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     deadline = t0 + args.budget_s
@@ -126,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         from adasched.kernels import lora_bench
 
         print(json.dumps(lora_bench.large_offset_checks("cuda" if torch.cuda.is_available() else "cpu")))
+        return 0
+    if args.tma_checks:
+        from adasched.kernels import lora_bench
+
+        print(json.dumps(lora_bench.tma_checks("cuda" if torch.cuda.is_available() else "cpu")))
         return 0
 
     from adasched.kernels import bench
@@ -175,11 +208,18 @@ def main(argv: list[str] | None = None) -> int:
     # 4: the profiler breakdown of the target shapes; 5: the rest of the fwd+bwd grid; 6: everything else (fwd-only
     # grid, other multi-LoRA shapes, GEMM bench).
     fast = [g for g in groups if g != "gemm"]
+    if "lora" in fast and device == "cuda":
+        from adasched.kernels import lora_bench
+
+        lora_bench.TMA_CHECKS_IN_PROCESS = False  # in a child, below
     log(f"[checks] {', '.join(fast)}")
     checks += bench.run_checks(fast, device)
     if "lora" in fast:
         log("[checks] lora: int64 offsets (child process)")
         checks += large_offset_child(log)
+        if device == "cuda":
+            log("[checks] lora: triton_tma (child process)")
+            checks += tma_child(log)
     save()
     # the target shapes get at most half of what is left when the Twill plan-vs-sweep (a target of its own) is to
     # run after them: it came last and got nothing once the LoRA checks and benchmarks had used the budget
@@ -226,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     if targets:
         text += ["", bench.format_table([[n, f"{v:.3f}", g, "" if m is None else ("met" if m else "NOT MET")]
                                          for n, v, g, m in targets],
-                                        ["target", "measured", "goal", ""], title="== targets ==")]
+                                        ["target", "measured", "goal", ""],
+                                        title=f"== targets (goals: the issues' H100 figures; measured on "
+                                              f"{env['device_name']}) ==")]
     failed = [c for c in checks if not c["ok"]]
     errors = [r for r in results if r["error"]]
     wall = time.perf_counter() - t0

@@ -9,14 +9,19 @@
 set -eu
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-rm -rf .whl  # a re-fetch must not leave two versions of one package (the whole install then fails on the GPU)
-mkdir -p .whl
+# into a fresh folder, swapped in only when every download succeeded: a failed fetch keeps the previous set (it
+# deleted it first, leaving none or some just before a lease); a fresh folder, not .whl itself, so a re-fetch never
+# leaves two versions of one package (the whole install then fails on the GPU)
+rm -rf .whl.new
+mkdir -p .whl.new
 # exact versions, the ones constraints.txt pins here (ranges let a later fetch pick others)
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-  --platform manylinux2014_x86_64 -d .whl \
+  --platform manylinux2014_x86_64 -d .whl.new \
   "ortools==9.15.6755" "protobuf==6.33.6" "immutabledict==4.3.1" \
   "pydantic==2.14.4" "pydantic-core==2.50.5" "annotated-types==0.8.0" "typing-inspection==0.4.5" \
   "typing-extensions==4.16.0"
+rm -rf .whl
+mv .whl.new .whl
 ls -la .whl
 du -sh .whl

@@ -119,8 +119,11 @@ def sweep_configs(tile: tuple[int, int, int], machine: str, stages=SWEEP_STAGES,
         from adasched.planner.twill.graph import load_machine
 
         supported = load_machine(machine).warp_specialize
-    except (ImportError, SystemError):  # GPU image without the planner's dependencies (a pydantic-core mismatch
-        # raises SystemError, as in plan_config; an unknown machine is load_machine's own error)
+    except Exception:  # GPU image without the planner's dependencies (a pydantic-core mismatch raises SystemError,
+        # carried wheels that import but fail inside another error: as plan_config, which catches any); an unknown
+        # machine is still load_machine's own error
+        if machine not in WARP_SPECIALIZE_SUPPORTED:
+            raise
         supported = WARP_SPECIALIZE_SUPPORTED[machine]
     bm, bn, bk = tile
     ws = (False, True) if supported else (False,)

@@ -19,7 +19,7 @@ Kernels, in this order (``--only gemm,dy,term,down`` picks some):
 Every alternative's output is checked: the dropout outputs bit-identical to the default launch's
 (``kernels.lora.DOWN_LAUNCH``), the term within bf16 rounding of ``TERM_LAUNCH``'s, every GEMM against a float32
 torch reference within 1 % of its largest element. Prints one table per kernel (time, TFLOP/s or GB/s against
-the bytes each must move) and writes ``lora_kernel_sweep.json`` to $OUT when set. Runs from a bare checkout like
+the bytes each must move) and writes ``lora_kernel_sweep[-TAG].json`` (and .txt) to $OUT when set. Runs from a bare checkout like
 ``device_check.py``.
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -66,11 +67,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated parts: gemm, dy, term, down (default: all; the GEMM part runs last: its "
                          "TMA / persistent variants are the ones never run on a GPU, and a CUDA fault there would "
                          "spoil everything after it)")
+    ap.add_argument("--tag", default="", help="written as lora_kernel_sweep-TAG.json/.txt (several runs into one "
+                    "$OUT: gpu_session.sh runs the GEMM part in a process of its own)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="no new variant starts after this many seconds (default: no limit); the rest is listed "
                          "as skipped")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
+    if args.tag and not re.fullmatch(r"[A-Za-z0-9_-]+", args.tag):
+        ap.error(f"argument --tag: {args.tag!r}: letters, digits, '-' and '_' only (it names files)")
+    stem = "lora_kernel_sweep" + (f"-{args.tag}" if args.tag else "")
     parts = [x.strip() for x in args.only.split(",") if x.strip()]
     bad = [x for x in parts if x not in ("gemm", "dy", "term", "down")]
     if bad or not parts:
@@ -115,12 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))  # (default: mean)
 
     def save() -> None:
-        """Everything so far to $OUT/lora_kernel_sweep.json (a run cut off by its time limit still reports)."""
+        """Everything so far to $OUT/lora_kernel_sweep[-TAG].json (a run cut off by its time limit still reports)."""
         if os.environ.get("OUT"):
             Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
-            tmp = Path(os.environ["OUT"]) / "lora_kernel_sweep.json.tmp"
+            tmp = Path(os.environ["OUT"]) / f"{stem}.json.tmp"
             tmp.write_text(json.dumps(out, indent=1, default=str))
-            tmp.replace(Path(os.environ["OUT"]) / "lora_kernel_sweep.json")
+            tmp.replace(Path(os.environ["OUT"]) / f"{stem}.json")
 
     out["skipped"] = []
 
@@ -288,9 +294,15 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(text), flush=True)
     save()
     if os.environ.get("OUT"):  # the tables too: a reply's output tail keeps only its last 12,000 characters
-        (Path(os.environ["OUT"]) / "lora_kernel_sweep.txt").write_text("\n".join(text) + "\n")
-    bad = [rw for rw in out["down"] + out["term"] + out["gemm"] + out["dy"] if rw["ms"] == rw["ms"] and not rw["same"]]
-    return 1 if bad else 0
+        (Path(os.environ["OUT"]) / f"{stem}.txt").write_text("\n".join(text) + "\n")
+    # a variant that raised (a config that does not compile, a CUDA fault: ms NaN) fails the run as a wrong output
+    # does (only wrong outputs did: a sweep of "error" rows exited 0)
+    rows = out["down"] + out["term"] + out["gemm"] + out["dy"]
+    wrong = [rw for rw in rows if rw["ms"] == rw["ms"] and not rw["same"]]
+    errors = [rw for rw in rows if rw["ms"] != rw["ms"]]
+    print(f"lora_kernel_sweep: {len(rows)} variants, {len(wrong)} wrong outputs, {len(errors)} errors, "
+          f"{len(out['skipped'])} skipped", flush=True)
+    return 1 if wrong or errors else 0
 
 
 if __name__ == "__main__":

@@ -374,3 +374,81 @@ def test_lora_at_revision_outside_the_interpreter_and_a_missing_revision(monkeyp
     assert Path(old.__file__).read_text().count("def multi_lora_linear(") == 1
     with pytest.raises(ValueError, match="no such commit"):
         LB.lora_at_revision("0123456789abcdef0123456789abcdef01234567")
+
+
+def test_lora_kernel_sweep_fails_on_variants_that_raise_and_writes_tagged_files(tmp_path, monkeypatch, capsys):
+    """Review finding: only wrong outputs failed the sweep; a variant that raised (a config that does not compile,
+    a CUDA fault - and after a sticky fault every later one) was an "error" row and the run exited 0, so
+    gpu_session.sh logged no failure. --tag names the files (gpu_session.sh runs the GEMM part in a process of its
+    own into the same $OUT)."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.syspath_prepend(str(root / "launch"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    import device_check
+
+    device_check.ensure_namespace()
+    import lora_kernel_sweep
+
+    from adasched.kernels import lora as L
+
+    orig = L._dy_pass
+
+    def broken(*a, launch=None, **k):
+        if launch and launch.get("copies") == 8:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+        return orig(*a, launch=launch, **k)
+
+    monkeypatch.setattr(L, "_dy_pass", broken)
+    assert lora_kernel_sweep.main(["--only", "dy", "--tag", "dy-test"]) == 1
+    out = capsys.readouterr().out
+    data = json.loads((tmp_path / "lora_kernel_sweep-dy-test.json").read_text())
+    errors = [r for r in data["dy"] if r["ms"] != r["ms"]]
+    assert errors and all("illegal memory access" in r["error"] for r in errors)
+    assert f"{len(errors)} errors" in out.strip().splitlines()[-1]
+    assert (tmp_path / "lora_kernel_sweep-dy-test.txt").exists() and not (tmp_path / "lora_kernel_sweep.json").exists()
+    monkeypatch.setattr(L, "_dy_pass", orig)
+    assert lora_kernel_sweep.main(["--only", "dy", "--tag", "ok"]) == 0
+    with pytest.raises(SystemExit) as exc:
+        lora_kernel_sweep.main(["--only", "dy", "--tag", "../x"])
+    assert exc.value.code == 2
+    del sys.modules["lora_kernel_sweep"]
+
+
+def test_device_check_runs_the_tma_checks_in_a_child_and_drops_tma_when_they_fail(monkeypatch):
+    """Review finding: the never-run TMA checks ran in device_check's own process, before every benchmark: a sticky
+    CUDA fault there would have turned the whole session's measurements into errors. They run in a child now; when
+    it fails, the TMA providers leave the benchmark cases."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from adasched.kernels import lora_bench as LB
+    from adasched.launch import device_check
+
+    monkeypatch.setattr(LB, "TMA_ENABLED", True)
+    calls = []
+
+    def child(args, **kw):
+        calls.append(args)
+        return SimpleNamespace(stdout='[["lora single bf16 triton_tma", true, "ok"], '
+                                      '["lora multi bf16 triton_tma", false, "rel err 0.5"]]\n',
+                               stderr="", returncode=0)
+
+    monkeypatch.setattr(subprocess, "run", child)
+    rows = device_check.tma_child(lambda m: None)
+    assert calls and calls[0][-1] == "--tma-checks"
+    assert [r["ok"] for r in rows] == [True, False] and LB.TMA_ENABLED is False
+    names = {name for case in LB.cases(True, "cpu") for name in (case.providers() if callable(case.providers)
+                                                                  else case.providers)}
+    assert names and not names & set(LB.TMA_PROVIDERS)
+
+    def dead(args, **kw):
+        return SimpleNamespace(stdout="", stderr="Fatal Python error: Aborted", returncode=-6)
+
+    monkeypatch.setattr(LB, "TMA_ENABLED", True)
+    monkeypatch.setattr(subprocess, "run", dead)
+    rows = device_check.tma_child(lambda m: None)
+    assert len(rows) == 1 and not rows[0]["ok"] and "exit -6" in rows[0]["detail"] and LB.TMA_ENABLED is False
