@@ -42,6 +42,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from .gemm import first_order_only
+
 try:  # optional dependency: a CPU-only install still imports this module
     import triton
     import triton.language as tl
@@ -129,6 +131,12 @@ def make_index(token_idx: torch.Tensor, counts: torch.Tensor, num_tokens: int) -
     """Index for assignments already sorted by expert (``counts[e]`` rows of expert e, in order)."""
     token_idx = token_idx.to(torch.int64)
     counts = counts.to(torch.int64)
+    # (an id >= num_tokens made bincount longer than tok_offsets: "the expanded size of the tensor (3) must match";
+    # checked where it costs nothing - on a GPU min/max would wait for the device)
+    if token_idx.numel() and token_idx.device.type == "cpu":
+        lo, hi = int(token_idx.min()), int(token_idx.max())
+        if lo < 0 or hi >= num_tokens:
+            raise ValueError(f"make_index: token id {lo if lo < 0 else hi} is outside [0, num_tokens={num_tokens})")
     offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
     offsets[1:] = torch.cumsum(counts, 0)
     tok_perm = torch.argsort(token_idx, stable=True)
@@ -548,6 +556,8 @@ class _Permute(torch.autograd.Function):
         return gather_rows(x, index.src_token)
 
     @staticmethod
+    @first_order_only("permute: double backward is not supported by the Triton kernels (use backend='torch')",
+                      lambda ctx: False)
     def backward(ctx, g):
         idx = ctx.index
         return segment_sum(g, idx.tok_perm, idx.tok_offsets, idx.num_tokens), None
@@ -561,6 +571,8 @@ class _Unpermute(torch.autograd.Function):
         return segment_sum(y, index.tok_perm, index.tok_offsets, index.num_tokens, weight=gate)
 
     @staticmethod
+    @first_order_only("unpermute: double backward is not supported by the Triton kernels (use backend='torch')",
+                      lambda ctx: ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
     def backward(ctx, g):
         y, gate = ctx.saved_tensors
         idx = ctx.index
@@ -576,6 +588,8 @@ class _GroupedMM(torch.autograd.Function):
         return _mm(x, w, index, backend)
 
     @staticmethod
+    @first_order_only("grouped_mm: double backward is not supported by the Triton kernels (use backend='torch')",
+                      lambda ctx: ctx.needs_input_grad[0] and ctx.needs_input_grad[1])
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
         dy = dy.contiguous()
@@ -629,6 +643,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, index: MoEIndex, backend: Backe
         raise ValueError(f"grouped_mm: x {tuple(x.shape)} and w {tuple(w.shape)} do not multiply (x (N, K), "
                          f"w (E, K, M))")
     _check_index("grouped_mm", index, x.shape[0])
+    if x.dtype == torch.float64:  # exact, as permute/unpermute (the kernels accumulate in float32, and their
+        _pick(backend, x)         # float32 accumulator does not compile for float64 operands on a GPU)
+        return grouped_mm_ref(x, w, index)
     if _pick(backend, x):
         return _GroupedMM.apply(x.contiguous(), w, index, gemm_engine(backend, x))
     return grouped_mm_ref(x, w, index)
@@ -637,7 +654,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, index: MoEIndex, backend: Backe
 # -- expert MLP with explicit forward/backward (used by the expert-parallel pipeline) -----------------
 def expert_mlp_forward(x, w1, w2, index: MoEIndex, activation: str = "swiglu", backend: Backend = "auto"):
     """Returns (y, a): y (N,H) expert outputs, a (N, F or 2F) pre-activation saved for the backward."""
-    use_triton = _pick(backend, x)
+    use_triton = _pick(backend, x) and x.dtype != torch.float64  # float64: the exact reference (see grouped_mm)
     with torch.no_grad():
         a = grouped_mm(x, w1, index, backend)
         h = activation_triton(a, activation) if use_triton else _act_ref(a, activation)
@@ -663,7 +680,7 @@ def expert_mlp_backward_data(x, a, dy, w1, w2, index: MoEIndex, activation: str 
     """The data gradient dx of the expert MLP (two GEMMs + the activation backward) and what the weight
     gradients need; the activation is recomputed from the saved pre-activation ``a``."""
     dy = dy.contiguous().to(x.dtype)
-    if _pick(backend, x):
+    if _pick(backend, x) and x.dtype != torch.float64:
         engine = gemm_engine(backend, x)
         with torch.no_grad():
             dh = _mm(dy, w2.transpose(1, 2), index, engine)
@@ -721,6 +738,8 @@ class _ExpertMLP(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order_only("expert_mlp: double backward is not supported (its backward is computed explicitly, on "
+                      "every backend)", lambda ctx: True)
     def backward(ctx, dy):
         x, a, w1, w2 = ctx.saved_tensors
         dx, dw1, dw2 = expert_mlp_backward(x, a, dy, w1, w2, ctx.index, ctx.activation, ctx.backend)

@@ -164,21 +164,88 @@ def test_fused_activation_kernels(activation, dtype):
     assert_all_close(h2, h_ref, dtype, f"{activation} h (re-emitted)")
 
 
-def test_triton_gmm_float64_takes_our_kernels():
+@pytest.mark.parametrize("backend", ["triton_gmm", "triton", "auto"])
+def test_float64_grouped_mm_and_expert_mlp_are_exact(backend):
     """torch._grouped_mm takes float32/bfloat16/float16 only: a float64 layer on 'triton_gmm' (what 'auto' picks on
-    a GPU) raised "Expected mat_a to be Float32, BFloat16 or Float16"; it runs our Triton kernels now."""
-    idx, _ = _routing(T=13, E=4, k=2, empty=(2,), seed=7)
+    a GPU) raised "Expected mat_a to be Float32, BFloat16 or Float16". Our Triton kernels then took it, but they
+    accumulate in float32 (6e-7 off under the interpreter, gradcheck failing) and their float32 accumulator does
+    not compile for float64 operands on a GPU (checked by an sm_90 ahead-of-time compile). float64 takes the exact
+    reference now, as permute/unpermute: equal to grouped_mm_ref to the last bit, and gradcheck passes."""
+    idx, _ = _routing(T=13, E=4, k=2, empty=(2,), seed=torch.randint(0, 1000, ()).item())
     x = torch.randn(idx.num_rows, 24, dtype=torch.float64, requires_grad=True)
     w = (torch.randn(4, 24, 16, dtype=torch.float64) * 0.3).requires_grad_(True)
-    y = K.grouped_mm(x, w, idx, backend="triton_gmm")
+    y = K.grouped_mm(x, w, idx, backend=backend)
     x_ref, w_ref = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
     y_ref = K.grouped_mm_ref(x_ref, w_ref, idx)
-    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)     # (the kernels accumulate in float32)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
     gy = torch.randn_like(y_ref)
     y.backward(gy)
     y_ref.backward(gy)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=0)
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=0, atol=0)
+    small = (x[:, :5].detach().clone().requires_grad_(True), w[:, :5, :3].detach().clone().requires_grad_(True))
+    assert torch.autograd.gradcheck(lambda a, b: K.grouped_mm(a, b, idx, backend=backend), small)
+    w1 = torch.randn(4, 24, 2 * 8, dtype=torch.float64) * 0.3
+    w2 = torch.randn(4, 8, 24, dtype=torch.float64) * 0.3
+    got = K.expert_mlp(x.detach(), w1, w2, idx, "swiglu", backend=backend)
+    torch.testing.assert_close(got, K.expert_mlp(x.detach(), w1, w2, idx, "swiglu", backend="torch"), rtol=0, atol=0)
+
+
+def test_make_index_names_a_token_id_out_of_range():
+    """An id >= num_tokens made bincount longer than the offsets: "The expanded size of the tensor (3) must match"."""
+    with pytest.raises(ValueError, match=r"^make_index: token id 5 is outside \[0, num_tokens=3\)"):
+        K.make_index(torch.tensor([0, 5]), torch.tensor([2]), 3)
+    with pytest.raises(ValueError, match=r"^make_index: token id -1 is outside"):
+        K.make_index(torch.tensor([-1, 2]), torch.tensor([2]), 3)
+    idx = K.make_index(torch.tensor([2, 0, 2]), torch.tensor([1, 2]), 3)
+    assert idx.tok_offsets.tolist() == [0, 1, 1, 3]
+
+
+def _double_backward(fn, leaves):
+    """loss + |d loss / d leaves[0]|^2 backward (a gradient penalty)."""
+    loss = fn(*leaves).pow(2).sum()
+    (g,) = torch.autograd.grad(loss, leaves[0], create_graph=True)
+    (loss + g.pow(2).sum()).backward()
+    return [t.grad.clone() for t in leaves]
+
+
+def test_moe_ops_refuse_double_backward_instead_of_dropping_second_order_terms():
+    """Their backwards run kernels (or, for expert_mlp, explicit reference math) that build no graph: a gradient
+    penalty's second-order terms were dropped silently (grouped_mm: w.grad 79 where the reference gives 4815).
+    They raise as gemm_autograd does now; the torch references still give the right answer."""
+    idx, gate = _routing(T=9, E=3, k=2, empty=(), seed=torch.randint(0, 1000, ()).item())
+    n = idx.num_rows
+    x = torch.randn(n, 6, requires_grad=True)
+    w = (torch.randn(3, 6, 5) * 0.4).requires_grad_(True)
+    tok = torch.randn(idx.num_tokens, 6, requires_grad=True)
+    g = gate.detach().clone().float().requires_grad_(True)
+    w1 = (torch.randn(3, 6, 8) * 0.4).requires_grad_(True)
+    w2 = (torch.randn(3, 4, 6) * 0.4).requires_grad_(True)
+    cases = [("grouped_mm", lambda a, b: K.grouped_mm(a, b, idx, "triton"),
+              lambda a, b: K.grouped_mm_ref(a, b, idx), (x, w)),
+             ("unpermute", lambda a, b: K.unpermute(a, b, idx, "triton"),
+              lambda a, b: K.unpermute_ref(a, b, idx), (x, g)),
+             ("permute", lambda a: K.permute(a, idx, "triton"), lambda a: K.permute_ref(a, idx), (tok,)),
+             ("expert_mlp", lambda a, b, c: K.expert_mlp(a, b, c, idx, "swiglu", "torch"),
+              lambda a, b, c: K.expert_mlp_ref(a, b, c, idx, "swiglu"), (x, w1, w2))]
+    for name, fast, ref, leaves in cases:
+        for t in leaves:
+            t.grad = None
+        with pytest.raises(RuntimeError, match=rf"^{name}: double backward is not supported"):
+            _double_backward(fast, leaves)
+        for t in leaves:
+            t.grad = None
+        want = _double_backward(ref, leaves)
+        assert all(torch.isfinite(t).all() for t in want)
+        for t in leaves:  # first order is unchanged
+            t.grad = None
+        fast(*leaves).pow(2).sum().backward()
+        got1 = [t.grad.clone() for t in leaves]
+        for t in leaves:
+            t.grad = None
+        ref(*leaves).pow(2).sum().backward()
+        for a, b in zip(got1, [t.grad for t in leaves]):
+            torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
