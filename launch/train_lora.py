@@ -324,7 +324,9 @@ def run(args: argparse.Namespace) -> dict | None:
             raise InputError(Path(cfg.folder) / "plan.json", f"the saved plan a resumed run executes runs on at most "
                                                              f"{ok} pipeline stage(s), not {world}: resume on <= {ok} "
                                                              f"ranks, or start in a new --checkpoint-dir")
-        check_plan(plan, model, world)  # before anything is written
+        # before anything is written; the error names the plan's file, or the jobs file it was planned from
+        check_plan(plan, model, world, where=str(Path(cfg.folder) / "plan.json") if resumed_plan is not None
+                   else args.plan if args.plan else f"--jobs {args.jobs} (stages)")
         # what rank 0 writes into --out after training, checked before it: its error stops every rank (a rank
         # going on would wait for it in the pipeline until --timeout)
         failed = None

@@ -19,6 +19,14 @@ fi
 NPROC="${NPROC:-2}"
 # PYTHON selects the interpreter (default: python3 on PATH; use the project's .venv/bin/python).
 PY="${PYTHON:-python3}"
+for a in "$@"; do  # (a --world of the user's was checked instead of NPROC, then refused by every worker: exit 1;
+  case "$a" in     # --check made every rank check and exit 0 without training)
+    --world|--world=*|--check)
+      echo "error: $a: set by this script (the world is NPROC=$NPROC); to check a plan against another world run" \
+           "$PY -m adasched.launch.train_lora --check --world N ..." >&2
+      exit 2;;
+  esac
+done
 # bad options, jobs or plans fail here, once, as one `error:` line with exit status 2 (not once per rank)
 "$PY" -m adasched.launch.train_lora --check --world "$NPROC" --out "$OUT" "$@" >/dev/null || exit $?
 exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m adasched.launch.train_lora --out "$OUT" "$@"

@@ -18,5 +18,13 @@ set -euo pipefail
 PY="${PYTHON:-python3}"
 NPROC="${NPROC:-4}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+for a in "$@"; do  # (--validate-only made every rank validate and exit 0 without training)
+  case "$a" in
+    --validate-only)
+      echo "error: $a: set by this script (it validates once before torchrun); to validate only run" \
+           "WORLD_SIZE=N $PY -m adasched.launch.train_moe --validate-only ..." >&2
+      exit 2;;
+  esac
+done
 WORLD_SIZE="$NPROC" "$PY" -m adasched.launch.train_moe --validate-only "$@"
 exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m adasched.launch.train_moe "$@"

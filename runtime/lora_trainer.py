@@ -224,15 +224,18 @@ def _stage_paths(adapter: LoRAAdapter, layers: tuple[int, int]) -> list[str]:
     return [p for p in adapter.paths if layers[0] <= int(p.split(".")[1]) < layers[1]]
 
 
-def check_plan(plan, model: TinyCausalLM, stages: int) -> None:
-    """InputError unless the plan fits the model (sample lengths) and ``stages`` pipeline ranks (dependency rule)."""
+def check_plan(plan, model: TinyCausalLM, stages: int, where: str = "plan") -> None:
+    """InputError unless the plan fits the model (sample lengths) and ``stages`` pipeline ranks (dependency rule);
+    ``where`` names the plan in the error (the ``--plan`` file, or the jobs file it was planned from)."""
     if max(plan.lengths) > model.cfg.max_positions:
-        raise InputError("plan", f"longest sample {max(plan.lengths)} tokens > model max_positions {model.cfg.max_positions}")
+        raise InputError(where, f"longest sample {max(plan.lengths)} tokens > model max_positions "
+                                f"{model.cfg.max_positions}")
     bad = plan.dependency_violations(stages)
     if bad:
         a, g, f, l = bad[0]
-        raise InputError("plan", f"made for {plan.stages} stages: job {plan.jobs[a].name!r} global batch {g} starts at "
-                                 f"microbatch {f}, fewer than {stages} after {l} (re-plan with stages >= {stages})")
+        raise InputError(where, f"made for {plan.stages} stages: job {plan.jobs[a].name!r} global batch {g} starts "
+                                f"at microbatch {f}, fewer than {stages} after {l}, on {stages} pipeline stages (one "
+                                f"per rank: NPROC / --world) - re-plan with stages >= {stages}")
 
 
 @dataclass

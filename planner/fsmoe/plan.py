@@ -339,7 +339,9 @@ class MoEPlan(Plan):
             raise InputError("plan", f"configuration {config!r} not in the plan "
                                      f"({', '.join(c.name for c in self.configs)})")
         c = cfgs[0]
-        fits = world is not None and ep_size >= 1 and world % ep_size == 0 and expert_shards == 1
+        # (the planner takes a power-of-two --gpus only: a 3-rank run was told to run `plan moe --gpus 3`)
+        fits = (world is not None and ep_size >= 1 and world % ep_size == 0 and expert_shards == 1
+                and world & (world - 1) == 0)
         replan = (f"adasched plan moe --gpus {world} --ep-size {ep_size}"
                   + (f" --two-step-a2a --gpus-per-node {gpus_per_node}" if two_step else "")) if fits else None
         if c.hierarchical:

@@ -212,3 +212,18 @@ def test_default_ep_size_with_shards_is_named(monkeypatch, capsys):
     assert capsys.readouterr().err == ("error: --experts: 2 is not divisible by the expert-parallel size 4 (the default "
                                        "--ep-size: world 8 / --expert-shards 2; give --ep-size K)\n")
     assert main(["--expert-shards", "2", "--experts", "2", "--ep-size", "2", "--validate-only"]) == 0
+
+
+def test_a_run_on_a_non_power_of_two_world_gets_no_replan_command_the_planner_refuses(plans, monkeypatch, capsys):
+    """Hunt finding: a 3-rank run with a 2-GPU plan was told "plan it with adasched plan moe --gpus 3 --ep-size 3",
+    which the planner refuses (--gpus must be a power of two). No such suggestion now; a power-of-two world still
+    gets one."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert main(["--plan", str(plans["d2"]), "--experts", "6", "--validate-only", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {plans['d2']}: ") and "3 ranks" in err[0], err
+    assert "plan it with" not in err[0] and "--gpus 3" not in err[0], err
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(["--plan", str(plans["d2"]), "--experts", "8", "--validate-only", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "plan it with adasched plan moe --gpus 4" in err[0], err

@@ -140,6 +140,29 @@ def test_launch_script_out_dir_is_optional(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the default runs/lora was not created
 
 
+@pytest.mark.parametrize("script,extra,nproc", [("train_lora.sh", ["--world", "1"], "2"),
+                                                 ("train_lora.sh", ["--world=3"], "2"),
+                                                 ("train_lora.sh", ["--check"], "2"),
+                                                 ("train_moe.sh", ["--validate-only"], "2")])
+def test_launch_scripts_refuse_options_they_set_themselves(tmp_path, script, extra, nproc):
+    """Hunt finding: train_lora.sh pre-checked with `--check --world NPROC "$@"`, so a user's --world was checked
+    instead of NPROC, then every torchrun worker refused it (a traceback, exit 1); --check (train_moe.sh:
+    --validate-only) made every rank check and exit 0 without training. One line, exit 2, no torchrun now."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "launch" / script
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(PYTHON=sys.executable, NPROC=nproc)
+    r = subprocess.run(["bash", str(path), *extra], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {extra[0]}: set by this script"), r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_large_seeds_train():
     """Review finding: seeds derived as seed * 1_000_003 + sample overflowed torch's generator for --seed >= ~2**44
     ("error: Overflow when unpacking long long"); they are folded into its range now (in-range ones unchanged)."""

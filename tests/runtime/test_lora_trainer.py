@@ -156,8 +156,11 @@ def test_check_plan_rejects_more_stages_than_the_plan_was_made_for():
         pos = [i for i, mb in enumerate(plan.microbatches) for s in mb.segments if s.job == job and s.global_batch == g]
         prev = [i for i, mb in enumerate(plan.microbatches) for s in mb.segments if s.job == job and s.global_batch == g - 1]
         assert first == min(pos) and last == max(prev) and first - last < 4
-    with pytest.raises(InputError, match=r"fewer than 4 after \d+ \(re-plan with stages >= 4\)"):
+    with pytest.raises(InputError, match=r"^plan: made for 1 stages: .* fewer than 4 after \d+, on 4 pipeline stages "
+                                         r"\(one per rank: NPROC / --world\) - re-plan with stages >= 4"):
         check_plan(plan, model, 4)
+    with pytest.raises(InputError, match=r"^my_plan.json: made for 1 stages"):  # the plan named by its file
+        check_plan(plan, model, 4, where="my_plan.json")
 
 
 def _with_lengths(plan, lengths):
