@@ -148,7 +148,7 @@ def _step_rows(rows):
 
 
 _STEP_COLS = ["step", "seqs", "tokens", "M", "FlexSP ms", "static ms", "1-degree ms", "vs static", "vs 1-degree",
-              "bound ms", "solve s", "MILP", "gap"]
+              "bound ms", "solve s", "MILP (bucketed)", "MILP gap"]
 
 
 _DET_HELP = ("Bound the searches by work, not the clock (at most 100 group structures per micro-batch, 50 "

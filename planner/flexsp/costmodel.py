@@ -147,8 +147,10 @@ class SPCostModel:
         return self.a1 / d, self.a2 / d + beta_comm, gamma
 
     def token_capacity(self, d: int) -> float:
-        """Most tokens a group of degree d can hold in one micro-batch."""
-        free = self.memory_bytes - self.model_state_bytes
+        """Most tokens a group of degree d can hold in one micro-batch (with :meth:`fits`'s 1e-12 tolerance: without
+        it a sequence needing exactly the device memory fitted there and nowhere else - refused as too long, a
+        lower bound above a plan that fits)."""
+        free = self.memory_bytes * (1 + 1e-12) - self.model_state_bytes
         return max(0.0, free) * d / self.act_bytes_per_token
 
     def min_degree(self, seqlen: float) -> int | None:

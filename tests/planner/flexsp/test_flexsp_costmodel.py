@@ -111,3 +111,31 @@ def test_a_profile_world_that_is_not_a_power_of_two_names_the_profile_not_gpus(t
     assert err.startswith("error: profile 'twelve': describes 12 GPUs") and err.count("\n") == 1, err
     assert main(["plan", "sp", "--profile", str(tmp_path / "p.json"), "--gpus", "8", "--seqlens", "builtin",
                  "--max-context", "32000", "--global-batch", "16", "--no-milp", "--out", str(tmp_path / "plan.json")]) == 0
+
+
+@pytest.mark.parametrize("degree", [1, 8])
+def test_a_sequence_needing_exactly_the_device_memory_is_plannable(degree):
+    """Hunt finding: token_capacity had no tolerance where fits() has 1e-12, so with device memory exactly what a
+    3125-token sequence needs, capacity read 3124.9999999999995: the planner refused the length ("needs 14.2 GiB
+    on a 14.2 GiB device") at degree 8, and at degree 1 split the step into two micro-batches (1938 ms) whose
+    lower bound (1309 ms) sat above the one-micro-batch plan fits() accepts (1254 ms)."""
+    import numpy as np
+
+    from adasched.planner.flexsp import PlannerConfig, plan_step, sp_cost_model
+    from adasched.planner.flexsp.assign import MBSolution, evaluate
+    from adasched.profiler.profile import load_profile
+
+    prof = load_profile("a100-64-flexsp-paper")
+    base = sp_cost_model(prof, "gpt-7b", 8)
+    exact = base.memory_needed(3125, degree)  # the bytes one 3125-token sequence needs per GPU at this degree
+    prof = prof.model_copy(update={"device": prof.device.model_copy(update={"memory_bytes": exact})})
+    cm = sp_cost_model(prof, "gpt-7b", 8)
+    assert cm.fits(degree, [3125]) and cm.token_capacity(degree) >= 3125 and not cm.fits(degree, [3126])
+    assert cm.token_capacity(degree) < 3126
+    assert cm.min_degree(3125) == degree
+    n = 8 // degree
+    lens = np.array([3125] * n)
+    hand = evaluate(MBSolution([(degree, [i]) for i in range(n)]), lens, cm)
+    r = plan_step(lens, cm, PlannerConfig(time_limit=2.0))
+    assert hand.fits and r.lower_bound_ms <= hand.time_ms * (1 + 1e-9)
+    assert r.time_ms == pytest.approx(hand.time_ms, rel=1e-9) and len(r.micro_batches) == 1
