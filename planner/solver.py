@@ -227,17 +227,29 @@ def solve_pulp(prob, params: SolveParams, warm_start: dict[str, float] | None = 
 
 
 def _kill_processes_using(folder: str) -> None:
-    """SIGKILL every process of this user whose command line names ``folder`` (CBC, started by PuLP with its files
-    there); where there is no /proc (not Linux) nothing is found."""
+    """SIGKILL this process's own children whose command line names ``folder`` (CBC, started by PuLP with its files
+    there), then reap them so the folder is no longer written when it is removed; where there is no /proc (not
+    Linux) nothing is found. Only direct children of this process with this user's uid are touched."""
     import signal
 
     needle = os.fsencode(folder)
+    me, uid = os.getpid(), os.getuid()
+    killed = []
     for entry in Path("/proc").glob("[0-9]*"):
         try:
-            if needle in (entry / "cmdline").read_bytes() and int(entry.name) != os.getpid():
-                os.kill(int(entry.name), signal.SIGKILL)
-        except (OSError, ValueError):
+            stat = (entry / "stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])  # after "pid (comm) state": the parent's pid
+            if ppid != me or entry.stat().st_uid != uid or needle not in (entry / "cmdline").read_bytes():
+                continue
+            os.kill(int(entry.name), signal.SIGKILL)
+            killed.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
             continue
+    for pid in killed:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:  # already reaped (by PuLP's Popen)
+            pass
 
 
 def _cbc_bound(prob) -> float | None:

@@ -104,6 +104,8 @@ class MoEConfigPlan(BaseModel):
     iteration_ms: float = Field(description="all layers fwd+bwd incl. dense blocks and the exposed all-reduce")
     iteration_baselines_ms: dict[str, float]
     slice_solver_status: str
+    slice_solver_backend: str = Field(default="exact", description="'exact': the greedy fill met its upper bound; "
+                                                                   "else the slice MILP's backend (pulp-cbc)")
     stage_source: str
     stage_notes: list[str] = Field(default_factory=list)
     layer0_stage_costs: StageCostsRecord | None = Field(default=None, description="layer 0's forward stage costs "

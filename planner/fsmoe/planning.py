@@ -144,6 +144,7 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
         baselines_fwd_bwd_ms={name: v[0] for name, v in base_layers.items()},
         grad_slices=sl.slices, grad_exposed_ms=sl.exposed_ms, grad_exposed_at_end_ms=at_end,
         iteration_ms=iteration, iteration_baselines_ms=iter_base, slice_solver_status=sl.outcome.status,
+        slice_solver_backend=sl.outcome.backend,
         stage_source=first.source, stage_notes=list(first.notes) + ([expert_note] if expert_note else []),
         layer0_stage_costs=StageCostsRecord.of(first),
     )
@@ -174,7 +175,8 @@ def plan_moe(configs: list[MoEConfig], gpus: int, profile: ClusterProfile, *,
 
     statuses = {c.slice_solver_status for c in out}
     status = "optimal" if statuses <= {"optimal"} else ("feasible" if "feasible" in statuses else "heuristic")
-    record = SolverRecord(backend="exact-eval", status=status, solve_seconds=round(dt, 6),
+    milp = any(c.slice_solver_backend != "exact" for c in out)  # (the fallback ran: the record names CBC)
+    record = SolverRecord(backend="exact-eval" + ("+pulp-cbc" if milp else ""), status=status, solve_seconds=round(dt, 6),
                           time_limit=params.time_limit, seed=params.seed, threads=params.threads,
                           note="r by exhaustive exact evaluation over {1,2,4,8,16} (doubled past 16 while "
                                "faster); gradient slices by a greedy fill proved optimal by a matching upper "

@@ -208,10 +208,8 @@ def test_slice_milp_equals_the_oracle_on_random_instances():
 def test_slice_exact_fill_equals_the_oracle_and_its_bound_on_random_instances():
     """The planner's path: the greedy fill with its upper bound as the certificate. On 200 instances (seed 7,
     1-9 layers, scales 1 .. 3e10, gaps 0 / exactly alpha / random, alpha 0 or not, beta 0 = a free link) it is
-    reported optimal, hides what the independent oracle hides, its bound equals that optimum, it solves no MILP,
-    and the MILP (method='milp') finds no more."""
-    from adasched.planner.fsmoe import model as M
-
+    reported optimal, hides what the earliest-fill oracle hides, and its bound equals that; on every instance of
+    at most 6 layers CBC's MILP (method='milp', which shares nothing with the bound) hides the same."""
     rng = random.Random(7)
     for _ in range(200):
         n = rng.randint(1, 9)
@@ -227,10 +225,12 @@ def test_slice_exact_fill_equals_the_oracle_and_its_bound_on_random_instances():
         want = oracle_hidden(gaps, produced, alpha, beta)
         assert res.outcome.bound == pytest.approx(want, rel=1e-9, abs=1e-9)
         _check_slices(res, gaps, produced, alpha, beta)
-        if _ % 10 == 0:  # the MILP cross-check (CBC: ~20 ms each)
+        if n <= 6:  # the independent check: CBC's MILP (~20 ms each) hides the same, no more and no less
             milp = solve_slices(gaps, produced, alpha, beta, SolveParams(time_limit=5), method="milp")
-            assert sum(milp.slices) <= sum(res.slices) + 1e-7 * max(sum(produced), 1.0)
-        assert M.slice_upper_bound(gaps, produced, alpha, beta) == res.outcome.bound
+            tol = 1e-6 * max(sum(produced), 1.0)
+            assert sum(milp.slices) <= sum(res.slices) + tol
+            if milp.outcome.status == "optimal":
+                assert sum(res.slices) <= sum(milp.slices) + tol, (gaps, produced, alpha, beta)
 
 
 def test_slice_exact_fill_solves_no_milp_at_the_layer_limit(monkeypatch):
@@ -308,3 +308,20 @@ def test_slice_solver_status_survives_cbc_tolerance():
     assert r.outcome.status == "optimal", r.outcome
     assert sum(r.slices) >= sum(greedy) - 1e-6 * sum(produced)
     assert r.slices == M._clip_slices(r.slices, gaps, produced, alpha, beta)  # feasible as reported
+
+
+def test_plan_record_names_cbc_only_when_the_slice_milp_ran(monkeypatch):
+    """Review finding: the record said "exact-eval" whatever solved the slices. Normally the greedy fill meets its
+    bound (backend "exact"); with the bound made unreachable the MILP fallback runs and the record names CBC."""
+    from adasched.planner.fsmoe import model as M
+
+    cfg = MoEConfig(name="rec", hidden=512, ffn_hidden=1024, experts=8, top_k=2, capacity_factor=1.0, batch=2,
+                    seq_len=256, num_layers=3)
+    prof = load_profile("h100-sxm")
+    plan = plan_moe([cfg], 16, prof, stages="published", params=SolveParams(time_limit=2))
+    assert plan.solver.backend == "exact-eval" and plan.configs[0].slice_solver_backend == "exact"
+    real = M.slice_upper_bound
+    monkeypatch.setattr(M, "slice_upper_bound", lambda *a: real(*a) * 2 + 1.0)
+    plan = plan_moe([cfg], 16, prof, stages="published", params=SolveParams(time_limit=2))
+    assert plan.solver.backend == "exact-eval+pulp-cbc" and plan.configs[0].slice_solver_backend == "pulp-cbc"
+    assert plan.verify() == []
