@@ -63,6 +63,7 @@ at ``finish()``) while the dense gradients are averaged over the whole data-para
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -278,12 +279,21 @@ class ExpertParallel:
         return ep
 
 
+def _int_at_least_1(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: {value!r} must be an int >= 1")
+
+
 def _check_divides(num_experts: int, P: int, hierarchical: bool, gpus_per_node: int | None) -> None:
+    # (0 experts gave experts_per_rank 0 and a division by zero later, -8 gave -4, 8.0 a TypeError from torch.randn)
+    _int_at_least_1("num_experts", num_experts)
     if num_experts % P:
         raise ValueError(f"num_experts: {num_experts} is not divisible by the expert-parallel size {P}")
     if hierarchical:
-        G = gpus_per_node or P
-        if G < 1 or P % G:
+        if gpus_per_node is not None:  # (0 read as "not given": one node nobody asked for)
+            _int_at_least_1("gpus_per_node", gpus_per_node)
+        G = P if gpus_per_node is None else gpus_per_node
+        if P % G:
             raise ValueError(f"gpus_per_node: {gpus_per_node} does not divide the expert-parallel size {P}")
 
 
@@ -291,7 +301,7 @@ def _attach_node_groups(ep: ExpertParallel, ep_groups: list[list[int]], gpus_per
     """The hierarchical path's groups of every EP group in ``ep_groups`` (collective: every rank creates all of
     them, in order): per node its G local ranks (intra-node), per local index the ranks with that index on every
     node (inter-node); ``ep`` keeps its own."""
-    G = gpus_per_node or ep.size
+    G = ep.size if gpus_per_node is None else gpus_per_node
     ep.gpus_per_node = G
     for ranks in ep_groups:
         P = len(ranks)
@@ -605,6 +615,9 @@ class GradSliceReducer:
         self.params = [p for p in reversed(list(params)) if p.requires_grad]
         self.sizes = [p.numel() for p in self.params]
         self.slices = [float(s) for s in slices]
+        bad = next((s for s in self.slices if not (math.isfinite(s) and s >= 0)), None)
+        if bad is not None:  # (NaN failed inside the first backward, naming nothing; a negative one was taken)
+            raise ValueError(f"slices: {bad} must be a finite number >= 0 (elements reduced in a gap)")
         self.group = group if group is not None else dist.group.WORLD
         self.average = average
         self.divisor = divisor
@@ -936,8 +949,9 @@ def ep_experts(x_rows, w1, w2, token_idx, expert_idx, num_tokens: int, ep: Exper
     collective issue order of each pass (module docstring, ``_pipeline``). ``shared=(x (T,H), w1 (1,H,.),
     w2 (1,F,H))``: a shared expert on this rank's tokens, computed while the first dispatches are in flight
     (forward and backward); then returns (routed rows, shared output)."""
-    if r_fwd < 1 or r_bwd < 1:
-        raise ValueError(f"r_fwd={r_fwd}, r_bwd={r_bwd}: pipeline degrees must be >= 1")
+    for name, r in (("r_fwd", r_fwd), ("r_bwd", r_bwd)):  # (2.5 or "2" was a TypeError further in)
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"{name}: {r!r} must be an int >= 1 (chunks per exchange)")
     check_pipeline_settings(ep, wgrad=wgrad, order_fwd=order_fwd, order_bwd=order_bwd)
     meta = _Meta(ep, token_idx, expert_idx, num_tokens, r_fwd, r_bwd, activation, backend, reducer, wgrad,
                  order_fwd, order_bwd)
