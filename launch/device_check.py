@@ -133,7 +133,7 @@ def tma_child(log) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--quick", action="store_true", help="two shapes per kernel instead of the full grid")
     ap.add_argument("--only", default=None, help="comma-separated groups (lora, moe, gemm)")
     ap.add_argument("--budget-s", type=float, default=390.0,
@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick or device == "cpu"
     bench.prepare_device(device)
     groups = [g.strip() for g in args.only.split(",")] if args.only else list(bench.BENCH_MODULES)
+    bad = [g for g in groups if g not in bench.BENCH_MODULES]
+    if bad or not groups:  # (--only nothing ended in a ValueError traceback)
+        ap.error(f"argument --only: {', '.join(bad) or 'nothing given'}: choose from {', '.join(bench.BENCH_MODULES)}")
     env = bench.environment(device)
     print(f"device check: {env['device_name']} ({device}), torch {env['torch']}, triton {env['triton']}, "
           f"{env['date_utc']} UTC", flush=True)

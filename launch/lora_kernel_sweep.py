@@ -52,7 +52,7 @@ def _configs(grid: dict) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                  epilog="Without a GPU (CPU smoke run under TRITON_INTERPRET=1) the shape is a fixed "
                                         "tiny one: --T/--K/--r/--N apply on a GPU only.")
     ap.add_argument("--T", type=int, default=8192, help="tokens (rows of X; default: %(default)s)")

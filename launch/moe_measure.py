@@ -699,7 +699,7 @@ def _print_table(res: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m adasched.launch.moe_measure",
+    p = argparse.ArgumentParser(prog="python -m adasched.launch.moe_measure", allow_abbrev=False,
                                 description="FSMoE predicted vs measured MoE layer time on this CPU (gloo).")
     p.add_argument("--json", action="store_true", help="print only the one-line JSON result")
     p.add_argument("--quick", action="store_true", help="one configuration, fewer repeats")

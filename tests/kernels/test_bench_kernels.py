@@ -452,3 +452,15 @@ def test_device_check_runs_the_tma_checks_in_a_child_and_drops_tma_when_they_fai
     monkeypatch.setattr(subprocess, "run", dead)
     rows = device_check.tma_child(lambda m: None)
     assert len(rows) == 1 and not rows[0]["ok"] and "exit -6" in rows[0]["detail"] and LB.TMA_ENABLED is False
+
+
+@pytest.mark.parametrize("argv", [["--only", "nothing"], ["--only", "lora,conv"], ["--qui"]])
+def test_device_check_bad_options_exit_2(argv, capsys):
+    """--only naming no group ended in a ValueError traceback; abbreviations (--qui) were taken as --quick."""
+    from adasched.launch import device_check
+
+    with pytest.raises(SystemExit) as exc:
+        device_check.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "argument --only" in err or "unrecognized arguments: --qui" in err, err
