@@ -6,9 +6,8 @@
 from __future__ import annotations
 
 import math
-import time
-
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -409,7 +408,7 @@ def make_plan(problem: Problem, schedule, *, simulate: bool = True) -> TwillPlan
         remap.setdefault(groups[o.name], len(remap))
     groups = {v: remap[q] for v, q in groups.items()}
     derived = _derived_fields(g, m, ii, times, groups, schedule.warp)
-    slots, stage = derived["ops"], {o.name: times[o.name] // ii for o in g.ops}
+    stage = {o.name: times[o.name] // ii for o in g.ops}
     sim_cpi = sim_dead = replay = None
     sim_skipped = None
     n_stages = max(stage.values()) + 1

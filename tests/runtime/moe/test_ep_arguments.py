@@ -5,8 +5,6 @@ negative gradient slices taken until the first backward failed naming nothing. 2
 the same way, before any group is made."""
 from __future__ import annotations
 
-import pytest
-
 from adasched.runtime.dist import spawn_gloo
 
 
