@@ -375,11 +375,15 @@ def test_one_deadline_bounds_the_whole_solve():
     try:
         s = solve(prob, TINY)
     except TimeLimitError as err:
-        assert "within the time limit" in str(err) and "infeasible" not in str(err)
-    else:
-        assert s.seconds <= time.perf_counter() - t0
-        _check_plan(prob, s, gd)
+        s = err
+    # only solve() on the clock: the plan checks below (make_plan simulates, ~0.2-0.3 s of CPU here) ran inside it
+    # and took a fresh-clone CI run to 1.0 s against the 0.95 s bound
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if isinstance(s, TimeLimitError):
+        assert "within the time limit" in str(s) and "infeasible" not in str(s)
+    else:
+        assert s.seconds <= wall
+        _check_plan(prob, s, gd)
     # wall time only with at least half a CPU: starved, one finishing step past the deadline can take seconds
     assert cpu <= 1.5 * TINY.time_limit + 0.5, (cpu, wall)
     assert wall <= 4 * (1.5 * TINY.time_limit + 0.5) or _starved(cpu, wall), (cpu, wall)
