@@ -311,7 +311,7 @@ def solve_slices(gaps_ms: list[float], produced: list[float], alpha: float, beta
 
     ``method="auto"`` (the planner's): the greedy fill, returned as optimal when it reaches
     :func:`slice_upper_bound` within 1e-9 of the total (it always does - see there; O(n) instead of a MILP with
-    O(n^2) prefix terms, 4.5 s for 1024 layers); otherwise, and with ``method="milp"`` (the tests' cross-check),
+    O(n^2) prefix terms, slow at 1,024 layers); otherwise, and with ``method="milp"`` (the tests' cross-check),
     the MILP below, the greedy fill as its warm start.
 
     data:        gaps G_i (ms idle inter-node link during backward position i), produced D_i (elements, available

@@ -266,7 +266,7 @@ class TwillPlan(Plan):
 #: time limit); a plan past it records why it has no simulated cycles per iteration
 MAX_SIM_INSTANCES = 300_000
 #: reservation cells (iterations x the ops' non-zero table cells) make_plan simulates at most: 64 ops of 1,024-cycle
-#: tables were 3,072 instances, well under MAX_SIM_INSTANCES, and took 13 s of simulation after a 2 s solve
+#: tables were 3,072 instances, well under MAX_SIM_INSTANCES, yet took far longer to simulate than to solve
 MAX_SIM_CELLS = 1_000_000
 #: bars the Gantt chart of a plan (show --plot, simulate) draws at most
 MAX_GANTT_BARS = 20_000
@@ -309,7 +309,7 @@ def serial_cycles(graph: Graph, units: dict[str, int], *, handoff: int = 0,
             if hit is None:
                 break
             # the first conflicting cell moves past its busy run: every start in between puts it on a cycle
-            # where it still does not fit (stepping s by one was quadratic: 64 ops of 1,024-cycle tables, 5.6 s)
+            # where it still does not fit (stepping s by one was quadratic in the table length)
             b, c, n, cap = hit
             x = s + c + 1
             while b.get(x, 0) + n > cap:

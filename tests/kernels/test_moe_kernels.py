@@ -188,7 +188,15 @@ def test_float64_grouped_mm_and_expert_mlp_are_exact(backend):
     w1 = torch.randn(4, 24, 2 * 8, dtype=torch.float64) * 0.3
     w2 = torch.randn(4, 8, 24, dtype=torch.float64) * 0.3
     got = K.expert_mlp(x.detach(), w1, w2, idx, "swiglu", backend=backend)
-    torch.testing.assert_close(got, K.expert_mlp(x.detach(), w1, w2, idx, "swiglu", backend="torch"), rtol=0, atol=0)
+    # an independent float64 per-expert loop (expert_mlp_ref computes in float32; backend 'torch' is the same path
+    # as the float64 one under test now)
+    want, start = [], 0
+    for e, c in enumerate(idx.counts.tolist()):
+        a = x.detach()[start:start + c] @ w1[e]
+        want.append((torch.nn.functional.silu(a[:, :8]) * a[:, 8:]) @ w2[e])
+        start += c
+    assert got.dtype == torch.float64 and start == idx.num_rows
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-12, atol=1e-12)
 
 
 def test_make_index_names_a_token_id_out_of_range():

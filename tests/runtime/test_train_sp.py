@@ -162,32 +162,27 @@ def test_large_seeds(tmp_path, monkeypatch, capsys):
     assert err == f"error: --seed: {2 ** 64} must be in [-2**63, 2**64)\n", err
 
 
-@pytest.mark.parametrize("extra", [["--world", "4"], ["--world=4"], ["--check-plan-only"]])
-def test_launch_script_refuses_options_it_sets_itself(tmp_path, extra):
+_SET_BY_SCRIPT = "error: {}: set by this script (the world is NPROC=2)"
+_UNKNOWN = "error: unrecognized arguments: {}"
+
+
+@pytest.mark.parametrize("extra, want", [
+    (["--world", "4"], _SET_BY_SCRIPT), (["--world=4"], _SET_BY_SCRIPT), (["--check-plan-only"], _SET_BY_SCRIPT),
+    (["--wor", "2"], _UNKNOWN), (["--wo=4"], _UNKNOWN), (["--check-plan"], _UNKNOWN)])
+def test_launch_script_refuses_options_it_sets_itself_and_their_abbreviations(tmp_path, extra, want):
     """train_sp.sh adds --world NPROC to its pre-check and passed the user's arguments on: a user's --world was
-    checked instead of NPROC (argparse keeps the last), then every worker refused it - a torchrun traceback, exit 1."""
+    checked instead of NPROC (argparse keeps the last), then every worker refused it - a torchrun traceback, exit 1.
+    The script matched the full spellings only and argparse took abbreviations: --wor 2 started torchrun (every
+    worker refused it), --wo=4 checked the plan against 4 ranks for a 2-rank run, --check-plan made every rank
+    check the plan and exit 0 without training. Full spellings are refused by the script, abbreviations are
+    unknown options (the launchers' parsers set allow_abbrev=False): one line, exit 2, no torchrun."""
     plan = tmp_path / "plan.json"
     save_plan(_plan(world=4), plan)
     r = subprocess.run(["bash", str(REPO / "launch" / "train_sp.sh"), "--plan", str(plan), *extra],
                        env=dict(_env(), NPROC="2"), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stdout == "", r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {extra[0]}: set by this script (the world is NPROC=2)")
-
-
-@pytest.mark.parametrize("extra", [["--wor", "2"], ["--wo=4"], ["--check-plan"]])
-def test_launch_script_refuses_abbreviations_of_options_it_sets_itself(tmp_path, extra):
-    """The script matched the full spellings only and argparse took abbreviations: --wor 2 started torchrun
-    (every worker refused it: a traceback, exit 1), --wo=4 checked the plan against 4 ranks for a 2-rank run,
-    --check-plan made every rank check the plan and exit 0 without training. Abbreviations are unknown options
-    now (the launchers' parsers set allow_abbrev=False): one line from the pre-check, exit 2, no torchrun."""
-    plan = tmp_path / "plan.json"
-    save_plan(_plan(world=4), plan)
-    r = subprocess.run(["bash", str(REPO / "launch" / "train_sp.sh"), "--plan", str(plan), *extra],
-                       env=dict(_env(), NPROC="2"), capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stdout == "", r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: unrecognized arguments: " + extra[0]), r.stderr
+    assert len(lines) == 1 and lines[0].startswith(want.format(extra[0])), r.stderr
 
 
 @pytest.mark.parametrize("where", ["step", "group"])

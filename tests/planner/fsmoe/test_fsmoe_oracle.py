@@ -189,18 +189,27 @@ def test_slice_milp_regression_cbc_slice_in_an_unlaunched_gap():
     _check_slices(res, gaps, produced, alpha, beta)
 
 
+def _random_slice_instance(rng, max_layers, *, free_link):
+    """(gaps, produced, alpha, beta): 1..max_layers layers, element counts at scales 1 .. 3e10 (some layers
+    produce nothing, never all), gaps 0 / exactly alpha / random, alpha 0 or not, and beta 0 (a free link) in
+    some instances when ``free_link``."""
+    n = rng.randint(1, max_layers)
+    scale = rng.choice([1.0, 1e6, 1e9, 3e10])
+    produced = [rng.choice([0.0, rng.uniform(0.1, 4)]) * scale for _ in range(n)]
+    if sum(produced) == 0:
+        produced[-1] = scale
+    alpha = rng.choice([0.0, rng.uniform(0.05, 0.8)])
+    beta = rng.choice([0.0, rng.uniform(0.2, 1.5) / scale]) if free_link else rng.uniform(0.2, 1.5) / scale
+    gaps = [rng.choice([0.0, alpha, rng.uniform(0, 3)]) for _ in range(n)]
+    return gaps, produced, alpha, beta
+
+
 def test_slice_milp_equals_the_oracle_on_random_instances():
     """60 instances (seed 5): 1-8 layers, element counts at scales 1 .. 3e10 (gradient element counts of real
     models), gaps 0, exactly alpha, or random; alpha 0 or not."""
     rng = random.Random(5)
     for _ in range(60):
-        n = rng.randint(1, 8)
-        scale = rng.choice([1.0, 1e6, 1e9, 3e10])
-        produced = [rng.choice([0.0, rng.uniform(0.1, 4)]) * scale for _ in range(n)]
-        if sum(produced) == 0:
-            produced[-1] = scale
-        alpha, beta = rng.choice([0.0, rng.uniform(0.05, 0.8)]), rng.uniform(0.2, 1.5) / scale
-        gaps = [rng.choice([0.0, alpha, rng.uniform(0, 3)]) for _ in range(n)]
+        gaps, produced, alpha, beta = _random_slice_instance(rng, 8, free_link=False)
         res = solve_slices(gaps, produced, alpha, beta, SolveParams(time_limit=5), method="milp")
         _check_slices(res, gaps, produced, alpha, beta)
 
@@ -212,14 +221,8 @@ def test_slice_exact_fill_equals_the_oracle_and_its_bound_on_random_instances():
     at most 6 layers CBC's MILP (method='milp', which shares nothing with the bound) hides the same."""
     rng = random.Random(7)
     for _ in range(200):
-        n = rng.randint(1, 9)
-        scale = rng.choice([1.0, 1e6, 1e9, 3e10])
-        produced = [rng.choice([0.0, rng.uniform(0.1, 4)]) * scale for _ in range(n)]
-        if sum(produced) == 0:
-            produced[-1] = scale
-        alpha = rng.choice([0.0, rng.uniform(0.05, 0.8)])
-        beta = rng.choice([0.0, rng.uniform(0.2, 1.5) / scale])
-        gaps = [rng.choice([0.0, alpha, rng.uniform(0, 3)]) for _ in range(n)]
+        gaps, produced, alpha, beta = _random_slice_instance(rng, 9, free_link=True)
+        n = len(gaps)
         res = solve_slices(gaps, produced, alpha, beta, SolveParams(time_limit=5))
         assert res.outcome.status == "optimal" and res.outcome.backend == "exact", res.outcome
         want = oracle_hidden(gaps, produced, alpha, beta)
