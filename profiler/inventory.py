@@ -179,15 +179,33 @@ def torch_gpu_inventory() -> DeviceInfo | None:
 
 
 def inventory(verbose: bool = True) -> tuple[DeviceInfo, dict[str, Any]]:
-    """(device, host facts): the GPUs when NVML finds any, else torch.cuda's view of them, else the CPU host
-    (with one line on stderr saying which)."""
+    """(device, host facts): the GPUs when NVML finds any and torch uses the same ones, else torch.cuda's view of
+    them, else the CPU host (with one line on stderr saying which)."""
     host = host_info()
     gpu, why = _nvml_inventory()
+    seen = torch_gpu_inventory()  # what the benchmarks run on
     if gpu is not None:
         dev, extras = gpu
         host.update(extras)
+        if seen is None:
+            # NVML answers for the driver, torch for the process: a CPU-only torch build, a driver too old for
+            # torch's CUDA or CUDA_VISIBLE_DEVICES="" left the benchmarks on the CPU while the profile named the
+            # GPUs (and skipped the per-rank split of the host's RAM)
+            if verbose:
+                print(f"NVML describes {dev.count_per_node} GPU(s) ({dev.name}) but torch cannot use any (a "
+                      "CPU-only torch build, a driver too old for its CUDA, or CUDA_VISIBLE_DEVICES hides them): "
+                      "the benchmarks run on the CPU, describing the CPU host", file=sys.stderr)
+            return cpu_inventory(), host
+        if (seen.name, seen.count_per_node) != (dev.name, dev.count_per_node):
+            # CUDA_VISIBLE_DEVICES (which NVML ignores) hides some GPUs or reorders them: NVML's GPU 0 and count
+            # are not the ones this process measures; torch's view, NVML's per-device details dropped
+            if verbose:
+                print(f"NVML's GPU 0 and count ({dev.name}, {dev.count_per_node}) differ from what torch uses "
+                      f"({seen.name}, {seen.count_per_node}; CUDA_VISIBLE_DEVICES?): described from torch.cuda",
+                      file=sys.stderr)
+            return seen.model_copy(update={"driver": dev.driver}), host
         return dev, host
-    dev = torch_gpu_inventory()
+    dev = seen
     if dev is not None:
         if verbose:
             print(f"NVML unavailable ({why}); {dev.count_per_node} GPU(s) described from torch.cuda "

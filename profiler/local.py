@@ -25,6 +25,26 @@ def in_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
+def _local_layout() -> tuple[int, int]:
+    """(LOCAL_RANK, LOCAL_WORLD_SIZE) as torchrun sets them. A launcher that sets RANK, WORLD_SIZE and MASTER_ADDR
+    only (a Kubeflow PyTorchJob, a hand-written SLURM script) made a multi-node world one node of all its ranks:
+    every fit 'intra', inter-node links recorded as on-node."""
+    values = {}
+    for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        text = os.environ.get(name)
+        if text is None:
+            raise InputError(name, "not set, while RANK, WORLD_SIZE and MASTER_ADDR are: launch with torchrun, or "
+                                   "set LOCAL_RANK (this rank's index on its node) and LOCAL_WORLD_SIZE (ranks per "
+                                   "node) too")
+        if not (text.isascii() and text.isdigit()):
+            raise InputError(name, f"{text!r} is not a whole number")
+        values[name] = int(text)
+    if values["LOCAL_WORLD_SIZE"] < 1 or values["LOCAL_RANK"] >= values["LOCAL_WORLD_SIZE"]:
+        raise InputError("LOCAL_RANK", f"{values['LOCAL_RANK']} is not below LOCAL_WORLD_SIZE "
+                                       f"{values['LOCAL_WORLD_SIZE']}")
+    return values["LOCAL_RANK"], values["LOCAL_WORLD_SIZE"]
+
+
 def _assemble(*, quick: bool, device, host, micro, coll, ranks_per_node: int, num_nodes: int,
               name: str | None) -> ClusterProfile:
     from .collectives import fit_collectives
@@ -157,7 +177,7 @@ def profile_in_world(*, quick: bool, out: str | os.PathLike | None, microbench: 
 
     gpu = torch.cuda.is_available()
     cfg = collective_config(quick, gpu=gpu)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank, per_node = _local_layout()
     owns_pg = not dist.is_initialized()
     if owns_pg:
         if gpu:
@@ -172,7 +192,9 @@ def profile_in_world(*, quick: bool, out: str | os.PathLike | None, microbench: 
         if world < 2:  # nothing collective to time: an empty profile written as if measured
             raise InputError("--nproc_per_node", f"collectives need >= 2 processes, got {world} (or run "
                                                  f"`adasched profile --no-collectives`)")
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if world % per_node:
+            raise InputError("LOCAL_WORLD_SIZE", f"{per_node} ranks per node do not divide the world of {world} "
+                                                 "ranks (nodes with different rank counts)")
         coll = measure_collectives(cfg, device=f"cuda:{local_rank}" if gpu else "cpu",
                                    show_progress=show_progress)
         if rank != 0:

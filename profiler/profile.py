@@ -31,6 +31,13 @@ SCHEMA_VERSION = 1
 CollectiveOp = Literal["all_to_all", "all_reduce", "all_gather", "reduce_scatter", "broadcast"]
 
 
+#: smallest beta a collective fit takes (ms per byte): 1 PB/s per rank. 5e-324 loaded and showed "inf GB/s", and an
+#: inter-node step priced with it cost nothing
+MIN_BETA_MS_PER_BYTE = 1e-12
+#: most memory a device may declare (bytes): 1 PiB (2**70 loaded)
+MAX_DEVICE_MEMORY_BYTES = 2**50
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
 
@@ -51,10 +58,12 @@ class CollectiveFit(_Strict):
     for all_gather, where it is the gathered output (group_size x bytes); see :attr:`bus_bandwidth_GBps`."""
 
     op: CollectiveOp
-    group_size: PositiveInt
+    group_size: int = Field(ge=2, description="ranks in the group (a collective on one rank moves nothing: its bus "
+                                              "factor is 0)")
     scope: Literal["intra", "inter"] = Field(description="intra: the group stays inside one node; inter: it crosses nodes")
     alpha_ms: float = Field(ge=0.0)
-    beta_ms_per_byte: float = Field(gt=0.0)
+    beta_ms_per_byte: float = Field(ge=MIN_BETA_MS_PER_BYTE, description="ms per byte; at least 1e-12 (1 PB/s per "
+                                                                         "rank: a smaller one reads as an infinite link)")
     fit_rel_error: float = Field(default=0.0, ge=0.0, description="mean |pred - meas| / meas over the fitted points")
     source: str = "measured"
 
@@ -155,6 +164,8 @@ class DeviceInfo(_Strict):
     def _memory_in_bytes(cls, v: int) -> int:
         if v < 2**20:  # 80 (GiB) or 81920 (MiB) typed into a bytes field: a planner would fit nothing
             raise ValueError(f"{v} is under 1 MiB: the field is in bytes (80 GiB = {80 * 2**30})")
+        if v > MAX_DEVICE_MEMORY_BYTES:
+            raise ValueError(f"{v} is over 1 PiB ({MAX_DEVICE_MEMORY_BYTES}): not one device's memory in bytes")
         return v
 
 

@@ -8,6 +8,12 @@ from .profile import ClusterProfile
 __all__ = ["profile_rows", "plot_profile"]
 
 
+def _fit_note(rel_error: float, source: str) -> str:
+    """'fit error x%' for a model fitted to measurements; 'published constants' for one taken from a paper (it
+    read "fit error 0.0%": no fit was made, no error is known)."""
+    return "published constants" if source.startswith("published") else f"fit error {rel_error:.1%}"
+
+
 def profile_rows(p: ClusterProfile) -> list[tuple[str, str]]:
     rows = [
         ("name", p.name),
@@ -22,14 +28,14 @@ def profile_rows(p: ClusterProfile) -> list[tuple[str, str]]:
     if p.attention:
         a = p.attention
         rows.append(("attention fwd+bwd", f"{a.a1_ms_per_tok2:.3e}*s^2 + {a.a2_ms_per_tok:.3e}*s + {a.b_ms:.3g} ms "
-                                          f"(fit error {a.fit_rel_error:.1%})"))
+                                          f"({_fit_note(a.fit_rel_error, a.source)})"))
     if p.linear:
         rows.append(("linear fwd+bwd", f"{p.linear.ms_per_token:.3e} ms/token + {p.linear.b_ms:.3g} ms "
-                                       f"(fit error {p.linear.fit_rel_error:.1%})"))
+                                       f"({_fit_note(p.linear.fit_rel_error, p.linear.source)})"))
     for c in sorted(p.collectives, key=lambda c: (c.op, c.group_size)):
         rows.append((f"{c.op} x{c.group_size} ({c.scope})",
-                     f"alpha {c.alpha_ms:.4g} ms, {c.bandwidth_GBps:.2f} GB/s of bytes per rank, busbw "
-                     f"{c.bus_bandwidth_GBps:.2f} GB/s (fit error {c.fit_rel_error:.1%})"))
+                     f"alpha {c.alpha_ms:.4g} ms, {c.bandwidth_GBps:.3g} GB/s of bytes per rank, busbw "
+                     f"{c.bus_bandwidth_GBps:.3g} GB/s ({_fit_note(c.fit_rel_error, c.source)})"))
     for name, m in p.model_costs.items():
         rows.append((f"model {name}", f"a1 {m.a1_ms_per_tok2:.4g}, a2 {m.a2_ms_per_tok:.4g}, b1 {m.b1_ms:.4g} ms, "
                                       f"{m.act_bytes_per_token / 2**20:.3f} MiB act/token"))

@@ -73,9 +73,20 @@ def test_nvml_missing_library(monkeypatch, capsys):
     assert err == "no NVIDIA GPU/driver found (NVML: NVML Shared Library Not Found); describing the CPU host instead\n"
 
 
+def _torch_sees(monkeypatch, n: int, name: str = "NVIDIA Fake100", memory: int = 80 * 2**30):
+    """torch.cuda as on a machine where this process can use ``n`` GPUs named ``name`` (none: n = 0)."""
+    import torch
+
+    props = types.SimpleNamespace(name=name, total_memory=memory)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+
+
 def test_nvml_gpus(monkeypatch, capsys):
     fake = _fake_pynvml(4)
     monkeypatch.setitem(sys.modules, "pynvml", fake)
+    _torch_sees(monkeypatch, 4)
     dev, host = inv.inventory()
     assert capsys.readouterr().err == ""
     assert (dev.kind, dev.name, dev.memory_bytes, dev.count_per_node) == ("gpu", "NVIDIA Fake100", 80 * 2**30, 4)
@@ -90,6 +101,7 @@ def test_nvml_unsupported_fields_become_none(monkeypatch):
     fake = _fake_pynvml(1)
     fake.nvmlDeviceGetPowerManagementLimit = fake.no_power
     monkeypatch.setitem(sys.modules, "pynvml", fake)
+    _torch_sees(monkeypatch, 1)
     dev, _ = inv.inventory()
     assert dev.power_limit_w is None and dev.topology is None and dev.count_per_node == 1
 
@@ -115,3 +127,32 @@ def test_gpus_without_nvml_are_described_from_torch(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     dev, _ = inv.inventory()
     assert dev.kind == "cpu" and "describing the CPU host" in capsys.readouterr().err
+
+
+def test_gpus_torch_cannot_use_leave_the_cpu_host_described(monkeypatch, capsys):
+    """NVML answers for the driver, torch for the process: with a CPU-only torch build, a driver too old for
+    torch's CUDA or CUDA_VISIBLE_DEVICES="" the benchmarks ran on the CPU while the profile named 8 H100s (and the
+    host's RAM was not split per rank). The CPU host is described now, with one line saying why."""
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(8))
+    _torch_sees(monkeypatch, 0)
+    dev, host = inv.inventory()
+    err = capsys.readouterr().err
+    assert dev.kind == "cpu" and "cores" in dev.name and dev.memory_bytes == inv.cpu_inventory().memory_bytes
+    assert err.count("\n") == 1 and err.startswith("NVML describes 8 GPU(s) (NVIDIA Fake100) but torch cannot use "
+                                                   "any") and err.endswith("describing the CPU host\n"), err
+    assert host["gpus"] == ["NVIDIA Fake100"] * 8  # what NVML saw stays in the host facts
+
+
+@pytest.mark.parametrize("count, name", [(2, "NVIDIA Fake100"), (4, "NVIDIA Other50")])
+def test_gpus_hidden_or_reordered_by_cuda_visible_devices_are_described_from_torch(monkeypatch, capsys, count,
+                                                                                    name):
+    """NVML ignores CUDA_VISIBLE_DEVICES: with 2 of 4 GPUs visible the profile said 4 per node, and on a node
+    with mixed GPUs NVML's GPU 0 (PCI order) named a card this process does not measure."""
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(4))
+    _torch_sees(monkeypatch, count, name, memory=24 * 2**30)
+    dev, _ = inv.inventory()
+    err = capsys.readouterr().err
+    assert (dev.kind, dev.name, dev.memory_bytes, dev.count_per_node) == ("gpu", name, 24 * 2**30, count)
+    assert dev.driver == "580.1" and dev.sm_clock_mhz is None and dev.topology is None
+    assert err == (f"NVML's GPU 0 and count (NVIDIA Fake100, 4) differ from what torch uses ({name}, {count}; "
+                   "CUDA_VISIBLE_DEVICES?): described from torch.cuda\n"), err

@@ -155,7 +155,33 @@ def test_profile_in_world_local_rank_beyond_the_gpus_is_one_line(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
     monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert not dist.is_initialized()
     with pytest.raises(ValueError, match=r"^--nproc_per_node: local rank 3 but this node has 2 GPU\(s\): nccl needs "
                                          r"one per rank$"):
         profile_in_world(quick=True, out=None, microbench=False)
+
+
+@pytest.mark.parametrize("env, where, what", [
+    ({"LOCAL_RANK": "0"}, "LOCAL_WORLD_SIZE", "not set, while RANK, WORLD_SIZE and MASTER_ADDR are"),
+    ({"LOCAL_WORLD_SIZE": "2"}, "LOCAL_RANK", "not set, while RANK, WORLD_SIZE and MASTER_ADDR are"),
+    ({"LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"}, "LOCAL_RANK", "2 is not below LOCAL_WORLD_SIZE 2"),
+    ({"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "x"}, "LOCAL_WORLD_SIZE", "'x' is not a whole number"),
+])
+def test_profile_in_world_needs_the_node_layout(monkeypatch, env, where, what):
+    """A launcher that sets RANK, WORLD_SIZE and MASTER_ADDR but not LOCAL_WORLD_SIZE (a Kubeflow PyTorchJob, a
+    hand-written SLURM script) got a profile of one node holding every rank: all fits 'intra', inter-node links
+    recorded as on-node. The node layout is required now, checked before any process group starts."""
+    import torch.distributed as dist
+
+    from adasched.profiler.io import InputError
+    from adasched.profiler.local import profile_in_world
+
+    for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1", **env).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("started a process group"))
+    with pytest.raises(InputError) as info:
+        profile_in_world(quick=True, out=None, microbench=False)
+    assert str(info.value).startswith(f"{where}: {what}"), str(info.value)
