@@ -348,12 +348,23 @@ class WarmupDecay(LRScheduler):
         return [t if s == 1.0 else t * (0.0 if s == _UNSEEN else s) for t, s in zip(target, scales)]
 
 
+    def state_dict(self) -> dict:
+        """torch's state (everything but the optimizer) plus ``group_lrs_at_save``: the lr each param group held
+        when saved - the run's lr, every scheduler's factor in it (see :meth:`load_state_dict`)."""
+        state = super().state_dict()
+        state["group_lrs_at_save"] = [float(g["lr"]) for g in self.optimizer.param_groups]
+        return state
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore the schedule; when the optimizer's groups still hold the lrs this freshly built scheduler set
         (a checkpoint resumed without optimizer state: DeepSpeed ``load_optimizer_states=False``, a new
-        optimizer), also put the schedule's last lrs back into them - the chained update above reads the groups'
-        lr, and the fresh one (0 at the start of a warmup) stayed 0 for the rest of the run. A restored optimizer
-        (before this call or after it) keeps its lrs, which in a chain carry the other schedulers' factors."""
+        optimizer), also put the lrs the groups held at the save back into them - the chained update above reads
+        the groups' lr, and the fresh one (0 at the start of a warmup) stayed 0 for the rest of the run. A
+        restored optimizer (before this call or after it) keeps its lrs, which in a chain carry the other
+        schedulers' factors. (It put back this scheduler's own last lrs, which are the run's only while it is the
+        one stepping: in a SequentialLR past its milestone the finished first schedule - built fresh at the base
+        lr, which a restored lr of 1.0 matched - wrote its final lr into the groups, and the active one kept it as
+        a factor for the rest of the run.)"""
         groups = self.optimizer.param_groups
         fresh = [float(v) for v in getattr(self, "_last_lr", None) or []]
         # this scheduler's floors, one per group it was built on: they give the floor of a group the checkpoint
@@ -363,6 +374,8 @@ class WarmupDecay(LRScheduler):
         # it was, the groups hold the run's lrs - in a chain, other schedulers' factors included - and stay.
         untouched = len(fresh) == len(groups) and all(math.isclose(float(g["lr"]), f, rel_tol=1e-12, abs_tol=0.0)
                                                       for g, f in zip(groups, fresh))
+        state_dict = dict(state_dict)
+        at_save = state_dict.pop("group_lrs_at_save", None)  # (a checkpoint written before it: None)
         super().load_state_dict(state_dict)
         if built_mins is not None and len(self.base_lrs) < len(groups):
             self._sync_groups(floors=built_mins)
@@ -378,6 +391,8 @@ class WarmupDecay(LRScheduler):
                 if self._own_lrs is not None:
                     self._own_lrs[n_old:] = now[n_old:]
                 self._last_lr = list(last)
+            if at_save is not None and len(at_save) == n_old:
+                last = [float(v) for v in at_save] + list(last[n_old:])
             for group, value in zip(groups, last):
                 if isinstance(group["lr"], torch.Tensor):
                     group["lr"].fill_(float(value))

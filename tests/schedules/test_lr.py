@@ -295,3 +295,60 @@ def test_bad_arguments_name_the_argument(make, arg):
     with pytest.raises(ValueError, match=rf"^{arg}:"):
         make(opt)
     assert math.isfinite(uba_multiplier(0.3))
+
+
+def _group_lrs(sched, opt, n):
+    """The lr every param group holds before each of n optimizer steps, then after the last (n + 1 rows): what the
+    optimizer uses (a SequentialLR's get_last_lr is its active child's)."""
+    out = [[float(g["lr"]) for g in opt.param_groups]]
+    for _ in range(n):
+        for g in opt.param_groups:
+            for p in g["params"]:
+                p.grad = torch.randn_like(p)
+        opt.step()
+        sched.step()
+        out.append([float(g["lr"]) for g in opt.param_groups])
+    return np.array(out)
+
+
+_COMPOSITIONS = {
+    "rex-then-constant": lambda opt: SequentialLR(opt, [REX(opt, 10), LinearLR(opt, 1.0, 1.0, total_iters=1)],
+                                                  milestones=[10]),
+    "rex-then-uba": lambda opt: SequentialLR(opt, [REX(opt, 10), UBA(opt, 10)], milestones=[10]),
+    "rex-then-cosine": lambda opt: SequentialLR(opt, [REX(opt, 10), CosineAnnealingLR(opt, 10)], milestones=[10]),
+    "rex-then-rex": lambda opt: SequentialLR(opt, [REX(opt, 10, min_lr_ratio=0.2), REX(opt, 10)], milestones=[10]),
+    "chained-rex-uba": lambda opt: ChainedScheduler([REX(opt, 20), UBA(opt, 20)]),
+}
+
+
+@pytest.mark.parametrize("with_optimizer_state", [True, False], ids=["opt-state", "no-opt-state"])
+@pytest.mark.parametrize("compose", list(_COMPOSITIONS))
+def test_composed_schedules_resume_exactly_at_and_past_a_milestone(compose, with_optimizer_state):
+    """Hunt finding: load_state_dict wrote the scheduler's own last lrs into groups that still held a freshly built
+    scheduler's lrs. In a SequentialLR past its milestone the finished first schedule (ours, no warmup: built fresh
+    at the base lr) did it - with optimizer state whenever the restored lr equalled the base lr (at the milestone
+    of [REX, constant]: 0.18 instead of 1.0 for the rest of the run), without it at every step after the
+    milestone ([REX, UBA] at step 12: 0.175 instead of 0.939) - and the active child kept that as a factor. A
+    ChainedScheduler of two of ours resumed without optimizer state was 2-25 % off. The groups get the lrs they
+    held at the save now. Resumed at steps before, at and past the milestone (10), every later lr of both
+    groups must equal the uninterrupted run's."""
+    n = 18
+    opt, _ = make_opt(11, "adamw")
+    full = _group_lrs(_COMPOSITIONS[compose](opt), opt, n)
+    for k in (5, 10, 11, 12, 15):
+        opt_a, _ = make_opt(11, "adamw")
+        s_a = _COMPOSITIONS[compose](opt_a)
+        first = _group_lrs(s_a, opt_a, k)
+        buf = io.BytesIO()
+        torch.save({"opt": opt_a.state_dict(), "sched": s_a.state_dict()}, buf)
+        buf.seek(0)
+        ck = torch.load(buf, weights_only=True)
+        opt_b, _ = make_opt(11, "adamw")
+        s_b = _COMPOSITIONS[compose](opt_b)
+        if with_optimizer_state:
+            opt_b.load_state_dict(ck["opt"])
+        s_b.load_state_dict(ck["sched"])
+        rest = _group_lrs(s_b, opt_b, n - k)
+        np.testing.assert_allclose(np.concatenate([first, rest[1:]]), full, rtol=1e-12, atol=1e-15,
+                                   err_msg=f"resumed at step {k}")
+        np.testing.assert_allclose(rest[0], first[-1], rtol=1e-12, atol=1e-15, err_msg=f"lr right after load, {k}")
