@@ -7,5 +7,10 @@ set -euo pipefail
 OUT="${OUT:-profile.json}"
 PY="${PYTHON:-python3}"
 # bad options fail here, once, as one `error:` line with exit status 2 (not after the measuring, once per rank)
+for a in "$@"; do  # help once, without starting torchrun (its pre-check printed it to /dev/null or once,
+  case "$a" in     # then every rank printed it again)
+    -h|--help) exec "$PY" -m adasched.launch.profile_collectives --help;;
+  esac
+done
 "$PY" -m adasched.launch.profile_collectives --check --out "$OUT" "$@" || exit $?
 exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="${NPROC:-4}" -m adasched.launch.profile_collectives --out "$OUT" "$@"

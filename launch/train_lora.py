@@ -193,6 +193,9 @@ def _resume_check(args: argparse.Namespace, cfg, world: int):
     info = find_checkpoint(cfg.folder, cfg.load_step)
     if info is None:
         return None
+    if getattr(args, "planning_given", None):  # (the README's promise: an option the command would ignore is refused)
+        raise InputError(args.planning_given[0], f"has no effect on a resumed run (it executes the saved "
+                                                 f"{Path(cfg.folder) / 'plan.json'}, not a new plan)")
     inputs = None
     if args.plan is not None:
         plan = load_plan(args.plan, expect=LoRAPlan)
@@ -333,6 +336,13 @@ def run(args: argparse.Namespace) -> dict | None:
         if rank == 0:
             try:
                 check_adapter_outputs(args.out, plan)
+                # the plan files rank 0 writes before training: unchecked, a folder there passed --check, then
+                # killed rank 0 mid-run (rank 1 died on the closed connection: a traceback, exit 1)
+                from adasched.profiler.io import check_output_path
+
+                check_output_path(args.out / "plan.json", "--out")
+                if cfg is not None and resumed_plan is None:
+                    check_output_path(Path(cfg.folder) / "plan.json", "--checkpoint-dir")
             except ValueError as err:
                 failed = err
         if distributed:

@@ -19,6 +19,11 @@ fi
 NPROC="${NPROC:-2}"
 # PYTHON selects the interpreter (default: python3 on PATH; use the project's .venv/bin/python).
 PY="${PYTHON:-python3}"
+for a in "$@"; do  # help once, without starting torchrun (its pre-check printed it to /dev/null or once,
+  case "$a" in     # then every rank printed it again)
+    -h|--help) exec "$PY" -m adasched.launch.train_lora --help;;
+  esac
+done
 for a in "$@"; do  # (a --world of the user's was checked instead of NPROC, then refused by every worker: exit 1;
   case "$a" in     # --check made every rank check and exit 0 without training)
     --world|--world=*|--check)

@@ -18,6 +18,11 @@ set -euo pipefail
 PY="${PYTHON:-python3}"
 NPROC="${NPROC:-4}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+for a in "$@"; do  # help once, without starting torchrun (its pre-check printed it to /dev/null or once,
+  case "$a" in     # then every rank printed it again)
+    -h|--help) exec "$PY" -m adasched.launch.train_moe --help;;
+  esac
+done
 for a in "$@"; do  # (--validate-only made every rank validate and exit 0 without training)
   case "$a" in
     --validate-only)

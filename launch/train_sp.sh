@@ -12,6 +12,11 @@
 set -euo pipefail
 PY="${PYTHON:-python3}"
 NPROC="${NPROC:-4}"
+for a in "$@"; do  # help once, without starting torchrun (its pre-check printed it to /dev/null or once,
+  case "$a" in     # then every rank printed it again)
+    -h|--help) exec "$PY" -m adasched.launch.train_sp --help;;
+  esac
+done
 for a in "$@"; do  # (a --world of the user's was checked instead of NPROC, then refused by every worker: exit 1)
   case "$a" in
     --world|--world=*|--check-plan-only)

@@ -139,13 +139,16 @@ def _read_info(path: Path) -> CheckpointInfo:
     meta = read_json(meta_path)
     if not isinstance(meta, dict):
         raise InputError(meta_path, "expected a JSON object")
-    if meta.get("format") != FORMAT:
+    if type(meta.get("format")) is not type(FORMAT) or meta.get("format") != FORMAT:  # (true == 1 passed)
         raise InputError(meta_path, f"format {meta.get('format')!r} is not {FORMAT} (saved by another version)")
-    try:
-        step, world = int(meta["step"]), int(meta["world_size"])
-        run = meta.get("run", {})
-    except (KeyError, TypeError, ValueError) as err:
-        raise InputError(meta_path, f"missing or bad field ({err})") from None
+    for key, least in (("step", 0), ("world_size", 1)):
+        # (world_size 0 passed and the resharder indexed an empty list: an IndexError traceback)
+        if key not in meta:
+            raise InputError(meta_path, f"missing field {key!r}")
+        if type(meta[key]) is not int or meta[key] < least:
+            raise InputError(meta_path, f"{key}: {meta[key]!r} is not a whole number >= {least}")
+    step, world = meta["step"], meta["world_size"]
+    run = meta.get("run", {})
     if not isinstance(run, dict):
         raise InputError(meta_path, "'run' must be an object")
     if path.name != step_folder(path.parent, step).name:  # a renamed or copied step folder

@@ -304,7 +304,9 @@ class LoRATrainerState:
         return {"blob": buf.getvalue()}
 
     def load_state_dict(self, state) -> None:
-        try:  # tensors and plain values only (weights_only): a save holds no code to run
+        # tensors and plain values only (weights_only) in this blob; the save around it is read by
+        # torch.distributed.checkpoint, which unpickles its .metadata: a checkpoint folder must be trusted
+        try:
             p = torch.load(io.BytesIO(state["blob"]), weights_only=True)
             missing = _BLOB_FIELDS - set(p)
         except Exception as err:  # a damaged blob: UnpicklingError, RuntimeError, EOFError, TypeError, ...

@@ -205,6 +205,8 @@ class MegatronParamScheduler:
                              f"(or neither: the param groups keep their weight_decay)")
         self.start_wd = None if start_wd is None else float(start_wd)
         self.end_wd = None if end_wd is None else float(end_wd)
+        if self.end_wd is not None and not math.isfinite(self.end_wd):
+            raise ValueError(f"end_wd: must be finite, got {self.end_wd}")
         if self.start_wd is not None and not 0.0 <= self.start_wd <= self.end_wd:
             raise ValueError(f"start_wd: must be in [0, end_wd={self.end_wd}], got {self.start_wd}")
         self.wd_incr_steps = _check_int("wd_incr_steps", wd_incr_steps, 1)

@@ -55,9 +55,11 @@ def grad_norms_of(params, process_group=None) -> torch.Tensor:
     device = plain[0].device if plain else (params[0].device if params else torch.device("cpu"))
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of squares, sum of |g|]
     if plain:
-        l2 = torch.stack([torch.linalg.vector_norm(g, 2, dtype=torch.float64) for g in plain])
-        l1 = torch.stack([torch.linalg.vector_norm(g, 1, dtype=torch.float64) for g in plain])
-        sums = torch.stack([l2.square().sum(), l1.sum()]).to(device)
+        # (moved to one device: a model split over devices - device_map="auto", CPU-offloaded layers - gave
+        # "Tensor on device ... is not on the expected device" inside optimizer.step())
+        l2 = torch.stack([torch.linalg.vector_norm(g, 2, dtype=torch.float64).to(device) for g in plain])
+        l1 = torch.stack([torch.linalg.vector_norm(g, 1, dtype=torch.float64).to(device) for g in plain])
+        sums = torch.stack([l2.square().sum(), l1.sum()])
     if process_group is not None:
         import torch.distributed as dist
 
@@ -76,6 +78,11 @@ def grad_norms_of(params, process_group=None) -> torch.Tensor:
     return torch.stack([sums[0].sqrt(), sums[1]])
 
 
+def _hookable(optimizer) -> bool:
+    """Whether step hooks can be registered on ``optimizer`` (a torch optimizer that ran Optimizer.__init__)."""
+    return hasattr(optimizer, "register_step_pre_hook") and hasattr(optimizer, "_optimizer_step_pre_hooks")
+
+
 class GradNormRecorder:
     """Logs ``(l2, l1)`` of the gradients of every parameter in ``optimizer.param_groups`` at each step.
     ``optimizer``: a torch optimizer, or a wrapper that steps the torch optimizer at its ``.optimizer`` in parts
@@ -85,9 +92,11 @@ class GradNormRecorder:
 
     def __init__(self, optimizer: torch.optim.Optimizer, process_group=None):
         outer = None
-        if not hasattr(optimizer, "register_step_pre_hook"):
+        if not _hookable(optimizer):
+            # (accelerate's AcceleratedOptimizer, transformers.Trainer's optimizer: a torch.optim.Optimizer subclass
+            # that never ran Optimizer.__init__ - its register_step_pre_hook raised AttributeError)
             inner = getattr(optimizer, "optimizer", None)
-            if not (hasattr(inner, "register_step_pre_hook") and callable(getattr(optimizer, "step", None))):
+            if not (_hookable(inner) and callable(getattr(optimizer, "step", None))):
                 raise ValueError(f"optimizer: {type(optimizer).__name__} is not a torch.optim.Optimizer nor a "
                                  "wrapper of one (for DeepSpeed, pass engine.optimizer, with process_group= under "
                                  "ZeRO)")
@@ -102,6 +111,7 @@ class GradNormRecorder:
         self._norms: list[torch.Tensor] = []
         self._handles: list = []
         self._after_closure = False
+        self._closure_row: tuple[torch.Tensor, torch.Tensor] | None = None  # norms after the step's last closure call
         self._groups = 0  # param groups at attach (a ZeRO-1/2 part-step shows fewer)
         self._part: torch.Tensor | None = None  # [sum of squares, l1, skipped] of the wrapper step's parts so far
         self._in_outer = False
@@ -109,6 +119,10 @@ class GradNormRecorder:
         self._wrapped = None  # our step installed on the wrapper
 
     def _record(self, optimizer) -> None:
+        self._commit(*self._measure(optimizer))
+
+    def _measure(self, optimizer) -> tuple[torch.Tensor, torch.Tensor]:
+        """([l2, l1], skipped) of the gradients ``optimizer`` is about to apply."""
         if self.outer is None and len(optimizer.param_groups) < self._groups:
             # DeepSpeed ZeRO-1/2 steps the torch optimizer once per group, each call seeing that group alone: one
             # row per group of partial norms (2 groups: 2N rows, each a part of the norm) was logged
@@ -126,6 +140,9 @@ class GradNormRecorder:
             norms = norms / scale.detach().reshape(-1)[0].to(norms.device, torch.float64)
         skip = (found.detach().reshape(-1)[0].to(norms.device, torch.float64) if isinstance(found, torch.Tensor)
                 else norms.new_zeros(()))
+        return norms, skip
+
+    def _commit(self, norms: torch.Tensor, skip: torch.Tensor) -> None:
         if self._in_outer:  # one part of the wrapper's step: summed (squares for l2) into its row
             part = torch.stack([norms[0].square(), norms[1], skip.reshape(())])
             if self._part is None:
@@ -155,20 +172,34 @@ class GradNormRecorder:
 
         outer.step = self._wrapped = recorded_step
 
-    def _pre_hook(self, optimizer, args, kwargs) -> None:
-        # a closure recomputes the gradients inside step(): record after it instead of the stale ones. torch passes
-        # the hooks step's whole ``args``, the optimizer first: a positional closure is args[1] (reading args[0]
-        # took every step for a closure step and recorded after it, where e.g. SGD's foreach nesterov update has
-        # changed the gradients in place)
+    def _pre_hook(self, optimizer, args, kwargs):
+        # a closure recomputes the gradients inside step(): the norms are taken right after each call of it (the
+        # last call's kept), before the update. torch passes the hooks step's whole ``args``, the optimizer first:
+        # a positional closure is args[1]. (Recorded after the step, a foreach nesterov SGD update - the default
+        # on CUDA - had already added the momentum buffer to p.grad in place: 2.10 logged for 1.10.)
         closure = args[1] if len(args) > 1 else kwargs.get("closure")
         self._after_closure = closure is not None
+        self._closure_row = None
         if not self._after_closure:
             self._record(optimizer)
+            return None
+
+        @functools.wraps(closure)
+        def recorded_closure(*c_args, **c_kwargs):
+            out = closure(*c_args, **c_kwargs)
+            self._closure_row = self._measure(optimizer)
+            return out
+
+        if len(args) > 1:
+            return (args[0], recorded_closure, *args[2:]), kwargs
+        return args, dict(kwargs, closure=recorded_closure)
 
     def _post_hook(self, optimizer, args, kwargs) -> None:
         if self._after_closure:
             self._after_closure = False
-            self._record(optimizer)
+            row, self._closure_row = self._closure_row, None
+            # (an optimizer that never called the closure: the gradients as the step left them)
+            self._commit(*row) if row is not None else self._record(optimizer)
 
     def attach(self) -> "GradNormRecorder":
         if not self._handles:

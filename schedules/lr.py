@@ -108,8 +108,14 @@ def uba_multiplier(z: float, phi: float = UBA_DEFAULT_PHI) -> float:
 
 def warmup_decay_multiplier(step: int, warmup_steps: int, total_steps: int,
                             decay: Callable[[float], float]) -> float:
-    """Multiplier of the base lr at optimizer step ``step``: linear warmup from 0, then ``decay(z)``
-    (``min_lr`` = 0). This is what the transformers-style LambdaLR factories use."""
+    """Multiplier of the base lr at optimizer step ``step`` (>= 0): linear warmup from 0, then ``decay(z)``
+    (``min_lr`` = 0), for 0 <= ``warmup_steps`` <= ``total_steps`` (warmup 10 of 8 ramped to 0.9, then fell to
+    0 without reaching the peak; step -1 without warmup divided by zero)."""
+    step = _check_int("step", step, 0)
+    total_steps = _check_int("total_steps", total_steps, 1)
+    warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
+    if warmup_steps > total_steps:
+        raise ValueError(f"warmup_steps: must be <= total_steps={total_steps}, got {warmup_steps}")
     if step < warmup_steps:
         return step / warmup_steps
     if step >= total_steps:
@@ -225,6 +231,9 @@ class WarmupDecay(LRScheduler):
         if self.warmup_steps > self.total_steps:
             raise ValueError(f"warmup_steps: must be <= total_steps={self.total_steps}, got {self.warmup_steps}")
         bases = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
+        bad = next((i for i, b in enumerate(bases) if not (math.isfinite(b) and b >= 0)), None)
+        if bad is not None:  # (SGD takes lr=nan: every lr of the schedule was nan)
+            raise ValueError(f"optimizer: param group {bad} has lr {bases[bad]}; a schedule needs a finite lr >= 0")
         self.min_lrs = self._resolve_min_lrs(bases, min_lr, min_lr_ratio)
         # floor rule for a param group added after construction (optimizer.add_param_group): the same ratio, or
         # the same absolute min_lr; None when min_lr was a per-group list (no value for a new group)

@@ -69,3 +69,21 @@ def test_timeout_returns_once_the_tree_is_gone_not_after_the_grace_period():
         run_tree([sys.executable, "-c", TREE], timeout_s=2.0, capture_output=True, grace_s=30.0)
     took = time.monotonic() - t0
     assert took < 12.0, f"{took:.1f} s: waited for the 30 s grace period"
+
+
+@pytest.mark.parametrize("script", ["train_lora", "train_sp", "train_moe", "profile_collectives"])
+def test_launch_scripts_print_help_once_without_torchrun(script, tmp_path):
+    """train_lora.sh --help: its pre-check printed the help to /dev/null and exited 0, then the script started
+    torchrun and every rank printed it again (126 lines, 'usage:' twice at NPROC=2; train_moe.sh's pre-check
+    printed it once more). The scripts hand --help to the module once now and start nothing."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHON=sys.executable, NPROC="2", OMP_NUM_THREADS="1", OUT=str(tmp_path / "p.json"))
+    for flag in ("--help", "-h"):
+        r = subprocess.run(["bash", str(repo / "launch" / f"{script}.sh"), "--quick" if script ==
+                            "profile_collectives" else "--seed", *([] if script == "profile_collectives" else ["1"]),
+                            flag], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        assert r.stdout.count("usage:") == 1 and f"adasched.launch.{script}" in r.stdout.splitlines()[0], r.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -927,3 +927,24 @@ def test_a_step_folder_with_non_ascii_digits_is_not_a_save(tmp_path):
     (real / META_NAME).write_text("{}")
     assert committed_steps(tmp_path) == [step]
 
+
+
+@pytest.mark.parametrize("meta, what", [
+    ({"format": 1, "step": 3, "world_size": 0}, "world_size: 0 is not a whole number >= 1"),
+    ({"format": 1, "step": 3, "world_size": -2}, "world_size: -2 is not a whole number >= 1"),
+    ({"format": 1, "step": 3, "world_size": True}, "world_size: True is not a whole number >= 1"),
+    ({"format": 1, "step": -1, "world_size": 2}, "step: -1 is not a whole number >= 0"),
+    ({"format": 1, "step": "3", "world_size": 2}, "step: '3' is not a whole number >= 0"),
+    ({"format": 1, "world_size": 2}, "missing field 'step'"),
+    ({"format": True, "step": 3, "world_size": 2}, "format True is not 1"),
+])
+def test_a_bad_save_metadata_field_is_one_error(tmp_path, meta, what):
+    """world_size 0 passed and the resharder indexed an empty list (an IndexError traceback while --check said ok);
+    "format": true passed as 1 (True == 1)."""
+    folder = step_folder(tmp_path, 3)
+    folder.mkdir()
+    (folder / META_NAME).write_text(json.dumps(meta))
+    with pytest.raises(InputError) as info:
+        find_checkpoint(tmp_path)
+    assert str(info.value) == f"{folder / META_NAME}: {what}" + (" (saved by another version)" if "format" in what
+                                                                 else ""), str(info.value)

@@ -124,8 +124,14 @@ def test_single_process_resume_mid_global_batch_is_bit_exact(plan_files, tmp_pat
     edited["jobs"][0]["lr"] = 0.5
     other_plan = tmp_path / "other_plan.json"
     other_plan.write_text(json.dumps(edited))
+    # the plan files rank 0 writes before training, unwritable: refused up front (found by --check too), where a
+    # 2-rank run passed --check and died mid-run with a traceback
+    (tmp_path / "planfolder" / "plan.json").mkdir(parents=True)
+    (tmp_path / "fresh_ck" / "plan.json").mkdir(parents=True)
     before = _files(tmp_path)
     bad = [
+        (["--out", str(tmp_path / "planfolder")], f"--out: {tmp_path / 'planfolder' / 'plan.json'} is a directory"),
+        (["--checkpoint-dir", str(tmp_path / "fresh_ck")], f"--checkpoint-dir: {tmp_path / 'fresh_ck' / 'plan.json'}"),
         (["--checkpoint-dir", str(ck), "--seed", "4"], "saved by a different run (seed: saved 3, now 4)"),
         (["--checkpoint-dir", str(ck), "--hidden", "8"], "saved by a different run (model: "),
         (["--checkpoint-dir", str(ck), "--load-step", "3"], "--load-step: 3 was not saved in"),
@@ -146,6 +152,13 @@ def test_single_process_resume_mid_global_batch_is_bit_exact(plan_files, tmp_pat
     assert main(["--jobs", str(other), "--out", str(tmp_path / "bad"), "--checkpoint-dir", str(ck)] + MODEL) == 2
     err = capfd.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "inputs_digest: saved" in err, err
+    # planning options on a resumed run (it executes the saved plan): refused, as with --plan (were ignored)
+    for extra in (["--profile", "no-such-profile"], ["--time-limit", "7"]):
+        assert main(["--jobs", str(jobs), "--out", str(tmp_path / "bad"), "--checkpoint-dir", str(ck)] + MODEL
+                    + extra) == 2
+        err = capfd.readouterr().err
+        assert err == (f"error: {extra[0]}: has no effect on a resumed run (it executes the saved {ck / 'plan.json'}, "
+                       "not a new plan)\n"), err
     assert main(["--plan", str(other_plan), "--out", str(tmp_path / "bad"), "--checkpoint-dir", str(ck)] + MODEL) == 2
     err = capfd.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "(plan_sha256: saved" in err, err

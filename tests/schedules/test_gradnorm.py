@@ -307,3 +307,53 @@ def test_a_wrapper_without_instance_dict_is_refused():
     opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"^optimizer: Slotted wraps a torch optimizer but its step cannot be hooked"):
         GradNormRecorder(Slotted(opt))
+
+
+@pytest.mark.parametrize("positional", [True, False])
+def test_closure_step_records_before_the_update_changes_the_gradients(positional):
+    """A closure step was recorded after the step: SGD's foreach nesterov update (the default on CUDA) adds the
+    momentum buffer to p.grad in place, so the rows were 2.10, 2.47, 2.47 where the closure computed 1.10, 0.83,
+    0.53. The norms are taken right after the closure's backward now."""
+    torch.manual_seed(4)
+    model = torch.nn.Linear(6, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, foreach=True)
+    x, y = torch.randn(8, 6), torch.randn(8, 3)
+    seen = []
+
+    def closure():
+        opt.zero_grad()
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        flat = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
+        seen.append((float(flat.norm()), float(flat.abs().sum())))
+        return loss
+
+    with GradNormRecorder(opt) as rec:
+        for _ in range(3):
+            loss = opt.step(closure) if positional else opt.step(closure=closure)
+            assert isinstance(loss, torch.Tensor)  # the closure's value still comes back from step()
+    assert len(rec) == len(seen) == 3
+    np.testing.assert_allclose(rec.l2, [w[0] for w in seen], rtol=1e-12)
+    np.testing.assert_allclose(rec.l1, [w[1] for w in seen], rtol=1e-12)
+
+
+def test_accelerate_optimizer_is_recorded():
+    """transformers.Trainer's optimizer is accelerate's AcceleratedOptimizer: a torch.optim.Optimizer subclass that
+    never ran Optimizer.__init__, so registering the step hooks on it raised AttributeError
+    ('_optimizer_step_pre_hooks'). It is recorded through the optimizer it wraps now, one row per step."""
+    accelerate = pytest.importorskip("accelerate")  # (peft, a requirement, depends on it)
+    torch.manual_seed(5)
+    acc = accelerate.Accelerator(cpu=True)
+    module = torch.nn.Linear(4, 2)
+    model, opt = acc.prepare(module, torch.optim.AdamW(module.parameters(), lr=1e-2))
+    assert type(opt).__name__ == "AcceleratedOptimizer"
+    want = []
+    with GradNormRecorder(opt) as rec:
+        for _ in range(3):
+            acc.backward(model(torch.randn(8, 4)).pow(2).mean())
+            flat = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
+            want.append((float(flat.norm()), float(flat.abs().sum())))
+            opt.step()
+            opt.zero_grad()
+    np.testing.assert_allclose(rec.l2, [w[0] for w in want], rtol=1e-12)
+    np.testing.assert_allclose(rec.l1, [w[1] for w in want], rtol=1e-12)

@@ -414,3 +414,39 @@ def test_a_chain_whose_first_schedule_starts_at_0_runs_the_product_from_step_0(f
         chain.step()
     assert got[0] == 0.0
     np.testing.assert_allclose(got, [a * b for a, b in zip(*alone)], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("lr", [math.nan, math.inf])
+def test_a_non_finite_base_lr_is_refused(lr):
+    """SGD takes lr=nan (Adam refuses it): REX built on it and every lr of the schedule was nan."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.randn(3))], lr=lr)
+    with pytest.raises(ValueError, match=rf"^optimizer: param group 0 has lr {lr}; a schedule needs a finite lr"):
+        REX(opt, 10)
+
+
+def test_megatron_adapter_refuses_an_infinite_end_wd():
+    from adasched.schedules.adapters import MegatronParamScheduler
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.randn(3))], lr=1e-3)
+    kw = dict(init_lr=0.0, max_lr=1e-3, min_lr=0.0, lr_warmup_steps=2, lr_decay_steps=10, lr_decay_style="linear",
+              start_wd=0.0, wd_incr_steps=10, wd_incr_style="linear")
+    with pytest.raises(ValueError, match=r"^end_wd: must be finite, got inf$"):
+        MegatronParamScheduler(opt, end_wd=math.inf, **kw)
+    MegatronParamScheduler(opt, end_wd=0.1, **kw)
+
+
+@pytest.mark.parametrize("args, match", [
+    ((3, 10, 8), r"^warmup_steps: must be <= total_steps=8, got 10$"),
+    ((-1, 0, 8), r"^step: must be an integer >= 0, got -1$"),
+    ((2, 0, 0), r"^total_steps: must be an integer >= 1, got 0$"),
+    ((2.5, 0, 8), r"^step: must be an integer >= 0, got 2.5$"),
+])
+def test_warmup_decay_multiplier_checks_its_arguments(args, match):
+    """Warmup 10 of 8 steps ramped to 0.9 then fell to 0 without reaching the peak; step -1 without warmup raised
+    ZeroDivisionError. A valid call still gives warmup then decay."""
+    from adasched.schedules import linear_multiplier, warmup_decay_multiplier
+
+    with pytest.raises(ValueError, match=match):
+        warmup_decay_multiplier(*args, linear_multiplier)
+    got = [warmup_decay_multiplier(t, 2, 6, linear_multiplier) for t in range(8)]
+    np.testing.assert_allclose(got, [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0], rtol=0, atol=1e-15)
