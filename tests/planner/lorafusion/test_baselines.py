@@ -15,9 +15,9 @@ COST = StageCost(layers_per_stage=2.0, linear_ms_per_token=0.002, linear_b_ms=0.
                  attn_a2_ms_per_tok=7e-5, attn_b_ms=0.05)
 
 
-def _workload(stages: int) -> Workload:
+def _workload(stages: int, capacity: int = 2048) -> Workload:
     cfg: JobsFile = parse_jobs({
-        "capacity": 2048, "stages": stages, "global_batches": 2,
+        "capacity": capacity, "stages": stages, "global_batches": 2,
         "jobs": [{"name": "x", "adapter": {"r": 4}, "lengths": "xsum", "global_batch_size": 3},
                  {"name": "y", "adapter": {"r": 8}, "lengths": "xsum", "global_batch_size": 2}]})
     lengths = (1000, 200, 700, 50, 1900, 600, 300, 1200, 128, 900)
@@ -25,25 +25,32 @@ def _workload(stages: int) -> Workload:
     return Workload(cfg, jobs, lengths, "test")
 
 
-def test_mlora_pads_to_longest_with_fixed_counts():
-    w = _workload(1)
+@pytest.mark.parametrize("capacity, counts", [(2048, [3, 3]), (4096, [2, 3]), (8192, [1, 2])])
+def test_mlora_pads_to_longest_with_fixed_counts(capacity, counts):
+    """m per global batch (hand-checked ``counts``): the smallest from the token budget whose padded batches fit
+    the capacity, else one sample per job. Global batch 0 = x (1000, 200, 700) + y (300, 1200): at 4096, m = 1
+    is one 5 x 1200 batch (6000 tokens), m = 2 cuts x 2 + 1 and y 1 + 1 rows: 3 x 1000 and 2 x 1200 fit. Before,
+    m was the budget alone (2048: m = 2, batches of 3000 and 2400 tokens above the capacity)."""
+    w = _workload(1, capacity)
     L = w.lengths
     res = mlora_baseline(w, COST)
-    want_ms, computed = 0.0, 0
-    for g, (bx, by) in enumerate((((0, 1, 2), (6, 7)), ((3, 4, 5), (8, 9)))):
-        m = math.ceil(sum(L[s] for s in bx + by) / 2048)
+    want_ms, computed, biggest = 0.0, 0, 0
+    for (bx, by), m in zip((((0, 1, 2), (6, 7)), ((3, 4, 5), (8, 9))), counts):
         kx, ky = math.ceil(len(bx) / m), math.ceil(len(by) / m)
         for i in range(m):
             ids = list(bx[i * kx:(i + 1) * kx]) + list(by[i * ky:(i + 1) * ky])
             if ids:
                 rows, width = len(ids), max(L[s] for s in ids)
+                assert rows * width <= capacity or kx == ky == 1
                 gemm_rows = -(-rows * width // 128) * 128        # the M tile rounding, once per batch
                 att = rows * (COST.attn_a1_ms_per_tok2 * width ** 2 + COST.attn_a2_ms_per_tok * width)
                 want_ms += COST.layers_per_stage * (COST.linear_ms_per_token * gemm_rows + COST.linear_b_ms
                                                     + att + COST.attn_b_ms)
                 computed += gemm_rows
+                biggest = max(biggest, gemm_rows)
+    assert res.microbatches == sum(counts)
     assert res.makespan_ms == pytest.approx(want_ms, rel=1e-9)
-    assert res.computed_tokens == computed and res.tokens == sum(L)
+    assert res.computed_tokens == computed and res.tokens == sum(L) and res.max_microbatch_tokens == biggest
     assert res.padding_waste == pytest.approx(1 - sum(L) / computed)
 
 
