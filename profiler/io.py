@@ -96,6 +96,14 @@ def check_output_path(path: str | os.PathLike | None, option: str, *, figure: bo
             raise InputError(option, f"{path}: cannot draw a {fmt!r} file (use one of {', '.join(FIGURE_FORMATS)})")
 
 
+def _is_file(path: str | os.PathLike) -> bool:
+    """Path.is_file that is False, not an OSError, for a name the OS refuses (too long: ENAMETOOLONG)."""
+    try:
+        return Path(path).expanduser().is_file()
+    except OSError:
+        return False
+
+
 def check_distinct_outputs(*outputs: tuple[str, str | os.PathLike | None],
                            inputs: Iterable[tuple[str, str | os.PathLike | None]] = ()) -> None:
     """(option, path) pairs of one command's outputs: two naming one file are refused (`--out p.png --plot p.png`
@@ -111,8 +119,8 @@ def check_distinct_outputs(*outputs: tuple[str, str | os.PathLike | None],
             raise InputError(option, f"{path} is also {seen[key]}: give each output its own file")
         seen[key] = option
     for in_option, path in inputs:
-        if path is None or not str(path).strip() or not Path(path).expanduser().is_file():
-            continue  # a built-in name, or a missing file (its own error)
+        if path is None or not str(path).strip() or not _is_file(path):
+            continue  # a built-in name, or a missing or unreadable file (its own error, naming what reads it)
         key = Path(path).expanduser().resolve()
         if key in seen:
             raise InputError(seen[key], f"{path} is the {in_option} input: writing there would replace it; "
@@ -303,8 +311,8 @@ _YAML_LOADER = None
 
 def load_yaml(text: str) -> Any:
     """``yaml.safe_load`` that also reads ``2e-4`` and ``1E3`` as numbers, as YAML 1.2 and JSON do (PyYAML follows
-    YAML 1.1, where a float needs a dot: ``lr: 2e-4`` was the string "2e-4"), and refuses a key given twice in one
-    mapping. Raises ``yaml.YAMLError``."""
+    YAML 1.1, where a float needs a dot: ``lr: 2e-4`` was the string "2e-4"), integers as YAML 1.2 does (``010``
+    is 10, ``1:30`` a string), and refuses a key given twice in one mapping. Raises ``yaml.YAMLError``."""
     global _YAML_LOADER
     import re
 
@@ -337,6 +345,25 @@ def load_yaml(text: str) -> Any:
         _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                                       re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
                                       list("-+0123456789"))
+        # integers as YAML 1.2 (and JSON) read them: YAML 1.1's `010` was octal 8, `1:30` sexagesimal 90 (a jobs
+        # file planned 90 global batches), `0b1` binary; now decimal, 0o.. and 0x.. only (1:30 stays a string)
+        int_tag = "tag:yaml.org,2002:int"
+        for first, pairs in _Loader.yaml_implicit_resolvers.items():
+            _Loader.yaml_implicit_resolvers[first] = [(tag, rx) for tag, rx in pairs if tag != int_tag]
+        _Loader.add_implicit_resolver(int_tag, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                                      list("-+0123456789"))
+
+        def construct_int(loader, node):
+            text = str(loader.construct_scalar(node))
+            try:
+                if text.startswith(("0o", "0x")):
+                    return int(text[2:], 8 if text[1] == "o" else 16)
+                return int(text, 10)
+            except ValueError as err:  # (an explicit !!int on a non-integer; > 4300 digits)
+                raise yaml.constructor.ConstructorError(None, None, f"bad integer {text[:40]!r}: {err}",
+                                                        node.start_mark) from None
+
+        _Loader.add_constructor(int_tag, construct_int)
         _YAML_LOADER = _Loader
     try:
         return yaml.load(text, Loader=_YAML_LOADER)

@@ -51,6 +51,7 @@ __all__ = [
     "SEGMENT_ALIGN",
     "MAX_SAMPLES",
     "MAX_TOKENS",
+    "MAX_STAGES",
     "MAX_RANK",
     "KNOWN_TARGET_MODULES",
     "NAMED_DISTRIBUTIONS",
@@ -70,9 +71,14 @@ __all__ = [
 MAX_SAMPLES = 1_000_000
 """Most samples one plan covers (all jobs: global_batch_size x global_batches each)."""
 
-MAX_TOKENS = 2 ** 40
-"""Most tokens a sample length or a microbatch's capacity may be (as plan sp --max-context; lengths.max 10**400
-overflowed numpy's clip)."""
+MAX_TOKENS = 2 ** 30
+"""Most tokens a sample length or a microbatch's capacity may be (lengths.max 10**400 overflowed numpy's clip).
+2**40 before: at ~1e10-token capacities CBC's tolerances made the packing MILP claim 'optimal' for 4 bins where
+3 fit (correct up to ~6e9 in a hunt's sweep)."""
+
+MAX_STAGES = 64
+"""Most pipeline stages S (the simulation grows with S^2 - no-op slots on every stage: S = 128 took 103 s on a
+small workload, S = 256 over 5 minutes; 1024 was accepted)."""
 
 MAX_RANK = 2 ** 16
 """Largest LoRA rank r (10**400 was planned, and train_lora then failed building the adapters)."""
@@ -187,7 +193,7 @@ class JobSpec(_Strict):
 class JobsFile(_Strict):
     capacity: int = Field(default=8192, ge=SEGMENT_ALIGN, le=MAX_TOKENS,
                           description="tokens per microbatch, after segment padding")
-    stages: int = Field(default=4, ge=1, le=MAX_LAYERS, description="pipeline stages S (a billion hung the simulator)")
+    stages: int = Field(default=4, ge=1, le=MAX_STAGES, description="pipeline stages S (a billion hung the simulator)")
     global_batches: int = Field(default=8, ge=1, description="global batches per job planned in this run")
     seed: int = Field(default=0, ge=0, description="numpy's generators take seeds >= 0")
     layers: int = Field(default=32, ge=1, le=MAX_LAYERS,
@@ -256,17 +262,23 @@ def _draw_named(name: str, n: int, rng: np.random.Generator) -> np.ndarray:
     raise AssertionError(name)
 
 
-def _read_length_file(path: Path, where: str) -> list[int]:
-    if not path.exists():
+def _read_length_file(path: Path, where: str) -> tuple[list[int], list[int]]:
+    """(lengths, the line number of each) of a length file: one integer per line, comments and blank lines
+    skipped."""
+    try:
+        exists, regular = path.exists(), path.is_file()
+    except OSError as err:  # a name too long (exists() raises ENAMETOOLONG): the job and field, not just the path
+        raise InputError(where, f"length file {str(path)[:80]!r}: {err.strerror or err}") from None
+    if not exists:
         raise InputError(where, f"no such length file {str(path)!r} (and not a named distribution: "
                                 f"{', '.join(NAMED_DISTRIBUTIONS)})")
-    if not path.is_file():
+    if not regular:
         raise InputError(where, f"length file {str(path)!r} is a directory or not a regular file")
     try:
         text = path.read_text(encoding="utf-8-sig")  # a BOM is not data
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(where, f"cannot read length file {str(path)!r}: {err}") from None
-    out = []
+    out, numbers = [], []
     for i, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -278,9 +290,10 @@ def _read_length_file(path: Path, where: str) -> list[int]:
         if v <= 0:
             raise InputError(where, f"length file {str(path)!r} line {i}: length must be >= 1, got {v}")
         out.append(v)
+        numbers.append(i)
     if not out:
         raise InputError(where, f"length file {str(path)!r} is empty")
-    return out
+    return out, numbers
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -379,6 +392,7 @@ def build_workload(cfg: JobsFile, base: Path | None = None, where: str = "jobs",
             raise InputError(where, f"job {job.name!r}: global_batch_size x global_batches: {total:,} samples over "
                                     f"the jobs so far, more than {MAX_SAMPLES:,} per plan")
         rng = np.random.default_rng(int(seeds[i]))
+        line_of = None  # a length file's line of each sample
         if isinstance(job.lengths, LognormalSpec):
             if job.lengths.min > job.lengths.max:
                 raise InputError(f"{where}", f"job {job.name!r}: lengths.min {job.lengths.min} > lengths.max {job.lengths.max}")
@@ -389,7 +403,7 @@ def build_workload(cfg: JobsFile, base: Path | None = None, where: str = "jobs",
             p = Path(job.lengths)
             if not p.is_absolute() and base is not None:
                 p = base / p
-            vals = _read_length_file(p, jwhere)
+            vals, line_of = _read_length_file(p, jwhere)
             if len(vals) < job.global_batch_size:
                 raise InputError(jwhere, f"length file {str(p)!r} has {len(vals)} samples, fewer than "
                                          f"global_batch_size {job.global_batch_size}")
@@ -403,7 +417,10 @@ def build_workload(cfg: JobsFile, base: Path | None = None, where: str = "jobs",
         for k, v in enumerate(drawn):
             padded = -(-int(v) // SEGMENT_ALIGN) * SEGMENT_ALIGN
             if padded > cfg.capacity:
-                raise InputError(jwhere, f"sample {k} has {v} tokens ({padded} padded to {SEGMENT_ALIGN}), more than "
+                # (a file's sample by its line: "sample 1" was the value on line 5 after comments and blanks)
+                what = (f"length file {str(p)!r} line {line_of[k]}: a sample" if line_of is not None
+                        else f"sample {k}")
+                raise InputError(jwhere, f"{what} has {v} tokens ({padded} padded to {SEGMENT_ALIGN}), more than "
                                          f"the microbatch capacity {cfg.capacity}")
         start = len(lengths)
         lengths.extend(int(v) for v in drawn)

@@ -16,7 +16,7 @@ from ..plan import MAX_LAYERS, Plan, SolverRecord, inputs_digest, profile_ref
 from .baselines import mlora_baseline, sequential_baseline
 from .costmodel import StageCost, padded, stage_cost_from_profile
 # the adapter schema is part of the plan
-from .jobs import KNOWN_TARGET_MODULES, MAX_SAMPLES, MAX_TOKENS, AdapterSpec, JobName, Workload
+from .jobs import KNOWN_TARGET_MODULES, MAX_SAMPLES, MAX_STAGES, MAX_TOKENS, AdapterSpec, JobName, Workload
 from .model import (
     DEFAULT_TIME_LIMIT_S,
     AdapterStats,
@@ -131,7 +131,7 @@ class LoRAPlan(Plan):
     kind: Literal["lora"] = "lora"
     source: str = Field(description="jobs file or preset the plan was made from")
     capacity: int = Field(ge=1, le=MAX_TOKENS)
-    stages: int = Field(ge=1, le=MAX_LAYERS)
+    stages: int = Field(ge=1, le=MAX_STAGES)
     layers: int = Field(ge=1, le=MAX_LAYERS)
     jobs: list[LoRAJob] = Field(min_length=1)
     lengths: list[int] = Field(description="tokens per sample id")

@@ -96,3 +96,45 @@ def test_yaml_exponent_numbers_without_a_dot_are_numbers(tmp_path):
     p.write_text(p.read_text().replace("lr: 2e-4", "lr: '2e-4'"))  # quoted: a string, refused by name
     with pytest.raises(InputError, match="job 'a': lr: Input should be a valid number"):
         load_jobs(str(p))
+
+
+def test_yaml_integers_are_read_as_yaml_1_2_reads_them(tmp_path):
+    """PyYAML (YAML 1.1) read `global_batches: 010` as octal 8 and `1:30` as sexagesimal 90 (a plan of 90 global
+    batches, exit 0); JSON and YAML 1.2 read 10 and refuse 1:30. Hex and 0o octal still work."""
+    p = tmp_path / "jobs.yaml"
+    text = ("capacity: 4096\nglobal_batches: {gb}\njobs:\n  - name: a\n    adapter: {{r: 0x8}}\n"
+            "    lengths: xsum\n    global_batch_size: 012\n")
+    p.write_text(text.format(gb="010"))
+    cfg, _, _ = load_jobs(str(p))
+    assert (cfg.global_batches, cfg.jobs[0].global_batch_size, cfg.jobs[0].adapter.r) == (10, 12, 8)
+    p.write_text(text.format(gb="0o17"))
+    assert load_jobs(str(p))[0].global_batches == 15
+    p.write_text(text.format(gb="1:30"))
+    with pytest.raises(InputError, match=r"global_batches: Input should be a valid integer"):
+        load_jobs(str(p))
+    p.write_text(text.format(gb="9" * 5000))  # beyond Python's digit limit: the file named, one line
+    with pytest.raises(InputError, match=rf"^{p}: malformed YAML at line 2 column 17: bad integer '9999"):
+        load_jobs(str(p))
+
+
+def test_length_file_errors_name_the_line_and_survive_a_name_too_long(tmp_path, capsys):
+    """A sample above the capacity was 'sample 1' - the value on line 5 after comments and blank lines; a length
+    file name too long for the OS gave 'error: <path>: File name too long', naming neither job nor field."""
+    from adasched.planner.cli import main
+
+    lens = tmp_path / "lens.txt"
+    lens.write_text("# lengths\n\n100\n\n300\n120\n")
+    p = tmp_path / "jobs.yaml"
+    p.write_text("capacity: 256\nstages: 1\nglobal_batches: 1\njobs:\n"
+                 "  - {name: a, adapter: {r: 4}, lengths: lens.txt, global_batch_size: 3}\n")
+    out = tmp_path / "plan.json"
+    assert main(["plan", "lora", "--jobs", str(p), "--no-milp", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {p}: job 'a': lengths: length file {str(lens)!r} line 5: a sample has 300 tokens "
+                   "(384 padded to 128), more than the microbatch capacity 256\n"), err
+    p.write_text(p.read_text().replace("lens.txt", "x" * 300 + ".txt"))
+    assert main(["plan", "lora", "--jobs", str(p), "--no-milp", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {p}: job 'a': lengths: length file ") and err.endswith(
+        ": File name too long\n") and err.count("\n") == 1, err
+    assert not out.exists()
