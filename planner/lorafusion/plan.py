@@ -266,7 +266,57 @@ class LoRAPlan(Plan):
                         tol = 1e-4 + 5e-5 / ms + 1e-9
                     if not math.isclose(have, value, rel_tol=1e-12, abs_tol=tol):
                         errors.append(f"summary.{key}: {have}, the microbatches give {value}")
+        if not errors:
+            errors += self._bookkeeping_errors()
         return errors
+
+    def _bookkeeping_errors(self) -> list[str]:
+        """The problems', jobs' and summary's remaining fields, as :func:`build_plan` writes them: each problem a
+        global batch its jobs have, within one group, a MILP outcome of the solver's vocabulary; the solve times
+        from the problems; the jobs' length statistics from ``lengths``; baseline figures in range. (Edited ones
+        were shown as planned: "solve p95 1000000000.000 s", "mLoRA-style -300.00%", "12 (0 no-op, 7 merged)".)"""
+        errors = []
+        outcomes = (None, "skipped", "optimal", "feasible", "heuristic", "infeasible", "timeout")
+        for i, p in enumerate(self.problems):
+            have = min(self.jobs[j].global_batches for j in p.jobs)
+            if not 0 <= p.global_batch < have:
+                errors.append(f"problems.{i}.global_batch: {p.global_batch}, its jobs {p.jobs} have {have}")
+            # (a plan whose sequence is the per-job sequential one lists single-job groups; its problems are the
+            # packed schedule's, which it did not keep)
+            if self.sequence_source != "sequential" and not any(set(p.jobs) <= set(g) for g in self.groups):
+                errors.append(f"problems.{i}.jobs: {p.jobs} are not within one of the groups {self.groups}")
+            if p.smallest_bin_tokens < 0 or p.milp1 not in outcomes or p.milp2 not in outcomes:
+                errors.append(f"problems.{i}: smallest_bin_tokens {p.smallest_bin_tokens} < 0, or MILP outcomes "
+                              f"{p.milp1!r} / {p.milp2!r} not among {outcomes[1:]}")
+        times = [p.solve_seconds for p in self.problems]
+        s = self.summary
+        for key, want in (("solve_seconds_total", round(sum(times), 4)), ("solve_seconds_p95", round(_p95(times), 4))):
+            if not math.isclose(getattr(s, key), want, rel_tol=1e-9, abs_tol=1e-4 + 1e-9):
+                errors.append(f"summary.{key}: {getattr(s, key)}, the problems' solve times give {want}")
+        for key in ("mlora_padding_waste", "mlora_sorted_padding_waste", "sequential_padding_waste"):
+            if not 0.0 <= getattr(s, key) < 1.0:
+                errors.append(f"summary.{key}: {getattr(s, key)} is not a fraction in [0, 1)")
+        for key in ("mlora_microbatches", "sequential_microbatches", "mlora_max_microbatch_tokens"):
+            if getattr(s, key) < 0:
+                errors.append(f"summary.{key}: {getattr(s, key)} < 0")
+        if not 0 <= s.merges <= s.microbatches:
+            errors.append(f"summary.merges: {s.merges}, not in [0, microbatches {s.microbatches}]")
+        for j, (job, ids) in enumerate(zip(self.jobs, self._job_samples())):
+            xs = [self.lengths[x] for x in ids]
+            mu = sum(xs) / len(xs)
+            sd = math.sqrt(sum((x - mu) ** 2 for x in xs) / len(xs))
+            if not (math.isclose(job.mean_tokens, mu, rel_tol=1e-9, abs_tol=5e-4 + 1e-9)
+                    and math.isclose(job.std_tokens, sd, rel_tol=1e-9, abs_tol=5e-4 + 1e-9)):
+                errors.append(f"jobs.{j}: mean_tokens {job.mean_tokens} / std_tokens {job.std_tokens}, its samples "
+                              f"give {round(mu, 3)} / {round(sd, 3)}")
+        return errors
+
+    def _job_samples(self) -> list[list[int]]:
+        """Each job's sample ids over its global batches (as :meth:`expected_batches` lays them out)."""
+        out: list[list[int]] = [[] for _ in self.jobs]
+        for (j, _), ids in self.expected_batches().items():
+            out[j].extend(ids)
+        return out
 
     def _solver_record_errors(self) -> list[str]:
         """The solver record and the summary's problem counts follow from ``problems`` (as :func:`build_plan` writes

@@ -466,3 +466,50 @@ def test_verify_refuses_a_solver_record_the_problems_do_not_support(tmp_path, ca
     assert main(["show", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "solver.objective" in err and err.count("\n") == 1, err
+
+
+def test_verify_refuses_edited_bookkeeping_fields(tmp_path, capsys):
+    """Hunt finding: edits of the problems', jobs' and summary's remaining fields verified and were shown as
+    planned ("solve p95 1000000000.000 s", "mLoRA-style -300.00%", "12 (0 no-op, 7 merged)", a problem of global
+    batch 99, a MILP outcome "garbage", a job's mean length -1e9)."""
+    data, _ = _jobs(tmp_path)
+    out = tmp_path / "plan.json"
+    assert main(["plan", "lora", "--jobs", str(_write(tmp_path, data)), "--out", str(out), "--time-limit", "0.2"]) == 0
+    capsys.readouterr()
+    plan = load_plan(out)
+    assert plan.verify() == []
+    p0, j0, s = plan.problems[0], plan.jobs[0], plan.summary
+
+    def problem(**kw):
+        return {"problems": [p0.model_copy(update=kw), *plan.problems[1:]]}
+
+    def summary(**kw):
+        return {"summary": s.model_copy(update=kw)}
+
+    edits = [
+        (problem(global_batch=99), "problems.0.global_batch: 99"),
+        (problem(global_batch=-1), "problems.0.global_batch: -1"),
+        (problem(milp2="garbage"), "problems.0: smallest_bin_tokens"),
+        (problem(smallest_bin_tokens=-5), "problems.0: smallest_bin_tokens -5 < 0"),
+        (summary(solve_seconds_p95=1e9), "summary.solve_seconds_p95: 1000000000.0, the problems' solve times give"),
+        (summary(solve_seconds_total=-1.0), "summary.solve_seconds_total: -1.0"),
+        (summary(mlora_padding_waste=-3.0), "summary.mlora_padding_waste: -3.0 is not a fraction"),
+        (summary(sequential_padding_waste=2.5), "summary.sequential_padding_waste: 2.5 is not a fraction"),
+        (summary(mlora_max_microbatch_tokens=-5), "summary.mlora_max_microbatch_tokens: -5 < 0"),
+        (summary(merges=s.microbatches + 1), f"summary.merges: {s.microbatches + 1}, not in [0, microbatches"),
+        ({"jobs": [j0.model_copy(update={"mean_tokens": -1e9}), *plan.jobs[1:]]}, "jobs.0: mean_tokens -1000000000.0"),
+        ({"jobs": [j0.model_copy(update={"std_tokens": j0.std_tokens + 1}), *plan.jobs[1:]]}, "jobs.0: mean_tokens"),
+    ]
+    if len(plan.groups) > 1:  # a problem's jobs from two groups
+        other = next(g for g in plan.groups if p0.jobs[0] not in g)
+        edits.append((problem(jobs=[*p0.jobs, other[0]]), "problems.0.jobs: "))
+    for update, needle in edits:
+        errs = plan.model_copy(update=update).verify()
+        assert any(e.startswith(needle) for e in errs), (update, errs)
+    # within tolerance of build_plan's rounding: still verifies
+    assert plan.model_copy(update=summary(solve_seconds_total=s.solve_seconds_total + 4e-5)).verify() == []
+    bad = tmp_path / "bad.json"
+    bad.write_text(plan.model_copy(update=edits[4][0]).model_dump_json())
+    assert main(["show", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}: ") and "summary.solve_seconds_p95" in err and err.count("\n") == 1, err
