@@ -193,9 +193,6 @@ def _resume_check(args: argparse.Namespace, cfg, world: int):
     info = find_checkpoint(cfg.folder, cfg.load_step)
     if info is None:
         return None
-    if getattr(args, "planning_given", None):  # (the README's promise: an option the command would ignore is refused)
-        raise InputError(args.planning_given[0], f"has no effect on a resumed run (it executes the saved "
-                                                 f"{Path(cfg.folder) / 'plan.json'}, not a new plan)")
     inputs = None
     if args.plan is not None:
         plan = load_plan(args.plan, expect=LoRAPlan)
@@ -210,8 +207,34 @@ def _resume_check(args: argparse.Namespace, cfg, world: int):
         jcfg, base, label = load_jobs(args.jobs)
         w = build_workload(jcfg, base, where=label, label=label)
         inputs = inputs_digest(w.config, list(w.lengths))
+        _check_planning_options(args, plan, saved)
     check_resumable(info, world, _identity(args, plan, inputs), reshardable=True)
     return plan
+
+
+def _check_planning_options(args: argparse.Namespace, plan, saved: Path) -> None:
+    """A resumed run executes the saved plan: --profile / --time-limit given again must be the ones it was planned
+    with (the same command re-run resumes); other values were ignored without a word."""
+    import math
+
+    from adasched.planner.plan import profile_ref
+    from adasched.profiler.io import InputError
+    from adasched.profiler.profile import load_profile
+
+    given = getattr(args, "planning_given", None) or []
+    if "--time-limit" in given:
+        was = plan.solver.time_limit
+        if was is None or not math.isclose(was, args.time_limit, rel_tol=1e-9):
+            raise InputError("--time-limit", f"{args.time_limit:g} s, but the saved plan a resumed run executes "
+                                             f"({saved}) was made with {was if was is None else f'{was:g} s'}: "
+                                             f"re-run without it, or start in a new --checkpoint-dir")
+    if "--profile" in given:
+        ref = profile_ref(load_profile(args.profile))
+        if plan.profile is None or ref.digest != plan.profile.digest:
+            raise InputError("--profile", f"{args.profile!r} is not the profile of the saved plan a resumed run "
+                                          f"executes ({saved}: "
+                                          f"{plan.profile.name if plan.profile else 'none recorded'}): re-run "
+                                          f"without it, or start in a new --checkpoint-dir")
 
 
 def _make_plan(args, rank: int, world: int) -> str:

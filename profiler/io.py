@@ -312,7 +312,7 @@ _YAML_LOADER = None
 def load_yaml(text: str) -> Any:
     """``yaml.safe_load`` that also reads ``2e-4`` and ``1E3`` as numbers, as YAML 1.2 and JSON do (PyYAML follows
     YAML 1.1, where a float needs a dot: ``lr: 2e-4`` was the string "2e-4"), integers as YAML 1.2 does (``010``
-    is 10, ``1:30`` a string), and refuses a key given twice in one mapping. Raises ``yaml.YAMLError``."""
+    is 10, ``1:30`` a string; ``8_192`` still 8192), and refuses a key given twice in one mapping. Raises ``yaml.YAMLError``."""
     global _YAML_LOADER
     import re
 
@@ -346,11 +346,12 @@ def load_yaml(text: str) -> Any:
                                       re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
                                       list("-+0123456789"))
         # integers as YAML 1.2 (and JSON) read them: YAML 1.1's `010` was octal 8, `1:30` sexagesimal 90 (a jobs
-        # file planned 90 global batches), `0b1` binary; now decimal, 0o.. and 0x.. only (1:30 stays a string)
+        # file planned 90 global batches), `0b1` binary; now decimal (digit-group underscores kept: 8_192),
+        # 0o.. and 0x.. only (1:30 stays a string)
         int_tag = "tag:yaml.org,2002:int"
         for first, pairs in _Loader.yaml_implicit_resolvers.items():
             _Loader.yaml_implicit_resolvers[first] = [(tag, rx) for tag, rx in pairs if tag != int_tag]
-        _Loader.add_implicit_resolver(int_tag, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+        _Loader.add_implicit_resolver(int_tag, re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7]+|0x[0-9a-fA-F]+)$"),
                                       list("-+0123456789"))
 
         def construct_int(loader, node):
@@ -358,7 +359,7 @@ def load_yaml(text: str) -> Any:
             try:
                 if text.startswith(("0o", "0x")):
                     return int(text[2:], 8 if text[1] == "o" else 16)
-                return int(text, 10)
+                return int(text.replace("_", ""), 10)
             except ValueError as err:  # (an explicit !!int on a non-integer; > 4300 digits)
                 raise yaml.constructor.ConstructorError(None, None, f"bad integer {text[:40]!r}: {err}",
                                                         node.start_mark) from None

@@ -251,6 +251,43 @@ def load_templates(saved: Mapping[str, Any], keys: Iterable[str]) -> dict:
     return out
 
 
+#: state entries added to a stateful object after saves of it exist: a save without them still loads (dcp.load
+#: wants every key of the object's state_dict in the save; "group_lrs_at_save" of our LR schedulers, 2026-11-30)
+OPTIONAL_STATE_KEYS = ("group_lrs_at_save",)
+
+
+class _StateWithout:
+    """``obj`` as DCP sees it, without the state entries named ``drop`` (at any depth of its state dict)."""
+
+    def __init__(self, obj: Any, drop: set[str]):
+        self.obj, self.drop = obj, drop
+
+    def _strip(self, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: self._strip(v) for k, v in value.items() if k not in self.drop}
+        if isinstance(value, list):
+            return [self._strip(v) for v in value]
+        return value
+
+    def state_dict(self) -> dict:
+        return self._strip(self.obj.state_dict())
+
+    def load_state_dict(self, state: dict) -> None:
+        self.obj.load_state_dict(state)
+
+
+def _without_absent_optional_keys(value: Any, key: str, saved: Mapping[str, Any]) -> Any:
+    """``value`` itself, or a view of it without the :data:`OPTIONAL_STATE_KEYS` that the save lacks under
+    ``key`` (a save written before they existed)."""
+    import torch
+
+    if not isinstance(value, torch.optim.lr_scheduler.LRScheduler):
+        return value
+    absent = {name for name in OPTIONAL_STATE_KEYS
+              if not any(k.startswith(key + ".") and name in k[len(key) + 1:].split(".") for k in saved)}
+    return _StateWithout(value, absent) if absent else value
+
+
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
@@ -534,6 +571,7 @@ class Checkpointer:
         for key, value in keyed.items():
             if isinstance(value, ModelState):
                 value.expect_save(k[len(key) + 1:] for k in saved if k.startswith(key + "."))
+        keyed = {key: _without_absent_optional_keys(value, key, saved) for key, value in keyed.items()}
         from torch.distributed.checkpoint.api import CheckpointException
 
         try:

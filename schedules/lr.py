@@ -316,6 +316,9 @@ class WarmupDecay(LRScheduler):
                              f"{len(groups)} groups; build the scheduler after add_param_group, or use min_lr_ratio")
         for i, group in enumerate(groups[n:], start=n):
             base = float(group.setdefault("initial_lr", float(group["lr"])))
+            if not (math.isfinite(base) and base >= 0):  # (as at construction: the group's lrs were nan)
+                raise ValueError(f"optimizer: param group {i} (added after the scheduler was made) has lr {base}; "
+                                 "a schedule needs a finite lr >= 0")
             lo = float(floors[i]) if rule[0] == "given" else rule[1] * base if rule[0] == "ratio" else rule[1]
             if not 0.0 <= lo <= base:
                 raise ValueError(f"min_lr: {lo} is above the base lr {base} of param group {i} (added after the "

@@ -4,13 +4,13 @@
   for all jobs, job j contributing a fixed ceil(gbs_j / m) samples per microbatch in dataset order; the jobs'
   samples are concatenated as rows and padded to the longest sample of the microbatch (no packing), the batch's
   rows x width rounded up to the 128-row GEMM tile once (packed segments pay the same rounding each). m is the
-  smallest count from the token budget ceil(sum_j tokens_j / capacity) up whose padded batches (rows x width)
-  all fit the capacity - what a user tunes mLoRA's mini-batch size for; where none does (one sample per job
-  padded to the longest is already above it), the largest (one sample per job per microbatch). (m was the token
-  budget alone: padded batches of up to 49152 tokens against a capacity of 8192, beyond the memory the plan
-  respects and slower too - fewer, wider batches pad more and pipeline worse - which inflated the speedup vs
-  this baseline by 30-45 % on the presets.) The next global batch waits for the optimizer step (dependency
-  rule -> S-1 empty slots, i.e. a pipeline flush).
+  smallest count from the token budget ceil(sum_j tokens_j / capacity) up whose padded batches (rows x width,
+  tile-rounded) all fit the capacity - what a user tunes mLoRA's mini-batch size for; where none does (one
+  sample per job padded to the longest is already above it), the largest (one sample per job per microbatch).
+  (m was the token budget alone: padded batches of up to 49152 tokens against a capacity of 8192, beyond the
+  memory the plan respects and slower too - fewer, wider batches pad more and pipeline worse - which inflated
+  the speedup vs this baseline by 30-45 % on the presets.) The next global batch waits for the optimizer step
+  (dependency rule -> S-1 empty slots, i.e. a pipeline flush).
 - ``mlora_sorted``: the same with each job's global batch sorted by length before it is cut into the fixed
   per-microbatch counts, so similar lengths share a padded batch (a stronger variant, for context).
 - ``sequential``: one job after the other, each global batch packed on its own with first-fit decreasing
@@ -56,11 +56,15 @@ def mlora_baseline(w: Workload, cost: StageCost, *, sort_by_length: bool = False
         order = {j.index: sorted(j.batches[g], key=lambda s: (L[s], s)) if sort_by_length else list(j.batches[g])
                  for j in active}
         most = max(len(j.batches[g]) for j in active)  # one sample per job and microbatch from here on
+        tried = None
         for m in range(min(max(1, math.ceil(budget / cfg.capacity)), most), most + 1):
-            cut = _fixed_counts(order, m, g)
-            if m == most or all(_rows_x_width(mb, L) <= cfg.capacity for mb in cut):
+            per = tuple(math.ceil(len(ids) / m) for ids in order.values())
+            if per == tried:  # the same runs as a smaller m: the same microbatches (the extra ones empty)
+                continue
+            tried = per
+            if m == most or _fits(order, per, L, cfg.capacity):
                 break
-        seq.extend(cut)
+        seq.extend(_fixed_counts(order, m, g))
     seq, noops = apply_dependency_rule(seq, cfg.stages)
     stage_ms, computed, biggest = [], 0, 0
     for mb in seq:
@@ -89,10 +93,25 @@ def _fixed_counts(order: dict[int, list[int]], m: int, g: int) -> list[Microbatc
     return out
 
 
-def _rows_x_width(mb: Microbatch, L) -> int:
-    """Tokens of a padded batch: its rows times its longest sample."""
-    ids = [s for _, _, xs in mb.segments for s in xs]
-    return len(ids) * max(L[s] for s in ids)
+def _fits(order: dict[int, list[int]], per: tuple[int, ...], L, capacity: int) -> bool:
+    """Whether every microbatch of runs ``per`` (one per job, in ``order``'s order) is a padded batch of at most
+    ``capacity`` tokens after the 128-row tile rounding (its rows times its longest sample), stopping at the first
+    that is not. (The distinct ``per`` are O(sqrt n) of the m tried: building every cut of every m was quadratic,
+    33 s for one global batch of 4000 samples.)"""
+    runs = list(zip(order.values(), per))
+    i = 0
+    while True:
+        rows = width = 0
+        for ids, k in runs:
+            part = ids[i * k:(i + 1) * k]
+            if part:
+                rows += len(part)
+                width = max(width, max(L[s] for s in part))
+        if rows == 0:
+            return True
+        if padded(rows * width) > capacity:
+            return False
+        i += 1
 
 
 def sequential_baseline(w: Workload, cost: StageCost) -> BaselineResult:

@@ -62,7 +62,9 @@ def _comparison_rows(plan) -> list[tuple]:
         ("mlora-style", s.mlora_makespan_ms, per_s(s.mlora_makespan_ms), s.mlora_padding_waste, s.mlora_microbatches,
          s.speedup_vs_mlora),
         ("mlora-style, length-sorted", s.mlora_sorted_makespan_ms, per_s(s.mlora_sorted_makespan_ms),
-         s.mlora_sorted_padding_waste, s.mlora_microbatches, s.speedup_vs_mlora_sorted),
+         s.mlora_sorted_padding_waste,
+         s.mlora_microbatches if s.mlora_sorted_microbatches is None else s.mlora_sorted_microbatches,
+         s.speedup_vs_mlora_sorted),
         ("sequential packing", s.sequential_makespan_ms, per_s(s.sequential_makespan_ms),
          s.sequential_padding_waste, s.sequential_microbatches, s.speedup_vs_sequential),
     ]

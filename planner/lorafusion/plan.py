@@ -103,6 +103,9 @@ class LoRASummary(_M):
     sequential_padding_waste: float
     mlora_max_microbatch_tokens: int
     mlora_microbatches: int
+    mlora_sorted_microbatches: int | None = Field(
+        default=None, ge=0, description="the length-sorted variant's (each variant picks its own count; plans before "
+                                        "2026-11-30: none recorded, equal to mlora_microbatches then)")
     sequential_microbatches: int
     throughput_tokens_per_s: float
     problems_optimal: int
@@ -522,6 +525,7 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
         sequential_padding_waste=round(seqb.padding_waste, 5),
         mlora_max_microbatch_tokens=mlora.max_microbatch_tokens,
         mlora_microbatches=mlora.microbatches,
+        mlora_sorted_microbatches=mlora_sorted.microbatches,
         sequential_microbatches=seqb.microbatches,
         problems_optimal=n_status["optimal"],
         problems_feasible=n_status["feasible"],

@@ -18,7 +18,7 @@ def _fake_module(monkeypatch, built: list):
 
     def build():
         built.append("built")  # lazy providers: built only when the case runs
-        return {"slow": lambda: time.sleep(0.02), "fast": lambda: time.sleep(0.01),
+        return {"slow": lambda: time.sleep(0.05), "fast": lambda: time.sleep(0.01),
                 "broken": lambda: 1 / 0}
 
     def cases(quick, device):
@@ -41,7 +41,9 @@ def test_framework_ratios_errors_lazy_setup_and_skips(monkeypatch):
     rows = {(r["case"], r["provider"]): r for r in out["results"]}
     fast, slow = rows[("sleep", "fast")], rows[("sleep", "slow")]
     assert fast["ratio_vs_baseline"] == 1.0 and fast["error"] == ""
-    assert 1.3 < slow["ratio_vs_baseline"] < 3.0, slow  # 20 ms vs 10 ms sleeps
+    # 50 ms vs 10 ms sleeps: 5x, and above 1.5x with up to 20 ms of scheduler delay on every fast sample (20 vs 10 ms
+    # sleeps were 1.98x, failing with ~10 ms of delay on 2 of 3 samples)
+    assert 1.5 < slow["ratio_vs_baseline"] < 10.0, slow
     assert slow["p20_ms"] <= slow["median_ms"] <= slow["p80_ms"]
     assert "ZeroDivisionError" in rows[("sleep", "broken")]["error"]
     assert "not a provider" in rows[("missing baseline", "(setup)")]["error"]

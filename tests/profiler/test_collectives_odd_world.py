@@ -70,7 +70,7 @@ def test_one_ranks_failed_probe_makes_every_rank_emulate(when):
     """Rank 2 alone fails its reduce_scatter probe: the ranks agree before timing, so all three emulate it (with
     ``before``, ranks 0 and 1 give up on their probe after half the timeout) and the run completes with every
     point; rank 0, whose own probe worked, reports the emulation."""
-    res = spawn_gloo(_measure_with_failing_probe, 3, 2, when, timeout_s=20)
+    res = spawn_gloo(_measure_with_failing_probe, 3, 2, when, timeout_s=60)  # (20: 22 s measured under load)
     assert res[1] is None and res[2] is None
     _check_points(res[0], 3)
     assert list(res[0]["emulated"]) == ["reduce_scatter"]

@@ -397,9 +397,10 @@ def test_a_save_rank_0_cannot_write_fails_on_every_rank(tmp_path):
     the other ranks waiting in a barrier until the collective timeout."""
     (tmp_path / "file").write_text("x")
     folder = str(tmp_path / "file" / "sub")
-    # a rank left waiting would fail its collective after the 20 s timeout with a distributed error, not
-    # return this InputError (spawn_gloo itself gives up at 20 + 30 s, so a wall-clock bound here adds nothing)
-    out = spawn_gloo(_rank0_fails_worker, 2, folder, timeout_s=20)
+    # a rank left waiting would fail its collective after the 60 s timeout with a distributed error, not
+    # return this InputError (spawn_gloo itself gives up at 60 + 30 s, so a wall-clock bound here adds nothing;
+    # 20 s was close to the 23 s two ranks took to start under load)
+    out = spawn_gloo(_rank0_fails_worker, 2, folder, timeout_s=60)
     assert len(set(out)) == 1 and out[0].startswith(f"{folder}: cannot write a checkpoint: "), out
 
 
@@ -948,3 +949,26 @@ def test_a_bad_save_metadata_field_is_one_error(tmp_path, meta, what):
         find_checkpoint(tmp_path)
     assert str(info.value) == f"{folder / META_NAME}: {what}" + (" (saved by another version)" if "format" in what
                                                                  else ""), str(info.value)
+
+
+def test_a_save_from_before_the_schedulers_group_lrs_entry_resumes(tmp_path, monkeypatch):
+    """Review finding: the LR schedulers' state gained 'group_lrs_at_save' (2026-11-30); dcp.load wants every key
+    of an object's state_dict in the save, so a train_moe / train_sp save written before it failed: "cannot load
+    this save (RuntimeError: Missing key in checkpoint state_dict: rank0/lr_schedule.group_lrs_at_save)". A save
+    without it loads, and the run continues bit for bit (the optimizer's lrs come from the save)."""
+    from torch.optim.lr_scheduler import LRScheduler
+
+    from adasched.schedules.lr import WarmupDecay
+
+    model, opt, sched, gen, progress, state = _build(0)
+    assert isinstance(sched, WarmupDecay) and "group_lrs_at_save" in sched.state_dict()
+    _train(model, opt, sched, gen, progress, 3)
+    with monkeypatch.context() as m:  # a save as the code before the entry wrote it
+        m.setattr(WarmupDecay, "state_dict", LRScheduler.state_dict)
+        Checkpointer(CheckpointConfig(folder=tmp_path), run={"seed": 0}).save(3, state)
+    straight = _train(model, opt, sched, gen, progress, 5)
+    model2, opt2, sched2, gen2, progress2, state2 = _build(7)
+    random.seed(12345)
+    assert Checkpointer(CheckpointConfig(folder=tmp_path), run={"seed": 0}).resume(state2) == 3
+    assert sched2.last_epoch == 3 and "group_lrs_at_save" in sched2.state_dict()
+    assert _train(model2, opt2, sched2, gen2, progress2, 5) == straight

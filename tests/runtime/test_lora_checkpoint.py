@@ -152,13 +152,26 @@ def test_single_process_resume_mid_global_batch_is_bit_exact(plan_files, tmp_pat
     assert main(["--jobs", str(other), "--out", str(tmp_path / "bad"), "--checkpoint-dir", str(ck)] + MODEL) == 2
     err = capfd.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "inputs_digest: saved" in err, err
-    # planning options on a resumed run (it executes the saved plan): refused, as with --plan (were ignored)
-    for extra in (["--profile", "no-such-profile"], ["--time-limit", "7"]):
+    # planning options on a resumed run (it executes the saved plan): other values than its own are refused (they
+    # were ignored without a word); an unknown profile is its own error
+    for extra, want in ((["--profile", "no-such-profile"], "error: --profile: 'no-such-profile' is neither"),
+                        (["--profile", "a100-64-flexsp-paper"], "error: --profile: 'a100-64-flexsp-paper' is not the "
+                                                                 f"profile of the saved plan a resumed run executes "
+                                                                 f"({ck / 'plan.json'}: h100-sxm)"),
+                        (["--time-limit", "7"], "error: --time-limit: 7 s, but the saved plan a resumed run "
+                                                f"executes ({ck / 'plan.json'}) was made with None")):
         assert main(["--jobs", str(jobs), "--out", str(tmp_path / "bad"), "--checkpoint-dir", str(ck)] + MODEL
                     + extra) == 2
         err = capfd.readouterr().err
-        assert err == (f"error: {extra[0]}: has no effect on a resumed run (it executes the saved {ck / 'plan.json'}, "
-                       "not a new plan)\n"), err
+        assert err.startswith(want) and err.count("\n") == 1, err
+    # the profile it was planned with, given again (the same command re-run): resumes (here: nothing left)
+    assert main(["--jobs", str(jobs), "--out", str(tmp_path / "again2"), "--checkpoint-dir", str(ck),
+                 "--profile", "h100-sxm"] + MODEL) == 0
+    assert "nothing left to train" in capfd.readouterr().err
+    before[str((tmp_path / "again2").relative_to(tmp_path))] = 0
+    before.update({str(p.relative_to(tmp_path)): p.stat().st_mtime_ns
+                   for p in (tmp_path / "again2").rglob("*") if p.is_file()})
+    before.update({str(p.relative_to(tmp_path)): 0 for p in (tmp_path / "again2").rglob("*") if p.is_dir()})
     assert main(["--plan", str(other_plan), "--out", str(tmp_path / "bad"), "--checkpoint-dir", str(ck)] + MODEL) == 2
     err = capfd.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "(plan_sha256: saved" in err, err

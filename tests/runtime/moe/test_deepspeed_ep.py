@@ -270,7 +270,7 @@ def test_deepspeed_engine_ep2_of_4_zero_0_1_2(monkeypatch, tmp_path):
     monkeypatch.setenv("DS_BUILD_OPS", "0")
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions"))
-    out = spawn_gloo(_worker, WORLD, str(tmp_path / "ckpt"), timeout_s=60)
+    out = spawn_gloo(_worker, WORLD, str(tmp_path / "ckpt"), timeout_s=180)  # (60: 30-43 s measured under load)
     for r in out:                                       # every element was compared inside the workers
         assert "group_name" in r["untagged"]
         assert "not supported with ZeRO Stage 3" in r["stage3"]
