@@ -25,14 +25,19 @@ def group0_lrs(sched, opt, n):
     return out
 
 
-def run(sched, opt, n):
-    """lr of every group used by n optimizer steps, then the one after (n + 1 rows)."""
-    out = [list(sched.get_last_lr())]
+def run(sched, opt, n, *, groups: bool = False):
+    """lr of every group used by n optimizer steps, then the one after (n + 1 rows): the scheduler's
+    get_last_lr(), or with ``groups`` the lr the optimizer's groups hold (what it uses: a SequentialLR's
+    get_last_lr is its active child's)."""
+    def lrs():
+        return [float(g["lr"]) for g in opt.param_groups] if groups else list(sched.get_last_lr())
+
+    out = [lrs()]
     for _ in range(n):
         for g in opt.param_groups:
             for p in g["params"]:
                 p.grad = torch.randn_like(p)
         opt.step()
         sched.step()
-        out.append(list(sched.get_last_lr()))
+        out.append(lrs())
     return np.array(out)

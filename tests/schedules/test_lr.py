@@ -297,20 +297,6 @@ def test_bad_arguments_name_the_argument(make, arg):
     assert math.isfinite(uba_multiplier(0.3))
 
 
-def _group_lrs(sched, opt, n):
-    """The lr every param group holds before each of n optimizer steps, then after the last (n + 1 rows): what the
-    optimizer uses (a SequentialLR's get_last_lr is its active child's)."""
-    out = [[float(g["lr"]) for g in opt.param_groups]]
-    for _ in range(n):
-        for g in opt.param_groups:
-            for p in g["params"]:
-                p.grad = torch.randn_like(p)
-        opt.step()
-        sched.step()
-        out.append([float(g["lr"]) for g in opt.param_groups])
-    return np.array(out)
-
-
 _COMPOSITIONS = {
     "rex-then-constant": lambda opt: SequentialLR(opt, [REX(opt, 10), LinearLR(opt, 1.0, 1.0, total_iters=1)],
                                                   milestones=[10]),
@@ -334,11 +320,11 @@ def test_composed_schedules_resume_exactly_at_and_past_a_milestone(compose, with
     groups must equal the uninterrupted run's."""
     n = 18
     opt, _ = make_opt(11, "adamw")
-    full = _group_lrs(_COMPOSITIONS[compose](opt), opt, n)
+    full = run(_COMPOSITIONS[compose](opt), opt, n, groups=True)
     for k in (5, 10, 11, 12, 15):
         opt_a, _ = make_opt(11, "adamw")
         s_a = _COMPOSITIONS[compose](opt_a)
-        first = _group_lrs(s_a, opt_a, k)
+        first = run(s_a, opt_a, k, groups=True)
         buf = io.BytesIO()
         torch.save({"opt": opt_a.state_dict(), "sched": s_a.state_dict()}, buf)
         buf.seek(0)
@@ -348,7 +334,7 @@ def test_composed_schedules_resume_exactly_at_and_past_a_milestone(compose, with
         if with_optimizer_state:
             opt_b.load_state_dict(ck["opt"])
         s_b.load_state_dict(ck["sched"])
-        rest = _group_lrs(s_b, opt_b, n - k)
+        rest = run(s_b, opt_b, n - k, groups=True)
         np.testing.assert_allclose(np.concatenate([first, rest[1:]]), full, rtol=1e-12, atol=1e-15,
                                    err_msg=f"resumed at step {k}")
         np.testing.assert_allclose(rest[0], first[-1], rtol=1e-12, atol=1e-15, err_msg=f"lr right after load, {k}")

@@ -421,16 +421,22 @@ def test_stage_cost_that_overflows_the_simulation_names_the_field(tmp_path, caps
         err.count("\n") == 1, err
 
 
-def test_verify_refuses_a_solver_record_the_problems_do_not_support(tmp_path, capsys):
-    """verify did not re-derive the solver record and the summary's problem counts from ``problems``: a plan
-    edited to read "optimal" over unproved problems, with another objective or bound, or with problems that do not
-    cover the samples, verified and was shown as planned."""
+def _verified_plan(tmp_path, capsys):
+    """A plan of the _jobs file made by the CLI (0.2 s per MILP), loaded back and verified."""
     data, _ = _jobs(tmp_path)
     out = tmp_path / "plan.json"
     assert main(["plan", "lora", "--jobs", str(_write(tmp_path, data)), "--out", str(out), "--time-limit", "0.2"]) == 0
     capsys.readouterr()
     plan = load_plan(out)
     assert plan.verify() == []
+    return plan
+
+
+def test_verify_refuses_a_solver_record_the_problems_do_not_support(tmp_path, capsys):
+    """verify did not re-derive the solver record and the summary's problem counts from ``problems``: a plan
+    edited to read "optimal" over unproved problems, with another objective or bound, or with problems that do not
+    cover the samples, verified and was shown as planned."""
+    plan = _verified_plan(tmp_path, capsys)
     p0 = plan.problems[0]
     flipped = "heuristic" if p0.status == "optimal" else "optimal"
     problems = [p0.model_copy(update={"status": flipped}), *plan.problems[1:]]
@@ -472,12 +478,7 @@ def test_verify_refuses_edited_bookkeeping_fields(tmp_path, capsys):
     """Hunt finding: edits of the problems', jobs' and summary's remaining fields verified and were shown as
     planned ("solve p95 1000000000.000 s", "mLoRA-style -300.00%", "12 (0 no-op, 7 merged)", a problem of global
     batch 99, a MILP outcome "garbage", a job's mean length -1e9)."""
-    data, _ = _jobs(tmp_path)
-    out = tmp_path / "plan.json"
-    assert main(["plan", "lora", "--jobs", str(_write(tmp_path, data)), "--out", str(out), "--time-limit", "0.2"]) == 0
-    capsys.readouterr()
-    plan = load_plan(out)
-    assert plan.verify() == []
+    plan = _verified_plan(tmp_path, capsys)
     p0, j0, s = plan.problems[0], plan.jobs[0], plan.summary
 
     def problem(**kw):
