@@ -384,8 +384,12 @@ class WarmupDecay(LRScheduler):
         built_mins = list(self.min_lrs) if len(getattr(self, "min_lrs", [])) == len(groups) else None
         # the groups still hold what this (just built) scheduler set: the optimizer's state was not restored. When
         # it was, the groups hold the run's lrs - in a chain, other schedulers' factors included - and stay.
-        untouched = len(fresh) == len(groups) and all(math.isclose(float(g["lr"]), f, rel_tol=1e-12, abs_tol=0.0)
-                                                      for g, f in zip(groups, fresh))
+        # (over the groups it was built for: groups added since - the run's setup replayed, add_param_group before
+        # the load - hold their own fresh lr; comparing every group left group 0 at the warmup's 0 all run)
+        untouched = (0 < len(fresh) <= len(groups)
+                     and all(math.isclose(float(g["lr"]), f, rel_tol=1e-12, abs_tol=0.0) for g, f in zip(groups, fresh))
+                     and all(math.isclose(float(g["lr"]), float(g.get("initial_lr", g["lr"])), rel_tol=1e-12,
+                                          abs_tol=0.0) for g in groups[len(fresh):]))
         state_dict = dict(state_dict)
         at_save = state_dict.pop("group_lrs_at_save", None)  # (a checkpoint written before it: None)
         super().load_state_dict(state_dict)

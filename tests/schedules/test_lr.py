@@ -338,3 +338,35 @@ def test_composed_schedules_resume_exactly_at_and_past_a_milestone(compose, with
         np.testing.assert_allclose(np.concatenate([first, rest[1:]]), full, rtol=1e-12, atol=1e-15,
                                    err_msg=f"resumed at step {k}")
         np.testing.assert_allclose(rest[0], first[-1], rtol=1e-12, atol=1e-15, err_msg=f"lr right after load, {k}")
+
+
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_resume_replaying_add_param_group_without_optimizer_state_is_exact(warmup):
+    """Review finding: a run whose optimizer gained a group after the scheduler was built (add_param_group at step
+    3), resumed by replaying that setup (1 group, scheduler, add_param_group, load_state_dict) without the
+    optimizer's state: the load compared every group with the fresh scheduler's lrs, found 2 against 1 and wrote
+    nothing, so group 0 stayed at the fresh lr (0 with warmup) for the rest of the run."""
+    def params():
+        gen = torch.Generator().manual_seed(0)
+        return torch.nn.Parameter(torch.randn(3, generator=gen)), torch.nn.Parameter(torch.randn(2, generator=gen))
+
+    def setup():
+        a, b = params()
+        opt = torch.optim.AdamW([{"params": [a], "lr": 0.3}])
+        return opt, REX(opt, 16, warmup_steps=warmup, min_lr_ratio=0.1), b
+
+    opt, sched, b = setup()
+    first = run(sched, opt, 3, groups=True)
+    opt.add_param_group({"params": [b], "lr": 0.2})
+    full = run(sched, opt, 13, groups=True)
+    opt_a, s_a, b_a = setup()
+    run(s_a, opt_a, 3)
+    opt_a.add_param_group({"params": [b_a], "lr": 0.2})
+    mid = run(s_a, opt_a, 3, groups=True)
+    np.testing.assert_array_equal(mid, full[:4])
+    opt_b, s_b, b_b = setup()
+    opt_b.add_param_group({"params": [b_b], "lr": 0.2})
+    s_b.load_state_dict(s_a.state_dict())
+    rest = run(s_b, opt_b, 10, groups=True)
+    np.testing.assert_allclose(rest, full[3:], rtol=1e-12, atol=1e-15)
+    assert first[-1][0] == full[0][0]
