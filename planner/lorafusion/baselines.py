@@ -62,9 +62,9 @@ def mlora_baseline(w: Workload, cost: StageCost, *, sort_by_length: bool = False
             if per == tried:  # the same runs as a smaller m: the same microbatches (the extra ones empty)
                 continue
             tried = per
-            if m == most or _fits(order, per, L, cfg.capacity):
+            if m == most or all(_padded_batch_tokens(mb, L) <= cfg.capacity for mb in _cut(order, per, g)):
                 break
-        seq.extend(_fixed_counts(order, m, g))
+        seq.extend(_cut(order, per, g))
     seq, noops = apply_dependency_rule(seq, cfg.stages)
     stage_ms, computed, biggest = [], 0, 0
     for mb in seq:
@@ -81,37 +81,26 @@ def mlora_baseline(w: Workload, cost: StageCost, *, sort_by_length: bool = False
                           computed, biggest, seq)
 
 
-def _fixed_counts(order: dict[int, list[int]], m: int, g: int) -> list[Microbatch]:
-    """Global batch ``g`` cut into m microbatches: job j's samples ``order[j]`` in runs of ceil(len / m)."""
-    per = {j: math.ceil(len(ids) / m) for j, ids in order.items()}
-    out = []
-    for i in range(m):
-        segs = [(j, g, ids[i * per[j]: (i + 1) * per[j]]) for j, ids in order.items()]
-        segs = [seg for seg in segs if seg[2]]
-        if segs:
-            out.append(Microbatch(segs))
-    return out
-
-
-def _fits(order: dict[int, list[int]], per: tuple[int, ...], L, capacity: int) -> bool:
-    """Whether every microbatch of runs ``per`` (one per job, in ``order``'s order) is a padded batch of at most
-    ``capacity`` tokens after the 128-row tile rounding (its rows times its longest sample), stopping at the first
-    that is not. (The distinct ``per`` are O(sqrt n) of the m tried: building every cut of every m was quadratic,
-    33 s for one global batch of 4000 samples.)"""
-    runs = list(zip(order.values(), per))
+def _cut(order: dict[int, list[int]], per: tuple[int, ...], g: int):
+    """The microbatches of global batch ``g``: job j's samples ``order[j]`` in runs of ``per`` (one run length per
+    job, in ``order``'s order), until every job's samples are used. A generator: the count search stops at the
+    first batch over capacity (building every cut of every count was quadratic in the samples; the distinct ``per``
+    are O(sqrt n) of the counts tried)."""
+    runs = list(zip(order.items(), per))
     i = 0
     while True:
-        rows = width = 0
-        for ids, k in runs:
-            part = ids[i * k:(i + 1) * k]
-            if part:
-                rows += len(part)
-                width = max(width, max(L[s] for s in part))
-        if rows == 0:
-            return True
-        if padded(rows * width) > capacity:
-            return False
+        segs = [(j, g, ids[i * k:(i + 1) * k]) for (j, ids), k in runs]
+        segs = [seg for seg in segs if seg[2]]
+        if not segs:
+            return
+        yield Microbatch(segs)
         i += 1
+
+
+def _padded_batch_tokens(mb: Microbatch, L) -> int:
+    """Tokens of a padded batch after the 128-row tile rounding: its rows times its longest sample."""
+    ids = [s for _, _, xs in mb.segments for s in xs]
+    return padded(len(ids) * max(L[s] for s in ids))
 
 
 def sequential_baseline(w: Workload, cost: StageCost) -> BaselineResult:

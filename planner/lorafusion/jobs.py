@@ -74,11 +74,11 @@ MAX_SAMPLES = 1_000_000
 MAX_TOKENS = 2 ** 30
 """Most tokens a sample length or a microbatch's capacity may be (lengths.max 10**400 overflowed numpy's clip).
 2**40 before: at ~1e10-token capacities CBC's tolerances made the packing MILP claim 'optimal' for 4 bins where
-3 fit (correct up to ~6e9 in a hunt's sweep)."""
+3 fit."""
 
 MAX_STAGES = 64
-"""Most pipeline stages S (the simulation grows with S^2 - no-op slots on every stage: S = 128 took 103 s on a
-small workload, S = 256 over 5 minutes; 1024 was accepted)."""
+"""Most pipeline stages S (the simulation grows with S^2 - no-op slots on every stage; 1024 was accepted and ran
+for hours)."""
 
 MAX_RANK = 2 ** 16
 """Largest LoRA rank r (10**400 was planned, and train_lora then failed building the adapters)."""

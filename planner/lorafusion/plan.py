@@ -305,7 +305,7 @@ class LoRAPlan(Plan):
         if not 0 <= s.merges <= s.microbatches:
             errors.append(f"summary.merges: {s.merges}, not in [0, microbatches {s.microbatches}]")
         for j, (job, ids) in enumerate(zip(self.jobs, self._job_samples())):
-            mu, sd = _length_stats(self.lengths, ids)
+            mu, sd = _length_stats(self.lengths, ids, 3)
             # (both rounded to 3 decimals: a last-bit difference of the sums may round 0.001 apart)
             if not (math.isclose(job.mean_tokens, mu, rel_tol=1e-9, abs_tol=1e-3 + 1e-9)
                     and math.isclose(job.std_tokens, sd, rel_tol=1e-9, abs_tol=1e-3 + 1e-9)):
@@ -381,7 +381,7 @@ class LoRAPlan(Plan):
         changed by hand (``verify`` refuses a prediction or summary that does not follow from them)."""
         raw = self._makespan_ms()
         ms = round(raw, 4)
-        jobs = [job.model_copy(update=dict(zip(("mean_tokens", "std_tokens"), _length_stats(self.lengths, ids))))
+        jobs = [job.model_copy(update=dict(zip(("mean_tokens", "std_tokens"), _length_stats(self.lengths, ids, 3))))
                 for job, ids in zip(self.jobs, self._job_samples())]  # (they follow from lengths too)
         return self.model_copy(update={"predicted_ms": ms, "jobs": jobs, "summary": self.summary.model_copy(
             update={"makespan_ms": ms, **self._derived_summary(raw)})})
@@ -413,12 +413,13 @@ class LoRAPlan(Plan):
         return rows
 
 
-def _length_stats(lengths, ids) -> tuple[float, float]:
-    """(mean, standard deviation) of the lengths of samples ``ids``, rounded to 3 decimals, as a plan records a
-    job's (``mean_tokens``, ``std_tokens``)."""
+def _length_stats(lengths, ids, ndigits: int | None = None) -> tuple[float, float]:
+    """(mean, population standard deviation) of the lengths of samples ``ids``; ``ndigits=3`` rounds them as a
+    plan records a job's (``mean_tokens``, ``std_tokens``)."""
     xs = [lengths[x] for x in ids]
     mu = sum(xs) / len(xs)
-    return round(mu, 3), round(math.sqrt(sum((x - mu) ** 2 for x in xs) / len(xs)), 3)
+    sd = math.sqrt(sum((x - mu) ** 2 for x in xs) / len(xs))
+    return (mu, sd) if ndigits is None else (round(mu, ndigits), round(sd, ndigits))
 
 
 #: absolute tolerances of the derived summary fields against their recomputation: build_plan computes them from
@@ -458,9 +459,7 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
     cost = stage_cost_from_profile(profile, cfg.layers, cfg.stages)
     stats = []
     for j in w.jobs:
-        xs = [L[s] for b in j.batches for s in b]
-        mu = sum(xs) / len(xs)
-        sd = math.sqrt(sum((x - mu) ** 2 for x in xs) / len(xs))
+        mu, sd = _length_stats(L, [s for b in j.batches for s in b])
         stats.append(AdapterStats(mu, sd, j.spec.global_batch_size))
     groups = group_adapters(stats, cfg.capacity, cfg.stages)
 
