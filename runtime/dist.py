@@ -82,11 +82,15 @@ def _worker(rank: int, world: int, port: int, timeout_s: float, fn: Callable, ar
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    try:
+    failed_at = None  # when the exception was caught: before the teardown below closes the connections, which
+    try:               # makes the peers blocked in a collective with this rank fail too
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s))
         try:
             result = fn(rank, world, *args)
+        except BaseException:
+            failed_at = time.time()
+            raise
         finally:
             _reset_pool_cache()
             if dist.is_initialized():  # (fn may have torn it down itself: "Process group cannot be None" was the
@@ -95,8 +99,8 @@ def _worker(rank: int, world: int, port: int, timeout_s: float, fn: Callable, ar
         torch.save(result, buf)  # plain bytes across the queue: no shared-memory tensors outliving the worker
         queue.put((rank, "ok", buf.getvalue()))
         code = 0
-    except BaseException:  # noqa: BLE001 - reported to the parent with the rank
-        queue.put((rank, "error", traceback.format_exc()))
+    except BaseException:  # noqa: BLE001 - reported to the parent with the rank and the time it failed
+        queue.put((rank, "error", (failed_at or time.time(), traceback.format_exc())))
         code = 1
     # the report is flushed to the parent, then the process leaves without the interpreter's teardown: gloo's
     # threads have aborted a finished worker there ("terminate called without an active exception"), which the
@@ -116,12 +120,16 @@ def _reset_pool_cache() -> None:
     reset_pool()
 
 
+ERROR_GRACE_S = 3.0  # after a rank's error, how long the other ranks' reports are awaited
+
+
 def spawn_gloo(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 60) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` fresh processes joined in one gloo world.
 
     ``fn`` must be importable (module level). Returns the results indexed by rank (they must be
     ``torch.save``-able). A worker exception is raised here as :class:`WorkerError` naming the first rank that
-    failed, with its traceback; if the ranks are not all done after ``timeout_s`` seconds (also the collective
+    failed first (by the time each caught its exception: a peer blocked in a collective with the failed rank
+    fails next, on the closed connection, and is not the cause), with its traceback; if the ranks are not all done after ``timeout_s`` seconds (also the collective
     timeout inside the workers) the remaining workers are terminated and TimeoutError is raised.
     """
     import torch
@@ -137,11 +145,13 @@ def spawn_gloo(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: f
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
-    errors: dict[int, str] = {}
+    errors: dict[int, tuple[float, str]] = {}
     deadline = time.monotonic() + timeout_s + 30.0  # + start-up (imports) of the workers
     try:
         while len(results) + len(errors) < world_size:
             left = deadline - time.monotonic()
+            if errors and left <= 0:
+                break
             if left <= 0:
                 missing = sorted(set(range(world_size)) - set(results) - set(errors))
                 if errors:
@@ -154,15 +164,17 @@ def spawn_gloo(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: f
                 if dead and not errors:
                     r = procs.index(dead[0])
                     if r not in results:
-                        errors[r] = f"process exited with code {dead[0].exitcode} before reporting"
+                        errors[r] = (time.time(), f"process exited with code {dead[0].exitcode} before reporting")
                         break
                 continue
             if status == "ok":
                 results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors[rank] = payload
-                # a failed rank usually leaves the others blocked in a collective until their timeout
-                break
+                # a failed rank usually leaves the others blocked in a collective until their timeout; the
+                # peers whose collective fails with it report within moments - wait a little for those, so
+                # that the earliest failure (the cause) is the one raised
+                deadline = min(deadline, time.monotonic() + ERROR_GRACE_S)
     finally:
         for p in procs:
             p.join(timeout=0.5 if errors else 10.0)
@@ -172,6 +184,6 @@ def spawn_gloo(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: f
                 p.join(timeout=5.0)
         del store
     if errors:
-        rank = min(errors)
-        raise WorkerError(rank, errors[rank])
+        rank = min(errors, key=lambda r: (errors[r][0], r))
+        raise WorkerError(rank, errors[rank][1])
     return [results[r] for r in range(world_size)]

@@ -26,6 +26,26 @@ def test_spawn_gloo_propagates_worker_exception():
     assert err.value.rank == 1 and "boom on purpose" in str(err.value)
 
 
+def _peer_of_the_failed_rank(rank, world):
+    """Rank 2 raises at once; ranks 0 and 1 wait in a receive from it and fail when its connection closes."""
+    import torch
+    import torch.distributed as dist
+
+    if rank == 2:
+        raise ValueError("the cause, on rank 2")
+    dist.recv(torch.empty(1), src=2)
+
+
+def test_spawn_gloo_names_the_rank_that_failed_first_not_the_lowest():
+    """The ranks blocked in a collective with a failed rank fail too, moments later, on the closed connection;
+    spawn_gloo named whichever report reached it first, the lowest rank when several had (a race: CI once got rank
+    0's 'connection closed' for a measurement that raised on rank 1). It names the earliest failure now."""
+    with pytest.raises(WorkerError) as err:
+        spawn_gloo(_peer_of_the_failed_rank, 3, timeout_s=60)
+    assert err.value.rank == 2, str(err.value)
+    assert "ValueError: the cause, on rank 2" in str(err.value), str(err.value)
+
+
 def test_held_store_holds_its_port_and_spawned_ranks_join_it():
     """A free_port() port is free again once returned (anyone may bind it before rank 0 does: a launch running
     meanwhile was handed the same one in a stress run); held_store's port stays bound until the store is dropped,
