@@ -37,6 +37,7 @@ def _block_summary(rows: list[dict]) -> dict:
         "speedup_vs_fixed_r2_mean": statistics.fmean(r2),
         "speedup_vs_no_pipeline_min": min(np_),
         "speedup_vs_fixed_r2_min": min(r2),
+        "a2a_bound_configs": sum(int(r["a2a_bound"]) for r in rows),
         "inter_node_bound_configs": len(bound),
         "inter_node_bound_speedup_vs_no_pipeline_mean": mean("speedup_vs_no_pipeline", bound),
         "inter_node_bound_speedup_vs_fixed_r2_mean": mean("speedup_vs_fixed_r2", bound),
@@ -70,14 +71,17 @@ def run_bench(profile: ClusterProfile, gpus: int, presets: list[str], params: So
             for c in plan.configs:
                 l0 = c.layers[0]
                 no_pipe = c.baselines_fwd_bwd_ms["no-pipeline"]
-                # bottleneck = the resource with the most un-chunked work (fwd + bwd); "inter-node bound" when it is
-                # the inter-node link. ideal = serial time / busiest resource: no schedule can beat it.
+                # bottleneck = the resource with the most un-chunked work (fwd + bwd); "a2a-bound" when it is the
+                # all-to-all's stream, "inter-node bound" when that exchange also crosses nodes (on one node it is
+                # an NVLink exchange, whatever constants price it). ideal = serial time / busiest resource: no
+                # schedule can beat it.
                 busy = _resource_busy(c, gpus, profile, src)
                 bottleneck = max(busy, key=busy.get)
                 ideal = no_pipe / max(max(busy.values()), 1e-12)
                 fused_bwd = l0.bwd_fused_wgrad_ms if l0.bwd_fused_wgrad_ms is not None else l0.bwd_ms
                 rows.append(dict(
-                    config=c.name, preset=preset, ep_size=c.ep_size, inter_node_bound=bottleneck == "inter",
+                    config=c.name, preset=preset, ep_size=c.ep_size, a2a_bound=bottleneck == "inter",
+                    inter_node_bound=bottleneck == "inter" and gpus > profile.gpus_per_node,
                     bottleneck=bottleneck, a2a_ms=c.a2a_ms, ideal_speedup_bound=ideal,
                     r_fwd=l0.r_fwd, r_bwd=l0.r_bwd, wgrad_bwd=l0.wgrad_bwd, fwd_ms=l0.fwd_ms, bwd_ms=l0.bwd_ms,
                     fwd_bwd_ms=c.fwd_bwd_ms, no_pipeline_ms=no_pipe, fixed_r2_ms=c.baselines_fwd_bwd_ms["fixed-r2"],
@@ -90,7 +94,7 @@ def run_bench(profile: ClusterProfile, gpus: int, presets: list[str], params: So
                 ))
         sources[src] = {"rows": rows}
         all_rows += rows
-    meta = {"gpus": gpus, "profile": profile.name}
+    meta = {"gpus": gpus, "profile": profile.name, "nodes": max(1, gpus // profile.gpus_per_node)}
     by_source = {src: _block_summary(block["rows"]) for src, block in sources.items()}
     summary = by_source["published"] | meta | {"stage_constants": "published (FSMoE fitted alpha/beta)"}
     return {"summary": summary, "summary_by_source": by_source,

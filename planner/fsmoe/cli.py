@@ -146,7 +146,7 @@ def register(groups) -> None:
             emit_json(result)
             return
         for src, block in result["sources"].items():
-            print_table([(r["config"], "yes" if r["inter_node_bound"] else "no", r["r_fwd"], r["r_bwd"], r["wgrad_bwd"],
+            print_table([(r["config"], "yes" if r["a2a_bound"] else "no", r["r_fwd"], r["r_bwd"], r["wgrad_bwd"],
                           r["fwd_bwd_ms"], r["speedup_vs_no_pipeline"], r["wgrad_fused_speedup_vs_no_pipeline"],
                           r["speedup_vs_fixed_r2"], r["ideal_speedup_bound"], r["iteration_speedup_vs_no_pipeline"])
                          for r in block["rows"]],

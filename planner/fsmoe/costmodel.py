@@ -335,7 +335,18 @@ def stage_costs(cfg: MoEConfig, topo: Topology, *, source: Literal["published", 
         # constant of FSMoE's expert stage (grouped GEMM and its layout work), not of one dense MLP; charging it
         # would mostly reward hiding it (conservative for the overlap, see BENCHMARKS `moe`)
         ns = _shared_n(cfg, topo)
-        return StageCosts(alpha, work, "published FSMoE constants (fsmoe.md)",  # type: ignore[arg-type]
+        notes: list[str] = []
+        if n[0] > 0 and not topo.hierarchical:
+            # FSMoE's beta_0 is per element of n0 = f*T*M/P, fitted in its own layout (P = nodes); taken as it is
+            # for another layout it prices the same bytes differently (hunt: flat EP 64 at 1/8 of two-step's)
+            peers = topo.ep_size // topo.exchange_gpus_per_node
+            what = "nodes" if topo.two_step else "GPUs"
+            notes.append(f"a2a: FSMoE's n0 = f*T*M/P with P = {peers} {what} (its fit's layout has P = nodes); "
+                         "flat and two-step exchanges are not comparable with these constants: --stages profile")
+        if n[0] > 0 and topo.gpus <= topo.gpus_per_node:
+            notes.append("a2a: FSMoE's inter-node constants price an exchange inside one node (the paper fitted "
+                         "no intra-node all-to-all): --stages profile prices the node's links")
+        return StageCosts(alpha, work, "published FSMoE constants (fsmoe.md)", tuple(notes),  # type: ignore[arg-type]
                           shared=(0.0, FSMOE_BETA_MS[2] * ns) if ns > 0 else (0.0, 0.0), two_step=topo.two_step)
     if profile is None:
         raise ValueError("stage_costs(source='profile') needs a profile")

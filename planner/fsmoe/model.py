@@ -206,7 +206,9 @@ def _best_at_r(c: StageCosts, r: int, wgrad_modes, issue_orders, best: PipelineE
 
 def paper_cases(c: StageCosts, r: int, allreduce_ms: float = 0.0) -> dict[str, float | bool]:
     """The paper's closed forms for reference (fsmoe.md): T_A (all-to-all bound, with its validity condition),
-    T_B (compute bound), T_C (all-reduce bound). Exposed in plans next to the exact evaluation."""
+    T_B (compute bound), T_C (all-reduce bound). Not used by the planner, which evaluates every (r, order,
+    weight-gradient placement) exactly (``best_schedule``); the tests check the exact evaluation against these
+    where the paper's cases hold."""
     a0, a1, a2, a3 = c.alpha[0], c.alpha[1], c.alpha[2], c.alpha[3]
     w0, w1, w2, w3 = c.work[0], c.work[1], c.work[2], c.work[3]
     t_ag = (a1 + w1 / r) if w1 else 0.0

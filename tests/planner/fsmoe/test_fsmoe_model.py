@@ -170,6 +170,25 @@ def test_paper_case_a_condition():
     assert paper_cases(c2, 4)["T_A_valid"] is False
 
 
+def test_paper_closed_forms_agree_with_the_exact_evaluation_where_they_hold():
+    """T_B at r = 1 is the serial forward; with the expert compute hidden under the all-to-all (T_A valid) and no
+    intra-node stages, the exact pipeline takes T_A (the 2r exchanges back to back). Random costs (359 of the
+    600 (costs, r) cases have T_A valid)."""
+    rng, valid = random.Random(7), 0
+    for _ in range(200):
+        a = [rng.uniform(0.01, 0.5) for _ in range(5)]
+        w = [rng.uniform(0.1, 30.0) for _ in range(5)]
+        full = costs(a, w)
+        assert evaluate_pipeline(full, 1).time_ms == pytest.approx(paper_cases(full, 1)["T_B"])
+        flat = costs([a[0], 0, a[2], 0, a[4]], [w[0], 0, w[2], 0, w[4]])
+        for r in (2, 4, 8):
+            case = paper_cases(flat, r)
+            if case["T_A_valid"]:
+                valid += 1
+                assert evaluate_pipeline(flat, r).time_ms == pytest.approx(case["T_A"])
+    assert valid > 300
+
+
 def brute_force_slices(gaps, produced, alpha, beta):
     """Every launch pattern y, each filled greedily (optimal for a fixed pattern): the exact optimum."""
     best = 0.0
@@ -330,6 +349,41 @@ def test_bench_summary_has_required_fields(capsys):
     assert s["inter_node_bound_speedup_vs_no_pipeline_mean"] == \
         res["summary_by_source"]["published"]["inter_node_bound_speedup_vs_no_pipeline_mean"]
     assert res["summary_all_sources"]["configs"] == sum(len(res["sources"][k]["rows"]) for k in res["sources"])
+    for src in ("published", "profile"):  # 64 GPUs = 8 nodes: every a2a-bound exchange crosses nodes
+        rows = res["sources"][src]["rows"]
+        assert all(r["inter_node_bound"] == r["a2a_bound"] for r in rows)
+        assert res["summary_by_source"][src]["a2a_bound_configs"] == sum(r["a2a_bound"] for r in rows)
+
+
+def test_published_constants_say_where_they_are_extrapolated():
+    """Hunt finding: with FSMoE's constants a flat 64-GPU exchange (n0 = f*T*M/64) cost 1/8 of the two-step
+    layout's inter-node step (n0 = f*T*M/8) for the same bytes, and a one-node exchange was priced as inter-node,
+    silently; the stage notes say so now (profile-derived costs do not need it)."""
+    cfg = MoEConfig(name="g", hidden=1024, ffn_hidden=1024, experts=64, top_k=1, batch=8, seq_len=2048)
+    flat = stage_costs(cfg, topology(cfg, 64, 8), source="published")
+    two = stage_costs(cfg, topology(cfg, 64, 8, two_step=True), source="published")
+    assert any("P = 64 GPUs" in n and "not comparable" in n for n in flat.notes), flat.notes
+    assert any("P = 8 nodes" in n for n in two.notes), two.notes
+    assert two.work[0] == pytest.approx(8 * flat.work[0])  # the extrapolation the notes name
+    small = MoEConfig(name="g8", hidden=1024, ffn_hidden=1024, experts=8, top_k=1, batch=8, seq_len=2048)
+    one = stage_costs(small, topology(small, 8, 8), source="published")
+    assert any("inside one node" in n for n in one.notes), one.notes
+    assert not any("inside one node" in n for n in flat.notes)
+
+
+def test_bench_on_one_node_calls_no_exchange_inter_node_bound(capsys):
+    """Hunt finding: `bench moe --gpus 8` (one node of the h100-sxm profile) labelled 10 configurations
+    'inter-node bound' although their all-to-all never leaves the node; they are a2a-bound, not inter-node."""
+    assert main(["bench", "moe", "--gpus", "8", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["summary"]["nodes"] == 1
+    for src in ("published", "profile"):
+        rows = res["sources"][src]["rows"]
+        assert not any(r["inter_node_bound"] for r in rows)
+        got = res["summary_by_source"][src]
+        assert got["inter_node_bound_configs"] == 0 and got["inter_node_bound_speedup_vs_no_pipeline_mean"] is None
+        assert got["a2a_bound_configs"] == sum(r["a2a_bound"] for r in rows)
+    assert res["summary_by_source"]["published"]["a2a_bound_configs"] > 0
 
 
 def test_bad_yaml_config_files_name_the_file(tmp_path):
