@@ -120,7 +120,7 @@ def parse_args(argv):
                    "(default: %(default)s)")
     p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="the top_p router's threshold p: the "
                    "smallest prefix of the sorted gate probabilities reaching it (default: %(default)s; the "
-                   "DynaMoE paper's is 0.4)")
+                   "top-p routing paper's, arXiv 2403.07652, is 0.4)")
     p.add_argument("--budget", type=int, default=None, help="total capacity over layers (k units or experts; "
                    "default: 2 per layer, or the expert count per layer)")
     # --cap-lo / --cap-hi / --hidden: under torchrun, --lo and --d are taken as abbreviations of torchrun's own
@@ -215,8 +215,9 @@ def _names(arg: str, allowed: tuple[str, ...], flag: str) -> list[str]:
 
 
 DEFAULT_TOP_P = 0.5
-"""`--top-p`: the top_p router's threshold here (the paper's default is 0.4; 0.5 leaves the tiny model's 8 experts
-routing ~1.5 experts a token). With 2 experts any p <= 0.5 always routes one expert (the top probability is >= 0.5)."""
+"""`--top-p`: the top_p router's threshold here (the top-p routing paper's default, arXiv 2403.07652, is 0.4;
+0.5 leaves the tiny model's 8 experts routing ~1.5 experts a token). With 2 experts any p <= 0.5 always routes one
+expert (the top probability is >= 0.5)."""
 
 
 def layer_routers(router: str, schedule: str, layers: int, experts: int, *, budget=None, lo=None, hi=None,

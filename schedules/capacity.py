@@ -44,6 +44,9 @@ def _shape_fn(name: str, waves: float) -> Callable[[float], float]:
     }[name]
 
 
+SHAPE_ZERO = 1e-9  # |shape value| below this is 0
+
+
 def schedule_shape(name: str, num_layers: int, waves: float = 1.0) -> list[float]:
     """The unscaled shape f(u_l) of a schedule (see module docstring)."""
     if name not in CAPACITY_SCHEDULES:
@@ -57,7 +60,9 @@ def schedule_shape(name: str, num_layers: int, waves: float = 1.0) -> list[float
         raise ValueError(f"waves: {waves!r} must be a finite number > 0")
     fn = _shape_fn(name, waves)
     L = num_layers
-    return [fn(l / (L - 1) if L > 1 else 0.0) for l in range(L)]
+    # values within rounding of 0 are 0 (shapes lie in [-1, 1]): a wave sampled at its zeros (L = 1024, waves =
+    # 2046) gave sin(k pi) ~ 1e-12, which capacity_schedule then stretched over the whole [lo, hi] range
+    return [0.0 if abs(v) < SHAPE_ZERO else v for v in (fn(l / (L - 1) if L > 1 else 0.0) for l in range(L))]
 
 
 def capacity_schedule(name: str, num_layers: int, budget: int, lo: int, hi: int, *, strength: float = 1.0,

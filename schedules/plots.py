@@ -3,6 +3,7 @@ a PNG plot. Specs: ``linear``, ``cosine``, ``rex``, ``uba`` (default phi) or ``u
 a norms CSV / refined-schedule JSON (the refined schedule of that run; its length sets the number of steps)."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -59,12 +60,21 @@ def schedule_curve(spec: str, steps: int | None, warmup_steps: int = 0, *, norm:
 
 
 def curve_rows(curves: list[tuple[str, np.ndarray]], points=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)):
-    """Rows ``[label, m(10%), ...]`` of the multiplier at fractions of each curve's steps; and the columns."""
-    cols = ["schedule"] + [f"{int(round(p * 100))}%" for p in points]
-    rows = []
-    for label, m in curves:
-        n = len(m) - 1
-        rows.append([label] + [float(m[int(round(p * n))]) for p in points])
+    """Rows ``[label, m(10%), ...]`` of the multiplier at fractions of each curve's steps (the nearest step,
+    halves up); and the columns. A column whose fraction falls between two steps names the step it shows when
+    every curve has that many steps (``--steps 3``: "50% (step 2)", the multiplier at z = 2/3, not at 0.5)."""
+    def index(p: float, n: int) -> int:
+        return min(n, int(math.floor(p * n + 0.5)))
+
+    ns = {len(m) - 1 for _, m in curves}
+    n_all = ns.pop() if len(ns) == 1 else None
+    cols = ["schedule"]
+    for p in points:
+        head = f"{int(round(p * 100))}%"
+        if n_all is not None and not math.isclose(p * n_all, index(p, n_all), abs_tol=1e-9):
+            head += f" (step {index(p, n_all)})"
+        cols.append(head)
+    rows = [[label] + [float(m[index(p, len(m) - 1)]) for p in points] for label, m in curves]
     return rows, cols
 
 

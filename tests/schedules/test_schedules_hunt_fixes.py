@@ -456,3 +456,33 @@ def test_warmup_decay_multiplier_checks_its_arguments(args, match):
         warmup_decay_multiplier(*args, linear_multiplier)
     got = [warmup_decay_multiplier(t, 2, 6, linear_multiplier) for t in range(8)]
     np.testing.assert_allclose(got, [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0], rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("layers,waves", [(1024, 2046), (1000, 1998), (800, 1598), (513, 1536)])
+def test_a_wave_sampled_at_its_zeros_is_uniform(layers, waves):
+    """Paper-fidelity hunt: every layer of these waves sits on a zero of the sine, so the shape is constant; the
+    ~1e-12 rounding of sin(k pi) was stretched over the whole [lo, hi] range (capacities 1..7 for a mean of 4)."""
+    from adasched.schedules import capacity_schedule, schedule_shape
+
+    assert schedule_shape("wave", layers, waves) == [0.0] * layers
+    assert capacity_schedule("wave", layers, 4 * layers, 1, 8, waves=waves) == [4] * layers
+    # a wave that is not at its zeros keeps its shape and its full spread
+    c = capacity_schedule("wave", layers, 4 * layers, 1, 8, waves=1.0)
+    assert sum(c) == 4 * layers and min(c) == 1 and max(c) >= 7
+
+
+def test_the_schedule_table_names_the_step_each_fraction_shows(tmp_path, capsys):
+    """Paper-fidelity hunt: with --steps 3 the '50%' column showed step 2's multiplier (REX 0.5 at z = 2/3)
+    under a header that reads as z = 0.5 (REX 0.667); columns between two steps now name the step they show."""
+    from adasched.schedules.plots import curve_rows
+
+    assert main(["schedules", "plot", "rex", "--steps", "3", "--out", str(tmp_path / "q.png")]) == 0
+    out = capsys.readouterr().out
+    assert "50% (step 2)" in out and "10% (step 0)" in out and "90% (step 3)" in out
+    rows, cols = curve_rows([("a", np.linspace(1.0, 0.0, 101)), ("b", np.linspace(2.0, 0.0, 101))])
+    assert cols == ["schedule", "0%", "10%", "25%", "50%", "75%", "90%", "100%"]
+    assert rows[0][1:] == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.25, 0.1, 0.0])
+    assert rows[1][1:] == pytest.approx([2.0, 1.8, 1.5, 1.0, 0.5, 0.2, 0.0])
+    # halves go up (round() went to the even step: 75% of 6 steps showed step 4)
+    _, cols6 = curve_rows([("c", np.arange(7.0))])
+    assert cols6[3] == "25% (step 2)" and cols6[5] == "75% (step 5)"
