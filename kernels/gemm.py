@@ -214,6 +214,8 @@ def _check(a: torch.Tensor, b: torch.Tensor) -> None:
         raise ValueError(f"gemm: inner dimensions differ: A {tuple(a.shape)} @ B {tuple(b.shape)}")
     if a.dtype != b.dtype:
         raise ValueError(f"gemm: dtypes differ: {a.dtype} and {b.dtype}")
+    if not a.dtype.is_floating_point:  # (int64 went through float32: 2**24 + 1 came back as 2**24; bool "products")
+        raise ValueError(f"gemm: {a.dtype} is not a floating-point dtype")
     if a.device != b.device:
         raise ValueError(f"gemm: devices differ: {a.device} and {b.device}")
 

@@ -1393,6 +1393,10 @@ def _dy_pass(dy2, s, b_cat, plan: _TilePlan, need_dbias: bool, launch: Optional[
     T, N = dy2.shape
     dev = dy2.device
     knobs = {**DY_LAUNCH, **(launch or {})}
+    if plan.block_r > 64 and "warps" not in (launch or {}):
+        # 128 rank columns on 4 warps: 255 registers and 1392 B of spills at sm_90; 8 warps: 236, none (an offline
+        # ptxas report of a kernel hunt, not a timing; 64 columns fit 4 warps in 248)
+        knobs["warps"] = max(int(knobs["warps"]), 8)
     copies = max(1, min(int(knobs["copies"]), plan.n_tiles))
     ds = torch.zeros((T, plan.block_r), device=dev, dtype=torch.float32)
     db = torch.zeros((copies, N, max(plan.r_total, 1)), device=dev, dtype=torch.float32)
@@ -1560,7 +1564,11 @@ def _caller_level() -> int:
 
 def _number(value, name: str) -> float:
     """``float(value)``, or a ValueError naming the argument (scale=None raised "float() argument must be a string
-    or a real number", naming nothing)."""
+    or a real number", naming nothing). A tensor that requires grad is refused: its gradient would be dropped (a
+    trainable scale did not train)."""
+    if isinstance(value, torch.Tensor) and value.requires_grad:
+        raise ValueError(f"{name}: a tensor that requires grad is not supported (no gradient reaches it); pass a "
+                         "number or a detached tensor")
     try:
         return float(value)
     except (TypeError, ValueError):

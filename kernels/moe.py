@@ -479,8 +479,26 @@ def _wgrad(x, dy, index, num_experts, backend):
     return grouped_wgrad_triton(x, dy, index, num_experts)
 
 
+ACTIVATIONS = ("swiglu", "gelu")
+
+
+def _check_activation(activation) -> None:
+    if activation not in ACTIVATIONS:  # (every other name computed GELU silently on both backends)
+        raise ValueError(f"activation: {activation!r} is not 'swiglu' or 'gelu'")
+
+
+def _act_width(a: torch.Tensor, activation: str, who: str) -> int:
+    """The activation's output width for a pre-activation ``a`` (N, 2F) (SwiGLU) or (N, F) (GELU)."""
+    _check_activation(activation)
+    if a.dim() != 2 or (activation == "swiglu" and a.shape[1] % 2):
+        form = "2F" if activation == "swiglu" else "F"
+        raise ValueError(f"{who}: pre-activation of shape {tuple(a.shape)} is not (N, {form})")
+    return a.shape[1] // 2 if activation == "swiglu" else a.shape[1]
+
+
 def activation_triton(a: torch.Tensor, activation: str) -> torch.Tensor:
     """Triton: SwiGLU (a (N,2F) -> (N,F)) or GELU (a (N,F) -> (N,F)) in float32 math, a's dtype out."""
+    _act_width(a, activation, "activation_triton")
     a = a.contiguous()
     N = a.shape[0]
     Fd = a.shape[1] // 2 if activation == "swiglu" else a.shape[1]
@@ -494,6 +512,10 @@ def activation_triton(a: torch.Tensor, activation: str) -> torch.Tensor:
 
 def activation_backward_triton(a: torch.Tensor, dh: torch.Tensor, activation: str):
     """Triton: (da, h) from the pre-activation a and the output gradient dh."""
+    width = _act_width(a, activation, "activation_backward_triton")
+    if dh.dim() != 2 or tuple(dh.shape) != (a.shape[0], width):  # (the kernel read past a's rows)
+        raise ValueError(f"activation_backward_triton: dh {tuple(dh.shape)} is not ({a.shape[0]}, {width}) for a "
+                         f"{tuple(a.shape)} ({activation})")
     a, dh = a.contiguous(), dh.contiguous()
     N, Fd = dh.shape
     da = torch.empty_like(a)
@@ -534,6 +556,7 @@ def grouped_mm_ref(x: torch.Tensor, w: torch.Tensor, index_or_counts) -> torch.T
 
 
 def _act_ref(a: torch.Tensor, activation: str) -> torch.Tensor:
+    _check_activation(activation)
     if activation == "swiglu":
         g, u = a.chunk(2, dim=-1)
         return F.silu(g) * u
@@ -654,6 +677,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, index: MoEIndex, backend: Backe
 # -- expert MLP with explicit forward/backward (used by the expert-parallel pipeline) -----------------
 def expert_mlp_forward(x, w1, w2, index: MoEIndex, activation: str = "swiglu", backend: Backend = "auto"):
     """Returns (y, a): y (N,H) expert outputs, a (N, F or 2F) pre-activation saved for the backward."""
+    _check_expert_mlp(x, w1, w2, index, activation, "expert_mlp_forward")
     use_triton = _pick(backend, x) and x.dtype != torch.float64  # float64: the exact reference (see grouped_mm)
     with torch.no_grad():
         a = grouped_mm(x, w1, index, backend)
@@ -679,6 +703,10 @@ def expert_mlp_backward_data(x, a, dy, w1, w2, index: MoEIndex, activation: str 
                              backend: Backend = "auto") -> tuple[torch.Tensor, ExpertWgradInputs]:
     """The data gradient dx of the expert MLP (two GEMMs + the activation backward) and what the weight
     gradients need; the activation is recomputed from the saved pre-activation ``a``."""
+    _check_expert_mlp(x, w1, w2, index, activation, "expert_mlp_backward_data")
+    if tuple(a.shape) != (x.shape[0], w1.shape[-1]) or tuple(dy.shape) != (x.shape[0], w2.shape[-1]):
+        raise ValueError(f"expert_mlp_backward_data: a {tuple(a.shape)} and dy {tuple(dy.shape)} do not fit x "
+                         f"{tuple(x.shape)}, w1 {tuple(w1.shape)} and w2 {tuple(w2.shape)}")
     dy = dy.contiguous().to(x.dtype)
     if _pick(backend, x) and x.dtype != torch.float64:
         engine = gemm_engine(backend, x)
@@ -748,13 +776,16 @@ class _ExpertMLP(torch.autograd.Function):
 
 def expert_mlp(x, w1, w2, index: MoEIndex, activation: str = "swiglu", backend: Backend = "auto"):
     """Expert MLP on expert-sorted rows x (N,H): SwiGLU (w1 (E,H,2F)) or GELU (w1 (E,H,F)); w2 (E,F,H)."""
-    if activation not in ("swiglu", "gelu"):
-        raise ValueError(f"activation: {activation!r} is not 'swiglu' or 'gelu'")
+    _check_expert_mlp(x, w1, w2, index, activation, "expert_mlp")
+    return _ExpertMLP.apply(x, w1, w2, index, activation, backend)
+
+
+def _check_expert_mlp(x, w1, w2, index: MoEIndex, activation: str, who: str) -> None:
+    _check_activation(activation)
     E, H = index.num_experts, x.shape[-1]
     width = w1.shape[-1] if w1.dim() == 3 else -1
     F = width // 2 if activation == "swiglu" else width
     if (w1.dim() != 3 or tuple(w1.shape[:2]) != (E, H) or (activation == "swiglu" and width % 2)
             or tuple(w2.shape) != (E, F, H)):  # (the Triton path computed odd or mismatched widths silently)
-        raise ValueError(f"expert_mlp: w1 {tuple(w1.shape)} and w2 {tuple(w2.shape)} do not fit x {tuple(x.shape)} "
+        raise ValueError(f"{who}: w1 {tuple(w1.shape)} and w2 {tuple(w2.shape)} do not fit x {tuple(x.shape)} "
                          f"and {E} experts (w1 (E, H, {'2F' if activation == 'swiglu' else 'F'}), w2 (E, F, H))")
-    return _ExpertMLP.apply(x, w1, w2, index, activation, backend)

@@ -56,6 +56,12 @@ def test_gemm_bad_input():
         gemm(torch.randn(3, 4), torch.randn(5, 6))
     with pytest.raises(ValueError, match="dtypes differ"):
         gemm(torch.randn(3, 4), torch.randn(4, 6, dtype=torch.float64))
+    # kernel hunt: integers went through float32 (2**24 + 1 came back as 2**24), bools gave a bool "product"
+    for dt in (torch.int64, torch.int32, torch.bool):
+        a, b = torch.ones(2, 3, dtype=dt), torch.ones(3, 2, dtype=dt)
+        for fn in (gemm, gemm_reference):
+            with pytest.raises(ValueError, match=f"gemm: {dt} is not a floating-point dtype"):
+                fn(a, b)
     with pytest.raises(ValueError, match="block_m"):
         GemmConfig(block_m=48)
     with pytest.raises(ValueError, match="maxnreg"):

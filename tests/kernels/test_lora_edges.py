@@ -228,3 +228,42 @@ def test_host_tables_do_not_follow_the_default_device(fused, monkeypatch):
     assert all(t.device.type == "cpu" for t in got)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_scale_that_requires_grad_is_refused_not_detached():
+    """Kernel hunt: a scale tensor that requires grad (a trainable alpha) was turned into a float with only
+    torch's generic warning; its .grad stayed None - a learnable scale that silently never trained."""
+    K, N = 8, 6
+    x, w = torch.randn(5, K), torch.randn(N, K)
+    ad = _ads(K, N, torch.float32)[1]
+    s = torch.tensor(2.0, requires_grad=True)
+    with pytest.raises(ValueError, match="scale: a tensor that requires grad is not supported"):
+        lora_linear(x, w, ad.lora_a, ad.lora_b, s)
+    with pytest.raises(ValueError, match=r"adapters\[0\].scale: a tensor that requires grad"):
+        multi_lora_linear(x, w, [LoRAAdapterWeights(ad.lora_a, ad.lora_b, s, 0.0)], [(0, 0, 5)])
+    # a detached tensor is a number
+    y = lora_linear(x, w, ad.lora_a, ad.lora_b, s.detach())
+    torch.testing.assert_close(y, lora_linear_reference(x, w, ad.lora_a, ad.lora_b, 2.0), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("rank,warps", [(16, 4), (64, 4), (128, 8)])
+def test_the_dy_kernel_takes_8_warps_past_64_rank_columns(rank, warps, monkeypatch):
+    """Kernel hunt (offline sm_90 compile): the dY kernel at 128 rank columns on 4 warps used 255 registers and
+    spilled 1392 B; the launch takes 8 warps there now, as the down kernel does past 16 (64 columns fit 4)."""
+    import sys
+
+    from adasched.kernels import lora as L
+
+    seen = []
+
+    def opts(num_warps=4, num_stages=3):
+        seen.append((sys._getframe(1).f_code.co_name, num_warps))
+        return {}
+    monkeypatch.setattr(L, "_launch_opts", opts)
+    K, N = 16, 16
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(8, K, generator=g)
+    a = (torch.randn(rank, K, generator=g) * 0.3).requires_grad_()
+    b = (torch.randn(N, rank, generator=g) * 0.3).requires_grad_()
+    lora_linear(x, torch.randn(N, K, generator=g), a, b, 0.5, base_gemm="triton").sum().backward()
+    assert [w for name, w in seen if name == "_dy_pass"] == [warps], seen

@@ -300,3 +300,31 @@ def test_grouped_gmm_with_no_rows_never_calls_grouped_mm(monkeypatch):
     assert y.shape == (0, M) and y.dtype == x.dtype
     dw = K.grouped_wgrad_gmm(x, dy, idx, E)
     assert dw.shape == (E, H, M) and dw.dtype == x.dtype and torch.count_nonzero(dw) == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_expert_functions_refuse_an_unknown_activation_and_mismatched_operands(backend):
+    """Kernel hunt: expert_mlp_forward / expert_mlp_backward_data (the expert-parallel pipeline's entry points)
+    computed GELU for any activation name but 'swiglu' ('relu', 'SwiGLU') on both backends; only expert_mlp
+    checked. The activation kernels took a SwiGLU pre-activation of odd width and a dh of another width."""
+    idx, _ = _routing(T=6, E=3, k=2, empty=())
+    n = idx.src_token.numel()
+    x, w1, w2 = torch.randn(n, 4), torch.randn(3, 4, 6), torch.randn(3, 6, 4)
+    for name in ("relu", "SwiGLU", None):
+        with pytest.raises(ValueError, match=re.escape(f"activation: {name!r} is not 'swiglu' or 'gelu'")):
+            K.expert_mlp_forward(x, w1, w2, idx, name, backend=backend)
+        with pytest.raises(ValueError, match="is not 'swiglu' or 'gelu'"):
+            K.expert_mlp_backward_data(x, torch.randn(n, 6), torch.randn(n, 4), w1, w2, idx, name, backend=backend)
+    y, a = K.expert_mlp_forward(x, w1, w2, idx, "gelu", backend=backend)
+    assert_all_close(y, K.expert_mlp_ref(x, w1, w2, idx, "gelu"), torch.float32, "gelu forward")
+    with pytest.raises(ValueError, match=re.escape("expert_mlp_forward: w1 (3, 4, 6) and w2 (3, 5, 4)")):
+        K.expert_mlp_forward(x, w1, torch.randn(3, 5, 4), idx, "gelu", backend=backend)
+    with pytest.raises(ValueError, match=re.escape("expert_mlp_backward_data: a (12, 5) and dy (12, 4)")):
+        K.expert_mlp_backward_data(x, torch.randn(n, 5), torch.randn(n, 4), w1, w2, idx, "gelu", backend=backend)
+    if backend == "triton":
+        with pytest.raises(ValueError, match=re.escape("pre-activation of shape (4, 5) is not (N, 2F)")):
+            K.activation_triton(torch.randn(4, 5), "swiglu")
+        with pytest.raises(ValueError, match=re.escape("dh (4, 3) is not (4, 2)")):
+            K.activation_backward_triton(torch.randn(4, 4), torch.randn(4, 3), "swiglu")
+        with pytest.raises(ValueError, match="is not 'swiglu' or 'gelu'"):
+            K.activation_triton(torch.randn(4, 4), "relu")
