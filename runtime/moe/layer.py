@@ -6,6 +6,8 @@ Usage in any torch model::
     y = moe(x)                        # x (..., hidden) -> y (..., hidden)
     loss = task_loss + moe.aux_loss   # load-balancing + z-loss (+ entropy for top_p), already weighted
     log(moe.last_stats.as_dict())     # tokens per expert, mean k, dropped, p
+    log({k: v.item() for k, v in moe.last_losses.items()})   # unweighted load_balance / z_loss / entropy
+    y = moe(x, token_mask=attention_mask)   # padding (0) is not routed: no capacity, losses or stats; output 0
 
 Dropless mode: ``RouterConfig(capacity_factor=None)``; capacity (drop) mode: ``capacity_factor > 0``.
 With ``ep=ExpertParallel.create(...)`` the layer holds only its rank's ``E / P`` experts (``w1``/``w2`` are the
@@ -134,6 +136,9 @@ class MoELayer(nn.Module):
             self.shared_w2 = nn.Parameter(torch.randn(1, sf, hidden) * sf ** -0.5)
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_stats: RouterStats | None = None
+        #: the last forward's unweighted router loss terms (detached 0-d tensors, for logging): "load_balance",
+        #: "z_loss", "entropy" - those whose coefficient is > 0
+        self.last_losses: dict[str, torch.Tensor] = {}
 
     def __getstate__(self):
         # a copy (copy.deepcopy, swa_utils.AveragedModel, pickle) keeps the last aux loss as a value: the live one
@@ -182,17 +187,35 @@ class MoELayer(nn.Module):
         return cut_experts(full, which, self.activation, self.ffn, self.expert_offset, self.w1.shape[0],
                            self.ffn_slice)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., hidden) -> (..., hidden). ``token_mask`` (x.shape[:-1], bool or 0/1 integers such as an
+        attention mask): only the True tokens are routed - padding takes no expert capacity and no part in the
+        router losses, statistics and state steps; its output rows are 0."""
         shape = x.shape
         if shape[-1] != self.hidden:
             raise ValueError(f"input: last dim {shape[-1]} != hidden {self.hidden}")
         xt = x.reshape(-1, self.hidden)
+        keep = None
+        if token_mask is not None:
+            if not isinstance(token_mask, torch.Tensor) or tuple(token_mask.shape) != tuple(shape[:-1]):
+                got = tuple(token_mask.shape) if isinstance(token_mask, torch.Tensor) else type(token_mask).__name__
+                raise ValueError(f"token_mask: {got} must be a tensor of the input's shape without its last dim, "
+                                 f"{tuple(shape[:-1])}")
+            if token_mask.dtype.is_floating_point or token_mask.dtype.is_complex:
+                raise ValueError(f"token_mask: dtype {token_mask.dtype} must be bool or an integer type (0 = pad)")
+            if token_mask.device != x.device:
+                raise ValueError(f"token_mask: on {token_mask.device}, the input on {x.device}")
+            keep = token_mask.reshape(-1).ne(0).nonzero().squeeze(1)  # (a host sync: the routed row count)
+            xt = xt.index_select(0, keep)
         routing = self.router(xt)
         self.last_stats = routing.stats
+        self.last_losses = routing.losses
         out = self._dispatch(xt, routing)
         if self.training:
             self._schedule_router_update(routing)
         self.aux_loss = routing.aux_loss.detach() if self.attach_aux_loss else routing.aux_loss
+        if keep is not None:
+            out = out.new_zeros((math.prod(shape[:-1]), self.hidden)).index_copy(0, keep, out)
         return out.reshape(shape)
 
     @torch.compiler.disable

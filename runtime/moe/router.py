@@ -190,8 +190,8 @@ class Routing:
     num_tokens: int
     aux_loss: torch.Tensor
     """Scalar: load-balancing + z-loss + entropy terms, already weighted."""
-    losses: dict[str, float] = field(default_factory=dict)
-    """The unweighted loss terms, for logging."""
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The unweighted loss terms, for logging (detached 0-d tensors: read them when you log, no host sync here)."""
     stats: RouterStats | None = None
 
 
@@ -293,13 +293,13 @@ class Router(nn.Module):
         cfg = self.config
         logits = self.proj(x).float()
         T, E = logits.shape
-        losses: dict[str, float] = {}
+        losses: dict[str, torch.Tensor] = {}
         aux = logits.new_zeros(())
         n_mean = float(max(T, 1))        # means over tokens as sum / max(T, 1): a rank with no tokens gets 0, not NaN
         if cfg.z_loss_coef > 0:
             z = torch.logsumexp(logits, dim=-1).square().sum() / n_mean
             aux = aux + cfg.z_loss_coef * z
-            losses["z_loss"] = float(z.detach())
+            losses["z_loss"] = z.detach()
         kind = cfg.kind
         if kind == "expert_choice":
             tok, exp, w, dropped = self._expert_choice(logits)
@@ -320,7 +320,7 @@ class Router(nn.Module):
                     if cfg.entropy_coef > 0:
                         ent = -(probs * torch.log(probs.clamp_min(1e-20))).sum() / n_mean
                         aux = aux + cfg.entropy_coef * ent
-                        losses["entropy"] = float(ent.detach())
+                        losses["entropy"] = ent.detach()
                 else:
                     k = 1 if kind == "switch" else cfg.top_k
                     top = torch.topk(probs, k, dim=-1)
@@ -336,7 +336,7 @@ class Router(nn.Module):
                 frac = torch.bincount(exp, minlength=E).float() / max(exp.numel(), 1)
                 lb = E * (frac * probs.sum(0)).sum() / n_mean
                 aux = aux + cfg.aux_loss_coef * lb
-                losses["load_balance"] = float(lb.detach())
+                losses["load_balance"] = lb.detach()
             dropped = 0
             if cfg.capacity_factor is not None:
                 n = exp.numel()  # a factor of E or more keeps every assignment (1e19 overflowed ceil's int)
