@@ -141,7 +141,8 @@ def simulate_cmd(
                                           "sync, category}, ...]}) or a plan whose kind can re-simulate itself."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the simulated timeline (PNG)."),
     as_json: bool = typer.Option(False, "--json", help="Print makespan, busy time per lane and every task as JSON."),
-    step: int = typer.Option(0, "--step", help="For a plan with several steps (an SP plan): the step to simulate."),
+    step: Optional[int] = typer.Option(None, "--step", help="For a plan with several steps (an SP plan): the step "
+                                                              "to simulate (default: the first)."),
     config: Optional[str] = typer.Option(None, "--config", help="For a MoE plan of several configurations: the one "
                                                                  "to simulate, by name or position (default: the "
                                                                  "first)."),
@@ -162,7 +163,7 @@ def simulate_cmd(
         extra = sorted(set(data) - {"tasks"})
         if extra:  # ("unit", "ranks", ... were accepted and ignored)
             raise InputError(path, f"{extra[0]}: not a task-graph field (a task graph is {{\"tasks\": [...]}})")
-        if step != 0:  # it was ignored
+        if step is not None:  # it was ignored (an explicit --step 0 too)
             raise InputError("--step", f"{step}: a task graph has no steps (--step is for plans with steps)")
         if config is not None:
             raise InputError("--config", "a task graph has no configurations (--config is for MoE plans)")
@@ -192,7 +193,7 @@ def simulate_cmd(
             raise InputError("--config", f"plan kind {plan.kind!r} has no configurations (--config is for MoE plans)")
         try:
             if config is not None:  # (only the first configuration could be simulated)
-                if step:
+                if step is not None:
                     raise InputError("--step", f"plan kind {plan.kind!r} has no steps")
                 names = [c.name for c in plan.configs]
                 pos = names.index(config) if config in names else (
@@ -203,13 +204,14 @@ def simulate_cmd(
                 sim = plan.simulate(pos)
                 what = f"{names[pos]}: "
             elif n_steps:
+                step = 0 if step is None else step
                 if not 0 <= step < n_steps:
                     raise InputError("--step", f"{step} is not a step of this plan (0..{n_steps - 1})")
                 sim = plan.simulate(plan.steps[step].step)  # --step is the position; the plan numbers its steps
                 number = plan.steps[step].step
                 what = f"step {step} of {n_steps}" + (f" (the plan's step {number})" if number != step else "") + ": "
             else:
-                if step:
+                if step is not None:
                     raise InputError("--step", f"plan kind {plan.kind!r} has no steps")
                 sim = plan.simulate()
                 what = ""

@@ -199,4 +199,10 @@ def test_simulate_refuses_step_for_a_task_graph(tmp_path, one_error):
     path = tmp_path / "g.json"
     path.write_text(json.dumps({"tasks": [{"name": "a", "rank": 0, "stream": "compute", "duration_ms": 2.0}]}))
     assert "a task graph has no steps" in one_error(main(["simulate", str(path), "--step", "1"]), "--step: 1")
-    assert main(["simulate", str(path), "--step", "0"]) == 0
+    # README audit: an explicit --step 0 was the default's value, ignored as silently
+    assert "a task graph has no steps" in one_error(main(["simulate", str(path), "--step", "0"]), "--step: 0")
+    assert main(["simulate", str(path)]) == 0
+    plan = tmp_path / "twill.json"  # a plan kind without steps: the same
+    assert main(["plan", "twill", "--graph", "toy-attention", "--out", str(plan)]) == 0
+    assert "plan kind 'twill' has no steps" in one_error(main(["simulate", str(plan), "--step", "0"]), "--step: ")
+    assert main(["simulate", str(plan)]) == 0
