@@ -83,8 +83,12 @@ def show_cmd(
         prof = None
         # a profile's kind is optional (load_profile, and so every --profile, takes one without it)
         profile_keys = {"name", "device"}  # (what a profile must have and no plan has; num_nodes etc. default)
+        plan_keys = {"inputs_digest", "solver", "predicted_ms"}  # (what every plan has and no profile)
         if isinstance(data, dict) and (data.get("kind") == "cluster_profile"
-                                       or ("kind" not in data and profile_keys <= data.keys())):
+                                       or ("kind" not in data and profile_keys & data.keys()
+                                           and not plan_keys & data.keys())):
+            # (one of name/device without the other is a profile missing a field: its loader names it - was
+            # "kind: missing or not a string", the plan loader's)
             from adasched.profiler.io import load_model
             from adasched.profiler.profile import ClusterProfile
 

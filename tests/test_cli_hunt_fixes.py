@@ -133,3 +133,16 @@ def test_plan_twill_names_the_figure_it_wrote(tmp_path, capsys):
     assert capsys.readouterr().out.rstrip().endswith(f"wrote {plot}") and plot.exists()
     assert main(["plan", "twill", "--graph", "toy-attention", "--out", str(out), "--plot", str(plot)]) == 0
     assert capsys.readouterr().out.rstrip().endswith(f"wrote {out} and {plot}") and out.exists()
+
+
+def test_show_names_the_missing_field_of_a_profile_without_kind(tmp_path, one_error):
+    """A profile file (its kind optional) lacking one of name/device was read as a plan: "kind: missing or not a
+    string"; the profile loader names the missing field now. A plan lacking its kind still says kind."""
+    for body, needle in (({"schema_version": 1, "name": "x", "source": "s", "gpus_per_node": 8},
+                          "device: Field required"),
+                         ({"schema_version": 1, "device": {}}, "name: Field required"),
+                         ({"schema_version": 1, "inputs_digest": "x", "name": "a"}, "kind: missing or not a string")):
+        path = tmp_path / "f.json"
+        path.write_text(json.dumps(body))
+        err = one_error(main(["show", str(path)]), str(path))
+        assert needle in err, err
