@@ -20,6 +20,7 @@ import argparse
 import importlib.util
 import json
 import os
+import signal
 import sys
 import time
 import types
@@ -132,6 +133,56 @@ def tma_child(log) -> list[dict]:
     return rows
 
 
+def phases(args, groups, device, deadline, log, checks, run_bench, save, save_extra, profiles, host_profiles):
+    """Phase 1: correctness of the kernels; 2: the target shapes (at most half the time left); 3: the Twill sweeps;
+    4: the profiler breakdown of the target shapes; 5: the rest of the fwd+bwd grid; 6: everything else (fwd-only
+    grid, other multi-LoRA shapes, GEMM bench)."""
+    from adasched.kernels import bench
+
+    fast = [g for g in groups if g != "gemm"]
+    if "lora" in fast and device == "cuda":
+        from adasched.kernels import lora_bench
+
+        lora_bench.TMA_CHECKS_IN_PROCESS = False  # in a child, below
+    log(f"[checks] {', '.join(fast)}")
+    checks += bench.run_checks(fast, device)
+    if "lora" in fast:
+        log("[checks] lora: int64 offsets (child process)")
+        checks += large_offset_child(log)
+        if device == "cuda":
+            log("[checks] lora: triton_tma (child process)")
+            checks += tma_child(log)
+    save()
+    # the target shapes get at most half of what is left when the Twill plan-vs-sweep (a target of its own) is to
+    # run after them: it came last and got nothing once the LoRA checks and benchmarks had used the budget
+    run_bench(priority=0, until=(time.perf_counter() + 0.5 * max(0.0, deadline - time.perf_counter()))
+              if "gemm" in groups else None)
+    if "gemm" in groups:
+        log("[checks] gemm (Twill plan vs sweep)")
+        checks += bench.run_checks(["gemm"], device, deadline=deadline)
+        save()
+    if device == "cuda" and not args.no_profile:  # where the time of the target shapes goes
+        def breakdown(targets, profile, label, out):
+            for group, case_name, shape, names in targets:
+                if group not in groups or time.perf_counter() > deadline:
+                    continue
+                try:
+                    mod = importlib.import_module(bench.BENCH_MODULES[group])
+                    case = next(c for c in mod.cases(False, device) if c.name == case_name and c.shape == shape)
+                    log(f"[{label}] {group}: {case_name} {shape}")
+                    out[f"{case_name} {shape}"] = profile(case, names, device=device)
+                except Exception as err:
+                    out[f"{case_name} {shape}"] = {f"({label})": {"error": f"{type(err).__name__}: {err}"[:200]}}
+
+        breakdown(PROFILE_TARGETS, bench.profile_providers, "profile", profiles)
+        breakdown(HOST_PROFILE_TARGETS, bench.host_profile, "host profile", host_profiles)
+        save_extra["profiles"] = profiles
+        save_extra["host_profiles"] = host_profiles
+        save()
+    run_bench(priority=1)
+    run_bench(priority=2)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--quick", action="store_true", help="two shapes per kernel instead of the full grid")
@@ -210,49 +261,22 @@ def main(argv: list[str] | None = None) -> int:
     # Phase 1: correctness of the kernels; 2: the target shapes (at most half the time left); 3: the Twill sweeps;
     # 4: the profiler breakdown of the target shapes; 5: the rest of the fwd+bwd grid; 6: everything else (fwd-only
     # grid, other multi-LoRA shapes, GEMM bench).
-    fast = [g for g in groups if g != "gemm"]
-    if "lora" in fast and device == "cuda":
-        from adasched.kernels import lora_bench
+    class Stopped(BaseException):  # (not Exception: the benchmarks record a case's Exception as its error and go on)
+        pass
 
-        lora_bench.TMA_CHECKS_IN_PROCESS = False  # in a child, below
-    log(f"[checks] {', '.join(fast)}")
-    checks += bench.run_checks(fast, device)
-    if "lora" in fast:
-        log("[checks] lora: int64 offsets (child process)")
-        checks += large_offset_child(log)
-        if device == "cuda":
-            log("[checks] lora: triton_tma (child process)")
-            checks += tma_child(log)
-    save()
-    # the target shapes get at most half of what is left when the Twill plan-vs-sweep (a target of its own) is to
-    # run after them: it came last and got nothing once the LoRA checks and benchmarks had used the budget
-    run_bench(priority=0, until=(time.perf_counter() + 0.5 * max(0.0, deadline - time.perf_counter()))
-              if "gemm" in groups else None)
-    if "gemm" in groups:
-        log("[checks] gemm (Twill plan vs sweep)")
-        checks += bench.run_checks(["gemm"], device, deadline=deadline)
-        save()
+    def on_sigterm(signum, frame):  # (gpu_session's `timeout` overrun: the text report was lost, only the JSON left)
+        raise Stopped()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     profiles, host_profiles = {}, {}
-    if device == "cuda" and not args.no_profile:  # where the time of the target shapes goes
-        def breakdown(targets, profile, label, out):
-            for group, case_name, shape, names in targets:
-                if group not in groups or time.perf_counter() > deadline:
-                    continue
-                try:
-                    mod = importlib.import_module(bench.BENCH_MODULES[group])
-                    case = next(c for c in mod.cases(False, device) if c.name == case_name and c.shape == shape)
-                    log(f"[{label}] {group}: {case_name} {shape}")
-                    out[f"{case_name} {shape}"] = profile(case, names, device=device)
-                except Exception as err:
-                    out[f"{case_name} {shape}"] = {f"({label})": {"error": f"{type(err).__name__}: {err}"[:200]}}
-
-        breakdown(PROFILE_TARGETS, bench.profile_providers, "profile", profiles)
-        breakdown(HOST_PROFILE_TARGETS, bench.host_profile, "host profile", host_profiles)
-        save_extra["profiles"] = profiles
-        save_extra["host_profiles"] = host_profiles
-        save()
-    run_bench(priority=1)
-    run_bench(priority=2)
+    try:
+        phases(args, groups, device, deadline, log, checks, run_bench, save, save_extra, profiles, host_profiles)
+    except Stopped:
+        skipped.append(f"stopped by SIGTERM after {time.perf_counter() - t0:.0f} s: the tables hold what had "
+                       f"finished (the budget was --budget-s {args.budget_s:g})")
+        log(skipped[-1])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     targets = _targets(results, log)
 
     text = [bench.format_table([[c["group"], c["check"], "ok" if c["ok"] else "FAIL", c["detail"]] for c in checks],

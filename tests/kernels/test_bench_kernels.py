@@ -98,6 +98,35 @@ def test_device_check_script_runs_checks_and_writes_json(tmp_path, monkeypatch, 
     assert (tmp_path / "device_check.txt").read_text().startswith("== correctness checks ==")
 
 
+def test_device_check_stopped_by_sigterm_still_writes_its_tables(tmp_path, monkeypatch, capsys):
+    """gpu_session.sh stops an overrunning device_check with `timeout` (SIGTERM): the process died and the text
+    tables were lost (only the JSON saved after each case was left). A SIGTERM now ends the phases, and the checks
+    finished so far are printed and written, with a line saying it was stopped; the handler is restored after."""
+    import os
+    import signal
+
+    from adasched.launch import device_check
+
+    calls = []
+
+    def child_gets_sigterm(log):  # the int64-offsets child, after the in-process checks: stopped while in it
+        calls.append("child")
+        os.kill(os.getpid(), signal.SIGTERM)  # as `timeout` does, while the script is busy
+        pytest.fail("ran past the SIGTERM")
+    monkeypatch.setattr(device_check, "large_offset_child", child_gets_sigterm)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    before = signal.getsignal(signal.SIGTERM)
+    assert device_check.main(["--only", "lora", "--no-bench"]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before and calls == ["child"]
+    text = capsys.readouterr().out
+    report = (tmp_path / "device_check.txt").read_text()
+    assert report.startswith("== correctness checks ==") and "skipped: stopped by SIGTERM after" in report
+    assert "stopped by SIGTERM" in text
+    data = json.loads((tmp_path / "device_check.json").read_text())
+    assert data["checks"] and all(c["ok"] for c in data["checks"]) and "lora" in {c["group"] for c in data["checks"]}
+    assert any(s.startswith("stopped by SIGTERM") for s in data["skipped"])
+
+
 def test_lora_targets_summary_from_rows():
     from adasched.kernels.lora_bench import summarize
 
