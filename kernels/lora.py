@@ -1387,16 +1387,22 @@ def _backward_grouped(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, n
     return dx, da[:plan.r_total], db[:plan.r_total].t(), dbias
 
 
+def dy_knobs(block_r: int, launch: Optional[dict] = None) -> dict:
+    """The dY kernel's launch knobs for ``block_r`` rank columns: ``DY_LAUNCH`` with ``launch``'s overrides; past 64
+    columns 8 warps unless ``launch`` sets them (128 columns on 4 warps: 255 registers and 1392 B of spills at
+    sm_90; 8 warps: 236, none - an offline ptxas report of a kernel hunt, not a timing; 64 fit 4 warps in 248)."""
+    knobs = {**DY_LAUNCH, **(launch or {})}
+    if block_r > 64 and "warps" not in (launch or {}):
+        knobs["warps"] = max(int(knobs["warps"]), 8)
+    return knobs
+
+
 def _dy_pass(dy2, s, b_cat, plan: _TilePlan, need_dbias: bool, launch: Optional[dict] = None):
     """Step 3 in our kernel: dS, dB (fp32) and dbias (fp32 or None) from one read of dY. ``launch`` overrides
     ``DY_LAUNCH`` (block_n is 16 under the interpreter)."""
     T, N = dy2.shape
     dev = dy2.device
-    knobs = {**DY_LAUNCH, **(launch or {})}
-    if plan.block_r > 64 and "warps" not in (launch or {}):
-        # 128 rank columns on 4 warps: 255 registers and 1392 B of spills at sm_90; 8 warps: 236, none (an offline
-        # ptxas report of a kernel hunt, not a timing; 64 columns fit 4 warps in 248)
-        knobs["warps"] = max(int(knobs["warps"]), 8)
+    knobs = dy_knobs(plan.block_r, launch)
     copies = max(1, min(int(knobs["copies"]), plan.n_tiles))
     ds = torch.zeros((T, plan.block_r), device=dev, dtype=torch.float32)
     db = torch.zeros((copies, N, max(plan.r_total, 1)), device=dev, dtype=torch.float32)

@@ -42,6 +42,8 @@ TERM_GRID = {"sub_m": (64, 128), "warps": (4, 8), "split": (8, 16)}
 #: the dY kernel: around DY_LAUNCH (64 / 2 / 4 / 1), more programs and dB copies (64 = one per 128-row tile at
 #: T=8192: no two tiles add into the same address)
 DY_GRID = {"block_n": (64, 128), "per_sm": (2, 8), "warps": (4,), "copies": (1, 8, 64)}
+#: past 64 rank columns the default takes 8 warps (``kernels.lora.dy_knobs``): both are swept there
+DY_GRID_WIDE = {**DY_GRID, "warps": (4, 8)}
 #: (block_n, num_stages, num_warps) of the dX GEMM: the two tiles of the Twill plans and of the autotuner
 DX_TILES = ((256, 3, 8), (256, 4, 8), (128, 4, 4), (128, 4, 8))
 
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         ds_ref = 2.0 * dy_in.double() @ b_in.double()
         db_ref = 2.0 * dy_in.double().t() @ s_in[:, :r].double()
         dy_bytes = T * N * 2
-        for cfg in _configs(DY_GRID):
+        for cfg in _configs(DY_GRID if plan.block_r <= 64 else DY_GRID_WIDE):
             def measure(cfg=cfg):
                 ds_got, db_got, _ = L._dy_pass(dy_in, s_in, b_in, plan, False, launch=cfg)
                 err = max(float((ds_got[:, :r].double() - ds_ref).abs().max() / ds_ref.abs().max()),
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                 ms = time_ms(lambda: L._dy_pass(dy_in, s_in, b_in, plan, False, launch=cfg))
                 # fp32 sums of bf16 products (the interpreter: float32 inputs)
                 return dict(ms=ms, gbps=dy_bytes / ms / 1e6, rel_err=err, same=err <= (1e-5 if smoke else 1e-2),
-                            default=cfg == L.DY_LAUNCH)
+                            default=cfg == L.dy_knobs(plan.block_r))
             record("dy", dict(cfg), measure)
     if "term" in parts:
         # masked dX term: reads the mask, writes [T, K]

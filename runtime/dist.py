@@ -8,7 +8,9 @@ hang.
 from __future__ import annotations
 
 import io
+import math
 import os
+import queue as queue_mod
 import sys
 import time
 import traceback
@@ -127,10 +129,12 @@ def spawn_gloo(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: f
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` fresh processes joined in one gloo world.
 
     ``fn`` must be importable (module level). Returns the results indexed by rank (they must be
-    ``torch.save``-able). A worker exception is raised here as :class:`WorkerError` naming the first rank that
-    failed first (by the time each caught its exception: a peer blocked in a collective with the failed rank
-    fails next, on the closed connection, and is not the cause), with its traceback; if the ranks are not all done after ``timeout_s`` seconds (also the collective
-    timeout inside the workers) the remaining workers are terminated and TimeoutError is raised.
+    ``torch.save``-able). A worker exception is raised here as :class:`WorkerError` naming the rank that failed
+    first, with its traceback: a rank that died without reporting (a crash, ``os._exit``, a kill), else the
+    earliest by the time each caught its exception (a peer blocked in a collective with the failed rank fails
+    next, on the closed connection, and is not the cause). If the ranks are not all done after ``timeout_s``
+    seconds (also the collective timeout inside the workers) the remaining workers are terminated and
+    TimeoutError is raised.
     """
     import torch
     import torch.multiprocessing as mp
@@ -145,36 +149,48 @@ def spawn_gloo(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: f
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
-    errors: dict[int, tuple[float, str]] = {}
+    errors: dict[int, tuple[float, str]] = {}  # rank -> (when it failed, report); -inf: died without a report
     deadline = time.monotonic() + timeout_s + 30.0  # + start-up (imports) of the workers
+
+    def record(rank: int, status: str, payload) -> None:
+        nonlocal deadline
+        if status == "ok":
+            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+            return
+        errors[rank] = payload
+        # a failed rank usually leaves the others blocked in a collective until their timeout; the peers whose
+        # collective fails with it report within moments - wait a little for those, so that the earliest failure
+        # (the cause) is the one raised
+        deadline = min(deadline, time.monotonic() + ERROR_GRACE_S)
+
     try:
         while len(results) + len(errors) < world_size:
             left = deadline - time.monotonic()
-            if errors and left <= 0:
-                break
             if left <= 0:
-                missing = sorted(set(range(world_size)) - set(results) - set(errors))
                 if errors:
                     break
+                missing = sorted(set(range(world_size)) - set(results) - set(errors))
                 raise TimeoutError(f"spawn_gloo: ranks {missing} did not finish within {timeout_s + 30:.0f} s")
             try:
-                rank, status, payload = queue.get(timeout=min(left, 1.0))
-            except Exception:  # queue.Empty
-                dead = [p for p in procs if p.exitcode not in (None, 0)]
-                if dead and not errors:
-                    r = procs.index(dead[0])
-                    if r not in results:
-                        errors[r] = (time.time(), f"process exited with code {dead[0].exitcode} before reporting")
-                        break
+                record(*queue.get(timeout=min(left, 1.0)))
                 continue
-            if status == "ok":
-                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
-            else:
-                errors[rank] = payload
-                # a failed rank usually leaves the others blocked in a collective until their timeout; the
-                # peers whose collective fails with it report within moments - wait a little for those, so
-                # that the earliest failure (the cause) is the one raised
-                deadline = min(deadline, time.monotonic() + ERROR_GRACE_S)
+            except queue_mod.Empty:
+                pass
+            silent = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results
+                      and r not in errors]
+            if silent:
+                # a worker flushes its report before it exits: one more look for a report that came meanwhile,
+                # then whoever is still silent died without one (a crash, os._exit, a kill) - most likely the
+                # cause, named before the peers that failed on its closed connection
+                try:
+                    while True:
+                        record(*queue.get(timeout=0.2))
+                except queue_mod.Empty:
+                    pass
+                for r in silent:
+                    if r not in results and r not in errors:
+                        errors[r] = (-math.inf, f"process exited with code {procs[r].exitcode} before reporting")
+                        deadline = min(deadline, time.monotonic() + ERROR_GRACE_S)
     finally:
         for p in procs:
             p.join(timeout=0.5 if errors else 10.0)

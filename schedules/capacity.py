@@ -44,7 +44,7 @@ def _shape_fn(name: str, waves: float) -> Callable[[float], float]:
     }[name]
 
 
-SHAPE_ZERO = 1e-9  # |shape value| below this is 0
+SHAPE_ZERO = 1e-12  # |shape value| below this is 0
 
 
 def schedule_shape(name: str, num_layers: int, waves: float = 1.0) -> list[float]:
@@ -58,11 +58,17 @@ def schedule_shape(name: str, num_layers: int, waves: float = 1.0) -> list[float
     # number flipped the wave, inf raised a math domain error)
     if isinstance(waves, bool) or not isinstance(waves, numbers.Real) or not (math.isfinite(waves) and waves > 0):
         raise ValueError(f"waves: {waves!r} must be a finite number > 0")
-    fn = _shape_fn(name, waves)
     L = num_layers
-    # values within rounding of 0 are 0 (shapes lie in [-1, 1]): a wave sampled at its zeros (L = 1024, waves =
-    # 2046) gave sin(k pi) ~ 1e-12, which capacity_schedule then stretched over the whole [lo, hi] range
-    return [0.0 if abs(v) < SHAPE_ZERO else v for v in (fn(l / (L - 1) if L > 1 else 0.0) for l in range(L))]
+    if name == "wave" and L > 1:
+        # the phase waves * l / (L - 1) reduced mod 1 before the sine, exactly for an integer number of waves: a wave
+        # sampled at its zeros (L = 1024, waves = 2046; waves = 1e7) gave sin(2 pi k) ~ 1e-12..1e-9, which
+        # capacity_schedule then stretched over the whole [lo, hi] range
+        vals = [math.sin(2.0 * math.pi * (math.fmod(waves * l, L - 1) / (L - 1))) for l in range(L)]
+    else:
+        fn = _shape_fn(name, waves)
+        vals = [fn(l / (L - 1) if L > 1 else 0.0) for l in range(L)]
+    # what is left of the sine's rounding at its zeros (sin(pi) = 1.2e-16) is 0 (shapes lie in [-1, 1])
+    return [0.0 if abs(v) < SHAPE_ZERO else v for v in vals]
 
 
 def capacity_schedule(name: str, num_layers: int, budget: int, lo: int, hi: int, *, strength: float = 1.0,

@@ -343,7 +343,9 @@ def stage_costs(cfg: MoEConfig, topo: Topology, *, source: Literal["published", 
             what = "nodes" if topo.two_step else "GPUs"
             notes.append(f"a2a: FSMoE's n0 = f*T*M/P with P = {peers} {what} (its fit's layout has P = nodes); "
                          "flat and two-step exchanges are not comparable with these constants: --stages profile")
-        if n[0] > 0 and topo.gpus <= topo.gpus_per_node:
+        one_node = (topo.gpus <= topo.gpus_per_node or (not topo.hierarchical and not topo.two_step
+                                                         and topo.gpus_per_node % topo.ep_size == 0))
+        if n[0] > 0 and one_node:  # (flat EP groups of K contiguous ranks, K dividing the node: inside one node)
             notes.append("a2a: FSMoE's inter-node constants price an exchange inside one node (the paper fitted "
                          "no intra-node all-to-all): --stages profile prices the node's links")
         return StageCosts(alpha, work, "published FSMoE constants (fsmoe.md)", tuple(notes),  # type: ignore[arg-type]

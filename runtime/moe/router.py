@@ -191,7 +191,8 @@ class Routing:
     aux_loss: torch.Tensor
     """Scalar: load-balancing + z-loss + entropy terms, already weighted."""
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    """The unweighted loss terms, for logging (detached 0-d tensors: read them when you log, no host sync here)."""
+    """The unweighted loss terms, for logging (detached 0-d tensors: read them when you log, no host sync here;
+    Python floats before 2026-11-30)."""
     stats: RouterStats | None = None
 
 

@@ -267,3 +267,13 @@ def test_the_dy_kernel_takes_8_warps_past_64_rank_columns(rank, warps, monkeypat
     b = (torch.randn(N, rank, generator=g) * 0.3).requires_grad_()
     lora_linear(x, torch.randn(N, K, generator=g), a, b, 0.5, base_gemm="triton").sum().backward()
     assert [w for name, w in seen if name == "_dy_pass"] == [warps], seen
+
+
+def test_dy_knobs_are_what_the_launch_uses():
+    """The sweep labels its default row from kernels.lora.dy_knobs (review: past 64 rank columns it labelled the
+    4-warp row, which real calls no longer run, and never swept 8 warps)."""
+    from adasched.kernels import lora as L
+
+    assert L.dy_knobs(16) == L.DY_LAUNCH and L.dy_knobs(64)["warps"] == L.DY_LAUNCH["warps"]
+    assert L.dy_knobs(128) == {**L.DY_LAUNCH, "warps": 8}
+    assert L.dy_knobs(128, {"warps": 4})["warps"] == 4 and L.dy_knobs(128, {"copies": 8})["copies"] == 8

@@ -46,6 +46,27 @@ def test_spawn_gloo_names_the_rank_that_failed_first_not_the_lowest():
     assert "ValueError: the cause, on rank 2" in str(err.value), str(err.value)
 
 
+def _peer_of_the_crashed_rank(rank, world):
+    """Rank 2 dies without a report (as a segfault would); ranks 0 and 1 fail on its closed connection."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    if rank == 2:
+        time.sleep(1.0)
+        os._exit(7)
+    dist.recv(torch.empty(1), src=2)
+
+
+def test_spawn_gloo_names_a_rank_that_died_without_reporting():
+    """Review finding: a rank that crashed (no report) was never examined once its peers' 'connection closed'
+    reports had arrived: rank 0, a victim, was named. The silent dead rank is the likely cause and is named now."""
+    with pytest.raises(WorkerError) as err:
+        spawn_gloo(_peer_of_the_crashed_rank, 3, timeout_s=60)
+    assert err.value.rank == 2 and "process exited with code 7 before reporting" in str(err.value), str(err.value)
+
+
 def test_held_store_holds_its_port_and_spawned_ranks_join_it():
     """A free_port() port is free again once returned (anyone may bind it before rank 0 does: a launch running
     meanwhile was handed the same one in a stress run); held_store's port stays bound until the store is dropped,

@@ -471,6 +471,21 @@ def test_a_wave_sampled_at_its_zeros_is_uniform(layers, waves):
     assert sum(c) == 4 * layers and min(c) == 1 and max(c) >= 7
 
 
+def test_wave_phase_is_reduced_exactly_and_tiny_waves_keep_their_shape():
+    """Review of the fix above: an absolute snap at 1e-9 missed the noise of sin(2 pi k) for waves ~1e7 and up
+    (1.1e-9: [2, 1, 3] for a constant shape) and flattened a genuine wave of amplitude < 1e-9; the phase is reduced
+    mod 1 before the sine now (exact for whole waves), the snap only takes sin's own rounding (1e-12)."""
+    from adasched.schedules import capacity_schedule, schedule_shape
+
+    assert capacity_schedule("wave", 3, 6, 1, 3, waves=1e7) == [2, 2, 2]
+    assert capacity_schedule("wave", 2, 4, 1, 3, waves=1e8) == [2, 2]
+    assert capacity_schedule("wave", 2, 4, 1, 3, waves=0.5) == [2, 2]     # sin(pi) = 1.2e-16
+    assert schedule_shape("wave", 5, 1.0) == [0.0, 1.0, 0.0, -1.0, 0.0]
+    # a tiny wave rises over 4 layers like ascending: its shape, not uniform, at any small amplitude
+    for w in (1e-9, 1e-10, 1e-11):
+        assert capacity_schedule("wave", 4, 8, 1, 3, waves=w) == [1, 2, 2, 3], w
+
+
 def test_the_schedule_table_names_the_step_each_fraction_shows(tmp_path, capsys):
     """Paper-fidelity hunt: with --steps 3 the '50%' column showed step 2's multiplier (REX 0.5 at z = 2/3)
     under a header that reads as z = 0.5 (REX 0.667); columns between two steps now name the step they show."""

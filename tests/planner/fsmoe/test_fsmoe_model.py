@@ -369,6 +369,10 @@ def test_published_constants_say_where_they_are_extrapolated():
     one = stage_costs(small, topology(small, 8, 8), source="published")
     assert any("inside one node" in n for n in one.notes), one.notes
     assert not any("inside one node" in n for n in flat.notes)
+    # review: EP groups of 8 (or 4) contiguous ranks on 8-GPU nodes of a 64-GPU world stay inside a node too
+    for k in (8, 4):
+        grouped = stage_costs(cfg, topology(cfg, 64, 8, ep_size=k), source="published")
+        assert any("inside one node" in n for n in grouped.notes), (k, grouped.notes)
 
 
 def test_bench_on_one_node_calls_no_exchange_inter_node_bound(capsys):
