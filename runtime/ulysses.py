@@ -65,8 +65,8 @@ def packed_causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Sequenc
         qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
         o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
         outs.append(o.transpose(0, 1))
-    if not outs:
-        return q.new_zeros(q.shape)
+    if not outs:  # no tokens: an empty result still in q's graph (new_zeros was not: see ulysses_attention)
+        return q * 0
     return torch.cat(outs, dim=0)
 
 
@@ -153,7 +153,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Sequence[int]
         qkv = torch.stack((q, k, v), dim=1).view(Ti, 3, degree, hl, D).permute(2, 0, 1, 3, 4)
         qkv = qkv.reshape(degree * Ti, 3, hl, D)
         full = all_to_all_tokens(qkv, group, [Ti] * degree, sizes)  # [T, 3, H/d, D], tokens in sequence order
-        out = attn_fn(full[:, 0], full[:, 1], full[:, 2], bounds)  # [T, H/d, D]
+        out = _in_graph(attn_fn(full[:, 0], full[:, 1], full[:, 2], bounds), full)  # [T, H/d, D]
         back = all_to_all_tokens(out, group, sizes, [Ti] * degree)  # [d * T_i, H/d, D], chunk j = heads of rank j
         return back.view(degree, Ti, hl, D).permute(1, 0, 2, 3).reshape(Ti, H, D)
     # Uneven heads: group rank j gets the contiguous head range head_range(H, degree, j) (first ranks take the
@@ -166,9 +166,18 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Sequence[int]
     full = all_to_all_tokens(send, group, [Ti * 3 * n * D for n in hs], [t * 3 * hl * D for t in sizes])
     full = full.view(T, 3, hl, D)
     # a rank without heads keeps `out` an (empty) view of `full`, so its backward still joins the exchange
-    out = attn_fn(full[:, 0], full[:, 1], full[:, 2], bounds) if hl else full[:, 0]  # [T, hl, D]
+    out = _in_graph(attn_fn(full[:, 0], full[:, 1], full[:, 2], bounds), full) if hl else full[:, 0]  # [T, hl, D]
     back = all_to_all_tokens(out.reshape(-1), group, [t * hl * D for t in sizes], [Ti * n * D for n in hs])
     return torch.cat([c.view(Ti, n, D) for c, n in zip(back.split([Ti * n * D for n in hs]), hs)], dim=1)
+
+
+def _in_graph(out: Tensor, full: Tensor) -> Tensor:
+    """``out`` joined to ``full``'s graph when the attention left it out (an empty batch, an attn_fn returning a
+    constant): every group rank must run the backward exchanges, or those that do wait for those that do not until
+    the collective timeout (degree > heads: the ranks without heads always run them)."""
+    if full.requires_grad and not out.requires_grad:
+        return out + 0 * full[:, 0]
+    return out
 
 
 def head_range(heads: int, degree: int, index: int) -> tuple[int, int]:

@@ -92,6 +92,40 @@ def test_ulysses_matches_single_process(heads):
     assert any(b == a for res in out for _, _, _, a, b, *_ in res)  # the empty-shard case really ran
 
 
+def _empty_batch_worker(rank, world, heads, constant_attn):
+    """Every rank of a degree-4 group: a micro-batch of no tokens (or an attn_fn whose output is a constant),
+    forward and backward, then a barrier - a rank skipping the backward exchange hung the others."""
+    import torch.distributed as dist
+
+    group = dist.new_group(list(range(world)))
+    T = 0 if not constant_attn else 6
+    cu = [0, T]
+    lo, hi = shard_range(T, world, rank)
+    g = torch.Generator().manual_seed(rank)
+    q, k, v = (torch.randn(hi - lo, heads, D, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
+    kw = {"attn_fn": lambda q_, k_, v_, b: torch.ones(q_.shape, dtype=q_.dtype)} if constant_attn else {}
+    out = ulysses_attention(q, k, v, cu, group, **kw)
+    (out.sum() + q.sum()).backward()
+    dist.barrier(group)
+    return [tuple(out.shape), q.grad.tolist(), k.grad is None or float(k.grad.abs().sum())]
+
+
+@pytest.mark.parametrize("heads,constant_attn", [(2, False), (3, False), (4, False), (2, True), (3, True)])
+def test_an_empty_batch_or_a_constant_attention_runs_the_backward_on_every_rank(heads, constant_attn):
+    """FlexSP runtime hunt: with degree > heads, an empty micro-batch deadlocked its backward - the ranks with
+    heads got packed_causal_attention's empty zeros outside the graph and skipped the backward all-to-all, the
+    ranks without heads (their output a view of the exchange) ran it and waited until the timeout. An attn_fn
+    returning a constant did the same on any batch."""
+    out = spawn_gloo(_empty_batch_worker, 4, heads, constant_attn, timeout_s=60)
+    T = 6 if constant_attn else 0
+    for rank, (shape, q_grad, k_grad_sum) in enumerate(out):
+        lo, hi = shard_range(T, 4, rank)
+        assert shape == (hi - lo, heads, D)
+        # q's gradient is the direct term only (the attention's output does not depend on q); k's is zero
+        assert q_grad == torch.ones(hi - lo, heads, D, dtype=torch.float64).tolist()
+        assert k_grad_sum is True or k_grad_sum == 0.0
+
+
 def test_head_range_covers_every_head_once():
     assert [head_range(6, 4, j) for j in range(4)] == [(0, 2), (2, 4), (4, 5), (5, 6)]
     assert [head_range(3, 4, j) for j in range(4)] == [(0, 1), (1, 2), (2, 3), (3, 3)]  # rank 3: no head
