@@ -17,6 +17,16 @@ STEPS = (
 )
 
 
+def check_step(rc: int, message: str) -> None:
+    """A step's command ended with ``rc``: 0 goes on; 130 (the command caught a Ctrl-C and said "aborted") stops
+    the demo as a Ctrl-C does; anything else stops it with ``message`` (one line, exit 1)."""
+    if rc == 0:
+        return
+    if rc == 130:
+        raise KeyboardInterrupt
+    raise SystemExit(message)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     names = [name for name, _ in STEPS]
@@ -44,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"\n=== demo step: {name} ===", flush=True)
         t0 = time.perf_counter()
-        importlib.import_module(mod).run(out)
+        try:
+            importlib.import_module(mod).run(out)
+        except KeyboardInterrupt:  # (was a traceback, or "failed with exit status 130" and exit 1)
+            sys.stdout.flush()
+            sys.stderr.write(f"aborted (demo step {name})\n")
+            return 130
         print(f"--- {name} done in {time.perf_counter() - t0:.1f} s", flush=True)
     print(f"\ndemo finished in {time.perf_counter() - t_all:.1f} s; outputs in {out}/")
     return 0

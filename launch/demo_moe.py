@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from adasched.launch.demo import check_step
 from adasched.launch.proc import run_tree
 
 __all__ = ["run", "plan_part", "train_part", "stats_part"]
@@ -38,12 +39,12 @@ def train_part(out_dir: Path) -> None:
     try:
         proc = run_tree(cmd, capture_output=True, env=env, timeout_s=600)
     except subprocess.TimeoutExpired:  # (run_tree stopped torchrun and its ranks)
-        raise RuntimeError("train_moe did not finish within 600 s (stopped)") from None
+        raise SystemExit("demo moe: train_moe did not finish within 600 s (stopped)") from None
     for line in proc.stdout.splitlines():
         if " step " in line:
             print("  " + line)
-    if proc.returncode != 0:
-        raise RuntimeError(f"train_moe failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
+    tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
+    check_step(proc.returncode, f"demo moe: train_moe failed (exit {proc.returncode}): {tail[0][-300:]}")
     print(f"  router statistics (mean k per layer) -> {stats}: {json.loads(stats.read_text())['mean_k_per_layer']}")
     res = compare_schedules(["uniform", "descending"], steps=150, layers=4, seeds=[0])
     print("moe: capacity schedules at equal budget (total k = 8 over 4 layers), 150 steps, held-out loss (nats):")
@@ -60,10 +61,10 @@ def plan_part(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = out_dir / "moe-plan.json"
     print("moe: FSMoE plan, Mixtral-8x7B layers on 64 GPUs (8 nodes x 8, h100-sxm profile):")
-    if main(["plan", "moe", "--config", "mixtral-8x7b", "--gpus", "64", "--out", str(plan)]) != 0:
-        raise RuntimeError("adasched plan moe failed")
-    if main(["show", str(plan), "--plot", str(out_dir / "moe-plan.png")]) != 0:
-        raise RuntimeError("adasched show failed")
+    rc = main(["plan", "moe", "--config", "mixtral-8x7b", "--gpus", "64", "--out", str(plan)])
+    check_step(rc, f"demo moe: `adasched plan moe` failed with exit status {rc}")
+    rc = main(["show", str(plan), "--plot", str(out_dir / "moe-plan.png")])
+    check_step(rc, f"demo moe: `adasched show` failed with exit status {rc}")
 
 
 def stats_part(out_dir: Path) -> None:
@@ -72,9 +73,9 @@ def stats_part(out_dir: Path) -> None:
     out_dir = Path(out_dir)
     stats = out_dir / "moe-router-stats.json"
     print("moe: the trained router's expected k per layer, fed back into the planner (fine-grained preset):")
-    if main(["plan", "moe", "--config", "fine-grained", "--gpus", "64", "--router-stats", str(stats),
-             "--out", str(out_dir / "moe-plan-dynamic-k.json")]) != 0:
-        raise RuntimeError("adasched plan moe --router-stats failed")
+    rc = main(["plan", "moe", "--config", "fine-grained", "--gpus", "64", "--router-stats", str(stats),
+               "--out", str(out_dir / "moe-plan-dynamic-k.json")])
+    check_step(rc, f"demo moe: `adasched plan moe --router-stats` failed with exit status {rc}")
 
 
 def run(out_dir: Path) -> None:

@@ -8,18 +8,17 @@ from pathlib import Path
 
 
 def run(out_dir: Path) -> None:
+    from adasched.launch.demo import check_step
     from adasched.planner.cli import main
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     local = out_dir / "profile-local.json"
     rc = main(["profile", "--quick", "--out", str(local)])
-    if rc != 0:
-        raise SystemExit(f"demo profile: `adasched profile --quick` failed with exit status {rc}")
+    check_step(rc, f"demo profile: `adasched profile --quick` failed with exit status {rc}")
     plot = out_dir / "h100-sxm-profile.png"
     rc = main(["show", "h100-sxm", "--plot", str(plot)])
-    if rc != 0:
-        raise SystemExit(f"demo profile: `adasched show h100-sxm` failed with exit status {rc}")
+    check_step(rc, f"demo profile: `adasched show h100-sxm` failed with exit status {rc}")
     print(f"profile of this machine: {local}; built-in h100-sxm fitted models: {plot}")
 
 

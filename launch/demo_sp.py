@@ -13,6 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from adasched.launch.demo import check_step
 from adasched.launch.proc import run_tree
 
 PLAN_ARGS = ["--profile", "a100-64-flexsp-paper", "--model", "gpt-7b", "--seqlens", "builtin", "--gpus", "4",
@@ -27,8 +28,7 @@ def run(out_dir: Path) -> None:
     plan = out_dir / "sp-plan.json"
     plot = out_dir / "sp-plan.png"
     rc = main(["plan", "sp", *PLAN_ARGS, "--out", str(plan), "--plot", str(plot)])
-    if rc != 0:
-        raise SystemExit(f"demo flexsp: `adasched plan sp` failed with exit status {rc}")
+    check_step(rc, f"demo flexsp: `adasched plan sp` failed with exit status {rc}")
     print(f"FlexSP plan: {plan}; groups per rank of step 0: {plot}", flush=True)
     ckpt = out_dir / "sp-checkpoints"
     shutil.rmtree(ckpt, ignore_errors=True)
@@ -44,8 +44,7 @@ def run(out_dir: Path) -> None:
             rc = run_tree(cmd, env=env, timeout_s=600).returncode
         else:
             rc = launch_local(plan, 4, train_args, timeout_s=600)
-        if rc != 0:
-            raise SystemExit(f"demo flexsp: training on 4 gloo ranks failed with exit status {rc}")
+        check_step(rc, f"demo flexsp: training on 4 gloo ranks failed with exit status {rc}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,11 @@
 ``subprocess.run(cmd, timeout=...)`` kills only the process it started: torchrun died and its ranks lived on,
 still training, writing checkpoints and printing into the caller's output (or, killed during start-up, blocking
 on the dead agent's store until their own timeout). Here the command runs in a session of its own, and on a time
-limit or a Ctrl-C the whole process group gets SIGTERM, then SIGKILL after a grace period."""
+limit or a Ctrl-C the whole process group gets SIGTERM, then SIGKILL after a grace period. torchrun starts each
+rank in a session of its own (``start_new_session``), out of that group's reach: its own SIGTERM handler stops
+them, but when torchrun itself dies (SIGKILL, the OOM killer) they are orphans. So the tree's processes are
+recorded while it runs (from /proc, where there is one: Linux) and those still alive when the leader has ended
+are killed - also what ends a capture whose pipes the orphans held open until the time limit."""
 from __future__ import annotations
 
 import os
@@ -36,6 +40,56 @@ def _stop_group(proc: subprocess.Popen, grace_s: float) -> None:
             time.sleep(0.05)
 
 
+#: seconds between two looks at the tree's processes while it runs
+SCAN_S = 0.5
+
+
+def _descendants(root: int) -> dict[int, int]:
+    """pid -> start time (clock ticks since boot) of every descendant of ``root`` now; {} without /proc."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return {}
+    children: dict[int, list[tuple[int, int]]] = {}
+    for e in entries:
+        if not e.isdigit():
+            continue
+        try:
+            with open(f"/proc/{e}/stat", "rb") as f:
+                stat = f.read().decode("ascii", "replace")
+            rest = stat[stat.rindex(")") + 2:].split()  # (the command name may hold spaces and parentheses)
+            children.setdefault(int(rest[1]), []).append((int(e), int(rest[19])))
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+    found: dict[int, int] = {}
+    todo = [root]
+    while todo:
+        for pid, start in children.get(todo.pop(), ()):
+            if pid not in found:
+                found[pid] = start
+                todo.append(pid)
+    return found
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _kill_recorded(seen: dict[int, int]) -> None:
+    """SIGKILL every recorded process still alive (the same process: its start time matches, not a reused pid)."""
+    for pid, start in seen.items():
+        if _start_time(pid) == start:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def run_tree(cmd: Sequence[str], *, timeout_s: float, env: Mapping[str, str] | None = None,
              capture_output: bool = False, text: bool = True, grace_s: float = GRACE_S) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd, timeout=timeout_s, ...)`` whose time-out (``subprocess.TimeoutExpired``, with what
@@ -43,19 +97,37 @@ def run_tree(cmd: Sequence[str], *, timeout_s: float, env: Mapping[str, str] | N
     pipe = subprocess.PIPE if capture_output else None
     proc = subprocess.Popen(list(cmd), env=dict(env) if env is not None else None, stdout=pipe, stderr=pipe,
                             text=text, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    seen: dict[int, int] = {}
     try:
-        out, err = proc.communicate(timeout=timeout_s)
+        while True:
+            try:  # (communicate may be called again after its time-out: nothing captured is lost)
+                out, err = proc.communicate(timeout=max(0.0, min(SCAN_S, deadline - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    raise
+                if proc.poll() is not None:  # the leader ended, something of its tree holds the pipes: orphans
+                    _kill_recorded(seen)
+                else:
+                    seen.update(_descendants(proc.pid))
     except subprocess.TimeoutExpired:
         _stop_group(proc, grace_s)
-        out, err = proc.communicate()
+        _kill_recorded(seen)
+        try:
+            out, err = proc.communicate(timeout=grace_s)
+        except subprocess.TimeoutExpired:  # a process the scans never saw holds the pipes: give up reading
+            out = err = None
         raise subprocess.TimeoutExpired(list(cmd), timeout_s, output=out, stderr=err) from None
     except BaseException:  # KeyboardInterrupt: the group is in its own session, the terminal's Ctrl-C missed it
         _stop_group(proc, grace_s)
+        _kill_recorded(seen)
         proc.wait()
         raise
-    if proc.returncode is not None:  # the leader ended: stop any rank it left behind (torchrun's own crash)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    # the leader ended: stop any process it left behind (torchrun's own crash: its ranks, in sessions of their own)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _kill_recorded(seen)
     return subprocess.CompletedProcess(list(cmd), proc.returncode, out, err)

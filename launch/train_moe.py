@@ -176,7 +176,8 @@ def parse_args(argv):
                    "(default: world / S) across the nodes; a --plan of that layout (plan moe without --ep-size, "
                    "fewer experts than GPUs) needs S = its node size (default: %(default)s, whole experts)")
     p.add_argument("--router-stats-out", type=Path, default=None,
-                   help="write {mean_k_per_layer: [...]} of the last run (rank 0) for `adasched plan moe --router-stats`")
+                   help="write {mean_k_per_layer: [...]} of the last run for `adasched plan moe --router-stats`: "
+                        "assignments per token over all its steps and ranks")
     p.add_argument("--validate-only", action="store_true", help="check the arguments (and --plan and a "
                    "--checkpoint-dir save against WORLD_SIZE) and exit")
     p.add_argument("--compare-schedules", action="store_true",
@@ -449,6 +450,7 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log,
                            f"ranks (EP {ep_size}, expert shards {ep.shards if ep is not None else 1}); changed: "
                            + ", ".join(changed))
     losses, lrs = [], []
+    k_sums = None  # per layer: [assignments, tokens] of this run's steps on this rank (--router-stats-out)
     try:
         for step in range(start, args.steps):
             if shared_data:                            # the whole global batch, this rank's rows of it
@@ -473,6 +475,8 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log,
                 lv /= world
             losses.append(float(lv))
             stats = model.layer_stats()
+            step_k = [[s_["mean_k"] * s_["num_tokens"], float(s_["num_tokens"])] for s_ in stats]
+            k_sums = step_k if k_sums is None else [[a + c, b + d] for (a, b), (c, d) in zip(k_sums, step_k)]
             mean_k = "/".join(f"{s_['mean_k']:.2f}" for s_ in stats)
             dropped = "/".join(str(s_["dropped"]) for s_ in stats)
             lr_note = f" lr {lrs[-1]:.4g}" if sched is not None else ""
@@ -486,6 +490,12 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log,
     finally:
         if ck is not None:  # an error path: a save in flight completes with the peers still here (no-op after finish)
             ck.close()
+    mean_k_run = None  # assignments per token over every step of this run and every rank
+    if k_sums is not None:
+        sums = torch.tensor(k_sums, dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(sums)
+        mean_k_run = [float(a / b) if b > 0 else 0.0 for a, b in sums.tolist()]
     copies_diff = None
     if reducer is not None:
         reducer.remove()
@@ -495,7 +505,8 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log,
             "start_step": start, "resumed_from": resumed_from, "losses": losses, "lrs": lrs,
             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
             "floor_nats": task.entropy_nats,
-            "mean_k_per_layer": [s_["mean_k"] for s_ in model.layer_stats()]}
+            "mean_k_per_layer": mean_k_run if mean_k_run is not None else
+            [s_["mean_k"] for s_ in model.layer_stats()]}
 
 
 def train_schedule(schedule: str, *, router: str = "gshard", layers: int = 6, experts: int = 8, budget: int | None = None,

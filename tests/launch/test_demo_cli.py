@@ -33,3 +33,36 @@ def test_twill_demo_fails_when_its_schedule_fails_the_validator(tmp_path, monkey
     with pytest.raises(RuntimeError, match="fails its validator: op S0: issued before its input LK is ready"):
         demo_twill.run(tmp_path)
     assert not (tmp_path / "twill-fa3.json").exists()
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    """Demo check: Ctrl-C was a 26-62 line traceback, or - when the step's command had caught it and returned 130
+    ("aborted") - "failed with exit status 130" and exit 1. Both are "aborted (demo step NAME)" and 130 now."""
+    import adasched.launch.demo_profile as demo_profile
+    import adasched.planner.cli as cli
+
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted(argv):  # the CLI caught the Ctrl-C: "aborted" and 130
+        return 130
+    monkeypatch.setattr(cli, "main", interrupted)
+    assert main(["profile"]) == 130
+    err = capsys.readouterr().err
+    assert err == "aborted (demo step profile)\n", err
+
+    def raises(out):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(demo_profile, "run", raises)
+    assert main(["profile", "twill"]) == 130
+    out = capsys.readouterr()
+    assert out.err == "aborted (demo step profile)\n" and "demo step: twill" not in out.out
+
+
+def test_check_step():
+    from adasched.launch.demo import check_step
+
+    check_step(0, "unused")
+    with pytest.raises(KeyboardInterrupt):
+        check_step(130, "unused")
+    with pytest.raises(SystemExit, match="^demo x: failed with exit status 2$"):
+        check_step(2, "demo x: failed with exit status 2")

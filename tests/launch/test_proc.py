@@ -87,3 +87,54 @@ def test_launch_scripts_print_help_once_without_torchrun(script, tmp_path):
         assert r.returncode == 0 and r.stderr == "", r.stderr
         assert r.stdout.count("usage:") == 1 and f"adasched.launch.{script}" in r.stdout.splitlines()[0], r.stdout
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def _pids_running(marker: str) -> list[int]:
+    found = []
+    for e in os.listdir("/proc"):
+        if e.isdigit():
+            try:
+                with open(f"/proc/{e}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        found.append(int(e))
+            except OSError:
+                pass
+    return [p for p in found if _alive(p)]
+
+
+@pytest.mark.parametrize("capture", [False, True])
+def test_ranks_of_a_torchrun_that_dies_are_stopped(capture):
+    """Demo check: torchrun starts each rank in a session of its own, so killpg of torchrun's group missed them:
+    with torchrun SIGKILLed (an OOM kill) its ranks lived on as orphans, and with capture_output run_tree waited
+    for the time limit (their pipes stayed open). The ranks are recorded while they run and killed now."""
+    import threading
+
+    marker = f"{os.getpid()}.{int(capture)}7"  # a sleep argument only this test uses
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
+           "sleep", marker]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    killed = []
+
+    def kill_the_agent():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ranks = [p for p in _pids_running(marker) if b"distributed.run" not in open(f"/proc/{p}/cmdline", "rb").read()]
+            agents = [p for p in _pids_running(marker) if p not in ranks]
+            if len(ranks) == 2 and agents:
+                time.sleep(1.0)  # (a scan of run_tree's has seen them)
+                os.kill(agents[0], 9)
+                killed.append(agents[0])
+                return
+            time.sleep(0.2)
+    t = threading.Thread(target=kill_the_agent, daemon=True)
+    t.start()
+    start = time.monotonic()
+    res = run_tree(cmd, timeout_s=120, env=env, capture_output=capture, grace_s=2.0)
+    took = time.monotonic() - start
+    t.join(5)
+    assert killed and res.returncode == -9, (killed, res.returncode)
+    assert took < 90, f"{took:.0f} s: waited for the time limit"
+    deadline = time.monotonic() + 10
+    while _pids_running(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _pids_running(marker), "ranks of the dead torchrun are still running"

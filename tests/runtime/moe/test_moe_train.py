@@ -109,6 +109,27 @@ def test_torchrun_ep_training_prints_loss_per_step(tmp_path):
     assert data["router"] == "top_p" and len(data["mean_k_per_layer"]) == 2
 
 
+def test_router_stats_out_averages_the_whole_run(tmp_path):
+    """Demo check: --router-stats-out wrote the last step's mean k on rank 0 (one micro-batch), described as the
+    trained router's expected k per layer; it is the assignments per token over every step (and rank) now."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(k, None)
+    stats = tmp_path / "stats.json"
+    proc = subprocess.run([sys.executable, "-m", "adasched.launch.train_moe", "--router", "top_p", "--schedule",
+                           "descending", "--steps", "4", "--layers", "3", "--router-stats-out", str(stats)],
+                          capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    per_step = [[float(k) for k in l.split(" mean_k ")[1].split()[0].split("/")]
+                for l in proc.stdout.splitlines() if " step " in l]
+    assert len(per_step) == 4 and len(per_step[0]) == 3
+    got = json.loads(stats.read_text())["mean_k_per_layer"]
+    want = [sum(col) / 4 for col in zip(*per_step)]  # the same tokens every step: the plain mean of the steps
+    assert got == pytest.approx(want, abs=0.006)      # (the log prints 2 decimals)
+    assert len({tuple(r) for r in per_step}) > 1  # the steps differ: the last one alone is not the mean
+
+
 def test_planned_pipeline_and_per_layer_settings_are_validated():
     from adasched.runtime.moe.lm import TinyMoELM
     from adasched.runtime.moe.planned import PlannedPipeline
