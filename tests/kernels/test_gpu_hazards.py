@@ -82,22 +82,23 @@ def test_gemm_indexes_in_int64_where_offsets_reach_2_31():
 def test_gemm_int64_indices_cover_the_k_axis():
     """Hunt finding: OFFS_64 widened offs_m and offs_n only; ``offs_k * stride_bk`` and the K step
     ``BLOCK_K * stride_bk`` stayed int32, so a B whose rows are >= 2**31 / BLOCK_K elements apart (a [K, N] B with
-    N >= 33.5M, or its slice) read from ~2**32 elements before B from the second K tile on. A 4.3 GB int8 storage
+    N >= 33.5M, or its slice) read from ~2**32 elements before B from the second K tile on. An 8.6 GB fp16 storage
     (virtual: only B's 65 rows and the wrapped row are touched) puts a B row stride past that bound; the wrapped
-    address holds different values, so the old kernel's result differs in every element."""
+    address holds different values, so the old kernel's result differs in every element. (Small integers in fp16:
+    every product and sum exact; int8 operands, used here before, are refused by gemm now.)"""
     rng = np.random.default_rng()
     S, O = 2 ** 31 // 64 + 1, 2 ** 31  # B's row stride; its storage offset (the wrapped row lands inside storage)
     M, N, K = 16, 16, 65
-    store = torch.empty(O + 64 * S + N, dtype=torch.int8)
+    store = torch.empty(O + 64 * S + N, dtype=torch.float16)
     b = store.as_strided((K, N), (S, 1), O)
-    dense = torch.from_numpy(rng.integers(-1, 2, (K, N)).astype(np.int8))
+    dense = torch.from_numpy(rng.integers(-1, 2, (K, N)).astype(np.float16))
     b.copy_(dense)
-    store[64:64 + N] = torch.from_numpy(rng.integers(40, 60, N).astype(np.int8))  # what a wrapped row-64 reads
-    a = torch.from_numpy(rng.integers(0, 2, (M, K)).astype(np.int8))
+    store[64:64 + N] = torch.from_numpy(rng.integers(40, 60, N).astype(np.float16))  # what a wrapped row-64 reads
+    a = torch.from_numpy(rng.integers(0, 2, (M, K)).astype(np.float16))
     a[:, 64] = 1  # every row uses B's row 64, the one behind the wrapped address
     assert G._offs_64(a, b)
     c = G.gemm(a, b, G.GemmConfig(block_m=16, block_n=16, block_k=64))
-    torch.testing.assert_close(c.to(torch.int32), a.to(torch.int32) @ dense.to(torch.int32), rtol=0, atol=0)
+    torch.testing.assert_close(c.float(), a.float() @ dense.float(), rtol=0, atol=0)
 
 
 def test_lora_forward_weight_offsets_are_int64():
