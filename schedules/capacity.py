@@ -33,14 +33,18 @@ __all__ = ["CAPACITY_SCHEDULES", "capacity_schedule", "schedule_shape", "moe_lay
 CAPACITY_SCHEDULES: tuple[str, ...] = ("uniform", "descending", "ascending", "pyramid", "inverted_pyramid", "wave")
 
 
-def _shape_fn(name: str, waves: float) -> Callable[[float], float]:
+def _shape_fn(name: str, waves: float, num_layers: int) -> Callable[[int], float]:
+    """f(u_l) of layer l, u_l = l / (L - 1) (0 for one layer). The wave's phase waves * l / (L - 1) is reduced mod 1
+    before the sine, exactly for a whole number of waves: a wave sampled at its zeros (L = 1024, waves = 2046;
+    waves = 1e7) gave sin(2 pi k) ~ 1e-12..1e-9, which capacity_schedule then stretched over the whole [lo, hi]."""
+    n = max(num_layers - 1, 1)
     return {
-        "uniform": lambda u: 0.0,
-        "descending": lambda u: 1.0 - u,
-        "ascending": lambda u: u,
-        "pyramid": lambda u: 1.0 - abs(2.0 * u - 1.0),
-        "inverted_pyramid": lambda u: abs(2.0 * u - 1.0),
-        "wave": lambda u: math.sin(2.0 * math.pi * waves * u),
+        "uniform": lambda l: 0.0,
+        "descending": lambda l: 1.0 - l / n,
+        "ascending": lambda l: l / n,
+        "pyramid": lambda l: 1.0 - abs(2.0 * (l / n) - 1.0),
+        "inverted_pyramid": lambda l: abs(2.0 * (l / n) - 1.0),
+        "wave": lambda l: math.sin(2.0 * math.pi * (math.fmod(waves * l, n) / n)),
     }[name]
 
 
@@ -58,15 +62,8 @@ def schedule_shape(name: str, num_layers: int, waves: float = 1.0) -> list[float
     # number flipped the wave, inf raised a math domain error)
     if isinstance(waves, bool) or not isinstance(waves, numbers.Real) or not (math.isfinite(waves) and waves > 0):
         raise ValueError(f"waves: {waves!r} must be a finite number > 0")
-    L = num_layers
-    if name == "wave" and L > 1:
-        # the phase waves * l / (L - 1) reduced mod 1 before the sine, exactly for an integer number of waves: a wave
-        # sampled at its zeros (L = 1024, waves = 2046; waves = 1e7) gave sin(2 pi k) ~ 1e-12..1e-9, which
-        # capacity_schedule then stretched over the whole [lo, hi] range
-        vals = [math.sin(2.0 * math.pi * (math.fmod(waves * l, L - 1) / (L - 1))) for l in range(L)]
-    else:
-        fn = _shape_fn(name, waves)
-        vals = [fn(l / (L - 1) if L > 1 else 0.0) for l in range(L)]
+    fn = _shape_fn(name, waves, num_layers)
+    vals = [fn(l) for l in range(num_layers)]
     # what is left of the sine's rounding at its zeros (sin(pi) = 1.2e-16) is 0 (shapes lie in [-1, 1])
     return [0.0 if abs(v) < SHAPE_ZERO else v for v in vals]
 

@@ -75,13 +75,13 @@ def run_bench(profile: ClusterProfile, gpus: int, presets: list[str], params: So
                 # all-to-all's stream, "inter-node bound" when that exchange also crosses nodes (on one node it is
                 # an NVLink exchange, whatever constants price it). ideal = serial time / busiest resource: no
                 # schedule can beat it.
-                busy = _resource_busy(c, gpus, profile, src)
+                busy, topo = _resource_busy(c, gpus, profile, src)
                 bottleneck = max(busy, key=busy.get)
                 ideal = no_pipe / max(max(busy.values()), 1e-12)
                 fused_bwd = l0.bwd_fused_wgrad_ms if l0.bwd_fused_wgrad_ms is not None else l0.bwd_ms
                 rows.append(dict(
                     config=c.name, preset=preset, ep_size=c.ep_size, a2a_bound=bottleneck == "inter",
-                    inter_node_bound=bottleneck == "inter" and gpus > profile.gpus_per_node,
+                    inter_node_bound=bottleneck == "inter" and not topo.a2a_in_one_node,
                     bottleneck=bottleneck, a2a_ms=c.a2a_ms, ideal_speedup_bound=ideal,
                     r_fwd=l0.r_fwd, r_bwd=l0.r_bwd, wgrad_bwd=l0.wgrad_bwd, fwd_ms=l0.fwd_ms, bwd_ms=l0.bwd_ms,
                     fwd_bwd_ms=c.fwd_bwd_ms, no_pipeline_ms=no_pipe, fixed_r2_ms=c.baselines_fwd_bwd_ms["fixed-r2"],
@@ -101,14 +101,16 @@ def run_bench(profile: ClusterProfile, gpus: int, presets: list[str], params: So
             "summary_all_sources": _block_summary(all_rows) | meta, "sources": sources}
 
 
-def _resource_busy(c, gpus: int, profile: ClusterProfile, src: str) -> dict[str, float]:
-    """Total busy time (fwd + bwd, ms) of each resource for one layer at r = 1 (chunking only adds alphas)."""
+def _resource_busy(c, gpus: int, profile: ClusterProfile, src: str):
+    """Total busy time (fwd + bwd, ms) of each resource for one layer at r = 1 (chunking only adds alphas), and the
+    layout's Topology."""
     from .costmodel import MoEConfig, stage_costs, topology
 
     cfg = MoEConfig.model_validate(c.config)
-    fwd = stage_costs(cfg, topology(cfg, gpus, profile.gpus_per_node), source=src, profile=profile)  # type: ignore[arg-type]
+    topo = topology(cfg, gpus, profile.gpus_per_node)
+    fwd = stage_costs(cfg, topo, source=src, profile=profile)  # type: ignore[arg-type]
     f, b = fwd.resource_busy_ms(1), fwd.backward().resource_busy_ms(1)
-    return {k: f[k] + b[k] for k in f}
+    return {k: f[k] + b[k] for k in f}, topo
 
 
 SUBPROCESS_TIMEOUT_S = 1800.0

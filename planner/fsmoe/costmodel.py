@@ -160,6 +160,13 @@ class Topology:
         return min(self.exchange_node or self.gpus_per_node, self.ep_size) if self.two_step else 1
 
     @property
+    def a2a_in_one_node(self) -> bool:
+        """The all-to-all never leaves a node: one node in all, or flat EP groups of K contiguous ranks, K dividing
+        the node size."""
+        return self.gpus <= self.gpus_per_node or (not self.hierarchical and not self.two_step
+                                                   and self.gpus_per_node % self.ep_size == 0)
+
+    @property
     def nodes(self) -> int:
         return self.gpus // self.gpus_per_node
 
@@ -343,9 +350,7 @@ def stage_costs(cfg: MoEConfig, topo: Topology, *, source: Literal["published", 
             what = "nodes" if topo.two_step else "GPUs"
             notes.append(f"a2a: FSMoE's n0 = f*T*M/P with P = {peers} {what} (its fit's layout has P = nodes); "
                          "flat and two-step exchanges are not comparable with these constants: --stages profile")
-        one_node = (topo.gpus <= topo.gpus_per_node or (not topo.hierarchical and not topo.two_step
-                                                         and topo.gpus_per_node % topo.ep_size == 0))
-        if n[0] > 0 and one_node:  # (flat EP groups of K contiguous ranks, K dividing the node: inside one node)
+        if n[0] > 0 and topo.a2a_in_one_node:
             notes.append("a2a: FSMoE's inter-node constants price an exchange inside one node (the paper fitted "
                          "no intra-node all-to-all): --stages profile prices the node's links")
         return StageCosts(alpha, work, "published FSMoE constants (fsmoe.md)", tuple(notes),  # type: ignore[arg-type]

@@ -83,7 +83,7 @@ def test_forward_case_names_the_busiest_resource():
     plan = plan_moe(cfgs, 64, prof, stages="published", params=PARAMS)
     for c, cfg in zip(plan.configs, cfgs):
         assert c.layers[0].case_fwd == "intra-node-bound (all-gather / reduce-scatter)"
-        busy = _resource_busy(c, 64, prof, "published")
+        busy, _ = _resource_busy(c, 64, prof, "published")
         assert max(busy, key=busy.get) == "intra"
         fwd = stage_costs(cfg, topology(cfg, 64, 8), source="published", profile=prof)
         assert forward_case(fwd, 1) == c.layers[0].case_fwd  # un-chunked too, as the bench counts it
