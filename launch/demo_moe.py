@@ -14,11 +14,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from adasched.launch.demo import check_step
-from adasched.launch.proc import run_tree
+from adasched.launch.proc import torchrun_tree
 
 __all__ = ["run", "plan_part", "train_part", "stats_part"]
 
@@ -29,15 +28,14 @@ def train_part(out_dir: Path) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = out_dir / "moe-router-stats.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "adasched.launch.train_moe", "--router", "top_p", "--schedule", "descending", "--layers", "4",
-           "--steps", "6", "--r-fwd", "2", "--r-bwd", "1", "--wgrad", "deferred", "--router-stats-out", str(stats)]
+    args = ["--router", "top_p", "--schedule", "descending", "--layers", "4",
+            "--steps", "6", "--r-fwd", "2", "--r-bwd", "1", "--wgrad", "deferred", "--router-stats-out", str(stats)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
     print("moe: tiny MoE LM, top-p routing, descending k_max schedule, EP over 2 gloo ranks (torchrun, "
           "r_fwd=2, r_bwd=1, wgrad deferred):")
     try:
-        proc = run_tree(cmd, capture_output=True, env=env, timeout_s=600)
+        proc = torchrun_tree(2, "adasched.launch.train_moe", args, capture_output=True, env=env, timeout_s=600)
     except subprocess.TimeoutExpired:  # (run_tree stopped torchrun and its ranks)
         raise SystemExit("demo moe: train_moe did not finish within 600 s (stopped)") from None
     for line in proc.stdout.splitlines():

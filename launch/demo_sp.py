@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from adasched.launch.demo import check_step
-from adasched.launch.proc import run_tree
+from adasched.launch.proc import torchrun_tree
 
 PLAN_ARGS = ["--profile", "a100-64-flexsp-paper", "--model", "gpt-7b", "--seqlens", "builtin", "--gpus", "4",
              "--global-batch", "64", "--max-context", "12000", "--steps", "2", "--seed", "0", "--time-limit", "0.5"]
@@ -39,9 +39,8 @@ def run(out_dir: Path) -> None:
         except ImportError:  # runtime not installed: run torchrun directly
             env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
             env.setdefault("OMP_NUM_THREADS", "1")
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-                   "-m", "adasched.launch.train_sp", "--plan", str(plan), *train_args]
-            rc = run_tree(cmd, env=env, timeout_s=600).returncode
+            rc = torchrun_tree(4, "adasched.launch.train_sp", ["--plan", str(plan), *train_args], env=env,
+                               timeout_s=600).returncode
         else:
             rc = launch_local(plan, 4, train_args, timeout_s=600)
         check_step(rc, f"demo flexsp: training on 4 gloo ranks failed with exit status {rc}")

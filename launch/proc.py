@@ -13,10 +13,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
+import tempfile
 import time
 from typing import Mapping, Sequence
 
-__all__ = ["run_tree"]
+__all__ = ["run_tree", "torchrun_tree"]
 
 #: seconds between SIGTERM and SIGKILL to the process group
 GRACE_S = 10.0
@@ -131,3 +133,14 @@ def run_tree(cmd: Sequence[str], *, timeout_s: float, env: Mapping[str, str] | N
         pass
     _kill_recorded(seen)
     return subprocess.CompletedProcess(list(cmd), proc.returncode, out, err)
+
+
+def torchrun_tree(nproc: int, module: str, args: Sequence[str], *, timeout_s: float,
+                  env: Mapping[str, str] | None = None, capture_output: bool = False) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=NPROC -m MODULE ARGS`` under :func:`run_tree`, with torchrun's
+    log folder a temporary one removed afterwards: without ``--log-dir`` torchrun leaves an empty
+    ``/tmp/torchelastic_*`` tree behind on every launch."""
+    with tempfile.TemporaryDirectory(prefix="adasched-torchrun-") as logs:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "--log-dir", logs, "-m", module, *args]
+        return run_tree(cmd, timeout_s=timeout_s, env=env, capture_output=capture_output)

@@ -510,12 +510,11 @@ def launch_local(plan: str | os.PathLike, nproc: int = 4, args: Sequence[str] = 
         return rc
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.setdefault("OMP_NUM_THREADS", "1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "adasched.launch.train_sp", "--plan", str(plan), *args]
-    from .proc import run_tree
+    from .proc import torchrun_tree
 
     try:
-        return run_tree(cmd, env=env, timeout_s=timeout_s).returncode
+        return torchrun_tree(nproc, "adasched.launch.train_sp", ["--plan", str(plan), *args], env=env,
+                             timeout_s=timeout_s).returncode
     except subprocess.TimeoutExpired:  # torchrun and every rank are stopped (they lived on, still training)
         print(f"error: train_sp: {nproc} ranks did not finish within {timeout_s:g} s (stopped)", file=sys.stderr)
         return 1

@@ -138,3 +138,24 @@ def test_ranks_of_a_torchrun_that_dies_are_stopped(capture):
     while _pids_running(marker) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _pids_running(marker), "ranks of the dead torchrun are still running"
+
+
+def test_torchrun_tree_leaves_no_log_folders(tmp_path):
+    """torchrun without --log-dir made an empty /tmp/torchelastic_* tree per launch (3 per `make demo`): the
+    launchers' log folder is a temporary one, gone afterwards, and nothing lands in the ranks' temp dir."""
+    import tempfile
+
+    from adasched.launch.proc import torchrun_tree
+
+    (tmp_path / "mod").mkdir()
+    (tmp_path / "mod" / "probe_rank.py").write_text("import os\nprint('rank', os.environ['RANK'], flush=True)\n")
+    child_tmp = tmp_path / "tmp"
+    child_tmp.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "mod"), TMPDIR=str(child_tmp), OMP_NUM_THREADS="1")
+    before = {p.name for p in os.scandir(tempfile.gettempdir()) if p.name.startswith("adasched-torchrun-")}
+    proc = torchrun_tree(2, "probe_rank", [], timeout_s=120, env=env, capture_output=True)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("rank")) == ["rank 0", "rank 1"]
+    assert list(child_tmp.iterdir()) == []  # (torchrun's default: torchelastic_<random>/<run id>/attempt_0/...)
+    after = {p.name for p in os.scandir(tempfile.gettempdir()) if p.name.startswith("adasched-torchrun-")}
+    assert after == before
