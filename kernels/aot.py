@@ -152,7 +152,8 @@ def kernel_cases(only: Optional[Iterable[str]] = None, arch: int = 90) -> list[t
     """(group, label, fn, types, consts, options, no_divisibility) for our kernels at the configurations they run
     with: the LoRA GEMM at every autotune config (forward, and dX with the dropout mask; pointer tiles, and TMA
     descriptor loads as ``base_gemm="triton_tma"`` runs them) and the Twill-style 128x128 / 128x256 tiles
-    (warp-specialised on sm_100), the dropout/S and dY kernels at their launch settings, the plain GEMM at the
+    (warp-specialised on sm_100), the dropout/S and dY kernels at their launch settings (the forward GEMM, dropout/S
+    and dY again at 64 and 128 rank columns), the plain GEMM at the
     sweep's tiles (and with TMA at the two 8-warp ones), the MoE grouped GEMMs at their autotune configs."""
     from . import gemm as G
     from . import lora as L
@@ -201,6 +202,24 @@ def kernel_cases(only: Optional[Iterable[str]] = None, arch: int = 90) -> list[t
                       dict(SPLIT_N=5, BLOCK_M=128, BLOCK_N=64, BLOCK_R=16, HAS_DBIAS=False, UPCAST=False,
                            B_ROWS=True, R_ALIGN=8),
                       dict(num_warps=4, num_stages=3), ("db_copies",)))
+        # the rank-column width grows with the adapters' ranks (BLOCK_R = next power of two of the largest r):
+        # the register-heavy kernels again at r = 64 and 128, at the launch settings they get there (the dY
+        # kernel's 4 warps spilled at 128 columns; dy_knobs gives it 8)
+        kw0, opts0 = gemm_cfgs[0]
+        for r in (64, 128):
+            tile = f"128x{kw0['BLOCK_O']}x{kw0['BLOCK_RED']} s{opts0['num_stages']} w{opts0['num_warps']}"
+            cases.append(("lora", f"lora GEMM fwd {tile} r{r}", L._lora_gemm_kernel, SIGNATURES["lora_gemm"],
+                          dict(BLOCK_M=128, BLOCK_R=r, UPCAST=False, WARP_SPECIALIZE=ws, HAS_BIAS=False,
+                               EPI_SPLIT=-1, **kw0, HAS_MASK=False, APPLY_SCALE=True, stride_wr=1, stride_pr=1,
+                               W_OUT_MAJOR=True, P_R_UNIT=True, R_ALIGN=8), opts0, ()))
+            cases.append(("lora", f"lora down: dropout/S r{r}", L._lora_down_kernel, SIGNATURES["lora_down"],
+                          dict(down, BLOCK_R=r, HAS_DROPOUT=True, HAS_DOT=True, SUB_M=L.DOWN_LAUNCH["sub_m"]),
+                          dict(num_warps=L.DOWN_LAUNCH["warps"], num_stages=L._DOWN_STAGES), ("seed",)))
+            dy = L.dy_knobs(r)
+            cases.append(("lora", f"lora dY (split 5) r{r} w{dy['warps']}", L._lora_dy_kernel, SIGNATURES["lora_dy"],
+                          dict(SPLIT_N=5, BLOCK_M=128, BLOCK_N=int(dy["block_n"]), BLOCK_R=r, HAS_DBIAS=False,
+                               UPCAST=False, B_ROWS=True, R_ALIGN=8),
+                          dict(num_warps=int(dy["warps"]), num_stages=3), ("db_copies",)))
     if "gemm" in groups:
         for bn, warps, stages, tma in ((128, 4, 3, False), (128, 8, 4, False), (256, 8, 3, False),
                                        (256, 8, 4, False), (128, 8, 4, True), (256, 8, 4, True)):

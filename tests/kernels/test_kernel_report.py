@@ -59,3 +59,23 @@ def test_bad_group_is_one_error_line(tmp_path):
     for empty in ("", " "):  # '' meant every group; ' ' said "--only:  not in"
         proc = _run(["--only", empty], tmp_path)
         assert proc.returncode == 2 and proc.stderr.strip() == "error: --only: '' not in lora, gemm, moe", proc.stderr
+
+
+def test_lora_cases_cover_wide_rank_columns():
+    """kernel_report compiled the LoRA kernels at BLOCK_R = 16 only (the dY kernel's spill at 128 columns on 4
+    warps was found by hand): the forward GEMM, dropout/S and dY rows come again at 64 and 128 columns, the dY
+    rows at the warps dy_knobs launches them with."""
+    from adasched.kernels import lora as L
+    from adasched.kernels.aot import kernel_cases
+
+    cases = kernel_cases(["lora"], 90)
+    wide = {label: (consts, opts) for _, label, _, _, consts, opts, _ in cases if consts.get("BLOCK_R") != 16}
+    assert len(wide) == 6, sorted(wide)
+    for r in (64, 128):
+        rows = {label: v for label, v in wide.items() if label.endswith(f" r{r}") or f" r{r} " in label}
+        assert sorted(label.split(" ")[1] for label in rows) == ["GEMM", "dY", "down:"], sorted(rows)
+        for label, (consts, opts) in rows.items():
+            assert consts["BLOCK_R"] == r, label
+            if label.startswith("lora dY"):
+                assert opts["num_warps"] == L.dy_knobs(r)["warps"] == (8 if r > 64 else 4), label
+                assert label.endswith(f" w{opts['num_warps']}"), label
