@@ -49,7 +49,7 @@ PRECOMPUTED = {
                                "status": "optimal", "solve_seconds": 0.02},
     ("b200", (128, 128, 64)): {"num_stages": 4, "num_warps": 4, "warp_specialize": True, "maxnreg": 240, "ii": 2,
                                "status": "optimal", "solve_seconds": 0.02},
-    ("b200", (128, 256, 64)): {"num_stages": 4, "num_warps": 8, "warp_specialize": True, "maxnreg": 240, "ii": 2,
+    ("b200", (128, 256, 64)): {"num_stages": 4, "num_warps": 8, "warp_specialize": True, "maxnreg": 168, "ii": 2,
                                "status": "optimal", "solve_seconds": 0.02},
 }
 
@@ -105,10 +105,10 @@ def plan_config(tile: tuple[int, int, int], machine: str, dtype_bytes: int = 2, 
                           simulate=False)
     except Exception as err:  # carried wheels that import but fail to solve (a GPU image's other protobuf, ...)
         return precomputed(err)
-    knobs = plan.knobs.model_dump()
+    knobs = plan.knobs.model_dump(exclude={"note"})  # (the launch knobs; a note says what they cannot give)
     cfg = GemmConfig.from_knobs(knobs, block_m=bm, block_n=bn, block_k=bk)
     return cfg, {"ii": plan.ii, "status": plan.solver.status, "solve_seconds": plan.solver.solve_seconds,
-                 "source": "solved", "knobs": knobs}
+                 "source": "solved", "knobs": knobs, **({"note": plan.knobs.note} if plan.knobs.note else {})}
 
 
 def sweep_configs(tile: tuple[int, int, int], machine: str, stages=SWEEP_STAGES, warps=SWEEP_WARPS) -> list:

@@ -59,7 +59,7 @@ def register(groups) -> None:
             emit_json({
                 "ii": plan.ii, "mii": plan.mii, "res_mii": plan.res_mii, "rec_mii": plan.rec_mii,
                 "excl_mii": plan.excl_mii,
-                "plain_ii": plan.plain_ii, "method": plan.method, "load_slack": plan.load_slack,
+                "plain_ii": plan.plain_ii, "plain_ii_proven": plan.plain_ii_proven, "method": plan.method, "load_slack": plan.load_slack,
                 "status": plan.solver.status, "gap": plan.solver.gap,
                 "ii_proven_minimal": plan.ii_proven_minimal, "solve_seconds": plan.solver.solve_seconds,
                 "stages": plan.stages,

@@ -12,8 +12,10 @@ Mapping (documented assumptions, checked on a GPU by launch/gemm_check.py):
   the 128x256x64 tile ran best at 4 stages (schedule depth 3) every time; on 128x128x64, 4 stages with 8
   warps was within 3.6 % of the best in every sweep and the earlier choice (3 stages, 4 warps, two CTAs per
   SM) within 7 % - they swap places from run to run, so the plain GEMM does not decide between them;
-- ``num_warps``: with warp specialization 4 per consumer (non-producer) warp group, rounded up to a power of two
-  (Triton takes no other: FA4's three consumer groups give 16, not 12). Without it Triton spreads
+- ``num_warps``: with warp specialization 4 per register-holding consumer warp group, rounded up to a power of two
+  (Triton takes no other: 12 is refused); groups without live values (producers, the MMA-issue group - one
+  thread issues tcgen05 on Blackwell) become Triton's worker partitions (FA4: 8 default warps for its two
+  softmax groups; it was 16, counting the MMA-issue group and rounding 12 up). Without it Triton spreads
   the tile's rows over all warps, one warpgroup per 64-row MMA slice, so every register-holding op gets a
   warpgroup of its own: 4 x max(consumer groups, register-holding ops), at most 8 (two consumer
   warpgroups, as CUTLASS's cooperative Hopper kernels). What decides it on the H200 is the fused LoRA GEMM
@@ -22,12 +24,18 @@ Mapping (documented assumptions, checked on a GPU by launch/gemm_check.py):
   re-timed, so the mapping stands); the plain GEMM is within run-to-run noise either way (above);
 - ``warp_specialize``: True only where the machine's Triton supports it (Blackwell) and the schedule has a
   producer group; on Hopper it is False (upstream may ignore or reject it there);
-- ``maxnreg``: only with ``warp_specialize`` (the per-group register split that setmaxnreg makes happen): the
-  registers per thread a register-holding group may take when every other group (producers, MMA-issue groups
-  without live values) keeps only its base: the register file minus those bases, shared evenly by the groups
-  whose ops hold registers, rounded down to a multiple of 8 and capped by the per-group limit - but never below
-  what the neediest group holds (its base plus its values' buffers, rounded up to 8), which an even split could
-  fall under (the schedule keeps every group within the per-group limit and the file). Without warp
+- ``maxnreg``: only with ``warp_specialize``. Triton reads it as the registers per thread of *every* warp at launch
+  - the ``num_warps`` default warps plus the worker warps its warp specialization adds (the producer and
+  MMA-issue partitions, padded to whole warpgroups: one warpgroup for up to four such groups) - and then moves
+  registers from the workers to the default warps with setmaxnreg. The CTA must fit the register file
+  (``maxnreg x 32 x all warps <= regs_total x 128``), so maxnreg is that bound rounded down to 8 (Triton's own
+  choice when none is given; an offline sm_100 compile of the 128x256x64 GEMM at 8 warps picks 168 = 65,536 /
+  (12 warps x 32), rounded down to 8), capped by the per-group limit. This used to be the neediest group's
+  registers (232 for FA4 over 16 + 4 warps, 240 for the 128x256 GEMM over 8 + 4: 148,480 and 92,160 registers,
+  more than the 65,536 a CTA may hold - a launch Triton would refuse; found by reading Triton's
+  AllocateWarpGroups, not on a Blackwell GPU). What the default (consumer) warps end up with is estimated with
+  the workers at the machine's base registers; when the neediest register-holding group needs more, the knobs'
+  ``note`` says so (the schedule's split then does not map onto Triton's one default partition). Without warp
   specialization there is no split to make and the knob is left to the compiler (None): on an H200
   (2026-11-28, ``launch/device_check.py``) capping a non-specialized Triton GEMM at 240 registers cost 4-13 %
   (128x256x64 s3 w8: 611-638 TFLOP/s with the cap, 664-679 without).
@@ -49,6 +57,9 @@ class TritonKnobs(BaseModel):
     num_warps: int = Field(ge=1)
     warp_specialize: bool
     maxnreg: int | None = Field(default=None, ge=24, le=255)
+    #: what the knobs cannot give the schedule (a register-holding group needing more registers than Triton's
+    #: launch leaves the default warps), or None
+    note: str | None = None
 
     def as_launch_kwargs(self) -> dict:
         out = {"num_stages": self.num_stages, "num_warps": self.num_warps}
@@ -89,25 +100,34 @@ def derive_knobs(graph: Graph, machine: Machine, ii: int, times: dict[str, int],
     producer = {groups[o.name] for o in graph.ops if o.variable_latency}
     consumer = {groups[o.name] for o in graph.ops} - producer
     ws = bool(machine.warp_specialize and producer and consumer)
-    if ws:
-        # 4 warps per consumer group, rounded up to a power of two: Triton takes no other (fa4's three consumer
-        # groups gave 12, which triton.compile refuses)
-        num_warps = 1 << (4 * max(1, len(consumer)) - 1).bit_length()
-    else:
+    if not ws:
         holders = sum(1 for o in graph.ops if (o.regs or 0) > 0)
-        num_warps = min(8, 4 * max(1, len(consumer), holders))
+        return TritonKnobs(num_stages=max(1, num_stages), num_warps=min(8, 4 * max(1, len(consumer), holders)),
+                           warp_specialize=False)
     holding = {groups[o.name] for o in graph.ops if (o.regs or 0) > 0} or consumer
-    others = len(set(groups.values()) - holding)
-    share = (machine.regs_total - machine.group_base_regs * others) // max(1, len(holding))
-    # at least what the neediest group holds (its values' buffers), rounded up to setmaxnreg's step of 8: an even
-    # split of the register file gave 160 where a group needed 174 (its kernel would spill); the schedule already
-    # keeps every group within regs_per_group_max and the total within the file
+    # 4 warps per register-holding consumer group, rounded up to a power of two (Triton takes no other: 12 is
+    # refused); the groups without live values (producers, MMA issue - one thread on Blackwell) are Triton's
+    # worker partitions, not default warps (fa4 counted its MMA-issue group: 16 default warps, registers for 112
+    # per thread where the softmax groups need 216)
+    num_warps = 1 << (4 * max(1, len(holding & consumer)) - 1).bit_length()
+    workers = len(set(groups.values()) - holding)
+    worker_warps = 4 * max(1, -(-workers // 4))
+    file_regs = machine.regs_total * machine.threads_per_group  # registers of one CTA's file
+    top = min(machine.regs_per_group_max, 255) // 8 * 8
+    maxnreg = max(24, min(top, file_regs // (32 * (num_warps + worker_warps)) // 8 * 8))
+    # the default warps' share once the workers drop to their base (Triton's setmaxnreg split, estimated)
+    base = -(-machine.group_base_regs // 8) * 8
+    default_regs = min(256, (maxnreg * (num_warps + worker_warps) - min(base, maxnreg) * worker_warps)
+                       // num_warps // 8 * 8)
     need = max([machine.group_base_regs + sum((o.regs or 0) * depth[o.name] for o in graph.ops if groups[o.name] == q)
                 for q in holding] + [0])
-    top = min(machine.regs_per_group_max, 255) // 8 * 8
-    maxnreg = max(24, min(top, max(share // 8 * 8, -(-need // 8) * 8)))
-    return TritonKnobs(num_stages=max(1, num_stages), num_warps=num_warps, warp_specialize=ws,
-                       maxnreg=maxnreg if ws else None)
+    note = None
+    if need > default_regs:
+        note = (f"a warp group needs {need} registers per thread; Triton's launch (maxnreg {maxnreg} over "
+                f"{num_warps} + {worker_warps} worker warps) leaves the default warps about {default_regs}: "
+                f"expect spills unless the groups get partitions of their own")
+    return TritonKnobs(num_stages=max(1, num_stages), num_warps=num_warps, warp_specialize=True, maxnreg=maxnreg,
+                       note=note)
 
 
 def gemm_graph(machine: Machine, block_m: int, block_n: int, block_k: int, dtype_bytes: int = 2) -> Graph:

@@ -62,7 +62,11 @@ class TwillPlan(Plan):
                                      "(a lower bound on it when the solve's deadline cut its search short)")
     excl_mii: int = Field(default=0, ge=0, description="the exclusive-cells bound (mii.exclusive_mii) when it is above "
                                                        "res_mii and rec_mii, else 0 (0 in plans written before it)")
-    plain_ii: int = Field(description="minimal I of plain modulo scheduling (no warp constraints)")
+    plain_ii: int = Field(description="smallest I of plain modulo scheduling (no warp constraints) found: minimal "
+                                      "when plain_ii_proven; when CP-SAT found no plain schedule in time, a "
+                                      "heuristic's I")
+    plain_ii_proven: bool | None = Field(default=None, description="plain_ii was proved minimal (None in plans "
+                                                                   "written before this field)")
     ii_proven_minimal: bool
     method: Literal["cp-sat", "heuristic", "cp-sat-coarse"] = Field(
         default="cp-sat", description="what produced the schedule: CP-SAT; when it found none in time, iterative "
@@ -203,7 +207,7 @@ class TwillPlan(Plan):
             ("ii (cycles/iter)", f"{self.ii} (MII {self.mii}: res {self.res_mii}, rec {self.rec_mii}"
              + (f", exclusive cells {self.excl_mii}" if self.excl_mii
                 else ", exclusive-cells bound" if self.mii > max(self.res_mii, self.rec_mii, 1) else "")
-             + f"; plain {self.plain_ii})"
+             + f"; plain {self.plain_ii}" + (", not proved minimal" if self.plain_ii_proven is False else "") + ")"
              + ((", proved minimal" + ("; the solver's gap is the tie-breakers' (groups, channels, span)"
                                         if self.solver.gap else "")) if self.ii_proven_minimal
                 else ", not proved minimal")),
@@ -214,7 +218,8 @@ class TwillPlan(Plan):
             ("buffers", ", ".join(f"{k}x{v}" for k, v in self.buffers.items()) or "-"),
             ("peeled", ", ".join(self.peeled) or "-"),
             ("triton knobs", f"num_stages={self.knobs.num_stages} num_warps={self.knobs.num_warps} "
-                             f"warp_specialize={self.knobs.warp_specialize} maxnreg={self.knobs.maxnreg}"),
+                             f"warp_specialize={self.knobs.warp_specialize} maxnreg={self.knobs.maxnreg}"
+                             + (f" ({self.knobs.note})" if self.knobs.note else "")),
         ]
         if self.sim_cycles_per_iteration is not None or self.sim_deadlock:
             cpi = self.sim_cycles_per_iteration
@@ -292,17 +297,24 @@ def serial_cycles(graph: Graph, units: dict[str, int], *, handoff: int = 0,
     """Cycles per iteration without software pipelining: a resource-aware list schedule of one iteration
     (ops in topological order of the distance-0 edges, each as early as its inputs and free units allow),
     the next iteration starting when this one has finished and its loop-carried edges allow. With ``groups``
-    (warp specialisation) a value edge between two groups takes ``handoff`` cycles more, as in the schedule."""
+    (warp specialisation) a value edge between two groups takes ``handoff`` cycles more, as in the schedule, and a
+    group issues one op per cycle, a blocking op holding its group for its whole length (without that rule two
+    blocking ops of one group overlapped: a 4-cycle baseline beside a proved-minimal I of 8). Register and
+    buffer limits are not modelled: one iteration at a time keeps one copy of a value, except across a
+    loop-carried edge of distance d, which would keep d."""
     def delay(e) -> int:
         crosses = groups is not None and e.value and e.src != e.dst and groups[e.src] != groups[e.dst]
         return e.delay + (handoff if crosses else 0)
 
     order, preds = _topo(graph)
     busy: dict[str, dict[int, int]] = {u: {} for u in units}
+    issue: dict[int, dict[int, int]] = {q: {} for q in set((groups or {}).values())}
     t: dict[str, int] = {}
     for v in order:
         op = graph.op(v)
         cells = [(busy[u], c, n, units[u]) for u, row in op.reserve.items() for c, n in enumerate(row) if n]
+        if groups is not None:  # the group's issue slot: one cycle, or the whole op when it blocks
+            cells += [(issue[groups[v]], c, 1, 1) for c in range(op.length if op.blocking else 1)]
         s = max([t[e.src] + delay(e) for e in preds[v]] + [0])
         while True:
             hit = next(((b, c, n, cap) for b, c, n, cap in cells if b.get(s + c, 0) + n > cap), None)
@@ -452,7 +464,7 @@ def make_plan(problem: Problem, schedule, *, simulate: bool = True) -> TwillPlan
         baselines_ms={"no-pipelining": serial * m.cycle_ns * 1e-6},
         graph_name=g.name, machine_name=m.name, ii=ii, mii=schedule.mii.mii, res_mii=schedule.mii.res,
         rec_mii=schedule.mii.rec, excl_mii=schedule.mii.excl, plain_ii=schedule.plain_ii,
-        ii_proven_minimal=schedule.proven,
+        plain_ii_proven=schedule.plain_proven, ii_proven_minimal=schedule.proven,
         method=schedule.method, load_slack=schedule.load_slack,
         warp_specialised=schedule.warp, stages=n_stages, cycle_ns=m.cycle_ns, **derived,
         attempts=[AttemptRecord(ii=a.ii, warp=a.warp, status=a.status, seconds=round(a.seconds, 6))

@@ -104,20 +104,47 @@ def test_same_cycle_ops_on_one_unit_with_a_delay0_edge_do_not_deadlock_the_simul
             assert not sim.deadlock, (times, dist, delay, mode)
 
 
+def _launch_registers(plan, prob) -> tuple[int, int]:
+    """(registers one CTA holds at launch, registers per thread left to the default warps) for a warp-specialised
+    plan's knobs, as Triton's AllocateWarpGroups does it: maxnreg for every warp, then the worker warps (one
+    warpgroup per four groups without registers) drop to the machine's base."""
+    workers = sum(1 for w in plan.warp_groups if all((prob.graph.op(o).regs or 0) == 0 for o in w.ops))
+    worker_warps = 4 * max(1, -(-workers // 4))
+    k = plan.knobs
+    base = -(-prob.machine.group_base_regs // 8) * 8
+    return (k.maxnreg * 32 * (k.num_warps + worker_warps),
+            (k.maxnreg * (k.num_warps + worker_warps) - base * worker_warps) // k.num_warps // 8 * 8)
+
+
 def test_knobs_triton_accepts_and_registers_cover_the_neediest_group():
     """num_warps was 4 x consumer groups (fa4: 12, which Triton refuses: a power of two is required); maxnreg was an
-    even split of the register file (160) below a group's need (174 with its buffers: the kernel would spill)."""
+    even split of the register file (160) below a group's need (174 with its buffers: the kernel would spill), then
+    the neediest group's registers - which Triton gives every warp at launch: fa4's 232 over 16 + 4 warps and the
+    128x256 GEMM's 240 over 8 + 4 asked for more registers than a CTA may hold. Now one CTA fits the register file,
+    the MMA-issue group is a worker partition (fa4: 8 default warps), and a group the default warps cannot hold
+    is named in the knobs' note."""
     b200 = load_machine("b200")
     from adasched.planner.twill.graph import make_problem
+    from adasched.planner.twill.knobs import gemm_graph
 
-    for name in ("fa3-hopper", "hopper-gemm", "fa4-blackwell", "toy-attention"):
-        prob = make_problem(name, b200 if name == "fa4-blackwell" else H100)
+    problems = [make_problem(name, b200 if name == "fa4-blackwell" else H100)
+                for name in ("fa3-hopper", "hopper-gemm", "fa4-blackwell", "toy-attention")]
+    problems += [check_graph(gemm_graph(b200, 128, n, 64), b200) for n in (64, 128, 256)]
+    for prob in problems:
         plan = make_plan(prob, twill_model.solve(prob, SolveParams(time_limit=10.0, seed=0, threads=1)), simulate=False)
         nw = plan.knobs.num_warps
-        assert nw >= 1 and nw & (nw - 1) == 0, (name, nw)
-        if plan.knobs.maxnreg is not None:
-            assert plan.knobs.maxnreg % 8 == 0 and 24 <= plan.knobs.maxnreg <= 255
-            assert plan.knobs.maxnreg >= max(w.regs for w in plan.warp_groups), name
+        assert nw >= 1 and nw & (nw - 1) == 0, (prob.graph.name, nw)
+        if plan.knobs.maxnreg is None:
+            assert not plan.knobs.warp_specialize and plan.knobs.note is None
+            continue
+        assert plan.knobs.maxnreg % 8 == 0 and 24 <= plan.knobs.maxnreg <= 240, plan.knobs
+        held, default = _launch_registers(plan, prob)
+        assert held <= prob.machine.regs_total * 128, (prob.graph.name, plan.knobs, held)
+        assert default >= max(w.regs for w in plan.warp_groups) and plan.knobs.note is None, (prob.graph.name, default)
+        if prob.graph.name == "gemm-128x256x64":  # what Triton picks itself: 65,536 / (12 warps x 32), down to 8
+            assert (nw, plan.knobs.maxnreg) == (8, 168)
+    fa4 = make_plan(problems[2], twill_model.solve(problems[2], SolveParams(time_limit=10.0, seed=0)), simulate=False)
+    assert fa4.knobs.num_warps == 8 and fa4.knobs.maxnreg == 168
     g = Graph.model_validate({"name": "knob", "ops": [
         {"name": "L", "reserve": {"TMA": [1]}, "variable_latency": True, "smem": 16},
         {"name": "A", "reserve": {"TC": [1]}, "regs": 150}, {"name": "B", "reserve": {"ALU": [1]}, "regs": 120},
@@ -126,8 +153,10 @@ def test_knobs_triton_accepts_and_registers_cover_the_neediest_group():
     plan = make_plan(prob := check_graph(g, b200), twill_model.solve(prob, SolveParams(time_limit=10.0, seed=0)),
                      simulate=False)
     need = max(w.regs for w in plan.warp_groups)
-    assert need > 160 and plan.knobs.maxnreg == -(-need // 8) * 8, (need, plan.knobs)
-    assert plan.knobs.num_warps == 16
+    held, default = _launch_registers(plan, prob)
+    assert plan.knobs.num_warps == 16 and held <= 65536 and need > default, (need, default, plan.knobs)
+    assert plan.knobs.note is not None and f"needs {need} registers" in plan.knobs.note, plan.knobs.note
+    assert f"about {default}" in plan.knobs.note
 
 
 def test_a_plan_of_a_warp_graph_must_be_warp_specialised(tmp_path, capsys, assert_show_refuses):
@@ -472,3 +501,40 @@ def test_scalebench_modes_are_exclusive(argv, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: argument ") and "not allowed with argument" in err and err.count("\n") == 1, err
+
+
+def test_no_pipelining_baseline_keeps_the_warp_group_issue_rules():
+    """The no-pipelining baseline ignored warp groups' issue slots: two blocking 4-cycle ops in the one warp group a
+    machine allows ran side by side (4 cycles, '0.50x of plan') where the proved-minimal I is 8."""
+    from adasched.planner.twill.plan import serial_cycles
+
+    units = {"A": 1, "B": 1}
+    m1 = H100.model_copy(update={"max_warp_groups": 1, "name": "h100-1wg"})
+    for blocking, want, serial in ((True, 8, 8), (False, 4, 5)):
+        g = Graph.model_validate({"name": "blk2", "units": units, "ops": [
+            {"name": n, "reserve": {u: [1, 1, 1, 1]}, "blocking": blocking, "regs": 32} for n, u in (("a", "A"), ("b", "B"))],
+            "edges": []})
+        prob = check_graph(g, m1)
+        plan = make_plan(prob, twill_model.solve(prob, SolveParams(time_limit=10.0, seed=0, threads=1)))
+        assert plan.ii == want and plan.ii_proven_minimal, (blocking, plan.ii)
+        # without pipelining, both ops in the one group: blocking, one after the other (8); else b issues a cycle
+        # after a (5, where pipelining overlaps iterations: I = 4)
+        assert serial_cycles(prob.graph, prob.units, groups={"a": 0, "b": 0}) == serial
+        assert plan.baselines_ms["no-pipelining"] == pytest.approx(serial * plan.cycle_ns * 1e-6, rel=1e-9)
+        assert serial_cycles(prob.graph, prob.units) == 4  # (no groups: the units alone)
+
+
+def test_plain_ii_says_whether_it_was_proved():
+    """plain_ii was described as 'minimal I of plain modulo scheduling' also when CP-SAT found no plain schedule in
+    time and it was the warp heuristic's I (120 random ops, 2 s: plain 70 beside an MII of 64)."""
+    from adasched.planner.twill import plan_twill
+
+    plan = plan_twill("toy-attention", "h100", SolveParams(time_limit=10.0, seed=0, threads=1), simulate=False)
+    assert plan.plain_ii_proven is True and plan.plain_ii == plan.mii
+    plain = dict(plan.summary_rows())["ii (cycles/iter)"]
+    assert f"plain {plan.plain_ii})" in plain
+    unproved = plan.model_copy(update={"plain_ii_proven": False})
+    assert f"plain {plan.plain_ii}, not proved minimal)" in dict(unproved.summary_rows())["ii (cycles/iter)"]
+    old = plan.model_dump(mode="json")
+    del old["plain_ii_proven"]  # a plan written before the field loads (unknown: None)
+    assert type(plan).model_validate(old).plain_ii_proven is None
