@@ -327,7 +327,7 @@ def merge_pass(problems: list[list[Microbatch]], lengths: Sequence[int], capacit
     out = [list(p) for p in problems]
     merges = 0
     for k in range(len(out) - 1):
-        if not out[k] or len(out[k + 1]) < 2:
+        if not out[k] or not out[k + 1]:  # (a problem packed into one microbatch folds like any last bin)
             continue
         tail, cand = out[k][-1], out[k + 1][-1]
         if tail.adapters() & cand.adapters():

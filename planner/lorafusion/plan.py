@@ -140,9 +140,12 @@ class LoRAPlan(Plan):
     lengths: list[int] = Field(description="tokens per sample id")
     groups: list[list[int]]
     microbatches: list[LoRAMicrobatch]
-    sequence_source: Literal["packed", "sequential"] = Field(
+    sequence_source: Literal["packed", "sequential", "mlora-cut"] = Field(
         default="packed", description="'packed': the grouped, packed problems below (merge pass, dependency rule); "
-                                      "'sequential': the per-job sequential schedule, kept because it simulated faster")
+                                      "'sequential': the per-job sequential schedule, kept because it simulated "
+                                      "faster; 'mlora-cut': the mLoRA-style baseline's microbatches (every job's "
+                                      "global batch cut into the same number of runs) as packed segments, kept "
+                                      "because they fit the capacity and simulated faster")
     problems: list[LoRAProblem]
     stage_cost: dict = Field(description="StageCost terms used by the simulation (ms)")
     summary: LoRASummary
@@ -284,9 +287,9 @@ class LoRAPlan(Plan):
             have = min(self.jobs[j].global_batches for j in p.jobs)
             if not 0 <= p.global_batch < have:
                 errors.append(f"problems.{i}.global_batch: {p.global_batch}, its jobs {p.jobs} have {have}")
-            # (a plan whose sequence is the per-job sequential one lists single-job groups; its problems are the
-            # packed schedule's, which it did not keep)
-            if self.sequence_source != "sequential" and not any(set(p.jobs) <= set(g) for g in self.groups):
+            # (a plan whose sequence is the per-job sequential one lists single-job groups, an mLoRA-style cut one
+            # group of all; its problems are the packed schedule's, which it did not keep)
+            if self.sequence_source == "packed" and not any(set(p.jobs) <= set(g) for g in self.groups):
                 errors.append(f"problems.{i}.jobs: {p.jobs} are not within one of the groups {self.groups}")
             if p.smallest_bin_tokens < 0 or p.milp1 not in outcomes or p.milp2 not in outcomes:
                 errors.append(f"problems.{i}: smallest_bin_tokens {p.smallest_bin_tokens} < 0, or MILP outcomes "
@@ -353,6 +356,8 @@ class LoRAPlan(Plan):
             errors.append(f"solver.bound: {self.solver.bound}, the problems' bounds add up to {bound:g}")
         if self.sequence_source == "sequential" and self.groups != [[j] for j in range(n_jobs)]:
             errors.append(f"groups: {self.groups}, but a sequential sequence runs every job on its own")
+        if self.sequence_source == "mlora-cut" and self.groups != [list(range(n_jobs))]:
+            errors.append(f"groups: {self.groups}, but an mLoRA-style cut runs every job in one group")
         return errors
 
     def _derived_summary(self, ms: float) -> dict:
@@ -401,8 +406,9 @@ class LoRAPlan(Plan):
             ("jobs", ", ".join(f"{j.name}(r={j.adapter.r})" for j in self.jobs)),
             ("groups", " | ".join("+".join(self.jobs[a].name for a in g) for g in self.groups)),
             ("microbatches", f"{s.microbatches} ({s.noop_microbatches} no-op, {s.merges} merged)"
-                             + ("; the per-job sequential schedule (simulated faster)"
-                                if self.sequence_source == "sequential" else "")),
+                             + ({"sequential": "; the per-job sequential schedule (simulated faster)",
+                                 "mlora-cut": "; the mLoRA-style cut, packed (simulated faster)"}
+                                .get(self.sequence_source, ""))),
             ("speedup vs mLoRA-style", f"{s.speedup_vs_mlora:.3f}x"),
             ("speedup vs sequential", f"{s.speedup_vs_sequential:.3f}x"),
             ("speedup vs mLoRA-style, sorted", f"{s.speedup_vs_mlora_sorted:.3f}x"),
@@ -499,13 +505,20 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
     source = "packed"
     if seqb.makespan_ms < ms * (1 - 1e-9):
         seq, noops, ms, merges, source = seqb.sequence, seqb.noops, seqb.makespan_ms, 0, "sequential"
+    # so is the mLoRA-style baseline's cut (every job's global batch in the same number of runs) run as packed
+    # segments, where each of its microbatches fits the capacity: fewest-bins packing can leave the 1F1B stages
+    # uneven (S = 4: bins of 6 + 1 samples beside the cut's 4 + 1 / 3 + 1, 0.92x of the padded baseline)
+    mlora = mlora_baseline(w, cost)
+    if all(mb.padded_tokens(L) <= cfg.capacity for mb in mlora.sequence):
+        ms_cut, _ = sequence_ms(mlora.sequence, L, cost, cfg.stages)
+        if ms_cut < ms * (1 - 1e-9):
+            seq, noops, ms, merges, source = mlora.sequence, mlora.noops, ms_cut, 0, "mlora-cut"
 
     batches = {(j.index, g): list(b) for j in w.jobs for g, b in enumerate(j.batches)}
     ver = verify_schedule(seq, batches, L, cfg.capacity, cfg.stages)
     if ver.errors:
         raise ValueError(f"LoRA plan failed verification: {ver.errors[0]}")
 
-    mlora = mlora_baseline(w, cost)
     mlora_sorted = mlora_baseline(w, cost, sort_by_length=True)
     padded_total = sum(mb.padded_tokens(L) for mb in seq)
     real_total = sum(mb.tokens(L) for mb in seq)
@@ -553,18 +566,24 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
         bound=float(sum(r.bins if r.status == "optimal" else r.lower_bound for r in records)),
         solve_seconds=round(sum(solve_times), 6),
         time_limit=time_limit if use_milp else None,  # first-fit decreasing takes none
-        seed=seed,
+        seed=seed if use_milp else None,  # (first-fit decreasing draws nothing: --seed is refused with --no-milp)
         threads=1,
-        note=(f"{len(records)} (global batch, group) problems: {n_status['optimal']} bin count proved minimal, "
-              f"{n_status['feasible']} MILP stopped by its time limit, {n_status['heuristic']} FFD kept unproved; "
-              f"objective = total bins, bound = sum of per-problem bounds (the bin count where proved minimal, "
-              f"else the volume/adapter lower bound); MILP 2 (smallest last bin) "
-              f"proved optimal in {n2_opt} of {n2_run} runs"
+        note=(f"{len(records)} (global batch, group) problems: {n_status['optimal']} bin count proved minimal"
+              + (f", {n_status['feasible']} MILP stopped by its time limit" if use_milp else " (FFD met the lower "
+                 "bound)")
+              + f", {n_status['heuristic']} FFD kept unproved"
+              + ("" if use_milp else " (no MILP run: --no-milp)")
+              + "; objective = total bins, bound = sum of per-problem bounds (the bin count where proved minimal, "
+                "else the volume/adapter lower bound)"
+              + (f"; MILP 2 (smallest last bin) proved optimal in {n2_opt} of {n2_run} runs" if use_milp else "")
               + (", the rest stopped by the time limit" if n2_run > n2_opt else "")
               + (f"; {n_skip} MILPs not started: too large for their budget (samples x bins > "
                  f"{MILP_BINARIES_PER_SECOND} x seconds; raise --time-limit)" if n_skip else "")
-              + ("; the per-job sequential schedule simulated faster than the packed one and is the plan's sequence"
-                 if source == "sequential" else "")
+              + ({"sequential": "; the per-job sequential schedule simulated faster than the packed one and is "
+                                "the plan's sequence",
+                  "mlora-cut": "; the mLoRA-style cut (every job's global batch in the same number of microbatches) "
+                               "as packed segments fits the capacity, simulated faster than the packed problems and "
+                               "is the plan's sequence"}.get(source, ""))
               + "".join(f"; {n}" for n in w.notes)),
     )
     jobs = [LoRAJob(name=j.spec.name, adapter=j.spec.adapter, lr=j.spec.lr, global_batch_size=j.spec.global_batch_size,
@@ -587,7 +606,8 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
         layers=cfg.layers,
         jobs=jobs,
         lengths=list(L),
-        groups=groups if source == "packed" else [[j.index] for j in w.jobs],
+        groups={"packed": groups, "sequential": [[j.index] for j in w.jobs],
+                "mlora-cut": [[j.index for j in w.jobs]]}[source],
         microbatches=mbs,
         sequence_source=source,
         problems=records,
