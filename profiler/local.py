@@ -140,7 +140,7 @@ def profile_local(*, quick: bool, nproc: int | None = None, collectives: bool = 
 
     from .collectives import collective_config, spawn_collectives
     from .inventory import inventory
-    from .microbench import microbench_config, run_microbenchmarks
+    from .microbench import cpu_threads_per_rank, microbench_config, run_microbenchmarks
 
     ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
     backend = "nccl" if ngpu >= 2 else "gloo"
@@ -150,7 +150,12 @@ def profile_local(*, quick: bool, nproc: int | None = None, collectives: bool = 
         print("one GPU: no GPU interconnect to measure, skipping the collectives (run the collective profiling "
               "under torchrun on a multi-GPU node: launch/profile_collectives.sh)", file=sys.stderr)
         collectives = False
-    micro = run_microbenchmarks(microbench_config(quick), show_progress=show_progress) if microbench else None
+    micro = None
+    if microbench:
+        mcfg = microbench_config(quick)
+        # a CPU profile of nproc ranks describes each rank with its share of the host (memory and cores)
+        threads = cpu_threads_per_rank(nproc) if mcfg.device == "cpu" and collectives else None
+        micro = run_microbenchmarks(mcfg, show_progress=show_progress, threads=threads)
     coll = None
     if collectives:
         if ngpu:
@@ -173,7 +178,7 @@ def profile_in_world(*, quick: bool, out: str | os.PathLike | None, microbench: 
 
     from .collectives import collective_config, measure_collectives
     from .inventory import inventory
-    from .microbench import microbench_config, run_microbenchmarks
+    from .microbench import cpu_threads_per_rank, microbench_config, run_microbenchmarks
 
     gpu = torch.cuda.is_available()
     cfg = collective_config(quick, gpu=gpu)
@@ -200,7 +205,11 @@ def profile_in_world(*, quick: bool, out: str | os.PathLike | None, microbench: 
         if rank != 0:
             return None
         device, host = inventory(verbose=True)
-        micro = run_microbenchmarks(microbench_config(quick), show_progress=show_progress) if microbench else None
+        micro = None
+        if microbench:
+            mcfg = microbench_config(quick)
+            threads = cpu_threads_per_rank(per_node) if mcfg.device == "cpu" else None  # (one rank's cores)
+            micro = run_microbenchmarks(mcfg, show_progress=show_progress, threads=threads)
         prof = _assemble(quick=quick, device=device, host=host, micro=micro, coll=coll, ranks_per_node=per_node,
                          num_nodes=max(1, world // per_node), name=name)
         if out is not None:

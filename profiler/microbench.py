@@ -19,7 +19,7 @@ from typing import Any, Callable
 from .fit import fit_affine, fit_quadratic
 from .profile import AttentionFit, LinearFit
 
-__all__ = ["MicrobenchConfig", "microbench_config", "time_ms", "bench_gemm", "bench_copy", "bench_attention",
+__all__ = ["MicrobenchConfig", "microbench_config", "cpu_threads_per_rank", "time_ms", "bench_gemm", "bench_copy", "bench_attention",
            "bench_linear", "run_microbenchmarks"]
 
 
@@ -218,20 +218,40 @@ class MicrobenchResult:
     raw: dict[str, Any] = field(default_factory=dict)
 
 
-def run_microbenchmarks(cfg: MicrobenchConfig, *, show_progress: bool = True) -> MicrobenchResult:
-    """Every single-device benchmark with a progress bar on stderr; returns the fitted models and raw points."""
+def cpu_threads_per_rank(ranks: int) -> int:
+    """Threads one of ``ranks`` CPU ranks sharing this host gets: its usable cores split evenly, at least one."""
+    from .inventory import _cores
+
+    return max(1, _cores() // max(1, ranks))
+
+
+def run_microbenchmarks(cfg: MicrobenchConfig, *, show_progress: bool = True,
+                        threads: int | None = None) -> MicrobenchResult:
+    """Every single-device benchmark with a progress bar on stderr; returns the fitted models and raw points.
+    ``threads`` (CPU): torch's intra-op threads while measuring (restored after), recorded in the raw config - a
+    CPU profile of N ranks per host measures one rank's share of the cores (:func:`cpu_threads_per_rank`), as its
+    memory is one rank's share; every core's speed was recorded for each of N ranks."""
     import torch
 
     from adasched.planner.ui import progress
 
     torch.manual_seed(0)
-    with progress(f"microbenchmarks ({cfg.device}, {cfg.dtype})", cfg.steps, enabled=show_progress) as advance:
-        gemm = bench_gemm(cfg)
-        advance()
-        copy = bench_copy(cfg)
-        advance()
-        att, att_rows = bench_attention(cfg, advance)
-        lin, lin_rows = bench_linear(cfg, advance)
-    raw = {"microbench_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(max(1, int(threads)))
+    try:
+        label = f"microbenchmarks ({cfg.device}, {cfg.dtype}" + (f", {threads} threads)" if threads else ")")
+        with progress(label, cfg.steps, enabled=show_progress) as advance:
+            gemm = bench_gemm(cfg)
+            advance()
+            copy = bench_copy(cfg)
+            advance()
+            att, att_rows = bench_attention(cfg, advance)
+            lin, lin_rows = bench_linear(cfg, advance)
+        used = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    raw = {"microbench_config": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
+                                 **({"threads": used} if cfg.device == "cpu" else {})},
            "gemm": gemm, "copy": copy, "attention": att_rows, "linear": lin_rows}
     return MicrobenchResult(gemm["tflops"], copy["GBps"], att, lin, raw)
