@@ -177,7 +177,8 @@ def parse_args(argv):
                    "fewer experts than GPUs) needs S = its node size (default: %(default)s, whole experts)")
     p.add_argument("--router-stats-out", type=Path, default=None,
                    help="write {mean_k_per_layer: [...]} of the last run for `adasched plan moe --router-stats`: "
-                        "assignments per token over all its steps and ranks")
+                        "assignments per token over all its steps and ranks (a resumed run: since step 0; refused when "
+                        "nothing is left to train)")
     p.add_argument("--validate-only", action="store_true", help="check the arguments (and --plan and a "
                    "--checkpoint-dir save against WORLD_SIZE) and exit")
     p.add_argument("--compare-schedules", action="store_true",
@@ -416,7 +417,9 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log,
         raise ValueError(f"--global-batch: {args.global_batch} sequences over {world} ranks, but WORLD_SIZE gave "
                          f"{args.batch} per rank")
     gen = torch.Generator().manual_seed(1000 * args.seed + (0 if shared_data else rank))
-    progress = Values(step=0)
+    # router_k_sums: {"sums": per layer [assignments, tokens] over every rank and step so far} (--router-stats-out
+    # of a resumed run covers the whole run, as an uninterrupted one's; {} in saves written before it)
+    progress = Values(step=0, router_k_sums={})
     # everything that decides the rest of the run (module docstring, "Checkpoints")
     state = {"model": ModelState(model, [opt]), "rng": RNGState(data=gen), "progress": progress}
     if sched is not None:
@@ -451,6 +454,18 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log,
                            + ", ".join(changed))
     losses, lrs = [], []
     k_sums = None  # per layer: [assignments, tokens] of this run's steps on this rank (--router-stats-out)
+    k_base = progress["router_k_sums"].get("sums")  # the resumed save's totals (None: a fresh run or an old save)
+    n_moe = len(model.moe_layers())
+
+    def k_totals() -> list[list[float]]:
+        """Every rank's [assignments, tokens] per layer since step 0 (collective: all ranks call it together)."""
+        sums = torch.tensor(k_sums if k_sums is not None else [[0.0, 0.0]] * n_moe, dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(sums)
+        if k_base is not None and len(k_base) == n_moe:
+            sums += torch.tensor(k_base, dtype=torch.float64)
+        return sums.tolist()
+
     try:
         for step in range(start, args.steps):
             if shared_data:                            # the whole global batch, this rank's rows of it
@@ -475,7 +490,9 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log,
                 lv /= world
             losses.append(float(lv))
             stats = model.layer_stats()
-            step_k = [[s_["mean_k"] * s_["num_tokens"], float(s_["num_tokens"])] for s_ in stats]
+            # whole numbers (assignments after drops, tokens): their sums are exact in any order, so a resumed run's
+            # totals (the save's plus its own) equal an uninterrupted run's bit for bit
+            step_k = [[float(sum(s_["tokens_per_expert"])), float(s_["num_tokens"])] for s_ in stats]
             k_sums = step_k if k_sums is None else [[a + c, b + d] for (a, b), (c, d) in zip(k_sums, step_k)]
             mean_k = "/".join(f"{s_['mean_k']:.2f}" for s_ in stats)
             dropped = "/".join(str(s_["dropped"]) for s_ in stats)
@@ -483,19 +500,18 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log,
             log(f"[{router}/{schedule}] step {step:3d} loss {losses[-1]:.4f} mean_k {mean_k} dropped {dropped}"
                 f"{lr_note}")
             if ck is not None and ck.due(step + 1):
+                progress["router_k_sums"] = {"sums": k_totals()}
                 ck.save(step + 1, state)
         if ck is not None:
+            progress["router_k_sums"] = {"sums": k_totals()}
             ck.save(args.steps, state)                 # None (nothing written) when step --steps is already saved
             ck.finish()                                # --checkpoint-async: the save in flight written and committed
     finally:
         if ck is not None:  # an error path: a save in flight completes with the peers still here (no-op after finish)
             ck.close()
-    mean_k_run = None  # assignments per token over every step of this run and every rank
+    mean_k_run = None  # assignments per token over every step and every rank (a resumed run's: since step 0)
     if k_sums is not None:
-        sums = torch.tensor(k_sums, dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(sums)
-        mean_k_run = [float(a / b) if b > 0 else 0.0 for a, b in sums.tolist()]
+        mean_k_run = [float(a / b) if b > 0 else 0.0 for a, b in k_totals()]
     copies_diff = None
     if reducer is not None:
         reducer.remove()
@@ -721,6 +737,11 @@ def _main(args) -> int:
         saved = find_checkpoint(ck_cfg.folder, ck_cfg.load_step)
         if saved is not None:
             check_resumable(saved, env_world, ckpt[1], LAYOUT_KEYS)
+            # (it returned 0 and wrote nothing: a stale file read as this run's; train_moe.sh's pre-check too)
+            if saved.step >= args.steps and args.router_stats_out is not None:
+                raise ValueError(f"--router-stats-out: nothing would be trained ({saved.path} is step {saved.step}, "
+                                 f"--steps {args.steps}), so no statistics would be written to "
+                                 f"{args.router_stats_out}; raise --steps")
     if args.validate_only:
         return 0
     from adasched.runtime.dist import init_distributed

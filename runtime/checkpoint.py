@@ -252,8 +252,10 @@ def load_templates(saved: Mapping[str, Any], keys: Iterable[str]) -> dict:
 
 
 #: state entries added to a stateful object after saves of it exist: a save without them still loads (dcp.load
-#: wants every key of the object's state_dict in the save; "group_lrs_at_save" of our LR schedulers, 2026-11-30)
-OPTIONAL_STATE_KEYS = ("group_lrs_at_save",)
+#: wants every key of the object's state_dict in the save; "group_lrs_at_save" of our LR schedulers, 2026-11-30;
+#: "router_k_sums", train_moe's router statistics in its progress Values, 2026-11-30 - a Values entry the save
+#: lacks keeps the value it was built with)
+OPTIONAL_STATE_KEYS = ("group_lrs_at_save", "router_k_sums")
 
 
 class _StateWithout:
@@ -281,7 +283,7 @@ def _without_absent_optional_keys(value: Any, key: str, saved: Mapping[str, Any]
     ``key`` (a save written before they existed)."""
     import torch
 
-    if not isinstance(value, torch.optim.lr_scheduler.LRScheduler):
+    if not isinstance(value, (torch.optim.lr_scheduler.LRScheduler, Values)):
         return value
     absent = {name for name in OPTIONAL_STATE_KEYS
               if not any(k.startswith(key + ".") and name in k[len(key) + 1:].split(".") for k in saved)}
@@ -312,7 +314,7 @@ class Values:
                 for k, v in self._values.items()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        missing = set(self._values) - set(state)
+        missing = set(self._values) - set(state) - set(OPTIONAL_STATE_KEYS)
         if missing:
             raise KeyError(f"checkpoint lacks values {sorted(missing)}")
         for k, v in state.items():

@@ -972,3 +972,25 @@ def test_a_save_from_before_the_schedulers_group_lrs_entry_resumes(tmp_path, mon
     assert Checkpointer(CheckpointConfig(folder=tmp_path), run={"seed": 0}).resume(state2) == 3
     assert sched2.last_epoch == 3 and "group_lrs_at_save" in sched2.state_dict()
     assert _train(model2, opt2, sched2, gen2, progress2, 5) == straight
+
+
+def test_a_save_without_the_router_statistics_entry_resumes(tmp_path):
+    """train_moe's progress Values gained 'router_k_sums' (2026-11-30): a save written before it resumes, the entry
+    keeping the value the run built it with; any other entry the save lacks is still an error."""
+    from adasched.runtime.checkpoint import Values
+
+    rng = random.Random(8)
+    step = rng.randint(2, 50)
+    Checkpointer(CheckpointConfig(folder=tmp_path), run={"seed": 0}).save(step, {"progress": Values(step=step)})
+    fresh = Values(step=0, router_k_sums={})
+    assert Checkpointer(CheckpointConfig(folder=tmp_path), run={"seed": 0}).resume({"progress": fresh}) == step
+    assert fresh["step"] == step and fresh["router_k_sums"] == {}
+    sums = {"sums": [[float(rng.randint(1, 99)), 64.0] for _ in range(3)]}
+    Checkpointer(CheckpointConfig(folder=tmp_path), run={"seed": 0}).save(step + 1, {"progress": Values(
+        step=step + 1, router_k_sums=sums)})
+    again = Values(step=0, router_k_sums={})
+    assert Checkpointer(CheckpointConfig(folder=tmp_path), run={"seed": 0}).resume({"progress": again}) == step + 1
+    assert again["router_k_sums"] == sums
+    with pytest.raises(InputError, match="cursor"):
+        Checkpointer(CheckpointConfig(folder=tmp_path), run={"seed": 0}).resume(
+            {"progress": Values(step=0, router_k_sums={}, cursor=0)})

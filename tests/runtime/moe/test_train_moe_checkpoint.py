@@ -91,12 +91,12 @@ def launches(tmp_path_factory):
     straight, split = base / "straight", base / "split"
     # uninterrupted: 4 steps, a save every 2, all kept
     full = _run_json(_launch(*planned, "--steps", "4", "--checkpoint-dir", str(straight), "--checkpoint-every", "2",
-                             "--checkpoint-keep", "0", "--json"))
+                             "--checkpoint-keep", "0", "--json", "--router-stats-out", str(base / "full-stats.json")))
     # interrupted: 2 steps (saved at the end), then a second launch to 4 saving every step, keeping 2
     first = _run_json(_launch(*planned, "--steps", "2", "--checkpoint-dir", str(split), "--json"))
     steps_after_first = committed_steps(split)
     proc = _launch(*planned, "--steps", "4", "--checkpoint-dir", str(split), "--checkpoint-every", "1",
-                   "--checkpoint-keep", "2", "--json")
+                   "--checkpoint-keep", "2", "--json", "--router-stats-out", str(base / "resumed-stats.json"))
     resumed = _run_json(proc)
     return {"base": base, "straight": straight, "split": split, "full": full, "first": first, "resumed": resumed,
             "resumed_stderr": proc.stderr, "steps_after_first": steps_after_first, "plans": plans,
@@ -128,6 +128,24 @@ def test_resumed_launch_equals_uninterrupted_launch(launches):
     assert torch.equal(fa["rank0/model/model/tok.weight"], fa["rank1/model/model/tok.weight"])  # dense: replicas
 
 
+def test_router_statistics_of_a_resumed_run_cover_the_whole_run(launches):
+    """--router-stats-out of a resumed launch averaged only its own steps (2-3 here; 1.66/1.86 against the whole
+    run's 1.56/1.71 in the review's case): the totals over every rank and step travel in the save's progress. The
+    per-step assignments and tokens are whole numbers, so the sums are exact in any order."""
+    full = json.loads((launches["base"] / "full-stats.json").read_text())
+    resumed = json.loads((launches["base"] / "resumed-stats.json").read_text())
+    assert resumed == full and resumed["mean_k_per_layer"] == launches["full"]["mean_k_per_layer"]
+    assert launches["resumed"]["mean_k_per_layer"] == launches["full"]["mean_k_per_layer"]
+    # ascending on 2 layers: k 1 then 3 - the second layer's mean is above the first's
+    k = full["mean_k_per_layer"]
+    assert len(k) == 2 and 0 < k[0] < k[1] <= 3
+    saved = dict(_flat(_saved(step_folder(launches["split"], 4))))
+    import pickle
+
+    sums = pickle.loads(saved["rank0/progress/router_k_sums"])["sums"]
+    assert [a / b for a, b in sums] == k and all(b == 4 * 2 * 2 * 8 for _, b in sums)  # 4 steps x 2 ranks x 2 x 8
+
+
 def test_every_and_keep_leave_the_right_saves(launches):
     assert committed_steps(launches["straight"]) == [2, 4]  # every 2, keep 0 (all)
     assert launches["steps_after_first"] == [2]             # the end of the 2-step run
@@ -157,6 +175,13 @@ def test_nothing_left_to_train(launches):
                                        "nothing_left": {"checkpoint": str(step_folder(launches["split"], 4)),
                                                         "step": 4, "steps": 4}}
     assert _tree(launches["split"]) == before
+    # --router-stats-out with nothing trained: it returned 0 and wrote nothing (a stale file read as this run's)
+    stats = launches["base"] / "nothing-stats.json"
+    proc = _launch(*args, "--router-stats-out", str(stats))  # (refused by train_moe.sh's check, before torchrun)
+    assert proc.returncode == 2 and not stats.exists() and proc.stdout == "", proc.stderr[-3000:]
+    assert proc.stderr.strip() == (
+        f"error: --router-stats-out: nothing would be trained ({step_folder(launches['split'], 4)} is step 4, "
+        f"--steps 4), so no statistics would be written to {stats}; raise --steps"), proc.stderr[-3000:]
 
 
 def test_resolved_plan_pipeline_is_a_resharded_resume(launches, tmp_path, monkeypatch, capsys):
