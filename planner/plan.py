@@ -26,6 +26,7 @@ __all__ = [
     "SolverRecord",
     "ProfileRef",
     "Plan",
+    "NonNegMs",
     "PLAN_KINDS",
     "inputs_digest",
     "load_plan",
@@ -53,6 +54,10 @@ OPTIMAL_GAP_TOL = 1e-4
 """The largest relative gap a plan whose solver status is "optimal" may record (the solvers run at a MIP gap of
 1e-6 by default: SolveParams.mip_gap)."""
 
+
+#: a finite, non-negative number (ms, counts): what plan fields that hold times accept (NaN passed the
+#: "v < 0" checks of verify and reached the runtime: min(1.0, nan) is 1.0)
+NonNegMs = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 
 class SolverRecord(BaseModel):
     """What solved the plan and how honest its optimality claim is."""

@@ -38,3 +38,49 @@ def test_wheel_has_every_package_and_data(tmp_path):
     assert any(n.endswith("entry_points.txt") for n in names)
     ep = next(n for n in names if n.endswith("entry_points.txt"))
     assert "adasched = adasched.planner.cli:main" in zipfile.ZipFile(wheel).read(ep).decode()
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    """scipy (every built-in profile load: the fits' nnls; FlexSP's lower bounds) and safetensors (LoRA adapters)
+    were imported by the package but only requirements.txt named them: `pip install .` gave a CLI whose `show
+    h100-sxm` and `plan lora` ended in an ImportError traceback."""
+    import ast
+    import re
+    import sys
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[<>=!~\[ ]", d)[0].lower() for d in project["dependencies"]}
+    for extra in project.get("optional-dependencies", {}).values():
+        declared |= {re.split(r"[<>=!~\[ ]", d)[0].lower() for d in extra}
+    dist = {"yaml": "pyyaml", "pynvml": "nvidia-ml-py", "sklearn": "scikit-learn", "click": "typer"}  # (typer's)
+    # integrations a user brings along, imported only when used (DeepSpeed's EP, PEFT models); a sibling script
+    optional = {"deepspeed", "peft", "device_check"}
+    seen = {}
+    for folder in ("planner", "runtime", "kernels", "profiler", "schedules", "launch"):
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+                for name in names:
+                    top = name.split(".")[0]
+                    if top not in sys.stdlib_module_names and top != "adasched" and top not in optional:
+                        seen.setdefault(dist.get(top, top), path.relative_to(root))
+    missing = {d: str(p) for d, p in seen.items() if d not in declared}
+    assert not missing, missing
+    assert {"scipy", "safetensors", "torch", "numpy", "pydantic"} <= set(seen)
+
+
+def test_the_planner_never_imports_the_runtime():
+    """DESIGN.md: the planner never imports the runtime; reading an SP plan imported runtime.sp_model_spec (for the
+    tiny GPT's name, now planner.flexsp.plan.RUNTIME_MODEL_NAME, kept equal to the runtime's by a test)."""
+    code = ("import sys\n"
+            "from adasched.planner.cli import main\n"
+            "from adasched.planner.flexsp.plan import known_models\n"
+            "from adasched.planner import plan, simulator, gantt\n"
+            "known_models()\n"
+            "bad = sorted(m for m in sys.modules if m.startswith('adasched.runtime'))\n"
+            "assert not bad, bad\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -112,6 +112,9 @@ def to_plan(results: list[StepResult], cm: SPCostModel, profile: ClusterProfile,
     status = "optimal" if at_bound else ("feasible" if solved else "heuristic")
     n_won = sum(1 for r in results for m in r.milp if m.won)
     n_milp = sum(len(r.milp) for r in results)
+    cut = [r.step for r in results if r.clock_bound]  # (--deterministic: the steps a MILP's time cap cut)
+    cut_note = f"{len(cut)} steps cut by that cap" + (
+        f": step {', '.join(map(str, cut[:20]))}{', ...' if len(cut) > 20 else ''}" if cut else "")
     solver = SolverRecord(
         backend=f"ortools-{config.backend.lower()}+heuristics" if config.use_milp else "heuristic",
         status=status, objective=round(sum(r.time_ms for r in results), 6),
@@ -122,7 +125,7 @@ def to_plan(results: list[StepResult], cm: SPCostModel, profile: ClusterProfile,
         seed=config.seed, threads=config.threads,
         note=((f"deterministic: at most {config.max_evals} group structures per micro-batch and "
                f"{config.milp_nodes} nodes per MILP, {config.time_limit:g} s a cap per MILP; "
-               f"{sum(1 for r in results if r.clock_bound)} steps cut by that cap (those may differ between runs); "
+               f"{cut_note} (those may differ between runs); "
                if config.use_milp else
                f"deterministic: at most {config.max_evals} group structures per micro-batch, no MILP; ")
               if config.deterministic else

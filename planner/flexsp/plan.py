@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..plan import Plan
+from ..plan import NonNegMs, Plan
 
 __all__ = ["SPGroup", "SPMicroBatch", "SPStep", "SPModelShape", "SPPlan", "known_models", "MAX_WORLD",
            "MAX_PLAN_CONTEXT"]
@@ -63,12 +63,14 @@ class SPStep(BaseModel):
     seqlens: list[int] = Field(description="the global batch's sequence lengths; seq_ids index this list")
     micro_batches: list[SPMicroBatch]
     predicted_ms: float = Field(ge=0.0, allow_inf_nan=False)
-    baselines_ms: dict[str, float] = Field(default_factory=dict)
-    solve_seconds: float = Field(default=0.0, ge=0.0, description="planning wall time of this step (s)")
-    solver_status: str = Field(default="heuristic",
-                               description="MILP status of this step (optimal|feasible|timeout|infeasible|heuristic; "
-                                           "infeasible: every MILP's bucketed model had no solution)")
-    mip_gap: float | None = Field(default=None, description="mean relative gap of this step's MILPs (bucketed model)")
+    baselines_ms: dict[str, NonNegMs] = Field(default_factory=dict)
+    solve_seconds: float = Field(default=0.0, ge=0.0, allow_inf_nan=False,
+                                 description="planning wall time of this step (s)")
+    solver_status: Literal["optimal", "feasible", "timeout", "infeasible", "heuristic"] = Field(
+        default="heuristic", description="MILP status of this step (infeasible: every MILP's bucketed model had no "
+                                         "solution)")
+    mip_gap: float | None = Field(default=None, ge=0.0, allow_inf_nan=False,
+                                  description="mean relative gap of this step's MILPs (bucketed model)")
 
     @model_validator(mode="after")
     def _check_lengths(self) -> "SPStep":
@@ -83,6 +85,10 @@ class SPStep(BaseModel):
 
 #: what an SP plan's model name may be (1-200 characters)
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+/:@-]*$"
+
+#: the runtime's tiny GPT (``runtime.sp_model_spec.MODEL_NAME``, kept equal by a test: the planner never imports
+#: the runtime, DESIGN.md)
+RUNTIME_MODEL_NAME = "tiny-gpt"
 
 
 class SPModelShape(BaseModel):
@@ -101,11 +107,9 @@ class SPModelShape(BaseModel):
 
 def known_models() -> list[str]:
     """Model names an SP plan may give without a model_shape: the planner's presets and the runtime's tiny GPT."""
-    from adasched.runtime.sp_model_spec import MODEL_NAME
-
     from .costmodel import MODEL_PRESETS
 
-    return [*MODEL_PRESETS, MODEL_NAME]
+    return [*MODEL_PRESETS, RUNTIME_MODEL_NAME]
 
 
 class SPPlan(Plan):

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from adasched.profiler.io import InputError
 
-from ..plan import Plan
+from ..plan import NonNegMs, Plan
 
 __all__ = ["MoELayerPlan", "MoEConfigPlan", "MoEPlan", "StageCostsRecord"]
 
@@ -24,7 +24,7 @@ MAX_CHUNKS = 256
 class MoELayerPlan(BaseModel):
     model_config = ConfigDict(extra="forbid")
     layer: int = Field(ge=0)
-    mean_k: float
+    mean_k: NonNegMs
     r_fwd: int = Field(ge=1, le=MAX_CHUNKS)
     r_bwd: int = Field(ge=1, le=MAX_CHUNKS)
     order_fwd: Literal["dispatch-first", "interleaved"]
@@ -32,25 +32,25 @@ class MoELayerPlan(BaseModel):
     wgrad_bwd: Literal["fused", "per-chunk", "deferred"] = Field(
         default="fused", description="where the backward weight-gradient GEMMs run: with dX (fused), right after "
                                      "their chunk's dX, or after the last dX (see planner.fsmoe.model)")
-    fwd_ms: float
-    bwd_ms: float
-    bwd_fused_wgrad_ms: float | None = Field(default=None, description="best backward with wgrad fused (any r): "
+    fwd_ms: NonNegMs
+    bwd_ms: NonNegMs
+    bwd_fused_wgrad_ms: NonNegMs | None = Field(default=None, description="best backward with wgrad fused (any r): "
                                                                       "what the degree choice alone gives")
     case_fwd: str = Field(description="the forward's busiest resource at the chosen r: a2a-bound (T_A), "
                                       "compute-bound (T_B) or intra-node-bound (all-gather / reduce-scatter)")
-    time_by_r_fwd: dict[str, float]
-    time_by_r_bwd: dict[str, float]
+    time_by_r_fwd: dict[str, NonNegMs]
+    time_by_r_bwd: dict[str, NonNegMs]
 
 
 class StageCostsRecord(BaseModel):
     """Layer 0's forward stage costs as the planner priced them (``planner.fsmoe.costmodel.StageCosts``): what
     ``adasched simulate``/``show --plot`` re-simulate, whatever profile made the plan."""
     model_config = ConfigDict(extra="forbid")
-    alpha: list[float] = Field(min_length=5, max_length=5, description="ms per chunk of the five stages")
-    work: list[float] = Field(min_length=5, max_length=5, description="ms of each stage's whole workload")
-    shared: list[float] = Field(default_factory=lambda: [0.0, 0.0], min_length=2, max_length=2,
+    alpha: list[NonNegMs] = Field(min_length=5, max_length=5, description="ms per chunk of the five stages")
+    work: list[NonNegMs] = Field(min_length=5, max_length=5, description="ms of each stage's whole workload")
+    shared: list[NonNegMs] = Field(default_factory=lambda: [0.0, 0.0], min_length=2, max_length=2,
                                 description="(alpha, work) ms of the shared experts")
-    dw: list[float] | None = Field(default=None, min_length=2, max_length=2,
+    dw: list[NonNegMs] | None = Field(default=None, min_length=2, max_length=2,
                                    description="(alpha, work) of the backward's weight-gradient part, if measured")
     two_step: bool = False
     source: str = ""
@@ -72,7 +72,7 @@ class MoEConfigPlan(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     config: dict
-    ep_size: int
+    ep_size: int = Field(ge=1)
     hierarchical: bool = Field(description="FSMoE's layout: EP over nodes, each expert sharded over a node's GPUs "
                                            "(all-gather/reduce-scatter inside the node); the runtime builds it with "
                                            "train_moe --expert-shards G (G = gpus_per_node)")
@@ -89,20 +89,20 @@ class MoEConfigPlan(BaseModel):
                                                                                "--gpus-per-node); None otherwise")
     expert_copies: int = Field(default=1, ge=1, description="copies of each expert in the data-parallel world "
                                                             "(gpus / ep_size for flat EP; older plans: 1)")
-    expert_grad_allreduce_ms: float = Field(default=0.0, ge=0.0, description="all-reduce of the expert gradients "
+    expert_grad_allreduce_ms: float = Field(default=0.0, ge=0.0, allow_inf_nan=False, description="all-reduce of the expert gradients "
                                             "over their copies, the runtime's buckets summed (0 with one copy)")
-    expert_grad_exposed_ms: float | None = Field(default=None, ge=0.0, description="the part of it not hidden in the "
+    expert_grad_exposed_ms: float | None = Field(default=None, ge=0.0, allow_inf_nan=False, description="the part of it not hidden in the "
                                                  "backward (in iteration_ms); older plans: None = all of it")
-    a2a_ms: float = Field(description="one un-chunked forward all-to-all (ms)")
+    a2a_ms: NonNegMs = Field(description="one un-chunked forward all-to-all (ms)")
     layers: list[MoELayerPlan] = Field(min_length=1)
-    fwd_bwd_ms: float = Field(description="one MoE layer fwd+bwd with the chosen r (layer 0)")
-    baselines_fwd_bwd_ms: dict[str, float]
-    grad_slices: list[float] = Field(description="dense-gradient elements all-reduced in each layer's backward gap, "
+    fwd_bwd_ms: NonNegMs = Field(description="one MoE layer fwd+bwd with the chosen r (layer 0)")
+    baselines_fwd_bwd_ms: dict[str, NonNegMs]
+    grad_slices: list[NonNegMs] = Field(description="dense-gradient elements all-reduced in each layer's backward gap, "
                                                  "backward order (last layer first)")
-    grad_exposed_ms: float
-    grad_exposed_at_end_ms: float = Field(description="all-reduce exposed when it all runs after the backward pass")
-    iteration_ms: float = Field(description="all layers fwd+bwd incl. dense blocks and the exposed all-reduce")
-    iteration_baselines_ms: dict[str, float]
+    grad_exposed_ms: NonNegMs
+    grad_exposed_at_end_ms: NonNegMs = Field(description="all-reduce exposed when it all runs after the backward pass")
+    iteration_ms: NonNegMs = Field(description="all layers fwd+bwd incl. dense blocks and the exposed all-reduce")
+    iteration_baselines_ms: dict[str, NonNegMs]
     slice_solver_status: str
     slice_solver_backend: str = Field(default="exact", description="'exact': the greedy fill met its upper bound; "
                                                                    "else the slice MILP's backend (pulp-cbc)")
@@ -167,8 +167,8 @@ def layout_text(c: MoEConfigPlan) -> str:
 
 class MoEPlan(Plan):
     kind: Literal["moe"] = "moe"
-    gpus: int = Field(description="the data-parallel world the plan is for: dense gradients all-reduced over it")
-    gpus_per_node: int
+    gpus: int = Field(ge=1, le=2**31 - 1, description="the data-parallel world the plan is for: dense gradients all-reduced over it")
+    gpus_per_node: int = Field(ge=1, le=2**31 - 1)
     ep_size_option: int | None = Field(default=None, description="`adasched plan moe --ep-size`: flat EP groups "
                                                                  "of this size inside the world; None = the default "
                                                                  "layout (EP over every GPU, or over nodes)")
@@ -188,6 +188,10 @@ class MoEPlan(Plan):
         from .costmodel import MoEConfig
 
         errors = super().verify()
+        names = [c.name for c in self.configs]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # (simulate --config NAME and train_moe --plan took the first: the second was unreachable)
+            errors.append(f"configs: the names {twice} appear more than once")
         for c in self.configs:
             at = f"config {c.name!r}"
             if c.ep_size < 1 or self.gpus % c.ep_size:

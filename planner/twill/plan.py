@@ -57,8 +57,8 @@ class TwillPlan(Plan):
     ii: int = Field(ge=1, description="initiation interval (normalised cycles per iteration)")
     mii: int = Field(ge=1, description="the lower bound on I the status refers to: max(res_mii, rec_mii, excl_mii, 1) "
                                        "(optimal only when ii = mii or every I in [mii, ii) was proved infeasible)")
-    res_mii: int = Field(description="ResMII: max over units of ceil(reservation per iteration / capacity)")
-    rec_mii: int = Field(description="RecMII: smallest I with no positive cycle under weights delay - I * distance "
+    res_mii: int = Field(ge=0, description="ResMII: max over units of ceil(reservation per iteration / capacity)")
+    rec_mii: int = Field(ge=0, description="RecMII: smallest I with no positive cycle under weights delay - I * distance "
                                      "(a lower bound on it when the solve's deadline cut its search short)")
     excl_mii: int = Field(default=0, ge=0, description="the exclusive-cells bound (mii.exclusive_mii) when it is above "
                                                        "res_mii and rec_mii, else 0 (0 in plans written before it)")
@@ -105,6 +105,7 @@ class TwillPlan(Plan):
         if self.mii < max(self.res_mii, self.rec_mii, self.excl_mii):
             errors.append(f"mii {self.mii} is below its own bounds (res {self.res_mii}, rec {self.rec_mii}, exclusive "
                           f"cells {self.excl_mii})")
+        errors += self._solver_record_errors()
         groups = {g.index: g for g in self.warp_groups}
         for s in self.ops:
             if s.warp_group not in groups:
@@ -156,6 +157,31 @@ class TwillPlan(Plan):
             from .graph import Graph, Machine
 
             errors += self._derived_errors(Graph.model_validate(self.graph), Machine.model_validate(self.machine))
+        return errors
+
+    def _solver_record_errors(self) -> list[str]:
+        """The solver record agrees with the schedule's own claims: status optimal only with I proved minimal, I = MII
+        proved minimal, an unproved I's gap at least (I - the smallest I >= MII no attempt proved infeasible) / I, the
+        backend the method's (a heuristic plan edited to 'optimal, gap 0' showed as such beside 'not proved
+        minimal')."""
+        errors = []
+        sol = self.solver
+        want_backend = "heuristic" if self.method == "heuristic" else "ortools-cp-sat"
+        if sol.backend != want_backend:
+            errors.append(f"solver.backend {sol.backend!r}: method {self.method} is solved by {want_backend!r}")
+        if sol.status not in ("optimal", "feasible"):
+            errors.append(f"solver.status {sol.status!r}: a Twill plan's is 'optimal' or 'feasible'")
+        if self.ii == self.mii and not self.ii_proven_minimal:
+            errors.append(f"ii_proven_minimal false, but I = MII = {self.ii} (a lower bound) proves it")
+        if sol.status == "optimal" and not self.ii_proven_minimal:
+            errors.append(f"solver.status 'optimal', but I = {self.ii} is not proved minimal")
+        if not self.ii_proven_minimal:
+            dead = {a.ii for a in self.attempts if a.status == "infeasible" and (self.warp_specialised or not a.warp)}
+            lowest = min([i for i in range(self.mii, self.ii) if i not in dead] + [self.ii])
+            need = (self.ii - lowest) / self.ii
+            if sol.gap is None or sol.gap < need - 1e-9:
+                errors.append(f"solver.gap {sol.gap}: I = {self.ii} is not proved minimal and I = {lowest} is open, "
+                              f"so the gap is at least {need:.6g}")
         return errors
 
     def _derived_errors(self, graph, machine) -> list[str]:

@@ -282,3 +282,20 @@ def test_files_with_a_byte_order_mark_are_read(tmp_path, capsys):
     assert main(["plan", "sp", "--seqlens", str(f), "--gpus", "8", "--global-batch", "6", "--time-limit", "0.2",
                  "--out", str(out)]) == 0
     assert sorted(load_plan(out).steps[0].seqlens) == sorted(lens)
+
+
+def test_a_step_s_solver_fields_are_checked(tmp_path, capsys, one_error):
+    """steps[].mip_gap took NaN / inf / -5, solve_seconds Infinity and solver_status any string: show printed them
+    and `show --json` wrote nulls that no longer loaded. One line naming the file and field now."""
+    out = tmp_path / "plan.json"
+    assert main(["plan", "sp", *BASE, "--seqlens", "builtin", "--gpus", "8", "--out", str(out)]) == 0
+    capsys.readouterr()
+    good = json.loads(out.read_text())
+    for field, value in (("mip_gap", float("nan")), ("mip_gap", -5.0), ("mip_gap", float("inf")),
+                         ("solve_seconds", float("inf")), ("solver_status", "great")):
+        d = json.loads(json.dumps(good))
+        d["steps"][0][field] = value
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(d))
+        err = one_error(main(["show", str(bad)]), str(bad))
+        assert f"steps.0.{field}" in err, (field, value, err)

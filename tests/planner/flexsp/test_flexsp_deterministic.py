@@ -91,3 +91,24 @@ def test_plan_files_are_identical_and_the_cli_says_deterministic(tmp_path, capsy
 def test_work_limits_are_validated_by_solve_params():
     with pytest.raises(ValueError, match="node_limit"):
         plan_step(np.array([100, 200]), tiny_cost_model(), PlannerConfig(max_evals=5, milp_nodes=0))
+
+
+def test_the_note_names_the_steps_a_cap_cut():
+    """The --deterministic note said 'N steps cut by that cap' without naming them (the README says it names them;
+    only stderr did)."""
+    import dataclasses
+
+    from adasched.planner.flexsp.api import to_plan
+    from adasched.profiler.profile import load_profile
+
+    cm = tiny_cost_model(world=4, gpus_per_node=2)
+    rng = np.random.default_rng(3)
+    results = [dataclasses.replace(plan_step(rng.integers(50, 2600, 5).astype(np.int64), cm, DET), step=i)
+               for i in range(3)]
+    results[1] = dataclasses.replace(results[1], clock_bound=True)
+    results[2] = dataclasses.replace(results[2], clock_bound=True)
+    note = to_plan(results, cm, load_profile("a100-64-flexsp-paper"), DET, "0" * 16, None).solver.note
+    assert "2 steps cut by that cap: step 1, 2 (those may differ between runs)" in note, note
+    results = [dataclasses.replace(r, clock_bound=False) for r in results]
+    note = to_plan(results, cm, load_profile("a100-64-flexsp-paper"), DET, "0" * 16, None).solver.note
+    assert "0 steps cut by that cap (those may differ between runs)" in note, note

@@ -208,3 +208,52 @@ def test_dense_block_charges_each_fit_constant_once():
     share = 4 * 512**2 / (4 * 512**2 + 3 * 512 * 1376)
     linear = cfg.tokens * lin.ms_per_token * share * (cfg.hidden / 512) ** 2 + lin.b_ms
     assert f == pytest.approx((attention + linear) / 3, rel=1e-12) and b == pytest.approx(2 * f, rel=1e-12)
+
+
+@pytest.fixture(scope="module")
+def moe_plan_dict(tmp_path_factory):
+    from adasched.planner.cli import main as cli
+
+    out = tmp_path_factory.mktemp("moe_fields") / "moe.json"
+    assert cli(["plan", "moe", "--config", "mixtral-8x7b", "--gpus", "16", "--time-limit", "0.5", "--out",
+                str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda d: d.update(gpus_per_node=0), "gpus_per_node"),      # (with the per-config null: ZeroDivisionError)
+    (lambda d: d.update(gpus_per_node=-8), "gpus_per_node"),
+    (lambda d: d.update(gpus=0), "gpus"),
+    (lambda d: d["configs"][0].update(grad_slices=[float("nan")] * len(d["configs"][0]["grad_slices"])),
+     "configs.0.grad_slices.0"),
+    (lambda d: d["configs"][0].update(iteration_ms=float("nan")), "configs.0.iteration_ms"),
+    (lambda d: d["configs"][0].update(a2a_ms=float("inf")), "configs.0.a2a_ms"),
+    (lambda d: d["configs"][0]["layers"][0].update(mean_k=-1.0), "configs.0.layers.0.mean_k"),
+    (lambda d: d["configs"][0]["layers"][0]["time_by_r_fwd"].update({"1": float("nan")}),
+     "configs.0.layers.0.time_by_r_fwd.1"),
+    (lambda d: d["configs"][0].update(ep_size=0), "configs.0.ep_size"),
+])
+def test_moe_plan_numbers_are_finite_and_in_range(moe_plan_dict, edit, field, tmp_path, one_error):
+    """A MoE plan's gpus_per_node 0 (its configs' null, as older plans write) made show, simulate and train_moe
+    --validate-only raise ZeroDivisionError tracebacks; NaN / inf / negative times and slices were accepted (verify's
+    'v < 0' checks pass NaN) and the runtime acted on them: NaN grad_slices gave slice fractions [1, 1, 1, 1], every
+    gap launching the whole gradient. Each is one line naming the file and field now."""
+    from adasched.planner.cli import main as cli
+
+    d = json.loads(json.dumps(moe_plan_dict))
+    for c in d["configs"]:
+        c["gpus_per_node"] = None
+    edit(d)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(d))  # (json writes NaN / Infinity tokens as Python reads them)
+    for cmd in (["show", str(bad)], ["simulate", str(bad)]):
+        err = one_error(cli(cmd), str(bad))
+        assert field in err, err
+
+
+def test_moe_plan_config_names_are_unique(moe_plan_dict, assert_show_refuses):
+    """Two configurations of one name verified; simulate --config NAME and train_moe --plan took the first."""
+    def twice(d):
+        d["configs"].append(json.loads(json.dumps(d["configs"][0])))
+
+    assert_show_refuses(moe_plan_dict, [(twice, "appear more than once")])

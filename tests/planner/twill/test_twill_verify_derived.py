@@ -65,9 +65,18 @@ def test_a_proved_minimal_i_needs_every_smaller_i_proved_infeasible():
     good = plan.model_dump(mode="json")
     errs = _edit(good, lambda d: d.update(attempts=[a for a in d["attempts"] if a["status"] != "infeasible"]))
     assert any(e.startswith("ii_proven_minimal: I = 4") for e in errs), errs
-    # not proved minimal: nothing to back
-    assert _edit(good, lambda d: d.update(ii_proven_minimal=False,
-                                          attempts=[a for a in d["attempts"] if a["status"] != "infeasible"])) == []
+    # not proved minimal: nothing to back - with a solver record that says so (status feasible, I = 4 open: gap
+    # >= (5 - 4) / 5); the record left 'optimal' (no gap) is refused
+    unproved = dict(ii_proven_minimal=False, attempts=[a for a in good["attempts"] if a["status"] != "infeasible"])
+    assert _edit(good, lambda d: d.update(unproved, solver=dict(d["solver"], status="feasible", gap=0.2))) == []
+    errs = _edit(good, lambda d: d.update(unproved))
+    assert errs == ["solver.status 'optimal', but I = 5 is not proved minimal",
+                    "solver.gap 0.0: I = 5 is not proved minimal and I = 4 is open, so the gap is at least 0.2"], errs
+    errs = _edit(good, lambda d: d.update(unproved, solver=dict(d["solver"], status="feasible", gap=0.1)))
+    assert errs == ["solver.gap 0.1: I = 5 is not proved minimal and I = 4 is open, so the gap is at least 0.2"]
+    errs = _edit(good, lambda d: d.update(solver=dict(d["solver"], backend="heuristic", status="heuristic")))
+    assert errs[:2] == ["solver.backend 'heuristic': method cp-sat is solved by 'ortools-cp-sat'",
+                        "solver.status 'heuristic': a Twill plan's is 'optimal' or 'feasible'"], errs
     errs = _edit(good, lambda d: d.update(mii=5, excl_mii=5))
     assert any("above the graph's MII 4" in e for e in errs), errs
 
