@@ -34,9 +34,13 @@ def _state(params: int, seed: int):
     from .checkpoint import ModelState, RNGState, Values
 
     torch.manual_seed(seed)
-    width = min(1024, max(8, int(params ** 0.5)))          # square layers; small models: one layer of ~params
-    layers = max(1, round(params / (width * width)))
-    model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
+    # square layers of up to 1024 x 1024, the rest in one narrower layer: within width / 2 parameters of the
+    # request (a whole number of square layers made --params-m 1.5 save 2.0 x 2**20, 2.49 -> 2.0, 3.5 -> 4.0)
+    width = min(1024, max(8, int(params ** 0.5)))
+    full, rest = divmod(params, width * width)
+    tail = round(rest / width) if full else max(1, round(rest / width))
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(full)],
+                                *([torch.nn.Linear(width, tail, bias=False)] if tail else []))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for p in model.parameters():                           # AdamW's moments exist (one real step)
         p.grad = torch.randn_like(p)

@@ -55,3 +55,19 @@ def test_bench_checkpoint_folder_that_is_a_file(tmp_path, capsys):
     f.write_text("x")
     assert main(["bench", "checkpoint", "--params-m", "0.25", "--folder", str(f)]) == 2
     assert capsys.readouterr().err == f"error: --folder: {f} exists and is not a folder\n"
+
+
+def test_the_saved_model_has_the_parameters_asked_for():
+    """--params-m above one square layer was rounded to whole 1024 x 1024 layers: 1.5 saved 2.0 x 2**20 (+33 %),
+    2.49 -> 2.0 (-20 %), 3.5 -> 4.0; within half a layer's width now."""
+    import random
+
+    from adasched.runtime.ckpt_bench import _state
+
+    rng = random.Random(4)
+    for params_m in (1.5, 2.49, 3.5, rng.uniform(0.01, 6.0), rng.uniform(0.01, 6.0)):
+        params = int(params_m * 2**20)
+        n, state = _state(params, 0)
+        width = min(1024, max(8, int(params ** 0.5)))
+        assert abs(n - params) <= width / 2, (params_m, n, params)
+        assert n == sum(p.numel() for p in state["model"].model.parameters())
