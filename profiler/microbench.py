@@ -200,12 +200,14 @@ def bench_linear(cfg: MicrobenchConfig, advance: Callable[[], None] = lambda: No
     tokens, ms = [r["tokens"] for r in rows], [r["fwd_bwd_ms"] for r in rows]
     fit = fit_affine(tokens, ms)
     ms_per_token, b_ms, err = fit.coef[0], fit.coef[1], fit.rel_error
+    note = ""
     if not ms_per_token > 0:  # noise (a loaded machine) flattened the slope: proportional model, its own error
         ms_per_token = sum(t * y for t, y in zip(tokens, ms)) / sum(t * t for t in tokens)
         b_ms = 0.0
         err = sum(abs(ms_per_token * t - y) / y for t, y in zip(tokens, ms)) / len(ms)
+        note = "; no growth with tokens resolved by the data: a proportional model (no constant term)"
     lin = LinearFit(ms_per_token=ms_per_token, b_ms=b_ms, hidden=h, ffn_hidden=f, fit_rel_error=err,
-                    source=f"measured: QKV+O+SwiGLU MLP fwd+bwd, {cfg.dtype}, {cfg.device}")
+                    source=f"measured: QKV+O+SwiGLU MLP fwd+bwd, {cfg.dtype}, {cfg.device}{note}")
     return lin, rows
 
 

@@ -320,3 +320,25 @@ def test_collective_across_nodes_uses_inter_node_fits_only():
     assert one.collective("all_reduce", 4).group_size == 4
     with pytest.raises(InputError, match="has no inter-node all_reduce fit"):
         one.collective("all_reduce", 4, across_nodes=True)
+
+
+def test_show_names_a_fit_the_data_did_not_resolve():
+    """A collective fit whose bandwidth was floored (flat times) showed as 'fit error 1.9%' beside '41.7 GB/s', the
+    floor's guess read as a measurement; its note lived only in the source, which show does not print for fits."""
+    from adasched.profiler.fit import SIZE_TERM_FLOOR, fit_alpha_beta
+
+    rng = np.random.default_rng(9)
+    sizes = [4096 * 4**i for i in range(6)]
+    flat = [2.0 + float(rng.uniform(-0.02, 0.02)) for _ in sizes]
+    fit = fit_alpha_beta(sizes, flat, min_size_term=SIZE_TERM_FLOOR)
+    assert "not resolved" in fit.note
+    p = load_profile("h100-sxm")
+    c = p.collectives[0].model_copy(update={"source": f"measured on box, gloo, 2 ranks; {fit.note}",
+                                            "fit_rel_error": fit.rel_error})
+    row = dict(profile_rows(p.model_copy(update={"collectives": [c]})))
+    (text,) = [v for k, v in row.items() if k.startswith(c.op)]
+    assert f"(fit error {fit.rel_error:.1%}; {fit.note})" in text, text
+    plain = c.model_copy(update={"source": "measured on box, gloo, 2 ranks"})
+    (text,) = [v for k, v in dict(profile_rows(p.model_copy(update={"collectives": [plain]}))).items()
+               if k.startswith(c.op)]
+    assert text.endswith(f"(fit error {c.fit_rel_error:.1%})"), text
