@@ -188,6 +188,9 @@ class MoEPlan(Plan):
         from .costmodel import MoEConfig
 
         errors = super().verify()
+        if self.gpus > self.gpus_per_node and self.gpus % self.gpus_per_node:
+            # (simulate rebuilt the topology from it and blamed "--gpus", an option it does not have)
+            errors.append(f"gpus {self.gpus} are not whole nodes of gpus_per_node {self.gpus_per_node}")
         names = [c.name for c in self.configs]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:  # (simulate --config NAME and train_moe --plan took the first: the second was unreachable)

@@ -257,3 +257,19 @@ def test_moe_plan_config_names_are_unique(moe_plan_dict, assert_show_refuses):
         d["configs"].append(json.loads(json.dumps(d["configs"][0])))
 
     assert_show_refuses(moe_plan_dict, [(twice, "appear more than once")])
+
+
+def test_moe_plan_gpus_are_whole_nodes(moe_plan_dict, assert_show_refuses, tmp_path, capsys):
+    """gpus_per_node 3 beside 16 GPUs: `simulate` said "error: --gpus: 16 GPUs are not whole nodes of 3 (the
+    profile's gpus_per_node)", an option simulate does not have; the plan fails verification now. Less than one
+    node (a plan for 2 GPUs of an 8-GPU profile) stays valid."""
+    from adasched.planner.cli import main as cli
+
+    assert_show_refuses(moe_plan_dict, [(lambda d: d.update(gpus_per_node=3), "not whole nodes of gpus_per_node 3")])
+    small = tmp_path / "small.json"
+    assert cli(["plan", "moe", "--config", "mixtral-8x7b", "--gpus", "2", "--time-limit", "0.5", "--out",
+                str(small)]) == 0
+    d = json.loads(small.read_text())
+    assert (d["gpus"], d["gpus_per_node"]) == (2, 8)
+    capsys.readouterr()
+    assert cli(["show", str(small)]) == 0 and cli(["simulate", str(small)]) == 0
