@@ -81,6 +81,7 @@ def show_cmd(
     else:
         data = read_json(path)
         prof = None
+        _refuse_input_file(path, data)
         # a profile's kind is optional (load_profile, and so every --profile, takes one without it)
         profile_keys = {"name", "device"}  # (what a profile must have and no plan has; num_nodes etc. default)
         plan_keys = {"inputs_digest", "solver", "predicted_ms"}  # (what every plan has and no profile)
@@ -114,6 +115,26 @@ def show_cmd(
         plan.plot(plot)
         if not as_json:
             typer.echo(f"wrote {plot}")
+
+
+#: kind-less input files of the planners that `show` was given (read as a profile or a plan: "source: Field
+#: required (and 5 more)" for a Twill graph): (keys that identify it, what it is, the command that takes it)
+_INPUT_FILES = (
+    ({"ops", "edges"}, "a Twill graph", "adasched plan twill --graph"),
+    ({"regs_total", "units", "cycle_ns"}, "a Twill machine model", "adasched plan twill --machine"),
+    ({"jobs", "capacity"}, "a LoRA jobs file", "adasched plan lora --jobs"),
+)
+
+
+def _refuse_input_file(path, data) -> None:
+    """One line saying which planner input ``data`` is, when it is one (it is no plan or profile to show)."""
+    from adasched.profiler.io import InputError
+
+    if not isinstance(data, dict) or "kind" in data:
+        return
+    for keys, what, cmd in _INPUT_FILES:
+        if keys <= data.keys():
+            raise InputError(str(path), f"is {what}, not a plan or profile: plan it with `{cmd} {path}`")
 
 
 #: Longest task of a task-graph file (ms, about 32 years): two tasks of 1e308 ms added up to an infinite makespan

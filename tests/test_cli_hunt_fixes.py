@@ -146,3 +146,23 @@ def test_show_names_the_missing_field_of_a_profile_without_kind(tmp_path, one_er
         path.write_text(json.dumps(body))
         err = one_error(main(["show", str(path)]), str(path))
         assert needle in err, err
+
+
+def test_show_names_a_planner_input_file(tmp_path, one_error):
+    """`adasched show` on a Twill graph or machine file read it as a cluster profile ('source: Field required (and 5
+    more)'); a LoRA jobs file in JSON likewise. One line naming what the file is and the command that takes it."""
+    import json as _json
+    from pathlib import Path as _Path
+
+    from adasched.planner.cli import main
+
+    root = _Path(__file__).resolve().parents[1]
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(_json.dumps({"capacity": 4096, "stages": 1, "jobs": [
+        {"name": "a", "adapter": {"r": 8}, "lengths": "xsum", "global_batch_size": 4}]}))
+    for path, what, cmd in ((root / "planner/twill/graphs/toy-attention.json", "a Twill graph", "plan twill --graph"),
+                            (root / "planner/twill/machines/h100.json", "a Twill machine model",
+                             "plan twill --machine"),
+                            (jobs, "a LoRA jobs file", "plan lora --jobs")):
+        err = one_error(main(["show", str(path)]), str(path))
+        assert f"is {what}, not a plan or profile: plan it with `adasched {cmd} {path}`" in err, err
