@@ -203,8 +203,8 @@ def kernel_cases(only: Optional[Iterable[str]] = None, arch: int = 90) -> list[t
                            B_ROWS=True, R_ALIGN=8),
                       dict(num_warps=4, num_stages=3), ("db_copies",)))
         # the rank-column width grows with the adapters' ranks (BLOCK_R = next power of two of the largest r):
-        # the register-heavy kernels again at r = 64 and 128, at the launch settings they get there (the dY
-        # kernel's 4 warps spilled at 128 columns; dy_knobs gives it 8)
+        # the register-heavy kernels again at r = 64 and 128, at the launch settings they get there (down_knobs and
+        # dy_knobs: 8 warps for dropout/S past 16 columns, for dY past 64)
         kw0, opts0 = gemm_cfgs[0]
         for r in (64, 128):
             tile = f"128x{kw0['BLOCK_O']}x{kw0['BLOCK_RED']} s{opts0['num_stages']} w{opts0['num_warps']}"
@@ -212,9 +212,11 @@ def kernel_cases(only: Optional[Iterable[str]] = None, arch: int = 90) -> list[t
                           dict(BLOCK_M=128, BLOCK_R=r, UPCAST=False, WARP_SPECIALIZE=ws, HAS_BIAS=False,
                                EPI_SPLIT=-1, **kw0, HAS_MASK=False, APPLY_SCALE=True, stride_wr=1, stride_pr=1,
                                W_OUT_MAJOR=True, P_R_UNIT=True, R_ALIGN=8), opts0, ()))
-            cases.append(("lora", f"lora down: dropout/S r{r}", L._lora_down_kernel, SIGNATURES["lora_down"],
-                          dict(down, BLOCK_R=r, HAS_DROPOUT=True, HAS_DOT=True, SUB_M=L.DOWN_LAUNCH["sub_m"]),
-                          dict(num_warps=L.DOWN_LAUNCH["warps"], num_stages=L._DOWN_STAGES), ("seed",)))
+            dn = L.down_knobs(r, True)
+            cases.append(("lora", f"lora down: dropout/S r{r} w{dn['warps']}", L._lora_down_kernel,
+                          SIGNATURES["lora_down"],
+                          dict(down, BLOCK_R=r, HAS_DROPOUT=True, HAS_DOT=True, SUB_M=int(dn["sub_m"])),
+                          dict(num_warps=int(dn["warps"]), num_stages=L._DOWN_STAGES), ("seed",)))
             dy = L.dy_knobs(r)
             cases.append(("lora", f"lora dY (split 5) r{r} w{dy['warps']}", L._lora_dy_kernel, SIGNATURES["lora_dy"],
                           dict(SPLIT_N=5, BLOCK_M=128, BLOCK_N=int(dy["block_n"]), BLOCK_R=r, HAS_DBIAS=False,

@@ -971,11 +971,7 @@ def _down(x2, a_cat, plan: _TilePlan, seed, with_s: bool, launch: Optional[dict]
         if not with_s:
             return s, xd, mask
     block_k = 16 if INTERPRET else 64
-    knobs = {**DOWN_LAUNCH, **(launch or {})}
-    if with_s and plan.block_r > 16 and "warps" not in (launch or {}):
-        # S over 32+ rank columns on 4 warps: 252-255 registers and spills at sm_90 (kernel_report); 8 warps hold
-        # it in 124-181 without (a compiler report, not a timing: the sweep ran r=16 only)
-        knobs["warps"] = max(knobs["warps"], 8)
+    knobs = down_knobs(plan.block_r, with_s, launch)
     sub_m = min(knobs["sub_m"], plan.block_m)
     n_rows = plan.n_tiles * (plan.block_m // sub_m)
     n_blocks = triton.cdiv(K, DROP_BLOCK) if plan.has_dropout else triton.cdiv(K, block_k)
@@ -1385,6 +1381,16 @@ def _backward_grouped(dy2, weight, a_cat, b_cat, s, xd, mask, plan: _TilePlan, n
             dx = torch._grouped_mm(ds, a_rows, offs=g.offs)
         dx.addmm_(dy2, weight)
     return dx, da[:plan.r_total], db[:plan.r_total].t(), dbias
+
+
+def down_knobs(block_r: int, with_s: bool, launch: Optional[dict] = None) -> dict:
+    """The dropout / S kernel's launch knobs: ``DOWN_LAUNCH`` with ``launch``'s overrides; computing S over more
+    than 16 rank columns, 8 warps unless ``launch`` sets them (4 warps: 252-255 registers and spills at sm_90 -
+    kernel_report; 8 hold it in 124-181 without: a compiler report, not a timing, the sweep ran r=16 only)."""
+    knobs = {**DOWN_LAUNCH, **(launch or {})}
+    if with_s and block_r > 16 and "warps" not in (launch or {}):
+        knobs["warps"] = max(int(knobs["warps"]), 8)
+    return knobs
 
 
 def dy_knobs(block_r: int, launch: Optional[dict] = None) -> dict:

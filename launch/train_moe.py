@@ -455,6 +455,9 @@ def _train_one(args, router: str, schedule: str, rank: int, world: int, ep, log,
     losses, lrs = [], []
     k_sums = None  # per layer: [assignments, tokens] of this run's steps on this rank (--router-stats-out)
     k_base = progress["router_k_sums"].get("sums")  # the resumed save's totals (None: a fresh run or an old save)
+    if start > 0 and k_base is None and args.router_stats_out is not None and rank == 0 and status is not None:
+        status(f"note: {resumed_from} predates the router statistics in saves: --router-stats-out covers steps "
+               f"{start}..{args.steps - 1} only")
     n_moe = len(model.moe_layers())
 
     def k_totals() -> list[list[float]]:

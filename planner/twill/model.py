@@ -623,6 +623,9 @@ _INEXACT_MII = "the RecMII search ran out of time: MII {} is a lower bound, not 
 def _from_heuristic(h: HeuristicSchedule, bounds: MII, attempts: list[Attempt], plain_ii: int,
                     plain_proven: bool, warp: bool, seconds: float, params: SolveParams, why: str) -> Schedule:
     lb = _lower_bound(bounds, attempts, warp)
+    # a plain I at the smallest one not proved infeasible is minimal, whoever found it (at the MII: a heuristic's
+    # plain 27 = MII 27 was recorded 'not proved minimal' beside the same I 'proved minimal')
+    plain_proven = plain_proven or plain_ii <= _lower_bound(bounds, attempts, False)
     if lb > h.ii:
         raise RuntimeError(f"twill: CP-SAT proved I = {h.ii} infeasible but the heuristic's schedule there passes "
                            "the validator: the model is wrong")
@@ -855,6 +858,8 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
             if warp:
                 depth = buffer_depths(problem.graph, best.ii, times)
                 best.copies = {v: depth[v] for v in best.copies}
+    # (every smaller plain I proved infeasible proves it too - the bisection's proofs, out of the scan's order)
+    plain_proven = plain_proven or plain.ii <= _lower_bound(bounds, attempts, False) or (not warp and proven)
     return Schedule(
         ii=best.ii, mii=bounds, plain_ii=plain.ii, plain_proven=plain_proven, proven=proven, status=status,
         gap=gap, objective=best.objective, bound=best.bound, seconds=time.perf_counter() - t0,

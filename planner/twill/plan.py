@@ -173,6 +173,12 @@ class TwillPlan(Plan):
             errors.append(f"solver.status {sol.status!r}: a Twill plan's is 'optimal' or 'feasible'")
         if self.ii == self.mii and not self.ii_proven_minimal:
             errors.append(f"ii_proven_minimal false, but I = MII = {self.ii} (a lower bound) proves it")
+        if self.plain_ii == self.mii and self.plain_ii_proven is False:
+            errors.append(f"plain_ii_proven false, but plain_ii = MII = {self.plain_ii} (a lower bound) proves it")
+        if not self.warp_specialised and self.plain_ii_proven is not None and (
+                self.plain_ii != self.ii or self.plain_ii_proven != self.ii_proven_minimal):
+            errors.append(f"plain_ii {self.plain_ii} (proved {self.plain_ii_proven}): a plain modulo schedule's is "
+                          f"its own I {self.ii} (proved {self.ii_proven_minimal})")
         if sol.status == "optimal" and not self.ii_proven_minimal:
             errors.append(f"solver.status 'optimal', but I = {self.ii} is not proved minimal")
         if not self.ii_proven_minimal:
@@ -207,7 +213,8 @@ class TwillPlan(Plan):
             have = _plain(getattr(self, key))
             if have != _plain(value):
                 errors.append(f"{key}: {_short(have)}, the schedule on the embedded graph and machine gives "
-                              f"{_short(_plain(value))}")
+                              f"{_short(_plain(value))}" + (" (knobs of an earlier mapping - made before 2026-11-30? "
+                                                            "re-plan)" if key == "knobs" else ""))
         if self.plain_ii < self.mii:
             errors.append(f"plain_ii {self.plain_ii} is below the MII {self.mii} (a bound of every schedule)")
         bounds = compute_mii(make_problem(graph, machine), deadline=time.perf_counter() + VERIFY_MII_SECONDS)

@@ -73,9 +73,13 @@ def test_lora_cases_cover_wide_rank_columns():
     assert len(wide) == 6, sorted(wide)
     for r in (64, 128):
         rows = {label: v for label, v in wide.items() if label.endswith(f" r{r}") or f" r{r} " in label}
+        assert len(rows) == 3, sorted(wide)
         assert sorted(label.split(" ")[1] for label in rows) == ["GEMM", "dY", "down:"], sorted(rows)
         for label, (consts, opts) in rows.items():
             assert consts["BLOCK_R"] == r, label
             if label.startswith("lora dY"):
                 assert opts["num_warps"] == L.dy_knobs(r)["warps"] == (8 if r > 64 else 4), label
+                assert label.endswith(f" w{opts['num_warps']}"), label
+            if label.startswith("lora down"):  # (they compiled at 4 warps, the runtime launches 8 there)
+                assert opts["num_warps"] == L.down_knobs(r, True)["warps"] == 8, label
                 assert label.endswith(f" w{opts['num_warps']}"), label

@@ -125,3 +125,10 @@ def test_check_plan_only_stays_free_of_torch(tmp_path, backend):
             "print(rc, 'torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "0 False", r.stdout + r.stderr
+
+
+def test_the_planner_knows_the_runtime_model_by_name():
+    """The planner names the tiny GPT itself (it never imports the runtime): the two names are one."""
+    from adasched.planner.flexsp.plan import RUNTIME_MODEL_NAME
+
+    assert RUNTIME_MODEL_NAME == spec.MODEL_NAME

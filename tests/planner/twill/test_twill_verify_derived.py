@@ -67,7 +67,8 @@ def test_a_proved_minimal_i_needs_every_smaller_i_proved_infeasible():
     assert any(e.startswith("ii_proven_minimal: I = 4") for e in errs), errs
     # not proved minimal: nothing to back - with a solver record that says so (status feasible, I = 4 open: gap
     # >= (5 - 4) / 5); the record left 'optimal' (no gap) is refused
-    unproved = dict(ii_proven_minimal=False, attempts=[a for a in good["attempts"] if a["status"] != "infeasible"])
+    unproved = dict(ii_proven_minimal=False, plain_ii_proven=False,  # (a plain schedule: its plain I is its I)
+                    attempts=[a for a in good["attempts"] if a["status"] != "infeasible"])
     assert _edit(good, lambda d: d.update(unproved, solver=dict(d["solver"], status="feasible", gap=0.2))) == []
     errs = _edit(good, lambda d: d.update(unproved))
     assert errs == ["solver.status 'optimal', but I = 5 is not proved minimal",

@@ -603,3 +603,23 @@ def test_global_batch_bad_input(argv, world, line, monkeypatch, capsys, tmp_path
     err = capsys.readouterr().err
     assert err.startswith(line) and err.count("\n") == 1, err
     assert not any(tmp_path.iterdir())
+
+
+def test_resuming_a_save_without_router_statistics_says_what_they_cover(one_rank_env, monkeypatch, capsys, tmp_path):
+    """A save written before the router statistics travelled in saves resumes (its progress lacks them) and
+    --router-stats-out then covers the resumed steps only: a note says so on stderr (it was silent)."""
+    from adasched.runtime.checkpoint import Values
+
+    real = Values.state_dict
+    with monkeypatch.context() as m:  # a save as the code before 2026-11-30 wrote it
+        m.setattr(Values, "state_dict", lambda self: {k: v for k, v in real(self).items() if k != "router_k_sums"})
+        _one_rank(capsys, ["--steps", "2", "--checkpoint-dir", str(tmp_path)])
+    stats = tmp_path / "stats.json"
+    rc = main([*TINY, "--steps", "4", "--checkpoint-dir", str(tmp_path), "--router-stats-out", str(stats)])
+    out = capsys.readouterr().out  # (rank 0's notes: stdout without --json)
+    assert rc == 0 and stats.exists(), out
+    assert "predates the router statistics in saves: --router-stats-out covers steps 2..3 only" in out, out
+    # a save that has them: no note, the whole run
+    rc = main([*TINY, "--steps", "6", "--checkpoint-dir", str(tmp_path), "--router-stats-out", str(stats)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "resumed from" in out and "predates" not in out, out
