@@ -29,8 +29,12 @@ Mapping (documented assumptions, checked on a GPU by launch/gemm_check.py):
   MMA-issue partitions, padded to whole warpgroups: one warpgroup for up to four such groups) - and then moves
   registers from the workers to the default warps with setmaxnreg. The CTA must fit the register file
   (``maxnreg x 32 x all warps <= regs_total x 128``), so maxnreg is that bound rounded down to 8 (Triton's own
-  choice when none is given; an offline sm_100 compile of the 128x256x64 GEMM at 8 warps picks 168 = 65,536 /
-  (12 warps x 32), rounded down to 8), capped by the per-group limit. This used to be the neediest group's
+  choice when none is given: ``python -m adasched.launch.kernel_report --arch 100 --only gemm --json r.json``, an
+  offline sm_100 compile, gives the TMA 128x256x64 and 128x128x64 GEMMs at 8 warps maxnreg 168 = 65,536 / (12
+  warps x 32), rounded down to 8 - one worker warpgroup, as assumed here; the pointer-load variants get 128, two
+  worker warpgroups, so these knobs fit a TMA main loop, the one the graph models, and would over-ask on pointer
+  loads: GemmConfig.from_knobs builds pointer loads - not launched on a Blackwell GPU), capped by the per-group
+  limit. This used to be the neediest group's
   registers (232 for FA4 over 16 + 4 warps, 240 for the 128x256 GEMM over 8 + 4: 148,480 and 92,160 registers,
   more than the 65,536 a CTA may hold - a launch Triton would refuse; found by reading Triton's
   AllocateWarpGroups, not on a Blackwell GPU). What the default (consumer) warps end up with is estimated with
