@@ -33,7 +33,7 @@ except Exception:  # pragma: no cover - exercised only without triton
     HAVE_TRITON = False
 
 __all__ = ["GemmConfig", "gemm", "gemm_reference", "GemmFunction", "gemm_autograd", "backend_for", "tma_layout",
-           "tma_unit_axis", "set_descriptor_allocator"]
+           "tma_unit_axis", "set_descriptor_allocator", "launch_maxnreg"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,10 +76,17 @@ class GemmConfig:
 
     @classmethod
     def from_knobs(cls, knobs: dict, *, block_m: int, block_n: int, block_k: int, **extra) -> "GemmConfig":
-        """A config from a knobs dict (num_stages, num_warps, warp_specialize, maxnreg) and a tile shape."""
+        """A config from a knobs dict (num_stages, num_warps, warp_specialize, maxnreg) and a tile shape.
+
+        Warp-specialized knobs come with ``tma=True`` (unless ``extra`` says otherwise): Twill's GEMM graph models
+        TMA loads, and its ``maxnreg`` fits the register file with the one worker warpgroup Triton adds to a TMA
+        main loop; with pointer loads Triton adds two (an offline sm_100 compile, ``launch/kernel_report.py --arch
+        100 --only gemm``: maxnreg 168 on the TMA GEMMs, 128 on the pointer-load ones when left to Triton), so the
+        knob would over-ask the register file (see :func:`launch_maxnreg`)."""
+        ws = bool(knobs.get("warp_specialize", False))
+        extra.setdefault("tma", ws)
         return cls(block_m=block_m, block_n=block_n, block_k=block_k, num_stages=int(knobs["num_stages"]),
-                   num_warps=int(knobs["num_warps"]), warp_specialize=bool(knobs.get("warp_specialize", False)),
-                   maxnreg=knobs.get("maxnreg"), **extra)
+                   num_warps=int(knobs["num_warps"]), warp_specialize=ws, maxnreg=knobs.get("maxnreg"), **extra)
 
     def label(self) -> str:
         s = f"{self.block_m}x{self.block_n}x{self.block_k} s{self.num_stages} w{self.num_warps}"
@@ -99,6 +106,18 @@ class GemmConfig:
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def launch_maxnreg(cfg: GemmConfig, used_tma: bool) -> Optional[int]:
+    """The ``maxnreg`` a launch of ``cfg`` passes to Triton: ``cfg.maxnreg``, except for a warp-specialized config
+    that asked for TMA loads (``tma=True``, as :meth:`GemmConfig.from_knobs` gives Twill's knobs) whose operands
+    fell back to pointer tiles: then None, Triton's own choice. Such a cap was sized for one worker warpgroup
+    beside the ``num_warps`` default warps; pointer loads get two, and Triton sets every warp's registers to
+    maxnreg at launch, so the CTA would ask for more than the register file (168 x 32 x (8 + 8) = 86,016 >
+    65,536 on sm_100 for the 128x256x64 knobs). A cap given without ``tma`` is passed as given."""
+    if cfg.maxnreg is not None and cfg.warp_specialize and cfg.tma and not used_tma:
+        return None
+    return cfg.maxnreg
 
 
 if HAVE_TRITON:
@@ -238,8 +257,6 @@ def gemm(a: torch.Tensor, b: torch.Tensor, config: Optional[GemmConfig] = None) 
         return c.zero_()
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
     opts = {"num_stages": cfg.num_stages, "num_warps": cfg.num_warps}
-    if cfg.maxnreg is not None and not _interpreting():
-        opts["maxnreg"] = cfg.maxnreg
     interp = _interpreting()
     tma = {}
     if cfg.tma:
@@ -248,6 +265,9 @@ def gemm(a: torch.Tensor, b: torch.Tensor, config: Optional[GemmConfig] = None) 
             tma = dict(USE_TMA=True, A_K_UNIT=layout[0], B_N_UNIT=layout[1])
             if a.is_cuda:
                 set_descriptor_allocator()
+    maxnreg = launch_maxnreg(cfg, used_tma=bool(tma))
+    if maxnreg is not None and not interp:
+        opts["maxnreg"] = maxnreg
     _gemm_kernel[grid](a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
                        c.stride(1), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                        GROUP_M=cfg.group_m, WARP_SPECIALIZE=bool(cfg.warp_specialize),

@@ -66,7 +66,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .gemm import first_order_only, set_descriptor_allocator, tma_unit_axis
+from .gemm import GemmConfig, first_order_only, launch_maxnreg, set_descriptor_allocator, tma_unit_axis
 
 try:  # a CPU-only install may lack triton: everything still imports and runs on the torch path
     import triton
@@ -851,16 +851,18 @@ def _check_gemm_config(cfg, block_m: Optional[int]) -> int:
     return int(cfg.block_m)
 
 
-def _config_launch(config, interpret: bool) -> tuple[dict, dict]:
+def _config_launch(config, interpret: bool, used_tma: bool = False) -> tuple[dict, dict]:
     """(tile constexprs, compile options) of ``_lora_gemm_kernel`` for a GemmConfig: BLOCK_O = block_n,
-    BLOCK_RED = block_k, GROUP_M = group_m; num_warps, num_stages and maxnreg (when set) except under the
-    interpreter, which takes none of them."""
+    BLOCK_RED = block_k, GROUP_M = group_m; num_warps, num_stages and maxnreg (when set; not for a
+    warp-specialized TMA config whose operands fell back to pointer tiles: ``kernels.gemm.launch_maxnreg``)
+    except under the interpreter, which takes none of them."""
     consts = {"BLOCK_O": config.block_n, "BLOCK_RED": config.block_k, "GROUP_M": config.group_m,
               "WARP_SPECIALIZE": bool(config.warp_specialize),
               "EPI_WARPS": config.num_warps, "EPI_SPLIT": _INTERPRET_EPI_SPLIT if interpret else -1}
     opts = {} if interpret else {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    if config.maxnreg is not None and not interpret:
-        opts["maxnreg"] = config.maxnreg
+    maxnreg = launch_maxnreg(config, used_tma) if isinstance(config, GemmConfig) else config.maxnreg
+    if maxnreg is not None and not interpret:
+        opts["maxnreg"] = maxnreg
     return consts, opts
 
 
@@ -939,7 +941,7 @@ def _gemm(x, w, stride_wr, stride_wo, lmat, pmat, stride_pr, stride_po, mask, bi
         if getattr(config, "persistent", False):
             grid = (min(grid[0], _num_sms(x.device) * _ctas_per_sm(config, x.element_size())),)
             flags["PERSISTENT"] = True
-        consts, opts = _config_launch(config, INTERPRET)
+        consts, opts = _config_launch(config, INTERPRET, use_tma)
         if epi_split is not None:
             consts["EPI_SPLIT"] = int(epi_split)
         _lora_gemm_kernel[grid](*args, **consts, USE_TMA=use_tma, **flags, **opts)

@@ -127,7 +127,9 @@ def sweep_configs(tile: tuple[int, int, int], machine: str, stages=SWEEP_STAGES,
         supported = WARP_SPECIALIZE_SUPPORTED[machine]
     bm, bn, bk = tile
     ws = (False, True) if supported else (False,)
-    return [GemmConfig(block_m=bm, block_n=bn, block_k=bk, num_stages=s, num_warps=w, warp_specialize=x)
+    # (a warp-specialized config loads through TMA, as the plan's does - GemmConfig.from_knobs - so plan and sweep
+    # time the same main loop; the plain ones keep pointer loads, as every recorded Hopper sweep)
+    return [GemmConfig(block_m=bm, block_n=bn, block_k=bk, num_stages=s, num_warps=w, warp_specialize=x, tma=x)
             for s in stages for w in warps for x in ws]
 
 

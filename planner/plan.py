@@ -98,7 +98,7 @@ class Plan(BaseModel):
     solver: SolverRecord
     predicted_ms: float = Field(ge=0.0, allow_inf_nan=False,
                                 description="predicted cost of this plan (ms; per step where the plan has steps)")
-    baselines_ms: dict[str, Annotated[float, Field(ge=0.0, allow_inf_nan=False)]] = Field(
+    baselines_ms: dict[str, NonNegMs] = Field(
         default_factory=dict, description="predicted cost of each baseline (ms)")
 
     @field_validator("created")

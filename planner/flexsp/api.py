@@ -178,14 +178,16 @@ def _shape_record(shape: ModelShape) -> SPModelShape | None:
 
 
 def plan_sp(profile: ClusterProfile, model: str | ModelShape, lengths: np.ndarray, *, gpus: int | None = None,
-            global_batch: int, steps: int, seed: int = 0, config: PlannerConfig | None = None,
+            global_batch: int, steps: int, seed: int | None = None, config: PlannerConfig | None = None,
             max_context: int | None = None, on_step: Callable[[StepResult], None] | None = None,
             on_checked: Callable[[], None] | None = None) -> tuple[SPPlan, list[StepResult]]:
     """Plan ``steps`` global batches drawn (seeded) from ``lengths``. Raises InputError on bad input
     before any planning (GPU count, a sequence that does not fit even on all GPUs, a batch too large to plan in
     this host's memory); ``on_checked`` runs once those checks passed (the CLI's notes go there, so an error is
-    the only line)."""
-    config = config or PlannerConfig(seed=seed)
+    the only line). ``seed`` seeds the batch draw and the solver, in place of ``config.seed`` (default: that, else
+    0), so the plan's recorded seed is the one both used (a ``config`` used to keep its own for the solver)."""
+    seed = seed if seed is not None else config.seed if config is not None else 0
+    config = dataclasses.replace(config, seed=seed) if config is not None else PlannerConfig(seed=seed)
     cm = sp_cost_model(profile, model_preset(model) if isinstance(model, str) else model, gpus)
     _check_recordable(cm.model)
     check_fits(lengths, cm, where="--seqlens")

@@ -155,9 +155,9 @@ class SPPlan(Plan):
         return self
 
     def verify(self) -> list[str]:
-        """What any run of the plan needs, world-size aside (``launch/train_sp.check_plan`` adds the run's world
-        and heads): per step, every group's ranks an aligned power-of-two range of ``world_size``, every sequence
-        of the global batch in exactly one group with the step's length for it."""
+        """What any run of the plan needs, world-size aside (``launch/train_sp.check_plan`` adds the run's world):
+        per step, every group's ranks an aligned power-of-two range of ``world_size``, every sequence of the global
+        batch in exactly one group with the step's length for it."""
         if not self.steps:
             return ["steps: the plan has no steps"]
         # an older plan (no objective/bound) recorded the bucketed MILPs' mean gap next to status "optimal" (every

@@ -159,6 +159,12 @@ class TwillPlan(Plan):
             errors += self._derived_errors(Graph.model_validate(self.graph), Machine.model_validate(self.machine))
         return errors
 
+    def _open_iis(self) -> list[int]:
+        """The I from MII up to (not including) the plan's that no attempt of its kind (any attempt for a
+        warp-specialized plan, plain ones for a plain plan) proved infeasible, ascending."""
+        dead = {a.ii for a in self.attempts if a.status == "infeasible" and (self.warp_specialised or not a.warp)}
+        return [i for i in range(self.mii, self.ii) if i not in dead]
+
     def _solver_record_errors(self) -> list[str]:
         """The solver record agrees with the schedule's own claims: status optimal only with I proved minimal, I = MII
         proved minimal, an unproved I's gap at least (I - the smallest I >= MII no attempt proved infeasible) / I, the
@@ -182,8 +188,7 @@ class TwillPlan(Plan):
         if sol.status == "optimal" and not self.ii_proven_minimal:
             errors.append(f"solver.status 'optimal', but I = {self.ii} is not proved minimal")
         if not self.ii_proven_minimal:
-            dead = {a.ii for a in self.attempts if a.status == "infeasible" and (self.warp_specialised or not a.warp)}
-            lowest = min([i for i in range(self.mii, self.ii) if i not in dead] + [self.ii])
+            lowest = (self._open_iis() + [self.ii])[0]
             need = (self.ii - lowest) / self.ii
             if sol.gap is None or sol.gap < need - 1e-9:
                 errors.append(f"solver.gap {sol.gap}: I = {self.ii} is not proved minimal and I = {lowest} is open, "
@@ -224,8 +229,7 @@ class TwillPlan(Plan):
             errors.append(f"mii {self.mii} (rec {self.rec_mii}, exclusive cells {self.excl_mii}): above the graph's "
                           f"MII {bounds.mii} (a lower bound that high would make a longer I look minimal)")
         if self.ii_proven_minimal:
-            dead = {a.ii for a in self.attempts if a.status == "infeasible" and (self.warp_specialised or not a.warp)}
-            open_ = [i for i in range(self.mii, self.ii) if i not in dead]
+            open_ = self._open_iis()
             if open_:
                 errors.append(f"ii_proven_minimal: I = {open_[0]} (>= MII {self.mii}, < ii {self.ii}) was not "
                               f"proved infeasible by any attempt")

@@ -149,3 +149,50 @@ def test_double_backward_raises_instead_of_dropping_second_order_terms():
     y = gemm_autograd(a, b2)
     (g,) = torch.autograd.grad(y.sum(), a, create_graph=True)     # dA = 1 B^T: no trainable input behind it
     torch.testing.assert_close(g, torch.ones(6, 4) @ b2.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_twill_knobs_load_through_tma_and_their_cap_is_dropped_on_a_pointer_fallback(monkeypatch):
+    # Twill's maxnreg fits the register file with the one worker warpgroup of a TMA main loop (its graph models TMA
+    # loads); pointer loads get two worker warpgroups, so the cap would over-ask (168 x 32 x 16 > 65,536 on sm_100)
+    import adasched.kernels.gemm as G
+
+    knobs = {"num_stages": 4, "num_warps": 8, "warp_specialize": True, "maxnreg": 168}
+    cfg = GemmConfig.from_knobs(knobs, block_m=32, block_n=32, block_k=16)
+    assert (cfg.tma, cfg.warp_specialize, cfg.maxnreg) == (True, True, 168)
+    assert not GemmConfig.from_knobs(dict(knobs, warp_specialize=False), block_m=32, block_n=32, block_k=16).tma
+    assert not GemmConfig.from_knobs(knobs, block_m=32, block_n=32, block_k=16, tma=False).tma  # extra wins
+    assert G.launch_maxnreg(cfg, used_tma=True) == 168
+    assert G.launch_maxnreg(cfg, used_tma=False) is None
+    # a cap given without TMA, or without warp specialization, is the caller's: passed as given
+    assert G.launch_maxnreg(GemmConfig(warp_specialize=True, maxnreg=200), used_tma=False) == 200
+    assert G.launch_maxnreg(GemmConfig(tma=True, maxnreg=200), used_tma=False) == 200
+
+    # what gemm() really passes, as it would on a GPU (a fake launch records the options instead of compiling)
+    calls = []
+
+    class Fake:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: calls.append(kw)
+
+    monkeypatch.setattr(G, "_gemm_kernel", Fake())
+    monkeypatch.setattr(G, "_interpreting", lambda: False)
+    monkeypatch.setattr(G, "backend_for", lambda t: "triton")
+    g = torch.Generator().manual_seed(31)
+    aligned = (torch.randn(40, 32, generator=g), torch.randn(32, 48, generator=g))
+    unaligned = (torch.randn(40, 37, generator=g), torch.randn(37, 48, generator=g))  # 148-byte rows
+    gemm(*aligned, cfg)
+    gemm(*unaligned, cfg)
+    assert (calls[0].get("USE_TMA"), calls[0].get("maxnreg")) == (True, 168), calls[0]
+    assert "USE_TMA" not in calls[1] and "maxnreg" not in calls[1], calls[1]
+    assert calls[1]["num_warps"] == 8 and calls[1]["WARP_SPECIALIZE"] is True
+
+
+def test_lora_launch_drops_a_tma_cap_when_its_operands_fall_back_to_pointer_tiles():
+    from adasched.kernels import lora as L
+
+    cfg = GemmConfig.from_knobs({"num_stages": 4, "num_warps": 4, "warp_specialize": True, "maxnreg": 240},
+                                block_m=128, block_n=128, block_k=64)
+    assert L._config_launch(cfg, interpret=False, used_tma=True)[1]["maxnreg"] == 240
+    assert "maxnreg" not in L._config_launch(cfg, interpret=False, used_tma=False)[1]
+    plain = GemmConfig(block_m=128, block_n=128, block_k=64, num_stages=3, num_warps=4, maxnreg=240)
+    assert L._config_launch(plain, interpret=False, used_tma=False)[1]["maxnreg"] == 240

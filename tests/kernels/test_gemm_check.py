@@ -26,12 +26,16 @@ def test_plan_config_from_twill_plan_and_precomputed_table():
                                                                     info["knobs"]["num_warps"], False)
     cfg_b, _ = gemm_bench.plan_config((128, 256, 64), "b200")
     assert cfg_b.warp_specialize is True and cfg_b.block_n == 256
+    assert cfg_b.tma is True and not cfg.tma  # the knobs' maxnreg fits a TMA main loop only (kernels.gemm)
     # the table used on a GPU image without the planner matches a fresh solve
     for (machine, tile), rec in gemm_bench.PRECOMPUTED.items():
         _, info = gemm_bench.plan_config(tile, machine)
         assert info["knobs"] == {k: rec[k] for k in info["knobs"]} and info["ii"] == rec["ii"], (machine, tile)
     assert len(gemm_bench.sweep_configs((128, 128, 64), "h100")) == 8
-    assert len(gemm_bench.sweep_configs((128, 128, 64), "b200")) == 16
+    b200 = gemm_bench.sweep_configs((128, 128, 64), "b200")
+    assert len(b200) == 16 and all(c.tma == c.warp_specialize for c in b200)  # ws points time the plan's main loop
+    from dataclasses import replace
+    assert replace(cfg_b, maxnreg=None) in gemm_bench.sweep_configs((128, 256, 64), "b200")  # same loads, knobs
 
 
 def test_plan_vs_sweep_code_path_on_cpu():
