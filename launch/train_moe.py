@@ -233,7 +233,8 @@ def layer_routers(router: str, schedule: str, layers: int, experts: int, *, budg
                         p=top_p)
     if router == "switch":                                # k is 1: schedule the expert count, in EP units
         u = ep_size
-        lo = lo if lo is not None else max(u, experts // 2)
+        lo = lo if lo is not None else max(u, experts // 2 // u * u)  # (a default in EP units: 6 experts on 2 ranks
+        # gave 3, refused as "--cap-lo: 3 is not a multiple" - an option never given)
         hi = hi if hi is not None else 2 * experts
         budget = budget if budget is not None else layers * experts
         for name, v in (("--budget", budget), ("--cap-lo", lo), ("--cap-hi", hi)):
@@ -279,6 +280,7 @@ def _plan_pipeline(args, ep_size: int, layers: int, world: int):
                                [1.0 / layers] * layers, [args.wgrad] * layers)
     two_step = args.hierarchical and ep_size > 1                 # what make_ep builds
     return load_pipeline(args.plan, ep_size=ep_size, num_layers=layers, config=args.plan_config, world=world,
+                         experts=args.experts,
                          two_step=two_step, gpus_per_node=min(args.gpus_per_node, ep_size) if two_step else None,
                          expert_shards=args.expert_shards)
 
@@ -731,7 +733,9 @@ def _main(args) -> int:
         for s in schedules:
             layer_routers(r, s, args.layers, args.experts, budget=args.budget, lo=args.lo, hi=args.hi,
                           ep_size=env_ep, capacity_factor=args.capacity_factor, top_p=args.top_p)
-    _plan_pipeline(args, env_ep, args.layers, env_world)
+    planned = _plan_pipeline(args, env_ep, args.layers, env_world)
+    if planned.shape_note:
+        status(f"note: {planned.shape_note}")
     ckpt, saved = None, None
     if ck_cfg is not None:                            # before any process group: a mismatch is one line, exit 2
         from adasched.runtime.checkpoint import check_resumable, find_checkpoint

@@ -28,6 +28,9 @@ class PlannedPipeline:
     """Forward collective issue order per layer (the plan's ``order_fwd``); left empty: "dispatch-first"."""
     order_bwd: list[str] = field(default_factory=list)
     """Backward collective issue order per layer (the plan's ``order_bwd``); left empty: "dispatch-first"."""
+    shape_note: str | None = None
+    """How the plan's model differs from the run's (layers, experts), or None: the settings still apply (a plan
+    with fewer layers repeats its last one; the slices stay shares of the plan's model), but were costed for it."""
 
     def __post_init__(self):
         n = len(self.r_fwd)
@@ -56,14 +59,17 @@ class PlannedPipeline:
 
 def load_pipeline(path: str | Path, *, ep_size: int, num_layers: int, config: str | None = None,
                   world: int | None = None, two_step: bool = False,
-                  gpus_per_node: int | None = None, expert_shards: int = 1) -> PlannedPipeline:
+                  gpus_per_node: int | None = None, expert_shards: int = 1,
+                  experts: int | None = None) -> PlannedPipeline:
     """Degrees and slices of ``config`` (default: the plan's first configuration) for ``num_layers`` MoE layers
     (a plan with fewer layers repeats its last one). Raises InputError naming the file when the configuration is
     missing or was planned for another EP size, or (``world`` given) for another number of GPUs: the plan's dense
     gradient all-reduce (its slices) and expert copies were costed for its ``gpus`` (``adasched plan moe --gpus D
     --ep-size K`` plans EP groups of K inside D), or for another layout: ``two_step`` / ``gpus_per_node`` are the
     run's exchange (``ExpertParallel.hierarchical`` and its node size; :meth:`MoEPlan.check_ep_size`);
-    ``expert_shards``: the run's ``ExpertParallel.shards`` (FSMoE's expert-sharded layout when > 1)."""
+    ``expert_shards``: the run's ``ExpertParallel.shards`` (FSMoE's expert-sharded layout when > 1). A plan of
+    another layer count, or of another expert count than ``experts`` (the run's, when given), still loads, with
+    ``shape_note`` saying so."""
     from adasched.planner.fsmoe.plan import MoEPlan
     from adasched.planner.plan import load_plan
     from adasched.profiler.io import InputError
@@ -83,7 +89,14 @@ def load_pipeline(path: str | Path, *, ep_size: int, num_layers: int, config: st
     # plan hid per gap for Mixtral) and delayed the all-to-alls the plan assumed undisturbed
     from adasched.planner.fsmoe.costmodel import MoEConfig
 
-    total = float(MoEConfig.model_validate(c.config).replicated_params) * len(c.layers)
+    mcfg = MoEConfig.model_validate(c.config)
+    total = float(mcfg.replicated_params) * len(c.layers)
     fr = [min(1.0, x / total) for x in sl] if total > 0 else [0.0] * num_layers
+    differ = ([f"{len(c.layers)} MoE layers (this run {num_layers})"] if len(c.layers) != num_layers else []) + (
+        [f"{mcfg.experts} experts (this run {experts})"] if experts is not None and mcfg.experts != experts else [])
+    note = (f"{path}: configuration {c.name!r} was planned for {' and '.join(differ)}: its per-layer settings "
+            f"apply{' (the last layer repeated)' if len(c.layers) < num_layers else ''}, costed for the plan's "
+            f"model; its gradient slices hide {sum(fr):.3g} of this run's dense gradient") if differ else None
     return PlannedPipeline(c.name, c.ep_size, [x.r_fwd for x in layers], [x.r_bwd for x in layers], fr,
-                           [x.wgrad_bwd for x in layers], [x.order_fwd for x in layers], [x.order_bwd for x in layers])
+                           [x.wgrad_bwd for x in layers], [x.order_fwd for x in layers], [x.order_bwd for x in layers],
+                           shape_note=note)

@@ -227,3 +227,34 @@ def test_a_run_on_a_non_power_of_two_world_gets_no_replan_command_the_planner_re
     assert main(["--plan", str(plans["d2"]), "--experts", "8", "--validate-only", "--steps", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "plan it with adasched plan moe --gpus 4" in err[0], err
+
+
+def test_a_plan_of_another_model_shape_loads_with_a_note(plans, monkeypatch, capsys):
+    # a Mixtral plan (32 MoE layers, 8 experts) on a 2-layer, 4-expert run: its settings apply, but were costed for
+    # its own model; that used to pass in silence (its slices then hid 2/32 of the run's dense gradient)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(["--plan", str(plans["d4k2"]), "--experts", "4", "--layers", "2", "--ep-size", "2",
+                 "--validate-only"]) == 0
+    out = capsys.readouterr().out
+    assert (f"note: {plans['d4k2']}: configuration 'mixtral-8x7b" in out and "was planned for 32 MoE layers (this "
+            "run 2) and 8 experts (this run 4)" in out and "costed for the plan's model" in out), out
+    from adasched.runtime.moe.planned import load_pipeline
+
+    pp = load_pipeline(plans["d4k2"], ep_size=2, num_layers=32, world=4, experts=8)
+    assert pp.shape_note is None  # the plan's own shape: no note
+    c = load_plan(plans["d4k2"], expect=MoEPlan).configs[0]
+    pp = load_pipeline(plans["d4k2"], ep_size=2, num_layers=40, world=4)
+    assert "32 MoE layers (this run 40)" in pp.shape_note and "last layer repeated" in pp.shape_note
+    assert pp.r_fwd[32:] == [c.layers[-1].r_fwd] * 8
+
+
+def test_switch_default_cap_lo_is_whole_ep_units(monkeypatch, capsys):
+    # 6 experts on 2 ranks: the default lower bound was 6 // 2 = 3, refused as "--cap-lo: 3 is not a multiple of
+    # the expert-parallel size 2" - an option the user never gave
+    from adasched.launch.train_moe import layer_routers
+
+    for experts, ep in ((6, 2), (10, 2), (12, 4), (8, 8)):
+        routers, caps = layer_routers("switch", "uniform", 4, experts, ep_size=ep)
+        assert all(c % ep == 0 and c >= ep for c in caps) and sum(caps) == 4 * experts, (experts, ep, caps)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["--router", "switch", "--experts", "6", "--validate-only"]) == 0, capsys.readouterr().err
