@@ -114,15 +114,22 @@ def register(groups) -> None:
             raise InputError("--warmup", f"must be in [0, steps] = [0, {n}], got {warmup}" if n is not None
                              else f"must be >= 0, got {warmup}")
         curves: list = [None] * len(specs)
+        length_from = "--steps" if n is not None else None
         for i in sorted(range(len(specs)), key=lambda i: not is_file[i]):  # files first: they set the length
-            try:
-                label, m = schedule_curve(specs[i], n, warmup, norm=norm, smoothing=smoothing)
+            try:  # (a file over its own length, then compared: a second file of another length was refused as
+                # "has 240 steps but total_steps=20", an option the command does not have)
+                label, m = schedule_curve(specs[i], None if is_file[i] else n, warmup, norm=norm,
+                                          smoothing=smoothing)
             except InputError:  # names its file or option already
                 raise
             except ValueError as err:  # e.g. 'phi: must be ...' from uba:-1: say which argument
                 raise InputError(f"schedule {specs[i]!r}", str(err).removeprefix("schedule: ")) from None
             if n is None:
-                n = len(m) - 1
+                n, length_from = len(m) - 1, specs[i]
+            elif len(m) - 1 != n:
+                raise InputError(specs[i], f"has {len(m) - 1} steps, " + (
+                    f"--steps is {n}" if length_from == "--steps" else f"{length_from} has {n}: the curves of one "
+                    f"plot share a length") + " (a norms file gives one per optimizer step of its run)")
             curves[i] = (label, m)
         seen: dict[str, int] = {}
         for i, (label, m) in enumerate(curves):  # two files of one name: the JSON kept one curve per label

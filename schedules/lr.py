@@ -371,7 +371,8 @@ class WarmupDecay(LRScheduler):
         """Restore the schedule; when the optimizer's groups still hold the lrs this freshly built scheduler set
         (a checkpoint resumed without optimizer state: DeepSpeed ``load_optimizer_states=False``, a new
         optimizer), also put the lrs the groups held at the save back into them - the chained update above reads
-        the groups' lr, and the fresh one (0 at the start of a warmup) stayed 0 for the rest of the run. A
+        the groups' lr, and the fresh one (0 at the start of a warmup) stayed 0 for the rest of the run; so too
+        when the groups hold something else (a torch scheduler built after this one in a chain scaled them). A
         restored optimizer (before this call or after it) keeps its lrs, which in a chain carry the other
         schedulers' factors. (It put back this scheduler's own last lrs, which are the run's only while it is the
         one stepping: in a SequentialLR past its milestone the finished first schedule - built fresh at the base
@@ -409,11 +410,23 @@ class WarmupDecay(LRScheduler):
                 self._last_lr = list(last)
             if at_save is not None and len(at_save) == n_old:
                 last = [float(v) for v in at_save] + list(last[n_old:])
-            for group, value in zip(groups, last):
-                if isinstance(group["lr"], torch.Tensor):
-                    group["lr"].fill_(float(value))
-                else:
-                    group["lr"] = value
+            _set_group_lrs(groups, last)
+        elif at_save is not None and last is not None and len(at_save) == len(last) <= len(groups):
+            # the groups hold neither this scheduler's fresh lrs nor, necessarily, the run's: a torch scheduler
+            # built after this one in a chain scales the lr at construction (ChainedScheduler([REX, LinearLR(0.5)])
+            # resumed without optimizer state kept the fresh 0.5 as LinearLR's share and ran at 2/3 of the run's lr
+            # from then on). The lrs at the save are the run's either way: a restored optimizer holds the same ones
+            # (a no-op), one restored after this call overwrites them with the same again.
+            _set_group_lrs(groups[:len(at_save)], [float(v) for v in at_save])
+
+
+def _set_group_lrs(groups: list[dict], values: list[float]) -> None:
+    """Write ``values`` into the groups' lr (in place for a tensor lr)."""
+    for group, value in zip(groups, values):
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(float(value))
+        else:
+            group["lr"] = value
 
 
 class LinearDecay(WarmupDecay):

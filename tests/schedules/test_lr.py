@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from torch.optim.lr_scheduler import ChainedScheduler, CosineAnnealingLR, ExponentialLR, LinearLR, SequentialLR
+from torch.optim.lr_scheduler import ChainedScheduler, ConstantLR, CosineAnnealingLR, ExponentialLR, LinearLR, SequentialLR
 
 from sched_helpers import make_opt, run
 
@@ -304,6 +304,13 @@ _COMPOSITIONS = {
     "rex-then-cosine": lambda opt: SequentialLR(opt, [REX(opt, 10), CosineAnnealingLR(opt, 10)], milestones=[10]),
     "rex-then-rex": lambda opt: SequentialLR(opt, [REX(opt, 10, min_lr_ratio=0.2), REX(opt, 10)], milestones=[10]),
     "chained-rex-uba": lambda opt: ChainedScheduler([REX(opt, 20), UBA(opt, 20)]),
+    # a torch scheduler after ours scales the groups' lr when built: resumed without optimizer state, the fresh
+    # groups' lr no longer matched ours, so the lr at the save was not put back (2/3 of the run's lr from then on)
+    "chained-rex-linear": lambda opt: ChainedScheduler([REX(opt, 20), LinearLR(opt, 0.5, 1.0, total_iters=4)]),
+    "chained-rex-constant": lambda opt: ChainedScheduler([REX(opt, 20), ConstantLR(opt, 0.5, total_iters=7)]),
+    "chained-warmup-rex-constant": lambda opt: ChainedScheduler([REX(opt, 20, warmup_steps=3),
+                                                                 ConstantLR(opt, 0.5, total_iters=7)]),
+    "chained-constant-rex": lambda opt: ChainedScheduler([ConstantLR(opt, 0.5, total_iters=7), REX(opt, 20)]),
 }
 
 

@@ -72,15 +72,21 @@ def test_plot_default_and_mixed(tmp_path, capsys):
     (["schedules", "plot", "rex", "--out", "{dir}/o.png", "--warmup", "-1"], "--warmup"),
     (["schedules", "plot", "rex", "--out", "{norms}/x.png"], "--out"),
     (["schedules", "plot", "step", "--out", "{dir}/o.png"], "schedule"),
-    (["schedules", "plot", "{norms}", "--steps", "20", "--out", "{dir}/o.png"], "wrong length"),
+    (["schedules", "plot", "{norms}", "--steps", "20", "--out", "{dir}/o.png"], "norms.csv: has 50 steps, --steps is 20"),
+    # two files of different lengths: the second was refused as "has 30 steps but total_steps=50 (wrong length)",
+    # an option the command does not have
+    (["schedules", "plot", "{norms}", "{short}", "--out", "{dir}/o.png"],
+     "short.csv: has 30 steps, {norms} has 50: the curves of one plot share a length"),
 ])
 def test_cli_errors_exit_2(tmp_path, capsys, args, needle):
     path, _ = _norms(tmp_path)
     (tmp_path / "empty.csv").write_text("")
-    args = [a.format(dir=tmp_path, norms=path, empty=tmp_path / "empty.csv") for a in args]
+    short = write_norms_csv(tmp_path / "short.csv", [1.0 + 0.1 * k for k in range(30)], [2.0] * 30)
+    fill = dict(dir=tmp_path, norms=path, empty=tmp_path / "empty.csv", short=short)
+    args, needle = [a.format(**fill) for a in args], needle.format(**fill)
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and needle in err and len(err.splitlines()) == 1
+    assert err.startswith("error: ") and needle in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "o.json").exists() and not (tmp_path / "o.png").exists()
 
 
