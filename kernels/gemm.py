@@ -80,9 +80,11 @@ class GemmConfig:
 
         Warp-specialized knobs come with ``tma=True`` (unless ``extra`` says otherwise): Twill's GEMM graph models
         TMA loads, and its ``maxnreg`` fits the register file with the one worker warpgroup Triton adds to a TMA
-        main loop; with pointer loads Triton adds two (an offline sm_100 compile, ``launch/kernel_report.py --arch
-        100 --only gemm``: maxnreg 168 on the TMA GEMMs, 128 on the pointer-load ones when left to Triton), so the
-        knob would over-ask the register file (see :func:`launch_maxnreg`)."""
+        main loop; with pointer loads Triton adds as many worker warps as default ones (an offline sm_100 compile,
+        ``launch/kernel_report.py --arch 100 --only gemm,lora``, 2026-11-30, triton 3.7.1, maxnreg left to Triton:
+        at 8 warps 168 = 65,536 / (12 x 32) on the TMA GEMMs, 128 = 65,536 / (16 x 32) on the pointer-load ones;
+        at 4 warps 256 on both), so at 8 warps the knob would over-ask the register file (see
+        :func:`launch_maxnreg`)."""
         ws = bool(knobs.get("warp_specialize", False))
         extra.setdefault("tma", ws)
         return cls(block_m=block_m, block_n=block_n, block_k=block_k, num_stages=int(knobs["num_stages"]),
@@ -112,9 +114,10 @@ def launch_maxnreg(cfg: GemmConfig, used_tma: bool) -> Optional[int]:
     """The ``maxnreg`` a launch of ``cfg`` passes to Triton: ``cfg.maxnreg``, except for a warp-specialized config
     that asked for TMA loads (``tma=True``, as :meth:`GemmConfig.from_knobs` gives Twill's knobs) whose operands
     fell back to pointer tiles: then None, Triton's own choice. Such a cap was sized for one worker warpgroup
-    beside the ``num_warps`` default warps; pointer loads get two, and Triton sets every warp's registers to
-    maxnreg at launch, so the CTA would ask for more than the register file (168 x 32 x (8 + 8) = 86,016 >
-    65,536 on sm_100 for the 128x256x64 knobs). A cap given without ``tma`` is passed as given."""
+    beside the ``num_warps`` default warps; pointer loads get ``num_warps`` worker warps (two warpgroups at 8), and
+    Triton sets every warp's registers to maxnreg at launch, so the CTA would ask for more than the register file
+    (168 x 32 x (8 + 8) = 86,016 > 65,536 on sm_100 for the 128x256x64 knobs). A cap given without ``tma`` is
+    passed as given."""
     if cfg.maxnreg is not None and cfg.warp_specialize and cfg.tma and not used_tma:
         return None
     return cfg.maxnreg

@@ -31,8 +31,8 @@ Mapping (documented assumptions, checked on a GPU by launch/gemm_check.py):
   (``maxnreg x 32 x all warps <= regs_total x 128``), so maxnreg is that bound rounded down to 8 (Triton's own
   choice when none is given: ``python -m adasched.launch.kernel_report --arch 100 --only gemm --json r.json``, an
   offline sm_100 compile, gives the TMA 128x256x64 and 128x128x64 GEMMs at 8 warps maxnreg 168 = 65,536 / (12
-  warps x 32), rounded down to 8 - one worker warpgroup, as assumed here; the pointer-load variants get 128, two
-  worker warpgroups, so these knobs fit a TMA main loop, the one the graph models, and would over-ask on pointer
+  warps x 32), rounded down to 8 - one worker warpgroup, as assumed here; the pointer-load variants get 128, as
+  many worker warps as default ones (two warpgroups at 8 warps), so these knobs fit a TMA main loop, the one the graph models, and would over-ask on pointer
   loads: ``GemmConfig.from_knobs`` therefore asks for TMA loads with warp-specialized knobs, and a launch whose
   operands cannot take TMA leaves maxnreg to Triton, ``kernels.gemm.launch_maxnreg`` - not launched on a
   Blackwell GPU), capped by the per-group limit. This used to be the neediest group's
