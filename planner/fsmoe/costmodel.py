@@ -391,7 +391,8 @@ def stage_costs(cfg: MoEConfig, topo: Topology, *, source: Literal["published", 
     flops = 2.0 * _expert_macs_per_gpu(cfg, topo, layer)
     alpha[2] = GEMM_ALPHA_MS
     work[2] = flops / (profile.gemm_tflops * 1e9)  # TFLOP/s -> FLOP per ms
-    notes.append(f"gemm: {profile.gemm_tflops} TFLOP/s + {GEMM_ALPHA_MS} ms per chunk (assumed launch overhead)")
+    notes.append(f"gemm: {profile.gemm_tflops} TFLOP/s (the profile's dense GEMM rate, not calibrated to expert "
+                 f"GEMM shapes) + {GEMM_ALPHA_MS} ms per chunk (assumed launch overhead)")
     fit = _dense_allreduce_fit(profile, topo)
     alpha[4] = fit.alpha_ms
     work[4] = fit.beta_ms_per_byte * n[4] * ELEMENT_BYTES

@@ -183,8 +183,10 @@ def plan_moe(configs: list[MoEConfig], gpus: int, profile: ClusterProfile, *,
     record = SolverRecord(backend="exact-eval" + ("+pulp-cbc" if milp else ""), status=status, solve_seconds=round(dt, 6),
                           time_limit=params.time_limit, seed=params.seed, threads=params.threads,
                           note="r by exhaustive exact evaluation over {1,2,4,8,16} (doubled past 16 while "
-                               "faster); gradient slices by a greedy fill proved optimal by a matching upper "
-                               "bound (the slice MILP, pulp-cbc, only where the bound would not match)")
+                               "faster), per layer on its own fwd / bwd time; gradient slices by a greedy fill "
+                               "proved optimal by a matching upper bound (the slice MILP, pulp-cbc, only where the "
+                               "bound would not match) given those r - not r and slices jointly on the iteration "
+                               "(a slower backward can leave the all-reduce more idle link)")
     predicted = sum(c.fwd_bwd_ms for c in out)
     baselines = {name: sum(c.baselines_fwd_bwd_ms[name] for c in out) for name in BASELINES}
     return MoEPlan(
