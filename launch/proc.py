@@ -92,19 +92,45 @@ def _kill_recorded(seen: dict[int, int]) -> None:
                 pass
 
 
+def _pump(stream, muted) -> None:
+    """Copy ``stream`` (a child's stderr pipe) to this process's stderr line by line until it closes, dropping
+    lines once ``muted`` is set."""
+    for line in stream:
+        if not muted.is_set():
+            dest = sys.stderr if isinstance(line, str) else sys.stderr.buffer
+            dest.write(line)
+            dest.flush()
+
+
 def run_tree(cmd: Sequence[str], *, timeout_s: float, env: Mapping[str, str] | None = None,
-             capture_output: bool = False, text: bool = True, grace_s: float = GRACE_S) -> subprocess.CompletedProcess:
+             capture_output: bool = False, text: bool = True, grace_s: float = GRACE_S,
+             quiet_interrupt: bool = False) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd, timeout=timeout_s, ...)`` whose time-out (``subprocess.TimeoutExpired``, with what
-    was captured) and Ctrl-C stop every process the command started, not only the first."""
+    was captured) and Ctrl-C stop every process the command started, not only the first. ``quiet_interrupt``
+    (without ``capture_output``): the command's stderr is passed on line by line until a Ctrl-C, then dropped -
+    torchrun answers the SIGTERM that stops it with ~35 lines (its shutdown notes and a SignalException
+    traceback), which buried the caller's one "aborted" line."""
+    import threading
+
     pipe = subprocess.PIPE if capture_output else None
-    proc = subprocess.Popen(list(cmd), env=dict(env) if env is not None else None, stdout=pipe, stderr=pipe,
-                            text=text, start_new_session=True)
+    forward = quiet_interrupt and not capture_output
+    proc = subprocess.Popen(list(cmd), env=dict(env) if env is not None else None, stdout=pipe,
+                            stderr=subprocess.PIPE if forward else pipe, text=text, start_new_session=True)
+    muted = threading.Event()
+    pump = None
+    if forward:
+        pump = threading.Thread(target=_pump, args=(proc.stderr, muted), daemon=True)
+        pump.start()
     deadline = time.monotonic() + timeout_s
     seen: dict[int, int] = {}
     try:
         while True:
             try:  # (communicate may be called again after its time-out: nothing captured is lost)
-                out, err = proc.communicate(timeout=max(0.0, min(SCAN_S, deadline - time.monotonic())))
+                if forward:  # (the pump reads stderr; nothing is captured)
+                    proc.wait(timeout=max(0.0, min(SCAN_S, deadline - time.monotonic())))
+                    out = err = None
+                else:
+                    out, err = proc.communicate(timeout=max(0.0, min(SCAN_S, deadline - time.monotonic())))
                 break
             except subprocess.TimeoutExpired:
                 if time.monotonic() >= deadline:
@@ -122,6 +148,7 @@ def run_tree(cmd: Sequence[str], *, timeout_s: float, env: Mapping[str, str] | N
             out = err = None
         raise subprocess.TimeoutExpired(list(cmd), timeout_s, output=out, stderr=err) from None
     except BaseException:  # KeyboardInterrupt: the group is in its own session, the terminal's Ctrl-C missed it
+        muted.set()
         _stop_group(proc, grace_s)
         _kill_recorded(seen)
         proc.wait()
@@ -132,15 +159,19 @@ def run_tree(cmd: Sequence[str], *, timeout_s: float, env: Mapping[str, str] | N
     except ProcessLookupError:
         pass
     _kill_recorded(seen)
+    if pump is not None:  # the rest of what it wrote (the pipe closes with the last writer)
+        pump.join(timeout=grace_s)
     return subprocess.CompletedProcess(list(cmd), proc.returncode, out, err)
 
 
 def torchrun_tree(nproc: int, module: str, args: Sequence[str], *, timeout_s: float,
-                  env: Mapping[str, str] | None = None, capture_output: bool = False) -> subprocess.CompletedProcess:
+                  env: Mapping[str, str] | None = None, capture_output: bool = False,
+                  quiet_interrupt: bool = False) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=NPROC -m MODULE ARGS`` under :func:`run_tree`, with torchrun's
     log folder a temporary one removed afterwards: without ``--log-dir`` torchrun leaves an empty
     ``/tmp/torchelastic_*`` tree behind on every launch."""
     with tempfile.TemporaryDirectory(prefix="adasched-torchrun-") as logs:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "--log-dir", logs, "-m", module, *args]
-        return run_tree(cmd, timeout_s=timeout_s, env=env, capture_output=capture_output)
+        return run_tree(cmd, timeout_s=timeout_s, env=env, capture_output=capture_output,
+                        quiet_interrupt=quiet_interrupt)

@@ -91,6 +91,7 @@ routing statistics and aux loss (recomputed by every forward) and the losses of 
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 import time
@@ -601,7 +602,7 @@ def _check_sizes(args, world: int) -> None:
     import math
     import os
 
-    from adasched.profiler.io import check_output_path
+    from adasched.profiler.io import check_distinct_outputs, check_output_path
 
     for opt, low in (("layers", 1), ("experts", 1), ("d", 1), ("heads", 1), ("ffn", 1), ("vocab", 3), ("seq", 2),
                      ("batch", 1), ("steps", 1), ("r_fwd", 1), ("r_bwd", 1), ("gpus_per_node", 1)):
@@ -649,6 +650,30 @@ def _check_sizes(args, world: int) -> None:
     if args.hierarchical and world > 1 and world % min(args.gpus_per_node, world):
         raise ValueError(f"--gpus-per-node: {world} ranks do not split into nodes of {args.gpus_per_node}")
     check_output_path(args.router_stats_out, "--router-stats-out")
+    # (the same file as --plan: the statistics replaced the plan the run trained from, exit 0)
+    check_distinct_outputs(("--router-stats-out", args.router_stats_out), inputs=(("--plan", args.plan),))
+
+
+def _strict_json(obj, **kw) -> str:
+    """JSON with NaN and infinities as null (json.dumps wrote NaN, which strict parsers refuse)."""
+    from adasched.profiler.io import finite_json
+
+    return json.dumps(finite_json(obj), allow_nan=False, **kw)
+
+
+def _world_from_env() -> int:
+    """WORLD_SIZE (torchrun's; train_moe.sh sets it from NPROC for its pre-check), default 1; ValueError naming it
+    when it is not a whole number >= 1 (int() said "invalid literal for int() with base 10: 'abc'")."""
+    import os
+
+    raw = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(raw)
+    except ValueError:
+        world = 0
+    if world < 1:
+        raise ValueError(f"WORLD_SIZE: {raw!r} is not a whole number >= 1 (train_moe.sh sets it from NPROC)")
+    return world
 
 
 def main(argv=None) -> int:
@@ -662,8 +687,6 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
-    import os
-
     from adasched.runtime.moe.router import ROUTER_KINDS
     from adasched.schedules.capacity import CAPACITY_SCHEDULES
 
@@ -707,14 +730,14 @@ def _main(args) -> int:
         if args.validate_only:  # (ran the whole comparison)
             return 0
         res = compare_schedules(quick=args.quick, log=lambda m: print(m, file=sys.stderr, flush=True))
-        print(json.dumps(res) if args.json else json.dumps(res, indent=1))
+        print(_strict_json(res) if args.json else _strict_json(res, indent=1))
         return 0
     routers = _names(args.router, ROUTER_KINDS, "--router")
     schedules = _names(args.schedule, CAPACITY_SCHEDULES, "--schedule")
     if ck_cfg is not None and len(routers) * len(schedules) != 1:
         raise ValueError(f"--checkpoint-dir: a checkpoint holds one run; give one --router and one --schedule (got "
                          f"{len(routers)} x {len(schedules)} combinations)")
-    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    env_world = _world_from_env()
     if args.global_batch is not None:
         if args.batch_given:
             raise ValueError("--global-batch: give --batch (sequences per rank) or --global-batch (over all ranks), "
@@ -769,7 +792,7 @@ def _main(args) -> int:
             status(f"nothing left to train: {saved.path} is step {saved.step} and --steps is {args.steps}")
             if args.json and is_rank0():              # --json: stdout is still one JSON object, with no runs
                 two_step = bool(args.hierarchical and env_ep > 1)
-                print(json.dumps({"world": env_world, "ep_size": env_ep, "two_step": two_step,
+                print(_strict_json({"world": env_world, "ep_size": env_ep, "two_step": two_step,
                                   "exchange_gpus_per_node": min(args.gpus_per_node, env_ep) if two_step else None,
                                   "expert_shards": args.expert_shards, "batch": args.batch,
                                   "global_batch": args.batch * env_world, "runs": [],
@@ -802,9 +825,15 @@ def _main(args) -> int:
 
         atomic_write_json(args.router_stats_out, {"mean_k_per_layer": out[-1]["mean_k_per_layer"],
                                                   "router": out[-1]["router"], "schedule": out[-1]["schedule"]})
+    if rank == 0:
+        for res in out:  # (a run that diverged printed NaN losses - and NaN into --json's "strict" JSON - exit 0)
+            bad = next((i for i, v in enumerate(res.get("losses", [])) if not math.isfinite(v)), None)
+            if bad is not None:
+                status(f"note: {res['router']}/{res['schedule']}: the loss is not finite from step {bad} on (it "
+                       f"diverged: lower --lr); --json writes it as null")
     if rank == 0 and args.json:
         hier = bool(base_ep is not None and base_ep.hierarchical)
-        print(json.dumps({"world": world, "ep_size": base_ep.size if base_ep else 1, "two_step": hier,
+        print(_strict_json({"world": world, "ep_size": base_ep.size if base_ep else 1, "two_step": hier,
                           "exchange_gpus_per_node": base_ep.gpus_per_node if hier else None,
                           "expert_shards": base_ep.shards if base_ep else 1, "batch": args.batch,
                           "global_batch": args.batch * world, "runs": out}))

@@ -514,7 +514,7 @@ def launch_local(plan: str | os.PathLike, nproc: int = 4, args: Sequence[str] = 
 
     try:
         return torchrun_tree(nproc, "adasched.launch.train_sp", ["--plan", str(plan), *args], env=env,
-                             timeout_s=timeout_s).returncode
+                             timeout_s=timeout_s, quiet_interrupt=True).returncode
     except subprocess.TimeoutExpired:  # torchrun and every rank are stopped (they lived on, still training)
         print(f"error: train_sp: {nproc} ranks did not finish within {timeout_s:g} s (stopped)", file=sys.stderr)
         return 1

@@ -65,9 +65,10 @@ def show_cmd(
 ) -> None:
     """Validate a plan or profile and say what it is and why it was chosen (baselines compared)."""
     from adasched.profiler.builtins import BUILTIN_PROFILES
-    from adasched.profiler.io import check_output_path, read_json
+    from adasched.profiler.io import check_distinct_outputs, check_output_path, read_json
 
     check_output_path(plot, "--plot")  # before anything is printed
+    check_distinct_outputs(("--plot", plot), inputs=(("PATH", path),))  # (`show splan --plot splan` drew over it)
 
     from .plan import load_plan
     from .ui import emit_json, print_table
@@ -173,9 +174,10 @@ def simulate_cmd(
                                                                  "first)."),
 ) -> None:
     """Run the discrete-event simulator (per-rank compute/communication streams with dependencies)."""
-    from adasched.profiler.io import check_output_path, read_json
+    from adasched.profiler.io import check_distinct_outputs, check_output_path, read_json
 
     check_output_path(plot, "--plot")  # before anything is printed
+    check_distinct_outputs(("--plot", plot), inputs=(("PATH", path),))  # (`simulate g --plot g` drew over it)
 
     from .gantt import render_gantt
     from .plan import load_plan

@@ -117,6 +117,12 @@ def check_distinct_outputs(*outputs: tuple[str, str | os.PathLike | None],
         key = Path(path).expanduser().resolve()
         if key in seen:
             raise InputError(option, f"{path} is also {seen[key]}: give each output its own file")
+        for other, other_option in seen.items():  # one output under another: the first was written, then the
+            # second failed ("cannot write: File exists") - a failed command with a file left behind
+            if other in key.parents or key in other.parents:
+                inner, outer = (option, other_option) if other in key.parents else (other_option, option)
+                raise InputError(inner, f"{path if inner == option else other} is under the {outer} output "
+                                        f"(a file, not a folder): give each output its own place")
         seen[key] = option
     for in_option, path in inputs:
         if path is None or not str(path).strip() or not _is_file(path):
@@ -246,6 +252,17 @@ def finite_json(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [finite_json(v) for v in obj]
     return obj
+
+
+def has_non_finite(obj: Any) -> bool:
+    """Whether a NaN or infinity sits anywhere in ``obj`` (floats in nested dicts, lists and tuples)."""
+    if isinstance(obj, float):
+        return not math.isfinite(obj)
+    if isinstance(obj, dict):
+        return any(has_non_finite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(has_non_finite(v) for v in obj)
+    return False
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

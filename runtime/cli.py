@@ -1,12 +1,14 @@
 """`adasched bench checkpoint`: synchronous vs asynchronous checkpoint saves (:mod:`adasched.runtime.ckpt_bench`)."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
 
-__all__ = ["register"]
+__all__ = ["register", "MAX_REPEATS", "MAX_TRAIN_STEPS"]
+
+MAX_REPEATS = 1000
+MAX_TRAIN_STEPS = 10 ** 6
 
 
 def register(groups) -> None:
@@ -18,7 +20,7 @@ def register(groups) -> None:
                                                          "order alternates)."),
         train_steps: int = typer.Option(100, "--train-steps", help="Stand-in training steps run after each save (the "
                                                                   "work an asynchronous save overlaps)."),
-        folder: Optional[Path] = typer.Option(None, "--folder", help="Where to write the saves (default: a temporary "
+        folder: Optional[str] = typer.Option(None, "--folder", help="Where to write the saves (default: a temporary "
                                                                      "folder, removed afterwards)."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON only."),
     ) -> None:
@@ -31,17 +33,17 @@ def register(groups) -> None:
 
         if not params_m > 0 or params_m > 1e6:
             raise InputError("--params-m", f"{params_m:g} must be > 0 (and at most 1e6)")
-        if repeats < 1:
-            raise InputError("--repeats", f"{repeats} must be >= 1")
-        if train_steps < 0:
-            raise InputError("--train-steps", f"{train_steps} must be >= 0")
+        if not 1 <= repeats <= MAX_REPEATS:  # (10**20 was accepted and ran until killed)
+            raise InputError("--repeats", f"{repeats} must be in 1..{MAX_REPEATS}")
+        if not 0 <= train_steps <= MAX_TRAIN_STEPS:
+            raise InputError("--train-steps", f"{train_steps} must be in 0..{MAX_TRAIN_STEPS}")
         params = int(params_m * 2 ** 20)
         if params < 1:  # (rounded to 0 parameters: the bench's own error named repeats and train_steps)
             raise InputError("--params-m", f"{params_m:g} is under one parameter (the unit is 2**20)")
         # the model and its moments (12 B/param) plus the async stager's copy of them
         check_host_memory(24 * params, "--params-m", f"{params_m:g}M parameters need {24 * params / 2**30:,.1f} GiB "
                                                      f"(weights, AdamW moments and a staged copy)")
-        if folder is not None:
+        if folder is not None:  # (taken as a str: typer made "" the current folder, filled with the saves)
             check_output_folder(folder, "--folder")
         with progress("checkpoint saves", repeats, enabled=not as_json) as advance:
             res = bench_checkpoint(params, repeats, train_steps, None if folder is None else str(folder),

@@ -597,7 +597,10 @@ def save_adapters(out_dir: str | Path, plan, adapters: Sequence[LoRAAdapter], st
         sd = states[j] if states is not None else ad.peft_state_dict()
         paths.append(save_peft_adapter(out / job.name, ad.peft_config(), sd))
     if result is not None:
-        atomic_write_text(out / LOSSES_FILE, json.dumps(
+        from adasched.profiler.io import finite_json  # (a diverged run wrote NaN: not JSON to strict parsers)
+
+        atomic_write_text(out / LOSSES_FILE, json.dumps(finite_json(
             {"per_global_batch": result.by_job(plan), "microbatch": result.microbatch_losses,
-             "optimizer_steps": {job.name: result.steps.get(j, 0) for j, job in enumerate(plan.jobs)}}, indent=1) + "\n")
+             "optimizer_steps": {job.name: result.steps.get(j, 0) for j, job in enumerate(plan.jobs)}}), indent=1,
+            allow_nan=False) + "\n")
     return paths

@@ -159,3 +159,43 @@ def test_torchrun_tree_leaves_no_log_folders(tmp_path):
     assert list(child_tmp.iterdir()) == []  # (torchrun's default: torchelastic_<random>/<run id>/attempt_0/...)
     after = {p.name for p in os.scandir(tempfile.gettempdir()) if p.name.startswith("adasched-torchrun-")}
     assert after == before
+
+
+# prints a line and touches a marker file, then answers SIGTERM with many lines (as torchrun does: its shutdown
+# notes and a traceback)
+NOISY = ("import pathlib, signal, sys, time\n"
+         "def stop(*_):\n"
+         "    for i in range(35): print(f'shutdown line {i}', file=sys.stderr, flush=True)\n"
+         "    sys.exit(1)\n"
+         "signal.signal(signal.SIGTERM, stop)\n"
+         "print('working', file=sys.stderr, flush=True)\n"
+         "pathlib.Path(sys.argv[1]).touch()\n"
+         "time.sleep(120)\n")
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_quiet_interrupt_passes_stderr_on_until_a_ctrl_c(capfd, tmp_path, quiet):
+    """Demo hunt: a Ctrl-C during `make demo`'s flexsp step printed ~35 lines of torchrun's shutdown (notes and a
+    SignalException traceback) before the one 'aborted' line. With quiet_interrupt the command's stderr is passed
+    on until the Ctrl-C and dropped after it; without, everything reaches the terminal as before."""
+    import signal
+    import threading
+
+    main_thread = threading.main_thread().ident
+    marker = tmp_path / "working"
+
+    def interrupt_when_working():  # a Ctrl-C once the child runs (and has written its first line)
+        deadline = time.monotonic() + 50
+        while time.monotonic() < deadline and not marker.exists():
+            time.sleep(0.05)
+        time.sleep(0.3)
+        signal.pthread_kill(main_thread, signal.SIGINT)
+
+    threading.Thread(target=interrupt_when_working, daemon=True).start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_tree([sys.executable, "-c", NOISY, str(marker)], timeout_s=120.0, quiet_interrupt=quiet, grace_s=5.0)
+    assert time.monotonic() - t0 < 60  # stopped by the Ctrl-C, not by a time limit
+    err = capfd.readouterr().err
+    assert "working" in err
+    assert ("shutdown line" not in err) if quiet else (err.count("shutdown line") == 35), err
