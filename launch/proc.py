@@ -93,13 +93,24 @@ def _kill_recorded(seen: dict[int, int]) -> None:
 
 
 def _pump(stream, muted) -> None:
-    """Copy ``stream`` (a child's stderr pipe) to this process's stderr line by line until it closes, dropping
-    lines once ``muted`` is set."""
+    """Copy ``stream`` (a child's stderr pipe, binary) to this process's stderr line by line until it closes,
+    dropping lines once ``muted`` is set. It keeps reading whatever happens to the writes (a stderr whose reader
+    quit, one without a byte buffer, a pytest capture): a reader that stopped left the child blocked on a full pipe
+    until the time limit (a non-UTF-8 byte killed a text-mode copier)."""
     for line in stream:
-        if not muted.is_set():
-            dest = sys.stderr if isinstance(line, str) else sys.stderr.buffer
-            dest.write(line)
-            dest.flush()
+        if muted.is_set():
+            continue
+        try:
+            buf = getattr(sys.stderr, "buffer", None)
+            if buf is not None:
+                sys.stderr.flush()  # (text written before stays before)
+                buf.write(line)
+                buf.flush()
+            else:
+                sys.stderr.write(line.decode(errors="replace"))
+                sys.stderr.flush()
+        except (OSError, ValueError):  # a closed or broken stderr: drop the rest, keep draining the pipe
+            muted.set()
 
 
 def run_tree(cmd: Sequence[str], *, timeout_s: float, env: Mapping[str, str] | None = None,
@@ -114,8 +125,12 @@ def run_tree(cmd: Sequence[str], *, timeout_s: float, env: Mapping[str, str] | N
 
     pipe = subprocess.PIPE if capture_output else None
     forward = quiet_interrupt and not capture_output
-    proc = subprocess.Popen(list(cmd), env=dict(env) if env is not None else None, stdout=pipe,
-                            stderr=subprocess.PIPE if forward else pipe, text=text, start_new_session=True)
+    if forward:  # (stderr in bytes, read by the copier; stdout is inherited)
+        proc = subprocess.Popen(list(cmd), env=dict(env) if env is not None else None, stderr=subprocess.PIPE,
+                                start_new_session=True)
+    else:
+        proc = subprocess.Popen(list(cmd), env=dict(env) if env is not None else None, stdout=pipe, stderr=pipe,
+                                text=text, start_new_session=True)
     muted = threading.Event()
     pump = None
     if forward:
@@ -142,10 +157,15 @@ def run_tree(cmd: Sequence[str], *, timeout_s: float, env: Mapping[str, str] | N
     except subprocess.TimeoutExpired:
         _stop_group(proc, grace_s)
         _kill_recorded(seen)
-        try:
-            out, err = proc.communicate(timeout=grace_s)
-        except subprocess.TimeoutExpired:  # a process the scans never saw holds the pipes: give up reading
-            out = err = None
+        out = err = None
+        if forward:  # (the copier owns the stderr pipe: communicate() would read it too)
+            proc.wait()
+            pump.join(timeout=grace_s)
+        else:
+            try:
+                out, err = proc.communicate(timeout=grace_s)
+            except subprocess.TimeoutExpired:  # a process the scans never saw holds the pipes: give up reading
+                pass
         raise subprocess.TimeoutExpired(list(cmd), timeout_s, output=out, stderr=err) from None
     except BaseException:  # KeyboardInterrupt: the group is in its own session, the terminal's Ctrl-C missed it
         muted.set()

@@ -19,6 +19,7 @@ fi
 NPROC="${NPROC:-2}"
 case "$NPROC" in  # (abc, 0 or 99999 got errors naming WORLD_SIZE's int(), --ep-size or --vocab, never NPROC)
   ''|*[!0-9]*) echo "error: NPROC: '$NPROC' is not a whole number" >&2; exit 2;;
+  ?????*) echo "error: NPROC: $NPROC local ranks: must be in 1..1024" >&2; exit 2;;
 esac
 if [ "$NPROC" -lt 1 ] || [ "$NPROC" -gt 1024 ]; then
   echo "error: NPROC: $NPROC local ranks: must be in 1..1024" >&2; exit 2

@@ -829,8 +829,9 @@ def _main(args) -> int:
         for res in out:  # (a run that diverged printed NaN losses - and NaN into --json's "strict" JSON - exit 0)
             bad = next((i for i, v in enumerate(res.get("losses", [])) if not math.isfinite(v)), None)
             if bad is not None:
-                status(f"note: {res['router']}/{res['schedule']}: the loss is not finite from step {bad} on (it "
-                       f"diverged: lower --lr); --json writes it as null")
+                status(f"note: {res['router']}/{res['schedule']}: the loss is not finite from step "
+                       f"{res.get('start_step', 0) + bad} on (it diverged: lower --lr)"
+                       + ("; --json writes it as null" if args.json else ""))
     if rank == 0 and args.json:
         hier = bool(base_ep is not None and base_ep.hierarchical)
         print(_strict_json({"world": world, "ep_size": base_ep.size if base_ep else 1, "two_step": hier,

@@ -98,7 +98,9 @@ def test_world_size_garbage_names_world_size(capsys, monkeypatch, world):
 
 @pytest.mark.parametrize("script", ["train_moe.sh", "train_sp.sh", "train_lora.sh"])
 @pytest.mark.parametrize("nproc,needle", [("abc", "'abc' is not a whole number"), ("0", "0 local ranks"),
-                                          ("99999", "99999 local ranks")])
+                                          ("99999", "99999 local ranks"),
+                                          # (bash's -lt failed on it inside the if, and set -e let it through)
+                                          ("9" * 20, f"{'9' * 20} local ranks")])
 def test_launch_scripts_name_a_bad_nproc(tmp_path, script, nproc, needle):
     env = dict(os.environ, NPROC=nproc, PYTHON=sys.executable)
     args = [str(tmp_path / "out")] if script == "train_lora.sh" else []
@@ -114,3 +116,26 @@ def test_strict_json_and_the_divergence_note():
     from adasched.profiler.io import has_non_finite
 
     assert has_non_finite({"a": [1.0, (2.0, float("-inf"))]}) and not has_non_finite({"a": [1.0, (2, "nan")]})
+
+
+def test_a_diverged_train_moe_prints_strict_json_and_says_from_which_step(tmp_path):
+    """--json printed NaN losses (not JSON to strict parsers) and the run said nothing; the note names the step,
+    counted from the run's start for a resumed run (review: it counted from the resume)."""
+    def refuse(name):
+        raise ValueError(f"{name} in the output")
+
+    env = dict(os.environ, WORLD_SIZE="1", OMP_NUM_THREADS="1")
+    base = [sys.executable, "-m", "adasched.launch.train_moe", "--layers", "1", "--experts", "2", "--lr", "1e9",
+            "--json", "--checkpoint-dir", str(tmp_path / "ck")]
+    first = subprocess.run([*base, "--steps", "3"], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    run = json.loads(first.stdout, parse_constant=refuse)["runs"][0]
+    bad = next(i for i, v in enumerate(run["losses"]) if v is None)
+    assert all(v is None for v in run["losses"][bad:]) and run["final_loss"] is None
+    assert f"the loss is not finite from step {bad} on (it diverged: lower --lr); --json writes it as null" in \
+        first.stderr, first.stderr
+    again = subprocess.run([*base, "--steps", "5"], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    run = json.loads(again.stdout, parse_constant=refuse)["runs"][0]
+    assert run["start_step"] == 3 and run["losses"] == [None, None]
+    assert "the loss is not finite from step 3 on" in again.stderr, again.stderr

@@ -199,3 +199,36 @@ def test_quiet_interrupt_passes_stderr_on_until_a_ctrl_c(capfd, tmp_path, quiet)
     err = capfd.readouterr().err
     assert "working" in err
     assert ("shutdown line" not in err) if quiet else (err.count("shutdown line") == 35), err
+
+
+def test_quiet_interrupt_copier_survives_bad_bytes_and_a_broken_stderr(capfd, monkeypatch):
+    """Review finding: the copier read the pipe as text and wrote it to sys.stderr; a non-UTF-8 byte (or a stderr
+    whose reader quit) killed it, nobody read the pipe any more, and the child blocked on the full pipe until the
+    time limit. Now the bytes pass as they are, and a failing stderr drops the rest while the pipe is drained."""
+    lines = 20000  # ~400 KiB: more than a pipe holds
+    code = ("import sys; sys.stderr.buffer.write(b'bad byte \\xff here\\n'); "
+            f"[sys.stderr.write(f'line {{i}}\\n') for i in range({lines})]")
+    t0 = time.monotonic()
+    r = run_tree([sys.executable, "-c", code], timeout_s=60.0, quiet_interrupt=True)
+    assert r.returncode == 0 and time.monotonic() - t0 < 30
+    err = capfd.readouterr().err
+    assert "bad byte" in err and f"line {lines - 1}\n" in err and err.count("\n") == lines + 1
+
+    class Broken:
+        class buffer:
+            @staticmethod
+            def write(b):
+                raise BrokenPipeError(32, "Broken pipe")
+
+            flush = write
+
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Broken())
+    t0 = time.monotonic()
+    r = run_tree([sys.executable, "-c", code], timeout_s=60.0, quiet_interrupt=True)
+    assert r.returncode == 0 and time.monotonic() - t0 < 30

@@ -242,3 +242,21 @@ def test_losses_json_lists_a_job_that_took_no_step(tmp_path):
     losses = json.loads((tmp_path / "losses.json").read_text())
     assert losses["optimizer_steps"] == {"ja": 2, "jb": 0}, losses["optimizer_steps"]
     assert losses["per_global_batch"]["jb"] == [None, None]
+
+
+def test_losses_json_is_strict_json_when_the_run_diverged(tmp_path):
+    """CLI hunt: a diverged run wrote NaN into losses.json, which strict JSON parsers refuse; NaN is null now."""
+    plan = make_plan(0.0, 0.0)
+    model = TinyCausalLM(CFG)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))  # every loss NaN, as after a divergence
+    ads = build_adapters(model, plan, seed=1, init_b="random")
+    res = train_plan(model, ads, plan, SyntheticLoRAData(CFG.vocab_size, seed=3), fused=False, seed=9)
+    save_adapters(tmp_path, plan, ads, result=res)
+    text = (tmp_path / "losses.json").read_text()
+
+    def refuse(name):
+        raise ValueError(f"{name} in losses.json")
+
+    losses = json.loads(text, parse_constant=refuse)
+    assert losses["per_global_batch"] == {"ja": [None, None], "jb": [None, None]}, losses["per_global_batch"]
