@@ -757,8 +757,6 @@ def _main(args) -> int:
             layer_routers(r, s, args.layers, args.experts, budget=args.budget, lo=args.lo, hi=args.hi,
                           ep_size=env_ep, capacity_factor=args.capacity_factor, top_p=args.top_p)
     planned = _plan_pipeline(args, env_ep, args.layers, env_world)
-    if planned.shape_note:
-        status(f"note: {planned.shape_note}")
     ckpt, saved = None, None
     if ck_cfg is not None:                            # before any process group: a mismatch is one line, exit 2
         from adasched.runtime.checkpoint import check_resumable, find_checkpoint
@@ -803,6 +801,8 @@ def _main(args) -> int:
             finally:
                 dist.destroy_process_group()
             return 0
+    if planned.shape_note:  # once, by the run that trains (not by train_moe.sh's pre-check, nor before an error)
+        status(f"note: {planned.shape_note}")
     base_ep = make_ep(args, world)
     out = []
     try:

@@ -231,12 +231,25 @@ def test_a_run_on_a_non_power_of_two_world_gets_no_replan_command_the_planner_re
 
 def test_a_plan_of_another_model_shape_loads_with_a_note(plans, monkeypatch, capsys):
     # a Mixtral plan (32 MoE layers, 8 experts) on a 2-layer, 4-expert run: its settings apply, but were costed for
-    # its own model; that used to pass in silence (its slices then hid 2/32 of the run's dense gradient)
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    assert main(["--plan", str(plans["d4k2"]), "--experts", "4", "--layers", "2", "--ep-size", "2",
-                 "--validate-only"]) == 0
-    out = capsys.readouterr().out
-    assert (f"note: {plans['d4k2']}: configuration 'mixtral-8x7b" in out and "was planned for 32 MoE layers (this "
+    # its own model; that used to pass in silence (its slices then hid 2/32 of the run's dense gradient). Said once,
+    # by the run that trains (not by the launch script's pre-check, nor before an error)
+    import os
+    import subprocess
+    import sys
+
+    one = plans["d4k2"].parent / "d1.json"
+    assert cli(["plan", "moe", "--config", "mixtral-8x7b", "--out", str(one), "--stages", "published",
+                "--time-limit", "0.5", "--gpus", "1", "--json"]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["--plan", str(one), "--experts", "4", "--layers", "2", "--validate-only"]) == 0
+    assert capsys.readouterr().out == ""
+    env = dict(os.environ, WORLD_SIZE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "adasched.launch.train_moe", "--plan", str(one), "--experts", "4",
+                           "--layers", "2", "--steps", "1"], env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout
+    assert proc.returncode == 0 and out.count("note: ") == 1, out + proc.stderr
+    assert (f"note: {one}: configuration 'mixtral-8x7b" in out and "was planned for 32 MoE layers (this "
             "run 2) and 8 experts (this run 4)" in out and "costed for the plan's model" in out), out
     from adasched.runtime.moe.planned import load_pipeline
 
