@@ -118,8 +118,8 @@ def launch_maxnreg(cfg: GemmConfig, used_tma: bool) -> Optional[int]:
     Triton sets every warp's registers to maxnreg at launch, so the CTA would ask for more than the register file
     (168 x 32 x (8 + 8) = 86,016 > 65,536 on sm_100 for the 128x256x64 knobs). A cap given without ``tma`` is
     passed as given."""
-    if cfg.maxnreg is not None and cfg.warp_specialize and cfg.tma and not used_tma:
-        return None
+    if cfg.maxnreg is not None and cfg.warp_specialize and getattr(cfg, "tma", False) and not used_tma:
+        return None  # (getattr: the LoRA launcher takes any object with GemmConfig's launch fields)
     return cfg.maxnreg
 
 

@@ -66,7 +66,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .gemm import GemmConfig, first_order_only, launch_maxnreg, set_descriptor_allocator, tma_unit_axis
+from .gemm import first_order_only, launch_maxnreg, set_descriptor_allocator, tma_unit_axis
 
 try:  # a CPU-only install may lack triton: everything still imports and runs on the torch path
     import triton
@@ -860,7 +860,7 @@ def _config_launch(config, interpret: bool, used_tma: bool = False) -> tuple[dic
               "WARP_SPECIALIZE": bool(config.warp_specialize),
               "EPI_WARPS": config.num_warps, "EPI_SPLIT": _INTERPRET_EPI_SPLIT if interpret else -1}
     opts = {} if interpret else {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    maxnreg = launch_maxnreg(config, used_tma) if isinstance(config, GemmConfig) else config.maxnreg
+    maxnreg = launch_maxnreg(config, used_tma)
     if maxnreg is not None and not interpret:
         opts["maxnreg"] = maxnreg
     return consts, opts

@@ -124,13 +124,10 @@ def run_tree(cmd: Sequence[str], *, timeout_s: float, env: Mapping[str, str] | N
     import threading
 
     pipe = subprocess.PIPE if capture_output else None
-    forward = quiet_interrupt and not capture_output
-    if forward:  # (stderr in bytes, read by the copier; stdout is inherited)
-        proc = subprocess.Popen(list(cmd), env=dict(env) if env is not None else None, stderr=subprocess.PIPE,
-                                start_new_session=True)
-    else:
-        proc = subprocess.Popen(list(cmd), env=dict(env) if env is not None else None, stdout=pipe, stderr=pipe,
-                                text=text, start_new_session=True)
+    forward = quiet_interrupt and not capture_output  # (stderr in bytes, read by the copier; stdout inherited)
+    proc = subprocess.Popen(list(cmd), env=dict(env) if env is not None else None, stdout=pipe,
+                            stderr=subprocess.PIPE if forward else pipe, text=text and not forward,
+                            start_new_session=True)
     muted = threading.Event()
     pump = None
     if forward:

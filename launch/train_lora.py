@@ -450,12 +450,13 @@ def run(args: argparse.Namespace) -> dict | None:
                    "microbatches": len(plan.microbatches), "start_step": start,
                    "losses": res.by_job(plan),
                    "optimizer_steps": {job.name: res.steps.get(j, 0) for j, job in enumerate(plan.jobs)}}
-        from adasched.profiler.io import finite_json, has_non_finite
+        from adasched.planner.ui import emit_json
+        from adasched.profiler.io import has_non_finite
 
         if has_non_finite(summary):  # (NaN losses were printed as NaN - not JSON to strict parsers - and said nothing)
             print("note: some losses are not finite (the run diverged: lower the jobs' lr); written as null",
                   file=sys.stderr, flush=True)
-        print(json.dumps(finite_json(summary), indent=1, allow_nan=False))
+        emit_json(summary)
         return summary
     finally:
         if ck is not None:  # an error path: a save in flight completes with the peers still here (no-op after finish)

@@ -17,13 +17,7 @@ if [ "$#" -gt 0 ] && [ "${1#-}" = "$1" ]; then
     shift
 fi
 NPROC="${NPROC:-2}"
-case "$NPROC" in  # (abc, 0 or 99999 got errors naming WORLD_SIZE's int(), --ep-size or --vocab, never NPROC)
-  ''|*[!0-9]*) echo "error: NPROC: '$NPROC' is not a whole number" >&2; exit 2;;
-  ?????*) echo "error: NPROC: $NPROC local ranks: must be in 1..1024" >&2; exit 2;;
-esac
-if [ "$NPROC" -lt 1 ] || [ "$NPROC" -gt 1024 ]; then
-  echo "error: NPROC: $NPROC local ranks: must be in 1..1024" >&2; exit 2
-fi
+. "$(dirname "${BASH_SOURCE[0]}")/check_nproc.sh"
 # PYTHON selects the interpreter (default: python3 on PATH; use the project's .venv/bin/python).
 PY="${PYTHON:-python3}"
 for a in "$@"; do  # help once, without starting torchrun (its pre-check printed it to /dev/null or once,

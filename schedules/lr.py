@@ -375,8 +375,9 @@ class WarmupDecay(LRScheduler):
         when the groups hold something else (a torch scheduler built after this one in a chain scaled them). With
         the optimizer restored (before this call or after it) they are the same lrs, which in a chain carry the
         other schedulers' factors; an lr changed between restoring the optimizer and this call is replaced by the
-        saved one (change it after loading the schedulers). (It put back this scheduler's own last lrs, which are the run's only while it is the
-        one stepping: in a SequentialLR past its milestone the finished first schedule - built fresh at the base
+        saved one (change it after loading the schedulers). (It put back this scheduler's own last lrs, which are
+        the run's only while it is the one stepping: in a SequentialLR past its milestone the finished first
+        schedule - built fresh at the base
         lr, which a restored lr of 1.0 matched - wrote its final lr into the groups, and the active one kept it as
         a factor for the rest of the run.)"""
         groups = self.optimizer.param_groups

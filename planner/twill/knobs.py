@@ -32,10 +32,11 @@ Mapping (documented assumptions, checked on a GPU by launch/gemm_check.py):
   choice when none is given: ``python -m adasched.launch.kernel_report --arch 100 --only gemm --json r.json``, an
   offline sm_100 compile, gives the TMA 128x256x64 and 128x128x64 GEMMs at 8 warps maxnreg 168 = 65,536 / (12
   warps x 32), rounded down to 8 - one worker warpgroup, as assumed here; the pointer-load variants get 128, as
-  many worker warps as default ones (two warpgroups at 8 warps), so these knobs fit a TMA main loop, the one the graph models, and would over-ask on pointer
-  loads: ``GemmConfig.from_knobs`` therefore asks for TMA loads with warp-specialized knobs, and a launch whose
-  operands cannot take TMA leaves maxnreg to Triton, ``kernels.gemm.launch_maxnreg`` - not launched on a
-  Blackwell GPU), capped by the per-group limit. This used to be the neediest group's
+  many worker warps as default ones (two warpgroups at 8 warps), so these knobs fit a TMA main loop, the one the
+  graph models, and would over-ask on pointer loads: ``GemmConfig.from_knobs`` therefore asks for TMA loads with
+  warp-specialized knobs, and a launch whose operands cannot take TMA leaves maxnreg to Triton,
+  ``kernels.gemm.launch_maxnreg`` - not launched on a Blackwell GPU), capped by the per-group limit. This used
+  to be the neediest group's
   registers (232 for FA4 over 16 + 4 warps, 240 for the 128x256 GEMM over 8 + 4: 148,480 and 92,160 registers,
   more than the 65,536 a CTA may hold - a launch Triton would refuse; found by reading Triton's
   AllocateWarpGroups, not on a Blackwell GPU). What the default (consumer) warps end up with is estimated with
