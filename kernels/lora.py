@@ -176,8 +176,9 @@ TERM_LAUNCH = {"sub_m": 64, "warps": 4, "split": 8}
 #: Launch knobs of the dY kernel (``base_gemm="triton"``): columns per step, programs per SM (the N loop is split to
 #: reach that many), warps, and copies of dB the tiles' atomic adds are spread over (tile i adds into copy
 #: i % copies, summed afterwards: fewer adds landing on one address at a time). The defaults are what the
-#: H200 runs of 2026-11-28 measured (92 us at T=8192 N=4096 r=16, 0.7 TB/s); ``launch/lora_kernel_sweep.py
-#: --only dy`` times the alternatives (not yet run on a GPU).
+#: H200 runs of 2026-11-28 measured (92 us at T=8192 N=4096 r=16, 0.7 TB/s; 27-29 us in the 2026-11-30 profile).
+#: ``launch/lora_kernel_sweep.py --only dy`` times the alternatives through the host function, allocations
+#: included (H200 2026-11-30: default 82 us, 8 copies 42 us - not the kernel's own time, so not taken).
 DY_LAUNCH = {"block_n": 64, "per_sm": 2, "warps": 4, "copies": 1}
 
 
@@ -350,8 +351,13 @@ if HAVE_TRITON:
             r_ok = rr < rank
             acc = tl.zeros((SUB_M, BLOCK_R), dtype=tl.float32)
             if HAS_DROPOUT:
-                if SEED_FROM_PTR:  # a device-side seed (CUDA-graph friendly)
-                    seed = tl.load(seed)
+                # a device-side seed (CUDA-graph friendly) under its own name: rebinding `seed` (a pointer) to
+                # the loaded int64 inside this runtime `if` failed Triton's type check on a GPU (the interpreter
+                # does not check types)
+                if SEED_FROM_PTR:
+                    seed_val = tl.load(seed)
+                else:
+                    seed_val = seed
                 thr = tl.load(TABLE + pid_m * 6 + 4).to(tl.uint32)
                 inv_keep = tl.load(FTABLE + pid_m * 2 + 1)
                 n_blk = tl.cdiv(K, 8 * PLANE)
@@ -368,7 +374,7 @@ if HAVE_TRITON:
                     for h in tl.static_range(2):
                         # counters (row, block, h, lane): 64 per block; word j feeds plane 2j + h
                         offs = (rows[:, None] * (n_blk * 2 * PLANE) + (kb * 2 + h) * PLANE + lanes[None, :])
-                        words = tl.randint4x(seed, offs.to(tl.int32))
+                        words = tl.randint4x(seed_val, offs.to(tl.int32))
                         for j in tl.static_range(4):  # plane 2j + h, bit 2j + h of the mask bytes
                             if PREFETCH_X:
                                 x = xs[2 * j + h]

@@ -138,20 +138,25 @@ def test_lora_plan_vs_sweep_rows_on_cpu():
     assert r["max_rel_err"] < 1e-5 and r["sweep_failed"] == []
 
 
-#: rows of the recorded sweeps where the derived config misses the 3 % tolerance, with the ratio it has there:
-#: the fused LoRA GEMM on the 128x256 tile spills in its masked dX epilogue on every config (2 KiB,
-#: kernel_report), and there 3 stages beat the 4 the mapping derives from the schedule
-KNOWN_MISSES = {("lora", "T=8192 K=4096 N=4096 r=16", "128x256x64"): 0.969,
-                ("lora", "T=8192 K=4096 N=14336 r=16", "128x256x64"): 0.960}
+#: rows of the recorded sweeps where the derived config misses the 3 % tolerance, with the ratio it has there
+#: (keyed by the sweep's file): 2026-11-28b - the fused LoRA GEMM on the 128x256 tile spilled in its masked dX
+#: epilogue on every config (2 KiB, kernel_report) and 3 stages beat the 4 the mapping derives from the schedule
+#: (with the split dX epilogue since, the 2026-11-30 sweep has that tile within 3 %, 1.028 ms instead of 3.5);
+#: 2026-11-30 - the LoRA GEMM on the 128x128 tile: 4 warps (s3 w4) beat the plan's 8 (s4 w8) by 14 % on the sweep's
+#: medians, 11.5 % / 4 % head to head; the plain GEMM on that tile wants 8 warps (all 6 rows within 3 %)
+KNOWN_MISSES = {("2026-11-28b", "lora", "T=8192 K=4096 N=4096 r=16", "128x256x64"): 0.969,
+                ("2026-11-28b", "lora", "T=8192 K=4096 N=14336 r=16", "128x256x64"): 0.960,
+                ("2026-11-30", "lora", "T=8192 K=4096 N=4096 r=16", "128x128x64"): 0.856,
+                ("2026-11-30", "lora", "T=8192 K=4096 N=14336 r=16", "128x128x64"): 0.861}
 
 
 def test_plan_knobs_against_the_recorded_h200_sweeps():
-    """Replay of real measurements: two sweeps of 2026-11-28 on an H200 (every num_stages x num_warps config of
-    both tiles, timed interleaved; plain GEMM from both runs, fused LoRA fwd+bwd from the second run only - the
-    first run's LoRA GEMM is gone, it serialized its wgmma: C7515). The config the current Twill knob mapping
-    derives for each tile must be within 3 % of the best swept config on every row but the KNOWN_MISSES, and
-    no worse there than recorded. This is the data the mapping was fitted to; it does not replace re-running
-    the GPU check."""
+    """Replay of real measurements: three sweeps on an H200 (every num_stages x num_warps config of both tiles,
+    timed interleaved): 2026-11-28 (plain GEMM only - that run's LoRA GEMM is gone, it serialized its wgmma:
+    C7515), 2026-11-28b and 2026-11-30 (plain GEMM and fused LoRA fwd+bwd). The config the current Twill knob
+    mapping derives for each tile must be within 3 % of the best swept config on every row but the KNOWN_MISSES,
+    and no worse there than recorded. Partly the data the mapping was fitted to (the 11-28 sweeps); it does not
+    replace re-running the GPU check."""
     import json
     from pathlib import Path
 
@@ -159,10 +164,10 @@ def test_plan_knobs_against_the_recorded_h200_sweeps():
     from adasched.launch.gemm_check import TOLERANCE, plan_config
 
     data_dir = Path(__file__).parent / "data"
-    runs = [(json.loads((data_dir / "h200_sweep_2026-11-28.json").read_text()), ("gemm",)),
-            (json.loads((data_dir / "h200_sweep_2026-11-28b.json").read_text()), ("gemm", "lora"))]
+    runs = [("2026-11-28", ("gemm",)), ("2026-11-28b", ("gemm", "lora")), ("2026-11-30", ("gemm", "lora"))]
     checked, misses = 0, {}
-    for data, kinds in runs:
+    for run, kinds in runs:
+        data = json.loads((data_dir / f"h200_sweep_{run}.json").read_text())
         for kind in kinds:
             key, better = ("tflops", max) if kind == "gemm" else ("ms", min)
             for row in data[kind]:
@@ -174,14 +179,15 @@ def test_plan_knobs_against_the_recorded_h200_sweeps():
                 assert label in table, f"{kind} {row['shape']} {row['tile']}: plan {label} not swept ({list(table)})"
                 best = better(table.values())
                 ratio = table[label] / best if kind == "gemm" else best / table[label]
-                known = KNOWN_MISSES.get((kind, row["shape"], row["tile"]))
+                known = KNOWN_MISSES.get((run, kind, row["shape"], row["tile"]))
                 if known is not None:
-                    misses[(kind, row["shape"], row["tile"])] = ratio
-                    assert ratio >= known - 1e-3, f"{kind} {row['shape']} {row['tile']}: {ratio:.3f} < {known}"
+                    misses[(run, kind, row["shape"], row["tile"])] = ratio
+                    assert ratio >= known - 1e-3, f"{run} {kind} {row['shape']} {row['tile']}: {ratio:.3f} < {known}"
                 else:
-                    assert ratio >= 1 - TOLERANCE, f"{kind} {row['shape']} {row['tile']}: plan {label} at {ratio:.3f}"
+                    assert ratio >= 1 - TOLERANCE, (f"{run} {kind} {row['shape']} {row['tile']}: plan {label} at "
+                                                    f"{ratio:.3f}")
                 checked += 1
-    assert checked == 16 and set(misses) == set(KNOWN_MISSES)
+    assert checked == 26 and set(misses) == set(KNOWN_MISSES)
 
 
 #: plan vs best on the recorded H100 sweep: the 128x128 tile's 8 warps lose 3.9 % to 4 warps there (on the

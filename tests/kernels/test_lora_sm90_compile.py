@@ -143,3 +143,30 @@ def test_lora_gemm_warp_specialized_compiles_for_sm100(tmp_path):
     res = run_sm90_script(WS_SCRIPT, tmp_path)
     assert res["sm100"] == res["sm100_mask"] == {"partitions": True, "tcgen05": True}, res
     assert res["sm90"]["partitions"] is False and res["sm90_mask"]["partitions"] is False, res
+
+
+SEED_PTR_SCRIPT = textwrap.dedent('''
+    import json
+    from adasched.kernels import lora as L
+    from adasched.kernels.aot import SIGNATURES, compile_report
+
+    out = {}
+    for dot in (True, False):
+        r = compile_report(L._lora_down_kernel, dict(SIGNATURES["lora_down"], seed="*i64"),
+                           dict(SPLIT_K=4, BLOCK_M=128, BLOCK_K=64, BLOCK_R=16, HAS_DROPOUT=True, HAS_DOT=dot,
+                                UPCAST=False, PLANE=L.DROP_PLANE, SUB_M=L.DOWN_LAUNCH["sub_m"],
+                                SEED_FROM_PTR=True, ALL_ROWS=False),
+                           dict(num_warps=L.DOWN_LAUNCH["warps"], num_stages=L._DOWN_STAGES), arch=90)
+        out["with_s" if dot else "mask_only"] = {"regs": r["regs"], "spill_bytes": r["spill_bytes"]}
+    print(json.dumps(out))
+''')
+
+
+@pytest.mark.slow
+def test_lora_down_with_a_device_seed_compiles_for_sm90(tmp_path):
+    """The seed as a device tensor (what a CUDA-graph capture passes: ``lora_bench``'s graphed case): the H200
+    run of 2026-11-30 failed to compile it ("initial value for `seed` is of type pointer<int64>, but the then
+    block redefines it as int64") - the interpreter never type-checks, so only a real backend compile shows it."""
+    res = run_sm90_script(SEED_PTR_SCRIPT, tmp_path)
+    for name in ("with_s", "mask_only"):
+        assert res[name]["regs"] > 0 and res[name]["spill_bytes"] == 0, (name, res)
