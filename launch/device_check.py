@@ -67,6 +67,9 @@ PROFILE_TARGETS = (
     ("lora", "lora fwd+bwd", "T=8192 K=4096 N=4096 r=16", ("base", "fused", "fused_tma", "fused_cublas",
                                                            "fused_cublas_all")),
     ("moe", "moe layer fwd+bwd", "T=16384 E=8 k=2 H=2048 F=4096", ("dense", "ours", "ours_gmm")),
+    # 4 adapters took 2.2-2.9x base on the H200 (2026-11-30) against 1.44x forward only: where the backward goes
+    ("lora", "multi-lora x4 fwd+bwd", "T=8192 K=4096 N=4096 r=16/16/32/64", ("base", "fused_cublas_all",
+                                                                             "fused_grouped")),
 )
 
 

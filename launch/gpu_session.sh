@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The owed GPU measurements in one call (for a lent device machine; see README "what is measured where"):
-#   1. launch/device_check.py --only lora,gemm: bf16 checks (plus fp32 in IEEE, not TF32, and a 2**31-element
+#   1. launch/device_check.py --only lora,gemm,moe: bf16 checks (plus fp32 in IEEE, not TF32, and a 2**31-element
 #      input through our GEMM and LoRA kernels - int64 offsets - in a child process, ~30 s; the TMA modes last),
 #      the LoRA target shapes (at most half the time left), the Twill plan-vs-sweep with head-to-head
 #      confirmation, the profiler breakdown, then the rest of the LoRA grid (triton / triton_tma / torch /
-#      torch_all / torch_grouped providers, graphed case, host profile) as time allows;
+#      torch_all / torch_grouped providers, graphed case, host profile) as time allows, and the MoE layer's
+#      checks and two shapes (~60 s; the H200 run of 2026-11-30 did lora,gemm in 363 s of its 540);
 #   2. launch/lora_kernel_sweep.py with what is left, in two processes: our forward and dX LoRA GEMMs at four tiles
 #      (pointer tiles first; TMA descriptors and the persistent grid last), each over cuBLAS timed next to it on the
 #      same tensors (60%); then the dY kernel's, the masked dX term's and the dropout kernel's launches.
@@ -46,7 +47,7 @@ rc=0
 DC=$(( $(left) - 180 ))
 if [ "$DC" -lt 60 ]; then DC=$(( $(left) - 40 )); fi
 if [ "$DC" -ge 30 ]; then
-  timeout $((DC + 60)) "$PY" device_check.py --only lora,gemm --budget-s "$DC" || { echo "device_check exit $?"; rc=1; }
+  timeout $((DC + 60)) "$PY" device_check.py --only lora,gemm,moe --budget-s "$DC" || { echo "device_check exit $?"; rc=1; }
 else
   echo "gpu_session: only $(left) s left: device_check not started"; rc=1
 fi

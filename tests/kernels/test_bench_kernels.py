@@ -495,3 +495,17 @@ def test_device_check_bad_options_exit_2(argv, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "argument --only" in err or "unrecognized arguments: --qui" in err, err
+
+
+def test_device_check_profile_targets_name_real_gpu_cases():
+    """The profiler breakdowns of device_check pick their case by name and shape from the GPU case list and skip
+    one they cannot find (recording only an error): a renamed case or provider would cost a lease its profile."""
+    import importlib
+
+    from adasched.launch import device_check
+
+    for group, name, shape, providers in device_check.PROFILE_TARGETS + device_check.HOST_PROFILE_TARGETS:
+        mod = importlib.import_module(bench.BENCH_MODULES[group])
+        found = [c for c in mod.cases(False, "cuda") if c.name == name and c.shape == shape]
+        assert len(found) == 1, (group, name, shape)
+        assert found[0].baseline in providers, (name, shape, found[0].baseline)
