@@ -329,7 +329,8 @@ _YAML_LOADER = None
 def load_yaml(text: str) -> Any:
     """``yaml.safe_load`` that also reads ``2e-4`` and ``1E3`` as numbers, as YAML 1.2 and JSON do (PyYAML follows
     YAML 1.1, where a float needs a dot: ``lr: 2e-4`` was the string "2e-4"), integers as YAML 1.2 does (``010``
-    is 10, ``1:30`` a string; ``8_192`` still 8192), and refuses a key given twice in one mapping. Raises ``yaml.YAMLError``."""
+    is 10, ``1:30`` a string; ``8_192`` still 8192), booleans as YAML 1.2 does (true / false; ``yes``, ``on``
+    are strings), and refuses a key given twice in one mapping. Raises ``yaml.YAMLError``."""
     global _YAML_LOADER
     import re
 
@@ -382,6 +383,12 @@ def load_yaml(text: str) -> Any:
                                                         node.start_mark) from None
 
         _Loader.add_constructor(int_tag, construct_int)
+        # booleans as YAML 1.2 reads them too: true / false only; YAML 1.1's yes / no / on / off stay strings
+        # (`use_rslora: yes` was silently true, `name: on` a job named True)
+        bool_tag = "tag:yaml.org,2002:bool"
+        for first, pairs in _Loader.yaml_implicit_resolvers.items():
+            _Loader.yaml_implicit_resolvers[first] = [(tag, rx) for tag, rx in pairs if tag != bool_tag]
+        _Loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
         _YAML_LOADER = _Loader
     try:
         return yaml.load(text, Loader=_YAML_LOADER)

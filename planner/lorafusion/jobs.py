@@ -332,7 +332,7 @@ def parse_jobs(data: Any, where: str = "jobs") -> JobsFile:
         if len(loc) >= 2 and loc[0] == "jobs" and isinstance(loc[1], int):
             raw_jobs = data.get("jobs") or []
             name = raw_jobs[loc[1]].get("name") if loc[1] < len(raw_jobs) and isinstance(raw_jobs[loc[1]], dict) else None
-            job = f"job {name!r}" if name else f"jobs[{loc[1]}]"
+            job = f"job {name!r}" if isinstance(name, str) and name else f"jobs[{loc[1]}]"
             field = ".".join(str(p) for p in loc[2:] if not (isinstance(p, str) and p in ("str", "LognormalSpec", "list[str]", "literal['all-linear']"))) or "<job>"
             raise InputError(where, f"{job}: {field}: {msg}") from None
         field = ".".join(str(p) for p in loc) or "<root>"
@@ -387,10 +387,18 @@ def build_workload(cfg: JobsFile, base: Path | None = None, where: str = "jobs",
     for i, job in enumerate(cfg.jobs):
         jwhere = f"{where}: job {job.name!r}: lengths"
         need = job.global_batch_size * cfg.global_batches
-        total += need
-        if total > MAX_SAMPLES:  # numpy allocated (and failed on) 10**9-sample arrays
-            raise InputError(where, f"job {job.name!r}: global_batch_size x global_batches: {total:,} samples over "
-                                    f"the jobs so far, more than {MAX_SAMPLES:,} per plan")
+
+        def count(n: int) -> None:
+            nonlocal total
+            total += n
+            if total > MAX_SAMPLES:  # numpy allocated (and failed on) 10**9-sample arrays
+                raise InputError(where, f"job {job.name!r}: global_batch_size x global_batches: {total:,} samples "
+                                        f"over the jobs so far, more than {MAX_SAMPLES:,} per plan")
+
+        # drawn lengths are counted before drawing; a length file's after reading it: a large global_batches
+        # with a short file means "the whole file" (and gives a note), not 10**6 samples
+        if isinstance(job.lengths, LognormalSpec) or job.lengths in NAMED_DISTRIBUTIONS:
+            count(need)
         rng = np.random.default_rng(int(seeds[i]))
         line_of = None  # a length file's line of each sample
         if isinstance(job.lengths, LognormalSpec):
@@ -409,6 +417,7 @@ def build_workload(cfg: JobsFile, base: Path | None = None, where: str = "jobs",
                                          f"global_batch_size {job.global_batch_size}")
             usable = (len(vals) // job.global_batch_size) * job.global_batch_size
             drawn = vals[: min(need, usable)]
+            count(len(drawn))
             if len(drawn) < need:  # was silent: the job got fewer global batches than the file asked for
                 notes.append(f"job {job.name!r}: length file {str(p)!r} holds {len(vals)} samples: "
                              f"{len(drawn) // job.global_batch_size} global batch(es) of {job.global_batch_size}, "

@@ -516,8 +516,15 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
 
     batches = {(j.index, g): list(b) for j in w.jobs for g, b in enumerate(j.batches)}
     ver = verify_schedule(seq, batches, L, cfg.capacity, cfg.stages)
-    if ver.errors:
-        raise ValueError(f"LoRA plan failed verification: {ver.errors[0]}")
+    problems = list(ver.errors)
+    # a sample lost or packed twice is a packing bug too: the plan was written (exit 0) with the counts in its
+    # summary, and `show` / `train_lora` then refused it
+    if ver.duplicated:
+        problems.append(f"{len(ver.duplicated)} samples in more than one place (first: sample {ver.duplicated[0]})")
+    if ver.missing:
+        problems.append(f"{len(ver.missing)} samples in no microbatch (first: sample {ver.missing[0]})")
+    if problems:
+        raise ValueError(f"LoRA plan failed verification: {'; '.join(problems)}")
 
     mlora_sorted = mlora_baseline(w, cost, sort_by_length=True)
     padded_total = sum(mb.padded_tokens(L) for mb in seq)
@@ -553,6 +560,7 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
         problems_heuristic=n_status["heuristic"],
     )
     n_skip = sum((r.milp1 == "skipped") + (r.milp2 == "skipped") for r in records)
+    n1_timeout = sum(r.milp1 == "timeout" and r.status == "heuristic" for r in records)
     n2_run = sum(r.milp2 not in (None, "skipped") for r in records)
     n2_opt = sum(r.milp2 == "optimal" for r in records)
     worst = "optimal" if n_status["feasible"] == n_status["heuristic"] == 0 else (
@@ -572,6 +580,9 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
               + (f", {n_status['feasible']} MILP stopped by its time limit" if use_milp else " (FFD met the lower "
                  "bound)")
               + f", {n_status['heuristic']} FFD kept unproved"
+              # (of them: a bin-count MILP stopped by its limit before a solution - was filed as plain FFD)
+              + (f" ({n1_timeout} of them: the bin-count MILP stopped by its time limit without a solution)"
+                 if n1_timeout else "")
               + ("" if use_milp else " (no MILP run: --no-milp)")
               + "; objective = total bins, bound = sum of per-problem bounds (the bin count where proved minimal, "
                 "else the volume/adapter lower bound)"

@@ -115,9 +115,12 @@ class Graph(BaseModel):
         return v
 
     def has_warp_fields(self) -> bool:
-        """True when any op gives registers, shared memory, variable latency or a blocking wait."""
-        return any(o.regs is not None or o.smem is not None or o.variable_latency is not None
-                   or o.blocking is not None for o in self.ops)
+        """True when any op gives registers or shared memory (> 0), variable latency or a blocking wait (true).
+        A field that states the default ("variable_latency": false, "regs": 0) asks for nothing: it switched the
+        warp-specialised model on and could raise I over the plain minimum (5 independent ALU ops on 5 ALUs: I = 2
+        instead of 1 for one "variable_latency": false)."""
+        return any((o.regs or 0) > 0 or (o.smem or 0) > 0 or bool(o.variable_latency) or bool(o.blocking)
+                   for o in self.ops)
 
     def value_uses(self) -> list[tuple[str, str, int]]:
         """(producer, consumer, iterations later) of every read that keeps a value live: each value edge, except
@@ -128,6 +131,15 @@ class Graph(BaseModel):
         JSON on their own, as independent checks."""
         return [(e.src, e.dst, e.distance - (e.src == e.dst)) for e in self.edges
                 if e.value and (e.src != e.dst or e.distance >= 2)]
+
+    def min_copies(self) -> dict[str, int]:
+        """Buffers each op's value needs at every I: d for a value self-loop of distance d >= 2 (its lifetime
+        (d - 1) * I + length spans more than d - 1 iterations), else 1."""
+        out = {o.name: 1 for o in self.ops}
+        for e in self.edges:
+            if e.value and e.src == e.dst and e.src in out:
+                out[e.src] = max(out[e.src], e.distance)
+        return out
 
     def op(self, name: str) -> Op:
         for o in self.ops:
@@ -272,6 +284,10 @@ def check_graph(graph: Graph, machine: Machine, where: str = "graph") -> Problem
         raise InputError(where, f"edges: cycle of zero total distance {' -> '.join(cyc)} ({why})")
     warp = graph.has_warp_fields()
     room = machine.regs_per_group_max - machine.group_base_regs
+    copies = graph.min_copies()
+
+    def times(o) -> str:  # "2 copies x 120" where a self-loop needs several buffers at any I
+        return f"{copies[o.name]} copies x " if copies[o.name] > 1 else ""
     for i, o in enumerate(graph.ops):
         for unit, row in o.reserve.items():
             if unit not in units:
@@ -280,12 +296,16 @@ def check_graph(graph: Graph, machine: Machine, where: str = "graph") -> Problem
             if max(row) > units[unit]:
                 raise InputError(where, f"ops[{i}] {o.name!r}: holds {max(row)} {unit!r} in one cycle but only "
                                         f"{units[unit]} exist")
-        if warp and (o.regs or 0) > room:
-            raise InputError(where, f"ops[{i}] {o.name!r}: needs {o.regs} registers per thread but a warp group "
-                                    f"has at most {room} (machine {machine.name!r})")
-        if warp and (o.smem or 0) > machine.smem_capacity:
-            raise InputError(where, f"ops[{i}] {o.name!r}: needs {o.smem} KiB of shared memory but machine "
-                                    f"{machine.name!r} has {machine.smem_capacity} KiB")
+        if warp and (o.regs or 0) * copies[o.name] > room:
+            raise InputError(where, f"ops[{i}] {o.name!r}: needs {times(o)}{o.regs} registers per thread but a warp "
+                                    f"group has at most {room} (machine {machine.name!r})"
+                                    + (" - a value self-loop of distance d keeps d copies live at every I"
+                                       if copies[o.name] > 1 else ""))
+        if warp and (o.smem or 0) * copies[o.name] > machine.smem_capacity:
+            raise InputError(where, f"ops[{i}] {o.name!r}: needs {times(o)}{o.smem} KiB of shared memory but machine "
+                                    f"{machine.name!r} has {machine.smem_capacity} KiB"
+                                    + (" - a value self-loop of distance d keeps d copies live at every I"
+                                       if copies[o.name] > 1 else ""))
     var = [i for i, o in enumerate(graph.ops) if o.variable_latency]
     fixed = [o.name for o in graph.ops if not o.variable_latency]
     if warp and machine.max_warp_groups < 2:
@@ -295,19 +315,22 @@ def check_graph(graph: Graph, machine: Machine, where: str = "graph") -> Problem
                                     f"of its own, but machine {machine.name!r} has max_warp_groups = "
                                     f"{machine.max_warp_groups} and op {fixed[0]!r} has a fixed latency")
     if warp:
-        # one buffer per value at least, at any I: registers and shared memory that cannot fit then are refused here
-        # (3 ops of 200 registers searched every I and said "raise --time-limit")
-        need = sum(o.regs or 0 for o in graph.ops)
+        # one buffer per value at least (d for a value self-loop of distance d), at any I: registers and shared
+        # memory that cannot fit then are refused here (3 ops of 200 registers searched every I and said "raise
+        # --time-limit"; a distance-2 accumulator of 120 searched up to I = 5 and named no op)
+        need = sum((o.regs or 0) * copies[o.name] for o in graph.ops)
+        buffers = ("one buffer per value" if max(copies.values()) == 1 else
+                   "the buffers any I needs (one per value, d for a value self-loop of distance d)")
         groups = max(-(-need // room) if room > 0 else 1, 2 if var and fixed else 1)
         if groups > machine.max_warp_groups or need + groups * machine.group_base_regs > machine.regs_total:
-            raise InputError(where, f"ops: {need} registers per thread with one buffer per value need at least "
-                                    f"{groups} warp group(s) and {need + groups * machine.group_base_regs} registers "
-                                    f"with their base, but machine {machine.name!r} has {machine.max_warp_groups} "
-                                    f"groups of at most {room} above the base {machine.group_base_regs}, "
-                                    f"{machine.regs_total} in all: no I fits")
-        smem = sum(o.smem or 0 for o in graph.ops)
+            raise InputError(where, f"ops: {need} registers per thread with {buffers} need at least {groups} warp "
+                                    f"group(s) and {need + groups * machine.group_base_regs} registers with their "
+                                    f"base, but machine {machine.name!r} has {machine.max_warp_groups} groups of at "
+                                    f"most {room} above the base {machine.group_base_regs}, {machine.regs_total} in "
+                                    f"all: no I fits")
+        smem = sum((o.smem or 0) * copies[o.name] for o in graph.ops)
         if smem > machine.smem_capacity:
-            raise InputError(where, f"ops: {smem} KiB of shared memory with one buffer per value, but machine "
+            raise InputError(where, f"ops: {smem} KiB of shared memory with {buffers}, but machine "
                                     f"{machine.name!r} has {machine.smem_capacity} KiB: no I fits")
     return Problem(graph=graph, machine=machine, units=units, warp=warp)
 

@@ -89,6 +89,10 @@ def buffer_depths(graph: Graph, ii: int, times: dict[str, int]) -> dict[str, int
     return {v: max(1, -(-lv // ii)) for v, lv in value_lifetimes(graph, ii, times).items()}
 
 
+#: warps of one CTA: 1024 threads (CUDA's limit; Triton refuses a launch past it)
+MAX_CTA_WARPS = 32
+
+
 def derive_knobs(graph: Graph, machine: Machine, ii: int, times: dict[str, int], groups: dict[str, int]) -> TritonKnobs:
     depth = buffer_depths(graph, ii, times)
     loads = [o.name for o in graph.ops if o.variable_latency and (o.smem or 0) > 0]
@@ -103,13 +107,19 @@ def derive_knobs(graph: Graph, machine: Machine, ii: int, times: dict[str, int],
             # the other ops' shared memory (their buffers) stays resident beside the load stages
             fixed_kib = sum((o.smem or 0) * depth[o.name] for o in graph.ops if o.name not in loads)
             num_stages = max(1, min(num_stages, (machine.smem_capacity - fixed_kib) // stage_kib))
+    notes = []
+    load_depth = max([depth[v] for v in loads], default=0)
+    if num_stages < load_depth:  # (the cap above; before, said nowhere)
+        notes.append(f"shared memory holds {num_stages} stage(s) of the loads ({stage_kib} KiB each), fewer than "
+                     f"the schedule's buffer depth {load_depth}: Triton cannot pipeline the loads as scheduled, so "
+                     f"I = {ii} is not realised")
     producer = {groups[o.name] for o in graph.ops if o.variable_latency}
     consumer = {groups[o.name] for o in graph.ops} - producer
     ws = bool(machine.warp_specialize and producer and consumer)
     if not ws:
         holders = sum(1 for o in graph.ops if (o.regs or 0) > 0)
         return TritonKnobs(num_stages=max(1, num_stages), num_warps=min(8, 4 * max(1, len(consumer), holders)),
-                           warp_specialize=False)
+                           warp_specialize=False, note="; ".join(notes) or None)
     holding = {groups[o.name] for o in graph.ops if (o.regs or 0) > 0} or consumer
     # 4 warps per register-holding consumer group, rounded up to a power of two (Triton takes no other: 12 is
     # refused); the groups without live values (producers, MMA issue - one thread on Blackwell) are Triton's
@@ -118,6 +128,12 @@ def derive_knobs(graph: Graph, machine: Machine, ii: int, times: dict[str, int],
     num_warps = 1 << (4 * max(1, len(holding & consumer)) - 1).bit_length()
     workers = len(set(groups.values()) - holding)
     worker_warps = 4 * max(1, -(-workers // 4))
+    if num_warps + worker_warps > MAX_CTA_WARPS:  # a CTA has at most 1024 threads: Triton refuses more
+        capped = 1 << ((MAX_CTA_WARPS - worker_warps).bit_length() - 1)
+        notes.append(f"{len(holding & consumer)} register-holding consumer groups want {num_warps} default warps "
+                     f"beside {worker_warps} worker warps, more than a CTA's {MAX_CTA_WARPS} (1024 threads): "
+                     f"num_warps capped at {capped}, so groups share warps")
+        num_warps = capped
     file_regs = machine.regs_total * machine.threads_per_group  # registers of one CTA's file
     top = min(machine.regs_per_group_max, 255) // 8 * 8
     maxnreg = max(24, min(top, file_regs // (32 * (num_warps + worker_warps)) // 8 * 8))
@@ -127,13 +143,12 @@ def derive_knobs(graph: Graph, machine: Machine, ii: int, times: dict[str, int],
                        // num_warps // 8 * 8)
     need = max([machine.group_base_regs + sum((o.regs or 0) * depth[o.name] for o in graph.ops if groups[o.name] == q)
                 for q in holding] + [0])
-    note = None
     if need > default_regs:
-        note = (f"a warp group needs {need} registers per thread; Triton's launch (maxnreg {maxnreg} over "
-                f"{num_warps} + {worker_warps} worker warps) leaves the default warps about {default_regs}: "
-                f"expect spills unless the groups get partitions of their own")
+        notes.append(f"a warp group needs {need} registers per thread; Triton's launch (maxnreg {maxnreg} over "
+                     f"{num_warps} + {worker_warps} worker warps) leaves the default warps about {default_regs}: "
+                     f"expect spills unless the groups get partitions of their own")
     return TritonKnobs(num_stages=max(1, num_stages), num_warps=num_warps, warp_specialize=True, maxnreg=maxnreg,
-                       note=note)
+                       note="; ".join(notes) or None)
 
 
 def gemm_graph(machine: Machine, block_m: int, block_n: int, block_k: int, dtype_bytes: int = 2) -> Graph:

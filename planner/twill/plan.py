@@ -263,7 +263,12 @@ class TwillPlan(Plan):
             rows.insert(4, ("simulated", (f"{cpi:.2f} cycles/iter (ASAP issue)" if cpi is not None else
                                           "no cycles/iter (ASAP issue)")
                             + (", DEADLOCK" if self.sim_deadlock else "")
-                            + (", replay exact" if self.sim_replay_exact else ", replay NOT exact")))
+                            + (", replay exact" if self.sim_replay_exact else ", replay NOT exact")
+                            # reservation tables with gaps ([1, 0, 1]): an op issued early takes the cell a later
+                            # op on that unit was scheduled in, and greedy issue settles slower than the schedule
+                            + (f" - slower than I = {self.ii}: issued as early as possible the ops take unit cells "
+                               f"the schedule gave to others; issued at the schedule's times they keep I"
+                               if cpi is not None and cpi > self.ii + 1e-9 and self.sim_replay_exact else "")))
         return rows
 
     def drawn_iterations(self) -> int:
