@@ -49,6 +49,12 @@ def _block_summary(rows: list[dict]) -> dict:
         "fraction_of_ideal_mean": statistics.fmean(fracs),
         "slower_than_a_baseline": sum(int(r["speedup_vs_no_pipeline"] < 1 - 1e-9 or r["speedup_vs_fixed_r2"] < 1 - 1e-9)
                                       for r in rows),
+        "iteration_speedup_vs_no_pipeline_mean": statistics.fmean(r["iteration_speedup_vs_no_pipeline"] for r in rows),
+        "iteration_speedup_vs_fixed_r2_mean": statistics.fmean(r["iteration_speedup_vs_fixed_r2"] for r in rows),
+        "iteration_speedup_vs_fastest_bwd_mean": statistics.fmean(r["iteration_speedup_vs_fastest_bwd"] for r in rows),
+        "iteration_shorter_than_fastest_bwd": sum(int(r["iteration_speedup_vs_fastest_bwd"] > 1 + 1e-9) for r in rows),
+        "iteration_slower_than_a_baseline": sum(int(r["iteration_speedup_vs_no_pipeline"] < 1 - 1e-9
+                                                    or r["iteration_speedup_vs_fixed_r2"] < 1 - 1e-9) for r in rows),
     }
 
 
@@ -57,6 +63,11 @@ def run_bench(profile: ClusterProfile, gpus: int, presets: list[str], params: So
     constants (the H100 profile supplies the dense blocks of the iteration column); ``summary_by_source``: each
     source; ``summary_all_sources``: both pooled. With the profile's stage constants (FlexSP's A100 inter-node
     all-to-all as a stand-in) the inter-node-bound layers are capped by their ideal-overlap bound (1.01-1.04x).
+
+    Layer columns (r_bwd, wgrad_bwd, bwd_ms, fwd_bwd_ms and the layer speedups): layer 0 with its fastest
+    backward, the per-layer schedule against the baselines' ones; the plan chooses the backward schedules with the
+    gradient slices on the iteration and may run slower ones (``plan_r_bwd_layers``: layers per r_bwd in the plan;
+    ``iteration_speedup_vs_fastest_bwd``: the plan's iteration against every layer at its fastest backward).
 
     ``wgrad_fused_speedup_vs_no_pipeline``: the same plan with the backward weight gradients fused (autograd's
     order) - the choice of r (and the shared experts' overlap with the dispatch) without deferring the weight
@@ -70,6 +81,12 @@ def run_bench(profile: ClusterProfile, gpus: int, presets: list[str], params: So
             plan = plan_moe(cfgs, gpus, profile, stages=src, params=params)  # type: ignore[arg-type]
             for c in plan.configs:
                 l0 = c.layers[0]
+                # the layer columns: layer 0 with its fastest backward (the per-layer schedule against the
+                # baselines' layer schedules); the plan may run a slower backward in some layers where the gradient
+                # all-reduces then hide more and the iteration is shorter: the iteration columns are the plan's
+                lb = _fastest_bwd(c)
+                assert l0.bwd_fastest_ms is None or abs(lb.time_ms - l0.bwd_fastest_ms) <= 1e-9 * lb.time_ms
+                fwd_bwd = l0.fwd_ms + lb.time_ms
                 no_pipe = c.baselines_fwd_bwd_ms["no-pipeline"]
                 # bottleneck = the resource with the most un-chunked work (fwd + bwd); "a2a-bound" when it is the
                 # all-to-all's stream, "inter-node bound" when that exchange also crosses nodes (on one node it is
@@ -78,18 +95,25 @@ def run_bench(profile: ClusterProfile, gpus: int, presets: list[str], params: So
                 busy, topo = _resource_busy(c, gpus, profile, src)
                 bottleneck = max(busy, key=busy.get)
                 ideal = no_pipe / max(max(busy.values()), 1e-12)
-                fused_bwd = l0.bwd_fused_wgrad_ms if l0.bwd_fused_wgrad_ms is not None else l0.bwd_ms
+                fused_bwd = l0.bwd_fused_wgrad_ms if l0.bwd_fused_wgrad_ms is not None else lb.time_ms
+                fastest_it = c.iteration_fastest_bwd_ms if c.iteration_fastest_bwd_ms is not None else c.iteration_ms
+                plan_r: dict[str, int] = {}
+                for lp in c.layers:
+                    plan_r[str(lp.r_bwd)] = plan_r.get(str(lp.r_bwd), 0) + 1
                 rows.append(dict(
                     config=c.name, preset=preset, ep_size=c.ep_size, a2a_bound=bottleneck == "inter",
                     inter_node_bound=bottleneck == "inter" and not topo.a2a_in_one_node,
                     bottleneck=bottleneck, a2a_ms=c.a2a_ms, ideal_speedup_bound=ideal,
-                    r_fwd=l0.r_fwd, r_bwd=l0.r_bwd, wgrad_bwd=l0.wgrad_bwd, fwd_ms=l0.fwd_ms, bwd_ms=l0.bwd_ms,
-                    fwd_bwd_ms=c.fwd_bwd_ms, no_pipeline_ms=no_pipe, fixed_r2_ms=c.baselines_fwd_bwd_ms["fixed-r2"],
-                    speedup_vs_no_pipeline=no_pipe / c.fwd_bwd_ms,
-                    speedup_vs_fixed_r2=c.baselines_fwd_bwd_ms["fixed-r2"] / c.fwd_bwd_ms,
+                    r_fwd=l0.r_fwd, r_bwd=lb.r, wgrad_bwd=lb.wgrad, fwd_ms=l0.fwd_ms, bwd_ms=lb.time_ms,
+                    fwd_bwd_ms=fwd_bwd, no_pipeline_ms=no_pipe, fixed_r2_ms=c.baselines_fwd_bwd_ms["fixed-r2"],
+                    speedup_vs_no_pipeline=no_pipe / fwd_bwd,
+                    speedup_vs_fixed_r2=c.baselines_fwd_bwd_ms["fixed-r2"] / fwd_bwd,
                     wgrad_fused_speedup_vs_no_pipeline=no_pipe / (l0.fwd_ms + fused_bwd),
                     iteration_ms=c.iteration_ms,
                     iteration_speedup_vs_no_pipeline=c.iteration_baselines_ms["no-pipeline"] / c.iteration_ms,
+                    iteration_speedup_vs_fixed_r2=c.iteration_baselines_ms["fixed-r2"] / c.iteration_ms,
+                    iteration_fastest_bwd_ms=fastest_it, iteration_speedup_vs_fastest_bwd=fastest_it / c.iteration_ms,
+                    plan_r_bwd_layers=plan_r, bwd_choice=c.bwd_choice,
                     grad_exposed_ms=c.grad_exposed_ms, grad_exposed_at_end_ms=c.grad_exposed_at_end_ms,
                 ))
         sources[src] = {"rows": rows}
@@ -99,6 +123,21 @@ def run_bench(profile: ClusterProfile, gpus: int, presets: list[str], params: So
     summary = by_source["published"] | meta | {"stage_constants": "published (FSMoE fitted alpha/beta)"}
     return {"summary": summary, "summary_by_source": by_source,
             "summary_all_sources": _block_summary(all_rows) | meta, "sources": sources}
+
+
+def _fastest_bwd(c):
+    """Layer 0's fastest backward schedule (what ``bwd_fastest_ms`` records): its own where the plan runs it, else
+    re-chosen from its recorded stage costs."""
+    from types import SimpleNamespace
+
+    from .model import WGRAD_MODES, choose_r
+
+    l0 = c.layers[0]
+    if l0.bwd_fastest_ms is None or l0.bwd_ms <= l0.bwd_fastest_ms:
+        return SimpleNamespace(r=l0.r_bwd, wgrad=l0.wgrad_bwd, time_ms=l0.bwd_ms)
+
+    io = ("dispatch-first",) if c.hierarchical or c.two_step_a2a else ("dispatch-first", "interleaved")
+    return choose_r(c.layer0_stage_costs.costs().backward(), wgrad_modes=WGRAD_MODES, issue_orders=io)[0]
 
 
 def _resource_busy(c, gpus: int, profile: ClusterProfile, src: str):

@@ -163,7 +163,10 @@ def register(groups) -> None:
                             title=key)
 
 
-_COLS = ["config", "EP", "r_fwd", "r_bwd", "wgrad", "fwd ms", "bwd ms", "no-pipe x", "r=2 x", "AR exposed ms", "slices"]
+# layer 0's schedule (its backward chosen with the slices: it may be slower than a baseline's layer where the
+# iteration is shorter), then the iteration against the baselines' and against every layer's fastest backward
+_COLS = ["config", "EP", "r_fwd", "r_bwd", "wgrad", "fwd ms", "bwd ms", "no-pipe x", "r=2 x", "AR exposed ms", "slices",
+         "iteration ms", "iter r=2 x", "iter fastest-bwd x"]
 
 
 def _ratio(base: float, plan: float) -> float:
@@ -174,7 +177,10 @@ def _row(c):
     l0 = c.layers[0]
     return (c.name, c.ep_size, l0.r_fwd, l0.r_bwd, l0.wgrad_bwd, l0.fwd_ms, l0.bwd_ms,
             _ratio(c.baselines_fwd_bwd_ms["no-pipeline"], c.fwd_bwd_ms), _ratio(c.baselines_fwd_bwd_ms["fixed-r2"], c.fwd_bwd_ms),
-            c.grad_exposed_ms, c.slice_solver_status)
+            c.grad_exposed_ms, c.slice_solver_status, c.iteration_ms,
+            _ratio(c.iteration_baselines_ms["fixed-r2"], c.iteration_ms),
+            _ratio(c.iteration_fastest_bwd_ms if c.iteration_fastest_bwd_ms is not None else c.iteration_ms,
+                   c.iteration_ms))
 
 
 def _row_dict(c):

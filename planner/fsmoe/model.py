@@ -44,6 +44,7 @@ __all__ = [
     "PipelineEval",
     "evaluate_pipeline",
     "choose_r",
+    "best_per_r",
     "paper_cases",
     "GradSliceResult",
     "greedy_slices",
@@ -167,37 +168,51 @@ def orders(r: int, two_step: bool = False) -> tuple[Order, ...]:
 
 
 def choose_r(c: StageCosts, candidates=R_CANDIDATES, wgrad_modes: tuple[Wgrad, ...] = ("fused",),
-             issue_orders: tuple[Order, ...] = ("dispatch-first", "interleaved"), extend: bool = True
-             ) -> tuple[PipelineEval, dict[int, float]]:
+             issue_orders: tuple[Order, ...] = ("dispatch-first", "interleaved"), extend: bool = True,
+             evaluated: list[PipelineEval] | None = None) -> tuple[PipelineEval, dict[int, float]]:
     """Best (r, order, wgrad) over the candidates by exact evaluation; also returns the best time of every r
     timed. Pass ``wgrad_modes=WGRAD_MODES`` for a backward pass (``c`` = backward costs); ``issue_orders`` limits
     the link orders (the runtime issues "interleaved" on flat exchanges only; two-step costs get "dispatch-first"
     whatever is passed). Ties keep the earlier candidate
     (smaller r, "fused" before the split modes, "dispatch-first" before "interleaved"). ``extend``: when the
     largest candidate is the best, r doubles while that is strictly faster (up to :data:`R_MAX`), so the
-    candidates' range does not cut the optimum off; the first doubling that is not faster is timed too."""
+    candidates' range does not cut the optimum off; the first doubling that is not faster is timed too.
+    ``evaluated``: a list that receives every schedule timed, in evaluation order (the planner's joint choice of
+    the backward degrees with the gradient slices picks among them, :func:`best_per_r`)."""
     best: PipelineEval | None = None
     per_r: dict[int, float] = {}
     for r in candidates:
-        best = _best_at_r(c, r, wgrad_modes, issue_orders, best, per_r)
+        best = _best_at_r(c, r, wgrad_modes, issue_orders, best, per_r, evaluated)
     assert best is not None
     r = max(candidates)
     while extend and best.r == r and 2 * r <= R_MAX:
         r *= 2
-        best = _best_at_r(c, r, wgrad_modes, issue_orders, best, per_r)
+        best = _best_at_r(c, r, wgrad_modes, issue_orders, best, per_r, evaluated)
     return best, per_r
 
 
+def best_per_r(evaluated: list[PipelineEval]) -> dict[int, PipelineEval]:
+    """The fastest schedule of each r among ``evaluated`` (as :func:`choose_r` timed them; ties keep the earlier,
+    as choose_r does): the schedule whose time ``per_r`` records for that r."""
+    out: dict[int, PipelineEval] = {}
+    for ev in evaluated:
+        if ev.r not in out or ev.time_ms < out[ev.r].time_ms - 1e-12:
+            out[ev.r] = ev
+    return out
+
+
 def _best_at_r(c: StageCosts, r: int, wgrad_modes, issue_orders, best: PipelineEval | None,
-               per_r: dict[int, float]) -> PipelineEval | None:
-    """Evaluate every (wgrad, order) at r; record r's best time in ``per_r``; return the better of it and
-    ``best`` (ties keep ``best``)."""
+               per_r: dict[int, float], evaluated: list[PipelineEval] | None = None) -> PipelineEval | None:
+    """Evaluate every (wgrad, order) at r; record r's best time in ``per_r`` (and every schedule in
+    ``evaluated``); return the better of it and ``best`` (ties keep ``best``)."""
     for wgrad in wgrad_modes:
         # r = 1 has one chunk: "per-chunk" and "deferred" issue the same stream order
         if r == 1 and wgrad == "per-chunk" and "deferred" in wgrad_modes:
             continue
         for order in (o for o in orders(r, c.two_step) if o in issue_orders):
             ev = evaluate_pipeline(c, r, order, wgrad)
+            if evaluated is not None:
+                evaluated.append(ev)
             per_r[r] = min(per_r.get(r, float("inf")), ev.time_ms)
             if best is None or ev.time_ms < best.time_ms - 1e-12:
                 best = ev
@@ -280,12 +295,14 @@ def greedy_slices(gaps_ms: list[float], produced: list[float], alpha: float, bet
     reduce at most sum(produced[:i]) minus what earlier gaps took (prefix rule)."""
     out = []
     taken = 0.0
+    prefix = 0.0  # sum(produced[:i]), summed in the same order (the same floats), O(n) in all
     for i, g in enumerate(gaps_ms):
-        avail = sum(produced[:i]) - taken
+        avail = prefix - taken
         cap = _slice_cap(g, alpha, beta)
         x = max(0.0, min(avail, cap))
         out.append(x)
         taken += x
+        prefix += produced[i]
     return out
 
 
@@ -300,9 +317,13 @@ def slice_upper_bound(gaps_ms: list[float], produced: list[float], alpha: float,
     optimum, and :func:`solve_slices` uses it as the certificate."""
     caps = [_slice_cap(g, alpha, beta) for g in gaps_ms]
     best = sum(caps)
+    prefixes, p = [], 0.0  # sum(produced[:k]) for every k, summed in the same order (O(n))
+    for d in produced:
+        prefixes.append(p)
+        p += d
     tail = 0.0  # sum of caps after position k
     for k in range(len(caps) - 1, -1, -1):
-        best = min(best, sum(produced[:k]) + tail)
+        best = min(best, prefixes[k] + tail)
         tail += caps[k]
     return best
 

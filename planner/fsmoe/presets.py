@@ -60,6 +60,10 @@ def load_configs(name_or_path: str, gpus: int) -> list[MoEConfig]:
             raise InputError(path, yaml_error_text(err)) from None
     else:
         data = read_json(path)
+    if isinstance(data, dict) and isinstance(data.get("kind"), str) and "schema_version" in data:
+        # an adasched plan or profile given as --config: "[0].name: Field required (and 18 more)" said nothing useful
+        raise InputError(path, f"is an adasched {data['kind']!r} file, not an MoE config file (a config holds "
+                               f"hidden, ffn_hidden, experts, top_k, ...; an MoE plan is read by train_moe --plan)")
     items = data if isinstance(data, list) else [data]
     if not items:
         raise InputError(path, "no configurations in file")
