@@ -242,9 +242,14 @@ def simulate_cmd(
                     raise InputError("--step", f"plan kind {plan.kind!r} has no steps")
                 sim = plan.simulate()
                 what = ""
-                if hasattr(plan, "drawn_iterations") and plan.drawn_iterations() < plan.stages + 1:
+                if plan.kind == "moe":  # the first configuration, named (the plan's predicted_ms sums them all)
+                    what = (f"{plan.configs[0].name}" + (f" (configuration 1 of {len(plan.configs)}; --config picks "
+                                                         f"another)" if len(plan.configs) > 1 else "") + ": ")
+                elif hasattr(plan, "drawn_iterations") and plan.drawn_iterations() < plan.stages + 1:
                     # a Twill plan of very many stages: its bars are capped (the makespan is theirs)
                     what = f"the first {plan.drawn_iterations():,} of {plan.stages + 1:,} overlapped iterations: "
+                elif hasattr(plan, "drawn_iterations"):  # a makespan of 8 cycles beside a plan of I = 2 said nothing
+                    what = f"{plan.drawn_iterations():,} overlapped iterations of I = {plan.ii}: "
         except InputError:
             raise
         except ValueError as err:  # the simulator's refusals (an overflowing sum of times) name the plan's file
@@ -264,7 +269,9 @@ def simulate_cmd(
         print_table(rows, ["lane", f"busy {unit}", "utilisation"],
                     title=f"{what}makespan {sim.makespan_ms:.3f} {unit}")
     if plot:
-        render_gantt(sim.tasks, plot, title=f"{path.name}: {what}makespan {sim.makespan_ms:.2f} {unit}",
+        # (zero-length barriers drew as hairlines with a legend entry; `show --plot` leaves them out too)
+        drawn = [t for t in sim.tasks if not (t.category == "barrier" and t.end_ms <= t.start_ms)]
+        render_gantt(drawn, plot, title=f"{path.name}: {what}makespan {sim.makespan_ms:.2f} {unit}",
                      **({} if unit == "ms" else {"xlabel": unit}))
         if not as_json:
             typer.echo(f"wrote {plot}")

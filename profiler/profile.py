@@ -36,6 +36,10 @@ CollectiveOp = Literal["all_to_all", "all_reduce", "all_gather", "reduce_scatter
 MIN_BETA_MS_PER_BYTE = 1e-12
 #: most memory a device may declare (bytes): 1 PiB (2**70 loaded)
 MAX_DEVICE_MEMORY_BYTES = 2**50
+#: one device's dense GEMM rate and copy bandwidth, with room to spare (an H100 ~1,000 TFLOP/s bf16, HBM3e ~8,000
+#: GB/s): a FLOP/s or B/s value typed into these fields (4.17e10) was accepted and planned with
+MAX_TFLOPS = 1e5
+MAX_COPY_GBPS = 1e5
 
 
 class _Strict(BaseModel):
@@ -143,6 +147,12 @@ class ModelCost(_Strict):
         if self.a1_ms_per_tok2 == 0 and self.a2_ms_per_tok == 0:  # (plan sp died dividing by the work term)
             raise ValueError("a1_ms_per_tok2 and a2_ms_per_tok: both 0 - a model whose sequences cost nothing; at "
                              "least one must be > 0")
+        if self.act_bytes_per_token < 2 * self.hidden:
+            # flexsp.md's "act MB/token" typed into this bytes field (4.48 for 4.48 MiB) planned with ~10^6 times too
+            # little activation memory and passed every memory limit; a token keeps at least one bf16 hidden vector
+            raise ValueError(f"act_bytes_per_token: {self.act_bytes_per_token:g} is under one bf16 hidden vector "
+                             f"(2 x hidden = {2 * self.hidden} bytes): the field is in bytes (4.48 MiB = "
+                             f"{round(4.48 * 2**20)})")
         return self
 
 
@@ -182,8 +192,8 @@ class ClusterProfile(_Strict):
     gpus_per_node: PositiveInt = 1
     device: DeviceInfo
     host: dict[str, Any] = Field(default_factory=dict)
-    gemm_tflops: PositiveFloat | None = None
-    copy_GBps: PositiveFloat | None = None
+    gemm_tflops: PositiveFloat | None = Field(default=None, le=MAX_TFLOPS, description="TFLOP/s (not FLOP/s)")
+    copy_GBps: PositiveFloat | None = Field(default=None, le=MAX_COPY_GBPS, description="GB/s (not B/s)")
     attention: AttentionFit | None = None
     linear: LinearFit | None = None
     collectives: list[CollectiveFit] = Field(default_factory=list)

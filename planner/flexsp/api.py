@@ -129,7 +129,9 @@ def to_plan(results: list[StepResult], cm: SPCostModel, profile: ClusterProfile,
                if config.use_milp else
                f"deterministic: at most {config.max_evals} group structures per micro-batch, no MILP; ")
               if config.deterministic else
-              f"{'MILP' if config.use_milp else 'search'} budget {config.time_limit:g} s per step; ")
+              f"{'MILP' if config.use_milp else 'search'} budget {config.time_limit:g} s per step (the time limit "
+              f"recorded: that budget x steps), plus up to as much again for the fill across micro-batches, and the "
+              f"single-degree and greedy candidates unbounded - solve_seconds can exceed it; ")
              + (f"{len(results)} steps; {n_milp} MILPs (bucketed, Q={config.buckets}); MILP beat the heuristics on "
                 f"{n_won} (their mean gap in the bucketed model: "
                 + (f"{float(np.mean(gaps)):.4g}" if gaps else "none solved") + "); every "

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,9 @@ MAX_STEPS = 100_000
 MAX_DRAWN = 10_000_000
 #: longest --max-context (tokens): the longest context a plan records (one constant for both)
 MAX_CONTEXT = MAX_PLAN_CONTEXT
+#: a length as a length file may write it: ASCII decimal digits, an optional sign (what int() also took:
+#: 1_000, full-width digits, was planned as 1000)
+_PLAIN_INT = re.compile(r"[+-]?[0-9]+")
 
 
 def check_batch_options(global_batch: int, steps: int) -> None:
@@ -74,6 +78,10 @@ def read_seqlens(path: str | os.PathLike) -> np.ndarray:
             linenos.append(i)
     if not vals:
         raise InputError(path, "no sequence lengths (the file is empty or holds only comments and blank lines)")
+    # plain decimal digits only ("one positive integer per line"): numpy's int() read 1_000 and full-width digits
+    for v, n in zip(vals, linenos):
+        if not _PLAIN_INT.fullmatch(v):
+            raise InputError(path, f"line {n}: {v[:40]!r} is not an integer sequence length (plain decimal digits)")
     try:
         arr = np.array(vals, dtype=np.int64)
     except (ValueError, OverflowError):

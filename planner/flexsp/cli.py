@@ -1,6 +1,7 @@
 """`adasched plan sp` and `adasched bench sp` (thin: parsing and printing; the work is in api.py/planner.py)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -25,6 +26,10 @@ def _lengths(seqlens: str, max_context):
     from .api import load_lengths
     from .batching import MAX_CONTEXT
 
+    if (seqlens == "builtin" or seqlens.startswith("lognormal:")) and os.path.isfile(seqlens):
+        # (a file named so was silently ignored for the packaged sample; --profile refuses the same clash)
+        raise InputError("--seqlens", f"{seqlens!r} is both a built-in source and a file here: pass ./{seqlens} for "
+                                      f"the file (or run elsewhere for the built-in)")
     if seqlens == "builtin":
         from importlib import resources
 

@@ -236,6 +236,12 @@ def sp_cost_model(profile: ClusterProfile, model: ModelShape | str, world: int |
         raise InputError("--gpus", f"{world} GPUs but profile {profile.name!r} describes {profile.world_size} "
                                    f"({profile.num_nodes} nodes x {profile.gpus_per_node})")
     mc = profile.model_costs.get(model.name)
+    if mc is not None and (mc.hidden, mc.layers) != (model.hidden, model.layers):
+        # the published terms are for the model the profile names; the communication term uses the preset's
+        # shape - a profile of another shape under this name planned with its terms and the preset's shape, silently
+        raise InputError(f"profile {profile.name!r}", f"model_costs[{model.name!r}]: hidden {mc.hidden}, layers "
+                                                      f"{mc.layers}, but model {model.name!r} has hidden "
+                                                      f"{model.hidden}, layers {model.layers}")
     if mc is not None:
         a1, a2, b1, act = mc.a1_ms_per_tok2, mc.a2_ms_per_tok, mc.b1_ms, mc.act_bytes_per_token
         source = f"published per-model terms: {mc.source}"
