@@ -11,6 +11,7 @@ from adasched.profiler.io import InputError
 from adasched.profiler.profile import ClusterProfile
 
 from ..solver import SolveParams
+from .plan import layer_counts
 from .planning import plan_moe
 from .presets import load_configs
 
@@ -97,9 +98,7 @@ def run_bench(profile: ClusterProfile, gpus: int, presets: list[str], params: So
                 ideal = no_pipe / max(max(busy.values()), 1e-12)
                 fused_bwd = l0.bwd_fused_wgrad_ms if l0.bwd_fused_wgrad_ms is not None else lb.time_ms
                 fastest_it = c.iteration_fastest_bwd_ms if c.iteration_fastest_bwd_ms is not None else c.iteration_ms
-                plan_r: dict[str, int] = {}
-                for lp in c.layers:
-                    plan_r[str(lp.r_bwd)] = plan_r.get(str(lp.r_bwd), 0) + 1
+                plan_r = {str(r): n for r, n in layer_counts([lp.r_bwd for lp in c.layers]).items()}
                 rows.append(dict(
                     config=c.name, preset=preset, ep_size=c.ep_size, a2a_bound=bottleneck == "inter",
                     inter_node_bound=bottleneck == "inter" and not topo.a2a_in_one_node,
@@ -136,8 +135,10 @@ def _fastest_bwd(c):
     if l0.bwd_fastest_ms is None or l0.bwd_ms <= l0.bwd_fastest_ms:
         return SimpleNamespace(r=l0.r_bwd, wgrad=l0.wgrad_bwd, time_ms=l0.bwd_ms)
 
-    io = ("dispatch-first",) if c.hierarchical or c.two_step_a2a else ("dispatch-first", "interleaved")
-    return choose_r(c.layer0_stage_costs.costs().backward(), wgrad_modes=WGRAD_MODES, issue_orders=io)[0]
+    from .planning import issue_orders
+
+    return choose_r(c.layer0_stage_costs.costs().backward(), wgrad_modes=WGRAD_MODES,
+                    issue_orders=issue_orders(c.hierarchical or c.two_step_a2a))[0]
 
 
 def _resource_busy(c, gpus: int, profile: ClusterProfile, src: str):

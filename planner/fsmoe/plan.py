@@ -115,6 +115,8 @@ class MoEConfigPlan(BaseModel):
                                                       "from; iteration_ms is never longer); older plans: None")
     bwd_choice: str | None = Field(default=None, description="how the backward schedules were chosen with the "
                                                              "slices: 'single' (one candidate per layer), "
+                                                             "'nothing-exposed' (the fastest backward in every layer "
+                                                             "hides all communication: optimal), "
                                                              "'exhaustive' (every combination) or "
                                                              "'coordinate-descent' (a heuristic); older plans: None")
     slice_solver_status: str
@@ -158,12 +160,17 @@ def _pipeline_tasks(fwd, l0: MoELayerPlan) -> list:
     return out
 
 
-def _counts(values: list[int]) -> str:
-    """'1 x31, 16 x1': how many layers run each value."""
+def layer_counts(values: list[int]) -> dict[int, int]:
+    """How many layers run each value, by value."""
     out: dict[int, int] = {}
     for v in values:
         out[v] = out.get(v, 0) + 1
-    return ", ".join(f"{k} x{n}" for k, n in sorted(out.items()))
+    return dict(sorted(out.items()))
+
+
+def _counts(values: list[int]) -> str:
+    """'1 x31, 16 x1': how many layers run each value."""
+    return ", ".join(f"{k} x{n}" for k, n in layer_counts(values).items())
 
 
 def layout_text(c: MoEConfigPlan) -> str:

@@ -47,6 +47,12 @@ def shared_link(sim) -> str:
     return "inter" if sim.busy_ms(stream="inter") > 0 else "intra"
 
 
+def issue_orders(hierarchical_or_two_step: bool) -> tuple[str, ...]:
+    """The link issue orders the runtime can run: it interleaves dispatches and combines on flat exchanges only
+    (runtime.moe.ep._pipeline)."""
+    return ("dispatch-first",) if hierarchical_or_two_step else ("dispatch-first", "interleaved")
+
+
 def forward_case(fwd, r: int) -> str:
     """The forward's bound at ``r`` chunks, by the busiest resource: the inter-node all-to-all ("a2a-bound (T_A)"),
     the experts' compute ("compute-bound (T_B)") or the intra-node all-gather / reduce-scatter of sharded experts.
@@ -95,6 +101,10 @@ EXHAUSTIVE_COMBINATIONS = 4096
 DESCENT_BUDGET = 1_000_000
 
 
+#: joint backward choices proved optimal over the candidates
+PROVED_CHOICES = ("single", "nothing-exposed", "exhaustive")
+
+
 @dataclass
 class JointBwdChoice:
     choice: list[int]
@@ -103,13 +113,14 @@ class JointBwdChoice:
     fastest_iteration_ms: float
     """The iteration with every layer's fastest backward (the choice before the joint one)."""
     method: str
-    """"single" (every layer has one candidate), "exhaustive" or "coordinate-descent"."""
+    """"single" (every layer has one candidate), "nothing-exposed" (every layer's fastest hides all
+    communication), "exhaustive" or "coordinate-descent"."""
     evaluations: int
     exhausted_budget: bool = False
 
     @property
     def proved(self) -> bool:
-        return self.method in ("single", "exhaustive")
+        return self.method in PROVED_CHOICES
 
 
 def choose_bwd_jointly(cands: list[list[BwdCandidate]], evaluate, *, identical: bool = False,
@@ -218,7 +229,7 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
         bwd = fwd.backward()
         first = first or fwd
         # the runtime interleaves dispatches and combines on flat exchanges only (runtime.moe.ep._pipeline)
-        io = ("dispatch-first",) if topo.hierarchical or topo.two_step else ("dispatch-first", "interleaved")
+        io = issue_orders(topo.hierarchical or topo.two_step)
         bf, per_r_f = choose_r(fwd, issue_orders=io)
         evaluated: list[PipelineEval] = []
         bb, per_r_b = choose_r(bwd, wgrad_modes=WGRAD_MODES, issue_orders=io, evaluated=evaluated)
@@ -281,8 +292,6 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
         moe_total = sum(f + p.time_ms for f, p in zip(fwd_ms, picked))
         return moe_total + dense_total + dense_exposed + max(0.0, exposed - dense_exposed)
 
-    joint = choose_bwd_jointly(cands, iteration_of, identical=identical, **(bwd_search or {}))
-
     def finish(choice: list[int]):
         picked = [cands[i][c] for i, c in enumerate(choice)]
         idle = [p.idle_ms for p in picked]
@@ -293,8 +302,15 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
         return moe_total + dense_total + sl.exposed_ms + expert_exposed, sl, expert_exposed
 
     fastest = [0] * cfg.num_layers
-    done = finish(joint.choice)
-    done_fastest = finish(fastest) if joint.choice != fastest else done
+    done_fastest = finish(fastest)
+    if done_fastest[1].exposed_ms + done_fastest[2] <= 0.0:
+        # nothing left exposed with every layer's fastest backward (one GPU: no gradient all-reduce at all): no
+        # choice beats it - its MoE time is a lower bound - so it is optimal without a search (the search ran,
+        # reported "heuristic" and spent 2.6 s on 1,024 layers for the same plan)
+        joint = JointBwdChoice(fastest, done_fastest[0], done_fastest[0], "nothing-exposed", 1)
+    else:
+        joint = choose_bwd_jointly(cands, iteration_of, identical=identical, **(bwd_search or {}))
+    done = finish(joint.choice) if joint.choice != fastest else done_fastest
     if done_fastest[0] <= done[0]:  # the joint choice is never longer than the fastest-per-layer one
         joint.choice, done = fastest, done_fastest
     iteration, sl, expert_exposed = done
@@ -358,7 +374,7 @@ def plan_moe(configs: list[MoEConfig], gpus: int, profile: ClusterProfile, *,
     statuses = {c.slice_solver_status for c in out}
     status = "optimal" if statuses <= {"optimal"} else ("feasible" if "feasible" in statuses else "heuristic")
     choices = {c.bwd_choice for c in out}
-    if status == "optimal" and not choices <= {"single", "exhaustive"}:
+    if status == "optimal" and not choices <= set(PROVED_CHOICES):
         status = "heuristic"  # the joint backward choice was not proved over every combination
     milp = any(c.slice_solver_backend != "exact" for c in out)  # (the fallback ran: the record names CBC)
     gain = sum((c.iteration_fastest_bwd_ms or c.iteration_ms) - c.iteration_ms for c in out)

@@ -140,7 +140,14 @@ class TwillPlan(Plan):
                 errors.append(f"warp_specialised {self.warp_specialised}: the graph "
                               f"{'gives' if graph.has_warp_fields() else 'gives no'} warp fields (registers, shared "
                               f"memory, variable latency, blocking waits), so the plan must be "
-                              f"{'warp-specialised' if graph.has_warp_fields() else 'a plain modulo schedule'}")
+                              f"{'warp-specialised' if graph.has_warp_fields() else 'a plain modulo schedule'}"
+                              # a plan made before 2026-11-30 from a graph whose only warp fields state their
+                              # defaults ("regs": 0, "variable_latency": false) was warp-specialised then
+                              + ("" if graph.has_warp_fields() or not any(
+                                  o.regs is not None or o.smem is not None or o.variable_latency is not None
+                                  or o.blocking is not None for o in graph.ops) else
+                                 " (its only warp fields state their defaults, which no longer select the warp model "
+                                 "since 2026-11-30: re-plan it)"))
             if digest != self.inputs_digest:
                 errors.append(f"graph / machine: not the ones the plan was solved for (inputs digest {digest[:12]}... "
                               f"!= {self.inputs_digest[:12]}...)")

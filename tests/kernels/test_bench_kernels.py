@@ -509,3 +509,23 @@ def test_device_check_profile_targets_name_real_gpu_cases():
         found = [c for c in mod.cases(False, "cuda") if c.name == name and c.shape == shape]
         assert len(found) == 1, (group, name, shape)
         assert found[0].baseline in providers, (name, shape, found[0].baseline)
+
+
+def test_lora_kernel_sweep_gbps_uses_the_kernels_microseconds():
+    """Review finding: GB/s over the profiler's kernel time divided by kernel_us * 1e3 as if that were
+    milliseconds - every profiled row of the next GPU run would have read ~0 GB/s (0.0023 GB/s for the dY kernel's
+    28.6 us instead of 2,346). Now seconds from either unit."""
+    import random
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    sys.path.insert(0, str(root / "launch"))
+    try:
+        import lora_kernel_sweep
+    finally:
+        sys.path.remove(str(root / "launch"))
+    nbytes = 8192 * 4096 * 2
+    us = random.Random().uniform(20.0, 90.0)
+    assert lora_kernel_sweep.gbps(nbytes, 0.0824, us) == pytest.approx(nbytes / (us * 1e-6) / 1e9, rel=1e-12)
+    assert lora_kernel_sweep.gbps(nbytes, 0.0824) == pytest.approx(814.3, rel=1e-3)  # the 11-30 call timing
+    assert lora_kernel_sweep.gbps(nbytes, 1.0, 28.6) == pytest.approx(2346.4, rel=1e-3)

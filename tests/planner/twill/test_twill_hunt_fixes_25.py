@@ -25,11 +25,12 @@ def test_knobs_never_ask_for_more_than_a_ctas_1024_threads():
     """Five register-holding consumer groups under one TMA producer on b200: the knobs asked for num_warps 32 beside
     Triton's 4 worker warps (1,152 threads; Triton refuses the launch) and said nothing. Now at most 32 warps in
     all, with a note that the groups share warps."""
-    n = random.Random().randint(5, 6)
-    names = "abcdef"[:n]
+    n = 5  # b200: at most 6 warp groups, one of them the producer
+    regs = random.Random().choice([8, 16, 24])
+    names = "abcde"
     gd = {"name": "many-consumers", "units": {"ALU": n},
           "ops": [{"name": "L", "reserve": {"TMA": [1]}, "variable_latency": True, "smem": 16}]
-          + [{"name": c, "reserve": {"ALU": [1]}, "regs": 16} for c in names],
+          + [{"name": c, "reserve": {"ALU": [1]}, "regs": regs} for c in names],
           "edges": [{"from": "L", "to": c, "delay": 1} for c in names]}
     plan = _plan_of(gd, B200)
     consumers = [g for g in plan.warp_groups if g.role == "consumer"]
@@ -116,3 +117,18 @@ def test_show_says_when_early_issue_simulates_slower_than_the_schedule():
     assert plan.ii == 3 and plan.sim_replay_exact and plan.sim_cycles_per_iteration > 3
     row = dict(plan.summary_rows())["simulated"]
     assert "slower than I = 3" in row and "schedule's times they keep I" in row, row
+
+
+def test_an_old_plan_of_a_graph_stating_default_fields_is_told_to_re_plan():
+    """A plan made before the fix from a graph whose only warp fields state their defaults was warp-specialised;
+    `show` now refuses it (the graph selects the plain model) and says why: re-plan."""
+    from adasched.planner.twill.plan import TwillPlan
+
+    gd = {"name": "vf", "units": {"ALU": 5},
+          "ops": [{"name": c, "reserve": {"ALU": [1]}} for c in "abcde"], "edges": []}
+    gd["ops"][0]["variable_latency"] = False
+    data = _plan_of(gd).model_dump(mode="json")
+    data["warp_specialised"] = True  # what the old planner wrote for this graph
+    errors = TwillPlan.model_validate(data).verify()
+    assert any("state their defaults, which no longer select the warp model since 2026-11-30: re-plan it" in e
+               for e in errors), errors
