@@ -280,26 +280,30 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
             periods.append((expert_ms[j], dense_b))
         return exposed_comm_ms(periods, at_end_ms=dense_exposed + expert_rest_ms)
 
-    def iteration_of(choice: list[int]) -> float:
-        # the planner's iteration (below) for a choice, with the slices by the greedy fill (what solve_slices returns
-        # once it meets its bound - always, see slice_upper_bound): O(layers)
+    def outcome(choice: list[int], exact: bool):
+        """(iteration ms, slice result or None, expert exposure ms) of a choice. ``exact``: the slices by
+        solve_slices (what the plan records); else by the greedy fill, O(layers), for the search (what solve_slices
+        returns once it meets its bound - always, see slice_upper_bound)."""
         picked = [cands[i][c] for i, c in enumerate(choice)]
         idle = [p.idle_ms for p in picked]
-        slices = greedy_slices([idle[i] + dense_b for i in order], produced, a4, b4)
-        left = sum(produced) - sum(slices)
-        dense_exposed = a4 + b4 * left if left > 1e-9 else 0.0
-        exposed = exposure(idle, slices, dense_exposed)
+        gaps = [idle[i] + dense_b for i in order]
+        sl = None
+        if exact:
+            sl = solve_slices(gaps, produced, a4, b4, params)
+            slices, dense_exposed = sl.slices, sl.exposed_ms
+        else:
+            slices = greedy_slices(gaps, produced, a4, b4)
+            left = sum(produced) - sum(slices)
+            dense_exposed = a4 + b4 * left if left > 1e-9 else 0.0
+        expert_exposed = max(0.0, exposure(idle, slices, dense_exposed) - dense_exposed)
         moe_total = sum(f + p.time_ms for f, p in zip(fwd_ms, picked))
-        return moe_total + dense_total + dense_exposed + max(0.0, exposed - dense_exposed)
+        return moe_total + dense_total + dense_exposed + expert_exposed, sl, expert_exposed
+
+    def iteration_of(choice: list[int]) -> float:
+        return outcome(choice, exact=False)[0]
 
     def finish(choice: list[int]):
-        picked = [cands[i][c] for i, c in enumerate(choice)]
-        idle = [p.idle_ms for p in picked]
-        sl = solve_slices([idle[i] + dense_b for i in order], produced, a4, b4, params)
-        exposed = exposure(idle, sl.slices, sl.exposed_ms)
-        expert_exposed = max(0.0, exposed - sl.exposed_ms)
-        moe_total = sum(f + p.time_ms for f, p in zip(fwd_ms, picked))
-        return moe_total + dense_total + sl.exposed_ms + expert_exposed, sl, expert_exposed
+        return outcome(choice, exact=True)
 
     fastest = [0] * cfg.num_layers
     done_fastest = finish(fastest)
