@@ -110,17 +110,10 @@ class JointBwdChoice:
     choice: list[int]
     """Per layer (forward order), the index of its chosen candidate (0 = its fastest backward)."""
     iteration_ms: float
-    fastest_iteration_ms: float
-    """The iteration with every layer's fastest backward (the choice before the joint one)."""
     method: str
     """"single" (every layer has one candidate), "nothing-exposed" (every layer's fastest hides all
     communication), "exhaustive" or "coordinate-descent"."""
-    evaluations: int
     exhausted_budget: bool = False
-
-    @property
-    def proved(self) -> bool:
-        return self.method in PROVED_CHOICES
 
 
 def choose_bwd_jointly(cands: list[list[BwdCandidate]], evaluate, *, identical: bool = False,
@@ -141,7 +134,7 @@ def choose_bwd_jointly(cands: list[list[BwdCandidate]], evaluate, *, identical: 
     fastest = [0] * n
     base = evaluate(fastest)
     if all(s == 1 for s in sizes):
-        return JointBwdChoice(fastest, base, base, "single", 1)
+        return JointBwdChoice(fastest, base, "single")
     combos = 1
     for s in sizes:
         combos *= s
@@ -150,18 +143,16 @@ def choose_bwd_jointly(cands: list[list[BwdCandidate]], evaluate, *, identical: 
     if combos <= exhaustive_limit:
         import itertools
 
-        best, best_t, count = fastest, base, 1
+        best, best_t = fastest, base
         for ch in itertools.product(*(range(s) for s in sizes)):
             ch = list(ch)
             if ch == fastest:
                 continue
             t = evaluate(ch)
-            count += 1
             if t < best_t - 1e-9:
                 best, best_t = ch, t
-        return JointBwdChoice(best, best_t, base, "exhaustive", count)
+        return JointBwdChoice(best, best_t, "exhaustive")
     spent = n
-    count = 1
     best, best_t = fastest, base
     if identical:
         m = sizes[0]
@@ -172,7 +163,6 @@ def choose_bwd_jointly(cands: list[list[BwdCandidate]], evaluate, *, identical: 
             for k in range(0, n, step):
                 ch = [c] * (n - k) + [0] * k
                 t = evaluate(ch)
-                count += 1
                 spent += n
                 if t < best_t - 1e-9:
                     best, best_t = ch, t
@@ -190,7 +180,6 @@ def choose_bwd_jointly(cands: list[list[BwdCandidate]], evaluate, *, identical: 
                     break
                 ch = best[:i] + [c] + best[i + 1:]
                 t = evaluate(ch)
-                count += 1
                 spent += n
                 if t < move_t - 1e-9:
                     move, move_t = ch, t
@@ -198,7 +187,7 @@ def choose_bwd_jointly(cands: list[list[BwdCandidate]], evaluate, *, identical: 
                 best, best_t, improved = move, move_t, True
             if exhausted:
                 break
-    return JointBwdChoice(best, best_t, base, "coordinate-descent", count, exhausted)
+    return JointBwdChoice(best, best_t, "coordinate-descent", exhausted)
 
 
 def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: Literal["profile", "published"],
@@ -311,7 +300,7 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
         # nothing left exposed with every layer's fastest backward (one GPU: no gradient all-reduce at all): no
         # choice beats it - its MoE time is a lower bound - so it is optimal without a search (the search ran,
         # reported "heuristic" and spent 2.6 s on 1,024 layers for the same plan)
-        joint = JointBwdChoice(fastest, done_fastest[0], done_fastest[0], "nothing-exposed", 1)
+        joint = JointBwdChoice(fastest, done_fastest[0], "nothing-exposed")
     else:
         joint = choose_bwd_jointly(cands, iteration_of, identical=identical, **(bwd_search or {}))
     done = finish(joint.choice) if joint.choice != fastest else done_fastest
