@@ -263,6 +263,7 @@ def test_one_stage_considers_one_group_of_every_adapter():
     assert plan.groups == [[0, 1, 2, 3, 4]] and len(plan.microbatches) == 6, (plan.groups, len(plan.microbatches))
     assert plan.summary.speedup_vs_mlora >= 1.0, plan.summary.speedup_vs_mlora
     assert len(plan.problems) == 3 and all(p.jobs == [0, 1, 2, 3, 4] for p in plan.problems)
+    assert "one group of every adapter was packed too" in plan.solver.note and "the one group kept" in plan.solver.note
 
 
 def test_one_global_batch_per_job_pairs_adapters_without_the_bubble_check():
