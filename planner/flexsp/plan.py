@@ -196,7 +196,58 @@ class SPPlan(Plan):
             if st.step in first:
                 errors.append(f"steps.{si}.step: {st.step} is also steps.{first[st.step]}'s number")
             first.setdefault(st.step, si)
-        return errors + self._time_errors()
+        return errors + self._time_errors() + self._cost_model_errors()
+
+    def _builtin_cost_model(self):
+        """The cost model this plan was made with, when it can be rebuilt here: a built-in profile whose digest is
+        the recorded one and a preset model (or the recorded model_shape); else None (a profile file, or one made
+        elsewhere: nothing to rebuild it from)."""
+        if self.profile is None:
+            return None
+        from adasched.planner.plan import profile_ref
+        from adasched.profiler.builtins import BUILTIN_PROFILES, builtin_profile
+        from adasched.profiler.io import InputError
+
+        from .costmodel import MODEL_PRESETS, ModelShape, sp_cost_model
+
+        if self.profile.name not in BUILTIN_PROFILES:
+            return None
+        prof = builtin_profile(self.profile.name)
+        if profile_ref(prof).digest != self.profile.digest:
+            return None
+        if self.model_shape is not None:
+            shape = ModelShape(**self.model_shape.model_dump())
+        elif self.model in MODEL_PRESETS:
+            shape = MODEL_PRESETS[self.model]
+        else:
+            return None
+        try:
+            return sp_cost_model(prof, shape, self.world_size)
+        except InputError:
+            return None
+
+    def _cost_model_errors(self) -> list[str]:
+        """Against the cost model the plan names, where it can be rebuilt (a built-in profile): every group's
+        predicted_ms is its cost-model time (to the recorded 1e-6 ms) and its sequences fit a GPU's memory. A
+        hand-edited plan that ran every sequence on one rank (or kept a group's time and moved its sequences)
+        passed `show` and reached the trainer."""
+        cm = self._builtin_cost_model()
+        if cm is None:
+            return []
+        errors: list[str] = []
+        for si, st in enumerate(self.steps):
+            for mi, mb in enumerate(st.micro_batches):
+                for gi, g in enumerate(mb.groups):
+                    loc = f"steps.{si}.micro_batches.{mi}.groups.{gi}"
+                    if not cm.fits(g.degree, g.seqlens):
+                        errors.append(f"{loc}: {sum(g.seqlens):,} tokens on {g.degree} GPUs need "
+                                      f"{cm.group_memory(g.degree, g.seqlens) / 2**30:,.2f} GiB per GPU, more than "
+                                      f"profile {self.profile.name!r}'s {cm.memory_bytes / 2**30:,.2f} GiB")
+                    want = cm.group_time(g.degree, g.seqlens)
+                    if not math.isclose(g.predicted_ms, want, rel_tol=1e-9, abs_tol=2e-6):
+                        errors.append(f"{loc}.predicted_ms: {g.predicted_ms} ms, but profile {self.profile.name!r}'s "
+                                      f"cost model gives {round(want, 6)} ms for these sequences on {g.degree} GPUs")
+        return errors
 
     def _time_errors(self) -> list[str]:
         """The predicted times add up as the planner computed them (each rounded to 1e-6 ms): a micro-batch takes
