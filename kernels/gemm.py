@@ -243,8 +243,13 @@ def _check(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def gemm(a: torch.Tensor, b: torch.Tensor, config: Optional[GemmConfig] = None) -> torch.Tensor:
-    """C = A @ B with the Triton kernel launched with ``config``'s tile shape and knobs."""
+    """C = A @ B with the Triton kernel launched with ``config``'s tile shape and knobs. Differentiable (first
+    order, as :func:`gemm_autograd`) whenever an input requires grad under grad mode, on every path (the kernel
+    path returned a result without a graph while the reference path kept one: a training loop got gradients on a
+    CPU and none on the GPU)."""
     _check(a, b)
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return GemmFunction.apply(a, b, config)
     cfg = config or GemmConfig()
     if cfg.persistent:
         raise ValueError("GemmConfig.persistent: only the LoRA GEMMs (kernels.lora) have a persistent grid")

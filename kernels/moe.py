@@ -129,8 +129,14 @@ class MoEIndex:
 
 def make_index(token_idx: torch.Tensor, counts: torch.Tensor, num_tokens: int) -> MoEIndex:
     """Index for assignments already sorted by expert (``counts[e]`` rows of expert e, in order)."""
+    if token_idx.is_floating_point() or token_idx.is_complex() or counts.is_floating_point() or counts.is_complex():
+        raise ValueError(f"make_index: token ids ({token_idx.dtype}) and counts ({counts.dtype}) must be integer "
+                         f"tensors")
     token_idx = token_idx.to(torch.int64)
     counts = counts.to(torch.int64)
+    # (a negative count made offsets that run past the rows: the grouped GEMM wrote beyond its output)
+    if counts.numel() and counts.device.type == "cpu" and int(counts.min()) < 0:
+        raise ValueError(f"make_index: expert count {int(counts.min())} is negative")
     # (an id >= num_tokens made bincount longer than tok_offsets: "the expanded size of the tensor (3) must match";
     # checked where it costs nothing - on a GPU min/max would wait for the device)
     if token_idx.numel() and token_idx.device.type == "cpu":
@@ -391,6 +397,8 @@ def grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, index: MoEIndex) -> torc
 
 def grouped_wgrad_triton(x: torch.Tensor, dy: torch.Tensor, index: MoEIndex, num_experts: int) -> torch.Tensor:
     """Triton: dw (E,K,M) with dw[e] = x[rows of e]^T @ dy[rows of e] (float32 accumulation, x's dtype)."""
+    if index.num_experts != num_experts:
+        raise ValueError(f"grouped_wgrad: index has {index.num_experts} experts, expected {num_experts}")
     _one_dtype("grouped_wgrad", x, dy)
     K, M = x.shape[1], dy.shape[1]
     dw = torch.empty((num_experts, K, M), dtype=x.dtype, device=x.device)
@@ -632,9 +640,22 @@ def _check_index(what: str, index: MoEIndex, rows: int) -> None:
                          f"has {rows}")
 
 
+def _check_rows(what: str, *ts: torch.Tensor) -> None:
+    """2-D rows of floating point (3-D weights for grouped_mm): the Triton kernels read a row as shape[1]
+    contiguous elements (a (T, 3, 2) input came back as (T, 3) of the first elements) and move values through
+    float32 (2**24 + 1 came back as 2**24)."""
+    x = ts[0]
+    if x.dim() != 2:
+        raise ValueError(f"{what}: rows must be 2-D (tokens, hidden), got shape {tuple(x.shape)}")
+    for t in ts:
+        if not t.is_floating_point():
+            raise ValueError(f"{what}: {t.dtype} is not a floating-point dtype (the kernels compute in float32)")
+
+
 def permute(x: torch.Tensor, index: MoEIndex, backend: Backend = "auto") -> torch.Tensor:
     """Rows of x in expert order: (T,H) -> (N,H). float64 takes the reference (a plain gather, exact): the Triton
     kernel moves rows through float32."""
+    _check_rows("permute", x)
     if x.shape[0] != index.num_tokens:
         raise ValueError(f"permute: x has {x.shape[0]} tokens, the index {index.num_tokens}")
     if x.dtype == torch.float64:
@@ -646,6 +667,7 @@ def permute(x: torch.Tensor, index: MoEIndex, backend: Backend = "auto") -> torc
 def unpermute(y: torch.Tensor, gate: torch.Tensor, index: MoEIndex, backend: Backend = "auto") -> torch.Tensor:
     """Gate-weighted combine of expert rows back to tokens: (N,H) -> (T,H); float64 takes the reference (the
     Triton kernel accumulates in float32)."""
+    _check_rows("unpermute", y)
     _check_index("unpermute", index, y.shape[0])
     if gate.dim() != 1 or gate.shape[0] != y.shape[0]:  # the Triton path read past a short gate
         raise ValueError(f"unpermute: gate has shape {tuple(gate.shape)}, expected ({y.shape[0]},): one weight per "
@@ -666,6 +688,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, index: MoEIndex, backend: Backe
         raise ValueError(f"grouped_mm: x {tuple(x.shape)} and w {tuple(w.shape)} do not multiply (x (N, K), "
                          f"w (E, K, M))")
     _check_index("grouped_mm", index, x.shape[0])
+    _check_rows("grouped_mm", x, w)
     if x.dtype == torch.float64:  # exact, as permute/unpermute (the kernels accumulate in float32, and their
         _pick(backend, x)         # float32 accumulator does not compile for float64 operands on a GPU)
         return grouped_mm_ref(x, w, index)
@@ -730,6 +753,9 @@ def expert_mlp_backward_data(x, a, dy, w1, w2, index: MoEIndex, activation: str 
 
 def expert_mlp_backward_weight(saved: ExpertWgradInputs, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(dw1, dw2) from what :func:`expert_mlp_backward_data` kept."""
+    if saved.index.num_experts != num_experts:  # (the Triton path read offsets past the index, or dropped experts)
+        raise ValueError(f"expert_mlp_backward_weight: index has {saved.index.num_experts} experts, expected "
+                         f"{num_experts}")
     with torch.no_grad():
         if saved.backend != "torch":
             dw2 = _wgrad(saved.h, saved.dy, saved.index, num_experts, saved.backend)
