@@ -95,6 +95,15 @@ class _Block(nn.Module):
         self.mlp = _MLP(cfg)
 
 
+def _spans(seq_lens: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, end) of each sample of ``seq_lens`` laid end to end."""
+    out, a = [], 0
+    for n in seq_lens:
+        out.append((a, a + int(n)))
+        a += int(n)
+    return out
+
+
 class TinyCausalLM(nn.Module):
     """Embedding + learned positions, pre-norm blocks (MHA, SwiGLU MLP), final norm, LM head. All frozen."""
 
@@ -118,8 +127,9 @@ class TinyCausalLM(nn.Module):
         self.requires_grad_(False)
 
     # ---- shared pieces ------------------------------------------------------------------------------
-    def _block(self, i: int, h: torch.Tensor, mask: torch.Tensor, proj: Proj) -> torch.Tensor:
-        """h [T, H] -> [T, H]; ``mask`` [T, T] bool, True = may attend."""
+    def _block(self, i: int, h: torch.Tensor, seq_lens: Sequence[int], proj: Proj) -> torch.Tensor:
+        """h [T, H] -> [T, H]: the samples of ``seq_lens`` laid end to end, each attending causally to itself
+        only."""
         blk = self.layers[i]
         T, H = h.shape
         nh, hd = self.cfg.heads, H // self.cfg.heads
@@ -128,22 +138,17 @@ class TinyCausalLM(nn.Module):
         q = proj(pre + "q_proj", blk.self_attn.q_proj, x).view(T, nh, hd).transpose(0, 1)
         k = proj(pre + "k_proj", blk.self_attn.k_proj, x).view(T, nh, hd).transpose(0, 1)
         v = proj(pre + "v_proj", blk.self_attn.v_proj, x).view(T, nh, hd).transpose(0, 1)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        # one causal attention per sample (varlen), not one over the microbatch with a block-diagonal mask: a masked
+        # probability is 0, but 0 x inf is NaN, so one job's diverged (inf/nan) rows turned every row of every job
+        # packed beside it into NaN, forward and backward, and a healthy job's adapter was written NaN
+        att = torch.cat([F.scaled_dot_product_attention(q[:, a:b], k[:, a:b], v[:, a:b], is_causal=True)
+                         for a, b in _spans(seq_lens)], dim=1) if T else q
         h = h + proj(pre + "o_proj", blk.self_attn.o_proj, att.transpose(0, 1).reshape(T, H))
         x = blk.post_norm(h)
         pre = f"layers.{i}.mlp."
         g = proj(pre + "gate_proj", blk.mlp.gate_proj, x)
         u = proj(pre + "up_proj", blk.mlp.up_proj, x)
         return h + proj(pre + "down_proj", blk.mlp.down_proj, F.silu(g) * u)
-
-    @staticmethod
-    def packed_mask(seq_lens: Sequence[int], device=None) -> torch.Tensor:
-        """Block-diagonal causal mask [T, T] for samples of the given lengths laid end to end."""
-        ids = torch.repeat_interleave(torch.arange(len(seq_lens), device=device),
-                                      torch.as_tensor(list(seq_lens), device=device))
-        T = ids.numel()
-        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-        return causal & (ids[:, None] == ids[None, :])
 
     @staticmethod
     def packed_positions(seq_lens: Sequence[int], device=None) -> torch.Tensor:
@@ -162,13 +167,12 @@ class TinyCausalLM(nn.Module):
         (first stage) or ``hidden`` [T, H] (later stages); ``head`` adds the final norm + LM head (last stage).
         Returns logits [T, V] with ``head``, else hidden [T, H]."""
         start, end = layers or (0, self.cfg.layers)
-        mask = self.packed_mask(seq_lens)
         if tokens is not None:
             h = self.embed(tokens, self.packed_positions(seq_lens))
         else:
             h = hidden
         for i in range(start, end):
-            h = self._block(i, h, mask, proj)
+            h = self._block(i, h, seq_lens, proj)
         if head:
             h = proj("lm_head", self.lm_head, self.norm(h))
         return h
