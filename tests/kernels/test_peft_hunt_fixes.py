@@ -115,3 +115,28 @@ def test_set_adapter_without_inference_mode_falls_back(monkeypatch):
     monkeypatch.setattr(peft.PeftModel, "set_adapter", old_style)
     assert apply_fused_lora(pm, adapter_name="two") == 1
     assert calls == ["two"] and pm.active_adapter == "two"
+
+
+def test_adapters_narrower_than_the_input_get_peft_numerics():
+    """fp16 adapters on an fp32 model (26th session's hunt): PEFT casts x to the adapters' dtype and computes the
+    LoRA term in fp16; the fused layer computed it in fp32, 7e-4 from PEFT's output and gradients. It runs PEFT's
+    own forward there now: the same output and gradients, to the element."""
+    torch.manual_seed(torch.seed() % 2**31)
+    net = nn.Sequential(nn.Linear(16, 24, bias=False))
+    pm = peft.get_peft_model(net, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.data = (p.data + torch.randn_like(p) * 0.5).half()
+    ref = copy.deepcopy(pm)
+    x = torch.randn(5, 16)
+    g = torch.randn(5, 24)
+    y_ref = ref(x)
+    (y_ref * g).sum().backward()
+    assert apply_fused_lora(pm) == 1
+    y = pm(x)
+    (y * g).sum().backward()
+    assert torch.equal(y, y_ref)
+    for (n, p), (_, q) in zip(pm.named_parameters(), ref.named_parameters()):
+        if p.requires_grad:
+            assert torch.equal(p.grad, q.grad), n
