@@ -106,7 +106,7 @@ def capacity_schedule(name: str, num_layers: int, budget: int, lo: int, hi: int,
     out = [int(math.floor(x + 1e-9)) for x in k]
     rest = budget - sum(out)
     frac = [x - o for x, o in zip(k, out)]
-    order = sorted(range(L), key=lambda l: (-round(frac[l], 9), -f[l], l))
+    order = sorted(range(L), key=lambda l: (-round(frac[l], 9), -round(f[l], 9), l))
     for l in order:
         if rest <= 0:
             break
