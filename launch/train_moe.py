@@ -9,7 +9,8 @@ Per step rank 0 prints the mean LM loss over ranks, each layer's mean experts pe
 assignments. ``--router``/``--schedule`` take one name, a comma list or ``all``: every combination trains in
 the same process group, one after another. The capacity schedule sets, per layer, ``top_k`` (gshard,
 sigmoid_bias, expert_choice), ``k_max`` (top_p) or, for switch (k = 1), the number of experts (in units of the
-EP size); ``--budget`` is the total over layers (default: 2 per layer, or the expert count per layer).
+EP size); ``--budget`` is the total over layers (default: 2 per layer, or the expert count per layer, moved into
+the bounds).
 ``--ep-size`` (default: every rank) splits the ranks into contiguous EP groups of that size; each expert then has
 world / ep-size copies, whose gradients are averaged over the expert-data-parallel group
 (:meth:`ExpertParallel.create_groups`, :class:`ExpertGradReducer`); the dense gradients over every rank.
@@ -123,7 +124,7 @@ def parse_args(argv):
                    "smallest prefix of the sorted gate probabilities reaching it (default: %(default)s; the "
                    "top-p routing paper's, arXiv 2403.07652, is 0.4)")
     p.add_argument("--budget", type=int, default=None, help="total capacity over layers (k units or experts; "
-                   "default: 2 per layer, or the expert count per layer)")
+                   "default: 2 per layer, or the expert count per layer, moved into what --cap-lo/--cap-hi allow)")
     # --cap-lo / --cap-hi / --hidden: under torchrun, --lo and --d are taken as abbreviations of torchrun's own
     # options (--log-dir..., --duplicate-stdout-filters); the short spellings still work without torchrun
     p.add_argument("--cap-lo", "--lo", dest="lo", type=int, default=None, help="per-layer lower bound of the capacity "
@@ -237,7 +238,9 @@ def layer_routers(router: str, schedule: str, layers: int, experts: int, *, budg
         lo = lo if lo is not None else max(u, experts // 2 // u * u)  # (a default in EP units: 6 experts on 2 ranks
         # gave 3, refused as "--cap-lo: 3 is not a multiple" - an option never given)
         hi = hi if hi is not None else 2 * experts
-        budget = budget if budget is not None else layers * experts
+        # (the default moved into the bounds: --cap-hi 6 with 8 experts was refused as "--budget: 32 cannot be
+        # met", an option never given)
+        budget = budget if budget is not None else min(max(layers * experts, layers * lo), layers * hi)
         for name, v in (("--budget", budget), ("--cap-lo", lo), ("--cap-hi", hi)):
             if v % u:
                 raise ValueError(f"{name}: {v} is not a multiple of the expert-parallel size {u} (switch schedules "
@@ -247,7 +250,7 @@ def layer_routers(router: str, schedule: str, layers: int, experts: int, *, budg
         return [replace(base, num_experts=c, top_k=1) for c in caps], caps
     lo = lo if lo is not None else 1
     hi = hi if hi is not None else min(4, experts)
-    budget = budget if budget is not None else 2 * layers
+    budget = budget if budget is not None else min(max(2 * layers, layers * lo), layers * hi)
     if hi > experts:
         raise ValueError(f"--cap-hi: {hi} exceeds --experts {experts}")
     _check_caps(layers, budget, lo, hi, 1)
@@ -749,6 +752,12 @@ def _main(args) -> int:
     _check_sizes(args, env_world)
     check_lr_schedule(args, args.steps)
     env_ep = ep_size_for(args, env_world)
+    if "top_p" in getattr(args, "given", {}) and "top_p" not in routers:  # (accepted and unused before)
+        raise ValueError(f"--top-p: has no effect without a top_p --router (it is that router's threshold; "
+                         f"--router {args.router})")
+    if args.hierarchical and env_ep == 1:
+        raise ValueError("--hierarchical: has no effect with an expert-parallel group of 1 rank (nothing is "
+                         "exchanged); drop it, or run more ranks / a larger --ep-size")
     if args.hierarchical and env_ep > 1 and env_ep % min(args.gpus_per_node, env_ep):
         raise ValueError(f"--gpus-per-node: an expert-parallel group of {env_ep} ranks does not split into nodes of "
                          f"{args.gpus_per_node}")
