@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 from .costmodel import StageCost, padded
 from .jobs import Workload
-from .model import Microbatch, apply_dependency_rule, ffd_pack, simulate_1f1b, update_dependencies
+from .model import Microbatch, apply_dependency_rule, ffd_pack, makespan_1f1b, update_dependencies
 
 __all__ = ["BaselineResult", "mlora_baseline", "sequential_baseline"]
 
@@ -76,8 +76,8 @@ def mlora_baseline(w: Workload, cost: StageCost, *, sort_by_length: bool = False
         stage_ms.append(cost.padded_batch_ms(rows, width))
         computed += padded(rows * width)
         biggest = max(biggest, padded(rows * width))
-    sim = simulate_1f1b(stage_ms, cfg.stages, update_dependencies(seq), cost.stage_scales(cfg.stages))
-    return BaselineResult("mlora_sorted" if sort_by_length else "mlora", sim.makespan_ms, len(seq), noops, sum(L),
+    ms = makespan_1f1b(stage_ms, cfg.stages, update_dependencies(seq), cost.stage_scales(cfg.stages))
+    return BaselineResult("mlora_sorted" if sort_by_length else "mlora", ms, len(seq), noops, sum(L),
                           computed, biggest, seq)
 
 
@@ -113,8 +113,8 @@ def sequential_baseline(w: Workload, cost: StageCost) -> BaselineResult:
                 seq.append(Microbatch([(j.index, g, ids) for ids in b.values()]))
     seq, noops = apply_dependency_rule(seq, cfg.stages)
     stage_ms = [cost.packed_ms(mb.padded_tokens(L), [L[s] for _, _, ids in mb.segments for s in ids]) for mb in seq]
-    sim = simulate_1f1b(stage_ms, cfg.stages, update_dependencies(seq), cost.stage_scales(cfg.stages))
+    ms = makespan_1f1b(stage_ms, cfg.stages, update_dependencies(seq), cost.stage_scales(cfg.stages))
     computed = sum(mb.padded_tokens(L) for mb in seq)
-    return BaselineResult("sequential", sim.makespan_ms, len(seq), noops, sum(L), computed,
+    return BaselineResult("sequential", ms, len(seq), noops, sum(L), computed,
                           max(mb.padded_tokens(L) for mb in seq), seq)
 

@@ -36,6 +36,7 @@ __all__ = [
     "dependency_violations",
     "verify_schedule",
     "simulate_1f1b",
+    "makespan_1f1b",
 ]
 
 
@@ -442,15 +443,10 @@ def simulate_1f1b(stage_ms: Sequence[float], stages: int, update_deps: Iterable[
     for i, j in update_deps:
         waits.setdefault(i, []).append(j)
     tasks = []
-    for s in range(stages):
-        warm = min(stages - s - 1, M)
-        order: list[tuple[str, int]] = [("F", i) for i in range(warm)]
-        for i in range(M - warm):
-            order += [("F", warm + i), ("B", i)]
-        order += [("B", i) for i in range(M - warm, M)]
+    for s, order in enumerate(_orders_1f1b(M, stages)):
         k = 1.0 if stage_scale is None else float(stage_scale[s])
-        for op, i in order:
-            if op == "F":
+        for fwd, i in order:
+            if fwd:
                 deps = [f"F{i}s{s - 1}"] if s > 0 else []
                 deps += [f"B{j}s{s}" for j in waits.get(i, ())]
                 tasks.append(Task(f"F{i}s{s}", s, "compute", k * stage_ms[i] * FWD_FRACTION, tuple(deps),
@@ -460,6 +456,89 @@ def simulate_1f1b(stage_ms: Sequence[float], stages: int, update_deps: Iterable[
                 tasks.append(Task(f"B{i}s{s}", s, "compute", k * stage_ms[i] * (1 - FWD_FRACTION), tuple(deps),
                                   category="bwd"))
     return simulate(tasks)
+
+
+def _orders_1f1b(M: int, stages: int) -> list[list[tuple[bool, int]]]:
+    """Per stage its 1F1B order: (is forward, microbatch), warm-up forwards first."""
+    out = []
+    for s in range(stages):
+        warm = min(stages - s - 1, M)
+        order = [(True, i) for i in range(warm)]
+        for i in range(M - warm):
+            order += [(True, warm + i), (False, i)]
+        order += [(False, i) for i in range(M - warm, M)]
+        out.append(order)
+    return out
+
+
+def makespan_1f1b(stage_ms: Sequence[float], stages: int, update_deps: Iterable[tuple[int, int]] = (),
+                  stage_scale: Sequence[float] | None = None) -> float:
+    """The makespan of :func:`simulate_1f1b`'s pipeline (the same float arithmetic: the same value to the bit),
+    without building the tasks: per stage its 1F1B order, each operation starting at the latest of its stage's
+    previous end and its dependencies' ends, a stage looked at again when a neighbour finishes what it waits on.
+    The planner simulates every candidate sequence and baseline this way (S = 64 with 40,960 samples: five
+    generic simulations of 1.7M tasks each took 150 of the plan's 200 s). ValueError on deadlock, as there."""
+    from collections import deque
+
+    M = len(stage_ms)
+    waits: dict[int, list[int]] = {}
+    for i, j in update_deps:
+        waits.setdefault(i, []).append(j)
+    orders = _orders_1f1b(M, stages)
+    end_f = [[None] * M for _ in range(stages)]
+    end_b = [[None] * M for _ in range(stages)]
+    head, free = [0] * stages, [0.0] * stages
+    scale = [1.0 if stage_scale is None else float(stage_scale[s]) for s in range(stages)]
+    todo, queued = deque(range(stages)), [True] * stages
+    while todo:
+        s = todo.popleft()
+        queued[s] = False
+        order, h, t, k = orders[s], head[s], free[s], scale[s]
+        ef, eb = end_f[s], end_b[s]
+        prev_f = end_f[s - 1] if s > 0 else None
+        next_b = end_b[s + 1] if s + 1 < stages else None
+        while h < len(order):
+            fwd, i = order[h]
+            if fwd:
+                r = t
+                if prev_f is not None:
+                    e = prev_f[i]
+                    if e is None:
+                        break
+                    r = max(r, e)
+                blocked = False
+                for j in waits.get(i, ()):
+                    e = eb[j]
+                    if e is None:
+                        blocked = True
+                        break
+                    r = max(r, e)
+                if blocked:
+                    break
+                t = r + k * stage_ms[i] * FWD_FRACTION
+                ef[i] = t
+                if s + 1 < stages and not queued[s + 1]:
+                    queued[s + 1] = True
+                    todo.append(s + 1)
+            else:
+                e = next_b[i] if next_b is not None else ef[i]
+                if e is None:
+                    break
+                t = max(t, e) + k * stage_ms[i] * (1 - FWD_FRACTION)
+                eb[i] = t
+                if s > 0 and not queued[s - 1]:
+                    queued[s - 1] = True
+                    todo.append(s - 1)
+            h += 1
+        head[s], free[s] = h, t
+    stuck = [f"{'F' if orders[s][head[s]][0] else 'B'}{orders[s][head[s]][1]}s{s}" for s in range(stages)
+             if head[s] < len(orders[s])]
+    if stuck:
+        raise ValueError(f"simulation deadlocked: waiting tasks {stuck[:5]}")
+    ms = max(free, default=0.0) if M else 0.0
+    if not ms < float("inf"):
+        raise ValueError("simulation: the task durations add up past the float range (makespan inf)")
+    return ms
 
 
 def update_dependencies(seq: Sequence[Microbatch]) -> list[tuple[int, int]]:
@@ -476,3 +555,11 @@ def sequence_ms(seq: Sequence[Microbatch], lengths: Sequence[int], cost: StageCo
                 for mb in seq]
     sim = simulate_1f1b(stage_ms, stages, update_dependencies(seq), None if uniform else cost.stage_scales(stages))
     return sim.makespan_ms, sim
+
+
+def sequence_makespan_ms(seq: Sequence[Microbatch], lengths: Sequence[int], cost: StageCost, stages: int, *,
+                         uniform: bool = False) -> float:
+    """:func:`sequence_ms`'s makespan alone (:func:`makespan_1f1b`: no tasks built)."""
+    stage_ms = [cost.packed_ms(mb.padded_tokens(lengths), [lengths[s] for _, _, ids in mb.segments for s in ids])
+                for mb in seq]
+    return makespan_1f1b(stage_ms, stages, update_dependencies(seq), None if uniform else cost.stage_scales(stages))

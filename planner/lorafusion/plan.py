@@ -27,6 +27,7 @@ from .model import (
     group_adapters,
     merge_pass,
     pack_problem,
+    sequence_makespan_ms,
     sequence_ms,
     verify_schedule,
 )
@@ -376,8 +377,8 @@ class LoRAPlan(Plan):
         return sim
 
     def _makespan_ms(self, uniform: bool = False) -> float:
-        return sequence_ms(self.sequence(), self.lengths, StageCost(**self.stage_cost), self.stages,
-                           uniform=uniform)[0]
+        return sequence_makespan_ms(self.sequence(), self.lengths, StageCost(**self.stage_cost), self.stages,
+                                    uniform=uniform)
 
     def resimulated(self) -> "LoRAPlan":
         """A copy whose predicted time (``predicted_ms``, ``summary.makespan_ms``) is its sequence's simulated
@@ -475,10 +476,10 @@ def _pack_grouping(w: Workload, work, cost, *, time_limit: float, seed: int, use
             progress()
     flat = [mb for p in problems_mb for mb in p]
     seq0, noops0 = apply_dependency_rule(flat, cfg.stages)
-    ms0, _ = sequence_ms(seq0, L, cost, cfg.stages)
+    ms0 = sequence_makespan_ms(seq0, L, cost, cfg.stages)
     merged, merges = merge_pass(problems_mb, L, cfg.capacity)
     seq1, noops1 = apply_dependency_rule([mb for p in merged for mb in p], cfg.stages)
-    ms1, _ = sequence_ms(seq1, L, cost, cfg.stages)
+    ms1 = sequence_makespan_ms(seq1, L, cost, cfg.stages)
     if merges and ms1 <= ms0:
         return seq1, noops1, ms1, merges, records
     return seq0, noops0, ms0, 0, records
@@ -536,7 +537,7 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
     # uneven (S = 4: bins of 6 + 1 samples beside the cut's 4 + 1 / 3 + 1, 0.92x of the padded baseline)
     mlora = mlora_baseline(w, cost)
     if all(mb.padded_tokens(L) <= cfg.capacity for mb in mlora.sequence):
-        ms_cut, _ = sequence_ms(mlora.sequence, L, cost, cfg.stages)
+        ms_cut = sequence_makespan_ms(mlora.sequence, L, cost, cfg.stages)
         if ms_cut < ms * (1 - 1e-9):
             seq, noops, ms, merges, source = mlora.sequence, mlora.noops, ms_cut, 0, "mlora-cut"
 
