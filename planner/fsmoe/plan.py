@@ -154,9 +154,12 @@ def _pipeline_tasks(fwd, l0: MoELayerPlan) -> list:
     f = evaluate_pipeline(fwd, l0.r_fwd, l0.order_fwd).sim.tasks
     b = evaluate_pipeline(fwd.backward(), l0.r_bwd, l0.order_bwd, l0.wgrad_bwd).sim.tasks
     shift = max(t.end_ms for t in f)
-    out = [ScheduledTask("F:" + t.name, 0, "fwd " + t.stream, t.start_ms, t.end_ms, t.category) for t in f]
+    # (zero-length tasks - a flat exchange's intra-node all-gather / reduce-scatter steps - drew empty "intra" lanes of
+    # hairlines and legend entries for collectives the layout does not run)
+    out = [ScheduledTask("F:" + t.name, 0, "fwd " + t.stream, t.start_ms, t.end_ms, t.category) for t in f
+           if t.end_ms > t.start_ms]
     out += [ScheduledTask("B:" + t.name, 0, "bwd " + t.stream, t.start_ms + shift, t.end_ms + shift, t.category)
-            for t in b]
+            for t in b if t.end_ms > t.start_ms]
     return out
 
 
