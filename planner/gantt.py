@@ -7,6 +7,24 @@ from typing import Iterable
 __all__ = ["render_gantt", "sub_rows"]
 
 
+#: most legend entries drawn; more categories get "+N more" as the last entry
+MAX_LEGEND = 24
+
+
+def legend_entries(cats: list[str]) -> tuple[dict, list[str]]:
+    """(colour of each category, the legend's labels): tab20's colours while they last, else one distinct colour per
+    category from a continuous map (``i % 20`` gave cat0 and cat20 the same blue); at most :data:`MAX_LEGEND` labels,
+    the last "+N more" when there are more named categories (30 entries ran off the figure)."""
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("tab20") if len(cats) <= 20 else plt.get_cmap("turbo", len(cats))
+    colour = {c: cmap(i) for i, c in enumerate(cats)}
+    named = [c for c in cats if c]
+    if len(named) <= MAX_LEGEND:
+        return colour, named
+    return colour, named[:MAX_LEGEND - 1] + [f"+{len(named) - MAX_LEGEND + 1} more"]
+
+
 def sub_rows(tasks: Iterable) -> list[list]:
     """A lane's tasks split into rows without overlaps: bars that overlap in time (a warp group's ops in flight
     together) were drawn over each other. Each task, in start order, goes to the first row whose last task has
@@ -42,9 +60,9 @@ def render_gantt(tasks: Iterable, path: str | os.PathLike, *, title: str = "", x
     for t in tasks:
         lanes.setdefault(lane_of(t), []).append(t)
     cats = sorted({getattr(t, "category", "") or "" for t in tasks})
-    cmap = plt.get_cmap("tab20")
-    colour = {c: cmap(i % 20) for i, c in enumerate(cats)}
-    height = max(2.5, 0.4 * len(lanes) + 1.2)
+    colour, labels = legend_entries(cats)
+    # tall enough for the legend beside the axes (a legend taller than the figure squashed the chart to a strip)
+    height = max(2.5, 0.4 * len(lanes) + 1.2, 0.19 * len(labels) + 1.2)
     fig, ax = plt.subplots(figsize=(12, height))
     span = max((t.end_ms for t in tasks), default=1.0) - min((t.start_ms for t in tasks), default=0.0)
     for y, members in enumerate(lanes.values()):
@@ -69,10 +87,11 @@ def render_gantt(tasks: Iterable, path: str | os.PathLike, *, title: str = "", x
     ax.set_xlabel(xlabel)
     if title:
         ax.set_title(title)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colour[c]) for c in cats if c]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colour[c]) if c in colour else
+               plt.Rectangle((0, 0), 1, 1, fill=False, edgecolor="none") for c in labels]
     if handles:
         # outside the axes, to the right: inside it covered the last bars
-        ax.legend(handles, [c for c in cats if c], loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7,
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7,
                   borderaxespad=0.0)
     from adasched.profiler.io import save_figure, tight_layout
 
