@@ -21,8 +21,8 @@ fp32 - get PEFT's numerics: the input cast to the adapters' dtype, S, the LoRA t
 added to the base output in fp32 and rounded to the input's dtype (equal to PEFT's layer; torch ops, not the
 fused kernels, except the dropout mask: the speed of the fused path needs autocast or adapters in the input's
 dtype; with ``lora_bias`` that dtype mix runs PEFT's own forward, which adds lora_B's bias inside the fp32 term).
-Adapters narrower than the input without autocast (fp16 adapters on an fp32 model; PEFT computes the LoRA term in
-the adapters' dtype) run PEFT's own forward too.
+Adapters not wider than the input without autocast (fp16 adapters on an fp32 model, bf16 adapters on fp16 and the
+reverse; PEFT computes the LoRA term in the adapters' dtype) run PEFT's own forward too.
 
 The fused kernels serve a layer in PEFT's plain state: one active adapter, not merged, adapters enabled, no extra
 forward arguments. Whenever PEFT puts the layer in another state - ``disable_adapter()``, merged weights, several
@@ -142,9 +142,10 @@ class FusedLoRALinear(_PeftLoraLinear):
             # lora_linear takes one bias in x's dtype - PEFT's own forward keeps its numerics
             return super().forward(x, *args, **kwargs)
         if not torch.is_autocast_enabled(x.device.type) and lora_a.weight.dtype != x.dtype and \
-                torch.promote_types(x.dtype, lora_a.weight.dtype) == x.dtype:
-            # adapters narrower than x (fp16 on an fp32 model): PEFT casts x to the adapters' dtype and computes the
-            # LoRA term there; lora_linear computed it in x's dtype (7e-4 from PEFT's output) - PEFT's own forward
+                torch.promote_types(x.dtype, lora_a.weight.dtype) != lora_a.weight.dtype:
+            # adapters not wider than x (fp16 on an fp32 model, bf16 on fp16 and the reverse): PEFT casts x to the
+            # adapters' dtype and computes the LoRA term there; lora_linear computed it in x's dtype (7e-4 from
+            # PEFT's output on fp32, 8e-3 on bf16 x with fp16 adapters) - PEFT's own forward
             return super().forward(x, *args, **kwargs)
         scaling = float(self.scaling[name])
         bias = base.bias

@@ -172,9 +172,13 @@ def test_train_moe_gpus_per_node_default_unchanged(capsys, one_rank):
     assert train_moe.parse_args([]).gpus_per_node == 2
     assert train_moe.parse_args(["--hierarchical"]).gpus_per_node == 2
     assert train_moe.parse_args(["--hierarchical", "--gpus-per-node", "4"]).gpus_per_node == 4
-    for extra in (["--hierarchical"], ["--hierarchical", "--gpus-per-node", "1"], []):
-        assert train_moe.main(["--validate-only", *extra]) == 0, capsys.readouterr().err
+    assert train_moe.main(["--validate-only"]) == 0, capsys.readouterr().err
     assert capsys.readouterr().err == ""
+    # on one rank the EP group is 1 rank: --hierarchical would exchange nothing and is refused (26th session)
+    for extra in (["--hierarchical"], ["--hierarchical", "--gpus-per-node", "1"]):
+        assert train_moe.main(["--validate-only", *extra]) == 2
+        assert capsys.readouterr().err.startswith("error: --hierarchical: has no effect with an expert-parallel "
+                                                  "group of 1 rank")
 
 
 def test_train_lora_refuses_planning_options_with_a_plan(tmp_path, one_error, one_rank):

@@ -481,6 +481,11 @@ def makespan_1f1b(stage_ms: Sequence[float], stages: int, update_deps: Iterable[
     from collections import deque
 
     M = len(stage_ms)
+    scale = [1.0 if stage_scale is None else float(stage_scale[s]) for s in range(stages)]
+    for what, values in (("stage_ms", stage_ms), ("stage_scale", scale)):  # (what simulate_1f1b's tasks refuse:
+        bad = next((x for x in values if not 0 <= x < float("inf")), None)  # a NaN scale vanished in max())
+        if bad is not None:
+            raise ValueError(f"{what}: {bad} is not a finite time factor >= 0 (durations must be finite and >= 0)")
     waits: dict[int, list[int]] = {}
     for i, j in update_deps:
         waits.setdefault(i, []).append(j)
@@ -488,7 +493,6 @@ def makespan_1f1b(stage_ms: Sequence[float], stages: int, update_deps: Iterable[
     end_f = [[None] * M for _ in range(stages)]
     end_b = [[None] * M for _ in range(stages)]
     head, free = [0] * stages, [0.0] * stages
-    scale = [1.0 if stage_scale is None else float(stage_scale[s]) for s in range(stages)]
     todo, queued = deque(range(stages)), [True] * stages
     while todo:
         s = todo.popleft()

@@ -117,20 +117,23 @@ def test_set_adapter_without_inference_mode_falls_back(monkeypatch):
     assert calls == ["two"] and pm.active_adapter == "two"
 
 
-def test_adapters_narrower_than_the_input_get_peft_numerics():
-    """fp16 adapters on an fp32 model (26th session's hunt): PEFT casts x to the adapters' dtype and computes the
-    LoRA term in fp16; the fused layer computed it in fp32, 7e-4 from PEFT's output and gradients. It runs PEFT's
-    own forward there now: the same output and gradients, to the element."""
+@pytest.mark.parametrize("x_dtype, a_dtype", [(torch.float32, torch.float16), (torch.float32, torch.bfloat16),
+                                               (torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16)])
+def test_adapters_not_wider_than_the_input_get_peft_numerics(x_dtype, a_dtype):
+    """fp16 adapters on an fp32 model (26th session's hunt; bf16 x with fp16 adapters and the reverse, its review):
+    PEFT casts x to the adapters' dtype and computes the LoRA term there; the fused layer computed it in x's dtype,
+    7e-4 (fp32 x) / 8e-3 (bf16 x) from PEFT's output and gradients. It runs PEFT's own forward there now: the same
+    output and gradients, to the element."""
     torch.manual_seed(torch.seed() % 2**31)
-    net = nn.Sequential(nn.Linear(16, 24, bias=False))
+    net = nn.Sequential(nn.Linear(16, 24, bias=False)).to(x_dtype)
     pm = peft.get_peft_model(net, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False))
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_" in n:
-                p.data = (p.data + torch.randn_like(p) * 0.5).half()
+                p.data = (p.data.float() + torch.randn(p.shape) * 0.5).to(a_dtype)
     ref = copy.deepcopy(pm)
-    x = torch.randn(5, 16)
-    g = torch.randn(5, 24)
+    x = torch.randn(5, 16).to(x_dtype)
+    g = torch.randn(5, 24).to(x_dtype)
     y_ref = ref(x)
     (y_ref * g).sum().backward()
     assert apply_fused_lora(pm) == 1

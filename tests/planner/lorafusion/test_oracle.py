@@ -322,3 +322,8 @@ def test_the_planner_makespan_is_the_simulation_makespan_to_the_bit():
             simulate_1f1b([1.0] * M, S, [(S - 1, 0)])
         with pytest.raises(ValueError, match="deadlock"):
             makespan_1f1b([1.0] * M, S, [(S - 1, 0)])
+
+    for bad_ms, bad_scale in (([-1.0, 1.0], None), ([float("nan"), 1.0], None), ([1.0, 1.0], [1.0, float("nan")]),
+                              ([1.0, float("inf")], None)):  # (review: a NaN scale vanished in max(), -1 ran)
+        with pytest.raises(ValueError, match="finite"):
+            makespan_1f1b(bad_ms, 2, (), bad_scale)
