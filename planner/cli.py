@@ -124,6 +124,7 @@ _INPUT_FILES = (
     ({"ops", "edges"}, "a Twill graph", "adasched plan twill --graph"),
     ({"regs_total", "units", "cycle_ns"}, "a Twill machine model", "adasched plan twill --machine"),
     ({"jobs", "capacity"}, "a LoRA jobs file", "adasched plan lora --jobs"),
+    ({"tasks"}, "a task graph", "adasched simulate"),
 )
 
 
@@ -135,7 +136,8 @@ def _refuse_input_file(path, data) -> None:
         return
     for keys, what, cmd in _INPUT_FILES:
         if keys <= data.keys():
-            raise InputError(str(path), f"is {what}, not a plan or profile: plan it with `{cmd} {path}`")
+            verb = "simulate it" if cmd == "adasched simulate" else "plan it"
+            raise InputError(str(path), f"is {what}, not a plan or profile: {verb} with `{cmd} {path}`")
 
 
 #: Longest task of a task-graph file (ms, about 32 years): two tasks of 1e308 ms added up to an infinite makespan

@@ -104,6 +104,8 @@ def simulate(tasks: list[Task]) -> Simulation:
         names.add(t.name)
     for t in tasks:
         for d in t.deps:
+            if d == t.name:  # (was "simulation deadlocked: waiting tasks ['a']")
+                raise ValueError(f"task {t.name!r} depends on itself")
             if d not in names:
                 raise ValueError(f"task {t.name!r} depends on unknown task {d!r}")
 

@@ -413,7 +413,8 @@ def best_of(heuristic: SolveOutcome, solved: SolveOutcome | None, *, minimize: b
     """The better of a heuristic and a solver result; ties go to the solver (it carries a proof).
 
     When the heuristic wins, the result keeps the solver's bound (if any) so the gap stays honest, and its
-    status is 'heuristic' unless the solver proved the heuristic's value optimal."""
+    status is 'heuristic' (a heuristic strictly better than a proved optimum can only mean a wrong model; nothing
+    here proves the heuristic's value)."""
     if solved is None or not solved.has_solution or solved.objective is None:
         if solved is not None and solved.status == "infeasible":
             raise ValueError("solver proved the model infeasible but the heuristic found a solution: the model is wrong")
