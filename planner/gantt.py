@@ -13,7 +13,7 @@ MAX_LEGEND = 24
 
 def legend_entries(cats: list[str]) -> tuple[dict, list[str]]:
     """(colour of each category, the legend's labels): tab20's colours while they last, else one distinct colour per
-    category from a continuous map (``i % 20`` gave cat0 and cat20 the same blue); at most :data:`MAX_LEGEND` labels,
+    category from a continuous map, up to its 256 colours (``i % 20`` gave cat0 and cat20 the same blue); at most :data:`MAX_LEGEND` labels,
     the last "+N more" when there are more named categories (30 entries ran off the figure)."""
     import matplotlib.pyplot as plt
 
