@@ -13,8 +13,9 @@ MAX_LEGEND = 24
 
 def legend_entries(cats: list[str]) -> tuple[dict, list[str]]:
     """(colour of each category, the legend's labels): tab20's colours while they last, else one distinct colour per
-    category from a continuous map, up to its 256 colours (``i % 20`` gave cat0 and cat20 the same blue); at most :data:`MAX_LEGEND` labels,
-    the last "+N more" when there are more named categories (30 entries ran off the figure)."""
+    category from a continuous map, up to its 256 colours (``i % 20`` gave cat0 and cat20 the same blue); at most
+    :data:`MAX_LEGEND` labels, the last "+N more" when there are more named categories (30 entries ran off the
+    figure)."""
     import matplotlib.pyplot as plt
 
     cmap = plt.get_cmap("tab20") if len(cats) <= 20 else plt.get_cmap("turbo", len(cats))

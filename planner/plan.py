@@ -184,6 +184,17 @@ def profile_ref(profile) -> ProfileRef:
     return ProfileRef(name=profile.name, digest=inputs_digest(profile), source=profile.source)
 
 
+def builtin_profile_of(ref: ProfileRef | None):
+    """The built-in profile a plan's ``ref`` names, when its digest is the recorded one (the profile that made the
+    plan); else None (no profile recorded, a file's name, or another profile under a built-in's name)."""
+    from adasched.profiler.builtins import BUILTIN_PROFILES, builtin_profile
+
+    if ref is None or ref.name not in BUILTIN_PROFILES:
+        return None
+    prof = builtin_profile(ref.name)
+    return prof if profile_ref(prof).digest == ref.digest else None
+
+
 def plan_class(kind: str) -> type[Plan]:
     if kind not in PLAN_KINDS:
         raise InputError("kind", f"unknown plan kind {kind!r} (known: {', '.join(sorted(PLAN_KINDS))})")

@@ -95,15 +95,6 @@ class _Block(nn.Module):
         self.mlp = _MLP(cfg)
 
 
-def _spans(seq_lens: Sequence[int]) -> list[tuple[int, int]]:
-    """[start, end) of each sample of ``seq_lens`` laid end to end."""
-    out, a = [], 0
-    for n in seq_lens:
-        out.append((a, a + int(n)))
-        a += int(n)
-    return out
-
-
 class TinyCausalLM(nn.Module):
     """Embedding + learned positions, pre-norm blocks (MHA, SwiGLU MLP), final norm, LM head. All frozen."""
 
@@ -141,8 +132,9 @@ class TinyCausalLM(nn.Module):
         # one causal attention per sample (varlen), not one over the microbatch with a block-diagonal mask: a masked
         # probability is 0, but 0 x inf is NaN, so one job's diverged (inf/nan) rows turned every row of every job
         # packed beside it into NaN, forward and backward, and a healthy job's adapter was written NaN
-        att = torch.cat([F.scaled_dot_product_attention(q[:, a:b], k[:, a:b], v[:, a:b], is_causal=True)
-                         for a, b in _spans(seq_lens)], dim=1) if T else q
+        lens = [int(n) for n in seq_lens]
+        att = torch.cat([F.scaled_dot_product_attention(qs, ks, vs, is_causal=True) for qs, ks, vs in
+                         zip(q.split(lens, 1), k.split(lens, 1), v.split(lens, 1))], dim=1) if T else q
         h = h + proj(pre + "o_proj", blk.self_attn.o_proj, att.transpose(0, 1).reshape(T, H))
         x = blk.post_norm(h)
         pre = f"layers.{i}.mlp."

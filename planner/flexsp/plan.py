@@ -202,18 +202,13 @@ class SPPlan(Plan):
         """The cost model this plan was made with, when it can be rebuilt here: a built-in profile whose digest is
         the recorded one and a preset model (or the recorded model_shape); else None (a profile file, or one made
         elsewhere: nothing to rebuild it from)."""
-        if self.profile is None:
-            return None
-        from adasched.planner.plan import profile_ref
-        from adasched.profiler.builtins import BUILTIN_PROFILES, builtin_profile
+        from adasched.planner.plan import builtin_profile_of
         from adasched.profiler.io import InputError
 
         from .costmodel import MODEL_PRESETS, ModelShape, sp_cost_model
 
-        if self.profile.name not in BUILTIN_PROFILES:
-            return None
-        prof = builtin_profile(self.profile.name)
-        if profile_ref(prof).digest != self.profile.digest:
+        prof = builtin_profile_of(self.profile)
+        if prof is None:
             return None
         if self.model_shape is not None:
             shape = ModelShape(**self.model_shape.model_dump())

@@ -346,16 +346,17 @@ class MoEPlan(Plan):
         src = "published" if c.stage_source.startswith("published") else "profile"
         prof = None
         if src == "profile" and self.profile:
-            from adasched.planner.plan import profile_ref
+            from adasched.planner.plan import builtin_profile_of, profile_ref
+            from adasched.profiler.builtins import BUILTIN_PROFILES
             from adasched.profiler.io import InputError
 
-            from adasched.profiler.builtins import BUILTIN_PROFILES, builtin_profile
-
-            try:  # a built-in by its name (a file of that name in the working folder is not what the plan used)
-                prof = (builtin_profile(self.profile.name) if self.profile.name in BUILTIN_PROFILES
-                        else load_profile(self.profile.name))
-            except InputError:
-                prof = None
+            # a built-in by its name (a file of that name in the working folder is not what the plan used)
+            prof = builtin_profile_of(self.profile)
+            if prof is None and self.profile.name not in BUILTIN_PROFILES:
+                try:
+                    prof = load_profile(self.profile.name)
+                except InputError:
+                    prof = None
             if prof is None or profile_ref(prof).digest != self.profile.digest:
                 # re-simulating with another profile of the same name drew another plan's timeline (a profile
                 # file named like a built-in one: 166 ms drawn for a 3,772 ms plan)

@@ -23,7 +23,8 @@ import math
 from dataclasses import dataclass, field
 from .costmodel import StageCost, padded
 from .jobs import Workload
-from .model import Microbatch, apply_dependency_rule, ffd_pack, makespan_1f1b, update_dependencies
+from .model import (Microbatch, apply_dependency_rule, ffd_pack, makespan_1f1b, sequence_stage_ms,
+                    update_dependencies)
 
 __all__ = ["BaselineResult", "mlora_baseline", "sequential_baseline"]
 
@@ -112,8 +113,8 @@ def sequential_baseline(w: Workload, cost: StageCost) -> BaselineResult:
             for b in ffd_pack(batch, adapter_of, L, cfg.capacity):
                 seq.append(Microbatch([(j.index, g, ids) for ids in b.values()]))
     seq, noops = apply_dependency_rule(seq, cfg.stages)
-    stage_ms = [cost.packed_ms(mb.padded_tokens(L), [L[s] for _, _, ids in mb.segments for s in ids]) for mb in seq]
-    ms = makespan_1f1b(stage_ms, cfg.stages, update_dependencies(seq), cost.stage_scales(cfg.stages))
+    ms = makespan_1f1b(sequence_stage_ms(seq, L, cost), cfg.stages, update_dependencies(seq),
+                       cost.stage_scales(cfg.stages))
     computed = sum(mb.padded_tokens(L) for mb in seq)
     return BaselineResult("sequential", ms, len(seq), noops, sum(L), computed,
                           max(mb.padded_tokens(L) for mb in seq), seq)

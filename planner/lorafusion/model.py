@@ -551,19 +551,23 @@ def update_dependencies(seq: Sequence[Microbatch]) -> list[tuple[int, int]]:
     return sorted({(f, last[(a, g - 1)]) for (a, g), f in first.items() if g > 0 and (a, g - 1) in last})
 
 
+def sequence_stage_ms(seq: Sequence[Microbatch], lengths: Sequence[int], cost: StageCost) -> list[float]:
+    """Each packed microbatch's fwd+bwd time on one stage (0 for a no-op)."""
+    return [cost.packed_ms(mb.padded_tokens(lengths), [lengths[s] for _, _, ids in mb.segments for s in ids])
+            for mb in seq]
+
+
 def sequence_ms(seq: Sequence[Microbatch], lengths: Sequence[int], cost: StageCost, stages: int, *,
                 uniform: bool = False):
     """Simulated 1F1B makespan (ms) of a microbatch sequence and the simulation itself; ``uniform``: every stage
     at ``cost.layers_per_stage`` (how plans before 2026-11-29 were simulated), else the trainer's split."""
-    stage_ms = [cost.packed_ms(mb.padded_tokens(lengths), [lengths[s] for _, _, ids in mb.segments for s in ids])
-                for mb in seq]
-    sim = simulate_1f1b(stage_ms, stages, update_dependencies(seq), None if uniform else cost.stage_scales(stages))
+    sim = simulate_1f1b(sequence_stage_ms(seq, lengths, cost), stages, update_dependencies(seq),
+                        None if uniform else cost.stage_scales(stages))
     return sim.makespan_ms, sim
 
 
 def sequence_makespan_ms(seq: Sequence[Microbatch], lengths: Sequence[int], cost: StageCost, stages: int, *,
                          uniform: bool = False) -> float:
     """:func:`sequence_ms`'s makespan alone (:func:`makespan_1f1b`: no tasks built)."""
-    stage_ms = [cost.packed_ms(mb.padded_tokens(lengths), [lengths[s] for _, _, ids in mb.segments for s in ids])
-                for mb in seq]
-    return makespan_1f1b(stage_ms, stages, update_dependencies(seq), None if uniform else cost.stage_scales(stages))
+    return makespan_1f1b(sequence_stage_ms(seq, lengths, cost), stages, update_dependencies(seq),
+                         None if uniform else cost.stage_scales(stages))
