@@ -4,11 +4,15 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
-__all__ = ["render_gantt", "sub_rows"]
+__all__ = ["MAX_LANES", "render_gantt", "sub_rows"]
 
 
 #: most legend entries drawn; more categories get "+N more" as the last entry
 MAX_LEGEND = 24
+
+#: most lanes a chart draws (the first ones, in order of appearance); the title says how many were left out. A
+#: 2,000-lane task graph took 40 s to a 96,144-pixel-tall PNG nobody could read.
+MAX_LANES = 128
 
 
 def legend_entries(cats: list[str]) -> tuple[dict, list[str]]:
@@ -47,7 +51,8 @@ def render_gantt(tasks: Iterable, path: str | os.PathLike, *, title: str = "", x
                  lane_of=None, label_of=None) -> None:
     """Draw ``tasks`` (objects with start_ms, end_ms, category and a ``lane`` or ``rank``/``stream``) to ``path``.
 
-    ``lane_of(task) -> str`` and ``label_of(task) -> str`` override the lane and the text in each bar."""
+    ``lane_of(task) -> str`` and ``label_of(task) -> str`` override the lane and the text in each bar. At most
+    :data:`MAX_LANES` lanes are drawn, the first in order of appearance; the title then says how many there were."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,6 +65,10 @@ def render_gantt(tasks: Iterable, path: str | os.PathLike, *, title: str = "", x
     lanes: dict[str, list] = {}
     for t in tasks:
         lanes.setdefault(lane_of(t), []).append(t)
+    if len(lanes) > MAX_LANES:
+        title = f"{title}{' ' if title else ''}(the first {MAX_LANES} of {len(lanes):,} lanes)"
+        lanes = dict(list(lanes.items())[:MAX_LANES])
+        tasks = [t for members in lanes.values() for t in members]
     cats = sorted({getattr(t, "category", "") or "" for t in tasks})
     colour, labels = legend_entries(cats)
     # tall enough for the legend beside the axes (a legend taller than the figure squashed the chart to a strip)

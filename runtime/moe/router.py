@@ -42,7 +42,9 @@ a choice rank, earlier tokens first (GShard; DeepSpeed-MoE's top-2 gate); ``"pro
 (Megatron-core's "probs": the gates after renormalisation). Differences a peer's user may notice: Megatron-core's
 "position" keeps by token position whatever the choice rank (for k > 1 it can keep a token's second choice
 over a later token's first); DeepSpeed applies ``min_capacity`` (default 4), here C may be smaller; capacity is
-per rank (the tokens this router sees), as in both.
+per rank (the tokens this router sees), as in both. C is computed exactly with the factor as written
+(:func:`expert_capacity`): ``1.1 * 100 / 2`` in floats is 55.000000000000007, which DeepSpeed and Megatron-core round
+up to 56; here it is 55.
 
 z-loss: ``z_loss_coef * mean_t logsumexp(logits_t)^2`` (all routers).
 """
@@ -50,15 +52,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Literal
 
 import torch
 from torch import nn
 
-__all__ = ["ROUTER_KINDS", "RouterConfig", "Routing", "RouterStats", "Router"]
+__all__ = ["ROUTER_KINDS", "RouterConfig", "Routing", "RouterStats", "Router", "expert_capacity"]
 
 RouterKind = Literal["gshard", "switch", "sigmoid_bias", "expert_choice", "top_p"]
 ROUTER_KINDS: tuple[str, ...] = ("gshard", "switch", "sigmoid_bias", "expert_choice", "top_p")
+
+
+def expert_capacity(capacity_factor: float, assignments: int, num_experts: int) -> int:
+    """``ceil(capacity_factor * assignments / num_experts)``, capped at ``assignments``, computed exactly with the
+    factor's shortest decimal form (``1.1`` is 11/10): the float product rounded 162 of 600,000 cases up by one
+    (factors 0.01..4.00 in steps of 0.01, 1..300 assignments, 2..64 experts; 1.1 * 100 / 2 = 55.000000000000007)."""
+    if assignments <= 0:
+        return 0
+    if capacity_factor >= num_experts:  # keeps every assignment (and a factor of 1e308 stays a small fraction)
+        return assignments
+    return min(assignments, math.ceil(Fraction(repr(float(capacity_factor))) * assignments / num_experts))
 
 
 @dataclass(kw_only=True)
@@ -340,8 +354,7 @@ class Router(nn.Module):
                 losses["load_balance"] = lb.detach()
             dropped = 0
             if cfg.capacity_factor is not None:
-                n = exp.numel()  # a factor of E or more keeps every assignment (1e19 overflowed ceil's int)
-                cap = n if cfg.capacity_factor >= E else math.ceil(cfg.capacity_factor * n / E)
+                cap = expert_capacity(cfg.capacity_factor, exp.numel(), E)  # (1e19 overflowed ceil's int)
                 tok, exp, w, dropped = _apply_capacity(tok, exp, w, rk, cap, E, T, cfg.drop_policy)
         tok, exp, w, counts = _sort_assignments(tok, exp, w, E, T)
         stats = RouterStats(tokens_per_expert=counts.detach().cpu(),
@@ -393,7 +406,7 @@ class Router(nn.Module):
         T, E = logits.shape
         probs = torch.softmax(logits, dim=-1)
         cf = 1.0 if cfg.capacity_factor is None else cfg.capacity_factor
-        cap = T if cf * cfg.top_k >= E else min(T, math.ceil(cf * T * cfg.top_k / E))  # (no overflow: 1e308)
+        cap = min(T, expert_capacity(cf, T * cfg.top_k, E))  # (no overflow: 1e308)
         top = torch.topk(probs.t(), cap, dim=-1)          # (E, C)
         tok = top.indices.reshape(-1)
         exp = torch.arange(E, device=logits.device).repeat_interleave(cap)

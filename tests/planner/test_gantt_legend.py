@@ -29,3 +29,38 @@ def test_a_chart_of_many_categories_is_drawn(tmp_path):
     render_gantt(tasks, out)
     w, h = Image.open(out).size
     assert h >= 120 * (0.19 * MAX_LEGEND + 1.2) * 0.9, (w, h)  # tall enough for the capped legend (dpi 120)
+
+
+def _drawn_figure(monkeypatch, tasks, **kw):
+    """The figure render_gantt saves, its text read before it is closed."""
+    import adasched.profiler.io as io
+
+    seen = {}
+
+    def capture(fig, path, **_):
+        ax = fig.axes[0]
+        seen.update(title=ax.get_title(), lanes=[t.get_text() for t in ax.get_yticklabels()],
+                    bars=sum(len(c.get_paths()) for c in ax.collections))
+        return path
+
+    monkeypatch.setattr(io, "save_figure", capture)
+    render_gantt(tasks, "unused.png", **kw)
+    return seen
+
+
+def test_a_chart_of_very_many_lanes_draws_the_first_ones_and_says_so(monkeypatch):
+    # 26th session: a 2,000-lane task graph took 40 s to a 96,144-pixel-tall PNG
+    from adasched.planner.gantt import MAX_LANES
+
+    rng = random.Random()
+    n = rng.randint(MAX_LANES + 1, 3 * MAX_LANES)
+    order = list(range(n))
+    rng.shuffle(order)  # lanes in order of appearance, not sorted
+    tasks = [ScheduledTask(f"t{r}", r, "compute", rng.random(), 1.5 + rng.random(), f"c{r % 7}") for r in order]
+    seen = _drawn_figure(monkeypatch, tasks, title="T")
+    assert seen["title"] == f"T (the first {MAX_LANES} of {n:,} lanes)"
+    assert seen["lanes"] == [f"rank {r} / compute" for r in order[:MAX_LANES]]
+    assert seen["bars"] == MAX_LANES  # one bar per drawn lane, none of the others
+    few = tasks[:rng.randint(1, MAX_LANES)]
+    seen = _drawn_figure(monkeypatch, few)
+    assert seen["title"] == "" and len(seen["lanes"]) == len(few)

@@ -203,3 +203,32 @@ def test_top_p_controller_does_not_move_on_a_call_without_tokens():
     assert r.p == 0.4
     r(torch.randn(16, 8))
     assert r.p != 0.4
+
+
+def test_capacity_is_exact_for_the_factor_as_written():
+    """ceil(cf * N / E) in floats rounded 1.1 * 100 / 2 = 55.000000000000007 up to 56 (DeepSpeed and Megatron-core do
+    the same): the capacity takes the factor's decimal value."""
+    import random
+    from fractions import Fraction
+
+    from adasched.runtime.moe.router import expert_capacity
+
+    assert expert_capacity(1.1, 100, 2) == 55 and math.ceil(1.1 * 100 / 2) == 56
+    rng = random.Random()
+    for _ in range(2000):
+        c, n, E = rng.randint(1, 400), rng.randint(0, 300), rng.choice([2, 3, 4, 8, 16, 64])
+        want = min(n, -(-c * n // (100 * E)))  # integer ceil of (c / 100) * n / E
+        assert expert_capacity(c / 100, n, E) == want == min(n, math.ceil(Fraction(c, 100) * n / E)), (c, n, E)
+    # a switch router sending all 100 tokens to expert 0 keeps 55 of them at capacity_factor 1.1 over 2 experts
+    r = _router("switch", num_experts=2, capacity_factor=1.1)
+    with torch.no_grad():
+        r.proj.weight[0].fill_(1.0)
+        r.proj.weight[1].fill_(-1.0)
+    x = torch.rand(100, 12) + 0.5
+    out = r(x)
+    _check_sorted(out)
+    assert out.counts.tolist() == [55, 0] and out.stats.dropped == 45
+    assert out.token_idx.tolist() == list(range(55))  # position policy: the earliest tokens
+    # expert choice: each of 2 experts takes ceil(1.1 * 100 * 1 / 2) = 55 of 100 tokens (56 in floats)
+    ec = _router("expert_choice", num_experts=2, top_k=1, capacity_factor=1.1)
+    assert ec(torch.randn(100, 12)).counts.tolist() == [55, 55]
