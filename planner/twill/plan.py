@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -282,8 +283,6 @@ class TwillPlan(Plan):
         """Per op, per unit it reserves: the [start, end) cycle offsets of the runs of non-zero cells of its
         reservation row (the whole op where the plan's graph does not say: an op of another name)."""
         try:
-            from .graph import Graph
-
             reserve = {o.name: o.reserve for o in Graph.model_validate(self.graph).ops}
         except ValueError:  # (a plan verify refuses; drawn as before)
             reserve = {}
@@ -296,14 +295,13 @@ class TwillPlan(Plan):
                 if row is None:
                     per[u] = [(0, s.length)]
                     continue
-                runs, a = [], None
-                for c, n in enumerate(list(row) + [0]):
-                    if n and a is None:
-                        a = c
-                    elif not n and a is not None:
-                        runs.append((a, c))
-                        a = None
-                per[u] = runs
+                per[u] = []
+                c = 0
+                for busy, cells in itertools.groupby(row, key=bool):
+                    n = len(list(cells))
+                    if busy:
+                        per[u].append((c, c + n))
+                    c += n
             out[s.name] = per
         return out
 
