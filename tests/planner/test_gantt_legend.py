@@ -31,6 +31,15 @@ def test_a_chart_of_many_categories_is_drawn(tmp_path):
     assert h >= 120 * (0.19 * MAX_LEGEND + 1.2) * 0.9, (w, h)  # tall enough for the capped legend (dpi 120)
 
 
+def test_the_legend_names_the_first_categories_and_counts_the_rest(monkeypatch):
+    n = random.randint(MAX_LEGEND + 1, 50)
+    tasks = [ScheduledTask(f"t{i}", i % 3, "s", float(i), float(i + 1), f"cat{i:02d}") for i in range(n)]
+    seen = _drawn_figure(monkeypatch, tasks)
+    assert seen["legend"] == [f"cat{i:02d}" for i in range(MAX_LEGEND - 1)] + [f"+{n - MAX_LEGEND + 1} more"]
+    assert seen["lanes"] == [f"rank {r} / s" for r in range(3)] and seen["bars"] == n
+    assert seen["height"] >= 0.19 * MAX_LEGEND + 1.2
+
+
 def _drawn_figure(monkeypatch, tasks, **kw):
     """The figure render_gantt saves, its text read before it is closed."""
     import adasched.profiler.io as io
@@ -39,8 +48,11 @@ def _drawn_figure(monkeypatch, tasks, **kw):
 
     def capture(fig, path, **_):
         ax = fig.axes[0]
+        legend = ax.get_legend()
         seen.update(title=ax.get_title(), lanes=[t.get_text() for t in ax.get_yticklabels()],
-                    bars=sum(len(c.get_paths()) for c in ax.collections))
+                    bars=sum(len(c.get_paths()) for c in ax.collections),
+                    legend=[t.get_text() for t in legend.get_texts()] if legend else [],
+                    height=fig.get_size_inches()[1])
         return path
 
     monkeypatch.setattr(io, "save_figure", capture)
