@@ -79,6 +79,63 @@ def register(groups) -> None:
                 typer.echo(f"wrote {' and '.join(wrote)}")
 
 
+    @groups.bench.command("twill")
+    def bench_twill_cmd(
+        graph: str = typer.Option("all", "--graph", help="Comma-separated built-in graphs or graph JSON files "
+                                  "(machine: each graph's hint, else h100); 'all': every built-in graph."),
+        repeats: int = typer.Option(3, "--repeats", help="Solves per graph (1..100); the table gives the median "
+                                    "and the range of the solve seconds."),
+        time_limit: float = typer.Option(10.0, "--time-limit", help="Seconds for each whole search over I."),
+        seed: int = typer.Option(0, "--seed", help="CP-SAT random seed (>= 0)."),
+        threads: int = typer.Option(1, "--threads", help="CP-SAT workers (1 = deterministic)."),
+        as_json: bool = typer.Option(False, "--json", help="Print the rows and targets as JSON."),
+    ) -> None:
+        """Solve the built-in loop graphs (or given ones) a few times: I, MII, status, solve seconds, warp groups,
+        Triton knobs, simulated cycles per iteration, speedup over no pipelining; and the CPU-side targets (toy loop
+        I = 2; FA3-style graph optimal within 10 s with its producer / ping-pong consumer structure)."""
+        from adasched.planner.solver import SolveParams
+        from adasched.planner.ui import emit_json, fmt, print_table, progress
+        from adasched.profiler.io import InputError
+
+        from .bench import bench_twill
+        from .graph import builtin_graphs, make_problem
+
+        names = builtin_graphs() if graph.strip() == "all" else [g.strip() for g in graph.split(",")]
+        if not names or any(not g for g in names):
+            raise InputError("--graph", f"{graph!r}: give graph names or files separated by commas, or 'all'")
+        if len(set(names)) != len(names):
+            raise InputError("--graph", f"{graph!r} names a graph twice")
+        if not 1 <= repeats <= 100:
+            raise InputError("--repeats", f"{repeats}: must be 1..100")
+        for option, field, value in (("--time-limit", "time_limit", time_limit), ("--seed", "seed", seed),
+                                     ("--threads", "threads", threads)):
+            try:
+                SolveParams(**{field: value})
+            except ValueError as err:
+                raise InputError(option, str(err)) from None
+        for name in names:  # every graph loads and checks before the first solve
+            make_problem(name)
+        params = SolveParams(time_limit=time_limit, seed=seed, threads=threads)
+        with progress("bench twill", len(names) * repeats, enabled=not as_json) as advance:
+            res = bench_twill(names, params, repeats, advance)
+        if as_json:
+            emit_json(res)
+            return
+        rows = [(r["graph"], r["machine"], r["ii"], f"{r['mii']} ({r['res_mii']}, {r['rec_mii']})",
+                 r["status"] + ("" if r["same_ii_every_run"] else " (I varied)"),
+                 f"{r['solve_seconds_median']:.2f} ({r['solve_seconds_min']:.2f}-{r['solve_seconds_max']:.2f})",
+                 r["stages"], r["warp_groups"],
+                 " ".join(f"{k}={v}" for k, v in r["knobs"].items()), fmt(r["sim_cycles_per_iteration"]),
+                 f"{r['speedup_vs_no_pipelining']:.2f}x") for r in res["rows"]]
+        print_table(rows, ["graph", "machine", "I", "MII (res, rec)", "status", "solve s median (min-max)", "stages",
+                           "warp groups", "Triton knobs", "sim cycles/iter", "vs no pipelining"],
+                    title=f"bench twill: {repeats} solve(s) per graph, {threads} thread(s), seed {seed}, "
+                          f"on {res['host']}")
+        if res["targets"]:
+            print_table([(t["target"], t["value"], "met" if t["met"] else "MISSED") for t in res["targets"]],
+                        ["target", "measured", ""], title="targets (CPU side)")
+
+
 def _input_file(spec, what: str):
     """The file a --graph/--machine value names (a built-in name resolved to its file), or the value itself when it
     names none (its own error comes later)."""
