@@ -28,9 +28,8 @@ def register(groups) -> None:
         """Find the smallest initiation interval I (from MII = max(ResMII, RecMII, the exclusive-cells bound) upward,
         CP-SAT), the stage and issue cycle of every op, a warp-group assignment, buffer depths and Triton knobs."""
         from adasched.planner.plan import save_plan
-        from adasched.planner.solver import SolveParams
         from adasched.planner.ui import emit_json, print_table
-        from adasched.profiler.io import InputError, check_distinct_outputs, check_output_path
+        from adasched.profiler.io import check_distinct_outputs, check_output_path
 
         from .plan import plan_twill
 
@@ -41,15 +40,7 @@ def register(groups) -> None:
         check_distinct_outputs(("--out", out), ("--plot", plot),
                                inputs=(("--graph", _input_file(graph, "graph")), ("--machine", _input_file(machine,
                                                                                                             "machine"))))
-        # each option checked alone (the others at their valid defaults), so the error names the option that is
-        # wrong whatever SolveParams' message says (it used to be read off the message's first word)
-        for option, field, value in (("--time-limit", "time_limit", time_limit), ("--seed", "seed", seed),
-                                     ("--threads", "threads", threads)):
-            try:
-                SolveParams(**{field: value})
-            except ValueError as err:
-                raise InputError(option, str(err)) from None
-        params = SolveParams(time_limit=time_limit, seed=seed, threads=threads)
+        params = _solve_params(time_limit, seed, threads)
         plan = plan_twill(graph, machine, params, load_slack=load_slack)
         if out:
             save_plan(plan, out)
@@ -93,7 +84,6 @@ def register(groups) -> None:
         """Solve the built-in loop graphs (or given ones) a few times: I, MII, status, solve seconds, warp groups,
         Triton knobs, simulated cycles per iteration, speedup over no pipelining; and the CPU-side targets (toy loop
         I = 2; FA3-style graph optimal within 10 s with its producer / ping-pong consumer structure)."""
-        from adasched.planner.solver import SolveParams
         from adasched.planner.ui import emit_json, fmt, print_table, progress
         from adasched.profiler.io import InputError
 
@@ -107,15 +97,9 @@ def register(groups) -> None:
             raise InputError("--graph", f"{graph!r} names a graph twice")
         if not 1 <= repeats <= 100:
             raise InputError("--repeats", f"{repeats}: must be 1..100")
-        for option, field, value in (("--time-limit", "time_limit", time_limit), ("--seed", "seed", seed),
-                                     ("--threads", "threads", threads)):
-            try:
-                SolveParams(**{field: value})
-            except ValueError as err:
-                raise InputError(option, str(err)) from None
+        params = _solve_params(time_limit, seed, threads)
         for name in names:  # every graph loads and checks before the first solve
             make_problem(name)
-        params = SolveParams(time_limit=time_limit, seed=seed, threads=threads)
         with progress("bench twill", len(names) * repeats, enabled=not as_json) as advance:
             res = bench_twill(names, params, repeats, advance)
         if as_json:
@@ -134,6 +118,21 @@ def register(groups) -> None:
         if res["targets"]:
             print_table([(t["target"], t["value"], "met" if t["met"] else "MISSED") for t in res["targets"]],
                         ["target", "measured", ""], title="targets (CPU side)")
+
+
+def _solve_params(time_limit: float, seed: int, threads: int):
+    """SolveParams of the three options, each checked alone (the others at their valid defaults) so the error names
+    the option that is wrong whatever SolveParams' message says (it used to be read off the message's first word)."""
+    from adasched.planner.solver import SolveParams
+    from adasched.profiler.io import InputError
+
+    for option, field, value in (("--time-limit", "time_limit", time_limit), ("--seed", "seed", seed),
+                                 ("--threads", "threads", threads)):
+        try:
+            SolveParams(**{field: value})
+        except ValueError as err:
+            raise InputError(option, str(err)) from None
+    return SolveParams(time_limit=time_limit, seed=seed, threads=threads)
 
 
 def _input_file(spec, what: str):
