@@ -10,11 +10,13 @@ from __future__ import annotations
 import importlib
 
 _MODULE_OF = {
-    **dict.fromkeys(("DeepSpeedSchedule", "MegatronParamScheduler", "ScheduleLambda", "get_lambda_schedule",
+    **dict.fromkeys(("DeepSpeedSchedule", "MEGATRON_STYLES", "MegatronParamScheduler", "ScheduleLambda",
+                     "get_lambda_schedule",
                      "get_refined_schedule_with_warmup", "get_rex_schedule_with_warmup",
                      "get_uba_schedule_with_warmup"), "adapters"),
     **dict.fromkeys(("CAPACITY_SCHEDULES", "capacity_schedule", "moe_layer_configs", "schedule_shape"), "capacity"),
-    **dict.fromkeys(("GradNormRecorder", "read_norms_csv", "write_norms_csv"), "gradnorm"),
+    **dict.fromkeys(("GradNormRecorder", "grad_norms_of", "load_norms_file", "read_norms_csv", "write_norms_csv"),
+                    "gradnorm"),
     **dict.fromkeys(("REX", "SCHEDULE_NAMES", "UBA", "UBA_DEFAULT_PHI", "LinearDecay", "Refined", "WarmupDecay",
                      "cosine_multiplier", "get_schedule", "linear_multiplier", "refined_multipliers",
                      "rex_multiplier", "smooth_norms", "uba_multiplier", "warmup_decay_multiplier"), "lr"),
@@ -27,10 +29,10 @@ __all__ = [
     "linear_multiplier", "cosine_multiplier", "rex_multiplier", "uba_multiplier", "refined_multipliers",
     "smooth_norms", "warmup_decay_multiplier",
     # gradient norms
-    "GradNormRecorder", "read_norms_csv", "write_norms_csv",
+    "GradNormRecorder", "grad_norms_of", "read_norms_csv", "write_norms_csv", "load_norms_file",
     # adapters
     "get_rex_schedule_with_warmup", "get_uba_schedule_with_warmup", "get_refined_schedule_with_warmup",
-    "get_lambda_schedule", "ScheduleLambda", "DeepSpeedSchedule", "MegatronParamScheduler",
+    "get_lambda_schedule", "ScheduleLambda", "DeepSpeedSchedule", "MegatronParamScheduler", "MEGATRON_STYLES",
     # MoE layer-wise capacity schedules
     "CAPACITY_SCHEDULES", "capacity_schedule", "schedule_shape", "moe_layer_configs",
 ]

@@ -170,6 +170,9 @@ class MegatronParamScheduler:
                  wsd_decay_steps: int | None = None, lr_wsd_decay_style: str | None = None,
                  *, phi: float = UBA_DEFAULT_PHI, grad_norms=None, norm: str = "l2", smoothing: float = 0.1):
         self.optimizer = optimizer
+        for name, value in (("init_lr", init_lr), ("max_lr", max_lr), ("min_lr", min_lr)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):  # (None: float()'s TypeError)
+                raise ValueError(f"{name}: must be a number, got {value!r}")
         self.init_lr, self.max_lr, self.min_lr = float(init_lr), float(max_lr), float(min_lr)
         if not (math.isfinite(self.max_lr) and self.max_lr >= 0.0):
             raise ValueError(f"max_lr: must be a finite number >= 0, got {max_lr!r}")

@@ -17,7 +17,8 @@ Conventions shared by every schedule here (``step`` = the scheduler's ``last_epo
   it by the factor other schedulers applied to the group since our last update (``group["lr"] / our_last_value``),
   so ``ChainedScheduler([ours, ExponentialLR(g)])`` gives ``ours(t) * g**t``. It never divides by a multiplier
   that may be 0: when our last value was 0 (warmup start, end of decay) the external factor cannot be observed
-  and the previous one is kept. Alone, the factor is exactly 1.0 and both forms give identical floats.
+  and the previous one is kept. Alone, the factor is exactly 1.0 and both forms give identical floats (a tensor
+  lr holds the closed form rounded to its dtype).
   With warmup (our value 0 at step 0) in a ``ChainedScheduler``, a factor another scheduler applies in that step
   multiplies 0 and is lost to every chainable scheduler, ours and torch's alike (``[ours, LinearLR(0.5, 1)]`` ends
   up twice the product): warm up with ``SequentialLR([LinearLR, ours])`` or with ``warmup_steps`` alone.
@@ -84,6 +85,17 @@ def _next_factor(lr: float, own: float, prev: float) -> float:
     if prev == _UNSEEN:
         return lr / own if lr != 0 and own != 0 else 1.0
     return lr / own if own != 0 else prev
+
+
+def _group_lr(lr, own: float, prev: float) -> float:
+    """A group's lr as a float; a tensor lr (float32) holding exactly what this scheduler wrote last (``own`` times
+    the factor ``prev``), rounded to its dtype, reads as the float written: its rounding read as another scheduler's
+    factor and compounded (1.6e-6 off the closed form after 5,000 REX steps)."""
+    if isinstance(lr, torch.Tensor):
+        wrote = own if prev == 1.0 else own * (0.0 if prev == _UNSEEN else prev)
+        if lr.item() == torch.tensor(wrote, dtype=lr.dtype).item():
+            return wrote
+    return float(lr)
 
 
 def _check_phi(phi: float) -> float:
@@ -288,11 +300,12 @@ class WarmupDecay(LRScheduler):
     def lr_at(self, step: int) -> list[float]:
         """The closed-form learning rate of every param group at optimizer step ``step``."""
         step = max(int(step), 0)
+        bases = [float(b) for b in self.base_lrs]  # (torch keeps a tensor lr's initial_lr as a float32 tensor)
         if step < self.warmup_steps:
             f = step / self.warmup_steps
-            return [b * f for b in self.base_lrs]
+            return [b * f for b in bases]
         m = self.multiplier(step)
-        return [lo + (b - lo) * m for b, lo in zip(self.base_lrs, self.min_lrs)]
+        return [lo + (b - lo) * m for b, lo in zip(bases, self.min_lrs)]
 
     # -- torch LRScheduler protocol -----------------------------------------------------------------------------
     def _sync_groups(self, floors: Sequence[float] | None = None) -> None:
@@ -353,7 +366,7 @@ class WarmupDecay(LRScheduler):
             else:  # made with last_epoch >= 0 (resume): closed form
                 scales = [1.0] * len(target)
         else:
-            scales = [_next_factor(float(g["lr"]), own, s)
+            scales = [_next_factor(_group_lr(g["lr"], own, s), own, s)
                       for g, own, s in zip(groups, self._own_lrs, self._ext_scales)]
         self._own_lrs = list(target)
         self._ext_scales = scales
