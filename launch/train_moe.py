@@ -102,7 +102,7 @@ from pathlib import Path
 from adasched.launch.cli_args import (MAX_LAYERS, add_checkpoint_args, add_lr_schedule_args, check_lr_schedule,
                                       checkpoint_config, lr_identity, lr_scheduler)
 from adasched.planner.ui import OneLineArgParser as ArgParser, is_rank0, reports_errors
-from adasched.profiler.io import check_host_memory, check_model_memory
+from adasched.profiler.io import InputError, check_host_memory, check_model_memory
 
 #: --seed's bound: the data generators take 1000 * seed + rank, which must fit torch's 64-bit seed
 MAX_SEED = 2 ** 40
@@ -163,7 +163,7 @@ def parse_args(argv):
     p.add_argument("--wgrad", choices=("fused", "per-chunk", "deferred"), default=None,
                    help="where the backward computes the expert weight gradients (default: fused; not with --plan, "
                         "which sets it per layer)")
-    p.add_argument("--plan", type=Path, default=None,
+    p.add_argument("--plan", default=None,
                    help="FSMoE plan JSON (r_fwd, r_bwd, order_fwd, order_bwd, wgrad_bwd, grad_slices)")
     p.add_argument("--plan-config", default=None, help="configuration name inside the --plan (default: its first)")
     p.add_argument("--ep-size", type=int, default=None,
@@ -701,6 +701,10 @@ def _main(args) -> int:
         if is_rank0():
             print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
 
+    if args.plan is not None:  # (read as Path(""), ".": the error said '.: is a directory')
+        if not args.plan.strip():
+            raise InputError("--plan", "is empty")
+        args.plan = Path(args.plan)
     ck_cfg = checkpoint_config(args)                   # InputError naming the option
     for opt, given, needs, why in (                   # accepted and silently unused before: refused
             ("--plan-config", args.plan_config is not None and args.plan is None, "--plan",

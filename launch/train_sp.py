@@ -83,6 +83,18 @@ __all__ = ["main", "parse_args", "check_plan", "check_model_fits", "scaled_lengt
 TOLERANCE = {"float32": 1e-5, "float64": 1e-10}  # max |grad - ref| / max |ref|, and |loss - ref| / |ref|
 
 
+def reference_diff(loss: float, grads: list, ref_loss: float, ref_grads: list) -> tuple[float, float]:
+    """(relative loss difference, largest gradient difference over the reference's largest gradient element) of a
+    step against the single-process reference; NaN when any of them is not finite (Python's max() over
+    per-parameter floats dropped a NaN that was not first: a NaN gradient passed the check)."""
+    import torch
+
+    dl = abs(loss - ref_loss) / max(abs(ref_loss), 1e-30)
+    scale = float(torch.stack([g.abs().max() for g in ref_grads]).max())
+    dg = float(torch.stack([(p - g).abs().max() for p, g in zip(grads, ref_grads)]).max()) / scale
+    return dl, dg
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = OneLineArgParser(prog="python -m adasched.launch.train_sp",
                                 description="Train a tiny GPT executing a FlexSP plan (run under torchrun).")
@@ -113,6 +125,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--world", type=int, default=None, help="world size to validate against (--check-plan-only)")
     add_checkpoint_args(p)
     args = p.parse_args(argv)
+    if not args.plan.strip():  # (read as Path(""), ".": the error said '.: is a directory')
+        raise InputError("--plan", "is empty")
     if args.world is not None and not args.check_plan_only:  # torchrun's world is the run's; --world was ignored
         raise InputError("--world", "only with --check-plan-only (under torchrun the world is torchrun's)")
     for name in ("steps", "max_len", "layers", "head_dim", "heads", "world"):
@@ -454,9 +468,7 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
             failed = None
             if ref is not None:
                 ref_loss, ref_grads = ref
-                dl = abs(loss - ref_loss) / max(abs(ref_loss), 1e-30)
-                scale = max(float(g.abs().max()) for g in ref_grads)
-                dg = max(float((p.grad - g).abs().max()) for p, g in zip(model.parameters(), ref_grads)) / scale
+                dl, dg = reference_diff(loss, [p.grad for p in model.parameters()], ref_loss, ref_grads)
                 worst_loss, worst_grad = max(worst_loss, dl), max(worst_grad, dg)
                 msg += f" (reference {ref_loss:.6f}; rel. diff loss {dl:.2e}, grads {dg:.2e})"
                 if not (dl <= tol and dg <= tol):

@@ -192,7 +192,8 @@ class SPPlan(Plan):
                 errors.append(f"steps.{si}: sequences {missing[:8]} are in no group (the loss is over the whole "
                               "global batch)")
         first: dict[int, int] = {}
-        for si, st in enumerate(self.steps):  # `simulate --step K` and the trainers look a step up by its number
+        for si, st in enumerate(self.steps):  # plan.simulate(number) looks a step up by its number (train_sp runs
+            # the steps in file order, printing each one's number)
             if st.step in first:
                 errors.append(f"steps.{si}.step: {st.step} is also steps.{first[st.step]}'s number")
             first.setdefault(st.step, si)
