@@ -235,8 +235,10 @@ class ClusterProfile(_Strict):
         return sorted(c.group_size for c in self.collectives if c.op == op)
 
     def collective(self, op: CollectiveOp, group_size: int, *, across_nodes: bool = False) -> CollectiveFit:
-        """The fit for `op` on `group_size` ranks. A size between fitted sizes uses the next larger fit
-        (conservative); a size outside the fitted range is an error naming what exists.
+        """The fit for `op` on `group_size` ranks: the smallest fit at least that large - a size between fitted
+        sizes, or below the smallest, uses the next larger fit (conservative: a fit over more ranks, or across
+        nodes, is not faster; a planner's notes name the fit's group size) -; a size above the largest fit is an
+        error naming what exists.
 
         Groups are taken as node-packed (contiguous ranks, numbered node by node: Megatron's tensor and context
         parallel groups, FlexSP's SP groups), so a group no larger than a node is an intra-node one. A group

@@ -364,8 +364,11 @@ def stage_costs(cfg: MoEConfig, topo: Topology, *, source: Literal["published", 
     alpha = [0.0] * 5
     work = [0.0] * 5
     if n[0] > 0:
-        # every GPU sends its P-way share to the other nodes at once: the full-world all-to-all fit
-        group = topo.gpus if topo.hierarchical else topo.ep_size
+        # every GPU sends its P-way share to the other nodes at once: the all-to-all fit of the ranks one exchange
+        # spans - P nodes' GPUs for FSMoE's layout (all of them when P = nodes; with P below the node count the
+        # expert copies exchange apart, as flat groups do: the full-world fit priced P = 2 of 8 nodes 2.1x the
+        # flat layout's groups of 2 nodes, which send the same bytes off each node), K ranks for flat EP
+        group = topo.ep_size * topo.gpus_per_node if topo.hierarchical else topo.ep_size
         fit = profile.collective("all_to_all", group)
         spans = topo.ep_size // topo.exchange_gpus_per_node       # ranks (nodes for two-step) n0 was divided by
         per_rank_bytes = n[0] * spans * ELEMENT_BYTES

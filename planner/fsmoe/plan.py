@@ -44,7 +44,8 @@ class MoELayerPlan(BaseModel):
                                                                      "all-reduces share during this backward (their "
                                                                      "room in it); older plans: None")
     case_fwd: str = Field(description="the forward's busiest resource at the chosen r: a2a-bound (T_A), "
-                                      "compute-bound (T_B) or intra-node-bound (all-gather / reduce-scatter)")
+                                      "compute-bound (T_B) or intra-node-bound (all-gather / reduce-scatter, or a "
+                                      "two-step exchange's intra-node all-to-all)")
     time_by_r_fwd: dict[str, NonNegMs]
     time_by_r_bwd: dict[str, NonNegMs]
 
@@ -218,9 +219,13 @@ class MoEPlan(Plan):
 
         from adasched.profiler.io import describe_validation_error
 
+        from .baselines import BASELINES
         from .costmodel import MoEConfig
+        from .planning import PROVED_CHOICES
 
         errors = super().verify()
+        if set(self.baselines_ms) != set(BASELINES):
+            errors.append(f"baselines_ms has {sorted(self.baselines_ms)}, not the baselines {sorted(BASELINES)}")
         if self.gpus > self.gpus_per_node and self.gpus % self.gpus_per_node:
             # (simulate rebuilt the topology from it and blamed "--gpus", an option it does not have)
             errors.append(f"gpus {self.gpus} are not whole nodes of gpus_per_node {self.gpus_per_node}")
@@ -252,9 +257,40 @@ class MoEPlan(Plan):
                               f"ep_size {c.ep_size}" + (f", experts sharded over {gpn} GPUs" if c.hierarchical
                                                         else "") + ")")
             try:  # (a config that is no MoEConfig verified, then failed in load_pipeline as a raw ValidationError)
-                MoEConfig.model_validate(c.config)
+                cfg = MoEConfig.model_validate(c.config)
             except ValidationError as err:
                 errors.append(f"{at}: config is not a MoE configuration ({describe_validation_error(err)})")
+                cfg = None
+            for field, names in (("baselines_fwd_bwd_ms", c.baselines_fwd_bwd_ms),
+                                 ("iteration_baselines_ms", c.iteration_baselines_ms)):
+                if set(names) != set(BASELINES):  # (show died on a KeyError for a baseline taken out by hand)
+                    errors.append(f"{at}: {field} has {sorted(names)}, not the baselines {sorted(BASELINES)}")
+            if c.layers and c.iteration_ms < sum(lp.fwd_ms + lp.bwd_ms for lp in c.layers) * (1 - 1e-9):
+                errors.append(f"{at}: iteration {c.iteration_ms} ms is shorter than its MoE layers' forward + "
+                              f"backward ({sum(lp.fwd_ms + lp.bwd_ms for lp in c.layers)} ms)")
+            if c.bwd_choice is not None and self.solver.status == "optimal" and \
+                    c.bwd_choice.split(" (")[0] not in PROVED_CHOICES:
+                errors.append(f"{at}: status optimal, but the backward choice {c.bwd_choice!r} is a heuristic")
+            if cfg is not None:
+                for lp in c.layers:
+                    if lp.layer < cfg.num_layers and not math.isclose(lp.mean_k, cfg.k_of_layer(lp.layer),
+                                                                      rel_tol=1e-9):
+                        errors.append(f"{at} layer {lp.layer}: mean_k {lp.mean_k} is not its config's "
+                                      f"{cfg.k_of_layer(lp.layer)}")
+                        break
+                dense = float(cfg.replicated_params) * len(c.layers) if self.gpus > 1 else 0.0
+                if sum(c.grad_slices) > dense * (1 + 1e-9):  # (the runtime all-reduces what the slices say)
+                    errors.append(f"{at}: gradient slices sum to {sum(c.grad_slices):.6g} elements, more than the "
+                                  f"dense gradients ({dense:.6g})")
+            # layers of one mean_k (one cost model) timed the same degrees at the same times: only layer 0 is
+            # re-simulated, so a hand-edited layer's degree and its one matching "timing" passed
+            first: dict[float, MoELayerPlan] = {}
+            for lp in c.layers:
+                ref = first.setdefault(lp.mean_k, lp)
+                if lp.time_by_r_fwd != ref.time_by_r_fwd or lp.time_by_r_bwd != ref.time_by_r_bwd:
+                    errors.append(f"{at} layer {lp.layer}: timings differ from layer {ref.layer}'s at the same "
+                                  f"mean_k {lp.mean_k}")
+                    break
             n = c.config.get("num_layers")
             if [lp.layer for lp in c.layers] != list(range(len(c.layers))) or (n is not None and len(c.layers) != n):
                 errors.append(f"{at}: layers {[lp.layer for lp in c.layers][:6]}... are not 0..{(n or len(c.layers)) - 1}")

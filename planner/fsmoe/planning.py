@@ -55,12 +55,14 @@ def issue_orders(hierarchical_or_two_step: bool) -> tuple[str, ...]:
 
 def forward_case(fwd, r: int) -> str:
     """The forward's bound at ``r`` chunks, by the busiest resource: the inter-node all-to-all ("a2a-bound (T_A)"),
-    the experts' compute ("compute-bound (T_B)") or the intra-node all-gather / reduce-scatter of sharded experts.
+    the experts' compute ("compute-bound (T_B)") or the intra-node all-gather / reduce-scatter of sharded experts
+    (the intra-node all-to-all step of a two-step exchange).
     (Only T_A's validity condition was read - a2a against compute - and Mixtral on 64 GPUs, whose all-gather and
     reduce-scatter dominate, was labelled a2a-bound while `bench moe` called it intra-bound.)"""
     busy = fwd.resource_busy_ms(r)
-    return {"inter": "a2a-bound (T_A)", "intra": "intra-node-bound (all-gather / reduce-scatter)",
-            "compute": "compute-bound (T_B)"}[max(busy, key=busy.get)]
+    intra = ("intra-node-bound (the two-step exchange's intra-node all-to-all)" if fwd.two_step else
+             "intra-node-bound (all-gather / reduce-scatter)")  # (a two-step plan runs no all-gather)
+    return {"inter": "a2a-bound (T_A)", "intra": intra, "compute": "compute-bound (T_B)"}[max(busy, key=busy.get)]
 
 
 @dataclass(frozen=True)
