@@ -175,6 +175,12 @@ class Machine(BaseModel):
                                           description="dense fp16 FLOP per SM cycle")
 
 
+    @field_validator("units")
+    @classmethod
+    def _units(cls, v):
+        # (a negative count was blamed on the graph that used the unit, or planned where the graph overrode it)
+        return Graph._units(v)
+
     @model_validator(mode="after")
     def _base_within_cap(self) -> "Machine":
         # a base above the per-group cap read as "an op needs None registers ... at most -60"

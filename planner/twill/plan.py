@@ -230,7 +230,30 @@ class TwillPlan(Plan):
                                                             "re-plan)" if key == "knobs" else ""))
         if self.plain_ii < self.mii:
             errors.append(f"plain_ii {self.plain_ii} is below the MII {self.mii} (a bound of every schedule)")
-        bounds = compute_mii(make_problem(graph, machine), deadline=time.perf_counter() + VERIFY_MII_SECONDS)
+        problem = make_problem(graph, machine)
+        # the baseline and the simulation's figures `show` prints (an edited 1e-9 ms baseline, 1.00 cycles/iteration
+        # below a ResMII of 8, "DEADLOCK" beside a rate were shown as planned)
+        serial = serial_cycles(graph, problem.units, handoff=machine.handoff_cycles if self.warp_specialised else 0,
+                               groups=groups if self.warp_specialised else None)
+        base = self.baselines_ms.get("no-pipelining")
+        if base is None or not math.isclose(base, serial * machine.cycle_ns * 1e-6, rel_tol=1e-9, abs_tol=1e-15):
+            errors.append(f"baselines_ms.no-pipelining: {base}, the graph without pipelining takes {serial} cycles "
+                          f"= {serial * machine.cycle_ns * 1e-6} ms")
+        cpi = self.sim_cycles_per_iteration
+        if (cpi is None) != (self.sim_deadlock is not False) or (self.sim_deadlock is None) != (
+                self.sim_replay_exact is None):
+            errors.append(f"sim_cycles_per_iteration {cpi}, sim_deadlock {self.sim_deadlock}, sim_replay_exact "
+                          f"{self.sim_replay_exact}: a simulation gives a rate without deadlock, none with one, and "
+                          f"a skipped one none of the three")
+        used = {u: 0 for u in problem.units}
+        for o in graph.ops:
+            for u, row in o.reserve.items():
+                used[u] = used.get(u, 0) + sum(row)
+        fractional = max((n / problem.units[u] for u, n in used.items() if problem.units.get(u)), default=0.0)
+        if cpi is not None and cpi < fractional - 1e-4:
+            errors.append(f"sim_cycles_per_iteration {cpi}: below the units' bound of {fractional:.4f} cycles per "
+                          f"iteration (reservation cells over unit counts)")
+        bounds = compute_mii(problem, deadline=time.perf_counter() + VERIFY_MII_SECONDS)
         if self.res_mii != bounds.res:
             errors.append(f"res_mii {self.res_mii}: the graph's reservations give {bounds.res}")
         if bounds.exact and self.mii > bounds.mii:  # (mii >= rec_mii, excl_mii is checked above)
