@@ -42,7 +42,25 @@ def _write_target(path: Path, where) -> Path:
         raise InputError(where, "is a directory, expected a file path")
     if path.exists() and not path.is_file():
         raise InputError(where, "is not a regular file (a device, pipe or socket), expected a file path")
+    data = _package_data_folder(path)
+    if data is not None:  # (a plan written there replaced a built-in graph, profile or preset for every later run)
+        raise InputError(where, f"is in adasched's built-in data ({data}): write it elsewhere")
     return path
+
+
+#: the package's folders of built-in inputs (profiles, Twill graphs and machines, presets, sequence lengths)
+PACKAGE_DATA_FOLDERS = ("profiler/builtin", "planner/twill/graphs", "planner/twill/machines", "planner/lorafusion/presets",
+                        "planner/flexsp/data")
+
+
+def _package_data_folder(path: Path) -> str | None:
+    """The built-in data folder (relative to the package) that ``path`` is in, else None."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        where = path.expanduser().resolve(strict=False)
+    except (RuntimeError, OSError):
+        return None
+    return next((f"adasched/{d}/" for d in PACKAGE_DATA_FOLDERS if where.is_relative_to(root / d)), None)
 
 
 @contextmanager
