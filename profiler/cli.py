@@ -47,6 +47,11 @@ def register(groups) -> None:
 
         if name is not None and not name.strip():
             raise InputError("--name", "is empty (give a profile name, or leave --name out for local-<hostname>)")
+        if name is not None:
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:  # (refused by the profile's validation after a minute of measuring)
+                raise InputError("--name", f"{name!r} is not valid UTF-8 text") from None
         if nproc is not None and no_collectives:
             raise InputError("--nproc", "has no effect with --no-collectives (no worker processes are started)")
         if nproc is not None and in_torchrun():

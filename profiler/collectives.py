@@ -60,8 +60,8 @@ class CollectiveConfig:
         bad = [o for o in self.ops if o not in OPS]
         if bad:
             raise ValueError(f"ops: unknown collective(s) {bad} (known: {', '.join(OPS)})")
-        if len(self.sizes) < 2 or any(s <= 0 for s in self.sizes):
-            raise ValueError(f"sizes: need >= 2 positive message sizes to fit alpha-beta, got {self.sizes}")
+        if len(set(self.sizes)) < 2 or any(s <= 0 for s in self.sizes):
+            raise ValueError(f"sizes: need >= 2 distinct positive message sizes to fit alpha-beta, got {self.sizes}")
         if self.repeats < 1 or self.warmup < 0:
             raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {self.repeats}, {self.warmup}")
         if not self.timeout_s > 0:
@@ -248,8 +248,12 @@ def fit_collectives(result: dict[str, Any], ranks_per_node: int, source: str) ->
         by_key.setdefault((p["op"], p["group_size"]), []).append(p)
     fits = []
     for (op, g), pts in sorted(by_key.items()):
-        f = fit_alpha_beta([p["bytes"] for p in pts], [max(p["ms"], 1e-6) for p in pts],
-                           min_size_term=SIZE_TERM_FLOOR)
+        try:
+            f = fit_alpha_beta([p["bytes"] for p in pts], [max(p["ms"], 1e-6) for p in pts],
+                               min_size_term=SIZE_TERM_FLOOR)
+        except ValueError as err:  # (sizes of a few bytes round to one: elements divisible by the group size)
+            raise ValueError(f"{op} on {g} ranks: {err} (each size is rounded down to a multiple of 4 x {g} "
+                             f"bytes: give larger sizes)") from None
         src = f"{source}, {result['backend']}, {result['world']} ranks"
         if f.note:
             src += f"; {f.note}"

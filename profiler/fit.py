@@ -59,6 +59,8 @@ def fit_alpha_beta(nbytes, ms, *, min_size_term: float | None = None) -> Fit:
     bandwidth only from below; a fit of their noise gave 1e4-1e15 GB/s) and ``note`` says so: measure larger
     messages to resolve it."""
     x, y = _check(nbytes, ms)
+    if np.unique(x).size < 2:  # (one size: the fit put it all in beta, alpha 0, and said nothing)
+        raise ValueError(f"fit: an alpha-beta fit needs at least 2 distinct message sizes, got {np.unique(x).tolist()}")
     X = np.stack([np.ones_like(x), x], axis=1)
     xmax, ymax = float(np.max(x)), float(np.max(y))
     a, b = _nonneg_lstsq(X, y)

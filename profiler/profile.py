@@ -34,6 +34,10 @@ CollectiveOp = Literal["all_to_all", "all_reduce", "all_gather", "reduce_scatter
 #: smallest beta a collective fit takes (ms per byte): 1 PB/s per rank. 5e-324 loaded and showed "inf GB/s", and an
 #: inter-node step priced with it cost nothing
 MIN_BETA_MS_PER_BYTE = 1e-12
+#: largest beta (ms per byte: 1 kB/s) and alpha (ms: 1,000 s) a collective fit takes: 1e300 loaded and the planners
+#: failed far from the file ("fwd_bwd_ms: Input should be a finite number")
+MAX_BETA_MS_PER_BYTE = 1.0
+MAX_ALPHA_MS = 1e6
 #: most memory a device may declare (bytes): 1 PiB (2**70 loaded)
 MAX_DEVICE_MEMORY_BYTES = 2**50
 #: one device's dense GEMM rate and copy bandwidth, with room to spare (an H100 ~1,000 TFLOP/s bf16, HBM3e ~8,000
@@ -65,9 +69,11 @@ class CollectiveFit(_Strict):
     group_size: int = Field(ge=2, description="ranks in the group (a collective on one rank moves nothing: its bus "
                                               "factor is 0)")
     scope: Literal["intra", "inter"] = Field(description="intra: the group stays inside one node; inter: it crosses nodes")
-    alpha_ms: float = Field(ge=0.0)
-    beta_ms_per_byte: float = Field(ge=MIN_BETA_MS_PER_BYTE, description="ms per byte; at least 1e-12 (1 PB/s per "
-                                                                         "rank: a smaller one reads as an infinite link)")
+    alpha_ms: float = Field(ge=0.0, le=MAX_ALPHA_MS, description="ms per call; at most 1e6 (1,000 s: a larger one "
+                                                                  "overflowed the planners' sums far from the file)")
+    beta_ms_per_byte: float = Field(ge=MIN_BETA_MS_PER_BYTE, le=MAX_BETA_MS_PER_BYTE,
+                                    description="ms per byte; at least 1e-12 (1 PB/s per rank: a smaller one reads as "
+                                                "an infinite link), at most 1 (1 kB/s)")
     fit_rel_error: float = Field(default=0.0, ge=0.0, description="mean |pred - meas| / meas over the fitted points")
     source: str = "measured"
 

@@ -21,7 +21,7 @@ def test_group_sizes():
 def test_config_validation():
     with pytest.raises(ValueError, match="unknown collective"):
         CollectiveConfig(sizes=(8, 16), ops=("broadcastx",))
-    with pytest.raises(ValueError, match=">= 2 positive"):
+    with pytest.raises(ValueError, match=">= 2 distinct positive"):
         CollectiveConfig(sizes=(8,))
     with pytest.raises(ValueError, match="nproc"):
         spawn_collectives(1, CollectiveConfig(sizes=(8, 16)))
