@@ -149,7 +149,8 @@ def _step_rows(rows):
     return [(r["step"], r["sequences"], r["tokens"], r["micro_batches"], f"{r['flexsp_ms']:.0f}",
              f"{r['static_ms']:.0f}", f"{r['best_homogeneous_ms']:.0f}", f"{r['speedup_vs_static']:.2f}x",
              f"{r['speedup_vs_best_homogeneous']:.3f}x", f"{r['lower_bound_ms']:.0f}", f"{r['solve_seconds']:.2f}",
-             r["milp_status"], "-" if r["mip_gap"] is None else f"{r['mip_gap']:.1%}") for r in rows]
+             r["milp_status"], "-" if r["mip_gap"] is None else f"{r['mip_gap']:.1%}"
+             + (" (cold start)" if r.get("milp_cold") else "")) for r in rows]
 
 
 _STEP_COLS = ["step", "seqs", "tokens", "M", "FlexSP ms", "static ms", "1-degree ms", "vs static", "vs 1-degree",

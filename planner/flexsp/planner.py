@@ -91,6 +91,9 @@ class MilpStat:
     bound: float | None
     seconds: float
     won: bool
+    #: the warm start (the incumbent) broke the bucketed model's memory rows, which charge every sequence at its
+    #: bucket's longest length: the MILP started cold, and its gap is its own solution's, not the plan's
+    cold: bool = False
 
 
 @dataclass
@@ -350,7 +353,9 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
                 if o.bound is not None and o.bound == o.bound and o.bound > bound:
                     bound = o.bound
                 gap = relative_gap(o.objective, bound) if o.status in ("optimal", "feasible") else None
-                milp_stats.append(MilpStat(o.status, gap, o.objective, bound, o.solve_seconds, won))
+                cold = per_group and any(sum(c * buckets[q].max for q, c in enumerate(counts))
+                                         > cm.token_capacity(d) for d, counts in hint)
+                milp_stats.append(MilpStat(o.status, gap, o.objective, bound, o.solve_seconds, won, cold))
                 if cfg.deterministic and o.status != "optimal" and o.solve_seconds >= 0.95 * per:
                     clock_bound = True  # stopped by the time cap, not by its nodes
             info["heur"] = sum(c.time_ms for c in info["best"])
