@@ -356,7 +356,15 @@ def first_order_only(message: str, coupled):
             if not torch.is_grad_enabled() or not needs:
                 return outputs
             outs = outputs if isinstance(outputs, tuple) else (outputs,)
-            err = torch._C._functions.DelayedError(message.encode(), len(outs))
+            # the error node also takes the tensors the gradients depend on (the saved forward inputs and the
+            # grad-outputs that require grad): tied only to detached copies, a second backward that asked for A's
+            # gradient alone (autograd.grad(loss, [A])) never ran it and dropped A's second-order terms silently
+            try:
+                saved = ctx.saved_tensors
+            except RuntimeError:  # (freed: nothing to tie to)
+                saved = ()
+            ties = [t for t in (*saved, *args) if isinstance(t, torch.Tensor) and t.requires_grad]
+            err = torch._C._functions.DelayedError(message.encode(), len(outs) + len(ties))
 
             def armed(t):
                 if t is None:
@@ -365,7 +373,7 @@ def first_order_only(message: str, coupled):
                 t.requires_grad = True
                 return t
 
-            return err(*[armed(t) for t in outs])
+            return tuple(err(*[armed(t) for t in outs], *ties)[:len(outs)])
 
         return wrapper
 

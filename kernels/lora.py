@@ -1595,6 +1595,34 @@ def _number(value, name: str) -> float:
         raise ValueError(f"{name}: {value!r} must be a number") from None
 
 
+def _check_types(x, weight, bias, adapters, segments) -> None:
+    """The arguments' kinds, before anything reads them (None or a list for a tensor, a tuple for an adapter, None
+    for the segments: AttributeErrors and TypeErrors from deep inside)."""
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if not isinstance(t, torch.Tensor) and not (name == "bias" and t is None):
+            raise ValueError(f"{name}: must be a tensor{' or None' if name == 'bias' else ''}, got "
+                             f"{type(t).__name__}")
+    if not isinstance(adapters, (list, tuple)):
+        raise ValueError(f"adapters: must be a list of LoRAAdapterWeights, got {type(adapters).__name__}")
+    for i, ad in enumerate(adapters):
+        if not isinstance(ad, LoRAAdapterWeights):
+            raise ValueError(f"adapters[{i}]: must be a LoRAAdapterWeights, got {type(ad).__name__}")
+        for name in ("lora_a", "lora_b"):
+            if not isinstance(getattr(ad, name), torch.Tensor):
+                raise ValueError(f"adapters[{i}].{name}: must be a tensor, got {type(getattr(ad, name)).__name__}")
+    if segments is None or isinstance(segments, (str, bytes)) or not hasattr(segments, "__iter__"):
+        raise ValueError(f"segments: must be a list of (adapter_index, row_start, row_end), got "
+                         f"{type(segments).__name__}")
+
+
+def _check_single(x, weight, bias, lora_a, lora_b) -> None:
+    """:func:`_check_types` for one adapter's arguments, named as ``lora_linear`` names them."""
+    _check_types(x, weight, bias, [], [])
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: must be a tensor, got {type(t).__name__}")
+
+
 def _validate(x2, weight, bias, adapters: Sequence[LoRAAdapterWeights], segments) -> tuple:
     """Checks shapes/dtypes/segments; returns the segments sorted by start, empty ones dropped."""
     T, K = x2.shape
@@ -1668,7 +1696,10 @@ def _resolve_seed(seed, adapters, segs, device=None):
             return _draw_seed()
         _check_seed(seed)
         return int(seed)
-    return 0 if seed is None else int(seed)
+    if seed is None:
+        return 0
+    _check_seed(seed)  # (unused without dropout, but 2**64 failed inside Triton and 1.5 was truncated)
+    return int(seed)
 
 
 def _host_seed(seed) -> int:
@@ -1718,6 +1749,7 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     with rows not 16-byte aligned; not measured on a GPU yet, so not what "auto" picks); "auto"
     (default): "torch_all" on a GPU, where it measured fastest, "triton" under the interpreter. Same results up
     to rounding."""
+    _check_types(x, weight, bias, adapters, segments)
     dev = x.device.type
     if torch.is_autocast_enabled(dev) and x.dtype != torch.float64:  # as F.linear: autocast leaves float64 alone
         dt = torch.get_autocast_dtype(dev)
@@ -1845,6 +1877,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
     explicit launch configuration of the two big GEMMs (see ``multi_lora_linear``); None keeps the default.
     ``base_gemm``: "auto", "triton", "triton_tma" (TMA descriptor loads), "torch" (cuBLAS for the two big GEMMs),
     "torch_all" (cuBLAS for every GEMM) or "torch_grouped"; see ``multi_lora_linear``."""
+    _check_single(x, weight, bias, lora_a, lora_b)
     if x.dim() == 0:
         raise ValueError("x: a 0-d tensor; must be [..., K]")
     flat = x.dim() == 2  # no reshape (a view and its backward: host calls) for a 2-D input
@@ -1910,6 +1943,7 @@ def multi_lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, adapters:
                                 seed: Optional[int] = None, block_m: Optional[int] = None,
                                 gemm_config=None, base_gemm: str = "auto") -> torch.Tensor:
     """Plain-torch ``multi_lora_linear`` (``block_m`` and ``gemm_config`` are accepted and ignored); same masks for the same seed."""
+    _check_types(x, weight, bias, adapters, segments)
     dev = x.device.type
     if torch.is_autocast_enabled(dev) and x.dtype != torch.float64:  # as multi_lora_linear (the output was fp32
         dt = torch.get_autocast_dtype(dev)                            # under a bf16 autocast, the kernels' bf16)
@@ -1930,6 +1964,7 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.T
                           scale: float, dropout_p: float = 0.0, bias: Optional[torch.Tensor] = None,
                           seed: Optional[int] = None, gemm_config=None, base_gemm: str = "auto") -> torch.Tensor:
     """Plain-torch ``lora_linear`` with the identical dropout mask for the same seed (``gemm_config`` ignored)."""
+    _check_single(x, weight, bias, lora_a, lora_b)
     if x.dim() == 0:  # (an IndexError here; lora_linear's message)
         raise ValueError("x: a 0-d tensor; must be [..., K]")
     K = x.shape[-1]
