@@ -221,6 +221,7 @@ class MoEPlan(Plan):
 
         from .baselines import BASELINES
         from .costmodel import MoEConfig
+        from .model import R_CANDIDATES, R_MAX
         from .planning import PROVED_CHOICES
 
         errors = super().verify()
@@ -296,6 +297,15 @@ class MoEPlan(Plan):
                 errors.append(f"{at}: layers {[lp.layer for lp in c.layers][:6]}... are not 0..{(n or len(c.layers)) - 1}")
             for lp in c.layers:
                 fwd, bwd = lp.time_by_r_fwd.get(str(lp.r_fwd)), lp.time_by_r_bwd.get(str(lp.r_bwd))
+                # the planner times every candidate degree and doubles from the largest (powers of two up to
+                # R_MAX): a layer's timings without them, or with another degree, were edited (a layer of its own
+                # mean_k, as with router statistics, is not re-simulated)
+                for what, timed in (("fwd", lp.time_by_r_fwd), ("bwd", lp.time_by_r_bwd)):
+                    keys = {int(k) if k.isdigit() else -1 for k in timed}
+                    if not set(R_CANDIDATES) <= keys or any(k < 1 or k > R_MAX or k & (k - 1) for k in keys):
+                        errors.append(f"{at} layer {lp.layer}: time_by_r_{what} has degrees {sorted(timed)}; the "
+                                      f"planner times {list(R_CANDIDATES)} and powers of two up to {R_MAX}")
+                        fwd = bwd = None
                 if fwd is None or bwd is None:
                     errors.append(f"{at} layer {lp.layer}: r_fwd {lp.r_fwd} / r_bwd {lp.r_bwd} not among the timed "
                                   f"degrees {sorted(lp.time_by_r_fwd)} / {sorted(lp.time_by_r_bwd)}")

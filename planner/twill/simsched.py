@@ -41,6 +41,25 @@ class SimResult:
     stalled_on: str = ""
 
 
+#: longest period (iterations) the default run is lengthened to cover, and the most op instances it grows to
+MAX_PERIOD = 240
+MAX_PERIOD_INSTANCES = 100_000
+
+
+def steady_rate(times: list[int]) -> float:
+    """Cycles per iteration of one op's issue times over a window: the smallest cycle of P iterations the second half
+    of the window repeats (t[j] - t[j - P] the same for every j there, at least two cycles of it), its time over P;
+    without one (a cycle longer than a quarter of the window), the window's mean. A window cut mid-burst misread
+    the rate (a self-loop of delay 22 at distance 11 read 2.03 for 2.0, delay 71 at distance 9 read 6.81, below its
+    bound 7.89)."""
+    n = len(times)
+    for p in range(1, n // 4 + 1):
+        d = times[-1] - times[-1 - p]
+        if all(times[j] - times[j - p] == d for j in range(n - max(2 * p, n // 2), n)):
+            return d / p
+    return (times[-1] - times[0]) / max(n - 1, 1)
+
+
 def simulated_iterations(stages: int) -> int:
     """Iterations :func:`simulate_schedule` runs by default for a schedule of ``stages`` stages: enough for a
     steady-state window between the fill (a quarter) and the drain (the last stages + 2)."""
@@ -83,6 +102,15 @@ def simulate_schedule(graph: dict, machine: dict, ii: int, times: dict[str, int]
     reuse: dict[str, list[dict]] = {v: [] for v in order}
     for e in uses:
         reuse[e["from"]].append(e)
+    # ASAP issue settles into a cycle of P iterations (a recurrence of distance d bursts every d, a buffer of depth b
+    # every b, a unit of k copies every k, coupled ones at their lcm); by default the run is long enough for a window
+    # of four cycles of the lcm of these periods, up to MAX_PERIOD iterations (the rate is read off a detected cycle)
+    periods = {int(e.get("distance", 0)) for e in graph["edges"]} | set(depth.values()) | {
+        int(caps.get(u, 0)) for o in graph["ops"] for u, row in o["reserve"].items() if any(row)}
+    whole = math.lcm(*[p for p in periods if p > 0] or [1])
+    if iterations is None:
+        want = 4 * min(whole, MAX_PERIOD)
+        n_it = min(max(n_it, -(-4 * (want + stages + 3) // 3) + 1), max(n_it, MAX_PERIOD_INSTANCES // len(order)))
     rng = random.Random(seed)
     # per op, per iteration (the same random draws, in the same order, as a dict over (op, iteration))
     extra = [[(rng.randint(0, jitter) if jitter and ops[v].get("variable_latency") else 0) for _ in range(n_it)]
@@ -318,17 +346,5 @@ def simulate_schedule(graph: dict, machine: dict, ii: int, times: dict[str, int]
     # over ops came out below a proved-minimal I (2.00 cycles/iteration for I = 3)
     h = n_it // 4
     end = max(h + 1, n_it - 1 - (stages + 2))
-    # whole periods: ASAP issue of a recurrence of distance d runs in bursts that repeat every d iterations (a
-    # buffer of depth b, every b), so a window of another length misread the rate (a self-loop of delay 22 at
-    # distance 11 read 2.03 for 2.0, delay 71 at distance 9 read 6.81, below its bound 7.89): the window is the
-    # longest multiple of the periods' lcm that fits, else of the longest period
-    periods = {int(e.get("distance", 0)) for e in graph["edges"]} | set(depth.values())
-    periods.discard(0)
-    if periods:
-        whole = math.lcm(*periods)
-        if whole > end - h:
-            whole = max(periods)
-        if whole <= end - h:
-            h = end - (end - h) // whole * whole
-    cpi = max(issued[(v, end)] - issued[(v, h)] for v in order) / (end - h)
+    cpi = max(steady_rate([issued[(v, it)] for it in range(h, end + 1)]) for v in order)
     return SimResult(cpi, False, n_it, issued, "")

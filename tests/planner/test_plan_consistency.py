@@ -82,6 +82,13 @@ def test_optimal_status_with_a_gap_is_refused(plans, tmp_path, kind):
     if kind == "lora":  # its record is derived from its problems (status, objective, bound: LoRAPlan.verify), so
         return          # no other record loads (tests/planner/lorafusion/test_cli.py checks that)
     data["solver"].update(gap=OPTIMAL_GAP_TOL / 2, objective=100.0, bound=100.0 * (1 - OPTIMAL_GAP_TOL / 2))
+    if kind == "moe":  # "optimal" also needs a proved backward choice in every configuration (27th session)
+        heuristic = [c for c in data["configs"] if c["bwd_choice"].split(" (")[0] not in
+                     ("single", "nothing-exposed", "exhaustive")]
+        if heuristic:
+            _refused(tmp_path, data, f"but the backward choice {heuristic[0]['bwd_choice']!r} is a heuristic")
+        for c in data["configs"]:
+            c["bwd_choice"] = "exhaustive"
     path = tmp_path / "ok.json"
     path.write_text(json.dumps(data))
     assert load_plan(path).solver.status == "optimal"  # within the tolerance: loads

@@ -130,3 +130,24 @@ def test_a_two_step_forward_is_not_called_all_gather_bound():
     busy = fwd.resource_busy_ms(1)
     assert busy["inter"] == 0 and max(busy, key=busy.get) == "intra", busy
     assert forward_case(fwd, 1) == "intra-node-bound (the two-step exchange's intra-node all-to-all)"
+
+
+def test_a_layer_of_its_own_mean_k_with_an_edited_degree_is_refused(tmp_path):
+    """With router statistics every layer has its own mean_k, so no other layer's timings compare with it: its
+    degrees must still be the planner's (the candidates and powers of two up to R_MAX)."""
+    cfg = MoEConfig(name="t", experts=8, hidden=256, ffn_hidden=512, top_k=2, batch=2, seq_len=256, num_layers=4,
+                    mean_k_per_layer=[1.7, 2.0, 1.3, 1.9])
+    plan = plan_moe([cfg], 16, load_profile("h100-sxm"), stages="published", params=PARAMS)
+    assert plan.verify() == []
+    layer = random.randint(1, 3)
+
+    def one_degree(d):
+        lp = d["configs"][0]["layers"][layer]
+        lp["r_fwd"] = 3
+        lp["time_by_r_fwd"] = {"3": lp["fwd_ms"]}
+    errs = _edited(plan, one_degree)
+    assert any(f"layer {layer}: time_by_r_fwd has degrees ['3']" in e for e in errs), errs
+
+    def extra_degree(d):
+        d["configs"][0]["layers"][layer]["time_by_r_bwd"]["128"] = 1.0
+    assert any(f"layer {layer}: time_by_r_bwd has degrees" in e for e in _edited(plan, extra_degree))

@@ -6,13 +6,12 @@ problem, I = 148, 320 iterations) ~23 million readiness checks, most of the 51.7
 """
 from __future__ import annotations
 
-import math
 import random
 
 from adasched.planner.twill.graph import Graph, check_graph, load_machine
 from adasched.planner.twill.heuristic import heuristic_schedule
 from adasched.planner.twill.randgraph import random_graph
-from adasched.planner.twill.simsched import simulate_schedule
+from adasched.planner.twill.simsched import steady_rate, simulate_schedule
 
 H100 = load_machine("h100")
 
@@ -119,14 +118,9 @@ def reference(graph, machine, ii, times, groups, *, units=None, warp=True, itera
         cycle += 1
     h = n_it // 4
     end = max(h + 1, n_it - 1 - (stages + 2))
-    # a window of whole periods (edge distances, buffer depths): the longest multiple of their lcm, else of the
-    # longest period, ending at `end`
-    periods = sorted(({e.get("distance", 0) for e in graph["edges"]} | set(depth.values())) - {0})
-    for step in ([math.lcm(*periods), periods[-1]] if periods else []):
-        if step <= end - h:
-            h = end - (end - h) // step * step
-            break
-    cpi = max(issued[(v, end)] - issued[(v, h)] for v in order) / (end - h)  # the slowest op's rate
+    # the rate of each op's issue times by the simulator's own reading (steady_rate: tested against exact rates in
+    # test_twill_hunt_fixes_27); this reference checks the issue times it reads
+    cpi = max(steady_rate([issued[(v, it)] for it in range(h, end + 1)]) for v in order)  # the slowest op's rate
     return cpi, False, n_it, list(issued.items()), ""
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -58,7 +59,7 @@ def _capacity_reference(choices, E, cf, policy):
     cands = [(rank, t, e, g) for t, ch in enumerate(choices) for rank, (e, g) in enumerate(ch)]
     if cf is None:
         return sorted((t, e, g) for _, t, e, g in cands), 0
-    cap = math.ceil(cf * len(cands) / E)
+    cap = min(len(cands), math.ceil(Fraction(str(cf)) * len(cands) / E))  # the factor as written (1.1 is 11/10)
     kept = []
     for e in range(E):
         mine = [c for c in cands if c[2] == e]
