@@ -373,7 +373,9 @@ def first_order_only(message: str, coupled):
                 t.requires_grad = True
                 return t
 
-            return tuple(err(*[armed(t) for t in outs], *ties)[:len(outs)])
+            res = err(*[armed(t) for t in outs], *ties)
+            res = (res,) if isinstance(res, torch.Tensor) else tuple(res)  # (torch unpacks a single output)
+            return tuple(res[:len(outs)]) if isinstance(outputs, tuple) else res[0]
 
         return wrapper
 

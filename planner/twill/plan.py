@@ -246,6 +246,16 @@ class TwillPlan(Plan):
             errors.append(f"sim_cycles_per_iteration {cpi}, sim_deadlock {self.sim_deadlock}, sim_replay_exact "
                           f"{self.sim_replay_exact}: a simulation gives a rate without deadlock, none with one, and "
                           f"a skipped one none of the three")
+        elif self.sim_deadlock is not None:  # the figures themselves, re-simulated (an edited rate was shown as is)
+            too_big = _too_big_to_simulate(graph, self.stages)
+            have = (cpi, self.sim_deadlock, self.sim_replay_exact)
+            got = None if too_big else _simulation(graph, machine, problem.units, self.ii, times, groups,
+                                                   self.warp_specialised)
+            if too_big:
+                errors.append(f"sim_cycles_per_iteration {cpi}: a schedule this size is not simulated ({too_big})")
+            elif have != got:
+                errors.append(f"simulation (cycles/iteration, deadlock, replay exact) {have}: re-simulating the "
+                              f"schedule gives {got}")
         bounds = compute_mii(problem, deadline=time.perf_counter() + VERIFY_MII_SECONDS)
         if self.res_mii != bounds.res:
             errors.append(f"res_mii {self.res_mii}: the graph's reservations give {bounds.res}")
@@ -504,10 +514,38 @@ def _derived_fields(g, m, ii: int, times: dict[str, int], groups: dict[str, int]
             "knobs": derive_knobs(g, m, ii, times, groups)}
 
 
+def _too_big_to_simulate(g, n_stages: int) -> str | None:
+    """Why a schedule of ``n_stages`` stages is not simulated (too many op instances or reservation cells), or None."""
+    from .simsched import simulated_iterations
+
+    instances = simulated_iterations(n_stages) * len(g.ops)
+    cells = simulated_iterations(n_stages) * sum(sum(1 for row in o.reserve.values() for x in row if x) for o in g.ops)
+    if instances > MAX_SIM_INSTANCES:  # minutes and GBs past the solve's time limit (11,265 stages)
+        return (f"not simulated: {n_stages:,} stages x {len(g.ops)} ops = {instances:,} op instances "
+                f"(at most {MAX_SIM_INSTANCES:,})")
+    if cells > MAX_SIM_CELLS:
+        return f"not simulated: {instances:,} op instances hold {cells:,} reservation cells (at most {MAX_SIM_CELLS:,})"
+    return None
+
+
+def _simulation(g, m, units: dict, ii: int, times: dict[str, int], groups: dict[str, int],
+                warp: bool) -> tuple[float | None, bool, bool]:
+    """The plan's simulation figures: (cycles per iteration issued as early as possible, rounded to 4 places, None
+    on a deadlock; deadlock; replay at the schedule's own times exact)."""
+    from .simsched import simulate_schedule
+
+    gd, md = g.model_dump(by_alias=True), m.model_dump()
+    sim = simulate_schedule(gd, md, ii, times, groups, units=units, warp=warp)
+    # a deadlocked simulation has no cycles per iteration (inf failed the plan's validation: exit 2 on a schedule
+    # the validator accepted); the flag says it
+    cpi = round(sim.cycles_per_iteration, 4) if math.isfinite(sim.cycles_per_iteration) else None
+    rep = simulate_schedule(gd, md, ii, times, groups, units=units, warp=warp, mode="timed")
+    replay = (not rep.deadlock) and all(c == times[v] + it * ii for (v, it), c in rep.issued.items())
+    return cpi, sim.deadlock, replay
+
+
 def make_plan(problem: Problem, schedule, *, simulate: bool = True) -> TwillPlan:
     """Turn a :class:`model.Schedule` into a plan (knobs, groups, buffers, prologue, simulation)."""
-    from .simsched import simulate_schedule, simulated_iterations
-
     g, m = problem.graph, problem.machine
     ii, times = schedule.ii, schedule.times
     groups = schedule.groups if schedule.warp else {o.name: 0 for o in g.ops}
@@ -519,27 +557,10 @@ def make_plan(problem: Problem, schedule, *, simulate: bool = True) -> TwillPlan
     derived = _derived_fields(g, m, ii, times, groups, schedule.warp)
     stage = {o.name: times[o.name] // ii for o in g.ops}
     sim_cpi = sim_dead = replay = None
-    sim_skipped = None
     n_stages = max(stage.values()) + 1
-    instances = simulated_iterations(n_stages) * len(g.ops)
-    cells = simulated_iterations(n_stages) * sum(sum(1 for row in o.reserve.values() for x in row if x) for o in g.ops)
-    if simulate and instances > MAX_SIM_INSTANCES:  # minutes and GBs past the solve's time limit (11,265 stages)
-        sim_skipped = (f"not simulated: {n_stages:,} stages x {len(g.ops)} ops = {instances:,} op instances "
-                       f"(at most {MAX_SIM_INSTANCES:,})")
-        simulate = False
-    elif simulate and cells > MAX_SIM_CELLS:
-        sim_skipped = (f"not simulated: {instances:,} op instances hold {cells:,} reservation cells (at most "
-                       f"{MAX_SIM_CELLS:,})")
-        simulate = False
-    if simulate:
-        gd, md = g.model_dump(by_alias=True), m.model_dump()
-        sim = simulate_schedule(gd, md, ii, times, groups, units=problem.units, warp=schedule.warp)
-        # a deadlocked simulation has no cycles per iteration (inf failed the plan's validation: exit 2 on a schedule
-        # the validator accepted); the flag says it
-        sim_cpi = round(sim.cycles_per_iteration, 4) if math.isfinite(sim.cycles_per_iteration) else None
-        sim_dead = sim.deadlock
-        rep = simulate_schedule(gd, md, ii, times, groups, units=problem.units, warp=schedule.warp, mode="timed")
-        replay = (not rep.deadlock) and all(c == times[v] + it * ii for (v, it), c in rep.issued.items())
+    sim_skipped = _too_big_to_simulate(g, n_stages) if simulate else None
+    if simulate and sim_skipped is None:
+        sim_cpi, sim_dead, replay = _simulation(g, m, problem.units, ii, times, groups, schedule.warp)
     # without pipelining, in the plan's warp groups (a value crossing them pays the handoff as in the schedule):
     # the baseline ignoring them was faster than an optimal warp-specialised plan (0.67x of it)
     serial = serial_cycles(g, problem.units, handoff=m.handoff_cycles if schedule.warp else 0,
