@@ -237,6 +237,14 @@ def _check_planning_options(args: argparse.Namespace, plan, saved: Path) -> None
                                           f"without it, or start in a new --checkpoint-dir")
 
 
+def _same_folder(a, b) -> bool:
+    """Whether two folder arguments name one folder (links and relative paths resolved; False where either fails)."""
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
 def _make_plan(args, rank: int, world: int) -> str:
     """Plan JSON text made (or read) on rank 0 and broadcast to every rank."""
     text, error = None, None
@@ -361,11 +369,19 @@ def run(args: argparse.Namespace) -> dict | None:
                 check_adapter_outputs(args.out, plan)
                 # the plan files rank 0 writes before training: unchecked, a folder there passed --check, then
                 # killed rank 0 mid-run (rank 1 died on the closed connection: a traceback, exit 1)
-                from adasched.profiler.io import check_output_path
+                from adasched.profiler.io import InputError, check_output_path
 
                 check_output_path(args.out / "plan.json", "--out")
                 if cfg is not None and resumed_plan is None:
                     check_output_path(Path(cfg.folder) / "plan.json", "--checkpoint-dir")
+                if cfg is not None:  # a job's adapter folder that is a save's name: written into a save, pruned with it
+                    from adasched.runtime.checkpoint import _PREFIX
+
+                    clash = next((j.name for j in plan.jobs if j.name.startswith(_PREFIX)), None)
+                    if clash is not None and _same_folder(args.out, cfg.folder):
+                        raise InputError("--out", f"{args.out} is the --checkpoint-dir, and job {clash!r} is named "
+                                                  f"like its saves ({_PREFIX}NNNNNNNN): its adapter would be written "
+                                                  f"into a save and deleted with it; give --out another folder")
             except ValueError as err:
                 failed = err
         if distributed:

@@ -261,11 +261,13 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 def save_peft_adapter(out_dir: str | os.PathLike, config: dict, state: dict[str, torch.Tensor]) -> Path:
     """Write ADAPTER_FILES (PEFT's layout: adapter_model.safetensors + adapter_config.json) into ``out_dir``
     atomically (each file goes through a temp file + rename)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(out_dir)
     weights, config_file = ADAPTER_FILES
     with atomic_path(out / weights) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
+        # the bytes into atomic_path's file, which has the usual permissions (save_file renames a 0600 temp file of
+        # its own over it: the weights were unreadable to other accounts beside 0644 config files)
+        tmp.write_bytes(save(state, metadata={"format": "pt"}))
     atomic_write_text(out / config_file, json.dumps(config, indent=1) + "\n")
     return out

@@ -578,6 +578,9 @@ def check_adapter_outputs(out_dir: str | Path, plan) -> None:
     out = Path(out_dir)
     for job in plan.jobs:
         d = out / job.name
+        if d.is_symlink() and not d.exists():  # (exists() is False for it: passed --check, failed after training)
+            raise InputError("--out", f"{d} is a link to nothing: job {job.name!r}'s adapter is saved in a folder of "
+                                      f"that name")
         if d.exists() and not d.is_dir():
             raise InputError("--out", f"{d} is a file: job {job.name!r}'s adapter is saved in a folder of that name")
         for name in ADAPTER_FILES:

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 from .costmodel import StageCost, padded
 from .jobs import Workload
-from .model import (Microbatch, apply_dependency_rule, ffd_pack, makespan_1f1b, sequence_stage_ms,
+from .model import (Microbatch, apply_dependency_rule, check_noops, ffd_pack, makespan_1f1b, sequence_stage_ms,
                     update_dependencies)
 
 __all__ = ["BaselineResult", "mlora_baseline", "sequential_baseline"]
@@ -67,6 +67,7 @@ def mlora_baseline(w: Workload, cost: StageCost, *, sort_by_length: bool = False
                 break
         seq.extend(_cut(order, per, g))
     seq, noops = apply_dependency_rule(seq, cfg.stages)
+    check_noops(noops, cfg.stages, w.source)
     stage_ms, computed, biggest = [], 0, 0
     for mb in seq:
         ids = [s for _, _, xs in mb.segments for s in xs]
@@ -113,6 +114,7 @@ def sequential_baseline(w: Workload, cost: StageCost) -> BaselineResult:
             for b in ffd_pack(batch, adapter_of, L, cfg.capacity):
                 seq.append(Microbatch([(j.index, g, ids) for ids in b.values()]))
     seq, noops = apply_dependency_rule(seq, cfg.stages)
+    check_noops(noops, cfg.stages, w.source)
     ms = makespan_1f1b(sequence_stage_ms(seq, L, cost), cfg.stages, update_dependencies(seq),
                        cost.stage_scales(cfg.stages))
     computed = sum(mb.padded_tokens(L) for mb in seq)

@@ -49,7 +49,7 @@ def _plan(jobs: str, profile: str, time_limit: Optional[float], seed: Optional[i
 
 
 def _comparison_rows(plan) -> list[tuple]:
-    """The plan and its baselines. Ratios are the plan's own (computed before rounding): a makespan under
+    """The plan and its baselines. Ratios are the plan's own (from makespans stored to 1e-4 ms and 8 significant digits): a makespan under
     0.00005 ms is stored as 0 (a profile of tiny per-token costs), and dividing by it was a ZeroDivisionError
     after the plan was written."""
     s = plan.summary

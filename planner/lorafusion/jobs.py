@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -164,7 +165,11 @@ def _not_a_folder_reference(v: str) -> str:
 
 
 #: a job's name (jobs file and LoRA plan): the trainer saves its adapter under OUT/<name>/, so no "../x", "." or ".."
-JobName = Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$"), AfterValidator(_not_a_folder_reference)]
+#: a job's name is a folder name where train_lora saves its adapter (a 300-character one planned, and the trainer then
+#: failed with 'File name too long' beside a half-written output folder)
+MAX_JOB_NAME = 128
+JobName = Annotated[str, Field(min_length=1, max_length=MAX_JOB_NAME, pattern=r"^[A-Za-z0-9_.-]+$"),
+                    AfterValidator(_not_a_folder_reference)]
 
 
 class JobSpec(_Strict):
@@ -262,6 +267,9 @@ def _draw_named(name: str, n: int, rng: np.random.Generator) -> np.ndarray:
     raise AssertionError(name)
 
 
+_DECIMAL = re.compile(r"[+-]?[0-9]+")
+
+
 def _read_length_file(path: Path, where: str) -> tuple[list[int], list[int]]:
     """(lengths, the line number of each) of a length file: one integer per line, comments and blank lines
     skipped."""
@@ -283,10 +291,9 @@ def _read_length_file(path: Path, where: str) -> tuple[list[int], list[int]]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        try:
-            v = int(line)
-        except ValueError:
-            raise InputError(where, f"length file {str(path)!r} line {i}: {line[:30]!r} is not an integer") from None
+        if not _DECIMAL.fullmatch(line):  # (int() also read '1_000' and Arabic-Indic digits)
+            raise InputError(where, f"length file {str(path)!r} line {i}: {line[:30]!r} is not an integer")
+        v = int(line) if len(line) <= 30 else MAX_TOKENS + 1  # (int() refuses 4,300+ digits: "too large" below)
         if v <= 0:
             raise InputError(where, f"length file {str(path)!r} line {i}: length must be >= 1, got {v}")
         out.append(v)

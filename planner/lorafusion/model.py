@@ -33,6 +33,8 @@ __all__ = [
     "DEFAULT_TIME_LIMIT_S",
     "merge_pass",
     "apply_dependency_rule",
+    "check_noops",
+    "MAX_NOOP_STAGE_SLOTS",
     "dependency_violations",
     "verify_schedule",
     "simulate_1f1b",
@@ -361,6 +363,23 @@ def dependency_violations(seq: Sequence[Microbatch], stages: int) -> list[tuple[
         if g > 0 and (a, g - 1) in last and f - last[(a, g - 1)] < stages:
             bad.append((a, g, f, last[(a, g - 1)]))
     return sorted(bad, key=lambda t: t[2])
+
+
+MAX_NOOP_STAGE_SLOTS = 2 ** 21
+"""Most idle stage slots (no-op microbatches x stages) one simulated sequence may hold: S = 64 with one-sample global
+batches needed 63 no-ops per global batch, and 1,000 of them (4.0M slots) took 76 s and 1.3 GB to simulate - linear in
+the global batches, so the 10**6 samples MAX_SAMPLES allows would have run for a day."""
+
+
+def check_noops(noops: int, stages: int, where: str) -> None:
+    """InputError (naming ``where``, the jobs file) when a sequence's no-ops pass :data:`MAX_NOOP_STAGE_SLOTS`."""
+    if noops * stages > MAX_NOOP_STAGE_SLOTS:
+        from adasched.profiler.io import InputError
+
+        raise InputError(where, f"stages {stages}: the dependency rule needs {noops:,} no-op microbatches "
+                                f"({noops * stages:,} idle stage slots, more than the {MAX_NOOP_STAGE_SLOTS:,} the "
+                                f"pipeline simulation takes); use fewer pipeline stages, fewer global batches or "
+                                f"larger ones (global_batch_size), so that a job's global batch spans its stages")
 
 
 def apply_dependency_rule(seq: Sequence[Microbatch], stages: int) -> tuple[list[Microbatch], int]:

@@ -23,6 +23,7 @@ from .model import (
     MILP_BINARIES_PER_SECOND,
     Microbatch,
     apply_dependency_rule,
+    check_noops,
     dependency_violations,
     group_adapters,
     merge_pass,
@@ -260,7 +261,7 @@ class LoRAPlan(Plan):
                     ms = legacy
             for name, value in (("predicted_ms", self.predicted_ms), ("summary.makespan_ms", self.summary.makespan_ms)):
                 if not close(value, ms):
-                    errors.append(f"{name}: {value} ms, the microbatches simulate to {round(ms, 4)} ms with the "
+                    errors.append(f"{name}: {value} ms, the microbatches simulate to {round_ms(ms)} ms with the "
                                   f"plan's stage_cost and {self.stages} stages")
             if not errors:  # and what the summary derives from the sequence says so (show printed stale ratios)
                 want = self._derived_summary(ms)
@@ -386,7 +387,7 @@ class LoRAPlan(Plan):
         waste, throughput, speedups over the recorded baselines): for a plan whose microbatches or lengths were
         changed by hand (``verify`` refuses a prediction or summary that does not follow from them)."""
         raw = self._makespan_ms()
-        ms = round(raw, 4)
+        ms = round_ms(raw)
         jobs = [job.model_copy(update=dict(zip(("mean_tokens", "std_tokens"), _length_stats(self.lengths, ids, 3))))
                 for job, ids in zip(self.jobs, self._job_samples())]  # (they follow from lengths too)
         return self.model_copy(update={"predicted_ms": ms, "jobs": jobs, "summary": self.summary.model_copy(
@@ -435,6 +436,15 @@ def _length_stats(lengths, ids, ndigits: int | None = None) -> tuple[float, floa
 _DERIVED_TOL = {"padding_waste": 1e-9, "throughput_tokens_per_s": 1e-6}
 
 
+def round_ms(x: float) -> float:
+    """A makespan as a plan stores it: to 1e-4 ms and at least 8 significant digits (to 1e-4 ms alone, the makespans
+    of a profile of tiny per-token costs were stored as 0 or a digit or two, and the speedups taken from them read 0.0
+    or 1.6561 for 1.7275)."""
+    if not math.isfinite(x) or x <= 0:
+        return round(x, 4) if math.isfinite(x) else x
+    return round(x, max(4, 7 - math.floor(math.log10(x))))
+
+
 def derived_ratios(real: int, padded_total: int, ms: float, mlora_ms: float, mlora_sorted_ms: float,
                    sequential_ms: float) -> dict:
     """Padding waste, throughput and speedups of a sequence of ``real`` tokens (``padded_total`` padded) whose
@@ -476,9 +486,11 @@ def _pack_grouping(w: Workload, work, cost, *, time_limit: float, seed: int, use
             progress()
     flat = [mb for p in problems_mb for mb in p]
     seq0, noops0 = apply_dependency_rule(flat, cfg.stages)
+    check_noops(noops0, cfg.stages, w.source)
     ms0 = sequence_makespan_ms(seq0, L, cost, cfg.stages)
     merged, merges = merge_pass(problems_mb, L, cfg.capacity)
     seq1, noops1 = apply_dependency_rule([mb for p in merged for mb in p], cfg.stages)
+    check_noops(noops1, cfg.stages, w.source)
     ms1 = sequence_makespan_ms(seq1, L, cost, cfg.stages)
     if merges and ms1 <= ms0:
         return seq1, noops1, ms1, merges, records
@@ -558,11 +570,18 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
     real_total = sum(mb.tokens(L) for mb in seq)
     solve_times = [r.solve_seconds for r in records]
     n_status = {k: sum(r.status == k for r in records) for k in ("optimal", "feasible", "heuristic")}
+    # from the baselines' makespans as stored (round_ms): verify recomputes the ratios from them (from the unrounded
+    # ones, a plan of sub-millisecond makespans failed its own check)
+    ratios = derived_ratios(real_total, padded_total, ms, round_ms(mlora.makespan_ms),
+                            round_ms(mlora_sorted.makespan_ms), round_ms(seqb.makespan_ms))
+    bad = next(((k, v) for k, v in ratios.items() if not math.isfinite(v)), None)
+    if bad is not None:  # (a profile of denormal per-token costs: inf was written as null, and show refused the plan)
+        from adasched.profiler.io import InputError
+
+        raise InputError("--profile", f"profile {profile_ref(profile).name!r}: its per-token costs simulate the plan "
+                                      f"to {ms!r} ms, and {bad[0]} would be {bad[1]}: costs this small are not a GPU's")
     summary = LoRASummary(
-        # from the baselines' makespans as stored (to 1e-4 ms): verify recomputes the ratios from them (from the
-        # unrounded ones, a plan of sub-millisecond makespans failed its own check)
-        **derived_ratios(real_total, padded_total, ms, round(mlora.makespan_ms, 4), round(mlora_sorted.makespan_ms, 4),
-                         round(seqb.makespan_ms, 4)),
+        **ratios,
         solve_seconds_p95=round(_p95(solve_times), 4),
         solve_seconds_total=round(sum(solve_times), 4),
         samples_missing=len(ver.missing),
@@ -571,10 +590,10 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
         microbatches=len(seq),
         noop_microbatches=noops,
         merges=merges,
-        makespan_ms=round(ms, 4),
-        mlora_makespan_ms=round(mlora.makespan_ms, 4),
-        mlora_sorted_makespan_ms=round(mlora_sorted.makespan_ms, 4),
-        sequential_makespan_ms=round(seqb.makespan_ms, 4),
+        makespan_ms=round_ms(ms),
+        mlora_makespan_ms=round_ms(mlora.makespan_ms),
+        mlora_sorted_makespan_ms=round_ms(mlora_sorted.makespan_ms),
+        sequential_makespan_ms=round_ms(seqb.makespan_ms),
         mlora_padding_waste=round(mlora.padding_waste, 5),
         mlora_sorted_padding_waste=round(mlora_sorted.padding_waste, 5),
         sequential_padding_waste=round(seqb.padding_waste, 5),
@@ -636,9 +655,9 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
         inputs_digest=inputs_digest(cfg, list(L)),
         profile=profile_ref(profile),
         solver=solver,
-        predicted_ms=round(ms, 4),
-        baselines_ms={"mlora": round(mlora.makespan_ms, 4), "mlora_sorted": round(mlora_sorted.makespan_ms, 4),
-                      "sequential": round(seqb.makespan_ms, 4)},
+        predicted_ms=round_ms(ms),
+        baselines_ms={"mlora": round_ms(mlora.makespan_ms), "mlora_sorted": round_ms(mlora_sorted.makespan_ms),
+                      "sequential": round_ms(seqb.makespan_ms)},
         source=w.source,
         capacity=cfg.capacity,
         stages=cfg.stages,

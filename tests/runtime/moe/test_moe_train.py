@@ -190,3 +190,36 @@ def test_torchrun_safe_option_names(monkeypatch):
         assert ours and not [o for o in ours if any(t.startswith(o) for t in theirs)], script
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert main(["--validate-only", "--hidden", "32", "--cap-lo", "1", "--cap-hi", "2"]) == 0
+
+
+def test_the_reported_loss_floor_is_what_the_best_predictor_reaches():
+    """The first target follows one uniformly drawn token and costs ln(vocab): entropy_nats alone was reported as
+    the floor (0.898 at vocab 16, S = 24, where the Bayes predictor reaches 0.976). (28th session hunt.)"""
+    import math
+    import random
+
+    import torch
+
+    from adasched.runtime.moe.lm import MarkovTask
+
+    vocab, S = random.randint(8, 24), random.randint(8, 32)
+    task = MarkovTask(vocab, seed=random.randint(0, 10**6))
+    x, y = task.batch(torch.Generator().manual_seed(random.randint(0, 10**6)), 3000, S)
+    # the Bayes predictor: uniform at position 0, the chain's successor probabilities after
+    nll = torch.full((x.shape[0], S), math.log(vocab), dtype=torch.float64)
+    for t in range(1, S):
+        ctx = x[:, t - 1] * vocab + x[:, t]
+        hit = task.succ[ctx] == y[:, t:t + 1]
+        assert bool(hit.any(1).all())
+        nll[:, t] = -(task.probs.double().log().unsqueeze(0) * hit).sum(1)
+    assert abs(float(nll.mean()) - task.floor_nats(S)) < 0.02
+    assert task.floor_nats(S) - task.entropy_nats > 0.03
+
+
+def test_one_seed_measures_no_spread():
+    """--compare-schedules --quick (one seed) reported seed_spread 0.0 beside 'differences below seed_spread are
+    not significant': every difference read as significant. (28th session hunt.)"""
+    from adasched.launch.train_moe import compare_schedules
+
+    res = compare_schedules(["uniform", "descending"], seeds=[0], steps=2, layers=2, eval_batches=1, batch=4)
+    assert all(r["seed_spread"] is None for r in res["rows"]) and "no spread measured" in res["note"]
