@@ -35,6 +35,7 @@ torch references are used.
 """
 from __future__ import annotations
 
+import operator
 import os
 from dataclasses import dataclass
 from typing import Literal
@@ -132,6 +133,16 @@ def make_index(token_idx: torch.Tensor, counts: torch.Tensor, num_tokens: int) -
     if token_idx.is_floating_point() or token_idx.is_complex() or counts.is_floating_point() or counts.is_complex():
         raise ValueError(f"make_index: token ids ({token_idx.dtype}) and counts ({counts.dtype}) must be integer "
                          f"tensors")
+    if token_idx.dim() != 1 or counts.dim() != 1:  # (bincount's / expand's RuntimeErrors from inside)
+        raise ValueError(f"make_index: token ids {tuple(token_idx.shape)} and counts {tuple(counts.shape)} must be "
+                         f"1-D")
+    try:
+        n_tok = operator.index(num_tokens)  # (an int, numpy integer or integer 0-d tensor)
+    except TypeError:
+        n_tok = None
+    if n_tok is None or isinstance(num_tokens, bool) or n_tok < 0:  # (-1: bincount's "minlength should be >= 0")
+        raise ValueError(f"make_index: num_tokens must be an integer >= 0, got {num_tokens!r}")
+    num_tokens = n_tok
     token_idx = token_idx.to(torch.int64)
     counts = counts.to(torch.int64)
     # (a negative count made offsets that run past the rows: the grouped GEMM wrote beyond its output)
@@ -369,8 +380,27 @@ def _one_dtype(what: str, *tensors: torch.Tensor) -> None:
                          "cast them to one dtype")
 
 
+def _check_operands(what: str, x: torch.Tensor, w: torch.Tensor, index: MoEIndex) -> None:
+    """x (N, K) rows the index describes, w (E, K, M) of its experts (the launchers are public: x of more rows
+    than the index came back with uninitialised rows, of fewer wrote past the output - heap corruption)."""
+    if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"{what}: x {tuple(x.shape)} and w {tuple(w.shape)} do not multiply (x (N, K), w (E, K, M))")
+    if index.num_experts != w.shape[0]:
+        raise ValueError(f"{what}: index has {index.num_experts} experts, weight has {w.shape[0]}")
+    _check_index(what, index, x.shape[0])
+
+
+def _check_wgrad_operands(x: torch.Tensor, dy: torch.Tensor, index: MoEIndex) -> None:
+    """x (N, K) and dy (N, M), the N rows the index describes (the kernel read rows of both past a short one)."""
+    if x.dim() != 2 or dy.dim() != 2 or x.shape[0] != dy.shape[0]:
+        raise ValueError(f"grouped_wgrad: x {tuple(x.shape)} and dy {tuple(dy.shape)} must be 2-D with one row "
+                         f"count")
+    _check_index("grouped_wgrad", index, x.shape[0])
+
+
 def grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, index: MoEIndex) -> torch.Tensor:
     """Triton: y (N,M) with y[rows of e] = x[rows of e] @ w[e]; w (E,K,M), any strides."""
+    _check_operands("grouped_mm", x, w, index)
     _one_dtype("grouped_mm", x, w)
     N, K = x.shape
     M = w.shape[2]
@@ -399,6 +429,7 @@ def grouped_wgrad_triton(x: torch.Tensor, dy: torch.Tensor, index: MoEIndex, num
     """Triton: dw (E,K,M) with dw[e] = x[rows of e]^T @ dy[rows of e] (float32 accumulation, x's dtype)."""
     if index.num_experts != num_experts:
         raise ValueError(f"grouped_wgrad: index has {index.num_experts} experts, expected {num_experts}")
+    _check_wgrad_operands(x, dy, index)
     _one_dtype("grouped_wgrad", x, dy)
     K, M = x.shape[1], dy.shape[1]
     dw = torch.empty((num_experts, K, M), dtype=x.dtype, device=x.device)
@@ -424,6 +455,7 @@ def _gmm_offsets(index: MoEIndex) -> torch.Tensor:
 
 def grouped_mm_gmm(x: torch.Tensor, w: torch.Tensor, index: MoEIndex) -> torch.Tensor:
     """``torch._grouped_mm``: y (N,M) with y[rows of e] = x[rows of e] @ w[e]; w (E,K,M)."""
+    _check_operands("grouped_mm", x, w, index)
     _one_dtype("grouped_mm", x, w)
     if x.shape[0] == 0 and w.shape[0] > 0:  # an EP chunk that brought no rows (see grouped_wgrad_gmm); a plain
         return x.matmul(w[0])                 # (0, K) @ (K, M) keeps the result in autograd's graph
@@ -434,6 +466,7 @@ def grouped_wgrad_gmm(x: torch.Tensor, dy: torch.Tensor, index: MoEIndex, num_ex
     """``torch._grouped_mm`` over the shared row dimension: dw[e] = x[rows of e]^T @ dy[rows of e]."""
     if index.num_experts != num_experts:
         raise ValueError(f"grouped_wgrad: index has {index.num_experts} experts, expected {num_experts}")
+    _check_wgrad_operands(x, dy, index)
     _one_dtype("grouped_wgrad", x, dy)
     if x.shape[0] == 0:
         # no rows (an EP chunk that brought none, common with r_bwd > 1 on small batches): every dw[e] is 0. A
@@ -498,6 +531,8 @@ def _check_activation(activation) -> None:
 def _act_width(a: torch.Tensor, activation: str, who: str) -> int:
     """The activation's output width for a pre-activation ``a`` (N, 2F) (SwiGLU) or (N, F) (GELU)."""
     _check_activation(activation)
+    if not a.is_floating_point():  # (int32 came back as truncated zeros; the reference raises)
+        raise ValueError(f"{who}: {a.dtype} is not a floating-point dtype")
     if a.dim() != 2 or (activation == "swiglu" and a.shape[1] % 2):
         form = "2F" if activation == "swiglu" else "F"
         raise ValueError(f"{who}: pre-activation of shape {tuple(a.shape)} is not (N, {form})")
@@ -558,8 +593,8 @@ def grouped_mm_ref(x: torch.Tensor, w: torch.Tensor, index_or_counts) -> torch.T
     for e, c in enumerate(counts.tolist()):
         outs.append(x[start:start + c] @ w[e])
         start += c
-    if not outs:
-        return x.new_zeros((0, w.shape[2]))
+    if not outs:  # (no experts: x[:0] @ the empty sum of w, kept in autograd's graph as the kernels' result is)
+        return x[:0] @ w.sum(0).to(x.dtype)
     return torch.cat(outs, 0)
 
 
@@ -689,6 +724,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, index: MoEIndex, backend: Backe
                          f"w (E, K, M))")
     _check_index("grouped_mm", index, x.shape[0])
     _check_rows("grouped_mm", x, w)
+    _one_dtype("grouped_mm", x, w)  # (every backend: the torch one's error came from inside the reference)
     if x.dtype == torch.float64:  # exact, as permute/unpermute (the kernels accumulate in float32, and their
         _pick(backend, x)         # float32 accumulator does not compile for float64 operands on a GPU)
         return grouped_mm_ref(x, w, index)
@@ -756,6 +792,12 @@ def expert_mlp_backward_weight(saved: ExpertWgradInputs, num_experts: int) -> tu
     if saved.index.num_experts != num_experts:  # (the Triton path read offsets past the index, or dropped experts)
         raise ValueError(f"expert_mlp_backward_weight: index has {saved.index.num_experts} experts, expected "
                          f"{num_experts}")
+    rows = saved.index.num_rows  # (a short saved dy was read past its end: dw2 of garbage, no error)
+    for name in ("x", "h", "da", "dy"):
+        t = getattr(saved, name)
+        if t.dim() != 2 or t.shape[0] != rows:
+            raise ValueError(f"expert_mlp_backward_weight: saved {name} {tuple(t.shape)} is not 2-D of the index's "
+                             f"{rows} rows")
     with torch.no_grad():
         if saved.backend != "torch":
             dw2 = _wgrad(saved.h, saved.dy, saved.index, num_experts, saved.backend)
@@ -808,6 +850,10 @@ def expert_mlp(x, w1, w2, index: MoEIndex, activation: str = "swiglu", backend: 
 
 def _check_expert_mlp(x, w1, w2, index: MoEIndex, activation: str, who: str) -> None:
     _check_activation(activation)
+    # the rows the index describes (the backward's Triton path returned uninitialised rows for more, and wrote
+    # past its buffers for fewer - heap corruption; a 3-D x gave dw1 of another shape)
+    _check_rows(who, x)
+    _check_index(who, index, x.shape[0])
     E, H = index.num_experts, x.shape[-1]
     width = w1.shape[-1] if w1.dim() == 3 else -1
     F = width // 2 if activation == "swiglu" else width

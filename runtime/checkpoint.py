@@ -120,7 +120,10 @@ def committed_steps(folder: str | os.PathLike) -> list[int]:
         if not name.startswith(_PREFIX) or name.endswith(_PARTIAL) or not _has_meta(child):
             continue
         digits = name[len(_PREFIX):]
-        if digits.isascii() and digits.isdigit():  # ("²".isdigit(), but int("²") raises)
+        # ("²".isdigit(), but int("²") raises); only names of step_folder's form, as _prune: a user's copy step-4
+        # beside step-00000004 counted the step twice (keep-K then deleted this run's save) and a step-9 sent
+        # resume to a step-00000009 that does not exist
+        if digits.isascii() and digits.isdigit() and name == step_folder(folder, int(digits)).name:
             steps.append(int(digits))
     return sorted(steps)
 
@@ -236,6 +239,21 @@ def saved_entries(info: CheckpointInfo) -> dict:
         why = " ".join(str(err).split())[:200]
         raise InputError(info.path, f"cannot read this save's metadata ({type(err).__name__}: {why}); resume "
                                     f"another with --load-step or start in a new --checkpoint-dir") from None
+
+
+def _check_saved_ranks(info: CheckpointInfo, saved: Mapping[str, Any]) -> None:
+    """Every rank of a save stores its entries under ``rank<r>/``: the ranks found are 0 .. world_size - 1 (a
+    metadata file edited to world_size 10**9 made train_lora's resharder list a billion keys: 14 GB and a hang)."""
+    ranks = set()
+    for key in saved:
+        head = key.split("/", 1)[0]
+        if head.startswith("rank") and head[4:].isascii() and head[4:].isdigit():
+            ranks.add(int(head[4:]))
+    if ranks and (min(ranks) != 0 or max(ranks) != info.world_size - 1 or len(ranks) != info.world_size):
+        raise InputError(info.path / META_NAME, f"world_size {info.world_size}, but the save holds the entries of "
+                                                f"{len(ranks)} rank(s) ({min(ranks)} .. {max(ranks)}): not this "
+                                                f"save's metadata; resume another with --load-step or start in a "
+                                                f"new --checkpoint-dir")
 
 
 def load_templates(saved: Mapping[str, Any], keys: Iterable[str]) -> dict:
@@ -551,6 +569,7 @@ class Checkpointer:
         if info is None:
             return 0
         saved = self._read_saved_entries(info)  # a damaged .metadata: one line here, not DCP's tracebacks
+        _check_saved_ranks(info, saved)
         keyed, finishers = self._keyed(state), []
         if check_resumable(info, self.world_size, self.run, self.layout_keys, self.upgrade, self.reshardable):
             per_rank = sorted(set(state) - self.replicated - self.own_rank - set(self.resharders))
@@ -725,7 +744,7 @@ class Checkpointer:
             # only names of step_folder's form (zero-padded to 8 digits): torchtitan's step-100 or a user's own
             # step-N folder in the same directory was deleted for having no adasched metadata
             ours = digits.isascii() and digits.isdigit() and f"{_PREFIX}{digits}" == step_folder(folder, int(digits)).name
-            if not (ours and child.is_dir()):
+            if not (ours and child.is_dir()) or child.is_symlink():
                 continue  # not a folder this module writes
             try:
                 garbage = child.name.endswith(_PARTIAL) or not (child / META_NAME).is_file()
@@ -798,7 +817,12 @@ def failure_line(err: BaseException) -> str:
 
 def _discard(path: Path) -> None:
     """Delete a committed save: its metadata first (one atomic unlink un-commits it), then the rest, so that a
-    crash midway leaves a folder that loading ignores, never a committed save with missing files."""
+    crash midway leaves a folder that loading ignores, never a committed save with missing files. A save that is a
+    link (a run started from an archived save linked in) loses the link only: its metadata was deleted through it,
+    outside the checkpoint folder."""
+    if path.is_symlink():
+        path.unlink()
+        return
     (path / META_NAME).unlink(missing_ok=True)
     shutil.rmtree(path, ignore_errors=True)
 

@@ -334,6 +334,8 @@ class MoEPlan(Plan):
                     errors.append(f"{at}: layer0_stage_costs.two_step {c.layer0_stage_costs.two_step} is not the "
                                   f"layout's two_step_a2a {c.two_step_a2a}")
                 errors += _check_stage_costs(at, c.layer0_stage_costs, c.layers[0])
+                if not errors:
+                    errors += self._layer_errors(at, c)
             if c.layers and not math.isclose(c.fwd_bwd_ms, c.layers[0].fwd_ms + c.layers[0].bwd_ms, rel_tol=1e-9):
                 errors.append(f"{at}: fwd_bwd_ms {c.fwd_bwd_ms} != layer 0's forward + backward")
             if c.iteration_fastest_bwd_ms is not None and c.iteration_ms > c.iteration_fastest_bwd_ms * (1 + 1e-9):
@@ -376,16 +378,13 @@ class MoEPlan(Plan):
             rows.append((f"{c.name} layout", layout_text(c)))
         return rows
 
-    def gantt_tasks(self, config: int = 0) -> list:
-        """Forward then backward pipeline of configuration ``config``'s (position) first layer, one lane per
-        resource."""
-        from .costmodel import MoEConfig, stage_costs, topology
+    def _stage_inputs(self, c: "MoEConfigPlan"):
+        """(config, topology, stage source, profile) that re-derive configuration ``c``'s stage costs, as the planner
+        built them; InputError when the plan's profile is not the built-in one of its name nor a file of it with
+        the plan's digest."""
+        from .costmodel import MoEConfig, topology
         from adasched.profiler.profile import load_profile
 
-        c = self.configs[config]
-        l0 = c.layers[0]
-        if c.layer0_stage_costs is not None:
-            return _pipeline_tasks(c.layer0_stage_costs.costs(), l0)
         cfg = MoEConfig.model_validate(c.config)
         topo = topology(cfg, self.gpus, self.gpus_per_node, self.ep_size_option, two_step=c.two_step_a2a,
                         exchange_gpus_per_node=c.exchange_gpus_per_node)
@@ -394,7 +393,6 @@ class MoEPlan(Plan):
         if src == "profile" and self.profile:
             from adasched.planner.plan import builtin_profile_of, profile_ref
             from adasched.profiler.builtins import BUILTIN_PROFILES
-            from adasched.profiler.io import InputError
 
             # a built-in by its name (a file of that name in the working folder is not what the plan used)
             prof = builtin_profile_of(self.profile)
@@ -410,6 +408,54 @@ class MoEPlan(Plan):
                                                     f"(digest {self.profile.digest}) that is not the built-in one of "
                                                     f"that name, and (an older plan) its stage costs are not in it, "
                                                     f"so it cannot be re-simulated or drawn here; plan it again")
+        return cfg, topo, src, prof
+
+    def _layer_errors(self, at: str, c: "MoEConfigPlan") -> list[str]:
+        """Each layer of a mean_k other than layer 0's (router statistics: every layer its own), re-simulated from
+        stage costs re-derived as the planner derives them: its forward and backward times at its chosen degrees,
+        order and wgrad placement (only layer 0's stored costs were checked, so such a layer's edited degree and
+        its one matching "timing" passed). Skipped where the costs cannot be re-derived (a profile file not here)."""
+        from .costmodel import stage_costs
+        from .model import evaluate_pipeline
+
+        k0 = c.layers[0].mean_k
+        todo = {}
+        for lp in c.layers[1:]:
+            if lp.mean_k != k0:
+                todo.setdefault(lp.mean_k, lp)
+        if not todo:
+            return []
+        try:
+            cfg, topo, src, prof = self._stage_inputs(c)
+        except (InputError, ValueError):
+            return []
+        errors = []
+        for lp in todo.values():
+            if lp.layer >= cfg.num_layers:  # (counted above)
+                continue
+            try:
+                fwd = stage_costs(cfg, topo, source=src, profile=prof, layer=lp.layer)
+                got = (evaluate_pipeline(fwd, lp.r_fwd, lp.order_fwd).time_ms,
+                       evaluate_pipeline(fwd.backward(), lp.r_bwd, lp.order_bwd, lp.wgrad_bwd).time_ms)
+            except ValueError as e:
+                errors.append(f"{at} layer {lp.layer}: its stage costs do not re-simulate ({e})")
+                continue
+            errors += [f"{at} layer {lp.layer}: {what} {want} ms, but its stage costs (mean_k {lp.mean_k}) give {t} "
+                       f"ms at r={r}" for what, want, t, r in (("forward", lp.fwd_ms, got[0], lp.r_fwd),
+                                                                ("backward", lp.bwd_ms, got[1], lp.r_bwd))
+                       if not math.isclose(want, t, rel_tol=1e-9, abs_tol=1e-12)]
+        return errors
+
+    def gantt_tasks(self, config: int = 0) -> list:
+        """Forward then backward pipeline of configuration ``config``'s (position) first layer, one lane per
+        resource."""
+        from .costmodel import stage_costs
+
+        c = self.configs[config]
+        l0 = c.layers[0]
+        if c.layer0_stage_costs is not None:
+            return _pipeline_tasks(c.layer0_stage_costs.costs(), l0)
+        cfg, topo, src, prof = self._stage_inputs(c)
         return _pipeline_tasks(stage_costs(cfg, topo, source=src, profile=prof), l0)
 
     def simulate(self, config: int = 0):
