@@ -375,9 +375,9 @@ def run(args: argparse.Namespace) -> dict | None:
                 if cfg is not None and resumed_plan is None:
                     check_output_path(Path(cfg.folder) / "plan.json", "--checkpoint-dir")
                 if cfg is not None:  # a job's adapter folder that is a save's name: written into a save, pruned with it
-                    from adasched.runtime.checkpoint import _PREFIX
+                    from adasched.runtime.checkpoint import _PREFIX, is_save_name
 
-                    clash = next((j.name for j in plan.jobs if j.name.startswith(_PREFIX)), None)
+                    clash = next((j.name for j in plan.jobs if is_save_name(j.name)), None)
                     if clash is not None and _same_folder(args.out, cfg.folder):
                         raise InputError("--out", f"{args.out} is the --checkpoint-dir, and job {clash!r} is named "
                                                   f"like its saves ({_PREFIX}NNNNNNNN): its adapter would be written "

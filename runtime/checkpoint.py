@@ -103,6 +103,15 @@ def step_folder(folder: Path, step: int) -> Path:
     return Path(folder) / f"{_PREFIX}{step:08d}"
 
 
+def is_save_name(name: str) -> bool:
+    """Whether ``name`` is a folder name this module writes and prunes: step_folder's (``step-`` and 8 or more
+    digits, zero-padded to 8), with or without ``.partial``; a user's own step-up or step-4 is not."""
+    if not name.startswith(_PREFIX):
+        return False
+    digits = name[len(_PREFIX):].removesuffix(_PARTIAL)
+    return digits.isascii() and digits.isdigit() and f"{_PREFIX}{digits}" == f"{_PREFIX}{int(digits):08d}"
+
+
 def committed_steps(folder: str | os.PathLike) -> list[int]:
     """Steps of the committed saves in ``folder``, ascending ([] when the folder does not exist)."""
     folder = Path(folder)

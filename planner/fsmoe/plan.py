@@ -333,9 +333,8 @@ class MoEPlan(Plan):
                     # expert-sharded plan whose makespan happened to be the same)
                     errors.append(f"{at}: layer0_stage_costs.two_step {c.layer0_stage_costs.two_step} is not the "
                                   f"layout's two_step_a2a {c.two_step_a2a}")
-                errors += _check_stage_costs(at, c.layer0_stage_costs, c.layers[0])
-                if not errors:
-                    errors += self._layer_errors(at, c)
+                stage_errors = _check_stage_costs(at, c.layer0_stage_costs, c.layers[0])
+                errors += stage_errors or self._layer_errors(at, c)  # (per configuration)
             if c.layers and not math.isclose(c.fwd_bwd_ms, c.layers[0].fwd_ms + c.layers[0].bwd_ms, rel_tol=1e-9):
                 errors.append(f"{at}: fwd_bwd_ms {c.fwd_bwd_ms} != layer 0's forward + backward")
             if c.iteration_fastest_bwd_ms is not None and c.iteration_ms > c.iteration_fastest_bwd_ms * (1 + 1e-9):

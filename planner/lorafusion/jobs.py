@@ -293,7 +293,9 @@ def _read_length_file(path: Path, where: str) -> tuple[list[int], list[int]]:
             continue
         if not _DECIMAL.fullmatch(line):  # (int() also read '1_000' and Arabic-Indic digits)
             raise InputError(where, f"length file {str(path)!r} line {i}: {line[:30]!r} is not an integer")
-        v = int(line) if len(line) <= 30 else MAX_TOKENS + 1  # (int() refuses 4,300+ digits: "too large" below)
+        # (int() refuses 4,300+ digits: a longer number is "too large" below, or negative, by its sign)
+        digits = line.lstrip("+-").lstrip("0")
+        v = int(line) if len(digits) <= 30 else (-1 if line.startswith("-") else 1) * (MAX_TOKENS + 1)
         if v <= 0:
             raise InputError(where, f"length file {str(path)!r} line {i}: length must be >= 1, got {v}")
         out.append(v)

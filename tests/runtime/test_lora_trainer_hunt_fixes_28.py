@@ -71,3 +71,23 @@ def test_a_job_named_like_a_save_is_refused_when_out_is_the_checkpoint_folder(tm
     # another --out is fine
     assert main(["--jobs", str(path), "--out", str(tmp_path / "adapters"), "--checkpoint-dir", str(d), "--check"]
                 + model) == 0
+
+
+def test_only_save_names_clash_with_the_checkpoint_folder(tmp_path, capsys):
+    """(review) any name starting with 'step-' was refused; only step_folder's form (8 zero-padded digits) is a
+    save's name - step-up, step-4 and step-100 are never pruned."""
+    from adasched.runtime.checkpoint import is_save_name
+
+    assert is_save_name("step-00000006") and is_save_name("step-00000006.partial") and is_save_name("step-123456789")
+    assert not any(is_save_name(n) for n in ("step-up", "step-4", "step-100", "step-0000006", "steps-00000006"))
+    name = random.choice(["step-up", "step-4", "step-100"])
+    jobs = {"capacity": 256, "stages": 2, "global_batches": 1, "seed": 5, "layers": 2,
+            "jobs": [{"name": name, "adapter": {"r": 2, "alpha": 4, "target_modules": ["q_proj"]},
+                      "lengths": {"dist": "lognormal", "median": 20, "sigma": 0.5, "min": 3, "max": 60},
+                      "global_batch_size": 3, "lr": 0.01}]}
+    path = tmp_path / "jobs.yaml"
+    path.write_text(yaml.safe_dump(jobs))
+    d = tmp_path / "run"
+    assert main(["--jobs", str(path), "--out", str(d), "--checkpoint-dir", str(d), "--check", "--vocab", "32",
+                 "--hidden", "16", "--layers", "2", "--heads", "2", "--ffn", "24", "--max-positions", "64",
+                 "--reference"]) == 0, capsys.readouterr().err

@@ -92,3 +92,20 @@ def test_length_files_hold_plain_decimal_integers(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"line 2: {bad!r} is not an integer" in err[0], err
         assert not out.exists()
+
+
+def test_long_length_lines_are_read_by_their_value(tmp_path, capsys):
+    """(review) lines over 30 characters were all 'too large': 29 zeros then 42 is 42, a long -0...01 is negative."""
+    for line, ok, want in (("0" * random.randint(29, 60) + "42", True, ""),
+                           ("-" + "0" * random.randint(30, 60) + "1", False, "length must be >= 1"),
+                           ("9" * random.randint(31, 5000), False, "more than the microbatch capacity")):
+        lens = tmp_path / "lens.txt"
+        lens.write_text(f"{random.randint(16, 200)}\n{line}\n")
+        jobs = tmp_path / "jobs.yaml"
+        jobs.write_text("capacity: 4096\nstages: 2\njobs:\n"
+                        "  - {name: a, adapter: {r: 4}, lengths: lens.txt, global_batch_size: 1}\n")
+        out = tmp_path / "p.json"
+        assert main(["plan", "lora", "--jobs", str(jobs), "--out", str(out), "--no-milp"]) == (0 if ok else 2)
+        err = capsys.readouterr().err
+        assert out.exists() == ok and want in err, err
+        out.unlink(missing_ok=True)
