@@ -514,6 +514,13 @@ def launch_local(plan: str | os.PathLike, nproc: int = 4, args: Sequence[str] = 
     Returns the exit code."""
     import subprocess
 
+    # (the caller's --world came after ours and won: the check passed for another world, then every rank failed
+    # under torchrun with a traceback)
+    own = next((a for a in args if a in ("--world", "--check-plan-only") or a.startswith("--world=")), None)
+    if own is not None:
+        print(f"error: {own.split('=')[0]}: launch_local sets it (the world is nproc={nproc}); leave it out of args",
+              file=sys.stderr)
+        return 2
     try:
         rc = main(["--plan", str(plan), "--check-plan-only", "--world", str(nproc), *args], quiet=True)
     except SystemExit as exc:  # argparse: usage error already printed

@@ -176,7 +176,8 @@ def spawn_gloo(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: f
                 continue
             except queue_mod.Empty:
                 pass
-            silent = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results
+            # (exit code 0 without a report too: os._exit(0) waited out the whole timeout)
+            silent = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in results
                       and r not in errors]
             if silent:
                 # a worker flushes its report before it exits: one more look for a report that came meanwhile,

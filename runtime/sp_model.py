@@ -120,8 +120,12 @@ class TinyGPT(nn.Module):
     def forward(self, tokens: Tensor, positions: Tensor, cu_seqlens: list[int], group=None) -> Tensor:
         """Logits [T_i, vocab] of this rank's shard (tokens, positions: [T_i]) of the packed batch with
         boundaries ``cu_seqlens``, attention on ``group`` (None: the whole batch is local)."""
+        if positions.shape != tokens.shape:  # (one position was broadcast over every token: wrong logits)
+            raise ValueError(f"positions {tuple(positions.shape)} and tokens {tuple(tokens.shape)} differ in shape")
         if positions.numel() and int(positions.max()) >= self.cfg.max_len:
             raise ValueError(f"position {int(positions.max())} >= max_len {self.cfg.max_len}")
+        if positions.numel() and int(positions.min()) < 0:  # (an IndexError from nn.Embedding)
+            raise ValueError(f"position {int(positions.min())} is negative")
         x = self.tok(tokens) + self.pos(positions)
         for blk in self.blocks:
             x = blk(x, cu_seqlens, group)

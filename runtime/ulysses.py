@@ -39,12 +39,19 @@ def shard_sizes(total_tokens: int, degree: int) -> list[int]:
 def shard_range(total_tokens: int, degree: int, index: int) -> tuple[int, int]:
     """[start, stop) token range of shard ``index``."""
     sizes = shard_sizes(total_tokens, degree)
+    if not 0 <= index < degree:  # (-1 returned the last shard, degree an IndexError)
+        raise ValueError(f"shard index {index} is not in [0, degree {degree})")
     start = sum(sizes[:index])
     return start, start + sizes[index]
 
 
 def _as_bounds(cu_seqlens: Sequence[int] | Tensor) -> list[int]:
-    b = cu_seqlens.tolist() if isinstance(cu_seqlens, Tensor) else [int(x) for x in cu_seqlens]
+    if isinstance(cu_seqlens, Tensor) and cu_seqlens.dim() != 1:
+        raise ValueError(f"cu_seqlens: a {cu_seqlens.dim()}-D tensor; must be 1-D boundaries")
+    raw = cu_seqlens.tolist() if isinstance(cu_seqlens, Tensor) else list(cu_seqlens)
+    if any(isinstance(x, bool) or not float(x).is_integer() for x in raw):  # (2.5 was read as 2)
+        raise ValueError(f"cu_seqlens: {raw[:8]}... must be whole token counts")
+    b = [int(x) for x in raw]
     if len(b) < 1 or b[0] != 0 or any(b1 < b0 for b0, b1 in zip(b, b[1:])):
         raise ValueError(f"cu_seqlens: {b[:8]}... must start at 0 and be non-decreasing")
     return b
