@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..plan import NonNegMs, Plan
@@ -243,6 +244,19 @@ class SPPlan(Plan):
                     if not math.isclose(g.predicted_ms, want, rel_tol=1e-9, abs_tol=2e-6):
                         errors.append(f"{loc}.predicted_ms: {g.predicted_ms} ms, but profile {self.profile.name!r}'s "
                                       f"cost model gives {round(want, 6)} ms for these sequences on {g.degree} GPUs")
+            # the static baseline (every micro-batch one group of all GPUs, best-fit decreasing) follows from the
+            # step's sequences alone: a halved one showed the plan slower than its baseline, and an edited
+            # world_size kept the old figure (static on 8 GPUs is 2.4x faster than the 4-GPU plan it stood beside)
+            have = st.baselines_ms.get("static")
+            if have is not None:
+                from .baselines import static_sp
+
+                lens = np.array([x for mb in st.micro_batches for g in mb.groups for x in g.seqlens], dtype=np.int64)
+                want = sum(sol.time_ms for sol in static_sp(lens, cm))
+                if not math.isclose(have, want, rel_tol=1e-9, abs_tol=2e-6):
+                    errors.append(f"steps.{si}.baselines_ms.static: {have} ms, but profile {self.profile.name!r}'s "
+                                  f"cost model gives {round(want, 6)} ms for the step's sequences on "
+                                  f"{self.world_size} GPUs")
         return errors
 
     def _time_errors(self) -> list[str]:
@@ -278,6 +292,11 @@ class SPPlan(Plan):
         rows.insert(1, ("model / GPUs", f"{self.model} on {self.world_size} GPUs"))
         if self.cost_model_source:
             rows.insert(2, ("cost model", self.cost_model_source))
+        if self._builtin_cost_model() is None:  # (show said nothing, and an edited digest skipped every check)
+            rows.insert(2, ("not re-checked", f"group times, memory and the static baseline: profile "
+                                              f"{self.profile.name if self.profile else None!r} is not a built-in "
+                                              f"profile with the plan's digest (or the model's shape is not "
+                                              f"recorded), so its cost model cannot be rebuilt here"))
         for st in self.steps:
             degs: dict[int, int] = {}
             for mb in st.micro_batches:

@@ -147,6 +147,24 @@ def _check_stage_costs(at: str, rec: StageCostsRecord, l0: MoELayerPlan) -> list
             if not math.isclose(want, t, rel_tol=1e-9, abs_tol=1e-12)]
 
 
+def _baseline_errors(at: str, c: "MoEConfigPlan") -> list[str]:
+    """Layer 0's baselines (no pipelining, a fixed r = 2) and its un-chunked all-to-all, re-simulated from its stored
+    stage costs as the planner simulates them (an edited fixed-r2 baseline showed as a 3.66x speedup where the
+    plan's own costs give 1.22x)."""
+    from .baselines import BASELINES, baseline_fwd_bwd_ms
+
+    fwd = c.layer0_stage_costs.costs()
+    errors = []
+    for name, r in BASELINES.items():
+        want = sum(baseline_fwd_bwd_ms(fwd, fwd.backward(), r))
+        have = c.baselines_fwd_bwd_ms.get(name)
+        if have is not None and not math.isclose(have, want, rel_tol=1e-9, abs_tol=1e-12):
+            errors.append(f"{at}: baselines_fwd_bwd_ms.{name} {have} ms, but layer 0's stage costs give {want} ms")
+    if not math.isclose(c.a2a_ms, fwd.a2a_ms, rel_tol=1e-9, abs_tol=1e-12):
+        errors.append(f"{at}: a2a_ms {c.a2a_ms}, but layer 0's stage costs give {fwd.a2a_ms} ms")
+    return errors
+
+
 def _pipeline_tasks(fwd, l0: MoELayerPlan) -> list:
     """Layer ``l0``'s forward then backward pipeline from its forward stage costs ``fwd``, one lane per stream."""
     from .model import evaluate_pipeline
@@ -334,7 +352,7 @@ class MoEPlan(Plan):
                     errors.append(f"{at}: layer0_stage_costs.two_step {c.layer0_stage_costs.two_step} is not the "
                                   f"layout's two_step_a2a {c.two_step_a2a}")
                 stage_errors = _check_stage_costs(at, c.layer0_stage_costs, c.layers[0])
-                errors += stage_errors or self._layer_errors(at, c)  # (per configuration)
+                errors += stage_errors or (_baseline_errors(at, c) + self._layer_errors(at, c))  # (per configuration)
             if c.layers and not math.isclose(c.fwd_bwd_ms, c.layers[0].fwd_ms + c.layers[0].bwd_ms, rel_tol=1e-9):
                 errors.append(f"{at}: fwd_bwd_ms {c.fwd_bwd_ms} != layer 0's forward + backward")
             if c.iteration_fastest_bwd_ms is not None and c.iteration_ms > c.iteration_fastest_bwd_ms * (1 + 1e-9):

@@ -38,3 +38,25 @@ def test_an_edited_degree_of_a_layer_of_its_own_mean_k_is_refused(source):
     lp["r_fwd"] = int(other)
     errors = MoEPlan.model_validate(d).verify()
     assert [e for e in errors if f"layer {layer}: forward" in e and "but its stage costs" in e], errors
+
+
+@pytest.mark.parametrize("field", ["fixed-r2", "no-pipeline", "a2a_ms"])
+def test_layer_0s_baselines_and_all_to_all_are_re_simulated(field):
+    """(bench/show hunt) a fixed-r2 baseline x3 (the plan's header total kept consistent) showed as a 3.66x speedup
+    where the plan's own stage costs give 1.22x; no-pipeline and a2a_ms were not checked either."""
+    cfg = MoEConfig(name="t", experts=8, hidden=256, ffn_hidden=512, top_k=2, batch=2, seq_len=256, num_layers=2,
+                    shared_experts=random.randint(0, 1))
+    plan = plan_moe([cfg], 16, load_profile("h100-sxm"), stages=random.choice(["published", "profile"]),
+                    params=SolveParams(time_limit=5.0))
+    assert plan.verify() == []
+    d = json.loads(plan.model_dump_json())
+    c = d["configs"][0]
+    f = random.choice([0.5, 2.0, 3.0])
+    if field == "a2a_ms":
+        c["a2a_ms"] *= f
+    else:
+        c["baselines_fwd_bwd_ms"][field] *= f
+        d["baselines_ms"][field] = c["baselines_fwd_bwd_ms"][field]
+    errors = MoEPlan.model_validate(d).verify()
+    want = "a2a_ms" if field == "a2a_ms" else f"baselines_fwd_bwd_ms.{field}"
+    assert [e for e in errors if want in e and "layer 0's stage costs give" in e], errors
