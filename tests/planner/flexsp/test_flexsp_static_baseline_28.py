@@ -58,3 +58,15 @@ def test_show_says_when_the_cost_model_is_not_re_checked(plan_file):
     d["profile"]["digest"] = "0" * len(d["profile"]["digest"])
     rows = dict(SPPlan.model_validate(d).summary_rows())
     assert "cost model cannot be rebuilt here" in rows["not re-checked"]
+
+
+def test_a_sequence_no_group_holds_is_an_error_not_an_exception(plan_file):
+    """(review) static_sp raised on a sequence longer than an all-GPU group holds: verify threw instead of listing."""
+    def edit(d):
+        st = d["steps"][0]
+        g = st["micro_batches"][0]["groups"][0]
+        i = st["seqlens"].index(g["seqlens"][0])
+        st["seqlens"][i] = g["seqlens"][0] = 10_000_000
+    errors = _errors(plan_file, edit)
+    assert any("baselines_ms.static" in e and "exceeds the capacity" in e for e in errors), errors
+    assert any("GiB per GPU" in e for e in errors), errors
