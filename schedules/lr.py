@@ -361,7 +361,9 @@ class WarmupDecay(LRScheduler):
                 # (_UNSEEN). Taken as a factor 0 it held the lr at 0 all run when the 0 was nobody's to change (this
                 # schedule built a second time over its own first value); taken as 1, a chain's step 0 ran at the
                 # full lr where the product is 0
-                scales = [(float(g["lr"]) / b if float(g["lr"]) != 0 else _UNSEEN) if b != 0 else 1.0
+                # in floats: with tensor lrs, base_lrs are tensors, and a float over a tensor divides by its
+                # reciprocal (1 - 2**-24 for an lr over itself: every step then ran one float32 ulp off)
+                scales = [(float(g["lr"]) / float(b) if float(g["lr"]) != 0 else _UNSEEN) if float(b) != 0 else 1.0
                           for g, b in zip(groups, self.base_lrs)]
             else:  # made with last_epoch >= 0 (resume): closed form
                 scales = [1.0] * len(target)
