@@ -109,7 +109,9 @@ def is_save_name(name: str) -> bool:
     if not name.startswith(_PREFIX):
         return False
     digits = name[len(_PREFIX):].removesuffix(_PARTIAL)
-    return digits.isascii() and digits.isdigit() and f"{_PREFIX}{digits}" == f"{_PREFIX}{int(digits):08d}"
+    # ("²".isdigit(), but int("²") raises)
+    return (digits.isascii() and digits.isdigit()
+            and name.removesuffix(_PARTIAL) == step_folder(Path(), int(digits)).name)
 
 
 def committed_steps(folder: str | os.PathLike) -> list[int]:
@@ -126,14 +128,10 @@ def committed_steps(folder: str | os.PathLike) -> list[int]:
     steps = []
     for child in children:
         name = child.name
-        if not name.startswith(_PREFIX) or name.endswith(_PARTIAL) or not _has_meta(child):
-            continue
-        digits = name[len(_PREFIX):]
-        # ("²".isdigit(), but int("²") raises); only names of step_folder's form, as _prune: a user's copy step-4
-        # beside step-00000004 counted the step twice (keep-K then deleted this run's save) and a step-9 sent
-        # resume to a step-00000009 that does not exist
-        if digits.isascii() and digits.isdigit() and name == step_folder(folder, int(digits)).name:
-            steps.append(int(digits))
+        # only names of step_folder's form, as _prune: a user's copy step-4 beside step-00000004 counted the step
+        # twice (keep-K then deleted this run's save) and a step-9 sent resume to a step-00000009 that does not exist
+        if is_save_name(name) and not name.endswith(_PARTIAL) and _has_meta(child):
+            steps.append(int(name[len(_PREFIX):]))
     return sorted(steps)
 
 
@@ -749,11 +747,9 @@ class Checkpointer:
         # the remains of crashed saves and deletes (``.partial`` folders, step folders without metadata): garbage
         # once this save is committed (one run writes a folder at a time), however large
         for child in folder.glob(f"{_PREFIX}*"):
-            digits = child.name[len(_PREFIX):].removesuffix(_PARTIAL)
             # only names of step_folder's form (zero-padded to 8 digits): torchtitan's step-100 or a user's own
             # step-N folder in the same directory was deleted for having no adasched metadata
-            ours = digits.isascii() and digits.isdigit() and f"{_PREFIX}{digits}" == step_folder(folder, int(digits)).name
-            if not (ours and child.is_dir()) or child.is_symlink():
+            if not (is_save_name(child.name) and child.is_dir()) or child.is_symlink():
                 continue  # not a folder this module writes
             try:
                 garbage = child.name.endswith(_PARTIAL) or not (child / META_NAME).is_file()

@@ -51,26 +51,34 @@ def test_a_dangling_link_where_an_adapter_folder_goes_is_refused_before_training
     check_adapter_outputs(out, plan)
 
 
-def test_a_job_named_like_a_save_is_refused_when_out_is_the_checkpoint_folder(tmp_path, capsys):
-    """--out equal to --checkpoint-dir and a job named step-00000006: its adapter was written into the last save
-    (beside the .distcp file) and would be deleted with it. Refused before training."""
-    name = f"step-{random.randint(1, 99):08d}"
+MODEL = ["--vocab", "32", "--hidden", "16", "--layers", "2", "--heads", "2", "--ffn", "24", "--max-positions", "64",
+         "--reference"]
+
+
+def _one_job_file(tmp_path, name: str):
+    """A jobs file of one small job named ``name``."""
     jobs = {"capacity": 256, "stages": 2, "global_batches": 1, "seed": 5, "layers": 2,
             "jobs": [{"name": name, "adapter": {"r": 2, "alpha": 4, "target_modules": ["q_proj"]},
                       "lengths": {"dist": "lognormal", "median": 20, "sigma": 0.5, "min": 3, "max": 60},
                       "global_batch_size": 3, "lr": 0.01}]}
     path = tmp_path / "jobs.yaml"
     path.write_text(yaml.safe_dump(jobs))
-    model = ["--vocab", "32", "--hidden", "16", "--layers", "2", "--heads", "2", "--ffn", "24", "--max-positions",
-             "64", "--reference"]
+    return path
+
+
+def test_a_job_named_like_a_save_is_refused_when_out_is_the_checkpoint_folder(tmp_path, capsys):
+    """--out equal to --checkpoint-dir and a job named step-00000006: its adapter was written into the last save
+    (beside the .distcp file) and would be deleted with it. Refused before training."""
+    name = f"step-{random.randint(1, 99):08d}"
+    path = _one_job_file(tmp_path, name)
     d = tmp_path / "run"
-    assert main(["--jobs", str(path), "--out", str(d), "--checkpoint-dir", str(d), "--check"] + model) == 2
+    assert main(["--jobs", str(path), "--out", str(d), "--checkpoint-dir", str(d), "--check"] + MODEL) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: --out: {d} is the --checkpoint-dir, and job '{name}'"), err
     assert not (d / name).exists()
     # another --out is fine
     assert main(["--jobs", str(path), "--out", str(tmp_path / "adapters"), "--checkpoint-dir", str(d), "--check"]
-                + model) == 0
+                + MODEL) == 0
 
 
 def test_only_save_names_clash_with_the_checkpoint_folder(tmp_path, capsys):
@@ -81,13 +89,7 @@ def test_only_save_names_clash_with_the_checkpoint_folder(tmp_path, capsys):
     assert is_save_name("step-00000006") and is_save_name("step-00000006.partial") and is_save_name("step-123456789")
     assert not any(is_save_name(n) for n in ("step-up", "step-4", "step-100", "step-0000006", "steps-00000006"))
     name = random.choice(["step-up", "step-4", "step-100"])
-    jobs = {"capacity": 256, "stages": 2, "global_batches": 1, "seed": 5, "layers": 2,
-            "jobs": [{"name": name, "adapter": {"r": 2, "alpha": 4, "target_modules": ["q_proj"]},
-                      "lengths": {"dist": "lognormal", "median": 20, "sigma": 0.5, "min": 3, "max": 60},
-                      "global_batch_size": 3, "lr": 0.01}]}
-    path = tmp_path / "jobs.yaml"
-    path.write_text(yaml.safe_dump(jobs))
+    path = _one_job_file(tmp_path, name)
     d = tmp_path / "run"
-    assert main(["--jobs", str(path), "--out", str(d), "--checkpoint-dir", str(d), "--check", "--vocab", "32",
-                 "--hidden", "16", "--layers", "2", "--heads", "2", "--ffn", "24", "--max-positions", "64",
-                 "--reference"]) == 0, capsys.readouterr().err
+    assert main(["--jobs", str(path), "--out", str(d), "--checkpoint-dir", str(d), "--check"] + MODEL) == 0, \
+        capsys.readouterr().err

@@ -79,16 +79,21 @@ def test_a_profile_of_denormal_costs_is_refused_not_written_as_null(tmp_path, ca
     assert not out.exists()
 
 
+def _plan_with_second_length(tmp_path, line: str, out) -> int:
+    """`plan lora` of one job whose length file holds a random length, then ``line``."""
+    lens = tmp_path / "lens.txt"
+    lens.write_text(f"{random.randint(16, 200)}\n{line}\n")
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text("capacity: 4096\nstages: 2\njobs:\n"
+                    "  - {name: a, adapter: {r: 4}, lengths: lens.txt, global_batch_size: 1}\n")
+    return main(["plan", "lora", "--jobs", str(jobs), "--out", str(out), "--no-milp"])
+
+
 def test_length_files_hold_plain_decimal_integers(tmp_path, capsys):
     """int() read '1_000' as 1000 and Arabic-Indic digits as 123."""
     for bad in ("1_000", "\u0661\u0662\u0663", "0x40", "12.0"):
-        lens = tmp_path / "lens.txt"
-        lens.write_text(f"{random.randint(16, 200)}\n{bad}\n")
-        jobs = tmp_path / "jobs.yaml"
-        jobs.write_text("capacity: 4096\nstages: 2\njobs:\n"
-                        "  - {name: a, adapter: {r: 4}, lengths: lens.txt, global_batch_size: 1}\n")
         out = tmp_path / "p.json"
-        assert main(["plan", "lora", "--jobs", str(jobs), "--out", str(out), "--no-milp"]) == 2
+        assert _plan_with_second_length(tmp_path, bad, out) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"line 2: {bad!r} is not an integer" in err[0], err
         assert not out.exists()
@@ -99,13 +104,8 @@ def test_long_length_lines_are_read_by_their_value(tmp_path, capsys):
     for line, ok, want in (("0" * random.randint(29, 60) + "42", True, ""),
                            ("-" + "0" * random.randint(30, 60) + "1", False, "length must be >= 1"),
                            ("9" * random.randint(31, 5000), False, "more than the microbatch capacity")):
-        lens = tmp_path / "lens.txt"
-        lens.write_text(f"{random.randint(16, 200)}\n{line}\n")
-        jobs = tmp_path / "jobs.yaml"
-        jobs.write_text("capacity: 4096\nstages: 2\njobs:\n"
-                        "  - {name: a, adapter: {r: 4}, lengths: lens.txt, global_batch_size: 1}\n")
         out = tmp_path / "p.json"
-        assert main(["plan", "lora", "--jobs", str(jobs), "--out", str(out), "--no-milp"]) == (0 if ok else 2)
+        assert _plan_with_second_length(tmp_path, line, out) == (0 if ok else 2)
         err = capsys.readouterr().err
         assert out.exists() == ok and want in err, err
         out.unlink(missing_ok=True)
