@@ -246,6 +246,7 @@ class LoRAPlan(Plan):
         if (self.summary.samples_missing, self.summary.samples_duplicated) != (len(ver.missing), len(ver.duplicated)):
             errors.append(f"summary: samples missing/duplicated {self.summary.samples_missing}/"
                           f"{self.summary.samples_duplicated}, found {len(ver.missing)}/{len(ver.duplicated)}")
+        uniform = False  # the legacy stage split below
         if not errors:  # the predicted time is the simulated 1F1B makespan of this sequence (rounded to 1e-4 ms)
             try:
                 ms = self._makespan_ms()
@@ -258,7 +259,7 @@ class LoRAPlan(Plan):
                 # not divide: such a plan (a resumed run's saved plan.json) still loads, its own numbers consistent
                 legacy = self._makespan_ms(uniform=True)
                 if close(self.predicted_ms, legacy) and close(self.summary.makespan_ms, legacy):
-                    ms = legacy
+                    ms, uniform = legacy, True
             for name, value in (("predicted_ms", self.predicted_ms), ("summary.makespan_ms", self.summary.makespan_ms)):
                 if not close(value, ms):
                     errors.append(f"{name}: {value} ms, the microbatches simulate to {round_ms(ms)} ms with the "
@@ -276,6 +277,57 @@ class LoRAPlan(Plan):
                         errors.append(f"summary.{key}: {have}, the microbatches give {value}")
         if not errors:
             errors += self._bookkeeping_errors()
+        if not errors and not uniform:  # (a plan of the uniform stage split simulated its baselines so too)
+            errors += self._baseline_errors()
+        return errors
+
+    def _baselines(self):
+        """The mLoRA-style, length-sorted mLoRA-style and per-job sequential baselines recomputed from the plan's
+        jobs, lengths, capacity, stages and stage_cost, as :func:`build_plan` computes them."""
+        from types import SimpleNamespace
+
+        from .jobs import JobSamples
+
+        batches = self.expected_batches()
+        jobs = tuple(JobSamples(j, None, tuple(tuple(batches[(j, g)]) for g in range(job.global_batches)))
+                     for j, job in enumerate(self.jobs))
+        w = Workload(config=SimpleNamespace(capacity=self.capacity, stages=self.stages), jobs=jobs,
+                     lengths=tuple(self.lengths), source=self.source)
+        cost = StageCost(**self.stage_cost)
+        return mlora_baseline(w, cost), mlora_baseline(w, cost, sort_by_length=True), sequential_baseline(w, cost)
+
+    def _baseline_fields(self) -> dict:
+        """The summary's baseline fields as the recomputed baselines give them (rounded as build_plan rounds)."""
+        mlora, mlora_sorted, seqb = self._baselines()
+        return {"mlora_makespan_ms": round_ms(mlora.makespan_ms),
+                "mlora_sorted_makespan_ms": round_ms(mlora_sorted.makespan_ms),
+                "sequential_makespan_ms": round_ms(seqb.makespan_ms),
+                "mlora_padding_waste": round(mlora.padding_waste, 5),
+                "mlora_sorted_padding_waste": round(mlora_sorted.padding_waste, 5),
+                "sequential_padding_waste": round(seqb.padding_waste, 5),
+                "mlora_max_microbatch_tokens": mlora.max_microbatch_tokens,
+                "mlora_microbatches": mlora.microbatches,
+                "mlora_sorted_microbatches": mlora_sorted.microbatches,
+                "sequential_microbatches": seqb.microbatches}
+
+    def _baseline_errors(self) -> list[str]:
+        """The summary's baseline figures are the baselines of this workload: a plan whose mLoRA-style makespan was
+        edited was shown (and benchmarked) with the edited speedup, every other check passing. Plans written before
+        2026-11-30 (no ``mlora_sorted_microbatches``) cut the mLoRA-style batches by an older rule and keep theirs."""
+        s = self.summary
+        if s.mlora_sorted_microbatches is None:
+            return []
+        try:
+            want = self._baseline_fields()
+        except ValueError as err:  # (no-ops past the simulation's limit: the plan could not have been written so)
+            return [f"summary: the baselines of this plan's jobs and lengths do not simulate ({err})"]
+        errors = []
+        for key, value in want.items():
+            have = getattr(s, key)
+            ok = (math.isclose(have, value, rel_tol=1e-9, abs_tol=1e-4 + 1e-9) if key.endswith("_ms")
+                  else have == value)
+            if not ok:
+                errors.append(f"summary.{key}: {have}, the plan's jobs and lengths give {value}")
         return errors
 
     def _bookkeeping_errors(self) -> list[str]:
@@ -384,14 +436,20 @@ class LoRAPlan(Plan):
     def resimulated(self) -> "LoRAPlan":
         """A copy whose predicted time (``predicted_ms``, ``summary.makespan_ms``) is its sequence's simulated
         makespan again, with the summary fields that follow from the sequence (tokens, microbatch counts, padding
-        waste, throughput, speedups over the recorded baselines): for a plan whose microbatches or lengths were
+        waste, throughput, the baselines and the speedups over them): for a plan whose microbatches or lengths were
         changed by hand (``verify`` refuses a prediction or summary that does not follow from them)."""
         raw = self._makespan_ms()
         ms = round_ms(raw)
         jobs = [job.model_copy(update=dict(zip(("mean_tokens", "std_tokens"), _length_stats(self.lengths, ids, 3))))
                 for job, ids in zip(self.jobs, self._job_samples())]  # (they follow from lengths too)
-        return self.model_copy(update={"predicted_ms": ms, "jobs": jobs, "summary": self.summary.model_copy(
-            update={"makespan_ms": ms, **self._derived_summary(raw)})})
+        # so do the baselines (lengths changed by hand left the old mLoRA-style makespan, and its speedup, standing)
+        base = self._baseline_fields()
+        summary = self.summary.model_copy(update={"makespan_ms": ms, **base})
+        summary = summary.model_copy(update=self.model_copy(update={"summary": summary})._derived_summary(raw))
+        return self.model_copy(update={
+            "predicted_ms": ms, "jobs": jobs, "summary": summary,
+            "baselines_ms": {"mlora": base["mlora_makespan_ms"], "mlora_sorted": base["mlora_sorted_makespan_ms"],
+                             "sequential": base["sequential_makespan_ms"]}})
 
     def gantt_tasks(self) -> list:
         return self.simulate().tasks
