@@ -394,7 +394,10 @@ class Router(nn.Module):
         k_max = self.config.effective_k_max
         sp, si = torch.sort(probs, dim=-1, descending=True)
         sp, si = sp[:, :k_max], si[:, :k_max]
-        before = torch.cumsum(sp, -1) - sp            # mass strictly before each element
+        # mass strictly before each element, as an exclusive prefix sum: cumsum - sp rounded the second element's to
+        # one float32 ulp below the first probability and kept a second expert where the first alone reached p
+        cs = torch.cumsum(sp, -1)
+        before = torch.cat([torch.zeros_like(cs[:, :1]), cs[:, :-1]], -1)
         # keeps the element that crosses p (compared in sp's dtype); p = 1 keeps all k_max (a float32 cumulative sum
         # reached 1.0 early and dropped the last experts of 503 of 4,096 tokens at E = k_max = 64)
         mask = (before < self.p_threshold) | (self.p_threshold >= 1.0)
