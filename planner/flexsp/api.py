@@ -191,11 +191,15 @@ def plan_sp(profile: ClusterProfile, model: str | ModelShape, lengths: np.ndarra
     before any planning (GPU count, a sequence that does not fit even on all GPUs, a batch too large to plan in
     this host's memory); ``on_checked`` runs once those checks passed (the CLI's notes go there, so an error is
     the only line). ``seed`` seeds the batch draw and the solver, in place of ``config.seed`` (default: that, else
-    0), so the plan's recorded seed is the one both used (a ``config`` used to keep its own for the solver)."""
+    0), so the plan's recorded seed is the one both used (a ``config`` used to keep its own for the solver).
+    ``max_context``: lengths above it are clipped to it (documents truncated to the context), as the plan records."""
     seed = seed if seed is not None else config.seed if config is not None else 0
     config = dataclasses.replace(config, seed=seed) if config is not None else PlannerConfig(seed=seed)
     cm = sp_cost_model(profile, model_preset(model) if isinstance(model, str) else model, gpus)
     _check_recordable(cm.model)
+    if max_context is not None:  # the plan records its lengths as clipped to it (verify holds it to that)
+        check_max_context(max_context)
+        lengths = np.minimum(np.asarray(lengths), max_context)
     check_fits(lengths, cm, where="--seqlens")
     batches = draw_batches(lengths, global_batch, steps, seed)
     check_planner_memory(batches, cm, config)

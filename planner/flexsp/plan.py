@@ -113,6 +113,10 @@ def known_models() -> list[str]:
     return [*MODEL_PRESETS, RUNTIME_MODEL_NAME]
 
 
+#: the baselines an SP plan's steps record (planner.flexsp.planner.plan_step)
+SP_BASELINES = ("static", "best_homogeneous", "greedy")
+
+
 class SPPlan(Plan):
     kind: Literal["sp"] = "sp"
     world_size: int = Field(ge=1, le=MAX_WORLD, description="GPUs (a power of two)")
@@ -192,13 +196,72 @@ class SPPlan(Plan):
             if missing:
                 errors.append(f"steps.{si}: sequences {missing[:8]} are in no group (the loss is over the whole "
                               "global batch)")
+            if self.max_context is not None and max(st.seqlens) > self.max_context:
+                errors.append(f"steps.{si}.seqlens: a length of {max(st.seqlens):,} tokens, but the plan's lengths "
+                              f"were clipped to max_context {self.max_context:,}")
         first: dict[int, int] = {}
         for si, st in enumerate(self.steps):  # plan.simulate(number) looks a step up by its number (train_sp runs
             # the steps in file order, printing each one's number)
             if st.step in first:
                 errors.append(f"steps.{si}.step: {st.step} is also steps.{first[st.step]}'s number")
             first.setdefault(st.step, si)
-        return errors + self._time_errors() + self._cost_model_errors()
+        errors += self._time_errors()
+        cm = self._builtin_cost_model()
+        if cm is not None:
+            errors += self._cost_model_errors(cm)
+        errors += self._baseline_errors()
+        if not old:
+            errors += self._solver_errors()
+        if cm is not None:
+            errors += self._derived_errors(cm, check_bound=not old)
+        return errors
+
+    def _baseline_errors(self) -> list[str]:
+        """Each step's baselines are the planner's, and its two search baselines (the best single degree per
+        micro-batch, the greedy heuristic) no faster than the step's plan: the plan is the best of its candidates
+        (a halved best_homogeneous showed the plan 0.82x of it)."""
+        errors = []
+        for si, st in enumerate(self.steps):
+            for name in sorted(set(st.baselines_ms) - set(SP_BASELINES)):
+                errors.append(f"steps.{si}.baselines_ms.{name}: not a baseline the planner computes "
+                              f"({', '.join(SP_BASELINES)})")
+            for name in ("best_homogeneous", "greedy"):
+                have = st.baselines_ms.get(name)
+                if have is not None and have < st.predicted_ms - 2e-6 * (len(st.micro_batches) + 1):
+                    errors.append(f"steps.{si}.baselines_ms.{name}: {have} ms, faster than the step's plan "
+                                  f"({st.predicted_ms} ms), which is the best of its candidates")
+        return errors
+
+    def _solver_errors(self) -> list[str]:
+        """The solver record as :func:`~.api.to_plan` writes it: the objective is the predicted time, the bound at
+        most that, the gap theirs (0 at status "optimal"), the status "feasible" exactly when some step's MILP found
+        a solution (short of every step at its bound: "optimal"), and a step's "optimal" with a closed gap. Edited
+        records were shown as written ("optimal, gap 0.00%" over a plan 1.3 % above its bound)."""
+        from ..plan import OPTIMAL_GAP_TOL, relative_gap
+
+        s, errors = self.solver, []
+        tol = 2e-6 * (len(self.steps) + 1)
+        if s.objective is None or not math.isclose(s.objective, self.predicted_ms, rel_tol=1e-9, abs_tol=tol):
+            errors.append(f"solver.objective: {s.objective}, but the plan's predicted time is {self.predicted_ms} ms")
+        if s.bound is None or s.bound > self.predicted_ms + tol:
+            errors.append(f"solver.bound: {s.bound}, but a lower bound is at most the plan's {self.predicted_ms} ms")
+        elif s.status == "optimal" and s.gap not in (None, 0.0):
+            errors.append(f"solver.gap: {s.gap} with status 'optimal' (every step at its lower bound: gap 0)")
+        elif s.status != "optimal":
+            want = relative_gap(s.objective, s.bound)
+            if s.gap is None or want is None or not math.isclose(s.gap, want, rel_tol=1e-6,
+                                                                  abs_tol=2 * tol / max(abs(s.objective), 1e-9)):
+                errors.append(f"solver.gap: {s.gap}, objective {s.objective} and bound {s.bound} give {want}")
+        solved = any(st.solver_status in ("optimal", "feasible") for st in self.steps)
+        if s.status != "optimal" and s.status != ("feasible" if solved else "heuristic"):
+            errors.append(f"solver.status: {s.status!r}, but " + (
+                "a step's MILP found a solution (then 'feasible')" if solved else
+                "no step's MILP found a solution (then 'heuristic')"))
+        for si, st in enumerate(self.steps):
+            if st.solver_status == "optimal" and st.mip_gap is not None and st.mip_gap > OPTIMAL_GAP_TOL:
+                errors.append(f"steps.{si}.mip_gap: {st.mip_gap} with solver_status 'optimal' (an optimal MILP "
+                              f"closes its gap to {OPTIMAL_GAP_TOL:g})")
+        return errors
 
     def _builtin_cost_model(self):
         """The cost model this plan was made with, when it can be rebuilt here: a built-in profile whose digest is
@@ -223,14 +286,42 @@ class SPPlan(Plan):
         except InputError:
             return None
 
-    def _cost_model_errors(self) -> list[str]:
-        """Against the cost model the plan names, where it can be rebuilt (a built-in profile): every group's
-        predicted_ms is its cost-model time (to the recorded 1e-6 ms) and its sequences fit a GPU's memory. A
-        hand-edited plan that ran every sequence on one rank (or kept a group's time and moved its sequences)
-        passed `show` and reached the trainer."""
-        cm = self._builtin_cost_model()
-        if cm is None:
-            return []
+    def _derived_errors(self, cm, check_bound: bool = True) -> list[str]:
+        """Against the rebuilt cost model ``cm``: each step's best_homogeneous at most one degree per micro-batch of
+        the plan's own micro-batches, and (``check_bound``: a record that keeps one; older plans did not) the
+        solver's bound the sum of the steps' lower bounds, every step at its bound under status "optimal"."""
+        from .baselines import best_homogeneous
+        from .planner import step_lower_bound
+
+        errors: list[str] = []
+        bounds = []
+        for si, st in enumerate(self.steps):
+            bounds.append(step_lower_bound(np.array(st.seqlens, dtype=np.int64), cm))
+            if check_bound and self.solver.status == "optimal" and st.predicted_ms > bounds[-1] * (1 + 1e-9) + 2e-6:
+                errors.append(f"steps.{si}.predicted_ms: {st.predicted_ms} ms, above the step's lower bound "
+                              f"{round(bounds[-1], 6)} ms, under solver status 'optimal' (every step at its bound)")
+            have = st.baselines_ms.get("best_homogeneous")
+            if have is not None:  # at most the best single degree of each of the plan's own micro-batches
+                own = 0.0
+                for mb in st.micro_batches:
+                    ids = np.array(sorted(i for g in mb.groups for i in g.seq_ids), dtype=np.int64)
+                    h, _ = best_homogeneous(ids, np.array(st.seqlens, dtype=np.int64), cm)
+                    own += h.time_ms if h is not None and h.fits else math.inf
+                if have > own + 2e-6 * (len(st.micro_batches) + 1):
+                    errors.append(f"steps.{si}.baselines_ms.best_homogeneous: {have} ms, but one degree per "
+                                  f"micro-batch runs the plan's own micro-batches in {round(own, 6)} ms")
+        bound = self.solver.bound
+        if check_bound and bound is not None and not math.isclose(bound, sum(bounds), rel_tol=1e-9,
+                                                                  abs_tol=2e-6 * (len(self.steps) + 1)):
+            errors.append(f"solver.bound: {bound} ms, but profile {self.profile.name!r}'s cost model bounds the "
+                          f"steps' sequences at {round(sum(bounds), 6)} ms")
+        return errors
+
+    def _cost_model_errors(self, cm) -> list[str]:
+        """Against the cost model the plan names, rebuilt (``cm``, a built-in profile): every group's predicted_ms
+        is its cost-model time (to the recorded 1e-6 ms) and its sequences fit a GPU's memory. A hand-edited plan
+        that ran every sequence on one rank (or kept a group's time and moved its sequences) passed `show` and
+        reached the trainer."""
         errors: list[str] = []
         for si, st in enumerate(self.steps):
             for mi, mb in enumerate(st.micro_batches):

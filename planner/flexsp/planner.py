@@ -160,6 +160,17 @@ def check_fits(lens: np.ndarray, cm: SPCostModel, where: str = "--seqlens") -> N
                                 f"at most {int(cap)} tokens fit); lower --max-context or add GPUs")
 
 
+def min_microbatches(lens: np.ndarray, cm: SPCostModel) -> int:
+    """M_min: the fewest micro-batches whose tokens the N GPUs' memory can hold."""
+    return max(1, math.ceil(float(lens.sum()) / cm.token_capacity(cm.world) - 1e-12))
+
+
+def step_lower_bound(lens: np.ndarray, cm: SPCostModel) -> float:
+    """M_min * b1 + :func:`lower_bound_work` (ms): no plan of this step can be faster (``StepResult.lower_bound_ms``;
+    an SP plan's ``solver.bound`` is their sum over its steps)."""
+    return min_microbatches(lens, cm) * cm.b1 + lower_bound_work(lens, cm)
+
+
 def lower_bound_work(lens: np.ndarray, cm: SPCostModel) -> float:
     """Lower bound on the compute+communication part of a step (ms): every sequence on its cheapest degree
     that holds it, in GPU-ms, spread perfectly over the N GPUs. A step with M micro-batches takes at least
@@ -242,7 +253,7 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
     order = np.argsort(lens, kind="stable")
     srt = lens[order]
     cap_n = cm.token_capacity(cm.world)
-    m_min = max(1, math.ceil(float(lens.sum()) / cap_n - 1e-12))
+    m_min = min_microbatches(lens, cm)
 
     # ---- heuristics per candidate split ---------------------------------------------------------
     # splits: M consecutive runs of the sorted batch (min-max token DP) for M = M_min.. (at least one
@@ -403,7 +414,7 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
     return StepResult(step=step, lens=lens, micro_batches=mbs, time_ms=total, baselines_ms=baselines,
                       chosen_m=len(mbs), split=best_m, solve_seconds=time.perf_counter() - t0, milp=milp_stats,
                       static=static,
-                      lower_bound_ms=m_min * cm.b1 + lb_work, clock_bound=clock_bound, milp_planned=n_runs)
+                      lower_bound_ms=step_lower_bound(lens, cm), clock_bound=clock_bound, milp_planned=n_runs)
 
 
 def placed_groups(mb: MBSolution, world: int) -> list[tuple[int, list[int], list[int]]]:

@@ -79,8 +79,10 @@ def test_optimal_status_with_a_gap_is_refused(plans, tmp_path, kind):
     _refused(tmp_path, data, "solver.gap: a relative gap of 0.05 with status 'optimal'")
     data["solver"].update(gap=None, objective=110.0, bound=100.0)
     _refused(tmp_path, data, "solver.objective/bound: a relative gap of 0.0909")
-    if kind == "lora":  # its record is derived from its problems (status, objective, bound: LoRAPlan.verify), so
-        return          # no other record loads (tests/planner/lorafusion/test_cli.py checks that)
+    if kind in ("lora", "sp"):  # its record is derived from its problems (status, objective, bound: LoRAPlan.verify)
+        # or from its steps (the objective its time, the bound theirs: SPPlan.verify), so no other record loads
+        # (tests/planner/lorafusion/test_cli.py, tests/planner/flexsp/test_flexsp_verify_record_30.py check that)
+        return
     data["solver"].update(gap=OPTIMAL_GAP_TOL / 2, objective=100.0, bound=100.0 * (1 - OPTIMAL_GAP_TOL / 2))
     if kind == "moe":  # "optimal" also needs a proved backward choice in every configuration (27th session)
         heuristic = [c for c in data["configs"] if c["bwd_choice"].split(" (")[0] not in

@@ -29,12 +29,20 @@ def _write(path, plan: dict) -> None:
 
 
 def _retime(plan: dict) -> None:
-    """Make the micro-batch, step and plan times add up again (so only the cost-model check can object)."""
+    """Make the micro-batch, step and plan times add up again, and the solver record (objective, a bound at most
+    it, their gap) follow them (so only the cost-model check can object)."""
+    from adasched.planner.plan import relative_gap
+
     for st in plan["steps"]:
         for mb in st["micro_batches"]:
             mb["predicted_ms"] = max(g["predicted_ms"] for g in mb["groups"])
         st["predicted_ms"] = round(sum(mb["predicted_ms"] for mb in st["micro_batches"]), 6)
     plan["predicted_ms"] = round(sum(st["predicted_ms"] for st in plan["steps"]), 6)
+    s = plan["solver"]
+    s["objective"] = plan["predicted_ms"]
+    s["bound"] = min(s["bound"], s["objective"])
+    if s["status"] != "optimal":
+        s["gap"] = relative_gap(s["objective"], s["bound"])
 
 
 def test_a_planned_sp_plan_matches_its_cost_model(plan_file, capsys):
