@@ -353,6 +353,9 @@ class MoEPlan(Plan):
                                   f"layout's two_step_a2a {c.two_step_a2a}")
                 stage_errors = _check_stage_costs(at, c.layer0_stage_costs, c.layers[0])
                 errors += stage_errors or (_baseline_errors(at, c) + self._layer_errors(at, c))  # (per configuration)
+                if (not stage_errors and cfg is not None and len(c.layers) == cfg.num_layers
+                        and set(c.iteration_baselines_ms) == set(c.baselines_fwd_bwd_ms) == set(BASELINES)):
+                    errors += self._iteration_errors(at, c, cfg)
             if c.layers and not math.isclose(c.fwd_bwd_ms, c.layers[0].fwd_ms + c.layers[0].bwd_ms, rel_tol=1e-9):
                 errors.append(f"{at}: fwd_bwd_ms {c.fwd_bwd_ms} != layer 0's forward + backward")
             if c.iteration_fastest_bwd_ms is not None and c.iteration_ms > c.iteration_fastest_bwd_ms * (1 + 1e-9):
@@ -426,6 +429,76 @@ class MoEPlan(Plan):
                                                     f"that name, and (an older plan) its stage costs are not in it, "
                                                     f"so it cannot be re-simulated or drawn here; plan it again")
         return cfg, topo, src, prof
+
+    def _iteration_errors(self, at: str, c: "MoEConfigPlan", cfg) -> list[str]:
+        """The iteration's all-reduce figures from layer 0's stored stage costs (the all-reduce is its stage 4) and
+        the gradient slices, as :func:`~.planning.plan_config` computes them: the dense gradients' all-reduce
+        after the backward (``grad_exposed_at_end_ms``), what the slices leave exposed (``grad_exposed_ms``), the
+        slices' prefix rule (a layer's gradients are reduced only after its backward); for layers of one cost
+        model, the iteration baselines against the iteration (the same dense blocks, the baselines' layers at
+        layer 0's figure, their all-reduce after the backward); with a built-in profile, the dense blocks
+        themselves. These were only summed: an edited baseline iteration showed as a speedup the plan's own
+        figures do not give."""
+        rel = lambda a, b: math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)  # noqa: E731
+        rec, L = c.layer0_stage_costs, len(c.layers)
+        dense_grads = float(cfg.replicated_params) if self.gpus > 1 else 0.0
+        a4, b4 = rec.alpha[4], rec.work[4] / max(cfg.replicated_params, 1)
+        produced = [dense_grads] * L
+        at_end = a4 + b4 * sum(produced) if dense_grads > 0 else 0.0
+        errors = []
+        if not rel(c.grad_exposed_at_end_ms, at_end):
+            errors.append(f"{at}: grad_exposed_at_end_ms {c.grad_exposed_at_end_ms} ms, but layer 0's stage costs "
+                          f"give {at_end} ms for the dense gradients all-reduced after the backward")
+        left = sum(produced) - sum(c.grad_slices)
+        exposed = a4 + b4 * left if left > 1e-9 else 0.0
+        if not rel(c.grad_exposed_ms, exposed):
+            errors.append(f"{at}: grad_exposed_ms {c.grad_exposed_ms} ms, but the gradient slices leave {exposed} ms "
+                          f"of the all-reduce exposed")
+        taken = prefix = 0.0
+        for j, x in enumerate(c.grad_slices):  # (backward order: position j reduces what positions < j produced)
+            taken += x
+            if taken > prefix * (1 + 1e-9) + 1e-6:
+                errors.append(f"{at}: gradient slice {j} ({x:.6g} elements) reduces gradients no layer has produced "
+                              f"yet ({taken:.6g} reduced by then, {prefix:.6g} produced)")
+                break
+            prefix += produced[j] if j < L else 0.0
+        if errors:
+            return errors
+        expert_exposed = c.expert_grad_exposed_ms if c.expert_copies > 1 else 0.0
+        if expert_exposed is None:  # (an older plan: not recorded)
+            return errors
+        dense_total = c.iteration_ms - sum(lp.fwd_ms + lp.bwd_ms for lp in c.layers) - c.grad_exposed_ms - expert_exposed
+        from adasched.planner.plan import builtin_profile_of
+
+        prof = builtin_profile_of(self.profile) if self.profile else None
+        if prof is not None:
+            from .planning import dense_block_ms
+
+            f, b = dense_block_ms(cfg, prof)
+            want = sum(lp.fwd_ms + lp.bwd_ms for lp in c.layers) + L * (f + b) + c.grad_exposed_ms + expert_exposed
+            if not math.isclose(c.iteration_ms, want, rel_tol=1e-9, abs_tol=1e-6):
+                errors.append(f"{at}: iteration {c.iteration_ms} ms, but its layers, the profile's dense blocks "
+                              f"({L} x {f + b:.6g} ms) and the exposed all-reduces give {want} ms")
+                return errors
+        if cfg.mean_k_per_layer is not None:  # the baselines' layers have costs of their own (not stored)
+            return errors
+        extra = {}  # per baseline: its exposed expert all-reduce (the same buckets for both; 0 with one copy)
+        for name, have in c.iteration_baselines_ms.items():
+            extra[name] = have - c.baselines_fwd_bwd_ms[name] * L - at_end - dense_total
+        scale = max([c.iteration_ms, *c.iteration_baselines_ms.values()]) * 1e-9 + 1e-6
+        for name, e in extra.items():
+            if not -scale <= e <= c.expert_grad_allreduce_ms + scale:
+                want = c.baselines_fwd_bwd_ms[name] * L + at_end + dense_total
+                what = ("" if c.expert_copies == 1 else
+                        f" plus an exposed expert all-reduce of at most {c.expert_grad_allreduce_ms} ms")
+                errors.append(f"{at}: iteration_baselines_ms.{name} {c.iteration_baselines_ms[name]} ms, but "
+                              f"{L} layers of its fwd+bwd, the all-reduce after the backward and the plan's dense "
+                              f"blocks give {want} ms{what}")
+        if not errors and max(extra.values()) - min(extra.values()) > scale:
+            errors.append(f"{at}: iteration_baselines_ms: beyond their layers, the all-reduce after the backward and "
+                          f"the dense blocks they differ by {max(extra.values()) - min(extra.values())} ms, but every "
+                          f"baseline runs the same expert all-reduce")
+        return errors
 
     def _layer_errors(self, at: str, c: "MoEConfigPlan") -> list[str]:
         """Each layer of a mean_k other than layer 0's (router statistics: every layer its own), re-simulated from

@@ -195,7 +195,11 @@ def test_resolved_plan_pipeline_is_a_resharded_resume(launches, tmp_path, monkey
     monkeypatch.setenv("WORLD_SIZE", "2")
     plan = json.loads(launches["plans"]["mixtral-8x7b"].read_text())
     slices = plan["configs"][0]["grad_slices"]
-    slices[0] = slices[1] = slices[0] + slices[1] + 1.0       # other slices for the 2 layers the run has
+    # other slices for the 2 layers the run has: half of position 1's moved to the last position (the same total,
+    # so the same exposed all-reduce; the prefix rule holds: earlier positions only reduce less)
+    moved = slices[1] / 2
+    slices[1] -= moved
+    slices[-1] += moved
     resolved = tmp_path / "resolved.json"
     resolved.write_text(json.dumps(plan))
     want = [load_pipeline(p, ep_size=2, num_layers=2, world=2).slice_fractions
