@@ -1589,6 +1589,8 @@ def _number(value, name: str) -> float:
     if isinstance(value, torch.Tensor) and value.requires_grad:
         raise ValueError(f"{name}: a tensor that requires grad is not supported (no gradient reaches it); pass a "
                          "number or a detached tensor")
+    if isinstance(value, (bool, str, bytes)):  # (float() took "2" as 2.0 and True as 1.0)
+        raise ValueError(f"{name}: {value!r} must be a number")
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -1881,7 +1883,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
     if x.dim() == 0:
         raise ValueError("x: a 0-d tensor; must be [..., K]")
     flat = x.dim() == 2  # no reshape (a view and its backward: host calls) for a 2-D input
-    x2 = x if flat else x.reshape(-1, x.shape[-1])
+    # (rows spelled out: reshape(-1, 0) of a [..., 0] input is ambiguous and raised)
+    x2 = x if flat else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     ad = LoRAAdapterWeights(lora_a, lora_b, _number(scale, "scale"), _number(dropout_p, "dropout_p"))
     y = multi_lora_linear(x2, weight, [ad], [(0, 0, x2.shape[0])], bias=bias, seed=seed, gemm_config=gemm_config,
                           base_gemm=base_gemm)
@@ -1968,7 +1971,7 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.T
     if x.dim() == 0:  # (an IndexError here; lora_linear's message)
         raise ValueError("x: a 0-d tensor; must be [..., K]")
     K = x.shape[-1]
-    x2 = x.reshape(-1, K)
+    x2 = x.reshape(math.prod(x.shape[:-1]), K)
     ad = LoRAAdapterWeights(lora_a, lora_b, _number(scale, "scale"), _number(dropout_p, "dropout_p"))
     y = multi_lora_linear_reference(x2, weight, [ad], [(0, 0, x2.shape[0])], bias=bias, seed=seed)
     return y.reshape(*x.shape[:-1], weight.shape[0])
