@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..plan import MAX_LAYERS, Plan, SolverRecord, inputs_digest, profile_ref
+from ..plan import MAX_LAYERS, Plan, SolverRecord, inputs_digest, profile_ref, relative_gap
 from .baselines import mlora_baseline, sequential_baseline
 from .costmodel import StageCost, padded, stage_cost_from_profile
 # the adapter schema is part of the plan
@@ -408,6 +408,11 @@ class LoRAPlan(Plan):
             errors.append(f"solver.objective: {self.solver.objective}, the problems hold {bins:g} bins")
         if self.solver.bound is not None and self.solver.bound != bound:
             errors.append(f"solver.bound: {self.solver.bound}, the problems' bounds add up to {bound:g}")
+        want = relative_gap(bins, bound)
+        if self.solver.gap is not None and not math.isclose(self.solver.gap, want, rel_tol=1e-9, abs_tol=1e-12):
+            # (plans before 2026-12-02 recorded none: None is accepted)
+            errors.append(f"solver.gap: {self.solver.gap}, the problems' bins {bins:g} and bounds {bound:g} give "
+                          f"{want:.6g}")
         if self.sequence_source == "sequential" and self.groups != [[j] for j in range(n_jobs)]:
             errors.append(f"groups: {self.groups}, but a sequential sequence runs every job on its own")
         if self.sequence_source == "mlora-cut" and self.groups != [list(range(n_jobs))]:
@@ -669,13 +674,16 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
     n2_opt = sum(r.milp2 == "optimal" for r in records)
     worst = "optimal" if n_status["feasible"] == n_status["heuristic"] == 0 else (
         "feasible" if n_status["heuristic"] == 0 else "heuristic")
+    objective = float(sum(r.bins for r in records))
+    # a problem whose bin count was proved minimal is bounded by that count, not by its simple lower bound
+    # (else an all-optimal plan recorded objective 106, bound 104 under status "optimal")
+    bound = float(sum(r.bins if r.status == "optimal" else r.lower_bound for r in records))
     solver = SolverRecord(
         backend="ffd+pulp-cbc" if use_milp else "ffd",
         status=worst,
-        objective=float(sum(r.bins for r in records)),
-        # a problem whose bin count was proved minimal is bounded by that count, not by its simple lower bound
-        # (else an all-optimal plan recorded objective 106, bound 104 under status "optimal")
-        bound=float(sum(r.bins if r.status == "optimal" else r.lower_bound for r in records)),
+        objective=objective,
+        bound=bound,
+        gap=relative_gap(objective, bound),  # (was not recorded: show said "feasible" without it)
         solve_seconds=round(sum(solve_times), 6),
         time_limit=time_limit if use_milp else None,  # first-fit decreasing takes none
         seed=seed if use_milp else None,  # (first-fit decreasing draws nothing: --seed is refused with --no-milp)

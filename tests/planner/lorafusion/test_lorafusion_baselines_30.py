@@ -113,3 +113,20 @@ def test_resimulated_recomputes_the_baselines_of_new_lengths(planned):
     assert new.baselines_ms == {"mlora": want["mlora_makespan_ms"], "mlora_sorted": want["mlora_sorted_makespan_ms"],
                                 "sequential": want["sequential_makespan_ms"]}
     assert new.summary.speedup_vs_mlora == round(want["mlora_makespan_ms"] / new._makespan_ms(), 4)
+
+
+def test_the_solver_record_carries_its_gap(planned):
+    """(README hunt) a LoRA plan recorded objective and bound but no gap: `show` said "feasible" without it."""
+    from adasched.planner.plan import relative_gap
+
+    _, plan = planned
+    s = plan.solver
+    assert s.gap is not None and s.gap == relative_gap(s.objective, s.bound)
+    assert (s.gap == 0.0) == (s.objective == s.bound)
+    gap = s.gap + random.uniform(0.01, 0.5)
+    errors = plan.model_copy(update={"solver": s.model_copy(update={"gap": gap})}).verify()
+    # (under status "optimal" the base check objects first: an open gap there)
+    assert errors[-1] == (f"solver.gap: {gap}, the problems' bins {s.objective:g} and bounds {s.bound:g} give "
+                          f"{s.gap:.6g}"), errors
+    older = plan.model_copy(update={"solver": s.model_copy(update={"gap": None})})  # plans before 2026-12-02
+    assert older.verify() == []
