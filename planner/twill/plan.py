@@ -610,4 +610,14 @@ def plan_twill(graph, machine=None, params=None, *, simulate: bool = True, load_
         raise InputError("--load-slack", f"graph {problem.graph.name!r} gives no warp fields (registers, shared "
                                          "memory, variable latency, blocking waits): it ranks warp-specialised "
                                          "schedules only")
-    return make_plan(problem, solve(problem, params, load_slack=load_slack), simulate=simulate)
+    try:
+        schedule = solve(problem, params, load_slack=load_slack)
+    except ValueError as err:  # no schedule (or none in time): named by the graph's file or name as given (the
+        # message named the graph's "name" field, 'graph' for a file without one)
+        from adasched.profiler.io import InputError
+
+        if isinstance(err, InputError) or isinstance(graph, Graph):
+            raise
+        what = str(err).removeprefix(f"graph {problem.graph.name!r}: ")
+        raise type(err)(f"{graph}: {what}") from None
+    return make_plan(problem, schedule, simulate=simulate)
