@@ -157,7 +157,8 @@ def _task_spec():
         stream: str = Field(min_length=1)
         duration_ms: float = Field(ge=0, le=MAX_TASK_MS, allow_inf_nan=False)
         deps: list[str] = Field(default_factory=list)
-        sync: str | None = None
+        # (an empty key was a sync group of its own: every task given "" for "none" started together)
+        sync: str | None = Field(default=None, min_length=1)
         category: str = ""
 
     return TaskSpec
