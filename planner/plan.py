@@ -106,6 +106,16 @@ class Plan(BaseModel):
     def _iso_time(cls, v: str) -> str:
         return check_iso_time(v)
 
+    def made_before(self, when: str) -> bool:
+        """Whether the plan was written (``created``) before ``when`` (ISO 8601): checks of what a planner change
+        introduced hold the plans written since, and plan files of earlier planners keep loading. A ``created``
+        without a time zone is taken as UTC."""
+        def utc(v: str) -> datetime:
+            t = datetime.fromisoformat(v)
+            return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
+
+        return utc(self.created) < utc(when)
+
     # ---- presentation hooks, overridden per kind ------------------------------------------------
     def summary_rows(self) -> list[tuple[str, str]]:
         """(label, value) rows for `adasched show`; subclasses extend."""

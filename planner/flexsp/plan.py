@@ -196,7 +196,9 @@ class SPPlan(Plan):
             if missing:
                 errors.append(f"steps.{si}: sequences {missing[:8]} are in no group (the loss is over the whole "
                               "global batch)")
-            if self.max_context is not None and max(st.seqlens) > self.max_context:
+            # (plan_sp clips to max_context since 2026-12-02: the library's earlier plans recorded it unclipped)
+            if (self.max_context is not None and max(st.seqlens) > self.max_context
+                    and not self.made_before("2026-12-02T02:06:00+00:00")):
                 errors.append(f"steps.{si}.seqlens: a length of {max(st.seqlens):,} tokens, but the plan's lengths "
                               f"were clipped to max_context {self.max_context:,}")
         first: dict[int, int] = {}
@@ -301,7 +303,9 @@ class SPPlan(Plan):
                 errors.append(f"steps.{si}.predicted_ms: {st.predicted_ms} ms, above the step's lower bound "
                               f"{round(bounds[-1], 6)} ms, under solver status 'optimal' (every step at its bound)")
             have = st.baselines_ms.get("best_homogeneous")
-            if have is not None:  # at most the best single degree of each of the plan's own micro-batches
+            # at most the best single degree of each of the plan's own micro-batches (a candidate since 2026-12-01
+            # 05:38 UTC: before, the sorted splits' only)
+            if have is not None and not self.made_before("2026-12-01T05:39:00+00:00"):
                 own = 0.0
                 for mb in st.micro_batches:
                     ids = np.array(sorted(i for g in mb.groups for i in g.seq_ids), dtype=np.int64)

@@ -471,7 +471,9 @@ class MoEPlan(Plan):
         from adasched.planner.plan import builtin_profile_of
 
         prof = builtin_profile_of(self.profile) if self.profile else None
-        if prof is not None:
+        # (the dense blocks' constants are charged once per layer since 2026-11-30 14:48 UTC: older plans priced
+        # them otherwise and keep their iteration)
+        if prof is not None and not self.made_before("2026-11-30T14:49:00+00:00"):
             from .planning import dense_block_ms
 
             f, b = dense_block_ms(cfg, prof)

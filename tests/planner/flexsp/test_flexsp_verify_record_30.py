@@ -30,6 +30,7 @@ _ARGS = ["--profile", "a100-64-flexsp-paper", "--model", "gpt-7b", "--gpus", "8"
 def plan_file(tmp_path_factory):
     out = tmp_path_factory.mktemp("sp") / "p.json"
     seed = random.SystemRandom().randrange(10_000)
+    print(f"plan sp --seed {seed}")  # (shown with a failure of the first test that uses it)
     assert main(["plan", "sp", *_ARGS, "--seed", str(seed), "--out", str(out)]) == 0
     return out
 
@@ -171,3 +172,19 @@ def test_plan_sp_clips_to_max_context():
     assert max(max(st.seqlens) for st in plan.steps) <= cap
     for st in plan.steps:
         assert all(x in set(np.minimum(lens, cap).tolist()) for x in st.seqlens)
+
+
+def test_plans_before_the_checks_keep_loading(plan_file):
+    """(review) plans written before 2026-12-01 05:38 UTC took best_homogeneous over the sorted splits only (it
+    could be above the plan's own micro-batches' single degrees), and the library's plan_sp recorded max_context
+    without clipping before 2026-12-02: such plans load; the same content written since is refused."""
+    d = json.loads(plan_file.read_text())
+    longest = max(max(st["seqlens"]) for st in d["steps"])
+
+    def edit(d):
+        _scale_baseline("best_homogeneous", 1.5)(d)
+        d["max_context"] = longest - 1
+    new = _errors(plan_file, edit)
+    assert len(new) >= 2 and any("one degree per micro-batch" in e for e in new) \
+        and any("clipped to max_context" in e for e in new), new
+    assert _errors(plan_file, lambda d: (edit(d), d.update(created="2026-11-30T22:01:05+00:00"))) == []

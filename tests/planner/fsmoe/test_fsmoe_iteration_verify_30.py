@@ -21,6 +21,14 @@ from adasched.profiler.profile import load_profile
 LAYOUTS = [(16, None, False), (16, 4, False), (1, None, False), (16, 4, True)]
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """A fresh draw per test, printed (shown with a failure) so that it can be replayed."""
+    seed = random.SystemRandom().randrange(2**32)
+    print(f"random.seed({seed})")
+    random.seed(seed)
+
+
 def _plan(gpus, ep_size, stats, source):
     L = random.randint(2, 5)
     cfg = MoEConfig(name="t", experts=8, hidden=random.choice([256, 512]), ffn_hidden=512, top_k=2, batch=2,
@@ -104,3 +112,24 @@ def test_slices_against_the_prefix_rule_are_refused():
     errors = _verify(plan, lambda d: d.update(grad_slices=[total] + [0.0] * (len(d["grad_slices"]) - 1)))
     assert errors == [f"config 't': gradient slice 0 ({total:.6g} elements) reduces gradients no layer has "
                       f"produced yet ({total:.6g} reduced by then, 0 produced)"], errors
+
+
+def test_plans_before_the_dense_block_change_keep_their_iteration(planned):
+    """(review) plans written before 2026-11-30 14:48 UTC priced the dense blocks' constants otherwise: their
+    iteration, baselines and fastest-backward iteration all differ from today's dense blocks by the same amount
+    per layer. They load; a plan written since with that difference is refused."""
+    L = len(planned.configs[0].layers)
+    delta = random.uniform(0.05, 0.5) * L
+
+    def shift(d):
+        d["iteration_ms"] += delta
+        d["iteration_fastest_bwd_ms"] += delta
+        for name in d["iteration_baselines_ms"]:
+            d["iteration_baselines_ms"][name] += delta
+
+    d = json.loads(planned.model_dump_json())
+    shift(d["configs"][0])
+    errors = MoEPlan.model_validate(d).verify()
+    assert len(errors) == 1 and "the profile's dense blocks" in errors[0], errors
+    d["created"] = "2026-11-30T09:12:44+00:00"
+    assert MoEPlan.model_validate(d).verify() == []

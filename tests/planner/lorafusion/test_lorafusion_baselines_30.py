@@ -49,6 +49,7 @@ def _expected(w, plan) -> dict:
 def planned(request):
     seed, stages = request.param
     seed += random.SystemRandom().randrange(1000)
+    print(f"workload seed {seed}, stages {stages}")  # (shown with a failure)
     w = _workload(seed, stages)
     return w, build_plan(w, load_profile("h100-sxm"), use_milp=False)
 
