@@ -10,9 +10,10 @@ import sys
 from adasched.profiler.io import InputError
 from adasched.profiler.profile import ClusterProfile
 
+from ..plan import relative_gap
 from ..solver import SolveParams
 from .plan import layer_counts
-from .planning import plan_moe
+from .planning import plan_moe, proved_iteration
 from .presets import load_configs
 
 __all__ = ["run_bench", "run_subprocess_bench"]
@@ -56,6 +57,8 @@ def _block_summary(rows: list[dict]) -> dict:
         "iteration_shorter_than_fastest_bwd": sum(int(r["iteration_speedup_vs_fastest_bwd"] > 1 + 1e-9) for r in rows),
         "iteration_slower_than_a_baseline": sum(int(r["iteration_speedup_vs_no_pipeline"] < 1 - 1e-9
                                                     or r["iteration_speedup_vs_fixed_r2"] < 1 - 1e-9) for r in rows),
+        "iteration_gap_to_bound_mean": statistics.fmean(r["iteration_gap_to_bound"] for r in rows),
+        "iteration_gap_to_bound_max": max(r["iteration_gap_to_bound"] for r in rows),
     }
 
 
@@ -68,7 +71,9 @@ def run_bench(profile: ClusterProfile, gpus: int, presets: list[str], params: So
     Layer columns (r_bwd, wgrad_bwd, bwd_ms, fwd_bwd_ms and the layer speedups): layer 0 with its fastest
     backward, the per-layer schedule against the baselines' ones; the plan chooses the backward schedules with the
     gradient slices on the iteration and may run slower ones (``plan_r_bwd_layers``: layers per r_bwd in the plan;
-    ``iteration_speedup_vs_fastest_bwd``: the plan's iteration against every layer at its fastest backward).
+    ``iteration_speedup_vs_fastest_bwd``: the plan's iteration against every layer at its fastest backward;
+    ``iteration_gap_to_bound``: (iteration - its lower bound over every choice of candidates) / iteration, 0 where
+    the choice is proved).
 
     ``wgrad_fused_speedup_vs_no_pipeline``: the same plan with the backward weight gradients fused (autograd's
     order) - the choice of r (and the shared experts' overlap with the dispatch) without deferring the weight
@@ -113,6 +118,10 @@ def run_bench(profile: ClusterProfile, gpus: int, presets: list[str], params: So
                     iteration_speedup_vs_fixed_r2=c.iteration_baselines_ms["fixed-r2"] / c.iteration_ms,
                     iteration_fastest_bwd_ms=fastest_it, iteration_speedup_vs_fastest_bwd=fastest_it / c.iteration_ms,
                     plan_r_bwd_layers=plan_r, bwd_choice=c.bwd_choice,
+                    # how far the iteration can be from the best choice of backward candidates (0 where proved)
+                    iteration_lower_bound_ms=c.iteration_lower_bound_ms,
+                    iteration_gap_to_bound=0.0 if proved_iteration(c) else relative_gap(c.iteration_ms,
+                                                                                        c.iteration_lower_bound_ms),
                     grad_exposed_ms=c.grad_exposed_ms, grad_exposed_at_end_ms=c.grad_exposed_at_end_ms,
                 ))
         sources[src] = {"rows": rows}

@@ -111,6 +111,9 @@ class MoEConfigPlan(BaseModel):
     grad_exposed_at_end_ms: NonNegMs = Field(description="all-reduce exposed when it all runs after the backward pass")
     iteration_ms: NonNegMs = Field(description="all layers fwd+bwd incl. dense blocks and the exposed all-reduce")
     iteration_baselines_ms: dict[str, NonNegMs]
+    iteration_lower_bound_ms: NonNegMs | None = Field(default=None, description="no choice of the layers' backward "
+                                                      "candidates gives a shorter iteration (planning."
+                                                      "iteration_lower_bound); older plans: None")
     iteration_fastest_bwd_ms: NonNegMs | None = Field(default=None, description="the iteration with every layer's "
                                                       "fastest backward (the per-layer choice the joint one starts "
                                                       "from; iteration_ms is never longer); older plans: None")
@@ -367,6 +370,7 @@ class MoEPlan(Plan):
             if len(c.grad_slices) != len(c.layers) or any(v < 0 for v in c.grad_slices):
                 errors.append(f"{at}: {len(c.grad_slices)} gradient slices (need one >= 0 per layer, "
                               f"{len(c.layers)})")
+        errors += self._record_errors()
         for name, value, total in [("predicted_ms", self.predicted_ms, sum(c.fwd_bwd_ms for c in self.configs))] + [
                 (f"baselines_ms.{b}", ms, sum(c.baselines_fwd_bwd_ms.get(b, math.nan) for c in self.configs))
                 for b, ms in self.baselines_ms.items()]:
@@ -394,7 +398,9 @@ class MoEPlan(Plan):
                                  + (f" (every layer's fastest backward: {c.iteration_fastest_bwd_ms:.2f} ms; the "
                                     f"backward degrees are chosen with the gradient slices, r_bwd over the layers "
                                     f"{_counts([lp.r_bwd for lp in c.layers])})"
-                                    if c.iteration_fastest_bwd_ms is not None else "")))
+                                    if c.iteration_fastest_bwd_ms is not None else "")
+                                 + (f"; no choice of backward candidates beats {c.iteration_lower_bound_ms:.2f} ms"
+                                    if c.iteration_lower_bound_ms is not None else "")))
             rows.append((f"{c.name} layout", layout_text(c)))
         return rows
 
@@ -429,6 +435,34 @@ class MoEPlan(Plan):
                                                     f"that name, and (an older plan) its stage costs are not in it, "
                                                     f"so it cannot be re-simulated or drawn here; plan it again")
         return cfg, topo, src, prof
+
+    def _record_errors(self) -> list[str]:
+        """Each configuration's iteration lower bound at most its iteration, and the solver record's objective,
+        bound and gap as :func:`~.planning.plan_moe` writes them (older plans: no bound, no objective)."""
+        from ..plan import relative_gap
+        from .planning import record_bound
+
+        errors = []
+        for c in self.configs:
+            lb = c.iteration_lower_bound_ms
+            if lb is not None and lb > c.iteration_ms * (1 + 1e-9) + 1e-9:
+                errors.append(f"config {c.name!r}: iteration_lower_bound_ms {lb} is above its iteration "
+                              f"{c.iteration_ms} ms")
+        s = self.solver
+        if errors or s.objective is None or any(c.iteration_lower_bound_ms is None for c in self.configs):
+            return errors
+        objective, bound = record_bound(self.configs)
+        close = lambda a, b: a is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)  # noqa: E731
+        if not close(s.objective, objective):
+            errors.append(f"solver.objective: {s.objective}, but the configurations' iterations add up to "
+                          f"{objective} ms")
+        if not close(s.bound, bound):
+            errors.append(f"solver.bound: {s.bound}, but the configurations give {bound} ms (their iterations where "
+                          f"proved minimal, else their lower bounds)")
+        if not errors and not close(s.gap, relative_gap(objective, bound)):
+            errors.append(f"solver.gap: {s.gap}, objective {objective} and bound {bound} give "
+                          f"{relative_gap(objective, bound)}")
+        return errors
 
     def _iteration_errors(self, at: str, c: "MoEConfigPlan", cfg) -> list[str]:
         """The iteration's all-reduce figures from layer 0's stored stage costs (the all-reduce is its stage 4) and

@@ -7,7 +7,7 @@ from typing import Literal
 
 from adasched.profiler.profile import ClusterProfile
 
-from ..plan import inputs_digest, profile_ref
+from ..plan import inputs_digest, profile_ref, relative_gap
 from ..solver import SolveParams
 from .baselines import BASELINES, baseline_fwd_bwd_ms
 from .costmodel import (EXPERT_GRAD_BUCKET_ELEMENTS, MoEConfig, expert_grad_allreduce_ms, expert_grad_buckets, expert_params_per_gpu,
@@ -192,6 +192,23 @@ def choose_bwd_jointly(cands: list[list[BwdCandidate]], evaluate, *, identical: 
     return JointBwdChoice(best, best_t, "coordinate-descent", exhausted)
 
 
+def iteration_lower_bound(fwd_ms: list[float], cands: list[list[BwdCandidate]], dense_total: float,
+                          dense_b: float, last_dense_ms: float, comm_ms: float) -> float:
+    """A lower bound on the iteration of every choice of backward candidates (one per layer), as
+    :func:`plan_config` prices a choice: its forward and backward pipelines, the dense blocks (``dense_total``) and
+    the all-reduce time the backward does not hide, E = max(dense exposed, the link's backlog at the end plus
+    what runs after the backward). Two facts bound E, whatever the slices: the last layer of the backward's dense
+    gradients exist only after it (``last_dense_ms``, alpha + beta x its elements, is always exposed), and the
+    link hides at most its idle time, each layer's idle link time in its backward plus its dense block's backward
+    (``dense_b``), of all the all-reduce work (``comm_ms``: the dense gradients as one all-reduce - slicing only
+    adds latencies - and every expert bucket). So per choice c, iteration(c) >= forward + dense + sum bwd(c) +
+    max(last_dense_ms, comm_ms - L dense_b - sum idle(c)), and the minimum over c is at least the larger of
+    sum min bwd + last_dense_ms and sum min (bwd - idle) + comm_ms - L dense_b."""
+    fastest = sum(min(c.time_ms for c in cs) for cs in cands)
+    busy = sum(min(c.time_ms - c.idle_ms for c in cs) for cs in cands)
+    return sum(fwd_ms) + dense_total + max(fastest + last_dense_ms, busy + comm_ms - len(cands) * dense_b, fastest)
+
+
 def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: Literal["profile", "published"],
                 params: SolveParams, ep_size: int | None = None, two_step: bool = False,
                 gpus_per_node: int | None = None, joint_bwd: bool = True,
@@ -309,6 +326,8 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
     if done_fastest[0] <= done[0]:  # the joint choice is never longer than the fastest-per-layer one
         joint.choice, done = fastest, done_fastest
     iteration, sl, expert_exposed = done
+    lower = iteration_lower_bound(fwd_ms, cands, dense_total, dense_b, a4 + b4 * dense_grads if dense_grads > 0 else 0.0,
+                                  at_end + sum(expert_ms) + expert_rest_ms)
     layers: list[MoELayerPlan] = []
     for i in range(cfg.num_layers):
         d = per_layer[0 if identical else i]
@@ -335,12 +354,28 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
         a2a_ms=first.a2a_ms, layers=layers, fwd_bwd_ms=layers[0].fwd_ms + layers[0].bwd_ms,
         baselines_fwd_bwd_ms={name: v[0] for name, v in base_layers.items()},
         grad_slices=sl.slices, grad_exposed_ms=sl.exposed_ms, grad_exposed_at_end_ms=at_end,
-        iteration_ms=iteration, iteration_baselines_ms=iter_base, slice_solver_status=sl.outcome.status,
+        iteration_ms=iteration, iteration_lower_bound_ms=min(lower, iteration),
+        iteration_baselines_ms=iter_base, slice_solver_status=sl.outcome.status,
         slice_solver_backend=sl.outcome.backend,
         iteration_fastest_bwd_ms=done_fastest[0], bwd_choice=joint.method + (" (budget spent)" * joint.exhausted_budget),
         stage_source=first.source, stage_notes=list(first.notes) + ([expert_note] if expert_note else []),
         layer0_stage_costs=StageCostsRecord.of(first),
     )
+
+
+def record_bound(configs) -> tuple[float, float]:
+    """(objective, bound) of a MoE plan's solver record: the configurations' iterations summed, and theirs where
+    the iteration is proved minimal over the candidates (a backward choice in ``PROVED_CHOICES``, slices proved
+    optimal), else the iteration's lower bound."""
+    objective = sum(c.iteration_ms for c in configs)
+    bound = sum(c.iteration_ms if proved_iteration(c) else c.iteration_lower_bound_ms for c in configs)
+    return objective, bound
+
+
+def proved_iteration(c) -> bool:
+    """Configuration ``c``'s iteration is proved minimal over its backward candidates: a proved joint choice and
+    gradient slices proved optimal."""
+    return (c.bwd_choice or "").split(" (")[0] in PROVED_CHOICES and c.slice_solver_status == "optimal"
 
 
 def plan_moe(configs: list[MoEConfig], gpus: int, profile: ClusterProfile, *,
@@ -373,7 +408,9 @@ def plan_moe(configs: list[MoEConfig], gpus: int, profile: ClusterProfile, *,
         status = "heuristic"  # the joint backward choice was not proved over every combination
     milp = any(c.slice_solver_backend != "exact" for c in out)  # (the fallback ran: the record names CBC)
     gain = sum((c.iteration_fastest_bwd_ms or c.iteration_ms) - c.iteration_ms for c in out)
+    objective, bound = record_bound(out)
     record = SolverRecord(backend="exact-eval" + ("+pulp-cbc" if milp else ""), status=status, solve_seconds=round(dt, 6),
+                          objective=objective, bound=bound, gap=relative_gap(objective, bound),
                           time_limit=params.time_limit, seed=params.seed, threads=params.threads,
                           note="forward r per layer by exhaustive exact evaluation over {1,2,4,8,16} (doubled past "
                                "16 while faster), the fastest; backward r (with its order and wgrad placement) "
@@ -386,7 +423,11 @@ def plan_moe(configs: list[MoEConfig], gpus: int, profile: ClusterProfile, *,
                                "gradient slices by a greedy fill proved optimal by a matching upper bound (the "
                                "slice MILP, pulp-cbc, only where the bound would not match). Choices: "
                                + ", ".join(f"{c.name} {c.bwd_choice}" for c in out)
-                               + f"; {gain:.4g} ms of iteration gained over every layer's fastest backward")
+                               + f"; {gain:.4g} ms of iteration gained over every layer's fastest backward"
+                               + "; objective = the configurations' iterations summed, bound = theirs where the "
+                                 "backward choice is proved (single, nothing-exposed, exhaustive), else the "
+                                 "iteration's lower bound over every choice of candidates (every layer's fastest "
+                                 "backward, the all-reduce that no idle link time can hide)")
     predicted = sum(c.fwd_bwd_ms for c in out)
     baselines = {name: sum(c.baselines_fwd_bwd_ms[name] for c in out) for name in BASELINES}
     return MoEPlan(

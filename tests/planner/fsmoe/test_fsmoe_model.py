@@ -349,6 +349,17 @@ def test_bench_summary_has_required_fields(capsys):
     assert s["inter_node_bound_speedup_vs_no_pipeline_mean"] == \
         res["summary_by_source"]["published"]["inter_node_bound_speedup_vs_no_pipeline_mean"]
     assert res["summary_all_sources"]["configs"] == sum(len(res["sources"][k]["rows"]) for k in res["sources"])
+    for src in ("published", "profile"):  # (30th session) the iteration's gap to its lower bound, per row
+        rows = res["sources"][src]["rows"]
+        for r in rows:
+            assert r["iteration_lower_bound_ms"] <= r["iteration_ms"] * (1 + 1e-12)
+            want = 0.0 if r["bwd_choice"] in ("single", "nothing-exposed", "exhaustive") else \
+                (r["iteration_ms"] - r["iteration_lower_bound_ms"]) / r["iteration_ms"]
+            assert r["iteration_gap_to_bound"] == pytest.approx(want, rel=1e-9, abs=1e-15)
+        got = res["summary_by_source"][src]
+        assert got["iteration_gap_to_bound_max"] == max(r["iteration_gap_to_bound"] for r in rows) < 0.05
+        assert got["iteration_gap_to_bound_mean"] == pytest.approx(
+            sum(r["iteration_gap_to_bound"] for r in rows) / len(rows))
     for src in ("published", "profile"):  # 64 GPUs = 8 nodes: every a2a-bound exchange crosses nodes
         rows = res["sources"][src]["rows"]
         assert all(r["inter_node_bound"] == r["a2a_bound"] for r in rows)
