@@ -9,7 +9,8 @@ import os
 from datetime import datetime, timezone
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, PrivateAttr, field_validator,
+                      model_validator)
 
 from .io import InputError, atomic_write_json, check_iso_time, load_model
 
@@ -38,6 +39,12 @@ MIN_BETA_MS_PER_BYTE = 1e-12
 #: failed far from the file ("fwd_bwd_ms: Input should be a finite number")
 MAX_BETA_MS_PER_BYTE = 1.0
 MAX_ALPHA_MS = 1e6
+#: bounds of the compute fits' per-token terms (ms per token^2, ms per token): 1 ms per token^2 prices a 10^5-token
+#: sequence at 10^10 ms, still a number the planners' solvers and simulations take
+MAX_A1_MS_PER_TOK2 = 1.0
+MAX_A2_MS_PER_TOK = 1e3
+#: a fit's mean relative error beyond which it is no fit (100 = 10,000 %: 1e9 was shown as "100000000000.0%")
+MAX_FIT_REL_ERROR = 100.0
 #: most memory a device may declare (bytes): 1 PiB (2**70 loaded)
 MAX_DEVICE_MEMORY_BYTES = 2**50
 #: one device's dense GEMM rate and copy bandwidth, with room to spare (an H100 ~1,000 TFLOP/s bf16, HBM3e ~8,000
@@ -74,7 +81,7 @@ class CollectiveFit(_Strict):
     beta_ms_per_byte: float = Field(ge=MIN_BETA_MS_PER_BYTE, le=MAX_BETA_MS_PER_BYTE,
                                     description="ms per byte; at least 1e-12 (1 PB/s per rank: a smaller one reads as "
                                                 "an infinite link), at most 1 (1 kB/s)")
-    fit_rel_error: float = Field(default=0.0, ge=0.0, description="mean |pred - meas| / meas over the fitted points")
+    fit_rel_error: float = Field(default=0.0, ge=0.0, le=MAX_FIT_REL_ERROR, description="mean |pred - meas| / meas over the fitted points")
     source: str = "measured"
 
     def time_ms(self, nbytes: float) -> float:
@@ -103,12 +110,14 @@ def bus_factor(op: CollectiveOp, n: int) -> float:
 class AttentionFit(_Strict):
     """Causal attention of one layer, fwd+bwd: time_ms(s) = a1 * s^2 + a2 * s + b (s = sequence length)."""
 
-    a1_ms_per_tok2: float = Field(ge=0.0)
-    a2_ms_per_tok: float = Field(ge=0.0)
-    b_ms: float = Field(default=0.0, ge=0.0)
+    # bounded like the collective fits (1e300 in a profile file was a traceback or a solver's two-line refusal in
+    # plan sp, and a plan of 3e303 ms from plan lora): far above any device's (h100-sxm: 5.1e-8, 7.0e-5, 0.046)
+    a1_ms_per_tok2: float = Field(ge=0.0, le=MAX_A1_MS_PER_TOK2)
+    a2_ms_per_tok: float = Field(ge=0.0, le=MAX_A2_MS_PER_TOK)
+    b_ms: float = Field(default=0.0, ge=0.0, le=MAX_ALPHA_MS)
     heads: PositiveInt = 32
     head_dim: PositiveInt = 128
-    fit_rel_error: float = Field(default=0.0, ge=0.0)
+    fit_rel_error: float = Field(default=0.0, ge=0.0, le=MAX_FIT_REL_ERROR)
     source: str = "measured"
 
     @model_validator(mode="after")
@@ -125,11 +134,11 @@ class AttentionFit(_Strict):
 class LinearFit(_Strict):
     """Linear layers (QKV, O, MLP) of one transformer layer, fwd+bwd: time_ms(t) = ms_per_token * t + b_ms."""
 
-    ms_per_token: float = Field(gt=0.0)
-    b_ms: float = Field(default=0.0, ge=0.0)
+    ms_per_token: float = Field(gt=0.0, le=MAX_A2_MS_PER_TOK)  # (bounded as AttentionFit's terms)
+    b_ms: float = Field(default=0.0, ge=0.0, le=MAX_ALPHA_MS)
     hidden: PositiveInt = 4096
     ffn_hidden: PositiveInt = 11008
-    fit_rel_error: float = Field(default=0.0, ge=0.0)
+    fit_rel_error: float = Field(default=0.0, ge=0.0, le=MAX_FIT_REL_ERROR)
     source: str = "measured"
 
     def time_ms(self, tokens: float) -> float:
@@ -142,9 +151,9 @@ class ModelCost(_Strict):
 
     hidden: PositiveInt
     layers: PositiveInt
-    a1_ms_per_tok2: float = Field(ge=0.0)
-    a2_ms_per_tok: float = Field(ge=0.0)
-    b1_ms: float = Field(ge=0.0)
+    a1_ms_per_tok2: float = Field(ge=0.0, le=MAX_A1_MS_PER_TOK2)  # (bounded as AttentionFit's terms; gpt-30b's
+    a2_ms_per_tok: float = Field(ge=0.0, le=MAX_A2_MS_PER_TOK)    # published: 1.5e-5, 0.80, 2,789)
+    b1_ms: float = Field(ge=0.0, le=MAX_ALPHA_MS)
     act_bytes_per_token: PositiveFloat
     source: str
 
@@ -191,6 +200,9 @@ class ClusterProfile(_Strict):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     kind: Literal["cluster_profile"] = "cluster_profile"
+    # the file it was read from (load_profile), which the planners' refusals name: "profile 'h100-sxm': lacks
+    # 'collectives'" blamed the built-in for an edited copy of it
+    _origin: str | None = PrivateAttr(default=None)
     name: str = Field(min_length=1)
     source: str = Field(description="where the numbers come from (measured on host X / published in paper Y)")
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -254,16 +266,16 @@ class ClusterProfile(_Strict):
             raise InputError("group_size", f"must be >= 1, got {group_size}")
         fits = sorted((c for c in self.collectives if c.op == op), key=lambda c: c.group_size)
         if not fits:
-            raise InputError(f"profile {self.name!r}", f"has no {op} fit (a planner needs collectives.{op})")
+            raise InputError(self.where, f"has no {op} fit (a planner needs collectives.{op})")
         if across_nodes:
             fits = [c for c in fits if c.scope == "inter"]
             if not fits:
-                raise InputError(f"profile {self.name!r}", f"has no inter-node {op} fit (measured on one node?)")
+                raise InputError(self.where, f"has no inter-node {op} fit (measured on one node?)")
         for c in fits:
             if c.group_size >= group_size:
                 return c
         raise InputError(
-            f"profile {self.name!r}",
+            self.where,
             f"{'inter-node ' if across_nodes else ''}{op} fitted up to group size {fits[-1].group_size}, "
             f"asked for {group_size}",
         )
@@ -297,7 +309,7 @@ class ClusterProfile(_Strict):
         G = self.gpus_per_node
         k, rem = divmod(group_size, G)
         have = f"{op} fitted up to group size {sizes[-1]}" if sizes else f"no {op} fit"
-        where = f"profile {self.name!r}"
+        where = self.where
         if op not in ("all_gather", "reduce_scatter", "all_reduce"):
             raise InputError(where, f"has {have}, asked for {group_size} (no two-level estimate for {op})")
         if rem or k < 2 or group_size > self.world_size:
@@ -350,6 +362,17 @@ class ClusterProfile(_Strict):
             return 0.0
         return self.collective(op, group_size, across_nodes=across_nodes).time_ms(nbytes)
 
+    def __eq__(self, other) -> bool:
+        """Equal contents: where a profile was read from (``_origin``) is not part of its value."""
+        if not isinstance(other, BaseModel):
+            return NotImplemented
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
+    @property
+    def where(self) -> str:
+        """What an error about this profile names: the file it was read from, else "profile 'NAME'"."""
+        return self._origin if self._origin is not None else f"profile {self.name!r}"
+
     def require(self, *fields: str, who: str) -> None:
         """Raise a clear InputError if a field a planner needs is missing (None or empty). A name that is not a
         ClusterProfile field is a ValueError (a typo would otherwise read as 'the profile lacks it')."""
@@ -357,7 +380,7 @@ class ClusterProfile(_Strict):
             if f not in type(self).model_fields and not isinstance(getattr(type(self), f, None), property):
                 raise ValueError(f"require: {f!r} is not a ClusterProfile field")
             if getattr(self, f, None) in (None, [], {}):
-                raise InputError(f"profile {self.name!r}", f"lacks '{f}', which {who} needs")
+                raise InputError(self.where, f"lacks '{f}', which {who} needs")
 
     def with_nodes(self, num_nodes: int) -> "ClusterProfile":
         """The same per-node hardware on `num_nodes` nodes (world = num_nodes * gpus_per_node).
@@ -420,7 +443,9 @@ def load_profile(name_or_path: str | os.PathLike) -> ClusterProfile:
         return builtin_profile(key)
     if not os.path.exists(key) and os.sep not in key and not key.endswith(".json"):
         raise InputError("--profile", f"{key!r} is neither a built-in profile ({', '.join(sorted(BUILTIN_PROFILES))}) nor a file")
-    return load_model(key, ClusterProfile)
+    prof = load_model(key, ClusterProfile)
+    prof._origin = key
+    return prof
 
 
 def check_builtin_unshadowed(name: str, where: str) -> None:

@@ -13,10 +13,10 @@ def _fit_note(rel_error: float, source: str) -> str:
     the data did not resolve and a floor set, an attention fit without an s^2 term, a proportional linear model:
     shown as measured fits before); 'published constants' for one taken from a paper (it read "fit error 0.0%": no
     fit was made, no error is known)."""
-    if source.startswith("published"):
-        return "published constants"
     notes = [n.strip() for n in source.split("; ")[1:] if n.strip()]
-    return f"fit error {rel_error:.1%}" + "".join(f"; {n}" for n in notes)
+    # (published constants keep their notes too: "extrapolated ... (optimistic)" past the paper's sizes was dropped)
+    head = "published constants" if source.startswith("published") else f"fit error {rel_error:.1%}"
+    return head + "".join(f"; {n}" for n in notes)
 
 
 def profile_rows(p: ClusterProfile) -> list[tuple[str, str]]:

@@ -51,7 +51,7 @@ def test_published_model_terms_of_another_shape_are_refused(tmp_path, capsys):
                           lambda d: d["model_costs"]["gpt-7b"].update(hidden=8192, layers=layers))
     assert main(["plan", "sp", "--profile", prof, "--model", "gpt-7b", "--seqlens", "builtin", "--gpus", "8",
                  "--global-batch", "16", "--out", str(tmp_path / "p.json")]) == 2
-    assert capsys.readouterr().err == (f"error: profile 'a100-64-flexsp-paper': model_costs['gpt-7b']: hidden 8192, "
+    assert capsys.readouterr().err == (f"error: {prof}: model_costs['gpt-7b']: hidden 8192, "
                                        f"layers {layers}, but model 'gpt-7b' has hidden 4096, layers 32\n")
 
 

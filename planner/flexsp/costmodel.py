@@ -209,7 +209,7 @@ def _zero3(profile: ClusterProfile, model: ModelShape, world: int) -> tuple[floa
     if world > 1 and len({have[op] for op in needed}) > 1:  # (priced in part, silently: b1 lost 2/3)
         missing = next(op for op in needed if not have[op])
         other = next(op for op in needed if have[op])
-        raise InputError(f"profile {profile.name!r}", f"has {other} fits but no {missing} fit: ZeRO-3's parameter "
+        raise InputError(profile.where, f"has {other} fits but no {missing} fit: ZeRO-3's parameter "
                                                       f"traffic needs both (or neither: then it is not charged)")
     for op, times, nbytes in (("all_gather", per_mb["all_gather"], 2.0 * model.params / world),
                               ("reduce_scatter", per_mb["reduce_scatter"], 2.0 * model.params)):
@@ -227,7 +227,7 @@ def sp_cost_model(profile: ClusterProfile, model: ModelShape | str, world: int |
     if isinstance(model, str):
         model = model_preset(model)
     if world is None and profile.world_size & (profile.world_size - 1):  # (blamed --gpus, which was not given)
-        raise InputError(f"profile {profile.name!r}", f"describes {profile.world_size} GPUs, not a power of two "
+        raise InputError(profile.where, f"describes {profile.world_size} GPUs, not a power of two "
                                                       f"(Ulysses groups are buddy-aligned powers of two): pass --gpus")
     world = profile.world_size if world is None else world
     if world < 1 or world & (world - 1):
@@ -239,7 +239,7 @@ def sp_cost_model(profile: ClusterProfile, model: ModelShape | str, world: int |
     if mc is not None and (mc.hidden, mc.layers) != (model.hidden, model.layers):
         # the published terms are for the model the profile names; the communication term uses the preset's
         # shape - a profile of another shape under this name planned with its terms and the preset's shape, silently
-        raise InputError(f"profile {profile.name!r}", f"model_costs[{model.name!r}]: hidden {mc.hidden}, layers "
+        raise InputError(profile.where, f"model_costs[{model.name!r}]: hidden {mc.hidden}, layers "
                                                       f"{mc.layers}, but model {model.name!r} has hidden "
                                                       f"{model.hidden}, layers {model.layers}")
     if mc is not None:
@@ -247,7 +247,7 @@ def sp_cost_model(profile: ClusterProfile, model: ModelShape | str, world: int |
         source = f"published per-model terms: {mc.source}"
     else:
         if profile.attention is None or profile.linear is None:
-            raise InputError(f"profile {profile.name!r}",
+            raise InputError(profile.where,
                              f"has neither model_costs[{model.name!r}] nor attention+linear fits to derive them from")
         att, lin = profile.attention, profile.linear
         L, h = model.layers, model.hidden

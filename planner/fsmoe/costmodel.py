@@ -412,7 +412,7 @@ def _dense_allreduce_fit(profile: ClusterProfile, topo: Topology):
     profile's two-level estimate (was: the largest fit, e.g. an 8-GPU NVLink one for 64 GPUs on two nodes' worth
     of links)."""
     if not profile.group_sizes("all_reduce"):
-        raise InputError(f"profile {profile.name!r}", "has no all_reduce fit (the FSMoE planner needs "
+        raise InputError(profile.where, "has no all_reduce fit (the FSMoE planner needs "
                                                       "collectives.all_reduce for the gradient all-reduce stage)")
     return profile.collective_two_level("all_reduce", topo.gpus)
 

@@ -1,0 +1,77 @@
+"""30th session (profiler hunt): the compute fits of a profile file had no upper bound (the collective fits did):
+attention.a1_ms_per_tok2 = 1e300 was a 54-line traceback from `plan sp`, model_costs.gpt-7b.a1 = 1e100 a solver's
+two-line refusal naming neither file nor field, linear.ms_per_token = 1e300 a LoRA plan of 3e303 ms written with
+exit 0; a fit_rel_error of 1e9 was shown as "100000000000.0%". And `show` dropped the notes of published fits
+("extrapolated ... (optimistic)" after with_nodes past the paper's sizes)."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from adasched.planner.cli import main
+from adasched.profiler.profile import load_profile, save_profile
+from adasched.profiler.report import profile_rows
+
+
+def _edited(tmp_path, name, path, value):
+    d = json.loads(load_profile(name).model_dump_json())
+    node = d
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    p = tmp_path / f"p{random.randrange(10**6)}.json"
+    p.write_text(json.dumps(d))
+    return p
+
+
+CASES = [("h100-sxm", ("attention", "a1_ms_per_tok2"), 1e300), ("h100-sxm", ("attention", "a2_ms_per_tok"), 1e200),
+         ("h100-sxm", ("attention", "b_ms"), 1e308), ("h100-sxm", ("linear", "ms_per_token"), 1e300),
+         ("h100-sxm", ("linear", "b_ms"), 1e308), ("h100-sxm", ("attention", "fit_rel_error"), 1e9),
+         ("a100-64-flexsp-paper", ("model_costs", "gpt-7b", "a1_ms_per_tok2"), 1e100),
+         ("a100-64-flexsp-paper", ("model_costs", "gpt-7b", "b1_ms"), 1e300),
+         ("a100-64-flexsp-paper", ("model_costs", "gpt-13b", "a2_ms_per_tok"), 2e3)]
+
+
+@pytest.mark.parametrize("name,path,value", CASES, ids=[".".join(c[1]) for c in CASES])
+def test_absurd_compute_fits_are_refused_on_load(tmp_path, capsys, name, path, value):
+    p = _edited(tmp_path, name, path, value)
+    assert main(["show", str(p)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {p}: {'.'.join(path)}: "), err
+    out = tmp_path / "never.json"
+    kind = ["lora", "--jobs", "tiny", "--no-milp"] if name == "h100-sxm" else \
+        ["sp", "--model", "gpt-7b", "--seqlens", "builtin", "--gpus", "8", "--global-batch", "8", "--max-context", "8192"]
+    assert main(["plan", *kind, "--profile", str(p), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {p}: {'.'.join(path)}: "), err
+    assert not out.exists()
+
+
+def test_fits_at_their_bounds_still_load(tmp_path):
+    p = _edited(tmp_path, "h100-sxm", ("attention", "a1_ms_per_tok2"), 1.0)
+    assert load_profile(p).attention.a1_ms_per_tok2 == 1.0
+
+
+def test_published_fits_keep_their_notes(tmp_path):
+    prof = load_profile("h100-sxm").with_nodes(16)
+    save_profile(prof, tmp_path / "h16.json")
+    rows = dict(profile_rows(load_profile(tmp_path / "h16.json")))
+    extrapolated = [v for k, v in rows.items() if "x128" in k]
+    assert extrapolated and all("published constants; " in v and "extrapolated" in v for v in extrapolated), rows
+
+
+def test_a_profile_file_is_named_by_the_planners(tmp_path, capsys):
+    """A copy of a built-in profile edited to lack its collectives was refused as "profile 'h100-sxm': lacks
+    'collectives'", blaming the built-in; the file is named now (the built-ins keep their name)."""
+    p = _edited(tmp_path, "h100-sxm", ("collectives",), [])
+    out = tmp_path / "never.json"
+    assert main(["plan", "moe", "--config", "mixtral-8x7b", "--gpus", "8", "--profile", str(p), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {p}: lacks 'collectives', which the FSMoE planner needs\n"
+    assert main(["plan", "sp", "--model", "gpt-7b", "--seqlens", "builtin", "--gpus", "8", "--global-batch", "8",
+                 "--max-context", "8192", "--profile", str(p), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {p}: has no ") and err.count("\n") == 1, err
+    assert not out.exists()
+    assert load_profile("h100-sxm").where == "profile 'h100-sxm'" and load_profile(p).where == str(p)
