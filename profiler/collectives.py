@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .fit import SIZE_TERM_FLOOR, fit_alpha_beta
-from .profile import CollectiveFit, group_scope
+from .profile import MAX_FIT_REL_ERROR, CollectiveFit, group_scope
 
 __all__ = ["OPS", "CollectiveConfig", "collective_config", "measure_collectives", "fit_collectives",
            "spawn_collectives", "free_port", "held_store", "group_sizes_for"]
@@ -259,6 +259,10 @@ def fit_collectives(result: dict[str, Any], ranks_per_node: int, source: str) ->
             src += f"; {f.note}"
         if result.get("emulated", {}).get(op):
             src += f"; {op} {result['emulated'][op]}"
+        if not f.rel_error <= MAX_FIT_REL_ERROR:  # (a traceback after the whole measurement run: timings near 0)
+            raise ValueError(f"{op} on {g} ranks: the alpha-beta fit's mean relative error is {f.rel_error:.3g} (a "
+                             f"fit within {MAX_FIT_REL_ERROR:g} is kept): timings this close to 0 do not fit - "
+                             f"measure larger sizes or more repeats")
         fits.append(CollectiveFit(op=op, group_size=g, scope=group_scope(g, ranks_per_node, result["world"]),
                                   alpha_ms=f.coef[0], beta_ms_per_byte=f.coef[1], fit_rel_error=f.rel_error,
                                   source=src))

@@ -111,7 +111,7 @@ def _setup(profile: str, model: str, seqlens: str, gpus: Optional[int], max_cont
     if n < 1:
         raise InputError("--gpus", f"must be >= 1, got {n}")
     if n > prof.world_size:
-        raise InputError("--gpus", f"{n} GPUs but profile {prof.name!r} describes {prof.world_size} "
+        raise InputError("--gpus", f"{n} GPUs but {prof.where} describes {prof.world_size} "
                                    f"({prof.num_nodes} nodes x {prof.gpus_per_node}); use a profile with more nodes")
     cm = sp_cost_model(prof, mdl, gpus)  # (None: the profile's world, its own error when not a power of two)
     if max_context is not None and max_context < 1:
@@ -305,7 +305,9 @@ def _scaling(prof, mdl, lens, cfg, seed) -> list[dict]:
                            milp=r.milp_status, mip_gap=None if r.mip_gap is None else round(r.mip_gap, 4))
             except ValueError as err:
                 row = dict(gpus=g, sequences=b, tokens=int(batch.sum()), micro_batches=None, solve_seconds=None,
-                           speedup_vs_static=None, speedup_vs_best_homogeneous=None, milp=f"error: {err}"[:60],
+                           speedup_vs_static=None, speedup_vs_best_homogeneous=None,
+                           # (the reason, not where: a profile file's path filled the 60 characters)
+                           milp=f"error: {getattr(err, 'what', err)}"[:60],
                            mip_gap=None)
             out.append(row)
             advance()

@@ -233,7 +233,7 @@ def sp_cost_model(profile: ClusterProfile, model: ModelShape | str, world: int |
     if world < 1 or world & (world - 1):
         raise InputError("--gpus", f"{world} is not a power of two (Ulysses groups are buddy-aligned powers of two)")
     if world > profile.world_size:
-        raise InputError("--gpus", f"{world} GPUs but profile {profile.name!r} describes {profile.world_size} "
+        raise InputError("--gpus", f"{world} GPUs but {profile.where} describes {profile.world_size} "
                                    f"({profile.num_nodes} nodes x {profile.gpus_per_node})")
     mc = profile.model_costs.get(model.name)
     if mc is not None and (mc.hidden, mc.layers) != (model.hidden, model.layers):

@@ -359,7 +359,7 @@ def stage_costs(cfg: MoEConfig, topo: Topology, *, source: Literal["published", 
         raise ValueError("stage_costs(source='profile') needs a profile")
     profile.require("gemm_tflops", "collectives", who="the FSMoE planner")
     if topo.gpus > profile.world_size:
-        raise InputError("--gpus", f"{topo.gpus} GPUs but profile {profile.name!r} describes {profile.world_size}")
+        raise InputError("--gpus", f"{topo.gpus} GPUs but {profile.where} describes {profile.world_size}")
     notes = []
     alpha = [0.0] * 5
     work = [0.0] * 5

@@ -198,7 +198,8 @@ def iteration_lower_bound(fwd_ms: list[float], cands: list[list[BwdCandidate]], 
     :func:`plan_config` prices a choice: its forward and backward pipelines, the dense blocks (``dense_total``) and
     the all-reduce time the backward does not hide, E = max(dense exposed, the link's backlog at the end plus
     what runs after the backward). Two facts bound E, whatever the slices: the last layer of the backward's dense
-    gradients exist only after it (``last_dense_ms``, alpha + beta x its elements, is always exposed), and the
+    gradients exist only after it and the expert buckets' remainder is launched after it (``last_dense_ms``: alpha +
+    beta x those elements plus that remainder's all-reduce, always exposed), and the
     link hides at most its idle time, each layer's idle link time in its backward plus its dense block's backward
     (``dense_b``), of all the all-reduce work (``comm_ms``: the dense gradients as one all-reduce - slicing only
     adds latencies - and every expert bucket). So per choice c, iteration(c) >= forward + dense + sum bwd(c) +
@@ -326,7 +327,10 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
     if done_fastest[0] <= done[0]:  # the joint choice is never longer than the fastest-per-layer one
         joint.choice, done = fastest, done_fastest
     iteration, sl, expert_exposed = done
-    lower = iteration_lower_bound(fwd_ms, cands, dense_total, dense_b, a4 + b4 * dense_grads if dense_grads > 0 else 0.0,
+    # always exposed: the last layer's dense gradients (they exist after the backward) and the expert buckets'
+    # remainder (launched after it)
+    lower = iteration_lower_bound(fwd_ms, cands, dense_total, dense_b,
+                                  (a4 + b4 * dense_grads if dense_grads > 0 else 0.0) + expert_rest_ms,
                                   at_end + sum(expert_ms) + expert_rest_ms)
     layers: list[MoELayerPlan] = []
     for i in range(cfg.num_layers):
@@ -354,7 +358,7 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
         a2a_ms=first.a2a_ms, layers=layers, fwd_bwd_ms=layers[0].fwd_ms + layers[0].bwd_ms,
         baselines_fwd_bwd_ms={name: v[0] for name, v in base_layers.items()},
         grad_slices=sl.slices, grad_exposed_ms=sl.exposed_ms, grad_exposed_at_end_ms=at_end,
-        iteration_ms=iteration, iteration_lower_bound_ms=min(lower, iteration),
+        iteration_ms=iteration, iteration_lower_bound_ms=lower,
         iteration_baselines_ms=iter_base, slice_solver_status=sl.outcome.status,
         slice_solver_backend=sl.outcome.backend,
         iteration_fastest_bwd_ms=done_fastest[0], bwd_choice=joint.method + (" (budget spent)" * joint.exhausted_budget),
@@ -390,7 +394,7 @@ def plan_moe(configs: list[MoEConfig], gpus: int, profile: ClusterProfile, *,
     if gpus > profile.world_size:
         from adasched.profiler.io import InputError
 
-        raise InputError("--gpus", f"{gpus} GPUs but profile {profile.name!r} describes {profile.world_size}")
+        raise InputError("--gpus", f"{gpus} GPUs but {profile.where} describes {profile.world_size}")
     t0 = time.perf_counter()
     out = []
     for cfg in configs:

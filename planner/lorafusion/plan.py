@@ -641,7 +641,7 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
     if bad is not None:  # (a profile of denormal per-token costs: inf was written as null, and show refused the plan)
         from adasched.profiler.io import InputError
 
-        raise InputError("--profile", f"profile {profile_ref(profile).name!r}: its per-token costs simulate the plan "
+        raise InputError("--profile", f"{profile.where}: its per-token costs simulate the plan "
                                       f"to {ms!r} ms, and {bad[0]} would be {bad[1]}: costs this small are not a GPU's")
     summary = LoRASummary(
         **ratios,

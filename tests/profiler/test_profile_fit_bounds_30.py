@@ -75,3 +75,32 @@ def test_a_profile_file_is_named_by_the_planners(tmp_path, capsys):
     assert err.startswith(f"error: {p}: has no ") and err.count("\n") == 1, err
     assert not out.exists()
     assert load_profile("h100-sxm").where == "profile 'h100-sxm'" and load_profile(p).where == str(p)
+
+
+def test_a_collective_fit_beyond_the_error_bound_is_refused_by_name():
+    """(review) the fit_rel_error bound made a fit of timings near 0 (the 1e-6 ms floor, the 5 % size term) a
+    pydantic traceback after the whole measurement run; it is a one-line refusal naming the op now."""
+    from adasched.profiler.collectives import fit_collectives
+
+    sizes = [1 << 10, 1 << 12, 1 << 14, 1 << 16, 1 << 20, 1 << 24]
+    ms = [0.0, 0.0, 0.0, 0.0, 0.5, 8.0]
+    result = {"backend": "gloo", "world": 2,
+              "points": [{"op": "all_reduce", "group_size": 2, "bytes": b, "ms": t} for b, t in zip(sizes, ms)]}
+    with pytest.raises(ValueError, match=r"^all_reduce on 2 ranks: the alpha-beta fit's mean relative error is "):
+        fit_collectives(result, 2, "test")
+    result["points"] = [dict(p, ms=0.02 + p["bytes"] * 1e-7 * random.uniform(0.95, 1.05)) for p in result["points"]]
+    (fit,) = fit_collectives(result, 2, "test")
+    assert fit.fit_rel_error < 0.1
+
+
+@pytest.mark.parametrize("cmd", [["moe", "--config", "gshard-grid"], ["sp", "--model", "gpt-7b", "--seqlens", "builtin",
+                                                                      "--global-batch", "8", "--max-context", "8192"]])
+def test_a_gpu_count_beyond_a_profile_file_names_the_file(tmp_path, capsys, cmd):
+    d = json.loads(load_profile("h100-sxm").model_dump_json())
+    d["num_nodes"] = 1
+    d["collectives"] = [c for c in d["collectives"] if c["group_size"] <= 8]
+    p = tmp_path / "edited.json"
+    p.write_text(json.dumps(d))
+    assert main(["plan", *cmd, "--gpus", "64", "--profile", str(p), "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --gpus: 64 GPUs but {p} describes 8") and err.count("\n") == 1, err

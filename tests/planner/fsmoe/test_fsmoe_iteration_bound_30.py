@@ -44,8 +44,10 @@ def _config(rng, layers=None):
 def test_the_bound_is_below_the_exhaustive_optimum(rng, trial):
     cfg = _config(rng)
     gpus, stages = rng.choice([16, 64]), rng.choice(["published", "profile"])
-    exact = plan_config(cfg, gpus, PROF, stages=stages, params=PARAMS)
-    descent = plan_config(cfg, gpus, PROF, stages=stages, params=PARAMS, bwd_search={"exhaustive_limit": 0})
+    ep = rng.choice([None, 2, 4])  # (EP smaller than the world: expert copies, their buckets' all-reduce too)
+    exact = plan_config(cfg, gpus, PROF, stages=stages, params=PARAMS, ep_size=ep)
+    descent = plan_config(cfg, gpus, PROF, stages=stages, params=PARAMS, bwd_search={"exhaustive_limit": 0},
+                          ep_size=ep)
     if exact.bwd_choice != "exhaustive":
         pytest.skip(f"{exact.bwd_choice}: no enumeration to compare with")
     for c in (exact, descent):  # the same candidates: the same bound
@@ -118,3 +120,12 @@ def test_the_bound_is_the_iteration_where_nothing_is_all_reduced(rng):
     c = plan_config(_config(rng), 1, PROF, stages=rng.choice(["published", "profile"]), params=PARAMS)
     assert c.bwd_choice == "nothing-exposed"
     assert c.iteration_lower_bound_ms == pytest.approx(c.iteration_ms, rel=1e-12)
+
+
+def test_a_record_with_an_objective_needs_every_bound(plan):
+    """(review) deleting one configuration's bound switched the whole record check off."""
+    d = json.loads(plan.model_dump_json())
+    del d["configs"][0]["iteration_lower_bound_ms"]
+    errors = MoEPlan.model_validate(d).verify()
+    assert errors == ["config 'a': no iteration_lower_bound_ms, but the solver record has an objective (written with "
+                      "every configuration's bound)"], errors
