@@ -79,7 +79,7 @@ def test_an_edited_iteration_baseline_is_refused(layout, source):
     if c.expert_copies == 1:
         assert len(errors) == 1 and errors[0].startswith(f"config 't': iteration_baselines_ms.{name} "), errors
     else:  # (an exposed expert all-reduce of its own: out of its range, or unlike the other baseline's)
-        assert len(errors) == 1 and errors[0].startswith(f"config 't': iteration_baselines_ms"), errors
+        assert len(errors) == 1 and errors[0].startswith("config 't': iteration_baselines_ms"), errors
 
 
 def test_an_edited_exposed_all_reduce_is_refused(planned):
