@@ -479,18 +479,17 @@ class MoEPlan(Plan):
         layer 0's figure, their all-reduce after the backward); with a built-in profile, the dense blocks
         themselves. These were only summed: an edited baseline iteration showed as a speedup the plan's own
         figures do not give."""
+        from .model import _exposed
+        from .planning import dense_allreduce
+
         rel = lambda a, b: math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)  # noqa: E731
         rec, L = c.layer0_stage_costs, len(c.layers)
-        dense_grads = float(cfg.replicated_params) if self.gpus > 1 else 0.0
-        a4, b4 = rec.alpha[4], rec.work[4] / max(cfg.replicated_params, 1)
-        produced = [dense_grads] * L
-        at_end = a4 + b4 * sum(produced) if dense_grads > 0 else 0.0
+        a4, b4, produced, at_end = dense_allreduce(cfg, self.gpus, rec.alpha[4], rec.work[4])
         errors = []
         if not rel(c.grad_exposed_at_end_ms, at_end):
             errors.append(f"{at}: grad_exposed_at_end_ms {c.grad_exposed_at_end_ms} ms, but layer 0's stage costs "
                           f"give {at_end} ms for the dense gradients all-reduced after the backward")
-        left = sum(produced) - sum(c.grad_slices)
-        exposed = a4 + b4 * left if left > 1e-9 else 0.0
+        exposed = _exposed(c.grad_slices, produced, a4, b4)
         if not rel(c.grad_exposed_ms, exposed):
             errors.append(f"{at}: grad_exposed_ms {c.grad_exposed_ms} ms, but the gradient slices leave {exposed} ms "
                           f"of the all-reduce exposed")

@@ -192,6 +192,18 @@ def choose_bwd_jointly(cands: list[list[BwdCandidate]], evaluate, *, identical: 
     return JointBwdChoice(best, best_t, "coordinate-descent", exhausted)
 
 
+def dense_allreduce(cfg: MoEConfig, gpus: int, alpha4_ms: float, work4_ms: float
+                    ) -> tuple[float, float, list[float], float]:
+    """The dense gradients' all-reduce as layer 0's stage 4 prices it (``alpha4_ms`` per call, ``work4_ms`` for one
+    layer's replicated parameters): (alpha ms, beta ms per element, elements each layer produces - none on one
+    GPU, no data parallelism -, ms when it all runs after the backward). :func:`plan_config` and the plan's
+    verify both use it."""
+    dense_grads = float(cfg.replicated_params) if gpus > 1 else 0.0
+    produced = [dense_grads] * cfg.num_layers
+    b4 = work4_ms / max(cfg.replicated_params, 1)
+    return alpha4_ms, b4, produced, (alpha4_ms + b4 * sum(produced) if dense_grads > 0 else 0.0)
+
+
 def iteration_lower_bound(fwd_ms: list[float], cands: list[list[BwdCandidate]], dense_total: float,
                           dense_b: float, last_dense_ms: float, comm_ms: float) -> float:
     """A lower bound on the iteration of every choice of backward candidates (one per layer), as
@@ -258,11 +270,8 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
     # dense gradients to all-reduce: none on one GPU (no data parallelism) or without replicated parameters -
     # before, one GPU was charged the 64-rank all-reduce fit (most of a Mixtral iteration) and a model of
     # MoE layers only divided by zero in the slice fill
-    dense_grads = float(cfg.replicated_params) if topo.gpus > 1 else 0.0
-    produced = [dense_grads] * cfg.num_layers
-    a4 = first.alpha[4]
-    b4 = first.work[4] / max(cfg.replicated_params, 1)
-    at_end = a4 + b4 * sum(produced) if dense_grads > 0 else 0.0
+    a4, b4, produced, at_end = dense_allreduce(cfg, topo.gpus, first.alpha[4], first.work[4])
+    dense_grads = produced[0] if produced else 0.0
     # expert gradients of EP groups smaller than the world (0 when EP spans every GPU): all-reduced over their
     # copies in the runtime's buckets, launched when a layer's MoE backward ends (its expert gradients exist) and
     # overlapping the rest of the backward: its dense block's backward, then the later layers' idle link time, which

@@ -297,18 +297,8 @@ class LoRAPlan(Plan):
         return mlora_baseline(w, cost), mlora_baseline(w, cost, sort_by_length=True), sequential_baseline(w, cost)
 
     def _baseline_fields(self) -> dict:
-        """The summary's baseline fields as the recomputed baselines give them (rounded as build_plan rounds)."""
-        mlora, mlora_sorted, seqb = self._baselines()
-        return {"mlora_makespan_ms": round_ms(mlora.makespan_ms),
-                "mlora_sorted_makespan_ms": round_ms(mlora_sorted.makespan_ms),
-                "sequential_makespan_ms": round_ms(seqb.makespan_ms),
-                "mlora_padding_waste": round(mlora.padding_waste, 5),
-                "mlora_sorted_padding_waste": round(mlora_sorted.padding_waste, 5),
-                "sequential_padding_waste": round(seqb.padding_waste, 5),
-                "mlora_max_microbatch_tokens": mlora.max_microbatch_tokens,
-                "mlora_microbatches": mlora.microbatches,
-                "mlora_sorted_microbatches": mlora_sorted.microbatches,
-                "sequential_microbatches": seqb.microbatches}
+        """The summary's baseline fields as the recomputed baselines give them."""
+        return baseline_fields(*self._baselines())
 
     def _baseline_errors(self) -> list[str]:
         """The summary's baseline figures are the baselines of this workload: a plan whose mLoRA-style makespan was
@@ -451,10 +441,8 @@ class LoRAPlan(Plan):
         base = self._baseline_fields()
         summary = self.summary.model_copy(update={"makespan_ms": ms, **base})
         summary = summary.model_copy(update=self.model_copy(update={"summary": summary})._derived_summary(raw))
-        return self.model_copy(update={
-            "predicted_ms": ms, "jobs": jobs, "summary": summary,
-            "baselines_ms": {"mlora": base["mlora_makespan_ms"], "mlora_sorted": base["mlora_sorted_makespan_ms"],
-                             "sequential": base["sequential_makespan_ms"]}})
+        return self.model_copy(update={"predicted_ms": ms, "jobs": jobs, "summary": summary,
+                                       "baselines_ms": baselines_ms_of(base)})
 
     def gantt_tasks(self) -> list:
         return self.simulate().tasks
@@ -482,6 +470,27 @@ class LoRAPlan(Plan):
             ("samples missing/duplicated", f"{s.samples_missing}/{s.samples_duplicated}"),
         ]
         return rows
+
+
+def baseline_fields(mlora, mlora_sorted, seqb) -> dict:
+    """The summary's baseline fields of the three baselines (mLoRA-style, length-sorted, sequential), rounded as a
+    plan stores them: what build_plan writes and verify / resimulated recompute."""
+    return {"mlora_makespan_ms": round_ms(mlora.makespan_ms),
+            "mlora_sorted_makespan_ms": round_ms(mlora_sorted.makespan_ms),
+            "sequential_makespan_ms": round_ms(seqb.makespan_ms),
+            "mlora_padding_waste": round(mlora.padding_waste, 5),
+            "mlora_sorted_padding_waste": round(mlora_sorted.padding_waste, 5),
+            "sequential_padding_waste": round(seqb.padding_waste, 5),
+            "mlora_max_microbatch_tokens": mlora.max_microbatch_tokens,
+            "mlora_microbatches": mlora.microbatches,
+            "mlora_sorted_microbatches": mlora_sorted.microbatches,
+            "sequential_microbatches": seqb.microbatches}
+
+
+def baselines_ms_of(fields: dict) -> dict:
+    """A plan's ``baselines_ms`` from its summary's baseline fields."""
+    return {"mlora": fields["mlora_makespan_ms"], "mlora_sorted": fields["mlora_sorted_makespan_ms"],
+            "sequential": fields["sequential_makespan_ms"]}
 
 
 def _length_stats(lengths, ids, ndigits: int | None = None) -> tuple[float, float]:
@@ -643,6 +652,7 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
 
         raise InputError("--profile", f"{profile.where}: its per-token costs simulate the plan "
                                       f"to {ms!r} ms, and {bad[0]} would be {bad[1]}: costs this small are not a GPU's")
+    base = baseline_fields(mlora, mlora_sorted, seqb)
     summary = LoRASummary(
         **ratios,
         solve_seconds_p95=round(_p95(solve_times), 4),
@@ -654,16 +664,7 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
         noop_microbatches=noops,
         merges=merges,
         makespan_ms=round_ms(ms),
-        mlora_makespan_ms=round_ms(mlora.makespan_ms),
-        mlora_sorted_makespan_ms=round_ms(mlora_sorted.makespan_ms),
-        sequential_makespan_ms=round_ms(seqb.makespan_ms),
-        mlora_padding_waste=round(mlora.padding_waste, 5),
-        mlora_sorted_padding_waste=round(mlora_sorted.padding_waste, 5),
-        sequential_padding_waste=round(seqb.padding_waste, 5),
-        mlora_max_microbatch_tokens=mlora.max_microbatch_tokens,
-        mlora_microbatches=mlora.microbatches,
-        mlora_sorted_microbatches=mlora_sorted.microbatches,
-        sequential_microbatches=seqb.microbatches,
+        **base,
         problems_optimal=n_status["optimal"],
         problems_feasible=n_status["feasible"],
         problems_heuristic=n_status["heuristic"],
@@ -722,8 +723,7 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
         profile=profile_ref(profile),
         solver=solver,
         predicted_ms=round_ms(ms),
-        baselines_ms={"mlora": round_ms(mlora.makespan_ms), "mlora_sorted": round_ms(mlora_sorted.makespan_ms),
-                      "sequential": round_ms(seqb.makespan_ms)},
+        baselines_ms=baselines_ms_of(base),
         source=w.source,
         capacity=cfg.capacity,
         stages=cfg.stages,
