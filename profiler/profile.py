@@ -51,6 +51,9 @@ MAX_DEVICE_MEMORY_BYTES = 2**50
 #: GB/s): a FLOP/s or B/s value typed into these fields (4.17e10) was accepted and planned with
 MAX_TFLOPS = 1e5
 MAX_COPY_GBPS = 1e5
+#: most GPUs a profile may describe (num_nodes x gpus_per_node), the planners' world-size cap (FlexSP MAX_WORLD):
+#: num_nodes 10**9 loaded and the planners' --gpus checks took it
+MAX_GPUS = 2**16
 
 
 class _Strict(BaseModel):
@@ -223,8 +226,18 @@ class ClusterProfile(_Strict):
     def _iso_time(cls, v: str) -> str:
         return check_iso_time(v)
 
+    @field_validator("name")
+    @classmethod
+    def _named(cls, v: str) -> str:
+        if not v.strip():  # min_length=1 took "  ", which the reports and the with_nodes names then carried
+            raise ValueError("must not be blank")
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> "ClusterProfile":
+        if self.world_size > MAX_GPUS:
+            raise ValueError(f"num_nodes x gpus_per_node = {self.num_nodes} x {self.gpus_per_node} = "
+                             f"{self.world_size} GPUs, more than the {MAX_GPUS} a profile may describe")
         seen = set()
         for c in self.collectives:
             key = (c.op, c.group_size)
@@ -400,6 +413,9 @@ class ClusterProfile(_Strict):
         if num_nodes < 1:
             raise InputError("num_nodes", f"must be >= 1, got {num_nodes}")
         new_world = num_nodes * self.gpus_per_node
+        if new_world > MAX_GPUS:
+            raise InputError("num_nodes", f"{num_nodes} nodes of {self.gpus_per_node} GPUs is {new_world} GPUs, "
+                                          f"more than the {MAX_GPUS} a profile may describe")
         by_op: dict[str, list[CollectiveFit]] = {}
         for c in self.collectives:
             by_op.setdefault(c.op, []).append(c)
