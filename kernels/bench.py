@@ -406,7 +406,7 @@ def environment(device: str) -> dict:
     return env
 
 
-RESULT_COLUMNS = ["group", "case", "shape", "provider", "median ms", "p20-p80 ms", "x baseline"]
+RESULT_COLUMNS = ["group", "case", "shape", "provider", "median ms", "p20-p80 ms", "time / baseline (<1 faster)"]
 
 
 def result_rows(results: Sequence[dict]) -> list[list]:

@@ -69,7 +69,7 @@ def bench_twill(graphs: list[str], params, repeats: int, advance: Callable[[int]
         plans[name] = runs
         rows.append({
             "graph": p.graph_name, "machine": p.machine_name, "ii": p.ii, "mii": p.mii, "res_mii": p.res_mii,
-            "rec_mii": p.rec_mii, "status": p.solver.status, "gap": p.solver.gap,
+            "rec_mii": p.rec_mii, "excl_mii": p.excl_mii, "status": p.solver.status, "gap": p.solver.gap,
             "same_ii_every_run": len({r.ii for r in runs}) == 1,
             "solve_seconds_median": statistics.median(secs), "solve_seconds_min": min(secs),
             "solve_seconds_max": max(secs), "stages": p.stages,

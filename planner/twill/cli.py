@@ -105,13 +105,13 @@ def register(groups) -> None:
         if as_json:
             emit_json(res)
             return
-        rows = [(r["graph"], r["machine"], r["ii"], f"{r['mii']} ({r['res_mii']}, {r['rec_mii']})",
+        rows = [(r["graph"], r["machine"], r["ii"], f"{r['mii']} ({r['res_mii']}, {r['rec_mii']}, {r['excl_mii']})",
                  r["status"] + ("" if r["same_ii_every_run"] else " (I varied)"),
                  f"{r['solve_seconds_median']:.2f} ({r['solve_seconds_min']:.2f}-{r['solve_seconds_max']:.2f})",
                  r["stages"], r["warp_groups"],
                  " ".join(f"{k}={v}" for k, v in r["knobs"].items()), fmt(r["sim_cycles_per_iteration"]),
                  f"{r['speedup_vs_no_pipelining']:.2f}x") for r in res["rows"]]
-        print_table(rows, ["graph", "machine", "I", "MII (res, rec)", "status", "solve s median (min-max)", "stages",
+        print_table(rows, ["graph", "machine", "I", "MII (res, rec, excl)", "status", "solve s median (min-max)", "stages",
                            "warp groups", "Triton knobs", "sim cycles/iter", "vs no pipelining"],
                     title=f"bench twill: {repeats} solve(s) per graph, {threads} thread(s), seed {seed}, "
                           f"on {res['host']}")

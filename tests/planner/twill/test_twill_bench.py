@@ -86,3 +86,20 @@ def test_bad_options_are_one_line(argv, needle, capsys):
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], captured.err
     assert captured.out == ""
+
+
+def test_bench_rows_carry_the_exclusive_cells_bound(tmp_path, capsys):
+    """Found by the 31st session's hunt: a row gave mii, res_mii and rec_mii but not excl_mii, so a graph whose MII
+    is the exclusive-cells bound showed "4 (3, 1)" with nothing explaining the 4 (README: all four in --json)."""
+    units = random.randint(2, 3)  # 1 ALU, then all of them: the full cells exclude each other above ResMII
+    ops = [{"name": f"o{i}", "reserve": {"ALU": [1, units]}} for i in range(2)]
+    g = tmp_path / "excl.json"
+    g.write_text(json.dumps({"units": {"ALU": units}, "ops": ops, "edges": []}))
+    assert main(["bench", "twill", "--graph", str(g), "--repeats", "1", "--time-limit", "5", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    plan = plan_twill(str(g), None, SolveParams(time_limit=5.0, seed=0, threads=1))
+    assert (row["mii"], row["res_mii"], row["rec_mii"], row["excl_mii"]) == (
+        plan.mii, plan.res_mii, plan.rec_mii, plan.excl_mii)
+    assert row["excl_mii"] == row["mii"] > max(row["res_mii"], row["rec_mii"]), row
+    assert main(["bench", "twill", "--graph", str(g), "--repeats", "1", "--time-limit", "5"]) == 0
+    assert f"{row['mii']} ({row['res_mii']}, {row['rec_mii']}, {row['excl_mii']})" in capsys.readouterr().out
