@@ -170,6 +170,24 @@ def _nvidia_driver_present() -> bool:
     return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
 
 
+def check_gpus(args: argparse.Namespace, world: int) -> None:
+    """Refuse more ranks on this host than it has GPUs when the run uses nccl (--backend nccl, or none given and
+    CUDA available): each rank binds cuda:LOCAL_RANK, and the ranks past the last GPU failed with "invalid device
+    ordinal" tracebacks while the others waited in init_process_group until --timeout. Not for --check-plan-only
+    (a plan check, which may run on a host without the GPUs)."""
+    if args.check_plan_only or args.backend == "gloo":
+        return
+    import torch
+
+    if args.backend is None and not torch.cuda.is_available():
+        return
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # the ranks on this host (torchrun sets it)
+    gpus = torch.cuda.device_count()
+    if ranks > gpus:
+        raise InputError("NPROC", f"{ranks} ranks on this host but it has {gpus} GPU(s), one a rank with nccl "
+                                  f"(torchrun --nproc_per_node={gpus} with a plan for that many, or --backend gloo)")
+
+
 def _heads(args: argparse.Namespace, plan) -> int:
     """The model's heads: --heads, else the plan's largest SP degree (at least 4)."""
     return args.heads or max(4, max(g.degree for st in plan.steps for mb in st.micro_batches for g in mb.groups))
@@ -554,6 +572,7 @@ def main(argv: list[str] | None = None, quiet: bool = False) -> int:
         check_lr_schedule(args, _total_steps(args, plan))
         check_plan(plan, world, args.plan)
         check_model_fits(args, plan, world)
+        check_gpus(args, world)
         _check_checkpoint(args, plan, world)  # before any process group: a mismatch is one line
         factor, lengths = scaled_lengths(plan, args.max_len)
     except ValueError as err:  # InputError included

@@ -215,3 +215,28 @@ def test_collective_timeout_under_a_second_is_refused(tmp_path, timeout, capsys)
     save_plan(_plan(world=4), plan)
     assert main(["--plan", str(plan), "--check-plan-only", "--world", "4", "--timeout", timeout]) == 2
     assert capsys.readouterr().err == f"error: --timeout: must be >= 1 seconds, got {float(timeout):g}\n"
+
+
+@pytest.mark.parametrize("backend,gpus,ranks", [([], 1, 4), (["--backend", "nccl"], 2, 4), ([], 0, 2)])
+def test_more_ranks_than_gpus_with_nccl_is_one_line(tmp_path, monkeypatch, capsys, backend, gpus, ranks):
+    """31st session (SP runtime hunt): with nccl each rank binds cuda:LOCAL_RANK; NPROC=4 on a 1-GPU host crashed
+    ranks 1-3 with "invalid device ordinal" tracebacks while rank 0 waited until --timeout. Now one line from the
+    pre-check, before any process group (CUDA faked here: this machine has none)."""
+    import torch
+
+    plan = tmp_path / "plan.json"
+    save_plan(_plan(world=4), plan)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+    ckpt = tmp_path / "ckpt"
+    assert main(["--plan", str(plan), *backend, "--checkpoint-dir", str(ckpt)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: NPROC: {ranks} ranks on this host but it has {gpus} GPU(s), one a rank with nccl "
+                   f"(torchrun --nproc_per_node={gpus} with a plan for that many, or --backend gloo)"], err
+    assert not ckpt.exists()
+    # the plan check alone stays a plan check (a login node without the GPUs)
+    assert main(["--plan", str(plan), "--check-plan-only", *backend]) == 0
+    assert capsys.readouterr().out.strip() == f"{plan}: 2 steps fit world size 4"
