@@ -33,8 +33,8 @@ from such a point and is saved by :mod:`adasched.runtime.checkpoint`:
 - the TrainResult: loss sums of the (job, global batch) pairs seen so far, finished or partly accumulated, and the
   per-microbatch losses (on the last stage; empty elsewhere), and the optimizer-step counts (on every stage).
 
-The data (:class:`SyntheticLoRAData`) and the dropout masks (Philox, seeded by run seed, microbatch index and
-module path) are functions of the position, so they need no state; the launcher saves the torch / Python RNG
+The data (:class:`SyntheticLoRAData`, keyed by job name and the sample's index within its job) and the dropout
+masks (Philox, seeded by run seed, microbatch index and module path, over the packed rows) are functions of the position, so they need no state; the launcher saves the torch / Python RNG
 anyway (:class:`~adasched.runtime.checkpoint.RNGState`). A save of another number of stages is merged into each
 new stage's state by :func:`reshard_trainer_blobs` (the launcher's resharded resume).
 """
@@ -57,6 +57,7 @@ from .lora_model import ADAPTER_FILES, LoRAAdapter, TinyCausalLM, save_peft_adap
 
 __all__ = [
     "SyntheticLoRAData",
+    "sample_owner",
     "PackedMicrobatch",
     "TrainResult",
     "build_adapters",
@@ -76,22 +77,46 @@ __all__ = [
 
 
 # ---- data -----------------------------------------------------------------------------------------------
+def _name_key(name: str) -> int:
+    """A job's name as a number (CRC-32): what its data, its adapter's init and its dropout seeds are keyed by, so
+    that a job trains the same wherever it stands in the jobs file and whichever jobs share its microbatches."""
+    return zlib.crc32(name.encode())
+
+
 @dataclass(frozen=True)
 class SyntheticLoRAData:
-    """Deterministic, learnable token streams: job j's samples follow t[k+1] = (a_j * t[k] + c_j) mod V from a
-    random start token, so each adapter has its own rule to learn. Same (seed, job, sample) -> same tokens."""
+    """Deterministic, learnable token streams: a job's samples follow t[k+1] = (a * t[k] + c) mod V from a random
+    start token, with (a, c) from the job's name, so each adapter has its own rule to learn. Same (seed, job name,
+    sample's index within its job) -> same tokens: a job's data does not depend on the jobs before it in the file
+    (keyed by the job's position and the plan-wide sample id, job B alone and job B after job A differed)."""
 
     vocab_size: int
     seed: int = 0
 
-    def tokens(self, job: int, sample: int, length: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed64(self.seed * 1_000_003 + sample))
+    def tokens(self, job: str, sample: int, length: int) -> torch.Tensor:
+        """The tokens of sample ``sample`` (its index within job ``job``, by name) of ``length`` tokens."""
+        key = _name_key(job)
+        g = torch.Generator().manual_seed(seed64(self.seed * 1_000_003 + key * 104_729 + sample))
         t0 = int(torch.randint(0, self.vocab_size, (1,), generator=g))
-        a, c = 2 * job + 3, 5 * job + 1
+        a, c = 2 * (key % 1021) + 3, 5 * (key // 1021 % 1021) + 1
         out = [t0]
         for _ in range(length - 1):
             out.append((a * out[-1] + c) % self.vocab_size)
         return torch.tensor(out, dtype=torch.long)
+
+    def sample_tokens(self, plan, sample: int) -> torch.Tensor:
+        """The tokens of the plan's sample ``sample`` (a plan-wide sample id)."""
+        job, index = sample_owner(plan)[sample]
+        return self.tokens(plan.jobs[job].name, index, plan.lengths[sample])
+
+
+def sample_owner(plan) -> list[tuple[int, int]]:
+    """Per plan-wide sample id: (job, index within the job); each job's samples are contiguous, in order
+    (``LoRAPlan.expected_batches``)."""
+    out: list[tuple[int, int]] = []
+    for j, job in enumerate(plan.jobs):
+        out.extend((j, i) for i in range(job.global_batch_size * job.global_batches))
+    return out
 
 
 @dataclass
@@ -126,6 +151,7 @@ def pack_microbatch(plan, i: int, data: SyntheticLoRAData, counts: dict[tuple[in
     if not mb.segments:
         return None
     toks, tgts, wts, jobs, lens, segs = [], [], [], [], [], []
+    owner = sample_owner(plan)
     row = 0
     gb: dict[int, int] = {}
     for seg in mb.segments:
@@ -134,7 +160,7 @@ def pack_microbatch(plan, i: int, data: SyntheticLoRAData, counts: dict[tuple[in
         w = 1.0 / counts[(seg.job, seg.global_batch)]
         for s in seg.samples:
             n = plan.lengths[s]
-            t = data.tokens(seg.job, s, n)
+            t = data.tokens(plan.jobs[seg.job].name, owner[s][1], n)
             toks.append(t)
             tg = torch.full((n,), -100, dtype=torch.long)
             tg[:-1] = t[1:]
@@ -151,8 +177,10 @@ def pack_microbatch(plan, i: int, data: SyntheticLoRAData, counts: dict[tuple[in
 
 # ---- adapters and projections -----------------------------------------------------------------------------
 def build_adapters(model: TinyCausalLM, plan, *, seed: int = 0, init_b: str = "zeros") -> list[LoRAAdapter]:
-    """One LoRAAdapter per job of the plan, seeded per job (identical in every process)."""
-    return [LoRAAdapter(model, job.adapter, seed=seed * 7919 + j, init_b=init_b) for j, job in enumerate(plan.jobs)]
+    """One LoRAAdapter per job of the plan, seeded by ``seed`` and the job's name (identical in every process, and
+    the same for a job wherever it stands in the jobs file)."""
+    return [LoRAAdapter(model, job.adapter, seed=seed * 7919 + _name_key(job.name), init_b=init_b)
+            for job in plan.jobs]
 
 
 def _dropout_seed(base: int, mb_index: int, path: str) -> int:

@@ -115,7 +115,7 @@ def _peft_reference(plan, j, init_state, data):
         ids = plan.batches()[(j, g)]
         total = sum(
             torch.nn.functional.cross_entropy(pm(input_ids=t[None])[0, :-1], t[1:], reduction="sum")
-            for t in (data.tokens(j, s, plan.lengths[s]) for s in ids))
+            for t in (data.sample_tokens(plan, s) for s in ids))
         loss = total / sum(plan.lengths[s] - 1 for s in ids)
         loss.backward()
         opt.step()
@@ -212,7 +212,7 @@ class _OtherB(lt.SyntheticLoRAData):
 
     def tokens(self, job, sample, length):
         t = super().tokens(job, sample, length)
-        return (5 * t + 11) % self.vocab_size if job == 1 else t
+        return (5 * t + 11) % self.vocab_size if job == "jb" else t
 
 
 def test_jobs_packed_together_do_not_leak_into_each_other():
