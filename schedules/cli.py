@@ -23,7 +23,7 @@ def register(groups) -> None:
     @app.command("refine")
     def refine_cmd(
         norms: Path = typer.Argument(..., help="Norms CSV (columns step,l2,l1) written by GradNormRecorder."),
-        out: Path = typer.Option(..., "--out", help="Write the refined schedule here (JSON)."),
+        out: Path = typer.Option(..., "--out", help="Write the refined schedule here (JSON: a name ending in .json)."),
         norm: str = typer.Option("l2", "--norm", help="l2 (SGD: weights 1/||g||_2^2) or l1 (Adam: 1/||g||_1)."),
         smoothing: float = typer.Option(0.1, "--smoothing", help="Median-filter width as a fraction of "
                                        "the run, in [0, 1)."),
@@ -49,6 +49,9 @@ def register(groups) -> None:
         for option, path in (("--out", out), ("--plot", plot)):
             if path is not None and norms.exists() and Path(path).resolve() == norms.resolve():
                 raise InputError(option, f"{path} is the norms file being read; write the schedule elsewhere")
+        if Path(out).suffix.lower() != ".json":  # sched.txt was written, and then neither Refined.from_file nor
+            # `schedules plot` read it back (both tell a schedule from a norms CSV by the suffix)
+            raise InputError("--out", f"{out}: the schedule is JSON, told from a norms CSV by its suffix; name it .json")
         if norm not in ("l2", "l1"):
             raise InputError("--norm", f"must be l2 or l1, got {norm!r}")
         if steps is not None and steps < 1:
