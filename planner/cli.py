@@ -128,8 +128,9 @@ _INPUT_FILES = (
 )
 
 
-def _refuse_input_file(path, data) -> None:
-    """One line saying which planner input ``data`` is, when it is one (it is no plan or profile to show)."""
+def _refuse_input_file(path, data, not_what: str = "a plan or profile") -> None:
+    """One line saying which planner input ``data`` is, when it is one (it is no plan or profile to show, no plan
+    to re-simulate)."""
     from adasched.profiler.io import InputError
 
     if not isinstance(data, dict) or "kind" in data:
@@ -137,7 +138,7 @@ def _refuse_input_file(path, data) -> None:
     for keys, what, cmd in _INPUT_FILES:
         if keys <= data.keys():
             verb = "simulate it" if cmd == "adasched simulate" else "plan it"
-            raise InputError(str(path), f"is {what}, not a plan or profile: {verb} with `{cmd} {path}`")
+            raise InputError(str(path), f"is {what}, not {not_what}: {verb} with `{cmd} {path}`")
 
 
 #: Longest task of a task-graph file (ms, about 32 years): two tasks of 1e308 ms added up to an infinite makespan
@@ -215,6 +216,7 @@ def simulate_cmd(
         except ValueError as err:
             raise InputError(path, str(err)) from None
     else:
+        _refuse_input_file(path, data, "a task graph or plan")  # (a Twill graph: "schema_version: missing")
         plan = load_plan(path)
         if not hasattr(plan, "simulate"):
             raise InputError(path, f"plan kind {plan.kind!r} cannot be re-simulated")

@@ -182,9 +182,43 @@ def simulate(tasks: list[Task]) -> Simulation:
                         queued.add(lane)
                         todo.append(lane)
     if remaining:
-        stuck = [queues[k][head[k]].name for k in queues if head[k] < len(queues[k])]
-        raise ValueError(f"simulation deadlocked: waiting tasks {stuck[:5]}")
+        raise ValueError(_deadlock_message(tasks, queues, head, end, arrived, sync_groups, remaining))
     if out and not max(s.end_ms for s in out) < float("inf"):  # finite durations whose sum overflowed
         raise ValueError("simulation: the task durations add up past the float range (makespan inf)")
     out.sort(key=lambda s: (s.rank, s.stream, s.start_ms))
     return Simulation(out)
+
+
+def _deadlock_message(tasks, queues, head, end, arrived, sync_groups, remaining: int) -> str:
+    """Name a cycle of waiting stream heads: the first stuck heads in stream order were often bystanders that
+    depend on the cycle ("waiting tasks ['t0', ..., 't4']" for a cycle x <-> y elsewhere). Every stuck head waits
+    on another: the head of each unfinished dependency's stream (the dependency itself, or a task ahead of it), and,
+    for a collective's part that has arrived, the heads of its missing parts' streams; so the walk repeats."""
+    by_name = {t.name: t for t in tasks}
+
+    def head_of(t) -> str:
+        q = queues[(t.rank, t.stream)]
+        return q[head[(t.rank, t.stream)]].name
+
+    def waits_on(name: str) -> str:
+        t = by_name[name]
+        for d in t.deps:
+            if d not in end:
+                return head_of(by_name[d])
+        parts = arrived.get(t.sync, {}) if t.sync is not None else {}
+        for g in sync_groups.get(t.sync, []):
+            if g.name not in parts:
+                return head_of(g)
+        return name  # (cannot happen: a head waiting on nothing would have run)
+
+    start = next(q[head[k]].name for k, q in queues.items() if head[k] < len(q))
+    order: dict[str, int] = {}
+    cur = start
+    while cur not in order:
+        order[cur] = len(order)
+        cur = waits_on(cur)
+    cycle = list(order)[order[cur]:]
+    shown = cycle if len(cycle) <= 8 else cycle[:4] + [f"... {len(cycle) - 6} more ..."] + cycle[-2:]
+    return (f"simulation deadlocked: {' -> '.join(shown + [cycle[0]])} wait on each other (a -> b: a waits on b, a "
+            f"dependency of it, a task ahead of it on its stream or a missing part of its collective; "
+            f"{remaining} tasks never ran)")
