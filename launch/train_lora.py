@@ -144,13 +144,20 @@ def _plan_digest(plan) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+#: run identity of the synthetic data's keying: by job name and index within the job (2026-12-02)
+DATA_KEYING = "job-name"
+
+
 def _identity(args: argparse.Namespace, plan, inputs: str | None = None) -> dict:
     """What makes a different run (checked against a save's before resuming it). ``inputs``: the inputs digest of
     --jobs when it is given (a changed jobs file then shows as its own difference)."""
     return {"trainer": "train_lora", "inputs_digest": inputs or plan.inputs_digest, "plan_sha256": _plan_digest(plan),
             "model": {"vocab": args.vocab, "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
                       "ffn": args.ffn, "max_positions": args.max_positions},
-            "seed": args.seed, "dtype": "float32", "kernels": _numerics(_kernel_path(args.reference))}
+            "seed": args.seed, "dtype": "float32", "kernels": _numerics(_kernel_path(args.reference)),
+            # how the synthetic data and the adapters' init are keyed (lora_trainer.SyntheticLoRAData): a save of
+            # the position-keyed trainer (no such entry) resumed and mixed the two streams without a word
+            "data": DATA_KEYING}
 
 
 def _numerics(kernels: str) -> str:

@@ -181,11 +181,21 @@ def check_gpus(args: argparse.Namespace, world: int) -> None:
 
     if args.backend is None and not torch.cuda.is_available():
         return
-    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # the ranks on this host (torchrun sets it)
     gpus = torch.cuda.device_count()
-    if ranks > gpus:
-        raise InputError("NPROC", f"{ranks} ranks on this host but it has {gpus} GPU(s), one a rank with nccl "
-                                  f"(torchrun --nproc_per_node={gpus} with a plan for that many, or --backend gloo)")
+    local_ranks = os.environ.get("LOCAL_WORLD_SIZE")  # the ranks on this host (torchrun sets it)
+    if local_ranks is not None:
+        if int(local_ranks) > gpus:
+            raise InputError("NPROC", f"{local_ranks} ranks on this host but it has {gpus} GPU(s), one a rank with "
+                                      f"nccl (torchrun --nproc_per_node={gpus} with a plan for that many, or --backend "
+                                      "gloo)")
+        return
+    # another launcher (SLURM exporting LOCAL_RANK only): the world is no host's rank count; this rank's own GPU
+    from adasched.runtime.dist import env_world
+
+    local = env_world()[2]
+    if local >= gpus:
+        raise InputError("LOCAL_RANK", f"{local}, but this host has {gpus} GPU(s), one a rank with nccl (start at "
+                                       f"most {gpus} ranks a host, or --backend gloo)")
 
 
 def _heads(args: argparse.Namespace, plan) -> int:

@@ -200,25 +200,39 @@ def _deadlock_message(tasks, queues, head, end, arrived, sync_groups, remaining:
         q = queues[(t.rank, t.stream)]
         return q[head[(t.rank, t.stream)]].name
 
-    def waits_on(name: str) -> str:
+    def waits_on(name: str) -> tuple[str, str]:
+        """(the stuck head ``name`` waits on, the task it needs there: that head itself or one behind it)."""
         t = by_name[name]
         for d in t.deps:
             if d not in end:
-                return head_of(by_name[d])
+                return head_of(by_name[d]), d
         parts = arrived.get(t.sync, {}) if t.sync is not None else {}
         for g in sync_groups.get(t.sync, []):
             if g.name not in parts:
-                return head_of(g)
-        return name  # (cannot happen: a head waiting on nothing would have run)
+                return head_of(g), g.name
+        return name, name  # (cannot happen: a head waiting on nothing would have run)
 
     start = next(q[head[k]].name for k, q in queues.items() if head[k] < len(q))
     order: dict[str, int] = {}
+    need: dict[str, str] = {}
     cur = start
     while cur not in order:
         order[cur] = len(order)
-        cur = waits_on(cur)
+        nxt, need[cur] = waits_on(cur)
+        cur = nxt
     cycle = list(order)[order[cur]:]
-    shown = cycle if len(cycle) <= 8 else cycle[:4] + [f"... {len(cycle) - 6} more ..."] + cycle[-2:]
+    tail = f"{remaining} tasks never ran"
+    if len(cycle) == 1:  # a task needs one behind it on its own stream ("t -> t" said nothing of u)
+        t = by_name[cycle[0]]  # (a collective's parts are on distinct streams: only a dependency does this)
+        return (f"simulation deadlocked: task {t.name!r} depends on {need[t.name]!r}, which comes after it on rank "
+                f"{t.rank} stream {t.stream!r} ({tail})")
+
+    def step(a: str) -> str:  # "a", or "a (needs u)" when a waits on a task behind the next head
+        nxt = cycle[(cycle.index(a) + 1) % len(cycle)]
+        return a if need[a] == nxt else f"{a} (needs {need[a]}, behind {nxt})"
+
+    shown = [step(a) for a in cycle]
+    if len(shown) > 8:
+        shown = shown[:4] + [f"... {len(cycle) - 6} more ..."] + shown[-2:]
     return (f"simulation deadlocked: {' -> '.join(shown + [cycle[0]])} wait on each other (a -> b: a waits on b, a "
-            f"dependency of it, a task ahead of it on its stream or a missing part of its collective; "
-            f"{remaining} tasks never ran)")
+            f"dependency of it, a task ahead of it on its stream or a missing part of its collective; {tail})")

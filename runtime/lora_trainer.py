@@ -78,8 +78,9 @@ __all__ = [
 
 # ---- data -----------------------------------------------------------------------------------------------
 def _name_key(name: str) -> int:
-    """A job's name as a number (CRC-32): what its data, its adapter's init and its dropout seeds are keyed by, so
-    that a job trains the same wherever it stands in the jobs file and whichever jobs share its microbatches."""
+    """A job's name as a number (CRC-32): what its data and its adapter's init are keyed by, so that (without
+    dropout: the masks are drawn over the packed rows) a job trains the same wherever it stands in the jobs file and
+    whichever jobs share its microbatches."""
     return zlib.crc32(name.encode())
 
 

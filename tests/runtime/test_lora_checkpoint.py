@@ -359,3 +359,27 @@ def test_a_resumed_plan_runs_on_the_stages_its_dependency_rule_allows(tmp_path, 
         "resume on <= 2 ranks, or start in a new --checkpoint-dir"]
     assert main(["--check", "--world", "2", *tiny, "--out", "t2", "--checkpoint-dir", "tck", "--load-step", "9"]) == 0
     assert not (tmp_path / "t2").exists()
+
+
+def test_a_save_of_the_position_keyed_trainer_is_refused(plan_files, tmp_path, capfd):
+    """31st session's review: the synthetic data and the adapters' init are keyed by job name since 2026-12-02; a
+    save of the trainer before (keyed by job position, no `data` in its run identity) resumed without a word and
+    the run mixed the two data streams. Its identity lacks the entry now, so it is refused in one line."""
+    from adasched.runtime.checkpoint import META_NAME
+
+    _, plan = plan_files
+    ck = tmp_path / "ck"
+    assert main(["--plan", str(plan), "--out", str(tmp_path / "first"), "--checkpoint-dir", str(ck),
+                 "--checkpoint-every", "3", "--checkpoint-keep", "0"] + MODEL) == 0
+    meta = step_folder(ck, 3) / META_NAME
+    doc = json.loads(meta.read_text())
+    assert doc["run"]["data"] == "job-name"
+    del doc["run"]["data"]
+    meta.write_text(json.dumps(doc))
+    capfd.readouterr()
+    out = tmp_path / "resumed"
+    assert main(["--plan", str(plan), "--out", str(out), "--checkpoint-dir", str(ck), "--load-step", "3"] + MODEL) == 2
+    err = capfd.readouterr().err
+    assert err == (f"error: {meta}: saved by a different run (data: saved None, now 'job-name'); use the same "
+                   "settings or a new --checkpoint-dir\n"), err
+    assert not out.exists()

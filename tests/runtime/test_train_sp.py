@@ -240,3 +240,26 @@ def test_more_ranks_than_gpus_with_nccl_is_one_line(tmp_path, monkeypatch, capsy
     # the plan check alone stays a plan check (a login node without the GPUs)
     assert main(["--plan", str(plan), "--check-plan-only", *backend]) == 0
     assert capsys.readouterr().out.strip() == f"{plan}: 2 steps fit world size 4"
+
+
+@pytest.mark.parametrize("local,gpus,ok", [(0, 2, True), (1, 2, True), (3, 2, False), (0, 0, False)])
+def test_without_local_world_size_each_rank_checks_its_own_gpu(tmp_path, monkeypatch, capsys, local, gpus, ok):
+    """The session's review: without LOCAL_WORLD_SIZE (a launcher that sets LOCAL_RANK only, as SLURM's
+    SLURM_LOCALID) the check took the whole world for this host's ranks and refused 2 nodes x 8 GPUs. Now such a
+    rank checks its own cuda:LOCAL_RANK."""
+    import torch
+
+    from adasched.launch import train_sp
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", str(local))
+    monkeypatch.setenv("LOCAL_RANK", str(local))
+    args = train_sp.parse_args(["--plan", str(tmp_path / "p.json")])
+    if ok:
+        train_sp.check_gpus(args, 4)
+    else:
+        with pytest.raises(InputError, match=f"^LOCAL_RANK: {local}, but this host has {gpus} GPU"):
+            train_sp.check_gpus(args, 4)
