@@ -64,10 +64,10 @@ if [ "$SW" -ge 45 ]; then
     timeout "$K" "$PY" lora_kernel_sweep.py --only dy,term,down --tag kernels --budget-s $((K - 20)) \
       || { echo "lora_kernel_sweep (kernels) exit $?"; rc=1; }
   else
-    echo "gpu_session: $(left) s left: lora_kernel_sweep (dy, term, down) not started"
+    echo "gpu_session: $(left) s left: lora_kernel_sweep (dy, term, down) not started (PARTIAL)"; rc=1
   fi
 else
-  echo "gpu_session: $(left) s left: lora_kernel_sweep not started"
+  echo "gpu_session: $(left) s left: lora_kernel_sweep not started (PARTIAL)"; rc=1
 fi
 echo "== gpu_session done after ${SECONDS}s (exit $rc) =="
 if [ -n "${TEE_PID:-}" ]; then  # let tee write the last lines before the script ends

@@ -124,6 +124,20 @@ def expert_resharder(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *
         if missing:
             raise InputError(info.path, f"cannot reshard this save: it lacks {missing[0]} (saved by "
                                         f"{info.world_size} ranks, EP {ep_old} x {s_old} shards)")
+        # each part as the saved layout cuts it: a save whose recorded layout is not its tensors' (an edited or
+        # copied adasched-checkpoint.json) failed in the copy with a tensor-size traceback
+        for fqn, (m, which) in experts.items():
+            E, hidden = m.router.config.num_experts, m.w1.shape[1]
+            cols = m.ffn // s_old * (2 if which == "w1" and m.activation == "swiglu" else 1)
+            want = (E // ep_old, hidden, cols) if which == "w1" else (E // ep_old, m.ffn // s_old, hidden)
+            for n, sh in needs[fqn]:
+                for sl in slots[fqn]:
+                    k = key(n * s_old + sh, fqn, sl)
+                    got = tuple(getattr(saved[k], "size", ()))
+                    if got != want:
+                        raise InputError(info.path, f"cannot reshard this save: {k} has shape {list(got)}, but its "
+                                                    f"recorded layout (EP {ep_old} x {s_old} shards, saved by "
+                                                    f"{info.world_size} ranks) cuts it to {list(want)}")
 
         def finish(loaded):
             model_sd, state, groups = {}, {}, {}

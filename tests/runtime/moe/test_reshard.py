@@ -168,3 +168,40 @@ def test_resharder_asks_only_for_the_overlapping_parts(new, optim, compiled=Fals
 def test_resharder_names_parameters_as_the_state_dict_does():
     """A torch.compile wrapper adds ``_orig_mod.`` to the parameter names but not to the saved keys."""
     test_resharder_asks_only_for_the_overlapping_parts((1, 2, 0, 1), "amsgrad", compiled=True)
+
+
+@pytest.mark.parametrize("claimed", [{"ep_size": 4}, {"ep_size": 1, "expert_shards": 2}, {"ep_size": 2},
+                                     {"ep_size": 2, "expert_shards": 2}])
+def test_a_save_whose_recorded_layout_is_not_its_tensors_is_one_error(claimed):
+    """31st session's hunt: a save of EP 2 x 2 shards whose adasched-checkpoint.json was edited (or copied) to
+    claim another layout failed in the copy with "The expanded size of the tensor (16) must match the existing size
+    (0)", a worker traceback; each part's shape is checked against the recorded layout's cut now. The true layout
+    still loads."""
+    from adasched.profiler.io import InputError
+    from adasched.runtime.checkpoint import ModelState
+
+    E, ffn, hidden, ep0, s0 = 4, 8, 3, 2, 2
+    gen = torch.Generator().manual_seed(int(torch.randint(2 ** 31, ())))
+    fulls = {w: _full(w, "swiglu", E, ffn, hidden, gen) for w in ("w1", "w2")}
+    ranks = {}
+    for j in range(ep0 * s0):
+        net = _Net(hidden, ffn, E)
+        off, cnt, cols = _position(E, ffn, ep0, s0, j // s0, j % s0)
+        for w in ("w1", "w2"):
+            setattr(net.moe, w, torch.nn.Parameter(cut_experts(fulls[w], w, "swiglu", ffn, off, cnt, cols)))
+        ranks[j] = ModelState(net, [torch.optim.SGD(net.parameters(), lr=0.1)]).state_dict()
+    flat, _ = flatten_state_dict({f"rank{j}/model": sd for j, sd in ranks.items()})
+    net = _Net(hidden, ffn, E)  # resumed on one rank: every expert, every column
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    info = SimpleNamespace(run=claimed, path="ck/step-00000002", world_size=4)
+    if claimed == {"ep_size": ep0, "expert_shards": s0}:
+        templates, finish = expert_resharder(net, opt)(info, _metadata(flat))
+        finish({k: flat[k] for k in templates})
+        for w in ("w1", "w2"):
+            assert torch.equal(getattr(net.moe, w).detach(), fulls[w])
+        return
+    ep, s = claimed["ep_size"], claimed.get("expert_shards", 1)
+    with pytest.raises(InputError, match=rf"^ck/step-00000002: cannot reshard this save: rank\d/model\.model\.moe\.w1 "
+                                         rf"has shape \[2, 3, 8\], but its recorded layout \(EP {ep} x {s} shards, "
+                                         r"saved by 4 ranks\) cuts it to \["):
+        expert_resharder(net, opt)(info, _metadata(flat))
