@@ -8,12 +8,12 @@ from typing import Literal
 from adasched.profiler.profile import ClusterProfile
 
 from ..plan import inputs_digest, profile_ref, relative_gap
-from ..solver import SolveParams
+from ..solver import SolveParams, heuristic_outcome
 from .baselines import BASELINES, baseline_fwd_bwd_ms
 from .costmodel import (EXPERT_GRAD_BUCKET_ELEMENTS, MoEConfig, expert_grad_allreduce_ms, expert_grad_buckets, expert_params_per_gpu,
                         stage_costs, topology)
-from .model import (WGRAD_MODES, PipelineEval, best_per_r, choose_r, exposed_comm_ms, greedy_slices,
-                    solve_slices)
+from .model import (WGRAD_MODES, GradSliceResult, PipelineEval, _exposed, _slice_cap, best_per_r, choose_r,
+                    exposed_comm_ms, greedy_slices, solve_slices)
 from .plan import MoEConfigPlan, MoELayerPlan, MoEPlan, StageCostsRecord
 
 __all__ = ["BwdCandidate", "JointBwdChoice", "bwd_candidates", "choose_bwd_jointly", "dense_block_ms", "plan_config",
@@ -298,10 +298,53 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
             periods.append((expert_ms[j], dense_b))
         return exposed_comm_ms(periods, at_end_ms=dense_exposed + expert_rest_ms)
 
+    # expert buckets launched during the backward share the link with the dense slices: the slice fill sizes each
+    # slice to its gap as if the link were free, and where the buckets' backlog already fills the gaps a slice hid
+    # nothing and added its latency (16 GPUs, EP 2: every slice one alpha over not slicing, the plan slower than its
+    # fixed-r2 baseline under status "optimal"); there the fill is also made to fit the queue, the better kept
+    shared = any(x > 0 for x in expert_ms)
+
+    def fit_to_queue(idle: list[float], gaps: list[float]) -> list[float]:
+        """The greedy fill (gap capacity, prefix rule) where each slice also fits the idle link time the expert
+        buckets and the earlier slices leave unused from its launch on: such a slice delays nothing (the final
+        backlog stays the buckets'), so each element it takes is hidden. The queue serves work at the earliest
+        idle time: a slice consumes the unused idle time after its launch, earliest first."""
+        periods = []
+        for j, i in enumerate(order):
+            periods += [(0.0, idle[i]), (expert_ms[j], dense_b)]
+        unused, backlog = [], 0.0
+        for launched, free in periods:  # the idle time the buckets alone leave unused, per period
+            backlog += launched
+            unused.append(max(0.0, free - backlog))
+            backlog = max(0.0, backlog - free)
+        after = [0.0] * (len(unused) + 1)  # unused idle time from each period on
+        for m in range(len(unused) - 1, -1, -1):
+            after[m] = after[m + 1] + unused[m]
+        out, taken, prefix, used, ptr = [], 0.0, 0.0, 0.0, 0
+        for j, g in enumerate(gaps):
+            # unused idle time from the slice's launch (period 2j) on: earlier slices consumed from their own
+            # launch on, earliest first - every period before `ptr` and `used` of period `ptr`
+            if 2 * j > ptr:
+                ptr, used = 2 * j, 0.0
+            free = after[ptr] - used
+            x = max(0.0, min(prefix - taken, _slice_cap(g, a4, b4), _slice_cap(free, a4, b4)))
+            out.append(x)
+            taken += x
+            prefix += produced[j]
+            w = a4 + b4 * x if x > 0 else 0.0
+            while w > 0 and ptr < len(unused):
+                room = unused[ptr] - used
+                if w < room:
+                    used, w = used + w, 0.0
+                else:
+                    w, ptr, used = w - room, ptr + 1, 0.0
+        return out
+
     def outcome(choice: list[int], exact: bool):
         """(iteration ms, slice result or None, expert exposure ms) of a choice. ``exact``: the slices by
         solve_slices (what the plan records); else by the greedy fill, O(layers), for the search (what solve_slices
-        returns once it meets its bound - always, see slice_upper_bound)."""
+        returns once it meets its bound - always, see slice_upper_bound). With expert buckets on the link
+        (``shared``) also the fill fitted to their queue, the shorter iteration kept, never "optimal"."""
         picked = [cands[i][c] for i, c in enumerate(choice)]
         idle = [p.idle_ms for p in picked]
         gaps = [idle[i] + dense_b for i in order]
@@ -311,9 +354,19 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
             slices, dense_exposed = sl.slices, sl.exposed_ms
         else:
             slices = greedy_slices(gaps, produced, a4, b4)
-            left = sum(produced) - sum(slices)
-            dense_exposed = a4 + b4 * left if left > 1e-9 else 0.0
+            dense_exposed = _exposed(slices, produced, a4, b4)
         expert_exposed = max(0.0, exposure(idle, slices, dense_exposed) - dense_exposed)
+        if shared:
+            fitted = fit_to_queue(idle, gaps)
+            f_dense = _exposed(fitted, produced, a4, b4)
+            f_expert = max(0.0, exposure(idle, fitted, f_dense) - f_dense)
+            if f_dense + f_expert < dense_exposed + expert_exposed:
+                slices, dense_exposed, expert_exposed = fitted, f_dense, f_expert
+            if sl is not None:
+                sl = GradSliceResult(slices, dense_exposed, heuristic_outcome(
+                    sum(slices), sl.outcome.solve_seconds, params,
+                    note="expert buckets share the link: the better of the gap fill and the fill fitted to their "
+                         "queue (no optimality proof)"))
         moe_total = sum(f + p.time_ms for f, p in zip(fwd_ms, picked))
         return moe_total + dense_total + dense_exposed + expert_exposed, sl, expert_exposed
 
@@ -434,7 +487,9 @@ def plan_moe(configs: list[MoEConfig], gpus: int, profile: ClusterProfile, *,
                                "layer's fastest backward (and, for identical layers, uniform and fastest-prefix "
                                "starts; a heuristic, never longer than the per-layer choice); for each choice the "
                                "gradient slices by a greedy fill proved optimal by a matching upper bound (the "
-                               "slice MILP, pulp-cbc, only where the bound would not match). Choices: "
+                               "slice MILP, pulp-cbc, only where the bound would not match); where expert-gradient "
+                               "buckets share the link (expert copies), the better of that fill and one fitted to "
+                               "their queue, a heuristic. Choices: "
                                + ", ".join(f"{c.name} {c.bwd_choice}" for c in out)
                                + f"; {gain:.4g} ms of iteration gained over every layer's fastest backward"
                                + "; objective = the configurations' iterations summed, bound = theirs where the "
