@@ -255,6 +255,8 @@ DEFAULT_TIME_LIMIT_S = 0.4
 """Solver budget of one (global batch, group) packing problem when none is given (seconds; `plan lora`'s
 --time-limit)."""
 
+#: the shortest time limit (s) a MILP is started with (CBC's start-up alone takes about that)
+MIN_MILP_LIMIT_S = 0.05
 MILP_BINARIES_PER_SECOND = 8_000
 """Largest MILP (samples x bins binaries) started per second of its budget. Measured with CBC 2.10 on this 2-core
 CPU: 3840 binaries took 0.14 s, 6080 took 1.2 s and 17408 took 1.75 s whatever the limit, 65k took 16-24 s."""
@@ -279,7 +281,7 @@ def pack_problem(samples: Sequence[int], adapter_of: Sequence[int], lengths: Seq
     m1 = m2 = None
 
     def params(limit: float) -> SolveParams:
-        return SolveParams(time_limit=max(0.05, limit), seed=seed, threads=1)
+        return SolveParams(time_limit=max(MIN_MILP_LIMIT_S, limit), seed=seed, threads=1)
 
     def ordered(bs: list[Bin]) -> list[Bin]:
         return sorted(bs, key=lambda b: (-padded_size(b, lengths), min(min(v) for v in b.values())))
@@ -290,7 +292,9 @@ def pack_problem(samples: Sequence[int], adapter_of: Sequence[int], lengths: Seq
     bins = ordered(bins)
     smallest_before = padded_size(bins[-1], lengths) if bins else 0
     solve1 = use_milp and ffd_n > lb
-    if solve1 and not fits(ffd_n, time_limit / 2):
+    # a half budget under CBC's shortest limit is not started: raised to that limit, MILP 1 took the whole budget
+    # and more (0.075 s at --time-limit 0.05)
+    if solve1 and (time_limit / 2 < MIN_MILP_LIMIT_S or not fits(ffd_n, time_limit / 2)):
         m1 = "skipped"
     elif solve1:
         out, sol = _milp(samples, adapter_of, lengths, capacity, ffd_n, fix_bins=False, lower_bound=lb,
@@ -301,7 +305,7 @@ def pack_problem(samples: Sequence[int], adapter_of: Sequence[int], lengths: Seq
                 bins = ordered(sol)
             status = "optimal" if (out.status == "optimal" or len(sol) == lb) else "feasible"
     left = time_limit - (time.perf_counter() - t0) - 0.1  # ~0.1 s of CBC start-up and file I/O per run
-    shrink = use_milp and len(bins) >= 2 and padded_size(bins[-1], lengths) > SEGMENT_ALIGN and left > 0.05
+    shrink = use_milp and len(bins) >= 2 and padded_size(bins[-1], lengths) > SEGMENT_ALIGN and left >= MIN_MILP_LIMIT_S
     if shrink and not fits(len(bins), left):
         m2 = "skipped"
     elif shrink:

@@ -58,3 +58,27 @@ def test_plan_note_says_which_milps_were_not_started():
     assert skipped >= 1
     assert f"{skipped} MILPs not started" in plan.solver.note
     assert plan.summary.samples_missing == plan.summary.samples_duplicated == 0
+
+
+def test_a_budget_under_the_shortest_milp_limit_starts_no_milp_1():
+    """31st session's hunt: MILP 1 gets half the budget, raised to CBC's shortest limit (0.05 s): at --time-limit
+    0.05 it got the whole budget and problems ran 0.055-0.075 s. Under twice that limit it is not started."""
+    from adasched.planner.lorafusion.model import MIN_MILP_LIMIT_S
+
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    for _ in range(200):  # a small case where FFD misses the lower bound (MILP 1 would run)
+        n = rng.randint(8, 24)
+        lengths = [rng.randint(300, 3000) for _ in range(n)]
+        adapter_of = [rng.randrange(2) for _ in range(n)]
+        samples = list(range(n))
+        if len(ffd_pack(samples, adapter_of, lengths, 4096)) > bin_lower_bound(samples, adapter_of, lengths, 4096):
+            break
+    else:
+        raise AssertionError(f"no case with an FFD gap found (seed {seed})")
+    limit = rng.uniform(0.01, 2 * MIN_MILP_LIMIT_S - 1e-3)
+    res = pack_problem(samples, adapter_of, lengths, 4096, time_limit=limit)
+    assert res.milp1 == "skipped" and res.milp2 is None and res.status == "heuristic", (seed, res)
+    _check_bins(res.bins, samples, lengths, adapter_of, 4096)
+    res = pack_problem(samples, adapter_of, lengths, 4096, time_limit=2 * MIN_MILP_LIMIT_S)
+    assert res.milp1 not in (None, "skipped"), seed
