@@ -46,6 +46,12 @@ def run(out_dir: Path) -> None:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import sklearn  # noqa: F401 - the recorded run trains on its digits data
+    except ImportError:
+        print("skipped: scikit-learn is not installed (pip install 'adasched[bench]'); the schedules step trains "
+              "on its digits data")
+        return
     norms_csv = _record_norms(out_dir)
     g = read_norms_csv(norms_csv, "l2")
     m = refined_multipliers(g, "l2", 0.1)

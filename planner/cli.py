@@ -302,12 +302,18 @@ def _register_plugins() -> None:
 
 
 def _click_exceptions():
-    """(Exit, UsageError, NoArgsIsHelpError, Abort) classes of click and of the click copy vendored by newer typer."""
-    import click
-
-    mods = [click.exceptions]
+    """(Exit, UsageError, NoArgsIsHelpError, Abort) classes of click and of the click copy vendored by newer typer.
+    Either may be absent: typer >= 0.24 ships its own click and does not install click (`pip install adasched`
+    gave an `adasched` whose every command, --help included, ended in "No module named 'click'")."""
+    mods = []
     try:
-        import typer._click.exceptions as vendored  # typer >= 0.24 ships its own click
+        import click.exceptions  # typer < 0.24 (or click installed by another package)
+
+        mods.append(click.exceptions)
+    except ImportError:
+        pass
+    try:
+        import typer._click.exceptions as vendored  # typer >= 0.24
 
         mods.append(vendored)
     except ImportError:

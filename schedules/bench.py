@@ -56,8 +56,14 @@ class BenchConfig:
 def load_digits_split(test_size: int = 497, val_size: int = 200, seed: int = 0):
     """Digits 8x8 (1797 images, 10 classes): stratified train (1100) / validation (200) / test (497) split,
     features standardised on train. Returns (xtr, ytr, xval, yval, xte, yte) tensors."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError:  # (an optional dependency: `pip install adasched` without [bench] ended in a traceback)
+        from adasched.profiler.io import InputError
+
+        raise InputError("scikit-learn", "not installed: the schedules benchmark trains on its digits data "
+                                         "(pip install 'adasched[bench]')") from None
 
     x, y = load_digits(return_X_y=True)
     xrest, xte, yrest, yte = train_test_split(x, y, test_size=test_size, random_state=seed, stratify=y)

@@ -125,7 +125,9 @@ class MoEConfigPlan(BaseModel):
                                                              "'coordinate-descent' (a heuristic); older plans: None")
     slice_solver_status: str
     slice_solver_backend: str = Field(default="exact", description="'exact': the greedy fill met its upper bound; "
-                                                                   "else the slice MILP's backend (pulp-cbc)")
+                                                                   "'heuristic': expert buckets share the link, the "
+                                                                   "better of that fill and one fitted to their "
+                                                                   "queue; else the slice MILP's backend (pulp-cbc)")
     stage_source: str
     stage_notes: list[str] = Field(default_factory=list)
     layer0_stage_costs: StageCostsRecord | None = Field(default=None, description="layer 0's forward stage costs "

@@ -472,7 +472,8 @@ def plan_moe(configs: list[MoEConfig], gpus: int, profile: ClusterProfile, *,
     choices = {c.bwd_choice for c in out}
     if status == "optimal" and not choices <= set(PROVED_CHOICES):
         status = "heuristic"  # the joint backward choice was not proved over every combination
-    milp = any(c.slice_solver_backend != "exact" for c in out)  # (the fallback ran: the record names CBC)
+    # the fallback ran: the record names CBC (a queue-fitted fill's "heuristic" backend started no MILP)
+    milp = any("pulp" in c.slice_solver_backend for c in out)
     gain = sum((c.iteration_fastest_bwd_ms or c.iteration_ms) - c.iteration_ms for c in out)
     objective, bound = record_bound(out)
     record = SolverRecord(backend="exact-eval" + ("+pulp-cbc" if milp else ""), status=status, solve_seconds=round(dt, 6),

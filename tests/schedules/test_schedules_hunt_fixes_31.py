@@ -70,3 +70,21 @@ def test_refine_out_must_be_json(tmp_path, capsys):
         assert not out.exists()
     assert main(["schedules", "refine", str(norms), "--out", str(tmp_path / "s.JSON")]) == 0
     assert main(["schedules", "plot", str(tmp_path / "s.JSON"), "--out", str(tmp_path / "p.png")]) == 0
+
+
+def test_without_scikit_learn_bench_is_one_line_and_the_demo_step_skips(tmp_path):
+    """The 31st session's packaging hunt: scikit-learn is the optional [bench] extra, and without it `adasched
+    bench schedules` and the demo's schedules step ended in a ModuleNotFoundError traceback."""
+    code = ("import sys; sys.modules['sklearn'] = None; sys.modules['sklearn.datasets'] = None;"
+            "sys.modules['sklearn.model_selection'] = None\n"
+            "if sys.argv[1] == 'bench':\n"
+            "    from adasched.planner.cli import main; sys.exit(main(['bench', 'schedules', '--quick']))\n"
+            "from pathlib import Path; from adasched.launch import demo_schedules; demo_schedules.run(Path('out'))")
+    r = subprocess.run([sys.executable, "-c", code, "bench"], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=300)
+    assert r.returncode == 2 and r.stderr == ("error: scikit-learn: not installed: the schedules benchmark trains on "
+                                              "its digits data (pip install 'adasched[bench]')\n"), r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-c", code, "demo"], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("skipped: scikit-learn is not installed"), r.stderr[-2000:]
+    assert not any((tmp_path / "out").iterdir())

@@ -86,4 +86,5 @@ def test_the_hunt_case_and_its_record():
         assert c.grad_slices == [0.0, 0.0]  # the buckets' backlog fills every gap: nothing to hide
         assert c.iteration_ms < min(c.iteration_baselines_ms.values())
         assert plan.solver.status == "heuristic" and plan.solver.gap > 0 and not plan.verify()
+        assert plan.solver.backend == "exact-eval" and c.slice_solver_backend == "heuristic"  # no MILP started
         MoEPlan.model_validate_json(plan.model_dump_json())
