@@ -22,7 +22,9 @@ def run(out_dir: Path) -> None:
     print(f"profile of this machine: {local}; built-in h100-sxm fitted models: {plot}")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the demo's own entry (its --help, demo-out/); an argument was taken for the folder
     import sys
 
-    run(Path(sys.argv[1] if len(sys.argv) > 1 else "demo-out"))
+    from adasched.launch.demo import main
+
+    sys.exit(main(["profile", *sys.argv[1:]]))

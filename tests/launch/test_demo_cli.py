@@ -66,3 +66,19 @@ def test_check_step():
         check_step(130, "unused")
     with pytest.raises(SystemExit, match="^demo x: failed with exit status 2$"):
         check_step(2, "demo x: failed with exit status 2")
+
+
+@pytest.mark.parametrize("module", ["demo_profile", "demo_sp", "demo_schedules"])
+def test_a_step_module_run_alone_is_the_demo_with_that_step(tmp_path, module):
+    """31st session's packaging hunt: `python -m adasched.launch.demo_profile --help` profiled the machine into a
+    folder named --help (the first argument was the output folder); demo_sp --help planned, then failed."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", f"adasched.launch.{module}", "--help"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("usage: python -m adasched.launch.demo [STEP ...]"), r.stderr
+    r = subprocess.run([sys.executable, "-m", f"adasched.launch.{module}", "elsewhere"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: step 'elsewhere': unknown"), r.stderr
+    assert list(tmp_path.iterdir()) == []
