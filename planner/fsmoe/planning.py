@@ -17,7 +17,7 @@ from .model import (WGRAD_MODES, GradSliceResult, PipelineEval, _exposed, _slice
 from .plan import MoEConfigPlan, MoELayerPlan, MoEPlan, StageCostsRecord
 
 __all__ = ["BwdCandidate", "JointBwdChoice", "bwd_candidates", "choose_bwd_jointly", "dense_block_ms", "plan_config",
-           "plan_moe"]
+           "plan_moe", "queue_fit_slices", "queue_one_slice"]
 
 
 def dense_block_ms(cfg: MoEConfig, profile: ClusterProfile) -> tuple[float, float]:
@@ -222,6 +222,68 @@ def iteration_lower_bound(fwd_ms: list[float], cands: list[list[BwdCandidate]], 
     return sum(fwd_ms) + dense_total + max(fastest + last_dense_ms, busy + comm_ms - len(cands) * dense_b, fastest)
 
 
+# ---- dense slices on a link the expert-gradient buckets share ---------------------------------------------
+def _queue_unused(idle: list[float], expert_ms: list[float], dense_b: float) -> tuple[list[float], list[float]]:
+    """Per period of the backward (position j's MoE backward, idle ``idle[j]``, then its dense block's backward,
+    ``dense_b`` idle, where position j's expert bucket of ``expert_ms[j]`` is launched) the idle link time the
+    buckets alone leave unused (exposed_comm_ms's queue), and that summed from each period on."""
+    unused, backlog = [], 0.0
+    for m_idle, e in zip(idle, expert_ms):
+        for launched, free in ((0.0, m_idle), (e, dense_b)):
+            backlog += launched
+            unused.append(max(0.0, free - backlog))
+            backlog = max(0.0, backlog - free)
+    after = [0.0] * (len(unused) + 1)
+    for m in range(len(unused) - 1, -1, -1):
+        after[m] = after[m + 1] + unused[m]
+    return unused, after
+
+
+def queue_fit_slices(idle: list[float], expert_ms: list[float], dense_b: float, gaps: list[float],
+                     produced: list[float], alpha: float, beta: float) -> list[float]:
+    """The greedy slice fill (gap capacity, prefix rule; backward positions) where each slice also fits the idle
+    link time the expert buckets and the earlier slices leave unused from its launch on: such a slice delays
+    nothing (the final backlog stays the buckets'), so each element it takes is hidden. The queue serves work at
+    the earliest idle time: a slice consumes the unused idle time after its launch, earliest first."""
+    unused, after = _queue_unused(idle, expert_ms, dense_b)
+    out, taken, prefix, used, ptr = [], 0.0, 0.0, 0.0, 0
+    for j, g in enumerate(gaps):
+        # unused idle time from the slice's launch (period 2j) on: earlier slices consumed from their own launch
+        # on, earliest first - every period before `ptr` and `used` of period `ptr`
+        if 2 * j > ptr:
+            ptr, used = 2 * j, 0.0
+        free = after[ptr] - used
+        x = max(0.0, min(prefix - taken, _slice_cap(g, alpha, beta), _slice_cap(free, alpha, beta)))
+        out.append(x)
+        taken += x
+        prefix += produced[j]
+        w = alpha + beta * x if x > 0 else 0.0
+        while w > 0 and ptr < len(unused):
+            room = unused[ptr] - used
+            if w < room:
+                used, w = used + w, 0.0
+            else:
+                w, ptr, used = w - room, ptr + 1, 0.0
+    return out
+
+
+def queue_one_slice(idle: list[float], expert_ms: list[float], dense_b: float, gaps: list[float],
+                    produced: list[float], alpha: float, beta: float) -> list[float]:
+    """The one slice that fits the buckets' unused idle time and hides the most: queue_fit_slices's early slices
+    each spend an alpha of idle time the later positions share, where one later, larger slice can hide more."""
+    _, after = _queue_unused(idle, expert_ms, dense_b)
+    best, at, prefix = 0.0, 0, 0.0
+    for j, g in enumerate(gaps):
+        x = max(0.0, min(prefix, _slice_cap(g, alpha, beta), _slice_cap(after[2 * j], alpha, beta)))
+        if x > best:
+            best, at = x, j
+        prefix += produced[j]
+    out = [0.0] * len(gaps)
+    if out:
+        out[at] = best
+    return out
+
+
 def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: Literal["profile", "published"],
                 params: SolveParams, ep_size: int | None = None, two_step: bool = False,
                 gpus_per_node: int | None = None, joint_bwd: bool = True,
@@ -301,50 +363,16 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
     # expert buckets launched during the backward share the link with the dense slices: the slice fill sizes each
     # slice to its gap as if the link were free, and where the buckets' backlog already fills the gaps a slice hid
     # nothing and added its latency (16 GPUs, EP 2: every slice one alpha over not slicing, the plan slower than its
-    # fixed-r2 baseline under status "optimal"); there the fill is also made to fit the queue, the better kept
+    # fixed-r2 baseline under status "optimal"); there queue_fit_slices and queue_one_slice are tried too, the
+    # best kept
     shared = any(x > 0 for x in expert_ms)
-
-    def fit_to_queue(idle: list[float], gaps: list[float]) -> list[float]:
-        """The greedy fill (gap capacity, prefix rule) where each slice also fits the idle link time the expert
-        buckets and the earlier slices leave unused from its launch on: such a slice delays nothing (the final
-        backlog stays the buckets'), so each element it takes is hidden. The queue serves work at the earliest
-        idle time: a slice consumes the unused idle time after its launch, earliest first."""
-        periods = []
-        for j, i in enumerate(order):
-            periods += [(0.0, idle[i]), (expert_ms[j], dense_b)]
-        unused, backlog = [], 0.0
-        for launched, free in periods:  # the idle time the buckets alone leave unused, per period
-            backlog += launched
-            unused.append(max(0.0, free - backlog))
-            backlog = max(0.0, backlog - free)
-        after = [0.0] * (len(unused) + 1)  # unused idle time from each period on
-        for m in range(len(unused) - 1, -1, -1):
-            after[m] = after[m + 1] + unused[m]
-        out, taken, prefix, used, ptr = [], 0.0, 0.0, 0.0, 0
-        for j, g in enumerate(gaps):
-            # unused idle time from the slice's launch (period 2j) on: earlier slices consumed from their own
-            # launch on, earliest first - every period before `ptr` and `used` of period `ptr`
-            if 2 * j > ptr:
-                ptr, used = 2 * j, 0.0
-            free = after[ptr] - used
-            x = max(0.0, min(prefix - taken, _slice_cap(g, a4, b4), _slice_cap(free, a4, b4)))
-            out.append(x)
-            taken += x
-            prefix += produced[j]
-            w = a4 + b4 * x if x > 0 else 0.0
-            while w > 0 and ptr < len(unused):
-                room = unused[ptr] - used
-                if w < room:
-                    used, w = used + w, 0.0
-                else:
-                    w, ptr, used = w - room, ptr + 1, 0.0
-        return out
 
     def outcome(choice: list[int], exact: bool):
         """(iteration ms, slice result or None, expert exposure ms) of a choice. ``exact``: the slices by
         solve_slices (what the plan records); else by the greedy fill, O(layers), for the search (what solve_slices
         returns once it meets its bound - always, see slice_upper_bound). With expert buckets on the link
-        (``shared``) also the fill fitted to their queue, the shorter iteration kept, never "optimal"."""
+        (``shared``) also the fill fitted to their queue and the best single slice, the shortest iteration kept,
+        never "optimal"."""
         picked = [cands[i][c] for i, c in enumerate(choice)]
         idle = [p.idle_ms for p in picked]
         gaps = [idle[i] + dense_b for i in order]
@@ -357,16 +385,18 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
             dense_exposed = _exposed(slices, produced, a4, b4)
         expert_exposed = max(0.0, exposure(idle, slices, dense_exposed) - dense_exposed)
         if shared:
-            fitted = fit_to_queue(idle, gaps)
-            f_dense = _exposed(fitted, produced, a4, b4)
-            f_expert = max(0.0, exposure(idle, fitted, f_dense) - f_dense)
-            if f_dense + f_expert < dense_exposed + expert_exposed:
-                slices, dense_exposed, expert_exposed = fitted, f_dense, f_expert
+            idle_pos = [idle[i] for i in order]
+            for fitted in (queue_fit_slices(idle_pos, expert_ms, dense_b, gaps, produced, a4, b4),
+                           queue_one_slice(idle_pos, expert_ms, dense_b, gaps, produced, a4, b4)):
+                f_dense = _exposed(fitted, produced, a4, b4)
+                f_expert = max(0.0, exposure(idle, fitted, f_dense) - f_dense)
+                if f_dense + f_expert < dense_exposed + expert_exposed:
+                    slices, dense_exposed, expert_exposed = fitted, f_dense, f_expert
             if sl is not None:
                 sl = GradSliceResult(slices, dense_exposed, heuristic_outcome(
                     sum(slices), sl.outcome.solve_seconds, params,
-                    note="expert buckets share the link: the better of the gap fill and the fill fitted to their "
-                         "queue (no optimality proof)"))
+                    note="expert buckets share the link: the best of the gap fill, the fill fitted to their queue "
+                         "and the one slice that fits it best (no optimality proof)"))
         moe_total = sum(f + p.time_ms for f, p in zip(fwd_ms, picked))
         return moe_total + dense_total + dense_exposed + expert_exposed, sl, expert_exposed
 
