@@ -315,6 +315,30 @@ def _without_absent_optional_keys(value: Any, key: str, saved: Mapping[str, Any]
     return _StateWithout(value, absent) if absent else value
 
 
+def _check_values_template(path, key: str, values: "Values", saved: Mapping[str, Any]) -> None:
+    """DCP loads only the entries (and in the shapes and dtypes) of the resuming run's objects: a Values dict of
+    tensors whose keys grew during the run came back without the new keys, without a word, and a tensor replaced by
+    one of another dtype came back rounded to the first one's. Refuse those in one line naming the entry."""
+    import torch
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    flat, _ = flatten_state_dict({key: values.state_dict()})
+    name = key.split("/", 1)[-1]
+    extra = sorted(k for k in saved if k.startswith(key + ".") and k not in flat)
+    if extra:
+        raise InputError(path, f"{extra[0].split('/', 1)[-1]} is in the save but not in this run's Values {name!r} "
+                               "(a dict of tensors whose keys were added during the run: build the Values with "
+                               "every key, or keep tensors out of that dict to have it saved whole)")
+    for k, v in flat.items():
+        m = saved.get(k)
+        if isinstance(v, torch.Tensor) and isinstance(m, TensorStorageMetadata) and (
+                tuple(v.shape) != tuple(m.size) or v.dtype != m.properties.dtype):
+            raise InputError(path, f"{k.split('/', 1)[-1]} was saved as {m.properties.dtype} {list(m.size)}, this "
+                                   f"run's Values {name!r} holds {v.dtype} {list(v.shape)} (a Values tensor is "
+                                   "loaded in place: build it with the shape and dtype it is saved with)")
+
+
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
@@ -599,6 +623,8 @@ class Checkpointer:
         for key, value in keyed.items():
             if isinstance(value, ModelState):
                 value.expect_save(k[len(key) + 1:] for k in saved if k.startswith(key + "."))
+            elif isinstance(value, Values):
+                _check_values_template(info.path, key, value, saved)
         keyed = {key: _without_absent_optional_keys(value, key, saved) for key, value in keyed.items()}
         from torch.distributed.checkpoint.api import CheckpointException
 

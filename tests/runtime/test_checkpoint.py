@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -994,3 +995,38 @@ def test_a_save_without_the_router_statistics_entry_resumes(tmp_path):
     with pytest.raises(InputError, match="cursor"):
         Checkpointer(CheckpointConfig(folder=tmp_path), run={"seed": 0}).resume(
             {"progress": Values(step=0, router_k_sums={}, cursor=0)})
+
+
+@pytest.mark.parametrize("case", ["key-added", "empty-dict", "dtype", "shape"])
+def test_values_tensors_the_resuming_run_cannot_hold_are_one_line(tmp_path, case):
+    """31st session's checkpoint hunt: DCP fills only the entries, shapes and dtypes of the resuming run's objects -
+    a Values dict of tensors with a key added during the run came back without it, silently; a float64 tensor
+    replaced for a float16 one came back rounded; an empty dict filled later, or a grown tensor, failed with a line
+    blaming the save. Each is one line naming the entry now (the tensor-free dicts of the test above still load)."""
+    from adasched.profiler.io import InputError
+
+    g = torch.Generator().manual_seed(int(torch.randint(2 ** 31, ())))
+    start = {"key-added": dict(ema={"a": torch.randn(1, generator=g)}), "empty-dict": dict(ema={}),
+             "dtype": dict(t=torch.randn(3, generator=g).half()), "shape": dict(t=torch.randn(0, generator=g))}[case]
+    v = Values(**start)
+    if case in ("key-added", "empty-dict"):
+        v["ema"] = {"a": torch.randn(1, generator=g), "b": torch.randn(2, generator=g, dtype=torch.float64)}
+    else:
+        v["t"] = torch.randn(5 if case == "shape" else 3, generator=g, dtype=torch.float64)
+    Checkpointer(CheckpointConfig(folder=tmp_path), run={}).save(1, {"v": v})
+    w = Values(**{k: ({kk: torch.zeros_like(t) for kk, t in x.items()} if isinstance(x, dict) else torch.zeros_like(x))
+                  for k, x in start.items()})
+    want = {"key-added": "v.ema.b is in the save but not in this run's Values 'v'",
+            "empty-dict": "v.ema.a is in the save but not in this run's Values 'v'",
+            "dtype": "v.t was saved as torch.float64 [3], this run's Values 'v' holds torch.float16 [3]",
+            "shape": "v.t was saved as torch.float64 [5], this run's Values 'v' holds torch.float32 [0]"}[case]
+    with pytest.raises(InputError, match=re.escape(want)):
+        Checkpointer(CheckpointConfig(folder=tmp_path), run={}).resume({"v": w})
+    # built as saved, it loads every value
+    same = Values(**{k: ({kk: torch.zeros_like(t) for kk, t in x.items()} if isinstance(x, dict) else torch.zeros_like(x))
+                     for k, x in v._values.items()})
+    assert Checkpointer(CheckpointConfig(folder=tmp_path), run={}).resume({"v": same}) == 1
+    for k, x in v._values.items():
+        for kk, t in (x.items() if isinstance(x, dict) else [(None, x)]):
+            got = same[k][kk] if kk is not None else same[k]
+            assert got.dtype == t.dtype and torch.equal(got, t), (k, kk)
