@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
             check_output_path(args.out, "--out")
             from adasched.profiler.io import InputError
 
-            nproc = os.environ.get("NPROC", "4")  # what profile_collectives.sh hands torchrun
+            nproc = os.environ.get("NPROC") or "4"  # what profile_collectives.sh hands torchrun (${NPROC:-4})
             if not (nproc.isascii() and nproc.isdigit()) or int(nproc) < 2:
                 raise InputError("NPROC", f"{nproc}: collectives need >= 2 processes (or run `adasched profile "
                                           f"--no-collectives`)")
@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     if prof is not None:
         print(f"wrote {args.out}: {len(prof.collectives)} collective fits on {prof.world_size} ranks "
               f"({prof.num_nodes} node(s) x {prof.gpus_per_node})")
+        from adasched.profiler.cli import rough_fit_notes
+
+        for note in rough_fit_notes(prof):  # as `adasched profile` says them (this entry said nothing)
+            sys.stderr.write(note + "\n")
     return 0
 
 

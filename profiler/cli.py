@@ -9,6 +9,26 @@ import typer
 #: a fit whose mean relative error is above this gets a note on stderr
 ROUGH_FIT = 0.25
 
+
+def rough_fit_notes(prof) -> list[str]:
+    """The notes a freshly measured profile deserves (fits far off their points, an attention fit without s^2):
+    `adasched profile` and launch/profile_collectives.py say the same."""
+    notes = []
+    for what, fit in (("attention", prof.attention), ("linear", prof.linear)):
+        if fit is not None and fit.fit_rel_error > ROUGH_FIT:
+            notes.append(f"note: the {what} fit is {fit.fit_rel_error:.0%} off its measured points on average (a "
+                         "busy machine or a too-quick profile?); re-run, or without --quick, before planning with it")
+    if prof.attention is not None and prof.attention.a1_ms_per_tok2 == 0:  # (a flat fit passed in silence)
+        notes.append("note: the attention fit has no s^2 term (the measured times did not grow quadratically with "
+                     "length: a busy machine?); long sequences will be underestimated - re-run before planning with "
+                     "it")
+    rough = [f"{c.op} x{c.group_size} {c.fit_rel_error:.0%}" for c in prof.collectives if c.fit_rel_error > ROUGH_FIT]
+    if rough:
+        notes.append(f"note: {len(rough)} collective fit(s) more than {ROUGH_FIT:.0%} off their measured points on "
+                     f"average ({', '.join(rough)}); re-run on a quiet machine, or without --quick, before planning "
+                     "with them")
+    return notes
+
 __all__ = ["register"]
 
 
@@ -72,20 +92,8 @@ def register(groups) -> None:
         except (RuntimeError, TimeoutError) as err:  # a worker died or hung: say so, no traceback, no file
             typer.echo(f"error: profile: {' '.join(str(err).split())}", err=True)
             raise typer.Exit(1) from None
-        for what, fit in (("attention", prof.attention), ("linear", prof.linear)):
-            if fit is not None and fit.fit_rel_error > ROUGH_FIT:  # stderr: --json keeps stdout pure JSON
-                typer.echo(f"note: the {what} fit is {fit.fit_rel_error:.0%} off its measured points on average "
-                           "(a busy machine or a too-quick profile?); re-run, or without --quick, before planning "
-                           "with it", err=True)
-        if prof.attention is not None and prof.attention.a1_ms_per_tok2 == 0:  # (a flat fit passed in silence)
-            typer.echo("note: the attention fit has no s^2 term (the measured times did not grow quadratically with "
-                       "length: a busy machine?); long sequences will be underestimated - re-run before planning "
-                       "with it", err=True)
-        rough = [f"{c.op} x{c.group_size} {c.fit_rel_error:.0%}" for c in prof.collectives if c.fit_rel_error > ROUGH_FIT]
-        if rough:
-            typer.echo(f"note: {len(rough)} collective fit(s) more than {ROUGH_FIT:.0%} off their measured points on "
-                       f"average ({', '.join(rough)}); re-run on a quiet machine, or without --quick, before "
-                       "planning with them", err=True)
+        for note in rough_fit_notes(prof):  # stderr: --json keeps stdout pure JSON
+            typer.echo(note, err=True)
         if as_json:
             emit_json(prof)
         else:

@@ -42,3 +42,49 @@ def test_the_largest_profile_still_loads_and_with_nodes_is_bounded(tmp_path):
     assert load_profile("h100-sxm").with_nodes(MAX_GPUS // 8).world_size == MAX_GPUS
     with pytest.raises(InputError, match=f"more than the {MAX_GPUS}"):
         load_profile("h100-sxm").with_nodes(MAX_GPUS // 8 + 1)
+
+
+def test_a_flat_affine_fit_has_no_round_off_slope():
+    """31st session's profiler hunt: on flat times (noise ~1e-12) half the affine fits came back with a slope like
+    1.3e-14 ms/token, which passed the linear benchmark's `> 0` fallback check: a "linear" model that does not grow
+    with tokens, without a note. A slope under 1e-9 of the largest time is round-off (zero), as in the other fits."""
+    import numpy as np
+
+    from adasched.profiler.fit import fit_affine
+
+    rng = np.random.default_rng()
+    zero = 0
+    for _ in range(200):
+        t = np.sort(rng.choice(np.arange(64, 8192), size=6, replace=False)).astype(float)
+        ms = 2.0 + rng.normal(0, 1e-12, t.size)
+        c, b = fit_affine(t, ms).coef
+        assert c == 0.0 or c * t.max() >= 1e-9 * ms.max(), c
+        zero += c == 0.0
+    assert zero > 100
+    t = np.array([100.0, 200, 400, 800])
+    c, b = fit_affine(t, 0.01 * t + 3 + rng.uniform(0, 1e-6, 4)).coef  # a real slope stays
+    assert c == pytest.approx(0.01, rel=1e-4) and b == pytest.approx(3, rel=1e-4)
+
+
+def test_profile_collectives_takes_an_empty_nproc_as_its_default(tmp_path, monkeypatch, capsys):
+    """The same hunt: profile_collectives.sh runs torchrun with ${NPROC:-4}, but its --check refused NPROC= with
+    "error: NPROC: : collectives need >= 2 processes"."""
+    from adasched.launch import profile_collectives
+
+    monkeypatch.setenv("NPROC", "")
+    assert profile_collectives.main(["--check", "--quick", "--out", str(tmp_path / "p.json")]) == 0
+    monkeypatch.setenv("NPROC", "1")
+    assert profile_collectives.main(["--check", "--quick", "--out", str(tmp_path / "p.json")]) == 2
+    assert capsys.readouterr().err.startswith("error: NPROC: 1: collectives need >= 2 processes")
+
+
+def test_rough_fit_notes_are_shared_by_both_entry_points():
+    from adasched.launch import profile_collectives
+    from adasched.profiler.cli import rough_fit_notes
+
+    prof = load_profile("h100-sxm")
+    assert rough_fit_notes(prof) == []
+    worse = prof.model_copy(update={"collectives": [prof.collectives[0].model_copy(update={"fit_rel_error": 0.4})]})
+    notes = rough_fit_notes(worse)
+    assert len(notes) == 1 and notes[0].startswith("note: 1 collective fit(s) more than 25% off") and "40%" in notes[0]
+    assert "rough_fit_notes" in open(profile_collectives.__file__).read()
