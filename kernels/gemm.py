@@ -16,6 +16,7 @@ parsed and ignored there). Without a GPU and without the interpreter, ``gemm`` f
 """
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -61,6 +62,15 @@ class GemmConfig:
     (the plain ``gemm`` refuses it)."""
 
     def __post_init__(self):
+        # types first: 64.0 failed on `&` with a TypeError, group_m 2.5 inside the Triton interpreter, and
+        # num_stages 2.5 / maxnreg 168.5 were taken
+        for name in ("block_m", "block_n", "block_k", "group_m", "num_stages", "num_warps", "maxnreg"):
+            v = getattr(self, name)
+            if not (v is None and name == "maxnreg") and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+                raise ValueError(f"GemmConfig.{name} = {v!r} must be an int")
+        for name in ("warp_specialize", "tma", "persistent"):
+            if type(getattr(self, name)).__name__ not in ("bool", "bool_"):  # (numpy's bool_ too)
+                raise ValueError(f"GemmConfig.{name} = {getattr(self, name)!r} must be True or False")
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
@@ -85,10 +95,13 @@ class GemmConfig:
         at 8 warps 168 = 65,536 / (12 x 32) on the TMA GEMMs, 128 = 65,536 / (16 x 32) on the pointer-load ones;
         at 4 warps 256 on both), so at 8 warps the knob would over-ask the register file (see
         :func:`launch_maxnreg`)."""
-        ws = bool(knobs.get("warp_specialize", False))
+        missing = [k for k in ("num_stages", "num_warps") if k not in knobs]
+        if missing:  # (a bare KeyError)
+            raise ValueError(f"knobs: lacks {missing[0]!r} (num_stages, num_warps; warp_specialize, maxnreg optional)")
+        ws = knobs.get("warp_specialize", False)  # (bool("false") was True: a warp-specialised TMA config)
         extra.setdefault("tma", ws)
-        return cls(block_m=block_m, block_n=block_n, block_k=block_k, num_stages=int(knobs["num_stages"]),
-                   num_warps=int(knobs["num_warps"]), warp_specialize=ws, maxnreg=knobs.get("maxnreg"), **extra)
+        return cls(block_m=block_m, block_n=block_n, block_k=block_k, num_stages=knobs["num_stages"],
+                   num_warps=knobs["num_warps"], warp_specialize=ws, maxnreg=knobs.get("maxnreg"), **extra)
 
     def label(self) -> str:
         s = f"{self.block_m}x{self.block_n}x{self.block_k} s{self.num_stages} w{self.num_warps}"
