@@ -34,17 +34,20 @@ def test_large_problem_skips_the_milps_and_keeps_ffd():
     _check_bins(res.bins, samples, lengths, adapter_of, 8192)
 
 
-def test_small_problem_still_solves_the_milp():
-    rng = random.Random(5)
-    for _ in range(20):                    # find a small case where FFD misses the lower bound
-        n = 24
+def _ffd_gap_case(rng, sizes, tries):
+    """A small problem where FFD misses the bin lower bound (so MILP 1 would run): samples, lengths, adapters."""
+    for _ in range(tries):
+        n = rng.choice(sizes)
         lengths = [rng.randint(300, 3000) for _ in range(n)]
         adapter_of = [rng.randrange(2) for _ in range(n)]
         samples = list(range(n))
         if len(ffd_pack(samples, adapter_of, lengths, 4096)) > bin_lower_bound(samples, adapter_of, lengths, 4096):
-            break
-    else:
-        raise AssertionError("no case with an FFD gap found")
+            return samples, lengths, adapter_of
+    raise AssertionError("no case with an FFD gap found")
+
+
+def test_small_problem_still_solves_the_milp():
+    samples, lengths, adapter_of = _ffd_gap_case(random.Random(5), [24], 20)
     res = pack_problem(samples, adapter_of, lengths, 4096, time_limit=2.0)
     assert res.milp1 not in (None, "skipped")
     _check_bins(res.bins, samples, lengths, adapter_of, 4096)
@@ -66,16 +69,9 @@ def test_a_budget_under_the_shortest_milp_limit_starts_no_milp_1():
     from adasched.planner.lorafusion.model import MIN_MILP_LIMIT_S
 
     seed = random.randrange(10**6)
+    print("seed", seed)
     rng = random.Random(seed)
-    for _ in range(200):  # a small case where FFD misses the lower bound (MILP 1 would run)
-        n = rng.randint(8, 24)
-        lengths = [rng.randint(300, 3000) for _ in range(n)]
-        adapter_of = [rng.randrange(2) for _ in range(n)]
-        samples = list(range(n))
-        if len(ffd_pack(samples, adapter_of, lengths, 4096)) > bin_lower_bound(samples, adapter_of, lengths, 4096):
-            break
-    else:
-        raise AssertionError(f"no case with an FFD gap found (seed {seed})")
+    samples, lengths, adapter_of = _ffd_gap_case(rng, list(range(8, 25)), 200)
     limit = rng.uniform(0.01, 2 * MIN_MILP_LIMIT_S - 1e-3)
     res = pack_problem(samples, adapter_of, lengths, 4096, time_limit=limit)
     assert res.milp1 == "skipped" and res.milp2 is None and res.status == "heuristic", (seed, res)
