@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if prof is not None:
         print(f"wrote {args.out}: {len(prof.collectives)} collective fits on {prof.world_size} ranks "
               f"({prof.num_nodes} node(s) x {prof.gpus_per_node})")
-        from adasched.profiler.cli import rough_fit_notes
+        from adasched.profiler.report import rough_fit_notes
 
         for note in rough_fit_notes(prof):  # as `adasched profile` says them (this entry said nothing)
             sys.stderr.write(note + "\n")

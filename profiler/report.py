@@ -5,7 +5,7 @@ import os
 
 from .profile import ClusterProfile
 
-__all__ = ["profile_rows", "plot_profile"]
+__all__ = ["profile_rows", "plot_profile", "rough_fit_notes", "ROUGH_FIT"]
 
 
 def _fit_note(rel_error: float, source: str) -> str:
@@ -145,3 +145,27 @@ def plot_profile(p: ClusterProfile, path: str | os.PathLike) -> None:
         save_figure(fig, path, dpi=110)
     finally:
         plt.close(fig)
+
+
+#: a fit whose mean relative error is above this gets a note on stderr
+ROUGH_FIT = 0.25
+
+
+def rough_fit_notes(prof) -> list[str]:
+    """The notes a freshly measured profile deserves (fits far off their points, an attention fit without s^2):
+    `adasched profile` and launch/profile_collectives.py say the same (here: no typer on the torchrun path)."""
+    notes = []
+    for what, fit in (("attention", prof.attention), ("linear", prof.linear)):
+        if fit is not None and fit.fit_rel_error > ROUGH_FIT:
+            notes.append(f"note: the {what} fit is {fit.fit_rel_error:.0%} off its measured points on average (a "
+                         "busy machine or a too-quick profile?); re-run, or without --quick, before planning with it")
+    if prof.attention is not None and prof.attention.a1_ms_per_tok2 == 0:  # (a flat fit passed in silence)
+        notes.append("note: the attention fit has no s^2 term (the measured times did not grow quadratically with "
+                     "length: a busy machine?); long sequences will be underestimated - re-run before planning with "
+                     "it")
+    rough = [f"{c.op} x{c.group_size} {c.fit_rel_error:.0%}" for c in prof.collectives if c.fit_rel_error > ROUGH_FIT]
+    if rough:
+        notes.append(f"note: {len(rough)} collective fit(s) more than {ROUGH_FIT:.0%} off their measured points on "
+                     f"average ({', '.join(rough)}); re-run on a quiet machine, or without --quick, before planning "
+                     "with them")
+    return notes

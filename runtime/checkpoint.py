@@ -315,29 +315,32 @@ def _without_absent_optional_keys(value: Any, key: str, saved: Mapping[str, Any]
     return _StateWithout(value, absent) if absent else value
 
 
-def _check_values_template(path, key: str, values: "Values", saved: Mapping[str, Any]) -> None:
+def _values_template_error(key: str, values: "Values", saved: Mapping[str, Any]) -> str | None:
     """DCP loads only the entries (and in the shapes and dtypes) of the resuming run's objects: a Values dict of
     tensors whose keys grew during the run came back without the new keys, without a word, and a tensor replaced by
-    one of another dtype came back rounded to the first one's. Refuse those in one line naming the entry."""
+    one of another dtype came back rounded to the first one's. What to refuse, in one line naming the entry (None:
+    nothing). A saved top-level entry the run no longer has is left behind, as before."""
     import torch
     from torch.distributed.checkpoint._nested_dict import flatten_state_dict
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    flat, _ = flatten_state_dict({key: values.state_dict()})
+    state = values.state_dict()
+    flat, _ = flatten_state_dict({key: state})
     name = key.split("/", 1)[-1]
-    extra = sorted(k for k in saved if k.startswith(key + ".") and k not in flat)
+    extra = sorted(k for k in saved if k.startswith(key + ".") and k not in flat
+                   and k[len(key) + 1:].split(".", 1)[0] in state)
     if extra:
-        raise InputError(path, f"{extra[0].split('/', 1)[-1]} is in the save but not in this run's Values {name!r} "
-                               "(a dict of tensors whose keys were added during the run: build the Values with "
-                               "every key, or keep tensors out of that dict to have it saved whole)")
+        return (f"{extra[0].split('/', 1)[-1]} is in the save but not in this run's Values {name!r} (a dict or list "
+                "of tensors that grew during the run: build the Values with all of it, or keep tensors out of a "
+                "dict to have it saved whole)")
     for k, v in flat.items():
         m = saved.get(k)
         if isinstance(v, torch.Tensor) and isinstance(m, TensorStorageMetadata) and (
                 tuple(v.shape) != tuple(m.size) or v.dtype != m.properties.dtype):
-            raise InputError(path, f"{k.split('/', 1)[-1]} was saved as {m.properties.dtype} {list(m.size)}, this "
-                                   f"run's Values {name!r} holds {v.dtype} {list(v.shape)} (a Values tensor is "
-                                   "loaded in place: build it with the shape and dtype it is saved with)")
-
+            return (f"{k.split('/', 1)[-1]} was saved as {m.properties.dtype} {list(m.size)}, this run's Values "
+                    f"{name!r} holds {v.dtype} {list(v.shape)} (a Values tensor is loaded in place: build it with the "
+                    "shape and dtype it is saved with)")
+    return None
 
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
@@ -623,8 +626,7 @@ class Checkpointer:
         for key, value in keyed.items():
             if isinstance(value, ModelState):
                 value.expect_save(k[len(key) + 1:] for k in saved if k.startswith(key + "."))
-            elif isinstance(value, Values):
-                _check_values_template(info.path, key, value, saved)
+        self._agree_on_values(info, keyed, saved)
         keyed = {key: _without_absent_optional_keys(value, key, saved) for key, value in keyed.items()}
         from torch.distributed.checkpoint.api import CheckpointException
 
@@ -638,6 +640,20 @@ class Checkpointer:
             finish({k: keyed[k] for k in templates})  # DCP filled the tensors in place and set the other values
         self.last_saved = info.step
         return info.step
+
+    def _agree_on_values(self, info: CheckpointInfo, keyed: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
+        """:func:`_values_template_error` of this rank's Values; one rank's error raised on every rank (the others
+        were already in dcp.load, which then failed with a gloo "Connection closed by peer" traceback)."""
+        failed = next((e for e in (_values_template_error(key, value, saved) for key, value in keyed.items()
+                                   if isinstance(value, Values)) if e is not None), None)
+        dist = _dist()
+        if dist is not None:
+            seen = [None] * self.world_size
+            dist.all_gather_object(seen, failed)
+            failed = next((f"rank {r}: {f}" if self.world_size > 1 else f for r, f in enumerate(seen)
+                           if f is not None), None)
+        if failed is not None:
+            raise InputError(info.path, failed)
 
     def _read_saved_entries(self, info: CheckpointInfo) -> dict:
         """:func:`saved_entries` on every rank; a rank that cannot read them fails all of them with one line (it

@@ -80,7 +80,7 @@ def test_profile_collectives_takes_an_empty_nproc_as_its_default(tmp_path, monke
 
 def test_rough_fit_notes_are_shared_by_both_entry_points():
     from adasched.launch import profile_collectives
-    from adasched.profiler.cli import rough_fit_notes
+    from adasched.profiler.report import rough_fit_notes
 
     prof = load_profile("h100-sxm")
     assert rough_fit_notes(prof) == []

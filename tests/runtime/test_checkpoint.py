@@ -1016,7 +1016,7 @@ def test_values_tensors_the_resuming_run_cannot_hold_are_one_line(tmp_path, case
     Checkpointer(CheckpointConfig(folder=tmp_path), run={}).save(1, {"v": v})
     w = Values(**{k: ({kk: torch.zeros_like(t) for kk, t in x.items()} if isinstance(x, dict) else torch.zeros_like(x))
                   for k, x in start.items()})
-    want = {"key-added": "v.ema.b is in the save but not in this run's Values 'v'",
+    want = {"key-added": "v.ema.b is in the save but not in this run's Values 'v' (a dict or list of tensors",
             "empty-dict": "v.ema.a is in the save but not in this run's Values 'v'",
             "dtype": "v.t was saved as torch.float64 [3], this run's Values 'v' holds torch.float16 [3]",
             "shape": "v.t was saved as torch.float64 [5], this run's Values 'v' holds torch.float32 [0]"}[case]
@@ -1030,3 +1030,35 @@ def test_values_tensors_the_resuming_run_cannot_hold_are_one_line(tmp_path, case
         for kk, t in (x.items() if isinstance(x, dict) else [(None, x)]):
             got = same[k][kk] if kk is not None else same[k]
             assert got.dtype == t.dtype and torch.equal(got, t), (k, kk)
+
+
+
+def test_a_saved_values_entry_the_run_no_longer_has_is_left_behind(tmp_path):
+    """The session's third review: the check above must not refuse what resumed before - a save's top-level Values
+    entry the resuming run does not have is left behind (a cursor of an older version of the loop)."""
+    v = Values(step=3, cursor=5, t=torch.randn(2))
+    Checkpointer(CheckpointConfig(folder=tmp_path), run={}).save(3, {"v": v})
+    w = Values(step=0, t=torch.zeros(2))
+    assert Checkpointer(CheckpointConfig(folder=tmp_path), run={}).resume({"v": w}) == 3
+    assert w["step"] == 3 and torch.equal(w["t"], v["t"])
+
+
+def _values_dtype_worker(rank, world, folder):
+    from adasched.profiler.io import InputError
+
+    Checkpointer(CheckpointConfig(folder=folder), run={}).save(2, {"v": Values(t=torch.randn(3))})
+    w = Values(t=torch.zeros(3, dtype=torch.float16 if rank == 1 else torch.float32))
+    try:
+        Checkpointer(CheckpointConfig(folder=folder), run={}).resume({"v": w})
+    except InputError as err:
+        return str(err)
+    return "resumed"
+
+
+def test_a_values_template_one_rank_cannot_load_fails_every_rank_in_one_line(tmp_path):
+    """The same review: the check raised on the rank whose template differed while the other was already in
+    dcp.load, which failed with a gloo "Connection closed by peer" traceback. Every rank raises the same line."""
+    out = spawn_gloo(_values_dtype_worker, 2, str(tmp_path), timeout_s=90)
+    want = (f"{tmp_path / 'step-00000002'}: rank 1: v.t was saved as torch.float32 [3], this run's Values 'v' holds "
+            "torch.float16 [3]")
+    assert all(o.startswith(want) for o in out), out
