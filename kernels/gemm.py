@@ -21,6 +21,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 try:
@@ -69,7 +70,7 @@ class GemmConfig:
             if not (v is None and name == "maxnreg") and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
                 raise ValueError(f"GemmConfig.{name} = {v!r} must be an int")
         for name in ("warp_specialize", "tma", "persistent"):
-            if type(getattr(self, name)).__name__ not in ("bool", "bool_"):  # (numpy's bool_ too)
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"GemmConfig.{name} = {getattr(self, name)!r} must be True or False")
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)

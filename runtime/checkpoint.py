@@ -342,6 +342,7 @@ def _values_template_error(key: str, values: "Values", saved: Mapping[str, Any])
                     "shape and dtype it is saved with)")
     return None
 
+
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
@@ -626,7 +627,9 @@ class Checkpointer:
         for key, value in keyed.items():
             if isinstance(value, ModelState):
                 value.expect_save(k[len(key) + 1:] for k in saved if k.startswith(key + "."))
-        self._agree_on_values(info, keyed, saved)
+        # a Values template DCP would load short, refused on every rank (else the others were inside dcp.load)
+        self._fail_together(info.path, next((e for key, value in keyed.items() if isinstance(value, Values)
+                                             for e in [_values_template_error(key, value, saved)] if e), None))
         keyed = {key: _without_absent_optional_keys(value, key, saved) for key, value in keyed.items()}
         from torch.distributed.checkpoint.api import CheckpointException
 
@@ -641,11 +644,9 @@ class Checkpointer:
         self.last_saved = info.step
         return info.step
 
-    def _agree_on_values(self, info: CheckpointInfo, keyed: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
-        """:func:`_values_template_error` of this rank's Values; one rank's error raised on every rank (the others
-        were already in dcp.load, which then failed with a gloo "Connection closed by peer" traceback)."""
-        failed = next((e for e in (_values_template_error(key, value, saved) for key, value in keyed.items()
-                                   if isinstance(value, Values)) if e is not None), None)
+    def _fail_together(self, path, failed: str | None) -> None:
+        """Raise any rank's ``failed`` (the first, naming its rank) on every rank: one rank raising alone left the
+        others waiting in (or failing inside) the collectives of dcp.load."""
         dist = _dist()
         if dist is not None:
             seen = [None] * self.world_size
@@ -653,7 +654,7 @@ class Checkpointer:
             failed = next((f"rank {r}: {f}" if self.world_size > 1 else f for r, f in enumerate(seen)
                            if f is not None), None)
         if failed is not None:
-            raise InputError(info.path, failed)
+            raise InputError(path, failed)
 
     def _read_saved_entries(self, info: CheckpointInfo) -> dict:
         """:func:`saved_entries` on every rank; a rank that cannot read them fails all of them with one line (it
@@ -663,14 +664,7 @@ class Checkpointer:
             saved = saved_entries(info)
         except InputError as err:
             failed = err.what
-        dist = _dist()
-        if dist is not None:
-            seen = [None] * self.world_size
-            dist.all_gather_object(seen, failed)
-            failed = next((f"rank {r}: {f}" if self.world_size > 1 else f
-                           for r, f in enumerate(seen) if f is not None), None)
-        if failed is not None:
-            raise InputError(info.path, failed)
+        self._fail_together(info.path, failed)
         return saved
 
     def due(self, step: int) -> bool:

@@ -34,13 +34,16 @@ from such a point and is saved by :mod:`adasched.runtime.checkpoint`:
   per-microbatch losses (on the last stage; empty elsewhere), and the optimizer-step counts (on every stage).
 
 The data (:class:`SyntheticLoRAData`, keyed by job name and the sample's index within its job) and the dropout
-masks (Philox, seeded by run seed, microbatch index and module path, over the packed rows) are functions of the position, so they need no state; the launcher saves the torch / Python RNG
-anyway (:class:`~adasched.runtime.checkpoint.RNGState`). A save of another number of stages is merged into each
-new stage's state by :func:`reshard_trainer_blobs` (the launcher's resharded resume).
+masks (Philox, seeded by run seed, microbatch index and module path, over the packed rows) are functions of the
+position, so they need no state; the launcher saves the torch / Python RNG anyway
+(:class:`~adasched.runtime.checkpoint.RNGState`). A save of another number of stages is merged into each new stage's
+state by :func:`reshard_trainer_blobs` (the launcher's resharded resume).
 """
 from __future__ import annotations
 
+import bisect
 import io
+import itertools
 import json
 import zlib
 from dataclasses import dataclass, field
@@ -57,7 +60,7 @@ from .lora_model import ADAPTER_FILES, LoRAAdapter, TinyCausalLM, save_peft_adap
 
 __all__ = [
     "SyntheticLoRAData",
-    "sample_owner",
+    "job_starts",
     "PackedMicrobatch",
     "TrainResult",
     "build_adapters",
@@ -107,17 +110,16 @@ class SyntheticLoRAData:
 
     def sample_tokens(self, plan, sample: int) -> torch.Tensor:
         """The tokens of the plan's sample ``sample`` (a plan-wide sample id)."""
-        job, index = sample_owner(plan)[sample]
-        return self.tokens(plan.jobs[job].name, index, plan.lengths[sample])
+        starts = job_starts(plan)
+        job = bisect.bisect_right(starts, sample) - 1
+        return self.tokens(plan.jobs[job].name, sample - starts[job], plan.lengths[sample])
 
 
-def sample_owner(plan) -> list[tuple[int, int]]:
-    """Per plan-wide sample id: (job, index within the job); each job's samples are contiguous, in order
-    (``LoRAPlan.expected_batches``)."""
-    out: list[tuple[int, int]] = []
-    for j, job in enumerate(plan.jobs):
-        out.extend((j, i) for i in range(job.global_batch_size * job.global_batches))
-    return out
+def job_starts(plan) -> list[int]:
+    """The plan-wide id of each job's first sample: each job's samples are contiguous, in job order
+    (``LoRAPlan.expected_batches``), so a sample's index within its job is its id less its job's start."""
+    return list(itertools.accumulate((job.global_batch_size * job.global_batches for job in plan.jobs[:-1]),
+                                     initial=0))
 
 
 @dataclass
@@ -152,7 +154,7 @@ def pack_microbatch(plan, i: int, data: SyntheticLoRAData, counts: dict[tuple[in
     if not mb.segments:
         return None
     toks, tgts, wts, jobs, lens, segs = [], [], [], [], [], []
-    owner = sample_owner(plan)
+    starts = job_starts(plan)
     row = 0
     gb: dict[int, int] = {}
     for seg in mb.segments:
@@ -161,7 +163,7 @@ def pack_microbatch(plan, i: int, data: SyntheticLoRAData, counts: dict[tuple[in
         w = 1.0 / counts[(seg.job, seg.global_batch)]
         for s in seg.samples:
             n = plan.lengths[s]
-            t = data.tokens(plan.jobs[seg.job].name, owner[s][1], n)
+            t = data.tokens(plan.jobs[seg.job].name, s - starts[seg.job], n)
             toks.append(t)
             tg = torch.full((n,), -100, dtype=torch.long)
             tg[:-1] = t[1:]

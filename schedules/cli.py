@@ -51,7 +51,8 @@ def register(groups) -> None:
                 raise InputError(option, f"{path} is the norms file being read; write the schedule elsewhere")
         if Path(out).suffix.lower() != ".json":  # sched.txt was written, and then neither Refined.from_file nor
             # `schedules plot` read it back (both tell a schedule from a norms CSV by the suffix)
-            raise InputError("--out", f"{out}: the schedule is JSON, told from a norms CSV by its suffix; name it .json")
+            raise InputError("--out", f"{out}: the schedule is JSON, told from a norms CSV by its suffix; name it "
+                                      ".json")
         if norm not in ("l2", "l1"):
             raise InputError("--norm", f"must be l2 or l1, got {norm!r}")
         if steps is not None and steps < 1:

@@ -56,8 +56,8 @@ def test_every_third_party_import_is_a_declared_dependency():
         declared |= {re.split(r"[<>=!~\[ ]", d)[0].lower() for d in extra}
     dist = {"yaml": "pyyaml", "pynvml": "nvidia-ml-py", "sklearn": "scikit-learn"}
     # integrations a user brings along, imported only when used (DeepSpeed's EP, PEFT models); a sibling script;
-    # click, whose exceptions the CLI catches where it is installed (typer >= 0.24 vendors its own and does not
-    # install it: test_cli_runs_without_click) - mapped to typer here, a pip install lacked it
+    # click, whose exceptions the CLI catches where it is installed (it was mapped to typer, but typer >= 0.24
+    # vendors its own and does not install it: test_cli_runs_without_click)
     optional = {"deepspeed", "peft", "device_check", "click"}
     seen = {}
     for folder in ("planner", "runtime", "kernels", "profiler", "schedules", "launch"):

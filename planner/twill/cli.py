@@ -111,8 +111,8 @@ def register(groups) -> None:
                  r["stages"], r["warp_groups"],
                  " ".join(f"{k}={v}" for k, v in r["knobs"].items()), fmt(r["sim_cycles_per_iteration"]),
                  f"{r['speedup_vs_no_pipelining']:.2f}x") for r in res["rows"]]
-        print_table(rows, ["graph", "machine", "I", "MII (res, rec, excl)", "status", "solve s median (min-max)", "stages",
-                           "warp groups", "Triton knobs", "sim cycles/iter", "vs no pipelining"],
+        print_table(rows, ["graph", "machine", "I", "MII (res, rec, excl)", "status", "solve s median (min-max)",
+                           "stages", "warp groups", "Triton knobs", "sim cycles/iter", "vs no pipelining"],
                     title=f"bench twill: {repeats} solve(s) per graph, {threads} thread(s), seed {seed}, "
                           f"on {res['host']}")
         if res["targets"]:

@@ -87,12 +87,12 @@ def test_a_long_stream_order_cycle_is_shortened():
     msg = str(info.value)
     assert f" -> ... {ranks - 6} more ... -> " in msg and len(msg) < 600 and msg.endswith(f"; {n} tasks never ran)")
     heads = msg.split(": ", 1)[1].split(" wait on")[0].split(" -> ")
-    assert all(int(h.split()[0][1:]) >= n - ranks for h in heads if h.startswith("c"))  # every rank's head: the last R tasks
+    assert all(int(h.split()[0][1:]) >= n - ranks for h in heads if h.startswith("c"))  # each a rank's head
 
 
-@pytest.mark.parametrize("name,what,cmd", [("toy-attention.json", "a Twill graph", "plan it with `adasched plan twill "
-                                                                                   "--graph"),
-                                           ("jobs.json", "a LoRA jobs file", "plan it with `adasched plan lora --jobs")])
+@pytest.mark.parametrize("name,what,cmd", [
+    ("toy-attention.json", "a Twill graph", "plan it with `adasched plan twill --graph"),
+    ("jobs.json", "a LoRA jobs file", "plan it with `adasched plan lora --jobs")])
 def test_simulate_on_a_planner_input_says_what_it_is(tmp_path, capsys, name, what, cmd):
     """The same hunt: `simulate` on a Twill graph said "schema_version: missing (not an adasched plan?)" where
     `show` says what the file is."""

@@ -997,6 +997,10 @@ def test_a_save_without_the_router_statistics_entry_resumes(tmp_path):
             {"progress": Values(step=0, router_k_sums={}, cursor=0)})
 
 
+def _zeros_like(x):
+    return {k: torch.zeros_like(t) for k, t in x.items()} if isinstance(x, dict) else torch.zeros_like(x)
+
+
 @pytest.mark.parametrize("case", ["key-added", "empty-dict", "dtype", "shape"])
 def test_values_tensors_the_resuming_run_cannot_hold_are_one_line(tmp_path, case):
     """31st session's checkpoint hunt: DCP fills only the entries, shapes and dtypes of the resuming run's objects -
@@ -1014,8 +1018,7 @@ def test_values_tensors_the_resuming_run_cannot_hold_are_one_line(tmp_path, case
     else:
         v["t"] = torch.randn(5 if case == "shape" else 3, generator=g, dtype=torch.float64)
     Checkpointer(CheckpointConfig(folder=tmp_path), run={}).save(1, {"v": v})
-    w = Values(**{k: ({kk: torch.zeros_like(t) for kk, t in x.items()} if isinstance(x, dict) else torch.zeros_like(x))
-                  for k, x in start.items()})
+    w = Values(**{k: _zeros_like(x) for k, x in start.items()})
     want = {"key-added": "v.ema.b is in the save but not in this run's Values 'v' (a dict or list of tensors",
             "empty-dict": "v.ema.a is in the save but not in this run's Values 'v'",
             "dtype": "v.t was saved as torch.float64 [3], this run's Values 'v' holds torch.float16 [3]",
@@ -1023,8 +1026,7 @@ def test_values_tensors_the_resuming_run_cannot_hold_are_one_line(tmp_path, case
     with pytest.raises(InputError, match=re.escape(want)):
         Checkpointer(CheckpointConfig(folder=tmp_path), run={}).resume({"v": w})
     # built as saved, it loads every value
-    same = Values(**{k: ({kk: torch.zeros_like(t) for kk, t in x.items()} if isinstance(x, dict) else torch.zeros_like(x))
-                     for k, x in v._values.items()})
+    same = Values(**{k: _zeros_like(x) for k, x in v._values.items()})
     assert Checkpointer(CheckpointConfig(folder=tmp_path), run={}).resume({"v": same}) == 1
     for k, x in v._values.items():
         for kk, t in (x.items() if isinstance(x, dict) else [(None, x)]):

@@ -7,7 +7,6 @@ import os
 import zlib
 
 import pytest
-
 import torch
 import yaml
 

@@ -34,15 +34,16 @@ def test_smoothing_equals_the_windowed_median():
     for n in [*range(1, 40), int(rng.integers(40, 400))]:
         for smoothing in (0.0, 0.05, 0.1, 0.3, 0.5, 0.9, 0.99, float(rng.uniform(0, 1))):
             g = rng.lognormal(size=n)
-            np.testing.assert_array_equal(smooth_norms(g, smoothing), _windows_median(g, smoothing), err_msg=f"{n} "
-                                                                                                             f"{smoothing}")
+            np.testing.assert_array_equal(smooth_norms(g, smoothing), _windows_median(g, smoothing),
+                                          err_msg=f"{n} {smoothing} (seed {seed})")
 
 
 def test_a_long_run_is_smoothed_in_linear_memory():
     """300k steps at the default smoothing under a 2.5 GiB address-space limit (the old code asked for 22 GiB)."""
     code = ("import resource, numpy as np; resource.setrlimit(resource.RLIMIT_AS, (2_500_000_000, 2_500_000_000));"
             "from adasched.schedules import refined_multipliers; g = np.random.default_rng().lognormal(size=300_000);"
-            "m = refined_multipliers(g); assert m.shape == (300_001,) and abs(m.max() - 1) < 1e-12 and m[-1] == 0.0; print('ok')")
+            "m = refined_multipliers(g); assert m.shape == (300_001,) and abs(m.max() - 1) < 1e-12 and m[-1] == 0.0;"
+            "print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
