@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from adasched.profiler.io import InputError
+from adasched.profiler.io import InputError, check_output_path
 
 __all__ = ["app", "main", "CliGroups", "PLUGINS"]
 
@@ -326,11 +327,34 @@ def _click_exceptions():
     return (pick("Exit") + (typer.Exit,), pick("UsageError"), pick("NoArgsIsHelpError"), pick("Abort"))
 
 
+#: the options of adasched's commands that name a file to write
+FILE_OUTPUT_OPTIONS = ("--out", "-o", "--plot")
+
+
+def _check_folder_spelled_outputs(args: list[str]) -> None:
+    """Refuse an output file option whose value ends with '/' before click parses it: typer hands the commands a
+    Path, which drops the slash, so `--plot figs/` wrote a file named figs (and `--out runs/` a plan file runs)."""
+    for i, tok in enumerate(args):
+        if tok == "--":
+            return
+        name, eq, value = tok.partition("=")
+        if name not in FILE_OUTPUT_OPTIONS:
+            if tok.startswith("-o") and not tok.startswith("--") and len(tok) > 2:
+                name, value, eq = "-o", tok[2:], "-"  # click's -oFILE
+            else:
+                continue
+        if not eq:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        if value.endswith(("/", os.sep)):
+            check_output_path(value, "--out" if name == "-o" else name, figure=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the CLI; bad input -> `error: ...` on stderr and exit 2, never a traceback."""
     exit_exc, usage_exc, no_args_exc, abort_exc = _click_exceptions()
     _register_plugins()
     try:
+        _check_folder_spelled_outputs(sys.argv[1:] if argv is None else argv)
         rv = app(args=argv, standalone_mode=False, prog_name="adasched")
         if rv == 130:  # typer turns a Ctrl-C into Exit(130), which click returns here: say so, as for an Abort
             sys.stderr.write("aborted\n")

@@ -102,6 +102,9 @@ def check_output_path(path: str | os.PathLike | None, option: str, *, figure: bo
     written and the command failed."""
     if path is None:
         return
+    if isinstance(path, str) and path.endswith(("/", os.sep)) and path.strip("/" + os.sep):
+        # a folder's spelling: Path() drops the slash, and `--plot figs/` wrote a file named figs
+        raise InputError(option, f"{path} ends with '/', a folder: give a file name")
     given = Path(path)
     try:
         path = _write_target(given, option)
