@@ -109,3 +109,27 @@ def test_cli_runs_without_click(tmp_path):
     r = run("show", str(tmp_path / "missing.json"))
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.json'}: no such "
                                                                     "file"], r.stderr
+
+
+@pytest.mark.slow
+def test_sdist_carries_the_test_tree_and_the_pins(tmp_path):
+    """The sdist held tests/test*.py only (setuptools' default): no conftest.py, no test subfolders, no recorded
+    sweep data, no Makefile or pins, so `make test` from an unpacked sdist could not run."""
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=lambda d, names: [n for n in names if n in SKIP or n.endswith(".egg-info")])
+    code = "from setuptools import build_meta; print(build_meta.build_sdist(%r))" % str(tmp_path / "dist")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=src)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (sdist,) = (tmp_path / "dist").glob("adasched-*.tar.gz")
+    import tarfile
+
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    tests = {p.relative_to(src).as_posix() for p in (src / "tests").rglob("*")
+             if p.is_file() and "__pycache__" not in p.parts}
+    assert "tests/conftest.py" in tests and any(t.startswith("tests/kernels/data/") for t in tests)
+    missing = sorted(tests - names)
+    assert not missing, f"test files missing from the sdist (MANIFEST.in): {missing[:10]}"
+    for f in ("Makefile", "requirements.txt", "constraints.txt", "README.md", ".ci/run", "pyproject.toml"):
+        assert f in names, f
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
