@@ -134,6 +134,10 @@ class MoEConfigPlan(BaseModel):
                                                         "(the backward's are derived from them); older plans: None")
 
 
+#: plans written since re-price their expert buckets' exposure in verify (the bucket prices last changed then)
+EXPERT_EXPOSURE_CHECKED_SINCE = "2026-12-02T03:02:00+00:00"
+
+
 def _check_stage_costs(at: str, rec: StageCostsRecord, l0: MoELayerPlan) -> list[str]:
     """Layer 0's stored stage costs give its forward and backward times at the chosen degrees (a plan whose costs
     or degrees were changed by hand would draw and re-simulate another pipeline than the one it reports)."""
@@ -523,6 +527,11 @@ class MoEPlan(Plan):
                 errors.append(f"{at}: iteration {c.iteration_ms} ms, but its layers, the profile's dense blocks "
                               f"({L} x {f + b:.6g} ms) and the exposed all-reduces give {want} ms")
                 return errors
+            if c.expert_copies > 1 and not self.made_before(EXPERT_EXPOSURE_CHECKED_SINCE) and \
+                    all(lp.bwd_link_idle_ms is not None for lp in c.layers):
+                errors += self._expert_exposure_errors(at, c, cfg, prof, b, a4, b4)
+                if errors:
+                    return errors
         if cfg.mean_k_per_layer is not None:  # the baselines' layers have costs of their own (not stored)
             return errors
         extra = {}  # per baseline: its exposed expert all-reduce (the same buckets for both; 0 with one copy)
@@ -542,6 +551,33 @@ class MoEPlan(Plan):
                           f"the dense blocks they differ by {max(extra.values()) - min(extra.values())} ms, but every "
                           f"baseline runs the same expert all-reduce")
         return errors
+
+    def _expert_exposure_errors(self, at: str, c: "MoEConfigPlan", cfg, prof, dense_b: float, a4: float,
+                                b4: float) -> list[str]:
+        """The expert buckets' all-reduce and what of it the backward leaves exposed, re-priced from the profile,
+        the layers' idle link time and the gradient slices on the link they share (a slice moved by hand onto the
+        buckets' backlog kept its plan's exposure, and passed)."""
+        from .costmodel import topology
+        from .planning import expert_bucket_ms, link_exposure
+
+        try:
+            topo = topology(cfg, self.gpus, self.gpus_per_node, self.ep_size_option, two_step=c.two_step_a2a,
+                            exchange_gpus_per_node=c.exchange_gpus_per_node)
+        except ValueError:  # (an inconsistent layout: named by verify's layout checks)
+            return []
+        src = "published" if c.stage_source.startswith("published") else "profile"
+        _, _, expert_ms, rest_ms = expert_bucket_ms(cfg, topo, src, prof)
+        total = sum(expert_ms) + rest_ms
+        if not math.isclose(c.expert_grad_allreduce_ms, total, rel_tol=1e-9, abs_tol=1e-9):
+            return [f"{at}: expert_grad_allreduce_ms {c.expert_grad_allreduce_ms} ms, but the profile prices the "
+                    f"expert gradients' buckets at {total} ms"]
+        idle = [lp.bwd_link_idle_ms for lp in reversed(c.layers)]  # (backward order: the last layer first)
+        exposed = max(0.0, link_exposure(idle, c.grad_slices, a4, b4, expert_ms, dense_b,
+                                         c.grad_exposed_ms + rest_ms) - c.grad_exposed_ms)
+        if not math.isclose(c.expert_grad_exposed_ms, exposed, rel_tol=1e-9, abs_tol=1e-6):
+            return [f"{at}: expert_grad_exposed_ms {c.expert_grad_exposed_ms} ms, but the expert buckets beside the "
+                    f"gradient slices on the link leave {exposed} ms exposed"]
+        return []
 
     def _layer_errors(self, at: str, c: "MoEConfigPlan") -> list[str]:
         """Each layer of a mean_k other than layer 0's (router statistics: every layer its own), re-simulated from

@@ -284,6 +284,32 @@ def queue_one_slice(idle: list[float], expert_ms: list[float], dense_b: float, g
     return out
 
 
+def expert_bucket_ms(cfg: MoEConfig, topo, stages: str, profile: ClusterProfile | None
+                     ) -> tuple[list[float], float, list[float], float]:
+    """The expert gradients' all-reduce buckets as the runtime's reducer launches them: (elements launched after
+    each backward position, the remainder launched after the backward, their ms, the remainder's ms)."""
+    per_layer_elements = expert_params_per_gpu(cfg, topo) / cfg.num_layers
+    launched, rest = expert_grad_buckets([per_layer_elements] * cfg.num_layers)
+
+    def bucket_ms(x: float) -> float:
+        return expert_grad_allreduce_ms(cfg, topo, source=stages, profile=profile, elements=x)[0] if x > 0 else 0.0
+
+    return launched, rest, [bucket_ms(x) for x in launched], bucket_ms(rest)
+
+
+def link_exposure(idle: list[float], slices: list[float], alpha: float, beta: float, expert_ms: list[float],
+                  dense_b: float, at_end_ms: float) -> float:
+    """The all-reduce time the backward leaves exposed on the link the dense slices and the expert buckets share
+    (positions in backward order: position j's MoE backward leaves ``idle[j]`` of the link idle, where slice j runs,
+    then its dense block's backward ``dense_b``, where bucket j runs), plus ``at_end_ms`` launched after it.
+    :func:`plan_config` and the plan's verify both price it so."""
+    periods = []
+    for j, x in enumerate(slices):
+        periods.append((alpha + beta * x if x > 0 else 0.0, idle[j]))
+        periods.append((expert_ms[j], dense_b))
+    return exposed_comm_ms(periods, at_end_ms=at_end_ms)
+
+
 def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: Literal["profile", "published"],
                 params: SolveParams, ep_size: int | None = None, two_step: bool = False,
                 gpus_per_node: int | None = None, joint_bwd: bool = True,
@@ -342,23 +368,13 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
     # the backward). Charging them one all-reduce at the end instead made a plan with the baseline's own layer
     # schedule 23 bucket latencies slower than it (nothing to hide: 24 buckets against 1 all-reduce)
     _, expert_note = expert_grad_allreduce_ms(cfg, topo, source=stages, profile=profile)
-    per_layer_elements = expert_params_per_gpu(cfg, topo) / cfg.num_layers
-    launched, rest = expert_grad_buckets([per_layer_elements] * cfg.num_layers)
-
-    def bucket_ms(x: float) -> float:
-        return expert_grad_allreduce_ms(cfg, topo, source=stages, profile=profile, elements=x)[0] if x > 0 else 0.0
-
-    expert_ms = [bucket_ms(x) for x in launched]
-    expert_rest_ms = bucket_ms(rest)
+    launched, rest, expert_ms, expert_rest_ms = expert_bucket_ms(cfg, topo, stages, profile)
     fwd_ms = [per_layer[0 if identical else i]["bf"].time_ms for i in range(cfg.num_layers)]
     dense_total = cfg.num_layers * (dense_f + dense_b)
 
     def exposure(idle: list[float], slices: list[float], dense_exposed: float) -> float:
-        periods = []
-        for j, i in enumerate(order):
-            periods.append((a4 + b4 * slices[j] if slices[j] > 0 else 0.0, idle[i]))
-            periods.append((expert_ms[j], dense_b))
-        return exposed_comm_ms(periods, at_end_ms=dense_exposed + expert_rest_ms)
+        return link_exposure([idle[i] for i in order], slices, a4, b4, expert_ms, dense_b,
+                             dense_exposed + expert_rest_ms)
 
     # expert buckets launched during the backward share the link with the dense slices: the slice fill sizes each
     # slice to its gap as if the link were free, and where the buckets' backlog already fills the gaps a slice hid
