@@ -281,7 +281,8 @@ class MegatronParamScheduler:
         if self.num_steps > self.lr_decay_steps:
             return min_lr
         if self.lr_decay_style == "inverse-square-root":
-            return max(min_lr, max_lr * math.sqrt(max(self.lr_warmup_steps, 1)) / math.sqrt(max(self.num_steps, 1)))
+            # (megatron-core's floats: x ** 0.5 and math.sqrt differ by an ulp for some x - 79 of 100,000 steps)
+            return max(min_lr, max_lr * max(self.lr_warmup_steps, 1) ** 0.5 / (max(self.num_steps, 1) ** 0.5))
         if self.lr_decay_style == "WSD":
             anneal_start = self.lr_decay_steps - self.wsd_decay_steps
             if self.num_steps <= anneal_start:

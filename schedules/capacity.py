@@ -68,6 +68,10 @@ def schedule_shape(name: str, num_layers: int, waves: float = 1.0) -> list[float
     return [0.0 if abs(v) < SHAPE_ZERO else v for v in vals]
 
 
+#: the largest budget or bound capacity_schedule takes: its spread is computed in floats, exact up to 2**53
+MAX_EXACT = 2**53
+
+
 def capacity_schedule(name: str, num_layers: int, budget: int, lo: int, hi: int, *, strength: float = 1.0,
                       waves: float = 1.0) -> list[int]:
     """Integer per-layer capacities (expert counts or k_max) of schedule ``name`` summing exactly to ``budget``.
@@ -87,6 +91,9 @@ def capacity_schedule(name: str, num_layers: int, budget: int, lo: int, hi: int,
                 or int(v) != v):
             raise ValueError(f"{label}: {v!r} must be an integer")
     budget, lo, hi = int(budget), int(lo), int(hi)
+    for label, v in (("budget", budget), ("hi", hi)):
+        if v > MAX_EXACT:  # (the spread is in floats: past 2**53 they round, and the sum missed the budget)
+            raise ValueError(f"{label}: {v} is above 2**53, the largest count this schedule distributes exactly")
     if lo < 0 or hi < lo:
         raise ValueError(f"bounds: (lo={lo}, hi={hi}) need 0 <= lo <= hi")
     if not (L * lo <= budget <= L * hi):
