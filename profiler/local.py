@@ -69,6 +69,7 @@ def _assemble(*, quick: bool, device, host, micro, coll, ranks_per_node: int, nu
         name=name or f"local-{host.get('hostname', 'host')}",
         source=f"measured: adasched profile {label.strip() or 'full'} run on {where}, "
                f"{datetime.date.today().isoformat()}",
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         num_nodes=num_nodes,
         gpus_per_node=gpus_per_node,
         device=device,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .fit import fit_affine, fit_quadratic
-from .profile import AttentionFit, LinearFit
+from .profile import MAX_FIT_REL_ERROR, AttentionFit, LinearFit
 
 __all__ = ["MicrobenchConfig", "microbench_config", "cpu_threads_per_rank", "time_ms", "bench_gemm", "bench_copy", "bench_attention",
            "bench_linear", "run_microbenchmarks"]
@@ -144,6 +144,16 @@ def bench_copy(cfg: MicrobenchConfig) -> dict[str, float]:
     return {"bytes": n * 4, "ms": ms, "GBps": 2.0 * n * 4 / (ms * 1e-3) / 1e9}
 
 
+def _check_fit(what: str, rel_error: float, rows: list[dict], key: str) -> None:
+    """A fit beyond the profile's error bound is one line naming the measurement (it was a pydantic traceback at
+    the end of the run: timings of a busy host, or sizes so small that launch noise is all they measure)."""
+    if not rel_error <= MAX_FIT_REL_ERROR:
+        times = ", ".join(f"{r[key]:.3g}" for r in rows)
+        raise ValueError(f"{what}: the fit's mean relative error is {rel_error:.3g} (a fit within "
+                         f"{MAX_FIT_REL_ERROR:g} is kept) over timings {times} ms: the host was busy or the sizes "
+                         f"are too small to time - measure again on a quiet host, or larger sizes")
+
+
 def bench_attention(cfg: MicrobenchConfig, advance: Callable[[], None] = lambda: None) -> tuple[AttentionFit, list[dict]]:
     """Causal SDPA forward+backward of one layer (batch 1) per sequence length, fitted a1 s^2 + a2 s + b."""
     import torch
@@ -163,6 +173,7 @@ def bench_attention(cfg: MicrobenchConfig, advance: Callable[[], None] = lambda:
         rows.append({"seq": s, "heads": cfg.attn_heads, "fwd_bwd_ms": time_ms(step, cfg.device, cfg.warmup, cfg.repeats)})
         advance()
     fit = fit_quadratic([r["seq"] for r in rows], [r["fwd_bwd_ms"] for r in rows])
+    _check_fit("attention (causal SDPA fwd+bwd)", fit.rel_error, rows, "fwd_bwd_ms")
     att = AttentionFit(a1_ms_per_tok2=fit.coef[0], a2_ms_per_tok=fit.coef[1], b_ms=fit.coef[2],
                        heads=cfg.attn_heads, head_dim=cfg.attn_head_dim, fit_rel_error=fit.rel_error,
                        source=f"measured: causal SDPA fwd+bwd, {cfg.dtype}, {cfg.device}"
@@ -206,6 +217,7 @@ def bench_linear(cfg: MicrobenchConfig, advance: Callable[[], None] = lambda: No
         b_ms = 0.0
         err = sum(abs(ms_per_token * t - y) / y for t, y in zip(tokens, ms)) / len(ms)
         note = "; no growth with tokens resolved by the data: a proportional model (no constant term)"
+    _check_fit("linear layers (QKV+O+SwiGLU MLP fwd+bwd)", err, rows, "fwd_bwd_ms")
     lin = LinearFit(ms_per_token=ms_per_token, b_ms=b_ms, hidden=h, ffn_hidden=f, fit_rel_error=err,
                     source=f"measured: QKV+O+SwiGLU MLP fwd+bwd, {cfg.dtype}, {cfg.device}{note}")
     return lin, rows

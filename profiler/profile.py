@@ -6,7 +6,6 @@ Every fitted model carries its relative fit error and where its numbers come fro
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
 from typing import Any, ClassVar, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, PrivateAttr, field_validator,
@@ -50,7 +49,9 @@ MAX_DEVICE_MEMORY_BYTES = 2**50
 #: one device's dense GEMM rate and copy bandwidth, with room to spare (an H100 ~1,000 TFLOP/s bf16, HBM3e ~8,000
 #: GB/s): a FLOP/s or B/s value typed into these fields (4.17e10) was accepted and planned with
 MAX_TFLOPS = 1e5
+MIN_TFLOPS = 1e-6
 MAX_COPY_GBPS = 1e5
+MIN_COPY_GBPS = 1e-6
 #: most GPUs a profile may describe (num_nodes x gpus_per_node), the planners' world-size cap (FlexSP MAX_WORLD):
 #: num_nodes 10**9 loaded and the planners' --gpus checks took it
 MAX_GPUS = 2**16
@@ -208,13 +209,19 @@ class ClusterProfile(_Strict):
     _origin: str | None = PrivateAttr(default=None)
     name: str = Field(min_length=1)
     source: str = Field(description="where the numbers come from (measured on host X / published in paper Y)")
-    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    # when it was measured: set where a profile is made (profiler.local). A file without one loads as None - a
+    # load-time stamp gave the same file another digest on every load, and a resumed train_lora refused it
+    created: str | None = None
     num_nodes: PositiveInt = 1
     gpus_per_node: PositiveInt = 1
     device: DeviceInfo
     host: dict[str, Any] = Field(default_factory=dict)
-    gemm_tflops: PositiveFloat | None = Field(default=None, le=MAX_TFLOPS, description="TFLOP/s (not FLOP/s)")
-    copy_GBps: PositiveFloat | None = Field(default=None, le=MAX_COPY_GBPS, description="GB/s (not B/s)")
+    # floors as the collectives' (1e-300 TFLOP/s planned a 5e295 ms MoE step, 5e-324 an unlocated 'inf'):
+    # 1 MFLOP/s and 1 kB/s, far below any host
+    gemm_tflops: float | None = Field(default=None, ge=MIN_TFLOPS, le=MAX_TFLOPS,
+                                      description="TFLOP/s (not FLOP/s); at least 1e-6")
+    copy_GBps: float | None = Field(default=None, ge=MIN_COPY_GBPS, le=MAX_COPY_GBPS,
+                                    description="GB/s (not B/s); at least 1e-6")
     attention: AttentionFit | None = None
     linear: LinearFit | None = None
     collectives: list[CollectiveFit] = Field(default_factory=list)
@@ -223,8 +230,8 @@ class ClusterProfile(_Strict):
 
     @field_validator("created")
     @classmethod
-    def _iso_time(cls, v: str) -> str:
-        return check_iso_time(v)
+    def _iso_time(cls, v: str | None) -> str | None:
+        return None if v is None else check_iso_time(v)
 
     @field_validator("name")
     @classmethod
@@ -359,7 +366,10 @@ class ClusterProfile(_Strict):
             beta = (intra[0].beta_ms_per_byte + bus_factor("all_reduce", k) / G / per_ms
                     + intra[1].beta_ms_per_byte / G)
         parts = " and ".join(f"the {c.op} fit on {c.group_size} ranks" for c in intra)
-        return CollectiveFit(
+        # built from fits within the file's bounds, so finite, but a sum of several may pass a bound a measured fit
+        # is held to (a valid profile failed `plan sp` with "beta_ms_per_byte: Input should be less than or equal
+        # to 1", naming no file): not validated again
+        return CollectiveFit.model_construct(
             op=op, group_size=group_size, scope="inter", alpha_ms=link.alpha_ms + sum(c.alpha_ms for c in intra),
             beta_ms_per_byte=beta, fit_rel_error=0.0,
             source=f"two-level estimate for {k} nodes x {G}: intra-node {parts}, inter-node at the "

@@ -357,7 +357,8 @@ def stage_costs(cfg: MoEConfig, topo: Topology, *, source: Literal["published", 
                           shared=(0.0, FSMOE_BETA_MS[2] * ns) if ns > 0 else (0.0, 0.0), two_step=topo.two_step)
     if profile is None:
         raise ValueError("stage_costs(source='profile') needs a profile")
-    profile.require("gemm_tflops", "collectives", who="the FSMoE planner")
+    # (one GPU exchanges and all-reduces nothing: a one-GPU `adasched profile` has no collectives, and was refused)
+    profile.require("gemm_tflops", *(("collectives",) if topo.gpus > 1 else ()), who="the FSMoE planner")
     if topo.gpus > profile.world_size:
         raise InputError("--gpus", f"{topo.gpus} GPUs but {profile.where} describes {profile.world_size}")
     notes = []
@@ -396,11 +397,14 @@ def stage_costs(cfg: MoEConfig, topo: Topology, *, source: Literal["published", 
     work[2] = flops / (profile.gemm_tflops * 1e9)  # TFLOP/s -> FLOP per ms
     notes.append(f"gemm: {profile.gemm_tflops} TFLOP/s (the profile's dense GEMM rate, not calibrated to expert "
                  f"GEMM shapes) + {GEMM_ALPHA_MS} ms per chunk (assumed launch overhead)")
-    fit = _dense_allreduce_fit(profile, topo)
-    alpha[4] = fit.alpha_ms
-    work[4] = fit.beta_ms_per_byte * n[4] * ELEMENT_BYTES
-    notes.append(f"all_reduce: {fit.group_size} ranks, {fit.source}" if fit.source.startswith("two-level")
-                 else f"all_reduce: fit on {fit.group_size} ranks ({fit.source})")
+    if topo.gpus > 1:
+        fit = _dense_allreduce_fit(profile, topo)
+        alpha[4] = fit.alpha_ms
+        work[4] = fit.beta_ms_per_byte * n[4] * ELEMENT_BYTES
+        notes.append(f"all_reduce: {fit.group_size} ranks, {fit.source}" if fit.source.startswith("two-level")
+                     else f"all_reduce: fit on {fit.group_size} ranks ({fit.source})")
+    else:  # (the notes said "all_reduce: fit on 64 ranks" for a one-GPU plan)
+        notes.append("all_reduce: none (one GPU: no data-parallel gradients)")
     shared_macs = _shared_macs_per_gpu(cfg)
     shared = (GEMM_ALPHA_MS, 2.0 * shared_macs / (profile.gemm_tflops * 1e9)) if shared_macs else (0.0, 0.0)
     return StageCosts(tuple(alpha), tuple(work), f"profile {profile.name}", tuple(notes),  # type: ignore[arg-type]
