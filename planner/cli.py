@@ -249,8 +249,10 @@ def simulate_cmd(
                 sim = plan.simulate()
                 what = ""
                 if plan.kind == "moe":  # the first configuration, named (the plan's predicted_ms sums them all)
-                    what = (f"{plan.configs[0].name}" + (f" (configuration 1 of {len(plan.configs)}; --config picks "
-                                                         f"another)" if len(plan.configs) > 1 else "") + ": ")
+                    # (said "configuration 1 of 2" while --config 1 picked the second: positions count from 0)
+                    n = len(plan.configs)
+                    what = (f"{plan.configs[0].name}" + (f" (the first of {n} configurations; --config NAME or a "
+                                                         f"position 0..{n - 1} picks another)" if n > 1 else "") + ": ")
                 elif hasattr(plan, "drawn_iterations") and plan.drawn_iterations() < plan.stages + 1:
                     # a Twill plan of very many stages: its bars are capped (the makespan is theirs)
                     what = f"the first {plan.drawn_iterations():,} of {plan.stages + 1:,} overlapped iterations: "

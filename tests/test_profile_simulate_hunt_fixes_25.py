@@ -65,7 +65,11 @@ def test_simulate_names_the_configuration_and_the_iterations_it_shows(tmp_path, 
     assert main(["simulate", str(moe), "--json"]) == 0
     capsys.readouterr()
     assert main(["simulate", str(moe)]) == 0
-    assert "mixtral-8x7b-L1024 (configuration 1 of 2; --config picks another): makespan " in capsys.readouterr().out
+    assert ("mixtral-8x7b-L1024 (the first of 2 configurations; --config NAME or a position 0..1 picks another): "
+            "makespan " in capsys.readouterr().out)
+    # the position it names picks the other one (it said "configuration 1 of 2" and --config 1 was the second)
+    assert main(["simulate", str(moe), "--config", "1"]) == 0
+    assert capsys.readouterr().out.lstrip().startswith("mixtral-8x7b-L4096: makespan ")
     tw = tmp_path / "tw.json"
     assert main(["plan", "twill", "--graph", "toy-attention", "--out", str(tw)]) == 0
     capsys.readouterr()

@@ -640,7 +640,8 @@ class MoEPlan(Plan):
         c = self.configs[0]
         l0 = c.layers[0]
         # one chart: the first configuration; the title says so when there are more (it drew the first silently)
-        more = (f"\n(configuration 1 of {len(self.configs)}; adasched simulate PLAN --config NAME --plot draws another)"
+        more = (f"\n(the first of {len(self.configs)} configurations; adasched simulate PLAN --config NAME --plot "
+                f"draws another)"
                 if len(self.configs) > 1 else "")
         render_gantt(self.gantt_tasks(), path,
                      title=f"{c.name}: one MoE layer, forward r={l0.r_fwd} then backward r={l0.r_bwd} (wgrad {l0.wgrad_bwd}): "

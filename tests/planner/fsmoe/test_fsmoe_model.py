@@ -592,7 +592,7 @@ def test_plot_of_several_configurations_says_which_one_it_draws(tmp_path, monkey
     assert len(plan.configs) == 2
     plan.plot(tmp_path / "a.png")
     assert titles[-1].startswith(plan.configs[0].name)
-    assert "configuration 1 of 2" in titles[-1] and "--config NAME" in titles[-1]
+    assert "the first of 2 configurations" in titles[-1] and "--config NAME" in titles[-1]
     one = plan.model_copy(update={"configs": plan.configs[:1]})
     one.plot(tmp_path / "b.png")
-    assert "configuration 1 of" not in titles[-1]
+    assert "configurations;" not in titles[-1]
