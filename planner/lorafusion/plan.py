@@ -7,14 +7,16 @@ dependency rule -> verification -> 1F1B simulation of the plan and the baselines
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..plan import MAX_LAYERS, Plan, SolverRecord, inputs_digest, profile_ref, relative_gap
 from .baselines import mlora_baseline, sequential_baseline
-from .costmodel import StageCost, padded, stage_cost_from_profile
+from .costmodel import SEGMENT_ALIGN, StageCost, padded, stage_cost_from_profile
 # the adapter schema is part of the plan
 from .jobs import KNOWN_TARGET_MODULES, MAX_SAMPLES, MAX_STAGES, MAX_TOKENS, AdapterSpec, JobName, Workload
 from .model import (
@@ -136,6 +138,10 @@ class LoRAPlan(Plan):
     kind: Literal["lora"] = "lora"
     source: str = Field(description="jobs file or preset the plan was made from")
     capacity: int = Field(ge=1, le=MAX_TOKENS)
+    packing_capacity: int | None = Field(default=None, ge=1, le=MAX_TOKENS,
+                                         description="the smaller capacity the sequence was taken at (its "
+                                                     "problems packed, or the sequential / mLoRA-style cut made), "
+                                                     "where it simulated faster (None: the capacity)")
     stages: int = Field(ge=1, le=MAX_STAGES)
     layers: int = Field(ge=1, le=MAX_LAYERS)
     jobs: list[LoRAJob] = Field(min_length=1)
@@ -147,7 +153,8 @@ class LoRAPlan(Plan):
                                       "'sequential': the per-job sequential schedule, kept because it simulated "
                                       "faster; 'mlora-cut': the mLoRA-style baseline's microbatches (every job's "
                                       "global batch cut into the same number of runs) as packed segments, kept "
-                                      "because they fit the capacity and simulated faster")
+                                      "because they fit the capacity and simulated faster; each taken at "
+                                      "packing_capacity where that is set")
     problems: list[LoRAProblem]
     stage_cost: dict = Field(description="StageCost terms used by the simulation (ms)")
     summary: LoRASummary
@@ -193,6 +200,9 @@ class LoRAPlan(Plan):
         in_groups = sorted(j for g in self.groups for j in g)
         if in_groups != list(range(len(self.jobs))):
             errors.append(f"groups: {self.groups} must hold every job index 0..{len(self.jobs) - 1} exactly once")
+        if self.packing_capacity is not None and self.packing_capacity >= self.capacity:
+            errors.append(f"packing_capacity: {self.packing_capacity}, recorded only below the plan's capacity "
+                          f"{self.capacity}")
         errors += _stage_cost_errors(self.stage_cost)
         errors += self._solver_record_errors()
         if errors:
@@ -229,7 +239,8 @@ class LoRAPlan(Plan):
                     errors.append(f"microbatch {i}: sample id {bad[0]} not in [0, {n})")
         if errors:
             return errors
-        ver = verify_schedule(self.sequence(), expected, self.lengths, self.capacity, self.stages)
+        ver = verify_schedule(self.sequence(), expected, self.lengths, self.packing_capacity or self.capacity,
+                              self.stages)
         if ver.duplicated:
             errors.append(f"{len(ver.duplicated)} samples in more than one place (first: sample {ver.duplicated[0]})")
         if ver.missing:
@@ -461,7 +472,9 @@ class LoRAPlan(Plan):
             ("microbatches", f"{s.microbatches} ({s.noop_microbatches} no-op, {s.merges} merged)"
                              + ({"sequential": "; the per-job sequential schedule (simulated faster)",
                                  "mlora-cut": "; the mLoRA-style cut, packed (simulated faster)"}
-                                .get(self.sequence_source, ""))),
+                                .get(self.sequence_source, ""))
+                             + (f"; taken at capacity {self.packing_capacity:,} of {self.capacity:,} tokens "
+                                f"(simulated faster)" if self.packing_capacity else "")),
             ("speedup vs mLoRA-style", f"{s.speedup_vs_mlora:.3f}x"),
             ("speedup vs sequential", f"{s.speedup_vs_sequential:.3f}x"),
             ("speedup vs mLoRA-style, sorted", f"{s.speedup_vs_mlora_sorted:.3f}x"),
@@ -538,7 +551,8 @@ def _p95(xs: list[float]) -> float:
     return ys[min(len(ys) - 1, math.ceil(0.95 * len(ys)) - 1)]
 
 
-def _pack_grouping(w: Workload, work, cost, *, time_limit: float, seed: int, use_milp: bool, progress=None):
+def _pack_grouping(w: Workload, work, cost, capacity: int, *, time_limit: float, seed: int, use_milp: bool,
+                   progress=None):
     """Pack every (global batch, group) problem of ``work`` (in that, staggered, order), then the merge pass (kept
     only if it does not make the simulated schedule slower) and the dependency rule: (sequence, no-ops, simulated
     ms, merges, problem records)."""
@@ -548,7 +562,7 @@ def _pack_grouping(w: Workload, work, cost, *, time_limit: float, seed: int, use
     for g, grp in work:
         members = [a for a in grp if g < len(w.jobs[a].batches)]
         samples = [s for a in members for s in w.jobs[a].batches[g]]
-        res = pack_problem(samples, adapter_of, L, cfg.capacity, time_limit=time_limit, seed=seed, use_milp=use_milp)
+        res = pack_problem(samples, adapter_of, L, capacity, time_limit=time_limit, seed=seed, use_milp=use_milp)
         problems_mb.append([Microbatch([(a, g, sorted(ids)) for a, ids in sorted(b.items())]) for b in res.bins])
         records.append(LoRAProblem(global_batch=g, jobs=members, samples=len(samples), bins=len(res.bins),
                                    ffd_bins=res.ffd_bins, lower_bound=res.lower_bound, status=res.status,
@@ -560,7 +574,7 @@ def _pack_grouping(w: Workload, work, cost, *, time_limit: float, seed: int, use
     seq0, noops0 = apply_dependency_rule(flat, cfg.stages)
     check_noops(noops0, cfg.stages, w.source)
     ms0 = sequence_makespan_ms(seq0, L, cost, cfg.stages)
-    merged, merges = merge_pass(problems_mb, L, cfg.capacity)
+    merged, merges = merge_pass(problems_mb, L, capacity)
     seq1, noops1 = apply_dependency_rule([mb for p in merged for mb in p], cfg.stages)
     check_noops(noops1, cfg.stages, w.source)
     ms1 = sequence_makespan_ms(seq1, L, cost, cfg.stages)
@@ -569,22 +583,27 @@ def _pack_grouping(w: Workload, work, cost, *, time_limit: float, seed: int, use
     return seq0, noops0, ms0, 0, records
 
 
-def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S, seed: int = 0,
-               use_milp: bool = True, progress=None) -> LoRAPlan:
-    """Plan a multi-job LoRA workload on ``profile`` (see module docstring). ``time_limit`` (s) is the solver
-    budget of each (global batch, group) problem (MILP 1 gets at most half, MILP 2 the rest); without
-    ``use_milp`` it is unused and the plan records no time limit."""
-    cfg, L = w.config, w.lengths
-    cost = stage_cost_from_profile(profile, cfg.layers, cfg.stages)
-    stats = []
-    for j in w.jobs:
-        mu, sd = _length_stats(L, [s for b in j.batches for s in b])
-        stats.append(AdapterStats(mu, sd, j.spec.global_batch_size))
+@dataclass
+class _Packed:
+    groups: list
+    seq: list
+    noops: int
+    ms: float
+    merges: int
+    records: list
+    note: str
+
+
+def _best_grouping(w: Workload, stats, cost, capacity: int, *, time_limit: float, seed: int, use_milp: bool,
+                   progress=None) -> _Packed:
+    """The adapter grouping's packed schedule at ``capacity``: the paper's groups, and where the bubble check is
+    vacuous one group of every adapter too, the faster kept."""
+    cfg = w.config
     # the bubble check guards a job's next global batch against the dependency rule: with one global batch per job
     # there is none, and the check refused pairs it could not matter for (S = 4, one batch each: 0.913x mLoRA-style
     # where a pair ran 1.02x)
     single = all(len(j.batches) <= 1 for j in w.jobs)
-    groups = group_adapters(stats, cfg.capacity, 1 if single else cfg.stages)
+    groups = group_adapters(stats, capacity, 1 if single else cfg.stages)
 
     # the paper's groups hold 1-2 adapters so that a job's next global batch need not wait (the bubble check); where
     # that check is vacuous (one stage, or one global batch per job) one group of every adapter packs the most
@@ -600,7 +619,8 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
         progress(0, total=sum(len(wk) for wk in works))
     best, tried = None, []
     for gs, work in zip(candidates, works):
-        got = _pack_grouping(w, work, cost, time_limit=time_limit, seed=seed, use_milp=use_milp, progress=progress)
+        got = _pack_grouping(w, work, cost, capacity, time_limit=time_limit, seed=seed, use_milp=use_milp,
+                             progress=progress)
         tried.append((got[2], sum(r.solve_seconds for r in got[4])))
         if best is None or got[2] < best[3] * (1 - 1e-9):
             best = (gs, *got)
@@ -610,20 +630,82 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
         f"({tried[0][1]:.3f} s): simulated {tried[1][0]:.4g} vs {tried[0][0]:.4g} ms, the "
         + ("one group" if groups is candidates[1] else "pairs") + " kept (the problems and solve times are its)")
 
-    # the per-job sequential schedule (FFD per global batch, capacity respected) is a valid plan too: when its
-    # 1F1B makespan is shorter (few, small jobs: a pipeline filled by a tiny first microbatch), it is the plan
-    seqb = sequential_baseline(w, cost)
-    source = "packed"
-    if seqb.makespan_ms < ms * (1 - 1e-9):
-        seq, noops, ms, merges, source = seqb.sequence, seqb.noops, seqb.makespan_ms, 0, "sequential"
-    # so is the mLoRA-style baseline's cut (every job's global batch in the same number of runs) run as packed
-    # segments, where each of its microbatches fits the capacity: fewest-bins packing can leave the 1F1B stages
-    # uneven (S = 4: bins of 6 + 1 samples beside the cut's 4 + 1 / 3 + 1, 0.92x of the padded baseline)
+    return _Packed(groups, seq, noops, ms, merges, records, grouping_note)
+
+
+def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S, seed: int = 0,
+               use_milp: bool = True, progress=None) -> LoRAPlan:
+    """Plan a multi-job LoRA workload on ``profile`` (see module docstring). ``time_limit`` (s) is the solver
+    budget of each (global batch, group) problem (MILP 1 gets at most half, MILP 2 the rest); without
+    ``use_milp`` it is unused and the plan records no time limit."""
+    cfg, L = w.config, w.lengths
+    cost = stage_cost_from_profile(profile, cfg.layers, cfg.stages)
+    stats = []
+    for j in w.jobs:
+        mu, sd = _length_stats(L, [s for b in j.batches for s in b])
+        stats.append(AdapterStats(mu, sd, j.spec.global_batch_size))
+    totals = [0]
+
+    def pass_progress():
+        """A progress callable for one more packing pass: its problems are added to the bar's total."""
+        if progress is None:
+            return None
+        base = totals[0]
+
+        def advance(n: int = 1, total: int | None = None) -> None:
+            if total is not None:
+                totals[0] = base + total
+                progress(0, total=totals[0])
+            if n:
+                progress(n)
+        return advance
+
+    # the capacity is a memory bound, not a size to fill: fewer, larger microbatches leave a deep pipeline's stages
+    # idle longer (Mix at S = 8: capacity 16,384 simulated 11,221 ms where 8,192 gives 8,123 and 4,096 7,777; 47 of
+    # 100 random workloads planned slower with their capacity doubled). So the candidates below are taken at the
+    # capacity and at its halvings while every sample fits (its adapter's segment rounded up to 128 tokens), the
+    # fastest kept, a larger capacity on ties. At a halving the packing is screened by first-fit decreasing
+    # (milliseconds) and packed as asked only where it beats the best so far
+    longest = max((padded(L[s]) for j in w.jobs for b in j.batches for s in b), default=0)
+    best = None   # (ms, source, sequence, no-ops, merges, packing capacity, the packing there)
+    tried = []    # (capacity, its fastest candidate's ms)
+    cap = cfg.capacity
+    while cap == cfg.capacity or cap >= max(longest, SEGMENT_ALIGN):
+        wc = w if cap == cfg.capacity else dataclasses.replace(w, config=cfg.model_copy(update={"capacity": cap}))
+        if best is None:
+            packed = _best_grouping(w, stats, cost, cap, time_limit=time_limit, seed=seed, use_milp=use_milp,
+                                    progress=pass_progress())
+        else:
+            packed = _best_grouping(w, stats, cost, cap, time_limit=time_limit, seed=seed, use_milp=False)
+            if use_milp and packed.ms < best[0] * (1 - 1e-9):
+                asked = _best_grouping(w, stats, cost, cap, time_limit=time_limit, seed=seed, use_milp=True,
+                                       progress=pass_progress())
+                packed = asked if asked.ms <= packed.ms else packed
+        cands = [(packed.ms, "packed", packed.seq, packed.noops, packed.merges)]
+        # the per-job sequential schedule (FFD per global batch, capacity respected) is a valid plan too: when its
+        # 1F1B makespan is shorter (few, small jobs: a pipeline filled by a tiny first microbatch), it is the plan
+        sq = sequential_baseline(wc, cost)
+        cands.append((sq.makespan_ms, "sequential", sq.sequence, sq.noops, 0))
+        # so is the mLoRA-style baseline's cut (every job's global batch in the same number of runs) run as packed
+        # segments, where each of its microbatches fits the capacity: fewest-bins packing can leave the 1F1B stages
+        # uneven (S = 4: bins of 6 + 1 samples beside the cut's 4 + 1 / 3 + 1, 0.92x of the padded baseline)
+        ml = mlora_baseline(wc, cost)
+        if all(mb.padded_tokens(L) <= cap for mb in ml.sequence):
+            cands.append((sequence_makespan_ms(ml.sequence, L, cost, cfg.stages), "mlora-cut", ml.sequence, ml.noops,
+                          0))
+        tried.append((cap, min(c[0] for c in cands)))
+        for c in cands:
+            if best is None or c[0] < best[0] * (1 - 1e-9):
+                best = (*c, cap, packed)
+        cap //= 2
+    ms, source, seq, noops, merges, packing_capacity, packed = best
+    groups, records, grouping_note = packed.groups, packed.records, packed.note
+    capacity_note = "" if packing_capacity == cfg.capacity else (
+        f"; the sequence is taken at capacity {packing_capacity:,} tokens, within the given {cfg.capacity:,}: "
+        f"smaller microbatches keep the {cfg.stages}-stage pipeline busier (fastest candidate simulated "
+        + ", ".join(f"{c:,}: {m:.4g} ms" for c, m in tried) + "; its problems are listed)")
+    seqb = sequential_baseline(w, cost)   # the baselines at the capacity given
     mlora = mlora_baseline(w, cost)
-    if all(mb.padded_tokens(L) <= cfg.capacity for mb in mlora.sequence):
-        ms_cut = sequence_makespan_ms(mlora.sequence, L, cost, cfg.stages)
-        if ms_cut < ms * (1 - 1e-9):
-            seq, noops, ms, merges, source = mlora.sequence, mlora.noops, ms_cut, 0, "mlora-cut"
 
     batches = {(j.index, g): list(b) for j in w.jobs for g, b in enumerate(j.batches)}
     ver = verify_schedule(seq, batches, L, cfg.capacity, cfg.stages)
@@ -708,7 +790,7 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
                   "mlora-cut": "; the mLoRA-style cut (every job's global batch in the same number of microbatches) "
                                "as packed segments fits the capacity, simulated faster than the packed problems and "
                                "is the plan's sequence"}.get(source, ""))
-              + grouping_note
+              + grouping_note + capacity_note
               + "".join(f"; {n}" for n in w.notes)),
     )
     jobs = [LoRAJob(name=j.spec.name, adapter=j.spec.adapter, lr=j.spec.lr, global_batch_size=j.spec.global_batch_size,
@@ -726,6 +808,7 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
         baselines_ms=baselines_ms_of(base),
         source=w.source,
         capacity=cfg.capacity,
+        packing_capacity=packing_capacity if packing_capacity != cfg.capacity else None,
         stages=cfg.stages,
         layers=cfg.layers,
         jobs=jobs,

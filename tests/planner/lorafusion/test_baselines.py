@@ -2,14 +2,15 @@
 microbatches' stage costs, so every term is checked)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 
 from adasched.planner.lorafusion.baselines import mlora_baseline, sequential_baseline
 from adasched.planner.lorafusion.costmodel import StageCost
-from adasched.planner.lorafusion.jobs import JobSamples, JobsFile, Workload, parse_jobs
-from adasched.planner.lorafusion.model import ffd_pack
+from adasched.planner.lorafusion.jobs import JobSamples, JobsFile, Workload, build_workload, parse_jobs
+from adasched.planner.lorafusion.model import ffd_pack, sequence_makespan_ms
 
 COST = StageCost(layers_per_stage=2.0, linear_ms_per_token=0.002, linear_b_ms=0.3, attn_a1_ms_per_tok2=5e-8,
                  attn_a2_ms_per_tok=7e-5, attn_b_ms=0.05)
@@ -174,7 +175,8 @@ def test_a_problem_packed_into_one_microbatch_is_merged():
 def test_the_mlora_cut_is_the_plan_when_it_fits_and_simulates_faster():
     """Fewest-bins packing left S = 4's stages uneven: 7 + 2 samples of 597 tokens packed as 6 + 1 where the
     mLoRA-style cut runs 4 + 1 and 3 + 1 within the capacity (136.19 ms vs 124.74: 0.92x of the baseline). The cut,
-    run as packed segments, is a candidate sequence like the sequential one."""
+    run as packed segments, is a candidate sequence like the sequential one; since 2026-12-02 so are the halvings
+    of the capacity, and one sample per microbatch at 1,024 tokens beats both (77.94 ms)."""
     from adasched.planner.lorafusion.costmodel import stage_cost_from_profile
     from adasched.planner.lorafusion.plan import LoRAPlan, build_plan
     from adasched.profiler.profile import load_profile
@@ -182,13 +184,30 @@ def test_the_mlora_cut_is_the_plan_when_it_fits_and_simulates_faster():
     prof = load_profile("h100-sxm")
     w = _equal_length_workload([7, 2], 597, 4096, 4)
     plan = build_plan(w, prof, use_milp=False)
-    base = mlora_baseline(w, stage_cost_from_profile(prof, 8, 4))
+    cut = mlora_baseline(w, stage_cost_from_profile(prof, 8, 4))
+    assert plan.verify() == [] and plan.sequence_source == "packed" and plan.packing_capacity == 1024
+    assert plan.predicted_ms == pytest.approx(77.943469, rel=1e-6)
+    assert plan.predicted_ms < sequence_makespan_ms(cut.sequence, w.lengths, stage_cost_from_profile(prof, 8, 4), 4)
+    assert all(len(mb.segments) == 1 and len(mb.segments[0].samples) == 1 for mb in plan.microbatches if mb.segments)
+    assert "4,096: 124.7 ms, 2,048: 96.06 ms, 1,024: 77.94 ms" in plan.solver.note
+
+    # a workload whose fastest sequence is the cut, at a halved capacity (a 400-workload search: 3 such)
+    cfg = parse_jobs({"capacity": 4096, "stages": 8, "global_batches": 1, "seed": 175457, "layers": 8, "jobs": [
+        {"name": "j0", "adapter": {"r": 8, "alpha": 16}, "global_batch_size": 4, "lr": 1e-3,
+         "lengths": {"dist": "lognormal", "median": 60, "sigma": 0.6708867302659983, "min": 8, "max": 1024}},
+        {"name": "j1", "adapter": {"r": 8, "alpha": 16}, "global_batch_size": 2, "lr": 1e-3,
+         "lengths": {"dist": "lognormal", "median": 600, "sigma": 0.7577369809057047, "min": 8, "max": 1024}}]})
+    w = build_workload(cfg)
+    plan = build_plan(w, prof, use_milp=False)
     assert plan.verify() == [] and plan.sequence_source == "mlora-cut" and plan.groups == [[0, 1]]
-    assert plan.predicted_ms <= base.makespan_ms * (1 + 1e-6) and plan.summary.speedup_vs_mlora >= 1.0
+    assert plan.packing_capacity == 1024 and max(mb.padded_tokens for mb in plan.microbatches) <= 1024
     got = [[(s.job, s.global_batch, len(s.samples)) for s in mb.segments] for mb in plan.microbatches]
-    assert got == [[(0, 0, 4), (1, 0, 1)], [(0, 0, 3), (1, 0, 1)], [], [], [], [(0, 1, 4), (1, 1, 1)],
-                   [(0, 1, 3), (1, 1, 1)]]
-    assert max(mb.padded_tokens for mb in plan.microbatches) <= 4096
+    assert got == [[(0, 0, 1), (1, 0, 1)], [(0, 0, 1), (1, 0, 1)], [(0, 0, 1)], [(0, 0, 1)]]
+    half = dataclasses.replace(w, config=cfg.model_copy(update={"capacity": 1024}))
+    cost = stage_cost_from_profile(prof, 8, 8)
+    assert plan.predicted_ms == pytest.approx(sequence_makespan_ms(mlora_baseline(half, cost).sequence, w.lengths,
+                                                                   cost, 8), rel=1e-6)
+    assert plan.predicted_ms < mlora_baseline(w, cost).makespan_ms
     assert "mLoRA-style cut" in plan.solver.note and "mLoRA-style cut" in dict(plan.summary_rows())["microbatches"]
     bad = plan.model_dump(mode="json")
     bad["groups"] = [[0], [1]]
@@ -225,9 +244,9 @@ def _equal_lengths_case(seed: int) -> Workload:
 
 def test_equal_length_workloads_against_mlora_as_benchmarks_says():
     """BENCHMARKS.md `lora`'s count on the review's equal-length generator (150 workloads, first-fit decreasing):
-    15 plans below an mLoRA-style baseline that kept the capacity (21 before the merge-pass fix and the mLoRA-cut
+    13 plans below an mLoRA-style baseline that kept the capacity (21 before the merge-pass fix and the mLoRA-cut
     candidate, 17 before the bubble check was skipped for one global batch per job, 16 before the all-adapter group
-    candidate), every one of them computing more padded tokens than it (every adapter's segment rounded up to the
+    candidate, 15 before the halved capacities; 58 plans take one), every one of them computing more padded tokens than it (every adapter's segment rounded up to the
     128-row tile, the padded batch once)."""
     from adasched.planner.lorafusion.costmodel import stage_cost_from_profile
     from adasched.planner.lorafusion.plan import build_plan
@@ -243,7 +262,7 @@ def test_equal_length_workloads_against_mlora_as_benchmarks_says():
         if plan.summary.speedup_vs_mlora < 1.0 and base.max_microbatch_tokens <= w.config.capacity:
             losing.append((plan.summary.speedup_vs_mlora,
                            sum(mb.padded_tokens for mb in plan.microbatches) > base.computed_tokens))
-    assert len(losing) == 15 and all(more for _, more in losing), losing
+    assert len(losing) == 13 and all(more for _, more in losing), losing
     assert 0.73 <= min(s for s, _ in losing) and max(s for s, _ in losing) < 1.0
 
 
@@ -277,3 +296,55 @@ def test_one_global_batch_per_job_pairs_adapters_without_the_bubble_check():
     assert w.config.stages == 4 and all(len(j.batches) == 1 for j in w.jobs)
     plan = build_plan(w, load_profile("h100-sxm"), use_milp=False)
     assert plan.verify() == [] and plan.summary.speedup_vs_mlora > 1.0, plan.summary.speedup_vs_mlora
+
+
+def _random_jobs(rng, capacity: int, stages: int):
+    n = rng.randint(2, 4)
+    return parse_jobs({"capacity": capacity, "stages": stages, "global_batches": rng.randint(1, 3),
+                       "seed": rng.randrange(10**6), "layers": 8, "jobs": [
+                           {"name": f"j{i}", "adapter": {"r": 8, "alpha": 16}, "global_batch_size": rng.randint(2, 10),
+                            "lr": 1e-3, "lengths": {"dist": "lognormal", "median": rng.choice([60, 200, 600]),
+                                                    "sigma": rng.uniform(0.3, 1.0), "min": 8, "max": 1024}}
+                           for i in range(n)]})
+
+
+def test_a_doubled_capacity_never_plans_slower():
+    """The capacity is a memory bound: 47 of 100 of these workloads planned slower with it doubled (fewer, larger
+    microbatches leave a deep pipeline idle longer; up to 1.38x on Mix at S = 8). The candidates are taken at the
+    capacity's halvings too now: the sequence at 2c is never slower than at c, and verifies."""
+    import random
+
+    from adasched.planner.lorafusion.plan import build_plan
+    from adasched.profiler.profile import load_profile
+
+    prof = load_profile("h100-sxm")
+    base = random.SystemRandom().randrange(10**6)
+    print(f"seeds {base}..{base + 24}")
+    for t in range(base, base + 25):
+        rng = random.Random(t)
+        stages, c = rng.choice([1, 2, 4, 8]), rng.choice([1024, 2048])
+        state = rng.getstate()
+        a = build_plan(build_workload(_random_jobs(rng, c, stages)), prof, use_milp=False)
+        rng.setstate(state)
+        b = build_plan(build_workload(_random_jobs(rng, 2 * c, stages)), prof, use_milp=False)
+        assert a.verify() == [] and b.verify() == [], t
+        assert b.predicted_ms <= a.predicted_ms * (1 + 1e-9), (t, a.predicted_ms, b.predicted_ms)
+        for p in (a, b):
+            if p.packing_capacity is not None:
+                assert p.packing_capacity in [p.capacity >> k for k in range(1, 20)]  # a halving of it
+                assert max(mb.padded_tokens for mb in p.microbatches) <= p.packing_capacity
+                assert f"taken at capacity {p.packing_capacity:,}" in p.solver.note
+
+
+def test_packing_capacity_is_checked_by_verify():
+    from adasched.planner.lorafusion.plan import LoRAPlan, build_plan
+    from adasched.profiler.profile import load_profile
+
+    w = _equal_length_workload([7, 2], 597, 4096, 4)
+    plan = build_plan(w, load_profile("h100-sxm"), use_milp=False)
+    assert plan.packing_capacity == 1024
+    d = plan.model_dump(mode="json")
+    for bad, what in ((4096, "packing_capacity: 4096, recorded only below the plan's capacity 4096"),
+                      (512, "padded tokens > capacity 512")):
+        e = LoRAPlan.model_validate(dict(d, packing_capacity=bad)).verify()
+        assert any(what in x for x in e), e
