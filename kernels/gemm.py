@@ -237,10 +237,23 @@ if HAVE_TRITON:
 
 
 def backend_for(x: torch.Tensor) -> str:
-    """'triton' on CUDA or under the interpreter, else 'torch' (reference)."""
-    if HAVE_TRITON and (x.is_cuda or _interpreting()):
+    """'triton' on CUDA or, under the interpreter, on the CPU; else 'torch' (reference: a meta tensor gets its
+    shape there - the interpreter failed to copy out of it)."""
+    if HAVE_TRITON and (x.is_cuda or (x.device.type == "cpu" and _interpreting())):
         return "triton"
     return "torch"
+
+
+def _transformed(t: torch.Tensor) -> bool:
+    """A forward-mode AD dual or a torch.func-wrapped tensor (vmap, grad, jvp): the kernel reads raw storage, so it
+    dropped a dual's tangent without a word (a dual does not require grad) and failed inside the launcher on a
+    wrapper; torch's matmul carries both."""
+    from torch.autograd import forward_ad
+
+    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    if wrapped is not None and wrapped(t):
+        return True
+    return forward_ad.unpack_dual(t).tangent is not None
 
 
 def _check(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -262,6 +275,8 @@ def gemm(a: torch.Tensor, b: torch.Tensor, config: Optional[GemmConfig] = None) 
     path returned a result without a graph while the reference path kept one: a training loop got gradients on a
     CPU and none on the GPU)."""
     _check(a, b)
+    if _transformed(a) or _transformed(b):
+        return gemm_reference(a, b, config)
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
         return GemmFunction.apply(a, b, config)
     cfg = config or GemmConfig()

@@ -1553,6 +1553,12 @@ class LoRAAdapterWeights:
     dropout_p: float = 0.0
 
 
+def _autocasting(device_type: str) -> bool:
+    """torch.is_autocast_enabled for ``device_type``, False where autocast does not exist (the meta device: it
+    raised "unknown device type for autocast", and meta-device shape inference of a fused-LoRA model failed)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def backend_for(x: torch.Tensor) -> str:
     """'triton' (GPU), 'interpret' (CPU under TRITON_INTERPRET=1) or 'torch' (reference fallback)."""
     if not HAVE_TRITON:
@@ -1753,7 +1759,7 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
     to rounding."""
     _check_types(x, weight, bias, adapters, segments)
     dev = x.device.type
-    if torch.is_autocast_enabled(dev) and x.dtype != torch.float64:  # as F.linear: autocast leaves float64 alone
+    if _autocasting(dev) and x.dtype != torch.float64:  # as F.linear: autocast leaves float64 alone
         dt = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
             return multi_lora_linear(
@@ -1948,7 +1954,7 @@ def multi_lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, adapters:
     """Plain-torch ``multi_lora_linear`` (``block_m`` and ``gemm_config`` are accepted and ignored); same masks for the same seed."""
     _check_types(x, weight, bias, adapters, segments)
     dev = x.device.type
-    if torch.is_autocast_enabled(dev) and x.dtype != torch.float64:  # as multi_lora_linear (the output was fp32
+    if _autocasting(dev) and x.dtype != torch.float64:  # as multi_lora_linear (the output was fp32
         dt = torch.get_autocast_dtype(dev)                            # under a bf16 autocast, the kernels' bf16)
         with torch.autocast(dev, enabled=False):
             return multi_lora_linear_reference(

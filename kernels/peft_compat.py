@@ -43,7 +43,7 @@ import torch
 from peft.tuners.lora import Linear as _PeftLoraLinear
 from torch import nn
 
-from .lora import lora_linear
+from .lora import _autocasting, lora_linear
 
 __all__ = ["FusedLoRALinear", "apply_fused_lora", "restore_peft_lora"]
 
@@ -136,12 +136,12 @@ class FusedLoRALinear(_PeftLoraLinear):
                              "freeze it (requires_grad_(False)) or call restore_peft_lora(model) first")
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
         has_lora_bias = getattr(self, "lora_bias", {}).get(name, False) and lora_b.bias is not None
-        if has_lora_bias and not torch.is_autocast_enabled(x.device.type) and \
+        if has_lora_bias and not _autocasting(x.device.type) and \
                 torch.promote_types(x.dtype, lora_a.weight.dtype) != x.dtype:
             # adapters wider than x (fp32 on bf16) with lora_bias: PEFT adds lora_B's bias inside the fp32 term,
             # lora_linear takes one bias in x's dtype - PEFT's own forward keeps its numerics
             return super().forward(x, *args, **kwargs)
-        if not torch.is_autocast_enabled(x.device.type) and lora_a.weight.dtype != x.dtype and \
+        if not _autocasting(x.device.type) and lora_a.weight.dtype != x.dtype and \
                 torch.promote_types(x.dtype, lora_a.weight.dtype) != lora_a.weight.dtype:
             # adapters not wider than x (fp16 on an fp32 model, bf16 on fp16 and the reverse): PEFT casts x to the
             # adapters' dtype and computes the LoRA term there; lora_linear computed it in x's dtype (7e-4 from
