@@ -93,12 +93,22 @@ def time_fn(fn: Callable[[], Any], device: str, quick: bool) -> tuple[float, flo
         torch.cuda.synchronize()
         q = do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, quantiles=[0.5, 0.2, 0.8])
         return float(q[0]), float(q[1]), float(q[2])
-    fn()  # warm-up (first call compiles / traces)
-    times = []
-    for _ in range(3 if quick else 7):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
+    import torch
+
+    # one torch thread while timing: the interpreter's kernels run on one, and on a loaded 2-core host torch's
+    # threads stalled in ~16 ms steps - a 0.008 ms baseline GEMM read 32 ms in one run (time / baseline 1.29x,
+    # then 2319x in the next)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fn()  # warm-up (first call compiles / traces)
+        times = []
+        for _ in range(3 if quick else 7):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        torch.set_num_threads(threads)
     times.sort()
     n = len(times) - 1
     return statistics.median(times), times[int(0.2 * n)], times[math.ceil(0.8 * n)]

@@ -72,7 +72,7 @@ def register(groups) -> None:
         else:
             title = f"bench kernels on {env['device_name']} ({dev}; torch {env['torch']}, triton {env['triton']})"
             if dev == "cpu":
-                title += " - CPU/interpreter: smoke test, NOT performance numbers"
+                title += " - CPU/interpreter (torch on one thread): smoke test, NOT performance numbers"
             if checks:  # plain text tables: wide rows stay on one line in logs and pipes
                 typer.echo(bench.format_table(
                     [[c["group"], c["check"], "ok" if c["ok"] else "FAIL", c["detail"]] for c in checks],

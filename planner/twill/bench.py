@@ -76,6 +76,8 @@ def bench_twill(graphs: list[str], params, repeats: int, advance: Callable[[int]
             "warp_groups": "; ".join(f"{g.role}: {' '.join(g.ops)}" for g in p.warp_groups),
             "knobs": p.knobs.model_dump(exclude={"note"}),
             "sim_cycles_per_iteration": p.sim_cycles_per_iteration,
+            # (the speedup's baseline, so the row can be checked: one iteration after the other, in cycles)
+            "no_pipelining_cycles": round(p.baselines_ms["no-pipelining"] / (p.cycle_ns * 1e-6)),
             "speedup_vs_no_pipelining": p.baselines_ms["no-pipelining"] / p.predicted_ms,
         })
     targets = []

@@ -31,6 +31,8 @@ def test_bench_rows_and_targets_are_the_plans_figures(capsys):
         assert row["speedup_vs_no_pipelining"] == pytest.approx(plan.baselines_ms["no-pipelining"] / plan.predicted_ms,
                                                                rel=1e-12)
         assert row["speedup_vs_no_pipelining"] > 1.0
+        # the baseline is in the row (32nd session: the speedup could not be recomputed from the output)
+        assert row["speedup_vs_no_pipelining"] == pytest.approx(row["no_pipelining_cycles"] / row["ii"], rel=1e-9)
         assert 0 < row["solve_seconds_min"] <= row["solve_seconds_median"] <= row["solve_seconds_max"]
     fa3 = res["rows"][1]
     assert fa3["warp_groups"] == "producer: LK LV; consumer: S0 P0 R0 O0; consumer: S1 P1 R1 O1"
