@@ -592,6 +592,7 @@ class _Packed:
     merges: int
     records: list
     note: str
+    milp: bool = False  # packed with the MILPs (else first-fit decreasing only)
 
 
 def _best_grouping(w: Workload, stats, cost, capacity: int, *, time_limit: float, seed: int, use_milp: bool,
@@ -630,7 +631,7 @@ def _best_grouping(w: Workload, stats, cost, capacity: int, *, time_limit: float
         f"({tried[0][1]:.3f} s): simulated {tried[1][0]:.4g} vs {tried[0][0]:.4g} ms, the "
         + ("one group" if groups is candidates[1] else "pairs") + " kept (the problems and solve times are its)")
 
-    return _Packed(groups, seq, noops, ms, merges, records, grouping_note)
+    return _Packed(groups, seq, noops, ms, merges, records, grouping_note, use_milp)
 
 
 def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S, seed: int = 0,
@@ -669,18 +670,27 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
     longest = max((padded(L[s]) for j in w.jobs for b in j.batches for s in b), default=0)
     best = None   # (ms, source, sequence, no-ops, merges, packing capacity, the packing there)
     tried = []    # (capacity, its fastest candidate's ms)
+    passes = []   # every packing pass (its solve seconds count in the note when it is not the one kept)
+    milp_slower = set()  # capacities whose MILP packing simulated slower than first-fit decreasing's
     cap = cfg.capacity
     while cap == cfg.capacity or cap >= max(longest, SEGMENT_ALIGN):
         wc = w if cap == cfg.capacity else dataclasses.replace(w, config=cfg.model_copy(update={"capacity": cap}))
         if best is None:
             packed = _best_grouping(w, stats, cost, cap, time_limit=time_limit, seed=seed, use_milp=use_milp,
                                     progress=pass_progress())
+            passes.append(packed)
         else:
-            packed = _best_grouping(w, stats, cost, cap, time_limit=time_limit, seed=seed, use_milp=False)
+            packed = _best_grouping(w, stats, cost, cap, time_limit=time_limit, seed=seed, use_milp=False,
+                                    progress=pass_progress())
+            passes.append(packed)
             if use_milp and packed.ms < best[0] * (1 - 1e-9):
                 asked = _best_grouping(w, stats, cost, cap, time_limit=time_limit, seed=seed, use_milp=True,
                                        progress=pass_progress())
-                packed = asked if asked.ms <= packed.ms else packed
+                passes.append(asked)
+                if asked.ms <= packed.ms:
+                    packed = asked
+                else:
+                    milp_slower.add(cap)
         cands = [(packed.ms, "packed", packed.seq, packed.noops, packed.merges)]
         # the per-job sequential schedule (FFD per global batch, capacity respected) is a valid plan too: when its
         # 1F1B makespan is shorter (few, small jobs: a pipeline filled by a tiny first microbatch), it is the plan
@@ -704,6 +714,14 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
         f"; the sequence is taken at capacity {packing_capacity:,} tokens, within the given {cfg.capacity:,}: "
         f"smaller microbatches keep the {cfg.stages}-stage pipeline busier (fastest candidate simulated "
         + ", ".join(f"{c:,}: {m:.4g} ms" for c, m in tried) + "; its problems are listed)")
+    if use_milp and not packed.milp:  # (the record read as the MILPs' work: 'MILP 2 proved optimal in 0 of 0 runs')
+        capacity_note += (f"; the listed problems are first-fit decreasing's at {packing_capacity:,} tokens: "
+                          + ("its MILP packing simulated slower" if packing_capacity in milp_slower else
+                             "a halving is screened by first-fit decreasing, and the MILPs run only where that "
+                             "beats the best so far"))
+    other_s = sum(sum(r.solve_seconds for r in p.records) for p in passes if p is not packed)
+    if other_s >= 5e-4:
+        capacity_note += f"; packing passes not kept took {other_s:.3f} s more (not in the solve time)"
     seqb = sequential_baseline(w, cost)   # the baselines at the capacity given
     mlora = mlora_baseline(w, cost)
 

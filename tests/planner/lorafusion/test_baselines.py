@@ -348,3 +348,24 @@ def test_packing_capacity_is_checked_by_verify():
                       (512, "padded tokens > capacity 512")):
         e = LoRAPlan.model_validate(dict(d, packing_capacity=bad)).verify()
         assert any(what in x for x in e), e
+
+
+def test_a_kept_first_fit_packing_is_said_in_the_note():
+    """A MILP plan whose kept problems are a halving's first-fit decreasing packing (its MILP packing simulated
+    slower) recorded backend ffd+pulp-cbc, problems without a MILP and 'MILP 2 proved optimal in 0 of 0 runs'
+    with nothing more; the MILP passes thrown away were in no time. (The review's seed-0 workload: S = 8,
+    capacity 2048, two jobs of 9 and 6 samples.)"""
+    from adasched.planner.lorafusion.plan import build_plan
+    from adasched.profiler.profile import load_profile
+
+    spec = {"capacity": 2048, "stages": 8, "global_batches": 2, "seed": 536110, "layers": 8, "jobs": [
+        {"name": "j0", "adapter": {"r": 8, "alpha": 16}, "global_batch_size": 9, "lr": 1e-3,
+         "lengths": {"dist": "lognormal", "median": 200.0, "sigma": 0.9427640322495923, "min": 8, "max": 1024}},
+        {"name": "j1", "adapter": {"r": 8, "alpha": 16}, "global_batch_size": 6, "lr": 1e-3,
+         "lengths": {"dist": "lognormal", "median": 200.0, "sigma": 0.5506345622864919, "min": 8, "max": 1024}}]}
+    plan = build_plan(build_workload(parse_jobs(spec)), load_profile("h100-sxm"), time_limit=2.0)
+    assert plan.verify() == [] and plan.packing_capacity == 1024 and plan.solver.backend == "ffd+pulp-cbc"
+    assert all(p.milp1 is None and p.milp2 is None for p in plan.problems)
+    assert "the listed problems are first-fit decreasing's at 1,024 tokens: its MILP packing simulated slower" \
+        in plan.solver.note
+    assert "packing passes not kept took " in plan.solver.note
