@@ -418,7 +418,7 @@ class Verification:
 
 
 def verify_schedule(seq: Sequence[Microbatch], batches: dict[tuple[int, int], Sequence[int]], lengths: Sequence[int],
-                    capacity: int, stages: int) -> Verification:
+                    capacity: int, stages: int, *, capacity_text: str | None = None) -> Verification:
     """Every sample of every (adapter, global batch) appears exactly once, in a segment of its adapter and
     global batch; every microbatch fits the capacity; one segment per adapter per microbatch; the dependency
     rule holds."""
@@ -441,7 +441,8 @@ def verify_schedule(seq: Sequence[Microbatch], batches: dict[tuple[int, int], Se
                 elif where[s] != (a, g):
                     errors.append(f"microbatch {i}: sample {s} of {where[s]} placed in segment {(a, g)}")
         if mb.padded_tokens(lengths) > capacity:
-            errors.append(f"microbatch {i}: {mb.padded_tokens(lengths)} padded tokens > capacity {capacity}")
+            errors.append(f"microbatch {i}: {mb.padded_tokens(lengths)} padded tokens > "
+                          f"{capacity_text or f'capacity {capacity}'}")
     for a, g, f, l in dependency_violations(seq, stages):
         errors.append(f"adapter {a} global batch {g} starts at microbatch {f}, fewer than {stages} after {l}")
     missing = sorted(s for s in where if count.get(s, 0) == 0)

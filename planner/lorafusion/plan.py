@@ -240,7 +240,9 @@ class LoRAPlan(Plan):
         if errors:
             return errors
         ver = verify_schedule(self.sequence(), expected, self.lengths, self.packing_capacity or self.capacity,
-                              self.stages)
+                              self.stages, capacity_text=None if self.packing_capacity is None else
+                              f"packing_capacity {self.packing_capacity} (the capacity the sequence was taken at; "
+                              f"the plan's capacity is {self.capacity})")
         if ver.duplicated:
             errors.append(f"{len(ver.duplicated)} samples in more than one place (first: sample {ver.duplicated[0]})")
         if ver.missing:

@@ -345,7 +345,8 @@ def test_packing_capacity_is_checked_by_verify():
     assert plan.packing_capacity == 1024
     d = plan.model_dump(mode="json")
     for bad, what in ((4096, "packing_capacity: 4096, recorded only below the plan's capacity 4096"),
-                      (512, "padded tokens > capacity 512")):
+                      (512, "padded tokens > packing_capacity 512 (the capacity the sequence was taken at; the "
+                            "plan's capacity is 4096)")):
         e = LoRAPlan.model_validate(dict(d, packing_capacity=bad)).verify()
         assert any(what in x for x in e), e
 
