@@ -585,6 +585,16 @@ def _pack_grouping(w: Workload, work, cost, capacity: int, *, time_limit: float,
     return seq0, noops0, ms0, 0, records
 
 
+def _tried_text(tried: list[tuple[int, float]], kept: int) -> str:
+    """'8,192: 15.2 ms, 4,096: 14.9 ms' over the capacities tried; past six, the first three, the kept one and the
+    count (a capacity of 2**30 with tiny samples listed 24)."""
+    items = [f"{c:,}: {m:.4g} ms" for c, m in tried]
+    if len(items) <= 6:
+        return ", ".join(items)
+    k = next(i for i, (c, _) in enumerate(tried) if c == kept)
+    return ", ".join(items[:3]) + (f", ..., {items[k]}" if k >= 3 else ", ...") + f"; {len(items)} capacities"
+
+
 @dataclass
 class _Packed:
     groups: list
@@ -715,7 +725,7 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
     capacity_note = "" if packing_capacity == cfg.capacity else (
         f"; the sequence is taken at capacity {packing_capacity:,} tokens, within the given {cfg.capacity:,}: "
         f"smaller microbatches keep the {cfg.stages}-stage pipeline busier (fastest candidate simulated "
-        + ", ".join(f"{c:,}: {m:.4g} ms" for c, m in tried) + "; its problems are listed)")
+        + _tried_text(tried, packing_capacity) + "; its problems are listed)")
     if use_milp and not packed.milp:  # (the record read as the MILPs' work: 'MILP 2 proved optimal in 0 of 0 runs')
         capacity_note += (f"; the listed problems are first-fit decreasing's at {packing_capacity:,} tokens: "
                           + ("its MILP packing simulated slower" if packing_capacity in milp_slower else
