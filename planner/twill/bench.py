@@ -71,6 +71,8 @@ def bench_twill(graphs: list[str], params, repeats: int, advance: Callable[[int]
             "graph": p.graph_name, "machine": p.machine_name, "ii": p.ii, "mii": p.mii, "res_mii": p.res_mii,
             "rec_mii": p.rec_mii, "excl_mii": p.excl_mii, "status": p.solver.status, "gap": p.solver.gap,
             "same_ii_every_run": len({r.ii for r in runs}) == 1,
+            # (status, I and stages are the first run's; with --repeats the others may differ under a time limit)
+            "statuses_of_runs": sorted({r.solver.status for r in runs}),
             "solve_seconds_median": statistics.median(secs), "solve_seconds_min": min(secs),
             "solve_seconds_max": max(secs), "stages": p.stages,
             "warp_groups": "; ".join(f"{g.role}: {' '.join(g.ops)}" for g in p.warp_groups),

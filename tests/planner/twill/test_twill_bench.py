@@ -26,6 +26,7 @@ def test_bench_rows_and_targets_are_the_plans_figures(capsys):
         assert (row["ii"], row["mii"], row["res_mii"], row["rec_mii"], row["status"], row["stages"]) == (
             plan.ii, plan.mii, plan.res_mii, plan.rec_mii, plan.solver.status, plan.stages)
         assert row["machine"] == plan.machine_name == "h100" and row["same_ii_every_run"]
+        assert row["status"] in row["statuses_of_runs"] and set(row["statuses_of_runs"]) <= {"optimal", "feasible"}
         assert row["knobs"] == plan.knobs.model_dump(exclude={"note"})
         assert row["sim_cycles_per_iteration"] == plan.sim_cycles_per_iteration
         assert row["speedup_vs_no_pipelining"] == pytest.approx(plan.baselines_ms["no-pipelining"] / plan.predicted_ms,
