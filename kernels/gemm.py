@@ -275,7 +275,9 @@ def gemm(a: torch.Tensor, b: torch.Tensor, config: Optional[GemmConfig] = None) 
     path returned a result without a graph while the reference path kept one: a training loop got gradients on a
     CPU and none on the GPU)."""
     _check(a, b)
-    if _transformed(a) or _transformed(b):
+    # (under torch.compile dynamo handles those transforms itself, and the functorch query is a builtin it cannot
+    # trace: fullgraph compiles of gemm failed)
+    if not torch.compiler.is_compiling() and (_transformed(a) or _transformed(b)):
         return gemm_reference(a, b, config)
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
         return GemmFunction.apply(a, b, config)

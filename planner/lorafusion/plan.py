@@ -604,7 +604,7 @@ class _Packed:
     merges: int
     records: list
     note: str
-    milp: bool = False  # packed with the MILPs (else first-fit decreasing only)
+    milp: bool = False  # a MILP ran on one of its problems (else first-fit decreasing's packing throughout)
 
 
 def _best_grouping(w: Workload, stats, cost, capacity: int, *, time_limit: float, seed: int, use_milp: bool,
@@ -643,7 +643,10 @@ def _best_grouping(w: Workload, stats, cost, capacity: int, *, time_limit: float
         f"({tried[0][1]:.3f} s): simulated {tried[1][0]:.4g} vs {tried[0][0]:.4g} ms, the "
         + ("one group" if groups is candidates[1] else "pairs") + " kept (the problems and solve times are its)")
 
-    return _Packed(groups, seq, noops, ms, merges, records, grouping_note, use_milp)
+    # (whether a MILP ran, not whether one was asked for: a tie kept a MILP pass none of whose problems ran one,
+    # and the note read 'MILP 2 proved optimal in 0 of 0 runs' with nothing more)
+    ran = use_milp and any(r.milp1 not in (None, "skipped") or r.milp2 not in (None, "skipped") for r in records)
+    return _Packed(groups, seq, noops, ms, merges, records, grouping_note, ran)
 
 
 def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S, seed: int = 0,
@@ -684,6 +687,7 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
     tried = []    # (capacity, its fastest candidate's ms)
     passes = []   # every packing pass (its solve seconds count in the note when it is not the one kept)
     milp_slower = set()  # capacities whose MILP packing simulated slower than first-fit decreasing's
+    milp_asked = {cfg.capacity}  # capacities packed with the MILPs asked for (the others were screened only)
     cap = cfg.capacity
     while cap == cfg.capacity or cap >= max(longest, SEGMENT_ALIGN):
         wc = w if cap == cfg.capacity else dataclasses.replace(w, config=cfg.model_copy(update={"capacity": cap}))
@@ -699,6 +703,7 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
                 asked = _best_grouping(w, stats, cost, cap, time_limit=time_limit, seed=seed, use_milp=True,
                                        progress=pass_progress())
                 passes.append(asked)
+                milp_asked.add(cap)
                 if asked.ms <= packed.ms:
                     packed = asked
                 else:
@@ -726,11 +731,13 @@ def build_plan(w: Workload, profile, *, time_limit: float = DEFAULT_TIME_LIMIT_S
         f"; the sequence is taken at capacity {packing_capacity:,} tokens, within the given {cfg.capacity:,}: "
         f"smaller microbatches keep the {cfg.stages}-stage pipeline busier (fastest candidate simulated "
         + _tried_text(tried, packing_capacity) + "; its problems are listed)")
-    if use_milp and not packed.milp:  # (the record read as the MILPs' work: 'MILP 2 proved optimal in 0 of 0 runs')
+    if use_milp and not packed.milp and packing_capacity != cfg.capacity:
+        # (the record read as the MILPs' work: 'MILP 2 proved optimal in 0 of 0 runs' and nothing more)
         capacity_note += (f"; the listed problems are first-fit decreasing's at {packing_capacity:,} tokens: "
                           + ("its MILP packing simulated slower" if packing_capacity in milp_slower else
-                             "a halving is screened by first-fit decreasing, and the MILPs run only where that "
-                             "beats the best so far"))
+                             "it met every problem's bound there, no MILP needed" if packing_capacity in milp_asked
+                             else "a halving is screened by first-fit decreasing, and the MILPs run only where "
+                                  "that beats the best so far"))
     other_s = sum(sum(r.solve_seconds for r in p.records) for p in passes if p is not packed)
     if other_s >= 5e-4:
         capacity_note += f"; packing passes not kept took {other_s:.3f} s more (not in the solve time)"

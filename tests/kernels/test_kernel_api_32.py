@@ -122,3 +122,15 @@ def test_cpu_timing_runs_torch_on_one_thread():
     with pytest.raises(RuntimeError, match="boom"):
         time_fn(fails, "cpu", quick=True)
     assert torch.get_num_threads() == before
+
+
+def test_gemm_compiles_fullgraph_off_the_interpreter(monkeypatch):
+    """The transform check (a functorch builtin dynamo cannot trace) broke `torch.compile(fullgraph=True)` of a
+    function calling gemm; under compile dynamo handles the transforms itself, and the check is skipped."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (the CPU reference path: the interpreter itself is not
+    # traceable)
+    torch._dynamo.reset()
+    M, K, N = _shape()
+    p, q = torch.randn(M, K), torch.randn(K, N)
+    got = torch.compile(lambda p, q: gemm(p, q) + 1, backend="eager", fullgraph=True)(p, q)
+    torch.testing.assert_close(got.double(), p.double() @ q.double() + 1, rtol=1e-4, atol=1e-4)
