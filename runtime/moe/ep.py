@@ -889,7 +889,8 @@ class EPExperts(torch.autograd.Function):
             meta.reducer.begin_layer()
         # the chunks' dW summed in float32 for 16-bit weights (autocast): a bf16 sum rounded once per chunk, the
         # expert gradients' error grew with r_bwd (0.62 % at 1 chunk, 0.93 % at 32 against an fp32 reference)
-        acc = torch.float32 if w1.dtype in (torch.float16, torch.bfloat16) else w1.dtype
+        # (one chunk has nothing to sum: its dW stays in the weights' dtype, no float32 buffers)
+        acc = torch.float32 if w1.dtype in (torch.float16, torch.bfloat16) and len(exch) > 1 else w1.dtype
         dw1 = torch.zeros_like(w1, dtype=acc)
         dw2 = torch.zeros_like(w2, dtype=acc)
 
