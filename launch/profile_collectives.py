@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
             from adasched.profiler.io import InputError
 
             nproc = os.environ.get("NPROC") or "4"  # what profile_collectives.sh hands torchrun (${NPROC:-4})
-            if not (nproc.isascii() and nproc.isdigit()) or int(nproc) < 2:
+            if not (nproc.isascii() and nproc.isdigit()):  # (' 2' was told it needs >= 2 processes)
+                raise InputError("NPROC", f"{nproc!r} is not a whole number")
+            if int(nproc) < 2:
                 raise InputError("NPROC", f"{nproc}: collectives need >= 2 processes (or run `adasched profile "
                                           f"--no-collectives`)")
             # the bounds `adasched profile --nproc` has (one GPU per nccl rank; a bounded number of CPU processes):

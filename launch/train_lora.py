@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -131,7 +130,9 @@ def _check_options(args: argparse.Namespace) -> None:
     # the frozen base model (fp32; the adapters are small) on every rank of this host
     h = args.hidden
     params = args.layers * (4 * h * h + 3 * h * args.ffn) + (2 * args.vocab + args.max_positions) * h
-    ranks = args.world or int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    from adasched.runtime.dist import env_int
+
+    ranks = args.world or env_int("LOCAL_WORLD_SIZE", env_int("WORLD_SIZE", 1))
     check_model_memory(params, 4, ranks, "--vocab/--hidden/--layers/--ffn/--max-positions", "the fp32 weights")
     checkpoint_config(args)  # the options' own checks; the folder is probed where its saves are looked up
 

@@ -34,5 +34,5 @@ for a in "$@"; do  # (a --world of the user's was checked instead of NPROC, then
   esac
 done
 # bad options, jobs or plans fail here, once, as one `error:` line with exit status 2 (not once per rank)
-"$PY" -m adasched.launch.train_lora --check --world "$NPROC" --out "$OUT" "$@" >/dev/null || exit $?
+"${PRECHECK_ENV[@]}" "$PY" -m adasched.launch.train_lora --check --world "$NPROC" --out "$OUT" "$@" >/dev/null || exit $?
 exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m adasched.launch.train_lora --out "$OUT" "$@"

@@ -606,9 +606,9 @@ def _check_sizes(args, world: int) -> None:
     option): all of these failed on every rank, some with a traceback, or trained on NaNs (--batch 0). --vocab >= 3:
     the Markov task gives every context 3 successors (--vocab 2 passed here and then failed on every worker)."""
     import math
-    import os
 
     from adasched.profiler.io import check_distinct_outputs, check_output_path
+    from adasched.runtime.dist import env_int
 
     for opt, low in (("layers", 1), ("experts", 1), ("d", 1), ("heads", 1), ("ffn", 1), ("vocab", 3), ("seq", 2),
                      ("batch", 1), ("steps", 1), ("r_fwd", 1), ("r_bwd", 1), ("gpus_per_node", 1)):
@@ -634,7 +634,7 @@ def _check_sizes(args, world: int) -> None:
     experts = max(args.experts, args.hi or 0)
     params = (args.layers * (4 * args.d * args.d + 2 * args.d * args.ffn * (experts + args.shared_experts))
               + (args.vocab + args.seq) * args.d)
-    ranks = min(world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))  # the ranks on this host
+    ranks = min(world, env_int("LOCAL_WORLD_SIZE", world))  # the ranks on this host
     check_model_memory(params, 16, ranks, "--vocab/--hidden/--layers/--ffn/--experts/--cap-hi/--shared-experts/--seq",
                        "weights, gradients and AdamW state")
     # a step's fp32 activations kept for the backward, at least: the logits and, per layer, the attention block's

@@ -32,5 +32,5 @@ for a in "$@"; do  # (--validate-only made every rank validate and exit 0 withou
       exit 2;;
   esac
 done
-WORLD_SIZE="$NPROC" "$PY" -m adasched.launch.train_moe --validate-only "$@"
+"${PRECHECK_ENV[@]}" WORLD_SIZE="$NPROC" "$PY" -m adasched.launch.train_moe --validate-only "$@"
 exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m adasched.launch.train_moe "$@"

@@ -219,7 +219,9 @@ def check_model_fits(args: argparse.Namespace, plan, world: int) -> None:
                 return
     # the model _train builds (TinyGPTConfig's other sizes at their defaults), counted without torch
     params = param_count(_heads(args, plan) * args.head_dim, args.layers, args.max_len)
-    ranks = min(world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))  # the ranks on this host
+    from adasched.runtime.dist import env_int
+
+    ranks = min(world, env_int("LOCAL_WORLD_SIZE", world))  # the ranks on this host
     check_model_memory(params, 4 * (8 if args.dtype == "float64" else 4), ranks,
                        "--layers/--heads/--head-dim/--max-len", "weights, gradients and Adam state")
 

@@ -26,5 +26,5 @@ for a in "$@"; do  # (a --world of the user's was checked instead of NPROC, then
       exit 2;;
   esac
 done
-"$PY" -m adasched.launch.train_sp --check-plan-only --world "$NPROC" "$@" >/dev/null
+"${PRECHECK_ENV[@]}" "$PY" -m adasched.launch.train_sp --check-plan-only --world "$NPROC" "$@" >/dev/null
 exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m adasched.launch.train_sp "$@"

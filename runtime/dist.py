@@ -30,6 +30,18 @@ class WorkerError(RuntimeError):
         super().__init__(f"rank {rank} failed:\n{tb}")
 
 
+def env_int(name: str, default: int) -> int:
+    """An integer torchrun variable, ``default`` when unset; a value that is not one is a ValueError naming the
+    variable (LOCAL_WORLD_SIZE=abc said "invalid literal for int() with base 10: 'abc'")."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{name}: {text!r} is not an integer") from None
+
+
 def env_world() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from the torchrun environment; (0, 1, 0) when it is not set."""
     try:
