@@ -5,9 +5,10 @@ over torchrun ranks with gloo).
     torchrun --nproc_per_node 2 -m adasched.launch.train_lora --jobs tiny --out runs/lora   # 2-stage 1F1B
     (launch/train_lora.sh wraps the torchrun line)
 
-Rank 0 makes the plan (``--jobs`` file or preset; or reads ``--plan``), writes OUT/plan.json and broadcasts it,
-so every rank executes the same microbatch sequence. Every job's adapter is saved in PEFT's format under
-OUT/<job name>/ and the per-global-batch losses in OUT/losses.json. Bad input: `error: ...`, exit 2.
+Rank 0 makes the plan (``--jobs`` file or preset; or reads ``--plan``) and broadcasts it, so every rank executes
+the same microbatch sequence. Every job's adapter is saved in PEFT's format under OUT/<job name>/, the
+per-global-batch losses in OUT/losses.json and the plan in OUT/plan.json, together at the end (an interrupted run
+leaves OUT as the previous run left it). Bad input: `error: ...`, exit 2.
 
 Checkpoints (``--checkpoint-dir``, ``--checkpoint-async`` to save in the background; torch.distributed.checkpoint,
 one file per rank): a "step" of this trainer is
@@ -446,10 +447,10 @@ def run(args: argparse.Namespace) -> dict | None:
                     ck.save(step, state)
 
             on_checkpoint = save_due
-        if rank == 0:  # after the load: a save that cannot be resumed leaves --out untouched
-            save_plan(plan, args.out / "plan.json")
-            if cfg is not None and resumed_plan is None:  # the plan a resumed run will execute (before any save)
-                save_plan(plan, Path(cfg.folder) / "plan.json")
+        if rank == 0 and cfg is not None and resumed_plan is None:
+            # the plan a resumed run will execute (before any save); --out's copy is written with the adapters at the
+            # end (written here, an interrupted run left the new plan beside the previous run's adapters and losses)
+            save_plan(plan, Path(cfg.folder) / "plan.json")
         every = cfg.interval if cfg is not None else 0
         if world == 1:
             res = train_plan(model, adapters, plan, data, fused=fused, seed=args.seed, state=tstate,
@@ -470,6 +471,7 @@ def run(args: argparse.Namespace) -> dict | None:
         if rank != 0:
             return None
         save_adapters(args.out, plan, adapters, states, res)
+        save_plan(plan, args.out / "plan.json")
         summary = {"out": str(args.out), "world": world, "fused": fused, "kernels": kernels,
                    "microbatches": len(plan.microbatches), "start_step": start,
                    "losses": res.by_job(plan),

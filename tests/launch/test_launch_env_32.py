@@ -86,3 +86,25 @@ def test_a_non_integer_torchrun_variable_is_named(tmp_path, var):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {var}: 'abc' is not an integer"], \
         r.stderr
+
+
+def test_an_interrupted_train_lora_leaves_out_as_it_was(tmp_path, monkeypatch, capsys):
+    """OUT/plan.json was written before training: a run interrupted there left the new plan beside the previous
+    run's adapters and losses.json. It is written with them at the end now."""
+    import adasched.runtime.lora_trainer as trainer
+    from adasched.launch.train_lora import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "plan.json").write_text("the previous run's plan\n")
+    (out / "losses.json").write_text("{}\n")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train_plan", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--jobs", "tiny", "--out", str(out)])
+    assert (out / "plan.json").read_text() == "the previous run's plan\n"
+    assert sorted(p.name for p in out.iterdir()) == ["losses.json", "plan.json"]
+
