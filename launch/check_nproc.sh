@@ -9,8 +9,4 @@ if [ "$NPROC" -lt 1 ] || [ "$NPROC" -gt 1024 ]; then
   echo "error: NPROC: $NPROC local ranks: must be in 1..1024" >&2; exit 2
 fi
 
-# The single-process pre-checks below run without torchrun's variables: a RANK (or WORLD_SIZE, LOCAL_WORLD_SIZE)
-# left in the caller's shell made them a non-zero rank that prints no error line (exit 2, nothing said), or
-# refused a good run ('RANK=1 WORLD_SIZE=1: rank must lie in [0, world size)'); torchrun sets its own for the ranks.
-PRECHECK_ENV=(env -u RANK -u WORLD_SIZE -u LOCAL_RANK -u LOCAL_WORLD_SIZE -u GROUP_RANK -u ROLE_RANK -u GROUP_WORLD_SIZE
-              -u ROLE_WORLD_SIZE -u MASTER_ADDR -u MASTER_PORT -u TORCHELASTIC_RUN_ID)
+. "$(dirname "${BASH_SOURCE[0]}")/precheck_env.sh"

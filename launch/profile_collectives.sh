@@ -12,7 +12,6 @@ for a in "$@"; do  # help once, without starting torchrun (its pre-check printed
     -h|--help) exec "$PY" -m adasched.launch.profile_collectives --help;;
   esac
 done
-# (without torchrun's variables: a RANK left in the caller's shell made the check a silent non-zero rank)
-env -u RANK -u WORLD_SIZE -u LOCAL_RANK -u LOCAL_WORLD_SIZE -u GROUP_RANK -u MASTER_ADDR -u MASTER_PORT \
-  "$PY" -m adasched.launch.profile_collectives --check --out "$OUT" "$@" || exit $?
+. "$(dirname "${BASH_SOURCE[0]}")/precheck_env.sh"
+"${PRECHECK_ENV[@]}" "$PY" -m adasched.launch.profile_collectives --check --out "$OUT" "$@" || exit $?
 exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="${NPROC:-4}" -m adasched.launch.profile_collectives --out "$OUT" "$@"

@@ -44,12 +44,9 @@ def env_int(name: str, default: int) -> int:
 
 def env_world() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from the torchrun environment; (0, 1, 0) when it is not set."""
-    try:
-        rank = int(os.environ.get("RANK", "0"))
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    except ValueError as err:
-        raise ValueError(f"RANK/WORLD_SIZE/LOCAL_RANK: not integers ({err})") from None
+    rank = env_int("RANK", 0)
+    world = env_int("WORLD_SIZE", 1)
+    local = env_int("LOCAL_RANK", rank)
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"RANK={rank} WORLD_SIZE={world}: rank must lie in [0, world size)")
     return rank, world, local
