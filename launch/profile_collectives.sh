@@ -14,4 +14,4 @@ for a in "$@"; do  # help once, without starting torchrun (its pre-check printed
 done
 . "$(dirname "${BASH_SOURCE[0]}")/precheck_env.sh"
 "${PRECHECK_ENV[@]}" "$PY" -m adasched.launch.profile_collectives --check --out "$OUT" "$@" || exit $?
-exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="${NPROC:-4}" -m adasched.launch.profile_collectives --out "$OUT" "$@"
+exec_torchrun --standalone --nproc_per_node="${NPROC:-4}" -m adasched.launch.profile_collectives --out "$OUT" "$@"

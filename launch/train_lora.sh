@@ -35,4 +35,4 @@ for a in "$@"; do  # (a --world of the user's was checked instead of NPROC, then
 done
 # bad options, jobs or plans fail here, once, as one `error:` line with exit status 2 (not once per rank)
 "${PRECHECK_ENV[@]}" "$PY" -m adasched.launch.train_lora --check --world "$NPROC" --out "$OUT" "$@" >/dev/null || exit $?
-exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m adasched.launch.train_lora --out "$OUT" "$@"
+exec_torchrun --standalone --nproc_per_node "$NPROC" -m adasched.launch.train_lora --out "$OUT" "$@"

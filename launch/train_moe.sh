@@ -33,4 +33,4 @@ for a in "$@"; do  # (--validate-only made every rank validate and exit 0 withou
   esac
 done
 "${PRECHECK_ENV[@]}" WORLD_SIZE="$NPROC" "$PY" -m adasched.launch.train_moe --validate-only "$@"
-exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m adasched.launch.train_moe "$@"
+exec_torchrun --standalone --nproc_per_node="$NPROC" -m adasched.launch.train_moe "$@"

@@ -27,4 +27,4 @@ for a in "$@"; do  # (a --world of the user's was checked instead of NPROC, then
   esac
 done
 "${PRECHECK_ENV[@]}" "$PY" -m adasched.launch.train_sp --check-plan-only --world "$NPROC" "$@" >/dev/null
-exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m adasched.launch.train_sp "$@"
+exec_torchrun --standalone --nproc_per_node="$NPROC" -m adasched.launch.train_sp "$@"

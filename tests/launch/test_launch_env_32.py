@@ -53,10 +53,22 @@ def test_profile_collectives_check_reports_under_a_stray_rank(tmp_path):
 def test_train_sp_sh_runs_a_good_plan_under_a_stray_rank(tmp_path):
     plan = tmp_path / "plan.json"
     save_plan(_two_rank_plan(), plan)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     r = _sh("train_sp.sh", "--plan", str(plan), "--steps", "1", "--max-len", "32", "--timeout", "60",
-            cwd=tmp_path, NPROC="2", RANK="1")
+            cwd=tmp_path, NPROC="2", RANK="1", TMPDIR=str(tmp))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "rank must lie in" not in r.stderr
+    # torchrun's log folder is the script's own and goes with it (an empty torchelastic_* folder was left per launch;
+    # the script's watcher removes it within a second of torchrun's end)
+    import time
+
+    for _ in range(50):
+        left = sorted(p.name for p in tmp.iterdir() if p.name.startswith(("torchelastic_", "adasched-torchrun")))
+        if not left:
+            break
+        time.sleep(0.2)
+    assert left == [], left
 
 
 def _two_rank_plan():
