@@ -33,10 +33,17 @@ ranks over a gloo group of its own (the training's collectives are not interleav
 file is written rank 0 commits in the background as above. The next :meth:`~Checkpointer.save` and
 :meth:`~Checkpointer.finish` (call it after the last save) wait for the save in flight and raise its error on
 every rank. A save that was in flight when the process died is a ``.partial`` folder: not a save.
+
+One run at a time per folder: :meth:`Checkpointer.resume` has rank 0 take an exclusive lock (``flock``) on the
+folder's ``.adasched-lock`` file, held while the Checkpointer lives (and released by the operating system when the
+process ends, however it ends), so that a second run started on the same folder stops with one line naming the
+holder instead of pruning, committing and resuming over the first one's saves. Checkpointers of one process share
+its lock (a save and a resume in one test or notebook).
 """
 from __future__ import annotations
 
 import bisect
+import errno
 import json
 import os
 import pickle
@@ -45,6 +52,7 @@ import shutil
 import threading
 import time
 import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +65,7 @@ __all__ = ["CheckpointConfig", "CheckpointInfo", "Checkpointer", "ModelState", "
            "FORMAT", "saved_entries", "load_templates", "layout_changes", "agree_on_save"]
 
 META_NAME = "adasched-checkpoint.json"
+LOCK_NAME = ".adasched-lock"
 FORMAT = 1
 _PREFIX = "step-"
 _PARTIAL = ".partial"
@@ -67,7 +76,7 @@ class CheckpointConfig:
     """Where and how often a run saves, and which save it resumes from."""
 
     folder: Path
-    """Folder of the run's saves (created on the first save)."""
+    """Folder of the run's saves (created when the run starts: :meth:`Checkpointer.resume` locks it)."""
     interval: int = 0
     """Save after every ``interval`` completed steps; 0 = only at the end of the run."""
     keep: int = 2
@@ -172,12 +181,7 @@ def find_checkpoint(folder: str | os.PathLike, load_step: int | None = None) -> 
     could be written to is an InputError too (a probe file is written and removed: a run learns it before
     training)."""
     folder = Path(folder)
-    _check_writable(folder)
-    if (folder / META_NAME).is_file():  # one save's folder: it started a fresh run, saving into the save
-        step = folder.name[len(_PREFIX):] if folder.name.startswith(_PREFIX) else "?"
-        raise InputError(folder, f"this is the save of step {step.lstrip('0') or 0}, not a checkpoint folder: give "
-                                 f"its parent folder (--checkpoint-dir {folder.parent}), with --load-step to pick "
-                                 f"this save")
+    _check_checkpoint_folder(folder)
     steps = committed_steps(folder)
     if load_step is None:
         return _read_info(step_folder(folder, steps[-1])) if steps else None
@@ -185,6 +189,16 @@ def find_checkpoint(folder: str | os.PathLike, load_step: int | None = None) -> 
         have = ", ".join(map(str, steps)) if steps else "none"
         raise InputError("--load-step", f"{load_step} was not saved in {folder} (committed steps: {have})")
     return _read_info(step_folder(folder, load_step))
+
+
+def _check_checkpoint_folder(folder: Path) -> None:
+    """A folder a run can save into (:func:`_check_writable`), and not one save's own folder."""
+    _check_writable(folder)
+    if (folder / META_NAME).is_file():  # one save's folder: it started a fresh run, saving into the save
+        step = folder.name[len(_PREFIX):] if folder.name.startswith(_PREFIX) else "?"
+        raise InputError(folder, f"this is the save of step {step.lstrip('0') or 0}, not a checkpoint folder: give "
+                                 f"its parent folder (--checkpoint-dir {folder.parent}), with --load-step to pick "
+                                 f"this save")
 
 
 def _check_writable(folder: Path) -> None:
@@ -525,6 +539,78 @@ def _quiet_single_process():
         yield
 
 
+class _FolderLock:
+    """This process's exclusive ``flock`` on a checkpoint folder's :data:`LOCK_NAME` file, shared by the
+    Checkpointers of the process that use the folder (counted; the last one released closes it)."""
+
+    _held: dict[str, list] = {}  # real path of the folder -> [file descriptor, users]
+    _mutex = threading.Lock()
+
+    @classmethod
+    def acquire(cls, folder: Path) -> str:
+        """Take (or share) the lock; the key to :meth:`release` it with. InputError naming the folder when another
+        process holds it, or when the folder or its lock file cannot be created."""
+        try:
+            import fcntl
+        except ImportError:  # (no flock on this platform: runs are not kept apart)
+            return ""
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            key = os.path.realpath(folder)
+        except OSError as err:
+            raise InputError("--checkpoint-dir", f"{folder}: {err.strerror or err}") from None
+        with cls._mutex:
+            held = cls._held.get(key)
+            if held is not None:
+                held[1] += 1
+                return key
+            path = Path(key) / LOCK_NAME
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise InputError(folder, f"cannot create its lock file {LOCK_NAME}: {err.strerror or err}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise InputError(folder, f"cannot lock {LOCK_NAME}: {err.strerror or err}") from None
+                raise InputError(folder, f"another run is using this checkpoint folder ({LOCK_NAME} is locked"
+                                         f"{holder}); wait for it to end or give a new --checkpoint-dir") from None
+            cls._held[key] = [fd, 1]  # (nothing is written in it: a refused run leaves the folder as it was)
+            return key
+
+    @classmethod
+    def release(cls, key: str) -> None:
+        if not key:
+            return
+        with cls._mutex:
+            held = cls._held.get(key)
+            if held is None:
+                return
+            held[1] -= 1
+            if held[1] <= 0:
+                del cls._held[key]
+                os.close(held[0])  # (closing the last descriptor releases the flock)
+
+
+def _lock_holder(fd: int) -> str:
+    """' by pid N' of the process holding the flock on ``fd``'s file, from Linux's /proc/locks ('' elsewhere, or
+    when the holder is on another node of a shared file system)."""
+    try:
+        st = os.fstat(fd)
+        want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks") as locks:
+            for line in locks:  # "1: FLOCK  ADVISORY  WRITE 4242 08:01:1234567 0 EOF"
+                words = line.split()
+                if len(words) > 5 and words[1] == "FLOCK" and words[5] == want and words[4].isdigit():
+                    return f" by pid {words[4]}"
+    except OSError:
+        pass
+    return ""
+
+
 def _dist():
     import torch.distributed as dist
 
@@ -586,6 +672,8 @@ class Checkpointer:
         self.last_saved: int | None = None
         self.timeout_s = float(timeout_s)
         self._pending: _Pending | None = None
+        self._lock: weakref.finalize | None = None  # rank 0's hold on the folder's lock (resume or save takes it)
+        self._lock_checked = False  # (every rank alike: resume and save are collective)
         # async saves coordinate the ranks from a background thread: on a group of their own, never interleaved
         # with the training's collectives on the default group (and gloo, as DCP's async path needs a CPU backend)
         self._group = (dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
@@ -599,6 +687,7 @@ class Checkpointer:
         folder holds none."""
         import torch.distributed.checkpoint as dcp
 
+        self._take_lock()
         info = find_checkpoint(self.config.folder, self.config.load_step)
         agree_on_save(self.config.folder, info)
         if info is None:
@@ -644,6 +733,35 @@ class Checkpointer:
         self.last_saved = info.step
         return info.step
 
+    def _take_lock(self) -> None:
+        """Rank 0 locks the folder for this run (module docstring); its error is every rank's (a collective when
+        distributed: every rank calls resume)."""
+        if self._lock_checked:
+            return
+        failed = None
+        if self.rank == 0:
+            try:
+                _check_checkpoint_folder(Path(self.config.folder))  # (its own lines before any folder is made)
+                key = _FolderLock.acquire(Path(self.config.folder))
+                self._lock = weakref.finalize(self, _FolderLock.release, key)
+            except InputError as err:
+                failed = err
+        dist = _dist()
+        if dist is not None:
+            box = [None if failed is None else (failed.where, failed.what)]
+            dist.broadcast_object_list(box, src=0)
+            failed = None if box[0] is None else InputError(*box[0])
+        if failed is not None:
+            raise failed
+        self._lock_checked = True
+
+    def release(self) -> None:
+        """Give up this Checkpointer's share of the folder's lock now (it goes with the Checkpointer otherwise); a
+        later resume or save takes it again."""
+        if self._lock is not None:
+            self._lock()
+        self._lock, self._lock_checked = None, False
+
     def _fail_together(self, path, failed: str | None) -> None:
         """Raise any rank's ``failed`` (the first, naming its rank) on every rank: one rank raising alone left the
         others waiting in (or failing inside) the collectives of dcp.load."""
@@ -681,6 +799,7 @@ class Checkpointer:
 
         if step == self.last_saved or (self._pending is not None and self._pending.step == step):
             return None  # decided from state every rank shares, never from a file-system race
+        self._take_lock()  # (a Checkpointer that saves without resuming first)
         self.finish()
         folder = Path(self.config.folder)
         final = step_folder(folder, step)
@@ -736,16 +855,18 @@ class Checkpointer:
         self.last_saved = pending.step
 
     def close(self) -> str | None:
-        """Error paths, before the process groups go: wait (locally, no collective, at most ``timeout_s``) for the
-        save in flight so that its writer and rank 0's commit can finish with the peers that are still there;
-        returns its error line (None: committed, or nothing was in flight), never raises. Nothing happens to a
-        synchronous Checkpointer."""
+        """The end of the run (the trainers call it in ``finally``), and on error paths before the process groups
+        go: wait (locally, no collective, at most ``timeout_s``) for the save in flight so that its writer and rank
+        0's commit can finish with the peers that are still there, then give up the folder's lock (:meth:`release`);
+        returns the save's error line (None: committed, or nothing was in flight), never raises."""
         pending, self._pending = self._pending, None
-        if pending is None:
-            return None
-        failed = pending.wait(self.timeout_s)
-        if failed is None:
-            self.last_saved = pending.step
+        failed = None
+        if pending is not None:
+            failed = pending.wait(self.timeout_s)
+            if failed is None:
+                self.last_saved = pending.step
+        if pending is None or not (pending.thread is not None and pending.thread.is_alive()):
+            self.release()  # (not while a commit thread may still write: the process's end drops it then)
         return failed
 
     def _commit(self, step: int, ours: int) -> str | None:

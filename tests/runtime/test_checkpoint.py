@@ -402,7 +402,8 @@ def test_a_save_rank_0_cannot_write_fails_on_every_rank(tmp_path):
     # return this InputError (spawn_gloo itself gives up at 60 + 30 s, so a wall-clock bound here adds nothing;
     # 20 s was close to the 23 s two ranks took to start under load)
     out = spawn_gloo(_rank0_fails_worker, 2, folder, timeout_s=60)
-    assert len(set(out)) == 1 and out[0].startswith(f"{folder}: cannot write a checkpoint: "), out
+    # (the folder's lock, taken at the first save, is where rank 0 learns it now)
+    assert out == [f"--checkpoint-dir: {folder}: {tmp_path / 'file'} is not a directory"] * 2, out
 
 
 def test_cuda_generators_saved_and_restored_whatever_cuda_state(tmp_path, monkeypatch):
@@ -524,8 +525,8 @@ def test_a_commit_removes_the_remains_of_crashed_saves(tmp_path):
     (tmp_path / "step-notes").mkdir()
     (tmp_path / "step-notes.partial").mkdir()
     Checkpointer(CheckpointConfig(folder=tmp_path, keep=0), run={}).save(2, state)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "step-00000002", "step-notes",
-                                                           "step-notes.partial"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".adasched-lock", "notes.txt", "step-00000002",
+                                                          "step-notes", "step-notes.partial"]
 
 
 def test_metadata_step_must_match_its_folder(tmp_path):
@@ -757,7 +758,8 @@ def test_a_commit_leaves_other_tools_step_folders_alone(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__0_0.distcp").write_bytes(b"x" * 32)
     Checkpointer(CheckpointConfig(folder=tmp_path, keep=1), run={}).save(2, state)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000012", "step-00000002", "step-100", "step-7"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".adasched-lock", "step-000000012", "step-00000002",
+                                                          "step-100", "step-7"]
     assert (tmp_path / "step-100" / "__0_0.distcp").read_bytes() == b"x" * 32
 
 
@@ -1064,3 +1066,84 @@ def test_a_values_template_one_rank_cannot_load_fails_every_rank_in_one_line(tmp
     want = (f"{tmp_path / 'step-00000002'}: rank 1: v.t was saved as torch.float32 [3], this run's Values 'v' holds "
             "torch.float16 [3]")
     assert all(o.startswith(want) for o in out), out
+
+
+# ---- one run per folder: the lock ------------------------------------------------------------------------------------
+_HOLDER = """
+import sys
+from adasched.runtime.checkpoint import CheckpointConfig, Checkpointer
+ck = Checkpointer(CheckpointConfig(folder=sys.argv[1]), run={})
+print(ck.resume({}), flush=True)
+sys.stdin.read()   # holds the folder until the test closes its stdin
+"""
+
+
+def _lock_holder(folder):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "0\n"  # it resumed nothing: the folder is its own now
+    return proc
+
+
+def test_a_second_run_on_a_locked_folder_is_refused_until_the_first_ends(tmp_path):
+    _, _, state = _rank_state(0)
+    holder = _lock_holder(tmp_path)
+    lock = tmp_path / ".adasched-lock"
+    locked_at = lock.stat().st_mtime_ns
+    try:
+        for use in ("resume", "save"):  # before, both went ahead: the second run pruned and committed over the first's
+            ck = Checkpointer(CheckpointConfig(folder=tmp_path), run={})
+            with pytest.raises(InputError) as err:
+                ck.resume(state) if use == "resume" else ck.save(1, state)
+            assert str(err.value) == (f"{tmp_path}: another run is using this checkpoint folder (.adasched-lock is "
+                                      f"locked by pid {holder.pid}); wait for it to end or give a new "
+                                      f"--checkpoint-dir")
+        assert lock.stat().st_mtime_ns == locked_at and lock.read_bytes() == b""  # the refused runs wrote nothing
+        assert committed_steps(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == [".adasched-lock"]
+        # every rank of a distributed run gets rank 0's line (none is left waiting in a collective)
+        out = spawn_gloo(_locked_folder_worker, 2, str(tmp_path), timeout_s=60)
+        assert [o.startswith("another run is using this checkpoint folder") for o in out] == [True, True], out
+    finally:
+        holder.stdin.close()
+        assert holder.wait(timeout=60) == 0
+    ck = Checkpointer(CheckpointConfig(folder=tmp_path), run={})  # the holder's end released it
+    assert ck.resume(state) == 0 and ck.save(2, state) == step_folder(tmp_path, 2)
+
+
+def _locked_folder_worker(rank: int, world: int, folder: str):
+    _, _, state = _rank_state(rank)
+    try:
+        Checkpointer(CheckpointConfig(folder=Path(folder)), run={}).resume(state)
+    except InputError as err:
+        return err.what
+    return "resumed"
+
+
+def test_checkpointers_of_one_process_share_its_lock(tmp_path):
+    import gc
+
+    _, _, state = _rank_state(0)
+    first, second = (Checkpointer(CheckpointConfig(folder=tmp_path), run={}) for _ in range(2))
+    assert first.resume(state) == 0 and first.save(3, state) is not None
+    assert second.resume(state) == 3  # (the same process: one run's save and resume, a notebook's second try)
+    first.release()
+    assert _another_process_resumes(tmp_path).startswith("another run is using")  # the second holds it still
+    del second
+    gc.collect()
+    assert _another_process_resumes(tmp_path) == "3"  # both gone: another process takes it
+
+
+def _another_process_resumes(folder) -> str:
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom adasched.profiler.io import InputError\n"
+            "from adasched.runtime.checkpoint import CheckpointConfig, Checkpointer\n"
+            "try:\n    print(Checkpointer(CheckpointConfig(folder=sys.argv[1]), run={}).resume({}))\n"
+            "except InputError as err:\n    print(err.what)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()

@@ -49,7 +49,7 @@ def test_pruning_a_linked_save_removes_the_link_only(tmp_path):
     assert ck.resume(_state(1)) == 4
     ck.save(5, _state(2))
     assert committed_steps(archive) == [4] and (step_folder(archive, 4) / META_NAME).is_file()
-    assert sorted(p.name for p in run.iterdir()) == [step_folder(run, 5).name]
+    assert sorted(p.name for p in run.iterdir()) == [".adasched-lock", step_folder(run, 5).name]
 
 
 def test_only_step_folder_names_count_as_saves(tmp_path):
