@@ -42,14 +42,17 @@ def _config(rng, layers=None):
 
 @pytest.mark.parametrize("trial", range(6))
 def test_the_bound_is_below_the_exhaustive_optimum(rng, trial):
-    cfg = _config(rng)
-    gpus, stages = rng.choice([16, 64]), rng.choice(["published", "profile"])
-    ep = rng.choice([None, 2, 4])  # (EP smaller than the world: expert copies, their buckets' all-reduce too)
-    exact = plan_config(cfg, gpus, PROF, stages=stages, params=PARAMS, ep_size=ep)
+    for _ in range(20):  # a draw the planner enumerates (one it did not skipped the test before)
+        cfg = _config(rng)
+        gpus, stages = rng.choice([16, 64]), rng.choice(["published", "profile"])
+        ep = rng.choice([None, 2, 4])  # (EP smaller than the world: expert copies, their buckets' all-reduce too)
+        exact = plan_config(cfg, gpus, PROF, stages=stages, params=PARAMS, ep_size=ep)
+        if exact.bwd_choice == "exhaustive":
+            break
+    else:
+        raise AssertionError(f"20 draws without an enumeration ({exact.bwd_choice})")
     descent = plan_config(cfg, gpus, PROF, stages=stages, params=PARAMS, bwd_search={"exhaustive_limit": 0},
                           ep_size=ep)
-    if exact.bwd_choice != "exhaustive":
-        pytest.skip(f"{exact.bwd_choice}: no enumeration to compare with")
     for c in (exact, descent):  # the same candidates: the same bound
         assert c.iteration_lower_bound_ms == pytest.approx(exact.iteration_lower_bound_ms, rel=1e-12)
         assert c.iteration_lower_bound_ms <= exact.iteration_ms * (1 + 1e-12)

@@ -106,11 +106,13 @@ def test_an_edited_iteration_is_refused_by_the_dense_blocks(planned):
 def test_slices_against_the_prefix_rule_are_refused():
     """All the slices moved to the first gap of the backward (before any layer produced its gradients), the
     exposed all-reduce unchanged: no legal fill reduces anything there."""
-    plan = _plan(16, None, False, "published")
-    c = plan.configs[0]
-    if sum(c.grad_slices) <= 0:
-        pytest.skip("nothing sliced in this draw")
-    total = sum(c.grad_slices)
+    for _ in range(20):  # a draw that slices something (a draw that sliced nothing skipped the test before)
+        plan = _plan(16, None, False, "published")
+        if sum(plan.configs[0].grad_slices) > 0:
+            break
+    else:
+        raise AssertionError("20 draws sliced nothing")
+    total = sum(plan.configs[0].grad_slices)
     errors = _verify(plan, lambda d: d.update(grad_slices=[total] + [0.0] * (len(d["grad_slices"]) - 1)))
     assert errors == [f"config 't': gradient slice 0 ({total:.6g} elements) reduces gradients no layer has "
                       f"produced yet ({total:.6g} reduced by then, 0 produced)"], errors
