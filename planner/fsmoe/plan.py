@@ -289,6 +289,8 @@ class MoEPlan(Plan):
             except ValidationError as err:
                 errors.append(f"{at}: config is not a MoE configuration ({describe_validation_error(err)})")
                 cfg = None
+            if cfg is not None:
+                errors += self._layout_errors(at, c, cfg)
             for field, names in (("baselines_fwd_bwd_ms", c.baselines_fwd_bwd_ms),
                                  ("iteration_baselines_ms", c.iteration_baselines_ms)):
                 if set(names) != set(BASELINES):  # (show died on a KeyError for a baseline taken out by hand)
@@ -411,6 +413,28 @@ class MoEPlan(Plan):
                                     if c.iteration_lower_bound_ms is not None and not proved_iteration(c) else "")))
             rows.append((f"{c.name} layout", layout_text(c)))
         return rows
+
+    def _layout_errors(self, at: str, c: "MoEConfigPlan", cfg) -> list[str]:
+        """The layout the planner builds for this configuration on the plan's GPUs (:func:`~.costmodel.topology`
+        with the plan's --ep-size, two-step exchange and its node size) is the one recorded: a plan edited to
+        another EP size (its expert copies edited to match) kept the costs of the layout it was planned with - an
+        all-to-all priced for EP 8 and no expert all-reduce - and loaded for an EP-4 run; 3 experts on EP 8
+        verified."""
+        from .costmodel import topology
+
+        try:
+            topo = topology(cfg, self.gpus, self.gpus_per_node, self.ep_size_option, two_step=c.two_step_a2a,
+                            exchange_gpus_per_node=c.exchange_gpus_per_node if c.two_step_a2a else None)
+        except InputError as err:
+            return [f"{at}: no layout of {self.gpus} GPUs holds this configuration ({err})"]
+        recorded = (c.ep_size, c.hierarchical, c.expert_copies)
+        planned = (topo.ep_size, topo.hierarchical, topo.expert_copies)
+        if recorded != planned or (c.gpus_per_node is not None and c.gpus_per_node != topo.gpus_per_node):
+            return [f"{at}: ep_size {c.ep_size}, hierarchical {c.hierarchical}, expert_copies {c.expert_copies}, "
+                    f"gpus_per_node {c.gpus_per_node} are not the layout the planner builds on {self.gpus} GPUs "
+                    f"(ep_size {topo.ep_size}, hierarchical {topo.hierarchical}, expert_copies {topo.expert_copies}, "
+                    f"gpus_per_node {topo.gpus_per_node}); its costs are that layout's"]
+        return []
 
     def _stage_inputs(self, c: "MoEConfigPlan"):
         """(config, topology, stage source, profile) that re-derive configuration ``c``'s stage costs, as the planner

@@ -90,3 +90,32 @@ def test_exchange_node_size_without_two_step_is_refused():
     cfg = load_configs("mixtral-8x7b", 16)[0]
     with pytest.raises(InputError, match="--gpus-per-node: only with --two-step-a2a"):
         plan_config(cfg, 16, load_profile("h100-sxm"), stages="published", params=PARAMS, ep_size=8, gpus_per_node=2)
+
+
+@pytest.mark.parametrize("edit,config_edit,needle", [
+    # another EP size with the copies to match: it kept EP 8's all-to-all and no expert all-reduce, and loaded for
+    # an EP-4 run (33rd session's hunt)
+    ({"ep_size": 4, "expert_copies": 2}, {}, "ep_size 4, hierarchical False, expert_copies 2, gpus_per_node 8 are "
+                                             "not the layout the planner builds on 8 GPUs (ep_size 8, hierarchical "
+                                             "False, expert_copies 1, gpus_per_node 8)"),
+    ({"hierarchical": True}, {}, "experts sharded over nodes of 8 GPUs in EP groups of 8 do not cover 8 GPUs (and 2 "
+                                 "more)"),
+    # experts the recorded EP size cannot hold whole (3 experts over EP 8 verified)
+    ({}, {"experts": 12}, "no layout of 8 GPUs holds this configuration (--gpus: mixtral-8x7b-L1024: 12 experts do "
+                          "not divide evenly over 8 GPUs)"),
+    ({}, {"experts": 3}, "are not the layout the planner builds on 8 GPUs (ep_size 1, hierarchical True"),
+])
+def test_verify_refuses_a_layout_the_planner_would_not_build(tmp_path, edit, config_edit, needle):
+    cfg = load_configs("mixtral-8x7b", 4)[:1]
+    plan = plan_moe(cfg, 8, load_profile("h100-sxm"), stages="published", params=PARAMS)  # flat EP 8, 1 copy
+    path = tmp_path / "ok.json"
+    save_plan(plan, path)
+    assert load_plan(path, expect=MoEPlan).configs[0].ep_size == 8
+    data = json.loads(path.read_text())
+    data["configs"][0].update(edit)
+    data["configs"][0]["config"].update(config_edit)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(InputError) as err:
+        load_plan(bad, expect=MoEPlan)
+    assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
