@@ -40,11 +40,13 @@ def planner_memory_bytes(batch: np.ndarray, cm: SPCostModel, config: PlannerConf
     """Bytes the planner's largest arrays take for one global batch (an estimate): the micro-batch split DP
     (:func:`~.batching.split_microbatches`) keeps one int32 choice per sequence per micro-batch count, for M up
     to M_min + ``extra_microbatches`` (M_min = batch tokens / what all GPUs hold), plus about 12 temporaries of
-    one int64 per sequence; and the local search's swap matrices (:func:`~.assign.local_search`: about 8 float64
+    one int64 per sequence; and the local search's swap matrices (:func:`~.assign.local_search`: about 16 float64
     arrays of the slowest group's sequences x the micro-batch's other sequences, at most (k/2)^2 each for a
-    micro-batch of k sequences, k at most the shortest sequences that fit together on all GPUs: a worst case).
-    Measured: 10**6 sequences of 1-16 tokens on 64 GPUs asked numpy for 5.9 GiB in one swap matrix. (The bucketing
-    DP is smaller: a micro-batch of at most C tokens has at most sqrt(2 C) distinct lengths.)
+    micro-batch of k sequences, k at most the shortest sequences that fit together on all GPUs - and at most
+    :data:`~.assign.SWAP_CHUNK_PAIRS` pairs at a time, evaluated in blocks since 2026-12-03: 10**6 sequences of 1-16
+    tokens on 64 GPUs asked numpy for 5.9 GiB in one swap matrix, and the (k/2)^2 worst case refused 65,536
+    Wikipedia sequences on 1,024 GPUs as 26.6 GiB where planning them peaked at 176 MB). (The bucketing DP is
+    smaller: a micro-batch of at most C tokens has at most sqrt(2 C) distinct lengths.)
 
     This is the largest arrays, not the peak. Not counted: the Python lists of sequence ids each candidate plan
     holds (about 36 bytes per id; every split tried keeps its heuristic, searched and filled plans, so a few
@@ -64,7 +66,9 @@ def planner_memory_bytes(batch: np.ndarray, cm: SPCostModel, config: PlannerConf
     m_min = max(1, int(np.ceil(float(batch.sum()) / cap)))
     m_hi = min(n, m_min + config.extra_microbatches + 1)
     k = int(np.searchsorted(np.cumsum(np.sort(batch).astype(np.float64)), cap, side="right"))
-    return (4 * m_hi + 12 * 8) * (n + 1) + 16 * k * k
+    from .assign import SWAP_CHUNK_PAIRS
+
+    return (4 * m_hi + 12 * 8) * (n + 1) + 16 * 8 * min(k * k // 4, SWAP_CHUNK_PAIRS)
 
 
 def check_planner_memory(batches: list[np.ndarray], cm: SPCostModel, config: PlannerConfig) -> None:

@@ -275,21 +275,38 @@ def local_search(sol: MBSolution, lens: np.ndarray, cm: SPCostModel, max_iter: i
     return out if (out.fits and out.time_ms <= sol.time_ms) or not sol.fits else sol
 
 
+#: the swap searches' matrices hold at most this many pairs at a time (rows of the critical group in blocks): about
+#: 8 float64 arrays of them for the full matrix, 16 for the pruned search's candidates, so at most ~256 MiB whatever
+#: the batch (a micro-batch of 60,000 sequences over 1,024 GPUs asked for a 7 GiB matrix, and plan sp refused
+#: such batches for the memory they might need; api.planner_memory_bytes counts this bound)
+SWAP_CHUNK_PAIRS = 2 ** 21
+
+
 def _swaps_dense(c, si, other, s, own, A, B, Cc, sq, sm, cap):
     """Every swap of a sequence i of the critical group c (lengths ``si``) with a shorter one j of another group
     (``other``: indices into ``s``): (best resulting max(time of c, time of j's group), (row of i, column of j));
-    inf when no swap fits in memory. Ties go to the first row, then the first column."""
+    inf when no swap fits in memory. Ties go to the first row, then the first column. Evaluated in blocks of rows
+    of at most :data:`SWAP_CHUNK_PAIRS` pairs (the same values and tie-break as one matrix)."""
     sj = s[other]
     gj = own[other]
-    d = sj[None, :] - si[:, None]  # change of tokens in c
-    d2 = (sj * sj)[None, :] - (si * si)[:, None]
-    nc = A[c] * (sq[c] + d2) + B[c] * (sm[c] + d) + Cc[c]
-    ng = A[gj][None, :] * (sq[gj][None, :] - d2) + B[gj][None, :] * (sm[gj][None, :] - d) + Cc[gj][None, :]
-    okw = (d < 0) & (sm[c] + d <= cap[c]) & (sm[gj][None, :] - d <= cap[gj][None, :])
-    w2 = np.where(okw, np.maximum(nc, ng), np.inf)
-    WORK["swap_elems"] += w2.size
-    idx = np.unravel_index(int(np.argmin(w2)), w2.shape)
-    return w2[idx], idx
+    Ag, Bg, Cg = A[gj][None, :], B[gj][None, :], Cc[gj][None, :]
+    sqg, smg, capg = sq[gj][None, :], sm[gj][None, :], cap[gj][None, :]
+    sj2 = (sj * sj)[None, :]
+    step = max(1, SWAP_CHUNK_PAIRS // max(1, sj.size))
+    best, best_idx = np.inf, (0, 0)
+    for r0 in range(0, si.size, step):
+        sr = si[r0:r0 + step]
+        d = sj[None, :] - sr[:, None]  # change of tokens in c
+        d2 = sj2 - (sr * sr)[:, None]
+        nc = A[c] * (sq[c] + d2) + B[c] * (sm[c] + d) + Cc[c]
+        ng = Ag * (sqg - d2) + Bg * (smg - d) + Cg
+        okw = (d < 0) & (sm[c] + d <= cap[c]) & (smg - d <= capg)
+        w2 = np.where(okw, np.maximum(nc, ng), np.inf)
+        WORK["swap_elems"] += w2.size
+        idx = np.unravel_index(int(np.argmin(w2)), w2.shape)
+        if w2[idx] < best:  # (strictly: an earlier block's tie stands, as the first row in one matrix)
+            best, best_idx = w2[idx], (int(idx[0]) + r0, int(idx[1]))
+    return best, best_idx
 
 
 def _inverse(A, B, y):
@@ -348,9 +365,9 @@ def _swaps_pruned(c, si, other, s, own, A, B, Cc, sq, sm, cap, t, thr):
     WORK["swap_elems"] += si.size + sel.size + cnt.size  # a bound per row, a key per sequence, a range per pair
     if total == 0:
         return np.inf, (0, 0)
-    if 2 * total > si.size * other.size:
-        # pruning spared little: the full matrix is as fast, and its memory (8 arrays of the pairs) is what
-        # api.planner_memory_bytes counts; the ~16 arrays of the candidates below stay within it this way
+    if 2 * total > si.size * other.size or total > SWAP_CHUNK_PAIRS:
+        # pruning spared little: the full matrix (in blocks) is as fast; and the ~16 arrays of the candidates below
+        # stay within SWAP_CHUNK_PAIRS pairs this way, as api.planner_memory_bytes counts
         return _swaps_dense(c, si, other, s, own, A, B, Cc, sq, sm, cap)
     WORK["swap_elems"] += total
     rows = rws[np.repeat(np.arange(rws.size * ka) // ka, cnt)]

@@ -6,6 +6,7 @@ with many ties and tight memory, and on a large global batch they do a fraction 
 - evaluate's all-groups-at-once sums vs SPCostModel.group_time / fits per group;
 - fill_across's skip of sequences longer than every group's room vs evaluating every sequence."""
 import numpy as np
+import pytest
 
 import adasched.planner.flexsp.assign as asg
 import adasched.planner.flexsp.search as srch
@@ -75,6 +76,25 @@ def test_pruned_swaps_equal_the_full_swap_matrix(monkeypatch):
         monkeypatch.setattr(asg, "PRUNE_FROM", 10 ** 18)  # none
         full = local_search(start, lens, cm)
         assert pruned.groups == full.groups and pruned.time_ms == full.time_ms
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 17])
+def test_swaps_in_blocks_equal_one_matrix(monkeypatch, chunk):
+    """(33rd session) the full swap matrix is evaluated in blocks of rows of at most SWAP_CHUNK_PAIRS pairs: the
+    same moves and tie-breaks as one matrix, the pruned search (which falls back to it above the bound) too."""
+    rng = np.random.default_rng()
+    for _ in range(120):
+        cm, lens, degs, ids = _instance(rng)
+        own = rng.integers(0, len(degs), ids.size)
+        start = evaluate(MBSolution([(d, [int(i) for i in ids[own == g]]) for g, d in enumerate(degs)]), lens, cm)
+        monkeypatch.setattr(asg, "PRUNE_FROM", 10 ** 18)
+        monkeypatch.setattr(asg, "SWAP_CHUNK_PAIRS", 10 ** 12)
+        one = local_search(start, lens, cm)
+        monkeypatch.setattr(asg, "SWAP_CHUNK_PAIRS", chunk)
+        blocks = local_search(start, lens, cm)
+        monkeypatch.setattr(asg, "PRUNE_FROM", 0)
+        pruned = local_search(start, lens, cm)
+        assert blocks.groups == one.groups == pruned.groups and blocks.time_ms == one.time_ms == pruned.time_ms
 
 
 def test_pruned_swaps_with_huge_lengths(monkeypatch):
@@ -325,3 +345,24 @@ def test_clock_mode_fill_moves_get_a_budget_of_their_own(monkeypatch):
     monkeypatch.setattr(pl, "fill_across", spy)
     plan_step(lens, cm, PlannerConfig(time_limit=0.3, use_milp=False, seed=0))
     assert left and left[0] > 0.2, left        # the first fill starts with (nearly) its whole budget
+
+
+def test_the_memory_check_counts_the_swap_blocks_not_the_whole_matrix(monkeypatch):
+    """(33rd session's scale hunt) plan sp refused 65,536 Wikipedia sequences on 1,024 GPUs as needing 26.6 GiB - the
+    (k/2)^2 swap matrix of a micro-batch of every sequence - where planning them peaked at 176 MB; the matrix is
+    evaluated in blocks of SWAP_CHUNK_PAIRS pairs now, and the estimate counts those."""
+    import adasched.profiler.inventory as inv
+    from adasched.planner.flexsp.api import (PlannerConfig, check_planner_memory, draw_batches, load_lengths,
+                                             model_preset, planner_memory_bytes, sp_cost_model)
+    from adasched.profiler.profile import load_profile
+
+    cm = sp_cost_model(load_profile("a100-64-flexsp-paper").with_nodes(128), model_preset("gpt-7b"), 1024)
+    from importlib import resources
+
+    sample = load_lengths(str(resources.files("adasched.planner.flexsp").joinpath("data/wikipedia-sample.txt")))
+    batch = draw_batches(sample, 65_536, 1, int(np.random.default_rng().integers(1000)))[0]
+    need = planner_memory_bytes(batch, cm, PlannerConfig())
+    m_hi = int(np.ceil(batch.sum() / cm.token_capacity(1024))) + PlannerConfig().extra_microbatches + 1
+    assert need == (4 * m_hi + 96) * (batch.size + 1) + 128 * asg.SWAP_CHUNK_PAIRS  # (k/2)^2 is far above the bound
+    monkeypatch.setattr(inv, "host_memory_bytes", lambda: 16 * 2 ** 30)
+    check_planner_memory([batch], cm, PlannerConfig())  # a 16 GiB host plans it
