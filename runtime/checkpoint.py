@@ -38,7 +38,8 @@ One run at a time per folder: :meth:`Checkpointer.resume` has rank 0 take an exc
 folder's ``.adasched-lock`` file, held while the Checkpointer lives (and released by the operating system when the
 process ends, however it ends), so that a second run started on the same folder stops with one line naming the
 holder instead of pruning, committing and resuming over the first one's saves. Checkpointers of one process share
-its lock (a save and a resume in one test or notebook).
+its lock (a save and a resume in one test or notebook). A file system that cannot lock (NFSv3 without lockd, Lustre
+without ``-o flock``) gets a note on stderr and the run goes on unguarded.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ import os
 import pickle
 import random
 import shutil
+import sys
 import threading
 import time
 import warnings
@@ -565,8 +567,14 @@ class _FolderLock:
                 held[1] += 1
                 return key
             path = Path(key) / LOCK_NAME
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+            try:  # (for writing: NFS emulates flock with a POSIX lock, which an exclusive lock needs a writable
+                # descriptor for - EBADF on a read-only one; opening does not touch the file's times)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except PermissionError:  # (another user's lock file in a shared folder: local flock needs no write)
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError as err:
+                    raise InputError(folder, f"cannot open its lock file {LOCK_NAME}: {err.strerror or err}") from None
             except OSError as err:
                 raise InputError(folder, f"cannot create its lock file {LOCK_NAME}: {err.strerror or err}") from None
             try:
@@ -574,10 +582,14 @@ class _FolderLock:
             except OSError as err:
                 holder = _lock_holder(fd)
                 os.close(fd)
-                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise InputError(folder, f"cannot lock {LOCK_NAME}: {err.strerror or err}") from None
-                raise InputError(folder, f"another run is using this checkpoint folder ({LOCK_NAME} is locked"
-                                         f"{holder}); wait for it to end or give a new --checkpoint-dir") from None
+                if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise InputError(folder, f"another run is using this checkpoint folder ({LOCK_NAME} is locked"
+                                             f"{holder}); wait for it to end or give a new --checkpoint-dir") from None
+                # a file system that cannot lock (NFSv3 without lockd: ENOLCK; Lustre without -o flock: ENOSYS; a
+                # read-only descriptor on NFS: EBADF): the run goes on, as before the lock existed, and says so
+                print(f"note: {folder}: cannot lock {LOCK_NAME} on this file system ({err.strerror or err}); two "
+                      f"runs started on this folder at once are not kept apart", file=sys.stderr, flush=True)
+                return ""
             cls._held[key] = [fd, 1]  # (nothing is written in it: a refused run leaves the folder as it was)
             return key
 
@@ -687,8 +699,11 @@ class Checkpointer:
         folder holds none."""
         import torch.distributed.checkpoint as dcp
 
+        # (first without the lock: a --load-step that was not saved, or a folder that is a save, is refused before
+        # the lock creates the folder - a refused resume left a new folder with its lock file)
+        find_checkpoint(self.config.folder, self.config.load_step)
         self._take_lock()
-        info = find_checkpoint(self.config.folder, self.config.load_step)
+        info = find_checkpoint(self.config.folder, self.config.load_step)  # (now that no other run changes it)
         agree_on_save(self.config.folder, info)
         if info is None:
             return 0
@@ -866,7 +881,10 @@ class Checkpointer:
             if failed is None:
                 self.last_saved = pending.step
         if pending is None or not (pending.thread is not None and pending.thread.is_alive()):
-            self.release()  # (not while a commit thread may still write: the process's end drops it then)
+            self.release()
+        else:  # (rank 0's commit thread may still write: the lock stays with it, dropped at the process's end;
+            # every rank forgets it was checked alike, or a later save's lock broadcast pairs up wrongly)
+            self._lock, self._lock_checked = None, False
         return failed
 
     def _commit(self, step: int, ours: int) -> str | None:
