@@ -485,3 +485,14 @@ def check_builtin_unshadowed(name: str, where: str) -> None:
 def save_profile(profile: ClusterProfile, path: str | os.PathLike) -> None:
     atomic_write_json(path, profile)
 
+
+def more_nodes_hint(prof: "ClusterProfile", gpus: int) -> str:
+    """How to get a profile for ``gpus`` GPUs of ``prof``'s nodes, for the error that refuses more GPUs than it
+    describes (there is no CLI option for it: the collectives beyond the measured groups are extrapolated, see
+    :meth:`ClusterProfile.with_nodes`)."""
+    nodes = -(-gpus // prof.gpus_per_node)
+    src = prof.name if prof.where.startswith("profile '") else str(prof.where)
+    return (f"make one of {nodes} such nodes (its collectives extrapolated from the largest measured group) with "
+            f"python -c \"from adasched.profiler.profile import load_profile, save_profile; "
+            f"save_profile(load_profile({src!r}).with_nodes({nodes}), 'profile-{nodes}n.json')\" and pass "
+            f"--profile profile-{nodes}n.json")

@@ -111,8 +111,10 @@ def _setup(profile: str, model: str, seqlens: str, gpus: Optional[int], max_cont
     if n < 1:
         raise InputError("--gpus", f"must be >= 1, got {n}")
     if n > prof.world_size:
+        from adasched.profiler.profile import more_nodes_hint
+
         raise InputError("--gpus", f"{n} GPUs but {prof.where} describes {prof.world_size} "
-                                   f"({prof.num_nodes} nodes x {prof.gpus_per_node}); use a profile with more nodes")
+                                   f"({prof.num_nodes} nodes x {prof.gpus_per_node}); " + more_nodes_hint(prof, n))
     cm = sp_cost_model(prof, mdl, gpus)  # (None: the profile's world, its own error when not a power of two)
     if max_context is not None and max_context < 1:
         raise InputError("--max-context", f"must be >= 1 token, got {max_context}")

@@ -501,8 +501,10 @@ def plan_moe(configs: list[MoEConfig], gpus: int, profile: ClusterProfile, *,
     params = params or SolveParams(time_limit=2.0)
     if gpus > profile.world_size:
         from adasched.profiler.io import InputError
+        from adasched.profiler.profile import more_nodes_hint
 
-        raise InputError("--gpus", f"{gpus} GPUs but {profile.where} describes {profile.world_size}")
+        raise InputError("--gpus", f"{gpus} GPUs but {profile.where} describes {profile.world_size}; "
+                                   + more_nodes_hint(profile, gpus))
     t0 = time.perf_counter()
     out = []
     for cfg in configs:

@@ -104,3 +104,22 @@ def test_a_gpu_count_beyond_a_profile_file_names_the_file(tmp_path, capsys, cmd)
     assert main(["plan", *cmd, "--gpus", "64", "--profile", str(p), "--out", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: --gpus: 64 GPUs but {p} describes 8") and err.count("\n") == 1, err
+
+
+def test_more_gpus_than_the_profile_names_a_recipe_that_works(tmp_path, capsys, monkeypatch):
+    """(33rd session's scale hunt) 'use a profile with more nodes' named nothing the CLI could make; the error now
+    gives the with_nodes line, and the profile it writes plans the GPUs asked for."""
+    import re
+    import subprocess
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", "moe", "--config", "gshard-grid", "--gpus", "128", "--out", "x.json"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --gpus: 128 GPUs but profile 'h100-sxm' describes 64; make one of 16 such nodes")
+    code = re.search(r'python -c "(.*)" and pass --profile (\S+)$', err.strip())
+    assert code and code.group(2) == "profile-16n.json", err
+    subprocess.run([sys.executable, "-c", code.group(1)], check=True, cwd=tmp_path, timeout=120)
+    assert main(["plan", "moe", "--config", "gshard-grid", "--gpus", "128", "--profile", "profile-16n.json",
+                 "--out", "x.json", "--json"]) == 0
+    assert json.loads((tmp_path / "x.json").read_text())["gpus"] == 128
