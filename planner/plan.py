@@ -142,7 +142,7 @@ class Plan(BaseModel):
         tasks = self.gantt_tasks()
         if not tasks:
             raise InputError(path, f"plan kind {self.kind!r} has nothing to draw")
-        render_gantt(tasks, path, title=f"{self.kind} plan: predicted {self.predicted_ms:.2f} ms")
+        render_gantt(tasks, path, title=f"{self.kind} plan: predicted {self.predicted_ms:,.2f} ms")
 
     def verify(self) -> list[str]:
         """Rules the plan's content must satisfy beyond its field types (what the planner's own verifier checked

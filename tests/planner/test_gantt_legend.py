@@ -76,3 +76,36 @@ def test_a_chart_of_very_many_lanes_draws_the_first_ones_and_says_so(monkeypatch
     few = tasks[:rng.randint(1, MAX_LANES)]
     seen = _drawn_figure(monkeypatch, few)
     assert seen["title"] == "" and len(seen["lanes"]) == len(few)
+
+
+def test_a_chart_of_very_many_bars_draws_the_first_ones_without_outlines(monkeypatch):
+    """(33rd session's scale hunt) a LoRA plan of the whole 1M-line Wikipedia file drew 114,100 outlined bars on four
+    lanes: 34 s to a black picture. The first MAX_TASKS bars by start are drawn, the title says up to when, and a
+    sub-row of more than OUTLINE_UP_TO bars has no outlines."""
+    import adasched.planner.gantt as g
+
+    monkeypatch.setattr(g, "MAX_TASKS", 500)
+    rng = random.Random()
+    lanes = rng.randint(2, 5)
+    n = rng.randint(700, 1200)
+    starts = sorted(rng.uniform(0, 1000) for _ in range(n))
+    tasks = [ScheduledTask(f"t{i}", i % lanes, "compute", s, s + rng.uniform(0.01, 0.2), "c") for i, s in
+             enumerate(starts)]
+    rng.shuffle(tasks)
+    monkeypatch.setattr(g, "OUTLINE_UP_TO", 60)
+    widths = []
+    import matplotlib.axes
+
+    orig = matplotlib.axes.Axes.broken_barh
+
+    def spy(self, xranges, yrange, **kw):
+        widths.append((len(xranges), kw.get("linewidth")))
+        return orig(self, xranges, yrange, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "broken_barh", spy)
+    seen = _drawn_figure(monkeypatch, tasks, title="T")
+    first = sorted(tasks, key=lambda t: (t.start_ms, t.end_ms))[:500]
+    assert seen["title"] == f"T (the first 500 of {n:,} bars: up to {max(t.end_ms for t in first):,.6g})"
+    assert seen["bars"] == 500 and sum(k for k, _ in widths) == 500
+    assert all(lw == (0.3 if k <= 60 else 0.0) for k, lw in widths), widths
+    assert any(k > 60 for k, _ in widths), widths  # (>= 100 bars a lane, rarely overlapping: their first sub-rows)
