@@ -98,8 +98,12 @@ def register(groups) -> None:
             raise InputError("--gpus-per-node", f"{gpus_per_node} must be >= 1")
         prof = load_profile(profile)
         cfgs = _configs_with_stats(config, gpus, router_stats)
-        plan = plan_moe(cfgs, gpus, prof, stages=stages, params=SolveParams(time_limit=time_limit),  # type: ignore[arg-type]
-                        ep_size=ep_size, two_step=two_step, gpus_per_node=gpus_per_node)
+        from ..ui import progress
+
+        with progress("planning MoE layers", None) as advance:
+            plan = plan_moe(cfgs, gpus, prof, stages=stages,  # type: ignore[arg-type]
+                            params=SolveParams(time_limit=time_limit), ep_size=ep_size, two_step=two_step,
+                            gpus_per_node=gpus_per_node, progress=advance)
         save_plan(plan, out)
         if as_json:
             emit_json({"out": str(out), "configs": [_row_dict(c) for c in plan.configs], "solver": plan.solver.model_dump()})

@@ -313,7 +313,7 @@ def link_exposure(idle: list[float], slices: list[float], alpha: float, beta: fl
 def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: Literal["profile", "published"],
                 params: SolveParams, ep_size: int | None = None, two_step: bool = False,
                 gpus_per_node: int | None = None, joint_bwd: bool = True,
-                bwd_search: dict | None = None) -> MoEConfigPlan:
+                bwd_search: dict | None = None, progress=None) -> MoEConfigPlan:
     """One configuration on ``gpus`` GPUs (the data-parallel world: dense gradients all-reduced over all of them);
     ``ep_size``: flat EP groups of that many ranks inside it (default: :func:`topology`'s layout); ``two_step``:
     those groups exchange in two all-to-all steps (the runtime's hierarchical path) through nodes of
@@ -324,7 +324,9 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
     chosen jointly with the gradient slices on the iteration (:func:`choose_bwd_jointly`): a slower backward can
     leave the all-reduces more idle link time and shorten the iteration (FSMoE's all-reduce-bound case T_C).
     ``joint_bwd=False``: every layer's fastest backward (the choice before; for comparisons); ``bwd_search``:
-    keyword arguments for :func:`choose_bwd_jointly` (``exhaustive_limit``, ``budget``; the tests')."""
+    keyword arguments for :func:`choose_bwd_jointly` (``exhaustive_limit``, ``budget``; the tests'); ``progress``:
+    called with 1 after each layer of its own cost model is timed (one for layers alike, every layer with router
+    statistics)."""
     topo = topology(cfg, gpus, profile.gpus_per_node, ep_size, two_step=two_step,
                     exchange_gpus_per_node=gpus_per_node)
     dense_f, dense_b = dense_block_ms(cfg, profile)
@@ -347,6 +349,8 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
                               cands=bwd_candidates(evaluated, bb) if joint_bwd else bwd_candidates([], bb)))
         for name, r in BASELINES.items():
             base_layers[name].append(sum(baseline_fwd_bwd_ms(fwd, bwd, r)))
+        if progress is not None:
+            progress(1)
     if identical:
         for name in BASELINES:
             base_layers[name] *= cfg.num_layers
@@ -507,11 +511,11 @@ def plan_moe(configs: list[MoEConfig], gpus: int, profile: ClusterProfile, *,
                                    + more_nodes_hint(profile, gpus))
     t0 = time.perf_counter()
     out = []
+    if progress is not None:  # (advance(n, total=None), as planner.ui.progress yields: one step per timed layer)
+        progress(0, total=sum(1 if c.mean_k_per_layer is None else c.num_layers for c in configs))
     for cfg in configs:
         out.append(plan_config(cfg, gpus, profile, stages=stages, params=params, ep_size=ep_size, two_step=two_step,
-                               gpus_per_node=gpus_per_node))
-        if progress:
-            progress()
+                               gpus_per_node=gpus_per_node, progress=progress))
     dt = time.perf_counter() - t0
     from ..plan import SolverRecord
 
