@@ -422,7 +422,13 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
         # each rank read --plan and its options itself: one run, or one line on every rank (a different copy of
         # the plan on a node without a shared file system trained in silence on mismatched batches, or hung)
         # (--check-reference too: ranks disagreeing on it created the reference's wait group on some ranks only)
-        mine = {**run_identity(args, plan), "check_reference": bool(args.check_reference)}
+        # (and the checkpoint options, which decide collectives - the async saves' own group, resume, the periodic
+        # saves: a rank given --checkpoint-async alone waited in new_group until --timeout, with a traceback; they
+        # are not in run_identity, which a save keeps: a resume with another --checkpoint-every is the same run)
+        mine = {**run_identity(args, plan), "check_reference": bool(args.check_reference),
+                "checkpoint": None if args.checkpoint_dir is None else {
+                    "async": bool(args.checkpoint_async), "every": args.checkpoint_every,
+                    "keep": args.checkpoint_keep, "load_step": args.load_step}}
         every = [None] * world
         dist.all_gather_object(every, mine)
         odd = [r for r, other in enumerate(every) if other != every[0]]
