@@ -77,10 +77,15 @@ def render_gantt(tasks: Iterable, path: str | os.PathLike, *, title: str = "", x
         title = f"{title}{' ' if title else ''}(the first {MAX_LANES} of {len(lanes):,} lanes)"
         lanes = dict(list(lanes.items())[:MAX_LANES])
         tasks = [t for members in lanes.values() for t in members]
+    until = None
     if len(tasks) > MAX_TASKS:
-        first = sorted(tasks, key=lambda t: (t.start_ms, t.end_ms))[:MAX_TASKS]
-        until = max(t.end_ms for t in first)
-        title = f"{title}{' ' if title else ''}(the first {MAX_TASKS:,} of {len(tasks):,} bars: up to {until:,.6g})"
+        # every bar starting before the (MAX_TASKS + 1)-th start, the axis ending there (a long early bar's end as
+        # the limit hid the bars of other lanes starting before it)
+        by_start = sorted(tasks, key=lambda t: (t.start_ms, t.end_ms))
+        until = by_start[MAX_TASKS].start_ms
+        first = [t for t in by_start[:MAX_TASKS] if t.start_ms < until]
+        title = (f"{title}{' ' if title else ''}({len(first):,} of {len(tasks):,} bars: those starting before "
+                 f"{until:,.6g})")
         keep = set(map(id, first))
         lanes = {lane: kept for lane, members in lanes.items() if (kept := [t for t in members if id(t) in keep])}
         tasks = first
@@ -109,6 +114,8 @@ def render_gantt(tasks: Iterable, path: str | os.PathLike, *, title: str = "", x
     ax.set_yticks(range(len(lanes)))
     ax.set_yticklabels([escape_math(lane) for lane in lanes], fontsize=7)  # (tick labels keep math parsing)
     ax.invert_yaxis()
+    if until is not None:
+        ax.set_xlim(right=until)
     ax.set_xlabel(xlabel)
     if title:
         ax.set_title(title)

@@ -489,10 +489,29 @@ def save_profile(profile: ClusterProfile, path: str | os.PathLike) -> None:
 def more_nodes_hint(prof: "ClusterProfile", gpus: int) -> str:
     """How to get a profile for ``gpus`` GPUs of ``prof``'s nodes, for the error that refuses more GPUs than it
     describes (there is no CLI option for it: the collectives beyond the measured groups are extrapolated, see
-    :meth:`ClusterProfile.with_nodes`)."""
+    :meth:`ClusterProfile.with_nodes`, which extends only fits measured across nodes). The line is quoted for a POSIX
+    shell (a profile path with a quote or a ``$`` in it)."""
+    import shlex
+
     nodes = -(-gpus // prof.gpus_per_node)
+    if nodes * prof.gpus_per_node > MAX_GPUS:
+        return f"at most {MAX_GPUS:,} GPUs can be described"
+    largest: dict[str, CollectiveFit] = {}
+    for c in prof.collectives or []:
+        if c.op not in largest or c.group_size > largest[c.op].group_size:
+            largest[c.op] = c
+    if not any(c.scope == "inter" for c in largest.values()) or any(
+            largest[op].scope != "inter" for op in ("all_to_all", "all_reduce") if op in largest):
+        # (with_nodes adds nothing to a fit measured inside one node: the line below made a profile the planners
+        # then refused for the missing inter-node fits. all_gather / reduce_scatter inside a node are fine: beyond
+        # it they are estimated in two levels at the all-to-all's link, as h100-sxm's are)
+        return ("its collectives were not measured across nodes, so no larger profile can be derived from it: "
+                "run `adasched profile` under torchrun on two or more nodes")
     src = prof.name if prof.where.startswith("profile '") else str(prof.where)
+    out = f"profile-{nodes}n.json"
+    import json  # (double-quoted literals: the shell quoting below then rarely needs to escape anything)
+
+    code = (f"from adasched.profiler.profile import load_profile, save_profile; "
+            f"save_profile(load_profile({json.dumps(src)}).with_nodes({nodes}), {json.dumps(out)})")
     return (f"make one of {nodes} such nodes (its collectives extrapolated from the largest measured group) with "
-            f"python -c \"from adasched.profiler.profile import load_profile, save_profile; "
-            f"save_profile(load_profile({src!r}).with_nodes({nodes}), 'profile-{nodes}n.json')\" and pass "
-            f"--profile profile-{nodes}n.json")
+            f"python -c {shlex.quote(code)} and pass --profile {out}")

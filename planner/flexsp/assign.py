@@ -204,6 +204,13 @@ def pack_structure(ids: np.ndarray, lens: np.ndarray, degrees: list[int], cm: SP
 #: swap matrices (critical group's sequences x the others) above this size are searched pruned (same answer)
 PRUNE_FROM = 4096
 
+#: the local search's matrices hold at most this many pairs at a time (rows of the critical group in blocks): the
+#: moves (critical sequences x groups), the full swap matrix (x the other sequences: about 8 float64 arrays), the
+#: pruned search's bounds (x groups) and candidates (16 arrays), so at most ~256 MiB whatever the batch (a
+#: micro-batch of 60,000 sequences over 1,024 GPUs asked for a 7 GiB matrix, and plan sp refused such batches for
+#: the memory they might need; api.planner_memory_bytes counts this bound)
+SWAP_CHUNK_PAIRS = 2 ** 21
+
 
 def local_search(sol: MBSolution, lens: np.ndarray, cm: SPCostModel, max_iter: int = 300) -> MBSolution:
     """Improve the makespan by moving one sequence off the critical group, or swapping it with a shorter one
@@ -238,13 +245,20 @@ def local_search(sol: MBSolution, lens: np.ndarray, cm: SPCostModel, max_iter: i
         mine = np.flatnonzero(own == c)
         si = s[mine]
         new_c = A[c] * (sq[c] - si * si) + B[c] * (sm[c] - si) + np.where(cnt[c] > 1, Cc[c], 0.0)
-        # moves: |mine| x k
-        new_g = A[None, :] * (sq[None, :] + (si * si)[:, None]) + B[None, :] * (sm[None, :] + si[:, None]) + Cc[None, :]
-        ok = sm[None, :] + si[:, None] <= cap[None, :]
-        ok[:, c] = False
-        worst = np.where(ok, np.maximum(new_c[:, None], new_g), np.inf)
-        mi = np.unravel_index(int(np.argmin(worst)), worst.shape)
-        best_move = worst[mi]
+        # moves: |mine| x k, in blocks of rows of at most SWAP_CHUNK_PAIRS pairs (40,000 sequences of the critical
+        # group x 513 groups took 1.2 GiB at once); the first row, then the first column, on ties, as one matrix
+        best_move, mi = np.inf, (0, 0)
+        step = max(1, SWAP_CHUNK_PAIRS // k)
+        for r0 in range(0, si.size, step):
+            sr = si[r0:r0 + step]
+            new_g = A[None, :] * (sq[None, :] + (sr * sr)[:, None]) + B[None, :] * (sm[None, :] + sr[:, None]) \
+                + Cc[None, :]
+            ok = sm[None, :] + sr[:, None] <= cap[None, :]
+            ok[:, c] = False
+            worst = np.where(ok, np.maximum(new_c[r0:r0 + step, None], new_g), np.inf)
+            at = np.unravel_index(int(np.argmin(worst)), worst.shape)
+            if worst[at] < best_move:
+                best_move, mi = worst[at], (int(at[0]) + r0, int(at[1]))
         # swaps: i in c with a shorter j elsewhere
         other = np.flatnonzero(own != c)
         best_swap = np.inf
@@ -275,11 +289,6 @@ def local_search(sol: MBSolution, lens: np.ndarray, cm: SPCostModel, max_iter: i
     return out if (out.fits and out.time_ms <= sol.time_ms) or not sol.fits else sol
 
 
-#: the swap searches' matrices hold at most this many pairs at a time (rows of the critical group in blocks): about
-#: 8 float64 arrays of them for the full matrix, 16 for the pruned search's candidates, so at most ~256 MiB whatever
-#: the batch (a micro-batch of 60,000 sequences over 1,024 GPUs asked for a 7 GiB matrix, and plan sp refused
-#: such batches for the memory they might need; api.planner_memory_bytes counts this bound)
-SWAP_CHUNK_PAIRS = 2 ** 21
 
 
 def _swaps_dense(c, si, other, s, own, A, B, Cc, sq, sm, cap):
@@ -345,6 +354,8 @@ def _swaps_pruned(c, si, other, s, own, A, B, Cc, sq, sm, cap, t, thr):
     if sel.size == 0:
         return np.inf, (0, 0)
     ka = act.size
+    if rws.size * ka > SWAP_CHUNK_PAIRS:  # (the bounds below hold rows x groups at once: the blocked full matrix)
+        return _swaps_dense(c, si, other, s, own, A, B, Cc, sq, sm, cap)
     sj_all = s[other]
     sh = int(s.max()) + 2  # key = group rank * sh + length: (group, length) order
     keys = rk[sel] * sh + sj_all[sel].astype(np.int64)

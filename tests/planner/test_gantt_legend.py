@@ -49,7 +49,7 @@ def _drawn_figure(monkeypatch, tasks, **kw):
     def capture(fig, path, **_):
         ax = fig.axes[0]
         legend = ax.get_legend()
-        seen.update(title=ax.get_title(), lanes=[t.get_text() for t in ax.get_yticklabels()],
+        seen.update(title=ax.get_title(), lanes=[t.get_text() for t in ax.get_yticklabels()], xlim=ax.get_xlim(),
                     bars=sum(len(c.get_paths()) for c in ax.collections),
                     legend=[t.get_text() for t in legend.get_texts()] if legend else [],
                     height=fig.get_size_inches()[1])
@@ -104,8 +104,26 @@ def test_a_chart_of_very_many_bars_draws_the_first_ones_without_outlines(monkeyp
 
     monkeypatch.setattr(matplotlib.axes.Axes, "broken_barh", spy)
     seen = _drawn_figure(monkeypatch, tasks, title="T")
-    first = sorted(tasks, key=lambda t: (t.start_ms, t.end_ms))[:500]
-    assert seen["title"] == f"T (the first 500 of {n:,} bars: up to {max(t.end_ms for t in first):,.6g})"
+    by_start = sorted(tasks, key=lambda t: (t.start_ms, t.end_ms))
+    until = by_start[500].start_ms  # (distinct random starts: the first 500 start before it)
+    assert seen["title"] == f"T (500 of {n:,} bars: those starting before {until:,.6g})"
     assert seen["bars"] == 500 and sum(k for k, _ in widths) == 500
+    assert seen["xlim"][1] == until
     assert all(lw == (0.3 if k <= 60 else 0.0) for k, lw in widths), widths
     assert any(k > 60 for k, _ in widths), widths  # (>= 100 bars a lane, rarely overlapping: their first sub-rows)
+
+
+def test_a_long_early_bar_does_not_hide_other_lanes_bars_under_the_cap(monkeypatch):
+    """(review) the title's limit was the latest end among the first bars: one long bar from 0 made it the whole
+    span while another lane's bars after the cap's last start were missing inside it."""
+    import adasched.planner.gantt as g
+
+    monkeypatch.setattr(g, "MAX_TASKS", 200)
+    rng = random.Random()
+    short = [ScheduledTask(f"b{i}", 1, "compute", i * 0.1, i * 0.1 + 0.05, "c") for i in range(300)]
+    tasks = [ScheduledTask("a", 0, "compute", 0.0, 1000.0, "c"), *short]
+    rng.shuffle(tasks)
+    seen = _drawn_figure(monkeypatch, tasks, title="T")
+    until = sorted(t.start_ms for t in tasks)[200]
+    assert seen["title"] == f"T (200 of 301 bars: those starting before {until:,.6g})"
+    assert seen["xlim"][1] == until and seen["bars"] == 200

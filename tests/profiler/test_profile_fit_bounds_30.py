@@ -6,6 +6,8 @@ exit 0; a fit_rel_error of 1e9 was shown as "100000000000.0%". And `show` droppe
 from __future__ import annotations
 
 import json
+import os
+import sys
 import random
 
 import pytest
@@ -108,18 +110,30 @@ def test_a_gpu_count_beyond_a_profile_file_names_the_file(tmp_path, capsys, cmd)
 
 def test_more_gpus_than_the_profile_names_a_recipe_that_works(tmp_path, capsys, monkeypatch):
     """(33rd session's scale hunt) 'use a profile with more nodes' named nothing the CLI could make; the error now
-    gives the with_nodes line, and the profile it writes plans the GPUs asked for."""
+    gives the with_nodes line, quoted for the shell (a profile path with a quote and a $), and the profile it writes
+    plans the GPUs asked for; a profile whose all-to-all was measured inside one node, which with_nodes cannot
+    extend, and more than MAX_GPUS get no line."""
     import re
     import subprocess
-    import sys
 
     monkeypatch.chdir(tmp_path)
-    assert main(["plan", "moe", "--config", "gshard-grid", "--gpus", "128", "--out", "x.json"]) == 2
+    src = "it's $HOME.json"
+    save_profile(load_profile("h100-sxm"), tmp_path / src)
+    assert main(["plan", "moe", "--config", "gshard-grid", "--gpus", "128", "--profile", src, "--out", "x.json"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --gpus: 128 GPUs but profile 'h100-sxm' describes 64; make one of 16 such nodes")
-    code = re.search(r'python -c "(.*)" and pass --profile (\S+)$', err.strip())
-    assert code and code.group(2) == "profile-16n.json", err
-    subprocess.run([sys.executable, "-c", code.group(1)], check=True, cwd=tmp_path, timeout=120)
+    assert err.startswith(f"error: --gpus: 128 GPUs but {src} describes 64; make one of 16 such nodes"), err
+    line = re.search(r" with (python -c .*) and pass --profile (\S+)$", err.strip())
+    assert line and line.group(2) == "profile-16n.json", err
+    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    subprocess.run(["bash", "-c", line.group(1)], check=True, cwd=tmp_path, timeout=120, env=env)
     assert main(["plan", "moe", "--config", "gshard-grid", "--gpus", "128", "--profile", "profile-16n.json",
                  "--out", "x.json", "--json"]) == 0
     assert json.loads((tmp_path / "x.json").read_text())["gpus"] == 128
+    save_profile(load_profile("h100-sxm").with_nodes(1), tmp_path / "one.json")  # fits of 8 GPUs at most
+    assert main(["plan", "sp", "--seqlens", "builtin", "--gpus", "16", "--profile", "one.json", "--out", "y.json"]) == 2
+    assert capsys.readouterr().err == ("error: --gpus: 16 GPUs but one.json describes 8 (1 nodes x 8); its collectives "
+                                       "were not measured across nodes, so no larger profile can be derived from it: "
+                                       "run `adasched profile` under torchrun on two or more nodes\n")
+    from adasched.profiler.profile import more_nodes_hint
+
+    assert more_nodes_hint(load_profile("h100-sxm"), 2 ** 16 + 1) == "at most 65,536 GPUs can be described"
