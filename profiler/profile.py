@@ -491,6 +491,7 @@ def more_nodes_hint(prof: "ClusterProfile", gpus: int) -> str:
     describes (there is no CLI option for it: the collectives beyond the measured groups are extrapolated, see
     :meth:`ClusterProfile.with_nodes`, which extends only fits measured across nodes). The line is quoted for a POSIX
     shell (a profile path with a quote or a ``$`` in it)."""
+    import json  # (double-quoted Python literals: the shell quoting below then rarely escapes anything)
     import shlex
 
     nodes = -(-gpus // prof.gpus_per_node)
@@ -507,10 +508,8 @@ def more_nodes_hint(prof: "ClusterProfile", gpus: int) -> str:
         # it they are estimated in two levels at the all-to-all's link, as h100-sxm's are)
         return ("its collectives were not measured across nodes, so no larger profile can be derived from it: "
                 "run `adasched profile` under torchrun on two or more nodes")
-    src = prof.name if prof.where.startswith("profile '") else str(prof.where)
+    src = prof.name if prof._origin is None else str(prof._origin)  # (a built-in by name, else its file)
     out = f"profile-{nodes}n.json"
-    import json  # (double-quoted literals: the shell quoting below then rarely needs to escape anything)
-
     code = (f"from adasched.profiler.profile import load_profile, save_profile; "
             f"save_profile(load_profile({json.dumps(src)}).with_nodes({nodes}), {json.dumps(out)})")
     return (f"make one of {nodes} such nodes (its collectives extrapolated from the largest measured group) with "

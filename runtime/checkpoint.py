@@ -761,13 +761,7 @@ class Checkpointer:
                 self._lock = weakref.finalize(self, _FolderLock.release, key)
             except InputError as err:
                 failed = err
-        dist = _dist()
-        if dist is not None:
-            box = [None if failed is None else (failed.where, failed.what)]
-            dist.broadcast_object_list(box, src=0)
-            failed = None if box[0] is None else InputError(*box[0])
-        if failed is not None:
-            raise failed
+        _agree(_dist(), Path(self.config.folder), failed)
         self._lock_checked = True
 
     def release(self) -> None:
@@ -1020,12 +1014,17 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _agree(dist, folder: Path, failed: str | None) -> None:
+def _agree(dist, folder: Path, failed: str | InputError | None) -> None:
     """Rank 0's outcome to every rank (a barrier too): an error on rank 0 is raised on every rank, instead of
-    rank 0 raising while the others wait in a collective until the timeout."""
+    rank 0 raising while the others wait in a collective until the timeout. ``failed``: an error line about
+    ``folder``, or an InputError raised as it is (naming what it names)."""
+    if isinstance(failed, InputError):
+        failed = (failed.where, failed.what)
     if dist is not None:
         box = [failed]
         dist.broadcast_object_list(box, src=0)
         failed = box[0]
+    if isinstance(failed, tuple):
+        raise InputError(*failed)
     if failed is not None:
         raise InputError(folder, failed)
