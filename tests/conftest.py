@@ -10,6 +10,21 @@ import json  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _torchrun_logs_in_the_session_tmp(tmp_path_factory):
+    """torchrun without ``--log-dir`` leaves an empty ``torchelastic_*`` tree in the temp dir per launch; the tests
+    that start it directly send those trees to this session's pytest temp folder (``PET_LOG_DIR`` is torchrun's
+    environment spelling of ``--log-dir``; an explicit ``--log-dir`` still wins)."""
+    if "PET_LOG_DIR" in os.environ:
+        yield
+        return
+    os.environ["PET_LOG_DIR"] = str(tmp_path_factory.mktemp("torchelastic"))
+    try:
+        yield
+    finally:
+        os.environ.pop("PET_LOG_DIR", None)
+
+
 @pytest.fixture
 def assert_show_refuses(tmp_path, capsys):
     """``check(good_plan_dict, [(edit, needle), ...])``: each edited copy of a valid plan makes ``adasched show

@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _env(**extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    # (PET_LOG_DIR: the tests' own torchrun log folder would hide a launcher that forgot --log-dir)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PET_LOG_DIR"):
         env.pop(k, None)
     env.update(extra)
     return env

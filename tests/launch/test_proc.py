@@ -152,6 +152,7 @@ def test_torchrun_tree_leaves_no_log_folders(tmp_path):
     child_tmp = tmp_path / "tmp"
     child_tmp.mkdir()
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "mod"), TMPDIR=str(child_tmp), OMP_NUM_THREADS="1")
+    env.pop("PET_LOG_DIR", None)  # (the tests' own torchrun log folder would hide a launcher without --log-dir)
     before = {p.name for p in os.scandir(tempfile.gettempdir()) if p.name.startswith("adasched-torchrun-")}
     proc = torchrun_tree(2, "probe_rank", [], timeout_s=120, env=env, capture_output=True)
     assert proc.returncode == 0, proc.stderr
