@@ -347,12 +347,22 @@ def run(args: argparse.Namespace) -> dict | None:
             from adasched.runtime.checkpoint import agree_on_save, find_checkpoint
 
             agree_on_save(cfg.folder, find_checkpoint(cfg.folder, cfg.load_step))
-        if world > args.layers:
-            raise ValueError(f"--layers: {args.layers} layers cannot be split over {world} pipeline stages")
         if resumed_plan is not None:  # every rank read the same saved plan
             plan = resumed_plan
         else:
             plan = LoRAPlan.model_validate_json(_make_plan(args, rank, world if distributed else 1))
+        if distributed:
+            # each rank parsed its own command line (torchrun per node), and a resumed run read the saved plan from
+            # its own file system: another --layers or --hidden on one rank waited in the pipeline until --timeout
+            from adasched.runtime.dist import check_same_on_every_rank
+
+            check_same_on_every_rank({**_identity(args, plan), "reference": bool(args.reference),
+                                      "checkpoint": None if cfg is None else {
+                                          "async": cfg.async_save, "every": cfg.interval, "keep": cfg.keep,
+                                          "load_step": cfg.load_step}},
+                                     str(args.plan) if args.plan is not None else "train_lora")
+        if world > args.layers:
+            raise ValueError(f"--layers: {args.layers} layers cannot be split over {world} pipeline stages")
         model = TinyCausalLM(TinyLMConfig(vocab_size=args.vocab, hidden=args.hidden, layers=args.layers,
                                           heads=args.heads, ffn_hidden=args.ffn, max_positions=args.max_positions))
         if plan.lengths and max(plan.lengths) > args.max_positions:  # the user's knob, not the plan, to name

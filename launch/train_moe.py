@@ -796,6 +796,17 @@ def _main(args) -> int:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
+    # every rank parsed its own command line and read --plan itself (torchrun per node): a rank with another
+    # --steps or --lr trained on or waited in a collective; paths may differ between nodes, what they hold may not
+    from adasched.runtime.dist import check_same_on_every_rank
+
+    if world > 1:
+        paths = ("given", "gpus_per_node_given", "batch_given", "plan", "checkpoint_dir", "router_stats_out")
+        check_same_on_every_rank({**{k: v for k, v in vars(args).items() if k not in paths},
+                                  "checkpoint": args.checkpoint_dir is not None,
+                                  **run_identity(args, routers[0], schedules[0], env_ep, env_world)},
+                                 str(args.plan) if args.plan is not None else "train_moe")
+
     if ckpt is not None:
         # a save at or past --steps is decided once every rank sees it (on nodes without a shared file system
         # they may not: then the first run's Checkpointer.resume refuses with one line). Decided before the

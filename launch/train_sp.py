@@ -410,7 +410,7 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
     import torch
     import torch.distributed as dist
 
-    from adasched.runtime.dist import init_distributed
+    from adasched.runtime.dist import check_same_on_every_rank, init_distributed
     from adasched.runtime.checkpoint import Checkpointer, ModelState, RNGState, Values, step_folder
     from adasched.runtime.pg_pool import get_pool, reset_pool
     from adasched.runtime.sp_model import TinyGPT, TinyGPTConfig
@@ -429,13 +429,7 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
                 "checkpoint": None if args.checkpoint_dir is None else {
                     "async": bool(args.checkpoint_async), "every": args.checkpoint_every,
                     "keep": args.checkpoint_keep, "load_step": args.load_step}}
-        every = [None] * world
-        dist.all_gather_object(every, mine)
-        odd = [r for r, other in enumerate(every) if other != every[0]]
-        if odd:
-            keys = sorted(k for k in mine if any(o[k] != every[0][k] for o in every))
-            raise InputError(args.plan, f"rank(s) {odd[:8]} run another plan or options than rank 0 (different: "
-                                        f"{', '.join(keys)}): every rank must read the same plan file and arguments")
+        check_same_on_every_rank(mine, args.plan)
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if backend == "nccl" \
             else torch.device("cpu")
         dtype = getattr(torch, args.dtype)

@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 from adasched.profiler.collectives import free_port, held_store  # one copy of each (re-exported here)
 
-__all__ = ["init_distributed", "free_port", "held_store", "spawn_gloo", "WorkerError", "env_world"]
+__all__ = ["init_distributed", "free_port", "held_store", "spawn_gloo", "WorkerError", "env_world",
+           "check_same_on_every_rank"]
 
 
 class WorkerError(RuntimeError):
@@ -50,6 +51,29 @@ def env_world() -> tuple[int, int, int]:
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"RANK={rank} WORLD_SIZE={world}: rank must lie in [0, world size)")
     return rank, world, local
+
+
+def check_same_on_every_rank(mine: dict, where: str) -> None:
+    """Each rank read its plan file and arguments itself (torchrun per node: on nodes without a shared file
+    system, or with another command line, they can differ - and the run trained mismatched shards in silence or
+    waited in a collective until its timeout). Every rank passes what decides its run (a flat dict of picklable
+    values); any rank's differing from rank 0's raises the same InputError(``where``) on every rank, naming the
+    ranks and the keys. A collective on the default group; nothing without an initialised world of > 1 ranks."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    odd = [r for r, other in enumerate(every) if other != every[0]]
+    if odd:
+        from adasched.profiler.io import InputError
+
+        missing = object()  # (a key one rank lacks differs even from a None)
+        keys = sorted({k for o in every[1:] for k in set(o) | set(every[0])
+                       if o.get(k, missing) != every[0].get(k, missing)})
+        raise InputError(where, f"rank(s) {odd[:8]} run another plan or options than rank 0 (different: "
+                                f"{', '.join(keys)}): every rank must read the same plan file and arguments")
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 60) -> tuple[int, int]:
