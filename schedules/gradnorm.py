@@ -274,8 +274,8 @@ def write_norms_csv(path: str | os.PathLike, l2: list[float], l1: list[float]) -
 
 def read_norms_csv(path: str | os.PathLike, norm: str = "l2") -> list[float]:
     """The ``norm`` column of a norms CSV (header required: ``step,l2,l1`` or any header with that column).
-    Missing file, missing column, empty, non-numeric, non-finite or <= 0 values raise InputError naming the file
-    and row."""
+    Missing file, missing column, empty, non-numeric, non-finite or negative values raise InputError naming the
+    file and row (a zero is read: the refinement's median filter removes an isolated one, see refined_multipliers)."""
     from adasched.profiler.io import InputError, read_text
 
     if norm not in ("l2", "l1"):
@@ -313,8 +313,8 @@ def read_norms_csv(path: str | os.PathLike, norm: str = "l2") -> list[float]:
             v = float(row[col])
         except (IndexError, ValueError):
             raise InputError(path, f"line {lineno}: column {norm!r} is not a number: {row!r}") from None
-        if not math.isfinite(v) or v <= 0:
-            raise InputError(path, f"line {lineno}: gradient norm must be finite and > 0, got {v}")
+        if not math.isfinite(v) or v < 0:  # (0: a step whose gradient vanished, which the recorder writes too)
+            raise InputError(path, f"line {lineno}: gradient norm must be finite and >= 0, got {v}")
         out.append(v)
     if not out:
         raise InputError(path, "no gradient norms (the file has a header but no rows)")

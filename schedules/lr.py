@@ -152,9 +152,9 @@ def _check_norms(grad_norms: Sequence[float] | np.ndarray | torch.Tensor, name: 
     bad = np.flatnonzero(~np.isfinite(g))
     if bad.size:
         raise ValueError(f"{name}: non-finite value {g[bad[0]]} at step {int(bad[0])} ({bad.size} in all)")
-    bad = np.flatnonzero(g <= 0)
-    if bad.size:
-        raise ValueError(f"{name}: gradient norms must be > 0, got {g[bad[0]]} at step {int(bad[0])}")
+    bad = np.flatnonzero(g < 0)  # (a zero is a step whose gradient vanished, e.g. a fully masked batch: the median
+    if bad.size:               # filter usually removes it; refined_multipliers refuses one that survives)
+        raise ValueError(f"{name}: gradient norms must be >= 0, got {g[bad[0]]} at step {int(bad[0])}")
     return g
 
 
@@ -181,13 +181,19 @@ def smooth_norms(grad_norms, smoothing: float = 0.1) -> np.ndarray:
 def refined_multipliers(grad_norms, norm: str = "l2", smoothing: float = 0.1) -> np.ndarray:
     """Decay multipliers at decay steps ``k = 0..K`` from the norms ``g_0..g_{K-1}`` of a previous run.
 
-    ``w_k = 1/g_k**2`` (``norm="l2"``, SGD) or ``1/g_k`` (``norm="l1"``, Adam-type), after the median filter;
+    ``w_k = 1/g_k**2`` (``norm="l2"``, SGD) or ``1/g_k`` (``norm="l1"``, Adam-type), after the median filter
+    (a zero norm - a step whose gradient vanished - must be filtered away by it: ValueError otherwise);
     ``m_k ∝ w_k * sum_{p=k+1..K} w_p``, ``m_K = 0``, normalised to ``max m = 1``. The end position K (the state
     after the last step, never measured) takes the last filtered norm, so constant norms give exactly the linear
     decay ``1 - k/K``. Returns ``K + 1`` float64 values."""
     if norm not in ("l2", "l1"):
         raise ValueError(f"norm: must be 'l2' (SGD) or 'l1' (Adam-type), got {norm!r}")
     g = smooth_norms(grad_norms, smoothing)
+    zero = np.flatnonzero(g == 0)
+    if zero.size:  # its weight 1/0 would put the whole schedule's peak on that one step
+        raise ValueError(f"grad_norms: the norm at decay step {int(zero[0])} is 0 even after the median filter "
+                         f"(smoothing {smoothing:g}; {zero.size} such step(s)): a zero gradient has no refinement "
+                         f"weight; raise smoothing, or record a run whose zero-gradient steps are isolated")
     # weights in the log domain, scaled so the largest is 1: the schedule is invariant to the norms' scale, so
     # 1/g**2 must not overflow for tiny norms (1e-200) nor underflow to 0 for huge ones; a weight more than ~1e308
     # below the largest underflows to 0 (its step's lr is that much below the peak anyway).

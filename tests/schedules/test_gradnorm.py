@@ -51,7 +51,7 @@ def test_recorder_logs_l2_l1_per_step_and_round_trips(tmp_path):
     ("step,l2,l1\n0,1.0,2.0\n1,abc,2.0\n", "line 3"),
     ("step,l2,l1\n0,1.0,2.0\n1,nan,2.0\n", "line 3"),
     ("step,l2,l1\n0,1.0,2.0\n1,inf,2.0\n", "finite"),
-    ("step,l2,l1\n0,0.0,2.0\n", "> 0"),
+    ("step,l2,l1\n0,-1.0,2.0\n", ">= 0"),
 ])
 def test_bad_norm_files(tmp_path, text, needle):
     p = tmp_path / "n.csv"
@@ -357,3 +357,40 @@ def test_accelerate_optimizer_is_recorded():
             opt.zero_grad()
     np.testing.assert_allclose(rec.l2, [w[0] for w in want], rtol=1e-12)
     np.testing.assert_allclose(rec.l1, [w[1] for w in want], rtol=1e-12)
+
+
+def test_a_recorded_zero_gradient_step_refines_through_the_median_filter(tmp_path):
+    """(34th session's README walk) GradNormRecorder writes 0 for a step whose gradient vanished (a fully masked
+    batch); read_norms_csv refused its own recorder's file ("must be finite and > 0"). A zero the median filter
+    removes is fine now; one that survives it is a ValueError naming the decay step."""
+    from adasched.schedules import GradNormRecorder, Refined, refined_multipliers, smooth_norms
+
+    rng = np.random.default_rng(34)
+    p = torch.nn.Parameter(torch.from_numpy(rng.normal(size=5)))
+    opt = torch.optim.SGD([p], lr=1e-3)
+    path = tmp_path / "n.csv"
+    with GradNormRecorder(opt).recording(path):
+        for i in range(30):
+            opt.zero_grad()
+            scale = 0.0 if i == 7 else float(rng.uniform(0.5, 2.0))
+            (scale * (p * torch.from_numpy(rng.normal(size=5))).sum()).backward()
+            opt.step()
+    g = read_norms_csv(path, "l2")
+    assert len(g) == 30 and g[7] == 0.0 and min(g[:7] + g[8:]) > 0
+    sched = Refined.from_file(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0), path, smoothing=0.1)
+    # the independent recomputation: a 3-wide median (0.1 x 30), mirror-padded; w = 1/g^2; m_k ~ w_k sum_{p>k} w_p
+    pad = np.concatenate([[g[1]], g, [g[-2]]])
+    med = np.array([np.median(pad[k:k + 3]) for k in range(30)])
+    assert np.all(med > 0)
+    np.testing.assert_allclose(smooth_norms(g, 0.1), med, rtol=0, atol=0)
+    w = 1.0 / med**2
+    w_ext = np.append(w, w[-1])
+    m = np.array([w[k] * w_ext[k + 1:].sum() for k in range(30)] + [0.0])
+    np.testing.assert_allclose(sched.decay_table, m / m.max(), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=r"^grad_norms: the norm at decay step 7 is 0 even after the median filter "
+                                         r"\(smoothing 0; 1 such step"):
+        refined_multipliers(g, "l2", 0.0)
+    with pytest.raises(InputError, match="decay step 7 is 0"):
+        Refined.from_file(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0), path, smoothing=0.0)
+    with pytest.raises(ValueError, match=r"must be >= 0, got -1.0 at step 2"):
+        refined_multipliers([1.0, 2.0, -1.0], "l2")
