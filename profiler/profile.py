@@ -5,6 +5,7 @@ Every fitted model carries its relative fit error and where its numbers come fro
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, ClassVar, Literal
 
@@ -175,6 +176,25 @@ class ModelCost(_Strict):
         return self
 
 
+def _finite_free_form(v: dict | None) -> dict | None:
+    """A free-form dict (raw, host, topology) holds no NaN/Infinity: pydantic's allow_inf_nan=False does not reach
+    ``Any`` values, and a save wrote them as null (a round trip changed the file)."""
+    def where(obj, path):
+        if isinstance(obj, float) and not math.isfinite(obj):
+            return path or "value", obj
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+        for k, x in items:
+            hit = where(x, f"{path}.{k}" if path else str(k))
+            if hit is not None:
+                return hit
+        return None
+
+    hit = None if v is None else where(v, "")
+    if hit is not None:
+        raise ValueError(f"{hit[0]}: {hit[1]} is not a JSON number (NaN and infinities are refused)")
+    return v
+
+
 class DeviceInfo(_Strict):
     kind: Literal["gpu", "cpu"]
     name: str
@@ -187,6 +207,8 @@ class DeviceInfo(_Strict):
     power_limit_w: float | None = Field(default=None, ge=0.0)
     topology: dict[str, Any] | None = Field(default=None, description="GPU-GPU link matrix from NVML where available")
     driver: str | None = None
+
+    _finite_topology = field_validator("topology")(_finite_free_form)
 
     @field_validator("memory_bytes")
     @classmethod
@@ -227,6 +249,8 @@ class ClusterProfile(_Strict):
     collectives: list[CollectiveFit] = Field(default_factory=list)
     model_costs: dict[str, ModelCost] = Field(default_factory=dict)
     raw: dict[str, Any] = Field(default_factory=dict, description="raw measurements the fits came from")
+
+    _finite_free_form = field_validator("host", "raw")(_finite_free_form)
 
     @field_validator("created")
     @classmethod
