@@ -163,9 +163,37 @@ def rough_fit_notes(prof) -> list[str]:
         notes.append("note: the attention fit has no s^2 term (the measured times did not grow quadratically with "
                      "length: a busy machine?); long sequences will be underestimated - re-run before planning with "
                      "it")
+    notes += _long_end_notes(prof)
     rough = [f"{c.op} x{c.group_size} {c.fit_rel_error:.0%}" for c in prof.collectives if c.fit_rel_error > ROUGH_FIT]
     if rough:
         notes.append(f"note: {len(rough)} collective fit(s) more than {ROUGH_FIT:.0%} off their measured points on "
                      f"average ({', '.join(rough)}); re-run on a quiet machine, or without --quick, before planning "
                      "with them")
     return notes
+
+
+def _long_end_notes(prof) -> list[str]:
+    """A fit far under its longest measured point (the one extrapolation starts from): the relative least squares
+    weigh a noisy short point as much as the long one, so the mean error could pass while the longest length was
+    priced at half its time (a quick CPU profile: s=512 measured 17.8 ms, fitted 6.8 ms)."""
+    raw = prof.raw if isinstance(prof.raw, dict) else {}
+    out = []
+    for what, fit, key, size, model in (
+            ("attention", prof.attention, "attention", "seq",
+             lambda f, s: f.a1_ms_per_tok2 * s * s + f.a2_ms_per_tok * s + f.b_ms),
+            ("linear", prof.linear, "linear", "tokens", lambda f, t: f.ms_per_token * t + f.b_ms)):
+        rows = raw.get(key)
+        if fit is None or not isinstance(rows, list):
+            continue
+        pts = [(r[size], r["fwd_bwd_ms"]) for r in rows if isinstance(r, dict)
+               and isinstance(r.get(size), (int, float)) and isinstance(r.get("fwd_bwd_ms"), (int, float))
+               and r["fwd_bwd_ms"] > 0]
+        if not pts:
+            continue
+        n, ms = max(pts)
+        pred = model(fit, n)
+        if pred < (1 - ROUGH_FIT) * ms:
+            out.append(f"note: the {what} fit is {1 - pred / ms:.0%} under its longest measured point ({size} {n:g}: "
+                       f"{pred:.3g} ms fitted, {ms:.3g} ms measured): longer ones will be underestimated - re-run, "
+                       f"or without --quick, before planning with it")
+    return out
