@@ -59,3 +59,21 @@ def one_error(capsys):
         return err
 
     return check
+
+
+@pytest.fixture
+def two_rank_sp_plan():
+    """A hand-made 2-GPU FlexSP plan of one step (sequences of 60, 20 and 9 tokens: one SP-2 group, then two SP-1
+    groups) for tests that launch train_sp on 2 ranks."""
+    from adasched.planner.flexsp.plan import SPGroup, SPMicroBatch, SPPlan, SPStep
+    from adasched.planner.plan import SolverRecord
+
+    step = SPStep(step=0, seqlens=[60, 20, 9], predicted_ms=2.0, micro_batches=[
+        SPMicroBatch(groups=[SPGroup(degree=2, ranks=[0, 1], seq_ids=[0], seqlens=[60], predicted_ms=1.0)],
+                     predicted_ms=1.0),
+        SPMicroBatch(groups=[SPGroup(degree=1, ranks=[0], seq_ids=[1], seqlens=[20], predicted_ms=1.0),
+                             SPGroup(degree=1, ranks=[1], seq_ids=[2], seqlens=[9], predicted_ms=1.0)],
+                     predicted_ms=1.0)])
+    return SPPlan(world_size=2, model="tiny-gpt", inputs_digest="test",
+                  solver=SolverRecord(backend="hand", status="heuristic", solve_seconds=0.0), predicted_ms=2.0,
+                  steps=[step])

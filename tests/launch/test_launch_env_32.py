@@ -51,9 +51,9 @@ def test_profile_collectives_check_reports_under_a_stray_rank(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_sp_sh_runs_a_good_plan_under_a_stray_rank(tmp_path):
+def test_train_sp_sh_runs_a_good_plan_under_a_stray_rank(tmp_path, two_rank_sp_plan):
     plan = tmp_path / "plan.json"
-    save_plan(_two_rank_plan(), plan)
+    save_plan(two_rank_sp_plan, plan)
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     r = _sh("train_sp.sh", "--plan", str(plan), "--steps", "1", "--max-len", "32", "--timeout", "60",
@@ -70,22 +70,6 @@ def test_train_sp_sh_runs_a_good_plan_under_a_stray_rank(tmp_path):
             break
         time.sleep(0.2)
     assert left == [], left
-
-
-def _two_rank_plan():
-    from adasched.planner.flexsp.plan import SPGroup, SPMicroBatch, SPPlan, SPStep
-    from adasched.planner.plan import SolverRecord
-
-    lens = [60, 20, 9]
-    groups = [SPGroup(degree=2, ranks=[0, 1], seq_ids=[0], seqlens=[60], predicted_ms=1.0)]
-    groups2 = [SPGroup(degree=1, ranks=[0], seq_ids=[1], seqlens=[20], predicted_ms=1.0),
-               SPGroup(degree=1, ranks=[1], seq_ids=[2], seqlens=[9], predicted_ms=1.0)]
-    step = SPStep(step=0, seqlens=lens, predicted_ms=2.0,
-                  micro_batches=[SPMicroBatch(groups=groups, predicted_ms=1.0),
-                                 SPMicroBatch(groups=groups2, predicted_ms=1.0)])
-    return SPPlan(world_size=2, model="tiny-gpt", inputs_digest="test",
-                  solver=SolverRecord(backend="hand", status="heuristic", solve_seconds=0.0), predicted_ms=2.0,
-                  steps=[step])
 
 
 @pytest.mark.parametrize("var", ["LOCAL_WORLD_SIZE", "WORLD_SIZE"])

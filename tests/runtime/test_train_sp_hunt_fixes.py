@@ -145,22 +145,6 @@ def test_the_first_rank_of_another_node_reports_its_own_error(launcher, tmp_path
             assert err == "", (rank, err)
 
 
-def _two_rank_sp_plan():
-    from adasched.planner.flexsp.plan import SPGroup, SPMicroBatch, SPPlan, SPStep
-    from adasched.planner.plan import SolverRecord
-
-    lens = [60, 20, 9]
-    step = SPStep(step=0, seqlens=lens, predicted_ms=2.0, micro_batches=[
-        SPMicroBatch(groups=[SPGroup(degree=2, ranks=[0, 1], seq_ids=[0], seqlens=[60], predicted_ms=1.0)],
-                     predicted_ms=1.0),
-        SPMicroBatch(groups=[SPGroup(degree=1, ranks=[0], seq_ids=[1], seqlens=[20], predicted_ms=1.0),
-                             SPGroup(degree=1, ranks=[1], seq_ids=[2], seqlens=[9], predicted_ms=1.0)],
-                     predicted_ms=1.0)])
-    return SPPlan(world_size=2, model="tiny-gpt", inputs_digest="test",
-                  solver=SolverRecord(backend="hand", status="heuristic", solve_seconds=0.0), predicted_ms=2.0,
-                  steps=[step])
-
-
 def _options_worker(rank: int, world: int, plan: str, extra: list):
     from adasched.launch.train_sp import main
 
@@ -169,12 +153,12 @@ def _options_worker(rank: int, world: int, plan: str, extra: list):
 
 
 @pytest.mark.parametrize("mode", ["async", "dir"])
-def test_ranks_given_other_checkpoint_options_stop_with_one_line(tmp_path, capfd, mode):
+def test_ranks_given_other_checkpoint_options_stop_with_one_line(tmp_path, capfd, mode, two_rank_sp_plan):
     """(33rd session's hunt) the checkpoint options decide collectives (the async saves' own group, resume, periodic
     saves) but were not compared across ranks: rank 0 with --checkpoint-async alone waited in new_group until
     --timeout (a DistStoreError traceback); --checkpoint-dir on rank 0 only met rank 1's first all-to-all."""
     plan = tmp_path / "plan.json"
-    save_plan(_two_rank_sp_plan(), plan)
+    save_plan(two_rank_sp_plan, plan)
     ck = str(tmp_path / "ck")
     extra = {"async": [["--checkpoint-dir", ck, "--checkpoint-async"], ["--checkpoint-dir", ck]],
              "dir": [["--checkpoint-dir", ck], []]}[mode]
