@@ -5,6 +5,7 @@ import argparse
 import json
 import random
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -1213,3 +1214,20 @@ def test_a_close_that_leaves_a_commit_running_forgets_the_lock_check(tmp_path, m
     assert ck.save(2, state) is not None and ck._lock_checked  # checked (and taken) again
     ck.finish()
     assert committed_steps(tmp_path) == [1, 2]
+
+
+def test_a_checkpoint_folder_replaced_after_the_lock_is_one_line(tmp_path):
+    """(carried from the 33rd session: the save's own mkdir-failure branch had lost its test when the lock started
+    creating the folder) the folder removed and a file put in its place while the run trains: the next save is one
+    InputError naming the folder, and nothing is written beside the file."""
+    _, _, state = _rank_state(0)
+    folder = tmp_path / "ck"
+    ck = Checkpointer(CheckpointConfig(folder=folder), run={})
+    assert ck.resume(state) == 0 and (folder / ".adasched-lock").exists()
+    shutil.rmtree(folder)
+    folder.write_text("not a folder")
+    with pytest.raises(InputError) as err:
+        ck.save(1, state)
+    assert str(err.value) == f"{folder}: cannot write a checkpoint: File exists"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"] and folder.read_text() == "not a folder"
+    ck.close()
