@@ -334,8 +334,9 @@ FILE_OUTPUT_OPTIONS = ("--out", "-o", "--plot")
 
 
 def _check_folder_spelled_outputs(args: list[str]) -> None:
-    """Refuse an output file option whose value ends with '/' before click parses it: typer hands the commands a
-    Path, which drops the slash, so `--plot figs/` wrote a file named figs (and `--out runs/` a plan file runs)."""
+    """Refuse an output file option whose value ends with '/' (or is empty) before click parses it: typer hands the
+    commands a Path, which drops the slash, so `--plot figs/` wrote a file named figs (and `--out runs/` a plan file
+    runs)."""
     for i, tok in enumerate(args):
         if tok == "--":
             return
@@ -346,13 +347,25 @@ def _check_folder_spelled_outputs(args: list[str]) -> None:
             else:
                 continue
         if not eq:
-            value = args[i + 1] if i + 1 < len(args) else ""
-        if value.endswith(("/", os.sep)):
+            if i + 1 >= len(args):
+                continue  # (no value: click says the option requires an argument)
+            value = args[i + 1]
+        # (an empty value too: Path("") is ".", and the error said '. is a directory')
+        if value.endswith(("/", os.sep)) or not value.strip():
             check_output_path(value, "--out" if name == "-o" else name, figure=False)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: runs the CLI; bad input -> `error: ...` on stderr and exit 2, never a traceback."""
+    """Entry point: runs the CLI; bad input -> `error: ...` on stderr and exit 2, never a traceback; a Ctrl-C ->
+    `aborted`, exit 130 (also while the plugins load, before click has set up its own handling)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        sys.stderr.write("aborted\n")
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     exit_exc, usage_exc, no_args_exc, abort_exc = _click_exceptions()
     _register_plugins()
     try:

@@ -10,12 +10,13 @@ import math
 import os
 import tempfile
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["InputError", "loads_json", "yaml_error_text", "check_iso_time", "atomic_path", "check_output_path", "check_output_folder", "atomic_write_text",
+__all__ = ["InputError", "loads_json", "yaml_error_text", "check_iso_time", "atomic_path", "outputs_together", "check_output_path", "check_output_folder", "atomic_write_text",
            "atomic_write_json", "save_figure", "FIGURE_FORMATS", "read_text", "read_json", "load_model",
            "describe_validation_error", "error_line", "check_seconds", "check_host_memory",
            "check_model_memory", "MAX_TIMEOUT_S"]
@@ -42,6 +43,8 @@ def _write_target(path: Path, where) -> Path:
         raise InputError(where, "is a directory, expected a file path")
     if path.exists() and not path.is_file():
         raise InputError(where, "is not a regular file (a device, pipe or socket), expected a file path")
+    if path.exists() and not os.access(path, os.W_OK):  # (the rename replaced a write-protected file, as `>` won't)
+        raise InputError(where, "is read-only (no write permission): make it writable or write elsewhere")
     data = _package_data_folder(path)
     if data is not None:  # (a plan written there replaced a built-in graph, profile or preset for every later run)
         raise InputError(where, f"is in adasched's built-in data ({data}): write it elsewhere")
@@ -63,29 +66,72 @@ def _package_data_folder(path: Path) -> str | None:
     return next((f"adasched/{d}/" for d in PACKAGE_DATA_FOLDERS if where.is_relative_to(root / d)), None)
 
 
+#: the renames :func:`outputs_together` holds back (None: none is active)
+_HELD_RENAMES: ContextVar[list[tuple[str, Path]] | None] = ContextVar("_HELD_RENAMES", default=None)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path`` (same suffix, so e.g. ``savefig`` infers the format); on success it is
-    renamed onto ``path``, on any error removed, so ``path`` is never half-written. A destination that cannot be
+    renamed onto ``path`` (inside :func:`outputs_together`: when that block ends), on any error removed, so
+    ``path`` is never half-written. An existing file keeps its permission bits. A destination that cannot be
     written (a directory, no permission) is an :class:`InputError` naming ``path``."""
     path = _write_target(Path(path), path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+        # a fixed-length name (the destination's own name in it made a legal 250-character --plot too long)
+        fd, tmp = tempfile.mkstemp(prefix=".adasched-", suffix=f".tmp{path.suffix[:16]}", dir=path.parent)
         os.close(fd)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result gets the usual permissions
+        try:  # mkstemp makes 0600: the result gets the file's own mode, or the usual permissions for a new one
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+        except FileNotFoundError:
+            os.chmod(tmp, 0o666 & ~_UMASK)
     except OSError as err:
         raise InputError(path, f"cannot write: {err.strerror or err}") from None
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
+        held = _HELD_RENAMES.get()
+        if held is not None:
+            held.append((tmp, path))
+            tmp = None  # outputs_together renames it, or removes it
+        else:
+            os.replace(tmp, path)
     except OSError as err:
         raise InputError(path, f"cannot write: {err.strerror or err}") from None
     finally:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+
+@contextmanager
+def outputs_together() -> Iterator[None]:
+    """A command's outputs (--out and --plot) appear together or not at all: every :func:`atomic_path` written
+    inside the block is renamed onto its destination when the block ends without an error, and removed when it
+    raises (a Ctrl-C while the plot was drawn left the plan written, and the command said "aborted")."""
+    held: list[tuple[str, Path]] = []
+    token = _HELD_RENAMES.set(held)
+    try:
+        yield
+        _HELD_RENAMES.reset(token)
+        token = None
+        while held:
+            tmp, path = held[0]
+            try:
+                os.replace(tmp, path)
+            except OSError as err:
+                raise InputError(path, f"cannot write: {err.strerror or err}") from None
+            held.pop(0)
+    finally:
+        if token is not None:
+            _HELD_RENAMES.reset(token)
+        for tmp, _ in held:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
 
 
 #: Figure formats matplotlib's Agg backend writes (checked without importing matplotlib). Not "pgf": it needs a
@@ -102,10 +148,13 @@ def check_output_path(path: str | os.PathLike | None, option: str, *, figure: bo
     written and the command failed."""
     if path is None:
         return
+    if isinstance(path, str) and not path.strip():  # (Path("") is ".": the error said '. is a directory')
+        raise InputError(option, "is empty: give a file name")
     if isinstance(path, str) and path.endswith(("/", os.sep)) and path.strip("/" + os.sep):
         # a folder's spelling: Path() drops the slash, and `--plot figs/` wrote a file named figs
         raise InputError(option, f"{path} ends with '/', a folder: give a file name")
     given = Path(path)
+    _check_name_length(given, option)  # (first: a stat of a too-long name is an OSError)
     try:
         path = _write_target(given, option)
     except InputError as err:
@@ -185,6 +234,26 @@ def _probe_nearest_folder(candidates, option: str, path: Path) -> None:
         os.unlink(tmp)
     except OSError:
         pass
+
+
+def _check_name_length(path: Path, option: str) -> None:
+    """A file name longer than its file system takes (ENAMETOOLONG) fails here, before any work, not at the
+    write after it."""
+    folder = next((f for f in path.expanduser().parents if _exists(f)), None)
+    try:
+        most = os.pathconf(folder if folder is not None else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        most = 255
+    if most and most > 0 and len(os.fsencode(path.name)) > most:
+        raise InputError(option, f"{path.name[:40]}...: the file name is {len(os.fsencode(path.name))} bytes; this "
+                                 f"file system takes at most {most}")
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # (a folder name too long itself)
+        return False
 
 
 def _read_umask() -> int:

@@ -36,7 +36,8 @@ def register(groups) -> None:
         import numpy as np
 
         from adasched.planner.ui import emit_json, print_table
-        from adasched.profiler.io import InputError, atomic_write_json, check_distinct_outputs, check_output_path
+        from adasched.profiler.io import (InputError, atomic_write_json, check_distinct_outputs, check_output_path,
+                                          outputs_together)
 
         from .gradnorm import read_norms_csv
         from .lr import refined_multipliers, smooth_norms
@@ -69,10 +70,11 @@ def register(groups) -> None:
         doc = {"kind": "refined_lr_schedule", "schema_version": 1, "source": str(norms), "norm": norm,
                "smoothing": smoothing, "steps": len(g), "grad_norms": g,
                "smoothed_norms": smooth_norms(g, smoothing).tolist(), "multipliers": m.tolist()}
-        atomic_write_json(out, doc)
         curves = [("refined", m), ("linear", 1 - np.arange(len(g) + 1) / len(g))]
-        if plot:
-            plot_curves(curves, plot, title=f"refined from {norms.name} ({norm})")
+        with outputs_together():  # both or neither
+            atomic_write_json(out, doc)
+            if plot:
+                plot_curves(curves, plot, title=f"refined from {norms.name} ({norm})")
         if as_json:
             emit_json(doc)
             return

@@ -37,7 +37,7 @@ def test_wheel_has_every_package_and_data(tmp_path):
     assert "adasched/launch/profile_collectives.sh" in names
     assert any(n.endswith("entry_points.txt") for n in names)
     ep = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "adasched = adasched.planner.cli:main" in zipfile.ZipFile(wheel).read(ep).decode()
+    assert "adasched = adasched.planner.entry:main" in zipfile.ZipFile(wheel).read(ep).decode()
 
 
 def test_every_third_party_import_is_a_declared_dependency():

@@ -196,7 +196,7 @@ def register(groups) -> None:
         """Plan FlexSP sequence parallelism: per global batch and micro-batch, concurrent Ulysses groups of
         power-of-two degrees (buddy-placed) and the sequences each runs; compared with static SP = N, the best
         single degree per micro-batch and a greedy heuristic on the same cost model."""
-        from adasched.profiler.io import check_distinct_outputs, check_output_path
+        from adasched.profiler.io import check_distinct_outputs, check_output_path, outputs_together
 
         from ..plan import save_plan
         from ..ui import emit_json, print_table
@@ -212,9 +212,10 @@ def register(groups) -> None:
                                           no_milp, deterministic)
         plan, results = _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context,
                              show_progress=not as_json)
-        save_plan(plan, out)
-        if plot:
-            plan.plot(plot)
+        with outputs_together():  # both or neither (a Ctrl-C while the plot was drawn left the plan written)
+            save_plan(plan, out)
+            if plot:
+                plan.plot(plot)
         rep = summarize(results, cm)
         if as_json:
             emit_json({"out": str(out), **rep})

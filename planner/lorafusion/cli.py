@@ -85,7 +85,7 @@ def register(groups) -> None:
         """Pack several LoRA jobs sharing one frozen base model into microbatches for a 1F1B pipeline
         (adapter grouping, FFD + MILP packing, merge pass, dependency rule) and compare with mLoRA-style
         and sequential baselines simulated on the same samples."""
-        from adasched.profiler.io import check_distinct_outputs, check_output_path
+        from adasched.profiler.io import check_distinct_outputs, check_output_path, outputs_together
 
         from ..plan import save_plan
         from ..ui import emit_json, print_table
@@ -100,9 +100,10 @@ def register(groups) -> None:
         cfg, base, _ = load_jobs(jobs)
         check_distinct_outputs(*outputs, inputs=[("--jobs length file", p) for p in length_files(cfg, base)])
         plan = _plan(jobs, profile, time_limit, seed, no_milp)
-        save_plan(plan, out)
-        if plot:
-            plan.plot(plot)
+        with outputs_together():  # both or neither (a Ctrl-C while the plot was drawn left the plan written)
+            save_plan(plan, out)
+            if plot:
+                plan.plot(plot)
         if as_json:
             emit_json({"out": str(out), "summary": plan.summary.model_dump(mode="json"),
                        "solver": plan.solver.model_dump(mode="json")})

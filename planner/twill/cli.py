@@ -29,7 +29,7 @@ def register(groups) -> None:
         CP-SAT), the stage and issue cycle of every op, a warp-group assignment, buffer depths and Triton knobs."""
         from adasched.planner.plan import save_plan
         from adasched.planner.ui import emit_json, print_table
-        from adasched.profiler.io import check_distinct_outputs, check_output_path
+        from adasched.profiler.io import check_distinct_outputs, check_output_path, outputs_together
 
         from .plan import plan_twill
 
@@ -42,10 +42,11 @@ def register(groups) -> None:
                                                                                                             "machine"))))
         params = _solve_params(time_limit, seed, threads)
         plan = plan_twill(graph, machine, params, load_slack=load_slack)
-        if out:
-            save_plan(plan, out)
-        if plot:
-            plan.plot(plot)
+        with outputs_together():  # both or neither (a Ctrl-C while the plot was drawn left the plan written)
+            if out:
+                save_plan(plan, out)
+            if plot:
+                plan.plot(plot)
         if as_json:
             emit_json({
                 "ii": plan.ii, "mii": plan.mii, "res_mii": plan.res_mii, "rec_mii": plan.rec_mii,
