@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from .entry import main  # (the CLI imported inside the Ctrl-C guard, as the console script)
 
 sys.exit(main())
