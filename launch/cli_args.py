@@ -56,6 +56,14 @@ def checkpoint_config(args: argparse.Namespace):
                             async_save=args.checkpoint_async)
 
 
+def checkpoint_identity(cfg) -> dict | None:
+    """What of a :func:`checkpoint_config` every rank must share (it decides collectives: the async saves' own
+    group, resume, the periodic saves): resolved values, so `--checkpoint-keep 2` on one rank equals the default on
+    another; the folder's path may differ between nodes."""
+    return None if cfg is None else {"async": cfg.async_save, "every": cfg.interval, "keep": cfg.keep,
+                                     "load_step": cfg.load_step}
+
+
 #: --lr-schedule choices: "constant" (no scheduler) and adasched.schedules.get_schedule's names (cosine = UBA phi 2)
 LR_SCHEDULES = ("constant", "linear", "cosine", "rex", "uba")
 

@@ -40,7 +40,7 @@ import json
 import sys
 from pathlib import Path
 
-from adasched.launch.cli_args import MAX_LAYERS, add_checkpoint_args, checkpoint_config
+from adasched.launch.cli_args import MAX_LAYERS, add_checkpoint_args, checkpoint_config, checkpoint_identity
 from adasched.planner.ui import OneLineArgParser, reports_errors
 from adasched.profiler.io import MIN_COLLECTIVE_TIMEOUT_S, check_model_memory, check_seconds
 
@@ -154,7 +154,12 @@ def _identity(args: argparse.Namespace, plan, inputs: str | None = None) -> dict
     """What makes a different run (checked against a save's before resuming it). ``inputs``: the inputs digest of
     --jobs when it is given (a changed jobs file then shows as its own difference)."""
     return {"trainer": "train_lora", "inputs_digest": inputs or plan.inputs_digest, "plan_sha256": _plan_digest(plan),
-            "model": {"vocab": args.vocab, "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
+            **_model_identity(args)}
+
+
+def _model_identity(args: argparse.Namespace) -> dict:
+    """The part of :func:`_identity` the options alone decide (the model, seed, numerics and data keying)."""
+    return {"model": {"vocab": args.vocab, "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
                       "ffn": args.ffn, "max_positions": args.max_positions},
             "seed": args.seed, "dtype": "float32", "kernels": _numerics(_kernel_path(args.reference)),
             # how the synthetic data and the adapters' init are keyed (lora_trainer.SyntheticLoRAData): a save of
@@ -341,28 +346,30 @@ def run(args: argparse.Namespace) -> dict | None:
         init_distributed("gloo", timeout_s=args.timeout)  # idempotent; every collective bounded by --timeout
     ck = None
     try:
+        if distributed:
+            # each rank parsed its own command line (torchrun per node): another --hidden on one rank waited in the
+            # pipeline until --timeout, and --checkpoint-dir on some ranks only met another collective below (a
+            # traceback); the plan is compared once it is known (a resumed run reads it on every rank)
+            from adasched.runtime.dist import check_same_on_every_rank
+
+            where = str(args.plan) if args.plan is not None else "train_lora"
+            check_same_on_every_rank({**_model_identity(args),
+                                      "reference": bool(args.reference), "checkpoint": checkpoint_identity(cfg)},
+                                     where)
         if distributed and cfg is not None:
             # each rank decided "resumed" from its own file system: on nodes without a shared one they differ, and
             # a fresh rank's plan broadcast paired with a resuming rank's output check (no error line, a dead run)
             from adasched.runtime.checkpoint import agree_on_save, find_checkpoint
 
             agree_on_save(cfg.folder, find_checkpoint(cfg.folder, cfg.load_step))
+        if world > args.layers:
+            raise ValueError(f"--layers: {args.layers} layers cannot be split over {world} pipeline stages")
         if resumed_plan is not None:  # every rank read the same saved plan
             plan = resumed_plan
         else:
             plan = LoRAPlan.model_validate_json(_make_plan(args, rank, world if distributed else 1))
-        if distributed:
-            # each rank parsed its own command line (torchrun per node), and a resumed run read the saved plan from
-            # its own file system: another --layers or --hidden on one rank waited in the pipeline until --timeout
-            from adasched.runtime.dist import check_same_on_every_rank
-
-            check_same_on_every_rank({**_identity(args, plan), "reference": bool(args.reference),
-                                      "checkpoint": None if cfg is None else {
-                                          "async": cfg.async_save, "every": cfg.interval, "keep": cfg.keep,
-                                          "load_step": cfg.load_step}},
-                                     str(args.plan) if args.plan is not None else "train_lora")
-        if world > args.layers:
-            raise ValueError(f"--layers: {args.layers} layers cannot be split over {world} pipeline stages")
+        if distributed:  # (rank 0's, broadcast - or, resumed, the saved plan each rank read from its file system)
+            check_same_on_every_rank(_identity(args, plan), where)
         model = TinyCausalLM(TinyLMConfig(vocab_size=args.vocab, hidden=args.hidden, layers=args.layers,
                                           heads=args.heads, ffn_hidden=args.ffn, max_positions=args.max_positions))
         if plan.lengths and max(plan.lengths) > args.max_positions:  # the user's knob, not the plan, to name

@@ -100,7 +100,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from adasched.launch.cli_args import (MAX_LAYERS, add_checkpoint_args, add_lr_schedule_args, check_lr_schedule,
-                                      checkpoint_config, lr_identity, lr_scheduler)
+                                      checkpoint_config, checkpoint_identity, lr_identity, lr_scheduler)
 from adasched.planner.ui import OneLineArgParser as ArgParser, is_rank0, reports_errors
 from adasched.profiler.io import InputError, check_host_memory, check_model_memory
 
@@ -801,9 +801,12 @@ def _main(args) -> int:
     from adasched.runtime.dist import check_same_on_every_rank
 
     if world > 1:
-        paths = ("given", "gpus_per_node_given", "batch_given", "plan", "checkpoint_dir", "router_stats_out")
-        check_same_on_every_rank({**{k: v for k, v in vars(args).items() if k not in paths},
-                                  "checkpoint": args.checkpoint_dir is not None,
+        # (compared resolved: the checkpoint options as checkpoint_config made them, the plan's configuration as
+        # run_identity resolved it; --json only changes what rank 0 prints)
+        skip = ("given", "gpus_per_node_given", "batch_given", "plan", "plan_config", "router_stats_out", "json",
+                "checkpoint_dir", "checkpoint_every", "checkpoint_keep", "checkpoint_async", "load_step")
+        check_same_on_every_rank({**{k: v for k, v in vars(args).items() if k not in skip},
+                                  "checkpoint": checkpoint_identity(ck_cfg),
                                   **run_identity(args, routers[0], schedules[0], env_ep, env_world)},
                                  str(args.plan) if args.plan is not None else "train_moe")
 

@@ -72,7 +72,7 @@ from datetime import timedelta
 from typing import Sequence
 
 from adasched.launch.cli_args import (MAX_LAYERS, add_checkpoint_args, add_lr_schedule_args, check_lr_schedule,
-                                      checkpoint_config, lr_identity, lr_scheduler)
+                                      checkpoint_config, checkpoint_identity, lr_identity, lr_scheduler)
 from adasched.planner.ui import OneLineArgParser, reports_errors
 from adasched.profiler.io import MIN_COLLECTIVE_TIMEOUT_S, InputError, check_model_memory, check_seconds, error_line
 from adasched.runtime.sp_model_spec import param_count
@@ -426,9 +426,7 @@ def _train(args: argparse.Namespace, plan, factor: float, lengths: list[list[int
         # saves: a rank given --checkpoint-async alone waited in new_group until --timeout, with a traceback; they
         # are not in run_identity, which a save keeps: a resume with another --checkpoint-every is the same run)
         mine = {**run_identity(args, plan), "check_reference": bool(args.check_reference),
-                "checkpoint": None if args.checkpoint_dir is None else {
-                    "async": bool(args.checkpoint_async), "every": args.checkpoint_every,
-                    "keep": args.checkpoint_keep, "load_step": args.load_step}}
+                "checkpoint": checkpoint_identity(checkpoint_config(args))}
         check_same_on_every_rank(mine, args.plan)
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if backend == "nccl" \
             else torch.device("cpu")

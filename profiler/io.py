@@ -244,7 +244,7 @@ def _check_name_length(path: Path, option: str) -> None:
         most = os.pathconf(folder if folder is not None else ".", "PC_NAME_MAX")
     except (OSError, ValueError):
         most = 255
-    if most and most > 0 and len(os.fsencode(path.name)) > most:
+    if most > 0 and len(os.fsencode(path.name)) > most:
         raise InputError(option, f"{path.name[:40]}...: the file name is {len(os.fsencode(path.name))} bytes; this "
                                  f"file system takes at most {most}")
 
@@ -344,15 +344,22 @@ def finite_json(obj: Any) -> Any:
     return obj
 
 
+def first_non_finite(obj: Any, path: str = "") -> tuple[str, float] | None:
+    """(dotted key path, value) of the first NaN or infinity in ``obj`` (floats in nested dicts, lists and tuples),
+    None when there is none."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else (path or "value", obj)
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        hit = first_non_finite(v, f"{path}.{k}" if path else str(k))
+        if hit is not None:
+            return hit
+    return None
+
+
 def has_non_finite(obj: Any) -> bool:
     """Whether a NaN or infinity sits anywhere in ``obj`` (floats in nested dicts, lists and tuples)."""
-    if isinstance(obj, float):
-        return not math.isfinite(obj)
-    if isinstance(obj, dict):
-        return any(has_non_finite(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return any(has_non_finite(v) for v in obj)
-    return False
+    return first_non_finite(obj) is not None
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

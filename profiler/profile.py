@@ -5,14 +5,13 @@ Every fitted model carries its relative fit error and where its numbers come fro
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, ClassVar, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, PrivateAttr, field_validator,
                       model_validator)
 
-from .io import InputError, atomic_write_json, check_iso_time, load_model
+from .io import InputError, atomic_write_json, check_iso_time, first_non_finite, load_model
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -179,17 +178,7 @@ class ModelCost(_Strict):
 def _finite_free_form(v: dict | None) -> dict | None:
     """A free-form dict (raw, host, topology) holds no NaN/Infinity: pydantic's allow_inf_nan=False does not reach
     ``Any`` values, and a save wrote them as null (a round trip changed the file)."""
-    def where(obj, path):
-        if isinstance(obj, float) and not math.isfinite(obj):
-            return path or "value", obj
-        items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
-        for k, x in items:
-            hit = where(x, f"{path}.{k}" if path else str(k))
-            if hit is not None:
-                return hit
-        return None
-
-    hit = None if v is None else where(v, "")
+    hit = None if v is None else first_non_finite(v)
     if hit is not None:
         raise ValueError(f"{hit[0]}: {hit[1]} is not a JSON number (NaN and infinities are refused)")
     return v

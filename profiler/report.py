@@ -176,13 +176,12 @@ def _long_end_notes(prof) -> list[str]:
     """A fit far under its longest measured point (the one extrapolation starts from): the relative least squares
     weigh a noisy short point as much as the long one, so the mean error could pass while the longest length was
     priced at half its time (a quick CPU profile: s=512 measured 17.8 ms, fitted 6.8 ms)."""
-    raw = prof.raw if isinstance(prof.raw, dict) else {}
     out = []
     for what, fit, key, size, model in (
             ("attention", prof.attention, "attention", "seq",
              lambda f, s: f.a1_ms_per_tok2 * s * s + f.a2_ms_per_tok * s + f.b_ms),
             ("linear", prof.linear, "linear", "tokens", lambda f, t: f.ms_per_token * t + f.b_ms)):
-        rows = raw.get(key)
+        rows = prof.raw.get(key)
         if fit is None or not isinstance(rows, list):
             continue
         pts = [(r[size], r["fwd_bwd_ms"]) for r in rows if isinstance(r, dict)

@@ -47,6 +47,30 @@ def test_train_lora_ranks_with_another_model_stop_with_one_line(tmp_path, capfd)
     assert not out.exists() or not any(out.iterdir())  # nothing written
 
 
+def test_train_lora_ranks_with_a_checkpoint_dir_on_some_only_stop_with_one_line(tmp_path, capfd):
+    """(review) rank 0 with --checkpoint-dir met rank 1's plan broadcast in its save agreement: a traceback after
+    the timeout. The options are compared first now."""
+    out, ck = tmp_path / "out", tmp_path / "ck"
+    assert spawn_gloo(_lora_worker, 2, str(out), [["--checkpoint-dir", str(ck)], []], timeout_s=120) == [2, 2]
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert lines == [f"error: train_lora: rank(s) [1] run another plan or options than rank 0 (different: "
+                     f"checkpoint): {TAIL}"], lines
+    assert not out.exists() and not ck.exists()
+
+
+def test_train_moe_ranks_spelling_out_a_default_train_together(tmp_path, capfd):
+    """(review) the raw options were compared: --checkpoint-keep 2 on one rank and the default 2 on the other, or
+    --json on rank 0 only, were refused though they run the same. Resolved values are compared now."""
+    ck = str(tmp_path / "ck")
+    extra = [["--checkpoint-dir", ck, "--checkpoint-keep", "2", "--json"], ["--checkpoint-dir", ck]]
+    assert spawn_gloo(_moe_worker, 2, extra, timeout_s=120) == [0, 0]
+    out, err = capfd.readouterr()
+    assert "error:" not in err, err
+    import json
+
+    assert [len(r["losses"]) for r in json.loads(out)["runs"]] == [2]  # both steps trained
+
+
 def _check_worker(rank: int, world: int, views: list):
     from adasched.profiler.io import InputError
 
