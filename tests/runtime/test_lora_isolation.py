@@ -43,7 +43,7 @@ def test_a_diverged_sample_does_not_reach_the_samples_packed_beside_it():
     packed, g_packed = _run(model, tokens, lens, d0.clone().requires_grad_(), poison)
     assert torch.isfinite(packed).all() and torch.isfinite(g_packed).all()
     # float32: the packed run's GEMMs have other shapes than the lone sample's, so another summation order (a fresh
-    # draw in CI differed by 4.2e-6 on values ~0.1: atol 1e-6 failed it); a leaked NaN/inf or another sample's
+    # draw in CI differed by up to 4.2e-6: atol 1e-6 failed it); a leaked NaN/inf or another sample's
     # rows would differ by orders more
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g_packed, g_alone, rtol=1e-5, atol=1e-5)
