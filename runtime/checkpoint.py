@@ -740,7 +740,11 @@ class Checkpointer:
         try:
             with _quiet_single_process():
                 dcp.load(keyed, checkpoint_id=str(info.path))
-        except (CheckpointException, OSError) as err:  # DCP's (every rank gets it; a BaseException): one line
+        except (CheckpointException, OSError, RuntimeError) as err:  # DCP's (every rank gets it; a BaseException)
+            if (stop := interrupt_in(err)) is not None:  # Ctrl-C while loading: the interrupt, not "cannot load"
+                raise stop from None
+            if not isinstance(err, (CheckpointException, OSError)):
+                raise
             raise InputError(info.path, f"cannot load this save ({failure_line(err)}); resume another with "
                                         f"--load-step or start in a new --checkpoint-dir") from None
         for finish, templates in finishers:
@@ -838,7 +842,11 @@ class Checkpointer:
         try:
             with _quiet_single_process():
                 dcp.save(self._keyed(state), checkpoint_id=str(partial))
-        except (CheckpointException, OSError) as err:  # DCP's reaches every rank (a BaseException): one line each
+        except (CheckpointException, OSError, RuntimeError) as err:  # DCP's reaches every rank (a BaseException)
+            if (stop := interrupt_in(err)) is not None:  # Ctrl-C while writing: the interrupt, not a write failure
+                raise stop from None  # (the .partial folder is garbage the next save clears)
+            if not isinstance(err, (CheckpointException, OSError)):
+                raise
             raise InputError(folder, f"cannot write the checkpoint of step {step} ({failure_line(err)})") from None
         if self.rank == 0:  # dcp.save returns on rank 0 once every rank's file is written
             failed = self._commit(step, ours)
@@ -963,6 +971,8 @@ class _Pending:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as err:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+            if (stop := interrupt_in(err)) is not None:
+                raise stop from None
             return f"cannot write the checkpoint of step {self.step} ({failure_line(err)})"
         return None
 
@@ -975,6 +985,27 @@ class _Pending:
         if self.thread.is_alive():
             return f"the checkpoint of step {self.step} was still being written after {timeout:g} s"
         return self.failed
+
+
+def interrupt_in(err: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt or SystemExit behind a DCP failure, if any: a Ctrl-C that lands while DCP writes or
+    reads surfaces as a CheckpointException (its per-rank ``failures``) or an OSError / RuntimeError whose cause or
+    context is the interrupt; the caller re-raises it instead of reporting a write failure."""
+    seen, todo = set(), [err]
+    while todo:
+        cur = todo.pop()
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, (KeyboardInterrupt, SystemExit)):
+            return cur
+        failures = getattr(cur, "failures", None)
+        if isinstance(failures, dict):
+            for value in failures.values():
+                todo.extend(v for v in (value if isinstance(value, tuple) else (value,))
+                            if isinstance(v, BaseException))
+        todo.extend((cur.__cause__, cur.__context__))
+    return None
 
 
 def failure_line(err: BaseException) -> str:
