@@ -77,3 +77,45 @@ def two_rank_sp_plan():
     return SPPlan(world_size=2, model="tiny-gpt", inputs_digest="test",
                   solver=SolverRecord(backend="hand", status="heuristic", solve_seconds=0.0), predicted_ms=2.0,
                   steps=[step])
+
+
+_LOCK_HOLDER = """
+import sys
+from adasched.runtime.checkpoint import CheckpointConfig, Checkpointer
+ck = Checkpointer(CheckpointConfig(folder=sys.argv[1]), run={})
+ck._take_lock()
+print("held", flush=True)
+sys.stdin.read()   # holds the folder until the test closes its stdin
+"""
+
+
+@pytest.fixture
+def checkpoint_lock_holder():
+    """Start another process that holds a checkpoint folder's lock (a first run still training): ``hold(folder)``
+    returns its Popen once the lock is taken; ``hold.release()`` (or the test's end) closes its stdin, and it must
+    then exit 0, its lock going with it."""
+    import subprocess
+    import sys
+
+    procs = []
+
+    def hold(folder):
+        proc = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(folder)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline() == "held\n"
+        return proc
+
+    def release():
+        while procs:
+            proc = procs.pop()
+            proc.stdin.close()
+            assert proc.wait(timeout=60) == 0
+
+    hold.release = release
+    try:
+        yield hold
+    finally:
+        for proc in procs:  # a test that failed before release(): do not leave the holder running
+            proc.kill()
+            proc.wait(timeout=60)

@@ -1070,28 +1070,9 @@ def test_a_values_template_one_rank_cannot_load_fails_every_rank_in_one_line(tmp
 
 
 # ---- one run per folder: the lock ------------------------------------------------------------------------------------
-_HOLDER = """
-import sys
-from adasched.runtime.checkpoint import CheckpointConfig, Checkpointer
-ck = Checkpointer(CheckpointConfig(folder=sys.argv[1]), run={})
-print(ck.resume({}), flush=True)
-sys.stdin.read()   # holds the folder until the test closes its stdin
-"""
-
-
-def _lock_holder(folder):
-    import subprocess
-    import sys
-
-    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline() == "0\n"  # it resumed nothing: the folder is its own now
-    return proc
-
-
-def test_a_second_run_on_a_locked_folder_is_refused_until_the_first_ends(tmp_path):
+def test_a_second_run_on_a_locked_folder_is_refused_until_the_first_ends(tmp_path, checkpoint_lock_holder):
     _, _, state = _rank_state(0)
-    holder = _lock_holder(tmp_path)
+    holder = checkpoint_lock_holder(tmp_path)
     lock = tmp_path / ".adasched-lock"
     locked_at = lock.stat().st_mtime_ns
     try:
@@ -1108,8 +1089,7 @@ def test_a_second_run_on_a_locked_folder_is_refused_until_the_first_ends(tmp_pat
         out = spawn_gloo(_locked_folder_worker, 2, str(tmp_path), timeout_s=60)
         assert [o.startswith("another run is using this checkpoint folder") for o in out] == [True, True], out
     finally:
-        holder.stdin.close()
-        assert holder.wait(timeout=60) == 0
+        checkpoint_lock_holder.release()
     ck = Checkpointer(CheckpointConfig(folder=tmp_path), run={})  # the holder's end released it
     assert ck.resume(state) == 0 and ck.save(2, state) == step_folder(tmp_path, 2)
 

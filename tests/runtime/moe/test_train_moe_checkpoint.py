@@ -629,19 +629,14 @@ def test_resuming_a_save_without_router_statistics_says_what_they_cover(one_rank
     assert rc == 0 and "resumed from" in out and "predates" not in out, out
 
 
-def test_a_second_run_on_the_same_checkpoint_dir_is_one_line(one_rank_env, tmp_path, capsys):
+def test_a_second_run_on_the_same_checkpoint_dir_is_one_line(one_rank_env, tmp_path, capsys, checkpoint_lock_holder):
     """Another process holds the folder (a first run still training): the second run stops with one line naming
     its pid, exit 2, and leaves the first's saves alone; before, it resumed, pruned and committed beside it."""
     ck = tmp_path / "ck"
     run = ["--steps", "2", "--checkpoint-dir", str(ck)]
     _one_rank(capsys, run)
-    code = ("import sys\nfrom adasched.runtime.checkpoint import CheckpointConfig, Checkpointer\n"
-            "ck = Checkpointer(CheckpointConfig(folder=sys.argv[1]), run={})\nck._take_lock()\n"
-            "print('held', flush=True)\nsys.stdin.read()\n")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(ck)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
+    holder = checkpoint_lock_holder(ck)
     try:
-        assert holder.stdout.readline() == "held\n"
         before = _tree(tmp_path)
         assert main([*TINY, *run[:1], "4", *run[2:]]) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -649,6 +644,5 @@ def test_a_second_run_on_the_same_checkpoint_dir_is_one_line(one_rank_env, tmp_p
                        f"{holder.pid}); wait for it to end or give a new --checkpoint-dir"], err
         assert _tree(tmp_path) == before
     finally:
-        holder.stdin.close()
-        assert holder.wait(timeout=60) == 0
+        checkpoint_lock_holder.release()
     assert _one_rank(capsys, [*run[:1], "4", *run[2:]])["start_step"] == 2  # the holder gone, it resumes
