@@ -387,7 +387,7 @@ def _check_operands(what: str, x: torch.Tensor, w: torch.Tensor, index: MoEIndex
         raise ValueError(f"{what}: x {tuple(x.shape)} and w {tuple(w.shape)} do not multiply (x (N, K), w (E, K, M))")
     if index.num_experts != w.shape[0]:
         raise ValueError(f"{what}: index has {index.num_experts} experts, weight has {w.shape[0]}")
-    _check_index(what, index, x.shape[0])
+    _check_index(what, index, x)
 
 
 def _check_wgrad_operands(x: torch.Tensor, dy: torch.Tensor, index: MoEIndex) -> None:
@@ -395,7 +395,7 @@ def _check_wgrad_operands(x: torch.Tensor, dy: torch.Tensor, index: MoEIndex) ->
     if x.dim() != 2 or dy.dim() != 2 or x.shape[0] != dy.shape[0]:
         raise ValueError(f"grouped_wgrad: x {tuple(x.shape)} and dy {tuple(dy.shape)} must be 2-D with one row "
                          f"count")
-    _check_index("grouped_wgrad", index, x.shape[0])
+    _check_index("grouped_wgrad", index, x)
 
 
 def grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, index: MoEIndex) -> torch.Tensor:
@@ -664,9 +664,20 @@ class _GroupedMM(torch.autograd.Function):
         return dx, dw, None, None
 
 
-def _check_index(what: str, index: MoEIndex, rows: int) -> None:
-    """The index describes ``rows`` expert rows: its counts add up to them (else the Triton kernels read or left
+def _check_device(what: str, x: torch.Tensor, index: MoEIndex, *others: torch.Tensor) -> None:
+    """The index (and ``others``: a gate) on x's device: a meta or other-device index otherwise failed inside
+    torch's indexing with an error that named neither operand."""
+    for name, t in (("the index", index.src_token), *(("gate", o) for o in others)):
+        if t.device != x.device:
+            raise ValueError(f"{what}: {name} is on {t.device}, the input on {x.device}; build the index on the "
+                             f"input's device")
+
+
+def _check_index(what: str, index: MoEIndex, x: torch.Tensor) -> None:
+    """The index describes x's rows, on x's device: its counts add up to them (else the Triton kernels read or left
     rows no expert segment covers: uninitialised output, reads past the tensor)."""
+    _check_device(what, x, index)
+    rows = x.shape[0]
     if index.num_rows != rows:
         raise ValueError(f"{what}: the index holds {index.num_rows} rows, the input {rows}")
     # the counts' sum only where reading it costs nothing: on a GPU it would wait for the device on every call
@@ -693,6 +704,7 @@ def permute(x: torch.Tensor, index: MoEIndex, backend: Backend = "auto") -> torc
     _check_rows("permute", x)
     if x.shape[0] != index.num_tokens:
         raise ValueError(f"permute: x has {x.shape[0]} tokens, the index {index.num_tokens}")
+    _check_device("permute", x, index)
     if x.dtype == torch.float64:
         _pick(backend, x)  # (still refuses an unknown backend)
         return permute_ref(x, index)
@@ -703,7 +715,8 @@ def unpermute(y: torch.Tensor, gate: torch.Tensor, index: MoEIndex, backend: Bac
     """Gate-weighted combine of expert rows back to tokens: (N,H) -> (T,H); float64 takes the reference (the
     Triton kernel accumulates in float32)."""
     _check_rows("unpermute", y)
-    _check_index("unpermute", index, y.shape[0])
+    _check_index("unpermute", index, y)
+    _check_device("unpermute", y, index, gate)
     if gate.dim() != 1 or gate.shape[0] != y.shape[0]:  # the Triton path read past a short gate
         raise ValueError(f"unpermute: gate has shape {tuple(gate.shape)}, expected ({y.shape[0]},): one weight per "
                          f"expert row")
@@ -722,7 +735,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, index: MoEIndex, backend: Backe
     if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[1]:
         raise ValueError(f"grouped_mm: x {tuple(x.shape)} and w {tuple(w.shape)} do not multiply (x (N, K), "
                          f"w (E, K, M))")
-    _check_index("grouped_mm", index, x.shape[0])
+    _check_index("grouped_mm", index, x)
     _check_rows("grouped_mm", x, w)
     _one_dtype("grouped_mm", x, w)  # (every backend: the torch one's error came from inside the reference)
     if x.dtype == torch.float64:  # exact, as permute/unpermute (the kernels accumulate in float32, and their
@@ -853,7 +866,7 @@ def _check_expert_mlp(x, w1, w2, index: MoEIndex, activation: str, who: str) -> 
     # the rows the index describes (the backward's Triton path returned uninitialised rows for more, and wrote
     # past its buffers for fewer - heap corruption; a 3-D x gave dw1 of another shape)
     _check_rows(who, x)
-    _check_index(who, index, x.shape[0])
+    _check_index(who, index, x)
     E, H = index.num_experts, x.shape[-1]
     width = w1.shape[-1] if w1.dim() == 3 else -1
     F = width // 2 if activation == "swiglu" else width
