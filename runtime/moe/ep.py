@@ -16,18 +16,18 @@ forward (degree ``r_fwd``)
        combine;
     4. wait for the combines and put the rows back in place.
 backward (degree ``r_bwd``, chosen independently)
-    the same pipeline on the output gradients with its own chunking. The expert rank finds the saved
-    expert inputs/pre-activations of each incoming row by its tag (source, expert, token), so forward and
-    backward chunks need not coincide. In each gap of the backward pipeline (after each chunk's combine is
-    issued) the :class:`GradSliceReducer`, if given, launches the next planned slice of the dense-gradient
-    all-reduce. ``wgrad`` places the expert weight gradients (the planner's ``wgrad_bwd``): "fused" computes
-    dW with dX in each chunk's compute (autograd's order: the combine waits for it); "per-chunk" computes
-    chunk c's dW right after chunk c's combine is issued (and that gap's dense slice); "deferred" computes
-    every dW after the last combine is issued. The split modes issue each combine when its dX is done, so dW
-    overlaps the combines. On the hierarchical path a combine's second (intra-node) step can only be issued
-    by the host thread once its first step has finished: the pipeline checks before every dW, so such a step
-    waits behind at most one chunk's dW (on a GPU the dW kernels are queued asynchronously, the host check
-    comes right after).
+    the same pipeline on the output gradients with its own chunking. The expert rank finds the saved expert
+    inputs/pre-activations of each incoming row by its tag (source, expert, token), so forward and backward chunks
+    need not coincide. At the first gap of the backward pipeline (after the first chunk's combine is issued) the
+    :class:`GradSliceReducer`, if given, launches the layer's planned slice of the dense-gradient all-reduce as one
+    all-reduce (the planner prices one alpha per layer's slice). ``wgrad`` places the expert weight gradients (the
+    planner's ``wgrad_bwd``): "fused" computes dW with dX in each chunk's compute (autograd's order: the combine
+    waits for it); "per-chunk" computes chunk c's dW right after chunk c's combine is issued (after the dense slice,
+    at the first gap); "deferred" computes every dW after the last combine is issued. The split modes issue each
+    combine when its dX is done, so dW overlaps the combines. On the hierarchical path a combine's second
+    (intra-node) step can only be issued by the host thread once its first step has finished: the pipeline checks
+    before every dW, so such a step waits behind at most one chunk's dW (on a GPU the dW kernels are queued
+    asynchronously, the host check comes right after).
 
 Hierarchical path (``hierarchical=True``): every exchange runs in two steps, first inside the node
 (intra-node all-to-all to the local peer with the destination's local index), then between nodes
@@ -687,13 +687,14 @@ class GradSliceReducer:
         extra = self.slices[self._layer] if self._layer < len(self.slices) else 0.0
         self._layer_budget_end = self._layer_start + extra
 
-    def gap(self, fraction: float) -> None:
-        """A gap of the MoE backward pipeline, ``fraction`` of the layer's chunks done: launch the slice
-        share up to ``fraction`` of this layer's budget, limited to the gradients that exist."""
+    def gap(self) -> None:
+        """A gap of the MoE backward pipeline: launch what is left of this layer's slice, as far as its gradients
+        exist. The first gap launches the whole slice as ONE all-reduce, as the planner prices it (alpha4 + beta4 x
+        per layer: spreading it over the r_bwd chunk gaps paid (r_bwd - 1) more latencies, which the plan did not
+        count); a later gap launches only what was not ready at the first (a slice beyond the prefix rule)."""
         if not self._enabled:
             return
-        target = self._layer_start + fraction * (self._layer_budget_end - self._layer_start)
-        upto = min(int(round(target)), self._ready_prefix(), sum(self.sizes))
+        upto = min(int(round(self._layer_budget_end)), self._ready_prefix(), sum(self.sizes))
         if upto > self._done:
             self.launched_in_gaps += upto - self._done
             self._launch(upto)
@@ -926,7 +927,7 @@ class EPExperts(torch.autograd.Function):
         def gap(c, progress):
             if meta.reducer is not None:  # the dense slice first: its all-reduce then runs during the dW
                 ep.stats["gaps"] += 1
-                meta.reducer.gap((c + 1) / len(exch))
+                meta.reducer.gap()
             if meta.wgrad == "per-chunk":
                 weight_grads(progress)
 
