@@ -1,6 +1,7 @@
 """`adasched bench twill`: the built-in loop graphs solved a few times each - I, MII, status, solve seconds (median,
-min-max), stages, warp groups, Triton knobs, simulated cycles per iteration and the speedup over the same loop
-without pipelining - and the Twill issue's targets that a CPU can check: the toy loop at I = 2 with one tensor
+min-max), stages, warp groups, Triton knobs, simulated cycles per iteration and two speedups: over the serial loop
+(one iteration after the other in one instruction stream: the same baseline for every plan of a graph) and over the
+plan's own kernel without pipelining (its warp groups and handoffs kept: what pipelining alone buys it) - and the Twill issue's targets that a CPU can check: the toy loop at I = 2 with one tensor
 core; the FA3-style Hopper graph solved within 10 s with a TMA producer group, two consumer groups that ping-pong
 and each QK^T peeled a stage ahead of its PV.
 
@@ -56,10 +57,17 @@ def fa3_structure_problems(plan) -> list[str]:
 def bench_twill(graphs: list[str], params, repeats: int, advance: Callable[[int], None] = lambda n=1: None) -> dict:
     """Solve each graph (built-in name or file; machine: the graph's hint, else h100) ``repeats`` times with
     ``params``; one row per graph and the targets' rows. Every plan is validated (``make_plan`` verifies it)."""
-    from .plan import plan_twill
+    from .graph import make_problem
+    from .plan import plan_twill, serial_cycles
 
     rows, plans = [], {}
     for name in graphs:
+        prob = make_problem(name)  # (the machine plan_twill takes: the graph's hint, else h100)
+        # the candidate-independent baseline: one iteration after the other, one instruction stream (no warp
+        # groups, no handoffs). The plan's own "no-pipelining" keeps its warp groups (what pipelining alone buys
+        # that plan), so two plans of equal I read different ratios against it: a worse grouping, with more
+        # handoffs, read a larger speedup.
+        serial = serial_cycles(prob.graph, prob.units)
         runs = []
         for _ in range(repeats):
             runs.append(plan_twill(name, None, params))
@@ -78,7 +86,8 @@ def bench_twill(graphs: list[str], params, repeats: int, advance: Callable[[int]
             "warp_groups": "; ".join(f"{g.role}: {' '.join(g.ops)}" for g in p.warp_groups),
             "knobs": p.knobs.model_dump(exclude={"note"}),
             "sim_cycles_per_iteration": p.sim_cycles_per_iteration,
-            # (the speedup's baseline, so the row can be checked: one iteration after the other, in cycles)
+            # (the speedups' baselines, so the row can be checked, in cycles per iteration)
+            "serial_cycles": serial, "speedup_vs_serial": serial / p.ii,
             "no_pipelining_cycles": round(p.baselines_ms["no-pipelining"] / (p.cycle_ns * 1e-6)),
             "speedup_vs_no_pipelining": p.baselines_ms["no-pipelining"] / p.predicted_ms,
         })

@@ -111,9 +111,10 @@ def register(groups) -> None:
                  f"{r['solve_seconds_median']:.2f} ({r['solve_seconds_min']:.2f}-{r['solve_seconds_max']:.2f})",
                  r["stages"], r["warp_groups"],
                  " ".join(f"{k}={v}" for k, v in r["knobs"].items()), fmt(r["sim_cycles_per_iteration"]),
-                 f"{r['speedup_vs_no_pipelining']:.2f}x") for r in res["rows"]]
+                 f"{r['speedup_vs_serial']:.2f}x", f"{r['speedup_vs_no_pipelining']:.2f}x") for r in res["rows"]]
         print_table(rows, ["graph", "machine", "I", "MII (res, rec, excl)", "status", "solve s median (min-max)",
-                           "stages", "warp groups", "Triton knobs", "sim cycles/iter", "vs no pipelining"],
+                           "stages", "warp groups", "Triton knobs", "sim cycles/iter", "vs serial",
+                           "vs no pipelining (its groups)"],
                     title=f"bench twill: {repeats} solve(s) per graph, {threads} thread(s), seed {seed}, "
                           f"on {res['host']}")
         if res["targets"]:
