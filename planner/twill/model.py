@@ -789,7 +789,8 @@ def solve(problem: Problem, params: SolveParams | None = None, *, warp: bool | N
                 if use_warp else "no modulo schedule")
         raise (ValueError if proven else TimeLimitError)(
             f"graph {problem.graph.name!r}: {what} up to I = {cap}"
-            + ("" if proven else " (some attempts timed out; raise --time-limit)"))
+            + (" (nor at any larger I: at this one the ops already run one after another)" if proven
+               else " (some attempts timed out; raise --time-limit)"))
 
     # with the warp problem to follow, the plain stage only decides feasibility at each I (its schedule is a
     # hint, its span is thrown away): optimising the span there spent the whole budget on a 30-op graph

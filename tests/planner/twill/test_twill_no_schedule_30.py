@@ -36,7 +36,8 @@ def test_the_cli_names_the_graph_file(tmp_path, capsys, name):
     assert main(["plan", "twill", "--graph", str(p), "--time-limit", "30", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err == (f"error: {p}: no warp-specialised schedule: the register, shared-memory or warp-group limits "
-                   f"cannot be met up to I = 20\n"), err
+                   f"cannot be met up to I = 20 (nor at any larger I: at this one the ops already run one after "
+                   f"another)\n"), err
     assert not out.exists()
 
 
