@@ -35,7 +35,7 @@ backward (planner.fsmoe.planning, :func:`planner.fsmoe.model.exposed_comm_ms`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -119,7 +119,11 @@ class MoEConfig(BaseModel):
     def f(self, layer: int = 0) -> float:
         """Assignments per token the layer moves and computes: k x capacity factor (the capacity buffer, FSMoE's
         f) from the config, or the measured mean k after drops from router statistics as it is (the runtime moves
-        the kept assignments only; multiplying them by the capacity factor again counted it twice)."""
+        the kept assignments only; multiplying them by the capacity factor again counted it twice).
+
+        A factor above 1 is priced as FSMoE prices it: the buffer, the most the capacity lets the busiest expert
+        receive. The runtime does not pad to capacity: with balanced routing it moves k per token, fewer than this
+        f (the plan's stage notes say so; ``--router-stats`` plans the measured k instead)."""
         if self.mean_k_per_layer:
             return self.mean_k_per_layer[layer]
         return self.top_k * (1.0 if self.dropless else self.capacity_factor)
@@ -330,8 +334,24 @@ def _expert_macs_per_gpu(cfg: MoEConfig, topo: Topology, layer: int) -> float:
     return cfg.g * cfg.f(layer) * cfg.tokens * cfg.hidden * cfg.ffn_hidden
 
 
+def capacity_note(cfg: MoEConfig) -> str | None:
+    """The stage note of a capacity factor above 1 planned from the config (see :meth:`MoEConfig.f`), else None."""
+    if cfg.mean_k_per_layer or cfg.dropless or cfg.capacity_factor <= 1.0:
+        return None
+    return (f"f = k x capacity factor = {cfg.top_k:g} x {cfg.capacity_factor:g}: FSMoE's capacity buffer, the most the "
+            f"busiest expert may receive; the runtime does not pad to capacity (balanced routing moves {cfg.top_k:g} per "
+            f"token): --router-stats plans the measured k")
+
+
 def stage_costs(cfg: MoEConfig, topo: Topology, *, source: Literal["published", "profile"],
                 profile: ClusterProfile | None = None, layer: int = 0) -> StageCosts:
+    costs = _stage_costs(cfg, topo, source=source, profile=profile, layer=layer)
+    note = capacity_note(cfg)
+    return costs if note is None else replace(costs, notes=(*costs.notes, note))
+
+
+def _stage_costs(cfg: MoEConfig, topo: Topology, *, source: Literal["published", "profile"],
+                 profile: ClusterProfile | None = None, layer: int = 0) -> StageCosts:
     from adasched.profiler.builtins import FSMOE_ALPHA_MS, FSMOE_BETA_MS
 
     n = _workloads(cfg, topo, layer)
