@@ -650,7 +650,7 @@ def _check_sizes(args, world: int) -> None:
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr: {args.lr} must be a positive number")
     if args.capacity_factor is not None and not (math.isfinite(args.capacity_factor) and args.capacity_factor > 0):
-        raise ValueError(f"--capacity-factor: {args.capacity_factor} must be > 0 (omit it for dropless)")
+        raise ValueError(f"--capacity-factor: {args.capacity_factor} must be a finite number > 0 (omit it for dropless)")
     if not 0 < args.top_p <= 1:  # NaN too
         raise ValueError(f"--top-p: {args.top_p} must be in (0, 1]")
     if args.hierarchical and world > 1 and world % min(args.gpus_per_node, world):

@@ -112,14 +112,18 @@ class RouterConfig:
     def __post_init__(self) -> None:
         if self.kind not in ROUTER_KINDS:
             raise ValueError(f"router kind: {self.kind!r} is not one of {', '.join(ROUTER_KINDS)}")
+        optional = ("capacity_factor", "target_k", "k_max")  # None means something for these only
         for name in ("num_experts", "top_k", "k_max"):  # a bool is not a count, 2.5 experts are not a count
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+            if (v is not None or name not in optional) and (not isinstance(v, int) or isinstance(v, bool)):
                 raise ValueError(f"{name}: {v!r} must be an int")
         for name in ("capacity_factor", "aux_loss_coef", "z_loss_coef", "p", "entropy_coef", "target_k",
                      "controller_rate", "p_min", "bias_update_rate"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
+            # (None for a required number compared with 0 below: a TypeError naming nothing, and a live config
+            # kept the None)
+            if (v is not None or name not in optional) and (
+                    not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
                 raise ValueError(f"{name}: {v!r} must be a finite number")
         for name in ("aux_loss_coef", "z_loss_coef", "entropy_coef", "controller_rate", "bias_update_rate"):
             if getattr(self, name) < 0:
@@ -155,7 +159,7 @@ class RouterConfig:
         object.__setattr__(self, name, value)
         try:
             self.__post_init__()
-        except ValueError:
+        except BaseException:  # (ValueError; anything else must not leave the bad value either)
             object.__setattr__(self, name, old)
             raise
 
@@ -198,7 +202,7 @@ class Routing:
     expert_idx: torch.Tensor
     """(N,) int64 expert of each assignment (ascending)."""
     weight: torch.Tensor
-    """(N,) gate of each assignment (float32, differentiable)."""
+    """(N,) gate of each assignment (float32, float64 for a float64 router; differentiable)."""
     counts: torch.Tensor
     """(E,) int64 assignments per expert."""
     num_tokens: int
@@ -306,7 +310,10 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> Routing:
         """x: (T, hidden). Returns the assignments, aux loss and statistics."""
         cfg = self.config
-        logits = self.proj(x).float()
+        logits = self.proj(x)
+        # float32 at least (bf16/fp16 and autocast route in float32); a float64 model routes in float64 (its gates
+        # and aux losses were rounded to float32: a float64 MoELayer failed gradcheck)
+        logits = logits if logits.dtype == torch.float64 else logits.float()
         T, E = logits.shape
         losses: dict[str, torch.Tensor] = {}
         aux = logits.new_zeros(())
