@@ -169,6 +169,7 @@ class SPPlan(Plan):
         # step at its lower bound): not a claim the base check can judge
         old = self.solver.objective is None and self.solver.bound is None
         errors = [] if old else super().verify()
+        bad_ids = False
         for si, st in enumerate(self.steps):
             n = len(st.seqlens)
             if n == 0:  # (the trainer failed with "max() arg is an empty sequence")
@@ -185,6 +186,7 @@ class SPPlan(Plan):
                     for sid, slen in zip(g.seq_ids, g.seqlens):
                         if not 0 <= sid < n:
                             errors.append(f"{loc}.seq_ids: {sid} outside the step's {n} sequences")
+                            bad_ids = True
                             continue
                         if st.seqlens[sid] != slen:
                             errors.append(f"{loc}.seqlens: sequence {sid} has length {slen} here but "
@@ -207,6 +209,8 @@ class SPPlan(Plan):
             if st.step in first:
                 errors.append(f"steps.{si}.step: {st.step} is also steps.{first[st.step]}'s number")
             first.setdefault(st.step, si)
+        if bad_ids:  # the checks below index the step's lengths by these ids (an id past the end was an IndexError
+            return errors  # traceback from show and simulate)
         errors += self._time_errors()
         cm = self._builtin_cost_model()
         if cm is not None:

@@ -136,6 +136,9 @@ class MoEConfigPlan(BaseModel):
 
 #: plans written since re-price their expert buckets' exposure in verify (the bucket prices last changed then)
 EXPERT_EXPOSURE_CHECKED_SINCE = "2026-12-02T03:02:00+00:00"
+#: plans written since have layer 0's stored stage costs re-derived from their config in verify (the cost model has
+#: not changed since; plans of an earlier one keep their costs)
+LAYER0_COSTS_CHECKED_SINCE = "2026-12-03T00:00:00+00:00"
 
 
 def _check_stage_costs(at: str, rec: StageCostsRecord, l0: MoELayerPlan) -> list[str]:
@@ -362,7 +365,8 @@ class MoEPlan(Plan):
                     # expert-sharded plan whose makespan happened to be the same)
                     errors.append(f"{at}: layer0_stage_costs.two_step {c.layer0_stage_costs.two_step} is not the "
                                   f"layout's two_step_a2a {c.two_step_a2a}")
-                stage_errors = _check_stage_costs(at, c.layer0_stage_costs, c.layers[0])
+                stage_errors = _check_stage_costs(at, c.layer0_stage_costs, c.layers[0]) or \
+                    self._layer0_cost_errors(at, c)
                 errors += stage_errors or (_baseline_errors(at, c) + self._layer_errors(at, c))  # (per configuration)
                 if (not stage_errors and cfg is not None and len(c.layers) == cfg.num_layers
                         and set(c.iteration_baselines_ms) == set(c.baselines_fwd_bwd_ms) == set(BASELINES)):
@@ -372,6 +376,17 @@ class MoEPlan(Plan):
             if c.iteration_fastest_bwd_ms is not None and c.iteration_ms > c.iteration_fastest_bwd_ms * (1 + 1e-9):
                 errors.append(f"{at}: iteration {c.iteration_ms} ms is longer than with every layer's fastest "
                               f"backward ({c.iteration_fastest_bwd_ms} ms)")
+            if c.expert_copies == 1 and c.expert_grad_allreduce_ms != 0:  # (documented 0: nothing to all-reduce)
+                errors.append(f"{at}: expert_grad_allreduce_ms {c.expert_grad_allreduce_ms}, but each expert exists "
+                              f"once (expert_copies 1): there is no expert all-reduce")
+            for lp in c.layers:  # (the fused placement is one of the candidates the fastest backward is the best of)
+                if lp.bwd_fastest_ms is not None and lp.bwd_fused_wgrad_ms < lp.bwd_fastest_ms * (1 - 1e-9):
+                    errors.append(f"{at} layer {lp.layer}: bwd_fused_wgrad_ms {lp.bwd_fused_wgrad_ms} is below its "
+                                  f"fastest backward ({lp.bwd_fastest_ms} ms)")
+                    break
+            if c.iteration_fastest_bwd_ms is not None and c.layers and c.layer0_stage_costs is not None and \
+                    cfg is not None and all(lp.bwd_fastest_ms is not None for lp in c.layers):
+                errors += self._fastest_iteration_errors(at, c, cfg)
             if c.expert_grad_exposed_ms is not None and c.expert_grad_exposed_ms > c.expert_grad_allreduce_ms * (1 + 1e-9):
                 errors.append(f"{at}: expert_grad_exposed_ms {c.expert_grad_exposed_ms} exceeds the expert all-reduce "
                               f"{c.expert_grad_allreduce_ms}")
@@ -575,6 +590,52 @@ class MoEPlan(Plan):
                           f"the dense blocks they differ by {max(extra.values()) - min(extra.values())} ms, but every "
                           f"baseline runs the same expert all-reduce")
         return errors
+
+    def _layer0_cost_errors(self, at: str, c: "MoEConfigPlan") -> list[str]:
+        """Layer 0's stored stage costs are those its configuration, layout and profile give (the stored costs
+        were only checked against the stored times: a plan whose config was edited - FFN width doubled, capacity
+        factor 5 - kept the costs and speedups of the one it was planned for). Skipped where the costs cannot be
+        re-derived (a profile file not here, see :meth:`_stage_inputs`)."""
+        from .costmodel import stage_costs
+
+        if self.made_before(LAYER0_COSTS_CHECKED_SINCE):  # (an older cost model priced the plans written before)
+            return []
+        try:
+            cfg, topo, src, prof = self._stage_inputs(c)
+        except (InputError, ValueError):
+            return []
+        try:
+            want = StageCostsRecord.of(stage_costs(cfg, topo, source=src, profile=prof, layer=0))
+        except (InputError, ValueError) as e:
+            return [f"{at}: its configuration's stage costs cannot be derived here ({e})"]
+        have = c.layer0_stage_costs
+        for name in ("alpha", "work", "shared", "dw"):
+            a, b = getattr(have, name), getattr(want, name)
+            if (a is None) != (b is None) or (a is not None and not all(
+                    math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12) for x, y in zip(a, b))):
+                show = lambda v: "none" if v is None else "[" + ", ".join(f"{x:.6g}" for x in v) + "]"  # noqa: E731
+                return [f"{at}: layer0_stage_costs.{name} {show(a)} ms, but its config, layout and profile give "
+                        f"{show(b)} ms"]
+        return []
+
+    def _fastest_iteration_errors(self, at: str, c: "MoEConfigPlan", cfg) -> list[str]:
+        """``iteration_fastest_bwd_ms`` (every layer at its fastest backward) lies between that choice's layers and
+        dense blocks alone and the same with the whole dense and expert all-reduces exposed (it was not checked:
+        99999 ms was shown beside an iteration of 7,782)."""
+        from .planning import dense_allreduce
+
+        rec = c.layer0_stage_costs
+        _, _, _, at_end = dense_allreduce(cfg, self.gpus, rec.alpha[4], rec.work[4])
+        expert_exposed = (c.expert_grad_exposed_ms or 0.0) if c.expert_copies > 1 else 0.0
+        dense_total = c.iteration_ms - sum(lp.fwd_ms + lp.bwd_ms for lp in c.layers) - c.grad_exposed_ms - expert_exposed
+        low = sum(lp.fwd_ms + lp.bwd_fastest_ms for lp in c.layers) + dense_total
+        high = low + at_end + c.expert_grad_allreduce_ms
+        tol = 1e-9 * max(high, 1.0) + 1e-6
+        if not low - tol <= c.iteration_fastest_bwd_ms <= high + tol:
+            return [f"{at}: iteration_fastest_bwd_ms {c.iteration_fastest_bwd_ms} ms, but the layers at their fastest "
+                    f"backward and the dense blocks give {low:.6g} ms, and at most {high:.6g} ms with every "
+                    f"all-reduce exposed"]
+        return []
 
     def _expert_exposure_errors(self, at: str, c: "MoEConfigPlan", cfg, prof, dense_b: float, a4: float,
                                 b4: float) -> list[str]:

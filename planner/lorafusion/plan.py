@@ -364,6 +364,7 @@ class LoRAPlan(Plan):
                 errors.append(f"summary.{key}: {getattr(s, key)} < 0")
         if not 0 <= s.merges <= s.microbatches:
             errors.append(f"summary.merges: {s.merges}, not in [0, microbatches {s.microbatches}]")
+        errors += self._problem_record_errors()
         for j, (job, ids) in enumerate(zip(self.jobs, self._job_samples())):
             mu, sd = _length_stats(self.lengths, ids, 3)
             # (both rounded to 3 decimals: a last-bit difference of the sums may round 0.001 apart)
@@ -371,6 +372,57 @@ class LoRAPlan(Plan):
                     and math.isclose(job.std_tokens, sd, rel_tol=1e-9, abs_tol=1e-3 + 1e-9)):
                 errors.append(f"jobs.{j}: mean_tokens {job.mean_tokens} / std_tokens {job.std_tokens}, its samples "
                               f"give {mu} / {sd}")
+        return errors
+
+    def _problem_record_errors(self) -> list[str]:
+        """Each problem record is its (global batch, group)'s, as :func:`_pack_grouping` writes it: its samples are
+        its jobs' global batches, FFD used at most one bin per sample, its smallest bin fits the packing capacity;
+        a packed plan has one record per (global batch, group) that has samples, holding the group's jobs with that
+        global batch, and ``summary.merges`` is the number of its microbatches that hold two problems' segments (the
+        merge pass folds one problem's last bin into the previous one's). An edited record - another job, a
+        duplicated global batch, 999,999 tokens in a bin of 256, 50 FFD bins for 4 samples - and "12 (0 no-op, 5
+        merged)" where nothing was merged were shown as planned."""
+        errors = []
+        cap = self.packing_capacity or self.capacity
+        for i, p in enumerate(self.problems):
+            samples = sum(self.jobs[j].global_batch_size for j in p.jobs)
+            if p.samples != samples:
+                errors.append(f"problems.{i}.samples: {p.samples}, its jobs {p.jobs} hold {samples} per global batch")
+            if p.ffd_bins > max(p.samples, 1) or p.smallest_bin_tokens > cap:
+                errors.append(f"problems.{i}: ffd_bins {p.ffd_bins} for {p.samples} samples, or a smallest bin of "
+                              f"{p.smallest_bin_tokens} tokens above the packing capacity {cap}")
+        if errors:
+            return errors
+        if self.sequence_source != "packed":
+            if self.summary.merges != 0:  # (the baselines' sequences are not merged)
+                errors.append(f"summary.merges: {self.summary.merges}, but the plan runs the {self.sequence_source} "
+                              f"sequence, which merges nothing")
+            return errors
+        group_of = {j: gi for gi, g in enumerate(self.groups) for j in g}
+        want = {}
+        for gi, grp in enumerate(self.groups):
+            for g in range(max(self.jobs[j].global_batches for j in grp)):
+                want[(g, gi)] = sorted(j for j in grp if g < self.jobs[j].global_batches)
+        seen: dict[tuple[int, int], int] = {}
+        for i, p in enumerate(self.problems):
+            key = (p.global_batch, group_of[p.jobs[0]])
+            if key in seen:
+                errors.append(f"problems.{i}: global batch {p.global_batch} of group {self.groups[key[1]]} is also "
+                              f"problems.{seen[key]}")
+            elif sorted(p.jobs) != want.get(key):
+                errors.append(f"problems.{i}.jobs: {p.jobs}, but global batch {p.global_batch} of its group "
+                              f"{self.groups[key[1]]} is jobs {want.get(key)}")
+            seen.setdefault(key, i)
+        missing = sorted(set(want) - set(seen))
+        if missing:
+            g, gi = missing[0]
+            errors.append(f"problems: no record of global batch {g} of group {self.groups[gi]} ({len(missing)} "
+                          f"missing)")
+        merged = sum(len({(seg.global_batch, group_of[seg.job]) for seg in mb.segments}) > 1
+                     for mb in self.microbatches)
+        if self.summary.merges != merged:
+            errors.append(f"summary.merges: {self.summary.merges}, but {merged} microbatches hold two problems' "
+                          f"segments")
         return errors
 
     def _job_samples(self) -> list[list[int]]:

@@ -259,6 +259,11 @@ class TwillPlan(Plan):
         bounds = compute_mii(problem, deadline=time.perf_counter() + VERIFY_MII_SECONDS)
         if self.res_mii != bounds.res:
             errors.append(f"res_mii {self.res_mii}: the graph's reservations give {bounds.res}")
+        if bounds.exact:  # (only an exact RecMII decides them; excl_mii follows from it, where the plan has it: a
+            # plan written before the field loads with 0)
+            for name, have, want in (("rec_mii", self.rec_mii, bounds.rec), ("excl_mii", self.excl_mii, bounds.excl)):
+                if have != want and name in self.model_fields_set:  # (an edited one was shown as the graph's bound)
+                    errors.append(f"{name} {have}: the graph gives {want}")
         if bounds.exact and self.mii > bounds.mii:  # (mii >= rec_mii, excl_mii is checked above)
             errors.append(f"mii {self.mii} (rec {self.rec_mii}, exclusive cells {self.excl_mii}): above the graph's "
                           f"MII {bounds.mii} (a lower bound that high would make a longer I look minimal)")
