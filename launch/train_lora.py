@@ -340,6 +340,10 @@ def run(args: argparse.Namespace) -> dict | None:
     if args.check:  # one process judging the world torchrun will start
         rank, world = 0, args.world or world
     resumed_plan = _resume_check(args, cfg, world) if cfg is not None else None
+    if args.check and cfg is not None:  # (the ranks' lock: one line in the pre-check, not inside torchrun)
+        from adasched.runtime.checkpoint import check_folder_free
+
+        check_folder_free(cfg.folder)
     torch.manual_seed(args.seed)
     distributed = world > 1 and not args.check
     if distributed:

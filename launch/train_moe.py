@@ -787,6 +787,10 @@ def _main(args) -> int:
                                  f"--steps {args.steps}), so no statistics would be written to "
                                  f"{args.router_stats_out}; raise --steps")
     if args.validate_only:
+        if ck_cfg is not None:  # (the ranks' lock: one line in the pre-check, not inside torchrun)
+            from adasched.runtime.checkpoint import check_folder_free
+
+            check_folder_free(ck_cfg.folder)
         return 0
     from adasched.runtime.dist import init_distributed
 

@@ -591,6 +591,14 @@ def main(argv: list[str] | None = None, quiet: bool = False) -> int:
             sys.stderr.flush()
         return 2
     if args.check_plan_only:
+        if args.checkpoint_dir is not None:  # (the ranks' lock: one line here, not inside torchrun)
+            from adasched.runtime.checkpoint import check_folder_free
+
+            try:
+                check_folder_free(args.checkpoint_dir)
+            except ValueError as err:
+                sys.stderr.write(error_line(err))
+                return 2
         if not quiet:
             print(f"{args.plan}: {len(plan.steps)} steps fit world size {world}")
         return 0

@@ -607,6 +607,36 @@ class _FolderLock:
                 os.close(held[0])  # (closing the last descriptor releases the flock)
 
 
+def check_folder_free(folder: str | os.PathLike) -> None:
+    """A launcher's pre-check (one process, before torchrun): InputError, in the words of the ranks' own lock, when
+    another process holds ``folder``'s lock - the ranks found it only inside torchrun, whose failure report followed
+    the one line. A shared lock taken and dropped at once: it creates nothing (no folder, no lock file) and two
+    pre-checks do not trip over each other. A run that starts between this check and its ranks' lock is still
+    refused by the ranks."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    key = os.path.realpath(folder)
+    if key in _FolderLock._held:  # (this process holds it)
+        return
+    try:
+        fd = os.open(Path(key) / LOCK_NAME, os.O_RDONLY)
+    except OSError:  # no lock file (a new folder, or one no run has locked): nothing holds it
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise InputError(Path(folder), f"another run is using this checkpoint folder ({LOCK_NAME} is locked"
+                                               f"{_lock_holder(fd)}); wait for it to end or give a new "
+                                               f"--checkpoint-dir") from None
+            # (a file system that cannot lock: the ranks say so)
+    finally:
+        os.close(fd)
+
+
 def _lock_holder(fd: int) -> str:
     """' by pid N' of the process holding the flock on ``fd``'s file, from Linux's /proc/locks ('' elsewhere, or
     when the holder is on another node of a shared file system)."""
