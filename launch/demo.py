@@ -55,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n=== demo step: {name} ===", flush=True)
         t0 = time.perf_counter()
         try:
-            importlib.import_module(mod).run(out)
+            from adasched.planner.cli import abort_said_by_caller
+
+            with abort_said_by_caller():  # (a step's in-process CLI command said "aborted" too: two lines)
+                importlib.import_module(mod).run(out)
         except KeyboardInterrupt:  # (was a traceback, or "failed with exit status 130" and exit 1)
             sys.stdout.flush()
             sys.stderr.write(f"aborted (demo step {name})\n")

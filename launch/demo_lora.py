@@ -52,3 +52,11 @@ def run(out_dir: Path) -> None:
     print(json.dumps({"losses_per_global_batch": res.by_job(tiny),
                       "optimizer_steps": {tiny.jobs[j].name: n for j, n in sorted(res.steps.items())}}))
     print(f"PEFT adapters: {', '.join(str(out / 'adapters' / j.name) for j in tiny.jobs)}")
+
+
+if __name__ == "__main__":  # the demo's own entry (its --help, demo-out/), as the other steps'
+    import sys
+
+    from adasched.launch.demo import main
+
+    sys.exit(main(["lora", *sys.argv[1:]]))

@@ -80,3 +80,11 @@ def run(out_dir: Path) -> None:
     plan_part(out_dir)
     train_part(out_dir)
     stats_part(out_dir)
+
+
+if __name__ == "__main__":  # the demo's own entry (its --help, demo-out/), as the other steps'
+    import sys
+
+    from adasched.launch.demo import main
+
+    sys.exit(main(["moe", *sys.argv[1:]]))

@@ -33,3 +33,11 @@ def run(out_dir: Path) -> None:
     save_plan(plan, out_dir / "twill-fa3.json")
     plan.plot(out_dir / "twill-fa3.png")
     print(f"  wrote {out_dir / 'twill-fa3.json'} and {out_dir / 'twill-fa3.png'}")
+
+
+if __name__ == "__main__":  # the demo's own entry (its --help, demo-out/), as the other steps'
+    import sys
+
+    from adasched.launch.demo import main
+
+    sys.exit(main(["twill", *sys.argv[1:]]))

@@ -5,6 +5,7 @@ groups together and turns bad input into one line `error: <where>: <what>` with 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -355,14 +356,35 @@ def _check_folder_spelled_outputs(args: list[str]) -> None:
             check_output_path(value, "--out" if name == "-o" else name, figure=False)
 
 
+#: whether a Ctrl-C prints ``aborted`` (the demo runs CLI commands in-process and prints its own one line, naming
+#: the step: both lines were printed; see :func:`abort_said_by_caller`)
+_SAY_ABORTED = [True]
+
+
+@contextlib.contextmanager
+def abort_said_by_caller():
+    """Inside, a Ctrl-C still returns 130 but prints nothing: the caller reports it (``make demo``'s
+    ``aborted (demo step NAME)``)."""
+    _SAY_ABORTED.append(False)
+    try:
+        yield
+    finally:
+        _SAY_ABORTED.pop()
+
+
+def _aborted() -> int:
+    if _SAY_ABORTED[-1]:
+        sys.stderr.write("aborted\n")
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the CLI; bad input -> `error: ...` on stderr and exit 2, never a traceback; a Ctrl-C ->
     `aborted`, exit 130 (also while the plugins load, before click has set up its own handling)."""
     try:
         return _main(argv)
     except KeyboardInterrupt:
-        sys.stderr.write("aborted\n")
-        return 130
+        return _aborted()
 
 
 def _main(argv: list[str] | None) -> int:
@@ -372,7 +394,7 @@ def _main(argv: list[str] | None) -> int:
         _check_folder_spelled_outputs(sys.argv[1:] if argv is None else argv)
         rv = app(args=argv, standalone_mode=False, prog_name="adasched")
         if rv == 130:  # typer turns a Ctrl-C into Exit(130), which click returns here: say so, as for an Abort
-            sys.stderr.write("aborted\n")
+            return _aborted()
         return int(rv or 0) if isinstance(rv, int) else 0
     except exit_exc as e:
         return int(getattr(e, "exit_code", 0) or 0)
@@ -395,8 +417,7 @@ def _main(argv: list[str] | None) -> int:
         sys.stderr.write(f"error: {where}: {' '.join((e.strerror or str(e)).split())}\n")
         return 2
     except abort_exc:
-        sys.stderr.write("aborted\n")
-        return 130
+        return _aborted()
 
 
 if __name__ == "__main__":

@@ -58,6 +58,22 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
     assert out.err == "aborted (demo step profile)\n" and "demo step: twill" not in out.out
 
 
+def test_ctrl_c_in_a_steps_cli_command_is_one_line(tmp_path, monkeypatch, capsys):
+    """35th session's hunt: a Ctrl-C inside a step's in-process CLI command printed the CLI's `aborted`, then the
+    demo's `aborted (demo step profile)`. The demo's line alone now; the CLI outside the demo still says `aborted`."""
+    import adasched.planner.cli as cli
+
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_main", interrupted)
+    assert main(["profile"]) == 130
+    assert capsys.readouterr().err == "aborted (demo step profile)\n"
+    assert cli.main(["show", "h100-sxm"]) == 130
+    assert capsys.readouterr().err == "aborted\n"
+
+
 def test_check_step():
     from adasched.launch.demo import check_step
 
@@ -68,10 +84,11 @@ def test_check_step():
         check_step(2, "demo x: failed with exit status 2")
 
 
-@pytest.mark.parametrize("module", ["demo_profile", "demo_sp", "demo_schedules"])
+@pytest.mark.parametrize("module", [m.rsplit(".", 1)[1] for _, m in STEPS])
 def test_a_step_module_run_alone_is_the_demo_with_that_step(tmp_path, module):
     """31st session's packaging hunt: `python -m adasched.launch.demo_profile --help` profiled the machine into a
-    folder named --help (the first argument was the output folder); demo_sp --help planned, then failed."""
+    folder named --help (the first argument was the output folder); demo_sp --help planned, then failed. (35th:
+    demo_twill, demo_moe and demo_lora had no entry: run alone they did nothing, exit 0, whatever the argument.)"""
     import subprocess
     import sys
 
