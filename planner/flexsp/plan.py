@@ -213,6 +213,11 @@ class SPPlan(Plan):
             return errors  # traceback from show and simulate)
         errors += self._time_errors()
         cm = self._builtin_cost_model()
+        if cm is not None and cm.token_capacity(cm.world) <= 0:  # (the bounds below divided by it: a
+            # ZeroDivisionError traceback from show, simulate and train_sp's pre-check)
+            return errors + [f"model {self.model!r}: its states alone need {cm.memory_needed(0.0, cm.world) / 2**30:,.2f} "
+                             f"GiB per GPU on all {cm.world} GPUs, more than profile {self.profile.name!r}'s "
+                             f"{cm.memory_bytes / 2**30:,.2f} GiB: no sequence fits"]
         if cm is not None:
             errors += self._cost_model_errors(cm)
         errors += self._baseline_errors()

@@ -108,3 +108,16 @@ def test_lora_merges_and_problem_records(plans, assert_show_refuses):
     assert_show_refuses(plan, [(prob(twin, global_batch=p0["global_batch"]),
                                 f"problems.{twin}: global batch {p0['global_batch']} of group ")])
 
+
+
+def test_an_sp_plan_for_a_model_that_cannot_fit_is_one_line(tmp_path, assert_show_refuses):
+    """A 2-GPU gpt-7b plan edited to gpt-13b: the model states alone exceed the memory, the token capacity is 0 and
+    the bounds divided by it (a ZeroDivisionError traceback from show, simulate and train_sp's pre-check)."""
+    path = tmp_path / "sp2.json"
+    assert main(["plan", "sp", "--profile", "h100-sxm", "--seqlens", "builtin", "--gpus", "2", "--global-batch", "8",
+                 "--steps", "1", "--max-context", "12000", "--no-milp", "--deterministic", "--out", str(path)]) == 0
+    plan = json.loads(path.read_text())
+    assert plan["model"] == "gpt-7b"
+    assert_show_refuses(plan, [(lambda d: d.update(model="gpt-13b"),
+                                "model 'gpt-13b': its states alone need 96.19 GiB per GPU on all 2 GPUs, more than "
+                                "profile 'h100-sxm''s 79.65 GiB: no sequence fits")])
