@@ -257,7 +257,8 @@ def register(groups) -> None:
                                    no_milp=no_milp)
         prof, mdl, cm, lens, cfg = _setup(profile, model, seqlens, gpus, max_context, time_limit, seed, buckets,
                                           no_milp, deterministic)
-        plan, results = _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context, show_progress=True)
+        plan, results = _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context,
+                             show_progress=not as_json)
         rep = summarize(results, cm)
         rep["config"] = dict(profile=prof.name, model=mdl.name, gpus=cm.world, global_batch=global_batch,
                              max_context=max_context, steps=steps, seed=seed,
@@ -265,7 +266,7 @@ def register(groups) -> None:
                              buckets=None if no_milp else cfg.buckets, milp=not no_milp, seqlens=seqlens,
                              deterministic=deterministic)
         if scaling:
-            rep["scaling"] = _scaling(prof, mdl, lens, cfg, seed)
+            rep["scaling"] = _scaling(prof, mdl, lens, cfg, seed, show_progress=not as_json)
         if as_json:
             emit_json(rep)
             return
@@ -276,7 +277,7 @@ def register(groups) -> None:
                         title="scaling (one global batch each)")
 
 
-def _scaling(prof, mdl, lens, cfg, seed) -> list[dict]:
+def _scaling(prof, mdl, lens, cfg, seed, show_progress: bool = True) -> list[dict]:
     """Solve time and quality over sequences per batch x GPUs (one global batch per cell)."""
     import math
 
@@ -289,7 +290,7 @@ def _scaling(prof, mdl, lens, cfg, seed) -> list[dict]:
 
     cells = [(b, g) for g in (8, 16, 32, 64, 128, 256) for b in (128, 512, 1024, 2048, 4096)]
     out = []
-    with progress("scaling cells", total=len(cells)) as advance:
+    with progress("scaling cells", total=len(cells), enabled=show_progress) as advance:
         for b, g in cells:
             batch = draw_batches(lens, b, 1, seed)[0]
             try:

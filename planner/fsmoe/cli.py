@@ -100,7 +100,7 @@ def register(groups) -> None:
         cfgs = _configs_with_stats(config, gpus, router_stats)
         from ..ui import progress
 
-        with progress("planning MoE layers", None) as advance:
+        with progress("planning MoE layers", None, enabled=not as_json) as advance:  # (--json: as plan sp's)
             plan = plan_moe(cfgs, gpus, prof, stages=stages,  # type: ignore[arg-type]
                             params=SolveParams(time_limit=time_limit), ep_size=ep_size, two_step=two_step,
                             gpus_per_node=gpus_per_node, progress=advance)

@@ -21,7 +21,8 @@ _TIME_LIMIT_HELP = ("Solver budget in seconds per (global batch, group) problem:
 _PROFILE_HELP = "Cluster profile: a built-in name (h100-sxm, a100-64-flexsp-paper) or a profile JSON file."
 
 
-def _plan(jobs: str, profile: str, time_limit: Optional[float], seed: Optional[int], no_milp: bool):
+def _plan(jobs: str, profile: str, time_limit: Optional[float], seed: Optional[int], no_milp: bool,
+          show_progress: bool = True):
     from adasched.profiler.io import InputError, check_seconds
     from adasched.profiler.profile import load_profile
 
@@ -43,7 +44,7 @@ def _plan(jobs: str, profile: str, time_limit: Optional[float], seed: Optional[i
     for note in w.notes:
         sys.stderr.write(f"note: {note}\n")
     prof = load_profile(profile)
-    with progress("packing (global batch, group) problems", total=None) as advance:
+    with progress("packing (global batch, group) problems", total=None, enabled=show_progress) as advance:
         return build_plan(w, prof, seed=seed, use_milp=not no_milp, progress=advance,
                           **({} if time_limit is None else {"time_limit": time_limit}))
 
@@ -99,7 +100,7 @@ def register(groups) -> None:
         # the length files the jobs file names are inputs too (--out lens.txt replaced the lengths with the plan)
         cfg, base, _ = load_jobs(jobs)
         check_distinct_outputs(*outputs, inputs=[("--jobs length file", p) for p in length_files(cfg, base)])
-        plan = _plan(jobs, profile, time_limit, seed, no_milp)
+        plan = _plan(jobs, profile, time_limit, seed, no_milp, show_progress=not as_json)
         with outputs_together():  # both or neither (a Ctrl-C while the plot was drawn left the plan written)
             save_plan(plan, out)
             if plot:
@@ -126,7 +127,7 @@ def register(groups) -> None:
         padding waste, solve time p95 and the verifier's missing/duplicated sample counts."""
         from ..ui import emit_json, print_table
 
-        plan = _plan(jobs, profile, time_limit, seed, no_milp)
+        plan = _plan(jobs, profile, time_limit, seed, no_milp, show_progress=not as_json)
         s = plan.summary
         if as_json:
             emit_json({"jobs": plan.source, "profile": plan.profile.name if plan.profile else profile,
