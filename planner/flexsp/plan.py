@@ -19,6 +19,9 @@ MAX_WORLD = 2 ** 16
 #: longest max_context a plan records and --max-context takes (tokens): a clip far beyond any sequence a cluster
 #: holds (2**40, about 1.1e12); larger values overflowed numpy's int64 lengths
 MAX_PLAN_CONTEXT = 2 ** 40
+#: plans written since price their static baseline with baselines.pack_bins' fewer bins (before: best-fit
+#: decreasing alone, which verify re-derives for them)
+STATIC_FEWER_BINS_SINCE = "2026-12-03T15:50:00+00:00"
 
 
 def _short(n: int) -> str:
@@ -357,7 +360,8 @@ class SPPlan(Plan):
 
                 lens = np.array([x for mb in st.micro_batches for g in mb.groups for x in g.seqlens], dtype=np.int64)
                 try:
-                    want = sum(sol.time_ms for sol in static_sp(lens, cm))
+                    want = sum(sol.time_ms for sol in static_sp(lens, cm, fewer_bins=not self.made_before(
+                        STATIC_FEWER_BINS_SINCE)))
                 except ValueError as err:  # (a sequence no all-GPU group holds: named above, per group, too)
                     errors.append(f"steps.{si}.baselines_ms.static: {err}")
                     continue

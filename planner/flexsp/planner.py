@@ -107,7 +107,8 @@ class StepResult:
     """Micro-batches of the chosen split."""
     solve_seconds: float
     split: str = ""
-    """Which split won: 'sorted-M' (min-max token DP over the sorted batch) or 'bfd-M' (static's bins)."""
+    """Which split won: 'sorted-M' (min-max token DP over the sorted batch) or 'packed-M' (static's bins,
+    :func:`~.baselines.pack_bins`; 'bfd-M' in plans before 2026-12-03)."""
     milp: list[MilpStat] = field(default_factory=list)
     static: list[MBSolution] = field(default_factory=list)
     lower_bound_ms: float = 0.0
@@ -257,8 +258,8 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
 
     # ---- heuristics per candidate split ---------------------------------------------------------
     # splits: M consecutive runs of the sorted batch (min-max token DP) for M = M_min.. (at least one
-    # feasible M, then ``extra_microbatches`` more), plus the static baseline's best-fit-decreasing bins
-    # (which mix long and short sequences when the sorted runs cannot fit)
+    # feasible M, then ``extra_microbatches`` more), plus the static baseline's bins (pack_bins: best-fit decreasing,
+    # then fewer bins where they fit; they mix long and short sequences when the sorted runs cannot fit)
     static = static_sp(lens, cm)
     per_m: dict[str, dict] = {}
     lb_work = lower_bound_work(lens, cm)
@@ -287,7 +288,7 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
     bins = [np.array(sorted(mb.seq_ids(), key=lambda i: (lens[i], i)), dtype=np.int64) for mb in static]
     seen = {frozenset(frozenset(x.tolist()) for x in mbs) for _, mbs in splits}
     if frozenset(frozenset(x.tolist()) for x in bins) not in seen:
-        _heuristics(per_m, (f"bfd-{len(bins)}", bins), lens, cm, cfg)
+        _heuristics(per_m, (f"packed-{len(bins)}", bins), lens, cm, cfg)
     if not per_m:
         raise InputError("--global-batch",
                          f"no feasible split of {n_seq} sequences into micro-batches on {cm.world} GPUs")
