@@ -553,7 +553,7 @@ class _FolderLock:
         """Take (or share) the lock; the key to :meth:`release` it with. InputError naming the folder when another
         process holds it, or when the folder or its lock file cannot be created."""
         try:
-            import fcntl
+            import fcntl  # noqa: F401 - (used by _flock_briefly; here: whether this platform has flock)
         except ImportError:  # (no flock on this platform: runs are not kept apart)
             return ""
         try:
@@ -578,7 +578,7 @@ class _FolderLock:
             except OSError as err:
                 raise InputError(folder, f"cannot create its lock file {LOCK_NAME}: {err.strerror or err}") from None
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _flock_briefly(fd)
             except OSError as err:
                 holder = _lock_holder(fd)
                 os.close(fd)
@@ -607,12 +607,33 @@ class _FolderLock:
                 os.close(held[0])  # (closing the last descriptor releases the flock)
 
 
+#: seconds rank 0 keeps trying for the folder's lock before it names the holder: a launch pre-check
+#: (:func:`check_folder_free`) holds it shared for an instant, and the first run's rank 0 was refused by it
+LOCK_RETRY_S = 0.5
+
+
+def _flock_briefly(fd: int) -> None:
+    """An exclusive ``flock`` on ``fd``, tried for :data:`LOCK_RETRY_S`; the last OSError when it stays held."""
+    import fcntl
+
+    deadline = time.monotonic() + LOCK_RETRY_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.02)
+
+
 def check_folder_free(folder: str | os.PathLike) -> None:
     """A launcher's pre-check (one process, before torchrun): InputError, in the words of the ranks' own lock, when
     another process holds ``folder``'s lock - the ranks found it only inside torchrun, whose failure report followed
-    the one line. A shared lock taken and dropped at once: it creates nothing (no folder, no lock file) and two
-    pre-checks do not trip over each other. A run that starts between this check and its ranks' lock is still
-    refused by the ranks."""
+    the one line. A shared lock taken and dropped at once: it creates nothing (no folder, no lock file), two
+    pre-checks do not trip over each other, and a run's rank 0 locking meanwhile retries past it
+    (:data:`LOCK_RETRY_S`). A run that starts between this check and its ranks' lock is still refused by the
+    ranks."""
     try:
         import fcntl
     except ImportError:

@@ -72,3 +72,35 @@ def test_the_pre_checks_refuse_a_held_folder(tmp_path, monkeypatch, capsys, chec
     checkpoint_lock_holder.release()
     for name, run in runs.items():  # the holder gone, each pre-check passes
         assert run() == 0, (name, capsys.readouterr().err)
+
+
+def test_a_pre_checks_instant_does_not_refuse_the_run(tmp_path):
+    """(review) a second launch's pre-check holds the lock shared for an instant; the first run's rank 0, locking
+    at that moment, was refused ('locked by pid <the pre-check's>'). It retries for LOCK_RETRY_S now; a holder that
+    stays is still refused after it."""
+    import fcntl
+    import os
+    import threading
+    import time
+
+    from adasched.runtime import checkpoint as ckpt
+
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # as check_folder_free holds it
+    threading.Timer(0.15, os.close, (fd,)).start()
+    t0 = time.monotonic()
+    ck = Checkpointer(CheckpointConfig(folder=folder), run={})
+    assert ck.resume({}) == 0  # it waited past the instant
+    assert 0.1 <= time.monotonic() - t0 < ckpt.LOCK_RETRY_S + 5
+    ck.release()
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    try:  # held past the retry: refused, naming this process
+        t0 = time.monotonic()
+        with pytest.raises(InputError, match=f"another run is using this checkpoint folder .*pid {os.getpid()}"):
+            Checkpointer(CheckpointConfig(folder=folder), run={}).resume({})
+        assert time.monotonic() - t0 >= ckpt.LOCK_RETRY_S
+    finally:
+        os.close(fd)
