@@ -315,9 +315,12 @@ class MoELayer(nn.Module):
             # under torch.autocast the expert GEMMs run in the autocast dtype, as F.linear's do (our kernels are not
             # autocast ops themselves): operands cast here, differentiably (fp32 weights get fp32 gradients)
             dt = torch.get_autocast_dtype(amp)
-            xt, w1, w2 = xt.to(dt), w1.to(dt), w2.to(dt)
+            # (float64 stays float64, as autocast leaves it to F.linear: a float64 layer under autocast computed its
+            # experts in bf16 and returned bf16, 8e-3 off, while its router stayed float64)
+            cast = lambda t: t if t.dtype == torch.float64 else t.to(dt)  # noqa: E731
+            xt, w1, w2 = cast(xt), cast(w1), cast(w2)
             if sw1 is not None:
-                sw1, sw2 = sw1.to(dt), sw2.to(dt)
+                sw1, sw2 = cast(sw1), cast(sw2)
         index = make_index(routing.token_idx, routing.counts, T)
         rows = permute(xt, index, self.backend)
         has_shared = sw1 is not None

@@ -355,7 +355,8 @@ class Router(nn.Module):
             tok_all = torch.arange(T, device=x.device).unsqueeze(1).expand(T, K)
             tok, exp, w, rk = tok_all[mask], sel[mask], gate[mask], rank[mask]
             if cfg.aux_loss_coef > 0 and kind != "sigmoid_bias":
-                frac = torch.bincount(exp, minlength=E).float() / max(exp.numel(), 1)
+                # (in the probabilities' dtype: float32 counts rounded a float64 router's loss, 3e-8 relative)
+                frac = torch.bincount(exp, minlength=E).to(probs.dtype) / max(exp.numel(), 1)
                 lb = E * (frac * probs.sum(0)).sum() / n_mean
                 aux = aux + cfg.aux_loss_coef * lb
                 losses["load_balance"] = lb.detach()

@@ -54,3 +54,57 @@ def test_the_optional_fields_still_take_none():
     for name in ("capacity_factor", "target_k", "k_max"):
         setattr(cfg, name, None)
         assert getattr(cfg, name) is None
+
+
+def test_a_float64_routers_load_balance_loss_is_float64_exact():
+    """(mixed-precision hunt) the expert fractions were float32 counts: a float64 router's load-balancing loss was
+    3e-8 relative off an exact float64 computation, its gradient 6e-8 (gradcheck agreed with its own rounding)."""
+    from adasched.runtime.moe.router import Router
+
+    torch.manual_seed(random.randrange(1000))
+    E, T = 3, 7
+    router = Router(16, RouterConfig(kind="gshard", num_experts=E, top_k=2, aux_loss_coef=1.0,
+                                     z_loss_coef=0.0)).double()
+    x = torch.randn(T, 16, dtype=torch.float64)
+    out = router(x)
+    w = router.proj.weight.detach().clone().requires_grad_(True)
+    frac = torch.bincount(out.expert_idx, minlength=E).to(torch.float64) / out.expert_idx.numel()
+    want = E * (frac * torch.softmax(x @ w.t(), -1).sum(0)).sum() / T
+    torch.testing.assert_close(out.losses["load_balance"], want.detach(), rtol=1e-14, atol=0)
+    g = torch.autograd.grad(out.aux_loss, router.proj.weight)[0]
+    torch.testing.assert_close(g, torch.autograd.grad(want, w)[0], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_float64_layer_under_autocast_stays_float64(backend):
+    """(mixed-precision hunt) autocast leaves float64 alone (F.linear does): the layer cast its float64 experts to
+    bf16 and returned bf16, 8e-3 off its float64 result, while its router stayed float64."""
+    torch.manual_seed(random.randrange(1000))
+    layer = MoELayer(hidden=6, ffn=8, router=RouterConfig(kind="gshard", num_experts=4), backend=backend).double()
+    x = torch.randn(9, 6, dtype=torch.float64)
+    want = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_expert_mlp_ref_keeps_float64():
+    """(mixed-precision hunt) the reference computed float64 inputs in float32 (1.2e-7 off), yet the MoE bench's
+    'vs f64' reference."""
+    from adasched.kernels.moe import expert_mlp_ref
+
+    torch.manual_seed(random.randrange(1000))
+    E, H, F = 3, 5, 4
+    counts = torch.tensor([2, 0, 3])
+    x = torch.randn(int(counts.sum()), H, dtype=torch.float64)
+    w1, w2 = torch.randn(E, H, 2 * F, dtype=torch.float64), torch.randn(E, F, H, dtype=torch.float64)
+    got = expert_mlp_ref(x, w1, w2, counts, "swiglu")
+    rows, start = [], 0
+    for e, c in enumerate(counts.tolist()):
+        a = x[start:start + c] @ w1[e]
+        g, u = a.chunk(2, dim=-1)
+        rows.append((torch.nn.functional.silu(g) * u) @ w2[e])
+        start += c
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, torch.cat(rows), rtol=1e-14, atol=1e-14)
