@@ -72,10 +72,12 @@ __all__ = [
 MAX_SAMPLES = 1_000_000
 """Most samples one plan covers (all jobs: global_batch_size x global_batches each)."""
 
-MAX_TOKENS = 2 ** 30
+MAX_TOKENS = 2 ** 25
 """Most tokens a sample length or a microbatch's capacity may be (lengths.max 10**400 overflowed numpy's clip).
 2**40 before: at ~1e10-token capacities CBC's tolerances made the packing MILP claim 'optimal' for 4 bins where
-3 fit."""
+3 fit; 2**30 until 2026-12-03: near 2**29 its smallest-bin MILP claimed 'optimal' 24 % above the minimum and a
+feasible model 'infeasible' (2 + 2 of 3,500 random problems; none at ~1e6 or ~3e7 tokens). 33.5 M tokens per
+microbatch is far beyond any GPU's."""
 
 MAX_STAGES = 64
 """Most pipeline stages S (the simulation grows with S^2 - no-op slots on every stage; 1024 was accepted and ran
