@@ -16,7 +16,7 @@ import numpy as np
 from .assign import MBSolution, evaluate, lpt_assign, pack_structure
 from .costmodel import SPCostModel
 
-__all__ = ["static_sp", "pack_bins", "homogeneous", "best_homogeneous", "greedy"]
+__all__ = ["static_sp", "pack_bins", "bins_lower_bound", "homogeneous", "best_homogeneous", "greedy"]
 
 
 def static_sp(lens: np.ndarray, cm: SPCostModel, fewer_bins: bool = True) -> list[MBSolution]:
@@ -31,18 +31,44 @@ def static_sp(lens: np.ndarray, cm: SPCostModel, fewer_bins: bool = True) -> lis
     return [evaluate(MBSolution([(n, b)], source="static"), lens, cm) for b in pack_bins(lens, cap, fewer_bins)]
 
 
-#: sequences up to which :func:`pack_bins` searches exhaustively for fewer bins (with a node budget)
+#: sequences up to which :func:`pack_bins` searches exhaustively (one node budget for all its bin counts)
 EXACT_PACK_MAX = 24
-_EXACT_PACK_NODES = 200_000
+_EXACT_PACK_NODES = 50_000  # (about 0.1 s of Python at worst, per step and again in verify)
+
+
+def bins_lower_bound(vals: np.ndarray, cap: float) -> int:
+    """A lower bound on the bins of at most ``cap`` that hold ``vals``: the largest of the tokens' (L1), Martello
+    and Toth's L2 (the items above cap - a, those in (cap/2, cap - a] and the room they leave for those in
+    [a, cap/2], over every a), and, for t = 1..64, the items above cap/(t+1) at most t per bin. O(n log n)."""
+    v = np.sort(np.asarray(vals, dtype=np.float64))
+    n = v.size
+    if n == 0:
+        return 0
+    best = max(1, math.ceil(float(v.sum()) / cap - 1e-12))
+    for t in range(1, min(n, 64) + 1):
+        over = n - int(np.searchsorted(v, cap / (t + 1), side="right"))
+        best = max(best, -(-over // t))
+    prefix = np.concatenate(([0.0], np.cumsum(v)))
+    half = cap / 2
+    alphas = np.unique(np.concatenate(([0.0], v[v <= half])))
+    i1 = np.searchsorted(v, cap - alphas, side="right")   # J1: v > cap - a
+    ih = int(np.searchsorted(v, half, side="right"))         # J2: half < v <= cap - a
+    i3 = np.searchsorted(v, alphas, side="left")             # J3: a <= v <= half
+    n1 = n - i1
+    n2 = np.maximum(i1 - ih, 0)
+    s2 = prefix[np.maximum(i1, ih)] - prefix[ih]
+    s3 = prefix[ih] - prefix[i3]
+    l2 = n1 + n2 + np.maximum(0.0, np.ceil((s3 - (n2 * cap - s2)) / cap - 1e-12))
+    return max(best, int(l2.max()))
 
 
 def pack_bins(lens: np.ndarray, cap: float, fewer_bins: bool = True) -> list[list[int]]:
     """Indices of ``lens`` in as few bins of at most ``cap`` tokens as found: best-fit decreasing; where that
-    leaves more bins than the tokens need, for each smaller count from that lower bound up, the longest-first
-    spread over exactly that many bins (each sequence into the least-filled one), then - up to
-    :data:`EXACT_PACK_MAX` sequences - an exhaustive search (a node budget). Best-fit decreasing alone took 3
-    micro-batches where 2 fit (2717, 3107, 6582 | 4743, 4472, 4055 in 13,734 tokens: 23 % slower plans). A
-    function of the lengths' multiset (ties by position): the plan's verify re-derives it from the groups."""
+    leaves more bins than :func:`bins_lower_bound`, the fewest bins a longest-first spread fills (each sequence into
+    the least-filled bin, bisected over the bin count), then - up to :data:`EXACT_PACK_MAX` sequences - an
+    exhaustive search below that (one node budget). Best-fit decreasing alone took 3 micro-batches where 2 fit
+    (2717, 3107, 6582 | 4743, 4472, 4055 in 13,734 tokens: 23 % slower plans). A function of the lengths'
+    multiset (ties by position): the plan's verify re-derives it from the groups."""
     order = [int(i) for i in np.argsort(-np.asarray(lens), kind="stable")]
     vals = [float(lens[i]) for i in order]
     bins: list[list[int]] = []
@@ -58,45 +84,61 @@ def pack_bins(lens: np.ndarray, cap: float, fewer_bins: bool = True) -> list[lis
         else:
             bins[best].append(i)
             room[best] -= v
-    need = max(1, math.ceil(sum(vals) / cap - 1e-12)) if vals else 1
-    for m in range(need, len(bins) if fewer_bins else 0):
-        got = _spread(order, vals, cap, m)
-        if got is None and len(vals) <= EXACT_PACK_MAX:
-            got = _exact(order, vals, cap, m)
+    if not fewer_bins or not vals:
+        return bins
+    low = bins_lower_bound(np.array(vals), cap)
+    if low >= len(bins):  # best-fit decreasing is optimal (the usual case: one check, no search)
+        return bins
+    found, hi = None, len(bins)
+    lo_m = low
+    while lo_m < hi:  # the fewest bins the spread fills (roughly monotone in the count: bisected)
+        mid = (lo_m + hi) // 2
+        got = _spread(order, vals, cap, mid)
         if got is not None:
-            return got
-    return bins
+            found, hi = got, mid
+        else:
+            lo_m = mid + 1
+    if len(vals) <= EXACT_PACK_MAX:
+        budget = [_EXACT_PACK_NODES]
+        for m in range(low, len(found) if found is not None else len(bins)):
+            got = _exact(order, vals, cap, m, budget)
+            if got is not None:
+                return got
+            if budget[0] <= 0:
+                break
+    return found if found is not None else bins
 
 
 def _spread(order: list[int], vals: list[float], cap: float, m: int) -> list[list[int]] | None:
     """Longest first, each into the least-filled of ``m`` bins (lowest index on ties); None if one overflows."""
-    load = [0.0] * m
+    import heapq
+
+    heap = [(0.0, k) for k in range(m)]
     out: list[list[int]] = [[] for _ in range(m)]
     for i, v in zip(order, vals):
-        b = min(range(m), key=lambda k: (load[k], k))
-        if load[b] + v > cap:
+        load, b = heapq.heappop(heap)
+        if load + v > cap:
             return None
-        load[b] += v
         out[b].append(i)
+        heapq.heappush(heap, (load + v, b))
     return out
 
 
-def _exact(order: list[int], vals: list[float], cap: float, m: int) -> list[list[int]] | None:
+def _exact(order: list[int], vals: list[float], cap: float, m: int, budget: list[int]) -> list[list[int]] | None:
     """Depth-first over the sequences (longest first) into ``m`` bins, a bin of the same load as an earlier one
-    tried once (an empty bin among them); None when none fits or the node budget runs out."""
+    tried once (an empty bin among them); None when none fits or the node budget (``budget[0]``, shared by the
+    calls of one packing) runs out."""
     load = [0.0] * m
     where = [0] * len(vals)
-    nodes = 0
     suffix = [0.0] * (len(vals) + 1)
     for k in range(len(vals) - 1, -1, -1):
         suffix[k] = suffix[k + 1] + vals[k]
 
     def place(k: int) -> bool:
-        nonlocal nodes
         if k == len(vals):
             return True
-        nodes += 1
-        if nodes > _EXACT_PACK_NODES or suffix[k] > m * cap - sum(load) + 1e-9:
+        budget[0] -= 1
+        if budget[0] <= 0 or suffix[k] > m * cap - sum(load) + 1e-9:
             return False
         tried: set[float] = set()
         for b in range(m):
