@@ -115,6 +115,8 @@ def uba_multiplier(z: float, phi: float = UBA_DEFAULT_PHI) -> float:
     phi = _check_phi(phi)
     z = _clip01(z)
     c2, s2 = 0.5 * (1.0 + math.cos(math.pi * z)), math.sin(0.5 * math.pi * z) ** 2  # (c2 exactly 0 at z = 1)
+    if c2 == 0.0:  # the end: 0 for every phi (phi = 5e-324 made 0.5 phi s2 underflow: 0 / 0, a traceback)
+        return 0.0
     return c2 / (c2 + 0.5 * phi * s2) if phi < 2.0 else c2 / (1.0 + (0.5 * phi - 1.0) * s2)
 
 
@@ -204,9 +206,19 @@ def refined_multipliers(grad_norms, norm: str = "l2", smoothing: float = 0.1) ->
     m = np.zeros(g.size + 1)
     m[:-1] = w * tail[1:]
     top = m.max()
-    if not np.isfinite(top) or top <= 0:
+    if np.isfinite(top) and top > 0 and np.all((m[:-1] > 0) | (w == 0)):
+        return m / top
+    # a product w_k * tail underflowed (norms spanning ~1e154, l2: every one did, and the whole schedule was
+    # refused as degenerate where its peak is well defined): log m_k = log w_k + log sum_{p > k} w_p, the largest
+    # subtracted before exp
+    logw_ext = np.append(logw, logw[-1])
+    log_tail = np.logaddexp.accumulate(logw_ext[::-1])[::-1]  # log_tail[k] = log sum_{p >= k} w_p
+    logm = logw + log_tail[1:]
+    top = logm.max()
+    if not np.isfinite(top):
         raise ValueError("grad_norms: refinement is degenerate (norms too large or too small to invert)")
-    return m / top
+    m[:-1] = np.exp(logm - top)
+    return m
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ def lora_plan(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("key, value, needle", [
     ("layers", 10 ** 400, "layers: Input should be less than or equal to 1024"),   # shown (and drawn) as valid
-    ("capacity", 10 ** 400, "capacity: Input should be less than or equal to 33554432"),
+    ("capacity", 10 ** 400, "capacity: Input should be less than or equal to 1073741824"),
     ("jobs.0.adapter.r", 10 ** 400, "jobs.0.adapter.r: Input should be less than or equal to 65536"),
 ], ids=["layers-1e400", "capacity-1e400", "r-1e400"])
 def test_lora_plan_sizes(key, value, needle, lora_plan, tmp_path, one_error):
@@ -353,12 +353,16 @@ def test_simulate_task_durations_overflow(tmp_path, one_error):
 
 # ---- schedules refine / plot: norms files -------------------------------------------------------------------------
 
-def test_refine_degenerate_norms_names_the_file(tmp_path, one_error):
-    """'error: grad_norms: refinement is degenerate ...' named no file (schedules plot named it)."""
-    norms = _write(tmp_path / "n.csv", "step,l2,l1\n0,1e308,1\n1,1e-308,1\n2,1,1\n")
+def test_refine_errors_name_the_file(tmp_path, one_error):
+    """'error: grad_norms: refinement is degenerate ...' named no file (schedules plot named it). Norms spanning
+    1e616 were that error; they refine since the log-domain fallback (35th session), so a norm that stays 0 after
+    the median filter stands in for a refinement error here."""
+    norms = _write(tmp_path / "n.csv", "step,l2,l1\n0,0,1\n1,0,1\n2,0,1\n")
     rc = main(["schedules", "refine", str(norms), "--out", str(tmp_path / "o.json")])
-    assert "refinement is degenerate" in one_error(rc, str(norms))
+    assert "is 0 even after the median filter" in one_error(rc, str(norms))
     _only(tmp_path, "n.csv")
+    wide = _write(tmp_path / "w.csv", "step,l2,l1\n0,1e308,1\n1,1e-308,1\n2,1,1\n")
+    assert main(["schedules", "refine", str(wide), "--smoothing", "0", "--out", str(tmp_path / "o.json")]) == 0
 
 
 @pytest.mark.parametrize("cmd", ["refine", "plot"])

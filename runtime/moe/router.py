@@ -331,9 +331,12 @@ class Router(nn.Module):
                 scores = torch.sigmoid(logits)
                 sel = torch.topk(scores.detach() + self.expert_bias, cfg.top_k, dim=-1).indices
                 gate = scores.gather(1, sel)
+                # (+ the smallest normal: a token whose chosen logits are all below ~-104 (float32) has sigmoid 0
+                # for each, and 0/0 made NaN gates and NaN router gradients; megatron-core adds 1e-20)
+                tiny = torch.finfo(scores.dtype).tiny
                 if cfg.top_k > 1:   # k = 1: s/s is the constant 1 - no gradient would reach the router
-                    gate = gate / gate.sum(-1, keepdim=True)
-                probs = scores / scores.sum(-1, keepdim=True)
+                    gate = gate / (gate.sum(-1, keepdim=True) + tiny)
+                probs = scores / (scores.sum(-1, keepdim=True) + tiny)
                 mask = torch.ones_like(sel, dtype=torch.bool)
             else:
                 probs = torch.softmax(logits, dim=-1)

@@ -108,3 +108,30 @@ def test_expert_mlp_ref_keeps_float64():
         start += c
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, torch.cat(rows), rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype, low", [(torch.float32, -105.0), (torch.float32, -200.0), (torch.float64, -750.0)])
+def test_sigmoid_bias_gates_stay_finite_when_the_scores_underflow(dtype, low):
+    """(numeric-extremes hunt) a token whose chosen logits are all below ~-104 (float32) has sigmoid 0 for each:
+    its gates were 0/0 = NaN and so were the router's gradients (megatron-core adds 1e-20 to the sum)."""
+    from adasched.runtime.moe.router import Router
+
+    torch.manual_seed(random.randrange(1000))
+    E, H = 4, 8
+    router = Router(H, RouterConfig(kind="sigmoid_bias", num_experts=E, top_k=2)).to(dtype)
+    x = torch.randn(3, H, dtype=dtype, requires_grad=True)
+    with torch.no_grad():  # logits 0 for tokens 0 and 2; token 1's all at `low`: its scores underflow to 0
+        router.proj.weight.zero_()
+        if router.proj.bias is not None:
+            router.proj.bias.zero_()
+    logits_fix = torch.zeros(3, E, dtype=dtype)
+    logits_fix[1] = low
+    router.proj.register_forward_hook(lambda m, i, o: o + logits_fix)
+    out = router(x)
+    assert torch.isfinite(out.weight).all(), out.weight
+    per_token = [out.weight[out.token_idx == t] for t in range(3)]
+    assert [len(w) for w in per_token] == [2, 2, 2]
+    torch.testing.assert_close(per_token[0], torch.full((2,), 0.5, dtype=dtype))  # equal scores: half each
+    assert torch.equal(per_token[1], torch.zeros(2, dtype=dtype))                  # underflowed: 0, not NaN
+    (out.weight.sum() + out.aux_loss).backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(router.proj.weight.grad).all()
