@@ -18,7 +18,7 @@ from ..plan import MAX_LAYERS, Plan, SolverRecord, inputs_digest, profile_ref, r
 from .baselines import mlora_baseline, sequential_baseline
 from .costmodel import SEGMENT_ALIGN, StageCost, padded, stage_cost_from_profile
 # the adapter schema is part of the plan
-from .jobs import KNOWN_TARGET_MODULES, MAX_SAMPLES, MAX_STAGES, MAX_TOKENS, AdapterSpec, JobName, Workload
+from .jobs import KNOWN_TARGET_MODULES, MAX_SAMPLES, MAX_STAGES, AdapterSpec, JobName, Workload
 from .model import (
     DEFAULT_TIME_LIMIT_S,
     AdapterStats,
@@ -134,11 +134,16 @@ def _stage_cost_errors(terms: dict) -> list[str]:
     return []
 
 
+#: most tokens a plan's capacity may be: the jobs files' bound until 2026-12-03 (jobs.MAX_TOKENS, 2**25 since):
+#: plans written before still load
+MAX_PLAN_TOKENS = 2 ** 30
+
+
 class LoRAPlan(Plan):
     kind: Literal["lora"] = "lora"
     source: str = Field(description="jobs file or preset the plan was made from")
-    capacity: int = Field(ge=1, le=MAX_TOKENS)
-    packing_capacity: int | None = Field(default=None, ge=1, le=MAX_TOKENS,
+    capacity: int = Field(ge=1, le=MAX_PLAN_TOKENS)
+    packing_capacity: int | None = Field(default=None, ge=1, le=MAX_PLAN_TOKENS,
                                          description="the smaller capacity the sequence was taken at (its "
                                                      "problems packed, or the sequential / mLoRA-style cut made), "
                                                      "where it simulated faster (None: the capacity)")
