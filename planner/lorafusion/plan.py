@@ -423,12 +423,20 @@ class LoRAPlan(Plan):
             g, gi = missing[0]
             errors.append(f"problems: no record of global batch {g} of group {self.groups[gi]} ({len(missing)} "
                           f"missing)")
-        merged = sum(len({(seg.global_batch, group_of[seg.job]) for seg in mb.segments}) > 1
-                     for mb in self.microbatches)
+        merged = self._merged_microbatches()
         if self.summary.merges != merged:
             errors.append(f"summary.merges: {self.summary.merges}, but {merged} microbatches hold two problems' "
                           f"segments")
         return errors
+
+    def _merged_microbatches(self) -> int:
+        """Microbatches holding segments of two (global batch, group) problems (the merge pass's folds): a packed
+        plan's ``summary.merges``; 0 for the baselines' sequences."""
+        if self.sequence_source != "packed":
+            return 0
+        group_of = {j: gi for gi, g in enumerate(self.groups) for j in g}
+        return sum(len({(seg.global_batch, group_of.get(seg.job)) for seg in mb.segments}) > 1
+                   for mb in self.microbatches)
 
     def _job_samples(self) -> list[list[int]]:
         """Each job's sample ids over its global batches (as :meth:`expected_batches` lays them out)."""
@@ -501,15 +509,16 @@ class LoRAPlan(Plan):
     def resimulated(self) -> "LoRAPlan":
         """A copy whose predicted time (``predicted_ms``, ``summary.makespan_ms``) is its sequence's simulated
         makespan again, with the summary fields that follow from the sequence (tokens, microbatch counts, padding
-        waste, throughput, the baselines and the speedups over them): for a plan whose microbatches or lengths were
-        changed by hand (``verify`` refuses a prediction or summary that does not follow from them)."""
+        waste, throughput, the baselines and the speedups over them, the merged microbatches): for a plan whose
+        microbatches or lengths were changed by hand (``verify`` refuses a prediction or summary that does not
+        follow from them)."""
         raw = self._makespan_ms()
         ms = round_ms(raw)
         jobs = [job.model_copy(update=dict(zip(("mean_tokens", "std_tokens"), _length_stats(self.lengths, ids, 3))))
                 for job, ids in zip(self.jobs, self._job_samples())]  # (they follow from lengths too)
         # so do the baselines (lengths changed by hand left the old mLoRA-style makespan, and its speedup, standing)
         base = self._baseline_fields()
-        summary = self.summary.model_copy(update={"makespan_ms": ms, **base})
+        summary = self.summary.model_copy(update={"makespan_ms": ms, "merges": self._merged_microbatches(), **base})
         summary = summary.model_copy(update=self.model_copy(update={"summary": summary})._derived_summary(raw))
         return self.model_copy(update={"predicted_ms": ms, "jobs": jobs, "summary": summary,
                                        "baselines_ms": baselines_ms_of(base)})
