@@ -675,10 +675,10 @@ def _check_device(what: str, x: torch.Tensor, index: MoEIndex, *others: torch.Te
                              f"input's device")
 
 
-def _check_index(what: str, index: MoEIndex, x: torch.Tensor) -> None:
-    """The index describes x's rows, on x's device: its counts add up to them (else the Triton kernels read or left
-    rows no expert segment covers: uninitialised output, reads past the tensor)."""
-    _check_device(what, x, index)
+def _check_index(what: str, index: MoEIndex, x: torch.Tensor, *others: torch.Tensor) -> None:
+    """The index describes x's rows, on x's device (``others`` too: a gate): its counts add up to them (else the
+    Triton kernels read or left rows no expert segment covers: uninitialised output, reads past the tensor)."""
+    _check_device(what, x, index, *others)
     rows = x.shape[0]
     if index.num_rows != rows:
         raise ValueError(f"{what}: the index holds {index.num_rows} rows, the input {rows}")
@@ -717,8 +717,7 @@ def unpermute(y: torch.Tensor, gate: torch.Tensor, index: MoEIndex, backend: Bac
     """Gate-weighted combine of expert rows back to tokens: (N,H) -> (T,H); float64 takes the reference (the
     Triton kernel accumulates in float32)."""
     _check_rows("unpermute", y)
-    _check_index("unpermute", index, y)
-    _check_device("unpermute", y, index, gate)
+    _check_index("unpermute", index, y, gate)
     if gate.dim() != 1 or gate.shape[0] != y.shape[0]:  # the Triton path read past a short gate
         raise ValueError(f"unpermute: gate has shape {tuple(gate.shape)}, expected ({y.shape[0]},): one weight per "
                          f"expert row")

@@ -584,6 +584,10 @@ def main(argv: list[str] | None = None, quiet: bool = False) -> int:
         check_model_fits(args, plan, world)
         check_gpus(args, world)
         _check_checkpoint(args, plan, world)  # before any process group: a mismatch is one line
+        if args.check_plan_only and args.checkpoint_dir is not None:  # (the ranks' lock: one line here, not
+            from adasched.runtime.checkpoint import check_folder_free  # inside torchrun)
+
+            check_folder_free(args.checkpoint_dir)
         factor, lengths = scaled_lengths(plan, args.max_len)
     except ValueError as err:  # InputError included
         if rank == 0 or reports_errors():
@@ -591,14 +595,6 @@ def main(argv: list[str] | None = None, quiet: bool = False) -> int:
             sys.stderr.flush()
         return 2
     if args.check_plan_only:
-        if args.checkpoint_dir is not None:  # (the ranks' lock: one line here, not inside torchrun)
-            from adasched.runtime.checkpoint import check_folder_free
-
-            try:
-                check_folder_free(args.checkpoint_dir)
-            except ValueError as err:
-                sys.stderr.write(error_line(err))
-                return 2
         if not quiet:
             print(f"{args.plan}: {len(plan.steps)} steps fit world size {world}")
         return 0

@@ -583,8 +583,7 @@ class _FolderLock:
                 holder = _lock_holder(fd)
                 os.close(fd)
                 if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise InputError(folder, f"another run is using this checkpoint folder ({LOCK_NAME} is locked"
-                                             f"{holder}); wait for it to end or give a new --checkpoint-dir") from None
+                    raise _held_elsewhere(folder, holder) from None
                 # a file system that cannot lock (NFSv3 without lockd: ENOLCK; Lustre without -o flock: ENOSYS; a
                 # read-only descriptor on NFS: EBADF): the run goes on, as before the lock existed, and says so
                 print(f"note: {folder}: cannot lock {LOCK_NAME} on this file system ({err.strerror or err}); two "
@@ -605,6 +604,12 @@ class _FolderLock:
             if held[1] <= 0:
                 del cls._held[key]
                 os.close(held[0])  # (closing the last descriptor releases the flock)
+
+
+def _held_elsewhere(folder: Path, holder: str) -> InputError:
+    """The refusal of a checkpoint folder another process holds (``holder``: :func:`_lock_holder`'s ' by pid N')."""
+    return InputError(folder, f"another run is using this checkpoint folder ({LOCK_NAME} is locked{holder}); wait "
+                              f"for it to end or give a new --checkpoint-dir")
 
 
 #: seconds rank 0 keeps trying for the folder's lock before it names the holder: a launch pre-check
@@ -650,9 +655,7 @@ def check_folder_free(folder: str | os.PathLike) -> None:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError as err:
             if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise InputError(Path(folder), f"another run is using this checkpoint folder ({LOCK_NAME} is locked"
-                                               f"{_lock_holder(fd)}); wait for it to end or give a new "
-                                               f"--checkpoint-dir") from None
+                raise _held_elsewhere(Path(folder), _lock_holder(fd)) from None
             # (a file system that cannot lock: the ranks say so)
     finally:
         os.close(fd)

@@ -159,6 +159,12 @@ def _check_stage_costs(at: str, rec: StageCostsRecord, l0: MoELayerPlan) -> list
             if not math.isclose(want, t, rel_tol=1e-9, abs_tol=1e-12)]
 
 
+def _dense_blocks_ms(c: "MoEConfigPlan", expert_exposed: float) -> float:
+    """The dense blocks' share of a configuration's iteration: what its MoE layers and exposed all-reduces (the dense
+    gradients', ``expert_exposed`` of the experts') leave of ``iteration_ms``."""
+    return c.iteration_ms - sum(lp.fwd_ms + lp.bwd_ms for lp in c.layers) - c.grad_exposed_ms - expert_exposed
+
+
 def _baseline_errors(at: str, c: "MoEConfigPlan") -> list[str]:
     """Layer 0's baselines (no pipelining, a fixed r = 2) and its un-chunked all-to-all, re-simulated from its stored
     stage costs as the planner simulates them (an edited fixed-r2 baseline showed as a 3.66x speedup where the
@@ -551,7 +557,7 @@ class MoEPlan(Plan):
         expert_exposed = c.expert_grad_exposed_ms if c.expert_copies > 1 else 0.0
         if expert_exposed is None:  # (an older plan: not recorded)
             return errors
-        dense_total = c.iteration_ms - sum(lp.fwd_ms + lp.bwd_ms for lp in c.layers) - c.grad_exposed_ms - expert_exposed
+        dense_total = _dense_blocks_ms(c, expert_exposed)
         from adasched.planner.plan import builtin_profile_of
 
         prof = builtin_profile_of(self.profile) if self.profile else None
@@ -626,8 +632,7 @@ class MoEPlan(Plan):
 
         rec = c.layer0_stage_costs
         _, _, _, at_end = dense_allreduce(cfg, self.gpus, rec.alpha[4], rec.work[4])
-        expert_exposed = (c.expert_grad_exposed_ms or 0.0) if c.expert_copies > 1 else 0.0
-        dense_total = c.iteration_ms - sum(lp.fwd_ms + lp.bwd_ms for lp in c.layers) - c.grad_exposed_ms - expert_exposed
+        dense_total = _dense_blocks_ms(c, (c.expert_grad_exposed_ms or 0.0) if c.expert_copies > 1 else 0.0)
         low = sum(lp.fwd_ms + lp.bwd_fastest_ms for lp in c.layers) + dense_total
         high = low + at_end + c.expert_grad_allreduce_ms
         tol = 1e-9 * max(high, 1.0) + 1e-6

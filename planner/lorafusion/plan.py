@@ -403,7 +403,7 @@ class LoRAPlan(Plan):
                 errors.append(f"summary.merges: {self.summary.merges}, but the plan runs the {self.sequence_source} "
                               f"sequence, which merges nothing")
             return errors
-        group_of = {j: gi for gi, g in enumerate(self.groups) for j in g}
+        group_of = self._group_of()
         want = {}
         for gi, grp in enumerate(self.groups):
             for g in range(max(self.jobs[j].global_batches for j in grp)):
@@ -429,12 +429,16 @@ class LoRAPlan(Plan):
                           f"segments")
         return errors
 
+    def _group_of(self) -> dict[int, int]:
+        """Job index -> the index of its adapter group."""
+        return {j: gi for gi, g in enumerate(self.groups) for j in g}
+
     def _merged_microbatches(self) -> int:
         """Microbatches holding segments of two (global batch, group) problems (the merge pass's folds): a packed
         plan's ``summary.merges``; 0 for the baselines' sequences."""
         if self.sequence_source != "packed":
             return 0
-        group_of = {j: gi for gi, g in enumerate(self.groups) for j in g}
+        group_of = self._group_of()
         return sum(len({(seg.global_batch, group_of.get(seg.job)) for seg in mb.segments}) > 1
                    for mb in self.microbatches)
 
