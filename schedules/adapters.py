@@ -236,10 +236,9 @@ class MegatronParamScheduler:
         self.decay_table = refined_multipliers(norms[skip:], norm, smoothing)
 
     def _check_wsd(self) -> None:
-        self.wsd_decay_steps = _check_int("wsd_decay_steps", self.wsd_decay_steps, 1)
-        if self.wsd_decay_steps > self.lr_decay_steps:
-            raise ValueError(f"wsd_decay_steps: must be <= lr_decay_steps={self.lr_decay_steps}, "
-                             f"got {self.wsd_decay_steps}")
+        # megatron-core asserts only that it is given: 0 keeps max_lr until lr_decay_steps (then min_lr), more than
+        # lr_decay_steps starts the anneal before sample 0 (both run there, so both are taken here)
+        self.wsd_decay_steps = _check_int("wsd_decay_steps", self.wsd_decay_steps, 0)
         if self.lr_wsd_decay_style not in MEGATRON_WSD_STYLES:
             raise ValueError(f"lr_wsd_decay_style: must be one of {', '.join(MEGATRON_WSD_STYLES)}, "
                              f"got {self.lr_wsd_decay_style!r}")
@@ -285,7 +284,7 @@ class MegatronParamScheduler:
             return max(min_lr, max_lr * max(self.lr_warmup_steps, 1) ** 0.5 / (max(self.num_steps, 1) ** 0.5))
         if self.lr_decay_style == "WSD":
             anneal_start = self.lr_decay_steps - self.wsd_decay_steps
-            if self.num_steps <= anneal_start:
+            if self.num_steps <= anneal_start:  # (always, for wsd_decay_steps = 0: num_steps <= lr_decay_steps here)
                 return min_lr + 1.0 * (max_lr - min_lr)
             r = float(self.num_steps - anneal_start) / float(self.wsd_decay_steps)
             wsd = self.lr_wsd_decay_style
@@ -298,10 +297,23 @@ class MegatronParamScheduler:
     def step(self, increment: int) -> None:
         """Advance by ``increment`` samples and set every group's lr and weight decay."""
         self.num_steps += increment
-        for group in self.optimizer.param_groups:
+        for k, group in enumerate(self.optimizer.param_groups):
             group["lr"] = self.get_lr(group)
-            if self.start_wd is not None or "start_wd" in group:  # else the group keeps its weight_decay
+            if self.start_wd is not None or "start_wd" in group or "end_wd" in group:  # else it keeps weight_decay
+                self._check_group_wd(k, group)
                 group["weight_decay"] = self.get_wd(group) * group.get("wd_mult", 1.0)
+
+    def _check_group_wd(self, k: int, group: dict) -> None:
+        """A group's own start_wd/end_wd: both known (its own or the scheduler's), as megatron-core's are always
+        floats there; and equal under the 'constant' style, which megatron-core asserts per group."""
+        start, end = group.get("start_wd", self.start_wd), group.get("end_wd", self.end_wd)
+        if start is None or end is None:
+            raise ValueError(f"param group {k}: {'end_wd' if end is None else 'start_wd'} is missing: a group that "
+                             f"sets {'start_wd' if end is None else 'end_wd'} needs it too when the scheduler has "
+                             f"no start_wd/end_wd")
+        if self.wd_incr_style == "constant" and start != end:
+            raise ValueError(f"param group {k}: wd_incr_style 'constant' needs start_wd == end_wd (got {start} and "
+                             f"{end}); use 'linear' or 'cosine' to change the weight decay")
 
     def state_dict(self) -> dict:
         """megatron-core's keys, plus what our styles add (megatron-core ignores extra keys): ``phi`` for uba,
