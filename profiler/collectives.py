@@ -116,6 +116,11 @@ def _op_fns(dist):
     return ag, rs
 
 
+def _elements(size: int, g: int) -> int:
+    """float32 elements of a ``size``-byte message, divisible by the group's size g (3 ranks: groups of 2 and 3)."""
+    return max(g, (size // 4) // g * g)
+
+
 def measure_collectives(cfg: CollectiveConfig, *, device: str = "cpu", show_progress: bool = False
                         ) -> dict[str, Any] | None:
     """Measure every (group size, op, size) in the current world. Collective over all ranks.
@@ -131,6 +136,13 @@ def measure_collectives(cfg: CollectiveConfig, *, device: str = "cpu", show_prog
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
     all_gather, reduce_scatter = _op_fns(dist)
     gsizes = group_sizes_for(world)
+    for g in gsizes:  # (every rank refuses alike, before any collective: a config that measured everything, then
+        # failed its fit with "give larger sizes" where the sizes were 1 MiB but 4 bytes apart)
+        rounded = sorted({_elements(size, g) * 4 for size in cfg.sizes})
+        if len(rounded) < 2:
+            raise ValueError(f"sizes: {list(cfg.sizes)} all round to one message of {rounded[0]} bytes on groups of "
+                             f"{g} ranks (each size is rounded down to a multiple of 4 x {g} bytes): give sizes at "
+                             f"least {4 * g} bytes apart")
     groups = {}
     for g in gsizes:  # every rank creates every group, in the same order, once
         if g == world:
@@ -158,7 +170,7 @@ def measure_collectives(cfg: CollectiveConfig, *, device: str = "cpu", show_prog
             in_group = pg is not None or g == world
             for op in cfg.ops:
                 for size in cfg.sizes:
-                    n = max(g, (size // 4) // g * g)  # elements, divisible by this group's size (3 ranks: 2, 3)
+                    n = _elements(size, g)
                     x = torch.randn(n, device=device)
                     if op == "all_to_all":
                         out = torch.empty_like(x)

@@ -47,6 +47,14 @@ def _rel_err(pred, y) -> float:
 SIZE_TERM_FLOOR = 0.05
 
 
+def _distinct(x: np.ndarray, k: int, what: str, of: str) -> None:
+    """A fit with k coefficients needs k distinct x (fewer: one point of 256 tokens fitted a pure s^2 model, so 4x
+    the length was priced 16x, with no note)."""
+    u = np.unique(x)
+    if u.size < k:
+        raise ValueError(f"fit: {what} needs at least {k} distinct {of}, got {u.tolist()}")
+
+
 def fit_alpha_beta(nbytes, ms, *, min_size_term: float | None = None) -> Fit:
     """time_ms = alpha + beta * nbytes; returns Fit(coef=(alpha_ms, beta_ms_per_byte)), beta > 0.
 
@@ -59,8 +67,7 @@ def fit_alpha_beta(nbytes, ms, *, min_size_term: float | None = None) -> Fit:
     bandwidth only from below; a fit of their noise gave 1e4-1e15 GB/s) and ``note`` says so: measure larger
     messages to resolve it."""
     x, y = _check(nbytes, ms)
-    if np.unique(x).size < 2:  # (one size: the fit put it all in beta, alpha 0, and said nothing)
-        raise ValueError(f"fit: an alpha-beta fit needs at least 2 distinct message sizes, got {np.unique(x).tolist()}")
+    _distinct(x, 2, "an alpha-beta fit", "message sizes")  # (one size: it all went into beta, alpha 0, silently)
     X = np.stack([np.ones_like(x), x], axis=1)
     xmax, ymax = float(np.max(x)), float(np.max(y))
     a, b = _nonneg_lstsq(X, y)
@@ -89,6 +96,7 @@ def fit_alpha_beta(nbytes, ms, *, min_size_term: float | None = None) -> Fit:
 def fit_quadratic(s, ms) -> Fit:
     """time_ms = a1 s^2 + a2 s + b; returns Fit(coef=(a1, a2, b)), all >= 0."""
     x, y = _check(s, ms)
+    _distinct(x, 3, "a quadratic fit", "lengths")
     X = np.stack([x * x, x, np.ones_like(x)], axis=1)
     a1, a2, b = _nonneg_lstsq(X, y)
     xmax, ymax = float(np.max(x)), float(np.max(y))
@@ -111,6 +119,7 @@ def fit_quadratic(s, ms) -> Fit:
 def fit_affine(t, ms) -> Fit:
     """time_ms = c * t + b; returns Fit(coef=(c, b)), both >= 0."""
     x, y = _check(t, ms)
+    _distinct(x, 2, "an affine fit", "sizes")
     X = np.stack([x, np.ones_like(x)], axis=1)
     c, b = _nonneg_lstsq(X, y)
     # a slope adding under 1e-9 of the largest time at the largest size is the solver's round-off, as in

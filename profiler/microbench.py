@@ -47,8 +47,9 @@ class MicrobenchConfig:
     def __post_init__(self):
         if self.device not in ("cuda", "cpu"):
             raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
-        if len(self.attn_seqlens) < 3 or len(self.linear_tokens) < 2:
-            raise ValueError("need >= 3 attention sequence lengths and >= 2 token counts to fit the models")
+        if len(set(self.attn_seqlens)) < 3 or len(set(self.linear_tokens)) < 2:
+            raise ValueError(f"need >= 3 distinct attention sequence lengths and >= 2 distinct token counts to fit "
+                             f"the models, got {list(self.attn_seqlens)} and {list(self.linear_tokens)}")
         if self.repeats < 1 or self.warmup < 0:
             raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {self.repeats}, {self.warmup}")
 

@@ -256,8 +256,9 @@ class ClusterProfile(_Strict):
     @model_validator(mode="after")
     def _check(self) -> "ClusterProfile":
         if self.world_size > MAX_GPUS:
-            raise ValueError(f"num_nodes x gpus_per_node = {self.num_nodes} x {self.gpus_per_node} = "
-                             f"{self.world_size} GPUs, more than the {MAX_GPUS} a profile may describe")
+            big = lambda v: str(v) if v <= MAX_GPUS else f"(a {len(str(v))}-digit number)"  # noqa: E731
+            raise ValueError(f"num_nodes x gpus_per_node = {big(self.num_nodes)} x {big(self.gpus_per_node)} = "
+                             f"{big(self.world_size)} GPUs, more than the {MAX_GPUS} a profile may describe")
         seen = set()
         for c in self.collectives:
             key = (c.op, c.group_size)

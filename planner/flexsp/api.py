@@ -18,12 +18,13 @@ from adasched.planner.plan import SolverRecord, inputs_digest, profile_ref, rela
 from adasched.profiler.io import InputError
 from adasched.profiler.profile import ClusterProfile
 
-from .batching import check_max_context, draw_batches, read_seqlens
+from .batching import check_max_context, draw_batches, draw_indices, read_seqlens
 from .costmodel import MODEL_PRESETS, ModelShape, SPCostModel, model_preset, sp_cost_model
 from .plan import SPGroup, SPMicroBatch, SPModelShape, SPPlan, SPStep
 from .planner import PlannerConfig, StepResult, check_fits, placed_groups, plan_step
 
-__all__ = ["load_lengths", "plan_sp", "summarize", "to_plan", "planner_memory_bytes", "check_planner_memory"]
+__all__ = ["load_lengths", "plan_sp", "summarize", "to_plan", "planner_memory_bytes", "check_planner_memory",
+           "draw_batches"]
 
 
 def load_lengths(path: str | os.PathLike, max_context: int | None = None) -> np.ndarray:
@@ -190,13 +191,15 @@ def _shape_record(shape: ModelShape) -> SPModelShape | None:
 def plan_sp(profile: ClusterProfile, model: str | ModelShape, lengths: np.ndarray, *, gpus: int | None = None,
             global_batch: int, steps: int, seed: int | None = None, config: PlannerConfig | None = None,
             max_context: int | None = None, on_step: Callable[[StepResult], None] | None = None,
-            on_checked: Callable[[], None] | None = None) -> tuple[SPPlan, list[StepResult]]:
+            on_checked: Callable[[], None] | None = None, where: str = "--seqlens") -> tuple[SPPlan, list[StepResult]]:
     """Plan ``steps`` global batches drawn (seeded) from ``lengths``. Raises InputError on bad input
     before any planning (GPU count, a sequence that does not fit even on all GPUs, a batch too large to plan in
     this host's memory); ``on_checked`` runs once those checks passed (the CLI's notes go there, so an error is
     the only line). ``seed`` seeds the batch draw and the solver, in place of ``config.seed`` (default: that, else
     0), so the plan's recorded seed is the one both used (a ``config`` used to keep its own for the solver).
-    ``max_context``: lengths above it are clipped to it (documents truncated to the context), as the plan records."""
+    ``max_context``: lengths above it are clipped to it (documents truncated to the context), as the plan records.
+    Only the drawn sequences must fit on all GPUs (a plan trains its batches only; the CLI notes longer ones left
+    in the file); ``where`` names the lengths' source in that error."""
     seed = seed if seed is not None else config.seed if config is not None else 0
     config = dataclasses.replace(config, seed=seed) if config is not None else PlannerConfig(seed=seed)
     cm = sp_cost_model(profile, model_preset(model) if isinstance(model, str) else model, gpus)
@@ -204,8 +207,10 @@ def plan_sp(profile: ClusterProfile, model: str | ModelShape, lengths: np.ndarra
     if max_context is not None:  # the plan records its lengths as clipped to it (verify holds it to that)
         check_max_context(max_context)
         lengths = np.minimum(np.asarray(lengths), max_context)
-    check_fits(lengths, cm, where="--seqlens")
-    batches = draw_batches(lengths, global_batch, steps, seed)
+    lengths = np.asarray(lengths)
+    idx = draw_indices(len(lengths), global_batch, steps, seed)
+    check_fits(lengths, cm, where=where, drawn=np.concatenate(idx))
+    batches = [lengths[i].copy() for i in idx]
     check_planner_memory(batches, cm, config)
     if on_checked is not None:
         on_checked()

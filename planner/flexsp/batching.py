@@ -98,13 +98,18 @@ def read_seqlens(path: str | os.PathLike) -> np.ndarray:
     return arr
 
 
+def draw_indices(n: int, global_batch: int, steps: int, seed: int) -> list[np.ndarray]:
+    """The file positions of :func:`draw_batches`' batches."""
+    check_batch_options(global_batch, steps)
+    perm = np.random.default_rng(seed).permutation(n)
+    idx = np.arange(steps * global_batch) % n
+    return [perm[idx[k * global_batch:(k + 1) * global_batch]] for k in range(steps)]
+
+
 def draw_batches(lengths: np.ndarray, global_batch: int, steps: int, seed: int) -> list[np.ndarray]:
     """``steps`` global batches of ``global_batch`` lengths: consecutive slices of one seeded permutation
     of the file (wrapping around when the file is shorter than steps * global_batch)."""
-    check_batch_options(global_batch, steps)
-    perm = np.random.default_rng(seed).permutation(len(lengths))
-    idx = np.arange(steps * global_batch) % len(lengths)
-    return [lengths[perm[idx[k * global_batch:(k + 1) * global_batch]]].copy() for k in range(steps)]
+    return [lengths[i].copy() for i in draw_indices(len(lengths), global_batch, steps, seed)]
 
 
 def split_microbatches(sorted_lens: np.ndarray, m: int) -> list[tuple[int, int]]:

@@ -97,7 +97,7 @@ def _setup(profile: str, model: str, seqlens: str, gpus: Optional[int], max_cont
     from adasched.profiler.profile import load_profile
 
     from .costmodel import model_preset, sp_cost_model
-    from .planner import PlannerConfig, check_fits
+    from .planner import PlannerConfig
 
     if buckets is not None and buckets < 1:
         raise InputError("--buckets", f"must be >= 1, got {buckets}")
@@ -113,20 +113,21 @@ def _setup(profile: str, model: str, seqlens: str, gpus: Optional[int], max_cont
     if n > prof.world_size:
         from adasched.profiler.profile import more_nodes_hint
 
+        nodes = f"{prof.num_nodes} node{'s' if prof.num_nodes != 1 else ''}"
         raise InputError("--gpus", f"{n} GPUs but {prof.where} describes {prof.world_size} "
-                                   f"({prof.num_nodes} nodes x {prof.gpus_per_node}); " + more_nodes_hint(prof, n))
+                                   f"({nodes} x {prof.gpus_per_node}); " + more_nodes_hint(prof, n))
     cm = sp_cost_model(prof, mdl, gpus)  # (None: the profile's world, its own error when not a power of two)
     if max_context is not None and max_context < 1:
         raise InputError("--max-context", f"must be >= 1 token, got {max_context}")
     lens = _lengths(seqlens, max_context)
-    check_fits(lens, cm, where=seqlens)
     cfg = PlannerConfig(time_limit=time_limit, seed=seed, use_milp=not no_milp,
                         max_evals=DETERMINISTIC_EVALS if deterministic else None,
                         **({} if buckets is None else {"buckets": buckets}))
     return prof, mdl, cm, lens, cfg
 
 
-def _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context, show_progress=True):
+def _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context, show_progress=True,
+         seqlens: str = "--seqlens"):
     from ..ui import progress
     from .api import plan_sp
 
@@ -134,11 +135,17 @@ def _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context, show_
         if 0 < len(lens) < global_batch:  # draw_batches wraps around the file: sequences repeat inside a batch
             sys.stderr.write(f"note: the length file has {len(lens)} sequences, fewer than --global-batch "
                              f"{global_batch}: each global batch repeats sequences\n")
+        # only the drawn sequences must fit (a plan trains its batches); longer ones left in the file are named
+        too_long = lens > cm.token_capacity(cm.world)
+        if too_long.any():
+            sys.stderr.write(f"note: {seqlens}: {int(too_long.sum())} sequence(s) of up to {int(lens.max())} tokens "
+                             f"cannot fit even on all {cm.world} GPUs; none is in the {steps} planned global "
+                             f"batch(es), more --steps may draw one (--max-context clips them)\n")
 
     with progress(f"planning {steps} global batches", total=steps, enabled=show_progress) as advance:
         plan, results = plan_sp(prof, mdl, lens, gpus=cm.world, global_batch=global_batch, steps=steps, seed=seed,
                                 config=cfg, max_context=max_context, on_step=lambda r: advance(),
-                                on_checked=note_short_file)
+                                on_checked=note_short_file, where=seqlens)
     cut = [r.step for r in results if r.clock_bound]
     if cut:
         sys.stderr.write(f"note: --deterministic: a MILP of step(s) {', '.join(map(str, cut))} hit the "
@@ -210,7 +217,7 @@ def register(groups) -> None:
                                inputs=(("--profile", profile), ("--model", model), ("--seqlens", seqlens)))
         prof, mdl, cm, lens, cfg = _setup(profile, model, seqlens, gpus, max_context, time_limit, seed, buckets,
                                           no_milp, deterministic)
-        plan, results = _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context,
+        plan, results = _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context, seqlens=seqlens,
                              show_progress=not as_json)
         with outputs_together():  # both or neither (a Ctrl-C while the plot was drawn left the plan written)
             save_plan(plan, out)
@@ -257,7 +264,7 @@ def register(groups) -> None:
                                    no_milp=no_milp)
         prof, mdl, cm, lens, cfg = _setup(profile, model, seqlens, gpus, max_context, time_limit, seed, buckets,
                                           no_milp, deterministic)
-        plan, results = _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context,
+        plan, results = _run(prof, mdl, cm, lens, cfg, global_batch, steps, seed, max_context, seqlens=seqlens,
                              show_progress=not as_json)
         rep = summarize(results, cm)
         rep["config"] = dict(profile=prof.name, model=mdl.name, gpus=cm.world, global_batch=global_batch,

@@ -234,7 +234,7 @@ def sp_cost_model(profile: ClusterProfile, model: ModelShape | str, world: int |
         raise InputError("--gpus", f"{world} is not a power of two (Ulysses groups are buddy-aligned powers of two)")
     if world > profile.world_size:
         raise InputError("--gpus", f"{world} GPUs but {profile.where} describes {profile.world_size} "
-                                   f"({profile.num_nodes} nodes x {profile.gpus_per_node})")
+                                   f"({profile.num_nodes} node{'s' if profile.num_nodes != 1 else ''} x {profile.gpus_per_node})")
     mc = profile.model_costs.get(model.name)
     if mc is not None and (mc.hidden, mc.layers) != (model.hidden, model.layers):
         # the published terms are for the model the profile names; the communication term uses the preset's

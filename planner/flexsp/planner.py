@@ -34,7 +34,7 @@ from .assign import MBSolution, buddy_ranks, local_search
 from .baselines import best_homogeneous, greedy, static_sp
 from .batching import make_buckets, split_microbatches
 from .costmodel import SPCostModel
-from .search import fill_across, structure_search
+from .search import exchange_across, fill_across, structure_search
 from .model import bucket_counts, realise, realise_classes, solve_classes, solve_microbatch
 
 __all__ = ["PlannerConfig", "StepResult", "plan_step", "check_fits", "lower_bound_work"]
@@ -144,10 +144,20 @@ class StepResult:
         return "infeasible" if all(m.status == "infeasible" for m in self.milp) else "timeout"
 
 
-def check_fits(lens: np.ndarray, cm: SPCostModel, where: str = "--seqlens") -> None:
-    """Every sequence must fit on all N GPUs; else an InputError naming it and the memory it needs."""
+#: clock mode: the moves and swaps between micro-batches (:func:`exchange_across`) get this share of --time-limit
+#: of their own, after the fill (deterministic mode: at most ``max_evals`` re-packed candidates per split)
+EXCHANGE_SHARE = 0.25
+
+
+def check_fits(lens: np.ndarray, cm: SPCostModel, where: str = "--seqlens", drawn: np.ndarray | None = None) -> None:
+    """Every sequence (``drawn``: those at these positions of ``lens``, the ones a plan's batches hold) must fit
+    on all N GPUs; else an InputError naming it (its position in ``lens``) and the memory it needs."""
     cap = cm.token_capacity(cm.world)
-    i = int(np.argmax(lens))
+    if drawn is None:
+        i = int(np.argmax(lens))
+    else:
+        drawn = np.unique(np.asarray(drawn, dtype=np.int64))
+        i = int(drawn[np.argmax(lens[drawn])])
     if cap < 1:
         raise InputError("--gpus", f"the {cm.model.name} model states alone need {cm.model_state_bytes / GiB:.1f} "
                                    f"GiB per GPU on {cm.world} GPUs (ZeRO-{cm.model.zero_stage}), more than the "
@@ -155,7 +165,8 @@ def check_fits(lens: np.ndarray, cm: SPCostModel, where: str = "--seqlens") -> N
     if lens[i] > cap:
         need = cm.memory_needed(float(lens[i]), cm.world)
         # (it said "sequence i (0-based)", read as a line number; comments and blank lines are not counted)
-        raise InputError(where, f"the longest sequence (length number {i + 1} of {len(lens)} listed) has "
+        raise InputError(where, f"the longest sequence{' drawn' if drawn is not None else ''} (length number "
+                                f"{i + 1} of {len(lens)} listed) has "
                                 f"{int(lens[i])} tokens and needs {need / GiB:.1f} GiB "
                                 f"per GPU even on all {cm.world} GPUs (device memory {cm.memory_bytes / GiB:.1f} GiB, "
                                 f"at most {int(cap)} tokens fit); lower --max-context or add GPUs")
@@ -391,6 +402,15 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
                               else fill_across(start, lens, cm, deadline=deadline, move_deadline=moves_until))
                     if sum(c.time_ms for c in filled) < sum(c.time_ms for c in info["best"]) - 1e-9:
                         info["best"] = filled
+                info["heur"] = sum(c.time_ms for c in info["best"])
+        # ---- single moves and swaps between two micro-batches, each pair re-packed (exchange_across) -----------
+        # the best splits (the MILPs' count) only; in clock mode EXCHANGE_SHARE of --time-limit of their own
+        ex_until = time.perf_counter() + EXCHANGE_SHARE * cfg.time_limit
+        for key in sorted(per_m, key=lambda m: (per_m[m]["heur"], m))[:max(1, cfg.milp_candidates)]:
+            info = per_m[key]
+            if len(info["best"]) > 1:
+                info["best"] = (exchange_across(info["best"], lens, cm, max_evals=cfg.max_evals) if cfg.deterministic
+                                else exchange_across(info["best"], lens, cm, deadline=ex_until))
                 info["heur"] = sum(c.time_ms for c in info["best"])
 
     # ---- choose ----------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def test_configs_and_validation():
     with pytest.raises(ValueError, match="device"):
         MicrobenchConfig(device="tpu", dtype="float32", gemm_n=8, copy_bytes=8, attn_seqlens=(1, 2, 3), attn_heads=1,
                          attn_head_dim=1, linear_hidden=1, linear_ffn=1, linear_tokens=(1, 2))
-    with pytest.raises(ValueError, match=">= 3 attention"):
+    with pytest.raises(ValueError, match=">= 3 distinct attention"):
         MicrobenchConfig(device="cpu", dtype="float32", gemm_n=8, copy_bytes=8, attn_seqlens=(1, 2), attn_heads=1,
                          attn_head_dim=1, linear_hidden=1, linear_ffn=1, linear_tokens=(1, 2))
 

@@ -131,7 +131,7 @@ def test_more_gpus_than_the_profile_names_a_recipe_that_works(tmp_path, capsys, 
     assert json.loads((tmp_path / "x.json").read_text())["gpus"] == 128
     save_profile(load_profile("h100-sxm").with_nodes(1), tmp_path / "one.json")  # fits of 8 GPUs at most
     assert main(["plan", "sp", "--seqlens", "builtin", "--gpus", "16", "--profile", "one.json", "--out", "y.json"]) == 2
-    assert capsys.readouterr().err == ("error: --gpus: 16 GPUs but one.json describes 8 (1 nodes x 8); its collectives "
+    assert capsys.readouterr().err == ("error: --gpus: 16 GPUs but one.json describes 8 (1 node x 8); its collectives "
                                        "were not measured across nodes, so no larger profile can be derived from it: "
                                        "run `adasched profile` under torchrun on two or more nodes\n")
     from adasched.profiler.profile import more_nodes_hint

@@ -112,8 +112,8 @@ def test_plan_rejects_a_sequence_that_cannot_fit():
 
     prof = load_profile("a100-64-flexsp-paper")
     lens = np.array([100, 200, 10_000_000])
-    with pytest.raises(InputError, match=r"the longest sequence \(length number 3 of 3 listed\) has 10000000 tokens and needs .* GiB"):
-        plan_sp(prof, "gpt-7b", lens, gpus=64, global_batch=2, steps=1)
+    with pytest.raises(InputError, match=r"the longest sequence drawn \(length number 3 of 3 listed\) has 10000000 tokens and needs .* GiB"):
+        plan_sp(prof, "gpt-7b", lens, gpus=64, global_batch=3, steps=1)
 
 
 def test_plan_status_never_claims_a_solver_result_it_did_not_get(planned):

@@ -278,6 +278,9 @@ def test_fill_restarts_only_small_donors(monkeypatch):
         return pack(*a, **k)
 
     monkeypatch.setattr(srch, "pack_fast", counted)
+    # the fill's packings only: the exchange after it (exchange_across) packs candidates of its own
+    import adasched.planner.flexsp.planner as planner_mod
+    monkeypatch.setattr(planner_mod, "exchange_across", lambda mbs, *a, **k: mbs)
 
     def run(per_gpu):
         monkeypatch.setattr(srch, "FILL_RESTARTS_PER_GPU", per_gpu)
