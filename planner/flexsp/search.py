@@ -300,6 +300,70 @@ def fill_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadli
 EXCHANGE_RESPLIT = 12
 
 
+#: micro-batches of at most this many sequences are packed exactly (:func:`exact_pack`) by :func:`exchange_across`
+EXACT_PACK_MAX = 8
+#: :func:`exact_pack`'s search nodes per call (an unproven search returns its best)
+EXACT_PACK_NODES = 20_000
+
+
+def exact_pack(ids: np.ndarray, lens: np.ndarray, degrees, cm: SPCostModel, source: str,
+               below: float = float("inf")) -> MBSolution | None:
+    """The fastest assignment of ``ids`` to groups of ``degrees`` within memory, by depth-first search (longest
+    sequence first; a group's time only grows as sequences join it, so a branch stops at the incumbent; of the
+    empty groups of one degree only the first is tried). Only plans faster than ``below`` are returned (None:
+    none found within EXACT_PACK_NODES nodes). LPT and worst-fit miss tight memory packings: 6 sequences of
+    330-1340 tokens on groups of 2, 1, 1 GPUs (3000, 1500, 1500 tokens) fit only one way, which neither finds."""
+    degrees = list(degrees)
+    order = sorted((int(i) for i in ids), key=lambda i: (-int(lens[i]), i))
+    s = [float(lens[i]) for i in order]
+    co = [cm.coeffs(d) for d in degrees]
+    cap = [cm.token_capacity(d) for d in degrees]
+    k = len(degrees)
+    sq, sm = [0.0] * k, [0.0] * k
+    cnt = [0] * k
+    own = [0] * len(order)
+    best = [below, None]
+    nodes = [0]
+
+    def t(g: int) -> float:
+        a, b, c = co[g]
+        return a * sq[g] + b * sm[g] + c
+
+    def place(j: int, cur: float) -> None:
+        if j == len(order):
+            best[0], best[1] = cur, list(own)
+            return
+        x = s[j]
+        empty_seen = set()
+        for g in range(k):
+            if nodes[0] >= EXACT_PACK_NODES:
+                return
+            if cnt[g] == 0:
+                if degrees[g] in empty_seen:
+                    continue
+                empty_seen.add(degrees[g])
+            if sm[g] + x > cap[g]:
+                continue
+            sq[g] += x * x
+            sm[g] += x
+            cnt[g] += 1
+            tg = t(g)
+            if max(cur, tg) < best[0] - 1e-12:
+                nodes[0] += 1
+                own[j] = g
+                place(j + 1, max(cur, tg))
+            sq[g] -= x * x
+            sm[g] -= x
+            cnt[g] -= 1
+
+    place(0, 0.0)
+    if best[1] is None:
+        return None
+    groups = [(degrees[g], [order[j] for j in range(len(order)) if best[1][j] == g]) for g in range(k)]
+    sol = evaluate(MBSolution(groups, source=source), lens, cm)
+    return sol if sol.fits and sol.time_ms < below else None
+
+
 def _per_sequence_bounds(lens: np.ndarray, cm: SPCostModel) -> tuple[np.ndarray, np.ndarray]:
     """Per sequence of the step: its cheapest work in GPU-ms (a s^2 + b s, times d, on the degree that holds it
     best) and its fastest time alone on one group (with that group's constant); inf where no degree holds it."""
@@ -364,6 +428,11 @@ def exchange_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, de
             sol = pack_fast(arr, lens, st, cm, own.source, incumbent_ms=min(limit, best.time_ms if best else limit))
             if sol is not None and sol.fits and (best is None or sol.time_ms < best.time_ms - 1e-12):
                 best = sol
+        if arr.size <= EXACT_PACK_MAX:  # a few sequences: the best assignment on each structure, not LPT's
+            for st in structures:
+                sol = exact_pack(arr, lens, st, cm, own.source, below=best.time_ms if best else limit)
+                if sol is not None and (best is None or sol.time_ms < best.time_ms - 1e-12):
+                    best = sol
         return best
 
     def candidates(a: int, b: int):

@@ -1,6 +1,8 @@
 """exchange_across: single moves, swaps and (small pairs) re-splits of sequences between two micro-batches, each
 pair re-packed. Before it a step whose best split is neither sorted runs nor packed bins stayed above the optimum
 (7 sequences, 2 micro-batches: 5.7 % above the brute force, which puts 6 on all GPUs and the 7th alone)."""
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -114,3 +116,39 @@ def test_plan_step_with_exchange_is_closer_to_brute_force(make_cm, monkeypatch):
     # the exchange, and it may improve the split the exchange did not pick)
     print({k: f"mean {100 * np.mean(v):.2f} % max {100 * np.max(v):.2f} %" for k, v in gaps.items()})
     assert np.mean(gaps[True]) <= np.mean(gaps[False]) + 1e-12
+
+
+def test_exact_pack_is_the_brute_force_on_each_structure(make_cm):
+    from flexsp_oracle import STRUCTURES
+
+    from adasched.planner.flexsp.search import exact_pack
+
+    rng = np.random.default_rng()
+    for _ in range(30):
+        cm = make_cm(cap_tokens=float(rng.choice([900.0, 1500.0, 3000.0])))
+        n = int(rng.integers(1, 7))
+        lens = rng.integers(20, int(cm.token_capacity(1)), size=n)
+        ids = np.arange(n)
+        for st in STRUCTURES:
+            want = brute_force(lens, cm, structures=(st,))
+            got = exact_pack(ids, lens, st, cm, "t")
+            if want == np.inf:
+                assert got is None
+                continue
+            assert got is not None and got.fits and got.time_ms == pytest.approx(want, rel=1e-12)
+            assert sorted(got.seq_ids()) == list(range(n))
+            assert not Counter(d for d, _ in got.groups) - Counter(st)  # (empty groups dropped)
+            assert exact_pack(ids, lens, st, cm, "t", below=want) is None  # only strictly faster than `below`
+
+
+def test_a_tight_memory_packing_lpt_misses(make_cm):
+    """6 sequences on groups of 2, 1, 1 GPUs fit one way only; LPT and worst-fit find none, so the exchange's
+    re-split put them on all 4 GPUs (0.75 % above the optimum)."""
+    from adasched.planner.flexsp.search import exact_pack, pack_fast
+
+    cm = make_cm()
+    lens = np.array([1098, 1340, 330, 1119, 1168, 744])
+    ids = np.arange(6)
+    assert pack_fast(ids, lens, (2, 1, 1), cm, "t") is None
+    got = exact_pack(ids, lens, (2, 1, 1), cm, "t")
+    assert got is not None and got.time_ms == pytest.approx(brute_force(lens, cm), rel=1e-12)
