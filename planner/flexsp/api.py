@@ -208,6 +208,8 @@ def plan_sp(profile: ClusterProfile, model: str | ModelShape, lengths: np.ndarra
         check_max_context(max_context)
         lengths = np.minimum(np.asarray(lengths), max_context)
     lengths = np.asarray(lengths)
+    if lengths.size == 0:  # (draw_indices would take a remainder by 0)
+        raise InputError(where, "no sequence lengths")
     idx = draw_indices(len(lengths), global_batch, steps, seed)
     check_fits(lengths, cm, where=where, drawn=np.concatenate(idx))
     batches = [lengths[i].copy() for i in idx]

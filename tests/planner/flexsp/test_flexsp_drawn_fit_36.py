@@ -54,3 +54,15 @@ def test_a_too_long_sequence_drawn_is_refused_naming_the_file(tmp_path, capsys):
     assert rc == 2 and err.startswith(f"error: {f}: the longest sequence drawn (length number 41 of 41 listed) has "
                                       f"900000 tokens"), err
     assert err.count("\n") == 1 and not out.exists()
+
+
+def test_plan_sp_refuses_no_lengths():
+    import pytest
+
+    from adasched.planner.flexsp.api import plan_sp
+    from adasched.profiler.io import InputError
+    from adasched.profiler.profile import load_profile
+
+    with pytest.raises(InputError, match="no sequence lengths"):
+        plan_sp(load_profile("a100-64-flexsp-paper"), "gpt-7b", np.array([], dtype=np.int64), gpus=64,
+                global_batch=2, steps=1)
