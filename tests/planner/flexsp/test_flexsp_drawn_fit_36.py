@@ -28,13 +28,17 @@ def _file(tmp_path, long_at_end: bool):
     return f, seed
 
 
-def test_a_too_long_sequence_not_drawn_is_noted_not_refused(tmp_path, capsys):
-    f, seed = _file(tmp_path, long_at_end=False)
+def _plan(tmp_path, capsys, long_drawn: bool):
+    f, seed = _file(tmp_path, long_at_end=long_drawn)
     out = tmp_path / "plan.json"
     rc = main(["plan", "sp", "--profile", "a100-64-flexsp-paper", "--model", "gpt-7b", "--seqlens", str(f),
                "--gpus", "64", "--global-batch", "4", "--steps", "2", "--seed", str(seed), "--no-milp",
                "--out", str(out)])
-    err = capsys.readouterr().err
+    return f, out, rc, capsys.readouterr().err
+
+
+def test_a_too_long_sequence_not_drawn_is_noted_not_refused(tmp_path, capsys):
+    f, out, rc, err = _plan(tmp_path, capsys, long_drawn=False)
     assert rc == 0, err
     assert (f"note: {f}: 1 sequence(s) of up to 900000 tokens cannot fit even on all 64 GPUs; none is in the 2 "
             f"planned global batch(es)") in err
@@ -45,12 +49,7 @@ def test_a_too_long_sequence_not_drawn_is_noted_not_refused(tmp_path, capsys):
 
 
 def test_a_too_long_sequence_drawn_is_refused_naming_the_file(tmp_path, capsys):
-    f, seed = _file(tmp_path, long_at_end=True)
-    out = tmp_path / "plan.json"
-    rc = main(["plan", "sp", "--profile", "a100-64-flexsp-paper", "--model", "gpt-7b", "--seqlens", str(f),
-               "--gpus", "64", "--global-batch", "4", "--steps", "2", "--seed", str(seed), "--no-milp",
-               "--out", str(out)])
-    err = capsys.readouterr().err
+    f, out, rc, err = _plan(tmp_path, capsys, long_drawn=True)
     assert rc == 2 and err.startswith(f"error: {f}: the longest sequence drawn (length number 41 of 41 listed) has "
                                       f"900000 tokens"), err
     assert err.count("\n") == 1 and not out.exists()
