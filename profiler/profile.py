@@ -256,7 +256,8 @@ class ClusterProfile(_Strict):
     @model_validator(mode="after")
     def _check(self) -> "ClusterProfile":
         if self.world_size > MAX_GPUS:
-            big = lambda v: str(v) if v <= MAX_GPUS else f"(a {len(str(v))}-digit number)"  # noqa: E731
+            # (digits from the bit length: str() of a 4,300-digit int raises ValueError itself)
+            big = lambda v: str(v) if v <= MAX_GPUS else f"(a number of ~{int(v.bit_length() * 0.30103) + 1} digits)"  # noqa: E731,E501
             raise ValueError(f"num_nodes x gpus_per_node = {big(self.num_nodes)} x {big(self.gpus_per_node)} = "
                              f"{big(self.world_size)} GPUs, more than the {MAX_GPUS} a profile may describe")
         seen = set()

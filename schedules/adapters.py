@@ -239,7 +239,7 @@ class MegatronParamScheduler:
         # megatron-core asserts only that it is given: 0 keeps max_lr until lr_decay_steps (then min_lr), more than
         # lr_decay_steps starts the anneal before sample 0 (both run there, so both are taken here)
         self.wsd_decay_steps = _check_int("wsd_decay_steps", self.wsd_decay_steps, 0)
-        if self.lr_wsd_decay_style not in MEGATRON_WSD_STYLES:
+        if self.wsd_decay_steps > 0 and self.lr_wsd_decay_style not in MEGATRON_WSD_STYLES:
             raise ValueError(f"lr_wsd_decay_style: must be one of {', '.join(MEGATRON_WSD_STYLES)}, "
                              f"got {self.lr_wsd_decay_style!r}")
 

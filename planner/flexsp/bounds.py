@@ -20,7 +20,7 @@ import numpy as np
 
 from .costmodel import SPCostModel
 
-__all__ = ["fluid_feasible", "fluid_lower_bound"]
+__all__ = ["fluid_feasible", "fluid_lower_bound", "per_sequence_bounds"]
 
 
 def fluid_feasible(lens, cm: SPCostModel, c_ms: float) -> bool:
@@ -84,3 +84,18 @@ def fluid_lower_bound(lens, cm: SPCostModel, rel_tol: float = 1e-4, hi_ms: float
         else:
             lo = mid
     return lo
+
+
+def per_sequence_bounds(lens: np.ndarray, cm: SPCostModel) -> tuple[np.ndarray, np.ndarray]:
+    """Per sequence of the step: its cheapest work in GPU-ms (a s^2 + b s, times d, on the degree that holds it
+    best) and its fastest time alone on one group (with that group's constant); inf where no degree holds it."""
+    s = lens.astype(np.float64)
+    work = np.full(s.size, np.inf)
+    alone = np.full(s.size, np.inf)
+    for d in cm.degrees:
+        a, b, g = cm.coeffs(d)
+        ok = s <= cm.token_capacity(d)
+        t = a * s * s + b * s
+        work = np.where(ok, np.minimum(work, t * d), work)
+        alone = np.where(ok, np.minimum(alone, t + g), alone)
+    return work, alone

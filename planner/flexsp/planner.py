@@ -13,7 +13,9 @@ Per step (all times on the real lengths):
    real sequences to the MILP's groups, local search; keep the best candidate per micro-batch;
 5. splits with several micro-batches: sequences move into the idle time beside another micro-batch's critical
    group (:func:`fill_across`; the split is then no longer consecutive runs of the sorted order);
-6. the step's plan is the M with the smallest total; baselines are reported at their own best M, so the
+6. the most promising splits: single moves, swaps and (small pairs) new splits of two micro-batches, each pair
+   re-packed (:func:`exchange_across`, EXCHANGE_SHARE of ``time_limit`` of its own);
+7. the step's plan is the M with the smallest total; baselines are reported at their own best M, so the
    plan is never worse than the best single degree per micro-batch.
 
 ``time_limit`` is a budget per step: the structure search gets ``1 - milp_share`` of it first, the MILPs
@@ -33,6 +35,7 @@ from adasched.profiler.io import InputError
 from .assign import MBSolution, buddy_ranks, local_search
 from .baselines import best_homogeneous, greedy, static_sp
 from .batching import make_buckets, split_microbatches
+from .bounds import per_sequence_bounds
 from .costmodel import SPCostModel
 from .search import exchange_across, fill_across, structure_search
 from .model import bucket_counts, realise, realise_classes, solve_classes, solve_microbatch
@@ -72,7 +75,8 @@ class PlannerConfig:
     """Deterministic mode when set: the searches are bounded by work instead of the clock - the structure search
     tries at most this many group structures per micro-batch (and per donor of the fill across micro-batches, there
     with restarts only on a donor of <= ``search.FILL_RESTARTS_PER_GPU`` sequences per GPU),
-    every selected MILP runs (bounded by ``milp_nodes``), so the same inputs give the same plan on any machine
+    every selected MILP runs (bounded by ``milp_nodes``), the exchange between micro-batches re-packs at most this
+    many candidates per split (:func:`~.search.exchange_across`), so the same inputs give the same plan on any machine
     load. ``time_limit`` then caps each MILP only (a cap that stops one makes that step clock-dependent again:
     ``StepResult.clock_bound`` says so)."""
     milp_nodes: int = 50
@@ -187,13 +191,7 @@ def lower_bound_work(lens: np.ndarray, cm: SPCostModel) -> float:
     """Lower bound on the compute+communication part of a step (ms): every sequence on its cheapest degree
     that holds it, in GPU-ms, spread perfectly over the N GPUs. A step with M micro-batches takes at least
     M * b1 + this (b1 is paid by every micro-batch)."""
-    s = lens.astype(np.float64)
-    best = np.full(s.size, np.inf)
-    for d in cm.degrees:
-        a, b, _ = cm.coeffs(d)
-        ok = s <= cm.token_capacity(d)
-        best = np.where(ok, np.minimum(best, (a * s * s + b * s) * d), best)
-    return float(best.sum()) / cm.world
+    return float(per_sequence_bounds(lens, cm)[0].sum()) / cm.world
 
 
 def analytic_bound(buckets, cm: SPCostModel, *, single: str = "mean") -> float:

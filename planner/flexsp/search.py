@@ -19,6 +19,7 @@ from collections import Counter
 import numpy as np
 
 from .assign import WORK, MBSolution, evaluate, local_search, lpt_assign, worst_fit_assign
+from .bounds import per_sequence_bounds
 from .costmodel import SPCostModel
 
 __all__ = ["structure_neighbours", "pack_fast", "seed_structures", "structure_search", "fill_across",
@@ -112,11 +113,13 @@ def structure_search(ids: np.ndarray, lens: np.ndarray, cm: SPCostModel, start: 
     ids = np.asarray(ids, dtype=np.int64)
     best = start
     seen = {_key(d for d, _ in start.groups)}
-    evals = 0
+    evals = looks = 0
 
     def out_of_budget() -> bool:
+        # (looks: 800 single-sequence micro-batches of ~300k tokens, none of which two fit together, had no re-packed
+        # candidate at all and spent 10 s on the 640,000 pairs)
         return ((deadline is not None and time.perf_counter() >= deadline)
-                or (max_evals is not None and evals >= max_evals))
+                or (max_evals is not None and (evals >= max_evals or looks >= EXCHANGE_LOOKS_PER_EVAL * max_evals)))
 
     def descend(cur: MBSolution) -> MBSolution:
         nonlocal evals
@@ -300,6 +303,9 @@ def fill_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadli
 EXCHANGE_RESPLIT = 12
 
 
+#: deterministic :func:`exchange_across`: pairs and candidates looked at (screened or not) per re-packed candidate
+#: of its budget
+EXCHANGE_LOOKS_PER_EVAL = 200
 #: micro-batches of at most this many sequences are packed exactly (:func:`exact_pack`) by :func:`exchange_across`
 EXACT_PACK_MAX = 8
 #: :func:`exact_pack`'s search nodes per call (an unproven search returns its best)
@@ -364,35 +370,23 @@ def exact_pack(ids: np.ndarray, lens: np.ndarray, degrees, cm: SPCostModel, sour
     return sol if sol.fits and sol.time_ms < below else None
 
 
-def _per_sequence_bounds(lens: np.ndarray, cm: SPCostModel) -> tuple[np.ndarray, np.ndarray]:
-    """Per sequence of the step: its cheapest work in GPU-ms (a s^2 + b s, times d, on the degree that holds it
-    best) and its fastest time alone on one group (with that group's constant); inf where no degree holds it."""
-    s = lens.astype(np.float64)
-    work = np.full(s.size, np.inf)
-    alone = np.full(s.size, np.inf)
-    for d in cm.degrees:
-        a, b, g = cm.coeffs(d)
-        ok = s <= cm.token_capacity(d)
-        t = a * s * s + b * s
-        work = np.where(ok, np.minimum(work, t * d), work)
-        alone = np.where(ok, np.minimum(alone, t + g), alone)
-    return work, alone
-
-
 def exchange_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, deadline: float | None = None,
                     max_evals: int | None = None) -> list[MBSolution]:
-    """Move one sequence to another micro-batch, or swap two sequences of two micro-batches, where the two
-    re-packed micro-batches take less time together; first improvement, slowest micro-batch first, until no move
-    or swap of a pair improves or the budget (``deadline``, a time.perf_counter() value, or ``max_evals`` re-packed
-    candidates) runs out.
+    """Move one sequence to another micro-batch, or swap two sequences of two micro-batches, or (two holding at
+    most EXCHANGE_RESPLIT sequences) split the two anew, where the two re-packed micro-batches take less time
+    together; first improvement, slowest micro-batch first, until no candidate of any pair improves or the budget
+    runs out: ``deadline`` (a time.perf_counter() value), or (deterministic) ``max_evals`` re-packed candidates and
+    EXCHANGE_LOOKS_PER_EVAL times as many pairs and candidates looked at (screened out or not).
 
     :func:`fill_across` only moves sequences into a receiver's idle time, and the splits it starts from are sorted
     runs or packed bins, so a step whose best split is neither stayed above it: 7 sequences in 2 micro-batches
     5.7 % above the brute-force optimum, which here puts 6 of them on all GPUs at once and the 7th alone (moves),
     or exchanges the longest sequence of the slower micro-batch for a shorter one (a swap). A candidate is
-    re-packed (:func:`pack_fast`) on its micro-batch's own structure and on :func:`seed_structures` only when a
-    lower bound (every sequence's cheapest work spread over the GPUs, and the slowest sequence alone) of the two
-    micro-batches leaves room below their current time; sequences of equal length are tried once. A micro-batch
+    re-packed only when a lower bound (every sequence's cheapest work spread over the GPUs, and the slowest sequence
+    alone) of the two micro-batches leaves room below their current time: by :func:`pack_fast` on its own structure,
+    the other micro-batch's and (at most FILL_RESTARTS_PER_GPU sequences per GPU) :func:`seed_structures`, and for
+    at most EXACT_PACK_MAX sequences by :func:`exact_pack` on the same structures; sequences of equal length are
+    tried once, and two single-sequence micro-batches are not swapped (a relabelling). A micro-batch
     emptied by a move is dropped (one constant less). Returns the input unless the step's total time strictly
     drops; every returned micro-batch fits."""
     if len(mbs) < 2 or not all(mb.fits for mb in mbs):
@@ -400,14 +394,16 @@ def exchange_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, de
     cur = [MBSolution([(d, list(ids)) for d, ids in mb.groups], time_ms=mb.time_ms, source=mb.source,
                       fits=mb.fits, extra=dict(mb.extra)) for mb in mbs]
     total0 = sum(mb.time_ms for mb in cur)
-    work, alone = _per_sequence_bounds(lens, cm)
+    work, alone = per_sequence_bounds(lens, cm)
     s_all = lens.astype(np.float64)
     cap_n = cm.token_capacity(cm.world)
-    evals = 0
+    evals = looks = 0
 
     def out_of_budget() -> bool:
+        # (looks: 800 single-sequence micro-batches of ~300k tokens, none of which two fit together, had no re-packed
+        # candidate at all and spent 10 s on the 640,000 pairs)
         return ((deadline is not None and time.perf_counter() >= deadline)
-                or (max_evals is not None and evals >= max_evals))
+                or (max_evals is not None and (evals >= max_evals or looks >= EXCHANGE_LOOKS_PER_EVAL * max_evals)))
 
     def bound(w_sum: float, slowest: float) -> float:
         return max(cm.b1 + w_sum / cm.world, slowest)
@@ -448,6 +444,8 @@ def exchange_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, de
             if tok_b + x <= cap_n:
                 i = rep_a[x]
                 yield [k for k in ids_a if k != i], ids_b + [i]
+        if len(ids_a) == 1 and len(ids_b) == 1:
+            return  # (a swap would relabel the two; a re-split of two is the move above)
         for x in la:
             for y in lb:
                 if y >= x:
@@ -478,13 +476,15 @@ def exchange_across(mbs: list[MBSolution], lens: np.ndarray, cm: SPCostModel, de
                 if b == a:
                     continue
                 before = cur[a].time_ms + cur[b].time_ms
+                looks += 1
                 for new_a, new_b in candidates(a, b):
+                    looks += 1
+                    if out_of_budget():
+                        break
                     lb_a = bound(float(work[new_a].sum()), float(alone[new_a].max())) if new_a else 0.0
                     lb_b = bound(float(work[new_b].sum()), float(alone[new_b].max())) if new_b else 0.0
                     if lb_a + lb_b >= before - 1e-9:
                         continue
-                    if out_of_budget():
-                        break
                     evals += 1
                     pb = repack(new_b, cur[b], cur[a], before - lb_a)
                     if pb is None or pb.time_ms + lb_a >= before - 1e-9:

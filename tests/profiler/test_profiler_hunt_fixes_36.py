@@ -57,12 +57,13 @@ def test_huge_node_count_is_not_printed_in_full(tmp_path, capsys):
     from adasched.profiler.builtins import builtin_profile
 
     d = json.loads(builtin_profile("h100-sxm").model_dump_json())
-    d["num_nodes"] = 10 ** 400
-    p = tmp_path / "big.json"
-    p.write_text(json.dumps(d))
-    assert main(["show", str(p)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "401-digit number" in err and len(err) < 400, err
+    for nodes, gpus, digits in ((10 ** 400, 8, 401), (10 ** 4000, 10 ** 1000, 4001)):  # (str() of the product raised)
+        d["num_nodes"], d["gpus_per_node"] = nodes, gpus
+        p = tmp_path / "big.json"
+        p.write_text(json.dumps(d))
+        assert main(["show", str(p)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and f"a number of ~{digits} digits" in err and len(err) < 400, err
 
 
 def test_one_node_is_singular(tmp_path, capsys):

@@ -73,3 +73,19 @@ def test_constant_style_refuses_a_group_whose_bounds_differ():
     opt = torch.optim.AdamW([{"params": [p]}, {"params": [q], "start_wd": 0.0, "end_wd": 0.2}], lr=1e-3)
     with pytest.raises(ValueError, match=r"^param group 1: wd_incr_style 'constant' needs start_wd == end_wd"):
         MegatronParamScheduler(opt, 0.0, 1e-3, 1e-4, 10, 100, "linear", start_wd=0.1, end_wd=0.1)
+
+
+def test_wsd_zero_needs_no_decay_style():
+    """megatron-core never reads lr_wsd_decay_style when wsd_decay_steps is 0 (no anneal)."""
+    kw = dict(init_lr=0.0, max_lr=1e-3, min_lr=1e-5, lr_warmup_steps=10, lr_decay_steps=100, lr_decay_style="WSD",
+              start_wd=0.1, end_wd=0.1, wd_incr_steps=1, wd_incr_style="constant", wsd_decay_steps=0,
+              lr_wsd_decay_style=None)
+    a, b = make_opt(1, "adamw")[0], make_opt(1, "adamw")[0]
+    ref, ours = _megatron()(a, **kw), MegatronParamScheduler(b, **kw)
+    for _ in range(60):
+        ref.step(2)
+        ours.step(2)
+        assert b.param_groups[0]["lr"] == a.param_groups[0]["lr"]
+    assert b.param_groups[0]["lr"] == 1e-5
+    with pytest.raises(ValueError, match=r"^lr_wsd_decay_style: "):
+        MegatronParamScheduler(make_opt(1, "adamw")[0], **dict(kw, wsd_decay_steps=5))

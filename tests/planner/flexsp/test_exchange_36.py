@@ -71,9 +71,11 @@ def test_reaches_the_brute_force_optimum_from_a_plan_that_missed_it(make_cm, len
     assert sum(mb.time_ms for mb in mbs) > step_brute(lens, cm) * 1.01  # (the start was not optimal)
 
 
-def test_random_steps_never_worse_sound_and_within_budget(make_cm):
+def test_random_steps_never_worse_and_sound(make_cm):
     cm = make_cm()
-    rng = np.random.default_rng()
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    print(f"seed {seed}")
+    rng = np.random.default_rng(seed)
     for _ in range(25):
         n = int(rng.integers(4, 14))
         lens = rng.integers(50, 1400, size=n)
@@ -96,7 +98,9 @@ def test_random_steps_never_worse_sound_and_within_budget(make_cm):
 
 def test_plan_step_with_exchange_is_closer_to_brute_force(make_cm, monkeypatch):
     cm = make_cm()
-    rng = np.random.default_rng()
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    print(f"seed {seed}")
+    rng = np.random.default_rng(seed)
     gaps = {True: [], False: []}
     for _ in range(12):
         lens = rng.integers(50, 1425, size=6)
@@ -123,7 +127,9 @@ def test_exact_pack_is_the_brute_force_on_each_structure(make_cm):
 
     from adasched.planner.flexsp.search import exact_pack
 
-    rng = np.random.default_rng()
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    print(f"seed {seed}")
+    rng = np.random.default_rng(seed)
     for _ in range(30):
         cm = make_cm(cap_tokens=float(rng.choice([900.0, 1500.0, 3000.0])))
         n = int(rng.integers(1, 7))

@@ -9,12 +9,13 @@ from adasched.planner.cli import main
 from adasched.planner.flexsp.batching import draw_batches, draw_indices
 
 
-def test_draw_indices_are_draw_batches_positions():
-    rng = np.random.default_rng()
-    lens = rng.integers(1, 10_000, size=int(rng.integers(5, 50)))
-    gb, steps, seed = int(rng.integers(1, 20)), int(rng.integers(1, 5)), int(rng.integers(0, 1000))
-    for i, b in zip(draw_indices(len(lens), gb, steps, seed), draw_batches(lens, gb, steps, seed)):
-        np.testing.assert_array_equal(lens[i], b)
+def test_the_draw_is_the_recorded_one():
+    """Fixed-seed draws (a plan's batches and its inputs_digest depend on them; the same as before draw_indices),
+    one wrapping around the file (12 > 10), and draw_batches takes those positions."""
+    assert [x.tolist() for x in draw_indices(10, 4, 3, 5)] == [[7, 6, 1, 3], [2, 4, 0, 9], [5, 8, 7, 6]]
+    assert [x.tolist() for x in draw_indices(7, 3, 2, 0)] == [[2, 4, 3], [6, 5, 0]]
+    lens = np.array([11, 12, 13, 14, 15, 16, 17, 18, 19, 20])
+    assert [b.tolist() for b in draw_batches(lens, 4, 3, 5)] == [[18, 17, 12, 14], [13, 15, 11, 20], [16, 19, 18, 17]]
 
 
 def _file(tmp_path, long_at_end: bool):
