@@ -63,6 +63,13 @@ def register(groups) -> None:
         g = read_norms_csv(norms, norm)
         if steps is not None and steps != len(g):
             raise InputError(norms, f"has {len(g)} steps but --steps {steps} (wrong length)")
+        if len(g) > 1 and len(set(g)) == 1 and g[0] > 0:
+            # (clip_grad_norm_ before the recorded step, or DeepSpeed's default gradient_clipping 1.0: every row is
+            # the clip value and the refinement is a plain linear decay)
+            import sys
+
+            sys.stderr.write(f"note: {norms}: every {norm} norm is {g[0]:g}: were the gradients clipped before they "
+                             f"were recorded? GradNormRecorder.capture() before the clipping logs them unclipped\n")
         try:
             m = refined_multipliers(g, norm, smoothing)
         except ValueError as err:  # 'grad_norms: refinement is degenerate' named no file

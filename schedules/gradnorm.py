@@ -5,8 +5,12 @@
         for batch in data:
             loss(batch).backward(); clip(...); optimizer.step(); sched.step(); optimizer.zero_grad()
 
-The hook runs right before each ``optimizer.step()``, so it sees the gradients the step uses (after any clipping
-done before the step); a step that takes a closure (LBFGS) is recorded right after it, from the gradients its
+The hook runs right before each ``optimizer.step()``, so it sees the gradients the step uses: AFTER any clipping
+done before the step (clipped at 1.0, every row reads 1.0, and the refinement degenerates to a linear decay). To log
+the norms before clipping, as Megatron, DeepSpeed and torchtitan report them, call ``rec.capture()`` after the
+backward (after ``scaler.unscale_(opt)`` under GradScaler) and before the clipping: the next step's row is that
+capture. DeepSpeed clips inside ``engine.step()`` (``gradient_clipping``, 1.0 by default): set it to 0 for the
+recorded run. A step that takes a closure (LBFGS) is recorded right after it, from the gradients its
 closure computed. A step that is skipped (``GradScaler`` on inf/NaN gradients) is not a step and has no row.
 Norms stay on the device until they are read (no sync per step). CSV columns: ``step,l2,l1`` (one row per
 optimizer step, step from 0).
@@ -117,6 +121,22 @@ class GradNormRecorder:
         self._in_outer = False
         self._outer_step = None  # the wrapper's own ``step`` attribute, when it had one, to restore
         self._wrapped = None  # our step installed on the wrapper
+        self._captured: tuple[torch.Tensor, torch.Tensor] | None = None  # capture(): the next step's row
+
+    def capture(self) -> None:
+        """Measure the gradients now - after the backward, before clipping - as the next ``optimizer.step()``'s
+        row (a later capture replaces it; a step GradScaler skips takes none, and the next capture replaces it).
+        Under GradScaler call it after ``scaler.unscale_(optimizer)``. Not for a wrapper stepped in parts
+        (DeepSpeed ZeRO's ``engine.optimizer``): its partitions hold the gradients only inside its step; set
+        DeepSpeed's ``gradient_clipping`` to 0 instead."""
+        if self.outer is not None:
+            raise RuntimeError("GradNormRecorder.capture: not for a wrapper stepped in parts (DeepSpeed ZeRO); set "
+                               "\"gradient_clipping\": 0 in the DeepSpeed config for the recorded run instead")
+        if not self._handles:
+            raise RuntimeError("GradNormRecorder.capture: attach() first (or capture inside recording())")
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norms = grad_norms_of(params, self.process_group)
+        self._captured = (norms, norms.new_zeros(()))
 
     def _record(self, optimizer) -> None:
         self._commit(*self._measure(optimizer))
@@ -180,6 +200,14 @@ class GradNormRecorder:
         closure = args[1] if len(args) > 1 else kwargs.get("closure")
         self._after_closure = closure is not None
         self._closure_row = None
+        if self._captured is not None:  # capture(): the norms before clipping (the step's closure is not measured)
+            (norms, skip), self._captured = self._captured, None
+            self._after_closure = False
+            found = getattr(optimizer, "found_inf", None)  # a fused optimizer's in-step GradScaler skip: no row
+            if isinstance(found, torch.Tensor):
+                skip = found.detach().reshape(-1)[0].to(norms.device, torch.float64)
+            self._commit(norms, skip)
+            return None
         if not self._after_closure:
             self._record(optimizer)
             return None
@@ -224,14 +252,31 @@ class GradNormRecorder:
 
     @contextmanager
     def recording(self, path: str | os.PathLike | None = None) -> Iterator["GradNormRecorder"]:
-        """Attach for the ``with`` block; write the CSV to ``path`` at the end (also when it raises)."""
+        """Attach for the ``with`` block; write the CSV to ``path`` at the end (also when it raises: then a CSV that
+        cannot be written is a warning, and the block's own exception propagates). ``path`` is checked on entry.
+        The CSV holds every row this recorder logged (rows accumulate over its life: one recorder per run), header
+        only when it logged none (a previous run's file is not left in place)."""
+        import sys
+
+        from adasched.profiler.io import check_output_path
+
+        if path is not None:
+            check_output_path(path, "path")  # (a folder was found only at the end, masking the run's exception)
         self.attach()
+        ok = False
         try:
             yield self
+            ok = True
         finally:
             self.detach()
-            if path is not None and len(self):
-                self.to_csv(path)
+            if path is not None:
+                if ok:
+                    self.to_csv(path)
+                else:
+                    try:
+                        self.to_csv(path)
+                    except Exception as err:  # the run's exception is the one to see
+                        sys.stderr.write(f"warning: GradNormRecorder: the norms CSV was not written: {err}\n")
 
     def __enter__(self) -> "GradNormRecorder":
         return self.attach()
@@ -290,6 +335,9 @@ def read_norms_csv(path: str | os.PathLike, norm: str = "l2") -> list[float]:
         raise InputError(path, "empty norms file (expected a header step,l2,l1 and one row per step)")
     header = [h.strip() for h in header]
     if norm not in header:
+        if header[0].lstrip().startswith(("{", "[")):  # (a refined schedule's JSON)
+            raise InputError(path, "is JSON, not a norms CSV (step,l2,l1 as GradNormRecorder writes it); a refined "
+                                   "schedule .json is read by Refined.from_file / `schedules plot`")
         raise InputError(path, f"no column {norm!r} in header {','.join(header)}")
     col = header.index(norm)
     step_col = header.index("step") if "step" in header else None
