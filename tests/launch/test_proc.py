@@ -148,7 +148,10 @@ def test_torchrun_tree_leaves_no_log_folders(tmp_path):
     from adasched.launch.proc import torchrun_tree
 
     (tmp_path / "mod").mkdir()
-    (tmp_path / "mod" / "probe_rank.py").write_text("import os\nprint('rank', os.environ['RANK'], flush=True)\n")
+    # one write per line: torchrun runs the ranks with python -u, where print() writes "rank", " ", "0", "\n" apart
+    # and two ranks printing at once mixed them ('rankrank  10', 7 of 24 runs)
+    (tmp_path / "mod" / "probe_rank.py").write_text(
+        "import os\nos.write(1, ('rank %s\\n' % os.environ['RANK']).encode())\n")
     child_tmp = tmp_path / "tmp"
     child_tmp.mkdir()
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "mod"), TMPDIR=str(child_tmp), OMP_NUM_THREADS="1")
