@@ -114,13 +114,24 @@ def capacity_schedule(name: str, num_layers: int, budget: int, lo: int, hi: int,
     rest = budget - sum(out)
     frac = [x - o for x, o in zip(k, out)]
     order = sorted(range(L), key=lambda l: (-round(frac[l], 9), -round(f[l], 9), l))
-    for l in order:
-        if rest <= 0:
+    # near 2**53 a float k is a quarter-unit off (its ulp), so the floors can miss the budget by more than one per
+    # layer, either way (5 layers of ~1.35e15: one pass left a unit over): passes of +-1, largest fractions first
+    # for a shortfall, smallest first for an excess, until the budget is met (L*lo <= budget <= L*hi: it is)
+    while rest != 0:
+        moved = False
+        for l in (order if rest > 0 else order[::-1]):
+            if rest > 0 and out[l] < hi:
+                out[l] += 1
+                rest -= 1
+                moved = True
+            elif rest < 0 and out[l] > lo:
+                out[l] -= 1
+                rest += 1
+                moved = True
+            if rest == 0:
+                break
+        if not moved:
             break
-        if out[l] < hi:
-            out[l] += 1
-            rest -= 1
-    # a floor step that lost mass below lo cannot happen (k >= lo, lo integer); guard the invariant anyway
     if rest != 0 or sum(out) != budget:  # pragma: no cover - defensive
         raise ValueError(f"budget: {budget} could not be distributed within (lo={lo}, hi={hi})")
     return out

@@ -53,3 +53,12 @@ def test_capacity_up_to_2_53_sums_exactly():
         name = rng.choice(["uniform", "descending", "ascending", "pyramid", "wave"])
         out = capacity_schedule(name, L, budget, lo, hi, strength=rng.random())
         assert sum(out) == budget and all(lo <= x <= hi and type(x) is int for x in out), (name, L, budget, lo, hi)
+
+
+def test_capacity_near_2_53_meets_the_budget_when_the_floors_miss_by_more_than_a_pass():
+    """CI seed 3853220589 (2026-12-03): 5 pyramid layers of ~1.35e15 - the float spread's floors missed the budget
+    by more than one unit per layer and the one pass of +1s raised 'could not be distributed'."""
+    budget, lo, hi = 6729947237873907, 1341464371869389, 1354613620857610
+    out = capacity_schedule("pyramid", 5, budget, lo, hi, strength=0.9773361962822644)
+    assert sum(out) == budget and all(lo <= x <= hi and type(x) is int for x in out)
+    assert out[2] == max(out) and out[0] <= out[1] and out[4] <= out[3]  # still a pyramid
