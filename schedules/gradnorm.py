@@ -121,7 +121,7 @@ class GradNormRecorder:
         self._in_outer = False
         self._outer_step = None  # the wrapper's own ``step`` attribute, when it had one, to restore
         self._wrapped = None  # our step installed on the wrapper
-        self._captured: tuple[torch.Tensor, torch.Tensor] | None = None  # capture(): the next step's row
+        self._captured: torch.Tensor | None = None  # capture(): [l2, l1] for the next step's row
 
     def capture(self) -> None:
         """Measure the gradients now - after the backward, before clipping - as the next ``optimizer.step()``'s
@@ -135,8 +135,7 @@ class GradNormRecorder:
         if not self._handles:
             raise RuntimeError("GradNormRecorder.capture: attach() first (or capture inside recording())")
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        norms = grad_norms_of(params, self.process_group)
-        self._captured = (norms, norms.new_zeros(()))
+        self._captured = grad_norms_of(params, self.process_group)
 
     def _record(self, optimizer) -> None:
         self._commit(*self._measure(optimizer))
@@ -201,11 +200,11 @@ class GradNormRecorder:
         self._after_closure = closure is not None
         self._closure_row = None
         if self._captured is not None:  # capture(): the norms before clipping (the step's closure is not measured)
-            (norms, skip), self._captured = self._captured, None
+            norms, self._captured = self._captured, None
             self._after_closure = False
             found = getattr(optimizer, "found_inf", None)  # a fused optimizer's in-step GradScaler skip: no row
-            if isinstance(found, torch.Tensor):
-                skip = found.detach().reshape(-1)[0].to(norms.device, torch.float64)
+            skip = (found.detach().reshape(-1)[0].to(norms.device, torch.float64) if isinstance(found, torch.Tensor)
+                    else norms.new_zeros(()))
             self._commit(norms, skip)
             return None
         if not self._after_closure:
@@ -270,13 +269,13 @@ class GradNormRecorder:
         finally:
             self.detach()
             if path is not None:
-                if ok:
+                try:
                     self.to_csv(path)
-                else:
-                    try:
-                        self.to_csv(path)
-                    except Exception as err:  # the run's exception is the one to see
-                        sys.stderr.write(f"warning: GradNormRecorder: the norms CSV was not written: {err}\n")
+                except Exception as err:
+                    if ok:
+                        raise
+                    # the run's own exception is the one to see
+                    sys.stderr.write(f"warning: GradNormRecorder: the norms CSV was not written: {err}\n")
 
     def __enter__(self) -> "GradNormRecorder":
         return self.attach()
