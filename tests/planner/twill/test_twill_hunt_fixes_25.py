@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 
 import pytest
 
@@ -84,10 +83,8 @@ def test_registers_over_the_machine_with_self_loop_copies_are_refused_up_front()
           "edges": [{"from": "o0", "to": "o1", "delay": 3}, {"from": "o1", "to": "o3", "delay": 1},
                     {"from": "o6", "to": "o4", "delay": 4, "distance": 1},
                     {"from": "o6", "to": "o6", "delay": 3, "distance": 2}]}
-    t0 = time.perf_counter()
-    with pytest.raises(InputError) as err:
+    with pytest.raises(InputError) as err:  # by check_graph: no search runs
         check_graph(Graph.model_validate(gd), H100)
-    assert time.perf_counter() - t0 < 1.0
     assert err.value.what.startswith("ops: 448 registers per thread with the buffers any I needs (one per value, d "
                                      "for a value self-loop of distance d) need at least 3 warp group(s) and 520 "
                                      "registers with their base"), err.value.what
