@@ -284,6 +284,50 @@ def register(groups) -> None:
                         title="scaling (one global batch each)")
 
 
+    @groups.bench.command("sp-oracle")
+    def bench_sp_oracle_cmd(
+        steps: int = typer.Option(40, "--steps", help="Random steps to plan and enumerate (1..1000)."),
+        seqs: int = typer.Option(6, "--seqs", help="Sequences per step (2..8: the enumeration is exponential; "
+                                 "8 takes ~5 s a step)."),
+        memory: float = typer.Option(1.0, "--memory", help="GPU memory for activations as a multiple of the tiny "
+                                     "cost model's 1,500 tokens (0.5..16); lengths are drawn up to 0.95 of it."),
+        seed: int = typer.Option(0, "--seed", help="Seed for the lengths (>= 0)."),
+        as_json: bool = typer.Option(False, "--json", help="Machine-readable per-step rows and summary."),
+    ) -> None:
+        """The FlexSP planner (heuristics, deterministic) with and without the exchange between micro-batches,
+        against the brute-force optimum of tiny random steps on 4 GPUs (every split, structure and assignment)."""
+        import math
+
+        from adasched.profiler.io import InputError
+
+        from ..ui import emit_json, print_table, progress
+        from .oracle import MAX_ORACLE_SEQS, oracle_bench
+
+        if not 1 <= steps <= 1000:
+            raise InputError("--steps", f"must be 1..1000 (got {steps})")
+        if not 2 <= seqs <= MAX_ORACLE_SEQS:
+            raise InputError("--seqs", f"must be 2..{MAX_ORACLE_SEQS}: the brute force enumerates every split "
+                                       f"(got {seqs})")
+        if not (math.isfinite(memory) and 0.5 <= memory <= 16):
+            raise InputError("--memory", f"must be 0.5..16 (times 1,500 tokens; got {memory})")
+        if seed < 0:
+            raise InputError("--seed", f"must be >= 0 (got {seed})")
+        with progress("bench sp-oracle", steps, enabled=not as_json) as advance:
+            rep = oracle_bench(steps, seqs, 1500.0 * memory, seed, advance=advance)
+        if as_json:
+            emit_json(rep)
+            return
+        rows = [(r["step"], " ".join(map(str, r["lengths"])), f"{r['optimum_ms']:.4f}",
+                 *(f"{r[v]['time_ms']:.4f} ({100 * r[v]['gap']:+.2f} %)" for v in ("without exchange", "with exchange")))
+                for r in rep["rows"]]
+        print_table(rows, ["step", "lengths", "optimum ms", "without exchange", "with exchange"],
+                    title=f"bench sp-oracle: {steps} steps of {seqs} sequences, 4 GPUs, "
+                          f"{1500.0 * memory:g} tokens a GPU, seed {seed}")
+        print_table([(v, f"{s['above_optimum']} of {s['steps']}", f"{100 * s['max_gap']:.2f} %",
+                      f"{100 * s['mean_gap']:.3f} %") for v, s in rep["summary"].items()],
+                    ["planner", "steps above the optimum", "largest gap", "mean gap"], title="summary")
+
+
 def _scaling(prof, mdl, lens, cfg, seed, show_progress: bool = True) -> list[dict]:
     """Solve time and quality over sequences per batch x GPUs (one global batch per cell)."""
     import math

@@ -81,6 +81,9 @@ class PlannerConfig:
     ``StepResult.clock_bound`` says so)."""
     milp_nodes: int = 50
     """Branch-and-bound nodes per MILP in deterministic mode (SCIP ``limits/nodes``)."""
+    exchange: bool = True
+    """Run the exchange between micro-batches (:func:`~.search.exchange_across`); off only to measure what it buys
+    (`adasched bench sp-oracle`)."""
 
     @property
     def deterministic(self) -> bool:
@@ -406,7 +409,7 @@ def plan_step(lens: np.ndarray, cm: SPCostModel, cfg: PlannerConfig, step: int =
         ex_until = time.perf_counter() + EXCHANGE_SHARE * cfg.time_limit
         for key in sorted(per_m, key=lambda m: (per_m[m]["heur"], m))[:max(1, cfg.milp_candidates)]:
             info = per_m[key]
-            if len(info["best"]) > 1:
+            if cfg.exchange and len(info["best"]) > 1:
                 info["best"] = (exchange_across(info["best"], lens, cm, max_evals=cfg.max_evals) if cfg.deterministic
                                 else exchange_across(info["best"], lens, cm, deadline=ex_until))
                 info["heur"] = sum(c.time_ms for c in info["best"])

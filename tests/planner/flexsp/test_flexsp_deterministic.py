@@ -12,7 +12,7 @@ import adasched.planner.flexsp.planner as planner_mod
 import adasched.planner.flexsp.search as search_mod
 from adasched.planner.flexsp import PlannerConfig, plan_step
 
-from conftest import tiny_cost_model
+from adasched.planner.flexsp.oracle import tiny_cost_model
 from test_flexsp_step_oracle import _check, oracle_step
 
 DET = PlannerConfig(time_limit=30.0, seed=0, max_evals=40, milp_nodes=20)

@@ -12,7 +12,7 @@ import adasched.planner.flexsp.assign as asg
 import adasched.planner.flexsp.search as srch
 from adasched.planner.flexsp.assign import MBSolution, evaluate, local_search, lpt_assign
 
-from conftest import tiny_cost_model
+from adasched.planner.flexsp.oracle import tiny_cost_model
 
 
 def lpt_reference(ids, lens, degrees, cm):
