@@ -110,13 +110,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def outputs_together() -> Iterator[None]:
     """A command's outputs (--out and --plot) appear together or not at all: every :func:`atomic_path` written
     inside the block is renamed onto its destination when the block ends without an error, and removed when it
-    raises (a Ctrl-C while the plot was drawn left the plan written, and the command said "aborted")."""
+    raises (a Ctrl-C while the plot was drawn left the plan written, and the command said "aborted"). A block
+    inside another hands its outputs to the enclosing one (it renamed them at its own end, before the outer block
+    could still fail)."""
+    outer = _HELD_RENAMES.get()
     held: list[tuple[str, Path]] = []
     token = _HELD_RENAMES.set(held)
     try:
         yield
         _HELD_RENAMES.reset(token)
         token = None
+        if outer is not None:  # nested: the enclosing block renames or removes them
+            outer.extend(held)
+            held.clear()
         while held:
             tmp, path = held[0]
             try:
