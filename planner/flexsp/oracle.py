@@ -3,8 +3,9 @@
 The planner's searches are heuristics plus bounded MILPs; on a step of a few sequences on 4 GPUs the true
 optimum can be enumerated, which makes an exact yardstick:
 
-* :func:`micro_batch_optimum`: one micro-batch's best time over every maximal buddy group structure of 4 GPUs
-  and every assignment of its sequences to the groups (memory-checked);
+* :func:`micro_batch_optimum`: one micro-batch's best time over every maximal group structure of the cost
+  model's GPUs (:func:`buddy_structures`: power-of-two degrees summing to the world) and every assignment of its
+  sequences to the groups (memory-checked);
 * :func:`step_optimum`: the step's best total over every set partition of its sequences into micro-batches
   (subset dynamic programming over the micro-batch optima);
 * :func:`tiny_cost_model`: a 4-GPU cost model whose numbers make memory and communication both matter (the
@@ -13,8 +14,8 @@ optimum can be enumerated, which makes an exact yardstick:
   exchange between micro-batches (:func:`~.search.exchange_across`) and once without, each compared with
   :func:`step_optimum`.
 
-The enumeration is exponential: 4 structures x 4**n assignments per micro-batch of n sequences, over all 2**n
-subsets; steps of at most :data:`MAX_ORACLE_SEQS` sequences.
+The enumeration is exponential: on 4 GPUs 4 structures x up to 4**n assignments per micro-batch of n
+sequences, over all 2**n subsets; steps of at most :data:`MAX_ORACLE_SEQS` sequences (8 on 4 GPUs: ~5 s a step).
 """
 from __future__ import annotations
 
@@ -25,13 +26,36 @@ import numpy as np
 
 from .costmodel import ModelShape, SPCostModel
 
-__all__ = ["MAX_ORACLE_SEQS", "STRUCTURES", "micro_batch_optimum", "oracle_bench", "step_optimum",
-           "tiny_cost_model"]
+__all__ = ["MAX_ORACLE_SEQS", "STRUCTURES", "buddy_structures", "micro_batch_optimum", "oracle_bench",
+           "step_optimum", "tiny_cost_model"]
 
-#: every maximal buddy structure of 4 GPUs (groups may stay empty, so the smaller ones are covered too)
-STRUCTURES: tuple[tuple[int, ...], ...] = ((4,), (2, 2), (2, 1, 1), (1, 1, 1, 1))
 
-#: the largest step the enumeration takes (8 sequences: ~2 M group evaluations, tens of seconds in Python)
+def buddy_structures(world: int) -> tuple[tuple[int, ...], ...]:
+    """Every multiset of power-of-two degrees summing to ``world`` (a power of two), largest degree first: the
+    maximal group structures (groups may stay empty, so the smaller ones are covered too); each is buddy-placeable
+    (sorted, every group starts at a multiple of its degree)."""
+    if world < 1 or world & (world - 1):
+        raise ValueError(f"world must be a power of two (got {world})")
+    out: list[tuple[int, ...]] = []
+
+    def rec(left: int, top: int, cur: tuple[int, ...]) -> None:
+        if left == 0:
+            out.append(cur)
+            return
+        d = top
+        while d >= 1:
+            if d <= left:
+                rec(left - d, d, cur + (d,))
+            d //= 2
+
+    rec(world, world, ())
+    return tuple(out)
+
+
+#: the structures of 4 GPUs: (4,), (2, 2), (2, 1, 1), (1, 1, 1, 1)
+STRUCTURES: tuple[tuple[int, ...], ...] = buddy_structures(4)
+
+#: the largest step the enumeration takes (8 sequences on 4 GPUs: ~5 s a step in Python)
 MAX_ORACLE_SEQS = 8
 
 
@@ -49,12 +73,16 @@ def tiny_cost_model(world: int = 4, gpus_per_node: int = 2, cap_tokens: float = 
     )
 
 
-def micro_batch_optimum(lens, cm: SPCostModel, structures: Sequence[Sequence[int]] = STRUCTURES) -> float:
-    """The best time of one micro-batch holding ``lens`` (inf when no assignment fits): every structure, every
-    assignment of the sequences to its groups, each group memory-checked; the time is the slowest non-empty
-    group's."""
+def micro_batch_optimum(lens, cm: SPCostModel, structures: Sequence[Sequence[int]] | None = None) -> float:
+    """The best time of one micro-batch holding ``lens`` (inf when no assignment fits; 0 for none): every
+    structure (default: all of ``cm.world`` GPUs, :func:`buddy_structures`), every assignment of the sequences to its
+    groups, each group memory-checked; the time is the slowest non-empty group's."""
     lens = np.asarray(lens, dtype=np.int64)
     n = lens.size
+    if n == 0:
+        return 0.0
+    if structures is None:
+        structures = buddy_structures(cm.world)
     best = np.inf
     for degs in structures:
         for assign in itertools.product(range(len(degs)), repeat=n):
