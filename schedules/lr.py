@@ -21,7 +21,10 @@ Conventions shared by every schedule here (``step`` = the scheduler's ``last_epo
   lr holds the closed form rounded to its dtype).
   With warmup (our value 0 at step 0) in a ``ChainedScheduler``, a factor another scheduler applies in that step
   multiplies 0 and is lost to every chainable scheduler, ours and torch's alike (``[ours, LinearLR(0.5, 1)]`` ends
-  up twice the product): warm up with ``SequentialLR([LinearLR, ours])`` or with ``warmup_steps`` alone.
+  up twice the product; ``[REX(W=2), UBA(W=3)]`` too, 1.87x the base lr at its peak): warm up with
+  ``SequentialLR([LinearLR, ours])`` or with ``warmup_steps`` in the chain's first scheduler only. A scheduler
+  that finds the lr changed from the 0 it wrote warns once (the lost factor is not always visible: ``[REX(W=0),
+  UBA(W=3)]`` runs ~5 % high silently).
 * A factor found at construction (group lr below ``initial_lr``) is kept only on an optimizer that has not
   stepped yet (another scheduler built before us in a chain); a group lr of 0 there hides it: step 0 keeps the 0
   and the next step reads the factor (still 0: none - an abandoned scheduler's warmup start); on one that has
@@ -388,8 +391,20 @@ class WarmupDecay(LRScheduler):
             else:  # made with last_epoch >= 0 (resume): closed form
                 scales = [1.0] * len(target)
         else:
-            scales = [_next_factor(_group_lr(g["lr"], own, s), own, s)
-                      for g, own, s in zip(groups, self._own_lrs, self._ext_scales)]
+            lrs = [_group_lr(g["lr"], own, s) for g, own, s in zip(groups, self._own_lrs, self._ext_scales)]
+            if not getattr(self, "_warned_lost", False) and any(
+                    own == 0 and lr != 0 for lr, own in zip(lrs, self._own_lrs)):
+                # we wrote 0 and the lr is no longer 0: another scheduler set it outright, and the factor it applied
+                # in the step we wrote 0 multiplied that 0 (a ChainedScheduler where two schedules warm up from 0:
+                # the product came out 2x, 1.87x the base lr at its peak)
+                import warnings
+
+                self._warned_lost = True
+                warnings.warn(f"{type(self).__name__}: the lr changed from the 0 this schedule wrote (warmup start or "
+                              "decay end) to a value it cannot read a factor from: another scheduler's factor in "
+                              "that step was lost (ChainedScheduler with a second warmup?); warm up in one scheduler "
+                              "only, or use SequentialLR([LinearLR, ...])", UserWarning, stacklevel=2)
+            scales = [_next_factor(lr, own, s) for lr, own, s in zip(lrs, self._own_lrs, self._ext_scales)]
         self._own_lrs = list(target)
         self._ext_scales = scales
         return [t if s == 1.0 else t * (0.0 if s == _UNSEEN else s) for t, s in zip(target, scales)]
