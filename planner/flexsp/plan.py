@@ -177,6 +177,7 @@ class SPPlan(Plan):
             n = len(st.seqlens)
             if n == 0:  # (the trainer failed with "max() arg is an empty sequence")
                 errors.append(f"steps.{si}.seqlens: empty (a step trains at least one sequence)")
+                bad_ids = True  # (the cost-model checks below look its groups' ids up: an IndexError, a traceback)
                 continue
             seen: dict[int, str] = {}
             for mi, mb in enumerate(st.micro_batches):

@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from adasched.planner.plan import Plan, inputs_digest
+from adasched.planner.plan import NonNegMs, Plan, inputs_digest
+from adasched.planner.solver import Status
 from adasched.profiler.io import describe_validation_error
 from .graph import Graph, Problem
 from .knobs import TritonKnobs, buffer_depths, derive_knobs
@@ -43,19 +44,23 @@ class WarpGroup(BaseModel):
     regs: int = Field(description="registers per thread its live values need (incl. the base)")
 
 
+#: the largest I a plan may state (an edited 10**400 failed the float checks with OverflowError, a traceback)
+MAX_II = 2 ** 31 - 1
+
+
 class AttemptRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    ii: int
+    ii: int = Field(ge=1, le=MAX_II)
     warp: bool
-    status: str
-    seconds: float
+    status: Status
+    seconds: NonNegMs  # (seconds, not ms: the same non-negative finite number)
 
 
 class TwillPlan(Plan):
     kind: Literal["twill"] = "twill"
     graph_name: str
     machine_name: str
-    ii: int = Field(ge=1, description="initiation interval (normalised cycles per iteration)")
+    ii: int = Field(ge=1, le=MAX_II, description="initiation interval (normalised cycles per iteration)")
     mii: int = Field(ge=1, description="the lower bound on I the status refers to: max(res_mii, rec_mii, excl_mii, 1) "
                                        "(optimal only when ii = mii or every I in [mii, ii) was proved infeasible)")
     res_mii: int = Field(ge=0, description="ResMII: max over units of ceil(reservation per iteration / capacity)")
@@ -63,7 +68,7 @@ class TwillPlan(Plan):
                                      "(a lower bound on it when the solve's deadline cut its search short)")
     excl_mii: int = Field(default=0, ge=0, description="the exclusive-cells bound (mii.exclusive_mii) when it is above "
                                                        "res_mii and rec_mii, else 0 (0 in plans written before it)")
-    plain_ii: int = Field(description="smallest I of plain modulo scheduling (no warp constraints) found: minimal "
+    plain_ii: int = Field(ge=1, le=MAX_II, description="smallest I of plain modulo scheduling (no warp constraints) found: minimal "
                                       "when plain_ii_proven; when CP-SAT found no plain schedule in time, a "
                                       "heuristic's I")
     plain_ii_proven: bool | None = Field(default=None, description="plain_ii was proved minimal (None in plans "
@@ -230,6 +235,10 @@ class TwillPlan(Plan):
                                                             "re-plan)" if key == "knobs" else ""))
         if self.plain_ii < self.mii:
             errors.append(f"plain_ii {self.plain_ii} is below the MII {self.mii} (a bound of every schedule)")
+        found = [a.ii for a in self.attempts if not a.warp and a.status in ("optimal", "feasible")]
+        if found and self.plain_ii > min(found):
+            errors.append(f"plain_ii {self.plain_ii} is above I = {min(found)}, where the plan's attempts found a plain "
+                          "schedule (plain_ii is the smallest found)")
         problem = make_problem(graph, machine)
         # the baseline and the simulation's figures `show` prints (an edited 1e-9 ms baseline, "DEADLOCK" beside a
         # rate were shown as planned). The rate itself is not bounded here: it is measured over a finite window,
