@@ -35,7 +35,9 @@ Routers (``RouterConfig.kind``):
 
 Aux-loss terms are means over this call's tokens (``sum / max(T, 1)``: a call with no tokens adds 0).
 
-Capacity: ``capacity_factor=None`` is dropless. Otherwise each expert keeps at most
+Capacity: ``capacity_factor=None`` is dropless (token-choice routers; ``expert_choice`` always has a capacity:
+None there is a factor of 1, ``C = ceil(T * k / E)``, and a token no expert picks gets no expert - ``dropped``
+counts it). Otherwise each expert keeps at most
 ``C = ceil(capacity_factor * N / E)`` assignments (N = assignments before drops; N = T*k for fixed top-k)
 and drops the rest by ``drop_policy``: ``"position"`` keeps first choices before second choices and, within
 a choice rank, earlier tokens first (GShard; DeepSpeed-MoE's top-2 gate); ``"probs"`` keeps the highest gates
@@ -86,7 +88,8 @@ class RouterConfig:
     top_k: int = 2
     """k for gshard/sigmoid_bias/expert_choice (switch forces 1); for top_p the default k_max."""
     capacity_factor: float | None = None
-    """None = dropless; otherwise a positive factor on the mean load per expert (drop mode)."""
+    """None = dropless (``expert_choice``: a factor of 1, its experts pick a fixed number of tokens); otherwise a
+    positive factor on the mean load per expert (drop mode)."""
     drop_policy: Literal["position", "probs"] = "position"
     """Which assignments survive when an expert is over capacity."""
     aux_loss_coef: float = 1e-2
