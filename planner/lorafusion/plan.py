@@ -538,6 +538,9 @@ class LoRAPlan(Plan):
         rows = [(k, f"{self.solver.solve_seconds:.3f} s over {len(self.problems)} (global batch, group) problems"
                     + limit) if k == "solve time" else (k, v)
                 for k, v in rows]
+        if self.sequence_source != "packed":  # (the status and gap are the packed problems', which it does not run)
+            rows = [(k, v + f"; of the packed problems - this plan runs the {self.sequence_source} schedule")
+                    if k == "solver" else (k, v) for k, v in rows]
         rows += [
             ("jobs", ", ".join(f"{j.name}(r={j.adapter.r})" for j in self.jobs)),
             ("groups", " | ".join("+".join(self.jobs[a].name for a in g) for g in self.groups)),

@@ -255,6 +255,10 @@ def test_plan_is_never_slower_than_the_sequential_baseline(tmp_path):
     assert plan.predicted_ms <= plan.baselines_ms["sequential"] + 1e-9
     assert plan.sequence_source == "sequential" and plan.summary.speedup_vs_sequential == 1.0
     assert plan.simulate().makespan_ms == pytest.approx(plan.predicted_ms, abs=1e-4)
+    # `show` says the solver's status is the packed problems' (it read "optimal, gap 0.00%" beside a plan running
+    # the sequential schedule; h36)
+    solver_row = dict(plan.summary_rows())["solver"]
+    assert solver_row.endswith("; of the packed problems - this plan runs the sequential schedule"), solver_row
 
 
 def _oracle_1f1b(t, S, waits=()):
