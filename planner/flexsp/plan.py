@@ -184,7 +184,10 @@ class SPPlan(Plan):
                 for gi, g in enumerate(mb.groups):
                     loc = f"steps.{si}.micro_batches.{mi}.groups.{gi}"
                     lo = min(g.ranks)
-                    if g.ranks != list(range(lo, lo + g.degree)) or lo % g.degree:
+                    if sorted(g.ranks) == list(range(lo, lo + g.degree)) and not lo % g.degree \
+                            and g.ranks != sorted(g.ranks):  # (it said "not an aligned range" of [1, 0])
+                        errors.append(f"{loc}.ranks: {g.ranks} must be listed in ascending order")
+                    elif g.ranks != list(range(lo, lo + g.degree)) or lo % g.degree:
                         errors.append(f"{loc}.ranks: {g.ranks} is not an aligned power-of-two rank range of world "
                                       f"size {self.world_size}")
                     for sid, slen in zip(g.seq_ids, g.seqlens):

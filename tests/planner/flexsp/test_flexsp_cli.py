@@ -130,7 +130,7 @@ def test_show_refuses_an_sp_plan_that_loses_or_repeats_a_sequence(tmp_path, caps
         group(d, 0)["predicted_ms"] = float("inf")
 
     assert_show_refuses(good, [(repeat, "already runs in"), (wrong_length, "has length"),
-                               (unordered, "is not an aligned power-of-two rank range"),
+                               (unordered, "must be listed in ascending order"),
                                (same_number, "steps.1.step: 0 is also steps.0's number")])
     bad = json.loads(json.dumps(good))
     infinite(bad)
