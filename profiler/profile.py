@@ -270,6 +270,9 @@ class ClusterProfile(_Strict):
                 raise ValueError(
                     f"collectives: {c.op} fitted on group size {c.group_size} > world size {self.world_size}"
                 )
+            if c.scope == "inter" and self.num_nodes == 1:
+                raise ValueError(f"collectives: {c.op} on group size {c.group_size} has scope 'inter', but the profile "
+                                 "has one node (no links between nodes)")
             if c.group_size > self.gpus_per_node and c.scope != "inter":  # it cannot fit in one node
                 raise ValueError(f"collectives: {c.op} fitted on group size {c.group_size} with scope {c.scope!r}, "
                                  f"but a node holds {self.gpus_per_node} GPUs (it crosses nodes: 'inter')")
@@ -435,6 +438,9 @@ class ClusterProfile(_Strict):
           about the links between nodes, so a query for a larger group is an error naming what exists."""
         import re
 
+        if isinstance(num_nodes, bool) or not isinstance(num_nodes, int):  # (2.5 made a profile of 20.0 GPUs that
+            # save_profile wrote and load_profile then refused)
+            raise InputError("num_nodes", f"must be a whole number of nodes, got {num_nodes!r}")
         if num_nodes < 1:
             raise InputError("num_nodes", f"must be >= 1, got {num_nodes}")
         new_world = num_nodes * self.gpus_per_node
@@ -470,8 +476,13 @@ class ClusterProfile(_Strict):
                     "beta_ms_per_byte": largest.beta_ms_per_byte * bus_factor(largest.op, g) / bus_factor(largest.op, n),
                     "source": f"{largest.source}; extrapolated from {n} ranks at the same bus bandwidth "
                               "(optimistic)"}))
+        if num_nodes == 1:  # one node has no links between nodes: a group measured across them runs inside it
+            fits = [c.model_copy(update={"scope": "intra", "source": f"{c.source}; measured across nodes, kept for "
+                                         "one node (pessimistic)"}) if c.scope == "inter" else c for c in fits]
         name = re.sub(r"@\d+n$", "", self.name)
-        return self.model_copy(update={"num_nodes": num_nodes, "collectives": fits, "name": f"{name}@{num_nodes}n"})
+        out = self.model_copy(update={"num_nodes": num_nodes, "collectives": fits, "name": f"{name}@{num_nodes}n"})
+        out._origin = None  # (errors named the file it came from, with fits that file does not hold)
+        return out
 
 
 def load_profile(name_or_path: str | os.PathLike) -> ClusterProfile:
