@@ -5,6 +5,7 @@ Every fitted model carries its relative fit error and where its numbers come fro
 """
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Any, ClassVar, Literal
 
@@ -260,6 +261,9 @@ class ClusterProfile(_Strict):
             big = lambda v: str(v) if v <= MAX_GPUS else f"(a number of ~{int(v.bit_length() * 0.30103) + 1} digits)"  # noqa: E731,E501
             raise ValueError(f"num_nodes x gpus_per_node = {big(self.num_nodes)} x {big(self.gpus_per_node)} = "
                              f"{big(self.world_size)} GPUs, more than the {MAX_GPUS} a profile may describe")
+        if self.num_nodes == 1 and any(c.scope == "inter" for c in self.collectives):
+            # one node has no links between nodes (with_nodes(1) wrote such fits before 2026-12-04; a hand edit)
+            self.collectives = _one_node_fits(self.collectives)
         seen = set()
         for c in self.collectives:
             key = (c.op, c.group_size)
@@ -270,9 +274,6 @@ class ClusterProfile(_Strict):
                 raise ValueError(
                     f"collectives: {c.op} fitted on group size {c.group_size} > world size {self.world_size}"
                 )
-            if c.scope == "inter" and self.num_nodes == 1:
-                raise ValueError(f"collectives: {c.op} on group size {c.group_size} has scope 'inter', but the profile "
-                                 "has one node (no links between nodes)")
             if c.group_size > self.gpus_per_node and c.scope != "inter":  # it cannot fit in one node
                 raise ValueError(f"collectives: {c.op} fitted on group size {c.group_size} with scope {c.scope!r}, "
                                  f"but a node holds {self.gpus_per_node} GPUs (it crosses nodes: 'inter')")
@@ -438,9 +439,10 @@ class ClusterProfile(_Strict):
           about the links between nodes, so a query for a larger group is an error naming what exists."""
         import re
 
-        if isinstance(num_nodes, bool) or not isinstance(num_nodes, int):  # (2.5 made a profile of 20.0 GPUs that
-            # save_profile wrote and load_profile then refused)
+        if isinstance(num_nodes, bool) or not isinstance(num_nodes, numbers.Integral):  # (2.5 made a profile of
+            # 20.0 GPUs that save_profile wrote and load_profile then refused)
             raise InputError("num_nodes", f"must be a whole number of nodes, got {num_nodes!r}")
+        num_nodes = int(num_nodes)  # (numpy integers too)
         if num_nodes < 1:
             raise InputError("num_nodes", f"must be >= 1, got {num_nodes}")
         new_world = num_nodes * self.gpus_per_node
@@ -477,12 +479,19 @@ class ClusterProfile(_Strict):
                     "source": f"{largest.source}; extrapolated from {n} ranks at the same bus bandwidth "
                               "(optimistic)"}))
         if num_nodes == 1:  # one node has no links between nodes: a group measured across them runs inside it
-            fits = [c.model_copy(update={"scope": "intra", "source": f"{c.source}; measured across nodes, kept for "
-                                         "one node (pessimistic)"}) if c.scope == "inter" else c for c in fits]
+            fits = _one_node_fits(fits)
         name = re.sub(r"@\d+n$", "", self.name)
         out = self.model_copy(update={"num_nodes": num_nodes, "collectives": fits, "name": f"{name}@{num_nodes}n"})
         out._origin = None  # (errors named the file it came from, with fits that file does not hold)
         return out
+
+
+def _one_node_fits(fits: list[CollectiveFit]) -> list[CollectiveFit]:
+    """The fits of a one-node profile: one measured across nodes (scope 'inter') is kept as 'intra', its source
+    saying so - one node has no links between nodes, and its groups run inside it."""
+    return [c.model_copy(update={"scope": "intra", "source": f"{c.source}; measured across nodes, kept for one "
+                                                           "node (pessimistic)"}) if c.scope == "inter" else c
+            for c in fits]
 
 
 def load_profile(name_or_path: str | os.PathLike) -> ClusterProfile:

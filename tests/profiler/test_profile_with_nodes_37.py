@@ -1,12 +1,13 @@
-"""ClusterProfile.with_nodes and the scope check (h38): the derived profile names itself in errors (not the file it
-came from), takes whole node counts only, and what it returns saves and loads; a one-node profile cannot hold a fit
-measured across nodes."""
+"""ClusterProfile.with_nodes and one-node scopes (h38, r7): the derived profile names itself in errors (not the file
+it came from), takes whole node counts only (numpy integers too), and what it returns saves and loads; a one-node
+profile's fits measured across nodes are kept as intra-node ones (a file with them, as with_nodes(1) wrote before,
+still loads)."""
 import json
 
 import pytest
 
 from adasched.profiler.io import InputError
-from adasched.profiler.profile import ClusterProfile, load_profile, save_profile
+from adasched.profiler.profile import load_profile, save_profile
 
 
 def _two_node_file(tmp_path, inter_small=False):
@@ -32,6 +33,14 @@ def test_derived_profile_names_itself_in_errors(tmp_path):
     assert str(path) not in str(err.value) and q.name in str(err.value), str(err.value)
 
 
+def test_with_nodes_takes_numpy_integers():
+    import numpy as np
+
+    for n in (np.int64(2), np.int32(3)):
+        q = load_profile("h100-sxm").with_nodes(n)
+        assert type(q.num_nodes) is int and q.num_nodes == int(n) and q.name == f"h100-sxm@{int(n)}n"
+
+
 @pytest.mark.parametrize("bad", [2.5, 2.0, True, "2"])
 def test_with_nodes_takes_whole_numbers(bad):
     with pytest.raises(InputError, match="num_nodes: must be a whole number"):
@@ -49,8 +58,12 @@ def test_with_nodes_result_saves_and_loads(tmp_path, nodes):
             assert all(c.scope == "intra" for c in q.collectives)
 
 
-def test_one_node_profile_refuses_an_inter_fit(tmp_path):
+def test_one_node_profile_keeps_an_inter_fit_as_intra(tmp_path):
     d = load_profile("h100-sxm").with_nodes(1).model_dump(mode="json")
     d["collectives"][0]["scope"] = "inter"
-    with pytest.raises(ValueError, match="has scope 'inter', but the profile has one node"):
-        ClusterProfile.model_validate(d)
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(d))
+    p = load_profile(path)
+    c = p.collectives[0]
+    assert c.scope == "intra" and c.source.endswith("measured across nodes, kept for one node (pessimistic)")
+    assert [x.model_dump(mode="json") for x in p.collectives[1:]] == d["collectives"][1:]  # the others as written
