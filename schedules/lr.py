@@ -371,6 +371,7 @@ class WarmupDecay(LRScheduler):
         values = self.lr_at(self.last_epoch)
         self._own_lrs = list(values)
         self._ext_scales = [1.0] * len(values)
+        self._groups_id = id(self.optimizer.param_groups)
         return values
 
     def get_lr(self) -> list[float]:
@@ -392,8 +393,10 @@ class WarmupDecay(LRScheduler):
                 scales = [1.0] * len(target)
         else:
             lrs = [_group_lr(g["lr"], own, s) for g, own, s in zip(groups, self._own_lrs, self._ext_scales)]
-            if not getattr(self, "_warned_lost", False) and any(
-                    own == 0 and lr != 0 for lr, own in zip(lrs, self._own_lrs)):
+            # (the same groups: an optimizer.load_state_dict since our last write installs new ones, and its lrs are
+            # a restore, not another scheduler's - a scheduler built before the restore and stepped to catch up)
+            if not getattr(self, "_warned_lost", False) and id(groups) == getattr(self, "_groups_id", id(groups)) \
+                    and any(own == 0 and lr != 0 for lr, own in zip(lrs, self._own_lrs)):
                 # we wrote 0 and the lr is no longer 0: another scheduler set it outright, and the factor it applied
                 # in the step we wrote 0 multiplied that 0 (a ChainedScheduler where two schedules warm up from 0:
                 # the product came out 2x, 1.87x the base lr at its peak)
@@ -407,6 +410,7 @@ class WarmupDecay(LRScheduler):
             scales = [_next_factor(lr, own, s) for lr, own, s in zip(lrs, self._own_lrs, self._ext_scales)]
         self._own_lrs = list(target)
         self._ext_scales = scales
+        self._groups_id = id(groups)
         return [t if s == 1.0 else t * (0.0 if s == _UNSEEN else s) for t, s in zip(target, scales)]
 
 
@@ -414,6 +418,8 @@ class WarmupDecay(LRScheduler):
         """torch's state (everything but the optimizer) plus ``group_lrs_at_save``: the lr each param group held
         when saved - the run's lr, every scheduler's factor in it (see :meth:`load_state_dict`)."""
         state = super().state_dict()
+        for k in ("_groups_id", "_warned_lost"):  # (this process's bookkeeping, not the schedule's state)
+            state.pop(k, None)
         state["group_lrs_at_save"] = [float(g["lr"]) for g in self.optimizer.param_groups]
         return state
 

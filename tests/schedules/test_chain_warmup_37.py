@@ -47,3 +47,36 @@ def test_warmup_in_a_later_scheduler_warns_once():
     with pytest.warns(UserWarning, match="cannot read a factor") as rec:
         _run(2, 3, 1.0, 2.0)
     assert sum("cannot read a factor" in str(w.message) for w in rec) == 1
+
+
+@pytest.mark.parametrize("save_at", [1, 3, 4, 5])
+def test_no_warning_when_a_scheduler_built_before_the_restore_catches_up(save_at):
+    """A warmup scheduler built before ``optimizer.load_state_dict`` and stepped to catch up: the restored lr is not
+    a lost factor (it warned 'another scheduler's factor ... was lost'; r7). The lrs equal the uninterrupted run's."""
+    import copy
+
+    def make():
+        torch.manual_seed(0)
+        return torch.optim.AdamW([torch.nn.Parameter(torch.randn(3))], lr=1.0)
+
+    o, s = make(), None
+    s = REX(o, 20, 5)
+    full = []
+    for t in range(12):
+        o.step()
+        s.step()
+        full.append(o.param_groups[0]["lr"])
+        if t + 1 == save_at:
+            ck = copy.deepcopy(o.state_dict())
+    o2 = make()
+    s2 = REX(o2, 20, 5)  # built first: writes the warmup's 0
+    o2.load_state_dict(ck)
+    got = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        warnings.filterwarnings("error", message=r".*cannot read a factor")
+        for _ in range(12):
+            s2.step()
+            got.append(o2.param_groups[0]["lr"])
+    assert got == pytest.approx(full, rel=1e-12, abs=1e-15)
+    assert "_groups_id" not in s2.state_dict() and "_warned_lost" not in s2.state_dict()
