@@ -9,8 +9,10 @@ The hook runs right before each ``optimizer.step()``, so it sees the gradients t
 done before the step (clipped at 1.0, every row reads 1.0, and the refinement degenerates to a linear decay). To log
 the norms before clipping, as Megatron, DeepSpeed and torchtitan report them, call ``rec.capture()`` after the
 backward (after ``scaler.unscale_(opt)`` under GradScaler) and before the clipping: the next step's row is that
-capture. DeepSpeed clips inside ``engine.step()`` (``gradient_clipping``, 1.0 by default): set it to 0 for the
-recorded run. A step that takes a closure (LBFGS) is recorded right after it, from the gradients its
+capture. DeepSpeed clips inside ``engine.step()`` (``gradient_clipping``, 1.0 by default): under ZeRO-1/2/3 the
+recorder on ``engine.optimizer`` logs the norms before that clipping by itself (ZeRO scales every gradient by one
+factor, which it undoes from ZeRO's global norm); without ZeRO (stage 0) call ``rec.capture()`` after
+``engine.backward`` (or set ``gradient_clipping`` to 0). A step that takes a closure (LBFGS) is recorded right after it, from the gradients its
 closure computed. A step that is skipped (``GradScaler`` on inf/NaN gradients) is not a step and has no row.
 Norms stay on the device until they are read (no sync per step). CSV columns: ``step,l2,l1`` (one row per
 optimizer step, step from 0).
@@ -127,11 +129,11 @@ class GradNormRecorder:
         """Measure the gradients now - after the backward, before clipping - as the next ``optimizer.step()``'s
         row (a later capture replaces it; a step GradScaler skips takes none, and the next capture replaces it).
         Under GradScaler call it after ``scaler.unscale_(optimizer)``. Not for a wrapper stepped in parts
-        (DeepSpeed ZeRO's ``engine.optimizer``): its partitions hold the gradients only inside its step; set
-        DeepSpeed's ``gradient_clipping`` to 0 instead."""
+        (DeepSpeed ZeRO's ``engine.optimizer``): its partitions hold the gradients only inside its step, and its
+        rows are already the norms before DeepSpeed's ``gradient_clipping``."""
         if self.outer is not None:
-            raise RuntimeError("GradNormRecorder.capture: not for a wrapper stepped in parts (DeepSpeed ZeRO); set "
-                               "\"gradient_clipping\": 0 in the DeepSpeed config for the recorded run instead")
+            raise RuntimeError("GradNormRecorder.capture: not for a wrapper stepped in parts (DeepSpeed ZeRO), and not "
+                               "needed there: its rows are the norms before DeepSpeed's gradient_clipping")
         if not self._handles:
             raise RuntimeError("GradNormRecorder.capture: attach() first (or capture inside recording())")
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -186,10 +188,32 @@ class GradNormRecorder:
                 self._in_outer = False
             part, self._part = self._part, None
             if part is not None:  # (a step ZeRO skipped, fp16 overflow, called no part: no row)
-                self._norms.append(torch.stack([part[0].sqrt(), part[1], part[2]]))
+                row = torch.stack([part[0].sqrt(), part[1], part[2]])
+                undo = self._zero_clip_factor(row.device)
+                if undo is not None:
+                    row = torch.cat([row[:2] * undo, row[2:]])
+                self._norms.append(row)
             return out
 
         outer.step = self._wrapped = recorded_step
+
+    def _zero_clip_factor(self, device) -> torch.Tensor | None:
+        """The factor DeepSpeed ZeRO's ``gradient_clipping`` divided this step's gradients by, or None: ZeRO-1/2/3
+        clip inside the wrapper's step, every gradient by one factor ``max(1, (g + 1e-6) / clip_grad)`` with ``g``
+        the global norm before clipping (its ``_global_grad_norm``, loss scale removed), so the row times it is the
+        row before clipping - l2 and l1 alike (a uniform factor scales both). Only on the norms of the whole
+        gradient (``process_group`` given, or one rank): a rank's own slice times the global factor is neither."""
+        clip = getattr(self.outer, "clip_grad", None)
+        g = getattr(self.outer, "_global_grad_norm", None)
+        if not isinstance(clip, (int, float)) or isinstance(clip, bool) or not clip > 0 or g is None:
+            return None
+        if self.process_group is None:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                return None
+        g = torch.as_tensor(g, dtype=torch.float64).to(device).reshape(())  # (a tensor stays on the device: no sync)
+        return torch.clamp((g + 1e-6) / float(clip), min=1.0)
 
     def _pre_hook(self, optimizer, args, kwargs):
         # a closure recomputes the gradients inside step(): the norms are taken right after each call of it (the

@@ -3,7 +3,8 @@ sit beside it). Mode "fsdp2": a model under ``fully_shard`` (DTensor gradients),
 Mode "zero1"/"zero2": DeepSpeed ZeRO-1/2 on gloo, the recorder on the wrapped torch optimizer with
 ``process_group``. Modes "zero2-groups"/"zero3-groups": two parameter groups (weight decay / none, which ZeRO
 steps one at a time), the recorder on the ZeRO optimizer itself (``engine.optimizer``); "zero2-groups-inner": the
-same on the torch optimizer inside, which must refuse the part-steps. Both ranks also train a plain replica whose
+same on the torch optimizer inside, which must refuse the part-steps; "zero2-groups-clip"/"zero3-groups-clip": with
+DeepSpeed's gradient_clipping below the norm (the replica clipped the same way). Both ranks also train a plain replica whose
 gradients are all-reduced by hand (the gradient the sharded step applies) and write the recorder's rows and the replica's norms to OUT/rank{r}.json."""
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ import datetime
 import json
 import os
 import sys
+
+
+#: the "-clip" modes' gradient_clipping: below every step's norm (~0.8), so each step is clipped
+CLIP = 0.1
 
 
 def model_pair(torch):
@@ -56,10 +61,11 @@ def main(mode: str, out_dir: str) -> None:
         m, ref = model_pair(torch)
         stage = int(mode[4])
         cfg = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "steps_per_print": 10**9,
-               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
+               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+               "gradient_clipping": CLIP if mode.endswith("-clip") else 0.0}
         params = groups_of(m) if "groups" in mode else m.parameters()
         m, dsopt, _, _ = deepspeed.initialize(model=m, optimizer=torch.optim.AdamW(params, lr=1e-2), config=cfg)
-        if mode.endswith("groups"):
+        if "groups" in mode and not mode.endswith("-inner"):
             rec = GradNormRecorder(dsopt, process_group=dist.group.WORLD)
             assert rec.optimizer is dsopt.optimizer and rec.outer is dsopt
         else:
@@ -70,7 +76,7 @@ def main(mode: str, out_dir: str) -> None:
             m.step()
     rank, world = dist.get_rank(), dist.get_world_size()
     ref_opt = torch.optim.AdamW(groups_of(ref) if "groups" in mode else ref.parameters(), lr=1e-2)
-    want = []
+    want, clipped = [], []
     if mode.endswith("-inner"):  # the torch optimizer inside sees one group per call: refused, not logged in parts
         x = torch.randn(4, 6, generator=torch.Generator().manual_seed(rank))
         with rec.recording():
@@ -93,12 +99,17 @@ def main(mode: str, out_dir: str) -> None:
                 dist.all_reduce(p.grad)
                 p.grad /= world
             flat = torch.cat([p.grad.reshape(-1) for p in ref.parameters()]).double()
-            want.append([float(flat.norm()), float(flat.abs().sum())])
+            want.append([float(flat.norm()), float(flat.abs().sum())])  # before clipping
+            if mode.endswith("-clip"):  # the step DeepSpeed takes: every gradient over max(1, (norm + 1e-6) / clip)
+                f = max(1.0, (float(flat.norm()) + 1e-6) / CLIP)
+                for p in ref.parameters():
+                    p.grad /= f
+                clipped.append(f > 1.0)
             ref_opt.step()
             ref_opt.zero_grad()
     restored = "step" not in getattr(rec.outer, "__dict__", {})  # detach gave the wrapper its own step back
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-        json.dump({"l2": rec.l2, "l1": rec.l1, "want": want, "restored": restored}, fh)
+        json.dump({"l2": rec.l2, "l1": rec.l1, "want": want, "restored": restored, "clipped": clipped}, fh)
     dist.barrier()
     # both results are written: leave without the process-group / interpreter teardown, where rank 0 aborted now
     # and then under load ("terminate called without an active exception", SIGABRT: 2 runs of 10 failed)
