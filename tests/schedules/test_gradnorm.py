@@ -183,7 +183,7 @@ def test_recorder_refuses_a_non_torch_optimizer():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fsdp2", "zero2", "zero1", "zero2-groups", "zero3-groups", "zero2-groups-inner",
-                                  "zero2-groups-clip", "zero3-groups-clip"])
+                                  "zero2-groups-clip", "zero3-groups-clip", "zero0-capture-clip"])
 def test_sharded_gradients_give_the_whole_gradients_norms(tmp_path, mode):
     """2 gloo ranks: FSDP2 (DTensor gradients) and DeepSpeed ZeRO-1/2 (each rank's fp32 partition, with
     process_group) log the norms of the whole averaged gradient on every rank - before, each rank logged its own

@@ -4,7 +4,8 @@ Mode "zero1"/"zero2": DeepSpeed ZeRO-1/2 on gloo, the recorder on the wrapped to
 ``process_group``. Modes "zero2-groups"/"zero3-groups": two parameter groups (weight decay / none, which ZeRO
 steps one at a time), the recorder on the ZeRO optimizer itself (``engine.optimizer``); "zero2-groups-inner": the
 same on the torch optimizer inside, which must refuse the part-steps; "zero2-groups-clip"/"zero3-groups-clip": with
-DeepSpeed's gradient_clipping below the norm (the replica clipped the same way). Both ranks also train a plain replica whose
+DeepSpeed's gradient_clipping below the norm (the replica clipped the same way); "zero0-capture-clip": no ZeRO,
+clipping, the recorder on the torch optimizer with capture() after engine.backward. Both ranks also train a plain replica whose
 gradients are all-reduced by hand (the gradient the sharded step applies) and write the recorder's rows and the replica's norms to OUT/rank{r}.json."""
 from __future__ import annotations
 
@@ -65,7 +66,10 @@ def main(mode: str, out_dir: str) -> None:
                "gradient_clipping": CLIP if mode.endswith("-clip") else 0.0}
         params = groups_of(m) if "groups" in mode else m.parameters()
         m, dsopt, _, _ = deepspeed.initialize(model=m, optimizer=torch.optim.AdamW(params, lr=1e-2), config=cfg)
-        if "groups" in mode and not mode.endswith("-inner"):
+        if stage == 0:  # no ZeRO: the torch optimizer itself, every rank's gradients the whole averaged ones
+            assert isinstance(dsopt, torch.optim.AdamW)
+            rec = GradNormRecorder(dsopt)
+        elif "groups" in mode and not mode.endswith("-inner"):
             rec = GradNormRecorder(dsopt, process_group=dist.group.WORLD)
             assert rec.optimizer is dsopt.optimizer and rec.outer is dsopt
         else:
@@ -73,6 +77,8 @@ def main(mode: str, out_dir: str) -> None:
 
         def step(loss):
             m.backward(loss)
+            if "capture" in mode:  # after the backward's all-reduce, before engine.step() clips
+                rec.capture()
             m.step()
     rank, world = dist.get_rank(), dist.get_world_size()
     ref_opt = torch.optim.AdamW(groups_of(ref) if "groups" in mode else ref.parameters(), lr=1e-2)
