@@ -345,6 +345,10 @@ def run(args: argparse.Namespace) -> dict | None:
 
         check_folder_free(cfg.folder)
     torch.manual_seed(args.seed)
+    import random
+
+    random.seed(args.seed)  # nothing draws from it; seeded so that the saved Python generator is the seed's (two
+    # uninterrupted runs saved different `random` states: whole saves could not be compared)
     distributed = world > 1 and not args.check
     if distributed:
         init_distributed("gloo", timeout_s=args.timeout)  # idempotent; every collective bounded by --timeout

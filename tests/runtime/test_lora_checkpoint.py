@@ -383,3 +383,20 @@ def test_a_save_of_the_position_keyed_trainer_is_refused(plan_files, tmp_path, c
     assert err == (f"error: {meta}: saved by a different run (data: saved None, now 'job-name'); use the same "
                    "settings or a new --checkpoint-dir\n"), err
     assert not out.exists()
+
+
+def test_saves_hold_the_seeds_python_generator(plan_files, tmp_path, capfd):
+    """train_lora seeds Python's ``random`` with --seed (nothing draws from it): the saved generator state was the
+    process's unseeded one, so two uninterrupted runs' saves differed in it (h40)."""
+    import random
+
+    jobs, plan = plan_files
+    states = []
+    for k in range(2):
+        random.seed(os.urandom(16))  # whatever the process held before
+        ck = tmp_path / f"ck{k}"
+        assert main(["--plan", str(plan), "--out", str(tmp_path / f"o{k}"), "--checkpoint-dir", str(ck),
+                     "--checkpoint-every", "3"] + MODEL) == 0
+        states.append(random.getstate())
+    assert states[0] == states[1] == random.Random(3).getstate()  # MODEL's --seed 3, untouched after the seeding
+    capfd.readouterr()
