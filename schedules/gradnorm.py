@@ -12,10 +12,10 @@ backward (after ``scaler.unscale_(opt)`` under GradScaler) and before the clippi
 capture. DeepSpeed clips inside ``engine.step()`` (``gradient_clipping``, 1.0 by default): under ZeRO-1/2/3 the
 recorder on ``engine.optimizer`` logs the norms before that clipping by itself (ZeRO scales every gradient by one
 factor, which it undoes from ZeRO's global norm); without ZeRO (stage 0) call ``rec.capture()`` after
-``engine.backward`` (or set ``gradient_clipping`` to 0). A step that takes a closure (LBFGS) is recorded right after it, from the gradients its
-closure computed. A step that is skipped (``GradScaler`` on inf/NaN gradients) is not a step and has no row.
-Norms stay on the device until they are read (no sync per step). CSV columns: ``step,l2,l1`` (one row per
-optimizer step, step from 0).
+``engine.backward`` (or set ``gradient_clipping`` to 0). A step that takes a closure (LBFGS) is recorded right
+after it, from the gradients its closure computed. A step that is skipped (``GradScaler`` on inf/NaN gradients)
+is not a step and has no row. Norms stay on the device until they are read (no sync per step). CSV columns:
+``step,l2,l1`` (one row per optimizer step, step from 0).
 
 Sharded training: gradients that are DTensors (FSDP2 ``fully_shard``, tensor parallel) are reduced over their
 device mesh, so every rank records the norms of the whole gradient. Optimizers whose parameters are each rank's

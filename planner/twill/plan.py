@@ -68,9 +68,9 @@ class TwillPlan(Plan):
                                      "(a lower bound on it when the solve's deadline cut its search short)")
     excl_mii: int = Field(default=0, ge=0, description="the exclusive-cells bound (mii.exclusive_mii) when it is above "
                                                        "res_mii and rec_mii, else 0 (0 in plans written before it)")
-    plain_ii: int = Field(ge=1, le=MAX_II, description="smallest I of plain modulo scheduling (no warp constraints) found: minimal "
-                                      "when plain_ii_proven; when CP-SAT found no plain schedule in time, a "
-                                      "heuristic's I")
+    plain_ii: int = Field(ge=1, le=MAX_II, description="smallest I of plain modulo scheduling (no warp constraints) "
+                                                       "found: minimal when plain_ii_proven; when CP-SAT found no plain "
+                                                       "schedule in time, a heuristic's I")
     plain_ii_proven: bool | None = Field(default=None, description="plain_ii was proved minimal (None in plans "
                                                                    "written before this field)")
     ii_proven_minimal: bool

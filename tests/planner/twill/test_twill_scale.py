@@ -247,9 +247,9 @@ def test_interval_encoding_equals_the_time_indexed_one():
 def test_large_latencies_solve_exact():
     """Costs in raw-cycle-like units. The toy loop x256 (I = 512): optimal (the one-hot model, I booleans per op,
     spent 5.5 s here before; the times are ``python -m adasched.planner.twill.scalebench``'s large-latency rows, not
-    bounds here). FA3 x64 (warp problem): optimal I = 512 (before: found, not proved optimal in 60 s). A 20-op random graph x32: the problem in units of 32
-    solved and scaled back bounds I from above (at most 32 x the heuristic's I there); the answer is validated and
-    never 'optimal' unless proved."""
+    bounds here). FA3 x64 (warp problem): optimal I = 512 (before: found, not proved optimal in 60 s). A 20-op
+    random graph x32: the problem in units of 32 solved and scaled back bounds I from above (at most 32 x the
+    heuristic's I there); the answer is validated and never 'optimal' unless proved."""
     prob = check_graph(_scaled("toy-attention", "h100", 256), H100)
     s = solve(prob, SolveParams(time_limit=60.0, seed=0, threads=1))
     assert (s.ii, s.status, s.method) == (512, "optimal", "cp-sat")
