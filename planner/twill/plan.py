@@ -198,6 +198,15 @@ class TwillPlan(Plan):
                 self.plain_ii != self.ii or self.plain_ii_proven != self.ii_proven_minimal):
             errors.append(f"plain_ii {self.plain_ii} (proved {self.plain_ii_proven}): a plain modulo schedule's is "
                           f"its own I {self.ii} (proved {self.ii_proven_minimal})")
+        # the plan holds a schedule at I (and plain_ii is where a plain one was found): an attempt that proved one
+        # of them infeasible contradicts it (a plain-infeasible I is infeasible for warp schedules too)
+        for a in self.attempts:
+            if a.status == "infeasible" and (a.ii == self.ii and (self.warp_specialised or not a.warp)
+                                             or a.ii == self.plain_ii and not a.warp):
+                errors.append(f"attempts: I = {a.ii} ({'warp-specialised' if a.warp else 'plain'}) is recorded "
+                              f"infeasible, but the plan holds a schedule at "
+                              f"{'I' if a.ii == self.ii else 'plain_ii'} = {a.ii}")
+                break
         if sol.status == "optimal" and not self.ii_proven_minimal:
             errors.append(f"solver.status 'optimal', but I = {self.ii} is not proved minimal")
         if not self.ii_proven_minimal:
@@ -222,6 +231,11 @@ class TwillPlan(Plan):
             return [f"ops: {sorted(s.name for s in self.ops)}, the graph's ops are {sorted(names)}"]
         if self.cycle_ns != machine.cycle_ns:
             errors.append(f"cycle_ns {self.cycle_ns}: the machine's is {machine.cycle_ns}")
+        # (the labels show and simulate print: an edited machine_name showed an H100 plan as made for a B200)
+        if self.machine_name != machine.name:
+            errors.append(f"machine_name {self.machine_name!r}: the embedded machine is {machine.name!r}")
+        if self.graph_name != graph.name:
+            errors.append(f"graph_name {self.graph_name!r}: the embedded graph is {graph.name!r}")
         times = {s.name: s.issue_cycle for s in self.ops}
         groups = {s.name: s.warp_group for s in self.ops}
         if any(t < 0 for t in times.values()):

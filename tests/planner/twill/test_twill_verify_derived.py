@@ -41,6 +41,21 @@ EDITS = {
     "res_mii": (lambda d: d.update(res_mii=1, rec_mii=1, mii=max(1, d["excl_mii"])), "res_mii 1"),
     "plain_ii": (lambda d: d.update(plain_ii=1), "plain_ii 1 is below the MII"),
     "mii": (lambda d: d.update(mii=d["mii"] - 1, ii=d["ii"]), "mii "),
+    # the labels show and simulate print (h43: an H100 plan showed as made for a B200)
+    "machine_name": (lambda d: d.update(machine_name="b200"), "machine_name 'b200': the embedded machine is 'h100'"),
+    "graph_name": (lambda d: d.update(graph_name="other"), "graph_name 'other': the embedded graph is 'fa3-hopper'"),
+    # an attempt contradicting the plan's own schedules (h43: accepted)
+    "infeasible_at_ii": (lambda d: d["attempts"].append({"ii": d["ii"], "warp": True, "status": "infeasible",
+                                                          "seconds": 0.0}),
+                         "attempts: I = {ii} (warp-specialised) is recorded infeasible, but the plan holds a schedule "
+                         "at I = {ii}"),
+    "plain_infeasible_at_ii": (lambda d: d["attempts"].append({"ii": d["ii"], "warp": False, "status": "infeasible",
+                                                                "seconds": 0.0}),
+                               "attempts: I = {ii} (plain) is recorded infeasible"),
+    "plain_infeasible_at_plain_ii": (lambda d: d["attempts"].append({"ii": d["plain_ii"], "warp": False,
+                                                                      "status": "infeasible", "seconds": 0.0}),
+                                     "attempts: I = {plain_ii} (plain) is recorded infeasible, but the plan holds a "
+                                     "schedule at"),
 }
 
 
@@ -48,6 +63,7 @@ EDITS = {
 def test_verify_refuses_a_derived_field_the_schedule_does_not_give(fa3, what):
     assert TwillPlan.model_validate(fa3).verify() == []
     fn, needle = EDITS[what]
+    needle = needle.format(ii=fa3["ii"], plain_ii=fa3["plain_ii"])
     errs = _edit(fa3, fn)
     assert any(e.startswith(needle) for e in errs), errs
 
