@@ -799,8 +799,10 @@ class Checkpointer:
                 raise stop from None
             if not isinstance(err, (CheckpointException, OSError)):
                 raise
-            raise InputError(info.path, f"cannot load this save ({failure_line(err)}); resume another with "
-                                        f"--load-step or start in a new --checkpoint-dir") from None
+            damage = short_files(info.path)  # (DCP's error names neither the file nor, in a pickle's, the rank)
+            raise InputError(info.path, f"cannot load this save ({failure_line(err)}"
+                                        f"{'; ' + damage if damage else ''}); resume another with --load-step or "
+                                        f"start in a new --checkpoint-dir") from None
         for finish, templates in finishers:
             finish({k: keyed[k] for k in templates})  # DCP filled the tensors in place and set the other values
         self.last_saved = info.step
@@ -1060,6 +1062,32 @@ def interrupt_in(err: BaseException) -> BaseException | None:
                             if isinstance(v, BaseException))
         todo.extend((cur.__cause__, cur.__context__))
     return None
+
+
+def short_files(path: str | os.PathLike) -> str | None:
+    """The data files of a DCP save that are missing or shorter than its metadata says (a copy cut short, a disk
+    that filled up), as one phrase naming them; None when every file is long enough or the metadata is unreadable."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        storage = dcp.FileSystemReader(str(path)).read_metadata().storage_data
+    except Exception:  # noqa: BLE001 - an unreadable metadata file is reported by its reader
+        return None
+    need: dict[str, int] = {}
+    for info in (storage or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if isinstance(rel, str):
+            need[rel] = max(need.get(rel, 0), int(info.offset) + int(info.length))
+    found = []
+    for rel in sorted(need):
+        try:
+            size = (Path(path) / rel).stat().st_size
+        except OSError:
+            found.append(f"{rel} is missing")
+            continue
+        if size < need[rel]:
+            found.append(f"{rel} holds {size} of its {need[rel]} bytes")
+    return ", ".join(found) or None
 
 
 def failure_line(err: BaseException) -> str:

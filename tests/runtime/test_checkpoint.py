@@ -751,6 +751,30 @@ def test_a_damaged_save_is_one_input_error(tmp_path):
     assert msg.endswith("); resume another with --load-step or start in a new --checkpoint-dir"), msg
 
 
+@pytest.mark.parametrize("damage", ["cut", "missing"])
+def test_a_save_with_a_file_cut_short_names_the_file(tmp_path, damage):
+    """A rank file shorter than the save's metadata says (a copy cut short) or gone: the line names it - DCP's
+    error named neither the file nor its rank."""
+    import random
+
+    *_, state = _build(0)
+    Checkpointer(CheckpointConfig(folder=tmp_path), run={}).save(2, state)
+    data = step_folder(tmp_path, 2) / "__0_0.distcp"
+    size = data.stat().st_size
+    keep = random.randrange(1, size - 1)
+    if damage == "cut":
+        data.write_bytes(data.read_bytes()[:keep])
+    else:
+        data.unlink()
+    *_, state2 = _build(1)
+    with pytest.raises(InputError) as err:
+        Checkpointer(CheckpointConfig(folder=tmp_path), run={}).resume(state2)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{step_folder(tmp_path, 2)}: cannot load this save ("), msg
+    want = f"; __0_0.distcp holds {keep} of its {size} bytes)" if damage == "cut" else "; __0_0.distcp is missing)"
+    assert want in msg, (keep, msg)
+
+
 def test_a_commit_leaves_other_tools_step_folders_alone(tmp_path):
     """Hunt finding: the first commit deleted every step-<digits> folder without adasched's metadata, torchtitan's
     step-100 saves or a user's step-7 folder included. Only step_folder's own names (8 digits) are ours."""
