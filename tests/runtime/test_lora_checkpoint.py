@@ -390,13 +390,29 @@ def test_saves_hold_the_seeds_python_generator(plan_files, tmp_path, capfd):
     process's unseeded one, so two uninterrupted runs' saves differed in it (h40)."""
     import random
 
+    from adasched.runtime.checkpoint import _py_state_flat
+
     jobs, plan = plan_files
-    states = []
+    states, saved = [], []
     for k in range(2):
         random.seed(os.urandom(16))  # whatever the process held before
         ck = tmp_path / f"ck{k}"
         assert main(["--plan", str(plan), "--out", str(tmp_path / f"o{k}"), "--checkpoint-dir", str(ck),
                      "--checkpoint-every", "3"] + MODEL) == 0
         states.append(random.getstate())
-    assert states[0] == states[1] == random.Random(3).getstate()  # MODEL's --seed 3, untouched after the seeding
+        # what the saves hold (the entry a resume restores), not only this process's generator afterwards
+        for step in committed_steps(ck):
+            info = find_checkpoint(ck, step)
+            keys = [key for key in saved_entries(info) if key.endswith("rng.python")]
+            assert keys == ["rank0/rng.python"], keys
+            entry = load_templates(saved_entries(info), keys)
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(entry, checkpoint_id=str(info.path), no_dist=True)
+            saved.append((k, step, list(entry[keys[0]])))
+    seeded = list(_py_state_flat(random.Random(3).getstate()))  # MODEL's --seed 3, untouched after the seeding
+    assert states[0] == states[1] == random.Random(3).getstate()
+    assert len(saved) >= 4 and {k for k, _, _ in saved} == {0, 1}
+    for k, step, flat in saved:
+        assert flat == seeded, f"run {k}, step {step}: the saved Python generator is not the seeded one"
     capfd.readouterr()
