@@ -7,8 +7,9 @@ token) alike; the kernels in :mod:`adasched.kernels.moe` consume it.
 
 Routers (``RouterConfig.kind``):
 
-- ``gshard``: softmax, top-k (default 2), gates renormalised over the chosen k, GShard load-balancing
-  loss ``E * sum_e f_e * P_e`` (f_e: fraction of assignments to e before drops, P_e: mean probability).
+- ``gshard``: softmax, top-k (default 2), gates renormalised over the chosen k for k > 1 (k = 1 keeps the
+  probability, as ``switch``: renormalised it would be the constant 1, with no gradient to the router), GShard
+  load-balancing loss ``E * sum_e f_e * P_e`` (f_e: fraction of assignments to e before drops, P_e: mean probability).
 - ``switch``: softmax, top-1, gate = the probability (not renormalised), same load-balancing loss.
 - ``sigmoid_bias``: scores ``sigmoid(logits)``; selection by top-k of ``scores + bias`` where ``bias`` is
   a buffer (not trained by gradients); gates = the chosen *scores* (without bias) renormalised to sum 1 for
