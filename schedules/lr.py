@@ -26,7 +26,9 @@ Conventions shared by every schedule here (``step`` = the scheduler's ``last_epo
   factor applied in a step where the lr is 0 multiplies that 0 and is lost, as between torch's own chainable
   schedulers (``[ours(W=2), LinearLR(0.5, 1)]`` ends up twice the product): put a warmup in ours or use
   ``SequentialLR([LinearLR, ours])``. A scheduler that finds the lr changed from a 0 it and the rest of the chain
-  account for (a non-chainable scheduler set it outright) warns once.
+  account for (a non-chainable scheduler set it outright) warns once. A ``SequentialLR`` inside a chain starts its
+  next schedule at the milestone from that schedule's closed form (torch's ``step(0)``): the other members'
+  factors are dropped there, as torch's own schedulers drop them.
 * A factor found at construction (group lr below ``initial_lr``) is kept only on an optimizer that has not
   stepped yet (another scheduler built before us in a chain); a group lr of 0 there hides it: step 0 keeps the 0
   and the next step reads the factor (still 0: none - an abandoned scheduler's warmup start); on one that has
@@ -360,6 +362,9 @@ class WarmupDecay(LRScheduler):
         if rule is None:
             raise ValueError(f"min_lr: was given per param group ({n} values) but the optimizer now has "
                              f"{len(groups)} groups; build the scheduler after add_param_group, or use min_lr_ratio")
+        # the others of ours that adopted a new group before us in this step scaled it already: their factors are
+        # not ours (taken as our own value, a chain kept the first scheduler's factor of that step for good)
+        ours = self._chain_product(len(groups))
         for i, group in enumerate(groups[n:], start=n):
             base = float(group.setdefault("initial_lr", float(group["lr"])))
             if not (math.isfinite(base) and base >= 0):  # (as at construction: the group's lrs were nan)
@@ -371,10 +376,12 @@ class WarmupDecay(LRScheduler):
                                  f"scheduler was made)")
             self.base_lrs.append(base)
             self.min_lrs.append(lo)
-            # no other scheduler has scaled it yet: external factor 1 (its current lr counts as our last value)
+            # no torch scheduler has scaled it yet: its current lr, over the factors of ours that did, counts as our
+            # last value
+            share = ours[i] if ours[i] != 0 else 1.0
             if self._own_lrs is not None:
-                self._own_lrs.append(float(group["lr"]))
-            self._ext_scales.append(1.0)
+                self._own_lrs.append(float(group["lr"]) / share)
+            self._ext_scales.append(share)
             if getattr(self, "_torch_scales", None) is not None:
                 self._torch_scales.append(1.0)
 
@@ -389,12 +396,44 @@ class WarmupDecay(LRScheduler):
         return values
 
     def _note_write(self) -> None:
+        """Count a write of this scheduler's into the optimizer's lrs (a step, or a restore: a scheduler a resume
+        rebuilt is current from its load on - a SequentialLR's first stage, stepped again when it is rebuilt, was
+        taken for a chain member of the restored active one, and its last 0 held the lr at 0 for good)."""
         entry = _LR_WRITERS.get(self.optimizer)
         if entry is None:
             entry = _LR_WRITERS[self.optimizer] = {"seq": 0, "members": weakref.WeakSet()}
-        entry["seq"] += 1
+        entry["seq"] = max(entry["seq"], getattr(self, "_write_seq", None) or 0) + 1
         entry["members"].add(self)
         self._write_seq = entry["seq"]
+
+    def __setstate__(self, state: dict) -> None:
+        """A copy (``copy.deepcopy``, pickle) joins its optimizer's registry at the place its original held, so a
+        copied chain keeps reading its members (a chain copied before its first step ran at 2x the product)."""
+        self.__dict__.update(state)
+        opt = state.get("optimizer")
+        if opt is not None and state.get("_write_seq") is not None:
+            entry = _LR_WRITERS.get(opt)
+            if entry is None:
+                entry = _LR_WRITERS[opt] = {"seq": 0, "members": weakref.WeakSet()}
+            entry["seq"] = max(entry["seq"], state["_write_seq"])
+            entry["members"].add(self)
+        if "_groups_id" in state and opt is not None:  # (the copied optimizer's groups are the ones we wrote)
+            self._groups_id = id(opt.param_groups)
+
+    def _latest_writer_wrote(self, lrs: list[float]) -> bool:
+        """Whether the lrs are what the last of our other schedulers to write them wrote (so nothing else set them
+        since: an lr a chain member of ours wrote is explained, whatever this one read of it)."""
+        entry = _LR_WRITERS.get(self.optimizer)
+        mine = getattr(self, "_write_seq", None)
+        if entry is None or mine is None:
+            return False
+        others = [o for o in list(entry["members"]) if o is not self and getattr(o, "_write_seq", 0) > mine]
+        if not others:
+            return False
+        last = max(others, key=lambda o: o._write_seq)
+        wrote = getattr(last, "_last_lr", None)
+        return wrote is not None and len(wrote) >= len(lrs) and all(
+            float(w) == lr for w, lr in zip(wrote, lrs))
 
     def _chain_product(self, n: int) -> list[float]:
         """Per group, the product of the multipliers (last value over base lr) of our other schedulers that wrote
@@ -440,7 +479,7 @@ class WarmupDecay(LRScheduler):
             # (the same groups: an optimizer.load_state_dict since our last write installs new ones, and its lrs are
             # a restore, not another scheduler's - a scheduler built before the restore and stepped to catch up)
             if not getattr(self, "_warned_lost", False) and id(groups) == getattr(self, "_groups_id", id(groups)) \
-                    and any(k == 0 and lr != 0 for lr, k in zip(lrs, known)):
+                    and any(k == 0 and lr != 0 for lr, k in zip(lrs, known)) and not self._latest_writer_wrote(lrs):
                 # we and the rest of the chain of ours account for a 0 and the lr is no longer 0: another (torch)
                 # scheduler set it outright, and whatever factor it applied in the step of that 0 was lost
                 import warnings
@@ -501,6 +540,7 @@ class WarmupDecay(LRScheduler):
         super().load_state_dict(state_dict)
         if "_torch_scales" not in state_dict:  # (a checkpoint from before the split: its one factor, _ext_scales)
             self._torch_scales = None
+        self._note_write()
         if built_mins is not None and len(self.base_lrs) < len(groups):
             self._sync_groups(floors=built_mins)
         last = getattr(self, "_last_lr", None)
