@@ -40,13 +40,15 @@ from adasched.runtime.moe.lm import lm_loss
 STEPS = 2
 
 
-def _config(stage: int, micro: int = 1, ds_optimizer: bool = False, clip: float = 0.0) -> dict:
+def _config(stage: int, micro: int = 1, ds_optimizer: bool = False, clip: float = 0.0, zero: dict | None = None,
+            top: dict | None = None) -> dict:
     B = _data()[0][0].shape[0]
     cfg = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": micro,
            "train_batch_size": B * micro * WORLD, "steps_per_print": 10 ** 9, "zero_allow_untested_optimizer": True,
            "gradient_clipping": clip}
     if stage:
-        cfg["zero_optimization"] = {"stage": stage}
+        cfg["zero_optimization"] = {"stage": stage, **(zero or {})}
+    cfg.update(top or {})  # (top-level options: gradient_predivide_factor, ...)
     if ds_optimizer:                                    # DeepSpeed builds torch.optim.SGD on the given param groups
         cfg["optimizer"] = {"type": "SGD", "params": {"lr": LR}}
     return cfg
@@ -77,14 +79,17 @@ def _clip_coef(clip, norm):
     return min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
 
 
-def _train_case(rank, ep, stage, steps=STEPS, seed=3, micro=1, ds_optimizer=False, clip=0.0, freeze=None):
+def _train_case(rank, ep, stage, steps=STEPS, seed=3, micro=1, ds_optimizer=False, clip=0.0, freeze=None,
+                zero=None, top=None):
     """``steps`` DeepSpeed steps at ZeRO ``stage`` against the float64 reference (SGD on both), each step of ``micro``
     accumulated micro-batches; ``ds_optimizer``: the optimizer from DeepSpeed's config on the returned param groups
     (else a torch SGD made here). ``clip``: the config's gradient_clipping, the reference clipped by the float64 norm
     over every unique parameter (each expert once) - under ZeRO-1/2 also ``engine.get_global_grad_norm()``; under
     ZeRO-0 (fp32) DeepSpeed clips by the mean over the ranks of each rank's local norm (dense + its own expert
     shards; ``get_global_grad_norm()`` None), which the reference then uses. ``freeze``: a name predicate frozen in
-    both models (frozen weights must not move). Returns the max abs (gradient, weight) errors."""
+    both models (frozen weights must not move). ``zero`` / ``top``: more ZeRO / top-level config options (bucket
+    sizes, contiguous gradients, overlap, the gradient predivide factor). Returns the max abs (gradient, weight)
+    errors."""
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
@@ -99,7 +104,7 @@ def _train_case(rank, ep, stage, steps=STEPS, seed=3, micro=1, ds_optimizer=Fals
     assert all(any(p.requires_grad for p in g["params"]) for g in groups)
     opt = None if ds_optimizer else torch.optim.SGD(groups, lr=LR)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, model_parameters=groups,
-                                           config=_config(stage, micro, ds_optimizer, clip))
+                                           config=_config(stage, micro, ds_optimizer, clip, zero, top))
     assert engine.has_moe_layers == experts_train and engine.zero_optimization_stage() == stage
     ref_params = dict(ref.named_parameters())
     params = [(n, p, k) for n, p, k in named_parameters_by_kind(model) if p.requires_grad]
@@ -168,6 +173,22 @@ def _stage3_case(ep):
     with pytest.raises(AssertionError, match="not supported with ZeRO Stage 3") as err:
         deepspeed.initialize(model=model, optimizer=torch.optim.SGD(groups, lr=LR), config=_config(3))
     return str(err.value)
+
+
+def _zero2_refusals_case(ep):
+    """ZeRO-2 refuses MoE param groups without contiguous gradients (DeepSpeed: its other code paths are untested
+    with MoE) and a gradient_predivide_factor other than 1 (with reduce-scatter, which MoE needs); the README says
+    so."""
+    import deepspeed
+
+    for kw, match in (({"zero": {"contiguous_gradients": False}},
+                       "Contiguous Gradients in ZeRO Stage 2 must be set to True for MoE"),
+                      ({"top": {"gradient_predivide_factor": 2.0}},
+                       "gradient_predivide_factor != 1.0 is not yet supported with ZeRO-2")):
+        model, _ = _models(ep, _routers())
+        groups = prepare_for_deepspeed(model)
+        with pytest.raises(AssertionError, match=match):
+            deepspeed.initialize(model=model, optimizer=torch.optim.SGD(groups, lr=LR), config=_config(2, **kw))
 
 
 def _checkpoint_case(ep, ckpt_dir):
@@ -251,12 +272,22 @@ def _worker(rank, world, ckpt_dir):
                           ("zero1-clip", (ep, 1), {"steps": 1, "clip": 0.2}),
                           ("zero2-clip", (ep, 2), {"steps": 1, "clip": 0.2}),
                           ("zero2-frozen-experts", (ep, 2), {"steps": 1, "freeze": experts}),
-                          ("zero1-frozen-dense", (ep, 1), {"steps": 1, "freeze": lambda n: not experts(n)})):
+                          ("zero1-frozen-dense", (ep, 1), {"steps": 1, "freeze": lambda n: not experts(n)}),
+                          # ZeRO's other gradient paths: reduction overlapped with backward in small buckets (several
+                          # per step), and the predivide factor (ZeRO-2 refuses it, and contiguous_gradients false:
+                          # below). Not here: ZeRO-1 with contiguous_gradients false, DeepSpeed's "experimental" MoE
+                          # path - wrong expert gradients and weights in this test (README)
+                          ("zero2-overlap-buckets", (ep, 2), {"steps": 1, "zero": {
+                              "overlap_comm": True, "reduce_bucket_size": 64}}),
+                          ("zero2-contiguous-buckets", (ep, 2), {"steps": 1, "seed": 11, "zero": {
+                              "contiguous_gradients": True, "reduce_bucket_size": 64, "allgather_bucket_size": 64}}),
+                          ("zero1-predivide", (ep, 1), {"steps": 1, "top": {"gradient_predivide_factor": 2.0}})):
         t0 = time.perf_counter()
         errs[key] = _train_case(rank, *args, **kw)
         secs[key] = round(time.perf_counter() - t0, 1)
     _registry_case(ep)
     stage3 = _stage3_case(ep)
+    _zero2_refusals_case(ep)
     _checkpoint_case(ep, ckpt_dir)
     full = ExpertParallel.create_groups(E, WORLD)       # no copies: one-rank expert-DP groups
     t0 = time.perf_counter()
@@ -275,7 +306,8 @@ def test_deepspeed_engine_ep2_of_4_zero_0_1_2(monkeypatch, tmp_path):
         assert "group_name" in r["untagged"]
         assert "not supported with ZeRO Stage 3" in r["stage3"]
         assert set(r["errs"]) == {0, 1, 2, "zero2-accumulate", "zero0-clip", "zero1-clip", "zero2-clip",
-                                  "zero2-frozen-experts", "zero1-frozen-dense", "ep4"}
+                                  "zero2-frozen-experts", "zero1-frozen-dense", "zero2-overlap-buckets",
+                                  "zero2-contiguous-buckets", "zero1-predivide", "ep4"}
     print("untagged deepspeed.initialize:", out[0]["untagged"])
     print("max abs (grad, weight) error vs float64 per case:", out[0]["errs"], "seconds per case (rank 0):",
           out[0]["secs"])
