@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import numbers
 import os
 import socket
 import statistics
@@ -60,6 +61,11 @@ class CollectiveConfig:
         bad = [o for o in self.ops if o not in OPS]
         if bad:
             raise ValueError(f"ops: unknown collective(s) {bad} (known: {', '.join(OPS)})")
+        if not self.ops:  # (measured nothing: a profile claiming measured collectives held none)
+            raise ValueError(f"ops: need at least one collective (known: {', '.join(OPS)})")
+        # whole byte counts (a size of 4096.5 failed in the workers with a torch signature fragment)
+        if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in self.sizes):
+            raise ValueError(f"sizes: message sizes are whole numbers of bytes, got {self.sizes}")
         if len(set(self.sizes)) < 2 or any(s <= 0 for s in self.sizes):
             raise ValueError(f"sizes: need >= 2 distinct positive message sizes to fit alpha-beta, got {self.sizes}")
         if self.repeats < 1 or self.warmup < 0:

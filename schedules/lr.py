@@ -19,16 +19,12 @@ Conventions shared by every schedule here (``step`` = the scheduler's ``last_epo
   that may be 0: when our last value was 0 (warmup start, end of decay) the external factor cannot be observed
   and the previous one is kept. Alone, the factor is exactly 1.0 and both forms give identical floats (a tensor
   lr holds the closed form rounded to its dtype).
-  In a ``ChainedScheduler`` our schedulers read each other's multipliers directly (the ones of ours that wrote
-  since this one last did: the rest of the chain), so a chain of ours is the product of their closed forms whatever
-  warms up (with the factors read through the lr, a warmup's 0 hid the others' factors of that step:
-  ``[REX(W=2), UBA(W=3)]`` came out 2x the product, ``[REX(W=0), UBA(W=3)]`` ~5 % high). A torch scheduler's
-  factor applied in a step where the lr is 0 multiplies that 0 and is lost, as between torch's own chainable
-  schedulers (``[ours(W=2), LinearLR(0.5, 1)]`` ends up twice the product): put a warmup in ours or use
-  ``SequentialLR([LinearLR, ours])``. A scheduler that finds the lr changed from a 0 it and the rest of the chain
-  account for (a non-chainable scheduler set it outright) warns once. A ``SequentialLR`` inside a chain starts its
-  next schedule at the milestone from that schedule's closed form (torch's ``step(0)``): the other members'
-  factors are dropped there, as torch's own schedulers drop them.
+  With warmup (our value 0 at step 0) in a ``ChainedScheduler``, a factor another scheduler applies in that step
+  multiplies 0 and is lost to every chainable scheduler, ours and torch's alike (``[ours, LinearLR(0.5, 1)]`` ends
+  up twice the product; ``[REX(W=2), UBA(W=3)]`` too, 1.87x the base lr at its peak): warm up with
+  ``SequentialLR([LinearLR, ours])`` or with ``warmup_steps`` in the chain's first scheduler only. A scheduler
+  that finds the lr changed from the 0 it wrote warns once (the lost factor is not always visible: ``[REX(W=0),
+  UBA(W=3)]`` runs ~5 % high silently).
 * A factor found at construction (group lr below ``initial_lr``) is kept only on an optimizer that has not
   stepped yet (another scheduler built before us in a chain); a group lr of 0 there hides it: step 0 keeps the 0
   and the next step reads the factor (still 0: none - an abandoned scheduler's warmup start); on one that has
@@ -40,7 +36,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import weakref
 from typing import Callable, Sequence
 
 import numpy as np
@@ -260,13 +255,6 @@ def _has_stepped(optimizer: torch.optim.Optimizer) -> bool:
     return False
 
 
-#: Per optimizer: a write counter and the schedulers of this module that wrote its lrs. A scheduler that steps
-#: reads the multipliers of the others that wrote since its own last write (the rest of a ChainedScheduler: in a
-#: SequentialLR the inactive ones do not write, nor does an abandoned one) straight from them, so a factor of 0 -
-#: a warmup's first step - hides nothing between our schedulers (``[REX(W=0), UBA(W=3)]`` ran ~5 % high).
-_LR_WRITERS: "weakref.WeakKeyDictionary[torch.optim.Optimizer, dict]" = weakref.WeakKeyDictionary()
-
-
 class WarmupDecay(LRScheduler):
     """Base: linear warmup then ``min_lr + (base_lr - min_lr) * self.decay_multiplier(k, K)``.
     Subclasses define :meth:`decay_multiplier` (decay step ``k`` of ``K``)."""
@@ -362,9 +350,6 @@ class WarmupDecay(LRScheduler):
         if rule is None:
             raise ValueError(f"min_lr: was given per param group ({n} values) but the optimizer now has "
                              f"{len(groups)} groups; build the scheduler after add_param_group, or use min_lr_ratio")
-        # the others of ours that adopted a new group before us in this step scaled it already: their factors are
-        # not ours (taken as our own value, a chain kept the first scheduler's factor of that step for good)
-        ours = self._chain_product(len(groups))
         for i, group in enumerate(groups[n:], start=n):
             base = float(group.setdefault("initial_lr", float(group["lr"])))
             if not (math.isfinite(base) and base >= 0):  # (as at construction: the group's lrs were nan)
@@ -376,81 +361,18 @@ class WarmupDecay(LRScheduler):
                                  f"scheduler was made)")
             self.base_lrs.append(base)
             self.min_lrs.append(lo)
-            # no torch scheduler has scaled it yet: its current lr, over the factors of ours that did, counts as our
-            # last value
-            share = ours[i] if ours[i] != 0 else 1.0
+            # no other scheduler has scaled it yet: external factor 1 (its current lr counts as our last value)
             if self._own_lrs is not None:
-                self._own_lrs.append(float(group["lr"]) / share)
-            self._ext_scales.append(share)
-            if getattr(self, "_torch_scales", None) is not None:
-                self._torch_scales.append(1.0)
+                self._own_lrs.append(float(group["lr"]))
+            self._ext_scales.append(1.0)
 
     def _get_closed_form_lr(self) -> list[float]:
         self._sync_groups()
         values = self.lr_at(self.last_epoch)
         self._own_lrs = list(values)
         self._ext_scales = [1.0] * len(values)
-        self._torch_scales = [1.0] * len(values)
         self._groups_id = id(self.optimizer.param_groups)
-        self._note_write()
         return values
-
-    def _note_write(self) -> None:
-        """Count a write of this scheduler's into the optimizer's lrs (a step, or a restore: a scheduler a resume
-        rebuilt is current from its load on - a SequentialLR's first stage, stepped again when it is rebuilt, was
-        taken for a chain member of the restored active one, and its last 0 held the lr at 0 for good)."""
-        entry = _LR_WRITERS.get(self.optimizer)
-        if entry is None:
-            entry = _LR_WRITERS[self.optimizer] = {"seq": 0, "members": weakref.WeakSet()}
-        entry["seq"] = max(entry["seq"], getattr(self, "_write_seq", None) or 0) + 1
-        entry["members"].add(self)
-        self._write_seq = entry["seq"]
-
-    def __setstate__(self, state: dict) -> None:
-        """A copy (``copy.deepcopy``, pickle) joins its optimizer's registry at the place its original held, so a
-        copied chain keeps reading its members (a chain copied before its first step ran at 2x the product)."""
-        self.__dict__.update(state)
-        opt = state.get("optimizer")
-        if opt is not None and state.get("_write_seq") is not None:
-            entry = _LR_WRITERS.get(opt)
-            if entry is None:
-                entry = _LR_WRITERS[opt] = {"seq": 0, "members": weakref.WeakSet()}
-            entry["seq"] = max(entry["seq"], state["_write_seq"])
-            entry["members"].add(self)
-        if "_groups_id" in state and opt is not None:  # (the copied optimizer's groups are the ones we wrote)
-            self._groups_id = id(opt.param_groups)
-
-    def _latest_writer_wrote(self, lrs: list[float]) -> bool:
-        """Whether the lrs are what the last of our other schedulers to write them wrote (so nothing else set them
-        since: an lr a chain member of ours wrote is explained, whatever this one read of it)."""
-        entry = _LR_WRITERS.get(self.optimizer)
-        mine = getattr(self, "_write_seq", None)
-        if entry is None or mine is None:
-            return False
-        others = [o for o in list(entry["members"]) if o is not self and getattr(o, "_write_seq", 0) > mine]
-        if not others:
-            return False
-        last = max(others, key=lambda o: o._write_seq)
-        wrote = getattr(last, "_last_lr", None)
-        return wrote is not None and len(wrote) >= len(lrs) and all(
-            float(w) == lr for w, lr in zip(wrote, lrs))
-
-    def _chain_product(self, n: int) -> list[float]:
-        """Per group, the product of the multipliers (last value over base lr) of our other schedulers that wrote
-        this optimizer's lrs since this one last did: the rest of a chain of ours, read exactly."""
-        entry = _LR_WRITERS.get(self.optimizer)
-        mine = getattr(self, "_write_seq", None)
-        prod = [1.0] * n
-        if entry is None or mine is None:
-            return prod
-        for other in list(entry["members"]):
-            own = getattr(other, "_own_lrs", None)
-            if other is self or own is None or getattr(other, "_write_seq", 0) <= mine:
-                continue
-            for i, (value, base) in enumerate(zip(own[:n], other.base_lrs)):
-                if float(base) != 0:
-                    prod[i] *= float(value) / float(base)
-        return prod
 
     def get_lr(self) -> list[float]:
         if not self._is_initial:
@@ -469,19 +391,15 @@ class WarmupDecay(LRScheduler):
                           for g, b in zip(groups, self.base_lrs)]
             else:  # made with last_epoch >= 0 (resume): closed form
                 scales = [1.0] * len(target)
-            torch_scales = list(scales)
         else:
             lrs = [_group_lr(g["lr"], own, s) for g, own, s in zip(groups, self._own_lrs, self._ext_scales)]
-            # the others of ours in a chain: their multipliers exactly; what is left of the lr over our last value
-            # and theirs is other (torch) schedulers' factor, which a 0 in the product still hides (kept from before)
-            ours = self._chain_product(len(lrs))
-            known = [own * p for own, p in zip(self._own_lrs, ours)]
             # (the same groups: an optimizer.load_state_dict since our last write installs new ones, and its lrs are
             # a restore, not another scheduler's - a scheduler built before the restore and stepped to catch up)
             if not getattr(self, "_warned_lost", False) and id(groups) == getattr(self, "_groups_id", id(groups)) \
-                    and any(k == 0 and lr != 0 for lr, k in zip(lrs, known)) and not self._latest_writer_wrote(lrs):
-                # we and the rest of the chain of ours account for a 0 and the lr is no longer 0: another (torch)
-                # scheduler set it outright, and whatever factor it applied in the step of that 0 was lost
+                    and any(own == 0 and lr != 0 for lr, own in zip(lrs, self._own_lrs)):
+                # we wrote 0 and the lr is no longer 0: another scheduler set it outright, and the factor it applied
+                # in the step we wrote 0 multiplied that 0 (a ChainedScheduler where two schedules warm up from 0:
+                # the product came out 2x, 1.87x the base lr at its peak)
                 import warnings
 
                 self._warned_lost = True
@@ -489,14 +407,10 @@ class WarmupDecay(LRScheduler):
                               "decay end) to a value it cannot read a factor from: another scheduler's factor in "
                               "that step was lost (ChainedScheduler with a second warmup?); warm up in one scheduler "
                               "only, or use SequentialLR([LinearLR, ...])", UserWarning, stacklevel=2)
-            prev = getattr(self, "_torch_scales", None) or self._ext_scales  # (a checkpoint from before: one factor)
-            torch_scales = [_next_factor(lr, k, s) for lr, k, s in zip(lrs, known, prev)]
-            scales = [t * p for t, p in zip(torch_scales, ours)]
+            scales = [_next_factor(lr, own, s) for lr, own, s in zip(lrs, self._own_lrs, self._ext_scales)]
         self._own_lrs = list(target)
         self._ext_scales = scales
-        self._torch_scales = torch_scales
         self._groups_id = id(groups)
-        self._note_write()
         return [t if s == 1.0 else t * (0.0 if s == _UNSEEN else s) for t, s in zip(target, scales)]
 
 
@@ -504,7 +418,7 @@ class WarmupDecay(LRScheduler):
         """torch's state (everything but the optimizer) plus ``group_lrs_at_save``: the lr each param group held
         when saved - the run's lr, every scheduler's factor in it (see :meth:`load_state_dict`)."""
         state = super().state_dict()
-        for k in ("_groups_id", "_warned_lost", "_write_seq"):  # (this process's bookkeeping, not the schedule's state)
+        for k in ("_groups_id", "_warned_lost"):  # (this process's bookkeeping, not the schedule's state)
             state.pop(k, None)
         state["group_lrs_at_save"] = [float(g["lr"]) for g in self.optimizer.param_groups]
         return state
@@ -538,9 +452,6 @@ class WarmupDecay(LRScheduler):
         state_dict = dict(state_dict)
         at_save = state_dict.pop("group_lrs_at_save", None)  # (a checkpoint written before it: None)
         super().load_state_dict(state_dict)
-        if "_torch_scales" not in state_dict:  # (a checkpoint from before the split: its one factor, _ext_scales)
-            self._torch_scales = None
-        self._note_write()
         if built_mins is not None and len(self.base_lrs) < len(groups):
             self._sync_groups(floors=built_mins)
         last = getattr(self, "_last_lr", None)

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from adasched.profiler.collectives import (OPS, CollectiveConfig, fit_collectives, group_sizes_for,
@@ -25,6 +26,14 @@ def test_config_validation():
         CollectiveConfig(sizes=(8,))
     with pytest.raises(ValueError, match="nproc"):
         spawn_collectives(1, CollectiveConfig(sizes=(8, 16)))
+    # (h45: both passed the constructor - a float size failed inside the workers with a torch signature fragment,
+    # no ops measured nothing and fitted nothing)
+    for sizes in ((4096.5, 8192), (True, 8192), (np.float64(4096), 8192)):
+        with pytest.raises(ValueError, match=r"^sizes: message sizes are whole numbers of bytes"):
+            CollectiveConfig(sizes=sizes, ops=("all_reduce",))
+    with pytest.raises(ValueError, match=r"^ops: need at least one collective"):
+        CollectiveConfig(sizes=(4096, 8192), ops=())
+    assert CollectiveConfig(sizes=(np.int64(4096), 8192), ops=("all_reduce",)).sizes[0] == 4096
 
 
 @pytest.mark.slow
