@@ -24,7 +24,9 @@ Conventions shared by every schedule here (``step`` = the scheduler's ``last_epo
   up twice the product; ``[REX(W=2), UBA(W=3)]`` too, 1.87x the base lr at its peak): warm up with
   ``SequentialLR([LinearLR, ours])`` or with ``warmup_steps`` in the chain's first scheduler only. A scheduler
   that finds the lr changed from the 0 it wrote warns once (the lost factor is not always visible: ``[REX(W=0),
-  UBA(W=3)]`` runs ~5 % high silently).
+  UBA(W=3)]`` runs ~5 % high silently). Rebuild a chain with ``load_state_dict``, not ``last_epoch=``: each member
+  built with ``last_epoch`` writes its own closed form, the next reads that as the others' factor (100x off the
+  product in a review's ``[REX(W=100), UBA]`` case).
 * A factor found at construction (group lr below ``initial_lr``) is kept only on an optimizer that has not
   stepped yet (another scheduler built before us in a chain); a group lr of 0 there hides it: step 0 keeps the 0
   and the next step reads the factor (still 0: none - an abandoned scheduler's warmup start); on one that has
