@@ -45,9 +45,9 @@ factor other than 1 with MoE; ZeRO-1 with ``contiguous_gradients: false`` (DeepS
 gave wrong expert gradients and weights in the test: keep the default. ZeRO-3 refuses DeepSpeed's native MoE
 layers, as which ours are marked (AssertionError "Native DeepSpeed MoE is not supported with ZeRO Stage 3").
 DeepSpeed checkpoints are not supported: ``engine.save_checkpoint`` writes per-expert files only for its own
-``MoE`` layers' expert parameters (none here; its model file, from data-parallel rank 0, holds rank 0's shard), and ``engine.load_checkpoint`` then
-fails (FileNotFoundError: ``layer_0_expert_<i>_mp_rank_00_model_states.pt``) - save each rank's
-``model.state_dict()`` instead.
+``MoE`` layers' expert parameters (none here; its model file, from data-parallel rank 0, holds rank 0's shard),
+and ``engine.load_checkpoint`` then fails (FileNotFoundError: ``layer_0_expert_<i>_mp_rank_00_model_states.pt``) -
+save each rank's ``model.state_dict()`` instead.
 The registry and the ``MoE`` marker are DeepSpeed internals (``deepspeed.utils.groups`` private dictionaries),
 checked against DeepSpeed 0.19.8.
 """
