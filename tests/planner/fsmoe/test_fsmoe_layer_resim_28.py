@@ -27,7 +27,9 @@ def _seeded():
 
 @pytest.mark.parametrize("source", ["published", "profile"])
 def test_an_edited_degree_of_a_layer_of_its_own_mean_k_is_refused(source):
-    ks = [round(random.uniform(1.1, 2.0), 3) for _ in range(4)]
+    # distinct mean_k per layer: a layer with layer 0's mean_k is refused by the same-mean_k check first (seed
+    # 2505561762 drew 1.584 twice)
+    ks = [v / 1000 for v in random.sample(range(1100, 2001), 4)]
     cfg = MoEConfig(name="t", experts=8, hidden=256, ffn_hidden=512, top_k=2, batch=2, seq_len=256, num_layers=4,
                     mean_k_per_layer=ks)
     prof = load_profile("h100-sxm")
