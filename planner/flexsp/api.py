@@ -19,7 +19,7 @@ from adasched.profiler.io import InputError
 from adasched.profiler.profile import ClusterProfile
 
 from .batching import check_max_context, draw_batches, draw_indices, read_seqlens
-from .costmodel import MODEL_PRESETS, ModelShape, SPCostModel, model_preset, sp_cost_model
+from .costmodel import MODEL_PRESETS, ModelShape, SPCostModel, check_model_states, model_preset, sp_cost_model
 from .plan import SPGroup, SPMicroBatch, SPModelShape, SPPlan, SPStep
 from .planner import PlannerConfig, StepResult, check_fits, placed_groups, plan_step
 
@@ -203,6 +203,7 @@ def plan_sp(profile: ClusterProfile, model: str | ModelShape, lengths: np.ndarra
     seed = seed if seed is not None else config.seed if config is not None else 0
     config = dataclasses.replace(config, seed=seed) if config is not None else PlannerConfig(seed=seed)
     cm = sp_cost_model(profile, model_preset(model) if isinstance(model, str) else model, gpus)
+    check_model_states(cm, profile)
     _check_recordable(cm.model)
     if max_context is not None:  # the plan records its lengths as clipped to it (verify holds it to that)
         check_max_context(max_context)

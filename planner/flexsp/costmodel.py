@@ -276,5 +276,32 @@ def sp_cost_model(profile: ClusterProfile, model: ModelShape | str, world: int |
     )
 
 
+def check_model_states(cm: SPCostModel, profile: ClusterProfile) -> None:
+    """Refuse a cost model whose GPUs cannot hold even the model states (no sequence fits), blaming what can change:
+    ``--gpus`` when fewer GPUs than the profile describes were asked for, else the profile (its device memory), with
+    how many GPUs of its nodes would hold them (ZeRO shards the states over more GPUs) and how to describe them.
+    (It said "--gpus ... add GPUs" when --gpus was not given and the profile already described all it could.)"""
+    if cm.token_capacity(cm.world) >= 1:
+        return
+    need = f"{cm.model_state_bytes / 2**30:.1f} GiB per GPU"
+    zero = f"ZeRO-{cm.model.zero_stage}"
+    if cm.world < profile.world_size:
+        raise InputError("--gpus", f"the {cm.model.name} model states alone need {need} on {cm.world} GPUs ({zero}), "
+                                   f"more than the device's {cm.memory_bytes / 2**30:.1f} GiB: no sequence fits; add "
+                                   f"GPUs (the profile describes {profile.world_size})")
+    from adasched.profiler.profile import MAX_GPUS, more_nodes_hint
+
+    w = cm.world * 2
+    while w <= MAX_GPUS and cm.model.model_state_bytes(w) >= cm.memory_bytes:
+        w *= 2
+    if w > MAX_GPUS:
+        fix = "no number of these devices holds them: a profile of a device with more memory"
+    else:
+        fix = f"they fit on {w} such GPUs: " + more_nodes_hint(profile, w)
+    raise InputError(profile.where, f"device memory {cm.memory_bytes / 2**30:.1f} GiB holds not even the "
+                                    f"{cm.model.name} model states ({need} on all its {cm.world} GPUs, {zero}): no "
+                                    f"sequence fits; {fix}")
+
+
 def ceil_div(a: float, b: float) -> int:
     return int(math.ceil(a / b - 1e-12))
