@@ -532,15 +532,16 @@ def more_nodes_hint(prof: "ClusterProfile", gpus: int) -> str:
     nodes = -(-gpus // prof.gpus_per_node)
     if nodes * prof.gpus_per_node > MAX_GPUS:
         return f"at most {MAX_GPUS:,} GPUs can be described"
-    largest: dict[str, CollectiveFit] = {}
-    for c in prof.collectives or []:
-        if c.op not in largest or c.group_size > largest[c.op].group_size:
-            largest[c.op] = c
-    if not any(c.scope == "inter" for c in largest.values()) or any(
-            largest[op].scope != "inter" for op in ("all_to_all", "all_reduce") if op in largest):
-        # (with_nodes adds nothing to a fit measured inside one node: the line below made a profile the planners
-        # then refused for the missing inter-node fits. all_gather / reduce_scatter inside a node are fine: beyond
-        # it they are estimated in two levels at the all-to-all's link, as h100-sxm's are)
+    # what with_nodes makes of it decides (its own rules, not a copy of them here): a fit measured inside one node
+    # is not extended, and the line below then made a profile the planners refused for the missing inter-node fits.
+    # all_gather / reduce_scatter inside a node are fine: beyond it they are estimated in two levels at the
+    # all-to-all's link, as h100-sxm's are
+    world = nodes * prof.gpus_per_node
+    reach: dict[str, int] = {}
+    for c in prof.with_nodes(nodes).collectives or []:
+        reach[c.op] = max(reach.get(c.op, 0), c.group_size)
+    if not any(r >= world for r in reach.values()) or any(
+            reach[op] < world for op in ("all_to_all", "all_reduce") if op in reach):
         return ("its collectives were not measured across nodes, so no larger profile can be derived from it: "
                 "run `adasched profile` under torchrun on two or more nodes")
     src = prof.name if prof._origin is None else str(prof._origin)  # (a built-in by name, else its file)

@@ -137,3 +137,30 @@ def test_more_gpus_than_the_profile_names_a_recipe_that_works(tmp_path, capsys, 
     from adasched.profiler.profile import more_nodes_hint
 
     assert more_nodes_hint(load_profile("h100-sxm"), 2 ** 16 + 1) == "at most 65,536 GPUs can be described"
+
+
+@pytest.mark.parametrize("drop,recipe", [
+    (lambda c: c.op == "all_reduce", True),  # no all_reduce at all: the all-to-all alone is extended
+    (lambda c: c.op == "all_to_all" and c.group_size > 8, False),  # all-to-all measured inside a node only
+    (lambda c: c.op == "all_reduce", None),  # placeholder replaced below: all_reduce inside a node only
+])
+def test_more_nodes_hint_follows_what_with_nodes_extends(drop, recipe):
+    """(39th session) the hint decides from the profile with_nodes makes (it had its own copy of with_nodes'
+    largest-fit rule): a recipe only where the derived profile's all-to-all and all-reduce reach the GPUs asked for,
+    and the derived profile then describes them."""
+    from adasched.profiler.profile import more_nodes_hint
+
+    prof = load_profile("h100-sxm")
+    fits = [c for c in prof.collectives if not drop(c)]
+    if recipe is None:  # all_reduce measured on one node's 8 GPUs only: with_nodes cannot extend it
+        fits.append(prof.collectives[0].model_copy(update={"op": "all_reduce", "group_size": 8, "scope": "intra"}))
+        recipe = False
+    p = prof.model_copy(update={"collectives": fits})
+    hint = more_nodes_hint(p, 100)
+    assert hint.startswith("make one of 13 such nodes") == recipe, hint
+    assert ("no larger profile can be derived" in hint) == (not recipe), hint
+    if recipe:
+        big = p.with_nodes(13)
+        for op in {c.op for c in fits}:
+            if op in ("all_to_all", "all_reduce"):
+                assert max(big.group_sizes(op)) == 104
