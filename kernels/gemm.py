@@ -256,6 +256,19 @@ def _transformed(t: torch.Tensor) -> bool:
     return forward_ad.unpack_dual(t).tangent is not None
 
 
+def computable_float(dtype: torch.dtype) -> bool:
+    """float16, bfloat16, float32 or float64: what the kernels take. Not integers (they went through float32:
+    2**24 + 1 came back as 2**24), and not float8: under the Triton interpreter its float32 -> float8 cast drops the
+    carry when rounding crosses a power of two (1.977 stored as 1.0), and torch's own matmul has no float8 either
+    (scaled float8 GEMMs take per-tensor scales this API has no place for)."""
+    return dtype.is_floating_point and dtype.itemsize >= 2
+
+
+def float_dtype_error(what: str, dtype: torch.dtype) -> str:
+    """The one line for a dtype :func:`computable_float` refuses, naming ``what``."""
+    return f"{what}: {dtype} is not float16, bfloat16, float32 or float64"
+
+
 def _check(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.dim() != 2 or b.dim() != 2:
         raise ValueError(f"gemm: A and B must be 2-D, got {tuple(a.shape)} and {tuple(b.shape)}")
@@ -263,8 +276,8 @@ def _check(a: torch.Tensor, b: torch.Tensor) -> None:
         raise ValueError(f"gemm: inner dimensions differ: A {tuple(a.shape)} @ B {tuple(b.shape)}")
     if a.dtype != b.dtype:
         raise ValueError(f"gemm: dtypes differ: {a.dtype} and {b.dtype}")
-    if not a.dtype.is_floating_point:  # (int64 went through float32: 2**24 + 1 came back as 2**24; bool "products")
-        raise ValueError(f"gemm: {a.dtype} is not a floating-point dtype")
+    if not computable_float(a.dtype):  # (int64: 2**24 + 1 came back as 2**24; bool "products"; float8 up to 50 %)
+        raise ValueError(float_dtype_error("gemm", a.dtype))
     if a.device != b.device:
         raise ValueError(f"gemm: devices differ: {a.device} and {b.device}")
 
@@ -275,6 +288,9 @@ def gemm(a: torch.Tensor, b: torch.Tensor, config: Optional[GemmConfig] = None) 
     path returned a result without a graph while the reference path kept one: a training loop got gradients on a
     CPU and none on the GPU)."""
     _check(a, b)
+    if config is not None and not isinstance(config, GemmConfig):  # (a knobs dict: AttributeError 'persistent')
+        raise ValueError(f"gemm: config is a {type(config).__name__}, not a GemmConfig (a plan's knobs: "
+                         "GemmConfig.from_knobs(knobs, block_m=..., block_n=..., block_k=...))")
     # (under torch.compile dynamo handles those transforms itself, and the functorch query is a builtin it cannot
     # trace: fullgraph compiles of gemm failed)
     if not torch.compiler.is_compiling() and (_transformed(a) or _transformed(b)):

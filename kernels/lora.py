@@ -66,7 +66,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .gemm import first_order_only, launch_maxnreg, set_descriptor_allocator, tma_unit_axis
+from .gemm import (computable_float, first_order_only, float_dtype_error, launch_maxnreg, set_descriptor_allocator,
+                   tma_unit_axis)
 
 try:  # a CPU-only install may lack triton: everything still imports and runs on the torch path
     import triton
@@ -1652,14 +1653,14 @@ def _validate(x2, weight, bias, adapters: Sequence[LoRAAdapterWeights], segments
                 raise ValueError(f"adapters[{i}].{name}: on {t.device}, x is on {dev}")
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"bias: shape {tuple(bias.shape)} must be [{N}]")
-    if bias is not None and not bias.dtype.is_floating_point:  # (an int64 bias was taken and cast)
-        raise ValueError(f"bias: dtype {bias.dtype} must be a floating point dtype")
+    if bias is not None and not computable_float(bias.dtype):  # (an int64 bias was taken and cast)
+        raise ValueError(float_dtype_error("bias", bias.dtype))
     for i, ad in enumerate(adapters):
         a, b = ad.lora_a, ad.lora_b
         # (complex adapters lost their imaginary part with a warning; bool and int ones were taken as numbers)
-        if not (a.dtype.is_floating_point and b.dtype.is_floating_point):
-            bad = "lora_a" if not a.dtype.is_floating_point else "lora_b"
-            raise ValueError(f"adapters[{i}].{bad}: dtype {getattr(ad, bad).dtype} must be a floating point dtype")
+        if not (computable_float(a.dtype) and computable_float(b.dtype)):
+            bad = "lora_a" if not computable_float(a.dtype) else "lora_b"
+            raise ValueError(float_dtype_error(f"adapters[{i}].{bad}", getattr(ad, bad).dtype))
         if a.dim() != 2 or a.shape[1] != K or a.shape[0] < 1:
             raise ValueError(f"adapters[{i}].lora_a: shape {tuple(a.shape)} must be [r, {K}] with r >= 1")
         if b.dim() != 2 or tuple(b.shape) != (N, a.shape[0]):
@@ -1778,8 +1779,8 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[
         base_gemm = resolve_base_gemm(base_gemm, x)
     if x.dim() != 2:
         raise ValueError(f"x: shape {tuple(x.shape)} must be 2-D [T, K] for multi_lora_linear")
-    if not x.dtype.is_floating_point:
-        raise ValueError(f"x: dtype {x.dtype} must be a floating point dtype")
+    if not computable_float(x.dtype):
+        raise ValueError(float_dtype_error("x", x.dtype))
     if not adapters:
         raise ValueError("adapters: at least one adapter is required")
     x2 = x if x.stride(-1) == 1 else x.contiguous()
@@ -1963,8 +1964,8 @@ def multi_lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, adapters:
                 segments, bias=bias.to(dt) if bias is not None else None, seed=seed)
     if x.dim() != 2:
         raise ValueError(f"x: shape {tuple(x.shape)} must be 2-D [T, K] for multi_lora_linear")
-    if not x.dtype.is_floating_point:
-        raise ValueError(f"x: dtype {x.dtype} must be a floating point dtype")
+    if not computable_float(x.dtype):
+        raise ValueError(float_dtype_error("x", x.dtype))
     segs = _validate(x, weight, bias, adapters, segments)
     return _reference_impl(x, weight, bias, adapters, segs, _host_seed(_resolve_seed(seed, adapters, segs)))
 

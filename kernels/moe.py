@@ -43,7 +43,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .gemm import first_order_only
+from .gemm import computable_float, first_order_only, float_dtype_error
 
 try:  # optional dependency: a CPU-only install still imports this module
     import triton
@@ -531,8 +531,8 @@ def _check_activation(activation) -> None:
 def _act_width(a: torch.Tensor, activation: str, who: str) -> int:
     """The activation's output width for a pre-activation ``a`` (N, 2F) (SwiGLU) or (N, F) (GELU)."""
     _check_activation(activation)
-    if not a.is_floating_point():  # (int32 came back as truncated zeros; the reference raises)
-        raise ValueError(f"{who}: {a.dtype} is not a floating-point dtype")
+    if not computable_float(a.dtype):  # (int32 came back as truncated zeros; the reference raises)
+        raise ValueError(float_dtype_error(who, a.dtype))
     if a.dim() != 2 or (activation == "swiglu" and a.shape[1] % 2):
         form = "2F" if activation == "swiglu" else "F"
         raise ValueError(f"{who}: pre-activation of shape {tuple(a.shape)} is not (N, {form})")
@@ -696,8 +696,8 @@ def _check_rows(what: str, *ts: torch.Tensor) -> None:
     if x.dim() != 2:
         raise ValueError(f"{what}: rows must be 2-D (tokens, hidden), got shape {tuple(x.shape)}")
     for t in ts:
-        if not t.is_floating_point():
-            raise ValueError(f"{what}: {t.dtype} is not a floating-point dtype (the kernels compute in float32)")
+        if not computable_float(t.dtype):
+            raise ValueError(float_dtype_error(what, t.dtype) + " (the kernels compute in float32)")
 
 
 def permute(x: torch.Tensor, index: MoEIndex, backend: Backend = "auto") -> torch.Tensor:
