@@ -31,6 +31,8 @@ Routers (``RouterConfig.kind``):
   (which would activate k_max experts everywhere); written as the paper's ``sum P log P`` term with the
   sign that makes it a penalty on flatness. Optional controller (``target_k``): after each training
   forward ``p <- clip(p - controller_rate * (mean_k - target_k), p_min, 1)`` (:meth:`Router.controller_step`).
+  ``mean_k`` counts the assignments kept after capacity drops: under a tight ``capacity_factor`` p climbs until the
+  kept ones average ``target_k``, tokens asking for ever more experts (h46: 0.4 -> 0.84, 115 of 243 dropped).
   Inside an :class:`~adasched.runtime.moe.layer.MoELayer` the step is the layer's, timed like the bias step
   above, with ``mean_k`` over the whole expert-parallel group so ``p`` stays equal on every rank.
 
