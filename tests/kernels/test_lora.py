@@ -22,13 +22,19 @@ from adasched.kernels.lora import (
     philox_uint32,
 )
 
-# (dtype, atol, rtol) against the float64 reference; same-dtype reference comparisons use the same numbers.
-TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (1e-2, 1e-2)}
+# (dtype, atol, rtol) against the float64 reference; same-dtype reference comparisons use the same numbers. float16:
+# the kernels round once at the store (at most 5.8e-4 measured, h49); a bfloat16 store (>= 1.4e-3) or an output in
+# another dtype does not pass (the old 1e-2, doubled for gradients, passed both). GRAD: the gradients' factor.
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (1e-3, 1e-3)}
+GRAD = {torch.float32: 2, torch.float16: 1}
 
 
-def assert_all_close(name: str, got: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float) -> None:
-    """Every element compared; on failure report the mismatch count and the first bad indices."""
+def assert_all_close(name: str, got: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float,
+                     dtype: torch.dtype | None = None) -> None:
+    """Every element compared (``dtype``: also got's dtype); on failure report the mismatch count and the first bad
+    indices."""
     assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    assert dtype is None or got.dtype == dtype, f"{name}: dtype {got.dtype}, expected {dtype}"
     g, r = got.detach().double(), ref.detach().double()
     atol = atol * max(1.0, r.abs().max().item())  # sums with cancellation: absolute error scales with the terms
     bad = ~torch.isclose(g, r, atol=atol, rtol=rtol)  # NaN (an unwritten poisoned element) counts as bad
@@ -166,11 +172,12 @@ def test_lora_linear_matches_references(dtype, p, with_bias, r):
     grads64 = torch.autograd.grad(y64, leaves64, dy.double())
 
     names = ["dx", "dA", "dB", "dbias"]
-    assert_all_close("y vs ref", y, y_ref, atol, rtol)
-    assert_all_close("y vs f64", y, y64, atol, rtol)
+    assert_all_close("y vs ref", y, y_ref, atol, rtol, dtype)
+    assert_all_close("y vs f64", y, y64, atol, rtol, dtype)
+    f = GRAD[dtype]
     for n, g, gr, g64 in zip(names, grads, grads_ref, grads64):
-        assert_all_close(f"{n} vs ref", g, gr, atol * 2, rtol * 2)
-        assert_all_close(f"{n} vs f64", g, g64, atol * 2, rtol * 2)
+        assert_all_close(f"{n} vs ref", g, gr, atol * f, rtol * f, dtype)
+        assert_all_close(f"{n} vs f64", g, g64, atol * f, rtol * f, dtype)
     if dtype == torch.float32:
         rel = (y.double() - y64).norm() / y64.norm()
         assert rel < 1e-5, rel
@@ -272,14 +279,14 @@ def test_multi_lora_three_adapters_uncovered_rows(monkeypatch, dtype, block_m, b
     grads64 = torch.autograd.grad(y64, leaves64, dy.double())
     y_ref = multi_lora_linear_reference(x, w, adapters, segments, bias=bias, seed=11)
 
-    assert_all_close("y vs ref", y, y_ref, atol, rtol)
-    assert_all_close("y vs f64", y, y64, atol, rtol)
+    assert_all_close("y vs ref", y, y_ref, atol, rtol, dtype)
+    assert_all_close("y vs f64", y, y64, atol, rtol, dtype)
     base = x.detach().double() @ w.double().t() + bias.double()
     for s, e in ((0, 3), (21, 25), (28, 30)):
-        assert_all_close(f"uncovered rows {s}:{e}", y[s:e], base[s:e], atol, rtol)
+        assert_all_close(f"uncovered rows {s}:{e}", y[s:e], base[s:e], atol, rtol, dtype)
     names = ["dx"] + [f"{n}{i}" for i in range(3) for n in ("dA", "dB")]
     for n, g, g64 in zip(names, grads, grads64):
-        assert_all_close(f"{n} vs f64", g, g64, atol * 2, rtol * 2)
+        assert_all_close(f"{n} vs f64", g, g64, atol * GRAD[dtype], rtol * GRAD[dtype], dtype)
 
 
 def test_multi_lora_unused_adapter_gets_zero_grad_and_many_adapters():
@@ -527,9 +534,10 @@ def test_torch_grouped_matches_float64_with_gaps_repeats_and_unused_adapters(dty
     l64 = [_leaf64(x)] + [t for ad in ads64 for t in (ad.lora_a, ad.lora_b)]
     y64 = multi_lora_linear_reference(l64[0], w.double(), ads64, segments, seed=11)
     g64 = torch.autograd.grad(y64, l64, dy.double(), allow_unused=True)
-    assert_all_close("y", y, y64, atol, rtol)
+    assert_all_close("y", y, y64, atol, rtol, dtype)
     for i, (g, r, leaf) in enumerate(zip(grads, g64, leaves)):
-        assert_all_close(f"grad {i}", g, torch.zeros_like(leaf) if r is None else r, atol * 2, rtol * 2)
+        f = GRAD[dtype]
+        assert_all_close(f"grad {i}", g, torch.zeros_like(leaf) if r is None else r, atol * f, rtol * f, dtype)
 
 
 def test_torch_grouped_host_calls_do_not_grow_with_segments():
