@@ -10,9 +10,11 @@ is the baseline, and every provider is reported as a ratio to the baseline measu
 may also be a zero-argument callable that builds the dict, so large inputs are allocated only while their case
 runs. Missing modules are skipped (other kernels land later).
 
-Timing: on CUDA ``triton.testing.do_bench`` (events, L2 flushed between runs; median and 20th/80th percentiles,
-in ms); on the CPU the median of ``time.perf_counter`` over a few calls (under the Triton interpreter: a smoke
-test only, meaningless for performance).
+Timing: on CUDA rounds of ``triton.testing.do_bench`` medians (events, L2 flushed between runs), the providers
+interleaved (:func:`time_interleaved`); the table's median and 20th/80th percentiles (in ms) are over those 3
+(``--quick``) or 5 round medians, the percentiles interpolated (:func:`spread`). On the CPU the same statistics
+of ``time.perf_counter`` over a few calls (under the Triton interpreter: a smoke test only, meaningless for
+performance).
 """
 from __future__ import annotations
 
@@ -83,6 +85,17 @@ def prepare_device(device: str) -> None:
             os.environ["TRITON_INTERPRET"] = "1"
 
 
+def spread(vals: Sequence[float]) -> tuple[float, float, float]:
+    """(median, p20, p80) of ``vals``, the percentiles interpolated linearly between order statistics (numpy's
+    default). (An index rule, vals[int(0.2 n)] and vals[ceil(0.8 n)], picked the minimum and the maximum of the 3 or
+    5 round medians the tables are made of, under a p20-p80 heading; h52.)"""
+    vals = sorted(float(v) for v in vals)
+    if len(vals) == 1:
+        return vals[0], vals[0], vals[0]
+    q = statistics.quantiles(vals, n=5, method="inclusive")  # the cut points at 20, 40, 60 and 80 %
+    return statistics.median(vals), q[0], q[3]
+
+
 def time_fn(fn: Callable[[], Any], device: str, quick: bool) -> tuple[float, float, float]:
     """(median, p20, p80) in ms of one call of ``fn``."""
     if device == "cuda":
@@ -109,9 +122,7 @@ def time_fn(fn: Callable[[], Any], device: str, quick: bool) -> tuple[float, flo
             times.append((time.perf_counter() - t0) * 1e3)
     finally:
         torch.set_num_threads(threads)
-    times.sort()
-    n = len(times) - 1
-    return statistics.median(times), times[int(0.2 * n)], times[math.ceil(0.8 * n)]
+    return spread(times)
 
 
 def _load(module: str):
@@ -183,10 +194,11 @@ def _row(group, case, shape, provider, median=math.nan, p20=math.nan, p80=math.n
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], device: str, quick: bool,
                      rounds: Optional[int] = None) -> dict[str, Any]:
-    """Times several providers fairly: each is called once (compile, warm-up), then ``rounds`` rounds each time
-    every provider once (``do_bench`` on a GPU, ~20 ms per provider per round) in a rotating order, so clock
-    ramps, throttling and drift hit every provider alike. Returns {name: (median, p20, p80) ms over the
-    rounds' medians} or {name: the exception it raised}."""
+    """Times several providers fairly on a GPU: each is called once (compile, warm-up), then ``rounds`` rounds each
+    time every provider once (``do_bench``'s median, ~20 ms per provider per round) in a rotating order, so clock
+    ramps, throttling and drift hit every provider alike. Returns {name: (median, p20, p80) ms over the rounds'
+    medians (:func:`spread`)} or {name: the exception it raised}. On the CPU (a smoke test: see the module's
+    docstring) each provider is timed in a block of its own by :func:`time_fn`, not interleaved."""
     out: dict[str, Any] = {}
     live = {}
     for name, fn in fns.items():
@@ -213,9 +225,7 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], device: str, quick: bool
         for name, vals in per.items():
             if name in out or not vals:
                 continue
-            vals.sort()
-            n = len(vals) - 1
-            out[name] = (statistics.median(vals), vals[int(0.2 * n)], vals[math.ceil(0.8 * n)])
+            out[name] = spread(vals)
         return out
     for name, fn in live.items():
         try:

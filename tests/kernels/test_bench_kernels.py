@@ -529,3 +529,29 @@ def test_lora_kernel_sweep_gbps_uses_the_kernels_microseconds():
     assert lora_kernel_sweep.gbps(nbytes, 0.0824, us) == pytest.approx(nbytes / (us * 1e-6) / 1e9, rel=1e-12)
     assert lora_kernel_sweep.gbps(nbytes, 0.0824) == pytest.approx(814.3, rel=1e-3)  # the 11-30 call timing
     assert lora_kernel_sweep.gbps(nbytes, 1.0, 28.6) == pytest.approx(2346.4, rel=1e-3)
+
+
+def test_spread_is_the_interpolated_p20_p80_not_the_extremes(monkeypatch):
+    """(h52) the index rule vals[int(0.2 n)], vals[ceil(0.8 n)] made the 'p20-p80' of the 3 or 5 round medians the
+    minimum and maximum. Now numpy's linear percentiles, also on the GPU path (do_bench faked: no GPU here)."""
+    import random
+
+    import numpy as np
+    import torch
+    import triton.testing
+
+    rng = random.Random()
+    for n in (1, 2, 3, 5, 7, 11):
+        vals = [rng.uniform(0.1, 9.0) for _ in range(n)]
+        med, p20, p80 = bench.spread(vals)
+        assert med == pytest.approx(float(np.median(vals)), rel=1e-12)
+        assert (p20, p80) == pytest.approx(tuple(np.percentile(vals, [20, 80])), rel=1e-12)
+    rounds = [3.0, 1.0, 5.0, 2.0, 4.0]
+    # 5 rounds (the full grid) of 3, 1, 5, 2, 4: median 3, p20 1.8, p80 4.2 (the extremes were reported);
+    # 3 rounds (--quick) of 3, 1, 5: median 3, p20 1.8, p80 4.2 too
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    for quick, want in ((False, (3.0, 1.8, 4.2)), (True, (3.0, 1.8, 4.2))):
+        seq = iter(rounds[:3] if quick else rounds)
+        monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: next(seq))
+        got = bench.time_interleaved({"p": lambda: None}, "cuda", quick=quick)["p"]
+        assert got == pytest.approx(want, rel=1e-12)
