@@ -325,7 +325,7 @@ def register(groups) -> None:
                           f"{1500.0 * memory:g} tokens a GPU, seed {seed}")
         print_table([(v, f"{s['above_optimum']} of {s['steps']}", f"{100 * s['max_gap']:.2f} %",
                       f"{100 * s['mean_gap']:.3f} %") for v, s in rep["summary"].items()],
-                    ["planner", "steps above the optimum", "largest gap", "mean gap"], title="summary")
+                    ["planner", "steps above the optimum", "largest gap", "mean gap (all steps)"], title="summary")
 
 
 def _scaling(prof, mdl, lens, cfg, seed, show_progress: bool = True) -> list[dict]:

@@ -126,7 +126,8 @@ def oracle_bench(steps: int, seqs: int, cap_tokens: float, seed: int, evals: int
     """``steps`` random steps of ``seqs`` sequences (lengths uniform in [50, 0.95 x cap_tokens]) on
     :func:`tiny_cost_model` with ``cap_tokens``: ``plan_step`` with and without the exchange (heuristics only,
     deterministic at ``evals``), each against :func:`step_optimum`. One row per step and a summary per variant:
-    steps above the optimum (by more than 1e-9 relative), their largest and mean gap."""
+    steps above the optimum (by more than 1e-9 relative), the largest gap, and the mean gap over all the steps (those at
+    the optimum count as 0)."""
     from .planner import PlannerConfig, plan_step
 
     if not 2 <= seqs <= MAX_ORACLE_SEQS:
