@@ -19,6 +19,7 @@ performance).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import os
 import statistics
@@ -253,13 +254,17 @@ def _run_case(group: str, case: BenchCase, device: str, quick: bool) -> list[dic
         else:
             timed[name] = t
     base = timed.get(case.baseline)
+    note = case.note
+    if importlib.util.find_spec("triton") is None:  # (fused LoRA rows timed the torch fallback unlabelled: h51)
+        note = "; ".join(filter(None, (note, "triton is not installed: these providers ran without Triton (the "
+                                             "kernels' torch fallback)")))
     for name in providers:
         t = timed.get(name)
         if t is None:
             continue
         ratio = t[0] / base[0] if base else math.nan
         rows.append(_row(group, case.name, case.shape, name, t[0], t[1], t[2], ratio, case.baseline,
-                         params=case.params, note=case.note))
+                         params=case.params, note=note))
     del providers
     if device == "cuda":
         import torch

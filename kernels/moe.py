@@ -83,6 +83,9 @@ def _pick(backend: Backend, t: torch.Tensor) -> bool:
     if backend == "triton_gmm" and not hasattr(torch, "_grouped_mm"):
         raise ValueError(f"backend: 'triton_gmm' needs torch._grouped_mm (torch {torch.__version__} has none)")
     if backend in ("triton", "triton_gmm"):
+        if not HAS_TRITON:  # (the line below blamed TRITON_INTERPRET when it was set: h51)
+            raise ValueError(f"backend: {backend!r} needs triton, which is not installed (pip install "
+                             "'adasched[gpu]', or backend='torch')")
         if not triton_usable(t):
             raise ValueError(f"backend: 'triton' cannot run on device {t.device} "
                              "(needs a GPU or TRITON_INTERPRET=1)")

@@ -35,7 +35,10 @@ import sys
 import time
 from pathlib import Path
 
-from device_check import ensure_namespace
+try:
+    from device_check import ensure_namespace  # as a script: launch/ is on sys.path (a bare checkout on a GPU image)
+except ImportError:  # python -m adasched.launch.lora_kernel_sweep (it failed: no module named 'device_check'; h51)
+    from .device_check import ensure_namespace
 
 #: around the defaults the H200 sweep of 2026-11-28 picked (dropout 32 rows / 4 warps / 8 per SM; term 64 rows /
 #: 4 warps / 8 per row), one step further in each direction it was still improving in

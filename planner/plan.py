@@ -17,7 +17,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from adasched.profiler.io import InputError, atomic_write_json, check_iso_time, load_model, read_json
+from adasched.profiler.io import (InputError, atomic_write_json, check_iso_time, load_model, parse_iso_time,
+                                  read_json)
 
 __all__ = [
     "PLAN_SCHEMA_VERSION",
@@ -111,7 +112,7 @@ class Plan(BaseModel):
         introduced hold the plans written since, and plan files of earlier planners keep loading. A ``created``
         without a time zone is taken as UTC."""
         def utc(v: str) -> datetime:
-            t = datetime.fromisoformat(v)
+            t = parse_iso_time(v)
             return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
 
         return utc(self.created) < utc(when)

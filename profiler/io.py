@@ -271,12 +271,20 @@ def _read_umask() -> int:
 _UMASK = _read_umask()  # read once at import: os.umask() briefly changes process state, so not per write
 
 
-def check_iso_time(v: str) -> str:
-    """``v`` if it is an ISO 8601 time (a plan's or profile's ``created``), else a ValueError saying so."""
+def parse_iso_time(v: str):
+    """``datetime.fromisoformat`` with a trailing ``Z`` (UTC) read on every Python: before 3.11 fromisoformat
+    refused it, so a plan whose ``created`` ends in Z loaded on 3.11 and was refused on 3.10 (h51)."""
     from datetime import datetime
 
+    if isinstance(v, str) and v[-1:] in ("Z", "z"):
+        v = v[:-1] + "+00:00"
+    return datetime.fromisoformat(v)
+
+
+def check_iso_time(v: str) -> str:
+    """``v`` if it is an ISO 8601 time (a plan's or profile's ``created``), else a ValueError saying so."""
     try:
-        datetime.fromisoformat(v)
+        parse_iso_time(v)
     except ValueError:
         raise ValueError(f"{v!r} is not an ISO 8601 time") from None
     return v

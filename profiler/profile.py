@@ -59,7 +59,8 @@ MAX_GPUS = 2**16
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False,
+                              protected_namespaces=())  # (model_costs: pydantic < 2.10 warned, 2.0 raised)
 
 
 def group_scope(g: int, ranks_per_node: int, world: int) -> Literal["intra", "inter"]:

@@ -121,6 +121,7 @@ SP_BASELINES = ("static", "best_homogeneous", "greedy")
 
 
 class SPPlan(Plan):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())  # (model_shape: pydantic < 2.10 warned)
     kind: Literal["sp"] = "sp"
     world_size: int = Field(ge=1, le=MAX_WORLD, description="GPUs (a power of two)")
     model: str = Field(min_length=1, max_length=200, pattern=MODEL_NAME_PATTERN,
