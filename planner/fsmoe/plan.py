@@ -139,6 +139,9 @@ EXPERT_EXPOSURE_CHECKED_SINCE = "2026-12-02T03:02:00+00:00"
 #: plans written since have layer 0's stored stage costs re-derived from their config in verify (the cost model has
 #: not changed since; plans of an earlier one keep their costs)
 LAYER0_COSTS_CHECKED_SINCE = "2026-12-03T00:00:00+00:00"
+#: plans written since have every layer re-simulated in verify (not only layer 0 and the layers of another mean_k),
+#: their idle link time re-derived, and each gradient slice held to its gap (h50)
+ALL_LAYERS_CHECKED_SINCE = "2026-12-05T00:00:00+00:00"
 
 
 def _check_stage_costs(at: str, rec: StageCostsRecord, l0: MoELayerPlan) -> list[str]:
@@ -300,6 +303,13 @@ class MoEPlan(Plan):
                 cfg = None
             if cfg is not None:
                 errors += self._layout_errors(at, c, cfg)
+            if c.hierarchical or c.two_step_a2a:  # (the runtime refuses it after torchrun started: h50)
+                bad = next((lp for lp in c.layers if "interleaved" in (lp.order_fwd, lp.order_bwd)), None)
+                if bad is not None:
+                    path = "expert-sharded" if c.hierarchical else "two-step"
+                    errors.append(f"{at} layer {bad.layer}: issue order 'interleaved' on the {path} layout; the "
+                                  f"runtime interleaves dispatches and combines on flat exchanges only (the planner "
+                                  f"gives 'dispatch-first' there)")
             for field, names in (("baselines_fwd_bwd_ms", c.baselines_fwd_bwd_ms),
                                  ("iteration_baselines_ms", c.iteration_baselines_ms)):
                 if set(names) != set(BASELINES):  # (show died on a KeyError for a baseline taken out by hand)
@@ -552,6 +562,9 @@ class MoEPlan(Plan):
                               f"yet ({taken:.6g} reduced by then, {prefix:.6g} produced)")
                 break
             prefix += produced[j] if j < L else 0.0
+        if not errors and not self.made_before(ALL_LAYERS_CHECKED_SINCE) and \
+                all(lp.bwd_link_idle_ms is not None for lp in c.layers):
+            errors += self._slice_gap_errors(at, c, cfg, a4, b4)
         if errors:
             return errors
         expert_exposed = c.expert_grad_exposed_ms if c.expert_copies > 1 else 0.0
@@ -596,6 +609,34 @@ class MoEPlan(Plan):
                           f"the dense blocks they differ by {max(extra.values()) - min(extra.values())} ms, but every "
                           f"baseline runs the same expert all-reduce")
         return errors
+
+    def _slice_gap_errors(self, at: str, c: "MoEConfigPlan", cfg, a4: float, b4: float) -> list[str]:
+        """Each gradient slice fits its gap, alpha + beta x at most its backward position's idle link time plus its
+        dense block's backward, as the gap fill, the slice MILP and the queue fills all size them: slices past their
+        gaps let an edited plan claim an iteration below the optimum under status optimal (h50). The dense block's
+        backward from a built-in profile; else at most the plan's dense blocks per layer (forward included: a
+        bound)."""
+        from adasched.planner.plan import builtin_profile_of
+
+        prof = builtin_profile_of(self.profile) if self.profile else None
+        if prof is not None:
+            from .planning import dense_block_ms
+
+            dense_b, how = dense_block_ms(cfg, prof)[1], "its dense block's backward"
+        else:
+            expert_exposed = c.expert_grad_exposed_ms if c.expert_copies > 1 else 0.0
+            if expert_exposed is None:
+                return []
+            dense_b = max(0.0, _dense_blocks_ms(c, expert_exposed)) / len(c.layers)
+            how = "at most its dense block"
+        idle = [lp.bwd_link_idle_ms for lp in reversed(c.layers)]  # (backward order: the last layer first)
+        for j, x in enumerate(c.grad_slices[:len(idle)]):
+            need, gap = a4 + b4 * x, idle[j] + dense_b
+            if x > 0 and need > gap * (1 + 1e-9) + 1e-9:
+                return [f"{at}: gradient slice {j} ({x:.6g} elements) takes {need:.6g} ms of the link, more than its "
+                        f"gap of {gap:.6g} ms (layer {len(idle) - 1 - j}'s idle link {idle[j]:.6g} ms + {how} "
+                        f"{dense_b:.6g} ms)"]
+        return []
 
     def _layer0_cost_errors(self, at: str, c: "MoEConfigPlan") -> list[str]:
         """Layer 0's stored stage costs are those its configuration, layout and profile give (the stored costs
@@ -670,39 +711,68 @@ class MoEPlan(Plan):
         return []
 
     def _layer_errors(self, at: str, c: "MoEConfigPlan") -> list[str]:
-        """Each layer of a mean_k other than layer 0's (router statistics: every layer its own), re-simulated from
-        stage costs re-derived as the planner derives them: its forward and backward times at its chosen degrees,
-        order and wgrad placement (only layer 0's stored costs were checked, so such a layer's edited degree and
-        its one matching "timing" passed). Skipped where the costs cannot be re-derived (a profile file not here)."""
+        """Each layer re-simulated from its stage costs - layer 0's stored ones for the layers of its mean_k, else
+        re-derived as the planner derives them (router statistics: every layer its own) -: its forward and backward
+        times at its chosen degrees, order and wgrad placement, and (plans since ALL_LAYERS_CHECKED_SINCE) the idle
+        link time its backward leaves the gradient all-reduces. Only layer 0 and the layers of another mean_k were
+        re-simulated, and a later layer's only check was its timing table, which holds the best time at each r: its
+        order or wgrad placement edited by hand passed (h50). Layers whose costs cannot be re-derived (a profile file
+        not here) are skipped. Older plans: the layers of another mean_k only, without the idle time."""
         from .costmodel import stage_costs
         from .model import evaluate_pipeline
+        from .planning import shared_link
 
         k0 = c.layers[0].mean_k
-        todo = {}
-        for lp in c.layers[1:]:
-            if lp.mean_k != k0:
-                todo.setdefault(lp.mean_k, lp)
-        if not todo:
-            return []
-        try:
-            cfg, topo, src, prof = self._stage_inputs(c)
-        except (InputError, ValueError):
-            return []
+        newer = not self.made_before(ALL_LAYERS_CHECKED_SINCE)
+        costs = {k0: c.layer0_stage_costs.costs()}
+        inputs = None  # (cfg, topo, src, prof) once needed; False: not derivable here
+        fwd_at: dict = {}
+        bwd_at: dict = {}
         errors = []
-        for lp in todo.values():
-            if lp.layer >= cfg.num_layers:  # (counted above)
+        for lp in c.layers if newer else c.layers[1:]:
+            if not newer and lp.mean_k == k0:
                 continue
+            if lp.mean_k not in costs:
+                if inputs is None:
+                    try:
+                        inputs = self._stage_inputs(c)
+                    except (InputError, ValueError):
+                        inputs = False
+                if inputs is False:
+                    continue
+                cfg, topo, src, prof = inputs
+                if lp.layer >= cfg.num_layers:  # (counted above)
+                    continue
+                try:
+                    costs[lp.mean_k] = stage_costs(cfg, topo, source=src, profile=prof, layer=lp.layer)
+                except ValueError as e:
+                    errors.append(f"{at} layer {lp.layer}: its stage costs do not re-simulate ({e})")
+                    costs[lp.mean_k] = None
+            fwd = costs[lp.mean_k]
+            if fwd is None:
+                continue
+            kf, kb = (lp.mean_k, lp.r_fwd, lp.order_fwd), (lp.mean_k, lp.r_bwd, lp.order_bwd, lp.wgrad_bwd)
             try:
-                fwd = stage_costs(cfg, topo, source=src, profile=prof, layer=lp.layer)
-                got = (evaluate_pipeline(fwd, lp.r_fwd, lp.order_fwd).time_ms,
-                       evaluate_pipeline(fwd.backward(), lp.r_bwd, lp.order_bwd, lp.wgrad_bwd).time_ms)
+                if kf not in fwd_at:
+                    fwd_at[kf] = evaluate_pipeline(fwd, lp.r_fwd, lp.order_fwd).time_ms
+                if kb not in bwd_at:
+                    ev = evaluate_pipeline(fwd.backward(), lp.r_bwd, lp.order_bwd, lp.wgrad_bwd)
+                    bwd_at[kb] = (ev.time_ms, max(0.0, ev.time_ms - ev.sim.busy_ms(stream=shared_link(ev.sim))))
             except ValueError as e:
                 errors.append(f"{at} layer {lp.layer}: its stage costs do not re-simulate ({e})")
                 continue
-            errors += [f"{at} layer {lp.layer}: {what} {want} ms, but its stage costs (mean_k {lp.mean_k}) give {t} "
-                       f"ms at r={r}" for what, want, t, r in (("forward", lp.fwd_ms, got[0], lp.r_fwd),
-                                                                ("backward", lp.bwd_ms, got[1], lp.r_bwd))
+            whose = "layer 0's stored stage costs" if lp.mean_k == k0 else f"its stage costs (mean_k {lp.mean_k})"
+            errors += [f"{at} layer {lp.layer}: {what} {want} ms, but {whose} give {t} ms at r={r}"
+                       for what, want, t, r in (("forward", lp.fwd_ms, fwd_at[kf], lp.r_fwd),
+                                                ("backward", lp.bwd_ms, bwd_at[kb][0], lp.r_bwd))
                        if not math.isclose(want, t, rel_tol=1e-9, abs_tol=1e-12)]
+            idle = bwd_at[kb][1]
+            if newer and lp.bwd_link_idle_ms is not None and not math.isclose(lp.bwd_link_idle_ms, idle,
+                                                                               rel_tol=1e-9, abs_tol=1e-9):
+                errors.append(f"{at} layer {lp.layer}: bwd_link_idle_ms {lp.bwd_link_idle_ms} ms, but its backward "
+                              f"(r={lp.r_bwd}, {lp.order_bwd}, wgrad {lp.wgrad_bwd}) leaves the link idle {idle} ms")
+            if errors:
+                break  # (one layer's story: a config edited in one place reads as one line)
         return errors
 
     def gantt_tasks(self, config: int = 0) -> list:
