@@ -48,6 +48,11 @@ class WarpGroup(BaseModel):
 MAX_II = 2 ** 31 - 1
 
 
+#: seconds verify spends re-solving the I's a plan's attempts record infeasible (see
+#: TwillPlan._infeasible_attempt_errors; those proofs take milliseconds on the built-in graphs)
+REPROVE_BUDGET_S = 2.0
+
+
 class AttemptRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
     ii: int = Field(ge=1, le=MAX_II)
@@ -304,7 +309,33 @@ class TwillPlan(Plan):
             if open_:
                 errors.append(f"ii_proven_minimal: I = {open_[0]} (>= MII {self.mii}, < ii {self.ii}) was not "
                               f"proved infeasible by any attempt")
+        if not errors:
+            errors += self._infeasible_attempt_errors(problem)
         return errors
+
+    def _infeasible_attempt_errors(self, problem) -> list[str]:
+        """The attempts recorded infeasible re-solved, as feasibility problems, within
+        :data:`REPROVE_BUDGET_S` in all (smallest I first): one where a schedule exists refutes the record (a
+        forged "I = 2 infeasible" made a valid I = 3 schedule show as "optimal, proved minimal"; h47). Those the
+        budget does not reach, or whose solve runs out of time, stand as the solver recorded them."""
+        import time
+
+        from ..solver import SolveParams
+        from .model import solve_at
+
+        claims = sorted({(a.ii, a.warp) for a in self.attempts if a.status == "infeasible"})
+        end = time.perf_counter() + REPROVE_BUDGET_S
+        for ii, warp in claims:
+            left = end - time.perf_counter()
+            if left <= 0.01:
+                break
+            att = solve_at(problem, ii, SolveParams(time_limit=left), warp=warp, optimise=False,
+                           deadline=time.perf_counter() + left)
+            if att.has_solution:
+                kind = "warp-specialised" if warp else "plain"
+                return [f"attempts: I = {ii} ({kind}) is recorded infeasible, but a {kind} schedule exists there "
+                        f"(found re-solving it)"]
+        return []
 
     # ---- presentation ----------------------------------------------------------------------------------
     def summary_rows(self) -> list[tuple[str, str]]:
