@@ -386,6 +386,7 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
     # fixed-r2 baseline under status "optimal"); there queue_fit_slices and queue_one_slice are tried too, the
     # best kept
     shared = any(x > 0 for x in expert_ms)
+    buckets = shared or expert_rest_ms > 0
 
     def outcome(choice: list[int], exact: bool):
         """(iteration ms, slice result or None, expert exposure ms) of a choice. ``exact``: the slices by
@@ -403,7 +404,9 @@ def plan_config(cfg: MoEConfig, gpus: int, profile: ClusterProfile, *, stages: L
         else:
             slices = greedy_slices(gaps, produced, a4, b4)
             dense_exposed = _exposed(slices, produced, a4, b4)
-        expert_exposed = max(0.0, exposure(idle, slices, dense_exposed) - dense_exposed)
+        # (no expert buckets - one copy of each expert -: nothing of theirs to expose; the queue's one-ulp residue
+        # of a slice that fills its gap exactly read as 1.8e-15 ms of expert exposure, which verify refused; r10)
+        expert_exposed = max(0.0, exposure(idle, slices, dense_exposed) - dense_exposed) if buckets else 0.0
         if shared:
             idle_pos = [idle[i] for i in order]
             for fitted in (queue_fit_slices(idle_pos, expert_ms, dense_b, gaps, produced, a4, b4),

@@ -121,3 +121,22 @@ def test_an_edited_idle_link_time_is_refused(plan):
         bwd_link_idle_ms=d["configs"][ci]["layers"][li]["bwd_link_idle_ms"] * 3 + 1.0))
     assert any(e.startswith(f"config '{name}' layer {li}: bwd_link_idle_ms ") for e in errors), errors
 
+
+
+@pytest.mark.parametrize("gpn", [2, 4])
+def test_one_copy_plans_expose_no_expert_all_reduce(gpn):
+    """(r10) with one copy of each expert there are no expert buckets, yet the link queue's one-ulp residue of a
+    slice that filled its gap exactly was recorded as 1.8e-15 ms of expert exposure, and verify refused the
+    planner's own plan (gshard-grid, two-step exchange, published stages, 16 GPUs). It is 0 now; a plan written
+    with the residue still loads."""
+    from adasched.planner.fsmoe.presets import load_configs
+
+    plan = plan_moe(load_configs("gshard-grid", 16), 16, load_profile("h100-sxm"), stages="published",
+                    params=SolveParams(time_limit=10.0), two_step=True, gpus_per_node=gpn)
+    assert plan.verify() == []
+    ones = [c for c in plan.configs if c.expert_copies == 1]
+    assert ones and all(c.expert_grad_exposed_ms == 0.0 for c in ones)
+    i = plan.configs.index(ones[0])
+    assert _edit(plan, lambda d: d["configs"][i].update(expert_grad_exposed_ms=1.7763568394002505e-15)) == []
+    errors = _edit(plan, lambda d: d["configs"][i].update(expert_grad_exposed_ms=1e-6))
+    assert any("expert_grad_exposed_ms 1e-06 exceeds the expert all-reduce 0.0" in e for e in errors), errors
