@@ -94,3 +94,36 @@ def test_random_plans_verify():
         except ValueError:  # (a graph the planner refuses: not this test's subject)
             continue
         assert plan.verify() == [], (seed, plan.verify())
+
+
+def test_a_slow_ortools_import_does_not_spend_the_budget(tmp_path):
+    """(r11) the budget's clock started before OR-Tools was imported: in a fresh process under load the import
+    alone took the 2 s, and the forged record stood. Here the import is made 2.5 s slower in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    from adasched.planner.plan import save_plan
+
+    p, fake = _forged_toy()
+    path = tmp_path / "forged.json"
+    old = twill_plan.REPROVE_BUDGET_S
+    twill_plan.REPROVE_BUDGET_S = 0.0  # (written as the forged file a user would hand-edit)
+    try:
+        save_plan(make_plan(p, fake), path)
+    finally:
+        twill_plan.REPROVE_BUDGET_S = old
+    code = (
+        "import importlib.abc, sys, time\n"
+        "class Slow(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'ortools.sat.python.cp_model':\n"
+        "            time.sleep(2.5)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Slow())\n"
+        "from adasched.planner.cli import main\n"
+        f"sys.exit(main(['show', {str(path)!r}]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "attempts: I = 2 (plain) is recorded infeasible, but a plain schedule exists there" in out.stderr
