@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from .lr import (UBA_DEFAULT_PHI, _check_int, _check_norms, _check_phi, _check_smoothing, cosine_multiplier,
-                 get_schedule, linear_multiplier, refined_multipliers, rex_multiplier, uba_multiplier)
+from .lr import (UBA_DEFAULT_PHI, _check_int, _check_norms, _check_phi, _check_smoothing, check_last_epoch,
+                 cosine_multiplier, get_schedule, linear_multiplier, refined_multipliers, rex_multiplier,
+                 uba_multiplier)
 
 __all__ = [
     "ScheduleLambda", "get_lambda_schedule", "get_rex_schedule_with_warmup", "get_uba_schedule_with_warmup",
@@ -75,7 +76,8 @@ class ScheduleLambda:
 def get_lambda_schedule(name: str, optimizer: torch.optim.Optimizer, num_warmup_steps: int,
                         num_training_steps: int, *, last_epoch: int = -1, **kw) -> LambdaLR:
     """``LambdaLR`` with a :class:`ScheduleLambda` (``name`` in linear, rex, uba, cosine)."""
-    return LambdaLR(optimizer, ScheduleLambda(name, num_warmup_steps, num_training_steps, **kw), last_epoch)
+    return LambdaLR(optimizer, ScheduleLambda(name, num_warmup_steps, num_training_steps, **kw),
+                    check_last_epoch(last_epoch))
 
 
 def get_rex_schedule_with_warmup(optimizer, num_warmup_steps: int, num_training_steps: int,
@@ -128,6 +130,8 @@ class DeepSpeedSchedule:
         top = max([1.0] + [2.0 * float(v) for v in floors
                            if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)])
         groups = [{"params": [torch.nn.Parameter(torch.zeros(1))]} for _ in range(max(1, len(floors)))]
+        if "last_epoch" in kw:  # (its type and range only: its value needs the real optimizer)
+            check_last_epoch(kw["last_epoch"])
         get_schedule(name, torch.optim.SGD(groups, lr=top), num_warmup_steps,
                      num_training_steps, **{k: v for k, v in kw.items() if k != "last_epoch"})
 
@@ -168,8 +172,18 @@ class MegatronParamScheduler:
                  wd_incr_steps: int = 1, wd_incr_style: str = "constant",
                  use_checkpoint_opt_param_scheduler: bool = True, override_opt_param_scheduler: bool = False,
                  wsd_decay_steps: int | None = None, lr_wsd_decay_style: str | None = None,
-                 *, phi: float = UBA_DEFAULT_PHI, grad_norms=None, norm: str = "l2", smoothing: float = 0.1):
+                 *, phi: float | None = None, grad_norms=None, norm: str | None = None,
+                 smoothing: float | None = None):
         self.optimizer = optimizer
+        # our styles' options, refused where the style has no use for them (a "rex" typed for "uba" with phi=1.0
+        # dropped the phi silently; h55), as get_schedule and DeepSpeedSchedule refuse them
+        for name, value, owner in (("phi", phi, "uba"), ("grad_norms", grad_norms, "refined"),
+                                   ("norm", norm, "refined"), ("smoothing", smoothing, "refined")):
+            if value is not None and lr_decay_style != owner:
+                raise ValueError(f"{name}: not an option of lr_decay_style {lr_decay_style!r} (only of {owner!r})")
+        phi = UBA_DEFAULT_PHI if phi is None else phi
+        norm = "l2" if norm is None else norm
+        smoothing = 0.1 if smoothing is None else smoothing
         for name, value in (("init_lr", init_lr), ("max_lr", max_lr), ("min_lr", min_lr)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):  # (None: float()'s TypeError)
                 raise ValueError(f"{name}: must be a number, got {value!r}")

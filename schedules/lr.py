@@ -239,6 +239,14 @@ def _check_int(name: str, value, lo: int) -> int:
     return int(value)
 
 
+def check_last_epoch(value) -> int:
+    """An integer >= -1 (torch's "fresh start" is -1): -2, 1.5, True or "3" failed inside torch as a KeyError about
+    'initial_lr' (h55), which points a user at resuming."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < -1:
+        raise ValueError(f"last_epoch: must be an integer >= -1, got {value!r}")
+    return int(value)
+
+
 def _has_stepped(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer`` has taken a step: a step counter above 0 in its state (Adam, AdamW, Adagrad... -
     Adagrad fills its state, step 0, when it is made), per-parameter state without a step counter (SGD with
@@ -283,7 +291,7 @@ class WarmupDecay(LRScheduler):
         # stepping a fresh scheduler to catch up) it is what an earlier schedule left - 0 at its end - and was kept
         # for the whole run. Then we start from the closed form, as transformers' LambdaLR schedules do.
         self._keep_prior_factor = not _has_stepped(optimizer)
-        super().__init__(optimizer, last_epoch)
+        super().__init__(optimizer, check_last_epoch(last_epoch))
 
     @staticmethod
     def _resolve_min_lrs(bases: list[float], min_lr, min_lr_ratio) -> list[float]:
