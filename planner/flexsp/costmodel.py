@@ -43,6 +43,7 @@ from adasched.profiler.profile import ClusterProfile
 __all__ = ["ModelShape", "MODEL_PRESETS", "model_preset", "SPCostModel", "sp_cost_model", "powers_of_two"]
 
 MiB = 1024 * 1024
+GiB = 1024 ** 3
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -283,11 +284,11 @@ def check_model_states(cm: SPCostModel, profile: ClusterProfile) -> None:
     (It said "--gpus ... add GPUs" when --gpus was not given and the profile already described all it could.)"""
     if cm.token_capacity(cm.world) >= 1:
         return
-    need = f"{cm.model_state_bytes / 2**30:.1f} GiB per GPU"
+    need = f"{cm.model_state_bytes / GiB:.1f} GiB per GPU"
     zero = f"ZeRO-{cm.model.zero_stage}"
     if cm.world < profile.world_size:
         raise InputError("--gpus", f"the {cm.model.name} model states alone need {need} on {cm.world} GPUs ({zero}), "
-                                   f"more than the device's {cm.memory_bytes / 2**30:.1f} GiB: no sequence fits; add "
+                                   f"more than the device's {cm.memory_bytes / GiB:.1f} GiB: no sequence fits; add "
                                    f"GPUs (the profile describes {profile.world_size})")
     from adasched.profiler.profile import MAX_GPUS, more_nodes_hint
 
@@ -298,7 +299,7 @@ def check_model_states(cm: SPCostModel, profile: ClusterProfile) -> None:
         fix = "no number of these devices holds them: a profile of a device with more memory"
     else:
         fix = f"they fit on {w} such GPUs: " + more_nodes_hint(profile, w)
-    raise InputError(profile.where, f"device memory {cm.memory_bytes / 2**30:.1f} GiB holds not even the "
+    raise InputError(profile.where, f"device memory {cm.memory_bytes / GiB:.1f} GiB holds not even the "
                                     f"{cm.model.name} model states ({need} on all its {cm.world} GPUs, {zero}): no "
                                     f"sequence fits; {fix}")
 

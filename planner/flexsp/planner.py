@@ -36,13 +36,11 @@ from .assign import MBSolution, buddy_ranks, local_search
 from .baselines import best_homogeneous, greedy, static_sp
 from .batching import make_buckets, split_microbatches
 from .bounds import per_sequence_bounds
-from .costmodel import SPCostModel
+from .costmodel import GiB, SPCostModel
 from .search import exchange_across, fill_across, structure_search
 from .model import bucket_counts, realise, realise_classes, solve_classes, solve_microbatch
 
 __all__ = ["PlannerConfig", "StepResult", "plan_step", "check_fits", "lower_bound_work"]
-
-GiB = 1024 ** 3
 
 
 @dataclass(kw_only=True)

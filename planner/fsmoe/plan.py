@@ -721,7 +721,7 @@ class MoEPlan(Plan):
         not here) are skipped. Older plans: the layers of another mean_k only, without the idle time."""
         from .costmodel import stage_costs
         from .model import evaluate_pipeline
-        from .planning import shared_link
+        from .planning import link_idle_ms
 
         k0 = c.layers[0].mean_k
         newer = not self.made_before(ALL_LAYERS_CHECKED_SINCE)
@@ -758,7 +758,7 @@ class MoEPlan(Plan):
                     fwd_at[kf] = evaluate_pipeline(fwd, lp.r_fwd, lp.order_fwd).time_ms
                 if kb not in bwd_at:
                     ev = evaluate_pipeline(fwd.backward(), lp.r_bwd, lp.order_bwd, lp.wgrad_bwd)
-                    bwd_at[kb] = (ev.time_ms, max(0.0, ev.time_ms - ev.sim.busy_ms(stream=shared_link(ev.sim))))
+                    bwd_at[kb] = (ev.time_ms, link_idle_ms(ev))
             except ValueError as e:
                 errors.append(f"{at} layer {lp.layer}: its stage costs do not re-simulate ({e})")
                 continue

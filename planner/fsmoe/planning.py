@@ -47,6 +47,12 @@ def shared_link(sim) -> str:
     return "inter" if sim.busy_ms(stream="inter") > 0 else "intra"
 
 
+def link_idle_ms(ev) -> float:
+    """The idle time a simulated backward pipeline (a ``PipelineEval``) leaves on the link the gradient all-reduces
+    share (:func:`shared_link`): what :func:`bwd_candidates` records per layer and the plan's verify re-derives."""
+    return max(0.0, ev.time_ms - ev.sim.busy_ms(stream=shared_link(ev.sim)))
+
+
 def issue_orders(hierarchical_or_two_step: bool) -> tuple[str, ...]:
     """The link issue orders the runtime can run: it interleaves dispatches and combines on flat exchanges only
     (runtime.moe.ep._pipeline)."""
@@ -85,7 +91,7 @@ def bwd_candidates(evaluated: list[PipelineEval], fastest: PipelineEval) -> list
     same r is left out: r fixes the link's busy time, so its extra time is all idle link, which hides at most that
     time again (plus, at most, one all-reduce latency); it would also break ``bwd_ms == time_by_r_bwd[r_bwd]``."""
     def cand(ev: PipelineEval) -> BwdCandidate:
-        return BwdCandidate(ev, max(0.0, ev.time_ms - ev.sim.busy_ms(stream=shared_link(ev.sim))))
+        return BwdCandidate(ev, link_idle_ms(ev))
 
     out = [cand(fastest)]
     for ev in sorted(best_per_r(evaluated).values(), key=lambda e: e.time_ms):  # (stable: ties keep smaller r)
